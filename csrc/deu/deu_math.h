@@ -1,0 +1,335 @@
+// DEU math shared by the CPU (.cpp) and CUDA (.cu) kernels. Framework-free.
+//
+// Every one of the eleven cases of python/kfuse/reference/deu.py is rewritten as one
+// generic template over eight basis functions of t,
+//
+//   B(t) = [1, t, t², σ(100t), E1·cos ωt, t·E1·cos ωt, E1·sin ωt, E2],
+//   E1 = E(ρ1·t), E2 = E(ρ2·t), E(z) = exp(min(z, 14)),
+//   y(t) = clamp(Σ_j (hom_j + H(t)·part_j)·B_j(t), -1000, 1000),
+//
+// so the per-neuron case logic runs once per neuron ("the plan"), and the per-element work
+// is branch-free apart from skipping terms a neuron does not use. Parameter gradients are
+// first reduced against the 19 plan parameters π = (hom[8], part[8], ρ1, ω, ρ2) and then
+// mapped to (a, b, c, c1, c2) with the plan's Jacobian, obtained by running the same plan
+// code on forward-mode dual numbers (so there is no hand-derived derivative to get wrong).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define KF_HD __host__ __device__ __forceinline__
+#else
+#define KF_HD inline
+#endif
+
+namespace kfuse {
+namespace deu {
+
+constexpr double kEps = 0.01;
+constexpr double kExpCap = 14.0;
+constexpr double kOutClamp = 1000.0;
+constexpr double kStepSlope = 100.0;
+constexpr int kBasis = 8;
+constexpr int kPlanParams = 2 * kBasis + 3;  // hom[8], part[8], rho1, omega, rho2
+constexpr int kCoeffs = 5;                   // a, b, c, c1, c2
+
+// Forward-mode dual number carrying the derivative w.r.t. the 5 coefficients.
+template <typename T>
+struct Dual {
+  T v;
+  T d[kCoeffs];
+};
+
+template <typename T> KF_HD T val(T x) { return x; }
+template <typename T> KF_HD T val(const Dual<T>& x) { return x.v; }
+
+template <typename T> KF_HD Dual<T> dconst(T v) {
+  Dual<T> r;
+  r.v = v;
+  for (int k = 0; k < kCoeffs; ++k) r.d[k] = T(0);
+  return r;
+}
+template <typename T> KF_HD Dual<T> operator+(const Dual<T>& x, const Dual<T>& y) {
+  Dual<T> r;
+  r.v = x.v + y.v;
+  for (int k = 0; k < kCoeffs; ++k) r.d[k] = x.d[k] + y.d[k];
+  return r;
+}
+template <typename T> KF_HD Dual<T> operator-(const Dual<T>& x, const Dual<T>& y) {
+  Dual<T> r;
+  r.v = x.v - y.v;
+  for (int k = 0; k < kCoeffs; ++k) r.d[k] = x.d[k] - y.d[k];
+  return r;
+}
+template <typename T> KF_HD Dual<T> operator-(const Dual<T>& x) {
+  Dual<T> r;
+  r.v = -x.v;
+  for (int k = 0; k < kCoeffs; ++k) r.d[k] = -x.d[k];
+  return r;
+}
+template <typename T> KF_HD Dual<T> operator*(const Dual<T>& x, const Dual<T>& y) {
+  Dual<T> r;
+  r.v = x.v * y.v;
+  for (int k = 0; k < kCoeffs; ++k) r.d[k] = x.d[k] * y.v + x.v * y.d[k];
+  return r;
+}
+template <typename T> KF_HD Dual<T> operator/(const Dual<T>& x, const Dual<T>& y) {
+  Dual<T> r;
+  r.v = x.v / y.v;
+  for (int k = 0; k < kCoeffs; ++k) r.d[k] = (x.d[k] - r.v * y.d[k]) / y.v;
+  return r;
+}
+template <typename T> KF_HD Dual<T> operator*(T s, const Dual<T>& x) {
+  Dual<T> r;
+  r.v = s * x.v;
+  for (int k = 0; k < kCoeffs; ++k) r.d[k] = s * x.d[k];
+  return r;
+}
+template <typename T> KF_HD Dual<T> operator+(T s, const Dual<T>& x) { return dconst(s) + x; }
+template <typename T> KF_HD Dual<T> operator/(T s, const Dual<T>& x) { return dconst(s) / x; }
+template <typename T> KF_HD Dual<T> sqrt_(const Dual<T>& x) {
+  Dual<T> r;
+  r.v = std::sqrt(x.v);
+  for (int k = 0; k < kCoeffs; ++k) r.d[k] = x.d[k] / (T(2) * r.v);
+  return r;
+}
+template <typename T> KF_HD T sqrt_(T x) { return std::sqrt(x); }
+// A constant of the same kind (scalar or dual) as the first argument.
+template <typename T> KF_HD T cst(T, T v) { return v; }
+template <typename T> KF_HD Dual<T> cst(const Dual<T>&, T v) { return dconst(v); }
+
+// Per-neuron plan: the template coefficients of one neuron. S is a scalar or a Dual.
+template <typename S>
+struct PlanT {
+  S hom[kBasis];
+  S part[kBasis];
+  S rho1, omega, rho2;
+};
+
+// The eleven cases of the spec (specs/deu.md), as template coefficients. Must agree with
+// deu_reference() in python/kfuse/reference/deu.py; tests check every case through every
+// backend against it.
+template <typename S>
+KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
+  using T = decltype(val(a));
+  const T eps = T(kEps);
+  const S zero = cst(a, T(0));
+  PlanT<S> p;
+  for (int j = 0; j < kBasis; ++j) { p.hom[j] = zero; p.part[j] = zero; }
+  p.rho1 = zero; p.omega = zero; p.rho2 = zero;
+  const T av = val(a), bv = val(b), cv = val(c);
+  const bool za = std::fabs(av) < eps, zb = std::fabs(bv) < eps, zc = std::fabs(cv) < eps;
+  const S one = cst(a, T(1));
+  if (za && zb && zc) {                       // identity
+    p.hom[1] = one;
+  } else if (za && zb) {                      // smooth step σ(100t)/c
+    p.hom[3] = one / c;
+  } else if (za && zc) {                      // ramp c1 + H t/b
+    p.hom[0] = c1;
+    p.part[1] = one / b;
+  } else if (za) {                            // first order, k = c/b
+    p.rho1 = -(c / b);
+    p.hom[4] = c1;
+    p.part[0] = one / c;
+    p.part[4] = -(one / c);
+  } else if (zb && zc) {                      // parabola
+    p.hom[0] = c2;
+    p.hom[1] = c1;
+    p.part[2] = one / (T(2) * a);
+  } else if (zb && av * cv > T(0)) {          // oscillator, w = √(c/a), w' = sign(a)·w
+    p.omega = sqrt_(c / a);
+    p.hom[4] = c1;
+    p.hom[6] = (av > T(0) ? T(1) : T(-1)) * c2;  // sin(w't) = sign(a)·sin(wt)
+    p.part[0] = one / c;
+    p.part[4] = -(one / c);
+  } else if (zb) {                            // hyperbolic, k = √(-c/a), k' = sign(a)·k
+    const S kp = (av > T(0) ? T(1) : T(-1)) * sqrt_(-(c / a));
+    p.rho1 = -kp;
+    p.rho2 = kp;
+    p.hom[4] = c1;
+    p.hom[7] = c2;
+    p.part[0] = one / c;
+    p.part[4] = -(one / (T(2) * c));  // cosh(kt) = (E(kt) + E(-kt))/2, symmetric in ±k'
+    p.part[7] = -(one / (T(2) * c));
+  } else if (zc) {                            // r = -b/a
+    p.rho1 = -(b / a);
+    p.hom[0] = c2;
+    p.hom[4] = -(a * c1 / b);
+    p.part[1] = one / b;
+    p.part[0] = -(a / (b * b));
+    p.part[4] = a / (b * b);
+  } else {
+    const T dv = bv * bv - T(4) * av * cv;
+    const S alpha = -(b / (T(2) * a));
+    if (dv < -eps) {                          // underdamped
+      const S dd = sqrt_(T(4) * a * c - b * b);
+      p.rho1 = alpha;
+      p.omega = dd / (T(2) * a);
+      p.hom[4] = c1;
+      p.hom[6] = c2;
+      p.part[0] = one / c;
+      p.part[4] = -(one / c);
+      p.part[6] = -(b / (dd * c));
+    } else if (dv > eps) {                    // overdamped
+      const S s = sqrt_(b * b - T(4) * a * c);
+      p.rho1 = (s - b) / (T(2) * a);
+      p.rho2 = -(b + s) / (T(2) * a);
+      p.hom[4] = c2;
+      p.hom[7] = c1;
+      p.part[0] = one / c;
+      p.part[4] = -((b + s) / (T(2) * s * c));
+      p.part[7] = -((s - b) / (T(2) * s * c));
+    } else {                                  // critical, r = -b/(2a)
+      p.rho1 = alpha;
+      p.hom[4] = c2;
+      p.hom[5] = c1;
+      p.part[0] = one / c;
+      p.part[4] = -(one / c);
+      p.part[5] = alpha / c;
+    }
+  }
+  return p;
+}
+
+// Plan in evaluation form: coefficients for each side of t = 0, plus flags that let the
+// element loop skip terms no case of this neuron uses.
+template <typename T>
+struct Plan {
+  T neg[kBasis];  // t <= 0
+  T pos[kBasis];  // t > 0
+  T rho1, omega, rho2;
+  bool trig, step, e2;
+};
+
+template <typename T>
+KF_HD Plan<T> eval_plan(const PlanT<T>& q) {
+  Plan<T> p;
+  for (int j = 0; j < kBasis; ++j) { p.neg[j] = q.hom[j]; p.pos[j] = q.hom[j] + q.part[j]; }
+  p.rho1 = q.rho1; p.omega = q.omega; p.rho2 = q.rho2;
+  p.trig = q.omega != T(0);
+  p.step = q.hom[3] != T(0);
+  p.e2 = q.hom[7] != T(0) || q.part[7] != T(0);
+  return p;
+}
+
+template <typename T>
+KF_HD Plan<T> plan_from_coeffs(const T* co) {
+  return eval_plan(make_plan<T>(co[0], co[1], co[2], co[3], co[4]));
+}
+
+// Plan plus its Jacobian jac[i][k] = ∂π_i/∂θ_k (π in the order hom, part, ρ1, ω, ρ2).
+template <typename T>
+KF_HD Plan<T> plan_with_jacobian(const T* co, T jac[kPlanParams][kCoeffs]) {
+  Dual<T> th[kCoeffs];
+  for (int k = 0; k < kCoeffs; ++k) {
+    th[k] = dconst(co[k]);
+    th[k].d[k] = T(1);
+  }
+  const PlanT<Dual<T>> q = make_plan(th[0], th[1], th[2], th[3], th[4]);
+  PlanT<T> qv;
+  for (int j = 0; j < kBasis; ++j) {
+    qv.hom[j] = q.hom[j].v;
+    qv.part[j] = q.part[j].v;
+    for (int k = 0; k < kCoeffs; ++k) {
+      jac[j][k] = q.hom[j].d[k];
+      jac[kBasis + j][k] = q.part[j].d[k];
+    }
+  }
+  qv.rho1 = q.rho1.v; qv.omega = q.omega.v; qv.rho2 = q.rho2.v;
+  for (int k = 0; k < kCoeffs; ++k) {
+    jac[2 * kBasis][k] = q.rho1.d[k];
+    jac[2 * kBasis + 1][k] = q.omega.d[k];
+    jac[2 * kBasis + 2][k] = q.rho2.d[k];
+  }
+  return eval_plan(qv);
+}
+
+// Values of the template's transcendental pieces at one t.
+template <typename T>
+struct Pieces {
+  T e1, cs, sn, e2, sig;
+  bool cap1, cap2;  // the exponent hit the cap (its derivative is then 0)
+};
+
+template <typename T>
+KF_HD Pieces<T> pieces(const Plan<T>& p, T t) {
+  Pieces<T> q;
+  const T cap = T(kExpCap);
+  const T z1 = p.rho1 * t;
+  q.cap1 = z1 > cap;
+  q.e1 = std::exp(q.cap1 ? cap : z1);
+  if (p.trig) {
+    q.cs = std::cos(p.omega * t);
+    q.sn = std::sin(p.omega * t);
+  } else {
+    q.cs = T(1);
+    q.sn = T(0);
+  }
+  const T z2 = p.rho2 * t;
+  q.cap2 = z2 > cap;
+  q.e2 = p.e2 ? std::exp(q.cap2 ? cap : z2) : T(0);
+  q.sig = p.step ? T(1) / (T(1) + std::exp(-T(kStepSlope) * t)) : T(0);
+  return q;
+}
+
+template <typename T>
+KF_HD T clamp_out(T y) {
+  const T m = T(kOutClamp);
+  return y < -m ? -m : (y > m ? m : y);
+}
+
+// y(t) before the output clamp.
+template <typename T>
+KF_HD T eval_raw(const Plan<T>& p, const Pieces<T>& q, T t) {
+  const T* k = t > T(0) ? p.pos : p.neg;
+  return k[0] + t * (k[1] + t * k[2]) + k[3] * q.sig +
+         q.e1 * ((k[4] + k[5] * t) * q.cs + k[6] * q.sn) + k[7] * q.e2;
+}
+
+template <typename T>
+KF_HD T forward_one(const Plan<T>& p, T t) {
+  return clamp_out(eval_raw(p, pieces(p, t), t));
+}
+
+// Backward for one element with upstream gradient g: returns ∂L/∂t and adds ∂L/∂π into
+// acc (length kPlanParams, same order as the Jacobian rows).
+template <typename T>
+KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
+  const Pieces<T> q = pieces(p, t);
+  const T yraw = eval_raw(p, q, t);
+  const T m = T(kOutClamp);
+  if (!(yraw >= -m && yraw <= m)) return T(0);  // clamp derivative is 0 outside
+  const bool pos = t > T(0);
+  const T* k = pos ? p.pos : p.neg;
+  const T basis[kBasis] = {T(1), t, t * t, q.sig, q.e1 * q.cs, t * q.e1 * q.cs, q.e1 * q.sn, q.e2};
+  for (int j = 0; j < kBasis; ++j) {
+    const T gb = g * basis[j];
+    acc[j] += gb;
+    if (pos) acc[kBasis + j] += gb;
+  }
+  const T lin = k[4] + k[5] * t;
+  const T osc = lin * q.cs + k[6] * q.sn;          // e1-bracket
+  const T dosc = -lin * q.sn + k[6] * q.cs;        // its derivative w.r.t. (ω t)
+  const T r1 = q.cap1 ? T(0) : p.rho1;
+  const T r2 = q.cap2 ? T(0) : p.rho2;
+  acc[2 * kBasis] += q.cap1 ? T(0) : g * t * q.e1 * osc;
+  acc[2 * kBasis + 1] += g * t * q.e1 * dosc;
+  acc[2 * kBasis + 2] += q.cap2 ? T(0) : g * t * k[7] * q.e2;
+  const T dy = k[1] + T(2) * k[2] * t + k[3] * T(kStepSlope) * q.sig * (T(1) - q.sig) +
+               q.e1 * (r1 * osc + k[5] * q.cs + p.omega * dosc) + k[7] * r2 * q.e2;
+  return g * dy;
+}
+
+// ∂L/∂θ_k = Σ_i acc[i]·jac[i][k].
+template <typename T>
+KF_HD void apply_jacobian(const T* acc, const T jac[kPlanParams][kCoeffs], T* out) {
+  for (int k = 0; k < kCoeffs; ++k) {
+    T s = T(0);
+    for (int i = 0; i < kPlanParams; ++i) s += acc[i] * jac[i][k];
+    out[k] = s;
+  }
+}
+
+}  // namespace deu
+}  // namespace kfuse

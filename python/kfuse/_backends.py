@@ -1,0 +1,137 @@
+"""Backend availability and selection, shared by every op.
+
+Each op has up to four backends: ``triton``, ``cuda`` (csrc CUDA kernels), ``cpu`` (csrc C++
+kernels) and ``reference`` (PyTorch). An op asks each backend why it cannot run an input
+(an empty list means it can); ``select`` turns those reasons into a choice or an error that
+lists them, in the manner of xformers' dispatcher.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the given input; the message says why."""
+
+
+@functools.cache
+def _load_extension() -> tuple[ModuleType | None, str]:
+    try:
+        from kfuse import _C  # noqa: PLC0415  (torch is imported first, as the extension needs)
+    except ImportError as err:
+        return None, f"the compiled extension kfuse._C is not built or failed to load ({err})"
+    from kfuse._sources import sources_hash
+
+    csrc = Path(__file__).resolve().parents[2] / "csrc"
+    if csrc.is_dir() and (built := _C.sources_hash()) != (now := sources_hash(csrc)):
+        return None, (
+            f"kfuse._C is stale (built from csrc/ {built}, the tree is now {now}); "
+            "rebuild with `make build` or `pip install --no-build-isolation -e .`"
+        )
+    return _C, ""
+
+
+def extension() -> ModuleType | None:
+    """The compiled extension ``kfuse._C``, or None when it is missing or stale."""
+    return _load_extension()[0]
+
+
+def extension_reasons(device: torch.device) -> list[str]:
+    """Why the compiled kernels cannot run on ``device`` (empty when they can)."""
+    ext, why = _load_extension()
+    if ext is None:
+        return [why]
+    if device.type == "cuda" and not ext.has_cuda():
+        return ["kfuse._C was built without CUDA kernels (set KFUSE_CUDA=1 and rebuild)"]
+    if device.type not in ("cpu", "cuda"):
+        return [f"no compiled kernels for device type {device.type!r}"]
+    return []
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_import_error() -> str:
+    try:
+        import triton  # noqa: F401, PLC0415
+    except ImportError as err:
+        return f"triton is not installed ({err})"
+    return ""
+
+
+def triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Why the Triton kernels cannot run on ``device``/``dtype`` (empty when they can)."""
+    if err := _triton_import_error():
+        return [err]
+    if device.type == "cuda":
+        return []
+    if device.type == "cpu" and triton_interpret():
+        if dtype == torch.bfloat16:
+            # The Triton interpreter returns wrong values for bf16 on CPU (triton 3.8/3.9).
+            return ["bfloat16 is unsupported by the Triton interpreter on CPU"]
+        return []
+    return [f"Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors); got {device.type}"]
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def select(op: str, requested: str, reasons: dict[str, list[str]], order: tuple[str, ...]) -> str:
+    """Pick a backend for ``op``.
+
+    Args:
+        op: the op's name, for messages.
+        requested: a backend name or ``"auto"``.
+        reasons: for every backend, why it cannot run this input (empty list: it can).
+        order: preference order for ``"auto"`` (fastest first).
+    Raises:
+        ValueError: unknown backend name.
+        BackendUnavailableError: the requested backend cannot run this input.
+    """
+    if requested != "auto" and requested not in reasons:
+        raise ValueError(f"kfuse.{op}: backend must be 'auto' or one of {sorted(reasons)}; got {requested!r}")
+    if requested != "auto":
+        if why := reasons[requested]:
+            raise BackendUnavailableError(
+                f"kfuse.{op}: backend {requested!r} cannot run this input: " + "; ".join(why)
+            )
+        return requested
+    for name in order:
+        if not reasons[name]:
+            if name == "reference" and (op, name) not in _warned:
+                _warned.add((op, name))
+                skipped = "; ".join(f"{b}: {', '.join(r)}" for b, r in reasons.items() if r)
+                warnings.warn(
+                    f"kfuse.{op}: falling back to the PyTorch reference ({skipped})", stacklevel=3
+                )
+            return name
+    raise BackendUnavailableError(
+        f"kfuse.{op}: no backend can run this input: "
+        + "; ".join(f"{b}: {', '.join(r)}" for b, r in reasons.items())
+    )
+
+
+def availability() -> dict[str, str]:
+    """For each backend, ``"available"`` or why it is not (on this machine, any op)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    out = {"reference": "available"}
+    out["cpu"] = "; ".join(extension_reasons(cpu)) or "available"
+    if not torch.cuda.is_available():
+        out["cuda"] = "no CUDA device"
+        why_triton = triton_reasons(cpu, torch.float32)
+        out["triton"] = ("; ".join(why_triton) or "available (interpreter, CPU tensors)")
+    else:
+        out["cuda"] = "; ".join(extension_reasons(cuda)) or "available"
+        out["triton"] = "; ".join(triton_reasons(cuda, torch.float32)) or "available"
+    return out

@@ -1,0 +1,1 @@
+"""Public ops: validation, torch.library registration, autograd and backend choice."""

@@ -1,0 +1,151 @@
+"""DEU activations: the public op, its torch.library registration and autograd.
+
+``kfuse.deu(x, coeffs, dim)`` applies each neuron's own activation, the closed-form
+solution of ``a·y'' + b·y' + c·y = H(t)`` (see ``kfuse.reference.deu`` for the definition).
+Every backend views ``x`` as ``[M, N, K]`` (N = neurons along ``dim``) and returns
+``grad_coeffs`` reduced per tile in a fixed order, so it is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kfuse import _backends
+from kfuse.reference.deu import deu_reference
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Preference for backend="auto", fastest first.
+_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _as_mnk(x: Tensor, dim: int) -> Tensor:
+    m = 1
+    for s in x.shape[:dim]:
+        m *= s
+    k = 1
+    for s in x.shape[dim + 1 :]:
+        k *= s
+    return x.reshape(m, x.shape[dim], k)
+
+
+def _kernels(backend: str):
+    """(forward(x3, coeffs), backward(grad_y3, x3, coeffs)) of a compiled/Triton backend."""
+    if backend == "triton":
+        from kfuse.triton_kernels import deu as tk  # noqa: PLC0415 (triton is optional)
+
+        return tk.deu_forward, tk.deu_backward
+    ext = _backends.extension()
+    return ext.deu_forward, ext.deu_backward
+
+
+@torch.library.custom_op("kfuse::deu_forward", mutates_args=())
+def deu_forward(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
+    """Registered op behind :func:`deu`; ``x`` contiguous, ``dim`` non-negative, inputs valid."""
+    if backend == "reference":
+        return deu_reference(x, coeffs, dim)
+    forward, _ = _kernels(backend)
+    return forward(_as_mnk(x, dim), coeffs.to(_acc_dtype(x)).contiguous()).view(x.shape)
+
+
+@deu_forward.register_fake
+def _(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("kfuse::deu_backward", mutates_args=())
+def deu_backward(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`deu_forward`: ``(grad_x like x, grad_coeffs like coeffs)``."""
+    if backend == "reference":
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_()
+            cr = coeffs.detach().requires_grad_()
+            gx, gc = torch.autograd.grad(deu_reference(xr, cr, dim), (xr, cr), grad_y)
+        return gx.contiguous(), gc
+    _, backward = _kernels(backend)
+    gx, gc = backward(_as_mnk(grad_y, dim), _as_mnk(x, dim), coeffs.to(_acc_dtype(x)).contiguous())
+    return gx.view(x.shape), gc.to(coeffs.dtype)
+
+
+@deu_backward.register_fake
+def _(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(coeffs)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, coeffs, dim, backend = inputs
+    ctx.save_for_backward(x, coeffs)
+    ctx.dim, ctx.backend = dim, backend
+
+
+def _backward(ctx, grad_y: Tensor):
+    x, coeffs = ctx.saved_tensors
+    gx, gc = deu_backward(grad_y.contiguous(), x, coeffs, ctx.dim, ctx.backend)
+    return gx, gc, None, None
+
+
+deu_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(x: Tensor, coeffs: Tensor, dim: int) -> int:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"kfuse.deu: x must be a torch.Tensor; got {type(x).__name__}")
+    if not isinstance(coeffs, Tensor):
+        raise TypeError(f"kfuse.deu: coeffs must be a torch.Tensor; got {type(coeffs).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"kfuse.deu: x must be float16, bfloat16, float32 or float64; got {x.dtype}")
+    if coeffs.dtype not in _FLOATS:
+        raise TypeError(f"kfuse.deu: coeffs must be a floating tensor; got {coeffs.dtype}")
+    if x.ndim == 0:
+        raise ValueError("kfuse.deu: x must have at least one dimension (the neuron axis)")
+    if not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
+        raise IndexError(f"kfuse.deu: dim must be an int in [{-x.ndim}, {x.ndim - 1}] for x of shape "
+                         f"{tuple(x.shape)}; got {dim!r}")
+    dim %= x.ndim
+    if coeffs.ndim != 2 or coeffs.shape[0] != x.shape[dim] or coeffs.shape[1] != 5:
+        raise ValueError(f"kfuse.deu: coeffs must have shape [x.shape[dim], 5] = [{x.shape[dim]}, 5] "
+                         f"(rows a, b, c, c1, c2); got {list(coeffs.shape)}")
+    if coeffs.device != x.device:
+        raise ValueError(f"kfuse.deu: coeffs is on {coeffs.device} but x is on {x.device}; "
+                         "move them to the same device")
+    return dim
+
+
+def backend_reasons(x: Tensor) -> dict[str, list[str]]:
+    """For each backend, why it cannot run :func:`deu` on ``x`` (empty list: it can)."""
+    ext = _backends.extension_reasons(x.device)
+    return {
+        "triton": _backends.triton_reasons(x.device, x.dtype),
+        "cuda": ext + ([] if x.device.type == "cuda" else [f"x is on {x.device.type}, not cuda"]),
+        "cpu": ext + ([] if x.device.type == "cpu" else [f"x is on {x.device.type}, not cpu"]),
+        "reference": [],
+    }
+
+
+def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tensor:
+    """Per-neuron DEU activation (Torkamani et al., AAAI 2020), differentiable in x and coeffs.
+
+    Neuron ``n`` (index along ``dim``) computes ``y = f(x; a, b, c, c1, c2)`` with its own row
+    ``coeffs[n] = (a, b, c, c1, c2)``: the solution of ``a·y'' + b·y' + c·y = H(x)``, with a
+    parameter counting as zero when ``|p| < 0.01``, exponentials capped at ``exp(14)`` and the
+    output clamped to ``[-1000, 1000]``.
+
+    Args:
+        x: ``[..., N, ...]`` float16, bfloat16, float32 or float64; any device.
+        coeffs: ``[N, 5]`` floating, on x's device. Gradients come back in its dtype.
+        dim: the neuron axis: ``-1`` for ``[B, N]`` / ``[B, T, N]``, ``1`` for NCHW.
+        backend: ``"auto"`` (fastest available), ``"triton"``, ``"cuda"``, ``"cpu"`` or
+            ``"reference"``. An explicit backend that cannot run raises
+            :class:`kfuse.BackendUnavailableError` naming the reasons.
+    Returns:
+        ``y``, same shape and dtype as ``x`` (contiguous). Computed in float32 (float64 for
+        float64 input).
+    """
+    dim = _validate(x, coeffs, dim)
+    order = _ORDER.get(x.device.type, ("reference",))
+    chosen = _backends.select("deu", backend, backend_reasons(x), order)
+    return deu_forward(x.contiguous(), coeffs, dim, chosen)

@@ -1,0 +1,148 @@
+"""Pure-PyTorch reference for DEU activations: the definition of the op.
+
+Each neuron ``n`` has parameters ``(a, b, c, c1, c2) = coeffs[n]`` and its activation
+``y = f(t)`` is the closed-form solution of ``a·y'' + b·y' + c·y = H(t)`` with
+``H(t) = 1 if t > 0 else 0`` (Torkamani et al., AAAI 2020). The eleven cases below are
+written one per branch, for clarity, and are the ground truth every backend is tested
+against. Gradients are autograd's through this function (computed in float64 in tests).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: A parameter counts as zero when ``|p| < EPS``.
+EPS = 0.01
+#: Every exponential is ``E(z) = exp(min(z, EXP_CAP))``.
+EXP_CAP = 14.0
+#: The output is clamped to ``[-OUT_CLAMP, OUT_CLAMP]``.
+OUT_CLAMP = 1000.0
+#: Slope of the smooth step used when only ``c`` is non-zero: ``sigmoid(STEP_SLOPE·t)/c``.
+STEP_SLOPE = 100.0
+
+#: Case names in the order of ``deu_cases`` ids (used by tests and the report).
+CASE_NAMES = (
+    "identity", "smooth_step", "ramp", "first_order", "parabola", "oscillator",
+    "hyperbolic", "nnz", "underdamped", "overdamped", "critical",
+)
+
+
+def _E(z: Tensor) -> Tensor:
+    return torch.exp(torch.clamp(z, max=EXP_CAP))
+
+
+def _neuron_view(coeffs: Tensor, x: Tensor, dim: int) -> list[Tensor]:
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    return [coeffs[:, k].reshape(shape) for k in range(5)]
+
+
+def deu_cases(coeffs: Tensor) -> Tensor:
+    """Case id per neuron (index into ``CASE_NAMES``).
+
+    Args:
+        coeffs: ``[N, 5]`` floating, rows ``(a, b, c, c1, c2)``.
+    Returns:
+        ``[N]`` int64.
+    """
+    a, b, c = coeffs[:, 0], coeffs[:, 1], coeffs[:, 2]
+    za, zb, zc = a.abs() < EPS, b.abs() < EPS, c.abs() < EPS
+    d = b * b - 4 * a * c
+    ids = torch.full_like(a, -1, dtype=torch.int64)
+    table = [
+        za & zb & zc,
+        za & zb & ~zc,
+        za & ~zb & zc,
+        za & ~zb & ~zc,
+        ~za & zb & zc,
+        ~za & zb & ~zc & (a * c > 0),
+        ~za & zb & ~zc & (a * c < 0),
+        ~za & ~zb & zc,
+        ~za & ~zb & ~zc & (d < -EPS),
+        ~za & ~zb & ~zc & (d > EPS),
+        ~za & ~zb & ~zc & (d.abs() <= EPS),
+    ]
+    for i, m in enumerate(table):
+        ids = torch.where(m, i, ids)
+    return ids
+
+
+def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
+    """DEU activation, reference implementation.
+
+    Args:
+        x: any shape, floating; the neuron axis is ``dim``.
+        coeffs: ``[x.shape[dim], 5]`` floating, rows ``(a, b, c, c1, c2)``.
+        dim: the neuron axis (``-1`` for ``[..., N]``, ``1`` for NCHW).
+    Returns:
+        ``y`` with the shape and dtype of ``x``. Computed in float64 when ``x`` is float64,
+        else in float32.
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    t = x.to(compute)
+    a, b, c, c1, c2 = _neuron_view(coeffs.to(compute), t, dim)
+    one = torch.ones((), dtype=compute, device=x.device)
+    za, zb, zc = a.abs() < EPS, b.abs() < EPS, c.abs() < EPS
+    nnn = ~za & ~zb & ~zc
+    d = b * b - 4 * a * c
+    under, over = nnn & (d < -EPS), nnn & (d > EPS)
+    osc = ~za & zb & ~zc & (a * c > 0)
+    hyp = ~za & zb & ~zc & (a * c < 0)
+    # Safe denominators: every branch is evaluated everywhere, so keep the unselected ones
+    # finite (a NaN there would poison autograd through torch.where).
+    A, B, C = torch.where(za, one, a), torch.where(zb, one, b), torch.where(zc, one, c)
+    H = (t > 0).to(compute)
+
+    y_step = torch.sigmoid(STEP_SLOPE * t) / C
+    y_ramp = c1 + H * t / B
+    k = C / B
+    y_first = c1 * _E(-k * t) + H * (1 - _E(-k * t)) / C
+    y_parab = c1 * t + c2 + H * t * t / (2 * A)
+
+    w = torch.sqrt(torch.where(osc, C / A, one))
+    wp = torch.sign(A) * w
+    y_osc = c1 * torch.cos(wp * t) + c2 * torch.sin(wp * t) + H * (1 - torch.cos(w * t)) / C
+
+    kh = torch.sqrt(torch.where(hyp, -C / A, one))
+    kp = torch.sign(A) * kh
+    cosh_capped = (_E(kh * t) + _E(-kh * t)) / 2
+    y_hyp = c1 * _E(-kp * t) + c2 * _E(kp * t) + H * (1 - cosh_capped) / C
+
+    r = -B / A
+    y_nnz = c2 - (A * c1 / B) * _E(r * t) + H * (t / B - (A / (B * B)) * (1 - _E(r * t)))
+
+    alpha = -B / (2 * A)
+    dd = torch.sqrt(torch.where(under, 4 * A * C - B * B, one))
+    om = dd / (2 * A)
+    ea = _E(alpha * t)
+    y_under = ea * (c1 * torch.cos(om * t) + c2 * torch.sin(om * t)) + H * (
+        1 - ea * (torch.cos(om * t) + (B / dd) * torch.sin(om * t))
+    ) / C
+
+    s = torch.sqrt(torch.where(over, d, one))
+    r1, r2 = (-B + s) / (2 * A), (-B - s) / (2 * A)
+    e1, e2 = _E(r1 * t), _E(r2 * t)
+    y_over = c2 * e1 + c1 * e2 + H * (1 - ((B + s) * e1 + (s - B) * e2) / (2 * s)) / C
+
+    rc = -B / (2 * A)
+    ec = _E(rc * t)
+    y_crit = (c1 * t + c2) * ec + H * (1 - (1 - rc * t) * ec) / C
+
+    y = torch.where(
+        za,
+        torch.where(zb, torch.where(zc, t, y_step), torch.where(zc, y_ramp, y_first)),
+        torch.where(
+            zb,
+            torch.where(zc, y_parab, torch.where(osc, y_osc, y_hyp)),
+            torch.where(zc, y_nnz, torch.where(under, y_under, torch.where(over, y_over, y_crit))),
+        ),
+    )
+    return torch.clamp(y, -OUT_CLAMP, OUT_CLAMP).to(x.dtype)
+
+
+def deu_init_coeffs(num_features: int, generator: torch.Generator | None = None) -> Tensor:
+    """The paper's initialisation: ``a, b, c ~ U(0, 1)``, ``c1 = c2 = 0``. Returns ``[N, 5]`` fp32."""
+    coeffs = torch.zeros(num_features, 5)
+    coeffs[:, :3] = torch.rand(num_features, 3, generator=generator)
+    return coeffs

@@ -1,0 +1,95 @@
+"""Builds kfuse and its extension ``kfuse._C``.
+
+CPU kernels are always built. CUDA kernels are built when nvcc and a CUDA build of torch
+are present; ``KFUSE_CUDA=1`` forces them (CI does, so CUDA sources always compile) and
+``KFUSE_CUDA=0`` skips them. The source list is csrc/sources.txt, shared with CMakeLists.txt.
+"""
+
+import glob
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _find_cuda_home() -> None:
+    # torch guesses CUDA_HOME from `which nvcc`; where nvcc is a wrapper script that guess is
+    # wrong (it fails to link -lcudart), so prefer a real toolkit directory when there is one.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for cand in ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]:
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = cand
+            return
+
+
+_find_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def _load_sources_module():
+    spec = importlib.util.spec_from_file_location("_kfuse_sources", ROOT / "python/kfuse/_sources.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _source_list() -> list[str]:
+    lines = (ROOT / "csrc/sources.txt").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("KFUSE_CUDA", "").strip()
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if flag == "0":
+        return False
+    if flag == "1":
+        if not available:
+            sys.exit(
+                "KFUSE_CUDA=1 but no CUDA build is possible: "
+                f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+            )
+        return True
+    return available
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    sources = [s for s in _source_list() if with_cuda or not s.endswith(".cu")]
+    src_hash = _load_sources_module().sources_hash(ROOT / "csrc")
+    defines = [("KFUSE_SOURCES_HASH", f'"{src_hash}"')]
+    # No -std flag: torch adds the standard its headers need (C++17 for 2.11, C++20 for 2.14).
+    cxx = ["-O3", "-fopenmp"]
+    print(f"kfuse: building kfuse._C with {'CPU + CUDA' if with_cuda else 'CPU only'} kernels")
+    if with_cuda:
+        defines.append(("KFUSE_WITH_CUDA", None))
+        nvcc = [
+            "-O3", "--expt-relaxed-constexpr", "-lineinfo",
+            "-gencode=arch=compute_80,code=sm_80",
+            "-gencode=arch=compute_90,code=sm_90",
+        ]
+        return cpp_extension.CUDAExtension(
+            "kfuse._C", sources, define_macros=defines,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+        )
+    return cpp_extension.CppExtension(
+        "kfuse._C", sources, define_macros=defines,
+        extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    package_dir={"kfuse": "python/kfuse", "kfuse.triton_kernels": "triton_kernels"},
+    packages=[
+        "kfuse", "kfuse.reference", "kfuse.ops", "kfuse.nn", "kfuse.triton_kernels",
+    ],
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
