@@ -8,7 +8,7 @@ lists them, in the manner of xformers' dispatcher.
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -23,7 +23,6 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run the given input; the message says why."""
 
 
-@functools.cache
 def _load_extension() -> tuple[ModuleType | None, str]:
     try:
         from kfuse import _C  # noqa: PLC0415  (torch is imported first, as the extension needs)
@@ -40,14 +39,20 @@ def _load_extension() -> tuple[ModuleType | None, str]:
     return _C, ""
 
 
+# Loaded once at import, so backend selection only reads constants: torch.compile traces
+# through it without graph breaks.
+_EXT, _EXT_WHY = _load_extension()
+_TRITON_WHY = "" if importlib.util.find_spec("triton") else "triton is not installed"
+
+
 def extension() -> ModuleType | None:
     """The compiled extension ``kfuse._C``, or None when it is missing or stale."""
-    return _load_extension()[0]
+    return _EXT
 
 
 def extension_reasons(device: torch.device) -> list[str]:
     """Why the compiled kernels cannot run on ``device`` (empty when they can)."""
-    ext, why = _load_extension()
+    ext, why = _EXT, _EXT_WHY
     if ext is None:
         return [why]
     if device.type == "cuda" and not ext.has_cuda():
@@ -61,19 +66,10 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def _triton_import_error() -> str:
-    try:
-        import triton  # noqa: F401, PLC0415
-    except ImportError as err:
-        return f"triton is not installed ({err})"
-    return ""
-
-
 def triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
     """Why the Triton kernels cannot run on ``device``/``dtype`` (empty when they can)."""
-    if err := _triton_import_error():
-        return [err]
+    if _TRITON_WHY:
+        return [_TRITON_WHY]
     if device.type == "cuda":
         return []
     if device.type == "cpu" and triton_interpret():

@@ -45,9 +45,11 @@ def _kernels(backend: str):
 
 @torch.library.custom_op("kfuse::deu_forward", mutates_args=())
 def deu_forward(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
-    """Registered op behind :func:`deu`; ``x`` contiguous, ``dim`` non-negative, inputs valid."""
-    if backend == "reference":
-        return deu_reference(x, coeffs, dim)
+    """Registered op behind :func:`deu` for the kernel backends (``triton``, ``cuda``, ``cpu``).
+
+    ``x`` contiguous, ``dim`` non-negative, inputs validated by :func:`deu`. The reference
+    backend is plain PyTorch and needs no registration.
+    """
     forward, _ = _kernels(backend)
     return forward(_as_mnk(x, dim), coeffs.to(_acc_dtype(x)).contiguous()).view(x.shape)
 
@@ -60,12 +62,6 @@ def _(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
 @torch.library.custom_op("kfuse::deu_backward", mutates_args=())
 def deu_backward(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`deu_forward`: ``(grad_x like x, grad_coeffs like coeffs)``."""
-    if backend == "reference":
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_()
-            cr = coeffs.detach().requires_grad_()
-            gx, gc = torch.autograd.grad(deu_reference(xr, cr, dim), (xr, cr), grad_y)
-        return gx.contiguous(), gc
     _, backward = _kernels(backend)
     gx, gc = backward(_as_mnk(grad_y, dim), _as_mnk(x, dim), coeffs.to(_acc_dtype(x)).contiguous())
     return gx.view(x.shape), gc.to(coeffs.dtype)
@@ -148,4 +144,6 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     dim = _validate(x, coeffs, dim)
     order = _ORDER.get(x.device.type, ("reference",))
     chosen = _backends.select("deu", backend, backend_reasons(x), order)
+    if chosen == "reference":
+        return deu_reference(x, coeffs, dim)
     return deu_forward(x.contiguous(), coeffs, dim, chosen)

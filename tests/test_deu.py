@@ -1,0 +1,365 @@
+"""DEU: the reference against the spec, and every backend against the reference."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from tolerances import assert_close
+
+import kfuse
+from kfuse import _backends
+from kfuse.ops.deu import backend_reasons
+from kfuse.reference.deu import CASE_NAMES, EPS, EXP_CAP, OUT_CLAMP, deu_cases, deu_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+
+# (backend, device): the C++ CPU kernels; Triton under the interpreter on CPU tensors (tiny
+# shapes); Triton and CUDA kernels on the GPU.
+BACKENDS = [
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("triton", "cpu", marks=pytest.mark.interpret, id="triton-interp"),
+    pytest.param("triton", "cuda", marks=pytest.mark.cuda, id="triton-cuda"),
+    pytest.param("cuda", "cuda", marks=pytest.mark.cuda, id="cuda"),
+]
+
+
+def dtypes_for(device: str) -> list[torch.dtype]:
+    # The Triton interpreter is wrong for bf16 on CPU; bf16 is tested on the GPU.
+    base = [torch.float32, torch.float16, torch.float64]
+    return base + [torch.bfloat16] if device == "cuda" else base
+
+
+def case_coeffs(per_case: int, dtype: torch.dtype = torch.float64, device: str = "cpu") -> torch.Tensor:
+    """``[11·per_case, 5]`` coefficients, ``per_case`` random rows of every case, shuffled."""
+    def u(lo: float, hi: float, n: int) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.float64).uniform_(lo, hi)
+
+    def sgn(n: int) -> torch.Tensor:
+        return torch.randint(0, 2, (n,), dtype=torch.float64) * 2 - 1
+
+    def small(n: int) -> torch.Tensor:  # counts as zero
+        return u(-0.95 * EPS, 0.95 * EPS, n)
+
+    def big(n: int, lo: float = 0.2, hi: float = 2.0) -> torch.Tensor:
+        return sgn(n) * u(lo, hi, n)
+
+    n = 4 * per_case  # oversample, then keep per_case rows that land in each case
+    blocks = []
+    for case in range(11):
+        a = small(n) if case < 4 else big(n)
+        b = small(n) if case in (0, 1, 4, 5, 6) else big(n)
+        c = small(n) if case in (0, 2, 4, 7) else big(n)
+        if case in (5, 6):  # oscillator needs a·c > 0, hyperbolic a·c < 0
+            c = c.abs() * a.sign() * (1 if case == 5 else -1)
+        if case == 8:  # underdamped: D < -eps
+            c = a.sign() * u(0.5, 2.0, n)
+            a = a.sign() * u(0.5, 2.0, n)
+            b = big(n, 0.1, 0.8)
+        if case == 9:  # overdamped: D > eps
+            b = big(n, 1.5, 3.0)
+            a, c = big(n, 0.1, 0.5), big(n, 0.1, 0.5)
+        if case == 10:  # critical: |D| <= eps
+            c = (b * b - u(-0.9 * EPS, 0.9 * EPS, n)) / (4 * a)
+        rows = torch.stack([a, b, c, torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)], 1)
+        rows = rows[deu_cases(rows) == case][:per_case]
+        assert len(rows) == per_case, f"sampler produced too few rows for {CASE_NAMES[case]}"
+        blocks.append(rows)
+    coeffs = torch.cat(blocks)[torch.randperm(11 * per_case)]
+    return coeffs.to(dtype=dtype, device=device)
+
+
+def make_x(shape: tuple[int, ...], dtype: torch.dtype, device: str, scale: float = 2.0) -> torch.Tensor:
+    x = torch.randn(shape, dtype=torch.float64) * scale
+    x.view(-1)[:: 7] = 0.0  # t = 0 exactly: H(0) = 0 and the one-sided derivative
+    return x.to(dtype=dtype, device=device)
+
+
+def ref_grads(x: torch.Tensor, coeffs: torch.Tensor, gy: torch.Tensor, dim: int):
+    """Forward and gradients of the float64 reference on the same inputs."""
+    xr = x.detach().double().requires_grad_()
+    cr = coeffs.detach().double().requires_grad_()
+    y = deu_reference(xr, cr, dim)
+    gx, gc = torch.autograd.grad(y, (xr, cr), gy.double())
+    return y.detach(), gx, gc
+
+
+def kfuse_grads(x, coeffs, gy, dim, backend):
+    xk = x.detach().clone().requires_grad_()
+    ck = coeffs.detach().clone().requires_grad_()
+    y = kfuse.deu(xk, ck, dim, backend=backend)
+    gx, gc = torch.autograd.grad(y, (xk, ck), gy)
+    return y.detach(), gx, gc
+
+
+def layouts(backend: str, device: str) -> list[tuple[tuple[int, ...], int]]:
+    """(shape, dim) pairs with the neuron count at dim; odd sizes, tiny under the interpreter."""
+    if backend == "triton" and device == "cpu":
+        return [((5, 22), -1), ((2, 22, 3, 3), 1), ((3, 2, 22), -1)]
+    return [((67, 33), -1), ((3, 33, 9, 7), 1), ((4, 5, 33), -1), ((2, 3, 33, 5), 2)]
+
+
+# ---------------------------------------------------------------- the reference vs the spec
+
+
+def test_sampler_covers_every_case(seed: int) -> None:
+    ids = deu_cases(case_coeffs(3))
+    assert torch.bincount(ids, minlength=11).tolist() == [3] * 11
+
+
+def test_reference_closed_forms() -> None:
+    t = torch.tensor([-1.5, 0.0, 0.7, 2.0], dtype=torch.float64)
+
+    def f(a: float, b: float, c: float, c1: float, c2: float) -> torch.Tensor:
+        return deu_reference(t[:, None], torch.tensor([[a, b, c, c1, c2]], dtype=torch.float64))[:, 0]
+
+    H = (t > 0).double()
+    torch.testing.assert_close(f(0, 0, 0, 3, 4), t)  # identity
+    torch.testing.assert_close(f(0, 0, 2, 0, 0), torch.sigmoid(100 * t) / 2)
+    torch.testing.assert_close(f(0, 0.5, 0, 1.0, 0), 1.0 + H * t / 0.5)
+    torch.testing.assert_close(f(0.5, 0, 0, 1.0, 2.0), t + 2.0 + H * t * t)
+    # oscillator a = c = 1: c1 cos t + c2 sin t + H (1 - cos t)
+    torch.testing.assert_close(f(1, 0, 1, 0.3, -0.2), 0.3 * torch.cos(t) - 0.2 * torch.sin(t) + H * (1 - torch.cos(t)))
+    # oscillator with a < 0 flips the sine: w' = sign(a)·w
+    torch.testing.assert_close(f(-1, 0, -1, 0.3, -0.2), 0.3 * torch.cos(t) + 0.2 * torch.sin(t) - H * (1 - torch.cos(t)))
+
+
+@pytest.mark.parametrize("case", [c for c in range(11) if c not in (0, 1)], ids=lambda c: CASE_NAMES[c])
+def test_reference_solves_the_ode(case: int, seed: int) -> None:
+    """Finite-difference residual a·y'' + b·y' + c·y − H(t) ≈ 0 away from t = 0 and the caps."""
+    coeffs = case_coeffs(4)
+    coeffs = coeffs[deu_cases(coeffs) == case]
+    if case == 10:  # the critical formula is exact only at D = 0
+        coeffs[:, 2] = coeffs[:, 1] ** 2 / (4 * coeffs[:, 0])
+    t = torch.cat([-torch.linspace(1.2, 0.05, 40), torch.linspace(0.05, 1.2, 40)]).double()[:, None]
+    h = 1e-4
+    y0, yp, ym = (deu_reference(t + d, coeffs) for d in (0.0, h, -h))
+    # Keep points well inside the output clamp (fast-growing modes leave it quickly).
+    inside = (torch.stack([y0, yp, ym]).abs() < 0.5 * OUT_CLAMP).all(0)
+    assert inside.double().mean() > 0.5, "too few test points inside the output clamp"
+    d1, d2 = (yp - ym) / (2 * h), (yp - 2 * y0 + ym) / (h * h)
+    zero = coeffs[:, :3].abs() < EPS  # a parameter in the zero band is zero in the function
+    a, b, c = (torch.where(zero[:, k], 0.0, coeffs[:, k]) for k in range(3))
+    residual = a * d2 + b * d1 + c * y0 - (t > 0).double()
+    scale = 1 + a.abs() * d2.abs() + b.abs() * d1.abs() + c.abs() * y0.abs()
+    assert (residual.abs() / scale)[inside].max() < 1e-5, f"{CASE_NAMES[case]}: ODE residual {residual.abs().max():.2e}"
+
+
+def test_reference_caps() -> None:
+    # overdamped with a positive root: E(r1 t) saturates at exp(14), the output at ±1000
+    coeffs = torch.tensor([[0.25, -2.0, 1.0, 5.0, 5.0]], dtype=torch.float64)
+    t = torch.tensor([[50.0], [1e4]], dtype=torch.float64)
+    y = deu_reference(t, coeffs)
+    assert (y.abs() <= OUT_CLAMP).all() and (y.abs() == OUT_CLAMP).any()
+    xr = t.clone().requires_grad_()
+    (g,) = torch.autograd.grad(deu_reference(xr, coeffs).sum(), xr)
+    assert (g == 0).all(), "beyond the exponent cap and the clamp the gradient is 0"
+    assert torch.exp(torch.tensor(EXP_CAP)) > OUT_CLAMP
+
+
+# ---------------------------------------------------------------- backends vs the reference
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_forward_and_gradients(backend: str, device: str, seed: int) -> None:
+    for dtype in dtypes_for(device):
+        for shape, dim in layouts(backend, device):
+            n = shape[dim]
+            coeffs = case_coeffs(n // 11 + 1, device=device)[:n]
+            x = make_x(shape, dtype, device)
+            gy = torch.randn(shape, dtype=torch.float64).to(dtype=dtype, device=device)
+            y, gx, gc = kfuse_grads(x, coeffs.to(torch.float32 if dtype != torch.float64 else dtype), gy, dim, backend)
+            y_ref, gx_ref, gc_ref = ref_grads(x, coeffs.to(torch.float32 if dtype != torch.float64 else dtype), gy, dim)
+            what = f"{backend} {dtype} shape={shape} dim={dim}"
+            assert y.dtype == dtype and gx.dtype == dtype and y.shape == x.shape
+            assert_close(y, y_ref, dtype, f"y {what}")
+            assert_close(gx, gx_ref, dtype, f"grad_x {what}")
+            # parameter gradients are accumulated in fp32 whatever the storage dtype
+            assert_close(gc, gc_ref, torch.float64 if dtype == torch.float64 else torch.float32,
+                         f"grad_coeffs {what}") if dtype in (torch.float32, torch.float64) else \
+                assert_close(gc, gc_ref, dtype, f"grad_coeffs {what}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_boundaries(backend: str, device: str, seed: int) -> None:
+    """Parameters on either side of eps, |D| on either side of eps, t = 0, caps and clamp."""
+    e = EPS
+    rows = [
+        [0.0099, 0.0099, 0.0099, 0.5, -0.5],   # all in the zero band: identity
+        [0.0101, 0.0099, -0.0099, 0.5, -0.5],  # a just outside: parabola
+        [-0.0099, 0.0101, 0.0, 0.3, 0.1],      # ramp
+        [0.0, -0.0101, 0.0101, 0.3, 0.1],      # first order with k = -1
+        [0.0, 0.0, -0.0101, 0.0, 0.0],         # smooth step, 1/c large
+        [1.0, 2.0, 1.0 + 0.99 * e / 4, 0.2, 0.4],   # critical, D just inside -eps
+        [1.0, 2.0, 1.0 + 1.01 * e / 4, 0.2, 0.4],   # underdamped, D just below -eps
+        [1.0, 2.0, 1.0 - 0.99 * e / 4, 0.2, 0.4],   # critical, D just inside +eps
+        [1.0, 2.0, 1.0 - 1.01 * e / 4, 0.2, 0.4],   # overdamped, D just above +eps
+        [0.25, -2.0, 1.0, 5.0, 5.0],            # overdamped with growing modes: hits cap & clamp
+        [-0.5, 0.0, 2.0, 1.0, 1.0],             # hyperbolic
+        [0.5, 0.0, 2.0, 1.0, 1.0],              # oscillator
+        [0.5, -1.0, 0.0, 0.3, 0.3],             # nnz with a growing exponential
+    ]
+    coeffs = torch.tensor(rows, dtype=torch.float64)
+    assert len(set(deu_cases(coeffs).tolist())) == 11
+    t = torch.tensor([-1e4, -40.0, -3.0, -0.5, -1e-3, 0.0, 1e-3, 0.5, 3.0, 40.0, 1e4], dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        x = t[:, None].expand(-1, len(rows)).contiguous().to(dtype=dtype, device=device)
+        c = coeffs.to(dtype=dtype if dtype == torch.float64 else torch.float32, device=device)
+        gy = torch.randn(x.shape, dtype=torch.float64).to(dtype=dtype, device=device)
+        y, gx, gc = kfuse_grads(x, c, gy, -1, backend)
+        y_ref, gx_ref, gc_ref = ref_grads(x, c, gy, -1)
+        assert (y_ref.abs() == OUT_CLAMP).any(), "the clamp must be exercised"
+        assert_close(y, y_ref, dtype, f"y {backend} {dtype}")
+        assert_close(gx, gx_ref, dtype, f"grad_x {backend} {dtype}")
+        assert_close(gc, gc_ref, dtype, f"grad_coeffs {backend} {dtype}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gradcheck_float64(backend: str, device: str, seed: int) -> None:
+    # Points away from t = 0, the caps and the clamp, where the function is smooth.
+    coeffs = case_coeffs(1, device=device).requires_grad_()
+    mag = torch.empty(3, 11, dtype=torch.float64).uniform_(0.2, 1.0)
+    x = (mag * torch.where(torch.rand(3, 11) < 0.5, -1.0, 1.0).double()).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, c: kfuse.deu(x, c, backend=backend), (x, coeffs))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_and_deterministic(backend: str, device: str, seed: int) -> None:
+    coeffs = case_coeffs(2, dtype=torch.float32, device=device).requires_grad_()
+    x = torch.empty(0, 22, device=device, requires_grad=True)
+    y = kfuse.deu(x, coeffs, backend=backend)
+    assert y.shape == (0, 22)
+    y.sum().backward()
+    assert coeffs.grad is not None and (coeffs.grad == 0).all()
+    rows = 9 if device == "cpu" and backend == "triton" else 700
+    x = make_x((rows, 22), torch.float32, device)
+    gy = torch.randn(rows, 22, device=device)
+    g1 = kfuse_grads(x, coeffs, gy, -1, backend)[2]
+    g2 = kfuse_grads(x, coeffs, gy, -1, backend)[2]
+    assert torch.equal(g1, g2), "parameter gradients must be bitwise reproducible"
+
+
+def test_cpu_deterministic_across_thread_counts(seed: int) -> None:
+    coeffs = case_coeffs(3, dtype=torch.float32)
+    x, gy = make_x((1000, 33), torch.float32, "cpu"), torch.randn(1000, 33)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        g1 = kfuse_grads(x, coeffs, gy, -1, "cpu")[2]
+        torch.set_num_threads(2)
+        g2 = kfuse_grads(x, coeffs, gy, -1, "cpu")[2]
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(g1, g2)
+
+
+# ---------------------------------------------------------------- torch.library integration
+
+# opcheck/compile run through fake tensors, so they work for any backend whose real kernel
+# runs on the device (the Triton kernels sit behind a custom_op, not a triton_op).
+OP_BACKENDS = [pytest.param("cpu", "cpu", id="cpu"),
+               pytest.param("cuda", "cuda", marks=pytest.mark.cuda, id="cuda"),
+               pytest.param("triton", "cuda", marks=pytest.mark.cuda, id="triton-cuda")]
+
+
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
+def test_opcheck(backend: str, device: str, seed: int) -> None:
+    coeffs = case_coeffs(1, dtype=torch.float32, device=device)
+    for shape, dim in [((6, 11), 1), ((2, 11, 3, 2), 1)]:
+        x = make_x(shape, torch.float32, device).requires_grad_()
+        torch.library.opcheck(torch.ops.kfuse.deu_forward, (x, coeffs.clone().requires_grad_(), dim, backend))
+        gy = torch.randn(shape, device=device)
+        torch.library.opcheck(torch.ops.kfuse.deu_backward, (gy, x.detach(), coeffs, dim, backend))
+
+
+@pytest.mark.parametrize("backend,device", [*OP_BACKENDS, pytest.param("reference", "cpu", id="reference")])
+def test_compile_fullgraph(backend: str, device: str, seed: int) -> None:
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), kfuse.nn.DEU(8, dim=1, backend=backend),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 25, 16), kfuse.nn.DEU(16, backend=backend),
+    ).to(device)
+    x = torch.randn(4, 3, 5, 5, device=device)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = model(x)
+    eager.square().sum().backward()
+    # Inductor reassociates the surrounding float32 ops; 1.5e-5 seen on the reference backend.
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- module, errors, dispatch
+
+
+def test_module_init_and_shapes() -> None:
+    m = kfuse.nn.DEU(64)
+    a_b_c, c12 = m.coeffs[:, :3], m.coeffs[:, 3:]
+    assert m.coeffs.shape == (64, 5) and m.coeffs.dtype == torch.float32
+    assert ((a_b_c >= 0) & (a_b_c < 1)).all() and (c12 == 0).all() and a_b_c.std() > 0.1
+    assert kfuse.nn.DEU(3, dim=1)(torch.randn(2, 3, 4, 4)).shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match="num_features"):
+        kfuse.nn.DEU(0)
+
+
+def test_bad_input_errors() -> None:
+    x, c = torch.randn(4, 6), torch.rand(6, 5)
+    with pytest.raises(ValueError, match=r"coeffs must have shape \[x.shape\[dim\], 5\] = \[6, 5\]"):
+        kfuse.deu(x, torch.rand(6, 4))
+    with pytest.raises(ValueError, match="coeffs must have shape"):
+        kfuse.deu(x, torch.rand(5, 5))
+    with pytest.raises(TypeError, match="x must be float16, bfloat16, float32 or float64; got torch.int64"):
+        kfuse.deu(torch.ones(4, 6, dtype=torch.int64), c)
+    with pytest.raises(TypeError, match="coeffs must be a floating tensor"):
+        kfuse.deu(x, torch.ones(6, 5, dtype=torch.int32))
+    with pytest.raises(IndexError, match=r"dim must be an int in \[-2, 1\]"):
+        kfuse.deu(x, c, dim=2)
+    with pytest.raises(ValueError, match="coeffs is on meta but x is on cpu"):
+        kfuse.deu(x, c.to("meta"))
+    with pytest.raises(ValueError, match="at least one dimension"):
+        kfuse.deu(torch.tensor(1.0), c)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        kfuse.deu(x, c, backend="fast")
+    with pytest.raises(kfuse.BackendUnavailableError, match="backend 'cuda' cannot run this input: .*not cuda"):
+        kfuse.deu(x, c, backend="cuda")
+
+
+@pytest.mark.cuda
+def test_mismatched_devices() -> None:
+    with pytest.raises(ValueError, match="coeffs is on cpu but x is on cuda"):
+        kfuse.deu(torch.randn(4, 6, device="cuda"), torch.rand(6, 5))
+
+
+def test_select_reasons_and_fallback() -> None:
+    reasons = {"triton": ["no triton"], "cuda": ["no GPU"], "cpu": ["not built"], "reference": []}
+    with pytest.raises(kfuse.BackendUnavailableError, match="backend 'cpu' cannot run this input: not built"):
+        _backends.select("probe", "cpu", reasons, ("cpu", "reference"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _backends.select("probe", "auto", reasons, ("cpu", "reference")) == "reference"
+    assert any("falling back to the PyTorch reference" in str(w.message) and "not built" in str(w.message)
+               for w in caught)
+    with pytest.raises(kfuse.BackendUnavailableError, match="no backend can run"):
+        _backends.select("probe", "auto", {"cpu": ["x"]}, ("cpu",))
+
+
+def test_auto_picks_compiled_cpu_kernels() -> None:
+    x = torch.randn(3, 4)
+    assert backend_reasons(x)["cpu"] == [], "the C++ extension must be built for the test suite"
+    assert kfuse.availability()["cpu"] == "available"
+
+
+def test_demo_quick() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "examples/deu_digits.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "DEU" in out.stdout and "ReLU" in out.stdout

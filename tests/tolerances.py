@@ -1,0 +1,38 @@
+"""Per-dtype tolerances, kept in one place for every op's tests.
+
+A backend's result in dtype ``d`` is compared with the float64 reference evaluated on the same
+(``d``-rounded) inputs. ``atol`` is relative to the scale of the whole expected tensor (its max
+magnitude, at least 1), since sums such as parameter gradients grow with the tensor; ``rtol`` is
+elementwise. Measured worst cases that set them: DEU fp32 vs float64 1.1e-5·(1 + |y|) (the
+float32 reference itself is as far off); fp16/bf16 are dominated by output rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOL: dict[torch.dtype, tuple[float, float]] = {  # dtype: (atol, rtol)
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (5e-5, 1e-4),
+    torch.float16: (2e-3, 4e-3),
+    torch.bfloat16: (1e-2, 3e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """Assert ``|actual - expected| <= atol·max(1, max|expected|) + rtol·|expected|`` elementwise."""
+    atol, rtol = TOL[dtype]
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert torch.isfinite(a).all() == torch.isfinite(e).all(), f"{what}: non-finite values differ"
+    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+    err = (a - e).abs()
+    bound = atol * scale + rtol * e.abs()
+    bad = err > bound
+    if bad.any():
+        i = int(torch.nonzero(bad.flatten())[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{e.numel()} elements off; max err {err.max().item():.3e} "
+            f"(scale {scale:.3e}, dtype {dtype}); first at flat index {i}: "
+            f"got {a.flatten()[i].item():.9g}, expected {e.flatten()[i].item():.9g}"
+        )
