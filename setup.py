@@ -60,6 +60,17 @@ def _want_cuda() -> bool:
     return available
 
 
+def _cuda_wheel_includes() -> list[str]:
+    # torch's CUDA headers (ATen/cuda/CUDAContext.h, included by bindings.cpp) need cusparse.h
+    # and cublas_v2.h. A bare nvcc toolkit may lack them (this machine's CUDA 13.0 does), while
+    # torch's pip dependencies ship them under site-packages/nvidia/<cuXX>/include.
+    if cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cusparse.h")):
+        return []
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    return sorted({os.path.dirname(h) for r in roots for h in glob.glob(os.path.join(r, "*", "include", "cusparse.h"))})
+
+
 def _extension():
     with_cuda = _want_cuda()
     sources = [s for s in _source_list() if with_cuda or not s.endswith(".cu")]
@@ -76,7 +87,7 @@ def _extension():
             "-gencode=arch=compute_90,code=sm_90",
         ]
         return cpp_extension.CUDAExtension(
-            "kfuse._C", sources, define_macros=defines,
+            "kfuse._C", sources, define_macros=defines, include_dirs=_cuda_wheel_includes(),
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
         )
     return cpp_extension.CppExtension(

@@ -1,0 +1,445 @@
+// DEU CUDA kernels: forward and backward over x viewed as [M, N, K] (N = neurons).
+//
+// All math comes from deu_math.h (plan, forward_one, backward_one, plan_with_jacobian,
+// apply_jacobian); this file only decides who computes what, where. Plain CUDA, no torch
+// headers (compiles in about a second).
+//
+// Two layouts:
+//  * "rows"   (K == 1, N >= 32): x is [M, N] with neurons along the contiguous axis. A thread
+//    owns one column (neuron) and walks a chunk of rows, so its plan is computed once and kept
+//    in registers; a warp reads 32 adjacent columns of a row (coalesced, full sectors). One
+//    column per thread rather than 16-byte vectors: a thread owning V columns would keep V
+//    plans (~22 registers each) live, cutting occupancy, and the per-element transcendental
+//    work, not the load-instruction count, dominates. Loads are unrolled over rows instead,
+//    to keep enough bytes in flight.
+//  * "planes" (K > 1, or N < 32): each (m, n) plane of K elements is contiguous. A warp owns a
+//    tile "R rows x one neuron x a chunk of K", so the plan is uniform per warp and lives in
+//    registers; lanes stride over the tile with 16-byte vector loads when K and the pointers
+//    allow it (scalar otherwise). Tiling by warps (not blocks) keeps small planes (7x7, 14x14)
+//    from idling most of a block.
+//
+// Backward: every program reduces its own tile's 19 plan-parameter gradients (in registers,
+// then across the block's row lanes in shared memory, or across the warp with shuffles, in a
+// fixed order), maps them to (a, b, c, c1, c2) with the Jacobian once per tile and writes its
+// own row of partials[P, N, 5]. No atomics, so the result is deterministic; the caller sums
+// the partials over dim 0.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "deu.h"
+#include "deu_math.h"
+
+namespace kfuse {
+namespace deu {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / 32;
+
+// ---- storage <-> compute ----------------------------------------------------------------
+template <typename S> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename S> __device__ __forceinline__ S from_acc(typename AccOf<S>::type v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// V consecutive storage elements moved as one (16-byte when V = 16 / sizeof(S)) access.
+template <typename S, int V>
+struct alignas(sizeof(S) * V) Pack {
+  S v[V];
+};
+
+inline void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("kfuse deu CUDA kernel '") + what +
+                             "' failed to launch: " + cudaGetErrorString(err));
+  }
+}
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- tiling (pure functions of the sizes, so num_partials and the launch agree) ----------
+bool use_rows_layout(int64_t N, int64_t K) { return K == 1 && N >= 32; }
+
+struct RowTiling {
+  int tx, ty;               // block = tx columns x ty row lanes (tx * ty <= 256)
+  int64_t col_blocks;       // ceil(N / tx)
+  int64_t rows_per_block;   // multiple of ty
+  int64_t row_blocks;       // ceil(M / rows_per_block)
+};
+
+// target_blocks: enough blocks for several waves on 132 SMs; min_rows: rows per thread at
+// least, so the per-block plan (and, backward, Jacobian) cost is amortised. The number of row
+// blocks never exceeds target_blocks / col_blocks + 1, which keeps grid.y small and, in the
+// backward, the partials small (e.g. 8192 x 4096: 64 row chunks, 5 MB of fp32 partials).
+RowTiling row_tiling(int64_t M, int64_t N, int64_t target_blocks, int64_t min_rows) {
+  RowTiling t;
+  t.tx = static_cast<int>(std::min<int64_t>(kThreads, cdiv(N, 32) * 32));
+  t.ty = kThreads / t.tx;
+  t.col_blocks = cdiv(N, t.tx);
+  const int64_t want_row_blocks = std::max<int64_t>(1, cdiv(target_blocks, t.col_blocks));
+  int64_t rpb = std::max<int64_t>(cdiv(M, want_row_blocks), t.ty * min_rows);
+  rpb = cdiv(rpb, t.ty) * t.ty;
+  t.rows_per_block = rpb;
+  t.row_blocks = cdiv(M, rpb);
+  return t;
+}
+constexpr int64_t kRowsFwdTargetBlocks = 2048, kRowsFwdMinRows = 32;
+constexpr int64_t kRowsBwdTargetBlocks = 1024, kRowsBwdMinRows = 32;
+
+struct PlaneTiling {
+  int64_t R;        // rows (m) per warp tile
+  int64_t CK;       // K elements per warp tile (a multiple of 8 when K is split)
+  int64_t kchunks;  // ceil(K / CK)
+  int64_t mchunks;  // ceil(M / R)
+  int64_t tiles;    // mchunks * N * kchunks
+};
+
+// A warp tile holds about `elems` elements: whole planes stacked over R rows when K is
+// small, a chunk of one plane when K is large. Forward uses 2048 (the plan costs ~1
+// instruction per element), backward 4096 (the per-tile Jacobian is ~10x a plan, so larger
+// tiles amortise it; partials stay ~0.1% of the data).
+PlaneTiling plane_tiling(int64_t M, int64_t N, int64_t K, int64_t elems) {
+  PlaneTiling t;
+  t.CK = K <= elems ? K : elems;
+  t.kchunks = cdiv(K, t.CK);
+  t.R = std::min<int64_t>(M, std::max<int64_t>(1, elems / t.CK));
+  t.mchunks = cdiv(M, t.R);
+  t.tiles = t.mchunks * N * t.kchunks;
+  return t;
+}
+constexpr int64_t kPlaneFwdElems = 2048, kPlaneBwdElems = 4096;
+
+// ---- rows layout (K == 1) ---------------------------------------------------------------
+constexpr int kRowUnroll = 4;  // rows loaded before computing: bytes in flight per thread
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads)
+    fwd_rows_kernel(const S* __restrict__ x, S* __restrict__ y,
+                    const typename AccOf<S>::type* __restrict__ coeffs, int64_t M, int64_t N,
+                    int64_t rows_per_block, int64_t row_blocks) {
+  using A = typename AccOf<S>::type;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= N) return;  // no block-wide synchronisation in this kernel
+  const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
+  const int64_t ty = blockDim.y;
+  for (int64_t rb = blockIdx.y; rb < row_blocks; rb += gridDim.y) {
+    const int64_t m1 = std::min(M, (rb + 1) * rows_per_block);
+    int64_t m = rb * rows_per_block + threadIdx.y;
+    for (; m + (kRowUnroll - 1) * ty < m1; m += kRowUnroll * ty) {
+      A t[kRowUnroll];
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) t[u] = to_acc(x[(m + u * ty) * N + n]);
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) y[(m + u * ty) * N + n] = from_acc<S>(forward_one(p, t[u]));
+    }
+    for (; m < m1; m += ty) y[m * N + n] = from_acc<S>(forward_one(p, to_acc(x[m * N + n])));
+  }
+}
+
+// grid = (col_blocks, row_blocks): block (bx, rb) writes partials[rb, its columns, :].
+template <typename S>
+__global__ void __launch_bounds__(kThreads)
+    bwd_rows_kernel(const S* __restrict__ gy, const S* __restrict__ x,
+                    const typename AccOf<S>::type* __restrict__ coeffs, S* __restrict__ gx,
+                    typename AccOf<S>::type* __restrict__ partials, int64_t M, int64_t N,
+                    int64_t rows_per_block) {
+  using A = typename AccOf<S>::type;
+  extern __shared__ unsigned char smem_raw[];  // [kPlanParams][tx * ty] when ty > 1
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool active = n < N;
+  const int64_t ty = blockDim.y;
+  const int64_t rb = blockIdx.y;
+  A acc[kPlanParams];
+#pragma unroll
+  for (int i = 0; i < kPlanParams; ++i) acc[i] = A(0);
+  if (active) {
+    const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
+    const int64_t m1 = std::min(M, (rb + 1) * rows_per_block);
+    int64_t m = rb * rows_per_block + threadIdx.y;
+    for (; m + (kRowUnroll - 1) * ty < m1; m += kRowUnroll * ty) {
+      A t[kRowUnroll], g[kRowUnroll];
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) {
+        t[u] = to_acc(x[(m + u * ty) * N + n]);
+        g[u] = to_acc(gy[(m + u * ty) * N + n]);
+      }
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u)
+        gx[(m + u * ty) * N + n] = from_acc<S>(backward_one(p, t[u], g[u], acc));
+    }
+    for (; m < m1; m += ty)
+      gx[m * N + n] = from_acc<S>(backward_one(p, to_acc(x[m * N + n]), to_acc(gy[m * N + n]), acc));
+  }
+  if (ty > 1) {
+    // Row lanes of one column are summed by lane 0 in increasing order: deterministic.
+    A* red = reinterpret_cast<A*>(smem_raw);
+    const int nthreads = blockDim.x * blockDim.y;
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < kPlanParams; ++i) red[i * nthreads + tid] = acc[i];
+    __syncthreads();
+    if (threadIdx.y == 0) {
+      for (int j = 1; j < static_cast<int>(ty); ++j) {
+#pragma unroll
+        for (int i = 0; i < kPlanParams; ++i) acc[i] += red[i * nthreads + j * blockDim.x + threadIdx.x];
+      }
+    }
+  }
+  if (active && threadIdx.y == 0) {
+    // The Jacobian is needed only here; computing it after the loop keeps its 95 values out
+    // of the registers live during the element loop.
+    A jac[kPlanParams][kCoeffs];
+    plan_with_jacobian(coeffs + kCoeffs * n, jac);
+    A out[kCoeffs];
+    apply_jacobian(acc, jac, out);
+    A* dst = partials + (rb * N + n) * kCoeffs;
+#pragma unroll
+    for (int k = 0; k < kCoeffs; ++k) dst[k] = out[k];
+  }
+}
+
+// ---- planes layout (K > 1, or narrow N) -------------------------------------------------
+// Walks the units (V-element vectors) of one warp tile: rows x lenv units, lane-strided.
+// (r, c) is advanced incrementally instead of dividing per unit.
+struct TileWalk {
+  int r, c, q, s, lenv;
+  __device__ __forceinline__ TileWalk(int lane, int lenv_) : lenv(lenv_) {
+    r = lane / lenv; c = lane % lenv; q = 32 / lenv; s = 32 % lenv;
+  }
+  __device__ __forceinline__ void next() {
+    c += s; r += q;
+    if (c >= lenv) { c -= lenv; ++r; }
+  }
+};
+
+struct TileCoords {
+  int64_t n, mc, kc, base;  // base: element offset of (m0, n, k0)
+  int rows, lenv;           // rows in this tile, units per row
+};
+
+__device__ __forceinline__ TileCoords tile_coords(int64_t tile, int64_t M, int64_t N, int64_t K,
+                                                  const PlaneTiling& pt, int V) {
+  TileCoords c;
+  c.kc = tile % pt.kchunks;
+  const int64_t rest = tile / pt.kchunks;
+  c.n = rest % N;
+  c.mc = rest / N;
+  const int64_t m0 = c.mc * pt.R, k0 = c.kc * pt.CK;
+  c.rows = static_cast<int>(std::min(pt.R, M - m0));
+  c.lenv = static_cast<int>(std::min(pt.CK, K - k0) / V);
+  c.base = (m0 * N + c.n) * K + k0;
+  return c;
+}
+
+template <typename S, int V>
+__global__ void __launch_bounds__(kThreads)
+    fwd_planes_kernel(const S* __restrict__ x, S* __restrict__ y,
+                      const typename AccOf<S>::type* __restrict__ coeffs, int64_t M, int64_t N,
+                      int64_t K, PlaneTiling pt) {
+  using A = typename AccOf<S>::type;
+  using P = Pack<S, V>;
+  const int lane = threadIdx.x & 31;
+  const int64_t warp0 = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  const int64_t wstride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const int64_t row_stride = N * K;
+  for (int64_t tile = warp0; tile < pt.tiles; tile += wstride) {
+    const TileCoords tc = tile_coords(tile, M, N, K, pt, V);
+    const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * tc.n);
+    const int units = tc.rows * tc.lenv;
+    TileWalk w(lane, tc.lenv);
+    for (int u = lane; u < units; u += 32, w.next()) {
+      const int64_t off = tc.base + w.r * row_stride + static_cast<int64_t>(w.c) * V;
+      const P in = *reinterpret_cast<const P*>(x + off);
+      P out;
+#pragma unroll
+      for (int j = 0; j < V; ++j) out.v[j] = from_acc<S>(forward_one(p, to_acc(in.v[j])));
+      *reinterpret_cast<P*>(y + off) = out;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T shfl_xor(T v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+
+// Warp tile (mc, n, kc) writes partials[mc * kchunks + kc, n, :].
+template <typename S, int V>
+__global__ void __launch_bounds__(kThreads)
+    bwd_planes_kernel(const S* __restrict__ gy, const S* __restrict__ x,
+                      const typename AccOf<S>::type* __restrict__ coeffs, S* __restrict__ gx,
+                      typename AccOf<S>::type* __restrict__ partials, int64_t M, int64_t N,
+                      int64_t K, PlaneTiling pt) {
+  using A = typename AccOf<S>::type;
+  using P = Pack<S, V>;
+  const int lane = threadIdx.x & 31;
+  const int64_t warp0 = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  const int64_t wstride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const int64_t row_stride = N * K;
+  // tile is warp-uniform, so every lane runs the same iterations (full-mask shuffles are safe).
+  for (int64_t tile = warp0; tile < pt.tiles; tile += wstride) {
+    const TileCoords tc = tile_coords(tile, M, N, K, pt, V);
+    A acc[kPlanParams];
+#pragma unroll
+    for (int i = 0; i < kPlanParams; ++i) acc[i] = A(0);
+    {
+      const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * tc.n);
+      const int units = tc.rows * tc.lenv;
+      TileWalk w(lane, tc.lenv);
+      for (int u = lane; u < units; u += 32, w.next()) {
+        const int64_t off = tc.base + w.r * row_stride + static_cast<int64_t>(w.c) * V;
+        const P xin = *reinterpret_cast<const P*>(x + off);
+        const P gin = *reinterpret_cast<const P*>(gy + off);
+        P out;
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          out.v[j] = from_acc<S>(backward_one(p, to_acc(xin.v[j]), to_acc(gin.v[j]), acc));
+        *reinterpret_cast<P*>(gx + off) = out;
+      }
+    }
+    // Butterfly reduction: fixed order, every lane ends with the same (deterministic) sum.
+#pragma unroll
+    for (int i = 0; i < kPlanParams; ++i) {
+#pragma unroll
+      for (int m = 16; m > 0; m >>= 1) acc[i] += shfl_xor(acc[i], m);
+    }
+    if (lane == 0) {
+      A jac[kPlanParams][kCoeffs];
+      plan_with_jacobian(coeffs + kCoeffs * tc.n, jac);
+      A out[kCoeffs];
+      apply_jacobian(acc, jac, out);
+      A* dst = partials + ((tc.mc * pt.kchunks + tc.kc) * N + tc.n) * kCoeffs;
+#pragma unroll
+      for (int k = 0; k < kCoeffs; ++k) dst[k] = out[k];
+    }
+  }
+}
+
+// ---- launchers ----------------------------------------------------------------------------
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+int64_t plane_blocks(const PlaneTiling& pt) {
+  // Grid-stride over tiles beyond this (gridDim.x itself allows 2^31 - 1).
+  return std::min<int64_t>(cdiv(pt.tiles, kWarpsPerBlock), int64_t(1) << 30);
+}
+
+template <typename S>
+void forward_typed(const S* x, S* y, const typename AccOf<S>::type* coeffs, int64_t M, int64_t N,
+                   int64_t K, cudaStream_t stream) {
+  if (M <= 0 || N <= 0 || K <= 0) return;
+  if (use_rows_layout(N, K)) {
+    const RowTiling t = row_tiling(M, N, kRowsFwdTargetBlocks, kRowsFwdMinRows);
+    const dim3 grid(static_cast<unsigned>(t.col_blocks),
+                    static_cast<unsigned>(std::min<int64_t>(t.row_blocks, 65535)));
+    fwd_rows_kernel<S><<<grid, dim3(t.tx, t.ty), 0, stream>>>(x, y, coeffs, M, N,
+                                                             t.rows_per_block, t.row_blocks);
+    return check_launch("deu fwd_rows");
+  }
+  const PlaneTiling pt = plane_tiling(M, N, K, kPlaneFwdElems);
+  constexpr int V = 16 / sizeof(S);
+  const unsigned blocks = static_cast<unsigned>(plane_blocks(pt));
+  if (K % V == 0 && aligned16(x) && aligned16(y)) {
+    fwd_planes_kernel<S, V><<<blocks, kThreads, 0, stream>>>(x, y, coeffs, M, N, K, pt);
+  } else {
+    fwd_planes_kernel<S, 1><<<blocks, kThreads, 0, stream>>>(x, y, coeffs, M, N, K, pt);
+  }
+  check_launch("deu fwd_planes");
+}
+
+template <typename S>
+void backward_typed(const S* gy, const S* x, const typename AccOf<S>::type* coeffs, S* gx,
+                    typename AccOf<S>::type* partials, int64_t M, int64_t N, int64_t K,
+                    cudaStream_t stream) {
+  using A = typename AccOf<S>::type;
+  if (M <= 0 || N <= 0 || K <= 0) return;
+  if (use_rows_layout(N, K)) {
+    const RowTiling t = row_tiling(M, N, kRowsBwdTargetBlocks, kRowsBwdMinRows);
+    const dim3 grid(static_cast<unsigned>(t.col_blocks), static_cast<unsigned>(t.row_blocks));
+    const size_t smem = t.ty > 1 ? sizeof(A) * kPlanParams * t.tx * t.ty : 0;
+    bwd_rows_kernel<S><<<grid, dim3(t.tx, t.ty), smem, stream>>>(gy, x, coeffs, gx, partials, M, N,
+                                                                 t.rows_per_block);
+    return check_launch("deu bwd_rows");
+  }
+  const PlaneTiling pt = plane_tiling(M, N, K, kPlaneBwdElems);
+  constexpr int V = 16 / sizeof(S);
+  const unsigned blocks = static_cast<unsigned>(plane_blocks(pt));
+  if (K % V == 0 && aligned16(x) && aligned16(gy) && aligned16(gx)) {
+    bwd_planes_kernel<S, V><<<blocks, kThreads, 0, stream>>>(gy, x, coeffs, gx, partials, M, N, K, pt);
+  } else {
+    bwd_planes_kernel<S, 1><<<blocks, kThreads, 0, stream>>>(gy, x, coeffs, gx, partials, M, N, K, pt);
+  }
+  check_launch("deu bwd_planes");
+}
+
+}  // namespace
+
+void forward_cuda(DType dtype, const void* x, void* y, const void* coeffs, int64_t M, int64_t N,
+                  int64_t K, void* stream) {
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::f32:
+      return forward_typed(static_cast<const float*>(x), static_cast<float*>(y),
+                           static_cast<const float*>(coeffs), M, N, K, s);
+    case DType::f64:
+      return forward_typed(static_cast<const double*>(x), static_cast<double*>(y),
+                           static_cast<const double*>(coeffs), M, N, K, s);
+    case DType::f16:
+      return forward_typed(static_cast<const __half*>(x), static_cast<__half*>(y),
+                           static_cast<const float*>(coeffs), M, N, K, s);
+    case DType::bf16:
+      return forward_typed(static_cast<const __nv_bfloat16*>(x), static_cast<__nv_bfloat16*>(y),
+                           static_cast<const float*>(coeffs), M, N, K, s);
+  }
+  throw std::runtime_error("kfuse deu forward_cuda: unsupported dtype");
+}
+
+int64_t backward_cuda_num_partials(int64_t M, int64_t N, int64_t K) {
+  if (M <= 0 || N <= 0 || K <= 0) return 0;
+  if (use_rows_layout(N, K)) return row_tiling(M, N, kRowsBwdTargetBlocks, kRowsBwdMinRows).row_blocks;
+  const PlaneTiling pt = plane_tiling(M, N, K, kPlaneBwdElems);
+  return pt.mchunks * pt.kchunks;
+}
+
+void backward_cuda(DType dtype, const void* grad_y, const void* x, const void* coeffs,
+                   void* grad_x, void* partials, int64_t M, int64_t N, int64_t K, void* stream) {
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::f32:
+      return backward_typed(static_cast<const float*>(grad_y), static_cast<const float*>(x),
+                            static_cast<const float*>(coeffs), static_cast<float*>(grad_x),
+                            static_cast<float*>(partials), M, N, K, s);
+    case DType::f64:
+      return backward_typed(static_cast<const double*>(grad_y), static_cast<const double*>(x),
+                            static_cast<const double*>(coeffs), static_cast<double*>(grad_x),
+                            static_cast<double*>(partials), M, N, K, s);
+    case DType::f16:
+      return backward_typed(static_cast<const __half*>(grad_y), static_cast<const __half*>(x),
+                            static_cast<const float*>(coeffs), static_cast<__half*>(grad_x),
+                            static_cast<float*>(partials), M, N, K, s);
+    case DType::bf16:
+      return backward_typed(static_cast<const __nv_bfloat16*>(grad_y),
+                            static_cast<const __nv_bfloat16*>(x), static_cast<const float*>(coeffs),
+                            static_cast<__nv_bfloat16*>(grad_x), static_cast<float*>(partials), M, N,
+                            K, s);
+  }
+  throw std::runtime_error("kfuse deu backward_cuda: unsupported dtype");
+}
+
+}  // namespace deu
+}  // namespace kfuse
