@@ -279,17 +279,32 @@ KF_HD T clamp_out(T y) {
   return y < -m ? -m : (y > m ? m : y);
 }
 
-// y(t) before the output clamp.
+// The coefficients of t's side of 0. Selected by value, not as a pointer to p.pos/p.neg:
+// a pointer select forces nvcc to spill the whole plan to local memory (8+ ld.local per
+// element in the hot loop, seen in the PTX of the first CUDA kernels).
 template <typename T>
-KF_HD T eval_raw(const Plan<T>& p, const Pieces<T>& q, T t) {
-  const T* k = t > T(0) ? p.pos : p.neg;
+struct Side {
+  T k[kBasis];
+};
+
+template <typename T>
+KF_HD Side<T> side_of(const Plan<T>& p, bool pos) {
+  Side<T> s;
+  for (int j = 0; j < kBasis; ++j) s.k[j] = pos ? p.pos[j] : p.neg[j];
+  return s;
+}
+
+// y(t) before the output clamp, from t's side coefficients k.
+template <typename T>
+KF_HD T eval_raw(const T* k, const Pieces<T>& q, T t) {
   return k[0] + t * (k[1] + t * k[2]) + k[3] * q.sig +
          q.e1 * ((k[4] + k[5] * t) * q.cs + k[6] * q.sn) + k[7] * q.e2;
 }
 
 template <typename T>
 KF_HD T forward_one(const Plan<T>& p, T t) {
-  return clamp_out(eval_raw(p, pieces(p, t), t));
+  const Side<T> s = side_of(p, t > T(0));
+  return clamp_out(eval_raw(s.k, pieces(p, t), t));
 }
 
 // Backward for one element with upstream gradient g: returns ∂L/∂t and adds ∂L/∂π into
@@ -297,11 +312,12 @@ KF_HD T forward_one(const Plan<T>& p, T t) {
 template <typename T>
 KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   const Pieces<T> q = pieces(p, t);
-  const T yraw = eval_raw(p, q, t);
+  const bool pos = t > T(0);
+  const Side<T> s = side_of(p, pos);
+  const T* k = s.k;
+  const T yraw = eval_raw(k, q, t);
   const T m = T(kOutClamp);
   if (!(yraw >= -m && yraw <= m)) return T(0);  // clamp derivative is 0 outside
-  const bool pos = t > T(0);
-  const T* k = pos ? p.pos : p.neg;
   const T basis[kBasis] = {T(1), t, t * t, q.sig, q.e1 * q.cs, t * q.e1 * q.cs, q.e1 * q.sn, q.e2};
   for (int j = 0; j < kBasis; ++j) {
     const T gb = g * basis[j];
