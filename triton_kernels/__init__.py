@@ -1,0 +1,1 @@
+"""Triton kernels of kfuse: one module per op family, kernels plus thin launchers."""

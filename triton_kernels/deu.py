@@ -1,0 +1,637 @@
+"""Triton kernels for DEU activations (see specs/deu.md and csrc/deu/deu_math.h).
+
+Same math as the C++ kernels: each of the eleven cases is one generic template over eight
+basis functions of t,
+
+    B(t) = [1, t, t², σ(100t), E1·cos ωt, t·E1·cos ωt, E1·sin ωt, E2],
+    E1 = E(ρ1 t), E2 = E(ρ2 t), E(z) = exp(min(z, 14)),
+    y(t) = clamp(Σ_j (hom_j + H(t)·part_j)·B_j(t), -1000, 1000),
+
+so the case logic runs once per neuron (``_plan``) and the element loop is branch-free
+apart from program-level skips of terms no neuron of the program uses. ``hom[2]`` and
+``part[3]`` are zero in every case, so the plan carries 17 parameters π = (hom 0,1,3..7,
+part 0,1,2,4..7, ρ1, ω, ρ2). The backward reduces ∂L/∂π per program in registers and maps
+it to (a, b, c, c1, c2) with the plan's Jacobian, obtained by running ``_plan`` in forward
+mode (value + tangent) once per coefficient direction: no hand-derived case derivatives.
+
+Launchers take ``x`` as ``[M, N, K]`` (N = neurons), ``coeffs`` ``[N, 5]`` in the
+accumulation dtype (float64 for float64 ``x``, else float32) and compute in that dtype.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# Constants of the definition (python/kfuse/reference/deu.py).
+EPS: tl.constexpr = tl.constexpr(0.01)
+EXP_CAP: tl.constexpr = tl.constexpr(14.0)
+OUT_CLAMP: tl.constexpr = tl.constexpr(1000.0)
+STEP_SLOPE: tl.constexpr = tl.constexpr(100.0)
+
+# Elements per tile, 4 warps. Fixed, not autotuned: the partial-gradient layout [T, N, 5]
+# (hence the summation order) must not depend on a timing run. Measured on an H200, x
+# 8192x4096 fp32: forward 1024 (8/thread) beat 512/2048/4096; backward, which keeps 17
+# accumulators per element in registers, was fastest at 256 (370 us vs 409 us at 512).
+_FWD_TILE = 1024
+_BWD_TILE = 256
+_NUM_WARPS = 4
+# Programs to aim for when splitting rows into chunks (several waves on a 132-SM GPU). A
+# constant rather than the device's SM count, so results do not depend on the device.
+_TARGET_PROGRAMS = 2048
+
+
+@triton.jit
+def _sqrt(x):
+    # tl.sqrt is approximate for fp32 on the GPU; sqrt_rn is IEEE (fp32 only). Per-neuron
+    # work, so the exact one costs nothing.
+    if x.dtype == tl.float64:
+        r = tl.sqrt(x)
+    else:
+        r = tl.sqrt_rn(x)
+    return r
+
+
+# ----------------------------------------------------------------------------------------
+# Per-neuron plan, in forward mode: values of π and their tangents along (da, db, dc, dc1,
+# dc2). Works on scalars (one neuron per program) and on vectors of neurons alike: every
+# case is computed with safe operands and selected with tl.where.
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
+    za = tl.abs(a) < EPS
+    zb = tl.abs(b) < EPS
+    zc = tl.abs(c) < EPS
+    nza = ~za
+    nzb = ~zb
+    nzc = ~zc
+    idn = za & zb & zc
+    stp = za & zb & nzc
+    rmp = za & nzb & zc
+    fst = za & nzb & nzc
+    par = nza & zb & zc
+    osc = nza & zb & nzc & (a * c > 0)
+    hyp = nza & zb & nzc & ~(a * c > 0)
+    nnz = nza & nzb & zc
+    nnn = nza & nzb & nzc
+    dsc = b * b - 4.0 * a * c
+    und = nnn & (dsc < -EPS)
+    ovr = nnn & (dsc > EPS)
+    crt = nnn & ~(dsc < -EPS) & ~(dsc > EPS)
+
+    # Safe denominators (1 where the parameter counts as zero: those branches are unused).
+    A = tl.where(za, 1.0, a)
+    dA = tl.where(za, 0.0, da)
+    B = tl.where(zb, 1.0, b)
+    dB = tl.where(zb, 0.0, db)
+    C = tl.where(zc, 1.0, c)
+    dC = tl.where(zc, 0.0, dc)
+    iA = 1.0 / A
+    diA = -iA * iA * dA
+    iB = 1.0 / B
+    diB = -iB * iB * dB
+    iC = 1.0 / C
+    diC = -iC * iC * dC
+    sg = tl.where(a > 0, 1.0, -1.0)
+
+    # Oscillator / hyperbolic: w = √(c/a), k = √(-c/a), k' = sign(a)·k.
+    ca = C * iA
+    dca = dC * iA + C * diA
+    w = _sqrt(tl.where(osc, ca, 1.0))
+    dw = tl.where(osc, dca, 0.0) / (2.0 * w)
+    kh = _sqrt(tl.where(hyp, -ca, 1.0))
+    dkh = tl.where(hyp, -dca, 0.0) / (2.0 * kh)
+    kp = sg * kh
+    dkp = sg * dkh
+    # α = -b/(2a) (underdamped, critical).
+    al = -0.5 * B * iA
+    dal = -0.5 * (dB * iA + B * diA)
+    # Underdamped Dd = √(4ac - b²); overdamped S = √(b² - 4ac).
+    u = 4.0 * A * C - B * B
+    du = 4.0 * (dA * C + A * dC) - 2.0 * B * dB
+    dd = _sqrt(tl.where(und, u, 1.0))
+    ddd = tl.where(und, du, 0.0) / (2.0 * dd)
+    idd = 1.0 / dd
+    didd = -idd * idd * ddd
+    s = _sqrt(tl.where(ovr, -u, 1.0))
+    ds = tl.where(ovr, -du, 0.0) / (2.0 * s)
+    i_s = 1.0 / s
+    di_s = -i_s * i_s * ds
+    # Shared products.
+    nh = A * c1 * iB  # a·c1/b (r = -b/a row)
+    dnh = dA * c1 * iB + A * dc1 * iB + A * c1 * diB
+    ab2 = A * iB * iB  # a/b²
+    dab2 = dA * iB * iB + 2.0 * A * iB * diB
+    isc = i_s * iC
+    disc = di_s * iC + i_s * diC
+    o4 = -0.5 * (B + s) * isc
+    do4 = -0.5 * ((dB + ds) * isc + (B + s) * disc)
+    o7 = -0.5 * (s - B) * isc
+    do7 = -0.5 * ((ds - dB) * isc + (s - B) * disc)
+
+    # Homogeneous coefficients.
+    h0 = tl.where(rmp, c1, tl.where(par | nnz, c2, 0.0))
+    dh0 = tl.where(rmp, dc1, tl.where(par | nnz, dc2, 0.0))
+    h1 = tl.where(idn, 1.0, tl.where(par, c1, 0.0))
+    dh1 = tl.where(par, dc1, 0.0)
+    h3 = tl.where(stp, iC, 0.0)
+    dh3 = tl.where(stp, diC, 0.0)
+    use_c1 = fst | osc | hyp | und
+    h4 = tl.where(use_c1, c1, tl.where(ovr | crt, c2, tl.where(nnz, -nh, 0.0)))
+    dh4 = tl.where(use_c1, dc1, tl.where(ovr | crt, dc2, tl.where(nnz, -dnh, 0.0)))
+    h5 = tl.where(crt, c1, 0.0)
+    dh5 = tl.where(crt, dc1, 0.0)
+    h6 = tl.where(osc, sg * c2, tl.where(und, c2, 0.0))  # sin(w't) = sign(a)·sin(wt)
+    dh6 = tl.where(osc, sg * dc2, tl.where(und, dc2, 0.0))
+    h7 = tl.where(hyp, c2, tl.where(ovr, c1, 0.0))
+    dh7 = tl.where(hyp, dc2, tl.where(ovr, dc1, 0.0))
+    # Particular coefficients (multiplied by H(t)).
+    inv_c = fst | osc | hyp | und | ovr | crt
+    p0 = tl.where(inv_c, iC, tl.where(nnz, -ab2, 0.0))
+    dp0 = tl.where(inv_c, diC, tl.where(nnz, -dab2, 0.0))
+    p1 = tl.where(rmp | nnz, iB, 0.0)
+    dp1 = tl.where(rmp | nnz, diB, 0.0)
+    p2 = tl.where(par, 0.5 * iA, 0.0)
+    dp2 = tl.where(par, 0.5 * diA, 0.0)
+    m_c = fst | osc | und | crt
+    p4 = tl.where(m_c, -iC, tl.where(hyp, -0.5 * iC, tl.where(nnz, ab2, tl.where(ovr, o4, 0.0))))
+    dp4 = tl.where(m_c, -diC, tl.where(hyp, -0.5 * diC, tl.where(nnz, dab2, tl.where(ovr, do4, 0.0))))
+    p5 = tl.where(crt, al * iC, 0.0)
+    dp5 = tl.where(crt, dal * iC + al * diC, 0.0)
+    p6 = tl.where(und, -B * idd * iC, 0.0)
+    dp6 = tl.where(und, -(dB * idd * iC + B * didd * iC + B * idd * diC), 0.0)
+    p7 = tl.where(hyp, -0.5 * iC, tl.where(ovr, o7, 0.0))  # cosh = (E(kt) + E(-kt))/2
+    dp7 = tl.where(hyp, -0.5 * diC, tl.where(ovr, do7, 0.0))
+    # Rates.
+    r1 = tl.where(ovr, 0.5 * (s - B) * iA, 0.0)
+    dr1 = tl.where(ovr, 0.5 * ((ds - dB) * iA + (s - B) * diA), 0.0)
+    r1 = tl.where(und | crt, al, r1)
+    dr1 = tl.where(und | crt, dal, dr1)
+    r1 = tl.where(nnz, -B * iA, r1)
+    dr1 = tl.where(nnz, -(dB * iA + B * diA), dr1)
+    r1 = tl.where(hyp, -kp, r1)
+    dr1 = tl.where(hyp, -dkp, dr1)
+    r1 = tl.where(fst, -C * iB, r1)
+    dr1 = tl.where(fst, -(dC * iB + C * diB), dr1)
+    om = tl.where(osc, w, tl.where(und, 0.5 * dd * iA, 0.0))
+    dom = tl.where(osc, dw, tl.where(und, 0.5 * (ddd * iA + dd * diA), 0.0))
+    r2 = tl.where(hyp, kp, tl.where(ovr, -0.5 * (B + s) * iA, 0.0))
+    dr2 = tl.where(hyp, dkp, tl.where(ovr, -0.5 * ((dB + ds) * iA + (B + s) * diA), 0.0))
+    return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+            dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2)
+
+
+@triton.jit
+def _plan_values(a, b, c, c1, c2):
+    z = a * 0.0
+    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+     _0, _1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16) = _plan(
+        a, b, c, c1, c2, z, z, z, z, z)
+    return h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2
+
+
+@triton.jit
+def _jvp_dot(a, b, c, c1, c2, da, db, dc, dc1, dc2,
+             s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7,
+             s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2):
+    """Σ_i (∂L/∂π_i)·(∂π_i/∂θ · dθ): one coefficient gradient for a unit seed dθ."""
+    (_0, _1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16,
+     dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2) = _plan(
+        a, b, c, c1, c2, da, db, dc, dc1, dc2)
+    return (s_h0 * dh0 + s_h1 * dh1 + s_h3 * dh3 + s_h4 * dh4 + s_h5 * dh5 + s_h6 * dh6 + s_h7 * dh7
+            + s_p0 * dp0 + s_p1 * dp1 + s_p2 * dp2 + s_p4 * dp4 + s_p5 * dp5 + s_p6 * dp6 + s_p7 * dp7
+            + s_r1 * dr1 + s_om * dom + s_r2 * dr2)
+
+
+# ----------------------------------------------------------------------------------------
+# Element math.
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _exp(z, F64: tl.constexpr):
+    # F64: 0 = fp32 math, 1 = fp64 via libdevice (GPU), 2 = fp64 via tl.* (the interpreter,
+    # which does not implement libdevice calls; there tl.* is numpy's float64 math).
+    if F64 == 1:
+        e = libdevice.exp(z)
+    elif F64 == 2:
+        e = tl.exp(z)
+    else:
+        # ex2.approx on the GPU: relative error ~1e-6 for |z| <= 14, well inside fp32 tolerance.
+        e = tl.exp(z)
+    return e
+
+
+@triton.jit
+def _sincos(x, F64: tl.constexpr):
+    if F64 == 1:
+        sn = libdevice.sin(x)
+        cs = libdevice.cos(x)
+    elif F64 == 2:
+        sn = tl.sin(x)
+        cs = tl.cos(x)
+    else:
+        # One shared range reduction for both (tl.sin/tl.cos may lower to the approximate
+        # sin.approx.f32, whose absolute error grows with |x|; libdevice's sinf + cosf would
+        # reduce twice). Cody-Waite: x = q·π/2 + r with π/2 split in three parts whose
+        # products with q are exact for |q| < 2^11 (|x| < ~3000), then cephes minimax
+        # polynomials on |r| <= π/4 (~1 ulp).
+        q = tl.floor(x * 0.6366197723675814 + 0.5)
+        r = x - q * 1.5703125
+        r = r - q * 4.837512969970703125e-4
+        r = r - q * 7.54978995489188216e-8
+        z = r * r
+        ps = r + r * z * ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1)
+        pc = 1.0 - 0.5 * z + z * z * ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z
+                                      + 4.166664568298827e-2)
+        iq = q.to(tl.int32) & 3
+        swap = (iq & 1) != 0
+        sn = tl.where(swap, pc, ps)
+        cs = tl.where(swap, ps, pc)
+        sn = tl.where(iq >= 2, -sn, sn)
+        cs = tl.where((iq == 1) | (iq == 2), -cs, cs)
+    return sn, cs
+
+
+@triton.jit
+def _pieces(t, r1, om, r2, any_trig, any_e2, any_step, F64: tl.constexpr):
+    """E1, cap1, cos ωt, sin ωt, E2, cap2, σ(100t); unused terms skipped per program."""
+    z1 = r1 * t
+    cap1 = z1 > EXP_CAP
+    e1 = _exp(tl.where(cap1, EXP_CAP, z1), F64)
+    if any_trig:
+        sn, cs = _sincos(om * t, F64)
+    else:
+        sn = tl.zeros_like(t)
+        cs = sn + 1.0
+    if any_e2:
+        z2 = r2 * t
+        cap2 = z2 > EXP_CAP
+        e2 = _exp(tl.where(cap2, EXP_CAP, z2), F64)
+    else:
+        cap2 = t != t  # all False (t is never NaN where E2 matters: its coefficient is 0)
+        e2 = tl.zeros_like(t)
+    if any_step:
+        sig = 1.0 / (1.0 + _exp(t * -STEP_SLOPE, F64))
+    else:
+        sig = tl.zeros_like(t)
+    return e1, cap1, cs, sn, e2, cap2, sig
+
+
+@triton.jit
+def _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                  any_trig, any_e2, any_step, F64: tl.constexpr):
+    e1, cap1, cs, sn, e2, cap2, sig = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, F64)
+    pos = t > 0
+    k0 = tl.where(pos, h0 + p0, h0)
+    k1 = tl.where(pos, h1 + p1, h1)
+    k2 = tl.where(pos, p2, 0.0)
+    k4 = tl.where(pos, h4 + p4, h4)
+    k5 = tl.where(pos, h5 + p5, h5)
+    k6 = tl.where(pos, h6 + p6, h6)
+    k7 = tl.where(pos, h7 + p7, h7)
+    y = k0 + t * (k1 + t * k2) + h3 * sig + e1 * ((k4 + k5 * t) * cs + k6 * sn) + k7 * e2
+    # Clamp with compares so a NaN stays NaN (as torch.clamp).
+    y = tl.where(y < -OUT_CLAMP, -OUT_CLAMP, tl.where(y > OUT_CLAMP, OUT_CLAMP, y))
+    return y
+
+
+@triton.jit
+def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                   any_trig, any_e2, any_step, F64: tl.constexpr):
+    """∂L/∂t and the element's contributions to ∂L/∂π (same order as _plan's outputs)."""
+    e1, cap1, cs, sn, e2, cap2, sig = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, F64)
+    pos = t > 0
+    k0 = tl.where(pos, h0 + p0, h0)
+    k1 = tl.where(pos, h1 + p1, h1)
+    k2 = tl.where(pos, p2, 0.0)
+    k4 = tl.where(pos, h4 + p4, h4)
+    k5 = tl.where(pos, h5 + p5, h5)
+    k6 = tl.where(pos, h6 + p6, h6)
+    k7 = tl.where(pos, h7 + p7, h7)
+    lin = k4 + k5 * t
+    osc = lin * cs + k6 * sn  # the E1 bracket
+    dosc = k6 * cs - lin * sn  # its derivative w.r.t. ωt
+    yraw = k0 + t * (k1 + t * k2) + h3 * sig + e1 * osc + k7 * e2
+    inside = (yraw >= -OUT_CLAMP) & (yraw <= OUT_CLAMP)  # clamp derivative: 0 outside (and NaN)
+    g = tl.where(inside, g, 0.0)
+    gp = tl.where(pos, g, 0.0)
+    b4 = e1 * cs
+    b5 = t * b4
+    b6 = e1 * sn
+    gt = g * t
+    s_r1 = tl.where(cap1, 0.0, gt * e1 * osc)
+    s_om = gt * e1 * dosc
+    s_r2 = tl.where(cap2, 0.0, gt * k7 * e2)
+    r1e = tl.where(cap1, 0.0, r1)
+    r2e = tl.where(cap2, 0.0, r2)
+    dy = (k1 + 2.0 * k2 * t + h3 * STEP_SLOPE * sig * (1.0 - sig)
+          + e1 * (r1e * osc + k5 * cs + om * dosc) + k7 * r2e * e2)
+    gx = g * dy
+    return (gx, g, gt, g * sig, g * b4, g * b5, g * b6, g * e2,
+            gp, gp * t, gp * t * t, gp * b4, gp * b5, gp * b6, gp * e2, s_r1, s_om, s_r2)
+
+
+@triton.jit
+def _any(v):
+    return tl.max(tl.where(v != 0, 1, 0).to(tl.int32)) > 0
+
+
+# ----------------------------------------------------------------------------------------
+# K == 1: x is [M, N]; a program owns BLOCK_N neurons and a chunk of rows.
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _deu_fwd_rows(x_ptr, y_ptr, co_ptr, M, N, rows_per_prog,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F64: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    cmask = cols < N
+    a = tl.load(co_ptr + cols * 5 + 0, mask=cmask, other=0.0)
+    b = tl.load(co_ptr + cols * 5 + 1, mask=cmask, other=0.0)
+    c = tl.load(co_ptr + cols * 5 + 2, mask=cmask, other=0.0)
+    c1 = tl.load(co_ptr + cols * 5 + 3, mask=cmask, other=0.0)
+    c2 = tl.load(co_ptr + cols * 5 + 4, mask=cmask, other=0.0)
+    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
+    any_trig = _any(om)
+    any_e2 = _any(h7) | _any(p7)
+    any_step = _any(h3)
+    row0 = pid_m * rows_per_prog
+    for i in range(0, rows_per_prog, BLOCK_M):
+        rows = row0 + i + tl.arange(0, BLOCK_M)[:, None]
+        mask = (rows < M) & cmask
+        offs = rows.to(tl.int64) * N + cols
+        t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(a.dtype)
+        y = _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                          any_trig, any_e2, any_step, F64)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F64: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    cmask = cols < N
+    a = tl.load(co_ptr + cols * 5 + 0, mask=cmask, other=0.0)
+    b = tl.load(co_ptr + cols * 5 + 1, mask=cmask, other=0.0)
+    c = tl.load(co_ptr + cols * 5 + 2, mask=cmask, other=0.0)
+    c1 = tl.load(co_ptr + cols * 5 + 3, mask=cmask, other=0.0)
+    c2 = tl.load(co_ptr + cols * 5 + 4, mask=cmask, other=0.0)
+    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
+    any_trig = _any(om)
+    any_e2 = _any(h7) | _any(p7)
+    any_step = _any(h3)
+    zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=a.dtype)
+    s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7 = zero, zero, zero, zero, zero, zero, zero
+    s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7 = zero, zero, zero, zero, zero, zero, zero
+    s_r1, s_om, s_r2 = zero, zero, zero
+    row0 = pid_m * rows_per_prog
+    for i in range(0, rows_per_prog, BLOCK_M):
+        rows = row0 + i + tl.arange(0, BLOCK_M)[:, None]
+        mask = (rows < M) & cmask
+        offs = rows.to(tl.int64) * N + cols
+        t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(a.dtype)
+        g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(a.dtype)
+        (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p0, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
+         q_r1, q_om, q_r2) = _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6,
+                                            p7, r1, om, r2, any_trig, any_e2, any_step, F64)
+        tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        s_h0 += q_h0
+        s_h1 += q_h1
+        s_h3 += q_h3
+        s_h4 += q_h4
+        s_h5 += q_h5
+        s_h6 += q_h6
+        s_h7 += q_h7
+        s_p0 += q_p0
+        s_p1 += q_p1
+        s_p2 += q_p2
+        s_p4 += q_p4
+        s_p5 += q_p5
+        s_p6 += q_p6
+        s_p7 += q_p7
+        s_r1 += q_r1
+        s_om += q_om
+        s_r2 += q_r2
+    # Epilogue: one partial per (program row-chunk, neuron, coefficient).
+    n1 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n1 < N
+    a = tl.load(co_ptr + n1 * 5 + 0, mask=nmask, other=0.0)
+    b = tl.load(co_ptr + n1 * 5 + 1, mask=nmask, other=0.0)
+    c = tl.load(co_ptr + n1 * 5 + 2, mask=nmask, other=0.0)
+    c1 = tl.load(co_ptr + n1 * 5 + 3, mask=nmask, other=0.0)
+    c2 = tl.load(co_ptr + n1 * 5 + 4, mask=nmask, other=0.0)
+    _store_coeff_grads(part_ptr + (pid_m.to(tl.int64) * N + n1) * 5, nmask, a, b, c, c1, c2,
+                       tl.sum(s_h0, axis=0), tl.sum(s_h1, axis=0), tl.sum(s_h3, axis=0),
+                       tl.sum(s_h4, axis=0), tl.sum(s_h5, axis=0), tl.sum(s_h6, axis=0),
+                       tl.sum(s_h7, axis=0), tl.sum(s_p0, axis=0), tl.sum(s_p1, axis=0),
+                       tl.sum(s_p2, axis=0), tl.sum(s_p4, axis=0), tl.sum(s_p5, axis=0),
+                       tl.sum(s_p6, axis=0), tl.sum(s_p7, axis=0), tl.sum(s_r1, axis=0),
+                       tl.sum(s_om, axis=0), tl.sum(s_r2, axis=0))
+
+
+@triton.jit
+def _store_coeff_grads(out_ptr, mask, a, b, c, c1, c2,
+                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7,
+                       s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2):
+    """Apply the plan's Jacobian (5 forward-mode passes) and store ∂L/∂(a, b, c, c1, c2)."""
+    z = a * 0.0
+    o = z + 1.0
+    g_a = _jvp_dot(a, b, c, c1, c2, o, z, z, z, z, s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7,
+                   s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
+    g_b = _jvp_dot(a, b, c, c1, c2, z, o, z, z, z, s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7,
+                   s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
+    g_c = _jvp_dot(a, b, c, c1, c2, z, z, o, z, z, s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7,
+                   s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
+    g_c1 = _jvp_dot(a, b, c, c1, c2, z, z, z, o, z, s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7,
+                    s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
+    g_c2 = _jvp_dot(a, b, c, c1, c2, z, z, z, z, o, s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7,
+                    s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
+    tl.store(out_ptr + 0, g_a, mask=mask)
+    tl.store(out_ptr + 1, g_b, mask=mask)
+    tl.store(out_ptr + 2, g_c, mask=mask)
+    tl.store(out_ptr + 3, g_c1, mask=mask)
+    tl.store(out_ptr + 4, g_c2, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# K > 1 (e.g. NCHW): a program owns one neuron n and a chunk of rows m; tiles are
+# [BLOCK_R rows, BLOCK_K spatial], contiguous along K. The plan is scalar.
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _deu_fwd_spatial(x_ptr, y_ptr, co_ptr, M, N, K, rows_per_prog,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, F64: tl.constexpr):
+    n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    a = tl.load(co_ptr + n * 5 + 0)
+    b = tl.load(co_ptr + n * 5 + 1)
+    c = tl.load(co_ptr + n * 5 + 2)
+    c1 = tl.load(co_ptr + n * 5 + 3)
+    c2 = tl.load(co_ptr + n * 5 + 4)
+    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
+    any_trig = om != 0
+    any_e2 = (h7 != 0) | (p7 != 0)
+    any_step = h3 != 0
+    row0 = pid_m * rows_per_prog
+    base = n.to(tl.int64) * K
+    for i in range(0, rows_per_prog, BLOCK_R):
+        rows = row0 + i + tl.arange(0, BLOCK_R)[:, None]
+        rbase = rows.to(tl.int64) * N * K + base
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)[None, :]
+            mask = (rows < M) & (ks < K)
+            offs = rbase + ks
+            t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(a.dtype)
+            y = _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                              any_trig, any_e2, any_step, F64)
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_prog,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, F64: tl.constexpr):
+    n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    a = tl.load(co_ptr + n * 5 + 0)
+    b = tl.load(co_ptr + n * 5 + 1)
+    c = tl.load(co_ptr + n * 5 + 2)
+    c1 = tl.load(co_ptr + n * 5 + 3)
+    c2 = tl.load(co_ptr + n * 5 + 4)
+    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
+    any_trig = om != 0
+    any_e2 = (h7 != 0) | (p7 != 0)
+    any_step = h3 != 0
+    zero = tl.zeros([BLOCK_R, BLOCK_K], dtype=a.dtype)
+    s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7 = zero, zero, zero, zero, zero, zero, zero
+    s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7 = zero, zero, zero, zero, zero, zero, zero
+    s_r1, s_om, s_r2 = zero, zero, zero
+    row0 = pid_m * rows_per_prog
+    base = n.to(tl.int64) * K
+    for i in range(0, rows_per_prog, BLOCK_R):
+        rows = row0 + i + tl.arange(0, BLOCK_R)[:, None]
+        rbase = rows.to(tl.int64) * N * K + base
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)[None, :]
+            mask = (rows < M) & (ks < K)
+            offs = rbase + ks
+            t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(a.dtype)
+            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(a.dtype)
+            (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p0, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
+             q_r1, q_om, q_r2) = _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5,
+                                                p6, p7, r1, om, r2, any_trig, any_e2, any_step, F64)
+            tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+            s_h0 += q_h0
+            s_h1 += q_h1
+            s_h3 += q_h3
+            s_h4 += q_h4
+            s_h5 += q_h5
+            s_h6 += q_h6
+            s_h7 += q_h7
+            s_p0 += q_p0
+            s_p1 += q_p1
+            s_p2 += q_p2
+            s_p4 += q_p4
+            s_p5 += q_p5
+            s_p6 += q_p6
+            s_p7 += q_p7
+            s_r1 += q_r1
+            s_om += q_om
+            s_r2 += q_r2
+    _store_coeff_grads(part_ptr + (pid_m.to(tl.int64) * N + n) * 5, n < N, a, b, c, c1, c2,
+                       tl.sum(tl.sum(s_h0, axis=1), axis=0), tl.sum(tl.sum(s_h1, axis=1), axis=0),
+                       tl.sum(tl.sum(s_h3, axis=1), axis=0), tl.sum(tl.sum(s_h4, axis=1), axis=0),
+                       tl.sum(tl.sum(s_h5, axis=1), axis=0), tl.sum(tl.sum(s_h6, axis=1), axis=0),
+                       tl.sum(tl.sum(s_h7, axis=1), axis=0), tl.sum(tl.sum(s_p0, axis=1), axis=0),
+                       tl.sum(tl.sum(s_p1, axis=1), axis=0), tl.sum(tl.sum(s_p2, axis=1), axis=0),
+                       tl.sum(tl.sum(s_p4, axis=1), axis=0), tl.sum(tl.sum(s_p5, axis=1), axis=0),
+                       tl.sum(tl.sum(s_p6, axis=1), axis=0), tl.sum(tl.sum(s_p7, axis=1), axis=0),
+                       tl.sum(tl.sum(s_r1, axis=1), axis=0), tl.sum(tl.sum(s_om, axis=1), axis=0),
+                       tl.sum(tl.sum(s_r2, axis=1), axis=0))
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers.
+# ----------------------------------------------------------------------------------------
+def _pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def _row_split(M: int, block_rows: int, col_programs: int) -> tuple[int, int]:
+    """(rows per program, number of row chunks): about _TARGET_PROGRAMS programs in all,
+    each a whole number of row tiles. Depends only on the shape, so it is deterministic."""
+    tiles = triton.cdiv(M, block_rows)
+    chunks = max(1, min(tiles, triton.cdiv(_TARGET_PROGRAMS, col_programs)))
+    rows_per_prog = triton.cdiv(tiles, chunks) * block_rows
+    return rows_per_prog, triton.cdiv(M, rows_per_prog)
+
+
+def _blocks(N: int, K: int, tile: int) -> tuple[int, int]:
+    """(rows per tile, columns per tile): columns are neurons (K == 1) or spatial (K > 1)."""
+    cols = min(64, _pow2(N)) if K == 1 else min(tile, _pow2(K))
+    cols = max(cols, 2)
+    return max(2, tile // cols), cols
+
+
+def _math64(coeffs: torch.Tensor) -> int:
+    """The kernels' F64 switch: 0 fp32, 1 fp64 with libdevice, 2 fp64 under the interpreter."""
+    if coeffs.dtype != torch.float64:
+        return 0
+    return 2 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1
+
+
+def _check(x: torch.Tensor, coeffs: torch.Tensor) -> None:
+    if x.ndim != 3 or not x.is_contiguous():
+        raise ValueError(f"deu triton: x must be a contiguous [M, N, K] tensor; got {tuple(x.shape)}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if coeffs.shape != (x.shape[1], 5) or coeffs.dtype != acc or not coeffs.is_contiguous():
+        raise ValueError(f"deu triton: coeffs must be contiguous [{x.shape[1]}, 5] {acc}; "
+                         f"got {tuple(coeffs.shape)} {coeffs.dtype}")
+
+
+def deu_forward(x: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """y = DEU(x) for x viewed as [M, N, K]; returns a tensor like x."""
+    _check(x, coeffs)
+    M, N, K = x.shape
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    f64 = _math64(coeffs)
+    rows, cols = _blocks(N, K, _FWD_TILE)
+    if K == 1:
+        n_prog = triton.cdiv(N, cols)
+        rpp, chunks = _row_split(M, rows, n_prog)
+        _deu_fwd_rows[(n_prog, chunks)](x, y, coeffs, M, N, rpp, BLOCK_M=rows, BLOCK_N=cols, F64=f64,
+                                        num_warps=_NUM_WARPS)
+    else:
+        rpp, chunks = _row_split(M, rows, N)
+        _deu_fwd_spatial[(N, chunks)](x, y, coeffs, M, N, K, rpp, BLOCK_R=rows, BLOCK_K=cols, F64=f64,
+                                      num_warps=_NUM_WARPS)
+    return y
+
+
+def deu_backward(grad_y: torch.Tensor, x: torch.Tensor, coeffs: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x like x, grad_coeffs [N, 5] in coeffs' dtype); deterministic (no atomics)."""
+    _check(x, coeffs)
+    if grad_y.shape != x.shape or grad_y.dtype != x.dtype or not grad_y.is_contiguous():
+        raise ValueError("deu triton: grad_y must be contiguous with the shape and dtype of x")
+    M, N, K = x.shape
+    grad_x = torch.empty_like(x)
+    if x.numel() == 0:
+        return grad_x, torch.zeros_like(coeffs)
+    f64 = _math64(coeffs)
+    rows, cols = _blocks(N, K, _BWD_TILE)
+    if K == 1:
+        n_prog = triton.cdiv(N, cols)
+        rpp, chunks = _row_split(M, rows, n_prog)
+        partials = torch.empty((chunks, N, 5), dtype=coeffs.dtype, device=x.device)
+        _deu_bwd_rows[(n_prog, chunks)](grad_y, x, coeffs, grad_x, partials, M, N, rpp,
+                                        BLOCK_M=rows, BLOCK_N=cols, F64=f64, num_warps=_NUM_WARPS)
+    else:
+        rpp, chunks = _row_split(M, rows, N)
+        partials = torch.empty((chunks, N, 5), dtype=coeffs.dtype, device=x.device)
+        _deu_bwd_spatial[(N, chunks)](grad_y, x, coeffs, grad_x, partials, M, N, K, rpp,
+                                      BLOCK_R=rows, BLOCK_K=cols, F64=f64, num_warps=_NUM_WARPS)
+    return grad_x, partials.sum(0)
