@@ -360,6 +360,7 @@ def test_auto_picks_compiled_cpu_kernels() -> None:
 
 
 def test_demo_quick() -> None:
+    pytest.importorskip("sklearn", reason="the demo uses scikit-learn's bundled digits dataset")
     out = subprocess.run([sys.executable, str(ROOT / "examples/deu_digits.py"), "--quick"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

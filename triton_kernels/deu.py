@@ -209,70 +209,61 @@ def _jvp_dot(a, b, c, c1, c2, da, db, dc, dc1, dc2,
 # Element math.
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _exp(z, F64: tl.constexpr):
-    # F64: 0 = fp32 math, 1 = fp64 via libdevice (GPU), 2 = fp64 via tl.* (the interpreter,
-    # which does not implement libdevice calls; there tl.* is numpy's float64 math).
-    if F64 == 1:
+def _exp(z, MATH: tl.constexpr):
+    # MATH (chosen by the launcher): 0 = fp32 on the GPU, 1 = fp64 on the GPU
+    # (libdevice), 2 = fp64 under the interpreter, 3 = fp32 under the interpreter (which does
+    # not implement libdevice calls; there tl.* is numpy's math in the tensor's dtype).
+    if MATH == 1:
         e = libdevice.exp(z)
-    elif F64 == 2:
-        e = tl.exp(z)
     else:
-        # ex2.approx on the GPU: relative error ~1e-6 for |z| <= 14, well inside fp32 tolerance.
+        # fp32 on the GPU: ex2.approx, relative error ~1e-6 for |z| <= 14, well inside the
+        # fp32 tolerance.
         e = tl.exp(z)
     return e
 
 
 @triton.jit
-def _sincos(x, F64: tl.constexpr):
-    if F64 == 1:
+def _sincos(x, MATH: tl.constexpr):
+    if MATH == 1:
         sn = libdevice.sin(x)
         cs = libdevice.cos(x)
-    elif F64 == 2:
+    elif MATH == 0:
+        # The hardware sin.approx/cos.approx (one SFU op each, abs error ~5e-7 on [-π, π])
+        # after one shared Cody-Waite reduction x = q·2π + r (2π split in two, each product
+        # fused so q·2π_hi is not rounded). It replaces a polynomial sincos (~25 FMA-pipe
+        # ops per element) with which the forward ran at 2.27x the memory floor (H200,
+        # 8192x4096 fp32), with every program needing both sin/cos and the second exp.
+        q = tl.floor(x * 0.15915494309189535 + 0.5)
+        r = tl.fma(-q, 6.28318548202514648, x)
+        r = tl.fma(q, 1.7484556000744883e-07, r)
+        sn = libdevice.fast_sinf(r)
+        cs = libdevice.fast_cosf(r)
+    else:
         sn = tl.sin(x)
         cs = tl.cos(x)
-    else:
-        # One shared range reduction for both (tl.sin/tl.cos may lower to the approximate
-        # sin.approx.f32, whose absolute error grows with |x|; libdevice's sinf + cosf would
-        # reduce twice). Cody-Waite: x = q·π/2 + r with π/2 split in three parts whose
-        # products with q are exact for |q| < 2^11 (|x| < ~3000), then cephes minimax
-        # polynomials on |r| <= π/4 (~1 ulp).
-        q = tl.floor(x * 0.6366197723675814 + 0.5)
-        r = x - q * 1.5703125
-        r = r - q * 4.837512969970703125e-4
-        r = r - q * 7.54978995489188216e-8
-        z = r * r
-        ps = r + r * z * ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1)
-        pc = 1.0 - 0.5 * z + z * z * ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z
-                                      + 4.166664568298827e-2)
-        iq = q.to(tl.int32) & 3
-        swap = (iq & 1) != 0
-        sn = tl.where(swap, pc, ps)
-        cs = tl.where(swap, ps, pc)
-        sn = tl.where(iq >= 2, -sn, sn)
-        cs = tl.where((iq == 1) | (iq == 2), -cs, cs)
     return sn, cs
 
 
 @triton.jit
-def _pieces(t, r1, om, r2, any_trig, any_e2, any_step, F64: tl.constexpr):
+def _pieces(t, r1, om, r2, any_trig, any_e2, any_step, MATH: tl.constexpr):
     """E1, cap1, cos ωt, sin ωt, E2, cap2, σ(100t); unused terms skipped per program."""
     z1 = r1 * t
     cap1 = z1 > EXP_CAP
-    e1 = _exp(tl.where(cap1, EXP_CAP, z1), F64)
+    e1 = _exp(tl.where(cap1, EXP_CAP, z1), MATH)
     if any_trig:
-        sn, cs = _sincos(om * t, F64)
+        sn, cs = _sincos(om * t, MATH)
     else:
         sn = tl.zeros_like(t)
         cs = sn + 1.0
     if any_e2:
         z2 = r2 * t
         cap2 = z2 > EXP_CAP
-        e2 = _exp(tl.where(cap2, EXP_CAP, z2), F64)
+        e2 = _exp(tl.where(cap2, EXP_CAP, z2), MATH)
     else:
         cap2 = t != t  # all False (t is never NaN where E2 matters: its coefficient is 0)
         e2 = tl.zeros_like(t)
     if any_step:
-        sig = 1.0 / (1.0 + _exp(t * -STEP_SLOPE, F64))
+        sig = 1.0 / (1.0 + _exp(t * -STEP_SLOPE, MATH))
     else:
         sig = tl.zeros_like(t)
     return e1, cap1, cs, sn, e2, cap2, sig
@@ -280,8 +271,8 @@ def _pieces(t, r1, om, r2, any_trig, any_e2, any_step, F64: tl.constexpr):
 
 @triton.jit
 def _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                  any_trig, any_e2, any_step, F64: tl.constexpr):
-    e1, cap1, cs, sn, e2, cap2, sig = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, F64)
+                  any_trig, any_e2, any_step, MATH: tl.constexpr):
+    e1, cap1, cs, sn, e2, cap2, sig = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, MATH)
     pos = t > 0
     k0 = tl.where(pos, h0 + p0, h0)
     k1 = tl.where(pos, h1 + p1, h1)
@@ -298,9 +289,9 @@ def _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1,
 
 @triton.jit
 def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                   any_trig, any_e2, any_step, F64: tl.constexpr):
+                   any_trig, any_e2, any_step, MATH: tl.constexpr):
     """∂L/∂t and the element's contributions to ∂L/∂π (same order as _plan's outputs)."""
-    e1, cap1, cs, sn, e2, cap2, sig = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, F64)
+    e1, cap1, cs, sn, e2, cap2, sig = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, MATH)
     pos = t > 0
     k0 = tl.where(pos, h0 + p0, h0)
     k1 = tl.where(pos, h1 + p1, h1)
@@ -342,7 +333,7 @@ def _any(v):
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _deu_fwd_rows(x_ptr, y_ptr, co_ptr, M, N, rows_per_prog,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F64: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MATH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -363,13 +354,13 @@ def _deu_fwd_rows(x_ptr, y_ptr, co_ptr, M, N, rows_per_prog,
         offs = rows.to(tl.int64) * N + cols
         t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(a.dtype)
         y = _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                          any_trig, any_e2, any_step, F64)
+                          any_trig, any_e2, any_step, MATH)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F64: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MATH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -396,7 +387,7 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
         g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(a.dtype)
         (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p0, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
          q_r1, q_om, q_r2) = _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6,
-                                            p7, r1, om, r2, any_trig, any_e2, any_step, F64)
+                                            p7, r1, om, r2, any_trig, any_e2, any_step, MATH)
         tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
         s_h0 += q_h0
         s_h1 += q_h1
@@ -462,7 +453,7 @@ def _store_coeff_grads(out_ptr, mask, a, b, c, c1, c2,
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _deu_fwd_spatial(x_ptr, y_ptr, co_ptr, M, N, K, rows_per_prog,
-                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, F64: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, MATH: tl.constexpr):
     n = tl.program_id(0)
     pid_m = tl.program_id(1)
     a = tl.load(co_ptr + n * 5 + 0)
@@ -485,13 +476,13 @@ def _deu_fwd_spatial(x_ptr, y_ptr, co_ptr, M, N, K, rows_per_prog,
             offs = rbase + ks
             t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(a.dtype)
             y = _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                              any_trig, any_e2, any_step, F64)
+                              any_trig, any_e2, any_step, MATH)
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_prog,
-                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, F64: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, MATH: tl.constexpr):
     n = tl.program_id(0)
     pid_m = tl.program_id(1)
     a = tl.load(co_ptr + n * 5 + 0)
@@ -520,7 +511,7 @@ def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_
             g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(a.dtype)
             (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p0, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
              q_r1, q_om, q_r2) = _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5,
-                                                p6, p7, r1, om, r2, any_trig, any_e2, any_step, F64)
+                                                p6, p7, r1, om, r2, any_trig, any_e2, any_step, MATH)
             tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
             s_h0 += q_h0
             s_h1 += q_h1
@@ -574,11 +565,12 @@ def _blocks(N: int, K: int, tile: int) -> tuple[int, int]:
     return max(2, tile // cols), cols
 
 
-def _math64(coeffs: torch.Tensor) -> int:
-    """The kernels' F64 switch: 0 fp32, 1 fp64 with libdevice, 2 fp64 under the interpreter."""
+def _math_mode(coeffs: torch.Tensor) -> int:
+    """The kernels' MATH mode: 0 fp32 GPU, 1 fp64 GPU, 2 fp64 / 3 fp32 interpreter."""
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if coeffs.dtype != torch.float64:
-        return 0
-    return 2 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1
+        return 3 if interp else 0
+    return 2 if interp else 1
 
 
 def _check(x: torch.Tensor, coeffs: torch.Tensor) -> None:
@@ -597,16 +589,16 @@ def deu_forward(x: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    f64 = _math64(coeffs)
+    f64 = _math_mode(coeffs)
     rows, cols = _blocks(N, K, _FWD_TILE)
     if K == 1:
         n_prog = triton.cdiv(N, cols)
         rpp, chunks = _row_split(M, rows, n_prog)
-        _deu_fwd_rows[(n_prog, chunks)](x, y, coeffs, M, N, rpp, BLOCK_M=rows, BLOCK_N=cols, F64=f64,
+        _deu_fwd_rows[(n_prog, chunks)](x, y, coeffs, M, N, rpp, BLOCK_M=rows, BLOCK_N=cols, MATH=f64,
                                         num_warps=_NUM_WARPS)
     else:
         rpp, chunks = _row_split(M, rows, N)
-        _deu_fwd_spatial[(N, chunks)](x, y, coeffs, M, N, K, rpp, BLOCK_R=rows, BLOCK_K=cols, F64=f64,
+        _deu_fwd_spatial[(N, chunks)](x, y, coeffs, M, N, K, rpp, BLOCK_R=rows, BLOCK_K=cols, MATH=f64,
                                       num_warps=_NUM_WARPS)
     return y
 
@@ -621,17 +613,17 @@ def deu_backward(grad_y: torch.Tensor, x: torch.Tensor, coeffs: torch.Tensor
     grad_x = torch.empty_like(x)
     if x.numel() == 0:
         return grad_x, torch.zeros_like(coeffs)
-    f64 = _math64(coeffs)
+    f64 = _math_mode(coeffs)
     rows, cols = _blocks(N, K, _BWD_TILE)
     if K == 1:
         n_prog = triton.cdiv(N, cols)
         rpp, chunks = _row_split(M, rows, n_prog)
         partials = torch.empty((chunks, N, 5), dtype=coeffs.dtype, device=x.device)
         _deu_bwd_rows[(n_prog, chunks)](grad_y, x, coeffs, grad_x, partials, M, N, rpp,
-                                        BLOCK_M=rows, BLOCK_N=cols, F64=f64, num_warps=_NUM_WARPS)
+                                        BLOCK_M=rows, BLOCK_N=cols, MATH=f64, num_warps=_NUM_WARPS)
     else:
         rpp, chunks = _row_split(M, rows, N)
         partials = torch.empty((chunks, N, 5), dtype=coeffs.dtype, device=x.device)
         _deu_bwd_spatial[(N, chunks)](grad_y, x, coeffs, grad_x, partials, M, N, K, rpp,
-                                      BLOCK_R=rows, BLOCK_K=cols, F64=f64, num_warps=_NUM_WARPS)
+                                      BLOCK_R=rows, BLOCK_K=cols, MATH=f64, num_warps=_NUM_WARPS)
     return grad_x, partials.sum(0)

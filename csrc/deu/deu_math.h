@@ -245,6 +245,37 @@ KF_HD Plan<T> plan_with_jacobian(const T* co, T jac[kPlanParams][kCoeffs]) {
   return eval_plan(qv);
 }
 
+// Transcendentals of the element loop. On the GPU in float they use the hardware
+// approximations (MUFU ex2 / sin / cos: one special-function op each) instead of libm's
+// precise versions (~10 and ~40 instructions, with a slow path for large arguments), so the
+// kernels stay memory-bound; double precision, and the CPU, keep the precise functions.
+// Errors: __expf is within ~1e-6 relative for |z| <= 14; __sincosf within ~5e-7 absolute
+// on [-π, π], where a Cody-Waite reduction puts the argument first. Define
+// KFUSE_DEU_PRECISE_MATH to use the precise functions on the GPU too (bench/deu_cuda_micro.cu
+// times both).
+KF_HD double exp_(double z) { return std::exp(z); }
+KF_HD void sincos_(double x, double* s, double* c) {
+  *s = std::sin(x);
+  *c = std::cos(x);
+}
+KF_HD float exp_(float z) {
+#if defined(__CUDA_ARCH__) && !defined(KFUSE_DEU_PRECISE_MATH)
+  return __expf(z);
+#else
+  return std::exp(z);
+#endif
+}
+KF_HD void sincos_(float x, float* s, float* c) {
+#if defined(__CUDA_ARCH__) && !defined(KFUSE_DEU_PRECISE_MATH)
+  const float q = rintf(x * 0.15915494309189535f);      // x = q·2π + r, |r| <= π
+  const float r = fmaf(q, 1.7484556000744883e-07f, fmaf(-q, 6.28318548202514648f, x));
+  __sincosf(r, s, c);
+#else
+  *s = std::sin(x);
+  *c = std::cos(x);
+#endif
+}
+
 // Values of the template's transcendental pieces at one t.
 template <typename T>
 struct Pieces {
@@ -258,18 +289,17 @@ KF_HD Pieces<T> pieces(const Plan<T>& p, T t) {
   const T cap = T(kExpCap);
   const T z1 = p.rho1 * t;
   q.cap1 = z1 > cap;
-  q.e1 = std::exp(q.cap1 ? cap : z1);
+  q.e1 = exp_(q.cap1 ? cap : z1);
   if (p.trig) {
-    q.cs = std::cos(p.omega * t);
-    q.sn = std::sin(p.omega * t);
+    sincos_(p.omega * t, &q.sn, &q.cs);
   } else {
     q.cs = T(1);
     q.sn = T(0);
   }
   const T z2 = p.rho2 * t;
   q.cap2 = z2 > cap;
-  q.e2 = p.e2 ? std::exp(q.cap2 ? cap : z2) : T(0);
-  q.sig = p.step ? T(1) / (T(1) + std::exp(-T(kStepSlope) * t)) : T(0);
+  q.e2 = p.e2 ? exp_(q.cap2 ? cap : z2) : T(0);
+  q.sig = p.step ? T(1) / (T(1) + exp_(-T(kStepSlope) * t)) : T(0);
   return q;
 }
 

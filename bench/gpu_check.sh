@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The one script for a GPU machine (offline), run from the repository root:
+#   bash bench/gpu_check.sh            # writes under $OUT (default: gpu_out/)
+# Builds kfuse in place with its CUDA kernels, runs the CUDA tests then the whole suite, runs the
+# report (python -m kfuse --device cuda), the standalone CUDA microbenchmark in both math modes,
+# then the whole suite and a short pytest-benchmark pass if time is left, and prints a summary
+# last. Every step runs even when an earlier one failed, each under `timeout`, and a deadline
+# (KFUSE_GPU_DEADLINE, default 470 s) keeps the whole run well under 8 minutes.
+# Files under $OUT (8): env.log build.log tests.log micro.log report.log bench.log report/report.{json,png}
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-gpu_out}"
+mkdir -p "$OUT/report"
+START=$SECONDS
+DEADLINE=${KFUSE_GPU_DEADLINE:-470}
+SUMMARY=()
+
+left() { echo $((DEADLINE - (SECONDS - START))); }
+
+# step NAME LOG CAP CMD...: run CMD under timeout min(CAP, time left - 20 s), appending its output
+# to LOG; records "NAME rc seconds" for the summary and returns CMD's status.
+step() {
+    local name=$1 log=$2 cap=$3
+    shift 3
+    local budget=$(($(left) - 20))
+    ((budget > cap)) && budget=$cap
+    if ((budget < 15)); then
+        echo "== $name: skipped, the deadline is near" >>"$log"
+        SUMMARY+=("$(printf '%-14s %-22s %5s' "$name" "skipped (deadline)" 0)")
+        return 124
+    fi
+    echo "== $name (timeout ${budget}s): $*" >>"$log"
+    local t0=$SECONDS rc
+    timeout --kill-after=10 "$budget" "$@" >>"$log" 2>&1
+    rc=$?
+    echo "== $name: rc=$rc after $((SECONDS - t0))s" >>"$log"
+    local what="rc=$rc"
+    ((rc == 124 || rc == 137)) && what="rc=$rc (timed out)"
+    SUMMARY+=("$(printf '%-14s %-22s %5s' "$name" "$what" $((SECONDS - t0)))")
+    return $rc
+}
+
+{
+    echo "date: $(date -u +%FT%TZ)  host: $(hostname)  cores: $(nproc)"
+    echo "git: $(git rev-parse HEAD 2>/dev/null || echo 'no git')"
+    git status --short 2>/dev/null | head -50
+    nvidia-smi
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv
+    nvcc --version | tail -2
+    python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
+        "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())'
+    python3 -c 'import triton; print("triton", triton.__version__)'
+    python3 -m pip list 2>/dev/null | grep -iE '^(torch|triton|numpy|pytest|pytest-benchmark|matplotlib) '
+} >"$OUT/env.log" 2>&1
+
+# The torch-free CUDA microbenchmark, fast (default) and precise math, compiled beside the build.
+ARCH=$(python3 -c 'import torch; print("sm_%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo sm_90)
+for variant in fast precise; do
+    flag=""; [[ $variant == precise ]] && flag="-DKFUSE_DEU_PRECISE_MATH"
+    nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch="$ARCH" -DKFUSE_WITH_CUDA $flag -Icsrc/deu \
+        bench/deu_cuda_micro.cu -o "/tmp/deu_micro_$variant" >>"$OUT/micro.log" 2>&1 &
+done
+
+# Build in place with CUDA; pip cannot download here, so no build isolation and no deps.
+if ! step build "$OUT/build.log" 240 env KFUSE_CUDA=1 MAX_JOBS=16 \
+    python3 -m pip install --no-build-isolation --no-deps -e .; then
+    # Fallback: build the extension next to the sources and import kfuse from python/.
+    # (setup.py maps kfuse.triton_kernels to triton_kernels/; link it for this checkout.)
+    step build-inplace "$OUT/build.log" 240 env KFUSE_CUDA=1 MAX_JOBS=16 python3 setup.py build_ext --inplace
+    [[ -e python/kfuse/triton_kernels || ! -d triton_kernels ]] || ln -s ../../triton_kernels python/kfuse/triton_kernels
+    export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 -c 'import kfuse; print("kfuse.availability():", kfuse.availability())' >>"$OUT/build.log" 2>&1
+
+step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda
+wait  # the microbenchmark builds
+for variant in fast precise; do
+    step "micro-$variant" "$OUT/micro.log" 40 "/tmp/deu_micro_$variant"
+done
+# The report is what matters most: all the time left but ~90 s for the whole suite (up to 270 s);
+# its --time-budget stops starting new cases 60 s before the timeout (a case takes up to ~40 s).
+budget=$(($(left) - 90))
+((budget > 270)) && budget=270
+step report "$OUT/report.log" "$budget" python3 -m kfuse --device cuda --out "$OUT/report" \
+    --time-budget $((budget > 90 ? budget - 60 : 30))
+step tests-all "$OUT/tests.log" 120 python3 -m pytest tests -q
+step bench "$OUT/bench.log" 60 python3 -m pytest bench/bench_deu.py --benchmark-only -q -k "not compile" \
+    --benchmark-max-time=0.2 --benchmark-min-rounds=3 --benchmark-columns=min,median,rounds
+
+echo
+echo "================ summary ($((SECONDS - START)) s) ================"
+printf '%-14s %-22s %5s\n' step status s
+printf '%s\n' "${SUMMARY[@]}"
+echo "-- tests:"
+grep -E '^[0-9]+ (passed|failed)|(passed|failed|error|skipped|deselected|no tests ran).* in [0-9.]+s' \
+    "$OUT/tests.log" | tail -n 4
+echo "-- micro:"
+grep -E '^(math|rows|planes)' "$OUT/micro.log"
+echo "-- bench:"
+grep -E '(passed|failed|error).* in [0-9.]+s' "$OUT/bench.log" | tail -n 1
+echo "-- report:"
+if grep -q '^kfuse report:' "$OUT/report.log"; then
+    sed -n '/^kfuse report:/,/^== report:/p' "$OUT/report.log" | grep -v '^== report:'
+else
+    tail -n 25 "$OUT/report.log"
+fi

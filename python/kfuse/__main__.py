@@ -1,0 +1,66 @@
+"""``python -m kfuse``: check every available backend against the reference and time it.
+
+For each op family in :data:`kfuse.bench.OPS`, every kfuse backend that can run is checked
+against the float64 reference on fresh random inputs and timed against the baselines a user
+would otherwise pick (the eager PyTorch reference, ``torch.compile`` of it), forward and
+forward+backward, on one device. Progress goes to stderr; the table is printed last;
+``report.json`` and ``report.png`` are written to ``--out``. Exit status 1 when a kfuse
+backend raised or missed its tolerance (baseline failures are recorded, not fatal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from kfuse.bench import OPS
+from kfuse.report import Progress, format_table, run_report, save_png
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kfuse",
+        description="Check every available kfuse backend against the float64 reference and time it "
+        "against the eager and torch.compile baselines; writes report.json and report.png.")
+    p.add_argument("--quick", action="store_true", help="fewer, smaller cases and shorter timings")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device to run on (default: cuda when available, else cpu)")
+    p.add_argument("--ops", default=",".join(OPS),
+                   help=f"comma-separated op families (default and choices: {','.join(OPS)})")
+    p.add_argument("--out", type=Path, default=Path("report_out"),
+                   help="folder for report.json and report.png (default: report_out/)")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the random inputs (default 0)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="record cases that would start after this many seconds as skipped")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the report; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.ops.split(",") if n.strip()]
+    if unknown := [n for n in names if n not in OPS]:
+        parser.error(f"unknown op(s) {unknown}; choose from {sorted(OPS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    device = torch.device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / "report.json", args.out / "report.png"
+    progress = Progress()
+    report = run_report({n: OPS[n] for n in names}, device, args.quick, args.seed, json_path,
+                        args.time_budget, progress)
+    progress(f"wrote {json_path}")
+    why_not = save_png(report, png_path)
+    progress(why_not or f"wrote {png_path}")
+    progress("done")
+    print(format_table(report))
+    return 1 if any(r.bad for r in report.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,587 @@
+"""The benchmark harness behind ``python -m kfuse``: ceilings, timing, rows, table, JSON and PNG.
+
+An op takes part through a bench module (``kfuse.bench.<op>``, registered in
+``kfuse.bench.OPS``) that follows :class:`OpBench`: it lists its cases, makes fresh random
+inputs, offers candidates (its kfuse backends and the baselines a user would otherwise pick),
+computes a float64 reference, measures the error with a per-dtype tolerance and states its
+byte and FLOP formulas. Everything else is done here, the same way for every op:
+
+- ceilings are measured on the device in the same run: a large copy (bytes read + written)
+  and a large matmul (bf16 on CUDA, fp32 on CPU);
+- each candidate runs once for the correctness check (this also warms it up and, for
+  ``torch.compile`` baselines, compiles it outside the timed region), then is timed:
+  ``triton.testing.do_bench`` (median) on CUDA when Triton is importable, else CUDA events
+  (median); on CPU the median of repeated wall-clock timings, with torch's thread count as is;
+- a candidate that cannot run is a ``skipped`` row with the reason, one that raises (a failed
+  ``torch.compile`` included) a ``failed`` row with the error: the report never crashes on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from kfuse import _backends
+
+#: What a candidate's run measures: the forward alone, or forward then backward.
+MODES = ("fwd", "fwd+bwd")
+
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured configuration of an op: shape, dtype, mode, device and op parameters."""
+
+    op: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    mode: str
+    device: torch.device
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The shape and parameters, e.g. ``"8192x4096 dim=-1"``."""
+        extra = "".join(f" {k}={v}" for k, v in self.params.items())
+        return "x".join(map(str, self.shape)) + extra
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of ``shape``."""
+        return math.prod(self.shape)
+
+
+@dataclass
+class Candidate:
+    """A kfuse backend (``kind="backend"``) or a baseline (``kind="baseline"``) for one case.
+
+    ``run`` does the measured work (see :func:`measured_call`) and returns what
+    :meth:`OpBench.error` compares with the reference; it is None when ``skip`` says why the
+    candidate cannot run here.
+    """
+
+    name: str
+    kind: str
+    run: Callable[[], Any] | None = None
+    skip: str = ""
+
+
+class OpBench(Protocol):
+    """What an op's bench module provides (module-level names; see ``kfuse.bench.deu``)."""
+
+    NAME: str
+
+    def cases(self, device: torch.device, quick: bool) -> list[Case]:
+        """The cases to run on ``device``; fewer and smaller ones when ``quick``."""
+
+    def make_inputs(self, case: Case, seed: int) -> Any:
+        """Fresh random inputs for ``case`` (requiring grad where ``case.mode`` needs it)."""
+
+    def candidates(self, case: Case, inputs: Any) -> list[Candidate]:
+        """Every kfuse backend (skipped ones with the reason) and every baseline."""
+
+    def reference(self, case: Case, inputs: Any) -> Any:
+        """The float64 reference result for ``inputs``, shaped like a candidate's result."""
+
+    def error(self, case: Case, result: Any, expected: Any) -> float:
+        """The error of a candidate's ``result`` against ``expected`` (the reference)."""
+
+    def tolerance(self, case: Case) -> float:
+        """The largest :meth:`error` that passes, for ``case.dtype`` and ``case.mode``."""
+
+    def bytes_moved(self, case: Case) -> int:
+        """Bytes a fused implementation must read and write: the floor for ``case``."""
+
+    def flops(self, case: Case) -> int | None:
+        """Floating-point operations of ``case``, or None where a FLOP rate means nothing."""
+
+
+@dataclass
+class Ceilings:
+    """Device ceilings measured in this run."""
+
+    copy_bytes: int
+    copy_gbps: float
+    matmul: str
+    matmul_tflops: float
+
+
+@dataclass
+class Row:
+    """One line of the report: a candidate on a case, with its time, rates and error."""
+
+    op: str
+    shape: str
+    dtype: str
+    mode: str
+    name: str
+    kind: str
+    status: str
+    note: str = ""
+    time_ms: float | None = None
+    reps: int | None = None
+    first_call_ms: float | None = None
+    speedup: dict[str, float] = field(default_factory=dict)
+    gbps: float | None = None
+    pct_copy: float | None = None
+    floor_ratio: float | None = None
+    tflops: float | None = None
+    max_err: float | None = None
+    tol: float | None = None
+    passed: bool | None = None
+
+    @property
+    def bad(self) -> bool:
+        """A kfuse backend that raised or missed its tolerance."""
+        return self.kind == "backend" and (self.status == "failed" or self.passed is False)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short dtype name for tables: ``fp32``, ``bf16``, ..."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+# --------------------------------------------------------------------------- helpers for ops
+
+
+def measured_call(
+    mode: str, fn: Callable[..., Tensor], args: Sequence[Any], wrt: Sequence[Tensor] = (),
+    grad_out: Tensor | None = None,
+) -> Callable[[], Any]:
+    """The work a row times: ``fn(*args)`` (``"fwd"``), or that plus the gradients of the
+    output with respect to ``wrt`` for ``grad_out`` (``"fwd+bwd"``, via ``torch.autograd.grad``
+    so nothing accumulates between repetitions)."""
+    if mode == "fwd":
+        return lambda: fn(*args)
+    if mode != "fwd+bwd":
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    wrt = tuple(wrt)
+    return lambda: torch.autograd.grad(fn(*args), wrt, grad_out)
+
+
+def backend_skips(reasons: dict[str, list[str]], device: torch.device) -> dict[str, str]:
+    """Why the report skips each kfuse backend, from an op's ``backend_reasons`` (``""``: it
+    runs). ``reference`` is left out (it is the eager baseline), and so is timing the Triton
+    interpreter (``TRITON_INTERPRET=1`` on CPU runs one program at a time: a test tool)."""
+    skips = {name: "; ".join(why) for name, why in reasons.items() if name != "reference"}
+    if device.type == "cpu" and not skips.get("triton", "x") and _backends.triton_interpret():
+        skips["triton"] = "TRITON_INTERPRET=1 runs Triton one program at a time; not timed"
+    return skips
+
+
+def _finite_pair(result: Tensor, expected: Tensor) -> tuple[Tensor, Tensor]:
+    # Values the result's dtype cannot hold (fp16 overflow of a large gradient) are left out.
+    ok = torch.isfinite(expected.to(result.dtype))
+    return result.double()[ok], expected.double()[ok]
+
+
+def pointwise_error(result: Tensor, expected: Tensor) -> float:
+    """``max |r − e| / max(1, |e|)``: the absolute error where ``|e| ≤ 1``, relative above."""
+    r, e = _finite_pair(result, expected)
+    if r.numel() == 0:
+        return 0.0
+    return float(((r - e).abs() / e.abs().clamp(min=1.0)).max().nan_to_num(math.inf))
+
+
+def scaled_error(result: Tensor, expected: Tensor) -> float:
+    """``max |r − e| / max |e|``: the error relative to the tensor's scale (for gradients)."""
+    r, e = _finite_pair(result, expected)
+    if r.numel() == 0:
+        return 0.0
+    scale = e.abs().max().clamp(min=torch.finfo(torch.float64).tiny)
+    return float(((r - e).abs().max() / scale).nan_to_num(math.inf))
+
+
+# --------------------------------------------------------------------------- timing, ceilings
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _triton_testing() -> Any | None:
+    try:
+        import triton.testing  # noqa: PLC0415 (optional)
+    except ImportError:
+        return None
+    return triton.testing
+
+
+def timer_name(device: torch.device) -> str:
+    """How :func:`time_ms` times on ``device``."""
+    if device.type == "cuda":
+        return "triton.testing.do_bench (median)" if _triton_testing() else "CUDA events (median)"
+    return f"wall clock, median of repeats ({torch.get_num_threads()} threads)"
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, quick: bool = False) -> tuple[float, int | None]:
+    """Median time of ``fn()`` in milliseconds and the number of timed runs (None when
+    ``do_bench`` chose it). ``fn`` should already have run once (the warm-up)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            testing = _triton_testing()
+            if testing is not None:
+                ms = testing.do_bench(fn, warmup=25, rep=40 if quick else 100, return_mode="median")
+                return float(ms), None
+            return _time_cuda_events(fn, device, 40.0 if quick else 100.0)
+    budget, cap, min_reps, max_reps = (0.25, 1.0, 3, 50) if quick else (1.0, 3.0, 5, 200)
+    times: list[float] = []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        spent = time.perf_counter() - start
+        if len(times) >= max_reps or spent >= cap or (len(times) >= min_reps and spent >= budget):
+            break
+    return statistics.median(times) * 1e3, len(times)
+
+
+def _time_cuda_events(fn: Callable[[], Any], device: torch.device, rep_ms: float) -> tuple[float, int]:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(device)
+    reps = max(5, min(1000, int(rep_ms / max((time.perf_counter() - t0) * 1e3, 1e-3))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) for s, e in events), reps
+
+
+def measure_ceilings(device: torch.device, quick: bool = False) -> Ceilings:
+    """Copy bandwidth (bytes read + written) and matmul throughput of ``device``, measured now.
+
+    CUDA: a 256 MiB copy and a bf16 8192³ matmul (4096³ with ``quick``). CPU: a 64 MiB copy
+    (16 MiB) and an fp32 1024³ matmul (512³).
+    """
+    if device.type == "cuda":
+        nbytes, m, mm_dtype = 256 << 20, (4096 if quick else 8192), torch.bfloat16
+    else:
+        nbytes, m, mm_dtype = (16 << 20) if quick else (64 << 20), (512 if quick else 1024), torch.float32
+    copy_ms = _copy_ms(nbytes, device, quick)
+    mm_ms = _matmul_ms(m, mm_dtype, device, quick)
+    return Ceilings(
+        copy_bytes=nbytes,
+        copy_gbps=2 * nbytes / copy_ms / 1e6,
+        matmul=f"{dtype_name(mm_dtype)} {m}x{m}x{m}",
+        matmul_tflops=2 * m**3 / mm_ms / 1e9,
+    )
+
+
+def _copy_ms(nbytes: int, device: torch.device, quick: bool) -> float:
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    return time_ms(lambda: dst.copy_(src), device, quick)[0]
+
+
+def _matmul_ms(m: int, dtype: torch.dtype, device: torch.device, quick: bool) -> float:
+    a = torch.randn(m, m, device=device, dtype=dtype)
+    b = torch.randn(m, m, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    return time_ms(lambda: a @ b, device, quick)[0]
+
+
+def device_name(device: torch.device) -> str:
+    """A readable name for ``device`` (the GPU's name, or the CPU model and core count)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+# --------------------------------------------------------------------------- running
+
+
+class Progress:
+    """Progress lines on stderr, each prefixed with the time since the start."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the start."""
+        return time.perf_counter() - self.start
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{self.elapsed:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Report:
+    """Everything a run measured: metadata, ceilings and rows."""
+
+    meta: dict[str, Any]
+    ceilings: Ceilings | None = None
+    rows: list[Row] = field(default_factory=list)
+    complete: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {
+            "meta": self.meta,
+            "ceilings": dataclasses.asdict(self.ceilings) if self.ceilings else None,
+            "complete": self.complete,
+            "rows": [dataclasses.asdict(r) for r in self.rows],
+        }
+
+    def save_json(self, path: Path) -> None:
+        """Write the report to ``path`` (atomically, so a killed run leaves a readable file)."""
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(path)
+
+
+def _versions() -> dict[str, str]:
+    import kfuse  # noqa: PLC0415
+
+    triton = "not installed"
+    try:
+        import triton as _triton  # noqa: PLC0415
+
+        triton = _triton.__version__
+    except ImportError:
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton,
+            "kfuse": kfuse.__version__}
+
+
+def new_report(device: torch.device, quick: bool, seed: int, ops: Sequence[str]) -> Report:
+    """An empty report with the run's metadata: device, versions, date and command."""
+    return Report(meta={
+        "device": device_name(device),
+        "device_type": device.type,
+        "versions": _versions(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(getattr(sys, "orig_argv", sys.argv)),
+        "ops": list(ops),
+        "quick": quick,
+        "seed": seed,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "timer": timer_name(device),
+        "columns": {
+            "speedup": "baseline time / this time",
+            "gbps": "op bytes (its bench module's formula) / time",
+            "pct_copy": "gbps as % of the copy ceiling measured in this run",
+            "floor_ratio": "time / (op bytes / copy ceiling); 1.0 = at the measured floor",
+            "max_err": "vs the float64 reference on the same inputs; formula per op (bench module)",
+        },
+    })
+
+
+def _note_row(case: Case, name: str, kind: str, status: str, note: str) -> Row:
+    return Row(case.op, case.label, dtype_name(case.dtype), case.mode, name, kind, status, note)
+
+
+def _title(case: Case) -> str:
+    return f"{case.op} {case.label} {dtype_name(case.dtype)} {case.mode}"
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_case(op: OpBench, case: Case, seed: int, ceilings: Ceilings, quick: bool,
+             progress: Callable[[str], None]) -> list[Row]:
+    """Check and time every candidate of ``case``; returns its rows, speedups filled in."""
+    torch._dynamo.reset()  # each case compiles its own baselines (no recompile limit, no reuse)
+    inputs = op.make_inputs(case, seed)
+    try:
+        expected = op.reference(case, inputs)
+        ref_error = ""
+    except Exception as err:  # noqa: BLE001 (recorded in every row)
+        expected, ref_error = None, f"float64 reference failed: {type(err).__name__}: {err}"
+    tol = op.tolerance(case)
+    title = _title(case)
+    rows: list[Row] = []
+    for cand in op.candidates(case, inputs):
+        if cand.skip or cand.run is None:
+            rows.append(_note_row(case, cand.name, cand.kind, "skipped", cand.skip))
+            progress(f"{title}: {cand.name} skipped: {cand.skip}")
+            continue
+        if ref_error:
+            rows.append(_note_row(case, cand.name, cand.kind, "failed", ref_error))
+            continue
+        try:
+            t0 = time.perf_counter()
+            result = cand.run()
+            _sync(case.device)
+            first_ms = (time.perf_counter() - t0) * 1e3
+            err = op.error(case, result, expected)
+            del result
+            ms, reps = time_ms(cand.run, case.device, quick)
+        except Exception as exc:  # noqa: BLE001 (a failing candidate is a row, not a crash)
+            msg = f"{type(exc).__name__}: {exc}".strip()
+            rows.append(_note_row(case, cand.name, cand.kind, "failed", msg))
+            progress(f"{title}: {cand.name} FAILED: {msg.splitlines()[0][:200]}")
+            _release(case.device)
+            continue
+        row = Row(case.op, case.label, dtype_name(case.dtype), case.mode, cand.name, cand.kind, "ok",
+                  time_ms=ms, reps=reps, first_call_ms=first_ms, max_err=err, tol=tol, passed=err <= tol)
+        nbytes, flops = op.bytes_moved(case), op.flops(case)
+        row.gbps = nbytes / ms / 1e6
+        row.pct_copy = 100 * row.gbps / ceilings.copy_gbps
+        row.floor_ratio = ms / (nbytes / ceilings.copy_gbps / 1e6)
+        if flops is not None:
+            row.tflops = flops / ms / 1e9
+        rows.append(row)
+        progress(f"{title}: {cand.name} {ms:.3f} ms, err {err:.1e} {'ok' if row.passed else 'FAIL'}")
+    base = {r.name: r.time_ms for r in rows if r.kind == "baseline" and r.time_ms}
+    for r in rows:
+        if r.time_ms:
+            r.speedup = {name: t / r.time_ms for name, t in base.items()}
+    del inputs, expected
+    _release(case.device)
+    return rows
+
+
+def run_report(ops: dict[str, OpBench], device: torch.device, quick: bool, seed: int,
+               json_path: Path | None = None, time_budget: float | None = None,
+               progress: Callable[[str], None] | None = None) -> Report:
+    """Measure the ceilings, then run every case of every op in ``ops`` on ``device``.
+
+    The JSON at ``json_path`` is rewritten after each case, so an interrupted run still leaves
+    its results. Cases that would start after ``time_budget`` seconds are recorded as skipped.
+    """
+    progress = progress or Progress()
+    start = time.perf_counter()
+    report = new_report(device, quick, seed, list(ops))
+    progress(f"device: {report.meta['device']}; measuring the copy and matmul ceilings")
+    report.ceilings = ceil = measure_ceilings(device, quick)
+    progress(f"ceilings: copy {ceil.copy_gbps:.1f} GB/s (read + written), matmul {ceil.matmul} "
+             f"{ceil.matmul_tflops:.2f} TFLOP/s")
+    all_cases = [(op, case) for op in ops.values() for case in op.cases(device, quick)]
+    for i, (op, case) in enumerate(all_cases):
+        if time_budget is not None and time.perf_counter() - start > time_budget:
+            note = f"time budget of {time_budget:.0f} s spent"
+            report.rows.append(_note_row(case, "*", "case", "skipped", note))
+            continue
+        progress(f"case {i + 1}/{len(all_cases)}: {_title(case)}")
+        report.rows.extend(run_case(op, case, seed + i, ceil, quick, progress))
+        if json_path is not None:
+            report.save_json(json_path)
+    report.complete = True
+    if json_path is not None:
+        report.save_json(json_path)
+    return report
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(report: Report) -> str:
+    """The report as a plain-text table, with the device and ceilings on top."""
+    rows = report.rows
+    baselines = list(dict.fromkeys(r.name for r in rows if r.kind == "baseline" and r.status == "ok"))
+    with_flops = any(r.tflops is not None for r in rows)
+    head = ["op", "shape", "dtype", "mode", "backend", "time ms", *[f"x{b}" for b in baselines],
+            "GB/s", "%copy", "floor x", *(["TFLOP/s"] if with_flops else []), "max err", "check"]
+    body: list[list[str]] = []
+    for r in rows:
+        cells = [r.op, r.shape, r.dtype, r.mode, r.name if r.kind != "baseline" else f"({r.name})"]
+        if r.status != "ok":
+            body.append([*cells, f"{r.status}: {r.note.splitlines()[0] if r.note else ''}"[:160]])
+            continue
+        body.append([
+            *cells, _fmt(r.time_ms, ".4g"), *[_fmt(r.speedup.get(b), ".2f") for b in baselines],
+            _fmt(r.gbps, ".4g"), _fmt(r.pct_copy, ".3g"), _fmt(r.floor_ratio, ".3g"),
+            *([_fmt(r.tflops, ".4g")] if with_flops else []), _fmt(r.max_err, ".1e"),
+            "ok" if r.passed else f"FAIL (tol {r.tol:.0e})",
+        ])
+    n_fixed = 5
+    widths = [max([len(head[i]), *(len(b[i]) for b in body if i < n_fixed or len(b) == len(head))])
+              for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        if len(cells) != len(head):  # a skipped/failed row: the message after the fixed columns
+            fixed = zip(cells[:n_fixed], widths[:n_fixed], strict=True)
+            return "  ".join(c.ljust(w) for c, w in fixed) + "  " + cells[-1]
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i < n_fixed else c.rjust(w) for i, (c, w) in pairs)
+
+    meta, ceil = report.meta, report.ceilings
+    top = [f"kfuse report: {meta['device']}; torch {meta['versions']['torch']}, triton "
+           f"{meta['versions']['triton']}, kfuse {meta['versions']['kfuse']}; {meta['date']}"]
+    if ceil:
+        top.append(f"ceilings: copy {ceil.copy_gbps:.1f} GB/s (read + written, {ceil.copy_bytes >> 20} MiB), "
+                   f"matmul {ceil.matmul} {ceil.matmul_tflops:.2f} TFLOP/s; timer: {meta['timer']}")
+    load, cores = meta.get("load_avg_1min"), meta.get("cpu_count")
+    if meta["device_type"] == "cpu" and load is not None and cores and load > cores:
+        top.append(f"WARNING: the machine was busy (load average {load:.1f} on {cores} cores at the "
+                   "start): CPU timings are unreliable")
+    top.append("(name) = baseline; xB = speedup vs baseline B; floor x = time / (bytes / copy ceiling)")
+    return "\n".join([*top, line(head), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def save_png(report: Report, path: Path) -> str | None:
+    """Bar chart of each backend's speedup vs each baseline, per case. Returns None, or why no
+    PNG was written (matplotlib missing, nothing to plot)."""
+    try:
+        import matplotlib  # noqa: PLC0415 (optional, slow to import)
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return "matplotlib is not installed: no PNG written"
+    bars = [r for r in report.rows if r.kind == "backend" and r.speedup]
+    if not bars:
+        return "no backend row has a speedup to plot: no PNG written"
+    baselines = sorted({b for r in bars for b in r.speedup})
+    width = 0.8 / len(baselines)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(bars) + 2), 5))
+    for j, b in enumerate(baselines):
+        xs = [i + (j - (len(baselines) - 1) / 2) * width for i in range(len(bars))]
+        ys = [r.speedup.get(b, float("nan")) for r in bars]
+        container = ax.bar(xs, ys, width, label=f"vs {b}")
+        ax.bar_label(container, fmt="%.1f", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("speedup (baseline time / kfuse time)")
+    ax.set_xticks(range(len(bars)))
+    ax.set_xticklabels([f"{r.op} {r.shape}\n{r.dtype} {r.mode}\n{r.name}" for r in bars], fontsize=7)
+    ax.set_title(f"kfuse on {report.meta['device']} ({report.meta['date']})", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
