@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from kfuse.bench import deu
 from kfuse.report import Case, dtype_name
 

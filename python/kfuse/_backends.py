@@ -42,6 +42,7 @@ def _load_extension() -> tuple[ModuleType | None, str]:
 # Loaded once at import, so backend selection only reads constants: torch.compile traces
 # through it without graph breaks.
 _EXT, _EXT_WHY = _load_extension()
+_EXT_HAS_CUDA = bool(_EXT is not None and _EXT.has_cuda())
 _TRITON_WHY = "" if importlib.util.find_spec("triton") else "triton is not installed"
 
 
@@ -55,7 +56,7 @@ def extension_reasons(device: torch.device) -> list[str]:
     ext, why = _EXT, _EXT_WHY
     if ext is None:
         return [why]
-    if device.type == "cuda" and not ext.has_cuda():
+    if device.type == "cuda" and not _EXT_HAS_CUDA:
         return ["kfuse._C was built without CUDA kernels (set KFUSE_CUDA=1 and rebuild)"]
     if device.type not in ("cpu", "cuda"):
         return [f"no compiled kernels for device type {device.type!r}"]
