@@ -191,14 +191,6 @@ def _finite_pair(result: Tensor, expected: Tensor) -> tuple[Tensor, Tensor]:
     return result.double()[ok], expected.double()[ok]
 
 
-def pointwise_error(result: Tensor, expected: Tensor) -> float:
-    """``max |r − e| / max(1, |e|)``: the absolute error where ``|e| ≤ 1``, relative above."""
-    r, e = _finite_pair(result, expected)
-    if r.numel() == 0:
-        return 0.0
-    return float(((r - e).abs() / e.abs().clamp(min=1.0)).max().nan_to_num(math.inf))
-
-
 def scaled_error(result: Tensor, expected: Tensor) -> float:
     """``max |r − e| / max |e|``: the error relative to the tensor's scale (for gradients)."""
     r, e = _finite_pair(result, expected)

@@ -27,7 +27,6 @@ from kfuse.report import (
     Case,
     backend_skips,
     measured_call,
-    pointwise_error,
     scaled_error,
 )
 
@@ -38,7 +37,7 @@ BACKENDS = ("triton", "cuda", "cpu")
 # Largest passing error (see ``error``), per mode and dtype. The fp32 reference itself is up to
 # ~2e-4 off float64 in the forward (exponentials of arguments up to 14 lose relative precision).
 _TOL = {
-    "fwd": {torch.float32: 1e-3, torch.float16: 3e-3, torch.bfloat16: 1.6e-2},
+    "fwd": {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.6e-2},
     "fwd+bwd": {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2},
 }
 
@@ -119,16 +118,18 @@ def reference(case: Case, inputs: Inputs) -> Tensor | tuple[Tensor, Tensor]:
 
 
 def error(case: Case, result: Tensor | Sequence[Tensor], expected: Tensor | Sequence[Tensor]) -> float:
-    """fwd: ``max |y − y64| / max(1, |y64|)`` (the absolute error where ``|y64| ≤ 1``).
-    fwd+bwd: the larger of ``max |g − g64| / max |g64|`` over ``grad_x`` and ``grad_coeffs``.
-    Values the output dtype cannot hold (an fp16 gradient beyond 65504) are left out."""
+    """``max |r − r64| / max |r64|`` (error relative to the tensor's scale, as in
+    tests/tolerances.py): of ``y`` for fwd, the larger over ``grad_x`` and ``grad_coeffs`` for
+    fwd+bwd. Elementwise relative error is no measure here: outputs reach ±1000 through sums of
+    exponentials that cancel, and the float32 reference itself is 5.6e-3 off elementwise on an
+    H200 (NCHW fp32). Values the output dtype cannot hold (fp16 beyond 65504) are left out."""
     if case.mode == "fwd":
-        return pointwise_error(result, expected)
+        return scaled_error(result, expected)
     return max(scaled_error(r, e) for r, e in zip(result, expected, strict=True))
 
 
 def tolerance(case: Case) -> float:
-    """fwd: 1e-3 fp32, 3e-3 fp16, 1.6e-2 bf16; fwd+bwd: 1e-4, 5e-3, 3e-2."""
+    """fwd: 1e-4 fp32, 3e-3 fp16, 1.6e-2 bf16; fwd+bwd: 1e-4, 5e-3, 3e-2."""
     return _TOL[case.mode][case.dtype]
 
 
