@@ -7,13 +7,14 @@ import sys
 import warnings
 from pathlib import Path
 
-import kfuse
 import pytest
 import torch
+from tolerances import assert_close
+
+import kfuse
 from kfuse import _backends
 from kfuse.ops.deu import backend_reasons
 from kfuse.reference.deu import CASE_NAMES, EPS, EXP_CAP, OUT_CLAMP, deu_cases, deu_reference
-from tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
