@@ -360,6 +360,32 @@ def test_auto_picks_compiled_cpu_kernels() -> None:
     assert kfuse.availability()["cpu"] == "available"
 
 
+def test_import_without_extension() -> None:
+    """A missing extension degrades to the other backends with a clear message, never a crash."""
+    code = """
+import sys, warnings
+sys.modules["kfuse._C"] = None  # makes `from kfuse import _C` fail as if it were not built
+import torch, kfuse
+why = kfuse.availability()["cpu"]
+assert "not built" in why, why
+x, c = torch.randn(3, 4), torch.rand(4, 5)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = kfuse.deu(x, c)
+assert any("falling back to the PyTorch reference" in str(w.message) for w in caught)
+torch.testing.assert_close(y, kfuse.reference.deu_reference(x, c))
+try:
+    kfuse.deu(x, c, backend="cpu")
+except kfuse.BackendUnavailableError as err:
+    assert "not built" in str(err), err
+else:
+    raise AssertionError("backend='cpu' must raise without the extension")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_demo_quick() -> None:
     pytest.importorskip("sklearn", reason="the demo uses scikit-learn's bundled digits dataset")
     out = subprocess.run([sys.executable, str(ROOT / "examples/deu_digits.py"), "--quick"],
