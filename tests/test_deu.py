@@ -245,6 +245,43 @@ def test_empty_and_deterministic(backend: str, device: str, seed: int) -> None:
     assert torch.equal(g1, g2), "parameter gradients must be bitwise reproducible"
 
 
+@pytest.mark.parametrize("shape,dim", [
+    ((1,), 0), ((1, 1), -1), ((130, 1), -1), ((129, 15), -1), ((65, 16), -1), ((3, 17), -1),
+    ((2, 100), -1), ((130, 40), -1), ((2, 7, 16), 1), ((3, 5, 17), 1), ((1, 3, 7, 7), 1),
+    ((2, 19, 3, 1), 1), ((66, 2, 3), 1),
+])
+def test_cpu_kernel_tile_edges(shape: tuple[int, ...], dim: int, seed: int) -> None:
+    """The SIMD CPU kernel's 16-lane groups, row tiles and 64-row partials at and across their edges."""
+    n = shape[dim]
+    for dtype in (torch.float32, torch.float64):
+        coeffs = case_coeffs(n // 11 + 1, dtype=dtype)[torch.randperm(11 * (n // 11 + 1))[:n]]
+        x = make_x(shape, dtype, "cpu")
+        gy = torch.randn(shape, dtype=dtype)
+        y, gx, gc = kfuse_grads(x, coeffs, gy, dim, "cpu")
+        y_ref, gx_ref, gc_ref = ref_grads(x, coeffs, gy, dim)
+        assert_close(y, y_ref, dtype, f"y {shape} {dtype}")
+        assert_close(gx, gx_ref, dtype, f"grad_x {shape} {dtype}")
+        assert_close(gc, gc_ref, dtype, f"grad_coeffs {shape} {dtype}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_strided_inputs_and_nan(backend: str, device: str, seed: int) -> None:
+    """Non-contiguous and channels-last inputs give the same result; a NaN stays in its element."""
+    coeffs = case_coeffs(1, dtype=torch.float32, device=device)
+    x = make_x((11, 6), torch.float32, device)
+    torch.testing.assert_close(kfuse.deu(x.t().contiguous().t(), coeffs, dim=0, backend=backend),
+                               kfuse.deu(x, coeffs, dim=0, backend=backend))
+    x4 = make_x((2, 11, 3, 3), torch.float32, device)
+    torch.testing.assert_close(kfuse.deu(x4.to(memory_format=torch.channels_last), coeffs, dim=1, backend=backend),
+                               kfuse.deu(x4, coeffs, dim=1, backend=backend))
+    x[2, 3] = float("nan")
+    y = kfuse.deu(x, coeffs, dim=0, backend=backend)
+    nan = torch.zeros_like(y, dtype=torch.bool)
+    nan[2, 3] = True
+    assert torch.equal(torch.isnan(y), nan), "NaN must stay in its own element"
+    assert_close(y[~nan], deu_reference(x.double(), coeffs.double(), 0)[~nan], torch.float32, "y beside a NaN")
+
+
 def test_cpu_deterministic_across_thread_counts(seed: int) -> None:
     coeffs = case_coeffs(3, dtype=torch.float32)
     x, gy = make_x((1000, 33), torch.float32, "cpu"), torch.randn(1000, 33)

@@ -169,6 +169,10 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     Returns:
         ``y``, same shape and dtype as ``x`` (contiguous). Computed in float32 (float64 for
         float64 input).
+
+    Inputs are expected finite. With the kernel backends a NaN or ±inf element of ``x`` gives NaN
+    in that element of ``y``; its gradients are unspecified (NaN or 0) but stay within that
+    element and its neuron's row of ``grad_coeffs``.
     """
     dim = _validate(x, coeffs, dim)
     order = _ORDER.get(x.device.type, ("reference",))
