@@ -560,7 +560,7 @@ def save_png(report: Report, path: Path) -> str | None:
         return "no backend row has a speedup to plot: no PNG written"
     baselines = sorted({b for r in bars for b in r.speedup})
     width = 0.8 / len(baselines)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(bars) + 2), 5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(bars) + 2), 6.5))
     for j, b in enumerate(baselines):
         xs = [i + (j - (len(baselines) - 1) / 2) * width for i in range(len(bars))]
         ys = [r.speedup.get(b, float("nan")) for r in bars]
@@ -570,7 +570,8 @@ def save_png(report: Report, path: Path) -> str | None:
     ax.set_yscale("log")
     ax.set_ylabel("speedup (baseline time / kfuse time)")
     ax.set_xticks(range(len(bars)))
-    ax.set_xticklabels([f"{r.op} {r.shape}\n{r.dtype} {r.mode}\n{r.name}" for r in bars], fontsize=7)
+    ax.set_xticklabels([f"{r.op} {r.shape} {r.dtype} {r.mode} {r.name}" for r in bars], fontsize=7,
+                       rotation=55, ha="right", rotation_mode="anchor")
     ax.set_title(f"kfuse on {report.meta['device']} ({report.meta['date']})", fontsize=9)
     ax.legend()
     fig.tight_layout()
