@@ -36,13 +36,17 @@ void check_mnk(const at::Tensor& t, const char* name) {
 }
 
 // ---- deu ------------------------------------------------------------------------------
+void check_coeffs(const at::Tensor& coeffs, const at::Tensor& x) {
+  TORCH_CHECK(coeffs.is_contiguous() && coeffs.scalar_type() == acc_type(x) &&
+                  coeffs.device() == x.device() && coeffs.dim() == 2 && coeffs.size(0) == x.size(1) &&
+                  coeffs.size(1) == 5,
+              "kfuse: coeffs must be a contiguous [N, 5] tensor in the accumulation dtype on x's device");
+}
+
 at::Tensor deu_forward(const at::Tensor& x, const at::Tensor& coeffs) {
   check_mnk(x, "x");
   const int64_t M = x.size(0), N = x.size(1), K = x.size(2);
-  TORCH_CHECK(coeffs.is_contiguous() && coeffs.scalar_type() == acc_type(x) &&
-                  coeffs.device() == x.device() && coeffs.dim() == 2 && coeffs.size(0) == N &&
-                  coeffs.size(1) == 5,
-              "kfuse: coeffs must be a contiguous [N, 5] tensor in the accumulation dtype on x's device");
+  check_coeffs(coeffs, x);
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   if (x.is_cuda()) {
@@ -67,10 +71,7 @@ std::tuple<at::Tensor, at::Tensor> deu_backward(const at::Tensor& grad_y, const 
                   grad_y.device() == x.device(),
               "kfuse: grad_y must match x in shape, dtype and device");
   const int64_t M = x.size(0), N = x.size(1), K = x.size(2);
-  TORCH_CHECK(coeffs.is_contiguous() && coeffs.scalar_type() == acc_type(x) &&
-                  coeffs.device() == x.device() && coeffs.dim() == 2 && coeffs.size(0) == N &&
-                  coeffs.size(1) == 5,
-              "kfuse: coeffs must be a contiguous [N, 5] tensor in the accumulation dtype on x's device");
+  check_coeffs(coeffs, x);
   at::Tensor grad_x = at::empty_like(x);
   if (x.numel() == 0) return {grad_x, at::zeros_like(coeffs)};
   at::Tensor partials;

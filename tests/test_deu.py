@@ -14,7 +14,7 @@ from tolerances import assert_close
 import kfuse
 from kfuse import _backends
 from kfuse.ops.deu import backend_reasons
-from kfuse.reference.deu import CASE_NAMES, EPS, EXP_CAP, OUT_CLAMP, deu_cases, deu_reference
+from kfuse.reference.deu import CASE_NAMES, EPS, OUT_CLAMP, deu_cases, deu_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -160,7 +160,6 @@ def test_reference_caps() -> None:
     xr = t.clone().requires_grad_()
     (g,) = torch.autograd.grad(deu_reference(xr, coeffs).sum(), xr)
     assert (g == 0).all(), "beyond the exponent cap and the clamp the gradient is 0"
-    assert torch.exp(torch.tensor(EXP_CAP)) > OUT_CLAMP
 
 
 # ---------------------------------------------------------------- backends vs the reference

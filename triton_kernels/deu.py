@@ -18,12 +18,12 @@ Launchers take ``x`` as ``[M, N, K]`` (N = neurons), ``coeffs`` ``[N, 5]`` in th
 accumulation dtype (float64 for float64 ``x``, else float32) and compute in that dtype.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from kfuse._backends import triton_interpret
 
 # Constants of the definition (python/kfuse/reference/deu.py).
 EPS: tl.constexpr = tl.constexpr(0.01)
@@ -567,7 +567,7 @@ def _blocks(N: int, K: int, tile: int) -> tuple[int, int]:
 
 def _math_mode(coeffs: torch.Tensor) -> int:
     """The kernels' MATH mode: 0 fp32 GPU, 1 fp64 GPU, 2 fp64 / 3 fp32 interpreter."""
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interp = triton_interpret()
     if coeffs.dtype != torch.float64:
         return 3 if interp else 0
     return 2 if interp else 1
@@ -589,16 +589,16 @@ def deu_forward(x: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    f64 = _math_mode(coeffs)
+    math_mode = _math_mode(coeffs)
     rows, cols = _blocks(N, K, _FWD_TILE)
     if K == 1:
         n_prog = triton.cdiv(N, cols)
         rpp, chunks = _row_split(M, rows, n_prog)
-        _deu_fwd_rows[(n_prog, chunks)](x, y, coeffs, M, N, rpp, BLOCK_M=rows, BLOCK_N=cols, MATH=f64,
+        _deu_fwd_rows[(n_prog, chunks)](x, y, coeffs, M, N, rpp, BLOCK_M=rows, BLOCK_N=cols, MATH=math_mode,
                                         num_warps=_NUM_WARPS)
     else:
         rpp, chunks = _row_split(M, rows, N)
-        _deu_fwd_spatial[(N, chunks)](x, y, coeffs, M, N, K, rpp, BLOCK_R=rows, BLOCK_K=cols, MATH=f64,
+        _deu_fwd_spatial[(N, chunks)](x, y, coeffs, M, N, K, rpp, BLOCK_R=rows, BLOCK_K=cols, MATH=math_mode,
                                       num_warps=_NUM_WARPS)
     return y
 
@@ -613,17 +613,17 @@ def deu_backward(grad_y: torch.Tensor, x: torch.Tensor, coeffs: torch.Tensor
     grad_x = torch.empty_like(x)
     if x.numel() == 0:
         return grad_x, torch.zeros_like(coeffs)
-    f64 = _math_mode(coeffs)
+    math_mode = _math_mode(coeffs)
     rows, cols = _blocks(N, K, _BWD_TILE)
     if K == 1:
         n_prog = triton.cdiv(N, cols)
         rpp, chunks = _row_split(M, rows, n_prog)
         partials = torch.empty((chunks, N, 5), dtype=coeffs.dtype, device=x.device)
         _deu_bwd_rows[(n_prog, chunks)](grad_y, x, coeffs, grad_x, partials, M, N, rpp,
-                                        BLOCK_M=rows, BLOCK_N=cols, MATH=f64, num_warps=_NUM_WARPS)
+                                        BLOCK_M=rows, BLOCK_N=cols, MATH=math_mode, num_warps=_NUM_WARPS)
     else:
         rpp, chunks = _row_split(M, rows, N)
         partials = torch.empty((chunks, N, 5), dtype=coeffs.dtype, device=x.device)
         _deu_bwd_spatial[(N, chunks)](grad_y, x, coeffs, grad_x, partials, M, N, K, rpp,
-                                      BLOCK_R=rows, BLOCK_K=cols, MATH=f64, num_warps=_NUM_WARPS)
+                                      BLOCK_R=rows, BLOCK_K=cols, MATH=math_mode, num_warps=_NUM_WARPS)
     return grad_x, partials.sum(0)

@@ -25,7 +25,6 @@ namespace {
 struct BF16 { uint16_t bits; };
 
 inline float to_acc(float v) { return v; }
-inline double to_acc(double v) { return v; }
 inline float to_acc(_Float16 v) { return static_cast<float>(v); }
 inline float to_acc(BF16 v) {
   uint32_t u = static_cast<uint32_t>(v.bits) << 16;
@@ -43,11 +42,6 @@ template <> inline BF16 from_acc<BF16>(float v) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return BF16{static_cast<uint16_t>(u >> 16)};
 }
-template <typename S> inline S from_acc(double v);
-template <> inline double from_acc<double>(double v) { return v; }
-
-template <typename A> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
 
 // Rows of M handled by one partial of the parameter gradient. Fixed (not a function of
 // the thread count) so the reduction order, and hence the result, is deterministic.
@@ -55,27 +49,22 @@ constexpr int64_t kRowsPerPartial = 64;
 
 // ---- f64: scalar, precise (std::exp/sin/cos through deu_math.h); used for gradcheck ------
 
-template <typename S>
-void forward_impl(const S* x, S* y, const typename AccOf<S>::type* coeffs, int64_t M, int64_t N,
-                  int64_t K) {
-  using A = typename AccOf<S>::type;
-  std::vector<Plan<A>> plans(N);
+void forward_f64(const double* x, double* y, const double* coeffs, int64_t M, int64_t N, int64_t K) {
+  std::vector<Plan<double>> plans(N);
   for (int64_t n = 0; n < N; ++n) plans[n] = plan_from_coeffs(coeffs + 5 * n);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < M * N; ++r) {
-    const Plan<A>& p = plans[r % N];
-    for (int64_t k = 0; k < K; ++k) y[r * K + k] = from_acc<S>(forward_one(p, to_acc(x[r * K + k])));
+    const Plan<double>& p = plans[r % N];
+    for (int64_t k = 0; k < K; ++k) y[r * K + k] = forward_one(p, x[r * K + k]);
   }
 }
 
-template <typename S>
-void backward_impl(const S* gy, const S* x, const typename AccOf<S>::type* coeffs, S* gx,
-                   typename AccOf<S>::type* partials, int64_t M, int64_t N, int64_t K) {
-  using A = typename AccOf<S>::type;
-  std::vector<Plan<A>> plans(N);
-  std::vector<A> jac(static_cast<size_t>(N) * kPlanParams * kCoeffs);
+void backward_f64(const double* gy, const double* x, const double* coeffs, double* gx,
+                  double* partials, int64_t M, int64_t N, int64_t K) {
+  std::vector<Plan<double>> plans(N);
+  std::vector<double> jac(static_cast<size_t>(N) * kPlanParams * kCoeffs);
   for (int64_t n = 0; n < N; ++n) {
-    auto* j = reinterpret_cast<A(*)[kCoeffs]>(jac.data() + n * kPlanParams * kCoeffs);
+    auto* j = reinterpret_cast<double(*)[kCoeffs]>(jac.data() + n * kPlanParams * kCoeffs);
     plans[n] = plan_with_jacobian(coeffs + 5 * n, j);
   }
   const int64_t T = (M + kRowsPerPartial - 1) / kRowsPerPartial;
@@ -83,16 +72,14 @@ void backward_impl(const S* gy, const S* x, const typename AccOf<S>::type* coeff
 #pragma omp parallel for schedule(static)
   for (int64_t tn = 0; tn < T * N; ++tn) {
     const int64_t t = tn / N, n = tn % N;
-    A acc[kPlanParams] = {};
-    const Plan<A>& p = plans[n];
+    double acc[kPlanParams] = {};
+    const Plan<double>& p = plans[n];
     const int64_t m1 = std::min(M, (t + 1) * kRowsPerPartial);
     for (int64_t m = t * kRowsPerPartial; m < m1; ++m) {
       const int64_t base = (m * N + n) * K;
-      for (int64_t k = 0; k < K; ++k) {
-        gx[base + k] = from_acc<S>(backward_one(p, to_acc(x[base + k]), to_acc(gy[base + k]), acc));
-      }
+      for (int64_t k = 0; k < K; ++k) gx[base + k] = backward_one(p, x[base + k], gy[base + k], acc);
     }
-    auto* j = reinterpret_cast<const A(*)[kCoeffs]>(jac.data() + n * kPlanParams * kCoeffs);
+    auto* j = reinterpret_cast<const double(*)[kCoeffs]>(jac.data() + n * kPlanParams * kCoeffs);
     apply_jacobian(acc, j, partials + (t * N + n) * kCoeffs);
   }
 }
@@ -144,19 +131,6 @@ struct FloatPlans {
     return reinterpret_cast<const float(*)[kCoeffs]>(jac.data() + n * kPlanParams * kCoeffs);
   }
 };
-
-// apply_jacobian() in float, skipping structurally-zero Jacobian entries so that a basis
-// accumulator the neuron does not use (e.g. Σ g·t² with |t| > 1e19, inf in float) cannot
-// turn a parameter gradient into 0·inf = NaN.
-inline void apply_jacobian_f(const float* acc, const float (*jac)[kCoeffs], float* out) {
-  for (int k = 0; k < kCoeffs; ++k) {
-    float s = 0.0f;
-    for (int i = 0; i < kPlanParams; ++i) {
-      if (jac[i][k] != 0.0f) s += acc[i] * jac[i][k];
-    }
-    out[k] = s;
-  }
-}
 
 // Calls body(std::integral_constant<int, F>) with the run-time flags F as a constant.
 template <typename Body>
@@ -257,7 +231,7 @@ KF_CLONES void bwd_tile(const float* gy, const float* x, float* gx, int64_t ld,
       for (int l = 0; l < cnt; ++l) {
         float a[kPlanParams];
         for (int i = 0; i < kPlanParams; ++i) a[i] = lanes[i][l];
-        apply_jacobian_f(a, P.jac_of(nb + l), pt + (nb + l) * kCoeffs);
+        apply_jacobian(a, P.jac_of(nb + l), pt + (nb + l) * kCoeffs);
       }
     }
     return;
@@ -284,7 +258,7 @@ KF_CLONES void bwd_tile(const float* gy, const float* x, float* gx, int64_t ld,
       for (int l = 0; l < kW; ++l) s += lanes[l];
       a[i] = s;
     }
-    apply_jacobian_f(a, P.jac_of(n), pt + n * kCoeffs);
+    apply_jacobian(a, P.jac_of(n), pt + n * kCoeffs);
   }
 }
 
@@ -396,8 +370,8 @@ void forward_cpu(DType dtype, const void* x, void* y, const void* coeffs, int64_
       return forward_float(static_cast<const float*>(x), static_cast<float*>(y),
                           static_cast<const float*>(coeffs), M, N, K);
     case DType::f64:
-      return forward_impl(static_cast<const double*>(x), static_cast<double*>(y),
-                          static_cast<const double*>(coeffs), M, N, K);
+      return forward_f64(static_cast<const double*>(x), static_cast<double*>(y),
+                         static_cast<const double*>(coeffs), M, N, K);
     case DType::f16:
       return forward_float(static_cast<const _Float16*>(x), static_cast<_Float16*>(y),
                           static_cast<const float*>(coeffs), M, N, K);
@@ -419,9 +393,9 @@ void backward_cpu(DType dtype, const void* grad_y, const void* x, const void* co
                            static_cast<const float*>(coeffs), static_cast<float*>(grad_x),
                            static_cast<float*>(partials), M, N, K);
     case DType::f64:
-      return backward_impl(static_cast<const double*>(grad_y), static_cast<const double*>(x),
-                           static_cast<const double*>(coeffs), static_cast<double*>(grad_x),
-                           static_cast<double*>(partials), M, N, K);
+      return backward_f64(static_cast<const double*>(grad_y), static_cast<const double*>(x),
+                          static_cast<const double*>(coeffs), static_cast<double*>(grad_x),
+                          static_cast<double*>(partials), M, N, K);
     case DType::f16:
       return backward_float(static_cast<const _Float16*>(grad_y), static_cast<const _Float16*>(x),
                            static_cast<const float*>(coeffs), static_cast<_Float16*>(grad_x),

@@ -367,12 +367,16 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   return g * dy;
 }
 
-// ∂L/∂θ_k = Σ_i acc[i]·jac[i][k].
+// ∂L/∂θ_k = Σ_i acc[i]·jac[i][k], skipping structurally-zero Jacobian entries: a basis
+// accumulator the neuron does not use (e.g. Σ g·t² with |t| > 1e19, inf in float) must not
+// turn a parameter gradient into 0·inf = NaN.
 template <typename T>
 KF_HD void apply_jacobian(const T* acc, const T jac[kPlanParams][kCoeffs], T* out) {
   for (int k = 0; k < kCoeffs; ++k) {
     T s = T(0);
-    for (int i = 0; i < kPlanParams; ++i) s += acc[i] * jac[i][k];
+    for (int i = 0; i < kPlanParams; ++i) {
+      if (jac[i][k] != T(0)) s += acc[i] * jac[i][k];
+    }
     out[k] = s;
   }
 }

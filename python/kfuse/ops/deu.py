@@ -8,6 +8,8 @@ Every backend views ``x`` as ``[M, N, K]`` (N = neurons along ``dim``) and retur
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -26,13 +28,7 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 
 def _as_mnk(x: Tensor, dim: int) -> Tensor:
-    m = 1
-    for s in x.shape[:dim]:
-        m *= s
-    k = 1
-    for s in x.shape[dim + 1 :]:
-        k *= s
-    return x.reshape(m, x.shape[dim], k)
+    return x.reshape(math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1 :]))
 
 
 def _kernels(backend: str):
