@@ -1,8 +1,11 @@
-// Standalone timing of the DEU CUDA kernels against a device copy, without torch: built twice
-// by bench/gpu_check.sh (with and without -DKFUSE_DEU_PRECISE_MATH) to measure what the
-// hardware transcendentals buy. Usage: nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch=sm_90
-//   -DKFUSE_WITH_CUDA -Icsrc/deu bench/deu_cuda_micro.cu -o deu_micro && ./deu_micro
+// Standalone timing of the DEU CUDA kernels against a device copy, without torch. Built three
+// times by bench/gpu_check.sh: with and without -DKFUSE_DEU_PRECISE_MATH (what the hardware
+// transcendentals buy) and against a baseline commit's csrc/ (A/B of a kernel change in one run;
+// the mean |y| and |grad_x| checksums of the builds should agree to ~1e-6). Usage:
+//   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch=sm_90 -DKFUSE_WITH_CUDA -Icsrc/deu
+//   bench/deu_cuda_micro.cu -o deu_micro && ./deu_micro
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -39,6 +42,26 @@ float time_us(F f, int iters = 20) {
   return median(ts);
 }
 
+// Mean |v| of n device elements of type dt (f32 or bf16).
+double mean_abs(const void* d, DType dt, size_t n) {
+  const size_t esz = dt == DType::f32 ? 4 : 2;
+  std::vector<char> h(n * esz);
+  cudaMemcpy(h.data(), d, n * esz, cudaMemcpyDeviceToHost);
+  double s = 0;
+  for (size_t i = 0; i < n; ++i) {
+    float v;
+    if (dt == DType::f32) {
+      std::memcpy(&v, &h[i * 4], 4);
+    } else {
+      __nv_bfloat16 b;
+      std::memcpy(&b, &h[i * 2], 2);
+      v = __bfloat162float(b);
+    }
+    s += std::fabs(v);
+  }
+  return s / static_cast<double>(n);
+}
+
 uint32_t rng = 12345;
 float urand() {
   rng = rng * 1664525u + 1013904223u;
@@ -71,17 +94,23 @@ void run(const char* name, DType dt, size_t esz, int64_t M, int64_t N, int64_t K
   const float tf = time_us([&] { kfuse::deu::forward_cuda(dt, x, y, co, M, N, K, nullptr); });
   const float tb = time_us([&] { kfuse::deu::backward_cuda(dt, gy, x, co, gx, part, M, N, K, nullptr); });
   const cudaError_t e = cudaDeviceSynchronize();
+  // Checksums of y and grad_x (mean |v|), to compare builds run on the same inputs.
+  const double cy = mean_abs(y, dt, n), cgx = mean_abs(gx, dt, n);
   // Floors at the copy rate: forward moves 2 tensors, backward 3 (x, grad_y in; grad_x out).
   const double per_tensor = tc / 2.0;
-  std::printf("%-26s copy %7.1f us | fwd %7.1f us %5.2fx floor | bwd %7.1f us %5.2fx | fwd+bwd %5.2fx | %s\n",
+  std::printf("%-26s copy %7.1f us | fwd %7.1f us %5.2fx floor | bwd %7.1f us %5.2fx | fwd+bwd %5.2fx | "
+              "mean|y| %.7g mean|gx| %.7g | %s\n",
               name, tc, tf, tf / (2 * per_tensor), tb, tb / (3 * per_tensor), (tf + tb) / (5 * per_tensor),
-              cudaGetErrorString(e));
+              cy, cgx, cudaGetErrorString(e));
   cudaFree(x); cudaFree(y); cudaFree(gy); cudaFree(gx); cudaFree(co); cudaFree(part);
 }
 
 }  // namespace
 
 int main() {
+#ifdef KFUSE_MICRO_LABEL
+  std::printf("build: %s\n", KFUSE_MICRO_LABEL);
+#endif
 #ifdef KFUSE_DEU_PRECISE_MATH
   std::printf("math: precise (libm expf/sincosf)\n");
 #else

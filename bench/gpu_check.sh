@@ -53,11 +53,20 @@ step() {
     python3 -m pip list 2>/dev/null | grep -iE '^(torch|triton|numpy|pytest|pytest-benchmark|matplotlib) '
 } >"$OUT/env.log" 2>&1
 
-# The torch-free CUDA microbenchmark, fast (default) and precise math, compiled beside the build.
+# The torch-free CUDA microbenchmark, compiled beside the build: fast (default) and precise math,
+# and the kernels of a baseline commit (KFUSE_BASE, default below: the last commit measured on a
+# GPU) for an A/B in the same run, when git can export it here.
 ARCH=$(python3 -c 'import torch; print("sm_%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo sm_90)
-for variant in fast precise; do
-    flag=""; [[ $variant == precise ]] && flag="-DKFUSE_DEU_PRECISE_MATH"
-    nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch="$ARCH" -DKFUSE_WITH_CUDA $flag -Icsrc/deu \
+BASE=${KFUSE_BASE:-a65fb6c}
+MICRO=(fast precise)
+if mkdir -p /tmp/deu_base && git archive "$BASE" csrc | tar -x -C /tmp/deu_base 2>>"$OUT/micro.log"; then
+    MICRO+=(base)
+fi
+for variant in "${MICRO[@]}"; do
+    flags=(-DKFUSE_MICRO_LABEL="\"$variant\"" -Icsrc/deu)
+    [[ $variant == precise ]] && flags+=(-DKFUSE_DEU_PRECISE_MATH)
+    [[ $variant == base ]] && flags=(-DKFUSE_MICRO_LABEL="\"base $BASE\"" -I/tmp/deu_base/csrc/deu)
+    nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch="$ARCH" -DKFUSE_WITH_CUDA "${flags[@]}" \
         bench/deu_cuda_micro.cu -o "/tmp/deu_micro_$variant" >>"$OUT/micro.log" 2>&1 &
 done
 
@@ -74,7 +83,7 @@ python3 -c 'import kfuse; print("kfuse.availability():", kfuse.availability())' 
 
 step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda
 wait  # the microbenchmark builds
-for variant in fast precise; do
+for variant in "${MICRO[@]}"; do
     step "micro-$variant" "$OUT/micro.log" 40 "/tmp/deu_micro_$variant"
 done
 # The report is what matters most: all the time left but ~90 s for the whole suite (up to 270 s);
@@ -95,7 +104,7 @@ echo "-- tests:"
 grep -E '^[0-9]+ (passed|failed)|(passed|failed|error|skipped|deselected|no tests ran).* in [0-9.]+s' \
     "$OUT/tests.log" | tail -n 4
 echo "-- micro:"
-grep -E '^(math|rows|planes)' "$OUT/micro.log"
+grep -E '^(build|math|rows|planes)' "$OUT/micro.log"
 echo "-- bench:"
 grep -E '(passed|failed|error).* in [0-9.]+s' "$OUT/bench.log" | tail -n 1
 echo "-- report:"

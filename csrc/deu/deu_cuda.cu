@@ -10,8 +10,8 @@
 //    in registers; a warp reads 32 adjacent columns of a row (coalesced, full sectors). One
 //    column per thread rather than 16-byte vectors: a thread owning V columns would keep V
 //    plans (~22 registers each) live, cutting occupancy, and the per-element transcendental
-//    work, not the load-instruction count, dominates. Loads are unrolled over rows instead,
-//    to keep enough bytes in flight.
+//    work, not the load-instruction count, dominates. Loads are unrolled over rows and
+//    software-pipelined instead, to keep enough bytes in flight (see RowGroup).
 //  * "planes" (K > 1, or N < 32): each (m, n) plane of K elements is contiguous. A warp owns a
 //    tile "R rows x one neuron x a chunk of K", so the plan is uniform per warp and lives in
 //    registers; lanes stride over the tile with 16-byte vector loads when K and the pointers
@@ -128,29 +128,108 @@ PlaneTiling plane_tiling(int64_t M, int64_t N, int64_t K, int64_t elems) {
 constexpr int64_t kPlaneFwdElems = 2048, kPlaneBwdElems = 4096;
 
 // ---- rows layout (K == 1) ---------------------------------------------------------------
-constexpr int kRowUnroll = 4;  // rows loaded before computing: bytes in flight per thread
+// A thread walks rows m, m + ty, m + 2ty, ... of its column in groups of kRowUnroll rows, and
+// loads the next group before computing the current one (software pipelining), so its loads
+// are in flight while it computes instead of only while other warps do. The first group is
+// loaded before the plan, overlapping the plan's computation with that latency too. (Before
+// this, the forward issued half the instructions the SM could and the backward, at 16 warps
+// per SM, 49%: bench/results/2026-11-26-h200-deu.md; the kernels were latency-bound.)
+constexpr int kRowUnroll = 4;  // rows per group; two groups (8 rows per tensor) in flight
+
+// One group: rows r, r + ty, ..., r + (kRowUnroll - 1)·ty of a thread's column, r counted from
+// the start of its block's row chunk (int: a chunk has far fewer than 2^31 rows). Rows at or
+// past `rows` (the chunk's end) read as 0 and are never written. The bounds are checked once
+// per group on the fast path: only a chunk's last group or two take the per-row checks.
+template <typename S>
+struct RowGroup {
+  typename AccOf<S>::type v[kRowUnroll];
+  // p points at row r of the column; stride = ty·N elements between the group's rows.
+  __device__ __forceinline__ void load(const S* __restrict__ p, int r, int rows, int ty, int64_t stride) {
+    if (r + (kRowUnroll - 1) * ty < rows) {
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) v[u] = to_acc(p[u * stride]);
+    } else {
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) v[u] = r + u * ty < rows ? to_acc(p[u * stride]) : 0;
+    }
+  }
+};
+
+// Whether any neuron of the calling thread's warp (its active lanes) has a smooth-step term;
+// warp-uniform, so kernels branch on it once to the element loop with or without that term.
+template <typename A>
+__device__ __forceinline__ bool warp_any_step(const Plan<A>& p) {
+  return __any_sync(__activemask(), p.step);
+}
+
+// The rows walk of one thread: `cur` holds the group at row r (relative to the chunk start),
+// xp/yp point at that row; the next group is loaded before this one is computed.
+template <bool kStep, typename S, typename A>
+__device__ __forceinline__ void fwd_rows_walk(const Plan<A>& p, RowGroup<S> cur, const S* __restrict__ xp,
+                                              S* __restrict__ yp, int r, int rows, int ty, int64_t stride) {
+  const int step = kRowUnroll * ty;
+  const int64_t adv = kRowUnroll * stride;
+  for (; r < rows; r += step, xp += adv, yp += adv) {
+    RowGroup<S> next;
+    next.load(xp + adv, r + step, rows, ty, stride);
+    if (r + (kRowUnroll - 1) * ty < rows) {
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) yp[u * stride] = from_acc<S>(forward_one<kStep>(p, cur.v[u]));
+    } else {
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) {
+        if (r + u * ty < rows) yp[u * stride] = from_acc<S>(forward_one<kStep>(p, cur.v[u]));
+      }
+    }
+    cur = next;
+  }
+}
 
 template <typename S>
 __global__ void __launch_bounds__(kThreads)
     fwd_rows_kernel(const S* __restrict__ x, S* __restrict__ y,
                     const typename AccOf<S>::type* __restrict__ coeffs, int64_t M, int64_t N,
-                    int64_t rows_per_block, int64_t row_blocks) {
+                    int64_t rows_per_block) {
   using A = typename AccOf<S>::type;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (n >= N) return;  // no block-wide synchronisation in this kernel
+  const int64_t m0 = blockIdx.y * rows_per_block;
+  const int rows = static_cast<int>(std::min(M - m0, rows_per_block));
+  const int ty = blockDim.y, r = threadIdx.y;
+  const int64_t stride = ty * N, off = (m0 + r) * N + n;
+  RowGroup<S> cur;
+  cur.load(x + off, r, rows, ty, stride);
   const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
-  const int64_t ty = blockDim.y;
-  for (int64_t rb = blockIdx.y; rb < row_blocks; rb += gridDim.y) {
-    const int64_t m1 = std::min(M, (rb + 1) * rows_per_block);
-    int64_t m = rb * rows_per_block + threadIdx.y;
-    for (; m + (kRowUnroll - 1) * ty < m1; m += kRowUnroll * ty) {
-      A t[kRowUnroll];
+  if (warp_any_step(p)) {
+    fwd_rows_walk<true>(p, cur, x + off, y + off, r, rows, ty, stride);
+  } else {
+    fwd_rows_walk<false>(p, cur, x + off, y + off, r, rows, ty, stride);
+  }
+}
+
+template <bool kStep, typename S, typename A>
+__device__ __forceinline__ void bwd_rows_walk(const Plan<A>& p, RowGroup<S> xs, RowGroup<S> gs,
+                                              const S* __restrict__ xp, const S* __restrict__ gp,
+                                              S* __restrict__ gxp, int r, int rows, int ty,
+                                              int64_t stride, A* acc) {
+  const int step = kRowUnroll * ty;
+  const int64_t adv = kRowUnroll * stride;
+  for (; r < rows; r += step, xp += adv, gp += adv, gxp += adv) {
+    RowGroup<S> xn, gn;
+    xn.load(xp + adv, r + step, rows, ty, stride);
+    gn.load(gp + adv, r + step, rows, ty, stride);
+    if (r + (kRowUnroll - 1) * ty < rows) {
 #pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) t[u] = to_acc(x[(m + u * ty) * N + n]);
+      for (int u = 0; u < kRowUnroll; ++u)
+        gxp[u * stride] = from_acc<S>(backward_one<kStep>(p, xs.v[u], gs.v[u], acc));
+    } else {
 #pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) y[(m + u * ty) * N + n] = from_acc<S>(forward_one(p, t[u]));
+      for (int u = 0; u < kRowUnroll; ++u) {
+        if (r + u * ty < rows) gxp[u * stride] = from_acc<S>(backward_one<kStep>(p, xs.v[u], gs.v[u], acc));
+      }
     }
-    for (; m < m1; m += ty) y[m * N + n] = from_acc<S>(forward_one(p, to_acc(x[m * N + n])));
+    xs = xn;
+    gs = gn;
   }
 }
 
@@ -165,28 +244,25 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ unsigned char smem_raw[];  // [kPlanParams][tx * ty] when ty > 1
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = n < N;
-  const int64_t ty = blockDim.y;
+  const int ty = blockDim.y;
   const int64_t rb = blockIdx.y;
   A acc[kPlanParams];
 #pragma unroll
   for (int i = 0; i < kPlanParams; ++i) acc[i] = A(0);
   if (active) {
+    const int64_t m0 = rb * rows_per_block;
+    const int rows = static_cast<int>(std::min(M - m0, rows_per_block));
+    const int r = threadIdx.y;
+    const int64_t stride = ty * N, off = (m0 + r) * N + n;
+    RowGroup<S> xs, gs;
+    xs.load(x + off, r, rows, ty, stride);
+    gs.load(gy + off, r, rows, ty, stride);
     const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
-    const int64_t m1 = std::min(M, (rb + 1) * rows_per_block);
-    int64_t m = rb * rows_per_block + threadIdx.y;
-    for (; m + (kRowUnroll - 1) * ty < m1; m += kRowUnroll * ty) {
-      A t[kRowUnroll], g[kRowUnroll];
-#pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) {
-        t[u] = to_acc(x[(m + u * ty) * N + n]);
-        g[u] = to_acc(gy[(m + u * ty) * N + n]);
-      }
-#pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u)
-        gx[(m + u * ty) * N + n] = from_acc<S>(backward_one(p, t[u], g[u], acc));
+    if (warp_any_step(p)) {
+      bwd_rows_walk<true>(p, xs, gs, x + off, gy + off, gx + off, r, rows, ty, stride, acc);
+    } else {
+      bwd_rows_walk<false>(p, xs, gs, x + off, gy + off, gx + off, r, rows, ty, stride, acc);
     }
-    for (; m < m1; m += ty)
-      gx[m * N + n] = from_acc<S>(backward_one(p, to_acc(x[m * N + n]), to_acc(gy[m * N + n]), acc));
   }
   if (ty > 1) {
     // Row lanes of one column are summed by lane 0 in increasing order: deterministic.
@@ -197,7 +273,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kPlanParams; ++i) red[i * nthreads + tid] = acc[i];
     __syncthreads();
     if (threadIdx.y == 0) {
-      for (int j = 1; j < static_cast<int>(ty); ++j) {
+      for (int j = 1; j < ty; ++j) {
 #pragma unroll
         for (int i = 0; i < kPlanParams; ++i) acc[i] += red[i * nthreads + j * blockDim.x + threadIdx.x];
       }
@@ -249,6 +325,22 @@ __device__ __forceinline__ TileCoords tile_coords(int64_t tile, int64_t M, int64
   return c;
 }
 
+template <bool kStep, typename S, int V, typename A>
+__device__ __forceinline__ void fwd_tile(const Plan<A>& p, const TileCoords& tc, const S* __restrict__ x,
+                                         S* __restrict__ y, int lane, int64_t row_stride) {
+  using P = Pack<S, V>;
+  const int units = tc.rows * tc.lenv;
+  TileWalk w(lane, tc.lenv);
+  for (int u = lane; u < units; u += 32, w.next()) {
+    const int64_t off = tc.base + w.r * row_stride + static_cast<int64_t>(w.c) * V;
+    const P in = *reinterpret_cast<const P*>(x + off);
+    P out;
+#pragma unroll
+    for (int j = 0; j < V; ++j) out.v[j] = from_acc<S>(forward_one<kStep>(p, to_acc(in.v[j])));
+    *reinterpret_cast<P*>(y + off) = out;
+  }
+}
+
 template <typename S, int V>
 __global__ void __launch_bounds__(kThreads)
     fwd_planes_kernel(const S* __restrict__ x, S* __restrict__ y,
@@ -263,21 +355,35 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t tile = warp0; tile < pt.tiles; tile += wstride) {
     const TileCoords tc = tile_coords(tile, M, N, K, pt, V);
     const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * tc.n);
-    const int units = tc.rows * tc.lenv;
-    TileWalk w(lane, tc.lenv);
-    for (int u = lane; u < units; u += 32, w.next()) {
-      const int64_t off = tc.base + w.r * row_stride + static_cast<int64_t>(w.c) * V;
-      const P in = *reinterpret_cast<const P*>(x + off);
-      P out;
-#pragma unroll
-      for (int j = 0; j < V; ++j) out.v[j] = from_acc<S>(forward_one(p, to_acc(in.v[j])));
-      *reinterpret_cast<P*>(y + off) = out;
+    if (p.step) {  // warp-uniform: one neuron per tile
+      fwd_tile<true, S, V>(p, tc, x, y, lane, row_stride);
+    } else {
+      fwd_tile<false, S, V>(p, tc, x, y, lane, row_stride);
     }
   }
 }
 
 template <typename T>
 __device__ __forceinline__ T shfl_xor(T v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+
+template <bool kStep, typename S, int V, typename A>
+__device__ __forceinline__ void bwd_tile(const Plan<A>& p, const TileCoords& tc, const S* __restrict__ gy,
+                                         const S* __restrict__ x, S* __restrict__ gx, int lane,
+                                         int64_t row_stride, A* acc) {
+  using P = Pack<S, V>;
+  const int units = tc.rows * tc.lenv;
+  TileWalk w(lane, tc.lenv);
+  for (int u = lane; u < units; u += 32, w.next()) {
+    const int64_t off = tc.base + w.r * row_stride + static_cast<int64_t>(w.c) * V;
+    const P xin = *reinterpret_cast<const P*>(x + off);
+    const P gin = *reinterpret_cast<const P*>(gy + off);
+    P out;
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      out.v[j] = from_acc<S>(backward_one<kStep>(p, to_acc(xin.v[j]), to_acc(gin.v[j]), acc));
+    *reinterpret_cast<P*>(gx + off) = out;
+  }
+}
 
 // Warp tile (mc, n, kc) writes partials[mc * kchunks + kc, n, :].
 template <typename S, int V>
@@ -300,17 +406,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kPlanParams; ++i) acc[i] = A(0);
     {
       const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * tc.n);
-      const int units = tc.rows * tc.lenv;
-      TileWalk w(lane, tc.lenv);
-      for (int u = lane; u < units; u += 32, w.next()) {
-        const int64_t off = tc.base + w.r * row_stride + static_cast<int64_t>(w.c) * V;
-        const P xin = *reinterpret_cast<const P*>(x + off);
-        const P gin = *reinterpret_cast<const P*>(gy + off);
-        P out;
-#pragma unroll
-        for (int j = 0; j < V; ++j)
-          out.v[j] = from_acc<S>(backward_one(p, to_acc(xin.v[j]), to_acc(gin.v[j]), acc));
-        *reinterpret_cast<P*>(gx + off) = out;
+      if (p.step) {  // warp-uniform: one neuron per tile
+        bwd_tile<true, S, V>(p, tc, gy, x, gx, lane, row_stride, acc);
+      } else {
+        bwd_tile<false, S, V>(p, tc, gy, x, gx, lane, row_stride, acc);
       }
     }
     // Butterfly reduction: fixed order, every lane ends with the same (deterministic) sum.
@@ -345,10 +444,8 @@ void forward_typed(const S* x, S* y, const typename AccOf<S>::type* coeffs, int6
   if (M <= 0 || N <= 0 || K <= 0) return;
   if (use_rows_layout(N, K)) {
     const RowTiling t = row_tiling(M, N, kRowsFwdTargetBlocks, kRowsFwdMinRows);
-    const dim3 grid(static_cast<unsigned>(t.col_blocks),
-                    static_cast<unsigned>(std::min<int64_t>(t.row_blocks, 65535)));
-    fwd_rows_kernel<S><<<grid, dim3(t.tx, t.ty), 0, stream>>>(x, y, coeffs, M, N,
-                                                             t.rows_per_block, t.row_blocks);
+    const dim3 grid(static_cast<unsigned>(t.col_blocks), static_cast<unsigned>(t.row_blocks));
+    fwd_rows_kernel<S><<<grid, dim3(t.tx, t.ty), 0, stream>>>(x, y, coeffs, M, N, t.rows_per_block);
     return check_launch("deu fwd_rows");
   }
   const PlaneTiling pt = plane_tiling(M, N, K, kPlaneFwdElems);

@@ -246,27 +246,44 @@ KF_HD Plan<T> plan_with_jacobian(const T* co, T jac[kPlanParams][kCoeffs]) {
 }
 
 // Transcendentals of the element loop. On the GPU in float they use the hardware
-// approximations (MUFU ex2 / sin / cos: one special-function op each) instead of libm's
+// approximations (MUFU ex2 / rcp / sin / cos: one special-function op each) instead of libm's
 // precise versions (~10 and ~40 instructions, with a slow path for large arguments), so the
 // kernels stay memory-bound; double precision, and the CPU, keep the precise functions.
-// Errors: __expf is within ~1e-6 relative for |z| <= 14; __sincosf within ~5e-7 absolute
-// on [-π, π], where a Cody-Waite reduction puts the argument first. Define
-// KFUSE_DEU_PRECISE_MATH to use the precise functions on the GPU too (bench/deu_cuda_micro.cu
-// times both).
+// ex2.approx.ftz is the MUFU op behind __expf without its 3-instruction fix-up for results
+// below 2^-126 (flushed to 0 here, far below any tolerance); rcp.approx.ftz replaces an IEEE
+// division with its slow path. Errors: exp within ~2 ulp for |z| <= 14 (as __expf); sincos
+// within ~5e-7 absolute on [-π, π], where a Cody-Waite reduction puts the argument first.
+// Define KFUSE_DEU_PRECISE_MATH to use the precise functions on the GPU too
+// (bench/deu_cuda_micro.cu times both).
+#if defined(__CUDA_ARCH__) && !defined(KFUSE_DEU_PRECISE_MATH)
+#define KF_DEU_FAST_MATH 1
+#endif
 KF_HD double exp_(double z) { return std::exp(z); }
+KF_HD double rcp_(double x) { return 1.0 / x; }
 KF_HD void sincos_(double x, double* s, double* c) {
   *s = std::sin(x);
   *c = std::cos(x);
 }
 KF_HD float exp_(float z) {
-#if defined(__CUDA_ARCH__) && !defined(KFUSE_DEU_PRECISE_MATH)
-  return __expf(z);
+#ifdef KF_DEU_FAST_MATH
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(z * 1.44269504088896341f));
+  return r;
 #else
   return std::exp(z);
 #endif
 }
+KF_HD float rcp_(float x) {
+#ifdef KF_DEU_FAST_MATH
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#else
+  return 1.0f / x;
+#endif
+}
 KF_HD void sincos_(float x, float* s, float* c) {
-#if defined(__CUDA_ARCH__) && !defined(KFUSE_DEU_PRECISE_MATH)
+#ifdef KF_DEU_FAST_MATH
   const float q = rintf(x * 0.15915494309189535f);      // x = q·2π + r, |r| <= π
   const float r = fmaf(q, 1.7484556000744883e-07f, fmaf(-q, 6.28318548202514648f, x));
   __sincosf(r, s, c);
@@ -277,13 +294,18 @@ KF_HD void sincos_(float x, float* s, float* c) {
 }
 
 // Values of the template's transcendental pieces at one t.
+//
+// kStep = false promises that the neuron has no smooth-step term (Plan::step is false), and
+// drops that term's code: the GPU kernels pick it per warp, since a step neuron (a, b ≈ 0) is
+// rare and its sigmoid, predicated rather than branched over, costs every element of every
+// warp 2 MUFU ops and ~6 instructions.
 template <typename T>
 struct Pieces {
   T e1, cs, sn, e2, sig;
   bool cap1, cap2;  // the exponent hit the cap (its derivative is then 0)
 };
 
-template <typename T>
+template <bool kStep = true, typename T>
 KF_HD Pieces<T> pieces(const Plan<T>& p, T t) {
   Pieces<T> q;
   const T cap = T(kExpCap);
@@ -299,7 +321,7 @@ KF_HD Pieces<T> pieces(const Plan<T>& p, T t) {
   const T z2 = p.rho2 * t;
   q.cap2 = z2 > cap;
   q.e2 = p.e2 ? exp_(q.cap2 ? cap : z2) : T(0);
-  q.sig = p.step ? T(1) / (T(1) + exp_(-T(kStepSlope) * t)) : T(0);
+  q.sig = kStep && p.step ? rcp_(T(1) + exp_(-T(kStepSlope) * t)) : T(0);
   return q;
 }
 
@@ -325,31 +347,33 @@ KF_HD Side<T> side_of(const Plan<T>& p, bool pos) {
 }
 
 // y(t) before the output clamp, from t's side coefficients k.
-template <typename T>
+template <bool kStep = true, typename T>
 KF_HD T eval_raw(const T* k, const Pieces<T>& q, T t) {
-  return k[0] + t * (k[1] + t * k[2]) + k[3] * q.sig +
+  return k[0] + t * (k[1] + t * k[2]) + (kStep ? k[3] * q.sig : T(0)) +
          q.e1 * ((k[4] + k[5] * t) * q.cs + k[6] * q.sn) + k[7] * q.e2;
 }
 
-template <typename T>
+template <bool kStep = true, typename T>
 KF_HD T forward_one(const Plan<T>& p, T t) {
   const Side<T> s = side_of(p, t > T(0));
-  return clamp_out(eval_raw(s.k, pieces(p, t), t));
+  return clamp_out(eval_raw<kStep>(s.k, pieces<kStep>(p, t), t));
 }
 
 // Backward for one element with upstream gradient g: returns ∂L/∂t and adds ∂L/∂π into
-// acc (length kPlanParams, same order as the Jacobian rows).
-template <typename T>
+// acc (length kPlanParams, same order as the Jacobian rows). With kStep = false the step
+// term's accumulators (3 and 11) are left alone: their Jacobian rows are 0 for such neurons.
+template <bool kStep = true, typename T>
 KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
-  const Pieces<T> q = pieces(p, t);
+  const Pieces<T> q = pieces<kStep>(p, t);
   const bool pos = t > T(0);
   const Side<T> s = side_of(p, pos);
   const T* k = s.k;
-  const T yraw = eval_raw(k, q, t);
+  const T yraw = eval_raw<kStep>(k, q, t);
   const T m = T(kOutClamp);
   if (!(yraw >= -m && yraw <= m)) return T(0);  // clamp derivative is 0 outside
   const T basis[kBasis] = {T(1), t, t * t, q.sig, q.e1 * q.cs, t * q.e1 * q.cs, q.e1 * q.sn, q.e2};
   for (int j = 0; j < kBasis; ++j) {
+    if (!kStep && j == 3) continue;
     const T gb = g * basis[j];
     acc[j] += gb;
     if (pos) acc[kBasis + j] += gb;
@@ -362,7 +386,8 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   acc[2 * kBasis] += q.cap1 ? T(0) : g * t * q.e1 * osc;
   acc[2 * kBasis + 1] += g * t * q.e1 * dosc;
   acc[2 * kBasis + 2] += q.cap2 ? T(0) : g * t * k[7] * q.e2;
-  const T dy = k[1] + T(2) * k[2] * t + k[3] * T(kStepSlope) * q.sig * (T(1) - q.sig) +
+  const T dstep = kStep ? k[3] * T(kStepSlope) * q.sig * (T(1) - q.sig) : T(0);
+  const T dy = k[1] + T(2) * k[2] * t + dstep +
                q.e1 * (r1 * osc + k[5] * q.cs + p.omega * dosc) + k[7] * r2 * q.e2;
   return g * dy;
 }
