@@ -14,7 +14,7 @@ from tolerances import assert_close
 import kfuse
 from kfuse import _backends
 from kfuse.ops.deu import backend_reasons
-from kfuse.reference.deu import CASE_NAMES, EPS, OUT_CLAMP, deu_cases, deu_reference
+from kfuse.reference.deu import CASE_NAMES, EPS, OUT_CLAMP, deu_cases, deu_init_coeffs, deu_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -183,6 +183,28 @@ def test_forward_and_gradients(backend: str, device: str, seed: int) -> None:
             # Parameter gradients are fp32 sums whatever the storage dtype, but of products
             # with half-precision grad_y / x, so they carry the storage dtype's tolerance.
             assert_close(gc, gc_ref, dtype, f"grad_coeffs {what}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_long_rows_and_step_free_warps(backend: str, device: str, seed: int) -> None:
+    """[M, N] long enough for several row chunks, many row groups and ragged tails, with the
+    first 32 neurons (one CUDA warp) free of smooth-step terms and the rest mixed, so the
+    kernels' step-free and with-step element loops both run, side by side."""
+    m, n = (9, 45) if device == "cpu" and backend == "triton" else (515, 70)
+    no_step = deu_init_coeffs(32, generator=torch.Generator().manual_seed(seed)).double()
+    no_step[:, 3:] = torch.randn(32, 2, dtype=torch.float64)
+    coeffs = torch.cat([no_step, case_coeffs(1), case_coeffs(4)])[:n]  # every case past column 32
+    assert (deu_cases(coeffs[:32]) != 1).all() and (deu_cases(coeffs[32:]) == 1).any()
+    for dtype in (torch.float32, torch.float64):
+        c = coeffs.to(dtype=dtype if dtype == torch.float64 else torch.float32, device=device)
+        x = make_x((m, n), dtype, device)
+        gy = torch.randn(m, n, dtype=torch.float64).to(dtype=dtype, device=device)
+        y, gx, gc = kfuse_grads(x, c, gy, -1, backend)
+        y_ref, gx_ref, gc_ref = ref_grads(x, c, gy, -1)
+        what = f"{backend} {dtype} [{m}, {n}]"
+        assert_close(y, y_ref, dtype, f"y {what}")
+        assert_close(gx, gx_ref, dtype, f"grad_x {what}")
+        assert_close(gc, gc_ref, dtype, f"grad_coeffs {what}")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
