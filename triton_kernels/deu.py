@@ -31,13 +31,19 @@ EXP_CAP: tl.constexpr = tl.constexpr(14.0)
 OUT_CLAMP: tl.constexpr = tl.constexpr(1000.0)
 STEP_SLOPE: tl.constexpr = tl.constexpr(100.0)
 
-# Elements per tile, 4 warps. Fixed, not autotuned: the partial-gradient layout [T, N, 5]
-# (hence the summation order) must not depend on a timing run. Measured on an H200, x
-# 8192x4096 fp32: forward 1024 (8/thread) beat 512/2048/4096; backward, which keeps 17
-# accumulators per element in registers, was fastest at 256 (370 us vs 409 us at 512).
+# K > 1 (spatial) tiles: elements per tile, 4 warps. Fixed, not autotuned: the partial-gradient
+# layout [T, N, 5] (hence the summation order) must not depend on a timing run. Measured on
+# an H200 with the earlier 2-D tiles of the K == 1 kernels, x 8192x4096 fp32: forward 1024
+# (8/thread) beat 512/2048/4096; backward, which keeps 17 accumulators per element in
+# registers, was fastest at 256 (370 us vs 409 us at 512).
 _FWD_TILE = 1024
 _BWD_TILE = 256
 _NUM_WARPS = 4
+# K == 1: neurons per program (one per thread), rows per group (fixed at 4 in the kernels)
+# and rows per program at least, so each thread's plan (and Jacobian, backward) is amortised.
+_ROWS_BLOCK_N = 32 * _NUM_WARPS
+_ROW_GROUP = 4
+_ROWS_MIN_PER_PROG = 32
 # Programs to aim for when splitting rows into chunks (several waves on a 132-SM GPU). A
 # constant rather than the device's SM count, so results do not depend on the device.
 _TARGET_PROGRAMS = 2048
@@ -329,98 +335,160 @@ def _any(v):
 
 
 # ----------------------------------------------------------------------------------------
-# K == 1: x is [M, N]; a program owns BLOCK_N neurons and a chunk of rows.
+# K == 1: x is [M, N]; a program owns BLOCK_N = 32·num_warps neurons (one per thread, so each
+# thread keeps one plan and, backward, one set of accumulators in registers) and a chunk of
+# rows, walked one row at a time (a 1-D row of BLOCK_N elements is one element per thread;
+# a 2-D tile would be vectorised along the row, putting several neurons in each thread).
+# Rows come in groups of 4, and the next group is loaded before the current one is computed,
+# so loads are in flight during the math (as in the CUDA rows kernels). The first group is
+# loaded before the plan, overlapping its computation.
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _deu_fwd_rows(x_ptr, y_ptr, co_ptr, M, N, rows_per_prog,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MATH: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    cmask = cols < N
+def _row_offsets(r, N, cols):
+    # Row r's element offsets in int64 (r is a Python int in the interpreter's loops, hence
+    # the broadcast before the cast).
+    return (cols * 0 + r).to(tl.int64) * N + cols
+
+
+@triton.jit
+def _load_row(ptr, r, row_end, N, cols, cmask, dtype):
+    return tl.load(ptr + _row_offsets(r, N, cols), mask=cmask & (r < row_end), other=0.0).to(dtype)
+
+
+@triton.jit
+def _store_row(ptr, r, row_end, N, cols, cmask, v):
+    tl.store(ptr + _row_offsets(r, N, cols), v.to(ptr.dtype.element_ty), mask=cmask & (r < row_end))
+
+
+@triton.jit
+def _row_plan(co_ptr, cols, cmask):
     a = tl.load(co_ptr + cols * 5 + 0, mask=cmask, other=0.0)
     b = tl.load(co_ptr + cols * 5 + 1, mask=cmask, other=0.0)
     c = tl.load(co_ptr + cols * 5 + 2, mask=cmask, other=0.0)
     c1 = tl.load(co_ptr + cols * 5 + 3, mask=cmask, other=0.0)
     c2 = tl.load(co_ptr + cols * 5 + 4, mask=cmask, other=0.0)
+    return a, b, c, c1, c2
+
+
+@triton.jit
+def _deu_fwd_rows(x_ptr, y_ptr, co_ptr, M, N, rows_per_prog, BLOCK_N: tl.constexpr, MATH: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc = co_ptr.dtype.element_ty
+    row0 = pid_m * rows_per_prog
+    row_end = tl.minimum(M, row0 + rows_per_prog)
+    t0 = _load_row(x_ptr, row0, row_end, N, cols, cmask, acc)
+    t1 = _load_row(x_ptr, row0 + 1, row_end, N, cols, cmask, acc)
+    t2 = _load_row(x_ptr, row0 + 2, row_end, N, cols, cmask, acc)
+    t3 = _load_row(x_ptr, row0 + 3, row_end, N, cols, cmask, acc)
+    a, b, c, c1, c2 = _row_plan(co_ptr, cols, cmask)
     h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
     any_trig = _any(om)
     any_e2 = _any(h7) | _any(p7)
     any_step = _any(h3)
-    row0 = pid_m * rows_per_prog
-    for i in range(0, rows_per_prog, BLOCK_M):
-        rows = row0 + i + tl.arange(0, BLOCK_M)[:, None]
-        mask = (rows < M) & cmask
-        offs = rows.to(tl.int64) * N + cols
-        t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(a.dtype)
-        y = _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                          any_trig, any_e2, any_step, MATH)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    for r in range(row0, row_end, 4):
+        n0 = _load_row(x_ptr, r + 4, row_end, N, cols, cmask, acc)
+        n1 = _load_row(x_ptr, r + 5, row_end, N, cols, cmask, acc)
+        n2 = _load_row(x_ptr, r + 6, row_end, N, cols, cmask, acc)
+        n3 = _load_row(x_ptr, r + 7, row_end, N, cols, cmask, acc)
+        _store_row(y_ptr, r, row_end, N, cols, cmask,
+                   _forward_elem(t0, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                                 any_trig, any_e2, any_step, MATH))
+        _store_row(y_ptr, r + 1, row_end, N, cols, cmask,
+                   _forward_elem(t1, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                                 any_trig, any_e2, any_step, MATH))
+        _store_row(y_ptr, r + 2, row_end, N, cols, cmask,
+                   _forward_elem(t2, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                                 any_trig, any_e2, any_step, MATH))
+        _store_row(y_ptr, r + 3, row_end, N, cols, cmask,
+                   _forward_elem(t3, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                                 any_trig, any_e2, any_step, MATH))
+        t0, t1, t2, t3 = n0, n1, n2, n3
+
+
+@triton.jit
+def _bwd_row(gx_ptr, r, row_end, N, cols, cmask, t, g,
+             h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+             s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
+             s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH: tl.constexpr):
+    """One row of the backward: stores grad_x, returns the accumulators plus its terms (rows
+    past the chunk load t = g = 0, which contribute 0)."""
+    (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p0, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
+     q_r1, q_om, q_r2) = _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6,
+                                        p7, r1, om, r2, any_trig, any_e2, any_step, MATH)
+    _store_row(gx_ptr, r, row_end, N, cols, cmask, gx)
+    return (s_h0 + q_h0, s_h1 + q_h1, s_h3 + q_h3, s_h4 + q_h4, s_h5 + q_h5, s_h6 + q_h6, s_h7 + q_h7,
+            s_p0 + q_p0, s_p1 + q_p1, s_p2 + q_p2, s_p4 + q_p4, s_p5 + q_p5, s_p6 + q_p6, s_p7 + q_p7,
+            s_r1 + q_r1, s_om + q_om, s_r2 + q_r2)
 
 
 @triton.jit
 def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MATH: tl.constexpr):
+                  BLOCK_N: tl.constexpr, MATH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    a = tl.load(co_ptr + cols * 5 + 0, mask=cmask, other=0.0)
-    b = tl.load(co_ptr + cols * 5 + 1, mask=cmask, other=0.0)
-    c = tl.load(co_ptr + cols * 5 + 2, mask=cmask, other=0.0)
-    c1 = tl.load(co_ptr + cols * 5 + 3, mask=cmask, other=0.0)
-    c2 = tl.load(co_ptr + cols * 5 + 4, mask=cmask, other=0.0)
+    acc = co_ptr.dtype.element_ty
+    row0 = pid_m * rows_per_prog
+    row_end = tl.minimum(M, row0 + rows_per_prog)
+    t0 = _load_row(x_ptr, row0, row_end, N, cols, cmask, acc)
+    t1 = _load_row(x_ptr, row0 + 1, row_end, N, cols, cmask, acc)
+    t2 = _load_row(x_ptr, row0 + 2, row_end, N, cols, cmask, acc)
+    t3 = _load_row(x_ptr, row0 + 3, row_end, N, cols, cmask, acc)
+    g0 = _load_row(gy_ptr, row0, row_end, N, cols, cmask, acc)
+    g1 = _load_row(gy_ptr, row0 + 1, row_end, N, cols, cmask, acc)
+    g2 = _load_row(gy_ptr, row0 + 2, row_end, N, cols, cmask, acc)
+    g3 = _load_row(gy_ptr, row0 + 3, row_end, N, cols, cmask, acc)
+    a, b, c, c1, c2 = _row_plan(co_ptr, cols, cmask)
     h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
     any_trig = _any(om)
     any_e2 = _any(h7) | _any(p7)
     any_step = _any(h3)
-    zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=a.dtype)
+    zero = tl.zeros([BLOCK_N], dtype=acc)
     s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7 = zero, zero, zero, zero, zero, zero, zero
     s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7 = zero, zero, zero, zero, zero, zero, zero
     s_r1, s_om, s_r2 = zero, zero, zero
-    row0 = pid_m * rows_per_prog
-    for i in range(0, rows_per_prog, BLOCK_M):
-        rows = row0 + i + tl.arange(0, BLOCK_M)[:, None]
-        mask = (rows < M) & cmask
-        offs = rows.to(tl.int64) * N + cols
-        t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(a.dtype)
-        g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(a.dtype)
-        (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p0, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
-         q_r1, q_om, q_r2) = _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6,
-                                            p7, r1, om, r2, any_trig, any_e2, any_step, MATH)
-        tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-        s_h0 += q_h0
-        s_h1 += q_h1
-        s_h3 += q_h3
-        s_h4 += q_h4
-        s_h5 += q_h5
-        s_h6 += q_h6
-        s_h7 += q_h7
-        s_p0 += q_p0
-        s_p1 += q_p1
-        s_p2 += q_p2
-        s_p4 += q_p4
-        s_p5 += q_p5
-        s_p6 += q_p6
-        s_p7 += q_p7
-        s_r1 += q_r1
-        s_om += q_om
-        s_r2 += q_r2
-    # Epilogue: one partial per (program row-chunk, neuron, coefficient).
-    n1 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n1 < N
-    a = tl.load(co_ptr + n1 * 5 + 0, mask=nmask, other=0.0)
-    b = tl.load(co_ptr + n1 * 5 + 1, mask=nmask, other=0.0)
-    c = tl.load(co_ptr + n1 * 5 + 2, mask=nmask, other=0.0)
-    c1 = tl.load(co_ptr + n1 * 5 + 3, mask=nmask, other=0.0)
-    c2 = tl.load(co_ptr + n1 * 5 + 4, mask=nmask, other=0.0)
-    _store_coeff_grads(part_ptr + (pid_m.to(tl.int64) * N + n1) * 5, nmask, a, b, c, c1, c2,
-                       tl.sum(s_h0, axis=0), tl.sum(s_h1, axis=0), tl.sum(s_h3, axis=0),
-                       tl.sum(s_h4, axis=0), tl.sum(s_h5, axis=0), tl.sum(s_h6, axis=0),
-                       tl.sum(s_h7, axis=0), tl.sum(s_p0, axis=0), tl.sum(s_p1, axis=0),
-                       tl.sum(s_p2, axis=0), tl.sum(s_p4, axis=0), tl.sum(s_p5, axis=0),
-                       tl.sum(s_p6, axis=0), tl.sum(s_p7, axis=0), tl.sum(s_r1, axis=0),
-                       tl.sum(s_om, axis=0), tl.sum(s_r2, axis=0))
+    for r in range(row0, row_end, 4):
+        n0 = _load_row(x_ptr, r + 4, row_end, N, cols, cmask, acc)
+        n1 = _load_row(x_ptr, r + 5, row_end, N, cols, cmask, acc)
+        n2 = _load_row(x_ptr, r + 6, row_end, N, cols, cmask, acc)
+        n3 = _load_row(x_ptr, r + 7, row_end, N, cols, cmask, acc)
+        m0 = _load_row(gy_ptr, r + 4, row_end, N, cols, cmask, acc)
+        m1 = _load_row(gy_ptr, r + 5, row_end, N, cols, cmask, acc)
+        m2 = _load_row(gy_ptr, r + 6, row_end, N, cols, cmask, acc)
+        m3 = _load_row(gy_ptr, r + 7, row_end, N, cols, cmask, acc)
+        (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
+         s_r1, s_om, s_r2) = _bwd_row(gx_ptr, r, row_end, N, cols, cmask, t0, g0,
+                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                                      s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
+                                      s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH)
+        (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
+         s_r1, s_om, s_r2) = _bwd_row(gx_ptr, r + 1, row_end, N, cols, cmask, t1, g1,
+                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                                      s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
+                                      s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH)
+        (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
+         s_r1, s_om, s_r2) = _bwd_row(gx_ptr, r + 2, row_end, N, cols, cmask, t2, g2,
+                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                                      s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
+                                      s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH)
+        (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
+         s_r1, s_om, s_r2) = _bwd_row(gx_ptr, r + 3, row_end, N, cols, cmask, t3, g3,
+                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                                      s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
+                                      s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH)
+        t0, t1, t2, t3 = n0, n1, n2, n3
+        g0, g1, g2, g3 = m0, m1, m2, m3
+    # Epilogue: one partial per (row chunk, neuron, coefficient); each thread holds its
+    # neuron's sums already, so there is no cross-thread reduction. The coefficients are
+    # loaded again rather than kept live through the loop.
+    a, b, c, c1, c2 = _row_plan(co_ptr, cols, cmask)
+    _store_coeff_grads(part_ptr + pid_m.to(tl.int64) * N * 5 + cols * 5, cmask, a, b, c, c1, c2,
+                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
+                       s_r1, s_om, s_r2)
 
 
 @triton.jit
@@ -549,20 +617,27 @@ def _pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
-def _row_split(M: int, block_rows: int, col_programs: int) -> tuple[int, int]:
-    """(rows per program, number of row chunks): about _TARGET_PROGRAMS programs in all,
-    each a whole number of row tiles. Depends only on the shape, so it is deterministic."""
+def _row_split(M: int, block_rows: int, col_programs: int, min_rows: int = 1) -> tuple[int, int]:
+    """(rows per program, number of row chunks): about _TARGET_PROGRAMS programs in all, each
+    a whole number of row tiles and at least ``min_rows`` rows where M allows. Depends only on
+    the shape, so it is deterministic."""
     tiles = triton.cdiv(M, block_rows)
-    chunks = max(1, min(tiles, triton.cdiv(_TARGET_PROGRAMS, col_programs)))
+    chunks = max(1, min(tiles, triton.cdiv(_TARGET_PROGRAMS, col_programs), triton.cdiv(M, min_rows)))
     rows_per_prog = triton.cdiv(tiles, chunks) * block_rows
     return rows_per_prog, triton.cdiv(M, rows_per_prog)
 
 
-def _blocks(N: int, K: int, tile: int) -> tuple[int, int]:
-    """(rows per tile, columns per tile): columns are neurons (K == 1) or spatial (K > 1)."""
-    cols = min(64, _pow2(N)) if K == 1 else min(tile, _pow2(K))
-    cols = max(cols, 2)
+def _blocks(K: int, tile: int) -> tuple[int, int]:
+    """(rows per tile, spatial elements per tile) of the K > 1 kernels."""
+    cols = max(2, min(tile, _pow2(K)))
     return max(2, tile // cols), cols
+
+
+def _rows_grid(M: int, N: int) -> tuple[int, int, int]:
+    """(column programs, rows per program, row chunks) of the K == 1 kernels."""
+    n_prog = triton.cdiv(N, _ROWS_BLOCK_N)
+    rpp, chunks = _row_split(M, _ROW_GROUP, n_prog, _ROWS_MIN_PER_PROG)
+    return n_prog, rpp, chunks
 
 
 def _math_mode(coeffs: torch.Tensor) -> int:
@@ -590,13 +665,12 @@ def deu_forward(x: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return y
     math_mode = _math_mode(coeffs)
-    rows, cols = _blocks(N, K, _FWD_TILE)
     if K == 1:
-        n_prog = triton.cdiv(N, cols)
-        rpp, chunks = _row_split(M, rows, n_prog)
-        _deu_fwd_rows[(n_prog, chunks)](x, y, coeffs, M, N, rpp, BLOCK_M=rows, BLOCK_N=cols, MATH=math_mode,
+        n_prog, rpp, chunks = _rows_grid(M, N)
+        _deu_fwd_rows[(n_prog, chunks)](x, y, coeffs, M, N, rpp, BLOCK_N=_ROWS_BLOCK_N, MATH=math_mode,
                                         num_warps=_NUM_WARPS)
     else:
+        rows, cols = _blocks(K, _FWD_TILE)
         rpp, chunks = _row_split(M, rows, N)
         _deu_fwd_spatial[(N, chunks)](x, y, coeffs, M, N, K, rpp, BLOCK_R=rows, BLOCK_K=cols, MATH=math_mode,
                                       num_warps=_NUM_WARPS)
@@ -614,14 +688,13 @@ def deu_backward(grad_y: torch.Tensor, x: torch.Tensor, coeffs: torch.Tensor
     if x.numel() == 0:
         return grad_x, torch.zeros_like(coeffs)
     math_mode = _math_mode(coeffs)
-    rows, cols = _blocks(N, K, _BWD_TILE)
     if K == 1:
-        n_prog = triton.cdiv(N, cols)
-        rpp, chunks = _row_split(M, rows, n_prog)
+        n_prog, rpp, chunks = _rows_grid(M, N)
         partials = torch.empty((chunks, N, 5), dtype=coeffs.dtype, device=x.device)
         _deu_bwd_rows[(n_prog, chunks)](grad_y, x, coeffs, grad_x, partials, M, N, rpp,
-                                        BLOCK_M=rows, BLOCK_N=cols, MATH=math_mode, num_warps=_NUM_WARPS)
+                                        BLOCK_N=_ROWS_BLOCK_N, MATH=math_mode, num_warps=_NUM_WARPS)
     else:
+        rows, cols = _blocks(K, _BWD_TILE)
         rpp, chunks = _row_split(M, rows, N)
         partials = torch.empty((chunks, N, 5), dtype=coeffs.dtype, device=x.device)
         _deu_bwd_spatial[(N, chunks)](grad_y, x, coeffs, grad_x, partials, M, N, K, rpp,
