@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -416,6 +417,43 @@ def test_auto_picks_compiled_cpu_kernels() -> None:
     x = torch.randn(3, 4)
     assert backend_reasons(x)["cpu"] == [], "the C++ extension must be built for the test suite"
     assert kfuse.availability()["cpu"] == "available"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the cuda tests compile and run the Triton kernels")
+def test_triton_kernels_compile_for_sm90() -> None:
+    """Every Triton kernel compiles to sm_90 machine code here, without a GPU: the interpreter
+    tests never run the compiler (its type rules, libdevice calls, the fp32/fp64 GPU math)."""
+    code = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kfuse.triton_kernels import deu as tk
+
+def sig(names, st, acc):
+    types = {"co_ptr": f"*{acc}", "part_ptr": f"*{acc}"}
+    return {n: types.get(n, f"*{st}" if n.endswith("_ptr") else "i32") for n in names}
+
+rows = ["M", "N", "rows_per_prog"]
+spatial = ["M", "N", "K", "rows_per_prog"]
+kernels = [
+    (tk._deu_fwd_rows, ["x_ptr", "y_ptr", "co_ptr"] + rows, {"BLOCK_N": 128}),
+    (tk._deu_bwd_rows, ["gy_ptr", "x_ptr", "co_ptr", "gx_ptr", "part_ptr"] + rows, {"BLOCK_N": 128}),
+    (tk._deu_fwd_spatial, ["x_ptr", "y_ptr", "co_ptr"] + spatial, {"BLOCK_R": 2, "BLOCK_K": 512}),
+    (tk._deu_bwd_spatial, ["gy_ptr", "x_ptr", "co_ptr", "gx_ptr", "part_ptr"] + spatial,
+     {"BLOCK_R": 2, "BLOCK_K": 128}),
+]
+for st, acc, math in [("fp32", "fp32", 0), ("bf16", "fp32", 0), ("fp16", "fp32", 0), ("fp64", "fp64", 1)]:
+    for fn, names, consts in kernels:
+        consts = dict(consts, MATH=math)
+        signature = dict(sig(names, st, acc), **{k: "constexpr" for k in consts})
+        src = ASTSource(fn=fn, signature=signature, constexprs=consts)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert k.asm["cubin"], (fn.__name__, st)
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 def test_import_without_extension() -> None:
