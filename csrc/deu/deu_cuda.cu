@@ -309,7 +309,15 @@ struct TileWalk {
 struct TileCoords {
   int64_t n, mc, kc, base;  // base: element offset of (m0, n, k0)
   int rows, lenv;           // rows in this tile, units per row
+  __device__ __forceinline__ int64_t offset(const TileWalk& w, int64_t row_stride, int V) const {
+    return base + w.r * row_stride + static_cast<int64_t>(w.c) * V;
+  }
 };
+
+template <typename S, int V>
+__device__ __forceinline__ Pack<S, V> load_pack(const S* __restrict__ p) {
+  return *reinterpret_cast<const Pack<S, V>*>(p);
+}
 
 __device__ __forceinline__ TileCoords tile_coords(int64_t tile, int64_t M, int64_t N, int64_t K,
                                                   const PlaneTiling& pt, int V) {
@@ -325,19 +333,24 @@ __device__ __forceinline__ TileCoords tile_coords(int64_t tile, int64_t M, int64
   return c;
 }
 
+// A lane's walk over one tile: `cur` holds its unit at w (loaded by the caller before the
+// plan); the next unit is loaded before the current one is computed, as in the rows layout.
 template <bool kStep, typename S, int V, typename A>
 __device__ __forceinline__ void fwd_tile(const Plan<A>& p, const TileCoords& tc, const S* __restrict__ x,
-                                         S* __restrict__ y, int lane, int64_t row_stride) {
+                                         S* __restrict__ y, int lane, int64_t row_stride, TileWalk w,
+                                         Pack<S, V> cur) {
   using P = Pack<S, V>;
   const int units = tc.rows * tc.lenv;
-  TileWalk w(lane, tc.lenv);
-  for (int u = lane; u < units; u += 32, w.next()) {
-    const int64_t off = tc.base + w.r * row_stride + static_cast<int64_t>(w.c) * V;
-    const P in = *reinterpret_cast<const P*>(x + off);
+  for (int u = lane; u < units; u += 32) {
+    const int64_t off = tc.offset(w, row_stride, V);
+    w.next();
+    P next = {};
+    if (u + 32 < units) next = load_pack<S, V>(x + tc.offset(w, row_stride, V));
     P out;
 #pragma unroll
-    for (int j = 0; j < V; ++j) out.v[j] = from_acc<S>(forward_one<kStep>(p, to_acc(in.v[j])));
+    for (int j = 0; j < V; ++j) out.v[j] = from_acc<S>(forward_one<kStep>(p, to_acc(cur.v[j])));
     *reinterpret_cast<P*>(y + off) = out;
+    cur = next;
   }
 }
 
@@ -354,11 +367,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row_stride = N * K;
   for (int64_t tile = warp0; tile < pt.tiles; tile += wstride) {
     const TileCoords tc = tile_coords(tile, M, N, K, pt, V);
+    const TileWalk w(lane, tc.lenv);
+    P first = {};
+    if (lane < tc.rows * tc.lenv) first = load_pack<S, V>(x + tc.offset(w, row_stride, V));
     const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * tc.n);
     if (p.step) {  // warp-uniform: one neuron per tile
-      fwd_tile<true, S, V>(p, tc, x, y, lane, row_stride);
+      fwd_tile<true, S, V>(p, tc, x, y, lane, row_stride, w, first);
     } else {
-      fwd_tile<false, S, V>(p, tc, x, y, lane, row_stride);
+      fwd_tile<false, S, V>(p, tc, x, y, lane, row_stride, w, first);
     }
   }
 }
@@ -369,19 +385,26 @@ __device__ __forceinline__ T shfl_xor(T v, int m) { return __shfl_xor_sync(0xfff
 template <bool kStep, typename S, int V, typename A>
 __device__ __forceinline__ void bwd_tile(const Plan<A>& p, const TileCoords& tc, const S* __restrict__ gy,
                                          const S* __restrict__ x, S* __restrict__ gx, int lane,
-                                         int64_t row_stride, A* acc) {
+                                         int64_t row_stride, TileWalk w, Pack<S, V> xs, Pack<S, V> gs,
+                                         A* acc) {
   using P = Pack<S, V>;
   const int units = tc.rows * tc.lenv;
-  TileWalk w(lane, tc.lenv);
-  for (int u = lane; u < units; u += 32, w.next()) {
-    const int64_t off = tc.base + w.r * row_stride + static_cast<int64_t>(w.c) * V;
-    const P xin = *reinterpret_cast<const P*>(x + off);
-    const P gin = *reinterpret_cast<const P*>(gy + off);
+  for (int u = lane; u < units; u += 32) {
+    const int64_t off = tc.offset(w, row_stride, V);
+    w.next();
+    P xn = {}, gn = {};
+    if (u + 32 < units) {
+      const int64_t noff = tc.offset(w, row_stride, V);
+      xn = load_pack<S, V>(x + noff);
+      gn = load_pack<S, V>(gy + noff);
+    }
     P out;
 #pragma unroll
     for (int j = 0; j < V; ++j)
-      out.v[j] = from_acc<S>(backward_one<kStep>(p, to_acc(xin.v[j]), to_acc(gin.v[j]), acc));
+      out.v[j] = from_acc<S>(backward_one<kStep>(p, to_acc(xs.v[j]), to_acc(gs.v[j]), acc));
     *reinterpret_cast<P*>(gx + off) = out;
+    xs = xn;
+    gs = gn;
   }
 }
 
@@ -405,11 +428,18 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < kPlanParams; ++i) acc[i] = A(0);
     {
+      const TileWalk w(lane, tc.lenv);
+      P xs = {}, gs = {};
+      if (lane < tc.rows * tc.lenv) {
+        const int64_t off = tc.offset(w, row_stride, V);
+        xs = load_pack<S, V>(x + off);
+        gs = load_pack<S, V>(gy + off);
+      }
       const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * tc.n);
       if (p.step) {  // warp-uniform: one neuron per tile
-        bwd_tile<true, S, V>(p, tc, gy, x, gx, lane, row_stride, acc);
+        bwd_tile<true, S, V>(p, tc, gy, x, gx, lane, row_stride, w, xs, gs, acc);
       } else {
-        bwd_tile<false, S, V>(p, tc, gy, x, gx, lane, row_stride, acc);
+        bwd_tile<false, S, V>(p, tc, gy, x, gx, lane, row_stride, w, xs, gs, acc);
       }
     }
     // Butterfly reduction: fixed order, every lane ends with the same (deterministic) sum.
