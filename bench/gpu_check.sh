@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (offline), run from the repository root:
 #   bash bench/gpu_check.sh            # writes under $OUT (default: gpu_out/)
-# Builds kfuse in place with its CUDA kernels, runs the CUDA tests then the whole suite, runs the
-# report (python -m kfuse --device cuda), the standalone CUDA microbenchmark in both math modes,
-# then the whole suite and a short pytest-benchmark pass if time is left, and prints a summary
-# last. Every step runs even when an earlier one failed, each under `timeout`, and a deadline
-# (KFUSE_GPU_DEADLINE, default 470 s) keeps the whole run well under 8 minutes.
+# Builds kfuse in place with its CUDA kernels, runs the CUDA tests, the standalone CUDA
+# microbenchmark (both math modes and a baseline commit's kernels), the fwd+bwd profile, the
+# report (python -m kfuse --device cuda), then the whole suite and a short pytest-benchmark pass
+# if time is left, and prints a summary last. Every step runs even when an earlier one failed,
+# each under `timeout`, and a deadline (KFUSE_GPU_DEADLINE, default 470 s) keeps the whole run
+# well under 8 minutes.
 # Files under $OUT (8): env.log build.log tests.log micro.log report.log bench.log report/report.{json,png}
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -86,6 +87,8 @@ wait  # the microbenchmark builds
 for variant in "${MICRO[@]}"; do
     step "micro-$variant" "$OUT/micro.log" 40 "/tmp/deu_micro_$variant"
 done
+# Is the fwd+bwd step through autograd host-bound? (wall time per step vs its kernels' time)
+step profile "$OUT/micro.log" 60 python3 bench/profile_deu.py
 # The report is what matters most: all the time left but ~90 s for the whole suite (up to 270 s);
 # its --time-budget stops starting new cases 60 s before the timeout (a case takes up to ~40 s).
 budget=$(($(left) - 90))
@@ -105,6 +108,7 @@ grep -E '^[0-9]+ (passed|failed)|(passed|failed|error|skipped|deselected|no test
     "$OUT/tests.log" | tail -n 4
 echo "-- micro:"
 grep -E '^(build|math|rows|planes)' "$OUT/micro.log"
+grep -E '^== (cuda|triton) ' "$OUT/micro.log"
 echo "-- bench:"
 grep -E '(passed|failed|error).* in [0-9.]+s' "$OUT/bench.log" | tail -n 1
 echo "-- report:"

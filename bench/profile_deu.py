@@ -1,12 +1,15 @@
 """Per-kernel GPU time of ``kfuse.deu`` forward+backward through autograd, per backend.
 
 Shows where a fwd+bwd row of the report spends its time (the kfuse kernels, the partial-sum
-reduction, anything autograd adds). Usage: ``python bench/profile_deu.py [--shape 8192 4096]``.
+reduction, anything autograd adds), and whether the step is host-bound: it prints the wall time
+per step of a synchronised loop beside the GPU time of its kernels. Usage:
+``python bench/profile_deu.py [--shape 8192 4096]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -34,12 +37,20 @@ def main() -> None:
 
         step()
         torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) / 20 * 1e6
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             for _ in range(args.iters):
                 step()
             torch.cuda.synchronize()
-        print(f"== {backend} {args.dtype} {args.shape}: {args.iters} iterations of fwd+bwd")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        events = prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in events) / args.iters
+        print(f"== {backend} {args.dtype} {args.shape}: wall {wall_us:.1f} us per fwd+bwd step, "
+              f"GPU kernels {gpu_us:.1f} us per step ({args.iters} profiled iterations)")
+        print(events.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
 if __name__ == "__main__":
