@@ -347,10 +347,13 @@ KF_HD Side<T> side_of(const Plan<T>& p, bool pos) {
 }
 
 // y(t) before the output clamp, from t's side coefficients k.
+// (Terms are added only when kStep says they exist: x + 0 is not x in IEEE arithmetic, so a
+// compiler must keep an added zero.)
 template <bool kStep = true, typename T>
 KF_HD T eval_raw(const T* k, const Pieces<T>& q, T t) {
-  return k[0] + t * (k[1] + t * k[2]) + (kStep ? k[3] * q.sig : T(0)) +
-         q.e1 * ((k[4] + k[5] * t) * q.cs + k[6] * q.sn) + k[7] * q.e2;
+  T y = k[0] + t * (k[1] + t * k[2]);
+  if (kStep) y += k[3] * q.sig;
+  return y + q.e1 * ((k[4] + k[5] * t) * q.cs + k[6] * q.sn) + k[7] * q.e2;
 }
 
 template <bool kStep = true, typename T>
@@ -386,9 +389,9 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   acc[2 * kBasis] += q.cap1 ? T(0) : g * t * q.e1 * osc;
   acc[2 * kBasis + 1] += g * t * q.e1 * dosc;
   acc[2 * kBasis + 2] += q.cap2 ? T(0) : g * t * k[7] * q.e2;
-  const T dstep = kStep ? k[3] * T(kStepSlope) * q.sig * (T(1) - q.sig) : T(0);
-  const T dy = k[1] + T(2) * k[2] * t + dstep +
-               q.e1 * (r1 * osc + k[5] * q.cs + p.omega * dosc) + k[7] * r2 * q.e2;
+  T dy = k[1] + T(2) * k[2] * t;
+  if (kStep) dy += k[3] * T(kStepSlope) * q.sig * (T(1) - q.sig);
+  dy += q.e1 * (r1 * osc + k[5] * q.cs + p.omega * dosc) + k[7] * r2 * q.e2;
   return g * dy;
 }
 
