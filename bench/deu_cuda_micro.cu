@@ -1,7 +1,9 @@
 // Standalone timing of the DEU CUDA kernels against a device copy, without torch. Built three
 // times by bench/gpu_check.sh: with and without -DKFUSE_DEU_PRECISE_MATH (what the hardware
 // transcendentals buy) and against a baseline commit's csrc/ (A/B of a kernel change in one run;
-// the mean |y| and |grad_x| checksums of the builds should agree to ~1e-6). Usage:
+// the mean |y| and |grad_x| checksums of the builds should agree to ~1e-6). `deu_micro sanitize`
+// runs odd shapes once each instead, for compute-sanitizer; `deu_micro profile` the target
+// shape's rows kernels once each, for ncu. Usage:
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch=sm_90 -DKFUSE_WITH_CUDA -Icsrc/deu
 //   bench/deu_cuda_micro.cu -o deu_micro && ./deu_micro
 #include <algorithm>
@@ -42,23 +44,34 @@ float time_us(F f, int iters = 20) {
   return median(ts);
 }
 
-// Mean |v| of n device elements of type dt (f32 or bf16).
-double mean_abs(const void* d, DType dt, size_t n) {
-  const size_t esz = dt == DType::f32 ? 4 : 2;
-  std::vector<char> h(n * esz);
-  cudaMemcpy(h.data(), d, n * esz, cudaMemcpyDeviceToHost);
-  double s = 0;
-  for (size_t i = 0; i < n; ++i) {
-    float v;
-    if (dt == DType::f32) {
-      std::memcpy(&v, &h[i * 4], 4);
-    } else {
-      __nv_bfloat16 b;
-      std::memcpy(&b, &h[i * 2], 2);
-      v = __bfloat162float(b);
-    }
-    s += std::fabs(v);
+size_t elem_size(DType dt) { return dt == DType::f64 ? 8 : dt == DType::f32 ? 4 : 2; }
+size_t acc_size(DType dt) { return dt == DType::f64 ? 8 : 4; }
+
+void put(DType dt, char* p, size_t i, double v) {
+  switch (dt) {
+    case DType::f64: { const double d = v; std::memcpy(p + i * 8, &d, 8); break; }
+    case DType::f32: { const float f = static_cast<float>(v); std::memcpy(p + i * 4, &f, 4); break; }
+    case DType::bf16: { const __nv_bfloat16 h = __float2bfloat16(static_cast<float>(v)); std::memcpy(p + i * 2, &h, 2); break; }
+    case DType::f16: { const __half h = __float2half(static_cast<float>(v)); std::memcpy(p + i * 2, &h, 2); break; }
   }
+}
+
+double get(DType dt, const char* p, size_t i) {
+  switch (dt) {
+    case DType::f64: { double d; std::memcpy(&d, p + i * 8, 8); return d; }
+    case DType::f32: { float f; std::memcpy(&f, p + i * 4, 4); return f; }
+    case DType::bf16: { __nv_bfloat16 h; std::memcpy(&h, p + i * 2, 2); return __bfloat162float(h); }
+    case DType::f16: { __half h; std::memcpy(&h, p + i * 2, 2); return __half2float(h); }
+  }
+  return 0;
+}
+
+// Mean |v| of n device elements of type dt.
+double mean_abs(const void* d, DType dt, size_t n) {
+  std::vector<char> h(n * elem_size(dt));
+  cudaMemcpy(h.data(), d, h.size(), cudaMemcpyDeviceToHost);
+  double s = 0;
+  for (size_t i = 0; i < n; ++i) s += std::fabs(get(dt, h.data(), i));
   return s / static_cast<double>(n);
 }
 
@@ -68,57 +81,108 @@ float urand() {
   return (rng >> 8) * (1.0f / 16777216.0f);
 }
 
-// Paper's init (a, b, c ~ U(0, 1)) with c1, c2 ~ U(-0.5, 0.5); x ~ U(-3, 3).
-void run(const char* name, DType dt, size_t esz, int64_t M, int64_t N, int64_t K) {
-  const size_t n = static_cast<size_t>(M) * N * K;
-  std::vector<char> hx(n * esz);
-  for (size_t i = 0; i < n; ++i) {
-    const float v = (urand() * 2 - 1) * 3;
-    if (dt == DType::f32) std::memcpy(&hx[i * 4], &v, 4);
-    if (dt == DType::bf16) { const __nv_bfloat16 h = __float2bfloat16(v); std::memcpy(&hx[i * 2], &h, 2); }
-  }
-  std::vector<float> hc(N * 5);
-  for (int64_t j = 0; j < N; ++j) {
-    for (int k = 0; k < 3; ++k) hc[j * 5 + k] = urand();
-    hc[j * 5 + 3] = urand() - 0.5f;
-    hc[j * 5 + 4] = urand() - 0.5f;
-  }
+// Device buffers of one case, each allocated to its exact size (so compute-sanitizer flags any
+// access past a tensor's end). Paper's init (a, b, c ~ U(0, 1)) with c1, c2 ~ U(-0.5, 0.5),
+// and every fifth neuron a smooth step (a = b = 0); x ~ U(-3, 3).
+struct Case {
+  DType dt;
+  int64_t M, N, K, P;
+  size_t n;
   void *x, *y, *gy, *gx, *co, *part;
-  const int64_t P = kfuse::deu::backward_cuda_num_partials(M, N, K);
-  cudaMalloc(&x, n * esz); cudaMalloc(&y, n * esz); cudaMalloc(&gy, n * esz); cudaMalloc(&gx, n * esz);
-  cudaMalloc(&co, N * 20); cudaMalloc(&part, P * N * 20);
-  cudaMemcpy(x, hx.data(), n * esz, cudaMemcpyHostToDevice);
-  cudaMemcpy(gy, hx.data(), n * esz, cudaMemcpyHostToDevice);
-  cudaMemcpy(co, hc.data(), N * 20, cudaMemcpyHostToDevice);
-  const float tc = time_us([&] { cudaMemcpyAsync(y, x, n * esz, cudaMemcpyDeviceToDevice); });
-  const float tf = time_us([&] { kfuse::deu::forward_cuda(dt, x, y, co, M, N, K, nullptr); });
-  const float tb = time_us([&] { kfuse::deu::backward_cuda(dt, gy, x, co, gx, part, M, N, K, nullptr); });
+  Case(DType dt_, int64_t M_, int64_t N_, int64_t K_, bool with_steps)
+      : dt(dt_), M(M_), N(N_), K(K_), P(kfuse::deu::backward_cuda_num_partials(M_, N_, K_)),
+        n(static_cast<size_t>(M_) * N_ * K_) {
+    const size_t es = elem_size(dt), as = acc_size(dt);
+    std::vector<char> hx(n * es), hc(N * 5 * as);
+    for (size_t i = 0; i < n; ++i) put(dt, hx.data(), i, (urand() * 2 - 1) * 3);
+    for (int64_t j = 0; j < N; ++j) {
+      const bool step = with_steps && j % 5 == 0;
+      const DType acc = dt == DType::f64 ? DType::f64 : DType::f32;
+      for (int k = 0; k < 3; ++k) put(acc, hc.data(), j * 5 + k, step && k < 2 ? 0.0 : urand());
+      put(acc, hc.data(), j * 5 + 3, urand() - 0.5);
+      put(acc, hc.data(), j * 5 + 4, urand() - 0.5);
+    }
+    cudaMalloc(&x, n * es); cudaMalloc(&y, n * es); cudaMalloc(&gy, n * es); cudaMalloc(&gx, n * es);
+    cudaMalloc(&co, hc.size()); cudaMalloc(&part, P * N * 5 * as);
+    cudaMemcpy(x, hx.data(), n * es, cudaMemcpyHostToDevice);
+    cudaMemcpy(gy, hx.data(), n * es, cudaMemcpyHostToDevice);
+    cudaMemcpy(co, hc.data(), hc.size(), cudaMemcpyHostToDevice);
+  }
+  ~Case() { cudaFree(x); cudaFree(y); cudaFree(gy); cudaFree(gx); cudaFree(co); cudaFree(part); }
+  void fwd() const { kfuse::deu::forward_cuda(dt, x, y, co, M, N, K, nullptr); }
+  void bwd() const { kfuse::deu::backward_cuda(dt, gy, x, co, gx, part, M, N, K, nullptr); }
+};
+
+void run(const char* name, DType dt, int64_t M, int64_t N, int64_t K) {
+  const Case c(dt, M, N, K, false);
+  const size_t bytes = c.n * elem_size(dt);
+  const float tc = time_us([&] { cudaMemcpyAsync(c.y, c.x, bytes, cudaMemcpyDeviceToDevice); });
+  const float tf = time_us([&] { c.fwd(); });
+  const float tb = time_us([&] { c.bwd(); });
   const cudaError_t e = cudaDeviceSynchronize();
   // Checksums of y and grad_x (mean |v|), to compare builds run on the same inputs.
-  const double cy = mean_abs(y, dt, n), cgx = mean_abs(gx, dt, n);
+  const double cy = mean_abs(c.y, dt, c.n), cgx = mean_abs(c.gx, dt, c.n);
   // Floors at the copy rate: forward moves 2 tensors, backward 3 (x, grad_y in; grad_x out).
   const double per_tensor = tc / 2.0;
   std::printf("%-26s copy %7.1f us | fwd %7.1f us %5.2fx floor | bwd %7.1f us %5.2fx | fwd+bwd %5.2fx | "
               "mean|y| %.7g mean|gx| %.7g | %s\n",
               name, tc, tf, tf / (2 * per_tensor), tb, tb / (3 * per_tensor), (tf + tb) / (5 * per_tensor),
               cy, cgx, cudaGetErrorString(e));
-  cudaFree(x); cudaFree(y); cudaFree(gy); cudaFree(gx); cudaFree(co); cudaFree(part);
+}
+
+// One forward and backward on odd shapes of both layouts, every dtype, with and without step
+// neurons: run under `compute-sanitizer --tool memcheck` to catch out-of-bounds accesses.
+int sanitize() {
+  const int64_t shapes[][3] = {{515, 70, 1}, {67, 33, 1}, {3, 1000, 1}, {129, 15, 1}, {2, 300, 1},
+                               {3, 33, 63}, {2, 19, 3}, {5, 7, 4100}, {1, 1, 1}};
+  const DType dts[] = {DType::f32, DType::bf16, DType::f16, DType::f64};
+  int bad = 0;
+  for (const auto& s : shapes) {
+    for (const DType dt : dts) {
+      for (const bool steps : {false, true}) {
+        const Case c(dt, s[0], s[1], s[2], steps);
+        c.fwd();
+        c.bwd();
+        const cudaError_t e = cudaDeviceSynchronize();
+        if (e != cudaSuccess) {
+          ++bad;
+          std::printf("sanitize [%lld, %lld, %lld] dtype %d: %s\n", static_cast<long long>(s[0]),
+                      static_cast<long long>(s[1]), static_cast<long long>(s[2]), static_cast<int>(dt),
+                      cudaGetErrorString(e));
+        }
+      }
+    }
+  }
+  std::printf("sanitize: %d of %zu cases failed\n", bad, sizeof(shapes) / sizeof(shapes[0]) * 8);
+  return bad != 0;
 }
 
 }  // namespace
 
-int main() {
+// The rows kernels once each on the target shape, fp32 and bf16: for ncu.
+int profile() {
+  for (const DType dt : {DType::f32, DType::bf16}) {
+    const Case c(dt, 8192, 4096, 1, false);
+    c.fwd();
+    c.bwd();
+  }
+  return cudaDeviceSynchronize() != cudaSuccess;
+}
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "sanitize") == 0) return sanitize();
+  if (argc > 1 && std::strcmp(argv[1], "profile") == 0) return profile();
 #ifdef KFUSE_MICRO_LABEL
   std::printf("build: %s\n", KFUSE_MICRO_LABEL);
 #endif
 #ifdef KFUSE_DEU_PRECISE_MATH
   std::printf("math: precise (libm expf/sincosf)\n");
 #else
-  std::printf("math: hardware approximations (__expf/__sincosf after range reduction)\n");
+  std::printf("math: hardware approximations (MUFU ex2/rcp, __sincosf after range reduction)\n");
 #endif
-  run("rows f32 8192x4096", DType::f32, 4, 8192, 4096, 1);
-  run("rows bf16 8192x4096", DType::bf16, 2, 8192, 4096, 1);
-  run("planes f32 32x256x56x56", DType::f32, 4, 32, 256, 3136);
-  run("planes bf16 32x256x56x56", DType::bf16, 2, 32, 256, 3136);
+  run("rows f32 8192x4096", DType::f32, 8192, 4096, 1);
+  run("rows bf16 8192x4096", DType::bf16, 8192, 4096, 1);
+  run("planes f32 32x256x56x56", DType::f32, 32, 256, 3136);
+  run("planes bf16 32x256x56x56", DType::bf16, 32, 256, 3136);
   return 0;
 }

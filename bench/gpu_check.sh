@@ -2,9 +2,9 @@
 # The one script for a GPU machine (offline), run from the repository root:
 #   bash bench/gpu_check.sh            # writes under $OUT (default: gpu_out/)
 # Builds kfuse in place with its CUDA kernels, runs the CUDA tests, the standalone CUDA
-# microbenchmark (both math modes and a baseline commit's kernels), the fwd+bwd profile, the
-# report (python -m kfuse --device cuda), then the whole suite and a short pytest-benchmark pass
-# if time is left, and prints a summary last. Every step runs even when an earlier one failed,
+# microbenchmark (against a baseline commit's kernels), compute-sanitizer on odd shapes, ncu on
+# the target shape, the fwd+bwd profile, the report (python -m kfuse --device cuda), then the
+# whole suite and a short pytest-benchmark pass if time is left, and prints a summary last. Every step runs even when an earlier one failed,
 # each under `timeout`, and a deadline (KFUSE_GPU_DEADLINE, default 470 s) keeps the whole run
 # well under 8 minutes.
 # Files under $OUT (8): env.log build.log tests.log micro.log report.log bench.log report/report.{json,png}
@@ -54,12 +54,13 @@ step() {
     python3 -m pip list 2>/dev/null | grep -iE '^(torch|triton|numpy|pytest|pytest-benchmark|matplotlib) '
 } >"$OUT/env.log" 2>&1
 
-# The torch-free CUDA microbenchmark, compiled beside the build: fast (default) and precise math,
-# and the kernels of a baseline commit (KFUSE_BASE, default below: the last commit measured on a
-# GPU) for an A/B in the same run, when git can export it here.
+# The torch-free CUDA microbenchmark, compiled beside the build: the current kernels ("fast"),
+# and those of a baseline commit (KFUSE_BASE, default below: the last commit measured on a GPU)
+# for an A/B in the same run, when git can export it here. KFUSE_MICRO="fast precise" adds the
+# libm-math build (measured 1.5x slower forward on 2026-11-26).
 ARCH=$(python3 -c 'import torch; print("sm_%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo sm_90)
 BASE=${KFUSE_BASE:-a65fb6c}
-MICRO=(fast precise)
+read -r -a MICRO <<<"${KFUSE_MICRO:-fast}"
 if mkdir -p /tmp/deu_base && git archive "$BASE" csrc | tar -x -C /tmp/deu_base 2>>"$OUT/micro.log"; then
     MICRO+=(base)
 fi
@@ -87,6 +88,12 @@ wait  # the microbenchmark builds
 for variant in "${MICRO[@]}"; do
     step "micro-$variant" "$OUT/micro.log" 40 "/tmp/deu_micro_$variant"
 done
+# Out-of-bounds accesses on odd shapes (every dtype, both layouts), then the hardware counters
+# of the rows kernels on the target shape (occupancy, issue and memory utilisation).
+step sanitize "$OUT/micro.log" 60 compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/deu_micro_fast sanitize
+step ncu "$OUT/micro.log" 60 ncu --clock-control none -k regex:rows_kernel \
+    --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
+    /tmp/deu_micro_fast profile
 # Is the fwd+bwd step through autograd host-bound? (wall time per step vs its kernels' time)
 step profile "$OUT/micro.log" 60 python3 bench/profile_deu.py
 # The report is what matters most: all the time left but ~90 s for the whole suite (up to 270 s);
@@ -107,7 +114,9 @@ echo "-- tests:"
 grep -E '^[0-9]+ (passed|failed)|(passed|failed|error|skipped|deselected|no tests ran).* in [0-9.]+s' \
     "$OUT/tests.log" | tail -n 4
 echo "-- micro:"
-grep -E '^(build|math|rows|planes)' "$OUT/micro.log"
+grep -E '^(build|math|rows|planes|sanitize|========= ERROR SUMMARY)' "$OUT/micro.log"
+grep -E 'rows_kernel<|^ +(Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy|No Eligible|Warp Cycles Per Issued Instruction) ' \
+    "$OUT/micro.log" | sed -e 's/  */ /g' -e 's/(kfuse::DType,[^)]*)//' | cut -c1-110 | head -n 40
 grep -E '^== (cuda|triton) ' "$OUT/micro.log"
 echo "-- bench:"
 grep -E '(passed|failed|error).* in [0-9.]+s' "$OUT/bench.log" | tail -n 1
