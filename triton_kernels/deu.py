@@ -221,9 +221,13 @@ def _exp(z, MATH: tl.constexpr):
     # not implement libdevice calls; there tl.* is numpy's math in the tensor's dtype).
     if MATH == 1:
         e = libdevice.exp(z)
+    elif MATH == 0:
+        # fp32 on the GPU: one MUFU ex2 (relative error ~1e-6 for |z| <= 14, well inside the
+        # fp32 tolerance). tl.exp adds a 3-instruction fix-up for results below 2^-126, which
+        # flush to 0 here (as in csrc/deu/deu_math.h).
+        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [z * 1.4426950408889634],
+                                      dtype=tl.float32, is_pure=True, pack=1)
     else:
-        # fp32 on the GPU: ex2.approx, relative error ~1e-6 for |z| <= 14, well inside the
-        # fp32 tolerance.
         e = tl.exp(z)
     return e
 
@@ -344,20 +348,15 @@ def _any(v):
 # loaded before the plan, overlapping its computation.
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _row_offsets(r, N, cols):
-    # Row r's element offsets in int64 (r is a Python int in the interpreter's loops, hence
-    # the broadcast before the cast).
-    return (cols * 0 + r).to(tl.int64) * N + cols
+def _load_row(ptrs, r, row_end, cmask, dtype):
+    # ptrs: row r's elements of the program's columns (advanced by N per row by the caller,
+    # rather than computing r·N + col in 64 bits for every row).
+    return tl.load(ptrs, mask=cmask & (r < row_end), other=0.0).to(dtype)
 
 
 @triton.jit
-def _load_row(ptr, r, row_end, N, cols, cmask, dtype):
-    return tl.load(ptr + _row_offsets(r, N, cols), mask=cmask & (r < row_end), other=0.0).to(dtype)
-
-
-@triton.jit
-def _store_row(ptr, r, row_end, N, cols, cmask, v):
-    tl.store(ptr + _row_offsets(r, N, cols), v.to(ptr.dtype.element_ty), mask=cmask & (r < row_end))
+def _store_row(ptrs, r, row_end, cmask, v):
+    tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=cmask & (r < row_end))
 
 
 @triton.jit
@@ -379,37 +378,44 @@ def _deu_fwd_rows(x_ptr, y_ptr, co_ptr, M, N, rows_per_prog, BLOCK_N: tl.constex
     acc = co_ptr.dtype.element_ty
     row0 = pid_m * rows_per_prog
     row_end = tl.minimum(M, row0 + rows_per_prog)
-    t0 = _load_row(x_ptr, row0, row_end, N, cols, cmask, acc)
-    t1 = _load_row(x_ptr, row0 + 1, row_end, N, cols, cmask, acc)
-    t2 = _load_row(x_ptr, row0 + 2, row_end, N, cols, cmask, acc)
-    t3 = _load_row(x_ptr, row0 + 3, row_end, N, cols, cmask, acc)
+    first = row0.to(tl.int64) * N + cols
+    # Rows are reached by adding N to a pointer (never k·N in 32 bits, which could overflow).
+    xp = x_ptr + first  # the current group's first row
+    yp = y_ptr + first
+    t0 = _load_row(xp, row0, row_end, cmask, acc)
+    t1 = _load_row(xp + N, row0 + 1, row_end, cmask, acc)
+    t2 = _load_row(xp + N + N, row0 + 2, row_end, cmask, acc)
+    t3 = _load_row(xp + N + N + N, row0 + 3, row_end, cmask, acc)
     a, b, c, c1, c2 = _row_plan(co_ptr, cols, cmask)
     h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
     any_trig = _any(om)
     any_e2 = _any(h7) | _any(p7)
     any_step = _any(h3)
     for r in range(row0, row_end, 4):
-        n0 = _load_row(x_ptr, r + 4, row_end, N, cols, cmask, acc)
-        n1 = _load_row(x_ptr, r + 5, row_end, N, cols, cmask, acc)
-        n2 = _load_row(x_ptr, r + 6, row_end, N, cols, cmask, acc)
-        n3 = _load_row(x_ptr, r + 7, row_end, N, cols, cmask, acc)
-        _store_row(y_ptr, r, row_end, N, cols, cmask,
-                   _forward_elem(t0, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                                 any_trig, any_e2, any_step, MATH))
-        _store_row(y_ptr, r + 1, row_end, N, cols, cmask,
-                   _forward_elem(t1, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                                 any_trig, any_e2, any_step, MATH))
-        _store_row(y_ptr, r + 2, row_end, N, cols, cmask,
-                   _forward_elem(t2, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                                 any_trig, any_e2, any_step, MATH))
-        _store_row(y_ptr, r + 3, row_end, N, cols, cmask,
-                   _forward_elem(t3, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                                 any_trig, any_e2, any_step, MATH))
+        x4 = xp + N + N + N + N
+        n0 = _load_row(x4, r + 4, row_end, cmask, acc)
+        n1 = _load_row(x4 + N, r + 5, row_end, cmask, acc)
+        n2 = _load_row(x4 + N + N, r + 6, row_end, cmask, acc)
+        n3 = _load_row(x4 + N + N + N, r + 7, row_end, cmask, acc)
+        y0 = _forward_elem(t0, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                           any_trig, any_e2, any_step, MATH)
+        y1 = _forward_elem(t1, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                           any_trig, any_e2, any_step, MATH)
+        y2 = _forward_elem(t2, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                           any_trig, any_e2, any_step, MATH)
+        y3 = _forward_elem(t3, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                           any_trig, any_e2, any_step, MATH)
+        _store_row(yp, r, row_end, cmask, y0)
+        _store_row(yp + N, r + 1, row_end, cmask, y1)
+        _store_row(yp + N + N, r + 2, row_end, cmask, y2)
+        _store_row(yp + N + N + N, r + 3, row_end, cmask, y3)
+        xp = x4
+        yp = yp + N + N + N + N
         t0, t1, t2, t3 = n0, n1, n2, n3
 
 
 @triton.jit
-def _bwd_row(gx_ptr, r, row_end, N, cols, cmask, t, g,
+def _bwd_row(gxp, r, row_end, cmask, t, g,
              h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
              s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
              s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH: tl.constexpr):
@@ -418,7 +424,7 @@ def _bwd_row(gx_ptr, r, row_end, N, cols, cmask, t, g,
     (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p0, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
      q_r1, q_om, q_r2) = _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6,
                                         p7, r1, om, r2, any_trig, any_e2, any_step, MATH)
-    _store_row(gx_ptr, r, row_end, N, cols, cmask, gx)
+    _store_row(gxp, r, row_end, cmask, gx)
     return (s_h0 + q_h0, s_h1 + q_h1, s_h3 + q_h3, s_h4 + q_h4, s_h5 + q_h5, s_h6 + q_h6, s_h7 + q_h7,
             s_p0 + q_p0, s_p1 + q_p1, s_p2 + q_p2, s_p4 + q_p4, s_p5 + q_p5, s_p6 + q_p6, s_p7 + q_p7,
             s_r1 + q_r1, s_om + q_om, s_r2 + q_r2)
@@ -434,14 +440,18 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
     acc = co_ptr.dtype.element_ty
     row0 = pid_m * rows_per_prog
     row_end = tl.minimum(M, row0 + rows_per_prog)
-    t0 = _load_row(x_ptr, row0, row_end, N, cols, cmask, acc)
-    t1 = _load_row(x_ptr, row0 + 1, row_end, N, cols, cmask, acc)
-    t2 = _load_row(x_ptr, row0 + 2, row_end, N, cols, cmask, acc)
-    t3 = _load_row(x_ptr, row0 + 3, row_end, N, cols, cmask, acc)
-    g0 = _load_row(gy_ptr, row0, row_end, N, cols, cmask, acc)
-    g1 = _load_row(gy_ptr, row0 + 1, row_end, N, cols, cmask, acc)
-    g2 = _load_row(gy_ptr, row0 + 2, row_end, N, cols, cmask, acc)
-    g3 = _load_row(gy_ptr, row0 + 3, row_end, N, cols, cmask, acc)
+    first = row0.to(tl.int64) * N + cols
+    xp = x_ptr + first  # the current group's first row, in each tensor
+    gp = gy_ptr + first
+    gxp = gx_ptr + first
+    t0 = _load_row(xp, row0, row_end, cmask, acc)
+    t1 = _load_row(xp + N, row0 + 1, row_end, cmask, acc)
+    t2 = _load_row(xp + N + N, row0 + 2, row_end, cmask, acc)
+    t3 = _load_row(xp + N + N + N, row0 + 3, row_end, cmask, acc)
+    g0 = _load_row(gp, row0, row_end, cmask, acc)
+    g1 = _load_row(gp + N, row0 + 1, row_end, cmask, acc)
+    g2 = _load_row(gp + N + N, row0 + 2, row_end, cmask, acc)
+    g3 = _load_row(gp + N + N + N, row0 + 3, row_end, cmask, acc)
     a, b, c, c1, c2 = _row_plan(co_ptr, cols, cmask)
     h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
     any_trig = _any(om)
@@ -452,34 +462,39 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
     s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7 = zero, zero, zero, zero, zero, zero, zero
     s_r1, s_om, s_r2 = zero, zero, zero
     for r in range(row0, row_end, 4):
-        n0 = _load_row(x_ptr, r + 4, row_end, N, cols, cmask, acc)
-        n1 = _load_row(x_ptr, r + 5, row_end, N, cols, cmask, acc)
-        n2 = _load_row(x_ptr, r + 6, row_end, N, cols, cmask, acc)
-        n3 = _load_row(x_ptr, r + 7, row_end, N, cols, cmask, acc)
-        m0 = _load_row(gy_ptr, r + 4, row_end, N, cols, cmask, acc)
-        m1 = _load_row(gy_ptr, r + 5, row_end, N, cols, cmask, acc)
-        m2 = _load_row(gy_ptr, r + 6, row_end, N, cols, cmask, acc)
-        m3 = _load_row(gy_ptr, r + 7, row_end, N, cols, cmask, acc)
+        x4 = xp + N + N + N + N
+        g4 = gp + N + N + N + N
+        n0 = _load_row(x4, r + 4, row_end, cmask, acc)
+        n1 = _load_row(x4 + N, r + 5, row_end, cmask, acc)
+        n2 = _load_row(x4 + N + N, r + 6, row_end, cmask, acc)
+        n3 = _load_row(x4 + N + N + N, r + 7, row_end, cmask, acc)
+        m0 = _load_row(g4, r + 4, row_end, cmask, acc)
+        m1 = _load_row(g4 + N, r + 5, row_end, cmask, acc)
+        m2 = _load_row(g4 + N + N, r + 6, row_end, cmask, acc)
+        m3 = _load_row(g4 + N + N + N, r + 7, row_end, cmask, acc)
         (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
-         s_r1, s_om, s_r2) = _bwd_row(gx_ptr, r, row_end, N, cols, cmask, t0, g0,
+         s_r1, s_om, s_r2) = _bwd_row(gxp, r, row_end, cmask, t0, g0,
                                       h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
                                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
                                       s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH)
         (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
-         s_r1, s_om, s_r2) = _bwd_row(gx_ptr, r + 1, row_end, N, cols, cmask, t1, g1,
+         s_r1, s_om, s_r2) = _bwd_row(gxp + N, r + 1, row_end, cmask, t1, g1,
                                       h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
                                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
                                       s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH)
         (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
-         s_r1, s_om, s_r2) = _bwd_row(gx_ptr, r + 2, row_end, N, cols, cmask, t2, g2,
+         s_r1, s_om, s_r2) = _bwd_row(gxp + N + N, r + 2, row_end, cmask, t2, g2,
                                       h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
                                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
                                       s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH)
         (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
-         s_r1, s_om, s_r2) = _bwd_row(gx_ptr, r + 3, row_end, N, cols, cmask, t3, g3,
+         s_r1, s_om, s_r2) = _bwd_row(gxp + N + N + N, r + 3, row_end, cmask, t3, g3,
                                       h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
                                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
                                       s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH)
+        xp = x4
+        gp = g4
+        gxp = gxp + N + N + N + N
         t0, t1, t2, t3 = n0, n1, n2, n3
         g0, g1, g2, g3 = m0, m1, m2, m3
     # Epilogue: one partial per (row chunk, neuron, coefficient); each thread holds its
