@@ -360,6 +360,25 @@ def _store_row(ptrs, r, row_end, cmask, v):
 
 
 @triton.jit
+def _load_group(ptrs, r, row_end, cmask, N, dtype):
+    """Rows r..r+3 (ptrs at row r). Rows are reached by adding N to a pointer, never k·N in
+    32 bits, which could overflow."""
+    return (_load_row(ptrs, r, row_end, cmask, dtype),
+            _load_row(ptrs + N, r + 1, row_end, cmask, dtype),
+            _load_row(ptrs + N + N, r + 2, row_end, cmask, dtype),
+            _load_row(ptrs + N + N + N, r + 3, row_end, cmask, dtype))
+
+
+@triton.jit
+def _rows_program(M, N, rows_per_prog, BLOCK_N: tl.constexpr):
+    """This program's columns, their mask, its row chunk [row0, row_end) and the offsets of
+    its first row's elements (int64)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = tl.program_id(1) * rows_per_prog
+    return cols, cols < N, row0, tl.minimum(M, row0 + rows_per_prog), row0.to(tl.int64) * N + cols
+
+
+@triton.jit
 def _row_plan(co_ptr, cols, cmask):
     a = tl.load(co_ptr + cols * 5 + 0, mask=cmask, other=0.0)
     b = tl.load(co_ptr + cols * 5 + 1, mask=cmask, other=0.0)
@@ -371,32 +390,19 @@ def _row_plan(co_ptr, cols, cmask):
 
 @triton.jit
 def _deu_fwd_rows(x_ptr, y_ptr, co_ptr, M, N, rows_per_prog, BLOCK_N: tl.constexpr, MATH: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
     acc = co_ptr.dtype.element_ty
-    row0 = pid_m * rows_per_prog
-    row_end = tl.minimum(M, row0 + rows_per_prog)
-    first = row0.to(tl.int64) * N + cols
-    # Rows are reached by adding N to a pointer (never k·N in 32 bits, which could overflow).
+    cols, cmask, row0, row_end, first = _rows_program(M, N, rows_per_prog, BLOCK_N)
     xp = x_ptr + first  # the current group's first row
     yp = y_ptr + first
-    t0 = _load_row(xp, row0, row_end, cmask, acc)
-    t1 = _load_row(xp + N, row0 + 1, row_end, cmask, acc)
-    t2 = _load_row(xp + N + N, row0 + 2, row_end, cmask, acc)
-    t3 = _load_row(xp + N + N + N, row0 + 3, row_end, cmask, acc)
+    t0, t1, t2, t3 = _load_group(xp, row0, row_end, cmask, N, acc)
     a, b, c, c1, c2 = _row_plan(co_ptr, cols, cmask)
     h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
     any_trig = _any(om)
     any_e2 = _any(h7) | _any(p7)
     any_step = _any(h3)
     for r in range(row0, row_end, 4):
-        x4 = xp + N + N + N + N
-        n0 = _load_row(x4, r + 4, row_end, cmask, acc)
-        n1 = _load_row(x4 + N, r + 5, row_end, cmask, acc)
-        n2 = _load_row(x4 + N + N, r + 6, row_end, cmask, acc)
-        n3 = _load_row(x4 + N + N + N, r + 7, row_end, cmask, acc)
+        xp = xp + N + N + N + N
+        n0, n1, n2, n3 = _load_group(xp, r + 4, row_end, cmask, N, acc)
         y0 = _forward_elem(t0, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
                            any_trig, any_e2, any_step, MATH)
         y1 = _forward_elem(t1, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
@@ -409,7 +415,6 @@ def _deu_fwd_rows(x_ptr, y_ptr, co_ptr, M, N, rows_per_prog, BLOCK_N: tl.constex
         _store_row(yp + N, r + 1, row_end, cmask, y1)
         _store_row(yp + N + N, r + 2, row_end, cmask, y2)
         _store_row(yp + N + N + N, r + 3, row_end, cmask, y3)
-        xp = x4
         yp = yp + N + N + N + N
         t0, t1, t2, t3 = n0, n1, n2, n3
 
@@ -433,25 +438,13 @@ def _bwd_row(gxp, r, row_end, cmask, t, g,
 @triton.jit
 def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
                   BLOCK_N: tl.constexpr, MATH: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
     acc = co_ptr.dtype.element_ty
-    row0 = pid_m * rows_per_prog
-    row_end = tl.minimum(M, row0 + rows_per_prog)
-    first = row0.to(tl.int64) * N + cols
+    cols, cmask, row0, row_end, first = _rows_program(M, N, rows_per_prog, BLOCK_N)
     xp = x_ptr + first  # the current group's first row, in each tensor
     gp = gy_ptr + first
     gxp = gx_ptr + first
-    t0 = _load_row(xp, row0, row_end, cmask, acc)
-    t1 = _load_row(xp + N, row0 + 1, row_end, cmask, acc)
-    t2 = _load_row(xp + N + N, row0 + 2, row_end, cmask, acc)
-    t3 = _load_row(xp + N + N + N, row0 + 3, row_end, cmask, acc)
-    g0 = _load_row(gp, row0, row_end, cmask, acc)
-    g1 = _load_row(gp + N, row0 + 1, row_end, cmask, acc)
-    g2 = _load_row(gp + N + N, row0 + 2, row_end, cmask, acc)
-    g3 = _load_row(gp + N + N + N, row0 + 3, row_end, cmask, acc)
+    t0, t1, t2, t3 = _load_group(xp, row0, row_end, cmask, N, acc)
+    g0, g1, g2, g3 = _load_group(gp, row0, row_end, cmask, N, acc)
     a, b, c, c1, c2 = _row_plan(co_ptr, cols, cmask)
     h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
     any_trig = _any(om)
@@ -462,16 +455,10 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
     s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7 = zero, zero, zero, zero, zero, zero, zero
     s_r1, s_om, s_r2 = zero, zero, zero
     for r in range(row0, row_end, 4):
-        x4 = xp + N + N + N + N
-        g4 = gp + N + N + N + N
-        n0 = _load_row(x4, r + 4, row_end, cmask, acc)
-        n1 = _load_row(x4 + N, r + 5, row_end, cmask, acc)
-        n2 = _load_row(x4 + N + N, r + 6, row_end, cmask, acc)
-        n3 = _load_row(x4 + N + N + N, r + 7, row_end, cmask, acc)
-        m0 = _load_row(g4, r + 4, row_end, cmask, acc)
-        m1 = _load_row(g4 + N, r + 5, row_end, cmask, acc)
-        m2 = _load_row(g4 + N + N, r + 6, row_end, cmask, acc)
-        m3 = _load_row(g4 + N + N + N, r + 7, row_end, cmask, acc)
+        xp = xp + N + N + N + N
+        gp = gp + N + N + N + N
+        n0, n1, n2, n3 = _load_group(xp, r + 4, row_end, cmask, N, acc)
+        m0, m1, m2, m3 = _load_group(gp, r + 4, row_end, cmask, N, acc)
         (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
          s_r1, s_om, s_r2) = _bwd_row(gxp, r, row_end, cmask, t0, g0,
                                       h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
@@ -492,8 +479,6 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
                                       h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
                                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
                                       s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH)
-        xp = x4
-        gp = g4
         gxp = gxp + N + N + N + N
         t0, t1, t2, t3 = n0, n1, n2, n3
         g0, g1, g2, g3 = m0, m1, m2, m3
@@ -501,7 +486,7 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
     # neuron's sums already, so there is no cross-thread reduction. The coefficients are
     # loaded again rather than kept live through the loop.
     a, b, c, c1, c2 = _row_plan(co_ptr, cols, cmask)
-    _store_coeff_grads(part_ptr + pid_m.to(tl.int64) * N * 5 + cols * 5, cmask, a, b, c, c1, c2,
+    _store_coeff_grads(part_ptr + tl.program_id(1).to(tl.int64) * N * 5 + cols * 5, cmask, a, b, c, c1, c2,
                        s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
                        s_r1, s_om, s_r2)
 
