@@ -280,17 +280,19 @@ def _pieces(t, r1, om, r2, any_trig, any_e2, any_step, MATH: tl.constexpr):
 
 
 @triton.jit
+def _side(pos, h0, h1, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7):
+    """The coefficients of t's side of 0 (hom, plus part where t > 0); k3 = h3 on both sides."""
+    return (tl.where(pos, h0 + p0, h0), tl.where(pos, h1 + p1, h1), tl.where(pos, p2, 0.0),
+            tl.where(pos, h4 + p4, h4), tl.where(pos, h5 + p5, h5), tl.where(pos, h6 + p6, h6),
+            tl.where(pos, h7 + p7, h7))
+
+
+@triton.jit
 def _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
                   any_trig, any_e2, any_step, MATH: tl.constexpr):
     e1, cap1, cs, sn, e2, cap2, sig = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, MATH)
     pos = t > 0
-    k0 = tl.where(pos, h0 + p0, h0)
-    k1 = tl.where(pos, h1 + p1, h1)
-    k2 = tl.where(pos, p2, 0.0)
-    k4 = tl.where(pos, h4 + p4, h4)
-    k5 = tl.where(pos, h5 + p5, h5)
-    k6 = tl.where(pos, h6 + p6, h6)
-    k7 = tl.where(pos, h7 + p7, h7)
+    k0, k1, k2, k4, k5, k6, k7 = _side(pos, h0, h1, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7)
     y = k0 + t * (k1 + t * k2) + h3 * sig + e1 * ((k4 + k5 * t) * cs + k6 * sn) + k7 * e2
     # Clamp with compares so a NaN stays NaN (as torch.clamp).
     y = tl.where(y < -OUT_CLAMP, -OUT_CLAMP, tl.where(y > OUT_CLAMP, OUT_CLAMP, y))
@@ -303,13 +305,7 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
     """∂L/∂t and the element's contributions to ∂L/∂π (same order as _plan's outputs)."""
     e1, cap1, cs, sn, e2, cap2, sig = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, MATH)
     pos = t > 0
-    k0 = tl.where(pos, h0 + p0, h0)
-    k1 = tl.where(pos, h1 + p1, h1)
-    k2 = tl.where(pos, p2, 0.0)
-    k4 = tl.where(pos, h4 + p4, h4)
-    k5 = tl.where(pos, h5 + p5, h5)
-    k6 = tl.where(pos, h6 + p6, h6)
-    k7 = tl.where(pos, h7 + p7, h7)
+    k0, k1, k2, k4, k5, k6, k7 = _side(pos, h0, h1, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7)
     lin = k4 + k5 * t
     osc = lin * cs + k6 * sn  # the E1 bracket
     dosc = k6 * cs - lin * sn  # its derivative w.r.t. ωt
@@ -379,7 +375,7 @@ def _rows_program(M, N, rows_per_prog, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _row_plan(co_ptr, cols, cmask):
+def _columns_coeffs(co_ptr, cols, cmask):
     a = tl.load(co_ptr + cols * 5 + 0, mask=cmask, other=0.0)
     b = tl.load(co_ptr + cols * 5 + 1, mask=cmask, other=0.0)
     c = tl.load(co_ptr + cols * 5 + 2, mask=cmask, other=0.0)
@@ -389,17 +385,24 @@ def _row_plan(co_ptr, cols, cmask):
 
 
 @triton.jit
+def _columns_plan(co_ptr, cols, cmask):
+    """The plans of the program's neurons and the program's term flags (any neuron with trig
+    terms, E2 terms, a step), which let the element loop skip work no neuron needs."""
+    a, b, c, c1, c2 = _columns_coeffs(co_ptr, cols, cmask)
+    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
+    return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+            _any(om), _any(h7) | _any(p7), _any(h3))
+
+
+@triton.jit
 def _deu_fwd_rows(x_ptr, y_ptr, co_ptr, M, N, rows_per_prog, BLOCK_N: tl.constexpr, MATH: tl.constexpr):
     acc = co_ptr.dtype.element_ty
     cols, cmask, row0, row_end, first = _rows_program(M, N, rows_per_prog, BLOCK_N)
     xp = x_ptr + first  # the current group's first row
     yp = y_ptr + first
     t0, t1, t2, t3 = _load_group(xp, row0, row_end, cmask, N, acc)
-    a, b, c, c1, c2 = _row_plan(co_ptr, cols, cmask)
-    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
-    any_trig = _any(om)
-    any_e2 = _any(h7) | _any(p7)
-    any_step = _any(h3)
+    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+     any_trig, any_e2, any_step) = _columns_plan(co_ptr, cols, cmask)
     for r in range(row0, row_end, 4):
         xp = xp + N + N + N + N
         n0, n1, n2, n3 = _load_group(xp, r + 4, row_end, cmask, N, acc)
@@ -445,11 +448,8 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
     gxp = gx_ptr + first
     t0, t1, t2, t3 = _load_group(xp, row0, row_end, cmask, N, acc)
     g0, g1, g2, g3 = _load_group(gp, row0, row_end, cmask, N, acc)
-    a, b, c, c1, c2 = _row_plan(co_ptr, cols, cmask)
-    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
-    any_trig = _any(om)
-    any_e2 = _any(h7) | _any(p7)
-    any_step = _any(h3)
+    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+     any_trig, any_e2, any_step) = _columns_plan(co_ptr, cols, cmask)
     zero = tl.zeros([BLOCK_N], dtype=acc)
     s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7 = zero, zero, zero, zero, zero, zero, zero
     s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7 = zero, zero, zero, zero, zero, zero, zero
@@ -485,7 +485,7 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
     # Epilogue: one partial per (row chunk, neuron, coefficient); each thread holds its
     # neuron's sums already, so there is no cross-thread reduction. The coefficients are
     # loaded again rather than kept live through the loop.
-    a, b, c, c1, c2 = _row_plan(co_ptr, cols, cmask)
+    a, b, c, c1, c2 = _columns_coeffs(co_ptr, cols, cmask)
     _store_coeff_grads(part_ptr + tl.program_id(1).to(tl.int64) * N * 5 + cols * 5, cmask, a, b, c, c1, c2,
                        s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
                        s_r1, s_om, s_r2)
@@ -520,29 +520,40 @@ def _store_coeff_grads(out_ptr, mask, a, b, c, c1, c2,
 # [BLOCK_R rows, BLOCK_K spatial], contiguous along K. The plan is scalar.
 # ----------------------------------------------------------------------------------------
 @triton.jit
+def _neuron_coeffs(co_ptr, n):
+    return (tl.load(co_ptr + n * 5 + 0), tl.load(co_ptr + n * 5 + 1), tl.load(co_ptr + n * 5 + 2),
+            tl.load(co_ptr + n * 5 + 3), tl.load(co_ptr + n * 5 + 4))
+
+
+@triton.jit
+def _neuron_plan(co_ptr, n):
+    """Neuron n's plan (scalars) and its term flags (trig, E2, step)."""
+    a, b, c, c1, c2 = _neuron_coeffs(co_ptr, n)
+    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
+    return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+            om != 0, (h7 != 0) | (p7 != 0), h3 != 0)
+
+
+@triton.jit
+def _spatial_tile(n, rows, k0, M, N, K, BLOCK_K: tl.constexpr):
+    """Offsets (int64) and mask of the tile rows × [k0, k0 + BLOCK_K) of neuron n's planes."""
+    ks = k0 + tl.arange(0, BLOCK_K)[None, :]
+    return rows.to(tl.int64) * N * K + n.to(tl.int64) * K + ks, (rows < M) & (ks < K)
+
+
+@triton.jit
 def _deu_fwd_spatial(x_ptr, y_ptr, co_ptr, M, N, K, rows_per_prog,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, MATH: tl.constexpr):
     n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    a = tl.load(co_ptr + n * 5 + 0)
-    b = tl.load(co_ptr + n * 5 + 1)
-    c = tl.load(co_ptr + n * 5 + 2)
-    c1 = tl.load(co_ptr + n * 5 + 3)
-    c2 = tl.load(co_ptr + n * 5 + 4)
-    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
-    any_trig = om != 0
-    any_e2 = (h7 != 0) | (p7 != 0)
-    any_step = h3 != 0
-    row0 = pid_m * rows_per_prog
-    base = n.to(tl.int64) * K
+    row0 = tl.program_id(1) * rows_per_prog
+    acc = co_ptr.dtype.element_ty
+    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+     any_trig, any_e2, any_step) = _neuron_plan(co_ptr, n)
     for i in range(0, rows_per_prog, BLOCK_R):
         rows = row0 + i + tl.arange(0, BLOCK_R)[:, None]
-        rbase = rows.to(tl.int64) * N * K + base
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)[None, :]
-            mask = (rows < M) & (ks < K)
-            offs = rbase + ks
-            t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(a.dtype)
+            offs, mask = _spatial_tile(n, rows, k0, M, N, K, BLOCK_K)
+            t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
             y = _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
                               any_trig, any_e2, any_step, MATH)
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -552,31 +563,20 @@ def _deu_fwd_spatial(x_ptr, y_ptr, co_ptr, M, N, K, rows_per_prog,
 def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_prog,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, MATH: tl.constexpr):
     n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    a = tl.load(co_ptr + n * 5 + 0)
-    b = tl.load(co_ptr + n * 5 + 1)
-    c = tl.load(co_ptr + n * 5 + 2)
-    c1 = tl.load(co_ptr + n * 5 + 3)
-    c2 = tl.load(co_ptr + n * 5 + 4)
-    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
-    any_trig = om != 0
-    any_e2 = (h7 != 0) | (p7 != 0)
-    any_step = h3 != 0
-    zero = tl.zeros([BLOCK_R, BLOCK_K], dtype=a.dtype)
+    row0 = tl.program_id(1) * rows_per_prog
+    acc = co_ptr.dtype.element_ty
+    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+     any_trig, any_e2, any_step) = _neuron_plan(co_ptr, n)
+    zero = tl.zeros([BLOCK_R, BLOCK_K], dtype=acc)
     s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7 = zero, zero, zero, zero, zero, zero, zero
     s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7 = zero, zero, zero, zero, zero, zero, zero
     s_r1, s_om, s_r2 = zero, zero, zero
-    row0 = pid_m * rows_per_prog
-    base = n.to(tl.int64) * K
     for i in range(0, rows_per_prog, BLOCK_R):
         rows = row0 + i + tl.arange(0, BLOCK_R)[:, None]
-        rbase = rows.to(tl.int64) * N * K + base
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)[None, :]
-            mask = (rows < M) & (ks < K)
-            offs = rbase + ks
-            t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(a.dtype)
-            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(a.dtype)
+            offs, mask = _spatial_tile(n, rows, k0, M, N, K, BLOCK_K)
+            t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
+            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(acc)
             (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p0, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
              q_r1, q_om, q_r2) = _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5,
                                                 p6, p7, r1, om, r2, any_trig, any_e2, any_step, MATH)
@@ -598,7 +598,8 @@ def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_
             s_r1 += q_r1
             s_om += q_om
             s_r2 += q_r2
-    _store_coeff_grads(part_ptr + (pid_m.to(tl.int64) * N + n) * 5, n < N, a, b, c, c1, c2,
+    a, b, c, c1, c2 = _neuron_coeffs(co_ptr, n)
+    _store_coeff_grads(part_ptr + (tl.program_id(1).to(tl.int64) * N + n) * 5, n < N, a, b, c, c1, c2,
                        tl.sum(tl.sum(s_h0, axis=1), axis=0), tl.sum(tl.sum(s_h1, axis=1), axis=0),
                        tl.sum(tl.sum(s_h3, axis=1), axis=0), tl.sum(tl.sum(s_h4, axis=1), axis=0),
                        tl.sum(tl.sum(s_h5, axis=1), axis=0), tl.sum(tl.sum(s_h6, axis=1), axis=0),
