@@ -1,9 +1,9 @@
-// Standalone timing of the DEU CUDA kernels against a device copy, without torch. Built three
-// times by bench/gpu_check.sh: with and without -DKFUSE_DEU_PRECISE_MATH (what the hardware
-// transcendentals buy) and against a baseline commit's csrc/ (A/B of a kernel change in one run;
-// the mean |y| and |grad_x| checksums of the builds should agree to ~1e-6). `deu_micro sanitize`
-// runs odd shapes once each instead, for compute-sanitizer; `deu_micro profile` the target
-// shape's rows kernels once each, for ncu. Usage:
+// Standalone timing of the DEU CUDA kernels against a device copy, without torch. Built by
+// bench/gpu_check.sh from this tree (optionally also with -DKFUSE_DEU_PRECISE_MATH: what the
+// hardware transcendentals buy) and against a baseline commit's csrc/ (A/B of a kernel change in
+// one run; the mean |y|, |grad_x| and |grad_coeffs| checksums of the builds should agree to
+// ~1e-6). `deu_micro sanitize` runs odd shapes once each instead, for compute-sanitizer;
+// `deu_micro profile` the target shape's rows kernels once each, for ncu. Usage:
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch=sm_90 -DKFUSE_WITH_CUDA -Icsrc/deu
 //   bench/deu_cuda_micro.cu -o deu_micro && ./deu_micro
 #include <algorithm>
@@ -84,14 +84,24 @@ float urand() {
 // Device buffers of one case, each allocated to its exact size (so compute-sanitizer flags any
 // access past a tensor's end). Paper's init (a, b, c ~ U(0, 1)) with c1, c2 ~ U(-0.5, 0.5),
 // and every fifth neuron a smooth step (a = b = 0); x ~ U(-3, 3).
+// The backward's scratch, in accumulation-type elements: the workspace, or (kernels before
+// KFUSE_DEU_CUDA_BACKWARD_WRITES_GRAD_COEFFS) the partials, whose sum over tiles, a separate
+// torch op then, is not timed.
+int64_t scratch_elems(int64_t M, int64_t N, int64_t K) {
+#ifdef KFUSE_DEU_CUDA_BACKWARD_WRITES_GRAD_COEFFS
+  return kfuse::deu::backward_cuda_workspace_elems(M, N, K);
+#else
+  return kfuse::deu::backward_cuda_num_partials(M, N, K) * N * 5;
+#endif
+}
+
 struct Case {
   DType dt;
-  int64_t M, N, K, P;
+  int64_t M, N, K, S;
   size_t n;
-  void *x, *y, *gy, *gx, *co, *part;
+  void *x, *y, *gy, *gx, *co, *gc, *part;
   Case(DType dt_, int64_t M_, int64_t N_, int64_t K_, bool with_steps)
-      : dt(dt_), M(M_), N(N_), K(K_), P(kfuse::deu::backward_cuda_num_partials(M_, N_, K_)),
-        n(static_cast<size_t>(M_) * N_ * K_) {
+      : dt(dt_), M(M_), N(N_), K(K_), S(scratch_elems(M_, N_, K_)), n(static_cast<size_t>(M_) * N_ * K_) {
     const size_t es = elem_size(dt), as = acc_size(dt);
     std::vector<char> hx(n * es), hc(N * 5 * as);
     for (size_t i = 0; i < n; ++i) put(dt, hx.data(), i, (urand() * 2 - 1) * 3);
@@ -103,14 +113,40 @@ struct Case {
       put(acc, hc.data(), j * 5 + 4, urand() - 0.5);
     }
     cudaMalloc(&x, n * es); cudaMalloc(&y, n * es); cudaMalloc(&gy, n * es); cudaMalloc(&gx, n * es);
-    cudaMalloc(&co, hc.size()); cudaMalloc(&part, P * N * 5 * as);
+    cudaMalloc(&co, hc.size()); cudaMalloc(&gc, hc.size()); cudaMalloc(&part, S * as);
     cudaMemcpy(x, hx.data(), n * es, cudaMemcpyHostToDevice);
     cudaMemcpy(gy, hx.data(), n * es, cudaMemcpyHostToDevice);
     cudaMemcpy(co, hc.data(), hc.size(), cudaMemcpyHostToDevice);
   }
-  ~Case() { cudaFree(x); cudaFree(y); cudaFree(gy); cudaFree(gx); cudaFree(co); cudaFree(part); }
+  ~Case() {
+    for (void* p : {x, y, gy, gx, co, gc, part}) cudaFree(p);
+  }
   void fwd() const { kfuse::deu::forward_cuda(dt, x, y, co, M, N, K, nullptr); }
-  void bwd() const { kfuse::deu::backward_cuda(dt, gy, x, co, gx, part, M, N, K, nullptr); }
+  // mean |grad_coeffs| after bwd() (older kernels: of the partials summed here, in order).
+  double grad_coeffs_mean_abs() const {
+    const DType acc = dt == DType::f64 ? DType::f64 : DType::f32;
+#ifdef KFUSE_DEU_CUDA_BACKWARD_WRITES_GRAD_COEFFS
+    return mean_abs(gc, acc, N * 5);
+#else
+    std::vector<char> h(S * acc_size(dt));
+    cudaMemcpy(h.data(), part, h.size(), cudaMemcpyDeviceToHost);
+    const int64_t P = S / (N * 5);
+    double s = 0;
+    for (int64_t i = 0; i < N * 5; ++i) {
+      double v = 0;
+      for (int64_t p = 0; p < P; ++p) v += get(acc, h.data(), p * N * 5 + i);
+      s += std::fabs(v);
+    }
+    return s / static_cast<double>(N * 5);
+#endif
+  }
+  void bwd() const {
+#ifdef KFUSE_DEU_CUDA_BACKWARD_WRITES_GRAD_COEFFS
+    kfuse::deu::backward_cuda(dt, gy, x, co, gx, gc, part, M, N, K, nullptr);
+#else
+    kfuse::deu::backward_cuda(dt, gy, x, co, gx, part, M, N, K, nullptr);
+#endif
+  }
 };
 
 void run(const char* name, DType dt, int64_t M, int64_t N, int64_t K) {
@@ -121,13 +157,13 @@ void run(const char* name, DType dt, int64_t M, int64_t N, int64_t K) {
   const float tb = time_us([&] { c.bwd(); });
   const cudaError_t e = cudaDeviceSynchronize();
   // Checksums of y and grad_x (mean |v|), to compare builds run on the same inputs.
-  const double cy = mean_abs(c.y, dt, c.n), cgx = mean_abs(c.gx, dt, c.n);
+  const double cy = mean_abs(c.y, dt, c.n), cgx = mean_abs(c.gx, dt, c.n), cgc = c.grad_coeffs_mean_abs();
   // Floors at the copy rate: forward moves 2 tensors, backward 3 (x, grad_y in; grad_x out).
   const double per_tensor = tc / 2.0;
   std::printf("%-26s copy %7.1f us | fwd %7.1f us %5.2fx floor | bwd %7.1f us %5.2fx | fwd+bwd %5.2fx | "
-              "mean|y| %.7g mean|gx| %.7g | %s\n",
+              "mean|y| %.7g mean|gx| %.7g mean|gc| %.7g | %s\n",
               name, tc, tf, tf / (2 * per_tensor), tb, tb / (3 * per_tensor), (tf + tb) / (5 * per_tensor),
-              cy, cgx, cudaGetErrorString(e));
+              cy, cgx, cgc, cudaGetErrorString(e));
 }
 
 // One forward and backward on odd shapes of both layouts, every dtype, with and without step

@@ -74,22 +74,22 @@ std::tuple<at::Tensor, at::Tensor> deu_backward(const at::Tensor& grad_y, const 
   check_coeffs(coeffs, x);
   at::Tensor grad_x = at::empty_like(x);
   if (x.numel() == 0) return {grad_x, at::zeros_like(coeffs)};
-  at::Tensor partials;
   if (x.is_cuda()) {
 #ifdef KFUSE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    partials = at::empty({kfuse::deu::backward_cuda_num_partials(M, N, K), N, 5}, coeffs.options());
+    at::Tensor grad_coeffs = at::empty_like(coeffs);
+    at::Tensor workspace = at::empty({kfuse::deu::backward_cuda_workspace_elems(M, N, K)}, coeffs.options());
     kfuse::deu::backward_cuda(to_dtype(x), grad_y.data_ptr(), x.data_ptr(), coeffs.data_ptr(),
-                              grad_x.data_ptr(), partials.data_ptr(), M, N, K,
+                              grad_x.data_ptr(), grad_coeffs.data_ptr(), workspace.data_ptr(), M, N, K,
                               at::cuda::getCurrentCUDAStream().stream());
+    return {grad_x, grad_coeffs};
 #else
     TORCH_CHECK(false, "kfuse: the extension was built without CUDA");
 #endif
-  } else {
-    partials = at::empty({kfuse::deu::backward_cpu_num_partials(M, N, K), N, 5}, coeffs.options());
-    kfuse::deu::backward_cpu(to_dtype(x), grad_y.data_ptr(), x.data_ptr(), coeffs.data_ptr(),
-                             grad_x.data_ptr(), partials.data_ptr(), M, N, K);
   }
+  at::Tensor partials = at::empty({kfuse::deu::backward_cpu_num_partials(M, N, K), N, 5}, coeffs.options());
+  kfuse::deu::backward_cpu(to_dtype(x), grad_y.data_ptr(), x.data_ptr(), coeffs.data_ptr(),
+                           grad_x.data_ptr(), partials.data_ptr(), M, N, K);
   return {grad_x, partials.sum(0)};
 }
 

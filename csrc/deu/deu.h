@@ -1,8 +1,11 @@
 // DEU kernel entry points. Shapes: x, y, grad_y, grad_x are [M, N, K] contiguous (N is the
 // neuron axis: M = product of the dims before it, K = product of the dims after it).
-// coeffs is [N, 5] and partials is [num_partials, N, 5], both in the accumulation type
-// (double when dtype == f64, else float). The caller sums partials over dim 0 (a fixed
+// coeffs and grad_coeffs are [N, 5] in the accumulation type (double when dtype == f64, else
+// float), as are partials and workspace.
+// CPU: partials is [backward_cpu_num_partials, N, 5]; the caller sums it over dim 0 (a fixed
 // order, so the parameter gradient is deterministic).
+// CUDA: backward_cuda writes grad_coeffs itself (deterministically), using a workspace of
+// backward_cuda_workspace_elems elements.
 #pragma once
 
 #include <cstdint>
@@ -22,9 +25,13 @@ void backward_cpu(DType dtype, const void* grad_y, const void* x, const void* co
 // stream is a cudaStream_t.
 void forward_cuda(DType dtype, const void* x, void* y, const void* coeffs, int64_t M, int64_t N,
                   int64_t K, void* stream);
-int64_t backward_cuda_num_partials(int64_t M, int64_t N, int64_t K);
+// (An API version for bench/deu_cuda_micro.cu, which also builds against older kernels, whose
+// backward_cuda left grad_coeffs as partials for the caller to sum.)
+#define KFUSE_DEU_CUDA_BACKWARD_WRITES_GRAD_COEFFS 1
+int64_t backward_cuda_workspace_elems(int64_t M, int64_t N, int64_t K);
 void backward_cuda(DType dtype, const void* grad_y, const void* x, const void* coeffs,
-                   void* grad_x, void* partials, int64_t M, int64_t N, int64_t K, void* stream);
+                   void* grad_x, void* grad_coeffs, void* workspace, int64_t M, int64_t N, int64_t K,
+                   void* stream);
 #endif
 
 }  // namespace deu

@@ -20,9 +20,11 @@
 //
 // Backward: every program reduces its own tile's 19 plan-parameter gradients (in registers,
 // then across the block's row lanes in shared memory, or across the warp with shuffles, in a
-// fixed order), maps them to (a, b, c, c1, c2) with the Jacobian once per tile and writes its
-// own row of partials[P, N, 5]. No atomics, so the result is deterministic; the caller sums
-// the partials over dim 0.
+// fixed order) and writes them to its own row of workspace[P, 19, N]. A second kernel sums the
+// P rows of each neuron in a fixed order and maps the sums to (a, b, c, c1, c2) with the
+// neuron's Jacobian, once per neuron: the Jacobian (forward-mode duals over all 11 cases, ~2k
+// instructions of SASS, divergent across a warp's neurons) done per tile instead was ~10% of
+// the backward's instructions at 128 rows per tile. No atomics, so the result is deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -75,7 +77,7 @@ inline void check_launch(const char* what) {
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// ---- tiling (pure functions of the sizes, so num_partials and the launch agree) ----------
+// ---- tiling (pure functions of the sizes, so the workspace size and the launch agree) -------
 bool use_rows_layout(int64_t N, int64_t K) { return K == 1 && N >= 32; }
 
 struct RowTiling {
@@ -86,9 +88,9 @@ struct RowTiling {
 };
 
 // target_blocks: enough blocks for several waves on 132 SMs; min_rows: rows per thread at
-// least, so the per-block plan (and, backward, Jacobian) cost is amortised. The number of row
-// blocks never exceeds target_blocks / col_blocks + 1, which keeps grid.y small and, in the
-// backward, the partials small (e.g. 8192 x 4096: 64 row chunks, 5 MB of fp32 partials).
+// least, so the per-block plan cost is amortised. The number of row blocks never exceeds
+// target_blocks / col_blocks + 1, which keeps grid.y small and, in the backward, the workspace
+// small (e.g. 8192 x 4096: 64 row chunks, 20 MB of fp32 sums, written and read once: ~5 us).
 RowTiling row_tiling(int64_t M, int64_t N, int64_t target_blocks, int64_t min_rows) {
   RowTiling t;
   t.tx = static_cast<int>(std::min<int64_t>(kThreads, cdiv(N, 32) * 32));
@@ -114,8 +116,8 @@ struct PlaneTiling {
 
 // A warp tile holds about `elems` elements: whole planes stacked over R rows when K is
 // small, a chunk of one plane when K is large. Forward uses 2048 (the plan costs ~1
-// instruction per element), backward 4096 (the per-tile Jacobian is ~10x a plan, so larger
-// tiles amortise it; partials stay ~0.1% of the data).
+// instruction per element), backward 4096 (larger tiles amortise the per-tile reduction and
+// keep the workspace, 19 sums per tile, ~0.5% of the data).
 PlaneTiling plane_tiling(int64_t M, int64_t N, int64_t K, int64_t elems) {
   PlaneTiling t;
   t.CK = K <= elems ? K : elems;
@@ -233,12 +235,12 @@ __device__ __forceinline__ void bwd_rows_walk(const Plan<A>& p, RowGroup<S> xs, 
   }
 }
 
-// grid = (col_blocks, row_blocks): block (bx, rb) writes partials[rb, its columns, :].
+// grid = (col_blocks, row_blocks): block (bx, rb) writes workspace[rb, :, its columns].
 template <typename S>
 __global__ void __launch_bounds__(kThreads)
     bwd_rows_kernel(const S* __restrict__ gy, const S* __restrict__ x,
                     const typename AccOf<S>::type* __restrict__ coeffs, S* __restrict__ gx,
-                    typename AccOf<S>::type* __restrict__ partials, int64_t M, int64_t N,
+                    typename AccOf<S>::type* __restrict__ workspace, int64_t M, int64_t N,
                     int64_t rows_per_block) {
   using A = typename AccOf<S>::type;
   extern __shared__ unsigned char smem_raw[];  // [kPlanParams][tx * ty] when ty > 1
@@ -280,15 +282,9 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (active && threadIdx.y == 0) {
-    // The Jacobian is needed only here; computing it after the loop keeps its 95 values out
-    // of the registers live during the element loop.
-    A jac[kPlanParams][kCoeffs];
-    plan_with_jacobian(coeffs + kCoeffs * n, jac);
-    A out[kCoeffs];
-    apply_jacobian(acc, jac, out);
-    A* dst = partials + (rb * N + n) * kCoeffs;
+    A* dst = workspace + rb * kPlanParams * N + n;  // coalesced across the block's columns
 #pragma unroll
-    for (int k = 0; k < kCoeffs; ++k) dst[k] = out[k];
+    for (int i = 0; i < kPlanParams; ++i) dst[i * N] = acc[i];
   }
 }
 
@@ -408,12 +404,12 @@ __device__ __forceinline__ void bwd_tile(const Plan<A>& p, const TileCoords& tc,
   }
 }
 
-// Warp tile (mc, n, kc) writes partials[mc * kchunks + kc, n, :].
+// Warp tile (mc, n, kc) writes workspace[mc * kchunks + kc, :, n].
 template <typename S, int V>
 __global__ void __launch_bounds__(kThreads)
     bwd_planes_kernel(const S* __restrict__ gy, const S* __restrict__ x,
                       const typename AccOf<S>::type* __restrict__ coeffs, S* __restrict__ gx,
-                      typename AccOf<S>::type* __restrict__ partials, int64_t M, int64_t N,
+                      typename AccOf<S>::type* __restrict__ workspace, int64_t M, int64_t N,
                       int64_t K, PlaneTiling pt) {
   using A = typename AccOf<S>::type;
   using P = Pack<S, V>;
@@ -449,15 +445,50 @@ __global__ void __launch_bounds__(kThreads)
       for (int m = 16; m > 0; m >>= 1) acc[i] += shfl_xor(acc[i], m);
     }
     if (lane == 0) {
-      A jac[kPlanParams][kCoeffs];
-      plan_with_jacobian(coeffs + kCoeffs * tc.n, jac);
-      A out[kCoeffs];
-      apply_jacobian(acc, jac, out);
-      A* dst = partials + ((tc.mc * pt.kchunks + tc.kc) * N + tc.n) * kCoeffs;
+      A* dst = workspace + (tc.mc * pt.kchunks + tc.kc) * kPlanParams * N + tc.n;
 #pragma unroll
-      for (int k = 0; k < kCoeffs; ++k) dst[k] = out[k];
+      for (int i = 0; i < kPlanParams; ++i) dst[i * N] = acc[i];
     }
   }
+}
+
+// ---- the per-neuron finish of the backward ----------------------------------------------
+// Block = kFinishNeurons neurons x kFinishLanes lanes over the P workspace rows (loads coalesced
+// across neurons; enough parallel loads that the ~P·19 reads per neuron are not one chain).
+// Lane y sums rows y, y + kFinishLanes, ... in order, then lane 0 sums the lanes in order:
+// a fixed order, so grad_coeffs is deterministic.
+constexpr int kFinishNeurons = 32, kFinishLanes = 8;
+
+template <typename A>
+__global__ void __launch_bounds__(kFinishNeurons * kFinishLanes)
+    bwd_finish_kernel(const A* __restrict__ workspace, const A* __restrict__ coeffs,
+                      A* __restrict__ grad_coeffs, int64_t P, int64_t N) {
+  __shared__ A red[kFinishLanes][kPlanParams][kFinishNeurons];
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kFinishNeurons + threadIdx.x;
+  A acc[kPlanParams];
+#pragma unroll
+  for (int i = 0; i < kPlanParams; ++i) acc[i] = A(0);
+  if (n < N) {
+    for (int64_t p = threadIdx.y; p < P; p += kFinishLanes) {
+      const A* src = workspace + p * kPlanParams * N + n;
+#pragma unroll
+      for (int i = 0; i < kPlanParams; ++i) acc[i] += src[i * N];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kPlanParams; ++i) red[threadIdx.y][i][threadIdx.x] = acc[i];
+  __syncthreads();
+  if (threadIdx.y != 0 || n >= N) return;
+  for (int j = 1; j < kFinishLanes; ++j) {
+#pragma unroll
+    for (int i = 0; i < kPlanParams; ++i) acc[i] += red[j][i][threadIdx.x];
+  }
+  A jac[kPlanParams][kCoeffs];
+  plan_with_jacobian(coeffs + kCoeffs * n, jac);
+  A out[kCoeffs];
+  apply_jacobian(acc, jac, out);
+#pragma unroll
+  for (int k = 0; k < kCoeffs; ++k) grad_coeffs[kCoeffs * n + k] = out[k];
 }
 
 // ---- launchers ----------------------------------------------------------------------------
@@ -489,29 +520,41 @@ void forward_typed(const S* x, S* y, const typename AccOf<S>::type* coeffs, int6
   check_launch("deu fwd_planes");
 }
 
+// Workspace rows P: one per row block (rows layout) or per (m chunk, k chunk) (planes).
+int64_t num_partials(int64_t M, int64_t N, int64_t K) {
+  if (use_rows_layout(N, K)) return row_tiling(M, N, kRowsBwdTargetBlocks, kRowsBwdMinRows).row_blocks;
+  const PlaneTiling pt = plane_tiling(M, N, K, kPlaneBwdElems);
+  return pt.mchunks * pt.kchunks;
+}
+
 template <typename S>
 void backward_typed(const S* gy, const S* x, const typename AccOf<S>::type* coeffs, S* gx,
-                    typename AccOf<S>::type* partials, int64_t M, int64_t N, int64_t K,
-                    cudaStream_t stream) {
+                    typename AccOf<S>::type* grad_coeffs, typename AccOf<S>::type* workspace,
+                    int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
   using A = typename AccOf<S>::type;
   if (M <= 0 || N <= 0 || K <= 0) return;
   if (use_rows_layout(N, K)) {
     const RowTiling t = row_tiling(M, N, kRowsBwdTargetBlocks, kRowsBwdMinRows);
     const dim3 grid(static_cast<unsigned>(t.col_blocks), static_cast<unsigned>(t.row_blocks));
     const size_t smem = t.ty > 1 ? sizeof(A) * kPlanParams * t.tx * t.ty : 0;
-    bwd_rows_kernel<S><<<grid, dim3(t.tx, t.ty), smem, stream>>>(gy, x, coeffs, gx, partials, M, N,
+    bwd_rows_kernel<S><<<grid, dim3(t.tx, t.ty), smem, stream>>>(gy, x, coeffs, gx, workspace, M, N,
                                                                  t.rows_per_block);
-    return check_launch("deu bwd_rows");
-  }
-  const PlaneTiling pt = plane_tiling(M, N, K, kPlaneBwdElems);
-  constexpr int V = 16 / sizeof(S);
-  const unsigned blocks = static_cast<unsigned>(plane_blocks(pt));
-  if (K % V == 0 && aligned16(x) && aligned16(gy) && aligned16(gx)) {
-    bwd_planes_kernel<S, V><<<blocks, kThreads, 0, stream>>>(gy, x, coeffs, gx, partials, M, N, K, pt);
+    check_launch("deu bwd_rows");
   } else {
-    bwd_planes_kernel<S, 1><<<blocks, kThreads, 0, stream>>>(gy, x, coeffs, gx, partials, M, N, K, pt);
+    const PlaneTiling pt = plane_tiling(M, N, K, kPlaneBwdElems);
+    constexpr int V = 16 / sizeof(S);
+    const unsigned blocks = static_cast<unsigned>(plane_blocks(pt));
+    if (K % V == 0 && aligned16(x) && aligned16(gy) && aligned16(gx)) {
+      bwd_planes_kernel<S, V><<<blocks, kThreads, 0, stream>>>(gy, x, coeffs, gx, workspace, M, N, K, pt);
+    } else {
+      bwd_planes_kernel<S, 1><<<blocks, kThreads, 0, stream>>>(gy, x, coeffs, gx, workspace, M, N, K, pt);
+    }
+    check_launch("deu bwd_planes");
   }
-  check_launch("deu bwd_planes");
+  const unsigned finish_blocks = static_cast<unsigned>(cdiv(N, kFinishNeurons));
+  bwd_finish_kernel<A><<<finish_blocks, dim3(kFinishNeurons, kFinishLanes), 0, stream>>>(
+      workspace, coeffs, grad_coeffs, num_partials(M, N, K), N);
+  check_launch("deu bwd_finish");
 }
 
 }  // namespace
@@ -536,34 +579,33 @@ void forward_cuda(DType dtype, const void* x, void* y, const void* coeffs, int64
   throw std::runtime_error("kfuse deu forward_cuda: unsupported dtype");
 }
 
-int64_t backward_cuda_num_partials(int64_t M, int64_t N, int64_t K) {
+int64_t backward_cuda_workspace_elems(int64_t M, int64_t N, int64_t K) {
   if (M <= 0 || N <= 0 || K <= 0) return 0;
-  if (use_rows_layout(N, K)) return row_tiling(M, N, kRowsBwdTargetBlocks, kRowsBwdMinRows).row_blocks;
-  const PlaneTiling pt = plane_tiling(M, N, K, kPlaneBwdElems);
-  return pt.mchunks * pt.kchunks;
+  return num_partials(M, N, K) * kPlanParams * N;
 }
 
 void backward_cuda(DType dtype, const void* grad_y, const void* x, const void* coeffs,
-                   void* grad_x, void* partials, int64_t M, int64_t N, int64_t K, void* stream) {
+                   void* grad_x, void* grad_coeffs, void* workspace, int64_t M, int64_t N, int64_t K,
+                   void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::f32:
       return backward_typed(static_cast<const float*>(grad_y), static_cast<const float*>(x),
                             static_cast<const float*>(coeffs), static_cast<float*>(grad_x),
-                            static_cast<float*>(partials), M, N, K, s);
+                            static_cast<float*>(grad_coeffs), static_cast<float*>(workspace), M, N, K, s);
     case DType::f64:
       return backward_typed(static_cast<const double*>(grad_y), static_cast<const double*>(x),
                             static_cast<const double*>(coeffs), static_cast<double*>(grad_x),
-                            static_cast<double*>(partials), M, N, K, s);
+                            static_cast<double*>(grad_coeffs), static_cast<double*>(workspace), M, N, K, s);
     case DType::f16:
       return backward_typed(static_cast<const __half*>(grad_y), static_cast<const __half*>(x),
                             static_cast<const float*>(coeffs), static_cast<__half*>(grad_x),
-                            static_cast<float*>(partials), M, N, K, s);
+                            static_cast<float*>(grad_coeffs), static_cast<float*>(workspace), M, N, K, s);
     case DType::bf16:
       return backward_typed(static_cast<const __nv_bfloat16*>(grad_y),
                             static_cast<const __nv_bfloat16*>(x), static_cast<const float*>(coeffs),
-                            static_cast<__nv_bfloat16*>(grad_x), static_cast<float*>(partials), M, N,
-                            K, s);
+                            static_cast<__nv_bfloat16*>(grad_x), static_cast<float*>(grad_coeffs),
+                            static_cast<float*>(workspace), M, N, K, s);
   }
   throw std::runtime_error("kfuse deu backward_cuda: unsupported dtype");
 }
