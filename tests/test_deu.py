@@ -287,8 +287,10 @@ def test_cpu_kernel_tile_edges(shape: tuple[int, ...], dim: int, seed: int) -> N
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the Triton interpreter, on inf/NaN
 def test_strided_inputs_and_nan(backend: str, device: str, seed: int) -> None:
-    """Non-contiguous and channels-last inputs give the same result; a NaN stays in its element."""
+    """Non-contiguous and channels-last inputs give the same result; NaN and ±inf give NaN in
+    their own elements only (±inf in every neuron, so in every case)."""
     coeffs = case_coeffs(1, dtype=torch.float32, device=device)
     x = make_x((11, 6), torch.float32, device)
     torch.testing.assert_close(kfuse.deu(x.t().contiguous().t(), coeffs, dim=0, backend=backend),
@@ -296,11 +298,12 @@ def test_strided_inputs_and_nan(backend: str, device: str, seed: int) -> None:
     x4 = make_x((2, 11, 3, 3), torch.float32, device)
     torch.testing.assert_close(kfuse.deu(x4.to(memory_format=torch.channels_last), coeffs, dim=1, backend=backend),
                                kfuse.deu(x4, coeffs, dim=1, backend=backend))
-    x[2, 3] = float("nan")
+    x[2, 3], x[:, 1], x[:, 4] = float("nan"), float("inf"), -float("inf")  # ±inf for every case
     y = kfuse.deu(x, coeffs, dim=0, backend=backend)
     nan = torch.zeros_like(y, dtype=torch.bool)
     nan[2, 3] = True
-    assert torch.equal(torch.isnan(y), nan), "NaN must stay in its own element"
+    nan[:, 1] = nan[:, 4] = True
+    assert torch.equal(torch.isnan(y), nan), "NaN and ±inf must give NaN, in their own elements only"
     assert_close(y[~nan], deu_reference(x.double(), coeffs.double(), 0)[~nan], torch.float32, "y beside a NaN")
 
 

@@ -48,6 +48,9 @@ template <> inline BF16 from_acc<BF16>(float v) {
 constexpr int64_t kRowsPerPartial = 64;
 
 // ---- f64: scalar, precise (std::exp/sin/cos through deu_math.h); used for gradcheck ------
+// Each neuron runs the element code compiled for its own terms (with_terms), the code the
+// CUDA kernels run for a warp: so the CPU float64 tests, at float64 tolerances, check every
+// term mask's math, not only the all-terms one.
 
 void forward_f64(const double* x, double* y, const double* coeffs, int64_t M, int64_t N, int64_t K) {
   std::vector<Plan<double>> plans(N);
@@ -55,7 +58,9 @@ void forward_f64(const double* x, double* y, const double* coeffs, int64_t M, in
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < M * N; ++r) {
     const Plan<double>& p = plans[r % N];
-    for (int64_t k = 0; k < K; ++k) y[r * K + k] = forward_one(p, x[r * K + k]);
+    with_terms(plan_terms(p), [&](auto terms) {
+      for (int64_t k = 0; k < K; ++k) y[r * K + k] = forward_one<decltype(terms)::value>(p, x[r * K + k]);
+    });
   }
 }
 
@@ -75,10 +80,13 @@ void backward_f64(const double* gy, const double* x, const double* coeffs, doubl
     double acc[kPlanParams] = {};
     const Plan<double>& p = plans[n];
     const int64_t m1 = std::min(M, (t + 1) * kRowsPerPartial);
-    for (int64_t m = t * kRowsPerPartial; m < m1; ++m) {
-      const int64_t base = (m * N + n) * K;
-      for (int64_t k = 0; k < K; ++k) gx[base + k] = backward_one(p, x[base + k], gy[base + k], acc);
-    }
+    with_terms(plan_terms(p), [&](auto terms) {
+      for (int64_t m = t * kRowsPerPartial; m < m1; ++m) {
+        const int64_t base = (m * N + n) * K;
+        for (int64_t k = 0; k < K; ++k)
+          gx[base + k] = backward_one<decltype(terms)::value>(p, x[base + k], gy[base + k], acc);
+      }
+    });
     auto* j = reinterpret_cast<const double(*)[kCoeffs]>(jac.data() + n * kPlanParams * kCoeffs);
     apply_jacobian(acc, j, partials + (t * N + n) * kCoeffs);
   }

@@ -157,16 +157,19 @@ struct RowGroup {
   }
 };
 
-// Whether any neuron of the calling thread's warp (its active lanes) has a smooth-step term;
-// warp-uniform, so kernels branch on it once to the element loop with or without that term.
+// The optional terms (deu_math.h's kTerm* bits) used by any neuron of the calling thread's warp
+// (its active lanes): warp-uniform, so kernels branch on it once, to the element loop compiled
+// for exactly those terms (with_terms, deu_math.h). Each lane's own terms are in the union, so
+// the result is right whatever the lanes that vote together.
 template <typename A>
-__device__ __forceinline__ bool warp_any_step(const Plan<A>& p) {
-  return __any_sync(__activemask(), p.step);
+__device__ __forceinline__ int warp_terms(const Plan<A>& p) {
+  return static_cast<int>(__reduce_or_sync(__activemask(), static_cast<unsigned>(plan_terms(p))));
 }
+
 
 // The rows walk of one thread: `cur` holds the group at row r (relative to the chunk start),
 // xp/yp point at that row; the next group is loaded before this one is computed.
-template <bool kStep, typename S, typename A>
+template <int kTerms, typename S, typename A>
 __device__ __forceinline__ void fwd_rows_walk(const Plan<A>& p, RowGroup<S> cur, const S* __restrict__ xp,
                                               S* __restrict__ yp, int r, int rows, int ty, int64_t stride) {
   const int step = kRowUnroll * ty;
@@ -176,11 +179,11 @@ __device__ __forceinline__ void fwd_rows_walk(const Plan<A>& p, RowGroup<S> cur,
     next.load(xp + adv, r + step, rows, ty, stride);
     if (r + (kRowUnroll - 1) * ty < rows) {
 #pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) yp[u * stride] = from_acc<S>(forward_one<kStep>(p, cur.v[u]));
+      for (int u = 0; u < kRowUnroll; ++u) yp[u * stride] = from_acc<S>(forward_one<kTerms>(p, cur.v[u]));
     } else {
 #pragma unroll
       for (int u = 0; u < kRowUnroll; ++u) {
-        if (r + u * ty < rows) yp[u * stride] = from_acc<S>(forward_one<kStep>(p, cur.v[u]));
+        if (r + u * ty < rows) yp[u * stride] = from_acc<S>(forward_one<kTerms>(p, cur.v[u]));
       }
     }
     cur = next;
@@ -202,14 +205,12 @@ __global__ void __launch_bounds__(kThreads)
   RowGroup<S> cur;
   cur.load(x + off, r, rows, ty, stride);
   const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
-  if (warp_any_step(p)) {
-    fwd_rows_walk<true>(p, cur, x + off, y + off, r, rows, ty, stride);
-  } else {
-    fwd_rows_walk<false>(p, cur, x + off, y + off, r, rows, ty, stride);
-  }
+  with_terms(warp_terms(p), [&](auto terms) {
+    fwd_rows_walk<decltype(terms)::value>(p, cur, x + off, y + off, r, rows, ty, stride);
+  });
 }
 
-template <bool kStep, typename S, typename A>
+template <int kTerms, typename S, typename A>
 __device__ __forceinline__ void bwd_rows_walk(const Plan<A>& p, RowGroup<S> xs, RowGroup<S> gs,
                                               const S* __restrict__ xp, const S* __restrict__ gp,
                                               S* __restrict__ gxp, int r, int rows, int ty,
@@ -223,11 +224,11 @@ __device__ __forceinline__ void bwd_rows_walk(const Plan<A>& p, RowGroup<S> xs, 
     if (r + (kRowUnroll - 1) * ty < rows) {
 #pragma unroll
       for (int u = 0; u < kRowUnroll; ++u)
-        gxp[u * stride] = from_acc<S>(backward_one<kStep>(p, xs.v[u], gs.v[u], acc));
+        gxp[u * stride] = from_acc<S>(backward_one<kTerms>(p, xs.v[u], gs.v[u], acc));
     } else {
 #pragma unroll
       for (int u = 0; u < kRowUnroll; ++u) {
-        if (r + u * ty < rows) gxp[u * stride] = from_acc<S>(backward_one<kStep>(p, xs.v[u], gs.v[u], acc));
+        if (r + u * ty < rows) gxp[u * stride] = from_acc<S>(backward_one<kTerms>(p, xs.v[u], gs.v[u], acc));
       }
     }
     xs = xn;
@@ -260,11 +261,9 @@ __global__ void __launch_bounds__(kThreads)
     xs.load(x + off, r, rows, ty, stride);
     gs.load(gy + off, r, rows, ty, stride);
     const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
-    if (warp_any_step(p)) {
-      bwd_rows_walk<true>(p, xs, gs, x + off, gy + off, gx + off, r, rows, ty, stride, acc);
-    } else {
-      bwd_rows_walk<false>(p, xs, gs, x + off, gy + off, gx + off, r, rows, ty, stride, acc);
-    }
+    with_terms(warp_terms(p), [&](auto terms) {
+      bwd_rows_walk<decltype(terms)::value>(p, xs, gs, x + off, gy + off, gx + off, r, rows, ty, stride, acc);
+    });
   }
   if (ty > 1) {
     // Row lanes of one column are summed by lane 0 in increasing order: deterministic.
@@ -331,7 +330,7 @@ __device__ __forceinline__ TileCoords tile_coords(int64_t tile, int64_t M, int64
 
 // A lane's walk over one tile: `cur` holds its unit at w (loaded by the caller before the
 // plan); the next unit is loaded before the current one is computed, as in the rows layout.
-template <bool kStep, typename S, int V, typename A>
+template <int kTerms, typename S, int V, typename A>
 __device__ __forceinline__ void fwd_tile(const Plan<A>& p, const TileCoords& tc, const S* __restrict__ x,
                                          S* __restrict__ y, int lane, int64_t row_stride, TileWalk w,
                                          Pack<S, V> cur) {
@@ -344,7 +343,7 @@ __device__ __forceinline__ void fwd_tile(const Plan<A>& p, const TileCoords& tc,
     if (u + 32 < units) next = load_pack<S, V>(x + tc.offset(w, row_stride, V));
     P out;
 #pragma unroll
-    for (int j = 0; j < V; ++j) out.v[j] = from_acc<S>(forward_one<kStep>(p, to_acc(cur.v[j])));
+    for (int j = 0; j < V; ++j) out.v[j] = from_acc<S>(forward_one<kTerms>(p, to_acc(cur.v[j])));
     *reinterpret_cast<P*>(y + off) = out;
     cur = next;
   }
@@ -367,18 +366,16 @@ __global__ void __launch_bounds__(kThreads)
     P first = {};
     if (lane < tc.rows * tc.lenv) first = load_pack<S, V>(x + tc.offset(w, row_stride, V));
     const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * tc.n);
-    if (p.step) {  // warp-uniform: one neuron per tile
-      fwd_tile<true, S, V>(p, tc, x, y, lane, row_stride, w, first);
-    } else {
-      fwd_tile<false, S, V>(p, tc, x, y, lane, row_stride, w, first);
-    }
+    with_terms(plan_terms(p), [&](auto terms) {  // warp-uniform: one neuron per tile
+      fwd_tile<decltype(terms)::value, S, V>(p, tc, x, y, lane, row_stride, w, first);
+    });
   }
 }
 
 template <typename T>
 __device__ __forceinline__ T shfl_xor(T v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 
-template <bool kStep, typename S, int V, typename A>
+template <int kTerms, typename S, int V, typename A>
 __device__ __forceinline__ void bwd_tile(const Plan<A>& p, const TileCoords& tc, const S* __restrict__ gy,
                                          const S* __restrict__ x, S* __restrict__ gx, int lane,
                                          int64_t row_stride, TileWalk w, Pack<S, V> xs, Pack<S, V> gs,
@@ -397,7 +394,7 @@ __device__ __forceinline__ void bwd_tile(const Plan<A>& p, const TileCoords& tc,
     P out;
 #pragma unroll
     for (int j = 0; j < V; ++j)
-      out.v[j] = from_acc<S>(backward_one<kStep>(p, to_acc(xs.v[j]), to_acc(gs.v[j]), acc));
+      out.v[j] = from_acc<S>(backward_one<kTerms>(p, to_acc(xs.v[j]), to_acc(gs.v[j]), acc));
     *reinterpret_cast<P*>(gx + off) = out;
     xs = xn;
     gs = gn;
@@ -432,11 +429,9 @@ __global__ void __launch_bounds__(kThreads)
         gs = load_pack<S, V>(gy + off);
       }
       const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * tc.n);
-      if (p.step) {  // warp-uniform: one neuron per tile
-        bwd_tile<true, S, V>(p, tc, gy, x, gx, lane, row_stride, w, xs, gs, acc);
-      } else {
-        bwd_tile<false, S, V>(p, tc, gy, x, gx, lane, row_stride, w, xs, gs, acc);
-      }
+      with_terms(plan_terms(p), [&](auto terms) {  // warp-uniform: one neuron per tile
+        bwd_tile<decltype(terms)::value, S, V>(p, tc, gy, x, gx, lane, row_stride, w, xs, gs, acc);
+      });
     }
     // Butterfly reduction: fixed order, every lane ends with the same (deterministic) sum.
 #pragma unroll

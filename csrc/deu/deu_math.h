@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define KF_HD __host__ __device__ __forceinline__
@@ -293,19 +294,48 @@ KF_HD void sincos_(float x, float* s, float* c) {
 #endif
 }
 
+// Optional terms of the template, as bits of a compile-time mask kTerms. A clear bit promises
+// that the neuron's coefficients of those basis functions are 0 on both sides of t = 0 (and
+// hence, case by case, that their Jacobian rows are 0 too), and drops their code. The GPU
+// kernels pick the mask per warp (the union over its neurons, see plan_terms): the common
+// neurons (the general, oscillator, hyperbolic and first-order cases) use none of them, and
+// predicated code still costs every element its issue slots (the step's sigmoid alone, 2 MUFU
+// ops and ~6 instructions).
+constexpr int kTermStep = 1;  // σ(100t) (basis 3): the smooth step
+constexpr int kTermPoly = 2;  // t, t² (basis 1, 2): identity, ramp, parabola, c ≈ 0
+constexpr int kTermTE1 = 4;   // t·E1·cos ωt (basis 5): critical damping
+constexpr int kAllTerms = kTermStep | kTermPoly | kTermTE1;
+
+template <typename T>
+KF_HD int plan_terms(const Plan<T>& p) {
+  const auto used = [&](int j) { return p.neg[j] != T(0) || p.pos[j] != T(0); };
+  return (p.step ? kTermStep : 0) | (used(1) || used(2) ? kTermPoly : 0) | (used(5) ? kTermTE1 : 0);
+}
+
+// f(std::integral_constant<int, terms>{}): a runtime term mask to a compile-time one.
+template <typename F>
+KF_HD void with_terms(int terms, F&& f) {
+  static_assert(kAllTerms == 7, "with_terms covers the masks 0..7");
+  switch (terms) {
+    case 0: return f(std::integral_constant<int, 0>{});
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    default: return f(std::integral_constant<int, kAllTerms>{});
+  }
+}
+
 // Values of the template's transcendental pieces at one t.
-//
-// kStep = false promises that the neuron has no smooth-step term (Plan::step is false), and
-// drops that term's code: the GPU kernels pick it per warp, since a step neuron (a, b ≈ 0) is
-// rare and its sigmoid, predicated rather than branched over, costs every element of every
-// warp 2 MUFU ops and ~6 instructions.
 template <typename T>
 struct Pieces {
   T e1, cs, sn, e2, sig;
   bool cap1, cap2;  // the exponent hit the cap (its derivative is then 0)
 };
 
-template <bool kStep = true, typename T>
+template <int kTerms = kAllTerms, typename T>
 KF_HD Pieces<T> pieces(const Plan<T>& p, T t) {
   Pieces<T> q;
   const T cap = T(kExpCap);
@@ -321,7 +351,7 @@ KF_HD Pieces<T> pieces(const Plan<T>& p, T t) {
   const T z2 = p.rho2 * t;
   q.cap2 = z2 > cap;
   q.e2 = p.e2 ? exp_(q.cap2 ? cap : z2) : T(0);
-  q.sig = kStep && p.step ? rcp_(T(1) + exp_(-T(kStepSlope) * t)) : T(0);
+  q.sig = (kTerms & kTermStep) && p.step ? rcp_(T(1) + exp_(-T(kStepSlope) * t)) : T(0);
   return q;
 }
 
@@ -346,42 +376,45 @@ KF_HD Side<T> side_of(const Plan<T>& p, bool pos) {
   return s;
 }
 
-// y(t) before the output clamp, from t's side coefficients k.
-// (Terms are added only when kStep says they exist: x + 0 is not x in IEEE arithmetic, so a
-// compiler must keep an added zero.)
-template <bool kStep = true, typename T>
+// y(t) before the output clamp, from t's side coefficients k. Terms are added only where
+// kTerms says they may exist: x + 0 is not x in IEEE arithmetic, so a compiler keeps an added
+// zero. Without the t, t² terms, t - t (0, or NaN for t = ±inf or NaN) keeps ±inf giving NaN,
+// as t·0 did.
+template <int kTerms = kAllTerms, typename T>
 KF_HD T eval_raw(const T* k, const Pieces<T>& q, T t) {
-  T y = k[0] + t * (k[1] + t * k[2]);
-  if (kStep) y += k[3] * q.sig;
-  return y + q.e1 * ((k[4] + k[5] * t) * q.cs + k[6] * q.sn) + k[7] * q.e2;
+  T y = (kTerms & kTermPoly) ? k[0] + t * (k[1] + t * k[2]) : k[0] + (t - t);
+  if (kTerms & kTermStep) y += k[3] * q.sig;
+  const T lin = (kTerms & kTermTE1) ? k[4] + k[5] * t : k[4];
+  return y + q.e1 * (lin * q.cs + k[6] * q.sn) + k[7] * q.e2;
 }
 
-template <bool kStep = true, typename T>
+template <int kTerms = kAllTerms, typename T>
 KF_HD T forward_one(const Plan<T>& p, T t) {
   const Side<T> s = side_of(p, t > T(0));
-  return clamp_out(eval_raw<kStep>(s.k, pieces<kStep>(p, t), t));
+  return clamp_out(eval_raw<kTerms>(s.k, pieces<kTerms>(p, t), t));
 }
 
 // Backward for one element with upstream gradient g: returns ∂L/∂t and adds ∂L/∂π into
-// acc (length kPlanParams, same order as the Jacobian rows). With kStep = false the step
-// term's accumulators (3 and 11) are left alone: their Jacobian rows are 0 for such neurons.
-template <bool kStep = true, typename T>
+// acc (length kPlanParams, same order as the Jacobian rows). The accumulators of terms
+// kTerms leaves out are left alone: their Jacobian rows are 0 for such neurons.
+template <int kTerms = kAllTerms, typename T>
 KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
-  const Pieces<T> q = pieces<kStep>(p, t);
+  constexpr bool kStep = kTerms & kTermStep, kPoly = kTerms & kTermPoly, kTE1 = kTerms & kTermTE1;
+  const Pieces<T> q = pieces<kTerms>(p, t);
   const bool pos = t > T(0);
   const Side<T> s = side_of(p, pos);
   const T* k = s.k;
-  const T yraw = eval_raw<kStep>(k, q, t);
+  const T yraw = eval_raw<kTerms>(k, q, t);
   const T m = T(kOutClamp);
   if (!(yraw >= -m && yraw <= m)) return T(0);  // clamp derivative is 0 outside
   const T basis[kBasis] = {T(1), t, t * t, q.sig, q.e1 * q.cs, t * q.e1 * q.cs, q.e1 * q.sn, q.e2};
   for (int j = 0; j < kBasis; ++j) {
-    if (!kStep && j == 3) continue;
+    if ((!kPoly && (j == 1 || j == 2)) || (!kStep && j == 3) || (!kTE1 && j == 5)) continue;
     const T gb = g * basis[j];
     acc[j] += gb;
     if (pos) acc[kBasis + j] += gb;
   }
-  const T lin = k[4] + k[5] * t;
+  const T lin = kTE1 ? k[4] + k[5] * t : k[4];
   const T osc = lin * q.cs + k[6] * q.sn;          // e1-bracket
   const T dosc = -lin * q.sn + k[6] * q.cs;        // its derivative w.r.t. (ω t)
   const T r1 = q.cap1 ? T(0) : p.rho1;
@@ -389,9 +422,10 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   acc[2 * kBasis] += q.cap1 ? T(0) : g * t * q.e1 * osc;
   acc[2 * kBasis + 1] += g * t * q.e1 * dosc;
   acc[2 * kBasis + 2] += q.cap2 ? T(0) : g * t * k[7] * q.e2;
-  T dy = k[1] + T(2) * k[2] * t;
+  T dy = q.e1 * (r1 * osc + p.omega * dosc) + k[7] * r2 * q.e2;
+  if (kPoly) dy += k[1] + T(2) * k[2] * t;
   if (kStep) dy += k[3] * T(kStepSlope) * q.sig * (T(1) - q.sig);
-  dy += q.e1 * (r1 * osc + k[5] * q.cs + p.omega * dosc) + k[7] * r2 * q.e2;
+  if (kTE1) dy += q.e1 * k[5] * q.cs;
   return g * dy;
 }
 
