@@ -48,7 +48,7 @@ template <> inline BF16 from_acc<BF16>(float v) {
 constexpr int64_t kRowsPerPartial = 64;
 
 // ---- f64: scalar, precise (std::exp/sin/cos through deu_math.h); used for gradcheck ------
-// Each neuron runs the element code compiled for its own terms (with_terms), the code the
+// Each neuron runs the element code compiled for its own terms (with_mask), the code the
 // CUDA kernels run for a warp: so the CPU float64 tests, at float64 tolerances, check every
 // term mask's math, not only the all-terms one.
 
@@ -58,7 +58,7 @@ void forward_f64(const double* x, double* y, const double* coeffs, int64_t M, in
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < M * N; ++r) {
     const Plan<double>& p = plans[r % N];
-    with_terms(plan_terms(p), [&](auto terms) {
+    with_mask(plan_terms(p), [&](auto terms) {
       for (int64_t k = 0; k < K; ++k) y[r * K + k] = forward_one<decltype(terms)::value>(p, x[r * K + k]);
     });
   }
@@ -80,7 +80,7 @@ void backward_f64(const double* gy, const double* x, const double* coeffs, doubl
     double acc[kPlanParams] = {};
     const Plan<double>& p = plans[n];
     const int64_t m1 = std::min(M, (t + 1) * kRowsPerPartial);
-    with_terms(plan_terms(p), [&](auto terms) {
+    with_mask(plan_terms(p), [&](auto terms) {
       for (int64_t m = t * kRowsPerPartial; m < m1; ++m) {
         const int64_t base = (m * N + n) * K;
         for (int64_t k = 0; k < K; ++k)
@@ -140,21 +140,6 @@ struct FloatPlans {
   }
 };
 
-// Calls body(std::integral_constant<int, F>) with the run-time flags F as a constant.
-template <typename Body>
-KF_SIMD void with_flags(int f, Body&& body) {
-  switch (f & 7) {
-    case 0: return body(std::integral_constant<int, 0>());
-    case 1: return body(std::integral_constant<int, 1>());
-    case 2: return body(std::integral_constant<int, 2>());
-    case 3: return body(std::integral_constant<int, 3>());
-    case 4: return body(std::integral_constant<int, 4>());
-    case 5: return body(std::integral_constant<int, 5>());
-    case 6: return body(std::integral_constant<int, 6>());
-    default: return body(std::integral_constant<int, 7>());
-  }
-}
-
 // With K == 1 a tile is walked neuron block outer, rows inner: consecutive loads are a row
 // apart (N floats, a different page each for N = 1024), which no hardware prefetcher
 // follows. Measured on the 2-core Xeon (1 thread, 4096x1024 fp32): the backward spent 50%
@@ -190,7 +175,7 @@ KF_CLONES void fwd_tile(const float* x, float* y, int64_t ld, const FloatPlans& 
     for (int64_t nb = n0; nb < n1; nb += kW) {
       const int cnt = static_cast<int>(std::min<int64_t>(kW, n1 - nb));
       const simd::VPlan p = simd::load_plan(P.soa.data(), P.stride, nb);
-      with_flags(P.bflags[nb / kW], [&](auto F) __attribute__((always_inline)) {
+      with_mask(P.bflags[nb / kW], [&](auto F) __attribute__((always_inline)) {
         for (int64_t m = 0; m < rows; ++m) {
           const int64_t o = m * ld + (nb - n0);
           prefetch_block(x + o + kW, y + o + kW);
@@ -202,7 +187,7 @@ KF_CLONES void fwd_tile(const float* x, float* y, int64_t ld, const FloatPlans& 
   }
   for (int64_t n = n0; n < n1; ++n) {
     const simd::VPlan p = simd::splat_plan(P.soa.data(), P.stride, n);
-    with_flags(P.flags[n], [&](auto F) __attribute__((always_inline)) {
+    with_mask(P.flags[n], [&](auto F) __attribute__((always_inline)) {
       for (int64_t m = 0; m < rows; ++m) {
         for (int64_t k = 0; k < K; k += kW) {
           const int cnt = static_cast<int>(std::min<int64_t>(kW, K - k));
@@ -226,7 +211,7 @@ KF_CLONES void bwd_tile(const float* gy, const float* x, float* gx, int64_t ld,
       const simd::VPlan p = simd::load_plan(P.soa.data(), P.stride, nb);
       simd::VAcc acc;
       for (int i = 0; i < kPlanParams; ++i) acc.a[i] = simd::splat(0.0f);
-      with_flags(P.bflags[nb / kW], [&](auto F) __attribute__((always_inline)) {
+      with_mask(P.bflags[nb / kW], [&](auto F) __attribute__((always_inline)) {
         for (int64_t m = 0; m < rows; ++m) {
           const int64_t o = m * ld + (nb - n0);
           prefetch_block(x + o + kW, gx + o + kW, gy + o + kW);
@@ -248,7 +233,7 @@ KF_CLONES void bwd_tile(const float* gy, const float* x, float* gx, int64_t ld,
     const simd::VPlan p = simd::splat_plan(P.soa.data(), P.stride, n);
     simd::VAcc acc;
     for (int i = 0; i < kPlanParams; ++i) acc.a[i] = simd::splat(0.0f);
-    with_flags(P.flags[n], [&](auto F) __attribute__((always_inline)) {
+    with_mask(P.flags[n], [&](auto F) __attribute__((always_inline)) {
       for (int64_t m = 0; m < rows; ++m) {
         for (int64_t k = 0; k < K; k += kW) {
           const int cnt = static_cast<int>(std::min<int64_t>(kW, K - k));

@@ -159,7 +159,7 @@ struct RowGroup {
 
 // The optional terms (deu_math.h's kTerm* bits) used by any neuron of the calling thread's warp
 // (its active lanes): warp-uniform, so kernels branch on it once, to the element loop compiled
-// for exactly those terms (with_terms, deu_math.h). Each lane's own terms are in the union, so
+// for exactly those terms (with_mask, deu_math.h). Each lane's own terms are in the union, so
 // the result is right whatever the lanes that vote together.
 template <typename A>
 __device__ __forceinline__ int warp_terms(const Plan<A>& p) {
@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kThreads)
   RowGroup<S> cur;
   cur.load(x + off, r, rows, ty, stride);
   const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
-  with_terms(warp_terms(p), [&](auto terms) {
+  with_mask(warp_terms(p), [&](auto terms) {
     fwd_rows_walk<decltype(terms)::value>(p, cur, x + off, y + off, r, rows, ty, stride);
   });
 }
@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(kThreads)
     xs.load(x + off, r, rows, ty, stride);
     gs.load(gy + off, r, rows, ty, stride);
     const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
-    with_terms(warp_terms(p), [&](auto terms) {
+    with_mask(warp_terms(p), [&](auto terms) {
       bwd_rows_walk<decltype(terms)::value>(p, xs, gs, x + off, gy + off, gx + off, r, rows, ty, stride, acc);
     });
   }
@@ -366,7 +366,7 @@ __global__ void __launch_bounds__(kThreads)
     P first = {};
     if (lane < tc.rows * tc.lenv) first = load_pack<S, V>(x + tc.offset(w, row_stride, V));
     const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * tc.n);
-    with_terms(plan_terms(p), [&](auto terms) {  // warp-uniform: one neuron per tile
+    with_mask(plan_terms(p), [&](auto terms) {  // warp-uniform: one neuron per tile
       fwd_tile<decltype(terms)::value, S, V>(p, tc, x, y, lane, row_stride, w, first);
     });
   }
@@ -429,7 +429,7 @@ __global__ void __launch_bounds__(kThreads)
         gs = load_pack<S, V>(gy + off);
       }
       const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * tc.n);
-      with_terms(plan_terms(p), [&](auto terms) {  // warp-uniform: one neuron per tile
+      with_mask(plan_terms(p), [&](auto terms) {  // warp-uniform: one neuron per tile
         bwd_tile<decltype(terms)::value, S, V>(p, tc, gy, x, gx, lane, row_stride, w, xs, gs, acc);
       });
     }

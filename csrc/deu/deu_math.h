@@ -20,8 +20,10 @@
 
 #if defined(__CUDACC__)
 #define KF_HD __host__ __device__ __forceinline__
+#define KF_HD_INLINE __host__ __device__ __forceinline__
 #else
 #define KF_HD inline
+#define KF_HD_INLINE inline __attribute__((always_inline))
 #endif
 
 namespace kfuse {
@@ -300,7 +302,7 @@ KF_HD void sincos_(float x, float* s, float* c) {
 // kernels pick the mask per warp (the union over its neurons, see plan_terms): the common
 // neurons (the general, oscillator, hyperbolic and first-order cases) use none of them, and
 // predicated code still costs every element its issue slots (the step's sigmoid alone, 2 MUFU
-// ops and ~6 instructions).
+// ops and ~6 instructions). with_mask turns a run-time mask into kTerms.
 constexpr int kTermStep = 1;  // σ(100t) (basis 3): the smooth step
 constexpr int kTermPoly = 2;  // t, t² (basis 1, 2): identity, ramp, parabola, c ≈ 0
 constexpr int kTermTE1 = 4;   // t·E1·cos ωt (basis 5): critical damping
@@ -312,11 +314,14 @@ KF_HD int plan_terms(const Plan<T>& p) {
   return (p.step ? kTermStep : 0) | (used(1) || used(2) ? kTermPoly : 0) | (used(5) ? kTermTE1 : 0);
 }
 
-// f(std::integral_constant<int, terms>{}): a runtime term mask to a compile-time one.
+// f(std::integral_constant<int, m>{}) for a run-time 3-bit mask m: the element code compiled
+// for exactly the terms a neuron, a warp (CUDA) or a block of lanes (CPU SIMD) uses. Always
+// inlined, also on the host: the CPU callers are compiled per ISA (target_clones) and the
+// code behind the switch must be compiled with their ISA.
 template <typename F>
-KF_HD void with_terms(int terms, F&& f) {
-  static_assert(kAllTerms == 7, "with_terms covers the masks 0..7");
-  switch (terms) {
+KF_HD_INLINE void with_mask(int m, F&& f) {
+  static_assert(kAllTerms == 7, "with_mask covers the masks 0..7");
+  switch (m & 7) {
     case 0: return f(std::integral_constant<int, 0>{});
     case 1: return f(std::integral_constant<int, 1>{});
     case 2: return f(std::integral_constant<int, 2>{});
