@@ -163,7 +163,9 @@ struct RowGroup {
 // the result is right whatever the lanes that vote together.
 template <typename A>
 __device__ __forceinline__ int warp_terms(const Plan<A>& p) {
-  return static_cast<int>(__reduce_or_sync(__activemask(), static_cast<unsigned>(plan_terms(p))));
+  const unsigned mine = static_cast<unsigned>(plan_terms(p));
+  const unsigned lanes = __activemask();  // the lanes converged here; each votes with its own set
+  return static_cast<int>(__reduce_or_sync(lanes, mine));
 }
 
 
