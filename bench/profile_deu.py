@@ -2,7 +2,8 @@
 
 Shows where a fwd+bwd row of the report spends its time (the kfuse kernels, the partial-sum
 reduction, anything autograd adds), and whether the step is host-bound: it prints the wall time
-per step of a synchronised loop beside the GPU time of its kernels. Usage:
+per step of a loop synchronised at its end, the host time to issue a step, and the GPU time of
+its kernels. Usage:
 ``python bench/profile_deu.py [--shape 8192 4096]``.
 """
 
@@ -40,6 +41,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for _ in range(20):
             step()
+        host_us = (time.perf_counter() - t0) / 20 * 1e6  # issuing only (the GPU may lag)
         torch.cuda.synchronize()
         wall_us = (time.perf_counter() - t0) / 20 * 1e6
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -48,8 +50,9 @@ def main() -> None:
             torch.cuda.synchronize()
         events = prof.key_averages()
         gpu_us = sum(e.self_device_time_total for e in events) / args.iters
-        print(f"== {backend} {args.dtype} {args.shape}: wall {wall_us:.1f} us per fwd+bwd step, "
-              f"GPU kernels {gpu_us:.1f} us per step ({args.iters} profiled iterations)")
+        print(f"== {backend} {args.dtype} {args.shape}: wall {wall_us:.1f} us per fwd+bwd step "
+              f"(host {host_us:.1f} us to issue it), GPU kernels {gpu_us:.1f} us per step "
+              f"({args.iters} profiled iterations): {'host' if host_us > gpu_us else 'GPU'}-bound")
         print(events.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
