@@ -1,6 +1,6 @@
 """Per-kernel GPU time of ``kfuse.deu`` forward+backward through autograd, per backend.
 
-Shows where a fwd+bwd row of the report spends its time (the kfuse kernels, the partial-sum
+Shows where a fwd+bwd row of the report spends its time (the kfuse kernels, the backward's
 reduction, anything autograd adds), and whether the step is host-bound: it prints the wall time
 per step of a loop synchronised at its end, the host time to issue a step, and the GPU time of
 its kernels. Usage:
