@@ -5,8 +5,8 @@
 // CPU: partials is [backward_cpu_num_partials, N, 5]; the caller sums it over dim 0 (a fixed
 // order, so the parameter gradient is deterministic).
 // CUDA: backward_cuda writes grad_coeffs itself (deterministically), using a workspace of
-// backward_cuda_workspace_elems elements: 19 sums per (tile, neuron), about 20 MB of fp32 plus
-// 76 bytes per neuron at most (the tilings keep tiles x neurons near 2^18).
+// backward_cuda_workspace_elems elements: 19 sums per tile and neuron (for [M, N] inputs at
+// most ~5M plus 19 per neuron, for planes ~0.5% of x's element count).
 #pragma once
 
 #include <cstdint>
