@@ -30,6 +30,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -87,23 +88,29 @@ struct RowTiling {
   int64_t row_blocks;       // ceil(M / rows_per_block)
 };
 
-// target_blocks: enough blocks for several waves on 132 SMs; min_rows: rows per thread at
+// target_blocks: blocks to aim for, at most (min_rows allowing); min_rows: rows per thread at
 // least, so the per-block plan cost is amortised. The number of row blocks never exceeds
-// target_blocks / col_blocks + 1, which keeps grid.y small and, in the backward, the workspace
-// small (e.g. 8192 x 4096: 64 row chunks, 20 MB of fp32 sums, written and read once: ~5 us).
+// max(1, target_blocks / col_blocks), which keeps grid.y small and, in the backward, the
+// workspace small (e.g. 8192 x 4096: 64 row chunks, 20 MB of fp32 sums, written and read
+// once: ~5 us).
 RowTiling row_tiling(int64_t M, int64_t N, int64_t target_blocks, int64_t min_rows) {
   RowTiling t;
   t.tx = static_cast<int>(std::min<int64_t>(kThreads, cdiv(N, 32) * 32));
   t.ty = kThreads / t.tx;
   t.col_blocks = cdiv(N, t.tx);
-  const int64_t want_row_blocks = std::max<int64_t>(1, cdiv(target_blocks, t.col_blocks));
+  const int64_t want_row_blocks = std::max<int64_t>(1, target_blocks / t.col_blocks);
   int64_t rpb = std::max<int64_t>(cdiv(M, want_row_blocks), t.ty * min_rows);
   rpb = cdiv(rpb, t.ty) * t.ty;
   t.rows_per_block = rpb;
   t.row_blocks = cdiv(M, rpb);
   return t;
 }
-constexpr int64_t kRowsFwdTargetBlocks = 2048, kRowsFwdMinRows = 32;
+// Forward: one wave of blocks (every block resident at once, see fwd_rows_resident_blocks),
+// all with the same rows, so no partial last wave idles most SMs: 2048 blocks of 8192 x 4096
+// were 3.1 waves at the 5 blocks per SM of the pipelined kernel, their last ~10% full. The
+// backward keeps a fixed target (its partition, hence its rounding, must not depend on the
+// device): 1024 blocks are 3.9 waves at its 2 blocks per SM on 132 SMs.
+constexpr int64_t kRowsFwdMinRows = 32;
 constexpr int64_t kRowsBwdTargetBlocks = 1024, kRowsBwdMinRows = 32;
 
 struct PlaneTiling {
@@ -495,12 +502,35 @@ int64_t plane_blocks(const PlaneTiling& pt) {
   return std::min<int64_t>(cdiv(pt.tiles, kWarpsPerBlock), int64_t(1) << 30);
 }
 
+// Blocks of fwd_rows_kernel<S> resident at once on the current device (SMs x blocks per SM),
+// cached per device; 2048 if the runtime cannot say.
+template <typename S>
+int64_t fwd_rows_resident_blocks() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int64_t> cached[kMaxDevices];  // 0: not yet known (static: zeroed)
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 2048;
+  if (dev < kMaxDevices) {
+    if (const int64_t c = cached[dev].load(std::memory_order_relaxed)) return c;
+  }
+  int sms = 0, per_sm = 0;
+  int64_t blocks = 2048;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fwd_rows_kernel<S>, kThreads, 0) == cudaSuccess) {
+    if (sms > 0 && per_sm > 0) blocks = static_cast<int64_t>(sms) * per_sm;
+  } else {
+    cudaGetLastError();  // the failed query's error must not be taken for the launch's
+  }
+  if (dev < kMaxDevices) cached[dev].store(blocks, std::memory_order_relaxed);
+  return blocks;
+}
+
 template <typename S>
 void forward_typed(const S* x, S* y, const typename AccOf<S>::type* coeffs, int64_t M, int64_t N,
                    int64_t K, cudaStream_t stream) {
   if (M <= 0 || N <= 0 || K <= 0) return;
   if (use_rows_layout(N, K)) {
-    const RowTiling t = row_tiling(M, N, kRowsFwdTargetBlocks, kRowsFwdMinRows);
+    const RowTiling t = row_tiling(M, N, fwd_rows_resident_blocks<S>(), kRowsFwdMinRows);
     const dim3 grid(static_cast<unsigned>(t.col_blocks), static_cast<unsigned>(t.row_blocks));
     fwd_rows_kernel<S><<<grid, dim3(t.tx, t.ty), 0, stream>>>(x, y, coeffs, M, N, t.rows_per_block);
     return check_launch("deu fwd_rows");
