@@ -87,9 +87,9 @@ float urand() {
 // The backward's scratch, in accumulation-type elements: the workspace, or (kernels before
 // KFUSE_DEU_CUDA_BACKWARD_WRITES_GRAD_COEFFS) the partials, whose sum over tiles, a separate
 // torch op then, is not timed.
-int64_t scratch_elems(int64_t M, int64_t N, int64_t K) {
+int64_t scratch_elems(DType dt, int64_t M, int64_t N, int64_t K) {
 #ifdef KFUSE_DEU_CUDA_BACKWARD_WRITES_GRAD_COEFFS
-  return kfuse::deu::backward_cuda_workspace_elems(M, N, K);
+  return kfuse::deu::backward_cuda_workspace_elems(dt, M, N, K);
 #else
   return kfuse::deu::backward_cuda_num_partials(M, N, K) * N * 5;
 #endif
@@ -101,7 +101,7 @@ struct Case {
   size_t n;
   void *x, *y, *gy, *gx, *co, *gc, *part;
   Case(DType dt_, int64_t M_, int64_t N_, int64_t K_, bool with_steps)
-      : dt(dt_), M(M_), N(N_), K(K_), S(scratch_elems(M_, N_, K_)), n(static_cast<size_t>(M_) * N_ * K_) {
+      : dt(dt_), M(M_), N(N_), K(K_), S(scratch_elems(dt_, M_, N_, K_)), n(static_cast<size_t>(M_) * N_ * K_) {
     const size_t es = elem_size(dt), as = acc_size(dt);
     std::vector<char> hx(n * es), hc(N * 5 * as);
     for (size_t i = 0; i < n; ++i) put(dt, hx.data(), i, (urand() * 2 - 1) * 3);

@@ -78,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> deu_backward(const at::Tensor& grad_y, const 
 #ifdef KFUSE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
     at::Tensor grad_coeffs = at::empty_like(coeffs);
-    at::Tensor workspace = at::empty({kfuse::deu::backward_cuda_workspace_elems(M, N, K)}, coeffs.options());
+    at::Tensor workspace = at::empty({kfuse::deu::backward_cuda_workspace_elems(to_dtype(x), M, N, K)}, coeffs.options());
     kfuse::deu::backward_cuda(to_dtype(x), grad_y.data_ptr(), x.data_ptr(), coeffs.data_ptr(),
                               grad_x.data_ptr(), grad_coeffs.data_ptr(), workspace.data_ptr(), M, N, K,
                               at::cuda::getCurrentCUDAStream().stream());

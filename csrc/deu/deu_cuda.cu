@@ -105,13 +105,12 @@ RowTiling row_tiling(int64_t M, int64_t N, int64_t target_blocks, int64_t min_ro
   t.row_blocks = cdiv(M, rpb);
   return t;
 }
-// Forward: one wave of blocks (every block resident at once, see fwd_rows_resident_blocks),
-// all with the same rows, so no partial last wave idles most SMs: 2048 blocks of 8192 x 4096
-// were 3.1 waves at the 5 blocks per SM of the pipelined kernel, their last ~10% full. The
-// backward keeps a fixed target (its partition, hence its rounding, must not depend on the
-// device): 1024 blocks are 3.9 waves at its 2 blocks per SM on 132 SMs.
-constexpr int64_t kRowsFwdMinRows = 32;
-constexpr int64_t kRowsBwdTargetBlocks = 1024, kRowsBwdMinRows = 32;
+// Both rows kernels launch one wave of blocks (every block resident at once, see
+// resident_blocks), all with the same rows, so no partial last wave idles most SMs: the fixed
+// 2048 forward blocks of 8192 x 4096 were 3.1 waves at the pipelined kernel's 5 blocks per SM,
+// the last ~10% full. The backward's partition, hence the order of its sums, then depends on
+// the device: it is deterministic run to run on one device, as before.
+constexpr int64_t kRowsFwdMinRows = 32, kRowsBwdMinRows = 32;
 
 struct PlaneTiling {
   int64_t R;        // rows (m) per warp tile
@@ -244,9 +243,18 @@ __device__ __forceinline__ void bwd_rows_walk(const Plan<A>& p, RowGroup<S> xs, 
   }
 }
 
+// Blocks per SM the backward rows kernel is compiled for: 3 (at most 80 registers) for float
+// compute, for 24 warps per SM instead of 16. Uncapped it took 97 registers (sm_90), so 2
+// blocks of 256 threads; capped, the element loops of every term mask stay within ~2% of their
+// size and only loops of masks with several rare terms spill (a few words; none in the
+// common mask-0 loop). Not yet timed: the micro's A/B says whether the cap pays. Double
+// compute takes ~160 registers.
+template <typename S>
+constexpr int kBwdRowsMinBlocks = sizeof(S) == 8 ? 1 : 3;
+
 // grid = (col_blocks, row_blocks): block (bx, rb) writes workspace[rb, :, its columns].
 template <typename S>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBwdRowsMinBlocks<S>)
     bwd_rows_kernel(const S* __restrict__ gy, const S* __restrict__ x,
                     const typename AccOf<S>::type* __restrict__ coeffs, S* __restrict__ gx,
                     typename AccOf<S>::type* __restrict__ workspace, int64_t M, int64_t N,
@@ -502,27 +510,47 @@ int64_t plane_blocks(const PlaneTiling& pt) {
   return std::min<int64_t>(cdiv(pt.tiles, kWarpsPerBlock), int64_t(1) << 30);
 }
 
-// Blocks of fwd_rows_kernel<S> resident at once on the current device (SMs x blocks per SM),
-// cached per device; 2048 if the runtime cannot say.
-template <typename S>
-int64_t fwd_rows_resident_blocks() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int64_t> cached[kMaxDevices];  // 0: not yet known (static: zeroed)
+// Blocks of `kernel` (kThreads each, `smem` bytes of dynamic shared memory) resident at once on
+// the current device: SMs x blocks per SM, cached per device in `cache`; 2048 if the runtime
+// cannot say.
+constexpr int kMaxDevices = 64;
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel, size_t smem, std::atomic<int64_t>* cache) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 2048;
   if (dev < kMaxDevices) {
-    if (const int64_t c = cached[dev].load(std::memory_order_relaxed)) return c;
+    if (const int64_t c = cache[dev].load(std::memory_order_relaxed)) return c;
   }
   int sms = 0, per_sm = 0;
   int64_t blocks = 2048;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fwd_rows_kernel<S>, kThreads, 0) == cudaSuccess) {
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) == cudaSuccess) {
     if (sms > 0 && per_sm > 0) blocks = static_cast<int64_t>(sms) * per_sm;
   } else {
     cudaGetLastError();  // the failed query's error must not be taken for the launch's
   }
-  if (dev < kMaxDevices) cached[dev].store(blocks, std::memory_order_relaxed);
+  if (dev < kMaxDevices) cache[dev].store(blocks, std::memory_order_relaxed);
   return blocks;
+}
+
+template <typename S>
+int64_t fwd_rows_resident_blocks() {
+  static std::atomic<int64_t> cache[kMaxDevices];  // static: zeroed, 0 = not yet known
+  return resident_blocks(fwd_rows_kernel<S>, 0, cache);
+}
+
+// The backward's shared memory (row lanes' sums) when a block has several row lanes (N < 256).
+template <typename S>
+size_t bwd_rows_smem(const RowTiling& t) {
+  return t.ty > 1 ? sizeof(typename AccOf<S>::type) * kPlanParams * t.tx * t.ty : 0;
+}
+
+template <typename S>
+RowTiling bwd_row_tiling(int64_t M, int64_t N) {
+  static std::atomic<int64_t> cache[2][kMaxDevices];  // [with row lanes][device]
+  const RowTiling probe = row_tiling(M, N, 1, kRowsBwdMinRows);  // tx, ty depend on N only
+  const size_t smem = bwd_rows_smem<S>(probe);
+  return row_tiling(M, N, resident_blocks(bwd_rows_kernel<S>, smem, cache[smem > 0]), kRowsBwdMinRows);
 }
 
 template <typename S>
@@ -547,8 +575,9 @@ void forward_typed(const S* x, S* y, const typename AccOf<S>::type* coeffs, int6
 }
 
 // Workspace rows P: one per row block (rows layout) or per (m chunk, k chunk) (planes).
+template <typename S>
 int64_t num_partials(int64_t M, int64_t N, int64_t K) {
-  if (use_rows_layout(N, K)) return row_tiling(M, N, kRowsBwdTargetBlocks, kRowsBwdMinRows).row_blocks;
+  if (use_rows_layout(N, K)) return bwd_row_tiling<S>(M, N).row_blocks;
   const PlaneTiling pt = plane_tiling(M, N, K, kPlaneBwdElems);
   return pt.mchunks * pt.kchunks;
 }
@@ -560,9 +589,9 @@ void backward_typed(const S* gy, const S* x, const typename AccOf<S>::type* coef
   using A = typename AccOf<S>::type;
   if (M <= 0 || N <= 0 || K <= 0) return;
   if (use_rows_layout(N, K)) {
-    const RowTiling t = row_tiling(M, N, kRowsBwdTargetBlocks, kRowsBwdMinRows);
+    const RowTiling t = bwd_row_tiling<S>(M, N);
     const dim3 grid(static_cast<unsigned>(t.col_blocks), static_cast<unsigned>(t.row_blocks));
-    const size_t smem = t.ty > 1 ? sizeof(A) * kPlanParams * t.tx * t.ty : 0;
+    const size_t smem = bwd_rows_smem<S>(t);
     bwd_rows_kernel<S><<<grid, dim3(t.tx, t.ty), smem, stream>>>(gy, x, coeffs, gx, workspace, M, N,
                                                                  t.rows_per_block);
     check_launch("deu bwd_rows");
@@ -579,7 +608,7 @@ void backward_typed(const S* gy, const S* x, const typename AccOf<S>::type* coef
   }
   const unsigned finish_blocks = static_cast<unsigned>(cdiv(N, kFinishNeurons));
   bwd_finish_kernel<A><<<finish_blocks, dim3(kFinishNeurons, kFinishLanes), 0, stream>>>(
-      workspace, coeffs, grad_coeffs, num_partials(M, N, K), N);
+      workspace, coeffs, grad_coeffs, num_partials<S>(M, N, K), N);
   check_launch("deu bwd_finish");
 }
 
@@ -605,9 +634,15 @@ void forward_cuda(DType dtype, const void* x, void* y, const void* coeffs, int64
   throw std::runtime_error("kfuse deu forward_cuda: unsupported dtype");
 }
 
-int64_t backward_cuda_workspace_elems(int64_t M, int64_t N, int64_t K) {
+int64_t backward_cuda_workspace_elems(DType dtype, int64_t M, int64_t N, int64_t K) {
   if (M <= 0 || N <= 0 || K <= 0) return 0;
-  return num_partials(M, N, K) * kPlanParams * N;
+  switch (dtype) {
+    case DType::f32: return num_partials<float>(M, N, K) * kPlanParams * N;
+    case DType::f64: return num_partials<double>(M, N, K) * kPlanParams * N;
+    case DType::f16: return num_partials<__half>(M, N, K) * kPlanParams * N;
+    case DType::bf16: return num_partials<__nv_bfloat16>(M, N, K) * kPlanParams * N;
+  }
+  throw std::runtime_error("kfuse deu backward_cuda_workspace_elems: unsupported dtype");
 }
 
 void backward_cuda(DType dtype, const void* grad_y, const void* x, const void* coeffs,
