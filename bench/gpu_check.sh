@@ -55,18 +55,22 @@ step() {
 } >"$OUT/env.log" 2>&1
 
 # The torch-free CUDA microbenchmark, compiled beside the build: the current kernels ("fast"),
-# and those of a baseline commit (KFUSE_BASE, default below: the last commit measured on a GPU)
-# for an A/B in the same run, when git can export it here. KFUSE_MICRO="fast precise" adds the
-# libm-math build (measured 1.5x slower forward on 2026-11-26).
+# the same with one tuning knob changed ("bwd2": the backward rows kernel uncapped, 2 blocks per
+# SM instead of 3; "fixed": 2048-block rows grids instead of one wave), and the kernels of a
+# baseline commit (KFUSE_BASE, default below: the last commit measured on a GPU), for an A/B in
+# the same run when git can export it here. "precise" (libm math, measured 1.5x slower forward
+# on 2026-11-26) can be added through KFUSE_MICRO.
 ARCH=$(python3 -c 'import torch; print("sm_%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo sm_90)
 BASE=${KFUSE_BASE:-a65fb6c}
-read -r -a MICRO <<<"${KFUSE_MICRO:-fast}"
+read -r -a MICRO <<<"${KFUSE_MICRO:-fast bwd2 fixed}"
 if mkdir -p /tmp/deu_base && git archive "$BASE" csrc | tar -x -C /tmp/deu_base 2>>"$OUT/micro.log"; then
     MICRO+=(base)
 fi
 for variant in "${MICRO[@]}"; do
     flags=(-DKFUSE_MICRO_LABEL="\"$variant\"" -Icsrc/deu)
     [[ $variant == precise ]] && flags+=(-DKFUSE_DEU_PRECISE_MATH)
+    [[ $variant == bwd2 ]] && flags+=(-DKFUSE_DEU_BWD_ROWS_MIN_BLOCKS=2)
+    [[ $variant == fixed ]] && flags+=(-DKFUSE_DEU_ROWS_BLOCKS=2048)
     [[ $variant == base ]] && flags=(-DKFUSE_MICRO_LABEL="\"base $BASE\"" -I/tmp/deu_base/csrc/deu)
     nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch="$ARCH" -DKFUSE_WITH_CUDA "${flags[@]}" \
         bench/deu_cuda_micro.cu -o "/tmp/deu_micro_$variant" >>"$OUT/micro.log" 2>&1 &

@@ -249,8 +249,12 @@ __device__ __forceinline__ void bwd_rows_walk(const Plan<A>& p, RowGroup<S> xs, 
 // size and only loops of masks with several rare terms spill (a few words; none in the
 // common mask-0 loop). Not yet timed: the micro's A/B says whether the cap pays. Double
 // compute takes ~160 registers.
+// (-DKFUSE_DEU_BWD_ROWS_MIN_BLOCKS=n overrides the 3, for bench/deu_cuda_micro.cu's A/B builds.)
+#ifndef KFUSE_DEU_BWD_ROWS_MIN_BLOCKS
+#define KFUSE_DEU_BWD_ROWS_MIN_BLOCKS 3
+#endif
 template <typename S>
-constexpr int kBwdRowsMinBlocks = sizeof(S) == 8 ? 1 : 3;
+constexpr int kBwdRowsMinBlocks = sizeof(S) == 8 ? 1 : KFUSE_DEU_BWD_ROWS_MIN_BLOCKS;
 
 // grid = (col_blocks, row_blocks): block (bx, rb) writes workspace[rb, :, its columns].
 template <typename S>
@@ -514,8 +518,12 @@ int64_t plane_blocks(const PlaneTiling& pt) {
 // the current device: SMs x blocks per SM, cached per device in `cache`; 2048 if the runtime
 // cannot say.
 constexpr int kMaxDevices = 64;
+// (-DKFUSE_DEU_ROWS_BLOCKS=n makes it n instead, for bench/deu_cuda_micro.cu's A/B builds.)
 template <typename Kernel>
 int64_t resident_blocks(Kernel kernel, size_t smem, std::atomic<int64_t>* cache) {
+#ifdef KFUSE_DEU_ROWS_BLOCKS
+  return KFUSE_DEU_ROWS_BLOCKS;
+#endif
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 2048;
   if (dev < kMaxDevices) {
