@@ -2,9 +2,10 @@
 # The one script for a GPU machine (offline), run from the repository root:
 #   bash bench/gpu_check.sh            # writes under $OUT (default: gpu_out/)
 # Builds kfuse in place with its CUDA kernels, runs the CUDA tests, the standalone CUDA
-# microbenchmark (against a baseline commit's kernels), compute-sanitizer on odd shapes, ncu on
-# the target shape, the fwd+bwd profile, the report (python -m kfuse --device cuda), then the
-# whole suite and a short pytest-benchmark pass if time is left, and prints a summary last. Every step runs even when an earlier one failed,
+# microbenchmark (against a baseline commit's kernels), compute-sanitizer on odd shapes, the
+# report (python -m kfuse --device cuda), the microbenchmark's tuning-knob A/B builds, ncu on the
+# target shape and the fwd+bwd profile, then the whole suite and a short pytest-benchmark pass if
+# time is left, and prints a summary last. Every step runs even when an earlier one failed,
 # each under `timeout`, and a deadline (KFUSE_GPU_DEADLINE, default 470 s) keeps the whole run
 # well under 8 minutes.
 # Files under $OUT (8): env.log build.log tests.log micro.log report.log bench.log report/report.{json,png}
@@ -89,23 +90,29 @@ python3 -c 'import kfuse; print("kfuse.availability():", kfuse.availability())' 
 
 step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda
 wait  # the microbenchmark builds
-for variant in "${MICRO[@]}"; do
-    step "micro-$variant" "$OUT/micro.log" 40 "/tmp/deu_micro_$variant"
+# The kernels now and at the baseline first; then out-of-bounds accesses on odd shapes (every
+# dtype, both layouts).
+for variant in fast base; do
+    [[ -x /tmp/deu_micro_$variant ]] && step "micro-$variant" "$OUT/micro.log" 40 "/tmp/deu_micro_$variant"
 done
-# Out-of-bounds accesses on odd shapes (every dtype, both layouts), then the hardware counters
-# of the rows kernels on the target shape (occupancy, issue and memory utilisation).
 step sanitize "$OUT/micro.log" 60 compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/deu_micro_fast sanitize
+# The report is what matters most: all the time left but ~150 s for the diagnostics after it
+# (up to 270 s, at least 90); its --time-budget stops starting new cases 60 s before the timeout
+# (a case takes up to ~40 s). fp32 first: the targets' dtype.
+budget=$(($(left) - 150))
+((budget > 270)) && budget=270
+((budget < 90)) && budget=90
+step report "$OUT/report.log" "$budget" python3 -m kfuse --device cuda --out "$OUT/report" \
+    --time-budget $((budget - 60))
+# The knob A/B builds, the hardware counters of the rows kernels on the target shape (occupancy,
+# issue and memory utilisation), and whether the fwd+bwd step through autograd is host-bound.
+for variant in "${MICRO[@]}"; do
+    [[ $variant == fast || $variant == base ]] || step "micro-$variant" "$OUT/micro.log" 40 "/tmp/deu_micro_$variant"
+done
 step ncu "$OUT/micro.log" 60 ncu --clock-control none -k regex:rows_kernel \
     --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
     /tmp/deu_micro_fast profile
-# Is the fwd+bwd step through autograd host-bound? (wall time per step vs its kernels' time)
 step profile "$OUT/micro.log" 60 python3 bench/profile_deu.py
-# The report is what matters most: all the time left but ~90 s for the whole suite (up to 270 s);
-# its --time-budget stops starting new cases 60 s before the timeout (a case takes up to ~40 s).
-budget=$(($(left) - 90))
-((budget > 270)) && budget=270
-step report "$OUT/report.log" "$budget" python3 -m kfuse --device cuda --out "$OUT/report" \
-    --time-budget $((budget > 90 ? budget - 60 : 30))
 step tests-all "$OUT/tests.log" 120 python3 -m pytest tests -q
 step bench "$OUT/bench.log" 60 python3 -m pytest bench/bench_deu.py --benchmark-only -q -k "not compile" \
     --benchmark-max-time=0.2 --benchmark-min-rounds=3 --benchmark-columns=min,median,rounds
