@@ -329,6 +329,16 @@ struct TileCoords {
   }
 };
 
+// The planes kernels' warps grid-stride over the warp tiles: this warp's first tile, and the
+// stride between its tiles.
+struct WarpTiles {
+  int64_t first, stride;
+};
+__device__ __forceinline__ WarpTiles warp_tiles() {
+  return {static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5),
+          static_cast<int64_t>(gridDim.x) * kWarpsPerBlock};
+}
+
 template <typename S, int V>
 __device__ __forceinline__ Pack<S, V> load_pack(const S* __restrict__ p) {
   return *reinterpret_cast<const Pack<S, V>*>(p);
@@ -377,10 +387,9 @@ __global__ void __launch_bounds__(kThreads)
   using A = typename AccOf<S>::type;
   using P = Pack<S, V>;
   const int lane = threadIdx.x & 31;
-  const int64_t warp0 = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  const int64_t wstride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const WarpTiles wt = warp_tiles();
   const int64_t row_stride = N * K;
-  for (int64_t tile = warp0; tile < pt.tiles; tile += wstride) {
+  for (int64_t tile = wt.first; tile < pt.tiles; tile += wt.stride) {
     const TileCoords tc = tile_coords(tile, M, N, K, pt, V);
     const TileWalk w(lane, tc.lenv);
     P first = {};
@@ -431,11 +440,10 @@ __global__ void __launch_bounds__(kThreads)
   using A = typename AccOf<S>::type;
   using P = Pack<S, V>;
   const int lane = threadIdx.x & 31;
-  const int64_t warp0 = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  const int64_t wstride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const WarpTiles wt = warp_tiles();
   const int64_t row_stride = N * K;
   // tile is warp-uniform, so every lane runs the same iterations (full-mask shuffles are safe).
-  for (int64_t tile = warp0; tile < pt.tiles; tile += wstride) {
+  for (int64_t tile = wt.first; tile < pt.tiles; tile += wt.stride) {
     const TileCoords tc = tile_coords(tile, M, N, K, pt, V);
     A acc[kPlanParams];
 #pragma unroll
