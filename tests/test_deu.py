@@ -267,6 +267,47 @@ def test_empty_and_deterministic(backend: str, device: str, seed: int) -> None:
     assert torch.equal(g1, g2), "parameter gradients must be bitwise reproducible"
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_side_stream_and_cuda_graph(backend: str, seed: int) -> None:
+    """fwd+bwd on a side stream, and captured in a CUDA graph then replayed on new inputs (as
+    torch.compile's "reduce-overhead" mode does), give bitwise the default stream's eager
+    results: the kernels run on the current stream, allocate nothing outside torch's allocator
+    and keep no launch state that a replay would miss. At a width with several column blocks
+    and a ragged last warp, and enough rows for many row chunks. (Bitwise, not against the
+    reference: at 4M elements some inputs of these coefficients cancel ~1e6-sized terms, where
+    fp32 itself is beyond the tolerance; the other tests check the values.)"""
+    m, n = 1031, 4103
+    coeffs = case_coeffs(n // 11 + 1, dtype=torch.float32, device="cuda")[:n].requires_grad_()
+    x = make_x((m, n), torch.float32, "cuda").requires_grad_()
+    gy = torch.randn(m, n, device="cuda")
+
+    def step() -> tuple[torch.Tensor, ...]:
+        y = kfuse.deu(x, coeffs, backend=backend)
+        return (y.detach(), *torch.autograd.grad(y, (x, coeffs), gy))
+
+    def check(got: tuple[torch.Tensor, ...], what: str) -> None:
+        torch.cuda.synchronize()
+        want = step()
+        for g, w, name in zip(got, want, ("y", "grad_x", "grad_coeffs"), strict=True):
+            assert torch.equal(g, w), f"{name} {backend} {what} differs from the eager result"
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = step()  # also the warm-up a capture needs (Triton compiles, allocator pools)
+    torch.cuda.current_stream().wait_stream(side)
+    check(on_side, "on a side stream")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        x.copy_(make_x((m, n), torch.float32, "cuda"))
+        gy.copy_(torch.randn(m, n, device="cuda"))
+    graph.replay()
+    check(captured, "replayed from a CUDA graph")
+
+
 @pytest.mark.parametrize("shape,dim", [
     ((1,), 0), ((1, 1), -1), ((130, 1), -1), ((129, 15), -1), ((65, 16), -1), ((3, 17), -1),
     ((2, 100), -1), ((130, 40), -1), ((2, 7, 16), 1), ((3, 5, 17), 1), ((1, 3, 7, 7), 1),
