@@ -57,13 +57,15 @@ step() {
 
 # The torch-free CUDA microbenchmark, compiled beside the build: the current kernels ("fast"),
 # the same with one tuning knob changed ("bwd2": the backward rows kernel uncapped, 2 blocks per
-# SM instead of 3; "fixed": 2048-block rows grids instead of one wave), and the kernels of a
+# SM instead of 3; "fixed": 2048-block rows grids instead of one wave; "fwd6": the forward rows
+# kernel at 6 blocks per SM instead of 5; "fwdu8": its row groups of 8 instead of 4, at 5 blocks
+# per SM), and the kernels of a
 # baseline commit (KFUSE_BASE, default below: the last commit measured on a GPU), for an A/B in
 # the same run when git can export it here. "precise" (libm math, measured 1.5x slower forward
 # on 2026-11-26) can be added through KFUSE_MICRO.
 ARCH=$(python3 -c 'import torch; print("sm_%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo sm_90)
 BASE=${KFUSE_BASE:-a65fb6c}
-read -r -a MICRO <<<"${KFUSE_MICRO:-fast bwd2 fixed}"
+read -r -a MICRO <<<"${KFUSE_MICRO:-fast bwd2 fixed fwd6 fwdu8}"
 if mkdir -p /tmp/deu_base && git archive "$BASE" csrc | tar -x -C /tmp/deu_base 2>>"$OUT/micro.log"; then
     MICRO+=(base)
 fi
@@ -72,6 +74,8 @@ for variant in "${MICRO[@]}"; do
     [[ $variant == precise ]] && flags+=(-DKFUSE_DEU_PRECISE_MATH)
     [[ $variant == bwd2 ]] && flags+=(-DKFUSE_DEU_BWD_ROWS_MIN_BLOCKS=2)
     [[ $variant == fixed ]] && flags+=(-DKFUSE_DEU_ROWS_BLOCKS=2048)
+    [[ $variant == fwd6 ]] && flags+=(-DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=6)
+    [[ $variant == fwdu8 ]] && flags+=(-DKFUSE_DEU_FWD_ROW_UNROLL=8 -DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=5)
     [[ $variant == base ]] && flags=(-DKFUSE_MICRO_LABEL="\"base $BASE\"" -I/tmp/deu_base/csrc/deu)
     nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch="$ARCH" -DKFUSE_WITH_CUDA "${flags[@]}" \
         bench/deu_cuda_micro.cu -o "/tmp/deu_micro_$variant" >>"$OUT/micro.log" 2>&1 &

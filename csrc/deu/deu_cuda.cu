@@ -136,29 +136,35 @@ PlaneTiling plane_tiling(int64_t M, int64_t N, int64_t K, int64_t elems) {
 constexpr int64_t kPlaneFwdElems = 2048, kPlaneBwdElems = 4096;
 
 // ---- rows layout (K == 1) ---------------------------------------------------------------
-// A thread walks rows m, m + ty, m + 2ty, ... of its column in groups of kRowUnroll rows, and
+// A thread walks rows m, m + ty, m + 2ty, ... of its column in groups of U rows (4), and
 // loads the next group before computing the current one (software pipelining), so its loads
 // are in flight while it computes instead of only while other warps do. The first group is
 // loaded before the plan, overlapping the plan's computation with that latency too. (Before
 // this, the forward issued half the instructions the SM could and the backward, at 16 warps
 // per SM, 49%: bench/results/2026-11-26-h200-deu.md; the kernels were latency-bound.)
-constexpr int kRowUnroll = 4;  // rows per group; two groups (8 rows per tensor) in flight
+// (-DKFUSE_DEU_FWD_ROW_UNROLL=n overrides the forward's 4, for bench/deu_cuda_micro.cu's A/B
+// builds: 8 rows per group keep 48 registers under a 5-blocks-per-SM bound, without spills; the
+// backward at 8 spills ~1 KB per thread.)
+#ifndef KFUSE_DEU_FWD_ROW_UNROLL
+#define KFUSE_DEU_FWD_ROW_UNROLL 4
+#endif
+constexpr int kFwdRowUnroll = KFUSE_DEU_FWD_ROW_UNROLL, kBwdRowUnroll = 4;
 
-// One group: rows r, r + ty, ..., r + (kRowUnroll - 1)·ty of a thread's column, r counted from
-// the start of its block's row chunk (int: a chunk has far fewer than 2^31 rows). Rows at or
-// past `rows` (the chunk's end) read as 0 and are never written. The bounds are checked once
-// per group on the fast path: only a chunk's last group or two take the per-row checks.
-template <typename S>
+// One group: rows r, r + ty, ..., r + (U - 1)·ty of a thread's column, r counted from the start
+// of its block's row chunk (int: a chunk has far fewer than 2^31 rows). Rows at or past `rows`
+// (the chunk's end) read as 0 and are never written. The bounds are checked once per group on
+// the fast path: only a chunk's last group or two take the per-row checks.
+template <typename S, int U>
 struct RowGroup {
-  typename AccOf<S>::type v[kRowUnroll];
+  typename AccOf<S>::type v[U];
   // p points at row r of the column; stride = ty·N elements between the group's rows.
   __device__ __forceinline__ void load(const S* __restrict__ p, int r, int rows, int ty, int64_t stride) {
-    if (r + (kRowUnroll - 1) * ty < rows) {
+    if (r + (U - 1) * ty < rows) {
 #pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) v[u] = to_acc(p[u * stride]);
+      for (int u = 0; u < U; ++u) v[u] = to_acc(p[u * stride]);
     } else {
 #pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) v[u] = r + u * ty < rows ? to_acc(p[u * stride]) : 0;
+      for (int u = 0; u < U; ++u) v[u] = r + u * ty < rows ? to_acc(p[u * stride]) : 0;
     }
   }
 };
@@ -177,19 +183,20 @@ __device__ __forceinline__ int warp_terms(const Plan<A>& p) {
 // The rows walk of one thread: `cur` holds the group at row r (relative to the chunk start),
 // xp/yp point at that row; the next group is loaded before this one is computed.
 template <int kTerms, typename S, typename A>
-__device__ __forceinline__ void fwd_rows_walk(const Plan<A>& p, RowGroup<S> cur, const S* __restrict__ xp,
-                                              S* __restrict__ yp, int r, int rows, int ty, int64_t stride) {
-  const int step = kRowUnroll * ty;
-  const int64_t adv = kRowUnroll * stride;
+__device__ __forceinline__ void fwd_rows_walk(const Plan<A>& p, RowGroup<S, kFwdRowUnroll> cur,
+                                              const S* __restrict__ xp, S* __restrict__ yp, int r,
+                                              int rows, int ty, int64_t stride) {
+  const int step = kFwdRowUnroll * ty;
+  const int64_t adv = kFwdRowUnroll * stride;
   for (; r < rows; r += step, xp += adv, yp += adv) {
-    RowGroup<S> next;
+    RowGroup<S, kFwdRowUnroll> next;
     next.load(xp + adv, r + step, rows, ty, stride);
-    if (r + (kRowUnroll - 1) * ty < rows) {
+    if (r + (kFwdRowUnroll - 1) * ty < rows) {
 #pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) yp[u * stride] = from_acc<S>(forward_one<kTerms>(p, cur.v[u]));
+      for (int u = 0; u < kFwdRowUnroll; ++u) yp[u * stride] = from_acc<S>(forward_one<kTerms>(p, cur.v[u]));
     } else {
 #pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) {
+      for (int u = 0; u < kFwdRowUnroll; ++u) {
         if (r + u * ty < rows) yp[u * stride] = from_acc<S>(forward_one<kTerms>(p, cur.v[u]));
       }
     }
@@ -197,8 +204,17 @@ __device__ __forceinline__ void fwd_rows_walk(const Plan<A>& p, RowGroup<S> cur,
   }
 }
 
+// The forward rows kernel has no blocks-per-SM bound: ptxas then picks 48 registers for float
+// compute on sm_90 (5 blocks of 256 threads per SM); an explicit bound of 1 gives it 72 (3
+// blocks). -DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=n bounds float compute to n blocks per SM, for
+// bench/deu_cuda_micro.cu's A/B builds (6: 40 registers, 48 warps per SM, a few spills).
+#ifdef KFUSE_DEU_FWD_ROWS_MIN_BLOCKS
+#define KF_DEU_FWD_ROWS_BOUNDS __launch_bounds__(kThreads, sizeof(S) == 8 ? 1 : KFUSE_DEU_FWD_ROWS_MIN_BLOCKS)
+#else
+#define KF_DEU_FWD_ROWS_BOUNDS __launch_bounds__(kThreads)
+#endif
 template <typename S>
-__global__ void __launch_bounds__(kThreads)
+__global__ void KF_DEU_FWD_ROWS_BOUNDS
     fwd_rows_kernel(const S* __restrict__ x, S* __restrict__ y,
                     const typename AccOf<S>::type* __restrict__ coeffs, int64_t M, int64_t N,
                     int64_t rows_per_block) {
@@ -209,7 +225,7 @@ __global__ void __launch_bounds__(kThreads)
   const int rows = static_cast<int>(std::min(M - m0, rows_per_block));
   const int ty = blockDim.y, r = threadIdx.y;
   const int64_t stride = ty * N, off = (m0 + r) * N + n;
-  RowGroup<S> cur;
+  RowGroup<S, kFwdRowUnroll> cur;
   cur.load(x + off, r, rows, ty, stride);
   const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
   with_mask(warp_terms(p), [&](auto terms) {
@@ -218,23 +234,24 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <int kTerms, typename S, typename A>
-__device__ __forceinline__ void bwd_rows_walk(const Plan<A>& p, RowGroup<S> xs, RowGroup<S> gs,
+__device__ __forceinline__ void bwd_rows_walk(const Plan<A>& p, RowGroup<S, kBwdRowUnroll> xs,
+                                              RowGroup<S, kBwdRowUnroll> gs,
                                               const S* __restrict__ xp, const S* __restrict__ gp,
                                               S* __restrict__ gxp, int r, int rows, int ty,
                                               int64_t stride, A* acc) {
-  const int step = kRowUnroll * ty;
-  const int64_t adv = kRowUnroll * stride;
+  const int step = kBwdRowUnroll * ty;
+  const int64_t adv = kBwdRowUnroll * stride;
   for (; r < rows; r += step, xp += adv, gp += adv, gxp += adv) {
-    RowGroup<S> xn, gn;
+    RowGroup<S, kBwdRowUnroll> xn, gn;
     xn.load(xp + adv, r + step, rows, ty, stride);
     gn.load(gp + adv, r + step, rows, ty, stride);
-    if (r + (kRowUnroll - 1) * ty < rows) {
+    if (r + (kBwdRowUnroll - 1) * ty < rows) {
 #pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u)
+      for (int u = 0; u < kBwdRowUnroll; ++u)
         gxp[u * stride] = from_acc<S>(backward_one<kTerms>(p, xs.v[u], gs.v[u], acc));
     } else {
 #pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) {
+      for (int u = 0; u < kBwdRowUnroll; ++u) {
         if (r + u * ty < rows) gxp[u * stride] = from_acc<S>(backward_one<kTerms>(p, xs.v[u], gs.v[u], acc));
       }
     }
@@ -277,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, kBwdRowsMinBlocks<S>)
     const int rows = static_cast<int>(std::min(M - m0, rows_per_block));
     const int r = threadIdx.y;
     const int64_t stride = ty * N, off = (m0 + r) * N + n;
-    RowGroup<S> xs, gs;
+    RowGroup<S, kBwdRowUnroll> xs, gs;
     xs.load(x + off, r, rows, ty, stride);
     gs.load(gy + off, r, rows, ty, stride);
     const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
