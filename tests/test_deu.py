@@ -402,6 +402,23 @@ def test_compile_fullgraph(backend: str, device: str, seed: int) -> None:
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+def test_torch_export(backend: str, device: str, strict: bool, seed: int) -> None:
+    """torch.export (deployment) keeps each DEU as one kfuse.deu_forward node, and the exported
+    program computes what the eager model does."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 33), kfuse.nn.DEU(33, backend=backend), torch.nn.Linear(33, 4),
+    ).to(device)
+    with torch.no_grad():
+        model[1].coeffs[:, 3:] = torch.randn(33, 2)
+    x = torch.randn(7, 16, device=device)
+    program = torch.export.export(model, (x,), strict=strict)
+    calls = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert calls.count("kfuse.deu_forward.default") == 1, calls
+    torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- module, errors, dispatch
 
 
