@@ -77,7 +77,9 @@ def _extension():
     src_hash = _load_sources_module().sources_hash(ROOT / "csrc")
     defines = [("KFUSE_SOURCES_HASH", f'"{src_hash}"')]
     # No -std flag: torch adds the standard its headers need (C++17 for 2.11, C++20 for 2.14).
-    cxx = ["-O3", "-fopenmp"]
+    # -Wno-psabi: GCC notes an ABI change for 64-byte vector arguments (deu_cpu_simd.h); they never
+    # cross a non-inlined call, and the note ignores `#pragma GCC diagnostic`.
+    cxx = ["-O3", "-fopenmp", "-Wno-psabi"]
     print(f"kfuse: building kfuse._C with {'CPU + CUDA' if with_cuda else 'CPU only'} kernels")
     if with_cuda:
         defines.append(("KFUSE_WITH_CUDA", None))

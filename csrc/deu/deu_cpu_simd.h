@@ -22,8 +22,6 @@
 
 #include "deu_math.h"
 
-#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors never cross a non-inlined call
-
 namespace kfuse {
 namespace deu {
 namespace simd {
