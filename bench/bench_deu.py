@@ -1,11 +1,12 @@
 """pytest-benchmark over the DEU report cases: ``pytest bench/bench_deu.py --benchmark-only``.
 
 The same cases, inputs and candidates as ``python -m kfuse`` (from ``kfuse.bench.deu``): every
-kfuse backend (skipped, with the reason, where it cannot run) and the eager and
-``torch.compile`` reference baselines, forward and forward+backward. The device is CUDA when
-available, else CPU; on CPU the small (``--quick``) cases run unless ``KFUSE_BENCH_FULL=1``.
+kfuse backend (skipped, with the reason, where it cannot run) and the baselines (the eager
+reference, ``torch.compile`` of it, ``torch.compile`` of ``deu_planned``), forward and
+forward+backward. The device is CUDA when available, else CPU; on CPU the small (``--quick``)
+cases run unless ``KFUSE_BENCH_FULL=1``.
 Correctness is checked by the report and the tests; here the first call only warms up (and
-compiles the ``torch.compile`` baseline) outside the timed region.
+compiles the ``torch.compile`` baselines) outside the timed region.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _case_id(case: Case) -> str:
     return f"{case.label.replace(' ', '_')}-{dtype_name(case.dtype)}-{case.mode}"
 
 
-@pytest.mark.parametrize("name", [*deu.BACKENDS, "eager", "compile"])
+@pytest.mark.parametrize("name", [*deu.BACKENDS, "eager", "compile", "planned"])
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_deu(benchmark: Any, case: Case, name: str) -> None:
     """Time one candidate on one case (synchronising CUDA inside the timed call)."""

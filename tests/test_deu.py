@@ -14,6 +14,7 @@ from tolerances import assert_close
 
 import kfuse
 from kfuse import _backends
+from kfuse.bench.deu import deu_planned
 from kfuse.ops.deu import backend_reasons
 from kfuse.reference.deu import CASE_NAMES, EPS, OUT_CLAMP, deu_cases, deu_init_coeffs, deu_reference
 
@@ -161,6 +162,21 @@ def test_reference_caps() -> None:
     xr = t.clone().requires_grad_()
     (g,) = torch.autograd.grad(deu_reference(xr, coeffs).sum(), xr)
     assert (g == 0).all(), "beyond the exponent cap and the clamp the gradient is 0"
+
+
+@pytest.mark.parametrize("shape,dim", [((67, 44), -1), ((3, 44, 5, 4), 1)])
+def test_planned_baseline_matches_reference(shape: tuple[int, ...], dim: int, seed: int) -> None:
+    """The report's strong PyTorch baseline (per-neuron plan, one template per element) is the
+    same function as the reference, with the same gradients, in float64 on every case."""
+    coeffs = case_coeffs(4).requires_grad_()
+    x = make_x(shape, torch.float64, "cpu").requires_grad_()
+    gy = torch.randn(shape, dtype=torch.float64)
+    y = deu_planned(x, coeffs, dim)
+    y_ref = deu_reference(x, coeffs, dim)
+    assert_close(y, y_ref, torch.float64, "y")
+    for got, want, name in zip(torch.autograd.grad(y, (x, coeffs), gy),
+                               torch.autograd.grad(y_ref, (x, coeffs), gy), ("grad_x", "grad_coeffs"), strict=True):
+        assert_close(got, want, torch.float64, name)
 
 
 # ---------------------------------------------------------------- backends vs the reference
