@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -556,6 +557,21 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_report_quick(tmp_path: Path) -> None:
+    """The main job, ``python -m kfuse --quick``: runs to the end, every row that ran passed its
+    check, the kfuse cpu backend and all three baselines were timed, JSON and table written."""
+    out = subprocess.run([sys.executable, "-m", "kfuse", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["complete"]
+    ran = [r for r in report["rows"] if r["status"] != "skipped"]
+    assert ran and all(r["status"] == "ok" and r["passed"] for r in ran), ran
+    assert {"cpu", "eager", "compile", "planned"} <= {r["name"] for r in ran}
+    assert all(r["time_ms"] > 0 for r in ran)
+    assert "xplanned" in out.stdout
 
 
 def test_demo_quick() -> None:

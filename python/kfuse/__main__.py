@@ -2,7 +2,8 @@
 
 For each op family in :data:`kfuse.bench.OPS`, every kfuse backend that can run is checked
 against the float64 reference on fresh random inputs and timed against the baselines a user
-would otherwise pick (the eager PyTorch reference, ``torch.compile`` of it), forward and
+would otherwise pick (each op's bench module lists them; DEU: the eager PyTorch reference,
+``torch.compile`` of it and of a PyTorch implementation written for speed), forward and
 forward+backward, on one device. Progress goes to stderr; the table is printed last;
 ``report.json`` and ``report.png`` are written to ``--out``. Exit status 1 when a kfuse
 backend raised or missed its tolerance (baseline failures are recorded, not fatal).
