@@ -21,7 +21,16 @@ from torch import Tensor
 
 import kfuse
 from kfuse.ops.deu import backend_reasons
-from kfuse.reference.deu import EPS, EXP_CAP, OUT_CLAMP, STEP_SLOPE, deu_init_coeffs, deu_reference
+from kfuse.reference.deu import (
+    CASE_NAMES,
+    EPS,
+    EXP_CAP,
+    OUT_CLAMP,
+    STEP_SLOPE,
+    deu_cases,
+    deu_init_coeffs,
+    deu_reference,
+)
 from kfuse.report import (
     MODES,
     Candidate,
@@ -95,21 +104,17 @@ def deu_plan(coeffs: Tensor, dtype: torch.dtype) -> Tensor:
     csrc/deu/deu_math.h, in PyTorch (differentiable)."""
     a, b, c, c1, c2 = coeffs.to(dtype).unbind(1)
     one, zero = torch.ones_like(a), torch.zeros_like(a)
+    ids = deu_cases(coeffs.to(dtype))
+    case = dict(zip(("identity", "step", "ramp", "first", "parabola", "osc", "hyp", "nnz", "under", "over",
+                     "crit"), (ids == i for i in range(len(CASE_NAMES))), strict=True))
     za, zb, zc = a.abs() < EPS, b.abs() < EPS, c.abs() < EPS
-    d = b * b - 4 * a * c
-    nnn = ~za & ~zb & ~zc
-    case = {
-        "identity": za & zb & zc, "step": za & zb & ~zc, "ramp": za & ~zb & zc, "first": za & ~zb & ~zc,
-        "parabola": ~za & zb & zc, "osc": ~za & zb & ~zc & (a * c > 0), "hyp": ~za & zb & ~zc & (a * c < 0),
-        "nnz": ~za & ~zb & zc, "under": nnn & (d < -EPS), "over": nnn & (d > EPS), "crit": nnn & (d.abs() <= EPS),
-    }
     # Safe denominators and square roots, as in the reference: every case's values are computed for
     # every neuron and selected, so the unselected ones must stay finite (NaN would poison autograd).
     A, B, C = torch.where(za, one, a), torch.where(zb, one, b), torch.where(zc, one, c)
     w = torch.sqrt(torch.where(case["osc"], C / A, one))
     kp = torch.sign(A) * torch.sqrt(torch.where(case["hyp"], -C / A, one))
     dd = torch.sqrt(torch.where(case["under"], 4 * A * C - B * B, one))
-    s = torch.sqrt(torch.where(case["over"], d, one))
+    s = torch.sqrt(torch.where(case["over"], b * b - 4 * a * c, one))
     alpha, inv_c = -B / (2 * A), 1 / C
 
     def pick(**per_case: Tensor) -> Tensor:  # the value of the neuron's case (0 if not listed)
