@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import cuda_emu
 import pytest
 import torch
 from tolerances import assert_close
@@ -376,6 +378,91 @@ def test_cpu_deterministic_across_thread_counts(seed: int) -> None:
     finally:
         torch.set_num_threads(old)
     assert torch.equal(g1, g2)
+
+
+# ---------------------------------------------------------------- CUDA kernels, emulated on the CPU
+# csrc/deu/deu_cuda.cu compiled for the CPU against tests/cuda_emu (see cuda_emu.py): the CUDA
+# kernels' tiling, bounds, reductions and workspace, tested where there is no GPU.
+
+EMU_SHAPES = [  # [M, N, K] and what each reaches
+    (67, 33, 1),    # rows: 64-column blocks with 4 row lanes (shared-memory reduction), a ragged warp
+    (300, 100, 1),  # rows: 2 row lanes, several row chunks, a partial last row group
+    (173, 300, 1),  # rows: two column blocks of one row lane, several row chunks
+    (50, 7, 1),     # planes: narrow N with K = 1
+    (3, 33, 63),    # planes: scalar units, odd K
+    (5, 2, 16),     # planes: 16-byte units, several rows per warp tile
+    (2, 3, 4104),   # planes: K split into chunks (3 forward, 2 backward), 16-byte units
+]
+EMU_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}  # csrc/common.h
+EMU_DEVICES = [(1, 1), (8, 4)]  # (SMs, resident blocks per SM): one row chunk per column; several
+
+
+def emulated_deu(lib: ctypes.CDLL, x: torch.Tensor, coeffs: torch.Tensor, gy: torch.Tensor, shift: int):
+    """Forward and backward of the emulated CUDA kernels on [M, N, K] inputs, with every output
+    in a guarded buffer (``shift`` elements off 16-byte alignment, as are the inputs)."""
+    M, N, K = x.shape
+    code, sizes = EMU_DTYPES[x.dtype], (ctypes.c_int64(M), ctypes.c_int64(N), ctypes.c_int64(K))
+
+    def placed(t: torch.Tensor) -> torch.Tensor:
+        return cuda_emu.guarded(t.numel(), t.dtype, shift)[1].copy_(t.flatten())
+
+    xs, gys = placed(x), placed(gy)
+    y_buf, gx_buf = cuda_emu.guarded(x.numel(), x.dtype, shift), cuda_emu.guarded(x.numel(), x.dtype, shift)
+    gc_buf = cuda_emu.guarded(coeffs.numel(), coeffs.dtype)
+    ws_buf = cuda_emu.guarded(lib.kfemu_deu_backward_workspace_elems(code, *sizes), coeffs.dtype)
+    p = cuda_emu.ptr
+    cuda_emu.check(lib.kfemu_deu_forward(code, p(xs), p(y_buf[1]), p(coeffs), *sizes))
+    cuda_emu.check(lib.kfemu_deu_backward(code, p(gys), p(xs), p(coeffs), p(gx_buf[1]), p(gc_buf[1]),
+                                          p(ws_buf[1]), *sizes))
+    for (whole, view), name in zip((y_buf, gx_buf, gc_buf, ws_buf), ("y", "grad_x", "grad_coeffs", "workspace"),
+                                   strict=True):
+        cuda_emu.assert_guards(whole, view, name)
+    return y_buf[1].view(x.shape), gx_buf[1].view(x.shape), gc_buf[1].view(coeffs.shape)
+
+
+def load_deu_emu(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    lib = cuda_emu.load("deu", defines)
+    lib.kfemu_deu_forward.restype = lib.kfemu_deu_backward.restype = ctypes.c_char_p
+    lib.kfemu_deu_backward_workspace_elems.restype = ctypes.c_int64
+    return lib
+
+
+@pytest.fixture(scope="module")
+def deu_emu() -> ctypes.CDLL:
+    return load_deu_emu()
+
+
+def check_emulated(lib: ctypes.CDLL, mnk: tuple[int, int, int], dtype: torch.dtype, what: str) -> None:
+    M, N, K = mnk
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    coeffs = case_coeffs(N // 11 + 1, dtype=acc)[:N]
+    x = make_x(mnk, dtype, "cpu")
+    gy = torch.randn(mnk, dtype=torch.float64).to(dtype)
+    y_ref, gx_ref, gc_ref = ref_grads(x, coeffs, gy, 1)
+    for dev, (sms, per_sm) in enumerate(EMU_DEVICES, start=1):
+        assert lib.kfemu_set_device(dev, sms, per_sm) == 0
+        for shift in (0, 1) if K > 1 else (0,):  # 16-byte units, then their scalar fallback
+            y, gx, gc = emulated_deu(lib, x, coeffs, gy, shift)
+            where = f"{what} {dtype} {mnk} on {sms}x{per_sm} blocks, shift {shift}"
+            assert_close(y, y_ref, dtype, f"y {where}")
+            assert_close(gx, gx_ref, dtype, f"grad_x {where}")
+            assert_close(gc, gc_ref, dtype, f"grad_coeffs {where}")
+
+
+@pytest.mark.parametrize("dtype", list(EMU_DTYPES), ids=str)
+@pytest.mark.parametrize("mnk", EMU_SHAPES, ids=str)
+def test_cuda_kernels_emulated(deu_emu: ctypes.CDLL, mnk: tuple[int, int, int], dtype: torch.dtype,
+                               seed: int) -> None:
+    """The CUDA kernels (their host math, all dtypes, bf16 included) against the reference, on
+    two emulated device sizes; no output element left unwritten, none written out of bounds."""
+    check_emulated(deu_emu, mnk, dtype, "cuda (emulated)")
+
+
+def test_cuda_kernels_emulated_row_unroll_8(seed: int) -> None:
+    """The forward rows kernel's 8-row groups, an A/B build of the GPU check (gpu_check.sh fwdu8)."""
+    lib = load_deu_emu(("KFUSE_DEU_FWD_ROW_UNROLL=8",))
+    for mnk in EMU_SHAPES[:3]:
+        check_emulated(lib, mnk, torch.float32, "cuda (emulated, 8-row groups)")
 
 
 # ---------------------------------------------------------------- torch.library integration

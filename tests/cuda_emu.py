@@ -1,0 +1,141 @@
+"""Run an op's CUDA kernels on the CPU: compile its ``.cu`` files with the host C++ compiler
+against ``tests/cuda_emu/include`` (an emulator of the CUDA execution model, see its
+``cuda_runtime.h``) and load the result with ctypes.
+
+This tests what the GPU tests would catch in the kernels' own logic (indexing, tiling, bounds,
+warp and block reductions, workspace sizes, launch configurations) on machines without a GPU,
+the way ``TRITON_INTERPRET=1`` tests the Triton kernels. Device math is the host's (libm), so
+it says nothing about the hardware approximations, nor about speed.
+
+Two rewrites make CUDA source valid C++, both mechanical: ``k<<<cfg>>>(args)`` becomes
+``::kfemu::launch(::kfemu::Config(cfg), k, args)``, and ``extern __shared__ T name[];`` becomes a
+pointer to the launch's dynamic shared memory. An op adds ``tests/cuda_emu/<op>.cpp`` with its
+``extern "C"`` entry points. Builds are cached under ``build/cuda_emu`` by content hash.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = Path(__file__).resolve().parent / "cuda_emu"
+CACHE = ROOT / "build" / "cuda_emu"
+
+_KERNEL = re.compile(r"([A-Za-z_][\w:]*(?:<(?:[^<>;]|<[^<>;]*>)*>)?)\s*<<<")
+_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*?)\s+(\w+)\s*\[\s*\]\s*;")
+
+
+def _matching_paren(text: str, open_at: int) -> int:
+    depth = 0
+    for i in range(open_at, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    raise ValueError(f"unbalanced parentheses after offset {open_at}")
+
+
+def rewrite(source: str) -> str:
+    """CUDA source -> C++ for the emulator (the two rewrites in the module docstring)."""
+    out, pos = [], 0
+    for m in _KERNEL.finditer(source):
+        if m.start() < pos:
+            continue
+        cfg_end = source.index(">>>", m.end())
+        args_open = cfg_end + 3
+        while source[args_open].isspace():
+            args_open += 1
+        if source[args_open] != "(":
+            raise ValueError(f"no argument list after the launch of {m.group(1)}")
+        args_close = _matching_paren(source, args_open)
+        args = source[args_open + 1 : args_close].strip()
+        cfg = source[m.end() : cfg_end]
+        out.append(source[pos : m.start()])
+        out.append(f"::kfemu::launch(::kfemu::Config({cfg}), {m.group(1)}{', ' + args if args else ''})")
+        pos = args_close + 1
+    out.append(source[pos:])
+    return _SHARED.sub(r"\1* \2 = ::kfemu::dynamic_shared<\1>();", "".join(out))
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        raise RuntimeError("cuda_emu needs a host C++ compiler (set CXX)")
+    return cxx
+
+
+def load(op: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Build (or reuse) and load the emulated CUDA kernels of ``csrc/<op>``.
+
+    ``defines`` are extra ``-D`` flags (``NAME=VALUE``), e.g. a kernel's tuning knobs.
+    """
+    cu_files = sorted((ROOT / "csrc" / op).glob("*.cu"))
+    if not cu_files:
+        raise FileNotFoundError(f"no .cu files under csrc/{op}")
+    entry = EMU / f"{op}.cpp"
+    digest = hashlib.sha256()
+    inputs = [*cu_files, entry, EMU / "runtime.cpp", *sorted((EMU / "include").glob("*.h"))]
+    inputs += sorted((ROOT / "csrc").rglob("*.h"))
+    for path in inputs:
+        digest.update(path.read_bytes())
+    flags = ["-std=c++17", "-O1", "-g0", "-shared", "-fPIC", "-DKFUSE_WITH_CUDA", *(f"-D{d}" for d in defines)]
+    digest.update(" ".join(flags).encode())
+    out_dir = CACHE / f"{op}-{digest.hexdigest()[:16]}"
+    lib = out_dir / f"{op}.so"
+    if not lib.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        srcs = []
+        for cu in cu_files:
+            dst = out_dir / (cu.stem + ".cpp")
+            dst.write_text(f'#line 1 "{cu}"\n' + rewrite(cu.read_text()))
+            srcs.append(str(dst))
+        tmp = out_dir / f"{op}.{os.getpid()}.so"
+        cmd = [
+            _compiler(), *flags, f"-I{EMU / 'include'}", f"-I{ROOT / 'csrc' / op}", f"-I{ROOT / 'csrc'}",
+            str(EMU / "runtime.cpp"), str(entry), *srcs, "-o", str(tmp),
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"cuda_emu: building {op} failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
+        tmp.replace(lib)  # atomic: a concurrent build never loads a half-written file
+    return ctypes.CDLL(str(lib))
+
+
+def check(status: bytes | None) -> None:
+    """Raise the error an entry point returned (``nullptr`` means success)."""
+    if status is not None:
+        raise RuntimeError(status.decode())
+
+
+def ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+GUARD = 64  # elements of guard band on each side of an output buffer
+_GUARD_BYTE = 0xA5
+
+
+def guarded(numel: int, dtype: torch.dtype, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(whole, view)``: an output buffer of ``numel`` NaNs (so an element left unwritten fails
+    the comparison) inside guard bands of known bytes (so a write past either end is caught by
+    ``assert_guards``). ``shift`` moves the view off 16-byte alignment by that many elements."""
+    whole = torch.full((numel + 2 * GUARD + shift,), float("nan"), dtype=dtype)
+    view = whole[GUARD + shift : GUARD + shift + numel]
+    whole[: GUARD + shift].view(torch.uint8).fill_(_GUARD_BYTE)
+    whole[GUARD + shift + numel :].view(torch.uint8).fill_(_GUARD_BYTE)
+    return whole, view
+
+
+def assert_guards(whole: torch.Tensor, view: torch.Tensor, what: str) -> None:
+    """Fail if a kernel wrote outside ``view`` (into the guard bands that ``guarded`` set)."""
+    start = view.data_ptr() - whole.data_ptr()
+    raw = whole.view(torch.uint8)
+    for band in (raw[:start], raw[start + view.numel() * view.element_size() :]):
+        assert (band == _GUARD_BYTE).all(), f"{what}: a kernel wrote outside its output"
