@@ -72,23 +72,28 @@ def _compiler() -> str:
 
 
 def load(op: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Build (or reuse) and load the emulated CUDA kernels of ``csrc/<op>``.
+    """Build (or reuse) and load the emulated CUDA kernels of ``csrc/<op>`` with their entry
+    points ``tests/cuda_emu/<op>.cpp``.
 
     ``defines`` are extra ``-D`` flags (``NAME=VALUE``), e.g. a kernel's tuning knobs.
     """
     cu_files = sorted((ROOT / "csrc" / op).glob("*.cu"))
     if not cu_files:
         raise FileNotFoundError(f"no .cu files under csrc/{op}")
-    entry = EMU / f"{op}.cpp"
-    digest = hashlib.sha256()
-    inputs = [*cu_files, entry, EMU / "runtime.cpp", *sorted((EMU / "include").glob("*.h"))]
-    inputs += sorted((ROOT / "csrc").rglob("*.h"))
+    return build(op, cu_files, [EMU / f"{op}.cpp"], [ROOT / "csrc" / op, ROOT / "csrc"], defines)
+
+
+def build(name: str, cu_files: list[Path], cpp_files: list[Path], include_dirs: list[Path],
+          defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Rewrite ``cu_files``, compile them with ``cpp_files`` and the emulator, load the result."""
+    flags = ["-std=c++17", "-O1", "-g0", "-shared", "-fPIC", "-DKFUSE_WITH_CUDA", *(f"-D{d}" for d in defines)]
+    digest = hashlib.sha256(" ".join(flags).encode())
+    inputs = [*cu_files, *cpp_files, EMU / "runtime.cpp", *sorted((EMU / "include").glob("*.h"))]
+    inputs += sorted(h for d in include_dirs for h in d.rglob("*.h"))
     for path in inputs:
         digest.update(path.read_bytes())
-    flags = ["-std=c++17", "-O1", "-g0", "-shared", "-fPIC", "-DKFUSE_WITH_CUDA", *(f"-D{d}" for d in defines)]
-    digest.update(" ".join(flags).encode())
-    out_dir = CACHE / f"{op}-{digest.hexdigest()[:16]}"
-    lib = out_dir / f"{op}.so"
+    out_dir = CACHE / f"{name}-{digest.hexdigest()[:16]}"
+    lib = out_dir / f"{name}.so"
     if not lib.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         srcs = []
@@ -96,14 +101,14 @@ def load(op: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
             dst = out_dir / (cu.stem + ".cpp")
             dst.write_text(f'#line 1 "{cu}"\n' + rewrite(cu.read_text()))
             srcs.append(str(dst))
-        tmp = out_dir / f"{op}.{os.getpid()}.so"
+        tmp = out_dir / f"{name}.{os.getpid()}.so"
         cmd = [
-            _compiler(), *flags, f"-I{EMU / 'include'}", f"-I{ROOT / 'csrc' / op}", f"-I{ROOT / 'csrc'}",
-            str(EMU / "runtime.cpp"), str(entry), *srcs, "-o", str(tmp),
+            _compiler(), *flags, f"-I{EMU / 'include'}", *(f"-I{d}" for d in include_dirs),
+            str(EMU / "runtime.cpp"), *map(str, cpp_files), *srcs, "-o", str(tmp),
         ]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
-            raise RuntimeError(f"cuda_emu: building {op} failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
+            raise RuntimeError(f"cuda_emu: building {name} failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
         tmp.replace(lib)  # atomic: a concurrent build never loads a half-written file
     return ctypes.CDLL(str(lib))
 

@@ -1,26 +1,10 @@
 // cuda_emu entry points of the DEU CUDA kernels (csrc/deu/deu_cuda.cu, compiled for the CPU).
-// Each returns nullptr on success or the error message (C++ exceptions cannot cross ctypes).
+// Each returns nullptr on success or the error message (kfemu::guarded).
 #include <cuda_runtime.h>
-
-#include <exception>
-#include <string>
 
 #include "deu.h"
 
-namespace {
-std::string g_error;
-
-template <typename F> const char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception& e) {
-    g_error = e.what();
-    return g_error.c_str();
-  }
-}
-}  // namespace
-
+using kfemu::guarded;
 using kfuse::DType;
 
 extern "C" {

@@ -388,3 +388,23 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, i
   *blocks = ::kfemu::state().devices[::kfemu::state().device].blocks_per_sm;
   return cudaSuccess;
 }
+
+namespace kfemu {
+// Runs `f` (host code that launches kernels) for an extern "C" entry point: nullptr on success,
+// else the message of the exception it threw (an emulator error, or the launcher's own) or of
+// a launch error it left unchecked. ctypes cannot catch C++ exceptions.
+template <typename F> const char* guarded(F&& f) {
+  static std::string error;
+  try {
+    f();
+  } catch (const std::exception& e) {
+    error = e.what();
+    return error.c_str();
+  }
+  if (const cudaError_t e = cudaGetLastError()) {
+    error = std::string("kernel launch failed: ") + cudaGetErrorString(e);
+    return error.c_str();
+  }
+  return nullptr;
+}
+}  // namespace kfemu
