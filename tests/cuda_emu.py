@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import mmap
 import os
 import re
 import shutil
@@ -123,24 +124,42 @@ def ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-GUARD = 64  # elements of guard band on each side of an output buffer
+_PAGE = mmap.PAGESIZE
+_BAND = 256  # bytes of guard band before the buffer, at least (after it: fewer than 16)
 _GUARD_BYTE = 0xA5
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
-def guarded(numel: int, dtype: torch.dtype, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(whole, view)``: an output buffer of ``numel`` NaNs (so an element left unwritten fails
-    the comparison) inside guard bands of known bytes (so a write past either end is caught by
-    ``assert_guards``). ``shift`` moves the view off 16-byte alignment by that many elements."""
-    whole = torch.full((numel + 2 * GUARD + shift,), float("nan"), dtype=dtype)
-    view = whole[GUARD + shift : GUARD + shift + numel]
-    whole[: GUARD + shift].view(torch.uint8).fill_(_GUARD_BYTE)
-    whole[GUARD + shift + numel :].view(torch.uint8).fill_(_GUARD_BYTE)
-    return whole, view
+class Guarded:
+    """A buffer to pass an emulated kernel: ``view`` holds ``numel`` elements of ``dtype``, NaN
+    at first (so an output element left unwritten fails the comparison). It lies between two
+    inaccessible pages, its end less than 16 bytes before the second: an access 16 bytes or
+    more past its end (or past the band before it) faults, and the test process dies with a
+    Python traceback at the kernel call. The bytes between the pages and the view are guard
+    bands: ``check`` fails if a kernel wrote there. ``shift`` moves the view ``shift`` elements
+    off 16-byte alignment."""
 
+    def __init__(self, numel: int, dtype: torch.dtype, shift: int = 0) -> None:
+        esize = torch.empty(0, dtype=dtype).element_size()
+        nbytes = numel * esize
+        span = -(-(_BAND + nbytes + 32) // _PAGE) * _PAGE  # front band, data, back band
+        self._map = mmap.mmap(-1, span + 2 * _PAGE)
+        self._raw = torch.frombuffer(self._map, dtype=torch.uint8)
+        base = self._raw.data_ptr()
+        for page in (base, base + _PAGE + span):
+            if _libc.mprotect(ctypes.c_void_p(page), ctypes.c_size_t(_PAGE), 0) != 0:
+                raise OSError(ctypes.get_errno(), "cuda_emu: mprotect of a guard page failed")
+        end = _PAGE + span  # offset of the second inaccessible page
+        self._start = (end - nbytes) // 16 * 16 + shift * esize
+        if self._start + nbytes > end:
+            self._start -= 16
+        self._end = self._start + nbytes
+        self._raw[_PAGE : self._start].fill_(_GUARD_BYTE)
+        self._raw[self._end : end].fill_(_GUARD_BYTE)
+        self.view = self._raw[self._start : self._end].view(dtype)
+        self.view.fill_(float("nan"))
 
-def assert_guards(whole: torch.Tensor, view: torch.Tensor, what: str) -> None:
-    """Fail if a kernel wrote outside ``view`` (into the guard bands that ``guarded`` set)."""
-    start = view.data_ptr() - whole.data_ptr()
-    raw = whole.view(torch.uint8)
-    for band in (raw[:start], raw[start + view.numel() * view.element_size() :]):
-        assert (band == _GUARD_BYTE).all(), f"{what}: a kernel wrote outside its output"
+    def check(self, what: str) -> None:
+        """Fail if a kernel wrote into the guard bands around ``view``."""
+        for band in (self._raw[_PAGE : self._start], self._raw[self._end : len(self._raw) - _PAGE]):
+            assert (band == _GUARD_BYTE).all(), f"{what}: a kernel wrote outside its buffer"

@@ -4,6 +4,10 @@ promises to report are reported, so a passing emulated kernel test means somethi
 from __future__ import annotations
 
 import ctypes
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import cuda_emu
 import pytest
@@ -13,7 +17,8 @@ import torch
 @pytest.fixture(scope="module")
 def emu() -> ctypes.CDLL:
     lib = cuda_emu.build("selftest", [cuda_emu.EMU / "selftest.cu"], [], [])
-    for name in ("emu_block_sum", "emu_vote_after_exit", "emu_split_warp", "emu_shuffle_after_exit"):
+    for name in ("emu_block_sum", "emu_vote_after_exit", "emu_split_warp", "emu_shuffle_after_exit",
+                 "emu_copy_offset"):
         getattr(lib, name).restype = ctypes.c_char_p
     return lib
 
@@ -63,3 +68,32 @@ def test_reports_bugs(emu: ctypes.CDLL) -> None:
     x = torch.ones(64)
     cuda_emu.check(emu.emu_block_sum(cuda_emu.ptr(x), cuda_emu.ptr(out), 64, 64))
     assert out[0].item() == 64
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_guarded_buffers(emu: ctypes.CDLL, shift: int) -> None:
+    x, y = cuda_emu.Guarded(37, torch.float32, shift), cuda_emu.Guarded(37, torch.float32, shift)
+    x.view.copy_(torch.arange(37.0))
+    assert x.view.data_ptr() % 16 == 4 * shift
+    cuda_emu.check(emu.emu_copy_offset(cuda_emu.ptr(x.view), cuda_emu.ptr(y.view), 36, 1, 0))
+    assert y.view[:36].tolist() == list(range(1, 37)) and y.view[36].isnan(), "unwritten elements stay NaN"
+    x.check("x")
+    y.check("y")
+    cuda_emu.check(emu.emu_copy_offset(cuda_emu.ptr(x.view), cuda_emu.ptr(y.view), 37, 0, -1))
+    with pytest.raises(AssertionError, match="y: a kernel wrote outside its buffer"):
+        y.check("y")
+
+
+def test_guarded_buffers_fault_on_reads_past_the_end() -> None:
+    """A read 16 bytes or more past a buffer kills the process (here a child) with SIGSEGV."""
+    script = f"""
+import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+import ctypes, torch, cuda_emu
+lib = cuda_emu.build("selftest", [cuda_emu.EMU / "selftest.cu"], [], [])
+x, y = cuda_emu.Guarded(37, torch.float32), cuda_emu.Guarded(37, torch.float32)
+lib.emu_copy_offset(cuda_emu.ptr(x.view), cuda_emu.ptr(y.view), 37, int(sys.argv[1]), 0)
+"""
+    ok = subprocess.run([sys.executable, "-c", script, "3"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr  # within the last 16 bytes: not caught, by design
+    bad = subprocess.run([sys.executable, "-c", script, "4"], capture_output=True, text=True)
+    assert bad.returncode == -signal.SIGSEGV, (bad.returncode, bad.stderr[-2000:])

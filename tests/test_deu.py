@@ -388,6 +388,7 @@ EMU_SHAPES = [  # [M, N, K] and what each reaches
     (67, 33, 1),    # rows: 64-column blocks with 4 row lanes (shared-memory reduction), a ragged warp
     (300, 100, 1),  # rows: 2 row lanes, several row chunks, a partial last row group
     (173, 300, 1),  # rows: two column blocks of one row lane, several row chunks
+    (175, 260, 1),  # rows: as above, chunks ending one row short of a full group of 4, a 4-column block
     (50, 7, 1),     # planes: narrow N with K = 1
     (3, 33, 63),    # planes: scalar units, odd K
     (5, 2, 16),     # planes: 16-byte units, several rows per warp tile
@@ -398,26 +399,26 @@ EMU_DEVICES = [(1, 1), (8, 4)]  # (SMs, resident blocks per SM): one row chunk p
 
 
 def emulated_deu(lib: ctypes.CDLL, x: torch.Tensor, coeffs: torch.Tensor, gy: torch.Tensor, shift: int):
-    """Forward and backward of the emulated CUDA kernels on [M, N, K] inputs, with every output
-    in a guarded buffer (``shift`` elements off 16-byte alignment, as are the inputs)."""
+    """Forward and backward of the emulated CUDA kernels on [M, N, K] inputs, every tensor in a
+    ``cuda_emu.Guarded`` buffer (x, y, grad_y, grad_x ``shift`` elements off 16-byte alignment)."""
     M, N, K = x.shape
     code, sizes = EMU_DTYPES[x.dtype], (ctypes.c_int64(M), ctypes.c_int64(N), ctypes.c_int64(K))
-
-    def placed(t: torch.Tensor) -> torch.Tensor:
-        return cuda_emu.guarded(t.numel(), t.dtype, shift)[1].copy_(t.flatten())
-
-    xs, gys = placed(x), placed(gy)
-    y_buf, gx_buf = cuda_emu.guarded(x.numel(), x.dtype, shift), cuda_emu.guarded(x.numel(), x.dtype, shift)
-    gc_buf = cuda_emu.guarded(coeffs.numel(), coeffs.dtype)
-    ws_buf = cuda_emu.guarded(lib.kfemu_deu_backward_workspace_elems(code, *sizes), coeffs.dtype)
-    p = cuda_emu.ptr
-    cuda_emu.check(lib.kfemu_deu_forward(code, p(xs), p(y_buf[1]), p(coeffs), *sizes))
-    cuda_emu.check(lib.kfemu_deu_backward(code, p(gys), p(xs), p(coeffs), p(gx_buf[1]), p(gc_buf[1]),
-                                          p(ws_buf[1]), *sizes))
-    for (whole, view), name in zip((y_buf, gx_buf, gc_buf, ws_buf), ("y", "grad_x", "grad_coeffs", "workspace"),
-                                   strict=True):
-        cuda_emu.assert_guards(whole, view, name)
-    return y_buf[1].view(x.shape), gx_buf[1].view(x.shape), gc_buf[1].view(coeffs.shape)
+    n, nc, acc = x.numel(), coeffs.numel(), coeffs.dtype
+    ws = lib.kfemu_deu_backward_workspace_elems(code, *sizes)
+    bufs = {name: cuda_emu.Guarded(count, dtype, sh) for name, count, dtype, sh in [
+        ("x", n, x.dtype, shift), ("grad_y", n, x.dtype, shift), ("coeffs", nc, acc, 0),
+        ("y", n, x.dtype, shift), ("grad_x", n, x.dtype, shift), ("grad_coeffs", nc, acc, 0),
+        ("workspace", ws, acc, 0),
+    ]}  # fmt: skip
+    for name, t in (("x", x), ("grad_y", gy), ("coeffs", coeffs)):
+        bufs[name].view.copy_(t.flatten())
+    p = {name: cuda_emu.ptr(b.view) for name, b in bufs.items()}
+    cuda_emu.check(lib.kfemu_deu_forward(code, p["x"], p["y"], p["coeffs"], *sizes))
+    cuda_emu.check(lib.kfemu_deu_backward(code, p["grad_y"], p["x"], p["coeffs"], p["grad_x"], p["grad_coeffs"],
+                                          p["workspace"], *sizes))
+    for name, b in bufs.items():
+        b.check(name)
+    return bufs["y"].view.view(x.shape), bufs["grad_x"].view.view(x.shape), bufs["grad_coeffs"].view.view(N, 5)
 
 
 def load_deu_emu(defines: tuple[str, ...] = ()) -> ctypes.CDLL:

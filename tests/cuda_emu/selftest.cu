@@ -1,5 +1,5 @@
 // Kernels that check tests/cuda_emu itself (tests/test_cuda_emu.py): two correct ones whose
-// results depend on every collective being emulated right, and three bugs it must report.
+// results depend on every collective being emulated right, and bugs it must report.
 #include <cuda_runtime.h>
 
 namespace {
@@ -44,6 +44,13 @@ __global__ void shuffle_after_exit(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
 }
 
+// y[i + write_offset] = x[i + read_offset] for i < n: offsets other than 0 are bugs that
+// cuda_emu.Guarded must catch.
+__global__ void copy_offset(const float* x, float* y, int n, int read_offset, int write_offset) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i + write_offset] = x[i + read_offset];
+}
+
 }  // namespace
 
 extern "C" {
@@ -58,5 +65,8 @@ const char* emu_split_warp(float* out) {
 }
 const char* emu_shuffle_after_exit(float* out) {
   return kfemu::guarded([&] { shuffle_after_exit<<<1, 32>>>(out); });
+}
+const char* emu_copy_offset(const float* x, float* y, int n, int read_offset, int write_offset) {
+  return kfemu::guarded([&] { copy_offset<<<(n + 127) / 128, 128>>>(x, y, n, read_offset, write_offset); });
 }
 }
