@@ -7,10 +7,12 @@ warp and block reductions, workspace sizes, launch configurations) on machines w
 the way ``TRITON_INTERPRET=1`` tests the Triton kernels. Device math is the host's (libm), so
 it says nothing about the hardware approximations, nor about speed.
 
-Two rewrites make CUDA source valid C++, both mechanical: ``k<<<cfg>>>(args)`` becomes
-``::kfemu::launch(::kfemu::Config(cfg), k, args)``, and ``extern __shared__ T name[];`` becomes a
-pointer to the launch's dynamic shared memory. An op adds ``tests/cuda_emu/<op>.cpp`` with its
-``extern "C"`` entry points. Builds are cached under ``build/cuda_emu`` by content hash.
+Rewrites make CUDA source valid C++, all mechanical: ``k<<<cfg>>>(args)`` becomes
+``::kfemu::launch(::kfemu::Config(cfg), k, args)``; ``extern __shared__ T name[];`` becomes a
+pointer to the launch's dynamic shared memory; ``__shared__ T name[n];`` becomes a reference to
+a per-block area. A syntax they miss fails to compile. An op adds ``tests/cuda_emu/<op>.cpp``
+with its ``KFEMU_API`` entry points. Builds are cached under ``build/cuda_emu`` by content hash
+(``make clean`` empties it).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -31,7 +34,8 @@ EMU = Path(__file__).resolve().parent / "cuda_emu"
 CACHE = ROOT / "build" / "cuda_emu"
 
 _KERNEL = re.compile(r"([A-Za-z_][\w:]*(?:<(?:[^<>;]|<[^<>;]*>)*>)?)\s*<<<")
-_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*?)\s+(\w+)\s*\[\s*\]\s*;")
+_DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\([^)]*\)\s+)?([^;=\[]+?)\s+(\w+)\s*\[\s*\]\s*;")
+_STATIC_SHARED = re.compile(r"__shared__\s+(?:__align__\([^)]*\)\s+)?([^;=\[]+?)\s+(\w+)\s*((?:\[[^\]]*\]\s*)*);")
 
 
 def _matching_paren(text: str, open_at: int) -> int:
@@ -44,7 +48,7 @@ def _matching_paren(text: str, open_at: int) -> int:
 
 
 def rewrite(source: str) -> str:
-    """CUDA source -> C++ for the emulator (the two rewrites in the module docstring)."""
+    """CUDA source -> C++ for the emulator (the rewrites in the module docstring)."""
     out, pos = [], 0
     for m in _KERNEL.finditer(source):
         if m.start() < pos:
@@ -62,7 +66,8 @@ def rewrite(source: str) -> str:
         out.append(f"::kfemu::launch(::kfemu::Config({cfg}), {m.group(1)}{', ' + args if args else ''})")
         pos = args_close + 1
     out.append(source[pos:])
-    return _SHARED.sub(r"\1* \2 = ::kfemu::dynamic_shared<\1>();", "".join(out))
+    text = _DYNAMIC_SHARED.sub(r"\1* \2 = ::kfemu::dynamic_shared<\1>();", "".join(out))
+    return _STATIC_SHARED.sub(r"auto& \2 = ::kfemu::static_shared<\1\3, __COUNTER__>();", text)
 
 
 def _compiler() -> str:
@@ -87,30 +92,38 @@ def load(op: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
 def build(name: str, cu_files: list[Path], cpp_files: list[Path], include_dirs: list[Path],
           defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Rewrite ``cu_files``, compile them with ``cpp_files`` and the emulator, load the result."""
-    flags = ["-std=c++17", "-O1", "-g0", "-shared", "-fPIC", "-DKFUSE_WITH_CUDA", *(f"-D{d}" for d in defines)]
-    digest = hashlib.sha256(" ".join(flags).encode())
-    inputs = [*cu_files, *cpp_files, EMU / "runtime.cpp", *sorted((EMU / "include").glob("*.h"))]
-    inputs += sorted(h for d in include_dirs for h in d.rglob("*.h"))
+    flags = ["-std=c++17", "-O1", "-g0", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread",
+             "-DKFUSE_WITH_CUDA", *(f"-D{d}" for d in defines)]
+    cxx = _compiler()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256("\0".join([cxx, version, *flags]).encode())
+    inputs = [Path(__file__), *cu_files, *cpp_files, EMU / "runtime.cpp", *sorted((EMU / "include").glob("*"))]
+    inputs += sorted(h for d in include_dirs for h in d.rglob("*") if h.suffix in (".h", ".cuh", ".hpp"))
     for path in inputs:
         digest.update(path.read_bytes())
     out_dir = CACHE / f"{name}-{digest.hexdigest()[:16]}"
     lib = out_dir / f"{name}.so"
     if not lib.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
+        # Built in a private folder, then moved in whole: concurrent builds never share files.
+        CACHE.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=CACHE))
         srcs = []
         for cu in cu_files:
-            dst = out_dir / (cu.stem + ".cpp")
+            dst = work / (cu.stem + ".cpp")
             dst.write_text(f'#line 1 "{cu}"\n' + rewrite(cu.read_text()))
             srcs.append(str(dst))
-        tmp = out_dir / f"{name}.{os.getpid()}.so"
         cmd = [
-            _compiler(), *flags, f"-I{EMU / 'include'}", *(f"-I{d}" for d in include_dirs),
-            str(EMU / "runtime.cpp"), *map(str, cpp_files), *srcs, "-o", str(tmp),
+            cxx, *flags, f"-I{EMU / 'include'}", *(f"-I{d}" for d in include_dirs),
+            str(EMU / "runtime.cpp"), *map(str, cpp_files), *srcs, "-o", str(work / lib.name),
         ]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
+            shutil.rmtree(work, ignore_errors=True)
             raise RuntimeError(f"cuda_emu: building {name} failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
-        tmp.replace(lib)  # atomic: a concurrent build never loads a half-written file
+        try:
+            work.rename(out_dir)
+        except OSError:  # another process finished the same build first
+            shutil.rmtree(work, ignore_errors=True)
     return ctypes.CDLL(str(lib))
 
 
@@ -125,24 +138,27 @@ def ptr(t: torch.Tensor) -> ctypes.c_void_p:
 
 
 _PAGE = mmap.PAGESIZE
-_BAND = 256  # bytes of guard band before the buffer, at least (after it: fewer than 16)
-_GUARD_BYTE = 0xA5
+_BAND = 256  # bytes of guard band, at least, on the side of the buffer away from its page
+_GUARD_BYTE = 0xFF  # NaN in every float format, so reading a band shows in the results
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Guarded:
     """A buffer to pass an emulated kernel: ``view`` holds ``numel`` elements of ``dtype``, NaN
     at first (so an output element left unwritten fails the comparison). It lies between two
-    inaccessible pages, its end less than 16 bytes before the second: an access 16 bytes or
-    more past its end (or past the band before it) faults, and the test process dies with a
-    Python traceback at the kernel call. The bytes between the pages and the view are guard
-    bands: ``check`` fails if a kernel wrote there. ``shift`` moves the view ``shift`` elements
-    off 16-byte alignment."""
+    inaccessible pages, flush (within 16 bytes, keeping 16-byte alignment) against the one
+    after it, or with ``at_start`` the one before it: an access 16 bytes or more past that
+    side faults, and the test process dies with a Python traceback at the kernel call. The
+    bytes between the view and the pages are guard bands of 0xff: reading one gives NaN, and
+    ``check`` fails if a kernel wrote there. ``shift`` moves the view ``shift`` elements
+    (fewer than 16 bytes) off 16-byte alignment."""
 
-    def __init__(self, numel: int, dtype: torch.dtype, shift: int = 0) -> None:
+    def __init__(self, numel: int, dtype: torch.dtype, shift: int = 0, at_start: bool = False) -> None:
         esize = torch.empty(0, dtype=dtype).element_size()
+        if not 0 <= shift * esize < 16:
+            raise ValueError(f"shift={shift} must move the view by 0 to 15 bytes")
         nbytes = numel * esize
-        span = -(-(_BAND + nbytes + 32) // _PAGE) * _PAGE  # front band, data, back band
+        span = -(-(_BAND + nbytes + 32) // _PAGE) * _PAGE
         self._map = mmap.mmap(-1, span + 2 * _PAGE)
         self._raw = torch.frombuffer(self._map, dtype=torch.uint8)
         base = self._raw.data_ptr()
@@ -150,9 +166,10 @@ class Guarded:
             if _libc.mprotect(ctypes.c_void_p(page), ctypes.c_size_t(_PAGE), 0) != 0:
                 raise OSError(ctypes.get_errno(), "cuda_emu: mprotect of a guard page failed")
         end = _PAGE + span  # offset of the second inaccessible page
-        self._start = (end - nbytes) // 16 * 16 + shift * esize
-        if self._start + nbytes > end:
-            self._start -= 16
+        if at_start:
+            self._start = _PAGE + shift * esize
+        else:
+            self._start = (end - nbytes - shift * esize) // 16 * 16 + shift * esize
         self._end = self._start + nbytes
         self._raw[_PAGE : self._start].fill_(_GUARD_BYTE)
         self._raw[self._end : end].fill_(_GUARD_BYTE)

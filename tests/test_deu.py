@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import os
 import subprocess
@@ -398,14 +399,16 @@ EMU_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat
 EMU_DEVICES = [(1, 1), (8, 4)]  # (SMs, resident blocks per SM): one row chunk per column; several
 
 
-def emulated_deu(lib: ctypes.CDLL, x: torch.Tensor, coeffs: torch.Tensor, gy: torch.Tensor, shift: int):
+def emulated_deu(lib: ctypes.CDLL, x: torch.Tensor, coeffs: torch.Tensor, gy: torch.Tensor, shift: int,
+                 at_start: bool):
     """Forward and backward of the emulated CUDA kernels on [M, N, K] inputs, every tensor in a
-    ``cuda_emu.Guarded`` buffer (x, y, grad_y, grad_x ``shift`` elements off 16-byte alignment)."""
+    ``cuda_emu.Guarded(..., at_start=at_start)`` buffer (x, y, grad_y, grad_x ``shift``
+    elements off 16-byte alignment)."""
     M, N, K = x.shape
     code, sizes = EMU_DTYPES[x.dtype], (ctypes.c_int64(M), ctypes.c_int64(N), ctypes.c_int64(K))
     n, nc, acc = x.numel(), coeffs.numel(), coeffs.dtype
     ws = lib.kfemu_deu_backward_workspace_elems(code, *sizes)
-    bufs = {name: cuda_emu.Guarded(count, dtype, sh) for name, count, dtype, sh in [
+    bufs = {name: cuda_emu.Guarded(count, dtype, sh, at_start) for name, count, dtype, sh in [
         ("x", n, x.dtype, shift), ("grad_y", n, x.dtype, shift), ("coeffs", nc, acc, 0),
         ("y", n, x.dtype, shift), ("grad_x", n, x.dtype, shift), ("grad_coeffs", nc, acc, 0),
         ("workspace", ws, acc, 0),
@@ -425,6 +428,7 @@ def load_deu_emu(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib = cuda_emu.load("deu", defines)
     lib.kfemu_deu_forward.restype = lib.kfemu_deu_backward.restype = ctypes.c_char_p
     lib.kfemu_deu_backward_workspace_elems.restype = ctypes.c_int64
+    lib.kfemu_set_schedule.argtypes = [ctypes.c_uint64]
     return lib
 
 
@@ -440,11 +444,16 @@ def check_emulated(lib: ctypes.CDLL, mnk: tuple[int, int, int], dtype: torch.dty
     x = make_x(mnk, dtype, "cpu")
     gy = torch.randn(mnk, dtype=torch.float64).to(dtype)
     y_ref, gx_ref, gc_ref = ref_grads(x, coeffs, gy, 1)
+    schedule = 1 + torch.randint(2**31, ()).item()  # a shuffled one (cuda_runtime.h)
     for dev, (sms, per_sm) in enumerate(EMU_DEVICES, start=1):
         assert lib.kfemu_set_device(dev, sms, per_sm) == 0
-        for shift in (0, 1) if K > 1 else (0,):  # 16-byte units, then their scalar fallback
-            y, gx, gc = emulated_deu(lib, x, coeffs, gy, shift)
-            where = f"{what} {dtype} {mnk} on {sms}x{per_sm} blocks, shift {shift}"
+        # 16-byte units, then their scalar fallback (K > 1); overruns past either end fault;
+        # threads and blocks in rising order, then shuffled.
+        for i, (shift, at_start) in enumerate(itertools.product((0, 1), (False, True))):
+            order = schedule if i % 2 else 0
+            lib.kfemu_set_schedule(order)
+            y, gx, gc = emulated_deu(lib, x, coeffs, gy, shift, at_start)
+            where = f"{what} {dtype} {mnk} on {sms}x{per_sm} blocks, shift {shift}, schedule {order}"
             assert_close(y, y_ref, dtype, f"y {where}")
             assert_close(gx, gx_ref, dtype, f"grad_x {where}")
             assert_close(gc, gc_ref, dtype, f"grad_coeffs {where}")
@@ -455,7 +464,8 @@ def check_emulated(lib: ctypes.CDLL, mnk: tuple[int, int, int], dtype: torch.dty
 def test_cuda_kernels_emulated(deu_emu: ctypes.CDLL, mnk: tuple[int, int, int], dtype: torch.dtype,
                                seed: int) -> None:
     """The CUDA kernels (their host math, all dtypes, bf16 included) against the reference, on
-    two emulated device sizes; no output element left unwritten, none written out of bounds."""
+    two emulated device sizes and two schedules; no output element left unwritten, no access
+    out of bounds."""
     check_emulated(deu_emu, mnk, dtype, "cuda (emulated)")
 
 

@@ -1,5 +1,6 @@
-// Kernels that check tests/cuda_emu itself (tests/test_cuda_emu.py): two correct ones whose
-// results depend on every collective being emulated right, and bugs it must report.
+// Kernels that check tests/cuda_emu itself (tests/test_cuda_emu.py): correct ones whose results
+// depend on every intrinsic being emulated right, racy ones whose results depend on the
+// schedule, and bugs the emulator must report.
 #include <cuda_runtime.h>
 
 namespace {
@@ -20,28 +21,54 @@ __global__ void block_sum(const float* x, float* out, int n) {
   if (lane == 0) out[blockIdx.x] = v;
 }
 
-// Lanes at or past n exit; the rest vote: out[i] = the set of lanes still running, for i < n.
-__global__ void vote_after_exit(unsigned* out, int n) {
-  const int i = threadIdx.x;
-  if (i >= n) return;
-  out[i] = __ballot_sync(__activemask(), 1) & __reduce_or_sync(__activemask(), 1u << i);
+// One warp; lanes at or past `alive` exit first. The rest write kWarpOps results each.
+constexpr int kWarpOps = 12;
+__global__ void warp_ops(const int* in, int* out, int alive) {
+  const int lane = threadIdx.x;
+  if (lane >= alive) return;
+  const int v = in[lane];
+  const unsigned all = 0xffffffffu;
+  int* o = out + lane * kWarpOps;
+  o[0] = __shfl_sync(all, v, (lane * 7 + 3) & 31);
+  o[1] = __shfl_up_sync(all, v, 3);
+  o[2] = __shfl_down_sync(all, v, 5);
+  o[3] = __shfl_xor_sync(all, v, 6);
+  o[4] = __shfl_xor_sync(all, v, 16, 16);
+  o[5] = __shfl_down_sync(all, v, 2, 8);
+  o[6] = __shfl_up_sync(all, v, 1, 4);
+  o[7] = __shfl_sync(all, v, 9, 8);
+  o[8] = static_cast<int>(__ballot_sync(all, v & 1));
+  o[9] = static_cast<int>(__reduce_add_sync(all, static_cast<unsigned>(v)));
+  o[10] = static_cast<int>(__reduce_or_sync(all, static_cast<unsigned>(v)));
+  o[11] = static_cast<int>(__reduce_and_sync(all, static_cast<unsigned>(v)));
 }
 
-// Bug: half the warp waits at __syncthreads, the other half at a full-warp shuffle.
-__global__ void split_warp(float* out) {
-  float v = 1.f;
-  if (threadIdx.x < 16) {
-    __syncthreads();
-  } else {
-    v = __shfl_xor_sync(0xffffffffu, v, 1);
-  }
-  out[threadIdx.x] = v;
+// Lanes at or past n exit; the rest report their __activemask.
+__global__ void active_mask(unsigned* out, int n) {
+  if (static_cast<int>(threadIdx.x) >= n) return;
+  out[threadIdx.x] = __activemask();
 }
 
-// Bug: lanes 8.. exit, then the rest shuffle with a full mask.
-__global__ void shuffle_after_exit(float* out) {
-  if (threadIdx.x >= 8) return;
-  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+// Each thread writes its slot, then reads its neighbours' (one up, one down) after a barrier:
+// __syncwarp (one warp) or __syncthreads (the block); with sync = 0, after none (a race).
+__global__ void neighbours(int* out, int sync) {
+  __shared__ int slot[256];
+  const int t = threadIdx.x, n = blockDim.x;
+  slot[t] = 3 * t;
+  if (sync == 1) __syncwarp();
+  if (sync == 2) __syncthreads();
+  out[2 * t] = slot[(t + 1) % n];
+  out[2 * t + 1] = slot[(t + n - 1) % n];
+}
+
+// Thread 0 of each block reads static and dynamic shared memory before anything writes them.
+__global__ void fresh_shared(int* out) {
+  __shared__ int stale[1];
+  extern __shared__ int dynamic[];
+  if (threadIdx.x != 0) return;
+  out[2 * blockIdx.x] = stale[0];
+  out[2 * blockIdx.x + 1] = dynamic[0];
+  stale[0] = dynamic[0] = static_cast<int>(blockIdx.x);
 }
 
 // y[i + write_offset] = x[i + read_offset] for i < n: offsets other than 0 are bugs that
@@ -51,22 +78,52 @@ __global__ void copy_offset(const float* x, float* y, int n, int read_offset, in
   if (i < n) y[i + write_offset] = x[i + read_offset];
 }
 
+// Bugs, by number: 0 half the warp waits at __syncthreads, the other half at a shuffle
+// (deadlock); 1 a mask without the caller; 2 two kinds of shuffle under one mask; 3 a shuffle
+// width that is not a power of 2; 4 a spin-wait on a flag nobody sets.
+__global__ void bug(float* out, int which, volatile int* flag) {
+  float v = 1.f;
+  const unsigned lane = threadIdx.x & 31;
+  if (which == 0) {
+    if (lane < 16) {
+      __syncthreads();
+    } else {
+      v = __shfl_xor_sync(0xffffffffu, v, 1);
+    }
+  } else if (which == 1) {
+    v = __shfl_xor_sync(0xfffffffeu, v, 1);
+  } else if (which == 2) {
+    v = lane < 16 ? __shfl_xor_sync(0xffffffffu, v, 1) : __shfl_down_sync(0xffffffffu, v, 1);
+  } else if (which == 3) {
+    v = __shfl_xor_sync(0xffffffffu, v, 1, 12);
+  } else {
+    while (!*flag) {
+    }
+  }
+  out[threadIdx.x] = v;
+}
+
 }  // namespace
 
-extern "C" {
-const char* emu_block_sum(const float* x, float* out, int n, int threads) {
+KFEMU_API const char* emu_block_sum(const float* x, float* out, int n, int threads) {
   return kfemu::guarded([&] { block_sum<<<(n + threads - 1) / threads, threads>>>(x, out, n); });
 }
-const char* emu_vote_after_exit(unsigned* out, int n) {
-  return kfemu::guarded([&] { vote_after_exit<<<1, 32>>>(out, n); });
+KFEMU_API const char* emu_warp_ops(const int* in, int* out, int alive) {
+  return kfemu::guarded([&] { warp_ops<<<1, 32>>>(in, out, alive); });
 }
-const char* emu_split_warp(float* out) {
-  return kfemu::guarded([&] { split_warp<<<1, 32>>>(out); });
+KFEMU_API const char* emu_active_mask(unsigned* out, int n) {
+  return kfemu::guarded([&] { active_mask<<<1, 32>>>(out, n); });
 }
-const char* emu_shuffle_after_exit(float* out) {
-  return kfemu::guarded([&] { shuffle_after_exit<<<1, 32>>>(out); });
+KFEMU_API const char* emu_neighbours(int* out, int threads, int sync) {
+  return kfemu::guarded([&] { neighbours<<<1, threads>>>(out, sync); });
 }
-const char* emu_copy_offset(const float* x, float* y, int n, int read_offset, int write_offset) {
+KFEMU_API const char* emu_fresh_shared(int* out, int blocks) {
+  return kfemu::guarded([&] { fresh_shared<<<blocks, 32, sizeof(int)>>>(out); });
+}
+KFEMU_API const char* emu_copy_offset(const float* x, float* y, int n, int read_offset, int write_offset) {
   return kfemu::guarded([&] { copy_offset<<<(n + 127) / 128, 128>>>(x, y, n, read_offset, write_offset); });
 }
+KFEMU_API const char* emu_bug(float* out, int which, int threads) {
+  static volatile int flag = 0;
+  return kfemu::guarded([&] { bug<<<1, threads>>>(out, which, &flag); });
 }

@@ -1,33 +1,50 @@
 // A CPU emulator of the CUDA execution model, for testing CUDA kernels on machines without a GPU
 // (the way TRITON_INTERPRET=1 tests the Triton kernels). Included in place of the real
 // cuda_runtime.h when tests/cuda_emu.py compiles a framework-free .cu file with the host C++
-// compiler.
+// compiler (after rewriting its launches and __shared__ declarations).
 //
-// What it models: every block of a launch runs its threads as cooperative fibers (ucontext) on
-// the calling OS thread, one block at a time (in reverse order, so a kernel that relies on
-// block order shows it). A fiber runs until it exits or reaches __syncthreads or a warp
-// collective (__shfl_*_sync, __ballot_sync, __reduce_*_sync, __syncwarp); the scheduler
-// resolves a collective once every lane of its mask has reached it, and a barrier once every
-// thread of the block that has not exited has. It reports, as errors: launch configurations
-// the hardware rejects (block or grid too large, too much dynamic shared memory), a lane mask
-// that names an exited lane or omits the caller, lanes of one mask at different collectives,
-// and deadlock. Dynamic shared memory starts as 0xff bytes (NaN as floats), so reading it
-// before writing shows up.
+// What it models. Every block of a launch runs its threads as cooperative fibers (ucontext) on
+// the calling OS thread, one block at a time. A fiber runs until it exits or reaches
+// __syncthreads or a warp collective (__shfl_*_sync, __ballot_sync, __reduce_*_sync,
+// __syncwarp, __activemask); once every fiber is blocked, the scheduler completes the
+// collectives whose non-exited lanes have all arrived, and the barrier once every non-exited
+// thread of the block is at it. The schedule is seeded (kfemu_set_schedule): seed 0 runs
+// threads and blocks in rising order; any other seed shuffles the order of the threads every
+// round and of the blocks every launch, and splits the lanes that reach an __activemask
+// together into random groups (as divergence may on a GPU), so code that relies on an order
+// or on a full active mask shows it under some seed. Shared memory (static and dynamic) starts
+// every block as 0xff bytes (NaN as floats); dynamic shared memory ends at an inaccessible
+// page; fiber stacks sit between inaccessible pages.
+// Errors it reports: launch configurations the hardware rejects (block or grid too large, too
+// much dynamic shared memory, a shuffle width not a power of 2), a collective whose mask omits
+// the caller, lanes of one mask at different collectives, deadlock, and (after KFEMU_TIMEOUT_S,
+// default 600 s, by aborting the process) a launch that never ends, e.g. a spin-wait on
+// another block. Reading a lane that has exited or is outside the mask gives all-ones bits.
 // What it does not: device math (__CUDA_ARCH__ is undefined, so kernels take their host code
-// paths, e.g. libm instead of the hardware approximations), memory ordering between blocks,
-// performance, and inline PTX. Only the runtime calls the kernels here use are provided.
+// paths, e.g. libm instead of the hardware approximations), inline PTX, device-side assert,
+// memory ordering between blocks, concurrent launches, and speed. Only the runtime calls the
+// kernels here use are provided.
 #pragma once
 
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -39,10 +56,10 @@
 #define __forceinline__ __attribute__((always_inline)) inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-// Static shared arrays become function statics: one per kernel instantiation, shared by the
-// threads of the (single) running block, as on a GPU.
-#define __shared__ static
 #define warpSize 32
+// Entry points that tests load with ctypes. Everything else is hidden (tests/cuda_emu.py builds
+// with -fvisibility=hidden), so each loaded library has its own emulator state.
+#define KFEMU_API extern "C" __attribute__((visibility("default")))
 
 struct dim3 {
   unsigned x, y, z;
@@ -66,23 +83,54 @@ constexpr int kMaxThreads = 1024;
 constexpr size_t kMaxDynamicShared = 48 * 1024;  // without cudaFuncSetAttribute
 constexpr size_t kStackBytes = 256 * 1024;
 
-enum class Op { none, activemask, shfl, ballot, reduce_or, reduce_and, reduce_add, syncwarp };
+[[noreturn]] inline void fail(const std::string& what) { throw std::runtime_error("cuda_emu: " + what); }
+
+// At least `bytes` of memory between two inaccessible pages.
+class Mapped {
+ public:
+  void ensure(size_t bytes) {
+    if (bytes <= span_) return;
+    release();
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    span_ = (bytes + page - 1) / page * page;
+    void* p = mmap(nullptr, span_ + 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    base_ = static_cast<unsigned char*>(p);
+    mprotect(base_, page, PROT_NONE);
+    mprotect(base_ + page + span_, page, PROT_NONE);
+  }
+  unsigned char* begin() const { return base_ + static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+  unsigned char* end() const { return begin() + span_; }
+  ~Mapped() { release(); }
+
+ private:
+  void release() {
+    if (base_) munmap(base_, span_ + 2 * static_cast<size_t>(sysconf(_SC_PAGESIZE)));
+    base_ = nullptr;
+    span_ = 0;
+  }
+  unsigned char* base_ = nullptr;
+  size_t span_ = 0;
+};
+
+enum class Op { none, activemask, shfl_idx, shfl_up, shfl_down, shfl_xor, ballot, reduce_or, reduce_and, reduce_add, syncwarp };
 
 struct Thread {
   ucontext_t ctx;
   dim3 idx;
   int lane = 0, warp = 0;
   enum State { ready, at_barrier, at_warp, done } state = ready;
-  // The pending warp collective: op, mask, this lane's value and argument (source lane for
-  // shfl, already resolved against its width), and the result the scheduler hands back.
+  // The pending warp collective: its kind, mask, shuffle width and value size, this lane's
+  // value, source lane (shuffles) or call site (__activemask), and the result handed back.
   Op op = Op::none;
   unsigned mask = 0;
+  int width = 32, size = 0, src = 0;
+  uintptr_t site = 0;
   uint64_t in = 0, out = 0;
-  int src = 0;
 };
 
 // Emulated devices: id -> (SMs, resident blocks per SM) for the occupancy queries. Kernels
-// often cache per device id, so tests use a fresh id per configuration.
+// often cache per device id, so tests use a new id for each configuration.
 struct Device {
   int sms = 132, blocks_per_sm = 4;
 };
@@ -91,25 +139,48 @@ struct State {
   std::mutex launch_mutex;
   ucontext_t scheduler;
   std::vector<Thread> threads;
-  std::vector<std::unique_ptr<char[]>> stacks;
-  std::vector<unsigned char> dynamic_shared;
+  std::vector<std::unique_ptr<Mapped>> stacks;
+  Mapped dynamic;
+  unsigned char* dynamic_shared = nullptr;
+  size_t dynamic_bytes = 0;
+  uint64_t block_serial = 0;  // which block is running: static shared areas refill when it changes
   Thread* current = nullptr;
   dim3 block_idx, block_dim, grid_dim;
   std::function<void()> body;
   cudaError_t last_error = cudaSuccess;
   int device = 0;
   Device devices[64];
+  uint64_t seed = 0, rng = 0;
+  std::string kernel_error;  // raised in a fiber: thrown once the scheduler has control back
 };
 inline State& state() {
   static State s;
   return s;
 }
 
-[[noreturn]] inline void fail(const std::string& what) { throw std::runtime_error("cuda_emu: " + what); }
+inline uint64_t random_u64() {  // splitmix64 over the schedule's seed
+  uint64_t z = (state().rng += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+template <typename T> void shuffle(std::vector<T>& v) {
+  for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[random_u64() % i]);
+}
 
 inline void yield() {
   State& s = state();
   swapcontext(&s.current->ctx, &s.scheduler);
+}
+
+// An error found by a thread itself: exceptions cannot unwind a fiber's stack into the
+// scheduler, so the thread hands the message over and is never resumed.
+[[noreturn]] inline void fail_in_thread(const std::string& what) {
+  State& s = state();
+  s.kernel_error = what + ", at thread (" + std::to_string(s.current->idx.x) + "," + std::to_string(s.current->idx.y) +
+                   "," + std::to_string(s.current->idx.z) + ")";
+  yield();
+  std::abort();  // unreachable: the scheduler throws instead of resuming this thread
 }
 
 inline void fiber_main() {
@@ -130,88 +201,106 @@ template <typename T> inline T from_bits(uint64_t b) {
   return v;
 }
 
-inline uint64_t collective(Op op, unsigned mask, uint64_t in, int src = 0) {
+// Blocks the calling lane at a warp collective until the scheduler completes it.
+inline uint64_t collective(Op op, unsigned mask, uint64_t in, int size, int src = 0, int width = 32,
+                           uintptr_t site = 0) {
   Thread* t = state().current;
   t->op = op;
   t->mask = mask;
   t->in = in;
+  t->size = size;
   t->src = src;
+  t->width = width;
+  t->site = site;
   t->state = Thread::at_warp;
   yield();
   return t->out;
 }
 
-inline std::string lane_name(const Thread& t) {
+inline std::string where(const Thread& t) {
+  const dim3 b = state().block_idx;
   return "thread (" + std::to_string(t.idx.x) + "," + std::to_string(t.idx.y) + "," + std::to_string(t.idx.z) +
-         ") of block (" + std::to_string(state().block_idx.x) + "," + std::to_string(state().block_idx.y) + "," +
-         std::to_string(state().block_idx.z) + ")";
+         ") of block (" + std::to_string(b.x) + "," + std::to_string(b.y) + "," + std::to_string(b.z) + ")";
 }
 
-// Resolves the warp collectives whose lanes have all arrived; returns whether any did.
+inline void release(Thread* t, uint64_t out) {
+  t->out = out;
+  t->op = Op::none;
+  t->state = Thread::ready;
+}
+
+// Lanes at __activemask, grouped by call site: each learns its group (a random part of it,
+// under a seeded schedule). Returns whether any were released.
+inline bool resolve_activemask(Thread* const* lanes) {
+  std::map<uintptr_t, unsigned> sites;
+  for (int l = 0; l < 32; ++l) {
+    if (lanes[l] && lanes[l]->state == Thread::at_warp && lanes[l]->op == Op::activemask) sites[lanes[l]->site] |= 1u << l;
+  }
+  for (const auto& [site, group] : sites) {
+    const uint64_t parts = state().seed ? 1 + random_u64() % 3 : 1;
+    unsigned part_mask[3] = {}, part_of[32] = {};
+    for (int l = 0; l < 32; ++l) {
+      if (!(group >> l & 1u)) continue;
+      part_of[l] = static_cast<unsigned>(random_u64() % parts);
+      part_mask[part_of[l]] |= 1u << l;
+    }
+    for (int l = 0; l < 32; ++l) {
+      if (group >> l & 1u) release(lanes[l], part_mask[part_of[l]]);
+    }
+  }
+  return !sites.empty();
+}
+
+// Completes the warp collectives whose non-exited lanes have all arrived; returns whether any did.
 inline bool resolve_warps(std::vector<Thread>& threads) {
   bool released = false;
-  const int nwarps = static_cast<int>((threads.size() + 31) / 32);
-  for (int w = 0; w < nwarps; ++w) {
-    Thread* lanes[32] = {};
-    for (int l = 0; l < 32 && w * 32 + l < static_cast<int>(threads.size()); ++l) lanes[l] = &threads[w * 32 + l];
-    unsigned here = 0;  // lanes at __activemask: released together, each told the set
-    for (int l = 0; l < 32; ++l) {
-      if (lanes[l] && lanes[l]->state == Thread::at_warp && lanes[l]->op == Op::activemask) here |= 1u << l;
-    }
-    for (int l = 0; l < 32; ++l) {
-      if (!(here >> l & 1u)) continue;
-      lanes[l]->out = here;
-      lanes[l]->op = Op::none;
-      lanes[l]->state = Thread::ready;
-      released = true;
-    }
+  const int nthreads = static_cast<int>(threads.size());
+  for (int w = 0; w * 32 < nthreads; ++w) {
+    Thread* lanes[32] = {};  // null: past the end of the block, which counts as exited
+    for (int l = 0; l < 32 && w * 32 + l < nthreads; ++l) lanes[l] = &threads[w * 32 + l];
+    released |= resolve_activemask(lanes);
     for (int l = 0; l < 32; ++l) {
       Thread* t = lanes[l];
       if (!t || t->state != Thread::at_warp) continue;
       const unsigned mask = t->mask;
-      if (!(mask >> l & 1u)) fail("warp collective with a mask that omits the calling lane, at " + lane_name(*t));
+      if (!(mask >> l & 1u)) fail("a warp collective's mask omits the calling lane, at " + where(*t));
+      unsigned members = 0;  // the non-exited lanes of the mask, all of which must take part
       bool all_here = true;
       for (int k = 0; k < 32; ++k) {
-        if (!(mask >> k & 1u)) continue;
-        Thread* o = lanes[k];
-        if (!o || o->state == Thread::done) {
-          fail("warp collective's mask names lane " + std::to_string(k) + ", which has exited or does not exist, at " +
-               lane_name(*t));
-        }
+        const Thread* o = lanes[k];
+        if (!(mask >> k & 1u) || !o || o->state == Thread::done) continue;
         if (o->state != Thread::at_warp) {
           all_here = false;
           continue;
         }
-        if (o->op != t->op || o->mask != mask) {
-          fail("lanes of one mask reached different warp collectives (or masks), at " + lane_name(*t) + " and " +
-               lane_name(*o));
+        if (o->op != t->op || o->mask != mask || o->width != t->width || o->size != t->size) {
+          fail("lanes of one mask reached different warp collectives (kind, mask, width or value size), at " +
+               where(*t) + " and " + where(*o));
         }
+        members |= 1u << k;
       }
       if (!all_here) continue;
-      uint64_t acc = t->op == Op::reduce_and ? ~uint64_t(0) : 0;
+      uint64_t acc = t->op == Op::reduce_and ? 0xffffffffull : 0;
       for (int k = 0; k < 32; ++k) {
-        if (!(mask >> k & 1u)) continue;
-        const Thread* o = lanes[k];
+        if (!(members >> k & 1u)) continue;
+        const uint64_t v = lanes[k]->in;
         switch (t->op) {
-          case Op::ballot: acc |= uint64_t(o->in != 0) << k; break;
-          case Op::reduce_or: acc |= o->in; break;
-          case Op::reduce_and: acc &= o->in; break;
-          case Op::reduce_add: acc = static_cast<uint32_t>(acc + o->in); break;
+          case Op::ballot: acc |= uint64_t(v != 0) << k; break;
+          case Op::reduce_or: acc |= v; break;
+          case Op::reduce_and: acc &= v; break;
+          case Op::reduce_add: acc = static_cast<uint32_t>(acc + v); break;
           default: break;
         }
       }
+      const bool shuffle_op = t->op == Op::shfl_idx || t->op == Op::shfl_up || t->op == Op::shfl_down ||
+                              t->op == Op::shfl_xor;
       for (int k = 0; k < 32; ++k) {
-        if (!(mask >> k & 1u)) continue;
+        if (!(members >> k & 1u)) continue;
         Thread* o = lanes[k];
-        if (o->op == Op::shfl) {
-          // A source lane outside the mask is undefined behaviour on the GPU: report it.
-          if (!(mask >> o->src & 1u)) fail("__shfl_*_sync reads lane " + std::to_string(o->src) + ", outside its mask, at " + lane_name(*o));
-          o->out = lanes[o->src]->in;
-        } else {
-          o->out = acc;
-        }
-        o->state = Thread::ready;
-        o->op = Op::none;
+        // A shuffle reading an exited lane or one outside the mask gets an undefined value.
+        uint64_t out = acc;
+        if (shuffle_op) out = members >> o->src & 1u ? lanes[o->src]->in : ~uint64_t(0);
+        release(o, out);
       }
       released = true;
     }
@@ -220,30 +309,42 @@ inline bool resolve_warps(std::vector<Thread>& threads) {
 }
 
 // Runs one block to completion.
-inline void run_block(State& s, size_t smem) {
+inline void run_block(State& s) {
   const dim3 b = s.block_dim;
   const size_t n = size_t(b.x) * b.y * b.z;
+  ++s.block_serial;
+  if (s.dynamic_bytes) std::memset(s.dynamic_shared, 0xff, s.dynamic_bytes);
   s.threads.assign(n, Thread{});
-  while (s.stacks.size() < n) s.stacks.emplace_back(new char[kStackBytes]);
-  std::fill(s.dynamic_shared.begin(), s.dynamic_shared.begin() + smem, 0xff);
+  while (s.stacks.size() < n) {
+    s.stacks.emplace_back(new Mapped);
+    s.stacks.back()->ensure(kStackBytes);
+  }
   for (size_t i = 0; i < n; ++i) {
     Thread& t = s.threads[i];
     t.idx = dim3(unsigned(i % b.x), unsigned(i / b.x % b.y), unsigned(i / (size_t(b.x) * b.y)));
     t.lane = int(i % 32);
     t.warp = int(i / 32);
     getcontext(&t.ctx);
-    t.ctx.uc_stack.ss_sp = s.stacks[i].get();
+    t.ctx.uc_stack.ss_sp = s.stacks[i]->begin();
     t.ctx.uc_stack.ss_size = kStackBytes;
     t.ctx.uc_link = &s.scheduler;
     makecontext(&t.ctx, fiber_main, 0);
   }
+  std::vector<Thread*> order;
   for (;;) {
-    bool ran = false;
+    order.clear();
     for (Thread& t : s.threads) {
-      if (t.state != Thread::ready) continue;
-      s.current = &t;
-      swapcontext(&s.scheduler, &t.ctx);
-      ran = true;
+      if (t.state == Thread::ready) order.push_back(&t);
+    }
+    if (s.seed) shuffle(order);
+    for (Thread* t : order) {
+      s.current = t;
+      swapcontext(&s.scheduler, &t->ctx);
+      if (!s.kernel_error.empty()) {
+        const std::string what = std::move(s.kernel_error);
+        s.kernel_error.clear();
+        fail(what);
+      }
     }
     s.current = nullptr;
     size_t done = 0, at_barrier = 0;
@@ -259,10 +360,11 @@ inline void run_block(State& s, size_t smem) {
       }
       continue;
     }
-    if (!ran) {
-      fail("deadlock in block (" + std::to_string(s.block_idx.x) + "," + std::to_string(s.block_idx.y) + "," +
-           std::to_string(s.block_idx.z) + "): " + std::to_string(at_barrier) + " threads at __syncthreads, " +
-           std::to_string(n - done - at_barrier) + " at warp collectives that cannot complete");
+    if (order.empty()) {
+      const dim3 bi = s.block_idx;
+      fail("deadlock in block (" + std::to_string(bi.x) + "," + std::to_string(bi.y) + "," + std::to_string(bi.z) +
+           "): " + std::to_string(at_barrier) + " threads at __syncthreads, " + std::to_string(n - done - at_barrier) +
+           " at warp collectives that cannot complete");
     }
   }
 }
@@ -276,6 +378,37 @@ inline cudaError_t check_config(dim3 g, dim3 b, size_t smem) {
   if (smem > kMaxDynamicShared) return cudaErrorInvalidValue;
   return cudaSuccess;
 }
+
+// Aborts the process (with a message) if a launch runs longer than KFEMU_TIMEOUT_S: a fiber
+// that spins never yields, so nothing else could stop it.
+class Watchdog {
+ public:
+  Watchdog() : thread_([this] { watch(); }) {}
+  ~Watchdog() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  void watch() {
+    static const double seconds = std::getenv("KFEMU_TIMEOUT_S") ? std::atof(std::getenv("KFEMU_TIMEOUT_S")) : 600;
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (!cv_.wait_for(lock, std::chrono::duration<double>(seconds), [this] { return done_; })) {
+      std::fprintf(stderr, "cuda_emu: a kernel launch ran for more than %.0f s (KFEMU_TIMEOUT_S); a spin-wait on "
+                   "another thread or block never ends under this emulator\n", seconds);
+      std::fflush(stderr);
+      std::abort();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
 
 struct Config {
   dim3 grid, block;
@@ -297,16 +430,49 @@ void launch(Config c, void (*kernel)(P...), Args&&... args) {
   s.body = [&] { std::apply(kernel, params); };
   s.grid_dim = c.grid;
   s.block_dim = c.block;
-  s.dynamic_shared.assign(c.smem, 0xff);
+  s.dynamic_bytes = c.smem;
+  s.dynamic.ensure(std::max<size_t>(c.smem, 1));
+  s.dynamic_shared = s.dynamic.end() - (c.smem + 15) / 16 * 16;  // ends (within 16 bytes) at the guard page
+  const Watchdog watchdog;
   const dim3 g = c.grid;
-  for (int64_t i = int64_t(g.x) * g.y * g.z - 1; i >= 0; --i) {
+  std::vector<int64_t> blocks(size_t(g.x) * g.y * g.z);
+  for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = int64_t(i);
+  if (s.seed) shuffle(blocks);
+  for (const int64_t i : blocks) {
     s.block_idx = dim3(unsigned(i % g.x), unsigned(i / g.x % g.y), unsigned(i / (int64_t(g.x) * g.y)));
-    run_block(s, c.smem);
+    run_block(s);
   }
   s.body = nullptr;
 }
 
-template <typename T> T* dynamic_shared() { return reinterpret_cast<T*>(state().dynamic_shared.data()); }
+template <typename T> T* dynamic_shared() { return reinterpret_cast<T*>(state().dynamic_shared); }
+
+// A static __shared__ variable of type T: `__shared__ T name;` is rewritten to
+// `auto& name = ::kfemu::static_shared<T, __COUNTER__>();`. One area per declaration (and
+// template instantiation), refilled with 0xff bytes when a new block first uses it.
+class SharedArea {
+ public:
+  explicit SharedArea(size_t bytes) : bytes_(bytes), storage_(bytes + 64) {}
+  void* data() {
+    if (serial_ != state().block_serial) {
+      serial_ = state().block_serial;
+      std::memset(aligned(), 0xff, bytes_);
+    }
+    return aligned();
+  }
+
+ private:
+  void* aligned() { return storage_.data() + (64 - reinterpret_cast<uintptr_t>(storage_.data()) % 64) % 64; }
+  size_t bytes_;
+  std::vector<unsigned char> storage_;
+  uint64_t serial_ = 0;
+};
+namespace {  // per translation unit: __COUNTER__ is unique only within one
+template <typename T, int Id> T& static_shared() {
+  static SharedArea area(sizeof(T));
+  return *static_cast<T*>(area.data());
+}
+}  // namespace
 
 }  // namespace kfemu
 
@@ -320,42 +486,54 @@ inline void __syncthreads() {
   ::kfemu::state().current->state = ::kfemu::Thread::at_barrier;
   ::kfemu::yield();
 }
-inline void __syncwarp(unsigned mask = 0xffffffffu) { ::kfemu::collective(::kfemu::Op::syncwarp, mask, 0); }
-// The lanes of the caller's warp that reach __activemask together: those of its lanes that
-// are blocked there once every lane has run as far as it can (not those still to exit).
-inline unsigned __activemask() { return static_cast<unsigned>(::kfemu::collective(::kfemu::Op::activemask, 0, 0)); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::kfemu::collective(::kfemu::Op::syncwarp, mask, 0, 0); }
+// The lanes that reach this call site together (not inlined: its return address names the site).
+__attribute__((noinline)) inline unsigned __activemask() {
+  return static_cast<unsigned>(::kfemu::collective(::kfemu::Op::activemask, 0, 0, 0, 0, 32,
+                                                   reinterpret_cast<uintptr_t>(__builtin_return_address(0))));
+}
 inline unsigned __ballot_sync(unsigned mask, int pred) {
-  return static_cast<unsigned>(::kfemu::collective(::kfemu::Op::ballot, mask, pred != 0));
+  return static_cast<unsigned>(::kfemu::collective(::kfemu::Op::ballot, mask, pred != 0, 4));
 }
 inline unsigned __reduce_or_sync(unsigned mask, unsigned v) {
-  return static_cast<unsigned>(::kfemu::collective(::kfemu::Op::reduce_or, mask, v));
+  return static_cast<unsigned>(::kfemu::collective(::kfemu::Op::reduce_or, mask, v, 4));
 }
 inline unsigned __reduce_and_sync(unsigned mask, unsigned v) {
-  return static_cast<unsigned>(::kfemu::collective(::kfemu::Op::reduce_and, mask, v));
+  return static_cast<unsigned>(::kfemu::collective(::kfemu::Op::reduce_and, mask, v, 4));
 }
 inline unsigned __reduce_add_sync(unsigned mask, unsigned v) {
-  return static_cast<unsigned>(::kfemu::collective(::kfemu::Op::reduce_add, mask, v));
+  return static_cast<unsigned>(::kfemu::collective(::kfemu::Op::reduce_add, mask, v, 4));
 }
 namespace kfemu {
-// Source lane for a shuffle within sub-warps of `width` lanes; out of range: the caller's own.
-template <typename T> T shfl(unsigned mask, T v, int src, int width) {
+// The source lanes of CUDA's shuffles within sub-warps of `width` lanes: idx wraps within the
+// caller's group; up/down/xor past the group's end (or, for up, before its start) read the
+// caller's own value; xor may read an earlier group.
+template <typename T> T shfl(Op op, unsigned mask, T v, int arg, int width) {
+  if (width < 1 || width > 32 || (width & (width - 1))) {
+    fail_in_thread("shuffle width " + std::to_string(width) + " is not a power of 2 <= 32");
+  }
   const int lane = state().current->lane, base = lane & ~(width - 1);
-  if (src < base || src >= base + width) src = lane;
-  return from_bits<T>(collective(Op::shfl, mask, to_bits(v), src));
+  int src = lane;
+  switch (op) {
+    case Op::shfl_idx: src = base + (arg & (width - 1)); break;
+    case Op::shfl_up: src = lane - arg >= base ? lane - arg : lane; break;
+    case Op::shfl_down: src = lane + arg < base + width ? lane + arg : lane; break;
+    default: src = (lane ^ arg) < base + width ? lane ^ arg : lane; break;
+  }
+  return from_bits<T>(collective(op, mask, to_bits(v), sizeof(T), src, width));
 }
 }  // namespace kfemu
 template <typename T> T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
-  const int base = ::kfemu::state().current->lane & ~(width - 1);
-  return ::kfemu::shfl(mask, v, base + (src & (width - 1)), width);
+  return ::kfemu::shfl(::kfemu::Op::shfl_idx, mask, v, src, width);
 }
 template <typename T> T __shfl_xor_sync(unsigned mask, T v, int m, int width = 32) {
-  return ::kfemu::shfl(mask, v, ::kfemu::state().current->lane ^ m, width);
+  return ::kfemu::shfl(::kfemu::Op::shfl_xor, mask, v, m, width);
 }
 template <typename T> T __shfl_down_sync(unsigned mask, T v, unsigned d, int width = 32) {
-  return ::kfemu::shfl(mask, v, ::kfemu::state().current->lane + int(d), width);
+  return ::kfemu::shfl(::kfemu::Op::shfl_down, mask, v, int(d), width);
 }
 template <typename T> T __shfl_up_sync(unsigned mask, T v, unsigned d, int width = 32) {
-  return ::kfemu::shfl(mask, v, ::kfemu::state().current->lane - int(d), width);
+  return ::kfemu::shfl(::kfemu::Op::shfl_up, mask, v, int(d), width);
 }
 
 // ---- runtime API (the subset kernels' launchers use) --------------------------------------
@@ -390,11 +568,11 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, i
 }
 
 namespace kfemu {
-// Runs `f` (host code that launches kernels) for an extern "C" entry point: nullptr on success,
+// Runs `f` (host code that launches kernels) for a KFEMU_API entry point: nullptr on success,
 // else the message of the exception it threw (an emulator error, or the launcher's own) or of
 // a launch error it left unchecked. ctypes cannot catch C++ exceptions.
 template <typename F> const char* guarded(F&& f) {
-  static std::string error;
+  static thread_local std::string error;
   try {
     f();
   } catch (const std::exception& e) {
@@ -407,4 +585,5 @@ template <typename F> const char* guarded(F&& f) {
   }
   return nullptr;
 }
+
 }  // namespace kfemu
