@@ -34,8 +34,38 @@ EMU = Path(__file__).resolve().parent / "cuda_emu"
 CACHE = ROOT / "build" / "cuda_emu"
 
 _KERNEL = re.compile(r"([A-Za-z_][\w:]*(?:<(?:[^<>;]|<[^<>;]*>)*>)?)\s*<<<")
-_DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\([^)]*\)\s+)?([^;=\[]+?)\s+(\w+)\s*\[\s*\]\s*;")
-_STATIC_SHARED = re.compile(r"__shared__\s+(?:__align__\([^)]*\)\s+)?([^;=\[]+?)\s+(\w+)\s*((?:\[[^\]]*\]\s*)*);")
+# One declaration per line; anything else stays `__shared__`, which then fails to compile.
+_DYNAMIC_SHARED = re.compile(
+    r"extern[ \t]+__shared__[ \t]+(?:__align__\([^)\n]*\)[ \t]+)?([^;=\[\n]+?)[ \t]+(\w+)[ \t]*\[[ \t]*\][ \t]*;")
+_STATIC_SHARED = re.compile(
+    r"(?:\bstatic[ \t]+)?__shared__[ \t]+(?:__align__\([^)\n]*\)[ \t]+)?([^;=\[\n]+?)[ \t]+(\w+)[ \t]*"
+    r"((?:\[[^\]\n]*\][ \t]*)*);")
+
+
+def _mask(text: str) -> str:
+    """``text`` with the insides of comments and string/character literals blanked (newlines
+    kept, same length), so that the rewrites never match there."""
+    out, i, n = list(text), 0, len(text)
+    while i < n:
+        if text.startswith("//", i):
+            start, end = i, text.find("\n", i)
+            end = nxt = n if end < 0 else end
+        elif text.startswith("/*", i):
+            start, end = i, text.find("*/", i + 2)
+            end = nxt = n if end < 0 else end + 2
+        elif text[i] in "\"'":
+            end = i + 1
+            while end < n and text[end] not in (text[i], "\n"):
+                end += 2 if text[end] == "\\" else 1
+            start, nxt = i + 1, end + 1  # the quotes stay
+        else:
+            i += 1
+            continue
+        for k in range(start, min(end, n)):
+            if out[k] != "\n":
+                out[k] = " "
+        i = nxt
+    return "".join(out)
 
 
 def _matching_paren(text: str, open_at: int) -> int:
@@ -47,27 +77,40 @@ def _matching_paren(text: str, open_at: int) -> int:
     raise ValueError(f"unbalanced parentheses after offset {open_at}")
 
 
-def rewrite(source: str) -> str:
-    """CUDA source -> C++ for the emulator (the rewrites in the module docstring)."""
+def _rewrite_launches(text: str) -> str:
+    masked = _mask(text)
     out, pos = [], 0
-    for m in _KERNEL.finditer(source):
+    for m in _KERNEL.finditer(masked):
         if m.start() < pos:
             continue
-        cfg_end = source.index(">>>", m.end())
+        cfg_end = masked.index(">>>", m.end())
         args_open = cfg_end + 3
-        while source[args_open].isspace():
+        while masked[args_open].isspace():
             args_open += 1
-        if source[args_open] != "(":
+        if masked[args_open] != "(":
             raise ValueError(f"no argument list after the launch of {m.group(1)}")
-        args_close = _matching_paren(source, args_open)
-        args = source[args_open + 1 : args_close].strip()
-        cfg = source[m.end() : cfg_end]
-        out.append(source[pos : m.start()])
-        out.append(f"::kfemu::launch(::kfemu::Config({cfg}), {m.group(1)}{', ' + args if args else ''})")
+        args_close = _matching_paren(masked, args_open)
+        args = text[args_open + 1 : args_close]  # line breaks kept: later lines keep their numbers
+        cfg = text[m.end() : cfg_end]
+        out.append(text[pos : m.start()])
+        out.append(f"::kfemu::launch(::kfemu::Config({cfg}), {m.group(1)}{', ' + args if args.strip() else ''})")
         pos = args_close + 1
-    out.append(source[pos:])
-    text = _DYNAMIC_SHARED.sub(r"\1* \2 = ::kfemu::dynamic_shared<\1>();", "".join(out))
-    return _STATIC_SHARED.sub(r"auto& \2 = ::kfemu::static_shared<\1\3, __COUNTER__>();", text)
+    return "".join(out) + text[pos:]
+
+
+def _substitute(pattern: re.Pattern, template: str, text: str) -> str:
+    out, pos = [], 0
+    for m in pattern.finditer(_mask(text)):
+        out += [text[pos : m.start()], m.expand(template)]
+        pos = m.end()
+    return "".join(out) + text[pos:]
+
+
+def rewrite(source: str) -> str:
+    """CUDA source -> C++ for the emulator (the rewrites in the module docstring)."""
+    text = _rewrite_launches(source)
+    text = _substitute(_DYNAMIC_SHARED, r"\1* \2 = ::kfemu::dynamic_shared<\1>();", text)
+    return _substitute(_STATIC_SHARED, r"auto& \2 = ::kfemu::static_shared<\1\3, __COUNTER__>();", text)
 
 
 def _compiler() -> str:

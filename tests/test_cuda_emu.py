@@ -22,8 +22,8 @@ POISON = -1  # what an undefined read gives: all-ones bits
 @pytest.fixture(scope="module")
 def emu() -> ctypes.CDLL:
     lib = cuda_emu.build("selftest", [cuda_emu.EMU / "selftest.cu"], [], [])
-    for name in ("emu_block_sum", "emu_warp_ops", "emu_active_mask", "emu_neighbours", "emu_fresh_shared",
-                 "emu_copy_offset", "emu_bug"):
+    for name in ("emu_block_sum", "emu_warp_ops", "emu_narrow_then_wide", "emu_active_mask", "emu_neighbours",
+                 "emu_fresh_shared", "emu_copy_offset", "emu_bug"):
         getattr(lib, name).restype = ctypes.c_char_p
     lib.kfemu_set_schedule.argtypes = [ctypes.c_uint64]
     yield lib
@@ -73,7 +73,7 @@ def warp_ops_expected(v: list[int], alive: int) -> list[list[int]]:
     """selftest.cu's warp_ops as the CUDA Programming Guide defines each intrinsic. Lanes at
     or past ``alive`` have exited: they are left out of reductions and read as undefined."""
     def shfl(lane: int, kind: str, arg: int, width: int = 32) -> int:
-        base = lane & ~(width - 1)
+        base, arg = lane & ~(width - 1), arg % 32  # PTX: the operand's low 5 bits
         if kind == "idx":
             src = base + arg % width  # the source lane modulo width, in the caller's group
         elif kind == "up":
@@ -92,7 +92,8 @@ def warp_ops_expected(v: list[int], alive: int) -> list[list[int]]:
     return [
         [shfl(lane, "idx", (lane * 7 + 3) & 31), shfl(lane, "up", 3), shfl(lane, "down", 5), shfl(lane, "xor", 6),
          shfl(lane, "xor", 16, 16), shfl(lane, "down", 2, 8), shfl(lane, "up", 1, 4), shfl(lane, "idx", 9, 8),
-         int32(ballot), int32(total), int32(any_bits), int32(all_bits)]
+         int32(ballot), int32(total), int32(any_bits), int32(all_bits), shfl(lane, "down", 33),
+         shfl(lane, "xor", -1)]
         for lane in range(alive)
     ]  # fmt: skip
 
@@ -103,9 +104,16 @@ def test_warp_intrinsics(emu: ctypes.CDLL, alive: int, seed: int) -> None:
     """Shuffles of every kind and width, ballot and reductions, with and without exited lanes."""
     gen = torch.Generator().manual_seed(alive * 100 + seed)
     v = torch.randint(-(2**30), 2**30, (32,), dtype=torch.int32, generator=gen)
-    out = torch.zeros(32, 12, dtype=torch.int32)
+    out = torch.zeros(32, 14, dtype=torch.int32)
     run(emu, "emu_warp_ops", v, out, alive, seed=seed)
     assert out[:alive].tolist() == warp_ops_expected(v.tolist(), alive)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_narrower_mask_then_whole_warp(emu: ctypes.CDLL, seed: int) -> None:
+    out = torch.zeros(32, dtype=torch.int32)
+    run(emu, "emu_narrow_then_wide", out, seed=seed)
+    assert out.tolist() == [lane if lane < 16 else lane ^ 8 for lane in range(32)]
 
 
 @pytest.mark.parametrize("n", [32, 13, 1])
@@ -144,14 +152,15 @@ def test_barriers_order_shared_memory(emu: ctypes.CDLL, threads: int, sync: int)
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_shared_memory_starts_undefined_every_block(emu: ctypes.CDLL, seed: int) -> None:
-    out = torch.zeros(2 * 5, dtype=torch.int32)
+    out = torch.zeros(5 * 5, dtype=torch.int32)
     run(emu, "emu_fresh_shared", out, 5, seed=seed)
     assert (out == POISON).all(), "static and dynamic shared memory must not carry over between blocks"
 
 
 @pytest.mark.parametrize("which,message", [
-    (0, "deadlock in block"), (1, "mask omits the calling lane"), (2, "reached different warp collectives"),
-    (3, "shuffle width 12 is not a power of 2"),
+    (0, "deadlock in block"), (1, "mask omits the calling lane"),
+    (2, "deadlock in block .* wait at different warp collectives"), (3, "shuffle width 12 is not a power of 2"),
+    (5, "threads wait at different __syncthreads"), (6, "a kernel threw: boom"),
 ])  # fmt: skip
 def test_reports_bugs(emu: ctypes.CDLL, which: int, message: str) -> None:
     out = torch.zeros(64)

@@ -20,13 +20,19 @@ TOL: dict[torch.dtype, tuple[float, float]] = {  # dtype: (atol, rtol)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    """Assert ``|actual - expected| <= atol·max(1, max|expected|) + rtol·|expected|`` elementwise."""
+    """Assert ``|actual - expected| <= atol·max(1, max|expected|) + rtol·|expected|`` elementwise
+    where ``expected`` is finite, and the same inf/NaN where it is not."""
     atol, rtol = TOL[dtype]
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-    assert torch.isfinite(a).all() == torch.isfinite(e).all(), f"{what}: non-finite values differ"
-    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
-    err = (a - e).abs()
+    finite = torch.isfinite(e)
+    if not torch.equal(torch.isfinite(a), finite):
+        i = int(torch.nonzero((torch.isfinite(a) != finite).flatten())[0])
+        raise AssertionError(f"{what}: non-finite values differ; first at flat index {i}: "
+                             f"got {a.flatten()[i].item()}, expected {e.flatten()[i].item()}")
+    torch.testing.assert_close(a[~finite], e[~finite], rtol=0, atol=0, equal_nan=True, msg=f"{what}: inf/NaN differ")
+    scale = max(1.0, e[finite].abs().max().item()) if finite.any() else 1.0
+    err = torch.where(finite, (a - e).abs(), 0.0)
     bound = atol * scale + rtol * e.abs()
     bad = err > bound
     if bad.any():

@@ -3,7 +3,11 @@
 // schedule, and bugs the emulator must report.
 #include <cuda_runtime.h>
 
+#include <stdexcept>
+
 namespace {
+
+__shared__ int g_shared[1];  // namespace scope: as fresh per block as the others
 
 // Per-block sums: each warp reduces with __shfl_down_sync, then warp 0 reduces the warps'
 // sums, read from shared memory after __syncthreads, with __shfl_xor_sync. Threads past n
@@ -22,7 +26,7 @@ __global__ void block_sum(const float* x, float* out, int n) {
 }
 
 // One warp; lanes at or past `alive` exit first. The rest write kWarpOps results each.
-constexpr int kWarpOps = 12;
+constexpr int kWarpOps = 14;
 __global__ void warp_ops(const int* in, int* out, int alive) {
   const int lane = threadIdx.x;
   if (lane >= alive) return;
@@ -41,6 +45,17 @@ __global__ void warp_ops(const int* in, int* out, int alive) {
   o[9] = static_cast<int>(__reduce_add_sync(all, static_cast<unsigned>(v)));
   o[10] = static_cast<int>(__reduce_or_sync(all, static_cast<unsigned>(v)));
   o[11] = static_cast<int>(__reduce_and_sync(all, static_cast<unsigned>(v)));
+  o[12] = __shfl_down_sync(all, v, 33);  // offsets count modulo 32
+  o[13] = __shfl_xor_sync(all, v, -1);
+}
+
+// Lanes 16.. shuffle among themselves (a narrower mask), then the whole warp meets.
+__global__ void narrow_then_wide(int* out) {
+  const int lane = threadIdx.x;
+  int v = lane;
+  if (lane >= 16) v = __shfl_xor_sync(0xffff0000u, v, 8);
+  __syncwarp();
+  out[lane] = v;
 }
 
 // Lanes at or past n exit; the rest report their __activemask.
@@ -61,14 +76,21 @@ __global__ void neighbours(int* out, int sync) {
   out[2 * t + 1] = slot[(t + n - 1) % n];
 }
 
-// Thread 0 of each block reads static and dynamic shared memory before anything writes them.
+// Thread 0 of each block reads shared memory (static, static local, namespace-scope, dynamic,
+// and one past the launch's 4 bytes of dynamic) before anything writes it, then writes it.
+constexpr int kFresh = 5;
 __global__ void fresh_shared(int* out) {
   __shared__ int stale[1];
+  static __shared__ int kept[1];
   extern __shared__ int dynamic[];
   if (threadIdx.x != 0) return;
-  out[2 * blockIdx.x] = stale[0];
-  out[2 * blockIdx.x + 1] = dynamic[0];
-  stale[0] = dynamic[0] = static_cast<int>(blockIdx.x);
+  int* o = out + kFresh * blockIdx.x;
+  o[0] = stale[0];
+  o[1] = kept[0];
+  o[2] = g_shared[0];
+  o[3] = dynamic[0];
+  o[4] = dynamic[1];
+  stale[0] = kept[0] = g_shared[0] = dynamic[0] = dynamic[1] = static_cast<int>(blockIdx.x);
 }
 
 // y[i + write_offset] = x[i + read_offset] for i < n: offsets other than 0 are bugs that
@@ -80,7 +102,8 @@ __global__ void copy_offset(const float* x, float* y, int n, int read_offset, in
 
 // Bugs, by number: 0 half the warp waits at __syncthreads, the other half at a shuffle
 // (deadlock); 1 a mask without the caller; 2 two kinds of shuffle under one mask; 3 a shuffle
-// width that is not a power of 2; 4 a spin-wait on a flag nobody sets.
+// width that is not a power of 2; 4 a spin-wait on a flag nobody sets; 5 two __syncthreads
+// in divergent branches; 6 an exception.
 __global__ void bug(float* out, int which, volatile int* flag) {
   float v = 1.f;
   const unsigned lane = threadIdx.x & 31;
@@ -96,6 +119,14 @@ __global__ void bug(float* out, int which, volatile int* flag) {
     v = lane < 16 ? __shfl_xor_sync(0xffffffffu, v, 1) : __shfl_down_sync(0xffffffffu, v, 1);
   } else if (which == 3) {
     v = __shfl_xor_sync(0xffffffffu, v, 1, 12);
+  } else if (which == 5) {
+    if (lane < 16) {
+      __syncthreads();
+    } else {
+      __syncthreads();
+    }
+  } else if (which == 6) {
+    throw std::runtime_error("boom");
   } else {
     while (!*flag) {
     }
@@ -110,6 +141,9 @@ KFEMU_API const char* emu_block_sum(const float* x, float* out, int n, int threa
 }
 KFEMU_API const char* emu_warp_ops(const int* in, int* out, int alive) {
   return kfemu::guarded([&] { warp_ops<<<1, 32>>>(in, out, alive); });
+}
+KFEMU_API const char* emu_narrow_then_wide(int* out) {
+  return kfemu::guarded([&] { narrow_then_wide<<<1, 32>>>(out); });
 }
 KFEMU_API const char* emu_active_mask(unsigned* out, int n) {
   return kfemu::guarded([&] { active_mask<<<1, 32>>>(out, n); });

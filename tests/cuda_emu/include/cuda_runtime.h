@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
@@ -57,6 +58,9 @@
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 #define warpSize 32
+// Every __shared__ declaration is rewritten (tests/cuda_emu.py); one it could not parse (e.g.
+// several names in one declaration, or one split over lines) fails to compile, naming this.
+#define __shared__ __shared___declaration_not_rewritten_by_cuda_emu_py
 // Entry points that tests load with ctypes. Everything else is hidden (tests/cuda_emu.py builds
 // with -fvisibility=hidden), so each loaded library has its own emulator state.
 #define KFEMU_API extern "C" __attribute__((visibility("default")))
@@ -125,7 +129,7 @@ struct Thread {
   Op op = Op::none;
   unsigned mask = 0;
   int width = 32, size = 0, src = 0;
-  uintptr_t site = 0;
+  uintptr_t site = 0;  // also: which __syncthreads a thread waits at
   uint64_t in = 0, out = 0;
 };
 
@@ -142,8 +146,7 @@ struct State {
   std::vector<std::unique_ptr<Mapped>> stacks;
   Mapped dynamic;
   unsigned char* dynamic_shared = nullptr;
-  size_t dynamic_bytes = 0;
-  uint64_t block_serial = 0;  // which block is running: static shared areas refill when it changes
+  std::vector<std::pair<unsigned char*, size_t>> static_shared;  // every static __shared__ area so far
   Thread* current = nullptr;
   dim3 block_idx, block_dim, grid_dim;
   std::function<void()> body;
@@ -185,7 +188,11 @@ inline void yield() {
 
 inline void fiber_main() {
   State& s = state();
-  s.body();
+  try {
+    s.body();
+  } catch (const std::exception& e) {
+    fail_in_thread(std::string("a kernel threw: ") + e.what());
+  }
   s.current->state = Thread::done;  // uc_link returns to the scheduler
 }
 
@@ -252,7 +259,9 @@ inline bool resolve_activemask(Thread* const* lanes) {
 }
 
 // Completes the warp collectives whose non-exited lanes have all arrived; returns whether any did.
-inline bool resolve_warps(std::vector<Thread>& threads) {
+// Lanes of one mask waiting at different collectives are not (yet) an error: one of them may
+// complete first with a narrower mask. If nothing can progress, `mismatch` says where.
+inline bool resolve_warps(std::vector<Thread>& threads, std::string& mismatch) {
   bool released = false;
   const int nthreads = static_cast<int>(threads.size());
   for (int w = 0; w * 32 < nthreads; ++w) {
@@ -274,8 +283,10 @@ inline bool resolve_warps(std::vector<Thread>& threads) {
           continue;
         }
         if (o->op != t->op || o->mask != mask || o->width != t->width || o->size != t->size) {
-          fail("lanes of one mask reached different warp collectives (kind, mask, width or value size), at " +
-               where(*t) + " and " + where(*o));
+          mismatch = "lanes of one mask wait at different warp collectives (kind, mask, width or value size): " +
+                     where(*t) + " and " + where(*o);
+          all_here = false;
+          continue;
         }
         members |= 1u << k;
       }
@@ -299,7 +310,7 @@ inline bool resolve_warps(std::vector<Thread>& threads) {
         Thread* o = lanes[k];
         // A shuffle reading an exited lane or one outside the mask gets an undefined value.
         uint64_t out = acc;
-        if (shuffle_op) out = members >> o->src & 1u ? lanes[o->src]->in : ~uint64_t(0);
+        if (shuffle_op) out = members >> o->src & 1u ? lanes[o->src]->in : ~uint64_t(0);  // src in [0, 32)
         release(o, out);
       }
       released = true;
@@ -312,8 +323,8 @@ inline bool resolve_warps(std::vector<Thread>& threads) {
 inline void run_block(State& s) {
   const dim3 b = s.block_dim;
   const size_t n = size_t(b.x) * b.y * b.z;
-  ++s.block_serial;
-  if (s.dynamic_bytes) std::memset(s.dynamic_shared, 0xff, s.dynamic_bytes);
+  std::memset(s.dynamic.begin(), 0xff, s.dynamic.end() - s.dynamic.begin());
+  for (const auto& [area, bytes] : s.static_shared) std::memset(area, 0xff, bytes);
   s.threads.assign(n, Thread{});
   while (s.stacks.size() < n) {
     s.stacks.emplace_back(new Mapped);
@@ -353,10 +364,16 @@ inline void run_block(State& s) {
       at_barrier += t.state == Thread::at_barrier;
     }
     if (done == n) return;
-    if (resolve_warps(s.threads)) continue;
-    if (at_barrier + done == n) {  // exited threads count as arrived, as on sm_70+
+    std::string mismatch;
+    if (resolve_warps(s.threads, mismatch)) continue;
+    if (at_barrier + done == n) {  // exited threads count as arrived (PTX: exit releases barriers)
+      const Thread* first = nullptr;
       for (Thread& t : s.threads) {
-        if (t.state == Thread::at_barrier) t.state = Thread::ready;
+        if (t.state != Thread::at_barrier) continue;
+        // bar.sync is .aligned: every thread must wait at the same __syncthreads.
+        if (first && t.site != first->site) fail("threads wait at different __syncthreads: " + where(*first) + " and " + where(t));
+        first = first ? first : &t;
+        t.state = Thread::ready;
       }
       continue;
     }
@@ -364,7 +381,7 @@ inline void run_block(State& s) {
       const dim3 bi = s.block_idx;
       fail("deadlock in block (" + std::to_string(bi.x) + "," + std::to_string(bi.y) + "," + std::to_string(bi.z) +
            "): " + std::to_string(at_barrier) + " threads at __syncthreads, " + std::to_string(n - done - at_barrier) +
-           " at warp collectives that cannot complete");
+           " at warp collectives that cannot complete" + (mismatch.empty() ? "" : "; " + mismatch));
     }
   }
 }
@@ -395,14 +412,31 @@ class Watchdog {
 
  private:
   void watch() {
-    static const double seconds = std::getenv("KFEMU_TIMEOUT_S") ? std::atof(std::getenv("KFEMU_TIMEOUT_S")) : 600;
+    static const double seconds = timeout_seconds();
     std::unique_lock<std::mutex> lock(mutex_);
+    if (seconds <= 0) {  // disabled
+      cv_.wait(lock, [this] { return done_; });
+      return;
+    }
     if (!cv_.wait_for(lock, std::chrono::duration<double>(seconds), [this] { return done_; })) {
       std::fprintf(stderr, "cuda_emu: a kernel launch ran for more than %.0f s (KFEMU_TIMEOUT_S); a spin-wait on "
                    "another thread or block never ends under this emulator\n", seconds);
       std::fflush(stderr);
       std::abort();
     }
+  }
+  // KFEMU_TIMEOUT_S: seconds (default 600); 0, a negative or non-finite value, or one past a
+  // year disables the watchdog.
+  static double timeout_seconds() {
+    const char* text = std::getenv("KFEMU_TIMEOUT_S");
+    if (!text) return 600;
+    char* end = nullptr;
+    const double v = std::strtod(text, &end);
+    if (end == text || *end) {
+      std::fprintf(stderr, "cuda_emu: KFEMU_TIMEOUT_S=%s is not a number; using 600 s\n", text);
+      return 600;
+    }
+    return std::isfinite(v) && v > 0 && v < 3.2e7 ? v : 0;
   }
   std::mutex mutex_;
   std::condition_variable cv_;
@@ -430,7 +464,6 @@ void launch(Config c, void (*kernel)(P...), Args&&... args) {
   s.body = [&] { std::apply(kernel, params); };
   s.grid_dim = c.grid;
   s.block_dim = c.block;
-  s.dynamic_bytes = c.smem;
   s.dynamic.ensure(std::max<size_t>(c.smem, 1));
   s.dynamic_shared = s.dynamic.end() - (c.smem + 15) / 16 * 16;  // ends (within 16 bytes) at the guard page
   const Watchdog watchdog;
@@ -445,32 +478,31 @@ void launch(Config c, void (*kernel)(P...), Args&&... args) {
   s.body = nullptr;
 }
 
-template <typename T> T* dynamic_shared() { return reinterpret_cast<T*>(state().dynamic_shared); }
-
-// A static __shared__ variable of type T: `__shared__ T name;` is rewritten to
-// `auto& name = ::kfemu::static_shared<T, __COUNTER__>();`. One area per declaration (and
-// template instantiation), refilled with 0xff bytes when a new block first uses it.
-class SharedArea {
- public:
-  explicit SharedArea(size_t bytes) : bytes_(bytes), storage_(bytes + 64) {}
-  void* data() {
-    if (serial_ != state().block_serial) {
-      serial_ = state().block_serial;
-      std::memset(aligned(), 0xff, bytes_);
-    }
-    return aligned();
+// `extern __shared__ T name[];` is rewritten to `T* name = ::kfemu::dynamic_shared<T>();`, which
+// is right inside a kernel only.
+template <typename T> T* dynamic_shared() {
+  if (!state().current) {
+    std::fprintf(stderr, "cuda_emu: extern __shared__ outside a kernel (e.g. at namespace scope) is not supported; "
+                 "declare it inside the kernel\n");
+    std::abort();
   }
+  return reinterpret_cast<T*>(state().dynamic_shared);
+}
 
- private:
-  void* aligned() { return storage_.data() + (64 - reinterpret_cast<uintptr_t>(storage_.data()) % 64) % 64; }
-  size_t bytes_;
-  std::vector<unsigned char> storage_;
-  uint64_t serial_ = 0;
-};
+// A static __shared__ variable of type T: `__shared__ T name;` (in a kernel, at namespace scope,
+// `static` or not) is rewritten to `auto& name = ::kfemu::static_shared<T, __COUNTER__>();`. One
+// area per declaration (and template instantiation), at a fixed address, refilled with 0xff
+// bytes (with the 64 spare bytes after it) before every block.
+inline unsigned char* new_shared_area(size_t bytes) {
+  auto* area = static_cast<unsigned char*>(::operator new(bytes + 64, std::align_val_t(64)));
+  std::memset(area, 0xff, bytes + 64);
+  state().static_shared.emplace_back(area, bytes + 64);
+  return area;
+}
 namespace {  // per translation unit: __COUNTER__ is unique only within one
 template <typename T, int Id> T& static_shared() {
-  static SharedArea area(sizeof(T));
-  return *static_cast<T*>(area.data());
+  static unsigned char* const area = new_shared_area(sizeof(T));
+  return *reinterpret_cast<T*>(area);
 }
 }  // namespace
 
@@ -482,8 +514,11 @@ template <typename T, int Id> T& static_shared() {
 #define blockDim (::kfemu::state().block_dim)
 #define gridDim (::kfemu::state().grid_dim)
 
-inline void __syncthreads() {
-  ::kfemu::state().current->state = ::kfemu::Thread::at_barrier;
+// Not inlined: its return address names the call site.
+__attribute__((noinline)) inline void __syncthreads() {
+  ::kfemu::Thread* t = ::kfemu::state().current;
+  t->site = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
+  t->state = ::kfemu::Thread::at_barrier;
   ::kfemu::yield();
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::kfemu::collective(::kfemu::Op::syncwarp, mask, 0, 0); }
@@ -505,14 +540,16 @@ inline unsigned __reduce_add_sync(unsigned mask, unsigned v) {
   return static_cast<unsigned>(::kfemu::collective(::kfemu::Op::reduce_add, mask, v, 4));
 }
 namespace kfemu {
-// The source lanes of CUDA's shuffles within sub-warps of `width` lanes: idx wraps within the
-// caller's group; up/down/xor past the group's end (or, for up, before its start) read the
-// caller's own value; xor may read an earlier group.
+// The source lanes of CUDA's shuffles within sub-warps of `width` lanes (PTX shfl.sync: the
+// lane/offset operand's low 5 bits count): idx wraps within the caller's group; up/down/xor
+// past the group's end (or, for up, before its start) read the caller's own value; xor may
+// read an earlier group.
 template <typename T> T shfl(Op op, unsigned mask, T v, int arg, int width) {
   if (width < 1 || width > 32 || (width & (width - 1))) {
     fail_in_thread("shuffle width " + std::to_string(width) + " is not a power of 2 <= 32");
   }
   const int lane = state().current->lane, base = lane & ~(width - 1);
+  arg &= 31;
   int src = lane;
   switch (op) {
     case Op::shfl_idx: src = base + (arg & (width - 1)); break;
