@@ -472,11 +472,13 @@ def test_cuda_kernels_emulated(deu_emu: ctypes.CDLL, mnk: tuple[int, int, int], 
     check_emulated(deu_emu, mnk, dtype, "cuda (emulated)")
 
 
-def test_cuda_kernels_emulated_row_unroll_8(seed: int) -> None:
-    """The forward rows kernel's 8-row groups, an A/B build of the GPU check (gpu_check.sh fwdu8)."""
-    lib = load_deu_emu(("KFUSE_DEU_FWD_ROW_UNROLL=8",))
-    for mnk in EMU_SHAPES[:3]:
-        check_emulated(lib, mnk, torch.float32, "cuda (emulated, 8-row groups)")
+@pytest.mark.parametrize("define", ["KFUSE_DEU_FWD_ROW_UNROLL=8", "KFUSE_DEU_ROWS_BLOCKS=2048"])
+def test_cuda_kernels_emulated_knobs(define: str, seed: int) -> None:
+    """The A/B builds of the GPU check that change what the kernels compute or how they tile
+    (gpu_check.sh fwdu8: 8-row groups; fixed: 2048-block grids), on the rows layouts."""
+    lib = load_deu_emu((define,))
+    for mnk in EMU_SHAPES[:4]:
+        check_emulated(lib, mnk, torch.float32, f"cuda (emulated, -D{define})")
 
 
 # ---------------------------------------------------------------- torch.library integration
