@@ -43,11 +43,18 @@ void check_coeffs(const at::Tensor& coeffs, const at::Tensor& x) {
               "kfuse: coeffs must be a contiguous [N, 5] tensor in the accumulation dtype on x's device");
 }
 
-at::Tensor deu_forward(const at::Tensor& x, const at::Tensor& coeffs) {
+// out (optional): the [M, N, K] tensor to write y into, e.g. a view of a tensor shaped like the
+// caller's x, so that the caller returns a tensor that is not a view.
+at::Tensor deu_forward(const at::Tensor& x, const at::Tensor& coeffs, const c10::optional<at::Tensor>& out) {
   check_mnk(x, "x");
   const int64_t M = x.size(0), N = x.size(1), K = x.size(2);
   check_coeffs(coeffs, x);
-  at::Tensor y = at::empty_like(x);
+  if (out) {
+    check_mnk(*out, "out");
+    TORCH_CHECK(out->sizes() == x.sizes() && out->scalar_type() == x.scalar_type() && out->device() == x.device(),
+                "kfuse: out must match x in shape, dtype and device");
+  }
+  at::Tensor y = out ? *out : at::empty_like(x);
   if (x.numel() == 0) return y;
   if (x.is_cuda()) {
 #ifdef KFUSE_WITH_CUDA
@@ -106,8 +113,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("sources_hash", []() { return std::string(KFUSE_SOURCES_HASH); },
         "Hash of csrc/ at build time; kfuse compares it with the tree to detect a stale build.");
-  m.def("deu_forward", &deu_forward, "DEU forward; x [M, N, K] contiguous, coeffs [N, 5]",
-        py::arg("x"), py::arg("coeffs"));
+  m.def("deu_forward", &deu_forward, "DEU forward; x [M, N, K] contiguous, coeffs [N, 5]; writes y into out if given",
+        py::arg("x"), py::arg("coeffs"), py::arg("out") = py::none());
   m.def("deu_backward", &deu_backward,
         "DEU backward; returns (grad_x [M, N, K], grad_coeffs [N, 5])", py::arg("grad_y"),
         py::arg("x"), py::arg("coeffs"));

@@ -12,9 +12,11 @@ import warnings
 from pathlib import Path
 
 import cuda_emu
+import numpy as np
 import pytest
 import torch
 from tolerances import assert_close
+from torch import Tensor
 
 import kfuse
 from kfuse import _backends
@@ -365,6 +367,63 @@ def test_strided_inputs_and_nan(backend: str, device: str, seed: int) -> None:
     nan[:, 1] = nan[:, 4] = True
     assert torch.equal(torch.isnan(y), nan), "NaN and ±inf must give NaN, in their own elements only"
     assert_close(y[~nan], deu_reference(x.double(), coeffs.double(), 0)[~nan], torch.float32, "y beside a NaN")
+    # A NaN a, b or c: NaN for its whole neuron, as in the reference; the others unharmed.
+    x = make_x((7, 11), torch.float32, device)
+    bad = coeffs.clone()
+    bad[2, 0] = bad[5, 1] = bad[9, 2] = float("nan")
+    y = kfuse.deu(x, bad, backend=backend)
+    y_ref = deu_reference(x.double(), bad.double())
+    assert torch.isnan(y[:, [2, 5, 9]]).all() and torch.isnan(y_ref[:, [2, 5, 9]]).all()
+    assert_close(y, y_ref, torch.float32, "y with NaN coefficients")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_higher_order_gradients_and_inplace_output(backend: str, device: str, seed: int) -> None:
+    """create_graph=True (a gradient penalty, a Hessian) and torch.func.grad give the reference's
+    derivatives, through the reference's autograd; y can be modified in place."""
+    coeffs = case_coeffs(1, device=device).requires_grad_()
+    x = (torch.rand(3, 11, dtype=torch.float64) + 0.2).to(device).requires_grad_()  # smooth: t > 0
+
+    def penalty(backend: str) -> tuple[Tensor, ...]:
+        y = kfuse.deu(x, coeffs, backend=backend)
+        gx, gc = torch.autograd.grad(y.square().sum(), (x, coeffs), create_graph=True)
+        return torch.autograd.grad(y.square().sum() + gx.square().sum() + gc.square().sum(), (x, coeffs))
+
+    for got, want in zip(penalty(backend), penalty("reference"), strict=True):
+        assert_close(got, want, torch.float64, f"gradient penalty, {backend}")
+
+    def total(backend: str):
+        return lambda c: kfuse.deu(x.detach(), c, backend=backend).sum()
+
+    hess = [torch.autograd.functional.hessian(total(b), coeffs.detach()) for b in (backend, "reference")]
+    assert hess[1].abs().sum() > 0 and torch.allclose(*hess)
+    grads = [torch.func.grad(total(b))(coeffs.detach()) for b in (backend, "reference")]
+    assert torch.allclose(*grads)
+    y = kfuse.deu(x, coeffs, backend=backend)
+    y += 1.0
+    y.relu_()
+    gx, gc = torch.autograd.grad(y.sum(), (x, coeffs))
+    gx_ref, gc_ref = torch.autograd.grad((deu_reference(x, coeffs) + 1.0).relu().sum(), (x, coeffs))
+    assert_close(gx, gx_ref, torch.float64, "grad_x after in-place ops on y")
+    assert_close(gc, gc_ref, torch.float64, "grad_coeffs after in-place ops on y")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_long_planes(dtype: torch.dtype, seed: int) -> None:
+    """Planes longer than the CPU kernels' K chunks (256 per gradient partial, 16384 per forward
+    tile), odd so every chunking leaves a remainder. With t > 0 and loss = y.sum() every term of
+    grad_coeffs has one sign: over 64 x 224 x 224 elements, whole-plane fp32 running sums were
+    off by 8e-4 of scale (1e-2 of grad b); fp16/bf16 staging stays per chunk."""
+    coeffs = torch.cat([torch.tensor([[0.5, 0.7, 0.3, 0.2, -0.4]]), deu_init_coeffs(1)])  # under/overdamped
+    shapes = [(64, 2, 224 * 224)] if dtype == torch.float32 else []
+    for shape in [*shapes, (3, 2, 257), (2, 2, 16385)]:
+        x = (torch.rand(shape, dtype=torch.float64) * 2).to(dtype)
+        gy = torch.ones(shape, dtype=dtype)
+        y, gx, gc = kfuse_grads(x, coeffs, gy, 1, "cpu")
+        y_ref, gx_ref, gc_ref = ref_grads(x, coeffs, gy, 1)
+        assert_close(y, y_ref, dtype, f"y {shape}")
+        assert_close(gx, gx_ref, dtype, f"grad_x {shape}")
+        assert_close(gc, gc_ref, torch.float32 if dtype == torch.float32 else dtype, f"grad_coeffs {shape}")
 
 
 def test_cpu_deterministic_across_thread_counts(seed: int) -> None:
@@ -549,6 +608,8 @@ def test_module_init_and_shapes() -> None:
     assert kfuse.nn.DEU(3, dim=1)(torch.randn(2, 3, 4, 4)).shape == (2, 3, 4, 4)
     with pytest.raises(ValueError, match="num_features"):
         kfuse.nn.DEU(0)
+    with pytest.raises(TypeError, match="num_features must be an int; got float"):
+        kfuse.nn.DEU(2.5)
 
 
 def test_bad_input_errors() -> None:
@@ -563,6 +624,9 @@ def test_bad_input_errors() -> None:
         kfuse.deu(x, torch.ones(6, 5, dtype=torch.int32))
     with pytest.raises(IndexError, match=r"dim must be an int in \[-2, 1\]"):
         kfuse.deu(x, c, dim=2)
+    with pytest.raises(TypeError, match="dim must be an int; got bool"):
+        kfuse.deu(x, c, dim=True)
+    torch.testing.assert_close(kfuse.deu(x, c, dim=np.int64(-1)), kfuse.deu(x, c))  # any integer type
     with pytest.raises(ValueError, match="coeffs is on meta but x is on cpu"):
         kfuse.deu(x, c.to("meta"))
     with pytest.raises(ValueError, match="at least one dimension"):

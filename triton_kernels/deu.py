@@ -185,6 +185,7 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     dom = tl.where(osc, dw, tl.where(und, 0.5 * (ddd * iA + dd * diA), 0.0))
     r2 = tl.where(hyp, kp, tl.where(ovr, -0.5 * (B + s) * iA, 0.0))
     dr2 = tl.where(hyp, dkp, tl.where(ovr, -0.5 * ((dB + ds) * iA + (B + s) * diA), 0.0))
+    h0 = tl.where((a != a) | (b != b) | (c != c), a + b + c, h0)  # a NaN a, b or c: NaN everywhere
     return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
             dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2)
 
@@ -658,11 +659,14 @@ def _check(x: torch.Tensor, coeffs: torch.Tensor) -> None:
                          f"got {tuple(coeffs.shape)} {coeffs.dtype}")
 
 
-def deu_forward(x: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-    """y = DEU(x) for x viewed as [M, N, K]; returns a tensor like x."""
+def deu_forward(x: torch.Tensor, coeffs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = DEU(x) for x viewed as [M, N, K], written into ``out`` (contiguous, like x) if given."""
     _check(x, coeffs)
     M, N, K = x.shape
-    y = torch.empty_like(x)
+    if out is not None and not (out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+                                and out.is_contiguous()):
+        raise ValueError("kfuse.triton_kernels.deu_forward: out must be a contiguous tensor like x")
+    y = torch.empty_like(x) if out is None else out
     if x.numel() == 0:
         return y
     math_mode = _math_mode(coeffs)

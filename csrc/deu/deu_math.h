@@ -192,6 +192,9 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
       p.part[5] = alpha / c;
     }
   }
+  // A NaN a, b or c makes the whole activation NaN, as in the reference (the tests above take
+  // NaN for "not zero", and every case would leave some of the plan finite).
+  if (av != av || bv != bv || cv != cv) p.hom[0] = p.hom[0] + (a + b + c);
   return p;
 }
 

@@ -25,6 +25,8 @@ class DEU(nn.Module):
 
     def __init__(self, num_features: int, dim: int = -1, backend: str = "auto") -> None:
         super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int):
+            raise TypeError(f"DEU: num_features must be an int; got {type(num_features).__name__}")
         if num_features < 1:
             raise ValueError(f"DEU: num_features must be >= 1; got {num_features}")
         self.num_features, self.dim, self.backend = num_features, dim, backend

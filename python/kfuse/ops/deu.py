@@ -9,6 +9,7 @@ Every backend views ``x`` as ``[M, N, K]`` (N = neurons along ``dim``) and retur
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import Tensor
@@ -42,8 +43,13 @@ def _kernels(backend: str):
 
 
 def _forward_impl(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
+    # The kernels write into a [M, N, K] view of y, so y itself is not a view: autograd lets a
+    # caller modify it in place (y += skip, ReLU(inplace=True)), which it forbids for a view made
+    # inside an autograd.Function.
     forward, _ = _kernels(backend)
-    return forward(_as_mnk(x, dim), coeffs.to(_acc_dtype(x)).contiguous()).view(x.shape)
+    y = torch.empty_like(x)
+    forward(_as_mnk(x, dim), coeffs.to(_acc_dtype(x)).contiguous(), _as_mnk(y, dim))
+    return y
 
 
 def _backward_impl(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
@@ -93,6 +99,14 @@ def _backward(ctx, grad_y: Tensor):
 deu_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _reference_vjp(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Differentiable gradients (for create_graph=True and torch.func transforms): the
+    reference's, whose graph reaches x, coeffs and grad_y, so second derivatives are right (at
+    the reference's speed)."""
+    _, vjp = torch.func.vjp(lambda x, coeffs: deu_reference(x, coeffs, dim), x, coeffs)
+    return vjp(grad_y)
+
+
 class _EagerDeu(torch.autograd.Function):
     """Eager fast path: the registered ops' implementations without the custom-op dispatch.
 
@@ -103,13 +117,16 @@ class _EagerDeu(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
-        _setup_context(ctx, (x, coeffs, dim, backend), None)
+    def forward(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
         return _forward_impl(x, coeffs, dim, backend)
+
+    setup_context = staticmethod(_setup_context)  # separate, as torch.func.grad/vjp require
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, coeffs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients are not differentiable
+            return (*_reference_vjp(grad_y, x, coeffs, ctx.dim), None, None)
         gx, gc = _backward_impl(grad_y.contiguous(), x, coeffs, ctx.dim, ctx.backend)
         return gx, gc, None, None
 
@@ -125,10 +142,12 @@ def _validate(x: Tensor, coeffs: Tensor, dim: int) -> int:
         raise TypeError(f"kfuse.deu: coeffs must be a floating tensor; got {coeffs.dtype}")
     if x.ndim == 0:
         raise ValueError("kfuse.deu: x must have at least one dimension (the neuron axis)")
-    if not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
+    if isinstance(dim, bool) or not hasattr(dim, "__index__"):
+        raise TypeError(f"kfuse.deu: dim must be an int; got {type(dim).__name__}")
+    if not -x.ndim <= operator.index(dim) < x.ndim:
         raise IndexError(f"kfuse.deu: dim must be an int in [{-x.ndim}, {x.ndim - 1}] for x of shape "
                          f"{tuple(x.shape)}; got {dim!r}")
-    dim %= x.ndim
+    dim = operator.index(dim) % x.ndim
     if coeffs.ndim != 2 or coeffs.shape[0] != x.shape[dim] or coeffs.shape[1] != 5:
         raise ValueError(f"kfuse.deu: coeffs must have shape [x.shape[dim], 5] = [{x.shape[dim]}, 5] "
                          f"(rows a, b, c, c1, c2); got {list(coeffs.shape)}")
@@ -170,7 +189,13 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
 
     Inputs are expected finite. With the kernel backends a NaN or ±inf element of ``x`` gives NaN
     in that element of ``y``; its gradients are unspecified (NaN or 0) but stay within that
-    element and its neuron's row of ``grad_coeffs``.
+    element and its neuron's row of ``grad_coeffs``. A NaN ``a``, ``b`` or ``c`` gives NaN
+    for the whole neuron, as in the reference.
+
+    Autograd: first derivatives run the backend's kernels; higher ones (``create_graph=True``,
+    ``torch.func.grad``/``vjp`` and the transforms built on them) run the reference's. Forward-mode
+    AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) and ``torch.func.vmap`` are not
+    supported by the kernel backends; use ``backend="reference"`` for them.
     """
     dim = _validate(x, coeffs, dim)
     order = _ORDER.get(x.device.type, ("reference",))
