@@ -46,10 +46,15 @@ template <> inline BF16 from_acc<BF16>(float v) {
 // Rows of M handled by one partial of the parameter gradient. Fixed (not a function of
 // the thread count) so the reduction order, and hence the result, is deterministic.
 constexpr int64_t kRowsPerPartial = 64;
-// Elements of K per partial when K is larger: a partial's float running sums then take at
-// most 64 x 256 / 16 = 1024 additions per SIMD lane. Whole rows of K (64 x 50176 per partial
-// at 224 x 224) lost up to 1e-2 of grad_coeffs in fp32 against 4e-6 for PyTorch's sum.
-constexpr int64_t kKPerPartial = 256;
+// Elements of K per partial (and backward tile) when K is larger: bounds the f16/bf16 staging
+// buffers (3 x 64 x 16384 floats per thread).
+constexpr int64_t kKPerPartial = 16384;
+// Accuracy of grad_coeffs: bwd_tile's running sums restart every kSumElems elements of a row
+// (256 additions per SIMD lane), their totals adding up per tile (at most 64 x 4 more). Running
+// sums over whole tiles (64 x 50176 elements at 224 x 224) lost up to 1e-2 of grad_coeffs in
+// fp32, against 4e-6 for PyTorch's sum. (Partials of 256 elements of K fixed it too but made
+// an NCHW fwd+bwd 1.5x slower: short row segments defeat the prefetcher.)
+constexpr int64_t kSumElems = 4096;
 inline int64_t partial_k(int64_t K) { return std::min(K, kKPerPartial); }
 inline int64_t k_chunks(int64_t K, int64_t kc) { return (K + kc - 1) / kc; }
 
@@ -237,20 +242,31 @@ KF_CLONES void bwd_tile(const float* gy, const float* x, float* gx, int64_t ld,
     }
     return;
   }
+  const bool restart = klen >= 16 * kW;  // else a tile's sums are short (< 64 x 16 per lane)
   for (int64_t n = n0; n < n1; ++n) {
     const simd::VPlan p = simd::splat_plan(P.soa.data(), P.stride, n);
-    simd::VAcc acc;
-    for (int i = 0; i < kPlanParams; ++i) acc.a[i] = simd::splat(0.0f);
+    simd::VAcc acc, total;
+    for (int i = 0; i < kPlanParams; ++i) acc.a[i] = total.a[i] = simd::splat(0.0f);
     with_mask(P.flags[n], [&](auto F) __attribute__((always_inline)) {
       for (int64_t m = 0; m < rows; ++m) {
-        for (int64_t k = 0; k < klen; k += kW) {
-          const int cnt = static_cast<int>(std::min<int64_t>(kW, klen - k));
-          const int64_t o = m * ld + (n - n0) * K + k;
-          store16(gx + o, simd::vbackward<F()>(p, load16(x + o, cnt), load16(gy + o, cnt), acc),
-                  cnt);
+        for (int64_t kb = 0; kb < klen; kb += kSumElems) {
+          const int64_t kend = std::min(klen, kb + kSumElems);
+          for (int64_t k = kb; k < kend; k += kW) {
+            const int cnt = static_cast<int>(std::min<int64_t>(kW, kend - k));
+            const int64_t o = m * ld + (n - n0) * K + k;
+            store16(gx + o, simd::vbackward<F()>(p, load16(x + o, cnt), load16(gy + o, cnt), acc),
+                    cnt);
+          }
+          if (restart) {
+            for (int i = 0; i < kPlanParams; ++i) {
+              total.a[i] += acc.a[i];
+              acc.a[i] = simd::splat(0.0f);
+            }
+          }
         }
       }
     });
+    for (int i = 0; i < kPlanParams; ++i) acc.a[i] += total.a[i];
     float a[kPlanParams];
     for (int i = 0; i < kPlanParams; ++i) {  // lane sums in a fixed order
       float lanes[kW];
