@@ -48,8 +48,9 @@ def _forward_impl(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
     # caller modify it in place (y += skip, ReLU(inplace=True)), which it forbids for a view made
     # inside an autograd.Function.
     forward, _ = _kernels(backend)
+    x3 = _as_mnk(x, dim)
     y = torch.empty_like(x)
-    forward(_as_mnk(x, dim), coeffs.to(_acc_dtype(x)).contiguous(), _as_mnk(y, dim))
+    forward(x3, coeffs.to(_acc_dtype(x)).contiguous(), y.view(x3.shape))  # view: never a copy
     return y
 
 
