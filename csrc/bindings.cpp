@@ -43,31 +43,27 @@ void check_coeffs(const at::Tensor& coeffs, const at::Tensor& x) {
               "kfuse: coeffs must be a contiguous [N, 5] tensor in the accumulation dtype on x's device");
 }
 
-// out (optional): the [M, N, K] tensor to write y into, e.g. a view of a tensor shaped like the
-// caller's x, so that the caller returns a tensor that is not a view.
-at::Tensor deu_forward(const at::Tensor& x, const at::Tensor& coeffs, const c10::optional<at::Tensor>& out) {
+// Writes y into out, a [M, N, K] tensor like x: the caller passes a view of a tensor shaped like
+// its own x, and returns that tensor, which is then not a view.
+void deu_forward(const at::Tensor& x, const at::Tensor& coeffs, const at::Tensor& out) {
   check_mnk(x, "x");
+  check_mnk(out, "out");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.device() == x.device(),
+              "kfuse: out must match x in shape, dtype and device");
   const int64_t M = x.size(0), N = x.size(1), K = x.size(2);
   check_coeffs(coeffs, x);
-  if (out) {
-    check_mnk(*out, "out");
-    TORCH_CHECK(out->sizes() == x.sizes() && out->scalar_type() == x.scalar_type() && out->device() == x.device(),
-                "kfuse: out must match x in shape, dtype and device");
-  }
-  at::Tensor y = out ? *out : at::empty_like(x);
-  if (x.numel() == 0) return y;
+  if (x.numel() == 0) return;
   if (x.is_cuda()) {
 #ifdef KFUSE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    kfuse::deu::forward_cuda(to_dtype(x), x.data_ptr(), y.data_ptr(), coeffs.data_ptr(), M, N, K,
+    kfuse::deu::forward_cuda(to_dtype(x), x.data_ptr(), out.data_ptr(), coeffs.data_ptr(), M, N, K,
                              at::cuda::getCurrentCUDAStream().stream());
 #else
     TORCH_CHECK(false, "kfuse: the extension was built without CUDA");
 #endif
   } else {
-    kfuse::deu::forward_cpu(to_dtype(x), x.data_ptr(), y.data_ptr(), coeffs.data_ptr(), M, N, K);
+    kfuse::deu::forward_cpu(to_dtype(x), x.data_ptr(), out.data_ptr(), coeffs.data_ptr(), M, N, K);
   }
-  return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> deu_backward(const at::Tensor& grad_y, const at::Tensor& x,
@@ -113,8 +109,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("sources_hash", []() { return std::string(KFUSE_SOURCES_HASH); },
         "Hash of csrc/ at build time; kfuse compares it with the tree to detect a stale build.");
-  m.def("deu_forward", &deu_forward, "DEU forward; x [M, N, K] contiguous, coeffs [N, 5]; writes y into out if given",
-        py::arg("x"), py::arg("coeffs"), py::arg("out") = py::none());
+  m.def("deu_forward", &deu_forward, "DEU forward into out; x and out [M, N, K] contiguous, coeffs [N, 5]",
+        py::arg("x"), py::arg("coeffs"), py::arg("out"));
   m.def("deu_backward", &deu_backward,
         "DEU backward; returns (grad_x [M, N, K], grad_coeffs [N, 5])", py::arg("grad_y"),
         py::arg("x"), py::arg("coeffs"));

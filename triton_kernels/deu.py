@@ -659,27 +659,24 @@ def _check(x: torch.Tensor, coeffs: torch.Tensor) -> None:
                          f"got {tuple(coeffs.shape)} {coeffs.dtype}")
 
 
-def deu_forward(x: torch.Tensor, coeffs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = DEU(x) for x viewed as [M, N, K], written into ``out`` (contiguous, like x) if given."""
+def deu_forward(x: torch.Tensor, coeffs: torch.Tensor, out: torch.Tensor) -> None:
+    """y = DEU(x) for x viewed as [M, N, K], written into ``out`` (contiguous, like x)."""
     _check(x, coeffs)
     M, N, K = x.shape
-    if out is not None and not (out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
-                                and out.is_contiguous()):
+    if not (out.shape == x.shape and out.dtype == x.dtype and out.device == x.device and out.is_contiguous()):
         raise ValueError("kfuse.triton_kernels.deu_forward: out must be a contiguous tensor like x")
-    y = torch.empty_like(x) if out is None else out
     if x.numel() == 0:
-        return y
+        return
     math_mode = _math_mode(coeffs)
     if K == 1:
         n_prog, rpp, chunks = _rows_grid(M, N)
-        _deu_fwd_rows[(n_prog, chunks)](x, y, coeffs, M, N, rpp, BLOCK_N=_ROWS_BLOCK_N, MATH=math_mode,
+        _deu_fwd_rows[(n_prog, chunks)](x, out, coeffs, M, N, rpp, BLOCK_N=_ROWS_BLOCK_N, MATH=math_mode,
                                         num_warps=_NUM_WARPS)
     else:
         rows, cols = _blocks(K, _FWD_TILE)
         rpp, chunks = _row_split(M, rows, N)
-        _deu_fwd_spatial[(N, chunks)](x, y, coeffs, M, N, K, rpp, BLOCK_R=rows, BLOCK_K=cols, MATH=math_mode,
+        _deu_fwd_spatial[(N, chunks)](x, out, coeffs, M, N, K, rpp, BLOCK_R=rows, BLOCK_K=cols, MATH=math_mode,
                                       num_warps=_NUM_WARPS)
-    return y
 
 
 def deu_backward(grad_y: torch.Tensor, x: torch.Tensor, coeffs: torch.Tensor

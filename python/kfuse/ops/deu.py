@@ -34,7 +34,7 @@ def _as_mnk(x: Tensor, dim: int) -> Tensor:
 
 
 def _kernels(backend: str):
-    """(forward(x3, coeffs), backward(grad_y3, x3, coeffs)) of a compiled/Triton backend."""
+    """(forward(x3, coeffs, out3), backward(grad_y3, x3, coeffs)) of a compiled/Triton backend."""
     if backend == "triton":
         from kfuse.triton_kernels import deu as tk  # noqa: PLC0415 (triton is optional)
 
