@@ -176,12 +176,18 @@ inline void yield() {
   swapcontext(&s.current->ctx, &s.scheduler);
 }
 
+inline std::string coords(dim3 v) {
+  return "(" + std::to_string(v.x) + "," + std::to_string(v.y) + "," + std::to_string(v.z) + ")";
+}
+inline std::string where(const Thread& t) {
+  return "thread " + coords(t.idx) + " of block " + coords(state().block_idx);
+}
+
 // An error found by a thread itself: exceptions cannot unwind a fiber's stack into the
 // scheduler, so the thread hands the message over and is never resumed.
 [[noreturn]] inline void fail_in_thread(const std::string& what) {
   State& s = state();
-  s.kernel_error = what + ", at thread (" + std::to_string(s.current->idx.x) + "," + std::to_string(s.current->idx.y) +
-                   "," + std::to_string(s.current->idx.z) + ")";
+  s.kernel_error = what + ", at " + where(*s.current);
   yield();
   std::abort();  // unreachable: the scheduler throws instead of resuming this thread
 }
@@ -224,11 +230,6 @@ inline uint64_t collective(Op op, unsigned mask, uint64_t in, int size, int src 
   return t->out;
 }
 
-inline std::string where(const Thread& t) {
-  const dim3 b = state().block_idx;
-  return "thread (" + std::to_string(t.idx.x) + "," + std::to_string(t.idx.y) + "," + std::to_string(t.idx.z) +
-         ") of block (" + std::to_string(b.x) + "," + std::to_string(b.y) + "," + std::to_string(b.z) + ")";
-}
 
 inline void release(Thread* t, uint64_t out) {
   t->out = out;
@@ -378,9 +379,7 @@ inline void run_block(State& s) {
       continue;
     }
     if (order.empty()) {
-      const dim3 bi = s.block_idx;
-      fail("deadlock in block (" + std::to_string(bi.x) + "," + std::to_string(bi.y) + "," + std::to_string(bi.z) +
-           "): " + std::to_string(at_barrier) + " threads at __syncthreads, " + std::to_string(n - done - at_barrier) +
+      fail("deadlock in block " + coords(s.block_idx) + ": " + std::to_string(at_barrier) + " threads at __syncthreads, " + std::to_string(n - done - at_barrier) +
            " at warp collectives that cannot complete" + (mismatch.empty() ? "" : "; " + mismatch));
     }
   }
