@@ -105,6 +105,14 @@ def kfuse_grads(x, coeffs, gy, dim, backend):
     return y.detach(), gx, gc
 
 
+def assert_results_close(got: tuple[Tensor, ...], want: tuple[Tensor, ...], dtype: torch.dtype, what: str) -> None:
+    """A backend's (y, grad_x, grad_coeffs) against the reference's, at ``dtype``'s tolerance.
+    Parameter gradients are fp32 sums whatever the storage dtype, but of products with
+    half-precision grad_y / x, so they carry the storage dtype's tolerance too."""
+    for name, g, w in zip(("y", "grad_x", "grad_coeffs"), got, want, strict=True):
+        assert_close(g, w, dtype, f"{name} {what}")
+
+
 def layouts(backend: str, device: str) -> list[tuple[tuple[int, ...], int]]:
     """(shape, dim) pairs with the neuron count at dim; odd sizes, tiny under the interpreter."""
     if backend == "triton" and device == "cpu":
@@ -201,11 +209,7 @@ def test_forward_and_gradients(backend: str, device: str, seed: int) -> None:
             y_ref, gx_ref, gc_ref = ref_grads(x, coeffs, gy, dim)
             what = f"{backend} {dtype} shape={shape} dim={dim}"
             assert y.dtype == dtype and gx.dtype == dtype and y.shape == x.shape
-            assert_close(y, y_ref, dtype, f"y {what}")
-            assert_close(gx, gx_ref, dtype, f"grad_x {what}")
-            # Parameter gradients are fp32 sums whatever the storage dtype, but of products
-            # with half-precision grad_y / x, so they carry the storage dtype's tolerance.
-            assert_close(gc, gc_ref, dtype, f"grad_coeffs {what}")
+            assert_results_close((y, gx, gc), (y_ref, gx_ref, gc_ref), dtype, what)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -224,10 +228,7 @@ def test_long_rows_and_step_free_warps(backend: str, device: str, seed: int) -> 
         gy = torch.randn(m, n, dtype=torch.float64).to(dtype=dtype, device=device)
         y, gx, gc = kfuse_grads(x, c, gy, -1, backend)
         y_ref, gx_ref, gc_ref = ref_grads(x, c, gy, -1)
-        what = f"{backend} {dtype} [{m}, {n}]"
-        assert_close(y, y_ref, dtype, f"y {what}")
-        assert_close(gx, gx_ref, dtype, f"grad_x {what}")
-        assert_close(gc, gc_ref, dtype, f"grad_coeffs {what}")
+        assert_results_close((y, gx, gc), (y_ref, gx_ref, gc_ref), dtype, f"{backend} {dtype} [{m}, {n}]")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -259,9 +260,7 @@ def test_boundaries(backend: str, device: str, seed: int) -> None:
         y, gx, gc = kfuse_grads(x, c, gy, -1, backend)
         y_ref, gx_ref, gc_ref = ref_grads(x, c, gy, -1)
         assert (y_ref.abs() == OUT_CLAMP).any(), "the clamp must be exercised"
-        assert_close(y, y_ref, dtype, f"y {backend} {dtype}")
-        assert_close(gx, gx_ref, dtype, f"grad_x {backend} {dtype}")
-        assert_close(gc, gc_ref, dtype, f"grad_coeffs {backend} {dtype}")
+        assert_results_close((y, gx, gc), (y_ref, gx_ref, gc_ref), dtype, f"{backend} {dtype}")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -344,9 +343,7 @@ def test_cpu_kernel_tile_edges(shape: tuple[int, ...], dim: int, seed: int) -> N
         gy = torch.randn(shape, dtype=dtype)
         y, gx, gc = kfuse_grads(x, coeffs, gy, dim, "cpu")
         y_ref, gx_ref, gc_ref = ref_grads(x, coeffs, gy, dim)
-        assert_close(y, y_ref, dtype, f"y {shape} {dtype}")
-        assert_close(gx, gx_ref, dtype, f"grad_x {shape} {dtype}")
-        assert_close(gc, gc_ref, dtype, f"grad_coeffs {shape} {dtype}")
+        assert_results_close((y, gx, gc), (y_ref, gx_ref, gc_ref), dtype, f"{shape} {dtype}")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -429,9 +426,7 @@ def test_cpu_long_planes(dtype: torch.dtype, seed: int) -> None:
         gy = torch.ones(shape, dtype=dtype)
         y, gx, gc = kfuse_grads(x, coeffs, gy, 1, "cpu")
         y_ref, gx_ref, gc_ref = ref_grads(x, coeffs, gy, 1)
-        assert_close(y, y_ref, dtype, f"y {shape}")
-        assert_close(gx, gx_ref, dtype, f"grad_x {shape}")
-        assert_close(gc, gc_ref, torch.float32 if dtype == torch.float32 else dtype, f"grad_coeffs {shape}")
+        assert_results_close((y, gx, gc), (y_ref, gx_ref, gc_ref), dtype, f"{shape}")
         if dtype == torch.float32:
             gc_torch = kfuse_grads(x, coeffs, gy, 1, "reference")[2]
             ours, torch_err = ((g.double() - gc_ref).abs().max().item() / gc_ref.abs().max().item()
@@ -527,8 +522,7 @@ def check_emulated(lib: ctypes.CDLL, mnk: tuple[int, int, int], dtype: torch.dty
             lib.kfemu_set_schedule(order)
             got = emulated_deu(lib, x, coeffs, gy, shift, at_start)
             where = f"{what} {dtype} {mnk} on {sms}x{per_sm} blocks, shift {shift}, schedule {order}"
-            for name, g, want in zip(("y", "grad_x", "grad_coeffs"), got, (y_ref, gx_ref, gc_ref), strict=True):
-                assert_close(g, want, dtype, f"{name} {where}")
+            assert_results_close(got, (y_ref, gx_ref, gc_ref), dtype, where)
             # Deterministic: the same partition gives the same bits, whatever the schedule.
             ref = first.setdefault(shift, got)
             assert all(torch.equal(g, r) for g, r in zip(got, ref, strict=True)), f"not reproducible: {where}"
