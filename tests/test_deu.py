@@ -17,6 +17,7 @@ import pytest
 import torch
 from tolerances import assert_close
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kfuse
 from kfuse import _backends
@@ -374,6 +375,56 @@ def test_strided_inputs_and_nan(backend: str, device: str, seed: int) -> None:
     assert_close(y, y_ref, torch.float32, "y with NaN coefficients")
 
 
+class _CopyLog(TorchDispatchMode):
+    """The aten ops that copy a tensor (clone, copy_, _to_copy), as they are dispatched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy):
+            self.copies.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_memory_layouts_kept_without_copies(backend: str, device: str, seed: int) -> None:
+    """x dense in any order of its dims (channels-last, transposes): the kernels run on it in
+    place, y and grad_x keep its strides, and nothing is copied when grad_y is laid out like y.
+    A grad_y laid out otherwise, and a non-dense x, are copied and still give the reference's
+    results."""
+    shape = (2, 11, 3, 5) if backend == "triton" and device == "cpu" else (3, 11, 6, 7)
+    orders = [(0, 2, 3, 1), (3, 1, 0, 2), (2, 0, 1, 3), *(tuple(torch.randperm(4).tolist()) for _ in range(2))]
+    for order, dim in itertools.product(orders, range(4)):
+        base = make_x(tuple(shape[d] for d in order), torch.float32, device)
+        x = base.permute([order.index(d) for d in range(4)])  # shape `shape`, dense in `order`
+        assert x.shape == shape and not x.is_contiguous() or order == (0, 1, 2, 3)
+        n = shape[dim]
+        coeffs = case_coeffs(n // 11 + 1, dtype=torch.float32, device=device)[:n]
+        xk, ck = x.clone(memory_format=torch.preserve_format).requires_grad_(), coeffs.clone().requires_grad_()
+        gy_like = torch.randn_like(x)  # laid out like x
+        with _CopyLog() as log:
+            y = kfuse.deu(xk, ck, dim, backend=backend)
+            gx, gc = torch.autograd.grad(y, (xk, ck), gy_like)
+        what = f"order={order} dim={dim}"
+        interpreted = backend == "triton" and device == "cpu"  # it copies every argument to its host buffers
+        assert interpreted or log.copies == [], f"{what}: copied {log.copies}"
+        assert y.stride() == x.stride() and gx.stride() == x.stride(), f"{what}: {y.stride()} {gx.stride()}"
+        assert_results_close((y.detach(), gx, gc), ref_grads(x, coeffs, gy_like, dim), torch.float32, what)
+        gy = gy_like.contiguous()  # grad_y laid out otherwise: copied, same results
+        y = kfuse.deu(xk, ck, dim, backend=backend)
+        assert_results_close((y.detach(), *torch.autograd.grad(y, (xk, ck), gy)), ref_grads(x, coeffs, gy, dim),
+                             torch.float32, f"{what}, contiguous grad_y")
+    x = make_x((3, 11, 6, 8), torch.float32, device)[..., ::2].transpose(1, 3).requires_grad_()  # not dense
+    coeffs = case_coeffs(1, dtype=torch.float32, device=device)[:4].requires_grad_()
+    y = kfuse.deu(x, coeffs, 1, backend=backend)
+    gx, gc = torch.autograd.grad(y, (x, coeffs), torch.ones_like(y))
+    assert y.is_contiguous() and gx.is_contiguous()
+    assert_results_close((y.detach(), gx, gc), ref_grads(x, coeffs, torch.ones_like(y), 1), torch.float32,
+                         "non-dense x")
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_higher_order_gradients_and_inplace_output(backend: str, device: str, seed: int) -> None:
     """create_graph=True (a gradient penalty, a Hessian) gives the reference's derivatives,
@@ -559,10 +610,13 @@ OP_BACKENDS = [pytest.param("cpu", "cpu", id="cpu"),
 @pytest.mark.parametrize("backend,device", OP_BACKENDS)
 def test_opcheck(backend: str, device: str, seed: int) -> None:
     coeffs = case_coeffs(1, dtype=torch.float32, device=device)
-    for shape, dim in [((6, 11), 1), ((2, 11, 3, 2), 1)]:
-        x = make_x(shape, torch.float32, device).requires_grad_()
+    # The fakes must give y and grad_x the strides the kernels do: x's, for a channels-last x too.
+    cl = torch.channels_last
+    for shape, dim, layout in [((6, 11), 1, torch.contiguous_format), ((2, 11, 3, 2), 1, torch.contiguous_format),
+                               ((2, 11, 3, 2), 1, cl)]:
+        x = make_x(shape, torch.float32, device).to(memory_format=layout).requires_grad_()
         torch.library.opcheck(torch.ops.kfuse.deu_forward, (x, coeffs.clone().requires_grad_(), dim, backend))
-        gy = torch.randn(shape, device=device)
+        gy = torch.randn(shape, device=device).to(memory_format=layout)
         torch.library.opcheck(torch.ops.kfuse.deu_backward, (gy, x.detach(), coeffs, dim, backend))
 
 
@@ -573,18 +627,21 @@ def test_compile_fullgraph(backend: str, device: str, seed: int) -> None:
         torch.nn.Conv2d(3, 8, 3, padding=1), kfuse.nn.DEU(8, dim=1, backend=backend),
         torch.nn.Flatten(), torch.nn.Linear(8 * 25, 16), kfuse.nn.DEU(16, backend=backend),
     ).to(device)
-    x = torch.randn(4, 3, 5, 5, device=device)
     compiled = torch.compile(model, fullgraph=True)
-    out = compiled(x)
-    out.square().sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    eager = model(x)
-    eager.square().sum().backward()
-    # Inductor reassociates the surrounding float32 ops; 1.5e-5 seen on the reference backend.
-    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
-    for g, p in zip(grads, model.parameters(), strict=True):
-        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4)
+    for layout in (torch.contiguous_format, torch.channels_last):  # NCHW DEU on the conv's layout
+        model.to(memory_format=layout)
+        x = torch.randn(4, 3, 5, 5, device=device).to(memory_format=layout)
+        model.zero_grad()
+        out = compiled(x)
+        out.square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        eager = model(x)
+        eager.square().sum().backward()
+        # Inductor reassociates the surrounding float32 ops; 1.5e-5 seen on the reference backend.
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+        for g, p in zip(grads, model.parameters(), strict=True):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend,device", OP_BACKENDS)

@@ -1,7 +1,7 @@
 """DEU in the benchmark report and in pytest-benchmark (:class:`kfuse.report.OpBench`).
 
-Cases: ``[B, N]`` with ``dim=-1`` and NCHW with ``dim=1``; fp32, bf16 and fp16 on CUDA, fp32 on
-CPU; ``x ~ N(0, 1)``; coeffs from the paper's init (``a, b, c ~ U(0, 1)``) with
+Cases: ``[B, N]`` with ``dim=-1`` and NCHW with ``dim=1`` (also channels-last); fp32, bf16 and fp16
+on CUDA, fp32 on CPU; ``x ~ N(0, 1)``; coeffs from the paper's init (``a, b, c ~ U(0, 1)``) with
 ``c1, c2 ~ N(0, 1)`` so that every homogeneous term is exercised. Candidates: the kfuse
 backends ``triton``, ``cuda`` and ``cpu`` (the ``reference`` backend is the eager baseline
 itself), and the baselines a user would otherwise pick: the PyTorch reference run eagerly,
@@ -63,20 +63,24 @@ class Inputs:
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     """CUDA: 8192×4096 (the target) and 32×256×56×56 NCHW in fp32, bf16 and fp16, in that
-    order (the targets' dtype first, should a time budget cut the run short). CPU: 4096×1024
-    (the target) and 8×64×28×28 NCHW in fp32. Forward and forward+backward each. ``quick``:
-    fp32 only and a smaller NCHW on CUDA; on CPU 1024×512 and a forward-only 4×32×16×16 (each
-    ``torch.compile`` baseline costs ~10–30 s of compiling there)."""
-    both = MODES
+    order (the targets' dtype first, should a time budget cut the run short), and the NCHW
+    shape channels-last in fp32. CPU: 4096×1024 (the target) and 8×64×28×28 NCHW in fp32,
+    contiguous and channels-last. Forward and forward+backward each. ``quick``: fp32 only, a
+    smaller NCHW on CUDA and no channels-last; on CPU 1024×512 and a forward-only 4×32×16×16
+    (each ``torch.compile`` baseline costs ~10–30 s of compiling there)."""
+    both, cl = MODES, {"layout": "channels_last"}
     if device.type == "cuda":
         dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16, torch.float16)
-        shapes = [((8192, 4096), -1, both), ((8, 256, 28, 28) if quick else (32, 256, 56, 56), 1, both)]
+        nchw = (8, 256, 28, 28) if quick else (32, 256, 56, 56)
+        shapes = [((8192, 4096), -1, both, {}), (nchw, 1, both, {})] + ([] if quick else [(nchw, 1, both, cl)])
     elif quick:
-        dtypes, shapes = (torch.float32,), [((1024, 512), -1, both), ((4, 32, 16, 16), 1, ("fwd",))]
+        dtypes, shapes = (torch.float32,), [((1024, 512), -1, both, {}), ((4, 32, 16, 16), 1, ("fwd",), {})]
     else:
-        dtypes, shapes = (torch.float32,), [((4096, 1024), -1, both), ((8, 64, 28, 28), 1, both)]
-    return [Case(NAME, shape, dtype, mode, device, {"dim": dim})
-            for dtype in dtypes for shape, dim, modes in shapes for mode in modes]
+        dtypes = (torch.float32,)
+        shapes = [((4096, 1024), -1, both, {}), ((8, 64, 28, 28), 1, both, {}), ((8, 64, 28, 28), 1, both, cl)]
+    return [Case(NAME, shape, dtype, mode, device, {"dim": dim, **extra})
+            for dtype in dtypes for shape, dim, modes, extra in shapes for mode in modes
+            if not (extra and dtype != torch.float32)]
 
 
 def make_inputs(case: Case, seed: int) -> Inputs:
@@ -84,14 +88,15 @@ def make_inputs(case: Case, seed: int) -> Inputs:
     dim = case.params["dim"]
     gen = torch.Generator(case.device).manual_seed(seed)
     cpu_gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(case.shape, generator=gen, device=case.device).to(case.dtype)
+    layout = torch.channels_last if case.params.get("layout") == "channels_last" else torch.contiguous_format
+    x = torch.randn(case.shape, generator=gen, device=case.device).to(case.dtype, memory_format=layout)
     n = case.shape[dim]
     coeffs = deu_init_coeffs(n, generator=cpu_gen)
     coeffs[:, 3:] = torch.randn(n, 2, generator=cpu_gen)
     coeffs = coeffs.to(case.device)
     grad_y = None
     if case.mode == "fwd+bwd":
-        grad_y = torch.randn(case.shape, generator=gen, device=case.device).to(case.dtype)
+        grad_y = torch.randn(case.shape, generator=gen, device=case.device).to(case.dtype, memory_format=layout)
         x.requires_grad_()
         coeffs.requires_grad_()
     return Inputs(x, coeffs, grad_y)
