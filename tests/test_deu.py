@@ -232,25 +232,28 @@ def test_long_rows_and_step_free_warps(backend: str, device: str, seed: int) -> 
         assert_results_close((y, gx, gc), (y_ref, gx_ref, gc_ref), dtype, f"{backend} {dtype} [{m}, {n}]")
 
 
+# One neuron of every case, parameters and discriminants on either side of eps.
+BOUNDARY_ROWS = [
+    [0.0099, 0.0099, 0.0099, 0.5, -0.5],   # all in the zero band: identity
+    [0.0101, 0.0099, -0.0099, 0.5, -0.5],  # a just outside: parabola
+    [-0.0099, 0.0101, 0.0, 0.3, 0.1],      # ramp
+    [0.0, -0.0101, 0.0101, 0.3, 0.1],      # first order with k = -1
+    [0.0, 0.0, -0.0101, 0.0, 0.0],         # smooth step, 1/c large
+    [1.0, 2.0, 1.0 + 0.99 * EPS / 4, 0.2, 0.4],  # critical, D just inside -eps
+    [1.0, 2.0, 1.0 + 1.01 * EPS / 4, 0.2, 0.4],  # underdamped, D just below -eps
+    [1.0, 2.0, 1.0 - 0.99 * EPS / 4, 0.2, 0.4],  # critical, D just inside +eps
+    [1.0, 2.0, 1.0 - 1.01 * EPS / 4, 0.2, 0.4],  # overdamped, D just above +eps
+    [0.25, -2.0, 1.0, 5.0, 5.0],            # overdamped with growing modes: hits cap & clamp
+    [-0.5, 0.0, 2.0, 1.0, 1.0],             # hyperbolic
+    [0.5, 0.0, 2.0, 1.0, 1.0],              # oscillator
+    [0.5, -1.0, 0.0, 0.3, 0.3],             # nnz with a growing exponential
+]
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_boundaries(backend: str, device: str, seed: int) -> None:
     """Parameters on either side of eps, |D| on either side of eps, t = 0, caps and clamp."""
-    e = EPS
-    rows = [
-        [0.0099, 0.0099, 0.0099, 0.5, -0.5],   # all in the zero band: identity
-        [0.0101, 0.0099, -0.0099, 0.5, -0.5],  # a just outside: parabola
-        [-0.0099, 0.0101, 0.0, 0.3, 0.1],      # ramp
-        [0.0, -0.0101, 0.0101, 0.3, 0.1],      # first order with k = -1
-        [0.0, 0.0, -0.0101, 0.0, 0.0],         # smooth step, 1/c large
-        [1.0, 2.0, 1.0 + 0.99 * e / 4, 0.2, 0.4],   # critical, D just inside -eps
-        [1.0, 2.0, 1.0 + 1.01 * e / 4, 0.2, 0.4],   # underdamped, D just below -eps
-        [1.0, 2.0, 1.0 - 0.99 * e / 4, 0.2, 0.4],   # critical, D just inside +eps
-        [1.0, 2.0, 1.0 - 1.01 * e / 4, 0.2, 0.4],   # overdamped, D just above +eps
-        [0.25, -2.0, 1.0, 5.0, 5.0],            # overdamped with growing modes: hits cap & clamp
-        [-0.5, 0.0, 2.0, 1.0, 1.0],             # hyperbolic
-        [0.5, 0.0, 2.0, 1.0, 1.0],              # oscillator
-        [0.5, -1.0, 0.0, 0.3, 0.3],             # nnz with a growing exponential
-    ]
+    rows = BOUNDARY_ROWS
     coeffs = torch.tensor(rows, dtype=torch.float64)
     assert len(set(deu_cases(coeffs).tolist())) == 11
     t = torch.tensor([-1e4, -40.0, -3.0, -0.5, -1e-3, 0.0, 1e-3, 0.5, 3.0, 40.0, 1e4], dtype=torch.float64)
@@ -262,6 +265,32 @@ def test_boundaries(backend: str, device: str, seed: int) -> None:
         y_ref, gx_ref, gc_ref = ref_grads(x, c, gy, -1)
         assert (y_ref.abs() == OUT_CLAMP).any(), "the clamp must be exercised"
         assert_results_close((y, gx, gc), (y_ref, gx_ref, gc_ref), dtype, f"{backend} {dtype}")
+
+
+def huge_inputs(device: str) -> list[tuple[Tensor, Tensor, Tensor, int]]:
+    """(x, coeffs, grad_y, dim), float32, [7, 22] rows and [2, 22, 7] NCHW-like, with |t| up to
+    1e20: finite in float32 though t² is not. Kernels whose lanes run over neurons sum g·t² for a
+    whole block when one neuron uses t² (the ramp, parabola, identity), so the others' sums are
+    inf, and their Jacobian rows' structural zeros must be skipped, not multiplied (0·inf = NaN).
+    Cases with sines are left out: float32 cannot place ω·t modulo 2π there."""
+    coeffs = torch.tensor(BOUNDARY_ROWS, dtype=torch.float64)
+    trig = torch.tensor([CASE_NAMES.index("oscillator"), CASE_NAMES.index("underdamped")])
+    coeffs = coeffs[~torch.isin(deu_cases(coeffs), trig)].repeat(2, 1).float().to(device)  # lanes 0-15, 16-21
+    t = torch.tensor([-1e20, -3e19, -2.0, 0.0, 0.7, 3e19, 1e20])
+    cases = []
+    for shape, dim in [((len(t), len(coeffs)), -1), ((2, len(coeffs), len(t)), 1)]:
+        x = (t[:, None] if dim == -1 else t).expand(shape).contiguous().to(device)
+        cases.append((x, coeffs, torch.randn(shape).to(device), dim))
+    return cases
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_huge_finite_inputs(backend: str, device: str, seed: int) -> None:
+    """|t| up to 1e20 (``huge_inputs``): every neuron's results stay those of the reference."""
+    for x, coeffs, gy, dim in huge_inputs(device):
+        y, gx, gc = kfuse_grads(x, coeffs, gy, dim, backend)
+        assert torch.isfinite(gc).all(), f"grad_coeffs {tuple(x.shape)}: {gc}"
+        assert_results_close((y, gx, gc), ref_grads(x, coeffs, gy, dim), torch.float32, f"{backend} {tuple(x.shape)}")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -587,6 +616,17 @@ def test_cuda_kernels_emulated(deu_emu: ctypes.CDLL, mnk: tuple[int, int, int], 
     two emulated device sizes and two schedules; no output element left unwritten, no access
     out of bounds."""
     check_emulated(deu_emu, mnk, dtype, "cuda (emulated)")
+
+
+def test_cuda_kernels_emulated_huge_inputs(deu_emu: ctypes.CDLL, seed: int) -> None:
+    """``huge_inputs`` through the emulated CUDA kernels (rows and planes layouts)."""
+    assert deu_emu.kfemu_set_device(1, 8, 4) == 0
+    for x, coeffs, gy, dim in huge_inputs("cpu"):
+        mnk = (x.shape[0], x.shape[1], x[0, 0].numel())  # [M, N] as [M, N, 1]; [M, N, K] as is
+        got = emulated_deu(deu_emu, x.reshape(mnk), coeffs, gy.reshape(mnk), 0, False)
+        want = ref_grads(x, coeffs, gy, dim)
+        assert_results_close((got[0].view(x.shape), got[1].view(x.shape), got[2]), want, torch.float32,
+                             f"cuda (emulated) {mnk}")
 
 
 @pytest.mark.parametrize("define", ["KFUSE_DEU_FWD_ROW_UNROLL=8", "KFUSE_DEU_ROWS_BLOCKS=2048"])

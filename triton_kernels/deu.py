@@ -207,9 +207,17 @@ def _jvp_dot(a, b, c, c1, c2, da, db, dc, dc1, dc2,
     (_0, _1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16,
      dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2) = _plan(
         a, b, c, c1, c2, da, db, dc, dc1, dc2)
-    return (s_h0 * dh0 + s_h1 * dh1 + s_h3 * dh3 + s_h4 * dh4 + s_h5 * dh5 + s_h6 * dh6 + s_h7 * dh7
-            + s_p0 * dp0 + s_p1 * dp1 + s_p2 * dp2 + s_p4 * dp4 + s_p5 * dp5 + s_p6 * dp6 + s_p7 * dp7
-            + s_r1 * dr1 + s_om * dom + s_r2 * dr2)
+    return (_term(s_h0, dh0) + _term(s_h1, dh1) + _term(s_h3, dh3) + _term(s_h4, dh4) + _term(s_h5, dh5)
+            + _term(s_h6, dh6) + _term(s_h7, dh7) + _term(s_p0, dp0) + _term(s_p1, dp1) + _term(s_p2, dp2)
+            + _term(s_p4, dp4) + _term(s_p5, dp5) + _term(s_p6, dp6) + _term(s_p7, dp7) + _term(s_r1, dr1)
+            + _term(s_om, dom) + _term(s_r2, dr2))
+
+
+@triton.jit
+def _term(s, d):
+    """s·d, 0 where d is a structural 0: the sum s of a term the neuron does not use may be inf
+    (Σ g·t² for |t| > 1.8e19 in float32), and 0·inf would make the gradient NaN."""
+    return tl.where(d != 0, s * d, 0.0)
 
 
 # ----------------------------------------------------------------------------------------
