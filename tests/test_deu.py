@@ -267,6 +267,44 @@ def test_boundaries(backend: str, device: str, seed: int) -> None:
         assert_results_close((y, gx, gc), (y_ref, gx_ref, gc_ref), dtype, f"{backend} {dtype}")
 
 
+def threshold_coeffs() -> Tensor:
+    """float32 coefficients on the case thresholds: a, b or c at float32(±0.01) and its two
+    neighbours each way, and D = b² − 4ac within a few float32 steps of c of ±0.01."""
+    def around(v: float, steps: int = 2) -> list[float]:
+        t = torch.tensor(v, dtype=torch.float32)
+        out = [t]
+        for direction in (float("inf"), -float("inf")):
+            u = t
+            for _ in range(steps):
+                u = torch.nextafter(u, torch.tensor(direction))
+                out.append(u)
+        return [x.item() for x in out]
+
+    rows = []
+    for sign, v in itertools.product((1.0, -1.0), around(EPS)):
+        rows += [[sign * v, 0.5, 0.3, 0.2, -0.4], [0.5, sign * v, 0.3, 0.2, -0.4],
+                 [0.5, 0.7, sign * v, 0.2, -0.4], [sign * v, sign * v, sign * v, 0.2, -0.4]]
+    for c in around((4 - EPS) / 4, 3) + around((4 + EPS) / 4, 3):  # a = 1, b = 2: D = 4 - 4c
+        rows.append([1.0, 2.0, c, 0.2, -0.4])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_threshold_values_exact(backend: str, device: str, seed: int) -> None:
+    """Every backend decides a neuron's case on the exact parameter values, as the float64
+    reference does: float32(0.01) < 0.01 counts as zero (a float32 comparison with the rounded
+    threshold says not, and gives another function: outputs off by up to 1000)."""
+    coeffs = threshold_coeffs()
+    cases64 = deu_cases(coeffs.double())
+    assert torch.equal(deu_cases(coeffs), cases64)
+    assert len(set(cases64.tolist())) >= 6, "the rows must straddle the thresholds"
+    x = make_x((9, len(coeffs)), torch.float32, "cpu").to(device)
+    gy = torch.randn(x.shape).to(device)
+    coeffs = coeffs.to(device)
+    got = kfuse_grads(x, coeffs, gy, -1, backend)
+    assert_results_close(got, ref_grads(x, coeffs, gy, -1), torch.float32, backend)
+
+
 def huge_inputs(device: str) -> list[tuple[Tensor, Tensor, Tensor, int]]:
     """(x, coeffs, grad_y, dim), float32, [7, 22] rows and [2, 22, 7] NCHW-like, with |t| up to
     1e20: finite in float32 though t² is not. Kernels whose lanes run over neurons sum g·t² for a
@@ -618,10 +656,12 @@ def test_cuda_kernels_emulated(deu_emu: ctypes.CDLL, mnk: tuple[int, int, int], 
     check_emulated(deu_emu, mnk, dtype, "cuda (emulated)")
 
 
-def test_cuda_kernels_emulated_huge_inputs(deu_emu: ctypes.CDLL, seed: int) -> None:
-    """``huge_inputs`` through the emulated CUDA kernels (rows and planes layouts)."""
+def test_cuda_kernels_emulated_edge_inputs(deu_emu: ctypes.CDLL, seed: int) -> None:
+    """``huge_inputs`` and ``threshold_coeffs`` through the emulated CUDA kernels."""
     assert deu_emu.kfemu_set_device(1, 8, 4) == 0
-    for x, coeffs, gy, dim in huge_inputs("cpu"):
+    on_thresholds = threshold_coeffs()
+    x_thr = make_x((9, len(on_thresholds)), torch.float32, "cpu")
+    for x, coeffs, gy, dim in [*huge_inputs("cpu"), (x_thr, on_thresholds, torch.randn(x_thr.shape), -1)]:
         mnk = (x.shape[0], x.shape[1], x[0, 0].numel())  # [M, N] as [M, N, 1]; [M, N, K] as is
         got = emulated_deu(deu_emu, x.reshape(mnk), coeffs, gy.reshape(mnk), 0, False)
         want = ref_grads(x, coeffs, gy, dim)

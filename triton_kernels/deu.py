@@ -67,9 +67,24 @@ def _sqrt(x):
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
-    za = tl.abs(a) < EPS
-    zb = tl.abs(b) < EPS
-    zc = tl.abs(c) < EPS
+    # The case is decided on the exact values, as the float64 reference does (and deu_math.h):
+    # |p| < 0.01 exactly. In float32 the threshold rounds down (float32(0.01) < 0.01), so the
+    # test there is |p| <= float32(0.01); D is computed in float64. (A float literal is rounded
+    # to float32 even against float64, as the TTIR shows: hence tl.full. Testing |p| in float64
+    # as well cost the fp32 rows forward 6 registers, 56 -> 62.)
+    eps = tl.full([], EPS, tl.float64)
+    if a.dtype == tl.float64:
+        za = tl.abs(a) < eps
+        zb = tl.abs(b) < eps
+        zc = tl.abs(c) < eps
+    else:
+        eps32 = tl.full([], EPS, tl.float32)
+        za = tl.abs(a) <= eps32
+        zb = tl.abs(b) <= eps32
+        zc = tl.abs(c) <= eps32
+    a64 = a.to(tl.float64)
+    b64 = b.to(tl.float64)
+    c64 = c.to(tl.float64)
     nza = ~za
     nzb = ~zb
     nzc = ~zc
@@ -82,10 +97,10 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     hyp = nza & zb & nzc & ~(a * c > 0)
     nnz = nza & nzb & zc
     nnn = nza & nzb & nzc
-    dsc = b * b - 4.0 * a * c
-    und = nnn & (dsc < -EPS)
-    ovr = nnn & (dsc > EPS)
-    crt = nnn & ~(dsc < -EPS) & ~(dsc > EPS)
+    dsc = b64 * b64 - 4.0 * a64 * c64
+    und = nnn & (dsc < -eps)
+    ovr = nnn & (dsc > eps)
+    crt = nnn & ~(dsc < -eps) & ~(dsc > eps)
 
     # Safe denominators (1 where the parameter counts as zero: those branches are unused).
     A = tl.where(za, 1.0, a)

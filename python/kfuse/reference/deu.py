@@ -38,6 +38,19 @@ def _neuron_view(coeffs: Tensor, x: Tensor, dim: int) -> list[Tensor]:
     return [coeffs[:, k].reshape(shape) for k in range(5)]
 
 
+def _case_masks(a: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, ...]:
+    """``(za, zb, zc, d)``: which of a, b, c count as zero, and ``D = b² − 4ac``.
+
+    Decided on the exact parameter values, in float64 whatever their dtype: in float32 the
+    threshold itself would round (``float32(0.01) < 0.01``, so ``a = 0.01`` stored in float32 is
+    zero, while ``|a| < float32(0.01)`` says it is not) and ``D`` would round near ``±EPS``.
+    (MPS has no float64; it compares in float32.)
+    """
+    exact = torch.float32 if a.device.type == "mps" else torch.float64
+    a, b, c = (v.detach().to(exact) for v in (a, b, c))
+    return a.abs() < EPS, b.abs() < EPS, c.abs() < EPS, b * b - 4 * a * c
+
+
 def deu_cases(coeffs: Tensor) -> Tensor:
     """Case id per neuron (index into ``CASE_NAMES``).
 
@@ -47,8 +60,7 @@ def deu_cases(coeffs: Tensor) -> Tensor:
         ``[N]`` int64.
     """
     a, b, c = coeffs[:, 0], coeffs[:, 1], coeffs[:, 2]
-    za, zb, zc = a.abs() < EPS, b.abs() < EPS, c.abs() < EPS
-    d = b * b - 4 * a * c
+    za, zb, zc, d = _case_masks(a, b, c)
     ids = torch.full_like(a, -1, dtype=torch.int64)
     table = [
         za & zb & zc,
@@ -83,9 +95,8 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     t = x.to(compute)
     a, b, c, c1, c2 = _neuron_view(coeffs.to(compute), t, dim)
     one = torch.ones((), dtype=compute, device=x.device)
-    za, zb, zc = a.abs() < EPS, b.abs() < EPS, c.abs() < EPS
+    za, zb, zc, d = _case_masks(a, b, c)
     nnn = ~za & ~zb & ~zc
-    d = b * b - 4 * a * c
     under, over = nnn & (d < -EPS), nnn & (d > EPS)
     osc = ~za & zb & ~zc & (a * c > 0)
     hyp = ~za & zb & ~zc & (a * c < 0)
@@ -120,7 +131,7 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
         1 - ea * (torch.cos(om * t) + (B / dd) * torch.sin(om * t))
     ) / C
 
-    s = torch.sqrt(torch.where(over, d, one))
+    s = torch.sqrt(torch.where(over, B * B - 4 * A * C, one))
     r1, r2 = (-B + s) / (2 * A), (-B - s) / (2 * A)
     e1, e2 = _E(r1 * t), _E(r2 * t)
     y_over = c2 * e1 + c1 * e2 + H * (1 - ((B + s) * e1 + (s - B) * e2) / (2 * s)) / C
