@@ -332,6 +332,47 @@ def test_huge_finite_inputs(backend: str, device: str, seed: int) -> None:
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_large_trig_arguments(backend: str, device: str, seed: int) -> None:
+    """sin/cos of |ω·t| from 1e3 to 1e5 (ω = 1 exactly, so the float32 argument is exact):
+    the CPU's float sincos rounded its quadrant index to the wrong side near odd multiples of
+    π/4 and clamped the remainder, 5e-4 off at t = -9293.617."""
+    n = 6 if backend == "triton" and device == "cpu" else 40
+    coeffs = torch.tensor([[1.0, 0.0, 1.0, 0.7, -0.4], [2.0, 0.0, 2.0, -0.3, 0.9]]).repeat(n // 2, 1)
+    mag = 10 ** torch.empty(5, n, dtype=torch.float64).uniform_(3, 5)
+    x = torch.cat([mag, -mag, torch.full((1, n), -9293.617)]).float()
+    gy = torch.randn(x.shape)
+    x, gy, coeffs = x.to(device), gy.to(device), coeffs.to(device)
+    assert (deu_cases(coeffs) == CASE_NAMES.index("oscillator")).all()
+    got = kfuse_grads(x, coeffs, gy, -1, backend)
+    assert_results_close(got, ref_grads(x, coeffs, gy, -1), torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_extreme_values(backend: str, device: str, seed: int) -> None:
+    """Values at the edge of float32: infinite a, b or c (NaN for the neuron where the
+    reference gives NaN: the CPU's float min/max had dropped NaN, giving finite outputs);
+    grad_y·x beyond float32 where the exponential is 0 (g·t·E was NaN); and a clamped output
+    whose unclamped slope overflows (Triton's grad_x was 0·inf = NaN)."""
+    inf = float("inf")
+    rows = torch.tensor([
+        [inf, 2.0, 3.0, 1.0, 0.5], [0.5, -inf, 0.3, 1.0, 0.5], [0.5, 0.7, inf, 1.0, 0.5],
+        [0.0, 2.0, 0.5, 1.0, 0.5],   # first order, k = 0.25
+        [0.2, 3.0, 0.5, 1.0, 0.5],   # overdamped
+        [1.0, 0.5, 2.0, 1.0, 0.5],   # underdamped
+        [0.5, 0.0, 0.0, 0.3, -0.2],  # parabola
+    ])  # fmt: skip
+    x = torch.tensor([[1e10] * 7, [-2.0] * 6 + [2e38], [0.5] * 7])
+    gy = torch.tensor([[1e30] * 7, [1.0] * 7, [-1.0] * 7])
+    x, gy, rows = x.to(device), gy.to(device), rows.to(device)
+    y, gx, gc = kfuse_grads(x, rows, gy, -1, backend)
+    y_ref, gx_ref, gc_ref = ref_grads(x, rows, gy, -1)
+    assert torch.isnan(y_ref[:, :3]).all() and torch.isfinite(y_ref[:, 3:]).all()
+    assert_close(y, y_ref, torch.float32, f"y {backend}")
+    assert_close(gx[:, 3:], gx_ref[:, 3:], torch.float32, f"grad_x {backend}")
+    assert_close(gc[3:], gc_ref[3:], torch.float32, f"grad_coeffs {backend}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_gradcheck_float64(backend: str, device: str, seed: int) -> None:
     # Points away from t = 0, the caps and the clamp, where the function is smooth.
     coeffs = case_coeffs(1, device=device).requires_grad_()

@@ -341,14 +341,15 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
     b5 = t * b4
     b6 = e1 * sn
     gt = g * t
-    s_r1 = tl.where(cap1, 0.0, gt * e1 * osc)
-    s_om = gt * e1 * dosc
-    s_r2 = tl.where(cap2, 0.0, gt * k7 * e2)
+    te1 = t * e1  # t·E first: g·t may overflow where E is 0
+    s_r1 = tl.where(cap1, 0.0, g * te1 * osc)
+    s_om = g * te1 * dosc
+    s_r2 = tl.where(cap2, 0.0, g * (t * e2) * k7)
     r1e = tl.where(cap1, 0.0, r1)
     r2e = tl.where(cap2, 0.0, r2)
     dy = (k1 + 2.0 * k2 * t + h3 * STEP_SLOPE * sig * (1.0 - sig)
           + e1 * (r1e * osc + k5 * cs + om * dosc) + k7 * r2e * e2)
-    gx = g * dy
+    gx = tl.where(inside, g * dy, 0.0)  # not g·dy alone: 0·inf = NaN where the clamped dy overflows
     return (gx, g, gt, g * sig, g * b4, g * b5, g * b6, g * e2,
             gp, gp * t, gp * t * t, gp * b4, gp * b5, gp * b6, gp * e2, s_r1, s_om, s_r2)
 

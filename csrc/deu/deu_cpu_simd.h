@@ -40,8 +40,11 @@ KF_SIMD vf loadu(const float* p) {
   return v;
 }
 KF_SIMD void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-KF_SIMD vf vmin(vf a, vf b) { return a < b ? a : b; }  // a if a is NaN
-KF_SIMD vf vmax(vf a, vf b) { return a > b ? a : b; }
+// min/max that return a when a is NaN (b never is here), so NaN propagates through the
+// clamps of vexp and vsincos as it does through the scalar code. (Written `a < b ? a : b` they
+// returned b: a NaN plan, from an infinite a, b or c, gave finite outputs on the CPU only.)
+KF_SIMD vf vmin(vf a, vf b) { return b < a ? b : a; }
+KF_SIMD vf vmax(vf a, vf b) { return b > a ? b : a; }
 // Round to nearest integer (ties to even), valid for |v| < 2^22.
 KF_SIMD vf vround(vf v) {
   const float magic = 12582912.0f;  // 1.5 * 2^23
@@ -72,17 +75,25 @@ KF_SIMD vf vexp(vf z) {
 // E(z) = exp(min(z, kExpCap)), and whether the cap was hit.
 KF_SIMD vf vexp_capped(vf z) { return vexp(vmin(z, splat(float(kExpCap)))); }
 
-// sin(x) and cos(x), ~1-2 ulp for |x| up to ~1e4 (π/2 is split in three parts whose
-// leading two are exact in products with the quadrant index), then degrading like the
-// float argument itself. Bounded (never inf/NaN) for finite x.
+// sin(x) and cos(x): within ~3e-6 for |x| up to 1e5 (π/2 is split in three parts, the
+// leading two exact in products with the quadrant index up to 2^13 and 2^16), ~1-2 ulp up to
+// ~1e4; bounded (never inf) for finite x, and wrong beyond |x| ~ 6.6e6 (quadrant index capped
+// at 2^22), where a float32 argument ω·t is itself off by a radian or more.
 KF_SIMD void vsincos(vf x, vf& s, vf& c) {
+  constexpr float kC1 = 1.5703125f, kC2 = 4.837512969970703125e-4f, kC3 = 7.54978995489188216e-8f;
   vf j = x * 0.636619772367581343f;  // 2/π
   j = vmin(vmax(j, splat(-4194304.0f)), splat(4194304.0f));
   j = vround(j);
-  vf r = x - j * 1.5703125f;
-  r = r - j * 4.837512969970703125e-4f;
-  r = r - j * 7.54978995489188216e-8f;
-  r = vmin(vmax(r, splat(-0.7854f)), splat(0.7854f));  // only bites for |x| > ~6e6
+  vf r = x - j * kC1;
+  r = r - j * kC2;
+  r = r - j * kC3;
+  // x·(2/π) rounded in float can round j to the wrong side of a half-integer (from |x| ~ 1e3),
+  // leaving |r| just over π/4: move one quadrant. (Clamping r to ±π/4 instead, as before,
+  // pinned such points at cos(π/4): 5e-4 off at |x| ~ 9e3.)
+  const vf step = r > 0.78539816f ? splat(1.0f) : (r < -0.78539816f ? splat(-1.0f) : splat(0.0f));
+  j = j + step;
+  r = ((r - step * kC1) - step * kC2) - step * kC3;
+  r = vmin(vmax(r, splat(-0.8f)), splat(0.8f));  // bounds the polynomials past the capped index
   const vf z = r * r;
   const vf sp = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
   const vf cp =
@@ -235,7 +246,7 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
   gb[2] = gt * t;
   gb[3] = g * q.sig;
   gb[4] = g * e1cs;
-  gb[5] = gt * e1cs;
+  gb[5] = g * (t * e1cs);
   gb[6] = g * (q.e1 * q.sn);
   gb[7] = g * q.e2;
   for (int j = 0; j < kBasis; ++j) {
@@ -249,7 +260,7 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
   const vf osc = lin * q.cs + k[6] * q.sn;    // e1-bracket
   const vf dosc = k[6] * q.cs - lin * q.sn;   // its derivative w.r.t. (ω t)
   const vf r1 = q.cap1 ? zero : p.rho1;
-  const vf gte1 = gt * q.e1;
+  const vf gte1 = g * (t * q.e1);  // t·E1 first: g·t may overflow where E1 is 0
   acc.a[kRowRho1] += q.cap1 ? zero : gte1 * osc;
   vf de1 = r1 * osc + k[5] * q.cs;
   if (F & kTrig) {
@@ -260,7 +271,7 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
   if (F & kStep) dy += k[3] * float(kStepSlope) * q.sig * (1.0f - q.sig);
   if (F & kE2) {
     const vf r2 = q.cap2 ? zero : p.rho2;
-    acc.a[kRowRho2] += q.cap2 ? zero : gt * k[7] * q.e2;
+    acc.a[kRowRho2] += q.cap2 ? zero : g * (t * q.e2) * k[7];
     dy += k[7] * r2 * q.e2;
   }
   return inside ? g * dy : zero;

@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #if defined(__CUDACC__)
@@ -201,8 +202,12 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
     }
   }
   // A NaN a, b or c makes the whole activation NaN, as in the reference (the tests above take
-  // NaN for "not zero", and every case would leave some of the plan finite).
-  if (av != av || bv != bv || cv != cv) p.hom[0] = p.hom[0] + (a + b + c);
+  // NaN for "not zero", and every case would leave some of the plan finite); so does an
+  // infinite frequency (from an infinite a, b or c): the reference's cos(±inf) is NaN at every
+  // t, while the CPU's vector sincos bounds its argument.
+  const T w = val(p.omega);
+  if (av != av || bv != bv || cv != cv || !(std::fabs(w) <= std::numeric_limits<T>::max()))
+    p.hom[0] = p.hom[0] + cst(a, std::numeric_limits<T>::quiet_NaN());
   return p;
 }
 
@@ -435,9 +440,10 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   const T dosc = -lin * q.sn + k[6] * q.cs;        // its derivative w.r.t. (ω t)
   const T r1 = q.cap1 ? T(0) : p.rho1;
   const T r2 = q.cap2 ? T(0) : p.rho2;
-  acc[2 * kBasis] += q.cap1 ? T(0) : g * t * q.e1 * osc;
-  acc[2 * kBasis + 1] += g * t * q.e1 * dosc;
-  acc[2 * kBasis + 2] += q.cap2 ? T(0) : g * t * k[7] * q.e2;
+  const T te1 = t * q.e1;  // t·E first: g·t may overflow where E is 0
+  acc[2 * kBasis] += q.cap1 ? T(0) : g * te1 * osc;
+  acc[2 * kBasis + 1] += g * te1 * dosc;
+  acc[2 * kBasis + 2] += q.cap2 ? T(0) : g * (t * q.e2) * k[7];
   T dy = q.e1 * (r1 * osc + p.omega * dosc) + k[7] * r2 * q.e2;
   if (kPoly) dy += k[1] + T(2) * k[2] * t;
   if (kStep) dy += k[3] * T(kStepSlope) * q.sig * (T(1) - q.sig);
