@@ -81,7 +81,7 @@ def triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
     return [f"Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors); got {device.type}"]
 
 
-_warned: set[tuple[str, str]] = set()
+_warned: set[tuple[str, str]] = set()  # (op, reasons) already warned about
 
 
 def select(op: str, requested: str, reasons: dict[str, list[str]], order: tuple[str, ...]) -> str:
@@ -106,12 +106,14 @@ def select(op: str, requested: str, reasons: dict[str, list[str]], order: tuple[
         return requested
     for name in order:
         if not reasons[name]:
-            if name == "reference" and (op, name) not in _warned:
-                _warned.add((op, name))
+            # Once per distinct set of reasons. Not while torch.compile traces: Dynamo cannot
+            # trace warnings.warn, so fullgraph=True failed on every call (and dropped the
+            # _warned entry with the aborted trace, so every recompile failed too).
+            if name == "reference" and not torch.compiler.is_compiling():
                 skipped = "; ".join(f"{b}: {', '.join(r)}" for b, r in reasons.items() if r)
-                warnings.warn(
-                    f"kfuse.{op}: falling back to the PyTorch reference ({skipped})", stacklevel=3
-                )
+                if (op, skipped) not in _warned:
+                    _warned.add((op, skipped))
+                    warnings.warn(f"kfuse.{op}: falling back to the PyTorch reference ({skipped})", stacklevel=3)
             return name
     raise BackendUnavailableError(
         f"kfuse.{op}: no backend can run this input: "
