@@ -795,6 +795,11 @@ def test_module_init_and_shapes() -> None:
         kfuse.nn.DEU(0)
     with pytest.raises(TypeError, match="num_features must be an int; got float"):
         kfuse.nn.DEU(2.5)
+    assert kfuse.nn.DEU(np.int64(3), dim=np.int64(1)).num_features == 3  # any integer type
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        kfuse.nn.DEU(4, backend="gpu")  # at construction, not at the first forward
+    with pytest.raises(ValueError, match=r"DEU\(num_features=16, dim=-1\).*has 8 features.*need dim=1"):
+        kfuse.nn.DEU(16)(torch.randn(2, 16, 4, 8))  # NCHW, dim forgotten
 
 
 def test_bad_input_errors() -> None:
@@ -818,6 +823,15 @@ def test_bad_input_errors() -> None:
         kfuse.deu(torch.tensor(1.0), c)
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         kfuse.deu(x, c, backend="fast")
+    with pytest.raises(TypeError, match="x must be a dense .strided. tensor; got a sparse_coo tensor"):
+        kfuse.deu(x.to_sparse(), c)
+    nested = torch.nested.nested_tensor([torch.randn(2, 6), torch.randn(3, 6)], layout=torch.jagged)
+    with pytest.raises(TypeError, match="x must be a dense .strided. tensor; got a nested tensor"):
+        kfuse.deu(nested, c)
+    # A lazily negated view (neg bit) is read as its values, not its memory.
+    for backend in ("cpu", "reference"):
+        torch.testing.assert_close(kfuse.deu(x._neg_view(), c._neg_view(), backend=backend),
+                                   kfuse.deu(-x, -c, backend=backend))
     unavailable = "backend 'cuda' cannot run this input: .*not cuda"
     with pytest.raises(kfuse.BackendUnavailableError, match=unavailable):
         kfuse.deu(x, c, backend="cuda")
@@ -894,6 +908,12 @@ import torch, kfuse
 why = kfuse.availability()["cpu"]
 assert "not built" in why, why
 x, c = torch.randn(3, 4), torch.rand(4, 5)
+# The fallback compiles (fullgraph), first thing and again (Dynamo cannot trace the warning).
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), kfuse.nn.DEU(4))
+compiled = torch.compile(model, fullgraph=True)
+for _ in range(2):
+    torch.testing.assert_close(compiled(x), kfuse.reference.deu_reference(model[0](x), model[1].coeffs))
+    torch._dynamo.reset()
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     y = kfuse.deu(x, c)
@@ -924,6 +944,20 @@ def test_report_quick(tmp_path: Path) -> None:
     assert {"cpu", "eager", "compile", "planned"} <= {r["name"] for r in ran}
     assert all(r["time_ms"] > 0 for r in ran)
     assert "xplanned" in out.stdout
+
+
+def test_report_fails_when_no_kfuse_backend_runs(tmp_path: Path) -> None:
+    """Without the extension every kfuse backend is skipped on the CPU: the report must fail
+    (it had passed, timing the baselines alone)."""
+    code = f"""
+import runpy, sys
+sys.modules["kfuse._C"] = None  # as if it were not built
+sys.argv = ["kfuse", "--quick", "--device", "cpu", "--ops", "deu", "--time-budget", "1", "--out", {str(tmp_path)!r}]
+runpy.run_module("kfuse", run_name="__main__")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "no kfuse backend ran on deu" in out.stderr, out.stderr[-3000:]
 
 
 def test_demo_quick() -> None:

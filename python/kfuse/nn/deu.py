@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor, nn
 
-from kfuse.ops.deu import deu
+from kfuse.ops.deu import BACKENDS, deu
 from kfuse.reference.deu import deu_init_coeffs
 
 
@@ -25,10 +27,14 @@ class DEU(nn.Module):
 
     def __init__(self, num_features: int, dim: int = -1, backend: str = "auto") -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int):
-            raise TypeError(f"DEU: num_features must be an int; got {type(num_features).__name__}")
+        for name, v in (("num_features", num_features), ("dim", dim)):
+            if isinstance(v, bool) or not hasattr(v, "__index__"):
+                raise TypeError(f"DEU: {name} must be an int; got {type(v).__name__}")
+        num_features, dim = operator.index(num_features), operator.index(dim)
         if num_features < 1:
             raise ValueError(f"DEU: num_features must be >= 1; got {num_features}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"DEU: backend must be 'auto' or one of {list(BACKENDS)}; got {backend!r}")
         self.num_features, self.dim, self.backend = num_features, dim, backend
         self.coeffs = nn.Parameter(deu_init_coeffs(num_features))
 
@@ -37,6 +43,10 @@ class DEU(nn.Module):
         self.coeffs.copy_(deu_init_coeffs(self.num_features))
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and -x.ndim <= self.dim < x.ndim and x.shape[self.dim] != self.num_features:
+            hint = " (NCHW feature maps need dim=1)" if self.dim == -1 and x.ndim == 4 else ""
+            raise ValueError(f"DEU(num_features={self.num_features}, dim={self.dim}): the input of shape "
+                             f"{tuple(x.shape)} has {x.shape[self.dim]} features at dim {self.dim}{hint}")
         return deu(x, self.coeffs, self.dim, self.backend)
 
     def extra_repr(self) -> str:

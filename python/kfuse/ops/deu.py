@@ -197,6 +197,10 @@ def _validate(x: Tensor, coeffs: Tensor, dim: int) -> int:
         raise TypeError(f"kfuse.deu: x must be a torch.Tensor; got {type(x).__name__}")
     if not isinstance(coeffs, Tensor):
         raise TypeError(f"kfuse.deu: coeffs must be a torch.Tensor; got {type(coeffs).__name__}")
+    for name, t in (("x", x), ("coeffs", coeffs)):
+        if t.layout != torch.strided or t.is_nested:
+            kind = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
+            raise TypeError(f"kfuse.deu: {name} must be a dense (strided) tensor; got a {kind} tensor")
     if x.dtype not in _FLOATS:
         raise TypeError(f"kfuse.deu: x must be float16, bfloat16, float32 or float64; got {x.dtype}")
     if coeffs.dtype not in _FLOATS:
@@ -216,6 +220,10 @@ def _validate(x: Tensor, coeffs: Tensor, dim: int) -> int:
         raise ValueError(f"kfuse.deu: coeffs is on {coeffs.device} but x is on {x.device}; "
                          "move them to the same device")
     return dim
+
+
+#: The backends of :func:`deu`, besides ``"auto"``.
+BACKENDS = ("triton", "cuda", "cpu", "reference")
 
 
 def backend_reasons(x: Tensor) -> dict[str, list[str]]:
@@ -261,6 +269,7 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     supported by the kernel backends (PyTorch raises); use ``backend="reference"``.
     """
     dim = _validate(x, coeffs, dim)
+    x, coeffs = x.resolve_neg(), coeffs.resolve_neg()  # the kernels read memory: no lazy negation
     order = _ORDER.get(x.device.type, ("reference",))
     chosen = _backends.select("deu", backend, backend_reasons(x), order)
     if chosen == "reference":
