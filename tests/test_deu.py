@@ -946,6 +946,19 @@ def test_report_quick(tmp_path: Path) -> None:
     assert "xplanned" in out.stdout
 
 
+def test_report_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Arguments that would run nothing, or write where they cannot, are usage errors (exit 2)."""
+    from kfuse.__main__ import main  # noqa: PLC0415
+
+    (tmp_path / "file").write_text("")
+    for argv, message in [(["--ops", ","], "no op named"), (["--ops", "foo"], "unknown op"),
+                          (["--time-budget", "-1"], "must be positive"),
+                          (["--out", str(tmp_path / "file")], "is not a folder")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+
+
 def test_report_fails_when_no_kfuse_backend_runs(tmp_path: Path) -> None:
     """Without the extension every kfuse backend is skipped on the CPU: the report must fail
     (it had passed, timing the baselines alone)."""

@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.ops.split(",") if n.strip()]
     if unknown := [n for n in names if n not in OPS]:
         parser.error(f"unknown op(s) {unknown}; choose from {sorted(OPS)}")
+    if not names:
+        parser.error(f"--ops: no op named; choose from {sorted(OPS)}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        parser.error(f"--time-budget must be positive; got {args.time_budget:g}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: exists and is not a folder")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     device = torch.device(args.device)
