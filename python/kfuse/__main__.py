@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_report({n: OPS[n] for n in names}, device, args.quick, args.seed, json_path,
                         args.time_budget, progress)
     progress(f"wrote {json_path}")
+    png_path.unlink(missing_ok=True)  # never leave an earlier run's chart beside this JSON
     why_not = save_png(report, png_path)
     progress(why_not or f"wrote {png_path}")
     progress("done")
