@@ -263,6 +263,9 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     element and its neuron's row of ``grad_coeffs``. A NaN ``a``, ``b`` or ``c`` gives NaN
     for the whole neuron, as in the reference.
 
+    At exactly the exponent cap or the output clamp (a set of measure zero) the kernels take the
+    derivative from inside, as ``torch.clamp`` did up to torch 2.11 (2.14's gives 0 there).
+
     Autograd: first derivatives run the backend's kernels; higher ones (``create_graph=True``)
     run the reference's. Inside ``torch.func`` transforms (grad, vmap, jvp, hessian, ...) the
     reference runs, whatever the backend. ``torch.autograd.forward_ad`` outside them is not
