@@ -782,6 +782,18 @@ def test_torch_export(backend: str, device: str, strict: bool, seed: int) -> Non
     torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript is deprecated in torch 2.14
+def test_jit_trace_saves(tmp_path: Path) -> None:
+    """torch.jit.trace records kfuse.deu_forward (not the eager autograd.Function, which
+    torch.jit.save cannot export); the loaded module computes and differentiates the same."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), kfuse.nn.DEU(6, backend="cpu"))
+    x = torch.randn(3, 4, requires_grad=True)
+    torch.jit.save(torch.jit.trace(model, x), tmp_path / "m.pt")
+    loaded = torch.jit.load(tmp_path / "m.pt")
+    torch.testing.assert_close(loaded(x), model(x))
+    torch.testing.assert_close(torch.autograd.grad(loaded(x).sum(), x)[0], torch.autograd.grad(model(x).sum(), x)[0])
+
+
 # ---------------------------------------------------------------- module, errors, dispatch
 
 

@@ -277,7 +277,7 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     chosen = _backends.select("deu", backend, backend_reasons(x), order)
     if chosen == "reference":
         return deu_reference(x, coeffs, dim)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # graphs record the registered op
         return deu_forward(_in_order(x, _order(x)), coeffs, dim, chosen)
     if is_functorch_wrapped_tensor(x) or is_functorch_wrapped_tensor(coeffs):
         return deu_reference(x, coeffs, dim)  # torch.func transforms: the kernels define none
