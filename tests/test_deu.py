@@ -347,6 +347,26 @@ def test_large_trig_arguments(backend: str, device: str, seed: int) -> None:
     assert_results_close(got, ref_grads(x, coeffs, gy, -1), torch.float32, backend)
 
 
+def far_apart_roots(device: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(x, coeffs, grad_y): overdamped neurons with |b| >> sqrt|ac| (roots ~ -c/b and ~ -b/a),
+    both signs of b. Written as (S - b)/(2a), the slow root cancels in float32 (y 0.735 instead
+    of 0.272 at x = 500 for a = 0.0101, b = 1000, c = 1; the float32 reference does the same)."""
+    rows = [[0.0101, 1000.0, 1.0], [0.5, 300.0, 2.0], [1.0, 20.0, 1.0], [-0.3, 200.0, 0.7]]
+    coeffs = torch.tensor([[a, sb * b, c, 0.3, -0.2] for a, b, c in rows for sb in (1.0, -1.0)])
+    assert (deu_cases(coeffs) == CASE_NAMES.index("overdamped")).all()
+    t = torch.tensor([-50.0, -5.0, -1.0, -0.01, 0.01, 1.0, 5.0, 50.0, 500.0])
+    x = t[:, None].expand(-1, len(coeffs)).contiguous()
+    return x.to(device), coeffs.to(device), torch.randn(x.shape).to(device)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_overdamped_far_apart_roots(backend: str, device: str, seed: int) -> None:
+    """``far_apart_roots``: the roots and weights are formed without cancellation."""
+    x, coeffs, gy = far_apart_roots(device)
+    got = kfuse_grads(x, coeffs, gy, -1, backend)
+    assert_results_close(got, ref_grads(x, coeffs, gy, -1), torch.float32, backend)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_extreme_values(backend: str, device: str, seed: int) -> None:
     """Values at the edge of float32: infinite a, b or c (NaN for the neuron where the
@@ -698,11 +718,14 @@ def test_cuda_kernels_emulated(deu_emu: ctypes.CDLL, mnk: tuple[int, int, int], 
 
 
 def test_cuda_kernels_emulated_edge_inputs(deu_emu: ctypes.CDLL, seed: int) -> None:
-    """``huge_inputs`` and ``threshold_coeffs`` through the emulated CUDA kernels."""
+    """``huge_inputs``, ``threshold_coeffs`` and ``far_apart_roots`` through the emulated CUDA
+    kernels."""
     assert deu_emu.kfemu_set_device(1, 8, 4) == 0
     on_thresholds = threshold_coeffs()
     x_thr = make_x((9, len(on_thresholds)), torch.float32, "cpu")
-    for x, coeffs, gy, dim in [*huge_inputs("cpu"), (x_thr, on_thresholds, torch.randn(x_thr.shape), -1)]:
+    x_far, far, gy_far = far_apart_roots("cpu")
+    for x, coeffs, gy, dim in [*huge_inputs("cpu"), (x_thr, on_thresholds, torch.randn(x_thr.shape), -1),
+                               (x_far, far, gy_far, -1)]:
         mnk = (x.shape[0], x.shape[1], x[0, 0].numel())  # [M, N] as [M, N, 1]; [M, N, K] as is
         got = emulated_deu(deu_emu, x.reshape(mnk), coeffs, gy.reshape(mnk), 0, False)
         want = ref_grads(x, coeffs, gy, dim)

@@ -147,10 +147,26 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     dab2 = dA * iB * iB + 2.0 * A * iB * diB
     isc = i_s * iC
     disc = di_s * iC + i_s * diC
-    o4 = -0.5 * (B + s) * isc
-    do4 = -0.5 * ((dB + ds) * isc + (B + s) * disc)
-    o7 = -0.5 * (s - B) * isc
-    do7 = -0.5 * ((ds - dB) * isc + (s - B) * disc)
+    # Overdamped roots (-b ± S)/(2a) and weights -(b ± S)/(2Sc) without the difference of b and
+    # S, which cancels for |b| >> sqrt|ac| (as in deu_math.h): with q = -(b + sign(b)·S)/2 the
+    # roots are q/a ("fast") and c/q ("slow"). q is never 0, also where S and B are dummies.
+    bpos = B >= 0
+    q = tl.where(bpos, -0.5 * (B + s), 0.5 * (s - B))
+    dq = tl.where(bpos, -0.5 * (dB + ds), 0.5 * (ds - dB))
+    iq = 1.0 / q
+    diq = -iq * iq * dq
+    fast = q * iA
+    dfast = dq * iA + q * diA
+    slow = C * iq
+    dslow = dC * iq + C * diq
+    a_sq = A * i_s * iq  # a/(S·q)
+    da_sq = dA * i_s * iq + A * di_s * iq + A * i_s * diq
+    q_sc = q * isc  # q/(S·c)
+    dq_sc = dq * isc + q * disc
+    o4 = tl.where(bpos, q_sc, a_sq)
+    do4 = tl.where(bpos, dq_sc, da_sq)
+    o7 = -tl.where(bpos, a_sq, q_sc)
+    do7 = -tl.where(bpos, da_sq, dq_sc)
 
     # Homogeneous coefficients.
     h0 = tl.where(rmp, c1, tl.where(par | nnz, c2, 0.0))
@@ -186,8 +202,8 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     p7 = tl.where(hyp, -0.5 * iC, tl.where(ovr, o7, 0.0))  # cosh = (E(kt) + E(-kt))/2
     dp7 = tl.where(hyp, -0.5 * diC, tl.where(ovr, do7, 0.0))
     # Rates.
-    r1 = tl.where(ovr, 0.5 * (s - B) * iA, 0.0)
-    dr1 = tl.where(ovr, 0.5 * ((ds - dB) * iA + (s - B) * diA), 0.0)
+    r1 = tl.where(ovr, tl.where(bpos, slow, fast), 0.0)
+    dr1 = tl.where(ovr, tl.where(bpos, dslow, dfast), 0.0)
     r1 = tl.where(und | crt, al, r1)
     dr1 = tl.where(und | crt, dal, dr1)
     r1 = tl.where(nnz, -B * iA, r1)
@@ -198,8 +214,8 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     dr1 = tl.where(fst, -(dC * iB + C * diB), dr1)
     om = tl.where(osc, w, tl.where(und, 0.5 * dd * iA, 0.0))
     dom = tl.where(osc, dw, tl.where(und, 0.5 * (ddd * iA + dd * diA), 0.0))
-    r2 = tl.where(hyp, kp, tl.where(ovr, -0.5 * (B + s) * iA, 0.0))
-    dr2 = tl.where(hyp, dkp, tl.where(ovr, -0.5 * ((dB + ds) * iA + (B + s) * diA), 0.0))
+    r2 = tl.where(hyp, kp, tl.where(ovr, tl.where(bpos, fast, slow), 0.0))
+    dr2 = tl.where(hyp, dkp, tl.where(ovr, tl.where(bpos, dfast, dslow), 0.0))
     h0 = tl.where((a != a) | (b != b) | (c != c), a + b + c, h0)  # a NaN a, b or c: NaN everywhere
     return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
             dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2)
