@@ -369,27 +369,28 @@ def test_overdamped_far_apart_roots(backend: str, device: str, seed: int) -> Non
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_extreme_values(backend: str, device: str, seed: int) -> None:
-    """Values at the edge of float32: infinite a, b or c (NaN for the neuron where the
-    reference gives NaN: the CPU's float min/max had dropped NaN, giving finite outputs);
+    """Values at the edge of float32: infinite a, b or c (NaN for the neuron, by rule: the CPU's
+    float min/max had dropped NaN, giving finite outputs);
     grad_y·x beyond float32 where the exponential is 0 (g·t·E was NaN); and a clamped output
     whose unclamped slope overflows (Triton's grad_x was 0·inf = NaN)."""
     inf = float("inf")
     rows = torch.tensor([
         [inf, 2.0, 3.0, 1.0, 0.5], [0.5, -inf, 0.3, 1.0, 0.5], [0.5, 0.7, inf, 1.0, 0.5],
+        [-inf, 0.0, 0.0, 1.0, 0.5],  # a parabola would give c1·t + c2: NaN by rule
         [0.0, 2.0, 0.5, 1.0, 0.5],   # first order, k = 0.25
         [0.2, 3.0, 0.5, 1.0, 0.5],   # overdamped
         [1.0, 0.5, 2.0, 1.0, 0.5],   # underdamped
         [0.5, 0.0, 0.0, 0.3, -0.2],  # parabola
     ])  # fmt: skip
-    x = torch.tensor([[1e10] * 7, [-2.0] * 6 + [2e38], [0.5] * 7])
-    gy = torch.tensor([[1e30] * 7, [1.0] * 7, [-1.0] * 7])
+    x = torch.tensor([[1e10] * 8, [-2.0] * 7 + [2e38], [0.5] * 8])
+    gy = torch.tensor([[1e30] * 8, [1.0] * 8, [-1.0] * 8])
     x, gy, rows = x.to(device), gy.to(device), rows.to(device)
     y, gx, gc = kfuse_grads(x, rows, gy, -1, backend)
     y_ref, gx_ref, gc_ref = ref_grads(x, rows, gy, -1)
-    assert torch.isnan(y_ref[:, :3]).all() and torch.isfinite(y_ref[:, 3:]).all()
+    assert torch.isnan(y_ref[:, :4]).all() and torch.isfinite(y_ref[:, 4:]).all()
     assert_close(y, y_ref, torch.float32, f"y {backend}")
-    assert_close(gx[:, 3:], gx_ref[:, 3:], torch.float32, f"grad_x {backend}")
-    assert_close(gc[3:], gc_ref[3:], torch.float32, f"grad_coeffs {backend}")
+    assert_close(gx[:, 4:], gx_ref[:, 4:], torch.float32, f"grad_x {backend}")
+    assert_close(gc[4:], gc_ref[4:], torch.float32, f"grad_coeffs {backend}")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

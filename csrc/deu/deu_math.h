@@ -207,12 +207,12 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
       p.part[5] = alpha / c;
     }
   }
-  // A NaN a, b or c makes the whole activation NaN, as in the reference (the tests above take
-  // NaN for "not zero", and every case would leave some of the plan finite); so does an
-  // infinite frequency (from an infinite a, b or c): the reference's cos(±inf) is NaN at every
-  // t, while the CPU's vector sincos bounds its argument.
-  const T w = val(p.omega);
-  if (av != av || bv != bv || cv != cv || !(std::fabs(w) <= std::numeric_limits<T>::max()))
+  // A NaN or infinite a, b or c makes the whole activation NaN, as in the reference (the tests
+  // above take NaN for "not zero", and the cases leave parts of the plan finite, e.g. the
+  // overdamped roots c/q, q/a for b = -inf); so does an infinite frequency (c/a overflowing):
+  // the reference's cos(±inf) is NaN at every t, while the CPU's vector sincos bounds its input.
+  const auto finite = [](T v) { return std::fabs(v) <= std::numeric_limits<T>::max(); };  // not NaN/inf
+  if (!finite(av) || !finite(bv) || !finite(cv) || !finite(val(p.omega)))
     p.hom[0] = p.hom[0] + cst(a, std::numeric_limits<T>::quiet_NaN());
   return p;
 }

@@ -260,8 +260,8 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
 
     Inputs are expected finite. With the kernel backends a NaN or ±inf element of ``x`` gives NaN
     in that element of ``y``; its gradients are unspecified (NaN or 0) but stay within that
-    element and its neuron's row of ``grad_coeffs``. A NaN ``a``, ``b`` or ``c`` gives NaN
-    for the whole neuron, as in the reference.
+    element and its neuron's row of ``grad_coeffs``. A NaN or infinite ``a``, ``b`` or ``c``
+    gives NaN for the whole neuron, as in the reference.
 
     At exactly the exponent cap or the output clamp (a set of measure zero) the kernels take the
     derivative from inside, as ``torch.clamp`` did up to torch 2.11 (2.14's gives 0 there).

@@ -149,6 +149,10 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
             torch.where(zc, y_nnz, torch.where(under, y_under, torch.where(over, y_over, y_crit))),
         ),
     )
+    # A NaN or infinite a, b or c: NaN for the whole neuron. (Most cases give NaN by themselves;
+    # this makes it the rule, rather than a property of how each branch is written.)
+    finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(c)
+    y = torch.where(finite, y, torch.nan)
     return torch.clamp(y, -OUT_CLAMP, OUT_CLAMP).to(x.dtype)
 
 
