@@ -217,9 +217,8 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     r2 = tl.where(hyp, kp, tl.where(ovr, tl.where(bpos, fast, slow), 0.0))
     dr2 = tl.where(hyp, dkp, tl.where(ovr, tl.where(bpos, dfast, dslow), 0.0))
     # A NaN or infinite a, b or c: NaN everywhere, as in the reference (x·0 is NaN exactly then).
-    bad = (a != a) | (b != b) | (c != c) | (tl.abs(a) == float("inf")) | (tl.abs(b) == float("inf")) \
-        | (tl.abs(c) == float("inf"))
-    h0 = tl.where(bad, a * 0.0 + b * 0.0 + c * 0.0, h0)
+    finite = (tl.abs(a) < float("inf")) & (tl.abs(b) < float("inf")) & (tl.abs(c) < float("inf"))
+    h0 = tl.where(finite, h0, a * 0.0 + b * 0.0 + c * 0.0)
     return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
             dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2)
 
