@@ -350,7 +350,7 @@ def test_large_trig_arguments(backend: str, device: str, seed: int) -> None:
 def far_apart_roots(device: str) -> tuple[Tensor, Tensor, Tensor]:
     """(x, coeffs, grad_y): overdamped neurons with |b| >> sqrt|ac| (roots ~ -c/b and ~ -b/a),
     both signs of b. Written as (S - b)/(2a), the slow root cancels in float32 (y 0.735 instead
-    of 0.272 at x = 500 for a = 0.0101, b = 1000, c = 1; the float32 reference does the same)."""
+    of 0.272 at x = 500 for a = 0.0101, b = 1000, c = 1; the float32 reference did the same)."""
     rows = [[0.0101, 1000.0, 1.0], [0.5, 300.0, 2.0], [1.0, 20.0, 1.0], [-0.3, 200.0, 0.7]]
     coeffs = torch.tensor([[a, sb * b, c, 0.3, -0.2] for a, b, c in rows for sb in (1.0, -1.0)])
     assert (deu_cases(coeffs) == CASE_NAMES.index("overdamped")).all()
@@ -359,7 +359,7 @@ def far_apart_roots(device: str) -> tuple[Tensor, Tensor, Tensor]:
     return x.to(device), coeffs.to(device), torch.randn(x.shape).to(device)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", [*BACKENDS, pytest.param("reference", "cpu", id="reference-fp32")])
 def test_overdamped_far_apart_roots(backend: str, device: str, seed: int) -> None:
     """``far_apart_roots``: the roots and weights are formed without cancellation."""
     x, coeffs, gy = far_apart_roots(device)
