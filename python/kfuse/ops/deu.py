@@ -222,8 +222,8 @@ def _validate(x: Tensor, coeffs: Tensor, dim: int) -> int:
     return dim
 
 
-#: The backends of :func:`deu`, besides ``"auto"``.
-BACKENDS = ("triton", "cuda", "cpu", "reference")
+#: The backends of :func:`deu`, besides ``"auto"``: all four kinds (``backend_reasons`` keys).
+BACKENDS = _backends.BACKENDS
 
 
 def backend_reasons(x: Tensor) -> dict[str, list[str]]:
