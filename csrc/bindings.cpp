@@ -31,8 +31,17 @@ at::ScalarType acc_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The kernels read and write raw memory: a tensor without any (meta, a FakeTensor, a wrapper
+// subclass) must fail here, not crash in a kernel (FakeTensorMode once did, through a Python path
+// that skipped the dispatcher).
+void check_memory(const at::Tensor& t, const char* name) {
+  TORCH_CHECK((t.is_cpu() || t.is_cuda()) && t.has_storage() && (t.numel() == 0 || t.const_data_ptr() != nullptr),
+              "kfuse: ", name, " must be a CPU or CUDA tensor backed by memory; got one on ", t.device());
+}
+
 void check_mnk(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 3 && t.is_contiguous(), "kfuse: ", name, " must be a contiguous [M, N, K] tensor");
+  check_memory(t, name);
 }
 
 // ---- deu ------------------------------------------------------------------------------
@@ -41,6 +50,7 @@ void check_coeffs(const at::Tensor& coeffs, const at::Tensor& x) {
                   coeffs.device() == x.device() && coeffs.dim() == 2 && coeffs.size(0) == x.size(1) &&
                   coeffs.size(1) == 5,
               "kfuse: coeffs must be a contiguous [N, 5] tensor in the accumulation dtype on x's device");
+  check_memory(coeffs, "coeffs");
 }
 
 // Writes y into out, a [M, N, K] tensor like x: the caller passes a view of a tensor shaped like

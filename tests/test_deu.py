@@ -763,6 +763,10 @@ def test_opcheck(backend: str, device: str, seed: int) -> None:
         torch.library.opcheck(torch.ops.kfuse.deu_forward, (x, coeffs.clone().requires_grad_(), dim, backend))
         gy = torch.randn(shape, device=device).to(memory_format=layout)
         torch.library.opcheck(torch.ops.kfuse.deu_backward, (gy, x.detach(), coeffs, dim, backend))
+    # grad_coeffs is contiguous for a transposed coeffs too (the fake had kept coeffs' strides).
+    coeffs_t = coeffs.t().contiguous().t()
+    x, gy = make_x((6, 11), torch.float32, device), torch.randn(6, 11, device=device)
+    torch.library.opcheck(torch.ops.kfuse.deu_backward, (gy, x, coeffs_t, 1, backend))
 
 
 @pytest.mark.parametrize("backend,device", [*OP_BACKENDS, pytest.param("reference", "cpu", id="reference")])
@@ -790,6 +794,33 @@ def test_compile_fullgraph(backend: str, device: str, seed: int) -> None:
 
 
 @pytest.mark.parametrize("backend,device", OP_BACKENDS)
+def test_compile_dynamic_shapes_and_strided_coeffs(backend: str, device: str, seed: int) -> None:
+    """A channels-last model recompiled for a new image size (dynamic shapes: Dynamo could not
+    sort x's symbolic strides), and coeffs used transposed (a non-contiguous parameter: the fake
+    grad_coeffs had the wrong strides), compile with fullgraph=True and match eager."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), kfuse.nn.DEU(8, dim=1, backend=backend))
+    model = model.to(device).to(memory_format=torch.channels_last)
+    w = torch.nn.Parameter(torch.rand(5, 8, device=device))  # coeffs = w.t(): [8, 5], strides (1, 8)
+
+    def f(x: Tensor) -> Tensor:
+        return kfuse.deu(model(x), w.t(), dim=1, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True)
+    for hw in (5, 7, 9):  # the second size recompiles with dynamic shapes
+        x = torch.randn(2, 3, hw, hw, device=device).to(memory_format=torch.channels_last)
+        params = [*model.parameters(), w]
+        out = compiled(x)
+        grads = torch.autograd.grad(out.square().sum(), params)
+        eager = f(x)
+        eager_grads = torch.autograd.grad(eager.square().sum(), params)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+        for g, e in zip(grads, eager_grads, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
 def test_torch_export(backend: str, device: str, strict: bool, seed: int) -> None:
     """torch.export (deployment) keeps each DEU as one kfuse.deu_forward node, and the exported
@@ -804,6 +835,15 @@ def test_torch_export(backend: str, device: str, strict: bool, seed: int) -> Non
     calls = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert calls.count("kfuse.deu_forward.default") == 1, calls
     torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+    # A dynamic batch and a channels-last image with a dynamic size.
+    dyn = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("B")},), strict=strict)
+    torch.testing.assert_close(dyn.module()(x[:5]), model(x[:5]), rtol=1e-5, atol=1e-5)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), kfuse.nn.DEU(8, dim=1, backend=backend))
+    cnn = cnn.to(device).to(memory_format=torch.channels_last)
+    img = torch.randn(2, 3, 6, 6, device=device).to(memory_format=torch.channels_last)
+    program = torch.export.export(cnn, (img,), dynamic_shapes=({2: torch.export.Dim("H", min=2)},), strict=strict)
+    img = torch.randn(2, 3, 9, 6, device=device).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(program.module()(img), cnn(img), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript is deprecated in torch 2.14
@@ -816,6 +856,58 @@ def test_jit_trace_saves(tmp_path: Path) -> None:
     loaded = torch.jit.load(tmp_path / "m.pt")
     torch.testing.assert_close(loaded(x), model(x))
     torch.testing.assert_close(torch.autograd.grad(loaded(x).sum(), x)[0], torch.autograd.grad(model(x).sum(), x)[0])
+
+    def second(m: torch.nn.Module) -> Tensor:  # the traced op's backward was not differentiable
+        (gx,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), x)[0]
+
+    torch.testing.assert_close(second(loaded), second(model))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_batched_backward(backend: str, device: str, seed: int) -> None:
+    """autograd's batched backward (``is_grads_batched=True``, ``jacobian(vectorize=True)``)
+    runs the reference's: its batched grad_y has no memory for the kernels."""
+    coeffs = case_coeffs(1, device=device)
+    x = make_x((3, 11), torch.float64, device)
+
+    def f(c: Tensor) -> Tensor:
+        return kfuse.deu(x, c, backend=backend)
+
+    looped = torch.autograd.functional.jacobian(f, coeffs)
+    torch.testing.assert_close(torch.autograd.functional.jacobian(f, coeffs, vectorize=True), looped)
+    c = coeffs.clone().requires_grad_()
+    gys = torch.randn(4, 3, 11, dtype=torch.float64, device=device)
+    (batched,) = torch.autograd.grad(f(c), c, gys, is_grads_batched=True)
+    torch.testing.assert_close(batched, torch.einsum("bmn,mnij->bij", gys, looped))
+
+
+def test_dispatch_modes_and_subclasses(seed: int) -> None:
+    """Tensors without memory of their own reach the registered op, not the extension's raw
+    pointers: make_fx records the kernel (it had recorded none: the graph returned uninitialised
+    memory), FakeTensorMode gives shapes (it crashed the process), a tensor subclass dispatches
+    through it; the extension itself refuses a tensor without memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+    from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
+    from torch.testing._internal.two_tensor import TwoTensor  # noqa: PLC0415
+
+    coeffs = case_coeffs(1, dtype=torch.float32)
+    x = make_x((4, 11), torch.float32, "cpu")
+    graph = make_fx(lambda x: kfuse.deu(x, coeffs, backend="cpu"))(x)
+    calls = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert "kfuse.deu_forward.default" in calls, calls
+    x2 = make_x((4, 11), torch.float32, "cpu")
+    torch.testing.assert_close(graph(x2), kfuse.deu(x2, coeffs, backend="cpu"))
+    with FakeTensorMode():
+        fake_x = torch.empty(2, 11, 3, 5).to(memory_format=torch.channels_last)
+        y = kfuse.deu(fake_x, torch.empty(11, 5), dim=1, backend="cpu")
+    assert y.shape == fake_x.shape and y.stride() == fake_x.stride()
+    y = kfuse.deu(TwoTensor(x, x2), coeffs, backend="cpu")
+    torch.testing.assert_close(y.a, kfuse.deu(x, coeffs, backend="cpu"))
+    torch.testing.assert_close(y.b, kfuse.deu(x2, coeffs, backend="cpu"))
+    meta = torch.empty(4, 11, 1, device="meta")
+    with pytest.raises(RuntimeError, match="x must be a CPU or CUDA tensor backed by memory"):
+        _backends.extension().deu_forward(meta, coeffs.to("meta"), torch.empty_like(meta))
 
 
 # ---------------------------------------------------------------- module, errors, dispatch
@@ -859,6 +951,8 @@ def test_bad_input_errors() -> None:
         kfuse.deu(torch.tensor(1.0), c)
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         kfuse.deu(x, c, backend="fast")
+    with pytest.raises(TypeError, match="backend must be a str, 'auto' or one of .* got list"):
+        kfuse.deu(x, c, backend=["cpu"])  # was: unhashable type 'list'
     with pytest.raises(TypeError, match="x must be a dense .strided. tensor; got a sparse_coo tensor"):
         kfuse.deu(x.to_sparse(), c)
     nested = torch.nested.nested_tensor([torch.randn(2, 6), torch.randn(3, 6)], layout=torch.jagged)

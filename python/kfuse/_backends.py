@@ -96,6 +96,9 @@ def select(op: str, requested: str, reasons: dict[str, list[str]], order: tuple[
         ValueError: unknown backend name.
         BackendUnavailableError: the requested backend cannot run this input.
     """
+    if not isinstance(requested, str):
+        raise TypeError(f"kfuse.{op}: backend must be a str, 'auto' or one of {sorted(reasons)}; "
+                        f"got {type(requested).__name__}")
     if requested != "auto" and requested not in reasons:
         raise ValueError(f"kfuse.{op}: backend must be 'auto' or one of {sorted(reasons)}; got {requested!r}")
     if requested != "auto":

@@ -13,7 +13,7 @@ import operator
 
 import torch
 from torch import Tensor
-from torch._C._functorch import is_functorch_wrapped_tensor
+from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor
 
 from kfuse import _backends
 from kfuse.reference.deu import deu_reference
@@ -141,7 +141,9 @@ def deu_backward(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend: s
 
 @deu_backward.register_fake
 def _(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
-    return _empty_in_order(x, _order(x)), torch.empty_like(coeffs)
+    # grad_coeffs is contiguous whatever coeffs' strides (a transposed parameter): as the kernels
+    # return it.
+    return _empty_in_order(x, _order(x)), coeffs.new_empty(coeffs.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -152,11 +154,21 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_y: Tensor):
     x, coeffs = ctx.saved_tensors
+    if _differentiable_backward(grad_y):
+        return (*_reference_vjp(grad_y, x, coeffs, ctx.dim), None, None)
     gx, gc = deu_backward(_in_order(grad_y, _order(x)), x, coeffs, ctx.dim, ctx.backend)
     return gx, gc, None, None
 
 
 deu_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _differentiable_backward(grad_y: Tensor) -> bool:
+    """Whether a backward must be differentiable or batched, which the kernels' is not: under
+    ``create_graph=True`` (grad mode on in the backward), or with a batched ``grad_y``
+    (``is_grads_batched=True``, ``jacobian(vectorize=True)``: autograd's own vmap over the
+    backward, whose batched tensors have no memory)."""
+    return torch.is_grad_enabled() or is_functorch_wrapped_tensor(grad_y) or is_legacy_batchedtensor(grad_y)
 
 
 def _reference_vjp(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -186,10 +198,14 @@ class _EagerDeu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, coeffs = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients are not differentiable
+        if _differentiable_backward(grad_y):
             return (*_reference_vjp(grad_y, x, coeffs, ctx.dim), None, None)
         gx, gc = _backward_impl(grad_y, x, coeffs, ctx.dim, ctx.backend)
         return gx, gc, None, None
+
+
+def _plain(t: Tensor) -> bool:
+    return type(t) is Tensor or type(t) is torch.nn.Parameter
 
 
 def _validate(x: Tensor, coeffs: Tensor, dim: int) -> int:
@@ -267,9 +283,13 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     derivative from inside, as ``torch.clamp`` did up to torch 2.11 (2.14's gives 0 there).
 
     Autograd: first derivatives run the backend's kernels; higher ones (``create_graph=True``)
-    run the reference's. Inside ``torch.func`` transforms (grad, vmap, jvp, hessian, ...) the
-    reference runs, whatever the backend. ``torch.autograd.forward_ad`` outside them is not
-    supported by the kernel backends (PyTorch raises); use ``backend="reference"``.
+    and batched ones (``is_grads_batched=True``) run the reference's. Inside ``torch.func``
+    transforms (grad, vmap, jvp, hessian, ...) the reference runs, whatever the backend; but
+    ``torch.compile(fullgraph=True)`` of such a transform fails with a kernel backend (Dynamo
+    cannot see the transform, and the registered op has no rule for it): use
+    ``backend="reference"`` there, or ``fullgraph=False``. ``torch.autograd.forward_ad`` outside
+    the transforms is not supported by the kernel backends (PyTorch raises); use
+    ``backend="reference"``.
     """
     dim = _validate(x, coeffs, dim)
     x, coeffs = x.resolve_neg(), coeffs.resolve_neg()  # the kernels read memory: no lazy negation
@@ -277,8 +297,15 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     chosen = _backends.select("deu", backend, backend_reasons(x), order)
     if chosen == "reference":
         return deu_reference(x, coeffs, dim)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # graphs record the registered op
-        return deu_forward(_in_order(x, _order(x)), coeffs, dim, chosen)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # Graphs record the registered op; x as it is (the op lays it out itself: Dynamo cannot
+        # sort symbolic strides, as _order does, so a dynamic channels-last x failed to compile).
+        return deu_forward(x, coeffs, dim, chosen)
     if is_functorch_wrapped_tensor(x) or is_functorch_wrapped_tensor(coeffs):
         return deu_reference(x, coeffs, dim)  # torch.func transforms: the kernels define none
-    return _EagerDeu.apply(_in_order(x, _order(x)), coeffs, dim, chosen)  # saved dense for backward
+    if _plain(x) and _plain(coeffs) and not torch._C._len_torch_dispatch_stack():
+        return _EagerDeu.apply(_in_order(x, _order(x)), coeffs, dim, chosen)  # saved dense for backward
+    # A dispatch mode (make_fx, FakeTensorMode, FlopCounterMode) or a tensor subclass must see the
+    # registered op: _EagerDeu hands the extension raw pointers, which such tensors may not have
+    # (FakeTensorMode crashed) and such modes cannot see (make_fx recorded no kernel).
+    return deu_forward(x, coeffs, dim, chosen)
