@@ -240,8 +240,11 @@ def _jvp_dot(a, b, c, c1, c2, da, db, dc, dc1, dc2,
     (_0, _1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16,
      dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2) = _plan(
         a, b, c, c1, c2, da, db, dc, dc1, dc2)
+    # s_p4, s_p7 are sums over the shifted bases B4 − 1, B7 − 1, so the constant's row takes theirs
+    # (part_shifted in csrc/deu/deu_math.h).
     return (_term(s_h0, dh0) + _term(s_h1, dh1) + _term(s_h3, dh3) + _term(s_h4, dh4) + _term(s_h5, dh5)
-            + _term(s_h6, dh6) + _term(s_h7, dh7) + _term(s_p0, dp0) + _term(s_p1, dp1) + _term(s_p2, dp2)
+            + _term(s_h6, dh6) + _term(s_h7, dh7) + _term(s_p0, (dp0 + dp4) + dp7) + _term(s_p1, dp1)
+            + _term(s_p2, dp2)
             + _term(s_p4, dp4) + _term(s_p5, dp5) + _term(s_p6, dp6) + _term(s_p7, dp7) + _term(s_r1, dr1)
             + _term(s_om, dom) + _term(s_r2, dr2))
 
@@ -369,7 +372,7 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
           + e1 * (r1e * osc + k5 * cs + om * dosc) + k7 * r2e * e2)
     gx = tl.where(inside, g * dy, 0.0)  # not g·dy alone: 0·inf = NaN where the clamped dy overflows
     return (gx, g, gt, g * sig, g * b4, g * b5, g * b6, g * e2,
-            gp, gp * t, gp * t * t, gp * b4, gp * b5, gp * b6, gp * e2, s_r1, s_om, s_r2)
+            gp, gp * t, gp * t * t, gp * (b4 - 1.0), gp * b5, gp * b6, gp * (e2 - 1.0), s_r1, s_om, s_r2)
 
 
 @triton.jit

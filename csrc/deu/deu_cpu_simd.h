@@ -252,7 +252,8 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
     if (j == 6 && !(F & kTrig)) continue;
     if (j == 7 && !(F & kE2)) continue;
     acc.a[j] += gb[j];
-    acc.a[kBasis + j] += pos ? gb[j] : zero;
+    const vf part = j == 4 ? g * (e1cs - 1.0f) : j == 7 ? g * (q.e2 - 1.0f) : gb[j];  // part_shifted (deu_math.h)
+    acc.a[kBasis + j] += pos ? part : zero;
   }
   const vf lin = k[4] + k[5] * t;
   const vf osc = lin * q.cs + k[6] * q.sn;    // e1-bracket

@@ -12,6 +12,7 @@
 // first reduced against the 19 plan parameters π = (hom[8], part[8], ρ1, ω, ρ2) and then
 // mapped to (a, b, c, c1, c2) with the plan's Jacobian, obtained by running the same plan
 // code on forward-mode dual numbers (so there is no hand-derived derivative to get wrong).
+// The part's sums use B4 − 1 and B7 − 1 for its exponentials (see part_shifted).
 #pragma once
 
 #include <cmath>
@@ -244,6 +245,15 @@ KF_HD Plan<T> plan_from_coeffs(const T* co) {
 }
 
 // Plan plus its Jacobian jac[i][k] = ∂π_i/∂θ_k (π in the order hom, part, ρ1, ω, ρ2).
+// The particular solutions are 1 − E-like: H·(1 − E1·cos ωt)/c, H·(1 − w1·E1 − w2·E2)/c, ...,
+// part[0] = −(part[4] + part[7]) or nearly. Summed per basis function, Σg and Σg·E1·cos then
+// cancel in ∂/∂c where E1·cos ≈ 1 (|t| small, c near eps): the first-order case's grad c was
+// 34× the float32 tolerance off, and Σg/c² overflowed to inf − inf = NaN for g ~ 1e35. So the
+// part's sums use the shifted basis B4 − 1 and B7 − 1 (small where they cancelled), and the
+// constant's Jacobian row takes theirs too: π0 + π4·B4 + π7·B7 = (π0 + π4 + π7) + π4·(B4 − 1)
+// + π7·(B7 − 1). Where part[4] = −part[0] the folded row is exactly 0.
+constexpr bool part_shifted(int j) { return j == 4 || j == 7; }
+
 template <typename T>
 KF_HD Plan<T> plan_with_jacobian(const T* co, T jac[kPlanParams][kCoeffs]) {
   Dual<T> th[kCoeffs];
@@ -266,6 +276,7 @@ KF_HD Plan<T> plan_with_jacobian(const T* co, T jac[kPlanParams][kCoeffs]) {
     jac[2 * kBasis][k] = q.rho1.d[k];
     jac[2 * kBasis + 1][k] = q.omega.d[k];
     jac[2 * kBasis + 2][k] = q.rho2.d[k];
+    jac[kBasis][k] = (jac[kBasis][k] + jac[kBasis + 4][k]) + jac[kBasis + 7][k];  // part_shifted
   }
   return eval_plan(qv);
 }
@@ -422,7 +433,8 @@ KF_HD T forward_one(const Plan<T>& p, T t) {
 }
 
 // Backward for one element with upstream gradient g: returns ∂L/∂t and adds ∂L/∂π into
-// acc (length kPlanParams, same order as the Jacobian rows). The accumulators of terms
+// acc (length kPlanParams, same order as the Jacobian rows; part_shifted bases for the part's
+// exponentials). The accumulators of terms
 // kTerms leaves out are left alone: their Jacobian rows are 0 for such neurons.
 template <int kTerms = kAllTerms, typename T>
 KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
@@ -439,7 +451,7 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
     if ((!kPoly && (j == 1 || j == 2)) || (!kStep && j == 3) || (!kTE1 && j == 5)) continue;
     const T gb = g * basis[j];
     acc[j] += gb;
-    if (pos) acc[kBasis + j] += gb;
+    if (pos) acc[kBasis + j] += part_shifted(j) ? g * (basis[j] - T(1)) : gb;
   }
   const T lin = kTE1 ? k[4] + k[5] * t : k[4];
   const T osc = lin * q.cs + k[6] * q.sn;          // e1-bracket
