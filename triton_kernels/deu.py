@@ -118,7 +118,12 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     sg = tl.where(a > 0, 1.0, -1.0)
 
     # Oscillator / hyperbolic: w = √(c/a), k = √(-c/a), k' = sign(a)·k.
-    ca = C * iA
+    # c/a rounded once, as deu_math.h and the reference compute it: c·(1/a) was 1 ulp off where
+    # c/a is exact, a phase error of ω·t ulps (4.8e-2 in y at t = 5000 for c/a = 1).
+    if C.dtype == tl.float32:
+        ca = tl.div_rn(C, A)  # Triton's float32 `/` is approximate (div.full, 2 ulp)
+    else:
+        ca = C / A
     dca = dC * iA + C * diA
     w = _sqrt(tl.where(osc, ca, 1.0))
     dw = tl.where(osc, dca, 0.0) / (2.0 * w)
