@@ -906,6 +906,27 @@ def test_batched_backward(backend: str, device: str, seed: int) -> None:
     torch.testing.assert_close(batched, torch.einsum("bmn,mnij->bij", gys, looped))
 
 
+def test_fx_symbolic_trace(seed: int) -> None:
+    """torch.fx.symbolic_trace (FX quantization, graph rewriting tools) records kfuse.deu as one
+    call through __torch_function__ (it raised 'x must be a torch.Tensor; got Proxy')."""
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.act = torch.nn.Linear(4, 6), kfuse.nn.DEU(6, backend="cpu")
+            self.coeffs = torch.nn.Parameter(case_coeffs(1, dtype=torch.float32)[:6])
+
+        def forward(self, x: Tensor) -> Tensor:
+            return kfuse.deu(self.act(self.lin(x)), self.coeffs, dim=1)
+
+    net = Net()
+    graph = torch.fx.symbolic_trace(net)
+    calls = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    assert calls == [kfuse.deu, kfuse.deu], calls
+    x = torch.randn(3, 4, requires_grad=True)
+    torch.testing.assert_close(graph(x), net(x))
+    torch.testing.assert_close(torch.autograd.grad(graph(x).sum(), x), torch.autograd.grad(net(x).sum(), x))
+
+
 def test_dispatch_modes_and_subclasses(seed: int) -> None:
     """Tensors without memory of their own reach the registered op, not the extension's raw
     pointers: make_fx records the kernel (it had recorded none: the graph returned uninitialised

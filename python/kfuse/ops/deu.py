@@ -291,6 +291,8 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     the transforms is not supported by the kernel backends (PyTorch raises); use
     ``backend="reference"``.
     """
+    if torch.overrides.has_torch_function((x, coeffs)):  # torch.fx.symbolic_trace's Proxy, ...
+        return torch.overrides.handle_torch_function(deu, (x, coeffs), x, coeffs, dim, backend)
     dim = _validate(x, coeffs, dim)
     x, coeffs = x.resolve_neg(), coeffs.resolve_neg()  # the kernels read memory: no lazy negation
     order = _ORDER.get(x.device.type, ("reference",))
