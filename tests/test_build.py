@@ -1,0 +1,66 @@
+"""The build: ``CMakeLists.txt`` builds the same ``kfuse._C`` as ``setup.py``, from the same source
+list (``csrc/sources.txt``), and kfuse loads and runs it. (The suite itself runs on the setup.py
+build, which ``make test`` makes; nothing else would notice the CMake build breaking.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run in a copy of the package whose extension is the CMake build, with csrc/ beside it, so that
+# kfuse's stale-build check compares the hash CMake compiled in with the tree's.
+CHECK = """
+import torch, kfuse, kfuse._C
+from kfuse.reference.deu import deu_reference
+assert kfuse._C.__file__.startswith({pkg!r}), kfuse._C.__file__
+assert kfuse.availability()["cpu"] == "available", kfuse.availability()
+x = torch.randn(37, 19, dtype=torch.float64, requires_grad=True)
+c = torch.rand(19, 5, dtype=torch.float64, requires_grad=True)
+y = kfuse.deu(x, c, backend="cpu")
+torch.testing.assert_close(y, deu_reference(x, c))
+got = torch.autograd.grad(y.sum(), (x, c))
+want = torch.autograd.grad(deu_reference(x, c).sum(), (x, c))
+torch.testing.assert_close(got, want)
+print("cmake build ok")
+"""
+
+
+def _cuda_toolkit_root() -> str | None:
+    """A CUDA toolkit root for Torch's CMake config, which a CUDA torch needs even for CPU code."""
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_runtime.h").is_file():
+            return root
+    return None
+
+
+def test_cmake_builds_the_extension(tmp_path: Path) -> None:
+    venv_bin = str(Path(sys.executable).parent)  # pip's ninja lives beside the interpreter
+    cmake, ninja = shutil.which("cmake"), shutil.which("ninja", path=os.pathsep.join([venv_bin, os.environ["PATH"]]))
+    if cmake is None or ninja is None:
+        pytest.skip("cmake or ninja is not installed")
+    build = tmp_path / "build"
+    configure = [cmake, "-S", str(ROOT), "-B", str(build), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
+                 f"-DPython_EXECUTABLE={sys.executable}", f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    if torch.version.cuda:
+        if (root := _cuda_toolkit_root()) is None:
+            pytest.skip("Torch's CMake config needs a CUDA toolkit (CUDA_HOME) for a CUDA build of torch")
+        configure.append(f"-DCUDA_TOOLKIT_ROOT_DIR={root}")
+    for cmd in (configure, [cmake, "--build", str(build), "-j", str(os.cpu_count() or 1)]):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    (built,) = build.glob("_C*.so")
+    pkg = tmp_path / "python" / "kfuse"
+    shutil.copytree(ROOT / "python" / "kfuse", pkg, ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    shutil.copy(built, pkg / built.name)
+    (tmp_path / "csrc").symlink_to(ROOT / "csrc")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "python")}
+    done = subprocess.run([sys.executable, "-c", CHECK.format(pkg=str(pkg))], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "cmake build ok" in done.stdout, done.stderr[-4000:]
