@@ -818,6 +818,42 @@ def test_compile_fullgraph(backend: str, device: str, seed: int) -> None:
 
 
 @pytest.mark.parametrize("backend,device", OP_BACKENDS)
+def test_compiled_backward_runs_the_kernels(backend: str, device: str, seed: int, monkeypatch) -> None:
+    """Compiled training (torch.compile of the model) and compiled autograd (an eager forward,
+    its backward traced with fullgraph=True: the eager path's backward called the extension
+    directly, a graph break) run the kernels' backward, not the reference's."""
+    from kfuse.ops import deu as ops  # noqa: PLC0415
+
+    calls = {"kernels": 0, "reference": 0}
+
+    def counted(name: str, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(ops, "_backward_impl", counted("kernels", ops._backward_impl))
+    monkeypatch.setattr(ops, "_reference_vjp", counted("reference", ops._reference_vjp))
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), kfuse.nn.DEU(6, backend=backend)).to(device)
+    x = torch.randn(3, 4, device=device)
+    model(x).square().sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    for run in ("compiled model", "compiled autograd"):
+        model.zero_grad()
+        calls.update(kernels=0, reference=0)
+        if run == "compiled model":
+            torch.compile(model, fullgraph=True)(x).square().sum().backward()
+        else:
+            loss = model(x).square().sum()
+            with torch._dynamo.compiled_autograd._enable(torch.compile(fullgraph=True)):
+                loss.backward()
+        assert calls == {"kernels": 1, "reference": 0}, (run, calls)
+        for g, p in zip(want, model.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
 def test_compile_dynamic_shapes_and_strided_coeffs(backend: str, device: str, seed: int) -> None:
     """A channels-last model recompiled for a new image size (dynamic shapes: Dynamo could not
     sort x's symbolic strides), and coeffs used transposed (a non-contiguous parameter: the fake

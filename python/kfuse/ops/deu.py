@@ -167,8 +167,13 @@ def _differentiable_backward(grad_y: Tensor) -> bool:
     """Whether a backward must be differentiable or batched, which the kernels' is not: under
     ``create_graph=True`` (grad mode on in the backward), or with a batched ``grad_y``
     (``is_grads_batched=True``, ``jacobian(vectorize=True)``: autograd's own vmap over the
-    backward, whose batched tensors have no memory)."""
-    return torch.is_grad_enabled() or is_functorch_wrapped_tensor(grad_y) or is_legacy_batchedtensor(grad_y)
+    backward, whose batched tensors have no memory). Under Dynamo (compiled autograd) grad mode
+    only: it cannot trace the functorch queries, and traces no batched backward."""
+    if torch.is_grad_enabled():
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return is_functorch_wrapped_tensor(grad_y) or is_legacy_batchedtensor(grad_y)
 
 
 def _reference_vjp(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -200,7 +205,10 @@ class _EagerDeu(torch.autograd.Function):
         x, coeffs = ctx.saved_tensors
         if _differentiable_backward(grad_y):
             return (*_reference_vjp(grad_y, x, coeffs, ctx.dim), None, None)
-        gx, gc = _backward_impl(grad_y, x, coeffs, ctx.dim, ctx.backend)
+        if torch.compiler.is_compiling():  # compiled autograd traces this: the graph records the op
+            gx, gc = deu_backward(grad_y, x, coeffs, ctx.dim, ctx.backend)
+        else:
+            gx, gc = _backward_impl(grad_y, x, coeffs, ctx.dim, ctx.backend)
         return gx, gc, None, None
 
 
