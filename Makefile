@@ -19,7 +19,7 @@ report: build
 	$(PY) -m kfuse $(ARGS)
 
 bench: build
-	$(PY) -m pytest -q bench --benchmark-only
+	$(PY) -m pytest -q bench/bench_*.py --benchmark-only
 
 lint: $(VENV)/.deps
 	$(PY) -m ruff check .

@@ -323,6 +323,7 @@ def huge_inputs(device: str) -> list[tuple[Tensor, Tensor, Tensor, int]]:
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the interpreter's numpy
 def test_huge_finite_inputs(backend: str, device: str, seed: int) -> None:
     """|t| up to 1e20 (``huge_inputs``): every neuron's results stay those of the reference."""
     for x, coeffs, gy, dim in huge_inputs(device):
@@ -1149,7 +1150,7 @@ def test_report_quick(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["complete"]
+    assert report["complete"] and report["cases_skipped"] == 0
     ran = [r for r in report["rows"] if r["status"] != "skipped"]
     assert ran and all(r["status"] == "ok" and r["passed"] for r in ran), ran
     assert {"cpu", "eager", "compile", "planned"} <= {r["name"] for r in ran}

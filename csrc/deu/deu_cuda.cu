@@ -28,7 +28,7 @@
 //
 // Instruction budget (sm_90 SASS from `cuobjdump -sass`, the rows kernels' 4-row fast path for
 // the common neurons, term mask 0; loads, stores and loop control included): forward ~45 per
-// element, backward ~88. Commit a65fb6c's single loops for all neurons took 87 and 148. An H200
+// element, backward ~90. Commit a65fb6c's single loops for all neurons took 87 and 148. An H200
 // issues 132 SMs x 4 warp instructions per clock (1.98 GHz): 8192 x 4096 at 87 per element is
 // ~87 us of issue alone, against the 104 us that forward measured (issue-bound); at 45 it is
 // ~46 us, under the 65 us copy floor, so the forward can be memory-bound.

@@ -21,7 +21,7 @@ class DEU(nn.Module):
     Shape:
         input ``[..., N, ...]`` with N at ``dim``; output the same.
     Parameters:
-        coeffs: ``[N, 5]`` float32, rows ``(a, b, c, c1, c2)``, initialised as in the paper:
+        coeffs: ``[N, 5]`` float32, one row ``(a, b, c, c1, c2)`` per neuron, initialised as in the paper:
         ``a, b, c ~ U(0, 1)``, ``c1 = c2 = 0``.
     """
 
@@ -40,9 +40,11 @@ class DEU(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Redraws ``coeffs`` from the paper's initialisation (in place)."""
         self.coeffs.copy_(deu_init_coeffs(self.num_features))
 
     def forward(self, x: Tensor) -> Tensor:
+        """``kfuse.deu(x, coeffs, dim, backend)``; ``x`` must have ``num_features`` at ``dim``."""
         if isinstance(x, Tensor) and -x.ndim <= self.dim < x.ndim and x.shape[self.dim] != self.num_features:
             hint = " (NCHW feature maps need dim=1)" if self.dim == -1 and x.ndim == 4 else ""
             raise ValueError(f"DEU(num_features={self.num_features}, dim={self.dim}): the input of shape "

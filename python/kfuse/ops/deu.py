@@ -239,7 +239,7 @@ def _validate(x: Tensor, coeffs: Tensor, dim: int) -> int:
     dim = operator.index(dim) % x.ndim
     if coeffs.ndim != 2 or coeffs.shape[0] != x.shape[dim] or coeffs.shape[1] != 5:
         raise ValueError(f"kfuse.deu: coeffs must have shape [x.shape[dim], 5] = [{x.shape[dim]}, 5] "
-                         f"(rows a, b, c, c1, c2); got {list(coeffs.shape)}")
+                         f"(one row a, b, c, c1, c2 per neuron); got {list(coeffs.shape)}")
     if coeffs.device != x.device:
         raise ValueError(f"kfuse.deu: coeffs is on {coeffs.device} but x is on {x.device}; "
                          "move them to the same device")

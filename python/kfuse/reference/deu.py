@@ -55,7 +55,7 @@ def deu_cases(coeffs: Tensor) -> Tensor:
     """Case id per neuron (index into ``CASE_NAMES``).
 
     Args:
-        coeffs: ``[N, 5]`` floating, rows ``(a, b, c, c1, c2)``.
+        coeffs: ``[N, 5]`` floating, one row ``(a, b, c, c1, c2)`` per neuron.
     Returns:
         ``[N]`` int64.
     """
@@ -85,7 +85,7 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
 
     Args:
         x: any shape, floating; the neuron axis is ``dim``.
-        coeffs: ``[x.shape[dim], 5]`` floating, rows ``(a, b, c, c1, c2)``.
+        coeffs: ``[x.shape[dim], 5]`` floating, one row ``(a, b, c, c1, c2)`` per neuron.
         dim: the neuron axis (``-1`` for ``[..., N]``, ``1`` for NCHW).
     Returns:
         ``y`` with the shape and dtype of ``x``. Computed in float64 when ``x`` is float64,
