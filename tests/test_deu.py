@@ -926,6 +926,28 @@ def test_jit_trace_saves(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_forward_mode_ad(backend: str, device: str, seed: int) -> None:
+    """torch.autograd.forward_ad gives the reference's tangents (PyTorch had raised 'You must
+    implement the jvp function' for the kernel backends), with a tangent on x, coeffs or both."""
+    import torch.autograd.forward_ad as fwad  # noqa: PLC0415
+
+    coeffs = case_coeffs(1, device=device)
+    x = make_x((3, 11), torch.float64, device)
+    tx, tc = torch.randn_like(x), torch.randn_like(coeffs)
+
+    def tangent(backend: str, tx: Tensor | None, tc: Tensor | None) -> Tensor:
+        with fwad.dual_level():
+            xd = x if tx is None else fwad.make_dual(x, tx)
+            cd = coeffs if tc is None else fwad.make_dual(coeffs, tc)
+            return fwad.unpack_dual(kfuse.deu(xd, cd, backend=backend)).tangent
+
+    for t_x, t_c in ((tx, tc), (tx, None), (None, tc)):
+        want = tangent("reference", t_x, t_c)
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(tangent(backend, t_x, t_c), want)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_batched_backward(backend: str, device: str, seed: int) -> None:
     """autograd's batched backward (``is_grads_batched=True``, ``jacobian(vectorize=True)``)
     runs the reference's: its batched grad_y has no memory for the kernels."""

@@ -198,7 +198,22 @@ class _EagerDeu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
         _setup_context(ctx, (x, coeffs, dim, backend), None)
+        ctx.save_for_forward(x, coeffs)
         return _forward_impl(x, coeffs, dim, backend)
+
+    @staticmethod
+    def jvp(ctx, x_t: Tensor | None, coeffs_t: Tensor | None, _dim_t: None, _backend_t: None) -> Tensor:
+        """Forward-mode AD (``torch.autograd.forward_ad``): the reference's Jacobian-vector
+        product, as the vjp of its vjp (J·t = ∂(uᵀJ)/∂u · t; forward mode cannot nest here)."""
+        x, coeffs = ctx.saved_tensors
+        with torch.enable_grad():
+            xr, cr = x.detach().requires_grad_(), coeffs.detach().requires_grad_()
+            y = deu_reference(xr, cr, ctx.dim)
+            u = torch.zeros_like(y, requires_grad=True)
+            vjp = torch.autograd.grad(y, (xr, cr), u, create_graph=True)
+            pairs = [(g, t) for g, t in zip(vjp, (x_t, coeffs_t), strict=True) if t is not None]
+            (y_t,) = torch.autograd.grad([g for g, _ in pairs], u, [t for _, t in pairs], allow_unused=True)
+        return torch.zeros_like(y) if y_t is None else y_t.detach()
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
@@ -295,9 +310,8 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     transforms (grad, vmap, jvp, hessian, ...) the reference runs, whatever the backend; but
     ``torch.compile(fullgraph=True)`` of such a transform fails with a kernel backend (Dynamo
     cannot see the transform, and the registered op has no rule for it): use
-    ``backend="reference"`` there, or ``fullgraph=False``. ``torch.autograd.forward_ad`` outside
-    the transforms is not supported by the kernel backends (PyTorch raises); use
-    ``backend="reference"``.
+    ``backend="reference"`` there, or ``fullgraph=False``. Forward-mode AD
+    (``torch.autograd.forward_ad``) runs the reference's Jacobian-vector product in eager mode.
     """
     if torch.overrides.has_torch_function((x, coeffs)):  # torch.fx.symbolic_trace's Proxy, ...
         return torch.overrides.handle_torch_function(deu, (x, coeffs), x, coeffs, dim, backend)
