@@ -392,6 +392,25 @@ def test_grad_coeffs_of_small_particular_parts(backend: str, device: str, seed: 
     torch.testing.assert_close(gc.double(), ref_grads(x, first, gy, -1)[2], rtol=2e-3, atol=0)
 
 
+@pytest.mark.parametrize("backend,device", [*BACKENDS, pytest.param("reference", "cpu", id="reference-fp32")])
+def test_discriminant_of_large_coefficients(backend: str, device: str, seed: int) -> None:
+    """b² − 4ac for a = 1000, c = 900 and b = ±1897.3666 (D = −0.072, underdamped) or the next
+    float (D = 0.39, overdamped): in float32 it cancels, and was NaN for t > 0 (all backends, the
+    float32 reference too), or 30% off. D now comes from the float64 one that decides the case."""
+    b = torch.tensor(1897.3666)
+    b_next = torch.nextafter(b, torch.tensor(3000.0))
+    rows = torch.tensor([[1000.0, sb * bb, 900.0, 0.3, -0.2] for bb in (b.item(), b_next.item()) for sb in (1, -1)])
+    assert [CASE_NAMES[i] for i in deu_cases(rows)] == ["underdamped"] * 2 + ["overdamped"] * 2
+    x = torch.linspace(-2, 2, 9)[:, None].expand(-1, 4).contiguous()
+    x, rows, gy = x.to(device), rows.to(device), torch.randn(x.shape).to(device)
+    y, gx, gc = kfuse_grads(x, rows, gy, -1, backend)
+    y_ref, gx_ref, gc_ref = ref_grads(x, rows, gy, -1)
+    assert_close(y, y_ref, torch.float32, f"y {backend}")
+    assert_close(gx, gx_ref, torch.float32, f"grad_x {backend}")
+    # grad b ~ b/√|D| sums terms that cancel: the float32 reference is 4e-4 of scale off too.
+    assert torch.isfinite(gc).all() and (gc.double() - gc_ref).abs().max() < 5e-3 * gc_ref.abs().max()
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_extreme_values(backend: str, device: str, seed: int) -> None:
     """Values at the edge of float32: infinite a, b or c (NaN for the neuron, by rule: the CPU's

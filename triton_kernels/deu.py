@@ -135,7 +135,7 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     al = -0.5 * B * iA
     dal = -0.5 * (dB * iA + B * diA)
     # Underdamped Dd = √(4ac - b²); overdamped S = √(b² - 4ac).
-    u = 4.0 * A * C - B * B
+    u = (-dsc).to(A.dtype)  # 4ac − b² from the float64 D: in float it cancels for large a, c
     du = 4.0 * (dA * C + A * dC) - 2.0 * B * dB
     dd = _sqrt(tl.where(und, u, 1.0))
     ddd = tl.where(und, du, 0.0) / (2.0 * dd)

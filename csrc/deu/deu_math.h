@@ -103,6 +103,12 @@ template <typename T> KF_HD T sqrt_(T x) { return std::sqrt(x); }
 // A constant of the same kind (scalar or dual) as the first argument.
 template <typename T> KF_HD T cst(T, T v) { return v; }
 template <typename T> KF_HD Dual<T> cst(const Dual<T>&, T v) { return dconst(v); }
+// x with its value replaced by v (computed more accurately), its derivatives kept.
+template <typename T> KF_HD T with_value(T, T v) { return v; }
+template <typename T> KF_HD Dual<T> with_value(Dual<T> x, T v) {
+  x.v = v;
+  return x;
+}
 
 // Per-neuron plan: the template coefficients of one neuron. S is a scalar or a Dual.
 template <typename S>
@@ -125,7 +131,9 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
   // The case is decided on the exact values, as the reference does in float64: a parameter is
   // zero when |p| < 0.01 exactly. In float that threshold rounds down (float(0.01) < 0.01), so
   // p = 0.01f is zero and the test is |p| <= float(0.01). D is computed in double, exact
-  // enough near ±eps (b² and 4ac are exact there). (Testing |p| in double as well cost the
+  // enough near ±eps (b² and 4ac are exact there), and its value is the one √|D| takes: b² − 4ac
+  // in float cancels for large a, c (a = 1000, b = 1897.3666, c = 900: D = −0.072, but NaN in
+  // float, and so y for t > 0). (Testing |p| in double as well cost the
   // float NCHW forward kernel 9 registers, 48 -> 57: 4 blocks per SM instead of 5.)
   const T av = val(a), bv = val(b), cv = val(c);
   const auto is_zero = [](T v) {
@@ -176,7 +184,7 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
     const double dv = double(bv) * bv - 4.0 * double(av) * cv;
     const S alpha = -(b / (T(2) * a));
     if (dv < -kEps) {                         // underdamped
-      const S dd = sqrt_(T(4) * a * c - b * b);
+      const S dd = sqrt_(with_value(T(4) * a * c - b * b, T(-dv)));  // see dv
       p.rho1 = alpha;
       p.omega = dd / (T(2) * a);
       p.hom[4] = c1;
@@ -188,7 +196,7 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
       // r1,2 = (-b ± S)/(2a) and the weights -(b ± S)/(2Sc), written without the difference
       // of b and S, which cancels when |b| >> sqrt|ac| (y 0.735 instead of 0.272 at x = 500 for
       // a = 0.0101, b = 1000, c = 1): with q = -(b + sign(b)·S)/2 the roots are q/a and c/q.
-      const S s = sqrt_(b * b - T(4) * a * c);
+      const S s = sqrt_(with_value(b * b - T(4) * a * c, T(dv)));
       const bool bpos = bv >= T(0);
       const S q = T(0.5) * (bpos ? -(b + s) : s - b);
       const S fast = q / a, slow = c / q;  // slow = the root that cancelled

@@ -104,6 +104,10 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     # finite (a NaN there would poison autograd through torch.where).
     A, B, C = torch.where(za, one, a), torch.where(zb, one, b), torch.where(zc, one, c)
     H = (t > 0).to(compute)
+    # D = b² − 4ac: its value from _case_masks' float64 (in float32 it cancels for large a, c:
+    # a = 1000, b = 1897.3666, c = 900 has D = −0.072 but gave NaN), its gradient from autograd.
+    disc = B * B - 4 * A * C
+    disc = disc + (d.to(compute) - disc).detach()
 
     y_step = torch.sigmoid(STEP_SLOPE * t) / C
     y_ramp = c1 + H * t / B
@@ -124,7 +128,7 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     y_nnz = c2 - (A * c1 / B) * _E(r * t) + H * (t / B - (A / (B * B)) * (1 - _E(r * t)))
 
     alpha = -B / (2 * A)
-    dd = torch.sqrt(torch.where(under, 4 * A * C - B * B, one))
+    dd = torch.sqrt(torch.where(under, -disc, one))
     om = dd / (2 * A)
     ea = _E(alpha * t)
     y_under = ea * (c1 * torch.cos(om * t) + c2 * torch.sin(om * t)) + H * (
@@ -135,7 +139,7 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     # - w2·e2)/c. Written so, one root and one weight cancel when |b| >> sqrt|ac| (float32: y
     # 0.735 instead of 0.272 at t = 500 for a = 0.0101, b = 1000, c = 1). With q = -(b + sign(b)·s)/2
     # (no cancellation) they are q/a and c/q, |q|/s and -ac/(|q|·s); b's sign says which is which.
-    s = torch.sqrt(torch.where(over, B * B - 4 * A * C, one))
+    s = torch.sqrt(torch.where(over, disc, one))
     bpos = B >= 0
     q = -(B + torch.where(bpos, s, -s)) / 2  # |q| >= s/2 > 0, also where unselected
     fast, slow = q / A, C / q
