@@ -946,24 +946,51 @@ def test_jit_trace_saves(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_forward_mode_ad(backend: str, device: str, seed: int) -> None:
-    """torch.autograd.forward_ad gives the reference's tangents (PyTorch had raised 'You must
-    implement the jvp function' for the kernel backends), with a tangent on x, coeffs or both."""
+    """Inputs with forward-mode AD tangents give the reference's tangents, with a tangent on x,
+    coeffs or both, for a tensor subclass and under a dispatch mode, and stay differentiable: a
+    Jacobian penalty and a forward-over-reverse Hessian-vector product match the reference's.
+    (PyTorch had raised for the kernel backends; a first fix, a jvp on the eager path, silently
+    dropped the tangent's gradient and, for subclasses, the tangent.)"""
     import torch.autograd.forward_ad as fwad  # noqa: PLC0415
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    class Sub(Tensor):
+        pass
 
     coeffs = case_coeffs(1, device=device)
     x = make_x((3, 11), torch.float64, device)
     tx, tc = torch.randn_like(x), torch.randn_like(coeffs)
 
-    def tangent(backend: str, tx: Tensor | None, tc: Tensor | None) -> Tensor:
+    def tangent(backend: str, tx: Tensor | None, tc: Tensor | None, sub: bool = False) -> Tensor:
         with fwad.dual_level():
             xd = x if tx is None else fwad.make_dual(x, tx)
             cd = coeffs if tc is None else fwad.make_dual(coeffs, tc)
-            return fwad.unpack_dual(kfuse.deu(xd, cd, backend=backend)).tangent
+            return fwad.unpack_dual(kfuse.deu(xd.as_subclass(Sub) if sub else xd, cd, backend=backend)).tangent
 
     for t_x, t_c in ((tx, tc), (tx, None), (None, tc)):
         want = tangent("reference", t_x, t_c)
         assert want.abs().sum() > 0
         torch.testing.assert_close(tangent(backend, t_x, t_c), want)
+    torch.testing.assert_close(tangent(backend, tx, None, sub=True), tangent("reference", tx, None))
+    with FlopCounterMode(display=False):
+        torch.testing.assert_close(tangent(backend, tx, tc), tangent("reference", tx, tc))
+
+    def penalty_grad(backend: str) -> Tensor:  # loss = Σy + |J·v|²
+        c = coeffs.clone().requires_grad_()
+        with fwad.dual_level():
+            y, y_t = fwad.unpack_dual(kfuse.deu(fwad.make_dual(x, tx), c, backend=backend))
+            return torch.autograd.grad(y.sum() + y_t.square().sum(), c)[0]
+
+    def hvp(backend: str) -> Tensor:  # forward over reverse
+        with fwad.dual_level():
+            xd = fwad.make_dual(x.clone().requires_grad_(), tx)
+            (g,) = torch.autograd.grad(kfuse.deu(xd, coeffs, backend=backend).square().sum(), xd)
+            return fwad.unpack_dual(g).tangent
+
+    torch.testing.assert_close(penalty_grad(backend), penalty_grad("reference"))
+    want = hvp("reference")
+    assert want is not None and want.abs().sum() > 0
+    torch.testing.assert_close(hvp(backend), want)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -12,6 +12,7 @@ import math
 import operator
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor
 
@@ -198,22 +199,7 @@ class _EagerDeu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
         _setup_context(ctx, (x, coeffs, dim, backend), None)
-        ctx.save_for_forward(x, coeffs)
         return _forward_impl(x, coeffs, dim, backend)
-
-    @staticmethod
-    def jvp(ctx, x_t: Tensor | None, coeffs_t: Tensor | None, _dim_t: None, _backend_t: None) -> Tensor:
-        """Forward-mode AD (``torch.autograd.forward_ad``): the reference's Jacobian-vector
-        product, as the vjp of its vjp (J·t = ∂(uᵀJ)/∂u · t; forward mode cannot nest here)."""
-        x, coeffs = ctx.saved_tensors
-        with torch.enable_grad():
-            xr, cr = x.detach().requires_grad_(), coeffs.detach().requires_grad_()
-            y = deu_reference(xr, cr, ctx.dim)
-            u = torch.zeros_like(y, requires_grad=True)
-            vjp = torch.autograd.grad(y, (xr, cr), u, create_graph=True)
-            pairs = [(g, t) for g, t in zip(vjp, (x_t, coeffs_t), strict=True) if t is not None]
-            (y_t,) = torch.autograd.grad([g for g, _ in pairs], u, [t for _, t in pairs], allow_unused=True)
-        return torch.zeros_like(y) if y_t is None else y_t.detach()
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
@@ -229,6 +215,13 @@ class _EagerDeu(torch.autograd.Function):
 
 def _plain(t: Tensor) -> bool:
     return type(t) is Tensor or type(t) is torch.nn.Parameter
+
+
+def _has_tangent(x: Tensor, coeffs: Tensor) -> bool:
+    """Whether x or coeffs carries a forward-mode AD tangent (``torch.autograd.forward_ad``)."""
+    if fwad._current_level < 0:  # no dual level entered: the common case, one attribute read
+        return False
+    return fwad.unpack_dual(x).tangent is not None or fwad.unpack_dual(coeffs).tangent is not None
 
 
 def _validate(x: Tensor, coeffs: Tensor, dim: int) -> int:
@@ -310,8 +303,8 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     transforms (grad, vmap, jvp, hessian, ...) the reference runs, whatever the backend; but
     ``torch.compile(fullgraph=True)`` of such a transform fails with a kernel backend (Dynamo
     cannot see the transform, and the registered op has no rule for it): use
-    ``backend="reference"`` there, or ``fullgraph=False``. Forward-mode AD
-    (``torch.autograd.forward_ad``) runs the reference's Jacobian-vector product in eager mode.
+    ``backend="reference"`` there, or ``fullgraph=False``. Inputs with forward-mode AD tangents
+    (``torch.autograd.forward_ad``) run the reference in eager mode.
     """
     if torch.overrides.has_torch_function((x, coeffs)):  # torch.fx.symbolic_trace's Proxy, ...
         return torch.overrides.handle_torch_function(deu, (x, coeffs), x, coeffs, dim, backend)
@@ -325,8 +318,10 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
         # Graphs record the registered op; x as it is (the op lays it out itself: Dynamo cannot
         # sort symbolic strides, as _order does, so a dynamic channels-last x failed to compile).
         return deu_forward(x, coeffs, dim, chosen)
-    if is_functorch_wrapped_tensor(x) or is_functorch_wrapped_tensor(coeffs):
-        return deu_reference(x, coeffs, dim)  # torch.func transforms: the kernels define none
+    if is_functorch_wrapped_tensor(x) or is_functorch_wrapped_tensor(coeffs) or _has_tangent(x, coeffs):
+        # torch.func transforms and forward-mode AD (with whatever backward or subclass comes
+        # with them): the kernels define no rules for them.
+        return deu_reference(x, coeffs, dim)
     if _plain(x) and _plain(coeffs) and not torch._C._len_torch_dispatch_stack():
         return _EagerDeu.apply(_in_order(x, _order(x)), coeffs, dim, chosen)  # saved dense for backward
     # A dispatch mode (make_fx, FakeTensorMode, FlopCounterMode) or a tensor subclass must see the
