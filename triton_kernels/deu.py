@@ -249,9 +249,8 @@ def _jvp_dot(a, b, c, c1, c2, da, db, dc, dc1, dc2,
     # (part_shifted in csrc/deu/deu_math.h).
     return (_term(s_h0, dh0) + _term(s_h1, dh1) + _term(s_h3, dh3) + _term(s_h4, dh4) + _term(s_h5, dh5)
             + _term(s_h6, dh6) + _term(s_h7, dh7) + _term(s_p0, (dp0 + dp4) + dp7) + _term(s_p1, dp1)
-            + _term(s_p2, dp2)
-            + _term(s_p4, dp4) + _term(s_p5, dp5) + _term(s_p6, dp6) + _term(s_p7, dp7) + _term(s_r1, dr1)
-            + _term(s_om, dom) + _term(s_r2, dr2))
+            + _term(s_p2, dp2) + _term(s_p4, dp4) + _term(s_p5, dp5) + _term(s_p6, dp6) + _term(s_p7, dp7)
+            + _term(s_r1, dr1) + _term(s_om, dom) + _term(s_r2, dr2))
 
 
 @triton.jit

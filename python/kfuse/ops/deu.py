@@ -157,7 +157,7 @@ def _backward(ctx, grad_y: Tensor):
     x, coeffs = ctx.saved_tensors
     if _differentiable_backward(grad_y):
         return (*_reference_vjp(grad_y, x, coeffs, ctx.dim), None, None)
-    gx, gc = deu_backward(_in_order(grad_y, _order(x)), x, coeffs, ctx.dim, ctx.backend)
+    gx, gc = deu_backward(grad_y, x, coeffs, ctx.dim, ctx.backend)  # the op lays grad_y out itself
     return gx, gc, None, None
 
 
