@@ -21,9 +21,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kfuse
 from kfuse import _backends
-from kfuse.bench.deu import deu_planned
+from kfuse.bench import deu as deu_bench
+from kfuse.bench.deu import Inputs as DeuInputs
+from kfuse.bench.deu import deu_planned, near_kink
 from kfuse.ops.deu import backend_reasons
 from kfuse.reference.deu import CASE_NAMES, EPS, OUT_CLAMP, deu_cases, deu_init_coeffs, deu_reference
+from kfuse.report import Case
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -179,6 +182,23 @@ def test_reference_caps() -> None:
     assert (g == 0).all(), "beyond the exponent cap and the clamp the gradient is 0"
 
 
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference"), *BACKENDS])
+def test_gradient_at_cap_and_clamp(backend: str, device: str) -> None:
+    """Exactly at the exponent cap and the output clamp the derivative is taken from inside (the
+    spec's closed interval) on every backend, whatever torch.clamp's gradient does there."""
+    # first order (a = 0), r = -c/b = -1, t = -14: y = c1·E(14) (the cap; no H term for t < 0);
+    # ramps (a = c = 0), t = 1: y = c1 + t/b = 1000 and -1000 (the clamp).
+    coeffs = torch.tensor([[0.0, 1.0, 1.0, 2**-20, 0.0], [0.0, 1.0, 0.0, 999.0, 0.0],
+                           [0.0, -1.0, 0.0, -999.0, 0.0]], dtype=torch.float64)
+    e14 = float(np.exp(14.0))
+    for dtype in (torch.float64, torch.float32):
+        x = torch.tensor([[-14.0, 1.0, 1.0]], dtype=dtype, device=device)
+        y, gx, _ = kfuse_grads(x, coeffs.to(dtype=dtype, device=device), torch.ones_like(x), -1, backend)
+        assert y[0, 1:].tolist() == [OUT_CLAMP, -OUT_CLAMP], "the ramps sit on the clamp"
+        want = torch.tensor([[2**-20 * e14, OUT_CLAMP, -OUT_CLAMP], [-(2**-20) * e14, 1.0, -1.0]], dtype=torch.float64)
+        assert_close(torch.cat([y, gx]).cpu(), want, dtype, f"{backend} {dtype} y, grad_x")
+
+
 @pytest.mark.parametrize("shape,dim", [((67, 44), -1), ((3, 44, 5, 4), 1)])
 def test_planned_baseline_matches_reference(shape: tuple[int, ...], dim: int, seed: int) -> None:
     """The report's strong PyTorch baseline (per-neuron plan, one template per element) is the
@@ -192,6 +212,36 @@ def test_planned_baseline_matches_reference(shape: tuple[int, ...], dim: int, se
     for got, want, name in zip(torch.autograd.grad(y, (x, coeffs), gy),
                                torch.autograd.grad(y_ref, (x, coeffs), gy), ("grad_x", "grad_coeffs"), strict=True):
         assert_close(got, want, torch.float64, name)
+
+
+def test_report_gradient_check_leaves_out_kinks() -> None:
+    """At a kink of y (output clamp, exponent cap) float32 may take the other side than float64:
+    ``999 + (1 + 2⁻²⁰)`` rounds to 1000 in float32 (inside the kernels' closed clamp interval:
+    gradient 1), not in float64 (gradient 0). The report's check must not call that an error, and
+    must still see others."""
+    x = torch.tensor([[1 + 2**-20, 0.5, -0.3]])
+    ramp = [0.0, 1.0, 0.0, 999.0, 0.0]  # a = c = 0: y = c1 + t/b for t > 0
+    coeffs = torch.tensor([ramp, [0.3, 0.4, 0.5, 1.0, 1.0], [0.7, 0.2, 0.9, -1.0, 0.5]])
+    assert near_kink(x, coeffs).tolist() == [[True, False, False]]
+    case = Case("deu", (1, 3), torch.float32, "fwd+bwd", torch.device("cpu"), {"dim": -1})
+
+    def check(grad_y: Tensor, off: float = 0.0) -> float:
+        inputs = DeuInputs(x.clone().requires_grad_(), coeffs.clone().requires_grad_(), grad_y)
+        y = kfuse.deu(inputs.x, inputs.coeffs, backend="cpu")
+        grad_x, grad_coeffs = torch.autograd.grad(y, (inputs.x, inputs.coeffs), grad_y)
+        grad_x[0, 2] *= 1 + off
+        return deu_bench.error(case, (grad_x, grad_coeffs), deu_bench.reference(case, inputs))
+
+    tol = deu_bench.tolerance(case)
+    assert check(torch.ones(1, 3)) > 0.1, "float32 is inside the clamp, float64 past it"
+    masked = torch.tensor([[0.0, 1.0, 1.0]])
+    assert check(masked) <= tol
+    assert check(masked, off=1e-3) > tol, "an error elsewhere is still seen"
+    # The report's inputs: grad_y is zero at the kinks (this seed has two), and only there.
+    big = Case("deu", (1024, 512), torch.float32, "fwd+bwd", torch.device("cpu"), {"dim": -1})
+    inputs = deu_bench.make_inputs(big, 2)
+    kinks = near_kink(inputs.x, inputs.coeffs)
+    assert kinks.any() and (inputs.grad_y[kinks] == 0).all() and (inputs.grad_y[~kinks] != 0).all()
 
 
 # ---------------------------------------------------------------- backends vs the reference

@@ -27,6 +27,8 @@ from kfuse.reference.deu import (
     EXP_CAP,
     OUT_CLAMP,
     STEP_SLOPE,
+    capped_exp,
+    clamp_output,
     deu_cases,
     deu_init_coeffs,
     deu_reference,
@@ -84,7 +86,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 
 
 def make_inputs(case: Case, seed: int) -> Inputs:
-    """Fresh ``x ~ N(0, 1)``, init coeffs with ``c1, c2 ~ N(0, 1)`` and ``grad_y ~ N(0, 1)``."""
+    """Fresh ``x ~ N(0, 1)``, init coeffs with ``c1, c2 ~ N(0, 1)`` and ``grad_y ~ N(0, 1)``,
+    ``grad_y`` zero where ``y`` is within 1e-4 of a kink (:func:`near_kink`; ~4 elements in 10⁶)."""
     dim = case.params["dim"]
     gen = torch.Generator(case.device).manual_seed(seed)
     cpu_gen = torch.Generator().manual_seed(seed)
@@ -97,6 +100,7 @@ def make_inputs(case: Case, seed: int) -> Inputs:
     grad_y = None
     if case.mode == "fwd+bwd":
         grad_y = torch.randn(case.shape, generator=gen, device=case.device).to(case.dtype, memory_format=layout)
+        grad_y.masked_fill_(near_kink(x, coeffs, dim), 0)  # no gradient check at kinks (see there)
         x.requires_grad_()
         coeffs.requires_grad_()
     return Inputs(x, coeffs, grad_y)
@@ -158,18 +162,40 @@ def deu_plan(coeffs: Tensor, dtype: torch.dtype) -> Tensor:
 def deu_template(x: Tensor, plan: Tensor, dim: int = -1) -> Tensor:
     """``y`` of every element from its neuron's template coefficients (``plan``: :func:`deu_plan`,
     in x's compute dtype): two exponentials, a sincos and a sigmoid per element."""
-    t = x.to(plan.dtype)
-    shape = [1] * x.ndim
+    y, _, _ = _template(x.to(plan.dtype), plan, dim)
+    return clamp_output(y).to(x.dtype)
+
+
+def _template(t: Tensor, plan: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``y`` before the output clamp, and the two exponents' arguments before the cap (where y
+    has its kinks)."""
+    shape = [1] * t.ndim
     shape[dim] = -1
     p = plan.reshape(19, *shape)
     H = (t > 0).to(plan.dtype)
     k = [p[j] + H * p[8 + j] for j in range(8)]
-    e1 = torch.exp(torch.clamp(p[16] * t, max=EXP_CAP))
+    arg1, arg2 = p[16] * t, p[18] * t
+    e1, e2 = capped_exp(arg1), capped_exp(arg2)
     wt = p[17] * t
-    e2 = torch.exp(torch.clamp(p[18] * t, max=EXP_CAP))
     y = (k[0] + t * (k[1] + t * k[2]) + k[3] * torch.sigmoid(STEP_SLOPE * t)
          + e1 * ((k[4] + k[5] * t) * torch.cos(wt) + k[6] * torch.sin(wt)) + k[7] * e2)
-    return torch.clamp(y, -OUT_CLAMP, OUT_CLAMP).to(x.dtype)
+    return y, arg1, arg2
+
+
+def near_kink(x: Tensor, coeffs: Tensor, dim: int = -1, rel: float = 1e-4) -> Tensor:
+    """Where ``y`` is within ``rel`` (relative) of a kink: the output clamp (``|y| = OUT_CLAMP``)
+    or an exponent's cap (argument ``= EXP_CAP``), in float64. Bool, ``x``'s shape.
+
+    The gradient jumps there (to 0 past the clamp or cap), and a float32 result may land on either
+    side: ``y = 999 + (1 + 2⁻²⁰)`` is ``1000`` in float32 (on the clamp's closed interval,
+    gradient 1) and past it in float64 (gradient 0). The report's gradient check leaves these elements out
+    (:func:`make_inputs`). On an H200 (2026-11-26, 32×256×56×56 channels-last) cuda, triton and
+    both compiled baselines were 1.3e-3 off (tolerance 1e-4), all by the same amount to 7 digits,
+    eager not: one element on the two sides of a kink.
+    """
+    y, arg1, arg2 = _template(x.detach().double(), deu_plan(coeffs.detach().double(), torch.float64), dim)
+    at_cap = ((arg1 - EXP_CAP).abs() <= rel * EXP_CAP) | ((arg2 - EXP_CAP).abs() <= rel * EXP_CAP)
+    return at_cap | ((y.abs() - OUT_CLAMP).abs() <= rel * OUT_CLAMP)
 
 
 def deu_planned(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:

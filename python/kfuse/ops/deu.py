@@ -295,8 +295,9 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     element and its neuron's row of ``grad_coeffs``. A NaN or infinite ``a``, ``b`` or ``c``
     gives NaN for the whole neuron, as in the reference.
 
-    At exactly the exponent cap or the output clamp (a set of measure zero) the kernels take the
-    derivative from inside, as ``torch.clamp`` did up to torch 2.11 (2.14's gives 0 there).
+    At exactly the exponent cap or the output clamp every backend takes the derivative from
+    inside (the spec's closed interval; ``torch.clamp``'s gradient there changed in torch 2.14).
+    Near them float32 may land on the other side than float64 (a jump in the gradient).
 
     Autograd: first derivatives run the backend's kernels; higher ones (``create_graph=True``)
     and batched ones (``is_grads_batched=True``) run the reference's. Inside ``torch.func``

@@ -28,8 +28,19 @@ CASE_NAMES = (
 )
 
 
-def _E(z: Tensor) -> Tensor:
-    return torch.exp(torch.clamp(z, max=EXP_CAP))
+def capped_exp(z: Tensor) -> Tensor:
+    """``E(z) = exp(min(z, EXP_CAP))``; its derivative is 0 only past the cap (``z > EXP_CAP``).
+
+    Written with ``where``, not ``torch.clamp``: clamp's gradient at the bound itself changed
+    between torch 2.11 (passes) and 2.14 (0), and the spec's closed interval is what the kernels do.
+    NaN stays NaN."""
+    return torch.exp(torch.where(z > EXP_CAP, EXP_CAP, z))
+
+
+def clamp_output(y: Tensor) -> Tensor:
+    """``y`` clamped to ``[-OUT_CLAMP, OUT_CLAMP]``; the derivative is 0 only outside the closed
+    interval (see :func:`capped_exp` for why not ``torch.clamp``). NaN stays NaN."""
+    return torch.where(y > OUT_CLAMP, OUT_CLAMP, torch.where(y < -OUT_CLAMP, -OUT_CLAMP, y))
 
 
 def _neuron_view(coeffs: Tensor, x: Tensor, dim: int) -> list[Tensor]:
@@ -112,7 +123,7 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     y_step = torch.sigmoid(STEP_SLOPE * t) / C
     y_ramp = c1 + H * t / B
     k = C / B
-    y_first = c1 * _E(-k * t) + H * (1 - _E(-k * t)) / C
+    y_first = c1 * capped_exp(-k * t) + H * (1 - capped_exp(-k * t)) / C
     y_parab = c1 * t + c2 + H * t * t / (2 * A)
 
     w = torch.sqrt(torch.where(osc, C / A, one))
@@ -121,16 +132,16 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
 
     kh = torch.sqrt(torch.where(hyp, -C / A, one))
     kp = torch.sign(A) * kh
-    cosh_capped = (_E(kh * t) + _E(-kh * t)) / 2
-    y_hyp = c1 * _E(-kp * t) + c2 * _E(kp * t) + H * (1 - cosh_capped) / C
+    cosh_capped = (capped_exp(kh * t) + capped_exp(-kh * t)) / 2
+    y_hyp = c1 * capped_exp(-kp * t) + c2 * capped_exp(kp * t) + H * (1 - cosh_capped) / C
 
     r = -B / A
-    y_nnz = c2 - (A * c1 / B) * _E(r * t) + H * (t / B - (A / (B * B)) * (1 - _E(r * t)))
+    y_nnz = c2 - (A * c1 / B) * capped_exp(r * t) + H * (t / B - (A / (B * B)) * (1 - capped_exp(r * t)))
 
     alpha = -B / (2 * A)
     dd = torch.sqrt(torch.where(under, -disc, one))
     om = dd / (2 * A)
-    ea = _E(alpha * t)
+    ea = capped_exp(alpha * t)
     y_under = ea * (c1 * torch.cos(om * t) + c2 * torch.sin(om * t)) + H * (
         1 - ea * (torch.cos(om * t) + (B / dd) * torch.sin(om * t))
     ) / C
@@ -146,11 +157,11 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     w_fast, w_slow = q.abs() / s, -(A * C) / (q.abs() * s)
     r1, w1 = torch.where(bpos, slow, fast), torch.where(bpos, w_fast, w_slow)  # r1 = (-b + s)/(2a)
     r2, w2 = torch.where(bpos, fast, slow), torch.where(bpos, w_slow, w_fast)
-    e1, e2 = _E(r1 * t), _E(r2 * t)
+    e1, e2 = capped_exp(r1 * t), capped_exp(r2 * t)
     y_over = c2 * e1 + c1 * e2 + H * (1 - (w1 * e1 + w2 * e2)) / C
 
     rc = -B / (2 * A)
-    ec = _E(rc * t)
+    ec = capped_exp(rc * t)
     y_crit = (c1 * t + c2) * ec + H * (1 - (1 - rc * t) * ec) / C
 
     y = torch.where(
@@ -166,7 +177,7 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     # this makes it the rule, rather than a property of how each branch is written.)
     finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(c)
     y = torch.where(finite, y, torch.nan)
-    return torch.clamp(y, -OUT_CLAMP, OUT_CLAMP).to(x.dtype)
+    return clamp_output(y).to(x.dtype)
 
 
 def deu_init_coeffs(num_features: int, generator: torch.Generator | None = None) -> Tensor:
