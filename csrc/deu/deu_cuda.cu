@@ -31,7 +31,10 @@
 // element, backward ~90. Commit a65fb6c's single loops for all neurons took 87 and 148. An H200
 // issues 132 SMs x 4 warp instructions per clock (1.98 GHz): 8192 x 4096 at 87 per element is
 // ~87 us of issue alone, against the 104 us that forward measured (issue-bound); at 45 it is
-// ~46 us, under the 65 us copy floor, so the forward can be memory-bound.
+// ~46 us, under the 65 us copy floor. Measured (H200, 2026-11-26, bench/results/
+// 2026-11-26-h200-deu-3e24ac8.md, 8192 x 4096 fp32): forward 85.8 us (a65fb6c: 109.2), backward
+// 176.7 us (245.7). Still not memory-bound: ncu gives the forward DRAM 65%, SM 62%, and 7.8 of
+// the 13.7 cycles between a warp's instructions waiting on loads; bf16 takes as long.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -150,8 +153,9 @@ constexpr int64_t kPlaneFwdElems = 2048, kPlaneBwdElems = 4096;
 // this, the forward issued half the instructions the SM could and the backward, at 16 warps
 // per SM, 49%: bench/results/2026-11-26-h200-deu.md; the kernels were latency-bound.)
 // (-DKFUSE_DEU_FWD_ROW_UNROLL=n overrides the forward's 4, for bench/deu_cuda_micro.cu's A/B
-// builds: 8 rows per group keep 48 registers under a 5-blocks-per-SM bound, without spills; the
-// backward at 8 spills ~1 KB per thread.)
+// builds: 8 rows per group keep 48 registers under a 5-blocks-per-SM bound, without spills, but
+// the forward took 93.0 us instead of 85.8 on an H200 (2026-11-26); the backward at 8 spills
+// ~1 KB per thread.)
 #ifndef KFUSE_DEU_FWD_ROW_UNROLL
 #define KFUSE_DEU_FWD_ROW_UNROLL 4
 #endif
@@ -214,7 +218,8 @@ __device__ __forceinline__ void fwd_rows_walk(const Plan<A>& p, RowGroup<S, kFwd
 // The forward rows kernel has no blocks-per-SM bound: ptxas then picks 48 registers for float
 // compute on sm_90 (5 blocks of 256 threads per SM); an explicit bound of 1 gives it 72 (3
 // blocks). -DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=n bounds float compute to n blocks per SM, for
-// bench/deu_cuda_micro.cu's A/B builds (6: 40 registers, 48 warps per SM, a few spills).
+// bench/deu_cuda_micro.cu's A/B builds (6: 40 registers, 48 warps per SM, a few spills; 92.4 us
+// instead of 85.8 on an H200, 2026-11-26).
 #ifdef KFUSE_DEU_FWD_ROWS_MIN_BLOCKS
 #define KF_DEU_FWD_ROWS_BOUNDS __launch_bounds__(kThreads, sizeof(S) == 8 ? 1 : KFUSE_DEU_FWD_ROWS_MIN_BLOCKS)
 #else
@@ -271,8 +276,8 @@ __device__ __forceinline__ void bwd_rows_walk(const Plan<A>& p, RowGroup<S, kBwd
 // compute, for 24 warps per SM instead of 16. Uncapped it took 97 registers (sm_90), so 2
 // blocks of 256 threads; capped, the element loops of every term mask stay within ~2% of their
 // size and only loops of masks with several rare terms spill (a few words; none in the
-// common mask-0 loop). Not yet timed: the micro's A/B says whether the cap pays. Double
-// compute takes ~160 registers.
+// common mask-0 loop). Timed (H200, 2026-11-26, 8192 x 4096 fp32): 176.7 us capped, 183.3 us
+// uncapped. Double compute takes ~160 registers.
 // (-DKFUSE_DEU_BWD_ROWS_MIN_BLOCKS=n overrides the 3, for bench/deu_cuda_micro.cu's A/B builds.)
 #ifndef KFUSE_DEU_BWD_ROWS_MIN_BLOCKS
 #define KFUSE_DEU_BWD_ROWS_MIN_BLOCKS 3
@@ -550,7 +555,8 @@ int64_t plane_blocks(const PlaneTiling& pt) {
 // the current device: SMs x blocks per SM, cached per device in `cache`; 2048 if the runtime
 // cannot say.
 constexpr int kMaxDevices = 64;
-// (-DKFUSE_DEU_ROWS_BLOCKS=n makes it n instead, for bench/deu_cuda_micro.cu's A/B builds.)
+// (-DKFUSE_DEU_ROWS_BLOCKS=n makes it n instead, for bench/deu_cuda_micro.cu's A/B builds; 2048
+// blocks instead of one wave: backward 207.2 us instead of 176.7 on an H200, 2026-11-26.)
 template <typename Kernel>
 int64_t resident_blocks(Kernel kernel, size_t smem, std::atomic<int64_t>* cache) {
 #ifdef KFUSE_DEU_ROWS_BLOCKS
