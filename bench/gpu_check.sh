@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (offline), run from the repository root:
 #   bash bench/gpu_check.sh            # writes under $OUT (default: gpu_out/)
-# Builds kfuse in place with its CUDA kernels, runs the CUDA tests, the standalone CUDA
-# microbenchmark (against a baseline commit's kernels), compute-sanitizer on odd shapes, the
-# report (python -m kfuse --device cuda), the microbenchmark's tuning-knob A/B builds, ncu on the
-# target shape and the fwd+bwd profile, then the whole suite and a short pytest-benchmark pass if
-# time is left, and prints a summary last. Every step runs even when an earlier one failed,
-# each under `timeout`, and a deadline (KFUSE_GPU_DEADLINE, default 470 s) keeps the whole run
-# well under 8 minutes.
+# Builds kfuse in place with its CUDA kernels, runs the standalone CUDA microbenchmark (against a
+# baseline commit's kernels), compute-sanitizer on odd shapes, the report (python -m kfuse
+# --device cuda; its cases put the target shape first, in every dtype), the fwd+bwd autograd
+# profile in fp32 and bf16, the CUDA tests, then the microbenchmark's tuning-knob A/B builds, ncu
+# on the target shape, the whole suite and a short pytest-benchmark pass if time is left, and
+# prints a summary last. Every step runs even when an earlier one failed, each under `timeout`,
+# and a deadline (KFUSE_GPU_DEADLINE, default 470 s) keeps the whole run under 8 minutes.
+# Measured on an H200 (2026-11-26): build 145 s, CUDA tests 111 s, a report case 15-40 s.
 # Files under $OUT (8): env.log build.log tests.log micro.log report.log bench.log report/report.{json,png}
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -64,7 +65,7 @@ step() {
 # the same run when git can export it here. "precise" (libm math, measured 1.5x slower forward
 # on 2026-11-26) can be added through KFUSE_MICRO.
 ARCH=$(python3 -c 'import torch; print("sm_%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo sm_90)
-BASE=${KFUSE_BASE:-a65fb6c}
+BASE=${KFUSE_BASE:-3e24ac8}
 read -r -a MICRO <<<"${KFUSE_MICRO:-fast bwd2 fixed fwd6 fwdu8}"
 if mkdir -p /tmp/deu_base && git archive "$BASE" csrc | tar -x -C /tmp/deu_base 2>>"$OUT/micro.log"; then
     MICRO+=(base)
@@ -92,7 +93,6 @@ if ! step build "$OUT/build.log" 240 env KFUSE_CUDA=1 MAX_JOBS=16 \
 fi
 python3 -c 'import kfuse; print("kfuse.availability():", kfuse.availability())' >>"$OUT/build.log" 2>&1
 
-step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda
 wait  # the microbenchmark builds
 # The kernels now and at the baseline first; then out-of-bounds accesses on odd shapes (every
 # dtype, both layouts).
@@ -100,23 +100,28 @@ for variant in fast base; do
     [[ -x /tmp/deu_micro_$variant ]] && step "micro-$variant" "$OUT/micro.log" 40 "/tmp/deu_micro_$variant"
 done
 step sanitize "$OUT/micro.log" 60 compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/deu_micro_fast sanitize
-# The report is what matters most: all the time left but ~150 s for the diagnostics after it
-# (up to 270 s, at least 90); its --time-budget stops starting new cases 60 s before the timeout
-# (a case takes up to ~40 s). fp32 first: the targets' dtype.
-budget=$(($(left) - 150))
+# The report is what matters most: all the time left but ~160 s for the profile and the CUDA
+# tests after it (up to 270 s, at least 90); its --time-budget stops starting new cases 60 s
+# before the timeout (a case takes up to ~40 s).
+budget=$(($(left) - 160))
 ((budget > 270)) && budget=270
 ((budget < 90)) && budget=90
 step report "$OUT/report.log" "$budget" python3 -m kfuse --device cuda --out "$OUT/report" \
     --time-budget $((budget - 60))
-# The knob A/B builds, the hardware counters of the rows kernels on the target shape (occupancy,
-# issue and memory utilisation), and whether the fwd+bwd step through autograd is host-bound.
+# Whether the fwd+bwd step through autograd is host-bound, and what runs besides the kernels
+# (bf16's step took ~230 us more than its kernels on 2026-11-26; fp32's did not).
+for dt in float32 bfloat16; do
+    step "profile-$dt" "$OUT/micro.log" 30 python3 bench/profile_deu.py --dtype "$dt"
+done
+step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda
+# The knob A/B builds and the hardware counters of the rows kernels on the target shape
+# (occupancy, issue and memory utilisation).
 for variant in "${MICRO[@]}"; do
     [[ $variant == fast || $variant == base ]] || step "micro-$variant" "$OUT/micro.log" 40 "/tmp/deu_micro_$variant"
 done
 step ncu "$OUT/micro.log" 60 ncu --clock-control none -k regex:rows_kernel \
     --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
     /tmp/deu_micro_fast profile
-step profile "$OUT/micro.log" 60 python3 bench/profile_deu.py
 step tests-all "$OUT/tests.log" 120 python3 -m pytest tests -q
 step bench "$OUT/bench.log" 60 python3 -m pytest bench/bench_deu.py --benchmark-only -q -k "not compile" \
     --benchmark-max-time=0.2 --benchmark-min-rounds=3 --benchmark-columns=min,median,rounds
