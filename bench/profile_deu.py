@@ -3,13 +3,16 @@
 Shows where a fwd+bwd row of the report spends its time (the kfuse kernels, the backward's
 reduction, anything autograd adds), and whether the step is host-bound: it prints the wall time
 per step of a loop synchronised at its end, the host time to issue a step, and the GPU time of
-its kernels. Usage:
-``python bench/profile_deu.py [--shape 8192 4096]``.
+its kernels, and the host time of the forward and of the backward alone (the GPU idle before
+each: a time near the kernels' means something in that call waits for the GPU). Usage:
+``python bench/profile_deu.py [--shape 8192 4096] [--dtype bfloat16]``; ``--device cpu
+--backends cpu`` runs it on the CPU kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -24,36 +27,57 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs="+", default=[8192, 4096])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--backends", nargs="+", default=["cuda", "triton"])
     args = parser.parse_args()
-    dev = "cuda"
+    dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     x = torch.randn(*args.shape, device=dev).to(dtype).requires_grad_()
     coeffs = deu_init_coeffs(args.shape[-1]).to(dev)
     coeffs[:, 3:] = torch.randn(args.shape[-1], 2, device=dev)
     coeffs.requires_grad_()
     gy = torch.randn_like(x)
-    for backend in ("cuda", "triton"):
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    for backend in args.backends:
         def step(backend: str = backend) -> None:
             torch.autograd.grad(kfuse.deu(x, coeffs, backend=backend), (x, coeffs), gy)
 
         step()
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         for _ in range(20):
             step()
         host_us = (time.perf_counter() - t0) / 20 * 1e6  # issuing only (the GPU may lag)
-        torch.cuda.synchronize()
+        sync()
         wall_us = (time.perf_counter() - t0) / 20 * 1e6
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fwd_host, bwd_host = [], []
+        for _ in range(20):
+            sync()
+            t0 = time.perf_counter()
+            y = kfuse.deu(x, coeffs, backend=backend)
+            t1 = time.perf_counter()
+            torch.autograd.grad(y, (x, coeffs), gy)
+            fwd_host.append(t1 - t0)
+            bwd_host.append(time.perf_counter() - t1)
+        sync()
+        with profile(activities=activities) as prof:
             for _ in range(args.iters):
                 step()
-            torch.cuda.synchronize()
+            sync()
         events = prof.key_averages()
         gpu_us = sum(e.self_device_time_total for e in events) / args.iters
         print(f"== {backend} {args.dtype} {args.shape}: wall {wall_us:.1f} us per fwd+bwd step "
               f"(host {host_us:.1f} us to issue it), GPU kernels {gpu_us:.1f} us per step "
-              f"({args.iters} profiled iterations): {'host' if host_us > gpu_us else 'GPU'}-bound")
-        print(events.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+              f"({args.iters} profiled iterations): {'host' if host_us > gpu_us else 'GPU'}-bound; "
+              f"host time of the forward {statistics.median(fwd_host) * 1e6:.1f} us, of the backward "
+              f"{statistics.median(bwd_host) * 1e6:.1f} us (median of 20, the GPU idle before each)")
+        print(events.table(sort_by="cuda_time_total" if dev.type == "cuda" else "cpu_time_total",
+                           row_limit=12, max_name_column_width=60))
 
 
 if __name__ == "__main__":
