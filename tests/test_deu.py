@@ -22,7 +22,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kfuse
 from kfuse import _backends
 from kfuse.bench import deu as deu_bench
-from kfuse.bench.deu import Inputs as DeuInputs
 from kfuse.bench.deu import deu_planned, near_kink
 from kfuse.ops.deu import backend_reasons
 from kfuse.reference.deu import CASE_NAMES, EPS, OUT_CLAMP, deu_cases, deu_init_coeffs, deu_reference
@@ -226,7 +225,7 @@ def test_report_gradient_check_leaves_out_kinks() -> None:
     case = Case("deu", (1, 3), torch.float32, "fwd+bwd", torch.device("cpu"), {"dim": -1})
 
     def check(grad_y: Tensor, off: float = 0.0) -> float:
-        inputs = DeuInputs(x.clone().requires_grad_(), coeffs.clone().requires_grad_(), grad_y)
+        inputs = deu_bench.Inputs(x.clone().requires_grad_(), coeffs.clone().requires_grad_(), grad_y)
         y = kfuse.deu(inputs.x, inputs.coeffs, backend="cpu")
         grad_x, grad_coeffs = torch.autograd.grad(y, (inputs.x, inputs.coeffs), grad_y)
         grad_x[0, 2] *= 1 + off

@@ -192,7 +192,7 @@ def near_kink(x: Tensor, coeffs: Tensor, dim: int = -1, rel: float = 1e-4) -> Te
     gradient 1) and past it in float64 (gradient 0). The report's gradient check leaves these elements out
     (:func:`make_inputs`). On an H200 (2026-11-26, 32×256×56×56 channels-last) cuda, triton and
     both compiled baselines were 1.3e-3 off (tolerance 1e-4), all by the same amount to 7 digits,
-    eager not: one element on the two sides of a kink.
+    eager not: the signature of one element on the two sides of a kink (not yet rerun there).
     """
     y, arg1, arg2 = _template(x.detach().double(), deu_plan(coeffs.detach().double(), torch.float64), dim)
     at_cap = ((arg1 - EXP_CAP).abs() <= rel * EXP_CAP) | ((arg2 - EXP_CAP).abs() <= rel * EXP_CAP)
