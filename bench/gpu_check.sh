@@ -57,16 +57,16 @@ step() {
 } >"$OUT/env.log" 2>&1
 
 # The torch-free CUDA microbenchmark, compiled beside the build: the current kernels ("fast"),
-# the same with one tuning knob changed ("bwd2": the backward rows kernel uncapped, 2 blocks per
-# SM instead of 3; "fixed": 2048-block rows grids instead of one wave; "fwd6": the forward rows
-# kernel at 6 blocks per SM instead of 5; "fwdu8": its row groups of 8 instead of 4, at 5 blocks
-# per SM), and the kernels of a
-# baseline commit (KFUSE_BASE, default below: the last commit measured on a GPU), for an A/B in
-# the same run when git can export it here. "precise" (libm math, measured 1.5x slower forward
-# on 2026-11-26) can be added through KFUSE_MICRO.
+# the same with one tuning knob changed ("fwd6": the forward rows kernel at 6 blocks per SM
+# instead of 5, 40 registers; "pf2"/"pf4": the forward also prefetching into L2 the rows 2 or 4
+# groups ahead, at 5 blocks per SM; "fwdu8": its row groups of 8 instead of 4), and the kernels
+# of a baseline commit (KFUSE_BASE, default below: the last commit measured on a GPU), for an
+# A/B in the same run when git can export it here. Through KFUSE_MICRO: "precise" (libm math,
+# 1.5x slower forward), "bwd2" (the backward rows kernel uncapped, 2 blocks per SM instead of
+# 3) and "fixed" (2048-block rows grids instead of one wave), all slower on 2026-11-26.
 ARCH=$(python3 -c 'import torch; print("sm_%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo sm_90)
 BASE=${KFUSE_BASE:-3e24ac8}
-read -r -a MICRO <<<"${KFUSE_MICRO:-fast bwd2 fixed fwd6 fwdu8}"
+read -r -a MICRO <<<"${KFUSE_MICRO:-fast fwd6 pf2 pf4 fwdu8}"
 if mkdir -p /tmp/deu_base && git archive "$BASE" csrc | tar -x -C /tmp/deu_base 2>>"$OUT/micro.log"; then
     MICRO+=(base)
 fi
@@ -77,6 +77,7 @@ for variant in "${MICRO[@]}"; do
     [[ $variant == fixed ]] && flags+=(-DKFUSE_DEU_ROWS_BLOCKS=2048)
     [[ $variant == fwd6 ]] && flags+=(-DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=6)
     [[ $variant == fwdu8 ]] && flags+=(-DKFUSE_DEU_FWD_ROW_UNROLL=8 -DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=5)
+    [[ $variant == pf? ]] && flags+=(-DKFUSE_DEU_FWD_PREFETCH="${variant#pf}" -DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=5)
     [[ $variant == base ]] && flags=(-DKFUSE_MICRO_LABEL="\"base $BASE\"" -I/tmp/deu_base/csrc/deu)
     nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch="$ARCH" -DKFUSE_WITH_CUDA "${flags[@]}" \
         bench/deu_cuda_micro.cu -o "/tmp/deu_micro_$variant" >>"$OUT/micro.log" 2>&1 &

@@ -811,10 +811,38 @@ def test_cuda_kernels_emulated(deu_emu: ctypes.CDLL, mnk: tuple[int, int, int], 
     check_emulated(deu_emu, mnk, dtype, "cuda (emulated)")
 
 
-def test_cuda_kernels_emulated_edge_inputs(deu_emu: ctypes.CDLL, seed: int) -> None:
+# The GPU's float forward runs deu_math.h's forward_fast (base-2 rates, sin/cos and E2 at every
+# element, no t - t, a NaN-keeping clamp); KFUSE_DEU_FAST_FORMS builds it with the host's
+# exp2/sin/cos, so its algebra is tested here too.
+FAST_FORMS = ("KFUSE_DEU_FAST_FORMS",)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_fast_forms_emulated(dtype: torch.dtype, seed: int) -> None:
+    """forward_fast in every layout of ``EMU_SHAPES`` (float compute: fp32, and bf16 storage)."""
+    lib = load_deu_emu(FAST_FORMS)
+    for mnk in EMU_SHAPES:
+        check_emulated(lib, mnk, dtype, "cuda (emulated, fast forms)")
+
+
+@pytest.mark.parametrize("defines", [(), FAST_FORMS], ids=["generic", "fast-forms"])
+def test_cuda_kernels_emulated_edge_inputs(defines: tuple[str, ...], seed: int) -> None:
     """``huge_inputs``, ``threshold_coeffs`` and ``far_apart_roots`` through the emulated CUDA
-    kernels."""
+    kernels, and NaN, ±inf inputs in every case giving NaN in their own elements only."""
+    deu_emu = load_deu_emu(defines)
     assert deu_emu.kfemu_set_device(1, 8, 4) == 0
+    coeffs = case_coeffs(3, dtype=torch.float32)
+    for shape in [(9, len(coeffs)), (2, len(coeffs), 5)]:  # rows, planes
+        x = make_x(shape, torch.float32, "cpu")
+        flat = x.view(-1)  # every 7th element NaN, the next +inf, the next -inf: all three in every neuron
+        for j, v in enumerate((float("nan"), float("inf"), -float("inf"))):
+            flat[j::7] = v
+        mnk = (shape[0], shape[1], x[0, 0].numel())
+        y = emulated_deu(deu_emu, x.reshape(mnk), coeffs, torch.randn(mnk), 0, False)[0].view(shape)
+        finite = torch.isfinite(x)
+        assert torch.equal(torch.isnan(y), ~finite), f"NaN and ±inf must give NaN {shape}"
+        y_ref = deu_reference(x.double(), coeffs.double(), 1)
+        assert_close(y[finite], y_ref[finite], torch.float32, f"y beside NaN and ±inf {shape}")
     on_thresholds = threshold_coeffs()
     x_thr = make_x((9, len(on_thresholds)), torch.float32, "cpu")
     x_far, far, gy_far = far_apart_roots("cpu")
@@ -827,10 +855,12 @@ def test_cuda_kernels_emulated_edge_inputs(deu_emu: ctypes.CDLL, seed: int) -> N
                              f"cuda (emulated) {mnk}")
 
 
-@pytest.mark.parametrize("define", ["KFUSE_DEU_FWD_ROW_UNROLL=8", "KFUSE_DEU_ROWS_BLOCKS=2048"])
+@pytest.mark.parametrize("define", ["KFUSE_DEU_FWD_ROW_UNROLL=8", "KFUSE_DEU_ROWS_BLOCKS=2048",
+                                    "KFUSE_DEU_FWD_PREFETCH=2"])
 def test_cuda_kernels_emulated_knobs(define: str, seed: int) -> None:
     """The A/B builds of the GPU check that change what the kernels compute or how they tile
-    (gpu_check.sh fwdu8: 8-row groups; fixed: 2048-block grids), on the rows layouts."""
+    (gpu_check.sh fwdu8: 8-row groups; fixed: 2048-block grids; pf2: the prefetch's bounds, its
+    L2 hint being a no-op on the host), on the rows layouts."""
     lib = load_deu_emu((define,))
     for mnk in EMU_SHAPES[:4]:
         check_emulated(lib, mnk, torch.float32, f"cuda (emulated, -D{define})")

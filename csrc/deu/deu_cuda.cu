@@ -89,7 +89,11 @@ inline void check_launch(const char* what) {
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- tiling (pure functions of the sizes, so the workspace size and the launch agree) -------
-bool use_rows_layout(int64_t N, int64_t K) { return K == 1 && N >= 32; }
+// The rows kernels step between a thread's rows with a 32-bit stride, ty·N <= max(N, 8·256)
+// elements (one IMAD.WIDE per access instead of a pair of 64-bit adds); rows of 2^24 neurons
+// or more go by planes.
+constexpr int64_t kRowsMaxN = int64_t(1) << 24;
+bool use_rows_layout(int64_t N, int64_t K) { return K == 1 && N >= 32 && N < kRowsMaxN; }
 
 struct RowTiling {
   int tx, ty;               // block = tx columns x ty row lanes (tx * ty <= 256)
@@ -161,6 +165,24 @@ constexpr int64_t kPlaneFwdElems = 2048, kPlaneBwdElems = 4096;
 #endif
 constexpr int kFwdRowUnroll = KFUSE_DEU_FWD_ROW_UNROLL, kBwdRowUnroll = 4;
 
+// -DKFUSE_DEU_FWD_PREFETCH=g (an A/B knob of bench/deu_cuda_micro.cu, off by default): the
+// forward also asks L2 for the rows g groups ahead (prefetch.global.L2, one warp instruction
+// per group: lane l names row l mod U of that group), so that more bytes are in flight than
+// the registers of the pipelined loads hold, and the loads hit L2.
+#ifndef KFUSE_DEU_FWD_PREFETCH
+#define KFUSE_DEU_FWD_PREFETCH 0
+#endif
+constexpr int kFwdPrefetchGroups = KFUSE_DEU_FWD_PREFETCH;
+
+template <typename S>
+__device__ __forceinline__ void prefetch_l2(const S* p) {
+#ifdef __CUDA_ARCH__
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+  (void)p;
+#endif
+}
+
 // One group: rows r, r + ty, ..., r + (U - 1)·ty of a thread's column, r counted from the start
 // of its block's row chunk (int: a chunk has far fewer than 2^31 rows). Rows at or past `rows`
 // (the chunk's end) read as 0 and are never written. The bounds are checked once per group on
@@ -169,7 +191,7 @@ template <typename S, int U>
 struct RowGroup {
   typename AccOf<S>::type v[U];
   // p points at row r of the column; stride = ty·N elements between the group's rows.
-  __device__ __forceinline__ void load(const S* __restrict__ p, int r, int rows, int ty, int64_t stride) {
+  __device__ __forceinline__ void load(const S* __restrict__ p, int r, int rows, int ty, int stride) {
     if (r + (U - 1) * ty < rows) {
 #pragma unroll
       for (int u = 0; u < U; ++u) v[u] = to_acc(p[u * stride]);
@@ -196,10 +218,12 @@ __device__ __forceinline__ int warp_terms(const Plan<A>& p) {
 template <int kTerms, typename S, typename A>
 __device__ __forceinline__ void fwd_rows_walk(const Plan<A>& p, RowGroup<S, kFwdRowUnroll> cur,
                                               const S* __restrict__ xp, S* __restrict__ yp, int r,
-                                              int rows, int ty, int64_t stride) {
+                                              int rows, int ty, int stride) {
   const int step = kFwdRowUnroll * ty;
-  const int64_t adv = kFwdRowUnroll * stride;
+  const int64_t adv = int64_t(kFwdRowUnroll) * stride;
+  const int ahead = kFwdPrefetchGroups * kFwdRowUnroll + (threadIdx.x & (kFwdRowUnroll - 1));
   for (; r < rows; r += step, xp += adv, yp += adv) {
+    if (kFwdPrefetchGroups > 0 && r + ahead * ty < rows) prefetch_l2(xp + ahead * stride);
     RowGroup<S, kFwdRowUnroll> next;
     next.load(xp + adv, r + step, rows, ty, stride);
     if (r + (kFwdRowUnroll - 1) * ty < rows) {
@@ -236,7 +260,8 @@ __global__ void KF_DEU_FWD_ROWS_BOUNDS
   const int64_t m0 = blockIdx.y * rows_per_block;
   const int rows = static_cast<int>(std::min(M - m0, rows_per_block));
   const int ty = blockDim.y, r = threadIdx.y;
-  const int64_t stride = ty * N, off = (m0 + r) * N + n;
+  const int stride = ty * static_cast<int>(N);  // see kRowsMaxN
+  const int64_t off = (m0 + r) * N + n;
   RowGroup<S, kFwdRowUnroll> cur;
   cur.load(x + off, r, rows, ty, stride);
   const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
@@ -250,9 +275,9 @@ __device__ __forceinline__ void bwd_rows_walk(const Plan<A>& p, RowGroup<S, kBwd
                                               RowGroup<S, kBwdRowUnroll> gs,
                                               const S* __restrict__ xp, const S* __restrict__ gp,
                                               S* __restrict__ gxp, int r, int rows, int ty,
-                                              int64_t stride, A* acc) {
+                                              int stride, A* acc) {
   const int step = kBwdRowUnroll * ty;
-  const int64_t adv = kBwdRowUnroll * stride;
+  const int64_t adv = int64_t(kBwdRowUnroll) * stride;
   for (; r < rows; r += step, xp += adv, gp += adv, gxp += adv) {
     RowGroup<S, kBwdRowUnroll> xn, gn;
     xn.load(xp + adv, r + step, rows, ty, stride);
@@ -305,7 +330,8 @@ __global__ void __launch_bounds__(kThreads, kBwdRowsMinBlocks<S>)
     const int64_t m0 = rb * rows_per_block;
     const int rows = static_cast<int>(std::min(M - m0, rows_per_block));
     const int r = threadIdx.y;
-    const int64_t stride = ty * N, off = (m0 + r) * N + n;
+    const int stride = ty * static_cast<int>(N);  // see kRowsMaxN
+    const int64_t off = (m0 + r) * N + n;
     RowGroup<S, kBwdRowUnroll> xs, gs;
     xs.load(x + off, r, rows, ty, stride);
     gs.load(gy + off, r, rows, ty, stride);

@@ -233,14 +233,26 @@ struct Plan {
   T neg[kBasis];  // t <= 0
   T pos[kBasis];  // t > 0
   T rho1, omega, rho2;
+  T l1, l2;       // ρ1·log2(e), ρ2·log2(e): the base-2 rates of forward_fast
   bool trig, step, e2;
 };
+
+constexpr double kLog2e = 1.4426950408889634;
+
+// ρ·log2(e), saturated at the largest finite value rather than overflowing for a finite ρ
+// (an infinite rate times t = 0 would be NaN where ρ·0 is 0).
+template <typename T>
+KF_HD T base2_rate(T rho) {
+  const T l = rho * T(kLog2e), big = std::numeric_limits<T>::max();
+  return (std::fabs(l) <= big || !(std::fabs(rho) <= big)) ? l : (rho > T(0) ? big : -big);
+}
 
 template <typename T>
 KF_HD Plan<T> eval_plan(const PlanT<T>& q) {
   Plan<T> p;
   for (int j = 0; j < kBasis; ++j) { p.neg[j] = q.hom[j]; p.pos[j] = q.hom[j] + q.part[j]; }
   p.rho1 = q.rho1; p.omega = q.omega; p.rho2 = q.rho2;
+  p.l1 = base2_rate(q.rho1); p.l2 = base2_rate(q.rho2);
   p.trig = q.omega != T(0);
   p.step = q.hom[3] != T(0);
   p.e2 = q.hom[7] != T(0) || q.part[7] != T(0);
@@ -308,11 +320,18 @@ KF_HD void sincos_(double x, double* s, double* c) {
   *s = std::sin(x);
   *c = std::cos(x);
 }
-KF_HD float exp_(float z) {
+KF_HD float exp2_(float z) {  // 2^z
 #ifdef KF_DEU_FAST_MATH
   float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(z * 1.44269504088896341f));
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(z));
   return r;
+#else
+  return std::exp2(z);
+#endif
+}
+KF_HD float exp_(float z) {
+#ifdef KF_DEU_FAST_MATH
+  return exp2_(z * float(kLog2e));
 #else
   return std::exp(z);
 #endif
@@ -425,18 +444,61 @@ KF_HD Side<T> side_of(const Plan<T>& p, bool pos) {
 // y(t) before the output clamp, from t's side coefficients k. Terms are added only where
 // kTerms says they may exist: x + 0 is not x in IEEE arithmetic, so a compiler keeps an added
 // zero. Without the t, t² terms, t - t (0, or NaN for t = ±inf or NaN) keeps ±inf giving NaN,
-// as t·0 did.
-template <int kTerms = kAllTerms, typename T>
+// as t·0 did; kTrigAlways says sin and cos were evaluated at every t, NaN at ±inf, which then
+// does that already.
+template <int kTerms = kAllTerms, bool kTrigAlways = false, typename T>
 KF_HD T eval_raw(const T* k, const Pieces<T>& q, T t) {
-  T y = (kTerms & kTermPoly) ? k[0] + t * (k[1] + t * k[2]) : k[0] + (t - t);
+  T y = (kTerms & kTermPoly) ? k[0] + t * (k[1] + t * k[2]) : (kTrigAlways ? k[0] : k[0] + (t - t));
   if (kTerms & kTermStep) y += k[3] * q.sig;
   const T lin = (kTerms & kTermTE1) ? k[4] + k[5] * t : k[4];
   return y + q.e1 * (lin * q.cs + k[6] * q.sn) + k[7] * q.e2;
 }
 
+// The forward's element code for float on the GPU: the same function as pieces + eval_raw +
+// clamp_out, in fewer instructions. In sm_90 SASS of the rows kernel's common loop (term mask
+// 0), the generic form took ~34 instructions per element besides loads, stores and addresses:
+//  * every exponential in base 2 with log2(e) folded into the plan's rates (l1, l2); ex2
+//    needed an FMUL by log2(e) per exponential per element;
+//  * sin/cos and E2 at every element, whether the neuron uses them or not: a warp mixing
+//    neurons with and without them (under- and overdamped neurons, ~3 to 1 at the paper's
+//    init) issues both anyway, predicated, and then also moves each predicated result's default
+//    in. ω = 0 gives sin 0 = 0 and cos 0 = 1, ρ2 = 0 gives E2 = 1 against k7 = 0: the same y;
+//  * without eval_raw's t - t: sin and cos of ±inf are NaN, hence y;
+//  * the clamp as NaN-keeping max/min (max.NaN, min.NaN: sm_80+), not compare, min and select.
+// KFUSE_DEU_FAST_FORMS builds these forms with the host's exp2/sin/cos, so that the CUDA
+// emulator tests (tests/cuda_emu) run them on the CPU.
+#if defined(KF_DEU_FAST_MATH) || defined(KFUSE_DEU_FAST_FORMS)
+#define KF_DEU_FAST_FORMS 1
+KF_HD float clamp_out_nan(float y) {
+#ifdef KF_DEU_FAST_MATH
+  const float m = float(kOutClamp);
+  asm("max.NaN.f32 %0, %0, %1;" : "+f"(y) : "f"(-m));
+  asm("min.NaN.f32 %0, %0, %1;" : "+f"(y) : "f"(m));
+  return y;
+#else
+  return clamp_out(y);
+#endif
+}
+
+template <int kTerms>
+KF_HD float forward_fast(const Plan<float>& p, const float* k, float t) {
+  const float cap = float(kExpCap * kLog2e);
+  const float z1 = p.l1 * t, z2 = p.l2 * t;
+  Pieces<float> q;
+  q.e1 = exp2_(z1 > cap ? cap : z1);
+  q.e2 = exp2_(z2 > cap ? cap : z2);
+  sincos_(p.omega * t, &q.sn, &q.cs);
+  q.sig = (kTerms & kTermStep) && p.step ? rcp_(1.0f + exp_(-float(kStepSlope) * t)) : 0.0f;
+  return clamp_out_nan(eval_raw<kTerms, true>(k, q, t));
+}
+#endif
+
 template <int kTerms = kAllTerms, typename T>
 KF_HD T forward_one(const Plan<T>& p, T t) {
   const Side<T> s = side_of(p, t > T(0));
+#ifdef KF_DEU_FAST_FORMS
+  if constexpr (std::is_same<T, float>::value) return forward_fast<kTerms>(p, s.k, t);
+#endif
   return clamp_out(eval_raw<kTerms>(s.k, pieces<kTerms>(p, t), t));
 }
 
