@@ -2,10 +2,10 @@
 # The one script for a GPU machine (offline), run from the repository root:
 #   bash bench/gpu_check.sh            # writes under $OUT (default: gpu_out/)
 # Builds kfuse in place with its CUDA kernels, runs the standalone CUDA microbenchmark (against a
-# baseline commit's kernels), compute-sanitizer on odd shapes, the report (python -m kfuse
-# --device cuda; its cases put the target shape first, in every dtype), the fwd+bwd autograd
-# profile in fp32 and bf16, the CUDA tests, then the microbenchmark's tuning-knob A/B builds, ncu
-# on the target shape, the whole suite and a short pytest-benchmark pass if time is left, and
+# baseline commit's kernels, then its tuning-knob A/B builds), compute-sanitizer on odd shapes,
+# the report (python -m kfuse --device cuda; its cases put the target shape first, in every
+# dtype), the fwd+bwd autograd profile in fp32 and bf16, the CUDA tests, then ncu on the target
+# shape, the whole suite and a short pytest-benchmark pass if time is left, and
 # prints a summary last. Every step runs even when an earlier one failed, each under `timeout`,
 # and a deadline (KFUSE_GPU_DEADLINE, default 470 s) keeps the whole run under 8 minutes.
 # Measured on an H200 (2026-11-26): build 145 s, CUDA tests 111 s, a report case 15-40 s.
@@ -95,9 +95,11 @@ fi
 python3 -c 'import kfuse; print("kfuse.availability():", kfuse.availability())' >>"$OUT/build.log" 2>&1
 
 wait  # the microbenchmark builds
-# The kernels now and at the baseline first; then out-of-bounds accesses on odd shapes (every
-# dtype, both layouts).
-for variant in fast base; do
+# The kernels now, at the baseline and with each knob (a few seconds each); then out-of-bounds
+# accesses on odd shapes (every dtype, both layouts).
+ORDER=(fast base)
+for variant in "${MICRO[@]}"; do [[ $variant == fast || $variant == base ]] || ORDER+=("$variant"); done
+for variant in "${ORDER[@]}"; do
     [[ -x /tmp/deu_micro_$variant ]] && step "micro-$variant" "$OUT/micro.log" 40 "/tmp/deu_micro_$variant"
 done
 step sanitize "$OUT/micro.log" 60 compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/deu_micro_fast sanitize
@@ -115,11 +117,8 @@ for dt in float32 bfloat16; do
     step "profile-$dt" "$OUT/micro.log" 30 python3 bench/profile_deu.py --dtype "$dt"
 done
 step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda
-# The knob A/B builds and the hardware counters of the rows kernels on the target shape
-# (occupancy, issue and memory utilisation).
-for variant in "${MICRO[@]}"; do
-    [[ $variant == fast || $variant == base ]] || step "micro-$variant" "$OUT/micro.log" 40 "/tmp/deu_micro_$variant"
-done
+# The hardware counters of the rows kernels on the target shape (occupancy, issue and memory
+# utilisation).
 step ncu "$OUT/micro.log" 60 ncu --clock-control none -k regex:rows_kernel \
     --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
     /tmp/deu_micro_fast profile
