@@ -4,11 +4,11 @@
 # Builds kfuse in place with its CUDA kernels, runs the standalone CUDA microbenchmark (against a
 # baseline commit's kernels, then its tuning-knob A/B builds), compute-sanitizer on odd shapes,
 # the report (python -m kfuse --device cuda; its cases put the target shape first, in every
-# dtype), the fwd+bwd autograd profile in fp32 and bf16, the CUDA tests, then ncu on the target
+# dtype), the CUDA tests, the fwd+bwd autograd profile in fp32 and bf16, then ncu on the target
 # shape, the whole suite and a short pytest-benchmark pass if time is left, and
 # prints a summary last. Every step runs even when an earlier one failed, each under `timeout`,
 # and a deadline (KFUSE_GPU_DEADLINE, default 470 s) keeps the whole run under 8 minutes.
-# Measured on an H200 (2026-11-26): build 145 s, CUDA tests 111 s, a report case 15-40 s.
+# Measured on an H200 (2026-11-26): build 114-145 s, CUDA tests 92-111 s, a report case 15-40 s.
 # Files under $OUT (8): env.log build.log tests.log micro.log report.log bench.log report/report.{json,png}
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -57,16 +57,17 @@ step() {
 } >"$OUT/env.log" 2>&1
 
 # The torch-free CUDA microbenchmark, compiled beside the build: the current kernels ("fast"),
-# the same with one tuning knob changed ("fwd6": the forward rows kernel at 6 blocks per SM
-# instead of 5, 40 registers; "pf2"/"pf4": the forward also prefetching into L2 the rows 2 or 4
-# groups ahead, at 5 blocks per SM; "fwdu8": its row groups of 8 instead of 4), and the kernels
-# of a baseline commit (KFUSE_BASE, default below: the last commit measured on a GPU), for an
-# A/B in the same run when git can export it here. Through KFUSE_MICRO: "precise" (libm math,
-# 1.5x slower forward), "bwd2" (the backward rows kernel uncapped, 2 blocks per SM instead of
-# 3) and "fixed" (2048-block rows grids instead of one wave), all slower on 2026-11-26.
+# the same with one tuning knob changed ("reg": the float forward's register pipeline instead of
+# shared-memory stages; "st2"/"st8": 2 or 8 stages instead of 4, st8 bound to 5 blocks per SM;
+# "fwd6": the forward rows kernel at 6 blocks per SM instead of 5, 40 registers; "fwdu8": its
+# row groups of 8 instead of 4), and the kernels of a baseline commit (KFUSE_BASE, default
+# below: the last commit measured on a GPU), for an A/B in the same run when git can export it
+# here. Through KFUSE_MICRO: "precise" (libm math, 1.5x slower forward), "bwd2" (the backward
+# rows kernel uncapped, 2 blocks per SM instead of 3) and "fixed" (2048-block rows grids
+# instead of one wave), all slower on 2026-11-26.
 ARCH=$(python3 -c 'import torch; print("sm_%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo sm_90)
 BASE=${KFUSE_BASE:-3e24ac8}
-read -r -a MICRO <<<"${KFUSE_MICRO:-fast fwd6 pf2 pf4 fwdu8}"
+read -r -a MICRO <<<"${KFUSE_MICRO:-fast reg st2 st8 fwd6}"
 if mkdir -p /tmp/deu_base && git archive "$BASE" csrc | tar -x -C /tmp/deu_base 2>>"$OUT/micro.log"; then
     MICRO+=(base)
 fi
@@ -77,7 +78,9 @@ for variant in "${MICRO[@]}"; do
     [[ $variant == fixed ]] && flags+=(-DKFUSE_DEU_ROWS_BLOCKS=2048)
     [[ $variant == fwd6 ]] && flags+=(-DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=6)
     [[ $variant == fwdu8 ]] && flags+=(-DKFUSE_DEU_FWD_ROW_UNROLL=8 -DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=5)
-    [[ $variant == pf? ]] && flags+=(-DKFUSE_DEU_FWD_PREFETCH="${variant#pf}" -DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=5)
+    [[ $variant == reg ]] && flags+=(-DKFUSE_DEU_FWD_STAGES=0)
+    [[ $variant == st2 ]] && flags+=(-DKFUSE_DEU_FWD_STAGES=2)
+    [[ $variant == st8 ]] && flags+=(-DKFUSE_DEU_FWD_STAGES=8 -DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=5)
     [[ $variant == base ]] && flags=(-DKFUSE_MICRO_LABEL="\"base $BASE\"" -I/tmp/deu_base/csrc/deu)
     nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch="$ARCH" -DKFUSE_WITH_CUDA "${flags[@]}" \
         bench/deu_cuda_micro.cu -o "/tmp/deu_micro_$variant" >>"$OUT/micro.log" 2>&1 &
@@ -103,20 +106,21 @@ for variant in "${ORDER[@]}"; do
     [[ -x /tmp/deu_micro_$variant ]] && step "micro-$variant" "$OUT/micro.log" 40 "/tmp/deu_micro_$variant"
 done
 step sanitize "$OUT/micro.log" 60 compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/deu_micro_fast sanitize
-# The report is what matters most: all the time left but ~160 s for the profile and the CUDA
-# tests after it (up to 270 s, at least 90); its --time-budget stops starting new cases 60 s
-# before the timeout (a case takes up to ~40 s).
-budget=$(($(left) - 160))
+# The report is what matters most: all the time left but ~130 s for the CUDA tests after it
+# (up to 270 s, at least 90); its --time-budget stops starting new cases 60 s before the timeout
+# (a case takes up to ~40 s).
+budget=$(($(left) - 130))
 ((budget > 270)) && budget=270
 ((budget < 90)) && budget=90
 step report "$OUT/report.log" "$budget" python3 -m kfuse --device cuda --out "$OUT/report" \
     --time-budget $((budget - 60))
+# KFUSE_GPU_TESTS_K: a pytest -k filter for a short run (e.g. "not triton").
+step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 # Whether the fwd+bwd step through autograd is host-bound, and what runs besides the kernels
 # (bf16's step took ~230 us more than its kernels on 2026-11-26; fp32's did not).
 for dt in float32 bfloat16; do
     step "profile-$dt" "$OUT/micro.log" 30 python3 bench/profile_deu.py --dtype "$dt"
 done
-step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda
 # The hardware counters of the rows kernels on the target shape (occupancy, issue and memory
 # utilisation).
 step ncu "$OUT/micro.log" 60 ncu --clock-control none -k regex:rows_kernel \

@@ -44,6 +44,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "deu.h"
 #include "deu_math.h"
@@ -89,9 +90,11 @@ inline void check_launch(const char* what) {
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- tiling (pure functions of the sizes, so the workspace size and the launch agree) -------
-// The rows kernels step between a thread's rows with a 32-bit stride, ty·N <= max(N, 8·256)
-// elements (one IMAD.WIDE per access instead of a pair of 64-bit adds); rows of 2^24 neurons
-// or more go by planes.
+// The forward rows kernel steps between a thread's rows with a 32-bit stride, ty·N <=
+// max(N, 8·256) elements (one IMAD.WIDE per access instead of a pair of 64-bit adds); rows of
+// 2^24 neurons or more go by planes. (The backward's loop kept 64-bit strides: with 32-bit
+// ones it issued ~2% fewer instructions but took 187.5 us instead of 176.2 on an H200,
+// 2026-11-26.)
 constexpr int64_t kRowsMaxN = int64_t(1) << 24;
 bool use_rows_layout(int64_t N, int64_t K) { return K == 1 && N >= 32 && N < kRowsMaxN; }
 
@@ -165,24 +168,6 @@ constexpr int64_t kPlaneFwdElems = 2048, kPlaneBwdElems = 4096;
 #endif
 constexpr int kFwdRowUnroll = KFUSE_DEU_FWD_ROW_UNROLL, kBwdRowUnroll = 4;
 
-// -DKFUSE_DEU_FWD_PREFETCH=g (an A/B knob of bench/deu_cuda_micro.cu, off by default): the
-// forward also asks L2 for the rows g groups ahead (prefetch.global.L2, one warp instruction
-// per group: lane l names row l mod U of that group), so that more bytes are in flight than
-// the registers of the pipelined loads hold, and the loads hit L2.
-#ifndef KFUSE_DEU_FWD_PREFETCH
-#define KFUSE_DEU_FWD_PREFETCH 0
-#endif
-constexpr int kFwdPrefetchGroups = KFUSE_DEU_FWD_PREFETCH;
-
-template <typename S>
-__device__ __forceinline__ void prefetch_l2(const S* p) {
-#ifdef __CUDA_ARCH__
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-#else
-  (void)p;
-#endif
-}
-
 // One group: rows r, r + ty, ..., r + (U - 1)·ty of a thread's column, r counted from the start
 // of its block's row chunk (int: a chunk has far fewer than 2^31 rows). Rows at or past `rows`
 // (the chunk's end) read as 0 and are never written. The bounds are checked once per group on
@@ -191,7 +176,8 @@ template <typename S, int U>
 struct RowGroup {
   typename AccOf<S>::type v[U];
   // p points at row r of the column; stride = ty·N elements between the group's rows.
-  __device__ __forceinline__ void load(const S* __restrict__ p, int r, int rows, int ty, int stride) {
+  template <typename I>
+  __device__ __forceinline__ void load(const S* __restrict__ p, int r, int rows, int ty, I stride) {
     if (r + (U - 1) * ty < rows) {
 #pragma unroll
       for (int u = 0; u < U; ++u) v[u] = to_acc(p[u * stride]);
@@ -213,6 +199,113 @@ __device__ __forceinline__ int warp_terms(const Plan<A>& p) {
   return static_cast<int>(__reduce_or_sync(lanes, mine));
 }
 
+// The forward in float stages its rows in shared memory instead: cp.async copies global ->
+// shared without registers, so a thread keeps kFwdStages groups of U rows in flight (64 bytes
+// at 4 stages) where the register pipeline kept one (16 bytes, what 48 registers allow at 5
+// blocks per SM). Each thread stages and reads only its own column's slots, so it waits for its
+// own copies (cp.async.wait_group) and no barrier is needed. Why: at ~35 instructions per element
+// the float forward took 84.1 us for a 68.7 us copy on an H200 (2026-11-26) with the SMs 54%
+// busy and DRAM 66%, 17 cycles between a warp's instructions, most of them waiting on loads:
+// bytes in flight, not issue, bound it. 2-byte types cannot use 4-byte copies per column and
+// keep the register pipeline, as does double. -DKFUSE_DEU_FWD_STAGES=s sets the stages (0: the
+// register pipeline for float too), for bench/deu_cuda_micro.cu's A/B builds.
+#ifndef KFUSE_DEU_FWD_STAGES
+#define KFUSE_DEU_FWD_STAGES 4
+#endif
+constexpr int kFwdStages = KFUSE_DEU_FWD_STAGES;
+static_assert(kFwdStages == 0 || (kFwdStages >= 2 && (kFwdStages & (kFwdStages - 1)) == 0),
+              "KFUSE_DEU_FWD_STAGES: 0 or a power of 2 from 2");
+template <typename S>
+constexpr bool kFwdStaged = std::is_same<S, float>::value && kFwdStages > 0;
+constexpr int kFwdRingRows = kFwdStages > 0 ? kFwdStages * kFwdRowUnroll : 1;
+
+// A shared-memory slot as cp.async names it: its 32-bit shared-window address on the GPU (taken
+// once per thread: converting a generic pointer per copy cost ~3 instructions), a pointer in the
+// emulator, which copies at once.
+#ifdef __CUDA_ARCH__
+using SharedSlot = unsigned;
+__device__ __forceinline__ SharedSlot shared_slot(float* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ SharedSlot slot_at(SharedSlot s, int i) { return s + 4u * i; }
+#else
+using SharedSlot = float*;
+__device__ __forceinline__ SharedSlot shared_slot(float* p) { return p; }
+__device__ __forceinline__ SharedSlot slot_at(SharedSlot s, int i) { return s + i; }
+#endif
+
+// 4 bytes global -> shared, asynchronously (sm_80+).
+__device__ __forceinline__ void cp_async4(SharedSlot dst, const float* src) {
+#ifdef __CUDA_ARCH__
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+#else
+  *dst = *src;
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef __CUDA_ARCH__
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits until at most `pending` of this thread's most recent groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef __CUDA_ARCH__
+  asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory");
+#endif
+}
+
+// Stages one group (rows r, r + ty, ..., of the column, p at row r) into the slots
+// slot + u·kThreads, as one commit group; rows at or past `rows` are not copied (an empty group
+// at the chunk's end).
+__device__ __forceinline__ void stage_group(SharedSlot slot, const float* __restrict__ p, int r, int rows, int ty,
+                                            int stride) {
+  if (r + (kFwdRowUnroll - 1) * ty < rows) {
+#pragma unroll
+    for (int u = 0; u < kFwdRowUnroll; ++u) cp_async4(slot_at(slot, u * kThreads), p + u * stride);
+  } else {
+#pragma unroll
+    for (int u = 0; u < kFwdRowUnroll; ++u) {
+      if (r + u * ty < rows) cp_async4(slot_at(slot, u * kThreads), p + u * stride);
+    }
+  }
+  cp_async_commit();
+}
+
+// Computes and stores one group (U rows from row r, yp at row r) from its values v[u·vstride].
+template <int kTerms, typename S, typename A>
+__device__ __forceinline__ void fwd_rows_group(const Plan<A>& p, const A* v, int vstride, S* __restrict__ yp,
+                                               int r, int rows, int ty, int stride) {
+  if (r + (kFwdRowUnroll - 1) * ty < rows) {
+#pragma unroll
+    for (int u = 0; u < kFwdRowUnroll; ++u) yp[u * stride] = from_acc<S>(forward_one<kTerms>(p, v[u * vstride]));
+  } else {
+#pragma unroll
+    for (int u = 0; u < kFwdRowUnroll; ++u) {
+      if (r + u * ty < rows) yp[u * stride] = from_acc<S>(forward_one<kTerms>(p, v[u * vstride]));
+    }
+  }
+}
+
+// The staged walk: ring = this thread's slot 0 (slots kThreads floats apart), groups 0 to
+// kFwdStages - 2 already staged by the caller; group g sits in slots U·(g mod kFwdStages) on.
+template <int kTerms>
+__device__ __forceinline__ void fwd_rows_walk_staged(const Plan<float>& p, float* ring,
+                                                     const float* __restrict__ xp, float* __restrict__ yp,
+                                                     int r, int rows, int ty, int stride) {
+  constexpr int kGroupSlots = kFwdRowUnroll * kThreads;
+  const int step = kFwdRowUnroll * ty;
+  const int64_t adv = int64_t(kFwdRowUnroll) * stride;
+  const SharedSlot slots = shared_slot(ring);
+  for (int g = 0; r < rows; ++g, r += step, xp += adv, yp += adv) {
+    const int ahead = kFwdStages - 1;
+    stage_group(slot_at(slots, ((g + ahead) & (kFwdStages - 1)) * kGroupSlots), xp + ahead * adv, r + ahead * step,
+                rows, ty, stride);
+    cp_async_wait<kFwdStages - 1>();  // group g has landed
+    fwd_rows_group<kTerms>(p, ring + (g & (kFwdStages - 1)) * kGroupSlots, kThreads, yp, r, rows, ty, stride);
+  }
+}
+
 // The rows walk of one thread: `cur` holds the group at row r (relative to the chunk start),
 // xp/yp point at that row; the next group is loaded before this one is computed.
 template <int kTerms, typename S, typename A>
@@ -221,20 +314,10 @@ __device__ __forceinline__ void fwd_rows_walk(const Plan<A>& p, RowGroup<S, kFwd
                                               int rows, int ty, int stride) {
   const int step = kFwdRowUnroll * ty;
   const int64_t adv = int64_t(kFwdRowUnroll) * stride;
-  const int ahead = kFwdPrefetchGroups * kFwdRowUnroll + (threadIdx.x & (kFwdRowUnroll - 1));
   for (; r < rows; r += step, xp += adv, yp += adv) {
-    if (kFwdPrefetchGroups > 0 && r + ahead * ty < rows) prefetch_l2(xp + ahead * stride);
     RowGroup<S, kFwdRowUnroll> next;
     next.load(xp + adv, r + step, rows, ty, stride);
-    if (r + (kFwdRowUnroll - 1) * ty < rows) {
-#pragma unroll
-      for (int u = 0; u < kFwdRowUnroll; ++u) yp[u * stride] = from_acc<S>(forward_one<kTerms>(p, cur.v[u]));
-    } else {
-#pragma unroll
-      for (int u = 0; u < kFwdRowUnroll; ++u) {
-        if (r + u * ty < rows) yp[u * stride] = from_acc<S>(forward_one<kTerms>(p, cur.v[u]));
-      }
-    }
+    fwd_rows_group<kTerms>(p, cur.v, 1, yp, r, rows, ty, stride);
     cur = next;
   }
 }
@@ -262,12 +345,27 @@ __global__ void KF_DEU_FWD_ROWS_BOUNDS
   const int ty = blockDim.y, r = threadIdx.y;
   const int stride = ty * static_cast<int>(N);  // see kRowsMaxN
   const int64_t off = (m0 + r) * N + n;
-  RowGroup<S, kFwdRowUnroll> cur;
-  cur.load(x + off, r, rows, ty, stride);
-  const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
-  with_mask(warp_terms(p), [&](auto terms) {
-    fwd_rows_walk<decltype(terms)::value>(p, cur, x + off, y + off, r, rows, ty, stride);
-  });
+  if constexpr (kFwdStaged<S>) {
+    __shared__ float ring[kFwdRingRows][kThreads];
+    float* mine = &ring[0][threadIdx.y * blockDim.x + threadIdx.x];
+    const int step = kFwdRowUnroll * ty;
+    const int64_t adv = int64_t(kFwdRowUnroll) * stride;
+    for (int g = 0; g < kFwdStages - 1; ++g) {  // in flight while the plan is computed
+      stage_group(slot_at(shared_slot(mine), g * kFwdRowUnroll * kThreads), x + off + g * adv, r + g * step, rows,
+                  ty, stride);
+    }
+    const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
+    with_mask(warp_terms(p), [&](auto terms) {
+      fwd_rows_walk_staged<decltype(terms)::value>(p, mine, x + off, y + off, r, rows, ty, stride);
+    });
+  } else {
+    RowGroup<S, kFwdRowUnroll> cur;
+    cur.load(x + off, r, rows, ty, stride);
+    const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
+    with_mask(warp_terms(p), [&](auto terms) {
+      fwd_rows_walk<decltype(terms)::value>(p, cur, x + off, y + off, r, rows, ty, stride);
+    });
+  }
 }
 
 template <int kTerms, typename S, typename A>
@@ -275,9 +373,9 @@ __device__ __forceinline__ void bwd_rows_walk(const Plan<A>& p, RowGroup<S, kBwd
                                               RowGroup<S, kBwdRowUnroll> gs,
                                               const S* __restrict__ xp, const S* __restrict__ gp,
                                               S* __restrict__ gxp, int r, int rows, int ty,
-                                              int stride, A* acc) {
+                                              int64_t stride, A* acc) {
   const int step = kBwdRowUnroll * ty;
-  const int64_t adv = int64_t(kBwdRowUnroll) * stride;
+  const int64_t adv = kBwdRowUnroll * stride;
   for (; r < rows; r += step, xp += adv, gp += adv, gxp += adv) {
     RowGroup<S, kBwdRowUnroll> xn, gn;
     xn.load(xp + adv, r + step, rows, ty, stride);
@@ -330,8 +428,7 @@ __global__ void __launch_bounds__(kThreads, kBwdRowsMinBlocks<S>)
     const int64_t m0 = rb * rows_per_block;
     const int rows = static_cast<int>(std::min(M - m0, rows_per_block));
     const int r = threadIdx.y;
-    const int stride = ty * static_cast<int>(N);  // see kRowsMaxN
-    const int64_t off = (m0 + r) * N + n;
+    const int64_t stride = ty * N, off = (m0 + r) * N + n;
     RowGroup<S, kBwdRowUnroll> xs, gs;
     xs.load(x + off, r, rows, ty, stride);
     gs.load(gy + off, r, rows, ty, stride);
