@@ -855,13 +855,10 @@ def test_cuda_kernels_emulated_edge_inputs(defines: tuple[str, ...], seed: int) 
                              f"cuda (emulated) {mnk}")
 
 
-@pytest.mark.parametrize("define", ["KFUSE_DEU_FWD_ROW_UNROLL=8", "KFUSE_DEU_ROWS_BLOCKS=2048",
-                                    "KFUSE_DEU_FWD_STAGES=0", "KFUSE_DEU_FWD_STAGES=2", "KFUSE_DEU_FWD_STAGES=8"])
+@pytest.mark.parametrize("define", ["KFUSE_DEU_FWD_ROW_UNROLL=8", "KFUSE_DEU_ROWS_BLOCKS=2048"])
 def test_cuda_kernels_emulated_knobs(define: str, seed: int) -> None:
     """The A/B builds of the GPU check that change what the kernels compute or how they tile
-    (gpu_check.sh fwdu8: 8-row groups; fixed: 2048-block grids; reg, st2, st8: the float
-    forward's register pipeline instead of shared-memory stages, 2 or 8 stages), on the rows
-    layouts."""
+    (gpu_check.sh fwdu8: 8-row groups; fixed: 2048-block grids), on the rows layouts."""
     lib = load_deu_emu((define,))
     for mnk in EMU_SHAPES[:4]:
         check_emulated(lib, mnk, torch.float32, f"cuda (emulated, -D{define})")

@@ -27,14 +27,18 @@
 // the backward's instructions at 128 rows per tile. No atomics, so the result is deterministic.
 //
 // Instruction budget (sm_90 SASS from `cuobjdump -sass`, the rows kernels' 4-row fast path for
-// the common neurons, term mask 0; loads, stores and loop control included): forward ~45 per
-// element, backward ~90. Commit a65fb6c's single loops for all neurons took 87 and 148. An H200
-// issues 132 SMs x 4 warp instructions per clock (1.98 GHz): 8192 x 4096 at 87 per element is
-// ~87 us of issue alone, against the 104 us that forward measured (issue-bound); at 45 it is
-// ~46 us, under the 65 us copy floor. Measured (H200, 2026-11-26, bench/results/
-// 2026-11-26-h200-deu-3e24ac8.md, 8192 x 4096 fp32): forward 85.8 us (a65fb6c: 109.2), backward
-// 176.7 us (245.7). Still not memory-bound: ncu gives the forward DRAM 65%, SM 62%, and 7.8 of
-// the 13.7 cycles between a warp's instructions waiting on loads; bf16 takes as long.
+// the common neurons, term mask 0; loads, stores and loop control included): forward ~35 per
+// element (deu_math.h's forward_fast), backward ~90. Commit a65fb6c's single loops for all
+// neurons took 87 and 148. An H200 issues 132 SMs x 4 warp instructions per clock (1.98 GHz):
+// 8192 x 4096 at 87 per element is ~87 us of issue alone, against the 104 us that forward
+// measured (issue-bound then); at 35 it is ~36 us, well under the 65 us copy floor. Measured
+// (H200, 2026-11-26, bench/results/2026-11-26-h200-deu-36c7ae7.md, 8192 x 4096 fp32): forward
+// 82.3 us (3e24ac8: 85.4, a65fb6c: 109.2), backward 176.7 us (a65fb6c: 245.7). The forward is
+// bound by load latency, not issue nor bandwidth: ncu gives DRAM 66%, SM 54%, and 11.1 of the
+// 17.1 cycles between a warp's instructions waiting on loads; going from ~45 to ~35
+// instructions per element took only 1.5% off it (bf16: 8%). What did not help it (same
+// day): more bytes in flight through shared memory (cp.async, 2-8 stages: 86.8-88.5 us
+// against 84.1), L2 prefetches ahead of the loads (88.4, 94.8), 8-row groups (91.8).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -161,7 +165,7 @@ constexpr int64_t kPlaneFwdElems = 2048, kPlaneBwdElems = 4096;
 // per SM, 49%: bench/results/2026-11-26-h200-deu.md; the kernels were latency-bound.)
 // (-DKFUSE_DEU_FWD_ROW_UNROLL=n overrides the forward's 4, for bench/deu_cuda_micro.cu's A/B
 // builds: 8 rows per group keep 48 registers under a 5-blocks-per-SM bound, without spills, but
-// the forward took 93.0 us instead of 85.8 on an H200 (2026-11-26); the backward at 8 spills
+// the forward took 91.8 us instead of 84.1 on an H200 (2026-11-26); the backward at 8 spills
 // ~1 KB per thread.)
 #ifndef KFUSE_DEU_FWD_ROW_UNROLL
 #define KFUSE_DEU_FWD_ROW_UNROLL 4
@@ -199,113 +203,6 @@ __device__ __forceinline__ int warp_terms(const Plan<A>& p) {
   return static_cast<int>(__reduce_or_sync(lanes, mine));
 }
 
-// The forward in float stages its rows in shared memory instead: cp.async copies global ->
-// shared without registers, so a thread keeps kFwdStages groups of U rows in flight (64 bytes
-// at 4 stages) where the register pipeline kept one (16 bytes, what 48 registers allow at 5
-// blocks per SM). Each thread stages and reads only its own column's slots, so it waits for its
-// own copies (cp.async.wait_group) and no barrier is needed. Why: at ~35 instructions per element
-// the float forward took 84.1 us for a 68.7 us copy on an H200 (2026-11-26) with the SMs 54%
-// busy and DRAM 66%, 17 cycles between a warp's instructions, most of them waiting on loads:
-// bytes in flight, not issue, bound it. 2-byte types cannot use 4-byte copies per column and
-// keep the register pipeline, as does double. -DKFUSE_DEU_FWD_STAGES=s sets the stages (0: the
-// register pipeline for float too), for bench/deu_cuda_micro.cu's A/B builds.
-#ifndef KFUSE_DEU_FWD_STAGES
-#define KFUSE_DEU_FWD_STAGES 4
-#endif
-constexpr int kFwdStages = KFUSE_DEU_FWD_STAGES;
-static_assert(kFwdStages == 0 || (kFwdStages >= 2 && (kFwdStages & (kFwdStages - 1)) == 0),
-              "KFUSE_DEU_FWD_STAGES: 0 or a power of 2 from 2");
-template <typename S>
-constexpr bool kFwdStaged = std::is_same<S, float>::value && kFwdStages > 0;
-constexpr int kFwdRingRows = kFwdStages > 0 ? kFwdStages * kFwdRowUnroll : 1;
-
-// A shared-memory slot as cp.async names it: its 32-bit shared-window address on the GPU (taken
-// once per thread: converting a generic pointer per copy cost ~3 instructions), a pointer in the
-// emulator, which copies at once.
-#ifdef __CUDA_ARCH__
-using SharedSlot = unsigned;
-__device__ __forceinline__ SharedSlot shared_slot(float* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ SharedSlot slot_at(SharedSlot s, int i) { return s + 4u * i; }
-#else
-using SharedSlot = float*;
-__device__ __forceinline__ SharedSlot shared_slot(float* p) { return p; }
-__device__ __forceinline__ SharedSlot slot_at(SharedSlot s, int i) { return s + i; }
-#endif
-
-// 4 bytes global -> shared, asynchronously (sm_80+).
-__device__ __forceinline__ void cp_async4(SharedSlot dst, const float* src) {
-#ifdef __CUDA_ARCH__
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
-#else
-  *dst = *src;
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#ifdef __CUDA_ARCH__
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-// Waits until at most `pending` of this thread's most recent groups are still in flight.
-template <int pending>
-__device__ __forceinline__ void cp_async_wait() {
-#ifdef __CUDA_ARCH__
-  asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory");
-#endif
-}
-
-// Stages one group (rows r, r + ty, ..., of the column, p at row r) into the slots
-// slot + u·kThreads, as one commit group; rows at or past `rows` are not copied (an empty group
-// at the chunk's end).
-__device__ __forceinline__ void stage_group(SharedSlot slot, const float* __restrict__ p, int r, int rows, int ty,
-                                            int stride) {
-  if (r + (kFwdRowUnroll - 1) * ty < rows) {
-#pragma unroll
-    for (int u = 0; u < kFwdRowUnroll; ++u) cp_async4(slot_at(slot, u * kThreads), p + u * stride);
-  } else {
-#pragma unroll
-    for (int u = 0; u < kFwdRowUnroll; ++u) {
-      if (r + u * ty < rows) cp_async4(slot_at(slot, u * kThreads), p + u * stride);
-    }
-  }
-  cp_async_commit();
-}
-
-// Computes and stores one group (U rows from row r, yp at row r) from its values v[u·vstride].
-template <int kTerms, typename S, typename A>
-__device__ __forceinline__ void fwd_rows_group(const Plan<A>& p, const A* v, int vstride, S* __restrict__ yp,
-                                               int r, int rows, int ty, int stride) {
-  if (r + (kFwdRowUnroll - 1) * ty < rows) {
-#pragma unroll
-    for (int u = 0; u < kFwdRowUnroll; ++u) yp[u * stride] = from_acc<S>(forward_one<kTerms>(p, v[u * vstride]));
-  } else {
-#pragma unroll
-    for (int u = 0; u < kFwdRowUnroll; ++u) {
-      if (r + u * ty < rows) yp[u * stride] = from_acc<S>(forward_one<kTerms>(p, v[u * vstride]));
-    }
-  }
-}
-
-// The staged walk: ring = this thread's slot 0 (slots kThreads floats apart), groups 0 to
-// kFwdStages - 2 already staged by the caller; group g sits in slots U·(g mod kFwdStages) on.
-template <int kTerms>
-__device__ __forceinline__ void fwd_rows_walk_staged(const Plan<float>& p, float* ring,
-                                                     const float* __restrict__ xp, float* __restrict__ yp,
-                                                     int r, int rows, int ty, int stride) {
-  constexpr int kGroupSlots = kFwdRowUnroll * kThreads;
-  const int step = kFwdRowUnroll * ty;
-  const int64_t adv = int64_t(kFwdRowUnroll) * stride;
-  const SharedSlot slots = shared_slot(ring);
-  for (int g = 0; r < rows; ++g, r += step, xp += adv, yp += adv) {
-    const int ahead = kFwdStages - 1;
-    stage_group(slot_at(slots, ((g + ahead) & (kFwdStages - 1)) * kGroupSlots), xp + ahead * adv, r + ahead * step,
-                rows, ty, stride);
-    cp_async_wait<kFwdStages - 1>();  // group g has landed
-    fwd_rows_group<kTerms>(p, ring + (g & (kFwdStages - 1)) * kGroupSlots, kThreads, yp, r, rows, ty, stride);
-  }
-}
-
 // The rows walk of one thread: `cur` holds the group at row r (relative to the chunk start),
 // xp/yp point at that row; the next group is loaded before this one is computed.
 template <int kTerms, typename S, typename A>
@@ -317,23 +214,39 @@ __device__ __forceinline__ void fwd_rows_walk(const Plan<A>& p, RowGroup<S, kFwd
   for (; r < rows; r += step, xp += adv, yp += adv) {
     RowGroup<S, kFwdRowUnroll> next;
     next.load(xp + adv, r + step, rows, ty, stride);
-    fwd_rows_group<kTerms>(p, cur.v, 1, yp, r, rows, ty, stride);
+    if (r + (kFwdRowUnroll - 1) * ty < rows) {
+#pragma unroll
+      for (int u = 0; u < kFwdRowUnroll; ++u) yp[u * stride] = from_acc<S>(forward_one<kTerms>(p, cur.v[u]));
+    } else {
+#pragma unroll
+      for (int u = 0; u < kFwdRowUnroll; ++u) {
+        if (r + u * ty < rows) yp[u * stride] = from_acc<S>(forward_one<kTerms>(p, cur.v[u]));
+      }
+    }
     cur = next;
   }
 }
 
-// The forward rows kernel has no blocks-per-SM bound: ptxas then picks 48 registers for float
-// compute on sm_90 (5 blocks of 256 threads per SM); an explicit bound of 1 gives it 72 (3
-// blocks). -DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=n bounds float compute to n blocks per SM, for
-// bench/deu_cuda_micro.cu's A/B builds (6: 40 registers, 48 warps per SM, a few spills; 92.4 us
-// instead of 85.8 on an H200, 2026-11-26).
-#ifdef KFUSE_DEU_FWD_ROWS_MIN_BLOCKS
-#define KF_DEU_FWD_ROWS_BOUNDS __launch_bounds__(kThreads, sizeof(S) == 8 ? 1 : KFUSE_DEU_FWD_ROWS_MIN_BLOCKS)
+// Blocks per SM the forward rows kernel is compiled for, for float storage: 6 on sm_90 (40
+// registers, 48 warps per SM, no spills): 82.3 us against 84.1 at the 48 registers ptxas picks
+// unbounded (5 blocks), H200, 2026-11-26, same run. (Before this file's forward lost ~9
+// instructions per element, the bound spilled and took 92.4 us against 85.8.) Unbounded on
+// sm_80, where the bound spills 8 bytes (not measured there), and for 2-byte types, which
+// spill 8 bytes at 6 and took 76.1 us against 75.6; double: 1 block (~120 registers).
+// -DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=n (0: unbounded) overrides the float bound, for
+// bench/deu_cuda_micro.cu's A/B builds.
+#ifndef KFUSE_DEU_FWD_ROWS_MIN_BLOCKS
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define KFUSE_DEU_FWD_ROWS_MIN_BLOCKS 0
 #else
-#define KF_DEU_FWD_ROWS_BOUNDS __launch_bounds__(kThreads)
+#define KFUSE_DEU_FWD_ROWS_MIN_BLOCKS 6
+#endif
 #endif
 template <typename S>
-__global__ void KF_DEU_FWD_ROWS_BOUNDS
+constexpr int kFwdRowsMinBlocks = sizeof(S) == 8 ? 1 : std::is_same<S, float>::value ? KFUSE_DEU_FWD_ROWS_MIN_BLOCKS : 0;
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads, kFwdRowsMinBlocks<S>)
     fwd_rows_kernel(const S* __restrict__ x, S* __restrict__ y,
                     const typename AccOf<S>::type* __restrict__ coeffs, int64_t M, int64_t N,
                     int64_t rows_per_block) {
@@ -345,27 +258,12 @@ __global__ void KF_DEU_FWD_ROWS_BOUNDS
   const int ty = blockDim.y, r = threadIdx.y;
   const int stride = ty * static_cast<int>(N);  // see kRowsMaxN
   const int64_t off = (m0 + r) * N + n;
-  if constexpr (kFwdStaged<S>) {
-    __shared__ float ring[kFwdRingRows][kThreads];
-    float* mine = &ring[0][threadIdx.y * blockDim.x + threadIdx.x];
-    const int step = kFwdRowUnroll * ty;
-    const int64_t adv = int64_t(kFwdRowUnroll) * stride;
-    for (int g = 0; g < kFwdStages - 1; ++g) {  // in flight while the plan is computed
-      stage_group(slot_at(shared_slot(mine), g * kFwdRowUnroll * kThreads), x + off + g * adv, r + g * step, rows,
-                  ty, stride);
-    }
-    const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
-    with_mask(warp_terms(p), [&](auto terms) {
-      fwd_rows_walk_staged<decltype(terms)::value>(p, mine, x + off, y + off, r, rows, ty, stride);
-    });
-  } else {
-    RowGroup<S, kFwdRowUnroll> cur;
-    cur.load(x + off, r, rows, ty, stride);
-    const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
-    with_mask(warp_terms(p), [&](auto terms) {
-      fwd_rows_walk<decltype(terms)::value>(p, cur, x + off, y + off, r, rows, ty, stride);
-    });
-  }
+  RowGroup<S, kFwdRowUnroll> cur;
+  cur.load(x + off, r, rows, ty, stride);
+  const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
+  with_mask(warp_terms(p), [&](auto terms) {
+    fwd_rows_walk<decltype(terms)::value>(p, cur, x + off, y + off, r, rows, ty, stride);
+  });
 }
 
 template <int kTerms, typename S, typename A>
