@@ -94,11 +94,9 @@ inline void check_launch(const char* what) {
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- tiling (pure functions of the sizes, so the workspace size and the launch agree) -------
-// The forward rows kernel steps between a thread's rows with a 32-bit stride, ty·N <=
-// max(N, 8·256) elements (one IMAD.WIDE per access instead of a pair of 64-bit adds); rows of
-// 2^24 neurons or more go by planes. (The backward's loop kept 64-bit strides: with 32-bit
-// ones it issued ~2% fewer instructions but took 187.5 us instead of 176.2 on an H200,
-// 2026-11-26.)
+// The rows kernels step between a thread's rows with a 32-bit stride, ty·N <= max(N, 8·256)
+// elements (one IMAD.WIDE per access instead of a pair of 64-bit adds; the float backward
+// keeps 64-bit ones, see BwdStride); rows of 2^24 neurons or more go by planes.
 constexpr int64_t kRowsMaxN = int64_t(1) << 24;
 bool use_rows_layout(int64_t N, int64_t K) { return K == 1 && N >= 32 && N < kRowsMaxN; }
 
@@ -266,14 +264,19 @@ __global__ void __launch_bounds__(kThreads, kFwdRowsMinBlocks<S>)
   });
 }
 
+// The backward's row stride: 32-bit for 2-byte types (202.4 us instead of 215.1 for bf16 on an
+// H200, 2026-11-26, same run), 64-bit for float (176.2 us instead of 187.5) and double.
+template <typename S>
+using BwdStride = std::conditional_t<sizeof(S) == 2, int, int64_t>;
+
 template <int kTerms, typename S, typename A>
 __device__ __forceinline__ void bwd_rows_walk(const Plan<A>& p, RowGroup<S, kBwdRowUnroll> xs,
                                               RowGroup<S, kBwdRowUnroll> gs,
                                               const S* __restrict__ xp, const S* __restrict__ gp,
                                               S* __restrict__ gxp, int r, int rows, int ty,
-                                              int64_t stride, A* acc) {
+                                              BwdStride<S> stride, A* acc) {
   const int step = kBwdRowUnroll * ty;
-  const int64_t adv = kBwdRowUnroll * stride;
+  const int64_t adv = int64_t(kBwdRowUnroll) * stride;
   for (; r < rows; r += step, xp += adv, gp += adv, gxp += adv) {
     RowGroup<S, kBwdRowUnroll> xn, gn;
     xn.load(xp + adv, r + step, rows, ty, stride);
@@ -326,7 +329,8 @@ __global__ void __launch_bounds__(kThreads, kBwdRowsMinBlocks<S>)
     const int64_t m0 = rb * rows_per_block;
     const int rows = static_cast<int>(std::min(M - m0, rows_per_block));
     const int r = threadIdx.y;
-    const int64_t stride = ty * N, off = (m0 + r) * N + n;
+    const BwdStride<S> stride = ty * static_cast<BwdStride<S>>(N);  // see kRowsMaxN
+    const int64_t off = (m0 + r) * N + n;
     RowGroup<S, kBwdRowUnroll> xs, gs;
     xs.load(x + off, r, rows, ty, stride);
     gs.load(gy + off, r, rows, ty, stride);
