@@ -4,7 +4,9 @@ Shows where a fwd+bwd row of the report spends its time (the kfuse kernels, the 
 reduction, anything autograd adds), and whether the step is host-bound: it prints the wall time
 per step of a loop synchronised at its end, the host time to issue a step, and the GPU time of
 its kernels, and the host time of the forward and of the backward alone (the GPU idle before
-each: a time near the kernels' means something in that call waits for the GPU). Usage:
+each: a time near the kernels' means something in that call waits for the GPU), beside the same
+for ``torch.sigmoid`` through autograd (one elementwise kernel each way: what the host and
+torch cost anyway). Usage:
 ``python bench/profile_deu.py [--shape 8192 4096] [--dtype bfloat16]``; ``--device cpu
 --backends cpu`` runs it on the CPU kernels.
 """
@@ -42,6 +44,24 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
+    def host_times(fwd, inputs: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+        """Median host µs of ``fwd()`` and of its backward to ``inputs``, the device idle before each."""
+        fwd_host, bwd_host = [], []
+        for _ in range(21):
+            sync()
+            t0 = time.perf_counter()
+            y = fwd()
+            fwd_host.append(time.perf_counter() - t0)
+            sync()
+            t0 = time.perf_counter()
+            torch.autograd.grad(y, inputs, gy)
+            bwd_host.append(time.perf_counter() - t0)
+        sync()
+        return statistics.median(fwd_host[1:]) * 1e6, statistics.median(bwd_host[1:]) * 1e6
+
+    sig_fwd, sig_bwd = host_times(lambda: torch.sigmoid(x), (x,))
+    print(f"== torch.sigmoid {args.dtype} {args.shape}: host time of the forward {sig_fwd:.1f} us, of the "
+          f"backward {sig_bwd:.1f} us (median of 20, the device idle before each)")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     for backend in args.backends:
         def step(backend: str = backend) -> None:
@@ -55,16 +75,7 @@ def main() -> None:
         host_us = (time.perf_counter() - t0) / 20 * 1e6  # issuing only (the GPU may lag)
         sync()
         wall_us = (time.perf_counter() - t0) / 20 * 1e6
-        fwd_host, bwd_host = [], []
-        for _ in range(20):
-            sync()
-            t0 = time.perf_counter()
-            y = kfuse.deu(x, coeffs, backend=backend)
-            t1 = time.perf_counter()
-            torch.autograd.grad(y, (x, coeffs), gy)
-            fwd_host.append(t1 - t0)
-            bwd_host.append(time.perf_counter() - t1)
-        sync()
+        fwd_host, bwd_host = host_times(lambda backend=backend: kfuse.deu(x, coeffs, backend=backend), (x, coeffs))
         with profile(activities=activities) as prof:
             for _ in range(args.iters):
                 step()
@@ -74,8 +85,8 @@ def main() -> None:
         print(f"== {backend} {args.dtype} {args.shape}: wall {wall_us:.1f} us per fwd+bwd step "
               f"(host {host_us:.1f} us to issue it), GPU kernels {gpu_us:.1f} us per step "
               f"({args.iters} profiled iterations): {'host' if host_us > gpu_us else 'GPU'}-bound; "
-              f"host time of the forward {statistics.median(fwd_host) * 1e6:.1f} us, of the backward "
-              f"{statistics.median(bwd_host) * 1e6:.1f} us (median of 20, the GPU idle before each)")
+              f"host time of the forward {fwd_host:.1f} us, of the backward {bwd_host:.1f} us (median of "
+              f"20, the device idle before each)")
         print(events.table(sort_by="cuda_time_total" if dev.type == "cuda" else "cpu_time_total",
                            row_limit=12, max_name_column_width=60))
 
