@@ -123,6 +123,13 @@ done
 step ncu "$OUT/micro.log" 60 ncu --clock-control none -k regex:rows_kernel \
     --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
     /tmp/deu_micro_fast profile
+# What the float forward's warps wait on, reason by reason (cycles per issued instruction; it
+# is bound by load latency, yet more loads in flight did not speed it up: is it lg_throttle?),
+# and its L2 hit rate and DRAM bytes. A step of its own: a metric name ncu does not know fails
+# only this one.
+step ncu-stalls "$OUT/micro.log" 40 ncu --clock-control none -k regex:fwd_rows_kernel --launch-count 1 \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,lts__t_sector_hit_rate.pct,dram__bytes_read.sum,dram__bytes_write.sum" \
+    /tmp/deu_micro_fast profile
 step tests-all "$OUT/tests.log" 120 python3 -m pytest tests -q
 step bench "$OUT/bench.log" 60 python3 -m pytest bench/bench_deu.py --benchmark-only -q -k "not compile" \
     --benchmark-max-time=0.2 --benchmark-min-rounds=3 --benchmark-columns=min,median,rounds
@@ -138,7 +145,9 @@ echo "-- micro:"
 grep -E '^(build|math|rows|planes|sanitize|========= ERROR SUMMARY)' "$OUT/micro.log"
 grep -E 'rows_kernel<|^ +(Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy|No Eligible|Warp Cycles Per Issued Instruction) ' \
     "$OUT/micro.log" | sed -e 's/  */ /g' -e 's/(kfuse::DType,[^)]*)//' | cut -c1-110 | head -n 40
-grep -E '^== (cuda|triton) ' "$OUT/micro.log"
+grep -E 'issue_stalled_(long_scoreboard|lg_throttle|mio_throttle|math_pipe_throttle|wait|short_scoreboard|not_selected|no_instruction)_per|lts__t_sector_hit_rate|dram__bytes' \
+    "$OUT/micro.log" | sed -e 's/  */ /g' | cut -c1-110
+grep -E '^== (cuda|triton|torch) ' "$OUT/micro.log"
 echo "-- bench:"
 grep -E '(passed|failed|error).* in [0-9.]+s' "$OUT/bench.log" | tail -n 1
 echo "-- report:"
