@@ -855,10 +855,12 @@ def test_cuda_kernels_emulated_edge_inputs(defines: tuple[str, ...], seed: int) 
                              f"cuda (emulated) {mnk}")
 
 
-@pytest.mark.parametrize("define", ["KFUSE_DEU_FWD_ROW_UNROLL=8", "KFUSE_DEU_ROWS_BLOCKS=2048"])
+@pytest.mark.parametrize("define", ["KFUSE_DEU_FWD_ROW_UNROLL=8", "KFUSE_DEU_ROWS_BLOCKS=2048",
+                                    "KFUSE_DEU_FWD_ROWS_SWEEP=1"])
 def test_cuda_kernels_emulated_knobs(define: str, seed: int) -> None:
     """The A/B builds of the GPU check that change what the kernels compute or how they tile
-    (gpu_check.sh fwdu8: 8-row groups; fixed: 2048-block grids), on the rows layouts."""
+    (gpu_check.sh fwdu8: 8-row groups; fixed: 2048-block grids; sweep: the forward's blocks
+    taking every gridDim.y-th row), on the rows layouts."""
     lib = load_deu_emu((define,))
     for mnk in EMU_SHAPES[:4]:
         check_emulated(lib, mnk, torch.float32, f"cuda (emulated, -D{define})")

@@ -225,6 +225,16 @@ __device__ __forceinline__ void fwd_rows_walk(const Plan<A>& p, RowGroup<S, kFwd
   }
 }
 
+// -DKFUSE_DEU_FWD_ROWS_SWEEP=1 (an A/B knob of bench/deu_cuda_micro.cu, off by default): each
+// block of the forward takes every gridDim.y-th row instead of a contiguous chunk of rows, so
+// that at any moment the whole grid works on nearby rows and sweeps memory front to back, as a
+// copy does, instead of ~gridDim.y regions at once. The question it answers: is the fp32
+// forward's 66% of DRAM peak (a copy reaches 86%) the access pattern's?
+#ifndef KFUSE_DEU_FWD_ROWS_SWEEP
+#define KFUSE_DEU_FWD_ROWS_SWEEP 0
+#endif
+constexpr bool kFwdRowsSweep = KFUSE_DEU_FWD_ROWS_SWEEP != 0;
+
 // Blocks per SM the forward rows kernel is compiled for, for float storage: 6 on sm_90 (40
 // registers, 48 warps per SM, no spills): 82.3 us against 84.1 at the 48 registers ptxas picks
 // unbounded (5 blocks), H200, 2026-11-26, same run. (Before this file's forward lost ~9
@@ -251,11 +261,22 @@ __global__ void __launch_bounds__(kThreads, kFwdRowsMinBlocks<S>)
   using A = typename AccOf<S>::type;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (n >= N) return;  // no block-wide synchronisation in this kernel
-  const int64_t m0 = blockIdx.y * rows_per_block;
-  const int rows = static_cast<int>(std::min(M - m0, rows_per_block));
   const int ty = blockDim.y, r = threadIdx.y;
-  const int stride = ty * static_cast<int>(N);  // see kRowsMaxN
-  const int64_t off = (m0 + r) * N + n;
+  int rows, stride;  // of this block, and between a thread's rows (in elements)
+  int64_t off;       // of the thread's first row
+  if (kFwdRowsSweep) {
+    // Block rows blockIdx.y, + gridDim.y, + 2·gridDim.y, ...: ty·gridDim.y·N <= 256·target
+    // blocks (row_tiling), far below 2^31.
+    const int64_t rb = gridDim.y;
+    rows = static_cast<int>((M - blockIdx.y + rb - 1) / rb);
+    stride = ty * static_cast<int>(rb * N);
+    off = (blockIdx.y + rb * r) * N + n;
+  } else {
+    const int64_t m0 = blockIdx.y * rows_per_block;
+    rows = static_cast<int>(std::min(M - m0, rows_per_block));
+    stride = ty * static_cast<int>(N);  // see kRowsMaxN
+    off = (m0 + r) * N + n;
+  }
   RowGroup<S, kFwdRowUnroll> cur;
   cur.load(x + off, r, rows, ty, stride);
   const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
