@@ -124,8 +124,8 @@ struct Case {
   void fwd() const { kfuse::deu::forward_cuda(dt, x, y, co, M, N, K, nullptr); }
   // Worst error of y (after fwd()) against deu_math.h's forward in double on the host (from the
   // stored x and coeffs), as a multiple of the tests' tolerance (tests/tolerances.py: atol ·
-  // max(1, max|y|) + rtol · |y|): above 1, a load staged into the wrong slot, a row skipped or
-  // written twice, not only an access out of bounds. NaN if y holds a NaN.
+  // max(1, max|y|) + rtol · |y|): above 1 for a row read from or written to the wrong place, or
+  // skipped, which compute-sanitizer does not see. NaN if y holds a NaN.
   double forward_error_over_tolerance() const {
     const DType acc = dt == DType::f64 ? DType::f64 : DType::f32;
     std::vector<char> hx(n * elem_size(dt)), hy(n * elem_size(dt)), hc(N * 5 * acc_size(dt));

@@ -94,7 +94,7 @@ inline void check_launch(const char* what) {
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- tiling (pure functions of the sizes, so the workspace size and the launch agree) -------
-// The rows kernels step between a thread's rows with a 32-bit stride, ty·N <= max(N, 8·256)
+// The rows kernels step between a thread's rows with a 32-bit stride, ty·N <= max(N, 256)
 // elements (one IMAD.WIDE per access instead of a pair of 64-bit adds; the float backward
 // keeps 64-bit ones, see BwdStride); rows of 2^24 neurons or more go by planes.
 constexpr int64_t kRowsMaxN = int64_t(1) << 24;
