@@ -58,9 +58,9 @@ step() {
 
 # The torch-free CUDA microbenchmark, compiled beside the build: the current kernels ("fast"),
 # the same with one tuning knob changed ("fwd5": the float forward rows kernel unbounded, 48
-# registers and 5 blocks per SM instead of 40 and 6; "sweep"/"sweep5": its blocks taking every
-# gridDim.y-th row instead of a chunk of rows, at 6 or 5 blocks per SM; "fwdu8": its row groups of
-# 8 instead of 4),
+# registers and 5 blocks per SM instead of 40 and 6; "chunk": its blocks taking a chunk of rows
+# instead of every gridDim.y-th row; "bsweep": the backward's blocks taking every gridDim.y-th
+# row instead of a chunk; "fwdu8": the forward's row groups of 8 instead of 4),
 # and the kernels of a baseline commit (KFUSE_BASE, default below: the last commit measured on a
 # GPU), for an A/B in the same run when git can export it here. Through KFUSE_MICRO: "precise"
 # (libm math, 1.5x slower forward), "bwd2" (the backward rows kernel uncapped, 2 blocks per SM
@@ -68,8 +68,8 @@ step() {
 # 2026-11-26. (Also slower that day, and removed: the forward's rows staged in shared memory by
 # cp.async, 2 to 8 stages, and L2 prefetches 2 or 4 row groups ahead; see bench/results/.)
 ARCH=$(python3 -c 'import torch; print("sm_%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo sm_90)
-BASE=${KFUSE_BASE:-3e24ac8}
-read -r -a MICRO <<<"${KFUSE_MICRO:-fast fwd5 sweep sweep5 fwdu8}"
+BASE=${KFUSE_BASE:-5cdc7c1}
+read -r -a MICRO <<<"${KFUSE_MICRO:-fast chunk bsweep fwd5}"
 if mkdir -p /tmp/deu_base && git archive "$BASE" csrc | tar -x -C /tmp/deu_base 2>>"$OUT/micro.log"; then
     MICRO+=(base)
 fi
@@ -79,8 +79,8 @@ for variant in "${MICRO[@]}"; do
     [[ $variant == bwd2 ]] && flags+=(-DKFUSE_DEU_BWD_ROWS_MIN_BLOCKS=2)
     [[ $variant == fixed ]] && flags+=(-DKFUSE_DEU_ROWS_BLOCKS=2048)
     [[ $variant == fwd5 ]] && flags+=(-DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=0)
-    [[ $variant == sweep ]] && flags+=(-DKFUSE_DEU_FWD_ROWS_SWEEP=1)
-    [[ $variant == sweep5 ]] && flags+=(-DKFUSE_DEU_FWD_ROWS_SWEEP=1 -DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=0)
+    [[ $variant == chunk ]] && flags+=(-DKFUSE_DEU_FWD_ROWS_SWEEP=0)
+    [[ $variant == bsweep ]] && flags+=(-DKFUSE_DEU_BWD_ROWS_SWEEP=1)
     [[ $variant == fwdu8 ]] && flags+=(-DKFUSE_DEU_FWD_ROW_UNROLL=8 -DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=5)
     [[ $variant == base ]] && flags=(-DKFUSE_MICRO_LABEL="\"base $BASE\"" -I/tmp/deu_base/csrc/deu)
     nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch="$ARCH" -DKFUSE_WITH_CUDA "${flags[@]}" \
@@ -109,10 +109,12 @@ done
 step sanitize "$OUT/micro.log" 60 compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/deu_micro_fast sanitize
 # The report is what matters most: all the time left but ~130 s for the CUDA tests after it
 # (up to 270 s, at least 90); its --time-budget stops starting new cases 60 s before the timeout
-# (a case takes up to ~40 s).
+# (a case takes up to ~40 s). KFUSE_GPU_REPORT_S sets that timeout instead (90: the fp32 target
+# shape only).
 budget=$(($(left) - 130))
 ((budget > 270)) && budget=270
 ((budget < 90)) && budget=90
+budget=${KFUSE_GPU_REPORT_S:-$budget}
 step report "$OUT/report.log" "$budget" python3 -m kfuse --device cuda --out "$OUT/report" \
     --time-budget $((budget - 60))
 # KFUSE_GPU_TESTS_K: a pytest -k filter for a short run (e.g. "not triton").

@@ -856,10 +856,11 @@ def test_cuda_kernels_emulated_edge_inputs(defines: tuple[str, ...], seed: int) 
 
 
 @pytest.mark.parametrize("define", ["KFUSE_DEU_FWD_ROW_UNROLL=8", "KFUSE_DEU_ROWS_BLOCKS=2048",
-                                    "KFUSE_DEU_FWD_ROWS_SWEEP=1"])
+                                    "KFUSE_DEU_FWD_ROWS_SWEEP=0", "KFUSE_DEU_BWD_ROWS_SWEEP=1"])
 def test_cuda_kernels_emulated_knobs(define: str, seed: int) -> None:
     """The A/B builds of the GPU check that change what the kernels compute or how they tile
-    (gpu_check.sh fwdu8: 8-row groups; fixed: 2048-block grids; sweep: the forward's blocks
+    (gpu_check.sh fwdu8: 8-row groups; fixed: 2048-block grids; chunk: the forward's blocks
+    taking a chunk of rows instead of every gridDim.y-th row; bsweep: the backward's blocks
     taking every gridDim.y-th row), on the rows layouts."""
     lib = load_deu_emu((define,))
     for mnk in EMU_SHAPES[:4]:

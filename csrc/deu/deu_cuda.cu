@@ -225,15 +225,46 @@ __device__ __forceinline__ void fwd_rows_walk(const Plan<A>& p, RowGroup<S, kFwd
   }
 }
 
-// -DKFUSE_DEU_FWD_ROWS_SWEEP=1 (an A/B knob of bench/deu_cuda_micro.cu, off by default): each
-// block of the forward takes every gridDim.y-th row instead of a contiguous chunk of rows, so
-// that at any moment the whole grid works on nearby rows and sweeps memory front to back, as a
-// copy does, instead of ~gridDim.y regions at once. The question it answers: is the fp32
-// forward's 66% of DRAM peak (a copy reaches 86%) the access pattern's?
+// Which rows a block of a rows kernel walks: a contiguous chunk of rows_per_block rows (block
+// row index blockIdx.y), or, "sweeping", every gridDim.y-th row from row blockIdx.y on, so that
+// at any moment the whole grid works on nearby rows and sweeps memory front to back, as a copy
+// does, instead of ~gridDim.y regions at once. The forward sweeps: fp32 8192 x 4096 on an H200
+// took 80.3 us (80.5 at 5 blocks per SM) against 84.2 (84.9) in chunks, 2-byte types the same
+// either way (76.4 against 77.0 us, bf16), in one run of 2026-11-26 (bench/results/). Same rows
+// per block either way, so the backward's workspace (one row of sums per block) is unchanged.
+// -DKFUSE_DEU_FWD_ROWS_SWEEP=0 / -DKFUSE_DEU_BWD_ROWS_SWEEP=1 flip them, for
+// bench/deu_cuda_micro.cu's A/B builds.
 #ifndef KFUSE_DEU_FWD_ROWS_SWEEP
-#define KFUSE_DEU_FWD_ROWS_SWEEP 0
+#define KFUSE_DEU_FWD_ROWS_SWEEP 1
 #endif
-constexpr bool kFwdRowsSweep = KFUSE_DEU_FWD_ROWS_SWEEP != 0;
+#ifndef KFUSE_DEU_BWD_ROWS_SWEEP
+#define KFUSE_DEU_BWD_ROWS_SWEEP 0
+#endif
+constexpr bool kFwdRowsSweep = KFUSE_DEU_FWD_ROWS_SWEEP != 0, kBwdRowsSweep = KFUSE_DEU_BWD_ROWS_SWEEP != 0;
+
+// The rows of the calling thread's block (`rows`: how many), the stride between the thread's
+// rows in elements, and the offset of its first row in column n. A sweep's stride ty·gridDim.y·N
+// is at most ~256·max(col_blocks, target blocks) (row_tiling), and N < kRowsMaxN: it fits an int.
+template <bool kSweep, typename I>
+struct BlockRows {
+  int rows;
+  I stride;
+  int64_t off;
+  __device__ __forceinline__ BlockRows(int64_t M, int64_t N, int64_t rows_per_block, int64_t n) {
+    const int ty = blockDim.y, r = threadIdx.y;
+    if (kSweep) {
+      const int64_t rb = gridDim.y;
+      rows = static_cast<int>((M - blockIdx.y + rb - 1) / rb);
+      stride = ty * static_cast<I>(rb * N);
+      off = (blockIdx.y + rb * r) * N + n;
+    } else {
+      const int64_t m0 = blockIdx.y * rows_per_block;
+      rows = static_cast<int>(std::min(M - m0, rows_per_block));
+      stride = ty * static_cast<I>(N);  // see kRowsMaxN
+      off = (m0 + r) * N + n;
+    }
+  }
+};
 
 // Blocks per SM the forward rows kernel is compiled for, for float storage: 6 on sm_90 (40
 // registers, 48 warps per SM, no spills): 82.3 us against 84.1 at the 48 registers ptxas picks
@@ -262,26 +293,12 @@ __global__ void __launch_bounds__(kThreads, kFwdRowsMinBlocks<S>)
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (n >= N) return;  // no block-wide synchronisation in this kernel
   const int ty = blockDim.y, r = threadIdx.y;
-  int rows, stride;  // of this block, and between a thread's rows (in elements)
-  int64_t off;       // of the thread's first row
-  if (kFwdRowsSweep) {
-    // Block rows blockIdx.y, + gridDim.y, + 2·gridDim.y, ...: ty·gridDim.y·N <= 256·target
-    // blocks (row_tiling), far below 2^31.
-    const int64_t rb = gridDim.y;
-    rows = static_cast<int>((M - blockIdx.y + rb - 1) / rb);
-    stride = ty * static_cast<int>(rb * N);
-    off = (blockIdx.y + rb * r) * N + n;
-  } else {
-    const int64_t m0 = blockIdx.y * rows_per_block;
-    rows = static_cast<int>(std::min(M - m0, rows_per_block));
-    stride = ty * static_cast<int>(N);  // see kRowsMaxN
-    off = (m0 + r) * N + n;
-  }
+  const BlockRows<kFwdRowsSweep, int> b(M, N, rows_per_block, n);
   RowGroup<S, kFwdRowUnroll> cur;
-  cur.load(x + off, r, rows, ty, stride);
+  cur.load(x + b.off, r, b.rows, ty, b.stride);
   const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
   with_mask(warp_terms(p), [&](auto terms) {
-    fwd_rows_walk<decltype(terms)::value>(p, cur, x + off, y + off, r, rows, ty, stride);
+    fwd_rows_walk<decltype(terms)::value>(p, cur, x + b.off, y + b.off, r, b.rows, ty, b.stride);
   });
 }
 
@@ -347,17 +364,15 @@ __global__ void __launch_bounds__(kThreads, kBwdRowsMinBlocks<S>)
 #pragma unroll
   for (int i = 0; i < kPlanParams; ++i) acc[i] = A(0);
   if (active) {
-    const int64_t m0 = rb * rows_per_block;
-    const int rows = static_cast<int>(std::min(M - m0, rows_per_block));
     const int r = threadIdx.y;
-    const BwdStride<S> stride = ty * static_cast<BwdStride<S>>(N);  // see kRowsMaxN
-    const int64_t off = (m0 + r) * N + n;
+    const BlockRows<kBwdRowsSweep, BwdStride<S>> b(M, N, rows_per_block, n);
     RowGroup<S, kBwdRowUnroll> xs, gs;
-    xs.load(x + off, r, rows, ty, stride);
-    gs.load(gy + off, r, rows, ty, stride);
+    xs.load(x + b.off, r, b.rows, ty, b.stride);
+    gs.load(gy + b.off, r, b.rows, ty, b.stride);
     const Plan<A> p = plan_from_coeffs(coeffs + kCoeffs * n);
     with_mask(warp_terms(p), [&](auto terms) {
-      bwd_rows_walk<decltype(terms)::value>(p, xs, gs, x + off, gy + off, gx + off, r, rows, ty, stride, acc);
+      bwd_rows_walk<decltype(terms)::value>(p, xs, gs, x + b.off, gy + b.off, gx + b.off, r, b.rows, ty, b.stride,
+                                            acc);
     });
   }
   if (ty > 1) {
