@@ -229,9 +229,11 @@ __device__ __forceinline__ void fwd_rows_walk(const Plan<A>& p, RowGroup<S, kFwd
 // row index blockIdx.y), or, "sweeping", every gridDim.y-th row from row blockIdx.y on, so that
 // at any moment the whole grid works on nearby rows and sweeps memory front to back, as a copy
 // does, instead of ~gridDim.y regions at once. The forward sweeps: fp32 8192 x 4096 on an H200
-// took 80.3 us (80.5 at 5 blocks per SM) against 84.2 (84.9) in chunks, 2-byte types the same
-// either way (76.4 against 77.0 us, bf16), in one run of 2026-11-26 (bench/results/). Same rows
-// per block either way, so the backward's workspace (one row of sums per block) is unchanged.
+// took 80.3 us (80.5 at 5 blocks per SM) against 84.2 (84.9) in chunks, and 81.5 against 83.0
+// in a second run; 2-byte types the same either way (bf16: 76.4 against 77.0 us), 2026-11-26
+// (bench/results/2026-11-26-h200-deu-5cdc7c1.md; the backward sweeping: 177.9 against 179.1).
+// Same rows per block either way, so the backward's workspace (one row of sums per block) is
+// unchanged.
 // -DKFUSE_DEU_FWD_ROWS_SWEEP=0 / -DKFUSE_DEU_BWD_ROWS_SWEEP=1 flip them, for
 // bench/deu_cuda_micro.cu's A/B builds.
 #ifndef KFUSE_DEU_FWD_ROWS_SWEEP
