@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import inspect
 import itertools
 import json
 import os
@@ -1214,6 +1215,36 @@ def test_select_reasons_and_fallback() -> None:
                for w in caught)
     with pytest.raises(kfuse.BackendUnavailableError, match="no backend can run"):
         _backends.select("probe", "auto", {"cpu": ["x"]}, ("cpu",))
+
+
+def test_select_for_memoises_choices_not_errors(monkeypatch) -> None:
+    """select_for asks for the reasons once per (op, request, device type, dtype, interpreter),
+    raises again on every call that cannot run, and points the fallback warning at its
+    caller's caller, as select does for the op's caller."""
+    monkeypatch.setattr(_backends, "_chosen", {})
+    calls = []
+
+    def reasons() -> dict[str, list[str]]:
+        calls.append(1)
+        return {"triton": ["no triton"], "cuda": ["no GPU"], "cpu": ["not built"], "reference": []}
+
+    def op(requested: str) -> str:  # stands for an op such as kfuse.deu
+        return _backends.select_for("probe2", requested, torch.device("cpu"), torch.float32, reasons,
+                                    ("cpu", "reference"))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        chosen = [op("auto"), op("auto"), op("auto")]
+    assert chosen == ["reference"] * 3
+    assert len(calls) == 1
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)], "one warning, at the op's caller"
+    for _ in range(2):
+        with pytest.raises(kfuse.BackendUnavailableError, match="backend 'cpu' cannot run this input: not built"):
+            op("cpu")
+    assert len(calls) == 3
+    with pytest.raises(TypeError, match="backend must be a str"):
+        op(["cpu"])
 
 
 def test_auto_picks_compiled_cpu_kernels() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -84,7 +85,8 @@ def triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
 _warned: set[tuple[str, str]] = set()  # (op, reasons) already warned about
 
 
-def select(op: str, requested: str, reasons: dict[str, list[str]], order: tuple[str, ...]) -> str:
+def select(op: str, requested: str, reasons: dict[str, list[str]], order: tuple[str, ...], *,
+           stacklevel: int = 3) -> str:
     """Pick a backend for ``op``.
 
     Args:
@@ -92,6 +94,8 @@ def select(op: str, requested: str, reasons: dict[str, list[str]], order: tuple[
         requested: a backend name or ``"auto"``.
         reasons: for every backend, why it cannot run this input (empty list: it can).
         order: preference order for ``"auto"`` (fastest first).
+        stacklevel: of the reference fallback's warning (3: the op's caller, when the op called
+            this).
     Raises:
         ValueError: unknown backend name.
         BackendUnavailableError: the requested backend cannot run this input.
@@ -116,12 +120,33 @@ def select(op: str, requested: str, reasons: dict[str, list[str]], order: tuple[
                 skipped = "; ".join(f"{b}: {', '.join(r)}" for b, r in reasons.items() if r)
                 if (op, skipped) not in _warned:
                     _warned.add((op, skipped))
-                    warnings.warn(f"kfuse.{op}: falling back to the PyTorch reference ({skipped})", stacklevel=3)
+                    warnings.warn(f"kfuse.{op}: falling back to the PyTorch reference ({skipped})",
+                                  stacklevel=stacklevel)
             return name
     raise BackendUnavailableError(
         f"kfuse.{op}: no backend can run this input: "
         + "; ".join(f"{b}: {', '.join(r)}" for b, r in reasons.items())
     )
+
+
+_chosen: dict[tuple, str] = {}  # select_for's memo: (op, requested, device type, dtype, interpreter) -> backend
+
+
+def select_for(op: str, requested: str, device: torch.device, dtype: torch.dtype,
+               reasons: Callable[[], dict[str, list[str]]], order: tuple[str, ...]) -> str:
+    """``select(op, requested, reasons(), order)`` for an input on ``device`` of ``dtype``,
+    memoised: an op whose backends' reasons depend on nothing else of the input (the extension
+    is loaded once; ``TRITON_INTERPRET`` is part of the key) skips building them on every call.
+    Building DEU's took 3.5 of the 19 µs of an eager forward of a [4, 32] tensor (2 CPU cores).
+    Errors are not memoised (they raise again), nor is anything while ``torch.compile`` traces.
+    """
+    if torch.compiler.is_compiling() or not isinstance(requested, str):
+        return select(op, requested, reasons(), order, stacklevel=4)
+    key = (op, requested, device.type, dtype, triton_interpret())
+    chosen = _chosen.get(key)
+    if chosen is None:
+        chosen = _chosen[key] = select(op, requested, reasons(), order, stacklevel=4)
+    return chosen
 
 
 def availability() -> dict[str, str]:

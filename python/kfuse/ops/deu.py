@@ -312,7 +312,7 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     dim = _validate(x, coeffs, dim)
     x, coeffs = x.resolve_neg(), coeffs.resolve_neg()  # the kernels read memory: no lazy negation
     order = _ORDER.get(x.device.type, ("reference",))
-    chosen = _backends.select("deu", backend, backend_reasons(x), order)
+    chosen = _backends.select_for("deu", backend, x.device, x.dtype, lambda: backend_reasons(x), order)
     if chosen == "reference":
         return deu_reference(x, coeffs, dim)
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
