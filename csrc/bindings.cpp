@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> deu_backward(const at::Tensor& grad_y, const 
   at::Tensor partials = at::empty({kfuse::deu::backward_cpu_num_partials(M, N, K), N, 5}, coeffs.options());
   kfuse::deu::backward_cpu(to_dtype(x), grad_y.data_ptr(), x.data_ptr(), coeffs.data_ptr(),
                            grad_x.data_ptr(), partials.data_ptr(), M, N, K);
-  return {grad_x, partials.sum(0)};
+  return {grad_x, partials.size(0) == 1 ? partials[0] : partials.sum(0)};
 }
 
 }  // namespace
