@@ -1138,7 +1138,7 @@ def test_dispatch_modes_and_subclasses(seed: int) -> None:
     torch.testing.assert_close(y.b, kfuse.deu(x2, coeffs, backend="cpu"))
     meta = torch.empty(4, 11, 1, device="meta")
     with pytest.raises(RuntimeError, match="x must be a CPU or CUDA tensor backed by memory"):
-        _backends.extension().deu_forward(meta, coeffs.to("meta"), torch.empty_like(meta))
+        _backends.extension().deu_forward(meta, coeffs.to("meta"), 1)
 
 
 # ---------------------------------------------------------------- module, errors, dispatch

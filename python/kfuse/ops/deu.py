@@ -30,7 +30,8 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-# Memory layout. The kernels see a [M, N, K] contiguous tensor. A tensor dense in some order of
+# Memory layout. The kernels see a [M, N, K] contiguous tensor (the backends take a contiguous
+# tensor and the neuron dim, and split it so). A tensor dense in some order of
 # its dims (channels-last NCHW, a transposed [B, N, T]) is one without a copy: list its dims
 # outermost first, then M and K are the sizes outside and inside the neuron dim in memory. y and
 # grad_x are laid out like x, as PyTorch's elementwise ops do; a channels-last model stays so.
@@ -76,47 +77,64 @@ def _empty_in_order(x: Tensor, order: Order) -> Tensor:
     return torch.empty_strided(x.shape, strides, dtype=x.dtype, device=x.device)
 
 
-def _as_mnk(t: Tensor, dim: int, order: Order) -> Tensor:
-    """The ``[M, N, K]`` view of ``t`` (dense in ``order``), N = ``t.shape[dim]``."""
-    if order is not None:
-        t, dim = t.permute(order), order.index(dim)
-    return t.view(math.prod(t.shape[:dim]), t.shape[dim], math.prod(t.shape[dim + 1 :]))
+def _mnk(shape: torch.Size, dim: int) -> tuple[int, int, int]:
+    """``[M, N, K]``: the sizes before ``dim``, at it, and after it."""
+    return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :])
 
 
-def _from_mnk(t3: Tensor, x: Tensor, order: Order) -> Tensor:
-    """A contiguous ``[M, N, K]`` result of the kernels as a tensor shaped and laid out like ``x``."""
-    if order is None:
-        return t3.view(x.shape)
-    return t3.view([x.shape[d] for d in order]).permute(_inverse(order))
+def _triton_forward(x: Tensor, coeffs: Tensor, dim: int, out: Tensor | None = None) -> Tensor:
+    from kfuse.triton_kernels import deu as tk  # noqa: PLC0415 (triton is optional)
+
+    out = torch.empty_like(x) if out is None else out
+    mnk = _mnk(x.shape, dim)
+    tk.deu_forward(x.view(mnk), coeffs, out.view(mnk))
+    return out
+
+
+def _triton_backward(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    from kfuse.triton_kernels import deu as tk  # noqa: PLC0415 (triton is optional)
+
+    mnk = _mnk(x.shape, dim)
+    gx, gc = tk.deu_backward(grad_y.view(mnk), x.view(mnk), coeffs)
+    return gx.view(x.shape), gc
 
 
 def _kernels(backend: str):
-    """(forward(x3, coeffs, out3), backward(grad_y3, x3, coeffs)) of a compiled/Triton backend."""
+    """(forward, backward) of a compiled/Triton backend, for contiguous tensors and a neuron dim:
+    ``forward(x, coeffs, dim, out=None) -> y`` (into ``out`` when given; contiguous like x),
+    ``backward(grad_y, x, coeffs, dim) -> (grad_x, grad_coeffs)``; coeffs ``[N, 5]`` contiguous
+    in the accumulation dtype."""
     if backend == "triton":
-        from kfuse.triton_kernels import deu as tk  # noqa: PLC0415 (triton is optional)
-
-        return tk.deu_forward, tk.deu_backward
+        return _triton_forward, _triton_backward
     ext = _backends.extension()
     return ext.deu_forward, ext.deu_backward
 
 
 def _forward_impl(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
-    # The kernels write into a [M, N, K] view of y, so y itself is not a view: autograd lets a
-    # caller modify it in place (y += skip, ReLU(inplace=True)), which it forbids for a view made
-    # inside an autograd.Function.
+    # y itself is not a view (the kernels fill a new tensor, or a permuted view of one): autograd
+    # lets a caller modify it in place (y += skip, ReLU(inplace=True)), which it forbids for a
+    # view made inside an autograd.Function.
     forward, _ = _kernels(backend)
     order = _order(x)
+    coeffs = coeffs.to(_acc_dtype(x)).contiguous()
+    if order is None:
+        return forward(x.contiguous(), coeffs, dim)
     y = _empty_in_order(x, order)
-    forward(_as_mnk(_in_order(x, order), dim, order), coeffs.to(_acc_dtype(x)).contiguous(), _as_mnk(y, dim, order))
+    forward(_in_order(x, order).permute(order), coeffs, order.index(dim), y.permute(order))
     return y
 
 
 def _backward_impl(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
     _, backward = _kernels(backend)
     order = _order(x)
-    x3 = _as_mnk(_in_order(x, order), dim, order)
-    gx, gc = backward(_as_mnk(_in_order(grad_y, order), dim, order), x3, coeffs.to(_acc_dtype(x)).contiguous())
-    return _from_mnk(gx, x, order), gc.to(coeffs.dtype)
+    acc = coeffs.to(_acc_dtype(x)).contiguous()
+    if order is None:
+        gx, gc = backward(grad_y.contiguous(), x.contiguous(), acc, dim)
+    else:
+        gx, gc = backward(_in_order(grad_y, order).permute(order), _in_order(x, order).permute(order), acc,
+                          order.index(dim))
+        gx = gx.permute(_inverse(order))
+    return gx, gc.to(coeffs.dtype)
 
 
 @torch.library.custom_op("kfuse::deu_forward", mutates_args=())
@@ -324,6 +342,8 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
         # with them): the kernels define no rules for them.
         return deu_reference(x, coeffs, dim)
     if _plain(x) and _plain(coeffs) and not torch._C._len_torch_dispatch_stack():
+        if not (torch.is_grad_enabled() and (x.requires_grad or coeffs.requires_grad)):
+            return _forward_impl(x, coeffs, dim, chosen)  # nothing to differentiate: no autograd node (-2 us)
         return _EagerDeu.apply(_in_order(x, _order(x)), coeffs, dim, chosen)  # saved dense for backward
     # A dispatch mode (make_fx, FakeTensorMode, FlopCounterMode) or a tensor subclass must see the
     # registered op: _EagerDeu hands the extension raw pointers, which such tensors may not have
