@@ -4,11 +4,13 @@
 # Builds kfuse in place with its CUDA kernels, runs the standalone CUDA microbenchmark (against a
 # baseline commit's kernels, then its tuning-knob A/B builds), compute-sanitizer on odd shapes,
 # the report (python -m kfuse --device cuda; its cases put the target shape first, in every
-# dtype), the CUDA tests, the fwd+bwd autograd profile in fp32 and bf16, then ncu on the target
-# shape, the whole suite and a short pytest-benchmark pass if time is left, and
+# dtype), the CUDA tests, the fwd+bwd autograd profile in fp32 and bf16, host time per call on
+# small tensors, then ncu on the target shape, the whole suite and a short pytest-benchmark pass if time is left, and
 # prints a summary last. Every step runs even when an earlier one failed, each under `timeout`,
 # and a deadline (KFUSE_GPU_DEADLINE, default 470 s) keeps the whole run under 8 minutes.
-# Measured on an H200 (2026-11-26): build 114-145 s, CUDA tests 92-111 s, a report case 15-40 s.
+# Measured on an H200 (2026-11-26): build 114-145 s, CUDA tests 86-111 s, a report case 15-40 s.
+# A short run that still confirms the target shape and the kernels' correctness:
+#   KFUSE_GPU_DEADLINE=300 KFUSE_GPU_REPORT_S=90 KFUSE_GPU_TESTS_K="not triton" bash bench/gpu_check.sh
 # Files under $OUT (8): env.log build.log tests.log micro.log report.log bench.log report/report.{json,png}
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -124,6 +126,9 @@ step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda ${K
 for dt in float32 bfloat16; do
     step "profile-$dt" "$OUT/micro.log" 30 python3 bench/profile_deu.py --dtype "$dt"
 done
+# Per-call time on small tensors, where the host sets the speed (bench/host_deu.py; on the CPU the
+# eager path's trims of 2026-11-26 halved it: bench/results/2026-11-26-cpu-deu-host.md).
+step host "$OUT/micro.log" 40 python3 bench/host_deu.py --device cuda --shapes 4x32 256x256 8192x4096 --number 200
 # The hardware counters of the rows kernels on the target shape (occupancy, issue and memory
 # utilisation).
 step ncu "$OUT/micro.log" 60 ncu --clock-control none -k regex:rows_kernel \
@@ -153,7 +158,7 @@ grep -E 'rows_kernel<|^ +(Duration|DRAM Throughput|Compute \(SM\) Throughput|Reg
     "$OUT/micro.log" | sed -e 's/  */ /g' -e 's/(kfuse::DType,[^)]*)//' | cut -c1-110 | head -n 40
 grep -E 'issue_stalled_(long_scoreboard|lg_throttle|mio_throttle|math_pipe_throttle|wait|short_scoreboard|not_selected|no_instruction)_per|lts__t_sector_hit_rate|dram__bytes' \
     "$OUT/micro.log" | sed -e 's/  */ /g' | cut -c1-110
-grep -E '^== (cuda|triton|torch) ' "$OUT/micro.log"
+grep -E '^== (cuda|triton|torch) |^ +[0-9x]+ (fwd|torch)' "$OUT/micro.log"
 echo "-- bench:"
 grep -E '(passed|failed|error).* in [0-9.]+s' "$OUT/bench.log" | tail -n 1
 echo "-- report:"
