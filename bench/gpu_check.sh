@@ -10,7 +10,7 @@
 # and a deadline (KFUSE_GPU_DEADLINE, default 470 s) keeps the whole run under 8 minutes.
 # Measured on an H200 (2026-11-26): build 114-145 s, CUDA tests 86-111 s, a report case 15-40 s.
 # A short run that still confirms the target shape and the kernels' correctness:
-#   KFUSE_GPU_DEADLINE=300 KFUSE_GPU_REPORT_S=90 KFUSE_GPU_TESTS_K="not triton" bash bench/gpu_check.sh
+#   KFUSE_GPU_DEADLINE=330 KFUSE_GPU_REPORT_S=90 KFUSE_GPU_TESTS_K="not triton" bash bench/gpu_check.sh
 # Files under $OUT (8): env.log build.log tests.log micro.log report.log bench.log report/report.{json,png}
 set -uo pipefail
 export PYTHONUNBUFFERED=1
