@@ -22,6 +22,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import kfuse
+from kfuse import _backends
+from kfuse.ops import deu as deu_ops
 from kfuse.reference.deu import deu_init_coeffs
 
 
@@ -60,9 +62,22 @@ def main() -> None:
         sync()
         return statistics.median(fwd_host[1:]) * 1e6, statistics.median(bwd_host[1:]) * 1e6
 
+    def call_host(fn) -> float:
+        """Median host µs of ``fn()``, the device idle before each."""
+        times = []
+        for _ in range(21):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        sync()
+        return statistics.median(times[1:]) * 1e6
+
     sig_fwd, sig_bwd = host_times(lambda: torch.sigmoid(x), (x,))
     print(f"== torch.sigmoid {args.dtype} {args.shape}: host time of the forward {sig_fwd:.1f} us, of the "
           f"backward {sig_bwd:.1f} us (median of 20, the device idle before each)")
+    xd, cd = x.detach(), coeffs.detach()
+    cd_acc = cd.to(deu_ops._acc_dtype(x))  # the extension takes coeffs in the accumulation dtype
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     for backend in args.backends:
         def step(backend: str = backend) -> None:
@@ -92,6 +107,13 @@ def main() -> None:
               f"({args.iters} profiled iterations): {'host' if host_us > gpu_us else 'GPU'}-bound; "
               f"host time of the forward {fwd_host:.1f} us, of the backward {bwd_host:.1f} us (median of "
               f"20, the device idle before each)")
+        if backend != "triton":
+            # Where the backward's host time goes: the extension call alone, then with the op's
+            # Python around it (on 2026-11-26 the bf16 backward took ~90 us more than fp32's).
+            ext_us = call_host(lambda: _backends.extension().deu_backward(gy, xd, cd_acc, x.ndim - 1))
+            impl_us = call_host(lambda backend=backend: deu_ops._backward_impl(gy, xd, cd, x.ndim - 1, backend))
+            print(f"== {backend} {args.dtype}: host time of the backward's extension call {ext_us:.1f} us, "
+                  f"through _backward_impl {impl_us:.1f} us (median of 20, the device idle before each)")
         print(events.table(sort_by="cuda_time_total" if dev.type == "cuda" else "cpu_time_total",
                            row_limit=12, max_name_column_width=60))
 
