@@ -142,8 +142,10 @@ def select_for(op: str, requested: str, device: torch.device, dtype: torch.dtype
     """
     if torch.compiler.is_compiling() or not isinstance(requested, str):
         return select(op, requested, reasons(), order, stacklevel=4)
-    # TRITON_INTERPRET matters for CPU tensors only; reading it costs ~0.6 us.
-    key = (op, requested, device.type, dtype, device.type == "cpu" and triton_interpret())
+    # TRITON_INTERPRET matters only where Triton may be chosen for a CPU tensor; reading it costs
+    # ~0.6 us (CPU "auto" orders leave Triton out).
+    maybe_triton = device.type == "cpu" and (requested == "triton" or (requested == "auto" and "triton" in order))
+    key = (op, requested, device.type, dtype, maybe_triton and triton_interpret())
     chosen = _chosen.get(key)
     if chosen is None:
         chosen = _chosen[key] = select(op, requested, reasons(), order, stacklevel=4)
