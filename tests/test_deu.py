@@ -635,6 +635,10 @@ def test_memory_layouts_kept_without_copies(backend: str, device: str, seed: int
         assert interpreted or log.copies == [], f"{what}: copied {log.copies}"
         assert y.stride() == x.stride() and gx.stride() == x.stride(), f"{what}: {y.stride()} {gx.stride()}"
         assert_results_close((y.detach(), gx, gc), ref_grads(x, coeffs, gy_like, dim), torch.float32, what)
+        with torch.no_grad():  # the eager path without an autograd node (_CopyLog, a dispatch mode, takes the op's)
+            y0 = kfuse.deu(xk, ck, dim, backend=backend)
+        assert y0.stride() == x.stride() and not y0.requires_grad, f"{what}, no grad: {y0.stride()}"
+        torch.testing.assert_close(y0, y.detach(), rtol=0, atol=0, msg=f"{what}, no grad")
         gy = gy_like.contiguous()  # grad_y laid out otherwise: copied, same results
         y = kfuse.deu(xk, ck, dim, backend=backend)
         assert_results_close((y.detach(), *torch.autograd.grad(y, (xk, ck), gy)), ref_grads(x, coeffs, gy, dim),
