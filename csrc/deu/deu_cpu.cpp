@@ -122,16 +122,22 @@ KF_SIMD void store16(float* p, vf v, int cnt) {
   std::memcpy(p, buf, sizeof(float) * cnt);
 }
 
+// Which Jacobian layout a FloatPlans holds: none (forward), rows (one [kPlanParams][kCoeffs]
+// block per neuron: the K > 1 backward, a neuron per loop) or lanes (structure of arrays: the
+// K == 1 backward, kW neurons per vector). One, not both: building the second one as well took
+// 7% of a [1, 1024] backward (one thread: 150 against 139 us).
+enum class Jac { none, rows, lanes };
+
 // Per-call plans of the float path.
 struct FloatPlans {
   int64_t N = 0, stride = 0;
   std::vector<float> soa;       // [kPlanParams][stride]
   std::vector<uint8_t> flags;   // per neuron
   std::vector<uint8_t> bflags;  // per block of kW neurons (OR of its neurons)
-  std::vector<float> jac;       // [N][kPlanParams][kCoeffs], backward only
-  std::vector<float> jac_soa;   // [kPlanParams][kCoeffs][stride], the same, for lanes over neurons
+  std::vector<float> jac;       // Jac::rows: [N][kPlanParams][kCoeffs]
+  std::vector<float> jac_soa;   // Jac::lanes: [kPlanParams][kCoeffs][stride]
 
-  FloatPlans(const float* coeffs, int64_t n_, bool with_jac) : N(n_) {
+  FloatPlans(const float* coeffs, int64_t n_, Jac layout) : N(n_) {
     // An odd number of kW-float (64-byte) blocks per row: with N a multiple of 1024 the rows
     // were 4 KB apart, so the scattered writes below (19 plan rows, 95 Jacobian rows per
     // neuron) all fell into one L1 set. Backward of [1, 1024] fp32, one thread: 411 -> 150 us.
@@ -139,21 +145,19 @@ struct FloatPlans {
     soa.assign(static_cast<size_t>(kPlanParams) * stride, 0.0f);
     flags.assign(N, 0);
     bflags.assign(stride / kW, 0);
-    if (with_jac) {
-      jac.resize(static_cast<size_t>(N) * kPlanParams * kCoeffs);
-      jac_soa.assign(static_cast<size_t>(kPlanParams) * kCoeffs * stride, 0.0f);
-    }
+    if (layout == Jac::rows) jac.resize(static_cast<size_t>(N) * kPlanParams * kCoeffs);
+    if (layout == Jac::lanes) jac_soa.assign(static_cast<size_t>(kPlanParams) * kCoeffs * stride, 0.0f);
     for (int64_t n = 0; n < N; ++n) {
+      float j[kPlanParams][kCoeffs];  // Jac::lanes: this neuron's, scattered into jac_soa below
+      float(*jn)[kCoeffs] =
+          layout == Jac::rows ? reinterpret_cast<float(*)[kCoeffs]>(jac.data() + n * kPlanParams * kCoeffs) : j;
       const Plan<float> p =
-          with_jac ? plan_with_jacobian(coeffs + 5 * n,
-                                        reinterpret_cast<float(*)[kCoeffs]>(
-                                            jac.data() + n * kPlanParams * kCoeffs))
-                   : plan_from_coeffs(coeffs + 5 * n);
+          layout == Jac::none ? plan_from_coeffs(coeffs + 5 * n) : plan_with_jacobian(coeffs + 5 * n, jn);
       simd::plan_to_soa(p, soa.data(), stride, n);
       flags[n] = static_cast<uint8_t>(simd::plan_flags(p));
       bflags[n / kW] |= flags[n];
-      for (int64_t e = 0; with_jac && e < kPlanParams * kCoeffs; ++e)
-        jac_soa[e * stride + n] = jac[n * kPlanParams * kCoeffs + e];
+      for (int64_t e = 0; layout == Jac::lanes && e < kPlanParams * kCoeffs; ++e)
+        jac_soa[e * stride + n] = j[e / kCoeffs][e % kCoeffs];
     }
   }
   const float (*jac_of(int64_t n) const)[kCoeffs] {
@@ -361,7 +365,7 @@ void copy_tile(const S* src, int64_t lds, D* dst, int64_t ldd, int64_t rows, int
 
 template <typename S>
 void forward_float(const S* x, S* y, const float* coeffs, int64_t M, int64_t N, int64_t K) {
-  const FloatPlans P(coeffs, N, /*with_jac=*/false);
+  const FloatPlans P(coeffs, N, Jac::none);
   const Tiling tl = tiling(M, N, K, 0, std::min(K, kTileElems));  // bounded staging buffers
   const int64_t ld = N * K;
   // One tile runs on the calling thread: starting the team for it cost ~4 us (see kfuse_bwd).
@@ -389,7 +393,7 @@ void forward_float(const S* x, S* y, const float* coeffs, int64_t M, int64_t N, 
 template <typename S>
 void backward_float(const S* gy, const S* x, const float* coeffs, S* gx, float* partials,
                     int64_t M, int64_t N, int64_t K) {
-  const FloatPlans P(coeffs, N, /*with_jac=*/true);
+  const FloatPlans P(coeffs, N, K == 1 ? Jac::lanes : Jac::rows);
   const Tiling tl = tiling(M, N, K, kRowsPerPartial, partial_k(K));
   const int64_t ld = N * K;
   // Tiles are (partial = (row tile, K chunk), neuron group); each partials[p, n, :] has one
