@@ -368,7 +368,9 @@ void forward_float(const S* x, S* y, const float* coeffs, int64_t M, int64_t N, 
   const FloatPlans P(coeffs, N, Jac::none);
   const Tiling tl = tiling(M, N, K, 0, std::min(K, kTileElems));  // bounded staging buffers
   const int64_t ld = N * K;
-  // One tile runs on the calling thread: starting the team for it cost ~4 us (see kfuse_bwd).
+  // One tile runs on the calling thread: starting the OpenMP team for it cost more than the
+  // tile (the extension's forward of a [4, 32] fp32 tensor, 2 cores: 2.2 -> 1.1 us). The same
+  // in backward_float.
 #pragma omp parallel if (tl.count() > 1)
   {
     std::vector<float> bx, by;

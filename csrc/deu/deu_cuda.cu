@@ -232,7 +232,7 @@ __device__ __forceinline__ void fwd_rows_walk(const Plan<A>& p, RowGroup<S, kFwd
 // took 80.3 us (80.5 at 5 blocks per SM) against 84.2 (84.9) in chunks, and 81.5 against 83.0
 // in a second run; 2-byte types the same either way (bf16: 76.4 against 77.0 us), 2026-11-26
 // (bench/results/2026-11-26-h200-deu-5cdc7c1.md; the backward sweeping: 177.9 against 179.1).
-// Same rows per block either way, so the backward's workspace (one row of sums per block) is
+// The same grid either way, so the backward's workspace (one row of sums per block) is
 // unchanged.
 // -DKFUSE_DEU_FWD_ROWS_SWEEP=0 / -DKFUSE_DEU_BWD_ROWS_SWEEP=1 flip them, for
 // bench/deu_cuda_micro.cu's A/B builds.
@@ -269,8 +269,9 @@ struct BlockRows {
 };
 
 // Blocks per SM the forward rows kernel is compiled for, for float storage: 6 on sm_90 (40
-// registers, 48 warps per SM, no spills): 82.3 us against 84.1 at the 48 registers ptxas picks
-// unbounded (5 blocks), H200, 2026-11-26, same run. (Before this file's forward lost ~9
+// registers, 48 warps per SM; 8 bytes of spills since the rows sweep, none in chunks): 82.3 us
+// against 84.1 at the 48 registers ptxas picks unbounded (5 blocks), H200, 2026-11-26, same run
+// (sweeping: 80.3 against 80.5, 81.5 against 82.0). (Before this file's forward lost ~9
 // instructions per element, the bound spilled and took 92.4 us against 85.8.) Unbounded on
 // sm_80, where the bound spills 8 bytes (not measured there), and for 2-byte types, which
 // spill 8 bytes at 6 and took 76.1 us against 75.6; double: 1 block (~120 registers).
