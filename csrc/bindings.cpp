@@ -93,7 +93,8 @@ at::Tensor deu_forward(const at::Tensor& x, const at::Tensor& coeffs, int64_t di
     TORCH_CHECK(false, "kfuse: the extension was built without CUDA");
 #endif
   } else {
-    kfuse::deu::forward_cpu(to_dtype(x), x.data_ptr(), out.data_ptr(), coeffs.data_ptr(), s.M, s.N, s.K);
+    kfuse::deu::forward_cpu(to_dtype(x), x.data_ptr(), out.data_ptr(), coeffs.data_ptr(), s.M, s.N, s.K,
+                            at::get_num_threads());
   }
   return out;
 }
@@ -122,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> deu_backward(const at::Tensor& grad_y, const 
   }
   at::Tensor partials = at::empty({kfuse::deu::backward_cpu_num_partials(M, N, K), N, 5}, coeffs.options());
   kfuse::deu::backward_cpu(to_dtype(x), grad_y.data_ptr(), x.data_ptr(), coeffs.data_ptr(),
-                           grad_x.data_ptr(), partials.data_ptr(), M, N, K);
+                           grad_x.data_ptr(), partials.data_ptr(), M, N, K, at::get_num_threads());
   return {grad_x, partials.size(0) == 1 ? partials[0] : partials.sum(0)};
 }
 

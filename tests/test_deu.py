@@ -461,6 +461,67 @@ def test_discriminant_of_large_coefficients(backend: str, device: str, seed: int
     assert torch.isfinite(gc).all() and (gc.double() - gc_ref).abs().max() < 5e-3 * gc_ref.abs().max()
 
 
+def huge_coefficients(device: str, per_kind: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(x, coeffs, grad_y): float32 coefficients whose b², 4ac or plan products overflow float32
+    while the function is finite (issue 19): the issue's three rows; well-conditioned neurons of
+    every case whose non-zero a, b, c are scaled by 1e15..3e37; and neurons with huge a, c and
+    b from ~1 to ~√|ac| (under-, over-damped and critical, as in the issue's rows)."""
+    rows = [[1e19, 1.0, -1e19, 0.3, -0.2], [-1e19, 1.0, 1e19, 0.3, -0.2], [1.0, 1e20, 1.0, 0.3, -0.2],
+            [3e38, -1.0, 3e38, 0.5, 0.1], [2e30, 4e30, 2e30, -0.4, 0.7]]  # the last: critical, D = 0
+    scaled = case_coeffs(per_kind)
+    big = scaled[:, :3].abs() >= EPS
+    lam = 10 ** torch.empty(len(scaled), 1, dtype=torch.float64).uniform_(15, 37.5)
+    scaled[:, :3] = torch.where(big, scaled[:, :3] * lam, scaled[:, :3])
+    n = 3 * per_kind
+    def u(lo: float, hi: float) -> Tensor:
+        return torch.empty(n, dtype=torch.float64).uniform_(lo, hi)
+
+    def sgn(p_neg: float) -> Tensor:
+        return torch.where(torch.rand(n) < p_neg, -1.0, 1.0).double()
+
+    a = sgn(0.5) * 10 ** u(19, 38)
+    c = a.sign() * sgn(0.3) * a.abs() * u(0.1, 1)  # oscillating (a·c > 0) and not
+    b = torch.where(torch.rand(n) < 0.5, 1.0, torch.sqrt(4 * (a * c).abs()) * u(0.5, 2))
+    mixed = torch.stack([a, b, c, torch.randn(n).double(), torch.randn(n).double()], 1)
+    coeffs = torch.cat([torch.tensor(rows, dtype=torch.float64), scaled, mixed]).float()
+    d = coeffs[:, 1].double() ** 2 - 4 * coeffs[:, 0].double() * coeffs[:, 2].double()
+    assert not torch.isfinite(d.float()).all()  # some D overflow float32
+    t = torch.cat([torch.linspace(-3, 3, 13), torch.tensor([-0.5, 0.25])])
+    x = t[:, None].expand(-1, len(coeffs)).contiguous()
+    return x.to(device), coeffs.to(device), torch.randn(x.shape).to(device)
+
+
+@pytest.mark.parametrize("backend,device", [*BACKENDS, pytest.param("reference", "cpu", id="reference-fp32")])
+def test_huge_coefficients(backend: str, device: str, seed: int) -> None:
+    """Issue 19: float32 a, b, c past ~1e19 overflowed b² − 4ac and the plan's products: the kernels
+    gave finite wrong values (1000 and −0.2 for 6.02 and −4.00), NaN for t > 0 and NaN grad_coeffs;
+    the float32 reference NaN or −0.2. Now every backend follows the float64 definition, the
+    parameter gradients per neuron to 1e-3 of that neuron's largest."""
+    x, coeffs, gy = huge_coefficients(device, 2 if backend == "triton" else 6)
+    y, gx, gc = kfuse_grads(x, coeffs, gy, -1, backend)
+    y_ref, gx_ref, gc_ref = ref_grads(x, coeffs, gy, -1)
+    assert torch.isfinite(y_ref).all() and torch.isfinite(gc_ref).all()
+    assert_close(y, y_ref, torch.float32, f"y {backend}")
+    assert_close(gx, gx_ref, torch.float32, f"grad_x {backend}")
+    gc, gc_ref = gc.double().cpu(), gc_ref.cpu()
+    for cols in (slice(0, 3), slice(3, 5)):  # ∂/∂(a, b, c) are ~1/|c| smaller than ∂/∂(c1, c2)
+        scale = gc_ref[:, cols].abs().amax(1, keepdim=True)
+        bad = (gc[:, cols] - gc_ref[:, cols]).abs() > 1e-3 * scale + 1e-30
+        assert not bad.any(), (f"grad_coeffs {backend}: neurons {torch.nonzero(bad.any(1)).flatten().tolist()}: "
+                               f"{gc[bad.any(1)]} vs {gc_ref[bad.any(1)]}")
+
+
+def test_huge_coefficients_issue_rows() -> None:
+    """The issue's repro, value for value."""
+    x = torch.tensor([[-3.0], [-1.0], [0.0], [1.0]])
+    for row, want in (([1e19, 1.0, -1e19, 0.3, -0.2], [6.016, 0.742, 0.100, -0.433]),
+                      ([-1e19, 1.0, 1e19, 0.3, -0.2], [-4.002, -0.433, 0.100, 0.742]),
+                      ([1.0, 1e20, 1.0, 0.3, -0.2], [1000.0, 1000.0, 0.100, -0.200])):
+        for backend in ("cpu", "reference"):
+            got = kfuse.deu(x, torch.tensor([row]), backend=backend).flatten()
+            torch.testing.assert_close(got, torch.tensor(want), atol=1e-3, rtol=0, msg=f"{backend} {row}")
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_extreme_values(backend: str, device: str, seed: int) -> None:
     """Values at the edge of float32: infinite a, b or c (NaN for the neuron, by rule: the CPU's
@@ -724,6 +785,54 @@ def test_cpu_deterministic_across_thread_counts(seed: int) -> None:
     finally:
         torch.set_num_threads(old)
     assert torch.equal(g1, g2)
+
+
+_THREAD_CPU_RATIO = """
+import threading, time, torch, kfuse
+torch.set_num_threads(1)
+x, c = torch.randn(2048, 1024), torch.rand(1024, 5)
+kfuse.deu(x, c, backend="cpu")  # warm up
+def work(out):
+    w0, p0 = time.perf_counter(), time.process_time()
+    for _ in range(20):
+        kfuse.deu(x, c, backend="cpu")
+    out.append((time.process_time() - p0) / (time.perf_counter() - w0))
+main, worker = [], []
+work(main)
+t = threading.Thread(target=work, args=(worker,)); t.start(); t.join()
+print(main[0], worker[0])
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to see a second thread's work")
+def test_cpu_kernels_follow_set_num_threads_from_worker_threads() -> None:
+    """Issue 19: with torch.set_num_threads(1), calls from a second Python thread used every core
+    (CPU time / wall time 1.98 against 1.00 on the main thread): an OpenMP team started in a new
+    thread takes OpenMP's default size. The kernels now take torch's setting on every call. (A
+    busy machine can only lower the ratio of a multi-threaded call, never raise a 1-thread one.)"""
+    out = subprocess.run([sys.executable, "-c", _THREAD_CPU_RATIO], capture_output=True, text=True, check=True)
+    main, worker = map(float, out.stdout.split())
+    assert main < 1.3 and worker < 1.3, f"CPU time / wall time: main thread {main:.2f}, worker thread {worker:.2f}"
+
+
+def test_registered_ops_check_the_backend(monkeypatch) -> None:
+    """Issue 19: torch.ops.kfuse.deu_forward ran the C++ kernels for any backend string, and for
+    "reference" too. Now they take the names kfuse.deu takes, and "reference" runs the reference."""
+    x, c, gy = torch.randn(3, 4, 6), case_coeffs(1, dtype=torch.float32)[:4], torch.randn(3, 4, 6)
+    for op, args in ((torch.ops.kfuse.deu_forward, (x, c, 1)), (torch.ops.kfuse.deu_backward, (gy, x, c, 1))):
+        with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+            op(*args, "bogus")
+        with pytest.raises(kfuse.BackendUnavailableError, match="backend 'cuda' cannot run this input"):
+            op(*args, "cuda")
+    torch.testing.assert_close(torch.ops.kfuse.deu_forward(x, c, 1, "auto"), kfuse.deu(x, c, 1, backend="cpu"))
+
+    def no_kernels(backend: str):
+        raise AssertionError(f"the {backend} kernels ran")
+
+    monkeypatch.setattr(kfuse.ops.deu, "_kernels", no_kernels)
+    y = torch.ops.kfuse.deu_forward(x, c, 1, "reference")
+    gx, gc = torch.ops.kfuse.deu_backward(gy, x, c, 1, "reference")
+    assert_results_close((y, gx, gc), ref_grads(x, c, gy, 1), torch.float32, "reference through torch.ops")
 
 
 # ---------------------------------------------------------------- CUDA kernels, emulated on the CPU
@@ -1173,12 +1282,16 @@ def test_bad_input_errors() -> None:
         kfuse.deu(x, torch.rand(5, 5))
     with pytest.raises(TypeError, match="x must be float16, bfloat16, float32 or float64; got torch.int64"):
         kfuse.deu(torch.ones(4, 6, dtype=torch.int64), c)
-    with pytest.raises(TypeError, match="coeffs must be a floating tensor"):
+    with pytest.raises(TypeError, match="coeffs must be float16, bfloat16, float32 or float64; got torch.int32"):
         kfuse.deu(x, torch.ones(6, 5, dtype=torch.int32))
+    with pytest.raises(TypeError, match="coeffs must be float16, .* or float64; got torch.float8_e4m3fn"):
+        kfuse.deu(x, c.to(torch.float8_e4m3fn))
     with pytest.raises(IndexError, match=r"dim must be an int in \[-2, 1\]"):
         kfuse.deu(x, c, dim=2)
     with pytest.raises(TypeError, match="dim must be an int; got bool"):
         kfuse.deu(x, c, dim=True)
+    with pytest.raises(TypeError, match="dim must be an int; got Tensor"):
+        kfuse.deu(x, c, dim=torch.tensor(1))
     torch.testing.assert_close(kfuse.deu(x, c, dim=np.int64(-1)), kfuse.deu(x, c))  # any integer type
     with pytest.raises(ValueError, match="coeffs is on meta but x is on cpu"):
         kfuse.deu(x, c.to("meta"))

@@ -60,6 +60,22 @@ def _sqrt(x):
     return r
 
 
+@triton.jit
+def _range_scale(a, b, c):
+    """σ = 2^-k bringing max(|a|, |b|, |c|) below 2^60 (1 if it is below, or not finite): the
+    bits of csrc/deu/deu_math.h's range_scale, from the exponent field."""
+    m = tl.maximum(tl.abs(a), tl.maximum(tl.abs(b), tl.abs(c)))
+    if a.dtype == tl.float64:
+        e = (m.to(tl.int64, bitcast=True) >> 52) - 1023
+        sig = ((1023 + 59 - e) << 52).to(tl.float64, bitcast=True)
+        big = 1023
+    else:
+        e = (m.to(tl.int32, bitcast=True) >> 23) - 127
+        sig = ((127 + 59 - e) << 23).to(tl.float32, bitcast=True)
+        big = 127
+    return tl.where((e >= 60) & (e <= big), sig, 1.0)
+
+
 # ----------------------------------------------------------------------------------------
 # Per-neuron plan, in forward mode: values of π and their tangents along (da, db, dc, dc1,
 # dc2). Works on scalars (one neuron per program) and on vectors of neurons alike: every
@@ -85,6 +101,17 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     a64 = a.to(tl.float64)
     b64 = b.to(tl.float64)
     c64 = c.to(tl.float64)
+    # Range: the cases run on (a, b, c)·σ and the particular coefficients are multiplied by σ
+    # at the end (deu_math.h: range_scale says why); the case is decided on the unscaled values.
+    sig = _range_scale(a, b, c)
+    # Tangents stay those of the scaled a, b, c (scaled, small ones underflowed in products such as
+    # ∂(1/a) = −da/a²): c1's and c2's are divided by σ here and every tangent is multiplied by σ at
+    # the end, which gives ∂/∂a = σ·∂/∂(σa) and leaves ∂/∂c1, ∂/∂c2 as they are (σ is a power of two).
+    a = a * sig
+    b = b * sig
+    c = c * sig
+    dc1 = dc1 / sig
+    dc2 = dc2 / sig
     nza = ~za
     nzb = ~zb
     nzc = ~zc
@@ -93,8 +120,8 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     rmp = za & nzb & zc
     fst = za & nzb & nzc
     par = nza & zb & zc
-    osc = nza & zb & nzc & (a * c > 0)
-    hyp = nza & zb & nzc & ~(a * c > 0)
+    osc = nza & zb & nzc & (a64 * c64 > 0)
+    hyp = nza & zb & nzc & ~(a64 * c64 > 0)
     nnz = nza & nzb & zc
     nnn = nza & nzb & nzc
     dsc = b64 * b64 - 4.0 * a64 * c64
@@ -134,14 +161,16 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     # α = -b/(2a) (underdamped, critical).
     al = -0.5 * B * iA
     dal = -0.5 * (dB * iA + B * diA)
-    # Underdamped Dd = √(4ac - b²); overdamped S = √(b² - 4ac).
-    u = (-dsc).to(A.dtype)  # 4ac − b² from the float64 D: in float it cancels for large a, c
+    # Underdamped Dd = √(4ac - b²); overdamped S = √(b² - 4ac), of the scaled a, b, c: from the
+    # float64 D (in float, 4ac − b² cancels for large a, c), √ in float64 (D·σ² may be subnormal
+    # in float).
+    sig64 = sig.to(tl.float64)
     du = 4.0 * (dA * C + A * dC) - 2.0 * B * dB
-    dd = _sqrt(tl.where(und, u, 1.0))
+    dd = (tl.sqrt(tl.where(und, -dsc, 1.0)) * sig64).to(A.dtype)
     ddd = tl.where(und, du, 0.0) / (2.0 * dd)
     idd = 1.0 / dd
     didd = -idd * idd * ddd
-    s = _sqrt(tl.where(ovr, -u, 1.0))
+    s = (tl.sqrt(tl.where(ovr, dsc, 1.0)) * sig64).to(A.dtype)
     ds = tl.where(ovr, -du, 0.0) / (2.0 * s)
     i_s = 1.0 / s
     di_s = -i_s * i_s * ds
@@ -221,6 +250,15 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     dom = tl.where(osc, dw, tl.where(und, 0.5 * (ddd * iA + dd * diA), 0.0))
     r2 = tl.where(hyp, kp, tl.where(ovr, tl.where(bpos, fast, slow), 0.0))
     dr2 = tl.where(hyp, dkp, tl.where(ovr, tl.where(bpos, dfast, dslow), 0.0))
+    # The particular coefficients of the scaled equation σ(a y'' + b y' + c y) = σ·H (Range), and
+    # every tangent times σ (see the tangents above): the particular ones twice.
+    s2 = sig * sig
+    h3, dh3 = h3 * sig, dh3 * s2
+    p0, dp0, p1, dp1, p2, dp2 = p0 * sig, dp0 * s2, p1 * sig, dp1 * s2, p2 * sig, dp2 * s2
+    p4, dp4, p5, dp5, p6, dp6 = p4 * sig, dp4 * s2, p5 * sig, dp5 * s2, p6 * sig, dp6 * s2
+    p7, dp7 = p7 * sig, dp7 * s2
+    dh0, dh1, dh4, dh5, dh6, dh7 = dh0 * sig, dh1 * sig, dh4 * sig, dh5 * sig, dh6 * sig, dh7 * sig
+    dr1, dom, dr2 = dr1 * sig, dom * sig, dr2 * sig
     # A NaN or infinite a, b or c: NaN everywhere, as in the reference (x·0 is NaN exactly then).
     finite = (tl.abs(a) < float("inf")) & (tl.abs(b) < float("inf")) & (tl.abs(c) < float("inf"))
     h0 = tl.where(finite, h0, a * 0.0 + b * 0.0 + c * 0.0)

@@ -17,11 +17,13 @@
 namespace kfuse {
 namespace deu {
 
+// num_threads: the OpenMP team size (torch's intra-op setting, at::get_num_threads(), passed by
+// the caller: a team started from a new thread would otherwise take OpenMP's default size).
 void forward_cpu(DType dtype, const void* x, void* y, const void* coeffs, int64_t M, int64_t N,
-                 int64_t K);
+                 int64_t K, int num_threads);
 int64_t backward_cpu_num_partials(int64_t M, int64_t N, int64_t K);
 void backward_cpu(DType dtype, const void* grad_y, const void* x, const void* coeffs,
-                  void* grad_x, void* partials, int64_t M, int64_t N, int64_t K);
+                  void* grad_x, void* partials, int64_t M, int64_t N, int64_t K, int num_threads);
 
 #ifdef KFUSE_WITH_CUDA
 // stream is a cudaStream_t.

@@ -63,10 +63,10 @@ inline int64_t k_chunks(int64_t K, int64_t kc) { return (K + kc - 1) / kc; }
 // CUDA kernels run for a warp: so the CPU float64 tests, at float64 tolerances, check every
 // term mask's math, not only the all-terms one.
 
-void forward_f64(const double* x, double* y, const double* coeffs, int64_t M, int64_t N, int64_t K) {
+void forward_f64(const double* x, double* y, const double* coeffs, int64_t M, int64_t N, int64_t K, int nt) {
   std::vector<Plan<double>> plans(N);
   for (int64_t n = 0; n < N; ++n) plans[n] = plan_from_coeffs(coeffs + 5 * n);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t r = 0; r < M * N; ++r) {
     const Plan<double>& p = plans[r % N];
     with_mask(plan_terms(p), [&](auto terms) {
@@ -76,7 +76,7 @@ void forward_f64(const double* x, double* y, const double* coeffs, int64_t M, in
 }
 
 void backward_f64(const double* gy, const double* x, const double* coeffs, double* gx,
-                  double* partials, int64_t M, int64_t N, int64_t K) {
+                  double* partials, int64_t M, int64_t N, int64_t K, int nt) {
   std::vector<Plan<double>> plans(N);
   std::vector<double> jac(static_cast<size_t>(N) * kPlanParams * kCoeffs);
   for (int64_t n = 0; n < N; ++n) {
@@ -86,7 +86,7 @@ void backward_f64(const double* gy, const double* x, const double* coeffs, doubl
   const int64_t kc = partial_k(K), KC = k_chunks(K, kc);
   const int64_t P = (M + kRowsPerPartial - 1) / kRowsPerPartial * KC;
   // One task per (partial, neuron): each partial entry has one writer, fixed order.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t pn = 0; pn < P * N; ++pn) {
     const int64_t pi = pn / N, n = pn % N, t = pi / KC, k0 = pi % KC * kc, k1 = std::min(K, k0 + kc);
     double acc[kPlanParams] = {};
@@ -364,14 +364,14 @@ void copy_tile(const S* src, int64_t lds, D* dst, int64_t ldd, int64_t rows, int
 }
 
 template <typename S>
-void forward_float(const S* x, S* y, const float* coeffs, int64_t M, int64_t N, int64_t K) {
+void forward_float(const S* x, S* y, const float* coeffs, int64_t M, int64_t N, int64_t K, int nt) {
   const FloatPlans P(coeffs, N, Jac::none);
   const Tiling tl = tiling(M, N, K, 0, std::min(K, kTileElems));  // bounded staging buffers
   const int64_t ld = N * K;
   // One tile runs on the calling thread: starting the OpenMP team for it cost more than the
   // tile (the extension's forward of a [4, 32] fp32 tensor, 2 cores: 2.2 -> 1.1 us). The same
   // in backward_float.
-#pragma omp parallel if (tl.count() > 1)
+#pragma omp parallel if (tl.count() > 1) num_threads(nt)
   {
     std::vector<float> bx, by;
 #pragma omp for schedule(static)
@@ -394,13 +394,13 @@ void forward_float(const S* x, S* y, const float* coeffs, int64_t M, int64_t N, 
 
 template <typename S>
 void backward_float(const S* gy, const S* x, const float* coeffs, S* gx, float* partials,
-                    int64_t M, int64_t N, int64_t K) {
+                    int64_t M, int64_t N, int64_t K, int nt) {
   const FloatPlans P(coeffs, N, K == 1 ? Jac::lanes : Jac::rows);
   const Tiling tl = tiling(M, N, K, kRowsPerPartial, partial_k(K));
   const int64_t ld = N * K;
   // Tiles are (partial = (row tile, K chunk), neuron group); each partials[p, n, :] has one
   // writer and a fixed summation order, whatever the thread count.
-#pragma omp parallel if (tl.count() > 1)
+#pragma omp parallel if (tl.count() > 1) num_threads(nt)
   {
     std::vector<float> bx, bg, bo;
 #pragma omp for schedule(static)
@@ -427,20 +427,21 @@ void backward_float(const S* gy, const S* x, const float* coeffs, S* gx, float* 
 }  // namespace
 
 void forward_cpu(DType dtype, const void* x, void* y, const void* coeffs, int64_t M, int64_t N,
-                 int64_t K) {
+                 int64_t K, int num_threads) {
+  const int nt = std::max(num_threads, 1);
   switch (dtype) {
     case DType::f32:
       return forward_float(static_cast<const float*>(x), static_cast<float*>(y),
-                          static_cast<const float*>(coeffs), M, N, K);
+                          static_cast<const float*>(coeffs), M, N, K, nt);
     case DType::f64:
       return forward_f64(static_cast<const double*>(x), static_cast<double*>(y),
-                         static_cast<const double*>(coeffs), M, N, K);
+                         static_cast<const double*>(coeffs), M, N, K, nt);
     case DType::f16:
       return forward_float(static_cast<const _Float16*>(x), static_cast<_Float16*>(y),
-                          static_cast<const float*>(coeffs), M, N, K);
+                          static_cast<const float*>(coeffs), M, N, K, nt);
     case DType::bf16:
       return forward_float(static_cast<const BF16*>(x), static_cast<BF16*>(y),
-                          static_cast<const float*>(coeffs), M, N, K);
+                          static_cast<const float*>(coeffs), M, N, K, nt);
   }
 }
 
@@ -449,24 +450,25 @@ int64_t backward_cpu_num_partials(int64_t M, int64_t, int64_t K) {
 }
 
 void backward_cpu(DType dtype, const void* grad_y, const void* x, const void* coeffs,
-                  void* grad_x, void* partials, int64_t M, int64_t N, int64_t K) {
+                  void* grad_x, void* partials, int64_t M, int64_t N, int64_t K, int num_threads) {
+  const int nt = std::max(num_threads, 1);
   switch (dtype) {
     case DType::f32:
       return backward_float(static_cast<const float*>(grad_y), static_cast<const float*>(x),
                            static_cast<const float*>(coeffs), static_cast<float*>(grad_x),
-                           static_cast<float*>(partials), M, N, K);
+                           static_cast<float*>(partials), M, N, K, nt);
     case DType::f64:
       return backward_f64(static_cast<const double*>(grad_y), static_cast<const double*>(x),
                           static_cast<const double*>(coeffs), static_cast<double*>(grad_x),
-                          static_cast<double*>(partials), M, N, K);
+                          static_cast<double*>(partials), M, N, K, nt);
     case DType::f16:
       return backward_float(static_cast<const _Float16*>(grad_y), static_cast<const _Float16*>(x),
                            static_cast<const float*>(coeffs), static_cast<_Float16*>(grad_x),
-                           static_cast<float*>(partials), M, N, K);
+                           static_cast<float*>(partials), M, N, K, nt);
     case DType::bf16:
       return backward_float(static_cast<const BF16*>(grad_y), static_cast<const BF16*>(x),
                            static_cast<const float*>(coeffs), static_cast<BF16*>(grad_x),
-                           static_cast<float*>(partials), M, N, K);
+                           static_cast<float*>(partials), M, N, K, nt);
   }
 }
 

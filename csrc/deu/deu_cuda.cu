@@ -273,8 +273,11 @@ struct BlockRows {
 // against 84.1 at the 48 registers ptxas picks unbounded (5 blocks), H200, 2026-11-26, same run
 // (sweeping: 80.3 against 80.5, 81.5 against 82.0). (Before this file's forward lost ~9
 // instructions per element, the bound spilled and took 92.4 us against 85.8.) Unbounded on
-// sm_80, where the bound spills 8 bytes (not measured there), and for 2-byte types, which
-// spill 8 bytes at 6 and took 76.1 us against 75.6; double: 1 block (~120 registers).
+// sm_80, where the bound spills 8 bytes (not measured there). 2-byte types spill 8 bytes at 6
+// and took 76.1 us against 75.6 at the 48 registers (5 blocks) ptxas then picked unbounded; the
+// plan's range scaling (deu_math.h: range_scale) took them to 58 unbounded (4 blocks), so they
+// are bound to 5 (48 registers, no spills, sm_90; not yet timed). Double: 1 block (~120
+// registers). Float: 16 bytes of spills with the range scaling, in the loops of rare term masks.
 // -DKFUSE_DEU_FWD_ROWS_MIN_BLOCKS=n (0: unbounded) overrides the float bound, for
 // bench/deu_cuda_micro.cu's A/B builds.
 #ifndef KFUSE_DEU_FWD_ROWS_MIN_BLOCKS
@@ -285,7 +288,7 @@ struct BlockRows {
 #endif
 #endif
 template <typename S>
-constexpr int kFwdRowsMinBlocks = sizeof(S) == 8 ? 1 : std::is_same<S, float>::value ? KFUSE_DEU_FWD_ROWS_MIN_BLOCKS : 0;
+constexpr int kFwdRowsMinBlocks = sizeof(S) == 8 ? 1 : std::is_same<S, float>::value ? KFUSE_DEU_FWD_ROWS_MIN_BLOCKS : 5;
 
 template <typename S>
 __global__ void __launch_bounds__(kThreads, kFwdRowsMinBlocks<S>)

@@ -34,6 +34,8 @@ namespace deu {
 constexpr double kEps = 0.01;
 constexpr double kExpCap = 14.0;
 constexpr double kOutClamp = 1000.0;
+constexpr int kScaleExp = 60;  // a, b, c are scaled below 2^60 (range_scale): b², 4ac < 2^122
+constexpr double kScaleMin = 1152921504606846976.0;  // 2^60
 constexpr double kStepSlope = 100.0;
 constexpr int kBasis = 8;
 constexpr int kPlanParams = 2 * kBasis + 3;  // hom[8], part[8], rho1, omega, rho2
@@ -103,11 +105,36 @@ template <typename T> KF_HD T sqrt_(T x) { return std::sqrt(x); }
 // A constant of the same kind (scalar or dual) as the first argument.
 template <typename T> KF_HD T cst(T, T v) { return v; }
 template <typename T> KF_HD Dual<T> cst(const Dual<T>&, T v) { return dconst(v); }
-// x with its value replaced by v (computed more accurately), its derivatives kept.
-template <typename T> KF_HD T with_value(T, T v) { return v; }
-template <typename T> KF_HD Dual<T> with_value(Dual<T> x, T v) {
-  x.v = v;
+// x·s, or for a dual number its value times s with its tangents kept (see make_plan's Range).
+template <typename T> KF_HD T scale_value(T x, T s) { return x * s; }
+template <typename T> KF_HD Dual<T> scale_value(Dual<T> x, T s) {
+  x.v *= s;
   return x;
+}
+// √x whose value r was computed elsewhere (more accurately), its derivatives those of √x.
+template <typename T> KF_HD T sqrt_given(T, T r) { return r; }
+template <typename T> KF_HD Dual<T> sqrt_given(const Dual<T>& x, T r) {
+  Dual<T> o;
+  o.v = r;
+  for (int k = 0; k < kCoeffs; ++k) o.d[k] = x.d[k] / (T(2) * r);
+  return o;
+}
+
+// The scale σ = 2^-k of a neuron's (a, b, c) that brings the largest of them below 2^kScaleExp
+// (1 if it is below already, or not finite). b², 4ac and the plan's products (S·c, S·q, Dd·c)
+// overflow float for |a|, |b| or |c| past ~1e19 where the function itself is finite (a = 1e19,
+// b = 1, c = -1e19 gave y = 1000 for t < 0 instead of 6.02, and NaN for t > 0). Roots,
+// frequencies and homogeneous coefficients depend only on ratios of a, b, c, and the particular
+// solution of the scaled equation σ(a y'' + b y' + c y) = σ·H is the one sought: so make_plan
+// builds the plan from the scaled a, b, c and multiplies its particular coefficients (and the
+// smooth step's 1/c) by σ. A power of two scales exactly; below the threshold nothing changes.
+template <typename T>
+KF_HD T range_scale(T a, T b, T c) {
+  const T m = std::fmax(std::fabs(a), std::fmax(std::fabs(b), std::fabs(c)));
+  if (!(m >= T(kScaleMin)) || !(m <= std::numeric_limits<T>::max())) return T(1);
+  int e;
+  std::frexp(m, &e);  // m = f·2^e, f in [0.5, 1)
+  return std::ldexp(T(1), kScaleExp - e);
 }
 
 // Per-neuron plan: the template coefficients of one neuron. S is a scalar or a Dual.
@@ -141,6 +168,14 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
     return double(eps) < kEps ? std::fabs(v) <= eps : std::fabs(v) < eps;
   };
   const bool za = is_zero(av), zb = is_zero(bv), zc = is_zero(cv);
+  // Range: the cases run on (a, b, c)·σ (see range_scale) and the particular coefficients are
+  // multiplied by σ at the end. The case itself is decided on the unscaled values. Dual numbers
+  // keep their tangents: derivatives are taken with respect to the scaled a, b, c (products of σ
+  // with small derivatives underflowed), and plan_with_jacobian scales those columns by σ.
+  const T sigma = range_scale(av, bv, cv);
+  a = scale_value(a, sigma);
+  b = scale_value(b, sigma);
+  c = scale_value(c, sigma);
   const S one = cst(a, T(1));
   if (za && zb && zc) {                       // identity
     p.hom[1] = one;
@@ -181,10 +216,12 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
     p.part[0] = -(a / (b * b));
     p.part[4] = a / (b * b);
   } else {
+    // D of the unscaled a, b, c in double (a float's square fits), and the square roots of the
+    // scaled D·σ² from it.
     const double dv = double(bv) * bv - 4.0 * double(av) * cv;
     const S alpha = -(b / (T(2) * a));
     if (dv < -kEps) {                         // underdamped
-      const S dd = sqrt_(with_value(T(4) * a * c - b * b, T(-dv)));  // see dv
+      const S dd = sqrt_given(T(4) * a * c - b * b, T(std::sqrt(-dv) * sigma));  // see dv
       p.rho1 = alpha;
       p.omega = dd / (T(2) * a);
       p.hom[4] = c1;
@@ -196,7 +233,7 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
       // r1,2 = (-b ± S)/(2a) and the weights -(b ± S)/(2Sc), written without the difference
       // of b and S, which cancels when |b| >> sqrt|ac| (y 0.735 instead of 0.272 at x = 500 for
       // a = 0.0101, b = 1000, c = 1): with q = -(b + sign(b)·S)/2 the roots are q/a and c/q.
-      const S s = sqrt_(with_value(b * b - T(4) * a * c, T(dv)));
+      const S s = sqrt_given(b * b - T(4) * a * c, T(std::sqrt(dv) * sigma));
       const bool bpos = bv >= T(0);
       const S q = T(0.5) * (bpos ? -(b + s) : s - b);
       const S fast = q / a, slow = c / q;  // slow = the root that cancelled
@@ -216,6 +253,8 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
       p.part[5] = alpha / c;
     }
   }
+  for (int j = 0; j < kBasis; ++j) p.part[j] = sigma * p.part[j];  // see range_scale
+  p.hom[3] = sigma * p.hom[3];
   // A NaN or infinite a, b or c makes the whole activation NaN, as in the reference (the tests
   // above take NaN for "not zero", and the cases leave parts of the plan finite, e.g. the
   // overdamped roots c/q, q/a for b = -inf); so does an infinite frequency (c/a overflowing):
@@ -297,6 +336,12 @@ KF_HD Plan<T> plan_with_jacobian(const T* co, T jac[kPlanParams][kCoeffs]) {
     jac[2 * kBasis + 1][k] = q.omega.d[k];
     jac[2 * kBasis + 2][k] = q.rho2.d[k];
     jac[kBasis][k] = (jac[kBasis][k] + jac[kBasis + 4][k]) + jac[kBasis + 7][k];  // part_shifted
+  }
+  // make_plan differentiated with respect to (a, b, c)·σ: ∂/∂a = σ·∂/∂(σa) (see its Range).
+  const T sigma = range_scale(co[0], co[1], co[2]);
+  if (sigma != T(1)) {
+    for (int i = 0; i < kPlanParams; ++i)
+      for (int k = 0; k < 3; ++k) jac[i][k] *= sigma;
   }
   return eval_plan(qv);
 }

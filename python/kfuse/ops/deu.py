@@ -12,11 +12,9 @@ import math
 import operator
 
 import torch
-import torch.autograd.forward_ad as fwad
 from torch import Tensor
-from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor
 
-from kfuse import _backends
+from kfuse import _backends, _routing
 from kfuse.reference.deu import deu_reference
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -137,24 +135,48 @@ def _backward_impl(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend:
     return gx, gc.to(coeffs.dtype)
 
 
+def _op_backend(backend: str, x: Tensor) -> str:
+    """The backend a registered op runs: ``backend`` checked and resolved as :func:`deu` does it
+    (``"auto"`` included). The ops are public through ``torch.ops.kfuse``: an unknown name raises
+    ``ValueError``, an unavailable one ``BackendUnavailableError``, and ``"reference"`` runs the
+    reference (any string used to run the C++ kernels)."""
+    order = _ORDER.get(x.device.type, ("reference",))
+    return _backends.select_for("deu", backend, x.device, x.dtype, lambda: backend_reasons(x), order)
+
+
+def _laid_out_like_x(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` (x's shape) in the layout the kernel backends give (``_empty_in_order``), as the
+    registered ops' fake kernels promise."""
+    out = _empty_in_order(x, _order(x))
+    return t if out.stride() == t.stride() else out.copy_(t)
+
+
 @torch.library.custom_op("kfuse::deu_forward", mutates_args=())
 def deu_forward(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
-    """Registered op behind :func:`deu` for the kernel backends (``triton``, ``cuda``, ``cpu``).
+    """Registered op behind :func:`deu` (under ``torch.compile``, tracing and dispatch modes).
 
-    ``dim`` non-negative, inputs validated by :func:`deu`; ``y`` is laid out as ``_order(x)``
-    says. The reference backend is plain PyTorch and needs no registration.
+    ``dim`` non-negative, inputs validated by :func:`deu`; ``backend`` as :func:`deu` takes it;
+    ``y`` is laid out as ``_order(x)`` says.
     """
+    backend = _op_backend(backend, x)
+    if backend == "reference":
+        return _laid_out_like_x(deu_reference(x, coeffs, dim), x)
     return _forward_impl(x, coeffs, dim, backend)
 
 
 @deu_forward.register_fake
 def _(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
+    _op_backend(backend, x)
     return _empty_in_order(x, _order(x))
 
 
 @torch.library.custom_op("kfuse::deu_backward", mutates_args=())
 def deu_backward(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`deu_forward`: ``(grad_x laid out like y, grad_coeffs like coeffs)``."""
+    backend = _op_backend(backend, x)
+    if backend == "reference":
+        gx, gc = _reference_vjp(grad_y, x, coeffs, dim)
+        return _laid_out_like_x(gx, x), gc.contiguous()
     return _backward_impl(grad_y, x, coeffs, dim, backend)
 
 
@@ -162,6 +184,7 @@ def deu_backward(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend: s
 def _(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
     # grad_coeffs is contiguous whatever coeffs' strides (a transposed parameter): as the kernels
     # return it.
+    _op_backend(backend, x)
     return _empty_in_order(x, _order(x)), coeffs.new_empty(coeffs.shape)
 
 
@@ -173,26 +196,13 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_y: Tensor):
     x, coeffs = ctx.saved_tensors
-    if _differentiable_backward(grad_y):
+    if _routing.differentiable_backward(grad_y):
         return (*_reference_vjp(grad_y, x, coeffs, ctx.dim), None, None)
     gx, gc = deu_backward(grad_y, x, coeffs, ctx.dim, ctx.backend)  # the op lays grad_y out itself
     return gx, gc, None, None
 
 
 deu_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _differentiable_backward(grad_y: Tensor) -> bool:
-    """Whether a backward must be differentiable or batched, which the kernels' is not: under
-    ``create_graph=True`` (grad mode on in the backward), or with a batched ``grad_y``
-    (``is_grads_batched=True``, ``jacobian(vectorize=True)``: autograd's own vmap over the
-    backward, whose batched tensors have no memory). Under Dynamo (compiled autograd) grad mode
-    only: it cannot trace the functorch queries, and traces no batched backward."""
-    if torch.is_grad_enabled():
-        return True
-    if torch.compiler.is_compiling():
-        return False
-    return is_functorch_wrapped_tensor(grad_y) or is_legacy_batchedtensor(grad_y)
 
 
 def _reference_vjp(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -222,24 +232,13 @@ class _EagerDeu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, coeffs = ctx.saved_tensors
-        if _differentiable_backward(grad_y):
+        if _routing.differentiable_backward(grad_y):
             return (*_reference_vjp(grad_y, x, coeffs, ctx.dim), None, None)
         if torch.compiler.is_compiling():  # compiled autograd traces this: the graph records the op
             gx, gc = deu_backward(grad_y, x, coeffs, ctx.dim, ctx.backend)
         else:
             gx, gc = _backward_impl(grad_y, x, coeffs, ctx.dim, ctx.backend)
         return gx, gc, None, None
-
-
-def _plain(t: Tensor) -> bool:
-    return type(t) is Tensor or type(t) is torch.nn.Parameter
-
-
-def _has_tangent(x: Tensor, coeffs: Tensor) -> bool:
-    """Whether x or coeffs carries a forward-mode AD tangent (``torch.autograd.forward_ad``)."""
-    if fwad._current_level < 0:  # no dual level entered: the common case, one attribute read
-        return False
-    return fwad.unpack_dual(x).tangent is not None or fwad.unpack_dual(coeffs).tangent is not None
 
 
 def _validate(x: Tensor, coeffs: Tensor, dim: int) -> int:
@@ -254,10 +253,10 @@ def _validate(x: Tensor, coeffs: Tensor, dim: int) -> int:
     if x.dtype not in _FLOATS:
         raise TypeError(f"kfuse.deu: x must be float16, bfloat16, float32 or float64; got {x.dtype}")
     if coeffs.dtype not in _FLOATS:
-        raise TypeError(f"kfuse.deu: coeffs must be a floating tensor; got {coeffs.dtype}")
+        raise TypeError(f"kfuse.deu: coeffs must be float16, bfloat16, float32 or float64; got {coeffs.dtype}")
     if x.ndim == 0:
         raise ValueError("kfuse.deu: x must have at least one dimension (the neuron axis)")
-    if isinstance(dim, bool) or not hasattr(dim, "__index__"):
+    if isinstance(dim, (bool, Tensor)) or not hasattr(dim, "__index__"):  # a Tensor has __index__
         raise TypeError(f"kfuse.deu: dim must be an int; got {type(dim).__name__}")
     if not -x.ndim <= operator.index(dim) < x.ndim:
         raise IndexError(f"kfuse.deu: dim must be an int in [{-x.ndim}, {x.ndim - 1}] for x of shape "
@@ -331,18 +330,14 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     x, coeffs = x.resolve_neg(), coeffs.resolve_neg()  # the kernels read memory: no lazy negation
     order = _ORDER.get(x.device.type, ("reference",))
     chosen = _backends.select_for("deu", backend, x.device, x.dtype, lambda: backend_reasons(x), order)
-    if chosen == "reference":
+    # The routes of docs/CONTRIBUTING.md's table (kfuse._routing). Under torch.compile the op takes
+    # x as it is (it lays it out itself: Dynamo cannot sort symbolic strides, as _order does, so a
+    # dynamic channels-last x failed to compile).
+    path = _routing.route(chosen, (x, coeffs))
+    if path == _routing.REFERENCE:
         return deu_reference(x, coeffs, dim)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        # Graphs record the registered op; x as it is (the op lays it out itself: Dynamo cannot
-        # sort symbolic strides, as _order does, so a dynamic channels-last x failed to compile).
-        return deu_forward(x, coeffs, dim, chosen)
-    if is_functorch_wrapped_tensor(x) or is_functorch_wrapped_tensor(coeffs) or _has_tangent(x, coeffs):
-        # torch.func transforms and forward-mode AD (with whatever backward or subclass comes
-        # with them): the kernels define no rules for them.
-        return deu_reference(x, coeffs, dim)
-    if _plain(x) and _plain(coeffs) and not torch._C._len_torch_dispatch_stack():
-        if not (torch.is_grad_enabled() and (x.requires_grad or coeffs.requires_grad)):
+    if path == _routing.EAGER:
+        if not _routing.needs_grad((x, coeffs)):
             return _forward_impl(x, coeffs, dim, chosen)  # nothing to differentiate: no autograd node (-2 us)
         return _EagerDeu.apply(_in_order(x, _order(x)), coeffs, dim, chosen)  # saved dense for backward
     # A dispatch mode (make_fx, FakeTensorMode, FlopCounterMode) or a tensor subclass must see the

@@ -62,6 +62,15 @@ def _case_masks(a: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, ...]:
     return a.abs() < EPS, b.abs() < EPS, c.abs() < EPS, b * b - 4 * a * c
 
 
+def range_scale(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """``σ = 2^-k`` per neuron bringing ``max(|a|, |b|, |c|)`` below ``2^60`` (1 if it is below
+    already, or not finite), detached, in their dtype. See ``deu_reference``'s Range comment."""
+    m = torch.maximum(a.detach().abs(), torch.maximum(b.detach().abs(), c.detach().abs()))
+    e = torch.frexp(m).exponent  # m = f·2^e, f in [0.5, 1)
+    k = torch.where(torch.isfinite(m) & (e > 60), 60 - e, 0)
+    return torch.ldexp(torch.ones_like(m), k)
+
+
 def deu_cases(coeffs: Tensor) -> Tensor:
     """Case id per neuron (index into ``CASE_NAMES``).
 
@@ -111,18 +120,37 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     under, over = nnn & (d < -EPS), nnn & (d > EPS)
     osc = ~za & zb & ~zc & (a * c > 0)
     hyp = ~za & zb & ~zc & (a * c < 0)
+    # Range: b², 4ac and products such as S·c overflow float32 for |a|, |b| or |c| past ~1e19,
+    # where the function is finite. So the cases below solve the equation scaled by σ = 2^-k
+    # (exact; 1 unless the largest of |a|, |b|, |c| is 2^60 or more), σ(a y'' + b y' + c y) = σ·H:
+    # the same solution, with roots and homogeneous parts from ratios of a, b, c and the forcing
+    # σ·H. The case is decided on the unscaled values, above.
+    sig = range_scale(a, b, c)
+    a, b, c = a * sig, b * sig, c * sig
     # Safe denominators: every branch is evaluated everywhere, so keep the unselected ones
     # finite (a NaN there would poison autograd through torch.where).
     A, B, C = torch.where(za, one, a), torch.where(zb, one, b), torch.where(zc, one, c)
-    H = (t > 0).to(compute)
-    # D = b² − 4ac: its value from _case_masks' float64 (in float32 it cancels for large a, c:
-    # a = 1000, b = 1897.3666, c = 900 has D = −0.072 but gave NaN), its gradient from autograd.
+    H = (t > 0).to(compute) * sig
+    # D = b² − 4ac (of the scaled a, b, c): its value from _case_masks' float64 (in float32 it
+    # cancels for large a, c: a = 1000, b = 1897.3666, c = 900 has D = −0.072 but gave NaN), its
+    # gradient from autograd. Its square roots take their values from float64 too (D·σ² may be
+    # subnormal in float32).
+    sig64 = sig.to(torch.float64)
     disc = B * B - 4 * A * C
-    disc = disc + (d.to(compute) - disc).detach()
+    disc = disc + ((d * sig64.square()).to(compute) - disc).detach()
 
-    y_step = torch.sigmoid(STEP_SLOPE * t) / C
-    y_ramp = c1 + H * t / B
-    k = C / B
+    def sqrt_disc(mask: Tensor, sign: float) -> Tensor:
+        r = torch.sqrt(torch.where(mask, sign * disc, one))
+        exact = torch.where(mask, torch.sqrt(sign * d) * sig64, 1.0).to(compute)
+        return r + (exact - r).detach()
+
+    y_step = sig * torch.sigmoid(STEP_SLOPE * t) / C
+    # The cases that divide by b alone (ramp, first order, r = -b/a) take b only where a or c
+    # counts as zero: elsewhere b may be ~1e-21 of a and c (scaled), and their overflow in an
+    # unselected branch made autograd's gradient NaN through torch.where.
+    Bd = torch.where(za | zc, B, one)
+    y_ramp = c1 + H * t / Bd
+    k = C / Bd
     y_first = c1 * capped_exp(-k * t) + H * (1 - capped_exp(-k * t)) / C
     y_parab = c1 * t + c2 + H * t * t / (2 * A)
 
@@ -135,11 +163,11 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     cosh_capped = (capped_exp(kh * t) + capped_exp(-kh * t)) / 2
     y_hyp = c1 * capped_exp(-kp * t) + c2 * capped_exp(kp * t) + H * (1 - cosh_capped) / C
 
-    r = -B / A
-    y_nnz = c2 - (A * c1 / B) * capped_exp(r * t) + H * (t / B - (A / (B * B)) * (1 - capped_exp(r * t)))
+    r = -Bd / A
+    y_nnz = c2 - (A * c1 / Bd) * capped_exp(r * t) + H * (t / Bd - (A / (Bd * Bd)) * (1 - capped_exp(r * t)))
 
     alpha = -B / (2 * A)
-    dd = torch.sqrt(torch.where(under, -disc, one))
+    dd = sqrt_disc(under, -1.0)
     om = dd / (2 * A)
     ea = capped_exp(alpha * t)
     y_under = ea * (c1 * torch.cos(om * t) + c2 * torch.sin(om * t)) + H * (
@@ -150,7 +178,7 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     # - w2·e2)/c. Written so, one root and one weight cancel when |b| >> sqrt|ac| (float32: y
     # 0.735 instead of 0.272 at t = 500 for a = 0.0101, b = 1000, c = 1). With q = -(b + sign(b)·s)/2
     # (no cancellation) they are q/a and c/q, |q|/s and -ac/(|q|·s); b's sign says which is which.
-    s = torch.sqrt(torch.where(over, disc, one))
+    s = sqrt_disc(over, 1.0)
     bpos = B >= 0
     q = -(B + torch.where(bpos, s, -s)) / 2  # |q| >= s/2 > 0, also where unselected
     fast, slow = q / A, C / q

@@ -1,0 +1,134 @@
+"""Which path a kfuse op call takes, and the checks behind that choice, shared by every op.
+
+Every public op (``kfuse.deu``, ``kfuse.lora_linear``, ...) has one implementation per backend
+and reaches it by one of these routes (docs/CONTRIBUTING.md, "Dispatch"):
+
+1. an input overrides ``__torch_function__`` (an FX ``Proxy``, a function mode): the op hands the
+   call to ``torch.overrides.handle_torch_function`` before validating anything, so
+   ``torch.fx.symbolic_trace`` records one call of the public function;
+2. then, after validation and the backend choice, :func:`route` says which of three paths runs:
+
+   ========================  =================================================================
+   :data:`REFERENCE`         the PyTorch reference: the reference backend was chosen, or an
+                             input is wrapped by a ``torch.func`` transform or carries a
+                             forward-mode AD tangent (the kernels define no rules for them)
+   :data:`REGISTERED`        the ``torch.library.custom_op`` ops (``kfuse::<op>_forward`` ...):
+                             under ``torch.compile`` / ``torch.jit.trace`` (graphs record them),
+                             and for tensor subclasses or under a dispatch mode (``make_fx``,
+                             ``FakeTensorMode``): such tensors may have no memory for a kernel,
+                             and such modes must see the op
+   :data:`EAGER`             plain tensors, no dispatch mode: the op calls its implementations
+                             directly, through a thin ``autograd.Function`` when
+                             :func:`needs_grad` (half the per-call overhead of the custom-op
+                             dispatch), or with no autograd node at all when nothing needs a
+                             gradient
+   ========================  =================================================================
+
+An op's body then reads::
+
+    if torch.overrides.has_torch_function(tensors):
+        return torch.overrides.handle_torch_function(op, tensors, *args, **kwargs)
+    ...validate, chosen = _backends.select_for(...)...
+    path = _routing.route(chosen, tensors)
+    if path == _routing.REFERENCE:
+        return reference(...)
+    if path == _routing.REGISTERED:
+        return registered_forward(...)
+    if not _routing.needs_grad(tensors):
+        return forward_impl(...)
+    return EagerFunction.apply(...)
+
+and the backward of the eager ``autograd.Function`` (or of ``register_autograd``) checks
+:func:`differentiable_backward` first: a backward that must be differentiable
+(``create_graph=True``) or batched (``is_grads_batched=True``) runs the reference's vjp; under
+compiled autograd (:func:`tracing`) it calls the registered backward op, so the graph records it.
+
+``tensors`` may contain ``None`` (optional inputs such as a bias); they are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.autograd.forward_ad as fwad
+from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor
+
+#: The op runs its PyTorch reference (plain autograd, any transform).
+REFERENCE = "reference"
+#: The op calls its registered ``torch.library`` ops.
+REGISTERED = "registered"
+#: The op calls its implementations directly (through its eager ``autograd.Function`` when
+#: :func:`needs_grad`).
+EAGER = "eager"
+
+
+def plain(t: Tensor | None) -> bool:
+    """Whether ``t`` is a plain tensor (``Tensor`` or ``nn.Parameter``, not a subclass) or None."""
+    return t is None or type(t) is Tensor or type(t) is torch.nn.Parameter
+
+
+def tracing() -> bool:
+    """Whether ``torch.compile`` (Dynamo, compiled autograd included) or ``torch.jit.trace`` is
+    tracing this call: graphs must record the registered ops."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def has_tangent(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether any of ``tensors`` carries a forward-mode AD tangent (``torch.autograd.forward_ad``)."""
+    if fwad._current_level < 0:  # no dual level entered: the common case, one attribute read
+        return False
+    return any(t is not None and fwad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def functorch_wrapped(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether any of ``tensors`` is wrapped by a ``torch.func`` transform (grad, vmap, jvp, ...)."""
+    for t in tensors:
+        if t is not None and is_functorch_wrapped_tensor(t):
+            return True
+    return False
+
+
+def needs_grad(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether autograd must record the call: grad mode is on and an input requires a gradient."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def route(chosen: str, tensors: Sequence[Tensor | None]) -> str:
+    """The path of a validated call whose backend is ``chosen`` (``_backends.select_for``'s
+    answer), for the op's tensor inputs ``tensors``: :data:`REFERENCE`, :data:`REGISTERED` or
+    :data:`EAGER` (the table in this module's docstring; the checks run in that order)."""
+    if chosen == "reference":
+        return REFERENCE
+    if tracing():
+        # Before the functorch queries, which Dynamo cannot trace.
+        return REGISTERED
+    if functorch_wrapped(tensors) or has_tangent(tensors):
+        # torch.func transforms and forward-mode AD (with whatever backward or subclass comes
+        # with them): the kernels define no rules for them.
+        return REFERENCE
+    if torch._C._len_torch_dispatch_stack():
+        return REGISTERED
+    for t in tensors:
+        if not plain(t):
+            return REGISTERED
+    return EAGER
+
+
+def differentiable_backward(grad: Tensor) -> bool:
+    """Whether a backward must be differentiable or batched, which the kernels' is not: under
+    ``create_graph=True`` (grad mode on in the backward), or with a batched ``grad``
+    (``is_grads_batched=True``, ``jacobian(vectorize=True)``: autograd's own vmap over the
+    backward, whose batched tensors have no memory). Under Dynamo (compiled autograd) grad mode
+    only: it cannot trace the functorch queries, and traces no batched backward."""
+    if torch.is_grad_enabled():
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return is_functorch_wrapped_tensor(grad) or is_legacy_batchedtensor(grad)
