@@ -1,7 +1,9 @@
 """kfuse: fused PyTorch kernels (Triton, CUDA and C++ CPU) with PyTorch references.
 
-Ops: :func:`kfuse.deu` (per-neuron Differential Equation Unit activations).
-Modules: :class:`kfuse.nn.DEU`. ``python -m kfuse`` checks and times every backend.
+Ops: :func:`kfuse.deu` (per-neuron Differential Equation Unit activations),
+:func:`kfuse.lora_linear` and :func:`kfuse.lora_linear_multi` (LoRA-adapted linear layers).
+Modules: :class:`kfuse.nn.DEU`, :class:`kfuse.nn.LoRALinear`, :class:`kfuse.nn.MultiLoRALinear`.
+``python -m kfuse`` checks and times every backend.
 ``kfuse.availability()`` says which backends this machine can run, and why not.
 """
 
@@ -10,6 +12,7 @@ import torch  # noqa: F401  (the extension needs torch loaded first)
 from kfuse import nn, reference
 from kfuse._backends import BackendUnavailableError, availability
 from kfuse.ops.deu import deu
+from kfuse.ops.lora import lora_linear, lora_linear_multi
 
-__all__ = ["BackendUnavailableError", "availability", "deu", "nn", "reference"]
+__all__ = ["BackendUnavailableError", "availability", "deu", "lora_linear", "lora_linear_multi", "nn", "reference"]
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """nn.Module drop-ins built on kfuse ops."""
 
 from kfuse.nn.deu import DEU
+from kfuse.nn.lora import LoRALinear, MultiLoRALinear
 
-__all__ = ["DEU"]
+__all__ = ["DEU", "LoRALinear", "MultiLoRALinear"]

@@ -1,0 +1,333 @@
+"""``kfuse.nn.LoRALinear`` and ``kfuse.nn.MultiLoRALinear``: LoRA-adapted linear layers.
+
+``LoRALinear`` is a drop-in for PEFT's ``lora.Linear`` (one adapter, training and inference);
+``MultiLoRALinear`` serves a batch whose rows use different adapters (forward only).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from kfuse.ops.lora import BACKENDS, lora_linear, lora_linear_multi
+from kfuse.reference.lora import acc_dtype
+
+
+def _int(cls: str, name: str, v: object, lo: int) -> int:
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{cls}: {name} must be an int; got {type(v).__name__}")
+    v = operator.index(v)
+    if v < lo:
+        raise ValueError(f"{cls}: {name} must be >= {lo}; got {v}")
+    return v
+
+
+def _check_backend(cls: str, backend: object) -> str:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"{cls}: backend must be 'auto' or one of {list(BACKENDS)}; got {backend!r}")
+    return backend
+
+
+def _adapter_dtype(adapter_dtype: torch.dtype | None, base_dtype: torch.dtype) -> torch.dtype:
+    """PEFT keeps adapters in float32 (``autocast_adapter_dtype=True``) under fp16/bf16/fp32 bases."""
+    if adapter_dtype is not None:
+        return adapter_dtype
+    return torch.float64 if base_dtype == torch.float64 else torch.float32
+
+
+def _base_parameters(linear: nn.Module, fan_in_fan_out: bool, freeze_base: bool,
+                     cls: str) -> tuple[nn.Parameter, nn.Parameter | None, int, int]:
+    """(weight, bias, in_features, out_features) of an ``nn.Linear`` (``[out, in]``) or, with
+    ``fan_in_fan_out``, of a GPT-2 ``Conv1D`` (``[in, out]``); ``freeze_base`` sets
+    ``requires_grad=False`` on them, as PEFT does."""
+    weight = getattr(linear, "weight", None)
+    if not isinstance(weight, Tensor) or weight.ndim != 2:
+        raise TypeError(f"{cls}.from_linear: linear must have a 2-D weight (nn.Linear, or a Conv1D with "
+                        f"fan_in_fan_out=True); got {type(linear).__name__}")
+    in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
+    bias = getattr(linear, "bias", None)
+    if freeze_base:
+        weight.requires_grad_(False)
+        if bias is not None:
+            bias.requires_grad_(False)
+    return weight, bias, in_f, out_f
+
+
+class LoRALinear(nn.Module):
+    """A linear layer with a LoRA adapter: ``y = x Wᵀ + bias + scaling · ((dropout(x) Aᵀ) Bᵀ + lora_bias)``
+    (:func:`kfuse.lora_linear`), numerically PEFT's ``lora.Linear``.
+
+    Args:
+        in_features: K. out_features: N.
+        r: the adapter's rank (>= 1).
+        lora_alpha: ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` when ``use_rslora``).
+        lora_dropout: dropout probability of the LoRA branch in training, in ``[0, 1)``.
+        use_rslora: rank-stabilised scaling.
+        bias: whether the base layer has a bias.
+        fan_in_fan_out: the base weight is stored ``[K, N]`` (GPT-2's Conv1D).
+        lora_bias: whether the adapter has a bias (PEFT's ``lora_bias=True``: ``lora_B.bias``).
+        backend: passed to :func:`kfuse.lora_linear`.
+        device, dtype: of the base layer.
+        adapter_dtype: of the adapters; float32 by default (float64 for a float64 base), as
+            PEFT upcasts them.
+    Parameters:
+        weight: ``[N, K]`` (``[K, N]`` with ``fan_in_fan_out``), ``dtype``; frozen
+            (``requires_grad=False``), initialised as ``nn.Linear``'s.
+        bias: ``[N]``, ``dtype``, frozen, or None.
+        lora_A: ``[r, K]``, kaiming-uniform (``a = √5``); lora_B: ``[N, r]``, zeros (so a new
+            layer computes its base layer's output); lora_bias: ``[N]`` zeros or None. All in
+            ``adapter_dtype``, trainable.
+    Shape:
+        input ``[..., K]`` in ``dtype``; output ``[..., N]`` in ``dtype``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8.0,
+                 lora_dropout: float = 0.0, use_rslora: bool = False, bias: bool = True, fan_in_fan_out: bool = False,
+                 lora_bias: bool = False, backend: str = "auto", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, adapter_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        in_features = _int("LoRALinear", "in_features", in_features, 1)
+        out_features = _int("LoRALinear", "out_features", out_features, 1)
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+        b = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        self._setup(weight, b, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, fan_in_fan_out,
+                    lora_bias, backend, adapter_dtype)
+        self.reset_parameters()
+
+    def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None, in_features: int, out_features: int, r: int,
+               lora_alpha: float, lora_dropout: float, use_rslora: bool, fan_in_fan_out: bool, lora_bias: bool,
+               backend: str, adapter_dtype: torch.dtype | None) -> None:
+        cls = type(self).__name__
+        r = _int(cls, "r", r, 1)
+        for name, v in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{cls}: {name} must be a real number; got {type(v).__name__}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"{cls}: lora_dropout must be in [0, 1); got {lora_dropout}")
+        for name, v in (("use_rslora", use_rslora), ("fan_in_fan_out", fan_in_fan_out), ("lora_bias", lora_bias)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{cls}: {name} must be a bool; got {type(v).__name__}")
+        self.backend = _check_backend(cls, backend)
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.lora_alpha, self.lora_dropout, self.use_rslora = float(lora_alpha), float(lora_dropout), use_rslora
+        self.fan_in_fan_out = fan_in_fan_out
+        self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.merged = False
+        self.weight = weight
+        self.bias = bias
+        a_dtype = _adapter_dtype(adapter_dtype, weight.dtype)
+        factory = {"device": weight.device, "dtype": a_dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        self.lora_bias = nn.Parameter(torch.empty(out_features, **factory)) if lora_bias else None
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r: int = 8, lora_alpha: float = 8.0, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, fan_in_fan_out: bool = False, lora_bias: bool = False,
+                    freeze_base: bool = True, backend: str = "auto",
+                    adapter_dtype: torch.dtype | None = None) -> LoRALinear:
+        """A LoRA layer over ``linear``'s weight and bias, shared (the same Parameters, not
+        copies: merging writes into them). ``linear`` is an ``nn.Linear``, or with
+        ``fan_in_fan_out=True`` a module whose weight is ``[in, out]`` (GPT-2's Conv1D).
+        ``freeze_base`` sets ``requires_grad=False`` on them, as PEFT does."""
+        weight, bias, in_f, out_f = _base_parameters(linear, fan_in_fan_out, freeze_base, cls.__name__)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(weight, bias, in_f, out_f, r, lora_alpha, lora_dropout, use_rslora, fan_in_fan_out, lora_bias,
+                    backend, adapter_dtype)
+        return self
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Base layer as ``nn.Linear`` initialises it, and the adapter as PEFT does."""
+        nn.init.kaiming_uniform_(self.weight.t() if self.fan_in_fan_out else self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """PEFT's initialisation: ``lora_A`` kaiming-uniform (``a = √5``), ``lora_B`` and ``lora_bias`` zeros."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        if self.lora_bias is not None:
+            nn.init.zeros_(self.lora_bias)
+
+    def _updated_weight(self, sign: float) -> Tensor:
+        """``W ± scaling · B A`` (transposed for ``fan_in_fan_out``), accumulated in float32
+        (float64 for a float64 W), in W's dtype."""
+        acc = acc_dtype(self.weight.dtype)
+        delta = (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc)) * self.scaling  # [N, K]
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        return (self.weight.detach().to(acc) + sign * delta).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Folds the adapter into the base weight in place: ``W ← W + scaling · B A`` (fp32
+        accumulation); the forward then is the base layer's (plus ``scaling · lora_bias``).
+        For fp16/bf16 weights a merge/unmerge round trip rounds W twice."""
+        if self.merged:
+            warnings.warn("LoRALinear.merge: already merged; nothing to do", stacklevel=2)
+            return
+        self.weight.copy_(self._updated_weight(1.0))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undoes :meth:`merge`: ``W ← W − scaling · B A`` (fp32 accumulation)."""
+        if not self.merged:
+            warnings.warn("LoRALinear.unmerge: not merged; nothing to do", stacklevel=2)
+            return
+        self.weight.copy_(self._updated_weight(-1.0))
+        self.merged = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        """:func:`kfuse.lora_linear` with this layer's parameters (dropout in training mode only);
+        when merged, the base layer (plus ``scaling · lora_bias``)."""
+        if self.merged:
+            y = nn.functional.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
+            if self.lora_bias is not None:
+                y = y + (self.scaling * self.lora_bias).to(y.dtype)
+            return y
+        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias, self.lora_bias,
+                           self.lora_dropout, self.training, self.fan_in_fan_out, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, scaling={self.scaling:g}, "
+                f"bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}, "
+                f"backend={self.backend!r}")
+
+
+class MultiLoRALinear(nn.Module):
+    """A linear layer serving several LoRA adapters at once (forward only,
+    :func:`kfuse.lora_linear_multi`): each row of the input uses the adapter its id names, or
+    none (id ``-1``).
+
+    Adapters of any rank are added with :meth:`add_adapter`; they are stored padded to the
+    largest rank (``r_max``) in the buffers ``A_stack [L, r_max, K]``, ``B_stack [L, N, r_max]``,
+    ``scalings [L]`` (float32) and ``ranks [L]`` (int32). Padding is never read.
+
+    Args:
+        in_features: K. out_features: N.
+        bias: whether the base layer has a bias. fan_in_fan_out: base weight stored ``[K, N]``.
+        backend: passed to :func:`kfuse.lora_linear_multi`.
+        device, dtype: of the base layer. adapter_dtype: of the stacks (float32 by default).
+    Parameters:
+        weight ``[N, K]`` (``[K, N]``), bias ``[N]`` or None: frozen, initialised as ``nn.Linear``'s.
+    Shape:
+        ``forward(x [..., K], adapter_ids)`` → ``[..., N]``; ``adapter_ids`` int, one per row
+        (``x.shape[:-1]`` or ``[M]``), or one per leading index (``[x.shape[0]]``, e.g. one per
+        sequence of ``[B, T, K]``).
+    Serve under ``torch.no_grad()`` / ``torch.inference_mode()`` if the base weight is trainable
+    (otherwise the differentiable reference runs).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, fan_in_fan_out: bool = False,
+                 backend: str = "auto", device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 adapter_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        in_features = _int("MultiLoRALinear", "in_features", in_features, 1)
+        out_features = _int("MultiLoRALinear", "out_features", out_features, 1)
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+        b = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        self._setup(weight, b, in_features, out_features, fan_in_fan_out, backend, adapter_dtype)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(weight.t() if fan_in_fan_out else weight, a=math.sqrt(5))
+            if b is not None:
+                nn.init.uniform_(b, -1.0 / math.sqrt(in_features), 1.0 / math.sqrt(in_features))
+
+    def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None, in_features: int, out_features: int,
+               fan_in_fan_out: bool, backend: str, adapter_dtype: torch.dtype | None) -> None:
+        if not isinstance(fan_in_fan_out, bool):
+            raise TypeError(f"MultiLoRALinear: fan_in_fan_out must be a bool; got {type(fan_in_fan_out).__name__}")
+        self.backend = _check_backend("MultiLoRALinear", backend)
+        self.in_features, self.out_features, self.fan_in_fan_out = in_features, out_features, fan_in_fan_out
+        self.weight, self.bias = weight, bias
+        dev, a_dtype = weight.device, _adapter_dtype(adapter_dtype, weight.dtype)
+        self.register_buffer("A_stack", torch.zeros(0, 0, in_features, device=dev, dtype=a_dtype))
+        self.register_buffer("B_stack", torch.zeros(0, out_features, 0, device=dev, dtype=a_dtype))
+        self.register_buffer("scalings", torch.zeros(0, device=dev, dtype=torch.float32))
+        self.register_buffer("ranks", torch.zeros(0, device=dev, dtype=torch.int32))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, fan_in_fan_out: bool = False, freeze_base: bool = True,
+                    backend: str = "auto", adapter_dtype: torch.dtype | None = None) -> MultiLoRALinear:
+        """A multi-adapter layer over ``linear``'s weight and bias, shared (not copied);
+        ``freeze_base`` sets ``requires_grad=False`` on them."""
+        weight, bias, in_f, out_f = _base_parameters(linear, fan_in_fan_out, freeze_base, cls.__name__)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(weight, bias, in_f, out_f, fan_in_fan_out, backend, adapter_dtype)
+        return self
+
+    @property
+    def num_adapters(self) -> int:
+        """L, the number of adapters added."""
+        return self.A_stack.shape[0]
+
+    @property
+    def r_max(self) -> int:
+        """The largest rank added (the stacks' padded rank)."""
+        return self.A_stack.shape[1]
+
+    @torch.no_grad()
+    def add_adapter(self, lora_A: Tensor, lora_B: Tensor, scaling: float) -> int:
+        """Adds an adapter (``lora_A [r, K]``, ``lora_B [N, r]``, any r >= 1; copied, in the
+        stacks' dtype) with its ``scaling``; returns its id (``0, 1, ...`` in order of addition).
+        A rank above ``r_max`` re-pads the stacks."""
+        if not isinstance(lora_A, Tensor) or not isinstance(lora_B, Tensor):
+            raise TypeError("MultiLoRALinear.add_adapter: lora_A and lora_B must be tensors")
+        K, N = self.in_features, self.out_features
+        if lora_A.ndim != 2 or lora_A.shape[1] != K or lora_A.shape[0] < 1:
+            raise ValueError(f"MultiLoRALinear.add_adapter: lora_A must have shape [r, K] = [r, {K}] with r >= 1; "
+                             f"got {list(lora_A.shape)}")
+        r = lora_A.shape[0]
+        if tuple(lora_B.shape) != (N, r):
+            raise ValueError(f"MultiLoRALinear.add_adapter: lora_B must have shape [N, r] = [{N}, {r}]; "
+                             f"got {list(lora_B.shape)}")
+        if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+            raise TypeError(f"MultiLoRALinear.add_adapter: scaling must be a real number; got {type(scaling).__name__}")
+        L, r_max = self.A_stack.shape[0], max(self.r_max, r)
+        A = self.A_stack.new_zeros(L + 1, r_max, K)
+        B = self.B_stack.new_zeros(L + 1, N, r_max)
+        A[:L, : self.r_max] = self.A_stack
+        B[:L, :, : self.r_max] = self.B_stack
+        A[L, :r] = lora_A.to(A)
+        B[L, :, :r] = lora_B.to(B)
+        self.A_stack, self.B_stack = A, B
+        self.scalings = torch.cat([self.scalings, self.scalings.new_tensor([float(scaling)])])
+        self.ranks = torch.cat([self.ranks, self.ranks.new_tensor([r])])
+        return L
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # The stacks' shapes grow with the adapters: take the saved ones (a fresh module has none).
+        for name in ("A_stack", "B_stack", "scalings", "ranks"):
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, Tensor) and saved.shape != getattr(self, name).shape:
+                setattr(self, name, getattr(self, name).new_empty(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor, adapter_ids: Tensor) -> Tensor:
+        """``y [..., N]`` for ``x [..., K]``; row ``m`` uses adapter ``adapter_ids[m]`` (-1: none)."""
+        if (isinstance(x, Tensor) and isinstance(adapter_ids, Tensor) and x.ndim > 2 and adapter_ids.ndim == 1
+                and adapter_ids.shape[0] == x.shape[0] and adapter_ids.shape[0] != math.prod(x.shape[:-1])):
+            # One id per leading index (a sequence of [B, T, K]): the same for all its rows.
+            adapter_ids = adapter_ids.view(-1, *([1] * (x.ndim - 2))).expand(x.shape[:-1])
+        return lora_linear_multi(x, self.weight, self.A_stack, self.B_stack, self.scalings, self.ranks, adapter_ids,
+                                 self.bias, self.fan_in_fan_out, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.num_adapters}, "
+                f"r_max={self.r_max}, bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, "
+                f"backend={self.backend!r}")

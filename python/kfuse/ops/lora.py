@@ -1,0 +1,809 @@
+"""LoRA linear layers: the public ops, their torch.library registration and autograd.
+
+``kfuse.lora_linear`` computes ``y = x Wᵀ + bias + scaling · ((dropout(x) Aᵀ) Bᵀ + lora_bias)``
+(see ``kfuse.reference.lora`` for the definition) with autograd for every input;
+``kfuse.lora_linear_multi`` serves a batch whose rows use different adapters (forward only).
+
+Backends: ``triton`` (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), ``cpu`` (torch's
+BLAS calls in the cheapest order, written here in Python) and ``reference``. There are no csrc
+kernels for LoRA: the ``cuda`` backend always says so. Routes: ``kfuse._routing``.
+
+Dropout masks are never stored: the forward draws a seed (an int64 tensor ``[1]`` on x's device,
+from torch's default generator of that device, so ``torch.manual_seed`` reproduces it and
+nothing syncs on the GPU), and the backward regenerates the mask from it
+(:func:`dropout_mask`). Saved for the backward: x, ``S = dropout(x) Aᵀ`` (``[M, r]``, float32;
+float64 for float64 x), the seed, and the parameters W, A, B.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import Tensor
+
+from kfuse import _backends, _routing
+from kfuse.reference.lora import (
+    acc_dtype,
+    lora_linear_multi_reference,
+    lora_linear_reference,
+    lora_shrink_reference,
+    reference_dropout_mask,
+)
+
+__all__ = [
+    "BACKENDS", "backend_reasons", "dropout_mask", "lora_backward", "lora_forward", "lora_linear",
+    "lora_linear_multi", "lora_multi_forward",
+]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (torch.int32, torch.int64)
+# Preference for backend="auto", fastest first. CPU tensors: the BLAS calls below (the Triton
+# interpreter is for tests only).
+_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}
+
+#: The backends of the LoRA ops, besides ``"auto"`` (``backend_reasons`` keys).
+BACKENDS = _backends.BACKENDS
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_tensor(op: str, name: str, t: object, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"kfuse.{op}: {name} must be a torch.Tensor{' or None' if optional else ''}; "
+                        f"got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        kind = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
+        raise TypeError(f"kfuse.{op}: {name} must be a dense (strided) tensor; got a {kind} tensor")
+
+
+def _check_bool(op: str, name: str, v: object) -> None:
+    if not isinstance(v, bool):
+        raise TypeError(f"kfuse.{op}: {name} must be a bool; got {type(v).__name__}")
+
+
+def _check_devices(op: str, x: Tensor, named: tuple[tuple[str, Tensor | None], ...]) -> None:
+    for name, t in named:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"kfuse.{op}: {name} is on {t.device} but x is on {x.device}; "
+                             "move them to the same device")
+
+
+def _check_x_weight(op: str, x: Tensor, weight: Tensor, fan_in_fan_out: bool) -> tuple[int, int]:
+    """(K, N) of a valid pair; raises naming the argument otherwise."""
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"kfuse.{op}: x must be float16, bfloat16, float32 or float64; got {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError(f"kfuse.{op}: x must have at least one dimension ([..., K]); got a 0-d tensor")
+    K = x.shape[-1]
+    if weight.dtype != x.dtype:
+        raise TypeError(f"kfuse.{op}: weight must have x's dtype ({x.dtype}); got {weight.dtype}")
+    if weight.ndim != 2 or weight.shape[0 if fan_in_fan_out else 1] != K:
+        want = f"[K, N] = [{K}, N] (fan_in_fan_out=True)" if fan_in_fan_out else f"[N, K] = [N, {K}]"
+        raise ValueError(f"kfuse.{op}: weight must have shape {want} for x of shape {tuple(x.shape)}; "
+                         f"got {list(weight.shape)}")
+    return K, weight.shape[1 if fan_in_fan_out else 0]
+
+
+def _check_adapter_dtype(op: str, name: str, t: Tensor, x: Tensor) -> None:
+    if t.dtype != torch.float32 and t.dtype != x.dtype:
+        raise TypeError(f"kfuse.{op}: {name} must be float32 or x's dtype ({x.dtype}); got {t.dtype}")
+
+
+def _check_bias(op: str, name: str, t: Tensor | None, N: int, dtype: torch.dtype, whose: str) -> None:
+    if t is None:
+        return
+    if t.ndim != 1 or t.shape[0] != N:
+        raise ValueError(f"kfuse.{op}: {name} must have shape [N] = [{N}]; got {list(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"kfuse.{op}: {name} must have {whose} dtype ({dtype}); got {t.dtype}")
+
+
+def _number(op: str, name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"kfuse.{op}: {name} must be a real number; got {type(v).__name__}")
+    return float(v)
+
+
+def _validate(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: object, bias: Tensor | None,
+              lora_bias: Tensor | None, dropout_p: object, fan_in_fan_out: bool,
+              op: str = "lora_linear") -> tuple[float, float]:
+    """Checks :func:`lora_linear`'s arguments; returns ``(scaling, dropout_p)`` as floats."""
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _check_tensor(op, name, t)
+    _check_tensor(op, "bias", bias, optional=True)
+    _check_tensor(op, "lora_bias", lora_bias, optional=True)
+    _check_bool(op, "fan_in_fan_out", fan_in_fan_out)
+    scaling = _number(op, "scaling", scaling)
+    p = _number(op, "dropout_p", dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"kfuse.{op}: dropout_p must be in [0, 1); got {p}")
+    K, N = _check_x_weight(op, x, weight, fan_in_fan_out)
+    if lora_A.ndim != 2 or lora_A.shape[1] != K or lora_A.shape[0] < 1:
+        raise ValueError(f"kfuse.{op}: lora_A must have shape [r, K] = [r, {K}] with r >= 1 "
+                         f"(K = x.shape[-1]); got {list(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if lora_B.ndim != 2 or lora_B.shape[0] != N or lora_B.shape[1] != r:
+        raise ValueError(f"kfuse.{op}: lora_B must have shape [N, r] = [{N}, {r}] (N from weight, r from "
+                         f"lora_A); got {list(lora_B.shape)}")
+    _check_adapter_dtype(op, "lora_A", lora_A, x)
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"kfuse.{op}: lora_B must have lora_A's dtype ({lora_A.dtype}); got {lora_B.dtype}")
+    _check_bias(op, "bias", bias, N, x.dtype, "x's")
+    _check_bias(op, "lora_bias", lora_bias, N, lora_A.dtype, "lora_A's")
+    _check_devices(op, x, (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias),
+                           ("lora_bias", lora_bias)))
+    return scaling, p
+
+
+def _validate_multi(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, scalings: Tensor, ranks: Tensor,
+                    adapter_ids: Tensor, bias: Tensor | None, fan_in_fan_out: bool,
+                    op: str = "lora_linear_multi") -> None:
+    """Checks :func:`lora_linear_multi`'s arguments (shapes, dtypes, devices; not the values)."""
+    for name, t in (("x", x), ("weight", weight), ("A_stack", A_stack), ("B_stack", B_stack),
+                    ("scalings", scalings), ("ranks", ranks), ("adapter_ids", adapter_ids)):
+        _check_tensor(op, name, t)
+    _check_tensor(op, "bias", bias, optional=True)
+    _check_bool(op, "fan_in_fan_out", fan_in_fan_out)
+    K, N = _check_x_weight(op, x, weight, fan_in_fan_out)
+    if A_stack.ndim != 3 or A_stack.shape[2] != K:
+        raise ValueError(f"kfuse.{op}: A_stack must have shape [L, r_max, K] = [L, r_max, {K}]; "
+                         f"got {list(A_stack.shape)}")
+    L, r_max = A_stack.shape[0], A_stack.shape[1]
+    if B_stack.ndim != 3 or tuple(B_stack.shape) != (L, N, r_max):
+        raise ValueError(f"kfuse.{op}: B_stack must have shape [L, N, r_max] = [{L}, {N}, {r_max}] (L, r_max "
+                         f"from A_stack, N from weight); got {list(B_stack.shape)}")
+    _check_adapter_dtype(op, "A_stack", A_stack, x)
+    if B_stack.dtype != A_stack.dtype:
+        raise TypeError(f"kfuse.{op}: B_stack must have A_stack's dtype ({A_stack.dtype}); got {B_stack.dtype}")
+    if scalings.ndim != 1 or scalings.shape[0] != L:
+        raise ValueError(f"kfuse.{op}: scalings must have shape [L] = [{L}]; got {list(scalings.shape)}")
+    if not scalings.dtype.is_floating_point:
+        raise TypeError(f"kfuse.{op}: scalings must be a floating tensor; got {scalings.dtype}")
+    if ranks.ndim != 1 or ranks.shape[0] != L:
+        raise ValueError(f"kfuse.{op}: ranks must have shape [L] = [{L}]; got {list(ranks.shape)}")
+    if ranks.dtype not in _INTS:
+        raise TypeError(f"kfuse.{op}: ranks must be int32 or int64; got {ranks.dtype}")
+    if adapter_ids.dtype not in _INTS:
+        raise TypeError(f"kfuse.{op}: adapter_ids must be int32 or int64; got {adapter_ids.dtype}")
+    lead = tuple(x.shape[:-1])
+    if tuple(adapter_ids.shape) != lead and (adapter_ids.ndim != 1 or adapter_ids.shape[0] != math.prod(x.shape[:-1])):
+        raise ValueError(f"kfuse.{op}: adapter_ids must hold one id per row of x: shape x.shape[:-1] = {list(lead)} "
+                         f"or [M] = [{math.prod(x.shape[:-1])}]; got {list(adapter_ids.shape)}")
+    _check_bias(op, "bias", bias, N, x.dtype, "x's")
+    _check_devices(op, x, (("weight", weight), ("A_stack", A_stack), ("B_stack", B_stack), ("scalings", scalings),
+                           ("ranks", ranks), ("adapter_ids", adapter_ids), ("bias", bias)))
+
+
+def _check_multi_values(ranks: Tensor, adapter_ids: Tensor, L: int, r_max: int, op: str = "lora_linear_multi") -> None:
+    """The value checks of CPU tensors (free there; on a GPU they would sync the host)."""
+    if adapter_ids.numel():
+        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
+        if lo < -1 or hi >= L:
+            raise IndexError(f"kfuse.{op}: adapter_ids must be in [-1, L) = [-1, {L}) (-1 = the base model only); "
+                             f"got values in [{lo}, {hi}]")
+    if ranks.numel():
+        lo, hi = int(ranks.min()), int(ranks.max())
+        if lo < 0 or hi > r_max:
+            raise ValueError(f"kfuse.{op}: ranks must be in [0, r_max] = [0, {r_max}] (r_max = A_stack.shape[1]); "
+                             f"got values in [{lo}, {hi}]")
+
+
+def _value_checkable(tensors: tuple[Tensor, ...]) -> bool:
+    """Whether the value checks can run now: plain CPU tensors, nothing tracing (under a trace
+    the registered op checks them when it runs)."""
+    return (tensors[0].device.type == "cpu" and not _routing.tracing() and all(_routing.plain(t) for t in tensors)
+            and not torch._C._len_torch_dispatch_stack())
+
+
+# ---------------------------------------------------------------- backend choice
+
+
+def backend_reasons(x: Tensor) -> dict[str, list[str]]:
+    """For each backend, why it cannot run the LoRA ops on ``x`` (empty list: it can). Depends on
+    x's device type and dtype only (``_backends.select_for`` memoises on them)."""
+    triton = _backends.triton_reasons(x.device, x.dtype)
+    if x.dtype == torch.float64:
+        triton = [*triton, "the Triton LoRA kernels do not support float64"]
+    return {
+        "triton": triton,
+        "cuda": ["kfuse has no CUDA (csrc) kernels for LoRA; the Triton kernels run CUDA tensors"],
+        "cpu": [] if x.device.type == "cpu" else [f"x is on {x.device.type}, not cpu"],
+        "reference": [],
+    }
+
+
+def _select(op: str, backend: str, x: Tensor) -> str:
+    return _backends.select_for(op, backend, x.device, x.dtype, lambda: backend_reasons(x),
+                                _ORDER.get(x.device.type, ("reference",)))
+
+
+def _check_backend_name(op: str, backend: object) -> None:
+    """The registered ops' fakes: the backend string is checked at trace time too."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"kfuse.{op}: backend must be 'auto' or one of {sorted(BACKENDS)}; got {backend!r}")
+
+
+# ---------------------------------------------------------------- dropout seeds and masks
+
+
+def _draw_seed(device: torch.device) -> Tensor:
+    """A dropout seed: int64 ``[1]`` on ``device``, from that device's default generator
+    (reproducible under ``torch.manual_seed``; no host sync on a GPU)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _no_seed(device: torch.device) -> Tensor:
+    """The registered ops' stand-in for "no dropout": int64 ``[0]``."""
+    return torch.empty(0, dtype=torch.int64, device=device)
+
+
+def _generator_mask(seed: Tensor, M: int, K: int, p: float) -> Tensor:
+    g = torch.Generator(device=seed.device)
+    g.manual_seed(int(seed.item()))
+    return torch.rand(M, K, generator=g, device=seed.device) >= p
+
+
+def dropout_mask(seed: Tensor, M: int, K: int, p: float, backend: str) -> Tensor:
+    """The dropout mask ``backend``'s forward and backward use for ``seed``.
+
+    Args:
+        seed: int64 ``[1]``, as the forward saved it (on x's device).
+        M, K: the mask's shape (rows of the flattened x, features).
+        p: the dropout probability.
+        backend: ``"cpu"`` or ``"reference"`` (a ``torch.Generator`` on the seed's device seeded
+            with it: ``torch.rand(M, K, generator=g) >= p``), or ``"triton"`` (the kernels' own).
+    Returns:
+        bool ``[M, K]`` on the seed's device, True = kept (probability ``1 − p``).
+    """
+    if backend == "triton":
+        return _tk().lora_dropout_mask(seed, M, K, p)
+    return _generator_mask(seed, M, K, p)
+
+
+# ---------------------------------------------------------------- implementations
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t [..., C]`` as ``[M, C]`` (a view when it can be; C = 0 and M = 0 included). Not
+    ``reshape(Size.numel(), C)``: that specialised a dynamic batch size in torch.export."""
+    if t.ndim == 2:
+        return t
+    return t.unsqueeze(0) if t.ndim == 1 else t.flatten(0, -2)
+
+
+def _tk():
+    from kfuse.triton_kernels import lora as tk  # noqa: PLC0415 (triton is optional)
+
+    return tk
+
+
+def _combined_bias(bias: Tensor | None, lora_bias: Tensor | None, scaling: float, acc: torch.dtype) -> Tensor | None:
+    """``bias + scaling · lora_bias`` ([N], acc dtype), or None when neither is given."""
+    if lora_bias is None:
+        return None if bias is None else bias.to(acc)
+    lb = lora_bias.to(acc) * scaling
+    return lb if bias is None else lb.add_(bias.to(acc))
+
+
+def _torch_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: float, bias: Tensor | None,
+                   lora_bias: Tensor | None, p: float, fifo: bool, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The ``cpu`` backend (torch's BLAS calls; runs on any device): ``(y [M, N] x's dtype, S [M, r] acc)``.
+
+    ``y = addmm(bias + s·lora_bias, x, Wᵀ)``, then ``y += s · S Bᵀ`` in place (``addmm_`` with
+    ``alpha=s``): no M×N temporary, no scaled copy of B. Half-precision inputs are computed in
+    float32 (casts of x and W): a CPU fp16/bf16 GEMM is slower than the casts plus an fp32 GEMM
+    (256×1024×1024 on 2 cores: 63/80 ms fp16/bf16 vs 48/51 ms), and y is rounded once.
+    """
+    acc = acc_dtype(x2.dtype)
+    xa = x2.to(acc)
+    wt = (weight if fifo else weight.t()).to(acc)  # [K, N], a view of W for fp32/fp64
+    b = _combined_bias(bias, lora_bias, scaling, acc)
+    y = torch.mm(xa, wt) if b is None else torch.addmm(b, xa, wt)
+    if seed is None:
+        S = torch.mm(xa, A.to(acc).t())
+    else:  # dropout's 1/(1-p) on S ([M, r]) rather than on x ([M, K])
+        keep = _generator_mask(seed, x2.shape[0], x2.shape[1], p)
+        S = torch.mm(torch.where(keep, xa, 0.0), A.to(acc).t()).mul_(1.0 / (1.0 - p))
+    y.addmm_(S, B.to(acc).t(), alpha=scaling)
+    return y.to(x2.dtype), S
+
+
+def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: float, S: Tensor,
+                    seed: Tensor | None, p: float, fifo: bool, needs: tuple[bool, ...]) -> list[Tensor | None]:
+    """Gradients of :func:`_torch_forward`: ``[dx, dW, dA, dB, dbias, dlora_bias]`` (None where
+    ``needs`` is False), each in its input's dtype."""
+    need_x, need_w, need_a, need_b, need_bias, need_lb = needs
+    acc = acc_dtype(x2.dtype)
+    dya = dy2.to(acc)
+    keep = None
+    if seed is not None and (need_x or need_a):
+        keep = _generator_mask(seed, x2.shape[0], x2.shape[1], p)
+    out: list[Tensor | None] = [None] * 6
+    if need_x or need_a:
+        # G = s/(1-p) · dy B  [M, r]: the gradient of S, with dropout's scale folded in.
+        G = torch.mm(dya, B.to(acc)).mul_(scaling / (1.0 - p) if seed is not None else scaling)
+        Aa = A.to(acc)
+        if need_x:
+            w = weight.to(acc)
+            dx = torch.mm(dya, w.t() if fifo else w)
+            if keep is None:
+                dx.addmm_(G, Aa)
+            else:
+                dx.add_(torch.where(keep, torch.mm(G, Aa), 0.0))
+            out[0] = dx.to(x2.dtype)
+        if need_a:
+            xa = x2.to(acc)
+            out[2] = torch.mm(G.t(), xa if keep is None else torch.where(keep, xa, 0.0)).to(A.dtype)
+    if need_w:
+        xa = x2.to(acc)
+        out[1] = (torch.mm(xa.t(), dya) if fifo else torch.mm(dya.t(), xa)).to(weight.dtype)
+    if need_b:
+        out[3] = torch.mm(dya.t(), S).mul_(scaling).to(B.dtype)
+    if need_bias or need_lb:
+        colsum = dya.sum(0)
+        if need_bias:
+            out[4] = colsum.to(x2.dtype)  # bias has x's dtype (validated)
+        if need_lb:
+            out[5] = (colsum * scaling).to(A.dtype)  # the adapters' dtype; not in place: dbias may be colsum
+    return out
+
+
+def _dense(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.resolve_neg().contiguous()
+
+
+def _triton_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: float, bias: Tensor | None,
+                    lora_bias: Tensor | None, p: float, fifo: bool, seed: Tensor | None,
+                    save_s: bool) -> tuple[Tensor, Tensor | None]:
+    # W, A and B are read in place through their strides (either layout of W, no copy).
+    return _tk().lora_forward(_dense(x2), weight.resolve_neg(), fifo, A.resolve_neg(), B.resolve_neg(), scaling,
+                              _dense(bias), _dense(lora_bias), seed, p, save_s)
+
+
+def _triton_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: float, S: Tensor,
+                     seed: Tensor | None, p: float, fifo: bool, needs: tuple[bool, ...]) -> list[Tensor | None]:
+    need_x, need_w, need_a, need_b, need_bias, need_lb = needs
+    x2 = _dense(x2)
+    dx, dA, dB, colsum = _tk().lora_backward(_dense(dy2), x2, weight.resolve_neg(), fifo, A.resolve_neg(),
+                                             B.resolve_neg(), scaling, _dense(S), seed,
+                                             p, need_x, need_a, need_b, need_bias or need_lb)
+    out: list[Tensor | None] = [dx if need_x else None, None, dA.to(A.dtype) if need_a else None,
+                                dB.to(B.dtype) if need_b else None, None, None]
+    if need_bias:
+        out[4] = colsum.to(x2.dtype)
+    if need_lb:
+        out[5] = (colsum * scaling).to(A.dtype)
+    if need_w:  # dW = dyᵀ x: torch's GEMM (the LoRA case freezes W; correct, not fast)
+        out[1] = _torch_backward(dy2, x2, weight, A, B, scaling, S, None, p, fifo,
+                                 (False, True, False, False, False, False))[1]
+    return out
+
+
+def _forward_impl(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: float, bias: Tensor | None,
+                  lora_bias: Tensor | None, p: float, fifo: bool, backend: str, seed: Tensor | None,
+                  save_s: bool) -> tuple[Tensor, Tensor | None]:
+    """``(y [..., N] in x's dtype, S [M, r] acc or None)`` for ``x [..., K]`` by ``backend``;
+    dropout with mask ``dropout_mask(seed, M, K, p, backend)`` when ``seed`` is not None."""
+    K = x.shape[-1]
+    x2 = _flat(x)
+    N = weight.shape[1] if fifo else weight.shape[0]
+    if backend == "triton":
+        y2, S = _triton_forward(x2, weight, A, B, scaling, bias, lora_bias, p, fifo, seed, save_s)
+    elif backend == "reference":  # the registered ops with backend="reference"
+        mask = None if seed is None else dropout_mask(seed, x2.shape[0], K, p, backend)
+        y2 = lora_linear_reference(x2, weight, A, B, scaling, bias, lora_bias, mask=mask, dropout_p=p,
+                                   fan_in_fan_out=fifo)
+        S = lora_shrink_reference(x2, A, mask, p)
+    else:  # cpu
+        y2, S = _torch_forward(x2, weight, A, B, scaling, bias, lora_bias, p, fifo, seed)
+    y = y2 if x.ndim == 2 else y2.view(*x.shape[:-1], N)
+    return y, S
+
+
+def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: float, S: Tensor,
+                   seed: Tensor | None, p: float, fifo: bool, needs: tuple[bool, ...],
+                   backend: str) -> list[Tensor | None]:
+    """``[dx, dW, dA, dB, dbias, dlora_bias]`` (None where ``needs`` is False) for ``dy [..., N]``."""
+    K = x.shape[-1]
+    x2 = _flat(x)
+    dy2 = _flat(dy)
+    if backend == "triton":
+        grads = _triton_backward(dy2, x2, weight, A, B, scaling, S, seed, p, fifo, needs)
+    elif backend == "reference":
+        mask = None if seed is None else dropout_mask(seed, x2.shape[0], K, p, backend)
+        grads = _reference_vjp(dy2, x2, weight, A, B, scaling, p, fifo, mask, needs, None, None)
+    else:
+        grads = _torch_backward(dy2, x2, weight, A, B, scaling, S, seed, p, fifo, needs)
+    if grads[0] is not None:
+        grads[0] = grads[0].view(x.shape)
+    return grads
+
+
+def _reference_vjp(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: float, p: float,
+                   fifo: bool, mask: Tensor | None, needs: tuple[bool, ...], bias_dtype: torch.dtype | None,
+                   lora_bias_dtype: torch.dtype | None) -> list[Tensor | None]:
+    """The reference's gradients ``[dx, dW, dA, dB, dbias, dlora_bias]`` for the given mask,
+    differentiable (for ``create_graph=True``: its graph reaches every input and ``dy``). The
+    biases enter linearly, so zeros stand in for them (they are not saved)."""
+    N = dy.shape[-1]
+    bias = torch.zeros(N, dtype=bias_dtype or x.dtype, device=x.device) if needs[4] else None
+    lora_bias = torch.zeros(N, dtype=lora_bias_dtype or A.dtype, device=x.device) if needs[5] else None
+    primals = (x, weight, A, B, bias, lora_bias)
+    live = [i for i, t in enumerate(primals) if t is not None]
+
+    def f(*ts: Tensor) -> Tensor:
+        args = list(primals)
+        for i, t in zip(live, ts, strict=True):
+            args[i] = t
+        return lora_linear_reference(args[0], args[1], args[2], args[3], scaling, args[4], args[5], mask=mask,
+                                     dropout_p=p, fan_in_fan_out=fifo)
+
+    _, vjp = torch.func.vjp(f, *(primals[i] for i in live))
+    out: list[Tensor | None] = [None] * 6
+    for i, g in zip(live, vjp(dy), strict=True):
+        out[i] = g if needs[i] else None
+    return out
+
+
+# ---------------------------------------------------------------- registered ops
+
+
+@torch.library.custom_op("kfuse::lora_forward", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def lora_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Tensor | None,
+                 lora_bias: Tensor | None, dropout_p: float, fan_in_fan_out: bool,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Registered op behind :func:`lora_linear` (``torch.ops.kfuse.lora_forward``), differentiable.
+
+    Dropout applies when ``dropout_p > 0`` (the caller passes 0 in evaluation). The arguments are
+    :func:`lora_linear`'s; ``backend`` is ``"auto"`` or a backend name (checked).
+
+    Returns:
+        ``y`` ``[..., N]`` in x's dtype; ``S = dropout(x) Aᵀ`` ``[M, r]`` float32 (float64 for
+        float64 x); the dropout seed, int64 ``[1]`` on x's device (``[0]`` without dropout). S
+        and the seed are outputs so that compiled graphs save them for the backward.
+    """
+    scaling, p = _validate(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out,
+                           "lora_forward")
+    chosen = _select("lora_forward", backend, x)
+    seed = _draw_seed(x.device) if p > 0 else None
+    y, S = _forward_impl(x, weight, lora_A, lora_B, scaling, bias, lora_bias, p, fan_in_fan_out, chosen, seed, True)
+    return y, S, _no_seed(x.device) if seed is None else seed
+
+
+@lora_forward.register_fake
+def _(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Tensor | None,
+      lora_bias: Tensor | None, dropout_p: float, fan_in_fan_out: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    _check_backend_name("lora_forward", backend)
+    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    y = x.new_empty((*x.shape[:-1], N))
+    S = x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]), dtype=acc_dtype(x.dtype))
+    seed = x.new_empty((1 if dropout_p > 0 else 0,), dtype=torch.int64)
+    return y, S, seed
+
+
+@torch.library.custom_op("kfuse::lora_backward", mutates_args=())
+def lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, S: Tensor,
+                  seed: Tensor, dropout_p: float, fan_in_fan_out: bool, need_x: bool, need_weight: bool,
+                  need_A: bool, need_B: bool, need_bias: bool, need_lora_bias: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`lora_forward` (``torch.ops.kfuse.lora_backward``).
+
+    Args:
+        grad_y: ``[..., N]`` like y. x, weight, lora_A, lora_B, scaling, dropout_p,
+            fan_in_fan_out: the forward's. S, seed: the forward's outputs.
+        need_*: which gradients to compute.
+    Returns:
+        ``(dx, dweight, dA, dB, dbias, dlora_bias)``, each in its input's dtype (dbias in x's,
+        dlora_bias in lora_A's); an empty ``[0]`` tensor where not needed.
+    """
+    if not isinstance(grad_y, Tensor) or grad_y.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"kfuse.lora_backward: grad_y must have y's shape [..., N] with x's leading dims "
+                         f"{list(x.shape[:-1])}; got {getattr(grad_y, 'shape', type(grad_y).__name__)}")
+    scaling, p = _validate(x, weight, lora_A, lora_B, scaling, None, None, dropout_p, fan_in_fan_out, "lora_backward")
+    chosen = _select("lora_backward", backend, x)
+    M, r = math.prod(x.shape[:-1]), lora_A.shape[0]
+    if tuple(S.shape) != (M, r) or S.dtype != acc_dtype(x.dtype):
+        raise ValueError(f"kfuse.lora_backward: S must be [M, r] = [{M}, {r}] {acc_dtype(x.dtype)}; "
+                         f"got {list(S.shape)} {S.dtype}")
+    if seed.dtype != torch.int64 or seed.numel() != (1 if p > 0 else 0):
+        raise ValueError("kfuse.lora_backward: seed must be the forward's (int64 [1] with dropout, [0] without)")
+    needs = (need_x, need_weight, need_A, need_B, need_bias, need_lora_bias)
+    grads = _backward_impl(grad_y, x, weight, lora_A, lora_B, scaling, S, seed if p > 0 else None, p,
+                           fan_in_fan_out, needs, chosen)
+    empty = (x, weight, lora_A, lora_B, x, lora_A)  # the dtype of each gradient
+    return tuple(g if g is not None else e.new_empty(0) for g, e in zip(grads, empty, strict=True))
+
+
+@lora_backward.register_fake
+def _(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, S: Tensor,
+      seed: Tensor, dropout_p: float, fan_in_fan_out: bool, need_x: bool, need_weight: bool, need_A: bool,
+      need_B: bool, need_bias: bool, need_lora_bias: bool,
+      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_backend_name("lora_backward", backend)
+    N = grad_y.shape[-1]
+    shapes = (x.shape, weight.shape, lora_A.shape, lora_B.shape, (N,), (N,))
+    likes = (x, weight, lora_A, lora_B, x, lora_A)
+    needs = (need_x, need_weight, need_A, need_B, need_bias, need_lora_bias)
+    return tuple(t.new_empty(s if n else (0,)) for t, s, n in zip(likes, shapes, needs, strict=True))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out, backend = inputs
+    _, S, seed = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, S, seed)
+    ctx.mark_non_differentiable(S, seed)
+    ctx.scaling, ctx.p, ctx.fifo = float(scaling), float(dropout_p), fan_in_fan_out
+    ctx.backend = _select("lora_forward", backend, x)  # the forward's choice, for "auto" too
+    ctx.bias_dtypes = (None if bias is None else bias.dtype, None if lora_bias is None else lora_bias.dtype)
+
+
+def _registered_backward(ctx, grad_y: Tensor, _grad_S: Tensor | None, _grad_seed: Tensor | None):
+    x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = (n[0], n[1], n[2], n[3], n[5], n[6])
+    if _routing.differentiable_backward(grad_y):
+        mask = dropout_mask(seed, S.shape[0], x.shape[-1], ctx.p, ctx.backend) if ctx.p > 0 else None
+        grads = _reference_vjp(grad_y, x, weight, lora_A, lora_B, ctx.scaling, ctx.p, ctx.fifo, mask, needs,
+                               *ctx.bias_dtypes)
+    else:
+        out = lora_backward(grad_y, x, weight, lora_A, lora_B, ctx.scaling, S, seed, ctx.p, ctx.fifo, *needs,
+                            ctx.backend)
+        grads = [g if need else None for g, need in zip(out, needs, strict=True)]
+    dx, dw, da, db, dbias, dlb = grads
+    return dx, dw, da, db, None, dbias, dlb, None, None, None
+
+
+lora_forward.register_autograd(_registered_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("kfuse::lora_multi_forward", mutates_args=())
+def lora_multi_forward(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, scalings: Tensor, ranks: Tensor,
+                       adapter_ids: Tensor, bias: Tensor | None, fan_in_fan_out: bool, backend: str) -> Tensor:
+    """Registered op behind :func:`lora_linear_multi` (``torch.ops.kfuse.lora_multi_forward``),
+    forward only; the arguments are :func:`lora_linear_multi`'s. Returns ``y [..., N]``."""
+    _validate_multi(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, fan_in_fan_out,
+                    "lora_multi_forward")
+    chosen = _select("lora_multi_forward", backend, x)
+    return _multi_impl(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, fan_in_fan_out, chosen)
+
+
+@lora_multi_forward.register_fake
+def _(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, scalings: Tensor, ranks: Tensor,
+      adapter_ids: Tensor, bias: Tensor | None, fan_in_fan_out: bool, backend: str) -> Tensor:
+    _check_backend_name("lora_multi_forward", backend)
+    return x.new_empty((*x.shape[:-1], weight.shape[1] if fan_in_fan_out else weight.shape[0]))
+
+
+# ---------------------------------------------------------------- eager autograd
+
+
+class _EagerLoRA(torch.autograd.Function):
+    """Eager fast path: the registered ops' implementations without the custom-op dispatch (as
+    ``ops/deu.py``'s ``_EagerDeu``, where the dispatch doubled the per-call overhead). Takes and
+    returns 2-D tensors: :func:`lora_linear` flattens x outside, so that y is no view made
+    inside the Function (autograd forbids modifying those in place: ``y += residual``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None,
+                lora_bias: Tensor | None, scaling: float, p: float, fifo: bool, backend: str) -> Tensor:
+        seed = _draw_seed(x.device) if p > 0 else None
+        y, S = _forward_impl(x, weight, lora_A, lora_B, scaling, bias, lora_bias, p, fifo, backend, seed, True)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, S, seed)
+        ctx.scaling, ctx.p, ctx.fifo, ctx.backend = scaling, p, fifo, backend
+        ctx.bias_dtypes = (None if bias is None else bias.dtype, None if lora_bias is None else lora_bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:6])
+        if _routing.differentiable_backward(grad_y):
+            mask = None if seed is None else dropout_mask(seed, x.shape[0], x.shape[1], ctx.p, ctx.backend)
+            grads = _reference_vjp(grad_y, x, weight, lora_A, lora_B, ctx.scaling, ctx.p, ctx.fifo, mask, needs,
+                                   *ctx.bias_dtypes)
+        elif torch.compiler.is_compiling():  # compiled autograd traces this: the graph records the op
+            out = lora_backward(grad_y, x, weight, lora_A, lora_B, ctx.scaling, S,
+                                _no_seed(x.device) if seed is None else seed, ctx.p, ctx.fifo, *needs, ctx.backend)
+            grads = [g if need else None for g, need in zip(out, needs, strict=True)]
+        else:
+            grads = _backward_impl(grad_y, x, weight, lora_A, lora_B, ctx.scaling, S, seed, ctx.p, ctx.fifo, needs,
+                                   ctx.backend)
+        return (*grads, None, None, None, None)
+
+
+# ---------------------------------------------------------------- public ops
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    bias: Tensor | None = None,
+    lora_bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    fan_in_fan_out: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """A LoRA-adapted linear layer, as PEFT's ``lora.Linear`` computes it:
+    ``y = x Wᵀ + bias + scaling · ((dropout(x) Aᵀ) Bᵀ + lora_bias)``.
+
+    Args:
+        x: ``[..., K]``, float16, bfloat16, float32 (float64 on the ``cpu`` and ``reference``
+            backends).
+        weight: the base weight, x's dtype: ``[N, K]``, or ``[K, N]`` when ``fan_in_fan_out``
+            (GPT-2's Conv1D; used as it is, never copied).
+        lora_A: ``[r, K]``; lora_B: ``[N, r]``; both float32 or both x's dtype.
+        scaling: ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA).
+        bias: ``[N]`` in x's dtype, or None. lora_bias: ``[N]`` in the adapters' dtype, or None
+            (PEFT's ``lora_B.bias``; scaled by ``scaling`` like the rest of the LoRA branch).
+        dropout_p: dropout probability on the LoRA branch's input, in ``[0, 1)``; applied only
+            when ``training`` and ``p > 0``, with kept values scaled by ``1 / (1 − p)``.
+        training: whether dropout applies.
+        fan_in_fan_out: the layout of ``weight``.
+        backend: ``"auto"`` (``triton`` for CUDA tensors, ``cpu`` for CPU ones), ``"triton"``,
+            ``"cpu"`` or ``"reference"``; ``"cuda"`` names no LoRA kernels and always raises. An
+            explicit backend that cannot run raises :class:`kfuse.BackendUnavailableError`
+            naming the reasons.
+    Returns:
+        ``y [..., N]`` in x's dtype, accumulated in float32 (float64 for float64 x).
+
+    Autograd: gradients for every input that requires one (``dW`` too, when the base weight is
+    trainable: correct, not fast), each in its input's dtype. Dropout masks come from torch's
+    RNG (``torch.manual_seed`` reproduces them); the backward regenerates the mask from a
+    seed, so the saved tensors are x, ``S = dropout(x) Aᵀ`` (``[M, r]`` float32), the seed and
+    the parameters. Higher-order gradients (``create_graph=True``), batched backwards,
+    ``torch.func`` transforms and forward-mode AD run the reference (the backend's mask is
+    used with a kernel backend). With ``backend="reference"`` dropout draws its mask with
+    ``torch.rand`` and autograd keeps it.
+    """
+    tensors = (x, weight, lora_A, lora_B, bias, lora_bias)
+    if torch.overrides.has_torch_function(tensors):  # torch.fx.symbolic_trace's Proxy, ...
+        return torch.overrides.handle_torch_function(
+            lora_linear, tuple(t for t in tensors if t is not None), x, weight, lora_A, lora_B, scaling, bias=bias,
+            lora_bias=lora_bias, dropout_p=dropout_p, training=training, fan_in_fan_out=fan_in_fan_out,
+            backend=backend)
+    _check_bool("lora_linear", "training", training)
+    scaling, p = _validate(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out)
+    if not training:
+        p = 0.0
+    chosen = _select("lora_linear", backend, x)
+    path = _routing.route(chosen, tensors)
+    if path == _routing.REFERENCE:
+        mask = reference_dropout_mask(x, p) if p > 0 else None
+        return lora_linear_reference(x, weight, lora_A, lora_B, scaling, bias, lora_bias, mask=mask, dropout_p=p,
+                                     fan_in_fan_out=fan_in_fan_out)
+    x2 = _flat(x)  # viewed back outside the ops (see _EagerLoRA)
+    if path == _routing.REGISTERED:
+        y = lora_forward(x2, weight, lora_A, lora_B, scaling, bias, lora_bias, p, fan_in_fan_out, chosen)[0]
+    elif _routing.needs_grad(tensors):
+        y = _EagerLoRA.apply(x2, weight, lora_A, lora_B, bias, lora_bias, scaling, p, fan_in_fan_out, chosen)
+    else:  # nothing to differentiate: no autograd node, nothing saved
+        seed = _draw_seed(x.device) if p > 0 else None
+        y = _forward_impl(x2, weight, lora_A, lora_B, scaling, bias, lora_bias, p, fan_in_fan_out, chosen, seed,
+                          False)[0]
+    return y if x.ndim == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _torch_multi(x2: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, scalings: Tensor, ranks: Tensor,
+                 ids: Tensor, bias: Tensor | None, fifo: bool) -> Tensor:
+    """The ``cpu`` backend of :func:`lora_linear_multi` (host-side grouping: CPU tensors only).
+    Rows are grouped by adapter; each group costs two small GEMMs on its rows, with the
+    adapter's true rank (entries past it are never read)."""
+    acc = acc_dtype(x2.dtype)
+    xa = x2.to(acc)
+    wt = (weight if fifo else weight.t()).to(acc)
+    y = torch.mm(xa, wt) if bias is None else torch.addmm(bias.to(acc), xa, wt)
+    L = A_stack.shape[0]
+    if L and A_stack.shape[1] and ids.numel():
+        order = torch.argsort(ids, stable=True)
+        counts = torch.bincount(ids + 1, minlength=L + 1).tolist()
+        rank_list, scale_list = ranks.tolist(), scalings.double().tolist()
+        start = counts[0]  # the base-only rows (-1) sort first
+        for a in range(L):
+            rows, start = order[start:start + counts[a + 1]], start + counts[a + 1]
+            r = rank_list[a]
+            if rows.numel() == 0 or r == 0:
+                continue
+            s = torch.mm(xa.index_select(0, rows), A_stack[a, :r].to(acc).t())
+            y.index_add_(0, rows, torch.mm(s, B_stack[a, :, :r].to(acc).t()), alpha=scale_list[a])
+    return y.to(x2.dtype)
+
+
+def _multi_impl(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, scalings: Tensor, ranks: Tensor,
+                adapter_ids: Tensor, bias: Tensor | None, fifo: bool, backend: str) -> Tensor:
+    N = weight.shape[1] if fifo else weight.shape[0]
+    L, r_max = A_stack.shape[0], A_stack.shape[1]
+    x2, ids = _flat(x), adapter_ids.reshape(-1)
+    if x.device.type == "cpu":  # before any kernel; free on CPU tensors
+        _check_multi_values(ranks, ids, L, r_max)
+    if backend == "triton":
+        # No host sync (CUDA-graph safe), so the values are not checked on a GPU: the kernels
+        # treat ids outside [-1, L) as -1 (base output) and clamp ranks to [0, r_max].
+        y2 = _tk().lora_multi_forward(_dense(x2), weight.resolve_neg(), fifo, A_stack.resolve_neg(),
+                                      B_stack.resolve_neg(), scalings.to(torch.float32), _dense(ranks), _dense(ids),
+                                      _dense(bias))
+    elif backend == "reference" or x.device.type != "cpu":  # the reference is shape-static
+        y2 = lora_linear_multi_reference(x2, weight, A_stack, B_stack, scalings, ranks, ids, bias, fifo)
+    else:
+        y2 = _torch_multi(x2, weight, A_stack, B_stack, scalings, ranks, ids, bias, fifo)
+    return y2 if x.ndim == 2 else y2.view(*x.shape[:-1], N)
+
+
+_warned_grad = False
+
+
+def lora_linear_multi(
+    x: Tensor,
+    weight: Tensor,
+    A_stack: Tensor,
+    B_stack: Tensor,
+    scalings: Tensor,
+    ranks: Tensor,
+    adapter_ids: Tensor,
+    bias: Tensor | None = None,
+    fan_in_fan_out: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """A linear layer serving several LoRA adapters in one batch: row ``m`` of x uses adapter
+    ``adapter_ids[m]`` (``-1``: the base model only).
+
+    ``y[m] = x[m] Wᵀ + bias + scalings[a] · (x[m] A_stack[a, :r]ᵀ) B_stack[a, :, :r]ᵀ`` with
+    ``a = adapter_ids[m]``, ``r = ranks[a]``. Entries of the stacks past an adapter's rank are
+    never used (they may hold anything). No dropout.
+
+    Args:
+        x: ``[..., K]``, float16, bfloat16, float32 (float64 on ``cpu`` and ``reference``).
+        weight: ``[N, K]`` (``[K, N]`` when ``fan_in_fan_out``), x's dtype.
+        A_stack: ``[L, r_max, K]``; B_stack: ``[L, N, r_max]``; float32 or x's dtype (the same).
+        scalings: ``[L]`` floating. ranks: ``[L]`` int32/int64, in ``[0, r_max]``.
+        adapter_ids: int32/int64, one per row of x: ``x.shape[:-1]`` or ``[M]``; in ``[-1, L)``.
+        bias: ``[N]`` in x's dtype, or None.
+        backend: as for :func:`lora_linear`.
+    Returns:
+        ``y [..., N]`` in x's dtype, accumulated in float32 (float64 for float64 x).
+
+    Values of ``adapter_ids`` and ``ranks`` are checked on CPU tensors only (``IndexError`` /
+    ``ValueError``): on a GPU the check would synchronise the host. There, an id outside
+    ``[-1, L)`` gives that row the base output, and ranks are clamped to ``[0, r_max]``. No
+    host synchronisation and no data-dependent shapes on the CUDA path (CUDA-graph safe).
+
+    Forward only: when an input requires a gradient (grad mode on), the differentiable
+    reference runs instead (slow; it warns once): serve under ``torch.no_grad()`` or
+    ``torch.inference_mode()``.
+    """
+    tensors = (x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias)
+    if torch.overrides.has_torch_function(tensors):
+        return torch.overrides.handle_torch_function(
+            lora_linear_multi, tuple(t for t in tensors if t is not None), x, weight, A_stack, B_stack, scalings,
+            ranks, adapter_ids, bias=bias, fan_in_fan_out=fan_in_fan_out, backend=backend)
+    _validate_multi(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, fan_in_fan_out)
+    chosen = _select("lora_linear_multi", backend, x)
+    path = _routing.route(chosen, tensors)
+    if path != _routing.REFERENCE and _routing.needs_grad(tensors):
+        global _warned_grad
+        if not _warned_grad and not _routing.tracing():
+            _warned_grad = True
+            warnings.warn("kfuse.lora_linear_multi is forward-only: inputs that require grad run the (slow) "
+                          "differentiable reference; call it under torch.no_grad() to run the kernels", stacklevel=2)
+        path = _routing.REFERENCE
+    if path == _routing.REFERENCE:
+        if _value_checkable(tensors[:7]):
+            _check_multi_values(ranks, adapter_ids, A_stack.shape[0], A_stack.shape[1])
+        return lora_linear_multi_reference(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias,
+                                           fan_in_fan_out)
+    x2 = _flat(x)
+    ids = adapter_ids.reshape(-1)
+    if path == _routing.REGISTERED:
+        y = lora_multi_forward(x2, weight, A_stack, B_stack, scalings, ranks, ids, bias, fan_in_fan_out, chosen)
+    else:
+        y = _multi_impl(x2, weight, A_stack, B_stack, scalings, ranks, ids, bias, fan_in_fan_out, chosen)
+    return y if x.ndim == 2 else y.view(*x.shape[:-1], y.shape[-1])
