@@ -12,13 +12,12 @@ compiles the ``torch.compile`` baselines) outside the timed region.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
-from kfuse.bench import deu
+from kfuse.bench import deu, timed_call
 from kfuse.report import Case, dtype_name
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -34,19 +33,10 @@ def _case_id(case: Case) -> str:
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_deu(benchmark: Any, case: Case, name: str) -> None:
     """Time one candidate on one case (synchronising CUDA inside the timed call)."""
-    torch._dynamo.reset()
-    inputs = deu.make_inputs(case, seed=0)
-    cand = next(c for c in deu.candidates(case, inputs) if c.name == name)
-    if cand.skip or cand.run is None:
-        pytest.skip(cand.skip)
-    run: Callable[[], Any] = cand.run
-    if DEVICE.type == "cuda":
-        def call() -> None:
-            run()
-            torch.cuda.synchronize(DEVICE)
-    else:
-        call = run
-    call()
+    prepared = timed_call(deu, case, name)
+    if isinstance(prepared, str):
+        pytest.skip(prepared)
+    call, _ = prepared
     benchmark.group = f"deu {_case_id(case)}"
     nbytes = deu.bytes_moved(case)
     benchmark.extra_info["bytes"] = nbytes

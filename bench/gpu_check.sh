@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (offline), run from the repository root:
 #   bash bench/gpu_check.sh            # writes under $OUT (default: gpu_out/)
-# Builds kfuse in place with its CUDA kernels, runs the standalone CUDA microbenchmark (against a
+#   bash bench/gpu_check.sh --ops lora # one op family: deu, lora, or deu,lora (= all, the default)
+# --ops deu runs the DEU steps below (as before LoRA existed). --ops lora builds nothing (LoRA has no
+# csrc kernels: its Triton kernels compile at first call; kfuse is imported from python/), runs the
+# LoRA report rows (python -m kfuse --ops lora: forward, backward, multi-adapter, a PEFT training
+# step), then the LoRA CUDA tests (tests/test_lora.py) and a short
+# pytest-benchmark pass if time is left; expected ~4 min for the report and ~3 for the tests
+# (estimates: not yet run on a GPU). With both, the DEU steps come first and the one report covers
+# both ops: the deadline may cut the LoRA cases (recorded as skipped) and the LoRA tests.
+# DEU: builds kfuse in place with its CUDA kernels, runs the standalone CUDA microbenchmark (against a
 # baseline commit's kernels, then its tuning-knob A/B builds), compute-sanitizer on odd shapes,
 # the report (python -m kfuse --device cuda; its cases put the target shape first, in every
 # dtype), the CUDA tests, the fwd+bwd autograd profile in fp32 and bf16, host time per call on
@@ -12,8 +20,29 @@
 # A short run that still confirms the target shape and the kernels' correctness:
 #   KFUSE_GPU_DEADLINE=330 KFUSE_GPU_REPORT_S=90 KFUSE_GPU_TESTS_K="not triton" bash bench/gpu_check.sh
 # Files under $OUT (8): env.log build.log tests.log micro.log report.log bench.log report/report.{json,png}
+# (no micro.log with --ops lora).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+OPS=all
+while (($#)); do
+    case $1 in
+        --ops) OPS=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
+        --ops=*) OPS=${1#--ops=}; shift ;;
+        *) echo "usage: bash bench/gpu_check.sh [--ops deu|lora|deu,lora|all]; got '$1'" >&2; exit 2 ;;
+    esac
+done
+[[ $OPS == all ]] && OPS=deu,lora
+DEU=0 LORA=0
+IFS=, read -r -a _ops <<<"$OPS"
+for op in "${_ops[@]}"; do
+    case $op in
+        deu) DEU=1 ;;
+        lora) LORA=1 ;;
+        *) echo "bench/gpu_check.sh: --ops: unknown op '$op' (choose from deu, lora, all)" >&2; exit 2 ;;
+    esac
+done
+((DEU + LORA)) || { echo "bench/gpu_check.sh: --ops: no op named" >&2; exit 2; }
+OPS=$( ((DEU)) && echo -n deu; ((DEU && LORA)) && echo -n ,; ((LORA)) && echo -n lora)
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT/report"
 START=$SECONDS
@@ -46,7 +75,7 @@ step() {
 }
 
 {
-    echo "date: $(date -u +%FT%TZ)  host: $(hostname)  cores: $(nproc)"
+    echo "date: $(date -u +%FT%TZ)  host: $(hostname)  cores: $(nproc)  ops: $OPS"
     echo "git: $(git rev-parse HEAD 2>/dev/null || echo 'no git')"
     git status --short 2>/dev/null | head -50
     nvidia-smi
@@ -55,7 +84,7 @@ step() {
     python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
         "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())'
     python3 -c 'import triton; print("triton", triton.__version__)'
-    python3 -m pip list 2>/dev/null | grep -iE '^(torch|triton|numpy|pytest|pytest-benchmark|matplotlib) '
+    python3 -m pip list 2>/dev/null | grep -iE '^(torch|triton|numpy|pytest|pytest-benchmark|matplotlib|peft|transformers) '
 } >"$OUT/env.log" 2>&1
 
 # The torch-free CUDA microbenchmark, compiled beside the build: the current kernels ("fast"),
@@ -72,7 +101,8 @@ step() {
 ARCH=$(python3 -c 'import torch; print("sm_%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo sm_90)
 BASE=${KFUSE_BASE:-5cdc7c1}
 read -r -a MICRO <<<"${KFUSE_MICRO:-fast chunk bsweep fwd5}"
-if mkdir -p /tmp/deu_base && git archive "$BASE" csrc | tar -x -C /tmp/deu_base 2>>"$OUT/micro.log"; then
+((DEU)) || MICRO=()  # the microbenchmark is DEU's
+if ((DEU)) && mkdir -p /tmp/deu_base && git archive "$BASE" csrc | tar -x -C /tmp/deu_base 2>>"$OUT/micro.log"; then
     MICRO+=(base)
 fi
 for variant in "${MICRO[@]}"; do
@@ -89,14 +119,22 @@ for variant in "${MICRO[@]}"; do
         bench/deu_cuda_micro.cu -o "/tmp/deu_micro_$variant" >>"$OUT/micro.log" 2>&1 &
 done
 
-# Build in place with CUDA; pip cannot download here, so no build isolation and no deps.
-if ! step build "$OUT/build.log" 240 env KFUSE_CUDA=1 MAX_JOBS=16 \
-    python3 -m pip install --no-build-isolation --no-deps -e .; then
-    # Fallback: build the extension next to the sources and import kfuse from python/.
-    # (setup.py maps kfuse.triton_kernels to triton_kernels/; link it for this checkout.)
-    step build-inplace "$OUT/build.log" 240 env KFUSE_CUDA=1 MAX_JOBS=16 python3 setup.py build_ext --inplace
+# Import kfuse from python/ without installing it (setup.py maps kfuse.triton_kernels to
+# triton_kernels/; link it for this checkout).
+import_in_place() {
     [[ -e python/kfuse/triton_kernels || ! -d triton_kernels ]] || ln -s ../../triton_kernels python/kfuse/triton_kernels
     export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+}
+if ((!DEU)); then
+    # LoRA alone: no csrc kernels to build (~2 min saved); its Triton kernels compile at first call.
+    echo "== build: skipped (--ops $OPS: no csrc kernels needed); kfuse imported from python/" >>"$OUT/build.log"
+    import_in_place
+# Build in place with CUDA; pip cannot download here, so no build isolation and no deps.
+elif ! step build "$OUT/build.log" 240 env KFUSE_CUDA=1 MAX_JOBS=16 \
+    python3 -m pip install --no-build-isolation --no-deps -e .; then
+    # Fallback: build the extension next to the sources and import kfuse from python/.
+    step build-inplace "$OUT/build.log" 240 env KFUSE_CUDA=1 MAX_JOBS=16 python3 setup.py build_ext --inplace
+    import_in_place
 fi
 python3 -c 'import kfuse; print("kfuse.availability():", kfuse.availability())' >>"$OUT/build.log" 2>&1
 
@@ -106,43 +144,60 @@ wait  # the microbenchmark builds
 ORDER=(fast base)
 for variant in "${MICRO[@]}"; do [[ $variant == fast || $variant == base ]] || ORDER+=("$variant"); done
 for variant in "${ORDER[@]}"; do
-    [[ -x /tmp/deu_micro_$variant ]] && step "micro-$variant" "$OUT/micro.log" 40 "/tmp/deu_micro_$variant"
+    ((DEU)) && [[ -x /tmp/deu_micro_$variant ]] && step "micro-$variant" "$OUT/micro.log" 40 "/tmp/deu_micro_$variant"
 done
-step sanitize "$OUT/micro.log" 60 compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/deu_micro_fast sanitize
+((DEU)) && step sanitize "$OUT/micro.log" 60 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    /tmp/deu_micro_fast sanitize
 # The report is what matters most: all the time left but ~130 s for the CUDA tests after it
 # (up to 270 s, at least 90); its --time-budget stops starting new cases 60 s before the timeout
 # (a case takes up to ~40 s). KFUSE_GPU_REPORT_S sets that timeout instead (90: the fp32 target
 # shape only).
-budget=$(($(left) - 130))
-((budget > 270)) && budget=270
+# --ops lora: all the time left but ~200 s for its tests after it (up to 330 s; its cases, a
+# torch.compile baseline in each, take ~10-30 s each, the backward ones the longest; estimates).
+if ((DEU)); then
+    budget=$(($(left) - 130))
+    ((budget > 270)) && budget=270
+else
+    budget=$(($(left) - 200))
+    ((budget > 330)) && budget=330
+fi
 ((budget < 90)) && budget=90
 budget=${KFUSE_GPU_REPORT_S:-$budget}
-step report "$OUT/report.log" "$budget" python3 -m kfuse --device cuda --out "$OUT/report" \
+step report "$OUT/report.log" "$budget" python3 -m kfuse --device cuda --ops "$OPS" --out "$OUT/report" \
     --time-budget $((budget - 60))
-# KFUSE_GPU_TESTS_K: a pytest -k filter for a short run (e.g. "not triton").
-step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
+# KFUSE_GPU_TESTS_K: a pytest -k filter for a short run (e.g. "not triton"). The DEU step runs every
+# CUDA test but LoRA's, which have their own step (175 tests, most of them compiling a Triton kernel).
+LORA_TESTS=(tests/test_lora.py)
+((DEU)) && step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda \
+    "${LORA_TESTS[@]/#/--ignore=}" ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
+((LORA)) && step tests-lora "$OUT/tests.log" 180 python3 -m pytest "${LORA_TESTS[@]}" -q -rfE -m cuda \
+    --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 # Whether the fwd+bwd step through autograd is host-bound, and what runs besides the kernels
 # (bf16's step took ~230 us more than its kernels on 2026-11-26; fp32's did not).
 for dt in float32 bfloat16; do
-    step "profile-$dt" "$OUT/micro.log" 30 python3 bench/profile_deu.py --dtype "$dt"
+    ((DEU)) && step "profile-$dt" "$OUT/micro.log" 30 python3 bench/profile_deu.py --dtype "$dt"
 done
 # Per-call time on small tensors, where the host sets the speed (bench/host_deu.py; on the CPU the
 # eager path's trims of 2026-11-26 halved it: bench/results/2026-11-26-cpu-deu-host.md).
-step host "$OUT/micro.log" 40 python3 bench/host_deu.py --device cuda --shapes 4x32 256x256 8192x4096 --number 200
+((DEU)) && step host "$OUT/micro.log" 40 python3 bench/host_deu.py --device cuda --shapes 4x32 256x256 8192x4096 \
+    --number 200
 # The hardware counters of the rows kernels on the target shape (occupancy, issue and memory
 # utilisation).
-step ncu "$OUT/micro.log" 60 ncu --clock-control none -k regex:rows_kernel \
+((DEU)) && step ncu "$OUT/micro.log" 60 ncu --clock-control none -k regex:rows_kernel \
     --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
     /tmp/deu_micro_fast profile
 # What the float forward's warps wait on, reason by reason (cycles per issued instruction; it
 # is bound by load latency, yet more loads in flight did not speed it up: is it lg_throttle?),
 # and its L2 hit rate and DRAM bytes. A step of its own: a metric name ncu does not know fails
 # only this one.
-step ncu-stalls "$OUT/micro.log" 40 ncu --clock-control none -k regex:fwd_rows_kernel --launch-count 1 \
+((DEU)) && step ncu-stalls "$OUT/micro.log" 40 ncu --clock-control none -k regex:fwd_rows_kernel --launch-count 1 \
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,lts__t_sector_hit_rate.pct,dram__bytes_read.sum,dram__bytes_write.sum" \
     /tmp/deu_micro_fast profile
-step tests-all "$OUT/tests.log" 120 python3 -m pytest tests -q
-step bench "$OUT/bench.log" 60 python3 -m pytest bench/bench_deu.py --benchmark-only -q -k "not compile" \
+((DEU)) && step tests-all "$OUT/tests.log" 120 python3 -m pytest tests -q
+BENCH=()
+((DEU)) && BENCH+=(bench/bench_deu.py)
+((LORA)) && BENCH+=(bench/bench_lora.py)
+step bench "$OUT/bench.log" 60 python3 -m pytest "${BENCH[@]}" --benchmark-only -q -k "not compile and not step" \
     --benchmark-max-time=0.2 --benchmark-min-rounds=3 --benchmark-columns=min,median,rounds
 
 echo
@@ -151,7 +206,8 @@ printf '%-14s %-22s %5s\n' step status s
 printf '%s\n' "${SUMMARY[@]}"
 echo "-- tests:"
 grep -E '^[0-9]+ (passed|failed)|(passed|failed|error|skipped|deselected|no tests ran).* in [0-9.]+s' \
-    "$OUT/tests.log" | tail -n 4
+    "$OUT/tests.log" 2>/dev/null | tail -n 4
+if [[ -f $OUT/micro.log ]]; then
 echo "-- micro:"
 grep -E '^(build|math|rows|planes|sanitize|========= ERROR SUMMARY)' "$OUT/micro.log"
 grep -E 'rows_kernel<|^ +(Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy|No Eligible|Warp Cycles Per Issued Instruction) ' \
@@ -159,8 +215,9 @@ grep -E 'rows_kernel<|^ +(Duration|DRAM Throughput|Compute \(SM\) Throughput|Reg
 grep -E 'issue_stalled_(long_scoreboard|lg_throttle|mio_throttle|math_pipe_throttle|wait|short_scoreboard|not_selected|no_instruction)_per|lts__t_sector_hit_rate|dram__bytes' \
     "$OUT/micro.log" | sed -e 's/  */ /g' | cut -c1-110
 grep -E '^== (cuda|triton|torch) |^ +[0-9x]+ (fwd|torch)' "$OUT/micro.log"
+fi
 echo "-- bench:"
-grep -E '(passed|failed|error).* in [0-9.]+s' "$OUT/bench.log" | tail -n 1
+grep -E '(passed|failed|error).* in [0-9.]+s' "$OUT/bench.log" 2>/dev/null | tail -n 1
 echo "-- report:"
 if grep -q '^kfuse report:' "$OUT/report.log"; then
     sed -n '/^kfuse report:/,/^== report:/p' "$OUT/report.log" | grep -v '^== report:'

@@ -34,3 +34,22 @@ def seed(request: pytest.FixtureRequest) -> int:
     s = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(s)
     return s
+
+
+@pytest.fixture
+def backward_calls(monkeypatch: pytest.MonkeyPatch):
+    """``calls = backward_calls(ops)`` counts, in ``calls["kernels"]`` and ``calls["reference"]``,
+    the calls of an op module's kernel backward (``_backward_impl``) and reference backward
+    (``_reference_vjp``) for the rest of the test."""
+    def install(ops) -> dict[str, int]:
+        calls = {"kernels": 0, "reference": 0}
+        def counter(key: str, fn):
+            def counted(*args, **kwargs):
+                calls[key] += 1
+                return fn(*args, **kwargs)
+            return counted
+
+        for key, attr in (("kernels", "_backward_impl"), ("reference", "_reference_vjp")):
+            monkeypatch.setattr(ops, attr, counter(key, getattr(ops, attr)))
+        return calls
+    return install

@@ -1032,22 +1032,13 @@ def test_compile_fullgraph(backend: str, device: str, seed: int) -> None:
 
 
 @pytest.mark.parametrize("backend,device", OP_BACKENDS)
-def test_compiled_backward_runs_the_kernels(backend: str, device: str, seed: int, monkeypatch) -> None:
+def test_compiled_backward_runs_the_kernels(backend: str, device: str, seed: int, backward_calls) -> None:
     """Compiled training (torch.compile of the model) and compiled autograd (an eager forward,
     its backward traced with fullgraph=True: the eager path's backward called the extension
     directly, a graph break) run the kernels' backward, not the reference's."""
     from kfuse.ops import deu as ops  # noqa: PLC0415
 
-    calls = {"kernels": 0, "reference": 0}
-
-    def counted(name: str, fn):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(ops, "_backward_impl", counted("kernels", ops._backward_impl))
-    monkeypatch.setattr(ops, "_reference_vjp", counted("reference", ops._reference_vjp))
+    calls = backward_calls(ops)
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), kfuse.nn.DEU(6, backend=backend)).to(device)
     x = torch.randn(3, 4, device=device)
@@ -1440,10 +1431,11 @@ print("ok")
 
 
 def test_report_quick(tmp_path: Path) -> None:
-    """The main job, ``python -m kfuse --quick``: runs to the end, every row that ran passed its
-    check, the kfuse cpu backend and all three baselines were timed, JSON and table written."""
-    out = subprocess.run([sys.executable, "-m", "kfuse", "--quick", "--device", "cpu", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    """The main job, ``python -m kfuse --quick`` (DEU's rows; tests/test_lora.py runs LoRA's): runs to
+    the end, every row that ran passed its check, the kfuse cpu backend and all three baselines were
+    timed, JSON and table written."""
+    out = subprocess.run([sys.executable, "-m", "kfuse", "--quick", "--device", "cpu", "--ops", "deu",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["complete"] and report["cases_skipped"] == 0

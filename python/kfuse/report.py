@@ -14,12 +14,18 @@ byte and FLOP formulas. Everything else is done here, the same way for every op:
   (median); on CPU the median of repeated wall-clock timings, with torch's thread count as is;
 - a candidate that cannot run is a ``skipped`` row with the reason, one that raises (a failed
   ``torch.compile`` included) a ``failed`` row with the error: the report never crashes on them.
+
+Ops judged against one basis rather than by speedups (LoRA: the base GEMM ``x Wᵀ`` a fused layer
+should cost barely more than) add a ``ratio_basis`` and a ``target`` (see :class:`OpBench`);
+their rows get ``ratio`` (time / basis) and ``target``, and their own table, with TFLOP/s as %
+of the matmul ceiling and any per-candidate measurements (``Candidate.extra``) as columns.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -80,10 +86,26 @@ class Candidate:
     kind: str
     run: Callable[[], Any] | None = None
     skip: str = ""
+    #: Its own error measure (called with its result) instead of the op's ``error``: for a
+    #: baseline that computes something else than the op (LoRA's base GEMM ``x Wᵀ``), checked
+    #: against its own float64 result.
+    error: Callable[[Any], float] | None = None
+    #: Measurements beside the time, called with the median time (ms) after timing: a dict of
+    #: column name to number (LoRA: ``saved MiB`` for the backward, ``tok/s`` for a training step).
+    extra: Callable[[float], dict[str, float]] | None = None
+    #: A kfuse candidate that needs an optional library (``kfuse.integrations.peft``): when it is
+    #: skipped, the case does not count as one that no kfuse backend ran (``python -m kfuse``).
+    optional: bool = False
 
 
 class OpBench(Protocol):
-    """What an op's bench module provides (module-level names; see ``kfuse.bench.deu``)."""
+    """What an op's bench module provides (module-level names; see ``kfuse.bench.deu``).
+
+    Optional, for ops judged against one basis (see ``kfuse.bench.lora``):
+    ``ratio_basis(case, times, ceilings) -> (ms, label) | None``, the time every row of the case
+    is divided by (``times``: each baseline's median ms), and ``target(case) -> float | None``,
+    the ratio the kfuse backends aim for. ``bytes_moved`` may return None (no byte floor).
+    """
 
     NAME: str
 
@@ -105,7 +127,7 @@ class OpBench(Protocol):
     def tolerance(self, case: Case) -> float:
         """The largest :meth:`error` that passes, for ``case.dtype`` and ``case.mode``."""
 
-    def bytes_moved(self, case: Case) -> int:
+    def bytes_moved(self, case: Case) -> int | None:
         """Bytes a fused implementation must read and write: the floor for ``case``."""
 
     def flops(self, case: Case) -> int | None:
@@ -145,6 +167,12 @@ class Row:
     max_err: float | None = None
     tol: float | None = None
     passed: bool | None = None
+    pct_matmul: float | None = None
+    ratio: float | None = None
+    ratio_to: str | None = None
+    target: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+    optional: bool = False
 
     @property
     def bad(self) -> bool:
@@ -373,8 +401,14 @@ def _versions() -> dict[str, str]:
         triton = _triton.__version__
     except ImportError:
         pass
+    optional = {}
+    for dist in ("peft", "transformers"):  # the LoRA baselines' libraries (metadata only: no import)
+        try:
+            optional[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            optional[dist] = "not installed"
     return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton,
-            "kfuse": kfuse.__version__}
+            "kfuse": kfuse.__version__, **optional}
 
 
 def new_report(device: torch.device, quick: bool, seed: int, ops: Sequence[str]) -> Report:
@@ -398,12 +432,16 @@ def new_report(device: torch.device, quick: bool, seed: int, ops: Sequence[str])
             "pct_copy": "gbps as % of the copy ceiling measured in this run",
             "floor_ratio": "time / (op bytes / copy ceiling); 1.0 = at the measured floor",
             "max_err": "vs the float64 reference on the same inputs; formula per op (bench module)",
+            "pct_matmul": "tflops as % of the matmul ceiling measured in this run",
+            "ratio": "time / the case's basis (ratio_to: the base GEMM for LoRA); ops with a ratio_basis only",
+            "target": "the ratio the kfuse backends aim for (kfuse rows; not a pass/fail check)",
+            "extra": "per-candidate measurements beside the time (LoRA: saved MiB, tok/s)",
         },
     })
 
 
-def _note_row(case: Case, name: str, kind: str, status: str, note: str) -> Row:
-    return Row(case.op, case.label, dtype_name(case.dtype), case.mode, name, kind, status, note)
+def _note_row(case: Case, name: str, kind: str, status: str, note: str, optional: bool = False) -> Row:
+    return Row(case.op, case.label, dtype_name(case.dtype), case.mode, name, kind, status, note, optional=optional)
 
 
 def _title(case: Case) -> str:
@@ -431,7 +469,7 @@ def run_case(op: OpBench, case: Case, seed: int, ceilings: Ceilings, quick: bool
     rows: list[Row] = []
     for cand in op.candidates(case, inputs):
         if cand.skip or cand.run is None:
-            rows.append(_note_row(case, cand.name, cand.kind, "skipped", cand.skip))
+            rows.append(_note_row(case, cand.name, cand.kind, "skipped", cand.skip, cand.optional))
             progress(f"{title}: {cand.name} skipped: {cand.skip}")
             continue
         if ref_error:
@@ -442,9 +480,10 @@ def run_case(op: OpBench, case: Case, seed: int, ceilings: Ceilings, quick: bool
             result = cand.run()
             _sync(case.device)
             first_ms = (time.perf_counter() - t0) * 1e3
-            err = op.error(case, result, expected)
+            err = cand.error(result) if cand.error is not None else op.error(case, result, expected)
             del result
             ms, reps = time_ms(cand.run, case.device, quick)
+            extra = cand.extra(ms) if cand.extra is not None else {}
         except Exception as exc:  # noqa: BLE001 (a failing candidate is a row, not a crash)
             msg = f"{type(exc).__name__}: {exc}".strip()
             rows.append(_note_row(case, cand.name, cand.kind, "failed", msg))
@@ -452,22 +491,42 @@ def run_case(op: OpBench, case: Case, seed: int, ceilings: Ceilings, quick: bool
             _release(case.device)
             continue
         row = Row(case.op, case.label, dtype_name(case.dtype), case.mode, cand.name, cand.kind, "ok",
-                  time_ms=ms, reps=reps, first_call_ms=first_ms, max_err=err, tol=tol, passed=err <= tol)
+                  time_ms=ms, reps=reps, first_call_ms=first_ms, max_err=err, tol=tol, passed=err <= tol,
+                  extra=extra, optional=cand.optional)
         nbytes, flops = op.bytes_moved(case), op.flops(case)
-        row.gbps = nbytes / ms / 1e6
-        row.pct_copy = 100 * row.gbps / ceilings.copy_gbps
-        row.floor_ratio = ms / (nbytes / ceilings.copy_gbps / 1e6)
+        if nbytes:
+            row.gbps = nbytes / ms / 1e6
+            row.pct_copy = 100 * row.gbps / ceilings.copy_gbps
+            row.floor_ratio = ms / (nbytes / ceilings.copy_gbps / 1e6)
         if flops is not None:
             row.tflops = flops / ms / 1e9
+            row.pct_matmul = 100 * row.tflops / ceilings.matmul_tflops
         rows.append(row)
         progress(f"{title}: {cand.name} {ms:.3f} ms, err {err:.1e} {'ok' if row.passed else 'FAIL'}")
     base = {r.name: r.time_ms for r in rows if r.kind == "baseline" and r.time_ms}
     for r in rows:
         if r.time_ms:
             r.speedup = {name: t / r.time_ms for name, t in base.items()}
+    _set_ratios(op, case, rows, base, ceilings)
     del inputs, expected
     _release(case.device)
     return rows
+
+
+def _set_ratios(op: OpBench, case: Case, rows: list[Row], base: dict[str, float], ceilings: Ceilings) -> None:
+    """``ratio``/``ratio_to`` of every timed row and ``target`` of the kfuse rows, for an op with
+    a ``ratio_basis`` (a basis whose baseline did not run leaves them None)."""
+    basis = getattr(op, "ratio_basis", None)
+    got = basis(case, base, ceilings) if basis is not None else None
+    if not got:
+        return
+    basis_ms, label = got
+    target = getattr(op, "target", None)
+    goal = target(case) if target is not None else None
+    for r in rows:
+        if r.time_ms:
+            r.ratio, r.ratio_to = r.time_ms / basis_ms, label
+            r.target = goal if r.kind == "backend" else None
 
 
 def run_report(ops: dict[str, OpBench], device: torch.device, quick: bool, seed: int,
@@ -508,26 +567,9 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def format_table(report: Report) -> str:
-    """The report as a plain-text table, with the device and ceilings on top."""
-    rows = report.rows
-    baselines = list(dict.fromkeys(r.name for r in rows if r.kind == "baseline" and r.status == "ok"))
-    with_flops = any(r.tflops is not None for r in rows)
-    head = ["op", "shape", "dtype", "mode", "backend", "time ms", *[f"x{b}" for b in baselines],
-            "GB/s", "%copy", "floor x", *(["TFLOP/s"] if with_flops else []), "max err", "check"]
-    body: list[list[str]] = []
-    for r in rows:
-        cells = [r.op, r.shape, r.dtype, r.mode, r.name if r.kind != "baseline" else f"({r.name})"]
-        if r.status != "ok":
-            body.append([*cells, f"{r.status}: {r.note.splitlines()[0] if r.note else ''}"[:160]])
-            continue
-        body.append([
-            *cells, _fmt(r.time_ms, ".4g"), *[_fmt(r.speedup.get(b), ".2f") for b in baselines],
-            _fmt(r.gbps, ".4g"), _fmt(r.pct_copy, ".3g"), _fmt(r.floor_ratio, ".3g"),
-            *([_fmt(r.tflops, ".4g")] if with_flops else []), _fmt(r.max_err, ".1e"),
-            "ok" if r.passed else f"FAIL (tol {r.tol:.0e})",
-        ])
-    n_fixed = 5
+def _render(head: list[str], body: list[list[str]], n_fixed: int = 5) -> list[str]:
+    """Aligned lines: the first ``n_fixed`` columns left-aligned, the rest right-aligned; a body row
+    shorter than ``head`` (skipped/failed) prints its last cell after the fixed columns."""
     widths = [max([len(head[i]), *(len(b[i]) for b in body if i < n_fixed or len(b) == len(head))])
               for i in range(len(head))]
 
@@ -538,6 +580,64 @@ def format_table(report: Report) -> str:
         pairs = enumerate(zip(cells, widths, strict=True))
         return "  ".join(c.ljust(w) if i < n_fixed else c.rjust(w) for i, (c, w) in pairs)
 
+    return [line(head), line(["-" * w for w in widths]), *map(line, body)]
+
+
+def _fixed_cells(r: Row) -> list[str]:
+    return [r.op, r.shape, r.dtype, r.mode, r.name if r.kind != "baseline" else f"({r.name})"]
+
+
+def _note_cells(r: Row) -> list[str]:
+    return [*_fixed_cells(r), f"{r.status}: {r.note.splitlines()[0] if r.note else ''}"[:160]]
+
+
+def _check_cell(r: Row) -> str:
+    return "ok" if r.passed else f"FAIL (tol {r.tol:.0e})"
+
+
+def _speedup_table(rows: list[Row]) -> list[str]:
+    """Speedups vs every baseline, GB/s and the floor (DEU: an elementwise, memory-bound op)."""
+    baselines = list(dict.fromkeys(r.name for r in rows if r.kind == "baseline" and r.status == "ok"))
+    with_flops = any(r.tflops is not None for r in rows)
+    head = ["op", "shape", "dtype", "mode", "backend", "time ms", *[f"x{b}" for b in baselines],
+            "GB/s", "%copy", "floor x", *(["TFLOP/s"] if with_flops else []), "max err", "check"]
+    return _render(head, _body(rows, lambda r: [
+        *_fixed_cells(r), _fmt(r.time_ms, ".4g"), *[_fmt(r.speedup.get(b), ".2f") for b in baselines],
+        _fmt(r.gbps, ".4g"), _fmt(r.pct_copy, ".3g"), _fmt(r.floor_ratio, ".3g"),
+        *([_fmt(r.tflops, ".4g")] if with_flops else []), _fmt(r.max_err, ".1e"), _check_cell(r),
+    ]))
+
+
+def _body(rows: list[Row], cells: Callable[[Row], list[str]]) -> list[list[str]]:
+    """A table's rows: ``cells(r)`` for measured rows, the note of skipped or failed ones."""
+    return [cells(r) if r.status == "ok" else _note_cells(r) for r in rows]
+
+
+def _target_cell(r: Row) -> str:
+    if r.target is None:
+        return "-"
+    return f"<={r.target:.2f} {'met' if r.ratio is not None and r.ratio <= r.target else 'MISSED'}"
+
+
+def _ratio_table(rows: list[Row]) -> list[str]:
+    """Time / the case's basis beside the target, TFLOP/s and % of the matmul ceiling, and each
+    ``extra`` measurement (LoRA: a GEMM-bound op judged against the GEMM it adds to)."""
+    extras = list(dict.fromkeys(k for r in rows for k in r.extra))
+    head = ["op", "shape", "dtype", "mode", "backend", "time ms", "ratio", "vs", "target", "TFLOP/s", "%mm",
+            *extras, "max err", "check"]
+    return _render(head, _body(rows, lambda r: [
+        *_fixed_cells(r), _fmt(r.time_ms, ".4g"), _fmt(r.ratio, ".3f"), r.ratio_to or "-", _target_cell(r),
+        _fmt(r.tflops, ".4g"), _fmt(r.pct_matmul, ".3g"), *[_fmt(r.extra.get(k), ".4g") for k in extras],
+        _fmt(r.max_err, ".1e"), _check_cell(r),
+    ]))
+
+
+def format_table(report: Report) -> str:
+    """The report as plain-text tables, one per op, with the device and ceilings on top."""
+    groups: dict[str, list[Row]] = {}
+    for r in report.rows:
+        groups.setdefault(r.op, []).append(r)
+    ratio_ops = {op for op, rows in groups.items() if any(r.ratio is not None for r in rows)}
     meta, ceil = report.meta, report.ceilings
     top = [f"kfuse report: {meta['device']}; torch {meta['versions']['torch']}, triton "
            f"{meta['versions']['triton']}, kfuse {meta['versions']['kfuse']}; {meta['date']}"]
@@ -549,7 +649,11 @@ def format_table(report: Report) -> str:
         top.append(f"WARNING: the machine was busy (load average {load:.1f} on {cores} cores at the "
                    "start): CPU timings are unreliable")
     top.append("(name) = baseline; xB = speedup vs baseline B; floor x = time / (bytes / copy ceiling)")
-    return "\n".join([*top, line(head), line(["-" * w for w in widths]), *map(line, body)])
+    if ratio_ops:
+        top.append("ratio = time / the basis named in vs (its baseline's time, measured in this run); target = "
+                   "what the kfuse rows aim for; %mm = TFLOP/s as % of the matmul ceiling")
+    tables = [_ratio_table(rows) if op in ratio_ops else _speedup_table(rows) for op, rows in groups.items()]
+    return "\n".join(top) + "\n" + "\n\n".join("\n".join(t) for t in tables or [_speedup_table([])])
 
 
 def save_png(report: Report, path: Path) -> str | None:

@@ -1,0 +1,1558 @@
+"""LoRA: the reference against the definition, every backend against the reference, the
+modules, the routes (autograd, torch.compile, torch.library, transforms) and bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from tolerances import TOL, assert_close
+from torch import Tensor
+
+import kfuse
+from kfuse import _backends
+from kfuse.bench import OPS
+from kfuse.bench import lora as lora_bench
+from kfuse.ops import lora as ops
+from kfuse.ops.lora import backend_reasons, dropout_mask
+from kfuse.reference.lora import lora_linear_multi_reference, lora_linear_reference
+from kfuse.report import Ceilings
+from kfuse.triton_kernels import lora as lk
+
+HAS_CUDA = torch.cuda.is_available()
+
+# (backend, device): the CPU backend (torch's BLAS calls); the Triton kernels under the
+# interpreter on CPU tensors (tiny shapes) and compiled on the GPU. LoRA has no csrc kernels:
+# the "cuda" backend always refuses (test_backend_choice), and "auto" on a GPU is Triton
+# (test_auto_on_cuda_is_triton).
+BACKENDS = [
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("triton", "cpu", marks=pytest.mark.interpret, id="triton-interp"),
+    pytest.param("triton", "cuda", marks=pytest.mark.cuda, id="triton-cuda"),
+]
+# opcheck/compile go through fake tensors, so any backend whose kernels run on the device.
+OP_BACKENDS = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("triton", "cuda", marks=pytest.mark.cuda,
+                                                                  id="triton-cuda")]
+
+
+def interp(backend: str, device: str) -> bool:
+    return backend == "triton" and device == "cpu"
+
+
+def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
+    if backend == "triton":  # no float64 kernels; the interpreter is wrong for bf16 on CPU
+        return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+    return [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def rng_state(device: str) -> Tensor:
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+class Inputs:
+    """Random inputs of one LoRA layer, made in float64 and rounded to the test dtypes."""
+
+    def __init__(self, lead: tuple[int, ...], K: int, N: int, r: int, dtype: torch.dtype, adapter_dtype: torch.dtype,
+                 device: str, bias: bool = True, lora_bias: bool = True, fifo: bool = False) -> None:
+        def rnd(*shape: int, scale: float = 1.0) -> Tensor:
+            return torch.randn(*shape, dtype=torch.float64) * scale
+
+        self.x = rnd(*lead, K).to(dtype=dtype, device=device)
+        w = rnd(N, K, scale=max(K, 1) ** -0.5)
+        self.weight = (w.t().contiguous() if fifo else w).to(dtype=dtype, device=device)
+        self.A = rnd(r, K, scale=max(K, 1) ** -0.5).to(dtype=adapter_dtype, device=device)
+        self.B = rnd(N, r, scale=r**-0.5).to(dtype=adapter_dtype, device=device)
+        self.bias = rnd(N).to(dtype=dtype, device=device) if bias else None
+        self.lora_bias = rnd(N).to(dtype=adapter_dtype, device=device) if lora_bias else None
+        self.scaling, self.fifo = 0.75, fifo
+        self.gy = rnd(*lead, N).to(dtype=dtype, device=device)
+
+    def tensors(self) -> list[Tensor | None]:
+        return [self.x, self.weight, self.A, self.B, self.bias, self.lora_bias]
+
+
+def run(inp: Inputs, backend: str, grads_of: tuple[bool, ...], p: float = 0.0, double: bool = False,
+        mask: Tensor | None = None) -> tuple[Tensor, list[Tensor | None]]:
+    """y and the gradients of ``(y · gy).sum()`` for the inputs flagged in ``grads_of``, through
+    kfuse (``double=False``) or through the float64 reference on the same values (with ``mask``)."""
+    ts = [None if t is None else t.detach().clone() for t in inp.tensors()]
+    if double:
+        ts = [None if t is None else t.double() for t in ts]
+    for t, g in zip(ts, grads_of, strict=True):
+        if t is not None and g:
+            t.requires_grad_()
+    x, w, a, b, bias, lb = ts
+    if double:
+        y = lora_linear_reference(x, w, a, b, inp.scaling, bias, lb, mask=mask, dropout_p=p, fan_in_fan_out=inp.fifo)
+    else:
+        y = kfuse.lora_linear(x, w, a, b, inp.scaling, bias, lb, dropout_p=p, fan_in_fan_out=inp.fifo,
+                              backend=backend)
+    wanted = [t for t, g in zip(ts, grads_of, strict=True) if t is not None and g]
+    grads = torch.autograd.grad(y, wanted, inp.gy.double() if double else inp.gy) if wanted else []
+    it = iter(grads)
+    out = [next(it) if t is not None and g else None for t, g in zip(ts, grads_of, strict=True)]
+    return y.detach(), out
+
+
+NAMES = ("dx", "dW", "dA", "dB", "dbias", "dlora_bias")
+
+
+def compare(inp: Inputs, backend: str, grads_of: tuple[bool, ...], what: str, p: float = 0.0,
+            mask: Tensor | None = None) -> None:
+    """kfuse vs the float64 reference on the same rounded inputs, each result in its input's
+    dtype, at x's dtype's tolerance (fp32 accumulations of half-precision products) or at the
+    result's own where that is coarser (fp32 adapters' gradients with a float64 x)."""
+    y, grads = run(inp, backend, grads_of, p)
+    y_ref, grads_ref = run(inp, backend, grads_of, p, double=True, mask=mask)
+    assert y.dtype == inp.x.dtype and y.shape == y_ref.shape
+    dtype = inp.x.dtype
+    assert_close(y, y_ref, dtype, f"y {what}")
+    for name, g, gr, t in zip(NAMES, grads, grads_ref, inp.tensors(), strict=True):
+        if gr is None:
+            assert g is None, f"{name} {what}: a gradient for an input that needs none"
+            continue
+        assert g.dtype == t.dtype and g.shape == t.shape, f"{name} {what}: {g.dtype} {tuple(g.shape)}"
+        assert_close(g, gr, max(dtype, g.dtype, key=lambda d: TOL[d]), f"{name} {what}")
+
+
+# ---------------------------------------------------------------- the reference vs the definition
+
+
+def test_reference_is_the_definition(seed: int) -> None:
+    """The reference computes y = x Wᵀ + bias + s·((dropout(x) Aᵀ) Bᵀ + lora_bias) as PEFT's
+    lora.Linear does (nn.Linear base, dropout on the LoRA input, fp32 adapters), in both weight
+    layouts, and returns x's dtype."""
+    x, w = torch.randn(2, 3, 10, dtype=torch.float64), torch.randn(6, 10, dtype=torch.float64)
+    A, B = torch.randn(4, 10, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    bias, lb = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    mask = torch.rand(6, 10) >= 0.25
+    xd = x * mask.view(2, 3, 10) / 0.75
+    want = torch.nn.functional.linear(x, w, bias) + 0.5 * (torch.nn.functional.linear(xd, A) @ B.t() + lb)
+    got = lora_linear_reference(x, w, A, B, 0.5, bias, lb, mask=mask, dropout_p=0.25)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(lora_linear_reference(x, w.t(), A, B, 0.5, bias, lb, mask=mask, dropout_p=0.25,
+                                                     fan_in_fan_out=True), want)
+    half = lora_linear_reference(x.half(), w.half(), A.float(), B.float(), 0.5)
+    assert half.dtype == torch.float16
+    ref32 = lora_linear_reference(x.half().float(), w.half().float(), A.float(), B.float(), 0.5)
+    torch.testing.assert_close(half, ref32.half())
+
+
+def test_multi_reference_is_the_definition(seed: int) -> None:
+    """Row by row, with the true ranks' slices; padding (NaN here) is never read; ids outside
+    [0, L) are the base model."""
+    x, w = torch.randn(7, 9, dtype=torch.float64), torch.randn(5, 9, dtype=torch.float64)
+    ranks = torch.tensor([2, 4, 0])
+    A, B = torch.full((3, 4, 9), math.nan, dtype=torch.float64), torch.full((3, 5, 4), math.nan, dtype=torch.float64)
+    for a, r in enumerate(ranks.tolist()):
+        A[a, :r], B[a, :, :r] = torch.randn(r, 9), torch.randn(5, r)
+    s = torch.tensor([0.5, 2.0, 3.0])
+    ids = torch.tensor([0, -1, 1, 2, 1, 0, 5])
+    got = lora_linear_multi_reference(x, w, A, B, s, ranks, ids)
+    for m, a in enumerate(ids.tolist()):
+        want = x[m] @ w.t()
+        if 0 <= a < 3 and ranks[a] > 0:
+            r = ranks[a]
+            want = want + s[a] * ((x[m] @ A[a, :r].t()) @ B[a, :, :r].t())
+        torch.testing.assert_close(got[m], want)
+
+
+# ---------------------------------------------------------------- every backend vs the reference
+
+# (leading dims, K, N, r, bias, lora_bias, fan_in_fan_out, W trainable): odd sizes, r in
+# {1, 8, 16, 64, 128}, 3-D inputs, both layouts, with and without biases, an empty batch.
+CASES = [
+    ((13,), 37, 29, 1, True, False, False, False),
+    ((2, 7), 33, 45, 8, False, True, True, True),
+    ((11,), 70, 19, 16, True, True, False, True),
+    ((5,), 130, 67, 64, False, False, True, False),
+    ((3, 3), 129, 131, 128, True, True, True, False),
+    ((0,), 9, 7, 4, True, True, False, True),
+]
+# The interpreter runs every tile in numpy: smaller sizes, still several tiles and odd edges.
+INTERP_CASES = [
+    ((13,), 37, 29, 1, True, False, False, False),
+    ((2, 7), 33, 45, 8, False, True, True, True),
+    ((9,), 21, 19, 16, True, True, False, True),
+    ((3,), 40, 17, 64, False, False, True, False),
+    ((2, 2), 18, 23, 128, True, True, True, False),
+    ((0,), 9, 7, 4, True, True, False, True),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_forward_and_gradients(backend: str, device: str, case: int, seed: int) -> None:
+    lead, K, N, r, bias, lora_bias, fifo, w_grad = (INTERP_CASES if interp(backend, device) else CASES)[case]
+    for dtype in dtypes_for(backend, device):
+        for adapter_dtype in dict.fromkeys((torch.float32, dtype)):
+            inp = Inputs(lead, K, N, r, dtype, adapter_dtype, device, bias, lora_bias, fifo)
+            what = f"{backend} {dtype} adapters {adapter_dtype} case {case}"
+            compare(inp, backend, (True, w_grad, True, True, True, True), what)
+    # Only some inputs need gradients (frozen adapters, x a leaf without grad): the others are None.
+    inp = Inputs(lead, K, N, r, torch.float32, torch.float32, device, bias, lora_bias, fifo)
+    compare(inp, backend, (False, False, True, False, False, True), f"{backend} dA only")
+    compare(inp, backend, (True, False, False, False, False, False), f"{backend} dx only")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_dropout(backend: str, device: str, seed: int) -> None:
+    """Masks from torch's RNG: the right keep rate, different across rows, reproducible under
+    torch.manual_seed (grad and no-grad paths alike), and the gradients use the forward's mask
+    (the reference fed the backend's own mask gives the same y and gradients). No dropout in
+    evaluation, and then the RNG is not advanced."""
+    lead, K, N, r = ((4, 9), 40, 24, 8) if interp(backend, device) else ((8, 16), 96, 40, 8)
+    p = 0.3
+    M = math.prod(lead)
+    inp = Inputs(lead, K, N, r, torch.float32, torch.float32, device, fifo=True)
+    saved: list[Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.manual_seed(1234)
+        y, grads = run(inp, backend, (True, True, True, True, True, True), p)
+    seeds = [t for t in saved if t.dtype == torch.int64]
+    assert len(seeds) == 1 and seeds[0].shape == (1,) and seeds[0].device.type == device
+    mask = dropout_mask(seeds[0], M, K, p, backend)
+    assert mask.shape == (M, K) and mask.dtype == torch.bool
+    keep = mask.double().mean().item()
+    assert abs(keep - (1 - p)) < 5 * math.sqrt(p * (1 - p) / (M * K)), keep
+    assert not (mask == mask[:1]).all(), "every row got the same mask"
+    assert torch.equal(dropout_mask(seeds[0], M, K, p, backend), mask), "the mask is a function of the seed"
+    torch.manual_seed(1234)  # compare() runs kfuse first: the same seed, the same mask
+    compare(inp, backend, (True, True, True, True, True, True), f"{backend} dropout", p=p, mask=mask)
+
+    torch.manual_seed(1234)
+    y2, grads2 = run(inp, backend, (True, True, True, True, True, True), p)
+    assert torch.equal(y, y2)
+    for g, g2 in zip(grads, grads2, strict=True):
+        assert torch.equal(g, g2), "gradients must be reproducible"
+    with torch.no_grad():
+        torch.manual_seed(1234)
+        y3 = kfuse.lora_linear(*inp.tensors()[:4], inp.scaling, *inp.tensors()[4:], dropout_p=p,
+                               fan_in_fan_out=True, backend=backend)
+    assert torch.equal(y, y3), "the no-grad path draws the same mask"
+    torch.manual_seed(4321)
+    assert not torch.equal(run(inp, backend, (False,) * 6, p)[0], y)
+
+    state = rng_state(device)
+    args = (*inp.tensors()[:4], inp.scaling, *inp.tensors()[4:])
+    y_eval = kfuse.lora_linear(*args, dropout_p=p, training=False, fan_in_fan_out=True, backend=backend)
+    assert torch.equal(rng_state(device), state), "no RNG draw without dropout"
+    assert torch.equal(y_eval, kfuse.lora_linear(*args, dropout_p=0.0, fan_in_fan_out=True, backend=backend))
+
+
+def test_reference_backend_dropout(seed: int) -> None:
+    inp = Inputs((6,), 30, 10, 4, torch.float32, torch.float32, "cpu")
+    args = (*inp.tensors()[:4], inp.scaling, *inp.tensors()[4:])
+    torch.manual_seed(5)
+    y = kfuse.lora_linear(*args, dropout_p=0.5, backend="reference")
+    torch.manual_seed(5)
+    assert torch.equal(y, kfuse.lora_linear(*args, dropout_p=0.5, backend="reference"))
+    assert not torch.equal(y, kfuse.lora_linear(*args, dropout_p=0.0, backend="reference"))
+
+
+@pytest.mark.parametrize("via", ["lora_linear", "torch.ops"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_saved_tensors(backend: str, device: str, via: str, seed: int) -> None:
+    """Saved for the backward: x itself (no copy), S [M, r] fp32 and the seed, besides the
+    parameters W, A, B; no other M×K or M×N tensor (not the mask, not y, not dropout(x))."""
+    lead, K, N, r = (3, 5), 24, 20, 4
+    M = math.prod(lead)
+    inp = Inputs(lead, K, N, r, torch.float16, torch.float32, device)
+    x, w, a, b, bias, lb = (t.detach().clone() for t in inp.tensors())
+    for t in (x, a, b, bias, lb):
+        t.requires_grad_()
+    saved: list[Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        if via == "lora_linear":
+            y = kfuse.lora_linear(x, w, a, b, 0.5, bias, lb, dropout_p=0.2, backend=backend)
+        else:
+            y = torch.ops.kfuse.lora_forward(x, w, a, b, 0.5, bias, lb, 0.2, False, backend)[0]
+    y.float().sum().backward()
+    params = {t.data_ptr() for t in (w, a, b)}
+    rest = [t for t in saved if t.data_ptr() not in params or t.numel() == 0]
+    kinds = sorted((str(t.dtype), tuple(t.shape)) for t in rest)
+    x_like = [t for t in rest if t.dtype == torch.float16]
+    assert len(rest) == 3, kinds
+    assert len(x_like) == 1 and x_like[0].data_ptr() == x.data_ptr() and x_like[0].numel() == x.numel(), kinds
+    assert [(t.dtype, tuple(t.shape)) for t in rest if t.dtype == torch.float32] == [(torch.float32, (M, r))], kinds
+    assert [(t.dtype, tuple(t.shape)) for t in rest if t.dtype == torch.int64] == [(torch.int64, (1,))], kinds
+    assert len([t for t in saved if t.data_ptr() in params]) == 3
+
+
+@pytest.mark.parametrize("fifo", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.4])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_gradcheck_float64(backend: str, p: float, fifo: bool, seed: int) -> None:
+    """gradcheck of every input (W too), with dropout: the seed is reset before each call, so
+    each evaluation draws the same mask and the backward must regenerate it. gradgradcheck:
+    create_graph=True runs the reference's vjp with the backend's mask."""
+    inp = Inputs((2, 3), 5, 4, 3, torch.float64, torch.float64, "cpu", fifo=fifo)
+    ts = [t.detach().clone().requires_grad_() for t in inp.tensors()]
+
+    def f(x: Tensor, w: Tensor, a: Tensor, b: Tensor, bias: Tensor, lb: Tensor) -> Tensor:
+        torch.manual_seed(7)
+        return kfuse.lora_linear(x, w, a, b, 0.6, bias, lb, dropout_p=p, fan_in_fan_out=fifo, backend=backend)
+
+    assert torch.autograd.gradcheck(f, ts)
+    if not fifo:
+        assert torch.autograd.gradgradcheck(f, ts)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_deterministic_and_inplace_output(backend: str, device: str, seed: int) -> None:
+    """Gradients are bitwise reproducible; y of a 3-D input may be modified in place (it is no
+    view made inside the autograd.Function); nothing needing a gradient records no node."""
+    inp = Inputs((3, 4), 20, 12, 4, torch.float32, torch.float32, device)
+    g1 = run(inp, backend, (True, False, True, True, True, True))[1]
+    g2 = run(inp, backend, (True, False, True, True, True, True))[1]
+    for a, b in zip(g1, g2, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    x = inp.x.clone().requires_grad_()
+    y = kfuse.lora_linear(x, inp.weight, inp.A, inp.B, 0.5, backend=backend)
+    assert "EagerLoRA" in type(y.grad_fn.next_functions[0][0]).__name__
+    y += 1.0
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    want = torch.autograd.grad(lora_linear_reference(x, inp.weight, inp.A, inp.B, 0.5).sum(), x)[0]
+    assert_close(gx, want, torch.float32, "dx after y += 1")
+    assert kfuse.lora_linear(inp.x, inp.weight, inp.A, inp.B, 0.5, backend=backend).grad_fn is None
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_zero_features(backend: str, device: str, seed: int) -> None:
+    """K = 0 (an empty input row): y is the biases, the gradients are zeros of the right shapes."""
+    inp = Inputs((2, 3), 0, 5, 2, torch.float32, torch.float32, device)
+    compare(inp, backend, (True, False, True, True, True, True), f"{backend} K = 0")
+    y = kfuse.lora_linear(inp.x, inp.weight, inp.A, inp.B, 0.5, inp.bias, inp.lora_bias, backend=backend)
+    torch.testing.assert_close(y, (inp.bias + 0.5 * inp.lora_bias).expand(2, 3, 5))
+
+
+# ---------------------------------------------------------------- multi-adapter batches
+
+
+def multi_inputs(lead: tuple[int, ...], K: int, N: int, ranks: list[int], dtype: torch.dtype,
+                 adapter_dtype: torch.dtype, device: str, fifo: bool) -> dict[str, Tensor]:
+    L, r_max = len(ranks), max(ranks)
+    # Garbage past each rank (NaN, inf, huge): it must never be read.
+    garbage = torch.tensor([math.nan, math.inf, -1e30], dtype=torch.float64)
+    A = garbage[torch.randint(0, 3, (L, r_max, K))]
+    B = garbage[torch.randint(0, 3, (L, N, r_max))]
+    for a, r in enumerate(ranks):
+        A[a, :r] = torch.randn(r, K, dtype=torch.float64) * K**-0.5
+        B[a, :, :r] = torch.randn(N, r, dtype=torch.float64) * max(r, 1) ** -0.5
+    w = torch.randn(N, K, dtype=torch.float64) * K**-0.5
+    M = math.prod(lead)
+    ids = torch.randint(-1, L, (M,))
+    ids[:L + 1] = torch.arange(-1, L)  # every adapter and the base at least once
+    ids = ids[torch.randperm(M)].view(lead)
+    return {
+        "x": torch.randn(*lead, K, dtype=torch.float64).to(dtype=dtype, device=device),
+        "weight": (w.t().contiguous() if fifo else w).to(dtype=dtype, device=device),
+        "A_stack": A.to(dtype=adapter_dtype, device=device), "B_stack": B.to(dtype=adapter_dtype, device=device),
+        "scalings": torch.rand(L, device=device) + 0.5,
+        "ranks": torch.tensor(ranks, dtype=torch.int32, device=device),
+        "adapter_ids": ids.to(device),
+        "bias": torch.randn(N, dtype=torch.float64).to(dtype=dtype, device=device),
+    }
+
+
+def multi_rows(t: dict[str, Tensor], fifo: bool) -> Tensor:
+    """The float64 definition, row by row with each adapter's true slices."""
+    x = t["x"].double().reshape(-1, t["x"].shape[-1])
+    w = t["weight"].double()
+    y = x @ (w if fifo else w.t()) + t["bias"].double()
+    rows = []
+    for m, a in enumerate(t["adapter_ids"].reshape(-1).tolist()):
+        row = y[m]
+        r = int(t["ranks"][a]) if a >= 0 else 0
+        if r:
+            A, B = t["A_stack"][a, :r].double(), t["B_stack"][a, :, :r].double()
+            row = row + float(t["scalings"][a]) * ((x[m] @ A.t()) @ B.t())
+        rows.append(row)
+    return torch.stack(rows).view(*t["x"].shape[:-1], -1)
+
+
+@pytest.mark.parametrize("backend,device", [*BACKENDS, pytest.param("reference", "cpu", id="reference")])
+def test_multi_adapter(backend: str, device: str, seed: int) -> None:
+    """Rows with different adapters (ranks 1, 8, 5 and 0 padded to 8; garbage in the padding),
+    base-only rows (-1), 3-D input with ids of x.shape[:-1] or flattened, both layouts."""
+    lead, K, N = ((3, 5), 21, 19) if interp(backend, device) else ((5, 7), 45, 37)
+    dtypes = dtypes_for("cpu" if backend == "reference" else backend, device)
+    for dtype in dtypes:
+        for adapter_dtype in dict.fromkeys((torch.float32, dtype)):
+            for fifo in (False, True):
+                t = multi_inputs(lead, K, N, [1, 8, 5, 0], dtype, adapter_dtype, device, fifo)
+                with torch.no_grad():
+                    y = kfuse.lora_linear_multi(**t, fan_in_fan_out=fifo, backend=backend)
+                assert y.dtype == dtype and y.shape == (*lead, N)
+                assert_close(y, multi_rows(t, fifo), dtype, f"{backend} {dtype} {adapter_dtype} fifo={fifo}")
+    t = multi_inputs(lead, K, N, [3, 2], torch.float32, torch.float32, device, False)
+    t["bias"] = None
+    flat = dict(t, adapter_ids=t["adapter_ids"].reshape(-1))
+    with torch.no_grad():
+        assert torch.equal(kfuse.lora_linear_multi(**flat, backend=backend),
+                           kfuse.lora_linear_multi(**t, backend=backend))
+        empty = dict(t, x=t["x"][:0], adapter_ids=t["adapter_ids"][:0])
+        assert kfuse.lora_linear_multi(**empty, backend=backend).shape == (0, *lead[1:], N)
+
+
+def test_multi_adapter_with_grad_runs_the_reference(seed: int) -> None:
+    t = multi_inputs((4,), 6, 5, [2, 3], torch.float64, torch.float64, "cpu", False)
+    x = t.pop("x").requires_grad_()
+    with pytest.warns(UserWarning, match="forward-only"):
+        ops._warned_grad = False
+        y = kfuse.lora_linear_multi(x, **t, backend="cpu")
+    (g,) = torch.autograd.grad(y.sum(), x)
+    want = torch.autograd.grad(lora_linear_multi_reference(x, **t).sum(), x)[0]
+    torch.testing.assert_close(g, want)
+
+
+@pytest.mark.cuda
+def test_no_host_sync_and_cuda_graph(seed: int) -> None:
+    """The GPU paths never synchronise the host (multi-adapter forward; forward and backward
+    with dropout) and the serving forward replays in a CUDA graph with new ids."""
+    t = multi_inputs((64,), 256, 192, [16, 8, 4], torch.bfloat16, torch.float32, "cuda", False)
+    inp = Inputs((32,), 128, 96, 16, torch.bfloat16, torch.float32, "cuda")
+    x, a, b = inp.x.clone().requires_grad_(), inp.A.clone().requires_grad_(), inp.B.clone().requires_grad_()
+    kfuse.lora_linear_multi(**t)  # warm up (compiles the kernels)
+    kfuse.lora_linear(x, inp.weight, a, b, 0.5, dropout_p=0.1).float().sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            kfuse.lora_linear_multi(**t)
+        kfuse.lora_linear(x, inp.weight, a, b, 0.5, dropout_p=0.1).float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            kfuse.lora_linear_multi(**t)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(graph):
+            y = kfuse.lora_linear_multi(**t)
+    t["adapter_ids"].copy_(t["adapter_ids"].flip(0))
+    graph.replay()
+    assert_close(y, multi_rows(t, False), torch.bfloat16, "CUDA graph replay with new ids")
+
+
+@pytest.mark.cuda
+def test_auto_on_cuda_is_triton_and_devices_match(seed: int) -> None:
+    inp = Inputs((5,), 16, 8, 4, torch.float16, torch.float32, "cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = kfuse.lora_linear(*inp.tensors()[:4], 0.5)
+    assert not [w for w in caught if "falling back" in str(w.message)]
+    torch.testing.assert_close(y, kfuse.lora_linear(*inp.tensors()[:4], 0.5, backend="triton"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="lora_A is on cpu but x is on cuda"):
+        kfuse.lora_linear(inp.x, inp.weight, inp.A.cpu(), inp.B, 0.5)
+    t = multi_inputs((4,), 6, 5, [2], torch.float32, torch.float32, "cuda", False)
+    with pytest.raises(ValueError, match="adapter_ids is on cpu but x is on cuda"):
+        kfuse.lora_linear_multi(**dict(t, adapter_ids=t["adapter_ids"].cpu()))
+
+
+# ---------------------------------------------------------------- modules
+
+
+def test_lora_linear_module(seed: int) -> None:
+    m = kfuse.nn.LoRALinear(40, 24, r=8, lora_alpha=16, lora_dropout=0.1)
+    assert m.scaling == 2.0 and not m.weight.requires_grad and not m.bias.requires_grad
+    assert m.lora_A.requires_grad and m.lora_A.shape == (8, 40) and m.lora_B.shape == (24, 8)
+    bound = 1 / math.sqrt(40)  # kaiming_uniform(a=√5) on [r, K]
+    assert m.lora_A.abs().max() <= bound and m.lora_A.std() > bound / 3 and (m.lora_B == 0).all()
+    x = torch.randn(3, 5, 40)
+    torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight, m.bias))  # B = 0: the base layer
+    assert kfuse.nn.LoRALinear(8, 4, r=16, lora_alpha=8, use_rslora=True).scaling == 2.0
+    half = kfuse.nn.LoRALinear(8, 4, dtype=torch.bfloat16)
+    assert half.weight.dtype == torch.bfloat16 and half.lora_A.dtype == torch.float32
+    assert half(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    # Training: gradients reach the adapter only; dropout in training mode only.
+    with torch.no_grad():
+        m.lora_B.normal_()
+    m.train()
+    m(x).square().sum().backward()
+    assert m.lora_A.grad is not None and m.lora_B.grad is not None and m.weight.grad is None
+    m.eval()
+    torch.testing.assert_close(m(x), lora_linear_reference(x, m.weight, m.lora_A, m.lora_B, 2.0, m.bias))
+    with pytest.raises(ValueError, match="lora_dropout must be in"):
+        kfuse.nn.LoRALinear(4, 4, lora_dropout=1.0)
+    with pytest.raises(ValueError, match="r must be >= 1"):
+        kfuse.nn.LoRALinear(4, 4, r=0)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        kfuse.nn.LoRALinear(4, 4, backend="gpu")
+
+
+@pytest.mark.parametrize("fifo", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_unmerge(fifo: bool, dtype: torch.dtype, seed: int) -> None:
+    """from_linear shares the base weight; merge folds s·B A into it (fp32 accumulation) and the
+    merged layer computes the unmerged one's output; unmerge restores W."""
+    linear = torch.nn.Linear(30, 18).to(dtype)
+    if fifo:  # a GPT-2 Conv1D: weight [in, out]
+        linear.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous())
+    w0 = linear.weight.detach().clone()
+    m = kfuse.nn.LoRALinear.from_linear(linear, r=4, lora_alpha=8, fan_in_fan_out=fifo, lora_bias=True)
+    assert m.weight is linear.weight and m.bias is linear.bias and not linear.weight.requires_grad
+    with torch.no_grad():
+        m.lora_B.normal_()
+        m.lora_bias.normal_()
+    m.eval()
+    x = torch.randn(6, 30).to(dtype)
+    y = m(x)
+    m.merge()
+    assert m.merged
+    delta = (m.lora_B.detach().float() @ m.lora_A.detach().float()) * m.scaling
+    want = (w0.float() + (delta.t() if fifo else delta)).to(dtype)
+    assert torch.equal(linear.weight, want), "merge is W + s·B A accumulated in fp32, rounded once"
+    assert_close(m(x), y, dtype, "merged vs unmerged")
+    with pytest.warns(UserWarning, match="already merged"):
+        m.merge()
+    m.unmerge()
+    assert not m.merged
+    if dtype == torch.float32:
+        torch.testing.assert_close(linear.weight, w0, rtol=0, atol=1e-6)
+    else:
+        assert_close(linear.weight, w0, dtype, "round trip")
+
+
+def test_multi_lora_module(seed: int) -> None:
+    """Adapters of different ranks (the stacks re-pad as r_max grows) give each row what its
+    own LoRALinear gives; -1 rows get the base layer; ids per row or per sequence."""
+    linear = torch.nn.Linear(20, 12)
+    layers = []
+    multi = kfuse.nn.MultiLoRALinear.from_linear(linear)
+    for r, alpha in ((2, 4.0), (6, 3.0), (3, 9.0)):
+        layer = kfuse.nn.LoRALinear.from_linear(linear, r=r, lora_alpha=alpha).eval()
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        assert multi.add_adapter(layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling) == len(layers)
+        layers.append(layer)
+    assert multi.num_adapters == 3 and multi.r_max == 6 and multi.ranks.tolist() == [2, 6, 3]
+    x = torch.randn(4, 5, 20)
+    ids = torch.tensor([2, -1, 0, 1])
+    with torch.no_grad():
+        y = multi(x, ids)  # one id per sequence
+        for b, a in enumerate(ids.tolist()):
+            want = linear(x[b]) if a < 0 else layers[a](x[b])
+            torch.testing.assert_close(y[b], want, rtol=1e-5, atol=1e-5)
+        rows = torch.randint(-1, 3, (4, 5))
+        torch.testing.assert_close(multi(x, rows), multi(x, rows.reshape(-1)))
+    fresh = kfuse.nn.MultiLoRALinear(20, 12)
+    fresh.load_state_dict(multi.state_dict())  # the stacks take the saved shapes
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, ids), y)
+    with pytest.raises(ValueError, match=r"lora_B must have shape \[N, r\] = \[12, 2\]"):
+        multi.add_adapter(torch.randn(2, 20), torch.randn(12, 3), 1.0)
+
+
+# ---------------------------------------------------------------- torch.library, compile, routes
+
+
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
+def test_opcheck(backend: str, device: str, seed: int) -> None:
+    inp = Inputs((3, 4), 11, 7, 3, torch.float32, torch.float32, device)
+    x, w, a, b, bias, lb = (t.requires_grad_() for t in inp.tensors())
+    for args in ((x, w, a, b, 0.5, bias, lb, 0.0, False, backend),
+                 (x.detach()[0], w.detach().t().contiguous(), a, b, 2.0, None, None, 0.0, True, backend)):
+        torch.library.opcheck(torch.ops.kfuse.lora_forward, args)
+    # With dropout the op draws a seed: the checks that compare two runs are left out.
+    torch.library.opcheck(torch.ops.kfuse.lora_forward, (x, w, a, b, 0.5, bias, lb, 0.3, False, backend),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    y, S, seed_t = torch.ops.kfuse.lora_forward(x.detach(), w.detach(), a.detach(), b.detach(), 0.5, None, None,
+                                                0.3, False, backend)
+    gy = torch.randn_like(y)
+    for needs in ((True, True, True, True, True, True), (False, False, True, True, False, True)):
+        torch.library.opcheck(torch.ops.kfuse.lora_backward, (gy, x.detach(), w.detach(), a.detach(), b.detach(), 0.5,
+                                                              S, seed_t, 0.3, False, *needs, backend))
+    t = multi_inputs((6,), 9, 5, [2, 4], torch.float32, torch.float32, device, False)
+    torch.library.opcheck(torch.ops.kfuse.lora_multi_forward,
+                          (t["x"], t["weight"], t["A_stack"], t["B_stack"], t["scalings"], t["ranks"], t["adapter_ids"],
+                           t["bias"], False, backend))
+
+
+@pytest.mark.parametrize("backend,device", [*OP_BACKENDS, pytest.param("reference", "cpu", id="reference")])
+def test_compile_fullgraph(backend: str, device: str, seed: int) -> None:
+    """A small model of LoRALinear layers (dropout, both layouts, lora_bias, a 3-D input)
+    compiles with fullgraph=True, and its forward and backward match eager under the same seed
+    (the kernel backends draw the seed inside the op; Inductor's own RNG is switched to
+    eager's for the reference)."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(
+        kfuse.nn.LoRALinear(12, 20, r=4, lora_dropout=0.2, backend=backend),
+        torch.nn.GELU(),
+        kfuse.nn.LoRALinear(20, 6, r=2, fan_in_fan_out=True, lora_bias=True, backend=backend),
+    ).to(device)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lora_B.normal_()
+            if layer.lora_bias is not None:
+                layer.lora_bias.normal_()
+    x = torch.randn(3, 5, 12, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(model, fullgraph=True)
+        torch.manual_seed(11)
+        out = compiled(x)
+        grads = torch.autograd.grad(out.square().sum(), params)
+    torch.manual_seed(11)
+    eager = model(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), params)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    for g, e in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+    if backend != "reference":  # a new batch size: dynamic shapes through the fakes
+        x = torch.randn(2, 9, 12, device=device)
+        torch.manual_seed(12)
+        out = compiled(x)
+        torch.manual_seed(12)
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+    if backend == "cpu":  # the serving op compiles too
+        t = multi_inputs((6,), 12, 20, [2, 4], torch.float32, torch.float32, device, False)
+        f = torch.compile(lambda t: kfuse.lora_linear_multi(**t, backend=backend), fullgraph=True)
+        with torch.no_grad():
+            torch.testing.assert_close(f(t), multi_rows(t, False).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+def test_torch_export(backend: str, device: str, strict: bool, seed: int) -> None:
+    """torch.export keeps each LoRA layer as one kfuse.lora_forward node (a dynamic batch size
+    stays dynamic: Size.numel() had specialised it), and the program computes what eager does."""
+    model = torch.nn.Sequential(kfuse.nn.LoRALinear(8, 6, r=2, lora_dropout=0.1, backend=backend), torch.nn.ReLU(),
+                                kfuse.nn.LoRALinear(6, 3, r=4, fan_in_fan_out=True, backend=backend)).to(device).eval()
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+        model[2].lora_B.normal_()
+    x = torch.randn(2, 3, 8, device=device)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("B")},), strict=strict)
+    calls = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert calls.count("kfuse.lora_forward.default") == 2, calls
+    for batch in (x, torch.randn(5, 3, 8, device=device)):
+        torch.testing.assert_close(program.module()(batch), model(batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
+def test_compiled_backward_runs_the_kernels(backend: str, device: str, seed: int, backward_calls) -> None:
+    """Compiled training and compiled autograd (an eager forward whose backward is traced with
+    fullgraph=True) run the backend's backward, not the reference's."""
+    calls = backward_calls(ops)
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), kfuse.nn.LoRALinear(6, 5, r=2, lora_dropout=0.1,
+                                                                          backend=backend)).to(device)
+    x = torch.randn(3, 4, device=device)
+    torch.manual_seed(3)
+    model(x).square().sum().backward()
+    want = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    for run_kind in ("compiled model", "compiled autograd"):
+        model.zero_grad()
+        calls.update(kernels=0, reference=0)
+        torch.manual_seed(3)
+        if run_kind == "compiled model":
+            torch.compile(model, fullgraph=True)(x).square().sum().backward()
+        else:
+            loss = model(x).square().sum()
+            with torch._dynamo.compiled_autograd._enable(torch.compile(fullgraph=True)):
+                loss.backward()
+        assert calls == {"kernels": 1, "reference": 0}, (run_kind, calls)
+        got = [p.grad for p in model.parameters() if p.requires_grad]
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript is deprecated in torch 2.14
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks, constants in a trace
+def test_routes(seed: int) -> None:
+    """fx.symbolic_trace records kfuse.lora_linear; make_fx and FakeTensorMode see the
+    registered op; a tensor subclass dispatches through it; forward-mode AD, torch.func and
+    batched backwards take the reference."""
+    import torch.autograd.forward_ad as fwad  # noqa: PLC0415
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+    from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
+    from torch.testing._internal.two_tensor import TwoTensor  # noqa: PLC0415
+
+    inp = Inputs((4,), 6, 5, 2, torch.float64, torch.float64, "cpu")
+    x, w, a, b = inp.x, inp.weight, inp.A, inp.B
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w, self.a, self.b = (torch.nn.Parameter(t.clone()) for t in (w, a, b))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return kfuse.lora_linear(x, self.w, self.a, self.b, 0.5, backend="cpu")
+
+    net = Net()
+    graph = torch.fx.symbolic_trace(net)
+    assert [n.target for n in graph.graph.nodes if n.op == "call_function"] == [kfuse.lora_linear]
+    torch.testing.assert_close(graph(x), net(x))
+
+    g = make_fx(lambda x: kfuse.lora_linear(x, w, a, b, 0.5, backend="cpu"))(x)
+    assert "kfuse.lora_forward.default" in [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
+    g = make_fx(lambda x, ids: kfuse.lora_linear_multi(x, w, a[None], b[None], torch.ones(1), torch.tensor([2]), ids,
+                                                         backend="cpu"))(x, torch.zeros(4, dtype=torch.int64))
+    assert "kfuse.lora_multi_forward.default" in [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
+    with FakeTensorMode():
+        y = kfuse.lora_linear(torch.empty(2, 3, 6), torch.empty(6, 5), torch.empty(2, 6), torch.empty(5, 2), 0.5,
+                              dropout_p=0.1, fan_in_fan_out=True, backend="cpu")
+    assert y.shape == (2, 3, 5)
+    x2 = torch.randn_like(x)
+    y = kfuse.lora_linear(TwoTensor(x, x2), w, a, b, 0.5, backend="cpu")
+    torch.testing.assert_close(y.b, kfuse.lora_linear(x2, w, a, b, 0.5, backend="cpu"))
+
+    traced = torch.jit.trace(lambda x: kfuse.lora_linear(x, w, a, b, 0.5, backend="cpu"), x)
+    assert "kfuse::lora_forward" in str(traced.graph)
+    torch.testing.assert_close(traced(x2), kfuse.lora_linear(x2, w, a, b, 0.5, backend="cpu"))
+
+    tx = torch.randn_like(x)
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(kfuse.lora_linear(fwad.make_dual(x, tx), w, a, b, 0.5, backend="cpu")).tangent
+    want = lora_linear_reference(tx, w, a, b, 0.5)  # linear in x
+    torch.testing.assert_close(tangent, want)
+    ga = torch.func.grad(lambda a: kfuse.lora_linear(x, w, a, b, 0.5, backend="cpu").square().sum())(a)
+    torch.testing.assert_close(ga, torch.func.grad(lambda a: lora_linear_reference(x, w, a, b, 0.5).square().sum())(a))
+
+    def f(a: Tensor) -> Tensor:
+        return kfuse.lora_linear(x, w, a, b, 0.5, backend="cpu")
+
+    torch.testing.assert_close(torch.autograd.functional.jacobian(f, a, vectorize=True),
+                               torch.autograd.functional.jacobian(f, a))
+
+
+def test_registered_ops_check_backend(seed: int, monkeypatch) -> None:
+    """torch.ops.kfuse.* are public: a bogus backend string raises ValueError (at trace time too),
+    and "reference" runs the reference."""
+    inp = Inputs((4,), 6, 5, 2, torch.float32, torch.float32, "cpu")
+    args = (inp.x, inp.weight, inp.A, inp.B, 0.5, inp.bias, inp.lora_bias, 0.0, False)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        torch.ops.kfuse.lora_forward(*args, "bogus")
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+
+    with FakeTensorMode(), pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        torch.ops.kfuse.lora_forward(torch.empty(2, 6), torch.empty(5, 6), torch.empty(2, 6), torch.empty(5, 2), 0.5,
+                                     None, None, 0.0, False, "bogus")
+    y, S, seed_t = torch.ops.kfuse.lora_forward(*args, "cpu")
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        torch.ops.kfuse.lora_backward(torch.ones_like(y), inp.x, inp.weight, inp.A, inp.B, 0.5, S, seed_t, 0.0, False,
+                                      *(True,) * 6, "bogus")
+    t = multi_inputs((3,), 6, 5, [2], torch.float32, torch.float32, "cpu", False)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        torch.ops.kfuse.lora_multi_forward(*t.values(), False, "fast")
+    with pytest.raises(kfuse.BackendUnavailableError, match="no CUDA .csrc. kernels"):
+        torch.ops.kfuse.lora_forward(*args, "cuda")
+
+    calls = []
+    real = ops.lora_linear_reference
+    monkeypatch.setattr(ops, "lora_linear_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    y_ref = torch.ops.kfuse.lora_forward(*args, "reference")[0]
+    assert calls == [1]
+    assert_close(y_ref, y, torch.float32, "reference vs cpu")
+    x = inp.x.clone().requires_grad_()
+    gx = torch.autograd.grad(torch.ops.kfuse.lora_forward(x, *args[1:], "reference")[0].sum(), x)[0]
+    assert_close(gx, torch.autograd.grad(kfuse.lora_linear(x, *args[1:5], backend="cpu").sum(), x)[0],
+                 torch.float32, "reference backward")
+
+
+def test_backend_choice() -> None:
+    x = torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto on CPU is the cpu backend, no fallback warning
+        kfuse.lora_linear(x, torch.randn(5, 4), torch.randn(2, 4), torch.randn(5, 2), 1.0)
+    assert backend_reasons(x)["cpu"] == [] and backend_reasons(x)["reference"] == []
+    assert backend_reasons(x.double())["triton"][-1] == "the Triton LoRA kernels do not support float64"
+    assert backend_reasons(x)["cuda"], "LoRA has no csrc kernels"
+    with pytest.raises(kfuse.BackendUnavailableError, match="backend 'cuda' cannot run this input: kfuse has no CUDA"):
+        kfuse.lora_linear(x, torch.randn(5, 4), torch.randn(2, 4), torch.randn(5, 2), 1.0, backend="cuda")
+    with pytest.raises(kfuse.BackendUnavailableError, match="float64"):
+        kfuse.lora_linear(x.double(), torch.randn(5, 4).double(), torch.randn(2, 4), torch.randn(5, 2), 1.0,
+                          backend="triton")
+    assert _backends.select_for("lora_linear", "auto", x.device, x.dtype, lambda: backend_reasons(x),
+                                ops._ORDER["cpu"]) == "cpu"
+
+
+def test_bad_input_errors() -> None:
+    x, w, a, b = torch.randn(4, 6), torch.randn(5, 6), torch.randn(2, 6), torch.randn(5, 2)
+    f = kfuse.lora_linear
+    cases = [
+        (lambda: f(x, w, torch.randn(2, 7), b, 1.0), ValueError, r"lora_A must have shape \[r, K\] = \[r, 6\]"),
+        (lambda: f(x, w, torch.randn(0, 6), torch.randn(5, 0), 1.0), ValueError, "lora_A .* r >= 1"),
+        (lambda: f(x, w, a, torch.randn(5, 3), 1.0), ValueError, r"lora_B must have shape \[N, r\] = \[5, 2\]"),
+        (lambda: f(x, w, a, torch.randn(4, 2), 1.0), ValueError, "lora_B must have shape"),
+        (lambda: f(x, torch.randn(5, 7), a, b, 1.0), ValueError, r"weight must have shape \[N, K\] = \[N, 6\]"),
+        (lambda: f(x, w, a, b, 1.0, fan_in_fan_out=True), ValueError, r"weight must have shape \[K, N\] = \[6, N\]"),
+        (lambda: f(x, w, a, b, 1.0, bias=torch.randn(4)), ValueError, r"bias must have shape \[N\] = \[5\]"),
+        (lambda: f(x, w, a, b, 1.0, lora_bias=torch.randn(5, 1)), ValueError, r"lora_bias must have shape \[N\]"),
+        (lambda: f(x, w, a, b, 1.0, dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\); got 1.0"),
+        (lambda: f(x, w, a, b, 1.0, dropout_p=-0.1), ValueError, "dropout_p must be in"),
+        (lambda: f(x, w, a, b, 1.0, dropout_p=math.nan), ValueError, "dropout_p must be in"),
+        (lambda: f(x, w, a, b, 1.0, dropout_p="0.1"), TypeError, "dropout_p must be a real number; got str"),
+        (lambda: f(x, w, a, b, torch.tensor(1.0)), TypeError, "scaling must be a real number; got Tensor"),
+        (lambda: f(x, w, a, b, True), TypeError, "scaling must be a real number; got bool"),
+        (lambda: f(x, w, a, b, 1.0, training=1), TypeError, "training must be a bool"),
+        (lambda: f(x, w, a, b, 1.0, fan_in_fan_out=None), TypeError, "fan_in_fan_out must be a bool"),
+        (lambda: f(x.numpy(), w, a, b, 1.0), TypeError, "x must be a torch.Tensor; got ndarray"),
+        (lambda: f(x, w, [1.0], b, 1.0), TypeError, "lora_A must be a torch.Tensor; got list"),
+        (lambda: f(x, w, a, b, 1.0, bias=3.0), TypeError, "bias must be a torch.Tensor or None; got float"),
+        (lambda: f(x.to_sparse(), w, a, b, 1.0), TypeError, r"x must be a dense \(strided\) tensor"),
+        (lambda: f(x.long(), w.long(), a, b, 1.0), TypeError, "x must be float16, bfloat16, float32 or float64"),
+        (lambda: f(x, w.half(), a, b, 1.0), TypeError, r"weight must have x's dtype \(torch.float32\)"),
+        (lambda: f(x.half(), w.half(), a.double(), b.double(), 1.0), TypeError,
+         r"lora_A must be float32 or x's dtype \(torch.float16\); got torch.float64"),
+        (lambda: f(x.half(), w.half(), a, b.half(), 1.0), TypeError, "lora_B must have lora_A's dtype"),
+        (lambda: f(x, w, a, b, 1.0, bias=torch.randn(5).double()), TypeError, "bias must have x's dtype"),
+        (lambda: f(x.half(), w.half(), a, b, 1.0, lora_bias=torch.randn(5).half()), TypeError,
+         "lora_bias must have lora_A's dtype"),
+        (lambda: f(x, w, a.to("meta"), b, 1.0), ValueError, "lora_A is on meta but x is on cpu"),
+        (lambda: f(torch.tensor(1.0), w, a, b, 1.0), ValueError, "x must have at least one dimension"),
+        (lambda: f(x, w, a, b, 1.0, backend="fast"), ValueError, "backend must be 'auto' or one of"),
+        (lambda: f(x, w, a, b, 1.0, backend=["cpu"]), TypeError, "backend must be a str"),
+    ]
+    m = multi_inputs((4,), 6, 5, [2, 3], torch.float32, torch.float32, "cpu", False)
+    g = kfuse.lora_linear_multi
+
+    def multi(**over: object) -> Tensor:
+        return g(**{**m, **over})
+
+    cases += [
+        (lambda: multi(adapter_ids=torch.tensor([0, 1, 2, -1])), IndexError,
+         r"adapter_ids must be in \[-1, L\) = \[-1, 2\) .*got values in \[-1, 2\]"),
+        (lambda: multi(adapter_ids=torch.tensor([0, -2, 1, 1])), IndexError, "adapter_ids must be in"),
+        (lambda: multi(adapter_ids=torch.tensor([0, 1, 1])), ValueError, "adapter_ids must hold one id per row"),
+        (lambda: multi(adapter_ids=torch.zeros(4)), TypeError, "adapter_ids must be int32 or int64"),
+        (lambda: multi(ranks=torch.tensor([2, 4], dtype=torch.int32)), ValueError,
+         r"ranks must be in \[0, r_max\] = \[0, 3\]"),
+        (lambda: multi(ranks=torch.tensor([2.0, 3.0])), TypeError, "ranks must be int32 or int64"),
+        (lambda: multi(ranks=torch.tensor([2])), ValueError, r"ranks must have shape \[L\] = \[2\]"),
+        (lambda: multi(scalings=torch.ones(3)), ValueError, r"scalings must have shape \[L\] = \[2\]"),
+        (lambda: multi(scalings=torch.ones(2, dtype=torch.int64)), TypeError, "scalings must be a floating tensor"),
+        (lambda: multi(A_stack=torch.randn(2, 3, 7)), ValueError, r"A_stack must have shape \[L, r_max, K\]"),
+        (lambda: multi(B_stack=torch.randn(2, 5, 4)), ValueError,
+         r"B_stack must have shape \[L, N, r_max\] = \[2, 5, 3\]"),
+        (lambda: multi(B_stack=m["B_stack"].double()), TypeError, "B_stack must have A_stack's dtype"),
+        (lambda: multi(adapter_ids=m["adapter_ids"].to("meta")), ValueError, "adapter_ids is on meta but x is on cpu"),
+        (lambda: multi(bias=torch.randn(4)), ValueError, r"bias must have shape \[N\] = \[5\]"),
+    ]
+    for i, (call, exc, match) in enumerate(cases):
+        with pytest.raises(exc, match=match):
+            call()
+            pytest.fail(f"case {i} raised nothing")
+    # A lazily negated view is read as its values.
+    torch.testing.assert_close(f(x._neg_view(), w, a, b, 1.0, backend="cpu"), f(-x, w, a, b, 1.0, backend="cpu"))
+
+
+# ---------------------------------------------------------------- the Triton kernels, launcher by launcher
+# LoRA Triton kernels (triton_kernels/lora.py): every launcher against float64 torch formulas.
+#
+# Without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets
+# TRITON_INTERPRET=1 before Triton is imported) on tiny odd shapes, in fp32 and fp16 (the
+# interpreter is wrong for bf16); with a GPU the same tests run compiled ('-cuda' ids), with bf16
+# and larger shapes too. The dropout mask in every reference comes from ``lora_dropout_mask``
+# (the mask function the kernels share), so matching the reference shows that the forward and
+# the backward both apply exactly that mask.
+
+# (device, x dtype, adapter dtype): fp32 adapters with half x is PEFT's default; adapters in x's
+# dtype the other common case. bf16 only on the GPU (the interpreter gets bf16 wrong).
+_COMBOS = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float32)]
+_GPU_COMBOS = _COMBOS + [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+
+
+def _name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+DTYPES = [pytest.param("cpu", x, a, marks=pytest.mark.interpret, id=f"interp-{_name(x)}-A{_name(a)}")
+          for x, a in _COMBOS]
+DTYPES += [pytest.param("cuda", x, a, marks=pytest.mark.cuda, id=f"cuda-{_name(x)}-A{_name(a)}")
+           for x, a in _GPU_COMBOS]
+DEVICES = [pytest.param("cpu", marks=pytest.mark.interpret, id="interp"),
+           pytest.param("cuda", marks=pytest.mark.cuda, id="cuda")]
+
+# Shapes: odd sizes (not multiples of any block), M spanning the decode path and several row
+# tiles; r = 1 (padded to 16), 8, 16, 20 (not a power of 2), 64. The GPU adds shapes that fill
+# its larger tiles. (M, K, N, r, fan_in_fan_out, bias, lora_bias, p)
+SHAPES = [
+    (1, 19, 23, 1, False, False, False, 0.0),
+    (3, 40, 33, 8, True, True, False, 0.3),
+    (37, 19, 33, 16, False, True, True, 0.3),
+    (37, 40, 23, 20, True, False, True, 0.0),
+    (5, 40, 33, 64, False, True, True, 0.3),
+]
+GPU_SHAPES = [
+    (64, 520, 264, 16, False, True, True, 0.1),
+    (300, 264, 520, 16, True, True, False, 0.3),
+    (1024, 1000, 777, 8, False, True, True, 0.0),
+]
+
+
+def _case_params() -> list:
+    """(device, x dtype, adapter dtype, shape) for every combination the device runs."""
+    out = []
+    for dev, mark, combos, shapes in (("cpu", pytest.mark.interpret, _COMBOS, SHAPES),
+                                      ("cuda", pytest.mark.cuda, _GPU_COMBOS, SHAPES + GPU_SHAPES)):
+        tag = "interp" if dev == "cpu" else "cuda"
+        for x, a in combos:
+            for i, shape in enumerate(shapes):
+                out.append(pytest.param(dev, x, a, shape, marks=mark, id=f"{tag}-{_name(x)}-A{_name(a)}-{i}"))
+    return out
+
+
+KERNEL_CASES = _case_params()
+
+
+def rand(shape: tuple[int, ...], dtype: torch.dtype, device: str, scale: float = 1.0) -> Tensor:
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+
+def make_seed(value: int, device: str) -> Tensor:
+    return torch.tensor([value], dtype=torch.int64, device=device)
+
+
+def make_layer(M, K, N, r, fifo, has_bias, has_lbias, dtype, a_dtype, device):
+    """x [M, K], weight ([K, N] if fifo else [N, K]), A [r, K] (non-contiguous: a transposed
+    [K, r], to exercise the strides), B [N, r], bias, lora_bias."""
+    x = rand((M, K), dtype, device)
+    weight = rand((K, N) if fifo else (N, K), dtype, device, 0.5)
+    A = rand((K, r), a_dtype, device, 0.5).t()
+    B = rand((N, r), a_dtype, device, 0.5)
+    bias = rand((N,), dtype, device) if has_bias else None
+    lbias = rand((N,), a_dtype, device) if has_lbias else None
+    return x, weight, A, B, bias, lbias
+
+
+def w_nk(weight: Tensor, fifo: bool) -> Tensor:
+    return (weight.t() if fifo else weight).double()
+
+
+def _d(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.double().cpu()
+
+
+def ref_forward(x, weight, fifo, A, B, s, bias, lbias, keep, p) -> tuple[Tensor, Tensor]:
+    """(y, S) in float64 from the same (rounded) inputs; ``keep`` bool [M, K] or None."""
+    x64 = _d(x)
+    xd = x64 if keep is None else x64 * keep.cpu() / (1.0 - p)
+    S = xd @ _d(A).t()
+    y = x64 @ w_nk(weight, fifo).cpu().t() + s * (S @ _d(B).t())
+    if bias is not None:
+        y = y + _d(bias)
+    if lbias is not None:
+        y = y + s * _d(lbias)
+    return y, S
+
+
+def ref_backward(dy, x, weight, fifo, A, B, s, keep, p) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, colsum) in float64."""
+    dy64, x64 = _d(dy), _d(x)
+    xd = x64 if keep is None else x64 * keep.cpu() / (1.0 - p)
+    G = dy64 @ _d(B)
+    low = s * (G @ _d(A))
+    if keep is not None:
+        low = low * keep.cpu() / (1.0 - p)
+    dx = dy64 @ w_nk(weight, fifo).cpu() + low
+    dA = s * G.t() @ xd
+    dB = s * dy64.t() @ (xd @ _d(A).t())
+    return dx, dA, dB, dy64.sum(0)
+
+
+def absolute(*ts):
+    return [None if t is None else t.abs() for t in ts]
+
+
+def assert_sum_close(got: Tensor, want: Tensor, mag: Tensor, dtype: torch.dtype, what: str) -> None:
+    """``|got - want| <= atol·max(1, max Σ|terms|) + rtol·|want|`` with tests/tolerances.py's
+    (atol, rtol) for ``dtype``. tolerances.assert_close scales atol by the largest |expected|;
+    the rounding error of a dot product scales with the sum of its terms' magnitudes instead,
+    which exceeds the result wherever terms cancel (about √K times for random signs). ``mag``
+    is the same formula evaluated on absolute values: that sum, elementwise."""
+    atol, rtol = TOL[dtype]
+    g, w, m = got.detach().double().cpu(), want.double(), mag.double()
+    assert g.shape == w.shape, f"{what}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+    assert torch.isfinite(g).all(), f"{what}: non-finite values"
+    scale = max(1.0, m.max().item()) if m.numel() else 1.0
+    err = (g - w).abs()
+    bad = err > atol * scale + rtol * w.abs()
+    if bad.any():
+        i = int(torch.nonzero(bad.flatten())[0])
+        raise AssertionError(f"{what}: {int(bad.sum())}/{w.numel()} elements off; max err {err.max().item():.3e} "
+                             f"(scale {scale:.3e}, {dtype}); first at flat index {i}: got "
+                             f"{g.flatten()[i].item():.9g}, expected {w.flatten()[i].item():.9g}")
+
+
+def keep_for(seed: Tensor | None, M: int, K: int, p: float) -> Tensor | None:
+    return None if seed is None or p == 0 else lk.lora_dropout_mask(seed, M, K, p)
+
+
+# ----------------------------------------------------------------------------------------
+# The dropout mask.
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_mask_statistics_and_seeds(device: str) -> None:
+    """Keep fraction ≈ 1 - p; same seed → same mask, another seed → another; p = 0 keeps all;
+    the mask is a function of the flat offset m·K + k (so it does not depend on M)."""
+    M, K, p = 64, 300, 0.3
+    m1 = lk.lora_dropout_mask(make_seed(1234, device), M, K, p)
+    assert m1.dtype == torch.bool and m1.shape == (M, K) and m1.device.type == device
+    frac = m1.float().mean().item()
+    assert abs(frac - (1 - p)) < 0.02, frac  # σ = 0.0033
+    # Rows and columns are not degenerate (no constant rows/columns, e.g. from a bad offset).
+    assert 0.4 < m1.float().mean(1).min().item() and m1.float().mean(1).max().item() < 0.95
+    assert 0.3 < m1.float().mean(0).min().item()
+    assert torch.equal(m1, lk.lora_dropout_mask(make_seed(1234, device), M, K, p))
+    m2 = lk.lora_dropout_mask(make_seed(1235, device), M, K, p)
+    differ = (m1 != m2).float().mean().item()
+    assert 0.35 < differ < 0.49, differ  # independent masks differ in 2p(1-p) = 42 %
+    assert lk.lora_dropout_mask(make_seed(1234, device), M, K, 0.0).all()
+    flat = lk.lora_dropout_mask(make_seed(7, device), 1, 6 * 50, p)
+    assert torch.equal(lk.lora_dropout_mask(make_seed(7, device), 6, 50, p), flat.view(6, 50))
+    # A higher p drops a superset: the mask is rand >= p on the same uniform numbers.
+    m_hi = lk.lora_dropout_mask(make_seed(1234, device), M, K, 0.6)
+    assert not (m_hi & ~m1).any()
+
+
+# ----------------------------------------------------------------------------------------
+# S = dropout(x) Aᵀ.
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device,dtype,a_dtype", DTYPES)
+@pytest.mark.parametrize("M,K,r,p", [(1, 19, 1, 0.0), (37, 40, 16, 0.3), (37, 19, 20, 0.3)])
+def test_shrink(device, dtype, a_dtype, M, K, r, p, seed) -> None:
+    x, _, A, _, _, _ = make_layer(M, K, 4, r, False, False, False, dtype, a_dtype, device)
+    sd = make_seed(seed, device)
+    S = lk.lora_shrink(x, A, sd, p)
+    assert S.dtype == torch.float32 and S.shape == (M, r) and S.is_contiguous()
+    keep = keep_for(sd, M, K, p)
+    xd = _d(x) if keep is None else _d(x) * keep.cpu() / (1 - p)
+    xa = _d(x).abs() if keep is None else _d(x).abs() * keep.cpu() / (1 - p)
+    assert_sum_close(S, xd @ _d(A).t(), xa @ _d(A).abs().t(), dtype, "S")
+    if p > 0:  # seed None means no dropout, whatever p
+        assert_sum_close(lk.lora_shrink(x, A, None, p), _d(x) @ _d(A).t(), _d(x).abs() @ _d(A).abs().t(), dtype,
+                         "S without seed")
+
+
+# ----------------------------------------------------------------------------------------
+# Forward: both paths (split-K decode, shrink + GEMM) on every shape.
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(params=["splitk", "gemm"])
+def fwd_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Forces lora_forward's path: the split-K decode path for any M, or shrink + GEMM for any M."""
+    monkeypatch.setattr(lk, "_SMALL_M", 1 << 30 if request.param == "splitk" else -1)
+    return request.param
+
+
+@pytest.mark.parametrize("device,dtype,a_dtype,shape", KERNEL_CASES)
+def test_forward(device, dtype, a_dtype, shape, fwd_path, seed) -> None:
+    M, K, N, r, fifo, has_bias, has_lbias, p = shape
+    x, weight, A, B, bias, lbias = make_layer(M, K, N, r, fifo, has_bias, has_lbias, dtype, a_dtype, device)
+    s = 0.75
+    sd = make_seed(seed, device) if p > 0 else None
+    y, S = lk.lora_forward(x, weight, fifo, A, B, s, bias, lbias, sd, p, True)
+    assert y.dtype == dtype and y.shape == (M, N) and S.dtype == torch.float32 and S.shape == (M, r)
+    keep = keep_for(sd, M, K, p)
+    y_ref, S_ref = ref_forward(x, weight, fifo, A, B, s, bias, lbias, keep, p)
+    y_mag, S_mag = ref_forward(*absolute(x, weight), fifo, *absolute(A, B), s, *absolute(bias, lbias), keep, p)
+    assert_sum_close(y, y_ref, y_mag, dtype, f"y ({fwd_path})")
+    assert_sum_close(S, S_ref, S_mag, dtype, f"S ({fwd_path})")
+    y2, none = lk.lora_forward(x, weight, fifo, A, B, s, bias, lbias, sd, p, False)
+    assert none is None
+    if device == "cpu":
+        assert torch.equal(y2, y)
+    else:  # compiled, save_s=False is another kernel variant (one store fewer)
+        torch.testing.assert_close(y2, y, rtol=0, atol=1e-6 * y_mag.max().item())
+
+
+# ----------------------------------------------------------------------------------------
+# Backward.
+# ----------------------------------------------------------------------------------------
+def _grads_case(device, dtype, a_dtype, shape, seed):
+    M, K, N, r, fifo, _, _, p = shape
+    x, weight, A, B, _, _ = make_layer(M, K, N, r, fifo, False, False, dtype, a_dtype, device)
+    sd = make_seed(seed, device) if p > 0 else None
+    _, S = lk.lora_forward(x, weight, fifo, A, B, 0.75, None, None, sd, p, True)
+    dy = rand((M, N), dtype, device)
+    return (M, K, N, r, fifo, p), (x, weight, A, B, S, sd, dy)
+
+
+@pytest.mark.parametrize("device,dtype,a_dtype,shape", KERNEL_CASES)
+def test_backward(device, dtype, a_dtype, shape, seed) -> None:
+    """dx, dA, dB, colsum against float64, with the S the forward saved and the mask regenerated
+    from the seed (so the backward's mask must be the forward's)."""
+    (M, K, N, r, fifo, p), (x, weight, A, B, S, sd, dy) = _grads_case(device, dtype, a_dtype, shape, seed)
+    s = 0.75
+    dx, dA, dB, cs = lk.lora_backward(dy, x, weight, fifo, A, B, s, S, sd, p, True, True, True, True)
+    assert dx.dtype == dtype and dx.shape == (M, K)
+    assert dA.dtype == dB.dtype == cs.dtype == torch.float32
+    assert dA.shape == (r, K) and dB.shape == (N, r) and cs.shape == (N,)
+    keep = keep_for(sd, M, K, p)
+    want = ref_backward(dy, x, weight, fifo, A, B, s, keep, p)
+    mags = ref_backward(*absolute(dy, x, weight), fifo, *absolute(A, B), s, keep, p)
+    for name, got, w, m in zip(("dx", "dA", "dB", "colsum"), (dx, dA, dB, cs), want, mags, strict=True):
+        assert_sum_close(got, w, m, dtype, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_outputs_on_request_and_deterministic(device, seed) -> None:
+    """Each need_* flag alone gives that output (the all-flags value: bit for bit under the
+    interpreter; compiled, another flag set is another kernel whose dots may be laid out
+    differently) and None for the others; two runs are bitwise identical (fixed-order partial
+    sums, no atomics)."""
+    _, (x, weight, A, B, S, sd, dy) = _grads_case(device, torch.float32, torch.float32, SHAPES[2], seed)
+    args = (dy, x, weight, False, A, B, 0.75, S, sd, 0.3)
+    full = lk.lora_backward(*args, True, True, True, True)
+    again = lk.lora_backward(*args, True, True, True, True)
+    for a, b in zip(full, again, strict=True):
+        assert torch.equal(a, b)
+    for i in range(4):
+        flags = [j == i for j in range(4)]
+        out = lk.lora_backward(*args, *flags)
+        for j, o in enumerate(out):
+            if j == i and device == "cpu":
+                assert torch.equal(o, full[j]), (i, j)
+            elif j == i:
+                torch.testing.assert_close(o, full[j], rtol=1e-5, atol=1e-5 * full[j].abs().max().item())
+            else:
+                assert o is None, (i, j)
+    y1, S1 = lk.lora_forward(x, weight, False, A, B, 0.75, None, None, sd, 0.3, True)
+    y2, S2 = lk.lora_forward(x, weight, False, A, B, 0.75, None, None, sd, 0.3, True)
+    assert torch.equal(y1, y2) and torch.equal(S1, S2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_mask_matches_forward(device, seed) -> None:
+    """With W = 0, dx is the masked low-rank term alone: exactly 0 where the forward dropped x
+    (the forward's mask, recovered from S's dependence on x) and nonzero where it kept it."""
+    M, K, N, r, p = 37, 40, 23, 8, 0.3
+    x, _, A, B, _, _ = make_layer(M, K, N, r, False, False, False, torch.float32, torch.float32, device)
+    weight = torch.zeros((N, K), device=device)
+    sd = make_seed(seed, device)
+    y, S = lk.lora_forward(x, weight, False, A, B, 1.0, None, None, sd, p, True)
+    # The forward's mask, seen through S: zeroing x where the mask drops it leaves S unchanged.
+    keep = lk.lora_dropout_mask(sd, M, K, p)
+    _, S_kept = lk.lora_forward(x * keep, weight, False, A, B, 1.0, None, None, sd, p, True)
+    torch.testing.assert_close(S_kept, S, rtol=1e-6, atol=1e-6)
+    dy = rand((M, N), torch.float32, device)
+    dx = lk.lora_backward(dy, x, weight, False, A, B, 1.0, S, sd, p, True, False, False, False)[0]
+    assert (dx[~keep] == 0).all()
+    assert (dx[keep] != 0).all()
+    # dA sees x through the same mask: x changed only where dropped leaves dA unchanged.
+    dA = lk.lora_backward(dy, x, weight, False, A, B, 1.0, S, sd, p, False, True, False, False)[1]
+    x2 = torch.where(keep, x, x + 5.0)
+    _, dA2, _, _ = lk.lora_backward(dy, x2, weight, False, A, B, 1.0, S, sd, p, False, True, False, False)
+    assert torch.equal(dA2, dA)
+
+
+# ----------------------------------------------------------------------------------------
+# Multi-adapter forward (serving).
+# ----------------------------------------------------------------------------------------
+def ref_multi(x, weight, fifo, A_stack, B_stack, scalings, ranks, ids, bias) -> tuple[Tensor, Tensor]:
+    """(y, Σ|terms|) in float64; ids outside [0, L) are base-only rows."""
+    x64, W = _d(x), w_nk(weight, fifo).cpu()
+    y, mag = x64 @ W.t(), x64.abs() @ W.abs().t()
+    if bias is not None:
+        y, mag = y + _d(bias), mag + _d(bias).abs()
+    for a in range(A_stack.shape[0]):
+        rk = int(ranks[a])
+        Aa, Ba, sa = _d(A_stack[a, :rk]), _d(B_stack[a, :, :rk]), float(scalings[a])
+        rows = (ids.cpu() == a)[:, None]
+        y = y + torch.where(rows, sa * (x64 @ Aa.t()) @ Ba.t(), 0.0)
+        mag = mag + torch.where(rows, abs(sa) * (x64.abs() @ Aa.abs().t()) @ Ba.abs().t(), 0.0)
+    return y, mag
+
+
+def make_stack(L, r_max, K, N, ranks, a_dtype, device, garbage=(3e4, -3e4)):
+    """A/B stacks with garbage past each adapter's rank: large finite values by default (read,
+    they would show in y), or NaN/inf (read even where the other side is masked to 0, they
+    would make y NaN: each side must be masked by itself)."""
+    A = rand((L, r_max, K), torch.float64, "cpu", 0.5)
+    B = rand((L, N, r_max), torch.float64, "cpu", 0.5)
+    for a, rk in enumerate(ranks):
+        A[a, rk:] = garbage[0]
+        B[a, :, rk:] = garbage[1]
+    return A.to(device=device, dtype=a_dtype), B.to(device=device, dtype=a_dtype)
+
+
+@pytest.mark.parametrize("device,dtype,a_dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,ranks,r_max,fifo,has_bias,ids_dtype,garbage", [
+    (37, 40, 33, (1, 8, 16), 16, False, True, torch.int64, (3e4, -3e4)),
+    (19, 19, 23, (16, 0, 5, 16), 16, True, False, torch.int32, (float("nan"), float("inf"))),
+    (5, 40, 17, (64, 3), 64, False, True, torch.int32, (float("-inf"), float("nan"))),
+])
+def test_multi_forward(device, dtype, a_dtype, M, K, N, ranks, r_max, fifo, has_bias, ids_dtype, garbage,
+                       seed) -> None:
+    L = len(ranks)
+    x, weight, _, _, bias, _ = make_layer(M, K, N, 1, fifo, has_bias, False, dtype, a_dtype, device)
+    A, B = make_stack(L, r_max, K, N, ranks, a_dtype, device, garbage)
+    scalings = torch.rand(L, dtype=torch.float32, device=device) * 2 + 0.25
+    ranks_t = torch.tensor(ranks, dtype=torch.int32, device=device)
+    ids = torch.randint(-1, L, (M,), dtype=ids_dtype, device=device)
+    ids[0] = -1  # base-only rows are always present, and every adapter's
+    ids[1: 1 + L] = torch.arange(L, dtype=ids_dtype)[: max(0, min(L, M - 1))]
+    y = lk.lora_multi_forward(x, weight, fifo, A, B, scalings, ranks_t, ids, bias)
+    assert y.dtype == dtype and y.shape == (M, N)
+    want, mag = ref_multi(x, weight, fifo, A, B, scalings.cpu(), ranks, ids, bias)
+    assert_sum_close(y, want, mag, dtype, "y")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multi_forward_ids_out_of_range_stay_in_bounds(device, seed) -> None:
+    """Ids outside [-1, L) (the caller's to reject) and ranks outside [0, r_max] never make the
+    kernels address memory they were not given: such rows are base-only, such ranks clamped.
+    Every row uses a different id so a wrong address would show as a wrong row."""
+    M, K, N, L, r_max = 8, 19, 23, 2, 16
+    x, weight, _, _, bias, _ = make_layer(M, K, N, 1, False, True, False, torch.float32, torch.float32, device)
+    A, B = make_stack(L, r_max, K, N, (0, 16), torch.float32, device)
+    ids = torch.tensor([1, 0, 2, -2, 1 << 33, -(1 << 40), (1 << 32) + 1, 1], dtype=torch.int64, device=device)
+    ranks = torch.tensor([-3, 99], dtype=torch.int64, device=device)  # clamped to 0 and r_max
+    scal = torch.tensor([0.5, 2.0], device=device)
+    y = lk.lora_multi_forward(x, weight, False, A, B, scal, ranks, ids, bias)
+    # 2^32 + 1 must not wrap around to adapter 1 (nor 2^33 to adapter 0).
+    want_ids = torch.tensor([1, 0, -1, -1, -1, -1, -1, 1])
+    want, mag = ref_multi(x, weight, False, A, B, scal.cpu(), (0, 16), want_ids, bias)
+    assert_sum_close(y, want, mag, torch.float32, "y")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_several_rank_blocks(device, monkeypatch, seed) -> None:
+    """Ranks above the rank block loop over blocks (grid axis or in-kernel loop, per kernel):
+    forced here with 16-wide blocks and r = 40 (blocks of 16, 16, 8) through every launcher."""
+    monkeypatch.setattr(lk, "_RB_MAX", 16)
+    M, K, N, r, p, s = 37, 19, 23, 40, 0.3, 0.5
+    dtype = torch.float32
+    x, weight, A, B, bias, lbias = make_layer(M, K, N, r, True, True, True, dtype, dtype, device)
+    sd = make_seed(seed, device)
+    keep = lk.lora_dropout_mask(sd, M, K, p)
+    y_ref, S_ref = ref_forward(x, weight, True, A, B, s, bias, lbias, keep, p)
+    y_mag, S_mag = ref_forward(*absolute(x, weight), True, *absolute(A, B), s, *absolute(bias, lbias), keep, p)
+    for small_m in (1 << 30, -1):
+        monkeypatch.setattr(lk, "_SMALL_M", small_m)
+        y, S = lk.lora_forward(x, weight, True, A, B, s, bias, lbias, sd, p, True)
+        assert_sum_close(y, y_ref, y_mag, dtype, f"y (_SMALL_M={small_m})")
+        assert_sum_close(S, S_ref, S_mag, dtype, f"S (_SMALL_M={small_m})")
+    dy = rand((M, N), dtype, device)
+    got = lk.lora_backward(dy, x, weight, True, A, B, s, S, sd, p, True, True, True, True)
+    want = ref_backward(dy, x, weight, True, A, B, s, keep, p)
+    mags = ref_backward(*absolute(dy, x, weight), True, *absolute(A, B), s, keep, p)
+    for name, g, w, m in zip(("dx", "dA", "dB", "colsum"), got, want, mags, strict=True):
+        assert_sum_close(g, w, m, dtype, name)
+    ranks = (40, 7, 17)
+    A3, B3 = make_stack(3, r, K, N, ranks, dtype, device)
+    ids = torch.tensor([i % 4 - 1 for i in range(M)], device=device)
+    scal = torch.tensor([0.5, 1.5, 3.0], device=device)
+    y = lk.lora_multi_forward(x, weight, True, A3, B3, scal, torch.tensor(ranks, device=device), ids, bias)
+    want_y, mag_y = ref_multi(x, weight, True, A3, B3, scal.cpu(), ranks, ids, bias)
+    assert_sum_close(y, want_y, mag_y, dtype, "multi y")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("M", [1, 37, 130])
+def test_gpu_block_configs_under_interpreter(M, monkeypatch, seed) -> None:
+    """The launchers with the block sizes, splits and partial layouts they pick on a GPU (the
+    interpreter tests otherwise use small tiles): grids, split-K, dy splits and rank blocks for
+    those sizes, checked on CPU. fp16 with fp32 adapters, dropout on."""
+    monkeypatch.setattr(lk, "triton_interpret", lambda: False)
+    K, N, r, p, s = 200, 264, 16, 0.3, 0.5
+    dtype = torch.float16
+    x, weight, A, B, bias, lbias = make_layer(M, K, N, r, False, True, True, dtype, torch.float32, "cpu")
+    sd = make_seed(seed, "cpu")
+    keep = lk.lora_dropout_mask(sd, M, K, p)
+    y, S = lk.lora_forward(x, weight, False, A, B, s, bias, lbias, sd, p, True)
+    y_ref, S_ref = ref_forward(x, weight, False, A, B, s, bias, lbias, keep, p)
+    y_mag, S_mag = ref_forward(*absolute(x, weight), False, *absolute(A, B), s, *absolute(bias, lbias), keep, p)
+    assert_sum_close(y, y_ref, y_mag, dtype, "y")
+    assert_sum_close(S, S_ref, S_mag, dtype, "S")
+    dy = rand((M, N), dtype, "cpu")
+    got = lk.lora_backward(dy, x, weight, False, A, B, s, S, sd, p, True, True, True, True)
+    want = ref_backward(dy, x, weight, False, A, B, s, keep, p)
+    mags = ref_backward(*absolute(dy, x, weight), False, *absolute(A, B), s, keep, p)
+    for name, g, w, m in zip(("dx", "dA", "dB", "colsum"), got, want, mags, strict=True):
+        assert_sum_close(g, w, m, dtype, name)
+    ranks = (16, 5, 9)
+    A3, B3 = make_stack(3, r, K, N, ranks, torch.float32, "cpu")
+    ids = torch.tensor([i % 4 - 1 for i in range(M)])
+    scal = torch.tensor([0.5, 1.5, 3.0])
+    y = lk.lora_multi_forward(x, weight, False, A3, B3, scal, torch.tensor(ranks), ids, bias)
+    want_y, mag_y = ref_multi(x, weight, False, A3, B3, scal, ranks, ids, bias)
+    assert_sum_close(y, want_y, mag_y, dtype, "multi y")
+
+
+# ----------------------------------------------------------------------------------------
+# Edge sizes and bad input.
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_and_degenerate_sizes(device, monkeypatch) -> None:
+    f32 = dict(dtype=torch.float32, device=device)
+    W, A, B = torch.randn(5, 7, **f32), torch.randn(3, 7, **f32), torch.randn(5, 3, **f32)
+    bias, lbias = torch.randn(5, **f32), torch.randn(5, **f32)
+    y, S = lk.lora_forward(torch.empty(0, 7, **f32), W, False, A, B, 2.0, bias, None, None, 0.0, True)
+    assert y.shape == (0, 5) and S.shape == (0, 3)
+    # K = 0: y = bias + s·lora_bias, S = 0.
+    y, S = lk.lora_forward(torch.empty(4, 0, **f32), torch.empty(5, 0, **f32), False, torch.empty(3, 0, **f32), B,
+                           2.0, bias, lbias, None, 0.0, True)
+    torch.testing.assert_close(y, (bias + 2.0 * lbias).expand(4, 5))
+    assert (S == 0).all()
+    x, dy = torch.randn(4, 7, **f32), torch.randn(0, 5, **f32)
+    dx, dA, dB, cs = lk.lora_backward(dy, x[:0], W, False, A, B, 2.0, torch.empty(0, 3, **f32), None, 0.0,
+                                      True, True, True, True)
+    assert dx.shape == (0, 7) and (dA == 0).all() and (dB == 0).all() and (cs == 0).all()
+    ids = torch.empty(0, dtype=torch.int64, device=device)
+    y = lk.lora_multi_forward(x[:0], W, False, A[None], B[None], torch.ones(1, **f32),
+                              torch.tensor([3], device=device), ids, None)
+    assert y.shape == (0, 5)
+    assert lk.lora_dropout_mask(make_seed(1, device), 0, 7, 0.5).shape == (0, 7)
+    # r = 0: the base layer alone, on both forward paths; dA, dB empty; dx = dy W.
+    A0, B0 = torch.empty(0, 7, **f32), torch.empty(5, 0, **f32)
+    want = x @ W.t() + bias
+    for small_m in (0, 1 << 30):
+        monkeypatch.setattr(lk, "_SMALL_M", small_m)
+        y, S = lk.lora_forward(x, W, False, A0, B0, 2.0, bias, None, make_seed(3, device), 0.5, True)
+        torch.testing.assert_close(y, want)
+        assert S.shape == (4, 0)
+    dy = torch.randn(4, 5, **f32)
+    dx, dA, dB, cs = lk.lora_backward(dy, x, W, False, A0, B0, 2.0, S, None, 0.0, True, True, True, True)
+    torch.testing.assert_close(dx, dy @ W)
+    assert dA.shape == (0, 7) and dB.shape == (5, 0)
+    torch.testing.assert_close(cs, dy.sum(0))
+
+
+def test_bad_input_raises() -> None:
+    x, W, A, B = torch.randn(4, 7), torch.randn(5, 7), torch.randn(3, 7), torch.randn(5, 3)
+    sd = torch.tensor([1], dtype=torch.int64)
+    with pytest.raises(ValueError, match="p must be in"):
+        lk.lora_forward(x, W, False, A, B, 1.0, None, None, sd, 1.0, False)
+    with pytest.raises(ValueError, match="weight must be"):
+        lk.lora_forward(x, W, True, A, B, 1.0, None, None, None, 0.0, False)
+    with pytest.raises(ValueError, match="B must have shape"):
+        lk.lora_forward(x, W, False, A, B.t(), 1.0, None, None, None, 0.0, False)
+    with pytest.raises(ValueError, match="float32 or x's dtype"):
+        lk.lora_forward(x, W, False, A.double(), B, 1.0, None, None, None, 0.0, False)
+    with pytest.raises(ValueError, match="x must be"):
+        lk.lora_forward(x.double(), W.double(), False, A, B, 1.0, None, None, None, 0.0, False)
+    with pytest.raises(ValueError, match="contiguous"):
+        lk.lora_forward(x.t().contiguous().t(), W, False, A, B, 1.0, None, None, None, 0.0, False)
+    with pytest.raises(ValueError, match="seed must be"):
+        lk.lora_forward(x, W, False, A, B, 1.0, None, None, sd.int(), 0.5, False)
+    with pytest.raises(ValueError, match="bias must be"):
+        lk.lora_forward(x, W, False, A, B, 1.0, torch.randn(4), None, None, 0.0, False)
+    with pytest.raises(ValueError, match="dy must be"):
+        lk.lora_backward(torch.randn(4, 6), x, W, False, A, B, 1.0, torch.randn(4, 3), None, 0.0,
+                         True, True, True, True)
+    with pytest.raises(ValueError, match="adapter_ids must be"):
+        lk.lora_multi_forward(x, W, False, A[None], B[None], torch.ones(1), torch.tensor([3]),
+                              torch.zeros(4), None)
+
+
+# ----------------------------------------------------------------------------------------
+# Compiled for the GPU, without one.
+# ----------------------------------------------------------------------------------------
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the kernels are compiled and run by the '-cuda' tests")
+def test_triton_kernels_compile_for_sm90() -> None:
+    """Every kernel compiles to sm_90 machine code in fp16 (same-dtype adapters), bf16 (fp32
+    adapters, dropout) and fp32 (dropout), at the block sizes the launchers pick on a GPU, and
+    fits Hopper's 227 KB of shared memory: the interpreter never runs the compiler (its type
+    rules, layouts, tf32 dots, shared-memory budget). ~100 s of compiling on 2 cores, so it
+    runs in two forked workers."""
+    code = r"""
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kfuse.triton_kernels import lora as lk
+
+FLOATS = {"p", "inv_keep", "scaling"}
+TD = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+def sig(fn, ptrs, consts):
+    out = {}
+    for n in fn.arg_names:
+        if n in consts:
+            out[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            out[n] = "*" + ptrs.get(n, "fp32")
+        else:
+            out[n] = "fp32" if n in FLOATS else "i32"
+    return out
+
+JOBS = []
+
+def compile_(fn, ptrs, consts, warps, stages, unit=("swk", "sak", "sbr")):
+    JOBS.append((fn, ptrs, consts, warps, stages, unit))
+
+def run(i):
+    fn, ptrs, consts, warps, stages, unit = JOBS[i]
+    # As a launch specializes: integer arguments equal to 1 (the unit strides of contiguous
+    # W, A, B) become constants, and pointers and sizes divisible by 16 say so; this is what
+    # lets loads vectorise and pipeline, hence what sets the shared memory checked below.
+    consts = {**{n: 1 for n in unit if n in fn.arg_names}, **consts}
+    signature = sig(fn, ptrs, consts)
+    attrs = {(j,): [["tt.divisibility", 16]] for j, n in enumerate(fn.arg_names)
+             if signature[n] == "i32" or signature[n].startswith("*")}
+    src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    assert k.asm["cubin"], fn.__name__
+    assert k.metadata.shared <= 232448, (fn.__name__, consts, k.metadata.shared)
+    return fn.__name__
+
+for dt, ad_dt, drop in [(torch.float16, torch.float16, False), (torch.bfloat16, torch.float32, True),
+                        (torch.float32, torch.float32, True)]:
+    st, ad = TD[dt], TD[ad_dt]
+    seed = "i64" if drop else st
+    prec, lr = lk._precisions(dt)
+    # The shrink + GEMM path's blocks (M = 4096) and the decode path's (M = 32).
+    bm, bn, bk, group, w, s = lk._gemm_config(4096, 4096, dt)
+    sbm, sbk, sw, ss = lk._shrink_config(4096, dt)
+    compile_(lk._shrink_kernel, {"x_ptr": st, "a_ptr": ad, "seed_ptr": seed},
+             dict(BM=sbm, BK=sbk, RB=16, DROPOUT=drop, PREC=lr), sw, ss)
+    # W [N, K], and for bf16 also [K, N] (fan_in_fan_out: unit stride along n).
+    for unit in (("swk", "sbr"), ("swn", "sbr")) if dt == torch.bfloat16 else (("swk", "sbr"),):
+        compile_(lk._fwd_kernel, {"x_ptr": st, "w_ptr": st, "b_ptr": ad, "bias_ptr": st, "lbias_ptr": ad,
+                                  "y_ptr": st},
+                 dict(BM=bm, BN=bn, BK=bk, RB=16, GROUP_M=group, HAS_BIAS=True, HAS_LBIAS=True, PREC=prec,
+                      LR_PREC=lr), w, s, unit)
+    # Dropout in the dx kernel with fp32 only: at a half dtype's 128x256 tile the unrolled Philox
+    # takes ~20 s to compile, and the shared-memory budget does not depend on it.
+    drop_dx = drop and dt == torch.float32
+    compile_(lk._bwd_dx_kernel, {"dy_ptr": st, "w_ptr": st, "a_ptr": ad, "x_ptr": st,
+                                 "seed_ptr": "i64" if drop_dx else st, "dx_ptr": st},
+             dict(BM=bm, BK=bn, BN=bk, RB=16, GROUP_M=group, DROPOUT=drop_dx, NEED_DX=True, NEED_DA=True,
+                  PREC=prec, LR_PREC=lr), w, s)
+    dbm, dbn, dw = lk._dy_config(4096)
+    compile_(lk._bwd_dy_kernel, {"dy_ptr": st, "b_ptr": ad},
+             dict(BM=dbm, BN=dbn, RB=16, NEED_G=True, NEED_DB=True, NEED_CS=True, LR_PREC=lr), dw, 1)
+    compile_(lk._multi_shrink_kernel, {"x_ptr": st, "ids_ptr": "i64", "a_ptr": ad, "ranks_ptr": "i32"},
+             dict(BM=sbm, BK=sbk, RB=16, PREC=lr), sw, ss)
+    compile_(lk._multi_fwd_kernel, {"x_ptr": st, "w_ptr": st, "ids_ptr": "i32", "b_ptr": ad, "ranks_ptr": "i64",
+                                    "bias_ptr": st, "y_ptr": st},
+             dict(BM=bm, BN=bn, BK=bk, RB=16, GROUP_M=group, HAS_BIAS=True, PREC=prec, LR_PREC=lr), w, s)
+    bm, bn, bk, _, w, s = lk._gemm_config(32, 4096, dt)
+    compile_(lk._fwd_splitk_kernel, {"x_ptr": st, "w_ptr": st, "a_ptr": ad, "seed_ptr": seed},
+             dict(BM=bm, BN=bn, BK=bk, RB=16, DROPOUT=drop, PREC=prec, LR_PREC=lr), w, s)
+    compile_(lk._fwd_splitk_reduce_kernel, {"b_ptr": ad, "bias_ptr": st, "lbias_ptr": ad, "y_ptr": st},
+             dict(BM=bm, BN=bn, RB=16, HAS_BIAS=True, HAS_LBIAS=True, SAVE_S=True, LR_PREC=lr), 4, 1)
+compile_(lk._mask_kernel, {"seed_ptr": "i64", "out_ptr": "u8"}, dict(BM=32, BK=128), 4, 1)
+
+# Forked workers (nothing has touched CUDA) inherit the jobs; compiling is CPU-bound.
+with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+    done = list(pool.map(run, range(len(JOBS))))
+print("ok", len(done))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- the report's and benchmarks' LoRA rows
+# LoRA in the benchmark report (``kfuse.bench.lora``, ``python -m kfuse --ops lora``): the byte and
+# FLOP formulas on a hand-computed case, the ratio basis and targets, and the report rows run end
+# to end at tiny shapes on the CPU (seconds).
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")  # a Case only names its device: no GPU needed
+
+
+def test_registered() -> None:
+    assert OPS["lora"] is lora_bench
+
+
+def test_formulas_hand_computed() -> None:
+    """M = 2, K = 3, N = 5, r = 1; x, W, y bf16 (2 bytes), A, B fp32 (4), S fp32 (4)."""
+    fwd = lora_bench.gemm_case(CUDA, torch.bfloat16, "fwd", 2, 3, 5, r=1)
+    bwd = lora_bench.gemm_case(CUDA, torch.bfloat16, "bwd", 2, 3, 5, r=1)
+    multi = lora_bench.gemm_case(CUDA, torch.bfloat16, "multi", 2, 3, 5, r=1, adapters=3)
+    # forward: x 6 + W 15 + y 10 elements of 2 bytes; A 3 + B 5 of 4 bytes
+    assert lora_bench.bytes_moved(fwd) == 2 * (6 + 15 + 10) + 4 * (3 + 5) == 94
+    # 2·M·N·K + 2·M·r·(K + N)
+    assert lora_bench.flops(fwd) == 2 * 2 * 5 * 3 + 2 * 2 * 1 * 8 == 92
+    # backward: dY 10 + x 6 + dx 6 + W 15 (2 bytes); S 2 (4); A, B read and dA, dB written: 16 (4)
+    assert lora_bench.bytes_moved(bwd) == 2 * (10 + 6 + 6 + 15) + 4 * 2 + 4 * 16 == 146
+    # dx = dY W: 60; G = dY B: 20; dx += G A: 12; dA = Gᵀ x: 12; dB = dYᵀ S: 20
+    assert lora_bench.flops(bwd) == 60 + 20 + 12 + 12 + 20 == 124
+    # multi: the forward's x, W, y; three adapters of 8 fp32 elements; two int64 ids
+    assert lora_bench.bytes_moved(multi) == 2 * 31 + 3 * 4 * 8 + 8 * 2 == 174
+    assert lora_bench.flops(multi) == 92
+    step = lora_bench.step_case(CPU, torch.float32, 2, 8, 1, 64, 64)
+    assert lora_bench.bytes_moved(step) is None and lora_bench.flops(step) is None
+    # the cases' shapes: r = 16 over K = N = 4096 adds 0.8 % to the base GEMM's FLOPs
+    big = lora_bench.gemm_case(CUDA, torch.bfloat16, "fwd", 4096, 4096, 4096)
+    assert lora_bench.flops(big) / (2 * 4096**3) == pytest.approx(1 + 2 * 16 * 8192 / (2 * 4096 * 4096))
+
+
+def test_targets_and_basis() -> None:
+    def case(mode: str, M: int, device: torch.device = CUDA) -> lora_bench.Case:
+        adapters = 8 if mode == "multi" else None
+        return lora_bench.gemm_case(device, torch.bfloat16, mode, M, 4096, 4096, adapters=adapters)
+
+    assert [lora_bench.target(case("fwd", m)) for m in (1, 128, 2048, 4096, 16384)] == [1.10, 1.10, None, 1.05, 1.05]
+    assert lora_bench.target(case("bwd", 1)) == 1.15 and lora_bench.target(case("multi", 128)) == 1.3
+    assert lora_bench.target(case("fwd", 4096, CPU)) is None
+    ceil = Ceilings(copy_bytes=1, copy_gbps=1000.0, matmul="", matmul_tflops=1.0)
+    assert lora_bench.ratio_basis(case("fwd", 128), {"base": 2.0, "peft": 5.0}, ceil) == (2.0, "x@W.T")
+    assert lora_bench.ratio_basis(case("bwd", 128), {"base": 3.0}, ceil) == (3.0, "dY@W")
+    assert lora_bench.ratio_basis(case("fwd", 128), {"peft": 5.0}, ceil) is None
+    # multi: + 8 adapters · 16 · (4096 + 4096) fp32 = 4 MiB at 1000 GB/s
+    ms, label = lora_bench.ratio_basis(case("multi", 128), {"base": 2.0}, ceil)
+    assert label == "x@W.T+read" and ms == pytest.approx(2.0 + 8 * 16 * 8192 * 4 / 1000e9 * 1e3)
+
+
+def _tiny_cases(device: torch.device, quick: bool) -> list[lora_bench.Case]:
+    dt, K, N, r = torch.float32, 40, 24, 4
+    gemm = lora_bench.gemm_case
+    return [gemm(device, dt, "fwd", 1, K, N, r), gemm(device, dt, "fwd", 9, K, N, r),
+            gemm(device, dt, "bwd", 7, K, N, r), gemm(device, dt, "multi", 9, K, N, r, adapters=3),
+            lora_bench.step_case(device, dt, 2, 8, 1, 64, 64, r=r)]
+
+
+def test_report_rows_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m kfuse --ops lora`` at tiny shapes: every case has its rows, every row that ran
+    has a finite time and ratio and passed its check, the base GEMM is the basis (ratio 1), the
+    backward rows report the bytes saved (kfuse: exactly x and S), and the table shows them."""
+    from kfuse.__main__ import main  # noqa: PLC0415
+
+    monkeypatch.setattr(lora_bench, "cases", _tiny_cases)
+    assert main(["--quick", "--device", "cpu", "--ops", "lora", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["complete"] and report["cases_skipped"] == 0 and report["meta"]["ops"] == ["lora"]
+    rows = report["rows"]
+    assert {r["op"] for r in rows} == {"lora"}
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "multi", "step"}
+    ran = [r for r in rows if r["status"] != "skipped"]
+    assert all(r["status"] == "ok" and r["passed"] for r in ran), [r for r in ran if not r.get("passed")]
+    for r in ran:
+        assert math.isfinite(r["time_ms"]) and r["time_ms"] > 0, r
+        assert math.isfinite(r["max_err"]) and r["max_err"] <= r["tol"], r
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["ratio_to"], r
+        assert r["target"] is None  # targets are the GPU's
+    gemm = [r for r in ran if r["mode"] != "step"]
+    assert all(r["tflops"] > 0 and r["pct_matmul"] > 0 for r in gemm)
+    by = {(r["shape"], r["mode"], r["name"]): r for r in rows}
+    for shape, mode in {(r["shape"], r["mode"]) for r in gemm}:
+        assert by[shape, mode, "cpu"]["status"] == "ok" and by[shape, mode, "base"]["status"] == "ok"
+        if mode != "multi":
+            assert by[shape, mode, "base"]["ratio"] == 1.0
+    assert by["1x40x24 r=4", "fwd", "triton"]["status"] == "skipped"
+    # the backward: kfuse saves x [7, 40] and S [7, 4] (fp32), nothing else beside W, A, B
+    assert by["7x40x24 r=4", "bwd", "cpu"]["extra"]["saved MiB"] * 2**20 == 4 * 7 * 40 + 4 * 7 * 4
+    has_peft = importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None
+    for name in ("peft", "addmm", "compile"):
+        r = by["7x40x24 r=4", "bwd", name]
+        if name == "peft" and not has_peft:
+            assert r["status"] == "skipped" and "peft" in r["note"]
+            continue
+        assert r["extra"]["saved MiB"] * 2**20 >= 4 * 7 * 40, r
+    step = [r for r in rows if r["mode"] == "step"]
+    assert [r["name"] for r in step] == ["fused", "peft"]
+    if has_peft:
+        assert step[1]["status"] == "ok" and step[1]["extra"]["tok/s"] > 0 and step[1]["ratio"] == 1.0
+    else:
+        assert all(r["status"] == "skipped" for r in step)
+    assert "x@W.T" in out and "dY@W" in out and "saved MiB" in out and "tok/s" in out
