@@ -498,16 +498,22 @@ def test_huge_coefficients(backend: str, device: str, seed: int) -> None:
     the float32 reference NaN or −0.2. Now every backend follows the float64 definition, the
     parameter gradients per neuron to 1e-3 of that neuron's largest."""
     x, coeffs, gy = huge_coefficients(device, 2 if backend == "triton" else 6)
-    y, gx, gc = kfuse_grads(x, coeffs, gy, -1, backend)
-    y_ref, gx_ref, gc_ref = ref_grads(x, coeffs, gy, -1)
+    assert_huge_coefficient_results(kfuse_grads(x, coeffs, gy, -1, backend), ref_grads(x, coeffs, gy, -1), backend)
+
+
+def assert_huge_coefficient_results(got: tuple[Tensor, ...], want: tuple[Tensor, ...], what: str) -> None:
+    """(y, grad_x, grad_coeffs) of ``huge_coefficients`` against float64: y and grad_x at float32's
+    tolerance, each neuron's parameter gradients to 1e-3 of its largest (∂/∂(a, b, c) are ~1/|c|
+    smaller than ∂/∂(c1, c2), so the two groups apart)."""
+    (y, gx, gc), (y_ref, gx_ref, gc_ref) = got, want
     assert torch.isfinite(y_ref).all() and torch.isfinite(gc_ref).all()
-    assert_close(y, y_ref, torch.float32, f"y {backend}")
-    assert_close(gx, gx_ref, torch.float32, f"grad_x {backend}")
+    assert_close(y, y_ref, torch.float32, f"y {what}")
+    assert_close(gx, gx_ref, torch.float32, f"grad_x {what}")
     gc, gc_ref = gc.double().cpu(), gc_ref.cpu()
-    for cols in (slice(0, 3), slice(3, 5)):  # ∂/∂(a, b, c) are ~1/|c| smaller than ∂/∂(c1, c2)
+    for cols in (slice(0, 3), slice(3, 5)):
         scale = gc_ref[:, cols].abs().amax(1, keepdim=True)
         bad = (gc[:, cols] - gc_ref[:, cols]).abs() > 1e-3 * scale + 1e-30
-        assert not bad.any(), (f"grad_coeffs {backend}: neurons {torch.nonzero(bad.any(1)).flatten().tolist()}: "
+        assert not bad.any(), (f"grad_coeffs {what}: neurons {torch.nonzero(bad.any(1)).flatten().tolist()}: "
                                f"{gc[bad.any(1)]} vs {gc_ref[bad.any(1)]}")
 
 
@@ -941,8 +947,9 @@ def test_cuda_fast_forms_emulated(dtype: torch.dtype, seed: int) -> None:
 
 @pytest.mark.parametrize("defines", [(), FAST_FORMS], ids=["generic", "fast-forms"])
 def test_cuda_kernels_emulated_edge_inputs(defines: tuple[str, ...], seed: int) -> None:
-    """``huge_inputs``, ``threshold_coeffs`` and ``far_apart_roots`` through the emulated CUDA
-    kernels, and NaN, ±inf inputs in every case giving NaN in their own elements only."""
+    """``huge_inputs``, ``threshold_coeffs``, ``far_apart_roots`` and ``huge_coefficients`` through
+    the emulated CUDA kernels, and NaN, ±inf inputs in every case giving NaN in their own elements
+    only."""
     deu_emu = load_deu_emu(defines)
     assert deu_emu.kfemu_set_device(1, 8, 4) == 0
     coeffs = case_coeffs(3, dtype=torch.float32)
@@ -967,6 +974,10 @@ def test_cuda_kernels_emulated_edge_inputs(defines: tuple[str, ...], seed: int) 
         want = ref_grads(x, coeffs, gy, dim)
         assert_results_close((got[0].view(x.shape), got[1].view(x.shape), got[2]), want, torch.float32,
                              f"cuda (emulated) {mnk}")
+    x, coeffs, gy = huge_coefficients("cpu", 3)  # issue 19: the plan's range scaling, on the CUDA path
+    got = emulated_deu(deu_emu, x[:, :, None], coeffs, gy[:, :, None], 0, False)
+    assert_huge_coefficient_results((got[0].view(x.shape), got[1].view(x.shape), got[2]),
+                                    ref_grads(x, coeffs, gy, -1), "cuda (emulated)")
 
 
 @pytest.mark.parametrize("define", ["KFUSE_DEU_FWD_ROW_UNROLL=8", "KFUSE_DEU_ROWS_BLOCKS=2048",
