@@ -9,10 +9,12 @@ Modules: :class:`kfuse.nn.DEU`, :class:`kfuse.nn.LoRALinear`, :class:`kfuse.nn.M
 
 import torch  # noqa: F401  (the extension needs torch loaded first)
 
-from kfuse import nn, reference
+from kfuse import kv, nn, reference
 from kfuse._backends import BackendUnavailableError, availability
 from kfuse.ops.deu import deu
 from kfuse.ops.lora import lora_linear, lora_linear_multi
 
-__all__ = ["BackendUnavailableError", "availability", "deu", "lora_linear", "lora_linear_multi", "nn", "reference"]
+__all__ = [
+    "BackendUnavailableError", "availability", "deu", "kv", "lora_linear", "lora_linear_multi", "nn", "reference",
+]
 __version__ = "0.1.0"
