@@ -3,14 +3,20 @@ attention over it (kfuse.reference.kv)."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from tolerances import assert_close
 
+import kfuse
+from kfuse import _backends
 from kfuse.kv import PagedKVCache
+from kfuse.ops import kv as kv_ops
 from kfuse.reference.kv import gather_kv, paged_decode_attention_reference, paged_prefill_attention_reference
 
 L, HKV, D, PS, NP, MS = 2, 2, 8, 4, 24, 6
@@ -354,15 +360,7 @@ def test_poison_beyond_lengths_and_freed_pages(seed):
     qlens = [min(2, cache.length(s)) for s in live]
     before = [paged_decode_attention_reference(q, cache, layer, live) for layer in range(L)]
     before_p = [paged_prefill_attention_reference(qp, cache, layer, live, qlens) for layer in range(L)]
-    # poison every slot at or beyond each length, and every free page
-    ps = cache.page_size
-    valid = torch.zeros(cache.num_pages, ps, dtype=torch.bool)
-    for s in live:
-        n = cache.length(s)
-        for j, p in enumerate(cache._pages[s]):
-            valid[p, : min(ps, n - j * ps)] = True
-    for pool in (cache.k_pages, cache.v_pages):
-        pool[:, ~valid] = float("nan")
+    _poison(cache, live)  # every slot at or beyond each length, and every free page
     assert cache.k_pages.isnan().any()
     for layer in range(L):
         after = paged_decode_attention_reference(q, cache, layer, live)
@@ -433,3 +431,329 @@ def test_metadata_ops_do_not_sync_and_rollback_is_cuda_graph_capturable():
     torch.cuda.synchronize()
     check_invariants(cache)
     assert cache._pages[4][1] != cache._pages[0][1]
+
+
+# ---------------------------------------------------------------- attention ops (kfuse.paged_*_attention)
+# Every backend against SDPA on gathered contiguous K/V. The Triton decode kernel runs under the
+# interpreter on CPU tensors (tiny shapes; BLOCK_N = 16 there) with SPLIT_TOKENS lowered to 16 so
+# that the long sequence spans several splits and the merge kernel is exercised.
+HAS_CUDA = torch.cuda.is_available()
+OP_LENS = [0, 1, PS - 1, PS, PS + 1, 10 * PS + 1]  # the last: 3 splits of 16 (interpreter)
+BACKENDS = [
+    pytest.param("reference", "cpu", id="reference"),
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("triton", "cpu", id="triton-interp", marks=pytest.mark.interpret),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
+]
+
+
+@pytest.fixture
+def small_splits(monkeypatch):
+    """Splits of BLOCK_N positions (16 under the interpreter): the long sequences span several."""
+    try:
+        from kfuse.triton_kernels import kv as tk  # noqa: PLC0415 (triton is optional)
+    except ImportError:
+        return
+    monkeypatch.setattr(tk, "SPLIT_TOKENS", tk.BLOCK_N)
+
+
+def _op_cache(lens, dtype, device, group=1, d=D, page_size=PS, hkv=HKV):
+    pages = sum(-(-n // page_size) for n in lens) + 16
+    cache = make(dtype=dtype, device=device, head_dim=d, page_size=page_size, num_pages=pages,
+                 num_kv_heads=hkv, max_seqs=len(lens) + 2)
+    ids = [cache.add_sequence() for _ in lens]
+    total = sum(lens)
+    for layer in range(L):
+        k = torch.randn(total, hkv, d, device=device).to(dtype)
+        v = torch.randn(total, hkv, d, device=device).to(dtype)
+        cache.append(layer, ids, k, v, lens)
+    cache.advance(ids, lens)
+    return cache, ids
+
+
+def _dtypes(device):
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("d", [16, 64])
+def test_decode_op_matches_sdpa(backend, device, group, d, small_splits, seed):
+    interp = backend == "triton" and device == "cpu"
+    if interp and d == 64 and group == 8:
+        pytest.skip("interpreter time budget: head dim 64 runs at groups 1 and 4 (fp32)")
+    for dtype in _dtypes(device)[:1] if interp and d == 64 else _dtypes(device):
+        cache, ids = _op_cache(OP_LENS, dtype, device, group, d)
+        q = torch.randn(len(ids), HKV * group, d, device=device).to(dtype)
+        out = kfuse.paged_decode_attention(q, cache, 1, ids, backend=backend)
+        assert out.shape == q.shape and out.dtype == dtype and out.device == q.device
+        for b, s in enumerate(ids):
+            if OP_LENS[b] == 0:
+                assert torch.equal(out[b].cpu(), torch.zeros_like(out[b].cpu()))
+                continue
+            k, v = gather_kv(cache, 1, s)
+            assert_close(out[b:b + 1], sdpa(q[b:b + 1].cpu(), k.cpu(), v.cpu()), dtype, f"{dtype} len {OP_LENS[b]}")
+        # explicit scale; deterministic (same call, same bits)
+        out2 = kfuse.paged_decode_attention(q, cache, 1, ids, scale=0.3, backend=backend)
+        ref2 = paged_decode_attention_reference(q, cache, 1, ids, scale=0.3)
+        assert_close(out2, ref2, dtype, f"{dtype} scale")
+
+
+@pytest.mark.interpret
+def test_decode_triton_interp_odd_page_size_and_open_step(small_splits, seed):
+    """Page size 5 (not a power of two, not dividing BLOCK_N); inside an open step the layer that has
+    appended sees the new tokens (kv_len), the other does not."""
+    cache, ids = _op_cache([7, 0, 23], torch.float32, "cpu", page_size=5)
+    q = torch.randn(3, HKV * 4, D)
+    k, v = _kv(3)
+    cache.append(1, ids, k, v, [1, 1, 1])
+    for layer in range(L):
+        out = kfuse.paged_decode_attention(q, cache, layer, ids, backend="triton")
+        ref = paged_decode_attention_reference(q, cache, layer, ids)
+        assert_close(out, ref, torch.float32, f"layer {layer}")
+    assert not torch.equal(kfuse.paged_decode_attention(q, cache, 0, ids, backend="triton"),
+                           kfuse.paged_decode_attention(q, cache, 1, ids, backend="triton"))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_prefill_op_matches_sdpa(backend, device, group, seed):
+    """Ragged new tokens (0, 1, a page, 20: two query blocks under the interpreter) on top of contexts of
+    every length; inside the open step (the layer has appended) and again after advance."""
+    if backend == "triton" and device == "cpu" and group == 8:
+        pytest.skip("interpreter time budget: groups 1 and 4 (group 8 runs on the GPU)")
+    for dtype in _dtypes(device):
+        cache, ids = _op_cache(OP_LENS, dtype, device)
+        new = [3, 1, PS, 2, 0, 20]
+        for layer in range(L):
+            k, v = _kv(sum(new), dtype)
+            cache.append(layer, ids, k.to(device), v.to(device), new)
+        q = torch.randn(sum(new), HKV * group, D, device=device).to(dtype)
+        out = kfuse.paged_prefill_attention(q, cache, 1, ids, new, backend=backend)
+        assert out.shape == q.shape and out.dtype == dtype
+        off = 0
+        for s, n0, t in zip(ids, OP_LENS, new, strict=True):
+            k, v = gather_kv(cache, 1, s)
+            if t:
+                assert_close(out[off:off + t], sdpa(q[off:off + t].cpu(), k.cpu(), v.cpu(), causal_offset=n0), dtype,
+                             f"{dtype} seq {s}")
+            off += t
+        cache.advance(ids, new)
+        assert torch.equal(kfuse.paged_prefill_attention(q, cache, 1, ids, new, backend=backend), out)
+
+
+def test_backend_reasons():
+    q = torch.randn(2, HKV, D)
+    assert kv_ops.backend_reasons(q)["cpu"] == []
+    assert kv_ops.backend_reasons(q)["cuda"]  # no csrc kernels yet
+    assert any("float64" in r for r in kv_ops.backend_reasons(q.double(), "paged_prefill_attention")["triton"])
+
+
+def _poison(cache, live) -> None:
+    """NaN in every pool slot at or beyond each live sequence's length, and in every free page."""
+    ps = cache.page_size
+    valid = torch.zeros(cache.num_pages, ps, dtype=torch.bool)
+    for s in live:
+        n = cache.length(s)
+        for j, p in enumerate(cache._pages[s]):
+            valid[p, : min(ps, n - j * ps)] = True
+    for pool in (cache.k_pages, cache.v_pages):
+        pool[:, ~valid.to(pool.device)] = float("nan")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ops_poison_beyond_lengths_and_freed_pages(backend, device, small_splits, seed):
+    cache = make(device=device, num_pages=30)
+    ids = [cache.add_sequence() for _ in range(4)]
+    counts = [PS + 2, 2 * PS, 3, 9 * PS + 3]
+    for layer in range(L):
+        n = sum(counts)
+        cache.append(layer, ids, torch.randn(n, HKV, D, device=device), torch.randn(n, HKV, D, device=device), counts)
+    cache.advance(ids, counts)
+    x = cache.fork(ids[0], PS + 1)
+    cache.rollback([ids[1], ids[3]], [PS - 1, 7 * PS + 1])
+    cache.free(ids[2])
+    live = [ids[0], ids[1], ids[3], x]
+    q = torch.randn(len(live), HKV * 2, D, device=device)
+    qlens = [min(2, cache.length(s)) for s in live]
+    qp = torch.randn(sum(qlens), HKV * 2, D, device=device)
+    pb = backend
+    before = [kfuse.paged_decode_attention(q, cache, layer, live, backend=backend) for layer in range(L)]
+    before_p = [kfuse.paged_prefill_attention(qp, cache, layer, live, qlens, backend=pb) for layer in range(L)]
+    _poison(cache, live)
+    assert cache.k_pages.isnan().any()
+    for layer in range(L):
+        after = kfuse.paged_decode_attention(q, cache, layer, live, backend=backend)
+        after_p = kfuse.paged_prefill_attention(qp, cache, layer, live, qlens, backend=pb)
+        assert torch.isfinite(after).all() and torch.isfinite(after_p).all()
+        assert torch.equal(after, before[layer]) and torch.equal(after_p, before_p[layer])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ops_isolation_rollback_and_fork_leave_others_bit_identical(backend, device, small_splits, seed):
+    """Rolling back the longest sequence shrinks the Triton grid's split count; the others' outputs
+    (computed in the same batch) must not change by a bit."""
+    lens = [10 * PS + 1, 6, 5, 2 * PS]
+    cache, ids = _op_cache(lens, torch.float32, device)
+    q = torch.randn(len(ids), HKV * 4, D, device=device)
+    before = kfuse.paged_decode_attention(q, cache, 0, ids, backend=backend)
+    cache.rollback([ids[0]], [3])
+    cache.fork(ids[0], 2)
+    k, v = _kv(4)
+    for layer in range(L):
+        cache.append(layer, [ids[0]], k.to(device), v.to(device), [4])
+    cache.advance([ids[0]], [4])
+    after = kfuse.paged_decode_attention(q, cache, 0, ids, backend=backend)
+    assert torch.equal(after[1:], before[1:])
+    assert not torch.equal(after[0], before[0])
+    # and a sub-batch gives the same bits as the full batch
+    assert torch.equal(kfuse.paged_decode_attention(q[1:], cache, 0, ids[1:], backend=backend), after[1:])
+
+
+@pytest.mark.cuda
+def test_triton_cuda_ops_do_not_sync(seed):
+    """The eager Triton path validates against the host mirror and sizes its grid from it: no host sync."""
+    cache, ids = _op_cache([0, 7, 300], torch.float16, "cuda")
+    for layer in range(L):
+        k, v = _kv(3, torch.float16)
+        cache.append(layer, ids, k.cuda(), v.cuda(), [1, 1, 1])
+    q = torch.randn(3, HKV * 4, D, device="cuda", dtype=torch.float16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = kfuse.paged_decode_attention(q, cache, 1, ids, backend="triton")
+        out_p = kfuse.paged_prefill_attention(q, cache, 1, ids, [1, 1, 1], backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    # one new token per sequence: prefill of it is decode over the same positions
+    assert_close(out_p, out, torch.float16, "prefill of one token == decode")
+    assert_close(out, paged_decode_attention_reference(q, cache, 1, ids), torch.float16, "decode")
+
+
+def _op_args(cache, ids, layer=1):
+    lens = [cache.kv_len(layer, s) for s in ids]
+    return (cache.k_pages, cache.v_pages, cache.block_table, layer, torch.tensor(ids, dtype=torch.int32),
+            torch.tensor(lens, dtype=torch.int32))
+
+
+def test_opcheck_registered_ops(seed):
+    cache, ids = _op_cache([0, 3, PS + 1], torch.float32, "cpu")
+    q = torch.randn(3, HKV * 2, D)
+    args = _op_args(cache, ids)
+    torch.library.opcheck(torch.ops.kfuse.paged_decode_attention.default, (q, *args, PS + 1, 0.5, "reference"))
+    qp = torch.randn(4, HKV * 2, D)
+    torch.library.opcheck(torch.ops.kfuse.paged_prefill_attention.default,
+                          (qp, *args, torch.tensor([0, 2, 2], dtype=torch.int32), 2, 0.5, "reference"))
+
+
+def test_registered_ops_reject_bogus_backend():
+    cache, ids = _op_cache([3, 1], torch.float32, "cpu")
+    q = torch.randn(2, HKV, D)
+    args = _op_args(cache, ids)
+    with pytest.raises(ValueError, match="backend"):
+        torch.ops.kfuse.paged_decode_attention(q, *args, 3, 0.5, "bogus")
+    with pytest.raises(ValueError, match="backend"):
+        torch.ops.kfuse.paged_prefill_attention(q, *args, torch.tensor([1, 1], dtype=torch.int32), 1, 0.5, "bogus")
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="backend"):
+        fq = mode.from_tensor(q)
+        fargs = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        torch.ops.kfuse.paged_decode_attention(fq, *fargs, 3, 0.5, "bogus")
+    # "reference" runs the reference
+    out = torch.ops.kfuse.paged_decode_attention(q, *args, 3, 0.5, "reference")
+    assert torch.equal(out, paged_decode_attention_reference(q, cache, 1, ids, scale=0.5))
+
+
+def test_torch_compile_fullgraph(seed):
+    cache, ids = _op_cache([5, 0, PS + 1], torch.float32, "cpu")
+    new = [2, 0, 1]
+    for layer in range(L):
+        k, v = _kv(3)
+        cache.append(layer, ids, k, v, new)
+    q, qp = torch.randn(3, HKV * 2, D), torch.randn(3, HKV * 2, D)
+
+    def f(q, qp):
+        a = kfuse.paged_decode_attention(q, cache, 1, ids, backend="reference")
+        b = kfuse.paged_prefill_attention(qp, cache, 1, ids, new, backend="reference")
+        return a * 2, b + 1
+
+    torch._dynamo.reset()
+    a, b = torch.compile(f, fullgraph=True, backend="eager")(q, qp)
+    assert torch.equal(a, paged_decode_attention_reference(q, cache, 1, ids) * 2)
+    assert torch.equal(b, paged_prefill_attention_reference(qp, cache, 1, ids, new) + 1)
+
+
+def _bad_inputs():
+    cache, ids = _op_cache([3, 2], torch.float32, "cpu")
+    cache.free(cache.add_sequence())
+    freed = cache.max_seqs - 1
+    q = torch.randn(2, HKV * 2, D)
+    dec, pre = kfuse.paged_decode_attention, kfuse.paged_prefill_attention
+    return {
+        "q dtype": (lambda: dec(q.half(), cache, 0, ids), TypeError, "q has dtype"),
+        "q device": (lambda: dec(q.to("meta"), cache, 0, ids), ValueError, "q is on meta"),
+        "q rank": (lambda: dec(q[0], cache, 0, ids), ValueError, "q must be"),
+        "q heads": (lambda: dec(torch.randn(2, HKV + 1, D), cache, 0, ids), ValueError, "num_kv_heads"),
+        "q head_dim": (lambda: dec(torch.randn(2, HKV, D + 1), cache, 0, ids), ValueError, "head_dim"),
+        "q rows": (lambda: dec(q[:1], cache, 0, ids), ValueError, "q has 1 rows"),
+        "cache": (lambda: dec(q, object(), 0, ids), TypeError, "cache must be"),
+        "layer": (lambda: dec(q, cache, L, ids), IndexError, "layer must be"),
+        "unknown id": (lambda: dec(q, cache, 0, [ids[0], 99]), IndexError, "seq_ids"),
+        "freed id": (lambda: dec(q, cache, 0, [ids[0], freed]), ValueError, "seq_ids.*not active"),
+        "duplicate id": (lambda: dec(q, cache, 0, [ids[0], ids[0]]), ValueError, "seq_ids.*duplicate"),
+        "scale": (lambda: dec(q, cache, 0, ids, scale="x"), TypeError, "scale"),
+        "backend": (lambda: dec(q, cache, 0, ids, backend="bogus"), ValueError, "backend"),
+        "cuda backend": (lambda: dec(q, cache, 0, ids, backend="cuda"), _backends.BackendUnavailableError, "cuda"),
+        "q_lens count": (lambda: pre(q, cache, 0, ids, [2]), ValueError, "q_lens"),
+        "q_lens sum": (lambda: pre(q, cache, 0, ids, [1, 2]), ValueError, "q_lens"),
+        "q_lens past cache": (lambda: pre(torch.randn(4, HKV, D), cache, 0, ids, [4, 0]), ValueError,
+                              "q_lens: 4 new tokens"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_inputs()))
+def test_op_bad_inputs_name_the_argument(name):
+    fn, exc, match = _bad_inputs()[name]
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the triton-cuda tests compile and run the kernels")
+def test_triton_kv_kernels_compile_for_sm90():
+    """The decode and prefill kernels compile to sm_90 machine code (decode: fp16 group 4 and bf16 group 8
+    at head dim 128, fp32 group 1 at 64; prefill: fp16 group 4 at 128) and fit Hopper's shared memory:
+    the interpreter never runs the compiler. ~20 s cold on 2 cores."""
+    code = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kfuse.triton_kernels import kv as tk
+
+def sig(fn, ptrs, consts):
+    return {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "qk_scale" else "i32")
+            for n in fn.arg_names}
+
+def build(fn, ptrs, consts, warps):
+    k = triton.compile(ASTSource(fn=fn, signature=sig(fn, ptrs, consts), constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    assert k.asm["cubin"], fn.__name__
+    assert k.metadata.shared <= 232448, (fn.__name__, consts, k.metadata.shared)
+
+for st, G, D in (("fp16", 4, 128), ("bf16", 8, 128), ("fp32", 1, 64)):
+    bg, bd, w = tk.decode_config(G, D)
+    consts = dict(G=G, D=D, PAGE=16, BLOCK_G=bg, BLOCK_N=64, BLOCK_D=bd, PREC="ieee" if st == "fp32" else "tf32")
+    ptrs = {"q_ptr": f"*{st}", "k_ptr": f"*{st}", "v_ptr": f"*{st}", "bt_ptr": "*i32", "ids_ptr": "*i32",
+            "lens_ptr": "*i32", "po_ptr": "*fp32", "plse_ptr": "*fp32"}
+    build(tk._decode_split_kernel, ptrs, consts, w)
+    build(tk._decode_merge_kernel, {"po_ptr": "*fp32", "plse_ptr": "*fp32", "lens_ptr": "*i32", "out_ptr": f"*{st}"},
+          dict(D=D, BLOCK_D=bd), 1)
+    if st == "fp16":  # the prefill kernel compiles slowly (~6 s a case): the fp16 one at head dim 128
+        consts = dict(G=G, D=D, PAGE=16, BLOCK_M=64, BLOCK_N=64, BLOCK_D=bd, PREC="ieee" if st == "fp32" else "tf32")
+        ptrs.update(qlens_ptr="*i32", qstart_ptr="*i32", out_ptr=f"*{st}")
+        build(tk._prefill_kernel, ptrs, consts, 4)  # prefill_config on a GPU
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -12,9 +12,11 @@ import torch  # noqa: F401  (the extension needs torch loaded first)
 from kfuse import kv, nn, reference
 from kfuse._backends import BackendUnavailableError, availability
 from kfuse.ops.deu import deu
+from kfuse.ops.kv import paged_decode_attention, paged_prefill_attention
 from kfuse.ops.lora import lora_linear, lora_linear_multi
 
 __all__ = [
-    "BackendUnavailableError", "availability", "deu", "kv", "lora_linear", "lora_linear_multi", "nn", "reference",
+    "BackendUnavailableError", "availability", "deu", "kv", "lora_linear", "lora_linear_multi", "nn",
+    "paged_decode_attention", "paged_prefill_attention", "reference",
 ]
 __version__ = "0.1.0"

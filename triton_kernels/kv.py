@@ -1,0 +1,319 @@
+"""Triton kernels for attention over a paged KV cache (see shared/specs/kv.md, python/kfuse/kv.py and
+the definition in python/kfuse/reference/kv.py).
+
+Decode attention, one new query token per sequence::
+
+    o[b, h] = softmax(q[b, h] · K[b, :n]ᵀ · scale) · V[b, :n],   n = lens[b]
+
+K/V of sequence ``b`` live in the pools ``[num_pages, page_size, num_kv_heads, head_dim]`` (one
+layer's slice of the cache) at ``pool[block_table[seq_ids[b], pos // page_size], pos % page_size]``.
+
+Two kernels:
+
+``_decode_split_kernel``  grid (B, num_kv_heads, num_splits). One program takes one sequence, one KV
+                          head and one split of ``split_tokens`` positions, and processes the G query
+                          heads of that KV head together (grouped-query attention: each K/V tile is
+                          loaded once for all G heads, and ``q [G, D] · Kᵀ`` is one ``tl.dot``, G padded
+                          to 16 rows, the smallest MMA). Online softmax in fp32 (exp2 with the log2(e)
+                          folded into the scale); writes the split's normalised partial output and its
+                          log-sum-exp (fp32). An empty split (past the length) writes lse = −inf.
+``_decode_merge_kernel``  grid (B, num_q_heads). Merges the splits of one head in split order, one by
+                          one (a fixed order: deterministic, no atomics), only those below the length.
+
+Why split along the sequence: at batch 32 × 8 KV heads the (sequence, head) grid alone is 256
+programs, about two per SM; long contexts need more programs in flight to reach HBM bandwidth.
+
+Determinism and batch isolation: ``split_tokens`` and ``BLOCK_N`` are constants of the process
+(not derived from the batch or from the longest sequence), so the positions a program sums and
+their order depend only on the sequence's own length. Rolling back, forking or freeing another
+sequence (which changes the grid's number of splits) leaves a sequence's output bit-identical.
+
+Never reads a slot at or past the length, nor a page the table does not give: every K/V and
+block-table load is masked by ``pos < end`` (and ``page >= 0``); masked scores are −inf, so
+garbage (NaN poison) in unread slots cannot reach the output. Length 0 gives zeros.
+
+dtypes: q, K, V float16, bfloat16 or float32 (the same); accumulation fp32; fp32 dots in ``ieee``
+precision (decode is bandwidth-bound: tf32 would only lose accuracy), half dots native.
+Block sizes are fixed guesses for H100/H200 (tune on the GPU, see ``BLOCK_N``/``SPLIT_TOKENS``).
+
+Prefill / append attention (``_prefill_kernel``), several causal queries per sequence, packed: grid
+(sequences, query heads, blocks of BLOCK_M new tokens); each program runs an online softmax over
+the key tiles up to its block's last query position (tiles past it are never visited), with the
+causal and length masks per element. Not split along the sequence (prompts give enough query
+blocks), and each query head loads its KV head's tiles itself (GQA sharing is a GPU-tuning TODO).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kfuse._backends import triton_interpret
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+# Positions per inner tile. 64 on a GPU (a first guess: 64 × 128 fp16 = 16 KB per K tile); 16, the
+# smallest tl.dot size, under the interpreter so tiny tests cross several tiles.
+BLOCK_N = 16 if triton_interpret() else 64
+# Positions per split: a process-wide constant (a multiple of BLOCK_N), NOT derived from the batch,
+# so the summation order of a sequence never depends on the others (see the module docstring).
+# 256 gives 16 splits at 4096 tokens: 32 × 8 × 16 = 4096 programs at the spec's benchmark shape.
+SPLIT_TOKENS = 256
+
+
+def _unit_inner_strides(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor) -> tuple[Tensor, Tensor]:
+    """(q, block_table) with unit innermost strides (copies of these small tensors if needed); the
+    pools must have them already (they are never copied)."""
+    if k_pages.stride(3) != 1 or v_pages.stride(3) != 1:
+        raise ValueError("k_pages/v_pages need unit stride along head_dim")
+    q = q.contiguous() if q.stride(2) != 1 else q
+    return q, block_table.contiguous() if block_table.stride(1) != 1 else block_table
+
+
+@triton.jit
+def _online_softmax_tile(s, v, m_i, l_i, acc, PREC: tl.constexpr):
+    """One key tile of the online softmax (base 2): scores ``s [rows, BLOCK_N]`` (−inf where masked;
+    already scaled by log2(e)·scale), values ``v [BLOCK_N, D]``; returns the updated running max
+    ``m_i``, sum ``l_i`` and output ``acc`` (fp32). A row with no valid key yet (causal, padding)
+    keeps a max of −inf and contributes nothing: its max is taken as 0 for the exponentials."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr, plse_ptr,
+                         sqb, sqh, skp, sks, skh, svp, svs, svh, sbt, num_splits, split_tokens, qk_scale,
+                         G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """One (sequence b, KV head h, split sp): partial attention of query heads h·G … h·G+G−1 over
+    positions [sp·split_tokens, min((sp+1)·split_tokens, lens[b])).
+
+    q [B, Hq, D] (unit stride along D); k, v [num_pages, PAGE, Hkv, D] (unit stride along D);
+    bt int32 [max_seqs, max_pages]; ids int32 [B] (rows of bt); lens int32 [B];
+    po fp32 [B, Hq, num_splits, D] (normalised partial outputs); plse fp32 [B, Hq, num_splits]
+    (log2-sum-exp2 of the scaled scores, −inf for an empty split). qk_scale = scale · log2(e).
+    """
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    n = tl.load(lens_ptr + b)
+    row = tl.load(ids_ptr + b).to(tl.int64)
+    start = sp * split_tokens
+    end = tl.minimum(start + split_tokens, n)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    gm = g < G
+    dm = d < D
+    heads = h * G + g
+    q = tl.load(q_ptr + b.to(tl.int64) * sqb + heads[:, None] * sqh + d[None, :],
+                mask=gm[:, None] & dm[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for blk in range(start, end, BLOCK_N):
+        pos = blk + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        # The table entry of each position; masked so no entry past the length is read.
+        page = tl.load(bt_ptr + row * sbt + pos // PAGE, mask=valid, other=-1)
+        valid = valid & (page >= 0)  # a hole in the table (broken metadata) is never dereferenced
+        page = tl.maximum(page, 0).to(tl.int64)
+        slot = pos % PAGE
+        lm = valid[:, None] & dm[None, :]
+        k = tl.load(k_ptr + page[:, None] * skp + slot[:, None] * sks + h * skh + d[None, :], mask=lm, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_G, BLOCK_N] fp32
+        s = tl.where(valid[None, :], s, float("-inf"))
+        v = tl.load(v_ptr + page[:, None] * svp + slot[:, None] * svs + h * svh + d[None, :], mask=lm, other=0.0)
+        m_i, l_i, acc = _online_softmax_tile(s, v, m_i, l_i, acc, PREC)
+
+    nonempty = l_i > 0
+    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    part = (b.to(tl.int64) * (G * tl.num_programs(1)) + heads) * num_splits + sp  # [BLOCK_G]
+    tl.store(plse_ptr + part, lse, mask=gm)
+    tl.store(po_ptr + part[:, None] * D + d[None, :], o, mask=gm[:, None] & dm[None, :])
+
+
+@triton.jit
+def _decode_merge_kernel(po_ptr, plse_ptr, lens_ptr, out_ptr, sob, soh, Hq, num_splits, split_tokens,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (sequence b, query head hq): ``out = Σ_s w_s·po_s / Σ_s w_s``, ``w_s = 2^(lse_s − max lse)``,
+    over the splits below the length, in split order. out [B, Hq, D] in q's dtype; zeros when the
+    length is 0."""
+    b = tl.program_id(0)
+    hq = tl.program_id(1)
+    n = tl.load(lens_ptr + b)
+    used = tl.minimum((n + split_tokens - 1) // split_tokens, num_splits)
+    base = (b.to(tl.int64) * Hq + hq) * num_splits
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    m = tl.full([], float("-inf"), tl.float32)
+    for sp in range(0, used):
+        m = tl.maximum(m, tl.load(plse_ptr + base + sp))
+    l_sum = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for sp in range(0, used):
+        # Every split below the length holds at least one position: its lse is finite.
+        w = tl.exp2(tl.load(plse_ptr + base + sp) - m)
+        l_sum += w
+        acc += w * tl.load(po_ptr + (base + sp) * D + d, mask=dm, other=0.0)
+    o = tl.where(l_sum > 0, acc / tl.where(l_sum > 0, l_sum, 1.0), 0.0)
+    tl.store(out_ptr + b.to(tl.int64) * sob + hq * soh + d, o.to(out_ptr.dtype.element_ty), mask=dm)
+
+
+def decode_config(group: int, head_dim: int) -> tuple[int, int, int]:
+    """``(BLOCK_G, BLOCK_D, num_warps)`` for ``group`` query heads per KV head and ``head_dim``."""
+    block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return block_g, block_d, 4
+
+
+def paged_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seq_ids: Tensor, lens: Tensor,
+                 max_len: int, scale: float, split_tokens: int | None = None) -> Tensor:
+    """Decode attention over one layer's pages.
+
+    Args:
+        q: ``[B, Hq, D]``, float16/bfloat16/float32; Hq a multiple of Hkv.
+        k_pages, v_pages: ``[num_pages, page_size, Hkv, D]`` (one layer of the cache's pools), q's dtype.
+        block_table: int32 ``[max_seqs, max_pages]``; seq_ids: int32 ``[B]`` (rows of it);
+        lens: int32 ``[B]``, the lengths to attend over (each ``<= max_len``).
+        max_len: a host-side upper bound on ``lens`` (sizes the grid only; no device read).
+        scale: softmax scale.
+        split_tokens: positions per split (default :data:`SPLIT_TOKENS`; a multiple of ``BLOCK_N``).
+    Returns:
+        ``[B, Hq, D]`` in q's dtype.
+    """
+    B, Hq, D = q.shape
+    Hkv = k_pages.shape[2]
+    G = Hq // Hkv
+    split = SPLIT_TOKENS if split_tokens is None else split_tokens
+    if split % BLOCK_N:
+        raise ValueError(f"split_tokens ({split}) must be a multiple of BLOCK_N ({BLOCK_N})")
+    out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    q, block_table = _unit_inner_strides(q, k_pages, v_pages, block_table)
+    num_splits = max(1, -(-max_len // split))
+    po = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
+    plse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+    block_g, block_d, warps = decode_config(G, D)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # half operands ignore it (native MMA)
+    _decode_split_kernel[(B, Hkv, num_splits)](
+        q, k_pages, v_pages, block_table, seq_ids, lens, po, plse,
+        q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_table.stride(0),
+        num_splits, split, scale * _LOG2E,
+        G=G, D=D, PAGE=k_pages.shape[1], BLOCK_G=block_g, BLOCK_N=BLOCK_N, BLOCK_D=block_d, PREC=prec,
+        num_warps=warps,
+    )
+    _decode_merge_kernel[(B, Hq)](po, plse, lens, out, out.stride(0), out.stride(1), Hq, num_splits, split,
+                                  D=D, BLOCK_D=block_d, num_warps=1)
+    return out
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, qstart_ptr, out_ptr,
+                    sqt, sqh, skp, sks, skh, svp, svs, svh, sbt, sot, soh, qk_scale,
+                    G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """One (sequence i, query head hq, block of BLOCK_M of its new tokens): causal attention over the
+    block table. The sequence's t = qlens[i] new tokens are its last t of n = lens[i] positions, packed
+    in q from row qstart[i]; new token j sits at position n − t + j and attends to positions 0 … it.
+
+    q, out [total_q, Hq, D] (unit stride along D); k, v, bt, ids, lens as in ``_decode_split_kernel``;
+    qlens, qstart int32 [num_seqs]. Online softmax in fp32; key tiles past the block's last query
+    position are never visited, and every load is masked below the length.
+    """
+    i = tl.program_id(0)
+    hq = tl.program_id(1)
+    mb = tl.program_id(2)
+    t = tl.load(qlens_ptr + i)
+    if mb * BLOCK_M >= t:
+        return
+    n = tl.load(lens_ptr + i)
+    row = tl.load(ids_ptr + i).to(tl.int64)
+    q0 = tl.load(qstart_ptr + i).to(tl.int64)
+    h = hq // G
+    j = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    jm = j < t
+    qpos = n - t + j  # [BLOCK_M]
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    qmask = jm[:, None] & dm[None, :]
+    q = tl.load(q_ptr + (q0 + j)[:, None] * sqt + hq * sqh + d[None, :], mask=qmask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = tl.minimum(n - t + (mb + 1) * BLOCK_M, n)  # one past the block's last query position
+    for blk in range(0, hi, BLOCK_N):
+        pos = blk + tl.arange(0, BLOCK_N)
+        valid = pos < hi
+        page = tl.load(bt_ptr + row * sbt + pos // PAGE, mask=valid, other=-1)
+        valid = valid & (page >= 0)
+        page = tl.maximum(page, 0).to(tl.int64)
+        slot = pos % PAGE
+        lm = valid[:, None] & dm[None, :]
+        k = tl.load(k_ptr + page[:, None] * skp + slot[:, None] * sks + h * skh + d[None, :], mask=lm, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+        ok = valid[None, :] & (pos[None, :] <= qpos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        v = tl.load(v_ptr + page[:, None] * svp + slot[:, None] * svs + h * svh + d[None, :], mask=lm, other=0.0)
+        m_i, l_i, acc = _online_softmax_tile(s, v, m_i, l_i, acc, PREC)
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + (q0 + j)[:, None] * sot + hq * soh + d[None, :], o.to(out_ptr.dtype.element_ty), mask=qmask)
+
+
+def prefill_config(head_dim: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_D, num_warps)``; first guesses (64 query rows on a GPU, 16 under the interpreter)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return (16 if triton_interpret() else 64), block_d, 4
+
+
+def paged_prefill(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seq_ids: Tensor, lens: Tensor,
+                  q_lens: Tensor, max_q_len: int, scale: float) -> Tensor:
+    """Causal prefill / append attention over one layer's pages.
+
+    Args:
+        q: packed ``[sum(q_lens), Hq, D]``; k_pages, v_pages, block_table, seq_ids, lens: as :func:`paged_decode`
+            (``lens`` includes the new tokens).
+        q_lens: int32 ``[n]``, new tokens per sequence (each ``<= lens``); max_q_len: a host-side bound on it.
+        scale: softmax scale.
+    Returns:
+        ``[sum(q_lens), Hq, D]`` in q's dtype.
+    """
+    T, Hq, D = q.shape
+    Hkv = k_pages.shape[2]
+    out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
+    if T == 0 or seq_ids.shape[0] == 0:
+        return out
+    q, block_table = _unit_inner_strides(q, k_pages, v_pages, block_table)
+    qstart = (torch.cumsum(q_lens, 0) - q_lens).to(torch.int32)
+    block_m, block_d, warps = prefill_config(D)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (seq_ids.shape[0], Hq, max(1, -(-max_q_len // block_m)))
+    _prefill_kernel[grid](
+        q, k_pages, v_pages, block_table, seq_ids, lens, q_lens, qstart, out,
+        q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_table.stride(0),
+        out.stride(0), out.stride(1), scale * _LOG2E,
+        G=Hq // Hkv, D=D, PAGE=k_pages.shape[1], BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, PREC=prec,
+        num_warps=warps,
+    )
+    return out
