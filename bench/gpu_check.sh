@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (offline), run from the repository root:
 #   bash bench/gpu_check.sh            # writes under $OUT (default: gpu_out/)
-#   bash bench/gpu_check.sh --ops lora # one op family: deu, lora, or deu,lora (= all, the default)
+#   bash bench/gpu_check.sh --ops lora # op families: deu, lora, kv, or a list (deu,lora,kv = all, the default)
 # --ops deu runs the DEU steps below (as before LoRA existed). --ops lora builds nothing (LoRA has no
 # csrc kernels: its Triton kernels compile at first call; kfuse is imported from python/), runs the
 # LoRA report rows (python -m kfuse --ops lora: forward, backward, multi-adapter, a PEFT training
@@ -9,6 +9,12 @@
 # pytest-benchmark pass if time is left; expected ~4 min for the report and ~3 for the tests
 # (estimates: not yet run on a GPU). With both, the DEU steps come first and the one report covers
 # both ops: the deadline may cut the LoRA cases (recorded as skipped) and the LoRA tests.
+# --ops kv, like lora, builds nothing: the KV report rows (python -m kfuse --ops kv: rollback of 256
+# sequences at 1k and 32k tokens, append vs torch.cat, decode attention uniform and ragged, prefill,
+# against scaled_dot_product_attention), then the KV CUDA tests (pytest tests/test_kv.py -m cuda) and
+# the short pytest-benchmark pass; expected ~1-2 min for the report (the 32k rollback case spends
+# ~10-20 s filling its cache) and ~2 min for the tests (estimates: not yet run on a GPU). With other
+# ops, KV's cases and tests come after theirs, so the deadline may cut them (recorded as skipped).
 # DEU: builds kfuse in place with its CUDA kernels, runs the standalone CUDA microbenchmark (against a
 # baseline commit's kernels, then its tuning-knob A/B builds), compute-sanitizer on odd shapes,
 # the report (python -m kfuse --device cuda; its cases put the target shape first, in every
@@ -20,7 +26,7 @@
 # A short run that still confirms the target shape and the kernels' correctness:
 #   KFUSE_GPU_DEADLINE=330 KFUSE_GPU_REPORT_S=90 KFUSE_GPU_TESTS_K="not triton" bash bench/gpu_check.sh
 # Files under $OUT (8): env.log build.log tests.log micro.log report.log bench.log report/report.{json,png}
-# (no micro.log with --ops lora).
+# (no micro.log with --ops lora or kv: only DEU runs the microbenchmark).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OPS=all
@@ -28,21 +34,23 @@ while (($#)); do
     case $1 in
         --ops) OPS=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
         --ops=*) OPS=${1#--ops=}; shift ;;
-        *) echo "usage: bash bench/gpu_check.sh [--ops deu|lora|deu,lora|all]; got '$1'" >&2; exit 2 ;;
+        *) echo "usage: bash bench/gpu_check.sh [--ops deu|lora|kv|<list>|all]; got '$1'" >&2; exit 2 ;;
     esac
 done
-[[ $OPS == all ]] && OPS=deu,lora
-DEU=0 LORA=0
+[[ $OPS == all ]] && OPS=deu,lora,kv
+DEU=0 LORA=0 KV=0
 IFS=, read -r -a _ops <<<"$OPS"
 for op in "${_ops[@]}"; do
     case $op in
         deu) DEU=1 ;;
         lora) LORA=1 ;;
-        *) echo "bench/gpu_check.sh: --ops: unknown op '$op' (choose from deu, lora, all)" >&2; exit 2 ;;
+        kv) KV=1 ;;
+        *) echo "bench/gpu_check.sh: --ops: unknown op '$op' (choose from deu, lora, kv, all)" >&2; exit 2 ;;
     esac
 done
-((DEU + LORA)) || { echo "bench/gpu_check.sh: --ops: no op named" >&2; exit 2; }
-OPS=$( ((DEU)) && echo -n deu; ((DEU && LORA)) && echo -n ,; ((LORA)) && echo -n lora)
+((DEU + LORA + KV)) || { echo "bench/gpu_check.sh: --ops: no op named" >&2; exit 2; }
+OPS=$( ((DEU)) && echo deu; ((LORA)) && echo lora; ((KV)) && echo kv)
+OPS=${OPS//$'\n'/,}
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT/report"
 START=$SECONDS
@@ -126,7 +134,7 @@ import_in_place() {
     export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 }
 if ((!DEU)); then
-    # LoRA alone: no csrc kernels to build (~2 min saved); its Triton kernels compile at first call.
+    # LoRA / KV without DEU: no csrc kernels to build (~2 min saved); its Triton kernels compile at first call.
     echo "== build: skipped (--ops $OPS: no csrc kernels needed); kfuse imported from python/" >>"$OUT/build.log"
     import_in_place
 # Build in place with CUDA; pip cannot download here, so no build isolation and no deps.
@@ -152,7 +160,7 @@ done
 # (up to 270 s, at least 90); its --time-budget stops starting new cases 60 s before the timeout
 # (a case takes up to ~40 s). KFUSE_GPU_REPORT_S sets that timeout instead (90: the fp32 target
 # shape only).
-# --ops lora: all the time left but ~200 s for its tests after it (up to 330 s; its cases, a
+# --ops lora and/or kv: all the time left but ~200 s for their tests after it (up to 330 s; its cases, a
 # torch.compile baseline in each, take ~10-30 s each, the backward ones the longest; estimates).
 if ((DEU)); then
     budget=$(($(left) - 130))
@@ -167,10 +175,15 @@ step report "$OUT/report.log" "$budget" python3 -m kfuse --device cuda --ops "$O
     --time-budget $((budget - 60))
 # KFUSE_GPU_TESTS_K: a pytest -k filter for a short run (e.g. "not triton"). The DEU step runs every
 # CUDA test but LoRA's, which have their own step (175 tests, most of them compiling a Triton kernel).
+# KV's CUDA tests (tests/test_kv.py) have their own step when --ops names kv.
 LORA_TESTS=(tests/test_lora.py)
+OWN_TESTS=("${LORA_TESTS[@]}")
+((KV)) && OWN_TESTS+=(tests/test_kv.py)
 ((DEU)) && step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda \
-    "${LORA_TESTS[@]/#/--ignore=}" ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
+    "${OWN_TESTS[@]/#/--ignore=}" ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 ((LORA)) && step tests-lora "$OUT/tests.log" 180 python3 -m pytest "${LORA_TESTS[@]}" -q -rfE -m cuda \
+    --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
+((KV)) && step tests-kv "$OUT/tests.log" 150 python3 -m pytest tests/test_kv.py -q -rfE -m cuda \
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 # Whether the fwd+bwd step through autograd is host-bound, and what runs besides the kernels
 # (bf16's step took ~230 us more than its kernels on 2026-11-26; fp32's did not).
@@ -197,6 +210,7 @@ done
 BENCH=()
 ((DEU)) && BENCH+=(bench/bench_deu.py)
 ((LORA)) && BENCH+=(bench/bench_lora.py)
+((KV)) && BENCH+=(bench/bench_kv.py)
 step bench "$OUT/bench.log" 60 python3 -m pytest "${BENCH[@]}" --benchmark-only -q -k "not compile and not step" \
     --benchmark-max-time=0.2 --benchmark-min-rounds=3 --benchmark-columns=min,median,rounds
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import zlib
 
@@ -53,3 +55,30 @@ def backward_calls(monkeypatch: pytest.MonkeyPatch):
             monkeypatch.setattr(ops, attr, counter(key, getattr(ops, attr)))
         return calls
     return install
+
+
+@pytest.fixture
+def report_rows(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys: pytest.CaptureFixture[str]):
+    """``rows, ran, out = report_rows(op, bench_module, cases)`` runs ``python -m kfuse --quick
+    --device cpu --ops <op>`` in-process with ``bench_module.cases`` replaced by ``cases`` (tiny
+    shapes), asserts it completed with only ``op``'s rows and that every row that ran passed its
+    check with a finite time, error and ratio, and returns the JSON rows, those that ran, and the
+    printed tables."""
+    def run(op: str, bench_module, cases) -> tuple[list[dict], list[dict], str]:
+        from kfuse.__main__ import main  # noqa: PLC0415
+
+        monkeypatch.setattr(bench_module, "cases", cases)
+        assert main(["--quick", "--device", "cpu", "--ops", op, "--out", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert report["complete"] and report["cases_skipped"] == 0 and report["meta"]["ops"] == [op]
+        rows = report["rows"]
+        assert {r["op"] for r in rows} == {op}
+        ran = [r for r in rows if r["status"] != "skipped"]
+        assert all(r["status"] == "ok" and r["passed"] for r in ran), [r for r in ran if not r.get("passed")]
+        for r in ran:
+            assert math.isfinite(r["time_ms"]) and r["time_ms"] > 0, r
+            assert math.isfinite(r["max_err"]) and r["max_err"] <= r["tol"], r
+            assert math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["ratio_to"], r
+        return rows, ran, out
+    return run

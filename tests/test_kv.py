@@ -757,3 +757,38 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def _tiny_report_cases(device: torch.device, quick: bool) -> list:
+    from kfuse.bench import kv as kv_bench  # noqa: PLC0415
+
+    dt = torch.float32
+    return [kv_bench._case(device, dt, "rollback", 8, 40, 1, 1, 8),
+            kv_bench._case(device, dt, "append", 3, 37, 4, 2, 16),
+            kv_bench._case(device, dt, "decode", 3, 37, 4, 2, 16, ragged=False),
+            kv_bench._case(device, dt, "decode", 3, 37, 4, 2, 16, ragged=True),
+            kv_bench._case(device, dt, "prefill", 2, 19, 4, 2, 16)]
+
+
+def test_report_rows_tiny(report_rows) -> None:
+    """``python -m kfuse --ops kv`` at tiny shapes on the CPU: every case has its rows, every row that ran
+    has a finite time and ratio and passed its check (rollback metadata, appended K/V, attention against
+    float64), the targets are the CPU's (rollback 20 µs, uniform decode 1.5× SDPA) and the table shows them."""
+    from kfuse.bench import kv as kv_bench  # noqa: PLC0415
+
+    rows, ran, out = report_rows("kv", kv_bench, _tiny_report_cases)
+    assert {r["mode"] for r in rows} == {"rollback", "append", "decode", "prefill"}
+    by = {(r["shape"], r["mode"], r["name"]): r for r in rows}
+    assert by["8x40 hq=1 hkv=1 d=8", "rollback", "kfuse"]["ratio_to"] == "20us"
+    assert by["8x40 hq=1 hkv=1 d=8", "rollback", "kfuse"]["target"] == 1.0
+    assert by["3x37 hq=4 hkv=2 d=16", "append", "cat"]["ratio"] == 1.0
+    assert by["3x37 hq=4 hkv=2 d=16", "append", "kfuse"]["max_err"] == 0.0
+    uni, rag = "3x37 hq=4 hkv=2 d=16 ragged=False", "3x37 hq=4 hkv=2 d=16 ragged=True"
+    assert by[uni, "decode", "cpu"]["target"] == 1.5 and by[rag, "decode", "cpu"]["target"] is None
+    for shape, mode in ((uni, "decode"), (rag, "decode"), ("2x19 hq=4 hkv=2 d=16", "prefill")):
+        assert by[shape, mode, "cpu"]["status"] == "ok" and by[shape, mode, "sdpa"]["ratio"] == 1.0
+        assert by[shape, mode, "cpu"]["gbps"] > 0 and by[shape, mode, "cpu"]["extra"]["GB/s"] > 0
+    # ragged decode: the useful bytes, 2 · Σ len · Hkv · D · 4 (lengths spread over 18 … 37)
+    assert kv_bench.bytes_moved(kv_bench._case(torch.device("cpu"), torch.float32, "decode", 3, 37, 4, 2, 16,
+                                               ragged=True)) == 2 * (24 + 30 + 37) * 2 * 16 * 4
+    assert "rollback" in out and "<=1.50" in out

@@ -1,0 +1,51 @@
+"""pytest-benchmark over the KV report cases: ``pytest bench/bench_kv.py --benchmark-only``.
+
+The same cases, inputs and candidates as ``python -m kfuse --ops kv`` (from ``kfuse.bench.kv``):
+rollback of 256 sequences (``cache.rollback``, metadata only), append of one token per sequence
+(``append`` + ``advance``) against ``torch.cat`` onto a contiguous cache, decode attention (uniform
+and ragged lengths) and prefill attention (the kfuse backends, skipped with the reason where they
+cannot run) against ``scaled_dot_product_attention`` on contiguous K/V. What each row times is in
+``kfuse.bench.kv``'s docstring. The device is CUDA when available, else CPU; on CPU the small
+(``--quick``) cases run unless ``KFUSE_BENCH_FULL=1``. Correctness is checked by the report and the
+tests; here the first call only warms up (for rollback it is the one real rollback; the timed calls
+roll back to the current lengths).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+from kfuse.bench import kv, timed_call
+from kfuse.report import Case, dtype_name
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+QUICK = DEVICE.type == "cpu" and os.environ.get("KFUSE_BENCH_FULL") != "1"
+CASES = kv.cases(DEVICE, QUICK)
+PARAMS = [(case, name) for case in CASES for name in kv.names(case)]
+
+
+def _case_id(case: Case) -> str:
+    return f"{case.mode}-{case.label.replace(' ', '_')}-{dtype_name(case.dtype)}"
+
+
+@pytest.mark.parametrize(("case", "name"), PARAMS, ids=[f"{_case_id(c)}-{n}" for c, n in PARAMS])
+def test_kv(benchmark: Any, case: Case, name: str) -> None:
+    """Time one candidate on one case (synchronising CUDA inside the timed call)."""
+    prepared = timed_call(kv, case, name)
+    if isinstance(prepared, str):
+        pytest.skip(prepared)
+    call, _ = prepared
+    benchmark.group = f"kv {_case_id(case)}"
+    nbytes, flops = kv.bytes_moved(case), kv.flops(case)
+    benchmark.extra_info.update({"bytes": nbytes, "flops": flops})
+    benchmark(call)
+    if benchmark.stats is not None:
+        median = benchmark.stats.stats.median
+        if nbytes:
+            benchmark.extra_info["GB/s"] = nbytes / median / 1e9
+        if flops:
+            benchmark.extra_info["TFLOP/s"] = flops / median / 1e12
