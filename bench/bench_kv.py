@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import case_id
 
-from kfuse.bench import kv, timed_call
-from kfuse.report import Case, dtype_name
+from kfuse.bench import kv
+from kfuse.report import Case
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 QUICK = DEVICE.type == "cpu" and os.environ.get("KFUSE_BENCH_FULL") != "1"
@@ -28,24 +29,7 @@ CASES = kv.cases(DEVICE, QUICK)
 PARAMS = [(case, name) for case in CASES for name in kv.names(case)]
 
 
-def _case_id(case: Case) -> str:
-    return f"{case.mode}-{case.label.replace(' ', '_')}-{dtype_name(case.dtype)}"
-
-
-@pytest.mark.parametrize(("case", "name"), PARAMS, ids=[f"{_case_id(c)}-{n}" for c, n in PARAMS])
-def test_kv(benchmark: Any, case: Case, name: str) -> None:
+@pytest.mark.parametrize(("case", "name"), PARAMS, ids=[f"{case_id(c)}-{n}" for c, n in PARAMS])
+def test_kv(run_case: Any, case: Case, name: str) -> None:
     """Time one candidate on one case (synchronising CUDA inside the timed call)."""
-    prepared = timed_call(kv, case, name)
-    if isinstance(prepared, str):
-        pytest.skip(prepared)
-    call, _ = prepared
-    benchmark.group = f"kv {_case_id(case)}"
-    nbytes, flops = kv.bytes_moved(case), kv.flops(case)
-    benchmark.extra_info.update({"bytes": nbytes, "flops": flops})
-    benchmark(call)
-    if benchmark.stats is not None:
-        median = benchmark.stats.stats.median
-        if nbytes:
-            benchmark.extra_info["GB/s"] = nbytes / median / 1e9
-        if flops:
-            benchmark.extra_info["TFLOP/s"] = flops / median / 1e12
+    run_case("kv", kv, case, name)

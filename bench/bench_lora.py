@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import case_id
 
-from kfuse.bench import lora, timed_call
-from kfuse.report import Case, dtype_name
+from kfuse.bench import lora
+from kfuse.report import Case
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 QUICK = DEVICE.type == "cpu" and os.environ.get("KFUSE_BENCH_FULL") != "1"
@@ -29,24 +30,9 @@ CASES = lora.cases(DEVICE, QUICK)
 PARAMS = [(case, name) for case in CASES for name in lora.names(case)]
 
 
-def _case_id(case: Case) -> str:
-    return f"{case.mode}-{case.label.replace(' ', '_')}-{dtype_name(case.dtype)}"
-
-
-@pytest.mark.parametrize(("case", "name"), PARAMS, ids=[f"{_case_id(c)}-{n}" for c, n in PARAMS])
-def test_lora(benchmark: Any, case: Case, name: str) -> None:
+@pytest.mark.parametrize(("case", "name"), PARAMS, ids=[f"{case_id(c)}-{n}" for c, n in PARAMS])
+def test_lora(benchmark: Any, run_case: Any, case: Case, name: str) -> None:
     """Time one candidate on one case (synchronising CUDA inside the timed call)."""
-    prepared = timed_call(lora, case, name)
-    if isinstance(prepared, str):
-        pytest.skip(prepared)
-    call, inputs = prepared
-    benchmark.group = f"lora {_case_id(case)}"
-    nbytes, flops = lora.bytes_moved(case), lora.flops(case)
-    benchmark.extra_info.update({"bytes": nbytes, "flops": flops})
-    benchmark(call)
-    if benchmark.stats is not None:
-        median = benchmark.stats.stats.median
-        if flops:
-            benchmark.extra_info["TFLOP/s"] = flops / median / 1e12
-        if case.mode == "step":
-            benchmark.extra_info["tok/s"] = inputs.input_ids.numel() / median
+    median, inputs = run_case("lora", lora, case, name)
+    if median is not None and case.mode == "step":
+        benchmark.extra_info["tok/s"] = inputs.input_ids.numel() / median

@@ -40,6 +40,19 @@ def _adapter_dtype(adapter_dtype: torch.dtype | None, base_dtype: torch.dtype) -
     return torch.float64 if base_dtype == torch.float64 else torch.float32
 
 
+def _new_base(cls: str, in_features: int, out_features: int, bias: bool, fan_in_fan_out: bool,
+              device: torch.device | str | None, dtype: torch.dtype | None) -> tuple[int, int, nn.Parameter,
+                                                                                   nn.Parameter | None]:
+    """(in_features, out_features, weight, bias) of a new frozen base layer: weight ``[out, in]``
+    (``[in, out]`` with ``fan_in_fan_out``), uninitialised."""
+    in_features = _int(cls, "in_features", in_features, 1)
+    out_features = _int(cls, "out_features", out_features, 1)
+    shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+    weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+    b = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+    return in_features, out_features, weight, b
+
+
 def _base_parameters(linear: nn.Module, fan_in_fan_out: bool, freeze_base: bool,
                      cls: str) -> tuple[nn.Parameter, nn.Parameter | None, int, int]:
     """(weight, bias, in_features, out_features) of an ``nn.Linear`` (``[out, in]``) or, with
@@ -91,11 +104,8 @@ class LoRALinear(nn.Module):
                  lora_bias: bool = False, backend: str = "auto", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, adapter_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        in_features = _int("LoRALinear", "in_features", in_features, 1)
-        out_features = _int("LoRALinear", "out_features", out_features, 1)
-        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
-        weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
-        b = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        in_features, out_features, weight, b = _new_base(
+            "LoRALinear", in_features, out_features, bias, fan_in_fan_out, device, dtype)
         self._setup(weight, b, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, fan_in_fan_out,
                     lora_bias, backend, adapter_dtype)
         self.reset_parameters()
@@ -236,11 +246,8 @@ class MultiLoRALinear(nn.Module):
                  backend: str = "auto", device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  adapter_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        in_features = _int("MultiLoRALinear", "in_features", in_features, 1)
-        out_features = _int("MultiLoRALinear", "out_features", out_features, 1)
-        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
-        weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
-        b = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        in_features, out_features, weight, b = _new_base(
+            "MultiLoRALinear", in_features, out_features, bias, fan_in_fan_out, device, dtype)
         self._setup(weight, b, in_features, out_features, fan_in_fan_out, backend, adapter_dtype)
         with torch.no_grad():
             nn.init.kaiming_uniform_(weight.t() if fan_in_fan_out else weight, a=math.sqrt(5))
