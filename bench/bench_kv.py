@@ -1,14 +1,14 @@
 """pytest-benchmark over the KV report cases: ``pytest bench/bench_kv.py --benchmark-only``.
 
 The same cases, inputs and candidates as ``python -m kfuse --ops kv`` (from ``kfuse.bench.kv``):
-rollback of 256 sequences (``cache.rollback``, metadata only), append of one token per sequence
+rollback of 256 sequences (``cache.rollback``, metadata only), fork, append of one token per sequence
 (``append`` + ``advance``) against ``torch.cat`` onto a contiguous cache, decode attention (uniform
 and ragged lengths) and prefill attention (the kfuse backends, skipped with the reason where they
 cannot run) against ``scaled_dot_product_attention`` on contiguous K/V. What each row times is in
 ``kfuse.bench.kv``'s docstring. The device is CUDA when available, else CPU; on CPU the small
 (``--quick``) cases run unless ``KFUSE_BENCH_FULL=1``. Correctness is checked by the report and the
-tests; here the first call only warms up (for rollback it is the one real rollback; the timed calls
-roll back to the current lengths).
+tests; here the first call only warms up (for rollback it is the first rollback; each timed call then
+frees one page per sequence, see ``kfuse.bench.kv``).
 """
 
 from __future__ import annotations

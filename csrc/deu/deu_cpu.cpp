@@ -12,6 +12,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "../cpu_convert.h"
+#include "../cpu_isa.h"
 #include "deu.h"
 #include "deu_math.h"
 #include "deu_cpu_simd.h"
@@ -20,28 +22,9 @@ namespace kfuse {
 namespace deu {
 namespace {
 
-// Storage <-> compute conversions. fp16 uses the compiler's _Float16; bf16 rounds to
-// nearest even (NaN kept quiet), as torch does.
-struct BF16 { uint16_t bits; };
-
-inline float to_acc(float v) { return v; }
-inline float to_acc(_Float16 v) { return static_cast<float>(v); }
-inline float to_acc(BF16 v) {
-  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-template <typename S> inline S from_acc(float v);
-template <> inline float from_acc<float>(float v) { return v; }
-template <> inline _Float16 from_acc<_Float16>(float v) { return static_cast<_Float16>(v); }
-template <> inline BF16 from_acc<BF16>(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return BF16{static_cast<uint16_t>((u >> 16) | 0x40)};
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return BF16{static_cast<uint16_t>(u >> 16)};
-}
+using cpu::BF16;
+using cpu::from_acc;
+using cpu::to_acc;
 
 // Rows of M handled by one partial of the parameter gradient. Fixed (not a function of
 // the thread count) so the reduction order, and hence the result, is deterministic.
@@ -202,16 +185,8 @@ KF_SIMD void prefetch_block(const float* in, const float* out, const float* in2 
 // 16) and the loops are neuron block outer, rows inner, so a block's plan and, in the
 // backward, its 19 accumulators stay in registers; with K > 1 lanes run along K with the
 // neuron's plan broadcast.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// ISA dispatch: the two tile kernels are compiled for AVX-512 (x86-64-v4), AVX2 + FMA
-// (x86-64-v3) and baseline x86-64 and picked once at load time (ifunc), so the extension
-// runs on any x86-64 host and uses zmm registers where they exist. Only these leaves are
-// cloned; the OpenMP regions stay in baseline code and call them once per tile. One
-// instantiation (float data) keeps the build time down: f16/bf16 tiles are staged.
-#define KF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KF_CLONES
-#endif
+// The two tile kernels are KF_CLONES (cpu_isa.h); one instantiation (float data) keeps the build
+// time down: f16/bf16 tiles are staged.
 
 KF_CLONES void fwd_tile(const float* x, float* y, int64_t ld, const FloatPlans& P, int64_t n0,
                         int64_t n1, int64_t rows, int64_t K, int64_t klen) {

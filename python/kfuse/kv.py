@@ -1,7 +1,7 @@
 """Paged KV cache with per-sequence rollback, fork and copy-on-write (spec: ``shared/specs/kv.md``).
 
-This module is the portable (torch tensor ops) implementation of the cache's metadata and K/V
-writes; GPU/CPU kernels come later. Attention over the cache: :mod:`kfuse.reference.kv`.
+The metadata is kept by C++ kernels on the host and mirrored to the device by fixed-shape torch
+ops; K/V writes are torch ``index_put_``. Attention over the cache: :mod:`kfuse.reference.kv`.
 
 Device state (all on ``cache.device``)
 --------------------------------------
@@ -14,12 +14,15 @@ Device state (all on ``cache.device``)
   ``free_stack[:free_top]`` (the last is allocated first). The extra slot is a write sink for the
   fixed-shape scatter in rollback.
 
-Host mirror and synchronisation
--------------------------------
-The cache keeps a host-side mirror (Python ints/lists) of every length, every sequence's page list,
-the refcounts and the free stack, kept equal to the device state (tests check it). Every request is
-validated against the mirror, and every allocation decision (which pages, copy-on-write or not) is
-made from it, so no operation needs to read device memory: none of ``add_sequence``, ``append``,
+Host state and synchronisation
+------------------------------
+The metadata also lives on the host, as CPU int32 tensors of the same layout (``_h_table``, ``_h_lens``,
+``_h_ref``, ``_h_free``, ``_h_top``, plus ``_h_npages``: table entries per row, and ``_h_active``),
+updated in place by C++ kernels (``csrc/kv/kv_cache_cpu.cpp`` through ``kfuse._C.KVHostState``).
+For a CPU cache they *are* the device state (one copy). For a CUDA cache the device tensors are a
+copy that every operation updates with the same result (tests compare the two). Every request is
+validated against the host state, and every allocation decision (which pages, copy-on-write or not)
+is made from it, so no operation reads device memory: none of ``add_sequence``, ``append``,
 ``advance``, ``rollback``, ``fork``, ``free`` or ``stats`` synchronises with a GPU. Host-decided index
 tensors reach the device through pinned memory and ``non_blocking`` copies (the caching host allocator
 keeps the pinned buffer alive until the copy has run). Passing CUDA tensors *as arguments* (``seq_ids``,
@@ -28,7 +31,7 @@ ints or CPU tensors. The device half of rollback, :meth:`PagedKVCache._rollback_
 sequence of fixed-shape tensor ops (gather, ``where``, ``scatter_add_``, ``scatter_reduce_``, ``cumsum``,
 ``index_copy_``) on device index tensors, with no data-dependent shapes, so it can be captured in a
 CUDA graph. Cost: O(n · max_pages_per_seq) elementwise work for ``n`` sequences (fixed shape, so
-independent of context length); no K/V bytes move.
+independent of context length); no K/V bytes move. The host half is O(n + dropped pages).
 
 Steps: lengths advance once per step, for all layers
 ----------------------------------------------------
@@ -48,28 +51,43 @@ Errors leave the cache exactly as it was: every check runs before anything is mu
 
 from __future__ import annotations
 
+import array
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
+
+from kfuse import _backends
 
 __all__ = ["PagedKVCache"]
 
 
-def _as_int_list(x, what: str) -> list[int]:
+def _index_tensor(x, what: str) -> Tensor:
+    """``x`` (a sequence of ints, or a 1-D integer tensor) as a contiguous CPU int64 tensor."""
     if isinstance(x, Tensor):
-        if x.dim() != 1 or x.dtype.is_floating_point or x.dtype == torch.bool:
+        if x.dim() != 1 or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
             raise ValueError(f"{what} must be a 1-D integer tensor or a sequence of ints; "
                              f"got {x.dtype} {tuple(x.shape)}")
-        return [int(v) for v in x.tolist()]  # note: a CUDA tensor here syncs
-    if isinstance(x, int):
-        raise ValueError(f"{what} must be a sequence of ints, not a single int ({x})")
+        return x.to(device="cpu", dtype=torch.int64).contiguous()  # note: a CUDA tensor here syncs
+    if isinstance(x, (int, float, bool)) or not hasattr(x, "__len__"):
+        raise ValueError(f"{what} must be a sequence of ints; got {type(x).__name__} {x!r}")
+    # array('q') converts a list of 256 ints in ~8 us (numpy ~16 us, torch.tensor ~4x more) and
+    # refuses non-integers (floats, strings; bools are ints in Python and pass as 0/1).
     try:
-        items = list(x)
-    except TypeError as e:
-        raise ValueError(f"{what} must be a sequence of ints; got {type(x).__name__}") from e
-    for w in items:
-        if isinstance(w, (float, bool)) or not hasattr(w, "__index__"):
-            raise ValueError(f"{what} must hold ints; got {w!r}")
-    return [int(w) for w in items]
+        buf = array.array("q", x)
+    except (TypeError, OverflowError) as e:
+        raise ValueError(f"{what} must hold ints; got {list(x)!r}") from e
+    return torch.frombuffer(buf, dtype=torch.int64) if len(buf) else torch.zeros(0, dtype=torch.int64)
+
+
+def _as_int_list(x, what: str) -> list[int]:
+    return _index_tensor(x, what).tolist()
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 class PagedKVCache:
@@ -84,12 +102,13 @@ class PagedKVCache:
         max_pages_per_seq: columns of ``block_table``; default ``num_pages`` (a sequence may use the
             whole pool). The longest sequence holds ``max_pages_per_seq · page_size`` tokens.
 
-    See the module docstring for the tensors, the host mirror and the step contract.
+    See the module docstring for the tensors, the host state and the step contract. Needs the
+    compiled extension ``kfuse._C`` (its C++ metadata kernels keep the host state).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, num_pages: int,
                  max_seqs: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 max_pages_per_seq: int | None = None) -> None:
+                 max_pages_per_seq: int | None = None, *, _mirror: bool = False) -> None:
         for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                           ("page_size", page_size), ("num_pages", num_pages), ("max_seqs", max_seqs)):
             if not isinstance(val, int) or val < 1:
@@ -98,6 +117,13 @@ class PagedKVCache:
             max_pages_per_seq = num_pages
         if not isinstance(max_pages_per_seq, int) or max_pages_per_seq < 1:
             raise ValueError(f"max_pages_per_seq must be a positive int; got {max_pages_per_seq!r}")
+        if num_pages >= 2**31 or max_seqs * max_pages_per_seq >= 2**40:
+            raise ValueError(f"num_pages ({num_pages}) must fit int32 and max_seqs · max_pages_per_seq "
+                             f"({max_seqs * max_pages_per_seq}) stay below 2^40")
+        ext = _backends.extension()
+        if ext is None:
+            why = "; ".join(_backends.extension_reasons(torch.device("cpu")))
+            raise RuntimeError(f"PagedKVCache needs the compiled extension kfuse._C: {why}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.page_size, self.num_pages, self.max_seqs = page_size, num_pages, max_seqs
         self.max_pages_per_seq = max_pages_per_seq
@@ -106,42 +132,54 @@ class PagedKVCache:
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
         self.k_pages = torch.zeros(shape, dtype=dtype, device=dev)
         self.v_pages = torch.zeros(shape, dtype=dtype, device=dev)
-        self.block_table = torch.full((max_seqs, max_pages_per_seq), -1, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=dev)
-        self.page_refcount = torch.zeros(num_pages, dtype=torch.int32, device=dev)
-        init_free = list(range(num_pages - 1, -1, -1))  # page 0 is allocated first
-        self.free_stack = torch.tensor(init_free + [-1], dtype=torch.int32, device=dev)
-        self.free_top = torch.tensor([num_pages], dtype=torch.int32, device=dev)
-        self._scratch = torch.zeros(num_pages, dtype=torch.int64, device=dev)  # rollback's dedupe buffer
-        # Host mirror.
-        self._lens = [0] * max_seqs
-        self._active = [False] * max_seqs
-        self._pages: list[list[int]] = [[] for _ in range(max_seqs)]
-        self._ref = [0] * num_pages
-        self._free = init_free
-        # Open step: None, or dict(ids, counts, layers (set), tok_page, tok_slot device index tensors).
+        # Host state (CPU), updated in place by the C++ kernels of kfuse._C.KVHostState.
+        i32 = torch.int32
+        self._h_table = torch.full((max_seqs, max_pages_per_seq), -1, dtype=i32)
+        self._h_lens = torch.zeros(max_seqs, dtype=i32)
+        self._h_npages = torch.zeros(max_seqs, dtype=i32)  # table entries in use per row (a prefix)
+        self._h_active = torch.zeros(max_seqs, dtype=torch.uint8)
+        self._h_ref = torch.zeros(num_pages, dtype=i32)
+        self._h_free = torch.tensor([*range(num_pages - 1, -1, -1), -1], dtype=i32)  # page 0 is allocated first
+        self._h_top = torch.tensor([num_pages], dtype=i32)
+        self._host = ext.KVHostState(self._h_table, self._h_lens, self._h_npages, self._h_active, self._h_ref,
+                                     self._h_free, self._h_top, page_size)
+        # numpy views of the same memory, for cheap scalar reads.
+        self._n_lens, self._n_npages, self._n_active = (t.numpy() for t in (self._h_lens, self._h_npages,
+                                                                             self._h_active))
+        # A CPU cache's device state IS its host state; any other device gets a copy that each
+        # operation updates with the same result (tests force the copy on CPU with _mirror=True).
+        self._mirrored = dev.type != "cpu" or _mirror
+        copy = (lambda t: t.to(dev, copy=True)) if self._mirrored else (lambda t: t)
+        self.block_table = copy(self._h_table)
+        self.seq_lens = copy(self._h_lens)
+        self.page_refcount = copy(self._h_ref)
+        self.free_stack = copy(self._h_free)
+        self.free_top = copy(self._h_top)
+        self._scratch = torch.zeros(num_pages, dtype=torch.int64, device=dev) if self._mirrored else None
+        # Open step: None, or dict(ids, counts, pending (CPU int64; pending: [max_seqs] tokens of the
+        # step per sequence), layers (set), tok_page, tok_slot (device int64)).
         self._step: dict | None = None
 
     # ------------------------------------------------------------------ helpers
-    def _dev(self, vals: list[int], dtype: torch.dtype = torch.int64) -> Tensor:
-        """A host list as a device tensor without a sync (pinned + non_blocking on CUDA)."""
-        t = torch.tensor(vals, dtype=dtype)
+    def _dev(self, vals, dtype: torch.dtype = torch.int64) -> Tensor:
+        """A host list or CPU tensor as a device tensor without a sync (pinned + non_blocking on CUDA)."""
+        t = vals.to(dtype) if isinstance(vals, Tensor) else torch.tensor(vals, dtype=dtype)
         if self.device.type == "cuda":
+            if torch.cuda.is_current_stream_capturing():
+                # The copy would be captured reading this temporary host buffer at every replay.
+                raise RuntimeError("PagedKVCache operations cannot be captured in a CUDA graph directly (their "
+                                   "arguments cross from the host); use cache.graphed_rollback(n) for rollback")
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def _check_ids(self, seq_ids, what: str = "seq_ids") -> list[int]:
-        ids = _as_int_list(seq_ids, what)
-        seen = set()
-        for s in ids:
-            if not 0 <= s < self.max_seqs:
-                raise IndexError(f"{what}: sequence id {s} out of range [0, {self.max_seqs})")
-            if not self._active[s]:
-                raise ValueError(f"{what}: sequence {s} is not active (never added, or freed)")
-            if s in seen:
-                raise ValueError(f"{what}: duplicate sequence id {s}")
-            seen.add(s)
+    def _ids(self, seq_ids, what: str = "seq_ids") -> Tensor:
+        """Validated ids (in range, active, distinct) as a CPU int64 tensor."""
+        ids = _index_tensor(seq_ids, what)
+        self._host.check_ids(ids, what)
         return ids
+
+    def _check_ids(self, seq_ids, what: str = "seq_ids") -> list[int]:
+        return self._ids(seq_ids, what).tolist()
 
     def _check_id(self, seq_id, what: str) -> int:
         if isinstance(seq_id, Tensor) and seq_id.numel() == 1:
@@ -159,57 +197,64 @@ class PagedKVCache:
     def add_sequence(self) -> int:
         """Claim a free sequence slot (length 0) and return its id. Raises ``ValueError`` when all
         ``max_seqs`` slots are in use. No device work (a free slot's row is already −1 / length 0)."""
-        for s in range(self.max_seqs):
-            if not self._active[s]:
-                self._active[s] = True
-                return s
-        raise ValueError(f"add_sequence: all max_seqs={self.max_seqs} sequence slots are in use")
+        free = np.flatnonzero(self._n_active == 0)
+        if not free.size:
+            raise ValueError(f"add_sequence: all max_seqs={self.max_seqs} sequence slots are in use")
+        s = int(free[0])
+        self._n_active[s] = 1
+        return s
 
     def free(self, seq_id: int) -> None:
         """Release sequence ``seq_id``: its pages' refcounts drop (pages reaching 0 are freed) and the slot
         can be reused. Metadata only."""
         s = self._check_id(seq_id, "seq_id")
         self._no_step("free")
-        self._rollback([s], [0])
-        self._active[s] = False
+        self._rollback(torch.tensor([s]), torch.tensor([0]), check_lens=False)
+        self._n_active[s] = 0
 
     @property
     def active_sequences(self) -> list[int]:
-        return [s for s in range(self.max_seqs) if self._active[s]]
+        return np.flatnonzero(self._n_active).tolist()
 
     def length(self, seq_id: int) -> int:
-        """Committed length of ``seq_id`` from the host mirror (no sync)."""
-        return self._lens[self._check_id(seq_id, "seq_id")]
+        """Committed length of ``seq_id`` from the host state (no sync)."""
+        return int(self._n_lens[self._check_id(seq_id, "seq_id")])
 
     def pending(self, seq_id: int) -> int:
         """Tokens appended for ``seq_id`` in the open step (0 when none is open)."""
-        if self._step is None:
-            return 0
-        return dict(zip(self._step["ids"], self._step["counts"], strict=True)).get(seq_id, 0)
+        return 0 if self._step is None else int(self._step["pending"].numpy()[seq_id])
 
     def kv_len(self, layer: int, seq_id: int) -> int:
         """Length attention at ``layer`` should read for ``seq_id``: committed, plus the open step's
         tokens if ``layer`` has appended them."""
         s = self._check_id(seq_id, "seq_id")
-        n = self._lens[s]
+        n = int(self._n_lens[s])
         if self._step is not None and layer in self._step["layers"]:
             n += self.pending(s)
         return n
+
+    def kv_lens(self, layer: int, seq_ids: Tensor) -> Tensor:
+        """:meth:`kv_len` of validated ``seq_ids`` (CPU int64 ``[n]``, from :meth:`_ids`) at once: CPU int64 ``[n]``."""
+        lens = self._h_lens[seq_ids].long()
+        if self._step is not None and layer in self._step["layers"]:
+            lens += self._step["pending"][seq_ids]
+        return lens
 
     def stats(self) -> dict:
         """``pages_used``, ``pages_free``, ``pages_total``, ``sequences`` (active), ``tokens`` (sum of
         committed lengths), ``fragmentation`` = unused slots in allocated pages / allocated slots (a
         page's used slots are the most any sequence referencing it fills; pages of an open step count
         as allocated and unused)."""
-        fill = [0] * self.num_pages
-        ps = self.page_size
-        for s in range(self.max_seqs):
-            for j, p in enumerate(self._pages[s]):
-                fill[p] = max(fill[p], min(ps, max(0, self._lens[s] - j * ps)))
-        used = self.num_pages - len(self._free)
-        frag = 0.0 if used == 0 else 1.0 - sum(fill) / (used * ps)
-        return {"pages_used": used, "pages_free": len(self._free), "pages_total": self.num_pages,
-                "sequences": sum(self._active), "tokens": sum(self._lens), "fragmentation": frag}
+        ps, top = self.page_size, int(self._h_top[0])
+        width = int(self._n_npages.max(initial=0))
+        table = self._h_table[:, :width].numpy()
+        filled = np.clip(self._n_lens[:, None].astype(np.int64) - np.arange(width) * ps, 0, ps)
+        fill = np.zeros(self.num_pages, dtype=np.int64)
+        np.maximum.at(fill, table[table >= 0], filled[table >= 0])
+        used = self.num_pages - top
+        frag = 0.0 if used == 0 else 1.0 - float(fill.sum()) / (used * ps)
+        return {"pages_used": used, "pages_free": top, "pages_total": self.num_pages,
+                "sequences": int(self._n_active.sum()), "tokens": int(self._n_lens.sum()), "fragmentation": frag}
 
     # ------------------------------------------------------------------ append / advance
     def append(self, layer: int, seq_ids, k: Tensor, v: Tensor, counts=None) -> None:
@@ -228,15 +273,18 @@ class PagedKVCache:
         appends once; :meth:`advance` commits. Cost O(new tokens) (plus one page copy per
         copy-on-write). No sync.
         """
-        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise IndexError(f"layer must be an int in [0, {self.num_layers}); got {layer!r}")
-        ids = self._check_ids(seq_ids)
-        cnt = [1] * len(ids) if counts is None else _as_int_list(counts, "counts")
-        if len(cnt) != len(ids):
-            raise ValueError(f"counts has {len(cnt)} entries; seq_ids has {len(ids)}")
-        if any(c < 0 for c in cnt):
-            raise ValueError(f"counts must be >= 0; got {cnt}")
-        total = sum(cnt)
+        st = self._step
+        ids = _index_tensor(seq_ids, "seq_ids")
+        cnt = torch.ones_like(ids) if counts is None else _index_tensor(counts, "counts")
+        if cnt.numel() != ids.numel():
+            raise ValueError(f"counts has {cnt.numel()} entries; seq_ids has {ids.numel()}")
+        if st is None:
+            self._host.check_ids(ids, "seq_ids")
+            if (cnt < 0).any():
+                raise ValueError(f"counts must be >= 0; got {cnt.tolist()}")
+        total = int(cnt.sum())
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, Tensor):
                 raise ValueError(f"{name} must be a tensor; got {type(t).__name__}")
@@ -248,11 +296,11 @@ class PagedKVCache:
                 raise ValueError(f"{name} has dtype {t.dtype}; the cache holds {self.dtype}")
             if t.device != self.device:
                 raise ValueError(f"{name} is on {t.device}; the cache is on {self.device}")
-        st = self._step
         if st is not None:
-            if ids != st["ids"] or cnt != st["counts"]:
-                raise ValueError(f"seq_ids/counts ({ids}, {cnt}) differ from the open step's "
-                                 f"({st['ids']}, {st['counts']}); every layer appends the same tokens")
+            if not (torch.equal(ids, st["ids"]) and torch.equal(cnt, st["counts"])):
+                raise ValueError(f"seq_ids/counts ({ids.tolist()}, {cnt.tolist()}) differ from the open step's "
+                                 f"({st['ids'].tolist()}, {st['counts'].tolist()}); every layer appends the same "
+                                 "tokens")
             if layer in st["layers"]:
                 raise ValueError(f"layer {layer} already appended in this step; call advance() first")
         else:
@@ -261,91 +309,42 @@ class PagedKVCache:
         self.v_pages[layer].index_put_((st["tok_page"], st["tok_slot"]), v)
         st["layers"].add(layer)
 
-    def _open_step(self, ids: list[int], cnt: list[int]) -> dict:
-        ps = self.page_size
-        cap = self.max_pages_per_seq * ps
-        need = 0
-        for s, c in zip(ids, cnt, strict=True):
-            n, end = self._lens[s], self._lens[s] + c
-            if end > cap:
-                raise ValueError(f"counts: sequence {s} would reach {end} tokens; max_pages_per_seq·page_size "
-                                 f"= {cap}")
-            if c == 0:
-                continue
-            need += -(-end // ps) - len(self._pages[s])
-            if n % ps and self._ref[self._pages[s][n // ps]] > 1:
-                need += 1  # copy-on-write
-        if need > len(self._free):
-            raise ValueError(f"counts: the step needs {need} new pages; only {len(self._free)} of "
-                             f"{self.num_pages} are free (pool exhausted)")
-        # Mutate: host mirror first, collecting device updates.
-        cow_src, cow_dst, t_row, t_col, t_val, rc_idx, rc_delta = [], [], [], [], [], [], []
-        tok_page, tok_slot = [], []
-        popped = 0
-        for s, c in zip(ids, cnt, strict=True):
-            n, end = self._lens[s], self._lens[s] + c
-            if c == 0:
-                continue
-            pages = self._pages[s]
-            if n % ps and self._ref[pages[n // ps]] > 1:
-                old, new = pages[n // ps], self._free.pop()
-                popped += 1
-                cow_src.append(old)
-                cow_dst.append(new)
-                pages[n // ps] = new
-                self._ref[old] -= 1
-                self._ref[new] += 1
-                t_row.append(s)
-                t_col.append(n // ps)
-                t_val.append(new)
-                rc_idx += [old, new]
-                rc_delta += [-1, 1]
-            while len(pages) * ps < end:
-                p = self._free.pop()
-                popped += 1
-                t_row.append(s)
-                t_col.append(len(pages))
-                t_val.append(p)
-                pages.append(p)
-                self._ref[p] += 1
-                rc_idx.append(p)
-                rc_delta.append(1)
-            for pos in range(n, end):
-                tok_page.append(pages[pos // ps])
-                tok_slot.append(pos % ps)
-        if cow_src:
+    def _open_step(self, ids: Tensor, cnt: Tensor) -> dict:
+        (tok_page, tok_slot, cow_src, cow_dst, t_row, t_col, t_val, rc_idx, rc_delta,
+         popped) = self._host.plan_step(ids, cnt)  # checks capacity, then updates the host state
+        if cow_src.numel():
             src, dst = self._dev(cow_src), self._dev(cow_dst)
             self.k_pages.index_copy_(1, dst, self.k_pages.index_select(1, src))
             self.v_pages.index_copy_(1, dst, self.v_pages.index_select(1, src))
-        if t_row:
-            self.block_table.index_put_((self._dev(t_row), self._dev(t_col)), self._dev(t_val, torch.int32))
-            self.page_refcount.scatter_add_(0, self._dev(rc_idx), self._dev(rc_delta, torch.int32))
-        if popped:
-            self.free_top.sub_(popped)
-        self._step = {"ids": ids, "counts": cnt, "layers": set(),
+        if self._mirrored:
+            if t_row.numel():
+                self.block_table.index_put_((self._dev(t_row), self._dev(t_col)), self._dev(t_val, torch.int32))
+                self.page_refcount.scatter_add_(0, self._dev(rc_idx), self._dev(rc_delta, torch.int32))
+            if popped:
+                self.free_top.sub_(popped)
+        pending = torch.zeros(self.max_seqs, dtype=torch.int64)
+        pending[ids] = cnt
+        self._step = {"ids": ids, "counts": cnt, "layers": set(), "pending": pending,
                       "tok_page": self._dev(tok_page), "tok_slot": self._dev(tok_slot)}
         return self._step
 
     def advance(self, seq_ids, counts=None) -> None:
         """Commit the open step: ``seq_lens[s] += counts[s]``. ``seq_ids``/``counts`` must equal the
         step's and every layer must have appended; otherwise ``ValueError`` and nothing changes."""
-        ids = _as_int_list(seq_ids, "seq_ids")
-        cnt = [1] * len(ids) if counts is None else _as_int_list(counts, "counts")
+        ids = _index_tensor(seq_ids, "seq_ids")
+        cnt = torch.ones_like(ids) if counts is None else _index_tensor(counts, "counts")
         st = self._step
         if st is None:
             raise ValueError("advance: no step is open (append() every layer first)")
-        if ids != st["ids"] or cnt != st["counts"]:
-            raise ValueError(f"advance: seq_ids/counts ({ids}, {cnt}) differ from the open step's "
-                             f"({st['ids']}, {st['counts']})")
+        if not (torch.equal(ids, st["ids"]) and torch.equal(cnt, st["counts"])):
+            raise ValueError(f"advance: seq_ids/counts ({ids.tolist()}, {cnt.tolist()}) differ from the open step's "
+                             f"({st['ids'].tolist()}, {st['counts'].tolist()})")
         missing = sorted(set(range(self.num_layers)) - st["layers"])
         if missing:
             raise ValueError(f"advance: layers {missing} have not appended in this step (layer count mismatch)")
-        new = []
-        for s, c in zip(ids, cnt, strict=True):
-            self._lens[s] += c
-            new.append(self._lens[s])
-        if ids:
-            self.seq_lens.index_copy_(0, self._dev(ids), self._dev(new, torch.int32))
+        self._h_lens.index_add_(0, ids, cnt.to(torch.int32))
+        if self._mirrored and ids.numel():
+            self.seq_lens.index_copy_(0, self._dev(ids), self._dev(self._h_lens[ids], torch.int32))
         self._step = None
 
     def abort_step(self) -> None:
@@ -355,48 +354,80 @@ class PagedKVCache:
         if st is None:
             return
         self._step = None
-        self._rollback(st["ids"], [self._lens[s] for s in st["ids"]])
+        self._rollback(st["ids"], self._h_lens[st["ids"]].long(), check_lens=False)
 
     # ------------------------------------------------------------------ rollback / fork
     def rollback(self, seq_ids, new_lens) -> None:
         """Set ``seq_lens[seq_ids[i]] = new_lens[i]`` (``0 ≤ new_len ≤ current``), drop block-table entries
         past each new last page, decrement their refcounts and free pages that reach 0.
 
-        Metadata only: no K/V bytes move. O(n · max_pages_per_seq) fixed-shape device ops, no sync
-        (validation uses the host mirror), device half capturable in a CUDA graph.
-        """
-        ids = self._check_ids(seq_ids)
-        lens = _as_int_list(new_lens, "new_lens")
-        if len(lens) != len(ids):
-            raise ValueError(f"new_lens has {len(lens)} entries; seq_ids has {len(ids)}")
-        for s, n in zip(ids, lens, strict=True):
-            if not 0 <= n <= self._lens[s]:
-                raise ValueError(f"new_lens: {n} for sequence {s} is outside [0, current length {self._lens[s]}]")
-        self._no_step("rollback")
-        self._rollback(ids, lens)
+        Args:
+            seq_ids: distinct active sequence ids (ints or a 1-D CPU integer tensor), length ``n``.
+            new_lens: ``n`` lengths (a checkpoint is a length: ``cache.length(s)`` taken earlier).
 
-    def _rollback(self, ids: list[int], lens: list[int]) -> None:
-        if not ids:
-            return
-        ps, P = self.page_size, self.max_pages_per_seq
-        # Host mirror, in the same order the device pushes freed pages (row-major over [n, P], each page
-        # at its last dropped occurrence).
-        last: dict[int, int] = {}
-        for i, (s, n) in enumerate(zip(ids, lens, strict=True)):
-            keep = -(-n // ps)
-            for j in range(keep, len(self._pages[s])):
-                p = self._pages[s][j]
-                self._ref[p] -= 1
-                last[p] = i * P + j
-            del self._pages[s][keep:]
-            self._lens[s] = n
-        freed = sorted((f, p) for p, f in last.items() if self._ref[p] == 0)
-        self._free.extend(p for _, p in freed)
-        self._rollback_device(self._dev(ids), self._dev(lens, torch.int32))
+        Metadata only: no K/V bytes move. Host state: O(n + dropped pages) in C++; device copy (GPU):
+        O(n · max_pages_per_seq) fixed-shape ops, no sync, capturable in a CUDA graph. CPU int64
+        tensors are the fastest arguments (no conversion).
+        """
+        ids = _index_tensor(seq_ids, "seq_ids")
+        lens = _index_tensor(new_lens, "new_lens")
+        if lens.numel() != ids.numel():
+            raise ValueError(f"new_lens has {lens.numel()} entries; seq_ids has {ids.numel()}")
+        self._no_step("rollback")
+        self._rollback(ids, lens, check_lens=True)
+
+    def _rollback(self, ids: Tensor, lens: Tensor, check_lens: bool) -> None:
+        if self._mirrored and ids.numel():
+            dev_ids, dev_lens = self._dev(ids), self._dev(lens, torch.int32)  # before the host state moves
+            self._host.rollback(ids, lens, check_lens)  # validates everything first
+            self._rollback_device(dev_ids, dev_lens)
+        else:
+            self._host.rollback(ids, lens, check_lens)
+
+    def graphed_rollback(self, n: int) -> Callable[[Any, Any], None]:
+        """A rollback of exactly ``n`` sequences whose device half is one CUDA-graph replay (CUDA caches).
+
+        Returns ``rollback(seq_ids, new_lens)`` with :meth:`rollback`'s arguments, checks and effect: it
+        checks and updates the host state, copies the ids and lengths into the graph's static device
+        buffers (pinned memory, ``non_blocking``: no sync) and replays the captured device half
+        (:meth:`_rollback_device`, fixed-shape ops). Capturing here needs no open step; the warm-up run
+        before the capture rolls rows ``0 … n−1`` back to their own lengths, which changes nothing.
+        The graph stays valid for the cache's lifetime (its tensors are never reallocated).
+        """
+        if self.device.type != "cuda":
+            raise ValueError(f"graphed_rollback needs a CUDA cache; this one is on {self.device} (rollback() "
+                             "there is host work only)")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_seqs:
+            raise ValueError(f"n must be an int in [1, max_seqs={self.max_seqs}]; got {n!r}")
+        self._no_step("graphed_rollback")
+        ids = torch.arange(n, device=self.device)
+        lens = self.seq_lens[:n].clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._rollback_device(ids, lens)  # warm-up (allocator, kernels): a no-op on the state
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._rollback_device(ids, lens)
+
+        def rollback(seq_ids: Any, new_lens: Any) -> None:
+            h_ids, h_lens = _index_tensor(seq_ids, "seq_ids"), _index_tensor(new_lens, "new_lens")
+            if h_ids.numel() != n or h_lens.numel() != n:
+                raise ValueError(f"seq_ids and new_lens: this graphed rollback takes exactly {n} sequences; got "
+                                 f"{h_ids.numel()} and {h_lens.numel()}")
+            self._no_step("rollback")
+            self._host.rollback(h_ids, h_lens, True)  # checks everything before changing anything
+            ids.copy_(h_ids.pin_memory(), non_blocking=True)
+            lens.copy_(h_lens.to(torch.int32).pin_memory(), non_blocking=True)
+            graph.replay()
+
+        return rollback
 
     def _rollback_device(self, ids: Tensor, new_lens: Tensor) -> None:
-        """Device half of rollback: ``ids`` int64 ``[n]``, ``new_lens`` int32 ``[n]`` on the cache's device,
-        already validated. Fixed-shape ops only (no sync, CUDA-graph capturable)."""
+        """Device copy of rollback: ``ids`` int64 ``[n]``, ``new_lens`` int32 ``[n]`` on the cache's device,
+        already validated. Fixed-shape ops only (no sync, CUDA-graph capturable). Frees pages in the
+        order the host kernel does (``csrc/kv/kv.h: rollback``)."""
         ps, P = self.page_size, self.max_pages_per_seq
         rows = self.block_table.index_select(0, ids)  # [n, P] int32
         keep = torch.div(new_lens + (ps - 1), ps, rounding_mode="floor")  # [n]
@@ -422,23 +453,23 @@ class PagedKVCache:
         table holds the parent's first ``ceil(length / page_size)`` pages, whose refcounts rise by one.
         The first write into a shared, partially filled page copies it (in :meth:`append`). No sync."""
         s = self._check_id(src_id, "src_id")
-        if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= self._lens[s]:
-            raise ValueError(f"length: {length!r} is outside [0, length of sequence {s} = {self._lens[s]}]")
+        n = int(self._n_lens[s])
+        if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= n:
+            raise ValueError(f"length: {length!r} is outside [0, length of sequence {s} = {n}]")
         self._no_step("fork")
-        if all(self._active):
-            raise ValueError(f"fork: all max_seqs={self.max_seqs} sequence slots are in use")
-        child = self.add_sequence()
-        keep = -(-length // self.page_size)
-        shared = self._pages[s][:keep]
-        self._pages[child] = list(shared)
-        self._lens[child] = length
-        for p in shared:
-            self._ref[p] += 1
-        row = self.block_table[s]
-        col = torch.arange(self.max_pages_per_seq, device=self.device)
-        self.block_table[child] = torch.where(col < keep, row, -1)
-        if keep:
-            self.page_refcount.scatter_add_(0, row[:keep].long(), torch.ones(keep, dtype=torch.int32,
-                                                                            device=self.device))
-        self.seq_lens[child] = length
+        child = self.add_sequence()  # raises when every slot is in use
+        keep = _ceil_div(length, self.page_size)
+        shared = self._h_table[s, :keep]
+        self._h_table[child, :keep] = shared
+        self._h_ref.index_add_(0, shared.long(), torch.ones(keep, dtype=torch.int32))  # distinct within a row
+        self._n_npages[child] = keep
+        self._n_lens[child] = length
+        if self._mirrored:
+            row = self.block_table[s]
+            col = torch.arange(self.max_pages_per_seq, device=self.device)
+            self.block_table[child] = torch.where(col < keep, row, -1)
+            if keep:
+                self.page_refcount.scatter_add_(0, row[:keep].long(), torch.ones(keep, dtype=torch.int32,
+                                                                                device=self.device))
+            self.seq_lens[child] = length
         return child

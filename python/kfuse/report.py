@@ -620,14 +620,16 @@ def _target_cell(r: Row) -> str:
 
 
 def _ratio_table(rows: list[Row]) -> list[str]:
-    """Time / the case's basis beside the target, TFLOP/s and % of the matmul ceiling, and each
-    ``extra`` measurement (LoRA: a GEMM-bound op judged against the GEMM it adds to)."""
+    """Time / the case's basis beside the target, TFLOP/s and % of the matmul ceiling, GB/s and % of
+    the copy ceiling, and each ``extra`` measurement (LoRA: a GEMM-bound op judged against the GEMM
+    it adds to)."""
     extras = list(dict.fromkeys(k for r in rows for k in r.extra))
     head = ["op", "shape", "dtype", "mode", "backend", "time ms", "ratio", "vs", "target", "TFLOP/s", "%mm",
-            *extras, "max err", "check"]
+            "GB/s", "%copy", *extras, "max err", "check"]
     return _render(head, _body(rows, lambda r: [
         *_fixed_cells(r), _fmt(r.time_ms, ".4g"), _fmt(r.ratio, ".3f"), r.ratio_to or "-", _target_cell(r),
-        _fmt(r.tflops, ".4g"), _fmt(r.pct_matmul, ".3g"), *[_fmt(r.extra.get(k), ".4g") for k in extras],
+        _fmt(r.tflops, ".4g"), _fmt(r.pct_matmul, ".3g"), _fmt(r.gbps, ".4g"), _fmt(r.pct_copy, ".3g"),
+        *[_fmt(r.extra.get(k), ".4g") for k in extras],
         _fmt(r.max_err, ".1e"), _check_cell(r),
     ]))
 

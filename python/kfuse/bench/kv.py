@@ -4,15 +4,21 @@ Every row's ``ratio`` is its time over the case's basis, beside the target of is
 a ratio to stay at or under). Cases (``mode``), all on one layer of a :class:`kfuse.kv.PagedKVCache`:
 
 - ``rollback``: ``cache.rollback`` of 256 sequences at a context length (shape ``(256, ctx)``),
-  metadata only. Timed: one ``cache.rollback(ids, lens)`` call, host validation and mirror
-  included (wall clock on the CPU; on CUDA do_bench's events, so a host-bound call is timed by its
-  host time). The first (checked) call rolls every sequence back by ``ctx // 4`` tokens (pages are
-  freed); the timed calls roll back to the current lengths: the device half is the same fixed-shape
-  work whatever is dropped (its cost is O(sequences · max_pages_per_seq)); freeing pages adds only
-  O(freed pages) host work. The K/V pools of these cases have 1 KV head of dim 8 (rollback moves no
-  K/V bytes, so the pool's size does not enter). Basis: the target time itself (10 µs on CUDA,
-  20 µs on the CPU); target ratio 1. Checked once: lengths, block table, refcounts and free list
-  against the expected metadata.
+  metadata only. Timed: one ``cache.rollback(ids, new_lens)`` call with CPU int64 tensors (the
+  fastest argument form; a Python list adds ~7 µs per 256 ids), host checks and host state included
+  (wall clock on the CPU; on CUDA do_bench's events, so a host-bound call is timed by its host time).
+  The first (checked) call rolls every sequence back to ``3/4·ctx``; each timed call then takes every
+  sequence back by one page (256 pages freed per call: the host half is O(sequences + freed pages),
+  the device half the same fixed-shape work whatever is dropped), down to ``ctx/4``, after which one
+  call re-appends (one call in ``ctx / 2 / page``; the median leaves it out). The K/V pools of these
+  cases have 1 KV head of dim 8 (rollback moves no K/V bytes, so the pool's size does not enter).
+  Basis: the target time itself (10 µs on CUDA, 20 µs on the CPU); target ratio 1. Checked once:
+  lengths, block table, refcounts and free list against the expected metadata.
+- ``fork``: ``cache.fork(parent, ctx − page/2)`` of a sequence of ``ctx`` tokens (shape ``(1, ctx)``):
+  metadata only (the shared, partially filled page is copied by the child's first append, not
+  here). Every :data:`FORK_CHILDREN` + 1-th call frees the children instead (the median leaves it
+  out). Basis: 10 µs on CUDA (target ratio 1: the issue's fork target, less its page copy), 20 µs
+  on the CPU (no target).
 - ``append``: one token per sequence for one layer, ``cache.append(0, ids, k, v)`` then
   ``cache.advance(ids)`` (the step of a 1-layer model), at a context length; every
   :data:`APPEND_WRAP`-th call also rolls the sequences back to the case's context (metadata only; so
@@ -32,10 +38,9 @@ a ratio to stay at or under). Cases (``mode``), all on one layer of a :class:`kf
   Basis: ``sdpa``. Target ≤ 1.3 on CUDA.
 
 Attention rows are checked against a float64 reference on the same (low-precision) K/V; the
-``GB/s`` column (``Candidate.extra``) is :func:`bytes_moved` over the time (useful bytes), and the
-JSON rows' ``pct_copy`` is that as % of the copy ceiling measured in the same run.
-The ``cpu`` backend of the attention ops is still the PyTorch reference (float64), so its CPU rows
-are slow until the C++ kernels land.
+``GB/s`` column is :func:`bytes_moved` over the time (useful bytes), and ``%copy`` is that as % of the
+copy ceiling measured in the same run.
+The ``cpu`` backend of the attention ops is the C++ kernels (``csrc/kv/kv_attention_cpu.cpp``).
 """
 
 from __future__ import annotations
@@ -62,7 +67,9 @@ PAGE = 16
 ROLLBACK_SEQS = 256
 #: The append rows roll the sequences back to the case's context every this many calls.
 APPEND_WRAP = 256
-#: Time targets of the rollback rows (ms): its basis.
+#: Children the fork rows make before freeing them all (one call in this many + 1).
+FORK_CHILDREN = 64
+#: Time targets of the rollback and fork rows (ms): their basis.
 ROLLBACK_MS = {"cuda": 0.010, "cpu": 0.020}
 _TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
@@ -77,10 +84,10 @@ def _case(device: torch.device, dtype: torch.dtype, mode: str, batch: int, ctx: 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     """CUDA, bf16, 32 query / 8 KV heads, head dim 128, page 16: rollback of 256 sequences at 1k and 32k
-    tokens (1k and 4k with ``quick``); append at batch 32, 4096 tokens; decode at batch 32, 4096 tokens,
-    uniform and ragged; prefill of 8 × 1024 tokens. CPU, fp32, 8 / 2 heads, head dim 64: rollback of
-    256 sequences at 256 and 2k tokens; append, decode (uniform, ragged) at batch 8, 512 tokens
-    (``quick``; else 2048); prefill of 2 × 256 tokens."""
+    tokens (1k and 4k with ``quick``); fork at the first rollback context; append at batch 32, 4096
+    tokens; decode at batch 32, 4096 tokens, uniform and ragged; prefill of 8 × 1024 tokens. CPU, fp32,
+    8 / 2 heads, head dim 64: rollback of 256 sequences at 256 and 2k tokens; fork at 256; append,
+    decode (uniform, ragged) at batch 8, 512 tokens (``quick``; else 2048); prefill of 2 × 256 tokens."""
     if device.type == "cuda":
         dt, hq, hkv, d, B, ctx = torch.bfloat16, 32, 8, 128, 32, 4096
         roll = (1024, 4096 if quick else 32768)
@@ -90,6 +97,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         roll = (256, 2048)
         pre = (2, 256)
     out = [_case(device, dt, "rollback", ROLLBACK_SEQS, n, 1, 1, 8) for n in roll]
+    out.append(_case(device, dt, "fork", 1, roll[0], 1, 1, 8))
     out.append(_case(device, dt, "append", B, ctx, hq, hkv, d))
     out += [_case(device, dt, "decode", B, ctx, hq, hkv, d, ragged=r) for r in (False, True)]
     out.append(_case(device, dt, "prefill", *pre, hq, hkv, d))
@@ -151,6 +159,8 @@ def target(case: Case) -> float | None:
     cuda = case.device.type == "cuda"
     if case.mode == "rollback":
         return 1.0
+    if case.mode == "fork":
+        return 1.0 if cuda else None
     if case.mode == "append":
         return 1 / 50 if cuda else None
     if case.mode == "decode":
@@ -161,8 +171,8 @@ def target(case: Case) -> float | None:
 
 
 def ratio_basis(case: Case, times: dict[str, float], ceilings: Ceilings) -> tuple[float, str] | None:
-    """Rollback: the target time (10 µs CUDA, 20 µs CPU); append: ``cat``; attention: ``sdpa``."""
-    if case.mode == "rollback":
+    """Rollback, fork: the target time (10 µs CUDA, 20 µs CPU); append: ``cat``; attention: ``sdpa``."""
+    if case.mode in ("rollback", "fork"):
         ms = ROLLBACK_MS["cuda" if case.device.type == "cuda" else "cpu"]
         return ms, f"{ms * 1e3:.0f}us"
     name = "cat" if case.mode == "append" else "sdpa"
@@ -198,7 +208,9 @@ def make_inputs(case: Case, seed: int) -> Inputs:
     T = max(lens)
     spare = APPEND_WRAP if case.mode == "append" else 0
     per_seq = -(-(T + spare) // PAGE)
-    cache = PagedKVCache(1, p["hkv"], p["d"], PAGE, B * per_seq, B, dtype=dt, device=dev, max_pages_per_seq=per_seq)
+    slots = B + (FORK_CHILDREN if case.mode == "fork" else 0)
+    cache = PagedKVCache(1, p["hkv"], p["d"], PAGE, B * per_seq, slots, dtype=dt, device=dev,
+                         max_pages_per_seq=per_seq)
     ids = [cache.add_sequence() for _ in range(B)]
     gen = torch.Generator(dev).manual_seed(seed)
     k = torch.randn(B, p["hkv"], T, p["d"], generator=gen, device=dev).to(dt)
@@ -233,15 +245,29 @@ def gathered(cache: PagedKVCache, seq_id: int) -> tuple[Tensor, Tensor]:
 
 
 def _rollback_run(inp: Inputs, ctx: int) -> Callable[[], Any]:
-    cache, ids = inp.cache, inp.ids
-    first = [ctx - ctx // 4] * len(ids)
+    cache, B = inp.cache, len(inp.ids)
+    ids = torch.tensor(inp.ids)
+    first = ctx - ctx // 4
+    # The timed calls take every sequence back by one page (B pages freed per call), down to ctx // 4,
+    # then one call re-appends up to `first` (one call in len(steps) + 1: the median skips it).
+    steps = [torch.full((B,), n) for n in range(first - PAGE, ctx // 4 - 1, -PAGE)]
+    refill = steps[-1][0].item() if steps else first
+    fill = torch.zeros(B * (first - refill), cache.num_kv_heads, cache.head_dim, dtype=cache.dtype,
+                       device=cache.device)
 
     def run() -> Any:
-        if not inp.state.get("rolled"):
-            inp.state["rolled"] = True
-            cache.rollback(ids, first)
+        st = inp.state
+        if not st.get("rolled"):
+            st["rolled"], st["i"] = True, 0
+            cache.rollback(ids, torch.full((B,), first))
             return "checked"
-        cache.rollback(ids, [cache._lens[s] for s in ids])
+        if st["i"] == len(steps):
+            cache.append(0, ids, fill, fill, [first - refill] * B)
+            cache.advance(ids, [first - refill] * B)
+            st["i"] = 0
+            return None
+        cache.rollback(ids, steps[st["i"]])
+        st["i"] += 1
         return None
 
     return run
@@ -260,7 +286,37 @@ def _rollback_error(case: Case, inp: Inputs) -> Callable[[Any], float]:
         rc.scatter_add_(0, used, torch.ones_like(used, dtype=torch.int32))
         ok = ok and torch.equal(rc, c.page_refcount) and int(c.free_top) == c.num_pages - used.numel()
         free = c.free_stack[: int(c.free_top)].long()
-        ok = ok and bool((rc[free] == 0).all()) and sorted(free.tolist()) == sorted(c._free)
+        host_free = c._h_free[: int(c._h_top[0])].tolist()
+        ok = ok and bool((rc[free] == 0).all()) and sorted(free.tolist()) == sorted(host_free)
+        return 0.0 if ok else 1.0
+    return check
+
+
+def _fork_run(inp: Inputs, ctx: int) -> Callable[[], Any]:
+    cache, parent = inp.cache, inp.ids[0]
+    at = ctx - PAGE // 2  # mid-page: the child's first append would copy that page
+    children: list[int] = []
+
+    def run() -> Any:
+        if len(children) == FORK_CHILDREN:
+            for c in children:
+                cache.free(c)
+            children.clear()
+            return None
+        children.append(cache.fork(parent, at))
+        return children[-1]
+
+    return run
+
+
+def _fork_error(inp: Inputs) -> Callable[[Any], float]:
+    """0 when the first child shares the parent's pages below its length, and their refcounts are 2."""
+    def check(child: Any) -> float:
+        c, parent = inp.cache, inp.ids[0]
+        keep = -(-c.length(child) // PAGE)
+        shared = c.block_table[parent, :keep]
+        ok = torch.equal(c.block_table[child, :keep], shared) and bool((c.block_table[child, keep:] == -1).all())
+        ok = ok and bool((c.page_refcount[shared.long()] == 2).all())
         return 0.0 if ok else 1.0
     return check
 
@@ -304,26 +360,20 @@ def _cat_error(inp: Inputs) -> Callable[[Any], float]:
     return check
 
 
-def _gbps(case: Case) -> Callable[[float], dict[str, float]]:
-    nbytes = bytes_moved(case) or 0
-    return lambda ms: {"GB/s": nbytes / ms / 1e6}
-
-
 def _attn_candidates(case: Case, inp: Inputs) -> list[Candidate]:
     q, ids, cache = inp.q, inp.ids, inp.cache
     op = "paged_decode_attention" if case.mode == "decode" else "paged_prefill_attention"
     skips = backend_skips(backend_reasons(q, op), case.device)
-    extra = _gbps(case)
     out = []
     for name in BACKENDS:
         if skips[name]:
             out.append(Candidate(name, "backend", skip=skips[name]))
         elif case.mode == "decode":
             out.append(Candidate(name, "backend", functools.partial(
-                kfuse.paged_decode_attention, q, cache, 0, ids, backend=name), extra=extra))
+                kfuse.paged_decode_attention, q, cache, 0, ids, backend=name)))
         else:
             out.append(Candidate(name, "backend", functools.partial(
-                kfuse.paged_prefill_attention, q, cache, 0, ids, inp.lens, backend=name), extra=extra))
+                kfuse.paged_prefill_attention, q, cache, 0, ids, inp.lens, backend=name)))
     B, T = case.shape
     k, v = inp.k, inp.v
     if case.mode == "decode":
@@ -341,7 +391,7 @@ def _attn_candidates(case: Case, inp: Inputs) -> list[Candidate]:
         def sdpa() -> Tensor:
             o = F.scaled_dot_product_attention(q4, k, v, is_causal=True, enable_gqa=True)
             return o.transpose(1, 2).flatten(0, 1)  # packed [B·T, Hq, D] (a view)
-    out.append(Candidate("sdpa", "baseline", sdpa, extra=extra))
+    out.append(Candidate("sdpa", "baseline", sdpa))
     return out
 
 
@@ -351,12 +401,13 @@ def candidates(case: Case, inputs: Inputs) -> list[Candidate]:
     ctx = case.shape[1]
     if case.mode == "rollback":
         return [Candidate("kfuse", "backend", _rollback_run(inputs, ctx), error=_rollback_error(case, inputs))]
+    if case.mode == "fork":
+        return [Candidate("kfuse", "backend", _fork_run(inputs, ctx), error=_fork_error(inputs))]
     if case.mode == "append":
         k, v, k1, v1 = inputs.k, inputs.v, inputs.k1.unsqueeze(2), inputs.v1.unsqueeze(2)
-        return [Candidate("kfuse", "backend", _append_run(inputs, ctx), error=_append_error(inputs),
-                          extra=_gbps(case)),
+        return [Candidate("kfuse", "backend", _append_run(inputs, ctx), error=_append_error(inputs)),
                 Candidate("cat", "baseline", lambda: (torch.cat([k, k1], 2), torch.cat([v, v1], 2)),
-                          error=_cat_error(inputs), extra=_gbps(case))]
+                          error=_cat_error(inputs))]
     return _attn_candidates(case, inputs)
 
 
@@ -396,7 +447,7 @@ def tolerance(case: Case) -> float:
 
 def names(case: Case) -> list[str]:
     """The candidates' names for ``case``, in table order (``bench/bench_kv.py`` parametrizes on them)."""
-    if case.mode == "rollback":
+    if case.mode in ("rollback", "fork"):
         return ["kfuse"]
     if case.mode == "append":
         return ["kfuse", "cat"]

@@ -10,8 +10,11 @@ Backends:
   KV head sharing its K/V loads and a deterministic fixed-order merge; prefill is one program per
   (sequence, query head, block of new tokens), causal, over the block table. CUDA tensors, or CPU
   tensors under ``TRITON_INTERPRET=1``.
-- ``cpu``: CPU tensors. **For now this is the PyTorch reference** (float64 dense attention per
-  sequence); C++ kernels come later.
+- ``cpu`` (``csrc/kv/kv_attention_cpu.cpp``): CPU tensors, float32/float64/float16/bfloat16. One OpenMP
+  task per (sequence, KV head, chunk of ``kfuse._C.kv_decode_chunk`` positions) for decode, merged in
+  chunk order, or per (sequence, KV head, block of new tokens) for prefill; the query heads of a KV
+  head share each K/V tile; online softmax in fp32 (fp64 for float64). Bit-identical whatever the
+  thread count and the rest of the batch.
 - ``cuda``: no csrc kernels for these ops yet (always unavailable, with that reason).
 - ``reference``: :mod:`kfuse.reference.kv` (syncs the host; any device).
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -56,8 +60,8 @@ def backend_reasons(q: Tensor, op: str = _DECODE) -> dict[str, list[str]]:
     return {
         "triton": triton,
         "cuda": ["kfuse has no CUDA (csrc) kernels for KV attention yet; the Triton kernel runs CUDA tensors"],
-        # Honest: the cpu backend is the PyTorch reference until the C++ kernels land.
-        "cpu": [] if q.device.type == "cpu" else [f"q is on {q.device.type}, not cpu"],
+        "cpu": _backends.extension_reasons(q.device) + ([] if q.device.type == "cpu" else
+                                                        [f"q is on {q.device.type}, not cpu"]),
         "reference": [],
     }
 
@@ -83,8 +87,26 @@ def _scale(op: str, scale: object, head_dim: int) -> float:
     return float(scale)
 
 
-def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object) -> tuple[list[int], list[int]]:
-    """Checks the arguments both ops share; returns ``(ids, kv lengths)`` from the host mirror."""
+@dataclass
+class _Call:
+    """A validated call's sequences: ``ids``, ``lens`` (kv lengths) as int32 tensors on the cache's
+    device, ``max_len`` (host int, sizes the Triton grid), and ``host_ids`` / ``host_lens`` (CPU int64,
+    None under a trace)."""
+
+    ids: Tensor
+    lens: Tensor
+    max_len: int
+    host_ids: Tensor | None
+    host_lens: Tensor | None
+
+
+def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object) -> _Call:
+    """Checks the arguments both ops share against the cache's host state (no sync).
+
+    Under ``torch.compile`` Dynamo cannot trace the host state's checks (numpy, ``array``, C++): the
+    graph then takes ``seq_ids`` as given (they become constants of the graph), reads the lengths
+    from ``cache.seq_lens`` (and the open step's pending counts) when it runs, and sizes the grid for
+    the longest sequence the block table can hold; the call checks nothing of the sequences then."""
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"kfuse.{op}: cache must be a kfuse.kv.PagedKVCache; got {type(cache).__name__}")
     if not isinstance(q, Tensor):
@@ -100,11 +122,19 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
                          f"a positive multiple of num_kv_heads={cache.num_kv_heads}; got {tuple(q.shape)}")
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cache.num_layers:
         raise IndexError(f"kfuse.{op}: layer must be an int in [0, {cache.num_layers}); got {layer!r}")
+    if _routing.tracing():
+        ids = torch.tensor([int(s) for s in seq_ids], dtype=torch.int64)
+        lens = cache.seq_lens.index_select(0, ids.to(cache.device))
+        if cache._step is not None and layer in cache._step["layers"]:
+            lens = lens + cache._step["pending"].index_select(0, ids).to(cache.device, torch.int32)
+        return _Call(ids.to(cache.device, torch.int32), lens, cache.max_pages_per_seq * cache.page_size, None, None)
     try:
-        ids = cache._check_ids(seq_ids)  # known, active, distinct (the cache's own checks)
+        ids = cache._ids(seq_ids)  # known, active, distinct (the cache's own checks)
     except (ValueError, IndexError) as e:
         raise type(e)(f"kfuse.{op}: {e}") from None
-    return ids, [cache.kv_len(layer, s) for s in ids]
+    lens = cache.kv_lens(layer, ids)
+    return _Call(cache._dev(ids, torch.int32), cache._dev(lens, torch.int32), int(lens.max()) if lens.numel() else 0,
+                 ids, lens)
 
 
 # ---------------------------------------------------------------- implementations
@@ -130,7 +160,9 @@ def _decode_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tenso
         from kfuse.triton_kernels import kv as tk  # noqa: PLC0415 (triton is optional)
 
         return tk.paged_decode(q, k_pages[layer], v_pages[layer], block_table, seq_ids, lens, max_len, scale)
-    # reference, and cpu (the reference for now)
+    if backend == "cpu":
+        return _backends.extension().kv_decode_attention(q.contiguous(), k_pages[layer], v_pages[layer], block_table,
+                                                         seq_ids, lens, scale)
     tc = _TensorCache(k_pages, v_pages, block_table, seq_ids, lens)
     return paged_decode_attention_reference(q, tc, layer, seq_ids.tolist(), scale)
 
@@ -142,7 +174,9 @@ def _prefill_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
 
         return tk.paged_prefill(q, k_pages[layer], v_pages[layer], block_table, seq_ids, lens, q_lens, max_q_len,
                                 scale)
-    # reference, and cpu (the reference for now)
+    if backend == "cpu":
+        return _backends.extension().kv_prefill_attention(q.contiguous(), k_pages[layer], v_pages[layer],
+                                                          block_table, seq_ids, lens, q_lens, scale)
     tc = _TensorCache(k_pages, v_pages, block_table, seq_ids, lens)
     return paged_prefill_attention_reference(q, tc, layer, seq_ids.tolist(), q_lens.tolist(), scale)
 
@@ -231,26 +265,25 @@ def paged_decode_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids, 
         seq_ids: ``B`` distinct active sequence ids (ints or a 1-D CPU integer tensor).
         scale: softmax scale; default ``1/sqrt(D)``.
         backend: ``"auto"`` (``triton`` for CUDA tensors, ``cpu`` for CPU ones), ``"triton"``, ``"cpu"``
-            (currently the PyTorch reference) or ``"reference"``; ``"cuda"`` always raises.
+            (the C++ kernels) or ``"reference"``; ``"cuda"`` always raises.
     Returns:
         ``[B, Hq, D]`` in q's dtype; zeros for a sequence of length 0.
 
     Validation reads the cache's host mirror (no sync). No autograd.
     """
-    ids, lens = _validate(_DECODE, q, cache, layer, seq_ids)
-    if q.shape[0] != len(ids):
-        raise ValueError(f"kfuse.{_DECODE}: q has {q.shape[0]} rows; seq_ids has {len(ids)} (one token per sequence)")
+    call = _validate(_DECODE, q, cache, layer, seq_ids)
+    if q.shape[0] != call.ids.shape[0]:
+        raise ValueError(f"kfuse.{_DECODE}: q has {q.shape[0]} rows; seq_ids has {call.ids.shape[0]} (one token per "
+                         "sequence)")
     sc = _scale(_DECODE, scale, cache.head_dim)
     chosen = _select(_DECODE, backend, q)
     path = _routing.route(chosen, (q,))
-    if path == _routing.REFERENCE and not _routing.tracing():
-        return paged_decode_attention_reference(q, cache, layer, ids, sc)
-    ids_t, lens_t = cache._dev(ids, torch.int32), cache._dev(lens, torch.int32)
-    max_len = max(lens, default=0)
+    if path == _routing.REFERENCE and call.host_ids is not None:
+        return paged_decode_attention_reference(q, cache, layer, call.host_ids.tolist(), sc)
+    args = (q, cache.k_pages, cache.v_pages, cache.block_table, layer, call.ids, call.lens, call.max_len, sc, chosen)
     if path != _routing.EAGER:  # registered; also the reference under a trace (it reads device values)
-        return paged_decode_attention_op(q, cache.k_pages, cache.v_pages, cache.block_table, layer, ids_t, lens_t,
-                                         max_len, sc, chosen)
-    return _decode_impl(q, cache.k_pages, cache.v_pages, cache.block_table, layer, ids_t, lens_t, max_len, sc, chosen)
+        return paged_decode_attention_op(*args)
+    return _decode_impl(*args)
 
 
 def paged_prefill_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids, q_lens, scale: float | None = None,
@@ -260,28 +293,28 @@ def paged_prefill_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids,
     tokens (already appended to this layer); the token at position ``p`` attends causally to ``0 … p``.
 
     Args: as :func:`paged_decode_attention`, plus ``q_lens`` (ints ``>= 0``, one per sequence, summing
-    to q's rows, each at most the sequence's ``kv_len``). Backends as for decode (``cpu`` is the
-    PyTorch reference for now).
+    to q's rows, each at most the sequence's ``kv_len``). Backends as for decode.
     Returns ``[sum(q_lens), Hq, D]`` in q's dtype.
     """
-    ids, lens = _validate(_PREFILL, q, cache, layer, seq_ids)
-    ql = _as_int_list(q_lens, f"kfuse.{_PREFILL}: q_lens")
-    if len(ql) != len(ids) or any(x < 0 for x in ql) or sum(ql) != q.shape[0]:
-        raise ValueError(f"kfuse.{_PREFILL}: q_lens {ql} must have one entry >= 0 per sequence ({len(ids)}) "
+    call = _validate(_PREFILL, q, cache, layer, seq_ids)
+    n = call.ids.shape[0]
+    ql = [int(x) for x in q_lens] if _routing.tracing() else _as_int_list(q_lens, f"kfuse.{_PREFILL}: q_lens")
+    if len(ql) != n or any(x < 0 for x in ql) or sum(ql) != q.shape[0]:
+        raise ValueError(f"kfuse.{_PREFILL}: q_lens {ql} must have one entry >= 0 per sequence ({n}) "
                          f"summing to q's {q.shape[0]} rows")
-    for s, t, n in zip(ids, ql, lens, strict=True):
-        if t > n:
-            raise ValueError(f"kfuse.{_PREFILL}: q_lens: {t} new tokens for sequence {s} but only {n} are cached at "
-                             f"layer {layer} (append first)")
+    if call.host_lens is not None:
+        for s, t, have in zip(call.host_ids.tolist(), ql, call.host_lens.tolist(), strict=True):
+            if t > have:
+                raise ValueError(f"kfuse.{_PREFILL}: q_lens: {t} new tokens for sequence {s} but only {have} are "
+                                 f"cached at layer {layer} (append first)")
     sc = _scale(_PREFILL, scale, cache.head_dim)
     chosen = _select(_PREFILL, backend, q)
     path = _routing.route(chosen, (q,))
-    if path == _routing.REFERENCE and not _routing.tracing():
-        return paged_prefill_attention_reference(q, cache, layer, ids, ql, sc)
-    ids_t, lens_t, ql_t = (cache._dev(x, torch.int32) for x in (ids, lens, ql))
-    max_q = max(ql, default=0)
+    if path == _routing.REFERENCE and call.host_ids is not None:
+        return paged_prefill_attention_reference(q, cache, layer, call.host_ids.tolist(), ql, sc)
+    ql_t = torch.tensor(ql, dtype=torch.int32).to(q.device) if call.host_ids is None else cache._dev(ql, torch.int32)
+    args = (q, cache.k_pages, cache.v_pages, cache.block_table, layer, call.ids, call.lens, ql_t, max(ql, default=0),
+            sc, chosen)
     if path != _routing.EAGER:  # registered; also the reference under a trace (it reads device values)
-        return paged_prefill_attention_op(q, cache.k_pages, cache.v_pages, cache.block_table, layer, ids_t, lens_t,
-                                          ql_t, max_q, sc, chosen)
-    return _prefill_impl(q, cache.k_pages, cache.v_pages, cache.block_table, layer, ids_t, lens_t, ql_t, max_q, sc,
-                         chosen)
+        return paged_prefill_attention_op(*args)
+    return _prefill_impl(*args)

@@ -1,0 +1,142 @@
+// Cache metadata on the host: the state of a CPU cache, or the host mirror of a CUDA one
+// (python/kfuse/kv.py). Every function checks the whole request first and throws
+// std::invalid_argument / std::out_of_range (ValueError / IndexError in Python) before it changes
+// anything, so a bad request leaves the cache exactly as it was.
+//
+// Why C++: rollback of 256 sequences took 0.73 ms (256 tokens of context) to 2.45 ms (2048) in
+// the Python host mirror (a loop over every dropped page), 37-123x the 20 us target; the same work
+// over flat int32 arrays is O(sequences + dropped pages) machine instructions.
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kv.h"
+
+namespace kfuse {
+namespace kv {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+[[noreturn]] void value_error(const std::string& msg) { throw std::invalid_argument(msg); }
+
+}  // namespace
+
+void check_ids(const HostState& st, const int64_t* ids, int64_t n, const char* what) {
+  std::vector<uint8_t> seen(static_cast<size_t>(st.max_seqs), 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t s = ids[i];
+    if (s < 0 || s >= st.max_seqs)
+      throw std::out_of_range(std::string(what) + ": sequence id " + std::to_string(s) + " out of range [0, " +
+                              std::to_string(st.max_seqs) + ")");
+    if (!st.active[s])
+      value_error(std::string(what) + ": sequence " + std::to_string(s) + " is not active (never added, or freed)");
+    if (seen[s]) value_error(std::string(what) + ": duplicate sequence id " + std::to_string(s));
+    seen[s] = 1;
+  }
+}
+
+void rollback(const HostState& st, const int64_t* ids, const int64_t* new_lens, int64_t n, bool check_lens) {
+  check_ids(st, ids, n, "seq_ids");
+  if (check_lens) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t len = st.lens[ids[i]];
+      if (new_lens[i] < 0 || new_lens[i] > len)
+        value_error("new_lens: " + std::to_string(new_lens[i]) + " for sequence " + std::to_string(ids[i]) +
+                    " is outside [0, current length " + std::to_string(len) + "]");
+    }
+  }
+  const int64_t P = st.max_pages;
+  // 1. Drop references past each new last page.
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t* row = st.table + ids[i] * P;
+    for (int64_t j = ceil_div(new_lens[i], st.page_size); j < st.npages[ids[i]]; ++j) --st.ref[row[j]];
+  }
+  // 2. Push the pages that reached 0, in the order the device half (kv.py: _rollback_device) pushes
+  // them: by the flat index i * P + j of each page's last dropped occurrence. Walking backwards,
+  // the first sighting of a page is its last occurrence; -1 marks it as taken until step 3.
+  std::vector<int32_t> freed;
+  for (int64_t i = n - 1; i >= 0; --i) {
+    const int32_t* row = st.table + ids[i] * P;
+    for (int64_t j = st.npages[ids[i]] - 1; j >= ceil_div(new_lens[i], st.page_size); --j) {
+      if (st.ref[row[j]] == 0) {
+        st.ref[row[j]] = -1;
+        freed.push_back(row[j]);
+      }
+    }
+  }
+  int32_t top = *st.free_top;
+  for (auto it = freed.rbegin(); it != freed.rend(); ++it) {
+    st.ref[*it] = 0;
+    st.free_stack[top++] = *it;
+  }
+  *st.free_top = top;
+  // 3. Cut the rows and set the lengths.
+  for (int64_t i = 0; i < n; ++i) {
+    int32_t* row = st.table + ids[i] * P;
+    const int64_t keep = ceil_div(new_lens[i], st.page_size);
+    for (int64_t j = keep; j < st.npages[ids[i]]; ++j) row[j] = -1;
+    st.npages[ids[i]] = static_cast<int32_t>(keep);
+    st.lens[ids[i]] = static_cast<int32_t>(new_lens[i]);
+  }
+}
+
+StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* counts, int64_t n) {
+  check_ids(st, ids, n, "seq_ids");
+  const int64_t ps = st.page_size, P = st.max_pages, cap = P * ps;
+  int64_t need = 0, total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t s = ids[i], c = counts[i], len = st.lens[s], end = len + c;
+    if (c < 0) value_error("counts must be >= 0; got " + std::to_string(c) + " for sequence " + std::to_string(s));
+    if (end > cap)
+      value_error("counts: sequence " + std::to_string(s) + " would reach " + std::to_string(end) +
+                  " tokens; max_pages_per_seq*page_size = " + std::to_string(cap));
+    if (c == 0) continue;
+    total += c;
+    need += ceil_div(end, ps) - st.npages[s];
+    if (len % ps && st.ref[st.table[s * P + len / ps]] > 1) ++need;  // copy-on-write
+  }
+  const int64_t top = *st.free_top;
+  if (need > top)
+    value_error("counts: the step needs " + std::to_string(need) + " new pages; only " + std::to_string(top) +
+                " of " + std::to_string(st.num_pages) + " are free (pool exhausted)");
+  StepPlan plan;
+  plan.tok_page.reserve(total);
+  plan.tok_slot.reserve(total);
+  int32_t t = static_cast<int32_t>(top);
+  auto set_entry = [&](int64_t s, int64_t j, int32_t page) {
+    st.table[s * P + j] = page;
+    plan.tbl_row.push_back(s);
+    plan.tbl_col.push_back(j);
+    plan.tbl_val.push_back(page);
+    ++st.ref[page];
+    plan.rc_idx.push_back(page);
+    plan.rc_delta.push_back(1);
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t s = ids[i], c = counts[i], len = st.lens[s], end = len + c;
+    if (c == 0) continue;
+    int32_t* row = st.table + s * P;
+    if (len % ps && st.ref[row[len / ps]] > 1) {  // the partial last page is shared: copy it first
+      const int32_t old = row[len / ps], fresh = st.free_stack[--t];
+      plan.cow_src.push_back(old);
+      plan.cow_dst.push_back(fresh);
+      --st.ref[old];
+      plan.rc_idx.push_back(old);
+      plan.rc_delta.push_back(-1);
+      set_entry(s, len / ps, fresh);
+    }
+    for (int64_t j = st.npages[s]; j < ceil_div(end, ps); ++j) set_entry(s, j, st.free_stack[--t]);
+    st.npages[s] = static_cast<int32_t>(ceil_div(end, ps));
+    for (int64_t pos = len; pos < end; ++pos) {
+      plan.tok_page.push_back(row[pos / ps]);
+      plan.tok_slot.push_back(pos % ps);
+    }
+  }
+  plan.popped = top - t;
+  *st.free_top = t;
+  return plan;
+}
+
+}  // namespace kv
+}  // namespace kfuse
