@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (offline), run from the repository root:
 #   bash bench/gpu_check.sh            # writes under $OUT (default: gpu_out/)
-#   bash bench/gpu_check.sh --ops lora # op families: deu, lora, kv, or a list (deu,lora,kv = all, the default)
+#   bash bench/gpu_check.sh --ops lora # op families: deu, lora, kv, embedding, or a list (all = every one, the default)
 # --ops deu runs the DEU steps below (as before LoRA existed). --ops lora builds nothing (LoRA has no
 # csrc kernels: its Triton kernels compile at first call; kfuse is imported from python/), runs the
 # LoRA report rows (python -m kfuse --ops lora: forward, backward, multi-adapter, a PEFT training
@@ -15,6 +15,13 @@
 # the short pytest-benchmark pass; expected ~1-2 min for the report (the 32k rollback case spends
 # ~10-20 s filling its cache) and ~2 min for the tests (estimates: not yet run on a GPU). With other
 # ops, KV's cases and tests come after theirs, so the deadline may cut them (recorded as skipped).
+# KV's cache keeps its metadata with C++ kernels, so --ops kv builds the extension (CPU kernels only,
+# unless DEU is named too: its CUDA kernels need the CUDA build).
+# --ops embedding: the embedding report rows (python -m kfuse --ops embedding: the medical shape and
+# FBGEMM's default, forward and a training step with the fused row-wise Adagrad, against the
+# per-table nn.EmbeddingBag loop, dense and sparse), then its CUDA tests (pytest
+# tests/test_embedding.py -m cuda: the Triton kernels compiled) and the short pytest-benchmark pass;
+# expected ~2 min for the report and ~2 for the tests (estimates: not yet run on a GPU).
 # DEU: builds kfuse in place with its CUDA kernels, runs the standalone CUDA microbenchmark (against a
 # baseline commit's kernels, then its tuning-knob A/B builds), compute-sanitizer on odd shapes,
 # the report (python -m kfuse --device cuda; its cases put the target shape first, in every
@@ -34,22 +41,24 @@ while (($#)); do
     case $1 in
         --ops) OPS=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
         --ops=*) OPS=${1#--ops=}; shift ;;
-        *) echo "usage: bash bench/gpu_check.sh [--ops deu|lora|kv|<list>|all]; got '$1'" >&2; exit 2 ;;
+        *) echo "usage: bash bench/gpu_check.sh [--ops deu|lora|kv|embedding|<list>|all]; got '$1'" >&2; exit 2 ;;
     esac
 done
-[[ $OPS == all ]] && OPS=deu,lora,kv
-DEU=0 LORA=0 KV=0
+[[ $OPS == all ]] && OPS=deu,lora,kv,embedding
+DEU=0 LORA=0 KV=0 EMB=0
 IFS=, read -r -a _ops <<<"$OPS"
 for op in "${_ops[@]}"; do
     case $op in
         deu) DEU=1 ;;
         lora) LORA=1 ;;
         kv) KV=1 ;;
-        *) echo "bench/gpu_check.sh: --ops: unknown op '$op' (choose from deu, lora, kv, all)" >&2; exit 2 ;;
+        embedding) EMB=1 ;;
+        *) echo "bench/gpu_check.sh: --ops: unknown op '$op' (choose from deu, lora, kv, embedding, all)" >&2
+           exit 2 ;;
     esac
 done
-((DEU + LORA + KV)) || { echo "bench/gpu_check.sh: --ops: no op named" >&2; exit 2; }
-OPS=$( ((DEU)) && echo deu; ((LORA)) && echo lora; ((KV)) && echo kv)
+((DEU + LORA + KV + EMB)) || { echo "bench/gpu_check.sh: --ops: no op named" >&2; exit 2; }
+OPS=$( ((DEU)) && echo deu; ((LORA)) && echo lora; ((KV)) && echo kv; ((EMB)) && echo embedding)
 OPS=${OPS//$'\n'/,}
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT/report"
@@ -133,15 +142,16 @@ import_in_place() {
     [[ -e python/kfuse/triton_kernels || ! -d triton_kernels ]] || ln -s ../../triton_kernels python/kfuse/triton_kernels
     export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 }
-if ((!DEU)); then
-    # LoRA / KV without DEU: no csrc kernels to build (~2 min saved); its Triton kernels compile at first call.
+if ((!DEU && !KV)); then
+    # LoRA / embedding alone: no csrc kernels needed (~2 min saved); their Triton kernels compile at first call.
     echo "== build: skipped (--ops $OPS: no csrc kernels needed); kfuse imported from python/" >>"$OUT/build.log"
     import_in_place
-# Build in place with CUDA; pip cannot download here, so no build isolation and no deps.
-elif ! step build "$OUT/build.log" 240 env KFUSE_CUDA=1 MAX_JOBS=16 \
+# Build in place (CUDA kernels for DEU; KV needs only the CPU ones); pip cannot download here, so no
+# build isolation and no deps.
+elif ! step build "$OUT/build.log" 240 env KFUSE_CUDA=$DEU MAX_JOBS=16 \
     python3 -m pip install --no-build-isolation --no-deps -e .; then
     # Fallback: build the extension next to the sources and import kfuse from python/.
-    step build-inplace "$OUT/build.log" 240 env KFUSE_CUDA=1 MAX_JOBS=16 python3 setup.py build_ext --inplace
+    step build-inplace "$OUT/build.log" 240 env KFUSE_CUDA=$DEU MAX_JOBS=16 python3 setup.py build_ext --inplace
     import_in_place
 fi
 python3 -c 'import kfuse; print("kfuse.availability():", kfuse.availability())' >>"$OUT/build.log" 2>&1
@@ -179,11 +189,14 @@ step report "$OUT/report.log" "$budget" python3 -m kfuse --device cuda --ops "$O
 LORA_TESTS=(tests/test_lora.py)
 OWN_TESTS=("${LORA_TESTS[@]}")
 ((KV)) && OWN_TESTS+=(tests/test_kv.py)
+((EMB)) && OWN_TESTS+=(tests/test_embedding.py)
 ((DEU)) && step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda \
     "${OWN_TESTS[@]/#/--ignore=}" ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 ((LORA)) && step tests-lora "$OUT/tests.log" 180 python3 -m pytest "${LORA_TESTS[@]}" -q -rfE -m cuda \
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 ((KV)) && step tests-kv "$OUT/tests.log" 150 python3 -m pytest tests/test_kv.py -q -rfE -m cuda \
+    --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
+((EMB)) && step tests-emb "$OUT/tests.log" 150 python3 -m pytest tests/test_embedding.py -q -rfE -m cuda \
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 # Whether the fwd+bwd step through autograd is host-bound, and what runs besides the kernels
 # (bf16's step took ~230 us more than its kernels on 2026-11-26; fp32's did not).
@@ -211,6 +224,7 @@ BENCH=()
 ((DEU)) && BENCH+=(bench/bench_deu.py)
 ((LORA)) && BENCH+=(bench/bench_lora.py)
 ((KV)) && BENCH+=(bench/bench_kv.py)
+((EMB)) && BENCH+=(bench/bench_embedding.py)
 step bench "$OUT/bench.log" 60 python3 -m pytest "${BENCH[@]}" --benchmark-only -q -k "not compile and not step" \
     --benchmark-max-time=0.2 --benchmark-min-rounds=3 --benchmark-columns=min,median,rounds
 

@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "deu/deu.h"
+#include "embedding/embedding.h"
 #include "kv/kv.h"
 
 #if __has_include("kfuse_sources_hash.h")
@@ -275,6 +276,163 @@ at::Tensor kv_prefill_attention(const at::Tensor& q, const at::Tensor& k_pages, 
   return out;
 }
 
+// ---- embedding -------------------------------------------------------------------------
+// One call's tables and bags, checked: tensor invariants here (TORCH_CHECK), the values by
+// kfuse::embedding::validate (std::invalid_argument / std::out_of_range: ValueError / IndexError
+// naming the argument and the position). Holds the pointer arrays the kernel structs point into,
+// so it is neither copied nor moved.
+class EmbeddingCall {
+ public:
+  EmbeddingCall(const std::vector<at::Tensor>& weights, const at::Tensor& indices, const at::Tensor& offsets,
+                const std::vector<int64_t>& feature_table, const std::vector<int64_t>& padding_idx, int64_t pooling,
+                const std::optional<at::Tensor>& psw)
+      : feature_table_(feature_table), padding_idx_(padding_idx) {
+    TORCH_CHECK(!weights.empty(), "kfuse: weights must hold at least one table");
+    const int64_t T = static_cast<int64_t>(weights.size());
+    for (int64_t t = 0; t < T; ++t) {
+      const at::Tensor& w = weights[t];
+      TORCH_CHECK(w.is_cpu() && w.dim() == 2 && w.is_contiguous() && w.scalar_type() == weights[0].scalar_type(),
+                  "kfuse: weights[", t, "] must be a contiguous 2-D CPU tensor of weights[0]'s dtype");
+      check_memory(w, "weights");
+      ptrs_.push_back(w.data_ptr());
+      rows_.push_back(w.size(0));
+      dims_.push_back(w.size(1));
+    }
+    TORCH_CHECK(static_cast<int64_t>(padding_idx.size()) == T, "kfuse: padding_idx must have one entry per table");
+    TORCH_CHECK(indices.is_cpu() && indices.dim() == 1 && indices.is_contiguous() && offsets.is_cpu() &&
+                    offsets.dim() == 1 && offsets.is_contiguous() && offsets.scalar_type() == indices.scalar_type() &&
+                    (indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong),
+                "kfuse: indices and offsets must be contiguous 1-D CPU tensors, both int32 or both int64");
+    check_memory(indices, "indices");
+    check_memory(offsets, "offsets");
+    const int64_t F = static_cast<int64_t>(feature_table.size()), N = indices.numel();
+    if (psw) {
+      TORCH_CHECK(psw->is_cpu() && psw->dim() == 1 && psw->is_contiguous() &&
+                      psw->scalar_type() == acc_type(weights[0]),
+                  "kfuse: per_sample_weights must be a contiguous 1-D CPU tensor in the accumulation dtype");
+      check_memory(*psw, "per_sample_weights");
+      if (psw->numel() != N)
+        throw std::invalid_argument("per_sample_weights must have one weight per index: " + std::to_string(N) +
+                                    " indices, " + std::to_string(psw->numel()) + " weights");
+    }
+    tables = {to_dtype(weights[0]), T, ptrs_.data(), rows_.data(), dims_.data(), padding_idx_.data()};
+    bags = {indices.const_data_ptr(), offsets.const_data_ptr(), indices.scalar_type() == at::kLong, N, F,
+            F > 0 ? (offsets.numel() - 1) / F : 0, feature_table_.data(), pooling,
+            psw ? psw->const_data_ptr() : nullptr};
+    kfuse::embedding::validate(tables, bags, offsets.numel());
+    width = kfuse::embedding::out_width(tables, bags);
+    options = weights[0].options();
+  }
+  EmbeddingCall(const EmbeddingCall&) = delete;
+  EmbeddingCall& operator=(const EmbeddingCall&) = delete;
+
+  void check_grad_out(const at::Tensor& grad_out) const {
+    TORCH_CHECK(grad_out.is_cpu() && grad_out.is_contiguous() && grad_out.dim() == 2 && grad_out.size(0) == bags.B &&
+                    grad_out.size(1) == width && grad_out.scalar_type() == options.dtype(),
+                "kfuse: grad_out must be a contiguous [", bags.B, ", ", width, "] CPU tensor of the tables' dtype");
+    check_memory(grad_out, "grad_out");
+  }
+
+  kfuse::embedding::Tables tables{};
+  kfuse::embedding::Bags bags{};
+  int64_t width = 0;
+  at::TensorOptions options;
+
+ private:
+  std::vector<void*> ptrs_;
+  std::vector<int64_t> rows_, dims_, feature_table_, padding_idx_;
+};
+
+// [B, out_width] in the tables' dtype.
+at::Tensor embedding_forward(const std::vector<at::Tensor>& weights, const at::Tensor& indices,
+                             const at::Tensor& offsets, const std::vector<int64_t>& feature_table,
+                             const std::vector<int64_t>& padding_idx, int64_t pooling,
+                             const std::optional<at::Tensor>& per_sample_weights) {
+  const EmbeddingCall c(weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights);
+  at::Tensor out = at::empty({c.bags.B, c.width}, c.options);
+  if (out.numel() > 0) kfuse::embedding::forward_cpu(c.tables, c.bags, out.data_ptr(), at::get_num_threads());
+  return out;
+}
+
+// Per table, in order: (unique rows int64 [U] ascending, their gradients [U, dim] in the accumulation
+// dtype).
+std::vector<std::tuple<at::Tensor, at::Tensor>> embedding_backward_sparse(
+    const at::Tensor& grad_out, const std::vector<at::Tensor>& weights, const at::Tensor& indices,
+    const at::Tensor& offsets, const std::vector<int64_t>& feature_table, const std::vector<int64_t>& padding_idx,
+    int64_t pooling, const std::optional<at::Tensor>& per_sample_weights) {
+  const EmbeddingCall c(weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights);
+  c.check_grad_out(grad_out);
+  const int nt = at::get_num_threads();
+  const kfuse::embedding::Plan plan = kfuse::embedding::plan_backward(c.tables, c.bags, nt);
+  std::vector<std::tuple<at::Tensor, at::Tensor>> result;
+  std::vector<void*> grads;
+  for (size_t t = 0; t < weights.size(); ++t) {
+    const std::vector<int64_t>& r = plan.tables[t].rows;
+    at::Tensor rows = at::empty({static_cast<int64_t>(r.size())}, at::kLong);
+    std::copy(r.begin(), r.end(), rows.data_ptr<int64_t>());
+    at::Tensor g = at::empty({rows.size(0), weights[t].size(1)}, c.options.dtype(acc_type(weights[0])));
+    grads.push_back(g.data_ptr());
+    result.emplace_back(rows, g);
+  }
+  kfuse::embedding::backward_sparse_cpu(c.tables, c.bags, plan, grad_out.const_data_ptr(), grads.data(), nt);
+  return result;
+}
+
+// grad of per_sample_weights: [N] in the accumulation dtype.
+at::Tensor embedding_backward_psw(const at::Tensor& grad_out, const std::vector<at::Tensor>& weights,
+                                  const at::Tensor& indices, const at::Tensor& offsets,
+                                  const std::vector<int64_t>& feature_table, const std::vector<int64_t>& padding_idx) {
+  const EmbeddingCall c(weights, indices, offsets, feature_table, padding_idx, 0, std::nullopt);
+  c.check_grad_out(grad_out);
+  at::Tensor grad_psw = at::empty({c.bags.N}, c.options.dtype(acc_type(weights[0])));
+  if (c.bags.N > 0)
+    kfuse::embedding::backward_psw_cpu(c.tables, c.bags, grad_out.const_data_ptr(), grad_psw.data_ptr(),
+                                       at::get_num_threads());
+  return grad_psw;
+}
+
+// The backward with a fused optimizer: updates weights (and the states) in place.
+void embedding_backward_fused(const at::Tensor& grad_out, const std::vector<at::Tensor>& weights,
+                              const at::Tensor& indices, const at::Tensor& offsets,
+                              const std::vector<int64_t>& feature_table, const std::vector<int64_t>& padding_idx,
+                              int64_t pooling, const std::optional<at::Tensor>& per_sample_weights,
+                              const std::string& optimizer, const std::vector<at::Tensor>& states1,
+                              const std::vector<at::Tensor>& states2, double lr, double eps, double beta1,
+                              double beta2, double weight_decay, int64_t step, int64_t seed) {
+  using kfuse::embedding::Optimizer;
+  Optimizer kind;
+  if (optimizer == "sgd") kind = Optimizer::sgd;
+  else if (optimizer == "rowwise_adagrad") kind = Optimizer::rowwise_adagrad;
+  else if (optimizer == "adam") kind = Optimizer::adam;
+  else throw std::invalid_argument("optimizer must be 'sgd', 'rowwise_adagrad' or 'adam'; got '" + optimizer + "'");
+  if (step < 1) throw std::invalid_argument("step must be >= 1 (the update count, this one included); got " +
+                                            std::to_string(step));
+  const EmbeddingCall c(weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights);
+  c.check_grad_out(grad_out);
+  // States: rowwise_adagrad one per row [rows], adam m and v [rows, dim], in the accumulation dtype.
+  const size_t n1 = kind == Optimizer::sgd ? 0 : weights.size(), n2 = kind == Optimizer::adam ? weights.size() : 0;
+  TORCH_CHECK(states1.size() == n1 && states2.size() == n2, "kfuse: ", optimizer, " takes ", n1, " states1 and ", n2,
+              " states2 tensors (one per table); got ", states1.size(), " and ", states2.size());
+  std::vector<void*> s1, s2;
+  auto check_state = [&](const at::Tensor& s, const at::Tensor& w, bool per_row, const char* name) {
+    TORCH_CHECK(s.is_cpu() && s.is_contiguous() && s.scalar_type() == acc_type(w) &&
+                    (per_row ? s.dim() == 1 && s.size(0) == w.size(0) : s.sizes() == w.sizes()),
+                "kfuse: each of ", name, " must be a contiguous CPU tensor in the accumulation dtype, ",
+                per_row ? "[rows] of its table" : "shaped like its table");
+    check_memory(s, name);
+    return s.data_ptr();
+  };
+  for (size_t t = 0; t < n1; ++t)
+    s1.push_back(check_state(states1[t], weights[t], kind == Optimizer::rowwise_adagrad, "states1"));
+  for (size_t t = 0; t < n2; ++t) s2.push_back(check_state(states2[t], weights[t], false, "states2"));
+  const kfuse::embedding::OptimizerArgs opt{kind, lr, eps, beta1, beta2, weight_decay, step,
+                                            static_cast<uint32_t>(seed), n1 ? s1.data() : nullptr,
+                                            n2 ? s2.data() : nullptr};
+  const int nt = at::get_num_threads();
+  const kfuse::embedding::Plan plan = kfuse::embedding::plan_backward(c.tables, c.bags, nt);
+  kfuse::embedding::backward_fused_cpu(c.tables, c.bags, plan, grad_out.const_data_ptr(), opt, nt);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -313,4 +471,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "kv_decode_attention; returns out like q",
         py::arg("q"), py::arg("k_pages"), py::arg("v_pages"), py::arg("block_table"), py::arg("seq_ids"),
         py::arg("lens"), py::arg("q_lens"), py::arg("scale"));
+  m.def("embedding_forward", &embedding_forward,
+        "Multi-table embedding bags (CPU): weights [T] tables [rows_t, dim_t] of one dtype, indices [N] and offsets "
+        "[F * B + 1] (int32 or int64, feature-major), feature_table [F], padding_idx [T] (-1 = none), pooling "
+        "(0 sum, 1 mean), per_sample_weights [N] in the accumulation dtype or None; returns [B, out_width]",
+        py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("feature_table"), py::arg("padding_idx"),
+        py::arg("pooling"), py::arg("per_sample_weights"));
+  m.def("embedding_backward_sparse", &embedding_backward_sparse,
+        "Row-sparse gradient of each table: a list of (unique rows int64 [U] ascending, grads [U, dim_t] in the "
+        "accumulation dtype); deterministic",
+        py::arg("grad_out"), py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("feature_table"),
+        py::arg("padding_idx"), py::arg("pooling"), py::arg("per_sample_weights"));
+  m.def("embedding_backward_psw", &embedding_backward_psw,
+        "Gradient of per_sample_weights (sum pooling): [N] in the accumulation dtype",
+        py::arg("grad_out"), py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("feature_table"),
+        py::arg("padding_idx"));
+  m.def("embedding_backward_fused", &embedding_backward_fused,
+        "Backward with a fused optimizer ('sgd', 'rowwise_adagrad' with states1 [rows_t], 'adam' with states1 = m "
+        "and states2 = v [rows_t, dim_t]; states in the accumulation dtype): updates weights and states in place; "
+        "fp16/bf16 tables round stochastically from (seed, step, table, row, col)",
+        py::arg("grad_out"), py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("feature_table"),
+        py::arg("padding_idx"), py::arg("pooling"), py::arg("per_sample_weights"), py::arg("optimizer"),
+        py::arg("states1"), py::arg("states2"), py::arg("lr"), py::arg("eps"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("weight_decay"), py::arg("step"), py::arg("seed"));
 }

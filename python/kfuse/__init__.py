@@ -1,8 +1,11 @@
 """kfuse: fused PyTorch kernels (Triton, CUDA and C++ CPU) with PyTorch references.
 
 Ops: :func:`kfuse.deu` (per-neuron Differential Equation Unit activations),
-:func:`kfuse.lora_linear` and :func:`kfuse.lora_linear_multi` (LoRA-adapted linear layers).
-Modules: :class:`kfuse.nn.DEU`, :class:`kfuse.nn.LoRALinear`, :class:`kfuse.nn.MultiLoRALinear`.
+:func:`kfuse.lora_linear` and :func:`kfuse.lora_linear_multi` (LoRA-adapted linear layers),
+:func:`kfuse.paged_decode_attention` and :func:`kfuse.paged_prefill_attention` (over a
+:class:`kfuse.kv.PagedKVCache`), :func:`kfuse.embedding_bag` and :func:`kfuse.multi_embedding_bag`.
+Modules: :class:`kfuse.nn.DEU`, :class:`kfuse.nn.LoRALinear`, :class:`kfuse.nn.MultiLoRALinear`,
+:class:`kfuse.nn.EmbeddingBag`, :class:`kfuse.nn.MultiTableEmbeddingBag`.
 ``python -m kfuse`` checks and times every backend.
 ``kfuse.availability()`` says which backends this machine can run, and why not.
 """
@@ -12,11 +15,12 @@ import torch  # noqa: F401  (the extension needs torch loaded first)
 from kfuse import kv, nn, reference
 from kfuse._backends import BackendUnavailableError, availability
 from kfuse.ops.deu import deu
+from kfuse.ops.embedding import embedding_bag, multi_embedding_bag
 from kfuse.ops.kv import paged_decode_attention, paged_prefill_attention
 from kfuse.ops.lora import lora_linear, lora_linear_multi
 
 __all__ = [
-    "BackendUnavailableError", "availability", "deu", "kv", "lora_linear", "lora_linear_multi", "nn",
-    "paged_decode_attention", "paged_prefill_attention", "reference",
+    "BackendUnavailableError", "availability", "deu", "embedding_bag", "kv", "lora_linear", "lora_linear_multi",
+    "multi_embedding_bag", "nn", "paged_decode_attention", "paged_prefill_attention", "reference",
 ]
 __version__ = "0.1.0"

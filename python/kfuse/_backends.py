@@ -152,6 +152,13 @@ def select_for(op: str, requested: str, device: torch.device, dtype: torch.dtype
     return chosen
 
 
+def check_backend_name(op: str, backend: object) -> None:
+    """``ValueError`` unless ``backend`` is ``"auto"`` or one of :data:`BACKENDS` (the registered ops'
+    fake kernels check it at trace time, before any reasons exist)."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"kfuse.{op}: backend must be 'auto' or one of {sorted(BACKENDS)}; got {backend!r}")
+
+
 def availability() -> dict[str, str]:
     """For each backend, ``"available"`` or why it is not (on this machine, any op)."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

@@ -71,10 +71,6 @@ def _select(op: str, backend: str, q: Tensor) -> str:
                                 _ORDER.get(q.device.type, ("reference",)))
 
 
-def _check_backend_name(op: str, backend: object) -> None:
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
-        raise ValueError(f"kfuse.{op}: backend must be 'auto' or one of {sorted(BACKENDS)}; got {backend!r}")
-
 
 # ---------------------------------------------------------------- validation
 
@@ -225,7 +221,7 @@ def paged_decode_attention_op(q: Tensor, k_pages: Tensor, v_pages: Tensor, block
 
 @paged_decode_attention_op.register_fake
 def _(q, k_pages, v_pages, block_table, layer, seq_ids, lens, max_len, scale, backend):
-    _check_backend_name(_DECODE, backend)
+    _backends.check_backend_name(_DECODE, backend)
     return q.new_empty(q.shape)
 
 
@@ -245,7 +241,7 @@ def paged_prefill_attention_op(q: Tensor, k_pages: Tensor, v_pages: Tensor, bloc
 
 @paged_prefill_attention_op.register_fake
 def _(q, k_pages, v_pages, block_table, layer, seq_ids, lens, q_lens, max_q_len, scale, backend):
-    _check_backend_name(_PREFILL, backend)
+    _backends.check_backend_name(_PREFILL, backend)
     return q.new_empty(q.shape)
 
 

@@ -223,11 +223,6 @@ def _select(op: str, backend: str, x: Tensor) -> str:
                                 _ORDER.get(x.device.type, ("reference",)))
 
 
-def _check_backend_name(op: str, backend: object) -> None:
-    """The registered ops' fakes: the backend string is checked at trace time too."""
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
-        raise ValueError(f"kfuse.{op}: backend must be 'auto' or one of {sorted(BACKENDS)}; got {backend!r}")
-
 
 # ---------------------------------------------------------------- dropout seeds and masks
 
@@ -479,7 +474,7 @@ def lora_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scal
 @lora_forward.register_fake
 def _(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Tensor | None,
       lora_bias: Tensor | None, dropout_p: float, fan_in_fan_out: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    _check_backend_name("lora_forward", backend)
+    _backends.check_backend_name("lora_forward", backend)
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     y = x.new_empty((*x.shape[:-1], N))
     S = x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]), dtype=acc_dtype(x.dtype))
@@ -525,7 +520,7 @@ def _(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
       seed: Tensor, dropout_p: float, fan_in_fan_out: bool, need_x: bool, need_weight: bool, need_A: bool,
       need_B: bool, need_bias: bool, need_lora_bias: bool,
       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _check_backend_name("lora_backward", backend)
+    _backends.check_backend_name("lora_backward", backend)
     N = grad_y.shape[-1]
     shapes = (x.shape, weight.shape, lora_A.shape, lora_B.shape, (N,), (N,))
     likes = (x, weight, lora_A, lora_B, x, lora_A)
@@ -576,7 +571,7 @@ def lora_multi_forward(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tens
 @lora_multi_forward.register_fake
 def _(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, scalings: Tensor, ranks: Tensor,
       adapter_ids: Tensor, bias: Tensor | None, fan_in_fan_out: bool, backend: str) -> Tensor:
-    _check_backend_name("lora_multi_forward", backend)
+    _backends.check_backend_name("lora_multi_forward", backend)
     return x.new_empty((*x.shape[:-1], weight.shape[1] if fan_in_fan_out else weight.shape[0]))
 
 

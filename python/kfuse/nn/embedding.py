@@ -1,0 +1,296 @@
+"""Embedding-bag modules on kfuse's kernels: a drop-in for ``torch.nn.EmbeddingBag`` and a
+multi-table bag in the FBGEMM/TorchRec layout, optionally with a fused sparse optimizer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kfuse import _backends
+from kfuse.ops import embedding as E
+from kfuse.reference.embedding import (
+    acc_dtype,
+    adam_update,
+    rounding_bits,
+    rowwise_adagrad_update,
+    sgd_update,
+    stochastic_round,
+)
+
+__all__ = ["EmbeddingBag", "MultiTableEmbeddingBag", "OPTIMIZERS"]
+
+#: The fused optimizers of :class:`MultiTableEmbeddingBag` (``optimizer=``).
+OPTIMIZERS = ("sgd", "rowwise_adagrad", "adam")
+
+
+class EmbeddingBag(nn.Module):
+    """``torch.nn.EmbeddingBag`` (``sum``/``mean``) computed by :func:`kfuse.embedding_bag`.
+
+    Args: ``num_embeddings``, ``embedding_dim``, ``mode`` (``"mean"`` by default, as torch),
+    ``padding_idx``, ``include_last_offset``, ``sparse``, ``_weight``, ``device``, ``dtype`` as torch's
+    (``max_norm``, ``scale_grad_by_freq`` and ``mode="max"`` are not supported); ``backend`` for the op.
+    The parameter is ``weight [num_embeddings, embedding_dim]`` (initialised ``N(0, 1)``, the padding
+    row zero), so ``state_dict`` is interchangeable with torch's module. ``forward(input, offsets=None,
+    per_sample_weights=None)`` → ``[B, embedding_dim]``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, mode: str = "mean", padding_idx: int | None = None,
+                 include_last_offset: bool = False, sparse: bool = False, _weight: Tensor | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if mode not in ("sum", "mean"):
+            raise ValueError(f"mode must be 'sum' or 'mean' (kfuse has no 'max'); got {mode!r}")
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}); got {padding_idx}")
+            padding_idx %= num_embeddings
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.mode, self.padding_idx, self.include_last_offset = mode, padding_idx, include_last_offset
+        self.sparse, self.backend = sparse, backend
+        if _weight is None:
+            self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+            self.reset_parameters()
+        else:
+            if tuple(_weight.shape) != (num_embeddings, embedding_dim):
+                raise ValueError(f"_weight must be [{num_embeddings}, {embedding_dim}]; got {tuple(_weight.shape)}")
+            self.weight = _weight if isinstance(_weight, nn.Parameter) else nn.Parameter(_weight)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.weight[self.padding_idx].fill_(0)
+
+    @classmethod
+    def from_torch(cls, module: nn.EmbeddingBag, backend: str = "auto") -> EmbeddingBag:
+        """A kfuse module sharing ``module``'s weight (not copied)."""
+        if module.mode not in ("sum", "mean") or module.max_norm is not None or module.scale_grad_by_freq:
+            raise ValueError("from_torch: kfuse.nn.EmbeddingBag supports mode 'sum'/'mean' without max_norm or "
+                             "scale_grad_by_freq")
+        return cls(module.num_embeddings, module.embedding_dim, module.mode, module.padding_idx,
+                   module.include_last_offset, module.sparse, _weight=module.weight, backend=backend)
+
+    def forward(self, input: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
+        return E.embedding_bag(input, self.weight, offsets, self.mode, per_sample_weights, self.include_last_offset,
+                               self.padding_idx, self.sparse, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}, padding_idx={self.padding_idx}, "
+                f"sparse={self.sparse}, backend={self.backend!r}")
+
+
+class MultiTableEmbeddingBag(nn.Module):
+    """Many embedding tables pooled in one call (:func:`kfuse.multi_embedding_bag`).
+
+    Args:
+        tables: ``(rows, dim)`` of each table.
+        feature_table_map: the table of each feature (default: one feature per table); several
+            features may share a table.
+        mode: ``"sum"`` (weighted when ``per_sample_weights`` is given) or ``"mean"``.
+        padding_idx: skipped row, an int for every table or one entry per table (None: none).
+        sparse: gradients as coalesced sparse tensors (eager; for ``torch.optim.SparseAdam`` & co.).
+        dtype, device: of the tables (float32, float16, bfloat16; float64 on the CPU).
+        optimizer: None (ordinary autograd gradients), or a fused optimizer — ``"sgd"``,
+            ``"rowwise_adagrad"`` (FBGEMM's exact row-wise Adagrad) or ``"adam"`` — that updates the
+            tables inside the backward, one update per unique row after summing duplicates; the
+            tables then get no ``.grad`` and must not be handed to another optimizer. fp16/bf16
+            tables are rounded stochastically (seeded by ``seed`` and the step: reproducible).
+        lr, eps, beta1, beta2, weight_decay: the fused optimizer's hyper-parameters.
+        seed: of the stochastic rounding.
+        process_group: with a fused optimizer under data parallelism, the group whose row-sparse
+            gradients are all-gathered and summed (in rank order) before the update, so every rank
+            applies the same update; None: no communication.
+        backend: of the op (``"auto"``, ``"cpu"``, ``"reference"``).
+
+    Parameters: ``weights.{t}`` ``[rows_t, dim_t]``, initialised uniformly in ``±sqrt(1/rows_t)`` (FBGEMM's
+    choice), padding rows zero. Fused-optimizer state lives in buffers (``state_dict`` saves and
+    restores it, with the step count): ``momentum1_{t}`` (row-wise Adagrad ``[rows_t]``; Adam's m
+    ``[rows_t, dim_t]``), ``momentum2_{t}`` (Adam's v), float32 (float64 for float64 tables), and ``step``.
+
+    ``forward(indices, offsets, per_sample_weights=None)`` with flat ``indices [N]`` and ``offsets
+    [F·B + 1]`` (feature-major), or a TorchRec ``KeyedJaggedTensor`` (its keys in feature order) →
+    ``[B, Σ_f dim_{table(f)}]``.
+    """
+
+    def __init__(self, tables: Sequence[tuple[int, int]], feature_table_map: Sequence[int] | None = None,
+                 mode: str = "sum", padding_idx: int | Sequence[int | None] | None = None, sparse: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 optimizer: str | None = None, lr: float = 0.01, eps: float = 1e-8, beta1: float = 0.9,
+                 beta2: float = 0.999, weight_decay: float = 0.0, seed: int = 0,
+                 process_group: object | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        tables = [(int(r), int(d)) for r, d in tables]
+        if not tables or any(r < 1 or d < 1 for r, d in tables):
+            raise ValueError(f"tables must be a non-empty list of (rows >= 1, dim >= 1); got {tables}")
+        if optimizer is not None and optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be None or one of {OPTIMIZERS}; got {optimizer!r}")
+        if optimizer is not None and sparse:
+            raise ValueError("sparse gradients and a fused optimizer exclude each other (the fused optimizer "
+                             "materialises no gradient)")
+        self.tables = tables
+        self.feature_table_map = list(range(len(tables))) if feature_table_map is None else list(feature_table_map)
+        self.mode, self.sparse, self.backend = mode, sparse, backend
+        self.optimizer, self.seed, self.process_group = optimizer, seed, process_group
+        self.hparams = {"lr": lr, "eps": eps, "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay}
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(r, d, dtype=dtype, device=device), requires_grad=optimizer is None)
+            for r, d in tables)
+        # One row per table (None: none), non-negative: a valid padding_idx argument of the op as it is.
+        self.padding_idx = [None if p < 0 else p
+                            for p in E._padding("MultiTableEmbeddingBag", padding_idx, list(self.weights))]
+        E._validate("MultiTableEmbeddingBag", list(self.weights), torch.zeros(0, dtype=torch.int64, device=device),
+                    torch.zeros(len(self.feature_table_map) + 1, dtype=torch.int64, device=device),
+                    self.feature_table_map, mode, None, self.padding_idx)
+        if optimizer is not None:
+            for t, (r, d) in enumerate(tables):
+                shape1 = (r,) if optimizer == "rowwise_adagrad" else (r, d) if optimizer == "adam" else (0,)
+                state = acc_dtype(dtype)  # float32; float64 for float64 tables
+                self.register_buffer(f"momentum1_{t}", torch.zeros(shape1, dtype=state, device=device))
+                self.register_buffer(f"momentum2_{t}", torch.zeros((r, d) if optimizer == "adam" else (0,),
+                                                                   dtype=state, device=device))
+            self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+            # The backward hook: a zero-size tensor that requires grad, so autograd reaches the
+            # fused backward even though the tables themselves do not require gradients.
+            self._grad_anchor = torch.zeros(0, device=device, requires_grad=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for w, p in zip(self.weights, self.padding_idx, strict=True):
+                bound = math.sqrt(1.0 / w.shape[0])
+                w.uniform_(-bound, bound)
+                if p is not None:
+                    w[p].fill_(0)
+
+    def states(self, which: int) -> list[Tensor]:
+        """The fused optimizer's ``momentum{which}`` buffers, one per table."""
+        return [getattr(self, f"momentum{which}_{t}") for t in range(len(self.tables))]
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the output: ``Σ_f dim_{table(f)}``."""
+        return sum(self.tables[t][1] for t in self.feature_table_map)
+
+    def forward(self, indices, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
+        if type(indices).__name__ == "KeyedJaggedTensor":  # torchrec (optional): no import needed
+            kjt = indices
+            if len(kjt.keys()) != len(self.feature_table_map):
+                raise ValueError(f"the KeyedJaggedTensor has {len(kjt.keys())} keys; this module has "
+                                 f"{len(self.feature_table_map)} features")
+            indices, offsets = kjt.values(), kjt.offsets()
+            if per_sample_weights is None:
+                per_sample_weights = kjt.weights_or_none()
+        if offsets is None:
+            raise ValueError("offsets is required with flat indices")
+        ws = list(self.weights)
+        if self.optimizer is None:
+            return E.multi_embedding_bag(ws, indices, offsets, self.feature_table_map, self.mode, per_sample_weights,
+                                         self.padding_idx, self.sparse, self.backend)
+        op = "MultiTableEmbeddingBag"
+        _backends.check_backend_name(op, self.backend)
+        bags = E._validate(op, ws, indices, offsets, self.feature_table_map, self.mode, per_sample_weights,
+                           self.padding_idx)
+        psw = None if per_sample_weights is None else per_sample_weights.to(acc_dtype(ws[0].dtype))
+        chosen = E._select(op, self.backend, ws[0])
+        return _FusedEmbeddingBag.apply(self, indices, offsets, bags, chosen, self._grad_anchor, psw)
+
+
+class _FusedEmbeddingBag(torch.autograd.Function):
+    """Forward as usual; the backward updates the tables (no gradient is returned for them)."""
+
+    @staticmethod
+    def forward(ctx, module: MultiTableEmbeddingBag, indices: Tensor, offsets: Tensor, bags, backend: str,
+                anchor: Tensor, psw: Tensor | None) -> Tensor:
+        ctx.module, ctx.bags, ctx.backend = module, bags, backend
+        ctx.save_for_backward(indices, offsets, psw)
+        return E._forward_impl(list(module.weights), indices, offsets, bags, psw, backend)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        m: MultiTableEmbeddingBag = ctx.module
+        indices, offsets, psw = ctx.saved_tensors
+        ws = [w.data for w in m.weights]
+        g_psw = None
+        if psw is not None and ctx.needs_input_grad[6]:  # before the tables change
+            g_psw = E._psw_impl(grad_out, ws, indices, offsets, ctx.bags, psw, ctx.backend)
+        with torch.no_grad():
+            m.step += 1
+            step = int(m.step)
+            h = m.hparams
+            s1 = m.states(1) if m.optimizer != "sgd" else []
+            s2 = m.states(2) if m.optimizer == "adam" else []
+            args = (grad_out.contiguous(), ws, indices.contiguous(), offsets.contiguous(), ctx.bags.feature_table,
+                    ctx.bags.padding_idx, ctx.bags.pooling, None if psw is None else psw.contiguous(), m.optimizer,
+                    s1, s2, h["lr"], h["eps"], h["beta1"], h["beta2"], h["weight_decay"], step, m.seed)
+            if ctx.backend == "cpu" and m.process_group is None:
+                _backends.extension().embedding_backward_fused(*args)
+            elif ctx.backend == "triton" and m.process_group is None:
+                E._tk().backward_fused(*args)
+            else:
+                parts = E._sparse_impl(grad_out, ws, indices, offsets, ctx.bags, psw, ctx.backend)
+                if m.process_group is not None:
+                    parts = [_all_reduce_rows(r, g, m.process_group) for r, g in parts]
+                for t, (rows, g) in enumerate(parts):
+                    _apply_rows(m, t, rows, g, step)
+        return None, None, None, None, None, None, g_psw
+
+
+def _all_reduce_rows(rows: Tensor, grads: Tensor, group: object) -> tuple[Tensor, Tensor]:
+    """Row-sparse gradients summed over the ranks of ``group``: every rank's (rows, grads) all-gathered
+    (padded to the largest count), then duplicates summed in rank order (deterministic)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    world = dist.get_world_size(group)
+    count = torch.tensor([rows.numel()], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    most = int(max(int(c) for c in counts))
+    pad_rows = torch.full((most,), -1, dtype=torch.int64, device=rows.device)
+    pad_rows[: rows.numel()] = rows
+    pad_g = grads.new_zeros((most, grads.shape[1]))
+    pad_g[: rows.numel()] = grads
+    all_rows = [torch.empty_like(pad_rows) for _ in range(world)]
+    all_g = [torch.empty_like(pad_g) for _ in range(world)]
+    dist.all_gather(all_rows, pad_rows, group=group)
+    dist.all_gather(all_g, pad_g, group=group)
+    r = torch.cat([a[: int(c)] for a, c in zip(all_rows, counts, strict=True)])
+    g = torch.cat([a[: int(c)] for a, c in zip(all_g, counts, strict=True)])
+    uniq, inv = torch.unique(r, return_inverse=True)
+    out = g.new_zeros((uniq.numel(), g.shape[1]))
+    for k in range(world):  # rank order: the same additions on every rank
+        lo = sum(int(c) for c in counts[:k])
+        out.index_add_(0, inv[lo: lo + int(counts[k])], g[lo: lo + int(counts[k])])
+    return uniq, out
+
+
+def _apply_rows(m: MultiTableEmbeddingBag, t: int, rows: Tensor, g: Tensor, step: int) -> None:
+    """One fused-optimizer update of table ``t``'s ``rows`` with their summed gradients ``g`` (torch ops;
+    the reference's rules and stochastic rounding)."""
+    if rows.numel() == 0:
+        return
+    w = m.weights[t].data
+    h = m.hparams
+    acc = acc_dtype(w.dtype)
+    rows = rows.to(w.device)
+    cur = w[rows].to(acc)
+    if m.optimizer == "sgd":
+        new = sgd_update(cur, g.to(acc), h["lr"], h["weight_decay"])
+    elif m.optimizer == "rowwise_adagrad":
+        s = m.states(1)[t]
+        st = s[rows]
+        new = rowwise_adagrad_update(cur, g.to(acc), st, h["lr"], h["eps"], h["weight_decay"])
+        s[rows] = st
+    else:
+        m1, m2 = m.states(1)[t], m.states(2)[t]
+        a, b = m1[rows], m2[rows]
+        new = adam_update(cur, g.to(acc), a, b, h["lr"], h["beta1"], h["beta2"], h["eps"], step, h["weight_decay"])
+        m1[rows], m2[rows] = a, b
+    if w.dtype in (torch.float16, torch.bfloat16):
+        u = rounding_bits(m.seed, step, t, rows.unsqueeze(1), torch.arange(w.shape[1], device=w.device).unsqueeze(0))
+        w[rows] = stochastic_round(new, w.dtype, u)
+    else:
+        w[rows] = new.to(w.dtype)

@@ -1,0 +1,511 @@
+"""Embedding bags over one or many tables: the public ops, autograd and torch.library registration.
+
+``kfuse.embedding_bag`` has the semantics of ``torch.nn.functional.embedding_bag`` (``sum``/``mean``);
+``kfuse.multi_embedding_bag`` pools many features over many tables in one call (the FBGEMM/TorchRec
+layout: flat ``indices``, ``offsets`` of length ``F·B + 1``, feature-major). The definition is
+:mod:`kfuse.reference.embedding`; the single-table op is the multi-table one with one feature.
+
+Backends:
+
+- ``cpu``: the C++ kernels (``csrc/embedding/embedding_cpu.cpp``): forward, deterministic backward
+  (stable sort by row, one sequential sum per unique row), ``per_sample_weights`` gradient, fused
+  optimizers. They check every index and offset before reading a row.
+- ``triton`` (``triton_kernels/embedding.py``; CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``;
+  no float64): one launch for all features (the tables' addresses in a small metadata tensor);
+  backward by a stable sort of (table, row) keys and one program per unique row summing its
+  occurrences in position order; out-of-range indices are masked and flagged, and the op reads the
+  flag once per forward (one host sync) to raise.
+- ``cuda``: no csrc CUDA kernels (always unavailable).
+- ``reference``: the PyTorch definition in float64 (checks values on the host).
+
+Gradients (deterministic on every backend): dense, in the tables' dtype, or — ``sparse=True``,
+eager calls only — ``torch.sparse_coo`` tensors holding the coalesced unique rows (as
+``nn.EmbeddingBag(sparse=True)``, but coalesced), and the gradient of ``per_sample_weights``.
+Registered ops: ``kfuse::embedding_bag_forward`` / ``kfuse::embedding_bag_backward`` (dense
+gradients: fixed shapes, so ``torch.compile(fullgraph=True)`` records them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kfuse import _backends, _routing
+from kfuse.reference.embedding import (
+    MEAN,
+    POOLINGS,
+    acc_dtype,
+    multi_embedding_bag_backward_reference,
+    multi_embedding_bag_reference,
+    out_columns,
+    sparse_grad,
+)
+
+__all__ = ["BACKENDS", "backend_reasons", "embedding_bag", "multi_embedding_bag"]
+
+BACKENDS = _backends.BACKENDS
+_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_INTS = (torch.int32, torch.int64)
+
+
+# ---------------------------------------------------------------- backend choice
+
+
+def backend_reasons(weight: Tensor) -> dict[str, list[str]]:
+    """For each backend, why it cannot run tables like ``weight`` (empty: it can). Depends on the
+    tables' device type and dtype only."""
+    dev = weight.device
+    triton = _backends.triton_reasons(dev, weight.dtype)
+    if weight.dtype == torch.float64:
+        triton = [*triton, "the Triton embedding kernels do not support float64"]
+    return {
+        "triton": triton,
+        "cuda": ["kfuse has no CUDA (csrc) embedding kernels"],
+        "cpu": _backends.extension_reasons(dev) if dev.type == "cpu" else [f"the tables are on {dev.type}, not cpu"],
+        "reference": [],
+    }
+
+
+def _select(op: str, backend: str, weight: Tensor) -> str:
+    return _backends.select_for(op, backend, weight.device, weight.dtype, lambda: backend_reasons(weight),
+                                _ORDER.get(weight.device.type, ("reference",)))
+
+
+
+# ---------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class _Bags:
+    """A validated call: the normalised non-tensor arguments."""
+
+    feature_table: list[int]
+    padding_idx: list[int]  # per table, −1 = none
+    pooling: int
+
+    @property
+    def num_features(self) -> int:
+        return len(self.feature_table)
+
+
+def _check_weights(op: str, weights: object) -> list[Tensor]:
+    if isinstance(weights, Tensor) or not isinstance(weights, (list, tuple)) or not weights:
+        raise TypeError(f"kfuse.{op}: weights must be a non-empty list of 2-D tensors; got {type(weights).__name__}")
+    first = weights[0]
+    for t, w in enumerate(weights):
+        if not isinstance(w, Tensor) or w.dim() != 2 or w.layout != torch.strided:
+            raise ValueError(f"kfuse.{op}: weights[{t}] must be a dense 2-D tensor [rows, dim]; got "
+                             f"{type(w).__name__ if not isinstance(w, Tensor) else tuple(w.shape)}")
+        if w.dtype not in _FLOATS:
+            raise TypeError(f"kfuse.{op}: weights[{t}] has dtype {w.dtype}; supported: float32, float64, float16, "
+                            "bfloat16")
+        if w.dtype != first.dtype or w.device != first.device:
+            raise ValueError(f"kfuse.{op}: every table must share weights[0]'s dtype and device ({first.dtype}, "
+                             f"{first.device}); weights[{t}] is {w.dtype} on {w.device}")
+        if w.shape[1] < 1:
+            raise ValueError(f"kfuse.{op}: weights[{t}] has dim 0")
+        if not w.is_contiguous():
+            raise ValueError(f"kfuse.{op}: weights[{t}] must be contiguous (the kernels read rows in place)")
+    return list(weights)
+
+
+def _validate(op: str, weights: list[Tensor], indices: object, offsets: object, feature_table: object, mode: object,
+              per_sample_weights: object, padding_idx: object) -> _Bags:
+    """Shape, dtype and device checks that read no tensor values (so no GPU sync)."""
+    w0 = weights[0]
+    for name, t in (("indices", indices), ("offsets", offsets)):
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in _INTS:
+            raise ValueError(f"kfuse.{op}: {name} must be a 1-D int32 or int64 tensor; got "
+                             f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}"
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else ''}")
+        if t.device != w0.device:
+            raise ValueError(f"kfuse.{op}: {name} is on {t.device}; the tables are on {w0.device}")
+    if offsets.dtype != indices.dtype:
+        raise TypeError(f"kfuse.{op}: offsets ({offsets.dtype}) and indices ({indices.dtype}) must share a dtype")
+    ft = list(range(len(weights))) if feature_table is None else feature_table
+    if isinstance(ft, Tensor):
+        ft = ft.tolist()
+    if not isinstance(ft, (list, tuple)) or not ft or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                               and 0 <= t < len(weights) for t in ft):
+        raise ValueError(f"kfuse.{op}: feature_table must be a non-empty list of table numbers in "
+                         f"[0, {len(weights)}); got {feature_table!r}")
+    if offsets.shape[0] < 1 or (offsets.shape[0] - 1) % len(ft):
+        raise ValueError(f"kfuse.{op}: offsets must have F·B + 1 entries (F = {len(ft)} features); got "
+                         f"{offsets.shape[0]}")
+    if mode not in POOLINGS:
+        raise ValueError(f"kfuse.{op}: mode must be 'sum' or 'mean' (kfuse has no 'max'); got {mode!r}")
+    pooling = POOLINGS[mode]
+    if per_sample_weights is not None:
+        psw = per_sample_weights
+        if not isinstance(psw, Tensor) or psw.dim() != 1 or psw.shape[0] != indices.shape[0]:
+            raise ValueError(f"kfuse.{op}: per_sample_weights must be 1-D with one weight per index "
+                             f"({indices.shape[0]}); got {tuple(psw.shape) if isinstance(psw, Tensor) else psw!r}")
+        if not psw.dtype.is_floating_point or psw.device != w0.device:
+            raise ValueError(f"kfuse.{op}: per_sample_weights must be a floating tensor on the tables' device; got "
+                             f"{psw.dtype} on {psw.device}")
+        if pooling == MEAN:
+            raise ValueError(f"kfuse.{op}: per_sample_weights is only supported with mode='sum' (as in "
+                             "torch.nn.functional.embedding_bag)")
+    pads = _padding(op, padding_idx, weights)
+    return _Bags([int(t) for t in ft], pads, pooling)
+
+
+def _padding(op: str, padding_idx: object, weights: list[Tensor]) -> list[int]:
+    """Per-table padding rows (−1 = none); an int applies to every table; negative counts from the end."""
+    if padding_idx is None:
+        return [-1] * len(weights)
+    items = [padding_idx] * len(weights) if isinstance(padding_idx, int) else list(padding_idx)
+    if len(items) != len(weights):
+        raise ValueError(f"kfuse.{op}: padding_idx must be an int, None or one entry per table ({len(weights)}); "
+                         f"got {padding_idx!r}")
+    out = []
+    for t, (p, w) in enumerate(zip(items, weights, strict=True)):
+        if p is None:
+            out.append(-1)
+            continue
+        if isinstance(p, bool) or not isinstance(p, int) or not -w.shape[0] <= p < w.shape[0]:
+            raise ValueError(f"kfuse.{op}: padding_idx {p!r} for table {t} must be within [-{w.shape[0]}, "
+                             f"{w.shape[0]})")
+        out.append(p % w.shape[0])
+    return out
+
+
+def _check_values(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags) -> None:
+    """The index and offset checks, on the host (the reference backend; the C++ kernels make their own)."""
+    off = offsets.long().cpu()
+    idx = indices.long().cpu()
+    if off[0] != 0:
+        raise ValueError(f"kfuse.{op}: offsets must start at 0; got offsets[0] = {int(off[0])}")
+    if off[-1] != idx.numel():
+        raise ValueError(f"kfuse.{op}: offsets must end at len(indices) = {idx.numel()}; got offsets[-1] = "
+                         f"{int(off[-1])}")
+    bad = (off[1:] < off[:-1]).nonzero()
+    if bad.numel():
+        i = int(bad[0]) + 1
+        raise ValueError(f"kfuse.{op}: offsets must be non-decreasing: offsets[{i}] = {int(off[i])} < "
+                         f"offsets[{i - 1}] = {int(off[i - 1])}")
+    batch = (off.numel() - 1) // bags.num_features
+    for f, t in enumerate(bags.feature_table):
+        lo, hi = int(off[f * batch]), int(off[(f + 1) * batch])
+        seg = idx[lo:hi]
+        bad = ((seg < 0) | (seg >= weights[t].shape[0])).nonzero()
+        if bad.numel():
+            i = lo + int(bad[0])
+            raise IndexError(f"kfuse.{op}: indices[{i}] = {int(idx[i])} is out of range [0, {weights[t].shape[0]}) "
+                             f"for feature {f} (table {t})")
+
+
+# ---------------------------------------------------------------- implementations
+
+
+def _ext():
+    return _backends.extension()
+
+
+def _tk():
+    from kfuse.triton_kernels import embedding as tk  # noqa: PLC0415 (triton is optional)
+
+    return tk
+
+
+def _forward_impl(weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags, psw: Tensor | None,
+                  backend: str, op: str = "embedding_bag") -> Tensor:
+    if backend == "cpu":
+        return _ext().embedding_forward(weights, indices, offsets, bags.feature_table, bags.padding_idx, bags.pooling,
+                                        psw)
+    if backend == "triton":
+        tk = _tk()
+        out, flag = tk.forward(weights, indices.contiguous(), offsets.contiguous(), bags.feature_table,
+                               bags.padding_idx, bags.pooling, None if psw is None else psw.contiguous())
+        # The kernel never reads out of bounds (bad indices are masked, offsets clamped) and records the
+        # first bad position in `flag`; reading it is the call's one host sync (not yet timed on a GPU).
+        # On an error the host checks say which argument, as the other backends do.
+        if flag.tolist() != [tk.NO_ERROR, tk.NO_ERROR]:
+            _check_values(op, weights, indices, offsets, bags)
+            tk.check_flag(flag, indices, offsets)
+        return out
+    _check_values(op, weights, indices, offsets, bags)
+    return multi_embedding_bag_reference(weights, indices, offsets, bags.feature_table, bags.pooling, psw,
+                                         bags.padding_idx)
+
+
+def _reference_vjp(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags,
+                   psw: Tensor | None, need_w: list[bool], need_psw: bool,
+                   create_graph: bool = False) -> tuple[list[Tensor | None], Tensor | None]:
+    """Dense gradients of the reference (each in its input's dtype) by autograd."""
+    with torch.enable_grad():
+        def leaf(t: Tensor, need: bool) -> Tensor:  # keeps the graph to t when it must be differentiable
+            return t if create_graph and t.requires_grad else t.detach().requires_grad_(need)
+
+        ws = [leaf(w, n) for w, n in zip(weights, need_w, strict=True)]
+        p = None if psw is None else leaf(psw, need_psw)
+        out = multi_embedding_bag_reference(ws, indices, offsets, bags.feature_table, bags.pooling, p,
+                                            bags.padding_idx)
+        inputs = [w for w, n in zip(ws, need_w, strict=True) if n] + ([p] if need_psw else [])
+        got = list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True, create_graph=create_graph))
+    grads: list[Tensor | None] = []
+    for w, n in zip(ws, need_w, strict=True):
+        g = got.pop(0) if n else None
+        grads.append(torch.zeros_like(w) if n and g is None else g)
+    g_psw = got.pop(0) if need_psw else None
+    return grads, (torch.zeros_like(psw) if need_psw and g_psw is None else g_psw)
+
+
+def _sparse_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags,
+                 psw: Tensor | None, backend: str) -> list[tuple[Tensor, Tensor]]:
+    """Per table: (unique rows int64 ``[U]`` ascending, summed gradients ``[U, dim]`` accumulation dtype)."""
+    if backend == "cpu":
+        return _ext().embedding_backward_sparse(grad_out.contiguous(), weights, indices, offsets, bags.feature_table,
+                                                bags.padding_idx, bags.pooling, psw)
+    if backend == "triton":
+        return _tk().backward_sparse(grad_out.contiguous(), weights, indices.contiguous(), offsets.contiguous(),
+                                     bags.feature_table, bags.padding_idx, bags.pooling,
+                                     None if psw is None else psw.contiguous())
+    _check_values("embedding_bag", weights, indices, offsets, bags)
+    dense, _ = multi_embedding_bag_backward_reference(grad_out, weights, indices, offsets, bags.feature_table,
+                                                      bags.pooling, psw, bags.padding_idx)
+    acc = acc_dtype(weights[0].dtype)
+    return [(rows, vals.to(acc)) for rows, vals in (
+        sparse_grad(g, indices, offsets, bags.feature_table, t, bags.padding_idx[t]) for t, g in enumerate(dense))]
+
+
+def _psw_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags,
+              psw: Tensor, backend: str) -> Tensor:
+    if backend == "cpu":
+        return _ext().embedding_backward_psw(grad_out.contiguous(), weights, indices, offsets, bags.feature_table,
+                                             bags.padding_idx)
+    if backend == "triton":
+        return _tk().backward_psw(grad_out.contiguous(), weights, indices.contiguous(), offsets.contiguous(),
+                                  bags.feature_table, bags.padding_idx)
+    _check_values("embedding_bag", weights, indices, offsets, bags)
+    g_psw = multi_embedding_bag_backward_reference(grad_out, weights, indices, offsets, bags.feature_table,
+                                                   bags.pooling, psw, bags.padding_idx)[1]
+    return g_psw.to(psw.dtype)
+
+
+def _densify(rows: Tensor, vals: Tensor, weight: Tensor) -> Tensor:
+    return vals.new_zeros(weight.shape).index_copy_(0, rows.to(vals.device), vals).to(weight.dtype)
+
+
+def _sparsify(rows: Tensor, vals: Tensor, weight: Tensor) -> Tensor:
+    # Unique ascending rows by construction: a valid coalesced tensor (no invariant check needed).
+    return torch.sparse_coo_tensor(rows.to(weight.device).unsqueeze(0), vals.to(weight.dtype), weight.shape,
+                                   is_coalesced=True, check_invariants=False)
+
+
+def _backward_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags,
+                   psw: Tensor | None, need_w: list[bool], need_psw: bool, sparse: bool,
+                   backend: str) -> tuple[list[Tensor | None], Tensor | None]:
+    grads: list[Tensor | None] = [None] * len(weights)
+    if any(need_w):
+        parts = _sparse_impl(grad_out, weights, indices, offsets, bags, psw, backend)
+        make = _sparsify if sparse else _densify
+        grads = [make(r, v, w) if n else None for (r, v), w, n in zip(parts, weights, need_w, strict=True)]
+    g_psw = _psw_impl(grad_out, weights, indices, offsets, bags, psw, backend) if need_psw else None
+    return grads, g_psw
+
+
+# ---------------------------------------------------------------- registered ops
+
+
+@torch.library.custom_op("kfuse::embedding_bag_forward", mutates_args=())
+def embedding_bag_forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_table: list[int],
+                          padding_idx: list[int], pooling: int, per_sample_weights: Tensor | None,
+                          backend: str) -> Tensor:
+    """Registered forward: tables ``weights`` (one dtype), ``indices [N]`` / ``offsets [F·B + 1]`` (int32
+    or int64, the same), ``per_sample_weights [N]`` in the accumulation dtype or None; returns
+    ``[B, Σ_f dim_{feature_table[f]}]`` in the tables' dtype."""
+    bags = _Bags(list(feature_table), list(padding_idx), pooling)
+    chosen = _select("embedding_bag_forward", backend, weights[0])
+    return _forward_impl(list(weights), indices, offsets, bags, per_sample_weights, chosen)
+
+
+@embedding_bag_forward.register_fake
+def _(weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights, backend):
+    _backends.check_backend_name("embedding_bag_forward", backend)
+    width = out_columns([w.shape[1] for w in weights], list(feature_table))[-1]
+    return weights[0].new_empty(((offsets.shape[0] - 1) // len(feature_table), width))
+
+
+@torch.library.custom_op("kfuse::embedding_bag_backward", mutates_args=())
+def embedding_bag_backward(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor,
+                           feature_table: list[int], padding_idx: list[int], pooling: int,
+                           per_sample_weights: Tensor | None, need_psw: bool,
+                           backend: str) -> tuple[list[Tensor], Tensor]:
+    """Registered backward: the tables' dense gradients (each like its table) and the gradient of
+    ``per_sample_weights`` (``[N]``, or ``[0]`` when ``need_psw`` is False)."""
+    bags = _Bags(list(feature_table), list(padding_idx), pooling)
+    chosen = _select("embedding_bag_backward", backend, weights[0])
+    ws = list(weights)
+    grads, g_psw = _backward_impl(grad_out, ws, indices, offsets, bags, per_sample_weights, [True] * len(ws),
+                                  need_psw, False, chosen)
+    return grads, g_psw if g_psw is not None else grad_out.new_empty(0)
+
+
+@embedding_bag_backward.register_fake
+def _(grad_out, weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights, need_psw, backend):
+    _backends.check_backend_name("embedding_bag_backward", backend)
+    psw = per_sample_weights.new_empty(per_sample_weights.shape) if need_psw else grad_out.new_empty(0)
+    return [w.new_empty(w.shape) for w in weights], psw
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    weights, indices, offsets, feature_table, padding_idx, pooling, psw, backend = inputs
+    ctx.save_for_backward(indices, offsets, psw, *weights)
+    ctx.bags = _Bags(list(feature_table), list(padding_idx), pooling)
+    ctx.backend = _select("embedding_bag_forward", backend, weights[0])
+
+
+def _registered_backward(ctx, grad_out: Tensor):
+    indices, offsets, psw, *weights = ctx.saved_tensors
+    need_w = list(ctx.needs_input_grad[0]) if isinstance(ctx.needs_input_grad[0], (list, tuple)) else \
+        [bool(ctx.needs_input_grad[0])] * len(weights)
+    need_psw = psw is not None and ctx.needs_input_grad[6]
+    if _routing.differentiable_backward(grad_out):
+        grads, g_psw = _reference_vjp(grad_out, weights, indices, offsets, ctx.bags, psw, need_w, need_psw,
+                                      create_graph=True)
+    else:
+        grads, g_psw = embedding_bag_backward(grad_out, weights, indices, offsets, ctx.bags.feature_table,
+                                              ctx.bags.padding_idx, ctx.bags.pooling, psw, need_psw, ctx.backend)
+        g_psw = g_psw if need_psw else None
+    return grads, None, None, None, None, None, g_psw, None
+
+
+embedding_bag_forward.register_autograd(_registered_backward, setup_context=_setup_context)
+
+
+class _EagerEmbeddingBag(torch.autograd.Function):
+    """Eager path: the implementations without the custom-op dispatch; dense or sparse gradients."""
+
+    @staticmethod
+    def forward(ctx, indices: Tensor, offsets: Tensor, bags: _Bags, sparse: bool, backend: str,
+                psw: Tensor | None, *weights: Tensor) -> Tensor:
+        ctx.save_for_backward(indices, offsets, psw, *weights)
+        ctx.bags, ctx.sparse, ctx.backend = bags, sparse, backend
+        return _forward_impl(list(weights), indices, offsets, bags, psw, backend)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        indices, offsets, psw, *weights = ctx.saved_tensors
+        need_w = list(ctx.needs_input_grad[6:])
+        need_psw = psw is not None and ctx.needs_input_grad[5]
+        if _routing.differentiable_backward(grad_out):
+            grads, g_psw = _reference_vjp(grad_out, weights, indices, offsets, ctx.bags, psw, need_w, need_psw,
+                                          create_graph=True)
+        else:
+            grads, g_psw = _backward_impl(grad_out, weights, indices, offsets, ctx.bags, psw, need_w, need_psw,
+                                          ctx.sparse, ctx.backend)
+        return None, None, None, None, None, g_psw, *grads
+
+
+# ---------------------------------------------------------------- public ops
+
+
+def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags, psw: Tensor | None,
+         sparse: bool, backend: str) -> Tensor:
+    """Route a validated call (``psw`` already in the accumulation dtype)."""
+    chosen = _select(op, backend, weights[0])
+    tensors = (*weights, indices, offsets, psw)
+    path = _routing.route(chosen, tensors)
+    if path == _routing.REFERENCE and sparse and chosen == "reference" and _routing.needs_grad(tensors):
+        path = _routing.EAGER  # the reference's forward and backward, with sparse gradients
+    if path == _routing.REFERENCE:
+        if not _routing.tracing():
+            _check_values(op, weights, indices, offsets, bags)
+        return multi_embedding_bag_reference(weights, indices, offsets, bags.feature_table, bags.pooling, psw,
+                                             bags.padding_idx)
+    if path == _routing.REGISTERED:
+        if sparse:
+            raise ValueError(f"kfuse.{op}: sparse=True gradients are eager-only (torch.compile, tensor subclasses "
+                             "and dispatch modes get the registered ops, whose gradients are dense)")
+        return embedding_bag_forward(weights, indices, offsets, bags.feature_table, bags.padding_idx, bags.pooling,
+                                     psw, chosen)
+    if _routing.needs_grad(tensors):
+        return _EagerEmbeddingBag.apply(indices, offsets, bags, sparse, chosen, psw, *weights)
+    return _forward_impl(weights, indices, offsets, bags, psw, chosen, op)
+
+
+def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_table: list[int] | None = None,
+                        mode: str = "sum", per_sample_weights: Tensor | None = None,
+                        padding_idx: int | list[int | None] | None = None, sparse: bool = False,
+                        backend: str = "auto") -> Tensor:
+    """Pooled embedding lookups of ``F`` features over ``T`` tables in one call.
+
+    Args:
+        weights: ``T`` tables, ``weights[t] [rows_t, dim_t]``, contiguous, one dtype (float32, float16,
+            bfloat16; float64 on ``cpu``/``reference``) and device.
+        indices: ``[N]`` int32 or int64, every index in ``[0, rows)`` of its feature's table.
+        offsets: ``[F·B + 1]``, indices' dtype, non-decreasing from 0 to ``N``: bag ``b`` of feature ``f``
+            is ``indices[offsets[f·B + b] : offsets[f·B + b + 1]]`` (FBGEMM/TorchRec layout).
+        feature_table: ``F`` table numbers (feature ``f`` reads table ``feature_table[f]``; several
+            features may share one); default ``range(T)``.
+        mode: ``"sum"`` or ``"mean"`` (over the bag's non-padding indices; empty bags give zeros).
+        per_sample_weights: ``[N]`` floating (``sum`` only); used in the accumulation dtype.
+        padding_idx: skipped row per table (an int for all tables, or one entry per table, None = none;
+            negative counts from the end).
+        sparse: table gradients as coalesced ``torch.sparse_coo`` tensors (eager calls only).
+        backend: ``"auto"`` (``triton`` for CUDA tables, ``cpu`` for CPU ones), ``"triton"``, ``"cpu"`` or
+            ``"reference"``; ``"cuda"`` always raises.
+    Returns:
+        ``[B, Σ_f dim_{feature_table[f]}]`` in the tables' dtype (accumulated in float32; float64 for
+        float64 tables), features' columns in order.
+
+    Bad indices or offsets raise ``IndexError``/``ValueError`` naming the argument before any row is read.
+    Gradients are bitwise reproducible (whatever the thread count).
+    """
+    op = "multi_embedding_bag"
+    ws = _check_weights(op, weights)
+    _backends.check_backend_name(op, backend)
+    bags = _validate(op, ws, indices, offsets, feature_table, mode, per_sample_weights, padding_idx)
+    psw = None if per_sample_weights is None else per_sample_weights.to(acc_dtype(ws[0].dtype))
+    return _run(op, ws, indices, offsets, bags, psw, bool(sparse), backend)
+
+
+def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, mode: str = "sum",
+                  per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
+                  padding_idx: int | None = None, sparse: bool = False, backend: str = "auto") -> Tensor:
+    """``torch.nn.functional.embedding_bag`` for ``sum`` and ``mean`` on kfuse's kernels.
+
+    Args:
+        input: ``[N]`` indices with ``offsets``, or ``[B, L]`` fixed-size bags (then ``offsets`` is None);
+            int32 or int64.
+        weight: ``[rows, dim]`` table (float32, float16, bfloat16; float64 on ``cpu``/``reference``).
+        offsets: ``[B]`` bag starts (from 0), or ``[B + 1]`` ending at ``N`` with ``include_last_offset``;
+            converted to input's dtype.
+        mode, per_sample_weights (same shape as input, ``sum`` only), padding_idx, sparse, backend: as
+            :func:`multi_embedding_bag` (and as torch's).
+    Returns:
+        ``[B, dim]`` in weight's dtype.
+    """
+    op = "embedding_bag"
+    ws = _check_weights(op, [weight])
+    _backends.check_backend_name(op, backend)
+    if not isinstance(input, Tensor) or input.dtype not in _INTS or input.dim() not in (1, 2):
+        raise ValueError(f"kfuse.{op}: input must be a 1-D or 2-D int32/int64 tensor; got "
+                         f"{input.dtype if isinstance(input, Tensor) else type(input).__name__}")
+    psw = per_sample_weights
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError(f"kfuse.{op}: offsets must be None when input is 2-D (fixed-size bags)")
+        batch, length = input.shape
+        offs = torch.arange(0, batch * length + 1, max(length, 1), dtype=input.dtype, device=input.device)
+        offs = offs[: batch + 1] if length else torch.zeros(batch + 1, dtype=input.dtype, device=input.device)
+        if isinstance(psw, Tensor) and psw.shape != input.shape:
+            raise ValueError(f"kfuse.{op}: per_sample_weights must have input's shape {tuple(input.shape)}; got "
+                             f"{tuple(psw.shape)}")
+        indices, psw = input.reshape(-1), psw.reshape(-1) if isinstance(psw, Tensor) else psw
+    else:
+        if not isinstance(offsets, Tensor) or offsets.dim() != 1 or offsets.dtype not in _INTS:
+            raise ValueError(f"kfuse.{op}: offsets must be a 1-D int32/int64 tensor when input is 1-D")
+        offs = offsets.to(input.dtype)
+        if not include_last_offset:
+            offs = torch.cat([offs, offs.new_full((1,), input.shape[0])])
+        indices = input
+    if offs.shape[0] < 1:
+        raise ValueError(f"kfuse.{op}: offsets must not be empty with include_last_offset=True")
+    bags = _validate(op, ws, indices, offs, [0], mode, psw, padding_idx)
+    psw = None if psw is None else psw.to(acc_dtype(weight.dtype))
+    return _run(op, ws, indices, offs, bags, psw, bool(sparse), backend)

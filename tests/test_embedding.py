@@ -1,0 +1,1123 @@
+"""Tests of the embedding family: kfuse.embedding_bag / multi_embedding_bag, their gradients, the
+modules, and the fused optimizers, on every backend this machine runs, against
+torch.nn.functional.embedding_bag in float64 (one call per feature); then the C++ kernels and the
+Triton kernels directly (bit-level checks of the fused optimizers, bad input, the error flag)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_close
+
+import kfuse
+from kfuse import _backends
+from kfuse.nn.embedding import MultiTableEmbeddingBag, _apply_rows
+from kfuse.ops import embedding as E
+from kfuse.reference.embedding import (
+    acc_dtype,
+    adam_update,
+    multi_embedding_bag_backward_reference,
+    multi_embedding_bag_reference,
+    rounding_bits,
+    rowwise_adagrad_update,
+    sgd_update,
+    sparse_grad,
+    stochastic_round,
+)
+from kfuse.triton_kernels import embedding as te
+
+#: (backend, device): the Triton kernels run under the interpreter on CPU-only machines.
+_PAIRS = [("reference", "cpu", ()), ("cpu", "cpu", ()), ("triton", "cpu", (pytest.mark.interpret,)),
+          ("triton", "cuda", (pytest.mark.cuda,))]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _id(backend: str, device: str) -> str:
+    return backend if backend != "triton" else f"triton-{'interp' if device == 'cpu' else 'cuda'}"
+
+
+def supported(backend: str, device: str, dtype: torch.dtype) -> bool:
+    """Triton has no float64 kernels, and its interpreter gets bfloat16 wrong on CPU."""
+    return backend != "triton" or (dtype != torch.float64 and (device == "cuda" or dtype != torch.bfloat16))
+
+
+def backends(*dtypes: torch.dtype) -> list:
+    """(backend, device) params that support every one of ``dtypes`` (default: float32)."""
+    dtypes = dtypes or (torch.float32,)
+    return [pytest.param(b, d, id=_id(b, d), marks=m) for b, d, m in _PAIRS
+            if all(supported(b, d, t) for t in dtypes)]
+
+
+def backend_dtypes(dtypes) -> list:
+    """(backend, device, dtype) params: every supported combination."""
+    return [pytest.param(b, d, t, id=f"{_id(b, d)}-{str(t)[6:]}", marks=m) for b, d, m in _PAIRS for t in dtypes
+            if supported(b, d, t)]
+
+
+def zipf_indices(n: int, rows: int, gen: torch.Generator, a: float = 1.2) -> torch.Tensor:
+    """``n`` indices in ``[0, rows)``, Zipf-like (rank ``k`` with weight ``1/k^a``), randomly permuted ranks."""
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    p = 1.0 / torch.arange(1, rows + 1, dtype=torch.float64) ** a
+    ranks = torch.multinomial(p, n, replacement=True, generator=gen)
+    return torch.randperm(rows, generator=gen)[ranks]
+
+
+def make_bags(tables, feature_table, batch, gen, max_bag=7, empty=0.2, itype=torch.int64, padding=None):
+    """Random jagged input: (indices [N], offsets [F·B + 1]) with Zipf duplicates, empty bags and, where a
+    table has a padding row, some padding indices."""
+    idx, lens = [], []
+    for t in feature_table:
+        rows = tables[t][0]
+        for _ in range(batch):
+            n = 0 if torch.rand((), generator=gen) < empty else int(torch.randint(1, max_bag + 1, (), generator=gen))
+            bag = zipf_indices(n, rows, gen)
+            if padding is not None and padding[t] is not None and n:
+                bag[torch.rand(n, generator=gen) < 0.2] = padding[t] % rows
+            idx.append(bag)
+            lens.append(n)
+    offsets = torch.zeros(len(lens) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(lens), 0)
+    return torch.cat(idx).to(itype), offsets.to(itype)
+
+
+def per_feature_torch(weights, indices, offsets, feature_table, mode, psw=None, padding=None):
+    """The per-feature loop of torch.nn.functional.embedding_bag in float64 (differentiable)."""
+    nf = len(feature_table)
+    batch = (offsets.numel() - 1) // nf
+    outs = []
+    for f, t in enumerate(feature_table):
+        off = offsets[f * batch: (f + 1) * batch + 1].long()
+        lo, hi = int(off[0]), int(off[-1])
+        outs.append(F.embedding_bag(indices[lo:hi].long(), weights[t], off - lo, mode=mode,
+                                    per_sample_weights=None if psw is None else psw[lo:hi],
+                                    include_last_offset=True,
+                                    padding_idx=None if padding is None or padding[t] is None else padding[t]))
+    return torch.cat(outs, 1)
+
+
+def _tables(dtype, dims=(7, 1, 33)):
+    return [(40, dims[0]), (25, dims[1]), (60, dims[2])]
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtypes(DTYPES))
+@pytest.mark.parametrize("mode", ["sum", "mean", "weighted"])
+@pytest.mark.parametrize("itype", [torch.int32, torch.int64], ids=["i32", "i64"])
+def test_multi_table_matches_torch(backend, device, dtype, mode, itype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tables, ft = _tables(dtype), [0, 1, 2, 0]  # features 0 and 3 share table 0
+    padding = [3, None, -1]
+    weights = [torch.randn(r, d, generator=gen).to(device, dtype).requires_grad_() for r, d in tables]
+    indices, offsets = make_bags(tables, ft, 9, gen, itype=itype, padding=padding)
+    psw = None
+    if mode == "weighted":
+        psw = torch.randn(indices.numel(), generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    pool = "sum" if mode == "weighted" else mode
+    out = kfuse.multi_embedding_bag(weights, indices.to(device), offsets.to(device), ft, pool, psw, padding,
+                                    backend=backend)
+    ref_w = [w.detach().cpu().double().requires_grad_() for w in weights]
+    ref_psw = None if psw is None else psw.detach().cpu().clone().requires_grad_()
+    ref = per_feature_torch(ref_w, indices, offsets, ft, pool, ref_psw, padding)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close(out, ref, dtype, "forward")
+    grad = torch.randn(out.shape, generator=gen).to(dtype)
+    out.backward(grad.to(device))
+    ref.backward(grad.double())
+    for t, (w, r) in enumerate(zip(weights, ref_w, strict=True)):
+        assert w.grad.dtype == dtype
+        assert_close(w.grad, r.grad, dtype, f"grad of table {t}")
+    if psw is not None:
+        assert_close(psw.grad, ref_psw.grad, dtype, "grad of per_sample_weights")
+
+
+@pytest.mark.parametrize(("backend", "device"), backends(torch.float64))
+@pytest.mark.parametrize("case", ["offsets", "include_last", "2d", "psw", "padding", "empty", "neg_padding"])
+def test_single_table_matches_functional(backend, device, case, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(30, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    idx = zipf_indices(24, 30, gen)
+    off = torch.tensor([0, 3, 3, 10, 17])
+    kw: dict = {"mode": "mean"}
+    args: tuple = (idx, w, off)
+    if case == "include_last":
+        args, kw = (idx, w, torch.cat([off, torch.tensor([24])])), {"mode": "sum", "include_last_offset": True}
+    elif case == "2d":
+        args = (idx.view(6, 4), w)
+    elif case == "psw":
+        kw = {"mode": "sum", "per_sample_weights": torch.randn(24, generator=gen, dtype=torch.float64)}
+    elif case == "padding":
+        kw = {"mode": "mean", "padding_idx": int(idx[0])}
+    elif case == "neg_padding":
+        kw = {"mode": "sum", "padding_idx": -30 + int(idx[1])}
+    elif case == "empty":
+        args = (idx[:0], w, torch.zeros(4, dtype=torch.int64))
+    got = kfuse.embedding_bag(*args, **kw, backend=backend)
+    expected = F.embedding_bag(*args, **kw)
+    assert_close(got, expected, torch.float64, case)
+    g = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    (gw,) = torch.autograd.grad(got, w, g)
+    (ew,) = torch.autograd.grad(expected, w, g)
+    assert_close(gw, ew, torch.float64, f"{case}: grad")
+
+
+@pytest.mark.parametrize(("backend", "device"), backends())
+def test_sparse_gradients_are_coalesced_rows(backend, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tables, ft = _tables(torch.float32), [0, 2, 0]
+    weights = [torch.randn(r, d, generator=gen).to(device).requires_grad_() for r, d in tables]
+    indices, offsets = make_bags(tables, ft, 6, gen)
+    out = kfuse.multi_embedding_bag(weights, indices.to(device), offsets.to(device), ft, "sum", sparse=True,
+                                    backend=backend)
+    grad = torch.randn(out.shape, generator=gen)
+    out.backward(grad.to(device))
+    ref_w = [w.detach().double().requires_grad_() for w in weights]
+    per_feature_torch(ref_w, indices, offsets, ft, "sum").backward(grad.double())
+    for t, (w, r) in enumerate(zip(weights, ref_w, strict=True)):
+        rg = torch.zeros_like(r) if r.grad is None else r.grad  # table 1 is read by no feature
+        rows, vals = sparse_grad(rg, indices, offsets, ft, t)
+        assert w.grad.is_sparse and w.grad._nnz() == rows.numel(), f"table {t}: one entry per unique row"
+        g = w.grad.coalesce().cpu()
+        assert torch.equal(g.indices()[0], rows), f"table {t}: rows"
+        assert_close(g.values(), vals, torch.float32, f"table {t}: values")
+        assert_close(w.grad.to_dense(), rg, torch.float32, f"table {t}: dense")
+
+
+# ---------------------------------------------------------------- fused optimizers
+def _hand_written(opt, w, rows, g, state, step, lr=0.05, eps=1e-6, b1=0.9, b2=0.99, wd=0.01):
+    """Per-row loops, written independently of kfuse.reference: the expected float64 update."""
+    w = w.double().clone()
+    for k, r in enumerate(rows.tolist()):
+        gr = g[k].double()
+        if opt == "sgd":
+            w[r] -= lr * (gr + wd * w[r])
+        elif opt == "rowwise_adagrad":
+            gr = gr + wd * w[r]
+            state[0][r] += float((gr * gr).mean())
+            w[r] -= lr * gr / (state[0][r].double().sqrt() + eps)
+        else:
+            state[0][r] = b1 * state[0][r] + (1 - b1) * gr
+            state[1][r] = b2 * state[1][r] + (1 - b2) * gr * gr
+            mh, vh = state[0][r].double() / (1 - b1**step), state[1][r].double() / (1 - b2**step)
+            w[r] -= lr * (mh / (vh.sqrt() + eps) + wd * w[r])
+    return w
+
+
+@pytest.mark.parametrize(("backend", "device"), backends(torch.float64))
+@pytest.mark.parametrize("opt", ["sgd", "rowwise_adagrad", "adam"])
+def test_fused_optimizer_matches_hand_written(backend, device, opt, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tables, ft = [(50, 6), (20, 3)], [0, 1, 0]
+    m = MultiTableEmbeddingBag(tables, ft, "sum", optimizer=opt, lr=0.05, eps=1e-6, beta1=0.9, beta2=0.99,
+                               weight_decay=0.01, backend=backend, dtype=torch.float64)
+    states = [[torch.zeros(r, dtype=torch.float64)] if opt == "rowwise_adagrad" else
+              [torch.zeros(r, d, dtype=torch.float64), torch.zeros(r, d, dtype=torch.float64)] for r, d in tables]
+    expect = [w.detach().clone() for w in m.weights]
+    for step in (1, 2, 3):
+        indices, offsets = make_bags(tables, ft, 8, gen)
+        out = m(indices, offsets)
+        grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        ref_w = [w.detach().clone().requires_grad_() for w in expect]
+        per_feature_torch(ref_w, indices, offsets, ft, "sum").backward(grad)
+        out.backward(grad)
+        for t in range(len(tables)):
+            rows, g = sparse_grad(ref_w[t].grad, indices, offsets, ft, t)
+            expect[t] = _hand_written(opt, expect[t], rows, g, states[t], step)
+            assert_close(m.weights[t], expect[t], torch.float64, f"step {step} table {t}")
+    assert int(m.step) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_stochastic_rounding_is_unbiased_and_brackets(dtype, seed):
+    y = torch.randn(257) * 3
+    rows = torch.arange(4000).unsqueeze(1)
+    u = rounding_bits(seed, 3, 1, rows, torch.arange(257).unsqueeze(0))
+    r = stochastic_round(y.expand(4000, 257), dtype, u).float()
+    near = y.to(dtype).float()
+    ulp = (near.abs() * (2.0**-10 if dtype == torch.float16 else 2.0**-7)).clamp(min=1e-7)
+    assert ((r - y).abs() <= ulp * 2).all()  # lo or hi only
+    assert ((r.mean(0) - y).abs() <= 0.1 * ulp).all()  # unbiased (the nearest rounding is off by up to ulp/2)
+    assert torch.equal(stochastic_round(y, dtype, torch.zeros(257, dtype=torch.int64)).view(torch.int16),
+                       stochastic_round(y, dtype, torch.zeros(257, dtype=torch.int64)).view(torch.int16))
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtypes([torch.float32, torch.bfloat16]))
+def test_fused_checkpoint_resumes_to_the_same_bits(backend, device, dtype, tmp_path, seed):
+    tables, ft = [(40, 8), (30, 5)], [0, 1, 1]
+
+    def batches(k):
+        gen = torch.Generator().manual_seed(seed + k)
+        return make_bags(tables, ft, 5, gen), torch.randn(5, 18, generator=gen).to(device, dtype)
+
+    def train(m, ks):
+        for k in ks:
+            (idx, off), g = batches(k)
+            m(idx.to(device), off.to(device)).backward(g)
+
+    def make():
+        torch.manual_seed(seed)
+        return MultiTableEmbeddingBag(tables, ft, optimizer="adam", dtype=dtype, seed=7, backend=backend,
+                                      device=device)
+
+    a = make()
+    train(a, [0, 1])
+    torch.save(a.state_dict(), tmp_path / "ckpt.pt")
+    train(a, [2, 3])
+    b = make()
+    b.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
+    assert int(b.step) == 2
+    train(b, [2, 3])
+    for wa, wb in zip(a.weights, b.weights, strict=True):
+        assert torch.equal(wa.view(torch.int16) if dtype == torch.bfloat16 else wa,
+                           wb.view(torch.int16) if dtype == torch.bfloat16 else wb)
+    assert all(torch.equal(x, y) for x, y in zip(a.buffers(), b.buffers(), strict=True))
+
+
+def test_apply_rows_rounds_half_tables_stochastically(seed):
+    m = MultiTableEmbeddingBag([(10, 64)], optimizer="sgd", lr=1e-3, dtype=torch.bfloat16, seed=3, backend="reference")
+    w0 = m.weights[0].detach().float().clone()
+    g = torch.full((1, 64), 1.0)
+    _apply_rows(m, 0, torch.tensor([4]), g, 1)
+    new = m.weights[0].detach().float()[4]
+    exact = w0[4] - 1e-3
+    # values move by less than a bf16 ulp: nearest rounding would mostly leave them unchanged
+    assert (new != w0[4]).any() and ((new - exact).abs() <= exact.abs() * 2**-7).all()
+
+
+# ---------------------------------------------------------------- modules
+def test_embedding_bag_module_is_a_drop_in(seed):
+    t = torch.nn.EmbeddingBag(20, 6, mode="sum", padding_idx=2)
+    k = kfuse.nn.EmbeddingBag.from_torch(t)
+    assert k.weight is t.weight
+    idx = torch.tensor([1, 2, 5, 5, 19, 0, 2])
+    off = torch.tensor([0, 3, 3])
+    assert_close(k(idx, off), t(idx, off), torch.float32)
+    fresh = kfuse.nn.EmbeddingBag(20, 6, mode="sum", padding_idx=2)
+    fresh.load_state_dict(t.state_dict())
+    assert torch.equal(fresh(idx, off), k(idx, off))
+
+
+def test_multi_table_module_accepts_a_keyed_jagged_tensor(seed):
+    class KeyedJaggedTensor:  # the attributes kfuse reads, as torchrec's class has them
+        def __init__(self, keys, values, offsets):
+            self._k, self._v, self._o = keys, values, offsets
+
+        def keys(self):
+            return self._k
+
+        def values(self):
+            return self._v
+
+        def offsets(self):
+            return self._o
+
+        def weights_or_none(self):
+            return None
+
+    m = MultiTableEmbeddingBag([(30, 4), (10, 3)], backend="reference")
+    gen = torch.Generator().manual_seed(seed)
+    idx, off = make_bags(m.tables, m.feature_table_map, 4, gen)
+    assert torch.equal(m(KeyedJaggedTensor(["dx", "px"], idx, off)), m(idx, off))
+    try:
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor as KJT  # noqa: PLC0415
+    except ImportError:
+        return  # torchrec is optional (not a test dependency)
+    kjt = KJT(keys=["dx", "px"], values=idx, offsets=off)
+    assert torch.equal(m(kjt), m(idx, off))
+
+
+# ---------------------------------------------------------------- bad input
+def _bad(device: str = "cpu"):
+    w = [torch.randn(10, 4, device=device), torch.randn(5, 2, device=device)]
+    idx, off = torch.tensor([1, 2, 3, 4], device=device), torch.tensor([0, 1, 2, 3, 4], device=device)
+    t, ones = functools.partial(torch.tensor, device=device), functools.partial(torch.ones, device=device)
+    mb = kfuse.multi_embedding_bag
+    return {
+        "index too large": (lambda b: mb(w, t([1, 2, 7, 4]), off, backend=b), IndexError,
+                            r"indices\[2\] = 7 is out of range \[0, 5\)"),
+        "negative index": (lambda b: mb(w, t([1, -1, 3, 4]), off, backend=b), IndexError, r"indices\[1\]"),
+        "offsets decrease": (lambda b: mb(w, idx, t([0, 2, 1, 3, 4]), backend=b), ValueError,
+                             "non-decreasing"),
+        "offsets start": (lambda b: mb(w, idx, t([1, 1, 2, 3, 4]), backend=b), ValueError, "offsets"),
+        "offsets end": (lambda b: mb(w, idx, t([0, 1, 2, 3, 3]), backend=b), ValueError, "offsets"),
+        "offsets count": (lambda b: mb(w, idx, off[:4], backend=b), ValueError, "F·B"),
+        "psw length": (lambda b: mb(w, idx, off, per_sample_weights=ones(3), backend=b), ValueError,
+                       "per_sample_weights"),
+        "psw with mean": (lambda b: mb(w, idx, off, mode="mean", per_sample_weights=ones(4), backend=b),
+                          ValueError, "mode='sum'"),
+        "max mode": (lambda b: mb(w, idx, off, mode="max", backend=b), ValueError, "max"),
+        "mixed dtypes": (lambda b: mb([w[0], w[1].double()], idx, off, backend=b), ValueError, r"weights\[1\]"),
+        "offsets dtype": (lambda b: mb(w, idx, off.int(), backend=b), TypeError, "offsets"),
+        "float indices": (lambda b: mb(w, idx.float(), off, backend=b), ValueError, "indices"),
+        "feature_table": (lambda b: mb(w, idx, off, [0, 2], backend=b), ValueError, "feature_table"),
+        "device": (lambda b: mb(w, idx.to("meta"), off, backend=b), ValueError, "indices is on meta"),
+        "padding": (lambda b: mb(w, idx, off, padding_idx=[0, 9], backend=b), ValueError, "padding_idx"),
+    }
+
+
+@pytest.mark.parametrize(("backend", "device"), backends())
+@pytest.mark.parametrize("name", list(_bad()))
+def test_bad_input_names_the_argument(backend, device, name):
+    fn, exc, words = _bad(device)[name]
+    with pytest.raises(exc, match=words):
+        fn(backend)
+
+
+# ---------------------------------------------------------------- autograd, registration, compile
+@pytest.mark.parametrize(("backend", "device"), backends(torch.float64))
+def test_gradcheck(backend, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tables, ft = [(12, 3), (7, 2)], [0, 1, 0]
+    weights = [torch.randn(r, d, generator=gen, dtype=torch.float64, requires_grad=True) for r, d in tables]
+    idx, off = make_bags(tables, ft, 3, gen, max_bag=4)
+    psw = torch.randn(idx.numel(), generator=gen, dtype=torch.float64, requires_grad=True)
+    fn = lambda p, *ws: kfuse.multi_embedding_bag(list(ws), idx, off, ft, "sum", p, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (psw, *weights))
+
+
+def test_opcheck(seed):
+    gen = torch.Generator().manual_seed(seed)
+    tables, ft = [(12, 3), (7, 2)], [0, 1, 0]
+    weights = [torch.randn(r, d, generator=gen, requires_grad=True) for r, d in tables]
+    idx, off = make_bags(tables, ft, 3, gen, empty=0.0)
+    psw = torch.randn(idx.numel(), generator=gen, requires_grad=True)
+    backend = "cpu"
+    torch.library.opcheck(E.embedding_bag_forward, (weights, idx, off, ft, [-1, 1], 0, psw, backend))
+    g = torch.randn(3, 8)
+    plain = [w.detach() for w in weights]  # a backward op: no double backward
+    torch.library.opcheck(E.embedding_bag_backward, (g, plain, idx, off, ft, [-1, 1], 0, psw.detach(), True, backend))
+
+
+def test_torch_compile_fullgraph(seed):
+    gen = torch.Generator().manual_seed(seed)
+    tables, ft = [(12, 3), (7, 2)], [0, 1, 0]
+    weights = [torch.randn(r, d, generator=gen, requires_grad=True) for r, d in tables]
+    idx, off = make_bags(tables, ft, 3, gen)
+
+    def f(ws, idx, off):
+        return kfuse.multi_embedding_bag(ws, idx, off, ft, "mean").sum() * 2
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="eager")(weights, idx, off)
+    (g_got,) = torch.autograd.grad(got, weights[0])
+    want = f(weights, idx, off)
+    (g_want,) = torch.autograd.grad(want, weights[0])
+    assert torch.equal(got, want) and torch.equal(g_got, g_want)
+
+
+# ---------------------------------------------------------------- data parallel (2 processes, gloo)
+_DDP_TABLES, _DDP_FT = [(40, 6), (25, 4)], [0, 1, 0]
+
+
+def _ddp_batch(step: int, rank: int):
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randint(0, 25, (24,), generator=g), torch.arange(0, 25, 4)  # 3 features × 2 bags of 4
+
+
+def _ddp_module(fused: bool, group=None):
+    torch.manual_seed(0)
+    return MultiTableEmbeddingBag(_DDP_TABLES, _DDP_FT, optimizer="rowwise_adagrad" if fused else None, lr=0.1,
+                                  process_group=group)
+
+
+_DDP = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    sys.path.insert(0, sys.argv[4])
+    from test_embedding import _ddp_batch, _ddp_module
+    rank, mode, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    fused = mode == "fused"
+    m = _ddp_module(fused, dist.group.WORLD if fused else None)
+    model = m if fused else DDP(m)
+    opt = None if fused else torch.optim.Adagrad(model.parameters(), lr=0.1)
+    for step in range(3):
+        (model(*_ddp_batch(step, rank)) ** 2).sum().backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad()
+    torch.save([w.detach() for w in m.weights], out)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fused"])
+def test_data_parallel_two_processes(mode, tmp_path):
+    """2 gloo processes, each its own batches: DDP (fused optimizer off; gradients averaged, then
+    Adagrad) and the fused row-wise Adagrad with its row-sparse gradients all-gathered and summed.
+    Both ranks end with identical tables, equal to one process doing the same arithmetic on both
+    batches (averaged loss for DDP; the concatenated batch for the fused optimizer)."""
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP)
+    port = 29500 + (os.getpid() * 2 + (mode == "fused")) % 2000
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    here = os.path.dirname(__file__)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), mode, str(tmp_path / f"w{r}.pt"), here], env=env)
+             for r in range(2)]
+    assert all(p.wait(timeout=240) == 0 for p in procs)
+    w0, w1 = torch.load(tmp_path / "w0.pt"), torch.load(tmp_path / "w1.pt")
+    fused = mode == "fused"
+    m = _ddp_module(fused)
+    opt = None if fused else torch.optim.Adagrad(m.parameters(), lr=0.1)
+    start = [w.detach().clone() for w in m.weights]
+    for step in range(3):
+        (i0, o0), (i1, o1) = _ddp_batch(step, 0), _ddp_batch(step, 1)
+        if fused:  # feature-major concatenation: each feature's bags of rank 0, then of rank 1
+            idx = torch.cat([torch.cat([i0[o0[2 * f]: o0[2 * f + 2]], i1[o1[2 * f]: o1[2 * f + 2]]]) for f in range(3)])
+            (m(idx, torch.arange(0, 49, 4)) ** 2).sum().backward()
+        else:
+            (((m(i0, o0) ** 2).sum() + (m(i1, o1) ** 2).sum()) / 2).backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b, w, s in zip(w0, w1, m.weights, start, strict=True):
+        assert torch.equal(a, b), "the ranks' tables differ"
+        assert not torch.equal(a, s), "nothing was trained"
+        assert_close(a, w, torch.float32, "data parallel vs one process")
+
+
+# ---------------------------------------------------------------- the C++ kernels (kfuse._C), directly
+# The fused optimizers bit for bit against the kernel's own sparse gradient updated op by op in its
+# precision (stochastic rounding included), thread-count independence of every backward, and bad
+# input that leaves tables and states untouched. ``make_case``: Zipf-heavy duplicates (a cubed
+# uniform rank), empty bags, padding on the hottest row, odd dims, two features sharing a table.
+_C = _backends.extension()
+
+
+def make_case(dtype, index_dtype=torch.int64, *, rows=(50, 37, 9), dims=(7, 33, 1), feature_table=(0, 1, 0, 2),
+              B=12, max_bag=9, pooling=0, weighted=False, padding=True):
+    """Tables, feature-major bags (Zipf-skewed indices, some empty bags) and their arguments."""
+    weights = [torch.randn(r, d, dtype=torch.float64).to(dtype) for r, d in zip(rows, dims, strict=True)]
+    padding_idx, idx_parts, sizes = [], [], []
+    perms = [torch.randperm(r) for r in rows]
+    for t in range(len(rows)):  # padding: the hottest row of every other table
+        padding_idx.append(int(perms[t][0]) if padding and t % 2 == 0 else -1)
+    for f, t in enumerate(feature_table):
+        n = torch.randint(0, max_bag + 1, (B,))
+        n[torch.rand(B) < 0.2] = 0
+        if f == 0:
+            n[0] = 0
+        sizes.append(n)
+        ranks = (torch.rand(int(n.sum())) ** 3 * rows[t]).long()  # heavy head: many duplicates
+        idx_parts.append(perms[t][ranks])
+    indices = torch.cat(idx_parts).to(index_dtype)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(sizes).cumsum(0)]).to(index_dtype)
+    psw = torch.randn(indices.numel(), dtype=acc_dtype(dtype)) if weighted else None
+    return dict(weights=weights, indices=indices, offsets=offsets, feature_table=list(feature_table),
+                padding_idx=padding_idx, pooling=pooling, per_sample_weights=psw)
+
+
+def args(c):
+    return (c["weights"], c["indices"], c["offsets"], c["feature_table"], c["padding_idx"], c["pooling"],
+            c["per_sample_weights"])
+
+
+def occurrences(c):
+    """Per flat position: (feature, bag, table, row, scale) in float64, padding excluded."""
+    F_, off = len(c["feature_table"]), c["offsets"].long()
+    B = (off.numel() - 1) // F_
+    fb = torch.repeat_interleave(torch.arange(F_ * B), off.diff())
+    f, b = fb // B, fb % B
+    t = torch.tensor(c["feature_table"])[f]
+    row = c["indices"].long()
+    keep = row != torch.tensor(c["padding_idx"])[t]
+    if c["per_sample_weights"] is not None:
+        scale = c["per_sample_weights"].double()
+    elif c["pooling"] == 1:
+        count = torch.zeros(F_ * B).index_add_(0, fb[keep], torch.ones(int(keep.sum())))
+        scale = 1.0 / count[fb].clamp(min=1).double()
+    else:
+        scale = torch.ones(row.numel(), dtype=torch.float64)
+    return f, b, t, row, scale, keep, B
+
+
+def ref_grads(c, grad_out):
+    """Dense float64 gradient of each table (index_add_ of the scaled grad_out slices)."""
+    f, b, t, row, scale, keep, _ = occurrences(c)
+    col = torch.tensor([0] + [c["weights"][tt].shape[1] for tt in c["feature_table"]]).cumsum(0)
+    go = grad_out.double()
+    dense = []
+    for tt, w in enumerate(c["weights"]):
+        sel = torch.nonzero(keep & (t == tt)).flatten()
+        g = torch.stack([go[b[i], col[f[i]]:col[f[i]] + w.shape[1]] for i in sel.tolist()]) if sel.numel() else \
+            torch.zeros(0, w.shape[1], dtype=torch.float64)
+        dense.append(torch.zeros(w.shape, dtype=torch.float64).index_add_(0, row[sel], g * scale[sel, None]))
+    return dense
+
+
+def densify(sparse, weights):
+    out = []
+    for (rows, g), w in zip(sparse, weights, strict=True):
+        assert rows.dtype == torch.int64 and torch.all(rows.diff() > 0), "unique rows ascending"
+        out.append(torch.zeros(w.shape, dtype=torch.float64).index_put_((rows,), g.double()))
+    return out
+
+
+def test_cpu_kernels_empty_input_and_an_unused_table(seed):
+    c = make_case(torch.float32, feature_table=(0, 0, 2), max_bag=0)  # every bag empty, table 1 unused
+    out = _C.embedding_forward(*args(c))
+    assert torch.equal(out, torch.zeros(12, 7 + 7 + 1))
+    sparse = _C.embedding_backward_sparse(torch.ones_like(out), *args(c))
+    assert [tuple(g.shape) for _, g in sparse] == [(0, 7), (0, 33), (0, 1)]
+
+
+def lane_sum16(x):
+    """Row sums of x [U, D] in the kernel's order: lane d mod 16 partials, then pairwise halving."""
+    p = torch.zeros(x.shape[0], 16, dtype=x.dtype)
+    for c0 in range(0, x.shape[1], 16):
+        part = x[:, c0:c0 + 16]
+        p[:, :part.shape[1]] = p[:, :part.shape[1]] + part
+    for w in (8, 4, 2, 1):
+        p[:, :w] = p[:, :w] + p[:, w:2 * w]
+    return p[:, 0]
+
+
+def sqrt(x):
+    return torch.from_numpy(np.sqrt(x.numpy()))  # correctly rounded (torch's float32 sqrt is within 1 ulp)
+
+
+def full(like, v):
+    return torch.full_like(like, v)  # a tensor operand: no scalar fast path (x / s as x * (1 / s))
+
+
+def ref_update(w, g, s1, s2, opt, hp, step):
+    """One update of rows w [U, D] by their summed gradients g, op by op in w's dtype (the kernel's
+    order of operations); returns (w, s1, s2)."""
+    lr, eps, b1, b2, wd = (hp[k] for k in ("lr", "eps", "beta1", "beta2", "weight_decay"))
+    if opt == "sgd":
+        return w - full(w, lr) * (g + full(w, wd) * w), s1, s2
+    if opt == "rowwise_adagrad":
+        g = g + full(w, wd) * w
+        s1 = s1 + lane_sum16(g * g) / full(s1, w.shape[1])
+        mult = full(s1, lr) / (sqrt(s1) + full(s1, eps))
+        return w - mult[:, None] * g, s1, s2
+    m = full(w, b1) * s1 + full(w, 1 - b1) * g
+    v = full(w, b2) * s2 + full(w, 1 - b2) * g * g
+    c1, c2 = full(w, 1 - b1**step), full(w, 1 - b2**step)
+    return w - full(w, lr) * ((m / c1) / (sqrt(v / c2) + full(w, eps)) + full(w, wd) * w), m, v
+
+
+def states_for(opt, weights):
+    acc = acc_dtype(weights[0].dtype)
+    if opt == "sgd":
+        return [], []
+    if opt == "rowwise_adagrad":
+        return [torch.rand(w.shape[0], dtype=acc) for w in weights], []
+    return [torch.randn(w.shape, dtype=acc) * 0.1 for w in weights], [torch.rand(w.shape, dtype=acc) for w in weights]
+
+
+CPU_HP = dict(lr=0.05, eps=1e-6, beta1=0.9, beta2=0.99, weight_decay=0.01)
+
+
+def cpu_fused(c, grad_out, opt, s1, s2, step=3, seed=12345):
+    hp = CPU_HP
+    _C.embedding_backward_fused(grad_out, *args(c), opt, s1, s2, hp["lr"], hp["eps"], hp["beta1"], hp["beta2"],
+                                hp["weight_decay"], step, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opt", ["sgd", "rowwise_adagrad", "adam"])
+def test_cpu_fused_optimizer_bits_equal_sparse_grad_then_update(seed, dtype, opt):
+    c = make_case(dtype, torch.int32 if opt == "adam" else torch.int64, pooling=int(opt == "sgd"),
+                  weighted=opt == "rowwise_adagrad")
+    grad_out = torch.randn(12, 48, dtype=torch.float64).to(dtype)
+    s1, s2 = states_for(opt, c["weights"])
+    before = [w.clone() for w in c["weights"]]
+    s1_0, s2_0 = [s.clone() for s in s1], [s.clone() for s in s2]
+    sparse = _C.embedding_backward_sparse(grad_out, *args(c))
+    cpu_fused(c, grad_out, opt, s1, s2, step=3, seed=-7 if dtype == torch.float16 else 2**40 + 5)
+    seed32 = (-7 if dtype == torch.float16 else 2**40 + 5) & 0xFFFFFFFF
+    dense_ref = ref_grads(c, grad_out)
+    acc = acc_dtype(dtype)
+    for t, ((rows, g), w0) in enumerate(zip(sparse, before, strict=True)):
+        s1r = s1_0[t][rows] if s1_0 else None
+        s2r = s2_0[t][rows] if s2_0 else None
+        # Bit for bit: the kernel's own sparse gradient, updated op by op in its precision.
+        wa, s1a, s2a = ref_update(w0[rows].to(acc), g, s1r, s2r, opt, CPU_HP, 3)
+        u = rounding_bits(seed32, 3, t, rows[:, None], torch.arange(wa.shape[1])[None, :])
+        exp_w = wa if dtype in (torch.float32, torch.float64) else stochastic_round(wa, dtype, u)
+        got = c["weights"][t]
+        assert torch.equal(got[rows].view(torch.uint8), exp_w.to(dtype).view(torch.uint8)), f"table {t} rows"
+        untouched = torch.ones(w0.shape[0], dtype=torch.bool).index_fill_(0, rows, False)
+        assert torch.equal(got[untouched].view(torch.uint8), w0[untouched].view(torch.uint8))
+        if s1:
+            assert torch.equal(s1[t][rows], s1a) and torch.equal(s1[t][untouched], s1_0[t][untouched])
+        if s2:
+            assert torch.equal(s2[t][rows], s2a)
+        # Semantics: float64 from the float64 gradient (f32/f64 tables; half tables round randomly).
+        if dtype in (torch.float32, torch.float64):
+            wd, _, _ = ref_update(w0[rows].double(), dense_ref[t][rows], None if s1r is None else s1r.double(),
+                                  None if s2r is None else s2r.double(), opt, CPU_HP, 3)
+            assert_close(got[rows], wd, dtype, f"{opt} table {t}")
+
+
+def test_cpu_stochastic_rounding_is_unbiased(seed):
+    # y halfway-ish between bf16 neighbours: the mean of many independent roundings is y.
+    c = make_case(torch.bfloat16, rows=(4,), dims=(256,), feature_table=(0,), B=1, max_bag=1, padding=False)
+    c["indices"] = torch.tensor([1])
+    c["offsets"] = torch.tensor([0, 1])
+    w0 = torch.full((4, 256), 1.0, dtype=torch.bfloat16)
+    outs = []
+    for step in range(1, 41):
+        c["weights"] = [w0.clone()]
+        _C.embedding_backward_fused(torch.full((1, 256), 1.0, dtype=torch.bfloat16), *args(c), "sgd", [], [],
+                                    1e-3, 0.0, 0.0, 0.0, 0.0, step, 99)
+        outs.append(c["weights"][0][1].float())
+    mean = torch.stack(outs).mean()
+    assert abs(mean.item() - (1.0 - 1e-3)) < 2e-4  # nearest rounding would give exactly 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_backward_bits_do_not_depend_on_threads(seed, dtype):
+    c = make_case(dtype, rows=(300, 40), dims=(33, 16), feature_table=(0, 1, 0), B=200, max_bag=30, weighted=True)
+    grad_out = torch.randn(200, 33 + 16 + 33, dtype=torch.float64).to(dtype)
+    w0 = [w.clone() for w in c["weights"]]
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for nt in (1, 2, 2, 1):
+            torch.set_num_threads(nt)
+            c["weights"] = [w.clone() for w in w0]
+            sparse = _C.embedding_backward_sparse(grad_out, *args(c))
+            psw = _C.embedding_backward_psw(grad_out, *args(c)[:5])
+            s1, s2 = states_for("adam", w0)
+            s1 = [torch.zeros_like(s) for s in s1]
+            s2 = [torch.zeros_like(s) for s in s2]
+            cpu_fused(c, grad_out, "adam", s1, s2)
+            results.append([g for _, g in sparse] + [psw] + c["weights"] + s1 + s2)
+    finally:
+        torch.set_num_threads(old)
+    for r in results[1:]:
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(results[0], r, strict=True))
+
+
+CPU_BAD = [
+    ("indices out of range", lambda c: c["indices"].__setitem__(5, 50), IndexError,
+     r"indices\[5\] = 50 is out of range \[0, 50\) for feature 0 \(table 0\)"),
+    ("negative index", lambda c: c["indices"].__setitem__(-1, -3), IndexError, r"indices\[\d+\] = -3 is out of range"),
+    ("offsets decreasing", lambda c: c["offsets"].__setitem__(4, 10**6), ValueError,
+     r"offsets must be non-decreasing: offsets\[5\] = \d+ < offsets\[4\] = 1000000"),
+    ("offsets not from 0", lambda c: c["offsets"].__setitem__(0, 1), ValueError, r"offsets\[0\] must be 0; got 1"),
+    ("offsets not to N", lambda c: c.update(indices=c["indices"][:-1], per_sample_weights=None), ValueError,
+     r"offsets\[48\] = \d+ must equal the number of indices"),
+    ("offsets length", lambda c: c.__setitem__("offsets", c["offsets"][:-1]), ValueError,
+     r"offsets must have F \* B \+ 1 entries"),
+    ("psw length", lambda c: c.__setitem__("per_sample_weights", torch.ones(3)), ValueError,
+     r"per_sample_weights must have one weight per index"),
+    ("feature_table", lambda c: c["feature_table"].__setitem__(1, 3), IndexError, r"feature_table\[1\] = 3"),
+    ("padding_idx", lambda c: c["padding_idx"].__setitem__(1, 37), ValueError, r"padding_idx\[1\] = 37"),
+    ("psw with mean", lambda c: c.__setitem__("pooling", 1), ValueError, r"per_sample_weights are only supported"),
+]
+
+
+@pytest.mark.parametrize("what,spoil,exc,match", CPU_BAD, ids=[b[0] for b in CPU_BAD])
+def test_cpu_bad_input_raises_and_writes_nothing(seed, what, spoil, exc, match):
+    c = make_case(torch.float32, weighted=True, padding=False)
+    c["indices"] = c["indices"].clone()
+    spoil(c)
+    before = [w.clone() for w in c["weights"]]
+    grad_out = torch.ones(12, 48)
+    s1, _ = states_for("rowwise_adagrad", c["weights"])
+    s1_0 = [s.clone() for s in s1]
+    with pytest.raises(exc, match=match):
+        _C.embedding_forward(*args(c))
+    with pytest.raises(exc, match=match):
+        _C.embedding_backward_sparse(grad_out, *args(c))
+    with pytest.raises(exc, match=match):
+        cpu_fused(c, grad_out, "rowwise_adagrad", s1, [])
+    assert all(torch.equal(a, b) for a, b in zip(c["weights"] + s1, before + s1_0, strict=True))
+
+
+# ---------------------------------------------------------------- the Triton kernels, launcher by launcher
+# Without a GPU under the Triton interpreter on CPU tensors with tiny shapes, in float32 and float16
+# (the interpreter gets bfloat16 wrong); with a GPU compiled ('cuda' ids), with bfloat16 and a larger
+# shape too.
+TRITON_DEVICES = [pytest.param("cpu", marks=pytest.mark.interpret, id="interp"),
+           pytest.param("cuda", marks=pytest.mark.cuda, id="cuda")]
+# (device, tables dtype): bf16 only compiled (the interpreter gets bf16 wrong on CPU).
+TRITON_DTYPES = [pytest.param("cpu", torch.float32, marks=pytest.mark.interpret, id="interp-float32"),
+          pytest.param("cpu", torch.float16, marks=pytest.mark.interpret, id="interp-float16")]
+TRITON_DTYPES += [pytest.param("cuda", dt, marks=pytest.mark.cuda, id=f"cuda-{str(dt)[6:]}")
+           for dt in (torch.float32, torch.float16, torch.bfloat16)]
+_HALF = (torch.float16, torch.bfloat16)
+
+# Tables (rows, dim): odd dims 7, 1, 33 (33 crosses three 16-wide tiles under the interpreter);
+# features 0 and 3 share table 0. The GPU adds a medical-sized case (dims 128 and 300).
+TABLES, FT, PADS = [(40, 7), (25, 1), (60, 33)], [0, 1, 2, 0], [3, -1, 59]
+GPU_TABLES, GPU_FT, GPU_PADS = [(2000, 128), (500, 300), (3000, 64)], [0, 1, 2, 0, 1], [0, -1, 2999]
+
+
+def _inputs(device, dtype, seed, itype=torch.int64, batch=5, big=False):
+    """(weights, indices, offsets, feature_table, padding_idx) on ``device``."""
+    tables, ft, pads = (GPU_TABLES, GPU_FT, GPU_PADS) if big else (TABLES, FT, PADS)
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(r, d, generator=gen).to(dtype).to(device) for r, d in tables]
+    indices, offsets = make_bags(tables, ft, batch, gen, max_bag=30 if big else 7, itype=itype,
+                                 padding=[None if p < 0 else p for p in pads])
+    return weights, indices.to(device), offsets.to(device), ft, pads
+
+
+def _sizes(device):
+    return [False, True] if device == "cuda" else [False]
+
+
+def _grad_out(weights, ft, batch, seed, device):
+    gen = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(batch, sum(weights[t].shape[1] for t in ft), generator=gen).to(device)
+
+
+def _psw(indices, seed):
+    gen = torch.Generator().manual_seed(seed + 2)
+    return torch.randn(indices.numel(), generator=gen).to(indices.device)
+
+
+# ---------------------------------------------------------------- forward
+@pytest.mark.parametrize("device,dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("mode,itype", [("sum", torch.int32), ("mean", torch.int64), ("weighted", torch.int32),
+                                        ("sum", torch.int64)], ids=["sum-i32", "mean-i64", "weighted-i32", "sum-i64"])
+def test_triton_forward_matches_reference(device, dtype, mode, itype, seed):
+    for big in _sizes(device):
+        ws, idx, off, ft, pads = _inputs(device, dtype, seed, itype, batch=64 if big else 5, big=big)
+        psw = _psw(idx, seed) if mode == "weighted" else None
+        pooling = 1 if mode == "mean" else 0
+        out, flag = te.forward(ws, idx, off, ft, pads, pooling, psw)
+        ref = multi_embedding_bag_reference([w.cpu() for w in ws], idx.cpu(), off.cpu(), ft, pooling,
+                                            None if psw is None else psw.cpu(), pads)
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert_close(out, ref, dtype, f"forward big={big}")
+        assert flag.tolist() == [te.NO_ERROR, te.NO_ERROR]
+        te.check_flag(flag, idx, off)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_empty_bags_and_batches(device):
+    ws = [torch.randn(4, 3, device=device), torch.randn(5, 18, device=device)]
+    idx = torch.zeros(0, dtype=torch.int64, device=device)
+    off = torch.zeros(7, dtype=torch.int64, device=device)  # 2 features x 3 empty bags
+    for pooling in (0, 1):
+        out, flag = te.forward(ws, idx, off, [0, 1], [-1, -1], pooling, None)
+        assert torch.equal(out, torch.zeros(3, 21, device=device))
+        assert flag.tolist() == [te.NO_ERROR, te.NO_ERROR]
+    go = torch.randn(3, 21, device=device)
+    assert [(r.numel(), tuple(g.shape)) for r, g in te.backward_sparse(go, ws, idx, off, [0, 1], [-1, -1], 0, None)] \
+        == [(0, (0, 3)), (0, (0, 18))]
+    assert te.backward_psw(go, ws, idx, off, [0, 1], [-1, -1]).shape == (0,)
+    te.backward_fused(go, ws, idx, off, [0, 1], [-1, -1], 0, None, "sgd", [], [], 0.1, 0.0, 0.0, 0.0, 0.0, 1, 0)
+    out, _ = te.forward(ws, idx, off[:1], [0, 1], [-1, -1], 0, None)  # B = 0
+    assert out.shape == (0, 21)
+    # Bags of padding only: zeros (mean included), no gradient rows, nothing updated.
+    idx = torch.tensor([1, 1, 4, 4], device=device)
+    off = torch.tensor([0, 1, 2, 2, 3, 4, 4], device=device)
+    for pooling in (0, 1):
+        out, flag = te.forward(ws, idx, off, [0, 1], [1, 4], pooling, None)
+        assert torch.equal(out, torch.zeros(3, 21, device=device)) and flag.tolist()[0] == te.NO_ERROR
+    assert all(r.numel() == 0 for r, _ in te.backward_sparse(go, ws, idx, off, [0, 1], [1, 4], 1, None))
+    before = [w.clone() for w in ws]
+    te.backward_fused(go, ws, idx, off, [0, 1], [1, 4], 0, None, "sgd", [], [], 0.1, 0.0, 0.0, 0.0, 0.0, 1, 0)
+    assert all(torch.equal(w, b) for w, b in zip(ws, before, strict=True))
+
+
+# ---------------------------------------------------------------- backward
+def _reference_sparse(go, ws, idx, off, ft, pads, pooling, psw):
+    """Per table (rows, grads float64) from the reference's dense backward."""
+    dense, _ = multi_embedding_bag_backward_reference(go.cpu(), [w.cpu() for w in ws], idx.cpu(), off.cpu(), ft,
+                                                      pooling, None if psw is None else psw.cpu(), pads)
+    return [sparse_grad(g, idx.cpu(), off.cpu(), ft, t, pads[t]) for t, g in enumerate(dense)]
+
+
+@pytest.mark.parametrize("device,dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("mode,itype", [("sum", torch.int64), ("mean", torch.int32), ("weighted", torch.int64)],
+                         ids=["sum-i64", "mean-i32", "weighted-i32"])
+def test_triton_backward_sparse_matches_reference_and_repeats_bitwise(device, dtype, mode, itype, seed):
+    for big in _sizes(device):
+        batch = 64 if big else 5
+        ws, idx, off, ft, pads = _inputs(device, dtype, seed, itype, batch=batch, big=big)
+        psw = _psw(idx, seed) if mode == "weighted" else None
+        pooling = 1 if mode == "mean" else 0
+        go = _grad_out(ws, ft, batch, seed, device)
+        parts = te.backward_sparse(go, ws, idx, off, ft, pads, pooling, psw)
+        for t, ((rows, g), (ref_rows, ref_g)) in enumerate(zip(
+                parts, _reference_sparse(go, ws, idx, off, ft, pads, pooling, psw), strict=True)):
+            assert rows.dtype == torch.int64 and g.dtype == torch.float32
+            assert torch.equal(rows.cpu(), ref_rows), f"rows of table {t}"
+            assert_close(g, ref_g, torch.float32, f"grads of table {t}")
+        again = te.backward_sparse(go, ws, idx, off, ft, pads, pooling, psw)
+        for (r1, g1), (r2, g2) in zip(parts, again, strict=True):
+            assert torch.equal(r1, r2) and torch.equal(g1.view(torch.int32), g2.view(torch.int32))
+
+
+@pytest.mark.parametrize("device,dtype", TRITON_DTYPES)
+def test_triton_backward_psw_matches_reference(device, dtype, seed):
+    for big in _sizes(device):
+        batch = 64 if big else 5
+        ws, idx, off, ft, pads = _inputs(device, dtype, seed, torch.int32, batch=batch, big=big)
+        go = _grad_out(ws, ft, batch, seed, device)
+        psw = _psw(idx, seed)
+        got = te.backward_psw(go, ws, idx, off, ft, pads)
+        _, ref = multi_embedding_bag_backward_reference(go.cpu(), [w.cpu() for w in ws], idx.cpu(), off.cpu(), ft, 0,
+                                                        psw.cpu(), pads)
+        assert got.dtype == torch.float32
+        assert_close(got, ref, torch.float32, "grad of per_sample_weights")
+
+
+# ---------------------------------------------------------------- fused optimizers
+_HP = dict(lr=0.05, eps=1e-6, beta1=0.9, beta2=0.99, weight_decay=0.01)
+
+
+def _states(opt, ws, seed):
+    gen = torch.Generator().manual_seed(seed + 3)
+    dev = ws[0].device
+    if opt == "sgd":
+        return [], []
+    if opt == "rowwise_adagrad":
+        return [torch.rand(w.shape[0], generator=gen).to(dev) for w in ws], []
+    return ([torch.randn(w.shape, generator=gen).to(dev) for w in ws],
+            [torch.rand(w.shape, generator=gen).to(dev) for w in ws])
+
+
+def _expected_update(opt, ws, s1, s2, parts, step, seed):
+    """The reference's per-row rules applied to the row-sparse gradients ``parts`` (float32), with
+    stochastic rounding for half tables: new (tables, states1, states2)."""
+    ws, s1, s2 = [w.clone() for w in ws], [s.clone() for s in s1], [s.clone() for s in s2]
+    h = _HP
+    for t, (rows, g) in enumerate(parts):
+        g = g.to(ws[t].device).float()
+        cur = ws[t][rows].float()
+        if opt == "sgd":
+            new = sgd_update(cur, g, h["lr"], h["weight_decay"])
+        elif opt == "rowwise_adagrad":
+            st = s1[t][rows]
+            new = rowwise_adagrad_update(cur, g, st, h["lr"], h["eps"], h["weight_decay"])
+            s1[t][rows] = st
+        else:
+            m, v = s1[t][rows], s2[t][rows]
+            new = adam_update(cur, g, m, v, h["lr"], h["beta1"], h["beta2"], h["eps"], step, h["weight_decay"])
+            s1[t][rows], s2[t][rows] = m, v
+        if ws[t].dtype in _HALF:
+            u = rounding_bits(seed, step, t, rows.unsqueeze(1).cpu(), torch.arange(g.shape[1]).unsqueeze(0))
+            ws[t][rows] = stochastic_round(new.cpu(), ws[t].dtype, u).to(ws[t].device)
+        else:
+            ws[t][rows] = new
+    return ws, s1, s2
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest distance in units in the last place between same-dtype tensors (same sign)."""
+    bits = torch.int16 if a.element_size() == 2 else torch.int32
+    return int((a.view(bits).long() - b.view(bits).long()).abs().max()) if a.numel() else 0
+
+
+@pytest.mark.parametrize("device,dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("opt", ["sgd", "rowwise_adagrad", "adam"])
+def test_triton_fused_optimizer_matches_reference_rules(device, dtype, opt, seed):
+    """Against the reference rules applied to backward_sparse's gradient (checked above): SGD bit-exact
+    under the interpreter (no fused multiply-adds); otherwise within an ulp of half tables (FMA
+    contraction, a reduction order or a square root may move the float32 value, and with it a
+    stochastic choice) or the fp32 tolerance. The fused update repeats bitwise from the same start."""
+    step, rng_seed = 3, 2**33 + 17
+    ws, idx, off, ft, pads = _inputs(device, dtype, seed, torch.int32)
+    go = _grad_out(ws, ft, 5, seed, device)
+    s1, s2 = _states(opt, ws, seed)
+    parts = te.backward_sparse(go, ws, idx, off, ft, pads, 0, None)
+    exp_w, exp_s1, exp_s2 = _expected_update(opt, ws, s1, s2, parts, step, rng_seed)
+    runs = []
+    for _ in range(2):
+        w_run, s1_run, s2_run = [w.clone() for w in ws], [s.clone() for s in s1], [s.clone() for s in s2]
+        te.backward_fused(go, w_run, idx, off, ft, pads, 0, None, opt, s1_run, s2_run, step=step, seed=rng_seed,
+                          **_HP)
+        runs.append((w_run, s1_run, s2_run))
+    (w1, a1, b1), (w2, a2, b2) = runs
+    for x, y in zip(w1 + a1 + b1, w2 + a2 + b2, strict=True):
+        assert _ulps(x, y) == 0, "the fused update is not bitwise repeatable"
+    # Bit-exact only for SGD: row-wise Adagrad's mean square is a reduction whose order torch's mean
+    # does not share, and torch's CPU float32 sqrt is not correctly rounded (1 ulp off for ~18 % of
+    # inputs on this machine) while the kernels' sqrt_rn is.
+    exact = device == "cpu" and opt == "sgd"
+    for t, (got, exp) in enumerate(zip(w1, exp_w, strict=True)):
+        if exact or dtype in _HALF:
+            assert _ulps(got, exp) <= (0 if exact else 1), f"table {t}: {_ulps(got, exp)} ulps"
+        else:
+            assert_close(got, exp, dtype, f"table {t}")
+        untouched = torch.ones(got.shape[0], dtype=torch.bool, device=device)
+        untouched[parts[t][0]] = False
+        assert torch.equal(got[untouched], ws[t][untouched]), f"table {t}: rows without gradient changed"
+    for got, exp in zip(a1 + b1, exp_s1 + exp_s2, strict=True):
+        if exact:
+            assert torch.equal(got, exp)
+        else:
+            assert_close(got, exp, torch.float32, "optimizer state")
+
+
+@pytest.mark.parametrize("device,dtype", [p for p in TRITON_DTYPES if p.values[1] in _HALF])
+def test_triton_stochastic_rounding_bits_match_reference(device, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(6, 37, generator=gen) * torch.logspace(-9, 6, 37)  # subnormal to large
+    ymax = torch.finfo(dtype).max
+    y[0, :8] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), ymax * 1.001, -ymax, 1.0])
+    y[1] = y[1].to(dtype).float()  # exactly representable values stay put
+    rows = torch.tensor([0, 7, 2**32 + 5, 2**40 - 1, 123456789, 3])
+    for s, step, table in ((seed, 1, 0), (2**35 + seed, 2**32 + 9, 7)):
+        got = te.stochastic_round(y.to(device), rows.to(device), dtype, s, step, table).cpu()
+        ref = stochastic_round(y, dtype, rounding_bits(s, step, table, rows.unsqueeze(1),
+                                                       torch.arange(37).unsqueeze(0)))
+        assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
+
+
+# ---------------------------------------------------------------- bad input: flagged, never dereferenced
+def _guarded(shapes, device, dtype=torch.float32, guard_rows=2):
+    """Tables as contiguous views into one NaN-filled buffer with ``guard_rows`` rows of NaN on each
+    side: a read of row −2, −1, rows or rows + 1 poisons the result, a write changes the guard."""
+    total = sum((r + 2 * guard_rows) * d for r, d in shapes)
+    buf = torch.full((total,), float("nan"), dtype=dtype, device=device)
+    ws, at = [], 0
+    for r, d in shapes:
+        lo = at + guard_rows * d
+        w = buf[lo: lo + r * d].view(r, d)
+        w.copy_(torch.randn(r, d))
+        ws.append(w)
+        at += (r + 2 * guard_rows) * d
+    return buf, ws
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_out_of_range_indices_set_the_flag_and_read_nothing(device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(9, 5), (6, 17)]
+    ft, pads = [0, 1, 0], [2, 0]
+    buf, ws = _guarded(shapes, device)
+    idx, off = make_bags(shapes, ft, 4, gen, empty=0.0)
+    # Every bag holds >= 1 index, so each feature spans >= 4 positions: these are distinct, in
+    # features 0, 1, 2 and 2 (tables 0, 1, 0, 0), and each lands in a guard when read.
+    bad_pos = [2, int(off[4]) + 1, int(off[8]), int(off[-1]) - 1]
+    good = idx.clone()
+    for p, t, delta in zip(bad_pos, [0, 1, 0, 0], [-1, 0, -2, 1], strict=True):
+        idx[p] = shapes[t][0] + delta if delta >= 0 else delta
+        good[p] = pads[t]  # the reference skips it like padding
+    idx, off, good = idx.to(device), off.to(device), good.to(device)
+    guard_bits = buf.view(torch.int32).clone()
+    for pooling in (0, 1):
+        out, flag = te.forward(ws, idx, off, ft, pads, pooling, None)
+        assert flag.tolist() == [min(bad_pos), te.NO_ERROR]
+        ref = multi_embedding_bag_reference([w.cpu() for w in ws], good.cpu(), off.cpu(), ft, pooling, None, pads)
+        assert_close(out, ref, torch.float32, "forward with bad indices skipped")
+        with pytest.raises(IndexError, match=rf"indices\[{min(bad_pos)}\] = -?\d+ is out of range"):
+            te.check_flag(flag, idx, off)
+    go = _grad_out(ws, ft, 4, seed, device)
+    psw = _psw(idx, seed)
+    for (r1, g1), (r2, g2) in zip(te.backward_sparse(go, ws, idx, off, ft, pads, 0, psw),
+                                  te.backward_sparse(go, ws, good, off, ft, pads, 0, psw), strict=True):
+        assert torch.equal(r1, r2) and torch.equal(g1, g2)
+    g_psw = te.backward_psw(go, ws, idx, off, ft, pads)
+    assert torch.isfinite(g_psw).all() and (g_psw[bad_pos] == 0).all()
+    s1 = [torch.zeros(r, device=device) for r, _ in shapes]
+    te.backward_fused(go, ws, idx, off, ft, pads, 0, None, "rowwise_adagrad", s1, [], step=1, seed=0, **_HP)
+    assert all(torch.isfinite(w).all() for w in ws)
+    tables = torch.zeros_like(buf, dtype=torch.bool)
+    for w in ws:
+        start = (w.data_ptr() - buf.data_ptr()) // buf.element_size()
+        tables[start: start + w.numel()] = True
+    assert torch.equal(buf.view(torch.int32)[~tables], guard_bits[~tables]), "a guard was written"
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("case", ["decreasing", "past_end", "first_not_zero", "last_short", "negative"])
+def test_triton_bad_offsets_are_clamped_and_flagged(device, case, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shapes, ft = [(9, 5), (6, 3)], [0, 1]
+    ws = [torch.randn(r, d, generator=gen).to(device) for r, d in shapes]
+    idx, off = make_bags(shapes, ft, 3, gen, empty=0.0)
+    n = idx.numel()
+    pos, val = {"decreasing": (3, int(off[2]) - 1), "past_end": (4, n + 5), "first_not_zero": (0, 1),
+                "last_short": (6, n - 1), "negative": (2, -3)}[case]
+    off[pos] = val
+    out, flag = te.forward(ws, idx.to(device), off.to(device), ft, [-1, -1], 0, None)
+    assert flag.tolist()[1] == pos and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=rf"offsets\[{pos}\] = {val}"):
+        te.check_flag(flag, idx, off)
+    # The backward kernels clamp the same way (nothing to compare with: the input is invalid).
+    go = torch.randn(out.shape, device=device)
+    te.backward_sparse(go, ws, idx.to(device), off.to(device), ft, [-1, -1], 1, None)
+    assert torch.isfinite(te.backward_psw(go, ws, idx.to(device), off.to(device), ft, [-1, -1])).all()
+
+
+def test_triton_bad_arguments_raise():
+    w = [torch.randn(4, 3)]
+    idx, off = torch.tensor([0, 1]), torch.tensor([0, 2])
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        te.forward([torch.randn(4, 3, dtype=torch.float64)], idx, off, [0], [-1], 0, None)
+    with pytest.raises(ValueError, match="one dtype"):
+        te.forward(w, idx, off.int(), [0], [-1], 0, None)
+    with pytest.raises(ValueError, match="F·B"):
+        te.forward(w, idx, off, [0, 0], [-1], 0, None)
+    with pytest.raises(ValueError, match="grad_out"):
+        te.backward_sparse(torch.randn(2, 3), w, idx, off, [0], [-1], 0, None)
+    with pytest.raises(ValueError, match="states1"):
+        te.backward_fused(torch.randn(1, 3), w, idx, off, [0], [-1], 0, None, "adam", [], [], 0.1, 0.0, 0.9, 0.9,
+                          0.0, 1, 0)
+
+
+# ---------------------------------------------------------------- compiled for sm_90 (no GPU needed)
+def test_triton_kernels_compile_for_sm90() -> None:
+    """Every kernel compiles to sm_90 machine code for every table dtype, without a GPU: the
+    interpreter never runs the compiler (its type rules, the global-constexpr rule, pointer casts)."""
+    code = """
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kfuse.triton_kernels import embedding as te
+
+for w, wdt, it in [("fp32", tl.float32, "i32"), ("fp16", tl.float16, "i64"), ("bf16", tl.bfloat16, "i32")]:
+    types = {"idx_ptr": f"*{it}", "off_ptr": f"*{it}", "out_ptr": f"*{w}", "flag_ptr": "*i32", "key_ptr": f"*{it}",
+             "bag_ptr": "*i32", "go_ptr": "*fp32", "skey_ptr": f"*{it}", "rows_out_ptr": "*i64", "g_out_ptr": "*fp32",
+             "h_table": "i64"}
+    for n in ("meta_ptr", "fmeta_ptr", "tmeta_ptr", "tkey_ptr", "perm_ptr", "rank_ptr", "rows_ptr"):
+        types[n] = "*i64"
+    for n in ("psw_ptr", "scale_ptr", "y_ptr"):
+        types[n] = "*fp32"
+    for n in ("lr", "eps", "beta1", "beta2", "omb1", "omb2", "weight_decay", "bc1", "bc2"):
+        types[n] = "fp32"
+    kernels = [(te._fwd_kernel, dict(BLOCK_L=16, BLOCK_D=128, MEAN=True, HAS_PSW=True, WDT=wdt)),
+               (te._keys_kernel, dict(BLOCK_L=16, MEAN=True, HAS_PSW=True)),
+               (te._psw_kernel, dict(BLOCK_L=16, BLOCK_D=128, WDT=wdt))]
+    kernels += [(te._segment_kernel, dict(BLOCK_D=512, MODE=m, WDT=wdt, STOCHASTIC=m > 0 and w != "fp32"))
+                for m in (0, 2, 3)]
+    if w != "fp32":
+        kernels.append((te._round_kernel, dict(BLOCK_D=64, WDT=wdt)))
+    for fn, consts in kernels:
+        signature = {n: types.get(n, "i32") for n in fn.arg_names if n not in consts}
+        signature.update({k: "constexpr" for k in consts})
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert k.asm["cubin"], (fn.__name__, w)
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- the report's rows
+def test_report_rows_tiny(report_rows, monkeypatch) -> None:
+    """``python -m kfuse --ops embedding`` on a tiny medical-like shape on the CPU: every candidate ran
+    and passed its check (the forward output against float64), the loop is the basis (ratio 1) and the
+    CPU targets are set (forward 1/1.5, train 1/5)."""
+    from kfuse.bench import embedding as emb_bench  # noqa: PLC0415
+
+    monkeypatch.setitem(emb_bench.SHAPES, "tiny", ((300, 200, 50), 16, 6))
+    cpu = torch.device("cpu")
+    rows, ran, out = report_rows("embedding", emb_bench, lambda device, quick: [
+        emb_bench._case(cpu, torch.float32, m, "tiny", 24) for m in ("forward", "train")])
+    names = {(r["mode"], r["name"]) for r in ran}
+    assert names >= {("forward", "cpu"), ("forward", "loop"), ("train", "cpu"), ("train", "loop"),
+                     ("train", "loop-sparse")}
+    by = {(r["mode"], r["name"]): r for r in rows}
+    assert by["forward", "loop"]["ratio"] == 1.0 and by["train", "loop"]["ratio"] == 1.0
+    assert by["forward", "cpu"]["target"] == pytest.approx(1 / 1.5) and by["train", "cpu"]["target"] == 0.2
+    assert by["forward", "cpu"]["gbps"] > 0 and "%copy" in out
