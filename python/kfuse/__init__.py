@@ -5,14 +5,15 @@ Ops: :func:`kfuse.deu` (per-neuron Differential Equation Unit activations),
 :func:`kfuse.paged_decode_attention` and :func:`kfuse.paged_prefill_attention` (over a
 :class:`kfuse.kv.PagedKVCache`), :func:`kfuse.embedding_bag` and :func:`kfuse.multi_embedding_bag`.
 Modules: :class:`kfuse.nn.DEU`, :class:`kfuse.nn.LoRALinear`, :class:`kfuse.nn.MultiLoRALinear`,
-:class:`kfuse.nn.EmbeddingBag`, :class:`kfuse.nn.MultiTableEmbeddingBag`.
+:class:`kfuse.nn.EmbeddingBag`, :class:`kfuse.nn.MultiTableEmbeddingBag`; models:
+:class:`kfuse.models.LlamaForCausalLM` (a ``transformers`` Llama running on the paged cache).
 ``python -m kfuse`` checks and times every backend.
 ``kfuse.availability()`` says which backends this machine can run, and why not.
 """
 
 import torch  # noqa: F401  (the extension needs torch loaded first)
 
-from kfuse import kv, nn, reference
+from kfuse import kv, models, nn, reference
 from kfuse._backends import BackendUnavailableError, availability
 from kfuse.ops.deu import deu
 from kfuse.ops.embedding import embedding_bag, multi_embedding_bag
@@ -21,6 +22,6 @@ from kfuse.ops.lora import lora_linear, lora_linear_multi
 
 __all__ = [
     "BackendUnavailableError", "availability", "deu", "embedding_bag", "kv", "lora_linear", "lora_linear_multi",
-    "multi_embedding_bag", "nn", "paged_decode_attention", "paged_prefill_attention", "reference",
+    "models", "multi_embedding_bag", "nn", "paged_decode_attention", "paged_prefill_attention", "reference",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,191 @@
+"""Tests of kfuse.models.LlamaForCausalLM: a tiny random transformers Llama run on kfuse's paged KV
+cache against transformers' own forward, plus rollback / fork / isolation at the model level
+(shared/specs/kv.md, "Checks that catch the real bugs").
+
+Bitwise comparisons keep every call's shapes equal between the two runs: a CPU GEMM's bits for a row
+depend on the number of rows M (measured: rows of F.linear differ between M = 1, 2 and 5), while
+kfuse's attention kernels are bit-identical whatever the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tolerances import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+import kfuse.models.llama as llama_mod  # noqa: E402
+from kfuse.kv import PagedKVCache  # noqa: E402
+from kfuse.models import LlamaForCausalLM  # noqa: E402
+
+VOCAB = 101
+CFG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+           intermediate_size=128, max_position_embeddings=64,
+           initializer_range=0.2)  # 10x HF's default: attention far from uniform, so position errors show
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(min(n, 2))
+    yield
+    torch.set_num_threads(n)
+
+
+def build(**kw) -> tuple[transformers.LlamaForCausalLM, LlamaForCausalLM]:
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**CFG, **kw})).eval()
+    return hf, LlamaForCausalLM.from_hf(hf)
+
+
+@torch.no_grad()
+def hf_logits(hf: transformers.LlamaForCausalLM, tokens: torch.Tensor) -> torch.Tensor:
+    """transformers' own forward over a whole sequence, no cache: ``[len, vocab]``."""
+    return hf(tokens[None]).logits[0]
+
+
+def rand_tokens(n: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n,))
+
+
+@pytest.mark.parametrize("kw", [{}, {"rope_scaling": LLAMA3}, {"tie_word_embeddings": True}],
+                         ids=["default", "llama3-rope", "tied"])
+def test_ragged_prefill_and_decode_match_transformers(kw):
+    hf, model = build(**kw)
+    hf_params = {id(p) for p in hf.parameters()}
+    assert {id(p) for p in model.parameters()} <= hf_params  # shared, not copied
+    if kw.get("tie_word_embeddings"):
+        assert model.lm_head.weight is model.embed_tokens.weight
+    cache = model.new_cache(page_size=4, num_pages=32, max_seqs=4)
+    assert (cache.dtype, cache.device) == (torch.float32, torch.device("cpu"))
+    ids = [cache.add_sequence() for _ in range(3)]
+    seqs = [rand_tokens(n) for n in (5, 1, 17)]  # 17 > original_max_position_embeddings of LLAMA3
+    got = [[x] for x in model(seqs, ids, cache)]
+    for step in range(3):
+        # greedy next tokens; at step 1 sequence 1 gets none (a [0, vocab] result, its length stays)
+        new = [torch.zeros(0, dtype=torch.int64) if (step, i) == (1, 1) else g[-1][-1:].argmax(-1)
+               for i, g in enumerate(got)]
+        out = model(new, ids, cache)
+        for i in range(3):
+            assert out[i].shape == (len(new[i]), VOCAB)
+            seqs[i] = torch.cat([seqs[i], new[i]])
+            got[i].append(out[i])
+    for i, s in enumerate(ids):
+        assert cache.length(s) == len(seqs[i])
+        assert_close(torch.cat(got[i]), hf_logits(hf, seqs[i]), torch.float32, f"sequence {i}")
+
+
+def test_rollback_and_refeed_is_bit_identical():
+    hf, model = build()
+    cache = model.new_cache(page_size=4, num_pages=32, max_seqs=4)
+    ids = [cache.add_sequence() for _ in range(2)]
+    prompts = [rand_tokens(3), rand_tokens(6)]
+    last = [o[-1:] for o in model(prompts, ids, cache)]
+    n, back = 9, 6  # generate 9 tokens each, roll each back by 6 (to c = 6 and 9), crossing pages
+    toks, first = [], []
+    for _ in range(n):
+        nxt = [x.argmax(-1) for x in last]
+        last = model(nxt, ids, cache)
+        toks.append(nxt)
+        first.append(last)
+    lens = [cache.length(s) for s in ids]
+    pages_before = cache.stats()["pages_used"]
+    cache.rollback(ids, [x - back for x in lens])
+    assert cache.stats()["pages_used"] < pages_before  # whole pages past the checkpoints were freed
+    for j in range(n - back, n):
+        again = model(toks[j], ids, cache)
+        for a, b in zip(again, first[j], strict=True):
+            assert torch.equal(a, b), f"step {j}: logits after rollback differ"
+    assert [cache.length(s) for s in ids] == lens
+    full = torch.cat([prompts[1], *[t[1] for t in toks]])
+    assert_close(torch.cat([f[1] for f in first]), hf_logits(hf, full)[len(prompts[1]):], torch.float32)
+
+
+def test_rollback_of_one_sequence_leaves_the_others_bit_identical():
+    hf, model = build()
+    prompts = [rand_tokens(n) for n in (7, 4, 10)]
+    caches = []
+    for _ in range(2):  # two caches through the same calls
+        cache = model.new_cache(page_size=4, num_pages=32, max_seqs=4)
+        ids = [cache.add_sequence() for _ in range(3)]
+        model(prompts, ids, cache)
+        caches.append(cache)
+    caches[1].rollback([ids[1]], [1])  # sequence 1 backs up to its first token, in one cache only
+    step = [rand_tokens(1) for _ in range(3)]
+    a, b = (model(step, ids, c) for c in caches)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    assert not torch.equal(a[1], b[1])
+    assert_close(b[1], hf_logits(hf, torch.cat([prompts[1][:1], step[1]]))[-1:], torch.float32)
+
+
+def test_fork_mid_page():
+    hf, model = build()
+    prompt = rand_tokens(6)  # 1.5 pages of 4: the fork shares a partially filled page
+    with_fork = model.new_cache(page_size=4, num_pages=32, max_seqs=4)
+    parent = with_fork.add_sequence()
+    model([prompt], [parent], with_fork)
+    child = with_fork.fork(parent, 6)
+    # The run without the fork has a twin sequence, prefilled the same way, in the child's place: every
+    # call then has the same shapes, so the parent's logits must match bit for bit.
+    without = model.new_cache(page_size=4, num_pages=32, max_seqs=4)
+    p2, twin = without.add_sequence(), without.add_sequence()
+    model([prompt], [p2], without)
+    model([prompt], [twin], without)
+    p_toks, c_toks = rand_tokens(4), rand_tokens(4)  # different continuations, past the page boundary
+    child_logits = []
+    for j in range(4):
+        a = model([p_toks[j:j + 1], c_toks[j:j + 1]], [parent, child], with_fork)
+        b = model([p_toks[j:j + 1], c_toks[j:j + 1]], [p2, twin], without)
+        assert torch.equal(a[0], b[0]), f"step {j}: the parent's logits changed by the fork"
+        assert torch.equal(a[1], b[1]), f"step {j}: the child's logits differ from the twin's"
+        child_logits.append(a[1])
+    assert with_fork.length(parent) == with_fork.length(child) == 10
+    expected = hf_logits(hf, torch.cat([prompt, c_toks]))[len(prompt):]
+    assert_close(torch.cat(child_logits), expected, torch.float32, "child vs transformers")
+
+
+def test_bad_input_raises_and_leaves_the_cache_unchanged(monkeypatch):
+    hf, model = build()
+    cache = model.new_cache(page_size=4, num_pages=32, max_seqs=4)
+    ids = [cache.add_sequence() for _ in range(2)]
+    model([rand_tokens(5), rand_tokens(2)], ids, cache)
+    before = ([cache.length(s) for s in ids], cache.stats())
+    good = [rand_tokens(2), rand_tokens(1)]
+    cases = [
+        ((good[0], ids, cache), TypeError, "tokens must be a list"),
+        (([good[0], good[1].float()], ids, cache), TypeError, r"tokens\[1\]"),
+        (([good[0][None], good[1]], ids, cache), TypeError, r"tokens\[0\]"),
+        (([good[0], torch.tensor([VOCAB])], ids, cache), ValueError, r"tokens\[1\].*vocab_size"),
+        ((good, ids[:1], cache), ValueError, "seq_ids"),
+        ((good, [ids[0], 3], cache), ValueError, "seq_ids"),  # not active: the cache's own error
+        ((good, ids, object()), TypeError, "cache"),
+        ((good, ids, PagedKVCache(3, 2, 16, 4, 4, 2)), ValueError, "cache has"),
+    ]
+    for args, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            model(*args)
+    with pytest.raises(ValueError, match="counts"):
+        model.forward_packed(torch.cat(good), [1, 1], ids, cache)
+    with pytest.raises(TypeError, match="flat_tokens"):
+        model.forward_packed(torch.cat(good).int(), [2, 1], ids, cache)
+    assert ([cache.length(s) for s in ids], cache.stats()) == before
+
+    # An error in the middle of a step (layer 1's attention, after both layers appended) aborts it.
+    real = llama_mod.paged_prefill_attention
+
+    def failing(q, cache, layer, *args, **kwargs):
+        if layer == 1:
+            raise RuntimeError("injected")
+        return real(q, cache, layer, *args, **kwargs)
+
+    monkeypatch.setattr(llama_mod, "paged_prefill_attention", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        model(good, ids, cache)
+    monkeypatch.undo()
+    assert ([cache.length(s) for s in ids], cache.stats()) == before
+    assert [o.shape for o in model([good[0], torch.zeros(0, dtype=torch.int64)], ids, cache)] == [(2, VOCAB),
+                                                                                                 (0, VOCAB)]
+    assert model([], [], cache) == []
