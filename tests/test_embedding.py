@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -444,6 +445,8 @@ _DDP = textwrap.dedent("""
             opt.step()
             opt.zero_grad()
     torch.save([w.detach() for w in m.weights], out)
+    dist.barrier()
+    del model, m, opt  # nothing may hold the process group past its destruction
     dist.destroy_process_group()
 """)
 
@@ -456,12 +459,15 @@ def test_data_parallel_two_processes(mode, tmp_path):
     batches (averaged loss for DDP; the concatenated batch for the fused optimizer)."""
     script = tmp_path / "ddp.py"
     script.write_text(_DDP)
-    port = 29500 + (os.getpid() * 2 + (mode == "fused")) % 2000
+    with socket.socket() as sock:  # a port free now (a fixed one may be taken by another run)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
     here = os.path.dirname(__file__)
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), mode, str(tmp_path / f"w{r}.pt"), here], env=env)
-             for r in range(2)]
-    assert all(p.wait(timeout=240) == 0 for p in procs)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), mode, str(tmp_path / f"w{r}.pt"), here], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [(p.returncode, o[-2000:]) for p, o in zip(procs, outs, strict=True)]
     w0, w1 = torch.load(tmp_path / "w0.pt"), torch.load(tmp_path / "w1.pt")
     fused = mode == "fused"
     m = _ddp_module(fused)

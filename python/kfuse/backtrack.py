@@ -1,0 +1,404 @@
+"""Backtracking generation on :class:`kfuse.kv.PagedKVCache` (spec: ``shared/specs/kv.md``, "Backtracking generation").
+
+After Sel, Li, Wallis et al., "Backtracking for Safety" (arXiv 2503.08919): every ``check_every``
+generated tokens a pluggable check scores each sequence's recent window; a flagged sequence reverts to
+its last checkpoint that passed (not to the start), the rejected continuation's first token is banned
+at that position, and it continues. ``mode="reset"`` (discard everything generated on a flag) and
+``mode="plain"`` (no check) run the baselines through the same code.
+
+How it uses the cache: all live sequences step together, one ``model(tokens, seq_ids, cache)`` call
+per step (each feeds one token). A checkpoint is a number of generated tokens ``c``; reverting to it
+is ``cache.rollback`` to length ``prompt + c − 1`` (metadata only) and re-feeding the token at
+``prompt + c − 1``, whose logits are the checkpoint's next-token distribution. Re-feeding one token
+instead of storing a vocabulary-sized logits row per checkpoint keeps every step's batch shape equal
+to a run without flags: each live sequence feeds exactly one token per call, so the other sequences'
+CPU GEMM rows (whose bits depend on the number of rows) are unaffected by a sequence backtracking.
+
+Checks: any callable taking a list of windows (texts when a ``tokenizer`` is given, else lists of
+token ids) and returning one bool (True = violation) or score (violation when ``>= threshold``) per
+window. :class:`WordListCheck` is deterministic (tests); :class:`ProfanityCheck` wraps the
+``alt-profanity-check`` classifier (a test/demo dependency, imported lazily).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kfuse.kv import PagedKVCache
+
+__all__ = ["GenerationResult", "ProfanityCheck", "SequenceStats", "WordListCheck", "generate"]
+
+Check = Callable[[list[Any]], Sequence[Any]]
+
+
+@dataclass
+class SequenceStats:
+    """Counters of one sequence. Invariants (for every sequence, every mode; tested):
+
+    - ``tokens_kept == len(result.tokens[i])``; ``tokens_sampled == tokens_kept + tokens_discarded``;
+    - ``forward_passes == tokens_sampled`` (the prefill, then one call per step the sequence stays
+      live, and it samples once per step);
+    - ``tokens_computed == prompt_tokens + tokens_sampled − 1`` (each step but the last feeds one
+      token: the one just sampled, or the checkpoint's token re-fed after a rollback);
+    - ``flags == backtracks + resets + (finish_reason == "limit")`` (every flag reverts or stops);
+    - ``mode="plain"``: ``checks == backtracks == resets == tokens_discarded == 0``; ``mode="reset"``:
+      ``backtracks == 0``.
+
+    :class:`GenerationResult` adds ``totals`` (sums of these counters) and ``forward_passes`` (model
+    calls), which equals the largest per-sequence ``forward_passes``: every call serves every live
+    sequence.
+    """
+
+    prompt_tokens: int = 0
+    tokens_kept: int = 0
+    tokens_discarded: int = 0  # sampled, then thrown away by a backtrack, a reset or a stop
+    tokens_sampled: int = 0
+    tokens_computed: int = 0  # tokens fed to the model (prompt and re-fed tokens included)
+    forward_passes: int = 0  # model calls this sequence took part in
+    checks: int = 0
+    flags: int = 0  # checks that found a violation (each causes a backtrack, a reset or a stop)
+    backtracks: int = 0
+    resets: int = 0
+    finish_reason: str = ""  # "length", "eos", or "limit" (stopped by the backtrack/reset limits)
+
+
+@dataclass
+class GenerationResult:
+    """What :func:`generate` returns.
+
+    ``tokens[i]``: sequence ``i``'s generated token ids (prompt excluded; every window of them passed
+    the check, except in ``mode="plain"``). ``texts``: their decoding when a tokenizer was given.
+    ``forward_passes``: model calls in total (a call serves every live sequence); ``wall_time``: seconds.
+    """
+
+    tokens: list[list[int]]
+    texts: list[str] | None
+    stats: list[SequenceStats]
+    forward_passes: int
+    wall_time: float
+    totals: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Sums of the per-sequence integer counters (finish_reason excluded).
+        self.totals = {f.name: sum(getattr(s, f.name) for s in self.stats)
+                       for f in fields(SequenceStats) if f.name != "finish_reason"}
+
+
+class WordListCheck:
+    """Flags a window that contains any of ``words``: token-id sequences (matched contiguously in id
+    windows) or strings (matched case-insensitively as whole words in text windows). Deterministic."""
+
+    def __init__(self, words: Sequence[str | Sequence[int]]) -> None:
+        if isinstance(words, str) or not len(words):
+            raise ValueError(f"words must be a non-empty list of strings or token-id sequences; got {words!r}")
+        self.texts = [w for w in words if isinstance(w, str)]
+        self.ids = [tuple(int(t) for t in w) for w in words if not isinstance(w, str)]
+        if any(not w for w in (*self.texts, *self.ids)):
+            raise ValueError(f"words must not hold an empty entry; got {words!r}")
+        self._pattern = (re.compile(r"\b(?:" + "|".join(map(re.escape, self.texts)) + r")\b", re.IGNORECASE)
+                         if self.texts else None)
+
+    def __call__(self, windows: list[str] | list[list[int]]) -> list[bool]:
+        return [self._flag(w) for w in windows]
+
+    def _flag(self, window: str | list[int]) -> bool:
+        if isinstance(window, str):
+            if self.ids and self._pattern is None:
+                raise TypeError("WordListCheck holds token-id sequences but got text windows (generate() passes "
+                                "text when a tokenizer is given)")
+            return self._pattern is not None and self._pattern.search(window) is not None
+        if self.texts and not self.ids:
+            raise TypeError("WordListCheck holds words but got token-id windows (pass a tokenizer to generate())")
+        w = tuple(window)
+        return any(w[j:j + len(p)] == p for p in self.ids for j in range(len(w) - len(p) + 1))
+
+
+class ProfanityCheck:
+    """Offensive-language check: ``alt-profanity-check``'s classifier (a calibrated linear SVM over word
+    TF-IDF, trained on human-labelled offensive / clean text; runs offline). Flags a text window whose
+    probability of being offensive is ``>= threshold``. Needs text windows (a tokenizer in
+    :func:`generate`). ``alt-profanity-check`` is a test/demo dependency, not one of kfuse's."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be a probability in [0, 1]; got {threshold!r}")
+        try:
+            from profanity_check import predict_prob  # noqa: PLC0415 (optional: a demo/test dependency)
+        except ImportError as e:
+            raise ImportError("ProfanityCheck needs the alt-profanity-check package (pinned in requirements-dev.txt): "
+                              "pip install alt-profanity-check") from e
+        self.threshold = float(threshold)
+        self._predict_prob = predict_prob
+
+    def scores(self, texts: list[str]) -> list[float]:
+        """Probability that each text is offensive."""
+        if any(not isinstance(t, str) for t in texts):
+            raise TypeError("ProfanityCheck scores text; generate() passes text windows only when given a tokenizer")
+        return [float(p) for p in self._predict_prob(list(texts))] if texts else []
+
+    def __call__(self, texts: list[str]) -> list[bool]:
+        return [p >= self.threshold for p in self.scores(texts)]
+
+
+def _seeded_generator(seed: int, index: int) -> torch.Generator:
+    # SeedSequence mixes (seed, index) so that nearby pairs give unrelated streams.
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1))
+    return g
+
+
+def _sample(row: Tensor, banned: set[int], temperature: float, top_k: int | None, top_p: float,
+            gen: torch.Generator) -> int:
+    """One token from float32 CPU logits ``row [vocab]``: banned ids removed, then greedy
+    (``temperature == 0``) or temperature / top-k / top-p sampling with ``gen``."""
+    if banned:
+        row = row.clone()
+        row[list(banned)] = float("-inf")
+    if temperature == 0.0:
+        return int(row.argmax())
+    row = row / temperature
+    if top_k is not None and top_k < row.numel():
+        row = row.masked_fill(row < row.topk(top_k).values[-1], float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = row.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p (the top one stays)
+        row = row.index_put((order[drop],), torch.tensor(float("-inf")))
+    return int(torch.multinomial(row.softmax(-1), 1, generator=gen))
+
+
+def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return value
+
+
+def _prompt_ids(prompts: Sequence[Any], tokenizer: Any) -> list[list[int]]:
+    if isinstance(prompts, (str, Tensor)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of token-id lists, 1-D tensors or strings; got "
+                         f"{type(prompts).__name__}")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError(f"prompts[{i}] is a string; pass a tokenizer to encode it")
+            p = tokenizer.encode(p)
+        ids = p.tolist() if isinstance(p, Tensor) else list(p)
+        if not ids or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+            raise ValueError(f"prompts[{i}] must hold at least one int token id; got {ids!r}")
+        out.append(ids)
+    return out
+
+
+def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: Check | None = None,
+             mode: Literal["backtrack", "reset", "plain"] = "backtrack", check_every: int = 8,
+             window: int | None = None, threshold: float = 0.5, max_backtracks: int = 4, max_resets: int = 1,
+             on_limit: Literal["reset", "stop"] = "reset", temperature: float = 0.0, top_k: int | None = None,
+             top_p: float = 1.0, seed: int = 0, tokenizer: Any = None, eos_token_id: int | None = None,
+             cache: PagedKVCache | None = None, progress: bool | int = False) -> GenerationResult:
+    """Generate from ``prompts`` in one batch, backtracking sequences whose recent window fails ``check``.
+
+    Args:
+        model: a decoder on the paged cache (``kfuse.models.LlamaForCausalLM``): ``model(tokens, seq_ids,
+            cache)`` returns one ``[len_i, vocab]`` logits tensor per sequence; ``model.new_cache`` when
+            ``cache`` is None.
+        prompts: token-id lists or 1-D tensors, or strings (encoded with ``tokenizer.encode``); non-empty.
+        max_new_tokens: tokens each sequence keeps at most.
+        check: called with a list of windows (``tokenizer.decode``-d texts when a tokenizer is given,
+            else token-id lists); returns one bool (True = violation) or score (violation when
+            ``>= threshold``) per window. Required unless ``mode="plain"``.
+        mode: ``"backtrack"`` (revert to the last checkpoint that passed), ``"reset"`` (revert to the
+            prompt, the baseline that discards everything generated) or ``"plain"`` (no check).
+        check_every: a sequence is checked after every ``check_every`` new tokens since its last
+            passing checkpoint, and when it ends (EOS or ``max_new_tokens``) with unchecked tokens.
+        window: the check sees the last ``window`` generated tokens (default ``2 · check_every``, so a
+            word across a checkpoint is seen whole); never the prompt, which reverting cannot change.
+        max_backtracks: backtracks a sequence may make since its last reset; the flag after them
+            triggers ``on_limit``: ``"reset"`` (revert to the prompt, if fewer than ``max_resets`` resets
+            happened, else stop) or ``"stop"`` (end the sequence at its last passing checkpoint). In
+            ``mode="reset"`` every flag resets, and the flag after ``max_resets`` resets stops.
+        temperature, top_k, top_p: ``temperature == 0`` is greedy; else softmax sampling at that
+            temperature restricted to the ``top_k`` most likely tokens and the top-``top_p`` mass.
+        seed: each sequence ``i`` samples from its own generator seeded from ``(seed, i)``. The same call
+            reproduces its result; across batch compositions CPU logits may differ in the last bits
+            (a GEMM row's bits depend on the number of rows), so batch independence is not promised.
+        tokenizer: optional, with ``encode`` / ``decode``: string prompts, text windows, ``result.texts``.
+        eos_token_id: a sequence ends after sampling it (the token is kept).
+        cache: a :class:`kfuse.kv.PagedKVCache` with ``len(prompts)`` free slots; its sequences are added
+            here and freed as they finish. Default: ``model.new_cache`` sized for the batch.
+        progress: True (every 32 steps) or N: a one-line progress report on stderr every N steps.
+
+    Bans: when a window fails, the first rejected token (the one right after the last passing
+    checkpoint) is banned after exactly that generated prefix, so a second flag at the same
+    checkpoint bans another token; bans survive a reset (they are keyed by the whole prefix).
+
+    Sampling and checks run on the host (the check needs the tokens): each step copies its logits
+    rows to the CPU once. Bad arguments raise ``ValueError`` naming them, before the model runs
+    (except the vocabulary-size check on the limits, which needs the first logits).
+
+    Returns:
+        :class:`GenerationResult` (invariants in :class:`SequenceStats`).
+    """
+    t0 = time.perf_counter()
+    _check_positive_int("max_new_tokens", max_new_tokens)
+    _check_positive_int("check_every", check_every)
+    _check_positive_int("max_backtracks", max_backtracks, 0)
+    _check_positive_int("max_resets", max_resets, 0)
+    window = _check_positive_int("window", 2 * check_every if window is None else window)
+    if mode not in ("backtrack", "reset", "plain"):
+        raise ValueError(f"mode must be 'backtrack', 'reset' or 'plain'; got {mode!r}")
+    if on_limit not in ("reset", "stop"):
+        raise ValueError(f"on_limit must be 'reset' or 'stop'; got {on_limit!r}")
+    if mode != "plain" and not callable(check):
+        raise ValueError(f"check must be a callable over windows (mode={mode!r}); got {check!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a float >= 0 (0 = greedy); got {temperature!r}")
+    if top_k is not None:
+        _check_positive_int("top_k", top_k)
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0; got {seed!r}")
+    if eos_token_id is not None:
+        _check_positive_int("eos_token_id", eos_token_id, 0)
+    every = 32 if progress is True else (0 if progress is False else _check_positive_int("progress", progress))
+    prompt_ids = _prompt_ids(prompts, tokenizer)
+    n = len(prompt_ids)
+    if cache is None:
+        page = 16
+        per_seq = -(-(max(map(len, prompt_ids)) + max_new_tokens) // page)
+        cache = model.new_cache(page, num_pages=n * per_seq, max_seqs=n)
+    elif not isinstance(cache, PagedKVCache):
+        raise ValueError(f"cache must be a kfuse.kv.PagedKVCache or None; got {type(cache).__name__}")
+    elif cache.max_seqs - len(cache.active_sequences) < n:
+        raise ValueError(f"cache has {cache.max_seqs - len(cache.active_sequences)} free sequence slots; "
+                         f"{n} prompts need one each")
+
+    stats = [SequenceStats(prompt_tokens=len(p)) for p in prompt_ids]
+    gens = [_seeded_generator(seed, i) for i in range(n)]
+    out: list[list[int]] = [[] for _ in range(n)]
+    ckpt = [0] * n  # generated tokens up to the last passing checkpoint
+    since_reset = [0] * n  # backtracks since the last reset
+    bans: list[dict[tuple[int, ...], set[int]]] = [{} for _ in range(n)]
+    slots = [cache.add_sequence() for _ in range(n)]
+    live = list(range(n))
+    calls = 0
+    try:
+        logits = model([torch.tensor(p) for p in prompt_ids], slots, cache)
+        calls += 1
+        rows = torch.stack([x[-1] for x in logits]).float().cpu()  # one transfer per step
+        vocab = rows.shape[1]
+        # Each flag bans one token after one prefix, and a sequence flags at most max_flags times: if that
+        # cannot exhaust the vocabulary, some token is always left to sample.
+        max_flags = {"plain": 0, "reset": max_resets + 1,
+                     "backtrack": (max_backtracks + 1) * (max_resets + 1 if on_limit == "reset" else 1)}[mode]
+        if max_flags >= vocab:
+            raise ValueError(f"max_backtracks / max_resets allow {max_flags} bans after one prefix; the vocabulary "
+                             f"has only {vocab} tokens")
+        for i in range(n):
+            st = stats[i]
+            st.forward_passes, st.tokens_computed = 1, st.prompt_tokens
+        step = 0
+        while live:
+            step += 1
+            ended: list[int] = []
+            due: list[int] = []
+            for r, i in enumerate(live):
+                t = _sample(rows[r], bans[i].get(tuple(out[i]), set()), float(temperature), top_k, float(top_p),
+                            gens[i])
+                out[i].append(t)
+                stats[i].tokens_sampled += 1
+                done = t == eos_token_id or len(out[i]) == max_new_tokens
+                if done:
+                    stats[i].finish_reason = "eos" if t == eos_token_id else "length"
+                    ended.append(i)
+                if mode != "plain" and (len(out[i]) - ckpt[i] >= check_every or (done and len(out[i]) > ckpt[i])):
+                    due.append(i)
+            flagged = _run_check(check, [out[i][-window:] for i in due], tokenizer, threshold) if due else []
+            rollback_ids, rollback_lens, refeed = [], [], {}
+            for i, bad in zip(due, flagged, strict=True):
+                stats[i].checks += 1
+                if not bad:
+                    ckpt[i] = len(out[i])
+                    continue
+                stats[i].flags += 1
+                c = ckpt[i]
+                bans[i].setdefault(tuple(out[i][:c]), set()).add(out[i][c])
+                if mode == "backtrack" and since_reset[i] < max_backtracks:
+                    since_reset[i] += 1
+                    stats[i].backtracks += 1
+                    keep = c
+                elif (mode == "reset" or on_limit == "reset") and stats[i].resets < max_resets:
+                    since_reset[i] = 0
+                    stats[i].resets += 1
+                    keep = ckpt[i] = 0
+                else:  # out of backtracks and resets: end at the last passing checkpoint
+                    stats[i].finish_reason = "limit"
+                    keep = c
+                stats[i].tokens_discarded += len(out[i]) - keep
+                del out[i][keep:]
+                if stats[i].finish_reason == "limit":
+                    if i not in ended:
+                        ended.append(i)
+                    continue
+                if i in ended:  # the flag overrides EOS / length: the sequence goes on
+                    ended.remove(i)
+                    stats[i].finish_reason = ""
+                # Revert to the checkpoint by re-feeding its last token (see the module docstring).
+                ctx_len = stats[i].prompt_tokens + keep
+                rollback_ids.append(slots[i])
+                rollback_lens.append(ctx_len - 1)
+                refeed[i] = out[i][keep - 1] if keep else prompt_ids[i][-1]
+            for i in ended:
+                cache.free(slots[i])
+            live = [i for i in live if i not in ended]
+            if rollback_ids:
+                cache.rollback(rollback_ids, rollback_lens)
+            if every and step % every == 0:
+                _report_progress(step, live, n, stats, t0)
+            if not live:
+                break
+            feed = [torch.tensor([refeed[i] if i in refeed else out[i][-1]]) for i in live]
+            logits = model(feed, [slots[i] for i in live], cache)
+            calls += 1
+            rows = torch.cat(logits).float().cpu()
+            for i in live:
+                stats[i].forward_passes += 1
+                stats[i].tokens_computed += 1
+    finally:
+        # On an error, give the caller's cache its slots back (finished sequences are already freed).
+        cache.abort_step()  # a model that raised mid-step may have left it open
+        for i in live:
+            if slots[i] in cache.active_sequences:
+                cache.free(slots[i])
+    for i in range(n):
+        stats[i].tokens_kept = len(out[i])
+    texts = [tokenizer.decode(o) for o in out] if tokenizer is not None else None
+    return GenerationResult(out, texts, stats, calls, time.perf_counter() - t0)
+
+
+def _run_check(check: Check, windows: list[list[int]], tokenizer: Any, threshold: float) -> list[bool]:
+    """``check`` over the windows (decoded when a tokenizer is given), as one bool per window."""
+    arg = [tokenizer.decode(w) for w in windows] if tokenizer is not None else windows
+    res = list(check(arg))
+    if len(res) != len(windows):
+        raise ValueError(f"check returned {len(res)} results for {len(windows)} windows")
+    return [bool(r) if isinstance(r, (bool, np.bool_)) else float(r) >= threshold for r in res]
+
+
+def _report_progress(step: int, live: list[int], n: int, stats: list[SequenceStats], t0: float) -> None:
+    kept = sum(s.tokens_sampled - s.tokens_discarded for s in stats)
+    dt = time.perf_counter() - t0
+    print(f"kfuse.backtrack: step {step}, {len(live)}/{n} live, {kept} tokens kept, "
+          f"{sum(s.tokens_discarded for s in stats)} discarded, {sum(s.backtracks for s in stats)} backtracks, "
+          f"{sum(s.resets for s in stats)} resets, {dt:.1f} s ({kept / max(dt, 1e-9):.1f} kept tok/s)",
+          file=sys.stderr, flush=True)

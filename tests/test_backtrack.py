@@ -1,0 +1,257 @@
+"""Tests of kfuse.backtrack.generate on a tiny random transformers Llama (float32, CPU) run by
+kfuse.models.LlamaForCausalLM on the paged cache.
+
+Exact token comparisons between runs rely on equal call shapes: generate feeds one token per live
+sequence per call whether or not a sequence backtracked (it re-feeds the checkpoint's token), so a
+flagged sequence leaves the other sequences' GEMM rows, and so their greedy tokens, bit-identical.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from kfuse.backtrack import GenerationResult, ProfanityCheck, WordListCheck, generate  # noqa: E402
+from kfuse.models import LlamaForCausalLM  # noqa: E402
+
+VOCAB = 101
+CFG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+           intermediate_size=128, max_position_embeddings=64, initializer_range=0.2)
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12]]
+N = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The GEMMs are tiny (64 wide): with other work on the cores, OpenMP's barriers between threads made
+    # a generate() call 140x slower on 2 threads than on 1 (measured: 4.2 s vs 0.03 s).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM.from_hf(transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).eval())
+
+
+@pytest.fixture(scope="module")
+def plain(model) -> GenerationResult:
+    return generate(model, PROMPTS, max_new_tokens=N, mode="plain")
+
+
+def assert_invariants(res: GenerationResult, mode: str = "backtrack") -> None:
+    """The invariants SequenceStats documents, per sequence and in the totals."""
+    for toks, s in zip(res.tokens, res.stats, strict=True):
+        assert s.tokens_kept == len(toks)
+        assert s.tokens_sampled == s.tokens_kept + s.tokens_discarded
+        assert s.forward_passes == s.tokens_sampled
+        assert s.tokens_computed == s.prompt_tokens + s.tokens_sampled - 1
+        assert s.flags == s.backtracks + s.resets + (s.finish_reason == "limit")
+        assert s.finish_reason in ("length", "eos", "limit")
+        if mode == "plain":
+            assert s.backtracks == s.resets == s.tokens_discarded == s.checks == 0
+        if mode == "reset":
+            assert s.backtracks == 0
+    assert res.totals["tokens_kept"] == sum(map(len, res.tokens))
+    assert res.totals["tokens_computed"] == sum(s.tokens_computed for s in res.stats)
+    # one call per step: the prefill, then as many calls as the longest-lived sequence took steps
+    assert res.forward_passes == max(s.forward_passes for s in res.stats)
+    assert res.wall_time > 0
+
+
+def contains(tokens: list[int], word: list[int]) -> bool:
+    return WordListCheck([word])([tokens])[0]
+
+
+def test_plain_equals_a_greedy_loop_and_sampling_is_reproducible(model, plain):
+    cache = model.new_cache(page_size=4, num_pages=32, max_seqs=3)
+    ids = [cache.add_sequence() for _ in PROMPTS]
+    last = [x[-1] for x in model([torch.tensor(p) for p in PROMPTS], ids, cache)]
+    expected = [[] for _ in PROMPTS]
+    for step in range(N):
+        nxt = [int(x.argmax()) for x in last]
+        for e, t in zip(expected, nxt, strict=True):
+            e.append(t)
+        if step < N - 1:
+            last = [x[-1] for x in model([torch.tensor([t]) for t in nxt], ids, cache)]
+    assert plain.tokens == expected
+    assert_invariants(plain, "plain")
+    assert [s.finish_reason for s in plain.stats] == ["length"] * 3
+
+    # top_k=1 and a tiny top_p leave only the most likely token: greedy, whatever the temperature.
+    for cut in ({"top_k": 1}, {"top_p": 1e-6}):
+        assert generate(model, PROMPTS, max_new_tokens=N, mode="plain", temperature=2.0, **cut).tokens == expected
+    kw = dict(max_new_tokens=N, mode="plain", temperature=1.0, top_k=20, top_p=0.9)
+    a, b = (generate(model, PROMPTS, seed=3, **kw) for _ in range(2))
+    assert a.tokens == b.tokens
+    assert generate(model, PROMPTS, seed=4, **kw).tokens != a.tokens
+
+    # EOS ends a sequence (the token is kept) and frees its slot; the caller's sequences are untouched.
+    eos = plain.tokens[0][5]
+    cache = model.new_cache(page_size=4, num_pages=32, max_seqs=4)
+    mine = cache.add_sequence()
+    model([torch.tensor([3, 4])], [mine], cache)
+    res = generate(model, PROMPTS, max_new_tokens=N, mode="plain", eos_token_id=eos, cache=cache)
+    assert res.tokens[0] == plain.tokens[0][:plain.tokens[0].index(eos) + 1]
+    assert res.stats[0].finish_reason == "eos"
+    assert_invariants(res, "plain")
+    assert cache.active_sequences == [mine] and cache.length(mine) == 2
+
+
+def test_backtrack_reverts_to_the_last_passing_checkpoint_and_bans(model, plain):
+    # Flag a token that sequence 1 generates greedily in its third block of 4 and nowhere before.
+    ref = plain.tokens[1]
+    j = next(j for j in range(8, 12) if ref[j] not in ref[:8])
+    bad = [ref[j]]
+    seen: list[list[int]] = []
+
+    def check(windows):
+        seen.extend(windows)
+        return WordListCheck([bad])(windows)
+
+    res = generate(model, PROMPTS, max_new_tokens=N, check=check, check_every=4, window=4)
+    assert_invariants(res)
+    s = res.stats[1]
+    assert s.backtracks >= 1 and s.resets == 0 and s.finish_reason == "length"
+    assert res.tokens[1][:8] == ref[:8]  # reverted to the checkpoint at 8 generated tokens, not to the prompt
+    assert res.tokens[1][8] != ref[8]  # the first rejected token is banned after that prefix
+    assert ref[8:12] in seen  # the window that failed
+    assert not contains(res.tokens[1], bad) and len(res.tokens[1]) == N
+    # Other sequences: never flagged, tokens equal to the run without flags.
+    for i in (0, 2):
+        assert res.tokens[i] == plain.tokens[i]
+        assert res.stats[i].flags == res.stats[i].tokens_discarded == 0
+
+    # The reset baseline on the same flags keeps the same tokens (greedy, same bans) at a higher cost.
+    rst = generate(model, PROMPTS, max_new_tokens=N, check=WordListCheck([bad]), check_every=4, window=4,
+                   mode="reset", max_resets=8)
+    assert_invariants(rst, "reset")
+    assert not contains(rst.tokens[1], bad)
+    assert rst.stats[1].resets == s.backtracks
+    assert rst.stats[1].tokens_discarded > s.tokens_discarded
+    assert rst.stats[1].tokens_computed > s.tokens_computed
+    assert rst.tokens[1] == res.tokens[1]
+
+    # Sampling with backtracking reproduces itself with the same seed.
+    kw = dict(max_new_tokens=N, check=WordListCheck([bad]), check_every=4, temperature=1.0, top_p=0.95, seed=7)
+    a, b = (generate(model, PROMPTS, **kw) for _ in range(2))
+    assert a.tokens == b.tokens and a.stats == b.stats and not any(contains(t, bad) for t in a.tokens)
+    assert_invariants(a)
+
+    # A flag overrides EOS: the flagged token is also the EOS token, the sequence reverts and goes on.
+    eos = generate(model, PROMPTS, max_new_tokens=N, check=WordListCheck([bad]), check_every=4, window=4,
+                   eos_token_id=bad[0])
+    assert_invariants(eos)
+    assert eos.tokens[1][:8] == ref[:8] and not contains(eos.tokens[1], bad)
+    assert eos.stats[1].backtracks >= 1 and eos.stats[1].finish_reason == "length" and len(eos.tokens[1]) == N
+
+
+def test_limits_fall_back_to_reset_then_stop(model):
+    def always(windows):
+        return [1.0] * len(windows)  # scores: violation when >= threshold
+
+    windows: list[list[int]] = []
+    kw = dict(max_new_tokens=N, check_every=4, max_backtracks=2)
+    stop = generate(model, PROMPTS[:1], on_limit="stop", check=lambda w: windows.extend(w) or always(w), **kw)
+    assert_invariants(stop)
+    s = stop.stats[0]
+    assert stop.tokens == [[]] and (s.backtracks, s.resets, s.finish_reason) == (2, 0, "limit")
+    assert s.tokens_discarded == 3 * 4
+    # Three flags at the same checkpoint (the prompt): each banned the first token of its window, so the
+    # three windows start with three different tokens.
+    assert len(windows) == 3 and len({w[0] for w in windows}) == 3
+    kw["check"] = always
+    reset = generate(model, PROMPTS[:2], on_limit="reset", max_resets=1, **kw)
+    assert_invariants(reset)
+    assert all((s.backtracks, s.resets, s.finish_reason) == (4, 1, "limit") for s in reset.stats)
+    only_reset = generate(model, PROMPTS[:2], mode="reset", max_resets=2, **kw)
+    assert_invariants(only_reset, "reset")
+    assert all((s.backtracks, s.resets, s.finish_reason) == (0, 2, "limit") for s in only_reset.stats)
+    # Below the threshold nothing is flagged.
+    calm = generate(model, PROMPTS[:2], threshold=1.5, **kw)
+    assert calm.totals["flags"] == 0 and calm.totals["checks"] == 2 * N // 4
+
+
+class WordTokenizer:
+    """Token i is the word WORDS[i]: a tokenizer for text checks without a download."""
+
+    def __init__(self, words: dict[int, str]) -> None:
+        self.words = words
+
+    def encode(self, text: str) -> list[int]:
+        return [int(w[1:]) for w in text.split()]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.words.get(i, f"w{i}") for i in ids)
+
+
+def test_text_checks_and_profanity_check(model, plain, capsys):
+    texts = [" ".join(f"w{t}" for t in p) for p in PROMPTS]  # the same batch, so sequence 1 matches `plain`
+    ref = plain.tokens[1]
+    j = next(j for j in range(8, 12) if ref[j] not in ref[:8])
+    tok = WordTokenizer({ref[j]: "damn"})
+    res = generate(model, texts, max_new_tokens=N, check=WordListCheck(["DAMN"]), check_every=4, window=4,
+                   tokenizer=tok, progress=4)
+    assert res.tokens[1][:8] == ref[:8] and ref[j] not in res.tokens[1] and res.stats[1].backtracks >= 1
+    assert res.texts == [tok.decode(t) for t in res.tokens]
+    assert "kfuse.backtrack: step 4," in capsys.readouterr().err
+
+    pytest.importorskip("profanity_check", reason="alt-profanity-check is not installed (requirements-dev.txt)")
+    check = ProfanityCheck(threshold=0.5)
+    assert check(["you are a fucking idiot", "have a nice day"]) == [True, False]
+    tok = WordTokenizer({ref[j]: "fucking idiot"})
+    res = generate(model, texts, max_new_tokens=N, check=check, check_every=4, window=4, tokenizer=tok)
+    assert res.stats[1].backtracks >= 1 and not any("fucking" in t for t in res.texts)
+    with pytest.raises(TypeError, match="text"):
+        check.scores([[1, 2]])
+
+
+def test_bad_arguments_raise_naming_them(model):
+    ok = dict(max_new_tokens=4, check=WordListCheck([[0]]))
+    cases = [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"check_every": 0}, "check_every"),
+        ({"window": 0}, "window"),
+        ({"max_backtracks": -1}, "max_backtracks"),
+        ({"max_resets": 1.5}, "max_resets"),
+        ({"mode": "undo"}, "mode"),
+        ({"on_limit": "retry"}, "on_limit"),
+        ({"check": None}, "check"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"seed": -1}, "seed"),
+        ({"eos_token_id": -2}, "eos_token_id"),
+        ({"progress": 0}, "progress"),
+        ({"cache": object()}, "cache"),
+        ({"cache": model.new_cache(num_pages=4, max_seqs=1)}, "free sequence slots"),
+        ({"max_backtracks": 100}, "vocabulary"),
+        ({"mode": "reset", "max_resets": 100}, "vocabulary"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            generate(model, PROMPTS[:2], **{**ok, **kw})
+    for prompts, match in (([], "prompts"), ([[]], r"prompts\[0\]"), (["w1"], "tokenizer"), ([[1], [1.5]],
+                                                                                               r"prompts\[1\]")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, prompts, **ok)
+    with pytest.raises(ValueError, match="returned 0 results"):
+        generate(model, PROMPTS[:1], max_new_tokens=4, check=lambda w: [], check_every=2)
+    for words in ([], "damn", [[]]):
+        with pytest.raises(ValueError, match="words"):
+            WordListCheck(words)
+    with pytest.raises(ValueError, match="threshold"):
+        ProfanityCheck(threshold=2.0)
+
+
+def test_profanity_check_without_the_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "profanity_check", None)  # makes the import fail
+    with pytest.raises(ImportError, match="pip install alt-profanity-check"):
+        ProfanityCheck()
