@@ -152,6 +152,12 @@ def select_for(op: str, requested: str, device: torch.device, dtype: torch.dtype
     return chosen
 
 
+def triton_reasons_no_f64(device: torch.device, dtype: torch.dtype, family: str) -> list[str]:
+    """:func:`triton_reasons` for an op family whose Triton kernels have no float64 variant."""
+    why = triton_reasons(device, dtype)
+    return [*why, f"the Triton {family} kernels do not support float64"] if dtype == torch.float64 else why
+
+
 def check_backend_name(op: str, backend: object) -> None:
     """``ValueError`` unless ``backend`` is ``"auto"`` or one of :data:`BACKENDS` (the registered ops'
     fake kernels check it at trace time, before any reasons exist)."""

@@ -178,15 +178,12 @@ class PagedKVCache:
         self._host.check_ids(ids, what)
         return ids
 
-    def _check_ids(self, seq_ids, what: str = "seq_ids") -> list[int]:
-        return self._ids(seq_ids, what).tolist()
-
     def _check_id(self, seq_id, what: str) -> int:
         if isinstance(seq_id, Tensor) and seq_id.numel() == 1:
             seq_id = int(seq_id.item())
         if not isinstance(seq_id, int) or isinstance(seq_id, bool):
             raise ValueError(f"{what} must be an int; got {seq_id!r}")
-        return self._check_ids([seq_id], what)[0]
+        return int(self._ids([seq_id], what)[0])
 
     def _no_step(self, op: str) -> None:
         if self._step is not None:

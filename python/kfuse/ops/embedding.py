@@ -58,11 +58,8 @@ def backend_reasons(weight: Tensor) -> dict[str, list[str]]:
     """For each backend, why it cannot run tables like ``weight`` (empty: it can). Depends on the
     tables' device type and dtype only."""
     dev = weight.device
-    triton = _backends.triton_reasons(dev, weight.dtype)
-    if weight.dtype == torch.float64:
-        triton = [*triton, "the Triton embedding kernels do not support float64"]
     return {
-        "triton": triton,
+        "triton": _backends.triton_reasons_no_f64(dev, weight.dtype, "embedding"),
         "cuda": ["kfuse has no CUDA (csrc) embedding kernels"],
         "cpu": _backends.extension_reasons(dev) if dev.type == "cpu" else [f"the tables are on {dev.type}, not cpu"],
         "reference": [],

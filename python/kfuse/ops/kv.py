@@ -54,11 +54,8 @@ _DECODE, _PREFILL = "paged_decode_attention", "paged_prefill_attention"
 def backend_reasons(q: Tensor, op: str = _DECODE) -> dict[str, list[str]]:
     """For each backend, why it cannot run ``op`` on ``q`` (empty: it can). Depends on ``op``, q's device
     type and dtype only."""
-    triton = _backends.triton_reasons(q.device, q.dtype)
-    if q.dtype == torch.float64:
-        triton = [*triton, "the Triton KV kernels do not support float64"]
     return {
-        "triton": triton,
+        "triton": _backends.triton_reasons_no_f64(q.device, q.dtype, "KV"),
         "cuda": ["kfuse has no CUDA (csrc) kernels for KV attention yet; the Triton kernel runs CUDA tensors"],
         "cpu": _backends.extension_reasons(q.device) + ([] if q.device.type == "cpu" else
                                                         [f"q is on {q.device.type}, not cpu"]),

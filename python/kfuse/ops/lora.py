@@ -207,11 +207,8 @@ def _value_checkable(tensors: tuple[Tensor, ...]) -> bool:
 def backend_reasons(x: Tensor) -> dict[str, list[str]]:
     """For each backend, why it cannot run the LoRA ops on ``x`` (empty list: it can). Depends on
     x's device type and dtype only (``_backends.select_for`` memoises on them)."""
-    triton = _backends.triton_reasons(x.device, x.dtype)
-    if x.dtype == torch.float64:
-        triton = [*triton, "the Triton LoRA kernels do not support float64"]
     return {
-        "triton": triton,
+        "triton": _backends.triton_reasons_no_f64(x.device, x.dtype, "LoRA"),
         "cuda": ["kfuse has no CUDA (csrc) kernels for LoRA; the Triton kernels run CUDA tensors"],
         "cpu": [] if x.device.type == "cpu" else [f"x is on {x.device.type}, not cpu"],
         "reference": [],
