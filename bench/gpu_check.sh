@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (offline), run from the repository root:
 #   bash bench/gpu_check.sh            # writes under $OUT (default: gpu_out/)
-#   bash bench/gpu_check.sh --ops lora # op families: deu, lora, kv, embedding, or a list (all = every one, the default)
+#   bash bench/gpu_check.sh --ops lora # op families: deu, lora, kv, embedding, backtrack, or a list (all = every one, the default)
 # --ops deu runs the DEU steps below (as before LoRA existed). --ops lora builds nothing (LoRA has no
 # csrc kernels: its Triton kernels compile at first call; kfuse is imported from python/), runs the
 # LoRA report rows (python -m kfuse --ops lora: forward, backward, multi-adapter, a PEFT training
@@ -22,6 +22,13 @@
 # per-table nn.EmbeddingBag loop, dense and sparse), then its CUDA tests (pytest
 # tests/test_embedding.py -m cuda: the Triton kernels compiled) and the short pytest-benchmark pass;
 # expected ~2 min for the report and ~2 for the tests (estimates: not yet run on a GPU).
+# --ops backtrack: the model and generator rows (python -m kfuse --ops backtrack: greedy decode of 32
+# ragged prompts by kfuse.models.LlamaForCausalLM against transformers' generate, bf16, a random
+# 1B-class Llama; target >= 1.5x tokens/s), then the model's GPU parity tests (pytest tests/test_llama.py
+# tests/test_backtrack.py -m cuda: prefill and decode against transformers' forward, rollback and fork
+# bit-identical); needs transformers on the machine (the rows are left out without it). Builds the
+# extension like kv (the cache's metadata kernels). Expected ~1 min for the report, ~1 for the tests
+# (estimates: not yet run on a GPU).
 # DEU: builds kfuse in place with its CUDA kernels, runs the standalone CUDA microbenchmark (against a
 # baseline commit's kernels, then its tuning-knob A/B builds), compute-sanitizer on odd shapes,
 # the report (python -m kfuse --device cuda; its cases put the target shape first, in every
@@ -41,11 +48,12 @@ while (($#)); do
     case $1 in
         --ops) OPS=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
         --ops=*) OPS=${1#--ops=}; shift ;;
-        *) echo "usage: bash bench/gpu_check.sh [--ops deu|lora|kv|embedding|<list>|all]; got '$1'" >&2; exit 2 ;;
+        *) echo "usage: bash bench/gpu_check.sh [--ops deu|lora|kv|embedding|backtrack|<list>|all]; got '$1'" >&2
+           exit 2 ;;
     esac
 done
-[[ $OPS == all ]] && OPS=deu,lora,kv,embedding
-DEU=0 LORA=0 KV=0 EMB=0
+[[ $OPS == all ]] && OPS=deu,lora,kv,embedding,backtrack
+DEU=0 LORA=0 KV=0 EMB=0 BT=0
 IFS=, read -r -a _ops <<<"$OPS"
 for op in "${_ops[@]}"; do
     case $op in
@@ -53,12 +61,14 @@ for op in "${_ops[@]}"; do
         lora) LORA=1 ;;
         kv) KV=1 ;;
         embedding) EMB=1 ;;
-        *) echo "bench/gpu_check.sh: --ops: unknown op '$op' (choose from deu, lora, kv, embedding, all)" >&2
+        backtrack) BT=1 ;;
+        *) echo "bench/gpu_check.sh: --ops: unknown op '$op' (choose from deu, lora, kv, embedding, backtrack, all)" >&2
            exit 2 ;;
     esac
 done
-((DEU + LORA + KV + EMB)) || { echo "bench/gpu_check.sh: --ops: no op named" >&2; exit 2; }
-OPS=$( ((DEU)) && echo deu; ((LORA)) && echo lora; ((KV)) && echo kv; ((EMB)) && echo embedding)
+((DEU + LORA + KV + EMB + BT)) || { echo "bench/gpu_check.sh: --ops: no op named" >&2; exit 2; }
+OPS=$( ((DEU)) && echo deu; ((LORA)) && echo lora; ((KV)) && echo kv; ((EMB)) && echo embedding
+       ((BT)) && echo backtrack)
 OPS=${OPS//$'\n'/,}
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT/report"
@@ -142,7 +152,7 @@ import_in_place() {
     [[ -e python/kfuse/triton_kernels || ! -d triton_kernels ]] || ln -s ../../triton_kernels python/kfuse/triton_kernels
     export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 }
-if ((!DEU && !KV)); then
+if ((!DEU && !KV && !BT)); then
     # LoRA / embedding alone: no csrc kernels needed (~2 min saved); their Triton kernels compile at first call.
     echo "== build: skipped (--ops $OPS: no csrc kernels needed); kfuse imported from python/" >>"$OUT/build.log"
     import_in_place
@@ -190,6 +200,7 @@ LORA_TESTS=(tests/test_lora.py)
 OWN_TESTS=("${LORA_TESTS[@]}")
 ((KV)) && OWN_TESTS+=(tests/test_kv.py)
 ((EMB)) && OWN_TESTS+=(tests/test_embedding.py)
+((BT)) && OWN_TESTS+=(tests/test_llama.py tests/test_backtrack.py)
 ((DEU)) && step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda \
     "${OWN_TESTS[@]/#/--ignore=}" ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 ((LORA)) && step tests-lora "$OUT/tests.log" 180 python3 -m pytest "${LORA_TESTS[@]}" -q -rfE -m cuda \
@@ -198,6 +209,8 @@ OWN_TESTS=("${LORA_TESTS[@]}")
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 ((EMB)) && step tests-emb "$OUT/tests.log" 150 python3 -m pytest tests/test_embedding.py -q -rfE -m cuda \
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
+((BT)) && step tests-bt "$OUT/tests.log" 120 python3 -m pytest tests/test_llama.py tests/test_backtrack.py -q -rfE \
+    -m cuda --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 # Whether the fwd+bwd step through autograd is host-bound, and what runs besides the kernels
 # (bf16's step took ~230 us more than its kernels on 2026-11-26; fp32's did not).
 for dt in float32 bfloat16; do
@@ -225,6 +238,7 @@ BENCH=()
 ((LORA)) && BENCH+=(bench/bench_lora.py)
 ((KV)) && BENCH+=(bench/bench_kv.py)
 ((EMB)) && BENCH+=(bench/bench_embedding.py)
+((BT)) && BENCH+=(bench/bench_backtrack.py)
 step bench "$OUT/bench.log" 60 python3 -m pytest "${BENCH[@]}" --benchmark-only -q -k "not compile and not step" \
     --benchmark-max-time=0.2 --benchmark-min-rounds=3 --benchmark-columns=min,median,rounds
 

@@ -255,3 +255,91 @@ def test_profanity_check_without_the_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "profanity_check", None)  # makes the import fail
     with pytest.raises(ImportError, match="pip install alt-profanity-check"):
         ProfanityCheck()
+
+
+# --------------------------------------------------------------------------- the demo and its baselines
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).eval()
+
+
+def test_dynamic_cache_baseline_generates_the_same_and_recomputes(hf_model):
+    """kfuse.demos.backtrack.DynamicCacheModel through the same generate(): the same tokens as kfuse's
+    model (float32), plain and backtracking; its cost counts every padded position of the rectangle."""
+    from kfuse.demos.backtrack import DynamicCacheModel  # noqa: PLC0415
+
+    model, dc = LlamaForCausalLM.from_hf(hf_model), DynamicCacheModel(hf_model)
+    a = generate(model, PROMPTS, max_new_tokens=N, mode="plain")
+    b = generate(dc, PROMPTS, max_new_tokens=N, mode="plain")
+    assert a.tokens == b.tokens
+    # no rollback: the left-padded prefill (3 x 5 positions), then one position per sequence per step
+    assert dc.last_cache.positions_computed == len(PROMPTS) * 5 + a.totals["tokens_computed"] - 11
+    check = WordListCheck([[t] for t in range(0, VOCAB, 9)])
+    kw = dict(max_new_tokens=N, check=check, check_every=4, temperature=1.0, seed=5)
+    a = generate(model, PROMPTS, mode="backtrack", **kw)
+    b = generate(dc, PROMPTS, mode="backtrack", **kw)
+    assert a.tokens == b.tokens and a.totals == b.totals and a.totals["backtracks"] > 0
+    assert not any(any(check([t[j:j + 8] for j in range(len(t))])) for t in b.tokens if t)
+    # the batch-wide crop makes the other sequences recompute: more than kfuse's tokens
+    assert dc.last_cache.tokens_fed > a.totals["tokens_computed"]
+    assert dc.last_cache.positions_computed >= dc.last_cache.tokens_fed
+
+
+def test_demo_corpus_injects_at_the_stated_rate():
+    demo = pytest.importorskip("kfuse.demos.backtrack")
+    pytest.importorskip("better_profanity")
+    ids, tok, bad = demo.build_corpus(0.02, vocab_size=512, seed=1)
+    assert len(tok) == 512 and all(w in tok.index for w in bad) and bad
+    assert ProfanityCheck()(bad) == [True] * len(bad)  # the classifier flags every injected word alone
+    bad_ids = torch.tensor([tok.index[w] for w in bad])
+    share = torch.isin(ids, bad_ids).double().mean().item()
+    assert abs(share - 0.02 / 1.02) < 0.004, share  # ~80k words: a binomial sd of ~0.0005
+    text = "The statement, (if any): it raises."
+    assert tok.decode(tok.encode(text)) == text.lower()
+
+
+def test_demo_end_to_end_small(tmp_path, capsys):
+    """python -m kfuse.demos.backtrack on a tiny budget: the four methods run on the same prompts; the
+    three that check leave no flagged window; the figure and the JSON are written."""
+    demo = pytest.importorskip("kfuse.demos.backtrack")
+    pytest.importorskip("better_profanity")
+    pytest.importorskip("matplotlib")
+    png, js = tmp_path / "bt.png", tmp_path / "bt.json"
+    sweep = demo.main(["--rates", "0.05", "--steps", "30", "--batch", "6", "--new-tokens", "16",
+                       "--check-every", "4", "--png", str(png), "--json", str(js)])
+    rows = {r.method: r for r in sweep[0.05]}
+    assert list(rows) == ["plain", "reset", "kfuse", "dynamic-cache"]
+    for m in ("reset", "kfuse", "dynamic-cache"):
+        assert rows[m].violations == 0, rows[m]
+    assert rows["plain"].tokens_kept == 6 * 16 and rows["plain"].backtracks == rows["plain"].resets == 0
+    assert rows["kfuse"].resets == 0 or rows["kfuse"].backtracks > 0
+    assert png.stat().st_size > 0 and "dynamic-cache" in js.read_text()
+    assert "comp/kept" in capsys.readouterr().out
+
+
+def _tiny_report_cases(device, quick):
+    from kfuse.bench import backtrack as bench  # noqa: PLC0415
+
+    shape = dict(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64, vocab=97)
+    return [bench.case(device, torch.float32, "decode", 3, 5, prompt=(2, 9), **shape),
+            bench.case(device, torch.float32, "backtrack", 3, 12, prompt=(2, 6), rate=0.1, **shape)]
+
+
+def test_report_rows_tiny(report_rows):
+    """``python -m kfuse --ops backtrack`` at tiny shapes: decode against transformers' generate (first
+    tokens against float64), the four generators with comp/kept and flagged windows beside the time."""
+    from kfuse.bench import backtrack as bench  # noqa: PLC0415
+
+    rows, ran, out = report_rows("backtrack", bench, _tiny_report_cases)
+    by = {(r["mode"], r["name"]): r for r in rows}
+    assert set(by) == {("decode", "kfuse"), ("decode", "transformers"), ("backtrack", "kfuse"),
+                       ("backtrack", "plain"), ("backtrack", "reset"), ("backtrack", "dynamic-cache")}
+    assert by["decode", "kfuse"]["target"] == 1.0 and by["decode", "transformers"]["ratio"] == 1.0
+    assert by["decode", "kfuse"]["extra"]["tok/s"] > 0
+    for m in ("kfuse", "reset", "dynamic-cache"):
+        assert by["backtrack", m]["extra"]["flagged"] == 0
+        assert by["backtrack", m]["extra"]["comp/kept"] >= 1.0
+    assert by["backtrack", "plain"]["ratio_to"] == "plain" and "comp/kept" in out

@@ -15,6 +15,7 @@ from tolerances import assert_close
 
 transformers = pytest.importorskip("transformers")
 
+import kfuse  # noqa: E402
 import kfuse.models.llama as llama_mod  # noqa: E402
 from kfuse.kv import PagedKVCache  # noqa: E402
 from kfuse.models import LlamaForCausalLM  # noqa: E402
@@ -35,16 +36,21 @@ def _two_threads():
     torch.set_num_threads(n)
 
 
-def build(**kw) -> tuple[transformers.LlamaForCausalLM, LlamaForCausalLM]:
+# Every model-level check runs on the CPU and, marked ``cuda``, on the GPU (Triton attention kernels,
+# cuBLAS GEMMs; float32 both).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def build(device: str = "cpu", **kw) -> tuple[transformers.LlamaForCausalLM, LlamaForCausalLM]:
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**CFG, **kw})).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**CFG, **kw})).to(device).eval()
     return hf, LlamaForCausalLM.from_hf(hf)
 
 
 @torch.no_grad()
 def hf_logits(hf: transformers.LlamaForCausalLM, tokens: torch.Tensor) -> torch.Tensor:
     """transformers' own forward over a whole sequence, no cache: ``[len, vocab]``."""
-    return hf(tokens[None]).logits[0]
+    return hf(tokens[None].to(hf.device)).logits[0]
 
 
 def rand_tokens(n: int) -> torch.Tensor:
@@ -53,20 +59,21 @@ def rand_tokens(n: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kw", [{}, {"rope_scaling": LLAMA3}, {"tie_word_embeddings": True}],
                          ids=["default", "llama3-rope", "tied"])
-def test_ragged_prefill_and_decode_match_transformers(kw):
-    hf, model = build(**kw)
+@pytest.mark.parametrize("device", DEVICES)
+def test_ragged_prefill_and_decode_match_transformers(kw, device):
+    hf, model = build(device, **kw)
     hf_params = {id(p) for p in hf.parameters()}
     assert {id(p) for p in model.parameters()} <= hf_params  # shared, not copied
     if kw.get("tie_word_embeddings"):
         assert model.lm_head.weight is model.embed_tokens.weight
     cache = model.new_cache(page_size=4, num_pages=32, max_seqs=4)
-    assert (cache.dtype, cache.device) == (torch.float32, torch.device("cpu"))
+    assert (cache.dtype, cache.device.type) == (torch.float32, device)
     ids = [cache.add_sequence() for _ in range(3)]
     seqs = [rand_tokens(n) for n in (5, 1, 17)]  # 17 > original_max_position_embeddings of LLAMA3
     got = [[x] for x in model(seqs, ids, cache)]
     for step in range(3):
         # greedy next tokens; at step 1 sequence 1 gets none (a [0, vocab] result, its length stays)
-        new = [torch.zeros(0, dtype=torch.int64) if (step, i) == (1, 1) else g[-1][-1:].argmax(-1)
+        new = [torch.zeros(0, dtype=torch.int64) if (step, i) == (1, 1) else g[-1][-1:].argmax(-1).cpu()
                for i, g in enumerate(got)]
         out = model(new, ids, cache)
         for i in range(3):
@@ -78,8 +85,9 @@ def test_ragged_prefill_and_decode_match_transformers(kw):
         assert_close(torch.cat(got[i]), hf_logits(hf, seqs[i]), torch.float32, f"sequence {i}")
 
 
-def test_rollback_and_refeed_is_bit_identical():
-    hf, model = build()
+@pytest.mark.parametrize("device", DEVICES)
+def test_rollback_and_refeed_is_bit_identical(device):
+    hf, model = build(device)
     cache = model.new_cache(page_size=4, num_pages=32, max_seqs=4)
     ids = [cache.add_sequence() for _ in range(2)]
     prompts = [rand_tokens(3), rand_tokens(6)]
@@ -100,12 +108,13 @@ def test_rollback_and_refeed_is_bit_identical():
         for a, b in zip(again, first[j], strict=True):
             assert torch.equal(a, b), f"step {j}: logits after rollback differ"
     assert [cache.length(s) for s in ids] == lens
-    full = torch.cat([prompts[1], *[t[1] for t in toks]])
+    full = torch.cat([prompts[1].to(device), *[t[1] for t in toks]])
     assert_close(torch.cat([f[1] for f in first]), hf_logits(hf, full)[len(prompts[1]):], torch.float32)
 
 
-def test_rollback_of_one_sequence_leaves_the_others_bit_identical():
-    hf, model = build()
+@pytest.mark.parametrize("device", DEVICES)
+def test_rollback_of_one_sequence_leaves_the_others_bit_identical(device):
+    hf, model = build(device)
     prompts = [rand_tokens(n) for n in (7, 4, 10)]
     caches = []
     for _ in range(2):  # two caches through the same calls
@@ -121,8 +130,9 @@ def test_rollback_of_one_sequence_leaves_the_others_bit_identical():
     assert_close(b[1], hf_logits(hf, torch.cat([prompts[1][:1], step[1]]))[-1:], torch.float32)
 
 
-def test_fork_mid_page():
-    hf, model = build()
+@pytest.mark.parametrize("device", DEVICES)
+def test_fork_mid_page(device):
+    hf, model = build(device)
     prompt = rand_tokens(6)  # 1.5 pages of 4: the fork shares a partially filled page
     with_fork = model.new_cache(page_size=4, num_pages=32, max_seqs=4)
     parent = with_fork.add_sequence()
@@ -189,3 +199,34 @@ def test_bad_input_raises_and_leaves_the_cache_unchanged(monkeypatch):
     assert [o.shape for o in model([good[0], torch.zeros(0, dtype=torch.int64)], ids, cache)] == [(2, VOCAB),
                                                                                                  (0, VOCAB)]
     assert model([], [], cache) == []
+
+
+def test_lora_adapters_run_on_kfuse_lora_op(monkeypatch):
+    """A PEFT-wrapped Llama (LoRA r=4 on every projection, non-zero B): from_hf fuses its LoRA layers
+    (kfuse.lora_linear runs them) and the logits match PEFT's own forward."""
+    peft = pytest.importorskip("peft")
+    from kfuse.integrations.peft import fused_layers, unfuse  # noqa: PLC0415
+
+    hf, _ = build()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    pm = peft.get_peft_model(hf, cfg).eval()
+    seqs = [rand_tokens(n) for n in (6, 3)]
+    with torch.no_grad():
+        expected = [pm(input_ids=s[None]).logits[0] for s in seqs]  # PEFT's forward, before fusing
+    model = LlamaForCausalLM.from_hf(pm)
+    assert len(fused_layers(pm)) == 2 * 7
+    calls = []
+    real = kfuse.lora_linear
+    monkeypatch.setattr(kfuse, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = model.new_cache(page_size=4, num_pages=16, max_seqs=2)
+    ids = [cache.add_sequence() for _ in seqs]
+    got = model([s[:-1] for s in seqs], ids, cache)  # prefill, then the last token as a decode step
+    last = model([s[-1:] for s in seqs], ids, cache)
+    assert len(calls) == 2 * 2 * 7  # two calls, 2 layers x 7 projections each
+    for i in range(2):
+        assert_close(torch.cat([got[i], last[i]]), expected[i], torch.float32, f"sequence {i}")
+    unfuse(pm)
+    assert fused_layers(pm) == []
+    LlamaForCausalLM.from_hf(pm, fuse_lora=False)
+    assert fused_layers(pm) == []

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from kfuse.bench import deu, embedding, kv, lora
+from kfuse.bench import backtrack, deu, embedding, kv, lora
 from kfuse.report import Case, OpBench
 
 #: The ops the report knows, by the name ``--ops`` takes.
-OPS: dict[str, OpBench] = {"deu": deu, "lora": lora, "kv": kv, "embedding": embedding}
+OPS: dict[str, OpBench] = {"deu": deu, "lora": lora, "kv": kv, "embedding": embedding, "backtrack": backtrack}
 
 __all__ = ["OPS", "timed_call"]
 

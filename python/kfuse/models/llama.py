@@ -94,12 +94,19 @@ class LlamaForCausalLM(nn.Module):
     CUDA tensors its Triton kernels (through :func:`kfuse.paged_prefill_attention`).
     """
 
-    def __init__(self, hf_model: transformers.LlamaForCausalLM) -> None:
+    def __init__(self, hf_model: transformers.LlamaForCausalLM, *, fuse_lora: bool = True) -> None:
         """Same as :meth:`from_hf`."""
         from transformers import LlamaForCausalLM as HFLlama  # noqa: PLC0415 (transformers is optional)
 
+        if hasattr(hf_model, "get_base_model") and hasattr(hf_model, "peft_config"):  # a peft.PeftModel
+            hf_model = hf_model.get_base_model()
         if not isinstance(hf_model, HFLlama):
-            raise TypeError(f"hf_model must be a transformers.LlamaForCausalLM; got {type(hf_model).__name__}")
+            raise TypeError(f"hf_model must be a transformers.LlamaForCausalLM (or a peft.PeftModel of one); got "
+                            f"{type(hf_model).__name__}")
+        if fuse_lora and any(type(m).__module__.startswith("peft.") for m in hf_model.modules()):
+            from kfuse.integrations.peft import fuse  # noqa: PLC0415 (peft is optional)
+
+            fuse(hf_model)  # in place: the layers' PEFT state stays live; kfuse.integrations.peft.unfuse undoes it
         super().__init__()
         cfg, base = hf_model.config, hf_model.model
         self.embed_tokens = base.embed_tokens
@@ -113,10 +120,16 @@ class LlamaForCausalLM(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
 
     @classmethod
-    def from_hf(cls, hf_model: transformers.LlamaForCausalLM) -> LlamaForCausalLM:
-        """kfuse's decoder over ``hf_model`` (a ``transformers.LlamaForCausalLM``), sharing its parameters
-        and rotary module (no copies: later changes to either model's weights show in both)."""
-        return cls(hf_model)
+    def from_hf(cls, hf_model: transformers.LlamaForCausalLM, *, fuse_lora: bool = True) -> LlamaForCausalLM:
+        """kfuse's decoder over ``hf_model``, sharing its parameters and rotary module (no copies: later
+        changes to either model's weights show in both).
+
+        ``hf_model``: a ``transformers.LlamaForCausalLM``, or a ``peft.PeftModel`` wrapping one. Layers that
+        carry PEFT LoRA adapters run them (the model calls each projection module as it is); with
+        ``fuse_lora`` (the default) they are first switched in place to kfuse's LoRA op by
+        :func:`kfuse.integrations.peft.fuse` (which lists any layer it leaves to PEFT in one warning;
+        :func:`kfuse.integrations.peft.unfuse` switches them back)."""
+        return cls(hf_model, fuse_lora=fuse_lora)
 
     @property
     def dtype(self) -> torch.dtype:
