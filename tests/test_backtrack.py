@@ -302,7 +302,7 @@ def test_demo_corpus_injects_at_the_stated_rate():
 
 
 def test_demo_end_to_end_small(tmp_path, capsys):
-    """python -m kfuse.demos.backtrack on a tiny budget: the four methods run on the same prompts; the
+    """python -m kfuse.demos.backtrack on a tiny budget: the five methods run on the same prompts; the
     three that check leave no flagged window; the figure and the JSON are written."""
     demo = pytest.importorskip("kfuse.demos.backtrack")
     pytest.importorskip("better_profanity")
@@ -311,8 +311,8 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     sweep = demo.main(["--rates", "0.05", "--steps", "30", "--batch", "6", "--new-tokens", "16",
                        "--check-every", "4", "--png", str(png), "--json", str(js)])
     rows = {r.method: r for r in sweep[0.05]}
-    assert list(rows) == ["plain", "reset", "kfuse", "dynamic-cache"]
-    for m in ("reset", "kfuse", "dynamic-cache"):
+    assert list(rows) == ["plain", "reset", "kfuse", "dynamic-cache", "kfuse-offending"]
+    for m in ("reset", "kfuse", "dynamic-cache", "kfuse-offending"):
         assert rows[m].violations == 0, rows[m]
     assert rows["plain"].tokens_kept == 6 * 16 and rows["plain"].backtracks == rows["plain"].resets == 0
     assert rows["kfuse"].resets == 0 or rows["kfuse"].backtracks > 0
@@ -343,3 +343,21 @@ def test_report_rows_tiny(report_rows):
         assert by["backtrack", m]["extra"]["flagged"] == 0
         assert by["backtrack", m]["extra"]["comp/kept"] >= 1.0
     assert by["backtrack", "plain"]["ratio_to"] == "plain" and "comp/kept" in out
+
+
+def test_ban_offending_bans_the_flagged_token_for_the_rest_of_the_sequence(model):
+    """ban="offending": the token the check flags on its own is never sampled again by that sequence, so
+    a check on one token id flags each sequence at most once (ban="first" only bans it at one position)."""
+    kw = dict(max_new_tokens=40, temperature=1.5, seed=11)
+    sampled = generate(model, PROMPTS, mode="plain", **kw)
+    common = max(range(VOCAB), key=lambda t: sum(x.count(t) for x in sampled.tokens))
+    check = WordListCheck([[common]])
+    first = generate(model, PROMPTS, mode="backtrack", check=check, check_every=4, ban="first", **kw)
+    offending = generate(model, PROMPTS, mode="backtrack", check=check, check_every=4, ban="offending", **kw)
+    assert_invariants(offending)
+    assert sum(s.flags for s in offending.stats) >= 1
+    assert all(s.flags <= 1 for s in offending.stats), [s.flags for s in offending.stats]
+    assert all(common not in t for t in offending.tokens)
+    assert sum(s.flags for s in first.stats) >= sum(s.flags for s in offending.stats)
+    with pytest.raises(ValueError, match="ban"):
+        generate(model, PROMPTS, mode="backtrack", check=check, max_new_tokens=2, ban="all")

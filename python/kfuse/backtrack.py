@@ -209,7 +209,8 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
              window: int | None = None, threshold: float = 0.5, max_backtracks: int = 4, max_resets: int = 1,
              on_limit: Literal["reset", "stop"] = "reset", temperature: float = 0.0, top_k: int | None = None,
              top_p: float = 1.0, seed: int = 0, tokenizer: Any = None, eos_token_id: int | None = None,
-             cache: PagedKVCache | None = None, progress: bool | int = False) -> GenerationResult:
+             cache: PagedKVCache | None = None, progress: bool | int = False,
+             ban: Literal["first", "offending"] = "first") -> GenerationResult:
     """Generate from ``prompts`` in one batch, backtracking sequences whose recent window fails ``check``.
 
     Args:
@@ -242,9 +243,12 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
             here and freed as they finish. Default: ``model.new_cache`` sized for the batch.
         progress: True (every 32 steps) or N: a one-line progress report on stderr every N steps.
 
-    Bans: when a window fails, the first rejected token (the one right after the last passing
-    checkpoint) is banned after exactly that generated prefix, so a second flag at the same
+    Bans (``ban``): when a window fails, the first rejected token (the one right after the last
+    passing checkpoint) is banned after exactly that generated prefix, so a second flag at the same
     checkpoint bans another token; bans survive a reset (they are keyed by the whole prefix).
+    ``ban="offending"`` also checks each distinct token of the rejected segment on its own (one more
+    ``check`` call per flag) and bans those it flags for the rest of that sequence: the offending word
+    itself, wherever it would come back (never so many that fewer than ``max_flags + 1`` tokens stay).
 
     Sampling and checks run on the host (the check needs the tokens): each step copies its logits
     rows to the CPU once. Bad arguments raise ``ValueError`` naming them, before the model runs
@@ -259,6 +263,8 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
     _check_positive_int("max_backtracks", max_backtracks, 0)
     _check_positive_int("max_resets", max_resets, 0)
     window = _check_positive_int("window", 2 * check_every if window is None else window)
+    if ban not in ("first", "offending"):
+        raise ValueError(f"ban must be 'first' or 'offending'; got {ban!r}")
     if mode not in ("backtrack", "reset", "plain"):
         raise ValueError(f"mode must be 'backtrack', 'reset' or 'plain'; got {mode!r}")
     if on_limit not in ("reset", "stop"):
@@ -294,6 +300,7 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
     ckpt = [0] * n  # generated tokens up to the last passing checkpoint
     since_reset = [0] * n  # backtracks since the last reset
     bans: list[dict[tuple[int, ...], set[int]]] = [{} for _ in range(n)]
+    seq_bans: list[set[int]] = [set() for _ in range(n)]  # ban="offending": banned at every position
     slots = [cache.add_sequence() for _ in range(n)]
     live = list(range(n))
     calls = 0
@@ -318,8 +325,9 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
             ended: list[int] = []
             due: list[int] = []
             for r, i in enumerate(live):
-                t = _sample(rows[r], bans[i].get(tuple(out[i]), set()), float(temperature), top_k, float(top_p),
-                            gens[i])
+                banned = bans[i].get(tuple(out[i]), set())
+                t = _sample(rows[r], banned | seq_bans[i] if seq_bans[i] else banned, float(temperature), top_k,
+                            float(top_p), gens[i])
                 out[i].append(t)
                 stats[i].tokens_sampled += 1
                 done = t == eos_token_id or len(out[i]) == max_new_tokens
@@ -338,6 +346,9 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
                 stats[i].flags += 1
                 c = ckpt[i]
                 bans[i].setdefault(tuple(out[i][:c]), set()).add(out[i][c])
+                if ban == "offending":
+                    seq_bans[i] |= _offending(check, out[i][c:], tokenizer, threshold, vocab - max_flags - 1 -
+                                              len(seq_bans[i]))
                 if mode == "backtrack" and since_reset[i] < max_backtracks:
                     since_reset[i] += 1
                     stats[i].backtracks += 1
@@ -389,6 +400,13 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
         stats[i].tokens_kept = len(out[i])
     texts = [tokenizer.decode(o) for o in out] if tokenizer is not None else None
     return GenerationResult(out, texts, stats, calls, time.perf_counter() - t0)
+
+
+def _offending(check: Check, segment: list[int], tokenizer: Any, threshold: float, room: int) -> set[int]:
+    """The distinct tokens of ``segment`` that ``check`` flags on their own (at most ``room`` of them)."""
+    singles = sorted(set(segment))
+    flagged = _run_check(check, [[t] for t in singles], tokenizer, threshold) if singles and room > 0 else []
+    return set([t for t, bad in zip(singles, flagged, strict=True) if bad][:max(room, 0)])
 
 
 def _run_check(check: Check, windows: list[list[int]], tokenizer: Any, threshold: float) -> list[bool]:

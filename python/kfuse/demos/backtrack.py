@@ -12,7 +12,10 @@ then run through four generators:
    checkpoint on :class:`kfuse.kv.PagedKVCache` (metadata only; the others are untouched);
 4. ``dynamic-cache``: the same backtracking on ``transformers``' ``DynamicCache``, whose ``crop`` is
    batch-wide: every sequence of the batch drops its cache back to the earliest reverted column and
-   recomputes what it had (:class:`DynamicCacheModel`).
+   recomputes what it had (:class:`DynamicCacheModel`);
+5. ``kfuse-offending``: kfuse's backtracking with ``ban="offending"`` (the tokens of the rejected
+   segment that the check flags on their own are banned for the rest of the sequence, besides the
+   first rejected token at the checkpoint): what else we tried to discourage a rejected continuation.
 
 Printed side by side: violations left, tokens computed per token kept, forward passes, wall time;
 ``--rates`` sweeps the injection rate (a model per rate); ``--png`` saves the figure. The README
@@ -290,7 +293,7 @@ def _violations(result: GenerationResult, tok: WordTokenizer, check: ProfanityCh
 
 def compare(hf_model: Any, tok: WordTokenizer, prompts: list[list[int]], *, max_new_tokens: int = 64,
             check_every: int = 8, threshold: float = 0.5, temperature: float = 1.0, top_k: int | None = 50,
-            seed: int = 0, methods: Sequence[str] = ("plain", "reset", "kfuse", "dynamic-cache")
+            seed: int = 0, methods: Sequence[str] = ("plain", "reset", "kfuse", "dynamic-cache", "kfuse-offending")
             ) -> list[MethodResult]:
     """Run ``methods`` on the same prompts, seeds and check; returns one :class:`MethodResult` each."""
     check = ProfanityCheck(threshold)
@@ -305,8 +308,9 @@ def compare(hf_model: Any, tok: WordTokenizer, prompts: list[list[int]], *, max_
             assert dmodel.last_cache is not None
             computed = dmodel.last_cache.positions_computed
         else:
-            mode = {"plain": "plain", "reset": "reset", "kfuse": "backtrack"}[method]
-            res = generate(kmodel, prompts, mode=mode, **common)  # type: ignore[arg-type]
+            mode = {"plain": "plain", "reset": "reset", "kfuse": "backtrack", "kfuse-offending": "backtrack"}[method]
+            ban = "offending" if method == "kfuse-offending" else "first"
+            res = generate(kmodel, prompts, mode=mode, ban=ban, **common)  # type: ignore[arg-type]
             computed = res.totals["tokens_computed"]
         v, vs = _violations(res, tok, check, check_every)
         kept = res.totals["tokens_kept"]
@@ -331,9 +335,9 @@ def _prompts(ids: Tensor, bad_ids: set[int], n: int, seed: int) -> list[list[int
 
 def _table(rows: list[MethodResult], rate: float) -> str:
     head = (f"injection rate {rate:g} per word\n"
-            f"{'method':<14} {'violations':>10} {'seqs':>5} {'kept':>6} {'computed':>9} {'comp/kept':>9} "
+            f"{'method':<16} {'violations':>10} {'seqs':>5} {'kept':>6} {'computed':>9} {'comp/kept':>9} "
             f"{'passes':>6} {'backtr':>6} {'resets':>6} {'wall s':>7}")
-    lines = [f"{r.method:<14} {r.violations:>10} {r.sequences_violating:>5} {r.tokens_kept:>6} {r.tokens_computed:>9} "
+    lines = [f"{r.method:<16} {r.violations:>10} {r.sequences_violating:>5} {r.tokens_kept:>6} {r.tokens_computed:>9} "
              f"{r.computed_per_kept:>9.3f} {r.forward_passes:>6} {r.backtracks:>6} {r.resets:>6} {r.wall_s:>7.2f}"
              for r in rows]
     return "\n".join([head, *lines])
