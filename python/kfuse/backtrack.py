@@ -161,24 +161,35 @@ def _seeded_generator(seed: int, index: int) -> torch.Generator:
     return g
 
 
-def _sample(row: Tensor, banned: set[int], temperature: float, top_k: int | None, top_p: float,
-            gen: torch.Generator) -> int:
-    """One token from float32 CPU logits ``row [vocab]``: banned ids removed, then greedy
-    (``temperature == 0``) or temperature / top-k / top-p sampling with ``gen``."""
-    if banned:
-        row = row.clone()
-        row[list(banned)] = float("-inf")
+def _sample(rows: Tensor, banned: list[set[int]], temperature: float, top_k: int | None, top_p: float,
+            gens: list[torch.Generator]) -> list[int]:
+    """One token per row of float32 CPU logits ``rows [L, vocab]``: row ``r``'s ``banned[r]`` ids removed,
+    then greedy (``temperature == 0``) or temperature / top-k / top-p sampling, row ``r`` drawing one
+    uniform number from ``gens[r]`` (inverse CDF), so a sequence's draws do not depend on the batch.
+
+    Batched over the rows: sampling row by row (``torch.multinomial`` per row) took a third of a
+    backtracking run of ``kfuse.bench.backtrack`` (0.48 of 1.5 s, 2296 rows, profiled)."""
+    if any(banned):
+        rows = rows.clone()
+        for r, b in enumerate(banned):
+            if b:
+                rows[r, list(b)] = float("-inf")
     if temperature == 0.0:
-        return int(row.argmax())
-    row = row / temperature
-    if top_k is not None and top_k < row.numel():
-        row = row.masked_fill(row < row.topk(top_k).values[-1], float("-inf"))
+        return rows.argmax(-1).tolist()
+    rows = rows / temperature
+    if top_k is not None and top_k < rows.shape[1]:
+        rows = rows.masked_fill(rows < rows.topk(top_k, -1).values[:, -1:], float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = row.sort(descending=True)
+        sorted_logits, order = rows.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p (the top one stays)
-        row = row.index_put((order[drop],), torch.tensor(float("-inf")))
-    return int(torch.multinomial(row.softmax(-1), 1, generator=gen))
+        rows = rows.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    cdf = rows.softmax(-1).double().cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
+    # The first token whose cumulative mass exceeds u · total: never one of probability 0 (its cdf equals
+    # the previous token's, which would have been first).
+    picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    return picks.clamp_(max=rows.shape[1] - 1).tolist()
 
 
 def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -324,10 +335,9 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
             step += 1
             ended: list[int] = []
             due: list[int] = []
-            for r, i in enumerate(live):
-                banned = bans[i].get(tuple(out[i]), set())
-                t = _sample(rows[r], banned | seq_bans[i] if seq_bans[i] else banned, float(temperature), top_k,
-                            float(top_p), gens[i])
+            toks = _sample(rows, [bans[i].get(tuple(out[i]), set()) | seq_bans[i] for i in live], float(temperature),
+                           top_k, float(top_p), [gens[i] for i in live])
+            for i, t in zip(live, toks, strict=True):
                 out[i].append(t)
                 stats[i].tokens_sampled += 1
                 done = t == eos_token_id or len(out[i]) == max_new_tokens
