@@ -135,11 +135,13 @@ std::tuple<at::Tensor, at::Tensor> deu_backward(const at::Tensor& grad_y, const 
 // ---- kv cache --------------------------------------------------------------------------
 // The host-side metadata of a PagedKVCache, bound once per cache (its tensors are kept alive
 // here), so that each call passes only its ids and lengths: per-call conversion of the seven
-// state tensors would cost more than the work itself (~0.4 us each).
+// state tensors would cost more than the work itself (~0.4 us each). With `flat` (a CUDA cache's
+// host mirror: the int32 buffer that table, lens, ref, free_stack and free_top are views of),
+// rollback and plan_step also return the writes to replay on the device copy (kv.h: take_writes).
 class KVHostState {
  public:
   KVHostState(at::Tensor table, at::Tensor lens, at::Tensor npages, at::Tensor active, at::Tensor ref,
-              at::Tensor free_stack, at::Tensor free_top, int64_t page_size)
+              at::Tensor free_stack, at::Tensor free_top, int64_t page_size, std::optional<at::Tensor> flat)
       : tensors_{table, lens, npages, active, ref, free_stack, free_top} {
     const char* names[] = {"block_table", "seq_lens", "npages", "active", "page_refcount", "free_stack", "free_top"};
     for (size_t i = 0; i < tensors_.size(); ++i) {
@@ -155,22 +157,38 @@ class KVHostState {
     st_ = {table.data_ptr<int32_t>(), table.size(1), lens.data_ptr<int32_t>(), npages.data_ptr<int32_t>(),
            active.data_ptr<uint8_t>(), table.size(0), ref.data_ptr<int32_t>(), free_stack.data_ptr<int32_t>(),
            free_top.data_ptr<int32_t>(), ref.numel(), page_size};
+    if (flat) {
+      const at::Tensor& f = *flat;
+      TORCH_CHECK(f.is_cpu() && f.is_contiguous() && f.scalar_type() == at::kInt && f.dim() == 1,
+                  "kfuse: flat must be a contiguous 1-D CPU int32 tensor");
+      const int32_t* lo = f.const_data_ptr<int32_t>();
+      for (int i : {0, 1, 4, 5, 6}) {  // the logged arrays must be views of flat
+        const int32_t* p = tensors_[i].const_data_ptr<int32_t>();
+        TORCH_CHECK(p >= lo && p + tensors_[i].numel() <= lo + f.numel(), "kfuse: ", names[i],
+                    " must be a view of flat");
+      }
+      flat_ = f;
+      st_.base = lo;
+      st_.written = &log_;
+    }
   }
   void check_ids(const at::Tensor& ids, const std::string& what) const {
     kfuse::kv::check_ids(st_, ptr(ids, "ids"), ids.numel(), what.c_str());
   }
-  void rollback(const at::Tensor& ids, const at::Tensor& new_lens, bool check_lens) const {
+  // Returns the writes (int64 [2, m]: offsets into flat, then their values), or None without flat.
+  py::object rollback(const at::Tensor& ids, const at::Tensor& new_lens, bool check_lens) {
     TORCH_CHECK(ids.numel() == new_lens.numel(), "kfuse: ids and new_lens differ in length");
+    log_.clear();
     kfuse::kv::rollback(st_, ptr(ids, "ids"), ptr(new_lens, "new_lens"), ids.numel(), check_lens);
+    return writes();
   }
-  // (tok_page, tok_slot, cow_src, cow_dst, tbl_row, tbl_col, tbl_val, rc_idx, rc_delta, popped);
-  // int64 tensors.
-  py::tuple plan_step(const at::Tensor& ids, const at::Tensor& counts) const {
+  // (tok_page, tok_slot, cow_src, cow_dst, popped, writes): int64 tensors, writes as rollback's.
+  py::tuple plan_step(const at::Tensor& ids, const at::Tensor& counts) {
     TORCH_CHECK(ids.numel() == counts.numel(), "kfuse: ids and counts differ in length");
+    log_.clear();
     const kfuse::kv::StepPlan p = kfuse::kv::plan_step(st_, ptr(ids, "ids"), ptr(counts, "counts"), ids.numel());
     auto t = [](const std::vector<int64_t>& v) { return at::tensor(v, at::kLong); };
-    return py::make_tuple(t(p.tok_page), t(p.tok_slot), t(p.cow_src), t(p.cow_dst), t(p.tbl_row), t(p.tbl_col),
-                          t(p.tbl_val), t(p.rc_idx), t(p.rc_delta), p.popped);
+    return py::make_tuple(t(p.tok_page), t(p.tok_slot), t(p.cow_src), t(p.cow_dst), p.popped, writes());
   }
 
  private:
@@ -179,7 +197,22 @@ class KVHostState {
                 " must be a contiguous 1-D CPU int64 tensor");
     return t.const_data_ptr<int64_t>();
   }
+  py::object writes() {
+    if (!st_.written) return py::none();
+    std::vector<int64_t> off;
+    std::vector<int32_t> val;
+    kfuse::kv::take_writes(st_, off, val);
+    at::Tensor w = at::empty({2, static_cast<int64_t>(off.size())}, at::kLong);
+    int64_t* o = w.data_ptr<int64_t>();
+    for (size_t i = 0; i < off.size(); ++i) {
+      o[i] = off[i];
+      o[off.size() + i] = val[i];
+    }
+    return py::cast(w);
+  }
   std::vector<at::Tensor> tensors_;
+  at::Tensor flat_;
+  std::vector<int64_t> log_;
   kfuse::kv::HostState st_{};
 };
 
@@ -456,7 +489,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<KVHostState>(m, "KVHostState",
                           "The host-side metadata of a PagedKVCache (block_table, seq_lens, npages, active, "
                           "page_refcount, free_stack, free_top: CPU tensors it updates in place); see csrc/kv/kv.h")
-      .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t>())
+      .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t,
+                    std::optional<at::Tensor>>(),
+           py::arg("table"), py::arg("lens"), py::arg("npages"), py::arg("active"), py::arg("ref"),
+           py::arg("free_stack"), py::arg("free_top"), py::arg("page_size"), py::arg("flat") = py::none())
       .def("check_ids", &KVHostState::check_ids, py::arg("ids"), py::arg("what"))
       .def("rollback", &KVHostState::rollback, py::arg("ids"), py::arg("new_lens"), py::arg("check_lens"))
       .def("plan_step", &KVHostState::plan_step, py::arg("ids"), py::arg("counts"));

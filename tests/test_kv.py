@@ -65,7 +65,9 @@ def check_invariants(cache: PagedKVCache, dense: Dense | None = None) -> None:
     ref = cache.page_refcount.cpu()
     top = int(cache.free_top.item())
     free = cache.free_stack[:top].cpu().tolist()
-    # host state == device state (the same tensors on an unmirrored CPU cache)
+    # host state == device state (the same tensors on an unmirrored CPU cache; with a device copy, the
+    # whole buffer: stale free-stack entries and the sink slot too)
+    assert torch.equal(cache._flat.cpu(), cache._h_flat)
     assert torch.equal(lens, cache._h_lens) and torch.equal(bt, cache._h_table)
     assert torch.equal(ref, cache._h_ref)
     assert free == cache._h_free[:int(cache._h_top[0])].tolist()
@@ -143,6 +145,30 @@ def test_random_ops_against_dense_reference(num_pages, mirror, seed):
         n_ops[op] += 1
         check_invariants(cache, dense)
     assert all(v > 5 for v in n_ops.values()), n_ops
+
+
+def test_fixed_shape_device_rollback_matches_the_host(seed):
+    """graphed_rollback's device half (_rollback_device: fixed-shape ops, captured in a CUDA graph on a
+    GPU) recomputes on the device copy exactly what the host kernel did, shared pages included (forked
+    sequences rolled back together); checked on a CPU cache with a device copy."""
+    rng = random.Random(seed)
+    cache = make(num_pages=40, _mirror=True)
+    ids = [cache.add_sequence() for _ in range(3)]
+    for _ in range(40):
+        counts = [rng.randint(0, 6) for _ in ids]
+        if sum(-(-(cache.length(s) + c) // PS) - int(cache._h_npages[s]) + 1
+               for s, c in zip(ids, counts, strict=True)) <= cache.stats()["pages_free"]:
+            step(cache, None, ids, counts)
+        if len(ids) < MS and rng.random() < 0.4:
+            src = rng.choice(ids)
+            ids.append(cache.fork(src, rng.randint(0, cache.length(src))))
+        sel = rng.sample(ids, rng.randint(1, len(ids)))
+        new = [rng.choice([0, rng.randint(0, cache.length(s))]) for s in sel]
+        cache._host.rollback(torch.tensor(sel), torch.tensor(new), True)  # host half (its writes not replayed)
+        cache._rollback_device(torch.tensor(sel), torch.tensor(new, dtype=torch.int32))
+        check_invariants(cache)
+        if len(ids) == MS:
+            cache.free(ids.pop(rng.randrange(len(ids))))
 
 
 def test_copy_on_write_isolates_parent_and_child(seed):

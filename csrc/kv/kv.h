@@ -18,6 +18,11 @@ namespace kv {
 // The host-side metadata of a cache (a CPU cache's own state, or a CUDA cache's host mirror),
 // int32 arrays as above plus npages [max_seqs] (table entries in use per row: a prefix) and
 // active [max_seqs] (0/1). Ids, lengths and counts are int64 [n].
+//
+// Write log (a CUDA cache's host mirror): table, lens, ref, free_stack and free_top lie in one int32
+// buffer starting at `base` (the device keeps the same layout); when `written` is set, rollback and
+// plan_step append the offset of every int32 they write there, so the device copy replays the
+// operation as one scatter of final values (take_writes) instead of recomputing it.
 struct HostState {
   int32_t* table;
   int64_t max_pages;  // columns of table
@@ -30,7 +35,13 @@ struct HostState {
   int32_t* free_top;
   int64_t num_pages;
   int64_t page_size;
+  const int32_t* base = nullptr;
+  std::vector<int64_t>* written = nullptr;
 };
+
+// The log's (offsets, values) after an operation: offsets sorted and distinct, each with its
+// final value base[offset]; clears the log.
+void take_writes(const HostState& st, std::vector<int64_t>& offsets, std::vector<int32_t>& values);
 
 // Checks that ids are in range (else std::out_of_range), active and distinct (else
 // std::invalid_argument); messages start with `what`.

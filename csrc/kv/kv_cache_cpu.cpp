@@ -6,6 +6,7 @@
 // Why C++: rollback of 256 sequences took 0.73 ms (256 tokens of context) to 2.45 ms (2048) in
 // the Python host mirror (a loop over every dropped page), 37-123x the 20 us target; the same work
 // over flat int32 arrays is O(sequences + dropped pages) machine instructions.
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -20,7 +21,24 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 [[noreturn]] void value_error(const std::string& msg) { throw std::invalid_argument(msg); }
 
+// Writes `v` to `*p`, logging its offset when the state keeps a write log (p lies in base's buffer).
+inline void put(const HostState& st, int32_t* p, int32_t v) {
+  *p = v;
+  if (st.written) st.written->push_back(p - st.base);
+}
+
 }  // namespace
+
+void take_writes(const HostState& st, std::vector<int64_t>& offsets, std::vector<int32_t>& values) {
+  offsets.clear();
+  values.clear();
+  if (!st.written) return;
+  offsets.swap(*st.written);
+  std::sort(offsets.begin(), offsets.end());
+  offsets.erase(std::unique(offsets.begin(), offsets.end()), offsets.end());
+  values.reserve(offsets.size());
+  for (int64_t o : offsets) values.push_back(st.base[o]);
+}
 
 void check_ids(const HostState& st, const int64_t* ids, int64_t n, const char* what) {
   std::vector<uint8_t> seen(static_cast<size_t>(st.max_seqs), 0);
@@ -50,7 +68,8 @@ void rollback(const HostState& st, const int64_t* ids, const int64_t* new_lens, 
   // 1. Drop references past each new last page.
   for (int64_t i = 0; i < n; ++i) {
     const int32_t* row = st.table + ids[i] * P;
-    for (int64_t j = ceil_div(new_lens[i], st.page_size); j < st.npages[ids[i]]; ++j) --st.ref[row[j]];
+    for (int64_t j = ceil_div(new_lens[i], st.page_size); j < st.npages[ids[i]]; ++j)
+      put(st, &st.ref[row[j]], st.ref[row[j]] - 1);
   }
   // 2. Push the pages that reached 0, in the order the device half (kv.py: _rollback_device) pushes
   // them: by the flat index i * P + j of each page's last dropped occurrence. Walking backwards,
@@ -67,17 +86,17 @@ void rollback(const HostState& st, const int64_t* ids, const int64_t* new_lens, 
   }
   int32_t top = *st.free_top;
   for (auto it = freed.rbegin(); it != freed.rend(); ++it) {
-    st.ref[*it] = 0;
-    st.free_stack[top++] = *it;
+    st.ref[*it] = 0;  // logged as a write in step 1 already
+    put(st, &st.free_stack[top++], *it);
   }
-  *st.free_top = top;
+  put(st, st.free_top, top);
   // 3. Cut the rows and set the lengths.
   for (int64_t i = 0; i < n; ++i) {
     int32_t* row = st.table + ids[i] * P;
     const int64_t keep = ceil_div(new_lens[i], st.page_size);
-    for (int64_t j = keep; j < st.npages[ids[i]]; ++j) row[j] = -1;
-    st.npages[ids[i]] = static_cast<int32_t>(keep);
-    st.lens[ids[i]] = static_cast<int32_t>(new_lens[i]);
+    for (int64_t j = keep; j < st.npages[ids[i]]; ++j) put(st, &row[j], -1);
+    st.npages[ids[i]] = static_cast<int32_t>(keep);  // host-only
+    put(st, &st.lens[ids[i]], static_cast<int32_t>(new_lens[i]));
   }
 }
 
@@ -105,11 +124,11 @@ StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* count
   plan.tok_slot.reserve(total);
   int32_t t = static_cast<int32_t>(top);
   auto set_entry = [&](int64_t s, int64_t j, int32_t page) {
-    st.table[s * P + j] = page;
+    put(st, &st.table[s * P + j], page);
     plan.tbl_row.push_back(s);
     plan.tbl_col.push_back(j);
     plan.tbl_val.push_back(page);
-    ++st.ref[page];
+    put(st, &st.ref[page], st.ref[page] + 1);
     plan.rc_idx.push_back(page);
     plan.rc_delta.push_back(1);
   };
@@ -121,7 +140,7 @@ StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* count
       const int32_t old = row[len / ps], fresh = st.free_stack[--t];
       plan.cow_src.push_back(old);
       plan.cow_dst.push_back(fresh);
-      --st.ref[old];
+      put(st, &st.ref[old], st.ref[old] - 1);
       plan.rc_idx.push_back(old);
       plan.rc_delta.push_back(-1);
       set_entry(s, len / ps, fresh);
@@ -134,7 +153,7 @@ StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* count
     }
   }
   plan.popped = top - t;
-  *st.free_top = t;
+  put(st, st.free_top, t);
   return plan;
 }
 

@@ -1,7 +1,8 @@
 """Paged KV cache with per-sequence rollback, fork and copy-on-write (spec: ``shared/specs/kv.md``).
 
-The metadata is kept by C++ kernels on the host and mirrored to the device by fixed-shape torch
-ops; K/V writes are torch ``index_put_``. Attention over the cache: :mod:`kfuse.reference.kv`.
+The metadata is kept by C++ kernels on the host, which log their writes; the device copy replays them
+(one copy and one scatter per operation); K/V writes are torch ``index_put_``. Attention over the
+cache: :mod:`kfuse.reference.kv`.
 
 Device state (all on ``cache.device``)
 --------------------------------------
@@ -17,21 +18,25 @@ Device state (all on ``cache.device``)
 Host state and synchronisation
 ------------------------------
 The metadata also lives on the host, as CPU int32 tensors of the same layout (``_h_table``, ``_h_lens``,
-``_h_ref``, ``_h_free``, ``_h_top``, plus ``_h_npages``: table entries per row, and ``_h_active``),
-updated in place by C++ kernels (``csrc/kv/kv_cache_cpu.cpp`` through ``kfuse._C.KVHostState``).
-For a CPU cache they *are* the device state (one copy). For a CUDA cache the device tensors are a
-copy that every operation updates with the same result (tests compare the two). Every request is
+``_h_ref``, ``_h_free``, ``_h_top``: views of one buffer ``_h_flat``, plus ``_h_npages``: table entries
+per row, and ``_h_active``), updated in place by C++ kernels (``csrc/kv/kv_cache_cpu.cpp`` through
+``kfuse._C.KVHostState``). For a CPU cache they *are* the device state (one copy). For a CUDA cache
+the device tensors are views of a copy of ``_h_flat`` onto which every operation's writes are
+replayed: the C++ kernels log the offset of each int32 they write, and the device receives the
+distinct offsets with their final values (one pinned copy, one ``index_copy_``; tests compare the
+two copies after every operation). Every request is
 validated against the host state, and every allocation decision (which pages, copy-on-write or not)
 is made from it, so no operation reads device memory: none of ``add_sequence``, ``append``,
 ``advance``, ``rollback``, ``fork``, ``free`` or ``stats`` synchronises with a GPU. Host-decided index
 tensors reach the device through pinned memory and ``non_blocking`` copies (the caching host allocator
 keeps the pinned buffer alive until the copy has run). Passing CUDA tensors *as arguments* (``seq_ids``,
 ``new_lens``, ``counts``) does sync, because they are read on the host to validate them; pass Python
-ints or CPU tensors. The device half of rollback, :meth:`PagedKVCache._rollback_device`, is a fixed
-sequence of fixed-shape tensor ops (gather, ``where``, ``scatter_add_``, ``scatter_reduce_``, ``cumsum``,
-``index_copy_``) on device index tensors, with no data-dependent shapes, so it can be captured in a
-CUDA graph. Cost: O(n · max_pages_per_seq) elementwise work for ``n`` sequences (fixed shape, so
-independent of context length); no K/V bytes move. The host half is O(n + dropped pages).
+ints or CPU tensors. A replay's shape depends on the data, so :meth:`PagedKVCache.graphed_rollback`
+captures another device half instead, :meth:`PagedKVCache._rollback_device`: a fixed sequence of
+fixed-shape tensor ops (gather, ``where``, ``scatter_add_``, ``scatter_reduce_``, ``cumsum``,
+``index_copy_``) on device index tensors that recomputes the rollback with no data-dependent shapes.
+Cost: O(n · max_pages_per_seq) elementwise work for ``n`` sequences; no K/V bytes move. The host half
+is O(n + dropped pages).
 
 Steps: lengths advance once per step, for all layers
 ----------------------------------------------------
@@ -132,29 +137,32 @@ class PagedKVCache:
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
         self.k_pages = torch.zeros(shape, dtype=dtype, device=dev)
         self.v_pages = torch.zeros(shape, dtype=dtype, device=dev)
-        # Host state (CPU), updated in place by the C++ kernels of kfuse._C.KVHostState.
+        # Host state (CPU), updated in place by the C++ kernels of kfuse._C.KVHostState. The arrays the
+        # device needs are views of one int32 buffer, laid out as the device's (block_table, seq_lens,
+        # page_refcount, free_stack, free_top), so that an operation's writes are offsets into it.
         i32 = torch.int32
-        self._h_table = torch.full((max_seqs, max_pages_per_seq), -1, dtype=i32)
-        self._h_lens = torch.zeros(max_seqs, dtype=i32)
-        self._h_npages = torch.zeros(max_seqs, dtype=i32)  # table entries in use per row (a prefix)
-        self._h_active = torch.zeros(max_seqs, dtype=torch.uint8)
-        self._h_ref = torch.zeros(num_pages, dtype=i32)
-        self._h_free = torch.tensor([*range(num_pages - 1, -1, -1), -1], dtype=i32)  # page 0 is allocated first
-        self._h_top = torch.tensor([num_pages], dtype=i32)
-        self._host = ext.KVHostState(self._h_table, self._h_lens, self._h_npages, self._h_active, self._h_ref,
-                                     self._h_free, self._h_top, page_size)
+        sizes = (max_seqs * max_pages_per_seq, max_seqs, num_pages, num_pages + 1, 1)
+        self._h_flat = torch.zeros(sum(sizes), dtype=i32)
+        h_table, self._h_lens, self._h_ref, self._h_free, self._h_top = self._h_flat.split(sizes)
+        self._h_table = h_table.view(max_seqs, max_pages_per_seq)
+        self._h_table.fill_(-1)
+        self._h_free.copy_(torch.tensor([*range(num_pages - 1, -1, -1), -1], dtype=i32))  # page 0 is allocated first
+        self._h_top.fill_(num_pages)
+        self._h_npages = torch.zeros(max_seqs, dtype=i32)  # table entries in use per row (a prefix); host only
+        self._h_active = torch.zeros(max_seqs, dtype=torch.uint8)  # host only
         # numpy views of the same memory, for cheap scalar reads.
         self._n_lens, self._n_npages, self._n_active = (t.numpy() for t in (self._h_lens, self._h_npages,
                                                                              self._h_active))
-        # A CPU cache's device state IS its host state; any other device gets a copy that each
-        # operation updates with the same result (tests force the copy on CPU with _mirror=True).
+        # A CPU cache's device state IS its host state; any other device gets a copy of the buffer,
+        # onto which each operation's writes are replayed (the host kernels log them: one scatter of
+        # final values instead of recomputing the operation with ~17 device ops). Tests force the copy
+        # on CPU with _mirror=True.
         self._mirrored = dev.type != "cpu" or _mirror
-        copy = (lambda t: t.to(dev, copy=True)) if self._mirrored else (lambda t: t)
-        self.block_table = copy(self._h_table)
-        self.seq_lens = copy(self._h_lens)
-        self.page_refcount = copy(self._h_ref)
-        self.free_stack = copy(self._h_free)
-        self.free_top = copy(self._h_top)
+        self._host = ext.KVHostState(self._h_table, self._h_lens, self._h_npages, self._h_active, self._h_ref,
+                                     self._h_free, self._h_top, page_size, self._h_flat if self._mirrored else None)
+        self._flat = self._h_flat.to(dev, copy=True) if self._mirrored else self._h_flat
+        d_table, self.seq_lens, self.page_refcount, self.free_stack, self.free_top = self._flat.split(sizes)
+        self.block_table = d_table.view(max_seqs, max_pages_per_seq)
         self._scratch = torch.zeros(num_pages, dtype=torch.int64, device=dev) if self._mirrored else None
         # Open step: None, or dict(ids, counts, pending (CPU int64; pending: [max_seqs] tokens of the
         # step per sequence), layers (set), tok_page, tok_slot (device int64)).
@@ -171,6 +179,13 @@ class PagedKVCache:
                                    "arguments cross from the host); use cache.graphed_rollback(n) for rollback")
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
+
+    def _replay(self, writes: Tensor | None) -> None:
+        """Apply the host kernels' writes (int64 ``[2, m]``: offsets into the flat buffer, final values;
+        distinct offsets) to the device copy: one host-to-device copy and one scatter, no sync."""
+        if writes is not None and writes.shape[1]:
+            w = self._dev(writes)
+            self._flat.index_copy_(0, w[0], w[1].to(torch.int32))
 
     def _ids(self, seq_ids, what: str = "seq_ids") -> Tensor:
         """Validated ids (in range, active, distinct) as a CPU int64 tensor."""
@@ -307,18 +322,13 @@ class PagedKVCache:
         st["layers"].add(layer)
 
     def _open_step(self, ids: Tensor, cnt: Tensor) -> dict:
-        (tok_page, tok_slot, cow_src, cow_dst, t_row, t_col, t_val, rc_idx, rc_delta,
-         popped) = self._host.plan_step(ids, cnt)  # checks capacity, then updates the host state
+        # Checks capacity, then updates the host state (and logs its writes when mirrored).
+        tok_page, tok_slot, cow_src, cow_dst, _, writes = self._host.plan_step(ids, cnt)
         if cow_src.numel():
             src, dst = self._dev(cow_src), self._dev(cow_dst)
             self.k_pages.index_copy_(1, dst, self.k_pages.index_select(1, src))
             self.v_pages.index_copy_(1, dst, self.v_pages.index_select(1, src))
-        if self._mirrored:
-            if t_row.numel():
-                self.block_table.index_put_((self._dev(t_row), self._dev(t_col)), self._dev(t_val, torch.int32))
-                self.page_refcount.scatter_add_(0, self._dev(rc_idx), self._dev(rc_delta, torch.int32))
-            if popped:
-                self.free_top.sub_(popped)
+        self._replay(writes)
         pending = torch.zeros(self.max_seqs, dtype=torch.int64)
         pending[ids] = cnt
         self._step = {"ids": ids, "counts": cnt, "layers": set(), "pending": pending,
@@ -362,9 +372,10 @@ class PagedKVCache:
             seq_ids: distinct active sequence ids (ints or a 1-D CPU integer tensor), length ``n``.
             new_lens: ``n`` lengths (a checkpoint is a length: ``cache.length(s)`` taken earlier).
 
-        Metadata only: no K/V bytes move. Host state: O(n + dropped pages) in C++; device copy (GPU):
-        O(n · max_pages_per_seq) fixed-shape ops, no sync, capturable in a CUDA graph. CPU int64
-        tensors are the fastest arguments (no conversion).
+        Metadata only: no K/V bytes move. Host state: O(n + dropped pages) in C++; device copy (GPU): the
+        host's writes (O(n + dropped pages) int32s) replayed by one copy and one scatter, no sync.
+        :meth:`graphed_rollback` gives a CUDA-graph capturable form. CPU int64 tensors are the fastest
+        arguments (no conversion).
         """
         ids = _index_tensor(seq_ids, "seq_ids")
         lens = _index_tensor(new_lens, "new_lens")
@@ -374,12 +385,7 @@ class PagedKVCache:
         self._rollback(ids, lens, check_lens=True)
 
     def _rollback(self, ids: Tensor, lens: Tensor, check_lens: bool) -> None:
-        if self._mirrored and ids.numel():
-            dev_ids, dev_lens = self._dev(ids), self._dev(lens, torch.int32)  # before the host state moves
-            self._host.rollback(ids, lens, check_lens)  # validates everything first
-            self._rollback_device(dev_ids, dev_lens)
-        else:
-            self._host.rollback(ids, lens, check_lens)
+        self._replay(self._host.rollback(ids, lens, check_lens))  # validates everything first
 
     def graphed_rollback(self, n: int) -> Callable[[Any, Any], None]:
         """A rollback of exactly ``n`` sequences whose device half is one CUDA-graph replay (CUDA caches).
