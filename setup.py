@@ -112,7 +112,7 @@ setup(
     package_dir={"kfuse": "python/kfuse", "kfuse.triton_kernels": "triton_kernels"},
     packages=[
         "kfuse", "kfuse.reference", "kfuse.ops", "kfuse.nn", "kfuse.bench", "kfuse.triton_kernels",
-        "kfuse.integrations", "kfuse.models",
+        "kfuse.integrations", "kfuse.models", "kfuse.demos", "kfuse.data",
     ],
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

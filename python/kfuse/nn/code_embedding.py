@@ -1,0 +1,588 @@
+"""The medical-code model of Wallis et al., "Learning Semantic Relationships from Medical Codes"
+(``shared/specs/embedding.md``), on kfuse's multi-table embedding bags.
+
+- :class:`CodeEmbedding`: one table per domain (diagnoses, procedures, prescriptions) and a
+  visit/patient encoder pooling each domain's codes (one :class:`kfuse.nn.MultiTableEmbeddingBag`
+  call for all domains, fused sparse optimizer by default).
+- :class:`GeneralCodeEmbedding`: the *general* embedding, learned from co-occurrence across all
+  claims: CBOW with negative sampling over a visit's codes (a random code of the visit is the
+  target; the mean of the visit's other codes, all domains, predicts it against ``negatives`` codes
+  drawn from the unigram distribution to the power 0.75, as word2vec). The codes' vectors are the
+  per-domain input tables; the output vectors are one extra table over all codes.
+- :class:`CodeOutcomeModel`: a patient-level prediction (e.g. an admission next period) from the
+  patient's pooled codes, in the paper's three variants — ``"general"`` (the general tables, frozen,
+  and a linear head), ``"task"`` (task-specific tables learned for the task with the head) and
+  ``"super"`` (the same codes looked up in both, the pooled outputs concatenated).
+
+Every table module exists in three builds with the same interface (``impl``): ``"kfuse"``
+(:class:`kfuse.nn.MultiTableEmbeddingBag`), ``"torch"`` (one ``torch.nn.EmbeddingBag`` per table,
+sparse gradients, a torch optimizer) and ``"fbgemm"`` (FBGEMM's
+``SplitTableBatchedEmbeddingBagsCodegen`` on the CPU, where ``fbgemm_gpu`` is installed), so the
+demo times the same model on each. Vectors export to word2vec text or ``.npy`` + an index
+(:func:`export_vectors`, :func:`load_vectors`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from kfuse.nn.embedding import MultiTableEmbeddingBag
+
+__all__ = ["IMPLS", "CodeEmbedding", "CodeOutcomeModel", "GeneralCodeEmbedding", "cbow_batch", "export_vectors",
+           "load_vectors", "neighbour_agreement", "predict_outcome", "train_general",
+           "train_outcome"]
+
+#: The builds of a table module: kfuse's kernels, a per-table torch.nn.EmbeddingBag loop, FBGEMM's CPU op.
+IMPLS = ("kfuse", "torch", "fbgemm")
+VARIANTS = ("general", "task", "super")
+
+
+# ---------------------------------------------------------------- table builds
+
+
+class _TorchTables(nn.Module):
+    """One ``torch.nn.EmbeddingBag`` per table (sparse gradients) and a torch optimizer stepped by
+    :meth:`update`: SGD for ``"sgd"``, ``torch.optim.Adagrad`` (element-wise; torch has no row-wise
+    Adagrad) for ``"rowwise_adagrad"``, ``SparseAdam`` for ``"adam"``."""
+
+    def __init__(self, tables: list[tuple[int, int]], mode: str, optimizer: str | None, lr: float, eps: float,
+                 device: torch.device | str | None) -> None:
+        super().__init__()
+        self.bags = nn.ModuleList(nn.EmbeddingBag(r, d, mode=mode, sparse=optimizer is not None, device=device)
+                                  for r, d in tables)
+        params = [b.weight for b in self.bags]
+        self.opt: torch.optim.Optimizer | None = None
+        if optimizer == "sgd":
+            self.opt = torch.optim.SGD(params, lr=lr)
+        elif optimizer == "rowwise_adagrad":
+            self.opt = torch.optim.Adagrad(params, lr=lr, eps=eps)
+        elif optimizer == "adam":
+            self.opt = torch.optim.SparseAdam(params, lr=lr)
+
+    @property
+    def weights(self) -> list[Tensor]:
+        return [b.weight for b in self.bags]
+
+    def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
+        nf = len(self.bags)
+        b = (offsets.numel() - 1) // nf
+        outs = []
+        for f, bag in enumerate(self.bags):
+            off = offsets[f * b: (f + 1) * b + 1]
+            lo, hi = int(off[0]), int(off[-1])
+            psw = None if per_sample_weights is None else per_sample_weights[lo:hi]
+            outs.append(bag(indices[lo:hi], off[:-1] - lo, per_sample_weights=psw))
+        return torch.cat(outs, dim=1)
+
+    def update(self) -> None:
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+
+class _FbgemmTables(nn.Module):
+    """FBGEMM's table-batched embedding bags on the CPU with its fused optimizer (``EXACT_SGD``,
+    ``EXACT_ROWWISE_ADAGRAD``, ``ADAM``); the update happens in the backward as kfuse's."""
+
+    def __init__(self, tables: list[tuple[int, int]], mode: str, optimizer: str | None, lr: float, eps: float,
+                 device: torch.device | str | None) -> None:
+        super().__init__()
+        if torch.device(device or "cpu").type != "cpu":
+            raise ValueError("impl='fbgemm' runs on the CPU here (fbgemm-gpu-cpu); use impl='kfuse' on a GPU")
+        try:
+            tbe = importlib.import_module("fbgemm_gpu.split_table_batched_embeddings_ops_training")
+            cfg = importlib.import_module("fbgemm_gpu.split_embedding_configs")
+        except ImportError as err:
+            raise ImportError(f"impl='fbgemm' needs fbgemm_gpu ({type(err).__name__}: {err})") from err
+        opt = {"sgd": cfg.EmbOptimType.EXACT_SGD, "rowwise_adagrad": cfg.EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+               "adam": cfg.EmbOptimType.ADAM}
+        if optimizer not in opt:
+            raise ValueError(f"impl='fbgemm' needs a fused optimizer ({', '.join(opt)}); got {optimizer!r}")
+        specs = [(r, d, tbe.EmbeddingLocation.HOST, tbe.ComputeDevice.CPU) for r, d in tables]
+        pooling = tbe.PoolingMode.SUM if mode == "sum" else tbe.PoolingMode.MEAN
+        self.tbe = tbe.SplitTableBatchedEmbeddingBagsCodegen(specs, optimizer=opt[optimizer], learning_rate=lr,
+                                                             eps=eps, pooling_mode=pooling)
+
+    @property
+    def weights(self) -> list[Tensor]:
+        return list(self.tbe.split_embedding_weights())
+
+    def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
+        return self.tbe(indices, offsets, per_sample_weights=per_sample_weights)
+
+    def update(self) -> None:
+        pass
+
+
+class _KfuseTables(MultiTableEmbeddingBag):
+    """:class:`kfuse.nn.MultiTableEmbeddingBag` with the tables' interface (``weights``, ``step``)."""
+
+    def update(self) -> None:
+        pass
+
+
+def _tables(tables: list[tuple[int, int]], mode: str, optimizer: str | None, lr: float, eps: float,
+            weight_decay: float, impl: str, backend: str, device: torch.device | str | None, seed: int) -> nn.Module:
+    if impl == "kfuse":
+        return _KfuseTables(tables, mode=mode, optimizer=optimizer, lr=lr, eps=eps, weight_decay=weight_decay,
+                            device=device, backend=backend, seed=seed)
+    if weight_decay:
+        raise ValueError(f"weight_decay is supported by impl='kfuse' only; got impl={impl!r}")
+    if impl == "torch":
+        return _TorchTables(tables, mode, optimizer, lr, eps, device)
+    if impl == "fbgemm":
+        return _FbgemmTables(tables, mode, optimizer, lr, eps, device)
+    raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+
+
+# ---------------------------------------------------------------- the encoder
+
+
+class CodeEmbedding(nn.Module):
+    """One embedding table per domain, pooling each domain's codes of a visit or patient.
+
+    Args:
+        sizes: codes per domain (rows of each table), e.g. ``vocab.sizes``.
+        dim: embedding dimension D (every table).
+        domains: the domains' names, in table order.
+        mode: ``"mean"`` (each domain's codes averaged; an empty bag gives zeros) or ``"sum"``
+            (weighted by ``per_sample_weights`` when given).
+        optimizer: the fused sparse optimizer (``"sgd"``, ``"rowwise_adagrad"``, ``"adam"``), or None:
+            ordinary ``.grad`` on the tables (kfuse build only).
+        lr, eps, weight_decay: the optimizer's hyper-parameters.
+        init_scale: the tables start uniform in ``±init_scale`` (default ``0.5 / dim``, word2vec's).
+        impl: ``"kfuse"``, ``"torch"`` or ``"fbgemm"`` (see the module docstring).
+        backend: kfuse's backend (``"auto"``, ``"cpu"``, ``"reference"``, ``"triton"``).
+
+    ``forward(indices [N], offsets [T·B + 1], per_sample_weights [N] = None)`` with feature ``t`` =
+    domain ``t`` (feature-major, as :meth:`kfuse.data.Claims.visit_bags` gives) → ``[B, T·D]``.
+    With a fused optimizer the tables are updated in the backward; call :meth:`update` after each
+    backward all the same (the torch build's optimizer steps there).
+    """
+
+    def __init__(self, sizes: Sequence[int], dim: int = 128, domains: Sequence[str] = ("dx", "px", "rx"),
+                 mode: str = "mean", optimizer: str | None = "rowwise_adagrad", lr: float = 0.05, eps: float = 1e-8,
+                 weight_decay: float = 0.0, init_scale: float | None = None, impl: str = "kfuse",
+                 backend: str = "auto", device: torch.device | str | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if len(sizes) != len(domains):
+            raise ValueError(f"sizes ({len(sizes)}) and domains ({len(domains)}) must have one entry per domain")
+        if optimizer is None and impl != "kfuse":
+            raise ValueError(f"optimizer=None (plain gradients) needs impl='kfuse'; got impl={impl!r}")
+        self.sizes, self.dim, self.domains = [int(s) for s in sizes], int(dim), tuple(domains)
+        self.mode, self.impl = mode, impl
+        self.tables = _tables([(s, self.dim) for s in self.sizes], mode, optimizer, lr, eps, weight_decay, impl,
+                              backend, device, seed)
+        self.reset_parameters(0.5 / self.dim if init_scale is None else init_scale, seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, scale: float, seed: int = 0) -> None:
+        """Tables uniform in ``±scale`` (seeded, the same in every build)."""
+        gen = torch.Generator().manual_seed(seed)
+        for w in self.weights:
+            w.copy_((torch.rand(w.shape, generator=gen) * 2 - 1) * scale)
+
+    @property
+    def weights(self) -> list[Tensor]:
+        """The tables, ``[sizes[t], dim]`` each."""
+        return list(self.tables.weights)
+
+    @property
+    def out_dim(self) -> int:
+        return len(self.domains) * self.dim
+
+    def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
+        return self.tables(indices, offsets, per_sample_weights)
+
+    def update(self) -> None:
+        """After a backward: the torch build's optimizer step (the fused builds updated in the backward)."""
+        self.tables.update()
+
+    def vectors(self, domain: str) -> Tensor:
+        """``[sizes[domain], dim]``: the learned vector of each code of ``domain`` (a detached copy, CPU)."""
+        return self.weights[self.domains.index(domain)].detach().float().cpu().clone()
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}, dim={self.dim}, domains={self.domains}, mode={self.mode!r}, impl={self.impl!r}"
+
+
+# ---------------------------------------------------------------- the general embedding
+
+
+def cbow_batch(indices: Tensor, offsets: Tensor, num_features: int, bases: Tensor, generator: torch.Generator
+               ) -> tuple[Tensor, Tensor]:
+    """CBOW targets of a batch of visits: for each visit one random code (any domain) is the target and
+    the others are its context.
+
+    ``indices [N]``, ``offsets [T·B + 1]``: the visits' codes, feature-major (each visit must have at
+    least 2 codes); ``bases [T]``: each domain's first row in the all-codes numbering.
+    Returns ``per_sample_weights [N]`` (``1 / (n_b − 1)`` for the context codes of visit b, 0 for its
+    target: a sum pooling then gives the context's mean) and ``targets [B]`` (all-codes rows).
+    """
+    b = (offsets.numel() - 1) // num_features
+    dev = indices.device
+    lens = (offsets[1:] - offsets[:-1]).view(num_features, b)
+    n = lens.sum(0)
+    if b and int(n.min()) < 2:
+        raise ValueError("cbow_batch: every visit needs at least 2 codes")
+    u = (torch.rand(b, generator=generator).to(dev) * n).long().clamp(max=n - 1)
+    cum = lens.cumsum(0)
+    feat = (u.unsqueeze(0) >= cum).sum(0)
+    cols = torch.arange(b, device=dev)
+    within = u - (cum[feat, cols] - lens[feat, cols])
+    pos = offsets[feat * b + cols] + within
+    targets = bases.to(dev)[feat] + indices[pos]
+    bag = torch.repeat_interleave(torch.arange(num_features * b, device=dev) % b, lens.flatten(),
+                                  output_size=indices.numel())
+    psw = (1.0 / (n - 1).to(torch.float32))[bag]
+    psw[pos] = 0.0
+    return psw, targets
+
+
+class GeneralCodeEmbedding(nn.Module):
+    """The general embedding: CBOW with negative sampling over the codes of each visit.
+
+    ``codes``: the per-domain input tables (:class:`CodeEmbedding`, ``mode="sum"`` with CBOW weights):
+    the learned vectors. ``context``: the output vectors, one table over all codes (rows of domain t
+    start at ``bases[t]``), initialised to zero as in word2vec. Args as :class:`CodeEmbedding`, plus
+    ``negatives`` (K, per target).
+
+    ``forward(indices, offsets, per_sample_weights, targets [B], negatives [B, K])`` → the mean over
+    the batch of the negative-sampling loss (``−log σ(h·u_target) − Σ_k log σ(−h·u_neg_k)``, ``h`` the
+    weighted sum of the context's vectors over all domains).
+    """
+
+    def __init__(self, sizes: Sequence[int], dim: int = 128, domains: Sequence[str] = ("dx", "px", "rx"),
+                 negatives: int = 5, optimizer: str = "rowwise_adagrad", lr: float = 0.05, eps: float = 1e-8,
+                 impl: str = "kfuse", backend: str = "auto", device: torch.device | str | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.codes = CodeEmbedding(sizes, dim, domains, mode="sum", optimizer=optimizer, lr=lr, eps=eps, impl=impl,
+                                   backend=backend, device=device, seed=seed)
+        total = sum(self.codes.sizes)
+        self.context = _tables([(total, dim)], "sum", optimizer, lr, eps, 0.0, impl, backend, device, seed + 1)
+        with torch.no_grad():
+            self.context.weights[0].zero_()
+        self.negatives = int(negatives)
+        self.register_buffer("bases", torch.tensor([0, *np.cumsum(self.codes.sizes)[:-1].tolist()],
+                                                   dtype=torch.int64))
+        self.register_buffer("noise_cdf", torch.linspace(1.0 / total, 1.0, total, dtype=torch.float64))
+
+    def set_noise(self, counts: Sequence[np.ndarray] | Tensor, power: float = 0.75) -> None:
+        """The negatives' distribution: ``counts`` (per domain, or one ``[Σ sizes]`` array) ``** power``
+        (+1 smoothing, so every code can be drawn)."""
+        c = torch.as_tensor(np.concatenate([np.asarray(x) for x in counts]) if isinstance(counts, (list, tuple))
+                            else np.asarray(counts), dtype=torch.float64)
+        if c.numel() != self.noise_cdf.numel():
+            raise ValueError(f"set_noise: counts cover {c.numel()} codes; the model has {self.noise_cdf.numel()}")
+        p = (c + 1.0) ** power
+        cdf = torch.cumsum(p, 0)
+        self.noise_cdf.copy_(cdf / cdf[-1])
+
+    def sample_negatives(self, batch: int, generator: torch.Generator) -> Tensor:
+        """``[batch, K]`` all-codes rows drawn from the noise distribution."""
+        u = torch.rand(batch * self.negatives, generator=generator, dtype=torch.float64)
+        idx = torch.searchsorted(self.noise_cdf.cpu(), u).clamp(max=self.noise_cdf.numel() - 1)
+        return idx.view(batch, self.negatives).to(self.bases.device)
+
+    def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor, targets: Tensor,
+                negatives: Tensor) -> Tensor:
+        b, k1 = targets.shape[0], negatives.shape[1] + 1
+        h = self.codes(indices, offsets, per_sample_weights).view(b, len(self.codes.domains), -1).sum(1)
+        cand = torch.cat([targets.unsqueeze(1), negatives], dim=1).reshape(-1)
+        u = self.context(cand, torch.arange(b * k1 + 1, device=cand.device)).view(b, k1, -1)
+        logits = torch.bmm(u, h.unsqueeze(2)).squeeze(2)  # [B, K+1]
+        labels = torch.zeros_like(logits)
+        labels[:, 0] = 1.0
+        return F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / max(b, 1)
+
+    def update(self) -> None:
+        self.codes.update()
+        self.context.update()
+
+
+def train_general(model: GeneralCodeEmbedding, claims, epochs: float = 1.0, batch_size: int = 1024, seed: int = 0,
+                  progress: Callable[[str], None] | None = None, max_seconds: float | None = None) -> dict:
+    """Trains ``model`` on the visits of ``claims`` (:class:`kfuse.data.Claims`) with at least 2 codes,
+    shuffled, ``epochs`` passes (fractions allowed); the noise distribution is set from the claims'
+    code counts. Returns ``{"steps", "codes", "seconds", "codes_per_s", "loss_first", "loss_last"}``
+    (codes: context codes looked up; time: training steps only, batch preparation included)."""
+    dev = model.bases.device
+    model.set_noise([claims.code_counts(d) for d in claims.domains])
+    visits = np.flatnonzero(claims.visit_sizes() >= 2)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    steps = max(1, int(math.ceil(epochs * visits.size / batch_size)))
+    order = np.concatenate([rng.permutation(visits) for _ in range(int(math.ceil(epochs)) + 1)])
+    nf = len(claims.domains)
+    losses, codes, t0, last = [], 0, time.perf_counter(), time.perf_counter()
+    for s in range(steps):
+        ids = order[s * batch_size: (s + 1) * batch_size]
+        idx, off = claims.visit_bags(ids, dev)
+        psw, tgt = cbow_batch(idx, off, nf, model.bases, gen)
+        neg = model.sample_negatives(ids.size, gen)
+        loss = model(idx, off, psw, tgt, neg)
+        loss.backward()
+        model.update()
+        codes += idx.numel()
+        losses.append(float(loss.detach()))
+        now = time.perf_counter()
+        if progress is not None and (now - last > 2.0 or s == steps - 1):
+            progress(f"general embedding: step {s + 1}/{steps}, loss {np.mean(losses[-20:]):.3f}, "
+                     f"{codes / (now - t0):,.0f} codes/s")
+            last = now
+        if max_seconds is not None and now - t0 > max_seconds:
+            break
+    secs = time.perf_counter() - t0
+    k = max(1, min(20, len(losses) // 5))
+    return {"steps": len(losses), "codes": codes, "seconds": secs, "codes_per_s": codes / secs,
+            "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:]))}
+
+
+# ---------------------------------------------------------------- the prediction task
+
+
+class CodeOutcomeModel(nn.Module):
+    """A patient-level outcome from the patient's pooled codes, in one of the paper's three variants.
+
+    Args:
+        variant: ``"general"`` (``general``'s tables, frozen), ``"task"`` (new task-specific tables,
+            trained with the head) or ``"super"`` (both: the same codes looked up in each, the pooled
+            outputs concatenated).
+        general: the general embedding's :class:`CodeEmbedding` (``GeneralCodeEmbedding.codes``);
+            required by ``"general"`` and ``"super"``. Frozen: its lookups run without gradients (mean
+            pooling) and its tables' ``requires_grad`` is cleared.
+        sizes, dim: of the task tables (default: ``general``'s).
+        optimizer, lr, weight_decay, impl, backend, device, seed: of the task tables
+            (:class:`CodeEmbedding`; ``optimizer=None`` gives them ordinary gradients).
+
+    ``features(indices, offsets)`` → ``[B, F]`` (``F = T·D`` for ``general``/``task``, ``2·T·D`` for
+    ``super``); ``forward`` → logits ``[B]`` (a batch-normalised linear head). The head's parameters
+    (``head_parameters()``) are for an ordinary torch optimizer.
+    """
+
+    def __init__(self, variant: str, general: CodeEmbedding | None = None, sizes: Sequence[int] | None = None,
+                 dim: int | None = None, domains: Sequence[str] = ("dx", "px", "rx"),
+                 optimizer: str | None = "rowwise_adagrad", lr: float = 0.05, weight_decay: float = 0.0,
+                 impl: str = "kfuse", backend: str = "auto", device: torch.device | str | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
+        if variant != "task" and general is None:
+            raise ValueError(f"variant {variant!r} needs the general embedding (general=...)")
+        self.variant = variant
+        self.general = general if variant != "task" else None
+        if self.general is not None:
+            for w in self.general.weights:
+                w.requires_grad_(False)
+        self.task: CodeEmbedding | None = None
+        if variant != "general":
+            sizes = sizes if sizes is not None else general.sizes
+            dim = dim if dim is not None else general.dim
+            domains = general.domains if general is not None else domains
+            self.task = CodeEmbedding(sizes, dim, domains, mode="mean", optimizer=optimizer, lr=lr,
+                                      weight_decay=weight_decay, impl=impl, backend=backend, device=device,
+                                      seed=seed)
+        width = sum(m.out_dim for m in (self.general, self.task) if m is not None)
+        self.norm = nn.BatchNorm1d(width, affine=False, device=device)
+        self.head = nn.Linear(width, 1, device=device)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def _general_features(self, indices: Tensor, offsets: Tensor) -> Tensor:
+        g = self.general
+        with torch.no_grad():
+            if g.mode == "mean":
+                return g(indices, offsets)
+            # The general tables pool by weighted sum (CBOW): the mean is a sum with weights 1/len.
+            lens = offsets[1:] - offsets[:-1]
+            inv = torch.where(lens > 0, 1.0 / lens.clamp(min=1).to(torch.float32), torch.zeros((), device=lens.device))
+            bag = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens,
+                                          output_size=indices.numel())
+            return g(indices, offsets, inv[bag])
+
+    def features(self, indices: Tensor, offsets: Tensor) -> Tensor:
+        """``[B, F]``: the pooled codes (``indices``, ``offsets [T·B + 1]`` as :class:`CodeEmbedding`)."""
+        parts = []
+        if self.general is not None:
+            parts.append(self._general_features(indices, offsets))
+        if self.task is not None:
+            parts.append(self.task(indices, offsets))
+        return torch.cat(parts, dim=1)
+
+    def forward(self, indices: Tensor, offsets: Tensor, general_features: Tensor | None = None) -> Tensor:
+        """Logits ``[B]``. ``general_features [B, T·D]``: the general half, when already computed (the
+        general tables are frozen, so a training loop may pool them once: :func:`train_outcome` does)."""
+        if general_features is None or self.general is None:
+            feats = self.features(indices, offsets)
+        elif self.task is None:
+            feats = general_features
+        else:
+            feats = torch.cat([general_features, self.task(indices, offsets)], dim=1)
+        return self.head(self.norm(feats)).squeeze(1)
+
+    @torch.no_grad()
+    def general_features(self, claims, patients: np.ndarray, batch_size: int = 4096) -> Tensor | None:
+        """``[len(patients), T·D]``: the general tables' mean-pooled codes of each patient (None for the
+        ``"task"`` variant)."""
+        if self.general is None:
+            return None
+        dev = self.head.weight.device
+        out = []
+        for s in range(0, len(patients), batch_size):
+            idx, off = claims.patient_bags(np.asarray(patients)[s: s + batch_size], dev)
+            out.append(self._general_features(idx, off))
+        return torch.cat(out) if out else torch.zeros(0, self.general.out_dim, device=dev)
+
+    def update(self) -> None:
+        if self.task is not None:
+            self.task.update()
+
+
+def train_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, epochs: int = 3, batch_size: int = 256,
+                  head_lr: float = 1e-2, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
+    """Trains ``model`` on ``patients`` of ``claims`` (their ``labels``) with binary cross-entropy: the
+    head by Adam (``head_lr``), the task tables by their fused optimizer. Returns ``{"steps", "seconds",
+    "loss_last"}``."""
+    if claims.labels is None:
+        raise ValueError("train_outcome: the claims have no labels")
+    dev = model.head.weight.device
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(model.head_parameters(), lr=head_lr)
+    labels = torch.as_tensor(claims.labels, dtype=torch.float32)
+    model.train()
+    t0, losses, steps = time.perf_counter(), [], 0
+    patients = np.asarray(patients)
+    # The general tables are frozen: pool them once, not every epoch.
+    general = model.general_features(claims, patients)
+    where = np.full(claims.num_patients, -1, dtype=np.int64)
+    where[patients] = np.arange(patients.size)
+    for e in range(epochs):
+        order = rng.permutation(patients)
+        for s in range(0, order.size, batch_size):
+            ids = order[s: s + batch_size]
+            if ids.size < 2:  # batch norm needs two
+                continue
+            gf = None if general is None else general[torch.as_tensor(where[ids], device=dev)]
+            if model.task is None:
+                idx = off = None
+            else:
+                idx, off = claims.patient_bags(ids, dev)
+            loss = F.binary_cross_entropy_with_logits(model(idx, off, gf), labels[ids].to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            model.update()
+            losses.append(float(loss.detach()))
+            steps += 1
+        if progress is not None:
+            progress(f"{model.variant}: epoch {e + 1}/{epochs}, loss {np.mean(losses[-20:]):.3f}")
+    return {"steps": steps, "seconds": time.perf_counter() - t0,
+            "loss_last": float(np.mean(losses[-20:])) if losses else math.nan}
+
+
+@torch.no_grad()
+def predict_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, batch_size: int = 2048) -> np.ndarray:
+    """``[len(patients)]``: predicted probabilities."""
+    model.eval()
+    dev = model.head.weight.device
+    out = []
+    for s in range(0, len(patients), batch_size):
+        idx, off = claims.patient_bags(np.asarray(patients)[s: s + batch_size], dev)
+        out.append(torch.sigmoid(model(idx, off)).cpu())
+    model.train()
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+# ---------------------------------------------------------------- evaluation and export
+
+
+def neighbour_agreement(vectors: Tensor, categories: np.ndarray, eligible: np.ndarray, k: int = 5
+                        ) -> tuple[float, float]:
+    """How often a code's ``k`` nearest neighbours (cosine, among the ``eligible`` rows with a category,
+    itself excluded) share its category, against chance (a random other eligible code sharing it).
+
+    ``vectors [n, D]``, ``categories [n]`` (−1: none), ``eligible``: row numbers. Returns
+    ``(fraction, chance)``.
+    """
+    rows = np.asarray(eligible)
+    rows = rows[categories[rows] >= 0]
+    m = rows.size
+    if m < k + 2:
+        raise ValueError(f"neighbour_agreement: {m} eligible rows with a category; need at least {k + 2}")
+    e = F.normalize(vectors[torch.as_tensor(rows)].float(), dim=1)
+    cat = torch.as_tensor(categories[rows])
+    hits = 0
+    for s in range(0, m, 2048):  # blocks of rows: [2048, m] similarities at a time
+        sim = e[s: s + 2048] @ e.T
+        sim[torch.arange(sim.shape[0]), torch.arange(s, s + sim.shape[0])] = -float("inf")
+        nn_idx = sim.topk(k, dim=1).indices
+        hits += int((cat[nn_idx] == cat[s: s + 2048].unsqueeze(1)).sum())
+    counts = np.bincount(categories[rows])
+    chance = float(np.mean((counts[categories[rows]] - 1) / (m - 1)))
+    return hits / (m * k), chance
+
+
+def export_vectors(embedding: CodeEmbedding, vocab, path: str | os.PathLike, fmt: str = "word2vec") -> list[Path]:
+    """Writes every code's vector of ``embedding`` (keys ``"<domain>:<code>"``, e.g. ``dx:I10``).
+
+    ``fmt="word2vec"``: word2vec text (``"<count> <dim>"``, then ``key v1 … vD`` per line; gensim's
+    ``KeyedVectors.load_word2vec_format`` reads it). ``fmt="npy"``: ``<path>.npy`` ``[N, D]`` float32 and
+    ``<path>.index.tsv`` (``row, domain, code, description``). Returns the files written.
+    """
+    path = Path(path)
+    keys = [f"{d}:{c}" for d in embedding.domains for c in vocab.codes[d]]
+    mat = torch.cat([embedding.vectors(d) for d in embedding.domains]).numpy().astype(np.float32)
+    if mat.shape[0] != len(keys):
+        raise ValueError(f"export_vectors: the tables have {mat.shape[0]} rows; the vocabulary {len(keys)} codes")
+    if fmt == "word2vec":
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"{mat.shape[0]} {mat.shape[1]}\n")
+            for key, row in zip(keys, mat.tolist(), strict=True):  # repr: the shortest text that reads back exactly
+                f.write(key + " " + " ".join(map(repr, row)) + "\n")
+        return [path]
+    if fmt == "npy":
+        base = path.with_suffix("") if path.suffix == ".npy" else path
+        np.save(base.with_suffix(".npy"), mat)
+        with open(base.with_suffix(".index.tsv"), "w", encoding="utf-8") as f:
+            f.write("row\tdomain\tcode\tdescription\n")
+            r = 0
+            for d in embedding.domains:
+                for c, desc in zip(vocab.codes[d], vocab.descriptions[d], strict=True):
+                    f.write(f"{r}\t{d}\t{c}\t{desc.replace(chr(9), ' ')}\n")
+                    r += 1
+        return [base.with_suffix(".npy"), base.with_suffix(".index.tsv")]
+    raise ValueError(f"fmt must be 'word2vec' or 'npy'; got {fmt!r}")
+
+
+def load_vectors(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """Reads what :func:`export_vectors` wrote: ``(keys, vectors [N, D] float32)``. A ``.npy`` path (or its
+    ``.index.tsv``) reads the npy format; anything else, word2vec text."""
+    path = Path(path)
+    if path.suffix in (".npy", ".tsv"):
+        base = Path(str(path).removesuffix(".index.tsv").removesuffix(".npy"))
+        mat = np.load(base.with_suffix(".npy"))
+        with open(base.with_suffix(".index.tsv"), encoding="utf-8") as f:
+            next(f)
+            keys = [f"{p[1]}:{p[2]}" for p in (line.rstrip("\n").split("\t") for line in f)]
+        return keys, mat
+    with open(path, encoding="utf-8") as f:
+        n, d = (int(x) for x in f.readline().split())
+        keys, rows = [], np.empty((n, d), dtype=np.float32)
+        for i, line in enumerate(f):
+            parts = line.rstrip("\n").split(" ")
+            keys.append(parts[0])
+            rows[i] = np.asarray(parts[1:], dtype=np.float32)
+    return keys, rows

@@ -1,0 +1,313 @@
+"""The medical-code model (kfuse.nn.code_embedding) and its data (kfuse.data.claims): real code lists,
+the synthetic generator's structure, the three variants, clustering, CSV, save/load and export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kfuse.data.claims import (
+    DOMAINS,
+    ClaimsConfig,
+    load_code_vocab,
+    outcome_logit,
+    read_claims_csv,
+    synthetic_claims,
+    write_claims_csv,
+    zipf_slope,
+)
+from kfuse.nn.code_embedding import (
+    CodeEmbedding,
+    CodeOutcomeModel,
+    GeneralCodeEmbedding,
+    cbow_batch,
+    export_vectors,
+    load_vectors,
+    neighbour_agreement,
+    predict_outcome,
+    train_general,
+    train_outcome,
+)
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return load_code_vocab(rx_codes=600, rx_classes=40, seed=0)
+
+
+@pytest.fixture(scope="module")
+def small(vocab):
+    return vocab.subset(40, 40, seed=0)
+
+
+@pytest.fixture(scope="module")
+def claims(small):
+    return synthetic_claims(small, ClaimsConfig(patients=2000, seed=1))
+
+
+def test_code_lists_are_the_real_ones(vocab):
+    assert vocab.sizes == [74_044, 78_603, 600]
+    i10 = vocab.lookup("dx", "I10")
+    assert vocab.descriptions["dx"][i10] == "Essential (primary) hypertension"
+    assert vocab.category_names["dx"][vocab.categories["dx"][i10]].startswith("CIR007 (circulatory")
+    assert vocab.lookup("dx", "E11.9") == vocab.lookup("dx", "E119")  # dots ignored
+    assert (vocab.categories["dx"] >= 0).sum() == 73_607 and len(vocab.category_names["dx"]) == 514
+    assert (vocab.categories["px"] >= 0).sum() == 76_661 and len(vocab.category_names["px"]) == 224
+    assert vocab.codes["px"][0] == "0016070" and "Bypass Cerebral Ventricle" in vocab.descriptions["px"][0]
+    # The drugs are synthetic and say so.
+    assert vocab.synthetic == ("rx",)
+    assert all(c.startswith("SYN-RX") for c in vocab.codes["rx"])
+    assert all("synthetic" in d for d in vocab.descriptions["rx"])
+    assert np.bincount(vocab.categories["rx"]).min() >= 3
+
+
+def test_generator_structure(small, claims):
+    sizes = claims.visit_sizes()
+    assert sizes.min() >= 5 and sizes.max() <= 30 and 14 < sizes.mean() < 20
+    assert np.all(np.diff(claims.visit_patient) >= 0)
+    # Zipf-like frequencies: a power-law rank-frequency slope, a heavy head.
+    counts = np.concatenate([claims.code_counts(d) for d in DOMAINS])
+    assert -1.6 < zipf_slope(claims.code_counts("dx"), top=300) < -0.5
+    top = np.sort(counts)[::-1]
+    assert top[: top.size // 100].sum() > 0.1 * top.sum()
+    # Categories: a patient's dx codes come mostly from its conditions' categories; two dx codes of one
+    # visit share a category far more often than two random dx codes.
+    cats = small.categories["dx"]
+    po = claims.patient_offsets
+    own = total = 0
+    for p in range(200):
+        lo, hi = claims.offsets[0][po[p]], claims.offsets[0][po[p + 1]]
+        c = cats[claims.codes[0][lo:hi]]
+        own += np.isin(c, claims.conditions[p]).sum()
+        total += c.size
+    assert own / total > 0.7
+    same = pairs = 0
+    for v in range(2000):
+        c = cats[claims.codes[0][claims.offsets[0][v]: claims.offsets[0][v + 1]]]
+        same += (c[:, None] == c[None, :]).sum() - c.size
+        pairs += c.size * (c.size - 1)
+    freq = np.bincount(cats[claims.codes[0]]) / claims.codes[0].size
+    assert same / pairs > 5 * (freq ** 2).sum()
+    # The outcome follows the stated rule: risk = bias + Σ w over categories seen twice; labels track it.
+    raw = outcome_logit(claims, small)
+    assert np.ptp(claims.risk_logit - raw) < 1e-9
+    assert abs(claims.labels.mean() - 0.2) < 0.03
+    hi_risk = claims.risk_logit > np.quantile(claims.risk_logit, 0.75)
+    lo_risk = claims.risk_logit < np.quantile(claims.risk_logit, 0.25)
+    assert claims.labels[hi_risk].mean() > claims.labels[lo_risk].mean() + 0.2
+    prob = 1 / (1 + np.exp(-claims.risk_logit))
+    for q in np.array_split(np.argsort(prob), 4):
+        assert abs(claims.labels[q].mean() - prob[q].mean()) < 0.06
+
+
+def test_cbow_batch_masks_one_target_per_visit(claims):
+    ids = np.arange(50)
+    idx, off = claims.visit_bags(ids)
+    bases = torch.tensor([0, claims.sizes[0], claims.sizes[0] + claims.sizes[1]])
+    psw, tgt = cbow_batch(idx, off, 3, bases, torch.Generator().manual_seed(0))
+    lens = (off[1:] - off[:-1]).view(3, 50)
+    n = lens.sum(0)
+    bag = torch.repeat_interleave(torch.arange(150) % 50, lens.flatten())
+    zero = psw == 0
+    assert torch.equal(torch.bincount(bag[zero], minlength=50), torch.ones(50, dtype=torch.int64))
+    assert torch.allclose(psw[~zero], (1.0 / (n - 1).float())[bag[~zero]])
+    feat = torch.repeat_interleave(torch.arange(150) // 50, lens.flatten())
+    got = torch.zeros(50, dtype=torch.int64)
+    got[bag[zero]] = bases[feat[zero]] + idx[zero]
+    assert torch.equal(got, tgt)
+
+
+def test_variants_shapes_and_gradients(small, claims):
+    torch.manual_seed(0)
+    dim, b = 8, 16
+    gen = GeneralCodeEmbedding(small.sizes, dim, optimizer=None, seed=3)
+    with torch.no_grad():  # non-zero output vectors, so the input tables get gradients
+        gen.context.weights[0].normal_()
+    idx, off = claims.visit_bags(np.arange(b))
+    psw, tgt = cbow_batch(idx, off, 3, gen.bases, torch.Generator().manual_seed(1))
+    neg = gen.sample_negatives(b, torch.Generator().manual_seed(2))
+    loss = gen(idx, off, psw, tgt, neg)
+    assert loss.dim() == 0 and loss.item() > 0
+    loss.backward()
+    g = gen.codes.weights[0].grad
+    rows = idx[: off[b]][psw[: off[b]] > 0].unique()
+    assert g.abs().sum(1).nonzero().flatten().tolist() == rows.tolist()  # only the dx context rows move
+
+    for w in gen.codes.weights:
+        w.grad = None
+    pidx, poff = claims.patient_bags(np.arange(b))
+    shapes = {}
+    for variant in ("general", "task", "super"):
+        m = CodeOutcomeModel(variant, gen.codes, optimizer=None, seed=4)
+        feats = m.features(pidx, poff)
+        shapes[variant] = tuple(feats.shape)
+        logits = m(pidx, poff)
+        assert logits.shape == (b,)
+        logits.sum().backward()
+        assert m.head.weight.grad is not None and m.head.weight.grad.abs().sum() > 0
+        assert all(w.grad is None for w in gen.codes.weights)  # the general tables are frozen
+        if m.task is not None:
+            # The task tables' gradient is the gradient of the plain-PyTorch mean pooling.
+            ws = [w.detach().clone().requires_grad_(True) for w in m.task.weights]
+            lens = (poff[1:] - poff[:-1]).view(3, b)
+            parts = []
+            for t in range(3):
+                seg = pidx[poff[t * b]: poff[(t + 1) * b]]
+                bag = torch.repeat_interleave(torch.arange(b), lens[t])
+                s = torch.zeros(b, dim).index_add(0, bag, ws[t][seg])
+                parts.append(s / lens[t].clamp(min=1).unsqueeze(1))
+            ref = torch.cat(parts, 1)
+            own = m.task(pidx, poff)
+            torch.testing.assert_close(own, ref)
+            upstream = torch.randn_like(ref)
+            (ref * upstream).sum().backward()
+            for w in m.task.weights:
+                w.grad = None
+            (own * upstream).sum().backward()
+            for w, r in zip(m.task.weights, ws, strict=True):
+                torch.testing.assert_close(w.grad, r.grad)
+    assert shapes == {"general": (b, 3 * dim), "task": (b, 3 * dim), "super": (b, 6 * dim)}
+    # The general variant's features are the mean of the general vectors.
+    m = CodeOutcomeModel("general", gen.codes)
+    w0 = gen.codes.weights[0].detach()
+    first = pidx[poff[0]: poff[1]]
+    torch.testing.assert_close(m.features(pidx, poff)[0, :dim], w0[first].mean(0))
+
+
+def test_general_embedding_clusters_categories(small, claims):
+    eligible = {d: np.flatnonzero(claims.code_counts(d) >= 5) for d in DOMAINS}
+    untrained = GeneralCodeEmbedding(small.sizes, 32, seed=0)
+    frac0, chance = neighbour_agreement(untrained.codes.vectors("dx"), small.categories["dx"], eligible["dx"])
+    assert frac0 < 2.5 * chance  # random vectors: about chance (so the next assertion can fail)
+    gen = GeneralCodeEmbedding(small.sizes, 32, lr=0.2, seed=0)
+    res = train_general(gen, claims, epochs=2, batch_size=256, seed=0)
+    assert res["loss_last"] < res["loss_first"] - 0.5
+    for d in DOMAINS:
+        frac, chance = neighbour_agreement(gen.codes.vectors(d), small.categories[d], eligible[d])
+        assert frac > 0.15 and frac > 5 * chance, (d, frac, chance)
+
+
+def test_builds_agree(small, claims):
+    """The same model on kfuse, torch.nn.EmbeddingBag (SGD) and FBGEMM (row-wise Adagrad): same updates."""
+    idx, off = claims.visit_bags(np.arange(64))
+    g = torch.Generator().manual_seed(0)
+    bases = torch.tensor([0, small.sizes[0], small.sizes[0] + small.sizes[1]])
+    psw, tgt = cbow_batch(idx, off, 3, bases, g)
+    neg = torch.randint(0, sum(small.sizes), (64, 5), generator=g)
+
+    def run(impl: str, opt: str) -> list[torch.Tensor]:
+        m = GeneralCodeEmbedding(small.sizes, 16, optimizer=opt, lr=0.5, impl=impl, seed=5)
+        with torch.no_grad():
+            m.context.weights[0].copy_(torch.randn(m.context.weights[0].shape, generator=torch.Generator()
+                                                   .manual_seed(6)))
+        for _ in range(2):
+            m(idx, off, psw, tgt, neg).backward()
+            m.update()
+        return [w.detach().clone() for w in m.codes.weights]
+
+    for a, b in zip(run("kfuse", "sgd"), run("torch", "sgd"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    pytest.importorskip("fbgemm_gpu")
+    for a, b in zip(run("kfuse", "rowwise_adagrad"), run("fbgemm", "rowwise_adagrad"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _write(path, text: str):
+    path.write_text(text)
+    return path
+
+
+def test_csv_round_trip_and_bad_rows(small, claims, tmp_path):
+    sub = claims.subset(np.arange(30))
+    path = tmp_path / "claims.csv"
+    write_claims_csv(sub, small, path)
+    back, v = read_claims_csv(path, small)
+    assert v is small and back.patient_ids == sub.patient_ids
+    assert np.array_equal(back.visit_patient, sub.visit_patient) and np.array_equal(back.labels, sub.labels)
+    for d in range(3):
+        assert np.array_equal(back.codes[d], sub.codes[d]) and np.array_equal(back.offsets[d], sub.offsets[d])
+    # Without a vocabulary: the codes seen, in order of appearance.
+    own, ov = read_claims_csv(_write(tmp_path / "own.csv", "patient,visit,code,domain\n"
+                                     "a,1,I10,dx\na,1,E119,diagnosis\na,2,I10,dx\nb,1,0016070,px\nb,1,X1,rx\n"))
+    assert ov.codes["dx"] == ["I10", "E119"] and own.num_patients == 2 and own.num_visits == 3
+    assert own.codes[0].tolist() == [0, 1, 0]
+    # Rows of one visit need not be adjacent.
+    mixed, _ = read_claims_csv(_write(tmp_path / "mixed.csv", "patient,visit,code,domain\n"
+                                      "a,1,I10,dx\nb,1,I10,dx\na,1,E119,dx\n"))
+    assert mixed.offsets[0].tolist() == [0, 2, 3]
+
+    head = "patient,visit,code,domain,label\n"
+    c = small.codes["dx"][0]
+    good = f"p1,v1,{c},dx,1\n"
+    bad = {
+        f"p1,v1,{c}\n": "expected 5 fields",
+        f"p1,v1,{c},lab,1\n": "domain must be one of",
+        "p1,v1,,dx,1\n": "empty code",
+        "p1,v1,NOTACODE,dx,1\n": "'NOTACODE' is not in the vocabulary's dx codes",
+        f"p1,v1,{c},dx,yes\n": "label must be 0 or 1",
+        f"p1,v2,{c},dx,0\n": "has label 0 here and 1",
+    }
+    for row, msg in bad.items():
+        p = _write(tmp_path / "bad.csv", head + good + good + row + good)
+        with pytest.raises(ValueError, match=rf"bad\.csv:4: .*{msg}"):
+            read_claims_csv(p, small)
+    with pytest.raises(ValueError, match=r"bad\.csv:1: the header"):
+        read_claims_csv(_write(tmp_path / "bad.csv", "patient,code,visit,domain\n" + good), small)
+    skipped, _ = read_claims_csv(_write(tmp_path / "skip.csv", head + good + "p1,v1,NOTACODE,dx,1\n"), small,
+                                 unknown="skip")
+    assert skipped.num_codes == 1
+
+
+def test_save_load_and_export_round_trip(small, claims, tmp_path):
+    gen = GeneralCodeEmbedding(small.sizes, 16, lr=0.2, seed=0)
+    train_general(gen, claims, epochs=0.2, batch_size=256)
+    m = CodeOutcomeModel("super", gen.codes, lr=0.1, seed=1)
+    train_outcome(m, claims, np.arange(400), epochs=1, batch_size=64)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    assert any("momentum1" in k for k in state) and any(k.endswith(".step") for k in state)
+    torch.save(state, tmp_path / "model.pt")
+
+    gen2 = GeneralCodeEmbedding(small.sizes, 16, seed=9)
+    m2 = CodeOutcomeModel("super", gen2.codes, seed=9)
+    m2.load_state_dict(torch.load(tmp_path / "model.pt"))
+    for k, v in m2.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    pat = np.arange(400, 500)
+    assert np.array_equal(predict_outcome(m, claims, pat), predict_outcome(m2, claims, pat))
+
+    emb = m.task
+    for fmt, name in (("word2vec", "vectors.txt"), ("npy", "vectors.npy")):
+        files = export_vectors(emb, small, tmp_path / name, fmt=fmt)
+        assert all(f.exists() for f in files)
+        keys, mat = load_vectors(files[0])
+        assert keys[0] == f"dx:{small.codes['dx'][0]}" and keys[-1] == f"rx:{small.codes['rx'][-1]}"
+        assert len(keys) == sum(small.sizes)
+        np.testing.assert_array_equal(mat, torch.cat([emb.vectors(d) for d in DOMAINS]).numpy())
+
+
+def test_bad_arguments(small):
+    with pytest.raises(ValueError, match="variant must be one of"):
+        CodeOutcomeModel("both")
+    with pytest.raises(ValueError, match="needs the general embedding"):
+        CodeOutcomeModel("super", sizes=small.sizes, dim=8)
+    with pytest.raises(ValueError, match="one entry per domain"):
+        CodeEmbedding([10, 10], 8)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        CodeEmbedding(small.sizes, 8, impl="tf")
+
+
+def test_demo_runs_small(tmp_path, capsys):
+    """``python -m kfuse.demos.medical_codes`` end to end on a tiny configuration."""
+    from kfuse.demos import medical_codes  # noqa: PLC0415
+
+    out = tmp_path / "demo.png"
+    res = medical_codes.main(["--small", "--dim", "16", "--patients", "1000", "--epochs", "1", "--task-epochs", "1",
+                              "--seeds", "2", "--bench-seconds", "0.1", "--out", str(out)])
+    assert out.stat().st_size > 10_000
+    assert set(res["auc"]) == {"general", "task", "super"} and all(0.5 < m < 1 for m, _ in res["auc"].values())
+    assert all(frac > chance for frac, chance, _ in res["agreement"].values())  # clustering: its own test
+    assert set(res["speed"]) == {"kfuse", "torch", "fbgemm"}
+    assert all(isinstance(v, float) and v > 0 for v in res["speed"].values())
+    text = capsys.readouterr().out
+    assert "SYNTHETIC" in text and "kfuse backend: cpu" in text and "nearest to" in text
