@@ -356,7 +356,7 @@ def _plot(sweep: dict[float, list[MethodResult]], path: str) -> None:
         rows = [next(r for r in sweep[x] if r.method == m) for x in rates]
         a.plot(rates, [r.computed_per_kept for r in rows], "o-", label=m)
         b.plot(rates, [r.violations for r in rows], "o-", label=m)
-    a.set(xlabel="injection rate (per word)", ylabel="tokens computed per token kept", xscale="log")
+    a.set(xlabel="injection rate (per word)", ylabel="tokens computed per token kept", xscale="log", yscale="log")
     b.set(xlabel="injection rate (per word)", ylabel="flagged windows left in the outputs", xscale="log")
     a.legend()
     fig.suptitle("Backtracking for safety: cost and violations (tiny Llama, CPU)")
