@@ -7,7 +7,8 @@ The weights are the Hugging Face model's own: this module holds references to it
 modules, norm weights, embedding and rotary module (nothing is copied, so the two models stay in
 sync). One call is one cache step (``kfuse.kv`` module docstring): the new tokens of all sequences
 are packed into ``[total, hidden]`` rows; each layer appends its K/V for them and attends causally
-over the cache with :func:`kfuse.paged_prefill_attention`; ``cache.advance`` commits the lengths
+over the cache with :func:`kfuse.paged_prefill_attention` (:func:`kfuse.paged_decode_attention` when
+every sequence feeds one token); ``cache.advance`` commits the lengths
 once every layer has appended. A prompt and a single decode token are the same call.
 
 Matching ``transformers`` (5.x, ``modeling_llama.py``):
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from kfuse.kv import PagedKVCache, _index_tensor
-from kfuse.ops.kv import paged_prefill_attention
+from kfuse.ops.kv import paged_decode_attention, paged_prefill_attention
 
 if TYPE_CHECKING:
     import transformers
@@ -68,9 +69,10 @@ class _DecoderLayer(nn.Module):
         self.eps = eps
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: PagedKVCache, layer: int, seq_ids: Tensor,
-                counts: Tensor) -> Tensor:
+                counts: Tensor, decode: bool) -> Tensor:
         """h ``[T, hidden]`` (model dtype) -> ``[T, hidden]``; cos, sin ``[T, 1, head_dim]``; seq_ids, counts:
-        validated CPU int64 ``[n]``. Appends this layer's K/V for the T new tokens to ``cache``."""
+        validated CPU int64 ``[n]``; ``decode``: every count is 1. Appends this layer's K/V for the T new
+        tokens to ``cache``."""
         t, d = h.shape[0], self.head_dim
         x = _rms_norm(h, self.input_norm, self.eps)
         q = _rope(self.q_proj(x).view(t, -1, d), cos, sin)
@@ -79,7 +81,13 @@ class _DecoderLayer(nn.Module):
         # A cache may hold another dtype than the model (e.g. a bf16 cache for a float32 model):
         # attention runs in the cache's dtype and its output returns to the model's.
         cache.append(layer, seq_ids, k.to(cache.dtype), v.to(cache.dtype), counts)
-        o = paged_prefill_attention(q.to(cache.dtype), cache, layer, seq_ids, q_lens=counts, scale=self.scaling)
+        # One new token per sequence (a decode step, or re-feeding a checkpoint's token): the decode kernels,
+        # which split long contexts and share each K/V tile among a KV head's query heads (the Triton
+        # prefill kernel would give every query head a 64-row block holding one token).
+        if decode:
+            o = paged_decode_attention(q.to(cache.dtype), cache, layer, seq_ids, scale=self.scaling)
+        else:
+            o = paged_prefill_attention(q.to(cache.dtype), cache, layer, seq_ids, q_lens=counts, scale=self.scaling)
         h = h + self.o_proj(o.to(h.dtype).reshape(t, -1))
         x = _rms_norm(h, self.post_norm, self.eps)
         return h + self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
@@ -91,7 +99,8 @@ class LlamaForCausalLM(nn.Module):
     ``model(tokens, seq_ids, cache)`` appends each sequence's new tokens at its current length and
     returns their logits; between calls any sequence may be rolled back or forked in the cache.
     Inference only (runs under ``torch.no_grad``). CPU tensors use kfuse's C++ attention kernels,
-    CUDA tensors its Triton kernels (through :func:`kfuse.paged_prefill_attention`).
+    CUDA tensors its Triton kernels (through :func:`kfuse.paged_prefill_attention` and
+    :func:`kfuse.paged_decode_attention`).
     """
 
     def __init__(self, hf_model: transformers.LlamaForCausalLM, *, fuse_lora: bool = True) -> None:
@@ -225,8 +234,9 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.rotary_emb(h, pos[None])  # [1, total, head_dim] each, in h's dtype
         cos, sin = cos[0, :, None], sin[0, :, None]
         try:
+            decode = bool((cnt == 1).all())
             for layer, block in enumerate(self.layers):
-                h = block(h, cos, sin, cache, layer, ids, cnt)
+                h = block(h, cos, sin, cache, layer, ids, cnt, decode)
             logits = self.lm_head(_rms_norm(h, self.norm, self.eps))
             cache.advance(ids, cnt)
         except BaseException:
