@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from kfuse import _backends, _routing
-from kfuse.reference.deu import deu_reference
+from kfuse.reference.deu import deu_gravitation_grad, deu_reference
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Preference for backend="auto", fastest first. On an H200 (bench/results/2026-11-26-h200-deu.md)
@@ -241,6 +241,36 @@ class _EagerDeu(torch.autograd.Function):
         return gx, gc, None, None
 
 
+#: The values of :func:`deu`'s ``degenerate_grad``.
+DEGENERATE_GRADS = ("exact", "gravitation")
+
+
+class _GravitationDeu(torch.autograd.Function):
+    """``deu(..., degenerate_grad="gravitation")`` in eager mode, on any backend: the backend's
+    forward and exact backward, then :func:`kfuse.reference.deu.deu_gravitation_grad` replaces
+    the gradients of near-zero a, b, c (in PyTorch, float64, on the degenerate neurons only).
+    One host sync per backward (whether any neuron is degenerate)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
+        _setup_context(ctx, (x, coeffs, dim, backend), None)
+        return deu_reference(x, coeffs, dim) if backend == "reference" else _forward_impl(x, coeffs, dim, backend)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, coeffs = ctx.saved_tensors
+        if ctx.backend == "reference" or _routing.differentiable_backward(grad_y):
+            gx, gc = _reference_vjp(grad_y, x, coeffs, ctx.dim)
+        else:
+            gx, gc = _backward_impl(grad_y, x, coeffs, ctx.dim, ctx.backend)
+        if ctx.needs_input_grad[1]:
+            # The replaced entries are constants for a second derivative (create_graph=True).
+            with torch.no_grad():
+                fixed = deu_gravitation_grad(grad_y, x, coeffs, ctx.dim, gc.detach())
+            gc = gc + (fixed - gc.detach())
+        return gx, gc, None, None
+
+
 def _validate(x: Tensor, coeffs: Tensor, dim: int) -> int:
     if not isinstance(x, Tensor):
         raise TypeError(f"kfuse.deu: x must be a torch.Tensor; got {type(x).__name__}")
@@ -286,7 +316,8 @@ def backend_reasons(x: Tensor) -> dict[str, list[str]]:
     }
 
 
-def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tensor:
+def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto",
+        degenerate_grad: str = "exact") -> Tensor:
     """Per-neuron DEU activation (Torkamani et al., AAAI 2020), differentiable in x and coeffs.
 
     Neuron ``n`` (index along ``dim``) computes ``y = f(x; a, b, c, c1, c2)`` with its own row
@@ -301,6 +332,14 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
         backend: ``"auto"`` (fastest available), ``"triton"``, ``"cuda"``, ``"cpu"`` or
             ``"reference"``. An explicit backend that cannot run raises
             :class:`kfuse.BackendUnavailableError` naming the reasons.
+        degenerate_grad: ``"exact"`` (default): the exact derivatives of the function.
+            ``"gravitation"``: the official DEU code's gradient for near-zero a, b, c (see
+            :func:`kfuse.reference.deu.deu_gravitation_grad`), so that a coefficient that enters
+            the zero band ``|p| < 0.01`` can leave it; ``y``, ``grad_x`` and the other gradients
+            are unchanged. Every backend runs it (the replaced entries are computed in PyTorch,
+            float64, on the degenerate neurons only, after one host sync per backward), in eager
+            mode: under ``torch.compile``/``torch.jit.trace``, ``torch.func`` transforms,
+            forward-mode AD, dispatch modes and tensor subclasses it raises ``ValueError``.
     Returns:
         ``y``, same shape and dtype as ``x``, computed in float32 (float64 for float64 input).
         The kernel backends lay ``y`` and ``grad_x`` out like ``x`` when ``x`` is dense in some
@@ -325,8 +364,10 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     (``torch.autograd.forward_ad``) run the reference in eager mode.
     """
     if torch.overrides.has_torch_function((x, coeffs)):  # torch.fx.symbolic_trace's Proxy, ...
-        return torch.overrides.handle_torch_function(deu, (x, coeffs), x, coeffs, dim, backend)
+        return torch.overrides.handle_torch_function(deu, (x, coeffs), x, coeffs, dim, backend, degenerate_grad)
     dim = _validate(x, coeffs, dim)
+    if degenerate_grad not in DEGENERATE_GRADS:
+        raise ValueError(f"kfuse.deu: degenerate_grad must be one of {list(DEGENERATE_GRADS)}; got {degenerate_grad!r}")
     x, coeffs = x.resolve_neg(), coeffs.resolve_neg()  # the kernels read memory: no lazy negation
     order = _ORDER.get(x.device.type, ("reference",))
     chosen = _backends.select_for("deu", backend, x.device, x.dtype, lambda: backend_reasons(x), order)
@@ -334,6 +375,14 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto") -> Tens
     # x as it is (it lays it out itself: Dynamo cannot sort symbolic strides, as _order does, so a
     # dynamic channels-last x failed to compile).
     path = _routing.route(chosen, (x, coeffs))
+    if degenerate_grad == "gravitation" and _routing.needs_grad((x, coeffs)):
+        if (path == _routing.REGISTERED or _routing.tracing() or _routing.functorch_wrapped((x, coeffs))
+                or _routing.has_tangent((x, coeffs))):
+            raise ValueError(
+                "kfuse.deu: degenerate_grad='gravitation' runs in eager mode only (plain tensors, "
+                "no torch.compile/jit tracing, torch.func transform, forward-mode AD or dispatch mode); "
+                "use degenerate_grad='exact' there")
+        return _GravitationDeu.apply(x if chosen == "reference" else _in_order(x, _order(x)), coeffs, dim, chosen)
     if path == _routing.REFERENCE:
         return deu_reference(x, coeffs, dim)
     if path == _routing.EAGER:

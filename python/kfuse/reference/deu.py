@@ -213,3 +213,88 @@ def deu_init_coeffs(num_features: int, generator: torch.Generator | None = None)
     coeffs = torch.zeros(num_features, 5)
     coeffs[:, :3] = torch.rand(num_features, 3, generator=generator)
     return coeffs
+
+
+#: Ridge of the gravitation gradient's 2×2 least-squares fit of ``(c̃1, c̃2)`` (official code).
+GRAVITATION_RIDGE = 1e-9
+#: Step of the forward finite difference giving the neighbour's basis slopes (official code).
+GRAVITATION_DT = 1e-3
+
+
+def deu_gravitation_grad(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, grad_coeffs: Tensor) -> Tensor:
+    """``grad_coeffs`` with the official code's "gravitation" gradient for near-zero a, b, c.
+
+    With the exact gradient a parameter inside the zero band (``|p| < EPS``) gets gradient 0
+    wherever the degenerate closed form does not depend on it (``a`` and ``c`` of a ramp, ``b``
+    and ``c`` of a parabola), so it can never leave the band. The official training code
+    (``get_adjusted_derivative`` / ``adjust_initial_cond`` of Torkamani et al.) replaces those
+    gradients, per neuron with any of ``|a|, |b|, |c| < EPS``, by the gradients of the nearest
+    non-degenerate neuron fitted to the current one:
+
+    1. ``m`` = the mean of the neuron's t over every element of x (the batch);
+    2. each near-zero parameter moves to ``θ' = EPS·sign(θ)`` (an exact 0 goes to ``+EPS``: the
+       official code first draws ``θ = rand·EPS·0.07 ≥ 0``, whose only effect is that sign);
+    3. ``(c̃1, c̃2)`` minimise ``‖A c̃ − r‖² + GRAVITATION_RIDGE·‖c̃‖²`` where the rows of A are the
+       neighbour's homogeneous basis ``(∂y/∂c1, ∂y/∂c2)`` at ``m`` and their t-slopes (forward
+       difference, step ``GRAVITATION_DT``), both clamped to ``±OUT_CLAMP``, and
+       ``r = (y(m) − y'(m))`` of the current neuron minus those of the neighbour with
+       ``c1 = c2 = 0``, so the neighbour matches the neuron's value and slope at ``m``;
+    4. the near-zero parameters' gradients become the neighbour's ``Σ grad_y·∂y/∂θ`` at
+       ``(θ', c̃1, c̃2)``, on every element.
+
+    Slopes ``y'`` are the exact ``∂y/∂t`` of this module (``dH/dt = 0``; the official code used a
+    ``sigmoid(100 t)`` delta there, which differs only for batch means within ~0.05 of 0). The
+    neighbour's basis comes from autograd, so it is 0 where the neighbour's output is clamped
+    (the official code clamps each basis function instead: they differ only past ``|y| = 1000``).
+    Every other entry of ``grad_coeffs`` (c1, c2, the parameters outside the band, all neurons
+    with none inside) is returned unchanged. Computed in float64 on the degenerate neurons only.
+
+    Args:
+        grad_y: like ``x``, the gradient of the loss with respect to ``y = deu(x, coeffs, dim)``.
+        x: the op's input, any shape; the neuron axis is ``dim``.
+        coeffs: ``[N, 5]``, ``N = x.shape[dim]``.
+        dim: the neuron axis (non-negative).
+        grad_coeffs: ``[N, 5]``, the exact gradient (any backend's); not modified.
+    Returns:
+        ``[N, 5]`` in ``grad_coeffs``' dtype.
+    """
+    za, zb, zc, _ = _case_masks(coeffs[:, 0], coeffs[:, 1], coeffs[:, 2])
+    zero = torch.stack([za, zb, zc], 1)  # [N, 3]
+    finite = torch.isfinite(coeffs[:, :3]).all(1)
+    degenerate = zero.any(1) & finite
+    if x.numel() == 0 or not bool(degenerate.any()):
+        return grad_coeffs
+    idx = degenerate.nonzero().squeeze(1)
+    f64 = torch.float64
+    cur = coeffs.detach().to(f64)[idx]  # [n, 5]
+    xs = x.detach().to(f64).index_select(dim, idx).movedim(dim, -1).reshape(-1, len(idx))  # [rows, n]
+    gys = grad_y.detach().to(f64).index_select(dim, idx).movedim(dim, -1).reshape(-1, len(idx))
+    m = xs.mean(0)  # [n]
+    abc = cur[:, :3]
+    near = torch.where(abc == 0, EPS, EPS * torch.sign(abc))
+    nb = torch.cat([torch.where(zero[idx], near, abc), torch.zeros_like(cur[:, 3:])], 1)  # (θ', 0, 0)
+    # One reference call for everything the fit needs, one "neuron" column per (neuron, point):
+    # the current neuron at m, and the neighbour (c1 = c2 = 0) at m and at m + dt.
+    t = torch.cat([m, m, m + GRAVITATION_DT]).unsqueeze(0).requires_grad_()
+    cc = torch.cat([cur, nb, nb]).requires_grad_()
+    with torch.enable_grad():
+        y = deu_reference(t, cc, -1)
+        gt, gc = torch.autograd.grad(y.sum(), (t, cc))
+    n = len(idx)
+    y, gt = y.detach()[0], gt[0]
+    basis = gc[n:2 * n, 3:].clamp(-OUT_CLAMP, OUT_CLAMP)  # [n, 2]: (∂y/∂c1, ∂y/∂c2) at m
+    basis_dt = gc[2 * n:, 3:].clamp(-OUT_CLAMP, OUT_CLAMP)
+    slope = ((basis_dt - basis) / GRAVITATION_DT).clamp(-OUT_CLAMP, OUT_CLAMP)
+    a_mat = torch.stack([basis, slope], 1)  # [n, 2 (value, slope), 2 (c1, c2)]
+    rhs = torch.stack([y[:n] - y[n:2 * n], gt[:n] - gt[n:2 * n]], 1).unsqueeze(2)  # [n, 2, 1]
+    at = a_mat.transpose(1, 2)
+    ridge = GRAVITATION_RIDGE * torch.eye(2, dtype=f64, device=x.device)
+    c_tilde = torch.linalg.solve(at @ a_mat + ridge, at @ rhs).squeeze(2)  # [n, 2]
+    fitted = torch.cat([nb[:, :3], c_tilde], 1).requires_grad_()
+    with torch.enable_grad():
+        (g_nb,) = torch.autograd.grad(deu_reference(xs, fitted, -1), fitted, gys)
+    out = grad_coeffs.clone()
+    rows = out[idx]
+    rows[:, :3] = torch.where(zero[idx], g_nb[:, :3].to(out.dtype), rows[:, :3])
+    out[idx] = rows
+    return out
