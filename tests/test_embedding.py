@@ -573,6 +573,17 @@ def test_cpu_kernels_empty_input_and_an_unused_table(seed):
     assert [tuple(g.shape) for _, g in sparse] == [(0, 7), (0, 33), (0, 1)]
 
 
+def test_cpu_forward_converts_every_half_exactly():
+    """The CPU forward converts fp16 rows with integer ops (embedding_cpu.cpp's load_row): every one of
+    the 65536 halves (zeros, subnormals, inf, nan) in a one-row bag is 0 + float(x) rounded back."""
+    w = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(4096, 16)
+    idx = torch.arange(4096)
+    out = _C.embedding_forward([w], idx, torch.arange(4097), [0], [-1], 0, None)
+    expect = (torch.zeros(4096, 16) + w.float()).half()
+    assert torch.equal(out.isnan(), expect.isnan())
+    assert torch.equal(out.nan_to_num(0.0).view(torch.int16), expect.nan_to_num(0.0).view(torch.int16))
+
+
 def lane_sum16(x):
     """Row sums of x [U, D] in the kernel's order: lane d mod 16 partials, then pairwise halving."""
     p = torch.zeros(x.shape[0], 16, dtype=x.dtype)
