@@ -182,6 +182,11 @@ class KVHostState {
     kfuse::kv::rollback(st_, ptr(ids, "ids"), ptr(new_lens, "new_lens"), ids.numel(), check_lens);
     return writes();
   }
+  py::object fork(int64_t src, int64_t child, int64_t length) {
+    log_.clear();
+    kfuse::kv::fork(st_, src, child, length);
+    return writes();
+  }
   // (tok_page, tok_slot, cow_src, cow_dst, popped, writes): int64 tensors, writes as rollback's.
   py::tuple plan_step(const at::Tensor& ids, const at::Tensor& counts) {
     TORCH_CHECK(ids.numel() == counts.numel(), "kfuse: ids and counts differ in length");
@@ -495,6 +500,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("free_stack"), py::arg("free_top"), py::arg("page_size"), py::arg("flat") = py::none())
       .def("check_ids", &KVHostState::check_ids, py::arg("ids"), py::arg("what"))
       .def("rollback", &KVHostState::rollback, py::arg("ids"), py::arg("new_lens"), py::arg("check_lens"))
+      .def("fork", &KVHostState::fork, py::arg("src"), py::arg("child"), py::arg("length"))
       .def("plan_step", &KVHostState::plan_step, py::arg("ids"), py::arg("counts"));
   m.attr("kv_decode_chunk") = kfuse::kv::kDecodeChunk;
   m.def("kv_decode_attention", &kv_decode_attention,

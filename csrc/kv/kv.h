@@ -54,6 +54,11 @@ void check_ids(const HostState& st, const int64_t* ids, int64_t n, const char* w
 // lengths with pages of the open step past them). O(n + dropped pages).
 void rollback(const HostState& st, const int64_t* ids, const int64_t* new_lens, int64_t n, bool check_lens);
 
+// Fork: child (active, with no pages) gets src's first ceil(length / page_size) pages, whose
+// refcounts rise by one, and length `length` (0 <= length <= lens[src], else std::invalid_argument
+// before any change). O(pages shared).
+void fork(const HostState& st, int64_t src, int64_t child, int64_t length);
+
 // Opens a step: allocates the pages that counts[i] new tokens of ids[i] need (popping the free
 // stack; a shared, partially filled last page is replaced by a fresh one: copy-on-write) and
 // says where each token goes. lens are not changed (advance does that). O(n + new tokens).

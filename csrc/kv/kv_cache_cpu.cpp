@@ -100,6 +100,25 @@ void rollback(const HostState& st, const int64_t* ids, const int64_t* new_lens, 
   }
 }
 
+void fork(const HostState& st, int64_t src, int64_t child, int64_t length) {
+  const int64_t ids[2] = {src, child};
+  check_ids(st, ids, 2, "fork");
+  if (length < 0 || length > st.lens[src])
+    value_error("length: " + std::to_string(length) + " is outside [0, length of sequence " + std::to_string(src) +
+                " = " + std::to_string(st.lens[src]) + "]");
+  if (st.npages[child] != 0 || st.lens[child] != 0)
+    value_error("fork: sequence " + std::to_string(child) + " must be empty to become a child");
+  const int64_t P = st.max_pages, keep = ceil_div(length, st.page_size);
+  const int32_t* srow = st.table + src * P;
+  int32_t* crow = st.table + child * P;
+  for (int64_t j = 0; j < keep; ++j) {  // the pages of one row are distinct
+    put(st, &crow[j], srow[j]);
+    put(st, &st.ref[srow[j]], st.ref[srow[j]] + 1);
+  }
+  st.npages[child] = static_cast<int32_t>(keep);  // host-only
+  put(st, &st.lens[child], static_cast<int32_t>(length));
+}
+
 StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* counts, int64_t n) {
   check_ids(st, ids, n, "seq_ids");
   const int64_t ps = st.page_size, P = st.max_pages, cap = P * ps;

@@ -91,10 +91,6 @@ def _as_int_list(x, what: str) -> list[int]:
     return _index_tensor(x, what).tolist()
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 class PagedKVCache:
     """A paged KV cache whose sequences roll back, fork and are freed independently.
 
@@ -461,18 +457,6 @@ class PagedKVCache:
             raise ValueError(f"length: {length!r} is outside [0, length of sequence {s} = {n}]")
         self._no_step("fork")
         child = self.add_sequence()  # raises when every slot is in use
-        keep = _ceil_div(length, self.page_size)
-        shared = self._h_table[s, :keep]
-        self._h_table[child, :keep] = shared
-        self._h_ref.index_add_(0, shared.long(), torch.ones(keep, dtype=torch.int32))  # distinct within a row
-        self._n_npages[child] = keep
-        self._n_lens[child] = length
-        if self._mirrored:
-            row = self.block_table[s]
-            col = torch.arange(self.max_pages_per_seq, device=self.device)
-            self.block_table[child] = torch.where(col < keep, row, -1)
-            if keep:
-                self.page_refcount.scatter_add_(0, row[:keep].long(), torch.ones(keep, dtype=torch.int32,
-                                                                                device=self.device))
-            self.seq_lens[child] = length
+        # C++ (table row, refcounts, length; logged for the device copy): 38 us in Python before.
+        self._replay(self._host.fork(s, child, length))
         return child
