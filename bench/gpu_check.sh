@@ -199,7 +199,7 @@ step report "$OUT/report.log" "$budget" python3 -m kfuse --device cuda --ops "$O
 LORA_TESTS=(tests/test_lora.py)
 OWN_TESTS=("${LORA_TESTS[@]}")
 ((KV)) && OWN_TESTS+=(tests/test_kv.py)
-((EMB)) && OWN_TESTS+=(tests/test_embedding.py)
+((EMB)) && OWN_TESTS+=(tests/test_embedding.py tests/test_medical_codes.py)
 ((BT)) && OWN_TESTS+=(tests/test_llama.py tests/test_backtrack.py)
 ((DEU)) && step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda \
     "${OWN_TESTS[@]/#/--ignore=}" ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
@@ -207,7 +207,7 @@ OWN_TESTS=("${LORA_TESTS[@]}")
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 ((KV)) && step tests-kv "$OUT/tests.log" 150 python3 -m pytest tests/test_kv.py -q -rfE -m cuda \
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
-((EMB)) && step tests-emb "$OUT/tests.log" 150 python3 -m pytest tests/test_embedding.py -q -rfE -m cuda \
+((EMB)) && step tests-emb "$OUT/tests.log" 150 python3 -m pytest tests/test_embedding.py tests/test_medical_codes.py -q -rfE -m cuda \
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 ((BT)) && step tests-bt "$OUT/tests.log" 120 python3 -m pytest tests/test_llama.py tests/test_backtrack.py -q -rfE \
     -m cuda --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}

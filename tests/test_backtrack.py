@@ -383,3 +383,33 @@ def test_sampler_draws_from_the_restricted_softmax():
         assert (freq[want == 0] == 0).all(), freq
         assert (freq - want).abs().max() < 0.015, (freq, want)  # ~4.5 binomial sd at n = 20000
     assert _sample(logits.expand(2, -1), [set(), {5}], 0.0, None, 1.0, [g, g]) == [5, 0]
+
+
+@pytest.mark.cuda
+def test_generate_on_cuda():
+    """generate() with a CUDA model (Triton attention; the cache's device metadata replaying the host's
+    writes): plain greedy equals a greedy loop on the same device (same call shapes, same bits),
+    backtracking leaves no flagged window and keeps the invariants, and afterwards the cache's device
+    metadata equals its host state."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_hf(transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).cuda().eval())
+    plain = generate(model, PROMPTS, max_new_tokens=N, mode="plain")
+    cache = model.new_cache(page_size=4, num_pages=32, max_seqs=3)
+    ids = [cache.add_sequence() for _ in PROMPTS]
+    last = [x[-1] for x in model([torch.tensor(p) for p in PROMPTS], ids, cache)]
+    expected = [[] for _ in PROMPTS]
+    for step in range(N):
+        nxt = [int(x.argmax()) for x in last]
+        for e, t in zip(expected, nxt, strict=True):
+            e.append(t)
+        if step < N - 1:
+            last = [x[-1] for x in model([torch.tensor([t]) for t in nxt], ids, cache)]
+    assert plain.tokens == expected
+    check = WordListCheck([[t] for t in range(0, VOCAB, 9)])
+    cache = model.new_cache(page_size=4, num_pages=64, max_seqs=3)
+    res = generate(model, PROMPTS, max_new_tokens=N, check=check, check_every=4, temperature=1.0, seed=5,
+                   cache=cache)
+    assert_invariants(res)
+    assert res.totals["backtracks"] > 0
+    assert not any(any(check([t[j:j + 8] for j in range(len(t))])) for t in res.tokens if t)
+    assert torch.equal(cache._flat.cpu(), cache._h_flat)
