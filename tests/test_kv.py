@@ -351,6 +351,26 @@ def test_decode_attention_matches_sdpa(group, seed):
             assert_close(out[b:b + 1], sdpa(q[b:b + 1], k, v), torch.float32, f"len {LENS[b]}")
 
 
+@pytest.mark.parametrize("mirror", [False, True], ids=["cpu-state", "device-copy"])
+def test_attention_in_an_open_step_per_layer_and_subset(mirror, seed):
+    """Inside a step, the layers that have appended share one device copy of ids and lengths (ops/kv.py
+    _validate); a call for other ids, or at a layer that has not appended yet, gets its own, right lengths."""
+    cache = make(num_pages=24, _mirror=mirror)
+    ids = [cache.add_sequence() for _ in range(3)]
+    step(cache, None, ids, [5, 2, 9])
+    k = torch.randn(3, HKV, D)
+    cache.append(0, ids, k, torch.randn(3, HKV, D))  # layer 0 appended (lengths +1), layer 1 not yet
+    q = torch.randn(3, HKV * 2, D)
+    for layer, sel in [(0, ids), (0, ids), (0, ids[:1]), (1, ids), (0, ids[::-1]), (0, ids)]:
+        got = kfuse.paged_decode_attention(q[:len(sel)], cache, layer, sel, backend="cpu")
+        want = paged_decode_attention_reference(q[:len(sel)], cache, layer, sel)
+        assert_close(got, want, torch.float32, f"layer {layer}, ids {sel}")
+        assert cache.kv_len(layer, sel[0]) == cache.length(sel[0]) + (layer == 0)
+    cache.append(1, ids, k, torch.randn(3, HKV, D))
+    cache.advance(ids)
+    assert [cache.length(s) for s in ids] == [6, 3, 10]
+
+
 @pytest.mark.parametrize("group", [1, 4])
 def test_prefill_attention_matches_sdpa(group, seed):
     cache = make(num_pages=20)
