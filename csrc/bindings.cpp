@@ -175,12 +175,15 @@ class KVHostState {
   void check_ids(const at::Tensor& ids, const std::string& what) const {
     kfuse::kv::check_ids(st_, ptr(ids, "ids"), ids.numel(), what.c_str());
   }
-  // Returns the writes (int64 [2, m]: offsets into flat, then their values), or None without flat.
-  py::object rollback(const at::Tensor& ids, const at::Tensor& new_lens, bool check_lens) {
+  // Returns the writes (int64 [2, m]: offsets into flat, then their values), or None without flat or
+  // with log=false (graphed_rollback: its captured device half recomputes the state instead).
+  py::object rollback(const at::Tensor& ids, const at::Tensor& new_lens, bool check_lens, bool log) {
     TORCH_CHECK(ids.numel() == new_lens.numel(), "kfuse: ids and new_lens differ in length");
     log_.clear();
-    kfuse::kv::rollback(st_, ptr(ids, "ids"), ptr(new_lens, "new_lens"), ids.numel(), check_lens);
-    return writes();
+    kfuse::kv::HostState st = st_;
+    if (!log) st.written = nullptr;
+    kfuse::kv::rollback(st, ptr(ids, "ids"), ptr(new_lens, "new_lens"), ids.numel(), check_lens);
+    return log ? writes() : py::none();
   }
   py::object fork(int64_t src, int64_t child, int64_t length) {
     log_.clear();
@@ -499,7 +502,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("table"), py::arg("lens"), py::arg("npages"), py::arg("active"), py::arg("ref"),
            py::arg("free_stack"), py::arg("free_top"), py::arg("page_size"), py::arg("flat") = py::none())
       .def("check_ids", &KVHostState::check_ids, py::arg("ids"), py::arg("what"))
-      .def("rollback", &KVHostState::rollback, py::arg("ids"), py::arg("new_lens"), py::arg("check_lens"))
+      .def("rollback", &KVHostState::rollback, py::arg("ids"), py::arg("new_lens"), py::arg("check_lens"),
+           py::arg("log") = true)
       .def("fork", &KVHostState::fork, py::arg("src"), py::arg("child"), py::arg("length"))
       .def("plan_step", &KVHostState::plan_step, py::arg("ids"), py::arg("counts"));
   m.attr("kv_decode_chunk") = kfuse::kv::kDecodeChunk;

@@ -70,17 +70,24 @@ def contains(tokens: list[int], word: list[int]) -> bool:
     return WordListCheck([word])([tokens])[0]
 
 
-def test_plain_equals_a_greedy_loop_and_sampling_is_reproducible(model, plain):
+def greedy_loop(model: LlamaForCausalLM) -> list[list[int]]:
+    """N greedy tokens per prompt of PROMPTS by a plain loop over the model: the prompts in one call, then
+    one token per sequence per call (generate()'s call shapes)."""
     cache = model.new_cache(page_size=4, num_pages=32, max_seqs=3)
     ids = [cache.add_sequence() for _ in PROMPTS]
     last = [x[-1] for x in model([torch.tensor(p) for p in PROMPTS], ids, cache)]
-    expected = [[] for _ in PROMPTS]
+    out: list[list[int]] = [[] for _ in PROMPTS]
     for step in range(N):
         nxt = [int(x.argmax()) for x in last]
-        for e, t in zip(expected, nxt, strict=True):
+        for e, t in zip(out, nxt, strict=True):
             e.append(t)
         if step < N - 1:
             last = [x[-1] for x in model([torch.tensor([t]) for t in nxt], ids, cache)]
+    return out
+
+
+def test_plain_equals_a_greedy_loop_and_sampling_is_reproducible(model, plain):
+    expected = greedy_loop(model)
     assert plain.tokens == expected
     assert_invariants(plain, "plain")
     assert [s.finish_reason for s in plain.stats] == ["length"] * 3
@@ -394,16 +401,7 @@ def test_generate_on_cuda():
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_hf(transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).cuda().eval())
     plain = generate(model, PROMPTS, max_new_tokens=N, mode="plain")
-    cache = model.new_cache(page_size=4, num_pages=32, max_seqs=3)
-    ids = [cache.add_sequence() for _ in PROMPTS]
-    last = [x[-1] for x in model([torch.tensor(p) for p in PROMPTS], ids, cache)]
-    expected = [[] for _ in PROMPTS]
-    for step in range(N):
-        nxt = [int(x.argmax()) for x in last]
-        for e, t in zip(expected, nxt, strict=True):
-            e.append(t)
-        if step < N - 1:
-            last = [x[-1] for x in model([torch.tensor([t]) for t in nxt], ids, cache)]
+    expected = greedy_loop(model)
     assert plain.tokens == expected
     check = WordListCheck([[t] for t in range(0, VOCAB, 9)])
     cache = model.new_cache(page_size=4, num_pages=64, max_seqs=3)

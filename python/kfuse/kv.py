@@ -416,7 +416,7 @@ class PagedKVCache:
                 raise ValueError(f"seq_ids and new_lens: this graphed rollback takes exactly {n} sequences; got "
                                  f"{h_ids.numel()} and {h_lens.numel()}")
             self._no_step("rollback")
-            self._host.rollback(h_ids, h_lens, True)  # checks everything before changing anything
+            self._host.rollback(h_ids, h_lens, True, log=False)  # checks everything before changing anything
             ids.copy_(h_ids.pin_memory(), non_blocking=True)
             lens.copy_(h_lens.to(torch.int32).pin_memory(), non_blocking=True)
             graph.replay()

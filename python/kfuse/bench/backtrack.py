@@ -192,24 +192,14 @@ class _Generation:
         return WordListCheck([[t] for t in self.inp.banned])
 
     def __call__(self) -> list[list[int]]:
-        from kfuse.backtrack import generate  # noqa: PLC0415
-        from kfuse.demos.backtrack import DynamicCacheModel  # noqa: PLC0415
+        from kfuse.demos.backtrack import flagged_windows, run_method  # noqa: PLC0415
 
         check = self._check()
-        kw = dict(max_new_tokens=self.case.shape[1], check=check, check_every=CHECK_EVERY, temperature=1.0,
-                  top_k=50, seed=0, max_backtracks=4, max_resets=2)
-        if self.method == "dynamic-cache":
-            model = DynamicCacheModel(self.inp.hf)
-            res = generate(model, self.inp.prompts, mode="backtrack", **kw)
-            computed = model.last_cache.positions_computed
-        else:
-            mode = {"kfuse": "backtrack", "plain": "plain", "reset": "reset"}[self.method]
-            res = generate(self.inp.model, self.inp.prompts, mode=mode, **kw)
-            computed = res.totals["tokens_computed"]
+        res, computed = run_method(self.method, self.inp.model, self.inp.hf, self.inp.prompts,
+                                   max_new_tokens=self.case.shape[1], check=check, check_every=CHECK_EVERY,
+                                   temperature=1.0, top_k=50, seed=0, max_backtracks=4, max_resets=2)
         self.computed_per_kept = computed / max(res.totals["tokens_kept"], 1)
-        self.flagged = sum(sum(check([t[max(0, e - 2 * CHECK_EVERY):e]
-                                      for e in range(CHECK_EVERY, len(t) + CHECK_EVERY, CHECK_EVERY)]))
-                           for t in res.tokens if t)
+        self.flagged = sum(flagged_windows(res.tokens, check, CHECK_EVERY))
         return res.tokens
 
     def extra(self, ms: float) -> dict[str, float]:

@@ -44,8 +44,8 @@ from torch import Tensor
 from kfuse.backtrack import GenerationResult, ProfanityCheck, generate
 from kfuse.models import LlamaForCausalLM
 
-__all__ = ["DynamicCacheModel", "WordTokenizer", "build_corpus", "compare", "injected_words", "main",
-           "train_model"]
+__all__ = ["METHODS", "DynamicCacheModel", "WordTokenizer", "build_corpus", "compare", "flagged_windows",
+           "injected_words", "main", "run_method", "train_model"]
 
 # Mild profanity taken from better-profanity's word list (checked present in it, and flagged by the
 # classifier alone: injected_words()); slurs are left out on purpose.
@@ -281,20 +281,40 @@ class MethodResult:
     wall_s: float
 
 
-def _violations(result: GenerationResult, tok: WordTokenizer, check: ProfanityCheck, every: int) -> tuple[int, int]:
-    """Flagged windows (the generator's windows: ``2 · every`` tokens at strides of ``every``) over each
-    final output, and the sequences with at least one."""
-    per_seq = []
-    for toks in result.tokens:
-        wins = [toks[max(0, e - 2 * every):e] for e in range(every, len(toks) + every, every)] if toks else []
-        per_seq.append(sum(check([tok.decode(w) for w in wins])) if wins else 0)
-    return sum(per_seq), sum(v > 0 for v in per_seq)
+#: The generators :func:`compare` runs, in table order.
+METHODS = ("plain", "reset", "kfuse", "dynamic-cache", "kfuse-offending")
+
+
+def run_method(method: str, model: LlamaForCausalLM, hf_model: Any, prompts: Sequence[Any],
+               **kw: Any) -> tuple[GenerationResult, int]:
+    """:func:`kfuse.backtrack.generate` as ``method`` (one of :data:`METHODS`; ``kw``: its other arguments)
+    with ``model`` (kfuse's, over ``hf_model``) or, for ``dynamic-cache``, :class:`DynamicCacheModel` over
+    ``hf_model``. Returns the result and the tokens computed (dynamic-cache: every position of its padded
+    rectangle)."""
+    if method == "dynamic-cache":
+        dmodel = DynamicCacheModel(hf_model)
+        res = generate(dmodel, prompts, mode="backtrack", **kw)
+        assert dmodel.last_cache is not None
+        return res, dmodel.last_cache.positions_computed
+    mode = {"plain": "plain", "reset": "reset", "kfuse": "backtrack", "kfuse-offending": "backtrack"}[method]
+    res = generate(model, prompts, mode=mode, ban="offending" if method == "kfuse-offending" else "first", **kw)
+    return res, res.totals["tokens_computed"]
+
+
+def flagged_windows(tokens: list[list[int]], check: Any, every: int, tokenizer: Any = None) -> list[int]:
+    """Per sequence, how many of the generator's windows (``2 · every`` tokens at strides of ``every``)
+    over its final ``tokens`` the ``check`` flags (windows decoded with ``tokenizer`` when given)."""
+    out = []
+    for toks in tokens:
+        wins = [toks[max(0, e - 2 * every):e] for e in range(every, len(toks) + every, every)]
+        arg = [tokenizer.decode(w) for w in wins] if tokenizer is not None else wins
+        out.append(sum(map(bool, check(arg))) if wins else 0)
+    return out
 
 
 def compare(hf_model: Any, tok: WordTokenizer, prompts: list[list[int]], *, max_new_tokens: int = 64,
             check_every: int = 8, threshold: float = 0.5, temperature: float = 1.0, top_k: int | None = 50,
-            seed: int = 0, methods: Sequence[str] = ("plain", "reset", "kfuse", "dynamic-cache", "kfuse-offending")
-            ) -> list[MethodResult]:
+            seed: int = 0, methods: Sequence[str] = METHODS) -> list[MethodResult]:
     """Run ``methods`` on the same prompts, seeds and check; returns one :class:`MethodResult` each."""
     check = ProfanityCheck(threshold)
     kmodel = LlamaForCausalLM.from_hf(hf_model)
@@ -302,20 +322,12 @@ def compare(hf_model: Any, tok: WordTokenizer, prompts: list[list[int]], *, max_
                   top_k=top_k, seed=seed, tokenizer=tok, max_backtracks=4, max_resets=2)
     out = []
     for method in methods:
-        if method == "dynamic-cache":
-            dmodel = DynamicCacheModel(hf_model)
-            res = generate(dmodel, prompts, mode="backtrack", **common)  # type: ignore[arg-type]
-            assert dmodel.last_cache is not None
-            computed = dmodel.last_cache.positions_computed
-        else:
-            mode = {"plain": "plain", "reset": "reset", "kfuse": "backtrack", "kfuse-offending": "backtrack"}[method]
-            ban = "offending" if method == "kfuse-offending" else "first"
-            res = generate(kmodel, prompts, mode=mode, ban=ban, **common)  # type: ignore[arg-type]
-            computed = res.totals["tokens_computed"]
-        v, vs = _violations(res, tok, check, check_every)
+        res, computed = run_method(method, kmodel, hf_model, prompts, **common)
+        per_seq = flagged_windows(res.tokens, check, check_every, tok)
         kept = res.totals["tokens_kept"]
-        out.append(MethodResult(method, v, vs, kept, computed, computed / max(kept, 1), res.forward_passes,
-                                res.totals["backtracks"], res.totals["resets"], res.wall_time))
+        out.append(MethodResult(method, sum(per_seq), sum(v > 0 for v in per_seq), kept, computed,
+                                computed / max(kept, 1), res.forward_passes, res.totals["backtracks"],
+                                res.totals["resets"], res.wall_time))
     return out
 
 
