@@ -6,6 +6,7 @@ Triton kernels directly (bit-level checks of the fused optimizers, bad input, th
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import socket
 import subprocess
@@ -574,14 +575,58 @@ def test_cpu_kernels_empty_input_and_an_unused_table(seed):
 
 
 def test_cpu_forward_converts_every_half_exactly():
-    """The CPU forward converts fp16 rows with integer ops (embedding_cpu.cpp's load_row): every one of
-    the 65536 halves (zeros, subnormals, inf, nan) in a one-row bag is 0 + float(x) rounded back."""
+    """The CPU kernels convert fp16 with integer ops (csrc/cpu_convert.h): every one of the 65536
+    halves (zeros, subnormals, inf, nan) in a one-row bag is 0 + float(x) rounded back."""
     w = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(4096, 16)
     idx = torch.arange(4096)
     out = _C.embedding_forward([w], idx, torch.arange(4097), [0], [-1], 0, None)
     expect = (torch.zeros(4096, 16) + w.float()).half()
     assert torch.equal(out.isnan(), expect.isnan())
     assert torch.equal(out.nan_to_num(0.0).view(torch.int16), expect.nan_to_num(0.0).view(torch.int16))
+
+
+def edge_floats(n: int) -> torch.Tensor:
+    """n float32s from uniformly random bits (every exponent equally often: subnormals, inf, nan,
+    magnitudes past fp16's and bf16's largest) and the values where rounding to fp16 / bf16 changes
+    regime: zeros, fp16's subnormal and normal bounds, ties, its largest (65504), the first value that
+    rounds to inf (65520) and bf16's largest."""
+    bits = torch.randint(-2**31, 2**31, (n,), dtype=torch.int64).to(torch.int32)
+    special = torch.tensor([0.0, -0.0, 2**-24, 2**-25, 3 * 2**-26, 2**-14, 2**-14 * (1 - 2**-11), 1 + 2**-11,
+                            65504.0, 65519.99, 65520.0, 65536.0, 3.3895314e38, 3.4028235e38, 1e-45,
+                            float("inf"), float("nan")])
+    return torch.cat([bits.view(torch.float32), special, -special])
+
+
+def test_cpu_forward_rounds_floats_to_half_exactly(seed):
+    """The fp16 output conversion (csrc/cpu_convert.h, integer ops) rounds every kind of float as
+    torch does: per_sample_weights x a row of ones, one index per bag."""
+    t = edge_floats(20000)
+    w = torch.ones(1, 16, dtype=torch.float16)
+    out = _C.embedding_forward([w], torch.zeros(t.numel(), dtype=torch.int64), torch.arange(t.numel() + 1), [0],
+                               [-1], 0, t)
+    expect = (torch.zeros(t.numel(), 16) + t[:, None] * 1.0).half()
+    assert torch.equal(out.isnan(), expect.isnan())
+    assert torch.equal(out.nan_to_num(0.0).view(torch.int16), expect.nan_to_num(0.0).view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_stochastic_rounding_bits_at_every_magnitude(seed, dtype):
+    """The fused update's stochastic rounding (branch-free in embedding_cpu.cpp's sr_bits) equals the
+    definition (reference stochastic_round) bit for bit on edge floats: SGD with lr 1 from zero rows
+    writes y = per_sample_weight exactly, rounded with 16 random words per value."""
+    t = edge_floats(4000)
+    n = t.numel()
+    c = dict(weights=[torch.zeros(n, 16, dtype=dtype)], indices=torch.arange(n), offsets=torch.arange(n + 1),
+             feature_table=[0], padding_idx=[-1], pooling=0, per_sample_weights=t)
+    _C.embedding_backward_fused(torch.full((n, 16), -1.0, dtype=dtype), *args(c), "sgd", [], [],
+                                1.0, 0.0, 0.0, 0.0, 0.0, 5, 2024)
+    g = torch.zeros(n, 16) + t[:, None] * -1.0  # the kernel's float ops, one by one
+    y = torch.zeros(n, 16) - 1.0 * (g + 0.0 * torch.zeros(n, 16))
+    u = rounding_bits(2024, 5, 0, torch.arange(n)[:, None], torch.arange(16)[None, :])
+    expect = stochastic_round(y, dtype, u)
+    got = c["weights"][0]
+    assert torch.equal(got.isnan(), expect.isnan())
+    assert torch.equal(got.nan_to_num(0.0).view(torch.int16), expect.nan_to_num(0.0).view(torch.int16))
 
 
 def lane_sum16(x):
@@ -1123,18 +1168,26 @@ print("ok")
 # ---------------------------------------------------------------- the report's rows
 def test_report_rows_tiny(report_rows, monkeypatch) -> None:
     """``python -m kfuse --ops embedding`` on a tiny medical-like shape on the CPU: every candidate ran
-    and passed its check (the forward output against float64), the loop is the basis (ratio 1) and the
-    CPU targets are set (forward 1/1.5, train 1/5)."""
+    and passed its check (the forward output against float64), the loop is the basis (ratio 1), the
+    CPU targets are set for fp32 tables (forward 1/1.5, train 1/5) and not for half ones, and FBGEMM's
+    op says why it has no bf16 tables."""
     from kfuse.bench import embedding as emb_bench  # noqa: PLC0415
 
     monkeypatch.setitem(emb_bench.SHAPES, "tiny", ((300, 200, 50), 16, 6))
     cpu = torch.device("cpu")
     rows, ran, out = report_rows("embedding", emb_bench, lambda device, quick: [
-        emb_bench._case(cpu, torch.float32, m, "tiny", 24) for m in ("forward", "train")])
-    names = {(r["mode"], r["name"]) for r in ran}
-    assert names >= {("forward", "cpu"), ("forward", "loop"), ("train", "cpu"), ("train", "loop"),
-                     ("train", "loop-sparse")}
-    by = {(r["mode"], r["name"]): r for r in rows}
-    assert by["forward", "loop"]["ratio"] == 1.0 and by["train", "loop"]["ratio"] == 1.0
-    assert by["forward", "cpu"]["target"] == pytest.approx(1 / 1.5) and by["train", "cpu"]["target"] == 0.2
-    assert by["forward", "cpu"]["gbps"] > 0 and "%copy" in out
+        emb_bench._case(cpu, dt, m, "tiny", 24) for dt in (torch.float32, torch.float16, torch.bfloat16)
+        for m in ("forward", "train")])
+    names = {(r["dtype"], r["mode"], r["name"]) for r in ran}
+    for dt in ("fp32", "fp16", "bf16"):
+        assert names >= {(dt, "forward", "cpu"), (dt, "forward", "loop"), (dt, "train", "cpu"), (dt, "train", "loop"),
+                         (dt, "train", "loop-sparse")}, dt
+    by = {(r["dtype"], r["mode"], r["name"]): r for r in rows}
+    assert by["fp32", "forward", "loop"]["ratio"] == 1.0 and by["fp32", "train", "loop"]["ratio"] == 1.0
+    assert by["fp32", "forward", "cpu"]["target"] == pytest.approx(1 / 1.5)
+    assert by["fp32", "train", "cpu"]["target"] == 0.2
+    assert by["fp16", "forward", "cpu"]["target"] is None and by["bf16", "train", "cpu"]["target"] is None
+    if importlib.util.find_spec("fbgemm_gpu") is not None:
+        assert ("fp16", "train", "fbgemm") in names
+        assert "no torch.bfloat16 tables" in by["bf16", "forward", "fbgemm"]["note"]
+    assert by["fp32", "forward", "cpu"]["gbps"] > 0 and "%copy" in out

@@ -325,9 +325,11 @@ struct Tile {
   }
 };
 
-// Copies a rows x width tile between a strided tensor (row stride ld) and a dense buffer.
+// Copies a rows x width tile between a strided tensor (row stride ld) and a dense buffer. KF_CLONES:
+// the fp16 conversions (cpu_convert.h) are ~10 integer operations a lane, 16 lanes wide with AVX-512
+// against 4 in the baseline ISA.
 template <typename D, typename S>
-void copy_tile(const S* src, int64_t lds, D* dst, int64_t ldd, int64_t rows, int64_t width) {
+KF_CLONES void copy_tile(const S* src, int64_t lds, D* dst, int64_t ldd, int64_t rows, int64_t width) {
   for (int64_t m = 0; m < rows; ++m) {
     const S* s = src + m * lds;
     D* d = dst + m * ldd;
