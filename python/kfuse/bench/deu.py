@@ -67,8 +67,9 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     """CUDA: 8192×4096 (the target) in fp32, bf16 and fp16, then 32×256×56×56 NCHW in the same
     dtypes, then that shape channels-last in fp32 (the targets first, should a time budget cut
     the run short). CPU: 4096×1024 (the target) and 8×64×28×28 NCHW in fp32, contiguous and
-    channels-last. Forward and forward+backward each. ``quick``: fp32 only, a smaller NCHW on
-    CUDA and no channels-last; on CPU 1024×512 and a forward-only 4×32×16×16 (each
+    channels-last, then 4096×1024 in bf16 and fp16. Forward and forward+backward each. ``quick``:
+    fp32 only, a smaller NCHW on CUDA and no channels-last; on CPU 1024×512 and a forward-only
+    4×32×16×16 (each
     ``torch.compile`` baseline costs ~10–30 s of compiling there)."""
     both, cl = MODES, {"layout": "channels_last"}
     f32 = (torch.float32,)
@@ -81,7 +82,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         shapes = [((1024, 512), -1, both, {}, f32), ((4, 32, 16, 16), 1, ("fwd",), {}, f32)]
     else:
         nchw = (8, 64, 28, 28)
-        shapes = [((4096, 1024), -1, both, {}, f32), (nchw, 1, both, {}, f32), (nchw, 1, both, cl, f32)]
+        shapes = [((4096, 1024), -1, both, {}, f32), (nchw, 1, both, {}, f32), (nchw, 1, both, cl, f32),
+                  ((4096, 1024), -1, both, {}, (torch.bfloat16, torch.float16))]
     return [Case(NAME, shape, dtype, mode, device, {"dim": dim, **extra})
             for shape, dim, modes, extra, dtypes in shapes for dtype in dtypes for mode in modes]
 

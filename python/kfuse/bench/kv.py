@@ -87,7 +87,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     tokens (1k and 4k with ``quick``); fork at the first rollback context; append at batch 32, 4096
     tokens; decode at batch 32, 4096 tokens, uniform and ragged; prefill of 8 × 1024 tokens. CPU, fp32,
     8 / 2 heads, head dim 64: rollback of 256 sequences at 256 and 2k tokens; fork at 256; append,
-    decode (uniform, ragged) at batch 8, 512 tokens (``quick``; else 2048); prefill of 2 × 256 tokens."""
+    decode (uniform, ragged) at batch 8, 512 tokens (``quick``; else 2048); prefill of 2 × 256 tokens;
+    then uniform decode in bf16 and fp16 (no target: the issue's CPU target is fp32's)."""
     if device.type == "cuda":
         dt, hq, hkv, d, B, ctx = torch.bfloat16, 32, 8, 128, 32, 4096
         roll = (1024, 4096 if quick else 32768)
@@ -101,6 +102,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     out.append(_case(device, dt, "append", B, ctx, hq, hkv, d))
     out += [_case(device, dt, "decode", B, ctx, hq, hkv, d, ragged=r) for r in (False, True)]
     out.append(_case(device, dt, "prefill", *pre, hq, hkv, d))
+    if device.type == "cpu":
+        out += [_case(device, half, "decode", B, ctx, hq, hkv, d) for half in (torch.bfloat16, torch.float16)]
     return out
 
 
@@ -157,6 +160,8 @@ def flops(case: Case) -> int | None:
 def target(case: Case) -> float | None:
     """The kfuse rows' target ratio (time / basis): see the module docstring."""
     cuda = case.device.type == "cuda"
+    if not cuda and case.dtype != torch.float32:
+        return None
     if case.mode == "rollback":
         return 1.0
     if case.mode == "fork":
