@@ -585,6 +585,25 @@ def test_cpu_forward_converts_every_half_exactly():
     assert torch.equal(out.nan_to_num(0.0).view(torch.int16), expect.nan_to_num(0.0).view(torch.int16))
 
 
+@pytest.mark.parametrize(("pooling", "weighted"), [(0, False), (0, True), (1, False)])  # weights: sum only
+def test_cpu_half_tables_sum_as_float_tables(seed, pooling, weighted):
+    """fp16 / bf16 tables and gradients are summed converted exactly, in the fp32 kernels' order
+    (AVX-512 machines take fp16 through vcvtph2ps, the others through cpu_convert.h's integer form):
+    the forward is the fp32 tables' output rounded once, and the sparse gradient (float) equals the
+    fp32 one of grad_out converted, bit for bit (odd dims, padding, empty bags)."""
+    for dtype in (torch.float16, torch.bfloat16):
+        c = make_case(dtype, rows=(50, 37, 9), dims=(16 + 7, 130, 33), pooling=pooling, weighted=weighted)
+        out = _C.embedding_forward(*args(c))
+        c32 = dict(c, weights=[w.float() for w in c["weights"]])
+        expect = _C.embedding_forward(*args(c32)).to(dtype)
+        assert torch.equal(out.view(torch.int16), expect.view(torch.int16)), dtype
+        grad_out = torch.randn(out.shape).to(dtype)
+        got = _C.embedding_backward_sparse(grad_out, *args(c))
+        ref = _C.embedding_backward_sparse(grad_out.float(), *args(c32))
+        for (rows, g), (rows32, g32) in zip(got, ref, strict=True):
+            assert torch.equal(rows, rows32) and torch.equal(g.view(torch.int32), g32.view(torch.int32)), dtype
+
+
 def edge_floats(n: int) -> torch.Tensor:
     """n float32s from uniformly random bits (every exponent equally often: subnormals, inf, nan,
     magnitudes past fp16's and bf16's largest) and the values where rounding to fp16 / bf16 changes

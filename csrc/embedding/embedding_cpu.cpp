@@ -177,6 +177,40 @@ std::vector<int64_t> out_cols(const Tables& tb, const Bags& bg) {
   return col;
 }
 
+// fp16 rows on AVX-512 machines: 16 halves -> floats in one vcvtph2ps, where cpu_convert.h's exact
+// integer form takes ~10 operations (medical shape, 2 threads: 4.5 ms against the loop's 1.4, whose
+// kernel converts with F16C). Inline asm, because GCC 12 neither vectorises the conversion without
+// AVX512-FP16 nor inlines the intrinsic into a function compiled for another ISA; only
+// the *_f16_avx512 entries (compiled for x86-64-v4, called where the CPU has AVX-512: the forward,
+// and the backward's sums of grad_out rows) instantiate it.
+typedef float F16x __attribute__((vector_size(64)));
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KF_F16_ASM 1
+#define KF_F16_ENTRY(f) f
+KF_INLINE F16x cvt16(const _Float16* p) {
+  F16x r;
+  asm("vcvtph2ps %1, %0" : "=v"(r) : "m"(*reinterpret_cast<const char(*)[32]>(p)));
+  return r;
+}
+#else
+#define KF_F16_ENTRY(f) nullptr
+KF_INLINE F16x cvt16(const _Float16* p) {  // never called: no entry instantiates it here
+  F16x r;
+  for (int j = 0; j < 16; ++j) r[j] = cpu::to_acc(p[j]);
+  return r;
+}
+#endif
+
+// The fp16-on-AVX-512 entry where it applies (fp16 tables, an AVX-512 CPU), else the generic one.
+template <typename S, typename F, typename G> F entry(F generic, G f16_avx512) {
+#ifdef KF_F16_ASM
+  if constexpr (std::is_same_v<S, _Float16>)
+    if (__builtin_cpu_supports("avx512f")) return f16_avx512;
+#endif
+  (void)f16_avx512;
+  return generic;
+}
+
 // ---- forward --------------------------------------------------------------------------------
 // The forward's loops are not turned into library calls: GCC made the zeroing of a bag's accumulators
 // a memset (a rep stos per bag, of a stack copy it then loaded into registers), 10% of the forward's
@@ -189,7 +223,7 @@ std::vector<int64_t> out_cols(const Tables& tb, const Bags& bg) {
 // over all its rows (N a compile-time width the vectoriser keeps there), then are scaled (mean: by
 // 1 / count, as the reference) and stored. ahead > 0: the whole rows `ahead` indices on (below the
 // task's end) are prefetched, one instruction per line.
-template <int64_t N, bool kPsw, typename S, typename I>
+template <int64_t N, bool kPsw, bool kAsm, typename S, typename I>
 KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I* idx, const I* off,
                          const Acc<S>* psw, bool mean, int64_t ahead, int64_t fb0, int64_t fb1, int64_t B, S* out,
                          int64_t width) {
@@ -211,6 +245,7 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
     const A scale = cnt > 0 ? A(1) / A(cnt) : A(1);
     A acc[N];
     for (int64_t d = 0; d < N; ++d) acc[d] = A(0);
+    F16x vacc[kAsm ? N / 16 : 1] = {};
     for (int64_t i = i0; i < i1; ++i) {
       if (ahead > 0 && i + ahead < pf_end) {
         const S* p = W + int64_t(idx[i + ahead]) * D;
@@ -223,13 +258,20 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
       }
       const int64_t r = idx[i];
       const S* row = r == pad ? zeros : W + r * D + d0;
-      if constexpr (kPsw) {
+      if constexpr (kAsm) {  // fp16, AVX-512: the same sums, 16 lanes a vector (N is a multiple of 16)
+        for (int64_t j = 0; j < N / 16; ++j) {
+          F16x x = cvt16(row + 16 * j);
+          if constexpr (kPsw) x *= r == pad ? A(0) : psw[i];
+          vacc[j] += x;
+        }
+      } else if constexpr (kPsw) {
         const A s = r == pad ? A(0) : psw[i];
         for (int64_t d = 0; d < N; ++d) acc[d] += s * load<A>(row[d]);
       } else {
         for (int64_t d = 0; d < N; ++d) acc[d] += load<A>(row[d]);
       }
     }
+    if constexpr (kAsm) std::memcpy(acc, vacc, sizeof(acc));
     for (int64_t d = 0; d < N; ++d) o[d] = store<S>(acc[d] * scale);
   }
 }
@@ -272,7 +314,7 @@ KF_INLINE void sum_tail(const S* W, int64_t D, int64_t d0, int64_t n, int64_t pa
 // kFwdBlockBytes of accumulators, then of half, a quarter and an eighth of that, and a tail; the
 // rows are prefetched on the first block (later blocks find a bag's rows in L1); acc: D elements of
 // scratch.
-template <bool kPsw, typename S, typename I>
+template <bool kPsw, bool kAsm, typename S, typename I>
 KF_INLINE void forward_bags(const S* W, int64_t D, int64_t pad, const I* idx, const I* off, const Acc<S>* psw,
                             bool mean, int64_t fb0, int64_t fb1, int64_t B, S* out, int64_t width, Acc<S>* acc) {
   using A = Acc<S>;
@@ -284,17 +326,17 @@ KF_INLINE void forward_bags(const S* W, int64_t D, int64_t pad, const I* idx, co
     prefetch(W + int64_t(idx[i]) * D, row_bytes);
   int64_t d0 = 0;
   for (; d0 + N <= D; d0 += N)
-    sum_block<N, kPsw>(W, D, d0, pad, idx, off, psw, mean, d0 == 0 ? ahead : 0, fb0, fb1, B, out, width);
+    sum_block<N, kPsw, kAsm>(W, D, d0, pad, idx, off, psw, mean, d0 == 0 ? ahead : 0, fb0, fb1, B, out, width);
   if (d0 + N / 2 <= D) {
-    sum_block<N / 2, kPsw>(W, D, d0, pad, idx, off, psw, mean, d0 == 0 ? ahead : 0, fb0, fb1, B, out, width);
+    sum_block<N / 2, kPsw, kAsm>(W, D, d0, pad, idx, off, psw, mean, d0 == 0 ? ahead : 0, fb0, fb1, B, out, width);
     d0 += N / 2;
   }
   if (d0 + N / 4 <= D) {
-    sum_block<N / 4, kPsw>(W, D, d0, pad, idx, off, psw, mean, d0 == 0 ? ahead : 0, fb0, fb1, B, out, width);
+    sum_block<N / 4, kPsw, kAsm>(W, D, d0, pad, idx, off, psw, mean, d0 == 0 ? ahead : 0, fb0, fb1, B, out, width);
     d0 += N / 4;
   }
   if (d0 + N / 8 <= D) {
-    sum_block<N / 8, kPsw>(W, D, d0, pad, idx, off, psw, mean, d0 == 0 ? ahead : 0, fb0, fb1, B, out, width);
+    sum_block<N / 8, kPsw, kAsm>(W, D, d0, pad, idx, off, psw, mean, d0 == 0 ? ahead : 0, fb0, fb1, B, out, width);
     d0 += N / 8;
   }
   if (d0 < D)
@@ -305,9 +347,21 @@ KF_INLINE void forward_bags(const S* W, int64_t D, int64_t pad, const I* idx, co
 template <typename S, typename I>
 KF_CLONES void forward_task(const S* W, int64_t D, int64_t pad, const I* idx, const I* off, const Acc<S>* psw,
                             bool mean, int64_t fb0, int64_t fb1, int64_t B, S* out, int64_t width, Acc<S>* acc) {
-  if (psw) forward_bags<true>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc);
-  else forward_bags<false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc);
+  if (psw) forward_bags<true, false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc);
+  else forward_bags<false, false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc);
 }
+
+#ifdef KF_F16_ASM
+// forward_task for fp16 tables on AVX-512 machines (forward_t checks the CPU): cvt16's vcvtph2ps,
+// bit for bit the conversion of the other clones.
+template <typename I>
+__attribute__((target("arch=x86-64-v4"))) void forward_task_f16_avx512(
+    const _Float16* W, int64_t D, int64_t pad, const I* idx, const I* off, const float* psw, bool mean, int64_t fb0,
+    int64_t fb1, int64_t B, _Float16* out, int64_t width, float* acc) {
+  if (psw) forward_bags<true, true>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc);
+  else forward_bags<false, true>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc);
+}
+#endif
 
 #pragma GCC pop_options
 
@@ -344,6 +398,7 @@ template <typename S, typename I> void forward_t(const Tables& tb, const Bags& b
   const I* idx = static_cast<const I*>(bg.indices);
   const I* off = static_cast<const I*>(bg.offsets);
   const int64_t width = col[bg.F], D_max = max_dim(tb);
+  const auto task = entry<S>(forward_task<S, I>, KF_F16_ENTRY(forward_task_f16_avx512<I>));
 #pragma omp parallel num_threads(nt)
   {
     std::vector<A> acc(D_max);
@@ -351,7 +406,7 @@ template <typename S, typename I> void forward_t(const Tables& tb, const Bags& b
     for (int64_t k = 0; k < static_cast<int64_t>(tasks.size()); ++k) {
       const BagTask& tk = tasks[k];
       const int64_t t = bg.feature_table[tk.f];
-      forward_task<S, I>(static_cast<const S*>(tb.weights[t]), tb.dims[t], tb.padding_idx[t], idx, off,
+      task(static_cast<const S*>(tb.weights[t]), tb.dims[t], tb.padding_idx[t], idx, off,
                          static_cast<const A*>(bg.psw), bg.pooling == 1, tk.fb0, tk.fb1, bg.B, out + col[tk.f],
                          width, acc.data());
     }
@@ -436,9 +491,29 @@ template <typename S> struct Grad {
   const S* slice(int64_t fb) const { return go + (fb % B) * width + out_col[fb / B]; }
 };
 
+// acc[d] += s * x[d] (kScale) or x[d], d < D, in A: with kAsm (fp16 tables on AVX-512) 16 lanes a
+// vcvtph2ps, the rest through load<A>; the same operations, in the same order, either way.
+template <bool kAsm, bool kScale, typename S, typename A>
+KF_INLINE void add_row(A* acc, const S* x, int64_t D, A s) {
+  int64_t d = 0;
+  if constexpr (kAsm) {
+    for (; d + 16 <= D; d += 16) {
+      F16x v = cvt16(x + d), a;
+      if constexpr (kScale) v *= s;
+      std::memcpy(&a, acc + d, sizeof(a));
+      a += v;
+      std::memcpy(acc + d, &a, sizeof(a));
+    }
+  }
+  for (; d < D; ++d) {
+    if constexpr (kScale) acc[d] += s * load<A>(x[d]);
+    else acc[d] += load<A>(x[d]);
+  }
+}
+
 // The gradient of one unique row (the run [k0, k1) of tp) into acc [D], in increasing flat position.
 // The grad_out slices kPrefetchAhead occurrences ahead (up to k_end, the task's end) are prefetched.
-template <typename S>
+template <bool kAsm, typename S>
 KF_INLINE void reduce_run(const TablePlan& tp, int64_t k0, int64_t k1, int64_t k_end, const Grad<S>& g, int64_t D,
                           Acc<S>* acc) {
   using A = Acc<S>;
@@ -447,19 +522,26 @@ KF_INLINE void reduce_run(const TablePlan& tp, int64_t k0, int64_t k1, int64_t k
     if (k + kPrefetchAhead < k_end) prefetch(g.slice(tp.bag[k + kPrefetchAhead]), D * int64_t(sizeof(S)));
     const int64_t fb = tp.bag[k];
     const S* x = g.slice(fb);
-    if (g.psw || g.count) {
-      const A s = g.psw ? g.psw[tp.pos[k]] : A(1) / A(g.count[fb]);
-      for (int64_t d = 0; d < D; ++d) acc[d] += s * load<A>(x[d]);
-    } else {
-      for (int64_t d = 0; d < D; ++d) acc[d] += load<A>(x[d]);
-    }
+    if (g.psw || g.count) add_row<kAsm, true>(acc, x, D, g.psw ? g.psw[tp.pos[k]] : A(1) / A(g.count[fb]));
+    else add_row<kAsm, false>(acc, x, D, A(1));
   }
 }
 
+template <bool kAsm, typename S>
+KF_INLINE void sparse_rows(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<S>& g, int64_t D, Acc<S>* grads) {
+  for (int64_t u = u0; u < u1; ++u)
+    reduce_run<kAsm>(tp, tp.start[u], tp.start[u + 1], tp.start[u1], g, D, grads + u * D);
+}
 template <typename S>
 KF_CLONES void sparse_task(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<S>& g, int64_t D, Acc<S>* grads) {
-  for (int64_t u = u0; u < u1; ++u) reduce_run<S>(tp, tp.start[u], tp.start[u + 1], tp.start[u1], g, D, grads + u * D);
+  sparse_rows<false>(tp, u0, u1, g, D, grads);
 }
+#ifdef KF_F16_ASM
+__attribute__((target("arch=x86-64-v4"))) void sparse_task_f16_avx512(const TablePlan& tp, int64_t u0, int64_t u1,
+                                                                     const Grad<_Float16>& g, int64_t D, float* grads) {
+  sparse_rows<true>(tp, u0, u1, g, D, grads);
+}
+#endif
 
 // Runs fn(t, u0, u1) over the unique rows of all tables in tasks of kRowsPerTask rows of one table.
 template <typename F> void for_row_tasks(const Plan& p, int nt, F&& fn) {
@@ -577,8 +659,8 @@ KF_INLINE void update_row(S* w, Acc<S>* g, int64_t D, const OptA<Acc<S>>& o, Acc
   }
 }
 
-template <typename S>
-KF_CLONES void fused_task(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<S>& g, S* W, int64_t D,
+template <bool kAsm, typename S>
+KF_INLINE void fused_rows(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<S>& g, S* W, int64_t D,
                           const OptA<Acc<S>>& o, Acc<S>* st1, Acc<S>* st2, uint32_t table_key, Acc<S>* acc) {
   const int64_t U = static_cast<int64_t>(tp.rows.size()), row_bytes = D * int64_t(sizeof(S));
   const bool adam = o.kind == Optimizer::adam;
@@ -592,12 +674,26 @@ KF_CLONES void fused_task(const TablePlan& tp, int64_t u0, int64_t u1, const Gra
       }
     }
     const int64_t r = tp.rows[u];
-    reduce_run<S>(tp, tp.start[u], tp.start[u + 1], tp.start[u1], g, D, acc);
+    reduce_run<kAsm>(tp, tp.start[u], tp.start[u + 1], tp.start[u1], g, D, acc);
     Acc<S>* s1 = st1 ? (adam ? st1 + r * D : st1 + r) : nullptr;
     Acc<S>* s2 = st2 ? st2 + r * D : nullptr;
     update_row<S>(W + r * D, acc, D, o, s1, s2, sr_mix(table_key ^ static_cast<uint32_t>(r)));
   }
 }
+template <typename S>
+KF_CLONES void fused_task(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<S>& g, S* W, int64_t D,
+                          const OptA<Acc<S>>& o, Acc<S>* st1, Acc<S>* st2, uint32_t table_key, Acc<S>* acc) {
+  fused_rows<false>(tp, u0, u1, g, W, D, o, st1, st2, table_key, acc);
+}
+#ifdef KF_F16_ASM
+__attribute__((target("arch=x86-64-v4"))) void fused_task_f16_avx512(const TablePlan& tp, int64_t u0, int64_t u1,
+                                                                    const Grad<_Float16>& g, _Float16* W, int64_t D,
+                                                                    const OptA<float>& o, float* st1, float* st2,
+                                                                    uint32_t table_key, float* acc) {
+  fused_rows<true>(tp, u0, u1, g, W, D, o, st1, st2, table_key, acc);
+}
+#endif
+
 
 }  // namespace
 
@@ -625,8 +721,9 @@ void backward_sparse_cpu(const Tables& tables, const Bags& bags, const Plan& pla
   with_dtype(tables.dtype, [&](auto s) {
     using S = decltype(s);
     const Grad<S> g = grad_of<S>(tables, bags, plan, grad_out);
+    const auto task = entry<S>(sparse_task<S>, KF_F16_ENTRY(sparse_task_f16_avx512));
     for_row_tasks(plan, num_threads, [&](int64_t t, int64_t u0, int64_t u1) {
-      sparse_task<S>(plan.tables[t], u0, u1, g, tables.dims[t], static_cast<Acc<S>*>(grads[t]));
+      task(plan.tables[t], u0, u1, g, tables.dims[t], static_cast<Acc<S>*>(grads[t]));
     });
   });
 }
@@ -662,8 +759,9 @@ void backward_fused_cpu(const Tables& tables, const Bags& bags, const Plan& plan
                     A(1.0 - std::pow(opt.beta2, step))};
     // One dim-length buffer per thread: the only gradient storage.
     std::vector<std::vector<A>> bufs(std::max(num_threads, 1), std::vector<A>(max_dim(tables)));
+    const auto task = entry<S>(fused_task<S>, KF_F16_ENTRY(fused_task_f16_avx512));
     for_row_tasks(plan, num_threads, [&](int64_t t, int64_t u0, int64_t u1) {
-      fused_task<S>(plan.tables[t], u0, u1, g, static_cast<S*>(tables.weights[t]), tables.dims[t], o,
+      task(plan.tables[t], u0, u1, g, static_cast<S*>(tables.weights[t]), tables.dims[t], o,
                     opt.states1 ? static_cast<A*>(opt.states1[t]) : nullptr,
                     opt.states2 ? static_cast<A*>(opt.states2[t]) : nullptr,
                     sr_table_key(opt.seed, static_cast<uint32_t>(opt.step), static_cast<uint32_t>(t)),
