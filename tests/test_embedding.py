@@ -233,7 +233,7 @@ def test_fused_optimizer_matches_hand_written(backend, device, opt, seed):
             rows, g = sparse_grad(ref_w[t].grad, indices, offsets, ft, t)
             expect[t] = _hand_written(opt, expect[t], rows, g, states[t], step)
             assert_close(m.weights[t], expect[t], torch.float64, f"step {step} table {t}")
-    assert int(m.step) == 3
+    assert int(m.optimizer_step) == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -274,12 +274,31 @@ def test_fused_checkpoint_resumes_to_the_same_bits(backend, device, dtype, tmp_p
     train(a, [2, 3])
     b = make()
     b.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
-    assert int(b.step) == 2
+    assert int(b.optimizer_step) == 2
+    # A checkpoint from before the step buffer's rename (its key was "step") resumes the same way.
+    old = {("step" if k == "optimizer_step" else k): v for k, v in torch.load(tmp_path / "ckpt.pt").items()}
+    c = make()
+    c.load_state_dict(old)
+    assert int(c.optimizer_step) == 2
     train(b, [2, 3])
-    for wa, wb in zip(a.weights, b.weights, strict=True):
-        assert torch.equal(wa.view(torch.int16) if dtype == torch.bfloat16 else wa,
-                           wb.view(torch.int16) if dtype == torch.bfloat16 else wb)
-    assert all(torch.equal(x, y) for x, y in zip(a.buffers(), b.buffers(), strict=True))
+    train(c, [2, 3])
+    for m in (b, c):
+        for wa, wb in zip(a.weights, m.weights, strict=True):
+            assert torch.equal(wa.view(torch.int16) if dtype == torch.bfloat16 else wa,
+                               wb.view(torch.int16) if dtype == torch.bfloat16 else wb)
+        assert all(torch.equal(x, y) for x, y in zip(a.buffers(), m.buffers(), strict=True))
+
+
+def test_a_subclass_may_define_step():
+    """The fused optimizer's step count is the buffer ``optimizer_step``, so a subclass (a training
+    wrapper) can have a ``step()`` method: registering a buffer named ``step`` would raise."""
+    class Trainer(MultiTableEmbeddingBag):
+        def step(self) -> str:
+            return "stepped"
+
+    m = Trainer([(10, 4)], optimizer="sgd")
+    m(torch.tensor([1, 2]), torch.tensor([0, 2])).sum().backward()
+    assert m.step() == "stepped" and int(m.optimizer_step) == 1
 
 
 def test_apply_rows_rounds_half_tables_stochastically(seed):

@@ -287,7 +287,7 @@ def test_save_load_and_export_round_trip(small, claims, tmp_path):
     m = CodeOutcomeModel("super", gen.codes, lr=0.1, seed=1)
     train_outcome(m, claims, np.arange(400), epochs=1, batch_size=64)
     state = {k: v.clone() for k, v in m.state_dict().items()}
-    assert any("momentum1" in k for k in state) and any(k.endswith(".step") for k in state)
+    assert any("momentum1" in k for k in state) and any(k.endswith(".optimizer_step") for k in state)
     torch.save(state, tmp_path / "model.pt")
 
     gen2 = GeneralCodeEmbedding(small.sizes, 16, seed=9)

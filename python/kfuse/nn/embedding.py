@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -109,7 +110,9 @@ class MultiTableEmbeddingBag(nn.Module):
     Parameters: ``weights.{t}`` ``[rows_t, dim_t]``, initialised uniformly in ``±sqrt(1/rows_t)`` (FBGEMM's
     choice), padding rows zero. Fused-optimizer state lives in buffers (``state_dict`` saves and
     restores it, with the step count): ``momentum1_{t}`` (row-wise Adagrad ``[rows_t]``; Adam's m
-    ``[rows_t, dim_t]``), ``momentum2_{t}`` (Adam's v), float32 (float64 for float64 tables), and ``step``.
+    ``[rows_t, dim_t]``), ``momentum2_{t}`` (Adam's v), float32 (float64 for float64 tables), and
+    ``optimizer_step`` (int64, the updates applied; a checkpoint's ``step`` key, its name before
+    2026-12-02, loads into it).
 
     ``forward(indices, offsets, per_sample_weights=None)`` with flat ``indices [N]`` and ``offsets
     [F·B + 1]`` (feature-major), or a TorchRec ``KeyedJaggedTensor`` (its keys in feature order) →
@@ -152,7 +155,8 @@ class MultiTableEmbeddingBag(nn.Module):
                 self.register_buffer(f"momentum1_{t}", torch.zeros(shape1, dtype=state, device=device))
                 self.register_buffer(f"momentum2_{t}", torch.zeros((r, d) if optimizer == "adam" else (0,),
                                                                    dtype=state, device=device))
-            self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+            # Not "step": that name would stop a subclass from defining a step() method.
+            self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.int64))
             # The backward hook: a zero-size tensor that requires grad, so autograd reaches the
             # fused backward even though the tables themselves do not require gradients.
             self._grad_anchor = torch.zeros(0, device=device, requires_grad=True)
@@ -165,6 +169,12 @@ class MultiTableEmbeddingBag(nn.Module):
                 w.uniform_(-bound, bound)
                 if p is not None:
                     w[p].fill_(0)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        old = prefix + "step"  # the buffer's name in checkpoints written before 2026-12-02
+        if self.optimizer is not None and old in state_dict and prefix + "optimizer_step" not in state_dict:
+            state_dict[prefix + "optimizer_step"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def states(self, which: int) -> list[Tensor]:
         """The fused optimizer's ``momentum{which}`` buffers, one per table."""
@@ -218,8 +228,8 @@ class _FusedEmbeddingBag(torch.autograd.Function):
         if psw is not None and ctx.needs_input_grad[6]:  # before the tables change
             g_psw = E._psw_impl(grad_out, ws, indices, offsets, ctx.bags, psw, ctx.backend)
         with torch.no_grad():
-            m.step += 1
-            step = int(m.step)
+            m.optimizer_step += 1
+            step = int(m.optimizer_step)
             h = m.hparams
             s1 = m.states(1) if m.optimizer != "sgd" else []
             s2 = m.states(2) if m.optimizer == "adam" else []
