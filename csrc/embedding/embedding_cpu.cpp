@@ -181,8 +181,8 @@ std::vector<int64_t> out_cols(const Tables& tb, const Bags& bg) {
 // integer form takes ~10 operations (medical shape, 2 threads: 4.5 ms against the loop's 1.4, whose
 // kernel converts with F16C). Inline asm, because GCC 12 neither vectorises the conversion without
 // AVX512-FP16 nor inlines the intrinsic into a function compiled for another ISA; only
-// the *_f16_avx512 entries (compiled for x86-64-v4, called where the CPU has AVX-512: the forward,
-// and the backward's sums of grad_out rows) instantiate it.
+// the *_f16_avx512 entries (compiled for x86-64-v4 and called where the CPU has it: the forward, and
+// the backward's sums of grad_out rows) instantiate it.
 typedef float F16x __attribute__((vector_size(64)));
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define KF_F16_ASM 1
@@ -201,11 +201,12 @@ KF_INLINE F16x cvt16(const _Float16* p) {  // never called: no entry instantiate
 }
 #endif
 
-// The fp16-on-AVX-512 entry where it applies (fp16 tables, an AVX-512 CPU), else the generic one.
+// The fp16-on-AVX-512 entry where it applies (fp16 tables, a CPU with all of x86-64-v4, which the
+// entry is compiled for: AVX-512 F, BW, CD, DQ, VL), else the generic one.
 template <typename S, typename F, typename G> F entry(F generic, G f16_avx512) {
 #ifdef KF_F16_ASM
   if constexpr (std::is_same_v<S, _Float16>)
-    if (__builtin_cpu_supports("avx512f")) return f16_avx512;
+    if (__builtin_cpu_supports("x86-64-v4")) return f16_avx512;
 #endif
   (void)f16_avx512;
   return generic;
