@@ -37,10 +37,15 @@ precision (decode is bandwidth-bound: tf32 would only lose accuracy), half dots 
 Block sizes are fixed guesses for H100/H200 (tune on the GPU, see ``BLOCK_N``/``SPLIT_TOKENS``).
 
 Prefill / append attention (``_prefill_kernel``), several causal queries per sequence, packed: grid
-(sequences, query heads, blocks of BLOCK_M new tokens); each program runs an online softmax over
-the key tiles up to its block's last query position (tiles past it are never visited), with the
-causal and length masks per element. Not split along the sequence (prompts give enough query
-blocks), and each query head loads its KV head's tiles itself (GQA sharing is a GPU-tuning TODO).
+(sequences, KV heads, blocks of TOK new tokens); a program's BLOCK_M rows are its TOK tokens × the G
+query heads of its KV head (row = token · G + head), and each K/V tile it loads serves the G heads
+(grouped-query attention, as the decode kernel). For a long prompt that is as many tile loads and
+dots as one head's BLOCK_M tokens a program; a short append (fewer than BLOCK_M tokens, e.g. a few
+tokens after a rollback) fills the MMA's rows with the group's heads instead of leaving them empty
+(one new token: 1 row of 64 used before, G now; not yet measured on a GPU). Each program runs an
+online softmax over the key tiles up to its block's
+last query position (tiles past it are never visited), with the causal and length masks per row.
+Not split along the sequence (prompts give enough query blocks).
 """
 
 from __future__ import annotations
@@ -229,38 +234,41 @@ def default_scale(head_dim: int) -> float:
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, qstart_ptr, out_ptr,
                     sqt, sqh, skp, sks, skh, svp, svs, svh, sbt, sot, soh, qk_scale,
-                    G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, TOK: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """One (sequence i, query head hq, block of BLOCK_M of its new tokens): causal attention over the
-    block table. The sequence's t = qlens[i] new tokens are its last t of n = lens[i] positions, packed
-    in q from row qstart[i]; new token j sits at position n − t + j and attends to positions 0 … it.
+    """One (sequence i, KV head h, block of TOK of its new tokens): causal attention over the block
+    table for the TOK tokens × G query heads h·G … h·G + G − 1 (BLOCK_M >= TOK·G rows, row = token·G +
+    head). The sequence's t = qlens[i] new tokens are its last t of n = lens[i] positions, packed in q
+    from row qstart[i]; new token j sits at position n − t + j and attends to positions 0 … it.
 
     q, out [total_q, Hq, D] (unit stride along D); k, v, bt, ids, lens as in ``_decode_split_kernel``;
     qlens, qstart int32 [num_seqs]. Online softmax in fp32; key tiles past the block's last query
     position are never visited, and every load is masked below the length.
     """
     i = tl.program_id(0)
-    hq = tl.program_id(1)
+    h = tl.program_id(1)
     mb = tl.program_id(2)
     t = tl.load(qlens_ptr + i)
-    if mb * BLOCK_M >= t:
+    if mb * TOK >= t:
         return
     n = tl.load(lens_ptr + i)
     row = tl.load(ids_ptr + i).to(tl.int64)
     q0 = tl.load(qstart_ptr + i).to(tl.int64)
-    h = hq // G
-    j = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    jm = j < t
-    qpos = n - t + j  # [BLOCK_M]
+    r = tl.arange(0, BLOCK_M)
+    j = mb * TOK + r // G  # [BLOCK_M] token of each row
+    hq = h * G + r % G  # its query head
+    jm = (j < t) & (r < TOK * G)
+    qpos = n - t + j
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     qmask = jm[:, None] & dm[None, :]
-    q = tl.load(q_ptr + (q0 + j)[:, None] * sqt + hq * sqh + d[None, :], mask=qmask, other=0.0)
+    qoff = (q0 + j)[:, None] * sqt + hq[:, None] * sqh + d[None, :]
+    q = tl.load(q_ptr + qoff, mask=qmask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = tl.minimum(n - t + (mb + 1) * BLOCK_M, n)  # one past the block's last query position
+    hi = tl.minimum(n - t + (mb + 1) * TOK, n)  # one past the block's last query position
     for blk in range(0, hi, BLOCK_N):
         pos = blk + tl.arange(0, BLOCK_N)
         valid = pos < hi
@@ -277,13 +285,16 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, q
         m_i, l_i, acc = _online_softmax_tile(s, v, m_i, l_i, acc, PREC)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + (q0 + j)[:, None] * sot + hq * soh + d[None, :], o.to(out_ptr.dtype.element_ty), mask=qmask)
+    ooff = (q0 + j)[:, None] * sot + hq[:, None] * soh + d[None, :]
+    tl.store(out_ptr + ooff, o.to(out_ptr.dtype.element_ty), mask=qmask)
 
 
-def prefill_config(head_dim: int) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_D, num_warps)``; first guesses (64 query rows on a GPU, 16 under the interpreter)."""
+def prefill_config(group: int, head_dim: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, TOK, BLOCK_D, num_warps)``: BLOCK_M rows (64 on a GPU, a first guess; 16 under the
+    interpreter; at least the group) holding TOK = BLOCK_M // group tokens of the group's heads."""
+    block_m = max(16 if triton_interpret() else 64, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    return (16 if triton_interpret() else 64), block_d, 4
+    return block_m, block_m // group, block_d, 4
 
 
 def paged_prefill(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seq_ids: Tensor, lens: Tensor,
@@ -305,15 +316,16 @@ def paged_prefill(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
         return out
     q, block_table = _unit_inner_strides(q, k_pages, v_pages, block_table)
     qstart = (torch.cumsum(q_lens, 0) - q_lens).to(torch.int32)
-    block_m, block_d, warps = prefill_config(D)
+    G = Hq // Hkv
+    block_m, tok, block_d, warps = prefill_config(G, D)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = (seq_ids.shape[0], Hq, max(1, -(-max_q_len // block_m)))
+    grid = (seq_ids.shape[0], Hkv, max(1, -(-max_q_len // tok)))
     _prefill_kernel[grid](
         q, k_pages, v_pages, block_table, seq_ids, lens, q_lens, qstart, out,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1), scale * _LOG2E,
-        G=Hq // Hkv, D=D, PAGE=k_pages.shape[1], BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, PREC=prec,
+        G=G, D=D, PAGE=k_pages.shape[1], BLOCK_M=block_m, TOK=tok, BLOCK_N=BLOCK_N, BLOCK_D=block_d, PREC=prec,
         num_warps=warps,
     )
     return out
