@@ -43,9 +43,9 @@ query heads of its KV head (row = token · G + head), and each K/V tile it loads
 dots as one head's BLOCK_M tokens a program; a short append (fewer than BLOCK_M tokens, e.g. a few
 tokens after a rollback) fills the MMA's rows with the group's heads instead of leaving them empty
 (one new token: 1 row of 64 used before, G now; not yet measured on a GPU). Each program runs an
-online softmax over the key tiles up to its block's
-last query position (tiles past it are never visited), with the causal and length masks per row.
-Not split along the sequence (prompts give enough query blocks).
+online softmax over the key tiles up to its block's last query position (tiles past it are never
+visited), with the causal and length masks per row. Not split along the sequence (prompts give
+enough query blocks).
 """
 
 from __future__ import annotations
