@@ -587,12 +587,10 @@ KF_CLONES void psw_task(const S* W, int64_t D, int64_t pad, const I* idx, const 
 // bf16 77 -> 12 ms, fp16 93 -> 21 ms; fp32 12 ms): hi - lo is a power of two, one unit in lo's last
 // place (ulp), so the probability test r < (|y| - lo) / ulp is r * ulp < |y| - lo, every operand
 // exact; for bf16 that is (u >> 16) < the low 16 bits of |y|. Checked bit for bit against the
-// definition's float form on every 13th float with 4 values of u each, in the AVX-512 and
-// baseline builds.
+// definition's float form on every 13th float with 4 values of u each, in the AVX-512, AVX2 and
+// baseline builds, by an offline harness (the tests: edge floats against reference.stochastic_round).
 template <typename H> KF_INLINE uint16_t sr_bits(float y, uint32_t u) {
-  uint32_t b;
-  std::memcpy(&b, &y, 4);
-  const uint32_t a = b & 0x7fffffffu, sign = (b >> 16) & 0x8000u;
+  const uint32_t b = as_bits(y), a = b & 0x7fffffffu, sign = (b >> 16) & 0x8000u;
   if constexpr (std::is_same_v<H, BF16>) {
     const uint32_t mb = a >> 16, up = ((u >> 16) < (a & 0xffffu)) & (mb != 0x7f7fu);
     return static_cast<uint16_t>(pick(a > 0x7f800000u, (b >> 16) | 0x40u, sign | (mb + up)));
@@ -606,11 +604,9 @@ template <typename H> KF_INLINE uint16_t sr_bits(float y, uint32_t u) {
     const float ulp = as_float(pick(normal, ulp_bits, as_bits(0x1p-24f)));
     const float r = static_cast<float>(u >> 8) * 0x1p-24f;
     const uint32_t up = r * ulp < as_float(a) - lo, below = a < 0x477fe000u;  // below 65504, H's largest
-    // inf, and nan quieted as the hardware does
-    const uint32_t inf_nan = 0x7c00u | (uint32_t(a > 0x7f800000u) << 9) | ((a >> 13) & 0x3ffu);
     const uint32_t fin = pick(below, pick(normal, (lo_bits >> 13) - (112u << 10), static_cast<uint32_t>(k)) + up,
                               0x7bffu);
-    return static_cast<uint16_t>(sign | pick(a >= 0x7f800000u, inf_nan, fin));
+    return static_cast<uint16_t>(sign | pick(a >= 0x7f800000u, cpu::half_inf_nan(a), fin));
   }
 }
 

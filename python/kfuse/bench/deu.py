@@ -69,8 +69,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     the run short). CPU: 4096×1024 (the target) and 8×64×28×28 NCHW in fp32, contiguous and
     channels-last, then 4096×1024 in bf16 and fp16. Forward and forward+backward each. ``quick``:
     fp32 only, a smaller NCHW on CUDA and no channels-last; on CPU 1024×512 and a forward-only
-    4×32×16×16 (each
-    ``torch.compile`` baseline costs ~10–30 s of compiling there)."""
+    4×32×16×16 (each ``torch.compile`` baseline costs ~10–30 s of compiling there)."""
     both, cl = MODES, {"layout": "channels_last"}
     f32 = (torch.float32,)
     if device.type == "cuda":
