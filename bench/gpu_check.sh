@@ -20,8 +20,9 @@
 # --ops embedding: the embedding report rows (python -m kfuse --ops embedding: the medical shape and
 # FBGEMM's default, forward and a training step with the fused row-wise Adagrad, against the
 # per-table nn.EmbeddingBag loop, dense and sparse), then its CUDA tests (pytest
-# tests/test_embedding.py -m cuda: the Triton kernels compiled) and the short pytest-benchmark pass;
-# expected ~2 min for the report and ~2 for the tests (estimates: not yet run on a GPU).
+# tests/test_embedding.py -m cuda: the Triton kernels compiled), the cost of the forward's host sync
+# (bench/sync_embedding.py, into micro.log) and the short pytest-benchmark pass; expected ~2 min for
+# the report, ~2 for the tests and ~30 s for the sync timing (estimates: not yet run on a GPU).
 # --ops backtrack: the model and generator rows (python -m kfuse --ops backtrack: greedy decode of 32
 # ragged prompts by kfuse.models.LlamaForCausalLM against transformers' generate, bf16, a random
 # 1B-class Llama; target >= 1.5x tokens/s), then the model's GPU parity tests (pytest tests/test_llama.py
@@ -40,7 +41,7 @@
 # A short run that still confirms the target shape and the kernels' correctness:
 #   KFUSE_GPU_DEADLINE=330 KFUSE_GPU_REPORT_S=90 KFUSE_GPU_TESTS_K="not triton" bash bench/gpu_check.sh
 # Files under $OUT (8): env.log build.log tests.log micro.log report.log bench.log report/report.{json,png}
-# (no micro.log with --ops lora or kv: only DEU runs the microbenchmark).
+# (no micro.log with --ops lora or kv: only DEU's microbenchmark and embedding's sync timing write it).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OPS=all
@@ -209,6 +210,9 @@ OWN_TESTS=("${LORA_TESTS[@]}")
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 ((EMB)) && step tests-emb "$OUT/tests.log" 150 python3 -m pytest tests/test_embedding.py tests/test_medical_codes.py -q -rfE -m cuda \
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
+# What the Triton forward's one host sync (reading its bad-index flag) costs per call and per training
+# step: back-to-back calls with and without the read (bench/sync_embedding.py).
+((EMB)) && step sync-emb "$OUT/micro.log" 60 python3 bench/sync_embedding.py --device cuda --number 100
 ((BT)) && step tests-bt "$OUT/tests.log" 120 python3 -m pytest tests/test_llama.py tests/test_backtrack.py -q -rfE \
     -m cuda --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 # Whether the fwd+bwd step through autograd is host-bound, and what runs besides the kernels
@@ -257,6 +261,7 @@ grep -E 'rows_kernel<|^ +(Duration|DRAM Throughput|Compute \(SM\) Throughput|Reg
 grep -E 'issue_stalled_(long_scoreboard|lg_throttle|mio_throttle|math_pipe_throttle|wait|short_scoreboard|not_selected|no_instruction)_per|lts__t_sector_hit_rate|dram__bytes' \
     "$OUT/micro.log" | sed -e 's/  */ /g' | cut -c1-110
 grep -E '^== (cuda|triton|torch) |^ +[0-9x]+ (fwd|torch)' "$OUT/micro.log"
+grep -E ' us per call$' "$OUT/micro.log"
 fi
 echo "-- bench:"
 grep -E '(passed|failed|error).* in [0-9.]+s' "$OUT/bench.log" 2>/dev/null | tail -n 1
