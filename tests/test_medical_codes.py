@@ -330,6 +330,13 @@ def test_demo_runs_small(tmp_path, capsys):
     assert set(res["auc"]) == {"general", "task", "super"} and all(0.5 < m < 1 for m, _ in res["auc"].values())
     assert all(frac > chance for frac, chance, _ in res["agreement"].values())  # clustering: its own test
     assert set(res["speed"]) == {"kfuse", "torch", "fbgemm"}
-    assert all(isinstance(v, float) and v > 0 for v in res["speed"].values())
+    assert all(isinstance(res["speed"][k], float) and res["speed"][k] > 0 for k in ("kfuse", "torch"))
+    # FBGEMM's CPU op is a pinned test dependency, but the GPU machine's stack lacks it: there the
+    # demo runs on and names the reason instead of a throughput.
+    fbgemm = res["speed"]["fbgemm"]
+    if importlib.util.find_spec("fbgemm_gpu") is not None:
+        assert isinstance(fbgemm, float) and fbgemm > 0
+    else:
+        assert isinstance(fbgemm, str) and fbgemm.startswith("skipped:") and "fbgemm_gpu" in fbgemm
     text = capsys.readouterr().out
     assert "SYNTHETIC" in text and "kfuse backend: cpu" in text and "nearest to" in text
