@@ -10,7 +10,7 @@ MAX_JOBS ?= $(shell nproc)
 export KFUSE_CUDA MAX_JOBS
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: test report build lint bench clean
+.PHONY: test report build lint bench clean compat
 
 test: build
 	$(PY) -m pytest -q tests
@@ -36,6 +36,20 @@ $(VENV)/.build-cuda$(KFUSE_CUDA): $(VENV)/.deps $(SOURCES)
 	rm -f $(VENV)/.build-cuda*
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
+
+# The GPU machine's older stack (torch 2.11.0 + triton 3.6.0, see docs/CONTRIBUTING.md) on this CPU:
+# its own venv (~4.6 GB from PyPI; numpy 2.2 because triton 3.6's interpreter fails on numpy 2.4, and no
+# fbgemm-gpu-cpu, which is built against torch 2.14), the extension built with CUDA in a worktree of
+# HEAD (.compat/, so .venv's build stays), then the whole suite (~15 min on 2 cores).
+COMPAT_VENV ?= .venv-gpu-stack
+compat:
+	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
+	grep -vE '^(#|torch==|numpy==|setuptools==|fbgemm-gpu-cpu==)' requirements-dev.txt | grep . >$(COMPAT_VENV)/req.txt
+	$(COMPAT_VENV)/bin/python -m pip install -q -r $(COMPAT_VENV)/req.txt torch==2.11.0 numpy==2.2.6 'setuptools<82'
+	rm -rf .compat && git worktree prune && git worktree add -q --detach .compat HEAD
+	ln -s ../../triton_kernels .compat/python/kfuse/triton_kernels
+	cd .compat && KFUSE_CUDA=1 ../$(COMPAT_VENV)/bin/python setup.py -q build_ext --inplace
+	cd .compat && PYTHONPATH=python ../$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 
 clean:
 	rm -rf build python/kfuse/_C*.so $(VENV)/.build-cuda*
