@@ -48,8 +48,8 @@ compat:
 	$(COMPAT_VENV)/bin/python -m pip install -q -r $(COMPAT_VENV)/req.txt torch==2.11.0 numpy==2.2.6 'setuptools<82'
 	rm -rf .compat && git worktree prune && git worktree add -q --detach .compat HEAD
 	ln -s ../../triton_kernels .compat/python/kfuse/triton_kernels
-	cd .compat && KFUSE_CUDA=1 ../$(COMPAT_VENV)/bin/python setup.py -q build_ext --inplace
-	cd .compat && PYTHONPATH=python ../$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	cd .compat && KFUSE_CUDA=1 $(abspath $(COMPAT_VENV))/bin/python setup.py -q build_ext --inplace
+	cd .compat && PYTHONPATH=python $(abspath $(COMPAT_VENV))/bin/python -m pytest -q -p no:cacheprovider tests
 
 clean:
 	rm -rf build python/kfuse/_C*.so $(VENV)/.build-cuda*
