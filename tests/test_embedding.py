@@ -636,8 +636,9 @@ def edge_floats(n: int) -> torch.Tensor:
 
 
 def test_cpu_forward_rounds_floats_to_half_exactly(seed):
-    """The fp16 output conversion (csrc/cpu_convert.h, integer ops) rounds every kind of float as
-    torch does: per_sample_weights x a row of ones, one index per bag."""
+    """The fp16 output conversion (vcvtps2ph on AVX-512 machines, csrc/cpu_convert.h's integer ops
+    elsewhere) rounds every kind of float as torch does: per_sample_weights x a row of ones, one
+    index per bag."""
     t = edge_floats(20000)
     w = torch.ones(1, 16, dtype=torch.float16)
     out = _C.embedding_forward([w], torch.zeros(t.numel(), dtype=torch.int64), torch.arange(t.numel() + 1), [0],
