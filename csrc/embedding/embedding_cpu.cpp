@@ -69,13 +69,20 @@ constexpr int64_t kRowsAhead = 2;
 //   took 0.63 and 0.62x, 96 0.66x, 128 0.68x. Every line of a row needs its own prefetch: every
 //   other line (the adjacent-line prefetcher fetching the rest) took 1.3-1.4x where all took
 //   0.61-0.66x, and a second, prefetcht1 pass twice as far ahead 0.80-0.86x.
+// - kFwdPrefetchLocality: prefetcht1 (into L2; locality 2), not prefetcht0 (into L1): 32 KiB of rows
+//   ahead is all of a Zen 4 core's L1D, so prefetcht0 evicted rows before their use (and the
+//   Zipf-hot rows). On a later VM (2026-12-02 evening, 2 threads, interleaved with the loop, three
+//   rounds): prefetcht0 0.78, 0.84, 0.82x the loop's time; prefetcht1 0.67, 0.77, 0.70x; prefetcht2
+//   0.72, 0.77, 0.72x (1 thread: t0 1.01, 1.12x; t1 0.86, 1.11x; t2 0.84, 0.96x). With t1, 16 and
+//   64 KiB ahead measured the same as 32 (0.64-0.80x).
 constexpr int64_t kFwdBlockBytes = 512;
+constexpr int kFwdPrefetchLocality = 2;
 constexpr int64_t kFwdPrefetchBytes = 32 * 1024;
 // Unique rows per backward task (dynamic schedule: Zipf-hot rows are much longer runs than the rest).
 constexpr int64_t kRowsPerTask = 16;
 
-KF_INLINE void prefetch(const void* p, int64_t bytes) {
-  for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(static_cast<const char*>(p) + c);
+template <int kLocality = 3> KF_INLINE void prefetch(const void* p, int64_t bytes) {
+  for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(static_cast<const char*>(p) + c, 0, kLocality);
 }
 
 [[noreturn]] void value_error(const std::string& msg) { throw std::invalid_argument(msg); }
@@ -272,9 +279,9 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
         const S* p = W + int64_t(idx[i + ahead]) * D;
         if (row_bytes == N * int64_t(sizeof(S))) {  // the whole row in this block: a constant line count
           for (int64_t c = 0; c < N * int64_t(sizeof(S)); c += 64)
-            __builtin_prefetch(reinterpret_cast<const char*>(p) + c);
+            __builtin_prefetch(reinterpret_cast<const char*>(p) + c, 0, kFwdPrefetchLocality);
         } else {
-          prefetch(p, row_bytes);
+          prefetch<kFwdPrefetchLocality>(p, row_bytes);
         }
       }
       const int64_t r = idx[i];
@@ -317,7 +324,8 @@ KF_INLINE void sum_tail(const S* W, int64_t D, int64_t d0, int64_t n, int64_t pa
     const int64_t i0 = off[fb], i1 = off[fb + 1];
     for (int64_t d = 0; d < n; ++d) acc[d] = A(0);
     for (int64_t i = i0; i < i1; ++i) {
-      if (ahead > 0 && i + ahead < pf_end) prefetch(W + int64_t(idx[i + ahead]) * D, row_bytes);
+      if (ahead > 0 && i + ahead < pf_end)
+        prefetch<kFwdPrefetchLocality>(W + int64_t(idx[i + ahead]) * D, row_bytes);
       const int64_t r = idx[i];
       if (r == pad) continue;
       const S* row = W + r * D + d0;
@@ -353,7 +361,7 @@ KF_INLINE void forward_bags(const S* W, int64_t D, int64_t pad, const I* idx, co
   const int64_t row_bytes = D * int64_t(sizeof(S));
   const int64_t ahead = std::clamp<int64_t>(kFwdPrefetchBytes / row_bytes, 4, 256);
   for (int64_t i = off[fb0]; i < std::min<int64_t>(off[fb1], off[fb0] + ahead); ++i)
-    prefetch(W + int64_t(idx[i]) * D, row_bytes);
+    prefetch<kFwdPrefetchLocality>(W + int64_t(idx[i]) * D, row_bytes);
   int64_t d0 = 0;
   for (; d0 + N <= D; d0 += N)
     sum_block<N, kPsw, kAsm>(W, D, d0, pad, idx, off, psw, mean, d0 == 0 ? ahead : 0, fb0, fb1, B, out, width);
