@@ -270,7 +270,7 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
     int64_t cnt = 0;
     for (int64_t i = i0; mean && i < i1; ++i) cnt += idx[i] != pad;
     const A scale = cnt > 0 ? A(1) / A(cnt) : A(1);
-    A acc[N];
+    A acc[kVec ? 1 : N];  // the scalar path's sums (the vector path keeps vacc)
     if constexpr (!kVec)
       for (int64_t d = 0; d < N; ++d) acc[d] = A(0);
     F32x16 vacc[kVec ? N / 16 : 1] = {};
