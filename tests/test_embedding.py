@@ -327,8 +327,8 @@ def test_embedding_bag_module_is_a_drop_in(seed):
 
 def test_multi_table_module_accepts_a_keyed_jagged_tensor(seed):
     class KeyedJaggedTensor:  # the attributes kfuse reads, as torchrec's class has them
-        def __init__(self, keys, values, offsets):
-            self._k, self._v, self._o = keys, values, offsets
+        def __init__(self, keys, values, offsets, weights=None):
+            self._k, self._v, self._o, self._w = keys, values, offsets, weights
 
         def keys(self):
             return self._k
@@ -340,18 +340,23 @@ def test_multi_table_module_accepts_a_keyed_jagged_tensor(seed):
             return self._o
 
         def weights_or_none(self):
-            return None
+            return self._w
 
     m = MultiTableEmbeddingBag([(30, 4), (10, 3)], backend="reference")
     gen = torch.Generator().manual_seed(seed)
     idx, off = make_bags(m.tables, m.feature_table_map, 4, gen)
+    w = torch.rand(idx.numel(), generator=gen)
     assert torch.equal(m(KeyedJaggedTensor(["dx", "px"], idx, off)), m(idx, off))
+    assert torch.equal(m(KeyedJaggedTensor(["dx", "px"], idx, off, w)), m(idx, off, w))
+    with pytest.raises(ValueError, match="3 keys; this module has 2 features"):
+        m(KeyedJaggedTensor(["dx", "px", "rx"], idx, off))
     try:
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor as KJT  # noqa: PLC0415
     except ImportError:
-        return  # torchrec is optional (not a test dependency)
-    kjt = KJT(keys=["dx", "px"], values=idx, offsets=off)
-    assert torch.equal(m(kjt), m(idx, off))
+        return  # torchrec is optional (not a test dependency; checked with torchrec 1.9.2 installed)
+    assert torch.equal(m(KJT(keys=["dx", "px"], values=idx, offsets=off)), m(idx, off))
+    assert torch.equal(m(KJT(keys=["dx", "px"], values=idx, lengths=off.diff())), m(idx, off))  # lengths only
+    assert torch.equal(m(KJT(keys=["dx", "px"], values=idx, offsets=off, weights=w)), m(idx, off, w))
 
 
 # ---------------------------------------------------------------- bad input
