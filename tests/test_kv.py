@@ -171,6 +171,62 @@ def test_fixed_shape_device_rollback_matches_the_host(seed):
             cache.free(ids.pop(rng.randrange(len(ids))))
 
 
+def test_device_rollback_never_mixes_host_and_device_tensors():
+    """_rollback_device is captured in a CUDA graph (graphed_rollback), where a host-to-device copy
+    raises (and outside one, syncs). Traced on fake CUDA tensors (no GPU needed): no aten op may take a
+    CPU tensor beside a CUDA one. (It once set ``free_stack[num_pages] = -1``: a copy from a CPU scalar.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    class Mixed(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.mixed = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            devs = {a.device.type for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                    if isinstance(a, torch.Tensor)}
+            self.ops.append(str(func))
+            if {"cpu", "cuda"} <= devs:
+                self.mixed.append(str(func))
+            return func(*args, **kwargs)
+
+    cache = make(num_pages=24, _mirror=True)
+    sizes = [t.numel() for t in (cache.block_table, cache.seq_lens, cache.page_refcount, cache.free_stack,
+                                 cache.free_top)]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        flat = torch.zeros(sum(sizes), dtype=torch.int32, device="cuda")
+        table, cache.seq_lens, cache.page_refcount, cache.free_stack, cache.free_top = flat.split(sizes)
+        cache.block_table = table.view(cache.max_seqs, cache.max_pages_per_seq)
+        cache._flat, cache.device = flat, torch.device("cuda")
+        cache._scratch = torch.zeros(cache.num_pages, dtype=torch.int64, device="cuda")
+        ids, lens = torch.arange(3, device="cuda"), torch.zeros(3, dtype=torch.int32, device="cuda")
+        with Mixed() as log:
+            cache._rollback_device(ids, lens)
+    assert len(log.ops) > 10 and not log.mixed, log.mixed
+
+
+def test_metadata_ops_refuse_a_cuda_graph_capture_before_changing_anything(monkeypatch):
+    """Inside a CUDA-graph capture every metadata op raises before touching the host or device state
+    (its host half would run once, at capture). Checked on a mirrored CPU cache posing as a CUDA one,
+    with the capture query patched: the guards run before any device work."""
+    cache, a, b = _populated(mirror=True)
+    snap = snapshot(cache)
+    cache.device = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    kv = torch.zeros(1, HKV, D)
+    for name, op in [("rollback", lambda: cache.rollback([a], [1])), ("fork", lambda: cache.fork(a, 2)),
+                     ("free", lambda: cache.free(b)), ("append", lambda: cache.append(0, [a], kv, kv)),
+                     ("advance", lambda: cache.advance([a])), ("abort_step", cache.abort_step)]:
+        with pytest.raises(RuntimeError, match=f"{name}: .*graphed_rollback"):
+            op()
+        assert_same(cache, snap)
+    cache.device = torch.device("cpu")  # and after the refusals the cache works as before
+    cache.rollback([a], [1])
+    check_invariants(cache)
+
+
 def test_copy_on_write_isolates_parent_and_child(seed):
     cache = make()
     dense = Dense(cache)
@@ -476,8 +532,10 @@ def test_metadata_ops_do_not_sync_and_rollback_is_cuda_graph_capturable():
     torch.cuda.synchronize()
     check_invariants(twin)
     assert [twin.length(s) for s in (0, 1, 4)] == [1, 3, 5]
+    snap = snapshot(twin)
     with pytest.raises(RuntimeError, match="graphed_rollback"), torch.cuda.graph(torch.cuda.CUDAGraph()):
         twin.rollback([0], [0])
+    assert_same(twin, snap)  # refused before the host state changed
     # append (with a copy-on-write for seq 4), advance, fork and free do not sync either
     k1, v1 = torch.randn(4, HKV, D, device=dev), torch.randn(4, HKV, D, device=dev)
     torch.cuda.set_sync_debug_mode("error")

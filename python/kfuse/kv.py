@@ -169,10 +169,7 @@ class PagedKVCache:
         """A host list or CPU tensor as a device tensor without a sync (pinned + non_blocking on CUDA)."""
         t = vals.to(dtype) if isinstance(vals, Tensor) else torch.tensor(vals, dtype=dtype)
         if self.device.type == "cuda":
-            if torch.cuda.is_current_stream_capturing():
-                # The copy would be captured reading this temporary host buffer at every replay.
-                raise RuntimeError("PagedKVCache operations cannot be captured in a CUDA graph directly (their "
-                                   "arguments cross from the host); use cache.graphed_rollback(n) for rollback")
+            self._not_capturing("a metadata update")  # the public methods check first; this backstops
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
@@ -196,7 +193,16 @@ class PagedKVCache:
             raise ValueError(f"{what} must be an int; got {seq_id!r}")
         return int(self._ids([seq_id], what)[0])
 
+    def _not_capturing(self, op: str) -> None:
+        """Raise before any state changes when called inside a CUDA-graph capture: the host half of every
+        metadata op runs once, at capture, and its host-to-device copies would be captured reading
+        temporary host buffers at every replay."""
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{op}: PagedKVCache operations cannot be captured in a CUDA graph directly "
+                               "(their arguments cross from the host); use cache.graphed_rollback(n) for rollback")
+
     def _no_step(self, op: str) -> None:
+        self._not_capturing(op)
         if self._step is not None:
             raise ValueError(f"{op}: a step is open (layers appended: {sorted(self._step['layers'])} of "
                              f"{self.num_layers}); call advance() or abort_step() first")
@@ -283,6 +289,7 @@ class PagedKVCache:
         """
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise IndexError(f"layer must be an int in [0, {self.num_layers}); got {layer!r}")
+        self._not_capturing("append")
         st = self._step
         ids = _index_tensor(seq_ids, "seq_ids")
         cnt = torch.ones_like(ids) if counts is None else _index_tensor(counts, "counts")
@@ -334,6 +341,7 @@ class PagedKVCache:
     def advance(self, seq_ids, counts=None) -> None:
         """Commit the open step: ``seq_lens[s] += counts[s]``. ``seq_ids``/``counts`` must equal the
         step's and every layer must have appended; otherwise ``ValueError`` and nothing changes."""
+        self._not_capturing("advance")
         ids = _index_tensor(seq_ids, "seq_ids")
         cnt = torch.ones_like(ids) if counts is None else _index_tensor(counts, "counts")
         st = self._step
@@ -353,6 +361,7 @@ class PagedKVCache:
     def abort_step(self) -> None:
         """Drop the open step (if any): pages it allocated are released; lengths stay committed. K/V
         written by the step are left in place but lie at or beyond the lengths."""
+        self._not_capturing("abort_step")
         st = self._step
         if st is None:
             return
@@ -443,7 +452,9 @@ class PagedKVCache:
         target = torch.where(win, pos, self.num_pages)  # losers write the sink slot
         self.free_stack.scatter_(0, target, pages.to(torch.int32))
         self.free_top.add_(win.sum().to(torch.int32))
-        self.free_stack[self.num_pages] = -1
+        # Not `free_stack[num_pages] = -1`: a Python scalar assigned by index is copied from a CPU tensor,
+        # which a CUDA-graph capture refuses (and which syncs outside one). fill_ stays on the device.
+        self.free_stack.narrow(0, self.num_pages, 1).fill_(-1)
         self.block_table.index_copy_(0, ids, torch.where(drop, -1, rows))
         self.seq_lens.index_copy_(0, ids, new_lens)
 
