@@ -22,7 +22,8 @@ Kernels:
                      the bag (f·B + b) and the scale (per-sample weight, 1/count for mean, or 1).
 then ``torch.sort(stable=True)`` of the keys (positions of one row stay in increasing order), and
 ``_segment_kernel``  grid (N,). Program j is the start of a run of one row in the sorted keys (else it
-                     returns at once) and sums the run's scaled grad_out rows ONE BY ONE in increasing
+                     returns at once) and sums the run's scaled grad_out rows in blocks of BLOCK_R
+                     occurrences (one tile gather and a tree sum each), the blocks in increasing
                      position order: a fixed order, so the bits never depend on scheduling. It then
                      stores the row's gradient (row-sparse result) or applies the fused optimizer to
                      the row, stochastic rounding included (no gradient tensor is materialised).
@@ -73,6 +74,16 @@ def _block_d(dim: int) -> int:
     """Dim tile of the forward and psw kernels: up to 128 fp32 lanes (4 per thread at 4 warps);
     16 under the interpreter so odd dims cross several tiles in tiny tests."""
     return max(16, min(16 if triton_interpret() else 128, triton.next_power_of_2(dim)))
+
+
+def _block_r(block_d: int) -> int:
+    """Occurrences of a row the segment kernel gathers at a time: a run's blocks are a chain of
+    dependent loads (keys, positions, bags, grad_out), so a Zipf head walked one occurrence at a time
+    was a chain as long as the run (the medical benchmark's most common code: ~11k occurrences per
+    call, ~0.5-1.5 us each: milliseconds on an idle GPU). 32 at dim 128, a tile of at most 4096 fp32
+    (32 registers a thread at 4 warps); 4 under the interpreter so that tiny tests' runs span several
+    blocks."""
+    return 4 if triton_interpret() else max(1, min(32, 4096 // block_d))
 
 
 # ----------------------------------------------------------------------------------------
@@ -181,8 +192,8 @@ def _fwd_kernel(idx_ptr, off_ptr, psw_ptr, meta_ptr, out_ptr, flag_ptr, B, N, ou
             v = v * tl.load(psw_ptr + k, mask=use, other=0.0)[:, None]
         acc += tl.sum(v, 0)
         count += tl.sum(use.to(tl.int32), 0)
-    if MEAN:
-        acc = acc / tl.maximum(count, 1).to(tl.float32)
+    if MEAN:  # div_rn: correctly rounded, as the reference's and the CPU kernels' (plain / is div.full)
+        acc = tl.div_rn(acc, tl.maximum(count, 1).to(tl.float32))
     tl.store(out_ptr + b.to(tl.int64) * out_width + col + d, acc.to(WDT), mask=dm)
 
 
@@ -325,7 +336,7 @@ def _keys_kernel(idx_ptr, off_ptr, psw_ptr, meta_ptr, key_ptr, bag_ptr, scale_pt
             k = k0 + tl.arange(0, BLOCK_L)
             _, use, _ = _chunk(idx_ptr, k, hi, rows, pad)
             count += tl.sum(use.to(tl.int32), 0)
-        inv = 1.0 / tl.maximum(count, 1).to(tl.float32)
+        inv = tl.div_rn(1.0, tl.maximum(count, 1).to(tl.float32))
     for k0 in range(lo, hi, BLOCK_L):
         k = k0 + tl.arange(0, BLOCK_L)
         km = k < hi
@@ -343,14 +354,15 @@ def _keys_kernel(idx_ptr, off_ptr, psw_ptr, meta_ptr, key_ptr, bag_ptr, scale_pt
 @triton.jit
 def _segment_kernel(skey_ptr, tkey_ptr, perm_ptr, bag_ptr, scale_ptr, go_ptr, fmeta_ptr, tmeta_ptr, rank_ptr,
                     rows_out_ptr, g_out_ptr, N, B, go_width, sentinel, lr, eps, beta1, beta2, omb1, omb2,
-                    weight_decay, bc1, bc2,
+                    weight_decay, bc1, bc2, BLOCK_R: tl.constexpr,
                     BLOCK_D: tl.constexpr, MODE: tl.constexpr, WDT: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Program j: if sorted position j starts a run of one (table, row), sum the run's
-    ``scale[i]·grad_out[bag(i), cols(f(i))]`` one occurrence at a time in increasing position i (the
-    stable sort's order), then MODE 0: store it (rows_out[rank[j]] = row, g_out at the table's
-    slice) or MODE 1/2/3: update the row with SGD / row-wise Adagrad / Adam in fp32 and store it
-    (stochastically rounded for half tables). The whole row is one BLOCK_D tile: row-wise Adagrad
-    needs its mean square before the update.
+    ``scale[i]·grad_out[bag(i), cols(f(i))]`` in blocks of BLOCK_R occurrences in increasing position
+    i (the stable sort's order): each block gathered as one [BLOCK_R, BLOCK_D] tile and reduced by
+    ``tl.sum`` (a fixed tree), the blocks added in order; then MODE 0: store it (rows_out[rank[j]] =
+    row, g_out at the table's slice) or MODE 1/2/3: update the row with SGD / row-wise Adagrad / Adam
+    in fp32 and store it (stochastically rounded for half tables). The whole row is one BLOCK_D tile:
+    row-wise Adagrad needs its mean square before the update.
 
     skey [N] (int32/int64, sorted), tkey [N] int64 (table of each key, T for the sentinel),
     perm [N] int64 (positions), bag [N] int32, scale [N] fp32, go [B, go_width] any float dtype,
@@ -366,17 +378,24 @@ def _segment_kernel(skey_ptr, tkey_ptr, perm_ptr, bag_ptr, scale_ptr, go_ptr, fm
     d = tl.arange(0, BLOCK_D)
     dm = d < dim
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    k = j
+    r = tl.arange(0, BLOCK_R)
+    k0 = j
     more = j < N
     while more:
-        pos = tl.load(perm_ptr + k)
-        gb = tl.load(bag_ptr + pos)
+        # The run is a prefix of the block (the keys are sorted); the other lanes load nothing.
+        k = k0 + r
+        run = tl.load(skey_ptr + k, mask=k < N, other=sentinel) == key
+        pos = tl.load(perm_ptr + k, mask=run, other=0)
+        gb = tl.load(bag_ptr + pos, mask=run, other=0)
         f = gb // B
-        col = tl.load(fmeta_ptr + f * _FM + _COL)
-        go = tl.load(go_ptr + (gb - f * B).to(tl.int64) * go_width + col + d, mask=dm, other=0.0)
-        acc += tl.load(scale_ptr + pos) * go.to(tl.float32)
-        k += 1
-        more = (k < N) & (tl.load(skey_ptr + k, mask=k < N, other=0) == key)
+        col = tl.load(fmeta_ptr + f * _FM + _COL, mask=run, other=0)
+        sc = tl.load(scale_ptr + pos, mask=run, other=0.0)
+        go = tl.load(go_ptr + ((gb - f * B).to(tl.int64) * go_width + col)[:, None] + d[None, :],
+                     mask=run[:, None] & dm[None, :], other=0.0)
+        # acc starts at +0 and is never -0 after an add, so a block past the run's end (+0) adds nothing.
+        acc += tl.sum(sc[:, None] * go.to(tl.float32), 0)
+        k0 += BLOCK_R
+        more = tl.sum(run.to(tl.int32), 0) == BLOCK_R
     if MODE == 0:
         rank = tl.load(rank_ptr + j)
         tl.store(rows_out_ptr + rank, row)
@@ -535,14 +554,13 @@ def _launch_segments(grad_out, weights, skey, tkey, perm, bag, scale, fmeta, tme
                      bc2=1.0) -> None:
     dtype = weights[0].dtype
     # The whole row in one tile (row-wise Adagrad needs its mean square first): 512 fp32 lanes at
-    # dim 300, 4 per thread at 4 warps. Runs are mostly short; a Zipf head's program walks its
-    # occurrences serially (the price of the sequential order: measure the longest run on the GPU).
+    # dim 300, 4 per thread at 4 warps.
     block_d = max(16, triton.next_power_of_2(max(w.shape[1] for w in weights)))
     _segment_kernel[(skey.shape[0],)](
         skey, tkey, perm, bag, scale, grad_out, fmeta, tmeta, rank, rows_out, g_out, skey.shape[0], B,
         grad_out.shape[1], sentinel, lr, eps, beta1, beta2, 1.0 - beta1, 1.0 - beta2, weight_decay, bc1, bc2,
-        BLOCK_D=block_d, MODE=mode, WDT=_WDT[dtype], STOCHASTIC=mode > 0 and dtype != torch.float32,
-        num_warps=4)
+        BLOCK_R=_block_r(block_d), BLOCK_D=block_d, MODE=mode, WDT=_WDT[dtype],
+        STOCHASTIC=mode > 0 and dtype != torch.float32, num_warps=4)
 
 
 def backward_fused(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor,
@@ -641,7 +659,9 @@ def backward_psw(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offse
     return out
 
 
-@triton.jit
+# h_table not specialised: an argument equal to 1 would become a constant, which _stochastic_round's
+# integer arithmetic does not compile with (one table hash in 2^32).
+@triton.jit(do_not_specialize=["h_table"])
 def _round_kernel(y_ptr, rows_ptr, out_ptr, dim, h_table, BLOCK_D: tl.constexpr, WDT: tl.constexpr):
     """out[u, :] = stochastic rounding of y[u, :] (fp32) as row rows[u] of the table."""
     u = tl.program_id(0)
