@@ -210,6 +210,18 @@ def test_general_embedding_trains_on_cuda(small, claims):
         assert frac > 0.15 and frac > 5 * chance, (d, frac, chance)
 
 
+def test_general_embedding_keeps_its_tensors_on_its_device(small):
+    """Everything the training step computes with follows ``device`` (here "meta", standing in for a GPU
+    without one); only the host-side noise distribution and optimizer step counters stay on the CPU.
+    (The code offsets once stayed on the CPU, so training on CUDA built CPU indices for CUDA tables.)"""
+    gen = GeneralCodeEmbedding(small.sizes, 8, seed=0, device="meta")
+    host = {"noise_cdf", "codes.tables.optimizer_step", "context.optimizer_step"}
+    tensors = dict(gen.named_parameters()) | dict(gen.named_buffers())
+    assert host <= tensors.keys()
+    assert {n: t.device.type for n, t in tensors.items() if (t.device.type == "cpu") != (n in host)} == {}
+    assert gen.sample_negatives(3, torch.Generator().manual_seed(0)).device.type == "meta"
+
+
 def test_builds_agree(small, claims):
     """The same model on kfuse, torch.nn.EmbeddingBag (SGD) and FBGEMM (row-wise Adagrad): same updates."""
     idx, off = claims.visit_bags(np.arange(64))

@@ -275,7 +275,7 @@ class GeneralCodeEmbedding(nn.Module):
             self.context.weights[0].zero_()
         self.negatives = int(negatives)
         self.register_buffer("bases", torch.tensor([0, *np.cumsum(self.codes.sizes)[:-1].tolist()],
-                                                   dtype=torch.int64))
+                                                   dtype=torch.int64, device=device))
         self.register_buffer("noise_cdf", torch.linspace(1.0 / total, 1.0, total, dtype=torch.float64))
 
     def set_noise(self, counts: Sequence[np.ndarray] | Tensor, power: float = 0.75) -> None:
