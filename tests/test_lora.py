@@ -1416,13 +1416,12 @@ for dt, ad_dt, drop in [(torch.float16, torch.float16, False), (torch.bfloat16, 
                                   "y_ptr": st},
                  dict(BM=bm, BN=bn, BK=bk, RB=16, GROUP_M=group, HAS_BIAS=True, HAS_LBIAS=True, PREC=prec,
                       LR_PREC=lr), w, s, unit)
-    # Dropout in the dx kernel with fp32 only: at a half dtype's 128x256 tile the unrolled Philox
-    # takes ~20 s to compile, and the shared-memory budget does not depend on it.
-    drop_dx = drop and dt == torch.float32
+    # The dx kernel at its tile (_dx_config: narrower with dropout; bf16 with dropout ~3 s to compile).
+    xbm, xbk, xbn, xgroup, xw, xs = lk._dx_config(4096, 4096, dt, drop)
     compile_(lk._bwd_dx_kernel, {"dy_ptr": st, "w_ptr": st, "a_ptr": ad, "x_ptr": st,
-                                 "seed_ptr": "i64" if drop_dx else st, "dx_ptr": st},
-             dict(BM=bm, BK=bn, BN=bk, RB=16, GROUP_M=group, DROPOUT=drop_dx, NEED_DX=True, NEED_DA=True,
-                  PREC=prec, LR_PREC=lr), w, s)
+                                 "seed_ptr": "i64" if drop else st, "dx_ptr": st},
+             dict(BM=xbm, BK=xbk, BN=xbn, RB=16, GROUP_M=xgroup, DROPOUT=drop, NEED_DX=True, NEED_DA=True,
+                  PREC=prec, LR_PREC=lr), xw, xs)
     dbm, dbn, dw = lk._dy_config(4096)
     compile_(lk._bwd_dy_kernel, {"dy_ptr": st, "b_ptr": ad},
              dict(BM=dbm, BN=dbn, RB=16, NEED_G=True, NEED_DB=True, NEED_CS=True, LR_PREC=lr), dw, 1)

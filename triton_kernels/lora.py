@@ -529,6 +529,17 @@ def _gemm_config(M: int, P: int, dtype: torch.dtype) -> tuple[int, int, int, int
     return max(16, _pow2(M)), 64, 128, 1, 4, 4
 
 
+def _dx_config(M: int, K: int, dtype: torch.dtype, dropout: bool) -> tuple[int, int, int, int, int, int]:
+    """(BM, BK, BN, GROUP_M, num_warps, num_stages) of the dx kernel: the GEMM's tile, but at most 128
+    columns wide with dropout. Its [BM, BK] tiles of x and of the regenerated mask (for dA) stay live
+    beside the accumulator: ptxas -v for sm_90a, bf16 with fp32 adapters at BM = 128, 8 warps: 128x256
+    with dropout 255 registers and 4852 bytes of spill stores, 128x128 280 bytes; without dropout
+    128x256 80 bytes (kept: its wider wgmma tile, unmeasured on a GPU), 128x128 none. BM is the GEMM's
+    (it sets dA's partial layout)."""
+    bm, bk, bn, group, warps, stages = _gemm_config(M, K, dtype)
+    return bm, min(bk, 128) if dropout else bk, bn, group, warps, stages
+
+
 def _splits(work: int, programs: int, per_step: int, max_splits: int = 1 << 30) -> tuple[int, int]:
     """(length per split, number of splits) of a reduction of ``work`` elements in steps of
     ``per_step``, so that about _TARGET_PROGRAMS programs run; a function of the shape only."""
@@ -853,7 +864,7 @@ def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, fan_in_fan_out: bool, A
         if need_dy_colsum:
             colsum = csp[0] if m_blocks == 1 else csp.sum(0)
     if need_g and K > 0:
-        bm, bk, bn, group, warps, stages = _gemm_config(M, K, x.dtype)
+        bm, bk, bn, group, warps, stages = _dx_config(M, K, x.dtype, dropout)
         m_tiles = triton.cdiv(M, bm)
         dx = torch.empty((M, K), dtype=x.dtype, device=dev) if need_dx else None
         dap = torch.empty((m_tiles, R, K), **f32) if need_dA else None
