@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -96,6 +97,11 @@ class Candidate:
     #: A kfuse candidate that needs an optional library (``kfuse.integrations.peft``): when it is
     #: skipped, the case does not count as one that no kfuse backend ran (``python -m kfuse``).
     optional: bool = False
+    #: Its calls are bound by host work (KV's metadata operations): timed on CUDA as on the CPU, the
+    #: median of back-to-back calls' wall-clock times (then one synchronize), host checks included.
+    #: do_bench's events would bracket only the device work and what of the host's outlasts the L2
+    #: flush before each call (~70 us of memset on an H200). Its device time: :func:`device_time_us`.
+    host_bound: bool = False
 
 
 class OpBench(Protocol):
@@ -247,15 +253,28 @@ def _triton_testing() -> Any | None:
 def timer_name(device: torch.device) -> str:
     """How :func:`time_ms` times on ``device``."""
     if device.type == "cuda":
-        return "triton.testing.do_bench (median)" if _triton_testing() else "CUDA events (median)"
+        timer = "triton.testing.do_bench (median)" if _triton_testing() else "CUDA events (median)"
+        return f"{timer}; calls of {SLOW_CALL_MS:.0f} ms or more: wall clock, median of 3 synchronised runs"
     return f"wall clock, median of repeats ({torch.get_num_threads()} threads)"
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, quick: bool = False) -> tuple[float, int | None]:
+#: A CUDA call at least this slow (one warm, synchronised run, ms) is timed by 3 such runs, not by
+#: do_bench: do_bench would run a ~1.5 s generate() 8 times (an estimate of 5 runs, a warm-up and one
+#: timed run: a "median" of one).
+SLOW_CALL_MS = 200.0
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, quick: bool = False,
+            host_bound: bool = False) -> tuple[float, int | None]:
     """Median time of ``fn()`` in milliseconds and the number of timed runs (None when
-    ``do_bench`` chose it). ``fn`` should already have run once (the warm-up)."""
-    if device.type == "cuda":
+    ``do_bench`` chose it). ``fn`` should already have run once (the warm-up, compiles included).
+    ``host_bound``: on CUDA too the median wall-clock time of back-to-back calls (see
+    :attr:`Candidate.host_bound`)."""
+    if device.type == "cuda" and not host_bound:
         with torch.cuda.device(device):
+            slow = _time_slow_cuda(fn, device)
+            if slow is not None:
+                return slow
             testing = _triton_testing()
             if testing is not None:
                 ms = testing.do_bench(fn, warmup=25, rep=40 if quick else 100, return_mode="median")
@@ -271,7 +290,41 @@ def time_ms(fn: Callable[[], Any], device: torch.device, quick: bool = False) ->
         spent = time.perf_counter() - start
         if len(times) >= max_reps or spent >= cap or (len(times) >= min_reps and spent >= budget):
             break
+    _sync(device)
     return statistics.median(times) * 1e3, len(times)
+
+
+def device_time_us(fn: Callable[[], Any], device: torch.device, calls: int = 20) -> float | None:
+    """Device time of one ``fn()`` call in microseconds: the kernels' and copies' durations over
+    ``calls`` calls recorded by ``torch.profiler`` (CUPTI), summed and divided by ``calls``. None off
+    CUDA, or when the profiler failed or recorded no device activity (the row keeps its time)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    torch.cuda.synchronize(device)
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize(device)
+        total = sum(e.self_device_time_total for e in prof.key_averages())
+    except Exception:  # noqa: BLE001 (no CUPTI, a changed profiler API: the column is left out)
+        return None
+    return total / calls if total > 0 else None
+
+
+def _time_slow_cuda(fn: Callable[[], Any], device: torch.device) -> tuple[float, int] | None:
+    """One warm run, synchronised; for a call of at least SLOW_CALL_MS two more: their median and 3.
+    None for a faster call (do_bench times it)."""
+    times: list[float] = []
+    while not times or (times[0] >= SLOW_CALL_MS and len(times) < 3):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return (statistics.median(times), len(times)) if times[0] >= SLOW_CALL_MS else None
 
 
 def _time_cuda_events(fn: Callable[[], Any], device: torch.device, rep_ms: float) -> tuple[float, int]:
@@ -451,14 +504,25 @@ def _title(case: Case) -> str:
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:  # a kernel's fault leaves the context unusable: the next case fails on its own
+            pass
 
 
 def run_case(op: OpBench, case: Case, seed: int, ceilings: Ceilings, quick: bool,
              progress: Callable[[str], None]) -> list[Row]:
-    """Check and time every candidate of ``case``; returns its rows, speedups filled in."""
+    """Check and time every candidate of ``case``; returns its rows, speedups filled in. A case whose
+    inputs or candidates cannot be built is one failed row (the report goes on to the next case)."""
     torch._dynamo.reset()  # each case compiles its own baselines (no recompile limit, no reuse)
-    inputs = op.make_inputs(case, seed)
+    try:
+        inputs = op.make_inputs(case, seed)
+        cands = list(op.candidates(case, inputs))
+    except Exception as exc:  # noqa: BLE001 (an out-of-memory, a missing library: a row, not a crash)
+        msg = f"inputs or candidates failed: {type(exc).__name__}: {exc}".strip()
+        progress(f"{_title(case)}: FAILED: {msg.splitlines()[0][:200]}")
+        _release(case.device)
+        return [_note_row(case, "*", "case", "failed", msg)]
     try:
         expected = op.reference(case, inputs)
         ref_error = ""
@@ -467,7 +531,7 @@ def run_case(op: OpBench, case: Case, seed: int, ceilings: Ceilings, quick: bool
     tol = op.tolerance(case)
     title = _title(case)
     rows: list[Row] = []
-    for cand in op.candidates(case, inputs):
+    for cand in cands:
         if cand.skip or cand.run is None:
             rows.append(_note_row(case, cand.name, cand.kind, "skipped", cand.skip, cand.optional))
             progress(f"{title}: {cand.name} skipped: {cand.skip}")
@@ -482,7 +546,7 @@ def run_case(op: OpBench, case: Case, seed: int, ceilings: Ceilings, quick: bool
             first_ms = (time.perf_counter() - t0) * 1e3
             err = cand.error(result) if cand.error is not None else op.error(case, result, expected)
             del result
-            ms, reps = time_ms(cand.run, case.device, quick)
+            ms, reps = time_ms(cand.run, case.device, quick, cand.host_bound)
             extra = cand.extra(ms) if cand.extra is not None else {}
         except Exception as exc:  # noqa: BLE001 (a failing candidate is a row, not a crash)
             msg = f"{type(exc).__name__}: {exc}".strip()
@@ -544,7 +608,10 @@ def run_report(ops: dict[str, OpBench], device: torch.device, quick: bool, seed:
     report.ceilings = ceil = measure_ceilings(device, quick)
     progress(f"ceilings: copy {ceil.copy_gbps:.1f} GB/s (read + written), matmul {ceil.matmul} "
              f"{ceil.matmul_tflops:.2f} TFLOP/s")
-    all_cases = [(op, case) for op in ops.values() for case in op.cases(device, quick)]
+    # The families' cases in turn (each lists its targets' cases first), so a time budget that cuts the
+    # run short leaves every family its first cases rather than one family all of its own.
+    per_op = [[(op, case) for case in op.cases(device, quick)] for op in ops.values()]
+    all_cases = [pair for turn in itertools.zip_longest(*per_op) for pair in turn if pair is not None]
     for i, (op, case) in enumerate(all_cases):
         if time_budget is not None and time.perf_counter() - start > time_budget:
             note = f"time budget of {time_budget:.0f} s spent"

@@ -110,7 +110,9 @@ def _hf_model(case: Case) -> Any:
     cfg = LlamaConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["mlp"],
                       num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
                       num_key_value_heads=p["kv_heads"], max_position_embeddings=4096, tie_word_embeddings=True)
-    return HFLlama(cfg).to(case.device, case.dtype).eval()
+    with torch.device(case.device):  # initialised where it runs: 1.2B parameters take ~30 s on one CPU core
+        model = HFLlama(cfg)
+    return model.to(case.dtype).eval()
 
 
 def make_inputs(case: Case, seed: int) -> Inputs:

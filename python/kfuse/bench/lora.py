@@ -92,17 +92,22 @@ def step_case(device: torch.device, dtype: torch.dtype, batch: int, seq: int, la
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    """CUDA, bf16, K = N = 4096, r = 16: forward at M = 4096, 128, 16384, 1; multi-adapter at M = 128
-    over 8 adapters; a training step of an 8-layer × 1024 Llama on 4 × 512 tokens; backward at
-    M = 4096, 128, 16384, 1 (the slowest cases, a ``torch.compile`` of forward and backward in each,
-    last, should a time budget cut the run short). ``quick``: forward at 4096 and 128, the multi case,
-    a 4-layer step on 4 × 256 tokens, backward at 4096. CPU, fp32, K = N = 1024: forward at M = 1,
+    """CUDA, bf16, K = N = 4096, r = 16, the targets' cases first (a time budget cuts the run short from
+    the end): forward at M = 4096 and 128, backward at 4096, multi-adapter at M = 128 over 8
+    adapters, backward at 128, a training step of an 8-layer × 1024 Llama on 4 × 512 tokens, then
+    forward at M = 16384 and 1 and backward at 16384 and 1. ``quick``: forward at 4096 and 128,
+    backward at 4096, the multi case, a 4-layer step on 4 × 256 tokens. CPU, fp32, K = N = 1024: forward at M = 1,
     128, 2048, multi at 128 over 8, a 2-layer × 128 step on 2 × 64 tokens, backward at 128 and 2048
     (``quick``: at 128 only; each ``torch.compile`` baseline costs seconds of compiling there)."""
     if device.type == "cuda":
         dt, K, N = torch.bfloat16, 4096, 4096
-        fwd_m, bwd_m = ((4096, 128), (4096,)) if quick else ((4096, 128, 16384, 1), (4096, 128, 16384, 1))
         step = step_case(device, dt, 4, 256 if quick else 512, 4 if quick else 8, 1024, 32000)
+        out = [gemm_case(device, dt, "fwd", m, K, N) for m in (4096, 128)] + [gemm_case(device, dt, "bwd", 4096, K, N)]
+        out.append(gemm_case(device, dt, "multi", 128, K, N, adapters=8))
+        if quick:
+            return [*out, step]
+        out += [gemm_case(device, dt, "bwd", 128, K, N), step]
+        return out + [gemm_case(device, dt, m, M, K, N) for m in ("fwd", "bwd") for M in (16384, 1)]
     else:
         dt, K, N = torch.float32, 1024, 1024
         fwd_m, bwd_m = (1, 128, 2048), ((128,) if quick else (128, 2048))

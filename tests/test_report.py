@@ -1,0 +1,57 @@
+"""The report driver (kfuse.report.run_report) on fake op benches: the order cases run in, a case whose
+inputs cannot be built, and the timers' CPU paths. Each op family's own rows: tests/test_<op>.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from kfuse import report as R
+
+CPU = torch.device("cpu")
+
+
+def _fake_op(name: str, n: int, fail_inputs: int | None = None) -> SimpleNamespace:
+    """An op bench with ``n`` cases (shape (i,)); case ``fail_inputs`` cannot build its inputs."""
+    def make_inputs(case: R.Case, seed: int) -> torch.Tensor:
+        if case.shape[0] == fail_inputs:
+            raise MemoryError("out of memory (simulated)")
+        return torch.full((3,), float(case.shape[0]))
+
+    return SimpleNamespace(
+        cases=lambda device, quick: [R.Case(name, (i,), torch.float32, "fwd", device) for i in range(n)],
+        make_inputs=make_inputs,
+        candidates=lambda case, x: [R.Candidate("kfuse", "backend", lambda: x * 2),
+                                    R.Candidate("eager", "baseline", lambda: x + x)],
+        reference=lambda case, x: x.double() * 2,
+        error=lambda case, got, want: float((got.double() - want).abs().max()),
+        tolerance=lambda case: 0.0,
+        bytes_moved=lambda case: 24,
+        flops=lambda case: None,
+    )
+
+
+def test_cases_of_the_ops_take_turns_and_a_failed_case_is_a_row(monkeypatch) -> None:
+    """Each op's first case runs before any op's second (a time budget cuts every op short, not the
+    last ones whole), and a case whose inputs raise is one failed row, the report going on."""
+    monkeypatch.setattr(R, "measure_ceilings", lambda device, quick: R.Ceilings(1 << 20, 10.0, "fake", 1.0))
+    titles: list[str] = []
+    ops = {"a": _fake_op("a", 3, fail_inputs=1), "b": _fake_op("b", 1), "c": _fake_op("c", 2)}
+    rep = R.run_report(ops, CPU, quick=True, seed=0, progress=titles.append)
+    started = [t.split(": ", 1)[1] for t in titles if t.startswith("case ")]
+    assert started == ["a 0 fp32 fwd", "b 0 fp32 fwd", "c 0 fp32 fwd", "a 1 fp32 fwd",
+                       "c 1 fp32 fwd", "a 2 fp32 fwd"]
+    failed = [r for r in rep.rows if r.status == "failed"]
+    assert [(r.op, r.shape, r.name) for r in failed] == [("a", "1", "*")]
+    assert "MemoryError: out of memory (simulated)" in failed[0].note
+    ok = [r for r in rep.rows if r.status == "ok"]
+    assert len(ok) == 2 * 5 and all(r.passed and r.time_ms > 0 for r in ok) and rep.complete
+
+
+def test_cpu_timers() -> None:
+    """``host_bound`` times as on the CPU anyway; there is no device time off CUDA."""
+    calls = []
+    ms, reps = R.time_ms(lambda: calls.append(1), CPU, quick=True, host_bound=True)
+    assert ms >= 0 and reps == len(calls) >= 3
+    assert R.device_time_us(lambda: None, CPU) is None
