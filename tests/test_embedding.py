@@ -1214,9 +1214,9 @@ from kfuse.triton_kernels import embedding as te
 
 for w, wdt, it in [("fp32", tl.float32, "i32"), ("fp16", tl.float16, "i64"), ("bf16", tl.bfloat16, "i32")]:
     types = {"idx_ptr": f"*{it}", "off_ptr": f"*{it}", "out_ptr": f"*{w}", "flag_ptr": "*i32", "key_ptr": f"*{it}",
-             "bag_ptr": "*i32", "go_ptr": "*fp32", "skey_ptr": f"*{it}", "rows_out_ptr": "*i64", "g_out_ptr": "*fp32",
+             "go_ptr": "*fp32", "skey_ptr": f"*{it}", "rows_out_ptr": "*i64", "g_out_ptr": "*fp32",
              "h_table": "i64"}
-    for n in ("meta_ptr", "fmeta_ptr", "tmeta_ptr", "tkey_ptr", "perm_ptr", "rank_ptr", "rows_ptr"):
+    for n in ("meta_ptr", "tmeta_ptr", "tkey_ptr", "goff_ptr", "rank_ptr", "rows_ptr"):
         types[n] = "*i64"
     for n in ("psw_ptr", "scale_ptr", "y_ptr"):
         types[n] = "*fp32"

@@ -19,8 +19,10 @@ Kernels:
                      gather per chunk, fp32 accumulation, one store in the tables' dtype.
 ``_keys_kernel``     grid (B, F). Per flat position: the sort key (global row = first row of the
                      table + index, or a sentinel above every row for padding and invalid indices),
-                     the bag (f·B + b) and the scale (per-sample weight, 1/count for mean, or 1).
-then ``torch.sort(stable=True)`` of the keys (positions of one row stay in increasing order), and
+                     the offset of its bag's slice in grad_out and the scale (per-sample weight,
+                     1/count for mean, or 1).
+then ``torch.sort(stable=True)`` of the keys (positions of one row stay in increasing order), the
+offsets and scales gathered into that order, and
 ``_segment_kernel``  grid (N,). Program j is the start of a run of one row in the sorted keys (else it
                      returns at once) and sums the run's scaled grad_out rows in blocks of BLOCK_R
                      occurrences (one tile gather and a tree sum each), the blocks in increasing
@@ -315,18 +317,20 @@ def check_flag(flag: Tensor, indices: Tensor, offsets: Tensor) -> None:
 # Backward: keys, stable sort, segment sums (+ fused optimizers); psw gradient.
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _keys_kernel(idx_ptr, off_ptr, psw_ptr, meta_ptr, key_ptr, bag_ptr, scale_ptr, B, N, sentinel,
+def _keys_kernel(idx_ptr, off_ptr, psw_ptr, meta_ptr, key_ptr, goff_ptr, scale_ptr, B, N, sentinel, go_width,
                  BLOCK_L: tl.constexpr, MEAN: tl.constexpr, HAS_PSW: tl.constexpr):
     """Bag b of feature f: for each of its positions i, key[i] = first global row of the table + index
-    (``sentinel`` for padding and invalid indices: sorted last, never summed), bag[i] = f·B + b
-    (int32), scale[i] = psw[i], 1/count (mean) or 1 (fp32). Positions in no bag keep the
-    sentinel the launcher filled in."""
+    (``sentinel`` for padding and invalid indices: sorted last, never summed), goff[i] = where the
+    bag's gradient slice starts in grad_out ``[B, go_width]`` (b·go_width + the feature's column;
+    int64), scale[i] = psw[i], 1/count (mean) or 1 (fp32). Positions in no bag keep the sentinel the
+    launcher filled in."""
     b = tl.program_id(0)
     f = tl.program_id(1)
     m = meta_ptr + f * _FM
     rows = tl.load(m + _ROWS)
     pad = tl.load(m + _PAD)
     base = tl.load(m + _BASE)
+    goff = b.to(tl.int64) * go_width + tl.load(m + _COL)
     g = f.to(tl.int64) * B + b
     lo, hi = _bag_range(off_ptr, g, N)
     inv = 1.0
@@ -343,7 +347,7 @@ def _keys_kernel(idx_ptr, off_ptr, psw_ptr, meta_ptr, key_ptr, bag_ptr, scale_pt
         row, use, _ = _chunk(idx_ptr, k, hi, rows, pad)
         key = tl.where(use, base + row, sentinel)
         tl.store(key_ptr + k, key.to(key_ptr.dtype.element_ty), mask=km)
-        tl.store(bag_ptr + k, tl.zeros([BLOCK_L], tl.int32) + g.to(tl.int32), mask=km)
+        tl.store(goff_ptr + k, tl.zeros([BLOCK_L], tl.int64) + goff, mask=km)
         if HAS_PSW:
             s = tl.load(psw_ptr + k, mask=km, other=0.0)
         else:
@@ -352,21 +356,22 @@ def _keys_kernel(idx_ptr, off_ptr, psw_ptr, meta_ptr, key_ptr, bag_ptr, scale_pt
 
 
 @triton.jit
-def _segment_kernel(skey_ptr, tkey_ptr, perm_ptr, bag_ptr, scale_ptr, go_ptr, fmeta_ptr, tmeta_ptr, rank_ptr,
-                    rows_out_ptr, g_out_ptr, N, B, go_width, sentinel, lr, eps, beta1, beta2, omb1, omb2,
+def _segment_kernel(skey_ptr, tkey_ptr, goff_ptr, scale_ptr, go_ptr, tmeta_ptr, rank_ptr,
+                    rows_out_ptr, g_out_ptr, N, sentinel, lr, eps, beta1, beta2, omb1, omb2,
                     weight_decay, bc1, bc2, BLOCK_R: tl.constexpr,
                     BLOCK_D: tl.constexpr, MODE: tl.constexpr, WDT: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Program j: if sorted position j starts a run of one (table, row), sum the run's
     ``scale[i]·grad_out[bag(i), cols(f(i))]`` in blocks of BLOCK_R occurrences in increasing position
-    i (the stable sort's order): each block gathered as one [BLOCK_R, BLOCK_D] tile and reduced by
+    i (the stable sort's order): each block's slices gathered as one [BLOCK_R, BLOCK_D] tile from
+    their offsets in grad_out (goff, in sorted order: one level of indirection) and reduced by
     ``tl.sum`` (a fixed tree), the blocks added in order; then MODE 0: store it (rows_out[rank[j]] =
     row, g_out at the table's slice) or MODE 1/2/3: update the row with SGD / row-wise Adagrad / Adam
     in fp32 and store it (stochastically rounded for half tables). The whole row is one BLOCK_D tile:
     row-wise Adagrad needs its mean square before the update.
 
-    skey [N] (int32/int64, sorted), tkey [N] int64 (table of each key, T for the sentinel),
-    perm [N] int64 (positions), bag [N] int32, scale [N] fp32, go [B, go_width] any float dtype,
-    fmeta int64 [F, _FM], tmeta int64 [T, _TM], rank [N] int64 (run number of each run start)."""
+    skey [N] (int32/int64, sorted), tkey [N] int64 (table of each key, T for the sentinel), goff [N]
+    int64 and scale [N] fp32 (each sorted position's grad_out offset and scale), go [B, go_width] any
+    float dtype, tmeta int64 [T, _TM], rank [N] int64 (run number of each run start)."""
     j = tl.program_id(0)
     key = tl.load(skey_ptr + j)
     prev = tl.load(skey_ptr + tl.maximum(j - 1, 0))
@@ -385,13 +390,9 @@ def _segment_kernel(skey_ptr, tkey_ptr, perm_ptr, bag_ptr, scale_ptr, go_ptr, fm
         # The run is a prefix of the block (the keys are sorted); the other lanes load nothing.
         k = k0 + r
         run = tl.load(skey_ptr + k, mask=k < N, other=sentinel) == key
-        pos = tl.load(perm_ptr + k, mask=run, other=0)
-        gb = tl.load(bag_ptr + pos, mask=run, other=0)
-        f = gb // B
-        col = tl.load(fmeta_ptr + f * _FM + _COL, mask=run, other=0)
-        sc = tl.load(scale_ptr + pos, mask=run, other=0.0)
-        go = tl.load(go_ptr + ((gb - f * B).to(tl.int64) * go_width + col)[:, None] + d[None, :],
-                     mask=run[:, None] & dm[None, :], other=0.0)
+        off = tl.load(goff_ptr + k, mask=run, other=0)
+        sc = tl.load(scale_ptr + k, mask=run, other=0.0)
+        go = tl.load(go_ptr + off[:, None] + d[None, :], mask=run[:, None] & dm[None, :], other=0.0)
         # acc starts at +0 and is never -0 after an add, so a block past the run's end (+0) adds nothing.
         acc += tl.sum(sc[:, None] * go.to(tl.float32), 0)
         k0 += BLOCK_R
@@ -450,7 +451,7 @@ def _sorted_keys(weights: list[Tensor], indices: Tensor, offsets: Tensor, featur
                  padding_idx: list[int], pooling: int, per_sample_weights: Tensor | None, B: int):
     """Keys, stable sort and runs, all on the device without a host sync.
 
-    Returns (fmeta, skey [N] sorted keys, perm [N] int64 positions, bag [N] int32, scale [N] fp32,
+    Returns (skey [N] sorted keys, goff [N] int64 grad_out offsets and scale [N] fp32 in sorted order,
     tkey [N] int64 table of each sorted key (T for the sentinel), firsts [T + 1] the first global row
     of each table and the sentinel (skey's dtype), sentinel)."""
     dev = weights[0].device
@@ -460,22 +461,27 @@ def _sorted_keys(weights: list[Tensor], indices: Tensor, offsets: Tensor, featur
     # int32 keys when the global rows fit: half the radix-sort passes of int64.
     kdt = torch.int32 if sentinel < _INT32_MAX else torch.int64
     key = torch.full((N,), sentinel, dtype=kdt, device=dev)
-    bag = torch.empty((N,), dtype=torch.int32, device=dev)
+    goff = torch.empty((N,), dtype=torch.int64, device=dev)  # (positions in no bag: sentinel keys, never read)
     scale = torch.empty((N,), dtype=torch.float32, device=dev)
     psw = per_sample_weights
+    go_width = sum(weights[t].shape[1] for t in feature_table)
     _keys_kernel[(B, len(feature_table))](
-        indices, offsets, psw if psw is not None else scale, fmeta, key, bag, scale, B, N, sentinel,
+        indices, offsets, psw if psw is not None else scale, fmeta, key, goff, scale, B, N, sentinel, go_width,
         BLOCK_L=_BLOCK_L, MEAN=pooling == 1, HAS_PSW=psw is not None, num_warps=1)
     # Stable: the positions of one row keep their increasing order, which fixes the order of its
     # sum. On a GPU, a CUB radix sort of N (key, int64 position) pairs: about 4 passes over
     # N·12 bytes for int32 keys (~1 MB at the medical benchmark's N = 80k; not yet timed on a GPU).
     skey, perm = torch.sort(key, stable=True)
+    # Offsets and scales in sorted order (two gathers of N): the segment kernel then reads them
+    # contiguously, one level of dependent loads before grad_out instead of three (position, bag,
+    # feature column).
+    goff, scale = goff[perm], scale[perm]
     firsts = [0]
     for w in weights:
         firsts.append(firsts[-1] + w.shape[0])
     firsts = torch.tensor(firsts, dtype=kdt).to(dev, non_blocking=True)
     tkey = torch.searchsorted(firsts[1:], skey, right=True)
-    return fmeta, skey, perm, bag, scale, tkey, firsts, sentinel
+    return skey, goff, scale, tkey, firsts, sentinel
 
 
 def backward_sparse(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor,
@@ -506,7 +512,7 @@ def backward_sparse(grad_out: Tensor, weights: list[Tensor], indices: Tensor, of
     if N == 0 or B == 0:
         return [(torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros((0, w.shape[1]), dtype=torch.float32,
                                                                               device=dev)) for w in weights]
-    fmeta, skey, perm, bag, scale, tkey, firsts, sentinel = _sorted_keys(
+    skey, goff, scale, tkey, firsts, sentinel = _sorted_keys(
         weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights, B)
     run_start = torch.ones((N,), dtype=torch.bool, device=dev)
     run_start[1:] = skey[1:] != skey[:-1]
@@ -522,8 +528,7 @@ def backward_sparse(grad_out: Tensor, weights: list[Tensor], indices: Tensor, of
     rows_out = torch.empty((seg0[-1],), dtype=torch.int64, device=dev)
     g_out = torch.empty((out0[-1],), dtype=torch.float32, device=dev)
     tmeta = _table_meta(weights, seg0=seg0, out0=out0)
-    _launch_segments(grad_out, weights, skey, tkey, perm, bag, scale, fmeta, tmeta, rank, rows_out, g_out, B,
-                     sentinel, mode=0)
+    _launch_segments(grad_out, weights, skey, tkey, goff, scale, tmeta, rank, rows_out, g_out, sentinel, mode=0)
     return [(rows_out[seg0[t]:seg0[t + 1]], g_out[out0[t]:out0[t + 1]].view(counts[t], w.shape[1]))
             for t, w in enumerate(weights)]
 
@@ -549,16 +554,16 @@ def _table_meta(weights: list[Tensor], seg0: list[int] | None = None, out0: list
     return torch.tensor(rows, dtype=torch.int64).to(weights[0].device, non_blocking=True)
 
 
-def _launch_segments(grad_out, weights, skey, tkey, perm, bag, scale, fmeta, tmeta, rank, rows_out, g_out, B,
-                     sentinel, mode, lr=0.0, eps=0.0, beta1=0.0, beta2=0.0, weight_decay=0.0, bc1=1.0,
+def _launch_segments(grad_out, weights, skey, tkey, goff, scale, tmeta, rank, rows_out, g_out, sentinel, mode,
+                     lr=0.0, eps=0.0, beta1=0.0, beta2=0.0, weight_decay=0.0, bc1=1.0,
                      bc2=1.0) -> None:
     dtype = weights[0].dtype
     # The whole row in one tile (row-wise Adagrad needs its mean square first): 512 fp32 lanes at
     # dim 300, 4 per thread at 4 warps.
     block_d = max(16, triton.next_power_of_2(max(w.shape[1] for w in weights)))
     _segment_kernel[(skey.shape[0],)](
-        skey, tkey, perm, bag, scale, grad_out, fmeta, tmeta, rank, rows_out, g_out, skey.shape[0], B,
-        grad_out.shape[1], sentinel, lr, eps, beta1, beta2, 1.0 - beta1, 1.0 - beta2, weight_decay, bc1, bc2,
+        skey, tkey, goff, scale, grad_out, tmeta, rank, rows_out, g_out, skey.shape[0], sentinel, lr, eps, beta1,
+        beta2, 1.0 - beta1, 1.0 - beta2, weight_decay, bc1, bc2,
         BLOCK_R=_block_r(block_d), BLOCK_D=block_d, MODE=mode, WDT=_WDT[dtype],
         STOCHASTIC=mode > 0 and dtype != torch.float32, num_warps=4)
 
@@ -604,12 +609,12 @@ def backward_fused(grad_out: Tensor, weights: list[Tensor], indices: Tensor, off
                              f"{want}")
     if indices.shape[0] == 0 or B == 0:
         return
-    fmeta, skey, perm, bag, scale, tkey, _, sentinel = _sorted_keys(
+    skey, goff, scale, tkey, _, sentinel = _sorted_keys(
         weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights, B)
     tmeta = _table_meta(weights, states1=states1, states2=states2,
                         hashes=[table_hash(seed, step, t) for t in range(len(weights))])
     # rank, rows_out and g_out are not read by the optimizer modes: any tensors do.
-    _launch_segments(grad_out, weights, skey, tkey, perm, bag, scale, fmeta, tmeta, skey, skey, scale, B, sentinel,
+    _launch_segments(grad_out, weights, skey, tkey, goff, scale, tmeta, skey, skey, scale, sentinel,
                      mode=OPTIMIZERS[optimizer], lr=lr, eps=eps, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
                      bc1=1.0 - beta1**step if optimizer == "adam" else 1.0,
                      bc2=1.0 - beta2**step if optimizer == "adam" else 1.0)
