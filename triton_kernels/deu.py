@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kfuse._backends import triton_interpret
+from kfuse._backends import on_input_device, triton_interpret
 
 # Constants of the definition (python/kfuse/reference/deu.py).
 EPS: tl.constexpr = tl.constexpr(0.01)
@@ -746,6 +746,7 @@ def _check(x: torch.Tensor, coeffs: torch.Tensor) -> None:
                          f"got {tuple(coeffs.shape)} {coeffs.dtype}")
 
 
+@on_input_device
 def deu_forward(x: torch.Tensor, coeffs: torch.Tensor, out: torch.Tensor) -> None:
     """y = DEU(x) for x viewed as [M, N, K], written into ``out`` (contiguous, like x)."""
     _check(x, coeffs)
@@ -766,6 +767,7 @@ def deu_forward(x: torch.Tensor, coeffs: torch.Tensor, out: torch.Tensor) -> Non
                                       num_warps=_NUM_WARPS)
 
 
+@on_input_device
 def deu_backward(grad_y: torch.Tensor, x: torch.Tensor, coeffs: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x like x, grad_coeffs [N, 5] in coeffs' dtype); deterministic (no atomics)."""

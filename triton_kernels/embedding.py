@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kfuse._backends import triton_interpret
+from kfuse._backends import on_input_device, triton_interpret
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _WDT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -245,6 +245,7 @@ def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: 
     return torch.tensor(rows, dtype=torch.int64).to(weights[0].device, non_blocking=True), col
 
 
+@on_input_device
 def forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_table: list[int],
             padding_idx: list[int], pooling: int, per_sample_weights: Tensor | None) -> tuple[Tensor, Tensor]:
     """Pooled lookups of every feature in one launch.
@@ -484,6 +485,7 @@ def _sorted_keys(weights: list[Tensor], indices: Tensor, offsets: Tensor, featur
     return skey, goff, scale, tkey, firsts, sentinel
 
 
+@on_input_device
 def backward_sparse(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor,
                     feature_table: list[int], padding_idx: list[int], pooling: int,
                     per_sample_weights: Tensor | None) -> list[tuple[Tensor, Tensor]]:
@@ -568,6 +570,7 @@ def _launch_segments(grad_out, weights, skey, tkey, goff, scale, tmeta, rank, ro
         STOCHASTIC=mode > 0 and dtype != torch.float32, num_warps=4)
 
 
+@on_input_device
 def backward_fused(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor,
                    feature_table: list[int], padding_idx: list[int], pooling: int,
                    per_sample_weights: Tensor | None, optimizer: str, states1: list[Tensor], states2: list[Tensor],
@@ -647,6 +650,7 @@ def _psw_kernel(idx_ptr, off_ptr, meta_ptr, go_ptr, out_ptr, B, N, go_width,
         tl.store(out_ptr + k, acc, mask=k < hi)
 
 
+@on_input_device
 def backward_psw(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor,
                  feature_table: list[int], padding_idx: list[int]) -> Tensor:
     """Gradient of ``per_sample_weights``: ``[N]`` float32, ``<grad_out[bag(i), cols(f(i))], W[idx_i]>``
@@ -677,6 +681,7 @@ def _round_kernel(y_ptr, rows_ptr, out_ptr, dim, h_table, BLOCK_D: tl.constexpr,
     tl.store(out_ptr + u.to(tl.int64) * dim + d, _stochastic_round(y, h_table, row, d, WDT), mask=dm)
 
 
+@on_input_device
 def stochastic_round(y: Tensor, rows: Tensor, dtype: torch.dtype, seed: int, step: int, table: int) -> Tensor:
     """The fused optimizers' stochastic rounding on its own (the same device function): ``y [U, dim]``
     float32 contiguous, new values of table ``table``'s ``rows [U]`` (int64), rounded to ``dtype``

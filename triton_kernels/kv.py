@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kfuse._backends import triton_interpret
+from kfuse._backends import on_input_device, triton_interpret
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -184,6 +184,7 @@ def decode_config(group: int, head_dim: int) -> tuple[int, int, int]:
     return block_g, block_d, 4
 
 
+@on_input_device
 def paged_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seq_ids: Tensor, lens: Tensor,
                  max_len: int, scale: float, split_tokens: int | None = None) -> Tensor:
     """Decode attention over one layer's pages.
@@ -297,6 +298,7 @@ def prefill_config(group: int, head_dim: int) -> tuple[int, int, int, int]:
     return block_m, block_m // group, block_d, 4
 
 
+@on_input_device
 def paged_prefill(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seq_ids: Tensor, lens: Tensor,
                   q_lens: Tensor, max_q_len: int, scale: float) -> Tensor:
     """Causal prefill / append attention over one layer's pages.

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kfuse._backends import triton_interpret
+from kfuse._backends import on_input_device, triton_interpret
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -630,6 +630,7 @@ def _dropout_args(seed: Tensor | None, p: float, x: Tensor) -> tuple[bool, Tenso
     return True, seed, p, 1.0 / (1.0 - p)
 
 
+@on_input_device
 def lora_dropout_mask(seed: Tensor, M: int, K: int, p: float) -> Tensor:
     """The dropout mask every kernel here applies (and regenerates, backward).
 
@@ -658,6 +659,7 @@ def lora_dropout_mask(seed: Tensor, M: int, K: int, p: float) -> Tensor:
     return out.view(torch.bool)
 
 
+@on_input_device
 def lora_shrink(x: Tensor, A: Tensor, seed: Tensor | None, p: float) -> Tensor:
     """``S = dropout(x) Aᵀ`` in fp32 (the intermediate the forward and backward share).
 
@@ -699,6 +701,7 @@ def lora_shrink(x: Tensor, A: Tensor, seed: Tensor | None, p: float) -> Tensor:
     return S
 
 
+@on_input_device
 def lora_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A: Tensor, B: Tensor, scaling: float,
                  bias: Tensor | None, lora_bias: Tensor | None, seed: Tensor | None, p: float, save_s: bool
                  ) -> tuple[Tensor, Tensor | None]:
@@ -783,6 +786,7 @@ def _dy_config(M: int) -> tuple[int, int, int]:
     return min(128, max(16, _pow2(M))), 64, 8
 
 
+@on_input_device
 def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, fan_in_fan_out: bool, A: Tensor, B: Tensor, scaling: float,
                   S: Tensor, seed: Tensor | None, p: float, need_dx: bool, need_dA: bool, need_dB: bool,
                   need_dy_colsum: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
@@ -881,6 +885,7 @@ def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, fan_in_fan_out: bool, A
     return dx, dA, dB, colsum
 
 
+@on_input_device
 def lora_multi_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A_stack: Tensor, B_stack: Tensor,
                        scalings: Tensor, ranks: Tensor, adapter_ids: Tensor, bias: Tensor | None) -> Tensor:
     """Several adapters in one batch (serving): ``y[m] = x[m] Wᵀ + bias + s_a·(x[m] A_aᵀ) B_aᵀ``

@@ -8,16 +8,19 @@ lists them, in the manner of xformers' dispatcher.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any, TypeVar
 
 import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class BackendUnavailableError(RuntimeError):
@@ -66,6 +69,32 @@ def extension_reasons(device: torch.device) -> list[str]:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _first_tensor(args: tuple) -> torch.Tensor | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0]
+    return None
+
+
+def on_input_device(launcher: _F) -> _F:
+    """Runs a Triton launcher under the CUDA device of its first tensor argument (or of the first
+    tensor of its first list argument). Triton launches on the *current* device
+    (``driver.active.get_current_device()``), not on its tensors': tensors on ``cuda:1`` while
+    ``cuda:0`` is current would be handed to kernels running on ``cuda:0``. Costs one
+    ``current_device()`` call; nothing for CPU tensors (the interpreter)."""
+    @functools.wraps(launcher)
+    def launch(*args: Any, **kwargs: Any) -> Any:
+        t = _first_tensor(args)
+        if t is not None and t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    return launch  # type: ignore[return-value]
 
 
 def triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
