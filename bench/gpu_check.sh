@@ -2,6 +2,9 @@
 # The one script for a GPU machine (offline), run from the repository root:
 #   bash bench/gpu_check.sh            # writes under $OUT (default: gpu_out/)
 #   bash bench/gpu_check.sh --ops lora # op families: deu, lora, kv, embedding, backtrack, or a list (all = every one, the default)
+# Prepared here first (no device time; docs/CONTRIBUTING.md): make gpu-wheels gpu-prebuilt, then carry
+# .gpu-wheels and python/kfuse/_C.cpython-312-x86_64-linux-gnu.so (tests in 8 pytest-xdist workers;
+# no build for kv/backtrack). Four families in one run: KFUSE_GPU_DEADLINE=560 with timeout_s 590.
 # --ops deu runs the DEU steps below (as before LoRA existed). --ops lora builds nothing (LoRA has no
 # csrc kernels: its Triton kernels compile at first call; kfuse is imported from python/), runs the
 # LoRA report rows (python -m kfuse --ops lora: forward, backward, multi-adapter, a PEFT training
