@@ -955,6 +955,27 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
+def test_ragged_decode_baseline_stays_on_fused_sdpa_kernels():
+    """The ragged decode baseline on CUDA (kfuse.bench.kv._fused_sdpa, run here on CPU tensors): SDPA
+    with GQA and a mask under the fused kernels when one takes it, else K/V repeated per head (and the
+    row says so); both give SDPA's result."""
+    from kfuse.bench import kv as kv_bench  # noqa: PLC0415
+
+    q4, k, v = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    mask = (torch.arange(40) < torch.tensor([30, 40]).unsqueeze(1))[:, None, None, :]
+
+    def plain():
+        return F.scaled_dot_product_attention(q4, k, v, attn_mask=mask, enable_gqa=True).squeeze(2)
+
+    def unsupported():
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    fn, extra = kv_bench._fused_sdpa(plain, q4, k, v, mask)
+    assert extra is None and torch.allclose(fn(), plain(), atol=1e-6)
+    fn, extra = kv_bench._fused_sdpa(unsupported, q4, k, v, mask)
+    assert extra(0.0) == {"K/V repeated": 1.0} and torch.allclose(fn(), plain(), atol=1e-6)
+
+
 def _tiny_report_cases(device: torch.device, quick: bool) -> list:
     from kfuse.bench import kv as kv_bench  # noqa: PLC0415
 

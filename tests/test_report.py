@@ -55,3 +55,16 @@ def test_cpu_timers() -> None:
     ms, reps = R.time_ms(lambda: calls.append(1), CPU, quick=True, host_bound=True)
     assert ms >= 0 and reps == len(calls) >= 3
     assert R.device_time_us(lambda: None, CPU) is None
+
+
+def test_slow_cuda_calls_take_three_synchronised_runs(monkeypatch) -> None:
+    """A call at least SLOW_CALL_MS long is timed by 3 synchronised wall-clock runs; a faster one is left
+    to do_bench after one (CUDA's synchronize stubbed: the logic, not the device)."""
+    import time  # noqa: PLC0415
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(R, "SLOW_CALL_MS", 5.0)
+    calls = []
+    ms, reps = R._time_slow_cuda(lambda: calls.append(time.sleep(0.006)), torch.device("cuda"))
+    assert reps == 3 == len(calls) and ms >= 6.0
+    assert R._time_slow_cuda(lambda: calls.append(None), torch.device("cuda")) is None and len(calls) == 4
