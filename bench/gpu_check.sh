@@ -235,17 +235,19 @@ OWN_TESTS=("${LORA_TESTS[@]}")
 ((BT)) && OWN_TESTS+=(tests/test_llama.py tests/test_backtrack.py)
 ((DEU)) && step tests-cuda "$OUT/tests.log" 150 python3 -m pytest "${XDIST[@]}" tests -q -rfE -m cuda \
     "${OWN_TESTS[@]/#/--ignore=}" ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
-((LORA)) && step tests-lora "$OUT/tests.log" 180 python3 -m pytest "${XDIST[@]}" "${LORA_TESTS[@]}" -q -rfE -m cuda \
-    --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
+# The smaller families' tests first (each ~30 s in 8 workers, estimated), then LoRA's (~480 Triton
+# compiles: ~100 s in 8 workers), then the embedding sync timing: whatever the deadline cuts comes last.
 ((KV)) && step tests-kv "$OUT/tests.log" 150 python3 -m pytest "${XDIST[@]}" tests/test_kv.py -q -rfE -m cuda \
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 ((EMB)) && step tests-emb "$OUT/tests.log" 150 python3 -m pytest "${XDIST[@]}" tests/test_embedding.py tests/test_medical_codes.py -q -rfE -m cuda \
     --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
+((BT)) && step tests-bt "$OUT/tests.log" 120 python3 -m pytest "${XDIST[@]}" tests/test_llama.py tests/test_backtrack.py -q -rfE \
+    -m cuda --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
+((LORA)) && step tests-lora "$OUT/tests.log" 180 python3 -m pytest "${XDIST[@]}" "${LORA_TESTS[@]}" -q -rfE -m cuda \
+    --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 # What the Triton forward's one host sync (reading its bad-index flag) costs per call and per training
 # step: back-to-back calls with and without the read (bench/sync_embedding.py).
 ((EMB)) && step sync-emb "$OUT/micro.log" 60 python3 bench/sync_embedding.py --device cuda --number 100
-((BT)) && step tests-bt "$OUT/tests.log" 120 python3 -m pytest "${XDIST[@]}" tests/test_llama.py tests/test_backtrack.py -q -rfE \
-    -m cuda --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 # Whether the fwd+bwd step through autograd is host-bound, and what runs besides the kernels
 # (bf16's step took ~230 us more than its kernels on 2026-11-26; fp32's did not).
 for dt in float32 bfloat16; do
