@@ -1,0 +1,43 @@
+"""Per-step cost of greedy decoding with kfuse's Llama against transformers' generate on a model whose
+arithmetic is negligible (16 layers of width 64, batch 32, 64 new tokens, one thread): what is left is
+mostly host work, the regime a 1B-class model's decode on a GPU may be in (issue 16's GPU target,
+>= 1.5x generate's tokens/s). Usage: ``python bench/host_backtrack.py [--layers 16] [--device cpu]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from kfuse.bench import backtrack as bb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dev = torch.device(args.device)
+    c = bb.case(dev, torch.float32, "decode", 32, 64, prompt=(8, 32), hidden=64, layers=args.layers, heads=4,
+                kv_heads=2, mlp=128, vocab=512)
+    inp = bb.make_inputs(c, 0)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for name, fn in (("kfuse", bb._kfuse_decode), ("transformers", bb._hf_decode)):
+            fn(c, inp)
+            best = float("inf")
+            for _ in range(3):
+                sync()
+                t0 = time.perf_counter()
+                fn(c, inp)
+                sync()
+                best = min(best, time.perf_counter() - t0)
+            step = best / c.shape[1]
+            print(f"{name:>12}: {step * 1e3:.2f} ms per step, {step / args.layers * 1e6:.0f} us per layer-step")
+
+
+if __name__ == "__main__":
+    main()
