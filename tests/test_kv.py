@@ -955,6 +955,37 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
+def test_layers_of_a_step_share_one_validation(monkeypatch):
+    """Within a step, a layer's attention given the same ids tensor as the previous layer's (unchanged)
+    skips the cache's checks and reuses its device copies; an in-place change of that tensor, or
+    another tensor, is checked again; the outputs are those of a fresh check."""
+    from kfuse.ops import kv as kv_ops  # noqa: PLC0415
+
+    cache = make()
+    ids = [cache.add_sequence() for _ in range(3)]
+    step(cache, None, ids, [5, 3, 7])
+    seq = torch.tensor(ids)
+    q = torch.randn(3, 2 * HKV, D)
+    checks = []
+    real = cache._ids
+    monkeypatch.setattr(cache, "_ids", lambda s, what="seq_ids": checks.append(1) or real(s, what))
+    outs = []
+    for layer in range(L):
+        k, v = torch.randn(3, HKV, D), torch.randn(3, HKV, D)
+        cache.append(layer, seq, k, v)
+        outs.append(kfuse.paged_decode_attention(q, cache, layer, seq, backend="cpu"))
+    assert len(checks) == 1  # the first layer's only
+    first = kv_ops._validate("paged_decode_attention", q, cache, 0, seq)
+    seq.add_(0)  # an in-place write (same values, new version): checked again
+    again = kv_ops._validate("paged_decode_attention", q, cache, 0, seq)
+    assert len(checks) == 2 and again is not first and torch.equal(again.lens, first.lens)
+    kv_ops._validate("paged_decode_attention", q, cache, 0, seq.clone())  # another tensor: checked
+    assert len(checks) == 3
+    cache.advance(seq)
+    fresh = kfuse.paged_decode_attention(q, cache, L - 1, seq, backend="cpu")  # no step: checked, same lengths
+    assert torch.equal(fresh, outs[-1])
+
+
 def test_ragged_decode_baseline_stays_on_fused_sdpa_kernels():
     """The ragged decode baseline on CUDA (kfuse.bench.kv._fused_sdpa, run here on CPU tensors): SDPA
     with GQA and a mask under the fused kernels when one takes it, else K/V repeated per head (and the
