@@ -79,12 +79,12 @@ def _block_d(dim: int) -> int:
 
 
 def _block_r(block_d: int) -> int:
-    """Occurrences of a row the segment kernel gathers at a time: a run's blocks are a chain of
-    dependent loads (keys, positions, bags, grad_out), so a Zipf head walked one occurrence at a time
-    was a chain as long as the run (the medical benchmark's most common code: ~11k occurrences per
-    call, ~0.5-1.5 us each: milliseconds on an idle GPU). 32 at dim 128, a tile of at most 4096 fp32
-    (32 registers a thread at 4 warps); 4 under the interpreter so that tiny tests' runs span several
-    blocks."""
+    """Occurrences of a row the segment kernel gathers at a time: each block is a chain of dependent
+    loads (keys with offsets and scales, then the grad_out tile), so a Zipf head walked one occurrence
+    at a time was a chain as long as the run (the medical benchmark's most common code: ~11k
+    occurrences per call, ~0.5-1.5 us each: milliseconds on an idle GPU). 32 at dim 128, a tile of at
+    most 4096 fp32 (32 registers a thread at 4 warps); 4 under the interpreter so that tiny tests' runs
+    span several blocks."""
     return 4 if triton_interpret() else max(1, min(32, 4096 // block_d))
 
 

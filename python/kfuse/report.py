@@ -254,7 +254,8 @@ def timer_name(device: torch.device) -> str:
     """How :func:`time_ms` times on ``device``."""
     if device.type == "cuda":
         timer = "triton.testing.do_bench (median)" if _triton_testing() else "CUDA events (median)"
-        return f"{timer}; calls of {SLOW_CALL_MS:.0f} ms or more: wall clock, median of 3 synchronised runs"
+        return (f"{timer}; calls of {SLOW_CALL_MS:.0f} ms or more: wall clock, median of 3 synchronised runs; "
+                "host-bound calls (KV metadata): wall clock, median of back-to-back calls")
     return f"wall clock, median of repeats ({torch.get_num_threads()} threads)"
 
 

@@ -145,10 +145,7 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
         else:
             call = _Call(cache._dev(ids, torch.int32), cache._dev(lens, torch.int32),
                          int(lens.max()) if lens.numel() else 0, ids, lens)
-        if isinstance(seq_ids, Tensor):
-            st["attn"] = (seq_ids, seq_ids._version, call)
-        else:
-            st["attn"] = (None, None, call)
+        st["attn"] = (seq_ids, seq_ids._version, call) if isinstance(seq_ids, Tensor) else (None, None, call)
         return call
     return _Call(cache._dev(ids, torch.int32), cache._dev(lens, torch.int32), int(lens.max()) if lens.numel() else 0,
                  ids, lens)
