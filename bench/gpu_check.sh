@@ -27,10 +27,11 @@
 # (bench/sync_embedding.py, into micro.log) and the short pytest-benchmark pass; expected ~2 min for
 # the report, ~2 for the tests and ~30 s for the sync timing (estimates: not yet run on a GPU).
 # --ops backtrack: the model and generator rows (python -m kfuse --ops backtrack: greedy decode of 32
-# ragged prompts by kfuse.models.LlamaForCausalLM against transformers' generate, bf16, a random
-# 1B-class Llama; target >= 1.5x tokens/s), then the model's GPU parity tests (pytest tests/test_llama.py
-# tests/test_backtrack.py -m cuda: prefill and decode against transformers' forward, rollback and fork
-# bit-identical); needs transformers on the machine (the rows are left out without it). Builds the
+# ragged prompts by kfuse.models.LlamaForCausalLM, eager and with its steps replayed from a CUDA graph
+# (kfuse-graphs), against transformers' generate, bf16, a random 1B-class Llama; target >= 1.5x
+# tokens/s), then the model's GPU parity tests (pytest tests/test_llama.py tests/test_backtrack.py
+# -m cuda: prefill and decode against transformers' forward, rollback and fork bit-identical, the
+# decode graphs against the eager step and in generate()); needs transformers on the machine (the rows are left out without it). Builds the
 # extension like kv (the cache's metadata kernels). Expected ~1 min for the report, ~1 for the tests
 # (estimates: not yet run on a GPU).
 # DEU: builds kfuse in place with its CUDA kernels, runs the standalone CUDA microbenchmark (against a

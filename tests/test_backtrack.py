@@ -112,6 +112,30 @@ def test_plain_equals_a_greedy_loop_and_sampling_is_reproducible(model, plain):
     assert cache.active_sequences == [mine] and cache.length(mine) == 2
 
 
+def _same_run(a: GenerationResult, b: GenerationResult) -> None:
+    assert a.tokens == b.tokens and a.forward_passes == b.forward_passes
+    assert [vars(x) for x in a.stats] == [vars(y) for y in b.stats]
+
+
+def test_decode_graphs_give_the_eager_steps_tokens(model, plain):
+    """generate(decode_graphs=True) steps through model.decode_graphs (on the CPU the same ops, eagerly):
+    greedy, sampled with backtracks and EOS (the batch shrinks), the same tokens and statistics. A
+    model without decode_graphs is refused by name."""
+    _same_run(generate(model, PROMPTS, max_new_tokens=N, mode="plain", decode_graphs=True), plain)
+    kw = dict(max_new_tokens=N, check=WordListCheck([[t] for t in range(0, VOCAB, 9)]), check_every=4,
+              temperature=1.0, seed=5, eos_token_id=plain.tokens[0][5])
+    eager, graphed = (generate(model, PROMPTS, decode_graphs=g, **kw) for g in (False, True))
+    assert eager.totals["backtracks"] > 0 and "eos" in [s.finish_reason for s in eager.stats]
+    _same_run(eager, graphed)
+
+    class Bare:
+        def __call__(self, *args):
+            raise AssertionError("not called")
+
+    with pytest.raises(ValueError, match="decode_graphs needs a model with decode_graphs.*Bare"):
+        generate(Bare(), PROMPTS, max_new_tokens=N, mode="plain", decode_graphs=True)
+
+
 def test_backtrack_reverts_to_the_last_passing_checkpoint_and_bans(model, plain):
     # Flag a token that sequence 1 generates greedily in its third block of 4 and nowhere before.
     ref = plain.tokens[1]
@@ -352,6 +376,22 @@ def test_report_rows_tiny(report_rows):
     assert by["backtrack", "plain"]["ratio_to"] == "plain" and "comp/kept" in out
 
 
+def test_report_graphs_candidate_reuses_one_cache():
+    """The report's ``kfuse-graphs`` decode (a CUDA row) run here on the CPU, where the graph step runs
+    eagerly: the eager candidate's tokens, run after run on one kept cache whose sequences are freed."""
+    from kfuse.bench import backtrack as bench  # noqa: PLC0415
+
+    case = _tiny_report_cases(torch.device("cpu"), True)[0]
+    inp = bench.make_inputs(case, 0)
+    want = bench._kfuse_decode(case, inp)
+    for _ in range(2):
+        assert torch.equal(bench._kfuse_decode(case, inp, graphs=True), want)
+        assert inp.graphed.cache.active_sequences == []
+    first = inp.graphed
+    bench._kfuse_decode(case, inp, graphs=True)
+    assert inp.graphed is first
+
+
 def test_ban_offending_bans_the_flagged_token_for_the_rest_of_the_sequence(model):
     """ban="offending": the token the check flags on its own is never sampled again by that sequence, so
     a check on one token id flags each sequence at most once (ban="first" only bans it at one position)."""
@@ -409,5 +449,13 @@ def test_generate_on_cuda():
                    cache=cache)
     assert_invariants(res)
     assert res.totals["backtracks"] > 0
+    assert not any(any(check([t[j:j + 8] for j in range(len(t))])) for t in res.tokens if t)
+    assert torch.equal(cache._flat.cpu(), cache._h_flat)
+    # The decode steps replayed from CUDA graphs (one per batch size): the eager steps' greedy tokens
+    # (a different last bit would have to flip an argmax), and backtracking's invariants on one cache.
+    assert generate(model, PROMPTS, max_new_tokens=N, mode="plain", decode_graphs=True).tokens == expected
+    res = generate(model, PROMPTS, max_new_tokens=N, check=check, check_every=4, temperature=1.0, seed=5,
+                   cache=cache, decode_graphs=True)
+    assert_invariants(res)
     assert not any(any(check([t[j:j + 8] for j in range(len(t))])) for t in res.tokens if t)
     assert torch.equal(cache._flat.cpu(), cache._h_flat)

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_cuda import MixedDevices, fake_cuda_device_state
 from tolerances import assert_close
 
 import kfuse
@@ -176,33 +177,12 @@ def test_device_rollback_never_mixes_host_and_device_tensors():
     raises (and outside one, syncs). Traced on fake CUDA tensors (no GPU needed): no aten op may take a
     CPU tensor beside a CUDA one. (It once set ``free_stack[num_pages] = -1``: a copy from a CPU scalar.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
-    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
-
-    class Mixed(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops, self.mixed = [], []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            devs = {a.device.type for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                    if isinstance(a, torch.Tensor)}
-            self.ops.append(str(func))
-            if {"cpu", "cuda"} <= devs:
-                self.mixed.append(str(func))
-            return func(*args, **kwargs)
 
     cache = make(num_pages=24, _mirror=True)
-    sizes = [t.numel() for t in (cache.block_table, cache.seq_lens, cache.page_refcount, cache.free_stack,
-                                 cache.free_top)]
     with FakeTensorMode(allow_non_fake_inputs=True):
-        flat = torch.zeros(sum(sizes), dtype=torch.int32, device="cuda")
-        table, cache.seq_lens, cache.page_refcount, cache.free_stack, cache.free_top = flat.split(sizes)
-        cache.block_table = table.view(cache.max_seqs, cache.max_pages_per_seq)
-        cache._flat, cache.device = flat, torch.device("cuda")
-        cache._scratch = torch.zeros(cache.num_pages, dtype=torch.int64, device="cuda")
+        fake_cuda_device_state(cache)
         ids, lens = torch.arange(3, device="cuda"), torch.zeros(3, dtype=torch.int32, device="cuda")
-        with Mixed() as log:
+        with MixedDevices() as log:
             cache._rollback_device(ids, lens)
     assert len(log.ops) > 10 and not log.mixed, log.mixed
 

@@ -230,3 +230,153 @@ def test_lora_adapters_run_on_kfuse_lora_op(monkeypatch):
     assert fused_layers(pm) == []
     LlamaForCausalLM.from_hf(pm, fuse_lora=False)
     assert fused_layers(pm) == []
+
+
+# ---------------------------------------------------------------- decode graphs
+
+
+def _same_state(a: PagedKVCache, b: PagedKVCache, exact: bool) -> None:
+    for name in ("block_table", "seq_lens", "page_refcount", "free_stack", "free_top"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name in ("k_pages", "v_pages"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert torch.equal(x, y) if exact else torch.allclose(x, y, rtol=1e-5, atol=1e-5), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_graphs_replay_the_eager_step(device):
+    """model.decode_graphs against model.forward_packed on a twin cache, through a rollback, a fork in
+    the middle of a page (copy-on-write before the first write), a batch of 4 (a second graph) and a
+    subset with its tokens on the device (a third). On the CPU the step runs the same ops eagerly: logits
+    and the whole cache bit-identical. On the GPU it replays captured graphs: cuBLAS and Triton in a
+    replay, checked against the eager step within float32 tolerance, and everything against
+    transformers' forward on each full sequence."""
+    hf, model = build(device)
+    prompts = [rand_tokens(n) for n in (5, 2, 9)]
+    eager, graphed = (model.new_cache(page_size=4, num_pages=32, max_seqs=5) for _ in range(2))
+    ids = [[c.add_sequence() for _ in prompts] for c in (eager, graphed)][0]
+    for c in (eager, graphed):
+        model(prompts, ids, c)
+    step = model.decode_graphs(graphed, max_len=24)
+    seqs = dict(zip(ids, prompts, strict=True))  # every sequence's tokens, to check against transformers
+    exact = device == "cpu"
+
+    def both(sel: list[int], toks: torch.Tensor) -> torch.Tensor:
+        a = model.forward_packed(toks, [1] * len(sel), sel, eager)
+        b = step(toks, sel)
+        assert b.shape == (len(sel), VOCAB) and b.dtype == torch.float32 and b.device == a.device
+        assert torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+        _same_state(eager, graphed, exact)
+        for s, t in zip(sel, toks.tolist(), strict=True):
+            seqs[s] = torch.cat([seqs[s], torch.tensor([t])])
+        return b
+
+    last = None
+    for _ in range(3):
+        last = both(ids, rand_tokens(3) if last is None else last.argmax(-1).cpu())
+    for c in (eager, graphed):
+        c.rollback([ids[2]], [6])
+    seqs[ids[2]] = seqs[ids[2]][:6]
+    child = [c.fork(ids[0], 6) for c in (eager, graphed)][0]  # length 8: the fork shares a half-filled page
+    seqs[child] = seqs[ids[0]][:6]
+    batch = [*ids, child]
+    for _ in range(3):
+        last = both(batch, rand_tokens(4))
+    pair = [ids[1], child]
+    for _ in range(2):
+        last = both(pair, rand_tokens(2).to(device))
+    assert [graphed.length(s) for s in batch] == [len(seqs[s]) for s in batch]
+    assert (step.captures, step.eager_calls) == ((3, 0) if device == "cuda" else (0, 0))
+    for s, row in zip(pair, last, strict=True):
+        assert_close(row[None], hf_logits(hf, seqs[s])[-1:], torch.float32, f"sequence {s}")
+
+
+def test_decode_graphs_bad_input_raises_and_leaves_the_cache_unchanged(monkeypatch):
+    hf, model = build()
+    cache = model.new_cache(page_size=4, num_pages=4, max_seqs=3)
+    ids = [cache.add_sequence() for _ in range(2)]
+    model([rand_tokens(4), rand_tokens(3)], ids, cache)
+    step = model.decode_graphs(cache, max_len=5)
+
+    def state():
+        return ([cache.length(s) for s in ids], cache.stats(), cache.block_table.clone(), cache.k_pages.clone())
+
+    def unchanged(before):
+        after = state()
+        assert after[:2] == before[:2] and torch.equal(after[2], before[2]) and torch.equal(after[3], before[3])
+
+    before = state()
+    for args, exc, match in [
+        ((rand_tokens(1), ids), ValueError, "tokens has 1 entries; seq_ids has 2"),
+        ((rand_tokens(2).int(), ids), TypeError, "tokens must be a 1-D int64"),
+        ((torch.tensor([0, VOCAB]), ids), ValueError, "tokens holds ids outside"),
+        ((rand_tokens(2), [ids[0], 2]), ValueError, "seq_ids"),  # not active: the cache's own error
+        ((rand_tokens(2), [ids[0], ids[0]]), ValueError, "seq_ids"),
+    ]:
+        with pytest.raises(exc, match=match):
+            step(*args)
+        unchanged(before)
+    # Pool exhausted: sequence 0 fills its page (4 tokens) and needs a new one; 2 of 4 pages are left,
+    # so take them with a third sequence first.
+    third = cache.add_sequence()
+    model([rand_tokens(8)], [third], cache)
+    before = state()
+    with pytest.raises(ValueError, match="pool exhausted"):
+        step(rand_tokens(2), ids)
+    unchanged(before)
+    cache.free(third)
+    # An error in the middle of the step (layer 1's attention) aborts it: lengths and pages as before.
+    real = llama_mod.paged_decode_attention_op
+
+    def failing(q, k_pages, v_pages, block_table, layer, *args):
+        if layer == 1:
+            raise RuntimeError("injected")
+        return real(q, k_pages, v_pages, block_table, layer, *args)
+
+    before = state()
+    monkeypatch.setattr(llama_mod, "paged_decode_attention_op", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        step(rand_tokens(2), ids)
+    monkeypatch.undo()
+    assert state()[:2] == before[:2]  # (the aborted step's K/V stay in slots past the lengths)
+    step(rand_tokens(2), ids)  # 5 and 4 tokens: max_len reached by sequence 0
+    with pytest.raises(ValueError, match=f"sequence {ids[0]} would reach 6 tokens.*max_len=5"):
+        step(rand_tokens(2), ids)
+    assert step(torch.zeros(0, dtype=torch.int64), []).shape == (0, VOCAB)
+    # An open step is the caller's: refused, left open.
+    kv = torch.zeros(1, cache.num_kv_heads, cache.head_dim)
+    cache.append(0, [ids[1]], kv, kv)
+    with pytest.raises(ValueError, match="a step is open"):
+        step(rand_tokens(1), [ids[1]])
+    cache.abort_step()
+    for kwargs, exc, match in [({"max_len": 0}, ValueError, r"max_len must be an int in \[1, 16\]"),
+                               ({"max_len": 17}, ValueError, "max_len"), ({"max_len": 4.0}, ValueError, "max_len")]:
+        with pytest.raises(exc, match=match):
+            model.decode_graphs(cache, **kwargs)
+    with pytest.raises(TypeError, match="cache must be a kfuse.kv.PagedKVCache"):
+        model.decode_graphs(object())
+    _, dyn = build(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_type 'dynamic'"):
+        dyn.decode_graphs(dyn.new_cache(page_size=4, num_pages=4, max_seqs=1))
+
+
+def test_decode_graph_body_never_mixes_host_and_device_tensors(monkeypatch):
+    """What a capture records (DecodeGraphs._body), run on fake CUDA tensors (no GPU needed): no aten op
+    takes a CPU tensor beside a CUDA one (a capture refuses such a copy; a rotary table or a position
+    left on the host would be one)."""
+    from fake_cuda import MixedDevices, fake_cuda_device_state  # noqa: PLC0415
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cache = PagedKVCache(2, 2, 16, 4, 8, 3, _mirror=True)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.device("cuda"):
+            hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).eval()
+        model = LlamaForCausalLM.from_hf(hf)
+        fake_cuda_device_state(cache)
+        graphs = model.decode_graphs(cache)
+        meta = torch.zeros(6, 3, dtype=torch.int64, device="cuda")
+        with MixedDevices() as log:
+            out = graphs._body(meta)
+    assert out.shape == (3, VOCAB) and out.device.type == "cuda"
+    assert "kfuse.paged_decode_attention.default" in log.ops and not log.mixed, log.mixed

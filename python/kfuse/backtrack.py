@@ -221,7 +221,7 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
              on_limit: Literal["reset", "stop"] = "reset", temperature: float = 0.0, top_k: int | None = None,
              top_p: float = 1.0, seed: int = 0, tokenizer: Any = None, eos_token_id: int | None = None,
              cache: PagedKVCache | None = None, progress: bool | int = False,
-             ban: Literal["first", "offending"] = "first") -> GenerationResult:
+             ban: Literal["first", "offending"] = "first", decode_graphs: bool = False) -> GenerationResult:
     """Generate from ``prompts`` in one batch, backtracking sequences whose recent window fails ``check``.
 
     Args:
@@ -253,6 +253,12 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
         cache: a :class:`kfuse.kv.PagedKVCache` with ``len(prompts)`` free slots; its sequences are added
             here and freed as they finish. Default: ``model.new_cache`` sized for the batch.
         progress: True (every 32 steps) or N: a one-line progress report on stderr every N steps.
+        decode_graphs: run the decode steps (one token per live sequence) through
+            ``model.decode_graphs(cache)`` (:class:`kfuse.models.llama.DecodeGraphs`): on a CUDA cache each
+            step is one CUDA-graph replay, captured at the first step of each batch size (the batch
+            shrinks as sequences end: one capture per size seen); on a CPU cache the same ops run
+            eagerly. The tokens are those of the eager steps (bit-identical on the CPU). Off by default:
+            captures cost time and memory that short runs do not win back.
 
     Bans (``ban``): when a window fails, the first rejected token (the one right after the last
     passing checkpoint) is banned after exactly that generated prefix, so a second flag at the same
@@ -292,6 +298,9 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
         raise ValueError(f"seed must be an int >= 0; got {seed!r}")
     if eos_token_id is not None:
         _check_positive_int("eos_token_id", eos_token_id, 0)
+    if decode_graphs and not callable(getattr(model, "decode_graphs", None)):
+        raise ValueError(f"decode_graphs needs a model with decode_graphs() (kfuse.models.LlamaForCausalLM); got "
+                         f"{type(model).__name__}")
     every = 32 if progress is True else (0 if progress is False else _check_positive_int("progress", progress))
     prompt_ids = _prompt_ids(prompts, tokenizer)
     n = len(prompt_ids)
@@ -304,6 +313,11 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
     elif cache.max_seqs - len(cache.active_sequences) < n:
         raise ValueError(f"cache has {cache.max_seqs - len(cache.active_sequences)} free sequence slots; "
                          f"{n} prompts need one each")
+
+    step_graphs = None
+    if decode_graphs:  # no sequence grows past its prompt + max_new_tokens
+        longest = max(map(len, prompt_ids)) + max_new_tokens
+        step_graphs = model.decode_graphs(cache, max_len=min(longest, cache.max_pages_per_seq * cache.page_size))
 
     stats = [SequenceStats(prompt_tokens=len(p)) for p in prompt_ids]
     gens = [_seeded_generator(seed, i) for i in range(n)]
@@ -393,10 +407,13 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
                 _report_progress(step, live, n, stats, t0)
             if not live:
                 break
-            feed = [torch.tensor([refeed[i] if i in refeed else out[i][-1]]) for i in live]
-            logits = model(feed, [slots[i] for i in live], cache)
+            feed = [refeed[i] if i in refeed else out[i][-1] for i in live]
+            if step_graphs is None:
+                rows = torch.cat(model([torch.tensor([t]) for t in feed], [slots[i] for i in live], cache))
+            else:
+                rows = step_graphs(torch.tensor(feed), [slots[i] for i in live])
+            rows = rows.float().cpu()
             calls += 1
-            rows = torch.cat(logits).float().cpu()
             for i in live:
                 stats[i].forward_passes += 1
                 stats[i].tokens_computed += 1

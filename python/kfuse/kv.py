@@ -320,12 +320,22 @@ class PagedKVCache:
                 raise ValueError(f"layer {layer} already appended in this step; call advance() first")
         else:
             st = self._open_step(ids, cnt)  # validates capacity before mutating
-        self.k_pages[layer].index_put_((st["tok_page"], st["tok_slot"]), k)
-        self.v_pages[layer].index_put_((st["tok_page"], st["tok_slot"]), v)
+        self._write(layer, st["tok_page"], st["tok_slot"], k, v)
         st["layers"].add(layer)
 
-    def _open_step(self, ids: Tensor, cnt: Tensor) -> dict:
-        # Checks capacity, then updates the host state (and logs its writes when mirrored).
+    def _write(self, layer: int, tok_page: Tensor, tok_slot: Tensor, k: Tensor, v: Tensor) -> None:
+        """K/V of ``layer`` for new tokens at (page, slot) pairs (device int64 ``[total]``): no checks, no
+        host work (also the body of a captured decode step, ``kfuse.models.llama.DecodeGraphs``)."""
+        self.k_pages[layer].index_put_((tok_page, tok_slot), k)
+        self.v_pages[layer].index_put_((tok_page, tok_slot), v)
+
+    def _open_step(self, ids: Tensor, cnt: Tensor, *, external: bool = False) -> dict:
+        """Open a step for validated ``ids`` with ``cnt`` tokens each: checks capacity, then updates the host
+        state (and replays its writes to a mirrored device copy), copying shared partial pages first.
+
+        ``external``: the caller writes every layer's K/V itself (:meth:`_write`, e.g. a CUDA-graph replay)
+        at the step's ``tok_page``/``tok_slot``, which stay host tensors; the step counts every layer as
+        appended, so the caller's next call is :meth:`advance` (or :meth:`abort_step`)."""
         tok_page, tok_slot, cow_src, cow_dst, _, writes = self._host.plan_step(ids, cnt)
         if cow_src.numel():
             src, dst = self._dev(cow_src), self._dev(cow_dst)
@@ -334,8 +344,10 @@ class PagedKVCache:
         self._replay(writes)
         pending = torch.zeros(self.max_seqs, dtype=torch.int64)
         pending[ids] = cnt
-        self._step = {"ids": ids, "counts": cnt, "layers": set(), "pending": pending,
-                      "tok_page": self._dev(tok_page), "tok_slot": self._dev(tok_slot)}
+        if not external:
+            tok_page, tok_slot = self._dev(tok_page), self._dev(tok_slot)
+        self._step = {"ids": ids, "counts": cnt, "layers": set(range(self.num_layers)) if external else set(),
+                      "pending": pending, "tok_page": tok_page, "tok_slot": tok_slot}
         return self._step
 
     def advance(self, seq_ids, counts=None) -> None:

@@ -4,13 +4,14 @@ CPU rows run on one torch thread (``_one_thread``: the model is tiny). Cases:
 
 - ``decode``: greedy generation of ``new`` tokens for a batch of ragged prompts by
   :class:`kfuse.models.LlamaForCausalLM` on the paged cache (``kfuse``: one ``forward_packed`` call per
-  step, argmax on the device) against ``transformers``' own ``generate`` (``transformers``: the same
-  weights, left-padded prompts, ``DynamicCache``, greedy), timed whole (prefill included); ``tok/s``
-  beside the time. Basis: ``transformers``. Targets (the issue): ≥ 1.5× its tokens/s on the GPU
-  (bf16, a random-initialised Llama of 1B-class shapes: hidden 2048, 16 layers, 32/8 heads, MLP 8192,
-  vocabulary 128256), ≥ 1.0× on the CPU (float32, the backtracking demo's model: hidden 128,
-  2 layers, vocabulary 2048). Checked: each sequence's first generated token against the argmax of
-  the same model in float64 (the fraction that differ; later tokens may part on near-ties).
+  step, argmax on the device; on CUDA also ``kfuse-graphs``: the steps replayed from a CUDA graph,
+  ``model.decode_graphs``, captured in the warm-up run) against ``transformers``' own ``generate``
+  (``transformers``: the same weights, left-padded prompts, ``DynamicCache``, greedy), timed whole
+  (prefill included); ``tok/s`` beside the time. Basis: ``transformers``. Targets (the issue): ≥ 1.5×
+  its tokens/s on the GPU (bf16, a random-initialised Llama of 1B-class shapes: hidden 2048, 16 layers,
+  32/8 heads, MLP 8192, vocabulary 128256), ≥ 1.0× on the CPU (float32, the backtracking demo's model:
+  hidden 128, 2 layers, vocabulary 2048). Checked: each sequence's first generated token against the
+  argmax of the same model in float64 (the fraction that differ; later tokens may part on near-ties).
 - ``backtrack``: :func:`kfuse.backtrack.generate` on the demo's model shape (random weights) with a
   check that flags a window holding any of a fixed set of token ids (about ``rate`` of the
   vocabulary), the four generators of ``kfuse.demos.backtrack``: ``kfuse`` (per-sequence rollback),
@@ -100,6 +101,7 @@ class Inputs:
     model: Any
     prompts: list[Tensor]
     banned: list[int] = field(default_factory=list)  # backtrack: the ids the check flags
+    graphed: Any = None  # decode, kfuse-graphs: its DecodeGraphs (and cache), made by the first run
 
 
 def _hf_model(case: Case) -> Any:
@@ -135,21 +137,36 @@ def make_inputs(case: Case, seed: int) -> Inputs:
 # --------------------------------------------------------------------------- decode
 
 
-def _kfuse_decode(case: Case, inp: Inputs) -> Tensor:
-    """Greedy: the prompts in one packed call, then one token per sequence per call; ``[B, new]`` ids."""
+def _kfuse_decode(case: Case, inp: Inputs, graphs: bool = False) -> Tensor:
+    """Greedy: the prompts in one packed call, then one token per sequence per call; ``[B, new]`` ids.
+    ``graphs``: the steps replay CUDA graphs (``model.decode_graphs``) on one cache kept in ``inp`` across
+    runs, so the graph is captured once, in the first (warm-up) run; the sequences are freed after each."""
     batch, new = case.shape
     longest = max(p.numel() for p in inp.prompts) + new
-    cache = inp.model.new_cache(16, num_pages=batch * -(-longest // 16), max_seqs=batch)
+    if graphs:
+        if inp.graphed is None:
+            cache = inp.model.new_cache(16, num_pages=batch * -(-longest // 16), max_seqs=batch)
+            inp.graphed = inp.model.decode_graphs(cache, max_len=longest)
+        step = inp.graphed
+        cache = step.cache
+    else:
+        cache = inp.model.new_cache(16, num_pages=batch * -(-longest // 16), max_seqs=batch)
+        step = None
     ids = [cache.add_sequence() for _ in range(batch)]
-    lens = [p.numel() for p in inp.prompts]
-    logits = inp.model.forward_packed(torch.cat(inp.prompts), lens, ids, cache)
-    last = logits[torch.tensor(lens).cumsum(0).to(logits.device) - 1]
-    out = []
-    for step in range(new):
-        tok = last.argmax(-1)
-        out.append(tok)
-        if step + 1 < new:
-            last = inp.model.forward_packed(tok, [1] * batch, ids, cache)
+    try:
+        lens = [p.numel() for p in inp.prompts]
+        logits = inp.model.forward_packed(torch.cat(inp.prompts), lens, ids, cache)
+        last = logits[torch.tensor(lens).cumsum(0).to(logits.device) - 1]
+        out = []
+        for i in range(new):
+            tok = last.argmax(-1)
+            out.append(tok)
+            if i + 1 < new:
+                last = step(tok, ids) if step else inp.model.forward_packed(tok, [1] * batch, ids, cache)
+    finally:
+        if step:
+            for s in ids:
+                cache.free(s)
     return torch.stack(out, 1)
 
 
@@ -246,10 +263,13 @@ def _one_thread(case: Case, fn: Callable[[], Any]) -> Callable[[], Any]:
 def candidates(case: Case, inputs: Inputs) -> list[Candidate]:
     """Decode: ``kfuse``, ``transformers``; backtrack: ``kfuse``, ``plain``, ``reset``, ``dynamic-cache``."""
     if case.mode == "decode":
-        return [Candidate("kfuse", "backend", _one_thread(case, lambda: _kfuse_decode(case, inputs)),
-                          extra=_tok_per_s(case)),
-                Candidate("transformers", "baseline", _one_thread(case, lambda: _hf_decode(case, inputs)),
-                          extra=_tok_per_s(case))]
+        out = [Candidate("kfuse", "backend", _one_thread(case, lambda: _kfuse_decode(case, inputs)),
+                         extra=_tok_per_s(case))]
+        if case.device.type == "cuda":
+            out.append(Candidate("kfuse-graphs", "backend", lambda: _kfuse_decode(case, inputs, graphs=True),
+                                 extra=_tok_per_s(case)))
+        return out + [Candidate("transformers", "baseline", _one_thread(case, lambda: _hf_decode(case, inputs)),
+                                extra=_tok_per_s(case))]
     out = []
     for method in ("kfuse", "plain", "reset", "dynamic-cache"):
         gen = _Generation(case, inputs, method)
@@ -283,4 +303,6 @@ def tolerance(case: Case) -> float:
 
 def names(case: Case) -> list[str]:
     """The candidates' names for ``case``, in table order (``bench/bench_backtrack.py`` parametrizes on them)."""
-    return ["kfuse", "transformers"] if case.mode == "decode" else ["kfuse", "plain", "reset", "dynamic-cache"]
+    if case.mode != "decode":
+        return ["kfuse", "plain", "reset", "dynamic-cache"]
+    return ["kfuse", "kfuse-graphs", "transformers"] if case.device.type == "cuda" else ["kfuse", "transformers"]

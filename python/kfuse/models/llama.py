@@ -10,6 +10,8 @@ are packed into ``[total, hidden]`` rows; each layer appends its K/V for them an
 over the cache with :func:`kfuse.paged_prefill_attention` (:func:`kfuse.paged_decode_attention` when
 every sequence feeds one token); ``cache.advance`` commits the lengths
 once every layer has appended. A prompt and a single decode token are the same call.
+:meth:`LlamaForCausalLM.decode_graphs` gives the decode step (one token per sequence) as CUDA-graph
+replays (:class:`DecodeGraphs`): the same ops, without the host's per-kernel cost.
 
 Matching ``transformers`` (5.x, ``modeling_llama.py``):
 
@@ -24,18 +26,23 @@ Matching ``transformers`` (5.x, ``modeling_llama.py``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from kfuse.kv import PagedKVCache, _index_tensor
-from kfuse.ops.kv import paged_decode_attention, paged_prefill_attention
+from kfuse.ops.kv import paged_decode_attention, paged_decode_attention_op, paged_prefill_attention
 
 if TYPE_CHECKING:
     import transformers
 
-__all__ = ["LlamaForCausalLM"]
+__all__ = ["DecodeGraphs", "LlamaForCausalLM"]
+
+#: ``attend(layer, q, k, v, scale) -> o``: q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` in the model's dtype; stores
+#: k, v in the cache and returns ``[T, Hq, D]`` (see ``_DecoderLayer.forward``).
+Attend = Callable[[int, Tensor, Tensor, Tensor, float], Tensor]
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -68,26 +75,16 @@ class _DecoderLayer(nn.Module):
         self.scaling = float(attn.scaling)
         self.eps = eps
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: PagedKVCache, layer: int, seq_ids: Tensor,
-                counts: Tensor, decode: bool) -> Tensor:
-        """h ``[T, hidden]`` (model dtype) -> ``[T, hidden]``; cos, sin ``[T, 1, head_dim]``; seq_ids, counts:
-        validated CPU int64 ``[n]``; ``decode``: every count is 1. Appends this layer's K/V for the T new
-        tokens to ``cache``."""
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, layer: int, attend: Attend) -> Tensor:
+        """h ``[T, hidden]`` (model dtype) -> ``[T, hidden]``; cos, sin ``[T, 1, head_dim]``. ``attend(layer, q, k,
+        v, scale)`` stores this layer's K/V of the T new tokens and returns the attention output ``[T, Hq,
+        head_dim]`` (the model's eager step, or a captured decode step: :class:`DecodeGraphs`)."""
         t, d = h.shape[0], self.head_dim
         x = _rms_norm(h, self.input_norm, self.eps)
         q = _rope(self.q_proj(x).view(t, -1, d), cos, sin)
         k = _rope(self.k_proj(x).view(t, -1, d), cos, sin)
         v = self.v_proj(x).view(t, -1, d)
-        # A cache may hold another dtype than the model (e.g. a bf16 cache for a float32 model):
-        # attention runs in the cache's dtype and its output returns to the model's.
-        cache.append(layer, seq_ids, k.to(cache.dtype), v.to(cache.dtype), counts)
-        # One new token per sequence (a decode step, or re-feeding a checkpoint's token): the decode kernels,
-        # which split long contexts and share each K/V tile among a KV head's query heads (the Triton
-        # prefill kernel would give every query head a 64-row block holding one token).
-        if decode:
-            o = paged_decode_attention(q.to(cache.dtype), cache, layer, seq_ids, scale=self.scaling)
-        else:
-            o = paged_prefill_attention(q.to(cache.dtype), cache, layer, seq_ids, q_lens=counts, scale=self.scaling)
+        o = attend(layer, q, k, v, self.scaling)
         h = h + self.o_proj(o.to(h.dtype).reshape(t, -1))
         x = _rms_norm(h, self.post_norm, self.eps)
         return h + self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
@@ -230,16 +227,180 @@ class LlamaForCausalLM(nn.Module):
         pos = cache._dev(torch.repeat_interleave(start, cnt) + torch.arange(total))  # pinned, no sync on CUDA
         # Host tokens cross through pinned memory (cache._dev): a plain .to("cuda") would wait for the GPU.
         tok = cache._dev(flat_tokens) if flat_tokens.device.type == "cpu" else flat_tokens.to(self.device)
-        h = self.embed_tokens(tok)  # [total, hidden]
-        cos, sin = self.rotary_emb(h, pos[None])  # [1, total, head_dim] each, in h's dtype
-        cos, sin = cos[0, :, None], sin[0, :, None]
+        # One new token per sequence (a decode step, or re-feeding a checkpoint's token): the decode kernels,
+        # which split long contexts and share each K/V tile among a KV head's query heads (the Triton
+        # prefill kernel would give every query head a 64-row block holding one token).
+        decode = bool((cnt == 1).all())
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+            # A cache may hold another dtype than the model (e.g. a bf16 cache for a float32 model):
+            # attention runs in the cache's dtype and its output returns to the model's.
+            cache.append(layer, ids, k.to(cache.dtype), v.to(cache.dtype), cnt)
+            q = q.to(cache.dtype)
+            if decode:
+                return paged_decode_attention(q, cache, layer, ids, scale=scale)
+            return paged_prefill_attention(q, cache, layer, ids, q_lens=cnt, scale=scale)
+
         try:
-            decode = bool((cnt == 1).all())
-            for layer, block in enumerate(self.layers):
-                h = block(h, cos, sin, cache, layer, ids, cnt, decode)
-            logits = self.lm_head(_rms_norm(h, self.norm, self.eps))
+            logits = self._run(tok, pos, attend)
             cache.advance(ids, cnt)
         except BaseException:
             cache.abort_step()  # releases the step's pages; committed lengths never moved
+            raise
+        return logits
+
+    def _run(self, tok: Tensor, pos: Tensor, attend: Attend) -> Tensor:
+        """The decoder on new tokens ``tok`` int64 ``[T]`` at positions ``pos`` int64 ``[T]`` (device tensors):
+        logits ``[T, vocab]``. ``attend`` stores and attends (see ``_DecoderLayer.forward``)."""
+        h = self.embed_tokens(tok)  # [T, hidden]
+        cos, sin = self.rotary_emb(h, pos[None])  # [1, T, head_dim] each, in h's dtype
+        cos, sin = cos[0, :, None], sin[0, :, None]
+        for layer, block in enumerate(self.layers):
+            h = block(h, cos, sin, layer, attend)
+        return self.lm_head(_rms_norm(h, self.norm, self.eps))
+
+    def decode_graphs(self, cache: PagedKVCache, max_len: int | None = None) -> DecodeGraphs:
+        """Decode steps on ``cache`` (one new token per sequence) replayed from CUDA graphs: see
+        :class:`DecodeGraphs`. ``max_len``: the longest sequence (tokens, the new one included) the steps
+        will see; it sizes the attention grid of the captured kernels (default: the cache's capacity per
+        sequence, ``max_pages_per_seq · page_size``)."""
+        return DecodeGraphs(self, cache, max_len)
+
+
+class DecodeGraphs:
+    """Decode steps of a :class:`LlamaForCausalLM` on one cache, each replayed from a CUDA graph.
+
+    ``step = model.decode_graphs(cache)``, then ``logits = step(tokens, seq_ids)``: ``tokens`` int64 ``[n]``
+    (host or the cache's device) holds one new token for each of ``seq_ids`` (``n`` distinct active ids,
+    ints or a CPU integer tensor); returns logits ``[n, vocab_size]`` in the model's dtype, what
+    ``model.forward_packed(tokens, [1] * n, seq_ids, cache)`` returns (the same ops; bit-identical on the
+    CPU, where the step runs them eagerly: there are no graphs there). Between calls, sequences may roll
+    back, fork, be freed or be fed by the model's own forward, as always.
+
+    Why: an eager decode step of a 1B-class model is host-bound — each layer is some 30 Python-issued
+    kernels and checks (``bench/host_backtrack.py``: 0.56 ms of host time a layer on this CPU, 9 ms for
+    16 layers, where an H200 reads a 1B model's bf16 weights in ~0.5 ms). A replay issues a whole step's
+    kernels at once.
+
+    One call: validates ``seq_ids`` and ``tokens`` and plans the step's pages on the host (C++, copying a
+    shared partial page first, as :meth:`PagedKVCache.append`), then makes one pinned copy of an int64
+    ``[6, n]`` block (ids, positions, lengths, pages, slots, tokens) into the graph's static input, one
+    replay, :meth:`PagedKVCache.advance`, and one copy of the logits out of the graph's static output.
+    No host synchronisation. On an error the cache is left as it was.
+
+    Graphs: one per batch size ``n``, captured at the first call with that ``n``: an eager warm-up on a
+    side stream (compiles the Triton kernels the first time), then the capture (which synchronises the
+    device once); all share one memory pool. The warm-up's K/V writes land in a free page (nothing reads
+    one); when the pool has none, the call runs eagerly (``model.forward_packed``; counted in
+    ``eager_calls``) and captures later. The decode attention's grid covers ``max_len`` positions (its
+    splits past a sequence's length return at once).
+
+    Needs every module the step calls to be capturable: plain ``nn.Linear`` layers and kfuse's LoRA op
+    are; rotary types that choose frequencies on the host (``dynamic``, ``longrope``) are not and raise
+    here. A graph holds the addresses of the weights and the cache's tensors as they were at its
+    capture: in-place changes to them show in later replays; a module given new weight tensors needs
+    new graphs (``model.decode_graphs`` again). Inference only.
+    """
+
+    _ROWS = 6  # rows of the static input: ids, positions, lengths after the step, pages, slots, tokens
+
+    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, max_len: int | None = None) -> None:
+        if not isinstance(model, LlamaForCausalLM):
+            raise TypeError(f"model must be a kfuse.models.LlamaForCausalLM; got {type(model).__name__}")
+        model._check_cache(cache)
+        rope = str(getattr(model.rotary_emb, "rope_type", "default"))
+        if "dynamic" in rope or rope == "longrope":
+            raise ValueError(f"the model's rope_type {rope!r} chooses its frequencies from the positions on the host "
+                             "at every call, which a CUDA graph cannot capture; use the model's forward")
+        cap = cache.max_pages_per_seq * cache.page_size
+        if max_len is None:
+            max_len = cap
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= cap:
+            raise ValueError(f"max_len must be an int in [1, {cap}] (the cache's capacity per sequence); "
+                             f"got {max_len!r}")
+        self.model, self.cache, self.max_len = model, cache, max_len
+        self._graphed = cache.device.type == "cuda"
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self._pool: tuple | None = None
+        #: graphs captured so far; calls that ran eagerly for want of a free page to warm up on.
+        self.captures = 0
+        self.eager_calls = 0
+
+    def _body(self, meta: Tensor) -> Tensor:
+        """The step on the static input ``meta`` int64 ``[6, n]`` (device): logits ``[n, vocab]``. Fixed-shape
+        device ops only (what a capture records)."""
+        cache = self.cache
+        ids, lens, page, slot = meta[0].to(torch.int32), meta[2].to(torch.int32), meta[3], meta[4]
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+            cache._write(layer, page, slot, k.to(cache.dtype), v.to(cache.dtype))
+            return paged_decode_attention_op(q.to(cache.dtype), cache.k_pages, cache.v_pages, cache.block_table,
+                                             layer, ids, lens, self.max_len, scale, "auto")
+
+        return self.model._run(meta[5], meta[1], attend)
+
+    def _capture(self, n: int) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor] | None:
+        cache, dev = self.cache, self.cache.device
+        top = int(cache._h_top[0])
+        if top == 0:
+            return None
+        meta = torch.zeros(self._ROWS, n, dtype=torch.int64, device=dev)
+        meta[0].copy_(torch.arange(n, device=dev))  # rows of the table; lengths 0: the warm-up reads nothing
+        meta[3].fill_(int(cache._h_free[top - 1]))  # a free page: nothing reads what the warm-up writes there
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            self._body(meta)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._body(meta)
+        self._pool = graph.pool()
+        self._graphs[n] = (graph, meta, out)
+        self.captures += 1
+        return self._graphs[n]
+
+    @torch.no_grad()
+    def __call__(self, tokens: Tensor, seq_ids) -> Tensor:
+        """Append ``tokens[i]`` to ``seq_ids[i]`` (one token each) and return the logits ``[n, vocab_size]``."""
+        model, cache = self.model, self.cache
+        model._check_cache(cache)  # also refuses an open step
+        model._check_tokens(tokens, "tokens")
+        ids = cache._ids(seq_ids)
+        n = ids.numel()
+        if tokens.numel() != n:
+            raise ValueError(f"tokens has {tokens.numel()} entries; seq_ids has {n} (one new token per sequence)")
+        if n == 0:
+            return torch.zeros(0, model.vocab_size, dtype=model.dtype, device=model.device)
+        lens = cache.kv_lens(0, ids)  # committed lengths (no step is open)
+        longest = int(lens.max()) + 1
+        if longest > self.max_len:
+            s = int(ids[int(lens.argmax())])
+            raise ValueError(f"sequence {s} would reach {longest} tokens; these decode graphs were made for max_len="
+                             f"{self.max_len} (model.decode_graphs(cache, max_len=...))")
+        entry = self._graphs.get(n) if self._graphed else None
+        if self._graphed and entry is None:
+            entry = self._capture(n)
+            if entry is None:  # no free page to warm up on: this step runs eagerly
+                self.eager_calls += 1
+                return model.forward_packed(tokens, torch.ones_like(ids), ids, cache)
+        st = cache._open_step(ids, torch.ones_like(ids), external=True)  # checks capacity before any change
+        try:
+            on_host = tokens.device.type == "cpu"
+            host = torch.stack([ids, lens, lens + 1, st["tok_page"], st["tok_slot"],
+                                tokens if on_host else torch.zeros_like(ids)])
+            if entry is None:  # a CPU cache: the same ops, eagerly
+                logits = self._body(host.to(cache.device) if on_host else
+                                    torch.cat([host[:5], tokens.to(cache.device)[None]]))
+            else:
+                graph, meta, out = entry
+                meta.copy_(host.pin_memory(), non_blocking=True)
+                if not on_host:
+                    meta[5].copy_(tokens, non_blocking=True)
+                graph.replay()
+                logits = out.clone()  # the next replay overwrites out
+            cache.advance(ids)
+        except BaseException:
+            cache.abort_step()
             raise
         return logits
