@@ -1,7 +1,8 @@
 """Per-step cost of greedy decoding with kfuse's Llama against transformers' generate on a model whose
 arithmetic is negligible (16 layers of width 64, batch 32, 64 new tokens, one thread): what is left is
 mostly host work, the regime a 1B-class model's decode on a GPU may be in (issue 16's GPU target,
->= 1.5x generate's tokens/s). Usage: ``python bench/host_backtrack.py [--layers 16] [--device cpu]``.
+>= 1.5x generate's tokens/s; on CUDA also the steps replayed from a CUDA graph).
+Usage: ``python bench/host_backtrack.py [--layers 16] [--device cpu]``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ def main() -> None:
     inp = bb.make_inputs(c, 0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     with torch.no_grad():
-        for name, fn in (("kfuse", bb._kfuse_decode), ("transformers", bb._hf_decode)):
+        runs = [("kfuse", bb._kfuse_decode), ("transformers", bb._hf_decode)]
+        if dev.type == "cuda":  # the steps replayed from a CUDA graph (on the CPU: the eager ops again)
+            runs.insert(1, ("kfuse-graphs", lambda c, i: bb._kfuse_decode(c, i, graphs=True)))
+        for name, fn in runs:
             fn(c, inp)
             best = float("inf")
             for _ in range(3):
