@@ -1500,6 +1500,18 @@ def test_targets_and_basis() -> None:
     assert label == "x@W.T+read" and ms == pytest.approx(2.0 + 8 * 16 * 8192 * 4 / 1000e9 * 1e3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_gemm_row_is_the_gemm_alone(device: str) -> None:
+    """The report's ``triton-gemm`` diagnostic (the Triton forward at rank 0) computes x Wᵀ, at the
+    decode path's M and the GEMM path's; where Triton cannot run it is skipped with the reason."""
+    for M in (3, 70):
+        x, w = torch.randn(M, 40, device=device), torch.randn(24, 40, device=device)
+        cand = lora_bench._triton_gemm(x, w, None)
+        assert_close(cand.run(), x @ w.t(), torch.float32, f"M={M}")
+        assert cand.error(cand.run()) < 1e-5
+    assert lora_bench._triton_gemm(x, w, "no triton").skip == "no triton"
+
+
 def _tiny_cases(device: torch.device, quick: bool) -> list[lora_bench.Case]:
     dt, K, N, r = torch.float32, 40, 24, 4
     gemm = lora_bench.gemm_case

@@ -24,7 +24,9 @@ the case's basis, beside the target of ``docs``/the issue (``target``). Cases (`
 
 Candidates (``fwd``/``bwd``): the kfuse backends ``triton`` and ``cpu`` (skipped with the reason
 where they cannot run; ``cuda`` has no LoRA kernels); baselines ``base`` (the basis, checked
-against its own float64 product), ``peft`` (PEFT's ``lora.Linear``, fp32 adapters), ``peft-bf16``
+against its own float64 product), ``triton-gemm`` (``fwd``: kfuse's Triton forward at rank 0, i.e.
+its GEMM alone, beside ``base`` to tell the main loop's cost from the low-rank term's; skipped where
+Triton cannot run), ``peft`` (PEFT's ``lora.Linear``, fp32 adapters), ``peft-bf16``
 (adapters cast to x's dtype; skipped for fp32 x, where it is ``peft``), ``addmm`` (the best
 unfused form: ``y = x @ W.T; y.addmm_(x @ A.T, B.T, alpha=s)``, adapters in x's dtype) and
 ``compile`` (``torch.compile`` of PEFT's eager formula with the fp32 adapters). ``multi``: kfuse,
@@ -467,6 +469,7 @@ def _gemm_candidates(case: Case, inp: Inputs) -> list[Candidate]:
     if case.mode == "fwd":
         out.append(Candidate("base", "baseline", lambda: torch.mm(x, w.t()),
                              error=_own_check(lambda: x.double() @ w.double().t())))
+        out.append(_triton_gemm(x, w, skips["triton"]))
     else:
         dy = inp.grad_y
         out.append(Candidate("base", "baseline", lambda: torch.mm(dy, w),
@@ -481,6 +484,20 @@ def _gemm_candidates(case: Case, inp: Inputs) -> list[Candidate]:
     out.append(_gemm_candidate(case, inp, "compile", "baseline", torch.compile(lora_eager, dynamic=False),
                                inp.lora_A, inp.lora_B))
     return out
+
+
+def _triton_gemm(x: Tensor, w: Tensor, skip: str | None) -> Candidate:
+    """``triton-gemm``: kfuse's Triton forward with a rank-0 adapter, i.e. its GEMM alone (the same
+    tiles, main loop and epilogue; the low-rank loop runs no iteration). A diagnostic beside ``base``:
+    how far the main loop is from cuBLAS, apart from what the low-rank term adds."""
+    if skip:
+        return Candidate("triton-gemm", "baseline", skip=skip)
+    from kfuse.triton_kernels import lora as lk  # noqa: PLC0415 (triton is optional)
+
+    a0, b0 = x.new_zeros(0, x.shape[1], dtype=ADAPTER_DTYPE), w.new_zeros(w.shape[0], 0, dtype=ADAPTER_DTYPE)
+    return Candidate("triton-gemm", "baseline",
+                     lambda: lk.lora_forward(x, w, False, a0, b0, 1.0, None, None, None, 0.0, False)[0],
+                     error=_own_check(lambda: x.double() @ w.double().t()))
 
 
 def _multi_candidates(case: Case, inp: Inputs) -> list[Candidate]:
@@ -655,4 +672,5 @@ def names(case: Case) -> list[str]:
         return ["fused", "peft"]
     if case.mode == "multi":
         return [*BACKENDS, "base", "peft", "gather"]
-    return [*BACKENDS, "base", "peft", f"peft-{dtype_name(case.dtype)}", "addmm", "compile"]
+    gemm = ["triton-gemm"] if case.mode == "fwd" else []
+    return [*BACKENDS, "base", *gemm, "peft", f"peft-{dtype_name(case.dtype)}", "addmm", "compile"]
