@@ -357,7 +357,15 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, dap_ptr
       dx = dy W + s·(G A) ⊙ keep/(1-p): the accumulator starts from the masked low-rank term
            (the mask is elementwise on the output tile, so it is applied before the GEMM loop);
       dap[pid_m, :, k tile] = s·Gᵀ (x ⊙ keep/(1-p)): this row block's partial of dA, from the
-           same mask. The partial layout [M tiles, R, K] depends on BM only (fixed per shape)."""
+           same mask. The partial layout [M tiles, R, K] depends on BM only (fixed per shape).
+    Order, for registers: dA first, so that x's [BM, BK] fp32 tile is dead before the low-rank tile
+    (the start of the GEMM's accumulator) is made. ptxas -v for sm_90a, BM 128, 8 warps, Triton 3.8
+    (3.6) — without dropout, 128x256: bf16 x with fp32 adapters 255 registers and 80 (76) B of spill
+    stores when dA came after, 222 (229) registers and none now; fp16 48 (48) B before, none now.
+    With dropout, 128x128: the wgmma was serialised (ptxas C7515: non-wgmma instructions defining
+    the accumulator) and is pipelined now; its spills (324 (268) B) lie outside the GEMM loop (no
+    LDL/STL between its HGMMAs in the SASS). Regenerating the mask for dx instead of keeping it
+    live spilled inside that loop under 3.6."""
     pid_m, pid_k = _tile_ids(tl.program_id(0), M, K, BM, BK, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * BK + tl.arange(0, BK)
@@ -370,20 +378,22 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, dap_ptr
                      other=0.0).to(tl.float32)
         if DROPOUT:
             xt = tl.where(keep, xt * inv_keep, 0.0)
-    low = tl.zeros([BM, BK], dtype=tl.float32)
-    for r0 in range(0, R, RB):
-        rr = r0 + tl.arange(0, RB)
-        gt = tl.load(g_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], mask=row_ok & (rr[None, :] < R),
-                     other=0.0)
-        if NEED_DX:
-            at = tl.load(a_ptr + rr[:, None].to(tl.int64) * sar + cols[None, :].to(tl.int64) * sak,
-                         mask=(rr[:, None] < R) & col_ok, other=0.0)
-            low = _dot(gt, at, low, LR_PREC)
-        if NEED_DA:
+        for r0 in range(0, R, RB):
+            rr = r0 + tl.arange(0, RB)
+            gt = tl.load(g_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], mask=row_ok & (rr[None, :] < R),
+                         other=0.0)
             dat = _dot(tl.trans(gt), xt, tl.zeros([RB, BK], dtype=tl.float32), LR_PREC) * scaling
             tl.store(dap_ptr + (pid_m.to(tl.int64) * R + rr[:, None]) * K + cols[None, :], dat,
                      mask=(rr[:, None] < R) & col_ok)
     if NEED_DX:
+        low = tl.zeros([BM, BK], dtype=tl.float32)
+        for r0 in range(0, R, RB):
+            rr = r0 + tl.arange(0, RB)
+            gt = tl.load(g_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], mask=row_ok & (rr[None, :] < R),
+                         other=0.0)
+            at = tl.load(a_ptr + rr[:, None].to(tl.int64) * sar + cols[None, :].to(tl.int64) * sak,
+                         mask=(rr[:, None] < R) & col_ok, other=0.0)
+            low = _dot(gt, at, low, LR_PREC)
         if DROPOUT:
             low = tl.where(keep, low * (scaling * inv_keep), 0.0)
         else:
@@ -531,11 +541,10 @@ def _gemm_config(M: int, P: int, dtype: torch.dtype) -> tuple[int, int, int, int
 
 def _dx_config(M: int, K: int, dtype: torch.dtype, dropout: bool) -> tuple[int, int, int, int, int, int]:
     """(BM, BK, BN, GROUP_M, num_warps, num_stages) of the dx kernel: the GEMM's tile, but at most 128
-    columns wide with dropout. Its [BM, BK] tiles of x and of the regenerated mask (for dA) stay live
-    beside the accumulator: ptxas -v for sm_90a, bf16 with fp32 adapters at BM = 128, 8 warps: 128x256
-    with dropout 255 registers and 4852 bytes of spill stores, 128x128 280 bytes; without dropout
-    128x256 80 bytes (kept: its wider wgmma tile, unmeasured on a GPU), 128x128 none. BM is the GEMM's
-    (it sets dA's partial layout)."""
+    columns wide with dropout, whose mask ([BM, BK] Philox draws) needs the registers: ptxas -v for
+    sm_90a, bf16 with fp32 adapters at BM = 128, 8 warps, with dropout: 128x256 5280 bytes of spill
+    stores, 128x128 324 (Triton 3.8; without dropout 128x256 has none: see _bwd_dx_kernel). BM is
+    the GEMM's (it sets dA's partial layout)."""
     bm, bk, bn, group, warps, stages = _gemm_config(M, K, dtype)
     return bm, min(bk, 128) if dropout else bk, bn, group, warps, stages
 

@@ -1,0 +1,84 @@
+"""Register use, spills and wgmma serialisation of the LoRA GEMM kernels as ptxas compiles them for an
+H100/H200 (sm_90a), without a GPU: ``python bench/ptxas_lora.py`` (set ``PYTHONPATH`` to another
+Triton to compare versions, e.g. the GPU machine's 3.6: ``pip install --target /tmp/t36 --no-deps
+triton==3.6.0``).
+
+For the forward and dx kernels at the tiles their launchers pick for M = K = N = 4096, in bf16 (fp32
+adapters) and fp16, with and without dropout, it prints ptxas' registers, spill stores, any C7515
+warning (wgmma serialised: the tensor-core pipeline waits on every MMA) and the LDL/STL instructions
+between the first and the last HGMMA of the SASS (spills in the GEMM loop, the ones that cost). How
+``_bwd_dx_kernel``'s order of work was chosen (see its docstring). Takes ~1 min on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kfuse.triton_kernels import lora as lk
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_FLOAT_ARGS = {"p", "inv_keep", "scaling"}
+
+
+def compile_sm90(fn, ptrs: dict[str, str], consts: dict, warps: int, stages: int) -> str:
+    """PTX of ``fn`` for sm_90 as a launch would specialise it: unit strides of contiguous tensors
+    (``swk``, ``sak``, ``sbr``) constant, pointers and integers divisible by 16."""
+    consts = {**{n: 1 for n in ("swk", "sak", "sbr") if n in fn.arg_names}, **consts}
+    sig = {n: "constexpr" if n in consts else "*" + ptrs.get(n, "fp32") if n.endswith("_ptr")
+           else "fp32" if n in _FLOAT_ARGS else "i32" for n in fn.arg_names}
+    attrs = {(j,): [["tt.divisibility", 16]] for j, n in enumerate(fn.arg_names) if sig[n] == "i32" or sig[n][0] == "*"}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
+                                                                           "num_stages": stages}).asm["ptx"]
+
+
+def inspect(ptx: str) -> str:
+    """ptxas -v's registers and spill stores, C7515, and LDL/STL between the first and last HGMMA."""
+    with tempfile.TemporaryDirectory() as d:
+        src, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        info = subprocess.run([os.path.join(_BIN, "ptxas"), "-v", "-arch=sm_90a", src, "-o", cubin],
+                              capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = re.search(r"(\d+) bytes spill stores", info)
+    mma = [i for i, line in enumerate(sass) if "HGMMA" in line]
+    in_loop = sum(bool(re.search(r"\b(LDL|STL)\b", line)) for line in sass[mma[0]:mma[-1] + 1]) if mma else 0
+    serial = " C7515 (wgmma serialised)" if "C7515" in info else ""
+    return (f"{regs.group(1) if regs else '?'} registers, {spill.group(1) if spill else '?'} B spill stores, "
+            f"{in_loop} LDL/STL between HGMMAs{serial}")
+
+
+def main() -> None:
+    print(f"triton {triton.__version__}, sm_90a, M = K = N = 4096, r = 16")
+    for dt, ad in ((torch.bfloat16, torch.float32), (torch.float16, torch.float16)):
+        st, at = _TYPES[dt], _TYPES[ad]
+        prec, lr = lk._precisions(dt)
+        bm, bn, bk, group, w, s = lk._gemm_config(4096, 4096, dt)
+        ptx = compile_sm90(lk._fwd_kernel, {"x_ptr": st, "w_ptr": st, "b_ptr": at, "bias_ptr": st, "lbias_ptr": at,
+                                            "y_ptr": st},
+                           dict(BM=bm, BN=bn, BK=bk, RB=16, GROUP_M=group, HAS_BIAS=False, HAS_LBIAS=False, PREC=prec,
+                                LR_PREC=lr), w, s)
+        print(f"forward  {st} x, {at} adapters, {bm}x{bn}x{bk}, {w} warps: {inspect(ptx)}")
+        for drop in (False, True):
+            xbm, xbk, xbn, xgroup, xw, xs = lk._dx_config(4096, 4096, dt, drop)
+            ptx = compile_sm90(lk._bwd_dx_kernel, {"dy_ptr": st, "w_ptr": st, "a_ptr": at, "x_ptr": st,
+                                                   "seed_ptr": "i64" if drop else st, "dx_ptr": st},
+                               dict(BM=xbm, BK=xbk, BN=xbn, RB=16, GROUP_M=xgroup, DROPOUT=drop, NEED_DX=True,
+                                    NEED_DA=True, PREC=prec, LR_PREC=lr), xw, xs)
+            print(f"dx       {st} x, {at} adapters, {xbm}x{xbk}x{xbn}, {xw} warps, dropout {drop}: {inspect(ptx)}")
+
+
+if __name__ == "__main__":
+    main()
