@@ -707,6 +707,23 @@ def test_ops_isolation_rollback_and_fork_leave_others_bit_identical(backend, dev
     assert torch.equal(kfuse.paged_decode_attention(q[1:], cache, 0, ids[1:], backend=backend), after[1:])
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS[1:])
+def test_registered_decode_with_a_larger_grid_changes_no_bit(backend, device, small_splits, seed):
+    """The registered decode op sized for the cache's whole capacity (``max_len``, as a captured decode
+    step sizes it: kfuse.models.llama.DecodeGraphs) gives the bits of the op sized for the lengths: the
+    extra splits hold no position and the merge reads only those below each length."""
+    lens = [3 * PS + 1, 0, 5, 2 * PS]
+    cache, ids = _op_cache(lens, torch.float32, device)
+    q = torch.randn(len(ids), HKV * 4, D, device=device)
+    sid = torch.tensor(ids, dtype=torch.int32, device=device)
+    kl = torch.tensor(lens, dtype=torch.int32, device=device)
+    args = (q, cache.k_pages, cache.v_pages, cache.block_table, 1, sid, kl)
+    tight = kv_ops.paged_decode_attention_op(*args, max(lens), D ** -0.5, backend)
+    wide = kv_ops.paged_decode_attention_op(*args, cache.max_pages_per_seq * PS, D ** -0.5, backend)
+    assert torch.equal(tight, wide)
+    assert torch.equal(tight, kfuse.paged_decode_attention(q, cache, 1, ids, scale=D ** -0.5, backend=backend))
+
+
 # ---------------------------------------------------------------- cpu kernels (csrc/kv/kv_attention_cpu.cpp)
 # The parametrised op tests above run the C++ kernels at short lengths; these add the decode chunk
 # boundary (lengths over two chunks: a fixed-order merge of three partials), every dtype, head
