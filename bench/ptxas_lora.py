@@ -3,8 +3,9 @@ H100/H200 (sm_90a), without a GPU: ``python bench/ptxas_lora.py`` (set ``PYTHONP
 Triton to compare versions, e.g. the GPU machine's 3.6: ``pip install --target /tmp/t36 --no-deps
 triton==3.6.0``).
 
-For the forward and dx kernels at the tiles their launchers pick for M = K = N = 4096, in bf16 (fp32
-adapters) and fp16, with and without dropout, it prints ptxas' registers, spill stores, any C7515
+For the forward and dx kernels at the tiles their launchers pick for M = K = N = 4096 (dx with and
+without dropout), the decode path's split-K kernel at M = 16 and the multi-adapter forward at M = 128,
+in bf16 (fp32 adapters) and fp16, it prints ptxas' registers, spill stores, any C7515
 warning (wgmma serialised: the tensor-core pipeline waits on every MMA) and the LDL/STL instructions
 between the first and the last HGMMA of the SASS (spills in the GEMM loop, the ones that cost). How
 ``_bwd_dx_kernel``'s order of work was chosen (see its docstring). Takes ~1 min on 2 cores.
@@ -71,6 +72,17 @@ def main() -> None:
                            dict(BM=bm, BN=bn, BK=bk, RB=16, GROUP_M=group, HAS_BIAS=False, HAS_LBIAS=False, PREC=prec,
                                 LR_PREC=lr), w, s)
         print(f"forward  {st} x, {at} adapters, {bm}x{bn}x{bk}, {w} warps: {inspect(ptx)}")
+        m = 16  # the decode path (M <= _SMALL_M): split-K partials of x Wᵀ and S
+        sbm, sbn, sbk, _, sw, ss = lk._gemm_config(m, 4096, dt)
+        ptx = compile_sm90(lk._fwd_splitk_kernel, {"x_ptr": st, "w_ptr": st, "a_ptr": at, "seed_ptr": st},
+                           dict(BM=sbm, BN=sbn, BK=sbk, RB=16, DROPOUT=False, PREC=prec, LR_PREC=lr), sw, ss)
+        print(f"split-K  {st} x, {at} adapters, M {m}, {sbm}x{sbn}x{sbk}, {sw} warps: {inspect(ptx)}")
+        mbm, mbn, mbk, mgroup, mw, ms = lk._multi_config(128, 4096, dt)  # the multi-adapter case's M
+        ptx = compile_sm90(lk._multi_fwd_kernel, {"x_ptr": st, "w_ptr": st, "ids_ptr": "i32", "b_ptr": at,
+                                                  "ranks_ptr": "i64", "bias_ptr": st, "y_ptr": st},
+                           dict(BM=mbm, BN=mbn, BK=mbk, RB=16, GROUP_M=mgroup, HAS_BIAS=False, PREC=prec,
+                                LR_PREC=lr), mw, ms)
+        print(f"multi    {st} x, {at} adapters, M 128, {mbm}x{mbn}x{mbk}, {mw} warps: {inspect(ptx)}")
         for drop in (False, True):
             xbm, xbk, xbn, xgroup, xw, xs = lk._dx_config(4096, 4096, dt, drop)
             ptx = compile_sm90(lk._bwd_dx_kernel, {"dy_ptr": st, "w_ptr": st, "a_ptr": at, "x_ptr": st,

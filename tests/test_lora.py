@@ -1216,6 +1216,25 @@ def test_multi_forward_ids_out_of_range_stay_in_bounds(device, seed) -> None:
     assert_sum_close(y, want, mag, torch.float32, "y")
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_multi_forward_a_broken_adapter_reaches_only_its_rows(backend, device, seed) -> None:
+    """Serving isolation: adapter 1's weights are NaN and inf inside its rank (a corrupted upload);
+    the rows of adapter 0 and the base-only rows of the same tiles are those of a batch without it."""
+    M, K, N, L, r = 12, 19, 23, 2, 8
+    x, weight, _, _, bias, _ = make_layer(M, K, N, 1, False, True, False, torch.float32, torch.float32, device)
+    A, B = make_stack(L, r, K, N, (r, r), torch.float32, device)
+    A[1, 0], B[1, :, 1] = math.nan, math.inf
+    ids = torch.tensor([0, 1, -1, 1, 0, 0, -1, 1, 0, 1, 0, -1], device=device)
+    scal = torch.tensor([0.5, 2.0], device=device)
+    ranks = torch.tensor([r, r], dtype=torch.int32, device=device)
+    with torch.no_grad():
+        y = kfuse.lora_linear_multi(x, weight, A, B, scal, ranks, ids, bias=bias, backend=backend)
+    good = ids != 1
+    assert y[good].isfinite().all() and not y[~good].isfinite().any()
+    want, mag = ref_multi(x[good], weight, False, A[:1], B[:1], scal[:1].cpu(), (r,), ids[good], bias)
+    assert_sum_close(y[good], want, mag, torch.float32, "rows of the other adapter and of the base")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_several_rank_blocks(device, monkeypatch, seed) -> None:
     """Ranks above the rank block loop over blocks (grid axis or in-kernel loop, per kernel):
@@ -1427,9 +1446,10 @@ for dt, ad_dt, drop in [(torch.float16, torch.float16, False), (torch.bfloat16, 
              dict(BM=dbm, BN=dbn, RB=16, NEED_G=True, NEED_DB=True, NEED_CS=True, LR_PREC=lr), dw, 1)
     compile_(lk._multi_shrink_kernel, {"x_ptr": st, "ids_ptr": "i64", "a_ptr": ad, "ranks_ptr": "i32"},
              dict(BM=sbm, BK=sbk, RB=16, PREC=lr), sw, ss)
+    mbm, mbn, mbk, mgroup, mw, ms = lk._multi_config(4096, 4096, dt)
     compile_(lk._multi_fwd_kernel, {"x_ptr": st, "w_ptr": st, "ids_ptr": "i32", "b_ptr": ad, "ranks_ptr": "i64",
                                     "bias_ptr": st, "y_ptr": st},
-             dict(BM=bm, BN=bn, BK=bk, RB=16, GROUP_M=group, HAS_BIAS=True, PREC=prec, LR_PREC=lr), w, s)
+             dict(BM=mbm, BN=mbn, BK=mbk, RB=16, GROUP_M=mgroup, HAS_BIAS=True, PREC=prec, LR_PREC=lr), mw, ms)
     bm, bn, bk, _, w, s = lk._gemm_config(32, 4096, dt)
     compile_(lk._fwd_splitk_kernel, {"x_ptr": st, "w_ptr": st, "a_ptr": ad, "seed_ptr": seed},
              dict(BM=bm, BN=bn, BK=bk, RB=16, DROPOUT=drop, PREC=prec, LR_PREC=lr), w, s)

@@ -464,15 +464,20 @@ def _multi_fwd_kernel(x_ptr, w_ptr, sp_ptr, ids_ptr, b_ptr, ranks_ptr, scal_ptr,
                       M, N, K, L, R, SPLITS, sxm, swn, swk, sbl, sbn, sbr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr, GROUP_M: tl.constexpr,
                       HAS_BIAS: tl.constexpr, PREC: tl.constexpr, LR_PREC: tl.constexpr):
-    """Grid (M tiles · N tiles,), grouped: acc = Σ_adapters in tile (s_a·S_rows) B_aᵀ (rows of
-    other adapters masked), then acc += x Wᵀ, + bias. S = Σ_splits sp, summed in split order."""
+    """Grid (M tiles · N tiles,), grouped: acc = x Wᵀ, then for each adapter a present in the tile
+    acc += (s_a·S_rows) B_aᵀ on its rows only (a select, so another adapter's weights, even non-finite
+    ones, never reach a row), + bias. S = Σ_splits sp, summed in split order.
+    The main loop comes first: started from the low-rank terms (as the single-adapter forward is),
+    ptxas serialised every wgmma of the kernel (C7515: non-wgmma instructions defining an
+    accumulator) at each tile the launcher uses; after the main loop, none is."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     row_ok = rows[:, None] < M
     col_ok = cols[None, :] < N
     ids = _tile_adapters(ids_ptr, rows, M, L)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc = _mainloop(tl.zeros([BM, BN], dtype=tl.float32), x_ptr, w_ptr, rows, cols, M, N, 0, K, sxm, 1, swk, swn,
+                    BK, PREC)
     for r0 in range(0, R, RB):
         rr = r0 + tl.arange(0, RB)
         st = tl.zeros([BM, RB], dtype=tl.float32)
@@ -487,10 +492,9 @@ def _multi_fwd_kernel(x_ptr, w_ptr, sp_ptr, ids_ptr, b_ptr, ranks_ptr, scal_ptr,
             b_ptrs = b_ptr + cur.to(tl.int64) * sbl + cols[None, :].to(tl.int64) * sbn + rr[:, None].to(tl.int64) * sbr
             bt = tl.load(b_ptrs, mask=(rr[:, None] < rank) & col_ok, other=0.0)
             sel = ids == cur
-            acc = tl.where(sel[:, None], _dot(st * sc, bt, acc, LR_PREC), acc)
+            acc += tl.where(sel[:, None], _dot(st * sc, bt, tl.zeros([BM, BN], dtype=tl.float32), LR_PREC), 0.0)
             todo = todo & ~sel
             cur = _next_adapter(ids, todo, L)
-    acc = _mainloop(acc, x_ptr, w_ptr, rows, cols, M, N, 0, K, sxm, 1, swk, swn, BK, PREC)
     acc = _epilogue(acc, bias_ptr, bias_ptr, cols, N, 1.0, HAS_BIAS, False)
     tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=row_ok & col_ok)
@@ -547,6 +551,15 @@ def _dx_config(M: int, K: int, dtype: torch.dtype, dropout: bool) -> tuple[int, 
     the GEMM's (it sets dA's partial layout)."""
     bm, bk, bn, group, warps, stages = _gemm_config(M, K, dtype)
     return bm, min(bk, 128) if dropout else bk, bn, group, warps, stages
+
+
+def _multi_config(M: int, N: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
+    """The multi-adapter forward's tile: the GEMM's, at most 128 wide. Its low-rank terms come after the
+    main loop, each a [BM, BN] dot beside the accumulator: at 128x256 (M >= 2048) ptxas -v for sm_90a
+    gives 255 registers and ~2.1 KB of spill stores, ~90 of them between the HGMMAs; at 128x128 202
+    registers and none (bf16, fp32 adapters, 8 warps; Triton 3.8 and 3.6 alike)."""
+    bm, bn, bk, group, warps, stages = _gemm_config(M, N, dtype)
+    return bm, min(bn, 128), bk, group, warps, stages
 
 
 def _splits(work: int, programs: int, per_step: int, max_splits: int = 1 << 30) -> tuple[int, int]:
@@ -965,7 +978,7 @@ def lora_multi_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A_stack:
         _multi_shrink_kernel[(m_tiles, r_tiles, splits)](
             x, ids, A_stack, ranks, sp, M, K, L, R_eff, x.stride(0), A_stack.stride(0), A_stack.stride(1),
             A_stack.stride(2), k_per_split, BM=bm, BK=bk, RB=rb, PREC=lr_prec, num_warps=warps, num_stages=stages)
-    bm, bn, bk, group, warps, stages = _gemm_config(M, N, x.dtype)
+    bm, bn, bk, group, warps, stages = _multi_config(M, N, x.dtype)
     _multi_fwd_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
         x, weight, sp, ids, B_stack, ranks, scalings, bias.contiguous() if bias is not None else y, y,
         M, N, K, L, R_eff, splits, x.stride(0), swn, swk, B_stack.stride(0), B_stack.stride(1), B_stack.stride(2),
