@@ -4,7 +4,8 @@ Triton to compare versions, e.g. the GPU machine's 3.6: ``pip install --target /
 triton==3.6.0``).
 
 For the forward and dx kernels at the tiles their launchers pick for M = K = N = 4096 (dx with and
-without dropout), the decode path's split-K kernel at M = 16 and the multi-adapter forward at M = 128,
+without dropout), the decode path's split-K kernel at M = 16, the multi-adapter forward at M = 128, and the S pass
+(shrink) and the dy pass at M = 4096,
 in bf16 (fp32 adapters) and fp16, it prints ptxas' registers, spill stores, any C7515
 warning (wgmma serialised: the tensor-core pipeline waits on every MMA) and the LDL/STL instructions
 between the first and the last HGMMA of the SASS (spills in the GEMM loop, the ones that cost). How
@@ -83,6 +84,14 @@ def main() -> None:
                            dict(BM=mbm, BN=mbn, BK=mbk, RB=16, GROUP_M=mgroup, HAS_BIAS=False, PREC=prec,
                                 LR_PREC=lr), mw, ms)
         print(f"multi    {st} x, {at} adapters, M 128, {mbm}x{mbn}x{mbk}, {mw} warps: {inspect(ptx)}")
+        hbm, hbk, hw, hs = lk._shrink_config(4096, dt)  # S = x Aᵀ, one read of x
+        ptx = compile_sm90(lk._shrink_kernel, {"x_ptr": st, "a_ptr": at, "seed_ptr": "i64"},
+                           dict(BM=hbm, BK=hbk, RB=16, DROPOUT=True, PREC=lr), hw, hs)
+        print(f"shrink   {st} x, {at} adapters, {hbm}x{hbk}, {hw} warps, dropout True: {inspect(ptx)}")
+        dbm, dbn, dw = lk._dy_config(4096)  # G = dy B, dB, colsum: one read of dy
+        ptx = compile_sm90(lk._bwd_dy_kernel, {"dy_ptr": st, "b_ptr": at},
+                           dict(BM=dbm, BN=dbn, RB=16, NEED_G=True, NEED_DB=True, NEED_CS=True, LR_PREC=lr), dw, 1)
+        print(f"dy pass  {st} x, {at} adapters, {dbm}x{dbn}, {dw} warps: {inspect(ptx)}")
         for drop in (False, True):
             xbm, xbk, xbn, xgroup, xw, xs = lk._dx_config(4096, 4096, dt, drop)
             ptx = compile_sm90(lk._bwd_dx_kernel, {"dy_ptr": st, "w_ptr": st, "a_ptr": at, "x_ptr": st,
