@@ -598,6 +598,35 @@ def test_cpu_kernels_empty_input_and_an_unused_table(seed):
     assert [tuple(g.shape) for _, g in sparse] == [(0, 7), (0, 33), (0, 1)]
 
 
+@pytest.mark.parametrize("dims", [(128,), (96, 128, 37)], ids=["aligned", "ragged"])
+def test_cpu_large_outputs_stream_the_same_bits(seed, dims):
+    """Float outputs of at least 1 MiB are written with streaming stores (movntps, csrc: kFwdStreamBytes)
+    where rows are 16-byte aligned; below that, regular stores. A bag's sum does not depend on the
+    batch, so the output of B bags (1.5 MiB) equals, bit for bit, the outputs of its two halves
+    (< 1 MiB each) side by side; the ragged layout (a 37-wide table: unaligned rows) too.
+    Sums of several rows (mean, weighted) and empty bags included."""
+    g = torch.Generator().manual_seed(seed)
+    B, tables = 3 * (1 << 19) // (4 * sum(dims)), [torch.randn(300, d, generator=g) for d in dims]  # 1.5 MiB
+    assert B * sum(dims) * 4 >= 1 << 20 and B // 2 * sum(dims) * 4 < 1 << 20
+    counts = torch.randint(0, 6, (len(dims) * B,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    idx = torch.randint(0, 300, (int(offsets[-1]),), generator=g)
+    fmap = list(range(len(dims)))
+    for mode, psw in (("sum", None), ("mean", None), ("sum", torch.rand(idx.numel(), generator=g))):
+        whole = kfuse.multi_embedding_bag(tables, idx, offsets, mode=mode, per_sample_weights=psw,
+                                          feature_table=fmap, backend="cpu")
+        halves = []
+        for lo, hi in ((0, B // 2), (B // 2, B)):
+            sel = torch.cat([torch.arange(f * B + lo, f * B + hi) for f in range(len(dims))])
+            starts, ends = offsets[sel], offsets[sel + 1]
+            part = torch.cat([torch.arange(int(a), int(b)) for a, b in zip(starts, ends, strict=True)])
+            sub_off = torch.cat([torch.zeros(1, dtype=torch.int64), (ends - starts).cumsum(0)])
+            halves.append(kfuse.multi_embedding_bag(tables, idx[part], sub_off, mode=mode, feature_table=fmap,
+                                                    per_sample_weights=None if psw is None else psw[part],
+                                                    backend="cpu"))
+        assert torch.equal(whole, torch.cat(halves)), mode
+
+
 def test_cpu_forward_converts_every_half_exactly():
     """The CPU kernels convert fp16 with integer ops (csrc/cpu_convert.h): every one of the 65536
     halves (zeros, subnormals, inf, nan) in a one-row bag is 0 + float(x) rounded back."""
