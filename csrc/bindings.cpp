@@ -137,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor> deu_backward(const at::Tensor& grad_y, const 
 // here), so that each call passes only its ids and lengths: per-call conversion of the seven
 // state tensors would cost more than the work itself (~0.4 us each). With `flat` (a CUDA cache's
 // host mirror: the int32 buffer that table, lens, ref, free_stack and free_top are views of),
-// rollback and plan_step also return the writes to replay on the device copy (kv.h: take_writes).
+// rollback, fork, plan_step and advance also return the writes to replay on the device copy (kv.h:
+// take_writes).
 class KVHostState {
  public:
   KVHostState(at::Tensor table, at::Tensor lens, at::Tensor npages, at::Tensor active, at::Tensor ref,
@@ -190,13 +191,21 @@ class KVHostState {
     kfuse::kv::fork(st_, src, child, length);
     return writes();
   }
-  // (tok_page, tok_slot, cow_src, cow_dst, popped, writes): int64 tensors, writes as rollback's.
+  // (slots, cow_src, cow_dst, popped, writes): int64 tensors (slots: page * page_size + slot of each
+  // new token), writes as rollback's.
   py::tuple plan_step(const at::Tensor& ids, const at::Tensor& counts) {
     TORCH_CHECK(ids.numel() == counts.numel(), "kfuse: ids and counts differ in length");
     log_.clear();
     const kfuse::kv::StepPlan p = kfuse::kv::plan_step(st_, ptr(ids, "ids"), ptr(counts, "counts"), ids.numel());
     auto t = [](const std::vector<int64_t>& v) { return at::tensor(v, at::kLong); };
-    return py::make_tuple(t(p.tok_page), t(p.tok_slot), t(p.cow_src), t(p.cow_dst), p.popped, writes());
+    return py::make_tuple(t(p.slots), t(p.cow_src), t(p.cow_dst), p.popped, writes());
+  }
+  // The writes of lens[ids] += counts (None without flat).
+  py::object advance(const at::Tensor& ids, const at::Tensor& counts) {
+    TORCH_CHECK(ids.numel() == counts.numel(), "kfuse: ids and counts differ in length");
+    log_.clear();
+    kfuse::kv::advance(st_, ptr(ids, "ids"), ptr(counts, "counts"), ids.numel());
+    return writes();
   }
 
  private:
@@ -505,7 +514,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("rollback", &KVHostState::rollback, py::arg("ids"), py::arg("new_lens"), py::arg("check_lens"),
            py::arg("log") = true)
       .def("fork", &KVHostState::fork, py::arg("src"), py::arg("child"), py::arg("length"))
-      .def("plan_step", &KVHostState::plan_step, py::arg("ids"), py::arg("counts"));
+      .def("plan_step", &KVHostState::plan_step, py::arg("ids"), py::arg("counts"))
+      .def("advance", &KVHostState::advance, py::arg("ids"), py::arg("counts"));
   m.attr("kv_decode_chunk") = kfuse::kv::kDecodeChunk;
   m.def("kv_decode_attention", &kv_decode_attention,
         "Paged decode attention (CPU): q [B, Hq, D], one layer's k_pages/v_pages [num_pages, page_size, Hkv, D], "

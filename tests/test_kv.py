@@ -187,6 +187,40 @@ def test_device_rollback_never_mixes_host_and_device_tensors():
     assert len(log.ops) > 10 and not log.mixed, log.mixed
 
 
+def test_a_decode_step_makes_two_transfers(monkeypatch):
+    """The device traffic of a step of one token per sequence on a mirrored cache (a CUDA cache's code
+    path): one host-to-device copy of the flat slots, one of the new lengths (advance's logged writes),
+    and one index_copy_ per pool and layer plus one for the lengths; a step that takes new pages adds
+    the copy of its metadata writes (and its scatter). The device state stays equal to the host's."""
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    cache = make(_mirror=True)
+    ids = torch.tensor([cache.add_sequence() for _ in range(3)])
+    step(cache, None, ids.tolist(), [3, 5, 1])  # PS = 4: the next token of each fits its last page
+    transfers = []
+    real = cache._dev
+    monkeypatch.setattr(cache, "_dev", lambda *a, **k: transfers.append(1) or real(*a, **k))
+    for new_page, want in ((False, 2), (True, 3)):  # lengths 3, 5, 1 -> 4, 6, 2; then 4 -> 5 takes a page
+        transfers.clear()
+        with Ops() as log:
+            for layer in range(L):
+                kv = torch.randn(3, HKV, D)
+                cache.append(layer, ids, kv, kv)
+            cache.advance(ids)
+        assert len(transfers) == want, (new_page, len(transfers))
+        assert log.ops.count("aten.index_copy_.default") == 2 * L + 1 + new_page, log.ops
+        check_invariants(cache)
+
+
 def test_metadata_ops_refuse_a_cuda_graph_capture_before_changing_anything(monkeypatch):
     """Inside a CUDA-graph capture every metadata op raises before touching the host or device state
     (its host half would run once, at capture). Checked on a mirrored CPU cache posing as a CUDA one,

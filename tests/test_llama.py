@@ -375,7 +375,7 @@ def test_decode_graph_body_never_mixes_host_and_device_tensors(monkeypatch):
         model = LlamaForCausalLM.from_hf(hf)
         fake_cuda_device_state(cache)
         graphs = model.decode_graphs(cache)
-        meta = torch.zeros(6, 3, dtype=torch.int64, device="cuda")
+        meta = torch.zeros(5, 3, dtype=torch.int64, device="cuda")
         with MixedDevices() as log:
             out = graphs._body(meta)
     assert out.shape == (3, VOCAB) and out.device.type == "cuda"

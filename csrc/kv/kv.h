@@ -20,8 +20,8 @@ namespace kv {
 // active [max_seqs] (0/1). Ids, lengths and counts are int64 [n].
 //
 // Write log (a CUDA cache's host mirror): table, lens, ref, free_stack and free_top lie in one int32
-// buffer starting at `base` (the device keeps the same layout); when `written` is set, rollback and
-// plan_step append the offset of every int32 they write there, so the device copy replays the
+// buffer starting at `base` (the device keeps the same layout); when `written` is set, rollback,
+// fork, plan_step and advance append the offset of every int32 they write there, so the device copy replays the
 // operation as one scatter of final values (take_writes) instead of recomputing it.
 struct HostState {
   int32_t* table;
@@ -63,13 +63,17 @@ void fork(const HostState& st, int64_t src, int64_t child, int64_t length);
 // stack; a shared, partially filled last page is replaced by a fresh one: copy-on-write) and
 // says where each token goes. lens are not changed (advance does that). O(n + new tokens).
 struct StepPlan {
-  std::vector<int64_t> tok_page, tok_slot;                 // per new token, in ids order
+  std::vector<int64_t> slots;  // per new token, in ids order: its flat slot, page * page_size + position % page_size
   std::vector<int64_t> cow_src, cow_dst;                   // pages to copy (K/V of every layer)
   std::vector<int64_t> tbl_row, tbl_col, tbl_val;          // table entries written
   std::vector<int64_t> rc_idx, rc_delta;                   // refcount changes
   int64_t popped = 0;                                      // pages taken off the free stack
 };
 StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* counts, int64_t n);
+
+// Commits a step: lens[ids[i]] += counts[i] (logged). The caller has checked ids and counts (those
+// of the step it opened). O(n).
+void advance(const HostState& st, const int64_t* ids, const int64_t* counts, int64_t n);
 
 // ---- attention (kv_attention_cpu.cpp) -----------------------------------------------------
 // q, out [tokens, num_q_heads, head_dim] and the pools (as above) share dtype; num_q_heads is a

@@ -139,8 +139,7 @@ StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* count
     value_error("counts: the step needs " + std::to_string(need) + " new pages; only " + std::to_string(top) +
                 " of " + std::to_string(st.num_pages) + " are free (pool exhausted)");
   StepPlan plan;
-  plan.tok_page.reserve(total);
-  plan.tok_slot.reserve(total);
+  plan.slots.reserve(total);
   int32_t t = static_cast<int32_t>(top);
   auto set_entry = [&](int64_t s, int64_t j, int32_t page) {
     put(st, &st.table[s * P + j], page);
@@ -166,14 +165,17 @@ StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* count
     }
     for (int64_t j = st.npages[s]; j < ceil_div(end, ps); ++j) set_entry(s, j, st.free_stack[--t]);
     st.npages[s] = static_cast<int32_t>(ceil_div(end, ps));
-    for (int64_t pos = len; pos < end; ++pos) {
-      plan.tok_page.push_back(row[pos / ps]);
-      plan.tok_slot.push_back(pos % ps);
-    }
+    for (int64_t pos = len; pos < end; ++pos) plan.slots.push_back(row[pos / ps] * ps + pos % ps);
   }
   plan.popped = top - t;
-  put(st, st.free_top, t);
+  // Only when pages were taken: an unchanged free_top in the log would cost a step that allocates
+  // nothing (most decode steps) a host-to-device copy and a scatter on a CUDA cache.
+  if (t != top) put(st, st.free_top, t);
   return plan;
+}
+
+void advance(const HostState& st, const int64_t* ids, const int64_t* counts, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) put(st, &st.lens[ids[i]], static_cast<int32_t>(st.lens[ids[i]] + counts[i]));
 }
 
 }  // namespace kv

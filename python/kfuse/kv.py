@@ -161,7 +161,7 @@ class PagedKVCache:
         self.block_table = d_table.view(max_seqs, max_pages_per_seq)
         self._scratch = torch.zeros(num_pages, dtype=torch.int64, device=dev) if self._mirrored else None
         # Open step: None, or dict(ids, counts, pending (CPU int64; pending: [max_seqs] tokens of the
-        # step per sequence), layers (set), tok_page, tok_slot (device int64)).
+        # step per sequence), layers (set), slots (flat page · page_size + slot, device int64)).
         self._step: dict | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -178,7 +178,9 @@ class PagedKVCache:
         distinct offsets) to the device copy: one host-to-device copy and one scatter, no sync."""
         if writes is not None and writes.shape[1]:
             w = self._dev(writes)
-            self._flat.index_copy_(0, w[0], w[1].to(torch.int32))
+            # The values (all within int32) as the low halves of their int64s (little-endian, as every
+            # platform torch runs CUDA on): a strided view, where .to(torch.int32) was one more kernel.
+            self._flat.index_copy_(0, w[0], w[1].view(torch.int32)[::2])
 
     def _ids(self, seq_ids, what: str = "seq_ids") -> Tensor:
         """Validated ids (in range, active, distinct) as a CPU int64 tensor."""
@@ -320,23 +322,29 @@ class PagedKVCache:
                 raise ValueError(f"layer {layer} already appended in this step; call advance() first")
         else:
             st = self._open_step(ids, cnt)  # validates capacity before mutating
-        self._write(layer, st["tok_page"], st["tok_slot"], k, v)
+        self._write(layer, st["slots"], k, v)
         st["layers"].add(layer)
 
-    def _write(self, layer: int, tok_page: Tensor, tok_slot: Tensor, k: Tensor, v: Tensor) -> None:
-        """K/V of ``layer`` for new tokens at (page, slot) pairs (device int64 ``[total]``): no checks, no
-        host work (also the body of a captured decode step, ``kfuse.models.llama.DecodeGraphs``)."""
-        self.k_pages[layer].index_put_((tok_page, tok_slot), k)
-        self.v_pages[layer].index_put_((tok_page, tok_slot), v)
+    def _write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """K/V ``[total, num_kv_heads, head_dim]`` of ``layer`` for new tokens at flat slots ``page · page_size +
+        slot`` (device int64 ``[total]``, distinct): one ``index_copy_`` per pool, no checks, no host work
+        (also the body of a captured decode step, ``kfuse.models.llama.DecodeGraphs``)."""
+        shape = (-1, self.num_kv_heads, self.head_dim)
+        self.k_pages[layer].view(shape).index_copy_(0, slots, k)
+        self.v_pages[layer].view(shape).index_copy_(0, slots, v)
 
     def _open_step(self, ids: Tensor, cnt: Tensor, *, external: bool = False) -> dict:
         """Open a step for validated ``ids`` with ``cnt`` tokens each: checks capacity, then updates the host
         state (and replays its writes to a mirrored device copy), copying shared partial pages first.
 
         ``external``: the caller writes every layer's K/V itself (:meth:`_write`, e.g. a CUDA-graph replay)
-        at the step's ``tok_page``/``tok_slot``, which stay host tensors; the step counts every layer as
-        appended, so the caller's next call is :meth:`advance` (or :meth:`abort_step`)."""
-        tok_page, tok_slot, cow_src, cow_dst, _, writes = self._host.plan_step(ids, cnt)
+        at the step's ``slots``, which stay a host tensor; the step counts every layer as appended, so the
+        caller's next call is :meth:`advance` (or :meth:`abort_step`).
+
+        The new tokens' places cross to the device as one int64 tensor of flat slots (``page ·
+        page_size + slot``, from the C++ plan), written by ``index_copy_``: one host-to-device copy and
+        one kernel per pool, where (page, slot) pairs took two copies and an ``index_put_`` per pool."""
+        slots, cow_src, cow_dst, _, writes = self._host.plan_step(ids, cnt)
         if cow_src.numel():
             src, dst = self._dev(cow_src), self._dev(cow_dst)
             self.k_pages.index_copy_(1, dst, self.k_pages.index_select(1, src))
@@ -344,10 +352,8 @@ class PagedKVCache:
         self._replay(writes)
         pending = torch.zeros(self.max_seqs, dtype=torch.int64)
         pending[ids] = cnt
-        if not external:
-            tok_page, tok_slot = self._dev(tok_page), self._dev(tok_slot)
         self._step = {"ids": ids, "counts": cnt, "layers": set(range(self.num_layers)) if external else set(),
-                      "pending": pending, "tok_page": tok_page, "tok_slot": tok_slot}
+                      "pending": pending, "slots": slots if external else self._dev(slots)}
         return self._step
 
     def advance(self, seq_ids, counts=None) -> None:
@@ -365,9 +371,7 @@ class PagedKVCache:
         missing = sorted(set(range(self.num_layers)) - st["layers"])
         if missing:
             raise ValueError(f"advance: layers {missing} have not appended in this step (layer count mismatch)")
-        self._h_lens.index_add_(0, ids, cnt.to(torch.int32))
-        if self._mirrored and ids.numel():
-            self.seq_lens.index_copy_(0, self._dev(ids), self._dev(self._h_lens[ids], torch.int32))
+        self._replay(self._host.advance(ids, cnt))  # host lengths (C++), and their writes to the device copy
         self._step = None
 
     def abort_step(self) -> None:

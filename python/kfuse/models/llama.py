@@ -284,7 +284,7 @@ class DecodeGraphs:
 
     One call: validates ``seq_ids`` and ``tokens`` and plans the step's pages on the host (C++, copying a
     shared partial page first, as :meth:`PagedKVCache.append`), then makes one pinned copy of an int64
-    ``[6, n]`` block (ids, positions, lengths, pages, slots, tokens) into the graph's static input, one
+    ``[5, n]`` block (ids, positions, lengths, slots, tokens) into the graph's static input, one
     replay, :meth:`PagedKVCache.advance`, and one copy of the logits out of the graph's static output.
     No host synchronisation. On an error the cache is left as it was.
 
@@ -302,7 +302,7 @@ class DecodeGraphs:
     new graphs (``model.decode_graphs`` again). Inference only.
     """
 
-    _ROWS = 6  # rows of the static input: ids, positions, lengths after the step, pages, slots, tokens
+    _ROWS = 5  # rows of the static input: ids, positions, lengths after the step, flat slots, tokens
 
     def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, max_len: int | None = None) -> None:
         if not isinstance(model, LlamaForCausalLM):
@@ -327,17 +327,17 @@ class DecodeGraphs:
         self.eager_calls = 0
 
     def _body(self, meta: Tensor) -> Tensor:
-        """The step on the static input ``meta`` int64 ``[6, n]`` (device): logits ``[n, vocab]``. Fixed-shape
+        """The step on the static input ``meta`` int64 ``[5, n]`` (device): logits ``[n, vocab]``. Fixed-shape
         device ops only (what a capture records)."""
         cache = self.cache
-        ids, lens, page, slot = meta[0].to(torch.int32), meta[2].to(torch.int32), meta[3], meta[4]
+        ids, lens, slots = meta[0].to(torch.int32), meta[2].to(torch.int32), meta[3]
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-            cache._write(layer, page, slot, k.to(cache.dtype), v.to(cache.dtype))
+            cache._write(layer, slots, k.to(cache.dtype), v.to(cache.dtype))
             return paged_decode_attention_op(q.to(cache.dtype), cache.k_pages, cache.v_pages, cache.block_table,
                                              layer, ids, lens, self.max_len, scale, "auto")
 
-        return self.model._run(meta[5], meta[1], attend)
+        return self.model._run(meta[4], meta[1], attend)
 
     def _capture(self, n: int) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor] | None:
         cache, dev = self.cache, self.cache.device
@@ -346,7 +346,7 @@ class DecodeGraphs:
             return None
         meta = torch.zeros(self._ROWS, n, dtype=torch.int64, device=dev)
         meta[0].copy_(torch.arange(n, device=dev))  # rows of the table; lengths 0: the warm-up reads nothing
-        meta[3].fill_(int(cache._h_free[top - 1]))  # a free page: nothing reads what the warm-up writes there
+        meta[3].fill_(int(cache._h_free[top - 1]) * cache.page_size)  # a free page's slot 0: nothing reads it
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
@@ -387,16 +387,15 @@ class DecodeGraphs:
         st = cache._open_step(ids, torch.ones_like(ids), external=True)  # checks capacity before any change
         try:
             on_host = tokens.device.type == "cpu"
-            host = torch.stack([ids, lens, lens + 1, st["tok_page"], st["tok_slot"],
-                                tokens if on_host else torch.zeros_like(ids)])
+            host = torch.stack([ids, lens, lens + 1, st["slots"], tokens if on_host else torch.zeros_like(ids)])
             if entry is None:  # a CPU cache: the same ops, eagerly
                 logits = self._body(host.to(cache.device) if on_host else
-                                    torch.cat([host[:5], tokens.to(cache.device)[None]]))
+                                    torch.cat([host[:4], tokens.to(cache.device)[None]]))
             else:
                 graph, meta, out = entry
                 meta.copy_(host.pin_memory(), non_blocking=True)
                 if not on_host:
-                    meta[5].copy_(tokens, non_blocking=True)
+                    meta[4].copy_(tokens, non_blocking=True)
                 graph.replay()
                 logits = out.clone()  # the next replay overwrites out
             cache.advance(ids)
