@@ -1,8 +1,8 @@
 """Paged KV cache with per-sequence rollback, fork and copy-on-write (spec: ``shared/specs/kv.md``).
 
 The metadata is kept by C++ kernels on the host, which log their writes; the device copy replays them
-(one copy and one scatter per operation); K/V writes are torch ``index_put_``. Attention over the
-cache: :mod:`kfuse.reference.kv`.
+(one copy and one scatter per operation); K/V writes are one ``index_copy_`` per pool at flat slots.
+Attention over the cache: :mod:`kfuse.reference.kv`.
 
 Device state (all on ``cache.device``)
 --------------------------------------
