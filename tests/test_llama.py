@@ -367,6 +367,8 @@ def test_decode_graph_body_never_mixes_host_and_device_tensors(monkeypatch):
     from fake_cuda import MixedDevices, fake_cuda_device_state  # noqa: PLC0415
     from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
 
+    from kfuse import _backends  # noqa: PLC0415
+
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     cache = PagedKVCache(2, 2, 16, 4, 8, 3, _mirror=True)
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -374,6 +376,11 @@ def test_decode_graph_body_never_mixes_host_and_device_tensors(monkeypatch):
             hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).eval()
         model = LlamaForCausalLM.from_hf(hf)
         fake_cuda_device_state(cache)
+        # The interpreter (these tests' setting) cannot be captured: refused, naming it.
+        monkeypatch.setattr(_backends, "triton_interpret", lambda: True)
+        with pytest.raises(ValueError, match="compiled Triton decode kernel: .*TRITON_INTERPRET"):
+            model.decode_graphs(cache)
+        monkeypatch.setattr(_backends, "triton_interpret", lambda: False)
         graphs = model.decode_graphs(cache)
         meta = torch.zeros(5, 3, dtype=torch.int64, device="cuda")
         with MixedDevices() as log:

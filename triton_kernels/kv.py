@@ -16,7 +16,9 @@ Two kernels:
                           loaded once for all G heads, and ``q [G, D] · Kᵀ`` is one ``tl.dot``, G padded
                           to 16 rows, the smallest MMA). Online softmax in fp32 (exp2 with the log2(e)
                           folded into the scale); writes the split's normalised partial output and its
-                          log-sum-exp (fp32). An empty split (past the length) writes lse = −inf.
+                          log-sum-exp (fp32). A split past the length writes nothing (the merge reads
+                          only the splits below it): a grid sized for a longer ``max_len`` (a captured
+                          decode step's) costs its extra programs' launch, not their writes.
 ``_decode_merge_kernel``  grid (B, num_q_heads). Merges the splits of one head in split order, one by
                           one (a fixed order: deterministic, no atomics), only those below the length.
 
@@ -106,7 +108,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr,
     q [B, Hq, D] (unit stride along D); k, v [num_pages, PAGE, Hkv, D] (unit stride along D);
     bt int32 [max_seqs, max_pages]; ids int32 [B] (rows of bt); lens int32 [B];
     po fp32 [B, Hq, num_splits, D] (normalised partial outputs); plse fp32 [B, Hq, num_splits]
-    (log2-sum-exp2 of the scaled scores, −inf for an empty split). qk_scale = scale · log2(e).
+    (log2-sum-exp2 of the scaled scores; splits past the length are not written). qk_scale = scale · log2(e).
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -146,8 +148,11 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr,
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
     part = (b.to(tl.int64) * (G * tl.num_programs(1)) + heads) * num_splits + sp  # [BLOCK_G]
-    tl.store(plse_ptr + part, lse, mask=gm)
-    tl.store(po_ptr + part[:, None] * D + d[None, :], o, mask=gm[:, None] & dm[None, :])
+    # A split past the length is not written: the merge reads only those below it. (Masked stores, not
+    # an early return: under Triton 3.6 the return took this kernel from 113 to 168 registers.)
+    live = gm & (start < n)
+    tl.store(plse_ptr + part, lse, mask=live)
+    tl.store(po_ptr + part[:, None] * D + d[None, :], o, mask=live[:, None] & dm[None, :])
 
 
 @triton.jit

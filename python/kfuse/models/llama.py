@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from kfuse import _backends
 from kfuse.kv import PagedKVCache, _index_tensor
 from kfuse.ops.kv import paged_decode_attention, paged_decode_attention_op, paged_prefill_attention
 
@@ -290,10 +291,11 @@ class DecodeGraphs:
 
     Graphs: one per batch size ``n``, captured at the first call with that ``n``: an eager warm-up on a
     side stream (compiles the Triton kernels the first time), then the capture (which synchronises the
-    device once); all share one memory pool. The warm-up's K/V writes land in a free page (nothing reads
-    one); when the pool has none, the call runs eagerly (``model.forward_packed``; counted in
-    ``eager_calls``) and captures later. The decode attention's grid covers ``max_len`` positions (its
-    splits past a sequence's length return at once).
+    device once); all share one memory pool. The warm-up's K/V writes land in a free page's first slot,
+    restored after it; when the pool has no free page, the call runs eagerly (``model.forward_packed``;
+    counted in ``eager_calls``) and captures later. The decode attention's grid covers ``max_len``
+    positions (its splits past a sequence's length return at once). A CUDA cache needs the compiled
+    Triton decode kernel (``ValueError`` otherwise, naming why).
 
     Needs every module the step calls to be capturable: plain ``nn.Linear`` layers and kfuse's LoRA op
     are; rotary types that choose frequencies on the host (``dynamic``, ``longrope``) are not and raise
@@ -320,6 +322,16 @@ class DecodeGraphs:
                              f"got {max_len!r}")
         self.model, self.cache, self.max_len = model, cache, max_len
         self._graphed = cache.device.type == "cuda"
+        # On CUDA the Triton kernels, compiled (the reference reads lengths on the host and the
+        # interpreter copies tensors to it: neither can be captured); eagerly on the CPU, the op's choice.
+        self._backend = "triton" if self._graphed else "auto"
+        if self._graphed:
+            why = _backends.triton_reasons_no_f64(cache.device, cache.dtype, "KV")
+            if _backends.triton_interpret():
+                why = [*why, "TRITON_INTERPRET=1 runs the Triton kernels on host copies of the tensors"]
+            if why:
+                raise ValueError("decode graphs of a CUDA cache need the compiled Triton decode kernel: "
+                                 + "; ".join(why))
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         self._pool: tuple | None = None
         #: graphs captured so far; calls that ran eagerly for want of a free page to warm up on.
@@ -335,7 +347,7 @@ class DecodeGraphs:
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
             cache._write(layer, slots, k.to(cache.dtype), v.to(cache.dtype))
             return paged_decode_attention_op(q.to(cache.dtype), cache.k_pages, cache.v_pages, cache.block_table,
-                                             layer, ids, lens, self.max_len, scale, "auto")
+                                             layer, ids, lens, self.max_len, scale, self._backend)
 
         return self.model._run(meta[4], meta[1], attend)
 
@@ -344,17 +356,22 @@ class DecodeGraphs:
         top = int(cache._h_top[0])
         if top == 0:
             return None
-        meta = torch.zeros(self._ROWS, n, dtype=torch.int64, device=dev)
-        meta[0].copy_(torch.arange(n, device=dev))  # rows of the table; lengths 0: the warm-up reads nothing
-        meta[3].fill_(int(cache._h_free[top - 1]) * cache.page_size)  # a free page's slot 0: nothing reads it
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            self._body(meta)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self._body(meta)
+        page = int(cache._h_free[top - 1])
+        with torch.cuda.device(dev):  # the capture's stream and pool on the cache's device, whichever is current
+            meta = torch.zeros(self._ROWS, n, dtype=torch.int64, device=dev)
+            meta[0].copy_(torch.arange(n, device=dev))  # rows of the table; lengths 0: the warm-up reads nothing
+            meta[3].fill_(page * cache.page_size)  # a free page's slot 0: nothing reads it ...
+            saved = cache.k_pages[:, page, 0].clone(), cache.v_pages[:, page, 0].clone()  # ... and it is restored
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                self._body(meta)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            cache.k_pages[:, page, 0].copy_(saved[0])
+            cache.v_pages[:, page, 0].copy_(saved[1])
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=side):
+                out = self._body(meta)
         self._pool = graph.pool()
         self._graphs[n] = (graph, meta, out)
         self.captures += 1
