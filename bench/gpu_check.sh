@@ -31,8 +31,8 @@
 # (kfuse-graphs), against transformers' generate, bf16, a random 1B-class Llama; target >= 1.5x
 # tokens/s), then the model's GPU parity tests (pytest tests/test_llama.py tests/test_backtrack.py
 # -m cuda: prefill and decode against transformers' forward, rollback and fork bit-identical, the
-# decode graphs against the eager step and in generate()); needs transformers on the machine (the rows are left out without it). Builds the
-# extension like kv (the cache's metadata kernels). Expected ~1 min for the report, ~1 for the tests
+# decode graphs against the eager step and in generate()); needs transformers on the machine (the
+# rows are left out without it). Builds the extension like kv (the cache's metadata kernels). Expected ~1 min for the report, ~1 for the tests
 # (estimates: not yet run on a GPU).
 # DEU: builds kfuse in place with its CUDA kernels, runs the standalone CUDA microbenchmark (against a
 # baseline commit's kernels, then its tuning-knob A/B builds), compute-sanitizer on odd shapes,

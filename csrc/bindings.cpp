@@ -191,14 +191,14 @@ class KVHostState {
     kfuse::kv::fork(st_, src, child, length);
     return writes();
   }
-  // (slots, cow_src, cow_dst, popped, writes): int64 tensors (slots: page * page_size + slot of each
-  // new token), writes as rollback's.
+  // (slots, cow_src, cow_dst, writes): int64 tensors (slots: page * page_size + slot of each new
+  // token), writes as rollback's.
   py::tuple plan_step(const at::Tensor& ids, const at::Tensor& counts) {
     TORCH_CHECK(ids.numel() == counts.numel(), "kfuse: ids and counts differ in length");
     log_.clear();
     const kfuse::kv::StepPlan p = kfuse::kv::plan_step(st_, ptr(ids, "ids"), ptr(counts, "counts"), ids.numel());
     auto t = [](const std::vector<int64_t>& v) { return at::tensor(v, at::kLong); };
-    return py::make_tuple(t(p.slots), t(p.cow_src), t(p.cow_dst), p.popped, writes());
+    return py::make_tuple(t(p.slots), t(p.cow_src), t(p.cow_dst), writes());
   }
   // The writes of lens[ids] += counts (None without flat).
   py::object advance(const at::Tensor& ids, const at::Tensor& counts) {

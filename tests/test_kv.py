@@ -192,17 +192,6 @@ def test_a_decode_step_makes_two_transfers(monkeypatch):
     path): one host-to-device copy of the flat slots, one of the new lengths (advance's logged writes),
     and one index_copy_ per pool and layer plus one for the lengths; a step that takes new pages adds
     the copy of its metadata writes (and its scatter). The device state stays equal to the host's."""
-    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     cache = make(_mirror=True)
     ids = torch.tensor([cache.add_sequence() for _ in range(3)])
     step(cache, None, ids.tolist(), [3, 5, 1])  # PS = 4: the next token of each fits its last page
@@ -211,7 +200,7 @@ def test_a_decode_step_makes_two_transfers(monkeypatch):
     monkeypatch.setattr(cache, "_dev", lambda *a, **k: transfers.append(1) or real(*a, **k))
     for new_page, want in ((False, 2), (True, 3)):  # lengths 3, 5, 1 -> 4, 6, 2; then 4 -> 5 takes a page
         transfers.clear()
-        with Ops() as log:
+        with MixedDevices() as log:  # (its aten op log; every tensor is on the CPU here)
             for layer in range(L):
                 kv = torch.randn(3, HKV, D)
                 cache.append(layer, ids, kv, kv)

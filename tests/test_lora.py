@@ -1526,10 +1526,10 @@ def test_triton_gemm_row_is_the_gemm_alone(device: str) -> None:
     decode path's M and the GEMM path's; where Triton cannot run it is skipped with the reason."""
     for M in (3, 70):
         x, w = torch.randn(M, 40, device=device), torch.randn(24, 40, device=device)
-        cand = lora_bench._triton_gemm(x, w, None)
+        cand = lora_bench._triton_gemm(x, w, None, lora_bench._own_check(lambda x=x, w=w: x.double() @ w.double().t()))
         assert_close(cand.run(), x @ w.t(), torch.float32, f"M={M}")
         assert cand.error(cand.run()) < 1e-5
-    assert lora_bench._triton_gemm(x, w, "no triton").skip == "no triton"
+    assert lora_bench._triton_gemm(x, w, "no triton", cand.error).skip == "no triton"
 
 
 def _tiny_cases(device: torch.device, quick: bool) -> list[lora_bench.Case]:

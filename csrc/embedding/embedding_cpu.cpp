@@ -290,7 +290,8 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
   constexpr bool kVec = kAsm || (std::is_same_v<S, float> && N % 16 == 0);
   const int64_t row_bytes = D * int64_t(sizeof(S)), pf_end = off[fb1];
   S* o = out + (fb0 % B) * width + d0;
-  const bool nt = stream && std::is_same_v<S, float> && kVec && !kAsm &&
+  // Streaming stores on the float vector path (kVec without kAsm: S is float) when rows are 16-byte aligned.
+  const bool nt = kVec && !kAsm && stream &&
                   (reinterpret_cast<uintptr_t>(o) | uintptr_t(width * int64_t(sizeof(S)))) % 16 == 0;
   for (int64_t fb = fb0; fb < fb1; ++fb, o += width) {
     const int64_t i0 = off[fb], i1 = off[fb + 1];
@@ -331,14 +332,9 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
     if constexpr (kVec) {
       for (int64_t j = 0; j < N / 16; ++j) {
         const F32x16 y = vacc[j] * scale;
-        if constexpr (kAsm) {
-          store16(o + 16 * j, y);
-        } else if constexpr (std::is_same_v<S, float>) {
-          if (nt) stream16(o + 16 * j, y);
-          else std::memcpy(o + 16 * j, &y, sizeof(y));
-        } else {
-          std::memcpy(o + 16 * j, &y, sizeof(y));
-        }
+        if constexpr (kAsm) store16(o + 16 * j, y);
+        else if (nt) stream16(o + 16 * j, y);
+        else std::memcpy(o + 16 * j, &y, sizeof(y));
       }
     } else {
       for (int64_t d = 0; d < N; ++d) o[d] = store<S>(acc[d] * scale);

@@ -63,11 +63,8 @@ void fork(const HostState& st, int64_t src, int64_t child, int64_t length);
 // stack; a shared, partially filled last page is replaced by a fresh one: copy-on-write) and
 // says where each token goes. lens are not changed (advance does that). O(n + new tokens).
 struct StepPlan {
-  std::vector<int64_t> slots;  // per new token, in ids order: its flat slot, page * page_size + position % page_size
-  std::vector<int64_t> cow_src, cow_dst;                   // pages to copy (K/V of every layer)
-  std::vector<int64_t> tbl_row, tbl_col, tbl_val;          // table entries written
-  std::vector<int64_t> rc_idx, rc_delta;                   // refcount changes
-  int64_t popped = 0;                                      // pages taken off the free stack
+  std::vector<int64_t> slots;             // per new token, in ids order: page * page_size + position % page_size
+  std::vector<int64_t> cow_src, cow_dst;  // pages to copy (K/V of every layer)
 };
 StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* counts, int64_t n);
 

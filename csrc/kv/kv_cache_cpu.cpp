@@ -143,12 +143,7 @@ StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* count
   int32_t t = static_cast<int32_t>(top);
   auto set_entry = [&](int64_t s, int64_t j, int32_t page) {
     put(st, &st.table[s * P + j], page);
-    plan.tbl_row.push_back(s);
-    plan.tbl_col.push_back(j);
-    plan.tbl_val.push_back(page);
     put(st, &st.ref[page], st.ref[page] + 1);
-    plan.rc_idx.push_back(page);
-    plan.rc_delta.push_back(1);
   };
   for (int64_t i = 0; i < n; ++i) {
     const int64_t s = ids[i], c = counts[i], len = st.lens[s], end = len + c;
@@ -159,15 +154,12 @@ StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* count
       plan.cow_src.push_back(old);
       plan.cow_dst.push_back(fresh);
       put(st, &st.ref[old], st.ref[old] - 1);
-      plan.rc_idx.push_back(old);
-      plan.rc_delta.push_back(-1);
       set_entry(s, len / ps, fresh);
     }
     for (int64_t j = st.npages[s]; j < ceil_div(end, ps); ++j) set_entry(s, j, st.free_stack[--t]);
     st.npages[s] = static_cast<int32_t>(ceil_div(end, ps));
     for (int64_t pos = len; pos < end; ++pos) plan.slots.push_back(row[pos / ps] * ps + pos % ps);
   }
-  plan.popped = top - t;
   // Only when pages were taken: an unchanged free_top in the log would cost a step that allocates
   // nothing (most decode steps) a host-to-device copy and a scatter on a CUDA cache.
   if (t != top) put(st, st.free_top, t);

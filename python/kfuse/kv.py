@@ -344,7 +344,7 @@ class PagedKVCache:
         The new tokens' places cross to the device as one int64 tensor of flat slots (``page ·
         page_size + slot``, from the C++ plan), written by ``index_copy_``: one host-to-device copy and
         one kernel per pool, where (page, slot) pairs took two copies and an ``index_put_`` per pool."""
-        slots, cow_src, cow_dst, _, writes = self._host.plan_step(ids, cnt)
+        slots, cow_src, cow_dst, writes = self._host.plan_step(ids, cnt)
         if cow_src.numel():
             src, dst = self._dev(cow_src), self._dev(cow_dst)
             self.k_pages.index_copy_(1, dst, self.k_pages.index_select(1, src))

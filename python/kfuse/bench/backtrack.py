@@ -143,15 +143,14 @@ def _kfuse_decode(case: Case, inp: Inputs, graphs: bool = False) -> Tensor:
     runs, so the graph is captured once, in the first (warm-up) run; the sequences are freed after each."""
     batch, new = case.shape
     longest = max(p.numel() for p in inp.prompts) + new
-    if graphs:
-        if inp.graphed is None:
-            cache = inp.model.new_cache(16, num_pages=batch * -(-longest // 16), max_seqs=batch)
-            inp.graphed = inp.model.decode_graphs(cache, max_len=longest)
-        step = inp.graphed
-        cache = step.cache
-    else:
-        cache = inp.model.new_cache(16, num_pages=batch * -(-longest // 16), max_seqs=batch)
-        step = None
+
+    def new_cache() -> Any:
+        return inp.model.new_cache(16, num_pages=batch * -(-longest // 16), max_seqs=batch)
+
+    if graphs and inp.graphed is None:
+        inp.graphed = inp.model.decode_graphs(new_cache(), max_len=longest)
+    step = inp.graphed if graphs else None
+    cache = step.cache if step else new_cache()
     ids = [cache.add_sequence() for _ in range(batch)]
     try:
         lens = [p.numel() for p in inp.prompts]
@@ -261,7 +260,8 @@ def _one_thread(case: Case, fn: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def candidates(case: Case, inputs: Inputs) -> list[Candidate]:
-    """Decode: ``kfuse``, ``transformers``; backtrack: ``kfuse``, ``plain``, ``reset``, ``dynamic-cache``."""
+    """Decode: ``kfuse``, ``kfuse-graphs`` (CUDA), ``transformers``; backtrack: ``kfuse``, ``plain``, ``reset``,
+    ``dynamic-cache``."""
     if case.mode == "decode":
         out = [Candidate("kfuse", "backend", _one_thread(case, lambda: _kfuse_decode(case, inputs)),
                          extra=_tok_per_s(case))]

@@ -467,9 +467,9 @@ def _gemm_candidates(case: Case, inp: Inputs) -> list[Candidate]:
             out.append(_gemm_candidate(case, inp, name, "backend", fn, inp.lora_A, inp.lora_B))
     x, w = inp.x, inp.weight
     if case.mode == "fwd":
-        out.append(Candidate("base", "baseline", lambda: torch.mm(x, w.t()),
-                             error=_own_check(lambda: x.double() @ w.double().t())))
-        out.append(_triton_gemm(x, w, skips["triton"]))
+        check = _own_check(lambda: x.double() @ w.double().t())
+        out.append(Candidate("base", "baseline", lambda: torch.mm(x, w.t()), error=check))
+        out.append(_triton_gemm(x, w, skips["triton"], check))
     else:
         dy = inp.grad_y
         out.append(Candidate("base", "baseline", lambda: torch.mm(dy, w),
@@ -486,10 +486,11 @@ def _gemm_candidates(case: Case, inp: Inputs) -> list[Candidate]:
     return out
 
 
-def _triton_gemm(x: Tensor, w: Tensor, skip: str | None) -> Candidate:
+def _triton_gemm(x: Tensor, w: Tensor, skip: str | None, check: Callable[[Any], float]) -> Candidate:
     """``triton-gemm``: kfuse's Triton forward with a rank-0 adapter, i.e. its GEMM alone (the same
     tiles, main loop and epilogue; the low-rank loop runs no iteration). A diagnostic beside ``base``:
-    how far the main loop is from cuBLAS, apart from what the low-rank term adds."""
+    how far the main loop is from cuBLAS, apart from what the low-rank term adds. ``check``: base's
+    (against the float64 product)."""
     if skip:
         return Candidate("triton-gemm", "baseline", skip=skip)
     from kfuse.triton_kernels import lora as lk  # noqa: PLC0415 (triton is optional)
@@ -497,7 +498,7 @@ def _triton_gemm(x: Tensor, w: Tensor, skip: str | None) -> Candidate:
     a0, b0 = x.new_zeros(0, x.shape[1], dtype=ADAPTER_DTYPE), w.new_zeros(w.shape[0], 0, dtype=ADAPTER_DTYPE)
     return Candidate("triton-gemm", "baseline",
                      lambda: lk.lora_forward(x, w, False, a0, b0, 1.0, None, None, None, 0.0, False)[0],
-                     error=_own_check(lambda: x.double() @ w.double().t()))
+                     error=check)
 
 
 def _multi_candidates(case: Case, inp: Inputs) -> list[Candidate]:
