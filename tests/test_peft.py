@@ -195,6 +195,31 @@ def test_gpt2_conv1d_matches_peft(dtype: torch.dtype, seed: int, monkeypatch) ->
     assert_same(got, want, dtype, "gpt2")
 
 
+def fused_and_float64(model: nn.Module, layer: nn.Module, x: torch.Tensor, params: list) -> tuple[list, list]:
+    """``[y, dx, *d params]`` of ``layer`` after ``fuse(model)``, and of PEFT's own forward on
+    float64 copies of the layer's parameters (the reference for half-precision layers); the
+    model is left unfused."""
+
+    def grads(fn, x):
+        x = x.detach().clone().requires_grad_(True)
+        y = fn(x)
+        gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(y.dtype)
+        return [y.detach(), *torch.autograd.grad((y * gy).sum(), [x, *params])]
+
+    kp.fuse(model)
+    got = grads(layer, x)
+    saved = {p: p.data for p in layer.parameters()}
+    try:
+        for p in layer.parameters():
+            p.data = p.data.double()
+        kp.unfuse(model)
+        want = grads(lambda t: layer(t.double()), x)
+    finally:
+        for p, d in saved.items():
+            p.data = d
+    return got, want
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("arch", ["linear", "conv1d"])
 def test_half_precision_layer(arch: str, dtype: torch.dtype, seed: int) -> None:
@@ -212,25 +237,7 @@ def test_half_precision_layer(arch: str, dtype: torch.dtype, seed: int) -> None:
         m.lora_B.float()
     x = (torch.randn(3, 5, layer.in_features, dtype=torch.float64) * 0.5).to(dtype)
     params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_B["default"].bias]
-
-    def grads(fn, x):
-        x = x.detach().clone().requires_grad_(True)
-        y = fn(x)
-        gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(y.dtype)
-        return [y.detach(), *torch.autograd.grad((y * gy).sum(), [x, *params])]
-
-    kp.fuse(model)
-    got = grads(layer, x)
-    # the same layer in float64: PEFT's forward on float64 copies of its parameters
-    saved = {p: p.data for p in layer.parameters()}
-    try:
-        for p in layer.parameters():
-            p.data = p.data.double()
-        kp.unfuse(model)
-        want = grads(lambda t: layer(t.double()), x)
-    finally:
-        for p, d in saved.items():
-            p.data = d
+    got, want = fused_and_float64(model, layer, x, params)
     for name, g, w in zip(["y", "dx", "dA", "dB", "dlora_bias"], got, want, strict=True):
         assert g.dtype == (dtype if name in ("y", "dx") else torch.float32), name
         assert_close(g, w, dtype, f"{arch} {name}")
@@ -313,6 +320,29 @@ def test_two_active_adapters(lora_bias: bool, seed: int, monkeypatch) -> None:
     got = run(model, x)
     kp.unfuse(model)
     assert_same(got, run(model, x), torch.float32, "other only")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_two_active_adapters_of_mixed_dtypes(dtype: torch.dtype, seed: int) -> None:
+    """Two active adapters, one in x's half dtype with a lora_bias and one in float32 without:
+    the concatenated adapter is float32, and the half lora_bias joins it (it was refused with a
+    dtype error). y and every gradient within the dtype's tolerance of float64."""
+    model = llama(lora_bias=True)
+    model.add_adapter("other", LoraConfig(r=3, lora_alpha=4, target_modules=["v_proj"]))
+    randomise(model)
+    model = model.to(dtype)
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
+    layer.lora_A["other"].float()
+    layer.lora_B["other"].float()
+    model.base_model.set_adapter(["default", "other"])
+    x = (torch.randn(3, 5, layer.in_features, dtype=torch.float64) * 0.5).to(dtype)
+    A, B = layer.lora_A, layer.lora_B
+    params = [A["default"].weight, B["default"].weight, B["default"].bias, A["other"].weight, B["other"].weight]
+    got, want = fused_and_float64(model, layer, x, params)
+    names = ["y", "dx", "dA", "dB", "dlora_bias", "dA other", "dB other"]
+    for name, g, w, p in zip(names, got, want, [x, x, *params], strict=True):
+        assert g.dtype == p.dtype, name
+        assert_close(g, w, dtype, name)
 
 
 def test_live_scaling_and_merge(seed: int, monkeypatch) -> None:

@@ -290,6 +290,8 @@ def _fused_forward(self: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
         if lb is not None:
             lb = lb * self.scaling[a]
             lora_bias = lb if lora_bias is None else lora_bias + lb
+    if lora_bias is not None:  # adapters of mixed dtypes: the concatenation took the widest (float32)
+        lora_bias = lora_bias.to(A.dtype)
     return kfuse.lora_linear(x, base.weight, A, B, 1.0, base.bias, lora_bias, fan_in_fan_out=fifo, backend=backend)
 
 
