@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -258,6 +259,53 @@ def test_copy_on_write_isolates_parent_and_child(seed):
     check_invariants(cache, dense)
 
 
+@pytest.mark.parametrize("mirror", [False, True], ids=["cpu-state", "device-copy"])
+@pytest.mark.parametrize("holders", [2, 3])
+def test_shared_page_writers_in_one_step_need_only_their_copies(holders, mirror, seed):
+    """h holders of a partial page (refcount h) all append in one step: h - 1 copy it and the last
+    writes in place, so a pool with h - 1 free pages suffices (one page per writer was counted, and
+    a parent and its fork were refused near a full pool); with h - 2 free the step is refused, the
+    cache unchanged."""
+    for free in (holders - 1, holders - 2):
+        cache = make(num_pages=2 + free, max_seqs=holders, _mirror=mirror)
+        dense = Dense(cache)
+        a = cache.add_sequence()
+        dense.add(a)
+        step(cache, dense, [a], [PS + 2])  # two pages, the second half full
+        ids = [a]
+        for _ in range(holders - 1):
+            ids.append(cache.fork(a, PS + 2))
+            dense.kv[ids[-1]] = [[k.clone(), v.clone()] for k, v in dense.kv[a]]
+        assert cache._h_ref[int(cache._h_table[a, 1])] == holders and cache.stats()["pages_free"] == free
+        if free < holders - 1:
+            snap = snapshot(cache)
+            with pytest.raises(ValueError, match="pool exhausted"):
+                cache.append(0, ids, *_kv(holders), counts=[1] * holders)
+            assert_same(cache, snap)
+            continue
+        step(cache, dense, ids, [1] * holders)
+        assert cache.stats()["pages_free"] == 0
+        assert len({int(cache._h_table[s, 1]) for s in ids}) == holders  # each holder its own page now
+        check_invariants(cache, dense)
+
+
+@pytest.mark.parametrize("mirror", [False, True], ids=["cpu-state", "device-copy"])
+def test_rollback_and_fork_move_no_kv_bytes(mirror, seed):
+    """Rollback (to mid-page, to a page boundary, to 0) and fork change metadata only: both pools
+    keep every byte, freed pages included."""
+    cache = make(_mirror=mirror)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    step(cache, None, [a, b], [3 * PS + 1, 2 * PS + 3])
+    pools = [cache.k_pages.clone(), cache.v_pages.clone()]
+    cache.rollback([a, b], [PS + 2, 2 * PS])
+    c = cache.fork(a, PS + 1)
+    cache.rollback([b, c], [0, 1])
+    assert cache.stats()["pages_free"] > NP - 5  # pages were freed, not just relabelled
+    for now, before in zip((cache.k_pages, cache.v_pages), pools, strict=True):
+        assert torch.equal(now.view(torch.uint8), before.view(torch.uint8))
+    check_invariants(cache)
+
+
 def snapshot(cache: PagedKVCache):
     tensors = [t.clone() for t in (cache.k_pages, cache.v_pages, cache.block_table, cache.seq_lens,
                                    cache.page_refcount, cache.free_stack, cache.free_top)]
@@ -297,6 +345,8 @@ INVALID = {
     "free unknown": (lambda c, a, b: c.free(2), ValueError, "seq_id"),
     "fork unknown": (lambda c, a, b: c.fork(2, 0), ValueError, "src_id"),
     "fork past length": (lambda c, a, b: c.fork(a, 6), ValueError, "length"),
+    "fork float length": (lambda c, a, b: c.fork(a, 1.0), ValueError, "length must be an int"),
+    "fork bool length": (lambda c, a, b: c.fork(a, True), ValueError, "length must be an int"),
     "append bad layer": (lambda c, a, b: c.append(L, [a], *_kv(1)), IndexError, "layer"),
     "append duplicate ids": (lambda c, a, b: c.append(0, [a, a], *_kv(2)), ValueError, "seq_ids"),
     "append freed id": (lambda c, a, b: c.append(0, [2], *_kv(1)), ValueError, "seq_ids"),
@@ -324,6 +374,15 @@ def test_invalid_requests_leave_cache_unchanged(name, mirror):
     with pytest.raises(exc, match=words):
         fn(cache, a, b)
     assert_same(cache, snap)
+    check_invariants(cache)
+
+
+def test_numpy_and_tensor_integers_are_ids_and_lengths():
+    cache, a, b = _populated()
+    c = cache.fork(np.int64(a), np.int32(3))
+    cache.free(np.int64(c))
+    d = cache.fork(torch.tensor(b), torch.tensor(2))
+    assert cache.length(d) == 2 and cache.stats()["sequences"] == 3
     check_invariants(cache)
 
 
@@ -561,6 +620,14 @@ def test_metadata_ops_do_not_sync_and_rollback_is_cuda_graph_capturable():
 # that the long sequence spans several splits and the merge kernel is exercised.
 HAS_CUDA = torch.cuda.is_available()
 OP_LENS = [0, 1, PS - 1, PS, PS + 1, 10 * PS + 1]  # the last: 3 splits of 16 (interpreter)
+# On a GPU a tile and a split hold 64 positions (small_splits), so a 41-token context is one tile:
+# CUDA runs add a context of three and a bit splits, and the prefill there 70 new tokens on top of it
+# (more than one query block at every group size, several key tiles).
+CUDA_LONG, CUDA_LONG_NEW = 3 * 64 + 5, 70
+
+
+def op_lens(device) -> list[int]:
+    return OP_LENS + [CUDA_LONG] if device == "cuda" else OP_LENS
 BACKENDS = [
     pytest.param("reference", "cpu", id="reference"),
     pytest.param("cpu", "cpu", id="cpu"),
@@ -579,8 +646,8 @@ def small_splits(monkeypatch):
     monkeypatch.setattr(tk, "SPLIT_TOKENS", tk.BLOCK_N)
 
 
-def _op_cache(lens, dtype, device, group=1, d=D, page_size=PS, hkv=HKV):
-    pages = sum(-(-n // page_size) for n in lens) + 16
+def _op_cache(lens, dtype, device, group=1, d=D, page_size=PS, hkv=HKV, spare=16):
+    pages = sum(-(-n // page_size) for n in lens) + spare
     cache = make(dtype=dtype, device=device, head_dim=d, page_size=page_size, num_pages=pages,
                  num_kv_heads=hkv, max_seqs=len(lens) + 2)
     ids = [cache.add_sequence() for _ in lens]
@@ -599,23 +666,24 @@ def _dtypes(device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("d", [16, 64])
+@pytest.mark.parametrize("d", [16, 64, 128])
 def test_decode_op_matches_sdpa(backend, device, group, d, small_splits, seed):
     interp = backend == "triton" and device == "cpu"
-    if interp and d == 64 and group == 8:
-        pytest.skip("interpreter time budget: head dim 64 runs at groups 1 and 4 (fp32)")
+    if interp and (d == 128 or (d == 64 and group == 8)):
+        pytest.skip("interpreter time budget: head dim 64 runs at groups 1 and 4 (fp32), 128 on the GPU")
+    lens = op_lens(device)
     for dtype in _dtypes(device)[:1] if interp and d == 64 else _dtypes(device):
-        cache, ids = _op_cache(OP_LENS, dtype, device, group, d)
+        cache, ids = _op_cache(lens, dtype, device, group, d)
         q = torch.randn(len(ids), HKV * group, d, device=device).to(dtype)
         out = kfuse.paged_decode_attention(q, cache, 1, ids, backend=backend)
         assert out.shape == q.shape and out.dtype == dtype and out.device == q.device
         for b, s in enumerate(ids):
-            if OP_LENS[b] == 0:
+            if lens[b] == 0:
                 assert torch.equal(out[b].cpu(), torch.zeros_like(out[b].cpu()))
                 continue
             k, v = gather_kv(cache, 1, s)
-            assert_close(out[b:b + 1], sdpa(q[b:b + 1].cpu(), k.cpu(), v.cpu()), dtype, f"{dtype} len {OP_LENS[b]}")
-        # explicit scale; deterministic (same call, same bits)
+            assert_close(out[b:b + 1], sdpa(q[b:b + 1].cpu(), k.cpu(), v.cpu()), dtype, f"{dtype} len {lens[b]}")
+        # explicit scale
         out2 = kfuse.paged_decode_attention(q, cache, 1, ids, scale=0.3, backend=backend)
         ref2 = paged_decode_attention_reference(q, cache, 1, ids, scale=0.3)
         assert_close(out2, ref2, dtype, f"{dtype} scale")
@@ -641,18 +709,20 @@ def test_decode_triton_interp_odd_page_size_and_open_step(small_splits, seed):
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_prefill_op_matches_sdpa(backend, device, group, seed):
     """Ragged new tokens (0, 1, a page, 20: two query blocks under the interpreter) on top of contexts of
-    every length; inside the open step (the layer has appended) and again after advance."""
-    for dtype in _dtypes(device):
-        cache, ids = _op_cache(OP_LENS, dtype, device)
-        new = [3, 1, PS, 2, 0, 20]
+    every length; inside the open step (the layer has appended) and again after advance. On a GPU also
+    a long context with many new tokens, at head dims 8, 64 and 128."""
+    lens = op_lens(device)
+    new = [3, 1, PS, 2, 0, 20] + ([CUDA_LONG_NEW] if device == "cuda" else [])
+    for dtype, d in [(t, d) for t in _dtypes(device) for d in ([D, 64, 128] if device == "cuda" else [D])]:
+        cache, ids = _op_cache(lens, dtype, device, d=d, spare=sum(-(-t // PS) + 1 for t in new))
         for layer in range(L):
-            k, v = _kv(sum(new), dtype)
+            k, v = (torch.randn(sum(new), HKV, d).to(dtype) for _ in range(2))
             cache.append(layer, ids, k.to(device), v.to(device), new)
-        q = torch.randn(sum(new), HKV * group, D, device=device).to(dtype)
+        q = torch.randn(sum(new), HKV * group, d, device=device).to(dtype)
         out = kfuse.paged_prefill_attention(q, cache, 1, ids, new, backend=backend)
         assert out.shape == q.shape and out.dtype == dtype
         off = 0
-        for s, n0, t in zip(ids, OP_LENS, new, strict=True):
+        for s, n0, t in zip(ids, lens, new, strict=True):
             k, v = gather_kv(cache, 1, s)
             if t:
                 assert_close(out[off:off + t], sdpa(q[off:off + t].cpu(), k.cpu(), v.cpu(), causal_offset=n0), dtype,
@@ -851,14 +921,15 @@ def _op_args(cache, ids, layer=1):
             torch.tensor(lens, dtype=torch.int32))
 
 
-def test_opcheck_registered_ops(seed):
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_opcheck_registered_ops(backend, seed):
     cache, ids = _op_cache([0, 3, PS + 1], torch.float32, "cpu")
     q = torch.randn(3, HKV * 2, D)
     args = _op_args(cache, ids)
-    torch.library.opcheck(torch.ops.kfuse.paged_decode_attention.default, (q, *args, PS + 1, 0.5, "reference"))
+    torch.library.opcheck(torch.ops.kfuse.paged_decode_attention.default, (q, *args, PS + 1, 0.5, backend))
     qp = torch.randn(4, HKV * 2, D)
     torch.library.opcheck(torch.ops.kfuse.paged_prefill_attention.default,
-                          (qp, *args, torch.tensor([0, 2, 2], dtype=torch.int32), 2, 0.5, "reference"))
+                          (qp, *args, torch.tensor([0, 2, 2], dtype=torch.int32), 2, 0.5, backend))
 
 
 def test_registered_ops_reject_bogus_backend():
@@ -880,7 +951,10 @@ def test_registered_ops_reject_bogus_backend():
     assert torch.equal(out, paged_decode_attention_reference(q, cache, 1, ids, scale=0.5))
 
 
-def test_torch_compile_fullgraph(seed):
+@pytest.mark.parametrize("backend,compiler", [("reference", "eager"), ("cpu", "inductor")])
+def test_torch_compile_fullgraph(backend, compiler, seed):
+    """Both ops inside a compiled graph (the C++ kernels' registration under inductor too) give the
+    eager calls' bits."""
     cache, ids = _op_cache([5, 0, PS + 1], torch.float32, "cpu")
     new = [2, 0, 1]
     for layer in range(L):
@@ -889,14 +963,16 @@ def test_torch_compile_fullgraph(seed):
     q, qp = torch.randn(3, HKV * 2, D), torch.randn(3, HKV * 2, D)
 
     def f(q, qp):
-        a = kfuse.paged_decode_attention(q, cache, 1, ids, backend="reference")
-        b = kfuse.paged_prefill_attention(qp, cache, 1, ids, new, backend="reference")
+        a = kfuse.paged_decode_attention(q, cache, 1, ids, backend=backend)
+        b = kfuse.paged_prefill_attention(qp, cache, 1, ids, new, backend=backend)
         return a * 2, b + 1
 
     torch._dynamo.reset()
-    a, b = torch.compile(f, fullgraph=True, backend="eager")(q, qp)
-    assert torch.equal(a, paged_decode_attention_reference(q, cache, 1, ids) * 2)
-    assert torch.equal(b, paged_prefill_attention_reference(qp, cache, 1, ids, new) + 1)
+    a, b = torch.compile(f, fullgraph=True, backend=compiler)(q, qp)
+    want = f(q, qp)
+    assert torch.equal(a, want[0]) and torch.equal(b, want[1])
+    assert_close(want[0], paged_decode_attention_reference(q, cache, 1, ids) * 2, torch.float32, "decode")
+    assert_close(want[1], paged_prefill_attention_reference(qp, cache, 1, ids, new) + 1, torch.float32, "prefill")
 
 
 def _bad_inputs():
@@ -1006,25 +1082,30 @@ def test_layers_of_a_step_share_one_validation(monkeypatch):
     assert torch.equal(fresh, outs[-1])
 
 
-def test_ragged_decode_baseline_stays_on_fused_sdpa_kernels():
-    """The ragged decode baseline on CUDA (kfuse.bench.kv._fused_sdpa, run here on CPU tensors): SDPA
-    with GQA and a mask under the fused kernels when one takes it, else K/V repeated per head (and the
-    row says so); both give SDPA's result."""
+@pytest.mark.parametrize("mode", ["ragged decode", "prefill"])
+def test_sdpa_baselines_stay_on_fused_kernels(mode):
+    """The attention baselines on CUDA (kfuse.bench.kv._fused_sdpa, run here on CPU tensors): SDPA with
+    GQA (a mask for the ragged decode, causal for the prefill) under the fused kernels when one takes
+    it, else K/V repeated per head (and the row says so); both give SDPA's result."""
     from kfuse.bench import kv as kv_bench  # noqa: PLC0415
 
-    q4, k, v = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
-    mask = (torch.arange(40) < torch.tensor([30, 40]).unsqueeze(1))[:, None, None, :]
+    t = 1 if mode == "ragged decode" else 40
+    q4, k, v = torch.randn(2, 8, t, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    mask = (torch.arange(40) < torch.tensor([30, 40]).unsqueeze(1))[:, None, None, :] if t == 1 else None
 
-    def plain():
-        return F.scaled_dot_product_attention(q4, k, v, attn_mask=mask, enable_gqa=True).squeeze(2)
+    def call(k, v, gqa=True):
+        return F.scaled_dot_product_attention(q4, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
-    def unsupported():
-        raise RuntimeError("No available kernel. Aborting execution.")
+    def gqa_refused(k, v, gqa=True):
+        if gqa:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return call(k, v, gqa)
 
-    fn, extra = kv_bench._fused_sdpa(plain, q4, k, v, mask)
-    assert extra is None and torch.allclose(fn(), plain(), atol=1e-6)
-    fn, extra = kv_bench._fused_sdpa(unsupported, q4, k, v, mask)
-    assert extra(0.0) == {"K/V repeated": 1.0} and torch.allclose(fn(), plain(), atol=1e-6)
+    want = call(k, v)
+    fn, extra = kv_bench._fused_sdpa(call, q4, k, v)
+    assert extra is None and torch.allclose(fn(), want, atol=1e-6)
+    fn, extra = kv_bench._fused_sdpa(gqa_refused, q4, k, v)
+    assert extra(0.0) == {"K/V repeated": 1.0} and torch.allclose(fn(), want, atol=1e-6)
 
 
 def _tiny_report_cases(device: torch.device, quick: bool) -> list:

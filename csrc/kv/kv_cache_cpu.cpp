@@ -123,6 +123,7 @@ StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* count
   check_ids(st, ids, n, "seq_ids");
   const int64_t ps = st.page_size, P = st.max_pages, cap = P * ps;
   int64_t need = 0, total = 0;
+  std::vector<int32_t> shared;  // the shared partial last pages written this step, one entry per writer
   for (int64_t i = 0; i < n; ++i) {
     const int64_t s = ids[i], c = counts[i], len = st.lens[s], end = len + c;
     if (c < 0) value_error("counts must be >= 0; got " + std::to_string(c) + " for sequence " + std::to_string(s));
@@ -132,7 +133,15 @@ StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* count
     if (c == 0) continue;
     total += c;
     need += ceil_div(end, ps) - st.npages[s];
-    if (len % ps && st.ref[st.table[s * P + len / ps]] > 1) ++need;  // copy-on-write
+    if (len % ps && st.ref[st.table[s * P + len / ps]] > 1) shared.push_back(st.table[s * P + len / ps]);
+  }
+  // Copy-on-write: of h writers into a page of refcount r, the first min(h, r - 1) copy it and
+  // the last holder, if it writes too, finds refcount 1 and writes in place (the loop below).
+  // Counting one page per writer refused a parent and its fork appending in one step near a full pool.
+  std::sort(shared.begin(), shared.end());
+  for (size_t i = 0, j = 0; i < shared.size(); i = j) {
+    while (j < shared.size() && shared[j] == shared[i]) ++j;
+    need += std::min<int64_t>(static_cast<int64_t>(j - i), st.ref[shared[i]] - 1);
   }
   const int64_t top = *st.free_top;
   if (need > top)

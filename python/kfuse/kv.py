@@ -38,6 +38,13 @@ fixed-shape tensor ops (gather, ``where``, ``scatter_add_``, ``scatter_reduce_``
 Cost: O(n · max_pages_per_seq) elementwise work for ``n`` sequences; no K/V bytes move. The host half
 is O(n + dropped pages).
 
+Why append and the metadata ops have no Triton kernels of their own: an append is a scatter of whole
+``[num_kv_heads, head_dim]`` rows to flat slots, which ``index_copy_`` already does in one launch at
+copy speed (a kernel of ours would be the same scatter), and every metadata decision must be made on
+the host anyway, to validate requests without a device sync; what reaches the device is then a
+scatter of the decided int32 writes, again one ``index_copy_``. The C++ host kernels are the CPU
+kernels of both (a CPU cache has only the host copy).
+
 Steps: lengths advance once per step, for all layers
 ----------------------------------------------------
 A step is opened by the first ``append`` after ``advance``: ``append(layer, seq_ids, k, v, counts)``
@@ -188,12 +195,19 @@ class PagedKVCache:
         self._host.check_ids(ids, what)
         return ids
 
+    @staticmethod
+    def _scalar(v, what: str) -> int:
+        """An int from an int, a numpy integer or a one-element integer tensor; bools are refused."""
+        if isinstance(v, Tensor) and v.numel() == 1 and not v.is_floating_point() and v.dtype != torch.bool:
+            v = int(v.item())
+        elif isinstance(v, np.integer):
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{what} must be an int; got {v!r}")
+        return v
+
     def _check_id(self, seq_id, what: str) -> int:
-        if isinstance(seq_id, Tensor) and seq_id.numel() == 1:
-            seq_id = int(seq_id.item())
-        if not isinstance(seq_id, int) or isinstance(seq_id, bool):
-            raise ValueError(f"{what} must be an int; got {seq_id!r}")
-        return int(self._ids([seq_id], what)[0])
+        return int(self._ids([self._scalar(seq_id, what)], what)[0])
 
     def _not_capturing(self, op: str) -> None:
         """Raise before any state changes when called inside a CUDA-graph capture: the host half of every
@@ -375,8 +389,10 @@ class PagedKVCache:
         self._step = None
 
     def abort_step(self) -> None:
-        """Drop the open step (if any): pages it allocated are released; lengths stay committed. K/V
-        written by the step are left in place but lie at or beyond the lengths."""
+        """Drop the open step (if any): pages it allocated past each sequence's committed length are
+        released; lengths stay committed. A shared partial page the step copied (copy-on-write) stays
+        the sequence's own copy, holding the same committed tokens. K/V written by the step are left in
+        place but lie at or beyond the lengths."""
         self._not_capturing("abort_step")
         st = self._step
         if st is None:
@@ -480,7 +496,8 @@ class PagedKVCache:
         The first write into a shared, partially filled page copies it (in :meth:`append`). No sync."""
         s = self._check_id(src_id, "src_id")
         n = int(self._n_lens[s])
-        if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= n:
+        length = self._scalar(length, "length")
+        if not 0 <= length <= n:
             raise ValueError(f"length: {length!r} is outside [0, length of sequence {s} = {n}]")
         self._no_step("fork")
         child = self.add_sequence()  # raises when every slot is in use

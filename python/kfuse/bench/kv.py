@@ -391,34 +391,36 @@ def _attn_candidates(case: Case, inp: Inputs) -> list[Candidate]:
             mask = (torch.arange(T, device=q.device) < torch.tensor(inp.lens, device=q.device).unsqueeze(1))
             mask = mask[:, None, None, :]  # [B, 1, 1, T]
 
-        def sdpa() -> Tensor:
-            return F.scaled_dot_product_attention(q4, k, v, attn_mask=mask, enable_gqa=True).squeeze(2)
-        if q.is_cuda:
-            sdpa, extra = _fused_sdpa(sdpa, q4, k, v, mask)
+        def call(k: Tensor, v: Tensor, gqa: bool = True) -> Tensor:
+            return F.scaled_dot_product_attention(q4, k, v, attn_mask=mask, enable_gqa=gqa).squeeze(2)
     else:
         q4 = q.view(B, T, -1, q.shape[-1]).transpose(1, 2)  # [B, Hq, T, D] (a view)
 
-        def sdpa() -> Tensor:
-            o = F.scaled_dot_product_attention(q4, k, v, is_causal=True, enable_gqa=True)
+        def call(k: Tensor, v: Tensor, gqa: bool = True) -> Tensor:
+            o = F.scaled_dot_product_attention(q4, k, v, is_causal=True, enable_gqa=gqa)
             return o.transpose(1, 2).flatten(0, 1)  # packed [B·T, Hq, D] (a view)
+    if q.is_cuda:
+        sdpa, extra = _fused_sdpa(call, q4, k, v)
+    else:
+        sdpa = functools.partial(call, k, v)
     out.append(Candidate("sdpa", "baseline", sdpa, extra=extra))
     return out
 
 
-def _fused_sdpa(plain: Callable[[], Tensor], q4: Tensor, k: Tensor, v: Tensor,
-                mask: Tensor | None) -> tuple[Callable[[], Tensor], Callable[[float], dict[str, float]] | None]:
-    """The decode baseline on CUDA, held to SDPA's fused kernels (flash, memory-efficient, cuDNN), so
-    that it is never the math fallback (fp32, K/V expanded per query head) by accident. Where none takes
-    GQA with a mask (the ragged case, on some torch versions), K and V repeated per query head once,
-    outside the timed call (what Hugging Face's ``repeat_kv`` does inside it), then the fused kernels,
-    and the row says so (``K/V repeated`` = 1)."""
+def _fused_sdpa(call: Callable[..., Tensor], q4: Tensor, k: Tensor,
+                v: Tensor) -> tuple[Callable[[], Tensor], Callable[[float], dict[str, float]] | None]:
+    """The attention baseline on CUDA (``call(k, v, gqa=True)``: SDPA on contiguous K/V), held to SDPA's
+    fused kernels (flash, memory-efficient, cuDNN), so that it is never the math fallback (fp32, K/V
+    expanded per query head) by accident. Where none takes GQA (with a mask, the ragged decode, on some
+    torch versions), K and V repeated per query head once, outside the timed call (what Hugging Face's
+    ``repeat_kv`` does inside it), then the fused kernels, and the row says so (``K/V repeated`` = 1)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
 
     fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 
     def gqa() -> Tensor:
         with sdpa_kernel(fused):
-            return plain()
+            return call(k, v)
     try:
         gqa()
         return gqa, None
@@ -429,7 +431,7 @@ def _fused_sdpa(plain: Callable[[], Tensor], q4: Tensor, k: Tensor, v: Tensor,
 
     def repeated() -> Tensor:
         with sdpa_kernel(fused):
-            return F.scaled_dot_product_attention(q4, kr, vr, attn_mask=mask).squeeze(2)
+            return call(kr, vr, gqa=False)
     return repeated, lambda _ms: {"K/V repeated": 1.0}
 
 
