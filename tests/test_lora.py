@@ -480,7 +480,18 @@ def test_lora_linear_module(seed: int) -> None:
     m(x).square().sum().backward()
     assert m.lora_A.grad is not None and m.lora_B.grad is not None and m.weight.grad is None
     m.eval()
-    torch.testing.assert_close(m(x), lora_linear_reference(x, m.weight, m.lora_A, m.lora_B, 2.0, m.bias))
+    y_eval = m(x)
+    torch.testing.assert_close(y_eval, lora_linear_reference(x, m.weight, m.lora_A, m.lora_B, 2.0, m.bias))
+    m.train()  # the module's training mode reaches the op: the functional call's mask under the same seed
+    torch.manual_seed(7)
+    y_train = m(x)
+    torch.manual_seed(7)
+    assert torch.equal(y_train, kfuse.lora_linear(x, m.weight, m.lora_A, m.lora_B, 2.0, m.bias, dropout_p=0.1,
+                                                  training=True))
+    assert not torch.allclose(y_train, y_eval, atol=1e-3), "training mode did not drop"
+    nb = kfuse.nn.LoRALinear(8, 4, bias=False)
+    x8 = torch.randn(3, 8)
+    assert nb.bias is None and torch.equal(nb(x8), torch.nn.functional.linear(x8, nb.weight))  # B = 0
     with pytest.raises(ValueError, match="lora_dropout must be in"):
         kfuse.nn.LoRALinear(4, 4, lora_dropout=1.0)
     with pytest.raises(ValueError, match="r must be >= 1"):
@@ -1536,7 +1547,8 @@ def _tiny_cases(device: torch.device, quick: bool) -> list[lora_bench.Case]:
     dt, K, N, r = torch.float32, 40, 24, 4
     gemm = lora_bench.gemm_case
     return [gemm(device, dt, "fwd", 1, K, N, r), gemm(device, dt, "fwd", 9, K, N, r),
-            gemm(device, dt, "bwd", 7, K, N, r), gemm(device, dt, "multi", 9, K, N, r, adapters=3),
+            gemm(device, torch.float16, "fwd", 5, K, N, r), gemm(device, dt, "bwd", 7, K, N, r),
+            gemm(device, dt, "multi", 9, K, N, r, adapters=3),
             lora_bench.step_case(device, dt, 2, 8, 1, 64, 64, r=r)]
 
 
@@ -1556,6 +1568,11 @@ def test_report_rows_tiny(report_rows) -> None:
         if mode != "multi":
             assert by[shape, mode, "base"]["ratio"] == 1.0
     assert by["1x40x24 r=4", "fwd", "triton"]["status"] == "skipped"
+    # kfuse with adapters in x's half dtype beside its fp32-adapter row; for fp32 x the same row, skipped
+    half = {r["name"]: r for r in rows if r["shape"] == "5x40x24 r=4"}
+    assert half["cpu"]["status"] == half["cpu-fp16"]["status"] == "ok" and half["cpu-fp16"]["passed"]
+    assert half["triton-fp16"]["status"] == "skipped"
+    assert by["9x40x24 r=4", "fwd", "cpu-fp32"]["status"] == "skipped"
     # the backward: kfuse saves x [7, 40] and S [7, 4] (fp32), nothing else beside W, A, B
     assert by["7x40x24 r=4", "bwd", "cpu"]["extra"]["saved MiB"] * 2**20 == 4 * 7 * 40 + 4 * 7 * 4
     has_peft = importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None

@@ -456,6 +456,33 @@ def test_unservable_layers_skipped_with_one_warning(seed: int, monkeypatch) -> N
     assert torch.equal(got, model(input_ids=ids).logits)
 
 
+class _Quantized(torch.Tensor):
+    """A stand-in for a quantized / sharded weight: any tensor subclass."""
+
+
+def test_subclass_weights_and_patched_forwards_stay_peft(seed: int) -> None:
+    """A base weight that is a tensor subclass (what quantized and sharded weights are) and a layer
+    whose forward is already replaced on the instance (an accelerate hook) are left to PEFT with
+    the reason; the model's output is PEFT's."""
+    model = llama()
+    layers = model.base_model.model.model.layers
+    q = layers[0].self_attn.q_proj
+    q.base_layer.weight = nn.Parameter(q.base_layer.weight.detach().as_subclass(_Quantized), requires_grad=False)
+    o = layers[1].self_attn.o_proj
+    o.forward = o.forward  # a bound method stored on the instance, as hooks do
+    ids = torch.randint(0, 101, (2, 7))
+    want = model(input_ids=ids).logits.detach()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        report = kp.fuse(model)
+    name = "base_model.model.model.layers.{}.self_attn.{}_proj"
+    assert "_Quantized" in report.skipped[name.format(0, "q")]
+    assert "quantized or sharded" in report.skipped[name.format(0, "q")]
+    assert "already replaced" in report.skipped[name.format(1, "o")]
+    assert len(report.skipped) == 2 and len(our_warnings(record)) == 1
+    assert_close(model(input_ids=ids).logits, want, torch.float32, "partly fused")
+
+
 def test_runtime_fallbacks_are_peft_exactly(seed: int, monkeypatch) -> None:
     """Calls the fused forward does not serve run PEFT's own forward (one warning per reason):
     several active adapters with dropout in training (the same draws as PEFT under the same

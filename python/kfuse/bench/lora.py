@@ -23,7 +23,9 @@ the case's basis, beside the target of ``docs``/the issue (``target``). Cases (`
   step. Checked: the loss and every adapter gradient against the same model in float64.
 
 Candidates (``fwd``/``bwd``): the kfuse backends ``triton`` and ``cpu`` (skipped with the reason
-where they cannot run; ``cuda`` has no LoRA kernels); baselines ``base`` (the basis, checked
+where they cannot run; ``cuda`` has no LoRA kernels) with fp32 adapters, and ``triton-bf16`` /
+``cpu-bf16`` (``-fp16``) with adapters in x's half dtype (the issue: fp32 adapters at the speed of
+half ones; skipped for fp32 x); baselines ``base`` (the basis, checked
 against its own float64 product), ``triton-gemm`` (``fwd``: kfuse's Triton forward at rank 0, i.e.
 its GEMM alone, beside ``base`` to tell the main loop's cost from the low-rank term's; skipped where
 Triton cannot run), ``peft`` (PEFT's ``lora.Linear``, fp32 adapters), ``peft-bf16``
@@ -459,12 +461,17 @@ def _peft_candidate(case: Case, inp: Inputs, name: str, adapter_dtype: torch.dty
 def _gemm_candidates(case: Case, inp: Inputs) -> list[Candidate]:
     skips = backend_skips(backend_reasons(inp.x), case.device)
     out = []
+    half = case.dtype in (torch.float16, torch.bfloat16)
     for name in BACKENDS:
-        if skips[name]:
-            out.append(Candidate(name, "backend", skip=skips[name]))
-        else:
+        for adapters in ("fp32", "lowp"):
+            row = name if adapters == "fp32" else f"{name}-{dtype_name(case.dtype)}"
+            if skips[name] or (adapters == "lowp" and not half):
+                why = skips[name] or f"x is {dtype_name(case.dtype)}: the same as {name}"
+                out.append(Candidate(row, "backend", skip=why))
+                continue
             fn = functools.partial(kfuse.lora_linear, backend=name)
-            out.append(_gemm_candidate(case, inp, name, "backend", fn, inp.lora_A, inp.lora_B))
+            A, B = (inp.lora_A, inp.lora_B) if adapters == "fp32" else inp.lowp
+            out.append(_gemm_candidate(case, inp, row, "backend", fn, A, B))
     x, w = inp.x, inp.weight
     if case.mode == "fwd":
         check = _own_check(lambda: x.double() @ w.double().t())
@@ -674,4 +681,6 @@ def names(case: Case) -> list[str]:
     if case.mode == "multi":
         return [*BACKENDS, "base", "peft", "gather"]
     gemm = ["triton-gemm"] if case.mode == "fwd" else []
-    return [*BACKENDS, "base", *gemm, "peft", f"peft-{dtype_name(case.dtype)}", "addmm", "compile"]
+    dt = dtype_name(case.dtype)
+    kfuse_rows = [row for name in BACKENDS for row in (name, f"{name}-{dt}")]
+    return [*kfuse_rows, "base", *gemm, "peft", f"peft-{dt}", "addmm", "compile"]
