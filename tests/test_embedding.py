@@ -120,13 +120,13 @@ def test_multi_table_matches_torch(backend, device, dtype, mode, itype, seed):
     weights = [torch.randn(r, d, generator=gen).to(device, dtype).requires_grad_() for r, d in tables]
     indices, offsets = make_bags(tables, ft, 9, gen, itype=itype, padding=padding)
     psw = None
-    if mode == "weighted":
-        psw = torch.randn(indices.numel(), generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    if mode == "weighted":  # in the tables' dtype, as torch requires
+        psw = torch.randn(indices.numel(), generator=gen).to(device, dtype).requires_grad_()
     pool = "sum" if mode == "weighted" else mode
     out = kfuse.multi_embedding_bag(weights, indices.to(device), offsets.to(device), ft, pool, psw, padding,
                                     backend=backend)
     ref_w = [w.detach().cpu().double().requires_grad_() for w in weights]
-    ref_psw = None if psw is None else psw.detach().cpu().clone().requires_grad_()
+    ref_psw = None if psw is None else psw.detach().cpu().double().requires_grad_()
     ref = per_feature_torch(ref_w, indices, offsets, ft, pool, ref_psw, padding)
     assert out.dtype == dtype and out.shape == ref.shape
     assert_close(out, ref, dtype, "forward")
@@ -137,11 +137,13 @@ def test_multi_table_matches_torch(backend, device, dtype, mode, itype, seed):
         assert w.grad.dtype == dtype
         assert_close(w.grad, r.grad, dtype, f"grad of table {t}")
     if psw is not None:
+        assert psw.grad.dtype == dtype
         assert_close(psw.grad, ref_psw.grad, dtype, "grad of per_sample_weights")
 
 
 @pytest.mark.parametrize(("backend", "device"), backends(torch.float64))
-@pytest.mark.parametrize("case", ["offsets", "include_last", "2d", "psw", "padding", "empty", "neg_padding"])
+@pytest.mark.parametrize("case", ["offsets", "include_last", "2d", "psw", "padding", "empty", "neg_padding",
+                                  "mixed_ints"])
 def test_single_table_matches_functional(backend, device, case, seed):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(30, 5, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -161,6 +163,8 @@ def test_single_table_matches_functional(backend, device, case, seed):
         kw = {"mode": "sum", "padding_idx": -30 + int(idx[1])}
     elif case == "empty":
         args = (idx[:0], w, torch.zeros(4, dtype=torch.int64))
+    elif case == "mixed_ints":  # int32 input, int64 offsets: accepted, as by torch
+        args = (idx.int(), w, off)
     got = kfuse.embedding_bag(*args, **kw, backend=backend)
     expected = F.embedding_bag(*args, **kw)
     assert_close(got, expected, torch.float64, case)
@@ -168,6 +172,95 @@ def test_single_table_matches_functional(backend, device, case, seed):
     (gw,) = torch.autograd.grad(got, w, g)
     (ew,) = torch.autograd.grad(expected, w, g)
     assert_close(gw, ew, torch.float64, f"{case}: grad")
+
+
+@pytest.mark.parametrize(("backend", "device"), backends(torch.float64))
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_strided_inputs_match_torch(backend, device, mode, seed):
+    """Views of indices, offsets (include_last_offset=True) and per_sample_weights, every other element,
+    give torch's forward and gradients (the kernels take flat copies)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(30, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    idx = zipf_indices(24, 30, gen)[::2]
+    off = torch.tensor([0, 9, 3, 9, 3, 9, 8, 9, 12])[::2]
+    psw_all = torch.randn(24, generator=gen, dtype=torch.float64, requires_grad=True)
+    psw = psw_all[::2] if mode == "sum" else None
+    assert not (idx.is_contiguous() or off.is_contiguous() or psw_all[::2].is_contiguous())
+    kw = dict(mode=mode, per_sample_weights=psw, include_last_offset=True)
+    got = kfuse.embedding_bag(idx, w, off, **kw, backend=backend)
+    expected = F.embedding_bag(idx, w, off, **kw)
+    assert_close(got, expected, torch.float64, "forward")
+    g = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    leaves = (w, psw_all) if psw is not None else (w,)
+    for a, b, name in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(expected, leaves, g),
+                          ("weight", "per_sample_weights"), strict=False):
+        assert_close(a, b, torch.float64, f"grad of {name}")
+
+
+def test_per_sample_weights_dtype_follows_torch():
+    """torch requires per_sample_weights in the weight's dtype; kfuse raises too, naming the argument,
+    rather than casting them."""
+    w, idx, off = torch.randn(10, 4), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2])
+    for dt in (torch.float64, torch.float16):
+        psw = torch.ones(4, dtype=dt)
+        with pytest.raises(RuntimeError, match="per_sample_weights"):
+            F.embedding_bag(idx, w, off, mode="sum", per_sample_weights=psw)
+        words = r"per_sample_weights must have the tables' dtype \(torch.float32\)"
+        with pytest.raises(TypeError, match=rf"kfuse.embedding_bag: {words}"):
+            kfuse.embedding_bag(idx, w, off, per_sample_weights=psw)
+        with pytest.raises(TypeError, match=rf"kfuse.multi_embedding_bag: {words}"):
+            kfuse.multi_embedding_bag([w], idx, torch.tensor([0, 2, 4]), per_sample_weights=psw)
+    half = w.half()
+    psw = torch.rand(4).half()
+    got = kfuse.embedding_bag(idx, half, off, per_sample_weights=psw)
+    want = F.embedding_bag(idx, half.double(), off, mode="sum", per_sample_weights=psw.double())
+    assert_close(got, want, torch.float16)
+    # The multi-table op also takes float32 weights with half tables (FBGEMM's and TorchRec's convention);
+    # the torch drop-in does not, as torch.
+    got = kfuse.multi_embedding_bag([half], idx, torch.tensor([0, 2, 4]), per_sample_weights=psw.float())
+    assert_close(got, want, torch.float16)
+    with pytest.raises(TypeError, match=r"per_sample_weights must have the tables' dtype \(torch.float16\), as"):
+        kfuse.embedding_bag(idx, half, off, per_sample_weights=psw.float())
+
+
+@pytest.mark.parametrize(("backend", "device"), backends())
+def test_offsets_without_include_last_offset(backend, device):
+    """kfuse appends len(input) to the bag starts: an offset past the end is named as the caller passed
+    it, not as the appended one out of order; empty offsets give torch's [0, dim] for empty input, and
+    with indices (torch's result then reads memory that is not the input's) a clear error."""
+    w = torch.randn(10, 4, device=device)
+    idx, t = torch.tensor([1, 2], device=device), functools.partial(torch.tensor, device=device)
+    with pytest.raises(RuntimeError, match="greater than input's length"):
+        F.embedding_bag(idx.cpu(), w.cpu(), torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match=r"kfuse.embedding_bag: offsets\[1\] = 5 is past the end of input \(len 2\)"):
+        kfuse.embedding_bag(idx, w, t([0, 5]), backend=backend)
+    with pytest.raises(ValueError, match=r"offsets\[1\] = 3 is past the end of input \(len 2\)"):
+        kfuse.embedding_bag(idx, w, t([0, 3, 4]), backend=backend)
+    empty = t([], dtype=torch.int64)
+    assert kfuse.embedding_bag(idx[:0], w, empty, backend=backend).shape == \
+        F.embedding_bag(idx[:0].cpu(), w.cpu(), empty.cpu()).shape == (0, 4)
+    with pytest.raises(ValueError, match=r"kfuse.embedding_bag: offsets is empty, so input's 2 indices are in no bag"):
+        kfuse.embedding_bag(idx, w, empty, backend=backend)
+    with pytest.raises(ValueError, match="offsets must not be empty with include_last_offset=True"):
+        kfuse.embedding_bag(idx[:0], w, empty, include_last_offset=True, backend=backend)
+
+
+def test_sparse_and_backend_are_keyword_only():
+    """A call written to the positional signature (..., padding_idx, backend) cannot set sparse."""
+    import inspect  # noqa: PLC0415
+
+    w, idx, off = torch.randn(10, 4), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2])
+    for fn in (kfuse.embedding_bag, kfuse.multi_embedding_bag):
+        params = inspect.signature(fn).parameters
+        assert params["sparse"].kind == params["backend"].kind == inspect.Parameter.KEYWORD_ONLY
+    with pytest.raises(TypeError, match="positional"):
+        kfuse.embedding_bag(idx, w, off, "sum", None, False, None, "cpu")
+    with pytest.raises(TypeError, match="positional"):
+        kfuse.multi_embedding_bag([w], idx, torch.tensor([0, 2, 4]), None, "sum", None, None, "cpu")
+    with pytest.raises(TypeError, match="kfuse.embedding_bag: sparse must be a bool; got 'cpu'"):
+        kfuse.embedding_bag(idx, w, off, sparse="cpu")
+    with pytest.raises(TypeError, match="kfuse.multi_embedding_bag: sparse must be a bool; got 1"):
+        kfuse.multi_embedding_bag([w], idx, torch.tensor([0, 2, 4]), sparse=1)
 
 
 @pytest.mark.parametrize(("backend", "device"), backends())
@@ -239,15 +332,24 @@ def test_fused_optimizer_matches_hand_written(backend, device, opt, seed):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_stochastic_rounding_is_unbiased_and_brackets(dtype, seed):
     y = torch.randn(257) * 3
-    rows = torch.arange(4000).unsqueeze(1)
-    u = rounding_bits(seed, 3, 1, rows, torch.arange(257).unsqueeze(0))
-    r = stochastic_round(y.expand(4000, 257), dtype, u).float()
+    rows, cols = torch.arange(4000).unsqueeze(1), torch.arange(257).unsqueeze(0)
+    ys = y.expand(4000, 257)
+    rounded = stochastic_round(ys, dtype, rounding_bits(seed, 3, 1, rows, cols))
+    r = rounded.float()
     near = y.to(dtype).float()
     ulp = (near.abs() * (2.0**-10 if dtype == torch.float16 else 2.0**-7)).clamp(min=1e-7)
     assert ((r - y).abs() <= ulp * 2).all()  # lo or hi only
     assert ((r.mean(0) - y).abs() <= 0.1 * ulp).all()  # unbiased (the nearest rounding is off by up to ulp/2)
-    assert torch.equal(stochastic_round(y, dtype, torch.zeros(257, dtype=torch.int64)).view(torch.int16),
-                       stochastic_round(y, dtype, torch.zeros(257, dtype=torch.int64)).view(torch.int16))
+    # The bits depend on each of seed, step and table: another one rounds other elements the other way,
+    # about 2p(1 - p) of them (p the chance of rounding up), while the same triple repeats its choices.
+    assert torch.equal(stochastic_round(ys, dtype, rounding_bits(seed, 3, 1, rows, cols)).view(torch.int16),
+                       rounded.view(torch.int16))
+    p = (r == r.max(0).values).float().mean(0)  # per column: the share rounded to the larger neighbour
+    expected = (2 * p * (1 - p)).mean().item()
+    for other in ((seed + 1, 3, 1), (seed, 4, 1), (seed, 3, 2)):
+        again = stochastic_round(ys, dtype, rounding_bits(*other, rows, cols))
+        differ = (again.view(torch.int16) != rounded.view(torch.int16)).float().mean().item()
+        assert abs(differ - expected) < 0.01, (other, differ, expected)
 
 
 @pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtypes([torch.float32, torch.bfloat16]))
@@ -313,16 +415,62 @@ def test_apply_rows_rounds_half_tables_stochastically(seed):
 
 
 # ---------------------------------------------------------------- modules
-def test_embedding_bag_module_is_a_drop_in(seed):
-    t = torch.nn.EmbeddingBag(20, 6, mode="sum", padding_idx=2)
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_embedding_bag_module_is_a_drop_in(mode, seed):
+    t = torch.nn.EmbeddingBag(20, 6, mode=mode, padding_idx=2)
     k = kfuse.nn.EmbeddingBag.from_torch(t)
     assert k.weight is t.weight
     idx = torch.tensor([1, 2, 5, 5, 19, 0, 2])
     off = torch.tensor([0, 3, 3])
-    assert_close(k(idx, off), t(idx, off), torch.float32)
-    fresh = kfuse.nn.EmbeddingBag(20, 6, mode="sum", padding_idx=2)
+    psw = torch.rand(7) if mode == "sum" else None
+    got, want = k(idx, off, psw), t(idx, off, psw)
+    assert_close(got, want, torch.float32)
+    g = torch.randn(got.shape)
+    (g_got,), (g_want,) = torch.autograd.grad(got, k.weight, g), torch.autograd.grad(want, t.weight, g)
+    assert_close(g_got, g_want, torch.float32, "grad")
+    fresh = kfuse.nn.EmbeddingBag(20, 6, mode=mode, padding_idx=2)
     fresh.load_state_dict(t.state_dict())
-    assert torch.equal(fresh(idx, off), k(idx, off))
+    assert torch.equal(fresh(idx, off, psw), k(idx, off, psw))
+
+
+@pytest.mark.parametrize(("backend", "device"), backends(torch.float64))
+def test_fused_optimizer_with_per_sample_weights(backend, device, seed):
+    """The fused module's weighted path: the output and per_sample_weights' gradient as the reference's
+    (from the tables before the update), and the tables updated by a hand-written SGD step."""
+    gen = torch.Generator().manual_seed(seed)
+    tables, ft = [(50, 6), (20, 3)], [0, 1, 0]
+    m = MultiTableEmbeddingBag(tables, ft, "sum", optimizer="sgd", lr=0.05, weight_decay=0.01, backend=backend,
+                               dtype=torch.float64)
+    before = [w.detach().clone() for w in m.weights]
+    indices, offsets = make_bags(tables, ft, 8, gen)
+    psw = torch.randn(indices.numel(), generator=gen, dtype=torch.float64, requires_grad=True)
+    out = m(indices, offsets, psw)
+    ref_w = [w.clone().requires_grad_() for w in before]
+    ref_psw = psw.detach().clone().requires_grad_()
+    ref = multi_embedding_bag_reference(ref_w, indices, offsets, ft, 0, ref_psw)
+    assert_close(out, ref, torch.float64, "forward")
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    out.backward(grad)
+    ref.backward(grad)
+    assert_close(psw.grad, ref_psw.grad, torch.float64, "grad of per_sample_weights")
+    for t in range(len(tables)):
+        rows, g = sparse_grad(ref_w[t].grad, indices, offsets, ft, t)
+        assert_close(m.weights[t], _hand_written("sgd", before[t], rows, g, None, 1), torch.float64, f"table {t}")
+    assert int(m.optimizer_step) == 1
+
+
+def test_fused_step_count_stays_on_the_cpu():
+    """The fused backward reads the step count with int(): on the CPU whatever the module is moved to
+    ("meta" stands in for .cuda()), so it never syncs with a GPU; state_dict still holds it."""
+    m = MultiTableEmbeddingBag([(10, 4)], optimizer="adam")
+    m.to("meta")
+    assert m.weights[0].device.type == "meta" and m.momentum1_0.device.type == "meta"
+    assert m.optimizer_step.device.type == "cpu" and dict(m.named_buffers())["optimizer_step"] is m.optimizer_step
+    m = MultiTableEmbeddingBag([(10, 4)], optimizer="sgd")
+    m._apply(lambda t: t.clone())
+    m.to(torch.float64)
+    m(torch.tensor([1, 2]), torch.tensor([0, 2])).sum().backward()
+    assert m.optimizer_step.device.type == "cpu" and int(m.state_dict()["optimizer_step"]) == 1
 
 
 def test_multi_table_module_accepts_a_keyed_jagged_tensor(seed):
@@ -385,6 +533,38 @@ def _bad(device: str = "cpu"):
         "feature_table": (lambda b: mb(w, idx, off, [0, 2], backend=b), ValueError, "feature_table"),
         "device": (lambda b: mb(w, idx.to("meta"), off, backend=b), ValueError, "indices is on meta"),
         "padding": (lambda b: mb(w, idx, off, padding_idx=[0, 9], backend=b), ValueError, "padding_idx"),
+        "psw dtype": (lambda b: mb(w, idx, off, per_sample_weights=ones(4, dtype=torch.float64), backend=b),
+                      TypeError, "per_sample_weights must have the tables' dtype"),
+    }
+
+
+def _bad_single(device: str = "cpu"):
+    """kfuse.embedding_bag's bad input (offsets are bag starts: include_last_offset=False)."""
+    w = torch.randn(10, 4, device=device)
+    idx, off = torch.tensor([1, 2, 3, 4], device=device), torch.tensor([0, 1, 3], device=device)
+    t, ones = functools.partial(torch.tensor, device=device), functools.partial(torch.ones, device=device)
+    eb = kfuse.embedding_bag
+    return {
+        "index too large": (lambda b: eb(t([1, 2, 10, 4]), w, off, backend=b), IndexError,
+                            r"indices\[2\] = 10 is out of range \[0, 10\)"),
+        "negative index": (lambda b: eb(t([1, -1, 3, 4]), w, off, backend=b), IndexError,
+                           r"indices\[1\] = -1 is out of range"),
+        "offsets decrease": (lambda b: eb(idx, w, t([0, 3, 1]), backend=b), ValueError,
+                             r"offsets must be non-decreasing: offsets\[2\] = 1 < offsets\[1\] = 3"),
+        "offsets start": (lambda b: eb(idx, w, t([1, 3]), backend=b), ValueError,
+                          r"offsets(\[0\])? must (start at|be) 0"),
+        "offsets past the end": (lambda b: eb(idx, w, t([0, 5]), backend=b), ValueError,
+                                 r"offsets\[1\] = 5 is past the end of input \(len 4\)"),
+        "offsets float": (lambda b: eb(idx, w, off.float(), backend=b), ValueError, "offsets must be a 1-D int32"),
+        "offsets device": (lambda b: eb(idx, w, off.to("meta"), backend=b), ValueError, "offsets is on meta"),
+        "psw length": (lambda b: eb(idx, w, off, per_sample_weights=ones(3), backend=b), ValueError,
+                       "per_sample_weights must be 1-D with one weight per index"),
+        "psw with mean": (lambda b: eb(idx, w, off, mode="mean", per_sample_weights=ones(4), backend=b),
+                          ValueError, "per_sample_weights is only supported with mode='sum'"),
+        "psw device": (lambda b: eb(idx, w, off, per_sample_weights=ones(4, device="meta"), backend=b),
+                       ValueError, "per_sample_weights is on meta"),
+        "psw dtype": (lambda b: eb(idx, w, off, per_sample_weights=ones(4, dtype=torch.float16), backend=b),
+                      TypeError, "per_sample_weights must have the tables' dtype"),
     }
 
 
@@ -392,6 +572,14 @@ def _bad(device: str = "cpu"):
 @pytest.mark.parametrize("name", list(_bad()))
 def test_bad_input_names_the_argument(backend, device, name):
     fn, exc, words = _bad(device)[name]
+    with pytest.raises(exc, match=words):
+        fn(backend)
+
+
+@pytest.mark.parametrize(("backend", "device"), backends())
+@pytest.mark.parametrize("name", list(_bad_single()))
+def test_single_table_bad_input_names_the_argument(backend, device, name):
+    fn, exc, words = _bad_single(device)[name]
     with pytest.raises(exc, match=words):
         fn(backend)
 
@@ -408,17 +596,21 @@ def test_gradcheck(backend, device, seed):
     assert torch.autograd.gradcheck(fn, (psw, *weights))
 
 
-def test_opcheck(seed):
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("case", ["sum-psw", "mean-padding", "sum-padding"])
+def test_opcheck(backend, case, seed):
     gen = torch.Generator().manual_seed(seed)
     tables, ft = [(12, 3), (7, 2)], [0, 1, 0]
     weights = [torch.randn(r, d, generator=gen, requires_grad=True) for r, d in tables]
-    idx, off = make_bags(tables, ft, 3, gen, empty=0.0)
-    psw = torch.randn(idx.numel(), generator=gen, requires_grad=True)
-    backend = "cpu"
-    torch.library.opcheck(E.embedding_bag_forward, (weights, idx, off, ft, [-1, 1], 0, psw, backend))
+    padding = [None, 1] if case.endswith("padding") else None  # padding rows among the indices
+    idx, off = make_bags(tables, ft, 3, gen, empty=0.0, padding=padding)
+    pooling = int(case.startswith("mean"))
+    psw = None if pooling else torch.randn(idx.numel(), generator=gen, requires_grad=True)
+    torch.library.opcheck(E.embedding_bag_forward, (weights, idx, off, ft, [-1, 1], pooling, psw, backend))
     g = torch.randn(3, 8)
     plain = [w.detach() for w in weights]  # a backward op: no double backward
-    torch.library.opcheck(E.embedding_bag_backward, (g, plain, idx, off, ft, [-1, 1], 0, psw.detach(), True, backend))
+    torch.library.opcheck(E.embedding_bag_backward, (g, plain, idx, off, ft, [-1, 1], pooling,
+                                                     None if psw is None else psw.detach(), psw is not None, backend))
 
 
 def test_torch_compile_fullgraph(seed):
@@ -436,6 +628,26 @@ def test_torch_compile_fullgraph(seed):
     want = f(weights, idx, off)
     (g_want,) = torch.autograd.grad(want, weights[0])
     assert torch.equal(got, want) and torch.equal(g_got, g_want)
+
+
+def test_torch_compile_inductor_module(seed):
+    """The module (no fused optimizer) under torch.compile's default backend, Inductor, fullgraph:
+    forward and backward as eager. One small case: compiling takes seconds on 2 cores."""
+    gen = torch.Generator().manual_seed(seed)
+    m = MultiTableEmbeddingBag([(12, 3), (7, 2)], [0, 1, 0], mode="mean", padding_idx=[None, 1])
+    idx, off = make_bags(m.tables, m.feature_table_map, 3, gen, padding=[None, 1])
+
+    def f(idx, off):
+        return (m(idx, off) * 2).sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(idx, off)
+    g_got = torch.autograd.grad(got, list(m.weights))
+    want = f(idx, off)
+    g_want = torch.autograd.grad(want, list(m.weights))
+    assert_close(got, want, torch.float32, "forward")
+    for a, b in zip(g_got, g_want, strict=True):
+        assert_close(a, b, torch.float32, "grad")
 
 
 # ---------------------------------------------------------------- data parallel (2 processes, gloo)
@@ -809,23 +1021,33 @@ def test_cpu_stochastic_rounding_is_unbiased(seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_backward_bits_do_not_depend_on_threads(seed, dtype):
-    c = make_case(dtype, rows=(300, 40), dims=(33, 16), feature_table=(0, 1, 0), B=200, max_bag=30, weighted=True)
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_cpu_backward_bits_do_not_depend_on_threads(seed, dtype, mode):
+    """Five runs with 1, 2, 3, 2 and 1 threads give the same bits: the public op's dense and sparse
+    gradients (and the per_sample_weights gradient with sum) and the fused Adam's tables and states."""
+    c = make_case(dtype, rows=(300, 40), dims=(33, 16), feature_table=(0, 1, 0), B=200, max_bag=30,
+                  pooling=int(mode == "mean"), weighted=mode == "sum")
     grad_out = torch.randn(200, 33 + 16 + 33, dtype=torch.float64).to(dtype)
     w0 = [w.clone() for w in c["weights"]]
+    pads = [None if p < 0 else p for p in c["padding_idx"]]
     results = []
     old = torch.get_num_threads()
     try:
-        for nt in (1, 2, 2, 1):
+        for nt in (1, 2, 3, 2, 1):
             torch.set_num_threads(nt)
+            run = []
+            for sparse in (False, True):
+                ws = [w.clone().requires_grad_() for w in w0]
+                psw = None if mode == "mean" else c["per_sample_weights"].to(dtype).requires_grad_()
+                out = kfuse.multi_embedding_bag(ws, c["indices"], c["offsets"], c["feature_table"], mode, psw, pads,
+                                                sparse=sparse, backend="cpu")
+                out.backward(grad_out)
+                run += [w.grad.to_dense() if sparse else w.grad for w in ws]
+                run += [] if psw is None else [psw.grad]
             c["weights"] = [w.clone() for w in w0]
-            sparse = _C.embedding_backward_sparse(grad_out, *args(c))
-            psw = _C.embedding_backward_psw(grad_out, *args(c)[:5])
-            s1, s2 = states_for("adam", w0)
-            s1 = [torch.zeros_like(s) for s in s1]
-            s2 = [torch.zeros_like(s) for s in s2]
+            s1, s2 = ([torch.zeros_like(s) for s in states] for states in states_for("adam", w0))
             cpu_fused(c, grad_out, "adam", s1, s2)
-            results.append([g for _, g in sparse] + [psw] + c["weights"] + s1 + s2)
+            results.append(run + c["weights"] + s1 + s2)
     finally:
         torch.set_num_threads(old)
     for r in results[1:]:
@@ -867,6 +1089,23 @@ def test_cpu_bad_input_raises_and_writes_nothing(seed, what, spoil, exc, match):
     with pytest.raises(exc, match=match):
         cpu_fused(c, grad_out, "rowwise_adagrad", s1, [])
     assert all(torch.equal(a, b) for a, b in zip(c["weights"] + s1, before + s1_0, strict=True))
+
+
+@pytest.mark.parametrize("features,n", [(1, 0), (1, 3), (2, 0)])
+def test_cpu_empty_offsets_raise_in_every_entry_point(features, n):
+    """Offsets of size 0 hold no F·B + 1 for any B >= 0; with one feature B = (0 - 1) / 1 = -1 once
+    passed the size check and the kernels read offsets[0]. Every entry point raises before any read."""
+    w = [torch.randn(4, 3)]
+    idx, empty, go = torch.zeros(n, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3)
+    ft, pads = [0] * features, [-1]
+    calls = [lambda: _C.embedding_forward(w, idx, empty, ft, pads, 0, None),
+             lambda: _C.embedding_backward_sparse(go, w, idx, empty, ft, pads, 0, None),
+             lambda: _C.embedding_backward_psw(go, w, idx, empty, ft, pads),
+             lambda: _C.embedding_backward_fused(go, w, idx, empty, ft, pads, 0, None, "sgd", [], [], 0.1, 0.0, 0.0,
+                                                 0.0, 0.0, 1, 0)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"offsets must have F \* B \+ 1 entries \(B >= 0 bags\)"):
+            call()
 
 
 # ---------------------------------------------------------------- the Triton kernels, launcher by launcher
@@ -1212,6 +1451,24 @@ def test_triton_bad_offsets_are_clamped_and_flagged(device, case, seed):
     go = torch.randn(out.shape, device=device)
     te.backward_sparse(go, ws, idx.to(device), off.to(device), ft, [-1, -1], 1, None)
     assert torch.isfinite(te.backward_psw(go, ws, idx.to(device), off.to(device), ft, [-1, -1])).all()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_checks_the_offset_of_no_bags(device):
+    """B = 0 launches no program, yet the one offset is checked as the kernel would (flagged on the
+    device): it must be 0 and len(indices); the op then raises as the cpu and reference backends do."""
+    ws = [torch.randn(5, 4, device=device)]
+    idx, t = torch.arange(3, device=device), functools.partial(torch.tensor, device=device)
+    for n, off in ((3, 2), (3, 0), (0, 3)):
+        out, flag = te.forward(ws, idx[:n], t([off]), [0], [-1], 0, None)
+        assert out.shape == (0, 4) and flag.tolist() == [te.NO_ERROR, 0]
+        with pytest.raises(ValueError, match=rf"offsets\[0\] = {off}"):
+            te.check_flag(flag, idx[:n], t([off]))
+    out, flag = te.forward(ws, idx[:0], t([0]), [0], [-1], 0, None)
+    assert out.shape == (0, 4) and flag.tolist() == [te.NO_ERROR, te.NO_ERROR]
+    for backend in ["triton", "reference"] + (["cpu"] if device == "cpu" else []):
+        with pytest.raises(ValueError, match=r"offsets(\[0\])? must (start at|be) 0"):
+            kfuse.multi_embedding_bag(ws, idx, t([2]), backend=backend)
 
 
 def test_triton_bad_arguments_raise():

@@ -284,6 +284,9 @@ def forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_tab
     out = torch.empty((B, width), dtype=weights[0].dtype, device=dev)
     flag = torch.full((2,), NO_ERROR, dtype=torch.int32, device=dev)
     if B == 0:
+        # No bag, so no program checks the one offset: it must be both 0 and len(indices). Flagged on the
+        # device as the kernel would (no host read of the offsets).
+        flag[1:] = torch.where((offsets[:1] != 0) | (indices.shape[0] != 0), 0, NO_ERROR)
         return out, flag
     block_d = _block_d(max(w.shape[1] for w in weights))
     d_tiles = triton.cdiv(max(weights[t].shape[1] for t in feature_table), block_d)

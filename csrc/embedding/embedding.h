@@ -41,11 +41,12 @@ struct Bags {
 
 // Checks everything a kernel relies on, reading nothing out of bounds, and throws before any
 // kernel runs: std::invalid_argument (ValueError) for bad pooling, per_sample_weights with mean,
-// padding_idx outside [-1, rows), offsets not of F * B + 1 entries, not starting at 0, decreasing
-// or not ending at N; std::out_of_range (IndexError) for a feature_table entry outside [0, T) or an
-// index outside [0, rows) of its feature's table. Messages name the argument and the position, e.g.
-// "indices[17] = 80000 is out of range [0, 79000) for feature 1 (table 1)". The caller derives B
-// from the offsets' length and passes N = len(indices), checking len(per_sample_weights) == N.
+// padding_idx outside [-1, rows), offsets not of F * B + 1 entries with B >= 0 (so never empty),
+// not starting at 0, decreasing or not ending at N; std::out_of_range (IndexError) for a
+// feature_table entry outside [0, T) or an index outside [0, rows) of its feature's table. Messages
+// name the argument and the position, e.g. "indices[17] = 80000 is out of range [0, 79000) for
+// feature 1 (table 1)". The caller derives B from the offsets' length and passes N = len(indices),
+// checking len(per_sample_weights) == N.
 void validate(const Tables& tables, const Bags& bags, int64_t num_offsets);
 
 // Output width: the sum of the features' dims.

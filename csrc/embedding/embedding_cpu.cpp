@@ -166,8 +166,11 @@ template <typename I> void validate_t(const Tables& tb, const Bags& bg, int64_t 
     if (tb.padding_idx[t] < -1 || tb.padding_idx[t] >= tb.rows[t])
       value_error("padding_idx[" + str(t) + "] = " + str(tb.padding_idx[t]) + " is out of range [-1, " +
                   str(tb.rows[t]) + ") for table " + str(t));
-  if (num_offsets != F * B + 1)
-    value_error("offsets must have F * B + 1 entries for F = " + str(F) + " features; got " + str(num_offsets));
+  // B < 0: the caller's B = (num_offsets - 1) / F of empty offsets, which F * B + 1 would match for F = 1
+  // (and off[0] below would be read past the end).
+  if (B < 0 || num_offsets != F * B + 1)
+    value_error("offsets must have F * B + 1 entries (B >= 0 bags) for F = " + str(F) + " features; got " +
+                str(num_offsets));
   const I* off = static_cast<const I*>(bg.offsets);
   if (off[0] != 0) value_error("offsets[0] must be 0; got " + str(off[0]));
   if (any_decrease(off, num_offsets))

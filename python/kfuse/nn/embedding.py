@@ -77,7 +77,7 @@ class EmbeddingBag(nn.Module):
 
     def forward(self, input: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
         return E.embedding_bag(input, self.weight, offsets, self.mode, per_sample_weights, self.include_last_offset,
-                               self.padding_idx, self.sparse, self.backend)
+                               self.padding_idx, sparse=self.sparse, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}, padding_idx={self.padding_idx}, "
@@ -111,8 +111,8 @@ class MultiTableEmbeddingBag(nn.Module):
     choice), padding rows zero. Fused-optimizer state lives in buffers (``state_dict`` saves and
     restores it, with the step count): ``momentum1_{t}`` (row-wise Adagrad ``[rows_t]``; Adam's m
     ``[rows_t, dim_t]``), ``momentum2_{t}`` (Adam's v), float32 (float64 for float64 tables), and
-    ``optimizer_step`` (int64, the updates applied; a checkpoint's ``step`` key, its name before
-    2026-12-02, loads into it).
+    ``optimizer_step`` (int64, the updates applied, on the CPU whatever the tables' device; a checkpoint's
+    ``step`` key, its name before 2026-12-02, loads into it).
 
     ``forward(indices, offsets, per_sample_weights=None)`` with flat ``indices [N]`` and ``offsets
     [F·B + 1]`` (feature-major), or a TorchRec ``KeyedJaggedTensor`` (its keys in feature order) →
@@ -170,6 +170,15 @@ class MultiTableEmbeddingBag(nn.Module):
                 if p is not None:
                     w[p].fill_(0)
 
+    def _apply(self, fn, recurse: bool = True):
+        # The step count stays on the CPU through .cuda() / .to(): the fused backward reads it with int()
+        # every step, a host sync were it on a GPU. It is still a buffer, so state_dict saves it.
+        step = self._buffers.get("optimizer_step")
+        super()._apply(fn, recurse)
+        if step is not None:
+            self._buffers["optimizer_step"] = step
+        return self
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         old = prefix + "step"  # the buffer's name in checkpoints written before 2026-12-02
         if self.optimizer is not None and old in state_dict and prefix + "optimizer_step" not in state_dict:
@@ -199,14 +208,14 @@ class MultiTableEmbeddingBag(nn.Module):
         ws = list(self.weights)
         if self.optimizer is None:
             return E.multi_embedding_bag(ws, indices, offsets, self.feature_table_map, self.mode, per_sample_weights,
-                                         self.padding_idx, self.sparse, self.backend)
+                                         self.padding_idx, sparse=self.sparse, backend=self.backend)
         op = "MultiTableEmbeddingBag"
         _backends.check_backend_name(op, self.backend)
         bags = E._validate(op, ws, indices, offsets, self.feature_table_map, self.mode, per_sample_weights,
                            self.padding_idx)
-        psw = None if per_sample_weights is None else per_sample_weights.to(acc_dtype(ws[0].dtype))
         chosen = E._select(op, self.backend, ws[0])
-        return _FusedEmbeddingBag.apply(self, indices, offsets, bags, chosen, self._grad_anchor, psw)
+        return _FusedEmbeddingBag.apply(self, indices, offsets, bags, chosen, self._grad_anchor,
+                                        E._kernel_psw(per_sample_weights, ws))
 
 
 class _FusedEmbeddingBag(torch.autograd.Function):
@@ -228,14 +237,15 @@ class _FusedEmbeddingBag(torch.autograd.Function):
         if psw is not None and ctx.needs_input_grad[6]:  # before the tables change
             g_psw = E._psw_impl(grad_out, ws, indices, offsets, ctx.bags, psw, ctx.backend)
         with torch.no_grad():
-            m.optimizer_step += 1
+            m.optimizer_step += 1  # on the CPU (MultiTableEmbeddingBag._apply): int() does not sync
             step = int(m.optimizer_step)
             h = m.hparams
             s1 = m.states(1) if m.optimizer != "sgd" else []
             s2 = m.states(2) if m.optimizer == "adam" else []
-            args = (grad_out.contiguous(), ws, indices.contiguous(), offsets.contiguous(), ctx.bags.feature_table,
-                    ctx.bags.padding_idx, ctx.bags.pooling, None if psw is None else psw.contiguous(), m.optimizer,
-                    s1, s2, h["lr"], h["eps"], h["beta1"], h["beta2"], h["weight_decay"], step, m.seed)
+            idx, off, flat_psw = E._flat(indices, offsets, psw)
+            args = (grad_out.contiguous(), ws, idx, off, ctx.bags.feature_table, ctx.bags.padding_idx,
+                    ctx.bags.pooling, flat_psw, m.optimizer, s1, s2, h["lr"], h["eps"], h["beta1"], h["beta2"],
+                    h["weight_decay"], step, m.seed)
             if ctx.backend == "cpu" and m.process_group is None:
                 _backends.extension().embedding_backward_fused(*args)
             elif ctx.backend == "triton" and m.process_group is None:

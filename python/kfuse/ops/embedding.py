@@ -109,6 +109,12 @@ def _check_weights(op: str, weights: object) -> list[Tensor]:
     return list(weights)
 
 
+def _check_options(op: str, sparse: object, backend: object) -> None:
+    if not isinstance(sparse, bool):  # e.g. a backend name passed where sparse was
+        raise TypeError(f"kfuse.{op}: sparse must be a bool; got {sparse!r}")
+    _backends.check_backend_name(op, backend)
+
+
 def _validate(op: str, weights: list[Tensor], indices: object, offsets: object, feature_table: object, mode: object,
               per_sample_weights: object, padding_idx: object) -> _Bags:
     """Shape, dtype and device checks that read no tensor values (so no GPU sync)."""
@@ -140,9 +146,16 @@ def _validate(op: str, weights: list[Tensor], indices: object, offsets: object, 
         if not isinstance(psw, Tensor) or psw.dim() != 1 or psw.shape[0] != indices.shape[0]:
             raise ValueError(f"kfuse.{op}: per_sample_weights must be 1-D with one weight per index "
                              f"({indices.shape[0]}); got {tuple(psw.shape) if isinstance(psw, Tensor) else psw!r}")
-        if not psw.dtype.is_floating_point or psw.device != w0.device:
-            raise ValueError(f"kfuse.{op}: per_sample_weights must be a floating tensor on the tables' device; got "
-                             f"{psw.dtype} on {psw.device}")
+        if psw.device != w0.device:
+            raise ValueError(f"kfuse.{op}: per_sample_weights is on {psw.device}; the tables are on {w0.device}")
+        # embedding_bag: torch.nn.functional.embedding_bag's rule, the table's dtype (no silent cast); the
+        # multi-table op also takes them in the accumulation dtype, as FBGEMM and TorchRec pass float32
+        # weights with half tables.
+        allowed = (w0.dtype,) if op == "embedding_bag" else (w0.dtype, acc_dtype(w0.dtype))
+        if psw.dtype not in allowed:
+            also = f" or {allowed[1]}" if len(set(allowed)) > 1 else ", as in torch.nn.functional.embedding_bag"
+            raise TypeError(f"kfuse.{op}: per_sample_weights must have the tables' dtype ({w0.dtype}){also}; "
+                            f"got {psw.dtype}")
         if pooling == MEAN:
             raise ValueError(f"kfuse.{op}: per_sample_weights is only supported with mode='sum' (as in "
                              "torch.nn.functional.embedding_bag)")
@@ -168,6 +181,17 @@ def _padding(op: str, padding_idx: object, weights: list[Tensor]) -> list[int]:
                              f"{w.shape[0]})")
         out.append(p % w.shape[0])
     return out
+
+
+def _past_the_end(op: str, offsets: Tensor, n: int) -> None:
+    """Raise if bag starts ``offsets`` (``include_last_offset=False``) lie past the end of input. The
+    backends see ``n`` appended as the last offset and would report that offset, which the caller never
+    passed, as out of order."""
+    off = offsets.long().cpu()
+    past = (off > n).nonzero()
+    if past.numel():
+        i = int(past[0])
+        raise ValueError(f"kfuse.{op}: offsets[{i}] = {int(off[i])} is past the end of input (len {n})") from None
 
 
 def _check_values(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags) -> None:
@@ -208,15 +232,27 @@ def _tk():
     return tk
 
 
+def _kernel_psw(psw: Tensor | None, weights: list[Tensor]) -> Tensor | None:
+    """``per_sample_weights`` (in the tables' dtype) as every backend takes them: in the accumulation dtype
+    (an exact conversion)."""
+    return None if psw is None else psw.to(acc_dtype(weights[0].dtype))
+
+
+def _flat(indices: Tensor, offsets: Tensor, psw: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The kernels read indices, offsets and per-sample weights as flat arrays; strided views (``idx[::2]``)
+    are valid input, as for torch, so every implementation takes its tensors through here."""
+    return indices.contiguous(), offsets.contiguous(), None if psw is None else psw.contiguous()
+
+
 def _forward_impl(weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags, psw: Tensor | None,
                   backend: str, op: str = "embedding_bag") -> Tensor:
+    indices, offsets, psw = _flat(indices, offsets, psw)
     if backend == "cpu":
         return _ext().embedding_forward(weights, indices, offsets, bags.feature_table, bags.padding_idx, bags.pooling,
                                         psw)
     if backend == "triton":
         tk = _tk()
-        out, flag = tk.forward(weights, indices.contiguous(), offsets.contiguous(), bags.feature_table,
-                               bags.padding_idx, bags.pooling, None if psw is None else psw.contiguous())
+        out, flag = tk.forward(weights, indices, offsets, bags.feature_table, bags.padding_idx, bags.pooling, psw)
         # The kernel never reads out of bounds (bad indices are masked, offsets clamped) and records the
         # first bad position in `flag`; reading it is the call's one host sync (not yet timed on a GPU).
         # On an error the host checks say which argument, as the other backends do.
@@ -254,13 +290,13 @@ def _reference_vjp(grad_out: Tensor, weights: list[Tensor], indices: Tensor, off
 def _sparse_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags,
                  psw: Tensor | None, backend: str) -> list[tuple[Tensor, Tensor]]:
     """Per table: (unique rows int64 ``[U]`` ascending, summed gradients ``[U, dim]`` accumulation dtype)."""
+    indices, offsets, psw = _flat(indices, offsets, psw)
     if backend == "cpu":
         return _ext().embedding_backward_sparse(grad_out.contiguous(), weights, indices, offsets, bags.feature_table,
                                                 bags.padding_idx, bags.pooling, psw)
     if backend == "triton":
-        return _tk().backward_sparse(grad_out.contiguous(), weights, indices.contiguous(), offsets.contiguous(),
-                                     bags.feature_table, bags.padding_idx, bags.pooling,
-                                     None if psw is None else psw.contiguous())
+        return _tk().backward_sparse(grad_out.contiguous(), weights, indices, offsets, bags.feature_table,
+                                     bags.padding_idx, bags.pooling, psw)
     _check_values("embedding_bag", weights, indices, offsets, bags)
     dense, _ = multi_embedding_bag_backward_reference(grad_out, weights, indices, offsets, bags.feature_table,
                                                       bags.pooling, psw, bags.padding_idx)
@@ -271,12 +307,13 @@ def _sparse_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offse
 
 def _psw_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags,
               psw: Tensor, backend: str) -> Tensor:
+    indices, offsets, psw = _flat(indices, offsets, psw)
     if backend == "cpu":
         return _ext().embedding_backward_psw(grad_out.contiguous(), weights, indices, offsets, bags.feature_table,
                                              bags.padding_idx)
     if backend == "triton":
-        return _tk().backward_psw(grad_out.contiguous(), weights, indices.contiguous(), offsets.contiguous(),
-                                  bags.feature_table, bags.padding_idx)
+        return _tk().backward_psw(grad_out.contiguous(), weights, indices, offsets, bags.feature_table,
+                                  bags.padding_idx)
     _check_values("embedding_bag", weights, indices, offsets, bags)
     g_psw = multi_embedding_bag_backward_reference(grad_out, weights, indices, offsets, bags.feature_table,
                                                    bags.pooling, psw, bags.padding_idx)[1]
@@ -427,7 +464,7 @@ def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
 
 def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_table: list[int] | None = None,
                         mode: str = "sum", per_sample_weights: Tensor | None = None,
-                        padding_idx: int | list[int | None] | None = None, sparse: bool = False,
+                        padding_idx: int | list[int | None] | None = None, *, sparse: bool = False,
                         backend: str = "auto") -> Tensor:
     """Pooled embedding lookups of ``F`` features over ``T`` tables in one call.
 
@@ -440,12 +477,14 @@ def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor,
         feature_table: ``F`` table numbers (feature ``f`` reads table ``feature_table[f]``; several
             features may share one); default ``range(T)``.
         mode: ``"sum"`` or ``"mean"`` (over the bag's non-padding indices; empty bags give zeros).
-        per_sample_weights: ``[N]`` floating (``sum`` only); used in the accumulation dtype.
+        per_sample_weights: ``[N]`` in the tables' dtype or, for half tables, float32 (``sum`` only), applied
+            in the accumulation dtype.
         padding_idx: skipped row per table (an int for all tables, or one entry per table, None = none;
             negative counts from the end).
-        sparse: table gradients as coalesced ``torch.sparse_coo`` tensors (eager calls only).
-        backend: ``"auto"`` (``triton`` for CUDA tables, ``cpu`` for CPU ones), ``"triton"``, ``"cpu"`` or
-            ``"reference"``; ``"cuda"`` always raises.
+        sparse: (keyword-only, a bool) table gradients as coalesced ``torch.sparse_coo`` tensors (eager calls
+            only).
+        backend: (keyword-only) ``"auto"`` (``triton`` for CUDA tables, ``cpu`` for CPU ones), ``"triton"``,
+            ``"cpu"`` or ``"reference"``; ``"cuda"`` always raises.
     Returns:
         ``[B, Σ_f dim_{feature_table[f]}]`` in the tables' dtype (accumulated in float32; float64 for
         float64 tables), features' columns in order.
@@ -455,23 +494,22 @@ def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor,
     """
     op = "multi_embedding_bag"
     ws = _check_weights(op, weights)
-    _backends.check_backend_name(op, backend)
+    _check_options(op, sparse, backend)
     bags = _validate(op, ws, indices, offsets, feature_table, mode, per_sample_weights, padding_idx)
-    psw = None if per_sample_weights is None else per_sample_weights.to(acc_dtype(ws[0].dtype))
-    return _run(op, ws, indices, offsets, bags, psw, bool(sparse), backend)
+    return _run(op, ws, indices, offsets, bags, _kernel_psw(per_sample_weights, ws), sparse, backend)
 
 
 def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, mode: str = "sum",
                   per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
-                  padding_idx: int | None = None, sparse: bool = False, backend: str = "auto") -> Tensor:
+                  padding_idx: int | None = None, *, sparse: bool = False, backend: str = "auto") -> Tensor:
     """``torch.nn.functional.embedding_bag`` for ``sum`` and ``mean`` on kfuse's kernels.
 
     Args:
         input: ``[N]`` indices with ``offsets``, or ``[B, L]`` fixed-size bags (then ``offsets`` is None);
             int32 or int64.
         weight: ``[rows, dim]`` table (float32, float16, bfloat16; float64 on ``cpu``/``reference``).
-        offsets: ``[B]`` bag starts (from 0), or ``[B + 1]`` ending at ``N`` with ``include_last_offset``;
-            converted to input's dtype.
+        offsets: ``[B]`` bag starts (from 0; empty only when input is), or ``[B + 1]`` ending at ``N`` with
+            ``include_last_offset``; converted to input's dtype.
         mode, per_sample_weights (same shape as input, ``sum`` only), padding_idx, sparse, backend: as
             :func:`multi_embedding_bag` (and as torch's).
     Returns:
@@ -479,7 +517,7 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
     """
     op = "embedding_bag"
     ws = _check_weights(op, [weight])
-    _backends.check_backend_name(op, backend)
+    _check_options(op, sparse, backend)
     if not isinstance(input, Tensor) or input.dtype not in _INTS or input.dim() not in (1, 2):
         raise ValueError(f"kfuse.{op}: input must be a 1-D or 2-D int32/int64 tensor; got "
                          f"{input.dtype if isinstance(input, Tensor) else type(input).__name__}")
@@ -497,12 +535,20 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
     else:
         if not isinstance(offsets, Tensor) or offsets.dim() != 1 or offsets.dtype not in _INTS:
             raise ValueError(f"kfuse.{op}: offsets must be a 1-D int32/int64 tensor when input is 1-D")
+        if offsets.shape[0] == 0 and include_last_offset:
+            raise ValueError(f"kfuse.{op}: offsets must not be empty with include_last_offset=True")
+        if offsets.shape[0] == 0 and input.shape[0]:
+            # torch returns [0, dim] here and its gradients read memory that is not the input's.
+            raise ValueError(f"kfuse.{op}: offsets is empty, so input's {input.shape[0]} indices are in no bag "
+                             "(offsets[0] = 0 starts the first bag)")
         offs = offsets.to(input.dtype)
         if not include_last_offset:
             offs = torch.cat([offs, offs.new_full((1,), input.shape[0])])
         indices = input
-    if offs.shape[0] < 1:
-        raise ValueError(f"kfuse.{op}: offsets must not be empty with include_last_offset=True")
     bags = _validate(op, ws, indices, offs, [0], mode, psw, padding_idx)
-    psw = None if psw is None else psw.to(acc_dtype(weight.dtype))
-    return _run(op, ws, indices, offs, bags, psw, bool(sparse), backend)
+    try:
+        return _run(op, ws, indices, offs, bags, _kernel_psw(psw, ws), sparse, backend)
+    except ValueError:
+        if input.dim() == 1 and not include_last_offset:  # on errors only: it reads the offsets on the host
+            _past_the_end(op, offsets, input.shape[0])
+        raise
