@@ -15,17 +15,19 @@ to a run without flags: each live sequence feeds exactly one token per call, so 
 CPU GEMM rows (whose bits depend on the number of rows) are unaffected by a sequence backtracking.
 
 Checks: any callable taking a list of windows (texts when a ``tokenizer`` is given, else lists of
-token ids) and returning one bool (True = violation) or score (violation when ``>= threshold``) per
-window. :class:`WordListCheck` is deterministic (tests); :class:`ProfanityCheck` wraps the
+token ids) and returning one bool (True = violation) or numeric score (violation when ``>= threshold``)
+per window. :class:`WordListCheck` is deterministic (tests); :class:`ProfanityCheck` wraps the
 ``alt-profanity-check`` classifier (a test/demo dependency, imported lazily).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -38,6 +40,8 @@ from kfuse.kv import PagedKVCache
 __all__ = ["GenerationResult", "ProfanityCheck", "SequenceStats", "WordListCheck", "generate"]
 
 Check = Callable[[list[Any]], Sequence[Any]]
+
+_GEN = "kfuse.backtrack.generate"  # the prefix of generate()'s errors
 
 
 @dataclass
@@ -75,9 +79,10 @@ class SequenceStats:
 class GenerationResult:
     """What :func:`generate` returns.
 
-    ``tokens[i]``: sequence ``i``'s generated token ids (prompt excluded; every window of them passed
-    the check, except in ``mode="plain"``). ``texts``: their decoding when a tokenizer was given.
-    ``forward_passes``: model calls in total (a call serves every live sequence); ``wall_time``: seconds.
+    ``tokens[i]``: sequence ``i``'s generated token ids (prompt excluded; each of them was inside a
+    window that passed the check, except in ``mode="plain"``). ``texts``: their decoding when a
+    tokenizer was given. ``forward_passes``: model calls in total (a call serves every live sequence);
+    ``wall_time``: seconds.
     """
 
     tokens: list[list[int]]
@@ -98,16 +103,20 @@ class WordListCheck:
     windows) or strings (matched case-insensitively as whole words in text windows). Deterministic."""
 
     def __init__(self, words: Sequence[str | Sequence[int]]) -> None:
-        if isinstance(words, str) or not len(words):
-            raise ValueError(f"words must be a non-empty list of strings or token-id sequences; got {words!r}")
-        self.texts = [w for w in words if isinstance(w, str)]
-        self.ids = [tuple(int(t) for t in w) for w in words if not isinstance(w, str)]
+        if isinstance(words, str) or not isinstance(words, Sequence):
+            raise TypeError(f"kfuse.backtrack.WordListCheck: words must be a list of strings or token-id sequences; "
+                            f"got {type(words).__name__}")
+        if not words:
+            raise ValueError("kfuse.backtrack.WordListCheck: words must not be empty")
+        entries = [_word_entry(j, w) for j, w in enumerate(words)]
+        self.texts = [w for w in entries if isinstance(w, str)]
+        self.ids = [w for w in entries if not isinstance(w, str)]
         # One-token entries by set lookup: scanning 41 of them cost 0.29 s of a 1.5 s backtracking run
         # of kfuse.bench.backtrack (543 windows, profiled).
         self._single = {p[0] for p in self.ids if len(p) == 1}
         self._multi = [p for p in self.ids if len(p) > 1]
-        if any(not w for w in (*self.texts, *self.ids)):
-            raise ValueError(f"words must not hold an empty entry; got {words!r}")
+        if any(not w for w in entries):
+            raise ValueError(f"kfuse.backtrack.WordListCheck: words must not hold an empty entry; got {words!r}")
         self._pattern = (re.compile(r"\b(?:" + "|".join(map(re.escape, self.texts)) + r")\b", re.IGNORECASE)
                          if self.texts else None)
 
@@ -125,6 +134,22 @@ class WordListCheck:
         w = tuple(window)
         return (not self._single.isdisjoint(w)
                 or any(w[j:j + len(p)] == p for p in self._multi for j in range(len(w) - len(p) + 1)))
+
+
+def _is_int(t: object) -> bool:
+    """A Python or numpy integer (bools, Python's or numpy's, are not token ids)."""
+    return isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+
+
+def _word_entry(j: int, w: object) -> str | tuple[int, ...]:
+    """``words[j]`` of :class:`WordListCheck`: a string, or a sequence (list, tuple, 1-D array) of int ids."""
+    if isinstance(w, str):
+        return w
+    ids = w.tolist() if isinstance(w, (np.ndarray, Tensor)) else w
+    if not isinstance(ids, Sequence) or isinstance(ids, str) or not all(map(_is_int, ids)):
+        raise TypeError(f"kfuse.backtrack.WordListCheck: words[{j}] must be a string or a sequence of int token ids; "
+                        f"got {w!r}")
+    return tuple(int(t) for t in ids)
 
 
 class ProfanityCheck:
@@ -194,25 +219,79 @@ def _sample(rows: Tensor, banned: list[set[int]], temperature: float, top_k: int
 
 def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+        raise ValueError(f"{_GEN}: {name} must be an int >= {minimum}; got {value!r}")
     return value
 
 
-def _prompt_ids(prompts: Sequence[Any], tokenizer: Any) -> list[list[int]]:
-    if isinstance(prompts, (str, Tensor)) or not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError(f"prompts must be a non-empty list of token-id lists, 1-D tensors or strings; got "
-                         f"{type(prompts).__name__}")
+def _is_finite_real(value: object) -> bool:
+    # NaN passes every comparison-based range check (nan < 0 is False), so finiteness is checked on its own.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_ids(name: str, ids: list[int], vocab: int | None) -> None:
+    """Token ids the model can embed: in ``[0, vocab)``; only ``>= 0`` when the model does not say its
+    vocabulary size."""
+    bad = sorted({t for t in ids if t < 0 or (vocab is not None and t >= vocab)})
+    if bad:
+        span = f"[0, vocab_size={vocab})" if vocab is not None else "[0, vocab_size)"
+        raise ValueError(f"{_GEN}: {name} must hold token ids in {span}; outside it: {bad[:8]}")
+
+
+_PROMPT_TYPES = "a list of int token ids, a 1-D integer tensor or numpy array, or a string (with a tokenizer)"
+
+
+def _prompt_ids(prompts: Sequence[Any], tokenizer: Any, vocab: int | None) -> list[list[int]]:
+    if isinstance(prompts, (str, Tensor, np.ndarray)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(f"{_GEN}: prompts must be a non-empty list with one prompt per sequence, each "
+                         f"{_PROMPT_TYPES}; got {type(prompts).__name__}")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             if tokenizer is None:
-                raise ValueError(f"prompts[{i}] is a string; pass a tokenizer to encode it")
+                raise ValueError(f"{_GEN}: prompts[{i}] is a string; pass a tokenizer to encode it")
+            if not callable(getattr(tokenizer, "encode", None)):
+                raise TypeError(f"{_GEN}: tokenizer has no encode() for the string prompts[{i}]; got "
+                                f"{type(tokenizer).__name__}")
             p = tokenizer.encode(p)
-        ids = p.tolist() if isinstance(p, Tensor) else list(p)
-        if not ids or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
-            raise ValueError(f"prompts[{i}] must hold at least one int token id; got {ids!r}")
+        ids = p.tolist() if isinstance(p, (Tensor, np.ndarray)) else p
+        if isinstance(ids, str) or not isinstance(ids, Sequence) or not ids or not all(map(_is_int, ids)):
+            raise ValueError(f"{_GEN}: prompts[{i}] must be {_PROMPT_TYPES}, holding at least one id; got {p!r}")
+        ids = [int(t) for t in ids]
+        _check_ids(f"prompts[{i}]", ids, vocab)
         out.append(ids)
     return out
+
+
+def _pages(lengths: list[int], page_size: int) -> int:
+    """Cache pages that sequences of these lengths hold at once."""
+    return sum(-(-n // page_size) for n in lengths)
+
+
+def _check_cache(cache: object, longest: list[int]) -> None:
+    """A caller's cache: free slots and pages for sequences of ``longest`` tokens, and no open step (its
+    owner's step, which generate's cleanup would otherwise abort)."""
+    if not isinstance(cache, PagedKVCache):
+        raise ValueError(f"{_GEN}: cache must be a kfuse.kv.PagedKVCache or None; got {type(cache).__name__}")
+    cache._no_step(f"{_GEN}: cache")
+    free_slots = cache.max_seqs - len(cache.active_sequences)
+    if free_slots < len(longest):
+        raise ValueError(f"{_GEN}: cache has {free_slots} free sequence slots; {len(longest)} prompts need one each")
+    cap = cache.max_pages_per_seq * cache.page_size
+    if max(longest) > cap:
+        raise ValueError(f"{_GEN}: cache holds at most {cap} tokens per sequence; the longest prompt + "
+                         f"max_new_tokens - 1 is {max(longest)}")
+    need, free = _pages(longest, cache.page_size), cache.stats()["pages_free"]
+    if need > free:
+        raise ValueError(f"{_GEN}: cache has {free} free pages of {cache.page_size} tokens; the prompts may need "
+                         f"{need} (each prompt + max_new_tokens - 1 tokens at once)")
+
+
+def _check_flag_room(max_flags: int, vocab: int) -> None:
+    # Each flag bans one token after one prefix, and a sequence flags at most max_flags times: if that
+    # cannot exhaust the vocabulary, some token is always left to sample.
+    if max_flags >= vocab:
+        raise ValueError(f"{_GEN}: max_backtracks / max_resets allow {max_flags} bans after one prefix; the "
+                         f"vocabulary has only {vocab} tokens")
 
 
 def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: Check | None = None,
@@ -227,18 +306,22 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
     Args:
         model: a decoder on the paged cache (``kfuse.models.LlamaForCausalLM``): ``model(tokens, seq_ids,
             cache)`` returns one ``[len_i, vocab]`` logits tensor per sequence; ``model.new_cache`` when
-            ``cache`` is None.
-        prompts: token-id lists or 1-D tensors, or strings (encoded with ``tokenizer.encode``); non-empty.
+            ``cache`` is None. When it has an int ``vocab_size``, token ids (prompts, ``eos_token_id``) are
+            checked against it up front.
+        prompts: a list, one prompt per sequence: token ids (a list of Python or numpy ints, a 1-D integer
+            tensor or numpy array) or a string (encoded with ``tokenizer.encode``); each non-empty.
         max_new_tokens: tokens each sequence keeps at most.
         check: called with a list of windows (``tokenizer.decode``-d texts when a tokenizer is given,
-            else token-id lists); returns one bool (True = violation) or score (violation when
-            ``>= threshold``) per window. Required unless ``mode="plain"``.
+            else token-id lists); returns one bool (True = violation) or real score (violation when
+            ``>= threshold``; NaN is refused) per window. Required unless ``mode="plain"``.
         mode: ``"backtrack"`` (revert to the last checkpoint that passed), ``"reset"`` (revert to the
             prompt, the baseline that discards everything generated) or ``"plain"`` (no check).
         check_every: a sequence is checked after every ``check_every`` new tokens since its last
             passing checkpoint, and when it ends (EOS or ``max_new_tokens``) with unchecked tokens.
         window: the check sees the last ``window`` generated tokens (default ``2 · check_every``, so a
             word across a checkpoint is seen whole); never the prompt, which reverting cannot change.
+            At least ``check_every``, so every token since the last passing checkpoint is checked.
+        threshold: a score ``>= threshold`` is a violation (any finite real: the scale is the check's).
         max_backtracks: backtracks a sequence may make since its last reset; the flag after them
             triggers ``on_limit``: ``"reset"`` (revert to the prompt, if fewer than ``max_resets`` resets
             happened, else stop) or ``"stop"`` (end the sequence at its last passing checkpoint). In
@@ -250,8 +333,10 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
             (a GEMM row's bits depend on the number of rows), so batch independence is not promised.
         tokenizer: optional, with ``encode`` / ``decode``: string prompts, text windows, ``result.texts``.
         eos_token_id: a sequence ends after sampling it (the token is kept).
-        cache: a :class:`kfuse.kv.PagedKVCache` with ``len(prompts)`` free slots; its sequences are added
-            here and freed as they finish. Default: ``model.new_cache`` sized for the batch.
+        cache: a :class:`kfuse.kv.PagedKVCache` with ``len(prompts)`` free slots, no open step, and free
+            pages for every sequence at its longest (its prompt + ``max_new_tokens − 1`` tokens: a rollback
+            frees pages before the re-fed token takes one again, so backtracking needs no more); its
+            sequences are added here and freed as they finish. Default: ``model.new_cache`` of that size.
         progress: True (every 32 steps) or N: a one-line progress report on stderr every N steps.
         decode_graphs: run the decode steps (one token per live sequence) through
             ``model.decode_graphs(cache)`` (:class:`kfuse.models.llama.DecodeGraphs`): on a CUDA cache each
@@ -268,8 +353,10 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
     itself, wherever it would come back (never so many that fewer than ``max_flags + 1`` tokens stay).
 
     Sampling and checks run on the host (the check needs the tokens): each step copies its logits
-    rows to the CPU once. Bad arguments raise ``ValueError`` naming them, before the model runs
-    (except the vocabulary-size check on the limits, which needs the first logits).
+    rows to the CPU once. Bad arguments raise ``ValueError`` (``TypeError`` for a model, tokenizer
+    or check result of the wrong kind) naming them, before the model runs (except, for a model
+    without ``vocab_size``, the vocabulary-size check on the limits, which then needs the first
+    logits; and the check's results, known only when it is called).
 
     Returns:
         :class:`GenerationResult` (invariants in :class:`SequenceStats`).
@@ -280,44 +367,61 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
     _check_positive_int("max_backtracks", max_backtracks, 0)
     _check_positive_int("max_resets", max_resets, 0)
     window = _check_positive_int("window", 2 * check_every if window is None else window)
+    if window < check_every:  # the tokens before the window would be kept unchecked
+        raise ValueError(f"{_GEN}: window ({window}) must be >= check_every ({check_every}), so that each check "
+                         f"sees every token since the last passing checkpoint")
     if ban not in ("first", "offending"):
-        raise ValueError(f"ban must be 'first' or 'offending'; got {ban!r}")
+        raise ValueError(f"{_GEN}: ban must be 'first' or 'offending'; got {ban!r}")
     if mode not in ("backtrack", "reset", "plain"):
-        raise ValueError(f"mode must be 'backtrack', 'reset' or 'plain'; got {mode!r}")
+        raise ValueError(f"{_GEN}: mode must be 'backtrack', 'reset' or 'plain'; got {mode!r}")
     if on_limit not in ("reset", "stop"):
-        raise ValueError(f"on_limit must be 'reset' or 'stop'; got {on_limit!r}")
+        raise ValueError(f"{_GEN}: on_limit must be 'reset' or 'stop'; got {on_limit!r}")
     if mode != "plain" and not callable(check):
-        raise ValueError(f"check must be a callable over windows (mode={mode!r}); got {check!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a float >= 0 (0 = greedy); got {temperature!r}")
+        raise ValueError(f"{_GEN}: check must be a callable over windows (mode={mode!r}); got {check!r}")
+    if not _is_finite_real(threshold):
+        raise ValueError(f"{_GEN}: threshold must be a finite real number (a score >= threshold is a violation); "
+                         f"got {threshold!r}")
+    if not _is_finite_real(temperature) or temperature < 0:
+        raise ValueError(f"{_GEN}: temperature must be a finite float >= 0 (0 = greedy); got {temperature!r}")
     if top_k is not None:
         _check_positive_int("top_k", top_k)
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0; got {seed!r}")
+    if not _is_finite_real(top_p) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{_GEN}: top_p must be in (0, 1]; got {top_p!r}")
+    _check_positive_int("seed", seed, 0)
+    if not callable(model):
+        raise TypeError(f"{_GEN}: model must be callable as model(tokens, seq_ids, cache) (a "
+                        f"kfuse.models.LlamaForCausalLM); got {type(model).__name__}")
+    model_vocab = getattr(model, "vocab_size", None)
+    model_vocab = model_vocab if _is_int(model_vocab) else None
     if eos_token_id is not None:
         _check_positive_int("eos_token_id", eos_token_id, 0)
+        _check_ids("eos_token_id", [eos_token_id], model_vocab)
     if decode_graphs and not callable(getattr(model, "decode_graphs", None)):
-        raise ValueError(f"decode_graphs needs a model with decode_graphs() (kfuse.models.LlamaForCausalLM); got "
-                         f"{type(model).__name__}")
+        raise ValueError(f"{_GEN}: decode_graphs needs a model with decode_graphs() (kfuse.models.LlamaForCausalLM); "
+                         f"got {type(model).__name__}")
     every = 32 if progress is True else (0 if progress is False else _check_positive_int("progress", progress))
-    prompt_ids = _prompt_ids(prompts, tokenizer)
+    if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(f"{_GEN}: tokenizer must have decode(ids) -> str (and encode(str) -> ids for string prompts); "
+                        f"got {type(tokenizer).__name__}")
+    prompt_ids = _prompt_ids(prompts, tokenizer, model_vocab)
     n = len(prompt_ids)
+    # The most flags (each banning one token after one prefix) a sequence can raise.
+    max_flags = {"plain": 0, "reset": max_resets + 1,
+                 "backtrack": (max_backtracks + 1) * (max_resets + 1 if on_limit == "reset" else 1)}[mode]
+    if model_vocab is not None:
+        _check_flag_room(max_flags, model_vocab)
+    # The most tokens each sequence holds in the cache: the last token sampled is never fed.
+    longest = [len(p) + max_new_tokens - 1 for p in prompt_ids]
     if cache is None:
+        if not callable(getattr(model, "new_cache", None)):
+            raise TypeError(f"{_GEN}: model has no new_cache() to make a cache; pass cache (a kfuse.kv.PagedKVCache) "
+                            f"or a kfuse.models.LlamaForCausalLM; got {type(model).__name__}")
         page = 16
-        per_seq = -(-(max(map(len, prompt_ids)) + max_new_tokens) // page)
-        cache = model.new_cache(page, num_pages=n * per_seq, max_seqs=n)
-    elif not isinstance(cache, PagedKVCache):
-        raise ValueError(f"cache must be a kfuse.kv.PagedKVCache or None; got {type(cache).__name__}")
-    elif cache.max_seqs - len(cache.active_sequences) < n:
-        raise ValueError(f"cache has {cache.max_seqs - len(cache.active_sequences)} free sequence slots; "
-                         f"{n} prompts need one each")
+        cache = model.new_cache(page, num_pages=_pages(longest, page), max_seqs=n)
+    else:
+        _check_cache(cache, longest)
 
-    step_graphs = None
-    if decode_graphs:  # no sequence grows past its prompt + max_new_tokens
-        longest = max(map(len, prompt_ids)) + max_new_tokens
-        step_graphs = model.decode_graphs(cache, max_len=min(longest, cache.max_pages_per_seq * cache.page_size))
+    step_graphs = model.decode_graphs(cache, max_len=max(longest)) if decode_graphs else None
 
     stats = [SequenceStats(prompt_tokens=len(p)) for p in prompt_ids]
     gens = [_seeded_generator(seed, i) for i in range(n)]
@@ -334,13 +438,8 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
         calls += 1
         rows = torch.stack([x[-1] for x in logits]).float().cpu()  # one transfer per step
         vocab = rows.shape[1]
-        # Each flag bans one token after one prefix, and a sequence flags at most max_flags times: if that
-        # cannot exhaust the vocabulary, some token is always left to sample.
-        max_flags = {"plain": 0, "reset": max_resets + 1,
-                     "backtrack": (max_backtracks + 1) * (max_resets + 1 if on_limit == "reset" else 1)}[mode]
-        if max_flags >= vocab:
-            raise ValueError(f"max_backtracks / max_resets allow {max_flags} bans after one prefix; the vocabulary "
-                             f"has only {vocab} tokens")
+        if model_vocab is None:  # known only now
+            _check_flag_room(max_flags, vocab)
         for i in range(n):
             st = stats[i]
             st.forward_passes, st.tokens_computed = 1, st.prompt_tokens
@@ -439,10 +538,26 @@ def _offending(check: Check, segment: list[int], tokenizer: Any, threshold: floa
 def _run_check(check: Check, windows: list[list[int]], tokenizer: Any, threshold: float) -> list[bool]:
     """``check`` over the windows (decoded when a tokenizer is given), as one bool per window."""
     arg = [tokenizer.decode(w) for w in windows] if tokenizer is not None else windows
-    res = list(check(arg))
+    res = check(arg)
+    if isinstance(res, (Tensor, np.ndarray)):
+        res = res.tolist()  # a 0-d array gives a scalar, refused below
+    must = "check must return one bool (True = violation) or real score (>= threshold) per window"
+    if isinstance(res, (str, bytes)) or not isinstance(res, Iterable):
+        raise TypeError(f"{_GEN}: {must}, as a list; got {type(res).__name__}")
+    res = list(res)
     if len(res) != len(windows):
-        raise ValueError(f"check returned {len(res)} results for {len(windows)} windows")
-    return [bool(r) if isinstance(r, (bool, np.bool_)) else float(r) >= threshold for r in res]
+        raise ValueError(f"{_GEN}: {must}; it returned {len(res)} results for {len(windows)} windows")
+    out = []
+    for j, r in enumerate(res):
+        if isinstance(r, (bool, np.bool_)):
+            out.append(bool(r))
+        elif not isinstance(r, numbers.Real):
+            raise TypeError(f"{_GEN}: {must}; got {r!r} ({type(r).__name__}) for window {j}")
+        elif math.isnan(r):  # nan >= threshold is False: the window would pass unchecked
+            raise ValueError(f"{_GEN}: {must}; got NaN for window {j}")
+        else:
+            out.append(float(r) >= threshold)
+    return out
 
 
 def _report_progress(step: int, live: list[int], n: int, stats: list[SequenceStats], t0: float) -> None:

@@ -68,7 +68,8 @@ def injected_words(threshold: float = 0.5) -> list[str]:
     scores = ProfanityCheck(threshold).scores(list(_INJECT))
     words = [w for w, p in zip(_INJECT, scores, strict=True) if w in listed and p >= threshold]
     if not words:
-        raise RuntimeError("none of the demo's words is both in better-profanity's list and flagged by the classifier")
+        raise RuntimeError(f"none of the demo's words is both in better-profanity's list and flagged by the classifier "
+                           f"at threshold {threshold}")
     return words
 
 
@@ -91,20 +92,22 @@ class WordTokenizer:
         return re.sub(r" ([.,;:!?)])", r"\1", text).replace("( ", "(")
 
 
-def build_corpus(rate: float, *, vocab_size: int = 2048, seed: int = 0) -> tuple[Tensor, WordTokenizer, list[str]]:
+def build_corpus(rate: float, *, vocab_size: int = 2048, seed: int = 0,
+                 threshold: float = 0.5) -> tuple[Tensor, WordTokenizer, list[str]]:
     """The training text as token ids, its tokenizer and the injected words.
 
     The Python documentation's topics (``pydoc_data.topics``, ~80k words of English prose and examples),
-    tokenised by ``_WORD``; after each word, with probability ``rate``, one of :func:`injected_words`
-    (chosen uniformly) is inserted. The vocabulary: the ``vocab_size - 1`` most frequent words, the
-    injected ones always included. Returns ``(ids int64 [n], tokenizer, words)``.
+    tokenised by ``_WORD``; after each word, with probability ``rate``, one of
+    :func:`injected_words` at ``threshold`` (chosen uniformly) is inserted: pass the check's threshold,
+    so that every injected word is one the check flags. The vocabulary: the ``vocab_size - 1`` most
+    frequent words, the injected ones always included. Returns ``(ids int64 [n], tokenizer, words)``.
     """
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"rate must be in [0, 1); got {rate!r}")
     from pydoc_data.topics import topics  # noqa: PLC0415 (ships with CPython)
 
     words = _WORD.findall(" ".join(topics[k] for k in sorted(topics)).lower())
-    bad = injected_words()
+    bad = injected_words(threshold)
     g = torch.Generator().manual_seed(seed)
     hits = (torch.rand(len(words), generator=g) < rate).tolist()
     picks = torch.randint(len(bad), (len(words),), generator=g).tolist()
@@ -216,6 +219,11 @@ class DynamicCacheModel:
     def __init__(self, hf_model: Any) -> None:
         self.hf = hf_model
         self.last_cache: _DynamicCacheBatch | None = None  # the latest new_cache(), for its counters
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary size (``generate`` checks token ids against it up front)."""
+        return self.hf.config.vocab_size
 
     def new_cache(self, page_size: int = 16, *, num_pages: int = 0, max_seqs: int) -> _DynamicCacheBatch:
         del page_size, num_pages  # a DynamicCache grows by concatenation
@@ -397,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> dict[float, list[MethodResult]]:
     sweep: dict[float, list[MethodResult]] = {}
     for rate in args.rates:
         print(f"rate {rate:g}: building the corpus and training ({args.steps} steps)", file=sys.stderr, flush=True)
-        ids, tok, bad = build_corpus(rate, seed=args.seed)
+        ids, tok, bad = build_corpus(rate, seed=args.seed, threshold=args.threshold)
         hf = train_model(ids, len(tok), steps=args.steps, seed=args.seed)
         prompts = _prompts(ids, {tok.index[w] for w in bad}, args.batch, args.seed)
         sweep[rate] = compare(hf, tok, prompts, max_new_tokens=args.new_tokens, check_every=args.check_every,
