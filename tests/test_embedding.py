@@ -1557,3 +1557,13 @@ def test_report_rows_tiny(report_rows, monkeypatch) -> None:
         assert ("fp16", "train", "fbgemm") in names
         assert "no torch.bfloat16 tables" in by["bf16", "forward", "fbgemm"]["note"]
     assert by["fp32", "forward", "cpu"]["gbps"] > 0 and "%copy" in out
+    # the forward with cold caches too (the main CPU time is warm); the other targets as goals
+    cold = by["fp32", "forward", "cpu"]["extra"]
+    assert cold["cold GB/s"] > 0 and cold["cold %copy"] > 0 and "cold GB/s" not in by["fp32", "train", "cpu"]["extra"]
+    assert by["fp32", "forward", "cpu"]["goals"].keys() == {"fbgemm"} and by["fp16", "forward", "cpu"]["goals"] == {}
+    assert by["fp32", "train", "cpu"]["goals"]["fbgemm"][0] == 3.0
+    assert ("fp32", "train", "compile") in names
+    if ("fp32", "train", "fbgemm") in names:
+        aim, got = by["fp32", "train", "cpu"]["goals"]["fbgemm"]
+        assert got == pytest.approx(by["fp32", "train", "cpu"]["speedup"]["fbgemm"])
+        assert "xfbgemm >= 3: " in out

@@ -68,3 +68,33 @@ def test_slow_cuda_calls_take_three_synchronised_runs(monkeypatch) -> None:
     ms, reps = R._time_slow_cuda(lambda: calls.append(time.sleep(0.006)), torch.device("cuda"))
     assert reps == 3 == len(calls) and ms >= 6.0
     assert R._time_slow_cuda(lambda: calls.append(None), torch.device("cuda")) is None and len(calls) == 4
+
+
+def test_goals_and_the_other_cache_state(monkeypatch) -> None:
+    """An op's ``goals`` reach its kfuse rows with the measured value (a speedup over the named
+    baseline, or ``%copy``) and its own table column; ``both_caches`` adds the other cache state's
+    GB/s and %copy (cold on the CPU: each timed call follows a flush of the last-level cache)."""
+    monkeypatch.setattr(R, "measure_ceilings", lambda device, quick: R.Ceilings(1 << 20, 10.0, "fake", 1.0))
+    flushes = []
+    monkeypatch.setattr(R, "_last_level_cache_bytes", lambda: 1 << 16)
+    real_empty = torch.empty
+
+    def empty(*shape, **kw):  # the flush buffer: 2 × the last-level cache, as float32
+        t = real_empty(*shape, **kw)
+        flushes.append(t.numel())
+        return t
+
+    op = _fake_op("a", 1)
+    op.goals = lambda case: {"eager": 1e9, "%copy": 0.0}
+    op.both_caches = lambda case: True
+    op.ratio_basis = lambda case, times, ceilings: (times["eager"], "eager")
+    monkeypatch.setattr(torch, "empty", empty)
+    rep = R.run_report({"a": op}, CPU, quick=True, seed=0, progress=lambda s: None)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    kf, eager = rep.rows
+    assert kf.goals["eager"] == (1e9, kf.speedup["eager"]) and kf.goals["%copy"] == (0.0, kf.pct_copy)
+    assert eager.goals == {}
+    assert kf.extra["cold GB/s"] > 0 and kf.extra["cold %copy"] == 100 * kf.extra["cold GB/s"] / 10.0
+    assert 2 * (1 << 16) // 4 in flushes
+    table = R.format_table(rep)
+    assert "xeager >= 1e+09: " in table and "MISSED" in table and "%copy >= 0: " in table and "met" in table

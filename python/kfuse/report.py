@@ -111,6 +111,12 @@ class OpBench(Protocol):
     ``ratio_basis(case, times, ceilings) -> (ms, label) | None``, the time every row of the case
     is divided by (``times``: each baseline's median ms), and ``target(case) -> float | None``,
     the ratio the kfuse backends aim for. ``bytes_moved`` may return None (no byte floor).
+
+    Optional (see ``kfuse.bench.embedding``): ``goals(case) -> dict[str, float]``, more targets of
+    the kfuse rows: a baseline's name for a speedup over it (``{"loop-sparse": 10.0}``: at least 10×
+    faster) or ``"%copy"`` for a share of the copy ceiling; and ``both_caches(case) -> bool``: time
+    each candidate also with the caches in the other state than its main time (:func:`time_other_cache`),
+    as ``extra`` columns (``warm GB/s`` and ``warm %copy`` on CUDA, ``cold …`` on the CPU).
     """
 
     NAME: str
@@ -179,6 +185,8 @@ class Row:
     target: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
     optional: bool = False
+    #: The op's ``goals`` for a kfuse row: what each is measured against -> (aim, measured value).
+    goals: dict[str, tuple[float, float | None]] = field(default_factory=dict)
 
     @property
     def bad(self) -> bool:
@@ -253,7 +261,8 @@ def _triton_testing() -> Any | None:
 def timer_name(device: torch.device) -> str:
     """How :func:`time_ms` times on ``device``."""
     if device.type == "cuda":
-        timer = "triton.testing.do_bench (median)" if _triton_testing() else "CUDA events (median)"
+        timer = ("triton.testing.do_bench (median; L2 flushed before each call)" if _triton_testing()
+                 else "CUDA events (median)")
         return (f"{timer}; calls of {SLOW_CALL_MS:.0f} ms or more: wall clock, median of 3 synchronised runs; "
                 "host-bound calls (KV metadata): wall clock, median of back-to-back calls")
     return f"wall clock, median of repeats ({torch.get_num_threads()} threads)"
@@ -313,6 +322,39 @@ def device_time_us(fn: Callable[[], Any], device: torch.device, calls: int = 20)
     except Exception:  # noqa: BLE001 (no CUPTI, a changed profiler API: the column is left out)
         return None
     return total / calls if total > 0 else None
+
+
+def _last_level_cache_bytes() -> int:
+    """The CPU's largest cache (Linux sysfs), or 64 MiB where it cannot be read."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KM")) * mult)
+        except ValueError:
+            continue
+    return max(sizes, default=64 << 20)
+
+
+def time_other_cache(fn: Callable[[], Any], device: torch.device, quick: bool = False) -> tuple[str, float]:
+    """``fn``'s median time (ms) with the caches in the other state than :func:`time_ms` leaves them:
+    ``("warm", ms)`` on CUDA (``do_bench`` zeroes a 256 MiB buffer before each call, so its times are
+    cold-L2 ones; here CUDA events around back-to-back calls), ``("cold", ms)`` on the CPU (its times
+    are back-to-back, warm; here each call follows a write of twice the last-level cache)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return "warm", _time_cuda_events(fn, device, 40.0 if quick else 100.0)[0]
+    flush = torch.empty(2 * _last_level_cache_bytes() // 4, dtype=torch.float32)
+    budget, min_reps, max_reps = (0.25, 3, 20) if quick else (1.0, 5, 50)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget):
+        flush.fill_(len(times))
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return "cold", statistics.median(times) * 1e3
 
 
 def _time_slow_cuda(fn: Callable[[], Any], device: torch.device) -> tuple[float, int] | None:
@@ -549,6 +591,11 @@ def run_case(op: OpBench, case: Case, seed: int, ceilings: Ceilings, quick: bool
             del result
             ms, reps = time_ms(cand.run, case.device, quick, cand.host_bound)
             extra = cand.extra(ms) if cand.extra is not None else {}
+            nbytes = op.bytes_moved(case)
+            if nbytes and getattr(op, "both_caches", lambda c: False)(case):
+                state, other_ms = time_other_cache(cand.run, case.device, quick)
+                extra[f"{state} GB/s"] = nbytes / other_ms / 1e6
+                extra[f"{state} %copy"] = 100 * extra[f"{state} GB/s"] / ceilings.copy_gbps
         except Exception as exc:  # noqa: BLE001 (a failing candidate is a row, not a crash)
             msg = f"{type(exc).__name__}: {exc}".strip()
             rows.append(_note_row(case, cand.name, cand.kind, "failed", msg))
@@ -558,7 +605,7 @@ def run_case(op: OpBench, case: Case, seed: int, ceilings: Ceilings, quick: bool
         row = Row(case.op, case.label, dtype_name(case.dtype), case.mode, cand.name, cand.kind, "ok",
                   time_ms=ms, reps=reps, first_call_ms=first_ms, max_err=err, tol=tol, passed=err <= tol,
                   extra=extra, optional=cand.optional)
-        nbytes, flops = op.bytes_moved(case), op.flops(case)
+        flops = op.flops(case)
         if nbytes:
             row.gbps = nbytes / ms / 1e6
             row.pct_copy = 100 * row.gbps / ceilings.copy_gbps
@@ -573,6 +620,7 @@ def run_case(op: OpBench, case: Case, seed: int, ceilings: Ceilings, quick: bool
         if r.time_ms:
             r.speedup = {name: t / r.time_ms for name, t in base.items()}
     _set_ratios(op, case, rows, base, ceilings)
+    _set_goals(op, case, rows)
     del inputs, expected
     _release(case.device)
     return rows
@@ -592,6 +640,15 @@ def _set_ratios(op: OpBench, case: Case, rows: list[Row], base: dict[str, float]
         if r.time_ms:
             r.ratio, r.ratio_to = r.time_ms / basis_ms, label
             r.target = goal if r.kind == "backend" else None
+
+
+def _set_goals(op: OpBench, case: Case, rows: list[Row]) -> None:
+    """``goals`` of the timed kfuse rows: each of the op's goals with the row's measured value (its
+    speedup over the named baseline, or its ``%copy``; None where that baseline did not run)."""
+    goals = getattr(op, "goals", lambda c: {})(case)
+    for r in rows:
+        if r.kind == "backend" and r.time_ms:
+            r.goals = {k: (aim, r.pct_copy if k == "%copy" else r.speedup.get(k)) for k, aim in goals.items()}
 
 
 def run_report(ops: dict[str, OpBench], device: torch.device, quick: bool, seed: int,
@@ -687,15 +744,27 @@ def _target_cell(r: Row) -> str:
     return f"<={r.target:.2f} {'met' if r.ratio is not None and r.ratio <= r.target else 'MISSED'}"
 
 
+def _goals_cell(r: Row) -> str:
+    """``x loop-sparse >= 10: 12.1 met; %copy >= 60: 41.2 MISSED``: the row's other targets."""
+    cells = []
+    for k, (aim, got) in r.goals.items():
+        name = k if k == "%copy" else f"x{k}"
+        verdict = "not run" if got is None else f"{got:.3g} {'met' if got >= aim else 'MISSED'}"
+        cells.append(f"{name} >= {aim:g}: {verdict}")
+    return "; ".join(cells) or "-"
+
+
 def _ratio_table(rows: list[Row]) -> list[str]:
     """Time / the case's basis beside the target, TFLOP/s and % of the matmul ceiling, GB/s and % of
     the copy ceiling, and each ``extra`` measurement (LoRA: a GEMM-bound op judged against the GEMM
-    it adds to)."""
+    it adds to), and the op's other goals where it has them."""
     extras = list(dict.fromkeys(k for r in rows for k in r.extra))
-    head = ["op", "shape", "dtype", "mode", "backend", "time ms", "ratio", "vs", "target", "TFLOP/s", "%mm",
-            "GB/s", "%copy", *extras, "max err", "check"]
+    goals = any(r.goals for r in rows)
+    head = ["op", "shape", "dtype", "mode", "backend", "time ms", "ratio", "vs", "target",
+            *(["goals"] if goals else []), "TFLOP/s", "%mm", "GB/s", "%copy", *extras, "max err", "check"]
     return _render(head, _body(rows, lambda r: [
         *_fixed_cells(r), _fmt(r.time_ms, ".4g"), _fmt(r.ratio, ".3f"), r.ratio_to or "-", _target_cell(r),
+        *([_goals_cell(r)] if goals else []),
         _fmt(r.tflops, ".4g"), _fmt(r.pct_matmul, ".3g"), _fmt(r.gbps, ".4g"), _fmt(r.pct_copy, ".3g"),
         *[_fmt(r.extra.get(k), ".4g") for k in extras],
         _fmt(r.max_err, ".1e"), _check_cell(r),
