@@ -2,8 +2,9 @@
 
 The same cases, inputs and candidates as ``python -m kfuse --ops backtrack`` (from
 ``kfuse.bench.backtrack``): greedy decode of a ragged batch by kfuse's Llama on the paged cache against
-``transformers``' ``generate``, and the backtracking demo's four generators (kfuse, plain, reset,
-backtracking on ``DynamicCache``) on a random model with a token-id check. The device is CUDA when
+``transformers``' ``generate``, and on the CPU the backtracking demo (``python -m kfuse.demos.backtrack``) as
+rows: its four generators (kfuse, plain, reset, backtracking on ``DynamicCache``) on its trained model with its
+classifier (the model is trained once per case, then kept for its candidates). The device is CUDA when
 available, else CPU (the ``--quick`` cases unless ``KFUSE_BENCH_FULL=1``). Correctness is checked by
 the report and the tests; here the first call only warms up.
 """

@@ -502,30 +502,65 @@ def test_demo_end_to_end_small(tmp_path, capsys):
 
 
 def _tiny_report_cases(device, quick):
+    """A tiny decode case and the demo at its own test's budget (test_demo_end_to_end_small: 30 training steps,
+    6 prompts, 16 tokens, checked every 4)."""
     from kfuse.bench import backtrack as bench  # noqa: PLC0415
 
     shape = dict(hidden=32, layers=1, heads=2, kv_heads=1, mlp=64, vocab=97)
     return [bench.case(device, torch.float32, "decode", 3, 5, prompt=(2, 9), **shape),
-            bench.case(device, torch.float32, "backtrack", 3, 12, prompt=(2, 6), rate=0.1, **shape)]
+            bench.demo_case(6, 16, rate=0.05, steps=30, every=4)]
 
 
 def test_report_rows_tiny(report_rows):
     """``python -m kfuse --ops backtrack`` at tiny shapes: decode against transformers' generate (first
-    tokens against float64), the four generators with comp/kept and flagged windows beside the time."""
+    tokens against float64); the demo's four generators on its trained model and classifier, with comp/kept,
+    its ratio to plain's, kept, flagged windows and forward passes beside the time: the demo's own figures."""
+    pytest.importorskip("better_profanity")
+    pytest.importorskip("profanity_check")
     from kfuse.bench import backtrack as bench  # noqa: PLC0415
+    from kfuse.demos.backtrack import compare  # noqa: PLC0415
 
     rows, ran, out = report_rows("backtrack", bench, _tiny_report_cases)
     by = {(r["mode"], r["name"]): r for r in rows}
-    assert set(by) == {("decode", "kfuse"), ("decode", "transformers"), ("backtrack", "kfuse"),
-                       ("backtrack", "plain"), ("backtrack", "reset"), ("backtrack", "dynamic-cache")}
+    assert set(by) == {("decode", "kfuse"), ("decode", "transformers"), ("demo", "kfuse"), ("demo", "plain"),
+                       ("demo", "reset"), ("demo", "dynamic-cache")}
     assert by["decode", "kfuse"]["target"] == 1.0 and by["decode", "transformers"]["ratio"] == 1.0
     assert by["decode", "kfuse"]["extra"]["tok/s"] > 0
-    assert by["backtrack", "plain"]["extra"]["flagged"] > 0  # so the zeros below are not vacuous
+    demo = {m: by["demo", m]["extra"] for m in bench.DEMO_METHODS}
+    assert demo["plain"]["flagged"] > 0  # so the zeros below are not vacuous
     for m in ("kfuse", "reset", "dynamic-cache"):
-        assert by["backtrack", m]["extra"]["flagged"] == 0
-    cost = {m: by["backtrack", m]["extra"]["comp/kept"] for m in ("kfuse", "reset", "dynamic-cache")}
+        assert demo[m]["flagged"] == 0
+    cost = {m: demo[m]["comp/kept"] for m in bench.DEMO_METHODS}
     assert cost["kfuse"] < cost["reset"] and cost["kfuse"] < cost["dynamic-cache"], cost
-    assert by["backtrack", "plain"]["ratio_to"] == "plain" and "comp/kept" in out
+    assert demo["kfuse"]["comp/kept vs plain"] == pytest.approx(cost["kfuse"] / cost["plain"])
+    assert by["demo", "plain"]["ratio_to"] == "plain" and by["demo", "kfuse"]["target"] is None
+    assert "comp/kept vs plain" in out and "demo" in out
+    # the rows are the demo's figures: the same model (demos.backtrack.prepare's, kept by the bench), prompts,
+    # seeds and check
+    hf, tok, prompts = bench._prepared(0.05, 30, 6)
+    want = {r.method: r for r in compare(hf, tok, prompts, max_new_tokens=16, check_every=4,
+                                         methods=bench.DEMO_METHODS)}
+    for m in bench.DEMO_METHODS:
+        assert (demo[m]["comp/kept"], demo[m]["kept"], demo[m]["flagged"], demo[m]["passes"]) == (
+            want[m].computed_per_kept, want[m].tokens_kept, want[m].violations, want[m].forward_passes), m
+
+
+def test_report_cases(monkeypatch):
+    """The CPU report: decode, then the demo at 0.01 and 0.03 after 600 training steps (quick: 0.03 after 100);
+    CUDA: decode alone; without the demo's dependencies, no demo cases."""
+    from kfuse.bench import backtrack as bench  # noqa: PLC0415
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(bench, "_demo_missing", lambda: "")
+    full, quick = bench.cases(cpu, False), bench.cases(cpu, True)
+    assert [c.mode for c in full] == ["decode", "demo", "demo"] and [c.mode for c in quick] == ["decode", "demo"]
+    assert [(c.params["rate"], c.params["steps"], c.shape) for c in full[1:]] == [(0.01, 600, (32, 64)),
+                                                                                  (0.03, 600, (32, 64))]
+    assert [(c.params["rate"], c.params["steps"]) for c in quick[1:]] == [(0.03, 100)]
+    assert bench.names(quick[1]) == ["kfuse", "plain", "reset", "dynamic-cache"]
+    assert [c.mode for c in bench.cases(cuda, False)] == [c.mode for c in bench.cases(cuda, True)] == ["decode"]
+    monkeypatch.setattr(bench, "_demo_missing", lambda: "better-profanity not installed")
+    assert [c.mode for c in bench.cases(cpu, False)] == ["decode"]
 
 
 def test_report_graphs_candidate_reuses_one_cache():

@@ -1,6 +1,7 @@
 """Backtracking generation in the benchmark report and in pytest-benchmark (:class:`kfuse.report.OpBench`).
 
-CPU rows run on one torch thread (``_one_thread``: the model is tiny). Cases:
+CPU rows run on one torch thread (``_one_thread``: the model is tiny; the demo trains its model on the report's
+threads, outside the rows). Cases:
 
 - ``decode``: greedy generation of ``new`` tokens for a batch of ragged prompts by
   :class:`kfuse.models.LlamaForCausalLM` on the paged cache (``kfuse``: one ``forward_packed`` call per
@@ -12,20 +13,37 @@ CPU rows run on one torch thread (``_one_thread``: the model is tiny). Cases:
   32/8 heads, MLP 8192, vocabulary 128256), ≥ 1.0× on the CPU (float32, the backtracking demo's model:
   hidden 128, 2 layers, vocabulary 2048). Checked: each sequence's first generated token against the
   argmax of the same model in float64 (the fraction that differ; later tokens may part on near-ties).
-- ``backtrack``: :func:`kfuse.backtrack.generate` on the demo's model shape (random weights) with a
-  check that flags a window holding any of a fixed set of token ids (about ``rate`` of the
-  vocabulary), the four generators of ``kfuse.demos.backtrack``: ``kfuse`` (per-sequence rollback),
-  ``plain``, ``reset`` and ``dynamic-cache`` (backtracking on ``DynamicCache``, batch-wide crop), wall
-  time per call, with ``comp/kept`` (tokens computed per token kept) and ``flagged`` (flagged windows
-  left in the outputs) beside it. Basis: ``plain``. The target is on ``comp/kept`` (≤ 1.1× plain where
-  violations are rare, below ``reset``'s): see the demo; no time target. Checked: no flagged window
-  left (``kfuse``, ``reset``, ``dynamic-cache``); ``plain``'s tokens equal those of the same sampling
-  run on ``transformers``' model (``DynamicCacheModel``; the fraction that differ).
+- ``demo`` (CPU only: the demo is a CPU workload): the paper's comparison, ``python -m kfuse.demos.backtrack``,
+  as rows. Per injection rate, :func:`kfuse.demos.backtrack.prepare` builds the demo's corpus (the Python
+  documentation with better-profanity words injected at ``rate`` per word), trains its model (hidden 128, 2
+  layers, vocabulary 2048 words; ``steps`` of 32 × 64 tokens on the report's torch threads: 20 steps on 1 and 2
+  threads gave bit-identical weights, and the quick rows on 2 equal the demo's on 1) and draws its 32 clean
+  prompts, all with the demo's seed 0 whatever the report's seed, so the rows' token counts are the demo's own
+  for that rate and ``steps``; then the demo's
+  :class:`~kfuse.demos.backtrack.Comparison` (alt-profanity-check's classifier over the last 16 tokens every 8,
+  temperature 1, top-k 50, 64 tokens kept per sequence) runs ``kfuse`` (per-sequence rollback on the paged
+  cache), ``plain``, ``reset`` (the paper's baseline) and ``dynamic-cache`` (backtracking on ``DynamicCache``,
+  batch-wide crop). The row's time is one ``generate`` call (the classifier's calls included); beside it
+  ``comp/kept`` (tokens computed per token kept), ``comp/kept vs plain`` (that over plain's), ``kept``,
+  ``flagged`` (windows of the final outputs the classifier flags) and ``passes`` (forward passes). Basis:
+  ``plain``; no time target. The issue's targets are on ``comp/kept``: ≤ 1.1× plain where violations are
+  rare (read ``comp/kept vs plain``) and below ``reset``'s at every rate (its row). Rates 0.01 and 0.03 of the
+  README's sweep at the demo's 600 steps (~1 min of training per rate on 2 cores, 2 threads); ``quick``: 0.03
+  at 100 steps (loss ~5.1; ~2.7 after 600): every budget tried produces violations (30 steps, the demo test's,
+  loss 6.5, 174 flagged windows; 100 steps, 121), but a barely trained model backtracks so much more that the
+  four methods' timed runs cost what the training saves (about 22 s in all either way), so 100 is the cheapest
+  run whose rows mean anything. Checked: no flagged window left (``kfuse``, ``reset``, ``dynamic-cache``);
+  ``plain``'s tokens equal those of the same sampling run on ``transformers``' model (``DynamicCacheModel``;
+  the fraction that differ). Needs the demo's dependencies (``better-profanity``, ``alt-profanity-check``);
+  without them no demo rows. It replaces the former ``backtrack`` rows (the same four generators on a
+  random-weight model with a token-id word list standing in for the classifier): the demo checks all they
+  did, on a model that produces violations because its training text does, with the demo's real check.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import sys
 from collections.abc import Callable
@@ -38,27 +56,41 @@ from torch import Tensor
 from kfuse.report import Candidate, Case, Ceilings
 
 NAME = "backtrack"
-#: A generation check over token windows: sequences check every CHECK_EVERY tokens.
+#: The demo's check interval: a sequence is checked every CHECK_EVERY tokens (its window: the last 2 · CHECK_EVERY).
 CHECK_EVERY = 8
+#: The ``demo`` candidates, in table order.
+DEMO_METHODS = ("kfuse", "plain", "reset", "dynamic-cache")
 _DEMO = dict(hidden=128, layers=2, heads=4, kv_heads=2, mlp=352, vocab=2048)
 _ONE_B = dict(hidden=2048, layers=16, heads=32, kv_heads=8, mlp=8192, vocab=128256)
 
 
 def case(device: torch.device, dtype: torch.dtype, mode: str, batch: int, new: int, *, prompt: tuple[int, int],
-         rate: float = 0.0, **shape: int) -> Case:
-    """A case: ``batch`` prompts of ``prompt[0]``–``prompt[1]`` tokens, ``new`` tokens each, on a Llama of
-    ``shape`` (hidden, layers, heads, kv_heads, mlp, vocab); ``rate``: the backtrack check's id share."""
-    params: dict[str, Any] = {"prompt": f"{prompt[0]}-{prompt[1]}", **shape}
-    if mode == "backtrack":
-        params["rate"] = rate
-    return Case(NAME, (batch, new), dtype, mode, device, params)
+         **shape: int) -> Case:
+    """A decode case: ``batch`` prompts of ``prompt[0]``–``prompt[1]`` tokens, ``new`` tokens each, on a Llama
+    of ``shape`` (hidden, layers, heads, kv_heads, mlp, vocab)."""
+    return Case(NAME, (batch, new), dtype, mode, device, {"prompt": f"{prompt[0]}-{prompt[1]}", **shape})
+
+
+def demo_case(batch: int, new: int, *, rate: float, steps: int, every: int = CHECK_EVERY) -> Case:
+    """A demo case (CPU, float32): ``batch`` prompts, ``new`` tokens kept each, checked every ``every`` tokens,
+    on the demo's model trained for ``steps`` on its corpus with profanity injected at ``rate`` per word."""
+    return Case(NAME, (batch, new), torch.float32, "demo", torch.device("cpu"),
+                {"rate": rate, "steps": steps, "every": every})
+
+
+def _demo_missing() -> str:
+    """Why the demo cannot run here (its dependencies), or ``""``."""
+    gone = [pip for mod, pip in (("better_profanity", "better-profanity"), ("profanity_check", "alt-profanity-check"))
+            if importlib.util.find_spec(mod) is None]
+    return f"{' and '.join(gone)} not installed (requirements-dev.txt)" if gone else ""
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     """CUDA: decode, bf16, batch 32, prompts of 32–512 tokens, 128 new, the 1B-class shape (``quick``: 4
-    layers). CPU: decode, fp32, batch 32, prompts of 8–64 tokens, 64 new, the demo's shape; backtrack at
-    rates 0.002 and 0.02 (``quick``: 0.02), batch 32, 64 new. None without ``transformers`` (the model is
-    built from its ``LlamaConfig``; it is a test/bench dependency, not kfuse's)."""
+    layers). CPU: decode, fp32, batch 32, prompts of 8–64 tokens, 64 new, the demo's shape; the demo at rates
+    0.01 and 0.03, 600 training steps (``quick``: 0.03, 100 steps), batch 32, 64 new. None without
+    ``transformers`` (the model is built from its ``LlamaConfig``; it is a test/bench dependency, not kfuse's);
+    no demo without its dependencies."""
     if importlib.util.find_spec("transformers") is None:
         print("kfuse.bench.backtrack: transformers is not installed; no backtrack cases", file=sys.stderr)
         return []
@@ -66,8 +98,11 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         shape = dict(_ONE_B, layers=4) if quick else _ONE_B
         return [case(device, torch.bfloat16, "decode", 32, 128, prompt=(32, 512), **shape)]
     out = [case(device, torch.float32, "decode", 32, 64, prompt=(8, 64), **_DEMO)]
-    return out + [case(device, torch.float32, "backtrack", 32, 64, prompt=(4, 16), rate=r, **_DEMO)
-                  for r in ((0.02,) if quick else (0.002, 0.02))]
+    if why := _demo_missing():
+        print(f"kfuse.bench.backtrack: {why}; no demo cases", file=sys.stderr)
+        return out
+    runs = [(0.03, 100)] if quick else [(0.01, 600), (0.03, 600)]
+    return out + [demo_case(32, 64, rate=rate, steps=steps) for rate, steps in runs]
 
 
 def bytes_moved(case: Case) -> int | None:
@@ -81,27 +116,27 @@ def flops(case: Case) -> int | None:
 
 
 def target(case: Case) -> float | None:
-    """Decode: time ≤ 1 / 1.5 of ``transformers``' on CUDA, ≤ 1.0 on the CPU; backtrack: none on time."""
+    """Decode: time ≤ 1 / 1.5 of ``transformers``' on CUDA, ≤ 1.0 on the CPU; demo: none on time (its targets
+    are on ``comp/kept``: the module's docstring)."""
     if case.mode == "decode":
         return 1 / 1.5 if case.device.type == "cuda" else 1.0
     return None
 
 
 def ratio_basis(case: Case, times: dict[str, float], ceilings: Ceilings) -> tuple[float, str] | None:
-    """Decode: ``transformers``' generate; backtrack: ``plain``."""
+    """Decode: ``transformers``' generate; demo: ``plain``."""
     name = "transformers" if case.mode == "decode" else "plain"
     return (times[name], name) if name in times else None
 
 
 @dataclass
 class Inputs:
-    """A case's ``transformers`` model, kfuse's model over it, and the prompts (CPU int64 tensors)."""
+    """A decode case's ``transformers`` model, kfuse's model over it, and the prompts (CPU int64 tensors)."""
 
     hf: Any
     model: Any
     prompts: list[Tensor]
-    banned: list[int] = field(default_factory=list)  # backtrack: the ids the check flags
-    graphed: Any = None  # decode, kfuse-graphs: its DecodeGraphs (and cache), made by the first run
+    graphed: Any = None  # kfuse-graphs: its DecodeGraphs (and cache), made by the first run
 
 
 def _hf_model(case: Case) -> Any:
@@ -117,21 +152,20 @@ def _hf_model(case: Case) -> Any:
     return model.to(case.dtype).eval()
 
 
-def make_inputs(case: Case, seed: int) -> Inputs:
-    """A random-initialised model for the case (seeded), ragged prompts of ids in ``[1, vocab)`` and, for
-    backtrack, ``max(1, rate · vocab)`` ids the check flags."""
+def make_inputs(case: Case, seed: int) -> Inputs | DemoInputs:
+    """Decode: a random-initialised model for the case (seeded) and ragged prompts of ids in ``[1, vocab)``.
+    Demo: the demo's trained model, prompts and check (:func:`kfuse.demos.backtrack.prepare`, seed 0)."""
+    if case.mode == "demo":
+        return _demo_inputs(case)
     from kfuse.models import LlamaForCausalLM  # noqa: PLC0415
 
     torch.manual_seed(seed)
     hf = _hf_model(case)
     g = torch.Generator().manual_seed(seed + 1)
     lo, hi = map(int, case.params["prompt"].split("-"))
-    vocab = case.params["vocab"]
-    prompts = [torch.randint(1, vocab, (int(n),), generator=g)
+    prompts = [torch.randint(1, case.params["vocab"], (int(n),), generator=g)
                for n in torch.randint(lo, hi + 1, (case.shape[0],), generator=g)]
-    banned = (torch.randperm(vocab - 1, generator=g)[:max(1, round(case.params["rate"] * vocab))] + 1).tolist() \
-        if case.mode == "backtrack" else []
-    return Inputs(hf, LlamaForCausalLM.from_hf(hf), prompts, banned)
+    return Inputs(hf, LlamaForCausalLM.from_hf(hf), prompts)
 
 
 # --------------------------------------------------------------------------- decode
@@ -192,50 +226,70 @@ def _tok_per_s(case: Case) -> Any:
     return lambda ms: {"tok/s": case.shape[0] * case.shape[1] / (ms / 1e3)}
 
 
-# --------------------------------------------------------------------------- backtrack
+# --------------------------------------------------------------------------- demo
 
 
-class _Generation:
-    """A generator run (``generate`` with ``mode`` on kfuse's model, or on ``DynamicCacheModel``) whose
-    last result feeds ``extra`` (comp/kept, flagged) and the check."""
+@functools.lru_cache(maxsize=1)
+def _prepared(rate: float, steps: int, batch: int) -> tuple[Any, Any, list[list[int]]]:
+    """The demo's ``prepare`` (model, tokenizer, prompts), kept for the last case: ``bench/bench_backtrack.py``
+    makes a case's inputs once per candidate, and the training is deterministic (the model is only read)."""
+    from kfuse.demos.backtrack import prepare  # noqa: PLC0415
 
-    def __init__(self, case: Case, inp: Inputs, method: str) -> None:
-        self.case, self.inp, self.method = case, inp, method
-        self.flagged = 0
-        self.computed_per_kept = 0.0
-
-    def _check(self) -> Any:
-        from kfuse.backtrack import WordListCheck  # noqa: PLC0415
-
-        return WordListCheck([[t] for t in self.inp.banned])
-
-    def __call__(self) -> list[list[int]]:
-        from kfuse.demos.backtrack import flagged_windows, run_method  # noqa: PLC0415
-
-        check = self._check()
-        res, computed = run_method(self.method, self.inp.model, self.inp.hf, self.inp.prompts,
-                                   max_new_tokens=self.case.shape[1], check=check, check_every=CHECK_EVERY,
-                                   temperature=1.0, top_k=50, seed=0, max_backtracks=4, max_resets=2)
-        self.computed_per_kept = computed / max(res.totals["tokens_kept"], 1)
-        self.flagged = sum(flagged_windows(res.tokens, check, CHECK_EVERY))
-        return res.tokens
-
-    def extra(self, ms: float) -> dict[str, float]:
-        return {"comp/kept": self.computed_per_kept, "flagged": float(self.flagged)}
+    return prepare(rate, steps=steps, batch=batch, progress=False)
 
 
-def _flagged_error(gen: _Generation) -> Any:
-    return lambda tokens: float(gen.flagged)
+@dataclass
+class DemoInputs:
+    """A demo case's :class:`kfuse.demos.backtrack.Comparison` and each method's last run (its result and the
+    tokens it computed), from which the rows' figures and checks are taken."""
+
+    case: Case
+    comparison: Any
+    last: dict[str, tuple[Any, int]] = field(default_factory=dict)
+
+    def run(self, method: str) -> list[list[int]]:
+        """One ``generate`` call with ``method``; its tokens."""
+        self.last[method] = self.comparison.run(method)
+        return self.last[method][0].tokens
+
+    def figures(self, method: str) -> Any:
+        """``method``'s :class:`~kfuse.demos.backtrack.MethodResult` from its last run (run now, once, if it has
+        not run: ``kfuse``'s row reads ``plain``'s, whose row comes after it; the counts are seeded, exact)."""
+        if method not in self.last:
+            _one_thread(self.case, lambda: self.run(method))()
+        return self.comparison.result(method, *self.last[method])
 
 
-def _plain_error(case: Case, inp: Inputs) -> Any:
+def _demo_inputs(case: Case) -> DemoInputs:
+    from kfuse.demos.backtrack import Comparison  # noqa: PLC0415
+
+    p = case.params
+    hf, tok, prompts = _prepared(p["rate"], p["steps"], case.shape[0])
+    return DemoInputs(case, Comparison(hf, tok, prompts, max_new_tokens=case.shape[1], check_every=p["every"]))
+
+
+def _demo_extra(inp: DemoInputs, method: str) -> Callable[[float], dict[str, float]]:
+    def extra(ms: float) -> dict[str, float]:
+        r, plain = inp.figures(method), inp.figures("plain")
+        return {"comp/kept": r.computed_per_kept, "comp/kept vs plain": r.computed_per_kept / plain.computed_per_kept,
+                "kept": float(r.tokens_kept), "flagged": float(r.violations), "passes": float(r.forward_passes)}
+    return extra
+
+
+def _flagged_error(inp: DemoInputs, method: str) -> Callable[[Any], float]:
+    """Windows of the final outputs the check flags (any: a failure)."""
+    return lambda tokens: float(inp.figures(method).violations)
+
+
+def _plain_error(inp: DemoInputs) -> Callable[[list[list[int]]], float]:
     """The fraction of ``plain``'s tokens that differ from the same sampling run on ``transformers``' model."""
     def check(tokens: list[list[int]]) -> float:
         from kfuse.backtrack import generate  # noqa: PLC0415
         from kfuse.demos.backtrack import DynamicCacheModel  # noqa: PLC0415
 
-        theirs = generate(DynamicCacheModel(inp.hf), inp.prompts, mode="plain", max_new_tokens=case.shape[1],
-                          temperature=1.0, top_k=50, seed=0).tokens
+        c = inp.comparison
+        theirs = _one_thread(inp.case, lambda: generate(DynamicCacheModel(c.hf_model), c.prompts, mode="plain",
+                                                        **c.kw).tokens)()
         total = sum(map(len, theirs))
         diff = sum(a != b for x, y in zip(tokens, theirs, strict=True) for a, b in zip(x, y, strict=True))
         return (diff + sum(abs(len(x) - len(y)) for x, y in zip(tokens, theirs, strict=True))) / total
@@ -260,8 +314,7 @@ def _one_thread(case: Case, fn: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def candidates(case: Case, inputs: Inputs) -> list[Candidate]:
-    """Decode: ``kfuse``, ``kfuse-graphs`` (CUDA), ``transformers``; backtrack: ``kfuse``, ``plain``, ``reset``,
-    ``dynamic-cache``."""
+    """Decode: ``kfuse``, ``kfuse-graphs`` (CUDA), ``transformers``; demo: :data:`DEMO_METHODS`."""
     if case.mode == "decode":
         out = [Candidate("kfuse", "backend", _one_thread(case, lambda: _kfuse_decode(case, inputs)),
                          extra=_tok_per_s(case))]
@@ -271,16 +324,16 @@ def candidates(case: Case, inputs: Inputs) -> list[Candidate]:
         return out + [Candidate("transformers", "baseline", _one_thread(case, lambda: _hf_decode(case, inputs)),
                                 extra=_tok_per_s(case))]
     out = []
-    for method in ("kfuse", "plain", "reset", "dynamic-cache"):
-        gen = _Generation(case, inputs, method)
-        err = _plain_error(case, inputs) if method == "plain" else _flagged_error(gen)
-        out.append(Candidate(method, "backend" if method == "kfuse" else "baseline", _one_thread(case, gen),
-                             error=err, extra=gen.extra))
+    for method in DEMO_METHODS:
+        err = _plain_error(inputs) if method == "plain" else _flagged_error(inputs, method)
+        out.append(Candidate(method, "backend" if method == "kfuse" else "baseline",
+                             _one_thread(case, functools.partial(inputs.run, method)), error=err,
+                             extra=_demo_extra(inputs, method)))
     return out
 
 
 def reference(case: Case, inputs: Inputs) -> Tensor | None:
-    """Decode: each prompt's next token by the model in float64 (``[B]``); backtrack: None (own checks)."""
+    """Decode: each prompt's next token by the model in float64 (``[B]``); demo: None (own checks)."""
     if case.mode != "decode":
         return None
     hf64 = copy.deepcopy(inputs.hf).double()
@@ -295,7 +348,8 @@ def error(case: Case, result: Tensor, expected: Tensor) -> float:
 
 def tolerance(case: Case) -> float:
     """Decode: 0 in float32, 10 % of the first tokens in bf16 (near-ties of a random model's logits);
-    backtrack: no flagged window left, and 5 % of ``plain``'s tokens (sampling on a last-bit difference)."""
+    demo: no flagged window left (a count: any is over), and 5 % of ``plain``'s tokens (sampling on a last-bit
+    difference)."""
     if case.mode == "decode":
         return 0.0 if case.dtype == torch.float32 else 0.1
     return 0.05
@@ -303,6 +357,6 @@ def tolerance(case: Case) -> float:
 
 def names(case: Case) -> list[str]:
     """The candidates' names for ``case``, in table order (``bench/bench_backtrack.py`` parametrizes on them)."""
-    if case.mode != "decode":
-        return ["kfuse", "plain", "reset", "dynamic-cache"]
+    if case.mode == "demo":
+        return list(DEMO_METHODS)
     return ["kfuse", "kfuse-graphs", "transformers"] if case.device.type == "cuda" else ["kfuse", "transformers"]

@@ -19,7 +19,8 @@ then run through four generators:
 
 Printed side by side: violations left, tokens computed per token kept, forward passes, wall time;
 ``--rates`` sweeps the injection rate (a model per rate); ``--png`` saves the figure. The README
-gives the command and the figures.
+gives the command and the figures. The report's ``demo`` rows (``python -m kfuse --device cpu --ops
+backtrack``, :mod:`kfuse.bench.backtrack`) run the first four through :func:`prepare` and :class:`Comparison`.
 
 Nothing is downloaded: the text ships with Python, the word list and the classifier with their pip
 packages (``better-profanity``, ``alt-profanity-check``: demo dependencies, not kfuse's).
@@ -44,8 +45,8 @@ from torch import Tensor
 from kfuse.backtrack import GenerationResult, ProfanityCheck, generate
 from kfuse.models import LlamaForCausalLM
 
-__all__ = ["METHODS", "DynamicCacheModel", "WordTokenizer", "build_corpus", "compare", "flagged_windows",
-           "injected_words", "main", "run_method", "train_model"]
+__all__ = ["METHODS", "Comparison", "DynamicCacheModel", "WordTokenizer", "build_corpus", "compare",
+           "flagged_windows", "injected_words", "main", "prepare", "run_method", "train_model"]
 
 # Mild profanity taken from better-profanity's word list (checked present in it, and flagged by the
 # classifier alone: injected_words()); slurs are left out on purpose.
@@ -320,23 +321,50 @@ def flagged_windows(tokens: list[list[int]], check: Any, every: int, tokenizer: 
     return out
 
 
+class Comparison:
+    """What every method of the comparison shares: ``hf_model`` (and kfuse's model over it), ``prompts``, the
+    check (:class:`kfuse.backtrack.ProfanityCheck` at ``threshold``) and :func:`kfuse.backtrack.generate`'s
+    arguments (``kw``). :meth:`run` generates with one method, :meth:`result` gives its figures; the
+    report's ``demo`` rows (``kfuse.bench.backtrack``) time :meth:`run` alone."""
+
+    def __init__(self, hf_model: Any, tok: WordTokenizer, prompts: Sequence[Sequence[int]], *,
+                 max_new_tokens: int = 64, check_every: int = 8, threshold: float = 0.5, temperature: float = 1.0,
+                 top_k: int | None = 50, seed: int = 0) -> None:
+        self.hf_model, self.tok, self.prompts, self.check_every = hf_model, tok, prompts, check_every
+        self.check = ProfanityCheck(threshold)
+        self.model = LlamaForCausalLM.from_hf(hf_model)
+        self.kw = dict(max_new_tokens=max_new_tokens, check=self.check, check_every=check_every,
+                       temperature=temperature, top_k=top_k, seed=seed, tokenizer=tok, max_backtracks=4, max_resets=2)
+
+    def run(self, method: str) -> tuple[GenerationResult, int]:
+        """:func:`run_method` with ``method`` on the shared model, prompts, check and arguments."""
+        return run_method(method, self.model, self.hf_model, self.prompts, **self.kw)
+
+    def result(self, method: str, res: GenerationResult, computed: int) -> MethodResult:
+        """The figures of ``method``'s run (``res``, ``computed``: what :meth:`run` returned)."""
+        per_seq = flagged_windows(res.tokens, self.check, self.check_every, self.tok)
+        kept = res.totals["tokens_kept"]
+        return MethodResult(method, sum(per_seq), sum(v > 0 for v in per_seq), kept, computed, computed / max(kept, 1),
+                            res.forward_passes, res.totals["backtracks"], res.totals["resets"], res.wall_time)
+
+
 def compare(hf_model: Any, tok: WordTokenizer, prompts: list[list[int]], *, max_new_tokens: int = 64,
             check_every: int = 8, threshold: float = 0.5, temperature: float = 1.0, top_k: int | None = 50,
             seed: int = 0, methods: Sequence[str] = METHODS) -> list[MethodResult]:
     """Run ``methods`` on the same prompts, seeds and check; returns one :class:`MethodResult` each."""
-    check = ProfanityCheck(threshold)
-    kmodel = LlamaForCausalLM.from_hf(hf_model)
-    common = dict(max_new_tokens=max_new_tokens, check=check, check_every=check_every, temperature=temperature,
-                  top_k=top_k, seed=seed, tokenizer=tok, max_backtracks=4, max_resets=2)
-    out = []
-    for method in methods:
-        res, computed = run_method(method, kmodel, hf_model, prompts, **common)
-        per_seq = flagged_windows(res.tokens, check, check_every, tok)
-        kept = res.totals["tokens_kept"]
-        out.append(MethodResult(method, sum(per_seq), sum(v > 0 for v in per_seq), kept, computed,
-                                computed / max(kept, 1), res.forward_passes, res.totals["backtracks"],
-                                res.totals["resets"], res.wall_time))
-    return out
+    c = Comparison(hf_model, tok, prompts, max_new_tokens=max_new_tokens, check_every=check_every,
+                   threshold=threshold, temperature=temperature, top_k=top_k, seed=seed)
+    return [c.result(method, *c.run(method)) for method in methods]
+
+
+def prepare(rate: float, *, steps: int = 600, batch: int = 32, seed: int = 0, threshold: float = 0.5,
+            progress: bool = True) -> tuple[Any, WordTokenizer, list[list[int]]]:
+    """The comparison's setup at injection ``rate``: :func:`build_corpus`, a model trained on it for ``steps``
+    (:func:`train_model`) and ``batch`` clean prompts from the corpus's last tenth. Returns
+    ``(hf_model, tokenizer, prompts)``."""
+    ids, tok, bad = build_corpus(rate, seed=seed, threshold=threshold)
+    hf = train_model(ids, len(tok), steps=steps, seed=seed, progress=progress)
+    return hf, tok, _prompts(ids, {tok.index[w] for w in bad}, batch, seed)
 
 
 def _prompts(ids: Tensor, bad_ids: set[int], n: int, seed: int) -> list[list[int]]:
@@ -405,9 +433,7 @@ def main(argv: Sequence[str] | None = None) -> dict[float, list[MethodResult]]:
     sweep: dict[float, list[MethodResult]] = {}
     for rate in args.rates:
         print(f"rate {rate:g}: building the corpus and training ({args.steps} steps)", file=sys.stderr, flush=True)
-        ids, tok, bad = build_corpus(rate, seed=args.seed, threshold=args.threshold)
-        hf = train_model(ids, len(tok), steps=args.steps, seed=args.seed)
-        prompts = _prompts(ids, {tok.index[w] for w in bad}, args.batch, args.seed)
+        hf, tok, prompts = prepare(rate, steps=args.steps, batch=args.batch, seed=args.seed, threshold=args.threshold)
         sweep[rate] = compare(hf, tok, prompts, max_new_tokens=args.new_tokens, check_every=args.check_every,
                               threshold=args.threshold, temperature=args.temperature, seed=args.seed)
         print(_table(sweep[rate], rate), flush=True)
