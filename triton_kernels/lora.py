@@ -20,8 +20,9 @@ backward                ``_bwd_dy_kernel``: ONE read of dy gives G = dy B, dB = 
                         from the same tile's mask (per-M-block partials). The dy pass is the one read
                         of dy beside the GEMM's: at M = K = N = 4096 bf16, 32 MiB at ~4 TB/s, ~8 us
                         against the GEMM's ~200 us (~4 %). Computing G inside the dx main loop instead
-                        would redo dy·B in every one of the K/BK column programs, r/BK = 12.5 % more
-                        MMA work at r = 16, BK = 128, and G is needed before that loop's epilogue anyway.
+                        would redo dy·B in every one of the K/BK column programs (r/BK = 12.5 % more
+                        MMA work at r = 16, BK = 128), and dB = s·dyᵀ S, a sum over M, would still need
+                        a pass of its own.
 multi-adapter           ``_multi_shrink_kernel`` then ``_multi_fwd_kernel``; each tile loops over the
                         distinct adapters among its rows (a data-dependent loop inside the kernel,
                         no host sync, CUDA-graph safe).
