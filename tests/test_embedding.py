@@ -459,6 +459,18 @@ def test_fused_optimizer_with_per_sample_weights(backend, device, seed):
     assert int(m.optimizer_step) == 1
 
 
+def test_sparse_under_fake_tensors_keeps_its_error():
+    """embedding_bag names past-the-end offsets by reading them on the host after a backend's error; with
+    fake (traced) tensors there is nothing to read, and the backend's own error must stand."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+
+    w, idx, off = torch.randn(10, 4), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2])
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fw, fi, fo = (mode.from_tensor(t) for t in (w.requires_grad_(), idx, off))
+        with pytest.raises(ValueError, match="sparse"):
+            kfuse.embedding_bag(fi, fw, fo, mode="sum", sparse=True, backend="cpu")
+
+
 def test_fused_step_count_stays_on_the_cpu():
     """The fused backward reads the step count with int(): on the CPU whatever the module is moved to
     ("meta" stands in for .cuda()), so it never syncs with a GPU; state_dict still holds it."""
@@ -471,6 +483,30 @@ def test_fused_step_count_stays_on_the_cpu():
     m.to(torch.float64)
     m(torch.tensor([1, 2]), torch.tensor([0, 2])).sum().backward()
     assert m.optimizer_step.device.type == "cpu" and int(m.state_dict()["optimizer_step"]) == 1
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+def test_fused_module_built_on_meta(optimizer):
+    """Deferred initialisation (built under torch.device("meta"), then to_empty + reset_parameters)
+    trains as a module built in place: reset_parameters also zeroes the optimizer state and the step,
+    which to_empty leaves uninitialised, and the step stays a CPU tensor throughout."""
+    tables, idx, off = [(10, 4), (8, 4)], torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2, 4])
+    with torch.device("meta"):
+        m = MultiTableEmbeddingBag(tables, optimizer=optimizer)
+    assert m.weights[0].is_meta and m.optimizer_step.device.type == "cpu"
+    m.to_empty(device="cpu")
+    for s in m.states(1):
+        s.fill_(float("nan"))  # what to_empty may leave there
+    m.optimizer_step.fill_(123)
+    torch.manual_seed(0)
+    m.reset_parameters()
+    torch.manual_seed(0)
+    ref = MultiTableEmbeddingBag(tables, optimizer=optimizer)
+    for mod in (m, ref):
+        mod(idx, off).sum().backward()
+    assert int(m.optimizer_step) == 1
+    for a, b in zip(m.state_dict().values(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_multi_table_module_accepts_a_keyed_jagged_tensor(seed):

@@ -156,26 +156,35 @@ class MultiTableEmbeddingBag(nn.Module):
                 self.register_buffer(f"momentum2_{t}", torch.zeros((r, d) if optimizer == "adam" else (0,),
                                                                    dtype=state, device=device))
             # Not "step": that name would stop a subclass from defining a step() method.
-            self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.int64))
+            # On the CPU whatever the tables' device (and a torch.device context): see _apply.
+            self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.int64, device="cpu"))
             # The backward hook: a zero-size tensor that requires grad, so autograd reaches the
             # fused backward even though the tables themselves do not require gradients.
             self._grad_anchor = torch.zeros(0, device=device, requires_grad=True)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Fresh tables (uniform in ±1/sqrt(rows), padding rows zero) and, with a fused optimizer, fresh
+        optimizer state (zero moments, step 0): after ``to_empty()`` every buffer is uninitialised."""
         with torch.no_grad():
             for w, p in zip(self.weights, self.padding_idx, strict=True):
                 bound = math.sqrt(1.0 / w.shape[0])
                 w.uniform_(-bound, bound)
                 if p is not None:
                     w[p].fill_(0)
+            if self.optimizer is not None:
+                for s in (*self.states(1), *self.states(2)):
+                    s.zero_()
+                self.optimizer_step.zero_()
 
     def _apply(self, fn, recurse: bool = True):
-        # The step count stays on the CPU through .cuda() / .to(): the fused backward reads it with int()
-        # every step, a host sync were it on a GPU. It is still a buffer, so state_dict saves it.
+        # The step count stays on the CPU through .cuda() / .to() / .to_empty(): the fused backward reads it
+        # with int() every step, a host sync were it on a GPU (and impossible on meta). It is still a buffer,
+        # so state_dict saves it. A result on the CPU is taken (to_empty(device="cpu"): reset_parameters
+        # then zeroes it), one elsewhere is not.
         step = self._buffers.get("optimizer_step")
         super()._apply(fn, recurse)
-        if step is not None:
+        if step is not None and self._buffers["optimizer_step"].device.type != "cpu":
             self._buffers["optimizer_step"] = step
         return self
 

@@ -549,6 +549,8 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
     try:
         return _run(op, ws, indices, offs, bags, _kernel_psw(psw, ws), sparse, backend)
     except ValueError:
-        if input.dim() == 1 and not include_last_offset:  # on errors only: it reads the offsets on the host
+        # On errors only (it reads the offsets on the host), and on plain eager tensors only: fake or traced
+        # offsets have no values to read, and the backend's own error stands.
+        if input.dim() == 1 and not include_last_offset and not _routing.tracing() and _routing.plain(offsets):
             _past_the_end(op, offsets, input.shape[0])
         raise
