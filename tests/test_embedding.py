@@ -605,17 +605,11 @@ def _bad_single(device: str = "cpu"):
 
 
 @pytest.mark.parametrize(("backend", "device"), backends())
-@pytest.mark.parametrize("name", list(_bad()))
-def test_bad_input_names_the_argument(backend, device, name):
-    fn, exc, words = _bad(device)[name]
-    with pytest.raises(exc, match=words):
-        fn(backend)
-
-
-@pytest.mark.parametrize(("backend", "device"), backends())
-@pytest.mark.parametrize("name", list(_bad_single()))
-def test_single_table_bad_input_names_the_argument(backend, device, name):
-    fn, exc, words = _bad_single(device)[name]
+@pytest.mark.parametrize(("cases", "name"), [(_bad, n) for n in _bad()] + [(_bad_single, n) for n in _bad_single()],
+                         ids=[f"multi-{n}" for n in _bad()] + [f"single-{n}" for n in _bad_single()])
+def test_bad_input_names_the_argument(backend, device, cases, name):
+    """multi_embedding_bag (_bad) and the single-table embedding_bag (_bad_single)."""
+    fn, exc, words = cases(device)[name]
     with pytest.raises(exc, match=words):
         fn(backend)
 
