@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
+import sm90
 import torch
 from tolerances import TOL, assert_close
 from torch import Tensor
@@ -1381,101 +1379,36 @@ def test_bad_input_raises() -> None:
 # ----------------------------------------------------------------------------------------
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU the kernels are compiled and run by the '-cuda' tests")
 def test_triton_kernels_compile_for_sm90() -> None:
-    """Every kernel compiles to sm_90 machine code in fp16 (same-dtype adapters), bf16 (fp32
-    adapters, dropout) and fp32 (dropout), at the block sizes the launchers pick on a GPU, and
-    fits Hopper's 227 KB of shared memory: the interpreter never runs the compiler (its type
-    rules, layouts, tf32 dots, shared-memory budget). ~100 s of compiling on 2 cores, so it
-    runs in two forked workers."""
-    code = r"""
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-
+    """Every kernel, as the launchers launch it on a GPU (their tiles, Triton's specialisation of
+    each argument), compiles to sm_90a machine code and fits an H200 (``tests/sm90.py``): forward
+    (shrink + GEMM and the decode path's split-K), backward (every output, and dx alone), the
+    multi-adapter forward and the dropout mask; fp16 (fp16 and fp32 adapters), bf16 (fp32 adapters,
+    dropout, biases, both weight layouts) and fp32 (dropout); M = K = N = 4096, odd sizes and
+    sizes of 1 (which a launch's specialisation turns into constants). The
+    interpreter never runs the compiler (its type rules, layouts, tf32 dots, shared-memory budget).
+    ~2 min of compiling on 2 cores when Triton's cache is cold."""
+    launches = sm90.run_script("""
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from kfuse.triton_kernels import lora as lk
-
-FLOATS = {"p", "inv_keep", "scaling"}
-TD = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-def sig(fn, ptrs, consts):
-    out = {}
-    for n in fn.arg_names:
-        if n in consts:
-            out[n] = "constexpr"
-        elif n.endswith("_ptr"):
-            out[n] = "*" + ptrs.get(n, "fp32")
-        else:
-            out[n] = "fp32" if n in FLOATS else "i32"
-    return out
-
-JOBS = []
-
-def compile_(fn, ptrs, consts, warps, stages, unit=("swk", "sak", "sbr")):
-    JOBS.append((fn, ptrs, consts, warps, stages, unit))
-
-def run(i):
-    fn, ptrs, consts, warps, stages, unit = JOBS[i]
-    # As a launch specializes: integer arguments equal to 1 (the unit strides of contiguous
-    # W, A, B) become constants, and pointers and sizes divisible by 16 say so; this is what
-    # lets loads vectorise and pipeline, hence what sets the shared memory checked below.
-    consts = {**{n: 1 for n in unit if n in fn.arg_names}, **consts}
-    signature = sig(fn, ptrs, consts)
-    attrs = {(j,): [["tt.divisibility", 16]] for j, n in enumerate(fn.arg_names)
-             if signature[n] == "i32" or signature[n].startswith("*")}
-    src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    assert k.asm["cubin"], fn.__name__
-    assert k.metadata.shared <= 232448, (fn.__name__, consts, k.metadata.shared)
-    return fn.__name__
-
-for dt, ad_dt, drop in [(torch.float16, torch.float16, False), (torch.bfloat16, torch.float32, True),
-                        (torch.float32, torch.float32, True)]:
-    st, ad = TD[dt], TD[ad_dt]
-    seed = "i64" if drop else st
-    prec, lr = lk._precisions(dt)
-    # The shrink + GEMM path's blocks (M = 4096) and the decode path's (M = 32).
-    bm, bn, bk, group, w, s = lk._gemm_config(4096, 4096, dt)
-    sbm, sbk, sw, ss = lk._shrink_config(4096, dt)
-    compile_(lk._shrink_kernel, {"x_ptr": st, "a_ptr": ad, "seed_ptr": seed},
-             dict(BM=sbm, BK=sbk, RB=16, DROPOUT=drop, PREC=lr), sw, ss)
-    # W [N, K], and for bf16 also [K, N] (fan_in_fan_out: unit stride along n).
-    for unit in (("swk", "sbr"), ("swn", "sbr")) if dt == torch.bfloat16 else (("swk", "sbr"),):
-        compile_(lk._fwd_kernel, {"x_ptr": st, "w_ptr": st, "b_ptr": ad, "bias_ptr": st, "lbias_ptr": ad,
-                                  "y_ptr": st},
-                 dict(BM=bm, BN=bn, BK=bk, RB=16, GROUP_M=group, HAS_BIAS=True, HAS_LBIAS=True, PREC=prec,
-                      LR_PREC=lr), w, s, unit)
-    # The dx kernel at its tile (_dx_config: narrower with dropout; bf16 with dropout ~3 s to compile).
-    xbm, xbk, xbn, xgroup, xw, xs = lk._dx_config(4096, 4096, dt, drop)
-    compile_(lk._bwd_dx_kernel, {"dy_ptr": st, "w_ptr": st, "a_ptr": ad, "x_ptr": st,
-                                 "seed_ptr": "i64" if drop else st, "dx_ptr": st},
-             dict(BM=xbm, BK=xbk, BN=xbn, RB=16, GROUP_M=xgroup, DROPOUT=drop, NEED_DX=True, NEED_DA=True,
-                  PREC=prec, LR_PREC=lr), xw, xs)
-    dbm, dbn, dw = lk._dy_config(4096)
-    compile_(lk._bwd_dy_kernel, {"dy_ptr": st, "b_ptr": ad},
-             dict(BM=dbm, BN=dbn, RB=16, NEED_G=True, NEED_DB=True, NEED_CS=True, LR_PREC=lr), dw, 1)
-    compile_(lk._multi_shrink_kernel, {"x_ptr": st, "ids_ptr": "i64", "a_ptr": ad, "ranks_ptr": "i32"},
-             dict(BM=sbm, BK=sbk, RB=16, PREC=lr), sw, ss)
-    mbm, mbn, mbk, mgroup, mw, ms = lk._multi_config(4096, 4096, dt)
-    compile_(lk._multi_fwd_kernel, {"x_ptr": st, "w_ptr": st, "ids_ptr": "i32", "b_ptr": ad, "ranks_ptr": "i64",
-                                    "bias_ptr": st, "y_ptr": st},
-             dict(BM=mbm, BN=mbn, BK=mbk, RB=16, GROUP_M=mgroup, HAS_BIAS=True, PREC=prec, LR_PREC=lr), mw, ms)
-    bm, bn, bk, _, w, s = lk._gemm_config(32, 4096, dt)
-    compile_(lk._fwd_splitk_kernel, {"x_ptr": st, "w_ptr": st, "a_ptr": ad, "seed_ptr": seed},
-             dict(BM=bm, BN=bn, BK=bk, RB=16, DROPOUT=drop, PREC=prec, LR_PREC=lr), w, s)
-    compile_(lk._fwd_splitk_reduce_kernel, {"b_ptr": ad, "bias_ptr": st, "lbias_ptr": ad, "y_ptr": st},
-             dict(BM=bm, BN=bn, RB=16, HAS_BIAS=True, HAS_LBIAS=True, SAVE_S=True, LR_PREC=lr), 4, 1)
-compile_(lk._mask_kernel, {"seed_ptr": "i64", "out_ptr": "u8"}, dict(BM=32, BK=128), 4, 1)
-
-# Forked workers (nothing has touched CUDA) inherit the jobs; compiling is CPU-bound.
-with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
-    done = list(pool.map(run, range(len(JOBS))))
-print("ok", len(done))
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
+e = lambda *shape, dt=torch.float32: torch.empty(*shape, dtype=dt, device="meta")
+seed = e(1, dt=torch.int64)
+for dt, ad, p, biases in ((torch.float16, torch.float16, 0.0, False), (torch.float16, torch.float32, 0.0, False),
+                          (torch.bfloat16, torch.float32, 0.1, True), (torch.float32, torch.float32, 0.1, False)):
+    for M, K, N, r, fifo in ((4096, 4096, 4096, 16, False), (16, 4096, 4096, 16, False),
+                             (33, 100, 70, 7, dt == torch.bfloat16), (1, 1, 1, 1, False)):
+        x, A, B = e(M, K, dt=dt), e(r, K, dt=ad), e(N, r, dt=ad)
+        W = e(K, N, dt=dt) if fifo else e(N, K, dt=dt)
+        bias, lbias = (e(N, dt=dt), e(N, dt=ad)) if biases else (None, None)
+        y, S = lk.lora_forward(x, W, fifo, A, B, 2.0, bias, lbias, seed, p, True)
+        if M != 16:  # the backward has no decode path
+            lk.lora_backward(y, x, W, fifo, A, B, 2.0, S, seed, p, True, True, True, biases)
+            lk.lora_backward(y, x, W, fifo, A, B, 2.0, S, seed, p, True, False, False, False)
+    for M, ids_dt in ((4096, torch.int64), (16, torch.int32)):
+        lk.lora_multi_forward(e(M, 4096, dt=dt), e(4096, 4096, dt=dt), False, e(4, 16, 4096, dt=ad),
+                              e(4, 4096, 16, dt=ad), e(4), e(4, dt=torch.int64), e(M, dt=ids_dt), None)
+lk.lora_dropout_mask(seed, 4096, 4096, 0.1)
+""")
+    assert {launch["kernel"] for launch in launches} == sm90.launched_kernels(lk)
 
 
 # ---------------------------------------------------------------- the report's and benchmarks' LoRA rows
