@@ -208,12 +208,12 @@ def test_per_sample_weights_dtype_follows_torch():
             F.embedding_bag(idx, w, off, mode="sum", per_sample_weights=psw)
         words = r"per_sample_weights must have the tables' dtype \(torch.float32\)"
         with pytest.raises(TypeError, match=rf"kfuse.embedding_bag: {words}"):
-            kfuse.embedding_bag(idx, w, off, per_sample_weights=psw)
+            kfuse.embedding_bag(idx, w, off, mode="sum", per_sample_weights=psw)
         with pytest.raises(TypeError, match=rf"kfuse.multi_embedding_bag: {words}"):
             kfuse.multi_embedding_bag([w], idx, torch.tensor([0, 2, 4]), per_sample_weights=psw)
     half = w.half()
     psw = torch.rand(4).half()
-    got = kfuse.embedding_bag(idx, half, off, per_sample_weights=psw)
+    got = kfuse.embedding_bag(idx, half, off, mode="sum", per_sample_weights=psw)
     want = F.embedding_bag(idx, half.double(), off, mode="sum", per_sample_weights=psw.double())
     assert_close(got, want, torch.float16)
     # The multi-table op also takes float32 weights with half tables (FBGEMM's and TorchRec's convention);
@@ -221,7 +221,7 @@ def test_per_sample_weights_dtype_follows_torch():
     got = kfuse.multi_embedding_bag([half], idx, torch.tensor([0, 2, 4]), per_sample_weights=psw.float())
     assert_close(got, want, torch.float16)
     with pytest.raises(TypeError, match=r"per_sample_weights must have the tables' dtype \(torch.float16\), as"):
-        kfuse.embedding_bag(idx, half, off, per_sample_weights=psw.float())
+        kfuse.embedding_bag(idx, half, off, mode="sum", per_sample_weights=psw.float())
 
 
 @pytest.mark.parametrize(("backend", "device"), backends())
@@ -244,6 +244,28 @@ def test_offsets_without_include_last_offset(backend, device):
         kfuse.embedding_bag(idx, w, empty, backend=backend)
     with pytest.raises(ValueError, match="offsets must not be empty with include_last_offset=True"):
         kfuse.embedding_bag(idx[:0], w, empty, include_last_offset=True, backend=backend)
+
+
+@pytest.mark.parametrize(("backend", "device"), backends())
+def test_mixed_index_dtypes_are_promoted_as_torch_does(backend, device):
+    """int32 input with int64 offsets (or the reverse) is taken as int64, as torch does: the result is
+    torch's (with torch's default mode, mean), and an int64 offset past 2**32 is refused, not wrapped to
+    a valid int32 one."""
+    import inspect  # noqa: PLC0415
+
+    assert inspect.signature(kfuse.embedding_bag).parameters["mode"].default == \
+        inspect.signature(F.embedding_bag).parameters["mode"].default == "mean"
+    w = torch.randn(10, 4, device=device)
+    i32, i64 = torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([0, 2])
+    for idx, off in ((i32, i64), (i32.long(), i64.int())):
+        want = F.embedding_bag(idx, w.cpu(), off)
+        assert_close(kfuse.embedding_bag(idx.to(device), w, off.to(device), backend=backend).cpu(), want,
+                     torch.float32)
+    with pytest.raises(ValueError, match=r"offsets\[1\] = 4294967297 is past the end of input"):
+        kfuse.embedding_bag(i32.to(device), w, torch.tensor([0, 2**32 + 1], device=device), backend=backend)
+    with pytest.raises(ValueError, match="offsets"):
+        kfuse.embedding_bag(i32.to(device), w, torch.tensor([0, 2**32 + 3], device=device), include_last_offset=True,
+                            backend=backend)
 
 
 def test_sparse_and_backend_are_keyword_only():

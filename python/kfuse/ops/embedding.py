@@ -499,7 +499,7 @@ def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor,
     return _run(op, ws, indices, offsets, bags, _kernel_psw(per_sample_weights, ws), sparse, backend)
 
 
-def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, mode: str = "sum",
+def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, mode: str = "mean",
                   per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
                   padding_idx: int | None = None, *, sparse: bool = False, backend: str = "auto") -> Tensor:
     """``torch.nn.functional.embedding_bag`` for ``sum`` and ``mean`` on kfuse's kernels.
@@ -509,8 +509,10 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
             int32 or int64.
         weight: ``[rows, dim]`` table (float32, float16, bfloat16; float64 on ``cpu``/``reference``).
         offsets: ``[B]`` bag starts (from 0; empty only when input is), or ``[B + 1]`` ending at ``N`` with
-            ``include_last_offset``; converted to input's dtype.
-        mode, per_sample_weights (same shape as input, ``sum`` only), padding_idx, sparse, backend: as
+            ``include_last_offset``; int32 or int64 (when input's dtype differs, both are taken as
+            int64, as torch does).
+        mode: ``"mean"`` (the default, as torch's) or ``"sum"``.
+        per_sample_weights (same shape as input, ``sum`` only), padding_idx, sparse, backend: as
             :func:`multi_embedding_bag` (and as torch's).
     Returns:
         ``[B, dim]`` in weight's dtype.
@@ -541,7 +543,11 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
             # torch returns [0, dim] here and its gradients read memory that is not the input's.
             raise ValueError(f"kfuse.{op}: offsets is empty, so input's {input.shape[0]} indices are in no bag "
                              "(offsets[0] = 0 starts the first bag)")
-        offs = offsets.to(input.dtype)
+        if offsets.dtype != input.dtype:
+            # torch's rule (promoteIndicesAndOffsets): both to int64. Casting int64 offsets down to int32
+            # indices would wrap (2**32 + 1 -> 1) and hide an invalid offset.
+            input, offsets = input.long(), offsets.long()
+        offs = offsets
         if not include_last_offset:
             offs = torch.cat([offs, offs.new_full((1,), input.shape[0])])
         indices = input
