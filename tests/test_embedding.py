@@ -532,6 +532,28 @@ def test_fused_module_built_on_meta(optimizer):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_module_cast_keeps_float32_moments(optimizer, dtype):
+    """.half() / .to(bfloat16) of a module with a fused optimizer casts the tables only: the moments stay
+    float32 (as documented, and as a module built in that dtype has them) with their values, and the
+    step then equals that of a module built in the dtype with the same state, on both CPU backends."""
+    tables, idx, off = [(10, 4), (8, 4)], torch.tensor([1, 2, 3, 3]), torch.tensor([0, 2, 4])
+    for backend in ("cpu", "reference"):
+        m = MultiTableEmbeddingBag(tables, optimizer=optimizer, backend=backend)
+        m(idx, off).sum().backward()  # non-zero moments
+        moments = [s.clone() for s in (*m.states(1), *m.states(2))]
+        m = m.to(dtype)
+        assert all(s.dtype == torch.float32 for s in (*m.states(1), *m.states(2))), backend
+        assert all(torch.equal(a, b) for a, b in zip(moments, (*m.states(1), *m.states(2)), strict=True))
+        built = MultiTableEmbeddingBag(tables, optimizer=optimizer, dtype=dtype, backend=backend)
+        built.load_state_dict(m.state_dict())
+        for mod in (m, built):
+            mod(idx, off).sum().backward()
+        for a, b in zip(m.state_dict().values(), built.state_dict().values(), strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b), backend
+
+
 def test_multi_table_module_accepts_a_keyed_jagged_tensor(seed):
     class KeyedJaggedTensor:  # the attributes kfuse reads, as torchrec's class has them
         def __init__(self, keys, values, offsets, weights=None):

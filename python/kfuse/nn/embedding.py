@@ -182,10 +182,20 @@ class MultiTableEmbeddingBag(nn.Module):
         # with int() every step, a host sync were it on a GPU (and impossible on meta). It is still a buffer,
         # so state_dict saves it. A result on the CPU is taken (to_empty(device="cpu"): reset_parameters
         # then zeroes it), one elsewhere is not.
+        # The moments keep the accumulation dtype of the tables' dtype through .half() / .to(dtype), which
+        # would otherwise cast them with the tables (and lose them: Adam's v underflows in float16); the
+        # values are taken from before the cast.
         step = self._buffers.get("optimizer_step")
+        moments = {n: b for n, b in self._buffers.items() if n.startswith("momentum")}
         super()._apply(fn, recurse)
         if step is not None and self._buffers["optimizer_step"].device.type != "cpu":
             self._buffers["optimizer_step"] = step
+        want = acc_dtype(self.weights[0].dtype)
+        for name, before in moments.items():
+            now = self._buffers[name]
+            if now.dtype != want:
+                self._buffers[name] = (torch.empty_like(now, dtype=want) if before.is_meta else
+                                       before.to(device=now.device, dtype=want))
         return self
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
