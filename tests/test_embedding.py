@@ -554,6 +554,26 @@ def test_fused_module_cast_keeps_float32_moments(optimizer, dtype):
             assert a.dtype == b.dtype and torch.equal(a, b), backend
 
 
+def test_fused_module_refuses_a_psw_gradient_from_updated_tables():
+    """Two calls, then one backward: the second call's backward updates the tables first, so the first
+    call's per_sample_weights gradient cannot be taken at the tables its forward read; it raises (as
+    torch's version counter would for a table changed in place) rather than returning a wrong gradient.
+    One call per backward gives the gradient at the forward's tables."""
+    idx, off = torch.tensor([1, 2, 2]), torch.tensor([0, 2, 3])
+    m = MultiTableEmbeddingBag([(10, 4)], optimizer="sgd", lr=1.0)
+    w0 = m.weights[0].detach().clone()
+    p1, p2 = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="per_sample_weights needs the tables as this call's forward read them"):
+        (m(idx, off, p1).sum() + m(idx, off, p2).sum()).backward()
+    m = MultiTableEmbeddingBag([(10, 4)], optimizer="sgd", lr=1.0)
+    m.load_state_dict({"weights.0": w0, "optimizer_step": torch.tensor(0)}, strict=False)
+    for p in (p1, p2):
+        p.grad = None
+        m(idx, off, p).sum().backward()
+    assert_close(p1.grad, w0[idx].sum(1), torch.float32)
+    assert not torch.equal(p2.grad, p1.grad)  # the second call read the updated tables
+
+
 def test_multi_table_module_accepts_a_keyed_jagged_tensor(seed):
     class KeyedJaggedTensor:  # the attributes kfuse reads, as torchrec's class has them
         def __init__(self, keys, values, offsets, weights=None):

@@ -244,6 +244,7 @@ class _FusedEmbeddingBag(torch.autograd.Function):
     def forward(ctx, module: MultiTableEmbeddingBag, indices: Tensor, offsets: Tensor, bags, backend: str,
                 anchor: Tensor, psw: Tensor | None) -> Tensor:
         ctx.module, ctx.bags, ctx.backend = module, bags, backend
+        ctx.step = int(module.optimizer_step)  # a CPU tensor: no sync
         ctx.save_for_backward(indices, offsets, psw)
         return E._forward_impl(list(module.weights), indices, offsets, bags, psw, backend)
 
@@ -254,6 +255,12 @@ class _FusedEmbeddingBag(torch.autograd.Function):
         ws = [w.data for w in m.weights]
         g_psw = None
         if psw is not None and ctx.needs_input_grad[6]:  # before the tables change
+            if int(m.optimizer_step) != ctx.step:
+                raise RuntimeError(
+                    "MultiTableEmbeddingBag: the gradient of per_sample_weights needs the tables as this call's "
+                    "forward read them, but the fused optimizer has updated them since (another call's backward "
+                    "ran first). Run each call's backward before the next forward, or do not ask for the "
+                    "gradient of per_sample_weights.")
             g_psw = E._psw_impl(grad_out, ws, indices, offsets, ctx.bags, psw, ctx.backend)
         with torch.no_grad():
             m.optimizer_step += 1  # on the CPU (MultiTableEmbeddingBag._apply): int() does not sync
