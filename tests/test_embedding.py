@@ -268,6 +268,27 @@ def test_mixed_index_dtypes_are_promoted_as_torch_does(backend, device):
                             backend=backend)
 
 
+def test_padding_idx_takes_numpy_and_tensor_integers_as_torch():
+    """torch takes a numpy integer or a 0-d integer tensor as padding_idx; so do the ops (also per table)
+    and kfuse.nn.EmbeddingBag, with torch's result; a bool or a float is refused, naming padding_idx."""
+    w, idx, off = torch.randn(10, 4), torch.tensor([1, 2, 2, 5]), torch.tensor([0, 2])
+    want = F.embedding_bag(idx, w, off, padding_idx=2)
+    for p in (np.int64(2), torch.tensor(2), np.int32(-8)):
+        assert_close(kfuse.embedding_bag(idx, w, off, padding_idx=p), want, torch.float32)
+        assert_close(kfuse.multi_embedding_bag([w], idx, torch.tensor([0, 2, 4]), mode="mean", padding_idx=[p]),
+                     want, torch.float32)
+        m = kfuse.nn.EmbeddingBag(10, 4, padding_idx=p)
+        assert m.padding_idx == 2 and type(m.padding_idx) is int
+        t = torch.nn.EmbeddingBag(10, 4, padding_idx=2)
+        t.weight.data.copy_(m.weight.data)
+        assert_close(m(idx, off), t(idx, off), torch.float32)
+    for bad in (True, 2.0):
+        with pytest.raises(ValueError, match="padding_idx"):
+            kfuse.embedding_bag(idx, w, off, padding_idx=bad)
+        with pytest.raises(ValueError, match="padding_idx"):
+            kfuse.nn.EmbeddingBag(10, 4, padding_idx=bad)
+
+
 def test_sparse_and_backend_are_keyword_only():
     """A call written to the positional signature (..., padding_idx, backend) cannot set sparse."""
     import inspect  # noqa: PLC0415

@@ -46,8 +46,11 @@ class EmbeddingBag(nn.Module):
         if mode not in ("sum", "mean"):
             raise ValueError(f"mode must be 'sum' or 'mean' (kfuse has no 'max'); got {mode!r}")
         if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}); got {padding_idx}")
+            padding_idx = E._as_index(padding_idx)  # numpy and 0-d tensor integers too, as torch
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) \
+                    or not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx must be an int within [-{num_embeddings}, {num_embeddings}); got "
+                                 f"{padding_idx!r}")
             padding_idx %= num_embeddings
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.mode, self.padding_idx, self.include_last_offset = mode, padding_idx, include_last_offset

@@ -27,6 +27,7 @@ gradients: fixed shapes, so ``torch.compile(fullgraph=True)`` records them).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -163,11 +164,29 @@ def _validate(op: str, weights: list[Tensor], indices: object, offsets: object, 
     return _Bags([int(t) for t in ft], pads, pooling)
 
 
+def _as_index(v: object) -> object:
+    """``v`` as a Python int when it is an integer other than a bool (an int, a numpy integer, a 0-d
+    integer tensor: what torch takes for an index argument), else ``v`` unchanged (for the caller to
+    refuse)."""
+    if isinstance(v, bool):
+        return v
+    try:
+        return operator.index(v)
+    except TypeError:
+        return v
+
+
 def _padding(op: str, padding_idx: object, weights: list[Tensor]) -> list[int]:
     """Per-table padding rows (−1 = none); an int applies to every table; negative counts from the end."""
     if padding_idx is None:
         return [-1] * len(weights)
-    items = [padding_idx] * len(weights) if isinstance(padding_idx, int) else list(padding_idx)
+    one = _as_index(padding_idx)
+    if isinstance(one, int):
+        items = [one] * len(weights)
+    elif isinstance(padding_idx, (list, tuple)):
+        items = [_as_index(p) for p in padding_idx]
+    else:
+        items = []
     if len(items) != len(weights):
         raise ValueError(f"kfuse.{op}: padding_idx must be an int, None or one entry per table ({len(weights)}); "
                          f"got {padding_idx!r}")
