@@ -595,6 +595,28 @@ def test_fused_module_refuses_a_psw_gradient_from_updated_tables():
     assert not torch.equal(p2.grad, p1.grad)  # the second call read the updated tables
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_fused_adam_is_adamw_on_the_rows_seen(backend):
+    """The fused "adam" is torch.optim.AdamW's step (eps after the bias correction, decoupled weight
+    decay) on the rows a step looks up; rows never looked up do not change (AdamW would decay them)."""
+    idx, off = torch.tensor([1, 2, 2, 7]), torch.tensor([0, 2, 4])
+    hp = dict(lr=0.1, eps=1e-3, weight_decay=0.01)
+    m = MultiTableEmbeddingBag([(10, 4)], optimizer="adam", **hp, backend=backend)
+    w0 = m.weights[0].detach().clone()
+    ref = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.AdamW([ref], **hp)
+    for step in range(3):
+        scale = 1e-4 if step else 1.0  # tiny gradients: where SparseAdam's eps placement would differ
+        m(idx, off).mul(scale).pow(2).sum().backward()
+        opt.zero_grad()
+        F.embedding_bag(idx, ref, off, mode="sum").mul(scale).pow(2).sum().backward()
+        opt.step()
+    seen = torch.tensor([1, 2, 7])
+    assert_close(m.weights[0].detach()[seen], ref.detach()[seen], torch.float32)
+    unseen = torch.tensor([0, 3, 4, 5, 6, 8, 9])
+    assert torch.equal(m.weights[0].detach()[unseen], w0[unseen])
+
+
 def test_multi_table_module_accepts_a_keyed_jagged_tensor(seed):
     class KeyedJaggedTensor:  # the attributes kfuse reads, as torchrec's class has them
         def __init__(self, keys, values, offsets, weights=None):

@@ -417,7 +417,7 @@ def _segment_kernel(skey_ptr, tkey_ptr, goff_ptr, scale_ptr, go_ptr, tmeta_ptr, 
             s = tl.load(s_ptr) + tl.div_rn(tl.sum(tl.where(dm, gw * gw, 0.0), 0), dim.to(tl.float32))
             tl.store(s_ptr, s)
             new = w - tl.div_rn(lr * gw, tl.sqrt_rn(s) + eps)
-        else:  # adam (SparseAdam on the rows seen, decoupled weight decay)
+        else:  # adam: AdamW's step on the rows seen (reference.embedding.adam_update)
             m_ptr = tl.load(tm + _T_S1).to(tl.pointer_type(tl.float32)) + row * dim + d
             v_ptr = tl.load(tm + _T_S2).to(tl.pointer_type(tl.float32)) + row * dim + d
             # omb1 = 1 − β1 rounded once from float64 on the host, as the reference's (1 - beta1).

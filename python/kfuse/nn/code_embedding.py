@@ -53,7 +53,8 @@ VARIANTS = ("general", "task", "super")
 class _TorchTables(nn.Module):
     """One ``torch.nn.EmbeddingBag`` per table (sparse gradients) and a torch optimizer stepped by
     :meth:`update`: SGD for ``"sgd"``, ``torch.optim.Adagrad`` (element-wise; torch has no row-wise
-    Adagrad) for ``"rowwise_adagrad"``, ``SparseAdam`` for ``"adam"``."""
+    Adagrad) for ``"rowwise_adagrad"``, ``SparseAdam`` for ``"adam"`` (torch's rows-seen Adam: its eps
+    enters before the bias correction, kfuse's after, as AdamW's)."""
 
     def __init__(self, tables: list[tuple[int, int]], mode: str, optimizer: str | None, lr: float, eps: float,
                  device: torch.device | str | None) -> None:
@@ -67,7 +68,7 @@ class _TorchTables(nn.Module):
         elif optimizer == "rowwise_adagrad":
             self.opt = torch.optim.Adagrad(params, lr=lr, eps=eps)
         elif optimizer == "adam":
-            self.opt = torch.optim.SparseAdam(params, lr=lr)
+            self.opt = torch.optim.SparseAdam(params, lr=lr, eps=eps)
 
     @property
     def weights(self) -> list[Tensor]:

@@ -154,8 +154,12 @@ def rowwise_adagrad_update(w: Tensor, g: Tensor, state: Tensor, lr: float, eps: 
 
 def adam_update(w: Tensor, g: Tensor, m: Tensor, v: Tensor, lr: float, beta1: float, beta2: float, eps: float,
                 step: int, weight_decay: float = 0.0) -> Tensor:
-    """Adam on the rows seen (``torch.optim.SparseAdam``'s rule, global ``step`` ≥ 1) with decoupled
-    weight decay: ``m, v [U, dim]`` updated in place."""
+    """Adam on the rows seen, global ``step`` ≥ 1: ``w − lr·(m̂ / (√v̂ + eps) + weight_decay·w)`` with the
+    bias-corrected moments m̂, v̂, i.e. ``torch.optim.AdamW``'s step (``torch.optim.Adam``'s when
+    ``weight_decay`` is 0) on those rows; ``m, v [U, dim]`` updated in place. ``torch.optim.SparseAdam``
+    (torch's rows-seen Adam) adds eps before the bias correction,
+    ``lr·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + eps)``: the two differ where √v̂ is not large against eps (tiny
+    gradients)."""
     m.mul_(beta1).add_((1 - beta1) * g.to(m.dtype))
     v.mul_(beta2).add_((1 - beta2) * (g * g).to(v.dtype))
     m_hat = m.to(w.dtype) / (1 - beta1 ** step)
