@@ -85,7 +85,7 @@ def randomise(model: nn.Module) -> None:
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if type(m) is peft_lora.Linear}
+    return {n: m for n, m in model.named_modules() if type(m) in (peft_lora.Linear, kp.FusedLinear)}
 
 
 def embeds(hidden: int, dtype: torch.dtype, batch: int = 2, seq: int = 7) -> torch.Tensor:
@@ -550,23 +550,64 @@ def test_unfuse_restores_peft(seed: int) -> None:
     layers = lora_layers(model)
     report = kp.fuse(model)
     assert sorted(kp.fuse(model).fused) == sorted(report.fused) == sorted(layers)
-    assert all(getattr(m.forward, "__func__", None) is not peft_lora.Linear.forward for m in layers.values())
-    # a fused model pickles and deep-copies, fused (bound to the copy's layers)
+    assert all(type(m) is kp.FusedLinear and "forward" not in m.__dict__ for m in layers.values())
+    # a fused model pickles and deep-copies, fused
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)
     for twin in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
         assert sorted(kp.fused_layers(twin)) == sorted(layers)
-        assert all(m.forward.layer is m for m in lora_layers(twin).values())
         assert_same(run(twin, x), before, torch.float32, "copy")
     back = kp.unfuse(model)
     assert sorted(back.unfused) == sorted(layers) and back.fused == [] and kp.fused_layers(model) == []
     for m in layers.values():
-        assert "forward" not in m.__dict__ and "_kfuse_backend" not in m.__dict__
-        assert m.forward.__func__ is peft_lora.Linear.forward
+        assert type(m) is peft_lora.Linear and "forward" not in m.__dict__ and "_kfuse_backend" not in m.__dict__
     assert_equal(run(model, x), before)
     assert kp.unfuse(model).unfused == []
     assert "8 layer(s) fused" in str(report)
+
+
+def test_fused_model_frees_at_del_and_replicas_use_their_parameters(seed: int, monkeypatch) -> None:
+    """A fused layer holds no reference to itself: ``del model`` frees its weights at once (no
+    garbage-collector pass: on a GPU, ``del model; torch.cuda.empty_cache()`` returns the memory),
+    and ``nn.DataParallel``'s replicas (``torch.nn.parallel.replicate``, which copies each module's
+    instance dict) compute with their own parameter copies. No second GPU here: the broadcast is
+    a CPU copy that doubles each parameter, so a replica's output tells which parameters it used."""
+    import gc  # noqa: PLC0415
+    import importlib  # noqa: PLC0415
+    import weakref  # noqa: PLC0415
+
+    rep = importlib.import_module("torch.nn.parallel.replicate")  # the module (the package exports the function)
+
+    for fused in (False, True):
+        model = llama()
+        if fused:
+            kp.fuse(model)
+        weight = weakref.ref(next(iter(lora_layers(model).values())).base_layer.weight)
+        gc.disable()
+        try:
+            del model
+            assert weight() is None, f"fused={fused}: the model outlived del"
+        finally:
+            gc.enable()
+
+    def doubled(tensors, devices, detach=False):
+        return [[(t.detach() if detach else t) * 2.0 for t in tensors] for _ in devices]
+
+    monkeypatch.setattr(rep, "_broadcast_coalesced_reshape", doubled)
+    x = embeds(H_LLAMA, torch.float32)
+    for fused in (False, True):
+        model = llama()
+        if fused:
+            kp.fuse(model)
+        layer = next(iter(lora_layers(model).values()))
+        replica = rep.replicate(layer, devices=[0, 1])[1]
+        assert type(replica) is type(layer)
+        twin = copy.deepcopy(layer)
+        for p in twin.parameters():
+            p.data.mul_(2.0)
+        with torch.no_grad():
+            assert_close(replica(x), twin(x), torch.float32, f"fused={fused}")
 
 
 def test_fuse_api(seed: int) -> None:

@@ -1,10 +1,10 @@
 """Hugging Face PEFT's LoRA layers on kfuse's kernels, in place: :func:`fuse` and :func:`unfuse`.
 
-``fuse(model)`` replaces the ``forward`` of every PEFT ``lora.Linear`` it can serve (over an
-``nn.Linear``, or a GPT-2 ``Conv1D`` with ``fan_in_fan_out=True``) by one that computes the layer
-with :func:`kfuse.lora_linear`, on that instance only; ``unfuse(model)`` removes it again, so
-the class's (PEFT's) forward is back. Parameters, buffers, adapters and the state dict are
-untouched: the fused forward reads the layer's live PEFT state on every call, so everything
+``fuse(model)`` switches each PEFT ``lora.Linear`` it can serve (over an ``nn.Linear``, or a
+GPT-2 ``Conv1D`` with ``fan_in_fan_out=True``) to :class:`FusedLinear`, the subclass whose
+forward computes the layer with :func:`kfuse.lora_linear`, by setting that layer's class;
+``unfuse(model)`` sets ``lora.Linear`` back, PEFT's forward. Parameters, buffers, adapters and
+the state dict are untouched: the fused forward reads the layer's live PEFT state on every call, so everything
 PEFT does to a layer after ``fuse`` (``set_adapter``, ``merge_adapter``, ``disable_adapter()``,
 ``add_adapter``/``load_adapter``, ``set_scale``, ``train()``/``eval()``, an optimizer step) is
 honoured. Per call, mirroring ``peft.tuners.lora.layer.Linear.forward`` (PEFT 0.21):
@@ -65,7 +65,7 @@ except ImportError as e:  # pragma: no cover (the tests install peft)
     raise ImportError("kfuse.integrations.peft needs the `peft` package (which brings `transformers`): "
                       "pip install peft") from e
 
-__all__ = ["Report", "fuse", "fused_layers", "unfuse"]
+__all__ = ["FusedLinear", "Report", "fuse", "fused_layers", "unfuse"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _PLAIN = (Tensor, nn.Parameter)
@@ -154,25 +154,20 @@ def _skip_reason(module: nn.Module) -> str | None:
     return None
 
 
-class _FusedForward:
-    """The ``forward`` :func:`fuse` sets on one layer instance: :func:`_fused_forward` bound to it.
-    A small class rather than a bound method, so that fused models pickle (``torch.save``; a
-    bound method pickles as ``getattr(layer, its name)``) and deep-copy (rebound to the copy)."""
+class FusedLinear(_lora.Linear):
+    """PEFT's ``lora.Linear`` with kfuse's forward: :func:`fuse` sets a layer's class to this
+    subclass and :func:`unfuse` sets it back; the layer's state is untouched. A class, not a
+    forward stored on the instance: such a forward holds its layer, so the layer would be in a
+    reference cycle (a deleted model's memory waited for the garbage collector) and copies that
+    share the instance dict (``nn.DataParallel``'s replicas) would compute with the original
+    layer. A class binds ``self`` to whichever module is called, and pickles by name."""
 
-    __slots__ = ("layer",)
-
-    def __init__(self, layer: nn.Module) -> None:
-        self.layer = layer
-
-    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
-        return _fused_forward(self.layer, x, *args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<kfuse fused forward of {type(self.layer).__qualname__} at {id(self.layer):#x}>"
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return _fused_forward(self, x, *args, **kwargs)
 
 
 def _is_fused(module: nn.Module) -> bool:
-    return isinstance(module.__dict__.get("forward"), _FusedForward)
+    return type(module) is FusedLinear
 
 
 # ---------------------------------------------------------------- the fused forward
@@ -187,7 +182,7 @@ def _peft(self: nn.Module, reason: str | None, x: object, args: tuple, kwargs: d
         _warned.add(reason)
         warnings.warn(f"kfuse.integrations.peft: {reason}; PEFT's own forward runs such calls (this warning is "
                       "shown once)", stacklevel=4)
-    return type(self).forward(self, x, *args, **kwargs)
+    return _lora.Linear.forward(self, x, *args, **kwargs)
 
 
 def _call_reason(self: nn.Module, x: object) -> str | None:
@@ -383,7 +378,7 @@ def fuse(model: nn.Module, *, backend: str = "auto", warn: bool = True) -> Repor
             report.skipped[name] = reason
             continue
         module._kfuse_backend = backend
-        module.forward = _FusedForward(module)  # per instance; the class's forward stays PEFT's
+        module.__class__ = FusedLinear  # this layer only; unfuse sets lora.Linear back
         report.fused.append(name)
     if warn and (report.skipped or not report.fused):
         by_reason: dict[str, list[str]] = {}
@@ -397,12 +392,12 @@ def fuse(model: nn.Module, *, backend: str = "auto", warn: bool = True) -> Repor
 
 
 def unfuse(model: nn.Module) -> Report:
-    """Switches every layer :func:`fuse` fused in ``model`` back to PEFT's forward (the class's
-    own, exactly as before ``fuse``). Returns a :class:`Report` listing them in ``unfused``."""
+    """Switches every layer :func:`fuse` fused in ``model`` back to PEFT's ``lora.Linear``, exactly
+    as before ``fuse``. Returns a :class:`Report` listing them in ``unfused``."""
     report = Report()
     for name, module in _tuner_layers(model):
         if _is_fused(module):
-            del module.forward
+            module.__class__ = _lora.Linear
             module.__dict__.pop("_kfuse_backend", None)
             report.unfused.append(name)
     return report
