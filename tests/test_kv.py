@@ -323,6 +323,50 @@ def assert_same(cache: PagedKVCache, snap) -> None:
     assert now[1] == snap[1]
 
 
+def test_bug_hunt_findings_leave_the_cache_as_it_was():
+    """Five ways a user reached a broken or leaking cache (a review of 2026-12-03), each now refused
+    with a clear error and the cache unchanged, or handled:
+    counts near 2**63 wrapped their sum (and the C++ end-of-sequence check) and corrupted the metadata;
+    a K/V write that fails (pools made under inference_mode, written outside it) left a step open and
+    pages held; a list of bools passed as sequences 0 and 1; pending() and kv_len() read any index
+    and any layer; K/V that require grad made the pools part of an ever-growing autograd graph."""
+    cache, a, b = _populated()
+    snap = snapshot(cache)
+    huge = 2**63 - 1
+    with pytest.raises(ValueError, match=r"counts must be in \[0, max_pages_per_seq\*page_size"):
+        cache.append(0, [a, b], torch.zeros(0, HKV, D), torch.zeros(0, HKV, D), counts=[huge, 1 - huge + 2**63 - 1])
+    assert_same(cache, snap)
+    with pytest.raises(ValueError, match="must hold ints, not bools"):
+        cache.rollback([True], [0])
+    with pytest.raises(ValueError, match="must hold ints, not bools"):
+        kfuse.paged_decode_attention(torch.randn(2, HKV, D), cache, 0, [True, False])
+    assert_same(cache, snap)
+    for bad in (-1, 99):
+        with pytest.raises(IndexError, match="seq_id"):
+            cache.pending(bad)
+    with pytest.raises(IndexError, match="layer"):
+        cache.kv_len(L, a)
+    # A failing write on the step's first layer: no step stays open, no page stays held.
+    with torch.inference_mode():
+        frozen = make()
+    s = frozen.add_sequence()
+    before = snapshot(frozen)
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        frozen.append(0, [s], torch.randn(3, HKV, D), torch.randn(3, HKV, D), counts=[3])
+    assert frozen._step is None
+    now = snapshot(frozen)  # the metadata as it was (bytes past the lengths may hold what was written)
+    assert now[1] == before[1] and all(torch.equal(x, y) for x, y in zip(now[0][2:], before[0][2:], strict=True))
+    # K/V with autograd history are stored as values: the pools never require grad.
+    w = torch.randn(D, D, requires_grad=True)
+    for _ in range(3):
+        k = torch.randn(2, HKV, D) @ w
+        step_k = [k, k]
+        for layer in range(L):
+            cache.append(layer, [a, b], *step_k)
+        cache.advance([a, b])
+    assert not cache.k_pages.requires_grad and not cache.v_pages.requires_grad and cache.k_pages.grad_fn is None
+
+
 def _populated(mirror: bool = False):
     cache = make(num_pages=8, max_seqs=3, _mirror=mirror)
     a, b = cache.add_sequence(), cache.add_sequence()

@@ -125,11 +125,13 @@ StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* count
   int64_t need = 0, total = 0;
   std::vector<int32_t> shared;  // the shared partial last pages written this step, one entry per writer
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t s = ids[i], c = counts[i], len = st.lens[s], end = len + c;
+    const int64_t s = ids[i], c = counts[i], len = st.lens[s];
     if (c < 0) value_error("counts must be >= 0; got " + std::to_string(c) + " for sequence " + std::to_string(s));
-    if (end > cap)
-      value_error("counts: sequence " + std::to_string(s) + " would reach " + std::to_string(end) +
-                  " tokens; max_pages_per_seq*page_size = " + std::to_string(cap));
+    // c > cap - len, not len + c > cap: a count near 2^63 would wrap the sum and pass.
+    if (c > cap - len)
+      value_error("counts: sequence " + std::to_string(s) + " has " + std::to_string(len) + " tokens and " +
+                  std::to_string(c) + " more would pass max_pages_per_seq*page_size = " + std::to_string(cap));
+    const int64_t end = len + c;
     if (c == 0) continue;
     total += c;
     need += ceil_div(end, ps) - st.npages[s];

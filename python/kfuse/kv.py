@@ -86,11 +86,14 @@ def _index_tensor(x, what: str) -> Tensor:
     if isinstance(x, (int, float, bool)) or not hasattr(x, "__len__"):
         raise ValueError(f"{what} must be a sequence of ints; got {type(x).__name__} {x!r}")
     # array('q') converts a list of 256 ints in ~8 us (numpy ~16 us, torch.tensor ~4x more) and
-    # refuses non-integers (floats, strings; bools are ints in Python and pass as 0/1).
+    # refuses non-integers (floats, strings). Bools are ints in Python and would pass as 0/1: a mask
+    # given by mistake would select sequences 0 and 1, so they are refused as a bool tensor is.
     try:
         buf = array.array("q", x)
     except (TypeError, OverflowError) as e:
         raise ValueError(f"{what} must hold ints; got {list(x)!r}") from e
+    if any(isinstance(e, (bool, np.bool_)) for e in x):
+        raise ValueError(f"{what} must hold ints, not bools; got {list(x)!r}")
     return torch.frombuffer(buf, dtype=torch.int64) if len(buf) else torch.zeros(0, dtype=torch.int64)
 
 
@@ -252,11 +255,13 @@ class PagedKVCache:
 
     def pending(self, seq_id: int) -> int:
         """Tokens appended for ``seq_id`` in the open step (0 when none is open)."""
-        return 0 if self._step is None else int(self._step["pending"].numpy()[seq_id])
+        s = self._check_id(seq_id, "seq_id")
+        return 0 if self._step is None else int(self._step["pending"].numpy()[s])
 
     def kv_len(self, layer: int, seq_id: int) -> int:
         """Length attention at ``layer`` should read for ``seq_id``: committed, plus the open step's
         tokens if ``layer`` has appended them."""
+        self._check_layer(layer)
         s = self._check_id(seq_id, "seq_id")
         n = int(self._n_lens[s])
         if self._step is not None and layer in self._step["layers"]:
@@ -293,7 +298,7 @@ class PagedKVCache:
         Args:
             layer: int in ``[0, num_layers)``.
             seq_ids: distinct active sequence ids (ints, or a 1-D CPU integer tensor), length ``n``.
-            k, v: ``[total_tokens, num_kv_heads, head_dim]``, the cache's dtype and device, packed in
+            k, v: ``[total_tokens, num_kv_heads, head_dim]``, the cache's dtype and device (stored detached), packed in
                 ``seq_ids`` order.
             counts: tokens per sequence (``n`` ints ≥ 0 summing to ``total_tokens``); ``None`` means one
                 token per sequence.
@@ -303,8 +308,7 @@ class PagedKVCache:
         appends once; :meth:`advance` commits. Cost O(new tokens) (plus one page copy per
         copy-on-write). No sync.
         """
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise IndexError(f"layer must be an int in [0, {self.num_layers}); got {layer!r}")
+        self._check_layer(layer)
         self._not_capturing("append")
         st = self._step
         ids = _index_tensor(seq_ids, "seq_ids")
@@ -313,8 +317,9 @@ class PagedKVCache:
             raise ValueError(f"counts has {cnt.numel()} entries; seq_ids has {ids.numel()}")
         if st is None:
             self._host.check_ids(ids, "seq_ids")
-            if (cnt < 0).any():
-                raise ValueError(f"counts must be >= 0; got {cnt.tolist()}")
+            cap = self.max_pages_per_seq * self.page_size
+            if (cnt < 0).any() or (cnt > cap).any():  # (before the sum, which huge counts would wrap)
+                raise ValueError(f"counts must be in [0, max_pages_per_seq*page_size = {cap}]; got {cnt.tolist()}")
         total = int(cnt.sum())
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, Tensor):
@@ -334,18 +339,29 @@ class PagedKVCache:
                                  "tokens")
             if layer in st["layers"]:
                 raise ValueError(f"layer {layer} already appended in this step; call advance() first")
+            self._write(layer, st["slots"], k, v)
         else:
             st = self._open_step(ids, cnt)  # validates capacity before mutating
-        self._write(layer, st["slots"], k, v)
+            try:
+                self._write(layer, st["slots"], k, v)
+            except BaseException:  # e.g. pools made under torch.inference_mode(), written outside it
+                self.abort_step()  # the cache as it was: no open step, no pages held
+                raise
         st["layers"].add(layer)
+
+    def _check_layer(self, layer: object) -> None:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer must be an int in [0, {self.num_layers}); got {layer!r}")
 
     def _write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """K/V ``[total, num_kv_heads, head_dim]`` of ``layer`` for new tokens at flat slots ``page · page_size +
         slot`` (device int64 ``[total]``, distinct): one ``index_copy_`` per pool, no checks, no host work
-        (also the body of a captured decode step, ``kfuse.models.llama.DecodeGraphs``)."""
+        (also the body of a captured decode step, ``kfuse.models.llama.DecodeGraphs``). The cache keeps
+        values, not autograd history (inference only): K/V that require grad are stored detached, so the
+        pools never join a graph that would keep every step's activations alive."""
         shape = (-1, self.num_kv_heads, self.head_dim)
-        self.k_pages[layer].view(shape).index_copy_(0, slots, k)
-        self.v_pages[layer].view(shape).index_copy_(0, slots, v)
+        self.k_pages[layer].view(shape).index_copy_(0, slots, k.detach())
+        self.v_pages[layer].view(shape).index_copy_(0, slots, v.detach())
 
     def _open_step(self, ids: Tensor, cnt: Tensor, *, external: bool = False) -> dict:
         """Open a step for validated ``ids`` with ``cnt`` tokens each: checks capacity, then updates the host
