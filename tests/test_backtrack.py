@@ -646,3 +646,48 @@ def test_generate_on_cuda():
     assert_invariants(res)
     assert not any(any(check([t[j:j + 8] for j in range(len(t))])) for t in res.tokens if t)
     assert torch.equal(cache._flat.cpu(), cache._h_flat)
+
+
+def test_offending_bans_stop_when_no_room_is_left(model):
+    """ban="offending" once the sequence-wide bans have no room left (max_flags + 1 tokens must stay):
+    no more such bans, the run goes on (it crashed with a bare zip() error), both when the room is 0 from
+    the start and when a check that flags many ids uses it up."""
+    first = generate(model, [PROMPTS[0]], max_new_tokens=4, mode="plain").tokens[0][0]
+    kw = dict(max_new_tokens=4, check=WordListCheck([[first]]), check_every=2, max_backtracks=VOCAB - 2,
+              on_limit="stop")
+    assert generate(model, [PROMPTS[0]], ban="offending", **kw).tokens == \
+        generate(model, [PROMPTS[0]], **kw).tokens
+    res = generate(model, [[1], [7, 8]], max_new_tokens=12, check=WordListCheck([[t] for t in range(VOCAB) if t % 3]),
+                   check_every=2, max_backtracks=20, max_resets=3, ban="offending", temperature=1.0, seed=0)
+    assert_invariants(res)
+
+
+def test_word_list_matches_whole_words_that_start_or_end_with_symbols():
+    """Whole words are entries with no word character just before or after: obfuscated entries ("@ss",
+    "$hit", "a$$") match on their own, and not inside a longer word."""
+    check = WordListCheck(["@ss", "$hit", "a$$", "damn"])
+    texts = ["you @ss", "oh $hit!", "what an a$$ you are", "a$$hole", "damn it", "damnation", "x@ssy", "DAMN."]
+    assert check(texts) == [True, True, True, False, True, False, False, True]
+
+
+def test_sampling_extremes_keep_the_bans_and_the_limits():
+    """Temperatures near 0 give the best allowed token (a banned best one gives the second), a huge one
+    (inf in float32) never draws a banned id, and a top_p below float32's smallest number keeps the top
+    token: float32 overflow made the rows NaN, and a NaN cdf picked the last id, banned or not."""
+    from kfuse.backtrack import _sample, _seeded_generator  # noqa: PLC0415
+
+    rows = torch.randn(3, 10, generator=torch.Generator().manual_seed(0)) * 3
+    best = rows.argmax(-1)
+    second = rows.topk(2, -1).indices[:, 1].tolist()
+    banned = [{int(b)} for b in best]
+
+    def gens(seed=0):
+        return [_seeded_generator(seed, i) for i in range(3)]
+
+    for t in (1e-3, 1e-38, 1e-40, 1e-45):
+        assert _sample(rows, [set()] * 3, t, None, 1.0, gens()) == best.tolist()
+        assert _sample(rows, banned, t, None, 1.0, gens()) == second
+    assert _sample(rows, [set()] * 3, 1.0, None, 1e-300, gens()) == best.tolist()
+    for seed in range(20):
+        picks = _sample(rows, banned, 1e300, None, 1.0, gens(seed))
+        assert all(p not in b for p, b in zip(picks, banned, strict=True))

@@ -232,6 +232,17 @@ def test_lora_adapters_run_on_kfuse_lora_op(monkeypatch):
     assert fused_layers(pm) == []
 
 
+def test_prompt_learning_adapters_are_refused():
+    """Prompt tuning and prefix tuning keep their virtual tokens / prefix key-values on the PeftModel, not in
+    the layers: from_hf refuses them, naming the method, where unwrapping ran the base model silently."""
+    peft = pytest.importorskip("peft")
+    for cfg in (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+                peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)):
+        hf, _ = build()
+        with pytest.raises(ValueError, match="prompt-learning"):
+            LlamaForCausalLM.from_hf(peft.get_peft_model(hf, cfg))
+
+
 # ---------------------------------------------------------------- decode graphs
 
 

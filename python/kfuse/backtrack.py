@@ -117,7 +117,10 @@ class WordListCheck:
         self._multi = [p for p in self.ids if len(p) > 1]
         if any(not w for w in entries):
             raise ValueError(f"kfuse.backtrack.WordListCheck: words must not hold an empty entry; got {words!r}")
-        self._pattern = (re.compile(r"\b(?:" + "|".join(map(re.escape, self.texts)) + r")\b", re.IGNORECASE)
+        # Whole words: no word character just before or after. Not \b, which needs a word character on the
+        # entry's side too, so entries that start or end with another character ("@ss", "a$$") never matched
+        # on their own, and "a$$" matched inside "a$$hole".
+        self._pattern = (re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, self.texts)) + r")(?!\w)", re.IGNORECASE)
                          if self.texts else None)
 
     def __call__(self, windows: list[str] | list[list[int]]) -> list[bool]:
@@ -201,13 +204,17 @@ def _sample(rows: Tensor, banned: list[set[int]], temperature: float, top_k: int
                 rows[r, list(b)] = float("-inf")
     if temperature == 0.0:
         return rows.argmax(-1).tolist()
-    rows = rows / temperature
+    # Shifted by the best allowed logit, so that a tiny temperature cannot overflow it to inf; a huge one
+    # (inf in float32) turns a banned -inf into NaN, put back to -inf. A NaN cdf picked the last id,
+    # banned or not.
+    rows = ((rows - rows.amax(-1, keepdim=True)) / temperature).nan_to_num_(nan=float("-inf"))
     if top_k is not None and top_k < rows.shape[1]:
         rows = rows.masked_fill(rows < rows.topk(top_k, -1).values[:, -1:], float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = rows.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p (the top one stays)
+        drop = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p
+        drop[:, 0] = False  # the top one stays (top_p below float32's smallest number compared as 0)
         rows = rows.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     cdf = rows.softmax(-1).double().cumsum(-1)
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
@@ -531,8 +538,10 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
 def _offending(check: Check, segment: list[int], tokenizer: Any, threshold: float, room: int) -> set[int]:
     """The distinct tokens of ``segment`` that ``check`` flags on their own (at most ``room`` of them)."""
     singles = sorted(set(segment))
-    flagged = _run_check(check, [[t] for t in singles], tokenizer, threshold) if singles and room > 0 else []
-    return set([t for t, bad in zip(singles, flagged, strict=True) if bad][:max(room, 0)])
+    if not singles or room <= 0:  # no room left for sequence-wide bans: none (the check need not run)
+        return set()
+    flagged = _run_check(check, [[t] for t in singles], tokenizer, threshold)
+    return set([t for t, bad in zip(singles, flagged, strict=True) if bad][:room])
 
 
 def _run_check(check: Check, windows: list[list[int]], tokenizer: Any, threshold: float) -> list[bool]:

@@ -106,6 +106,14 @@ class LlamaForCausalLM(nn.Module):
         from transformers import LlamaForCausalLM as HFLlama  # noqa: PLC0415 (transformers is optional)
 
         if hasattr(hf_model, "get_base_model") and hasattr(hf_model, "peft_config"):  # a peft.PeftModel
+            cfg = getattr(hf_model, "active_peft_config", None)
+            if getattr(cfg, "is_prompt_learning", False):
+                # Its virtual tokens / prefix key-values live on the PeftModel, not in the layers: unwrapping
+                # would silently run the base model.
+                raise ValueError(f"hf_model's active PEFT adapter is {getattr(cfg, 'peft_type', type(cfg).__name__)}, "
+                                 "a prompt-learning method (its virtual tokens or prefix key/values live on the "
+                                 "PeftModel, not in the model's layers); kfuse runs adapters that live in the layers "
+                                 "(LoRA, IA3, ...)")
             hf_model = hf_model.get_base_model()
         if not isinstance(hf_model, HFLlama):
             raise TypeError(f"hf_model must be a transformers.LlamaForCausalLM (or a peft.PeftModel of one); got "
