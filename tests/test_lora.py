@@ -3,6 +3,7 @@ modules, the routes (autograd, torch.compile, torch.library, transforms) and bad
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import warnings
@@ -300,6 +301,22 @@ def test_gradcheck_float64(backend: str, p: float, fifo: bool, seed: int) -> Non
     assert torch.autograd.gradcheck(f, ts)
     if not fifo:
         assert torch.autograd.gradgradcheck(f, ts)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_batched_backward_with_dropout(backend: str, seed: int) -> None:
+    """A batched backward (is_grads_batched: jacobians, vectorised) with dropout gives the row-by-row
+    gradients: the backward regenerates the forward's mask inside autograd's vmap mode, which refuses
+    random ops (it raised on the cpu backend)."""
+    x = torch.randn(3, 6, requires_grad=True)
+    W, A, B = torch.randn(4, 6), torch.randn(2, 6, requires_grad=True), torch.randn(4, 2)
+    y = kfuse.lora_linear(x, W, A, B, 0.9, dropout_p=0.5, backend=backend)
+    eye = torch.eye(y.numel()).view(-1, *y.shape)
+    batched = torch.autograd.grad(y, (x, A), eye, is_grads_batched=True, retain_graph=True)
+    rows = [torch.stack(g) for g in zip(*(torch.autograd.grad(y, (x, A), e, retain_graph=True) for e in eye),
+                                        strict=True)]
+    for b, r in zip(batched, rows, strict=True):
+        assert_close(b, r, torch.float32)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -1522,3 +1539,24 @@ def test_report_rows_tiny(report_rows) -> None:
     else:
         assert all(r["status"] == "skipped" for r in step)
     assert "x@W.T" in out and "dY@W" in out and "saved MiB" in out and "tok/s" in out
+
+
+def test_module_casts_keep_float32_scalings_and_adapter_dtype_is_checked() -> None:
+    """MultiLoRALinear.to(half) keeps ``scalings`` float32 (documented; they were rounded to the
+    module's dtype, 0.2% of the LoRA term in bf16), also for adapters added after the cast; an
+    adapter_dtype the op cannot take (neither float32 nor the base's) is refused at construction,
+    naming it, where it failed at the first forward."""
+    m = kfuse.nn.MultiLoRALinear(8, 4)
+    m.add_adapter(torch.randn(3, 8), torch.randn(4, 3), 2 / 3)
+    for dt in (torch.float16, torch.bfloat16):
+        half = copy.deepcopy(m).to(dt)
+        half.add_adapter(torch.randn(3, 8), torch.randn(4, 3), 1 / 3)
+        assert half.scalings.dtype == torch.float32
+        assert half.scalings.tolist() == torch.tensor([2 / 3, 1 / 3]).tolist()
+        assert half.A_stack.dtype == dt and half.weight.dtype == dt
+    for cls in (kfuse.nn.LoRALinear, kfuse.nn.MultiLoRALinear):
+        with pytest.raises(TypeError, match="adapter_dtype must be torch.float32 or the base weight's dtype"):
+            cls(8, 4, adapter_dtype=torch.float16)
+        with pytest.raises(TypeError, match="adapter_dtype"):
+            cls(8, 4, dtype=torch.bfloat16, adapter_dtype=torch.float64)
+        assert cls(8, 4, dtype=torch.bfloat16, adapter_dtype=torch.bfloat16) is not None

@@ -48,7 +48,8 @@ compiled autograd (:func:`tracing`) it calls the registered backward op, so the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -132,3 +133,21 @@ def differentiable_backward(grad: Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     return is_functorch_wrapped_tensor(grad) or is_legacy_batchedtensor(grad)
+
+
+@contextlib.contextmanager
+def outside_legacy_vmap() -> Iterator[None]:
+    """Runs its block outside autograd's legacy vmap mode (the batched backward of
+    ``torch.autograd.grad(..., is_grads_batched=True)``, ``jacobian(vectorize=True)``), which
+    refuses random ops. For random draws that do not depend on the batched tensors: a backward that
+    regenerates its forward's dropout mask from a saved seed. (Private torch API, in torch 2.11 to
+    2.14: the nesting depth is read by one increment and decrement.)"""
+    depth = torch._C._vmapmode_increment_nesting() - 1
+    torch._C._vmapmode_decrement_nesting()
+    for _ in range(depth):
+        torch._C._vmapmode_decrement_nesting()
+    try:
+        yield
+    finally:
+        for _ in range(depth):
+            torch._C._vmapmode_increment_nesting()

@@ -33,11 +33,15 @@ def _check_backend(cls: str, backend: object) -> str:
     return backend
 
 
-def _adapter_dtype(adapter_dtype: torch.dtype | None, base_dtype: torch.dtype) -> torch.dtype:
-    """PEFT keeps adapters in float32 (``autocast_adapter_dtype=True``) under fp16/bf16/fp32 bases."""
-    if adapter_dtype is not None:
-        return adapter_dtype
-    return torch.float64 if base_dtype == torch.float64 else torch.float32
+def _adapter_dtype(adapter_dtype: torch.dtype | None, base_dtype: torch.dtype, cls: str) -> torch.dtype:
+    """PEFT keeps adapters in float32 (``autocast_adapter_dtype=True``) under fp16/bf16/fp32 bases.
+    An explicit dtype must be one the op takes: float32 or the base's."""
+    if adapter_dtype is None:
+        return torch.float64 if base_dtype == torch.float64 else torch.float32
+    if adapter_dtype not in (torch.float32, base_dtype):
+        raise TypeError(f"{cls}: adapter_dtype must be torch.float32 or the base weight's dtype ({base_dtype}); "
+                        f"got {adapter_dtype}")
+    return adapter_dtype
 
 
 def _new_base(cls: str, in_features: int, out_features: int, bias: bool, fan_in_fan_out: bool,
@@ -131,7 +135,7 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.weight = weight
         self.bias = bias
-        a_dtype = _adapter_dtype(adapter_dtype, weight.dtype)
+        a_dtype = _adapter_dtype(adapter_dtype, weight.dtype, type(self).__name__)
         factory = {"device": weight.device, "dtype": a_dtype}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
@@ -261,11 +265,21 @@ class MultiLoRALinear(nn.Module):
         self.backend = _check_backend("MultiLoRALinear", backend)
         self.in_features, self.out_features, self.fan_in_fan_out = in_features, out_features, fan_in_fan_out
         self.weight, self.bias = weight, bias
-        dev, a_dtype = weight.device, _adapter_dtype(adapter_dtype, weight.dtype)
+        dev, a_dtype = weight.device, _adapter_dtype(adapter_dtype, weight.dtype, "MultiLoRALinear")
         self.register_buffer("A_stack", torch.zeros(0, 0, in_features, device=dev, dtype=a_dtype))
         self.register_buffer("B_stack", torch.zeros(0, out_features, 0, device=dev, dtype=a_dtype))
         self.register_buffer("scalings", torch.zeros(0, device=dev, dtype=torch.float32))
         self.register_buffer("ranks", torch.zeros(0, device=dev, dtype=torch.int32))
+
+    def _apply(self, fn, recurse: bool = True):
+        # scalings stay float32 through .half() / .to(dtype), which would round every adapter's scaling to
+        # the module's dtype (bf16: 0.2% of the LoRA term); the values are taken from before the cast.
+        before = self.scalings
+        super()._apply(fn, recurse)
+        if self.scalings.dtype != torch.float32:
+            self.scalings = (torch.empty_like(self.scalings, dtype=torch.float32) if before.is_meta else
+                             before.to(device=self.scalings.device, dtype=torch.float32))
+        return self
 
     @classmethod
     def from_linear(cls, linear: nn.Module, fan_in_fan_out: bool = False, freeze_base: bool = True,

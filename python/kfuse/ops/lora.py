@@ -238,7 +238,10 @@ def _no_seed(device: torch.device) -> Tensor:
 def _generator_mask(seed: Tensor, M: int, K: int, p: float) -> Tensor:
     g = torch.Generator(device=seed.device)
     g.manual_seed(int(seed.item()))
-    return torch.rand(M, K, generator=g, device=seed.device) >= p
+    # A batched backward (is_grads_batched) regenerates the mask inside autograd's vmap mode, which
+    # refuses random ops; the mask depends on the seed only.
+    with _routing.outside_legacy_vmap():
+        return torch.rand(M, K, generator=g, device=seed.device) >= p
 
 
 def dropout_mask(seed: Tensor, M: int, K: int, p: float, backend: str) -> Tensor:
@@ -652,10 +655,11 @@ def lora_linear(
     trainable: correct, not fast), each in its input's dtype. Dropout masks come from torch's
     RNG (``torch.manual_seed`` reproduces them); the backward regenerates the mask from a
     seed, so the saved tensors are x, ``S = dropout(x) Aᵀ`` (``[M, r]`` float32), the seed and
-    the parameters. Higher-order gradients (``create_graph=True``), batched backwards,
-    ``torch.func`` transforms and forward-mode AD run the reference (the backend's mask is
-    used with a kernel backend). With ``backend="reference"`` dropout draws its mask with
-    ``torch.rand`` and autograd keeps it.
+    the parameters. Higher-order gradients (``create_graph=True``) and batched backwards run the
+    reference's vjp with the backend's mask. ``torch.func`` transforms and forward-mode AD run the
+    reference, whose dropout draws its own mask (``torch.rand``; reproducible under
+    ``torch.manual_seed`` too, but not the mask an eager call with the same seed drops): as
+    ``backend="reference"`` does, where autograd keeps the mask.
     """
     tensors = (x, weight, lora_A, lora_B, bias, lora_bias)
     if torch.overrides.has_torch_function(tensors):  # torch.fx.symbolic_trace's Proxy, ...
