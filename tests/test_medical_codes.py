@@ -352,3 +352,82 @@ def test_demo_runs_small(tmp_path, capsys):
         assert isinstance(fbgemm, str) and fbgemm.startswith("skipped:") and "fbgemm_gpu" in fbgemm
     text = capsys.readouterr().out
     assert "SYNTHETIC" in text and "kfuse backend: cpu" in text and "nearest to" in text
+
+
+def test_bug_hunt_findings(small, claims, tmp_path):
+    """Defects a review found (2026-12-03), each fixed:
+    the task head was initialised from torch's global RNG, so --seed did not fix the AUCs; FBGEMM's
+    build took adam (which its CPU build lacks) and dims not a multiple of 4, failing with raw
+    assertions, and looked up row 0 for out-of-range codes; npy exports of "emb.seed1" and
+    "emb.seed2" both wrote emb.npy; optimizer=None trained nothing in train_outcome/train_general;
+    predict_outcome left an eval model in training mode; the torch build's state_dict dropped its
+    optimizer state; claims without a visit of 2 codes gave an unclear reshape error."""
+    gen = GeneralCodeEmbedding(small.sizes, 8, lr=0.2, seed=0)
+    heads = []
+    for _ in range(2):
+        torch.rand(7)  # the global RNG moves between the two builds
+        heads.append(CodeOutcomeModel("super", gen.codes, seed=3).head.weight.detach().clone())
+    assert torch.equal(*heads)
+    assert not torch.equal(heads[0], CodeOutcomeModel("super", gen.codes, seed=4).head.weight)
+
+    npy = [export_vectors(gen.codes, small, tmp_path / f"emb.seed{s}", fmt="npy") for s in (1, 2)]
+    assert [f.name for f in npy[0]] == ["emb.seed1.npy", "emb.seed1.index.tsv"] and npy[0][0].exists()
+    assert load_vectors(npy[0][0])[1].shape == (sum(small.sizes), 8)
+
+    with pytest.raises(ValueError, match="no fused optimizer"):
+        train_general(GeneralCodeEmbedding(small.sizes, 8, optimizer=None), claims, epochs=0.1)
+    with pytest.raises(ValueError, match="no fused optimizer"):
+        train_outcome(CodeOutcomeModel("task", sizes=small.sizes, dim=8, optimizer=None), claims, np.arange(100))
+
+    m = CodeOutcomeModel("super", gen.codes, seed=1).eval()
+    predict_outcome(m, claims, np.arange(10))
+    assert not m.training
+
+    # The torch build: a state_dict taken after some steps resumes to the same next step.
+    idx, off = claims.visit_bags(np.arange(64))
+
+    def step(model, s):
+        g = torch.Generator().manual_seed(s)
+        psw, tgt = cbow_batch(idx, off, 3, model.bases, g)
+        model(idx, off, psw, tgt, model.sample_negatives(64, g)).backward()
+        model.update()
+
+    a = GeneralCodeEmbedding(small.sizes, 8, lr=0.2, impl="torch", seed=0)
+    a.set_noise([claims.code_counts(d) for d in claims.domains])
+    for s in range(3):
+        step(a, s)
+    b = GeneralCodeEmbedding(small.sizes, 8, lr=0.2, impl="torch", seed=7)
+    b.set_noise([claims.code_counts(d) for d in claims.domains])
+    b.load_state_dict(a.state_dict())
+    step(a, 10)
+    step(b, 10)
+    for x, y in zip(a.codes.weights, b.codes.weights, strict=True):
+        assert torch.equal(x, y)
+
+    one_code = synthetic_claims(small, ClaimsConfig(patients=50, seed=0, visit_min=1, visit_max=1))
+    if (one_code.visit_sizes() < 2).all():
+        with pytest.raises(ValueError, match="no visit of the claims has at least 2 codes"):
+            train_general(GeneralCodeEmbedding(small.sizes, 8), one_code, epochs=0.1)
+
+    pytest.importorskip("fbgemm_gpu")
+    with pytest.raises(ValueError, match="FBGEMM has on the CPU"):
+        CodeEmbedding(small.sizes, 8, optimizer="adam", impl="fbgemm")
+    with pytest.raises(ValueError, match="multiples of 4"):
+        CodeEmbedding(small.sizes, 6, impl="fbgemm")
+    fb = CodeEmbedding(small.sizes, 8, impl="fbgemm")
+    bad = torch.tensor([0, small.sizes[0]])  # one past the dx table
+    with pytest.raises(RuntimeError):
+        fb(bad, torch.tensor([0, 2, 2, 2]))
+
+
+def test_demo_refuses_bad_arguments_up_front(tmp_path):
+    """Values that the demo replaced by its defaults (0) or failed on after the whole run (a missing
+    output folder) are argparse errors; the t-interval uses Student's t past 9 degrees of freedom."""
+    from kfuse.demos import medical_codes  # noqa: PLC0415
+
+    for args in (["--dim", "0"], ["--patients", "-5"], ["--epochs", "0"], ["--task-epochs", "0"], ["--seeds", "-1"],
+                 ["--bench-seconds", "0"], ["--out", str(tmp_path / "missing" / "x.png")],
+                 ["--claims", str(tmp_path / "none.csv")]):
+        with pytest.raises(SystemExit):
+            medical_codes.parse(args)
+    assert abs(medical_codes._t975(10) - 2.228139) < 3e-4 and abs(medical_codes._t975(30) - 2.042272) < 3e-4

@@ -24,6 +24,7 @@ demo times the same model on each. Vectors export to word2vec text or ``.npy`` +
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import os
@@ -90,10 +91,21 @@ class _TorchTables(nn.Module):
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
 
+    def get_extra_state(self) -> dict:
+        # The optimizer's state (Adagrad's sums, SparseAdam's moments) goes with state_dict, as the kfuse and
+        # FBGEMM builds keep theirs in the module: a checkpoint resumes the same training in every build.
+        return {} if self.opt is None else self.opt.state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        if self.opt is not None and state:
+            # A copy: the optimizer's load_state_dict keeps the given tensors, which would tie this module's
+            # state to the source's (as load_state_dict copies parameters into the module's own).
+            self.opt.load_state_dict(copy.deepcopy(state))
+
 
 class _FbgemmTables(nn.Module):
     """FBGEMM's table-batched embedding bags on the CPU with its fused optimizer (``EXACT_SGD``,
-    ``EXACT_ROWWISE_ADAGRAD``, ``ADAM``); the update happens in the backward as kfuse's."""
+    ``EXACT_ROWWISE_ADAGRAD``; its CPU build has no Adam); the update happens in the backward as kfuse's."""
 
     def __init__(self, tables: list[tuple[int, int]], mode: str, optimizer: str | None, lr: float, eps: float,
                  device: torch.device | str | None) -> None:
@@ -105,14 +117,20 @@ class _FbgemmTables(nn.Module):
             cfg = importlib.import_module("fbgemm_gpu.split_embedding_configs")
         except ImportError as err:
             raise ImportError(f"impl='fbgemm' needs fbgemm_gpu ({type(err).__name__}: {err})") from err
-        opt = {"sgd": cfg.EmbOptimType.EXACT_SGD, "rowwise_adagrad": cfg.EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-               "adam": cfg.EmbOptimType.ADAM}
+        # No Adam: FBGEMM's CPU build has none ("Optimizer adam is not supported in CPU mode").
+        opt = {"sgd": cfg.EmbOptimType.EXACT_SGD, "rowwise_adagrad": cfg.EmbOptimType.EXACT_ROWWISE_ADAGRAD}
         if optimizer not in opt:
-            raise ValueError(f"impl='fbgemm' needs a fused optimizer ({', '.join(opt)}); got {optimizer!r}")
+            raise ValueError(f"impl='fbgemm' needs a fused optimizer FBGEMM has on the CPU ({', '.join(opt)}); got "
+                             f"{optimizer!r}")
+        bad = [d for _, d in tables if d % 4]
+        if bad:  # FBGEMM asserts it; say it as a ValueError, which the demo reports as a skipped build
+            raise ValueError(f"impl='fbgemm' needs dims that are multiples of 4; got {bad}")
         specs = [(r, d, tbe.EmbeddingLocation.HOST, tbe.ComputeDevice.CPU) for r, d in tables]
         pooling = tbe.PoolingMode.SUM if mode == "sum" else tbe.PoolingMode.MEAN
+        # FATAL bounds checks: by default FBGEMM logs an out-of-range index and looks up row 0 instead.
         self.tbe = tbe.SplitTableBatchedEmbeddingBagsCodegen(specs, optimizer=opt[optimizer], learning_rate=lr,
-                                                             eps=eps, pooling_mode=pooling)
+                                                             eps=eps, pooling_mode=pooling,
+                                                             bounds_check_mode=tbe.BoundsCheckMode.FATAL)
 
     @property
     def weights(self) -> list[Tensor]:
@@ -181,7 +199,7 @@ class CodeEmbedding(nn.Module):
         if optimizer is None and impl != "kfuse":
             raise ValueError(f"optimizer=None (plain gradients) needs impl='kfuse'; got impl={impl!r}")
         self.sizes, self.dim, self.domains = [int(s) for s in sizes], int(dim), tuple(domains)
-        self.mode, self.impl = mode, impl
+        self.mode, self.impl, self.optimizer = mode, impl, optimizer
         self.tables = _tables([(s, self.dim) for s in self.sizes], mode, optimizer, lr, eps, weight_decay, impl,
                               backend, device, seed)
         self.reset_parameters(0.5 / self.dim if init_scale is None else init_scale, seed)
@@ -318,9 +336,14 @@ def train_general(model: GeneralCodeEmbedding, claims, epochs: float = 1.0, batc
     shuffled, ``epochs`` passes (fractions allowed); the noise distribution is set from the claims'
     code counts. Returns ``{"steps", "codes", "seconds", "codes_per_s", "loss_first", "loss_last"}``
     (codes: context codes looked up; time: training steps only, batch preparation included)."""
+    if model.codes.optimizer is None:  # (the context table has the same optimizer)
+        raise ValueError("train_general: the model's tables have no fused optimizer (optimizer=None gives plain "
+                         "gradients, which this loop would never apply): train them in a loop of your own")
     dev = model.bases.device
     model.set_noise([claims.code_counts(d) for d in claims.domains])
     visits = np.flatnonzero(claims.visit_sizes() >= 2)
+    if visits.size == 0:
+        raise ValueError("train_general: no visit of the claims has at least 2 codes (a context and a target)")
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     steps = max(1, int(math.ceil(epochs * visits.size / batch_size)))
@@ -397,7 +420,9 @@ class CodeOutcomeModel(nn.Module):
                                       seed=seed)
         width = sum(m.out_dim for m in (self.general, self.task) if m is not None)
         self.norm = nn.BatchNorm1d(width, affine=False, device=device)
-        self.head = nn.Linear(width, 1, device=device)
+        with torch.random.fork_rng(devices=[]):  # the head's initialisation from seed, not torch's global RNG
+            torch.manual_seed(seed)
+            self.head = nn.Linear(width, 1, device=device)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
@@ -459,6 +484,9 @@ def train_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, epochs:
     "loss_last"}``."""
     if claims.labels is None:
         raise ValueError("train_outcome: the claims have no labels")
+    if model.task is not None and model.task.optimizer is None:
+        raise ValueError("train_outcome: the task tables have no fused optimizer (optimizer=None gives plain "
+                         "gradients, which this loop would never apply): train them in a loop of your own")
     dev = model.head.weight.device
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.head_parameters(), lr=head_lr)
@@ -497,13 +525,14 @@ def train_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, epochs:
 @torch.no_grad()
 def predict_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, batch_size: int = 2048) -> np.ndarray:
     """``[len(patients)]``: predicted probabilities."""
+    was_training = model.training
     model.eval()
     dev = model.head.weight.device
     out = []
     for s in range(0, len(patients), batch_size):
         idx, off = claims.patient_bags(np.asarray(patients)[s: s + batch_size], dev)
         out.append(torch.sigmoid(model(idx, off)).cpu())
-    model.train()
+    model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -555,16 +584,18 @@ def export_vectors(embedding: CodeEmbedding, vocab, path: str | os.PathLike, fmt
                 f.write(key + " " + " ".join(map(repr, row)) + "\n")
         return [path]
     if fmt == "npy":
-        base = path.with_suffix("") if path.suffix == ".npy" else path
-        np.save(base.with_suffix(".npy"), mat)
-        with open(base.with_suffix(".index.tsv"), "w", encoding="utf-8") as f:
+        # Suffixes appended, not substituted: "emb.seed1" and "emb.seed2" must not both write "emb.npy".
+        base = str(path.with_suffix("") if path.suffix == ".npy" else path)
+        npy, tsv = Path(base + ".npy"), Path(base + ".index.tsv")
+        np.save(npy, mat)
+        with open(tsv, "w", encoding="utf-8") as f:
             f.write("row\tdomain\tcode\tdescription\n")
             r = 0
             for d in embedding.domains:
                 for c, desc in zip(vocab.codes[d], vocab.descriptions[d], strict=True):
                     f.write(f"{r}\t{d}\t{c}\t{desc.replace(chr(9), ' ')}\n")
                     r += 1
-        return [base.with_suffix(".npy"), base.with_suffix(".index.tsv")]
+        return [npy, tsv]
     raise ValueError(f"fmt must be 'word2vec' or 'npy'; got {fmt!r}")
 
 
@@ -573,9 +604,9 @@ def load_vectors(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     ``.index.tsv``) reads the npy format; anything else, word2vec text."""
     path = Path(path)
     if path.suffix in (".npy", ".tsv"):
-        base = Path(str(path).removesuffix(".index.tsv").removesuffix(".npy"))
-        mat = np.load(base.with_suffix(".npy"))
-        with open(base.with_suffix(".index.tsv"), encoding="utf-8") as f:
+        base = str(path).removesuffix(".index.tsv").removesuffix(".npy")
+        mat = np.load(base + ".npy")
+        with open(base + ".index.tsv", encoding="utf-8") as f:
             next(f)
             keys = [f"{p[1]}:{p[2]}" for p in (line.rstrip("\n").split("\t") for line in f)]
         return keys, mat
