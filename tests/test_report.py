@@ -98,3 +98,43 @@ def test_goals_and_the_other_cache_state(monkeypatch) -> None:
     assert 2 * (1 << 16) // 4 in flushes
     table = R.format_table(rep)
     assert "xeager >= 1e+09: " in table and "MISSED" in table and "%copy >= 0: " in table and "met" in table
+
+
+def test_failed_cases_fail_the_run_and_the_json_is_strict(monkeypatch, tmp_path) -> None:
+    """A case whose inputs could not be built checked nothing: a bad row (exit status 1), not counted
+    as skipped (cases_skipped counts the time budget's rows only); an error of inf is written as the
+    string "inf" (strict JSON: parsers refuse Infinity); a sub-second budget is printed as it is."""
+    import json  # noqa: PLC0415
+
+    monkeypatch.setattr(R, "measure_ceilings", lambda device, quick: R.Ceilings(1 << 20, 10.0, "fake", 1.0))
+    nan_op = _fake_op("n", 1)
+    nan_op.candidates = lambda case, x: [R.Candidate("kfuse", "backend", lambda: x * float("nan")),
+                                         R.Candidate("eager", "baseline", lambda: x + x)]
+    nan_op.error = lambda case, got, want: float("inf")
+    rep = R.run_report({"a": _fake_op("a", 2, fail_inputs=0), "n": nan_op}, CPU, quick=True, seed=0,
+                       json_path=tmp_path / "r.json", progress=lambda _: None)
+    assert [r.bad for r in rep.rows if r.kind == "case"] == [True] and rep.cases_skipped == 0
+    text = (tmp_path / "r.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    errs = [r["max_err"] for r in json.loads(text)["rows"] if r["op"] == "n" and r["name"] == "kfuse"]
+    assert errs == ["inf"]
+    late = R.run_report({"a": _fake_op("a", 3)}, CPU, quick=True, seed=0, time_budget=1e-9,
+                        progress=lambda _: None)
+    assert late.cases_skipped == 3 and all("time budget of 1e-09 s spent" in r.note for r in late.rows
+                                           if r.kind == "case")
+
+
+def test_cli_refuses_what_it_cannot_honour(tmp_path) -> None:
+    """--time-budget nan (it turned the budget off), a seed torch cannot take, an --out that cannot be
+    made: argparse errors up front, not a run that ignores them or a traceback."""
+    import pytest  # noqa: PLC0415
+
+    from kfuse.__main__ import main  # noqa: PLC0415
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for args in (["--time-budget", "nan"], ["--time-budget", "inf"], ["--seed", str(2**64)], ["--seed", "-1"],
+                 ["--out", str(blocker / "sub")]):
+        with pytest.raises(SystemExit) as e:
+            main(["--quick", "--device", "cpu", "--ops", "deu", *args])
+        assert e.value.code == 2, args

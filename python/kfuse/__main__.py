@@ -15,6 +15,7 @@ not fatal).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -52,14 +53,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown op(s) {unknown}; choose from {sorted(OPS)}")
     if not names:
         parser.error(f"--ops: no op named; choose from {sorted(OPS)}")
-    if args.time_budget is not None and args.time_budget <= 0:
-        parser.error(f"--time-budget must be positive; got {args.time_budget:g}")
+    if args.time_budget is not None and not (0 < args.time_budget < math.inf):  # (nan too)
+        parser.error(f"--time-budget must be a positive number of seconds; got {args.time_budget:g}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be in [0, 2**63); got {args.seed}")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out}: exists and is not a folder")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     device = torch.device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"--out {args.out}: {err.strerror or err}")
     json_path, png_path = args.out / "report.json", args.out / "report.png"
     progress = Progress()
     report = run_report({n: OPS[n] for n in names}, device, args.quick, args.seed, json_path,
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in sorted(cases - ran):
         print(f"kfuse report: no kfuse backend ran on {' '.join(case)}; see the skipped rows above "
               "and kfuse.availability()", file=sys.stderr)
+    # (A case whose inputs could not be built is a bad row: see Row.bad.)
     return 1 if any(r.bad for r in report.rows) or cases - ran else 0
 
 

@@ -190,8 +190,10 @@ class Row:
 
     @property
     def bad(self) -> bool:
-        """A kfuse backend that raised or missed its tolerance."""
-        return self.kind == "backend" and (self.status == "failed" or self.passed is False)
+        """A kfuse backend that raised or missed its tolerance, or a case whose inputs or candidates
+        could not be built (nothing of it was checked)."""
+        return (self.kind == "backend" and (self.status == "failed" or self.passed is False)) or \
+            (self.kind == "case" and self.status == "failed")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -468,7 +470,7 @@ class Report:
 
     @property
     def cases_skipped(self) -> int:
-        return sum(r.kind == "case" for r in self.rows)  # the time budget's rows, and only they
+        return sum(r.kind == "case" and r.status == "skipped" for r in self.rows)  # the time budget's rows
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -483,8 +485,21 @@ class Report:
     def save_json(self, path: Path) -> None:
         """Write the report to ``path`` (atomically, so a killed run leaves a readable file)."""
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        # Strict JSON: an error of inf (a backend that returned NaN: what the report exists to catch) is
+        # written as the string "inf", not as Infinity, which JSON parsers refuse.
+        tmp.write_text(json.dumps(_finite_json(self.to_json()), indent=1, allow_nan=False))
         tmp.replace(path)
+
+
+def _finite_json(v: Any) -> Any:
+    """``v`` with every non-finite float replaced by its name (``"inf"``, ``"-inf"``, ``"nan"``)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _finite_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_json(x) for x in v]
+    return v
 
 
 def _versions() -> dict[str, str]:
@@ -672,7 +687,7 @@ def run_report(ops: dict[str, OpBench], device: torch.device, quick: bool, seed:
     all_cases = [pair for turn in itertools.zip_longest(*per_op) for pair in turn if pair is not None]
     for i, (op, case) in enumerate(all_cases):
         if time_budget is not None and time.perf_counter() - start > time_budget:
-            note = f"time budget of {time_budget:.0f} s spent"
+            note = f"time budget of {time_budget:g} s spent"
             report.rows.append(_note_row(case, "*", "case", "skipped", note))
             continue
         progress(f"case {i + 1}/{len(all_cases)}: {_title(case)}")
