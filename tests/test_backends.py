@@ -50,3 +50,47 @@ def test_triton_launchers_run_on_their_inputs_device(monkeypatch) -> None:
                  embedding.backward_sparse, embedding.backward_fused, embedding.backward_psw,
                  embedding.stochastic_round, deu.deu_forward, deu.deu_backward]
     assert all(f.__code__ is launch.__code__ for f in launchers)
+
+
+def test_tracing_and_backend_argument_rules_shared_by_every_op(monkeypatch) -> None:
+    """Every public op hands FX proxies to __torch_function__ (one call in the traced graph: the embedding
+    ops validated first and refused the Proxy); the KV ops, which take a cache object FX cannot record,
+    say so; a non-str backend is a TypeError in every op (the embedding ops raised ValueError); a
+    TRITON_INTERPRET that differs from the one the kernels were loaded with is a reason, not an obscure
+    launch failure."""
+    import pytest  # noqa: PLC0415
+
+    import kfuse  # noqa: PLC0415
+    from kfuse.kv import PagedKVCache  # noqa: PLC0415
+
+    class Bags(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(10, 4))
+
+        def forward(self, i, o, o2):  # o: bag starts (torch's form); o2: the FBGEMM form, ending at len(i)
+            return kfuse.embedding_bag(i, self.w, o, mode="sum") + kfuse.multi_embedding_bag([self.w], i, o2)
+
+    m = Bags()
+    g = torch.fx.symbolic_trace(m)
+    calls = [n.target for n in g.graph.nodes if n.op == "call_function"]
+    assert kfuse.embedding_bag in calls and kfuse.multi_embedding_bag in calls
+    i, o = torch.tensor([1, 2, 3]), torch.tensor([0, 2])
+    assert torch.equal(g(i, o, torch.tensor([0, 2, 3])), m(i, o, torch.tensor([0, 2, 3])))
+    cache = PagedKVCache(1, 1, 4, 4, 4, 1, torch.float32, "cpu")
+
+    class Attend(torch.nn.Module):
+        def forward(self, q):
+            return kfuse.paged_decode_attention(q, cache, 0, [0])
+
+    with pytest.raises(TypeError, match="symbolic_trace cannot record a call that takes a PagedKVCache"):
+        torch.fx.symbolic_trace(Attend())
+    for call in (lambda b: kfuse.embedding_bag(i, m.w, o, backend=b), lambda b: kfuse.deu(torch.randn(2, 3),
+                                                                                          torch.rand(3, 5), backend=b)):
+        with pytest.raises(TypeError, match="backend must be a str"):
+            call(None)
+    import kfuse.triton_kernels as tk  # noqa: PLC0415
+
+    monkeypatch.setattr(tk, "INTERPRETED", not _backends.triton_interpret())
+    why = _backends.triton_reasons(torch.device("cpu"), torch.float32)
+    assert why and "which triton.jit reads once" in why[0]

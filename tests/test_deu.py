@@ -1338,10 +1338,32 @@ def test_select_reasons_and_fallback() -> None:
         _backends.select("probe", "auto", {"cpu": ["x"]}, ("cpu",))
 
 
+def test_fallback_warning_points_at_the_users_line(monkeypatch) -> None:
+    """The reference-fallback warning of every op points at the user's line, however many kfuse frames
+    (the op, its _select, a module's forward through nn.Module.__call__) lie between: embedding's and
+    LoRA's pointed inside kfuse."""
+    from kfuse.ops import embedding as E  # noqa: PLC0415
+
+    monkeypatch.setattr(_backends, "_chosen", {})
+    monkeypatch.setattr(_backends, "_warned", set())
+    monkeypatch.setattr(E, "backend_reasons", lambda w: {"cpu": ["not built"], "triton": ["no"], "cuda": ["no"],
+                                                          "reference": []})
+    m = kfuse.nn.EmbeddingBag(10, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        kfuse.embedding_bag(torch.tensor([1, 2]), m.weight, torch.tensor([0]))
+        monkeypatch.setattr(_backends, "_warned", set())
+        monkeypatch.setattr(_backends, "_chosen", {})
+        m(torch.tensor([1, 2]), torch.tensor([0]))
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line), (__file__, line + 3)]
+
+
 def test_select_for_memoises_choices_not_errors(monkeypatch) -> None:
     """select_for asks for the reasons once per (op, request, device type, dtype, interpreter),
-    raises again on every call that cannot run, and points the fallback warning at its
-    caller's caller, as select does for the op's caller."""
+    raises again on every call that cannot run, and points the fallback warning at the first frame
+    outside kfuse and torch: here the stand-in op's own line (a real op's caller; see
+    test_fallback_warning_points_at_the_users_line)."""
     monkeypatch.setattr(_backends, "_chosen", {})
     calls = []
 
@@ -1349,17 +1371,18 @@ def test_select_for_memoises_choices_not_errors(monkeypatch) -> None:
         calls.append(1)
         return {"triton": ["no triton"], "cuda": ["no GPU"], "cpu": ["not built"], "reference": []}
 
-    def op(requested: str) -> str:  # stands for an op such as kfuse.deu
+    line = inspect.currentframe().f_lineno + 3
+
+    def op(requested: str) -> str:  # stands for an op such as kfuse.deu (but lives outside kfuse)
         return _backends.select_for("probe2", requested, torch.device("cpu"), torch.float32, reasons,
                                     ("cpu", "reference"))
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        line = inspect.currentframe().f_lineno + 1
         chosen = [op("auto"), op("auto"), op("auto")]
     assert chosen == ["reference"] * 3
     assert len(calls) == 1
-    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)], "one warning, at the op's caller"
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)], "one warning, at the first outside frame"
     for _ in range(2):
         with pytest.raises(kfuse.BackendUnavailableError, match="backend 'cpu' cannot run this input: not built"):
             op("cpu")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -101,6 +102,10 @@ def triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
     """Why the Triton kernels cannot run on ``device``/``dtype`` (empty when they can)."""
     if _TRITON_WHY:
         return [_TRITON_WHY]
+    loaded = sys.modules.get("kfuse.triton_kernels")
+    if loaded is not None and loaded.INTERPRETED != triton_interpret():
+        return [f"the Triton kernels were loaded {'with' if loaded.INTERPRETED else 'without'} TRITON_INTERPRET=1, "
+                "which triton.jit reads once: set or clear it before kfuse first runs a Triton kernel"]
     if device.type == "cuda":
         return []
     if device.type == "cpu" and triton_interpret():
@@ -114,8 +119,22 @@ def triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
 _warned: set[tuple[str, str]] = set()  # (op, reasons) already warned about
 
 
+_SKIP_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+              os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in the function calling this) of the first frame
+    outside kfuse and torch: the user's line, however many kfuse layers (an op, its ``_select``, a
+    module's ``forward`` through ``nn.Module.__call__``) lie between."""
+    level, frame = 2, sys._getframe(2)  # stacklevel 2: the caller of the function that warns
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_SKIP_DIRS):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 def select(op: str, requested: str, reasons: dict[str, list[str]], order: tuple[str, ...], *,
-           stacklevel: int = 3) -> str:
+           stacklevel: int | None = None) -> str:
     """Pick a backend for ``op``.
 
     Args:
@@ -123,8 +142,8 @@ def select(op: str, requested: str, reasons: dict[str, list[str]], order: tuple[
         requested: a backend name or ``"auto"``.
         reasons: for every backend, why it cannot run this input (empty list: it can).
         order: preference order for ``"auto"`` (fastest first).
-        stacklevel: of the reference fallback's warning (3: the op's caller, when the op called
-            this).
+        stacklevel: of the reference fallback's warning; default: the first frame outside kfuse
+            and torch (the user's call).
     Raises:
         ValueError: unknown backend name.
         BackendUnavailableError: the requested backend cannot run this input.
@@ -150,7 +169,7 @@ def select(op: str, requested: str, reasons: dict[str, list[str]], order: tuple[
                 if (op, skipped) not in _warned:
                     _warned.add((op, skipped))
                     warnings.warn(f"kfuse.{op}: falling back to the PyTorch reference ({skipped})",
-                                  stacklevel=stacklevel)
+                                  stacklevel=_user_stacklevel() if stacklevel is None else stacklevel)
             return name
     raise BackendUnavailableError(
         f"kfuse.{op}: no backend can run this input: "
@@ -170,14 +189,14 @@ def select_for(op: str, requested: str, device: torch.device, dtype: torch.dtype
     Errors are not memoised (they raise again), nor is anything while ``torch.compile`` traces.
     """
     if torch.compiler.is_compiling() or not isinstance(requested, str):
-        return select(op, requested, reasons(), order, stacklevel=4)
+        return select(op, requested, reasons(), order)
     # TRITON_INTERPRET matters only where Triton may be chosen for a CPU tensor; reading it costs
     # ~0.6 us (CPU "auto" orders leave Triton out).
     maybe_triton = device.type == "cpu" and (requested == "triton" or (requested == "auto" and "triton" in order))
     key = (op, requested, device.type, dtype, maybe_triton and triton_interpret())
     chosen = _chosen.get(key)
     if chosen is None:
-        chosen = _chosen[key] = select(op, requested, reasons(), order, stacklevel=4)
+        chosen = _chosen[key] = select(op, requested, reasons(), order)
     return chosen
 
 
@@ -189,8 +208,12 @@ def triton_reasons_no_f64(device: torch.device, dtype: torch.dtype, family: str)
 
 def check_backend_name(op: str, backend: object) -> None:
     """``ValueError`` unless ``backend`` is ``"auto"`` or one of :data:`BACKENDS` (the registered ops'
-    fake kernels check it at trace time, before any reasons exist)."""
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+    fake kernels check it at trace time, before any reasons exist); ``TypeError`` for a non-str, as
+    :func:`select` raises."""
+    if not isinstance(backend, str):
+        raise TypeError(f"kfuse.{op}: backend must be a str, 'auto' or one of {sorted(BACKENDS)}; got "
+                        f"{type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"kfuse.{op}: backend must be 'auto' or one of {sorted(BACKENDS)}; got {backend!r}")
 
 

@@ -511,6 +511,11 @@ def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor,
     Bad indices or offsets raise ``IndexError``/``ValueError`` naming the argument before any row is read.
     Gradients are bitwise reproducible (whatever the thread count).
     """
+    relevant = (*(weights if isinstance(weights, (list, tuple)) else (weights,)), indices, offsets, per_sample_weights)
+    if torch.overrides.has_torch_function(relevant):  # torch.fx.symbolic_trace's Proxy, ...
+        return torch.overrides.handle_torch_function(
+            multi_embedding_bag, relevant, weights, indices, offsets, feature_table, mode, per_sample_weights,
+            padding_idx, sparse=sparse, backend=backend)
     op = "multi_embedding_bag"
     ws = _check_weights(op, weights)
     _check_options(op, sparse, backend)
@@ -536,6 +541,11 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
     Returns:
         ``[B, dim]`` in weight's dtype.
     """
+    relevant = (input, weight, offsets, per_sample_weights)
+    if torch.overrides.has_torch_function(relevant):  # torch.fx.symbolic_trace's Proxy, ...
+        return torch.overrides.handle_torch_function(
+            embedding_bag, relevant, input, weight, offsets, mode, per_sample_weights, include_last_offset,
+            padding_idx, sparse=sparse, backend=backend)
     op = "embedding_bag"
     ws = _check_weights(op, [weight])
     _check_options(op, sparse, backend)

@@ -100,6 +100,9 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
     graph then takes ``seq_ids`` as given (they become constants of the graph), reads the lengths
     from ``cache.seq_lens`` (and the open step's pending counts) when it runs, and sizes the grid for
     the longest sequence the block table can hold; the call checks nothing of the sequences then."""
+    if isinstance(q, torch.fx.Proxy):
+        raise TypeError(f"kfuse.{op}: q is a torch.fx Proxy: torch.fx.symbolic_trace cannot record a call that takes "
+                        "a PagedKVCache (an object, not a tensor); trace with torch.compile or torch.jit.trace")
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"kfuse.{op}: cache must be a kfuse.kv.PagedKVCache; got {type(cache).__name__}")
     if not isinstance(q, Tensor):
