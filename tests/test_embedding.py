@@ -275,8 +275,9 @@ def test_padding_idx_takes_numpy_and_tensor_integers_as_torch():
     want = F.embedding_bag(idx, w, off, padding_idx=2)
     for p in (np.int64(2), torch.tensor(2), np.int32(-8)):
         assert_close(kfuse.embedding_bag(idx, w, off, padding_idx=p), want, torch.float32)
-        assert_close(kfuse.multi_embedding_bag([w], idx, torch.tensor([0, 2, 4]), mode="mean", padding_idx=[p]),
-                     want, torch.float32)
+        for per_table in ([p], (p,), torch.tensor([int(p)]), range(int(p) % 10, int(p) % 10 + 1)):
+            assert_close(kfuse.multi_embedding_bag([w], idx, torch.tensor([0, 2, 4]), mode="mean",
+                                                   padding_idx=per_table), want, torch.float32)
         m = kfuse.nn.EmbeddingBag(10, 4, padding_idx=p)
         assert m.padding_idx == 2 and type(m.padding_idx) is int
         t = torch.nn.EmbeddingBag(10, 4, padding_idx=2)

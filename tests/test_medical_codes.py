@@ -403,6 +403,9 @@ def test_bug_hunt_findings(small, claims, tmp_path):
     step(b, 10)
     for x, y in zip(a.codes.weights, b.codes.weights, strict=True):
         assert torch.equal(x, y)
+    old = {k: v for k, v in a.state_dict().items() if not k.endswith("_extra_state")}  # before 2026-12-03
+    b.load_state_dict(old)  # loads, with a fresh optimizer state
+    assert a.half().noise_cdf.dtype == torch.float64  # the negatives' CDF is not cast with the tables
 
     one_code = synthetic_claims(small, ClaimsConfig(patients=50, seed=0, visit_min=1, visit_max=1))
     if (one_code.visit_sizes() < 2).all():

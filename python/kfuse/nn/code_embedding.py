@@ -102,6 +102,14 @@ class _TorchTables(nn.Module):
             # state to the source's (as load_state_dict copies parameters into the module's own).
             self.opt.load_state_dict(copy.deepcopy(state))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "_extra_state"
+        if key in missing_keys:  # a checkpoint from before 2026-12-03 (no optimizer state): a fresh one
+            missing_keys.remove(key)
+
 
 class _FbgemmTables(nn.Module):
     """FBGEMM's table-batched embedding bags on the CPU with its fused optimizer (``EXACT_SGD``,
@@ -297,6 +305,16 @@ class GeneralCodeEmbedding(nn.Module):
                                                    dtype=torch.int64, device=device))
         self.register_buffer("noise_cdf", torch.linspace(1.0 / total, 1.0, total, dtype=torch.float64))
 
+    def _apply(self, fn, recurse: bool = True):
+        # The negatives' CDF stays float64 through .half() / .to(dtype): in float16 ~40 % of 6000 codes got
+        # probability 0. Its values are taken from before the cast.
+        before = self.noise_cdf
+        super()._apply(fn, recurse)
+        if self.noise_cdf.dtype != torch.float64:
+            self.noise_cdf = (torch.empty_like(self.noise_cdf, dtype=torch.float64) if before.is_meta else
+                              before.to(device=self.noise_cdf.device, dtype=torch.float64))
+        return self
+
     def set_noise(self, counts: Sequence[np.ndarray] | Tensor, power: float = 0.75) -> None:
         """The negatives' distribution: ``counts`` (per domain, or one ``[Σ sizes]`` array) ``** power``
         (+1 smoothing, so every code can be drawn)."""
@@ -420,9 +438,11 @@ class CodeOutcomeModel(nn.Module):
                                       seed=seed)
         width = sum(m.out_dim for m in (self.general, self.task) if m is not None)
         self.norm = nn.BatchNorm1d(width, affine=False, device=device)
-        with torch.random.fork_rng(devices=[]):  # the head's initialisation from seed, not torch's global RNG
-            torch.manual_seed(seed)
-            self.head = nn.Linear(width, 1, device=device)
+        # The head's initialisation from seed, not from torch's global RNG: built on the CPU with the CPU
+        # generator seeded inside fork_rng (torch.manual_seed would also reseed every CUDA generator).
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            self.head = nn.Linear(width, 1).to(device)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())

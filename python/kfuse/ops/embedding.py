@@ -183,10 +183,13 @@ def _padding(op: str, padding_idx: object, weights: list[Tensor]) -> list[int]:
     one = _as_index(padding_idx)
     if isinstance(one, int):
         items = [one] * len(weights)
-    elif isinstance(padding_idx, (list, tuple)):
-        items = [_as_index(p) for p in padding_idx]
-    else:
+    elif isinstance(padding_idx, (str, bytes)):
         items = []
+    else:
+        try:  # one entry per table: a list, tuple, range, 1-D tensor or array
+            items = [_as_index(p) for p in padding_idx]
+        except TypeError:
+            items = []
     if len(items) != len(weights):
         raise ValueError(f"kfuse.{op}: padding_idx must be an int, None or one entry per table ({len(weights)}); "
                          f"got {padding_idx!r}")
