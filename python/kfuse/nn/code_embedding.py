@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from kfuse.nn._buffers import apply_keeping_dtype
 from kfuse.nn.embedding import MultiTableEmbeddingBag
 
 __all__ = ["IMPLS", "CodeEmbedding", "CodeOutcomeModel", "GeneralCodeEmbedding", "cbow_batch", "export_vectors",
@@ -307,12 +308,9 @@ class GeneralCodeEmbedding(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         # The negatives' CDF stays float64 through .half() / .to(dtype): in float16 ~40 % of 6000 codes got
-        # probability 0. Its values are taken from before the cast.
-        before = self.noise_cdf
-        super()._apply(fn, recurse)
-        if self.noise_cdf.dtype != torch.float64:
-            self.noise_cdf = (torch.empty_like(self.noise_cdf, dtype=torch.float64) if before.is_meta else
-                              before.to(device=self.noise_cdf.device, dtype=torch.float64))
+        # probability 0.
+        apply_keeping_dtype(self, lambda: super(GeneralCodeEmbedding, self)._apply(fn, recurse), ["noise_cdf"],
+                            lambda: torch.float64)
         return self
 
     def set_noise(self, counts: Sequence[np.ndarray] | Tensor, power: float = 0.75) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from kfuse import _backends
+from kfuse.nn._buffers import apply_keeping_dtype
 from kfuse.ops import embedding as E
 from kfuse.reference.embedding import (
     acc_dtype,
@@ -189,16 +190,11 @@ class MultiTableEmbeddingBag(nn.Module):
         # would otherwise cast them with the tables (and lose them: Adam's v underflows in float16); the
         # values are taken from before the cast.
         step = self._buffers.get("optimizer_step")
-        moments = {n: b for n, b in self._buffers.items() if n.startswith("momentum")}
-        super()._apply(fn, recurse)
+        apply_keeping_dtype(self, lambda: super(MultiTableEmbeddingBag, self)._apply(fn, recurse),
+                            [n for n in self._buffers if n.startswith("momentum")],
+                            lambda: acc_dtype(self.weights[0].dtype))
         if step is not None and self._buffers["optimizer_step"].device.type != "cpu":
             self._buffers["optimizer_step"] = step
-        want = acc_dtype(self.weights[0].dtype)
-        for name, before in moments.items():
-            now = self._buffers[name]
-            if now.dtype != want:
-                self._buffers[name] = (torch.empty_like(now, dtype=want) if before.is_meta else
-                                       before.to(device=now.device, dtype=want))
         return self
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:

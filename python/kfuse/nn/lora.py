@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from kfuse.nn._buffers import apply_keeping_dtype
 from kfuse.ops.lora import BACKENDS, lora_linear, lora_linear_multi
 from kfuse.reference.lora import acc_dtype
 
@@ -273,12 +274,9 @@ class MultiLoRALinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         # scalings stay float32 through .half() / .to(dtype), which would round every adapter's scaling to
-        # the module's dtype (bf16: 0.2% of the LoRA term); the values are taken from before the cast.
-        before = self.scalings
-        super()._apply(fn, recurse)
-        if self.scalings.dtype != torch.float32:
-            self.scalings = (torch.empty_like(self.scalings, dtype=torch.float32) if before.is_meta else
-                             before.to(device=self.scalings.device, dtype=torch.float32))
+        # the module's dtype (bf16: 0.2% of the LoRA term).
+        apply_keeping_dtype(self, lambda: super(MultiLoRALinear, self)._apply(fn, recurse), ["scalings"],
+                            lambda: torch.float32)
         return self
 
     @classmethod
