@@ -1472,7 +1472,7 @@ def test_report_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
     (tmp_path / "file").write_text("")
     for argv, message in [(["--ops", ","], "no op named"), (["--ops", "foo"], "unknown op"),
-                          (["--time-budget", "-1"], "must be positive"),
+                          (["--time-budget", "-1"], "must be a positive number"),
                           (["--out", str(tmp_path / "file")], "is not a folder")]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

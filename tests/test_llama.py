@@ -392,6 +392,9 @@ def test_decode_graph_body_never_mixes_host_and_device_tensors(monkeypatch):
         with pytest.raises(ValueError, match="compiled Triton decode kernel: .*TRITON_INTERPRET"):
             model.decode_graphs(cache)
         monkeypatch.setattr(_backends, "triton_interpret", lambda: False)
+        import kfuse.triton_kernels  # noqa: PLC0415
+
+        monkeypatch.setattr(kfuse.triton_kernels, "INTERPRETED", False)  # as kernels loaded on a GPU machine
         graphs = model.decode_graphs(cache)
         meta = torch.zeros(5, 3, dtype=torch.int64, device="cuda")
         with MixedDevices() as log:
