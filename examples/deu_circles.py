@@ -25,6 +25,8 @@ import torch
 from sklearn.datasets import make_circles
 from torch import Tensor, nn
 
+from kfuse._backends import BACKENDS
+from kfuse.demos._args import check_outputs, count, positive
 from kfuse.nn import DEU
 from kfuse.reference.deu import CASE_NAMES, EPS, deu_cases
 
@@ -111,14 +113,15 @@ def plot_activations(deu: DEU, path: str, t_range: tuple[float, float] = (-3.0, 
 
 def main(argv: Sequence[str] | None = None) -> list[tuple[int, Run, Run]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--seeds", type=count, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--epochs", type=positive(int), default=EPOCHS)
     parser.add_argument("--png", default="deu_circles.png", help="where to save the activations' figure ('' for none)")
     parser.add_argument("--degenerate-grad", default="exact", choices=["exact", "gravitation"])
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
     # One thread: the networks are tiny; with 2 on a loaded 2-core machine a deu_oscillation step took 217 ms, not 3.6.
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=positive(int), default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
+    check_outputs(parser, png=args.png or None)
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()

@@ -37,6 +37,7 @@ Run (CPU; 77 s on a 2-core machine at load average 4)::
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +50,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
+from kfuse._backends import BACKENDS
+from kfuse.demos._args import positive
 from kfuse.nn import DEU, deu_param_groups
 from kfuse.reference.deu import EPS
 
@@ -101,10 +104,11 @@ class Result:
 
     @property
     def std(self) -> float:
-        return 100 * statistics.stdev(self.accs) if len(self.accs) > 1 else 0.0
+        """NaN with one seed (undefined, not 0)."""
+        return 100 * statistics.stdev(self.accs) if len(self.accs) > 1 else math.nan
 
     def fmt(self) -> str:
-        return f"{self.mean:5.1f} ± {self.std:3.1f}"
+        return f"{self.mean:5.1f}" + ("" if math.isnan(self.std) else f" ± {self.std:3.1f}")
 
 
 def load_data() -> tuple[Data, Data]:
@@ -221,7 +225,10 @@ def run(deu_widths: Sequence[int], seeds: Sequence[int], search_seeds: Sequence[
 
 
 def verdict(deu: Result, best_other: Result) -> str:
-    """``wins``/``loses`` when the means differ by more than the larger std, else ``ties``."""
+    """``wins``/``loses`` when the means differ by more than the larger std, else ``ties``; ``n/a`` with
+    one seed (no std to compare with)."""
+    if math.isnan(deu.std) or math.isnan(best_other.std):
+        return "n/a (1 seed)"
     diff = deu.mean - best_other.mean
     if abs(diff) <= max(deu.std, best_other.std):
         return "ties"
@@ -253,20 +260,23 @@ def print_table(rows: list[list[Result]], n_seeds: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> list[list[Result]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 widths, 2 seeds, few epochs")
-    parser.add_argument("--backend", default="auto", help="backend passed to kfuse.nn.DEU (default: auto)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: few epochs; widths 4 and 16 and 2 seeds unless --widths/--seeds are given")
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                        help="backend passed to kfuse.nn.DEU (default: auto)")
     parser.add_argument("--degenerate-grad", default="exact", choices=["exact", "gravitation"])
-    parser.add_argument("--seeds", type=int, default=5, help="test seeds (default 5)")
-    parser.add_argument("--widths", type=int, nargs="+", default=list(DEU_WIDTHS), help="DEU widths")
+    parser.add_argument("--seeds", type=positive(int), default=None, help="test seeds (default 5; 2 with --quick)")
+    parser.add_argument("--widths", type=positive(int), nargs="+", default=None,
+                        help=f"DEU widths (default {' '.join(map(str, DEU_WIDTHS))}; 4 16 with --quick)")
     # One thread: the networks are tiny; with 2 on a loaded 2-core machine a deu_oscillation step took 217 ms, not 3.6.
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=positive(int), default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    if args.quick:
-        widths, seeds, search_seeds, lr_grid, epochs = (4, 16), (0, 1), (0,), LR_GRID[1:], 10
-    else:
-        widths, seeds, search_seeds, lr_grid, epochs = args.widths, tuple(range(args.seeds)), (0,), LR_GRID, EPOCHS
+    # --quick sets the defaults and the epochs; --widths/--seeds given explicitly are kept.
+    widths = tuple(args.widths or ((4, 16) if args.quick else DEU_WIDTHS))
+    seeds = tuple(range(args.seeds or (2 if args.quick else 5)))
+    search_seeds, lr_grid, epochs = (0,), (LR_GRID[1:] if args.quick else LR_GRID), (10 if args.quick else EPOCHS)
 
     start = time.perf_counter()
     rows = run(widths, seeds, search_seeds, lr_grid, epochs, args.backend, args.degenerate_grad)

@@ -14,8 +14,10 @@ generator seeded per (k, seed), the same draws for every activation.
 
 Every (k, seed) network of one activation trains at once: the neurons of all of them are stacked
 on one neuron axis (DEU's neurons are independent; each network's output sums only its own
-neurons), and Adam is elementwise, so this is the same as training them one by one, ~100x faster
-on a CPU where a step of one tiny network is all Python overhead.
+neurons), and Adam is elementwise, so this is training them one by one, ~100x faster on a CPU where
+a step of one tiny network is all Python overhead: up to float rounding, which training amplifies
+(the output layer's sum over the stack rounds differently with other networks beside it, so a
+network's MSE can move in its third digit with the ``--ks`` it shares a run with).
 
 Run (CPU; 17 s on a 2-core machine at load average 3.9, 76 s with gravitation)::
 
@@ -34,6 +36,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from kfuse._backends import BACKENDS
+from kfuse.demos._args import positive
 from kfuse.nn import DEU, deu_param_groups, init_deu_coeffs
 from kfuse.reference.deu import EPS
 
@@ -126,7 +130,7 @@ def fit(activation: str, ks: Sequence[int], seeds: Sequence[int], steps: int, lr
 def smallest_k(mses: dict[tuple[int, int], float], ks: Sequence[int], seeds: Sequence[int],
                bound: float = MSE_BOUND) -> int | None:
     """The smallest k whose median MSE over ``seeds`` is below ``bound`` (None: no k in ``ks``)."""
-    for k in ks:
+    for k in sorted(set(ks)):  # smallest first, whatever order --ks gave
         if statistics.median(mses[k, s] for s in seeds) < bound:
             return k
     return None
@@ -134,13 +138,13 @@ def smallest_k(mses: dict[tuple[int, int], float], ks: Sequence[int], seeds: Seq
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[tuple[int, int], float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--ks", type=int, nargs="+", default=list(KS))
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--steps", type=positive(int), default=2000)
+    parser.add_argument("--seeds", type=positive(int), default=5)
+    parser.add_argument("--ks", type=positive(int), nargs="+", default=list(KS))
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
     parser.add_argument("--degenerate-grad", default="exact", choices=["exact", "gravitation"])
     # One thread: the networks are tiny; with 2 on a loaded 2-core machine a deu_oscillation step took 217 ms, not 3.6.
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=positive(int), default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -691,3 +691,18 @@ def test_sampling_extremes_keep_the_bans_and_the_limits():
     for seed in range(20):
         picks = _sample(rows, banned, 1e300, None, 1.0, gens(seed))
         assert all(p not in b for p, b in zip(picks, banned, strict=True))
+
+
+def test_demo_refuses_bad_arguments_before_training():
+    """Zero or negative counts, a rate of 1, a NaN temperature or a missing output folder are argparse
+    errors before any model trains (they failed after training, or divided by zero); prompts that cannot
+    be found (an injection rate so high no clean window exists) raise instead of looping forever."""
+    demo = pytest.importorskip("kfuse.demos.backtrack")
+    for args in (["--steps", "0"], ["--batch", "-1"], ["--new-tokens", "0"], ["--check-every", "0"],
+                 ["--rates", "0.01", "1"], ["--temperature", "nan"], ["--threads", "0"],
+                 ["--png", "/nonexistent/x.png"], ["--json", "/nonexistent/x.json"]):
+        with pytest.raises(SystemExit):
+            demo.main(args)
+    ids = torch.arange(1, 200)
+    with pytest.raises(ValueError, match="no clean prompt"):
+        demo._prompts(ids, set(range(200)), 2, 0)

@@ -326,3 +326,21 @@ def test_digits_recipe_beats_paper_training(one_thread) -> None:
     relu, paper, recipe = rows[0]
     assert recipe.mean > paper.mean + 1, (recipe.accs, paper.accs)
     assert recipe.mean > relu.mean - 1, (recipe.accs, relu.accs)
+
+
+def test_examples_refuse_bad_arguments_and_sort_ks() -> None:
+    """Zero, negative and unknown values are argparse errors before any training (they crashed, or ran
+    untrained models and printed their numbers); deu_oscillation's "smallest k" is the smallest, whatever
+    the order of --ks; deu_digits has no std, hence no verdict, with one seed."""
+    circles, osc, digits = _example("deu_circles"), _example("deu_oscillation"), _example("deu_digits")
+    for main, args in ((osc.main, ["--steps", "0"]), (osc.main, ["--ks", "-2"]), (osc.main, ["--seeds", "0"]),
+                       (digits.main, ["--seeds", "0"]), (digits.main, ["--widths", "-4"]),
+                       (digits.main, ["--backend", "bogus"]), (circles.main, ["--epochs", "0"]),
+                       (circles.main, ["--png", "/nonexistent/x.png"]), (circles.main, ["--threads", "0"])):
+        with pytest.raises(SystemExit):
+            main(args)
+    mses = {(8, 0): 0.001, (16, 0): 0.001, (32, 0): 0.001}
+    assert osc.smallest_k(mses, [32, 16, 8], [0]) == 8
+    one = digits.Result("DEU", 4, 100, 0.01, [0.9], 0.0)
+    other = digits.Result("ReLU", 4, 100, 0.01, [0.5], 0.0)
+    assert math.isnan(one.std) and digits.verdict(one, other) == "n/a (1 seed)"

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from kfuse.backtrack import GenerationResult, ProfanityCheck, generate
+from kfuse.demos._args import check_outputs, count, fraction, positive
 from kfuse.models import LlamaForCausalLM
 
 __all__ = ["METHODS", "Comparison", "DynamicCacheModel", "WordTokenizer", "build_corpus", "compare",
@@ -372,7 +373,12 @@ def _prompts(ids: Tensor, bad_ids: set[int], n: int, seed: int) -> list[list[int
     g = torch.Generator().manual_seed(seed + 1)
     tail = ids[len(ids) * 9 // 10:].tolist()
     out: list[list[int]] = []
+    attempts = 0
     while len(out) < n:
+        attempts += 1
+        if attempts > 10_000 * n:  # at high injection rates no clean window may exist: never loop forever
+            raise ValueError(f"no clean prompt (4+ tokens without an injected word) found in the corpus's last tenth "
+                             f"after {attempts - 1} draws: lower the injection rate")
         length = int(torch.randint(4, 17, (1,), generator=g))
         start = int(torch.randint(len(tail) - length, (1,), generator=g))
         p = tail[start:start + length]
@@ -413,22 +419,30 @@ def _plot(sweep: dict[float, list[MethodResult]], path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[float, list[MethodResult]]:
-    """Command line: train, generate with the four methods, print (and optionally save) the figures."""
+    """Command line: train, generate with the five methods, print (and optionally save) the figures."""
     ap = argparse.ArgumentParser(prog="python -m kfuse.demos.backtrack", description=__doc__.split("\n")[0])
-    ap.add_argument("--rates", type=float, nargs="+", default=[0.01],
+    ap.add_argument("--rates", type=fraction, nargs="+", default=[0.01],
                     help="injection rates (offensive words inserted per word of text); one model is trained per rate")
-    ap.add_argument("--steps", type=int, default=600, help="training steps per model (batch 32 x 64 tokens)")
-    ap.add_argument("--batch", type=int, default=32, help="prompts generated in one batch")
-    ap.add_argument("--new-tokens", type=int, default=64, help="tokens kept per sequence")
-    ap.add_argument("--check-every", type=int, default=8, help="tokens between checks")
-    ap.add_argument("--threshold", type=float, default=0.5, help="the classifier's violation probability")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--steps", type=positive(int), default=600, help="training steps per model (batch 32 x 64 tokens)")
+    ap.add_argument("--batch", type=positive(int), default=32, help="prompts generated in one batch")
+    ap.add_argument("--new-tokens", type=positive(int), default=64, help="at most this many tokens kept per sequence")
+    ap.add_argument("--check-every", type=positive(int), default=8, help="tokens between checks")
+    ap.add_argument("--threshold", type=fraction, default=0.5, help="the classifier's violation probability")
+    ap.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    ap.add_argument("--seed", type=count, default=0)
+    ap.add_argument("--threads", type=positive(int), default=1,
                     help="torch threads (1: the model is tiny, and threads' barriers cost more than they save)")
     ap.add_argument("--png", help="save the figure here")
     ap.add_argument("--json", help="save the figures here as JSON")
     args = ap.parse_args(argv)
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        ap.error(f"--temperature must be a finite number >= 0; got {args.temperature}")
+    check_outputs(ap, png=args.png, json=args.json)
+    try:  # a threshold that flags none of the words: before any model is trained
+        injected_words(args.threshold)
+    except RuntimeError as err:
+        ap.error(f"--threshold {args.threshold:g}: {err}")
+    args.rates = list(dict.fromkeys(args.rates))  # a rate given twice would train twice and keep one result
     torch.set_num_threads(args.threads)
     sweep: dict[float, list[MethodResult]] = {}
     for rate in args.rates:

@@ -32,13 +32,13 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from kfuse.data.claims import ClaimsConfig, load_code_vocab, read_claims_csv, synthetic_claims, zipf_slope
+from kfuse.demos._args import check_outputs, count, positive
 from kfuse.nn.code_embedding import (
     IMPLS,
     CodeOutcomeModel,
@@ -99,33 +99,17 @@ def interval(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), _t975(v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
 
 
-def _positive(kind: type) -> Callable[[str], float]:
-    def parse(text: str):
-        v = kind(text)
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0; got {text}")
-        return v
-    return parse
-
-
-def _count(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0; got {text}")
-    return v
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true", help="a 60-category subset, D=32, 3000 patients")
-    p.add_argument("--dim", type=_positive(int), default=None, help="embedding dimension (128; 32 with --small)")
-    p.add_argument("--patients", type=_positive(int), default=None,
+    p.add_argument("--dim", type=positive(int), default=None, help="embedding dimension (128; 32 with --small)")
+    p.add_argument("--patients", type=positive(int), default=None,
                    help="synthetic patients (20000; 3000 with --small)")
-    p.add_argument("--epochs", type=_positive(float), default=None,
+    p.add_argument("--epochs", type=positive(float), default=None,
                    help="general-embedding epochs (2; 3 with --small)")
-    p.add_argument("--task-epochs", type=_positive(int), default=None, help="task epochs (3; 5 with --small)")
-    p.add_argument("--seeds", type=_count, default=3, help="seeds for the AUC intervals (0: no task)")
-    p.add_argument("--bench-seconds", type=_positive(float), default=None,
+    p.add_argument("--task-epochs", type=positive(int), default=None, help="task epochs (3; 5 with --small)")
+    p.add_argument("--seeds", type=count, default=3, help="seeds for the AUC intervals (0: no task)")
+    p.add_argument("--bench-seconds", type=positive(float), default=None,
                    help="time per build in the throughput race")
     p.add_argument("--out", default="medical_codes.png", help="the PNG written")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -134,8 +118,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     # What would otherwise fail after the whole run (or deep inside it): refused up front.
-    if not Path(a.out).resolve().parent.is_dir():
-        p.error(f"--out: the folder of {a.out} does not exist")
+    check_outputs(p, out=a.out)
     if a.claims is not None and not Path(a.claims).is_file():
         p.error(f"--claims: no such file: {a.claims}")
     if a.device is not None:
