@@ -1,8 +1,8 @@
 """Triton kernels of kfuse: one module per op family, kernels plus thin launchers."""
 
-import os
+from kfuse._backends import triton_interpret
 
 #: Whether ``TRITON_INTERPRET=1`` was set when these kernels were first imported: ``triton.jit`` reads it
 #: once, at decoration, so setting or clearing it later does not change how they run
 #: (``kfuse._backends.triton_reasons`` says so instead of letting a launch fail obscurely).
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETED = triton_interpret()

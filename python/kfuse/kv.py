@@ -332,6 +332,10 @@ class PagedKVCache:
                 raise ValueError(f"{name} has dtype {t.dtype}; the cache holds {self.dtype}")
             if t.device != self.device:
                 raise ValueError(f"{name} is on {t.device}; the cache is on {self.device}")
+        if k.requires_grad or v.requires_grad:
+            # The cache keeps values, not autograd history (inference only): K/V that require grad are
+            # stored detached, so the pools never join a graph that would keep every step's activations.
+            k, v = k.detach(), v.detach()
         if st is not None:
             if not (torch.equal(ids, st["ids"]) and torch.equal(cnt, st["counts"])):
                 raise ValueError(f"seq_ids/counts ({ids.tolist()}, {cnt.tolist()}) differ from the open step's "
@@ -356,12 +360,11 @@ class PagedKVCache:
     def _write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """K/V ``[total, num_kv_heads, head_dim]`` of ``layer`` for new tokens at flat slots ``page · page_size +
         slot`` (device int64 ``[total]``, distinct): one ``index_copy_`` per pool, no checks, no host work
-        (also the body of a captured decode step, ``kfuse.models.llama.DecodeGraphs``). The cache keeps
-        values, not autograd history (inference only): K/V that require grad are stored detached, so the
-        pools never join a graph that would keep every step's activations alive."""
+        (also the body of a captured decode step, ``kfuse.models.llama.DecodeGraphs``, which runs under
+        ``torch.no_grad``)."""
         shape = (-1, self.num_kv_heads, self.head_dim)
-        self.k_pages[layer].view(shape).index_copy_(0, slots, k.detach())
-        self.v_pages[layer].view(shape).index_copy_(0, slots, v.detach())
+        self.k_pages[layer].view(shape).index_copy_(0, slots, k)
+        self.v_pages[layer].view(shape).index_copy_(0, slots, v)
 
     def _open_step(self, ids: Tensor, cnt: Tensor, *, external: bool = False) -> dict:
         """Open a step for validated ``ids`` with ``cnt`` tokens each: checks capacity, then updates the host

@@ -243,7 +243,8 @@ class _FusedEmbeddingBag(torch.autograd.Function):
     def forward(ctx, module: MultiTableEmbeddingBag, indices: Tensor, offsets: Tensor, bags, backend: str,
                 anchor: Tensor, psw: Tensor | None) -> Tensor:
         ctx.module, ctx.bags, ctx.backend = module, bags, backend
-        ctx.step = int(module.optimizer_step)  # a CPU tensor: no sync
+        # The step the tables are at, for a per_sample_weights gradient only (a CPU tensor: no sync).
+        ctx.step = None if psw is None else int(module.optimizer_step)
         ctx.save_for_backward(indices, offsets, psw)
         return E._forward_impl(list(module.weights), indices, offsets, bags, psw, backend)
 
