@@ -1394,6 +1394,45 @@ def test_triton_backward_long_runs_cross_blocks(device, seed):
                for (_, g1), (_, g2) in zip(parts, again, strict=True))
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("mode", ["sum", "mean", "weighted"])
+def test_triton_gpu_tiles_under_interpreter(mode, monkeypatch, seed):
+    """The launchers with the tiles a GPU runs (dim tiles of 128, occurrence blocks of 32; the other
+    interpreter tests use 16 and 4), at dims below, at and across a tile (7, 128, 300) and with a row
+    that occurs more than 2 blocks' worth, in fp16: forward, sparse and per-sample-weight backward, and
+    a fused row-wise Adagrad step, against the reference."""
+    monkeypatch.setattr(te, "triton_interpret", lambda: False)
+    assert (te._block_d(300), te._block_r(128)) == (128, 32)
+    gen = torch.Generator().manual_seed(seed)
+    tables, ft, pads = [(50, 128), (9, 300), (30, 7)], [0, 1, 2, 0], [-1, 4, 29]
+    ws = [torch.randn(r, d, generator=gen).half() for r, d in tables]
+    idx, off = make_bags(tables, ft, 6, gen, max_bag=9, padding=[None, 4, 29])
+    hot = torch.full((70,), 3)  # row 3 of table 0: ~80 occurrences in its last bag
+    idx = torch.cat([idx, hot])
+    off = torch.cat([off[:-1], off[-1:] + hot.numel()])
+    psw = _psw(idx, seed) if mode == "weighted" else None
+    pooling = 1 if mode == "mean" else 0
+    out, flag = te.forward(ws, idx, off, ft, pads, pooling, psw)
+    ref = multi_embedding_bag_reference(ws, idx, off, ft, pooling, psw, pads)
+    assert_close(out, ref, torch.float16, "forward")
+    te.check_flag(flag, idx, off)
+    go = _grad_out(ws, ft, 6, seed, "cpu")
+    parts = te.backward_sparse(go, ws, idx, off, ft, pads, pooling, psw)
+    for t, ((rows, g), (ref_rows, ref_g)) in enumerate(zip(
+            parts, _reference_sparse(go, ws, idx, off, ft, pads, pooling, psw), strict=True)):
+        assert torch.equal(rows, ref_rows), f"rows of table {t}"
+        assert_close(g, ref_g, torch.float32, f"grads of table {t}")
+    if psw is not None:
+        _, ref_psw = multi_embedding_bag_backward_reference(go, ws, idx, off, ft, 0, psw, pads)
+        assert_close(te.backward_psw(go, ws, idx, off, ft, pads), ref_psw, torch.float32, "psw grad")
+    s1, s2 = _states("rowwise_adagrad", ws, seed)
+    exp_w, exp_s1, _ = _expected_update("rowwise_adagrad", ws, s1, s2, parts, 3, 11)
+    te.backward_fused(go, ws, idx, off, ft, pads, pooling, psw, "rowwise_adagrad", s1, s2, step=3, seed=11, **_HP)
+    for t in range(len(ws)):
+        assert _ulps(ws[t], exp_w[t]) <= 1, f"table {t}"
+        assert_close(s1[t], exp_s1[t], torch.float32, f"state of table {t}")
+
+
 @pytest.mark.parametrize("device,dtype", TRITON_DTYPES)
 def test_triton_backward_psw_matches_reference(device, dtype, seed):
     for big in _sizes(device):

@@ -771,6 +771,31 @@ def test_prefill_op_matches_sdpa(backend, device, group, seed):
         assert torch.equal(kfuse.paged_prefill_attention(q, cache, 1, ids, new, backend=backend), out)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("group,page_size", [(1, PS), (4, 5)])
+def test_triton_gpu_block_sizes_under_interpreter(group, page_size, monkeypatch, seed):
+    """The decode and prefill kernels with the tiles and splits a GPU runs (64-position key tiles,
+    64-row query blocks, 256-position splits; the other interpreter tests use 16), so the masks and
+    split boundaries of the GPU's tiles are checked numerically too: contexts of 0, 1, a tile ± 1, two
+    splits and a bit, with ragged new tokens (prefill) over more than one query block."""
+    monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+    monkeypatch.setattr(tk, "BLOCK_N", 64)
+    assert tk.SPLIT_TOKENS == 256 and tk.prefill_config(group, D)[0] == 64
+    lens = [0, 1, 63, 64, 65, 2 * 256 + 37]
+    new = [5, 1, 0, 64 // group + 3, 2, 1]
+    cache, ids = _op_cache(lens, torch.float16, "cpu", page_size=page_size,
+                           spare=sum(-(-t // page_size) + 1 for t in new))
+    q = torch.randn(len(ids), HKV * group, D).half()
+    out = kfuse.paged_decode_attention(q, cache, 1, ids, backend="triton")
+    assert_close(out, paged_decode_attention_reference(q, cache, 1, ids), torch.float16, "decode")
+    for layer in range(L):
+        k, v = (torch.randn(sum(new), HKV, D).half() for _ in range(2))
+        cache.append(layer, ids, k, v, new)
+    q = torch.randn(sum(new), HKV * group, D).half()
+    out = kfuse.paged_prefill_attention(q, cache, 1, ids, new, backend="triton")
+    assert_close(out, paged_prefill_attention_reference(q, cache, 1, ids, new), torch.float16, "prefill")
+
+
 def test_backend_reasons():
     q = torch.randn(2, HKV, D)
     assert kv_ops.backend_reasons(q)["cpu"] == []

@@ -1294,11 +1294,12 @@ def test_several_rank_blocks(device, monkeypatch, seed) -> None:
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("M", [1, 37, 130])
+@pytest.mark.parametrize("M", [1, 37, 130, 300, 2050])
 def test_gpu_block_configs_under_interpreter(M, monkeypatch, seed) -> None:
     """The launchers with the block sizes, splits and partial layouts they pick on a GPU (the
     interpreter tests otherwise use small tiles): grids, split-K, dy splits and rank blocks for
-    those sizes, checked on CPU. fp16 with fp32 adapters, dropout on."""
+    those sizes, checked on CPU. fp16 with fp32 adapters, dropout on. M = 300 runs the 128×128×64
+    tile, M = 2050 the 128×256×64 one (dx 128 wide: dropout), each with a partial last row tile."""
     monkeypatch.setattr(lk, "triton_interpret", lambda: False)
     K, N, r, p, s = 200, 264, 16, 0.3, 0.5
     dtype = torch.float16
