@@ -844,6 +844,31 @@ def test_ops_poison_beyond_lengths_and_freed_pages(backend, device, small_splits
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ops_show_nan_and_inf_within_the_lengths(backend, device, small_splits, seed):
+    """NaN or inf in q, or in K below a length, gives NaN where softmax does (all-inf scores included),
+    on every backend, and leaves the other sequences alone: the Triton kernels took a NaN or all -inf
+    row for an empty split and wrote zeros (bug hunt)."""
+    lens = [3, 2 * PS + 5, PS]  # the second spans several splits (small_splits)
+    cache, ids = _op_cache(lens, torch.float32, device)
+    q = torch.randn(3, HKV, D, device=device)
+    cache.k_pages[1, int(cache._h_table[ids[1], 1]), 2, 0, 0] = float("nan")  # seq 1, position PS + 2, head 0
+    q[0, 0, 0] = float("inf")  # seq 0, head 0: an inf score (inf - inf in softmax)
+    for name, out, ref in [
+        ("decode", kfuse.paged_decode_attention(q, cache, 1, ids, backend=backend),
+         paged_decode_attention_reference(q.cpu(), cache, 1, ids)),
+        ("prefill", kfuse.paged_prefill_attention(q, cache, 1, ids, [1, 1, 1], backend=backend),
+         paged_prefill_attention_reference(q.cpu(), cache, 1, ids, [1, 1, 1]))]:
+        nan = ref.isnan()
+        assert nan[0, 0].all() and nan[1, 0].all() and not nan[:, 1:].any() and not nan[2].any(), name
+        assert torch.equal(out.cpu().isnan(), nan), name
+        assert_close(out.cpu()[~nan].view(-1, D), ref[~nan].view(-1, D), torch.float32, name)
+    cache.k_pages[1, int(cache._h_table[ids[2], 0])].fill_(-float("inf"))  # seq 2: every score -inf
+    q = torch.ones(3, HKV, D, device=device)
+    out = kfuse.paged_decode_attention(q[2:], cache, 1, ids[2:], backend=backend)
+    assert out.isnan().all() and paged_decode_attention_reference(q[2:].cpu(), cache, 1, ids[2:]).isnan().all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_ops_isolation_rollback_and_fork_leave_others_bit_identical(backend, device, small_splits, seed):
     """Rolling back the longest sequence shrinks the Triton grid's split count; the others' outputs
     (computed in the same batch) must not change by a bit."""
@@ -1130,6 +1155,49 @@ def test_layers_of_a_step_share_one_validation(monkeypatch):
     cache.advance(seq)
     fresh = kfuse.paged_decode_attention(q, cache, L - 1, seq, backend="cpu")  # no step: checked, same lengths
     assert torch.equal(fresh, outs[-1])
+
+
+def test_a_step_keeps_its_own_copy_of_the_callers_ids(seed):
+    """The open step and the attention's per-step memo copy the caller's ids and counts tensors: writing
+    them between layers (a buffer reused for the next batch) neither changes which sequences the step
+    commits nor which rows a later layer's attention reads (bug hunt: both used the caller's tensor)."""
+    cache = make(num_layers=2)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    ids, cnt = torch.tensor([a]), torch.tensor([2])
+    cache.append(0, ids, *_kv(2), counts=cnt)
+    ids[0], cnt[0] = b, 1
+    with pytest.raises(ValueError, match="differ from the open step's"):
+        cache.append(1, ids, *_kv(1), counts=cnt)
+    cache.append(1, [a], *_kv(2), counts=[2])
+    cache.advance([a], [2])
+    assert (cache.length(a), cache.length(b)) == (2, 0)
+    check_invariants(cache)
+    step(cache, None, [a, b], [3, 4])
+    T = torch.tensor([a, b])
+    q = torch.randn(2, HKV, D)
+    for layer in range(2):
+        cache.append(layer, [a, b], *_kv(2))
+    kfuse.paged_decode_attention(q, cache, 0, T, backend="cpu")  # the memo's ids: [a, b]
+    T[0], T[1] = b, a
+    got = kfuse.paged_decode_attention(q, cache, 1, torch.tensor([b, a]), backend="cpu")
+    assert torch.equal(got, kfuse.paged_decode_attention(q, cache, 1, [b, a], backend="cpu"))
+    assert_close(got, paged_decode_attention_reference(q, cache, 1, [b, a]), torch.float32, "rows of [b, a]")
+
+
+def test_append_takes_kv_read_from_the_pools(seed):
+    """K/V that are views of the cache's own pools (one sequence's tokens appended to another) are
+    stored; index_copy_ refused them as overlapping its destination (bug hunt)."""
+    cache = make()
+    a, b = cache.add_sequence(), cache.add_sequence()
+    step(cache, None, [a], [3])
+    page = int(cache._h_table[a, 0])
+    for layer in range(L):
+        cache.append(layer, [b], cache.k_pages[layer, page, :3], cache.v_pages[layer, page, :3], counts=[3])
+    cache.advance([b], [3])
+    for layer in range(L):
+        assert all(torch.equal(x, y) for x, y in zip(gather_kv(cache, layer, a), gather_kv(cache, layer, b),
+                                                      strict=True))
+    check_invariants(cache)
 
 
 @pytest.mark.parametrize("mode", ["ragged decode", "prefill"])

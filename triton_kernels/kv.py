@@ -144,9 +144,11 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr,
         v = tl.load(v_ptr + page[:, None] * svp + slot[:, None] * svs + h * svh + d[None, :], mask=lm, other=0.0)
         m_i, l_i, acc = _online_softmax_tile(s, v, m_i, l_i, acc, PREC)
 
-    nonempty = l_i > 0
-    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    # A split below the length holds at least one position, so l_i > 0 unless the scores are NaN or all
+    # -inf (NaN/inf in q or K): then o and lse are NaN, and so is the merged output, as softmax gives.
+    # (Splits past the length divide 0 by 0 but are not stored.)
+    o = acc / l_i[:, None]
+    lse = m_i + tl.log2(l_i)
     part = (b.to(tl.int64) * (G * tl.num_programs(1)) + heads) * num_splits + sp  # [BLOCK_G]
     # A split past the length is not written: the merge reads only those below it. (Masked stores, not
     # an early return: under Triton 3.6 the return took this kernel from 113 to 168 registers.)
@@ -174,11 +176,12 @@ def _decode_merge_kernel(po_ptr, plse_ptr, lens_ptr, out_ptr, sob, soh, Hq, num_
     l_sum = tl.zeros([], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
     for sp in range(0, used):
-        # Every split below the length holds at least one position: its lse is finite.
+        # Every split below the length holds at least one position: its lse is finite unless the scores
+        # were NaN or all -inf, whose NaN (or -inf - -inf) weight then makes the output NaN.
         w = tl.exp2(tl.load(plse_ptr + base + sp) - m)
         l_sum += w
         acc += w * tl.load(po_ptr + (base + sp) * D + d, mask=dm, other=0.0)
-    o = tl.where(l_sum > 0, acc / tl.where(l_sum > 0, l_sum, 1.0), 0.0)
+    o = tl.where(used > 0, acc / tl.where(used > 0, l_sum, 1.0), 0.0)
     tl.store(out_ptr + b.to(tl.int64) * sob + hq * soh + d, o.to(out_ptr.dtype.element_ty), mask=dm)
 
 
@@ -290,7 +293,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, q
         v = tl.load(v_ptr + page[:, None] * svp + slot[:, None] * svs + h * svh + d[None, :], mask=lm, other=0.0)
         m_i, l_i, acc = _online_softmax_tile(s, v, m_i, l_i, acc, PREC)
 
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    # Each new token's row attends at least to itself: l_i > 0 unless its scores are NaN or all -inf
+    # (NaN/inf in q or K), whose NaN output is softmax's (padding rows, 0 / 0, are not stored).
+    o = acc / l_i[:, None]
     ooff = (q0 + j)[:, None] * sot + hq[:, None] * soh + d[None, :]
     tl.store(out_ptr + ooff, o.to(out_ptr.dtype.element_ty), mask=qmask)
 

@@ -336,6 +336,10 @@ class PagedKVCache:
             # The cache keeps values, not autograd history (inference only): K/V that require grad are
             # stored detached, so the pools never join a graph that would keep every step's activations.
             k, v = k.detach(), v.detach()
+        pools = {self.k_pages.untyped_storage().data_ptr(), self.v_pages.untyped_storage().data_ptr()}
+        # K/V read out of the pools themselves (a sequence's tokens copied into another): index_copy_ refuses a
+        # source that shares the destination's memory, even where the slots differ, so such K/V are copied first.
+        k, v = (t.clone() if t.untyped_storage().data_ptr() in pools else t for t in (k, v))
         if st is not None:
             if not (torch.equal(ids, st["ids"]) and torch.equal(cnt, st["counts"])):
                 raise ValueError(f"seq_ids/counts ({ids.tolist()}, {cnt.tolist()}) differ from the open step's "
@@ -385,8 +389,11 @@ class PagedKVCache:
         self._replay(writes)
         pending = torch.zeros(self.max_seqs, dtype=torch.int64)
         pending[ids] = cnt
-        self._step = {"ids": ids, "counts": cnt, "layers": set(range(self.num_layers)) if external else set(),
-                      "pending": pending, "slots": slots if external else self._dev(slots)}
+        # Copies: ids/counts may be the caller's own tensors (_index_tensor returns a contiguous CPU int64
+        # tensor as it is), and a write to them while the step is open must not change the step's record.
+        self._step = {"ids": ids.clone(), "counts": cnt.clone(),
+                      "layers": set(range(self.num_layers)) if external else set(), "pending": pending,
+                      "slots": slots if external else self._dev(slots)}
         return self._step
 
     def advance(self, seq_ids, counts=None) -> None:

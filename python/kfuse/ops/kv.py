@@ -144,10 +144,10 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
         # tokens), so a model's layers share one device copy of ids and lengths per step instead of
         # making two host-to-device copies each (a GPU decode step of a 16-layer model: 32 -> 2).
         if memo is not None and torch.equal(memo[2].host_ids, ids):
-            call = _Call(memo[2].ids, memo[2].lens, memo[2].max_len, ids, lens)
-        else:
+            call = _Call(memo[2].ids, memo[2].lens, memo[2].max_len, memo[2].host_ids, lens)
+        else:  # a copy of ids: they may be the caller's tensor, which it may write before the next layer
             call = _Call(cache._dev(ids, torch.int32), cache._dev(lens, torch.int32),
-                         int(lens.max()) if lens.numel() else 0, ids, lens)
+                         int(lens.max()) if lens.numel() else 0, ids.clone(), lens)
         st["attn"] = (seq_ids, seq_ids._version, call) if isinstance(seq_ids, Tensor) else (None, None, call)
         return call
     return _Call(cache._dev(ids, torch.int32), cache._dev(lens, torch.int32), int(lens.max()) if lens.numel() else 0,
