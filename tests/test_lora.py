@@ -603,6 +603,51 @@ def test_opcheck(backend: str, device: str, seed: int) -> None:
                            t["bias"], False, backend))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
+def test_autocast_casts_as_torch_does(backend: str, adapter_dtype: torch.dtype, seed: int) -> None:
+    """Under torch.autocast (CPU, bf16) the ops run as on autocast's casts, given by hand outside it: x,
+    W and bias in bf16; float32 adapters kept, half ones in bf16; a bf16 result and gradients in each
+    input's dtype, bit for bit; float64 x untouched. Eager and compiled (fullgraph). The ops' inner GEMMs
+    were autocast one by one and met in mixed dtypes (bug hunt)."""
+    cast = torch.bfloat16
+    x, weight, A, B, bias, lbias = make_layer(7, 12, 10, 3, False, True, True, torch.float32, adapter_dtype, "cpu")
+    leaves = [t.requires_grad_() for t in (x, weight, A, B, bias, lbias)]
+    g = torch.randn(7, 10)
+
+    def call(x, weight, A, B, bias, lbias):
+        return kfuse.lora_linear(x, weight, A, B, 1.5, bias, lbias, backend=backend)
+
+    def grads(y):
+        return torch.autograd.grad(y, leaves, g.to(y.dtype))
+
+    a_cast = adapter_dtype if adapter_dtype == torch.float32 else cast
+    y0 = call(x.to(cast), weight.to(cast), A.to(a_cast), B.to(a_cast), bias.to(cast), lbias.to(a_cast))
+    want = grads(y0)
+    compiled = torch.compile(call, fullgraph=True)
+    for fn in (call, compiled):
+        with torch.autocast("cpu", dtype=cast):
+            y = fn(*leaves)
+        got = grads(y)
+        assert y.dtype == cast and all(a.dtype == t.dtype for a, t in zip(got, leaves, strict=True))
+        if fn is compiled and backend == "reference":  # Inductor fuses the reference's torch ops: other roundings
+            assert_close(y, y0, cast, "compiled y")
+            assert all(assert_close(a, b, cast, "compiled grad") is None for a, b in zip(got, want, strict=True))
+        else:
+            assert torch.equal(y, y0) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    t = multi_inputs((6,), 12, 10, [2, 3], torch.float32, adapter_dtype, "cpu", False)
+    args = (t["x"], t["weight"], t["A_stack"], t["B_stack"], t["scalings"], t["ranks"], t["adapter_ids"], t["bias"])
+    with torch.autocast("cpu", dtype=cast):
+        ym = kfuse.lora_linear_multi(*args, backend=backend)
+    by_hand = [a.to(cast) if i in (0, 1, 7) or (i in (2, 3) and adapter_dtype != torch.float32) else a
+               for i, a in enumerate(args)]
+    assert ym.dtype == cast and torch.equal(ym, kfuse.lora_linear_multi(*by_hand, backend=backend))
+    x64, w64, A64, B64, _, _ = make_layer(3, 12, 10, 3, False, False, False, torch.float64, torch.float64, "cpu")
+    with torch.autocast("cpu", dtype=cast):
+        y64 = kfuse.lora_linear(x64, w64, A64, B64, 1.5, backend=backend)
+    assert y64.dtype == torch.float64 and torch.equal(y64, kfuse.lora_linear(x64, w64, A64, B64, 1.5, backend=backend))
+
+
 @pytest.mark.parametrize("backend,device", [*OP_BACKENDS, pytest.param("reference", "cpu", id="reference")])
 def test_compile_fullgraph(backend: str, device: str, seed: int) -> None:
     """A small model of LoRALinear layers (dropout, both layouts, lora_bias, a 3-D input)

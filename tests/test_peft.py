@@ -486,7 +486,7 @@ def test_subclass_weights_and_patched_forwards_stay_peft(seed: int) -> None:
 def test_runtime_fallbacks_are_peft_exactly(seed: int, monkeypatch) -> None:
     """Calls the fused forward does not serve run PEFT's own forward (one warning per reason):
     several active adapters with dropout in training (the same draws as PEFT under the same
-    seed), a forward hook on a base layer, autocast."""
+    seed), a forward hook on a base layer."""
     model = llama()
     model.add_adapter("other", LoraConfig(r=3, lora_alpha=4, lora_dropout=0.1, target_modules=["q_proj"]))
     randomise(model)
@@ -527,14 +527,45 @@ def test_runtime_fallbacks_are_peft_exactly(seed: int, monkeypatch) -> None:
     kp.unfuse(model)
     assert torch.equal(got, layer(xq))
     handle.remove()
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
+def test_autocast_runs_fused_as_peft_does(adapter_dtype, seed: int, monkeypatch) -> None:
+    """Under torch.autocast (bf16) a fused layer runs kfuse, not PEFT's fallback, with autocast's casts:
+    a float32 input and base weight in bf16, float32 adapters kept (S in float32), half ones cast to
+    bf16; the output is bf16, and it and the adapters' gradients match PEFT's own under the same
+    autocast (the first fallback took kfuse's inner GEMMs one by one into mixed dtypes). The input may
+    be bf16 beside a float32 base weight, as an autocast layer before hands it on."""
+    model = llama()
+    randomise(model)
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    layer.to(torch.float32)
+    for m in (layer.lora_A["default"], layer.lora_B["default"]):
+        m.to(adapter_dtype)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    x = torch.randn(5, H_LLAMA)
+
+    def step(inp):
+        for p in params:
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(inp)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        return y.detach(), [p.grad.clone() for p in params]
+
+    want = [step(x), step(x.bfloat16())]
+    count = Counter(monkeypatch)
     kp.fuse(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings(record=True) as record:
+    with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        got = layer(xq)
-    assert any("autocast" in w for w in our_warnings(record)) and count.take()["lora_linear"] == 0
-    kp.unfuse(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(got, layer(xq))
+        got = [step(x), step(x.bfloat16())]
+    assert not our_warnings(record) and count.take()["lora_linear"] == 2
+    for (y, g), (y0, g0) in zip(got, want, strict=True):
+        assert y.dtype == y0.dtype == torch.bfloat16
+        assert_close(y, y0, torch.bfloat16, "y")
+        for a, b, p in zip(g, g0, params, strict=True):
+            assert a.dtype == p.dtype
+            assert_close(a, b, torch.bfloat16, "adapter grad")
 
 
 # ---------------------------------------------------------------- fuse / unfuse themselves

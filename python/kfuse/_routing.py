@@ -122,6 +122,26 @@ def route(chosen: str, tensors: Sequence[Tensor | None]) -> str:
     return EAGER
 
 
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(x: object) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs matmuls in on ``x``'s device, when it is enabled there and
+    would cast ``x`` (float32, float16 or bfloat16; autocast leaves float64 alone); else None. A
+    matmul op that calls torch's GEMMs inside (LoRA) must apply autocast's casts itself and run with
+    it disabled: otherwise its inner calls are cast one by one and meet in mixed dtypes."""
+    if not isinstance(x, Tensor) or x.dtype not in _AUTOCAST_CASTS or x.device.type not in ("cpu", "cuda"):
+        return None
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def autocast_cast(dtype: torch.dtype, t: object) -> object:
+    """``t`` in autocast's ``dtype`` where autocast would cast it (a float32/16 or bfloat16 tensor),
+    else ``t`` unchanged (None, float64, integers, non-tensors: the op's checks see them as given)."""
+    return t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_CASTS else t
+
+
 def differentiable_backward(grad: Tensor) -> bool:
     """Whether a backward must be differentiable or batched, which the kernels' is not: under
     ``create_graph=True`` (grad mode on in the backward), or with a batched ``grad``

@@ -26,9 +26,9 @@ Everything else runs PEFT's own forward for that call, with one warning per reas
 ``torch.compile``): several active adapters with dropout active (PEFT draws one mask per
 adapter), a mixed batch that needs gradients or dropout, an adapter that is a LoRA variant
 (DoRA, ...) or whose modules were replaced or hooked, dropout ``p >= 1`` or in place, extra
-forward arguments, autocast, an ``x`` whose dtype or device differs from the base weight's,
-adapters whose dtype is neither float32 nor x's, forward hooks on the base layer or adapter
-modules. Such calls are exact (they are PEFT's); they only are not fused.
+forward arguments, an ``x`` whose dtype or device differs from the base weight's (under autocast:
+a dtype autocast does not cast), adapters whose dtype is neither float32 nor x's, forward hooks
+on the base layer or adapter modules. Such calls are exact (they are PEFT's); they only are not fused.
 
 Layers ``fuse`` does not switch at all (left to PEFT and listed, with reasons, in one warning
 and in the returned :class:`Report`): LoRA layers other than the plain ``lora.Linear``
@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 import kfuse
+from kfuse import _routing
 from kfuse.ops.lora import BACKENDS
 
 try:
@@ -193,7 +194,10 @@ def _call_reason(self: nn.Module, x: object) -> str | None:
     weight, bias = base.weight, base.bias
     if type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
         return "the base weight or bias became a tensor subclass after fuse"
-    if x.dtype != weight.dtype or x.dtype not in _FLOATS:
+    if _routing.autocast_dtype(x) is not None:  # kfuse's ops cast as autocast does: x and W need not agree
+        if _routing.autocast_dtype(weight) is None:
+            return f"autocast is enabled and the base weight is {weight.dtype}, which autocast does not cast"
+    elif x.dtype != weight.dtype or x.dtype not in _FLOATS:
         return f"the input's dtype ({x.dtype}) is not the base weight's ({weight.dtype})"
     if x.ndim == 0 or x.shape[-1] != self.in_features:
         return f"the input's last dimension is not in_features ({self.in_features})"
@@ -201,8 +205,6 @@ def _call_reason(self: nn.Module, x: object) -> str | None:
         return "the input is not on the base weight's device"
     if _has_hooks(base) or _global_hooks():
         return "the base layer has hooks (its own or global module hooks)"
-    if torch.is_autocast_enabled(x.device.type):
-        return "autocast is enabled (kfuse's ops do not autocast)"
     return None
 
 
@@ -226,7 +228,11 @@ def _adapter_reason(self: nn.Module, adapter: str, x: Tensor) -> str | None:
         return f"adapter {adapter!r}: its weights are tensor subclasses"
     if wa.dtype != wb.dtype or (lb is not None and lb.dtype != wa.dtype):
         return f"adapter {adapter!r}: lora_A and lora_B have different dtypes"
-    if wa.dtype != x.dtype and (wa.dtype != torch.float32 or not getattr(self, "cast_input_dtype_enabled", True)):
+    cast = _routing.autocast_dtype(x)
+    if cast is not None:  # kfuse keeps float32 adapters and casts half ones, as autocast's matmuls would
+        if _routing.autocast_dtype(wa) is None:
+            return f"adapter {adapter!r}: autocast is enabled and its dtype ({wa.dtype}) is one autocast does not cast"
+    elif wa.dtype != x.dtype and (wa.dtype != torch.float32 or not getattr(self, "cast_input_dtype_enabled", True)):
         return f"adapter {adapter!r}: its dtype ({wa.dtype}) is neither float32 nor the input's ({x.dtype})"
     if wa.device != x.device or wb.device != x.device:
         return f"adapter {adapter!r} is not on the input's device"

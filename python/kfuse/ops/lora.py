@@ -615,6 +615,16 @@ class _EagerLoRA(torch.autograd.Function):
 # ---------------------------------------------------------------- public ops
 
 
+def _autocast_adapters(cast: torch.dtype, *adapters: Tensor | None) -> tuple:
+    """Adapter tensors under autocast to ``cast``: float32 ones stay float32 (the ops take float32
+    adapters beside half x, keep ``S`` in float32 and round y once), half ones follow the autocast
+    dtype; the first adapter's dtype decides for all (the ops then check they agree)."""
+    first = adapters[0]
+    if isinstance(first, Tensor) and first.dtype == torch.float32:
+        return adapters
+    return tuple(_routing.autocast_cast(cast, t) for t in adapters)
+
+
 def lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -651,6 +661,10 @@ def lora_linear(
     Returns:
         ``y [..., N]`` in x's dtype, accumulated in float32 (float64 for float64 x).
 
+    Under ``torch.autocast`` on x's device, the op applies autocast's casts itself, as it would to
+    ``F.linear``: x, weight and bias go to the autocast dtype (float64 is left alone); float32 adapters
+    stay float32 (S in float32), half ones go to the autocast dtype; y comes in the autocast dtype.
+
     Autograd: gradients for every input that requires one (``dW`` too, when the base weight is
     trainable: correct, not fast), each in its input's dtype. Dropout masks come from torch's
     RNG (``torch.manual_seed`` reproduces them); the backward regenerates the mask from a
@@ -667,6 +681,13 @@ def lora_linear(
             lora_linear, tuple(t for t in tensors if t is not None), x, weight, lora_A, lora_B, scaling, bias=bias,
             lora_bias=lora_bias, dropout_p=dropout_p, training=training, fan_in_fan_out=fan_in_fan_out,
             backend=backend)
+    cast = _routing.autocast_dtype(x)
+    if cast is not None:
+        x, weight, bias = (_routing.autocast_cast(cast, t) for t in (x, weight, bias))
+        lora_A, lora_B, lora_bias = _autocast_adapters(cast, lora_A, lora_B, lora_bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, training,
+                               fan_in_fan_out, backend)
     _check_bool("lora_linear", "training", training)
     scaling, p = _validate(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out)
     if not training:
@@ -772,6 +793,8 @@ def lora_linear_multi(
     ``[-1, L)`` gives that row the base output, and ranks are clamped to ``[0, r_max]``. No
     host synchronisation and no data-dependent shapes on the CUDA path (CUDA-graph safe).
 
+    Under ``torch.autocast``: the casts of :func:`lora_linear` (x, weight, bias; half stacks).
+
     Forward only: when an input requires a gradient (grad mode on), the differentiable
     reference runs instead (slow; it warns once): serve under ``torch.no_grad()`` or
     ``torch.inference_mode()``.
@@ -781,6 +804,13 @@ def lora_linear_multi(
         return torch.overrides.handle_torch_function(
             lora_linear_multi, tuple(t for t in tensors if t is not None), x, weight, A_stack, B_stack, scalings,
             ranks, adapter_ids, bias=bias, fan_in_fan_out=fan_in_fan_out, backend=backend)
+    cast = _routing.autocast_dtype(x)
+    if cast is not None:
+        x, weight, bias = (_routing.autocast_cast(cast, t) for t in (x, weight, bias))
+        A_stack, B_stack = _autocast_adapters(cast, A_stack, B_stack)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear_multi(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, fan_in_fan_out,
+                                     backend)
     _validate_multi(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, fan_in_fan_out)
     chosen = _select("lora_linear_multi", backend, x)
     path = _routing.route(chosen, tensors)
