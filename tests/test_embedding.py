@@ -596,6 +596,47 @@ def test_fused_module_refuses_a_psw_gradient_from_updated_tables():
     assert not torch.equal(p2.grad, p1.grad)  # the second call read the updated tables
 
 
+def test_fused_module_checks_its_hyper_parameters_and_seed():
+    """Hyper-parameters and the seed are checked when the module is built, naming the argument (a seed
+    past int64 crashed the C++ backward with a pybind error, a tensor lr reached a Triton kernel as a
+    pointer); one-element tensors and numpy numbers are read as numbers (bug hunt)."""
+    build = lambda **kw: MultiTableEmbeddingBag([(10, 4)], optimizer="adam", **kw)  # noqa: E731
+    for kw, name in [({"seed": 2**63}, "seed"), ({"seed": -1}, "seed"), ({"seed": True}, "seed"),
+                     ({"seed": 1.5}, "seed"), ({"lr": -0.1}, "lr"), ({"lr": float("nan")}, "lr"),
+                     ({"lr": "0.1"}, "lr"), ({"eps": True}, "eps"), ({"beta1": 1.0}, "beta1"),
+                     ({"beta2": -0.5}, "beta2"), ({"weight_decay": float("inf")}, "weight_decay")]:
+        with pytest.raises(ValueError, match=f"MultiTableEmbeddingBag: {name} must be"):
+            build(**kw)
+    m = build(lr=torch.tensor(0.1), beta1=np.float32(0.5), seed=np.int64(2**63 - 1))
+    assert m.hparams["lr"] == pytest.approx(0.1) and m.hparams["beta1"] == 0.5 and m.seed == 2**63 - 1
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_fused_step_count_moves_with_the_tables_only(backend, seed):
+    """A tensor lr runs as the number it holds, on every backend; a backward that fails (a seed made
+    invalid after construction) leaves both the tables and the step count as they were: the count
+    was increased before the update (bug hunt). A table of another layout, loaded with assign=True,
+    is refused by the fused forward as by the op, not by one backend's kernel."""
+    idx, off = torch.tensor([1, 2, 2]), torch.tensor([0, 2, 3])
+    ms = [MultiTableEmbeddingBag([(10, 4)], optimizer="sgd", lr=lr, seed=3, backend=backend)
+          for lr in (torch.tensor(0.5), 0.5)]
+    ms[1].load_state_dict(ms[0].state_dict())
+    for m in ms:
+        m(idx, off).square().sum().backward()
+    assert torch.equal(ms[0].weights[0], ms[1].weights[0]) and int(ms[0].optimizer_step) == 1
+    m = ms[0]
+    m.seed = 2**64  # past what the C++ kernels take
+    before = m.weights[0].detach().clone()
+    if backend == "cpu":
+        with pytest.raises(TypeError):
+            m(idx, off).sum().backward()
+        assert int(m.optimizer_step) == 1 and torch.equal(m.weights[0], before)
+    m.seed = 3
+    m.load_state_dict({"weights.0": torch.randn(4, 10).t()}, strict=False, assign=True)
+    with pytest.raises(ValueError, match=r"weights\[0\] must be contiguous"):
+        m(idx, off)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_fused_adam_is_adamw_on_the_rows_seen(backend):
     """The fused "adam" is torch.optim.AdamW's step (eps after the bias correction, decoupled weight

@@ -4,9 +4,11 @@ multi-table bag in the FBGEMM/TorchRec layout, optionally with a fused sparse op
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -141,8 +143,8 @@ class MultiTableEmbeddingBag(nn.Module):
         self.tables = tables
         self.feature_table_map = list(range(len(tables))) if feature_table_map is None else list(feature_table_map)
         self.mode, self.sparse, self.backend = mode, sparse, backend
-        self.optimizer, self.seed, self.process_group = optimizer, seed, process_group
-        self.hparams = {"lr": lr, "eps": eps, "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay}
+        self.optimizer, self.seed, self.process_group = optimizer, _seed(seed), process_group
+        self.hparams = _hparams(lr=lr, eps=eps, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(r, d, dtype=dtype, device=device), requires_grad=optimizer is None)
             for r, d in tables)
@@ -229,6 +231,7 @@ class MultiTableEmbeddingBag(nn.Module):
                                          self.padding_idx, sparse=self.sparse, backend=self.backend)
         op = "MultiTableEmbeddingBag"
         _backends.check_backend_name(op, self.backend)
+        E._check_weights(op, ws)  # as the op checks them (load_state_dict(assign=True) may bring any layout)
         bags = E._validate(op, ws, indices, offsets, self.feature_table_map, self.mode, per_sample_weights,
                            self.padding_idx)
         chosen = E._select(op, self.backend, ws[0])
@@ -263,8 +266,7 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                     "gradient of per_sample_weights.")
             g_psw = E._psw_impl(grad_out, ws, indices, offsets, ctx.bags, psw, ctx.backend)
         with torch.no_grad():
-            m.optimizer_step += 1  # on the CPU (MultiTableEmbeddingBag._apply): int() does not sync
-            step = int(m.optimizer_step)
+            step = int(m.optimizer_step) + 1  # on the CPU (MultiTableEmbeddingBag._apply): int() does not sync
             h = m.hparams
             s1 = m.states(1) if m.optimizer != "sgd" else []
             s2 = m.states(2) if m.optimizer == "adam" else []
@@ -282,7 +284,36 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                     parts = [_all_reduce_rows(r, g, m.process_group) for r, g in parts]
                 for t, (rows, g) in enumerate(parts):
                     _apply_rows(m, t, rows, g, step)
+            m.optimizer_step += 1  # after the update: a refused one leaves the count with the tables
         return None, None, None, None, None, None, g_psw
+
+
+def _seed(seed: object) -> int:
+    """The stochastic-rounding seed as an int in [0, 2**63) (the kernels take an int64)."""
+    if isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point() and seed.dtype != torch.bool:
+        seed = int(seed.item())
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise ValueError(f"MultiTableEmbeddingBag: seed must be an int in [0, 2**63); got {seed!r}")
+    return int(seed)
+
+
+def _hparams(**given: object) -> dict[str, float]:
+    """The fused optimizer's hyper-parameters as floats, checked as torch.optim checks its own
+    (numbers or one-element tensors, read once here: the kernels take them as scalars)."""
+    out = {}
+    for name, v in given.items():
+        if isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point():
+            v = v.item()
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"MultiTableEmbeddingBag: {name} must be a finite real number; got {v!r}")
+        out[name] = float(v)
+    for name in ("lr", "eps", "weight_decay"):
+        if out[name] < 0:
+            raise ValueError(f"MultiTableEmbeddingBag: {name} must be >= 0; got {out[name]}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= out[name] < 1.0:
+            raise ValueError(f"MultiTableEmbeddingBag: {name} must be in [0, 1); got {out[name]}")
+    return out
 
 
 def _all_reduce_rows(rows: Tensor, grads: Tensor, group: object) -> tuple[Tensor, Tensor]:
