@@ -667,6 +667,31 @@ def test_strided_inputs_and_nan(backend: str, device: str, seed: int) -> None:
     assert_close(y, y_ref, torch.float32, "y with NaN coefficients")
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_constants_reach_the_gradients(backend: str, device: str) -> None:
+    """A NaN c1 or c2 makes its neuron's outputs NaN, and its gradients are the reference's wherever
+    those are finite: dy/dc1 = 1 for a ramp, dy/dc2 = 1 for a parabola. The kernels took the clamp's
+    derivative at a NaN output for 0 and gave the neuron no gradient at all (bug hunt). A neuron
+    without NaN beside them is unharmed."""
+    x = torch.tensor([[0.5, 0.5, 0.5], [-0.3, 1.5, 2.0]], device=device)
+    coeffs = torch.tensor([[0.0, 1.0, 0.0, float("nan"), 0.2],  # ramp: y = c1 + H(t)·t/b
+                           [1.0, 0.0, 0.0, 0.3, float("nan")],  # parabola: y = c1·t + c2 + H(t)·t²/(2a)
+                           [1.0, 0.5, 2.0, 0.3, -0.4]], device=device)
+    got, want = [], []
+    for be, dt in ((backend, torch.float32), ("reference", torch.float64)):
+        xx, cc = x.to(dt, copy=True).requires_grad_(), coeffs.to(dt, copy=True).requires_grad_()
+        y = kfuse.deu(xx, cc, backend=be)
+        y.sum().backward()
+        (got if be == backend else want).append((y, xx.grad, cc.grad))
+    (y, gx, gc), (y_ref, gx_ref, gc_ref) = got[0], want[0]
+    assert torch.isnan(y[:, :2]).all() and torch.isfinite(y[:, 2]).all()
+    assert gc[0, 3] == 2.0 and gc[1, 4] == 2.0  # dy/dc1 and dy/dc2 (1), summed over the 2 rows
+    for g, g_ref, what in ((gx, gx_ref, "grad x"), (gc, gc_ref, "grad coeffs")):
+        finite = torch.isfinite(g_ref)
+        assert_close(g[finite], g_ref[finite], torch.float32, what)
+    assert_close(y[:, 2], y_ref[:, 2], torch.float32, "the other neuron")
+
+
 class _CopyLog(TorchDispatchMode):
     """The aten ops that copy a tensor (clone, copy_, _to_copy), as they are dispatched."""
 

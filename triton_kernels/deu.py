@@ -397,8 +397,10 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
     osc = lin * cs + k6 * sn  # the E1 bracket
     dosc = k6 * cs - lin * sn  # its derivative w.r.t. ωt
     yraw = k0 + t * (k1 + t * k2) + h3 * sig + e1 * osc + k7 * e2
-    inside = (yraw >= -OUT_CLAMP) & (yraw <= OUT_CLAMP)  # clamp derivative: 0 outside (and NaN)
-    g = tl.where(inside, g, 0.0)
+    # The clamp's derivative: 0 outside; a NaN yraw (NaN coefficients) is not outside, so it reaches
+    # the gradients as in the reference.
+    outside = (yraw < -OUT_CLAMP) | (yraw > OUT_CLAMP)
+    g = tl.where(outside, 0.0, g)
     gp = tl.where(pos, g, 0.0)
     b4 = e1 * cs
     b5 = t * b4
@@ -412,7 +414,7 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
     r2e = tl.where(cap2, 0.0, r2)
     dy = (k1 + 2.0 * k2 * t + h3 * STEP_SLOPE * sig * (1.0 - sig)
           + e1 * (r1e * osc + k5 * cs + om * dosc) + k7 * r2e * e2)
-    gx = tl.where(inside, g * dy, 0.0)  # not g·dy alone: 0·inf = NaN where the clamped dy overflows
+    gx = tl.where(outside, 0.0, g * dy)  # not g·dy alone: 0·inf = NaN where the clamped dy overflows
     return (gx, g, gt, g * sig, g * b4, g * b5, g * b6, g * e2,
             gp, gp * t, gp * t * t, gp * (b4 - 1.0), gp * b5, gp * b6, gp * (e2 - 1.0), s_r1, s_om, s_r2)
 

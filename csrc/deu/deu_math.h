@@ -560,7 +560,9 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   const T* k = s.k;
   const T yraw = eval_raw<kTerms>(k, q, t);
   const T m = T(kOutClamp);
-  if (!(yraw >= -m && yraw <= m)) return T(0);  // clamp derivative is 0 outside
+  // The clamp's derivative is 0 outside [-m, m]; a NaN (from NaN coefficients) is not outside: it
+  // reaches the gradients, as it does in the reference, instead of giving 0 for the neuron.
+  if (yraw < -m || yraw > m) return T(0);
   const T basis[kBasis] = {T(1), t, t * t, q.sig, q.e1 * q.cs, t * q.e1 * q.cs, q.e1 * q.sn, q.e2};
   for (int j = 0; j < kBasis; ++j) {
     if ((!kPoly && (j == 1 || j == 2)) || (!kStep && j == 3) || (!kTE1 && j == 5)) continue;

@@ -247,6 +247,7 @@ class PagedKVCache:
 
     @property
     def active_sequences(self) -> list[int]:
+        """The ids of the sequences added and not freed, ascending (from the host state: no sync)."""
         return np.flatnonzero(self._n_active).tolist()
 
     def length(self, seq_id: int) -> int:

@@ -4,7 +4,7 @@
 Python documentation shipped with Python (``pydoc_data.topics``) — into which offensive words from
 ``better-profanity``'s word list are injected at a known rate, so the model really produces them. The
 same prompts, seeds and safety check (``alt-profanity-check``'s classifier over each recent window)
-then run through four generators:
+then run through five generators:
 
 1. ``plain``: no check (violations stay);
 2. ``reset``: on a flag, discard everything generated and start again (the paper's baseline);

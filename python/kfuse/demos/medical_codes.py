@@ -100,7 +100,7 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kfuse.demos.medical_codes", description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true", help="a 60-category subset, D=32, 3000 patients")
     p.add_argument("--dim", type=positive(int), default=None, help="embedding dimension (128; 32 with --small)")
     p.add_argument("--patients", type=positive(int), default=None,

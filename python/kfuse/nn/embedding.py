@@ -116,7 +116,7 @@ class MultiTableEmbeddingBag(nn.Module):
     Parameters: ``weights.{t}`` ``[rows_t, dim_t]``, initialised uniformly in ``±sqrt(1/rows_t)`` (FBGEMM's
     choice), padding rows zero. Fused-optimizer state lives in buffers (``state_dict`` saves and
     restores it, with the step count): ``momentum1_{t}`` (row-wise Adagrad ``[rows_t]``; Adam's m
-    ``[rows_t, dim_t]``), ``momentum2_{t}`` (Adam's v), float32 (float64 for float64 tables), and
+    ``[rows_t, dim_t]``), ``momentum2_{t}`` (Adam's v; empty for the others), float32 (float64 for float64 tables), and
     ``optimizer_step`` (int64, the updates applied, on the CPU whatever the tables' device; a checkpoint's
     ``step`` key, its name before 2026-12-02, loads into it).
 

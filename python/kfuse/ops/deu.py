@@ -338,8 +338,9 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto",
             the zero band ``|p| < 0.01`` can leave it; ``y``, ``grad_x`` and the other gradients
             are unchanged. Every backend runs it (the replaced entries are computed in PyTorch,
             float64, on the degenerate neurons only, after one host sync per backward), in eager
-            mode: under ``torch.compile``/``torch.jit.trace``, ``torch.func`` transforms,
-            forward-mode AD, dispatch modes and tensor subclasses it raises ``ValueError``.
+            mode: where a gradient is needed under ``torch.compile``/``torch.jit.trace``, ``torch.func``
+            transforms, forward-mode AD, dispatch modes or tensor subclasses, it raises ``ValueError``
+            (which ``torch.compile(fullgraph=True)`` reports as its own ``Unsupported`` error).
     Returns:
         ``y``, same shape and dtype as ``x``, computed in float32 (float64 for float64 input).
         The kernel backends lay ``y`` and ``grad_x`` out like ``x`` when ``x`` is dense in some
