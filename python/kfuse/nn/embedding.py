@@ -8,7 +8,6 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -289,12 +288,12 @@ class _FusedEmbeddingBag(torch.autograd.Function):
 
 
 def _seed(seed: object) -> int:
-    """The stochastic-rounding seed as an int in [0, 2**63) (the kernels take an int64)."""
-    if isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point() and seed.dtype != torch.bool:
-        seed = int(seed.item())
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+    """The stochastic-rounding seed as an int in [0, 2**63) (the kernels take an int64); integers as
+    torch takes them for an index (numpy, one-element tensors), not bools."""
+    s = E._as_index(seed)
+    if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**63:
         raise ValueError(f"MultiTableEmbeddingBag: seed must be an int in [0, 2**63); got {seed!r}")
-    return int(seed)
+    return s
 
 
 def _hparams(**given: object) -> dict[str, float]:
@@ -304,7 +303,7 @@ def _hparams(**given: object) -> dict[str, float]:
     for name, v in given.items():
         if isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point():
             v = v.item()
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):  # (np.bool_ is no Real)
             raise ValueError(f"MultiTableEmbeddingBag: {name} must be a finite real number; got {v!r}")
         out[name] = float(v)
     for name in ("lr", "eps", "weight_decay"):
