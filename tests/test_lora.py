@@ -1278,7 +1278,7 @@ def test_multi_forward_ids_out_of_range_stay_in_bounds(device, seed) -> None:
     x, weight, _, _, bias, _ = make_layer(M, K, N, 1, False, True, False, torch.float32, torch.float32, device)
     A, B = make_stack(L, r_max, K, N, (0, 16), torch.float32, device)
     ids = torch.tensor([1, 0, 2, -2, 1 << 33, -(1 << 40), (1 << 32) + 1, 1], dtype=torch.int64, device=device)
-    ranks = torch.tensor([-3, 99], dtype=torch.int64, device=device)  # clamped to 0 and r_max
+    ranks = torch.tensor([-3, (1 << 32) + 3], dtype=torch.int64, device=device)  # clamped to 0 and r_max
     scal = torch.tensor([0.5, 2.0], device=device)
     y = lk.lora_multi_forward(x, weight, False, A, B, scal, ranks, ids, bias)
     # 2^32 + 1 must not wrap around to adapter 1 (nor 2^33 to adapter 0).
@@ -1304,6 +1304,32 @@ def test_multi_forward_a_broken_adapter_reaches_only_its_rows(backend, device, s
     assert y[good].isfinite().all() and not y[~good].isfinite().any()
     want, mag = ref_multi(x[good], weight, False, A[:1], B[:1], scal[:1].cpu(), (r,), ids[good], bias)
     assert_sum_close(y[good], want, mag, torch.float32, "rows of the other adapter and of the base")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nonfinite_products_with_extreme_scalings(backend, device, seed) -> None:
+    """y = x Wᵀ + s·((x Aᵀ) Bᵀ) as written, for s = 0 and s = inf too: a NaN adapter at s = 0 gives
+    NaN (0·NaN, as PEFT's ``lora_B(lora_A(x)) * scaling``; BLAS would skip the product at
+    alpha = 0), and s = inf gives ±inf, not the NaN of 0·inf from the padded rank lanes."""
+    M, K, N, r = 9, 19, 23, 3
+    x, weight, A, B, bias, _ = make_layer(M, K, N, r, False, True, False, torch.float32, torch.float32, device)
+    B[2, 1] = math.nan
+    with torch.no_grad():
+        y = kfuse.lora_linear(x, weight, A, B, 0.0, bias=bias, backend=backend)
+    assert y[:, 2].isnan().all() and y[:, 3:].isfinite().all(), "a NaN in B's row 2 at scaling 0"
+    B[2, 1] = 0.5
+    L, r_max = 2, 16
+    A_st, B_st = make_stack(L, r_max, K, N, (r, 5), torch.float32, device, garbage=(0.0, 0.0))
+    scal = torch.tensor([math.inf, 0.0], device=device)
+    ranks = torch.tensor([r, 5], dtype=torch.int32, device=device)
+    ids = torch.tensor([0, 1, -1, 0, 1, 0, -1, 1, 0], device=device)
+    with torch.no_grad():
+        y = kfuse.lora_linear_multi(x, weight, A_st, B_st, scal, ranks, ids, bias=bias, backend=backend)
+    want = lora_linear_multi_reference(x.double(), weight.double(), A_st.double(), B_st.double(), scal.double(),
+                                       ranks, ids, bias.double())
+    inf_rows = ids == 0
+    assert y[inf_rows].isinf().all() and (y[inf_rows].sign() == want[inf_rows].sign()).all()
+    torch.testing.assert_close(y[~inf_rows].double(), want[~inf_rows], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -452,7 +452,7 @@ def _multi_shrink_kernel(x_ptr, ids_ptr, a_ptr, ranks_ptr, sp_ptr,
         todo = ids >= 0
         cur = _next_adapter(ids, todo, L)
         while cur < L:
-            rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + cur).to(tl.int32), 0), R)
+            rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + cur), 0), R).to(tl.int32)  # clamped before narrowing
             a_ptrs = a_ptr + cur.to(tl.int64) * sal + rr[None, :].to(tl.int64) * sar + kk[:, None].to(tl.int64) * sak
             at = tl.load(a_ptrs, mask=k_ok[:, None] & (rr[None, :] < rank), other=0.0)
             sel = ids == cur
@@ -470,7 +470,7 @@ def _multi_fwd_kernel(x_ptr, w_ptr, sp_ptr, ids_ptr, b_ptr, ranks_ptr, scal_ptr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr, GROUP_M: tl.constexpr,
                       HAS_BIAS: tl.constexpr, PREC: tl.constexpr, LR_PREC: tl.constexpr):
     """Grid (M tiles · N tiles,), grouped: acc = x Wᵀ, then for each adapter a present in the tile
-    acc += (s_a·S_rows) B_aᵀ on its rows only (a select, so another adapter's weights, even non-finite
+    acc += s_a·(S_rows B_aᵀ) on its rows only (a select, so another adapter's weights, even non-finite
     ones, never reach a row), + bias. S = Σ_splits sp, summed in split order.
     The main loop comes first: started from the low-rank terms (as the single-adapter forward is),
     ptxas serialised every wgmma of the kernel (C7515: non-wgmma instructions defining an
@@ -492,12 +492,12 @@ def _multi_fwd_kernel(x_ptr, w_ptr, sp_ptr, ids_ptr, b_ptr, ranks_ptr, scal_ptr,
         todo = ids >= 0
         cur = _next_adapter(ids, todo, L)
         while cur < L:
-            rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + cur).to(tl.int32), 0), R)
+            rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + cur), 0), R).to(tl.int32)  # clamped before narrowing
             sc = tl.load(scal_ptr + cur).to(tl.float32)
             b_ptrs = b_ptr + cur.to(tl.int64) * sbl + cols[None, :].to(tl.int64) * sbn + rr[:, None].to(tl.int64) * sbr
             bt = tl.load(b_ptrs, mask=(rr[:, None] < rank) & col_ok, other=0.0)
             sel = ids == cur
-            acc += tl.where(sel[:, None], _dot(st * sc, bt, tl.zeros([BM, BN], dtype=tl.float32), LR_PREC), 0.0)
+            acc += tl.where(sel[:, None], _dot(st, bt, tl.zeros([BM, BN], dtype=tl.float32), LR_PREC) * sc, 0.0)
             todo = todo & ~sel
             cur = _next_adapter(ids, todo, L)
     acc = _epilogue(acc, bias_ptr, bias_ptr, cols, N, 1.0, HAS_BIAS, False)

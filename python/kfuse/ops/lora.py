@@ -305,7 +305,10 @@ def _torch_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: fl
     else:  # dropout's 1/(1-p) on S ([M, r]) rather than on x ([M, K])
         keep = _generator_mask(seed, x2.shape[0], x2.shape[1], p)
         S = torch.mm(torch.where(keep, xa, 0.0), A.to(acc).t()).mul_(1.0 / (1.0 - p))
-    y.addmm_(S, B.to(acc).t(), alpha=scaling)
+    if scaling != 0.0:
+        y.addmm_(S, B.to(acc).t(), alpha=scaling)
+    else:  # BLAS skips the product when alpha is 0; a NaN/inf adapter must still reach y, as in PEFT
+        y.add_(torch.mm(S, B.to(acc).t()).mul_(scaling))
     return y.to(x2.dtype), S
 
 
