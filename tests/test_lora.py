@@ -548,6 +548,38 @@ def test_merge_unmerge(fifo: bool, dtype: torch.dtype, seed: int) -> None:
         assert_close(linear.weight, w0, dtype, "round trip")
 
 
+def test_merged_state_travels_with_the_weight(seed: int) -> None:
+    """W of a merged layer holds the adapter: its state_dict says so, and a layer loading it (merged
+    or not before) computes what the saved layer computed and unmerges back to the base W."""
+    src = kfuse.nn.LoRALinear(9, 6, r=3).eval()
+    with torch.no_grad():
+        src.lora_B.normal_()
+    w0, x = src.weight.detach().clone(), torch.randn(4, 9)
+    with torch.no_grad():
+        y = src(x)
+    src.merge()
+    merged_sd = src.state_dict()
+    for start_merged in (False, True):
+        dst = kfuse.nn.LoRALinear(9, 6, r=3).eval()
+        if start_merged:
+            dst.merge()
+        dst.load_state_dict(merged_sd)
+        assert dst.merged
+        with torch.no_grad():
+            torch.testing.assert_close(dst(x), y, rtol=1e-5, atol=1e-5)
+        dst.unmerge()
+        torch.testing.assert_close(dst.weight, w0, rtol=0, atol=1e-5)
+    src.unmerge()
+    dst = kfuse.nn.LoRALinear(9, 6, r=3).eval()
+    dst.merge()
+    dst.load_state_dict(src.state_dict())  # an unmerged checkpoint into a merged layer
+    assert not dst.merged
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="_extra_state"):
+        dst.load_state_dict({**src.state_dict(), "_extra_state": True})
+
+
 def test_multi_lora_module(seed: int) -> None:
     """Adapters of different ranks (the stacks re-pad as r_max grows) give each row what its
     own LoRALinear gives; -1 rows get the base layer; ids per row or per sequence."""
@@ -576,6 +608,32 @@ def test_multi_lora_module(seed: int) -> None:
         torch.testing.assert_close(fresh(x, ids), y)
     with pytest.raises(ValueError, match=r"lora_B must have shape \[N, r\] = \[12, 2\]"):
         multi.add_adapter(torch.randn(2, 20), torch.randn(12, 3), 1.0)
+
+
+def test_multi_lora_load_refuses_another_layers_stacks() -> None:
+    """Stacks saved by a layer of other in/out features (or an inconsistent set) are refused with
+    torch's size-mismatch error, strict or not, and the stacks are left as they were: they are
+    only re-sized to a set that fits this layer."""
+    m = kfuse.nn.MultiLoRALinear(5, 7)
+    m.add_adapter(torch.randn(2, 5), torch.randn(7, 2), 0.5)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    other = kfuse.nn.MultiLoRALinear(6, 8)
+    other.add_adapter(torch.randn(3, 6), torch.randn(8, 3), 1.0)
+    bigger = kfuse.nn.MultiLoRALinear(5, 7)
+    bigger.add_adapter(torch.randn(3, 5), torch.randn(7, 3), 1.0)
+    bigger.add_adapter(torch.randn(1, 5), torch.randn(7, 1), 1.0)
+    mixed = {**bigger.state_dict(), "scalings": torch.ones(3)}  # L = 2 stacks with 3 scalings
+    stacks = ("A_stack", "B_stack", "scalings", "ranks")
+    for sd, strict in ((other.state_dict(), True), ({k: other.state_dict()[k] for k in stacks}, False),
+                       (mixed, True)):
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            m.load_state_dict(sd, strict=strict)
+        # (torch's load still copies the entries that fit, as weight and bias from `mixed`)
+        assert all(torch.equal(getattr(m, k), before[k]) for k in stacks), "a refused load changed the stacks"
+    m.load_state_dict({"scalings": torch.tensor([3.0])}, strict=False)  # fits with the module's own stacks
+    assert m.scalings.tolist() == [3.0]
+    m.load_state_dict(bigger.state_dict())  # a consistent set for this layer: re-sized and loaded
+    assert m.num_adapters == 2 and m.r_max == 3
 
 
 # ---------------------------------------------------------------- torch.library, compile, routes

@@ -10,6 +10,7 @@ import math
 import numbers
 import operator
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -205,6 +206,16 @@ class LoRALinear(nn.Module):
         self.weight.copy_(self._updated_weight(-1.0))
         self.merged = False
 
+    def get_extra_state(self) -> dict:
+        # Whether W holds the adapter (merge()): saved with W, so that a merged checkpoint loaded into
+        # an unmerged layer (or the reverse) does not count the adapter twice, or not at all.
+        return {"merged": self.merged}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("merged"), bool):
+            raise ValueError(f"LoRALinear: the state_dict's _extra_state must be {{'merged': bool}}; got {state!r}")
+        self.merged = state["merged"]
+
     def forward(self, x: Tensor) -> Tensor:
         """:func:`kfuse.lora_linear` with this layer's parameters (dropout in training mode only);
         when merged, the base layer (plus ``scaling · lora_bias``)."""
@@ -329,13 +340,40 @@ class MultiLoRALinear(nn.Module):
         self.ranks = torch.cat([self.ranks, self.ranks.new_tensor([r])])
         return L
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
-        # The stacks' shapes grow with the adapters: take the saved ones (a fresh module has none).
-        for name in ("A_stack", "B_stack", "scalings", "ranks"):
-            saved = state_dict.get(prefix + name)
-            if isinstance(saved, Tensor) and saved.shape != getattr(self, name).shape:
-                setattr(self, name, getattr(self, name).new_empty(saved.shape))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        # The stacks' shapes grow with the adapters: take the saved ones (a fresh module has none), if
+        # the saved stacks (with the module's own where a key is absent) are a consistent set for this
+        # layer's K and N. Otherwise torch's load would still copy those whose shape happens to fit
+        # (ranks [L] of another layer's stacks): keep all four as they were and say why.
+        names = ("A_stack", "B_stack", "scalings", "ranks")
+        if any(prefix + n in state_dict for n in names):
+            new = [state_dict.get(prefix + n, getattr(self, n)) for n in names]
+            if self._fits(*new):
+                for name, t in zip(names, new, strict=True):
+                    if t.shape != getattr(self, name).shape:
+                        setattr(self, name, getattr(self, name).new_empty(t.shape))
+            else:
+                kept = [getattr(self, n).clone() for n in names]
+                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                              unexpected_keys, error_msgs)
+                for name, t in zip(names, kept, strict=True):
+                    setattr(self, name, t)
+                shapes = ", ".join(f"{n} {list(t.shape) if isinstance(t, Tensor) else type(t).__name__}"
+                                   for n, t in zip(names, new, strict=True))
+                error_msgs.append(f"MultiLoRALinear: the adapter stacks ({shapes}) are not a consistent set for "
+                                  f"this layer: A_stack [L, r, K={self.in_features}], B_stack [L, "
+                                  f"N={self.out_features}, r], scalings [L], ranks [L]; none of them was loaded")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _fits(self, A: object, B: object, scalings: object, ranks: object) -> bool:
+        if not all(isinstance(t, Tensor) for t in (A, B, scalings, ranks)) or A.ndim != 3:
+            return False
+        L, r = A.shape[0], A.shape[1]
+        return (tuple(A.shape) == (L, r, self.in_features) and tuple(B.shape) == (L, self.out_features, r)
+                and tuple(scalings.shape) == (L,) and tuple(ranks.shape) == (L,))
 
     def forward(self, x: Tensor, adapter_ids: Tensor) -> Tensor:
         """``y [..., N]`` for ``x [..., K]``; row ``m`` uses adapter ``adapter_ids[m]`` (-1: none)."""
