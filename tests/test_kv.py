@@ -1089,6 +1089,10 @@ def _bad_inputs():
         "q_lens sum": (lambda: pre(q, cache, 0, ids, [1, 2]), ValueError, "q_lens"),
         "q_lens past cache": (lambda: pre(torch.randn(4, HKV, D), cache, 0, ids, [4, 0]), ValueError,
                               "q_lens: 4 new tokens"),
+        # No backward: an output that silently dropped q's gradient would be a wrong gradient.
+        "q requires grad": (lambda: dec(q.requires_grad_(), cache, 0, ids), RuntimeError, "no autograd"),
+        "q requires grad (prefill)": (lambda: pre(torch.randn(5, HKV, D, requires_grad=True), cache, 0, ids, [3, 2],
+                                                  backend="reference"), RuntimeError, "no autograd"),
     }
 
 

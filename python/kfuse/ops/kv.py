@@ -118,6 +118,11 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
                          f"a positive multiple of num_kv_heads={cache.num_kv_heads}; got {tuple(q.shape)}")
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cache.num_layers:
         raise IndexError(f"kfuse.{op}: layer must be an int in [0, {cache.num_layers}); got {layer!r}")
+    if q.requires_grad and torch.is_grad_enabled():
+        # The kernels have no backward (the cache holds K/V detached): rather than an output that
+        # silently carries no gradient to q (and the reference backend's that would), refuse.
+        raise RuntimeError(f"kfuse.{op}: inference only (no autograd), but q requires grad: call it under "
+                           "torch.no_grad() or torch.inference_mode(), or pass q.detach()")
     if _routing.tracing():
         ids = torch.tensor([int(s) for s in seq_ids], dtype=torch.int64)
         lens = cache.seq_lens.index_select(0, ids.to(cache.device))
@@ -286,7 +291,8 @@ def paged_decode_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids, 
     Returns:
         ``[B, Hq, D]`` in q's dtype; zeros for a sequence of length 0.
 
-    Validation reads the cache's host mirror (no sync). No autograd.
+    Validation reads the cache's host mirror (no sync). No autograd: a q that requires grad raises
+    unless grad mode is off (``torch.no_grad()``, ``torch.inference_mode()``).
     """
     call = _validate(_DECODE, q, cache, layer, seq_ids)
     if q.shape[0] != call.ids.shape[0]:
