@@ -1443,6 +1443,35 @@ for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     assert {launch["kernel"] for launch in launches} == sm90.launched_kernels(tk)
 
 
+@pytest.mark.interpret
+def test_triton_row_chunks_past_2_31_rows() -> None:
+    """The row kernels' chunk of rows [row0, row_end) for 2^32 + 5 rows, as the launcher grids
+    them (no tensor that large: the index code of the kernels alone, under the interpreter). Computed
+    in int32, the last chunks wrapped: rows left unwritten at 2^31, negative offsets (writes before
+    the tensor) at 2^32 (bug hunt)."""
+    import triton  # noqa: PLC0415
+    import triton.language as tl  # noqa: PLC0415
+
+    from kfuse.triton_kernels import deu as tk  # noqa: PLC0415
+
+    @triton.jit
+    def chunks(out_ptr, M, N, rows_per_prog, BLOCK_N: tl.constexpr):
+        _, _, row0, row_end, first = tk._rows_program(M, N, rows_per_prog, BLOCK_N)
+        pid = tl.program_id(1)
+        tl.store(out_ptr + pid * 3 + 0, row0.to(tl.int64))
+        tl.store(out_ptr + pid * 3 + 1, row_end.to(tl.int64))
+        tl.store(out_ptr + pid * 3 + 2, tl.min(first, 0))
+
+    for M in (2**32 + 5,):  # chunks that wrapped past 2^31 and past 2^32 in int32
+        n_prog, rpp, n_chunks = tk._rows_grid(M, 1)
+        out = torch.full((n_chunks, 3), -7, dtype=torch.int64)
+        chunks[(n_prog, n_chunks)](out, M, 1, rpp, BLOCK_N=tk._ROWS_BLOCK_N)
+        starts = torch.arange(n_chunks, dtype=torch.int64) * rpp
+        assert torch.equal(out[:, 0], starts), M
+        assert torch.equal(out[:, 1], (starts + rpp).clamp(max=M)), M
+        assert torch.equal(out[:, 2], starts), M  # the first row's element offset (column 0)
+
+
 def test_import_without_extension() -> None:
     """A missing extension degrades to the other backends with a clear message, never a crash."""
     code = """

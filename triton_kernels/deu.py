@@ -460,7 +460,7 @@ def _rows_program(M, N, rows_per_prog, BLOCK_N: tl.constexpr):
     """This program's columns, their mask, its row chunk [row0, row_end) and the offsets of
     its first row's elements (int64)."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row0 = tl.program_id(1) * rows_per_prog
+    row0 = tl.program_id(1).to(tl.int64) * rows_per_prog  # int64: past 2^31 rows (bug hunt)
     return cols, cols < N, row0, tl.minimum(M, row0 + rows_per_prog), row0.to(tl.int64) * N + cols
 
 
@@ -635,7 +635,7 @@ def _spatial_tile(n, rows, k0, M, N, K, BLOCK_K: tl.constexpr):
 def _deu_fwd_spatial(x_ptr, y_ptr, co_ptr, M, N, K, rows_per_prog,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, MATH: tl.constexpr):
     n = tl.program_id(0)
-    row0 = tl.program_id(1) * rows_per_prog
+    row0 = tl.program_id(1).to(tl.int64) * rows_per_prog
     acc = co_ptr.dtype.element_ty
     (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
      any_trig, any_e2, any_step) = _neuron_plan(co_ptr, n)
@@ -653,7 +653,7 @@ def _deu_fwd_spatial(x_ptr, y_ptr, co_ptr, M, N, K, rows_per_prog,
 def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_prog,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, MATH: tl.constexpr):
     n = tl.program_id(0)
-    row0 = tl.program_id(1) * rows_per_prog
+    row0 = tl.program_id(1).to(tl.int64) * rows_per_prog
     acc = co_ptr.dtype.element_ty
     (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
      any_trig, any_e2, any_step) = _neuron_plan(co_ptr, n)
