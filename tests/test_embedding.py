@@ -596,6 +596,34 @@ def test_fused_module_refuses_a_psw_gradient_from_updated_tables():
     assert not torch.equal(p2.grad, p1.grad)  # the second call read the updated tables
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_fused_module_freezes_as_torch_modules_do(backend):
+    """requires_grad_(False) on the module, or on a model holding it, freezes the tables as it freezes
+    ordinary ones: the fused backward updates nothing (the step count stays), while a head and the
+    per_sample_weights still get their gradients; requires_grad_(True) resumes training. The backward
+    hook is a parameter for that, but holds nothing: state_dict leaves it out (bug hunt)."""
+    idx, off = torch.tensor([1, 2, 3, 0, 4]), torch.tensor([0, 2, 3, 5])
+    m = MultiTableEmbeddingBag([(6, 4)], optimizer="adam", lr=0.1, backend=backend)
+    head = torch.nn.Linear(4, 1)
+    model = torch.nn.ModuleList([m, head])
+    assert sorted(m.state_dict()) == ["momentum1_0", "momentum2_0", "optimizer_step", "weights.0"]
+    for freeze in (m.requires_grad_, model.requires_grad_):
+        freeze(False)
+        head.requires_grad_(True)
+        before = m.weights[0].detach().clone()
+        psw = torch.rand(5, requires_grad=True)
+        m(idx, off, psw).sum().backward()  # the psw gradient alone
+        head(m(idx, off)).sum().backward()
+        assert torch.equal(m.weights[0], before) and int(m.optimizer_step) == 0
+        assert psw.grad is not None and head.weight.grad is not None
+    m.requires_grad_(True)
+    head(m(idx, off)).sum().backward()
+    assert not torch.equal(m.weights[0], before) and int(m.optimizer_step) == 1
+    fresh = MultiTableEmbeddingBag([(6, 4)], optimizer="adam", lr=0.1, backend=backend)
+    fresh.load_state_dict(m.state_dict())  # strict: the hook is not expected
+    assert torch.equal(fresh.weights[0], m.weights[0])
+
+
 def test_fused_module_checks_its_hyper_parameters_and_seed():
     """Hyper-parameters and the seed are checked when the module is built, naming the argument (a seed
     past int64 crashed the C++ backward with a pybind error, a tensor lr reached a Triton kernel as a
@@ -808,6 +836,28 @@ def test_torch_compile_fullgraph(seed):
     want = f(weights, idx, off)
     (g_want,) = torch.autograd.grad(want, weights[0])
     assert torch.equal(got, want) and torch.equal(g_got, g_want)
+
+
+def test_compiled_autograd_records_the_registered_backward(seed):
+    """An eager call whose backward compiled autograd traces with fullgraph=True (as DEU's and LoRA's):
+    the graph records the registered backward op, not the pybind kernel Dynamo cannot trace; the
+    gradients (tables and per_sample_weights) are the eager backward's bits (bug hunt)."""
+    gen = torch.Generator().manual_seed(seed)
+    tables, ft = [(12, 3), (7, 2)], [0, 1, 0]
+    idx, off = make_bags(tables, ft, 3, gen)
+    weights = [torch.randn(r, d, generator=gen, requires_grad=True) for r, d in tables]
+    psw = torch.rand(idx.numel(), generator=gen, requires_grad=True)
+
+    def loss():
+        return kfuse.multi_embedding_bag(weights, idx, off, ft, "sum", psw).square().sum()
+
+    want = torch.autograd.grad(loss(), [*weights, psw])
+    torch._dynamo.reset()
+    out = loss()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+        out.backward()
+    for g, w in zip([*(w.grad for w in weights), psw.grad], want, strict=True):
+        assert torch.equal(g, w)
 
 
 def test_torch_compile_inductor_module(seed):

@@ -3,6 +3,7 @@ the synthetic generator's structure, the three variants, clustering, CSV, save/l
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import numpy as np
@@ -181,6 +182,25 @@ def test_variants_shapes_and_gradients(small, claims):
     w0 = gen.codes.weights[0].detach()
     first = pidx[poff[0]: poff[1]]
     torch.testing.assert_close(m.features(pidx, poff)[0, :dim], w0[first].mean(0))
+
+
+def test_models_in_float64(small, claims):
+    """A float64 model (``.double()``) trains and predicts as the float32 one: the CBOW weights and the
+    general variant's mean weights follow the tables (float32 ones were refused by float64 tables)."""
+    b = 8
+    gen = GeneralCodeEmbedding(small.sizes, 4, seed=3)
+    idx, off = claims.visit_bags(np.arange(b))
+    pidx, poff = claims.patient_bags(np.arange(b))
+    psw, tgt = cbow_batch(idx, off, 3, gen.bases, torch.Generator().manual_seed(1))
+    neg = gen.sample_negatives(b, torch.Generator().manual_seed(2))
+    gen64 = copy.deepcopy(gen).double()
+    torch.testing.assert_close(gen64(idx, off, psw, tgt, neg), gen(idx, off, psw, tgt, neg).double(),
+                               rtol=1e-5, atol=1e-6)
+    for variant in ("general", "super"):
+        m = CodeOutcomeModel(variant, gen.codes, seed=4).eval()
+        m64 = CodeOutcomeModel(variant, gen64.codes, seed=4).double().eval()
+        m64.load_state_dict(m.state_dict())
+        torch.testing.assert_close(m64(pidx, poff), m(pidx, poff).double(), rtol=1e-5, atol=1e-5)
 
 
 def test_general_embedding_clusters_categories(small, claims):

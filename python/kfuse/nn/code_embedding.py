@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from kfuse.nn._buffers import apply_keeping_dtype
 from kfuse.nn.embedding import MultiTableEmbeddingBag
+from kfuse.reference.embedding import acc_dtype
 
 __all__ = ["IMPLS", "CodeEmbedding", "CodeOutcomeModel", "GeneralCodeEmbedding", "cbow_batch", "export_vectors",
            "load_vectors", "neighbour_agreement", "predict_outcome", "train_general",
@@ -333,7 +334,9 @@ class GeneralCodeEmbedding(nn.Module):
     def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor, targets: Tensor,
                 negatives: Tensor) -> Tensor:
         b, k1 = targets.shape[0], negatives.shape[1] + 1
-        h = self.codes(indices, offsets, per_sample_weights).view(b, len(self.codes.domains), -1).sum(1)
+        # cbow_batch's float32 weights: float64 tables take them in float64.
+        psw = per_sample_weights.to(acc_dtype(self.codes.weights[0].dtype))
+        h = self.codes(indices, offsets, psw).view(b, len(self.codes.domains), -1).sum(1)
         cand = torch.cat([targets.unsqueeze(1), negatives], dim=1).reshape(-1)
         u = self.context(cand, torch.arange(b * k1 + 1, device=cand.device)).view(b, k1, -1)
         logits = torch.bmm(u, h.unsqueeze(2)).squeeze(2)  # [B, K+1]
@@ -424,8 +427,7 @@ class CodeOutcomeModel(nn.Module):
         self.variant = variant
         self.general = general if variant != "task" else None
         if self.general is not None:
-            for w in self.general.weights:
-                w.requires_grad_(False)
+            self.general.requires_grad_(False)  # its tables, and a fused optimizer's backward hook
         self.task: CodeEmbedding | None = None
         if variant != "general":
             sizes = sizes if sizes is not None else general.sizes
@@ -452,7 +454,8 @@ class CodeOutcomeModel(nn.Module):
                 return g(indices, offsets)
             # The general tables pool by weighted sum (CBOW): the mean is a sum with weights 1/len.
             lens = offsets[1:] - offsets[:-1]
-            inv = torch.where(lens > 0, 1.0 / lens.clamp(min=1).to(torch.float32), torch.zeros((), device=lens.device))
+            wdt = acc_dtype(g.weights[0].dtype)  # float64 tables take float64 weights (float32 for the others)
+            inv = torch.where(lens > 0, 1.0 / lens.clamp(min=1).to(wdt), torch.zeros((), dtype=wdt, device=lens.device))
             bag = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens,
                                           output_size=indices.numel())
             return g(indices, offsets, inv[bag])

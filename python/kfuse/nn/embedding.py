@@ -105,6 +105,9 @@ class MultiTableEmbeddingBag(nn.Module):
             tables inside the backward, one update per unique row after summing duplicates; the
             tables then get no ``.grad`` and must not be handed to another optimizer. fp16/bf16
             tables are rounded stochastically (seeded by ``seed`` and the step: reproducible).
+            Eager only: its backward writes the tables and moments in place outside autograd, so
+            ``torch.compile`` breaks the graph there (``fullgraph=True`` refuses the module); the
+            module without it compiles whole.
         lr, eps, beta1, beta2, weight_decay: the fused optimizer's hyper-parameters.
         seed: of the stochastic rounding.
         process_group: with a fused optimizer under data parallelism, the group whose row-sparse
@@ -163,9 +166,12 @@ class MultiTableEmbeddingBag(nn.Module):
             # Not "step": that name would stop a subclass from defining a step() method.
             # On the CPU whatever the tables' device (and a torch.device context): see _apply.
             self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.int64, device="cpu"))
-            # The backward hook: a zero-size tensor that requires grad, so autograd reaches the
-            # fused backward even though the tables themselves do not require gradients.
-            self._grad_anchor = torch.zeros(0, device=device, requires_grad=True)
+            # The backward hook (FBGEMM's placeholder): a zero-size parameter that requires grad, so that
+            # autograd reaches the fused backward although the tables themselves do not require
+            # gradients. A parameter, it follows the module: requires_grad_(False) on this module or one
+            # above it freezes the tables (the fused backward then does not run), as it would ordinary
+            # ones. It holds nothing, so state_dict leaves it out.
+            self._grad_anchor = nn.Parameter(torch.zeros(0, dtype=dtype, device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -198,10 +204,16 @@ class MultiTableEmbeddingBag(nn.Module):
             self._buffers["optimizer_step"] = step
         return self
 
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "_grad_anchor", None)
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         old = prefix + "step"  # the buffer's name in checkpoints written before 2026-12-02
         if self.optimizer is not None and old in state_dict and prefix + "optimizer_step" not in state_dict:
             state_dict[prefix + "optimizer_step"] = state_dict.pop(old)
+        if self.optimizer is not None:  # never saved (see __init__)
+            state_dict.setdefault(prefix + "_grad_anchor", self._grad_anchor)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def states(self, which: int) -> list[Tensor]:
@@ -256,6 +268,7 @@ class _FusedEmbeddingBag(torch.autograd.Function):
         indices, offsets, psw = ctx.saved_tensors
         ws = [w.data for w in m.weights]
         g_psw = None
+        train = ctx.needs_input_grad[5]  # the anchor: False when the module is frozen (requires_grad_(False))
         if psw is not None and ctx.needs_input_grad[6]:  # before the tables change
             if int(m.optimizer_step) != ctx.step:
                 raise RuntimeError(
@@ -264,6 +277,8 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                     "ran first). Run each call's backward before the next forward, or do not ask for the "
                     "gradient of per_sample_weights.")
             g_psw = E._psw_impl(grad_out, ws, indices, offsets, ctx.bags, psw, ctx.backend)
+        if not train:
+            return None, None, None, None, None, None, g_psw
         with torch.no_grad():
             step = int(m.optimizer_step) + 1  # on the CPU (MultiTableEmbeddingBag._apply): int() does not sync
             h = m.hparams
@@ -284,7 +299,8 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                 for t, (rows, g) in enumerate(parts):
                     _apply_rows(m, t, rows, g, step)
             m.optimizer_step += 1  # after the update: a refused one leaves the count with the tables
-        return None, None, None, None, None, None, g_psw
+        # An (empty) gradient for the anchor: it counts as used (DistributedDataParallel, optimizers).
+        return None, None, None, None, None, m._grad_anchor.new_zeros(0), g_psw
 
 
 def _seed(seed: object) -> int:

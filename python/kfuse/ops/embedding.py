@@ -451,6 +451,13 @@ class _EagerEmbeddingBag(torch.autograd.Function):
         if _routing.differentiable_backward(grad_out):
             grads, g_psw = _reference_vjp(grad_out, weights, indices, offsets, ctx.bags, psw, need_w, need_psw,
                                           create_graph=True)
+        elif torch.compiler.is_compiling() and not ctx.sparse:
+            # Compiled autograd traces this: the graph records the registered op (dense gradients), as
+            # ops/deu.py's and ops/lora.py's eager backwards do. Sparse gradients stay eager-only.
+            grads, g_psw = embedding_bag_backward(grad_out, weights, indices, offsets, ctx.bags.feature_table,
+                                                  ctx.bags.padding_idx, ctx.bags.pooling, psw, need_psw, ctx.backend)
+            grads = [g if need else None for g, need in zip(grads, need_w, strict=True)]
+            g_psw = g_psw if need_psw else None
         else:
             grads, g_psw = _backward_impl(grad_out, weights, indices, offsets, ctx.bags, psw, need_w, need_psw,
                                           ctx.sparse, ctx.backend)
