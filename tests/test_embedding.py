@@ -1250,6 +1250,32 @@ def test_cpu_stochastic_rounding_is_unbiased(seed):
     assert abs(mean.item() - (1.0 - 1e-3)) < 2e-4  # nearest rounding would give exactly 1.0
 
 
+@pytest.mark.parametrize(("pooling", "weighted"), [(0, False), (0, True), (1, False)])
+def test_cpu_backward_plan_of_a_large_table_sorts_its_occurrences(seed, pooling, weighted):
+    """A table with many more rows than the step's occurrences is planned by sorting the occurrences
+    (csrc: kSortRowsPerOccurrence), not by counting over every row. Both orders are stable, so the
+    bits are those of the counting plan: the same bags over a 50-row table and over that table with
+    4950 more rows give the same sparse gradient and the same fused Adam update, bit for bit."""
+    small = make_case(torch.float32, rows=(50, 37, 9), pooling=pooling, weighted=weighted)
+    extra = torch.randn(4950, 7)
+    large = dict(small, weights=[torch.cat([small["weights"][0], extra]), *small["weights"][1:]])
+    n0 = int((torch.repeat_interleave(torch.tensor(small["feature_table"]), small["offsets"].diff().view(4, -1).sum(1))
+              == 0).sum())
+    assert 5000 > 16 * n0 >= 50, "table 0: sorted when large, counted when small"
+    grad_out = torch.randn(12, 7 + 33 + 7 + 1)
+    for (r_s, g_s), (r_l, g_l) in zip(_C.embedding_backward_sparse(grad_out, *args(small)),
+                                      _C.embedding_backward_sparse(grad_out, *args(large)), strict=True):
+        assert torch.equal(r_s, r_l) and torch.equal(g_s.view(torch.int32), g_l.view(torch.int32))
+    s1_s, s2_s = states_for("adam", small["weights"])
+    s1_l = [torch.cat([s1_s[0], torch.zeros(4950, 7)]), *s1_s[1:]]
+    s2_l = [torch.cat([s2_s[0], torch.zeros(4950, 7)]), *s2_s[1:]]
+    cpu_fused(small, grad_out, "adam", s1_s, s2_s)
+    cpu_fused(large, grad_out, "adam", s1_l, s2_l)
+    assert torch.equal(large["weights"][0][50:], extra) and not s1_l[0][50:].any()
+    for a, b in zip([*small["weights"], *s1_s, *s2_s], [*large["weights"], *s1_l, *s2_l], strict=True):
+        assert torch.equal(a.view(torch.int32), b[: a.shape[0]].view(torch.int32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_cpu_backward_bits_do_not_depend_on_threads(seed, dtype, mode):

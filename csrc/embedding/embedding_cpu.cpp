@@ -493,7 +493,41 @@ template <typename S, typename I> void forward_t(const Tables& tb, const Bags& b
   }
 }
 
-// ---- backward plan: per table, a stable counting sort of its occurrences by row ---------------
+// ---- backward plan: per table, a stable sort of its occurrences by row -------------------------
+// A counting sort costs O(rows + n) per table and step; when the table has many more rows than the
+// step has occurrences (a 20M-row table and a small batch: 160 MB of counters per step) a
+// comparison sort of the n occurrences costs O(n log n) instead. Both are stable, so both give the
+// same plan: rows increasing, each row's occurrences in increasing flat position.
+constexpr int64_t kSortRowsPerOccurrence = 16;  // ~log2 n comparisons per occurrence against ~1 pass of rows
+
+template <typename I>
+void plan_table_by_sort(TablePlan& tp, const std::vector<int64_t>& feats, const I* idx, const I* off, int64_t B,
+                        int64_t pad, bool weighted) {
+  struct Occ {
+    int64_t row, bag, pos;
+  };
+  std::vector<Occ> occ;
+  for (int64_t f : feats)
+    for (int64_t fb = f * B; fb < (f + 1) * B; ++fb)
+      for (int64_t i = off[fb]; i < off[fb + 1]; ++i)
+        if (static_cast<int64_t>(idx[i]) != pad) occ.push_back({static_cast<int64_t>(idx[i]), fb, i});
+  std::stable_sort(occ.begin(), occ.end(), [](const Occ& a, const Occ& b) { return a.row < b.row; });
+  const int64_t n = static_cast<int64_t>(occ.size());
+  tp.bag.resize(n);
+  if (weighted) tp.pos.resize(n);
+  tp.rows.clear();
+  tp.start.clear();
+  for (int64_t k = 0; k < n; ++k) {
+    if (k == 0 || occ[k].row != occ[k - 1].row) {
+      tp.rows.push_back(occ[k].row);
+      tp.start.push_back(k);
+    }
+    tp.bag[k] = occ[k].bag;
+    if (weighted) tp.pos[k] = occ[k].pos;
+  }
+  tp.start.push_back(n);
+}
+
 template <typename I> Plan plan_t(const Tables& tb, const Bags& bg, int nt) {
   const int64_t T = tb.num_tables, F = bg.F, B = bg.B;
   const I* idx = static_cast<const I*>(bg.indices);
@@ -520,6 +554,12 @@ template <typename I> Plan plan_t(const Tables& tb, const Bags& bg, int nt) {
     for (int64_t t = 0; t < T; ++t) {
       TablePlan& tp = p.tables[t];
       const int64_t pad = tb.padding_idx[t], rows = tb.rows[t];
+      int64_t occurrences = 0;
+      for (int64_t f : feats[t]) occurrences += off[(f + 1) * B] - off[f * B];
+      if (rows > kSortRowsPerOccurrence * occurrences) {
+        plan_table_by_sort(tp, feats[t], idx, off, B, pad, bg.psw != nullptr);
+        continue;
+      }
       std::vector<int64_t> cur(rows, 0);  // counts, then each row's next slot
       for (int64_t f : feats[t])
         for (int64_t i = off[f * B]; i < off[(f + 1) * B]; ++i) cur[idx[i]] += idx[i] != pad;
