@@ -17,14 +17,15 @@ import torch
 
 import kfuse
 from kfuse.bench import embedding as emb
+from kfuse.demos._args import positive
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive(int), default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--rounds", type=positive(int), default=15)
+    parser.add_argument("--calls", type=positive(int), default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

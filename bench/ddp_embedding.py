@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kfuse
 from kfuse.bench import embedding as emb
+from kfuse.demos._args import positive
 
 _ROWS, _DIM, _ = emb.SHAPES["medical"]
 TABLES = [(r, _DIM) for r in _ROWS]
@@ -110,9 +111,9 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=1024, help="bags per feature per rank")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--batch", type=positive(int), default=1024, help="bags per feature per rank")
+    parser.add_argument("--steps", type=positive(int), default=10)
+    parser.add_argument("--threads", type=positive(int), default=1, help="torch threads per process")
     args = parser.parse_args()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -13,11 +13,12 @@ import time
 import torch
 
 from kfuse.bench import backtrack as bb
+from kfuse.demos._args import positive
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--layers", type=positive(int), default=16)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -16,6 +16,7 @@ import timeit
 import torch
 
 import kfuse
+from kfuse.demos._args import positive
 from kfuse.reference.deu import deu_init_coeffs
 
 
@@ -43,16 +44,27 @@ def time_shape(shape: list[int], device: torch.device, backend: str, number: int
               f"median {statistics.median(times):8.1f} us per call")
 
 
+def _shape(text: str) -> list[int]:
+    """An argparse type: "4x32" -> [4, 32], every size > 0."""
+    try:
+        shape = [int(s) for s in text.split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is sizes joined by x (4x32); got {text!r}") from None
+    if not all(n > 0 for n in shape):
+        raise argparse.ArgumentTypeError(f"sizes must be > 0; got {text!r}")
+    return shape
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--shapes", nargs="+", default=["4x32", "64x32", "256x256"])
-    parser.add_argument("--number", type=int, default=2000, help="calls per repeat")
+    parser.add_argument("--shapes", type=_shape, nargs="+", default=["4x32", "64x32", "256x256"])
+    parser.add_argument("--number", type=positive(int), default=2000, help="calls per repeat")
     args = parser.parse_args()
     print(f"kfuse from {kfuse.__file__}; backends: {kfuse.availability()}")
     for spec in args.shapes:
-        time_shape([int(s) for s in spec.split("x")], torch.device(args.device), args.backend, args.number)
+        time_shape(_shape(spec), torch.device(args.device), args.backend, args.number)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ its kernels, and the host time of the forward and of the backward alone (the GPU
 each: a time near the kernels' means something in that call waits for the GPU), beside the same
 for ``torch.sigmoid`` through autograd (one elementwise kernel each way: what the host and
 torch cost anyway). Usage:
-``python bench/profile_deu.py [--shape 8192 4096] [--dtype bfloat16]``; ``--device cpu
---backends cpu`` runs it on the CPU kernels.
+``python bench/profile_deu.py [--shape 8192 4096] [--dtype bfloat16]``; ``--device cpu`` (the
+default without a GPU) runs it on the CPU kernels.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import kfuse
 from kfuse import _backends
+from kfuse.demos._args import positive
 from kfuse.ops import deu as deu_ops
 from kfuse.reference.deu import deu_init_coeffs
 
@@ -31,10 +32,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", type=int, nargs="+", default=[8192, 4096])
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--backends", nargs="+", default=["cuda", "triton"])
+    parser.add_argument("--iters", type=positive(int), default=5)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backends", nargs="+", default=None, help="default: cuda triton on cuda, cpu on cpu")
     args = parser.parse_args()
+    if args.backends is None:
+        args.backends = ["cuda", "triton"] if args.device == "cuda" else ["cpu"]
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     x = torch.randn(*args.shape, device=dev).to(dtype).requires_grad_()

@@ -31,6 +31,7 @@ import torch
 
 import kfuse
 from kfuse.bench import embedding as emb
+from kfuse.demos._args import positive
 from kfuse.report import Case
 from kfuse.triton_kernels import embedding as tk
 
@@ -88,7 +89,7 @@ def time_case(case: Case, number: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--number", type=int, default=200, help="calls per batch")
+    parser.add_argument("--number", type=positive(int), default=200, help="calls per batch")
     parser.add_argument("--batch", type=int, help="bags per feature instead of the cases' (a dry run: 4)")
     args = parser.parse_args()
     dev = torch.device(args.device)

@@ -26,7 +26,7 @@ from sklearn.datasets import make_circles
 from torch import Tensor, nn
 
 from kfuse._backends import BACKENDS
-from kfuse.demos._args import check_outputs, count, positive
+from kfuse.demos._args import check_cpu_backend, check_figures, positive, rng_seed
 from kfuse.nn import DEU
 from kfuse.reference.deu import CASE_NAMES, EPS, deu_cases
 
@@ -113,7 +113,7 @@ def plot_activations(deu: DEU, path: str, t_range: tuple[float, float] = (-3.0, 
 
 def main(argv: Sequence[str] | None = None) -> list[tuple[int, Run, Run]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=count, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=rng_seed, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=positive(int), default=EPOCHS)
     parser.add_argument("--png", default="deu_circles.png", help="where to save the activations' figure ('' for none)")
     parser.add_argument("--degenerate-grad", default="exact", choices=["exact", "gravitation"])
@@ -121,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[int, Run, Run]]:
     # One thread: the networks are tiny; with 2 on a loaded 2-core machine a deu_oscillation step took 217 ms, not 3.6.
     parser.add_argument("--threads", type=positive(int), default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
-    check_outputs(parser, png=args.png or None)
+    check_cpu_backend(parser, args.backend)
+    check_figures(parser, png=args.png or None)
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()

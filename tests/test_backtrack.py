@@ -9,6 +9,7 @@ flagged sequence leaves the other sequences' GEMM rows, and so their greedy toke
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -693,16 +694,25 @@ def test_sampling_extremes_keep_the_bans_and_the_limits():
         assert all(p not in b for p, b in zip(picks, banned, strict=True))
 
 
-def test_demo_refuses_bad_arguments_before_training():
+def test_demo_refuses_bad_arguments_before_training(tmp_path):
     """Zero or negative counts, a rate of 1, a NaN temperature or a missing output folder are argparse
     errors before any model trains (they failed after training, or divided by zero); prompts that cannot
     be found (an injection rate so high no clean window exists) raise instead of looping forever."""
     demo = pytest.importorskip("kfuse.demos.backtrack")
     for args in (["--steps", "0"], ["--batch", "-1"], ["--new-tokens", "0"], ["--check-every", "0"],
                  ["--rates", "0.01", "1"], ["--temperature", "nan"], ["--threads", "0"],
-                 ["--png", "/nonexistent/x.png"], ["--json", "/nonexistent/x.json"]):
+                 ["--png", "/nonexistent/x.png"], ["--json", "/nonexistent/x.json"],
+                 # bug hunt: these failed after training with a traceback
+                 ["--png", str(tmp_path)], ["--json", str(tmp_path)], ["--png", str(tmp_path / "x.xyz")],
+                 ["--seed", str(2**64)], ["--seed", str(2**63)]):
         with pytest.raises(SystemExit):
             demo.main(args)
+    # A rate of 0 is drawn on the figure's x axis (a log axis had no place for it).
+    row = demo.MethodResult("kfuse", 0, 0, 10, 12, 1.2, 3, 1, 0, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        demo._plot({0.0: [row], 0.01: [row]}, str(tmp_path / "rates.png"))
+    assert (tmp_path / "rates.png").stat().st_size > 0
     ids = torch.arange(1, 200)
     with pytest.raises(ValueError, match="no clean prompt"):
         demo._prompts(ids, set(range(200)), 2, 0)

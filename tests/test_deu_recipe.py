@@ -336,7 +336,11 @@ def test_examples_refuse_bad_arguments_and_sort_ks() -> None:
     for main, args in ((osc.main, ["--steps", "0"]), (osc.main, ["--ks", "-2"]), (osc.main, ["--seeds", "0"]),
                        (digits.main, ["--seeds", "0"]), (digits.main, ["--widths", "-4"]),
                        (digits.main, ["--backend", "bogus"]), (circles.main, ["--epochs", "0"]),
-                       (circles.main, ["--png", "/nonexistent/x.png"]), (circles.main, ["--threads", "0"])):
+                       (circles.main, ["--png", "/nonexistent/x.png"]), (circles.main, ["--threads", "0"]),
+                       # bug hunt: these failed after the header (cuda) or after training (the figure)
+                       (circles.main, ["--png", "/tmp/x.xyz"]), (circles.main, ["--png", "/tmp"]),
+                       (circles.main, ["--seeds", "-1"]), (circles.main, ["--backend", "cuda"]),
+                       (osc.main, ["--backend", "cuda"]), (digits.main, ["--backend", "cuda"])):
         with pytest.raises(SystemExit):
             main(args)
     mses = {(8, 0): 0.001, (16, 0): 0.001, (32, 0): 0.001}

@@ -635,6 +635,8 @@ def test_fused_module_checks_its_hyper_parameters_and_seed():
                      ({"beta2": -0.5}, "beta2"), ({"weight_decay": float("inf")}, "weight_decay")]:
         with pytest.raises(ValueError, match=f"MultiTableEmbeddingBag: {name} must be"):
             build(**kw)
+    with pytest.raises(ValueError, match=r"^feature_table_map must be .* \[0, 1\); got \[1\]"):  # its own name
+        MultiTableEmbeddingBag([(10, 4)], feature_table_map=[1])
     m = build(lr=torch.tensor(0.1), beta1=np.float32(0.5), seed=np.int64(2**63 - 1))
     assert m.hparams["lr"] == pytest.approx(0.1) and m.hparams["beta1"] == 0.5 and m.seed == 2**63 - 1
 
@@ -759,10 +761,13 @@ def _bad_single(device: str = "cpu"):
     t, ones = functools.partial(torch.tensor, device=device), functools.partial(torch.ones, device=device)
     eb = kfuse.embedding_bag
     return {
+        # Named as this op's argument, input (the backends' flat multi-table index is not one).
         "index too large": (lambda b: eb(t([1, 2, 10, 4]), w, off, backend=b), IndexError,
-                            r"indices\[2\] = 10 is out of range \[0, 10\)"),
+                            r"embedding_bag: input\[2\] = 10 is out of range \[0, 10\) \(weight's rows\)$"),
         "negative index": (lambda b: eb(t([1, -1, 3, 4]), w, off, backend=b), IndexError,
-                           r"indices\[1\] = -1 is out of range"),
+                           r"input\[1\] = -1 is out of range"),
+        "2-D index": (lambda b: eb(t([[1, 2], [3, 11]]), w, backend=b), IndexError,
+                      r"input\[1, 1\] = 11 is out of range \[0, 10\)"),
         "offsets decrease": (lambda b: eb(idx, w, t([0, 3, 1]), backend=b), ValueError,
                              r"offsets must be non-decreasing: offsets\[2\] = 1 < offsets\[1\] = 3"),
         "offsets start": (lambda b: eb(idx, w, t([1, 3]), backend=b), ValueError,

@@ -17,6 +17,7 @@ def positive(kind: type) -> Callable[[str], float]:
         if not (v > 0 and math.isfinite(v)):
             raise argparse.ArgumentTypeError(f"must be > 0; got {text}")
         return v
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'abc'"
     return parse
 
 
@@ -25,6 +26,14 @@ def count(text: str) -> int:
     v = int(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0; got {text}")
+    return v
+
+
+def rng_seed(text: str) -> int:
+    """An argparse ``type``: an int in [0, 2**63) (what torch's and numpy's generators all take)."""
+    v = int(text)
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63); got {text}")
     return v
 
 
@@ -37,7 +46,48 @@ def fraction(text: str) -> float:
 
 
 def check_outputs(parser: argparse.ArgumentParser, **paths: str | None) -> None:
-    """``parser.error`` for an output path (option name -> path or None) whose folder does not exist."""
+    """``parser.error`` for an output path (option name -> path or None) whose folder does not exist,
+    or that is a folder."""
     for name, path in paths.items():
-        if path is not None and not Path(path).resolve().parent.is_dir():
+        if path is None:
+            continue
+        if not Path(path).resolve().parent.is_dir():
             parser.error(f"--{name.replace('_', '-')}: the folder of {path} does not exist")
+        if Path(path).is_dir():
+            parser.error(f"--{name.replace('_', '-')}: {path} is a folder; give a file name")
+
+
+def check_figures(parser: argparse.ArgumentParser, **paths: str | None) -> None:
+    """:func:`check_outputs`, and ``parser.error`` for a file type matplotlib cannot write (no
+    extension: matplotlib's default, PNG)."""
+    check_outputs(parser, **paths)
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase  # noqa: PLC0415 (a demo dependency)
+    except ImportError:
+        return  # the demo says so when it draws
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    for name, path in paths.items():
+        ext = Path(path).suffix[1:].lower() if path is not None else ""
+        if ext and ext not in kinds:
+            parser.error(f"--{name.replace('_', '-')}: matplotlib cannot write .{ext} files; use one of "
+                         f"{', '.join(sorted(kinds))}")
+
+
+def check_device(parser: argparse.ArgumentParser, name: str, device: str | None) -> None:
+    """``parser.error`` for ``--{name} cuda`` where torch sees no CUDA device."""
+    import torch  # noqa: PLC0415
+
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--{name} cuda: torch sees no CUDA device")
+
+
+def check_cpu_backend(parser: argparse.ArgumentParser, backend: str) -> None:
+    """``parser.error`` for a DEU ``--backend`` that cannot run on CPU float32 tensors (the examples'),
+    with the backend's reasons (``cuda`` never can; ``triton`` only under TRITON_INTERPRET=1)."""
+    import torch  # noqa: PLC0415
+
+    from kfuse.ops.deu import backend_reasons  # noqa: PLC0415
+
+    why = backend_reasons(torch.zeros(1, 1)).get(backend, [])
+    if backend != "auto" and why:
+        parser.error(f"--backend {backend}: cannot run on the CPU tensors of this example: {'; '.join(why)}")

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from kfuse.backtrack import GenerationResult, ProfanityCheck, generate
-from kfuse.demos._args import check_outputs, count, fraction, positive
+from kfuse.demos._args import check_figures, check_outputs, fraction, positive, rng_seed
 from kfuse.models import LlamaForCausalLM
 
 __all__ = ["METHODS", "Comparison", "DynamicCacheModel", "WordTokenizer", "build_corpus", "compare",
@@ -410,8 +410,14 @@ def _plot(sweep: dict[float, list[MethodResult]], path: str) -> None:
         rows = [next(r for r in sweep[x] if r.method == m) for x in rates]
         a.plot(rates, [r.computed_per_kept for r in rows], "o-", label=m)
         b.plot(rates, [r.violations for r in rows], "o-", label=m)
-    a.set(xlabel="injection rate (per word)", ylabel="tokens computed per token kept", xscale="log", yscale="log")
-    b.set(xlabel="injection rate (per word)", ylabel="flagged windows left in the outputs", xscale="log")
+    a.set(xlabel="injection rate (per word)", ylabel="tokens computed per token kept", yscale="log")
+    b.set(xlabel="injection rate (per word)", ylabel="flagged windows left in the outputs")
+    positive_rates = [x for x in rates if x > 0]
+    for ax in (a, b):  # log rates; a rate of 0 on a linear stretch below the smallest positive one
+        if rates[0] > 0:
+            ax.set_xscale("log")
+        else:
+            ax.set_xscale("symlog", linthresh=min(positive_rates, default=1e-3))
     a.legend()
     fig.suptitle("Backtracking for safety: cost and violations (tiny Llama, CPU)")
     fig.tight_layout()
@@ -429,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> dict[float, list[MethodResult]]:
     ap.add_argument("--check-every", type=positive(int), default=8, help="tokens between checks")
     ap.add_argument("--threshold", type=fraction, default=0.5, help="the classifier's violation probability")
     ap.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    ap.add_argument("--seed", type=count, default=0)
+    ap.add_argument("--seed", type=rng_seed, default=0)
     ap.add_argument("--threads", type=positive(int), default=1,
                     help="torch threads (1: the model is tiny, and threads' barriers cost more than they save)")
     ap.add_argument("--png", help="save the figure here")
@@ -437,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> dict[float, list[MethodResult]]:
     args = ap.parse_args(argv)
     if not (args.temperature >= 0 and math.isfinite(args.temperature)):
         ap.error(f"--temperature must be a finite number >= 0; got {args.temperature}")
-    check_outputs(ap, png=args.png, json=args.json)
+    check_figures(ap, png=args.png)
+    check_outputs(ap, json=args.json)
     try:  # a threshold that flags none of the words: before any model is trained
         injected_words(args.threshold)
     except RuntimeError as err:

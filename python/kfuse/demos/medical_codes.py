@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from kfuse.data.claims import ClaimsConfig, load_code_vocab, read_claims_csv, synthetic_claims, zipf_slope
-from kfuse.demos._args import check_outputs, count, positive
+from kfuse.demos._args import check_device, check_figures, count, positive, rng_seed
 from kfuse.nn.code_embedding import (
     IMPLS,
     CodeOutcomeModel,
@@ -100,7 +100,9 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kfuse.demos.medical_codes", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kfuse.demos.medical_codes",
+                                description="The medical-code model end to end (Wallis et al., \"Learning Semantic "
+                                "Relationships from Medical Codes\") on the real code lists and synthetic claims.")
     p.add_argument("--small", action="store_true", help="a 60-category subset, D=32, 3000 patients")
     p.add_argument("--dim", type=positive(int), default=None, help="embedding dimension (128; 32 with --small)")
     p.add_argument("--patients", type=positive(int), default=None,
@@ -112,20 +114,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bench-seconds", type=positive(float), default=None,
                    help="time per build in the throughput race")
     p.add_argument("--out", default="medical_codes.png", help="the PNG written")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--claims", default=None, help="your own claims CSV (patient,visit,code,domain[,label]; codes "
                    "from the real lists, drugs from the synthetic one) instead of the synthetic claims")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=rng_seed, default=0, help="of the synthetic claims and the training (default 0)")
     a = p.parse_args(argv)
     # What would otherwise fail after the whole run (or deep inside it): refused up front.
-    check_outputs(p, out=a.out)
+    check_figures(p, out=a.out)
     if a.claims is not None and not Path(a.claims).is_file():
         p.error(f"--claims: no such file: {a.claims}")
-    if a.device is not None:
-        try:
-            torch.device(a.device)
-        except RuntimeError as err:
-            p.error(f"--device: {err}")
+    check_device(p, "device", a.device)
     return a
 
 

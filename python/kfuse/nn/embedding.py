@@ -144,6 +144,10 @@ class MultiTableEmbeddingBag(nn.Module):
                              "materialises no gradient)")
         self.tables = tables
         self.feature_table_map = list(range(len(tables))) if feature_table_map is None else list(feature_table_map)
+        if not self.feature_table_map or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(tables)
+                                                 for t in self.feature_table_map):
+            raise ValueError(f"feature_table_map must be a non-empty list of table numbers in [0, {len(tables)}); "
+                             f"got {feature_table_map!r}")
         self.mode, self.sparse, self.backend = mode, sparse, backend
         self.optimizer, self.seed, self.process_group = optimizer, _seed(seed), process_group
         self.hparams = _hparams(lr=lr, eps=eps, beta1=beta1, beta2=beta2, weight_decay=weight_decay)

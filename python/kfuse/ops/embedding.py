@@ -28,6 +28,7 @@ gradients: fixed shapes, so ``torch.compile(fullgraph=True)`` records them).
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass
 
 import torch
@@ -599,3 +600,14 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
         if input.dim() == 1 and not include_last_offset and not _routing.tracing() and _routing.plain(offsets):
             _past_the_end(op, offsets, input.shape[0])
         raise
+    except IndexError as err:
+        # The backends name the flat index of the multi-table layout ("indices[i] ... feature 0 (table 0)");
+        # this op's argument is input, one table, maybe 2-D.
+        bad = re.search(r"indices\[(\d+)\] = (-?\d+) is out of range", str(err))
+        if bad is None:
+            raise
+        i, where = int(bad.group(1)), bad.group(1)
+        if input.dim() == 2:
+            where = f"{i // input.shape[1]}, {i % input.shape[1]}"
+        raise IndexError(f"kfuse.{op}: input[{where}] = {bad.group(2)} is out of range [0, {weight.shape[0]}) "
+                         "(weight's rows)") from None
