@@ -729,6 +729,28 @@ def test_decode_op_matches_sdpa(backend, device, group, d, small_splits, seed):
 
 
 @pytest.mark.interpret
+def test_triton_grids_stay_within_cuda_limits(monkeypatch, seed):
+    """A CUDA grid has at most 65535 programs along z: past that many splits (a grid sized for the
+    pool's capacity under torch.compile) the split grows in BLOCK_N multiples, and a prefill with more
+    query blocks than that for one sequence is refused. The limit is lowered here to run it."""
+    assert tk.decode_splits(4096, 256) == (256, 16) and tk.decode_splits(0, 256) == (256, 1)
+    split, n = tk.decode_splits(2**27, 256)
+    assert n <= 65535 and split % tk.BLOCK_N == 0 and split * n >= 2**27 and split * (n - 1) < 2**27
+    monkeypatch.setattr(tk, "_MAX_GRID_Z", 2)
+    cache, ids = _op_cache([549, 3, 0], torch.float32, "cpu")
+    q = torch.randn(3, HKV * 2, D)
+    assert tk.decode_splits(549, tk.SPLIT_TOKENS)[1] == 2
+    out = kfuse.paged_decode_attention(q, cache, 1, ids, backend="triton")
+    assert_close(out, paged_decode_attention_reference(q, cache, 1, ids), torch.float32, "grown splits")
+    monkeypatch.setattr(tk, "_MAX_GRID_Z", 1)
+    new = [tk.prefill_config(2, D)[1] + 1, 0, 0]  # two query blocks for the first sequence
+    for layer in range(L):
+        cache.append(layer, ids, *_kv(sum(new)), new)
+    with pytest.raises(ValueError, match="feed the prompt in parts"):
+        kfuse.paged_prefill_attention(torch.randn(sum(new), HKV * 2, D), cache, 1, ids, new, backend="triton")
+
+
+@pytest.mark.interpret
 def test_decode_triton_interp_odd_page_size_and_open_step(small_splits, seed):
     """Page size 5 (not a power of two, not dividing BLOCK_N); inside an open step the layer that has
     appended sees the new tokens (kv_len), the other does not."""

@@ -29,6 +29,8 @@ Determinism and batch isolation: ``split_tokens`` and ``BLOCK_N`` are constants 
 (not derived from the batch or from the longest sequence), so the positions a program sums and
 their order depend only on the sequence's own length. Rolling back, forking or freeing another
 sequence (which changes the grid's number of splits) leaves a sequence's output bit-identical.
+(Up to 65535 splits, 16.8M tokens at 256: past them, a CUDA grid's limit, the split grows with
+``max_len``, see :func:`decode_splits`.)
 
 Never reads a slot at or past the length, nor a page the table does not give: every K/V and
 block-table load is masked by ``pos < end`` (and ``page >= 0``); masked scores are −inf, so
@@ -71,6 +73,17 @@ BLOCK_N = 16 if triton_interpret() else 64
 # so the summation order of a sequence never depends on the others (see the module docstring).
 # 256 gives 16 splits at 4096 tokens: 32 × 8 × 16 = 4096 programs at the spec's benchmark shape.
 SPLIT_TOKENS = 256
+# CUDA caps a grid's y and z at 65535 programs: the splits (z) of a longer max_len (a grid sized for
+# the pool's capacity under torch.compile: 16.8M tokens at 256) would fail to launch.
+_MAX_GRID_Z = 65535
+
+
+def decode_splits(max_len: int, split: int) -> tuple[int, int]:
+    """``(split, num_splits)`` for contexts up to ``max_len``: ``split`` positions per split, grown (in
+    multiples of ``BLOCK_N``) only where ``max_len`` would need more than 65535 splits."""
+    if -(-max_len // split) > _MAX_GRID_Z:
+        split = -(-max_len // (_MAX_GRID_Z * BLOCK_N)) * BLOCK_N
+    return split, max(1, -(-max_len // split))
 
 
 def _unit_inner_strides(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,7 +217,8 @@ def paged_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tenso
         lens: int32 ``[B]``, the lengths to attend over (each ``<= max_len``).
         max_len: a host-side upper bound on ``lens`` (sizes the grid only; no device read).
         scale: softmax scale.
-        split_tokens: positions per split (default :data:`SPLIT_TOKENS`; a multiple of ``BLOCK_N``).
+        split_tokens: positions per split (default :data:`SPLIT_TOKENS`; a multiple of ``BLOCK_N``), grown
+            where ``max_len`` would need more than 65535 splits (a CUDA grid's limit).
     Returns:
         ``[B, Hq, D]`` in q's dtype.
     """
@@ -218,7 +232,7 @@ def paged_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tenso
     if B == 0:
         return out
     q, block_table = _unit_inner_strides(q, k_pages, v_pages, block_table)
-    num_splits = max(1, -(-max_len // split))
+    split, num_splits = decode_splits(max_len, split)
     po = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
     plse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
     block_g, block_d, warps = decode_config(G, D)
@@ -332,6 +346,9 @@ def paged_prefill(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
     block_m, tok, block_d, warps = prefill_config(G, D)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (seq_ids.shape[0], Hkv, max(1, -(-max_q_len // tok)))
+    if grid[2] > _MAX_GRID_Z:
+        raise ValueError(f"paged_prefill: {max_q_len} new tokens for one sequence in one call needs "
+                         f"{grid[2]} query blocks, past a CUDA grid's {_MAX_GRID_Z}; feed the prompt in parts")
     _prefill_kernel[grid](
         q, k_pages, v_pages, block_table, seq_ids, lens, q_lens, qstart, out,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
