@@ -396,13 +396,15 @@ def test_disabled_adapters(seed: int, monkeypatch) -> None:
 # ---------------------------------------------------------------- mixed batches (adapter_names=)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("lora_bias", [False, True], ids=["no-lora-bias", "lora-bias"])
-def test_mixed_batch_adapter_names(lora_bias: bool, seed: int, monkeypatch) -> None:
+def test_mixed_batch_adapter_names(lora_bias: bool, dtype: torch.dtype, seed: int, monkeypatch) -> None:
     """adapter_names= in eval under no_grad: kfuse.lora_linear_multi per layer, outputs equal
-    PEFT's; with gradients enabled PEFT's own forward runs (one warning) and is exact."""
-    model = two_adapters(lora_bias).eval()
+    PEFT's (float64 too: the scalings were rounded to float32 there); with gradients enabled PEFT's
+    own forward runs (one warning) and is exact."""
+    model = two_adapters(lora_bias).to(dtype).eval()
     names = ["other", "__base__", "default", "other"]
-    x = embeds(H_LLAMA, torch.float32, batch=4)
+    x = embeds(H_LLAMA, dtype, batch=4)
     with torch.no_grad():
         want = run(model, x, grads=False, adapter_names=names)[0]
     count = Counter(monkeypatch)
@@ -410,7 +412,7 @@ def test_mixed_batch_adapter_names(lora_bias: bool, seed: int, monkeypatch) -> N
     with torch.no_grad():
         got = run(model, x, grads=False, adapter_names=names)[0]
     assert count.take() == {"lora_linear": 0, "lora_linear_multi": len(lora_layers(model))}
-    assert_close(got, want, torch.float32, "mixed batch")
+    assert_close(got, want, dtype, "mixed batch")
     kp._warned.clear()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
