@@ -58,7 +58,9 @@ length attention for a layer should use (committed + pending if that layer has a
 ``rollback``, ``fork`` and ``free`` during an open step raise ``ValueError``; :meth:`abort_step`
 drops the open step (its pages are released, lengths are unchanged).
 
-Errors leave the cache exactly as it was: every check runs before anything is mutated.
+Invalid requests raise and leave the cache exactly as it was: every check runs before anything is
+mutated. A step that fails after it opened is dropped by :meth:`abort_step`: lengths and contents as
+they were, its new pages released (a shared page it copied stays the sequence's own copy).
 """
 
 from __future__ import annotations
@@ -354,7 +356,7 @@ class PagedKVCache:
             try:
                 self._write(layer, st["slots"], k, v)
             except BaseException:  # e.g. pools made under torch.inference_mode(), written outside it
-                self.abort_step()  # the cache as it was: no open step, no pages held
+                self.abort_step()  # no open step, no new pages held (a copy-on-write copy stays)
                 raise
         st["layers"].add(layer)
 

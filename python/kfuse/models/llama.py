@@ -197,7 +197,9 @@ class LlamaForCausalLM(nn.Module):
             ``n`` tensors ``[len_i, vocab_size]`` in the model's dtype: row ``j`` is the next-token logits
             after the token at position ``cache.length(seq_ids[i]) + j`` (lengths as before the call).
 
-        One cache step (see :meth:`forward_packed`); on any error the cache is left as it was.
+        One cache step (see :meth:`forward_packed`); on any error no step stays open and the cache's
+        lengths and contents are as they were (a shared page the step had copied stays the sequence's
+        own copy: :meth:`kfuse.kv.PagedKVCache.abort_step`).
         """
         if not isinstance(tokens, (list, tuple)):
             raise TypeError(f"tokens must be a list of 1-D int64 tensors; got {type(tokens).__name__}")
@@ -295,7 +297,8 @@ class DecodeGraphs:
     shared partial page first, as :meth:`PagedKVCache.append`), then makes one pinned copy of an int64
     ``[5, n]`` block (ids, positions, lengths, slots, tokens) into the graph's static input, one
     replay, :meth:`PagedKVCache.advance`, and one copy of the logits out of the graph's static output.
-    No host synchronisation. On an error the cache is left as it was.
+    No host synchronisation. On an error no step stays open and the cache's lengths and contents are as
+    they were (see :meth:`kfuse.kv.PagedKVCache.abort_step` for a shared page the step had copied).
 
     Graphs: one per batch size ``n``, captured at the first call with that ``n``: an eager warm-up on a
     side stream (compiles the Triton kernels the first time), then the capture (which synchronises the
