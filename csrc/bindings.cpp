@@ -487,6 +487,10 @@ void embedding_backward_fused(const at::Tensor& grad_out, const std::vector<at::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kfuse compiled kernels (CPU always; CUDA when built with it)";
+  // The kernels run without the GIL, as torch's own ops do: Python threads (a server's, a data loader's)
+  // go on while one runs (they stalled for its whole length). Their arguments are C++ types, converted
+  // before the release. KVHostState's methods keep it: they build Python objects, and are short.
+  const auto release = py::call_guard<py::gil_scoped_release>();
   m.def("has_cuda", []() {
 #ifdef KFUSE_WITH_CUDA
     return true;
@@ -496,11 +500,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("sources_hash", []() { return std::string(KFUSE_SOURCES_HASH); },
         "Hash of csrc/ at build time; kfuse compares it with the tree to detect a stale build.");
-  m.def("deu_forward", &deu_forward,
+  m.def("deu_forward", &deu_forward, release,
         "DEU along dim of a contiguous x, coeffs [N, 5] (N = x.shape[dim]); returns y, written into out "
         "(contiguous, like x) when given",
         py::arg("x"), py::arg("coeffs"), py::arg("dim"), py::arg("out") = py::none());
-  m.def("deu_backward", &deu_backward,
+  m.def("deu_backward", &deu_backward, release,
         "DEU backward along dim of contiguous grad_y and x; returns (grad_x like x, grad_coeffs [N, 5])",
         py::arg("grad_y"), py::arg("x"), py::arg("coeffs"), py::arg("dim"));
   py::class_<KVHostState>(m, "KVHostState",
@@ -517,32 +521,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("plan_step", &KVHostState::plan_step, py::arg("ids"), py::arg("counts"))
       .def("advance", &KVHostState::advance, py::arg("ids"), py::arg("counts"));
   m.attr("kv_decode_chunk") = kfuse::kv::kDecodeChunk;
-  m.def("kv_decode_attention", &kv_decode_attention,
+  m.def("kv_decode_attention", &kv_decode_attention, release,
         "Paged decode attention (CPU): q [B, Hq, D], one layer's k_pages/v_pages [num_pages, page_size, Hkv, D], "
         "int32 block_table [max_seqs, P], seq_ids [B], lens [B]; returns out like q",
         py::arg("q"), py::arg("k_pages"), py::arg("v_pages"), py::arg("block_table"), py::arg("seq_ids"),
         py::arg("lens"), py::arg("scale"));
-  m.def("kv_prefill_attention", &kv_prefill_attention,
+  m.def("kv_prefill_attention", &kv_prefill_attention, release,
         "Paged causal prefill attention (CPU): q packed [sum(q_lens), Hq, D], int32 q_lens [n], the rest as "
         "kv_decode_attention; returns out like q",
         py::arg("q"), py::arg("k_pages"), py::arg("v_pages"), py::arg("block_table"), py::arg("seq_ids"),
         py::arg("lens"), py::arg("q_lens"), py::arg("scale"));
-  m.def("embedding_forward", &embedding_forward,
+  m.def("embedding_forward", &embedding_forward, release,
         "Multi-table embedding bags (CPU): weights [T] tables [rows_t, dim_t] of one dtype, indices [N] and offsets "
         "[F * B + 1] (int32 or int64, feature-major), feature_table [F], padding_idx [T] (-1 = none), pooling "
         "(0 sum, 1 mean), per_sample_weights [N] in the accumulation dtype or None; returns [B, out_width]",
         py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("feature_table"), py::arg("padding_idx"),
         py::arg("pooling"), py::arg("per_sample_weights"));
-  m.def("embedding_backward_sparse", &embedding_backward_sparse,
+  m.def("embedding_backward_sparse", &embedding_backward_sparse, release,
         "Row-sparse gradient of each table: a list of (unique rows int64 [U] ascending, grads [U, dim_t] in the "
         "accumulation dtype); deterministic",
         py::arg("grad_out"), py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("feature_table"),
         py::arg("padding_idx"), py::arg("pooling"), py::arg("per_sample_weights"));
-  m.def("embedding_backward_psw", &embedding_backward_psw,
+  m.def("embedding_backward_psw", &embedding_backward_psw, release,
         "Gradient of per_sample_weights (sum pooling): [N] in the accumulation dtype",
         py::arg("grad_out"), py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("feature_table"),
         py::arg("padding_idx"));
-  m.def("embedding_backward_fused", &embedding_backward_fused,
+  m.def("embedding_backward_fused", &embedding_backward_fused, release,
         "Backward with a fused optimizer ('sgd', 'rowwise_adagrad' with states1 [rows_t], 'adam' with states1 = m "
         "and states2 = v [rows_t, dim_t]; states in the accumulation dtype): updates weights and states in place; "
         "fp16/bf16 tables round stochastically from (seed, step, table, row, col)",

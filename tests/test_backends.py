@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import threading
+import time
 
 import torch
 
@@ -94,3 +97,66 @@ def test_tracing_and_backend_argument_rules_shared_by_every_op(monkeypatch) -> N
     monkeypatch.setattr(tk, "INTERPRETED", not _backends.triton_interpret())
     why = _backends.triton_reasons(torch.device("cpu"), torch.float32)
     assert why and "which triton.jit reads once" in why[0]
+
+
+def _runs_without_the_gil(call) -> bool:
+    """Whether another Python thread ran while ``call()`` was inside its kernel: the thread sleeps 2 ms
+    (without the GIL) and then needs it to take a timestamp. A kernel that keeps the GIL makes the stamp
+    wait until it returns, always; one that releases it lets the stamp fall early in the call, unless
+    the machine is too busy to wake the thread in time (hence up to 5 tries)."""
+    def other(started: threading.Event, stamp: list[float]) -> None:
+        started.set()
+        time.sleep(0.002)
+        stamp.append(time.perf_counter())
+
+    for _ in range(5):
+        started, stamp = threading.Event(), []
+        thread = threading.Thread(target=other, args=(started, stamp))
+        thread.start()
+        started.wait()
+        t0 = time.perf_counter()
+        call()
+        t1 = time.perf_counter()
+        thread.join()
+        # In the call's first half: a thread waiting for the GIL takes it as soon as the call returns,
+        # before this thread reads t1, so "before t1" alone does not tell.
+        if t0 < stamp[0] < t0 + (t1 - t0) / 2:
+            return True
+    return False
+
+
+def test_cpu_kernels_release_the_gil() -> None:
+    """The C++ kernels run without the GIL, as torch's ops do: other Python threads (a server's, a
+    data loader's) go on meanwhile; they stalled for the kernel's whole length (bug hunt). One kernel
+    of each op family on one thread, each call some tens of ms."""
+    import kfuse  # noqa: PLC0415
+    from kfuse.kv import PagedKVCache  # noqa: PLC0415
+    from kfuse.reference.deu import deu_init_coeffs  # noqa: PLC0415
+
+    ext = _backends.extension()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 4096, generator=g)
+    coeffs = deu_init_coeffs(4096, generator=g)
+    table = torch.randn(50_000, 128, generator=g)
+    idx = torch.randint(0, 50_000, (200_000,), generator=g)
+    cache = PagedKVCache(1, 2, 64, 16, 2048, 8, torch.float32, "cpu")
+    ids = [cache.add_sequence() for _ in range(8)]
+    cache.append(0, ids, torch.randn(8 * 4096, 2, 64, generator=g), torch.randn(8 * 4096, 2, 64, generator=g),
+                 [4096] * 8)
+    cache.advance(ids, [4096] * 8)
+    q = torch.randn(8, 8, 64, generator=g)
+    calls = {
+        "deu_forward": lambda: ext.deu_forward(x, coeffs, 1),
+        "embedding_forward": lambda: ext.embedding_forward([table], idx, torch.tensor([0, 200_000]), [0], [-1], 0,
+                                                           None),
+        "kv_decode_attention": lambda: kfuse.paged_decode_attention(q, cache, 0, ids, backend="cpu"),
+    }
+    # The detector itself: a C call that keeps the GIL (ctypes.PyDLL does not release it) is caught.
+    assert not _runs_without_the_gil(lambda: ctypes.PyDLL(None).usleep(30_000))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        held = [name for name, call in calls.items() if not _runs_without_the_gil(call)]
+    finally:
+        torch.set_num_threads(threads)
+    assert held == [], f"these kernels kept the GIL: {held}"
