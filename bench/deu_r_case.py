@@ -1,8 +1,9 @@
 """Accuracy of DEU's ``r = −b/a`` case (c counts as zero) in float32, against float64.
 
-The particular part ``t/b − (a/b²)(1 − E(rt))`` is a difference of terms ~t/b for a value
-~t²/(2a): its float32 relative error grows like ε·|a|/b². Prints, per |a|/b², the relative error
-of the CPU kernels and of the float32 reference on t in (0, 3] with c1 = c2 = 0 (the paper's
+The particular part ``t/b − (a/b²)(1 − E(rt))`` is ~t²/(2a) where rt is small. The kernels compute it
+from terms ~|a|/b², so their float32 relative error grows like ε·|a|/b²; the reference takes
+``E(rt) − 1`` from expm1, so its error grows like ε·|t/b| only. Prints, per |a|/b², the relative
+error of the CPU kernels and of the float32 reference on t in (0, 3] with c1 = c2 = 0 (the paper's
 init). README's "Accuracy and limits" quotes it. Run: ``python bench/deu_r_case.py``.
 """
 

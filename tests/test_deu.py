@@ -6,6 +6,7 @@ import ctypes
 import inspect
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 import sm90
 import torch
+import triton
+import triton.language as tl
 from tolerances import assert_close
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -182,6 +185,22 @@ def test_reference_caps() -> None:
     xr = t.clone().requires_grad_()
     (g,) = torch.autograd.grad(deu_reference(xr, coeffs).sum(), xr)
     assert (g == 0).all(), "beyond the exponent cap and the clamp the gradient is 0"
+
+
+def test_reference_r_case_without_cancellation() -> None:
+    """The r = −b/a case (c zero) for t > 0 is y = c2 − (a·c1/b)·e^u + (a/b²)(e^u − 1 − u), u = −bt/a.
+    Written t/b − (a/b²)(1 − E(u)) with E(u) rounded, it erred by ε·|a|/b² (float64, a = 1e20: c2 + t/b;
+    float32, a = 1000, b = 0.0101: 1.25 for 0.7005); with E(u) − 1 from expm1, by ε·|t/b| (bug hunt:
+    fuzzing against 60-digit values). The exact value here: the series of e^u − 1 − u."""
+    for dtype, (a, b, c2, t), tol in ((torch.float64, (1e20, 8.85, 0.7, 1.0), 1e-15),
+                                      (torch.float32, (-12.7, -0.0100001, 2.0605, 0.6186), 2e-5),
+                                      (torch.float32, (1000.0, 0.0101, 0.7, 1.0), 2e-5),
+                                      (torch.float32, (1e4, 0.0101, 0.7, 1.0), 2e-5)):
+        a, b, c2, t = (float(torch.tensor(v, dtype=dtype)) for v in (a, b, c2, t))  # as the dtype holds them
+        u = -b * t / a
+        exact = c2 + (a / (b * b)) * sum(u**k / math.factorial(k) for k in range(2, 30))
+        y = deu_reference(torch.tensor([[t]], dtype=dtype), torch.tensor([[a, b, 0.0, 0.0, c2]], dtype=dtype))
+        assert abs(y.item() - exact) <= tol * abs(exact), (dtype, a, b, y.item(), exact)
 
 
 @pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference"), *BACKENDS])
@@ -1443,29 +1462,26 @@ for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     assert {launch["kernel"] for launch in launches} == sm90.launched_kernels(tk)
 
 
+@triton.jit
+def _row_chunks(out_ptr, M, N, rows_per_prog, BLOCK_N: tl.constexpr):
+    """Each row program's [row0, row_end) and first element offset, from the kernels' own index code."""
+    _, _, row0, row_end, first = tk._rows_program(M, N, rows_per_prog, BLOCK_N)
+    pid = tl.program_id(1)
+    tl.store(out_ptr + pid * 3 + 0, row0.to(tl.int64))
+    tl.store(out_ptr + pid * 3 + 1, row_end.to(tl.int64))
+    tl.store(out_ptr + pid * 3 + 2, tl.min(first, 0))
+
+
 @pytest.mark.interpret
 def test_triton_row_chunks_past_2_31_rows() -> None:
     """The row kernels' chunk of rows [row0, row_end) for 2^32 + 5 rows, as the launcher grids
     them (no tensor that large: the index code of the kernels alone, under the interpreter). Computed
     in int32, the last chunks wrapped: rows left unwritten at 2^31, negative offsets (writes before
     the tensor) at 2^32 (bug hunt)."""
-    import triton  # noqa: PLC0415
-    import triton.language as tl  # noqa: PLC0415
-
-    from kfuse.triton_kernels import deu as tk  # noqa: PLC0415
-
-    @triton.jit
-    def chunks(out_ptr, M, N, rows_per_prog, BLOCK_N: tl.constexpr):
-        _, _, row0, row_end, first = tk._rows_program(M, N, rows_per_prog, BLOCK_N)
-        pid = tl.program_id(1)
-        tl.store(out_ptr + pid * 3 + 0, row0.to(tl.int64))
-        tl.store(out_ptr + pid * 3 + 1, row_end.to(tl.int64))
-        tl.store(out_ptr + pid * 3 + 2, tl.min(first, 0))
-
     for M in (2**32 + 5,):  # chunks that wrapped past 2^31 and past 2^32 in int32
         n_prog, rpp, n_chunks = tk._rows_grid(M, 1)
         out = torch.full((n_chunks, 3), -7, dtype=torch.int64)
-        chunks[(n_prog, n_chunks)](out, M, 1, rpp, BLOCK_N=tk._ROWS_BLOCK_N)
+        _row_chunks[(n_prog, n_chunks)](out, M, 1, rpp, BLOCK_N=tk._ROWS_BLOCK_N)
         starts = torch.arange(n_chunks, dtype=torch.int64) * rpp
         assert torch.equal(out[:, 0], starts), M
         assert torch.equal(out[:, 1], (starts + rpp).clamp(max=M)), M
