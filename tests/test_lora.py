@@ -578,6 +578,12 @@ def test_merged_state_travels_with_the_weight(seed: int) -> None:
         torch.testing.assert_close(dst(x), y, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="_extra_state"):
         dst.load_state_dict({**src.state_dict(), "_extra_state": True})
+    dst.merge()
+    plain = {k: v for k, v in src.state_dict().items() if k != "_extra_state"}  # PEFT-style: the base W
+    dst.load_state_dict(plain)  # strict, without the flag
+    assert not dst.merged
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), y, rtol=1e-5, atol=1e-5)
 
 
 def test_multi_lora_module(seed: int) -> None:

@@ -216,6 +216,12 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear: the state_dict's _extra_state must be {{'merged': bool}}; got {state!r}")
         self.merged = state["merged"]
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A W without the flag (a PEFT-style dict, an earlier kfuse's checkpoint) is the base weight.
+        if prefix + "weight" in state_dict:
+            state_dict.setdefault(prefix + "_extra_state", {"merged": False})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: Tensor) -> Tensor:
         """:func:`kfuse.lora_linear` with this layer's parameters (dropout in training mode only);
         when merged, the base layer (plus ``scaling · lora_bias``)."""
