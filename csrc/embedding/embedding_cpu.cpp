@@ -502,11 +502,12 @@ constexpr int64_t kSortRowsPerOccurrence = 16;  // ~log2 n comparisons per occur
 
 template <typename I>
 void plan_table_by_sort(TablePlan& tp, const std::vector<int64_t>& feats, const I* idx, const I* off, int64_t B,
-                        int64_t pad, bool weighted) {
+                        int64_t pad, bool weighted, int64_t occurrences) {
   struct Occ {
     int64_t row, bag, pos;
   };
   std::vector<Occ> occ;
+  occ.reserve(occurrences);
   for (int64_t f : feats)
     for (int64_t fb = f * B; fb < (f + 1) * B; ++fb)
       for (int64_t i = off[fb]; i < off[fb + 1]; ++i)
@@ -557,7 +558,7 @@ template <typename I> Plan plan_t(const Tables& tb, const Bags& bg, int nt) {
       int64_t occurrences = 0;
       for (int64_t f : feats[t]) occurrences += off[(f + 1) * B] - off[f * B];
       if (rows > kSortRowsPerOccurrence * occurrences) {
-        plan_table_by_sort(tp, feats[t], idx, off, B, pad, bg.psw != nullptr);
+        plan_table_by_sort(tp, feats[t], idx, off, B, pad, bg.psw != nullptr, occurrences);
         continue;
       }
       std::vector<int64_t> cur(rows, 0);  // counts, then each row's next slot

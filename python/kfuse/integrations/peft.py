@@ -57,6 +57,7 @@ from torch import Tensor, nn
 import kfuse
 from kfuse import _routing
 from kfuse.ops.lora import BACKENDS
+from kfuse.reference.lora import acc_dtype
 
 try:
     from peft.tuners.lora import layer as _lora
@@ -331,9 +332,8 @@ def _mixed_batch(self: nn.Module, x: Tensor, adapter_names: list[str], args: tup
     slot = {a: i for i, a in enumerate(names)}
     ids = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int64, device=x.device)
     ids = ids.view(-1, *([1] * (x.ndim - 2))).expand(x.shape[:-1])
-    # float64 for a float64 layer (the op accumulates in it there: float32 scalings lost 1e-7), else float32
-    scalings = torch.tensor([float(self.scaling[a]) for a in names],
-                            dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    # In the op's accumulation dtype: float64 for a float64 layer (float32 scalings lost 1e-7 there)
+    scalings = torch.tensor([float(self.scaling[a]) for a in names], dtype=acc_dtype(x.dtype), device=x.device)
     y = kfuse.lora_linear_multi(x, base.weight, A_stack, B_stack, scalings,
                                 torch.tensor(ranks, dtype=torch.int32, device=x.device), ids, base.bias,
                                 fan_in_fan_out=isinstance(base, Conv1D),
