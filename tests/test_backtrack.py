@@ -685,7 +685,7 @@ def test_sampling_extremes_keep_the_bans_and_the_limits():
     def gens(seed=0):
         return [_seeded_generator(seed, i) for i in range(3)]
 
-    for t in (1e-3, 1e-38, 1e-40, 1e-45):
+    for t in (1e-3, 1e-38, 1e-40, 1e-45, 1e-46, 5e-324):  # the last two are 0 in float32 (bug hunt: drew uniformly)
         assert _sample(rows, [set()] * 3, t, None, 1.0, gens()) == best.tolist()
         assert _sample(rows, banned, t, None, 1.0, gens()) == second
     assert _sample(rows, [set()] * 3, 1.0, None, 1e-300, gens()) == best.tolist()

@@ -202,7 +202,7 @@ def _sample(rows: Tensor, banned: list[set[int]], temperature: float, top_k: int
         for r, b in enumerate(banned):
             if b:
                 rows[r, list(b)] = float("-inf")
-    if temperature == 0.0:
+    if rows.new_tensor(temperature) == 0:  # also a positive one below float32's smallest, 0 in the logits' dtype
         return rows.argmax(-1).tolist()
     # Shifted by the best allowed logit, so that a tiny temperature cannot overflow it to inf; a huge one
     # (inf in float32) turns a banned -inf into NaN, put back to -inf. A NaN cdf picked the last id,
@@ -333,7 +333,8 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
             triggers ``on_limit``: ``"reset"`` (revert to the prompt, if fewer than ``max_resets`` resets
             happened, else stop) or ``"stop"`` (end the sequence at its last passing checkpoint). In
             ``mode="reset"`` every flag resets, and the flag after ``max_resets`` resets stops.
-        temperature, top_k, top_p: ``temperature == 0`` is greedy; else softmax sampling at that
+        temperature, top_k, top_p: ``temperature == 0`` is greedy (so is one below 1.4e-45, 0 in the
+            float32 logits); else softmax sampling at that
             temperature restricted to the ``top_k`` most likely tokens and the top-``top_p`` mass.
         seed: each sequence ``i`` samples from its own generator seeded from ``(seed, i)``. The same call
             reproduces its result; across batch compositions CPU logits may differ in the last bits
