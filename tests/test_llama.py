@@ -112,6 +112,30 @@ def test_rollback_and_refeed_is_bit_identical(device):
     assert_close(torch.cat([f[1] for f in first]), hf_logits(hf, full)[len(prompts[1]):], torch.float32)
 
 
+def test_dynamic_rope_calls_do_not_depend_on_earlier_calls():
+    """transformers' ``dynamic`` rotary module keeps the longest length it has seen: a 20-token prompt's
+    logits (max_position_embeddings 16) moved by 2.4 after an unrelated 40-token call, so rollback-and-
+    refeed and seeded generation did not repeat (bug hunt). Each call now matches a fresh HF model."""
+    kw = dict(max_position_embeddings=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    hf, model = build(**kw)
+    fresh, _ = build(**kw)  # the same weights, a rotary module no call has touched
+    prompt, other = rand_tokens(20), rand_tokens(40)
+
+    def prefill(tokens):
+        cache = model.new_cache(page_size=4, num_pages=32, max_seqs=2)
+        s = cache.add_sequence()
+        return model([tokens], [s], cache)[0], cache, s
+
+    first, cache, s = prefill(prompt)
+    prefill(other)
+    assert torch.equal(prefill(prompt)[0], first)
+    assert_close(first, hf_logits(fresh, prompt), torch.float32)
+    steps = [model([t[None]], [s], cache)[0] for t in other[:6]]  # decode past the prompt, then back
+    cache.rollback([s], [20])
+    prefill(other)
+    assert all(torch.equal(model([t[None]], [s], cache)[0], x) for t, x in zip(other[:6], steps, strict=True))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_rollback_of_one_sequence_leaves_the_others_bit_identical(device):
     hf, model = build(device)

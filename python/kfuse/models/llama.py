@@ -19,7 +19,9 @@ Matching ``transformers`` (5.x, ``modeling_llama.py``):
 - Rotary embeddings: cos/sin come from the HF model's own rotary module (its ``inv_freq`` and
   ``attention_scaling``, so every ``rope_type`` it supports, ``llama3`` included, matches by
   construction). The dynamic types (``dynamic``, ``longrope``) pick their frequencies from the
-  largest position of the call, as HF does for a padded batch.
+  largest position of the call, as HF does for a padded batch. (HF's ``dynamic`` module also keeps
+  the longest length it has seen; kfuse resets it before each call, so a call's logits do not depend
+  on the calls before it: rollback-and-refeed and seeded generation repeat.)
 - Attention: grouped-query (query head ``h`` reads KV head ``h // (Hq / Hkv)``, as ``repeat_kv``),
   softmax scale ``head_dim ** -0.5`` taken from the HF attention module; no dropout (inference).
 """
@@ -52,6 +54,21 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+#: What transformers' dynamic rotary module (``dynamic_rope_update``) keeps between calls.
+_DYNAMIC_ROPE_STATE = ("inv_freq", "original_inv_freq", "max_seq_len_cached", "original_max_seq_len")
+
+
+def _reset_dynamic_rope(rotary: nn.Module) -> None:
+    """Put a ``dynamic`` rotary module back to its state before any call. It grows its frequencies to the
+    longest length it has seen and goes back only on a call below the original length, so a call's
+    cos/sin depended on the calls before (a 20-token prompt, max_position_embeddings 16: logits 2.4 apart
+    after an unrelated 40-token call; bug hunt). Reset, a call's frequencies are those of its own largest
+    position, as in a fresh module (transformers' reset does the same: ``inv_freq`` back to
+    ``original_inv_freq``, which a growth replaces rather than overwrites)."""
+    rotary.register_buffer("inv_freq", rotary.original_inv_freq, persistent=False)
+    rotary.max_seq_len_cached = rotary.original_max_seq_len
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -129,6 +146,11 @@ class LlamaForCausalLM(nn.Module):
         self.norm = base.norm.weight
         self.lm_head = hf_model.lm_head  # with tied embeddings its weight IS embed_tokens.weight
         self.rotary_emb = base.rotary_emb
+        self._dynamic_rope = "dynamic" in str(getattr(base.rotary_emb, "rope_type", "default"))
+        if self._dynamic_rope and not all(hasattr(base.rotary_emb, a) for a in _DYNAMIC_ROPE_STATE):
+            raise ValueError(f"{type(self).__name__}.from_hf: this transformers version's dynamic rotary module "
+                             f"lacks {_DYNAMIC_ROPE_STATE} (written for transformers 5.x), so its state cannot "
+                             "be reset between calls")
         self.eps = cfg.rms_norm_eps
         self.vocab_size = cfg.vocab_size
         self.head_dim = base.layers[0].self_attn.head_dim  # may differ from hidden / heads (config.head_dim)
@@ -264,6 +286,8 @@ class LlamaForCausalLM(nn.Module):
         """The decoder on new tokens ``tok`` int64 ``[T]`` at positions ``pos`` int64 ``[T]`` (device tensors):
         logits ``[T, vocab]``. ``attend`` stores and attends (see ``_DecoderLayer.forward``)."""
         h = self.embed_tokens(tok)  # [T, hidden]
+        if self._dynamic_rope:
+            _reset_dynamic_rope(self.rotary_emb)
         cos, sin = self.rotary_emb(h, pos[None])  # [1, T, head_dim] each, in h's dtype
         cos, sin = cos[0, :, None], sin[0, :, None]
         for layer, block in enumerate(self.layers):
