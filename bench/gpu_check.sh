@@ -224,8 +224,13 @@ fi
 ((budget < 90)) && budget=90
 budget=${KFUSE_GPU_REPORT_S:-$budget}
 (( budget > $(left) - 20 )) && budget=$(($(left) - 20))  # what step will allow: the time budget fits in it
+# The report's own budget: 60 s short of the step's, for its set-up and last case, but at least a quarter
+# of it (budget - 60 was <= 0 with under 80 s left, and the report refused it: no rows).
+report_s=$((budget - 60))
+((report_s < budget / 4)) && report_s=$((budget / 4))
+((report_s < 1)) && report_s=1
 step report "$OUT/report.log" "$budget" python3 -m kfuse --device cuda --ops "$OPS" --out "$OUT/report" \
-    --time-budget $((budget - 60))
+    --time-budget "$report_s"
 # KFUSE_GPU_TESTS_K: a pytest -k filter for a short run (e.g. "not triton"). The DEU step runs every
 # CUDA test but LoRA's, which have their own step (175 tests, most of them compiling a Triton kernel).
 # KV's CUDA tests (tests/test_kv.py) have their own step when --ops names kv.

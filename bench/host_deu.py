@@ -59,12 +59,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--shapes", type=_shape, nargs="+", default=["4x32", "64x32", "256x256"])
+    parser.add_argument("--shapes", type=_shape, nargs="+", default=[[4, 32], [64, 32], [256, 256]],
+                        help="shapes such as 4x32 (default: 4x32 64x32 256x256)")
     parser.add_argument("--number", type=positive(int), default=2000, help="calls per repeat")
     args = parser.parse_args()
     print(f"kfuse from {kfuse.__file__}; backends: {kfuse.availability()}")
-    for spec in args.shapes:
-        time_shape(_shape(spec), torch.device(args.device), args.backend, args.number)
+    for shape in args.shapes:
+        time_shape(shape, torch.device(args.device), args.backend, args.number)
 
 
 if __name__ == "__main__":

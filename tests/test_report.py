@@ -70,6 +70,34 @@ def test_slow_cuda_calls_take_three_synchronised_runs(monkeypatch) -> None:
     assert R._time_slow_cuda(lambda: calls.append(None), torch.device("cuda")) is None and len(calls) == 4
 
 
+def test_device_time_is_the_median_call(monkeypatch) -> None:
+    """``device us`` is the median of per-call device times (the profiler stubbed: the logic, not CUPTI):
+    a call doing bookkeeping every 5th time (the KV rollback and fork rows) stays out, where the mean
+    over the window of 20 calls took it in (bug hunt: 2 us calls read as 21.6)."""
+    import torch.profiler  # noqa: PLC0415
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    calls = []
+
+    class Profile:  # one session per call: the device time of the calls made inside it
+        def __init__(self, activities):
+            self.start = 0
+
+        def __enter__(self):
+            self.start = len(calls)
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return [SimpleNamespace(self_device_time_total=t) for t in calls[self.start:]]
+
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    assert R.device_time_us(lambda: calls.append(100.0 if len(calls) % 5 == 4 else 2.0), torch.device("cuda")) == 2.0
+    assert len(calls) == 20
+
+
 def test_goals_and_the_other_cache_state(monkeypatch) -> None:
     """An op's ``goals`` reach its kfuse rows with the measured value (a speedup over the named
     baseline, or ``%copy``) and its own table column; ``both_caches`` adds the other cache state's

@@ -307,23 +307,28 @@ def time_ms(fn: Callable[[], Any], device: torch.device, quick: bool = False,
 
 
 def device_time_us(fn: Callable[[], Any], device: torch.device, calls: int = 20) -> float | None:
-    """Device time of one ``fn()`` call in microseconds: the kernels' and copies' durations over
-    ``calls`` calls recorded by ``torch.profiler`` (CUPTI), summed and divided by ``calls``. None off
-    CUDA, or when the profiler failed or recorded no device activity (the row keeps its time)."""
+    """Device time of one ``fn()`` call in microseconds: the median over ``calls`` calls of each call's
+    kernels' and copies' durations, recorded by ``torch.profiler`` (CUPTI), one profiling session per
+    call. The median, as the rows' times: a case whose every n-th call does bookkeeping (the KV rollback
+    row re-appends, the fork row frees its children) keeps it out; a mean over a window of calls took
+    it in wherever the window happened to hold one (bug hunt). None off CUDA, or when the profiler
+    failed or recorded no device activity (the row keeps its time)."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
-    torch.cuda.synchronize(device)
+    per_call = []
     try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                fn()
+        for _ in range(calls):
             torch.cuda.synchronize(device)
-        total = sum(e.self_device_time_total for e in prof.key_averages())
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize(device)
+            per_call.append(sum(e.self_device_time_total for e in prof.key_averages()))
     except Exception:  # noqa: BLE001 (no CUPTI, a changed profiler API: the column is left out)
         return None
-    return total / calls if total > 0 else None
+    us = statistics.median(per_call)
+    return us if us > 0 else None
 
 
 def _last_level_cache_bytes() -> int:
