@@ -381,7 +381,8 @@ def test_bug_hunt_findings(small, claims, tmp_path):
     assertions, and looked up row 0 for out-of-range codes; npy exports of "emb.seed1" and
     "emb.seed2" both wrote emb.npy; optimizer=None trained nothing in train_outcome/train_general;
     predict_outcome left an eval model in training mode; the torch build's state_dict dropped its
-    optimizer state; claims without a visit of 2 codes gave an unclear reshape error."""
+    optimizer state; claims without a visit of 2 codes gave an unclear reshape error. Later finds are
+    dated where they are checked."""
     gen = GeneralCodeEmbedding(small.sizes, 8, lr=0.2, seed=0)
     heads = []
     for _ in range(2):
@@ -398,6 +399,12 @@ def test_bug_hunt_findings(small, claims, tmp_path):
         train_general(GeneralCodeEmbedding(small.sizes, 8, optimizer=None), claims, epochs=0.1)
     with pytest.raises(ValueError, match="no fused optimizer"):
         train_outcome(CodeOutcomeModel("task", sizes=small.sizes, dim=8, optimizer=None), claims, np.arange(100))
+    # (2026-12-04) codes frozen by a CodeOutcomeModel built on them trained nothing, silently; the
+    # largest seed the CLI takes made the context table's seed 2**63, refused after the data was built.
+    frozen = GeneralCodeEmbedding(small.sizes, 8, seed=2**63 - 1)
+    CodeOutcomeModel("super", frozen.codes, seed=0)
+    with pytest.raises(ValueError, match="codes tables are frozen"):
+        train_general(frozen, claims, epochs=0.1)
 
     m = CodeOutcomeModel("super", gen.codes, seed=1).eval()
     predict_outcome(m, claims, np.arange(10))

@@ -299,7 +299,9 @@ class GeneralCodeEmbedding(nn.Module):
         self.codes = CodeEmbedding(sizes, dim, domains, mode="sum", optimizer=optimizer, lr=lr, eps=eps, impl=impl,
                                    backend=backend, device=device, seed=seed)
         total = sum(self.codes.sizes)
-        self.context = _tables([(total, dim)], "sum", optimizer, lr, eps, 0.0, impl, backend, device, seed + 1)
+        # seed + 1 wrapped: any seed the tables take stays valid (2**63 − 1 made it 2**63, refused; bug hunt)
+        self.context = _tables([(total, dim)], "sum", optimizer, lr, eps, 0.0, impl, backend, device,
+                               (seed + 1) % 2**63)
         with torch.no_grad():
             self.context.weights[0].zero_()
         self.negatives = int(negatives)
@@ -358,6 +360,12 @@ def train_general(model: GeneralCodeEmbedding, claims, epochs: float = 1.0, batc
     if model.codes.optimizer is None:  # (the context table has the same optimizer)
         raise ValueError("train_general: the model's tables have no fused optimizer (optimizer=None gives plain "
                          "gradients, which this loop would never apply): train them in a loop of your own")
+    frozen = [name for name, m in (("codes", model.codes), ("context", model.context))
+              if not any(p.requires_grad for p in m.parameters())]
+    if frozen:  # trained nothing, silently (bug hunt)
+        raise ValueError(f"train_general: the model's {' and '.join(frozen)} tables are frozen (requires_grad "
+                         "False; a CodeOutcomeModel built on this embedding freezes its codes): unfreeze them "
+                         "with requires_grad_(True) to train them")
     dev = model.bases.device
     model.set_noise([claims.code_counts(d) for d in claims.domains])
     visits = np.flatnonzero(claims.visit_sizes() >= 2)
@@ -508,6 +516,12 @@ def train_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, epochs:
     if model.task is not None and model.task.optimizer is None:
         raise ValueError("train_outcome: the task tables have no fused optimizer (optimizer=None gives plain "
                          "gradients, which this loop would never apply): train them in a loop of your own")
+    frozen = [name for name, m in (("codes", model.codes), ("context", model.context))
+              if not any(p.requires_grad for p in m.parameters())]
+    if frozen:  # trained nothing, silently (bug hunt)
+        raise ValueError(f"train_general: the model's {' and '.join(frozen)} tables are frozen (requires_grad "
+                         "False; a CodeOutcomeModel built on this embedding freezes its codes): unfreeze them "
+                         "with requires_grad_(True) to train them")
     dev = model.head.weight.device
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.head_parameters(), lr=head_lr)
