@@ -600,6 +600,24 @@ def test_unfuse_restores_peft(seed: int) -> None:
     assert "8 layer(s) fused" in str(report)
 
 
+def test_unfuse_rebinds_hooks_added_after_fuse(seed: int, monkeypatch) -> None:
+    """A hook added after fuse (accelerate's: the fused forward kept on the instance as _old_forward,
+    called through the hook's forward) ran kfuse after unfuse, while fused_layers said none was fused
+    (bug hunt). unfuse rebinds it to PEFT's forward; removing the hook then leaves PEFT's too."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    model = llama()
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, q.in_features)
+    want = q(x).detach()
+    kp.fuse(model)
+    hooks.add_hook_to_module(q, hooks.ModelHook())
+    kp.unfuse(model)
+    counter = Counter(monkeypatch)
+    assert kp.fused_layers(model) == [] and torch.equal(q(x), want)
+    hooks.remove_hook_from_module(q)
+    assert torch.equal(q(x), want) and counter.take() == {"lora_linear": 0, "lora_linear_multi": 0}
+
+
 def test_fused_model_frees_at_del_and_replicas_use_their_parameters(seed: int, monkeypatch) -> None:
     """A fused layer holds no reference to itself: ``del model`` frees its weights at once (no
     garbage-collector pass: on a GPU, ``del model; torch.cuda.empty_cache()`` returns the memory),

@@ -48,6 +48,7 @@ base layer's class (``Conv1D`` stores ``[K, N]``), as the base layer's own forwa
 from __future__ import annotations
 
 import numbers
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -405,8 +406,16 @@ def unfuse(model: nn.Module) -> Report:
     report = Report()
     for name, module in _tuner_layers(model):
         if _is_fused(module):
+            fused_forward = type(module).forward
             module.__class__ = _lora.Linear
             module.__dict__.pop("_kfuse_backend", None)
+            # A hook added after fuse (accelerate's add_hook_to_module) keeps the fused forward as a bound
+            # method on the instance (its _old_forward, or forward itself), which ran kfuse after unfuse
+            # while fused_layers said otherwise (bug hunt): rebind those to PEFT's forward.
+            for attr, value in list(module.__dict__.items()):
+                if (isinstance(value, types.MethodType) and value.__self__ is module
+                        and value.__func__ is fused_forward):
+                    setattr(module, attr, types.MethodType(_lora.Linear.forward, module))
             report.unfused.append(name)
     return report
 
