@@ -110,9 +110,10 @@ double float32_spread(const kfuse::deu::Plan<double>& p, double t, double y) {
   const double* k = s.k;
   const double lin = std::fabs(k[4]) + std::fabs(k[5] * t), e1 = std::fabs(q.e1), e2 = std::fabs(k[7] * q.e2);
   const double terms = std::fabs(k[0]) + std::fabs(k[1] * t) + std::fabs(k[2] * t * t) + std::fabs(k[3] * q.sig) +
-                       e1 * (lin + std::fabs(k[6])) + e2;
+                       e1 * (lin + std::fabs(k[6])) + e2 + std::fabs(s.m * q.m1);
   const double slopes = std::fabs(t) * (e1 * (std::fabs(p.rho1) + std::fabs(p.omega)) * (lin + std::fabs(k[6])) +
-                                        e2 * std::fabs(p.rho2) + std::fabs(k[3]) * kStepSlope * q.sig * (1 - q.sig));
+                                        e2 * std::fabs(p.rho2) + std::fabs(k[3]) * kStepSlope * q.sig * (1 - q.sig) +
+                                        e1 * std::fabs(p.rho1 * s.m));
   return 8 * 0x1p-24 * (terms + slopes);
 }
 

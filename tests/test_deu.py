@@ -441,6 +441,32 @@ def test_overdamped_far_apart_roots(backend: str, device: str, seed: int) -> Non
     assert_results_close(got, ref_grads(x, coeffs, gy, -1), torch.float32, backend)
 
 
+def slow_r_case(device: str) -> list[tuple[Tensor, Tensor, Tensor, int]]:
+    """(x, coeffs, grad_y, dim), float32: ``r = −b/a`` neurons (c zero) with |a|/b² from 1e2 to 1e4,
+    as [M, N] rows and [M, N, K] planes. For t > 0 the particular part t/b − (a/b²)(1 − E(rt)) is
+    ~t²/(2a): formed from the plan's constants −a/b² and a/b²·E(rt) it erred by ε·|a|/b² (every
+    kernel: 2.4 median relative error at |a|/b² = 1e4, bench/deu_r_case.py); with E(rt) − 1 from
+    expm1 by ε·|t/b|, as the reference."""
+    rows = [[r * b * b * sa, b, 0.0, c1, c2] for r in (1e2, 1e3, 1e4) for b in (0.2, -1.3)
+            for sa in (1.0, -1.0) for c1, c2 in ((0.0, 0.0), (0.0, 0.7))]  # c1 = 0: y ~ 1, so atol bites
+    coeffs = torch.tensor(rows)
+    assert (deu_cases(coeffs) == CASE_NAMES.index("nnz")).all()
+    t = torch.tensor([-3.0, -0.5, 0.0, 0.05, 0.3, 0.7, 1.0, 2.0, 3.0])
+    cases = []
+    for shape, dim in [((len(t), len(coeffs)), -1), ((2, len(coeffs), len(t)), 1)]:
+        x = (t[:, None] if dim == -1 else t).expand(shape).contiguous()
+        cases.append((x.to(device), coeffs.to(device), torch.randn(shape).to(device), dim))
+    return cases
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_slow_r_case(backend: str, device: str, seed: int) -> None:
+    """``slow_r_case``: y and its gradients to float32 tolerance."""
+    for x, coeffs, gy, dim in slow_r_case(device):
+        got = kfuse_grads(x, coeffs, gy, dim, backend)
+        assert_results_close(got, ref_grads(x, coeffs, gy, dim), torch.float32, f"{backend} {tuple(x.shape)}")
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_grad_coeffs_of_small_particular_parts(backend: str, device: str, seed: int) -> None:
     """The particular parts 1 − E1·cos etc. are small for small t: summed per basis function
@@ -993,7 +1019,7 @@ def test_cuda_fast_forms_emulated(dtype: torch.dtype, seed: int) -> None:
 
 @pytest.mark.parametrize("defines", [(), FAST_FORMS], ids=["generic", "fast-forms"])
 def test_cuda_kernels_emulated_edge_inputs(defines: tuple[str, ...], seed: int) -> None:
-    """``huge_inputs``, ``threshold_coeffs``, ``far_apart_roots`` and ``huge_coefficients`` through
+    """``huge_inputs``, ``slow_r_case``, ``threshold_coeffs``, ``far_apart_roots`` and ``huge_coefficients`` through
     the emulated CUDA kernels, and NaN, ±inf inputs in every case giving NaN in their own elements
     only."""
     deu_emu = load_deu_emu(defines)
@@ -1013,7 +1039,8 @@ def test_cuda_kernels_emulated_edge_inputs(defines: tuple[str, ...], seed: int) 
     on_thresholds = threshold_coeffs()
     x_thr = make_x((9, len(on_thresholds)), torch.float32, "cpu")
     x_far, far, gy_far = far_apart_roots("cpu")
-    for x, coeffs, gy, dim in [*huge_inputs("cpu"), (x_thr, on_thresholds, torch.randn(x_thr.shape), -1),
+    for x, coeffs, gy, dim in [*huge_inputs("cpu"), *slow_r_case("cpu"),
+                               (x_thr, on_thresholds, torch.randn(x_thr.shape), -1),
                                (x_far, far, gy_far, -1)]:
         mnk = (x.shape[0], x.shape[1], x[0, 0].numel())  # [M, N] as [M, N, 1]; [M, N, K] as is
         got = emulated_deu(deu_emu, x.reshape(mnk), coeffs, gy.reshape(mnk), 0, False)

@@ -262,17 +262,22 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     # A NaN or infinite a, b or c: NaN everywhere, as in the reference (x·0 is NaN exactly then).
     finite = (tl.abs(a) < float("inf")) & (tl.abs(b) < float("inf")) & (tl.abs(c) < float("inf"))
     h0 = tl.where(finite, h0, a * 0.0 + b * 0.0 + c * 0.0)
+    m4 = tl.where(nnz, p4, 0.0)  # see _plan_values
     return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-            dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2)
+            dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2, m4)
 
 
 @triton.jit
 def _plan_values(a, b, c, c1, c2):
+    """The plan in evaluation form: π, with the r = −b/a case's particular E1 coefficient a/b² moved
+    to m4, on E1 − 1 (from expm1) for t > 0, and its constant −a/b² folded away (p0 + p4 = 0): from
+    −a/b² + (a/b²)·E1 its part t/b − (a/b²)(1 − E1) ~ t²/(2a) erred by ε·|a|/b², from E1 − 1 by
+    ε·|t/b|, as the reference (deu_math.h's Plan::m4). m4 = 0 in every other case."""
     z = a * 0.0
     (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-     _0, _1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16) = _plan(
+     _0, _1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16, m4) = _plan(
         a, b, c, c1, c2, z, z, z, z, z)
-    return h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2
+    return h0, h1, h3, h4, h5, h6, h7, p0 + m4, p1, p2, p4 - m4, p5, p6, p7, r1, om, r2, m4
 
 
 @triton.jit
@@ -281,7 +286,7 @@ def _jvp_dot(a, b, c, c1, c2, da, db, dc, dc1, dc2,
              s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2):
     """Σ_i (∂L/∂π_i)·(∂π_i/∂θ · dθ): one coefficient gradient for a unit seed dθ."""
     (_0, _1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16,
-     dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2) = _plan(
+     dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2, _m4) = _plan(
         a, b, c, c1, c2, da, db, dc, dc1, dc2)
     # s_p4, s_p7 are sums over the shifted bases B4 − 1, B7 − 1, so the constant's row takes theirs
     # (part_shifted in csrc/deu/deu_math.h).
@@ -320,6 +325,20 @@ def _exp(z, MATH: tl.constexpr):
 
 
 @triton.jit
+def _expm1(z, MATH: tl.constexpr):
+    """E − 1 for _plan_values' m4 (only programs with an r = −b/a neuron pay for it)."""
+    if MATH <= 1:
+        m = libdevice.expm1(z)
+    else:
+        # The interpreter has no libdevice: Kahan's (e − 1)·z/log(e), a few ulps with numpy's exp
+        # and log (the error of e − 1 cancels against that of log e); z itself where e rounds to 1.
+        e = tl.exp(z)
+        log_e = tl.log(tl.where((e == 1.0) | (e == 0.0), 2.0, e))  # no 0/0 or log 0 where unused
+        m = tl.where(e == 1.0, z, tl.where(e == 0.0, -1.0, (e - 1.0) * (z / log_e)))
+    return m
+
+
+@triton.jit
 def _sincos(x, MATH: tl.constexpr):
     if MATH == 1:
         sn = libdevice.sin(x)
@@ -342,11 +361,15 @@ def _sincos(x, MATH: tl.constexpr):
 
 
 @triton.jit
-def _pieces(t, r1, om, r2, any_trig, any_e2, any_step, MATH: tl.constexpr):
-    """E1, cap1, cos ωt, sin ωt, E2, cap2, σ(100t); unused terms skipped per program."""
+def _pieces(t, r1, om, r2, any_trig, any_e2, any_step, any_m1, MATH: tl.constexpr):
+    """E1, cap1, cos ωt, sin ωt, E2, cap2, σ(100t), E1 − 1; unused terms skipped per program."""
     z1 = r1 * t
     cap1 = z1 > EXP_CAP
     e1 = _exp(tl.where(cap1, EXP_CAP, z1), MATH)
+    if any_m1:
+        m1 = _expm1(tl.where(cap1, EXP_CAP, z1), MATH)
+    else:
+        m1 = tl.zeros_like(t)
     if any_trig:
         sn, cs = _sincos(om * t, MATH)
     else:
@@ -363,7 +386,7 @@ def _pieces(t, r1, om, r2, any_trig, any_e2, any_step, MATH: tl.constexpr):
         sig = 1.0 / (1.0 + _exp(t * -STEP_SLOPE, MATH))
     else:
         sig = tl.zeros_like(t)
-    return e1, cap1, cs, sn, e2, cap2, sig
+    return e1, cap1, cs, sn, e2, cap2, sig, m1
 
 
 @triton.jit
@@ -375,28 +398,38 @@ def _side(pos, h0, h1, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7):
 
 
 @triton.jit
-def _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                  any_trig, any_e2, any_step, MATH: tl.constexpr):
-    e1, cap1, cs, sn, e2, cap2, sig = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, MATH)
+def _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+                  any_trig, any_e2, any_step, any_m1, MATH: tl.constexpr):
+    e1, cap1, cs, sn, e2, cap2, sig, m1 = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, any_m1, MATH)
     pos = t > 0
     k0, k1, k2, k4, k5, k6, k7 = _side(pos, h0, h1, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7)
-    y = k0 + t * (k1 + t * k2) + h3 * sig + e1 * ((k4 + k5 * t) * cs + k6 * sn) + k7 * e2
+    poly = t * (k1 + t * k2)
+    if any_m1:
+        poly = poly + tl.where(pos, m4, 0.0) * m1  # with the t term it nearly cancels (_plan_values)
+    y = k0 + poly + h3 * sig + e1 * ((k4 + k5 * t) * cs + k6 * sn) + k7 * e2
     # Clamp with compares so a NaN stays NaN (as torch.clamp).
     y = tl.where(y < -OUT_CLAMP, -OUT_CLAMP, tl.where(y > OUT_CLAMP, OUT_CLAMP, y))
     return y
 
 
 @triton.jit
-def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                   any_trig, any_e2, any_step, MATH: tl.constexpr):
+def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+                   any_trig, any_e2, any_step, any_m1, MATH: tl.constexpr):
     """∂L/∂t and the element's contributions to ∂L/∂π (same order as _plan's outputs)."""
-    e1, cap1, cs, sn, e2, cap2, sig = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, MATH)
+    e1, cap1, cs, sn, e2, cap2, sig, m1 = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, any_m1, MATH)
     pos = t > 0
     k0, k1, k2, k4, k5, k6, k7 = _side(pos, h0, h1, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7)
+    pm = tl.where(pos, m4, 0.0)
+    poly = t * (k1 + t * k2)
+    if any_m1:  # as _forward_elem
+        poly = poly + pm * m1
     lin = k4 + k5 * t
     osc = lin * cs + k6 * sn  # the E1 bracket
+    yraw = k0 + poly + h3 * sig + e1 * osc + k7 * e2
+    if any_m1:  # for the derivatives: m4·M1 has m4·E1 as derivative, so E1's whole coefficient is k4 + m4
+        lin = lin + pm
+        osc = lin * cs + k6 * sn
     dosc = k6 * cs - lin * sn  # its derivative w.r.t. ωt
-    yraw = k0 + t * (k1 + t * k2) + h3 * sig + e1 * osc + k7 * e2
     # The clamp's derivative: 0 outside; a NaN yraw (NaN coefficients) is not outside, so it reaches
     # the gradients as in the reference.
     outside = (yraw < -OUT_CLAMP) | (yraw > OUT_CLAMP)
@@ -479,9 +512,9 @@ def _columns_plan(co_ptr, cols, cmask):
     """The plans of the program's neurons and the program's term flags (any neuron with trig
     terms, E2 terms, a step), which let the element loop skip work no neuron needs."""
     a, b, c, c1, c2 = _columns_coeffs(co_ptr, cols, cmask)
-    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
-    return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-            _any(om), _any(h7) | _any(p7), _any(h3))
+    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4 = _plan_values(a, b, c, c1, c2)
+    return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+            _any(om), _any(h7) | _any(p7), _any(h3), _any(m4))
 
 
 @triton.jit
@@ -491,19 +524,19 @@ def _deu_fwd_rows(x_ptr, y_ptr, co_ptr, M, N, rows_per_prog, BLOCK_N: tl.constex
     xp = x_ptr + first  # the current group's first row
     yp = y_ptr + first
     t0, t1, t2, t3 = _load_group(xp, row0, row_end, cmask, N, acc)
-    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-     any_trig, any_e2, any_step) = _columns_plan(co_ptr, cols, cmask)
+    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+     any_trig, any_e2, any_step, any_m1) = _columns_plan(co_ptr, cols, cmask)
     for r in range(row0, row_end, 4):
         xp = xp + N + N + N + N
         n0, n1, n2, n3 = _load_group(xp, r + 4, row_end, cmask, N, acc)
-        y0 = _forward_elem(t0, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                           any_trig, any_e2, any_step, MATH)
-        y1 = _forward_elem(t1, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                           any_trig, any_e2, any_step, MATH)
-        y2 = _forward_elem(t2, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                           any_trig, any_e2, any_step, MATH)
-        y3 = _forward_elem(t3, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                           any_trig, any_e2, any_step, MATH)
+        y0 = _forward_elem(t0, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+                           any_trig, any_e2, any_step, any_m1, MATH)
+        y1 = _forward_elem(t1, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+                           any_trig, any_e2, any_step, any_m1, MATH)
+        y2 = _forward_elem(t2, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+                           any_trig, any_e2, any_step, any_m1, MATH)
+        y3 = _forward_elem(t3, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+                           any_trig, any_e2, any_step, any_m1, MATH)
         _store_row(yp, r, row_end, cmask, y0)
         _store_row(yp + N, r + 1, row_end, cmask, y1)
         _store_row(yp + N + N, r + 2, row_end, cmask, y2)
@@ -514,14 +547,14 @@ def _deu_fwd_rows(x_ptr, y_ptr, co_ptr, M, N, rows_per_prog, BLOCK_N: tl.constex
 
 @triton.jit
 def _bwd_row(gxp, r, row_end, cmask, t, g,
-             h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+             h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
              s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
-             s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH: tl.constexpr):
+             s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH: tl.constexpr):
     """One row of the backward: stores grad_x, returns the accumulators plus its terms (rows
     past the chunk load t = g = 0, which contribute 0)."""
     (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p0, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
      q_r1, q_om, q_r2) = _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6,
-                                        p7, r1, om, r2, any_trig, any_e2, any_step, MATH)
+                                        p7, r1, om, r2, m4, any_trig, any_e2, any_step, any_m1, MATH)
     _store_row(gxp, r, row_end, cmask, gx)
     return (s_h0 + q_h0, s_h1 + q_h1, s_h3 + q_h3, s_h4 + q_h4, s_h5 + q_h5, s_h6 + q_h6, s_h7 + q_h7,
             s_p0 + q_p0, s_p1 + q_p1, s_p2 + q_p2, s_p4 + q_p4, s_p5 + q_p5, s_p6 + q_p6, s_p7 + q_p7,
@@ -538,8 +571,8 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
     gxp = gx_ptr + first
     t0, t1, t2, t3 = _load_group(xp, row0, row_end, cmask, N, acc)
     g0, g1, g2, g3 = _load_group(gp, row0, row_end, cmask, N, acc)
-    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-     any_trig, any_e2, any_step) = _columns_plan(co_ptr, cols, cmask)
+    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+     any_trig, any_e2, any_step, any_m1) = _columns_plan(co_ptr, cols, cmask)
     zero = tl.zeros([BLOCK_N], dtype=acc)
     s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7 = zero, zero, zero, zero, zero, zero, zero
     s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7 = zero, zero, zero, zero, zero, zero, zero
@@ -551,24 +584,24 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
         m0, m1, m2, m3 = _load_group(gp, r + 4, row_end, cmask, N, acc)
         (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
          s_r1, s_om, s_r2) = _bwd_row(gxp, r, row_end, cmask, t0, g0,
-                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
                                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
-                                      s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH)
+                                      s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH)
         (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
          s_r1, s_om, s_r2) = _bwd_row(gxp + N, r + 1, row_end, cmask, t1, g1,
-                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
                                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
-                                      s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH)
+                                      s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH)
         (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
          s_r1, s_om, s_r2) = _bwd_row(gxp + N + N, r + 2, row_end, cmask, t2, g2,
-                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
                                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
-                                      s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH)
+                                      s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH)
         (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
          s_r1, s_om, s_r2) = _bwd_row(gxp + N + N + N, r + 3, row_end, cmask, t3, g3,
-                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
+                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
                                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
-                                      s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, MATH)
+                                      s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH)
         gxp = gxp + N + N + N + N
         t0, t1, t2, t3 = n0, n1, n2, n3
         g0, g1, g2, g3 = m0, m1, m2, m3
@@ -619,9 +652,9 @@ def _neuron_coeffs(co_ptr, n):
 def _neuron_plan(co_ptr, n):
     """Neuron n's plan (scalars) and its term flags (trig, E2, step)."""
     a, b, c, c1, c2 = _neuron_coeffs(co_ptr, n)
-    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2 = _plan_values(a, b, c, c1, c2)
-    return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-            om != 0, (h7 != 0) | (p7 != 0), h3 != 0)
+    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4 = _plan_values(a, b, c, c1, c2)
+    return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+            om != 0, (h7 != 0) | (p7 != 0), h3 != 0, m4 != 0)
 
 
 @triton.jit
@@ -637,15 +670,15 @@ def _deu_fwd_spatial(x_ptr, y_ptr, co_ptr, M, N, K, rows_per_prog,
     n = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * rows_per_prog
     acc = co_ptr.dtype.element_ty
-    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-     any_trig, any_e2, any_step) = _neuron_plan(co_ptr, n)
+    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+     any_trig, any_e2, any_step, any_m1) = _neuron_plan(co_ptr, n)
     for i in range(0, rows_per_prog, BLOCK_R):
         rows = row0 + i + tl.arange(0, BLOCK_R)[:, None]
         for k0 in range(0, K, BLOCK_K):
             offs, mask = _spatial_tile(n, rows, k0, M, N, K, BLOCK_K)
             t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
-            y = _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-                              any_trig, any_e2, any_step, MATH)
+            y = _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+                              any_trig, any_e2, any_step, any_m1, MATH)
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -655,8 +688,8 @@ def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_
     n = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * rows_per_prog
     acc = co_ptr.dtype.element_ty
-    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-     any_trig, any_e2, any_step) = _neuron_plan(co_ptr, n)
+    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+     any_trig, any_e2, any_step, any_m1) = _neuron_plan(co_ptr, n)
     zero = tl.zeros([BLOCK_R, BLOCK_K], dtype=acc)
     s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7 = zero, zero, zero, zero, zero, zero, zero
     s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7 = zero, zero, zero, zero, zero, zero, zero
@@ -669,7 +702,7 @@ def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_
             g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(acc)
             (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p0, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
              q_r1, q_om, q_r2) = _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5,
-                                                p6, p7, r1, om, r2, any_trig, any_e2, any_step, MATH)
+                                                p6, p7, r1, om, r2, m4, any_trig, any_e2, any_step, any_m1, MATH)
             tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
             s_h0 += q_h0
             s_h1 += q_h1

@@ -114,7 +114,7 @@ enum class Jac { none, rows, lanes };
 // Per-call plans of the float path.
 struct FloatPlans {
   int64_t N = 0, stride = 0;
-  std::vector<float> soa;       // [kPlanParams][stride]
+  std::vector<float> soa;       // [simd::kSoaRows][stride]
   std::vector<uint8_t> flags;   // per neuron
   std::vector<uint8_t> bflags;  // per block of kW neurons (OR of its neurons)
   std::vector<float> jac;       // Jac::rows: [N][kPlanParams][kCoeffs]
@@ -125,7 +125,7 @@ struct FloatPlans {
     // were 4 KB apart, so the scattered writes below (19 plan rows, 95 Jacobian rows per
     // neuron) all fell into one L1 set. Backward of [1, 1024] fp32, one thread: 411 -> 150 us.
     stride = ((N + kW - 1) / kW | 1) * kW;
-    soa.assign(static_cast<size_t>(kPlanParams) * stride, 0.0f);
+    soa.assign(static_cast<size_t>(simd::kSoaRows) * stride, 0.0f);
     flags.assign(N, 0);
     bflags.assign(stride / kW, 0);
     if (layout == Jac::rows) jac.resize(static_cast<size_t>(N) * kPlanParams * kCoeffs);
@@ -195,7 +195,7 @@ KF_CLONES void fwd_tile(const float* x, float* y, int64_t ld, const FloatPlans& 
     for (int64_t nb = n0; nb < n1; nb += kW) {
       const int cnt = static_cast<int>(std::min<int64_t>(kW, n1 - nb));
       const simd::VPlan p = simd::load_plan(P.soa.data(), P.stride, nb);
-      with_mask(P.bflags[nb / kW], [&](auto F) __attribute__((always_inline)) {
+      with_mask<simd::kAllFlags>(P.bflags[nb / kW], [&](auto F) __attribute__((always_inline)) {
         for (int64_t m = 0; m < rows; ++m) {
           const int64_t o = m * ld + (nb - n0);
           prefetch_block(x + o + kW, y + o + kW);
@@ -207,7 +207,7 @@ KF_CLONES void fwd_tile(const float* x, float* y, int64_t ld, const FloatPlans& 
   }
   for (int64_t n = n0; n < n1; ++n) {
     const simd::VPlan p = simd::splat_plan(P.soa.data(), P.stride, n);
-    with_mask(P.flags[n], [&](auto F) __attribute__((always_inline)) {
+    with_mask<simd::kAllFlags>(P.flags[n], [&](auto F) __attribute__((always_inline)) {
       for (int64_t m = 0; m < rows; ++m) {
         for (int64_t k = 0; k < klen; k += kW) {
           const int cnt = static_cast<int>(std::min<int64_t>(kW, klen - k));
@@ -231,7 +231,7 @@ KF_CLONES void bwd_tile(const float* gy, const float* x, float* gx, int64_t ld,
       const simd::VPlan p = simd::load_plan(P.soa.data(), P.stride, nb);
       simd::VAcc acc;
       for (int i = 0; i < kPlanParams; ++i) acc.a[i] = simd::splat(0.0f);
-      with_mask(P.bflags[nb / kW], [&](auto F) __attribute__((always_inline)) {
+      with_mask<simd::kAllFlags>(P.bflags[nb / kW], [&](auto F) __attribute__((always_inline)) {
         for (int64_t m = 0; m < rows; ++m) {
           const int64_t o = m * ld + (nb - n0);
           prefetch_block(x + o + kW, gx + o + kW, gy + o + kW);
@@ -248,7 +248,7 @@ KF_CLONES void bwd_tile(const float* gy, const float* x, float* gx, int64_t ld,
     const simd::VPlan p = simd::splat_plan(P.soa.data(), P.stride, n);
     simd::VAcc acc, total;
     for (int i = 0; i < kPlanParams; ++i) acc.a[i] = total.a[i] = simd::splat(0.0f);
-    with_mask(P.flags[n], [&](auto F) __attribute__((always_inline)) {
+    with_mask<simd::kAllFlags>(P.flags[n], [&](auto F) __attribute__((always_inline)) {
       for (int64_t m = 0; m < rows; ++m) {
         for (int64_t kb = 0; kb < klen; kb += kSumElems) {
           const int64_t kend = std::min(klen, kb + kSumElems);

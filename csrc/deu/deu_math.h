@@ -12,13 +12,15 @@
 // first reduced against the 19 plan parameters π = (hom[8], part[8], ρ1, ω, ρ2) and then
 // mapped to (a, b, c, c1, c2) with the plan's Jacobian, obtained by running the same plan
 // code on forward-mode dual numbers (so there is no hand-derived derivative to get wrong).
-// The part's sums use B4 − 1 and B7 − 1 for its exponentials (see part_shifted).
+// The part's sums use B4 − 1 and B7 − 1 for its exponentials (see part_shifted), and the
+// r = −b/a case evaluates its particular E1 term on E1 − 1 (see Plan::m4).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #if defined(__CUDACC__)
 #define KF_HD __host__ __device__ __forceinline__
@@ -143,6 +145,7 @@ struct PlanT {
   S hom[kBasis];
   S part[kBasis];
   S rho1, omega, rho2;
+  bool part4_on_m1;  // the r = −b/a case: see Plan::m4
 };
 
 // The eleven cases of the spec (specs/deu.md), as template coefficients. Must agree with
@@ -155,6 +158,7 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
   PlanT<S> p;
   for (int j = 0; j < kBasis; ++j) { p.hom[j] = zero; p.part[j] = zero; }
   p.rho1 = zero; p.omega = zero; p.rho2 = zero;
+  p.part4_on_m1 = false;
   // The case is decided on the exact values, as the reference does in float64: a parameter is
   // zero when |p| < 0.01 exactly. In float that threshold rounds down (float(0.01) < 0.01), so
   // p = 0.01f is zero and the test is |p| <= float(0.01). D is computed in double, exact
@@ -215,6 +219,7 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
     p.part[1] = one / b;
     p.part[0] = -(a / (b * b));
     p.part[4] = a / (b * b);
+    p.part4_on_m1 = true;
   } else {
     // D of the unscaled a, b, c in double (a float's square fits), and the square roots of the
     // scaled D·σ² from it.
@@ -267,12 +272,21 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
 
 // Plan in evaluation form: coefficients for each side of t = 0, plus flags that let the
 // element loop skip terms no case of this neuron uses.
+//
+// m4: the r = −b/a case's particular E1 coefficient a/b², on M1 = E1 − 1 (from expm1) for
+// t > 0; its particular constant −a/b² cancels against it in pos[0], and pos[4] holds the
+// homogeneous −a·c1/b alone. 0 in every other case. Its particular part t/b − (a/b²)(1 − E1) is ~t²/(2a) where ρ1·t is
+// small: from the constants −a/b² and a/b²·E1 it erred by ε·|a|/b² (float32 median relative
+// error 2.4 at |a|/b² = 1e4), from M1 by ε·|t/b|, as the reference (bench/deu_r_case.py).
+// Such a neuron has the t term 1/b, so its term mask has kTermPoly, under which the element
+// code adds m·M1 (see plan_terms); no other case needs M1, and the others' code skips it.
 template <typename T>
 struct Plan {
   T neg[kBasis];  // t <= 0
   T pos[kBasis];  // t > 0
   T rho1, omega, rho2;
   T l1, l2;       // ρ1·log2(e), ρ2·log2(e): the base-2 rates of forward_fast
+  T m4;           // see above (ω = 0 wherever m4 != 0)
   bool trig, step, e2;
 };
 
@@ -290,6 +304,12 @@ template <typename T>
 KF_HD Plan<T> eval_plan(const PlanT<T>& q) {
   Plan<T> p;
   for (int j = 0; j < kBasis; ++j) { p.neg[j] = q.hom[j]; p.pos[j] = q.hom[j] + q.part[j]; }
+  p.m4 = T(0);
+  if (q.part4_on_m1) {  // see Plan::m4; part[0] = −part[4] exactly
+    p.pos[0] = q.hom[0] + (q.part[0] + q.part[4]);
+    p.pos[4] = q.hom[4];
+    p.m4 = q.part[4];
+  }
   p.rho1 = q.rho1; p.omega = q.omega; p.rho2 = q.rho2;
   p.l1 = base2_rate(q.rho1); p.l2 = base2_rate(q.rho2);
   p.trig = q.omega != T(0);
@@ -331,6 +351,7 @@ KF_HD Plan<T> plan_with_jacobian(const T* co, T jac[kPlanParams][kCoeffs]) {
     }
   }
   qv.rho1 = q.rho1.v; qv.omega = q.omega.v; qv.rho2 = q.rho2.v;
+  qv.part4_on_m1 = q.part4_on_m1;
   for (int k = 0; k < kCoeffs; ++k) {
     jac[2 * kBasis][k] = q.rho1.d[k];
     jac[2 * kBasis + 1][k] = q.omega.d[k];
@@ -360,6 +381,8 @@ KF_HD Plan<T> plan_with_jacobian(const T* co, T jac[kPlanParams][kCoeffs]) {
 #define KF_DEU_FAST_MATH 1
 #endif
 KF_HD double exp_(double z) { return std::exp(z); }
+// E − 1 (Plan::m4's basis): libm's expm1 everywhere. Only elements of kTermPoly code pay for it.
+template <typename T> KF_HD T expm1_(T z) { return std::expm1(z); }
 KF_HD double rcp_(double x) { return 1.0 / x; }
 KF_HD void sincos_(double x, double* s, double* c) {
   *s = std::sin(x);
@@ -409,39 +432,37 @@ KF_HD void sincos_(float x, float* s, float* c) {
 // predicated code still costs every element its issue slots (the step's sigmoid alone, 2 MUFU
 // ops and ~6 instructions). with_mask turns a run-time mask into kTerms.
 constexpr int kTermStep = 1;  // σ(100t) (basis 3): the smooth step
-constexpr int kTermPoly = 2;  // t, t² (basis 1, 2): identity, ramp, parabola, c ≈ 0
+constexpr int kTermPoly = 2;  // t, t² (basis 1, 2) and m4·M1: identity, ramp, parabola, c ≈ 0
 constexpr int kTermTE1 = 4;   // t·E1·cos ωt (basis 5): critical damping
 constexpr int kAllTerms = kTermStep | kTermPoly | kTermTE1;
 
 template <typename T>
 KF_HD int plan_terms(const Plan<T>& p) {
   const auto used = [&](int j) { return p.neg[j] != T(0) || p.pos[j] != T(0); };
-  return (p.step ? kTermStep : 0) | (used(1) || used(2) ? kTermPoly : 0) | (used(5) ? kTermTE1 : 0);
+  const bool poly = used(1) || used(2) || p.m4 != T(0);
+  return (p.step ? kTermStep : 0) | (poly ? kTermPoly : 0) | (used(5) ? kTermTE1 : 0);
 }
 
-// f(std::integral_constant<int, m>{}) for a run-time 3-bit mask m: the element code compiled
-// for exactly the terms a neuron, a warp (CUDA) or a block of lanes (CPU SIMD) uses. Always
-// inlined, also on the host: the CPU callers are compiled per ISA (target_clones) and the
-// code behind the switch must be compiled with their ISA.
-template <typename F>
+// f(std::integral_constant<int, m>{}) for a run-time mask m of the bits of kAll (the term
+// masks here; deu_cpu_simd.h's block flags): the element code compiled for exactly the terms a
+// neuron, a warp (CUDA) or a block of lanes (CPU SIMD) uses. Always inlined, also on the host:
+// the CPU callers are compiled per ISA (target_clones) and the code behind the dispatch must be
+// compiled with their ISA.
+template <int kAll, typename F, int... kMasks>
+KF_HD_INLINE void with_mask_of(int m, F&& f, std::integer_sequence<int, kMasks...>) {
+  (void)((m == kMasks && (f(std::integral_constant<int, kMasks>{}), true)) || ...);
+}
+template <int kAll = kAllTerms, typename F>
 KF_HD_INLINE void with_mask(int m, F&& f) {
-  static_assert(kAllTerms == 7, "with_mask covers the masks 0..7");
-  switch (m & 7) {
-    case 0: return f(std::integral_constant<int, 0>{});
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    default: return f(std::integral_constant<int, kAllTerms>{});
-  }
+  static_assert((kAll & (kAll + 1)) == 0, "with_mask covers the masks 0..kAll");
+  with_mask_of<kAll>(m & kAll, f, std::make_integer_sequence<int, kAll + 1>{});
 }
 
 // Values of the template's transcendental pieces at one t.
 template <typename T>
 struct Pieces {
   T e1, cs, sn, e2, sig;
+  T m1;             // E1 − 1 (kTermPoly code only; Plan::m4)
   bool cap1, cap2;  // the exponent hit the cap (its derivative is then 0)
 };
 
@@ -452,6 +473,7 @@ KF_HD Pieces<T> pieces(const Plan<T>& p, T t) {
   const T z1 = p.rho1 * t;
   q.cap1 = z1 > cap;
   q.e1 = exp_(q.cap1 ? cap : z1);
+  q.m1 = (kTerms & kTermPoly) ? expm1_(q.cap1 ? cap : z1) : T(0);
   if (p.trig) {
     sincos_(p.omega * t, &q.sn, &q.cs);
   } else {
@@ -471,29 +493,33 @@ KF_HD T clamp_out(T y) {
   return y < -m ? -m : (y > m ? m : y);
 }
 
-// The coefficients of t's side of 0. Selected by value, not as a pointer to p.pos/p.neg:
-// a pointer select forces nvcc to spill the whole plan to local memory (8+ ld.local per
-// element in the hot loop, seen in the PTX of the first CUDA kernels).
+// The coefficients of t's side of 0 (m: Plan::m4 for t > 0). Selected by value, not as a
+// pointer to p.pos/p.neg: a pointer select forces nvcc to spill the whole plan to local memory
+// (8+ ld.local per element in the hot loop, seen in the PTX of the first CUDA kernels).
 template <typename T>
 struct Side {
   T k[kBasis];
+  T m;
 };
 
 template <typename T>
 KF_HD Side<T> side_of(const Plan<T>& p, bool pos) {
   Side<T> s;
   for (int j = 0; j < kBasis; ++j) s.k[j] = pos ? p.pos[j] : p.neg[j];
+  s.m = pos ? p.m4 : T(0);
   return s;
 }
 
-// y(t) before the output clamp, from t's side coefficients k. Terms are added only where
-// kTerms says they may exist: x + 0 is not x in IEEE arithmetic, so a compiler keeps an added
-// zero. Without the t, t² terms, t - t (0, or NaN for t = ±inf or NaN) keeps ±inf giving NaN,
-// as t·0 did; kTrigAlways says sin and cos were evaluated at every t, NaN at ±inf, which then
-// does that already.
+// y(t) before the output clamp, from t's side s. Terms are added only where kTerms says they
+// may exist: x + 0 is not x in IEEE arithmetic, so a compiler keeps an added zero. Without the
+// t, t² terms, t - t (0, or NaN for t = ±inf or NaN) keeps ±inf giving NaN, as t·0 did;
+// kTrigAlways says sin and cos were evaluated at every t, NaN at ±inf, which then does that
+// already. m·M1 goes in with the t term it nearly cancels (Plan::m4).
 template <int kTerms = kAllTerms, bool kTrigAlways = false, typename T>
-KF_HD T eval_raw(const T* k, const Pieces<T>& q, T t) {
-  T y = (kTerms & kTermPoly) ? k[0] + t * (k[1] + t * k[2]) : (kTrigAlways ? k[0] : k[0] + (t - t));
+KF_HD T eval_raw(const Side<T>& s, const Pieces<T>& q, T t) {
+  const T* k = s.k;
+  T y = (kTerms & kTermPoly) ? k[0] + (t * (k[1] + t * k[2]) + s.m * q.m1)
+                             : (kTrigAlways ? k[0] : k[0] + (t - t));
   if (kTerms & kTermStep) y += k[3] * q.sig;
   const T lin = (kTerms & kTermTE1) ? k[4] + k[5] * t : k[4];
   return y + q.e1 * (lin * q.cs + k[6] * q.sn) + k[7] * q.e2;
@@ -526,15 +552,20 @@ KF_HD float clamp_out_nan(float y) {
 }
 
 template <int kTerms>
-KF_HD float forward_fast(const Plan<float>& p, const float* k, float t) {
+KF_HD float forward_fast(const Plan<float>& p, const Side<float>& s, float t) {
   const float cap = float(kExpCap * kLog2e);
   const float z1 = p.l1 * t, z2 = p.l2 * t;
   Pieces<float> q;
   q.e1 = exp2_(z1 > cap ? cap : z1);
   q.e2 = exp2_(z2 > cap ? cap : z2);
+  q.m1 = 0.0f;
+  if (kTerms & kTermPoly) {  // M1 from the natural rate: expm1 of a base-2 exponent would round it
+    const float n1 = p.rho1 * t;
+    q.m1 = expm1_(n1 > float(kExpCap) ? float(kExpCap) : n1);
+  }
   sincos_(p.omega * t, &q.sn, &q.cs);
   q.sig = (kTerms & kTermStep) && p.step ? rcp_(1.0f + exp_(-float(kStepSlope) * t)) : 0.0f;
-  return clamp_out_nan(eval_raw<kTerms, true>(k, q, t));
+  return clamp_out_nan(eval_raw<kTerms, true>(s, q, t));
 }
 #endif
 
@@ -542,9 +573,9 @@ template <int kTerms = kAllTerms, typename T>
 KF_HD T forward_one(const Plan<T>& p, T t) {
   const Side<T> s = side_of(p, t > T(0));
 #ifdef KF_DEU_FAST_FORMS
-  if constexpr (std::is_same<T, float>::value) return forward_fast<kTerms>(p, s.k, t);
+  if constexpr (std::is_same<T, float>::value) return forward_fast<kTerms>(p, s, t);
 #endif
-  return clamp_out(eval_raw<kTerms>(s.k, pieces<kTerms>(p, t), t));
+  return clamp_out(eval_raw<kTerms>(s, pieces<kTerms>(p, t), t));
 }
 
 // Backward for one element with upstream gradient g: returns ∂L/∂t and adds ∂L/∂π into
@@ -558,7 +589,7 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   const bool pos = t > T(0);
   const Side<T> s = side_of(p, pos);
   const T* k = s.k;
-  const T yraw = eval_raw<kTerms>(k, q, t);
+  const T yraw = eval_raw<kTerms>(s, q, t);
   const T m = T(kOutClamp);
   // The clamp's derivative is 0 outside [-m, m]; a NaN (from NaN coefficients) is not outside: it
   // reaches the gradients, as it does in the reference, instead of giving 0 for the neuron.
@@ -570,7 +601,9 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
     acc[j] += gb;
     if (pos) acc[kBasis + j] += part_shifted(j) ? g * (basis[j] - T(1)) : gb;
   }
-  const T lin = kTE1 ? k[4] + k[5] * t : k[4];
+  // E1's whole coefficient: m·M1 has m·E1 as derivative (Plan::m4; ω = 0 where m != 0).
+  const T k4 = kPoly ? k[4] + s.m : k[4];
+  const T lin = kTE1 ? k4 + k[5] * t : k4;
   const T osc = lin * q.cs + k[6] * q.sn;          // e1-bracket
   const T dosc = -lin * q.sn + k[6] * q.cs;        // its derivative w.r.t. (ω t)
   const T r1 = q.cap1 ? T(0) : p.rho1;
