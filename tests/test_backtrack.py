@@ -704,7 +704,8 @@ def test_demo_refuses_bad_arguments_before_training(tmp_path):
                  ["--png", "/nonexistent/x.png"], ["--json", "/nonexistent/x.json"],
                  # bug hunt: these failed after training with a traceback
                  ["--png", str(tmp_path)], ["--json", str(tmp_path)], ["--png", str(tmp_path / "x.xyz")],
-                 ["--seed", str(2**64)], ["--seed", str(2**63)]):
+                 ["--seed", str(2**64)], ["--seed", str(2**63)],
+                 ["--png", "/sys/x.png"], ["--json", "/sys/x.json"]):  # unwritable (2026-12-04)
         with pytest.raises(SystemExit):
             demo.main(args)
     # A rate of 0 is drawn on the figure's x axis (a log axis had no place for it).

@@ -154,7 +154,8 @@ def test_failed_cases_fail_the_run_and_the_json_is_strict(monkeypatch, tmp_path)
 
 def test_cli_refuses_what_it_cannot_honour(tmp_path) -> None:
     """--time-budget nan (it turned the budget off), a seed torch cannot take, an --out that cannot be
-    made: argparse errors up front, not a run that ignores them or a traceback."""
+    made or written (it failed at the first case's save): argparse errors up front, not a run that
+    ignores them or a traceback."""
     import pytest  # noqa: PLC0415
 
     from kfuse.__main__ import main  # noqa: PLC0415
@@ -162,7 +163,7 @@ def test_cli_refuses_what_it_cannot_honour(tmp_path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     for args in (["--time-budget", "nan"], ["--time-budget", "inf"], ["--seed", str(2**64)], ["--seed", "-1"],
-                 ["--out", str(blocker / "sub")]):
+                 ["--out", str(blocker / "sub")], ["--out", "/sys"]):  # /sys: no new files, even for root
         with pytest.raises(SystemExit) as e:
             main(["--quick", "--device", "cpu", "--ops", "deu", *args])
         assert e.value.code == 2, args

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from kfuse.bench import OPS
+from kfuse.demos._args import unwritable
 from kfuse.report import Progress, format_table, run_report, save_png
 
 
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         parser.error(f"--out {args.out}: {err.strerror or err}")
+    if why := unwritable(args.out):  # else it failed at the first case's save (bug hunt)
+        parser.error(f"--out {args.out}: cannot write there: {why}")
     json_path, png_path = args.out / "report.json", args.out / "report.png"
     progress = Progress()
     report = run_report({n: OPS[n] for n in names}, device, args.quick, args.seed, json_path,

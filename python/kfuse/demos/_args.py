@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,16 +47,31 @@ def fraction(text: str) -> float:
     return v
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why files cannot be written in ``folder`` (an existing folder), or None: a file is created and
+    removed there (permission bits say nothing to root, nor about read-only file systems)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as err:
+        return err.strerror or str(err)
+
+
 def check_outputs(parser: argparse.ArgumentParser, **paths: str | None) -> None:
-    """``parser.error`` for an output path (option name -> path or None) whose folder does not exist,
-    or that is a folder."""
+    """``parser.error`` for an output path (option name -> path or None) whose folder does not exist or
+    cannot be written, or that is a folder or an unwritable file (they failed after the run; bug hunt)."""
     for name, path in paths.items():
         if path is None:
             continue
-        if not Path(path).resolve().parent.is_dir():
-            parser.error(f"--{name.replace('_', '-')}: the folder of {path} does not exist")
+        option, folder = f"--{name.replace('_', '-')}", Path(path).resolve().parent
+        if not folder.is_dir():
+            parser.error(f"{option}: the folder of {path} does not exist")
         if Path(path).is_dir():
-            parser.error(f"--{name.replace('_', '-')}: {path} is a folder; give a file name")
+            parser.error(f"{option}: {path} is a folder; give a file name")
+        why = unwritable(folder) or (None if not Path(path).exists() or os.access(path, os.W_OK)
+                                     else "the file is not writable")
+        if why:
+            parser.error(f"{option}: cannot write {path}: {why}")
 
 
 def check_figures(parser: argparse.ArgumentParser, **paths: str | None) -> None:
