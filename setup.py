@@ -48,6 +48,9 @@ def _source_list() -> list[str]:
 def _want_cuda() -> bool:
     flag = os.environ.get("KFUSE_CUDA", "").strip()
     available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if flag not in ("", "0", "1"):  # "false", "off" meant auto, and built CUDA kernels (bug hunt)
+        sys.exit(f"KFUSE_CUDA must be 1 (build the CUDA kernels), 0 (skip them) or unset (when CUDA is "
+                 f"available); got {flag!r}")
     if flag == "0":
         return False
     if flag == "1":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import threading
 import time
 
@@ -160,3 +161,38 @@ def test_cpu_kernels_release_the_gil() -> None:
     finally:
         torch.set_num_threads(threads)
     assert held == [], f"these kernels kept the GIL: {held}"
+
+
+def test_triton_interpret_read_as_triton_reads_it(monkeypatch) -> None:
+    """TRITON_INTERPRET=true put Triton in interpreter mode while kfuse, reading only "1", refused CPU
+    tensors and skipped its interpreter guards (bug hunt)."""
+    knobs = None
+    with contextlib.suppress(ImportError):
+        from triton import knobs  # noqa: PLC0415
+    for value, on in (("1", True), ("true", True), ("True", True), ("on", True), ("yes", True), ("y", True),
+                      ("0", False), ("false", False), ("off", False), ("", False), ("2", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert _backends.triton_interpret() is on, value
+        if knobs is not None and hasattr(knobs, "getenv_bool"):
+            assert knobs.getenv_bool("TRITON_INTERPRET", False) is on, value
+
+
+def test_an_unbuilt_extension_says_so(tmp_path) -> None:
+    """A checkout without kfuse._C reported "not built or failed to load (cannot import name '_C' from
+    partially initialized module 'kfuse' (most likely due to a circular import))" (bug hunt): it says
+    it is not built, and how to build it. (A copy of the package, the editable install's finder left
+    out, so that the venv's build is not found.)"""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    src = Path(_backends.__file__).parent
+    shutil.copytree(src, tmp_path / "kfuse", ignore=shutil.ignore_patterns("_C.*", "__pycache__", "triton_kernels"))
+    code = ("import sys; sys.meta_path = [f for f in sys.meta_path "
+            "if not getattr(f, '__module__', '').startswith('__editable')]; "
+            "import kfuse; print(kfuse.availability()['cpu'])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "kfuse._C is not built: build it with `make build`" in out.stdout, out.stdout

@@ -68,3 +68,11 @@ def test_cmake_builds_the_extension(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "python")}
     done = subprocess.run([sys.executable, "-c", CHECK.format(pkg=str(pkg))], capture_output=True, text=True, env=env)
     assert done.returncode == 0 and "cmake build ok" in done.stdout, done.stderr[-4000:]
+
+
+def test_kfuse_cuda_takes_only_0_1_or_unset() -> None:
+    """KFUSE_CUDA=false (off, no) meant "auto" and built the CUDA kernels where nvcc is (bug hunt)."""
+    for value in ("false", "off", "2"):
+        out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "KFUSE_CUDA": value})
+        assert out.returncode != 0 and "KFUSE_CUDA must be 1" in out.stderr + out.stdout, (value, out.stderr)

@@ -32,7 +32,10 @@ def _load_extension() -> tuple[ModuleType | None, str]:
     try:
         from kfuse import _C  # noqa: PLC0415  (torch is imported first, as the extension needs)
     except ImportError as err:
-        return None, f"the compiled extension kfuse._C is not built or failed to load ({err})"
+        if not any(Path(__file__).parent.glob("_C.*")):  # not "failed to load (... circular import)"
+            return None, ("the compiled extension kfuse._C is not built: build it with `make build` or "
+                          "`pip install --no-build-isolation -e .`")
+        return None, f"the compiled extension kfuse._C failed to load ({err})"
     from kfuse._sources import sources_hash
 
     csrc = Path(__file__).resolve().parents[2] / "csrc"
@@ -69,7 +72,9 @@ def extension_reasons(device: torch.device) -> list[str]:
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs its interpreter: TRITON_INTERPRET read as Triton 3.x reads it (1, true, on,
+    yes, y, any case; "true" was taken for off here, while Triton interpreted: bug hunt)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
 def _first_tensor(args: tuple) -> torch.Tensor | None:
