@@ -865,6 +865,33 @@ def test_compiled_autograd_records_the_registered_backward(seed):
         assert torch.equal(g, w)
 
 
+def test_fused_optimizer_refuses_capture_and_compiles_with_a_graph_break(seed):
+    """make_fx, non-strict export and fake tensors recorded one torch.empty for the fused module (its
+    kernel reads raw pointers), which then returned uninitialised memory (bug hunt): a clear error now.
+    torch.compile (not fullgraph) still breaks the graph there and trains as eager."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+    from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
+
+    def build():
+        torch.manual_seed(seed)
+        return MultiTableEmbeddingBag([(20, 8), (9, 8)], optimizer="rowwise_adagrad", lr=0.1)
+
+    idx, off = torch.tensor([1, 2, 2, 5, 0, 3]), torch.tensor([0, 2, 3, 4, 6])
+    m = build()
+    with pytest.raises(RuntimeError, match="runs eagerly only"):
+        make_fx(lambda i, o: m(i, o))(idx, off)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match="runs eagerly only"):
+        m(mode.from_tensor(idx), mode.from_tensor(off))
+    eager, compiled = build(), build()
+    torch._dynamo.reset()
+    step = torch.compile(lambda mod: mod(idx, off).square().sum().backward(), backend="eager")
+    for _ in range(2):
+        eager(idx, off).square().sum().backward()
+        step(compiled)
+    for a, b in zip(eager.weights, compiled.weights, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_torch_compile_inductor_module(seed):
     """The module (no fused optimizer) under torch.compile's default backend, Inductor, fullgraph:
     forward and backward as eager. One small case: compiling takes seconds on 2 cores."""

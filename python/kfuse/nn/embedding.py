@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kfuse import _backends
+from kfuse import _backends, _routing
 from kfuse.nn._buffers import apply_keeping_dtype
 from kfuse.ops import embedding as E
 from kfuse.reference.embedding import (
@@ -246,6 +246,16 @@ class MultiTableEmbeddingBag(nn.Module):
                                          self.padding_idx, sparse=self.sparse, backend=self.backend)
         op = "MultiTableEmbeddingBag"
         _backends.check_backend_name(op, self.backend)
+        if not torch.compiler.is_compiling() and _routing.route("eager", [indices, offsets, per_sample_weights, *ws]) \
+                != _routing.EAGER:
+            # make_fx, non-strict torch.export and fake tensors recorded a graph of one torch.empty (the
+            # kernel reads raw pointers): run, it returned uninitialised memory (bug hunt). (torch.compile
+            # breaks the graph before the call instead, and runs it eagerly.)
+            raise RuntimeError(
+                f"{op}: the fused optimizer (optimizer={self.optimizer!r}) runs eagerly only: this call is "
+                "traced or transformed (make_fx, torch.export, fake or other tensor subclasses, torch.func, "
+                "forward-mode AD), which could record neither the lookup nor the update. Capture the module "
+                "built with optimizer=None (a torch optimizer then updates it).")
         E._check_weights(op, ws)  # as the op checks them (load_state_dict(assign=True) may bring any layout)
         bags = E._validate(op, ws, indices, offsets, self.feature_table_map, self.mode, per_sample_weights,
                            self.padding_idx)
