@@ -427,6 +427,35 @@ def test_multi_adapter_with_grad_runs_the_reference(seed: int) -> None:
     torch.testing.assert_close(g, want)
 
 
+def test_multi_adapter_values_checked_under_compile_and_vmap(seed: int) -> None:
+    """The reference path (an input requires grad) checked ids and ranks only eagerly: compiled, a bad id
+    gave the base output and a bad rank was clamped, silently; under vmap over the ids, int() of a batched
+    tensor failed with functorch's .item() error (bug hunt). Now asserted in the graph, and checked on the
+    values beneath the vmap (which then matches a loop over the batch)."""
+    t = multi_inputs((4,), 6, 5, [2, 3], torch.float64, torch.float64, "cpu", False)
+    w = t.pop("weight").requires_grad_()
+    ops._warned_grad = True  # (the forward-only warning is another test's)
+
+    def f(ids, ranks):
+        return kfuse.lora_linear_multi(weight=w, **dict(t, adapter_ids=ids, ranks=ranks), backend="cpu")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    ids, ranks = t["adapter_ids"], t["ranks"]
+    torch.testing.assert_close(compiled(ids, ranks), f(ids, ranks))
+    with pytest.raises(RuntimeError, match=r"adapter_ids must be in \[-1, L\)"):
+        compiled(torch.tensor([0, 7, 1, -1]), ranks)
+    with pytest.raises(RuntimeError, match=r"ranks must be in \[0, r_max\]"):
+        compiled(ids, torch.tensor([2, 5], dtype=torch.int32))
+    batch = torch.stack([ids, ids.flip(0)])
+    with torch.no_grad():
+        got = torch.func.vmap(lambda i: kfuse.lora_linear_multi(weight=w, **dict(t, adapter_ids=i)))(batch)
+        want = torch.stack([kfuse.lora_linear_multi(weight=w, **dict(t, adapter_ids=i)) for i in batch])
+    torch.testing.assert_close(got, want)
+    with pytest.raises(IndexError, match="adapter_ids must be in"):
+        torch.func.vmap(lambda i: kfuse.lora_linear_multi(weight=w, **dict(t, adapter_ids=i)))(batch - 3)
+
+
 @pytest.mark.cuda
 def test_no_host_sync_and_cuda_graph(seed: int) -> None:
     """The GPU paths never synchronise the host (multi-adapter forward; forward and backward

@@ -23,6 +23,7 @@ import warnings
 
 import torch
 from torch import Tensor
+from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
 
 from kfuse import _backends, _routing
 from kfuse.reference.lora import (
@@ -196,9 +197,37 @@ def _check_multi_values(ranks: Tensor, adapter_ids: Tensor, L: int, r_max: int, 
 
 def _value_checkable(tensors: tuple[Tensor, ...]) -> bool:
     """Whether the value checks can run now: plain CPU tensors, nothing tracing (under a trace
-    the registered op checks them when it runs)."""
+    the registered op checks them when it runs, or the reference path asserts them: see
+    :func:`_check_multi_reference`)."""
     return (tensors[0].device.type == "cpu" and not _routing.tracing() and all(_routing.plain(t) for t in tensors)
             and not torch._C._len_torch_dispatch_stack())
+
+
+def _functorch_base(t: Tensor) -> Tensor:
+    """The tensor under ``torch.func`` wrappers (vmap: every batch's values)."""
+    while is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t
+
+
+def _check_multi_reference(ranks: Tensor, adapter_ids: Tensor, L: int, r_max: int, tensors: tuple) -> None:
+    """The value checks on the reference path, which reads out-of-range ids as the base model and ranks
+    past r_max as r_max: eagerly where they can run; under torch.func transforms on the values beneath
+    (an int() of a batched tensor failed with a vmap .item() error); under a CPU trace as asserts in the
+    graph (the compiled reference, taken when an input requires grad, checked nothing: bug hunt). A GPU
+    trace asserts nothing (a device assert there costs what the GPU kernels' check would)."""
+    if adapter_ids.device.type != "cpu":
+        return
+    # Dynamo first: it cannot trace the functorch query.
+    if not _routing.tracing() and _routing.functorch_wrapped(tensors):
+        _check_multi_values(_functorch_base(ranks), _functorch_base(adapter_ids), L, r_max)
+    elif _value_checkable(tensors):
+        _check_multi_values(ranks, adapter_ids, L, r_max)
+    else:  # a trace, or tensor subclasses / dispatch modes (make_fx, fake tensors)
+        torch._assert_async(((adapter_ids >= -1) & (adapter_ids < L)).all(),
+                            f"kfuse.lora_linear_multi: adapter_ids must be in [-1, L) = [-1, {L})")
+        torch._assert_async(((ranks >= 0) & (ranks <= r_max)).all(),
+                            f"kfuse.lora_linear_multi: ranks must be in [0, r_max] = [0, {r_max}]")
 
 
 # ---------------------------------------------------------------- backend choice
@@ -825,8 +854,7 @@ def lora_linear_multi(
                           "differentiable reference; call it under torch.no_grad() to run the kernels", stacklevel=2)
         path = _routing.REFERENCE
     if path == _routing.REFERENCE:
-        if _value_checkable(tensors[:7]):
-            _check_multi_values(ranks, adapter_ids, A_stack.shape[0], A_stack.shape[1])
+        _check_multi_reference(ranks, adapter_ids, A_stack.shape[0], A_stack.shape[1], tensors[:7])
         return lora_linear_multi_reference(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias,
                                            fan_in_fan_out)
     x2 = _flat(x)
