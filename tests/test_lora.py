@@ -696,6 +696,24 @@ def test_opcheck(backend: str, device: str, seed: int) -> None:
                            t["bias"], False, backend))
 
 
+def test_exported_layers_under_autocast(seed: int) -> None:
+    """The registered forwards apply the public ops' autocast casts: an exported LoRALinear failed under
+    torch.autocast ("self and mat2 must have the same dtype") and an exported MultiLoRALinear returned
+    float32 where eager gives bfloat16 (bug hunt). Exported in float32, run under autocast: eager's
+    dtype and bits."""
+    layer = kfuse.nn.LoRALinear(6, 5, r=2, backend="cpu")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    multi = kfuse.nn.MultiLoRALinear.from_linear(torch.nn.Linear(6, 5))
+    multi.add_adapter(torch.randn(3, 6), torch.randn(5, 3), 0.5)
+    x, ids = torch.randn(2, 3, 6), torch.tensor([[0, -1, 0], [-1, 0, 0]])
+    for mod, args in ((layer, (x,)), (multi, (x, ids))):
+        program = torch.export.export(mod, args).module()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = mod(*args), program(*args)
+        assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want), type(mod).__name__
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
 def test_autocast_casts_as_torch_does(backend: str, adapter_dtype: torch.dtype, seed: int) -> None:

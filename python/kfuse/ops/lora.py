@@ -607,6 +607,37 @@ def _(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, scalings: Ten
     return x.new_empty((*x.shape[:-1], weight.shape[1] if fan_in_fan_out else weight.shape[0]))
 
 
+# Autocast kernels of the registered forwards: the casts the public ops apply (see lora_linear), so that
+# graphs that call the ops directly (torch.export, compiled graphs) run under torch.autocast as eager
+# does. Without them autocast cast the torch GEMMs inside the ops one by one: an exported LoRALinear
+# failed with "self and mat2 must have the same dtype" under autocast, and an exported MultiLoRALinear
+# returned float32 where eager returns the autocast dtype (bug hunt).
+def _lora_forward_autocast(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                           bias: Tensor | None, lora_bias: Tensor | None, dropout_p: float, fan_in_fan_out: bool,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    cast = torch.get_autocast_dtype(x.device.type)
+    x, weight, bias = (_routing.autocast_cast(cast, t) for t in (x, weight, bias))
+    lora_A, lora_B, lora_bias = _autocast_adapters(cast, lora_A, lora_B, lora_bias)
+    with torch.autocast(x.device.type, enabled=False):
+        return lora_forward(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out, backend)
+
+
+def _lora_multi_forward_autocast(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, scalings: Tensor,
+                                 ranks: Tensor, adapter_ids: Tensor, bias: Tensor | None, fan_in_fan_out: bool,
+                                 backend: str) -> Tensor:
+    cast = torch.get_autocast_dtype(x.device.type)
+    x, weight, bias = (_routing.autocast_cast(cast, t) for t in (x, weight, bias))
+    A_stack, B_stack = _autocast_adapters(cast, A_stack, B_stack)
+    with torch.autocast(x.device.type, enabled=False):
+        return lora_multi_forward(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, fan_in_fan_out,
+                                  backend)
+
+
+for _key in ("AutocastCPU", "AutocastCUDA"):
+    torch.library.impl("kfuse::lora_forward", _key, _lora_forward_autocast)
+    torch.library.impl("kfuse::lora_multi_forward", _key, _lora_multi_forward_autocast)
+
+
 # ---------------------------------------------------------------- eager autograd
 
 
