@@ -865,6 +865,24 @@ def test_compiled_autograd_records_the_registered_backward(seed):
         assert torch.equal(g, w)
 
 
+def test_torch_func_over_indices_and_sparse_reference(seed):
+    """vmap over the indices failed in the host-side checks (nonzero of a batched tensor), and
+    torch.func.grad of a sparse=True call on the reference backend crashed in its autograd.Function (bug
+    hunt). vmap now checks each batch entry's values and matches a loop; grad gives the dense gradient,
+    as on the CPU backend."""
+    w = torch.randn(10, 4)
+    off = torch.tensor([0, 3, 3, 6])
+    idx = torch.stack([torch.tensor([1, 2, 4, 5, 4, 3, 2, 9]), torch.tensor([0, 0, 7, 1, 2, 3, 8, 6])])
+    want = torch.stack([F.embedding_bag(i, w, off, mode="sum") for i in idx])
+    for backend in ("cpu", "reference"):
+        got = torch.func.vmap(lambda i, b=backend: kfuse.embedding_bag(i, w, off, mode="sum", backend=b))(idx)
+        torch.testing.assert_close(got, want)
+        with pytest.raises(IndexError, match=r"input\[7\] = 12 is out of range"):
+            torch.func.vmap(lambda i, b=backend: kfuse.embedding_bag(i, w, off, backend=b))(idx + 3)
+        g = torch.func.grad(lambda v, b=backend: kfuse.embedding_bag(idx[0], v, off, sparse=True, backend=b).sum())(w)
+        torch.testing.assert_close(g, torch.func.grad(lambda v: F.embedding_bag(idx[0], v, off).sum())(w))
+
+
 def test_fused_optimizer_refuses_capture_and_compiles_with_a_graph_break(seed):
     """make_fx, non-strict export and fake tensors recorded one torch.empty for the fused module (its
     kernel reads raw pointers), which then returned uninitialised memory (bug hunt): a clear error now.

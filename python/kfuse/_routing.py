@@ -54,7 +54,13 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor
-from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor
+from torch._C._functorch import (
+    get_unwrapped,
+    is_batchedtensor,
+    is_functorch_wrapped_tensor,
+    is_legacy_batchedtensor,
+    maybe_get_bdim,
+)
 
 #: The op runs its PyTorch reference (plain autograd, any transform).
 REFERENCE = "reference"
@@ -89,6 +95,18 @@ def functorch_wrapped(tensors: Sequence[Tensor | None]) -> bool:
         if t is not None and is_functorch_wrapped_tensor(t):
             return True
     return False
+
+
+def functorch_values(t: Tensor) -> list[Tensor]:
+    """The plain tensors whose values ``t`` stands for under ``torch.func`` wrappers: ``[t]`` for a plain
+    tensor, one per batch entry of each ``vmap`` level (host-side value checks run on these: ``.item()``
+    or ``nonzero`` of a batched tensor fail)."""
+    if not is_functorch_wrapped_tensor(t):
+        return [t]
+    inner = get_unwrapped(t)
+    bdim = maybe_get_bdim(t) if is_batchedtensor(t) else None
+    parts = [inner] if bdim is None else list(inner.unbind(bdim))
+    return [v for p in parts for v in functorch_values(p)]
 
 
 def needs_grad(tensors: Sequence[Tensor | None]) -> bool:

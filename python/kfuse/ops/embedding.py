@@ -474,11 +474,18 @@ def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
     chosen = _select(op, backend, weights[0])
     tensors = (*weights, indices, offsets, psw)
     path = _routing.route(chosen, tensors)
-    if path == _routing.REFERENCE and sparse and chosen == "reference" and _routing.needs_grad(tensors):
-        path = _routing.EAGER  # the reference's forward and backward, with sparse gradients
+    if (path == _routing.REFERENCE and sparse and chosen == "reference" and _routing.needs_grad(tensors)
+            and not _routing.tracing() and not _routing.functorch_wrapped(tensors)
+            and not _routing.has_tangent(tensors)):
+        # The reference's forward and backward, with sparse gradients (not under torch.func transforms,
+        # which the autograd.Function cannot take: they get dense ones, as the other backends give; bug hunt).
+        path = _routing.EAGER
     if path == _routing.REFERENCE:
         if not _routing.tracing():
-            _check_values(op, weights, indices, offsets, bags)
+            # vmap over indices or offsets: each batch entry's values (nonzero of a batched tensor failed)
+            idx_values, off_values = _routing.functorch_values(indices), _routing.functorch_values(offsets)
+            for k in range(max(len(idx_values), len(off_values))):
+                _check_values(op, weights, idx_values[k % len(idx_values)], off_values[k % len(off_values)], bags)
         return multi_embedding_bag_reference(weights, indices, offsets, bags.feature_table, bags.pooling, psw,
                                              bags.padding_idx)
     if path == _routing.REGISTERED:

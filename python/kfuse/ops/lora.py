@@ -23,7 +23,6 @@ import warnings
 
 import torch
 from torch import Tensor
-from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
 
 from kfuse import _backends, _routing
 from kfuse.reference.lora import (
@@ -203,13 +202,6 @@ def _value_checkable(tensors: tuple[Tensor, ...]) -> bool:
             and not torch._C._len_torch_dispatch_stack())
 
 
-def _functorch_base(t: Tensor) -> Tensor:
-    """The tensor under ``torch.func`` wrappers (vmap: every batch's values)."""
-    while is_functorch_wrapped_tensor(t):
-        t = get_unwrapped(t)
-    return t
-
-
 def _check_multi_reference(ranks: Tensor, adapter_ids: Tensor, L: int, r_max: int, tensors: tuple) -> None:
     """The value checks on the reference path, which reads out-of-range ids as the base model and ranks
     past r_max as r_max: eagerly where they can run; under torch.func transforms on the values beneath
@@ -220,7 +212,9 @@ def _check_multi_reference(ranks: Tensor, adapter_ids: Tensor, L: int, r_max: in
         return
     # Dynamo first: it cannot trace the functorch query.
     if not _routing.tracing() and _routing.functorch_wrapped(tensors):
-        _check_multi_values(_functorch_base(ranks), _functorch_base(adapter_ids), L, r_max)
+        for r in _routing.functorch_values(ranks):
+            for ids in _routing.functorch_values(adapter_ids):
+                _check_multi_values(r, ids, L, r_max)
     elif _value_checkable(tensors):
         _check_multi_values(ranks, adapter_ids, L, r_max)
     else:  # a trace, or tensor subclasses / dispatch modes (make_fx, fake tensors)
