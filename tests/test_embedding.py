@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -863,6 +864,26 @@ def test_compiled_autograd_records_the_registered_backward(seed):
         out.backward()
     for g, w in zip([*(w.grad for w in weights), psw.grad], want, strict=True):
         assert torch.equal(g, w)
+
+
+def test_fused_step_without_process_group_warns_under_distributed(monkeypatch, seed):
+    """Under DistributedDataParallel a fused module without process_group= trained each rank on its own,
+    silently (the anchor's empty gradient satisfies DDP; bug hunt): one warning per module once
+    torch.distributed runs several processes (stubbed here), none in a single process."""
+    def step(m):
+        m(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3])).sum().backward()
+
+    m = MultiTableEmbeddingBag([(8, 4)], optimizer="sgd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(m)  # no process group at all
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.warns(UserWarning, match="ranks' tables drift apart"):
+        step(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(m)  # once per module
 
 
 def test_torch_func_over_indices_and_sparse_reference(seed):

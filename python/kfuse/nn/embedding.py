@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,7 +113,8 @@ class MultiTableEmbeddingBag(nn.Module):
         seed: of the stochastic rounding.
         process_group: with a fused optimizer under data parallelism, the group whose row-sparse
             gradients are all-gathered and summed (in rank order) before the update, so every rank
-            applies the same update; None: no communication.
+            applies the same update; None: no communication (each rank updates its own tables; a
+            warning, once, when torch.distributed runs several processes).
         backend: of the op (``"auto"``, ``"cpu"``, ``"reference"``).
 
     Parameters: ``weights.{t}`` ``[rows_t, dim_t]``, initialised uniformly in ``±sqrt(1/rows_t)`` (FBGEMM's
@@ -293,6 +295,8 @@ class _FusedEmbeddingBag(torch.autograd.Function):
             g_psw = E._psw_impl(grad_out, ws, indices, offsets, ctx.bags, psw, ctx.backend)
         if not train:
             return None, None, None, None, None, None, g_psw
+        if m.process_group is None:
+            _warn_unsynchronised(m)
         with torch.no_grad():
             step = int(m.optimizer_step) + 1  # on the CPU (MultiTableEmbeddingBag._apply): int() does not sync
             h = m.hparams
@@ -315,6 +319,22 @@ class _FusedEmbeddingBag(torch.autograd.Function):
             m.optimizer_step += 1  # after the update: a refused one leaves the count with the tables
         # An (empty) gradient for the anchor: it counts as used (DistributedDataParallel, optimizers).
         return None, None, None, None, None, m._grad_anchor.new_zeros(0), g_psw
+
+
+def _warn_unsynchronised(m: MultiTableEmbeddingBag) -> None:
+    """Once per module: a fused step without ``process_group`` while torch.distributed runs several
+    processes updates each rank's tables from its own gradients (DistributedDataParallel, which the
+    anchor's gradient satisfies, then lets the ranks' tables drift apart silently; bug hunt)."""
+    dist = torch.distributed
+    if m.__dict__.get("_warned_unsynchronised") or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() > 1:
+        m.__dict__["_warned_unsynchronised"] = True
+        warnings.warn(f"MultiTableEmbeddingBag: the fused optimizer ({m.optimizer!r}) updates this rank's tables "
+                      f"from this rank's gradients only (process_group=None) while torch.distributed runs "
+                      f"{dist.get_world_size()} processes: under data parallelism the ranks' tables drift apart. "
+                      "Pass process_group= (e.g. torch.distributed.group.WORLD) to sum the row gradients of "
+                      "all ranks, or build the module with optimizer=None.", stacklevel=2)
 
 
 def _seed(seed: object) -> int:
