@@ -479,6 +479,34 @@ def test_embedding_bag_module_is_a_drop_in(mode, seed):
     assert torch.equal(fresh(idx, off, psw), k(idx, off, psw))
 
 
+def test_torch_arguments_from_pretrained_and_meta(seed):
+    """torch's own calls (max_norm=None, norm_type, scale_grad_by_freq at their defaults: nn.EmbeddingBag
+    passes them) raised TypeError; from_pretrained was missing; a non-contiguous weight's error named
+    weights[0]; meta tensors failed in the reference's value slicing (bug hunt 2026-12-04)."""
+    w, idx, off = torch.randn(10, 3), torch.tensor([1, 2, 4, 5, 4, 3]), torch.tensor([0, 3])
+    want = F.embedding_bag(idx, w, off, mode="sum")
+    got = kfuse.embedding_bag(idx, w, off, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, mode="sum")
+    assert torch.equal(got, want)
+    for bad in ({"max_norm": 1.0}, {"scale_grad_by_freq": True}, {"norm_type": 1.0}):
+        with pytest.raises(NotImplementedError, match="max_norm, norm_type and scale_grad_by_freq"):
+            kfuse.embedding_bag(idx, w, off, **bad)
+        with pytest.raises(NotImplementedError, match="max_norm, norm_type and scale_grad_by_freq"):
+            kfuse.nn.EmbeddingBag(10, 3, **bad)
+    with pytest.raises(ValueError, match="puts mode where torch has max_norm"):
+        kfuse.embedding_bag(idx, w, off, None, 2.0, False, "sum")
+    m = kfuse.nn.EmbeddingBag.from_pretrained(w, mode="sum")
+    assert m.weight is not None and not m.weight.requires_grad and torch.equal(m(idx, off), want)
+    assert kfuse.nn.EmbeddingBag.from_pretrained(w, freeze=False).weight.requires_grad
+    assert kfuse.nn.EmbeddingBag.from_torch(m).weight is m.weight  # a kfuse module has torch's attributes
+    with pytest.raises(ValueError, match=r"weight must be contiguous .* pass weight.contiguous\(\)"):
+        kfuse.embedding_bag(idx, w.t().contiguous().t(), off)
+    with pytest.raises(ValueError, match="_weight must be contiguous"):
+        kfuse.nn.EmbeddingBag(10, 3, _weight=torch.randn(3, 10).t())
+    meta = kfuse.nn.EmbeddingBag(10, 3, mode="sum", device="meta")
+    out = meta(idx.to("meta"), off.to("meta"))
+    assert out.device.type == "meta" and out.shape == (2, 3)
+
+
 @pytest.mark.parametrize(("backend", "device"), backends(torch.float64))
 def test_fused_optimizer_with_per_sample_weights(backend, device, seed):
     """The fused module's weighted path: the output and per_sample_weights' gradient as the reference's

@@ -34,8 +34,10 @@ class EmbeddingBag(nn.Module):
     """``torch.nn.EmbeddingBag`` (``sum``/``mean``) computed by :func:`kfuse.embedding_bag`.
 
     Args: ``num_embeddings``, ``embedding_dim``, ``mode`` (``"mean"`` by default, as torch),
-    ``padding_idx``, ``include_last_offset``, ``sparse``, ``_weight``, ``device``, ``dtype`` as torch's
-    (``max_norm``, ``scale_grad_by_freq`` and ``mode="max"`` are not supported); ``backend`` for the op.
+    ``padding_idx``, ``include_last_offset``, ``sparse``, ``_weight``, ``device``, ``dtype`` as torch's,
+    by keyword (kfuse's positional order puts ``mode`` third); ``max_norm``, ``norm_type`` and
+    ``scale_grad_by_freq`` at their defaults only, and no ``mode="max"``; ``backend`` for the op.
+    :meth:`from_pretrained` as torch's, :meth:`from_torch` to share a torch module's weight.
     The parameter is ``weight [num_embeddings, embedding_dim]`` (initialised ``N(0, 1)``, the padding
     row zero), so ``state_dict`` is interchangeable with torch's module. ``forward(input, offsets=None,
     per_sample_weights=None)`` → ``[B, embedding_dim]``.
@@ -44,8 +46,11 @@ class EmbeddingBag(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, mode: str = "mean", padding_idx: int | None = None,
                  include_last_offset: bool = False, sparse: bool = False, _weight: Tensor | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", *, max_norm: float | None = None, norm_type: float = 2.0,
+                 scale_grad_by_freq: bool = False) -> None:
         super().__init__()
+        E.check_torch_only("nn.EmbeddingBag", max_norm, norm_type, scale_grad_by_freq, mode)
+        self.max_norm, self.norm_type, self.scale_grad_by_freq = max_norm, norm_type, scale_grad_by_freq
         if mode not in ("sum", "mean"):
             raise ValueError(f"mode must be 'sum' or 'mean' (kfuse has no 'max'); got {mode!r}")
         if padding_idx is not None:
@@ -64,6 +69,9 @@ class EmbeddingBag(nn.Module):
         else:
             if tuple(_weight.shape) != (num_embeddings, embedding_dim):
                 raise ValueError(f"_weight must be [{num_embeddings}, {embedding_dim}]; got {tuple(_weight.shape)}")
+            if not _weight.is_contiguous():  # else the first forward refused it
+                raise ValueError("_weight must be contiguous (the kernels read rows in place; pass "
+                                 "_weight.contiguous())")
             self.weight = _weight if isinstance(_weight, nn.Parameter) else nn.Parameter(_weight)
 
     def reset_parameters(self) -> None:
@@ -71,6 +79,21 @@ class EmbeddingBag(nn.Module):
         if self.padding_idx is not None:
             with torch.no_grad():
                 self.weight[self.padding_idx].fill_(0)
+
+    @classmethod
+    def from_pretrained(cls, embeddings: Tensor, freeze: bool = True, max_norm: float | None = None,
+                        norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean",
+                        sparse: bool = False, include_last_offset: bool = False, padding_idx: int | None = None,
+                        backend: str = "auto") -> EmbeddingBag:
+        """As ``torch.nn.EmbeddingBag.from_pretrained``: a module over ``embeddings [rows, dim]`` (used as
+        the weight, not copied), frozen unless ``freeze=False``."""
+        if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
+            raise ValueError(f"from_pretrained: embeddings must be a 2-D tensor; got "
+                             f"{tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings)}")
+        m = cls(*embeddings.shape, mode, padding_idx, include_last_offset, sparse, _weight=embeddings,
+                backend=backend, max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq)
+        m.weight.requires_grad = not freeze
+        return m
 
     @classmethod
     def from_torch(cls, module: nn.EmbeddingBag, backend: str = "auto") -> EmbeddingBag:

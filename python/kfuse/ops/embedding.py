@@ -90,24 +90,27 @@ class _Bags:
         return len(self.feature_table)
 
 
-def _check_weights(op: str, weights: object) -> list[Tensor]:
+def _check_weights(op: str, weights: object, single: bool = False) -> list[Tensor]:
+    """The tables' layout checks; ``single``: the one-table op, whose argument is ``weight``."""
     if isinstance(weights, Tensor) or not isinstance(weights, (list, tuple)) or not weights:
         raise TypeError(f"kfuse.{op}: weights must be a non-empty list of 2-D tensors; got {type(weights).__name__}")
     first = weights[0]
     for t, w in enumerate(weights):
+        name = "weight" if single else f"weights[{t}]"
         if not isinstance(w, Tensor) or w.dim() != 2 or w.layout != torch.strided:
-            raise ValueError(f"kfuse.{op}: weights[{t}] must be a dense 2-D tensor [rows, dim]; got "
+            raise ValueError(f"kfuse.{op}: {name} must be a dense 2-D tensor [rows, dim]; got "
                              f"{type(w).__name__ if not isinstance(w, Tensor) else tuple(w.shape)}")
         if w.dtype not in _FLOATS:
-            raise TypeError(f"kfuse.{op}: weights[{t}] has dtype {w.dtype}; supported: float32, float64, float16, "
+            raise TypeError(f"kfuse.{op}: {name} has dtype {w.dtype}; supported: float32, float64, float16, "
                             "bfloat16")
         if w.dtype != first.dtype or w.device != first.device:
             raise ValueError(f"kfuse.{op}: every table must share weights[0]'s dtype and device ({first.dtype}, "
                              f"{first.device}); weights[{t}] is {w.dtype} on {w.device}")
         if w.shape[1] < 1:
-            raise ValueError(f"kfuse.{op}: weights[{t}] has dim 0")
+            raise ValueError(f"kfuse.{op}: {name} has dim 0")
         if not w.is_contiguous():
-            raise ValueError(f"kfuse.{op}: weights[{t}] must be contiguous (the kernels read rows in place)")
+            raise ValueError(f"kfuse.{op}: {name} must be contiguous (the kernels read rows in place; "
+                             f"pass {name}.contiguous())")
     return list(weights)
 
 
@@ -480,6 +483,10 @@ def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
         # The reference's forward and backward, with sparse gradients (not under torch.func transforms,
         # which the autograd.Function cannot take: they get dense ones, as the other backends give; bug hunt).
         path = _routing.EAGER
+    if weights[0].device.type == "meta":
+        # Shapes only: the registered op's fake kernel (the reference slices features by their offsets'
+        # values, which meta tensors do not have: 'Tensor.item() cannot be called'; bug hunt).
+        path = _routing.REGISTERED
     if path == _routing.REFERENCE:
         if not _routing.tracing():
             # vmap over indices or offsets: each batch entry's values (nonzero of a batched tensor failed)
@@ -541,9 +548,25 @@ def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor,
     return _run(op, ws, indices, offsets, bags, _kernel_psw(per_sample_weights, ws), sparse, backend)
 
 
+def check_torch_only(op: str, max_norm: object, norm_type: object, scale_grad_by_freq: object,
+                     mode: object) -> None:
+    """torch's embedding-bag arguments kfuse does not implement: accepted at their defaults (torch's own
+    module passes them so), else an error naming them; a mode that is not a string is most likely
+    torch's positional max_norm in kfuse's mode slot."""
+    if max_norm is not None or scale_grad_by_freq is not False or norm_type != 2.0:
+        raise NotImplementedError(f"kfuse.{op}: max_norm, norm_type and scale_grad_by_freq are not supported (only "
+                                  f"their defaults None, 2.0, False); got max_norm={max_norm!r}, norm_type="
+                                  f"{norm_type!r}, scale_grad_by_freq={scale_grad_by_freq!r}")
+    if not isinstance(mode, str):
+        raise ValueError(f"kfuse.{op}: mode must be 'sum' or 'mean'; got {mode!r} (kfuse's positional order puts "
+                         "mode where torch has max_norm: pass torch's optional arguments by keyword)")
+
+
 def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, mode: str = "mean",
                   per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
-                  padding_idx: int | None = None, *, sparse: bool = False, backend: str = "auto") -> Tensor:
+                  padding_idx: int | None = None, *, sparse: bool = False, backend: str = "auto",
+                  max_norm: float | None = None, norm_type: float = 2.0,
+                  scale_grad_by_freq: bool = False) -> Tensor:
     """``torch.nn.functional.embedding_bag`` for ``sum`` and ``mean`` on kfuse's kernels.
 
     Args:
@@ -556,6 +579,8 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
         mode: ``"mean"`` (the default, as torch's) or ``"sum"``.
         per_sample_weights (same shape as input, ``sum`` only), padding_idx, sparse, backend: as
             :func:`multi_embedding_bag` (and as torch's).
+        max_norm, norm_type, scale_grad_by_freq: torch's, taken by keyword at their defaults only
+            (not implemented: anything else raises). The positional order is kfuse's (mode fourth).
     Returns:
         ``[B, dim]`` in weight's dtype.
     """
@@ -563,9 +588,11 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
     if torch.overrides.has_torch_function(relevant):  # torch.fx.symbolic_trace's Proxy, ...
         return torch.overrides.handle_torch_function(
             embedding_bag, relevant, input, weight, offsets, mode, per_sample_weights, include_last_offset,
-            padding_idx, sparse=sparse, backend=backend)
+            padding_idx, sparse=sparse, backend=backend, max_norm=max_norm, norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq)
     op = "embedding_bag"
-    ws = _check_weights(op, [weight])
+    check_torch_only(op, max_norm, norm_type, scale_grad_by_freq, mode)
+    ws = _check_weights(op, [weight], single=True)
     _check_options(op, sparse, backend)
     if not isinstance(input, Tensor) or input.dtype not in _INTS or input.dim() not in (1, 2):
         raise ValueError(f"kfuse.{op}: input must be a 1-D or 2-D int32/int64 tensor; got "
