@@ -467,6 +467,31 @@ def test_slow_r_case(backend: str, device: str, seed: int) -> None:
         assert_results_close(got, ref_grads(x, coeffs, gy, dim), torch.float32, f"{backend} {tuple(x.shape)}")
 
 
+# (a, b, c, c1, c2) and t of the accuracy fuzz's finds (2026-12-04): the r = −b/a case with |b| near the
+# zero band, whose B4 − 1 formed as E1 − 1 made grad a, b ε·2|a|/|b|³ off (up to 24× the tolerance).
+# (Its overdamped finds, grad c of |b| >> sqrt|ac| neurons, are open: README, "Accuracy and limits".)
+GRAD_FUZZ_ROWS = [
+    ([2.0, -0.0101, 0.0, 0.0, 0.0], 0.00600751908),
+    ([1000.0, 0.0101, 0.0, 0.0, 0.7], 0.0560827069),
+    ([0.05, 0.0101, 0.0, 0.0, 0.0], 0.138706774),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_grad_coeffs_of_fuzzed_rows(backend: str, device: str, seed: int) -> None:
+    """``GRAD_FUZZ_ROWS``, one neuron per row (grad_y = 1, so each row of grad_coeffs is one element's):
+    every gradient within the float32 tolerance of float64, row by row, in both layouts."""
+    coeffs = torch.tensor([r for r, _ in GRAD_FUZZ_ROWS]).to(device)
+    t = torch.tensor([[t for _, t in GRAD_FUZZ_ROWS]]).to(device)
+    for x, dim in ((t, -1), (t[:, :, None], 1)):
+        got = kfuse_grads(x, coeffs, torch.ones_like(x), dim, backend)
+        want = ref_grads(x, coeffs, torch.ones_like(x), dim)
+        for n in range(len(coeffs)):
+            assert_close(got[2][n], want[2][n], torch.float32, f"{backend} grad_coeffs row {n} dim={dim}")
+        assert_close(got[0], want[0], torch.float32, f"{backend} y dim={dim}")
+        assert_close(got[1], want[1], torch.float32, f"{backend} grad_x dim={dim}")
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_grad_coeffs_of_small_particular_parts(backend: str, device: str, seed: int) -> None:
     """The particular parts 1 − E1·cos etc. are small for small t: summed per basis function

@@ -436,6 +436,9 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
     g = tl.where(outside, 0.0, g)
     gp = tl.where(pos, g, 0.0)
     b4 = e1 * cs
+    b4m1 = b4 - 1.0
+    if any_m1:  # the r = −b/a neurons' B4 − 1 from expm1, as csrc/deu/deu_math.h's backward_one
+        b4m1 = tl.where(m4 != 0, m1, b4m1)
     b5 = t * b4
     b6 = e1 * sn
     gt = g * t
@@ -449,7 +452,7 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
           + e1 * (r1e * osc + k5 * cs + om * dosc) + k7 * r2e * e2)
     gx = tl.where(outside, 0.0, g * dy)  # not g·dy alone: 0·inf = NaN where the clamped dy overflows
     return (gx, g, gt, g * sig, g * b4, g * b5, g * b6, g * e2,
-            gp, gp * t, gp * t * t, gp * (b4 - 1.0), gp * b5, gp * b6, gp * (e2 - 1.0), s_r1, s_om, s_r2)
+            gp, gp * t, gp * t * t, gp * b4m1, gp * b5, gp * b6, gp * (e2 - 1.0), s_r1, s_om, s_r2)
 
 
 @triton.jit

@@ -272,6 +272,9 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
   const vf zero = splat(0.0f);
   const vf gt = g * t;
   const vf e1cs = q.e1 * q.cs;
+  // B4 − 1: M1 (from expm1) on the r = −b/a lanes of kM1 blocks, as backward_one does.
+  vf b4m1 = e1cs - 1.0f;
+  if constexpr ((F & kM1) != 0) b4m1 = p.m4 != 0.0f ? q.m1 : b4m1;
   // Basis terms B_j(t) times g; hom gets every element, part only t > 0.
   vf gb[kBasis];
   gb[0] = g;
@@ -287,7 +290,7 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
     if (j == 6 && !(F & kTrig)) continue;
     if (j == 7 && !(F & kE2)) continue;
     acc.a[j] += gb[j];
-    const vf part = j == 4 ? g * (e1cs - 1.0f) : j == 7 ? g * (q.e2 - 1.0f) : gb[j];  // part_shifted (deu_math.h)
+    const vf part = j == 4 ? g * b4m1 : j == 7 ? g * (q.e2 - 1.0f) : gb[j];  // part_shifted (deu_math.h)
     acc.a[kBasis + j] += pos ? part : zero;
   }
   const vf lin = ((F & kM1) ? k[4] + s.m : k[4]) + k[5] * t;  // E1's whole coefficient (backward_one)

@@ -330,7 +330,10 @@ KF_HD Plan<T> plan_from_coeffs(const T* co) {
 // 34× the float32 tolerance off, and Σg/c² overflowed to inf − inf = NaN for g ~ 1e35. So the
 // part's sums use the shifted basis B4 − 1 and B7 − 1 (small where they cancelled), and the
 // constant's Jacobian row takes theirs too: π0 + π4·B4 + π7·B7 = (π0 + π4 + π7) + π4·(B4 − 1)
-// + π7·(B7 − 1). Where part[4] = −part[0] the folded row is exactly 0.
+// + π7·(B7 − 1). Where part[4] = −part[0] the folded row is exactly 0. (It is 0 mathematically
+// in every case, the particular part at t = 0+; in the overdamped case with |b| >> sqrt|ac| its
+// rounding residue is a known, open defect of grad c: README, "Accuracy and limits (DEU)".)
+// B4 − 1 of the r = −b/a case comes from expm1: see backward_one.
 constexpr bool part_shifted(int j) { return j == 4 || j == 7; }
 
 template <typename T>
@@ -595,11 +598,16 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   // reaches the gradients, as it does in the reference, instead of giving 0 for the neuron.
   if (yraw < -m || yraw > m) return T(0);
   const T basis[kBasis] = {T(1), t, t * t, q.sig, q.e1 * q.cs, t * q.e1 * q.cs, q.e1 * q.sn, q.e2};
+  // B4 − 1 and B7 − 1 (part_shifted). The r = −b/a case's B4 − 1 is M1 (ω = 0), from expm1: as E1 − 1
+  // it cancelled for small ρ1·t, and ∂(a/b²)/∂b = −2a/b³ made grad a, b ε·2|a|/|b|³ off (24× the
+  // float32 tolerance at a = 2, b = −0.0101; bug hunt). The other cases keep E1·cos − 1, which the
+  // folded constant's rounding is matched to (see part_shifted).
+  const T shifted[2] = {kPoly && p.m4 != T(0) ? q.m1 : basis[4] - T(1), basis[7] - T(1)};
   for (int j = 0; j < kBasis; ++j) {
     if ((!kPoly && (j == 1 || j == 2)) || (!kStep && j == 3) || (!kTE1 && j == 5)) continue;
     const T gb = g * basis[j];
     acc[j] += gb;
-    if (pos) acc[kBasis + j] += part_shifted(j) ? g * (basis[j] - T(1)) : gb;
+    if (pos) acc[kBasis + j] += part_shifted(j) ? g * shifted[j == 7] : gb;
   }
   // E1's whole coefficient: m·M1 has m·E1 as derivative (Plan::m4; ω = 0 where m != 0).
   const T k4 = kPoly ? k[4] + s.m : k[4];

@@ -35,7 +35,7 @@ def _load_extension() -> tuple[ModuleType | None, str]:
         if not any(Path(__file__).parent.glob("_C.*")):  # not "failed to load (... circular import)"
             return None, ("the compiled extension kfuse._C is not built: build it with `make build` or "
                           "`pip install --no-build-isolation -e .`")
-        return None, f"the compiled extension kfuse._C failed to load ({err})"
+        return None, f"the compiled extension kfuse._C is not built or failed to load ({err})"
     from kfuse._sources import sources_hash
 
     csrc = Path(__file__).resolve().parents[2] / "csrc"
