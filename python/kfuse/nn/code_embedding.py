@@ -516,12 +516,6 @@ def train_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, epochs:
     if model.task is not None and model.task.optimizer is None:
         raise ValueError("train_outcome: the task tables have no fused optimizer (optimizer=None gives plain "
                          "gradients, which this loop would never apply): train them in a loop of your own")
-    frozen = [name for name, m in (("codes", model.codes), ("context", model.context))
-              if not any(p.requires_grad for p in m.parameters())]
-    if frozen:  # trained nothing, silently (bug hunt)
-        raise ValueError(f"train_general: the model's {' and '.join(frozen)} tables are frozen (requires_grad "
-                         "False; a CodeOutcomeModel built on this embedding freezes its codes): unfreeze them "
-                         "with requires_grad_(True) to train them")
     dev = model.head.weight.device
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.head_parameters(), lr=head_lr)
