@@ -468,21 +468,33 @@ def test_slow_r_case(backend: str, device: str, seed: int) -> None:
 
 
 # (a, b, c, c1, c2) and t of the accuracy fuzz's finds (2026-12-04): the r = −b/a case with |b| near the
-# zero band, whose B4 − 1 formed as E1 − 1 made grad a, b ε·2|a|/|b|³ off (up to 24× the tolerance).
-# (Its overdamped finds, grad c of |b| >> sqrt|ac| neurons, are open: README, "Accuracy and limits".)
+# zero band, whose B4 − 1 formed as E1 − 1 made grad a, b ε·2|a|/|b|³ off (up to 24× the tolerance);
+# and overdamped neurons, whose grad c took the rounding residue (~ε/c²) of the part's constant's
+# Jacobian row and the error of E − 1 formed by subtraction (CPU up to 15×, Triton 27× the
+# tolerance; the float32 reference 4.9×). The last row has the slow root −1e-20: its E1 − 1 rounds to 0.
 GRAD_FUZZ_ROWS = [
     ([2.0, -0.0101, 0.0, 0.0, 0.0], 0.00600751908),
     ([1000.0, 0.0101, 0.0, 0.0, 0.7], 0.0560827069),
     ([0.05, 0.0101, 0.0, 0.0, 0.0], 0.138706774),
+    *(([1.134, 1333.9, 0.0102, 0.3, 0.2], t) for t in (0.05, 0.7, 40.0)),
+    *(([0.0102, 1000.0, 0.0103, 0.0, 0.0], t) for t in (0.05, 3.0)),
+    *(([2.0, 0.5, 0.0105, 0.0, 0.0], t) for t in (0.001, 0.7, 3.0)),
+    ([0.05, 3.0, -0.02, 0.1, 0.1], 0.001),
+    ([1.0, 1e20, 1.0, 0.3, 0.2], 0.7),
 ]
+
+
+def grad_fuzz_rows(device: str) -> tuple[Tensor, Tensor]:
+    """``GRAD_FUZZ_ROWS`` as (coeffs [R, 5], x [1, R]): neuron n at its own t."""
+    coeffs = torch.tensor([r for r, _ in GRAD_FUZZ_ROWS]).to(device)
+    return coeffs, torch.tensor([[t for _, t in GRAD_FUZZ_ROWS]]).to(device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_grad_coeffs_of_fuzzed_rows(backend: str, device: str, seed: int) -> None:
     """``GRAD_FUZZ_ROWS``, one neuron per row (grad_y = 1, so each row of grad_coeffs is one element's):
     every gradient within the float32 tolerance of float64, row by row, in both layouts."""
-    coeffs = torch.tensor([r for r, _ in GRAD_FUZZ_ROWS]).to(device)
-    t = torch.tensor([[t for _, t in GRAD_FUZZ_ROWS]]).to(device)
+    coeffs, t = grad_fuzz_rows(device)
     for x, dim in ((t, -1), (t[:, :, None], 1)):
         got = kfuse_grads(x, coeffs, torch.ones_like(x), dim, backend)
         want = ref_grads(x, coeffs, torch.ones_like(x), dim)
@@ -1044,9 +1056,9 @@ def test_cuda_fast_forms_emulated(dtype: torch.dtype, seed: int) -> None:
 
 @pytest.mark.parametrize("defines", [(), FAST_FORMS], ids=["generic", "fast-forms"])
 def test_cuda_kernels_emulated_edge_inputs(defines: tuple[str, ...], seed: int) -> None:
-    """``huge_inputs``, ``slow_r_case``, ``threshold_coeffs``, ``far_apart_roots`` and ``huge_coefficients`` through
-    the emulated CUDA kernels, and NaN, ±inf inputs in every case giving NaN in their own elements
-    only."""
+    """``huge_inputs``, ``slow_r_case``, ``threshold_coeffs``, ``far_apart_roots``, ``GRAD_FUZZ_ROWS``
+    and ``huge_coefficients`` through the emulated CUDA kernels, and NaN, ±inf inputs in every case
+    giving NaN in their own elements only."""
     deu_emu = load_deu_emu(defines)
     assert deu_emu.kfemu_set_device(1, 8, 4) == 0
     coeffs = case_coeffs(3, dtype=torch.float32)
@@ -1064,9 +1076,10 @@ def test_cuda_kernels_emulated_edge_inputs(defines: tuple[str, ...], seed: int) 
     on_thresholds = threshold_coeffs()
     x_thr = make_x((9, len(on_thresholds)), torch.float32, "cpu")
     x_far, far, gy_far = far_apart_roots("cpu")
+    fuzzed, x_fuzzed = grad_fuzz_rows("cpu")
     for x, coeffs, gy, dim in [*huge_inputs("cpu"), *slow_r_case("cpu"),
                                (x_thr, on_thresholds, torch.randn(x_thr.shape), -1),
-                               (x_far, far, gy_far, -1)]:
+                               (x_far, far, gy_far, -1), (x_fuzzed, fuzzed, torch.ones_like(x_fuzzed), -1)]:
         mnk = (x.shape[0], x.shape[1], x[0, 0].numel())  # [M, N] as [M, N, 1]; [M, N, K] as is
         got = emulated_deu(deu_emu, x.reshape(mnk), coeffs, gy.reshape(mnk), 0, False)
         want = ref_grads(x, coeffs, gy, dim)

@@ -34,7 +34,7 @@ STEP_SLOPE: tl.constexpr = tl.constexpr(100.0)
 # K > 1 (spatial) tiles: elements per tile, 4 warps. Fixed, not autotuned: the partial-gradient
 # layout [T, N, 5] (hence the summation order) must not depend on a timing run. Measured on
 # an H200 with the earlier 2-D tiles of the K == 1 kernels, x 8192x4096 fp32: forward 1024
-# (8/thread) beat 512/2048/4096; backward, which keeps 17 accumulators per element in
+# (8/thread) beat 512/2048/4096; backward, which keeps 16 accumulators (then 17) per element in
 # registers, was fastest at 256 (370 us vs 409 us at 512).
 _FWD_TILE = 1024
 _BWD_TILE = 256
@@ -283,15 +283,15 @@ def _plan_values(a, b, c, c1, c2):
 @triton.jit
 def _jvp_dot(a, b, c, c1, c2, da, db, dc, dc1, dc2,
              s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7,
-             s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2):
+             s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2):
     """Σ_i (∂L/∂π_i)·(∂π_i/∂θ · dθ): one coefficient gradient for a unit seed dθ."""
     (_0, _1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16,
-     dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2, _m4) = _plan(
+     dh0, dh1, dh3, dh4, dh5, dh6, dh7, _dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2, _m4) = _plan(
         a, b, c, c1, c2, da, db, dc, dc1, dc2)
-    # s_p4, s_p7 are sums over the shifted bases B4 − 1, B7 − 1, so the constant's row takes theirs
-    # (part_shifted in csrc/deu/deu_math.h).
+    # s_p4, s_p7 are sums over the shifted bases B4 − 1, B7 − 1, on which the part's constant
+    # p0 + p4 + p7 is 0 for every θ: it has no term (part_shifted in csrc/deu/deu_math.h).
     return (_term(s_h0, dh0) + _term(s_h1, dh1) + _term(s_h3, dh3) + _term(s_h4, dh4) + _term(s_h5, dh5)
-            + _term(s_h6, dh6) + _term(s_h7, dh7) + _term(s_p0, (dp0 + dp4) + dp7) + _term(s_p1, dp1)
+            + _term(s_h6, dh6) + _term(s_h7, dh7) + _term(s_p1, dp1)
             + _term(s_p2, dp2) + _term(s_p4, dp4) + _term(s_p5, dp5) + _term(s_p6, dp6) + _term(s_p7, dp7)
             + _term(s_r1, dr1) + _term(s_om, dom) + _term(s_r2, dr2))
 
@@ -326,7 +326,8 @@ def _exp(z, MATH: tl.constexpr):
 
 @triton.jit
 def _expm1(z, MATH: tl.constexpr):
-    """E − 1 for _plan_values' m4 (only programs with an r = −b/a neuron pay for it)."""
+    """E − 1: _plan_values' m4 in the forward (only programs with an r = −b/a neuron pay for it), and
+    the backward's shifted bases (csrc/deu/deu_math.h's backward_one)."""
     if MATH <= 1:
         m = libdevice.expm1(z)
     else:
@@ -415,7 +416,7 @@ def _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1,
 @triton.jit
 def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
                    any_trig, any_e2, any_step, any_m1, MATH: tl.constexpr):
-    """∂L/∂t and the element's contributions to ∂L/∂π (same order as _plan's outputs)."""
+    """∂L/∂t and the element's contributions to ∂L/∂π (same order as _plan's outputs, less p0: its row is 0)."""
     e1, cap1, cs, sn, e2, cap2, sig, m1 = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, any_m1, MATH)
     pos = t > 0
     k0, k1, k2, k4, k5, k6, k7 = _side(pos, h0, h1, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7)
@@ -436,9 +437,19 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
     g = tl.where(outside, 0.0, g)
     gp = tl.where(pos, g, 0.0)
     b4 = e1 * cs
-    b4m1 = b4 - 1.0
-    if any_m1:  # the r = −b/a neurons' B4 − 1 from expm1, as csrc/deu/deu_math.h's backward_one
-        b4m1 = tl.where(m4 != 0, m1, b4m1)
+    # B4 − 1 and B7 − 1 accurate where small, as csrc/deu/deu_math.h's backward_one: from the
+    # (capped) exponents where ω = 0, E1·cos − 1 where ω != 0. Programs with an r = −b/a neuron
+    # have M1 from _expm1 already.
+    if any_m1:
+        b4m1 = m1
+    else:
+        b4m1 = _expm1(tl.where(cap1, EXP_CAP, r1 * t), MATH)
+    if any_trig:
+        b4m1 = tl.where(om != 0, b4 - 1.0, b4m1)
+    if any_e2:
+        b7m1 = _expm1(tl.where(cap2, EXP_CAP, r2 * t), MATH)
+    else:
+        b7m1 = tl.zeros_like(t)
     b5 = t * b4
     b6 = e1 * sn
     gt = g * t
@@ -452,7 +463,7 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
           + e1 * (r1e * osc + k5 * cs + om * dosc) + k7 * r2e * e2)
     gx = tl.where(outside, 0.0, g * dy)  # not g·dy alone: 0·inf = NaN where the clamped dy overflows
     return (gx, g, gt, g * sig, g * b4, g * b5, g * b6, g * e2,
-            gp, gp * t, gp * t * t, gp * b4m1, gp * b5, gp * b6, gp * (e2 - 1.0), s_r1, s_om, s_r2)
+            gp * t, gp * t * t, gp * b4m1, gp * b5, gp * b6, gp * b7m1, s_r1, s_om, s_r2)
 
 
 @triton.jit
@@ -551,16 +562,16 @@ def _deu_fwd_rows(x_ptr, y_ptr, co_ptr, M, N, rows_per_prog, BLOCK_N: tl.constex
 @triton.jit
 def _bwd_row(gxp, r, row_end, cmask, t, g,
              h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
-             s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
+             s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
              s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH: tl.constexpr):
     """One row of the backward: stores grad_x, returns the accumulators plus its terms (rows
     past the chunk load t = g = 0, which contribute 0)."""
-    (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p0, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
+    (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
      q_r1, q_om, q_r2) = _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6,
                                         p7, r1, om, r2, m4, any_trig, any_e2, any_step, any_m1, MATH)
     _store_row(gxp, r, row_end, cmask, gx)
     return (s_h0 + q_h0, s_h1 + q_h1, s_h3 + q_h3, s_h4 + q_h4, s_h5 + q_h5, s_h6 + q_h6, s_h7 + q_h7,
-            s_p0 + q_p0, s_p1 + q_p1, s_p2 + q_p2, s_p4 + q_p4, s_p5 + q_p5, s_p6 + q_p6, s_p7 + q_p7,
+            s_p1 + q_p1, s_p2 + q_p2, s_p4 + q_p4, s_p5 + q_p5, s_p6 + q_p6, s_p7 + q_p7,
             s_r1 + q_r1, s_om + q_om, s_r2 + q_r2)
 
 
@@ -578,32 +589,32 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
      any_trig, any_e2, any_step, any_m1) = _columns_plan(co_ptr, cols, cmask)
     zero = tl.zeros([BLOCK_N], dtype=acc)
     s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7 = zero, zero, zero, zero, zero, zero, zero
-    s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7 = zero, zero, zero, zero, zero, zero, zero
+    s_p1, s_p2, s_p4, s_p5, s_p6, s_p7 = zero, zero, zero, zero, zero, zero
     s_r1, s_om, s_r2 = zero, zero, zero
     for r in range(row0, row_end, 4):
         xp = xp + N + N + N + N
         gp = gp + N + N + N + N
         n0, n1, n2, n3 = _load_group(xp, r + 4, row_end, cmask, N, acc)
         m0, m1, m2, m3 = _load_group(gp, r + 4, row_end, cmask, N, acc)
-        (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
+        (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
          s_r1, s_om, s_r2) = _bwd_row(gxp, r, row_end, cmask, t0, g0,
                                       h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
-                                      s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
+                                      s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4,
                                       s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH)
-        (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
+        (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
          s_r1, s_om, s_r2) = _bwd_row(gxp + N, r + 1, row_end, cmask, t1, g1,
                                       h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
-                                      s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
+                                      s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4,
                                       s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH)
-        (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
+        (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
          s_r1, s_om, s_r2) = _bwd_row(gxp + N + N, r + 2, row_end, cmask, t2, g2,
                                       h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
-                                      s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
+                                      s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4,
                                       s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH)
-        (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
+        (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
          s_r1, s_om, s_r2) = _bwd_row(gxp + N + N + N, r + 3, row_end, cmask, t3, g3,
                                       h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
-                                      s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4,
+                                      s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4,
                                       s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH)
         gxp = gxp + N + N + N + N
         t0, t1, t2, t3 = n0, n1, n2, n3
@@ -613,27 +624,27 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
     # loaded again rather than kept live through the loop.
     a, b, c, c1, c2 = _columns_coeffs(co_ptr, cols, cmask)
     _store_coeff_grads(part_ptr + tl.program_id(1).to(tl.int64) * N * 5 + cols * 5, cmask, a, b, c, c1, c2,
-                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
+                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
                        s_r1, s_om, s_r2)
 
 
 @triton.jit
 def _store_coeff_grads(out_ptr, mask, a, b, c, c1, c2,
                        s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7,
-                       s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2):
+                       s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2):
     """Apply the plan's Jacobian (5 forward-mode passes) and store ∂L/∂(a, b, c, c1, c2)."""
     z = a * 0.0
     o = z + 1.0
     g_a = _jvp_dot(a, b, c, c1, c2, o, z, z, z, z, s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7,
-                   s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
+                   s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
     g_b = _jvp_dot(a, b, c, c1, c2, z, o, z, z, z, s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7,
-                   s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
+                   s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
     g_c = _jvp_dot(a, b, c, c1, c2, z, z, o, z, z, s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7,
-                   s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
+                   s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
     g_c1 = _jvp_dot(a, b, c, c1, c2, z, z, z, o, z, s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7,
-                    s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
+                    s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
     g_c2 = _jvp_dot(a, b, c, c1, c2, z, z, z, z, o, s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7,
-                    s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
+                    s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2)
     tl.store(out_ptr + 0, g_a, mask=mask)
     tl.store(out_ptr + 1, g_b, mask=mask)
     tl.store(out_ptr + 2, g_c, mask=mask)
@@ -695,7 +706,7 @@ def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_
      any_trig, any_e2, any_step, any_m1) = _neuron_plan(co_ptr, n)
     zero = tl.zeros([BLOCK_R, BLOCK_K], dtype=acc)
     s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7 = zero, zero, zero, zero, zero, zero, zero
-    s_p0, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7 = zero, zero, zero, zero, zero, zero, zero
+    s_p1, s_p2, s_p4, s_p5, s_p6, s_p7 = zero, zero, zero, zero, zero, zero
     s_r1, s_om, s_r2 = zero, zero, zero
     for i in range(0, rows_per_prog, BLOCK_R):
         rows = row0 + i + tl.arange(0, BLOCK_R)[:, None]
@@ -703,7 +714,7 @@ def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_
             offs, mask = _spatial_tile(n, rows, k0, M, N, K, BLOCK_K)
             t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
             g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(acc)
-            (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p0, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
+            (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
              q_r1, q_om, q_r2) = _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5,
                                                 p6, p7, r1, om, r2, m4, any_trig, any_e2, any_step, any_m1, MATH)
             tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
@@ -714,7 +725,6 @@ def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_
             s_h5 += q_h5
             s_h6 += q_h6
             s_h7 += q_h7
-            s_p0 += q_p0
             s_p1 += q_p1
             s_p2 += q_p2
             s_p4 += q_p4
@@ -729,7 +739,7 @@ def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_
                        tl.sum(tl.sum(s_h0, axis=1), axis=0), tl.sum(tl.sum(s_h1, axis=1), axis=0),
                        tl.sum(tl.sum(s_h3, axis=1), axis=0), tl.sum(tl.sum(s_h4, axis=1), axis=0),
                        tl.sum(tl.sum(s_h5, axis=1), axis=0), tl.sum(tl.sum(s_h6, axis=1), axis=0),
-                       tl.sum(tl.sum(s_h7, axis=1), axis=0), tl.sum(tl.sum(s_p0, axis=1), axis=0),
+                       tl.sum(tl.sum(s_h7, axis=1), axis=0),
                        tl.sum(tl.sum(s_p1, axis=1), axis=0), tl.sum(tl.sum(s_p2, axis=1), axis=0),
                        tl.sum(tl.sum(s_p4, axis=1), axis=0), tl.sum(tl.sum(s_p5, axis=1), axis=0),
                        tl.sum(tl.sum(s_p6, axis=1), axis=0), tl.sum(tl.sum(s_p7, axis=1), axis=0),

@@ -173,18 +173,19 @@ KF_SIMD VPlan splat_plan(const float* soa, int64_t stride, int64_t n) {
   return p;
 }
 
-// Transcendental pieces at t (see pieces() in deu_math.h).
+// Transcendental pieces at t (see pieces() in deu_math.h). kShifted (the backward): E1 − 1 and
+// E2 − 1 as well, from the exponentials' cores (backward_one's expm1 of the exponents).
 struct VPieces {
-  vf e1, cs, sn, e2, sig, m1;
+  vf e1, cs, sn, e2, sig, m1, m2;
   vi cap1, cap2;
 };
-template <int F>
+template <int F, bool kShifted = false>
 KF_SIMD VPieces vpieces(const VPlan& p, vf t) {
   VPieces q;
   const vf cap = splat(float(kExpCap));
   const vf z1 = p.rho1 * t;
   q.cap1 = z1 > cap;
-  if constexpr ((F & kM1) != 0) {
+  if constexpr (kShifted || (F & kM1) != 0) {
     vexp_expm1(vmin(z1, cap), q.e1, q.m1);
   } else {
     q.e1 = vexp(vmin(z1, cap));
@@ -199,10 +200,16 @@ KF_SIMD VPieces vpieces(const VPlan& p, vf t) {
   if (F & kE2) {
     const vf z2 = p.rho2 * t;
     q.cap2 = z2 > cap;
-    q.e2 = vexp(vmin(z2, cap));
+    if constexpr (kShifted) {
+      vexp_expm1(vmin(z2, cap), q.e2, q.m2);
+    } else {
+      q.e2 = vexp(vmin(z2, cap));
+      q.m2 = splat(0.0f);
+    }
   } else {
     q.cap2 = vi{};
     q.e2 = splat(0.0f);
+    q.m2 = splat(0.0f);
   }
   q.sig = (F & kStep) ? 1.0f / (1.0f + vexp(t * float(-kStepSlope))) : splat(0.0f);
   return q;
@@ -257,7 +264,7 @@ struct VAcc {
 // output lies outside the clamp contribute nothing (their g is masked to 0 before use).
 template <int F>
 KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
-  const VPieces q = vpieces<F>(p, t);
+  const VPieces q = vpieces<F, true>(p, t);
   const vi pos = t > 0.0f;
   const VSide s = side<F>(p, pos);
   const vf* k = s.k;
@@ -272,9 +279,9 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
   const vf zero = splat(0.0f);
   const vf gt = g * t;
   const vf e1cs = q.e1 * q.cs;
-  // B4 − 1: M1 (from expm1) on the r = −b/a lanes of kM1 blocks, as backward_one does.
-  vf b4m1 = e1cs - 1.0f;
-  if constexpr ((F & kM1) != 0) b4m1 = p.m4 != 0.0f ? q.m1 : b4m1;
+  // B4 − 1: E1 − 1 from the exponential's core where ω = 0, as backward_one does.
+  vf b4m1 = q.m1;
+  if constexpr ((F & kTrig) != 0) b4m1 = p.omega != 0.0f ? e1cs - 1.0f : q.m1;
   // Basis terms B_j(t) times g; hom gets every element, part only t > 0.
   vf gb[kBasis];
   gb[0] = g;
@@ -290,7 +297,8 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
     if (j == 6 && !(F & kTrig)) continue;
     if (j == 7 && !(F & kE2)) continue;
     acc.a[j] += gb[j];
-    const vf part = j == 4 ? g * b4m1 : j == 7 ? g * (q.e2 - 1.0f) : gb[j];  // part_shifted (deu_math.h)
+    if (j == 0) continue;  // the part's constant: its Jacobian row is 0 (part_shifted, deu_math.h)
+    const vf part = j == 4 ? g * b4m1 : j == 7 ? g * q.m2 : gb[j];  // part_shifted
     acc.a[kBasis + j] += pos ? part : zero;
   }
   const vf lin = ((F & kM1) ? k[4] + s.m : k[4]) + k[5] * t;  // E1's whole coefficient (backward_one)

@@ -325,15 +325,16 @@ KF_HD Plan<T> plan_from_coeffs(const T* co) {
 
 // Plan plus its Jacobian jac[i][k] = ∂π_i/∂θ_k (π in the order hom, part, ρ1, ω, ρ2).
 // The particular solutions are 1 − E-like: H·(1 − E1·cos ωt)/c, H·(1 − w1·E1 − w2·E2)/c, ...,
-// part[0] = −(part[4] + part[7]) or nearly. Summed per basis function, Σg and Σg·E1·cos then
-// cancel in ∂/∂c where E1·cos ≈ 1 (|t| small, c near eps): the first-order case's grad c was
-// 34× the float32 tolerance off, and Σg/c² overflowed to inf − inf = NaN for g ~ 1e35. So the
-// part's sums use the shifted basis B4 − 1 and B7 − 1 (small where they cancelled), and the
-// constant's Jacobian row takes theirs too: π0 + π4·B4 + π7·B7 = (π0 + π4 + π7) + π4·(B4 − 1)
-// + π7·(B7 − 1). Where part[4] = −part[0] the folded row is exactly 0. (It is 0 mathematically
-// in every case, the particular part at t = 0+; in the overdamped case with |b| >> sqrt|ac| its
-// rounding residue is a known, open defect of grad c: README, "Accuracy and limits (DEU)".)
-// B4 − 1 of the r = −b/a case comes from expm1: see backward_one.
+// part[0] = −(part[4] + part[7]): the particular part is 0 at t = 0+ in every case. Summed per
+// basis function, Σg and Σg·E1·cos cancelled in ∂/∂c where E1·cos ≈ 1 (|t| small, c near eps):
+// the first-order case's grad c was 34× the float32 tolerance off, and Σg/c² overflowed to
+// inf − inf = NaN for g ~ 1e35. So the part is written on the shifted bases,
+// π0 + π4·B4 + π7·B7 = (π0 + π4 + π7) + π4·(B4 − 1) + π7·(B7 − 1), whose constant is 0 for every
+// θ: its Jacobian row is 0, and the part's constant needs no sum (backward_one skips it). The row
+// is taken as 0, not summed from the three: in the overdamped case (1/c + q/(S·c) − a/(S·q)) the
+// sum left a rounding residue ~ε/c² that gave grad c a constant error per element with t > 0
+// (a = 1.134, b = 1333.9, c = 0.0102: 2⁻¹⁰, 20× the float32 tolerance). That needs B4 − 1 and
+// B7 − 1 accurate where they are small: see backward_one.
 constexpr bool part_shifted(int j) { return j == 4 || j == 7; }
 
 template <typename T>
@@ -359,7 +360,7 @@ KF_HD Plan<T> plan_with_jacobian(const T* co, T jac[kPlanParams][kCoeffs]) {
     jac[2 * kBasis][k] = q.rho1.d[k];
     jac[2 * kBasis + 1][k] = q.omega.d[k];
     jac[2 * kBasis + 2][k] = q.rho2.d[k];
-    jac[kBasis][k] = (jac[kBasis][k] + jac[kBasis + 4][k]) + jac[kBasis + 7][k];  // part_shifted
+    jac[kBasis][k] = T(0);  // the part's constant, 0 for every θ: see part_shifted
   }
   // make_plan differentiated with respect to (a, b, c)·σ: ∂/∂a = σ·∂/∂(σa) (see its Range).
   const T sigma = range_scale(co[0], co[1], co[2]);
@@ -384,7 +385,8 @@ KF_HD Plan<T> plan_with_jacobian(const T* co, T jac[kPlanParams][kCoeffs]) {
 #define KF_DEU_FAST_MATH 1
 #endif
 KF_HD double exp_(double z) { return std::exp(z); }
-// E − 1 (Plan::m4's basis): libm's expm1 everywhere. Only elements of kTermPoly code pay for it.
+// E − 1: libm's expm1 everywhere (CUDA's expm1f, ~1 ulp). Plan::m4's basis in the forward (only
+// elements of kTermPoly code pay for it) and the shifted bases of the backward (part_shifted).
 template <typename T> KF_HD T expm1_(T z) { return std::expm1(z); }
 KF_HD double rcp_(double x) { return 1.0 / x; }
 KF_HD void sincos_(double x, double* s, double* c) {
@@ -598,16 +600,23 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   // reaches the gradients, as it does in the reference, instead of giving 0 for the neuron.
   if (yraw < -m || yraw > m) return T(0);
   const T basis[kBasis] = {T(1), t, t * t, q.sig, q.e1 * q.cs, t * q.e1 * q.cs, q.e1 * q.sn, q.e2};
-  // B4 − 1 and B7 − 1 (part_shifted). The r = −b/a case's B4 − 1 is M1 (ω = 0), from expm1: as E1 − 1
-  // it cancelled for small ρ1·t, and ∂(a/b²)/∂b = −2a/b³ made grad a, b ε·2|a|/|b|³ off (24× the
-  // float32 tolerance at a = 2, b = −0.0101; bug hunt). The other cases keep E1·cos − 1, which the
-  // folded constant's rounding is matched to (see part_shifted).
-  const T shifted[2] = {kPoly && p.m4 != T(0) ? q.m1 : basis[4] - T(1), basis[7] - T(1)};
+  // B4 − 1 and B7 − 1 (part_shifted), from expm1 of the (capped) exponents where ω = 0 (cos = 1);
+  // E1·cos − 1 where ω != 0 (the under-damped and oscillator cases, whose constant part[0] =
+  // −part[4] was exact already). Formed as E − 1 they erred by ε absolutely, and the part's
+  // Jacobian (~1/c²) carried that into the parameter gradients, where its terms cancel against
+  // the roots' (a = 2, b = 0.5, c = 0.0105: grad c 15× the float32 tolerance off, also from E − 1
+  // of the faster root; a = 1, b = 1e20, c = 1 has the slow root −1e-20, whose E − 1 rounds to
+  // 0). A Taylor polynomial below |z| = 1/16 and E − 1 beyond (7 instructions on the GPU, not
+  // expm1f's ~20) still erred 1.3× the tolerance there. The r = −b/a case's (ω = 0) is kTermPoly's
+  // M1 (as E1 − 1 it made grad a, b ε·2|a|/|b|³ off: 24× the tolerance at a = 2, b = −0.0101).
+  const T cap = T(kExpCap), z1 = p.rho1 * t, z2 = p.rho2 * t;
+  const T m1 = kPoly ? q.m1 : expm1_(q.cap1 ? cap : z1);
+  const T shifted[2] = {p.trig ? basis[4] - T(1) : m1, p.e2 ? expm1_(q.cap2 ? cap : z2) : T(0)};
   for (int j = 0; j < kBasis; ++j) {
     if ((!kPoly && (j == 1 || j == 2)) || (!kStep && j == 3) || (!kTE1 && j == 5)) continue;
     const T gb = g * basis[j];
     acc[j] += gb;
-    if (pos) acc[kBasis + j] += part_shifted(j) ? g * shifted[j == 7] : gb;
+    if (pos && j != 0) acc[kBasis + j] += part_shifted(j) ? g * shifted[j == 7] : gb;  // no part[0]: its row is 0
   }
   // E1's whole coefficient: m·M1 has m·E1 as derivative (Plan::m4; ω = 0 where m != 0).
   const T k4 = kPoly ? k[4] + s.m : k[4];

@@ -156,7 +156,10 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     Bd = torch.where(za | zc, B, one)
     y_ramp = c1 + H * t / Bd
     k = C / Bd
-    y_first = c1 * capped_exp(-k * t) + H * (1 - capped_exp(-k * t)) / C
+    # 1 − E as −(E − 1) from expm1, here and in the hyperbolic and over-damped cases: with E rounded,
+    # autograd's ∂/∂c of H·(1 − E)/c cancels (float64 gave 6× the exact grad c at a = 1, b = 1e20,
+    # c = 1, whose slow root −1e-20 has E = 1; the kernels, on expm1, matched mpmath).
+    y_first = c1 * capped_exp(-k * t) - H * capped_expm1(-k * t) / C
     y_parab = c1 * t + c2 + H * t * t / (2 * A)
 
     w = torch.sqrt(torch.where(osc, C / A, one))
@@ -165,8 +168,8 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
 
     kh = torch.sqrt(torch.where(hyp, -C / A, one))
     kp = torch.sign(A) * kh
-    cosh_capped = (capped_exp(kh * t) + capped_exp(-kh * t)) / 2
-    y_hyp = c1 * capped_exp(-kp * t) + c2 * capped_exp(kp * t) + H * (1 - cosh_capped) / C
+    cosh_m1 = (capped_expm1(kh * t) + capped_expm1(-kh * t)) / 2  # cosh − 1, capped
+    y_hyp = c1 * capped_exp(-kp * t) + c2 * capped_exp(kp * t) - H * cosh_m1 / C
 
     r = -Bd / A
     # 1 − E(rt) as −(E(rt) − 1), from expm1: with e^(rt) rounded, (a/b²)(1 − E(rt)) erred by ε·|a|/b²
@@ -185,6 +188,7 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     # - w2·e2)/c. Written so, one root and one weight cancel when |b| >> sqrt|ac| (float32: y
     # 0.735 instead of 0.272 at t = 500 for a = 0.0101, b = 1000, c = 1). With q = -(b + sign(b)·s)/2
     # (no cancellation) they are q/a and c/q, |q|/s and -ac/(|q|·s); b's sign says which is which.
+    # w1 + w2 = 1, so 1 - w1·e1 - w2·e2 = -(w1·(e1 - 1) + w2·(e2 - 1)), from expm1 (see y_first).
     s = sqrt_disc(over, 1.0)
     bpos = B >= 0
     q = -(B + torch.where(bpos, s, -s)) / 2  # |q| >= s/2 > 0, also where unselected
@@ -193,7 +197,7 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     r1, w1 = torch.where(bpos, slow, fast), torch.where(bpos, w_fast, w_slow)  # r1 = (-b + s)/(2a)
     r2, w2 = torch.where(bpos, fast, slow), torch.where(bpos, w_slow, w_fast)
     e1, e2 = capped_exp(r1 * t), capped_exp(r2 * t)
-    y_over = c2 * e1 + c1 * e2 + H * (1 - (w1 * e1 + w2 * e2)) / C
+    y_over = c2 * e1 + c1 * e2 - H * (w1 * capped_expm1(r1 * t) + w2 * capped_expm1(r2 * t)) / C
 
     rc = -B / (2 * A)
     ec = capped_exp(rc * t)
