@@ -429,6 +429,29 @@ def test_numpy_and_tensor_integers_are_ids_and_lengths():
     check_invariants(cache)
 
 
+def test_arguments_of_the_wrong_kind_name_themselves():
+    """Type-confusion bug hunt (2026-12-04): an int32 cache was built and failed at attention in C++
+    ("unsupported dtype Int"), dtype=None made float32 pools no append matched, bools passed as sizes,
+    and a 0-d array, a meta tensor or a complex length for an id, or scale=10**400, raised errors from
+    deep inside (numpy, torch, float()). The cache is left as it was."""
+    for dtype in (torch.int32, torch.bool, torch.complex64, None, "float32"):
+        with pytest.raises(TypeError, match="PagedKVCache: dtype must be one of"):
+            make(dtype=dtype)
+    with pytest.raises(ValueError, match="num_layers must be a positive int; got True"):
+        PagedKVCache(True, HKV, D, 4, 8, 2)
+    cache, a, b = _populated()
+    snap = snapshot(cache)
+    for bad in (np.array(a), torch.tensor([a], device="meta")):
+        with pytest.raises(ValueError, match="seq_ids must be"):
+            cache.rollback(bad, [0])
+    for bad in (torch.tensor(0, dtype=torch.complex64), torch.tensor(a, device="meta")):
+        with pytest.raises(ValueError, match="seq_id must be an int"):
+            cache.length(bad)
+    with pytest.raises(ValueError, match="kfuse.paged_decode_attention: scale is out of float's range"):
+        kfuse.paged_decode_attention(torch.randn(2, HKV, D), cache, 0, [a, b], scale=10**400)
+    assert_same(cache, snap)
+
+
 def test_sequence_slots_exhausted():
     cache = make(max_seqs=2)
     a = cache.add_sequence()

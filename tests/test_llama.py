@@ -203,6 +203,10 @@ def test_bad_input_raises_and_leaves_the_cache_unchanged(monkeypatch):
             model(*args)
     with pytest.raises(ValueError, match="counts"):
         model.forward_packed(torch.cat(good), [1, 1], ids, cache)
+    ids3 = [*ids, cache.add_sequence()]
+    with pytest.raises(ValueError, match="counts"):  # their int64 sum wraps to 1 (was: repeats can not be negative)
+        model.forward_packed(rand_tokens(1), [2**63 - 1, 2**63 - 1, 3], ids3, cache)
+    cache.free(ids3[2])
     with pytest.raises(TypeError, match="flat_tokens"):
         model.forward_packed(torch.cat(good).int(), [2, 1], ids, cache)
     assert ([cache.length(s) for s in ids], cache.stats()) == before

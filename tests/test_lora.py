@@ -8,6 +8,7 @@ import importlib.util
 import math
 import warnings
 
+import numpy as np
 import pytest
 import sm90
 import torch
@@ -975,9 +976,13 @@ def test_bad_input_errors() -> None:
         (lambda: f(x, w, a, b, 1.0, dropout_p=-0.1), ValueError, "dropout_p must be in"),
         (lambda: f(x, w, a, b, 1.0, dropout_p=math.nan), ValueError, "dropout_p must be in"),
         (lambda: f(x, w, a, b, 1.0, dropout_p="0.1"), TypeError, "dropout_p must be a real number; got str"),
-        (lambda: f(x, w, a, b, torch.tensor(1.0)), TypeError, "scaling must be a real number; got Tensor"),
+        (lambda: f(x, w, a, b, torch.tensor(1.0)), TypeError, "scaling must be a real number; got torch.Tensor"),
         (lambda: f(x, w, a, b, True), TypeError, "scaling must be a real number; got bool"),
         (lambda: f(x, w, a, b, 1.0, training=1), TypeError, "training must be a bool"),
+        # numpy 2 calls its bool "bool": the message says whose (it said "must be a bool; got bool").
+        (lambda: f(x, w, a, b, 1.0, training=np.True_), TypeError, "training must be a bool; got numpy.bool"),
+        (lambda: f(x, w, a, b, 10**400), ValueError, "scaling is out of float's range"),  # was a bare OverflowError
+        (lambda: f(x, w, a, b, 1.0, dropout_p=10**400), ValueError, "dropout_p is out of float's range"),
         (lambda: f(x, w, a, b, 1.0, fan_in_fan_out=None), TypeError, "fan_in_fan_out must be a bool"),
         (lambda: f(x.numpy(), w, a, b, 1.0), TypeError, "x must be a torch.Tensor; got ndarray"),
         (lambda: f(x, w, [1.0], b, 1.0), TypeError, "lora_A must be a torch.Tensor; got list"),
@@ -1020,6 +1025,12 @@ def test_bad_input_errors() -> None:
         (lambda: multi(B_stack=m["B_stack"].double()), TypeError, "B_stack must have A_stack's dtype"),
         (lambda: multi(adapter_ids=m["adapter_ids"].to("meta")), ValueError, "adapter_ids is on meta but x is on cpu"),
         (lambda: multi(bias=torch.randn(4)), ValueError, r"bias must have shape \[N\] = \[5\]"),
+        # The modules' scalars, by the same checks.
+        (lambda: kfuse.nn.LoRALinear(6, 5, lora_alpha=10**400), ValueError, "LoRALinear: lora_alpha is out of float"),
+        (lambda: kfuse.nn.LoRALinear(6, 5, use_rslora=np.True_), TypeError,
+         "LoRALinear: use_rslora must be a bool; got numpy.bool"),
+        (lambda: kfuse.nn.MultiLoRALinear(6, 5).add_adapter(a, b, 10**400), ValueError,
+         "add_adapter: scaling is out of float's range"),
     ]
     for i, (call, exc, match) in enumerate(cases):
         with pytest.raises(exc, match=match):

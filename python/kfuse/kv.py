@@ -77,15 +77,19 @@ from kfuse import _backends
 
 __all__ = ["PagedKVCache"]
 
+_INT_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+                         torch.uint64})
+_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 def _index_tensor(x, what: str) -> Tensor:
     """``x`` (a sequence of ints, or a 1-D integer tensor) as a contiguous CPU int64 tensor."""
     if isinstance(x, Tensor):
-        if x.dim() != 1 or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-            raise ValueError(f"{what} must be a 1-D integer tensor or a sequence of ints; "
-                             f"got {x.dtype} {tuple(x.shape)}")
+        if x.dim() != 1 or x.dtype not in _INT_DTYPES or x.is_meta:
+            raise ValueError(f"{what} must be a 1-D integer tensor (with values) or a sequence of ints; "
+                             f"got {'a meta ' if x.is_meta else ''}{x.dtype} {tuple(x.shape)}")
         return x.to(device="cpu", dtype=torch.int64).contiguous()  # note: a CUDA tensor here syncs
-    if isinstance(x, (int, float, bool)) or not hasattr(x, "__len__"):
+    if isinstance(x, (int, float, bool)) or not hasattr(x, "__len__") or getattr(x, "ndim", 1) != 1:
         raise ValueError(f"{what} must be a sequence of ints; got {type(x).__name__} {x!r}")
     # array('q') converts a list of 256 ints in ~8 us (numpy ~16 us, torch.tensor ~4x more) and
     # refuses non-integers (floats, strings). Bools are ints in Python and would pass as 0/1: a mask
@@ -124,11 +128,13 @@ class PagedKVCache:
                  max_pages_per_seq: int | None = None, *, _mirror: bool = False) -> None:
         for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                           ("page_size", page_size), ("num_pages", num_pages), ("max_seqs", max_seqs)):
-            if not isinstance(val, int) or val < 1:
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"{name} must be a positive int; got {val!r}")
+        if dtype not in _KV_DTYPES:  # what the attention kernels read
+            raise TypeError(f"PagedKVCache: dtype must be one of {', '.join(map(str, _KV_DTYPES))}; got {dtype!r}")
         if max_pages_per_seq is None:
             max_pages_per_seq = num_pages
-        if not isinstance(max_pages_per_seq, int) or max_pages_per_seq < 1:
+        if not isinstance(max_pages_per_seq, int) or isinstance(max_pages_per_seq, bool) or max_pages_per_seq < 1:
             raise ValueError(f"max_pages_per_seq must be a positive int; got {max_pages_per_seq!r}")
         if num_pages >= 2**31 or max_seqs * max_pages_per_seq >= 2**40:
             raise ValueError(f"num_pages ({num_pages}) must fit int32 and max_seqs · max_pages_per_seq "
@@ -203,7 +209,7 @@ class PagedKVCache:
     @staticmethod
     def _scalar(v, what: str) -> int:
         """An int from an int, a numpy integer or a one-element integer tensor; bools are refused."""
-        if isinstance(v, Tensor) and v.numel() == 1 and not v.is_floating_point() and v.dtype != torch.bool:
+        if isinstance(v, Tensor) and v.numel() == 1 and v.dtype in _INT_DTYPES and not v.is_meta:
             v = int(v.item())
         elif isinstance(v, np.integer):
             v = int(v)

@@ -249,7 +249,9 @@ class LlamaForCausalLM(nn.Module):
         self._check_cache(cache)
         ids = cache._ids(seq_ids)  # known, active, distinct: the cache's own checks and messages
         cnt = _index_tensor(counts, "counts")
-        if cnt.numel() != ids.numel() or (cnt < 0).any() or int(cnt.sum()) != flat_tokens.numel():
+        # Each count within [0, total] first: an int64 sum of counts near 2^63 wraps (to the total, even).
+        if cnt.numel() != ids.numel() or (cnt < 0).any() or (cnt > flat_tokens.numel()).any() \
+                or int(cnt.sum()) != flat_tokens.numel():
             raise ValueError(f"counts {cnt.tolist()} must have one entry >= 0 per sequence ({ids.numel()}) summing "
                              f"to flat_tokens' {flat_tokens.numel()} tokens")
         total = flat_tokens.numel()

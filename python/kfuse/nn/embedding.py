@@ -4,7 +4,7 @@ multi-table bag in the FBGEMM/TorchRec layout, optionally with a fused sparse op
 from __future__ import annotations
 
 import math
-import numbers
+import operator
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kfuse import _backends, _routing
+from kfuse import _backends, _checks, _routing
 from kfuse.nn._buffers import apply_keeping_dtype
 from kfuse.ops import embedding as E
 from kfuse.reference.embedding import (
@@ -53,6 +53,8 @@ class EmbeddingBag(nn.Module):
         self.max_norm, self.norm_type, self.scale_grad_by_freq = max_norm, norm_type, scale_grad_by_freq
         if mode not in ("sum", "mean"):
             raise ValueError(f"mode must be 'sum' or 'mean' (kfuse has no 'max'); got {mode!r}")
+        _checks.check_bool("nn.EmbeddingBag", "include_last_offset", include_last_offset)
+        _checks.check_bool("nn.EmbeddingBag", "sparse", sparse)
         if padding_idx is not None:
             padding_idx = E._as_index(padding_idx)  # numpy and 0-d tensor integers too, as torch
             if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) \
@@ -159,7 +161,7 @@ class MultiTableEmbeddingBag(nn.Module):
                  beta2: float = 0.999, weight_decay: float = 0.0, seed: int = 0,
                  process_group: object | None = None, backend: str = "auto") -> None:
         super().__init__()
-        tables = [(int(r), int(d)) for r, d in tables]
+        tables = _table_sizes(tables)
         if not tables or any(r < 1 or d < 1 for r, d in tables):
             raise ValueError(f"tables must be a non-empty list of (rows >= 1, dim >= 1); got {tables}")
         if optimizer is not None and optimizer not in OPTIMIZERS:
@@ -369,6 +371,25 @@ def _seed(seed: object) -> int:
     return s
 
 
+def _table_sizes(tables: object) -> list[tuple[int, int]]:
+    """``tables`` as (rows, dim) int pairs; integers of any kind (numpy, 0-d integer tensors), never
+    a float or string truncated to one (int(10.9) made a 10-row table)."""
+    if isinstance(tables, (str, bytes)) or not isinstance(tables, Sequence):
+        raise TypeError("MultiTableEmbeddingBag: tables must be a list of (rows, dim) pairs; "
+                        f"got {type(tables).__name__}")
+    out = []
+    for t in tables:
+        try:
+            r, d = t
+            if isinstance(r, bool) or isinstance(d, bool):
+                raise TypeError
+            out.append((operator.index(r), operator.index(d)))
+        except (TypeError, ValueError):
+            raise TypeError("MultiTableEmbeddingBag: tables must be a list of (rows, dim) pairs of ints; "
+                            f"got {t!r}") from None
+    return out
+
+
 def _hparams(**given: object) -> dict[str, float]:
     """The fused optimizer's hyper-parameters as floats, checked as torch.optim checks its own
     (numbers or one-element tensors, read once here: the kernels take them as scalars)."""
@@ -376,9 +397,7 @@ def _hparams(**given: object) -> dict[str, float]:
     for name, v in given.items():
         if isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point():
             v = v.item()
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):  # (np.bool_ is no Real)
-            raise ValueError(f"MultiTableEmbeddingBag: {name} must be a finite real number; got {v!r}")
-        out[name] = float(v)
+        out[name] = _checks.real("MultiTableEmbeddingBag", name, v, finite=True)
     for name in ("lr", "eps", "weight_decay"):
         if out[name] < 0:
             raise ValueError(f"MultiTableEmbeddingBag: {name} must be >= 0; got {out[name]}")

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 import warnings
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kfuse import _checks
 from kfuse.nn._buffers import apply_keeping_dtype
 from kfuse.ops.lora import BACKENDS, lora_linear, lora_linear_multi
 from kfuse.reference.lora import acc_dtype
@@ -121,17 +121,15 @@ class LoRALinear(nn.Module):
                backend: str, adapter_dtype: torch.dtype | None) -> None:
         cls = type(self).__name__
         r = _int(cls, "r", r, 1)
-        for name, v in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                raise TypeError(f"{cls}: {name} must be a real number; got {type(v).__name__}")
-        if not 0.0 <= float(lora_dropout) < 1.0:
+        lora_alpha = _checks.real(cls, "lora_alpha", lora_alpha)
+        lora_dropout = _checks.real(cls, "lora_dropout", lora_dropout)
+        if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"{cls}: lora_dropout must be in [0, 1); got {lora_dropout}")
         for name, v in (("use_rslora", use_rslora), ("fan_in_fan_out", fan_in_fan_out), ("lora_bias", lora_bias)):
-            if not isinstance(v, bool):
-                raise TypeError(f"{cls}: {name} must be a bool; got {type(v).__name__}")
+            _checks.check_bool(cls, name, v)
         self.backend = _check_backend(cls, backend)
         self.in_features, self.out_features, self.r = in_features, out_features, r
-        self.lora_alpha, self.lora_dropout, self.use_rslora = float(lora_alpha), float(lora_dropout), use_rslora
+        self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, lora_dropout, use_rslora
         self.fan_in_fan_out = fan_in_fan_out
         self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.merged = False
@@ -278,8 +276,7 @@ class MultiLoRALinear(nn.Module):
 
     def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None, in_features: int, out_features: int,
                fan_in_fan_out: bool, backend: str, adapter_dtype: torch.dtype | None) -> None:
-        if not isinstance(fan_in_fan_out, bool):
-            raise TypeError(f"MultiLoRALinear: fan_in_fan_out must be a bool; got {type(fan_in_fan_out).__name__}")
+        _checks.check_bool("MultiLoRALinear", "fan_in_fan_out", fan_in_fan_out)
         self.backend = _check_backend("MultiLoRALinear", backend)
         self.in_features, self.out_features, self.fan_in_fan_out = in_features, out_features, fan_in_fan_out
         self.weight, self.bias = weight, bias
@@ -332,8 +329,7 @@ class MultiLoRALinear(nn.Module):
         if tuple(lora_B.shape) != (N, r):
             raise ValueError(f"MultiLoRALinear.add_adapter: lora_B must have shape [N, r] = [{N}, {r}]; "
                              f"got {list(lora_B.shape)}")
-        if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
-            raise TypeError(f"MultiLoRALinear.add_adapter: scaling must be a real number; got {type(scaling).__name__}")
+        scaling = _checks.real("MultiLoRALinear.add_adapter", "scaling", scaling)
         L, r_max = self.A_stack.shape[0], max(self.r_max, r)
         A = self.A_stack.new_zeros(L + 1, r_max, K)
         B = self.B_stack.new_zeros(L + 1, N, r_max)
@@ -342,7 +338,7 @@ class MultiLoRALinear(nn.Module):
         A[L, :r] = lora_A.to(A)
         B[L, :, :r] = lora_B.to(B)
         self.A_stack, self.B_stack = A, B
-        self.scalings = torch.cat([self.scalings, self.scalings.new_tensor([float(scaling)])])
+        self.scalings = torch.cat([self.scalings, self.scalings.new_tensor([scaling])])
         self.ranks = torch.cat([self.ranks, self.ranks.new_tensor([r])])
         return L
 

@@ -30,13 +30,12 @@ per :func:`kfuse._routing.route`.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from kfuse import _backends, _routing
+from kfuse import _backends, _checks, _routing
 from kfuse.kv import PagedKVCache, _as_int_list
 from kfuse.reference.kv import paged_decode_attention_reference, paged_prefill_attention_reference
 
@@ -75,9 +74,7 @@ def _select(op: str, backend: str, q: Tensor) -> str:
 def _scale(op: str, scale: object, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
-        raise TypeError(f"kfuse.{op}: scale must be a finite real number or None; got {scale!r}")
-    return float(scale)
+    return _checks.real(f"kfuse.{op}", "scale", scale, finite=True)
 
 
 @dataclass

@@ -18,13 +18,12 @@ float64 for float64 x), the seed, and the parameters W, A, B.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import torch
 from torch import Tensor
 
-from kfuse import _backends, _routing
+from kfuse import _backends, _checks, _routing
 from kfuse.reference.lora import (
     acc_dtype,
     lora_linear_multi_reference,
@@ -60,11 +59,6 @@ def _check_tensor(op: str, name: str, t: object, optional: bool = False) -> None
     if t.layout != torch.strided or t.is_nested:
         kind = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
         raise TypeError(f"kfuse.{op}: {name} must be a dense (strided) tensor; got a {kind} tensor")
-
-
-def _check_bool(op: str, name: str, v: object) -> None:
-    if not isinstance(v, bool):
-        raise TypeError(f"kfuse.{op}: {name} must be a bool; got {type(v).__name__}")
 
 
 def _check_devices(op: str, x: Tensor, named: tuple[tuple[str, Tensor | None], ...]) -> None:
@@ -104,12 +98,6 @@ def _check_bias(op: str, name: str, t: Tensor | None, N: int, dtype: torch.dtype
         raise TypeError(f"kfuse.{op}: {name} must have {whose} dtype ({dtype}); got {t.dtype}")
 
 
-def _number(op: str, name: str, v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"kfuse.{op}: {name} must be a real number; got {type(v).__name__}")
-    return float(v)
-
-
 def _validate(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: object, bias: Tensor | None,
               lora_bias: Tensor | None, dropout_p: object, fan_in_fan_out: bool,
               op: str = "lora_linear") -> tuple[float, float]:
@@ -118,9 +106,9 @@ def _validate(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling
         _check_tensor(op, name, t)
     _check_tensor(op, "bias", bias, optional=True)
     _check_tensor(op, "lora_bias", lora_bias, optional=True)
-    _check_bool(op, "fan_in_fan_out", fan_in_fan_out)
-    scaling = _number(op, "scaling", scaling)
-    p = _number(op, "dropout_p", dropout_p)
+    _checks.check_bool(f"kfuse.{op}", "fan_in_fan_out", fan_in_fan_out)
+    scaling = _checks.real(f"kfuse.{op}", "scaling", scaling)
+    p = _checks.real(f"kfuse.{op}", "dropout_p", dropout_p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"kfuse.{op}: dropout_p must be in [0, 1); got {p}")
     K, N = _check_x_weight(op, x, weight, fan_in_fan_out)
@@ -149,7 +137,7 @@ def _validate_multi(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor,
                     ("scalings", scalings), ("ranks", ranks), ("adapter_ids", adapter_ids)):
         _check_tensor(op, name, t)
     _check_tensor(op, "bias", bias, optional=True)
-    _check_bool(op, "fan_in_fan_out", fan_in_fan_out)
+    _checks.check_bool(f"kfuse.{op}", "fan_in_fan_out", fan_in_fan_out)
     K, N = _check_x_weight(op, x, weight, fan_in_fan_out)
     if A_stack.ndim != 3 or A_stack.shape[2] != K:
         raise ValueError(f"kfuse.{op}: A_stack must have shape [L, r_max, K] = [L, r_max, {K}]; "
@@ -745,7 +733,7 @@ def lora_linear(
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, training,
                                fan_in_fan_out, backend)
-    _check_bool("lora_linear", "training", training)
+    _checks.check_bool("kfuse.lora_linear", "training", training)
     scaling, p = _validate(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out)
     if not training:
         p = 0.0

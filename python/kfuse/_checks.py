@@ -1,0 +1,37 @@
+"""Checks of scalar arguments shared by the ops, modules and generator: each error names the
+argument and what it got (type-confusion bug hunt, 2026-12-04: a string ``include_last_offset``
+was taken as True, ``10**400`` for a real number raised a bare OverflowError, a numpy bool was
+refused as "must be a bool; got bool")."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def type_name(v: object) -> str:
+    """``v``'s type, module-qualified outside builtins (numpy 2 calls its bool ``bool``)."""
+    t = type(v)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def check_bool(where: str, name: str, v: object) -> bool:
+    """``v`` if it is a Python bool; a TypeError naming ``name`` otherwise (as torch's argument
+    parser, which refuses strings and numbers for its bool arguments)."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{where}: {name} must be a bool; got {type_name(v)} {v!r}")
+    return v
+
+
+def real(where: str, name: str, v: object, *, finite: bool = False) -> float:
+    """``v`` as a float: a real number that is not a bool, within float's range, and finite when
+    ``finite``; a TypeError or ValueError naming ``name`` otherwise."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a real number; got {type_name(v)}")
+    try:
+        f = float(v)
+    except OverflowError:
+        raise ValueError(f"{where}: {name} is out of float's range; got {v!r}") from None
+    if finite and not math.isfinite(f):
+        raise ValueError(f"{where}: {name} must be finite; got {f}")
+    return f
