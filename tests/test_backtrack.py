@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -271,6 +272,30 @@ def test_profanity_check_threshold_sets_what_is_flagged():
     assert low(text) == [True] and high(text) == [False]
 
 
+def test_prompt_logits_are_not_kept_while_decoding(model):
+    """generate() kept the prefill's [prompt_len, vocab] logits of every prompt alive for the whole
+    decode loop (500 MiB for a 4096-token prompt at a 32k vocabulary; memory bug hunt, 2026-12-04):
+    once the first tokens are sampled, none of them may be referenced."""
+    prefill: list[weakref.ref] = []
+    alive_at_checks: list[int] = []
+
+    class Recording:
+        vocab_size, new_cache = model.vocab_size, model.new_cache
+
+        def __call__(self, tokens, seq_ids, cache):
+            out = model(tokens, seq_ids, cache)
+            if not prefill:
+                prefill.extend(weakref.ref(x) for x in out)
+            return out
+
+    def check(windows):
+        alive_at_checks.append(sum(r() is not None for r in prefill))
+        return [0.0] * len(windows)
+
+    generate(Recording(), PROMPTS, max_new_tokens=4, check=check, check_every=2, window=2)
+    assert len(prefill) == len(PROMPTS) and alive_at_checks and set(alive_at_checks) == {0}
+
+
 class NotCalled:
     """``model``'s vocabulary and new_cache, but calling it fails: errors raised through it came before
     any model call."""
@@ -286,6 +311,7 @@ def test_bad_arguments_raise_naming_them(model):
     ok = dict(max_new_tokens=4, check=WordListCheck([[0]]))
     cases = [
         ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 2**40}, "max_new_tokens=1099511627776 needs"),
         ({"check_every": 0}, "check_every"),
         ({"window": 0}, "window"),
         ({"max_backtracks": -1}, "max_backtracks"),
@@ -300,6 +326,9 @@ def test_bad_arguments_raise_naming_them(model):
         ({"temperature": -1.0}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
         ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": 10**400}, "temperature"),  # a Real beyond float's range (was a bare OverflowError)
+        ({"top_p": 10**400}, "top_p"),
+        ({"threshold": 10**400}, "threshold"),
         ({"top_k": 0}, "top_k"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": float("nan")}, "top_p"),

@@ -309,6 +309,54 @@ def test_sparse_and_backend_are_keyword_only():
         kfuse.multi_embedding_bag([w], idx, torch.tensor([0, 2, 4]), sparse=1)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_dense_half_gradient_makes_no_float32_table(backend):
+    """The dense gradient of a half table was a float32 [rows, D] zeros cast afterwards: 3x the
+    gradient's memory at its peak (fp16, 4M x 64: 1536 MiB against torch's 544; memory bug hunt,
+    2026-12-04). Records every tensor the backward's ops make: none is a float32 table."""
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    made: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.extend((t.dtype, tuple(t.shape)) for t in torch.utils._pytree.tree_leaves(out)
+                        if isinstance(t, torch.Tensor))
+            return out
+
+    w = torch.randn(300, 8, dtype=torch.float16, requires_grad=True)
+    idx, off = torch.tensor([3, 7, 3, 299]), torch.tensor([0, 2])
+    y = kfuse.embedding_bag(idx, w, off, mode="sum", backend=backend)
+    with Record():
+        (grad,) = torch.autograd.grad(y, w, torch.ones_like(y))
+    assert (torch.float16, (300, 8)) in made and (torch.float32, (300, 8)) not in made
+    want = torch.zeros(300, 8, dtype=torch.float16).index_put_((idx,), torch.ones(4, 8, dtype=torch.float16),
+                                                              accumulate=True)
+    assert torch.equal(grad, want)
+
+
+def test_flags_and_table_sizes_of_the_wrong_kind_are_refused():
+    """Type-confusion bug hunt (2026-12-04): a string include_last_offset was truthy (a bag fewer,
+    silently; torch refuses it), and MultiTableEmbeddingBag truncated float and string table sizes
+    (10.9 rows made 10)."""
+    w, idx, off = torch.randn(10, 4), torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 2, 5])
+    for backend in ("cpu", "reference"):
+        with pytest.raises(TypeError, match="include_last_offset must be a bool; got str 'False'"):
+            kfuse.embedding_bag(idx, w, off, "sum", include_last_offset="False", backend=backend)
+    for kw in ({"include_last_offset": "False"}, {"sparse": 0}):
+        with pytest.raises(TypeError, match=f"nn.EmbeddingBag: {next(iter(kw))} must be a bool"):
+            kfuse.nn.EmbeddingBag(10, 4, **kw)
+    for tables in ([(10.9, 4)], [(10, 4.7)], [("10", 4)], [(torch.tensor(10.9), 4)], [(np.float64(3.5), 2)],
+                   [(True, 4)], [(10,)], "10x4", 10):
+        with pytest.raises(TypeError, match="MultiTableEmbeddingBag: tables must be a list of"):
+            kfuse.nn.MultiTableEmbeddingBag(tables)
+    m = kfuse.nn.MultiTableEmbeddingBag([(np.int64(6), torch.tensor(3)), (4, 2)])  # integers of any kind
+    assert m.tables == [(6, 3), (4, 2)] and all(type(v) is int for t in m.tables for v in t)
+    with pytest.raises(ValueError, match="MultiTableEmbeddingBag: lr is out of float's range"):
+        kfuse.nn.MultiTableEmbeddingBag([(6, 3)], optimizer="sgd", lr=10**400)
+
+
 @pytest.mark.parametrize(("backend", "device"), backends())
 def test_sparse_gradients_are_coalesced_rows(backend, device, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -662,8 +710,8 @@ def test_fused_module_checks_its_hyper_parameters_and_seed():
                      ({"seed": 1.5}, "seed"), ({"lr": -0.1}, "lr"), ({"lr": float("nan")}, "lr"),
                      ({"lr": "0.1"}, "lr"), ({"eps": True}, "eps"), ({"beta1": 1.0}, "beta1"),
                      ({"beta2": -0.5}, "beta2"), ({"weight_decay": float("inf")}, "weight_decay")]:
-        with pytest.raises(ValueError, match=f"MultiTableEmbeddingBag: {name} must be"):
-            build(**kw)
+        with pytest.raises((ValueError, TypeError), match=f"MultiTableEmbeddingBag: {name} must be"):
+            build(**kw)  # (TypeError for a str or bool, as every real-number argument: kfuse._checks.real)
     with pytest.raises(ValueError, match=r"^feature_table_map must be .* \[0, 1\); got \[1\]"):  # its own name
         MultiTableEmbeddingBag([(10, 4)], feature_table_map=[1])
     m = build(lr=torch.tensor(0.1), beta1=np.float32(0.5), seed=np.int64(2**63 - 1))

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kfuse import _checks
 from kfuse.kv import PagedKVCache
 
 __all__ = ["GenerationResult", "ProfanityCheck", "SequenceStats", "WordListCheck", "generate"]
@@ -232,7 +233,11 @@ def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
 
 def _is_finite_real(value: object) -> bool:
     # NaN passes every comparison-based range check (nan < 0 is False), so finiteness is checked on its own.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        _checks.real(_GEN, "", value, finite=True)
+    except (TypeError, ValueError):  # (10**400 is a Real whose math.isfinite raised OverflowError)
+        return False
+    return True
 
 
 def _check_ids(name: str, ids: list[int], vocab: int | None) -> None:
@@ -425,7 +430,11 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
             raise TypeError(f"{_GEN}: model has no new_cache() to make a cache; pass cache (a kfuse.kv.PagedKVCache) "
                             f"or a kfuse.models.LlamaForCausalLM; got {type(model).__name__}")
         page = 16
-        cache = model.new_cache(page, num_pages=_pages(longest, page), max_seqs=n)
+        pages = _pages(longest, page)
+        if pages >= 2**31:  # (the cache's own error named num_pages, which the caller never passed)
+            raise ValueError(f"{_GEN}: max_new_tokens={max_new_tokens} needs {pages} cache pages of {page} tokens "
+                             "for these prompts; a cache holds fewer than 2^31")
+        cache = model.new_cache(page, num_pages=pages, max_seqs=n)
     else:
         _check_cache(cache, longest)
 
@@ -445,6 +454,7 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
         logits = model([torch.tensor(p) for p in prompt_ids], slots, cache)
         calls += 1
         rows = torch.stack([x[-1] for x in logits]).float().cpu()  # one transfer per step
+        del logits  # [prompt_len, vocab] per prompt (500 MiB for 4096 tokens of a 32k vocabulary): not kept
         vocab = rows.shape[1]
         if model_vocab is None:  # known only now
             _check_flag_room(max_flags, vocab)
