@@ -1031,6 +1031,8 @@ def test_bad_input_errors() -> None:
          "LoRALinear: use_rslora must be a bool; got numpy.bool"),
         (lambda: kfuse.nn.MultiLoRALinear(6, 5).add_adapter(a, b, 10**400), ValueError,
          "add_adapter: scaling is out of float's range"),
+        (lambda: kfuse.nn.MultiLoRALinear(6, 5).add_adapter(a.to(torch.complex64), b, 1.0), TypeError,
+         "add_adapter: lora_A must be a floating-point tensor; got torch.complex64"),
     ]
     for i, (call, exc, match) in enumerate(cases):
         with pytest.raises(exc, match=match):

@@ -321,6 +321,9 @@ class MultiLoRALinear(nn.Module):
         A rank above ``r_max`` re-pads the stacks."""
         if not isinstance(lora_A, Tensor) or not isinstance(lora_B, Tensor):
             raise TypeError("MultiLoRALinear.add_adapter: lora_A and lora_B must be tensors")
+        for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):  # (a complex one lost its imaginary part)
+            if not t.is_floating_point():
+                raise TypeError(f"MultiLoRALinear.add_adapter: {name} must be a floating-point tensor; got {t.dtype}")
         K, N = self.in_features, self.out_features
         if lora_A.ndim != 2 or lora_A.shape[1] != K or lora_A.shape[0] < 1:
             raise ValueError(f"MultiLoRALinear.add_adapter: lora_A must have shape [r, K] = [r, {K}] with r >= 1; "
