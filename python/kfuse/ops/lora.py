@@ -766,17 +766,19 @@ def _torch_multi(x2: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, s
     y = torch.mm(xa, wt) if bias is None else torch.addmm(bias.to(acc), xa, wt)
     L = A_stack.shape[0]
     if L and A_stack.shape[1] and ids.numel():
+        # Only the adapters the batch uses, in ascending id (-1, base only, first): a loop over all L
+        # loaded ones cost ~2 µs each (8192 loaded, 8 used: 30x a torch loop over the 8; perf hunt).
         order = torch.argsort(ids, stable=True)
-        counts = torch.bincount(ids + 1, minlength=L + 1).tolist()
-        rank_list, scale_list = ranks.tolist(), scalings.double().tolist()
-        start = counts[0]  # the base-only rows (-1) sort first
-        for a in range(L):
-            rows, start = order[start:start + counts[a + 1]], start + counts[a + 1]
-            r = rank_list[a]
-            if rows.numel() == 0 or r == 0:
+        present, counts = torch.unique_consecutive(ids[order], return_counts=True)
+        used = present.clamp(min=0)
+        start = 0
+        for a, n, r, scale in zip(present.tolist(), counts.tolist(), ranks[used].tolist(),
+                                  scalings.double()[used].tolist(), strict=True):
+            rows, start = order[start:start + n], start + n
+            if a < 0 or r == 0:
                 continue
             s = torch.mm(xa.index_select(0, rows), A_stack[a, :r].to(acc).t())
-            y.index_add_(0, rows, torch.mm(s, B_stack[a, :, :r].to(acc).t()), alpha=scale_list[a])
+            y.index_add_(0, rows, torch.mm(s, B_stack[a, :, :r].to(acc).t()), alpha=scale)
     return y.to(x2.dtype)
 
 
