@@ -417,6 +417,33 @@ def test_multi_adapter(backend: str, device: str, seed: int) -> None:
         assert kfuse.lora_linear_multi(**empty, backend=backend).shape == (0, *lead[1:], N)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_small_batches_do_not_cast_the_weight(dtype: torch.dtype, seed: int) -> None:
+    """At decode sizes the cpu backend cast W to float32 on every call (forward and dx), which cost
+    more than torch's whole half GEMM: 4-10x torch's half x Wᵀ at M = 1..16, K = N = 4096 (perf hunt,
+    2026-12-04). Up to _HALF_GEMM_MAX_M rows the base GEMM runs in half (the profiler sees no copy of
+    W's shape); above, the casts and one fp32 GEMM as before. Values within the dtype's tolerance."""
+    from kfuse.ops.lora import _HALF_GEMM_MAX_M  # noqa: PLC0415
+
+    K, N = 64, 48
+
+    def casts_of_w(M: int) -> int:
+        x, w, a, b = torch.randn(M, K), torch.randn(N, K), torch.randn(4, K), torch.randn(N, 4)
+        x, w = x.to(dtype).requires_grad_(), w.to(dtype)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            y = kfuse.lora_linear(x, w, a, b, 0.5, backend="cpu")
+            (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        xd = x.detach().double()
+        want = xd @ w.double().t() + 0.5 * (xd @ a.double().t()) @ b.double().t()
+        assert_close(y, want, dtype, f"y M={M}")
+        assert_close(gx, (torch.ones(M, N, dtype=torch.float64) @ (w.double() + 0.5 * b.double() @ a.double())),
+                     dtype, f"grad x M={M}")
+        return sum(e.name == "aten::_to_copy" and list(e.input_shapes[0]) in ([N, K], [K, N])
+                   for e in prof.events())
+    assert casts_of_w(_HALF_GEMM_MAX_M) == 0
+    assert casts_of_w(_HALF_GEMM_MAX_M + 1) == 2  # forward and dx: the detector sees them
+
+
 def test_multi_adapter_cpu_work_does_not_grow_with_unused_adapters(seed: int) -> None:
     """The cpu backend visited every loaded adapter (slices, list conversions): 8192 loaded with 8 in
     the batch took 30x a torch loop over the 8 (perf hunt, 2026-12-04). Counts the aten ops the

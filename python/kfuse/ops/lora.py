@@ -297,6 +297,26 @@ def _combined_bias(bias: Tensor | None, lora_bias: Tensor | None, scaling: float
     return lb if bias is None else lb.add_(bias.to(acc))
 
 
+# Rows at or below which the cpu backend runs the base GEMM (x Wᵀ, dy W) in the inputs' half dtype
+# (torch's CPU half GEMM accumulates in fp32 and rounds its output) and adds the rest in fp32: casting
+# W to fp32 costs more than the whole half GEMM there (bf16, K = N = 4096, 1 thread: M = 1: 3.4 ms
+# against 42.8 ms for the casts and an fp32 GEMM, M = 16: 10.2 against 38.1, M = 256: 108 against
+# 103; fp16 M = 1: 3.2 against 31.4; perf hunt 2026-12-04: kfuse was 4-10x torch's half x Wᵀ at
+# decode sizes). The base product is then rounded to half once more before y is.
+_HALF_GEMM_MAX_M = 32
+
+
+def _base_mm(a: Tensor, b: Tensor, acc: torch.dtype, bias: Tensor | None = None) -> Tensor:
+    """``bias + a @ b`` in ``acc`` (fp32 accumulation; ``bias`` in ``acc``): for half ``a`` of at most
+    ``_HALF_GEMM_MAX_M`` rows torch's half GEMM, cast up; otherwise both cast to ``acc`` first (no
+    copy for fp32/fp64) and one addmm."""
+    if a.dtype != acc and a.shape[0] <= _HALF_GEMM_MAX_M:
+        y = torch.mm(a, b).to(acc)
+        return y if bias is None else y.add_(bias)
+    a, b = a.to(acc), b.to(acc)
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
 def _torch_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: float, bias: Tensor | None,
                    lora_bias: Tensor | None, p: float, fifo: bool, seed: Tensor | None) -> tuple[Tensor, Tensor]:
     """The ``cpu`` backend (torch's BLAS calls; runs on any device): ``(y [M, N] x's dtype, S [M, r] acc)``.
@@ -304,13 +324,13 @@ def _torch_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: fl
     ``y = addmm(bias + s·lora_bias, x, Wᵀ)``, then ``y += s · S Bᵀ`` in place (``addmm_`` with
     ``alpha=s``): no M×N temporary, no scaled copy of B. Half-precision inputs are computed in
     float32 (casts of x and W): a CPU fp16/bf16 GEMM is slower than the casts plus an fp32 GEMM
-    (256×1024×1024 on 2 cores: 63/80 ms fp16/bf16 vs 48/51 ms), and y is rounded once.
+    (256×1024×1024 on 2 cores: 63/80 ms fp16/bf16 vs 48/51 ms), and y is rounded once; except the
+    base GEMM of at most ``_HALF_GEMM_MAX_M`` rows, where the cast of W would cost more.
     """
     acc = acc_dtype(x2.dtype)
     xa = x2.to(acc)
-    wt = (weight if fifo else weight.t()).to(acc)  # [K, N], a view of W for fp32/fp64
     b = _combined_bias(bias, lora_bias, scaling, acc)
-    y = torch.mm(xa, wt) if b is None else torch.addmm(b, xa, wt)
+    y = _base_mm(x2, weight if fifo else weight.t(), acc, b)
     if seed is None:
         S = torch.mm(xa, A.to(acc).t())
     else:  # dropout's 1/(1-p) on S ([M, r]) rather than on x ([M, K])
@@ -339,8 +359,7 @@ def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tenso
         G = torch.mm(dya, B.to(acc)).mul_(scaling / (1.0 - p) if seed is not None else scaling)
         Aa = A.to(acc)
         if need_x:
-            w = weight.to(acc)
-            dx = torch.mm(dya, w.t() if fifo else w)
+            dx = _base_mm(dy2, weight.t() if fifo else weight, acc)
             if keep is None:
                 dx.addmm_(G, Aa)
             else:
@@ -762,8 +781,7 @@ def _torch_multi(x2: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, s
     adapter's true rank (entries past it are never read)."""
     acc = acc_dtype(x2.dtype)
     xa = x2.to(acc)
-    wt = (weight if fifo else weight.t()).to(acc)
-    y = torch.mm(xa, wt) if bias is None else torch.addmm(bias.to(acc), xa, wt)
+    y = _base_mm(x2, weight if fifo else weight.t(), acc, None if bias is None else bias.to(acc))
     L = A_stack.shape[0]
     if L and A_stack.shape[1] and ids.numel():
         # Only the adapters the batch uses, in ascending id (-1, base only, first): a loop over all L
