@@ -481,6 +481,13 @@ GRAD_FUZZ_ROWS = [
     *(([2.0, 0.5, 0.0105, 0.0, 0.0], t) for t in (0.001, 0.7, 3.0)),
     ([0.05, 3.0, -0.02, 0.1, 0.1], 0.001),
     ([1.0, 1e20, 1.0, 0.3, 0.2], 0.7),
+    # A second fuzz (mpmath as the judge): under-damped neurons with c just outside the zero band,
+    # whose E1·cos − 1 by subtraction made grad c 10-14× the tolerance off; and c1 = 0 with a/b²
+    # underflowing, where no kernel evaluated E2 and grad c1 was 0 instead of e^14 (t = −1) or 1.
+    ([-1.5867456, 0.010000038, -0.0100001, -0.9248014, -0.0017377], 2.00424e-5),
+    ([-1.6522609, 0.0100026, -0.0100000026, 1.1830430, 0.7227581], 2.33971e-5),
+    ([-0.6083554, 0.010000033, -0.0100005148, 1.1572361, 0.3057317], 6.5107e-4),
+    *(([1.0, 1e23, 1.0, 0.0, 0.3], t) for t in (-1.0, 0.0)),
 ]
 
 

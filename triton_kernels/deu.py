@@ -438,14 +438,15 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
     gp = tl.where(pos, g, 0.0)
     b4 = e1 * cs
     # B4 − 1 and B7 − 1 accurate where small, as csrc/deu/deu_math.h's backward_one: from the
-    # (capped) exponents where ω = 0, E1·cos − 1 where ω != 0. Programs with an r = −b/a neuron
-    # have M1 from _expm1 already.
+    # (capped) exponents, (E1 − 1)·cos + (cos − 1) where ω != 0, cos − 1 as −sin²/(1 + cos) where
+    # cos > 0. Programs with an r = −b/a neuron have M1 from _expm1 already.
     if any_m1:
         b4m1 = m1
     else:
         b4m1 = _expm1(tl.where(cap1, EXP_CAP, r1 * t), MATH)
     if any_trig:
-        b4m1 = tl.where(om != 0, b4 - 1.0, b4m1)
+        cosm1 = tl.where(cs > 0, -(sn * sn) / tl.where(cs > 0, 1.0 + cs, 1.0), cs - 1.0)
+        b4m1 = tl.where(om != 0, b4m1 * cs + cosm1, b4m1)
     if any_e2:
         b7m1 = _expm1(tl.where(cap2, EXP_CAP, r2 * t), MATH)
     else:
@@ -528,7 +529,7 @@ def _columns_plan(co_ptr, cols, cmask):
     a, b, c, c1, c2 = _columns_coeffs(co_ptr, cols, cmask)
     h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4 = _plan_values(a, b, c, c1, c2)
     return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
-            _any(om), _any(h7) | _any(p7), _any(h3), _any(m4))
+            _any(om), _any(h7) | _any(p7) | _any(r2), _any(h3), _any(m4))  # r2: see deu_math.h's Plan::e2
 
 
 @triton.jit
@@ -668,7 +669,7 @@ def _neuron_plan(co_ptr, n):
     a, b, c, c1, c2 = _neuron_coeffs(co_ptr, n)
     h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4 = _plan_values(a, b, c, c1, c2)
     return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
-            om != 0, (h7 != 0) | (p7 != 0), h3 != 0, m4 != 0)
+            om != 0, (h7 != 0) | (p7 != 0) | (r2 != 0), h3 != 0, m4 != 0)
 
 
 @triton.jit

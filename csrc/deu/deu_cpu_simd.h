@@ -279,9 +279,13 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
   const vf zero = splat(0.0f);
   const vf gt = g * t;
   const vf e1cs = q.e1 * q.cs;
-  // B4 − 1: E1 − 1 from the exponential's core where ω = 0, as backward_one does.
+  // B4 − 1: E1 − 1 from the exponential's core where ω = 0, (E1 − 1)·cos + (cos − 1) elsewhere,
+  // as backward_one does.
   vf b4m1 = q.m1;
-  if constexpr ((F & kTrig) != 0) b4m1 = p.omega != 0.0f ? e1cs - 1.0f : q.m1;
+  if constexpr ((F & kTrig) != 0) {
+    const vf cosm1 = q.cs > 0.0f ? -(q.sn * q.sn) / (1.0f + q.cs) : q.cs - 1.0f;
+    b4m1 = p.omega != 0.0f ? q.m1 * q.cs + cosm1 : q.m1;
+  }
   // Basis terms B_j(t) times g; hom gets every element, part only t > 0.
   vf gb[kBasis];
   gb[0] = g;

@@ -314,7 +314,10 @@ KF_HD Plan<T> eval_plan(const PlanT<T>& q) {
   p.l1 = base2_rate(q.rho1); p.l2 = base2_rate(q.rho2);
   p.trig = q.omega != T(0);
   p.step = q.hom[3] != T(0);
-  p.e2 = q.hom[7] != T(0) || q.part[7] != T(0);
+  // ρ2 too: the backward needs E2 for hom[7]'s row (∂/∂c1 of the over-damped case) when the
+  // coefficients are 0 (c1 = 0, and part[7] ~ a/b² underflowing: a = 1, b = 1e23 gave grad c1 = 0
+  // instead of 1.2e6; bug hunt).
+  p.e2 = q.hom[7] != T(0) || q.part[7] != T(0) || q.rho2 != T(0);
   return p;
 }
 
@@ -600,9 +603,11 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   // reaches the gradients, as it does in the reference, instead of giving 0 for the neuron.
   if (yraw < -m || yraw > m) return T(0);
   const T basis[kBasis] = {T(1), t, t * t, q.sig, q.e1 * q.cs, t * q.e1 * q.cs, q.e1 * q.sn, q.e2};
-  // B4 − 1 and B7 − 1 (part_shifted), from expm1 of the (capped) exponents where ω = 0 (cos = 1);
-  // E1·cos − 1 where ω != 0 (the under-damped and oscillator cases, whose constant part[0] =
-  // −part[4] was exact already). Formed as E − 1 they erred by ε absolutely, and the part's
+  // B4 − 1 and B7 − 1 (part_shifted), from expm1 of the (capped) exponents: B4 − 1 = M1 where
+  // ω = 0 (cos = 1), M1·cos + (cos − 1) where ω != 0, cos − 1 as −sin²/(1 + cos) where cos > 0
+  // (an under-damped neuron with c just outside the zero band, a = −1.65, b = 0.01, c = −0.0100000026,
+  // t = 2.3e-5: E1·cos − 1 by subtraction made grad c 10-14× the float32 tolerance off; bug hunt).
+  // Formed as E − 1 they erred by ε absolutely, and the part's
   // Jacobian (~1/c²) carried that into the parameter gradients, where its terms cancel against
   // the roots' (a = 2, b = 0.5, c = 0.0105: grad c 15× the float32 tolerance off, also from E − 1
   // of the faster root; a = 1, b = 1e20, c = 1 has the slow root −1e-20, whose E − 1 rounds to
@@ -611,7 +616,8 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   // M1 (as E1 − 1 it made grad a, b ε·2|a|/|b|³ off: 24× the tolerance at a = 2, b = −0.0101).
   const T cap = T(kExpCap), z1 = p.rho1 * t, z2 = p.rho2 * t;
   const T m1 = kPoly ? q.m1 : expm1_(q.cap1 ? cap : z1);
-  const T shifted[2] = {p.trig ? basis[4] - T(1) : m1, p.e2 ? expm1_(q.cap2 ? cap : z2) : T(0)};
+  const T cosm1 = q.cs > T(0) ? -(q.sn * q.sn) / (T(1) + q.cs) : q.cs - T(1);
+  const T shifted[2] = {p.trig ? m1 * q.cs + cosm1 : m1, p.e2 ? expm1_(q.cap2 ? cap : z2) : T(0)};
   for (int j = 0; j < kBasis; ++j) {
     if ((!kPoly && (j == 1 || j == 2)) || (!kStep && j == 3) || (!kTE1 && j == 5)) continue;
     const T gb = g * basis[j];
