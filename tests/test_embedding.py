@@ -23,7 +23,7 @@ from tolerances import assert_close
 
 import kfuse
 from kfuse import _backends
-from kfuse.nn.embedding import MultiTableEmbeddingBag, _apply_rows
+from kfuse.nn.embedding import MultiTableEmbeddingBag, _row_updates
 from kfuse.ops import embedding as E
 from kfuse.reference.embedding import (
     acc_dtype,
@@ -497,11 +497,40 @@ def test_a_subclass_may_define_step():
     assert m.step() == "stepped" and int(m.optimizer_step) == 1
 
 
-def test_apply_rows_rounds_half_tables_stochastically(seed):
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam"])
+def test_reference_fused_step_failing_part_way_changes_nothing(monkeypatch, optimizer, seed):
+    """The reference (and process_group) fused step wrote table 0 before computing table 1: a failure
+    there (out of memory, an interrupt) left table 0 and its states updated with the step not counted,
+    and a retried step applied it twice (exceptions hunt, 2026-12-04). Every write now follows every
+    table's computation."""
+    import kfuse.nn.embedding as nn_embedding  # noqa: PLC0415
+
+    m = MultiTableEmbeddingBag([(10, 4), (7, 3), (5, 2)], optimizer=optimizer, backend="reference")
+    idx, off = torch.tensor([1, 2, 3, 1, 4, 0]), torch.tensor([0, 2, 3, 4, 5, 6, 6])
+    m(idx, off).sum().backward()  # one clean step first: states non-zero
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    real, calls = nn_embedding._row_updates, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("injected")
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(nn_embedding, "_row_updates", failing)
+        with pytest.raises(MemoryError, match="injected"):
+            m(idx, off).sum().backward()
+    after = m.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), optimizer
+
+
+def test_row_updates_round_half_tables_stochastically(seed):
     m = MultiTableEmbeddingBag([(10, 64)], optimizer="sgd", lr=1e-3, dtype=torch.bfloat16, seed=3, backend="reference")
     w0 = m.weights[0].detach().float().clone()
     g = torch.full((1, 64), 1.0)
-    _apply_rows(m, 0, torch.tensor([4]), g, 1)
+    for dst, rows, val in _row_updates(m, 0, torch.tensor([4]), g, 1):
+        dst[rows] = val
     new = m.weights[0].detach().float()[4]
     exact = w0[4] - 1e-3
     # values move by less than a bf16 ulp: nearest rounding would mostly leave them unchanged

@@ -444,6 +444,27 @@ def test_cpu_small_batches_do_not_cast_the_weight(dtype: torch.dtype, seed: int)
     assert casts_of_w(_HALF_GEMM_MAX_M + 1) == 2  # forward and dx: the detector sees them
 
 
+def test_add_adapter_failing_part_way_leaves_the_layer_as_it_was(monkeypatch, seed: int) -> None:
+    """add_adapter set the grown stacks before building scalings and ranks: a failure between (out of
+    memory, an interrupt; here torch.cat raising) left a layer every later forward refused (exceptions
+    hunt, 2026-12-04). Now nothing changes, and the next add gets the id the failed one would have."""
+    m = kfuse.nn.MultiLoRALinear(8, 6)
+    m.add_adapter(torch.randn(2, 8), torch.randn(6, 2), 0.5)
+    x, ids = torch.randn(3, 8), torch.tensor([0, -1, 0])
+    before, y = {k: v.clone() for k, v in m.state_dict().items()}, m(x, ids)
+
+    def failing_cat(*args, **kwargs):
+        raise MemoryError("injected")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "cat", failing_cat)
+        with pytest.raises(MemoryError, match="injected"):
+            m.add_adapter(torch.randn(4, 8), torch.randn(6, 4), 1.0)
+    after = m.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert torch.equal(m(x, ids), y) and m.add_adapter(torch.randn(4, 8), torch.randn(6, 4), 1.0) == 1
+
+
 def test_multi_adapter_cpu_work_does_not_grow_with_unused_adapters(seed: int) -> None:
     """The cpu backend visited every loaded adapter (slices, list conversions): 8192 loaded with 8 in
     the batch took 30x a torch loop over the 8 (perf hunt, 2026-12-04). Counts the aten ops the

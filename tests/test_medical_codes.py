@@ -409,6 +409,11 @@ def test_bug_hunt_findings(small, claims, tmp_path):
     m = CodeOutcomeModel("super", gen.codes, seed=1).eval()
     predict_outcome(m, claims, np.arange(10))
     assert not m.training
+    # An error part-way (a patient id out of range in the second batch) left a training model in eval.
+    m.train()
+    with pytest.raises(IndexError):
+        predict_outcome(m, claims, np.array([0, 1, 2, 10**9]), batch_size=2)
+    assert m.training and all(mod.training for mod in m.modules())
 
     # The torch build: a state_dict taken after some steps resumes to the same next step.
     idx, off = claims.visit_bags(np.arange(64))

@@ -558,10 +558,12 @@ def predict_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, batch
     model.eval()
     dev = model.head.weight.device
     out = []
-    for s in range(0, len(patients), batch_size):
-        idx, off = claims.patient_bags(np.asarray(patients)[s: s + batch_size], dev)
-        out.append(torch.sigmoid(model(idx, off)).cpu())
-    model.train(was_training)
+    try:  # the caller's mode back on an error too (a bad patient id left a training model in eval)
+        for s in range(0, len(patients), batch_size):
+            idx, off = claims.patient_bags(np.asarray(patients)[s: s + batch_size], dev)
+            out.append(torch.sigmoid(model(idx, off)).cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 

@@ -339,8 +339,11 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                 parts = E._sparse_impl(grad_out, ws, indices, offsets, ctx.bags, psw, ctx.backend)
                 if m.process_group is not None:
                     parts = [_all_reduce_rows(r, g, m.process_group) for r, g in parts]
-                for t, (rows, g) in enumerate(parts):
-                    _apply_rows(m, t, rows, g, step)
+                # Every table's new rows first, then the writes: a failure part-way (out of memory, an
+                # interrupt) updated the first tables without counting the step (exceptions hunt).
+                writes = [w for t, (rows, g) in enumerate(parts) for w in _row_updates(m, t, rows, g, step)]
+                for dst, rows, val in writes:
+                    dst[rows] = val
             m.optimizer_step += 1  # after the update: a refused one leaves the count with the tables
         # An (empty) gradient for the anchor: it counts as used (DistributedDataParallel, optimizers).
         return None, None, None, None, None, m._grad_anchor.new_zeros(0), g_psw
@@ -435,30 +438,32 @@ def _all_reduce_rows(rows: Tensor, grads: Tensor, group: object) -> tuple[Tensor
     return uniq, out
 
 
-def _apply_rows(m: MultiTableEmbeddingBag, t: int, rows: Tensor, g: Tensor, step: int) -> None:
+def _row_updates(m: MultiTableEmbeddingBag, t: int, rows: Tensor, g: Tensor,
+                 step: int) -> list[tuple[Tensor, Tensor, Tensor]]:
     """One fused-optimizer update of table ``t``'s ``rows`` with their summed gradients ``g`` (torch ops;
-    the reference's rules and stochastic rounding)."""
+    the reference's rules and stochastic rounding), as writes ``(tensor, rows, values)`` for the
+    caller to apply: the table and its optimizer states are not changed here."""
     if rows.numel() == 0:
-        return
+        return []
     w = m.weights[t].data
     h = m.hparams
     acc = acc_dtype(w.dtype)
     rows = rows.to(w.device)
     cur = w[rows].to(acc)
+    writes: list[tuple[Tensor, Tensor, Tensor]] = []
     if m.optimizer == "sgd":
         new = sgd_update(cur, g.to(acc), h["lr"], h["weight_decay"])
     elif m.optimizer == "rowwise_adagrad":
         s = m.states(1)[t]
-        st = s[rows]
+        st = s[rows]  # a copy (advanced indexing), updated in place by the rule
         new = rowwise_adagrad_update(cur, g.to(acc), st, h["lr"], h["eps"], h["weight_decay"])
-        s[rows] = st
+        writes = [(s, rows, st)]
     else:
         m1, m2 = m.states(1)[t], m.states(2)[t]
         a, b = m1[rows], m2[rows]
         new = adam_update(cur, g.to(acc), a, b, h["lr"], h["beta1"], h["beta2"], h["eps"], step, h["weight_decay"])
-        m1[rows], m2[rows] = a, b
+        writes = [(m1, rows, a), (m2, rows, b)]
     if w.dtype in (torch.float16, torch.bfloat16):
         u = rounding_bits(m.seed, step, t, rows.unsqueeze(1), torch.arange(w.shape[1], device=w.device).unsqueeze(0))
-        w[rows] = stochastic_round(new, w.dtype, u)
-    else:
-        w[rows] = new.to(w.dtype)
+        return [*writes, (w, rows, stochastic_round(new, w.dtype, u))]
+    return [*writes, (w, rows, new.to(w.dtype))]

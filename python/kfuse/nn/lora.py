@@ -340,9 +340,11 @@ class MultiLoRALinear(nn.Module):
         B[:L, :, : self.r_max] = self.B_stack
         A[L, :r] = lora_A.to(A)
         B[L, :, :r] = lora_B.to(B)
-        self.A_stack, self.B_stack = A, B
-        self.scalings = torch.cat([self.scalings, self.scalings.new_tensor([scaling])])
-        self.ranks = torch.cat([self.ranks, self.ranks.new_tensor([r])])
+        scalings = torch.cat([self.scalings, self.scalings.new_tensor([scaling])])
+        ranks = torch.cat([self.ranks, self.ranks.new_tensor([r])])
+        # All four built before any is set: a failure above (out of memory) left grown stacks beside
+        # the old scalings, and every later forward refused them (exceptions hunt).
+        self.A_stack, self.B_stack, self.scalings, self.ranks = A, B, scalings, ranks
         return L
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
