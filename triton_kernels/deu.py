@@ -28,6 +28,7 @@ from kfuse._backends import on_input_device, triton_interpret
 # Constants of the definition (python/kfuse/reference/deu.py).
 EPS: tl.constexpr = tl.constexpr(0.01)
 EXP_CAP: tl.constexpr = tl.constexpr(14.0)
+SHIFT_PART: tl.constexpr = tl.constexpr(64.0)  # deu_math.h kShiftPart
 OUT_CLAMP: tl.constexpr = tl.constexpr(1000.0)
 STEP_SLOPE: tl.constexpr = tl.constexpr(100.0)
 
@@ -262,22 +263,29 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     # A NaN or infinite a, b or c: NaN everywhere, as in the reference (x·0 is NaN exactly then).
     finite = (tl.abs(a) < float("inf")) & (tl.abs(b) < float("inf")) & (tl.abs(c) < float("inf"))
     h0 = tl.where(finite, h0, a * 0.0 + b * 0.0 + c * 0.0)
-    m4 = tl.where(nnz, p4, 0.0)  # see _plan_values
+    # The part on E1 − 1, E2 − 1 (see _plan_values): the r = −b/a case, and ω = 0 neurons whose part
+    # coefficients exceed SHIFT_PART (deu_math.h's kShiftPart).
+    big = (tl.abs(p0) > SHIFT_PART) | (tl.abs(p4) > SHIFT_PART) | (tl.abs(p7) > SHIFT_PART)
+    shf = nnz | ((om == 0) & big)
     return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-            dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2, m4)
+            dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2, shf)
 
 
 @triton.jit
 def _plan_values(a, b, c, c1, c2):
-    """The plan in evaluation form: π, with the r = −b/a case's particular E1 coefficient a/b² moved
-    to m4, on E1 − 1 (from expm1) for t > 0, and its constant −a/b² folded away (p0 + p4 = 0): from
-    −a/b² + (a/b²)·E1 its part t/b − (a/b²)(1 − E1) ~ t²/(2a) erred by ε·|a|/b², from E1 − 1 by
-    ε·|t/b|, as the reference (deu_math.h's Plan::m4). m4 = 0 in every other case."""
+    """The plan in evaluation form: π, with the particular E1 and E2 coefficients moved to m4, m7, on
+    E1 − 1 and E2 − 1 (from expm1) for t > 0, and the part's constant p0 + p4 + p7 (0 for every θ)
+    left out, for the r = −b/a case and for ω = 0 neurons with large part coefficients: from the
+    constants, the r = −b/a case's part t/b − (a/b²)(1 − E1) ~ t²/(2a) erred by ε·|a|/b² (from
+    E1 − 1 by ε·|t/b|, as the reference), a near-critical over-damped neuron's by ε·|b|/(S·c)
+    (deu_math.h's Plan::m4). m4 = m7 = 0 in every other case."""
     z = a * 0.0
     (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
-     _0, _1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16, m4) = _plan(
+     _0, _1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16, shf) = _plan(
         a, b, c, c1, c2, z, z, z, z, z)
-    return h0, h1, h3, h4, h5, h6, h7, p0 + m4, p1, p2, p4 - m4, p5, p6, p7, r1, om, r2, m4
+    m4, m7 = tl.where(shf, p4, 0.0), tl.where(shf, p7, 0.0)
+    return (h0, h1, h3, h4, h5, h6, h7, tl.where(shf, 0.0, p0), p1, p2, tl.where(shf, 0.0, p4), p5, p6,
+            tl.where(shf, 0.0, p7), r1, om, r2, m4, m7)
 
 
 @triton.jit
@@ -286,7 +294,7 @@ def _jvp_dot(a, b, c, c1, c2, da, db, dc, dc1, dc2,
              s_p1, s_p2, s_p4, s_p5, s_p6, s_p7, s_r1, s_om, s_r2):
     """Σ_i (∂L/∂π_i)·(∂π_i/∂θ · dθ): one coefficient gradient for a unit seed dθ."""
     (_0, _1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16,
-     dh0, dh1, dh3, dh4, dh5, dh6, dh7, _dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2, _m4) = _plan(
+     dh0, dh1, dh3, dh4, dh5, dh6, dh7, _dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2, _shf) = _plan(
         a, b, c, c1, c2, da, db, dc, dc1, dc2)
     # s_p4, s_p7 are sums over the shifted bases B4 − 1, B7 − 1, on which the part's constant
     # p0 + p4 + p7 is 0 for every θ: it has no term (part_shifted in csrc/deu/deu_math.h).
@@ -363,7 +371,7 @@ def _sincos(x, MATH: tl.constexpr):
 
 @triton.jit
 def _pieces(t, r1, om, r2, any_trig, any_e2, any_step, any_m1, MATH: tl.constexpr):
-    """E1, cap1, cos ωt, sin ωt, E2, cap2, σ(100t), E1 − 1; unused terms skipped per program."""
+    """E1, cap1, cos ωt, sin ωt, E2, cap2, σ(100t), E1 − 1, E2 − 1; unused terms skipped per program."""
     z1 = r1 * t
     cap1 = z1 > EXP_CAP
     e1 = _exp(tl.where(cap1, EXP_CAP, z1), MATH)
@@ -380,14 +388,19 @@ def _pieces(t, r1, om, r2, any_trig, any_e2, any_step, any_m1, MATH: tl.constexp
         z2 = r2 * t
         cap2 = z2 > EXP_CAP
         e2 = _exp(tl.where(cap2, EXP_CAP, z2), MATH)
+        if any_m1:
+            m2 = _expm1(tl.where(cap2, EXP_CAP, z2), MATH)
+        else:
+            m2 = tl.zeros_like(t)
     else:
         cap2 = t != t  # all False (t is never NaN where E2 matters: its coefficient is 0)
         e2 = tl.zeros_like(t)
+        m2 = tl.zeros_like(t)
     if any_step:
         sig = 1.0 / (1.0 + _exp(t * -STEP_SLOPE, MATH))
     else:
         sig = tl.zeros_like(t)
-    return e1, cap1, cs, sn, e2, cap2, sig, m1
+    return e1, cap1, cs, sn, e2, cap2, sig, m1, m2
 
 
 @triton.jit
@@ -399,14 +412,14 @@ def _side(pos, h0, h1, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7):
 
 
 @triton.jit
-def _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+def _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
                   any_trig, any_e2, any_step, any_m1, MATH: tl.constexpr):
-    e1, cap1, cs, sn, e2, cap2, sig, m1 = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, any_m1, MATH)
+    e1, cap1, cs, sn, e2, cap2, sig, m1, m2 = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, any_m1, MATH)
     pos = t > 0
     k0, k1, k2, k4, k5, k6, k7 = _side(pos, h0, h1, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7)
     poly = t * (k1 + t * k2)
-    if any_m1:
-        poly = poly + tl.where(pos, m4, 0.0) * m1  # with the t term it nearly cancels (_plan_values)
+    if any_m1:  # m4·M1 with the t term it nearly cancels, then m7·M2 (_plan_values)
+        poly = (poly + tl.where(pos, m4, 0.0) * m1) + tl.where(pos, m7, 0.0) * m2
     y = k0 + poly + h3 * sig + e1 * ((k4 + k5 * t) * cs + k6 * sn) + k7 * e2
     # Clamp with compares so a NaN stays NaN (as torch.clamp).
     y = tl.where(y < -OUT_CLAMP, -OUT_CLAMP, tl.where(y > OUT_CLAMP, OUT_CLAMP, y))
@@ -414,22 +427,24 @@ def _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1,
 
 
 @triton.jit
-def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
                    any_trig, any_e2, any_step, any_m1, MATH: tl.constexpr):
     """∂L/∂t and the element's contributions to ∂L/∂π (same order as _plan's outputs, less p0: its row is 0)."""
-    e1, cap1, cs, sn, e2, cap2, sig, m1 = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, any_m1, MATH)
+    e1, cap1, cs, sn, e2, cap2, sig, m1, m2 = _pieces(t, r1, om, r2, any_trig, any_e2, any_step, any_m1, MATH)
     pos = t > 0
     k0, k1, k2, k4, k5, k6, k7 = _side(pos, h0, h1, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7)
     pm = tl.where(pos, m4, 0.0)
+    pm7 = tl.where(pos, m7, 0.0)
     poly = t * (k1 + t * k2)
     if any_m1:  # as _forward_elem
-        poly = poly + pm * m1
+        poly = (poly + pm * m1) + pm7 * m2
     lin = k4 + k5 * t
     osc = lin * cs + k6 * sn  # the E1 bracket
     yraw = k0 + poly + h3 * sig + e1 * osc + k7 * e2
     if any_m1:  # for the derivatives: m4·M1 has m4·E1 as derivative, so E1's whole coefficient is k4 + m4
         lin = lin + pm
         osc = lin * cs + k6 * sn
+        k7 = k7 + pm7  # and E2's k7 + m7
     dosc = k6 * cs - lin * sn  # its derivative w.r.t. ωt
     # The clamp's derivative: 0 outside; a NaN yraw (NaN coefficients) is not outside, so it reaches
     # the gradients as in the reference.
@@ -447,7 +462,9 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
     if any_trig:
         cosm1 = tl.where(cs > 0, -(sn * sn) / tl.where(cs > 0, 1.0 + cs, 1.0), cs - 1.0)
         b4m1 = tl.where(om != 0, b4m1 * cs + cosm1, b4m1)
-    if any_e2:
+    if any_m1:
+        b7m1 = m2
+    elif any_e2:
         b7m1 = _expm1(tl.where(cap2, EXP_CAP, r2 * t), MATH)
     else:
         b7m1 = tl.zeros_like(t)
@@ -527,9 +544,9 @@ def _columns_plan(co_ptr, cols, cmask):
     """The plans of the program's neurons and the program's term flags (any neuron with trig
     terms, E2 terms, a step), which let the element loop skip work no neuron needs."""
     a, b, c, c1, c2 = _columns_coeffs(co_ptr, cols, cmask)
-    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4 = _plan_values(a, b, c, c1, c2)
-    return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
-            _any(om), _any(h7) | _any(p7) | _any(r2), _any(h3), _any(m4))  # r2: see deu_math.h's Plan::e2
+    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7 = _plan_values(a, b, c, c1, c2)
+    return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
+            _any(om), _any(h7) | _any(p7) | _any(r2), _any(h3), _any(m4) | _any(m7))  # r2: see deu_math.h's Plan::e2
 
 
 @triton.jit
@@ -539,18 +556,18 @@ def _deu_fwd_rows(x_ptr, y_ptr, co_ptr, M, N, rows_per_prog, BLOCK_N: tl.constex
     xp = x_ptr + first  # the current group's first row
     yp = y_ptr + first
     t0, t1, t2, t3 = _load_group(xp, row0, row_end, cmask, N, acc)
-    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
      any_trig, any_e2, any_step, any_m1) = _columns_plan(co_ptr, cols, cmask)
     for r in range(row0, row_end, 4):
         xp = xp + N + N + N + N
         n0, n1, n2, n3 = _load_group(xp, r + 4, row_end, cmask, N, acc)
-        y0 = _forward_elem(t0, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+        y0 = _forward_elem(t0, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
                            any_trig, any_e2, any_step, any_m1, MATH)
-        y1 = _forward_elem(t1, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+        y1 = _forward_elem(t1, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
                            any_trig, any_e2, any_step, any_m1, MATH)
-        y2 = _forward_elem(t2, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+        y2 = _forward_elem(t2, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
                            any_trig, any_e2, any_step, any_m1, MATH)
-        y3 = _forward_elem(t3, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+        y3 = _forward_elem(t3, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
                            any_trig, any_e2, any_step, any_m1, MATH)
         _store_row(yp, r, row_end, cmask, y0)
         _store_row(yp + N, r + 1, row_end, cmask, y1)
@@ -562,14 +579,14 @@ def _deu_fwd_rows(x_ptr, y_ptr, co_ptr, M, N, rows_per_prog, BLOCK_N: tl.constex
 
 @triton.jit
 def _bwd_row(gxp, r, row_end, cmask, t, g,
-             h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+             h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
              s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
              s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH: tl.constexpr):
     """One row of the backward: stores grad_x, returns the accumulators plus its terms (rows
     past the chunk load t = g = 0, which contribute 0)."""
     (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
      q_r1, q_om, q_r2) = _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6,
-                                        p7, r1, om, r2, m4, any_trig, any_e2, any_step, any_m1, MATH)
+                                        p7, r1, om, r2, m4, m7, any_trig, any_e2, any_step, any_m1, MATH)
     _store_row(gxp, r, row_end, cmask, gx)
     return (s_h0 + q_h0, s_h1 + q_h1, s_h3 + q_h3, s_h4 + q_h4, s_h5 + q_h5, s_h6 + q_h6, s_h7 + q_h7,
             s_p1 + q_p1, s_p2 + q_p2, s_p4 + q_p4, s_p5 + q_p5, s_p6 + q_p6, s_p7 + q_p7,
@@ -586,7 +603,7 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
     gxp = gx_ptr + first
     t0, t1, t2, t3 = _load_group(xp, row0, row_end, cmask, N, acc)
     g0, g1, g2, g3 = _load_group(gp, row0, row_end, cmask, N, acc)
-    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
      any_trig, any_e2, any_step, any_m1) = _columns_plan(co_ptr, cols, cmask)
     zero = tl.zeros([BLOCK_N], dtype=acc)
     s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7 = zero, zero, zero, zero, zero, zero, zero
@@ -599,22 +616,22 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
         m0, m1, m2, m3 = _load_group(gp, r + 4, row_end, cmask, N, acc)
         (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
          s_r1, s_om, s_r2) = _bwd_row(gxp, r, row_end, cmask, t0, g0,
-                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
                                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4,
                                       s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH)
         (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
          s_r1, s_om, s_r2) = _bwd_row(gxp + N, r + 1, row_end, cmask, t1, g1,
-                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
                                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4,
                                       s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH)
         (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
          s_r1, s_om, s_r2) = _bwd_row(gxp + N + N, r + 2, row_end, cmask, t2, g2,
-                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
                                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4,
                                       s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH)
         (s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
          s_r1, s_om, s_r2) = _bwd_row(gxp + N + N + N, r + 3, row_end, cmask, t3, g3,
-                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+                                      h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
                                       s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4,
                                       s_p5, s_p6, s_p7, s_r1, s_om, s_r2, any_trig, any_e2, any_step, any_m1, MATH)
         gxp = gxp + N + N + N + N
@@ -667,9 +684,9 @@ def _neuron_coeffs(co_ptr, n):
 def _neuron_plan(co_ptr, n):
     """Neuron n's plan (scalars) and its term flags (trig, E2, step)."""
     a, b, c, c1, c2 = _neuron_coeffs(co_ptr, n)
-    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4 = _plan_values(a, b, c, c1, c2)
-    return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
-            om != 0, (h7 != 0) | (p7 != 0) | (r2 != 0), h3 != 0, m4 != 0)
+    h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7 = _plan_values(a, b, c, c1, c2)
+    return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
+            om != 0, (h7 != 0) | (p7 != 0) | (r2 != 0), h3 != 0, (m4 != 0) | (m7 != 0))
 
 
 @triton.jit
@@ -685,14 +702,14 @@ def _deu_fwd_spatial(x_ptr, y_ptr, co_ptr, M, N, K, rows_per_prog,
     n = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * rows_per_prog
     acc = co_ptr.dtype.element_ty
-    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
      any_trig, any_e2, any_step, any_m1) = _neuron_plan(co_ptr, n)
     for i in range(0, rows_per_prog, BLOCK_R):
         rows = row0 + i + tl.arange(0, BLOCK_R)[:, None]
         for k0 in range(0, K, BLOCK_K):
             offs, mask = _spatial_tile(n, rows, k0, M, N, K, BLOCK_K)
             t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
-            y = _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+            y = _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
                               any_trig, any_e2, any_step, any_m1, MATH)
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -703,7 +720,7 @@ def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_
     n = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * rows_per_prog
     acc = co_ptr.dtype.element_ty
-    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4,
+    (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
      any_trig, any_e2, any_step, any_m1) = _neuron_plan(co_ptr, n)
     zero = tl.zeros([BLOCK_R, BLOCK_K], dtype=acc)
     s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7 = zero, zero, zero, zero, zero, zero, zero
@@ -717,7 +734,7 @@ def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_
             g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(acc)
             (gx, q_h0, q_h1, q_h3, q_h4, q_h5, q_h6, q_h7, q_p1, q_p2, q_p4, q_p5, q_p6, q_p7,
              q_r1, q_om, q_r2) = _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5,
-                                                p6, p7, r1, om, r2, m4, any_trig, any_e2, any_step, any_m1, MATH)
+                                                p6, p7, r1, om, r2, m4, m7, any_trig, any_e2, any_step, any_m1, MATH)
             tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
             s_h0 += q_h0
             s_h1 += q_h1

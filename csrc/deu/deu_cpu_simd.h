@@ -121,21 +121,22 @@ KF_SIMD void vsincos(vf x, vf& s, vf& c) {
   c = (vf)((vu)cc ^ (((q + 1u) & 2u) << 30));  // cos < 0 in quadrants 1, 2
 }
 
-// Plan of 16 lanes, same fields as Plan<float>: neg/pos coefficients, ρ1, ω, ρ2, m4.
+// Plan of 16 lanes, same fields as Plan<float>: neg/pos coefficients, ρ1, ω, ρ2, m4, m7.
 struct VPlan {
   vf neg[kBasis], pos[kBasis];
-  vf rho1, omega, rho2, m4;
+  vf rho1, omega, rho2, m4, m7;
 };
 // Per-lane-block flags: which optional terms some lane of the block uses.
 enum : int { kTrig = 1, kE2 = 2, kStep = 4, kM1 = 8, kAllFlags = 15 };
 KF_SIMD int plan_flags(const Plan<float>& p) {
-  return (p.trig ? kTrig : 0) | (p.e2 ? kE2 : 0) | (p.step ? kStep : 0) | (p.m4 != 0.0f ? kM1 : 0);
+  return (p.trig ? kTrig : 0) | (p.e2 ? kE2 : 0) | (p.step ? kStep : 0) |
+         (p.m4 != 0.0f || p.m7 != 0.0f ? kM1 : 0);
 }
 
-// Plans in structure-of-arrays form: row i of kSoaRows rows (neg[8], pos[8], ρ1, ω, ρ2, m4)
+// Plans in structure-of-arrays form: row i of kSoaRows rows (neg[8], pos[8], ρ1, ω, ρ2, m4, m7)
 // holds that field for every neuron, padded to a multiple of kW.
 constexpr int kRowRho1 = 2 * kBasis, kRowOmega = 2 * kBasis + 1, kRowRho2 = 2 * kBasis + 2;
-constexpr int kRowM4 = 2 * kBasis + 3, kSoaRows = 2 * kBasis + 4;
+constexpr int kRowM4 = 2 * kBasis + 3, kRowM7 = 2 * kBasis + 4, kSoaRows = 2 * kBasis + 5;
 KF_SIMD void plan_to_soa(const Plan<float>& p, float* soa, int64_t stride, int64_t n) {
   for (int j = 0; j < kBasis; ++j) {
     soa[j * stride + n] = p.neg[j];
@@ -145,6 +146,7 @@ KF_SIMD void plan_to_soa(const Plan<float>& p, float* soa, int64_t stride, int64
   soa[kRowOmega * stride + n] = p.omega;
   soa[kRowRho2 * stride + n] = p.rho2;
   soa[kRowM4 * stride + n] = p.m4;
+  soa[kRowM7 * stride + n] = p.m7;
 }
 // 16 consecutive neurons starting at n0.
 KF_SIMD VPlan load_plan(const float* soa, int64_t stride, int64_t n0) {
@@ -157,6 +159,7 @@ KF_SIMD VPlan load_plan(const float* soa, int64_t stride, int64_t n0) {
   p.omega = loadu(soa + kRowOmega * stride + n0);
   p.rho2 = loadu(soa + kRowRho2 * stride + n0);
   p.m4 = loadu(soa + kRowM4 * stride + n0);
+  p.m7 = loadu(soa + kRowM7 * stride + n0);
   return p;
 }
 // One neuron's plan on every lane.
@@ -170,6 +173,7 @@ KF_SIMD VPlan splat_plan(const float* soa, int64_t stride, int64_t n) {
   p.omega = splat(soa[kRowOmega * stride + n]);
   p.rho2 = splat(soa[kRowRho2 * stride + n]);
   p.m4 = splat(soa[kRowM4 * stride + n]);
+  p.m7 = splat(soa[kRowM7 * stride + n]);
   return p;
 }
 
@@ -200,7 +204,7 @@ KF_SIMD VPieces vpieces(const VPlan& p, vf t) {
   if (F & kE2) {
     const vf z2 = p.rho2 * t;
     q.cap2 = z2 > cap;
-    if constexpr (kShifted) {
+    if constexpr (kShifted || (F & kM1) != 0) {
       vexp_expm1(vmin(z2, cap), q.e2, q.m2);
     } else {
       q.e2 = vexp(vmin(z2, cap));
@@ -215,10 +219,10 @@ KF_SIMD VPieces vpieces(const VPlan& p, vf t) {
   return q;
 }
 
-// Coefficients of the side of t = 0 each lane is on (m: Plan::m4 for t > 0, kM1 blocks).
+// Coefficients of the side of t = 0 each lane is on (m, m7: Plan::m4, m7 for t > 0, kM1 blocks).
 struct VSide {
   vf k[kBasis];
-  vf m;
+  vf m, m7;
 };
 template <int F>
 KF_SIMD VSide side(const VPlan& p, vi pos) {
@@ -226,8 +230,10 @@ KF_SIMD VSide side(const VPlan& p, vi pos) {
   for (int j = 0; j < kBasis; ++j) s.k[j] = pos ? p.pos[j] : p.neg[j];
   if constexpr ((F & kM1) != 0) {
     s.m = pos ? p.m4 : splat(0.0f);
+    s.m7 = pos ? p.m7 : splat(0.0f);
   } else {
     s.m = splat(0.0f);
+    s.m7 = splat(0.0f);
   }
   return s;
 }
@@ -235,7 +241,8 @@ KF_SIMD VSide side(const VPlan& p, vi pos) {
 template <int F>
 KF_SIMD vf veval_raw(const VSide& s, const VPieces& q, vf t) {
   const vf* k = s.k;
-  const vf poly = (F & kM1) ? t * (k[1] + t * k[2]) + s.m * q.m1 : t * (k[1] + t * k[2]);  // as eval_raw
+  const vf poly = (F & kM1) ? (t * (k[1] + t * k[2]) + s.m * q.m1) + s.m7 * q.m2  // as eval_raw
+                             : t * (k[1] + t * k[2]);
   vf y = k[0] + poly + q.e1 * ((k[4] + k[5] * t) * q.cs + k[6] * q.sn);
   if (F & kStep) y += k[3] * q.sig;
   if (F & kE2) y += k[7] * q.e2;
@@ -319,9 +326,10 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
   vf dy = k[1] + 2.0f * k[2] * t + q.e1 * de1;
   if (F & kStep) dy += k[3] * float(kStepSlope) * q.sig * (1.0f - q.sig);
   if (F & kE2) {
+    const vf k7 = (F & kM1) ? k[7] + s.m7 : k[7];  // E2's whole coefficient (backward_one)
     const vf r2 = q.cap2 ? zero : p.rho2;
-    acc.a[kRowRho2] += q.cap2 ? zero : g * (t * q.e2) * k[7];
-    dy += k[7] * r2 * q.e2;
+    acc.a[kRowRho2] += q.cap2 ? zero : g * (t * q.e2) * k7;
+    dy += k7 * r2 * q.e2;
   }
   return outside ? zero : g * dy;
 }

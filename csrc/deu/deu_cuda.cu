@@ -475,8 +475,16 @@ __device__ __forceinline__ void fwd_tile(const Plan<A>& p, const TileCoords& tc,
   }
 }
 
+// The planes forward's blocks per SM as before Plan::m7 (sm_90 ptxas, 2026-12-04: V = 1 at 48
+// registers, 5 blocks of 256 threads; float V = 4 at 62, 4; half V = 8 at 64, 4; bf16 V = 8 at 73, 3):
+// its kTermPoly variant (two expm1f) took V = 1 to 56-58 registers (4 blocks) for every neuron's
+// tiles; the bound moves that variant's excess into spills (8 bytes) instead. (A bound of 1 block
+// let ptxas take 88-141 registers for V > 1.)
 template <typename S, int V>
-__global__ void __launch_bounds__(kThreads)
+constexpr int kFwdPlanesMinBlocks = sizeof(S) == 8 ? 1 : V == 1 ? 5 : std::is_same<S, __nv_bfloat16>::value ? 3 : 4;
+
+template <typename S, int V>
+__global__ void __launch_bounds__(kThreads, kFwdPlanesMinBlocks<S, V>)
     fwd_planes_kernel(const S* __restrict__ x, S* __restrict__ y,
                       const typename AccOf<S>::type* __restrict__ coeffs, int64_t M, int64_t N,
                       int64_t K, PlaneTiling pt) {

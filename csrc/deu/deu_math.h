@@ -273,22 +273,30 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
 // Plan in evaluation form: coefficients for each side of t = 0, plus flags that let the
 // element loop skip terms no case of this neuron uses.
 //
-// m4: the r = −b/a case's particular E1 coefficient a/b², on M1 = E1 − 1 (from expm1) for
-// t > 0; its particular constant −a/b² cancels against it in pos[0], and pos[4] holds the
-// homogeneous −a·c1/b alone. 0 in every other case. Its particular part t/b − (a/b²)(1 − E1) is ~t²/(2a) where ρ1·t is
-// small: from the constants −a/b² and a/b²·E1 it erred by ε·|a|/b² (float32 median relative
-// error 2.4 at |a|/b² = 1e4), from M1 by ε·|t/b|, as the reference (bench/deu_r_case.py).
-// Such a neuron has the t term 1/b, so its term mask has kTermPoly, under which the element
-// code adds m·M1 (see plan_terms); no other case needs M1, and the others' code skips it.
+// m4, m7: the particular E1 and E2 coefficients part[4], part[7] on M1 = E1 − 1 and M2 = E2 − 1
+// (from expm1) for t > 0, the part's constant part[0] + part[4] + part[7] (0 for every θ, see
+// part_shifted) left out of pos[0], and pos[4], pos[7] the homogeneous coefficients alone; for
+// the r = −b/a case, and for ω = 0 neurons whose part coefficients exceed kShiftPart. 0
+// elsewhere. The r = −b/a case's part t/b − (a/b²)(1 − E1) is ~t²/(2a) where ρ1·t is small: from
+// the constants −a/b² and a/b²·E1 it erred by ε·|a|/b² (float32 median relative error 2.4 at
+// |a|/b² = 1e4), from M1 by ε·|t/b|, as the reference (bench/deu_r_case.py). A near-critical
+// over-damped neuron with |a| >> 1 and small c has constants ~|b|/(S·c) ~ 1e4 that cancel for
+// small t (a = 375902, b = −122.6, c = 0.01: y 78× the float32 tolerance off; mpmath-judged
+// fuzz). Such neurons' term mask has kTermPoly, under which the element code adds m4·M1 + m7·M2
+// (see plan_terms); the others' code skips them.
 template <typename T>
 struct Plan {
   T neg[kBasis];  // t <= 0
   T pos[kBasis];  // t > 0
   T rho1, omega, rho2;
   T l1, l2;       // ρ1·log2(e), ρ2·log2(e): the base-2 rates of forward_fast
-  T m4;           // see above (ω = 0 wherever m4 != 0)
+  T m4, m7;       // see above (ω = 0 wherever they are not 0)
   bool trig, step, e2;
 };
+
+// See Plan::m4: part coefficients above this (in magnitude) are evaluated on M1, M2. The
+// constants' rounding, ε·|part|, stays below a tenth of the float32 tolerance (5e-5) under it.
+constexpr double kShiftPart = 64.0;
 
 constexpr double kLog2e = 1.4426950408889634;
 
@@ -305,10 +313,14 @@ KF_HD Plan<T> eval_plan(const PlanT<T>& q) {
   Plan<T> p;
   for (int j = 0; j < kBasis; ++j) { p.neg[j] = q.hom[j]; p.pos[j] = q.hom[j] + q.part[j]; }
   p.m4 = T(0);
-  if (q.part4_on_m1) {  // see Plan::m4; part[0] = −part[4] exactly
-    p.pos[0] = q.hom[0] + (q.part[0] + q.part[4]);
+  p.m7 = T(0);
+  const auto big = [](T v) { return std::fabs(v) > T(kShiftPart); };
+  if (q.part4_on_m1 || (q.omega == T(0) && (big(q.part[0]) || big(q.part[4]) || big(q.part[7])))) {
+    p.pos[0] = q.hom[0];  // see Plan::m4
     p.pos[4] = q.hom[4];
+    p.pos[7] = q.hom[7];
     p.m4 = q.part[4];
+    p.m7 = q.part[7];
   }
   p.rho1 = q.rho1; p.omega = q.omega; p.rho2 = q.rho2;
   p.l1 = base2_rate(q.rho1); p.l2 = base2_rate(q.rho2);
@@ -440,14 +452,14 @@ KF_HD void sincos_(float x, float* s, float* c) {
 // predicated code still costs every element its issue slots (the step's sigmoid alone, 2 MUFU
 // ops and ~6 instructions). with_mask turns a run-time mask into kTerms.
 constexpr int kTermStep = 1;  // σ(100t) (basis 3): the smooth step
-constexpr int kTermPoly = 2;  // t, t² (basis 1, 2) and m4·M1: identity, ramp, parabola, c ≈ 0
+constexpr int kTermPoly = 2;  // t, t² (basis 1, 2), m4·M1 + m7·M2: identity, ramp, parabola, Plan::m4
 constexpr int kTermTE1 = 4;   // t·E1·cos ωt (basis 5): critical damping
 constexpr int kAllTerms = kTermStep | kTermPoly | kTermTE1;
 
 template <typename T>
 KF_HD int plan_terms(const Plan<T>& p) {
   const auto used = [&](int j) { return p.neg[j] != T(0) || p.pos[j] != T(0); };
-  const bool poly = used(1) || used(2) || p.m4 != T(0);
+  const bool poly = used(1) || used(2) || p.m4 != T(0) || p.m7 != T(0);
   return (p.step ? kTermStep : 0) | (poly ? kTermPoly : 0) | (used(5) ? kTermTE1 : 0);
 }
 
@@ -470,7 +482,7 @@ KF_HD_INLINE void with_mask(int m, F&& f) {
 template <typename T>
 struct Pieces {
   T e1, cs, sn, e2, sig;
-  T m1;             // E1 − 1 (kTermPoly code only; Plan::m4)
+  T m1, m2;         // E1 − 1, E2 − 1 (kTermPoly code only; Plan::m4)
   bool cap1, cap2;  // the exponent hit the cap (its derivative is then 0)
 };
 
@@ -491,6 +503,7 @@ KF_HD Pieces<T> pieces(const Plan<T>& p, T t) {
   const T z2 = p.rho2 * t;
   q.cap2 = z2 > cap;
   q.e2 = p.e2 ? exp_(q.cap2 ? cap : z2) : T(0);
+  q.m2 = (kTerms & kTermPoly) && p.e2 ? expm1_(q.cap2 ? cap : z2) : T(0);
   q.sig = (kTerms & kTermStep) && p.step ? rcp_(T(1) + exp_(-T(kStepSlope) * t)) : T(0);
   return q;
 }
@@ -501,13 +514,13 @@ KF_HD T clamp_out(T y) {
   return y < -m ? -m : (y > m ? m : y);
 }
 
-// The coefficients of t's side of 0 (m: Plan::m4 for t > 0). Selected by value, not as a
+// The coefficients of t's side of 0 (m, m7: Plan::m4, m7 for t > 0). Selected by value, not as a
 // pointer to p.pos/p.neg: a pointer select forces nvcc to spill the whole plan to local memory
 // (8+ ld.local per element in the hot loop, seen in the PTX of the first CUDA kernels).
 template <typename T>
 struct Side {
   T k[kBasis];
-  T m;
+  T m, m7;
 };
 
 template <typename T>
@@ -515,6 +528,7 @@ KF_HD Side<T> side_of(const Plan<T>& p, bool pos) {
   Side<T> s;
   for (int j = 0; j < kBasis; ++j) s.k[j] = pos ? p.pos[j] : p.neg[j];
   s.m = pos ? p.m4 : T(0);
+  s.m7 = pos ? p.m7 : T(0);
   return s;
 }
 
@@ -522,11 +536,11 @@ KF_HD Side<T> side_of(const Plan<T>& p, bool pos) {
 // may exist: x + 0 is not x in IEEE arithmetic, so a compiler keeps an added zero. Without the
 // t, t² terms, t - t (0, or NaN for t = ±inf or NaN) keeps ±inf giving NaN, as t·0 did;
 // kTrigAlways says sin and cos were evaluated at every t, NaN at ±inf, which then does that
-// already. m·M1 goes in with the t term it nearly cancels (Plan::m4).
+// already. m·M1 goes in with the t term it nearly cancels, then m7·M2 (Plan::m4).
 template <int kTerms = kAllTerms, bool kTrigAlways = false, typename T>
 KF_HD T eval_raw(const Side<T>& s, const Pieces<T>& q, T t) {
   const T* k = s.k;
-  T y = (kTerms & kTermPoly) ? k[0] + (t * (k[1] + t * k[2]) + s.m * q.m1)
+  T y = (kTerms & kTermPoly) ? k[0] + ((t * (k[1] + t * k[2]) + s.m * q.m1) + s.m7 * q.m2)
                              : (kTrigAlways ? k[0] : k[0] + (t - t));
   if (kTerms & kTermStep) y += k[3] * q.sig;
   const T lin = (kTerms & kTermTE1) ? k[4] + k[5] * t : k[4];
@@ -567,9 +581,11 @@ KF_HD float forward_fast(const Plan<float>& p, const Side<float>& s, float t) {
   q.e1 = exp2_(z1 > cap ? cap : z1);
   q.e2 = exp2_(z2 > cap ? cap : z2);
   q.m1 = 0.0f;
-  if (kTerms & kTermPoly) {  // M1 from the natural rate: expm1 of a base-2 exponent would round it
-    const float n1 = p.rho1 * t;
+  q.m2 = 0.0f;
+  if (kTerms & kTermPoly) {  // M1, M2 from the natural rates: expm1 of a base-2 exponent would round them
+    const float n1 = p.rho1 * t, n2 = p.rho2 * t;
     q.m1 = expm1_(n1 > float(kExpCap) ? float(kExpCap) : n1);
+    q.m2 = expm1_(n2 > float(kExpCap) ? float(kExpCap) : n2);
   }
   sincos_(p.omega * t, &q.sn, &q.cs);
   q.sig = (kTerms & kTermStep) && p.step ? rcp_(1.0f + exp_(-float(kStepSlope) * t)) : 0.0f;
@@ -616,16 +632,18 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   // M1 (as E1 − 1 it made grad a, b ε·2|a|/|b|³ off: 24× the tolerance at a = 2, b = −0.0101).
   const T cap = T(kExpCap), z1 = p.rho1 * t, z2 = p.rho2 * t;
   const T m1 = kPoly ? q.m1 : expm1_(q.cap1 ? cap : z1);
+  const T m2 = kPoly ? q.m2 : (p.e2 ? expm1_(q.cap2 ? cap : z2) : T(0));
   const T cosm1 = q.cs > T(0) ? -(q.sn * q.sn) / (T(1) + q.cs) : q.cs - T(1);
-  const T shifted[2] = {p.trig ? m1 * q.cs + cosm1 : m1, p.e2 ? expm1_(q.cap2 ? cap : z2) : T(0)};
+  const T shifted[2] = {p.trig ? m1 * q.cs + cosm1 : m1, m2};
   for (int j = 0; j < kBasis; ++j) {
     if ((!kPoly && (j == 1 || j == 2)) || (!kStep && j == 3) || (!kTE1 && j == 5)) continue;
     const T gb = g * basis[j];
     acc[j] += gb;
     if (pos && j != 0) acc[kBasis + j] += part_shifted(j) ? g * shifted[j == 7] : gb;  // no part[0]: its row is 0
   }
-  // E1's whole coefficient: m·M1 has m·E1 as derivative (Plan::m4; ω = 0 where m != 0).
+  // E1's and E2's whole coefficients: m·M1 has m·E1 as derivative (Plan::m4; ω = 0 where m != 0).
   const T k4 = kPoly ? k[4] + s.m : k[4];
+  const T k7 = kPoly ? k[7] + s.m7 : k[7];
   const T lin = kTE1 ? k4 + k[5] * t : k4;
   const T osc = lin * q.cs + k[6] * q.sn;          // e1-bracket
   const T dosc = -lin * q.sn + k[6] * q.cs;        // its derivative w.r.t. (ω t)
@@ -634,8 +652,8 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   const T te1 = t * q.e1;  // t·E first: g·t may overflow where E is 0
   acc[2 * kBasis] += q.cap1 ? T(0) : g * te1 * osc;
   acc[2 * kBasis + 1] += g * te1 * dosc;
-  acc[2 * kBasis + 2] += q.cap2 ? T(0) : g * (t * q.e2) * k[7];
-  T dy = q.e1 * (r1 * osc + p.omega * dosc) + k[7] * r2 * q.e2;
+  acc[2 * kBasis + 2] += q.cap2 ? T(0) : g * (t * q.e2) * k7;
+  T dy = q.e1 * (r1 * osc + p.omega * dosc) + k7 * r2 * q.e2;
   if (kPoly) dy += k[1] + T(2) * k[2] * t;
   if (kStep) dy += k[3] * T(kStepSlope) * q.sig * (T(1) - q.sig);
   if (kTE1) dy += q.e1 * k[5] * q.cs;
