@@ -76,3 +76,31 @@ def test_kfuse_cuda_takes_only_0_1_or_unset() -> None:
         out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120, env={**os.environ, "KFUSE_CUDA": value})
         assert out.returncode != 0 and "KFUSE_CUDA must be 1" in out.stderr + out.stdout, (value, out.stderr)
+
+
+def test_sdist_holds_what_the_build_and_tests_read(tmp_path: Path) -> None:
+    """An sdist built from a copy of this tree's files (tracked, or new and not ignored: no build
+    leftovers such as an egg-info, whose SOURCES.txt setuptools would reuse) has every file git
+    tracks under csrc/ (sources.txt, headers, the CUDA source), CMakeLists.txt and tests/:
+    setuptools alone put only the extension's .cpp files in it, and installing it failed on
+    csrc/sources.txt (packaging hunt, 2026-12-04)."""
+    ls = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                        capture_output=True, text=True, check=False)
+    if ls.returncode != 0:
+        pytest.skip("not a git checkout")
+    src = tmp_path / "src"
+    for name in ls.stdout.split("\n"):
+        if name and (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    env = {**os.environ, "KFUSE_CUDA": "0"}
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist"), "--formats=tar"],
+                   cwd=src, env=env, check=True, capture_output=True)
+    (tar,) = (tmp_path / "dist").glob("kfuse-*.tar")
+    import tarfile  # noqa: PLC0415
+
+    with tarfile.open(tar) as f:
+        names = {n.split("/", 1)[1] for n in f.getnames() if "/" in n}
+    wanted = {n for n in ls.stdout.split() if n.startswith(("csrc/", "tests/")) or n == "CMakeLists.txt"}
+    missing = sorted(wanted - names)
+    assert not missing, f"missing from the sdist: {missing}"
