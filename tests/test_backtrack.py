@@ -8,6 +8,7 @@ flagged sequence leaves the other sequences' GEMM rows, and so their greedy toke
 
 from __future__ import annotations
 
+import itertools
 import sys
 import warnings
 import weakref
@@ -270,6 +271,41 @@ def test_profanity_check_threshold_sets_what_is_flagged():
     text = ["damn it"]
     assert 0.9 <= low.scores(text)[0] < 0.99
     assert low(text) == [True] and high(text) == [False]
+
+
+def test_malformed_model_or_check_output_raises_naming_it(model):
+    """A model returning NaN logits made greedy decoding pick the NaN (sampling the first id) and
+    narrower logits sampled from part of the vocabulary, silently; a check returning an endless
+    iterator hung (exceptions hunt, 2026-12-04). Each is a clear error; the caller's cache is left
+    with no sequence of the call."""
+    class Spoiled:
+        vocab_size, new_cache = model.vocab_size, model.new_cache
+
+        def __init__(self, spoil, at):
+            self.spoil, self.at, self.calls = spoil, at, 0
+
+        def __call__(self, tokens, seq_ids, cache):
+            out = model(tokens, seq_ids, cache)
+            self.calls += 1
+            return [self.spoil(x) for x in out] if self.calls == self.at else out
+
+    def nan_row(x):
+        return x.clone().index_fill_(-1, torch.tensor([3]), float("nan"))
+
+    for spoil, at, match in ((nan_row, 1, "NaN logits at step 0"), (nan_row, 3, "NaN logits at step 2"),
+                             (lambda x: x[..., :-1], 2, r"logits at step 1 must be \[2, 101\]")):
+        cache = model.new_cache(num_pages=16, max_seqs=4)
+        for temperature in (0.0, 1.0):
+            with pytest.raises(ValueError, match="kfuse.backtrack.generate: .*" + match):
+                generate(Spoiled(spoil, at), PROMPTS[:2], max_new_tokens=4, mode="plain", cache=cache,
+                         temperature=temperature)
+            assert cache.stats()["sequences"] == 0
+
+    def endless(windows):
+        return itertools.repeat(0.0)
+
+    with pytest.raises(ValueError, match="returned more than 2 results for 2 windows"):
+        generate(model, PROMPTS[:2], max_new_tokens=4, check=endless, check_every=2, window=2)
 
 
 def test_prompt_logits_are_not_kept_while_decoding(model):

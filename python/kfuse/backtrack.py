@@ -22,6 +22,7 @@ per window. :class:`WordListCheck` is deterministic (tests); :class:`ProfanityCh
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import re
@@ -453,7 +454,7 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
     try:
         logits = model([torch.tensor(p) for p in prompt_ids], slots, cache)
         calls += 1
-        rows = torch.stack([x[-1] for x in logits]).float().cpu()  # one transfer per step
+        rows = _checked_rows(torch.stack([x[-1] for x in logits]).float().cpu(), n, None, 0)  # one transfer per step
         del logits  # [prompt_len, vocab] per prompt (500 MiB for 4096 tokens of a 32k vocabulary): not kept
         vocab = rows.shape[1]
         if model_vocab is None:  # known only now
@@ -529,7 +530,7 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
                 rows = torch.cat(model([torch.tensor([t]) for t in feed], [slots[i] for i in live], cache))
             else:
                 rows = step_graphs(torch.tensor(feed), [slots[i] for i in live])
-            rows = rows.float().cpu()
+            rows = _checked_rows(rows.float().cpu(), len(live), vocab, step)
             calls += 1
             for i in live:
                 stats[i].forward_passes += 1
@@ -555,6 +556,21 @@ def _offending(check: Check, segment: list[int], tokenizer: Any, threshold: floa
     return set([t for t, bad in zip(singles, flagged, strict=True) if bad][:room])
 
 
+def _checked_rows(rows: Tensor, n: int, vocab: int | None, step: int) -> Tensor:
+    """The model's next-token logits ``rows [n, vocab]`` (float32, CPU) of one step, or an error that
+    says what is wrong: with NaN, greedy decoding took the NaN as the best token and sampling the
+    first id, silently; a narrower row sampled from part of the vocabulary (exceptions hunt)."""
+    if rows.ndim != 2 or rows.shape[0] != n or (vocab is not None and rows.shape[1] != vocab):
+        want = f"[{n}, {vocab if vocab is not None else 'vocab'}]"
+        raise ValueError(f"{_GEN}: the model's last-position logits at step {step} must be {want} (one row per "
+                         f"sequence fed); got {list(rows.shape)}")
+    bad = torch.isnan(rows).any(1)
+    if bad.any():
+        raise ValueError(f"{_GEN}: the model returned NaN logits at step {step} for rows "
+                         f"{torch.nonzero(bad).flatten().tolist()} of the batch")
+    return rows
+
+
 def _run_check(check: Check, windows: list[list[int]], tokenizer: Any, threshold: float) -> list[bool]:
     """``check`` over the windows (decoded when a tokenizer is given), as one bool per window."""
     arg = [tokenizer.decode(w) for w in windows] if tokenizer is not None else windows
@@ -564,9 +580,10 @@ def _run_check(check: Check, windows: list[list[int]], tokenizer: Any, threshold
     must = "check must return one bool (True = violation) or real score (>= threshold) per window"
     if isinstance(res, (str, bytes)) or not isinstance(res, Iterable):
         raise TypeError(f"{_GEN}: {must}, as a list; got {type(res).__name__}")
-    res = list(res)
+    res = list(itertools.islice(res, len(windows) + 1))  # an endless iterator must not hang generate
     if len(res) != len(windows):
-        raise ValueError(f"{_GEN}: {must}; it returned {len(res)} results for {len(windows)} windows")
+        got = f"{len(res)}" if len(res) <= len(windows) else f"more than {len(windows)}"
+        raise ValueError(f"{_GEN}: {must}; it returned {got} results for {len(windows)} windows")
     out = []
     for j, r in enumerate(res):
         if isinstance(r, (bool, np.bool_)):
