@@ -221,7 +221,8 @@ class LlamaForCausalLM(nn.Module):
 
         One cache step (see :meth:`forward_packed`); on any error no step stays open and the cache's
         lengths and contents are as they were (a shared page the step had copied stays the sequence's
-        own copy: :meth:`kfuse.kv.PagedKVCache.abort_step`).
+        own copy: :meth:`kfuse.kv.PagedKVCache.abort_step`). Forward hooks registered on the model
+        itself run after the step is committed: an error they raise leaves the new tokens in the cache.
         """
         if not isinstance(tokens, (list, tuple)):
             raise TypeError(f"tokens must be a list of 1-D int64 tensors; got {type(tokens).__name__}")
