@@ -306,15 +306,15 @@ def _combined_bias(bias: Tensor | None, lora_bias: Tensor | None, scaling: float
 _HALF_GEMM_MAX_M = 32
 
 
-def _base_mm(a: Tensor, b: Tensor, acc: torch.dtype, bias: Tensor | None = None) -> Tensor:
-    """``bias + a @ b`` in ``acc`` (fp32 accumulation; ``bias`` in ``acc``): for half ``a`` of at most
-    ``_HALF_GEMM_MAX_M`` rows torch's half GEMM, cast up; otherwise both cast to ``acc`` first (no
-    copy for fp32/fp64) and one addmm."""
-    if a.dtype != acc and a.shape[0] <= _HALF_GEMM_MAX_M:
-        y = torch.mm(a, b).to(acc)
+def _base_mm(a: Tensor, a_acc: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``bias + a @ b`` in ``a_acc``'s dtype (``a_acc``: ``a`` cast to it, which the caller has anyway;
+    ``bias`` in it too): for half ``a`` of at most ``_HALF_GEMM_MAX_M`` rows torch's half GEMM, cast
+    up; otherwise ``b`` cast as well (no copy for fp32/fp64) and one addmm."""
+    if a.dtype != a_acc.dtype and a.shape[0] <= _HALF_GEMM_MAX_M:
+        y = torch.mm(a, b).to(a_acc.dtype)
         return y if bias is None else y.add_(bias)
-    a, b = a.to(acc), b.to(acc)
-    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    b = b.to(a_acc.dtype)
+    return torch.mm(a_acc, b) if bias is None else torch.addmm(bias, a_acc, b)
 
 
 def _torch_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: float, bias: Tensor | None,
@@ -330,7 +330,7 @@ def _torch_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: fl
     acc = acc_dtype(x2.dtype)
     xa = x2.to(acc)
     b = _combined_bias(bias, lora_bias, scaling, acc)
-    y = _base_mm(x2, weight if fifo else weight.t(), acc, b)
+    y = _base_mm(x2, xa, weight if fifo else weight.t(), b)
     if seed is None:
         S = torch.mm(xa, A.to(acc).t())
     else:  # dropout's 1/(1-p) on S ([M, r]) rather than on x ([M, K])
@@ -359,7 +359,7 @@ def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tenso
         G = torch.mm(dya, B.to(acc)).mul_(scaling / (1.0 - p) if seed is not None else scaling)
         Aa = A.to(acc)
         if need_x:
-            dx = _base_mm(dy2, weight.t() if fifo else weight, acc)
+            dx = _base_mm(dy2, dya, weight.t() if fifo else weight)
             if keep is None:
                 dx.addmm_(G, Aa)
             else:
@@ -781,7 +781,7 @@ def _torch_multi(x2: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, s
     adapter's true rank (entries past it are never read)."""
     acc = acc_dtype(x2.dtype)
     xa = x2.to(acc)
-    y = _base_mm(x2, weight if fifo else weight.t(), acc, None if bias is None else bias.to(acc))
+    y = _base_mm(x2, xa, weight if fifo else weight.t(), None if bias is None else bias.to(acc))
     L = A_stack.shape[0]
     if L and A_stack.shape[1] and ids.numel():
         # Only the adapters the batch uses, in ascending id (-1, base only, first): a loop over all L
