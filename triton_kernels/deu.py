@@ -216,7 +216,6 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     h5 = tl.where(crt, c1, 0.0)
     dh5 = tl.where(crt, dc1, 0.0)
     h6 = tl.where(osc, sg * c2, tl.where(und, c2, 0.0))  # sin(w't) = sign(a)·sin(wt)
-    dh6 = tl.where(osc, sg * dc2, tl.where(und, dc2, 0.0))
     h7 = tl.where(hyp, c2, tl.where(ovr, c1, 0.0))
     dh7 = tl.where(hyp, dc2, tl.where(ovr, dc1, 0.0))
     # Particular coefficients (multiplied by H(t)).
@@ -233,7 +232,6 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     p5 = tl.where(crt, al * iC, 0.0)
     dp5 = tl.where(crt, dal * iC + al * diC, 0.0)
     p6 = tl.where(und, -B * idd * iC, 0.0)
-    dp6 = tl.where(und, -(dB * idd * iC + B * didd * iC + B * idd * diC), 0.0)
     p7 = tl.where(hyp, -0.5 * iC, tl.where(ovr, o7, 0.0))  # cosh = (E(kt) + E(-kt))/2
     dp7 = tl.where(hyp, -0.5 * diC, tl.where(ovr, do7, 0.0))
     # Rates.
@@ -249,6 +247,11 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     dr1 = tl.where(fst, -(dC * iB + C * diB), dr1)
     om = tl.where(osc, w, tl.where(und, 0.5 * dd * iA, 0.0))
     dom = tl.where(osc, dw, tl.where(und, 0.5 * (ddd * iA + dd * diA), 0.0))
+    # E1·sin(ωt)'s tangents on the basis E1·sin(ωt)/ω: those of h6·ω and p6·ω (p6·ω = α/c), over ω
+    # (csrc/deu/deu_math.h's plan_with_jacobian says why; _backward_elem's s_om matches).
+    iom = 1.0 / tl.where(om != 0, om, 1.0)
+    dh6 = tl.where(osc | und, h6 * dom * iom, 0.0) + tl.where(osc, sg * dc2, tl.where(und, dc2, 0.0))
+    dp6 = tl.where(und, (dal * iC + al * diC) * iom, 0.0)
     r2 = tl.where(hyp, kp, tl.where(ovr, tl.where(bpos, fast, slow), 0.0))
     dr2 = tl.where(hyp, dkp, tl.where(ovr, tl.where(bpos, dfast, dslow), 0.0))
     # The particular coefficients of the scaled equation σ(a y'' + b y' + c y) = σ·H (Range), and
@@ -427,6 +430,24 @@ def _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1,
 
 
 @triton.jit
+def _cos_minus_sinc(x, sn, cs):
+    """cos x − sin(x)/x by series below |x| = 1/2, where it cancels (csrc/deu/deu_math.h).
+    Coefficients (−1)ⁿ·2n/(2n+1)!; float64's through tl.full (a bare literal rounds to float32)."""
+    x2 = x * x
+    if x.dtype == tl.float64:
+        s = tl.full([], -1.0 / 93405312000.0, tl.float64) * x2 + tl.full([], 1.0 / 518918400.0, tl.float64)
+        s = s * x2 - tl.full([], 1.0 / 3991680.0, tl.float64)
+        s = s * x2 + tl.full([], 1.0 / 45360.0, tl.float64)
+        s = s * x2 - tl.full([], 1.0 / 840.0, tl.float64)
+        s = s * x2 + tl.full([], 1.0 / 30.0, tl.float64)
+        s = s * x2 - tl.full([], 1.0 / 3.0, tl.float64)
+    else:
+        s = ((x2 * (1.0 / 45360.0) - 1.0 / 840.0) * x2 + 1.0 / 30.0) * x2 - 1.0 / 3.0
+    small = tl.abs(x) < 0.5
+    return tl.where(small, s * x2, cs - sn / tl.where(small, 1.0, x))
+
+
+@triton.jit
 def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2, m4, m7,
                    any_trig, any_e2, any_step, any_m1, MATH: tl.constexpr):
     """∂L/∂t and the element's contributions to ∂L/∂π (same order as _plan's outputs, less p0: its row is 0)."""
@@ -473,7 +494,7 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
     gt = g * t
     te1 = t * e1  # t·E first: g·t may overflow where E is 0
     s_r1 = tl.where(cap1, 0.0, g * te1 * osc)
-    s_om = g * te1 * dosc
+    s_om = g * te1 * (k6 * _cos_minus_sinc(om * t, sn, cs) - lin * sn)  # basis 6 as E1·sin(ωt)/ω: see _plan
     s_r2 = tl.where(cap2, 0.0, g * (t * e2) * k7)
     r1e = tl.where(cap1, 0.0, r1)
     r2e = tl.where(cap2, 0.0, r2)

@@ -267,6 +267,17 @@ struct VAcc {
   vf a[kPlanParams];
 };
 
+// deu_math.h's cos_minus_sinc on 16 lanes: cos x − sin(x)/x, by series below |x| = 1/2.
+KF_SIMD vf vcos_minus_sinc(vf x, vf sn, vf cs) {
+  const vf x2 = x * x;
+  vf s = splat(1.0f / 45360.0f);
+  s = s * x2 - 1.0f / 840.0f;
+  s = s * x2 + 1.0f / 30.0f;
+  s = s * x2 - 1.0f / 3.0f;
+  const vi small = vmax(x, -x) < 0.5f;
+  return small ? s * x2 : cs - sn / (small ? splat(1.0f) : x);
+}
+
 // backward_one() on 16 lanes: returns ∂L/∂t, adds ∂L/∂π into acc. Elements whose raw
 // output lies outside the clamp contribute nothing (their g is masked to 0 before use).
 template <int F>
@@ -320,7 +331,7 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
   acc.a[kRowRho1] += q.cap1 ? zero : gte1 * osc;
   vf de1 = r1 * osc + k[5] * q.cs;
   if (F & kTrig) {
-    acc.a[kRowOmega] += gte1 * dosc;
+    acc.a[kRowOmega] += gte1 * (k[6] * vcos_minus_sinc(p.omega * t, q.sn, q.cs) - lin * q.sn);  // backward_one
     de1 += p.omega * dosc;
   }
   vf dy = k[1] + 2.0f * k[2] * t + q.e1 * de1;

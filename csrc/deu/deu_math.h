@@ -145,6 +145,9 @@ struct PlanT {
   S hom[kBasis];
   S part[kBasis];
   S rho1, omega, rho2;
+  // hom[6]·ω and part[6]·ω, the coefficients of E1·sin(ωt)/ω, written without dividing by the
+  // discriminant's root (see plan_with_jacobian): Jacobian only, 0 where ω = 0.
+  S sinc_hom, sinc_part;
   bool part4_on_m1;  // the r = −b/a case: see Plan::m4
 };
 
@@ -158,6 +161,7 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
   PlanT<S> p;
   for (int j = 0; j < kBasis; ++j) { p.hom[j] = zero; p.part[j] = zero; }
   p.rho1 = zero; p.omega = zero; p.rho2 = zero;
+  p.sinc_hom = zero; p.sinc_part = zero;
   p.part4_on_m1 = false;
   // The case is decided on the exact values, as the reference does in float64: a parameter is
   // zero when |p| < 0.01 exactly. In float that threshold rounds down (float(0.01) < 0.01), so
@@ -201,6 +205,7 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
     p.omega = sqrt_(c / a);
     p.hom[4] = c1;
     p.hom[6] = (av > T(0) ? T(1) : T(-1)) * c2;  // sin(w't) = sign(a)·sin(wt)
+    p.sinc_hom = p.hom[6] * p.omega;
     p.part[0] = one / c;
     p.part[4] = -(one / c);
   } else if (zb) {                            // hyperbolic, k = √(-c/a), k' = sign(a)·k
@@ -234,6 +239,8 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
       p.part[0] = one / c;
       p.part[4] = -(one / c);
       p.part[6] = -(b / (dd * c));
+      p.sinc_hom = c2 * p.omega;
+      p.sinc_part = alpha / c;  // −(b/(Dd·c))·Dd/(2a)
     } else if (dv > kEps) {                   // overdamped
       // r1,2 = (-b ± S)/(2a) and the weights -(b ± S)/(2Sc), written without the difference
       // of b and S, which cancels when |b| >> sqrt|ac| (y 0.735 instead of 0.272 at x = 500 for
@@ -259,6 +266,7 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
     }
   }
   for (int j = 0; j < kBasis; ++j) p.part[j] = sigma * p.part[j];  // see range_scale
+  p.sinc_part = sigma * p.sinc_part;
   p.hom[3] = sigma * p.hom[3];
   // A NaN or infinite a, b or c makes the whole activation NaN, as in the reference (the tests
   // above take NaN for "not zero", and the cases leave parts of the plan finite, e.g. the
@@ -376,6 +384,20 @@ KF_HD Plan<T> plan_with_jacobian(const T* co, T jac[kPlanParams][kCoeffs]) {
     jac[2 * kBasis + 1][k] = q.omega.d[k];
     jac[2 * kBasis + 2][k] = q.rho2.d[k];
     jac[kBasis][k] = T(0);  // the part's constant, 0 for every θ: see part_shifted
+  }
+  // E1·sin(ωt)'s rows on the basis E1·sin(ωt)/ω, whose coefficients hom[6]·ω, part[6]·ω stay
+  // bounded as ω → 0 (part[6]·ω = −b/(2ac) for the under-damped case) while part[6] = −b/(Dd·c)
+  // grows as 1/Dd: near critical damping (Dd → 0, |a| ≫ 1) ∂part[6]/∂c ~ 1/Dd³ and the ω row's
+  // ~1/Dd cancelled to 1e-12 of their size (a = 568783.8, b = −785.83, c = 0.2714, t = 0.5056:
+  // Triton's grad c −0.0078 for mpmath's −4.8e-8, 156× the float32 tolerance; bug hunt). On this
+  // basis the ω accumulator's sin(ωt) term becomes t·(cos ωt − sin(ωt)/(ωt)) (backward_one), which
+  // cos_minus_sinc evaluates without that cancellation. (Σ g·E1·sin(ωt))·∂(π·ω)/∂θ/ω: rows / ω.
+  if (qv.omega != T(0)) {
+    const T inv = T(1) / qv.omega;
+    for (int k = 0; k < kCoeffs; ++k) {
+      jac[6][k] = q.sinc_hom.d[k] * inv;
+      jac[kBasis + 6][k] = q.sinc_part.d[k] * inv;
+    }
   }
   // make_plan differentiated with respect to (a, b, c)·σ: ∂/∂a = σ·∂/∂(σa) (see its Range).
   const T sigma = range_scale(co[0], co[1], co[2]);
@@ -602,6 +624,25 @@ KF_HD T forward_one(const Plan<T>& p, T t) {
   return clamp_out(eval_raw<kTerms>(s, pieces<kTerms>(p, t), t));
 }
 
+// cos x − sin(x)/x (= x·d/dx(sin(x)/x)), with sn = sin x, cs = cos x: a series below |x| = 1/2,
+// where the difference cancels (it is −x²/3 + ...); 0 at x = 0. Beyond, the difference loses at
+// most a factor 12 of its inputs' accuracy. The series omits 2⁻⁵⁶ of the sum (float: 2⁻²⁸) at 1/2.
+template <typename T>
+KF_HD T cos_minus_sinc(T x, T sn, T cs) {
+  const T x2 = x * x;
+  if (!(std::fabs(x) < T(0.5))) return cs - sn / x;
+  T s = std::is_same<T, float>::value ? T(0) : T(-1.0 / 93405312000.0);  // (−1)ⁿ·2n/(2n+1)!
+  if (!std::is_same<T, float>::value) {
+    s = s * x2 + T(1.0 / 518918400.0);
+    s = s * x2 - T(1.0 / 3991680.0);
+  }
+  s = s * x2 + T(1.0 / 45360.0);
+  s = s * x2 - T(1.0 / 840.0);
+  s = s * x2 + T(1.0 / 30.0);
+  s = s * x2 - T(1.0 / 3.0);
+  return s * x2;
+}
+
 // Backward for one element with upstream gradient g: returns ∂L/∂t and adds ∂L/∂π into
 // acc (length kPlanParams, same order as the Jacobian rows; part_shifted bases for the part's
 // exponentials). The accumulators of terms
@@ -651,7 +692,8 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   const T r2 = q.cap2 ? T(0) : p.rho2;
   const T te1 = t * q.e1;  // t·E first: g·t may overflow where E is 0
   acc[2 * kBasis] += q.cap1 ? T(0) : g * te1 * osc;
-  acc[2 * kBasis + 1] += g * te1 * dosc;
+  // ∂/∂ω with E1·sin(ωt)/ω as basis 6 (see plan_with_jacobian): its k[6]·ω coefficient is held.
+  acc[2 * kBasis + 1] += g * te1 * (k[6] * cos_minus_sinc(p.omega * t, q.sn, q.cs) - lin * q.sn);
   acc[2 * kBasis + 2] += q.cap2 ? T(0) : g * (t * q.e2) * k7;
   T dy = q.e1 * (r1 * osc + p.omega * dosc) + k7 * r2 * q.e2;
   if (kPoly) dy += k[1] + T(2) * k[2] * t;
