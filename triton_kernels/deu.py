@@ -170,7 +170,6 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     dd = (tl.sqrt(tl.where(und, -dsc, 1.0)) * sig64).to(A.dtype)
     ddd = tl.where(und, du, 0.0) / (2.0 * dd)
     idd = 1.0 / dd
-    didd = -idd * idd * ddd
     s = (tl.sqrt(tl.where(ovr, dsc, 1.0)) * sig64).to(A.dtype)
     ds = tl.where(ovr, -du, 0.0) / (2.0 * s)
     i_s = 1.0 / s
