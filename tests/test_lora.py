@@ -1096,6 +1096,12 @@ def test_bad_input_errors() -> None:
         (lambda: kfuse.nn.LoRALinear(6, 5, lora_alpha=10**400), ValueError, "LoRALinear: lora_alpha is out of float"),
         (lambda: kfuse.nn.LoRALinear(6, 5, use_rslora=np.True_), TypeError,
          "LoRALinear: use_rslora must be a bool; got numpy.bool"),
+        # bias and freeze_base too: the string "False" was taken as True (docstring bug hunt).
+        (lambda: kfuse.nn.LoRALinear(6, 5, bias="False"), TypeError, "LoRALinear: bias must be a bool; got str"),
+        (lambda: kfuse.nn.MultiLoRALinear(6, 5, bias="False"), TypeError, "MultiLoRALinear: bias must be a bool"),
+        (lambda: kfuse.nn.LoRALinear.from_linear(torch.nn.Linear(6, 5), freeze_base="False"), TypeError,
+         "LoRALinear.from_linear: freeze_base must be a bool; got str 'False'"),
+        (lambda: kfuse.nn.LoRALinear(6.0, 5), TypeError, "LoRALinear: in_features must be an int; got float"),
         (lambda: kfuse.nn.MultiLoRALinear(6, 5).add_adapter(a, b, 10**400), ValueError,
          "add_adapter: scaling is out of float's range"),
         (lambda: kfuse.nn.MultiLoRALinear(6, 5).add_adapter(a.to(torch.complex64), b, 1.0), TypeError,

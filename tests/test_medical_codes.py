@@ -349,6 +349,18 @@ def test_bad_arguments(small):
         CodeEmbedding([10, 10], 8)
     with pytest.raises(ValueError, match="impl must be one of"):
         CodeEmbedding(small.sizes, 8, impl="tf")
+    # Sizes are ints, never truncated or parsed (int(10.9) made a 10-row table; docstring bug hunt),
+    # as MultiTableEmbeddingBag takes them; numpy integers are ints.
+    for kw, exc, msg in [({"sizes": [10.9, 5, 7]}, TypeError, r"sizes\[0\] must be an int; got float 10.9"),
+                         ({"sizes": ["10", 5, 7]}, TypeError, r"sizes\[0\] must be an int; got str"),
+                         ({"sizes": [10, 0, 7]}, ValueError, r"sizes\[1\] must be >= 1; got 0"),
+                         ({"dim": True}, TypeError, "dim must be an int; got bool"),
+                         ({"dim": 16.9}, TypeError, "dim must be an int; got float")]:
+        with pytest.raises(exc, match=msg):
+            CodeEmbedding(**{"sizes": [10, 5, 7], "dim": 8, **kw})
+    assert CodeEmbedding([np.int64(10), 5, 7], np.int32(8)).tables.weights[0].shape == (10, 8)
+    with pytest.raises(TypeError, match="GeneralCodeEmbedding: negatives must be an int; got float 2.9"):
+        GeneralCodeEmbedding([10, 5, 7], 8, negatives=2.9)
 
 
 def test_demo_runs_small(tmp_path, capsys):

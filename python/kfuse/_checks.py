@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 
 def type_name(v: object) -> str:
@@ -21,6 +22,18 @@ def check_bool(where: str, name: str, v: object) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{where}: {name} must be a bool; got {type_name(v)} {v!r}")
     return v
+
+
+def integer(where: str, name: str, v: object, minimum: int | None = None) -> int:
+    """``v`` as an int: an integer of any kind (``__index__``: numpy, 0-d integer tensors) that is not
+    a bool, and at least ``minimum``; a TypeError or ValueError naming ``name`` otherwise (never a
+    float or string truncated: ``int(10.9)`` made a 10-row table)."""
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{where}: {name} must be an int; got {type_name(v)} {v!r}")
+    i = operator.index(v)
+    if minimum is not None and i < minimum:
+        raise ValueError(f"{where}: {name} must be >= {minimum}; got {i}")
+    return i
 
 
 def real(where: str, name: str, v: object, *, finite: bool = False) -> float:

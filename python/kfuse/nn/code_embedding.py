@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from kfuse import _checks
 from kfuse.nn._buffers import apply_keeping_dtype
 from kfuse.nn.embedding import MultiTableEmbeddingBag
 from kfuse.reference.embedding import acc_dtype
@@ -208,7 +209,8 @@ class CodeEmbedding(nn.Module):
             raise ValueError(f"sizes ({len(sizes)}) and domains ({len(domains)}) must have one entry per domain")
         if optimizer is None and impl != "kfuse":
             raise ValueError(f"optimizer=None (plain gradients) needs impl='kfuse'; got impl={impl!r}")
-        self.sizes, self.dim, self.domains = [int(s) for s in sizes], int(dim), tuple(domains)
+        self.sizes = [_checks.integer("CodeEmbedding", f"sizes[{i}]", s, 1) for i, s in enumerate(sizes)]
+        self.dim, self.domains = _checks.integer("CodeEmbedding", "dim", dim, 1), tuple(domains)
         self.mode, self.impl, self.optimizer = mode, impl, optimizer
         self.tables = _tables([(s, self.dim) for s in self.sizes], mode, optimizer, lr, eps, weight_decay, impl,
                               backend, device, seed)
@@ -304,7 +306,7 @@ class GeneralCodeEmbedding(nn.Module):
                                (seed + 1) % 2**63)
         with torch.no_grad():
             self.context.weights[0].zero_()
-        self.negatives = int(negatives)
+        self.negatives = _checks.integer("GeneralCodeEmbedding", "negatives", negatives, 1)
         self.register_buffer("bases", torch.tensor([0, *np.cumsum(self.codes.sizes)[:-1].tolist()],
                                                    dtype=torch.int64, device=device))
         self.register_buffer("noise_cdf", torch.linspace(1.0 / total, 1.0, total, dtype=torch.float64))

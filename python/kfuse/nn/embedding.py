@@ -4,7 +4,6 @@ multi-table bag in the FBGEMM/TorchRec layout, optionally with a fused sparse op
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -384,9 +383,7 @@ def _table_sizes(tables: object) -> list[tuple[int, int]]:
     for t in tables:
         try:
             r, d = t
-            if isinstance(r, bool) or isinstance(d, bool):
-                raise TypeError
-            out.append((operator.index(r), operator.index(d)))
+            out.append((_checks.integer("", "rows", r), _checks.integer("", "dim", d)))
         except (TypeError, ValueError):
             raise TypeError("MultiTableEmbeddingBag: tables must be a list of (rows, dim) pairs of ints; "
                             f"got {t!r}") from None

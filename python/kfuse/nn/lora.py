@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from typing import Any
 
@@ -18,15 +17,6 @@ from kfuse import _checks
 from kfuse.nn._buffers import apply_keeping_dtype
 from kfuse.ops.lora import BACKENDS, lora_linear, lora_linear_multi
 from kfuse.reference.lora import acc_dtype
-
-
-def _int(cls: str, name: str, v: object, lo: int) -> int:
-    if isinstance(v, bool) or not hasattr(v, "__index__"):
-        raise TypeError(f"{cls}: {name} must be an int; got {type(v).__name__}")
-    v = operator.index(v)
-    if v < lo:
-        raise ValueError(f"{cls}: {name} must be >= {lo}; got {v}")
-    return v
 
 
 def _check_backend(cls: str, backend: object) -> str:
@@ -51,8 +41,9 @@ def _new_base(cls: str, in_features: int, out_features: int, bias: bool, fan_in_
                                                                                    nn.Parameter | None]:
     """(in_features, out_features, weight, bias) of a new frozen base layer: weight ``[out, in]``
     (``[in, out]`` with ``fan_in_fan_out``), uninitialised."""
-    in_features = _int(cls, "in_features", in_features, 1)
-    out_features = _int(cls, "out_features", out_features, 1)
+    _checks.check_bool(cls, "bias", bias)
+    in_features = _checks.integer(cls, "in_features", in_features, 1)
+    out_features = _checks.integer(cls, "out_features", out_features, 1)
     shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
     weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
     b = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
@@ -64,6 +55,7 @@ def _base_parameters(linear: nn.Module, fan_in_fan_out: bool, freeze_base: bool,
     """(weight, bias, in_features, out_features) of an ``nn.Linear`` (``[out, in]``) or, with
     ``fan_in_fan_out``, of a GPT-2 ``Conv1D`` (``[in, out]``); ``freeze_base`` sets
     ``requires_grad=False`` on them, as PEFT does."""
+    _checks.check_bool(f"{cls}.from_linear", "freeze_base", freeze_base)
     weight = getattr(linear, "weight", None)
     if not isinstance(weight, Tensor) or weight.ndim != 2:
         raise TypeError(f"{cls}.from_linear: linear must have a 2-D weight (nn.Linear, or a Conv1D with "
@@ -120,7 +112,7 @@ class LoRALinear(nn.Module):
                lora_alpha: float, lora_dropout: float, use_rslora: bool, fan_in_fan_out: bool, lora_bias: bool,
                backend: str, adapter_dtype: torch.dtype | None) -> None:
         cls = type(self).__name__
-        r = _int(cls, "r", r, 1)
+        r = _checks.integer(cls, "r", r, 1)
         lora_alpha = _checks.real(cls, "lora_alpha", lora_alpha)
         lora_dropout = _checks.real(cls, "lora_dropout", lora_dropout)
         if not 0.0 <= lora_dropout < 1.0:
