@@ -683,6 +683,42 @@ def test_merged_state_travels_with_the_weight(seed: int) -> None:
         torch.testing.assert_close(dst(x), y, rtol=1e-5, atol=1e-5)
 
 
+def test_merged_flag_through_resets_and_state_dicts_taken_before_a_merge(seed: int) -> None:
+    """reset_parameters re-initialises W, so the layer is unmerged after it; reset_lora_parameters on a
+    merged layer unmerges first (W back to the base); a state_dict taken before merge()/unmerge() says
+    what its W (the live tensor) holds (state bug hunt: the flag stayed True, the adapter was ignored;
+    W kept the old adapter; the snapshot counted the adapter twice)."""
+    layer = kfuse.nn.LoRALinear(9, 6, r=3)
+    w0, x = layer.weight.detach().clone(), torch.randn(4, 9)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.merge()
+    layer.reset_lora_parameters()
+    assert not layer.merged
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)
+    layer.merge()
+    layer.reset_parameters()
+    assert not layer.merged
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        want = x @ layer.weight.t() + layer.bias + layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    out = layer(x)
+    assert out.requires_grad
+    torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)
+    for flip in ("merge", "unmerge"):
+        sd = layer.state_dict()
+        getattr(layer, flip)()
+        dst = kfuse.nn.LoRALinear(9, 6, r=3).eval()
+        dst.load_state_dict(sd)
+        with torch.no_grad():
+            torch.testing.assert_close(dst(x), want, rtol=1e-5, atol=1e-5, msg=f"state_dict taken before {flip}()")
+        assert dst.merged == layer.merged
+    copy_of_flag = kfuse.nn.LoRALinear(9, 6, r=3)
+    copy_of_flag.load_state_dict(layer.state_dict())
+    copy_of_flag.merge()  # the loaded layer has its own flag
+    assert not layer.merged
+
+
 def test_multi_lora_module(seed: int) -> None:
     """Adapters of different ranks (the stacks re-pad as r_max grows) give each row what its
     own LoRALinear gives; -1 rows get the base layer; ids per row or per sequence."""

@@ -124,7 +124,7 @@ class LoRALinear(nn.Module):
         self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, lora_dropout, use_rslora
         self.fan_in_fan_out = fan_in_fan_out
         self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.merged = False
+        self._extra = {"merged": False}  # see merged
         self.weight = weight
         self.bias = bias
         a_dtype = _adapter_dtype(adapter_dtype, weight.dtype, type(self).__name__)
@@ -150,18 +150,36 @@ class LoRALinear(nn.Module):
                     backend, adapter_dtype)
         return self
 
+    @property
+    def merged(self) -> bool:
+        """Whether W holds the adapter (:meth:`merge`). Kept in the dict :meth:`get_extra_state` returns,
+        so a state_dict taken before a merge or unmerge says what its W (an alias of the live one, as
+        torch's state_dicts are) holds: with a snapshot, a state_dict taken before merge() counted the
+        adapter twice once loaded (state bug hunt)."""
+        return self._extra["merged"]
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        self._extra["merged"] = value
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Base layer as ``nn.Linear`` initialises it, and the adapter as PEFT does."""
+        """Base layer as ``nn.Linear`` initialises it, and the adapter as PEFT does; the layer is then
+        unmerged (W holds no adapter)."""
         nn.init.kaiming_uniform_(self.weight.t() if self.fan_in_fan_out else self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
+        self.merged = False  # it stayed True on a merged layer: the adapter was then ignored (state bug hunt)
         self.reset_lora_parameters()
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """PEFT's initialisation: ``lora_A`` kaiming-uniform (``a = √5``), ``lora_B`` and ``lora_bias`` zeros."""
+        """PEFT's initialisation: ``lora_A`` kaiming-uniform (``a = √5``), ``lora_B`` and ``lora_bias`` zeros.
+        A merged layer is unmerged first, so that W is the base weight again (unmerging afterwards took out
+        the new, zero adapter and left the old one in W)."""
+        if self.merged:
+            self.unmerge()
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
         if self.lora_bias is not None:
@@ -198,8 +216,9 @@ class LoRALinear(nn.Module):
 
     def get_extra_state(self) -> dict:
         # Whether W holds the adapter (merge()): saved with W, so that a merged checkpoint loaded into
-        # an unmerged layer (or the reverse) does not count the adapter twice, or not at all.
-        return {"merged": self.merged}
+        # an unmerged layer (or the reverse) does not count the adapter twice, or not at all. The live
+        # dict, as W is the live tensor (see merged).
+        return self._extra
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or not isinstance(state.get("merged"), bool):
