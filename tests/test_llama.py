@@ -85,6 +85,33 @@ def test_ragged_prefill_and_decode_match_transformers(kw, device):
         assert_close(torch.cat(got[i]), hf_logits(hf, seqs[i]), torch.float32, f"sequence {i}")
 
 
+def test_weights_stay_shared_through_assigning_loads():
+    """A load_state_dict(assign=True) or .to() of either model replaces Parameter objects: the kfuse model
+    holds HF's modules, so both keep computing with the same weights (the norm weights were held as
+    Parameters, and after an assigning load into the HF model kfuse ran old norms with new projections,
+    11.2 off in the logits; state bug hunt)."""
+    hf, model = build()
+    torch.manual_seed(1)
+    other = transformers.LlamaForCausalLM(hf.config).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    tokens = rand_tokens(7)
+
+    def kfuse_logits(m: LlamaForCausalLM) -> torch.Tensor:
+        cache = m.new_cache(page_size=4, num_pages=8, max_seqs=1)
+        return m([tokens], [cache.add_sequence()], cache)[0]
+
+    hf.load_state_dict(other.state_dict(), assign=True)
+    assert_close(kfuse_logits(model), hf_logits(hf, tokens), torch.float32, "after hf's assigning load")
+    hf2, model2 = build()
+    model2.load_state_dict(LlamaForCausalLM.from_hf(other).state_dict(), assign=True)
+    assert_close(hf_logits(hf2, tokens), hf_logits(other, tokens), torch.float32, "after kfuse's assigning load")
+    hf3, model3 = build()
+    model3.to(torch.float64)
+    assert {p.dtype for p in hf3.parameters()} == {torch.float64}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_rollback_and_refeed_is_bit_identical(device):
     hf, model = build(device)

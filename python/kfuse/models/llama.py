@@ -87,8 +87,11 @@ class _DecoderLayer(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.act_fn = mlp.act_fn  # the config's hidden_act, as HF resolved it
-        self.input_norm = hf_layer.input_layernorm.weight  # the same nn.Parameter objects
-        self.post_norm = hf_layer.post_attention_layernorm.weight
+        # The norm modules, not their weight Parameters: a load_state_dict(assign=True) or .to() of either
+        # model replaces the Parameter objects, and held directly they left the two models running on
+        # different norm weights (state bug hunt); the weights are read at call time.
+        self.input_norm = hf_layer.input_layernorm
+        self.post_norm = hf_layer.post_attention_layernorm
         self.head_dim = attn.head_dim
         self.scaling = float(attn.scaling)
         self.eps = eps
@@ -98,13 +101,13 @@ class _DecoderLayer(nn.Module):
         v, scale)`` stores this layer's K/V of the T new tokens and returns the attention output ``[T, Hq,
         head_dim]`` (the model's eager step, or a captured decode step: :class:`DecodeGraphs`)."""
         t, d = h.shape[0], self.head_dim
-        x = _rms_norm(h, self.input_norm, self.eps)
+        x = _rms_norm(h, self.input_norm.weight, self.eps)
         q = _rope(self.q_proj(x).view(t, -1, d), cos, sin)
         k = _rope(self.k_proj(x).view(t, -1, d), cos, sin)
         v = self.v_proj(x).view(t, -1, d)
         o = attend(layer, q, k, v, self.scaling)
         h = h + self.o_proj(o.to(h.dtype).reshape(t, -1))
-        x = _rms_norm(h, self.post_norm, self.eps)
+        x = _rms_norm(h, self.post_norm.weight, self.eps)
         return h + self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -143,7 +146,7 @@ class LlamaForCausalLM(nn.Module):
         cfg, base = hf_model.config, hf_model.model
         self.embed_tokens = base.embed_tokens
         self.layers = nn.ModuleList(_DecoderLayer(layer, cfg.rms_norm_eps) for layer in base.layers)
-        self.norm = base.norm.weight
+        self.norm = base.norm  # the module: see _DecoderLayer
         self.lm_head = hf_model.lm_head  # with tied embeddings its weight IS embed_tokens.weight
         self.rotary_emb = base.rotary_emb
         self._dynamic_rope = "dynamic" in str(getattr(base.rotary_emb, "rope_type", "default"))
@@ -295,7 +298,7 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = cos[0, :, None], sin[0, :, None]
         for layer, block in enumerate(self.layers):
             h = block(h, cos, sin, layer, attend)
-        return self.lm_head(_rms_norm(h, self.norm, self.eps))
+        return self.lm_head(_rms_norm(h, self.norm.weight, self.eps))
 
     def decode_graphs(self, cache: PagedKVCache, max_len: int | None = None) -> DecodeGraphs:
         """Decode steps on ``cache`` (one new token per sequence) replayed from CUDA graphs: see
