@@ -259,6 +259,31 @@ def test_copy_on_write_isolates_parent_and_child(seed):
 
 
 @pytest.mark.parametrize("mirror", [False, True], ids=["cpu-state", "device-copy"])
+def test_reset_then_fork_into_the_same_slot(mirror, seed):
+    """The spec's reset and fork(src, dst, length): reset() empties a sequence and keeps its slot, and a
+    fork into it shares the parent's pages as a fork into a new slot does."""
+    cache = make(_mirror=mirror)
+    dense = Dense(cache)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    dense.add(a)
+    dense.add(b)
+    step(cache, dense, [a, b], [PS + 2, 3])
+    used = cache.stats()["pages_used"]
+    cache.reset([b])
+    dense.kv[b] = [[k[:0], v[:0]] for k, v in dense.kv[b]]
+    assert cache.length(b) == 0 and b in cache.active_sequences
+    assert cache.stats()["pages_used"] == used - 1
+    check_invariants(cache, dense)
+    assert cache.fork(a, PS + 1, dst_id=b) == b
+    dense.kv[b] = [[k[:PS + 1], v[:PS + 1]] for k, v in dense.kv[a]]
+    assert cache._h_ref[int(cache._h_table[a, 0])] == 2
+    step(cache, dense, [b], [2])  # the child's write into the shared partial page copies it
+    check_invariants(cache, dense)
+    cache.reset(torch.tensor([a, b]))
+    assert cache.stats()["pages_used"] == 0 and sorted(cache.active_sequences) == [a, b]
+
+
+@pytest.mark.parametrize("mirror", [False, True], ids=["cpu-state", "device-copy"])
 @pytest.mark.parametrize("holders", [2, 3])
 def test_shared_page_writers_in_one_step_need_only_their_copies(holders, mirror, seed):
     """h holders of a partial page (refcount h) all append in one step: h - 1 copy it and the last
@@ -390,6 +415,10 @@ INVALID = {
     "fork past length": (lambda c, a, b: c.fork(a, 6), ValueError, "length"),
     "fork float length": (lambda c, a, b: c.fork(a, 1.0), ValueError, "length must be an int"),
     "fork bool length": (lambda c, a, b: c.fork(a, True), ValueError, "length must be an int"),
+    "fork into non-empty dst": (lambda c, a, b: c.fork(a, 2, dst_id=b), ValueError, "dst_id: sequence 1 holds 3"),
+    "fork into itself": (lambda c, a, b: c.fork(a, 2, dst_id=a), ValueError, "dst_id: the child must be another"),
+    "fork into free slot": (lambda c, a, b: c.fork(a, 2, dst_id=2), ValueError, "dst_id"),
+    "reset unknown id": (lambda c, a, b: c.reset([a, 2]), ValueError, "seq_ids"),
     "append bad layer": (lambda c, a, b: c.append(L, [a], *_kv(1)), IndexError, "layer"),
     "append duplicate ids": (lambda c, a, b: c.append(0, [a, a], *_kv(2)), ValueError, "seq_ids"),
     "append freed id": (lambda c, a, b: c.append(0, [2], *_kv(1)), ValueError, "seq_ids"),

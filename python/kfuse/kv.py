@@ -253,6 +253,13 @@ class PagedKVCache:
         self._rollback(torch.tensor([s]), torch.tensor([0]), check_lens=False)
         self._n_active[s] = 0
 
+    def reset(self, seq_ids) -> None:
+        """Empty the sequences ``seq_ids`` (list, array or int tensor of active ids): length 0, their pages
+        released as by ``rollback(seq_ids, 0)``, their slots kept (:meth:`free` releases the slot too).
+        The cache's side of resetting a sequence to its start. Metadata only."""
+        ids = self._ids(seq_ids)
+        self.rollback(ids, torch.zeros_like(ids))
+
     @property
     def active_sequences(self) -> list[int]:
         """The ids of the sequences added and not freed, ascending (from the host state: no sync)."""
@@ -525,17 +532,27 @@ class PagedKVCache:
         self.block_table.index_copy_(0, ids, torch.where(drop, -1, rows))
         self.seq_lens.index_copy_(0, ids, new_lens)
 
-    def fork(self, src_id: int, length: int) -> int:
-        """A new sequence sharing ``src_id``'s first ``length`` tokens (``0 ≤ length ≤ len(src)``): its block
+    def fork(self, src_id: int, length: int, dst_id: int | None = None) -> int:
+        """A sequence sharing ``src_id``'s first ``length`` tokens (``0 ≤ length ≤ len(src)``): its block
         table holds the parent's first ``ceil(length / page_size)`` pages, whose refcounts rise by one.
-        The first write into a shared, partially filled page copies it (in :meth:`append`). No sync."""
+        The first write into a shared, partially filled page copies it (in :meth:`append`). No sync.
+
+        The child is a new slot, or ``dst_id``: an active, empty sequence (from :meth:`add_sequence` or
+        :meth:`reset`), for callers that keep their sequences in fixed slots. Returns the child's id."""
         s = self._check_id(src_id, "src_id")
         n = int(self._n_lens[s])
         length = self._scalar(length, "length")
         if not 0 <= length <= n:
             raise ValueError(f"length: {length!r} is outside [0, length of sequence {s} = {n}]")
+        if dst_id is not None:
+            d = self._check_id(dst_id, "dst_id")
+            if d == s:
+                raise ValueError(f"dst_id: the child must be another sequence than src_id = {s}")
+            if self._n_lens[d] != 0:
+                raise ValueError(f"dst_id: sequence {d} holds {int(self._n_lens[d])} tokens; a fork's child must "
+                                 "be empty (reset() it first)")
         self._no_step("fork")
-        child = self.add_sequence()  # raises when every slot is in use
+        child = self.add_sequence() if dst_id is None else d  # add_sequence raises when every slot is in use
         # C++ (table row, refcounts, length; logged for the device copy): 38 us in Python before.
         self._replay(self._host.fork(s, child, length))
         return child
