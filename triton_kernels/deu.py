@@ -29,6 +29,7 @@ from kfuse._backends import on_input_device, triton_interpret
 EPS: tl.constexpr = tl.constexpr(0.01)
 EXP_CAP: tl.constexpr = tl.constexpr(14.0)
 SHIFT_PART: tl.constexpr = tl.constexpr(64.0)  # deu_math.h kShiftPart
+DD_RATIO: tl.constexpr = tl.constexpr(4.0)  # deu_math.h kDdRatio
 OUT_CLAMP: tl.constexpr = tl.constexpr(1000.0)
 STEP_SLOPE: tl.constexpr = tl.constexpr(100.0)
 
@@ -268,7 +269,17 @@ def _plan(a, b, c, c1, c2, da, db, dc, dc1, dc2):
     # The part on E1 − 1, E2 − 1 (see _plan_values): the r = −b/a case, and ω = 0 neurons whose part
     # coefficients exceed SHIFT_PART (deu_math.h's kShiftPart).
     big = (tl.abs(p0) > SHIFT_PART) | (tl.abs(p4) > SHIFT_PART) | (tl.abs(p7) > SHIFT_PART)
-    shf = nnz | ((om == 0) & big)
+    # Near-critical over-damped neurons (|b| > DD_RATIO·S) take their part on M1, M2 too, and in the
+    # backward as −(M1 + M2)/(2c) + Q·DD, DD = (E1 − E2)/δ, Q = α/c, δ = ρ1 − ρ2 = S/a (deu_math.h's
+    # Plan::dd): p6 holds Q and h6 holds δ (ω = 0: the forward multiplies them by sin 0 = 0), the
+    # tangents are Q's and −1/(2c)'s (M1's and M2's), h6's is 0.
+    dd = ovr & (tl.abs(B) > s * DD_RATIO)
+    shf = nnz | ((om == 0) & big) | dd
+    h6 = tl.where(dd, s * iA, h6)
+    p6 = tl.where(dd, al * iC * sig, p6)
+    dp6 = tl.where(dd, (dal * iC + al * diC) * s2, dp6)
+    dp4 = tl.where(dd, -0.5 * diC * s2, dp4)
+    dp7 = tl.where(dd, -0.5 * diC * s2, dp7)
     return (h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1, om, r2,
             dh0, dh1, dh3, dh4, dh5, dh6, dh7, dp0, dp1, dp2, dp4, dp5, dp6, dp7, dr1, dom, dr2, shf)
 
@@ -429,21 +440,60 @@ def _forward_elem(t, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7, r1,
 
 
 @triton.jit
-def _cos_minus_sinc(x, sn, cs):
-    """cos x − sin(x)/x by series below |x| = 1/2, where it cancels (csrc/deu/deu_math.h).
-    Coefficients (−1)ⁿ·2n/(2n+1)!; float64's through tl.full (a bare literal rounds to float32)."""
-    x2 = x * x
-    if x.dtype == tl.float64:
-        s = tl.full([], -1.0 / 93405312000.0, tl.float64) * x2 + tl.full([], 1.0 / 518918400.0, tl.float64)
-        s = s * x2 - tl.full([], 1.0 / 3991680.0, tl.float64)
-        s = s * x2 + tl.full([], 1.0 / 45360.0, tl.float64)
-        s = s * x2 - tl.full([], 1.0 / 840.0, tl.float64)
-        s = s * x2 + tl.full([], 1.0 / 30.0, tl.float64)
-        s = s * x2 - tl.full([], 1.0 / 3.0, tl.float64)
+def _series23(z):
+    """Σ_{n≥1} 2n·zⁿ⁻¹/(2n+1)! for |z| <= 1/4 (csrc/deu/deu_math.h's series23); float64's
+    coefficients through tl.full (a bare literal rounds to float32)."""
+    if z.dtype == tl.float64:
+        s = tl.full([], 1.0 / 93405312000.0, tl.float64) * z + tl.full([], 1.0 / 518918400.0, tl.float64)
+        s = s * z + tl.full([], 1.0 / 3991680.0, tl.float64)
+        s = s * z + tl.full([], 1.0 / 45360.0, tl.float64)
+        s = s * z + tl.full([], 1.0 / 840.0, tl.float64)
+        s = s * z + tl.full([], 1.0 / 30.0, tl.float64)
+        s = s * z + tl.full([], 1.0 / 3.0, tl.float64)
     else:
-        s = ((x2 * (1.0 / 45360.0) - 1.0 / 840.0) * x2 + 1.0 / 30.0) * x2 - 1.0 / 3.0
+        s = ((z * (1.0 / 45360.0) + 1.0 / 840.0) * z + 1.0 / 30.0) * z + 1.0 / 3.0
+    return s
+
+
+@triton.jit
+def _sinhc(z):
+    """sinh(x)/x at z = x², |z| <= 1/4 (deu_math.h's sinhc_series)."""
+    if z.dtype == tl.float64:
+        s = tl.full([], 1.0 / 1307674368000.0, tl.float64) * z + tl.full([], 1.0 / 6227020800.0, tl.float64)
+        s = s * z + tl.full([], 1.0 / 39916800.0, tl.float64)
+        s = s * z + tl.full([], 1.0 / 362880.0, tl.float64)
+        s = s * z + tl.full([], 1.0 / 5040.0, tl.float64)
+        s = s * z + tl.full([], 1.0 / 120.0, tl.float64)
+        s = s * z + tl.full([], 1.0 / 6.0, tl.float64)
+    else:
+        s = (z * (1.0 / 5040.0) + 1.0 / 120.0) * z + 1.0 / 6.0
+    return s * z + 1.0
+
+
+@triton.jit
+def _cos_minus_sinc(x, sn, cs):
+    """cos x − sin(x)/x, by series below |x| = 1/2, where it cancels (deu_math.h)."""
+    x2 = x * x
     small = tl.abs(x) < 0.5
-    return tl.where(small, s * x2, cs - sn / tl.where(small, 1.0, x))
+    return tl.where(small, -x2 * _series23(-x2), cs - sn / tl.where(small, 1.0, x))
+
+
+@triton.jit
+def _divided_difference(delta, t, e1, e2, m1, m2, cap1, cap2):
+    """DD = (E1 − E2)/δ and its ∂/∂ρ1, ∂/∂ρ2 (deu_math.h's divided_difference): by series where
+    neither exponent is capped and |δt/2| < 1/2, else from the differences. δ = 0 gives junk: select."""
+    x = 0.5 * delta * t
+    smooth = (~cap1) & (~cap2) & (tl.abs(x) < 0.5)
+    x2 = x * x
+    tea = t * tl.sqrt(e1 * e2)
+    dds = tea * _sinhc(x2)
+    w = t * (tea * (x * _series23(x2)))
+    idel = 1.0 / tl.where(delta != 0, delta, 1.0)
+    ddd = (m1 - m2) * idel
+    dd = tl.where(smooth, dds, ddd)
+    d1 = tl.where(smooth, 0.5 * (t * dds + w), (tl.where(cap1, 0.0, t * e1) - ddd) * idel)
+    d2 = tl.where(smooth, 0.5 * (t * dds - w), (ddd - tl.where(cap2, 0.0, t * e2)) * idel)
+    return dd, d1, d2
 
 
 @triton.jit
@@ -461,6 +511,8 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
     lin = k4 + k5 * t
     osc = lin * cs + k6 * sn  # the E1 bracket
     yraw = k0 + poly + h3 * sig + e1 * osc + k7 * e2
+    k4h = k4
+    k7h = k7
     if any_m1:  # for the derivatives: m4·M1 has m4·E1 as derivative, so E1's whole coefficient is k4 + m4
         lin = lin + pm
         osc = lin * cs + k6 * sn
@@ -492,16 +544,34 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
     b6 = e1 * sn
     gt = g * t
     te1 = t * e1  # t·E first: g·t may overflow where E is 0
-    s_r1 = tl.where(cap1, 0.0, g * te1 * osc)
     s_om = g * te1 * (k6 * _cos_minus_sinc(om * t, sn, cs) - lin * sn)  # basis 6 as E1·sin(ωt)/ω: see _plan
-    s_r2 = tl.where(cap2, 0.0, g * (t * e2) * k7)
+    # The rates take E1's and E2's coefficients; a Plan::dd neuron's part on M1, M2 and DD (see _plan):
+    # (m4 + m7)/2 = −σ/(2c), and p6 = Q times DD's own ∂/∂ρ.
+    c1 = osc
+    c2 = k7
+    s_p6 = gp * b6
+    gd1 = tl.zeros_like(t)
+    gd2 = tl.zeros_like(t)
+    if any_m1:
+        if any_e2:
+            # (the plan may be one scalar per program: the interpreter has no tensor & scalar bool)
+            dd = pos & ((tl.zeros_like(t) + tl.where(om == 0, p6, 0.0)) != 0)
+            ddv, d1, d2 = _divided_difference(h6, t, e1, e2, m1, m2, cap1, cap2)
+            half = 0.5 * (m4 + m7)
+            c1 = tl.where(dd, k4h + half, c1)
+            c2 = tl.where(dd, k7h + half, c2)
+            s_p6 = tl.where(dd, gp * ddv, s_p6)
+            gd1 = tl.where(dd, g * (p6 * d1), gd1)
+            gd2 = tl.where(dd, g * (p6 * d2), gd2)
+    s_r1 = tl.where(cap1, 0.0, g * te1 * c1) + gd1
+    s_r2 = tl.where(cap2, 0.0, g * (t * e2) * c2) + gd2
     r1e = tl.where(cap1, 0.0, r1)
     r2e = tl.where(cap2, 0.0, r2)
     dy = (k1 + 2.0 * k2 * t + h3 * STEP_SLOPE * sig * (1.0 - sig)
           + e1 * (r1e * osc + k5 * cs + om * dosc) + k7 * r2e * e2)
     gx = tl.where(outside, 0.0, g * dy)  # not g·dy alone: 0·inf = NaN where the clamped dy overflows
     return (gx, g, gt, g * sig, g * b4, g * b5, g * b6, g * e2,
-            gp * t, gp * t * t, gp * b4m1, gp * b5, gp * b6, gp * b7m1, s_r1, s_om, s_r2)
+            gp * t, gp * t * t, gp * b4m1, gp * b5, s_p6, gp * b7m1, s_r1, s_om, s_r2)
 
 
 @triton.jit

@@ -267,15 +267,30 @@ struct VAcc {
   vf a[kPlanParams];
 };
 
+// deu_math.h's series23 and sinhc_series (float's terms) on 16 lanes.
+KF_SIMD vf vseries23(vf z) { return ((z * (1.0f / 45360.0f) + 1.0f / 840.0f) * z + 1.0f / 30.0f) * z + 1.0f / 3.0f; }
+KF_SIMD vf vsinhc_series(vf z) { return ((z * (1.0f / 5040.0f) + 1.0f / 120.0f) * z + 1.0f / 6.0f) * z + 1.0f; }
+
 // deu_math.h's cos_minus_sinc on 16 lanes: cos x − sin(x)/x, by series below |x| = 1/2.
 KF_SIMD vf vcos_minus_sinc(vf x, vf sn, vf cs) {
   const vf x2 = x * x;
-  vf s = splat(1.0f / 45360.0f);
-  s = s * x2 - 1.0f / 840.0f;
-  s = s * x2 + 1.0f / 30.0f;
-  s = s * x2 - 1.0f / 3.0f;
   const vi small = vmax(x, -x) < 0.5f;
-  return small ? s * x2 : cs - sn / (small ? splat(1.0f) : x);
+  return small ? -x2 * vseries23(-x2) : cs - sn / (small ? splat(1.0f) : x);
+}
+
+// deu_math.h's divided_difference on 16 lanes (e^(αt) from vexp rather than √(E1·E2): no vector √
+// in GCC's extensions). Lanes where delta is 0 (not Plan::dd) give inf or NaN: callers select.
+KF_SIMD void vdivided_difference(const VPlan& p, vf delta, vf t, const VPieces& q, vf& dd, vf& d1, vf& d2) {
+  const vf x = 0.5f * delta * t;
+  const vi smooth = ~q.cap1 & ~q.cap2 & (vmax(x, -x) < 0.5f);
+  const vf x2 = x * x;
+  const vf tea = t * vexp(vmin(0.5f * (p.rho1 + p.rho2) * t, splat(float(kExpCap))));
+  const vf dds = tea * vsinhc_series(x2);
+  const vf w = t * (tea * (x * vseries23(x2)));
+  const vf ddd = (q.m1 - q.m2) / delta;
+  dd = smooth ? dds : ddd;
+  d1 = smooth ? 0.5f * (t * dds + w) : ((q.cap1 ? splat(0.0f) : t * q.e1) - ddd) / delta;
+  d2 = smooth ? 0.5f * (t * dds - w) : (ddd - (q.cap2 ? splat(0.0f) : t * q.e2)) / delta;
 }
 
 // backward_one() on 16 lanes: returns ∂L/∂t, adds ∂L/∂π into acc. Elements whose raw
@@ -328,7 +343,21 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
   const vf dosc = k[6] * q.cs - lin * q.sn;   // its derivative w.r.t. (ω t)
   const vf r1 = q.cap1 ? zero : p.rho1;
   const vf gte1 = g * (t * q.e1);  // t·E1 first: g·t may overflow where E1 is 0
-  acc.a[kRowRho1] += q.cap1 ? zero : gte1 * osc;
+  // Plan::dd lanes (backward_one): the rates take E1's and E2's coefficients of the part on
+  // M1, M2 and DD, and DD's own ∂/∂ρ.
+  vf c1 = osc, gdd1 = zero, gdd2 = zero, half = zero;
+  vi dd = vi{};
+  if constexpr ((F & kM1) != 0 && (F & kE2) != 0) {
+    dd = pos & (p.omega == 0.0f) & (p.pos[6] != 0.0f);
+    vf ddv, d1, d2;
+    vdivided_difference(p, p.neg[6], t, q, ddv, d1, d2);
+    half = 0.5f * (s.m + s.m7);
+    c1 = dd ? k[4] + half : osc;
+    acc.a[kBasis + 6] += dd ? g * ddv : zero;
+    gdd1 = dd ? g * (k[6] * d1) : zero;
+    gdd2 = dd ? g * (k[6] * d2) : zero;
+  }
+  acc.a[kRowRho1] += (q.cap1 ? zero : gte1 * c1) + gdd1;
   vf de1 = r1 * osc + k[5] * q.cs;
   if (F & kTrig) {
     acc.a[kRowOmega] += gte1 * (k[6] * vcos_minus_sinc(p.omega * t, q.sn, q.cs) - lin * q.sn);  // backward_one
@@ -339,7 +368,8 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
   if (F & kE2) {
     const vf k7 = (F & kM1) ? k[7] + s.m7 : k[7];  // E2's whole coefficient (backward_one)
     const vf r2 = q.cap2 ? zero : p.rho2;
-    acc.a[kRowRho2] += q.cap2 ? zero : g * (t * q.e2) * k7;
+    const vf c2 = dd ? k[7] + half : k7;
+    acc.a[kRowRho2] += (q.cap2 ? zero : g * (t * q.e2) * c2) + gdd2;
     dy += k7 * r2 * q.e2;
   }
   return outside ? zero : g * dy;

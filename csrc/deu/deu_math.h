@@ -139,15 +139,27 @@ KF_HD T range_scale(T a, T b, T c) {
   return std::ldexp(T(1), kScaleExp - e);
 }
 
+// Over-damped neurons with |b| > kDdRatio·S (|w1 − w2| = |b|/S) take the near-critical forms of
+// Plan::dd: 0.6 % of neurons at the paper's init (a, b, c ~ U(0, 1)). Far from critical those forms
+// cancel instead (a = 1.134, b = 1333.9, c = 0.0102, b/S ≈ 1: grad c 6× the float32 tolerance off),
+// so a large part alone (kShiftPart) does not select them. Targeted fuzz (over-damped neurons, D in
+// [0.01, 10], c1, c2 ~ N(0, 1), Triton under the interpreter): at 32, 5 of 286 were over the
+// tolerance, up to 3.3× (a = 0.2837, b = 1.848, c = 3.0: b/S = 17); at 8, a = 4.0, b = −0.533,
+// c = 0.0168 (b/S = 4.1) of another draw was 1.7×; at 4, none in three draws of ~380 (worst 0.16×).
+constexpr double kDdRatio = 4.0;
+
 // Per-neuron plan: the template coefficients of one neuron. S is a scalar or a Dual.
 template <typename S>
 struct PlanT {
   S hom[kBasis];
   S part[kBasis];
   S rho1, omega, rho2;
-  // hom[6]·ω and part[6]·ω, the coefficients of E1·sin(ωt)/ω, written without dividing by the
-  // discriminant's root (see plan_with_jacobian): Jacobian only, 0 where ω = 0.
+  // Coefficients on bases that stay smooth at critical damping, for the Jacobian (see
+  // plan_with_jacobian), 0 in the other cases. sinc_hom, sinc_part: hom[6]·ω and part[6]·ω, of
+  // E1·sin(ωt)/ω (under-damped, oscillator). dd_half, dd_q: the over-damped part
+  // −(M1 + M2)/(2c) + (α/c)·(E1 − E2)/(ρ1 − ρ2), α = −b/(2a) (see Plan::dd).
   S sinc_hom, sinc_part;
+  S dd_half, dd_q, dd_delta;
   bool part4_on_m1;  // the r = −b/a case: see Plan::m4
 };
 
@@ -162,6 +174,7 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
   for (int j = 0; j < kBasis; ++j) { p.hom[j] = zero; p.part[j] = zero; }
   p.rho1 = zero; p.omega = zero; p.rho2 = zero;
   p.sinc_hom = zero; p.sinc_part = zero;
+  p.dd_half = zero; p.dd_q = zero; p.dd_delta = zero;
   p.part4_on_m1 = false;
   // The case is decided on the exact values, as the reference does in float64: a parameter is
   // zero when |p| < 0.01 exactly. In float that threshold rounds down (float(0.01) < 0.01), so
@@ -256,6 +269,9 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
       p.part[0] = one / c;
       p.part[4] = bpos ? q / (s * c) : a / (s * q);
       p.part[7] = bpos ? -(a / (s * q)) : -(q / (s * c));
+      p.dd_half = -(one / (T(2) * c));  // see Plan::dd: w1 + w2 = 1, w1 − w2 = b/S
+      p.dd_q = alpha / c;
+      p.dd_delta = s / a;  // ρ1 − ρ2, without their difference
     } else {                                  // critical, r = -b/(2a)
       p.rho1 = alpha;
       p.hom[4] = c2;
@@ -267,6 +283,8 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
   }
   for (int j = 0; j < kBasis; ++j) p.part[j] = sigma * p.part[j];  // see range_scale
   p.sinc_part = sigma * p.sinc_part;
+  p.dd_half = sigma * p.dd_half;
+  p.dd_q = sigma * p.dd_q;
   p.hom[3] = sigma * p.hom[3];
   // A NaN or infinite a, b or c makes the whole activation NaN, as in the reference (the tests
   // above take NaN for "not zero", and the cases leave parts of the plan finite, e.g. the
@@ -292,6 +310,15 @@ KF_HD PlanT<S> make_plan(S a, S b, S c, S c1, S c2) {
 // small t (a = 375902, b = −122.6, c = 0.01: y 78× the float32 tolerance off; mpmath-judged
 // fuzz). Such neurons' term mask has kTermPoly, under which the element code adds m4·M1 + m7·M2
 // (see plan_terms); the others' code skips them.
+//
+// dd: a near-critical over-damped neuron (|b| > kDdRatio·S) takes its part on M1, M2 as well, and its
+// backward takes it as −(M1 + M2)/(2c) + Q·DD with
+// DD = (E1 − E2)/δ, δ = ρ1 − ρ2, Q = α/c (both ·σ): its weights w1,2/c = (1/2 ± b/(2S))/c, ~1e4,
+// and the roots' ∂/∂c = ∓1/S gave grad c terms ~|a·b|/S³ that cancel (a = 392293, b = −125.8,
+// c = 0.0101: 110× the float32 tolerance; with c1, c2 ≠ 0 up to ~3000×, targeted fuzz). The
+// coefficients −1/(2c) and Q stay bounded as S → 0, and DD and its ∂/∂ρ1, ∂/∂ρ2 come from a series
+// where the roots are close (divided_difference). Such a neuron has ω = 0, so the forward multiplies
+// basis 6 by sin 0 = 0: pos[6] holds Q and neg[6] holds δ (from S/a: ρ1 − ρ2 rounded cancels).
 template <typename T>
 struct Plan {
   T neg[kBasis];  // t <= 0
@@ -323,12 +350,19 @@ KF_HD Plan<T> eval_plan(const PlanT<T>& q) {
   p.m4 = T(0);
   p.m7 = T(0);
   const auto big = [](T v) { return std::fabs(v) > T(kShiftPart); };
-  if (q.part4_on_m1 || (q.omega == T(0) && (big(q.part[0]) || big(q.part[4]) || big(q.part[7])))) {
+  // Over-damped (δ != 0), and near critical: |b|/S = |ρ1 + ρ2|/δ (see kDdRatio, Plan::dd).
+  const bool over = q.dd_delta != T(0);
+  const bool near = over && std::fabs(q.rho1 + q.rho2) > T(kDdRatio) * std::fabs(q.dd_delta);
+  if (q.part4_on_m1 || near || (q.omega == T(0) && (big(q.part[0]) || big(q.part[4]) || big(q.part[7])))) {
     p.pos[0] = q.hom[0];  // see Plan::m4
     p.pos[4] = q.hom[4];
     p.pos[7] = q.hom[7];
     p.m4 = q.part[4];
     p.m7 = q.part[7];
+    if (near) {  // see Plan::dd
+      p.pos[6] = q.dd_q;
+      p.neg[6] = q.dd_delta;
+    }
   }
   p.rho1 = q.rho1; p.omega = q.omega; p.rho2 = q.rho2;
   p.l1 = base2_rate(q.rho1); p.l2 = base2_rate(q.rho2);
@@ -339,6 +373,12 @@ KF_HD Plan<T> eval_plan(const PlanT<T>& q) {
   // instead of 1.2e6; bug hunt).
   p.e2 = q.hom[7] != T(0) || q.part[7] != T(0) || q.rho2 != T(0);
   return p;
+}
+
+// Plan::dd: a near-critical over-damped neuron whose backward takes its part on DD.
+template <typename T>
+KF_HD bool is_dd(const Plan<T>& p) {
+  return !p.trig && p.pos[6] != T(0);
 }
 
 template <typename T>
@@ -379,6 +419,8 @@ KF_HD Plan<T> plan_with_jacobian(const T* co, T jac[kPlanParams][kCoeffs]) {
   }
   qv.rho1 = q.rho1.v; qv.omega = q.omega.v; qv.rho2 = q.rho2.v;
   qv.part4_on_m1 = q.part4_on_m1;
+  qv.dd_q = q.dd_q.v;
+  qv.dd_delta = q.dd_delta.v;
   for (int k = 0; k < kCoeffs; ++k) {
     jac[2 * kBasis][k] = q.rho1.d[k];
     jac[2 * kBasis + 1][k] = q.omega.d[k];
@@ -399,13 +441,21 @@ KF_HD Plan<T> plan_with_jacobian(const T* co, T jac[kPlanParams][kCoeffs]) {
       jac[kBasis + 6][k] = q.sinc_part.d[k] * inv;
     }
   }
+  const Plan<T> ev = eval_plan(qv);
+  if (is_dd(ev)) {  // the part on M1, M2 and DD (Plan::dd): σ-scaled below with the other rows
+    for (int k = 0; k < kCoeffs; ++k) {
+      jac[kBasis + 4][k] = q.dd_half.d[k];
+      jac[kBasis + 7][k] = q.dd_half.d[k];
+      jac[kBasis + 6][k] = q.dd_q.d[k];
+    }
+  }
   // make_plan differentiated with respect to (a, b, c)·σ: ∂/∂a = σ·∂/∂(σa) (see its Range).
   const T sigma = range_scale(co[0], co[1], co[2]);
   if (sigma != T(1)) {
     for (int i = 0; i < kPlanParams; ++i)
       for (int k = 0; k < 3; ++k) jac[i][k] *= sigma;
   }
-  return eval_plan(qv);
+  return ev;
 }
 
 // Transcendentals of the element loop. On the GPU in float they use the hardware
@@ -624,23 +674,70 @@ KF_HD T forward_one(const Plan<T>& p, T t) {
   return clamp_out(eval_raw<kTerms>(s, pieces<kTerms>(p, t), t));
 }
 
-// cos x − sin(x)/x (= x·d/dx(sin(x)/x)), with sn = sin x, cs = cos x: a series below |x| = 1/2,
+// Σ_{n≥1} 2n·zⁿ⁻¹/(2n+1)! = 1/3 + z/30 + z²/840 + ...: x·series23(x²) = d/dx(sinh(x)/x), and
+// −x²·series23(−x²) = cos x − sin(x)/x. Used for |z| <= 1/4, where the terms left out are below
+// 2⁻⁵⁶ of the sum (float: 2⁻²⁸).
+template <typename T>
+KF_HD T series23(T z) {
+  T s = T(0);
+  if (!std::is_same<T, float>::value) {
+    s = T(1.0 / 93405312000.0);
+    s = s * z + T(1.0 / 518918400.0);
+    s = s * z + T(1.0 / 3991680.0);
+    s = s * z;
+  }
+  s = s + T(1.0 / 45360.0);
+  s = s * z + T(1.0 / 840.0);
+  s = s * z + T(1.0 / 30.0);
+  return s * z + T(1.0 / 3.0);
+}
+
+// sinh(x)/x = Σ zⁿ/(2n+1)! at z = x², |z| <= 1/4 (terms left out below 2⁻⁵⁶, float: 2⁻²⁷).
+template <typename T>
+KF_HD T sinhc_series(T z) {
+  T s = T(0);
+  if (!std::is_same<T, float>::value) {
+    s = T(1.0 / 1307674368000.0);
+    s = s * z + T(1.0 / 6227020800.0);
+    s = s * z + T(1.0 / 39916800.0);
+    s = s * z + T(1.0 / 362880.0);
+    s = s * z;
+  }
+  s = s + T(1.0 / 5040.0);
+  s = s * z + T(1.0 / 120.0);
+  s = s * z + T(1.0 / 6.0);
+  return s * z + T(1);
+}
+
+// cos x − sin(x)/x (= x·d/dx(sin(x)/x)), with sn = sin x, cs = cos x: by series below |x| = 1/2,
 // where the difference cancels (it is −x²/3 + ...); 0 at x = 0. Beyond, the difference loses at
-// most a factor 12 of its inputs' accuracy. The series omits 2⁻⁵⁶ of the sum (float: 2⁻²⁸) at 1/2.
+// most a factor 12 of its inputs' accuracy.
 template <typename T>
 KF_HD T cos_minus_sinc(T x, T sn, T cs) {
   const T x2 = x * x;
-  if (!(std::fabs(x) < T(0.5))) return cs - sn / x;
-  T s = std::is_same<T, float>::value ? T(0) : T(-1.0 / 93405312000.0);  // (−1)ⁿ·2n/(2n+1)!
-  if (!std::is_same<T, float>::value) {
-    s = s * x2 + T(1.0 / 518918400.0);
-    s = s * x2 - T(1.0 / 3991680.0);
+  return std::fabs(x) < T(0.5) ? -x2 * series23(-x2) : cs - sn / x;
+}
+
+// Plan::dd's DD = (E1 − E2)/δ and its ∂/∂ρ1, ∂/∂ρ2, from the pieces at t (m1, m2: E1 − 1, E2 − 1).
+// Where neither exponent is capped and |κt| < 1/2 (κ = δ/2), DD = t·e^(αt)·sinh(κt)/(κt) with
+// α = (ρ1 + ρ2)/2 and e^(αt) = √(E1·E2), and ∂/∂ρ1,2 = (t·DD ± t²·e^(αt)·d/dx(sinh(x)/x))/2 from
+// series: as differences of E1 and E2 they cancel by |κt|. Elsewhere the differences themselves
+// (E1/E2 = e^(2κt) is at least e apart, or an exponent is capped: its derivative is 0).
+template <typename T>
+KF_HD void divided_difference(T delta, T t, const Pieces<T>& q, T m1, T m2, T* dd, T* d1, T* d2) {
+  const T x = T(0.5) * delta * t;
+  if (!q.cap1 && !q.cap2 && std::fabs(x) < T(0.5)) {
+    const T tea = t * std::sqrt(q.e1 * q.e2);
+    const T x2 = x * x;
+    *dd = tea * sinhc_series(x2);
+    const T w = t * (tea * (x * series23(x2)));
+    *d1 = T(0.5) * (t * *dd + w);
+    *d2 = T(0.5) * (t * *dd - w);
+  } else {
+    *dd = (m1 - m2) / delta;
+    *d1 = ((q.cap1 ? T(0) : t * q.e1) - *dd) / delta;
+    *d2 = (*dd - (q.cap2 ? T(0) : t * q.e2)) / delta;
   }
-  s = s * x2 + T(1.0 / 45360.0);
-  s = s * x2 - T(1.0 / 840.0);
-  s = s * x2 + T(1.0 / 30.0);
-  s = s * x2 - T(1.0 / 3.0);
-  return s * x2;
 }
 
 // Backward for one element with upstream gradient g: returns ∂L/∂t and adds ∂L/∂π into
@@ -691,10 +788,23 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   const T r1 = q.cap1 ? T(0) : p.rho1;
   const T r2 = q.cap2 ? T(0) : p.rho2;
   const T te1 = t * q.e1;  // t·E first: g·t may overflow where E is 0
-  acc[2 * kBasis] += q.cap1 ? T(0) : g * te1 * osc;
+  // The rates' accumulators take E1's and E2's coefficients; a Plan::dd neuron's part is
+  // −(M1 + M2)/(2c) + Q·DD there (ω = 0: cos = 1, sin = 0), with (m4 + m7)/2 = −σ/(2c).
+  T c1 = osc, c2 = k7, dd1 = T(0), dd2 = T(0);
+  if (kPoly && pos && is_dd(p)) {
+    T ddv;
+    divided_difference(p.neg[6], t, q, m1, m2, &ddv, &dd1, &dd2);
+    const T half = T(0.5) * (s.m + s.m7);
+    c1 = k[4] + half;
+    c2 = k[7] + half;
+    acc[kBasis + 6] += g * ddv;
+    dd1 *= k[6];
+    dd2 *= k[6];
+  }
+  acc[2 * kBasis] += (q.cap1 ? T(0) : g * te1 * c1) + g * dd1;
   // ∂/∂ω with E1·sin(ωt)/ω as basis 6 (see plan_with_jacobian): its k[6]·ω coefficient is held.
   acc[2 * kBasis + 1] += g * te1 * (k[6] * cos_minus_sinc(p.omega * t, q.sn, q.cs) - lin * q.sn);
-  acc[2 * kBasis + 2] += q.cap2 ? T(0) : g * (t * q.e2) * k7;
+  acc[2 * kBasis + 2] += (q.cap2 ? T(0) : g * (t * q.e2) * c2) + g * dd2;
   T dy = q.e1 * (r1 * osc + p.omega * dosc) + k7 * r2 * q.e2;
   if (kPoly) dy += k[1] + T(2) * k[2] * t;
   if (kStep) dy += k[3] * T(kStepSlope) * q.sig * (T(1) - q.sig);
