@@ -497,7 +497,7 @@ GRAD_FUZZ_ROWS = [
     ([4252.982421875, -112.3564224, 0.7420667410, 1.047324896, 0.204088673], 1.644474983),
     # Near-critical over-damped neurons (|b| >> S): the weights' and roots' Jacobians (~|ab|/S³)
     # cancelled in grad c: 88×, 3195×, 19.7×, 18×, 3× the tolerance (CPU or Triton) before Plan::dd
-    # (deu_math.h), which the last three (part coefficients below kShiftPart) needed |b| > 8·S for.
+    # (deu_math.h), selected by |b| > 4·S: the last three have part coefficients below kShiftPart.
     ([392292.75, -125.779915, 0.0100821136, 0.0, -1.36288309], 0.000315039622),
     ([54234.2227, -789.0, 2.86959481, 0.439817041, -0.171083778], 0.357517183),
     ([1001.49652, 290.844238, 21.1159878, -0.683728397, 2.7936511], 2.96876669),
