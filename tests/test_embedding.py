@@ -682,6 +682,37 @@ def test_fused_module_cast_keeps_float32_moments(optimizer, dtype):
             assert a.dtype == b.dtype and torch.equal(a, b), backend
 
 
+def test_fused_module_refuses_swapped_tables_and_stale_checkpoint_recomputes():
+    """The fused backward updates the module's own tables: called through torch.func.functional_call with
+    other tables it raises (it updated the unused ones and took the psw gradient at them); and activation
+    checkpointing that recomputes a call after another call's backward updated the tables raises (the
+    recomputed output differed from the original, silently). One checkpointed region per backward gives
+    the plain run's results (training-utilities hunt)."""
+    from torch.utils.checkpoint import checkpoint
+
+    idx, off = torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3])
+    m = MultiTableEmbeddingBag([(10, 4)], optimizer="sgd", lr=0.5)
+    w0 = m.weights[0].detach().clone()
+    out = torch.func.functional_call(m, {"weights.0": torch.randn(10, 4)}, (idx, off))
+    with pytest.raises(RuntimeError, match="tables this call's forward read are no longer the module's"):
+        out.sum().backward()
+    assert torch.equal(m.weights[0], w0)
+
+    def run(ckpt: bool, regions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        m = MultiTableEmbeddingBag([(10, 4)], optimizer="sgd", lr=0.5)
+        lin = torch.nn.Linear(4, 1)
+        f = lambda i, o: (lin(m(i, o)) ** 2).sum()  # noqa: E731
+        loss = sum(checkpoint(f, idx, off, use_reentrant=False) if ckpt else f(idx, off) for _ in range(regions))
+        loss.backward()
+        return lin.weight.grad, m.weights[0].detach()
+
+    for got, want in zip(run(True, 1), run(False, 1), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="activation checkpointing recomputes this forward after the fused"):
+        run(True, 2)
+
+
 def test_fused_module_refuses_a_psw_gradient_from_updated_tables():
     """Two calls, then one backward: the second call's backward updates the tables first, so the first
     call's per_sample_weights gradient cannot be taken at the tables its forward read; it raises (as

@@ -286,6 +286,17 @@ class MultiTableEmbeddingBag(nn.Module):
         bags = E._validate(op, ws, indices, offsets, self.feature_table_map, self.mode, per_sample_weights,
                            self.padding_idx)
         chosen = E._select(op, self.backend, ws[0])
+        step = int(self.optimizer_step)  # a CPU tensor: no sync
+        if torch._C._current_graph_task_id() == -1:
+            self.__dict__["_forward_step"] = step
+        elif step != self.__dict__.get("_forward_step", step):
+            # A forward inside a backward: activation checkpointing recomputing it. Another region's backward
+            # has updated the tables since the original forward, so the recomputed output (and every gradient
+            # downstream) would differ from it, silently (torch checks only shapes; training-utilities hunt).
+            raise RuntimeError(
+                f"{op}: activation checkpointing recomputes this forward after the fused optimizer updated the "
+                "tables (another checkpointed call's backward ran first), so it would not reproduce the original "
+                "output. Keep the module's calls outside checkpointed regions, or use one region per backward.")
         return _FusedEmbeddingBag.apply(self, indices, offsets, bags, chosen, self._grad_anchor,
                                         E._kernel_psw(per_sample_weights, ws))
 
@@ -297,6 +308,7 @@ class _FusedEmbeddingBag(torch.autograd.Function):
     def forward(ctx, module: MultiTableEmbeddingBag, indices: Tensor, offsets: Tensor, bags, backend: str,
                 anchor: Tensor, psw: Tensor | None) -> Tensor:
         ctx.module, ctx.bags, ctx.backend = module, bags, backend
+        ctx.tables = list(module.weights)  # the backward checks it updates what this forward read
         # The step the tables are at, for a per_sample_weights gradient only (a CPU tensor: no sync).
         ctx.step = None if psw is None else int(module.optimizer_step)
         ctx.save_for_backward(indices, offsets, psw)
@@ -306,6 +318,15 @@ class _FusedEmbeddingBag(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         m: MultiTableEmbeddingBag = ctx.module
         indices, offsets, psw = ctx.saved_tensors
+        if len(ctx.tables) != len(m.weights) or any(a is not b for a, b in zip(ctx.tables, m.weights, strict=True)):
+            # torch.func.functional_call swaps the tables back before the backward: the update (and the
+            # per_sample_weights gradient) read the module's own tables, not the ones the forward read
+            # (training-utilities hunt).
+            raise RuntimeError(
+                "MultiTableEmbeddingBag: the tables this call's forward read are no longer the module's (swapped "
+                "by torch.func.functional_call, or replaced between forward and backward), and the fused "
+                "optimizer updates the module's own tables and optimizer states. Build the module with "
+                "optimizer=None to call it with other tables.")
         ws = [w.data for w in m.weights]
         g_psw = None
         train = ctx.needs_input_grad[5]  # the anchor: False when the module is frozen (requires_grad_(False))
