@@ -354,9 +354,12 @@ def _expm1(z, MATH: tl.constexpr):
     else:
         # The interpreter has no libdevice: Kahan's (e − 1)·z/log(e), a few ulps with numpy's exp
         # and log (the error of e − 1 cancels against that of log e); z itself where e rounds to 1.
+        # Only for |z| < 1/2: e − 1 cancels nowhere else, and for a subnormal e log(e) is coarse
+        # (near-critical over-damped neurons at ρt ≈ −102: y 31× the float32 tolerance off; bug hunt).
         e = tl.exp(z)
-        log_e = tl.log(tl.where((e == 1.0) | (e == 0.0), 2.0, e))  # no 0/0 or log 0 where unused
-        m = tl.where(e == 1.0, z, tl.where(e == 0.0, -1.0, (e - 1.0) * (z / log_e)))
+        small = tl.abs(z) < 0.5
+        log_e = tl.log(tl.where(small & (e != 1.0), e, 2.0))  # no 0/0 or log 0 where unused
+        m = tl.where(e == 1.0, z, tl.where(small, (e - 1.0) * (z / log_e), e - 1.0))
     return m
 
 
@@ -546,25 +549,21 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
     te1 = t * e1  # t·E first: g·t may overflow where E is 0
     s_om = g * te1 * (k6 * _cos_minus_sinc(om * t, sn, cs) - lin * sn)  # basis 6 as E1·sin(ωt)/ω: see _plan
     # The rates take E1's and E2's coefficients; a Plan::dd neuron's part on M1, M2 and DD (see _plan):
-    # (m4 + m7)/2 = −σ/(2c), and p6 = Q times DD's own ∂/∂ρ.
-    c1 = osc
-    c2 = k7
+    # (m4 + m7)/2 = −σ/(2c), and p6 = Q times DD's own ∂/∂ρ (programs without one skip it).
+    s_r1 = tl.where(cap1, 0.0, g * te1 * osc)
+    s_r2 = tl.where(cap2, 0.0, g * (t * e2) * k7)
     s_p6 = gp * b6
-    gd1 = tl.zeros_like(t)
-    gd2 = tl.zeros_like(t)
     if any_m1:
         if any_e2:
             # (the plan may be one scalar per program: the interpreter has no tensor & scalar bool)
-            dd = pos & ((tl.zeros_like(t) + tl.where(om == 0, p6, 0.0)) != 0)
+            # g != 0: DD's ∂/∂ρ may overflow where an exponent is capped, and 0·inf is NaN where the
+            # output is clamped (g = 0 there; a bug hunt's NaN grad_coeffs)
+            dd = pos & (g != 0) & ((tl.zeros_like(t) + tl.where(om == 0, p6, 0.0)) != 0)
             ddv, d1, d2 = _divided_difference(h6, t, e1, e2, m1, m2, cap1, cap2)
             half = 0.5 * (m4 + m7)
-            c1 = tl.where(dd, k4h + half, c1)
-            c2 = tl.where(dd, k7h + half, c2)
+            s_r1 = tl.where(dd, tl.where(cap1, 0.0, g * te1 * (k4h + half)) + g * (p6 * d1), s_r1)
+            s_r2 = tl.where(dd, tl.where(cap2, 0.0, g * (t * e2) * (k7h + half)) + g * (p6 * d2), s_r2)
             s_p6 = tl.where(dd, gp * ddv, s_p6)
-            gd1 = tl.where(dd, g * (p6 * d1), gd1)
-            gd2 = tl.where(dd, g * (p6 * d2), gd2)
-    s_r1 = tl.where(cap1, 0.0, g * te1 * c1) + gd1
-    s_r2 = tl.where(cap2, 0.0, g * (t * e2) * c2) + gd2
     r1e = tl.where(cap1, 0.0, r1)
     r2e = tl.where(cap2, 0.0, r2)
     dy = (k1 + 2.0 * k2 * t + h3 * STEP_SLOPE * sig * (1.0 - sig)

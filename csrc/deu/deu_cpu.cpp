@@ -195,7 +195,7 @@ KF_CLONES void fwd_tile(const float* x, float* y, int64_t ld, const FloatPlans& 
     for (int64_t nb = n0; nb < n1; nb += kW) {
       const int cnt = static_cast<int>(std::min<int64_t>(kW, n1 - nb));
       const simd::VPlan p = simd::load_plan(P.soa.data(), P.stride, nb);
-      with_mask<simd::kAllFlags>(P.bflags[nb / kW], [&](auto F) __attribute__((always_inline)) {
+      with_mask<simd::kFwdFlags>(P.bflags[nb / kW], [&](auto F) __attribute__((always_inline)) {
         for (int64_t m = 0; m < rows; ++m) {
           const int64_t o = m * ld + (nb - n0);
           prefetch_block(x + o + kW, y + o + kW);
@@ -207,7 +207,7 @@ KF_CLONES void fwd_tile(const float* x, float* y, int64_t ld, const FloatPlans& 
   }
   for (int64_t n = n0; n < n1; ++n) {
     const simd::VPlan p = simd::splat_plan(P.soa.data(), P.stride, n);
-    with_mask<simd::kAllFlags>(P.flags[n], [&](auto F) __attribute__((always_inline)) {
+    with_mask<simd::kFwdFlags>(P.flags[n], [&](auto F) __attribute__((always_inline)) {
       for (int64_t m = 0; m < rows; ++m) {
         for (int64_t k = 0; k < klen; k += kW) {
           const int cnt = static_cast<int>(std::min<int64_t>(kW, klen - k));

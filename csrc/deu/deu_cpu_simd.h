@@ -127,10 +127,13 @@ struct VPlan {
   vf rho1, omega, rho2, m4, m7;
 };
 // Per-lane-block flags: which optional terms some lane of the block uses.
-enum : int { kTrig = 1, kE2 = 2, kStep = 4, kM1 = 8, kAllFlags = 15 };
+// kDD: a Plan::dd lane (then kM1 and kE2 too), for the backward only (kFwdFlags): its divided
+// differences cost a block ~2× (a microbenchmark of a kTrig|kE2|kM1 block), which blocks holding only
+// other kM1 lanes (r = −b/a, ~1 % of neurons at the paper's init) do not pay.
+enum : int { kTrig = 1, kE2 = 2, kStep = 4, kM1 = 8, kDD = 16, kFwdFlags = 15, kAllFlags = 31 };
 KF_SIMD int plan_flags(const Plan<float>& p) {
   return (p.trig ? kTrig : 0) | (p.e2 ? kE2 : 0) | (p.step ? kStep : 0) |
-         (p.m4 != 0.0f || p.m7 != 0.0f ? kM1 : 0);
+         (p.m4 != 0.0f || p.m7 != 0.0f ? kM1 : 0) | (is_dd(p) ? kDD : 0);
 }
 
 // Plans in structure-of-arrays form: row i of kSoaRows rows (neg[8], pos[8], ρ1, ω, ρ2, m4, m7)
@@ -271,26 +274,29 @@ struct VAcc {
 KF_SIMD vf vseries23(vf z) { return ((z * (1.0f / 45360.0f) + 1.0f / 840.0f) * z + 1.0f / 30.0f) * z + 1.0f / 3.0f; }
 KF_SIMD vf vsinhc_series(vf z) { return ((z * (1.0f / 5040.0f) + 1.0f / 120.0f) * z + 1.0f / 6.0f) * z + 1.0f; }
 
-// deu_math.h's cos_minus_sinc on 16 lanes: cos x − sin(x)/x, by series below |x| = 1/2.
-KF_SIMD vf vcos_minus_sinc(vf x, vf sn, vf cs) {
+// t·E1·(cos x − sin(x)/x) at x = ω·t (deu_math.h's cos_minus_sinc times te1 = t·E1): by series below
+// |x| = 1/2, else t·E1·cos x − E1·sin(x)/ω with 1/ω per lane (inv_om, 0 where ω = 0), so no element
+// pays a division (with sin(x)/x divided per element the all-under-damped backward took 1.34×).
+KF_SIMD vf vte1_cos_minus_sinc(vf x, vf te1, vf e1, vf sn, vf cs, vf inv_om) {
   const vf x2 = x * x;
-  const vi small = vmax(x, -x) < 0.5f;
-  return small ? -x2 * vseries23(-x2) : cs - sn / (small ? splat(1.0f) : x);
+  return vmax(x, -x) < 0.5f ? te1 * (-x2 * vseries23(-x2)) : te1 * cs - e1 * sn * inv_om;
 }
 
 // deu_math.h's divided_difference on 16 lanes (e^(αt) from vexp rather than √(E1·E2): no vector √
 // in GCC's extensions). Lanes where delta is 0 (not Plan::dd) give inf or NaN: callers select.
-KF_SIMD void vdivided_difference(const VPlan& p, vf delta, vf t, const VPieces& q, vf& dd, vf& d1, vf& d2) {
+KF_SIMD void vdivided_difference(const VPlan& p, vf delta, vf inv_delta, vf t, const VPieces& q, vf& dd, vf& d1,
+                                 vf& d2) {
   const vf x = 0.5f * delta * t;
-  const vi smooth = ~q.cap1 & ~q.cap2 & (vmax(x, -x) < 0.5f);
+  // One compare, no & of masks (see vbackward's dd): capped lanes read |κt| as 1.
+  const vi smooth = (q.cap1 ? splat(1.0f) : q.cap2 ? splat(1.0f) : vmax(x, -x)) < 0.5f;
   const vf x2 = x * x;
   const vf tea = t * vexp(vmin(0.5f * (p.rho1 + p.rho2) * t, splat(float(kExpCap))));
   const vf dds = tea * vsinhc_series(x2);
   const vf w = t * (tea * (x * vseries23(x2)));
-  const vf ddd = (q.m1 - q.m2) / delta;
+  const vf ddd = (q.m1 - q.m2) * inv_delta;
   dd = smooth ? dds : ddd;
-  d1 = smooth ? 0.5f * (t * dds + w) : ((q.cap1 ? splat(0.0f) : t * q.e1) - ddd) / delta;
-  d2 = smooth ? 0.5f * (t * dds - w) : (ddd - (q.cap2 ? splat(0.0f) : t * q.e2)) / delta;
+  d1 = smooth ? 0.5f * (t * dds + w) : ((q.cap1 ? splat(0.0f) : t * q.e1) - ddd) * inv_delta;
+  d2 = smooth ? 0.5f * (t * dds - w) : (ddd - (q.cap2 ? splat(0.0f) : t * q.e2)) * inv_delta;
 }
 
 // backward_one() on 16 lanes: returns ∂L/∂t, adds ∂L/∂π into acc. Elements whose raw
@@ -345,22 +351,29 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
   const vf gte1 = g * (t * q.e1);  // t·E1 first: g·t may overflow where E1 is 0
   // Plan::dd lanes (backward_one): the rates take E1's and E2's coefficients of the part on
   // M1, M2 and DD, and DD's own ∂/∂ρ.
-  vf c1 = osc, gdd1 = zero, gdd2 = zero, half = zero;
+  vf c1 = osc, half = zero;
   vi dd = vi{};
-  if constexpr ((F & kM1) != 0 && (F & kE2) != 0) {
-    dd = pos & (p.omega == 0.0f) & (p.pos[6] != 0.0f);
+  if constexpr ((F & kDD) != 0) {  // (a run-time branch per block instead made GCC's code for the rest slower)
+    // Plan::dd lanes with t > 0 and g != 0 (DD's ∂/∂ρ may overflow where an exponent is capped, and
+    // 0·inf is NaN where the output is clamped: g = 0 there; backward_one returns before; a bug
+    // hunt's NaN grad_coeffs), as one compare: ANDing the masks (pos & (g != 0) & ...) made GCC
+    // scalarise every later select on pos (the paper-init backward ran 5× slower).
+    dd = (pos ? g * (p.omega == 0.0f ? p.pos[6] : zero) : zero) != 0.0f;
     vf ddv, d1, d2;
-    vdivided_difference(p, p.neg[6], t, q, ddv, d1, d2);
+    vdivided_difference(p, p.neg[6], 1.0f / p.neg[6], t, q, ddv, d1, d2);  // 1/δ: per lane, hoisted
     half = 0.5f * (s.m + s.m7);
     c1 = dd ? k[4] + half : osc;
     acc.a[kBasis + 6] += dd ? g * ddv : zero;
-    gdd1 = dd ? g * (k[6] * d1) : zero;
-    gdd2 = dd ? g * (k[6] * d2) : zero;
+    acc.a[kRowRho1] += dd ? g * (k[6] * d1) : zero;
+    acc.a[kRowRho2] += dd ? g * (k[6] * d2) : zero;
   }
-  acc.a[kRowRho1] += (q.cap1 ? zero : gte1 * c1) + gdd1;
+  acc.a[kRowRho1] += q.cap1 ? zero : gte1 * c1;
   vf de1 = r1 * osc + k[5] * q.cs;
   if (F & kTrig) {
-    acc.a[kRowOmega] += gte1 * (k[6] * vcos_minus_sinc(p.omega * t, q.sn, q.cs) - lin * q.sn);  // backward_one
+    const vf inv_om = p.omega == 0.0f ? zero : 1.0f / p.omega;  // per lane: hoisted out of the row loop
+    const vf te1 = t * q.e1;
+    acc.a[kRowOmega] += g * (k[6] * vte1_cos_minus_sinc(p.omega * t, te1, q.e1, q.sn, q.cs, inv_om) -
+                             te1 * (lin * q.sn));  // backward_one
     de1 += p.omega * dosc;
   }
   vf dy = k[1] + 2.0f * k[2] * t + q.e1 * de1;
@@ -369,7 +382,7 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
     const vf k7 = (F & kM1) ? k[7] + s.m7 : k[7];  // E2's whole coefficient (backward_one)
     const vf r2 = q.cap2 ? zero : p.rho2;
     const vf c2 = dd ? k[7] + half : k7;
-    acc.a[kRowRho2] += (q.cap2 ? zero : g * (t * q.e2) * c2) + gdd2;
+    acc.a[kRowRho2] += q.cap2 ? zero : g * (t * q.e2) * c2;
     dy += k7 * r2 * q.e2;
   }
   return outside ? zero : g * dy;

@@ -715,7 +715,7 @@ KF_HD T sinhc_series(T z) {
 template <typename T>
 KF_HD T cos_minus_sinc(T x, T sn, T cs) {
   const T x2 = x * x;
-  return std::fabs(x) < T(0.5) ? -x2 * series23(-x2) : cs - sn / x;
+  return std::fabs(x) < T(0.5) ? -x2 * series23(-x2) : cs - sn * rcp_(x);  // (GPU: MUFU rcp, not a division)
 }
 
 // Plan::dd's DD = (E1 − E2)/δ and its ∂/∂ρ1, ∂/∂ρ2, from the pieces at t (m1, m2: E1 − 1, E2 − 1).
@@ -734,9 +734,10 @@ KF_HD void divided_difference(T delta, T t, const Pieces<T>& q, T m1, T m2, T* d
     *d1 = T(0.5) * (t * *dd + w);
     *d2 = T(0.5) * (t * *dd - w);
   } else {
-    *dd = (m1 - m2) / delta;
-    *d1 = ((q.cap1 ? T(0) : t * q.e1) - *dd) / delta;
-    *d2 = (*dd - (q.cap2 ? T(0) : t * q.e2)) / delta;
+    const T inv = rcp_(delta);
+    *dd = (m1 - m2) * inv;
+    *d1 = ((q.cap1 ? T(0) : t * q.e1) - *dd) * inv;
+    *d2 = (*dd - (q.cap2 ? T(0) : t * q.e2)) * inv;
   }
 }
 
@@ -790,21 +791,21 @@ KF_HD T backward_one(const Plan<T>& p, T t, T g, T* acc) {
   const T te1 = t * q.e1;  // t·E first: g·t may overflow where E is 0
   // The rates' accumulators take E1's and E2's coefficients; a Plan::dd neuron's part is
   // −(M1 + M2)/(2c) + Q·DD there (ω = 0: cos = 1, sin = 0), with (m4 + m7)/2 = −σ/(2c).
-  T c1 = osc, c2 = k7, dd1 = T(0), dd2 = T(0);
-  if (kPoly && pos && is_dd(p)) {
-    T ddv;
-    divided_difference(p.neg[6], t, q, m1, m2, &ddv, &dd1, &dd2);
+  T c1 = osc, c2 = k7;
+  if (kPoly && pos && is_dd(p)) {  // (a branch: the common code, without kTermPoly, has no trace of it)
+    T ddv, d1, d2;
+    divided_difference(p.neg[6], t, q, m1, m2, &ddv, &d1, &d2);
     const T half = T(0.5) * (s.m + s.m7);
     c1 = k[4] + half;
     c2 = k[7] + half;
     acc[kBasis + 6] += g * ddv;
-    dd1 *= k[6];
-    dd2 *= k[6];
+    acc[2 * kBasis] += g * (k[6] * d1);
+    acc[2 * kBasis + 2] += g * (k[6] * d2);
   }
-  acc[2 * kBasis] += (q.cap1 ? T(0) : g * te1 * c1) + g * dd1;
+  acc[2 * kBasis] += q.cap1 ? T(0) : g * te1 * c1;
   // ∂/∂ω with E1·sin(ωt)/ω as basis 6 (see plan_with_jacobian): its k[6]·ω coefficient is held.
   acc[2 * kBasis + 1] += g * te1 * (k[6] * cos_minus_sinc(p.omega * t, q.sn, q.cs) - lin * q.sn);
-  acc[2 * kBasis + 2] += (q.cap2 ? T(0) : g * (t * q.e2) * c2) + g * dd2;
+  acc[2 * kBasis + 2] += q.cap2 ? T(0) : g * (t * q.e2) * c2;
   T dy = q.e1 * (r1 * osc + p.omega * dosc) + k7 * r2 * q.e2;
   if (kPoly) dy += k[1] + T(2) * k[2] * t;
   if (kStep) dy += k[3] * T(kStepSlope) * q.sig * (T(1) - q.sig);
