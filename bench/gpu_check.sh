@@ -241,16 +241,16 @@ OWN_TESTS=("${LORA_TESTS[@]}")
 ((BT)) && OWN_TESTS+=(tests/test_llama.py tests/test_backtrack.py)
 ((DEU)) && step tests-cuda "$OUT/tests.log" 150 python3 -m pytest "${XDIST[@]}" tests -q -rfE -m cuda \
     "${OWN_TESTS[@]/#/--ignore=}" ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
-# The smaller families' tests first (each ~30 s in 8 workers, estimated), then LoRA's (~480 Triton
-# compiles: ~100 s in 8 workers), then the embedding sync timing: whatever the deadline cuts comes last.
-((KV)) && step tests-kv "$OUT/tests.log" 150 python3 -m pytest "${XDIST[@]}" tests/test_kv.py -q -rfE -m cuda \
-    --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
-((EMB)) && step tests-emb "$OUT/tests.log" 150 python3 -m pytest "${XDIST[@]}" tests/test_embedding.py tests/test_medical_codes.py -q -rfE -m cuda \
-    --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
-((BT)) && step tests-bt "$OUT/tests.log" 120 python3 -m pytest "${XDIST[@]}" tests/test_llama.py tests/test_backtrack.py -q -rfE \
-    -m cuda --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
-((LORA)) && step tests-lora "$OUT/tests.log" 180 python3 -m pytest "${XDIST[@]}" "${LORA_TESTS[@]}" -q -rfE -m cuda \
-    --durations=10 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
+# The other families' CUDA tests in one pytest session (one set of workers, balanced across the
+# files; LoRA's ~480 Triton compiles are most of it), then the embedding sync timing: whatever the
+# deadline cuts comes last.
+OTHER_TESTS=()
+((KV)) && OTHER_TESTS+=(tests/test_kv.py)
+((EMB)) && OTHER_TESTS+=(tests/test_embedding.py tests/test_medical_codes.py)
+((BT)) && OTHER_TESTS+=(tests/test_llama.py tests/test_backtrack.py)
+((LORA)) && OTHER_TESTS+=("${LORA_TESTS[@]}")
+((${#OTHER_TESTS[@]})) && step tests-ops "$OUT/tests.log" 240 python3 -m pytest "${XDIST[@]}" "${OTHER_TESTS[@]}" \
+    -q -rfE -m cuda --durations=15 ${KFUSE_GPU_TESTS_K:+-k "$KFUSE_GPU_TESTS_K"}
 # What the Triton forward's one host sync (reading its bad-index flag) costs per call and per training
 # step: back-to-back calls with and without the read (bench/sync_embedding.py).
 ((EMB)) && step sync-emb "$OUT/micro.log" 60 python3 bench/sync_embedding.py --device cuda --number 100
