@@ -367,7 +367,7 @@ def test_sparse_gradients_are_coalesced_rows(backend, device, seed):
                                     backend=backend)
     grad = torch.randn(out.shape, generator=gen)
     out.backward(grad.to(device))
-    ref_w = [w.detach().double().requires_grad_() for w in weights]
+    ref_w = [w.detach().cpu().double().requires_grad_() for w in weights]  # (the CPU indices' device)
     per_feature_torch(ref_w, indices, offsets, ft, "sum").backward(grad.double())
     for t, (w, r) in enumerate(zip(weights, ref_w, strict=True)):
         rg = torch.zeros_like(r) if r.grad is None else r.grad  # table 1 is read by no feature
@@ -376,7 +376,7 @@ def test_sparse_gradients_are_coalesced_rows(backend, device, seed):
         g = w.grad.coalesce().cpu()
         assert torch.equal(g.indices()[0], rows), f"table {t}: rows"
         assert_close(g.values(), vals, torch.float32, f"table {t}: values")
-        assert_close(w.grad.to_dense(), rg, torch.float32, f"table {t}: dense")
+        assert_close(w.grad.to_dense().cpu(), rg, torch.float32, f"table {t}: dense")
 
 
 # ---------------------------------------------------------------- fused optimizers

@@ -1343,3 +1343,21 @@ def test_report_rows_tiny(report_rows) -> None:
     assert kv_bench.bytes_moved(kv_bench._case(torch.device("cpu"), torch.float32, "decode", 3, 37, 4, 2, 16,
                                                ragged=True)) == 2 * (24 + 30 + 37) * 2 * 16 * 4
     assert "rollback" in out and "<=1.50" in out and "%copy" in out
+
+
+@pytest.mark.parametrize("device", ["cpu:0", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_device_named_without_or_with_an_index_takes_tensors_on_it(device):
+    # A device named "cuda" (no index) compared unequal to the "cuda:0" of every tensor on it, so every
+    # append and attention call raised "k is on cuda:0; the cache is on cuda" (H200, 2026-12-04); "cpu:0"
+    # against "cpu" is the same mismatch on a CPU.
+    cache = make(device=device)
+    assert cache.device == cache.k_pages.device
+    sid = cache.add_sequence()
+    k = torch.randn(3, HKV, D, device=device)
+    for layer in range(L):
+        cache.append(layer, [sid], k, -k, counts=[3])
+    cache.advance([sid], counts=[3])
+    q = torch.randn(1, HKV, D, device=device)
+    got = kfuse.paged_decode_attention(q, cache, 0, [sid])
+    want = F.scaled_dot_product_attention(q.view(1, HKV, 1, D), k.transpose(0, 1)[None], -k.transpose(0, 1)[None])
+    assert_close(got.view(1, HKV, D), want.view(1, HKV, D), torch.float32)

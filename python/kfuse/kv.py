@@ -146,11 +146,13 @@ class PagedKVCache:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.page_size, self.num_pages, self.max_seqs = page_size, num_pages, max_seqs
         self.max_pages_per_seq = max_pages_per_seq
-        self.dtype, self.device = dtype, torch.device(device)
-        dev = self.device
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
-        self.k_pages = torch.zeros(shape, dtype=dtype, device=dev)
-        self.v_pages = torch.zeros(shape, dtype=dtype, device=dev)
+        self.k_pages = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_pages = torch.zeros(shape, dtype=dtype, device=device)
+        # The pages' device, not torch.device(device): "cuda" has no index and compares unequal to the
+        # "cuda:0" of every tensor on it (every CUDA test failed that way, H200 2026-12-04).
+        self.dtype, self.device = dtype, self.k_pages.device
+        dev = self.device
         # Host state (CPU), updated in place by the C++ kernels of kfuse._C.KVHostState. The arrays the
         # device needs are views of one int32 buffer, laid out as the device's (block_table, seq_lens,
         # page_refcount, free_stack, free_top), so that an operation's writes are offsets into it.
