@@ -70,6 +70,8 @@ _NONE = tl.constexpr(_INT32_MAX)  # NO_ERROR, in kernels
 # [16, BLOCK_D] gathers. Tune on the GPU with the dim tile (and several bags per program for dims
 # below 64, as FBGEMM gives each bag one warp).
 _BLOCK_L = 16
+# Warps per forward program (bench/tune_embedding.py sweeps it with the two block sizes).
+_FWD_WARPS = 4
 
 
 def _block_d(dim: int) -> int:
@@ -294,7 +296,7 @@ def forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_tab
     _fwd_kernel[(B, len(feature_table), d_tiles)](
         indices, offsets, psw if psw is not None else out, meta, out, flag, B, indices.shape[0], width,
         BLOCK_L=_BLOCK_L, BLOCK_D=block_d, MEAN=pooling == 1, HAS_PSW=psw is not None,
-        WDT=_WDT[weights[0].dtype], num_warps=4)
+        WDT=_WDT[weights[0].dtype], num_warps=_FWD_WARPS)
     return out, flag
 
 

@@ -1,0 +1,139 @@
+"""Where a LoRA call's time goes on a GPU, and a sweep of the Triton forward's tile configs (issue 13).
+
+The first H200 run (bench/results/2026-12-04-h200/) missed every LoRA target; this script says why,
+case by case (bf16 x and W, K = N = 4096, r = 16):
+
+- ``eager``: ``kfuse.lora_linear(..., backend="triton")`` back to back (``triton.testing.do_bench``:
+  where the host is slower than the kernels, this is the host's time per call);
+- ``launcher``: ``kfuse.triton_kernels.lora.lora_forward`` alone (no autograd, no op dispatch);
+- ``graph``: the launcher replayed from a CUDA graph: the kernels' time alone;
+- ``base``: ``x @ W.T`` (cuBLAS);
+
+then a ``torch.profiler`` table of a forward + backward step (the kernels' own times), and the
+forward's time from a CUDA graph for each candidate ``_gemm_config`` / ``_shrink_config`` tile.
+Usage: ``python bench/tune_lora.py [--quick]`` (CUDA only; ~1-2 min, most of it compiling).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+from triton.testing import do_bench
+
+import kfuse
+from kfuse.triton_kernels import lora as tk
+
+K = N = 4096
+R = 16
+
+# Candidate (BM, BN, BK, GROUP_M, num_warps, num_stages) per M; the current choice is always timed first.
+GEMM = {
+    128: [(64, 64, 128, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 128, 128, 8, 4, 3),
+          (32, 64, 128, 8, 4, 4), (64, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 3)],
+    4096: [(128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4), (128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4),
+           (256, 128, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3), (128, 256, 64, 4, 8, 3), (128, 256, 32, 8, 8, 5)],
+}
+# (BM, BK, num_warps, num_stages) of the S pass.
+SHRINK = {128: [(16, 128, 4, 3), (32, 128, 4, 3), (16, 256, 4, 3), (64, 128, 4, 3), (16, 64, 2, 4)],
+          4096: [(32, 128, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8, 3), (16, 128, 4, 3)]}
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn captured in a CUDA graph (after a warm-up that compiles its kernels): replay()."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def make(M: int, adapter_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    a = (torch.randn(R, K, device="cuda", generator=g) / K**0.5).to(adapter_dtype)
+    b = torch.randn(N, R, device="cuda", generator=g).to(adapter_dtype)
+    return x, w, a, b
+
+
+def launcher(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Callable[[], object]:
+    return lambda: tk.lora_forward(x, w, False, a, b, 2.0, None, None, None, 0.0, False)
+
+
+def where_time_goes(M: int, adapter_dtype: torch.dtype) -> None:
+    x, w, a, b = make(M, adapter_dtype)
+    eager = do_bench(lambda: kfuse.lora_linear(x, w, a, b, 2.0, backend="triton"))
+    launch = do_bench(launcher(x, w, a, b))
+    graph = do_bench(graphed(launcher(x, w, a, b)))
+    base = do_bench(lambda: x @ w.T)
+    print(f"{M:>6} {str(adapter_dtype)[6:]:>9} {eager:8.4f} {launch:9.4f} {graph:8.4f} {base:8.4f} "
+          f"{graph / base:11.3f}", flush=True)
+
+
+def profile_step(M: int, adapter_dtype: torch.dtype) -> None:
+    x, w, a, b = make(M, adapter_dtype)
+    x.requires_grad_()
+    a.requires_grad_()
+    b.requires_grad_()
+
+    def step() -> None:
+        kfuse.lora_linear(x, w, a, b, 2.0, dropout_p=0.1, training=True, backend="triton").sum().backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(f"== profile: 5 x (forward + backward), M = {M}, {str(adapter_dtype)[6:]} adapters, dropout 0.1")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def sweep(name: str, table: dict[int, list[tuple]], current: Callable, M: int) -> None:
+    """The forward from a CUDA graph with each candidate of ``tk.<name>`` at M (bf16 adapters)."""
+    orig = getattr(tk, name)
+    x, w, a, b = make(M, torch.bfloat16)
+    base = do_bench(lambda: x @ w.T)
+    now = current(M)
+    for cfg in [now, *(c for c in table[M] if c != now)]:
+        setattr(tk, name, lambda *args, _c=cfg: _c)
+        try:
+            t = do_bench(graphed(launcher(x, w, a, b)))
+            print(f"{name} M={M:<6} {str(cfg):<32} {t:8.4f} ms  {t / base:6.3f}x base"
+                  f"{'  (current)' if cfg == now else ''}", flush=True)
+        except Exception as err:  # a config Triton cannot compile (shared memory, registers): say so, go on
+            print(f"{name} M={M:<6} {str(cfg):<32} failed: {type(err).__name__}: {str(err)[:120]}", flush=True)
+        finally:
+            setattr(tk, name, orig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="M = 128 and 4096 only, no profile of M = 128")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/tune_lora.py needs a CUDA device")
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; kfuse {kfuse.__version__}")
+    print(f"== where the forward's time goes (bf16 x, W; K = N = {K}, r = {R}; ms, median)")
+    print(f"{'M':>6} {'adapters':>9} {'eager':>8} {'launcher':>9} {'graph':>8} {'base':>8} {'graph/base':>11}")
+    for M in [128, 4096] if args.quick else [1, 128, 4096]:
+        for adt in (torch.float32, torch.bfloat16):
+            where_time_goes(M, adt)
+    profile_step(4096, torch.float32)
+    if not args.quick:
+        profile_step(128, torch.float32)
+    print("== tile sweeps (forward from a CUDA graph, bf16 adapters; ms, median)")
+    for M in (128, 4096):
+        sweep("_gemm_config", GEMM, lambda M: tk._gemm_config(M, N, torch.bfloat16), M)
+        sweep("_shrink_config", SHRINK, lambda M: tk._shrink_config(M, torch.bfloat16), M)
+
+if __name__ == "__main__":
+    main()
