@@ -54,7 +54,7 @@ def tune_forward(case: Case) -> None:
     def loop() -> list[torch.Tensor]:
         return [F.embedding_bag(i, ws[f], o, mode="sum") for f, (i, o) in enumerate(sl)]
 
-    now = (tk._BLOCK_L, tk._block_d(D), tk._FWD_WARPS)
+    now = (tk._FWD_BLOCK_L, tk._block_d(D), tk._FWD_WARPS)
     print(f"== {shape}: ms, median")
     print(f"   op {do_bench(lambda: kfuse.multi_embedding_bag(ws, idx, off, mode='sum', backend='triton')):.4f}"
           f"  launcher {do_bench(lambda: tk.forward(ws, idx, off, ft, pad, 0, None)):.4f}"
@@ -79,12 +79,12 @@ def main() -> None:
     m = kfuse.nn.MultiTableEmbeddingBag([tuple(w.shape) for w in inp.weights], optimizer="rowwise_adagrad",
                                         lr=0.01, device=dev, backend="triton")
     for _ in range(3):
-        m(inp.indices, inp.offsets).backward(inp.grad)
+        m(inp.indices, inp.offsets).backward(inp.grad_out)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            m(inp.indices, inp.offsets).backward(inp.grad)
+            m(inp.indices, inp.offsets).backward(inp.grad_out)
         torch.cuda.synchronize()
     print(f"== profile: 5 training steps, {case.params['shape']} {tuple(case.shape)}, fused row-wise Adagrad")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))

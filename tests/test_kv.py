@@ -929,9 +929,9 @@ def test_ops_show_nan_and_inf_within_the_lengths(backend, device, small_splits, 
     q[0, 0, 0] = float("inf")  # seq 0, head 0: an inf score (inf - inf in softmax)
     for name, out, ref in [
         ("decode", kfuse.paged_decode_attention(q, cache, 1, ids, backend=backend),
-         paged_decode_attention_reference(q.cpu(), cache, 1, ids)),
+         paged_decode_attention_reference(q, cache, 1, ids).cpu()),
         ("prefill", kfuse.paged_prefill_attention(q, cache, 1, ids, [1, 1, 1], backend=backend),
-         paged_prefill_attention_reference(q.cpu(), cache, 1, ids, [1, 1, 1]))]:
+         paged_prefill_attention_reference(q, cache, 1, ids, [1, 1, 1]).cpu())]:
         nan = ref.isnan()
         assert nan[0, 0].all() and nan[1, 0].all() and not nan[:, 1:].any() and not nan[2].any(), name
         assert torch.equal(out.cpu().isnan(), nan), name
@@ -939,7 +939,7 @@ def test_ops_show_nan_and_inf_within_the_lengths(backend, device, small_splits, 
     cache.k_pages[1, int(cache._h_table[ids[2], 0])].fill_(-float("inf"))  # seq 2: every score -inf
     q = torch.ones(3, HKV, D, device=device)
     out = kfuse.paged_decode_attention(q[2:], cache, 1, ids[2:], backend=backend)
-    assert out.isnan().all() and paged_decode_attention_reference(q[2:].cpu(), cache, 1, ids[2:]).isnan().all()
+    assert out.isnan().all() and paged_decode_attention_reference(q[2:], cache, 1, ids[2:]).isnan().all()
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -36,8 +36,9 @@ outside [0, rows) is never dereferenced (masked loads, skipped by the backward).
 the first bad offset and index positions in a device-side int32 flag (``atomic_min``) that
 :func:`forward` returns; :func:`check_flag` reads it (one host sync) when the caller wants to know.
 
-Block sizes are fixed first guesses for H100/H200 (see ``_BLOCK_L``, ``_block_d``); no autotuning, so
-the summation order is the same in every process.
+Block sizes are fixed, not autotuned, so the summation order is the same in every process: the
+forward's measured on an H200 (``_FWD_BLOCK_L``, ``_FWD_WARPS``), the others first guesses
+(``_BLOCK_L``, ``_block_d``, ``_block_r``).
 """
 
 from __future__ import annotations
@@ -66,12 +67,16 @@ _TM = tl.constexpr(8)
 _T_PTR, _T_DIM, _T_BASE, _T_S1, _T_S2, _T_SEG0, _T_OUT0, _T_HASH = (tl.constexpr(i) for i in range(8))
 _NONE = tl.constexpr(_INT32_MAX)  # NO_ERROR, in kernels
 
-# Indices per gathered chunk: bags hold 5–30 medical codes, so 16 covers most bags in one or two
-# [16, BLOCK_D] gathers. Tune on the GPU with the dim tile (and several bags per program for dims
-# below 64, as FBGEMM gives each bag one warp).
+# Indices per gathered chunk of the keys and psw kernels: bags hold 5–30 medical codes, so 16 covers
+# most bags in one or two [16, BLOCK_D] gathers (first guesses, not yet measured on a GPU).
 _BLOCK_L = 16
-# Warps per forward program (bench/tune_embedding.py sweeps it with the two block sizes).
-_FWD_WARPS = 4
+# The forward's chunk and warps per program, measured (bench/tune_embedding.py, H200, 2026-12-04, the
+# kernel alone from a CUDA graph, BLOCK_D 128, fp32): one warp per bag and 32-index chunks (a 20-code
+# bag in one gather) 0.0315 ms on the medical shape and 0.0425 on FBGEMM's, against 0.0818 and 0.1069
+# with 16 and 4 warps, whose cross-warp sums cost more than they spread; 1 warp beat 2, 4 and 8 at
+# every (BLOCK_L, BLOCK_D) tried. 16 under the interpreter, so tiny tests' bags cross several chunks.
+_FWD_BLOCK_L = 32
+_FWD_WARPS = 1
 
 
 def _block_d(dim: int) -> int:
@@ -295,8 +300,8 @@ def forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_tab
     psw = per_sample_weights
     _fwd_kernel[(B, len(feature_table), d_tiles)](
         indices, offsets, psw if psw is not None else out, meta, out, flag, B, indices.shape[0], width,
-        BLOCK_L=_BLOCK_L, BLOCK_D=block_d, MEAN=pooling == 1, HAS_PSW=psw is not None,
-        WDT=_WDT[weights[0].dtype], num_warps=_FWD_WARPS)
+        BLOCK_L=16 if triton_interpret() else _FWD_BLOCK_L, BLOCK_D=block_d, MEAN=pooling == 1,
+        HAS_PSW=psw is not None, WDT=_WDT[weights[0].dtype], num_warps=_FWD_WARPS)
     return out, flag
 
 

@@ -578,11 +578,15 @@ def _splits(work: int, programs: int, per_step: int, max_splits: int = 1 << 30) 
 
 def _shrink_config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BM, BK, num_warps, num_stages) of the S pass over x. It is bound by reading x (and, per
-    row tile, A from L2: a smaller BM means more programs but more A traffic): tune on the GPU."""
+    row tile, A from L2: a smaller BM means more programs but more A traffic). Half x: measured
+    (bench/tune_lora.py, H200, 2026-12-04, the whole forward from a CUDA graph, bf16, K = N = 4096,
+    r = 16): BK 256 took M = 128 from 0.0389 to 0.0351 ms and, with BM 64 and 8 warps, M = 4096 from
+    0.2698 to 0.2584 (the best of 5 tiles each). fp32 x: first guesses."""
     if triton_interpret():
         return 16, 16, 4, 1
-    bm = 64 if M >= 8192 else 32 if M >= 2048 else 16
-    return bm, (64 if dtype == torch.float32 else 128), 4, 3
+    if dtype == torch.float32:
+        return (64 if M >= 8192 else 32 if M >= 2048 else 16), 64, 4, 3
+    return (64, 256, 8, 3) if M >= 2048 else (16, 256, 4, 3)
 
 
 def _weight_view(weight: Tensor, fan_in_fan_out: bool) -> tuple[int, int, int, int]:
