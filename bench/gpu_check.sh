@@ -10,13 +10,13 @@
 # LoRA report rows (python -m kfuse --ops lora: forward, backward, multi-adapter, a PEFT training
 # step), then the LoRA CUDA tests (tests/test_lora.py) and a short
 # pytest-benchmark pass if time is left; expected ~4 min for the report and ~3 for the tests
-# (estimates: not yet run on a GPU). With both, the DEU steps come first and the one report covers
+# (estimates from before the first run; see the measured times below). With both, the DEU steps come first and the one report covers
 # both ops: the deadline may cut the LoRA cases (recorded as skipped) and the LoRA tests.
 # --ops kv, like lora, builds nothing: the KV report rows (python -m kfuse --ops kv: rollback of 256
 # sequences at 1k and 32k tokens, append vs torch.cat, decode attention uniform and ragged, prefill,
 # against scaled_dot_product_attention), then the KV CUDA tests (pytest tests/test_kv.py -m cuda) and
 # the short pytest-benchmark pass; expected ~1-2 min for the report (the 32k rollback case spends
-# ~10-20 s filling its cache) and ~2 min for the tests (estimates: not yet run on a GPU). With other
+# ~10-20 s filling its cache) and ~2 min for the tests (estimates; measured below). With other
 # ops, KV's cases and tests come after theirs, so the deadline may cut them (recorded as skipped).
 # KV's cache keeps its metadata with C++ kernels, so --ops kv builds the extension (CPU kernels only,
 # unless DEU is named too: its CUDA kernels need the CUDA build).
@@ -25,7 +25,7 @@
 # per-table nn.EmbeddingBag loop, dense and sparse), then its CUDA tests (pytest
 # tests/test_embedding.py -m cuda: the Triton kernels compiled), the cost of the forward's host sync
 # (bench/sync_embedding.py, into micro.log) and the short pytest-benchmark pass; expected ~2 min for
-# the report, ~2 for the tests and ~30 s for the sync timing (estimates: not yet run on a GPU).
+# the report, ~2 for the tests and ~30 s for the sync timing (estimates; measured below).
 # --ops backtrack: the model and generator rows (python -m kfuse --ops backtrack: greedy decode of 32
 # ragged prompts by kfuse.models.LlamaForCausalLM, eager and with its steps replayed from a CUDA graph
 # (kfuse-graphs), against transformers' generate, bf16, a random 1B-class Llama; target >= 1.5x
@@ -33,7 +33,12 @@
 # -m cuda: prefill and decode against transformers' forward, rollback and fork bit-identical, the
 # decode graphs against the eager step and in generate()); needs transformers on the machine (the
 # rows are left out without it). Builds the extension like kv (the cache's metadata kernels). Expected ~1 min for the report, ~1 for the tests
-# (estimates: not yet run on a GPU).
+# (estimates; measured below).
+# Measured on an H200 (2026-12-04, --ops lora,kv,embedding,backtrack, KFUSE_GPU_TEST_WORKERS=16, a
+# prebuilt _C): the report's cases of the four families in 125 s (KV's failed at once there; alone they
+# took 72 s in the second run), their 300 CUDA tests in one
+# pytest session in 110 s (the longest, a LoRA test, 47 s), the embedding sync timing 19 s: 340 s in
+# all (bench/results/2026-12-04-h200/).
 # DEU: builds kfuse in place with its CUDA kernels, runs the standalone CUDA microbenchmark (against a
 # baseline commit's kernels, then its tuning-knob A/B builds), compute-sanitizer on odd shapes,
 # the report (python -m kfuse --device cuda; its cases put the target shape first, in every
