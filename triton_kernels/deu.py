@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kfuse._backends import on_input_device, triton_interpret
+from kfuse._backends import cdiv, next_pow2, on_input_device, triton_interpret
 
 # Constants of the definition (python/kfuse/reference/deu.py).
 EPS: tl.constexpr = tl.constexpr(0.01)
@@ -857,29 +857,25 @@ def _deu_bwd_spatial(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, K, rows_per_
 # ----------------------------------------------------------------------------------------
 # Launchers.
 # ----------------------------------------------------------------------------------------
-def _pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
-
-
 def _row_split(M: int, block_rows: int, col_programs: int, min_rows: int = 1) -> tuple[int, int]:
     """(rows per program, number of row chunks): about _TARGET_PROGRAMS programs in all, each
     a whole number of row tiles and at least ``min_rows`` rows where M allows. Depends only on
     the shape, so it is deterministic."""
-    tiles = triton.cdiv(M, block_rows)
-    chunks = max(1, min(tiles, triton.cdiv(_TARGET_PROGRAMS, col_programs), triton.cdiv(M, min_rows)))
-    rows_per_prog = triton.cdiv(tiles, chunks) * block_rows
-    return rows_per_prog, triton.cdiv(M, rows_per_prog)
+    tiles = cdiv(M, block_rows)
+    chunks = max(1, min(tiles, cdiv(_TARGET_PROGRAMS, col_programs), cdiv(M, min_rows)))
+    rows_per_prog = cdiv(tiles, chunks) * block_rows
+    return rows_per_prog, cdiv(M, rows_per_prog)
 
 
 def _blocks(K: int, tile: int) -> tuple[int, int]:
     """(rows per tile, spatial elements per tile) of the K > 1 kernels."""
-    cols = max(2, min(tile, _pow2(K)))
+    cols = max(2, min(tile, next_pow2(K)))
     return max(2, tile // cols), cols
 
 
 def _rows_grid(M: int, N: int) -> tuple[int, int, int]:
     """(column programs, rows per program, row chunks) of the K == 1 kernels."""
-    n_prog = triton.cdiv(N, _ROWS_BLOCK_N)
+    n_prog = cdiv(N, _ROWS_BLOCK_N)
     rpp, chunks = _row_split(M, _ROW_GROUP, n_prog, _ROWS_MIN_PER_PROG)
     return n_prog, rpp, chunks
 

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kfuse._backends import on_input_device, triton_interpret
+from kfuse._backends import cdiv, next_pow2, on_input_device, triton_interpret
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _WDT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -82,7 +82,7 @@ _FWD_WARPS = 1
 def _block_d(dim: int) -> int:
     """Dim tile of the forward and psw kernels: up to 128 fp32 lanes (4 per thread at 4 warps);
     16 under the interpreter so odd dims cross several tiles in tiny tests."""
-    return max(16, min(16 if triton_interpret() else 128, triton.next_power_of_2(dim)))
+    return max(16, min(16 if triton_interpret() else 128, next_pow2(dim)))
 
 
 def _block_r(block_d: int) -> int:
@@ -296,7 +296,7 @@ def forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_tab
         flag[1:] = torch.where((offsets[:1] != 0) | (indices.shape[0] != 0), 0, NO_ERROR)
         return out, flag
     block_d = _block_d(max(w.shape[1] for w in weights))
-    d_tiles = triton.cdiv(max(weights[t].shape[1] for t in feature_table), block_d)
+    d_tiles = cdiv(max(weights[t].shape[1] for t in feature_table), block_d)
     psw = per_sample_weights
     _fwd_kernel[(B, len(feature_table), d_tiles)](
         indices, offsets, psw if psw is not None else out, meta, out, flag, B, indices.shape[0], width,
@@ -572,7 +572,7 @@ def _launch_segments(grad_out, weights, skey, tkey, goff, scale, tmeta, rank, ro
     dtype = weights[0].dtype
     # The whole row in one tile (row-wise Adagrad needs its mean square first): 512 fp32 lanes at
     # dim 300, 4 per thread at 4 warps.
-    block_d = max(16, triton.next_power_of_2(max(w.shape[1] for w in weights)))
+    block_d = max(16, next_pow2(max(w.shape[1] for w in weights)))
     _segment_kernel[(skey.shape[0],)](
         skey, tkey, goff, scale, grad_out, tmeta, rank, rows_out, g_out, skey.shape[0], sentinel, lr, eps, beta1,
         beta2, 1.0 - beta1, 1.0 - beta2, weight_decay, bc1, bc2,
@@ -705,6 +705,6 @@ def stochastic_round(y: Tensor, rows: Tensor, dtype: torch.dtype, seed: int, ste
     out = torch.empty(y.shape, dtype=dtype, device=y.device)
     if y.numel():
         _round_kernel[(y.shape[0],)](y, rows.contiguous(), out, y.shape[1], table_hash(seed, step, table),
-                                     BLOCK_D=max(16, triton.next_power_of_2(y.shape[1])), WDT=_WDT[dtype],
+                                     BLOCK_D=max(16, next_pow2(y.shape[1])), WDT=_WDT[dtype],
                                      num_warps=4)
     return out

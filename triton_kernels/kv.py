@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kfuse._backends import on_input_device, triton_interpret
+from kfuse._backends import next_pow2, on_input_device, triton_interpret
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -200,8 +200,8 @@ def _decode_merge_kernel(po_ptr, plse_ptr, lens_ptr, out_ptr, sob, soh, Hq, num_
 
 def decode_config(group: int, head_dim: int) -> tuple[int, int, int]:
     """``(BLOCK_G, BLOCK_D, num_warps)`` for ``group`` query heads per KV head and ``head_dim``."""
-    block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_g = max(16, next_pow2(group))  # tl.dot needs >= 16 rows
+    block_d = max(16, next_pow2(head_dim))
     return block_g, block_d, 4
 
 
@@ -317,8 +317,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, q
 def prefill_config(group: int, head_dim: int) -> tuple[int, int, int, int]:
     """``(BLOCK_M, TOK, BLOCK_D, num_warps)``: BLOCK_M rows (64 on a GPU, a first guess; 16 under the
     interpreter; at least the group) holding TOK = BLOCK_M // group tokens of the group's heads."""
-    block_m = max(16 if triton_interpret() else 64, triton.next_power_of_2(group))
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = max(16 if triton_interpret() else 64, next_pow2(group))
+    block_d = max(16, next_pow2(head_dim))
     return block_m, block_m // group, block_d, 4
 
 

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kfuse._backends import on_input_device, triton_interpret
+from kfuse._backends import cdiv, next_pow2, on_input_device, triton_interpret
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -508,12 +508,8 @@ def _multi_fwd_kernel(x_ptr, w_ptr, sp_ptr, ids_ptr, b_ptr, ranks_ptr, scal_ptr,
 # ----------------------------------------------------------------------------------------
 # Launchers: validate, allocate, pick blocks and grid, launch. No autograd here.
 # ----------------------------------------------------------------------------------------
-def _pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
-
-
 def _rank_block(R: int) -> int:
-    return min(_RB_MAX, max(16, _pow2(R)))
+    return min(_RB_MAX, max(16, next_pow2(R)))
 
 
 def _precisions(dtype: torch.dtype) -> tuple[str, str]:
@@ -545,7 +541,7 @@ def _gemm_config(M: int, P: int, dtype: torch.dtype) -> tuple[int, int, int, int
         return 128, 128, 64, 8, 8, 3
     if M > 64:
         return 64, 64, 128, 8, 4, 4
-    return max(16, _pow2(M)), 64, 128, 1, 4, 4
+    return max(16, next_pow2(M)), 64, 128, 1, 4, 4
 
 
 def _dx_config(M: int, K: int, dtype: torch.dtype, dropout: bool) -> tuple[int, int, int, int, int, int]:
@@ -570,10 +566,10 @@ def _multi_config(M: int, N: int, dtype: torch.dtype) -> tuple[int, int, int, in
 def _splits(work: int, programs: int, per_step: int, max_splits: int = 1 << 30) -> tuple[int, int]:
     """(length per split, number of splits) of a reduction of ``work`` elements in steps of
     ``per_step``, so that about _TARGET_PROGRAMS programs run; a function of the shape only."""
-    steps = triton.cdiv(work, per_step)
-    splits = max(1, min(steps, max_splits, triton.cdiv(_TARGET_PROGRAMS, max(1, programs))))
-    length = triton.cdiv(steps, splits) * per_step
-    return length, triton.cdiv(work, length) if work > 0 else 1
+    steps = cdiv(work, per_step)
+    splits = max(1, min(steps, max_splits, cdiv(_TARGET_PROGRAMS, max(1, programs))))
+    length = cdiv(steps, splits) * per_step
+    return length, cdiv(work, length) if work > 0 else 1
 
 
 def _shrink_config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -686,7 +682,7 @@ def lora_dropout_mask(seed: Tensor, M: int, K: int, p: float) -> Tensor:
     out = torch.empty((M, K), dtype=torch.uint8, device=seed.device)
     if M * K > 0:
         bm, bk = (16, 64) if triton_interpret() else (32, 128)
-        _mask_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](seed, out, M, K, float(p), BM=bm, BK=bk)
+        _mask_kernel[(cdiv(M, bm), cdiv(K, bk))](seed, out, M, K, float(p), BM=bm, BK=bk)
     return out.view(torch.bool)
 
 
@@ -726,7 +722,7 @@ def lora_shrink(x: Tensor, A: Tensor, seed: Tensor | None, p: float) -> Tensor:
     _, lr_prec = _precisions(x.dtype)
     bm, bk, warps, stages = _shrink_config(M, x.dtype)
     rb = _rank_block(R)
-    _shrink_kernel[(triton.cdiv(M, bm), triton.cdiv(R, rb))](
+    _shrink_kernel[(cdiv(M, bm), cdiv(R, rb))](
         x, A, seed_arg, S, M, K, R, x.stride(0), A.stride(0), A.stride(1), p, inv_keep,
         BM=bm, BK=bk, RB=rb, DROPOUT=dropout, PREC=lr_prec, num_warps=warps, num_stages=stages)
     return S
@@ -784,7 +780,7 @@ def lora_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A: Tensor, B: 
     if M > _SMALL_M or K == 0:
         S = lora_shrink(x, A, seed, p)
         bm, bn, bk, group, warps, stages = _gemm_config(M, N, x.dtype)
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        grid = (cdiv(M, bm) * cdiv(N, bn),)
         _fwd_kernel[grid](
             x, weight, S, B, bias_arg, lbias_arg, y, M, N, K, R, x.stride(0), swn, swk, B.stride(0), B.stride(1),
             scaling, BM=bm, BN=bn, BK=bk, RB=rb, GROUP_M=group, HAS_BIAS=bias is not None,
@@ -792,8 +788,8 @@ def lora_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A: Tensor, B: 
         return y, (S if save_s else None)
     # Decode: split K so that (N tiles + rank blocks) · splits programs fill the GPU.
     bm, bn, bk, _, warps, stages = _gemm_config(M, N, x.dtype)
-    m_tiles = triton.cdiv(M, bm)
-    n_tiles, r_tiles = triton.cdiv(N, bn), triton.cdiv(R, rb)
+    m_tiles = cdiv(M, bm)
+    n_tiles, r_tiles = cdiv(N, bn), cdiv(R, rb)
     k_per_split, splits = _splits(K, (n_tiles + r_tiles) * m_tiles, bk)
     yp = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
     sp = torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
@@ -814,7 +810,7 @@ def _dy_config(M: int) -> tuple[int, int, int]:
     shape) and its size: partials are M/BM · N · r fp32 (2r/BM of a bf16 dy's bytes)."""
     if triton_interpret():
         return 16, 16, 4
-    return min(128, max(16, _pow2(M))), 64, 8
+    return min(128, max(16, next_pow2(M))), 64, 8
 
 
 @on_input_device
@@ -876,11 +872,11 @@ def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, fan_in_fan_out: bool, A
         return dx, dA, dB, colsum
 
     rb = _rank_block(R)
-    r_tiles = triton.cdiv(R, rb)
+    r_tiles = cdiv(R, rb)
     G = None
     if need_g or need_dB or need_dy_colsum:
         bm, bn, warps = _dy_config(M)
-        m_blocks = triton.cdiv(M, bm)
+        m_blocks = cdiv(M, bm)
         n_per_split, n_splits = _splits(N, m_blocks * r_tiles, bn)
         gp = torch.empty((n_splits, M, R), **f32) if need_g else None
         dbp = torch.empty((m_blocks, N, R), **f32) if need_dB else None
@@ -900,10 +896,10 @@ def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, fan_in_fan_out: bool, A
             colsum = csp[0] if m_blocks == 1 else csp.sum(0)
     if need_g and K > 0:
         bm, bk, bn, group, warps, stages = _dx_config(M, K, x.dtype, dropout)
-        m_tiles = triton.cdiv(M, bm)
+        m_tiles = cdiv(M, bm)
         dx = torch.empty((M, K), dtype=x.dtype, device=dev) if need_dx else None
         dap = torch.empty((m_tiles, R, K), **f32) if need_dA else None
-        _bwd_dx_kernel[(m_tiles * triton.cdiv(K, bk),)](
+        _bwd_dx_kernel[(m_tiles * cdiv(K, bk),)](
             dy, weight, G, A, x, seed_arg, dx if need_dx else G, dap if need_dA else G,
             M, N, K, R, swn, swk, A.stride(0), A.stride(1), scaling, p, inv_keep,
             BM=bm, BK=bk, BN=bn, RB=rb, GROUP_M=group, DROPOUT=dropout, NEED_DX=need_dx, NEED_DA=need_dA,
@@ -979,7 +975,7 @@ def lora_multi_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A_stack:
     sp = y  # not read when R_eff == 0
     if R_eff > 0:
         bm, bk, warps, stages = _shrink_config(M, x.dtype)
-        m_tiles, r_tiles = triton.cdiv(M, bm), triton.cdiv(R_eff, rb)
+        m_tiles, r_tiles = cdiv(M, bm), cdiv(R_eff, rb)
         # Every GEMM tile sums the splits' partials of its rows, so their number is capped:
         # (GEMM tiles) · splits · BM · r fp32 reads. Tune the cap with _shrink_config on the GPU.
         k_per_split, splits = _splits(K, m_tiles * r_tiles, bk, _MULTI_MAX_SPLITS)
@@ -988,7 +984,7 @@ def lora_multi_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A_stack:
             x, ids, A_stack, ranks, sp, M, K, L, R_eff, x.stride(0), A_stack.stride(0), A_stack.stride(1),
             A_stack.stride(2), k_per_split, BM=bm, BK=bk, RB=rb, PREC=lr_prec, num_warps=warps, num_stages=stages)
     bm, bn, bk, group, warps, stages = _multi_config(M, N, x.dtype)
-    _multi_fwd_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
+    _multi_fwd_kernel[(cdiv(M, bm) * cdiv(N, bn),)](
         x, weight, sp, ids, B_stack, ranks, scalings, bias.contiguous() if bias is not None else y, y,
         M, N, K, L, R_eff, splits, x.stride(0), swn, swk, B_stack.stride(0), B_stack.stride(1), B_stack.stride(2),
         BM=bm, BN=bn, BK=bk, RB=rb, GROUP_M=group, HAS_BIAS=bias is not None, PREC=prec, LR_PREC=lr_prec,

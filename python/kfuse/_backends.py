@@ -77,6 +77,20 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` of host ints, for launchers' grids and splits. Not ``triton.cdiv``: since Triton
+    3.5 that is a ``constexpr_function``, whose host call unwraps its arguments and imports as it
+    goes (3.5 µs a call with Triton 3.8 on the CI machine's CPU; the LoRA forward launcher made four,
+    and its Python took 34-39 µs in all: bench/results/2026-12-04-h200/README.md)."""
+    return (a + b - 1) // b
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two ≥ ``n`` (1 for ``n`` ≤ 1), of host ints; see :func:`cdiv` for why not
+    ``triton.next_power_of_2``."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
 def _first_tensor(args: tuple) -> torch.Tensor | None:
     for a in args:
         if isinstance(a, torch.Tensor):
