@@ -1,0 +1,74 @@
+"""The Python time of kfuse's Triton launchers, their kernels stubbed out: what the host spends per
+call before Triton's own launch, measurable on any CPU (no GPU needed).
+
+On an H200 (bench/results/2026-12-04-h200/) every LoRA row below M ≈ 512 was host-bound: a forward at
+M = 128 took 0.22 ms per call against 0.04 ms of kernels. This script times the part of that which is
+ours: validation, allocation, block and grid choice, argument packing, with every ``@triton.jit``
+kernel of the launcher replaced by a no-op, on CPU tensors (bf16 x, W; fp32 adapters; and the
+embedding forward's two shapes, fp32 tables). Min of 7 repeats of ``--number`` back-to-back calls.
+Usage: ``python bench/host_launchers.py [--number 2000]``. An A/B against another checkout:
+``PYTHONPATH=<its python/> python bench/host_launchers.py`` (with its triton_kernels linked in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import timeit
+from collections.abc import Callable
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the launchers take CPU tensors only under the interpreter
+
+import torch  # noqa: E402
+
+from kfuse.demos._args import positive  # noqa: E402
+from kfuse.triton_kernels import embedding as te  # noqa: E402
+from kfuse.triton_kernels import lora as tl_  # noqa: E402
+
+
+class _NoLaunch:
+    """``kernel[grid](*args)`` that does nothing."""
+
+    def __getitem__(self, grid: object) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+def stub(module: object) -> None:
+    for name in dir(module):
+        if name.endswith("_kernel"):
+            setattr(module, name, _NoLaunch())
+
+
+def per_call(fn: Callable[[], object], number: int) -> float:
+    """Min over 7 repeats of µs per call."""
+    fn()
+    return min(timeit.repeat(fn, number=number, repeat=7)) / number * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--number", type=positive(int), default=2000, help="calls per repeat (default 2000)")
+    args = p.parse_args()
+    stub(tl_)
+    stub(te)
+    K = N = 4096
+    for M in (1, 128, 4096):
+        x = torch.randn(M, K).bfloat16()
+        w = torch.randn(N, K).bfloat16()
+        a, b = torch.randn(16, K), torch.randn(N, 16)
+        us = per_call(lambda x=x, w=w, a=a, b=b: tl_.lora_forward(x, w, False, a, b, 2.0, None, None, None, 0.0, False),
+                      args.number)
+        print(f"lora_forward      M={M:<5}                 {us:7.1f} us per call", flush=True)
+    for name, tables, batch in (("medical", (74_000, 79_000, 20_000), 4096), ("fbgemm", (1000,) * 32, 512)):
+        ws = [torch.zeros(r, 128) for r in tables]
+        t = len(ws)
+        offsets = torch.arange(0, 20 * t * batch + 1, 20)
+        indices = torch.zeros(20 * t * batch, dtype=torch.int64)
+        ft, pad = list(range(t)), [-1] * t
+        us = per_call(lambda ws=ws, i=indices, o=offsets, ft=ft, pad=pad: te.forward(ws, i, o, ft, pad, 0, None),
+                      args.number)
+        print(f"embedding forward {name:<8} {t:>2} tables, B={batch:<4} {us:7.1f} us per call", flush=True)
+
+
+if __name__ == "__main__":
+    main()
