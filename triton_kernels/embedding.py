@@ -240,7 +240,7 @@ def _check(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_tabl
 
 # _feature_meta's device tensors by (device, feature_table, padding_idx, each table's address and shape):
 # everything a row holds, so a hit is the tensor a rebuild would make, even for new tables at a freed
-# table's address. At most _META_CACHE_SIZE entries, the oldest dropped first.
+# table's address. At most _META_CACHE_SIZE entries: a full cache is emptied.
 _META_CACHE: dict[tuple, tuple[Tensor, int]] = {}
 _META_CACHE_SIZE = 64
 
@@ -264,7 +264,7 @@ def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: 
         col += w.shape[1]
     meta = torch.tensor(rows, dtype=torch.int64).to(weights[0].device, non_blocking=True)
     if len(_META_CACHE) >= _META_CACHE_SIZE:
-        _META_CACHE.pop(next(iter(_META_CACHE)))
+        _META_CACHE.clear()  # (one atomic call: safe beside other threads' lookups, unlike evicting one)
     _META_CACHE[key] = (meta, col)
     return meta, col
 
