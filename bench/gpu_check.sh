@@ -50,7 +50,7 @@
 # A short run that still confirms the target shape and the kernels' correctness:
 #   KFUSE_GPU_DEADLINE=330 KFUSE_GPU_REPORT_S=90 KFUSE_GPU_TESTS_K="not triton" bash bench/gpu_check.sh
 # Files under $OUT (8): env.log build.log tests.log micro.log report.log bench.log report/report.{json,png}
-# (no micro.log with --ops lora or kv: only DEU's microbenchmark and embedding's sync timing write it).
+# (no micro.log with --ops kv alone: DEU's microbenchmark, embedding's sync timing and the tune/profile steps write it).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OPS=all
@@ -259,6 +259,13 @@ OTHER_TESTS=()
 # What the Triton forward's one host sync (reading its bad-index flag) costs per call and per training
 # step: back-to-back calls with and without the read (bench/sync_embedding.py).
 ((EMB)) && step sync-emb "$OUT/micro.log" 60 python3 bench/sync_embedding.py --device cuda --number 100
+# Where the host time of the LoRA and embedding calls and of the eager decode step goes (each first
+# run on 2026-12-04, when these rows were host-bound): the kernels alone from a CUDA graph against the
+# eager calls, the forward tiles swept, and profiler tables (bench/tune_lora.py, bench/tune_embedding.py,
+# bench/host_backtrack.py --profile).
+((LORA)) && step tune-lora "$OUT/micro.log" 100 python3 bench/tune_lora.py --quick
+((EMB)) && step tune-emb "$OUT/micro.log" 80 python3 bench/tune_embedding.py
+((BT)) && step host-bt "$OUT/micro.log" 60 python3 bench/host_backtrack.py --device cuda --profile
 # Whether the fwd+bwd step through autograd is host-bound, and what runs besides the kernels
 # (bf16's step took ~230 us more than its kernels on 2026-11-26; fp32's did not).
 for dt in float32 bfloat16; do
