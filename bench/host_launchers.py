@@ -4,8 +4,9 @@ call before Triton's own launch, measurable on any CPU (no GPU needed).
 On an H200 (bench/results/2026-12-04-h200/) every LoRA row below M ≈ 512 was host-bound: a forward at
 M = 128 took 0.22 ms per call against 0.04 ms of kernels. This script times the part of that which is
 ours: validation, allocation, block and grid choice, argument packing, with every ``@triton.jit``
-kernel of the launcher replaced by a no-op, on CPU tensors (bf16 x, W; fp32 adapters; and the
-embedding forward's two shapes, fp32 tables). Min of 7 repeats of ``--number`` back-to-back calls.
+kernel of the launcher replaced by a no-op, on CPU tensors (bf16 x, W; fp32 adapters; the
+embedding forward's two shapes, fp32 tables; one layer's decode attention of the KV cache, fp32).
+Min of 7 repeats of ``--number`` back-to-back calls.
 Usage: ``python bench/host_launchers.py [--number 2000]``. An A/B against another checkout:
 ``PYTHONPATH=<its python/> python bench/host_launchers.py`` (with its triton_kernels linked in).
 """
@@ -23,6 +24,7 @@ import torch  # noqa: E402
 
 from kfuse.demos._args import positive  # noqa: E402
 from kfuse.triton_kernels import embedding as te  # noqa: E402
+from kfuse.triton_kernels import kv as tkv  # noqa: E402
 from kfuse.triton_kernels import lora as tl_  # noqa: E402
 
 
@@ -51,6 +53,7 @@ def main() -> None:
     args = p.parse_args()
     stub(tl_)
     stub(te)
+    stub(tkv)
     K = N = 4096
     for M in (1, 128, 4096):
         x = torch.randn(M, K).bfloat16()
@@ -68,6 +71,13 @@ def main() -> None:
         us = per_call(lambda ws=ws, i=indices, o=offsets, ft=ft, pad=pad: te.forward(ws, i, o, ft, pad, 0, None),
                       args.number)
         print(f"embedding forward {name:<8} {t:>2} tables, B={batch:<4} {us:7.1f} us per call", flush=True)
+    B, hq, hkv, d, pages = 32, 32, 8, 128, 32 * 256
+    q = torch.randn(B, hq, d)
+    kp = torch.zeros(pages, 16, hkv, d)
+    table = torch.arange(pages, dtype=torch.int32).view(B, 256)
+    ids, lens = torch.arange(B, dtype=torch.int32), torch.full((B,), 4096, dtype=torch.int32)
+    us = per_call(lambda: tkv.paged_decode(q, kp, kp, table, ids, lens, 4096, 0.088), args.number)
+    print(f"kv paged_decode    B={B} hq={hq} hkv={hkv} ctx 4096    {us:7.1f} us per call (one layer)", flush=True)
 
 
 if __name__ == "__main__":
