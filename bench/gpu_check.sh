@@ -259,13 +259,6 @@ OTHER_TESTS=()
 # What the Triton forward's one host sync (reading its bad-index flag) costs per call and per training
 # step: back-to-back calls with and without the read (bench/sync_embedding.py).
 ((EMB)) && step sync-emb "$OUT/micro.log" 60 python3 bench/sync_embedding.py --device cuda --number 100
-# Where the host time of the LoRA and embedding calls and of the eager decode step goes (each first
-# run on 2026-12-04, when these rows were host-bound): the kernels alone from a CUDA graph against the
-# eager calls, the forward tiles swept, and profiler tables (bench/tune_lora.py, bench/tune_embedding.py,
-# bench/host_backtrack.py --profile).
-((LORA)) && step tune-lora "$OUT/micro.log" 100 python3 bench/tune_lora.py --quick
-((EMB)) && step tune-emb "$OUT/micro.log" 80 python3 bench/tune_embedding.py
-((BT)) && step host-bt "$OUT/micro.log" 60 python3 bench/host_backtrack.py --device cuda --profile
 # Whether the fwd+bwd step through autograd is host-bound, and what runs besides the kernels
 # (bf16's step took ~230 us more than its kernels on 2026-11-26; fp32's did not).
 for dt in float32 bfloat16; do
@@ -288,6 +281,14 @@ done
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,lts__t_sector_hit_rate.pct,dram__bytes_read.sum,dram__bytes_write.sum" \
     /tmp/deu_micro_fast profile
 ((DEU)) && step tests-all "$OUT/tests.log" 120 python3 -m pytest "${XDIST[@]}" tests -q
+# Where the host time of the LoRA and embedding calls and of the eager decode step goes (each first
+# run on 2026-12-04, when these rows were host-bound): the kernels alone from a CUDA graph against the
+# eager calls, the forward tiles swept, and profiler tables (bench/tune_lora.py, bench/tune_embedding.py,
+# bench/host_backtrack.py --profile). After DEU's steps, which the deadline would otherwise cut with
+# --ops all (review of 2026-12-04).
+((LORA)) && step tune-lora "$OUT/micro.log" 100 python3 bench/tune_lora.py --quick
+((EMB)) && step tune-emb "$OUT/micro.log" 80 python3 bench/tune_embedding.py
+((BT)) && step host-bt "$OUT/micro.log" 60 python3 bench/host_backtrack.py --device cuda --profile
 BENCH=()
 ((DEU)) && BENCH+=(bench/bench_deu.py)
 ((LORA)) && BENCH+=(bench/bench_lora.py)

@@ -1895,27 +1895,34 @@ def _guarded(shapes, device, dtype=torch.float32, guard_rows=2):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_triton_feature_meta_cache_keys_on_everything_a_row_holds(device, seed):
+def test_triton_feature_meta_cache_keys_on_everything_a_row_holds(device, seed, monkeypatch):
     """The forward's per-feature metadata is cached (a training loop's calls make no host-to-device
     copy): the same tables with another padding_idx or feature order, and another view of one table's
     memory (same address, other shape), must each get their own rows; the cache stays bounded."""
+    monkeypatch.setattr(te, "_META_CACHE", {})  # empty, whatever earlier tests left (a full one caches nothing)
     gen = torch.Generator().manual_seed(seed)
     base = torch.randn(48, 6, generator=gen).to(device)
     other = torch.randn(30, 6, generator=gen).to(device)
-    for ws, ft, pads in (([base, other], [0, 1], [-1, -1]), ([base, other], [0, 1], [3, -1]),
-                         ([base, other], [1, 0, 1], [-1, 7]), ([base.view(72, 4), other.view(45, 4)], [0, 1],
-                                                               [-1, -1])):
+    cases = [([base, other], [0, 1], [-1, -1]), ([base, other], [0, 1], [3, -1]), ([base, other], [1, 0], [-1, -1]),
+             ([base, other], [1, 0, 1], [-1, 7]), ([base.view(72, 4), other.view(45, 4)], [0, 1], [-1, -1])]
+    for ws, ft, pads in cases:
         shapes = [tuple(w.shape) for w in ws]
         idx, off = make_bags(shapes, ft, 5, gen, padding=[None if p < 0 else p for p in pads])
         for _ in range(2):  # the second call hits the cache
             out, flag = te.forward(ws, idx.to(device), off.to(device), ft, pads, 0, None)
             ref = multi_embedding_bag_reference([w.cpu() for w in ws], idx, off, ft, 0, None, pads)
             assert_close(out.cpu(), ref, torch.float32, f"ft {ft}, pads {pads}, shapes {shapes}")
+    # Full, it keeps what it holds (a captured graph or another stream may still read those tensors) and
+    # builds the rest per call.
+    held = dict(te._META_CACHE)
     w = torch.randn(80, 3, generator=gen).to(device)
-    idx, off = torch.zeros(2, dtype=torch.int64, device=device), torch.tensor([0, 1, 2], device=device)
+    idx, off = torch.tensor([5, 1], device=device), torch.tensor([0, 1, 2], device=device)
     for pad in range(te._META_CACHE_SIZE + 5):
-        te.forward([w], idx, off, [0, 0], [pad], 0, None)
+        out, _ = te.forward([w], idx, off, [0, 0], [pad], 0, None)
+        ref = multi_embedding_bag_reference([w.cpu()], idx.cpu(), off.cpu(), [0, 0], 0, None, [pad])
+        assert_close(out.cpu(), ref, torch.float32, f"padding_idx {pad}")
     assert len(te._META_CACHE) <= te._META_CACHE_SIZE
+    assert all(te._META_CACHE.get(k, (None,))[0] is v[0] for k, v in held.items()), "an entry was dropped"
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

@@ -240,7 +240,10 @@ def _check(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_tabl
 
 # _feature_meta's device tensors by (device, feature_table, padding_idx, each table's address and shape):
 # everything a row holds, so a hit is the tensor a rebuild would make, even for new tables at a freed
-# table's address. At most _META_CACHE_SIZE entries: a full cache is emptied.
+# table's address. At most _META_CACHE_SIZE entries, never evicted: a CUDA graph captured around a
+# launch holds a cached tensor's address, and kernels on another stream may still read one, so freeing
+# it could hand its memory to someone else (review of c2b67d9). Past that many keys the metadata is
+# built per call, as before the cache.
 _META_CACHE: dict[tuple, tuple[Tensor, int]] = {}
 _META_CACHE_SIZE = 64
 
@@ -263,9 +266,8 @@ def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: 
         rows.append([w.data_ptr(), w.shape[0], w.shape[1], padding_idx[t], col, bases[t]])
         col += w.shape[1]
     meta = torch.tensor(rows, dtype=torch.int64).to(weights[0].device, non_blocking=True)
-    if len(_META_CACHE) >= _META_CACHE_SIZE:
-        _META_CACHE.clear()  # (one atomic call: safe beside other threads' lookups, unlike evicting one)
-    _META_CACHE[key] = (meta, col)
+    if len(_META_CACHE) < _META_CACHE_SIZE:
+        _META_CACHE[key] = (meta, col)
     return meta, col
 
 

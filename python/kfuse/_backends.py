@@ -80,8 +80,9 @@ def triton_interpret() -> bool:
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` of host ints, for launchers' grids and splits. Not ``triton.cdiv``: since Triton
     3.5 that is a ``constexpr_function``, whose host call unwraps its arguments and imports as it
-    goes (3.5 µs a call with Triton 3.8 on the CI machine's CPU; the LoRA forward launcher made four,
-    and its Python took 34-39 µs in all: bench/results/2026-12-04-h200/README.md)."""
+    goes (3.5 µs a call with Triton 3.8 on the CI machine's CPU). Without them the LoRA forward
+    launcher's own Python went from 44 / 64 µs to 19 / 21 µs at M = 1 / 128 (``bench/host_launchers.py``,
+    bench/results/2026-12-04-h200/README.md)."""
     return (a + b - 1) // b
 
 
