@@ -231,7 +231,7 @@ KF_CLONES void bwd_tile(const float* gy, const float* x, float* gx, int64_t ld,
       const simd::VPlan p = simd::load_plan(P.soa.data(), P.stride, nb);
       simd::VAcc acc;
       for (int i = 0; i < kPlanParams; ++i) acc.a[i] = simd::splat(0.0f);
-      with_mask<simd::kAllFlags>(P.bflags[nb / kW], [&](auto F) __attribute__((always_inline)) {
+      simd::with_bwd_flags(P.bflags[nb / kW], [&](auto F) __attribute__((always_inline)) {
         for (int64_t m = 0; m < rows; ++m) {
           const int64_t o = m * ld + (nb - n0);
           prefetch_block(x + o + kW, gx + o + kW, gy + o + kW);
@@ -248,7 +248,7 @@ KF_CLONES void bwd_tile(const float* gy, const float* x, float* gx, int64_t ld,
     const simd::VPlan p = simd::splat_plan(P.soa.data(), P.stride, n);
     simd::VAcc acc, total;
     for (int i = 0; i < kPlanParams; ++i) acc.a[i] = total.a[i] = simd::splat(0.0f);
-    with_mask<simd::kAllFlags>(P.flags[n], [&](auto F) __attribute__((always_inline)) {
+    simd::with_bwd_flags(P.flags[n], [&](auto F) __attribute__((always_inline)) {
       for (int64_t m = 0; m < rows; ++m) {
         for (int64_t kb = 0; kb < klen; kb += kSumElems) {
           const int64_t kend = std::min(klen, kb + kSumElems);

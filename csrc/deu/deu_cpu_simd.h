@@ -131,6 +131,19 @@ struct VPlan {
 // differences cost a block ~2× (a microbenchmark of a kTrig|kE2|kM1 block), which blocks holding only
 // other kM1 lanes (r = −b/a, ~1 % of neurons at the paper's init) do not pay.
 enum : int { kTrig = 1, kE2 = 2, kStep = 4, kM1 = 8, kDD = 16, kFwdFlags = 15, kAllFlags = 31 };
+// f(std::integral_constant<int, m>{}) for the backward's block flags m: a flag with kDD is widened to
+// kM1 | kE2 too, so only the 16 masks without kDD and the 4 with kDD | kM1 | kE2 are compiled (20
+// vbackward instantiations per call site instead of 32; kDD had doubled deu_cpu.cpp's build). Exact:
+// a block's flags are already a superset of each lane's (their OR), every lane carrying zero
+// coefficients for the terms it lacks, and a dd lane's code uses both anyway.
+template <typename F>
+KF_SIMD void with_bwd_flags(int m, F&& f) {
+  if (m & kDD) m |= kM1 | kE2;
+  with_mask_of<kAllFlags>(m & kAllFlags, f,
+                          std::integer_sequence<int, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                                kDD | kM1 | kE2, kDD | kM1 | kE2 | kTrig, kDD | kM1 | kE2 | kStep,
+                                                kAllFlags>{});
+}
 KF_SIMD int plan_flags(const Plan<float>& p) {
   return (p.trig ? kTrig : 0) | (p.e2 ? kE2 : 0) | (p.step ? kStep : 0) |
          (p.m4 != 0.0f || p.m7 != 0.0f ? kM1 : 0) | (is_dd(p) ? kDD : 0);
