@@ -24,6 +24,7 @@ from triton.testing import do_bench
 from tune_lora import graphed
 
 import kfuse
+from kfuse._backends import cdiv
 from kfuse.bench import embedding as emb
 from kfuse.report import Case
 from kfuse.triton_kernels import embedding as tk
@@ -44,7 +45,7 @@ def tune_forward(case: Case) -> None:
     shape = f"{case.params['shape']} {t}x{B} D={D}"
 
     def kernel(bl: int, bd: int, warps: int) -> None:
-        tk._fwd_kernel[(B, t, -(-D // bd))](
+        tk._fwd_kernel[(B, t, cdiv(D, bd))](
             idx, off, out, meta, out, flag, B, idx.shape[0], width, BLOCK_L=bl, BLOCK_D=bd, MEAN=False,
             HAS_PSW=False, WDT=tk._WDT[ws[0].dtype], num_warps=warps)
 

@@ -53,6 +53,7 @@ def sweep_decode(case: Case) -> None:
     mask = torch.arange(T, device=q.device) < lens[:, None]
     qs = q.unsqueeze(2)
     ragged = case.params.get("ragged", False)
+
     def sdpa() -> torch.Tensor:
         return F.scaled_dot_product_attention(qs, inp.k, inp.v, attn_mask=mask[:, None, None, :] if ragged else None,
                                               enable_gqa=True)

@@ -135,5 +135,6 @@ def main() -> None:
         sweep("_gemm_config", GEMM, lambda M: tk._gemm_config(M, N, torch.bfloat16), M)
         sweep("_shrink_config", SHRINK, lambda M: tk._shrink_config(M, torch.bfloat16), M)
 
+
 if __name__ == "__main__":
     main()

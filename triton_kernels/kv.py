@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kfuse._backends import next_pow2, on_input_device, triton_interpret
+from kfuse._backends import cdiv, next_pow2, on_input_device, triton_interpret
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -81,9 +81,9 @@ _MAX_GRID_Z = 65535
 def decode_splits(max_len: int, split: int) -> tuple[int, int]:
     """``(split, num_splits)`` for contexts up to ``max_len``: ``split`` positions per split, grown (in
     multiples of ``BLOCK_N``) only where ``max_len`` would need more than 65535 splits."""
-    if -(-max_len // split) > _MAX_GRID_Z:
-        split = -(-max_len // (_MAX_GRID_Z * BLOCK_N)) * BLOCK_N
-    return split, max(1, -(-max_len // split))
+    if cdiv(max_len, split) > _MAX_GRID_Z:
+        split = cdiv(max_len, _MAX_GRID_Z * BLOCK_N) * BLOCK_N
+    return split, max(1, cdiv(max_len, split))
 
 
 def _unit_inner_strides(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor) -> tuple[Tensor, Tensor]:
@@ -345,7 +345,7 @@ def paged_prefill(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
     G = Hq // Hkv
     block_m, tok, block_d, warps = prefill_config(G, D)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = (seq_ids.shape[0], Hkv, max(1, -(-max_q_len // tok)))
+    grid = (seq_ids.shape[0], Hkv, max(1, cdiv(max_q_len, tok)))
     if grid[2] > _MAX_GRID_Z:
         raise ValueError(f"paged_prefill: {max_q_len} new tokens for one sequence in one call needs "
                          f"{grid[2]} query blocks, past a CUDA grid's {_MAX_GRID_Z}; feed the prompt in parts")
