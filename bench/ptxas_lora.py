@@ -8,7 +8,8 @@ without dropout), the decode path's split-K kernel at M = 16, the multi-adapter 
 (shrink) and the dy pass at M = 4096,
 in bf16 (fp32 adapters) and fp16, it prints ptxas' registers, spill stores, any C7515
 warning (wgmma serialised: the tensor-core pipeline waits on every MMA) and the LDL/STL instructions
-between the first and the last HGMMA of the SASS (spills in the GEMM loop, the ones that cost). How
+between the first and the last HGMMA of the SASS (spills in the GEMM loop, the ones that cost), and the
+IMAD.HI instructions (Philox's multiply-highs: the dropout mask's cost, counted statically). How
 ``_bwd_dx_kernel``'s order of work was chosen (see its docstring). Takes ~1 min on 2 cores.
 """
 
@@ -58,8 +59,10 @@ def inspect(ptx: str) -> str:
     mma = [i for i, line in enumerate(sass) if "HGMMA" in line]
     in_loop = sum(bool(re.search(r"\b(LDL|STL)\b", line)) for line in sass[mma[0]:mma[-1] + 1]) if mma else 0
     serial = " C7515 (wgmma serialised)" if "C7515" in info else ""
+    # Philox's rounds are multiply-highs (IMAD.HI): their static count is the dropout mask's cost.
+    philox = sum("IMAD.HI" in line for line in sass)
     return (f"{regs.group(1) if regs else '?'} registers, {spill.group(1) if spill else '?'} B spill stores, "
-            f"{in_loop} LDL/STL between HGMMAs{serial}")
+            f"{in_loop} LDL/STL between HGMMAs, {philox} IMAD.HI{serial}")
 
 
 def main() -> None:

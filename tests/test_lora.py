@@ -1299,7 +1299,7 @@ def keep_for(seed: Tensor | None, M: int, K: int, p: float) -> Tensor | None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropout_mask_statistics_and_seeds(device: str) -> None:
     """Keep fraction ≈ 1 - p; same seed → same mask, another seed → another; p = 0 keeps all;
-    the mask is a function of the flat offset m·K + k (so it does not depend on M)."""
+    row m depends on m and K only (not on M); the four columns of one Philox call are independent."""
     M, K, p = 64, 300, 0.3
     m1 = lk.lora_dropout_mask(make_seed(1234, device), M, K, p)
     assert m1.dtype == torch.bool and m1.shape == (M, K) and m1.device.type == device
@@ -1313,11 +1313,45 @@ def test_dropout_mask_statistics_and_seeds(device: str) -> None:
     differ = (m1 != m2).float().mean().item()
     assert 0.35 < differ < 0.49, differ  # independent masks differ in 2p(1-p) = 42 %
     assert lk.lora_dropout_mask(make_seed(1234, device), M, K, 0.0).all()
-    flat = lk.lora_dropout_mask(make_seed(7, device), 1, 6 * 50, p)
-    assert torch.equal(lk.lora_dropout_mask(make_seed(7, device), 6, 50, p), flat.view(6, 50))
+    assert torch.equal(lk.lora_dropout_mask(make_seed(1234, device), 5, K, p), m1[:5])
+    # Columns 4j .. 4j + 3 come from the four words of one Philox call: a word used twice would make
+    # two of them equal everywhere; independent ones agree in p² + (1 − p)² = 58 %.
+    for a in range(4):
+        for b in range(a + 1, 4):
+            agree = (m1[:, a::4][:, :K // 4] == m1[:, b::4][:, :K // 4]).float().mean().item()
+            assert 0.5 < agree < 0.66, (a, b, agree)
     # A higher p drops a superset: the mask is rand >= p on the same uniform numbers.
     m_hi = lk.lora_dropout_mask(make_seed(1234, device), M, K, 0.6)
     assert not (m_hi & ~m1).any()
+
+
+def philox_keep(seed: int, M: int, K: int, p: float) -> Tensor:
+    """The mask ``lora_dropout_mask`` documents, computed independently (numpy Philox4x32-10, Triton's
+    constants and its uint → [0, 1) conversion): keep[m, k] = u(word k % 4 of Philox(seed,
+    m·⌈K/4⌉ + k // 4)) >= p."""
+    mask32 = np.uint64(0xFFFFFFFF)
+    ctr = (np.arange(M, dtype=np.uint64)[:, None] * np.uint64((K + 3) // 4)
+           + np.arange((K + 3) // 4, dtype=np.uint64)[None, :])
+    c = [ctr & mask32, ctr >> np.uint64(32), np.zeros_like(ctr), np.zeros_like(ctr)]
+    k0, k1 = np.uint64(seed) & mask32, np.uint64(seed) >> np.uint64(32)
+    ra, rb = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        p0, p2 = rb * c[2], ra * c[0]  # 64-bit products of two 32-bit words
+        c = [(p0 >> np.uint64(32)) ^ c[1] ^ k0, p0 & mask32, (p2 >> np.uint64(32)) ^ c[3] ^ k1, p2 & mask32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask32, (k1 + np.uint64(0xBB67AE85)) & mask32
+    words = np.stack(c, axis=-1).reshape(M, -1)[:, :K].astype(np.uint32).view(np.int32)
+    u = np.where(words < 0, ~words, words).astype(np.float32) * np.float32(4.6566127342e-10)
+    return torch.from_numpy(u >= np.float32(p))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M,K", [(3, 8), (5, 37), (2, 130)])
+def test_dropout_mask_is_the_documented_philox_draw(device: str, M: int, K: int) -> None:
+    """The kernels' mask against an independent numpy Philox: pins the counter and word layout (a
+    kernel with another layout, or words interleaved in another order, fails here)."""
+    for seed, p in ((1234, 0.3), (2**40 + 17, 0.5)):
+        got = lk.lora_dropout_mask(make_seed(seed, device), M, K, p).cpu()
+        assert torch.equal(got, philox_keep(seed, M, K, p)), (seed, p)
 
 
 # ----------------------------------------------------------------------------------------

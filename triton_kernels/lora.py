@@ -27,10 +27,10 @@ multi-adapter           ``_multi_shrink_kernel`` then ``_multi_fwd_kernel``; eac
                         distinct adapters among its rows (a data-dependent loop inside the kernel,
                         no host sync, CUDA-graph safe).
 
-Dropout is never stored: keep[m, k] = tl.rand(seed, m·K + k) >= p (int64 offsets; Triton 3.6
-and 3.8 both split a 64-bit offset into two 32-bit Philox counters, so offsets below 2³¹ give
-the values an int32 offset would, and any M·K works). ``seed`` is an int64 device tensor read
-with tl.load: no host sync, capturable in a CUDA graph.
+Dropout is never stored: keep[m, k] = u(word k % 4 of Philox(seed, m·⌈K/4⌉ + k // 4)) >= p, u the
+uniform float ``tl.rand`` makes of a word (see ``_keep``: four mask elements per Philox call; int64
+counters, which Triton 3.6 and 3.8 both split into two 32-bit Philox counters, so any M·K works).
+``seed`` is an int64 device tensor read with tl.load: no host sync, capturable in a CUDA graph.
 
 Numerics. Accumulation is fp32. A dot whose operands are both x's half dtype (x·Wᵀ, x·Aᵀ with
 half adapters) runs natively on the tensor cores; a dot with an fp32 operand (S, G, fp32
@@ -78,11 +78,22 @@ _MULTI_MAX_SPLITS = 8
 # Shared device helpers.
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _keep(seed, rows, cols, K, p):
-    """The dropout mask (True = kept) at rows × cols (broadcastable int tensors), row length K.
-    THE mask function: every kernel calls this one, so the backward regenerates exactly the
-    forward's mask. int64 offsets: M·K may exceed 2³¹."""
-    return tl.rand(seed, rows.to(tl.int64) * K + cols) >= p
+def _keep(seed, rows, k0, K, p, BK: tl.constexpr):
+    """The dropout mask (True = kept) at ``rows`` ([BM] ints) × columns k0 .. k0 + BK − 1 of a row
+    of length K: ``[BM, BK]`` bool. k0 must be a multiple of 4. THE mask function: every kernel
+    calls this one, so the backward regenerates exactly the forward's mask.
+
+    One Philox call gives four 32-bit words, and ``tl.rand`` keeps one of them: counter
+    m·⌈K/4⌉ + k // 4 gives the four columns 4·(k // 4) .. + 3 of row m, word k % 4 each (so the
+    mask does not depend on the tile: every kernel's BK and K split is a multiple of 4). ptxas for
+    sm_90a (``bench/ptxas_lora.py``): the S pass's loop body went from 1088 IMAD.HI (Philox's
+    multiply-highs) to 272 per thread. int64 counters: M·K may exceed 2³¹."""
+    j = k0 // 4 + tl.arange(0, BK // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None].to(tl.int64) * ((K + 3) // 4) + j[None, :])
+    # Column 4j + w takes word w: interleave(interleave(r0, r2), interleave(r1, r3)) puts r0, r1, r2, r3
+    # at 4j, 4j + 1, 4j + 2, 4j + 3.
+    r = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    return tl.random.uint_to_uniform_float(r) >= p
 
 
 @triton.jit
@@ -143,7 +154,7 @@ def _shrink_tile(acc, x_ptr, a_ptr, seed, rows, rr, M, K, R, sxm, sar, sak, k_lo
         k_ok = kk < k_hi
         xt = tl.load(x_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
         if DROPOUT:
-            xt = tl.where(_keep(seed, rows[:, None], kk[None, :], K, p), xt, 0.0)
+            xt = tl.where(_keep(seed, rows, k0, K, p, BK), xt, 0.0)
         at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok, other=0.0)
         acc = _dot(xt, at, acc, PREC)
         x_ptrs += BK
@@ -177,9 +188,10 @@ def _seed(seed_ptr, DROPOUT: tl.constexpr):
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _mask_kernel(seed_ptr, out_ptr, M, K, p, BM: tl.constexpr, BK: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)[:, None]
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    keep = _keep(tl.load(seed_ptr), rows, tl.program_id(1) * BK, K, p, BK)
+    rows = rows[:, None]
     cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
-    keep = _keep(tl.load(seed_ptr), rows, cols, K, p)
     tl.store(out_ptr + rows.to(tl.int64) * K + cols, keep.to(tl.uint8), mask=(rows < M) & (cols < K))
 
 
@@ -353,31 +365,46 @@ def _bwd_dy_kernel(dy_ptr, b_ptr, s_ptr, gp_ptr, dbp_ptr, csp_ptr,
 
 
 @triton.jit
+def _low_rank(g_ptr, a_ptr, rows, cols, M, K, R, sar, sak, BM: tl.constexpr, BK: tl.constexpr,
+              RB: tl.constexpr, LR_PREC: tl.constexpr):
+    """(G A)[rows, cols]: [BM, BK] fp32, G [M, R] fp32 contiguous, A [R, K] at strides sar, sak."""
+    low = tl.zeros([BM, BK], dtype=tl.float32)
+    for r0 in range(0, R, RB):
+        rr = r0 + tl.arange(0, RB)
+        gt = tl.load(g_ptr + rows[:, None].to(tl.int64) * R + rr[None, :],
+                     mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
+        at = tl.load(a_ptr + rr[:, None].to(tl.int64) * sar + cols[None, :].to(tl.int64) * sak,
+                     mask=(rr[:, None] < R) & (cols[None, :] < K), other=0.0)
+        low = _dot(gt, at, low, LR_PREC)
+    return low
+
+
+@triton.jit
 def _bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, dap_ptr,
                    M, N, K, R, swn, swk, sar, sak, scaling, p, inv_keep,
                    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr, GROUP_M: tl.constexpr,
                    DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
                    PREC: tl.constexpr, LR_PREC: tl.constexpr):
     """Grid (M tiles · K tiles,), grouped. For its [BM, BK] tile of dx:
-      dx = dy W + s·(G A) ⊙ keep/(1-p): the accumulator starts from the masked low-rank term
-           (the mask is elementwise on the output tile, so it is applied before the GEMM loop);
+      dx = dy W + s·(G A) ⊙ keep/(1-p): without dropout the accumulator starts from the low-rank
+           term; with dropout the masked term is computed and added after the GEMM loop;
       dap[pid_m, :, k tile] = s·Gᵀ (x ⊙ keep/(1-p)): this row block's partial of dA, from the
            same mask. The partial layout [M tiles, R, K] depends on BM only (fixed per shape).
     Order, for registers: dA first, so that x's [BM, BK] fp32 tile is dead before the low-rank tile
     (the start of the GEMM's accumulator) is made. ptxas -v for sm_90a, BM 128, 8 warps, Triton 3.8
     (3.6) — without dropout, 128x256: bf16 x with fp32 adapters 255 registers and 80 (76) B of spill
     stores when dA came after, 222 (229) registers and none now; fp16 48 (48) B before, none now.
-    With dropout, 128x128: the wgmma was serialised (ptxas C7515: non-wgmma instructions defining
-    the accumulator) and is pipelined now; its spills (324 (268) B) lie outside the GEMM loop (no
-    LDL/STL between its HGMMAs in the SASS). Regenerating the mask for dx instead of keeping it
-    live spilled inside that loop under 3.6."""
+    With dropout, 128x128: 253 (244) registers, no spills, wgmma pipelined, 610 (580) IMAD.HI of
+    Philox; with a tl.rand draw per element and the masked term as the loop's start it had 255 (255)
+    registers, 324 (268) B of spill stores outside the loop and 1084 (1086) IMAD.HI. (The mask is
+    drawn twice, once per layout it is used in: Triton rematerialises it rather than convert it.)"""
     pid_m, pid_k = _tile_ids(tl.program_id(0), M, K, BM, BK, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * BK + tl.arange(0, BK)
     row_ok = rows[:, None] < M
     col_ok = cols[None, :] < K
     if DROPOUT:
-        keep = _keep(tl.load(seed_ptr), rows[:, None], cols[None, :], K, p)
+        keep = _keep(tl.load(seed_ptr), rows, pid_k * BK, K, p, BK)
     if NEED_DA:
         xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=row_ok & col_ok,
                      other=0.0).to(tl.float32)
@@ -391,19 +418,17 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, dap_ptr
             tl.store(dap_ptr + (pid_m.to(tl.int64) * R + rr[:, None]) * K + cols[None, :], dat,
                      mask=(rr[:, None] < R) & col_ok)
     if NEED_DX:
-        low = tl.zeros([BM, BK], dtype=tl.float32)
-        for r0 in range(0, R, RB):
-            rr = r0 + tl.arange(0, RB)
-            gt = tl.load(g_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], mask=row_ok & (rr[None, :] < R),
-                         other=0.0)
-            at = tl.load(a_ptr + rr[:, None].to(tl.int64) * sar + cols[None, :].to(tl.int64) * sak,
-                         mask=(rr[:, None] < R) & col_ok, other=0.0)
-            low = _dot(gt, at, low, LR_PREC)
         if DROPOUT:
-            low = tl.where(keep, low * (scaling * inv_keep), 0.0)
+            # The masked term joins after the GEMM loop, and is computed there: as the loop's starting
+            # value (or computed before it), Triton 3.6 made ptxas serialise the loop's wgmma (C7515)
+            # once the mask came from tl.randint4x (bench/ptxas_lora.py).
+            acc = _mainloop(tl.zeros([BM, BK], dtype=tl.float32), dy_ptr, w_ptr, rows, cols, M, K, 0, N, N, 1,
+                            swn, swk, BN, PREC)
+            low = _low_rank(g_ptr, a_ptr, rows, cols, M, K, R, sar, sak, BM, BK, RB, LR_PREC)
+            acc += tl.where(keep, low * (scaling * inv_keep), 0.0)
         else:
-            low = low * scaling
-        acc = _mainloop(low, dy_ptr, w_ptr, rows, cols, M, K, 0, N, N, 1, swn, swk, BN, PREC)
+            low = _low_rank(g_ptr, a_ptr, rows, cols, M, K, R, sar, sak, BM, BK, RB, LR_PREC)
+            acc = _mainloop(low * scaling, dy_ptr, w_ptr, rows, cols, M, K, 0, N, N, 1, swn, swk, BN, PREC)
         tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
                  mask=row_ok & col_ok)
 
@@ -547,9 +572,10 @@ def _gemm_config(M: int, P: int, dtype: torch.dtype) -> tuple[int, int, int, int
 def _dx_config(M: int, K: int, dtype: torch.dtype, dropout: bool) -> tuple[int, int, int, int, int, int]:
     """(BM, BK, BN, GROUP_M, num_warps, num_stages) of the dx kernel: the GEMM's tile, but at most 128
     columns wide with dropout, whose mask ([BM, BK] Philox draws) needs the registers: ptxas -v for
-    sm_90a, bf16 with fp32 adapters at BM = 128, 8 warps, with dropout: 128x256 5280 bytes of spill
-    stores, 128x128 324 (Triton 3.8; without dropout 128x256 has none: see _bwd_dx_kernel). BM is
-    the GEMM's (it sets dA's partial layout)."""
+    sm_90a, bf16 with fp32 adapters at BM = 128, 8 warps, with dropout: 128x256 1012 bytes of spill
+    stores (249 LDL/STL between the HGMMAs), 128x128 none (Triton 3.8; 5280 and 324 B before the
+    mask came from tl.randint4x; without dropout 128x256 has none: see _bwd_dx_kernel). BM is the
+    GEMM's (it sets dA's partial layout)."""
     bm, bk, bn, group, warps, stages = _gemm_config(M, K, dtype)
     return bm, min(bk, 128) if dropout else bk, bn, group, warps, stages
 
@@ -673,7 +699,8 @@ def lora_dropout_mask(seed: Tensor, M: int, K: int, p: float) -> Tensor:
     Returns
     -------
     Tensor
-        bool ``[M, K]`` on seed's device, True = kept: ``keep[m, k] = tl.rand(seed, m·K + k) >= p``.
+        bool ``[M, K]`` on seed's device, True = kept: ``keep[m, k] = u(word k % 4 of
+        Philox(seed, m·⌈K/4⌉ + k // 4)) >= p`` (see ``_keep``).
     """
     if seed.dtype != torch.int64 or seed.numel() != 1:
         raise ValueError(f"lora triton: seed must be a one-element int64 tensor; got {seed.dtype} {list(seed.shape)}")
