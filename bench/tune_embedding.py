@@ -4,7 +4,7 @@ The first H200 run (bench/results/2026-12-04-h200/) measured the forward at 4.2x
 ``nn.EmbeddingBag`` loop on the medical shape; this script separates the kernel from the host:
 
 - ``op``: ``kfuse.multi_embedding_bag(..., backend="triton")`` back to back (``do_bench``; it reads the
-  bad-index flag, so each call waits for its kernel);
+  bad-index flag, so each call waits for its kernel); ``op async``: the same with ``check="async"``;
 - ``launcher``: ``kfuse.triton_kernels.embedding.forward`` (no flag read, so the host runs ahead);
 - ``kernel``: ``_fwd_kernel`` alone replayed from a CUDA graph (its metadata built once);
 - ``loop``: the per-table ``F.embedding_bag`` loop (``do_bench``, as the report's baseline);
@@ -58,6 +58,7 @@ def tune_forward(case: Case) -> None:
     now = (tk._FWD_BLOCK_L, tk._block_d(D), tk._FWD_WARPS)
     print(f"== {shape}: ms, median")
     print(f"   op {do_bench(lambda: kfuse.multi_embedding_bag(ws, idx, off, mode='sum', backend='triton')):.4f}"
+          f"  op async {do_bench(lambda: kfuse.multi_embedding_bag(ws, idx, off, backend='triton', check='async')):.4f}"
           f"  launcher {do_bench(lambda: tk.forward(ws, idx, off, ft, pad, 0, None)):.4f}"
           f"  kernel {do_bench(graphed(lambda: kernel(*now))):.4f}  loop {do_bench(loop):.4f}",
           flush=True)

@@ -2004,6 +2004,82 @@ def test_triton_checks_the_offset_of_no_bags(device):
             kfuse.multi_embedding_bag(ws, idx, t([2]), backend=backend)
 
 
+@pytest.fixture
+def no_pending_checks():
+    """No check="async" error left over from another test, before or after this one."""
+    E._DEFERRED.clear()
+    yield
+    E._DEFERRED.clear()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_async_check_raises_at_a_later_call(device, seed, no_pending_checks):
+    """check="async": the bad call returns (bad indices skipped, nothing out of range read), the next call of
+    either op raises naming the bad call's argument, once; valid calls give the sync mode's bits."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes, ft = [(9, 5), (6, 17)], [0, 1, 0]
+    ws = [torch.randn(r, d, generator=gen).to(device) for r, d in shapes]
+    idx, off = make_bags(shapes, ft, 4, gen, empty=0.0)
+    idx, off = idx.to(device), off.to(device)
+    call = functools.partial(kfuse.multi_embedding_bag, ws, feature_table=ft, backend="triton")
+    assert torch.equal(call(idx, off, check="async"), call(idx, off))
+    bad = idx.clone()
+    bad[3] = 9  # feature 0 reads table 0 (9 rows)
+    good = idx.clone()
+    good[3] = 0
+    out = call(bad, off, check="async")
+    skip = torch.ones(idx.numel(), dtype=torch.float64)
+    skip[3] = 0  # the bad index contributes nothing
+    ref = multi_embedding_bag_reference([w.cpu().double() for w in ws], good.cpu(), off.cpu(), ft, 0, skip, [-1, -1])
+    assert_close(out, ref, torch.float32, "bad index skipped")
+    with pytest.raises(IndexError, match=r"multi_embedding_bag: indices\[3\] = 9 is out of range \[0, 9\).*"
+                                         r"found after that call returned: check='async'"):
+        kfuse.embedding_bag(idx[:5], ws[0], torch.tensor([0, 2], device=device), mode="sum", check="async")
+    assert not E._DEFERRED
+    call(idx, off, check="async")  # raised once: nothing pending now
+    kfuse.check_embedding_errors()
+    # Bad offsets, found on demand (wait=True waits for the flag).
+    spoilt = off.clone()
+    spoilt[2] = spoilt[1] - 1
+    call(idx, spoilt, check="async")
+    with pytest.raises(ValueError, match=r"offsets must be non-decreasing: offsets\[2\].*check='async'"):
+        kfuse.check_embedding_errors()
+    kfuse.check_embedding_errors()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_async_check_in_the_modules(device, no_pending_checks):
+    m = MultiTableEmbeddingBag([(9, 5), (6, 3)], backend="triton", check="async", device=device)
+    fused = MultiTableEmbeddingBag([(9, 5), (6, 3)], backend="triton", check="async", device=device,
+                                   optimizer="sgd")
+    t = functools.partial(torch.tensor, device=device)
+    idx, off = t([1, 2, 3, 4, 5]), t([0, 2, 3, 4, 5])
+    bad = t([1, 2, 3, 4, 6])  # feature 1 reads table 1 (6 rows)
+    m(bad, off)  # no raise here
+    with pytest.raises(IndexError, match=r"indices\[4\] = 6 is out of range \[0, 6\) for feature 1"):
+        m(idx, off)
+    fused(bad, off).sum().backward()  # the backward skips the bad index too
+    with pytest.raises(IndexError, match=r"indices\[4\] = 6 is out of range"):
+        fused(idx, off)
+    single = kfuse.nn.EmbeddingBag(9, 4, mode="sum", backend="triton", check="async", device=device)
+    assert "check='async'" in repr(single)
+    single(t([1, 9]), t([0]))
+    with pytest.raises(IndexError, match=r"embedding_bag: indices\[1\] = 9 is out of range"):
+        kfuse.check_embedding_errors()
+
+
+def test_check_must_be_sync_or_async():
+    w, idx, off = torch.randn(4, 3), torch.tensor([0, 1]), torch.tensor([0, 2])
+    with pytest.raises(ValueError, match=r"multi_embedding_bag: check must be one of \('sync', 'async'\); got 'later'"):
+        kfuse.multi_embedding_bag([w], idx, off, check="later")
+    with pytest.raises(ValueError, match=r"embedding_bag: check must be one of"):
+        kfuse.embedding_bag(idx, w, off, check=True)
+    with pytest.raises(ValueError, match=r"MultiTableEmbeddingBag: check must be one of"):
+        MultiTableEmbeddingBag([(4, 3)], check="never")
+    with pytest.raises(ValueError, match=r"nn.EmbeddingBag: check must be one of"):
+        kfuse.nn.EmbeddingBag(4, 3, check=None)
+
+
 def test_triton_bad_arguments_raise():
     w = [torch.randn(4, 3)]
     idx, off = torch.tensor([0, 1]), torch.tensor([0, 2])

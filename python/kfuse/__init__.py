@@ -18,12 +18,13 @@ import torch  # noqa: F401  (the extension needs torch loaded first)
 from kfuse import backtrack, kv, models, nn, reference
 from kfuse._backends import BackendUnavailableError, availability
 from kfuse.ops.deu import deu
-from kfuse.ops.embedding import embedding_bag, multi_embedding_bag
+from kfuse.ops.embedding import check_embedding_errors, embedding_bag, multi_embedding_bag
 from kfuse.ops.kv import paged_decode_attention, paged_prefill_attention
 from kfuse.ops.lora import lora_linear, lora_linear_multi
 
 __all__ = [
-    "BackendUnavailableError", "availability", "backtrack", "deu", "embedding_bag", "kv", "lora_linear",
+    "BackendUnavailableError", "availability", "backtrack", "check_embedding_errors", "deu", "embedding_bag", "kv",
+    "lora_linear",
     "lora_linear_multi", "models", "multi_embedding_bag", "nn", "paged_decode_attention", "paged_prefill_attention",
     "reference",
 ]

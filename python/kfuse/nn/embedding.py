@@ -29,13 +29,19 @@ __all__ = ["EmbeddingBag", "MultiTableEmbeddingBag", "OPTIMIZERS"]
 OPTIMIZERS = ("sgd", "rowwise_adagrad", "adam")
 
 
+def _check_mode(module: str, check: object) -> None:
+    if check not in E.CHECKS:
+        raise ValueError(f"{module}: check must be one of {E.CHECKS}; got {check!r}")
+
+
 class EmbeddingBag(nn.Module):
     """``torch.nn.EmbeddingBag`` (``sum``/``mean``) computed by :func:`kfuse.embedding_bag`.
 
     Args: ``num_embeddings``, ``embedding_dim``, ``mode`` (``"mean"`` by default, as torch),
     ``padding_idx``, ``include_last_offset``, ``sparse``, ``_weight``, ``device``, ``dtype`` as torch's,
     by keyword (kfuse's positional order puts ``mode`` third); ``max_norm``, ``norm_type`` and
-    ``scale_grad_by_freq`` at their defaults only, and no ``mode="max"``; ``backend`` for the op.
+    ``scale_grad_by_freq`` at their defaults only, and no ``mode="max"``; ``backend`` and ``check``
+    (keyword-only: ``"sync"`` or ``"async"``, :data:`kfuse.ops.embedding.CHECKS`) for the op.
     :meth:`from_pretrained` as torch's, :meth:`from_torch` to share a torch module's weight.
     The parameter is ``weight [num_embeddings, embedding_dim]`` (initialised ``N(0, 1)``, the padding
     row zero), so ``state_dict`` is interchangeable with torch's module. ``forward(input, offsets=None,
@@ -45,10 +51,11 @@ class EmbeddingBag(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, mode: str = "mean", padding_idx: int | None = None,
                  include_last_offset: bool = False, sparse: bool = False, _weight: Tensor | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 backend: str = "auto", *, max_norm: float | None = None, norm_type: float = 2.0,
-                 scale_grad_by_freq: bool = False) -> None:
+                 backend: str = "auto", *, check: str = "sync", max_norm: float | None = None,
+                 norm_type: float = 2.0, scale_grad_by_freq: bool = False) -> None:
         super().__init__()
         E.check_torch_only("nn.EmbeddingBag", max_norm, norm_type, scale_grad_by_freq, mode)
+        _check_mode("nn.EmbeddingBag", check)
         self.max_norm, self.norm_type, self.scale_grad_by_freq = max_norm, norm_type, scale_grad_by_freq
         if mode not in ("sum", "mean"):
             raise ValueError(f"mode must be 'sum' or 'mean' (kfuse has no 'max'); got {mode!r}")
@@ -63,7 +70,7 @@ class EmbeddingBag(nn.Module):
             padding_idx %= num_embeddings
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.mode, self.padding_idx, self.include_last_offset = mode, padding_idx, include_last_offset
-        self.sparse, self.backend = sparse, backend
+        self.sparse, self.backend, self.check = sparse, backend, check
         if _weight is None:
             self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
             self.reset_parameters()
@@ -107,11 +114,11 @@ class EmbeddingBag(nn.Module):
 
     def forward(self, input: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
         return E.embedding_bag(input, self.weight, offsets, self.mode, per_sample_weights, self.include_last_offset,
-                               self.padding_idx, sparse=self.sparse, backend=self.backend)
+                               self.padding_idx, sparse=self.sparse, backend=self.backend, check=self.check)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}, padding_idx={self.padding_idx}, "
-                f"sparse={self.sparse}, backend={self.backend!r}")
+                f"sparse={self.sparse}, backend={self.backend!r}, check={self.check!r}")
 
 
 class MultiTableEmbeddingBag(nn.Module):
@@ -139,7 +146,10 @@ class MultiTableEmbeddingBag(nn.Module):
             gradients are all-gathered and summed (in rank order) before the update, so every rank
             applies the same update; None: no communication (each rank updates its own tables; a
             warning, once, when torch.distributed runs several processes).
-        backend: of the op (``"auto"``, ``"cpu"``, ``"reference"``).
+        backend: of the op (``"auto"``, ``"triton"``, ``"cpu"``, ``"reference"``).
+        check: when the ``triton`` backend reports bad indices or offsets: ``"sync"`` (at the call, one host
+            sync per forward) or ``"async"`` (at a later call, or :func:`kfuse.check_embedding_errors`;
+            :data:`kfuse.ops.embedding.CHECKS`).
 
     Parameters: ``weights.{t}`` ``[rows_t, dim_t]``, initialised uniformly in ``±sqrt(1/rows_t)`` (FBGEMM's
     choice), padding rows zero. Fused-optimizer state lives in buffers (``state_dict`` saves and
@@ -158,8 +168,9 @@ class MultiTableEmbeddingBag(nn.Module):
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  optimizer: str | None = None, lr: float = 0.01, eps: float = 1e-8, beta1: float = 0.9,
                  beta2: float = 0.999, weight_decay: float = 0.0, seed: int = 0,
-                 process_group: object | None = None, backend: str = "auto") -> None:
+                 process_group: object | None = None, backend: str = "auto", check: str = "sync") -> None:
         super().__init__()
+        _check_mode("MultiTableEmbeddingBag", check)
         tables = _table_sizes(tables)
         if not tables or any(r < 1 or d < 1 for r, d in tables):
             raise ValueError(f"tables must be a non-empty list of (rows >= 1, dim >= 1); got {tables}")
@@ -174,7 +185,7 @@ class MultiTableEmbeddingBag(nn.Module):
                                                  for t in self.feature_table_map):
             raise ValueError(f"feature_table_map must be a non-empty list of table numbers in [0, {len(tables)}); "
                              f"got {feature_table_map!r}")
-        self.mode, self.sparse, self.backend = mode, sparse, backend
+        self.mode, self.sparse, self.backend, self.check = mode, sparse, backend, check
         self.optimizer, self.seed, self.process_group = optimizer, _seed(seed), process_group
         self.hparams = _hparams(lr=lr, eps=eps, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
         self.weights = nn.ParameterList(
@@ -269,7 +280,7 @@ class MultiTableEmbeddingBag(nn.Module):
         ws = list(self.weights)
         if self.optimizer is None:
             return E.multi_embedding_bag(ws, indices, offsets, self.feature_table_map, self.mode, per_sample_weights,
-                                         self.padding_idx, sparse=self.sparse, backend=self.backend)
+                                         self.padding_idx, sparse=self.sparse, backend=self.backend, check=self.check)
         op = "MultiTableEmbeddingBag"
         _backends.check_backend_name(op, self.backend)
         if not torch.compiler.is_compiling() and _routing.route("eager", [indices, offsets, per_sample_weights, *ws]) \
@@ -282,9 +293,10 @@ class MultiTableEmbeddingBag(nn.Module):
                 "traced or transformed (make_fx, torch.export, fake or other tensor subclasses, torch.func, "
                 "forward-mode AD), which could record neither the lookup nor the update. Capture the module "
                 "built with optimizer=None (a torch optimizer then updates it).")
+        E.poll_errors()
         E._check_weights(op, ws)  # as the op checks them (load_state_dict(assign=True) may bring any layout)
         bags = E._validate(op, ws, indices, offsets, self.feature_table_map, self.mode, per_sample_weights,
-                           self.padding_idx)
+                           self.padding_idx, self.check)
         chosen = E._select(op, self.backend, ws[0])
         step = int(self.optimizer_step)  # a CPU tensor: no sync
         if torch._C._current_graph_task_id() == -1:

@@ -14,7 +14,7 @@ Backends:
   no float64): one launch for all features (the tables' addresses in a small metadata tensor);
   backward by a stable sort of (table, row) keys and one program per unique row summing its
   occurrences in position order; out-of-range indices are masked and flagged, and the op reads the
-  flag once per forward (one host sync) to raise.
+  flag once per forward (one host sync) to raise, or later with ``check="async"`` (:data:`CHECKS`).
 - ``cuda``: no csrc CUDA kernels (always unavailable).
 - ``reference``: the PyTorch definition in float64 (checks values on the host).
 
@@ -45,7 +45,7 @@ from kfuse.reference.embedding import (
     sparse_grad,
 )
 
-__all__ = ["BACKENDS", "backend_reasons", "embedding_bag", "multi_embedding_bag"]
+__all__ = ["BACKENDS", "CHECKS", "backend_reasons", "check_embedding_errors", "embedding_bag", "multi_embedding_bag"]
 
 BACKENDS = _backends.BACKENDS
 _ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}
@@ -84,6 +84,7 @@ class _Bags:
     feature_table: list[int]
     padding_idx: list[int]  # per table, −1 = none
     pooling: int
+    check: str = "sync"  # how the triton backend reports bad input: see CHECKS
 
     @property
     def num_features(self) -> int:
@@ -121,8 +122,10 @@ def _check_options(op: str, sparse: object, backend: object) -> None:
 
 
 def _validate(op: str, weights: list[Tensor], indices: object, offsets: object, feature_table: object, mode: object,
-              per_sample_weights: object, padding_idx: object) -> _Bags:
+              per_sample_weights: object, padding_idx: object, check: object = "sync") -> _Bags:
     """Shape, dtype and device checks that read no tensor values (so no GPU sync)."""
+    if check not in CHECKS:
+        raise ValueError(f"kfuse.{op}: check must be one of {CHECKS}; got {check!r}")
     w0 = weights[0]
     for name, t in (("indices", indices), ("offsets", offsets)):
         if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in _INTS:
@@ -165,7 +168,7 @@ def _validate(op: str, weights: list[Tensor], indices: object, offsets: object, 
             raise ValueError(f"kfuse.{op}: per_sample_weights is only supported with mode='sum' (as in "
                              "torch.nn.functional.embedding_bag)")
     pads = _padding(op, padding_idx, weights)
-    return _Bags([int(t) for t in ft], pads, pooling)
+    return _Bags([int(t) for t in ft], pads, pooling, check)
 
 
 def _as_index(v: object) -> object:
@@ -245,6 +248,97 @@ def _check_values(op: str, weights: list[Tensor], indices: Tensor, offsets: Tens
                              f"for feature {f} (table {t})")
 
 
+# ---------------------------------------------------------------- bad input found by the GPU kernels
+
+#: How the ``triton`` backend reports bad indices or offsets (the ``cpu`` and ``reference`` backends check
+#: on the host before reading a row, and always raise at the call). Either way the kernels never read or
+#: write out of bounds: a bad index contributes nothing, a bad offset is clamped.
+#:
+#: - ``"sync"`` (default): the call reads the kernel's error flag and raises there: one host sync per
+#:   forward, so the host cannot run ahead of the GPU.
+#: - ``"async"``: the flag goes to pinned host memory with the call's stream; a later call of either op
+#:   (any check mode) raises the error once the flag has arrived, naming the earlier call's argument, and
+#:   :func:`check_embedding_errors` raises it on demand (at the end of an epoch, say). Nothing is read
+#:   under CUDA-graph capture (a replay reports nothing).
+CHECKS = ("sync", "async")
+
+
+@dataclass
+class _Deferred:
+    """A ``check="async"`` call's error flag on its way to the host, and its arguments to name the error by."""
+
+    op: str
+    flag: Tensor  # int32 [2]: on the host (pinned) for CUDA calls; the interpreter's own CPU flag
+    event: object  # torch.cuda.Event recorded after the copy, or None (already on the host)
+    weights: list[Tensor]
+    indices: Tensor
+    offsets: Tensor
+    bags: _Bags
+
+
+_DEFERRED: list[_Deferred] = []
+
+
+def _defer(op: str, flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags) -> None:
+    event = None
+    if flag.is_cuda:
+        if torch.cuda.is_current_stream_capturing():
+            return  # a replay runs the kernel, not this bookkeeping
+        host = torch.empty(2, dtype=torch.int32, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        flag = host
+    _DEFERRED.append(_Deferred(op, flag, event, weights, indices, offsets, bags))
+
+
+def check_embedding_errors(wait: bool = True) -> None:
+    """Raise the first bad input found by ``check="async"`` calls of :func:`multi_embedding_bag` and
+    :func:`embedding_bag` not yet reported (each error is raised once).
+
+    Args:
+        wait: wait for every pending call's flag (one sync with each call's stream); False looks only at
+            flags already on the host (no sync: what every call of these ops does first).
+    Raises:
+        IndexError (an index outside its table) or ValueError (bad offsets), as the call would have with
+        ``check="sync"``, naming that call's argument.
+    """
+    keep = []
+    try:
+        while _DEFERRED:
+            d = _DEFERRED.pop(0)
+            if d.event is not None and not d.event.query():
+                if not wait:
+                    keep.append(d)
+                    continue
+                d.event.synchronize()
+            if d.flag.tolist() != [_tk().NO_ERROR, _tk().NO_ERROR]:
+                _raise_bad_input(d.op, d.flag, d.weights, d.indices, d.offsets, d.bags, deferred=True)
+    finally:
+        _DEFERRED[:0] = keep
+
+
+def poll_errors() -> None:
+    """:func:`check_embedding_errors` without waiting, when a ``check="async"`` call is pending: what every
+    call of the ops does first."""
+    if _DEFERRED:
+        check_embedding_errors(wait=False)
+
+
+def _raise_bad_input(op: str, flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags,
+                     deferred: bool = False) -> None:
+    """Raise for a kernel flag that recorded bad input: the host checks name the argument, as the other
+    backends do (the flag's own message if the tensors changed since)."""
+    try:
+        _check_values(op, weights, indices, offsets, bags)
+        _tk().check_flag(flag, indices, offsets)
+    except (IndexError, ValueError) as err:
+        if not deferred:
+            raise
+        raise type(err)(f"{err} [found after that call returned: check='async'; positions count the call's "
+                        "flattened indices]") from None
+
+
 # ---------------------------------------------------------------- implementations
 
 
@@ -280,11 +374,12 @@ def _forward_impl(weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
         tk = _tk()
         out, flag = tk.forward(weights, indices, offsets, bags.feature_table, bags.padding_idx, bags.pooling, psw)
         # The kernel never reads out of bounds (bad indices are masked, offsets clamped) and records the
-        # first bad position in `flag`; reading it is the call's one host sync (not yet timed on a GPU).
-        # On an error the host checks say which argument, as the other backends do.
-        if flag.tolist() != [tk.NO_ERROR, tk.NO_ERROR]:
-            _check_values(op, weights, indices, offsets, bags)
-            tk.check_flag(flag, indices, offsets)
+        # first bad position in `flag`. check="sync" reads it now: the call's one host sync (on an H200 the
+        # op took 0.213 ms where its kernel took 0.043, bench/results/2026-12-04-h200/); "async" later.
+        if bags.check == "async":
+            _defer(op, flag, weights, indices, offsets, bags)
+        elif flag.tolist() != [tk.NO_ERROR, tk.NO_ERROR]:
+            _raise_bad_input(op, flag, weights, indices, offsets, bags)
         return out
     _check_values(op, weights, indices, offsets, bags)
     return multi_embedding_bag_reference(weights, indices, offsets, bags.feature_table, bags.pooling, psw,
@@ -512,7 +607,7 @@ def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
 def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_table: list[int] | None = None,
                         mode: str = "sum", per_sample_weights: Tensor | None = None,
                         padding_idx: int | list[int | None] | None = None, *, sparse: bool = False,
-                        backend: str = "auto") -> Tensor:
+                        backend: str = "auto", check: str = "sync") -> Tensor:
     """Pooled embedding lookups of ``F`` features over ``T`` tables in one call.
 
     Args:
@@ -532,22 +627,26 @@ def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor,
             only).
         backend: (keyword-only) ``"auto"`` (``triton`` for CUDA tables, ``cpu`` for CPU ones), ``"triton"``,
             ``"cpu"`` or ``"reference"``; ``"cuda"`` always raises.
+        check: (keyword-only) ``"sync"`` or ``"async"``: when the ``triton`` backend reports bad input
+            (:data:`CHECKS`; calls the registered op makes, under ``torch.compile``, use ``"sync"``).
     Returns:
         ``[B, Σ_f dim_{feature_table[f]}]`` in the tables' dtype (accumulated in float32; float64 for
         float64 tables), features' columns in order.
 
-    Bad indices or offsets raise ``IndexError``/``ValueError`` naming the argument before any row is read.
+    Bad indices or offsets raise ``IndexError``/``ValueError`` naming the argument, and no row out of range is
+    ever read (with ``check="async"`` on a GPU the error comes from a later call: :data:`CHECKS`).
     Gradients are bitwise reproducible (whatever the thread count).
     """
     relevant = (*(weights if isinstance(weights, (list, tuple)) else (weights,)), indices, offsets, per_sample_weights)
     if torch.overrides.has_torch_function(relevant):  # torch.fx.symbolic_trace's Proxy, ...
         return torch.overrides.handle_torch_function(
             multi_embedding_bag, relevant, weights, indices, offsets, feature_table, mode, per_sample_weights,
-            padding_idx, sparse=sparse, backend=backend)
+            padding_idx, sparse=sparse, backend=backend, check=check)
+    poll_errors()
     op = "multi_embedding_bag"
     ws = _check_weights(op, weights)
     _check_options(op, sparse, backend)
-    bags = _validate(op, ws, indices, offsets, feature_table, mode, per_sample_weights, padding_idx)
+    bags = _validate(op, ws, indices, offsets, feature_table, mode, per_sample_weights, padding_idx, check)
     return _run(op, ws, indices, offsets, bags, _kernel_psw(per_sample_weights, ws), sparse, backend)
 
 
@@ -568,7 +667,7 @@ def check_torch_only(op: str, max_norm: object, norm_type: object, scale_grad_by
 def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, mode: str = "mean",
                   per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
                   padding_idx: int | None = None, *, sparse: bool = False, backend: str = "auto",
-                  max_norm: float | None = None, norm_type: float = 2.0,
+                  check: str = "sync", max_norm: float | None = None, norm_type: float = 2.0,
                   scale_grad_by_freq: bool = False) -> Tensor:
     """``torch.nn.functional.embedding_bag`` for ``sum`` and ``mean`` on kfuse's kernels.
 
@@ -580,8 +679,8 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
             ``include_last_offset``; int32 or int64 (when input's dtype differs, both are taken as
             int64, as torch does).
         mode: ``"mean"`` (the default, as torch's) or ``"sum"``.
-        per_sample_weights (same shape as input, ``sum`` only), padding_idx, sparse, backend: as
-            :func:`multi_embedding_bag` (and as torch's).
+        per_sample_weights (same shape as input, ``sum`` only), padding_idx, sparse, backend, check: as
+            :func:`multi_embedding_bag` (the first four as torch's).
         max_norm, norm_type, scale_grad_by_freq: torch's, taken by keyword at their defaults only
             (not implemented: anything else raises). The positional order is kfuse's (mode fourth).
     Returns:
@@ -591,8 +690,9 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
     if torch.overrides.has_torch_function(relevant):  # torch.fx.symbolic_trace's Proxy, ...
         return torch.overrides.handle_torch_function(
             embedding_bag, relevant, input, weight, offsets, mode, per_sample_weights, include_last_offset,
-            padding_idx, sparse=sparse, backend=backend, max_norm=max_norm, norm_type=norm_type,
+            padding_idx, sparse=sparse, backend=backend, check=check, max_norm=max_norm, norm_type=norm_type,
             scale_grad_by_freq=scale_grad_by_freq)
+    poll_errors()
     op = "embedding_bag"
     check_torch_only(op, max_norm, norm_type, scale_grad_by_freq, mode)
     ws = _check_weights(op, [weight], single=True)
@@ -629,7 +729,7 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
         if not include_last_offset:
             offs = torch.cat([offs, offs.new_full((1,), input.shape[0])])
         indices = input
-    bags = _validate(op, ws, indices, offs, [0], mode, psw, padding_idx)
+    bags = _validate(op, ws, indices, offs, [0], mode, psw, padding_idx, check)
     try:
         return _run(op, ws, indices, offs, bags, _kernel_psw(psw, ws), sparse, backend)
     except ValueError:
