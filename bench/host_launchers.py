@@ -6,6 +6,8 @@ M = 128 took 0.22 ms per call against 0.04 ms of kernels. This script times the 
 ours: validation, allocation, block and grid choice, argument packing, with every ``@triton.jit``
 kernel of the launcher replaced by a no-op, on CPU tensors (bf16 x, W; fp32 adapters; the
 embedding forward's two shapes, fp32 tables; one layer's decode attention of the KV cache, fp32).
+Under the LoRA and embedding launchers, the public op that calls them (``kfuse.lora_linear``, fp16 x
+since the interpreter refuses bf16; ``kfuse.multi_embedding_bag``): its validation and routing on top.
 Min of 7 repeats of ``--number`` back-to-back calls.
 Usage: ``python bench/host_launchers.py [--number 2000]``. An A/B against another checkout:
 ``PYTHONPATH=<its python/> python bench/host_launchers.py`` (with its triton_kernels linked in).
@@ -22,6 +24,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the launchers take CPU tensors
 
 import torch  # noqa: E402
 
+import kfuse  # noqa: E402
 from kfuse.demos._args import positive  # noqa: E402
 from kfuse.triton_kernels import embedding as te  # noqa: E402
 from kfuse.triton_kernels import kv as tkv  # noqa: E402
@@ -62,6 +65,9 @@ def main() -> None:
         us = per_call(lambda x=x, w=w, a=a, b=b: tl_.lora_forward(x, w, False, a, b, 2.0, None, None, None, 0.0, False),
                       args.number)
         print(f"lora_forward      M={M:<5}                 {us:7.1f} us per call", flush=True)
+        xh, wh = x.half(), w.half()
+        us = per_call(lambda x=xh, w=wh, a=a, b=b: kfuse.lora_linear(x, w, a, b, 2.0, backend="triton"), args.number)
+        print(f"  the op (lora_linear, fp16)                      {us:7.1f} us per call", flush=True)
     for name, tables, batch in (("medical", (74_000, 79_000, 20_000), 4096), ("fbgemm", (1000,) * 32, 512)):
         ws = [torch.zeros(r, 128) for r in tables]
         t = len(ws)
@@ -71,6 +77,9 @@ def main() -> None:
         us = per_call(lambda ws=ws, i=indices, o=offsets, ft=ft, pad=pad: te.forward(ws, i, o, ft, pad, 0, None),
                       args.number)
         print(f"embedding forward {name:<8} {t:>2} tables, B={batch:<4} {us:7.1f} us per call", flush=True)
+        us = per_call(lambda ws=ws, i=indices, o=offsets: kfuse.multi_embedding_bag(ws, i, o, backend="triton",
+                                                                                    check="async"), args.number)
+        print(f"  the op (multi_embedding_bag, check='async')      {us:7.1f} us per call", flush=True)
     B, hq, hkv, d, pages = 32, 32, 8, 128, 32 * 256
     q = torch.randn(B, hq, d)
     kp = torch.zeros(pages, 16, hkv, d)

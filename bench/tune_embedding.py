@@ -38,7 +38,7 @@ def tune_forward(case: Case) -> None:
     t = len(ws)
     ft, pad = list(range(t)), [-1] * t
     B = (off.numel() - 1) // t
-    meta, width = tk._feature_meta(ws, ft, pad)
+    meta, width, _, _ = tk._feature_meta(ws, ft, pad)
     out = torch.empty(B, width, dtype=ws[0].dtype, device=dev)
     flag = torch.full((2,), tk.NO_ERROR, dtype=torch.int32, device=dev)
     D = ws[0].shape[1]

@@ -2068,6 +2068,17 @@ def test_triton_async_check_in_the_modules(device, no_pending_checks):
         kfuse.check_embedding_errors()
 
 
+@pytest.mark.parametrize(("backend", "device"), backends())
+def test_registered_op_called_directly_checks_the_tables(backend, device):
+    """torch.ops.kfuse.embedding_bag_forward checks the tables itself (the launchers skip their own pass
+    once the op has): a transposed table is refused by name, never read through the wrong strides."""
+    t = functools.partial(torch.tensor, device=device)
+    good, strided = torch.randn(6, 3, device=device), torch.randn(3, 6, device=device).t()
+    with pytest.raises(ValueError, match=r"embedding_bag_forward: weights\[1\] must be contiguous"):
+        torch.ops.kfuse.embedding_bag_forward([good, strided], t([0, 1]), t([0, 1, 2]), [0, 1], [-1, -1], 0, None,
+                                              backend)
+
+
 def test_check_must_be_sync_or_async():
     w, idx, off = torch.randn(4, 3), torch.tensor([0, 1]), torch.tensor([0, 2])
     with pytest.raises(ValueError, match=r"multi_embedding_bag: check must be one of \('sync', 'async'\); got 'later'"):

@@ -43,6 +43,8 @@ forward's measured on an H200 (``_FWD_BLOCK_L``, ``_FWD_WARPS``), the others fir
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -207,10 +209,12 @@ def _fwd_kernel(idx_ptr, off_ptr, psw_ptr, meta_ptr, out_ptr, flag_ptr, B, N, ou
 
 
 def _check(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_table: list[int],
-           padding_idx: list[int], per_sample_weights: Tensor | None) -> int:
-    """Shape/dtype/device checks (no tensor values are read: no sync). Returns B."""
-    if not weights or any(w.dtype != weights[0].dtype or w.device != weights[0].device or w.dim() != 2
-                          or not w.is_contiguous() for w in weights):
+           padding_idx: list[int], per_sample_weights: Tensor | None, checked_tables: bool = False) -> int:
+    """Shape/dtype/device checks (no tensor values are read: no sync). Returns B. ``checked_tables``: the
+    caller has checked each table's layout, dtype and device (kfuse.ops.embedding does, naming the table;
+    the second pass cost ~12 µs of Python per call at 32 tables)."""
+    if not weights or (not checked_tables and any(w.dtype != weights[0].dtype or w.device != weights[0].device
+                                                  or w.dim() != 2 or not w.is_contiguous() for w in weights)):
         raise ValueError("embedding triton: weights must be contiguous 2-D tables of one dtype and device")
     if weights[0].dtype not in _FLOATS:
         raise TypeError(f"embedding triton: tables must be float32, float16 or bfloat16; got {weights[0].dtype}")
@@ -244,14 +248,23 @@ def _check(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_tabl
 # launch holds a cached tensor's address, and kernels on another stream may still read one, so freeing
 # it could hand its memory to someone else (review of c2b67d9). Past that many keys the metadata is
 # built per call, as before the cache.
-_META_CACHE: dict[tuple, tuple[Tensor, int]] = {}
+_META_CACHE: dict[tuple, _FeatureMeta] = {}
 _META_CACHE_SIZE = 64
 
 
-def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: list[int]) -> tuple[Tensor, int]:
-    """(int64 [F, _FM] on the tables' device, out_width), cached (see _META_CACHE): a training loop's
-    calls after the first make no host-to-device copy. The build took 45 % of the launcher's Python at
-    32 tables (bench/host_launchers.py)."""
+class _FeatureMeta(NamedTuple):
+    """What the launchers derive from the tables' shapes and addresses alone."""
+
+    meta: Tensor  # int64 [F, _FM] on the tables' device
+    width: int  # output columns, Σ_f dim_{feature_table[f]}
+    block_d: int  # _block_d of the widest table
+    d_tiles: int  # dim tiles (of block_d) of the widest feature
+
+
+def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: list[int]) -> _FeatureMeta:
+    """The tables' :class:`_FeatureMeta`, cached (see _META_CACHE): a training loop's calls after the first
+    make no host-to-device copy. The build took 45 % of the launcher's Python at 32 tables
+    (bench/host_launchers.py)."""
     key = (weights[0].device, tuple(feature_table), tuple(padding_idx),
            *((w.data_ptr(), w.shape[0], w.shape[1]) for w in weights))
     hit = _META_CACHE.get(key)
@@ -266,14 +279,17 @@ def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: 
         rows.append([w.data_ptr(), w.shape[0], w.shape[1], padding_idx[t], col, bases[t]])
         col += w.shape[1]
     meta = torch.tensor(rows, dtype=torch.int64).to(weights[0].device, non_blocking=True)
+    block_d = _block_d(max(w.shape[1] for w in weights))
+    fm = _FeatureMeta(meta, col, block_d, cdiv(max(weights[t].shape[1] for t in feature_table), block_d))
     if len(_META_CACHE) < _META_CACHE_SIZE:
-        _META_CACHE[key] = (meta, col)
-    return meta, col
+        _META_CACHE[key] = fm
+    return fm
 
 
 @on_input_device
 def forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_table: list[int],
-            padding_idx: list[int], pooling: int, per_sample_weights: Tensor | None) -> tuple[Tensor, Tensor]:
+            padding_idx: list[int], pooling: int, per_sample_weights: Tensor | None,
+            checked_tables: bool = False) -> tuple[Tensor, Tensor]:
     """Pooled lookups of every feature in one launch.
 
     Parameters
@@ -291,6 +307,8 @@ def forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_tab
         0 = sum, 1 = mean (over the bag's non-padding indices; empty bags give zeros).
     per_sample_weights : Tensor or None
         ``[N]`` float32, contiguous (sum pooling).
+    checked_tables : bool
+        The caller has checked every table's layout, dtype and device (skips that per-table pass).
 
     Returns
     -------
@@ -304,9 +322,9 @@ def forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_tab
         a training loop may check it every k steps or only in debug mode, or skip it when the
         indices were validated upstream.
     """
-    B = _check(weights, indices, offsets, feature_table, padding_idx, per_sample_weights)
+    B = _check(weights, indices, offsets, feature_table, padding_idx, per_sample_weights, checked_tables)
     dev = weights[0].device
-    meta, width = _feature_meta(weights, feature_table, padding_idx)
+    meta, width, block_d, d_tiles = _feature_meta(weights, feature_table, padding_idx)
     out = torch.empty((B, width), dtype=weights[0].dtype, device=dev)
     flag = torch.full((2,), NO_ERROR, dtype=torch.int32, device=dev)
     if B == 0:
@@ -314,8 +332,6 @@ def forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_tab
         # device as the kernel would (no host read of the offsets).
         flag[1:] = torch.where((offsets[:1] != 0) | (indices.shape[0] != 0), 0, NO_ERROR)
         return out, flag
-    block_d = _block_d(max(w.shape[1] for w in weights))
-    d_tiles = cdiv(max(weights[t].shape[1] for t in feature_table), block_d)
     psw = per_sample_weights
     _fwd_kernel[(B, len(feature_table), d_tiles)](
         indices, offsets, psw if psw is not None else out, meta, out, flag, B, indices.shape[0], width,
@@ -486,7 +502,7 @@ def _sorted_keys(weights: list[Tensor], indices: Tensor, offsets: Tensor, featur
     of each table and the sentinel (skey's dtype), sentinel)."""
     dev = weights[0].device
     N = indices.shape[0]
-    fmeta, _ = _feature_meta(weights, feature_table, padding_idx)
+    fmeta = _feature_meta(weights, feature_table, padding_idx).meta
     sentinel = sum(w.shape[0] for w in weights)
     # int32 keys when the global rows fit: half the radix-sort passes of int64.
     kdt = torch.int32 if sentinel < _INT32_MAX else torch.int64
@@ -689,8 +705,7 @@ def backward_psw(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offse
     out = torch.zeros((indices.shape[0],), dtype=torch.float32, device=weights[0].device)
     if indices.shape[0] == 0 or B == 0:
         return out
-    meta, _ = _feature_meta(weights, feature_table, padding_idx)
-    block_d = _block_d(max(w.shape[1] for w in weights))
+    meta, _, block_d, _ = _feature_meta(weights, feature_table, padding_idx)
     _psw_kernel[(B, len(feature_table))](
         indices, offsets, meta, grad_out, out, B, indices.shape[0], grad_out.shape[1],
         BLOCK_L=_BLOCK_L, BLOCK_D=block_d, WDT=_WDT[weights[0].dtype], num_warps=4)
