@@ -10,7 +10,8 @@ case by case (bf16 x and W, K = N = 4096, r = 16):
 - ``base``: ``x @ W.T`` (cuBLAS);
 
 then a ``torch.profiler`` table of a forward + backward step (the kernels' own times), and the
-forward's time from a CUDA graph for each candidate ``_gemm_config`` / ``_shrink_config`` tile.
+forward's time from a CUDA graph for each candidate ``_gemm_config`` / ``_shrink_config`` tile, and by
+either forward path (split-K or S pass + GEMM) at M = 32 … 256 (the ``_SMALL_M`` crossover).
 Usage: ``python bench/tune_lora.py [--quick]`` (CUDA only; ~1-2 min, most of it compiling).
 """
 
@@ -115,6 +116,25 @@ def sweep(name: str, table: dict[int, list[tuple]], current: Callable, M: int) -
             setattr(tk, name, orig)
 
 
+def crossover() -> None:
+    """The forward from a CUDA graph by either path around ``tk._SMALL_M`` (bf16 adapters): split-K (taken
+    at M <= _SMALL_M) against the S pass + GEMM."""
+    orig = tk._SMALL_M
+    for M in (32, 64, 128, 256):
+        x, w, a, b = make(M, torch.bfloat16)
+        base = do_bench(lambda x=x, w=w: x @ w.T)
+        times = []
+        for small in (M, M - 1):
+            tk._SMALL_M = small
+            try:
+                times.append(do_bench(graphed(launcher(x, w, a, b))))
+            finally:
+                tk._SMALL_M = orig
+        print(f"_SMALL_M M={M:<5} split-K {times[0]:8.4f} ms {times[0] / base:6.3f}x base   S pass + GEMM "
+              f"{times[1]:8.4f} ms {times[1] / base:6.3f}x base   (current: {'split-K' if M <= orig else 'GEMM'})",
+              flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="M = 128 and 4096 only, no profile of M = 128")
@@ -134,6 +154,7 @@ def main() -> None:
     for M in (128, 4096):
         sweep("_gemm_config", GEMM, lambda M: tk._gemm_config(M, N, torch.bfloat16), M)
         sweep("_shrink_config", SHRINK, lambda M: tk._shrink_config(M, torch.bfloat16), M)
+    crossover()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ point of fusing is to add no pass over x or y and no launch that a plain ``x W�
 pay; every kernel here is a tiled ``tl.dot`` GEMM whose accumulator *starts* from the
 low-rank term, or a small pass that produces what that start needs:
 
-forward, M > _SMALL_M   ``_shrink_kernel`` (S, one read of x) then ``_fwd_kernel`` (acc = s·S Bᵀ,
+forward, M > _SMALL_M   ``_shrink_kernel`` (S, one read of x; split along K when its row tiles are few)
+                        then ``_fwd_kernel`` (acc = s·S Bᵀ,
                         then acc += x Wᵀ over K, bias + s·lora_bias in the epilogue).
 forward, M <= _SMALL_M  (decode) ``_fwd_splitk_kernel``: split-K partials of x Wᵀ and, in extra
                         column programs, of S from the same x; ``_fwd_splitk_reduce_kernel`` sums
@@ -196,18 +197,21 @@ def _mask_kernel(seed_ptr, out_ptr, M, K, p, BM: tl.constexpr, BK: tl.constexpr)
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, seed_ptr, s_ptr, M, K, R, sxm, sar, sak, p, inv_keep,
+def _shrink_kernel(x_ptr, a_ptr, seed_ptr, s_ptr, M, K, R, sxm, sar, sak, k_per_split, p, inv_keep,
                    BM: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr, DROPOUT: tl.constexpr,
                    PREC: tl.constexpr):
-    """S[rows, rank block] over all of K: grid (M tiles, rank blocks). One read of x."""
+    """S[rows, rank block] over K split ``k_per_split``: grid (M tiles, rank blocks, splits); split sp
+    writes its partial (already ⊙ 1/(1-p)) to s[sp] ([splits, M, R]; with one split, S itself). One
+    read of x."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.program_id(1) * RB + tl.arange(0, RB)
+    k_lo = tl.program_id(2) * k_per_split
     acc = tl.zeros([BM, RB], dtype=tl.float32)
-    acc = _shrink_tile(acc, x_ptr, a_ptr, _seed(seed_ptr, DROPOUT), rows, rr, M, K, R, sxm, sar, sak, 0, K, p,
-                       BK, DROPOUT, PREC)
+    acc = _shrink_tile(acc, x_ptr, a_ptr, _seed(seed_ptr, DROPOUT), rows, rr, M, K, R, sxm, sar, sak, k_lo,
+                       tl.minimum(K, k_lo + k_per_split), p, BK, DROPOUT, PREC)
     if DROPOUT:
         acc = acc * inv_keep
-    offs = rows[:, None].to(tl.int64) * R + rr[None, :]
+    offs = (tl.program_id(2).to(tl.int64) * M + rows[:, None]) * R + rr[None, :]
     tl.store(s_ptr + offs, acc, mask=(rows[:, None] < M) & (rr[None, :] < R))
 
 
@@ -749,10 +753,17 @@ def lora_shrink(x: Tensor, A: Tensor, seed: Tensor | None, p: float) -> Tensor:
     _, lr_prec = _precisions(x.dtype)
     bm, bk, warps, stages = _shrink_config(M, x.dtype)
     rb = _rank_block(R)
-    _shrink_kernel[(cdiv(M, bm), cdiv(R, rb))](
-        x, A, seed_arg, S, M, K, R, x.stride(0), A.stride(0), A.stride(1), p, inv_keep,
+    # Split K when the row tiles alone are too few programs: at M = 128 (16-row tiles) the H200 ran 8
+    # programs, whose S pass took longer than the GEMM after it (bench/results/2026-12-04-h200/
+    # run2-tune_lora.log: 63 us with dropout, where _fwd_kernel took 16). Partials summed by torch over
+    # dim 0 (deterministic; the split depends on the shape only).
+    tiles = cdiv(M, bm) * cdiv(R, rb)
+    k_per_split, splits = _splits(K, tiles, bk)
+    out = S if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
+    _shrink_kernel[(cdiv(M, bm), cdiv(R, rb), splits)](
+        x, A, seed_arg, out, M, K, R, x.stride(0), A.stride(0), A.stride(1), k_per_split, p, inv_keep,
         BM=bm, BK=bk, RB=rb, DROPOUT=dropout, PREC=lr_prec, num_warps=warps, num_stages=stages)
-    return S
+    return S if splits == 1 else torch.sum(out, 0, out=S)
 
 
 @on_input_device
