@@ -48,8 +48,9 @@ dots as one head's BLOCK_M tokens a program; a short append (fewer than BLOCK_M 
 tokens after a rollback) fills the MMA's rows with the group's heads instead of leaving them empty
 (one new token: 1 row of 64 used before, G now; not yet measured on a GPU). Each program runs an
 online softmax over the key tiles up to its block's last query position (tiles past it are never
-visited), with the causal and length masks per row. Not split along the sequence (prompts give
-enough query blocks).
+visited): first the tiles wholly before its first query position, which every row sees (no causal
+mask: FlashAttention-2's split), then the diagonal ones with the causal and length masks per row. Not
+split along the sequence (prompts give enough query blocks).
 """
 
 from __future__ import annotations
@@ -255,6 +256,18 @@ def default_scale(head_dim: int) -> float:
 
 
 @triton.jit
+def _kv_tile(k_ptr, v_ptr, page, pos, valid, h, d, dm, skp, sks, skh, svp, svs, svh, PAGE: tl.constexpr):
+    """K and V ``[BLOCK_N, BLOCK_D]`` of KV head h at positions ``pos`` (pages ``page``), zeros where not
+    ``valid`` (never dereferenced there)."""
+    page = tl.maximum(page, 0).to(tl.int64)
+    slot = pos % PAGE
+    lm = valid[:, None] & dm[None, :]
+    k = tl.load(k_ptr + page[:, None] * skp + slot[:, None] * sks + h * skh + d[None, :], mask=lm, other=0.0)
+    v = tl.load(v_ptr + page[:, None] * svp + slot[:, None] * svs + h * svh + d[None, :], mask=lm, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, qstart_ptr, out_ptr,
                     sqt, sqh, skp, sks, skh, svp, svs, svh, sbt, sot, soh, qk_scale,
                     G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, TOK: tl.constexpr,
@@ -292,19 +305,25 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, q
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = tl.minimum(n - t + (mb + 1) * TOK, n)  # one past the block's last query position
-    for blk in range(0, hi, BLOCK_N):
+    # Key tiles wholly at or before the block's first query position are visible to every row: no causal
+    # mask there (FlashAttention-2's split), only the table-hole one; the rest (the diagonal) get both.
+    full = (n - t + mb * TOK + 1) // BLOCK_N * BLOCK_N
+    for blk in range(0, full, BLOCK_N):
+        pos = blk + tl.arange(0, BLOCK_N)
+        page = tl.load(bt_ptr + row * sbt + pos // PAGE)  # pos < full <= hi <= n: inside the table's row
+        valid = page >= 0
+        k, v = _kv_tile(k_ptr, v_ptr, page, pos, valid, h, d, dm, skp, sks, skh, svp, svs, svh, PAGE)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_tile(s, v, m_i, l_i, acc, PREC)
+    for blk in range(full, hi, BLOCK_N):
         pos = blk + tl.arange(0, BLOCK_N)
         valid = pos < hi
         page = tl.load(bt_ptr + row * sbt + pos // PAGE, mask=valid, other=-1)
         valid = valid & (page >= 0)
-        page = tl.maximum(page, 0).to(tl.int64)
-        slot = pos % PAGE
-        lm = valid[:, None] & dm[None, :]
-        k = tl.load(k_ptr + page[:, None] * skp + slot[:, None] * sks + h * skh + d[None, :], mask=lm, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
-        ok = valid[None, :] & (pos[None, :] <= qpos[:, None])
-        s = tl.where(ok, s, float("-inf"))
-        v = tl.load(v_ptr + page[:, None] * svp + slot[:, None] * svs + h * svh + d[None, :], mask=lm, other=0.0)
+        k, v = _kv_tile(k_ptr, v_ptr, page, pos, valid, h, d, dm, skp, sks, skh, svp, svs, svh, PAGE)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(valid[None, :] & (pos[None, :] <= qpos[:, None]), s, float("-inf"))
         m_i, l_i, acc = _online_softmax_tile(s, v, m_i, l_i, acc, PREC)
 
     # Each new token's row attends at least to itself: l_i > 0 unless its scores are NaN or all -inf
