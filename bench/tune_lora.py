@@ -11,7 +11,8 @@ case by case (bf16 x and W, K = N = 4096, r = 16):
 
 then a ``torch.profiler`` table of a forward + backward step (the kernels' own times), and the
 forward's time from a CUDA graph for each candidate ``_gemm_config`` / ``_shrink_config`` tile, and by
-either forward path (split-K or S pass + GEMM) at M = 32 … 256 (the ``_SMALL_M`` crossover).
+either forward path (split-K or S pass + GEMM) at M = 32 … 256 (the ``_SMALL_M`` crossover), and with
+the GEMM's x and W read by TMA against pointer loads (``_TMA``; then M = 4096's tiles with TMA).
 Usage: ``python bench/tune_lora.py [--quick]`` (CUDA only; ~1-2 min, most of it compiling).
 """
 
@@ -135,6 +136,30 @@ def crossover() -> None:
               flush=True)
 
 
+def tma_ab() -> None:
+    """The forward from a CUDA graph with the GEMM's x and W read by pointer loads (``_fwd_kernel``) and by
+    TMA (``_fwd_tma_kernel``, ``tk._TMA``), at the current tiles and then at each candidate of M = 4096."""
+    orig = tk._TMA
+    for M in (128, 4096):
+        x, w, a, b = make(M, torch.bfloat16)
+        base = do_bench(lambda x=x, w=w: x @ w.T)
+        times = []
+        for tma in (False, True):
+            tk._TMA = tma
+            try:
+                times.append(do_bench(graphed(launcher(x, w, a, b))))
+            finally:
+                tk._TMA = orig
+        print(f"_TMA     M={M:<5} pointer loads {times[0]:8.4f} ms {times[0] / base:6.3f}x base   TMA "
+              f"{times[1]:8.4f} ms {times[1] / base:6.3f}x base   (current: {'TMA' if orig else 'pointer loads'})",
+              flush=True)
+    tk._TMA = True
+    try:
+        sweep("_gemm_config", GEMM, lambda M: tk._gemm_config(M, N, torch.bfloat16), 4096)
+    finally:
+        tk._TMA = orig
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="M = 128 and 4096 only, no profile of M = 128")
@@ -155,6 +180,8 @@ def main() -> None:
         sweep("_gemm_config", GEMM, lambda M: tk._gemm_config(M, N, torch.bfloat16), M)
         sweep("_shrink_config", SHRINK, lambda M: tk._shrink_config(M, torch.bfloat16), M)
     crossover()
+    print("== the GEMM's loads: pointers or TMA (then the M = 4096 tiles with TMA)")
+    tma_ab()
 
 
 if __name__ == "__main__":

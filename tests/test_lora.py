@@ -1376,11 +1376,43 @@ def test_shrink(device, dtype, a_dtype, M, K, r, p, seed) -> None:
 # ----------------------------------------------------------------------------------------
 # Forward: both paths (split-K decode, shrink + GEMM) on every shape.
 # ----------------------------------------------------------------------------------------
-@pytest.fixture(params=["splitk", "gemm"])
+@pytest.fixture(params=["splitk", "gemm", "gemm-tma"])
 def fwd_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Forces lora_forward's path: the split-K decode path for any M, or shrink + GEMM for any M."""
+    """Forces lora_forward's path: the split-K decode path for any M, or shrink + GEMM for any M (with
+    x and W read by TMA where their layouts allow, "gemm-tma")."""
     monkeypatch.setattr(lk, "_SMALL_M", 1 << 30 if request.param == "splitk" else -1)
+    monkeypatch.setattr(lk, "_TMA", request.param == "gemm-tma")
     return request.param
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fifo", [False, True])
+def test_forward_reads_by_tma_where_the_layouts_allow(device, fifo, monkeypatch, seed) -> None:
+    """With _TMA set, 16-byte aligned rows take _fwd_tma_kernel (odd M, partial K and N boxes) and match
+    the pointer-load kernel; a row of 38 bytes (K = 19, fp16) falls back to it."""
+    taken = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            taken.append(grid)
+            return real[grid]
+
+    real = lk._fwd_tma_kernel
+    monkeypatch.setattr(lk, "_fwd_tma_kernel", Spy())
+    monkeypatch.setattr(lk, "_SMALL_M", -1)
+    for K, tma in ((40, True), (19, False)):
+        x, weight, A, B, bias, lbias = make_layer(37, K, 24, 8, fifo, True, True, torch.float16, torch.float32, device)
+        monkeypatch.setattr(lk, "_TMA", False)
+        y0, S0 = lk.lora_forward(x, weight, fifo, A, B, 0.5, bias, lbias, None, 0.0, True)
+        monkeypatch.setattr(lk, "_TMA", True)
+        taken.clear()
+        y1, S1 = lk.lora_forward(x, weight, fifo, A, B, 0.5, bias, lbias, None, 0.0, True)
+        assert bool(taken) == tma, (K, taken)
+        assert torch.equal(S1, S0)
+        y_ref, _ = ref_forward(x, weight, fifo, A, B, 0.5, bias, lbias, None, 0.0)
+        y_mag, _ = ref_forward(*absolute(x, weight), fifo, *absolute(A, B), 0.5, *absolute(bias, lbias), None, 0.0)
+        assert_sum_close(y1, y_ref, y_mag, torch.float16, f"y (K {K}, TMA {tma})")
+        torch.testing.assert_close(y1, y0, rtol=0, atol=1e-6 * y_mag.max().item())
 
 
 @pytest.mark.parametrize("device,dtype,a_dtype,shape", KERNEL_CASES)
@@ -1763,6 +1795,12 @@ for dt, ad, p, biases in ((torch.float16, torch.float16, 0.0, False), (torch.flo
         lk.lora_multi_forward(e(M, 4096, dt=dt), e(4096, 4096, dt=dt), False, e(4, 16, 4096, dt=ad),
                               e(4, 4096, 16, dt=ad), e(4), e(4, dt=torch.int64), e(M, dt=ids_dt), None)
 lk.lora_dropout_mask(seed, 4096, 4096, 0.1)
+lk._TMA = True  # the large-M forward with TMA reads (off by default until timed)
+for dt, ad in ((torch.bfloat16, torch.float32), (torch.float16, torch.float16)):
+    for fifo in (False, True):
+        W = e(4096, 4096, dt=dt)
+        lk.lora_forward(e(4096, 4096, dt=dt), W, fifo, e(16, 4096, dt=ad), e(4096, 16, dt=ad), 2.0, None, None,
+                        seed, 0.0, True)
 """)
     assert {launch["kernel"] for launch in launches} == sm90.launched_kernels(lk)
 

@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kfuse._backends import cdiv, next_pow2, on_input_device, triton_interpret
 
@@ -73,6 +74,9 @@ _SMALL_M = 64
 _TARGET_PROGRAMS = 264
 # Multi-adapter shrink: at most this many K splits (see lora_multi_forward).
 _MULTI_MAX_SPLITS = 8
+# The large-M forward reads x and W by TMA (_fwd_tma_kernel) where their layouts allow. Off until a GPU
+# has timed it against the pointer loads (bench/tune_lora.py times both).
+_TMA = False
 
 
 # ----------------------------------------------------------------------------------------
@@ -164,6 +168,23 @@ def _shrink_tile(acc, x_ptr, a_ptr, seed, rows, rr, M, K, R, sxm, sar, sak, k_lo
 
 
 @triton.jit
+def _low_rank_start(s_ptr, b_ptr, rows, cols, M, N, R, sbn, sbr, scaling, BM: tl.constexpr, BN: tl.constexpr,
+                    RB: tl.constexpr, LR_PREC: tl.constexpr):
+    """s·(S Bᵀ)[rows, cols], the forward GEMM's starting accumulator ([BM, BN] fp32): one [BM, RB] x
+    [RB, BN] dot per rank block (RB >= 16, ~r/K of the main loop's MMA work), so the K loop after it
+    is the plain GEMM's and y is written once. S [M, R] fp32 contiguous; B [N, R] at strides sbn, sbr."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for r0 in range(0, R, RB):
+        rr = r0 + tl.arange(0, RB)
+        st = tl.load(s_ptr + rows[:, None].to(tl.int64) * R + rr[None, :],
+                     mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
+        bt = tl.load(b_ptr + cols[None, :].to(tl.int64) * sbn + rr[:, None].to(tl.int64) * sbr,
+                     mask=(rr[:, None] < R) & (cols[None, :] < N), other=0.0)
+        acc = _dot(st, bt, acc, LR_PREC)
+    return acc * scaling
+
+
+@triton.jit
 def _epilogue(acc, bias_ptr, lbias_ptr, cols, N, scaling, HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr):
     """acc + bias + s·lora_bias (both [N], any float dtype)."""
     col_ok = cols < N
@@ -227,23 +248,37 @@ def _fwd_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, lbias_ptr, y_ptr,
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
-    row_ok = rows[:, None] < M
-    col_ok = cols[None, :] < N
-    # The low-rank term first: one [BM, RB] x [RB, BN] dot per rank block (RB >= 16, ~r/K of the
-    # main loop's MMA work), so the K loop below is the plain GEMM's and y is written once.
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for r0 in range(0, R, RB):
-        rr = r0 + tl.arange(0, RB)
-        st = tl.load(s_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], mask=row_ok & (rr[None, :] < R),
-                     other=0.0)
-        bt = tl.load(b_ptr + cols[None, :].to(tl.int64) * sbn + rr[:, None].to(tl.int64) * sbr,
-                     mask=(rr[:, None] < R) & col_ok, other=0.0)
-        acc = _dot(st, bt, acc, LR_PREC)
-    acc = acc * scaling
+    acc = _low_rank_start(s_ptr, b_ptr, rows, cols, M, N, R, sbn, sbr, scaling, BM, BN, RB, LR_PREC)
     acc = _mainloop(acc, x_ptr, w_ptr, rows, cols, M, N, 0, K, sxm, 1, swk, swn, BK, PREC)
     acc = _epilogue(acc, bias_ptr, lbias_ptr, cols, N, scaling, HAS_BIAS, HAS_LBIAS)
     tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=row_ok & col_ok)
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _fwd_tma_kernel(x_desc, w_desc, s_ptr, b_ptr, bias_ptr, lbias_ptr, y_ptr, M, N, K, R, sbn, sbr, scaling,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr, GROUP_M: tl.constexpr,
+                    W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, PREC: tl.constexpr,
+                    LR_PREC: tl.constexpr):
+    """``_fwd_kernel`` with x and W read by TMA (tensor descriptors: x ``[M, K]`` in ``[BM, BK]`` boxes,
+    W ``[N, K]`` in ``[BN, BK]`` or, ``W_KN`` (fan_in_fan_out), ``[K, N]`` in ``[BK, BN]``; boxes past an
+    edge read zeros). The H200's Triton GEMM with pointer loads took 1.24x cuBLAS's time at M = K = N =
+    4096 (bf16, 2026-12-04); TMA is the usual next step on Hopper. Taken only where ``_TMA`` is set and
+    the layouts allow (16-byte aligned rows, see :func:`_tma_ok`): not yet timed on a GPU."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    acc = _low_rank_start(s_ptr, b_ptr, rows, cols, M, N, R, sbn, sbr, scaling, BM, BN, RB, LR_PREC)
+    for k in range(0, K, BK):
+        a = x_desc.load([pid_m * BM, k])
+        if W_KN:
+            b = w_desc.load([k, pid_n * BN])
+        else:
+            b = tl.trans(w_desc.load([pid_n * BN, k]))
+        acc = _dot(a, b, acc, PREC)
+    acc = _epilogue(acc, bias_ptr, lbias_ptr, cols, N, scaling, HAS_BIAS, HAS_LBIAS)
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 # ----------------------------------------------------------------------------------------
@@ -624,6 +659,13 @@ def _weight_view(weight: Tensor, fan_in_fan_out: bool) -> tuple[int, int, int, i
     return N, K, weight.stride(0), weight.stride(1)
 
 
+def _tma_ok(x: Tensor, weight: Tensor) -> bool:
+    """Whether TMA can read x and the weight as they are (_fwd_tma_kernel): 16-byte aligned bases and
+    row strides, unit inner strides (a [K, N] fan_in_fan_out weight is read as stored)."""
+    return all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+               for t in (x, weight))
+
+
 def _check_x(x: Tensor, name: str = "x") -> None:
     if x.ndim != 2 or not x.is_contiguous():
         raise ValueError(f"lora triton: {name} must be a contiguous 2-D tensor; got shape {tuple(x.shape)}, "
@@ -819,10 +861,16 @@ def lora_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A: Tensor, B: 
         S = lora_shrink(x, A, seed, p)
         bm, bn, bk, group, warps, stages = _gemm_config(M, N, x.dtype)
         grid = (cdiv(M, bm) * cdiv(N, bn),)
-        _fwd_kernel[grid](
-            x, weight, S, B, bias_arg, lbias_arg, y, M, N, K, R, x.stride(0), swn, swk, B.stride(0), B.stride(1),
-            scaling, BM=bm, BN=bn, BK=bk, RB=rb, GROUP_M=group, HAS_BIAS=bias is not None,
-            HAS_LBIAS=lora_bias is not None, PREC=prec, LR_PREC=lr_prec, num_warps=warps, num_stages=stages)
+        consts = dict(BM=bm, BN=bn, BK=bk, RB=rb, GROUP_M=group, HAS_BIAS=bias is not None,
+                      HAS_LBIAS=lora_bias is not None, PREC=prec, LR_PREC=lr_prec, num_warps=warps, num_stages=stages)
+        if _TMA and K > 0 and _tma_ok(x, weight):
+            w_box = [bk, bn] if fan_in_fan_out else [bn, bk]
+            _fwd_tma_kernel[grid](
+                TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, w_box), S, B,
+                bias_arg, lbias_arg, y, M, N, K, R, B.stride(0), B.stride(1), scaling, W_KN=fan_in_fan_out, **consts)
+        else:
+            _fwd_kernel[grid](x, weight, S, B, bias_arg, lbias_arg, y, M, N, K, R, x.stride(0), swn, swk, B.stride(0),
+                              B.stride(1), scaling, **consts)
         return y, (S if save_s else None)
     # Decode: split K so that (N tiles + rank blocks) · splits programs fill the GPU.
     bm, bn, bk, _, warps, stages = _gemm_config(M, N, x.dtype)
