@@ -6,7 +6,7 @@ The first H200 run (bench/results/2026-12-04-h200/) measured decode at 65 % of
 graph (``kfuse.triton_kernels.kv.paged_decode`` / ``paged_prefill``: no host checks), on the report's
 cases (bf16, 32 query / 8 KV heads, head dim 128, page 16; decode 32 x 4096 uniform and ragged,
 prefill 8 x 1024), against SDPA on contiguous K/V timed the same way, for each candidate of
-``SPLIT_TOKENS`` x ``BLOCK_N`` x warps (decode) and ``BLOCK_M`` x ``BLOCK_N`` x warps (prefill).
+``SPLIT_TOKENS`` x ``BLOCK_N`` x warps x stages (decode) and ``BLOCK_M`` x ``BLOCK_N`` x warps (prefill).
 The current choice is timed first; a candidate Triton cannot compile is reported and skipped.
 Each row also gives its largest difference from SDPA's output, so a fast tile that computes something
 else is not chosen. Usage: ``python bench/tune_kv.py`` (CUDA only; ~1.5 min, most of it compiling).
@@ -30,7 +30,7 @@ from kfuse.triton_kernels import kv as tk
 # ~50 tiles in all (each compiled once, ~1 s): about 90 s on an H200 machine, inside gpu_check.sh's step.
 # Decode at 65 % of SDPA with 4 key tiles per split (2026-12-04): longer splits and wider tiles (more loads
 # in flight per program) first; prefill at 2.61x: 128-row blocks and 128-wide key tiles too.
-DECODE = {"split": (256, 512, 1024), "block_n": (64, 128), "warps": (2, 4, 8)}
+DECODE = {"split": (256, 1024), "block_n": (64, 128), "warps": (2, 4, 8), "stages": (2, 3)}
 PREFILL = {"block_m": (32, 64, 128), "block_n": (64, 128), "warps": (4, 8)}
 
 
@@ -63,17 +63,17 @@ def sweep_decode(case: Case) -> None:
     want, base = sdpa().squeeze(2), do_bench(graphed(sdpa))
     print(f"== decode {tuple(case.shape)} ragged={ragged}: sdpa {base:.4f} ms", flush=True)
     g, d = q.shape[1] // c.num_kv_heads, q.shape[2]
-    now = (tk.SPLIT_TOKENS, tk.BLOCK_N, tk.decode_config(g, d)[2])
+    now = (tk.SPLIT_TOKENS, tk.BLOCK_N, *tk.decode_config(g, d)[2:])
     orig_n, orig_cfg = tk.BLOCK_N, tk.decode_config
-    for split, bn, warps in [now, *(x for x in itertools.product(*DECODE.values()) if x != now)]:
+    for split, bn, warps, stages in [now, *(x for x in itertools.product(*DECODE.values()) if x != now)]:
         if split % bn:
             continue
         tk.BLOCK_N = bn
-        tk.decode_config = lambda group, head_dim, _w=warps: (*orig_cfg(group, head_dim)[:2], _w)
+        tk.decode_config = lambda group, head_dim, _w=warps, _s=stages: (*orig_cfg(group, head_dim)[:2], _w, _s)
         try:
-            _timed(f"split={split} BLOCK_N={bn} warps={warps}", lambda s=split: tk.paged_decode(
+            _timed(f"split={split} BLOCK_N={bn} warps={warps} stages={stages}", lambda s=split: tk.paged_decode(
                 q, c.k_pages[0], c.v_pages[0], c.block_table, ids, lens, T, scale, split_tokens=s),
-                want, base, (split, bn, warps) == now)
+                want, base, (split, bn, warps, stages) == now)
         finally:
             tk.BLOCK_N, tk.decode_config = orig_n, orig_cfg
 

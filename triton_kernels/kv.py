@@ -199,11 +199,14 @@ def _decode_merge_kernel(po_ptr, plse_ptr, lens_ptr, out_ptr, sob, soh, Hq, num_
     tl.store(out_ptr + b.to(tl.int64) * sob + hq * soh + d, o.to(out_ptr.dtype.element_ty), mask=dm)
 
 
-def decode_config(group: int, head_dim: int) -> tuple[int, int, int]:
-    """``(BLOCK_G, BLOCK_D, num_warps)`` for ``group`` query heads per KV head and ``head_dim``."""
+def decode_config(group: int, head_dim: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_G, BLOCK_D, num_warps, num_stages)`` for ``group`` query heads per KV head and ``head_dim``.
+    The stages (Triton's default, 3) set the shared memory a program holds and so how many share an SM:
+    sm_90a, bf16, d 128: 39 KB at BLOCK_N 64, 139 KB at 128 (74 KB with 2 stages; tests/sm90.py's
+    harness). bench/tune_kv.py sweeps them."""
     block_g = max(16, next_pow2(group))  # tl.dot needs >= 16 rows
     block_d = max(16, next_pow2(head_dim))
-    return block_g, block_d, 4
+    return block_g, block_d, 4, 3
 
 
 @on_input_device
@@ -236,7 +239,7 @@ def paged_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tenso
     split, num_splits = decode_splits(max_len, split)
     po = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
     plse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
-    block_g, block_d, warps = decode_config(G, D)
+    block_g, block_d, warps, stages = decode_config(G, D)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"  # half operands ignore it (native MMA)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_pages, v_pages, block_table, seq_ids, lens, po, plse,
@@ -244,7 +247,7 @@ def paged_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tenso
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_table.stride(0),
         num_splits, split, scale * _LOG2E,
         G=G, D=D, PAGE=k_pages.shape[1], BLOCK_G=block_g, BLOCK_N=BLOCK_N, BLOCK_D=block_d, PREC=prec,
-        num_warps=warps,
+        num_warps=warps, num_stages=stages,
     )
     _decode_merge_kernel[(B, Hq)](po, plse, lens, out, out.stride(0), out.stride(1), Hq, num_splits, split,
                                   D=D, BLOCK_D=block_d, num_warps=1)
