@@ -12,7 +12,8 @@ case by case (bf16 x and W, K = N = 4096, r = 16):
 then a ``torch.profiler`` table of a forward + backward step (the kernels' own times), and the
 forward's time from a CUDA graph for each candidate ``_gemm_config`` / ``_shrink_config`` tile, and by
 either forward path (split-K or S pass + GEMM) at M = 32 … 256 (the ``_SMALL_M`` crossover), and with
-the GEMM's x and W read by TMA against pointer loads (``_TMA``; then M = 4096's tiles with TMA).
+the GEMM's operands read by TMA against pointer loads (``_TMA``; forward, backward, then M = 4096's
+tiles with TMA).
 Usage: ``python bench/tune_lora.py [--quick]`` (CUDA only; ~1-2 min, most of it compiling).
 """
 
@@ -138,7 +139,8 @@ def crossover() -> None:
 
 def tma_ab() -> None:
     """The forward from a CUDA graph with the GEMM's x and W read by pointer loads (``_fwd_kernel``) and by
-    TMA (``_fwd_tma_kernel``, ``tk._TMA``), at the current tiles and then at each candidate of M = 4096."""
+    TMA (``_fwd_tma_kernel``, ``tk._TMA``) at the current tiles; the backward (dx, dA, dB; fp32 adapters,
+    with and without dropout) likewise, against one ``dY·W``; then M = 4096's forward tiles with TMA."""
     orig = tk._TMA
     for M in (128, 4096):
         x, w, a, b = make(M, torch.bfloat16)
@@ -153,6 +155,22 @@ def tma_ab() -> None:
         print(f"_TMA     M={M:<5} pointer loads {times[0]:8.4f} ms {times[0] / base:6.3f}x base   TMA "
               f"{times[1]:8.4f} ms {times[1] / base:6.3f}x base   (current: {'TMA' if orig else 'pointer loads'})",
               flush=True)
+    x, w, a, b = make(4096, torch.float32)
+    dy = torch.randn_like(x)
+    seed = torch.tensor([1234], device="cuda")
+    base = do_bench(lambda: dy @ w)
+    for p in (0.0, 0.1):
+        _, S = tk.lora_forward(x, w, False, a, b, 2.0, None, None, seed, p, True)
+        times = []
+        for tma in (False, True):
+            tk._TMA = tma
+            try:
+                times.append(do_bench(graphed(lambda p=p, S=S: tk.lora_backward(
+                    dy, x, w, False, a, b, 2.0, S, seed, p, True, True, True, False))))
+            finally:
+                tk._TMA = orig
+        print(f"_TMA     backward M=4096 dropout {p}: pointer loads {times[0]:8.4f} ms {times[0] / base:6.3f}x dY.W"
+              f"   TMA {times[1]:8.4f} ms {times[1] / base:6.3f}x dY.W", flush=True)
     tk._TMA = True
     try:
         sweep("_gemm_config", GEMM, lambda M: tk._gemm_config(M, N, torch.bfloat16), 4096)

@@ -1448,10 +1448,13 @@ def _grads_case(device, dtype, a_dtype, shape, seed):
     return (M, K, N, r, fifo, p), (x, weight, A, B, S, sd, dy)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["ptr", "tma"])
 @pytest.mark.parametrize("device,dtype,a_dtype,shape", KERNEL_CASES)
-def test_backward(device, dtype, a_dtype, shape, seed) -> None:
+def test_backward(device, dtype, a_dtype, shape, tma, monkeypatch, seed) -> None:
     """dx, dA, dB, colsum against float64, with the S the forward saved and the mask regenerated
-    from the seed (so the backward's mask must be the forward's)."""
+    from the seed (so the backward's mask must be the forward's); with _TMA, the dx GEMM reads dy and W
+    by TMA where their layouts allow."""
+    monkeypatch.setattr(lk, "_TMA", tma)
     (M, K, N, r, fifo, p), (x, weight, A, B, S, sd, dy) = _grads_case(device, dtype, a_dtype, shape, seed)
     s = 0.75
     dx, dA, dB, cs = lk.lora_backward(dy, x, weight, fifo, A, B, s, S, sd, p, True, True, True, True)
@@ -1463,6 +1466,38 @@ def test_backward(device, dtype, a_dtype, shape, seed) -> None:
     mags = ref_backward(*absolute(dy, x, weight), fifo, *absolute(A, B), s, keep, p)
     for name, got, w, m in zip(("dx", "dA", "dB", "colsum"), (dx, dA, dB, cs), want, mags, strict=True):
         assert_sum_close(got, w, m, dtype, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fifo", [False, True])
+def test_backward_reads_by_tma_where_the_layouts_allow(device, fifo, monkeypatch, seed) -> None:
+    """With _TMA set, the dx GEMM of 16-byte aligned dy and W rows reads them by TMA (with and without
+    dropout, odd M, partial boxes) and gives the pointer loads' dx; 38-byte rows (N = 19, fp16) do not."""
+    calls = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: (calls.append(kw["TMA"]), real[grid](*args, **kw))
+
+    real = lk._bwd_dx_kernel
+    monkeypatch.setattr(lk, "_bwd_dx_kernel", Spy())
+    for N, p, tma in ((24, 0.0, True), (24, 0.3, True), (19, 0.0, False)):
+        x, weight, A, B, _, _ = make_layer(37, 40, N, 8, fifo, False, False, torch.float16, torch.float32, device)
+        sd = make_seed(seed, device) if p > 0 else None
+        _, S = lk.lora_forward(x, weight, fifo, A, B, 0.75, None, None, sd, p, True)
+        dy = rand((37, N), torch.float16, device)
+        got = {}
+        for flag in (False, True):
+            monkeypatch.setattr(lk, "_TMA", flag)
+            calls.clear()
+            got[flag] = lk.lora_backward(dy, x, weight, fifo, A, B, 0.75, S, sd, p, True, True, False, False)[:2]
+            assert calls == [flag and tma], (N, p, calls)
+        assert torch.equal(got[True][1], got[False][1])  # dA: no GEMM
+        keep = keep_for(sd, 37, 40, p)
+        want = ref_backward(dy, x, weight, fifo, A, B, 0.75, keep, p)[0]
+        mag = ref_backward(*absolute(dy, x, weight), fifo, *absolute(A, B), 0.75, keep, p)[0]
+        assert_sum_close(got[True][0], want, mag, torch.float16, f"dx (N {N}, p {p}, TMA {tma})")
+        torch.testing.assert_close(got[True][0], got[False][0], rtol=0, atol=1e-3 * mag.max().item())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1795,12 +1830,12 @@ for dt, ad, p, biases in ((torch.float16, torch.float16, 0.0, False), (torch.flo
         lk.lora_multi_forward(e(M, 4096, dt=dt), e(4096, 4096, dt=dt), False, e(4, 16, 4096, dt=ad),
                               e(4, 4096, 16, dt=ad), e(4), e(4, dt=torch.int64), e(M, dt=ids_dt), None)
 lk.lora_dropout_mask(seed, 4096, 4096, 0.1)
-lk._TMA = True  # the large-M forward with TMA reads (off by default until timed)
-for dt, ad in ((torch.bfloat16, torch.float32), (torch.float16, torch.float16)):
+lk._TMA = True  # the forward and dx GEMMs with TMA reads (off by default until timed)
+for dt, ad, p in ((torch.bfloat16, torch.float32, 0.1), (torch.float16, torch.float16, 0.0)):
     for fifo in (False, True):
-        W = e(4096, 4096, dt=dt)
-        lk.lora_forward(e(4096, 4096, dt=dt), W, fifo, e(16, 4096, dt=ad), e(4096, 16, dt=ad), 2.0, None, None,
-                        seed, 0.0, True)
+        x, W, A, B = e(4096, 4096, dt=dt), e(4096, 4096, dt=dt), e(16, 4096, dt=ad), e(4096, 16, dt=ad)
+        y, S = lk.lora_forward(x, W, fifo, A, B, 2.0, None, None, seed, p, True)
+        lk.lora_backward(y, x, W, fifo, A, B, 2.0, S, seed, p, True, True, True, False)
 """)
     assert {launch["kernel"] for launch in launches} == sm90.launched_kernels(lk)
 

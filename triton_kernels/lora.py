@@ -74,8 +74,9 @@ _SMALL_M = 64
 _TARGET_PROGRAMS = 264
 # Multi-adapter shrink: at most this many K splits (see lora_multi_forward).
 _MULTI_MAX_SPLITS = 8
-# The large-M forward reads x and W by TMA (_fwd_tma_kernel) where their layouts allow. Off until a GPU
-# has timed it against the pointer loads (bench/tune_lora.py times both).
+# The forward's and the dx GEMM's main loops read their operands by TMA (_fwd_tma_kernel, _bwd_dx_kernel's
+# TMA variant) where the layouts allow. Off until a GPU has timed it against the pointer loads
+# (bench/tune_lora.py times both).
 _TMA = False
 
 
@@ -142,6 +143,22 @@ def _mainloop(acc, a_ptr, b_ptr, rows, cols, M, P, q_lo, q_hi, sam, saq, sbq, sb
         acc = _dot(a, b, acc, PREC)
         a_ptrs += BQ * saq
         b_ptrs += BQ * sbq
+    return acc
+
+
+@triton.jit
+def _mainloop_tma(acc, a_desc, b_desc, off_m, off_p, q_hi, BQ: tl.constexpr, B_T: tl.constexpr, PREC: tl.constexpr):
+    """:func:`_mainloop` with both operands read by TMA: acc += X[off_m box, 0:q_hi] · Y[0:q_hi, off_p box], X
+    by ``a_desc`` (``[rows, q]`` boxes), Y by ``b_desc``: its ``[q, p]`` boxes, or (``B_T``) the transposes
+    of its ``[p, q]`` boxes. Boxes past an edge read zeros. The forward passes X = x, Y = Wᵀ (B_T unless
+    fan_in_fan_out), the dx GEMM X = dy, Y = W (B_T when fan_in_fan_out)."""
+    for q in range(0, q_hi, BQ):
+        a = a_desc.load([off_m, q])
+        if B_T:
+            b = tl.trans(b_desc.load([off_p, q]))
+        else:
+            b = b_desc.load([q, off_p])
+        acc = _dot(a, b, acc, PREC)
     return acc
 
 
@@ -269,13 +286,7 @@ def _fwd_tma_kernel(x_desc, w_desc, s_ptr, b_ptr, bias_ptr, lbias_ptr, y_ptr, M,
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     acc = _low_rank_start(s_ptr, b_ptr, rows, cols, M, N, R, sbn, sbr, scaling, BM, BN, RB, LR_PREC)
-    for k in range(0, K, BK):
-        a = x_desc.load([pid_m * BM, k])
-        if W_KN:
-            b = w_desc.load([k, pid_n * BN])
-        else:
-            b = tl.trans(w_desc.load([pid_n * BN, k]))
-        acc = _dot(a, b, acc, PREC)
+    acc = _mainloop_tma(acc, x_desc, w_desc, pid_m * BM, pid_n * BN, K, BK, not W_KN, PREC)
     acc = _epilogue(acc, bias_ptr, lbias_ptr, cols, N, scaling, HAS_BIAS, HAS_LBIAS)
     tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
@@ -423,8 +434,10 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, dap_ptr
                    M, N, K, R, swn, swk, sar, sak, scaling, p, inv_keep,
                    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr, GROUP_M: tl.constexpr,
                    DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
-                   PREC: tl.constexpr, LR_PREC: tl.constexpr):
-    """Grid (M tiles · K tiles,), grouped. For its [BM, BK] tile of dx:
+                   PREC: tl.constexpr, LR_PREC: tl.constexpr, TMA: tl.constexpr = False, W_T: tl.constexpr = False):
+    """Grid (M tiles · K tiles,), grouped. For its [BM, BK] tile of dx (with ``TMA``, dy_ptr and w_ptr are
+    tensor descriptors of dy [M, N] in [BM, BN] boxes and W as stored: [N, K] in [BN, BK] boxes, or
+    ``W_T`` (fan_in_fan_out) [K, N] in [BK, BN] ones; see :func:`_mainloop_tma`):
       dx = dy W + s·(G A) ⊙ keep/(1-p): without dropout the accumulator starts from the low-rank
            term; with dropout the masked term is computed and added after the GEMM loop;
       dap[pid_m, :, k tile] = s·Gᵀ (x ⊙ keep/(1-p)): this row block's partial of dA, from the
@@ -461,13 +474,19 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, dap_ptr
             # The masked term joins after the GEMM loop, and is computed there: as the loop's starting
             # value (or computed before it), Triton 3.6 made ptxas serialise the loop's wgmma (C7515)
             # once the mask came from tl.randint4x (bench/ptxas_lora.py).
-            acc = _mainloop(tl.zeros([BM, BK], dtype=tl.float32), dy_ptr, w_ptr, rows, cols, M, K, 0, N, N, 1,
-                            swn, swk, BN, PREC)
+            acc = tl.zeros([BM, BK], dtype=tl.float32)
+            if TMA:
+                acc = _mainloop_tma(acc, dy_ptr, w_ptr, pid_m * BM, pid_k * BK, N, BN, W_T, PREC)
+            else:
+                acc = _mainloop(acc, dy_ptr, w_ptr, rows, cols, M, K, 0, N, N, 1, swn, swk, BN, PREC)
             low = _low_rank(g_ptr, a_ptr, rows, cols, M, K, R, sar, sak, BM, BK, RB, LR_PREC)
             acc += tl.where(keep, low * (scaling * inv_keep), 0.0)
         else:
-            low = _low_rank(g_ptr, a_ptr, rows, cols, M, K, R, sar, sak, BM, BK, RB, LR_PREC)
-            acc = _mainloop(low * scaling, dy_ptr, w_ptr, rows, cols, M, K, 0, N, N, 1, swn, swk, BN, PREC)
+            acc = _low_rank(g_ptr, a_ptr, rows, cols, M, K, R, sar, sak, BM, BK, RB, LR_PREC) * scaling
+            if TMA:
+                acc = _mainloop_tma(acc, dy_ptr, w_ptr, pid_m * BM, pid_k * BK, N, BN, W_T, PREC)
+            else:
+                acc = _mainloop(acc, dy_ptr, w_ptr, rows, cols, M, K, 0, N, N, 1, swn, swk, BN, PREC)
         tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
                  mask=row_ok & col_ok)
 
@@ -985,11 +1004,17 @@ def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, fan_in_fan_out: bool, A
         m_tiles = cdiv(M, bm)
         dx = torch.empty((M, K), dtype=x.dtype, device=dev) if need_dx else None
         dap = torch.empty((m_tiles, R, K), **f32) if need_dA else None
+        tma = _TMA and need_dx and _tma_ok(dy, weight)
+        if tma:
+            dy_arg = TensorDescriptor.from_tensor(dy, [bm, bn])
+            w_arg = TensorDescriptor.from_tensor(weight, [bk, bn] if fan_in_fan_out else [bn, bk])
+        else:
+            dy_arg, w_arg = dy, weight
         _bwd_dx_kernel[(m_tiles * cdiv(K, bk),)](
-            dy, weight, G, A, x, seed_arg, dx if need_dx else G, dap if need_dA else G,
+            dy_arg, w_arg, G, A, x, seed_arg, dx if need_dx else G, dap if need_dA else G,
             M, N, K, R, swn, swk, A.stride(0), A.stride(1), scaling, p, inv_keep,
             BM=bm, BK=bk, BN=bn, RB=rb, GROUP_M=group, DROPOUT=dropout, NEED_DX=need_dx, NEED_DA=need_dA,
-            PREC=prec, LR_PREC=lr_prec, num_warps=warps, num_stages=stages)
+            PREC=prec, LR_PREC=lr_prec, TMA=tma, W_T=fan_in_fan_out, num_warps=warps, num_stages=stages)
         if need_dA:
             dA = dap[0] if m_tiles == 1 else dap.sum(0)
     elif need_g:  # K == 0
