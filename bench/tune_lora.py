@@ -118,6 +118,18 @@ def sweep(name: str, table: dict[int, list[tuple]], current: Callable, M: int) -
             setattr(tk, name, orig)
 
 
+def timed_with(name: str, values: tuple, fn: Callable[[], object]) -> list[float]:
+    """``fn`` from a CUDA graph with ``tk.<name>`` set to each of ``values`` in turn (then restored)."""
+    orig, times = getattr(tk, name), []
+    for v in values:
+        setattr(tk, name, v)
+        try:
+            times.append(do_bench(graphed(fn)))
+        finally:
+            setattr(tk, name, orig)
+    return times
+
+
 def crossover() -> None:
     """The forward from a CUDA graph by either path around ``tk._SMALL_M`` (bf16 adapters): split-K (taken
     at M <= _SMALL_M) against the S pass + GEMM."""
@@ -125,13 +137,7 @@ def crossover() -> None:
     for M in (32, 64, 128, 256):
         x, w, a, b = make(M, torch.bfloat16)
         base = do_bench(lambda x=x, w=w: x @ w.T)
-        times = []
-        for small in (M, M - 1):
-            tk._SMALL_M = small
-            try:
-                times.append(do_bench(graphed(launcher(x, w, a, b))))
-            finally:
-                tk._SMALL_M = orig
+        times = timed_with("_SMALL_M", (M, M - 1), launcher(x, w, a, b))
         print(f"_SMALL_M M={M:<5} split-K {times[0]:8.4f} ms {times[0] / base:6.3f}x base   S pass + GEMM "
               f"{times[1]:8.4f} ms {times[1] / base:6.3f}x base   (current: {'split-K' if M <= orig else 'GEMM'})",
               flush=True)
@@ -145,13 +151,7 @@ def tma_ab() -> None:
     for M in (128, 4096):
         x, w, a, b = make(M, torch.bfloat16)
         base = do_bench(lambda x=x, w=w: x @ w.T)
-        times = []
-        for tma in (False, True):
-            tk._TMA = tma
-            try:
-                times.append(do_bench(graphed(launcher(x, w, a, b))))
-            finally:
-                tk._TMA = orig
+        times = timed_with("_TMA", (False, True), launcher(x, w, a, b))
         print(f"_TMA     M={M:<5} pointer loads {times[0]:8.4f} ms {times[0] / base:6.3f}x base   TMA "
               f"{times[1]:8.4f} ms {times[1] / base:6.3f}x base   (current: {'TMA' if orig else 'pointer loads'})",
               flush=True)
@@ -161,14 +161,8 @@ def tma_ab() -> None:
     base = do_bench(lambda: dy @ w)
     for p in (0.0, 0.1):
         _, S = tk.lora_forward(x, w, False, a, b, 2.0, None, None, seed, p, True)
-        times = []
-        for tma in (False, True):
-            tk._TMA = tma
-            try:
-                times.append(do_bench(graphed(lambda p=p, S=S: tk.lora_backward(
-                    dy, x, w, False, a, b, 2.0, S, seed, p, True, True, True, False))))
-            finally:
-                tk._TMA = orig
+        times = timed_with("_TMA", (False, True), lambda p=p, S=S: tk.lora_backward(
+            dy, x, w, False, a, b, 2.0, S, seed, p, True, True, True, False))
         print(f"_TMA     backward M=4096 dropout {p}: pointer loads {times[0]:8.4f} ms {times[0] / base:6.3f}x dY.W"
               f"   TMA {times[1]:8.4f} ms {times[1] / base:6.3f}x dY.W", flush=True)
     tk._TMA = True
