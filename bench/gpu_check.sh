@@ -288,7 +288,7 @@ done
 # steps, which the deadline would otherwise cut with --ops all (review of 2026-12-04).
 ((LORA)) && step tune-lora "$OUT/micro.log" 150 python3 bench/tune_lora.py --quick
 ((EMB)) && step tune-emb "$OUT/micro.log" 80 python3 bench/tune_embedding.py
-((KV)) && step tune-kv "$OUT/micro.log" 110 python3 bench/tune_kv.py
+((KV)) && step tune-kv "$OUT/micro.log" 150 python3 bench/tune_kv.py
 ((BT)) && step host-bt "$OUT/micro.log" 60 python3 bench/host_backtrack.py --device cuda --profile
 BENCH=()
 ((DEU)) && BENCH+=(bench/bench_deu.py)

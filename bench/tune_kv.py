@@ -9,7 +9,7 @@ prefill 8 x 1024), against SDPA on contiguous K/V timed the same way, for each c
 ``SPLIT_TOKENS`` x ``BLOCK_N`` x warps x stages (decode) and ``BLOCK_M`` x ``BLOCK_N`` x warps (prefill).
 The current choice is timed first; a candidate Triton cannot compile is reported and skipped.
 Each row also gives its largest difference from SDPA's output, so a fast tile that computes something
-else is not chosen. Usage: ``python bench/tune_kv.py`` (CUDA only; ~1.5 min, most of it compiling).
+else is not chosen. Usage: ``python bench/tune_kv.py`` (CUDA only; ~2 min, most of it compiling).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from kfuse.bench import kv as kb
 from kfuse.report import Case
 from kfuse.triton_kernels import kv as tk
 
-# ~50 tiles in all (each compiled once, ~1 s): about 90 s on an H200 machine, inside gpu_check.sh's step.
+# ~60 tiles in all (each compiled once, ~1 s): about 2 min on an H200 machine (estimate), inside gpu_check.sh's step.
 # Decode at 65 % of SDPA with 4 key tiles per split (2026-12-04): longer splits and wider tiles (more loads
 # in flight per program) first; prefill at 2.61x: 128-row blocks and 128-wide key tiles too.
 DECODE = {"split": (256, 1024), "block_n": (64, 128), "warps": (2, 4, 8), "stages": (2, 3)}
