@@ -9,6 +9,8 @@ case by case (bf16 x and W, K = N = 4096, r = 16):
 - ``graph``: the launcher replayed from a CUDA graph: the kernels' time alone;
 - ``base``: ``x @ W.T`` (cuBLAS);
 
+and the same for the multi-adapter forward (128 rows over 8 adapters);
+
 then a ``torch.profiler`` table of a forward + backward step (the kernels' own times), and the
 forward's time from a CUDA graph for each candidate ``_gemm_config`` / ``_shrink_config`` tile, and by
 either forward path (split-K or S pass + GEMM) at M = 32 … 256 (the ``_SMALL_M`` crossover), and with
@@ -77,6 +79,28 @@ def where_time_goes(M: int, adapter_dtype: torch.dtype) -> None:
     base = do_bench(lambda: x @ w.T)
     print(f"{M:>6} {str(adapter_dtype)[6:]:>9} {eager:8.4f} {launch:9.4f} {graph:8.4f} {base:8.4f} "
           f"{graph / base:11.3f}", flush=True)
+
+
+def where_multi_goes(M: int = 128, adapters: int = 8) -> None:
+    """The multi-adapter forward (the report's case: M rows spread over ``adapters`` rank-R adapters, fp32
+    stacks) as eager op, launcher and CUDA-graph replay against the base GEMM: 4.70x base on the H200
+    (2026-12-04, eager; target 1.3x base + one read of each adapter)."""
+    x, w, _, _ = make(M, torch.float32)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    A = torch.randn(adapters, R, K, device="cuda", generator=g) / K**0.5
+    B = torch.randn(adapters, N, R, device="cuda", generator=g)
+    sc = torch.full((adapters,), 2.0, device="cuda")
+    rk = torch.full((adapters,), R, dtype=torch.int64, device="cuda")
+    ids = (torch.arange(M, device="cuda") % adapters)[torch.randperm(M, device="cuda", generator=g)]
+
+    def launch() -> object:
+        return tk.lora_multi_forward(x, w, False, A, B, sc, rk, ids, None)
+
+    eager = do_bench(lambda: kfuse.lora_linear_multi(x, w, A, B, sc, rk, ids, backend="triton"))
+    base = do_bench(lambda: x @ w.T)
+    graph = do_bench(graphed(launch))
+    print(f"multi {M:>4} rows x {adapters} adapters  eager {eager:8.4f}  launcher {do_bench(launch):8.4f}  graph "
+          f"{graph:8.4f}  base {base:8.4f}  graph/base {graph / base:6.3f}", flush=True)
 
 
 def profile_step(M: int, adapter_dtype: torch.dtype) -> None:
@@ -184,6 +208,7 @@ def main() -> None:
     for M in [128, 4096] if args.quick else [1, 128, 4096]:
         for adt in (torch.float32, torch.bfloat16):
             where_time_goes(M, adt)
+    where_multi_goes()
     profile_step(4096, torch.float32)
     if not args.quick:
         profile_step(128, torch.float32)
