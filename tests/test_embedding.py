@@ -2055,17 +2055,78 @@ def test_triton_async_check_in_the_modules(device, no_pending_checks):
     t = functools.partial(torch.tensor, device=device)
     idx, off = t([1, 2, 3, 4, 5]), t([0, 2, 3, 4, 5])
     bad = t([1, 2, 3, 4, 6])  # feature 1 reads table 1 (6 rows)
-    m(bad, off)  # no raise here
-    with pytest.raises(IndexError, match=r"indices\[4\] = 6 is out of range \[0, 6\) for feature 1"):
+    m(bad, off)  # no raise here (with autograd: the tables require grad)
+    with pytest.raises(IndexError, match=r"multi_embedding_bag: indices\[4\] = 6 is out of range \[0, 6\) for "
+                                         r"feature 1"):
         m(idx, off)
     fused(bad, off).sum().backward()  # the backward skips the bad index too
-    with pytest.raises(IndexError, match=r"indices\[4\] = 6 is out of range"):
+    with pytest.raises(IndexError, match=r"MultiTableEmbeddingBag: indices\[4\] = 6 is out of range"):
         fused(idx, off)
     single = kfuse.nn.EmbeddingBag(9, 4, mode="sum", backend="triton", check="async", device=device)
     assert "check='async'" in repr(single)
+    assert kfuse.nn.EmbeddingBag.from_pretrained(single.weight, check="async").check == "async"
+    assert kfuse.nn.EmbeddingBag.from_torch(torch.nn.EmbeddingBag(3, 2), check="async").check == "async"
     single(t([1, 9]), t([0]))
-    with pytest.raises(IndexError, match=r"embedding_bag: indices\[1\] = 9 is out of range"):
+    with pytest.raises(IndexError, match=r"embedding_bag: input\[1\] = 9 is out of range \[0, 9\) \(weight's rows\)"):
         kfuse.check_embedding_errors()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_async_errors_name_the_callers_arguments(device, no_pending_checks):
+    """A check="async" error names what the sync one names: embedding_bag's input (1-D or 2-D) and offsets
+    (not the flat indices or the len(input) it appends), and the op called, with or without autograd."""
+    t = functools.partial(torch.tensor, device=device)
+    w = torch.randn(5, 3, device=device)
+    eb = functools.partial(kfuse.embedding_bag, mode="sum", backend="triton")
+    for check in ("sync", "async"):
+        cases = [(lambda c: eb(t([1, 2, 0]), w, t([0, 7]), check=c), ValueError,
+                  r"embedding_bag: offsets\[1\] = 7 is past the end of input \(len 3\)"),
+                 (lambda c: eb(t([1, 7, 2]), w, t([0, 2]), check=c), IndexError,
+                  r"embedding_bag: input\[1\] = 7 is out of range \[0, 5\)"),
+                 (lambda c: eb(t([[1, 2], [3, 7]]), w, check=c), IndexError,
+                  r"embedding_bag: input\[1, 1\] = 7 is out of range \[0, 5\)")]
+        for call, exc, words in cases:
+            with pytest.raises(exc, match=words):
+                call(check)
+                kfuse.check_embedding_errors()
+    ws = [torch.randn(5, 3, device=device, requires_grad=True), torch.randn(4, 2, device=device)]
+    for check in ("sync", "async"):
+        with pytest.raises(IndexError, match=r"^kfuse.multi_embedding_bag: indices\[2\] = 9"):
+            kfuse.multi_embedding_bag(ws, t([1, 2, 9]), t([0, 2, 3]), backend="triton", check=check)
+            kfuse.check_embedding_errors()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_async_error_is_the_flags_when_the_input_changed(device, no_pending_checks):
+    """The indices a check="async" call read may be refilled before its error is found (a staging buffer):
+    the error names the position the kernel flagged, and no value it no longer holds."""
+    w = [torch.randn(5, 3, device=device)]
+    off = torch.tensor([0, 2, 3], device=device)
+    for refill, words in (([1, 2, 3], r"indices\[1\] was out of range of its feature's table when that call "
+                                      r"read it \(it has changed since\)"),
+                          ([1, 2, 8], r"indices\[1\] was out of range")):
+        buf = torch.tensor([1, 9, 3], device=device)
+        kfuse.multi_embedding_bag(w, buf, off, backend="triton", check="async")
+        buf.copy_(torch.tensor(refill))
+        with pytest.raises(IndexError, match=words):
+            kfuse.check_embedding_errors()
+    buf = torch.tensor([1, 9, 3], device=device)  # unchanged: the host's message, with the value
+    kfuse.multi_embedding_bag(w, buf, off, backend="triton", check="async")
+    with pytest.raises(IndexError, match=r"indices\[1\] = 9 is out of range \[0, 5\) for feature 0"):
+        kfuse.check_embedding_errors()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_async_bad_input_never_reaches_the_differentiable_backward(device, no_pending_checks):
+    """create_graph=True runs the reference's backward, which would index with the bad indices the kernels
+    skipped: the forward's error comes first, once."""
+    w = torch.randn(5, 3, device=device, requires_grad=True)
+    out = kfuse.multi_embedding_bag([w], torch.tensor([1, 2, 9], device=device), torch.tensor([0, 2, 3], device=device),
+                                    backend="triton", check="async")
+    with pytest.raises(IndexError, match=r"multi_embedding_bag: indices\[2\] = 9 is out of range"):
+        torch.autograd.grad(out.sum(), [w], create_graph=True)
+    assert not E._DEFERRED
+    kfuse.check_embedding_errors()
 
 
 @pytest.mark.parametrize(("backend", "device"), backends())

@@ -92,25 +92,26 @@ class EmbeddingBag(nn.Module):
     def from_pretrained(cls, embeddings: Tensor, freeze: bool = True, max_norm: float | None = None,
                         norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean",
                         sparse: bool = False, include_last_offset: bool = False, padding_idx: int | None = None,
-                        backend: str = "auto") -> EmbeddingBag:
+                        backend: str = "auto", check: str = "sync") -> EmbeddingBag:
         """As ``torch.nn.EmbeddingBag.from_pretrained``: a module over ``embeddings [rows, dim]`` (used as
         the weight, not copied), frozen unless ``freeze=False``."""
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
             raise ValueError(f"from_pretrained: embeddings must be a 2-D tensor; got "
                              f"{tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings)}")
         m = cls(*embeddings.shape, mode, padding_idx, include_last_offset, sparse, _weight=embeddings,
-                backend=backend, max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq)
+                backend=backend, check=check, max_norm=max_norm, norm_type=norm_type,
+                scale_grad_by_freq=scale_grad_by_freq)
         m.weight.requires_grad = not freeze
         return m
 
     @classmethod
-    def from_torch(cls, module: nn.EmbeddingBag, backend: str = "auto") -> EmbeddingBag:
+    def from_torch(cls, module: nn.EmbeddingBag, backend: str = "auto", check: str = "sync") -> EmbeddingBag:
         """A kfuse module sharing ``module``'s weight (not copied)."""
         if module.mode not in ("sum", "mean") or module.max_norm is not None or module.scale_grad_by_freq:
             raise ValueError("from_torch: kfuse.nn.EmbeddingBag supports mode 'sum'/'mean' without max_norm or "
                              "scale_grad_by_freq")
         return cls(module.num_embeddings, module.embedding_dim, module.mode, module.padding_idx,
-                   module.include_last_offset, module.sparse, _weight=module.weight, backend=backend)
+                   module.include_last_offset, module.sparse, _weight=module.weight, backend=backend, check=check)
 
     def forward(self, input: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
         return E.embedding_bag(input, self.weight, offsets, self.mode, per_sample_weights, self.include_last_offset,

@@ -27,8 +27,10 @@ gradients: fixed shapes, so ``torch.compile(fullgraph=True)`` records them).
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +87,7 @@ class _Bags:
     padding_idx: list[int]  # per table, −1 = none
     pooling: int
     check: str = "sync"  # how the triton backend reports bad input: see CHECKS
+    op: str = "embedding_bag"  # what errors name: the op (or module) the user called
 
     @property
     def num_features(self) -> int:
@@ -178,7 +181,7 @@ def _validate(op: str, weights: list[Tensor], indices: object, offsets: object, 
             raise ValueError(f"kfuse.{op}: per_sample_weights is only supported with mode='sum' (as in "
                              "torch.nn.functional.embedding_bag)")
     pads = _padding(op, padding_idx, weights)
-    return _Bags([int(t) for t in ft], pads, pooling, check)
+    return _Bags([int(t) for t in ft], pads, pooling, check, op)
 
 
 def _as_index(v: object) -> object:
@@ -277,19 +280,20 @@ CHECKS = ("sync", "async")
 class _Deferred:
     """A ``check="async"`` call's error flag on its way to the host, and its arguments to name the error by."""
 
-    op: str
     flag: Tensor  # int32 [2]: on the host (pinned) for CUDA calls; the interpreter's own CPU flag
     event: object  # torch.cuda.Event recorded after the copy, or None (already on the host)
     weights: list[Tensor]
     indices: Tensor
     offsets: Tensor
     bags: _Bags
+    # The calling op's own argument names for the error (embedding_bag's input and offsets), or None.
+    rename: Callable[[Exception], Exception | None] | None = None
 
 
 _DEFERRED: list[_Deferred] = []
 
 
-def _defer(op: str, flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags) -> None:
+def _defer(flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags) -> None:
     event = None
     if flag.is_cuda:
         if torch.cuda.is_current_stream_capturing():
@@ -299,7 +303,7 @@ def _defer(op: str, flag: Tensor, weights: list[Tensor], indices: Tensor, offset
         event = torch.cuda.Event()
         event.record()
         flag = host
-    _DEFERRED.append(_Deferred(op, flag, event, weights, indices, offsets, bags))
+    _DEFERRED.append(_Deferred(flag, event, weights, indices, offsets, bags))
 
 
 def check_embedding_errors(wait: bool = True) -> None:
@@ -323,7 +327,10 @@ def check_embedding_errors(wait: bool = True) -> None:
                     continue
                 d.event.synchronize()
             if d.flag.tolist() != [_tk().NO_ERROR, _tk().NO_ERROR]:
-                _raise_bad_input(d.op, d.flag, d.weights, d.indices, d.offsets, d.bags, deferred=True)
+                err = _deferred_error(d)
+                err = (d.rename(err) if d.rename is not None else None) or err
+                raise type(err)(f"{err} [found after that call returned: check='async'; positions count the "
+                                "call's flattened indices]") from None
     finally:
         _DEFERRED[:0] = keep
 
@@ -335,18 +342,34 @@ def poll_errors() -> None:
         check_embedding_errors(wait=False)
 
 
-def _raise_bad_input(op: str, flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags,
-                     deferred: bool = False) -> None:
-    """Raise for a kernel flag that recorded bad input: the host checks name the argument, as the other
-    backends do (the flag's own message if the tensors changed since)."""
+def _raise_bad_input(flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags) -> None:
+    """Raise for a kernel flag that recorded bad input (read at the call): the host checks name the
+    argument, as the other backends do."""
+    _check_values(bags.op, weights, indices, offsets, bags)
+    _tk().check_flag(flag, indices, offsets)
+
+
+def _deferred_error(d: _Deferred) -> Exception:
+    """The error a ``check="async"`` call's flag recorded. The tensors may have changed since the kernel
+    read them (a staging buffer refilled), so the host checks' message is used only where it names the
+    flag's own position; otherwise the flag's position alone, without a value."""
+    bad_index, bad_offset = d.flag.tolist()
+    op = d.bags.op
+    if bad_offset != _tk().NO_ERROR:
+        token = f"offsets[{bad_offset}]"
+        err: Exception = ValueError(
+            f"kfuse.{op}: offsets[{bad_offset}] broke the offsets' rules (from 0, non-decreasing, to "
+            "len(indices)) when that call read them (they have changed since)")
+    else:
+        token = f"indices[{bad_index}] ="
+        err = IndexError(f"kfuse.{op}: indices[{bad_index}] was out of range of its feature's table when that "
+                         "call read it (it has changed since)")
     try:
-        _check_values(op, weights, indices, offsets, bags)
-        _tk().check_flag(flag, indices, offsets)
-    except (IndexError, ValueError) as err:
-        if not deferred:
-            raise
-        raise type(err)(f"{err} [found after that call returned: check='async'; positions count the call's "
-                        "flattened indices]") from None
+        _check_values(op, d.weights, d.indices, d.offsets, d.bags)
+    except (IndexError, ValueError) as now:
+        if token in str(now):
+            return now
+    return err
 
 
 # ---------------------------------------------------------------- implementations
@@ -375,7 +398,7 @@ def _flat(indices: Tensor, offsets: Tensor, psw: Tensor | None) -> tuple[Tensor,
 
 
 def _forward_impl(weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags, psw: Tensor | None,
-                  backend: str, op: str = "embedding_bag") -> Tensor:
+                  backend: str) -> Tensor:
     indices, offsets, psw = _flat(indices, offsets, psw)
     if backend == "cpu":
         return _ext().embedding_forward(weights, indices, offsets, bags.feature_table, bags.padding_idx, bags.pooling,
@@ -388,11 +411,11 @@ def _forward_impl(weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
         # first bad position in `flag`. check="sync" reads it now: the call's one host sync (on an H200 the
         # op took 0.213 ms where its kernel took 0.043, bench/results/2026-12-04-h200/); "async" later.
         if bags.check == "async":
-            _defer(op, flag, weights, indices, offsets, bags)
+            _defer(flag, weights, indices, offsets, bags)
         elif flag.tolist() != [tk.NO_ERROR, tk.NO_ERROR]:
-            _raise_bad_input(op, flag, weights, indices, offsets, bags)
+            _raise_bad_input(flag, weights, indices, offsets, bags)
         return out
-    _check_values(op, weights, indices, offsets, bags)
+    _check_values(bags.op, weights, indices, offsets, bags)
     return multi_embedding_bag_reference(weights, indices, offsets, bags.feature_table, bags.pooling, psw,
                                          bags.padding_idx)
 
@@ -429,7 +452,7 @@ def _sparse_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offse
     if backend == "triton":
         return _tk().backward_sparse(grad_out.contiguous(), weights, indices, offsets, bags.feature_table,
                                      bags.padding_idx, bags.pooling, psw)
-    _check_values("embedding_bag", weights, indices, offsets, bags)
+    _check_values(bags.op, weights, indices, offsets, bags)
     dense, _ = multi_embedding_bag_backward_reference(grad_out, weights, indices, offsets, bags.feature_table,
                                                       bags.pooling, psw, bags.padding_idx)
     acc = acc_dtype(weights[0].dtype)
@@ -446,7 +469,7 @@ def _psw_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets:
     if backend == "triton":
         return _tk().backward_psw(grad_out.contiguous(), weights, indices, offsets, bags.feature_table,
                                   bags.padding_idx)
-    _check_values("embedding_bag", weights, indices, offsets, bags)
+    _check_values(bags.op, weights, indices, offsets, bags)
     g_psw = multi_embedding_bag_backward_reference(grad_out, weights, indices, offsets, bags.feature_table,
                                                    bags.pooling, psw, bags.padding_idx)[1]
     return g_psw.to(psw.dtype)
@@ -488,7 +511,7 @@ def embedding_bag_forward(weights: list[Tensor], indices: Tensor, offsets: Tenso
     or int64, the same), ``per_sample_weights [N]`` in the accumulation dtype or None; returns
     ``[B, Σ_f dim_{feature_table[f]}]`` in the tables' dtype."""
     weights = _check_weights("embedding_bag_forward", weights)  # (also called directly: torch.ops.kfuse)
-    bags = _Bags(list(feature_table), list(padding_idx), pooling)
+    bags = _Bags(list(feature_table), list(padding_idx), pooling, op="embedding_bag_forward")
     chosen = _select("embedding_bag_forward", backend, weights[0])
     return _forward_impl(weights, indices, offsets, bags, per_sample_weights, chosen)
 
@@ -507,7 +530,7 @@ def embedding_bag_backward(grad_out: Tensor, weights: list[Tensor], indices: Ten
                            backend: str) -> tuple[list[Tensor], Tensor]:
     """Registered backward: the tables' dense gradients (each like its table) and the gradient of
     ``per_sample_weights`` (``[N]``, or ``[0]`` when ``need_psw`` is False)."""
-    bags = _Bags(list(feature_table), list(padding_idx), pooling)
+    bags = _Bags(list(feature_table), list(padding_idx), pooling, op="embedding_bag_backward")
     chosen = _select("embedding_bag_backward", backend, weights[0])
     ws = list(weights)
     grads, g_psw = _backward_impl(grad_out, ws, indices, offsets, bags, per_sample_weights, [True] * len(ws),
@@ -563,6 +586,11 @@ class _EagerEmbeddingBag(torch.autograd.Function):
         need_w = list(ctx.needs_input_grad[6:])
         need_psw = psw is not None and ctx.needs_input_grad[5]
         if _routing.differentiable_backward(grad_out):
+            if ctx.bags.check == "async":
+                # The kernels skipped bad indices, which the reference below would index with (torch's own
+                # error, or a device assert): the forward's error first (once), or the host's check.
+                check_embedding_errors()
+                _check_values(ctx.bags.op, weights, indices, offsets, ctx.bags)
             grads, g_psw = _reference_vjp(grad_out, weights, indices, offsets, ctx.bags, psw, need_w, need_psw,
                                           create_graph=True)
         elif torch.compiler.is_compiling() and not ctx.sparse:
@@ -613,7 +641,7 @@ def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
                                      psw, chosen)
     if _routing.needs_grad(tensors):
         return _EagerEmbeddingBag.apply(indices, offsets, bags, sparse, chosen, psw, *weights)
-    return _forward_impl(weights, indices, offsets, bags, psw, chosen, op)
+    return _forward_impl(weights, indices, offsets, bags, psw, chosen)
 
 
 def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_table: list[int] | None = None,
@@ -742,22 +770,43 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
             offs = torch.cat([offs, offs.new_full((1,), input.shape[0])])
         indices = input
     bags = _validate(op, ws, indices, offs, [0], mode, psw, padding_idx, check)
+    rename = functools.partial(_rename_for_embedding_bag, input_shape=tuple(input.shape), offsets=offsets,
+                               include_last_offset=include_last_offset, rows=weight.shape[0])
+    pending = len(_DEFERRED)
     try:
-        return _run(op, ws, indices, offs, bags, _kernel_psw(psw, ws), sparse, backend)
-    except ValueError:
-        # On errors only (it reads the offsets on the host), and on plain eager tensors only: fake or traced
+        out = _run(op, ws, indices, offs, bags, _kernel_psw(psw, ws), sparse, backend)
+    except (ValueError, IndexError) as err:
+        # Offsets are read on the host on errors only, and on plain eager tensors only: fake or traced
         # offsets have no values to read, and the backend's own error stands.
-        if input.dim() == 1 and not include_last_offset and not _routing.tracing() and _routing.plain(offsets):
-            _past_the_end(op, offsets, input.shape[0])
-        raise
-    except IndexError as err:
-        # The backends name the flat index of the multi-table layout ("indices[i] ... feature 0 (table 0)");
-        # this op's argument is input, one table, maybe 2-D.
-        bad = re.search(r"indices\[(\d+)\] = (-?\d+) is out of range", str(err))
-        if bad is None:
+        named = rename(err, host_values=not _routing.tracing() and _routing.plain(offsets))
+        if named is None:
             raise
-        i, where = int(bad.group(1)), bad.group(1)
-        if input.dim() == 2:
-            where = f"{i // input.shape[1]}, {i % input.shape[1]}"
-        raise IndexError(f"kfuse.{op}: input[{where}] = {bad.group(2)} is out of range [0, {weight.shape[0]}) "
-                         "(weight's rows)") from None
+        raise named from None
+    if len(_DEFERRED) > pending:  # this call's check="async" record: its error is named as this op's
+        _DEFERRED[-1].rename = functools.partial(rename, host_values=True)
+    return out
+
+
+def _rename_for_embedding_bag(err: Exception, *, input_shape: tuple[int, ...], offsets: Tensor | None,
+                              include_last_offset: bool, rows: int, host_values: bool) -> Exception | None:
+    """``embedding_bag``'s own names for a backend's error (None: ``err`` stands). The backends name the
+    flat index of the multi-table layout ("indices[i] ... feature 0 (table 0)"); this op's argument is
+    input, one table, maybe 2-D. They see ``len(input)`` appended as the last offset, and would report
+    that offset, which the caller never passed, as out of order (``host_values``: the offsets may be read)."""
+    if isinstance(err, IndexError):
+        bad = re.search(r"indices\[(\d+)\] (= (-?\d+) is|was) out of range", str(err))
+        if bad is None:
+            return None
+        i = int(bad.group(1))
+        where = f"{i // input_shape[1]}, {i % input_shape[1]}" if len(input_shape) == 2 else str(i)
+        if bad.group(3) is None:  # a check="async" flag whose input has changed since
+            return IndexError(f"kfuse.embedding_bag: input[{where}] was out of range [0, {rows}) (weight's rows) "
+                              "when that call read it (it has changed since)")
+        return IndexError(f"kfuse.embedding_bag: input[{where}] = {bad.group(3)} is out of range [0, {rows}) "
+                          "(weight's rows)")
+    if isinstance(err, ValueError) and host_values and len(input_shape) == 1 and not include_last_offset:
+        try:
+            _past_the_end("embedding_bag", offsets, input_shape[0])
+        except ValueError as named:
+            return named
+    return None
