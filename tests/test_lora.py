@@ -1389,7 +1389,8 @@ def fwd_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 @pytest.mark.parametrize("fifo", [False, True])
 def test_forward_reads_by_tma_where_the_layouts_allow(device, fifo, monkeypatch, seed) -> None:
     """With _TMA set, 16-byte aligned rows take _fwd_tma_kernel (odd M, partial K and N boxes) and match
-    the pointer-load kernel; a row of 38 bytes (K = 19, fp16) falls back to it."""
+    the pointer-load kernel; a row of 38 bytes (K = 19, fp16) and a broadcast weight row (stride 0) fall
+    back to it."""
     taken = []
 
     class Spy:
@@ -1400,8 +1401,11 @@ def test_forward_reads_by_tma_where_the_layouts_allow(device, fifo, monkeypatch,
     real = lk._fwd_tma_kernel
     monkeypatch.setattr(lk, "_fwd_tma_kernel", Spy())
     monkeypatch.setattr(lk, "_SMALL_M", -1)
-    for K, tma in ((40, True), (19, False)):
-        x, weight, A, B, bias, lbias = make_layer(37, K, 24, 8, fifo, True, True, torch.float16, torch.float32, device)
+    for K, tma in ((40, True), (19, False), (-40, False)):
+        x, weight, A, B, bias, lbias = make_layer(37, abs(K), 24, 8, fifo, True, True, torch.float16, torch.float32,
+                                                  device)
+        if K < 0:  # one row of the weight, broadcast (stride 0 along the rows)
+            weight = weight[:1].expand(weight.shape)
         monkeypatch.setattr(lk, "_TMA", False)
         y0, S0 = lk.lora_forward(x, weight, fifo, A, B, 0.5, bias, lbias, None, 0.0, True)
         monkeypatch.setattr(lk, "_TMA", True)

@@ -680,9 +680,10 @@ def _weight_view(weight: Tensor, fan_in_fan_out: bool) -> tuple[int, int, int, i
 
 def _tma_ok(x: Tensor, weight: Tensor) -> bool:
     """Whether TMA can read x and the weight as they are (_fwd_tma_kernel): 16-byte aligned bases and
-    row strides, unit inner strides (a [K, N] fan_in_fan_out weight is read as stored)."""
-    return all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
-               for t in (x, weight))
+    row strides, unit inner strides (a [K, N] fan_in_fan_out weight is read as stored), rows that do not
+    overlap (a broadcast row, stride 0, is no tensor map a driver need accept)."""
+    return all(t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.data_ptr() % 16 == 0
+               and t.stride(0) * t.element_size() % 16 == 0 for t in (x, weight))
 
 
 def _check_x(x: Tensor, name: str = "x") -> None:
