@@ -299,9 +299,9 @@ def _defer(flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor
         if torch.cuda.is_current_stream_capturing():
             return  # a replay runs the kernel, not this bookkeeping
         host = torch.empty(2, dtype=torch.int32, pin_memory=True)
-        host.copy_(flag, non_blocking=True)
+        host.copy_(flag, non_blocking=True)  # on the flag's device's current stream
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(flag.device))  # that stream, whichever device is current
         flag = host
     _DEFERRED.append(_Deferred(flag, event, weights, indices, offsets, bags))
 
