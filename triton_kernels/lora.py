@@ -93,7 +93,8 @@ def _keep(seed, rows, k0, K, p, BK: tl.constexpr):
     m·⌈K/4⌉ + k // 4 gives the four columns 4·(k // 4) .. + 3 of row m, word k % 4 each (so the
     mask does not depend on the tile: every kernel's BK and K split is a multiple of 4). ptxas for
     sm_90a (``bench/ptxas_lora.py``): the S pass's loop body went from 1088 IMAD.HI (Philox's
-    multiply-highs) to 272 per thread. int64 counters: M·K may exceed 2³¹."""
+    multiply-highs) to 300 per thread (bf16 x, fp32 adapters; 272 fp16). int64 counters: M·K may
+    exceed 2³¹."""
     j = k0 // 4 + tl.arange(0, BK // 4)
     r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None].to(tl.int64) * ((K + 3) // 4) + j[None, :])
     # Column 4j + w takes word w: interleave(interleave(r0, r2), interleave(r1, r3)) puts r0, r1, r2, r3
