@@ -169,7 +169,7 @@ def crossover() -> None:
 
 def tma_ab() -> None:
     """The forward from a CUDA graph with the GEMM's x and W read by pointer loads (``_fwd_kernel``) and by
-    TMA (``_fwd_tma_kernel``, ``tk._TMA``) at the current tiles; the backward (dx, dA, dB; fp32 adapters,
+    TMA (``_fwd_kernel``'s TMA variant, ``tk._TMA``) at the current tiles; the backward (dx, dA, dB; fp32 adapters,
     with and without dropout) likewise, against one ``dY·W``; then M = 4096's forward tiles with TMA."""
     orig = tk._TMA
     for M in (128, 4096):

@@ -1388,18 +1388,17 @@ def fwd_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fifo", [False, True])
 def test_forward_reads_by_tma_where_the_layouts_allow(device, fifo, monkeypatch, seed) -> None:
-    """With _TMA set, 16-byte aligned rows take _fwd_tma_kernel (odd M, partial K and N boxes) and match
-    the pointer-load kernel; a row of 38 bytes (K = 19, fp16) and a broadcast weight row (stride 0) fall
-    back to it."""
+    """With _TMA set, 16-byte aligned rows take _fwd_kernel's TMA variant (odd M, partial K and N boxes) and
+    match the pointer loads; a row of 38 bytes (K = 19, fp16) and a broadcast weight row (stride 0) fall
+    back to them."""
     taken = []
 
     class Spy:
         def __getitem__(self, grid):
-            taken.append(grid)
-            return real[grid]
+            return lambda *args, **kw: (kw["TMA"] and taken.append(grid), real[grid](*args, **kw))
 
-    real = lk._fwd_tma_kernel
-    monkeypatch.setattr(lk, "_fwd_tma_kernel", Spy())
+    real = lk._fwd_kernel
+    monkeypatch.setattr(lk, "_fwd_kernel", Spy())
     monkeypatch.setattr(lk, "_SMALL_M", -1)
     for K, tma in ((40, True), (19, False), (-40, False)):
         x, weight, A, B, bias, lbias = make_layer(37, abs(K), 24, 8, fifo, True, True, torch.float16, torch.float32,

@@ -112,6 +112,18 @@ def _online_softmax_tile(s, v, m_i, l_i, acc, PREC: tl.constexpr):
 
 
 @triton.jit
+def _kv_tile(k_ptr, v_ptr, page, pos, valid, h, d, dm, skp, sks, skh, svp, svs, svh, PAGE: tl.constexpr):
+    """K and V ``[BLOCK_N, BLOCK_D]`` of KV head h at positions ``pos`` (pages ``page``), zeros where not
+    ``valid`` (never dereferenced there)."""
+    page = tl.maximum(page, 0).to(tl.int64)
+    slot = pos % PAGE
+    lm = valid[:, None] & dm[None, :]
+    k = tl.load(k_ptr + page[:, None] * skp + slot[:, None] * sks + h * skh + d[None, :], mask=lm, other=0.0)
+    v = tl.load(v_ptr + page[:, None] * svp + slot[:, None] * svs + h * svh + d[None, :], mask=lm, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr, plse_ptr,
                          sqb, sqh, skp, sks, skh, svp, svs, svh, sbt, num_splits, split_tokens, qk_scale,
                          G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -149,13 +161,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr,
         # The table entry of each position; masked so no entry past the length is read.
         page = tl.load(bt_ptr + row * sbt + pos // PAGE, mask=valid, other=-1)
         valid = valid & (page >= 0)  # a hole in the table (broken metadata) is never dereferenced
-        page = tl.maximum(page, 0).to(tl.int64)
-        slot = pos % PAGE
-        lm = valid[:, None] & dm[None, :]
-        k = tl.load(k_ptr + page[:, None] * skp + slot[:, None] * sks + h * skh + d[None, :], mask=lm, other=0.0)
+        k, v = _kv_tile(k_ptr, v_ptr, page, pos, valid, h, d, dm, skp, sks, skh, svp, svs, svh, PAGE)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_G, BLOCK_N] fp32
         s = tl.where(valid[None, :], s, float("-inf"))
-        v = tl.load(v_ptr + page[:, None] * svp + slot[:, None] * svs + h * svh + d[None, :], mask=lm, other=0.0)
         m_i, l_i, acc = _online_softmax_tile(s, v, m_i, l_i, acc, PREC)
 
     # A split below the length holds at least one position, so l_i > 0 unless the scores are NaN or all
@@ -256,18 +264,6 @@ def paged_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tenso
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
-
-
-@triton.jit
-def _kv_tile(k_ptr, v_ptr, page, pos, valid, h, d, dm, skp, sks, skh, svp, svs, svh, PAGE: tl.constexpr):
-    """K and V ``[BLOCK_N, BLOCK_D]`` of KV head h at positions ``pos`` (pages ``page``), zeros where not
-    ``valid`` (never dereferenced there)."""
-    page = tl.maximum(page, 0).to(tl.int64)
-    slot = pos % PAGE
-    lm = valid[:, None] & dm[None, :]
-    k = tl.load(k_ptr + page[:, None] * skp + slot[:, None] * sks + h * skh + d[None, :], mask=lm, other=0.0)
-    v = tl.load(v_ptr + page[:, None] * svp + slot[:, None] * svs + h * svh + d[None, :], mask=lm, other=0.0)
-    return k, v
 
 
 @triton.jit

@@ -74,8 +74,8 @@ _SMALL_M = 64
 _TARGET_PROGRAMS = 264
 # Multi-adapter shrink: at most this many K splits (see lora_multi_forward).
 _MULTI_MAX_SPLITS = 8
-# The forward's and the dx GEMM's main loops read their operands by TMA (_fwd_tma_kernel, _bwd_dx_kernel's
-# TMA variant) where the layouts allow. Off until a GPU has timed it against the pointer loads
+# The forward's and the dx GEMM's main loops read their operands by TMA (the TMA variants of _fwd_kernel
+# and _bwd_dx_kernel) where the layouts allow. Off until a GPU has timed it against the pointer loads
 # (bench/tune_lora.py times both).
 _TMA = False
 
@@ -186,20 +186,20 @@ def _shrink_tile(acc, x_ptr, a_ptr, seed, rows, rr, M, K, R, sxm, sar, sak, k_lo
 
 
 @triton.jit
-def _low_rank_start(s_ptr, b_ptr, rows, cols, M, N, R, sbn, sbr, scaling, BM: tl.constexpr, BN: tl.constexpr,
-                    RB: tl.constexpr, LR_PREC: tl.constexpr):
-    """s·(S Bᵀ)[rows, cols], the forward GEMM's starting accumulator ([BM, BN] fp32): one [BM, RB] x
-    [RB, BN] dot per rank block (RB >= 16, ~r/K of the main loop's MMA work), so the K loop after it
-    is the plain GEMM's and y is written once. S [M, R] fp32 contiguous; B [N, R] at strides sbn, sbr."""
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+def _low_rank(x_ptr, y_ptr, rows, cols, M, P, R, syr, syp, BM: tl.constexpr, BP: tl.constexpr, RB: tl.constexpr,
+              LR_PREC: tl.constexpr):
+    """(X Y)[rows, cols]: ``[BM, BP]`` fp32, X ``[M, R]`` fp32 contiguous (S or G), Y ``[R, P]`` at strides
+    syr, syp (Bᵀ for the forward, A for dx); one [BM, RB] x [RB, BP] dot per rank block (RB >= 16, ~r/K of
+    a GEMM main loop's MMA work)."""
+    acc = tl.zeros([BM, BP], dtype=tl.float32)
     for r0 in range(0, R, RB):
         rr = r0 + tl.arange(0, RB)
-        st = tl.load(s_ptr + rows[:, None].to(tl.int64) * R + rr[None, :],
+        xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * R + rr[None, :],
                      mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
-        bt = tl.load(b_ptr + cols[None, :].to(tl.int64) * sbn + rr[:, None].to(tl.int64) * sbr,
-                     mask=(rr[:, None] < R) & (cols[None, :] < N), other=0.0)
-        acc = _dot(st, bt, acc, LR_PREC)
-    return acc * scaling
+        yt = tl.load(y_ptr + rr[:, None].to(tl.int64) * syr + cols[None, :].to(tl.int64) * syp,
+                     mask=(rr[:, None] < R) & (cols[None, :] < P), other=0.0)
+        acc = _dot(xt, yt, acc, LR_PREC)
+    return acc
 
 
 @triton.jit
@@ -261,33 +261,24 @@ def _shrink_kernel(x_ptr, a_ptr, seed_ptr, s_ptr, M, K, R, sxm, sar, sak, k_per_
 def _fwd_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, lbias_ptr, y_ptr,
                 M, N, K, R, sxm, swn, swk, sbn, sbr, scaling,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr, GROUP_M: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, PREC: tl.constexpr, LR_PREC: tl.constexpr):
-    """y tile = s·S Bᵀ + x Wᵀ + bias + s·lora_bias; grid (M tiles · N tiles,), grouped."""
+                HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, PREC: tl.constexpr, LR_PREC: tl.constexpr,
+                TMA: tl.constexpr = False, W_KN: tl.constexpr = False):
+    """y tile = s·S Bᵀ + x Wᵀ + bias + s·lora_bias; grid (M tiles · N tiles,), grouped. The low-rank term
+    first (the accumulator's start), so the K loop is the plain GEMM's and y is written once.
+
+    With ``TMA``, x_ptr and w_ptr are tensor descriptors: x ``[M, K]`` in ``[BM, BK]`` boxes, W ``[N, K]``
+    in ``[BN, BK]`` or, ``W_KN`` (fan_in_fan_out), ``[K, N]`` in ``[BK, BN]`` (see :func:`_mainloop_tma`).
+    The H200's Triton GEMM with pointer loads took 1.24x cuBLAS's time at M = K = N = 4096 (bf16,
+    2026-12-04); TMA is the usual next step on Hopper. Taken only where ``_TMA`` is set and the layouts
+    allow (:func:`_tma_operands`): not yet timed on a GPU."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
-    acc = _low_rank_start(s_ptr, b_ptr, rows, cols, M, N, R, sbn, sbr, scaling, BM, BN, RB, LR_PREC)
-    acc = _mainloop(acc, x_ptr, w_ptr, rows, cols, M, N, 0, K, sxm, 1, swk, swn, BK, PREC)
-    acc = _epilogue(acc, bias_ptr, lbias_ptr, cols, N, scaling, HAS_BIAS, HAS_LBIAS)
-    tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
-@triton.jit
-def _fwd_tma_kernel(x_desc, w_desc, s_ptr, b_ptr, bias_ptr, lbias_ptr, y_ptr, M, N, K, R, sbn, sbr, scaling,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr, GROUP_M: tl.constexpr,
-                    W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, PREC: tl.constexpr,
-                    LR_PREC: tl.constexpr):
-    """``_fwd_kernel`` with x and W read by TMA (tensor descriptors: x ``[M, K]`` in ``[BM, BK]`` boxes,
-    W ``[N, K]`` in ``[BN, BK]`` or, ``W_KN`` (fan_in_fan_out), ``[K, N]`` in ``[BK, BN]``; boxes past an
-    edge read zeros). The H200's Triton GEMM with pointer loads took 1.24x cuBLAS's time at M = K = N =
-    4096 (bf16, 2026-12-04); TMA is the usual next step on Hopper. Taken only where ``_TMA`` is set and
-    the layouts allow (16-byte aligned rows, see :func:`_tma_ok`): not yet timed on a GPU."""
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    acc = _low_rank_start(s_ptr, b_ptr, rows, cols, M, N, R, sbn, sbr, scaling, BM, BN, RB, LR_PREC)
-    acc = _mainloop_tma(acc, x_desc, w_desc, pid_m * BM, pid_n * BN, K, BK, not W_KN, PREC)
+    acc = _low_rank(s_ptr, b_ptr, rows, cols, M, N, R, sbr, sbn, BM, BN, RB, LR_PREC) * scaling
+    if TMA:
+        acc = _mainloop_tma(acc, x_ptr, w_ptr, pid_m * BM, pid_n * BN, K, BK, not W_KN, PREC)
+    else:
+        acc = _mainloop(acc, x_ptr, w_ptr, rows, cols, M, N, 0, K, sxm, 1, swk, swn, BK, PREC)
     acc = _epilogue(acc, bias_ptr, lbias_ptr, cols, N, scaling, HAS_BIAS, HAS_LBIAS)
     tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
@@ -413,21 +404,6 @@ def _bwd_dy_kernel(dy_ptr, b_ptr, s_ptr, gp_ptr, dbp_ptr, csp_ptr,
         b_ptrs += BN * sbn
     if NEED_G:
         tl.store(gp_ptr + (pid_s.to(tl.int64) * M + rows[:, None]) * R + rr[None, :], g, mask=row_ok & r_ok)
-
-
-@triton.jit
-def _low_rank(g_ptr, a_ptr, rows, cols, M, K, R, sar, sak, BM: tl.constexpr, BK: tl.constexpr,
-              RB: tl.constexpr, LR_PREC: tl.constexpr):
-    """(G A)[rows, cols]: [BM, BK] fp32, G [M, R] fp32 contiguous, A [R, K] at strides sar, sak."""
-    low = tl.zeros([BM, BK], dtype=tl.float32)
-    for r0 in range(0, R, RB):
-        rr = r0 + tl.arange(0, RB)
-        gt = tl.load(g_ptr + rows[:, None].to(tl.int64) * R + rr[None, :],
-                     mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
-        at = tl.load(a_ptr + rr[:, None].to(tl.int64) * sar + cols[None, :].to(tl.int64) * sak,
-                     mask=(rr[:, None] < R) & (cols[None, :] < K), other=0.0)
-        low = _dot(gt, at, low, LR_PREC)
-    return low
 
 
 @triton.jit
@@ -679,12 +655,20 @@ def _weight_view(weight: Tensor, fan_in_fan_out: bool) -> tuple[int, int, int, i
     return N, K, weight.stride(0), weight.stride(1)
 
 
-def _tma_ok(x: Tensor, weight: Tensor) -> bool:
-    """Whether TMA can read x and the weight as they are (_fwd_tma_kernel): 16-byte aligned bases and
-    row strides, unit inner strides (a [K, N] fan_in_fan_out weight is read as stored), rows that do not
-    overlap (a broadcast row, stride 0, is no tensor map a driver need accept)."""
-    return all(t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.data_ptr() % 16 == 0
-               and t.stride(0) * t.element_size() % 16 == 0 for t in (x, weight))
+def _tma_operands(a: Tensor, weight: Tensor, a_box: list[int], bn: int, bk: int,
+                  fan_in_fan_out: bool) -> tuple[Tensor | TensorDescriptor, Tensor | TensorDescriptor, bool]:
+    """A GEMM's operands for its main loop: ``(a, weight, False)`` as they are (pointer loads), or, where
+    ``_TMA`` is set and TMA can read both as they are, their tensor descriptors and True (``a`` in
+    ``a_box`` boxes; the weight as stored: [N, K] in [bn, bk] boxes, [K, N] in [bk, bn] with
+    fan_in_fan_out). TMA needs non-empty tensors with 16-byte aligned bases and row strides and unit inner
+    strides, and here rows that do not overlap (a broadcast row, stride 0, is no tensor map a driver
+    need accept)."""
+    ok = _TMA and all(t.numel() > 0 and t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.data_ptr() % 16 == 0
+                      and t.stride(0) * t.element_size() % 16 == 0 for t in (a, weight))
+    if not ok:
+        return a, weight, False
+    return (TensorDescriptor.from_tensor(a, a_box),
+            TensorDescriptor.from_tensor(weight, [bk, bn] if fan_in_fan_out else [bn, bk]), True)
 
 
 def _check_x(x: Tensor, name: str = "x") -> None:
@@ -882,16 +866,12 @@ def lora_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A: Tensor, B: 
         S = lora_shrink(x, A, seed, p)
         bm, bn, bk, group, warps, stages = _gemm_config(M, N, x.dtype)
         grid = (cdiv(M, bm) * cdiv(N, bn),)
-        consts = dict(BM=bm, BN=bn, BK=bk, RB=rb, GROUP_M=group, HAS_BIAS=bias is not None,
-                      HAS_LBIAS=lora_bias is not None, PREC=prec, LR_PREC=lr_prec, num_warps=warps, num_stages=stages)
-        if _TMA and K > 0 and _tma_ok(x, weight):
-            w_box = [bk, bn] if fan_in_fan_out else [bn, bk]
-            _fwd_tma_kernel[grid](
-                TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, w_box), S, B,
-                bias_arg, lbias_arg, y, M, N, K, R, B.stride(0), B.stride(1), scaling, W_KN=fan_in_fan_out, **consts)
-        else:
-            _fwd_kernel[grid](x, weight, S, B, bias_arg, lbias_arg, y, M, N, K, R, x.stride(0), swn, swk, B.stride(0),
-                              B.stride(1), scaling, **consts)
+        x_arg, w_arg, tma = _tma_operands(x, weight, [bm, bk], bn, bk, fan_in_fan_out)
+        _fwd_kernel[grid](
+            x_arg, w_arg, S, B, bias_arg, lbias_arg, y, M, N, K, R, x.stride(0), swn, swk, B.stride(0), B.stride(1),
+            scaling, BM=bm, BN=bn, BK=bk, RB=rb, GROUP_M=group, HAS_BIAS=bias is not None,
+            HAS_LBIAS=lora_bias is not None, PREC=prec, LR_PREC=lr_prec, TMA=tma, W_KN=fan_in_fan_out,
+            num_warps=warps, num_stages=stages)
         return y, (S if save_s else None)
     # Decode: split K so that (N tiles + rank blocks) · splits programs fill the GPU.
     bm, bn, bk, _, warps, stages = _gemm_config(M, N, x.dtype)
@@ -1006,12 +986,8 @@ def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, fan_in_fan_out: bool, A
         m_tiles = cdiv(M, bm)
         dx = torch.empty((M, K), dtype=x.dtype, device=dev) if need_dx else None
         dap = torch.empty((m_tiles, R, K), **f32) if need_dA else None
-        tma = _TMA and need_dx and _tma_ok(dy, weight)
-        if tma:
-            dy_arg = TensorDescriptor.from_tensor(dy, [bm, bn])
-            w_arg = TensorDescriptor.from_tensor(weight, [bk, bn] if fan_in_fan_out else [bn, bk])
-        else:
-            dy_arg, w_arg = dy, weight
+        dy_arg, w_arg, tma = (_tma_operands(dy, weight, [bm, bn], bn, bk, fan_in_fan_out) if need_dx
+                              else (dy, weight, False))  # (dA alone reads neither)
         _bwd_dx_kernel[(m_tiles * cdiv(K, bk),)](
             dy_arg, w_arg, G, A, x, seed_arg, dx if need_dx else G, dap if need_dA else G,
             M, N, K, R, swn, swk, A.stride(0), A.stride(1), scaling, p, inv_keep,
