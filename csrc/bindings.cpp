@@ -137,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> deu_backward(const at::Tensor& grad_y, const 
 // here), so that each call passes only its ids and lengths: per-call conversion of the seven
 // state tensors would cost more than the work itself (~0.4 us each). With `flat` (a CUDA cache's
 // host mirror: the int32 buffer that table, lens, ref, free_stack and free_top are views of),
-// rollback, fork, plan_step and advance also return the writes to replay on the device copy (kv.h:
+// rollback, fork and plan_step also return the writes to replay on the device copy (kv.h:
 // take_writes).
 class KVHostState {
  public:
@@ -191,21 +191,40 @@ class KVHostState {
     kfuse::kv::fork(st_, src, child, length);
     return writes();
   }
-  // (slots, cow_src, cow_dst, writes): int64 tensors (slots: page * page_size + slot of each new
-  // token), writes as rollback's.
+  // (plan, m, cow_src, cow_dst): int64 tensors and the number of logged writes. Without flat, plan is
+  // the slots (page * page_size + slot of each new token, in ids order). With flat it is everything
+  // the device copy needs for the step, to cross in one host-to-device copy (python/kfuse/kv.py
+  // _open_step): the m writes (offsets, then values, as rollback's), advance's n writes (the offsets
+  // of lens[ids], then lens[ids] + counts: nothing changes a length while a step is open), the slots.
   py::tuple plan_step(const at::Tensor& ids, const at::Tensor& counts) {
     TORCH_CHECK(ids.numel() == counts.numel(), "kfuse: ids and counts differ in length");
     log_.clear();
-    const kfuse::kv::StepPlan p = kfuse::kv::plan_step(st_, ptr(ids, "ids"), ptr(counts, "counts"), ids.numel());
+    const int64_t n = ids.numel();
+    const int64_t* id = ptr(ids, "ids");
+    const int64_t* cnt = ptr(counts, "counts");
+    const kfuse::kv::StepPlan p = kfuse::kv::plan_step(st_, id, cnt, n);
     auto t = [](const std::vector<int64_t>& v) { return at::tensor(v, at::kLong); };
-    return py::make_tuple(t(p.slots), t(p.cow_src), t(p.cow_dst), writes());
+    if (!st_.written) return py::make_tuple(t(p.slots), 0, t(p.cow_src), t(p.cow_dst));
+    std::vector<int64_t> off;
+    std::vector<int32_t> val;
+    kfuse::kv::take_writes(st_, off, val);
+    const int64_t m = static_cast<int64_t>(off.size()), total = static_cast<int64_t>(p.slots.size());
+    at::Tensor plan = at::empty({2 * m + 2 * n + total}, at::kLong);
+    int64_t* o = plan.data_ptr<int64_t>();
+    std::copy(off.begin(), off.end(), o);
+    std::copy(val.begin(), val.end(), o + m);
+    for (int64_t i = 0; i < n; ++i) {
+      o[2 * m + i] = (st_.lens + id[i]) - st_.base;
+      o[2 * m + n + i] = st_.lens[id[i]] + cnt[i];
+    }
+    std::copy(p.slots.begin(), p.slots.end(), o + 2 * m + 2 * n);
+    return py::make_tuple(plan, m, t(p.cow_src), t(p.cow_dst));
   }
-  // The writes of lens[ids] += counts (None without flat).
-  py::object advance(const at::Tensor& ids, const at::Tensor& counts) {
+  // lens[ids] += counts. Returns no writes: the device copy's went with the step's plan.
+  void advance(const at::Tensor& ids, const at::Tensor& counts) {
     TORCH_CHECK(ids.numel() == counts.numel(), "kfuse: ids and counts differ in length");
-    log_.clear();
     kfuse::kv::advance(st_, ptr(ids, "ids"), ptr(counts, "counts"), ids.numel());
-    return writes();
+    log_.clear();
   }
 
  private:

@@ -187,25 +187,27 @@ def test_device_rollback_never_mixes_host_and_device_tensors():
     assert len(log.ops) > 10 and not log.mixed, log.mixed
 
 
-def test_a_decode_step_makes_two_transfers(monkeypatch):
+def test_a_decode_step_makes_one_transfer(monkeypatch):
     """The device traffic of a step of one token per sequence on a mirrored cache (a CUDA cache's code
-    path): one host-to-device copy of the flat slots, one of the new lengths (advance's logged writes),
-    and one index_copy_ per pool and layer plus one for the lengths; a step that takes new pages adds
-    the copy of its metadata writes (and its scatter). The device state stays equal to the host's."""
+    path): one host-to-device copy, at the first append, of the flat slots, the new lengths (advance's
+    writes) and the metadata writes of a step that takes new pages; one index_copy_ per pool and layer,
+    one for the lengths at advance, and one for the metadata writes of a step that takes pages. The
+    device state stays equal to the host's, in the open step (old lengths) and after advance."""
     cache = make(_mirror=True)
     ids = torch.tensor([cache.add_sequence() for _ in range(3)])
     step(cache, None, ids.tolist(), [3, 5, 1])  # PS = 4: the next token of each fits its last page
     transfers = []
     real = cache._dev
     monkeypatch.setattr(cache, "_dev", lambda *a, **k: transfers.append(1) or real(*a, **k))
-    for new_page, want in ((False, 2), (True, 3)):  # lengths 3, 5, 1 -> 4, 6, 2; then 4 -> 5 takes a page
+    for new_page in (False, True):  # lengths 3, 5, 1 -> 4, 6, 2; then 4 -> 5 takes a page
         transfers.clear()
         with MixedDevices() as log:  # (its aten op log; every tensor is on the CPU here)
             for layer in range(L):
                 kv = torch.randn(3, HKV, D)
                 cache.append(layer, ids, kv, kv)
+                assert torch.equal(cache._flat, cache._h_flat)  # committed lengths on both until advance
             cache.advance(ids)
-        assert len(transfers) == want, (new_page, len(transfers))
+        assert len(transfers) == 1, (new_page, len(transfers))
         assert log.ops.count("aten.index_copy_.default") == 2 * L + 1 + new_page, log.ops
         check_invariants(cache)
 
@@ -582,6 +584,21 @@ def test_attention_in_an_open_step_per_layer_and_subset(mirror, seed):
     cache.append(1, ids, k, torch.randn(3, HKV, D))
     cache.advance(ids)
     assert [cache.length(s) for s in ids] == [6, 3, 10]
+
+
+def test_a_decode_call_makes_one_transfer(monkeypatch, seed):
+    """Outside a step a decode call sends its ids and lengths to the device in one host-to-device copy
+    (ops/kv.py _to_device), and the kernel reads the right rows of it."""
+    cache = make(num_pages=24, _mirror=True)
+    ids = [cache.add_sequence() for _ in range(3)]
+    step(cache, None, ids, [5, 2, 9])
+    transfers = []
+    real = cache._dev
+    monkeypatch.setattr(cache, "_dev", lambda *a, **k: transfers.append(1) or real(*a, **k))
+    q = torch.randn(2, HKV * 2, D)
+    got = kfuse.paged_decode_attention(q, cache, 1, ids[:0:-1], backend="cpu")
+    assert len(transfers) == 1
+    assert_close(got, paged_decode_attention_reference(q, cache, 1, ids[:0:-1]), torch.float32, "ids [2, 1]")
 
 
 @pytest.mark.parametrize("group", [1, 4])

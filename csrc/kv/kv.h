@@ -21,7 +21,8 @@ namespace kv {
 //
 // Write log (a CUDA cache's host mirror): table, lens, ref, free_stack and free_top lie in one int32
 // buffer starting at `base` (the device keeps the same layout); when `written` is set, rollback,
-// fork, plan_step and advance append the offset of every int32 they write there, so the device copy replays the
+// fork, plan_step and advance append the offset of every int32 they write there (advance's are
+// not replayed: its writes are known when the step opens), so the device copy replays the
 // operation as one scatter of final values (take_writes) instead of recomputing it.
 struct HostState {
   int32_t* table;

@@ -198,9 +198,13 @@ class PagedKVCache:
         distinct offsets) to the device copy: one host-to-device copy and one scatter, no sync."""
         if writes is not None and writes.shape[1]:
             w = self._dev(writes)
-            # The values (all within int32) as the low halves of their int64s (little-endian, as every
-            # platform torch runs CUDA on): a strided view, where .to(torch.int32) was one more kernel.
-            self._flat.index_copy_(0, w[0], w[1].view(torch.int32)[::2])
+            self._scatter(w[0], w[1])
+
+    def _scatter(self, offsets: Tensor, values: Tensor) -> None:
+        """``flat[offsets] = values`` on the device copy (device int64 ``[m]`` each, values within int32)."""
+        # The values as the low halves of their int64s (little-endian, as every platform torch runs CUDA
+        # on): a strided view, where .to(torch.int32) was one more kernel.
+        self._flat.index_copy_(0, offsets, values.view(torch.int32)[::2])
 
     def _ids(self, seq_ids, what: str = "seq_ids") -> Tensor:
         """Validated ids (in range, active, distinct) as a CPU int64 tensor."""
@@ -396,22 +400,31 @@ class PagedKVCache:
         at the step's ``slots``, which stay a host tensor; the step counts every layer as appended, so the
         caller's next call is :meth:`advance` (or :meth:`abort_step`).
 
-        The new tokens' places cross to the device as one int64 tensor of flat slots (``page ·
-        page_size + slot``, from the C++ plan), written by ``index_copy_``: one host-to-device copy and
-        one kernel per pool, where (page, slot) pairs took two copies and an ``index_put_`` per pool."""
-        slots, cow_src, cow_dst, writes = self._host.plan_step(ids, cnt)
+        The new tokens' places cross to the device as flat slots (``page · page_size + slot``, from the C++
+        plan), written by ``index_copy_`` (one kernel per pool). On a mirrored cache they cross in one
+        host-to-device copy with the step's metadata writes and with :meth:`advance`'s writes
+        (``seq_lens[ids] + cnt``, known now: nothing may change a length while the step is open), so a
+        step that takes no page makes one copy where it made two and :meth:`advance` none."""
+        plan, m, cow_src, cow_dst = self._host.plan_step(ids, cnt)
         if cow_src.numel():
             src, dst = self._dev(cow_src), self._dev(cow_dst)
             self.k_pages.index_copy_(1, dst, self.k_pages.index_select(1, src))
             self.v_pages.index_copy_(1, dst, self.v_pages.index_select(1, src))
-        self._replay(writes)
+        slots, commit = plan, None
+        if self._mirrored:  # plan: m writes (offsets, values), advance's n (offsets, values), the slots
+            n = ids.numel()
+            dev = self._dev(plan)
+            if m:
+                self._scatter(dev[:m], dev[m:2 * m])
+            commit = (dev[2 * m:2 * m + n], dev[2 * m + n:2 * m + 2 * n])
+            slots = (plan if external else dev)[2 * m + 2 * n:]
         pending = torch.zeros(self.max_seqs, dtype=torch.int64)
         pending[ids] = cnt
         # Copies: ids/counts may be the caller's own tensors (_index_tensor returns a contiguous CPU int64
         # tensor as it is), and a write to them while the step is open must not change the step's record.
         self._step = {"ids": ids.clone(), "counts": cnt.clone(),
                       "layers": set(range(self.num_layers)) if external else set(), "pending": pending,
-                      "slots": slots if external else self._dev(slots)}
+                      "slots": slots, "commit": commit}
         return self._step
 
     def advance(self, seq_ids, counts=None) -> None:
@@ -429,7 +442,9 @@ class PagedKVCache:
         missing = sorted(set(range(self.num_layers)) - st["layers"])
         if missing:
             raise ValueError(f"advance: layers {missing} have not appended in this step (layer count mismatch)")
-        self._replay(self._host.advance(ids, cnt))  # host lengths (C++), and their writes to the device copy
+        self._host.advance(ids, cnt)  # host lengths (C++)
+        if st["commit"] is not None:  # the device copy's, sent when the step opened
+            self._scatter(*st["commit"])
         self._step = None
 
     def abort_step(self) -> None:

@@ -148,12 +148,17 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
         if memo is not None and torch.equal(memo[2].host_ids, ids):
             call = _Call(memo[2].ids, memo[2].lens, memo[2].max_len, memo[2].host_ids, lens)
         else:  # a copy of ids: they may be the caller's tensor, which it may write before the next layer
-            call = _Call(cache._dev(ids, torch.int32), cache._dev(lens, torch.int32),
-                         int(lens.max()) if lens.numel() else 0, ids.clone(), lens)
+            call = _to_device(cache, ids.clone(), lens)
         st["attn"] = (seq_ids, seq_ids._version, call) if isinstance(seq_ids, Tensor) else (None, None, call)
         return call
-    return _Call(cache._dev(ids, torch.int32), cache._dev(lens, torch.int32), int(lens.max()) if lens.numel() else 0,
-                 ids, lens)
+    return _to_device(cache, ids, lens)
+
+
+def _to_device(cache: PagedKVCache, ids: Tensor, lens: Tensor) -> _Call:
+    """The call for validated ``ids`` and their ``lens`` (CPU int64 ``[n]``): both cross to the device in
+    one host-to-device copy (int32 ``[2, n]``)."""
+    dev = cache._dev(torch.stack([ids, lens]), torch.int32)
+    return _Call(dev[0], dev[1], int(lens.max()) if lens.numel() else 0, ids, lens)
 
 
 # ---------------------------------------------------------------- implementations
