@@ -23,25 +23,28 @@ import tempfile
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, CompiledKernel
 
 from kfuse.triton_kernels import lora as lk
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_FLOAT_ARGS = {"p", "inv_keep", "scaling"}
+_FLOAT_ARGS = {"p", "inv_keep", "scaling", "qk_scale"}
 
 
-def compile_sm90(fn, ptrs: dict[str, str], consts: dict, warps: int, stages: int) -> str:
-    """PTX of ``fn`` for sm_90 as a launch would specialise it: unit strides of contiguous tensors
-    (``swk``, ``sak``, ``sbr``) constant, pointers and integers divisible by 16."""
-    consts = {**{n: 1 for n in ("swk", "sak", "sbr") if n in fn.arg_names}, **consts}
+def compile_sm90(fn, ptrs: dict[str, str], consts: dict, warps: int, stages: int) -> CompiledKernel:
+    """``fn`` compiled for sm_90 as a launch would specialise it (``.asm``: ``ttgir``, ``ptx``, ``cubin``;
+    ``.metadata.shared``): unit strides of contiguous tensors (``swk``, ``sak``, ``sbr``) constant, pointers
+    and integers divisible by 16, constexprs not in ``consts`` at their defaults. Also used by
+    ``bench/ptxas_kv.py``."""
+    defaults = {q.name: q.default for q in fn.params if q.is_constexpr and q.has_default}  # e.g. TMA=False
+    consts = {**defaults, **{n: 1 for n in ("swk", "sak", "sbr") if n in fn.arg_names}, **consts}
     sig = {n: "constexpr" if n in consts else "*" + ptrs.get(n, "fp32") if n.endswith("_ptr")
            else "fp32" if n in _FLOAT_ARGS else "i32" for n in fn.arg_names}
     attrs = {(j,): [["tt.divisibility", 16]] for j, n in enumerate(fn.arg_names) if sig[n] == "i32" or sig[n][0] == "*"}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
-                                                                           "num_stages": stages}).asm["ptx"]
+                                                                           "num_stages": stages})
 
 
 def inspect(ptx: str) -> str:
@@ -74,33 +77,34 @@ def main() -> None:
         ptx = compile_sm90(lk._fwd_kernel, {"x_ptr": st, "w_ptr": st, "b_ptr": at, "bias_ptr": st, "lbias_ptr": at,
                                             "y_ptr": st},
                            dict(BM=bm, BN=bn, BK=bk, RB=16, GROUP_M=group, HAS_BIAS=False, HAS_LBIAS=False, PREC=prec,
-                                LR_PREC=lr), w, s)
+                                LR_PREC=lr), w, s).asm["ptx"]
         print(f"forward  {st} x, {at} adapters, {bm}x{bn}x{bk}, {w} warps: {inspect(ptx)}")
         m = 16  # the decode path (M <= _SMALL_M): split-K partials of x Wᵀ and S
         sbm, sbn, sbk, _, sw, ss = lk._gemm_config(m, 4096, dt)
         ptx = compile_sm90(lk._fwd_splitk_kernel, {"x_ptr": st, "w_ptr": st, "a_ptr": at, "seed_ptr": st},
-                           dict(BM=sbm, BN=sbn, BK=sbk, RB=16, DROPOUT=False, PREC=prec, LR_PREC=lr), sw, ss)
+                           dict(BM=sbm, BN=sbn, BK=sbk, RB=16, DROPOUT=False, PREC=prec, LR_PREC=lr), sw, ss).asm["ptx"]
         print(f"split-K  {st} x, {at} adapters, M {m}, {sbm}x{sbn}x{sbk}, {sw} warps: {inspect(ptx)}")
         mbm, mbn, mbk, mgroup, mw, ms = lk._multi_config(128, 4096, dt)  # the multi-adapter case's M
         ptx = compile_sm90(lk._multi_fwd_kernel, {"x_ptr": st, "w_ptr": st, "ids_ptr": "i32", "b_ptr": at,
                                                   "ranks_ptr": "i64", "bias_ptr": st, "y_ptr": st},
                            dict(BM=mbm, BN=mbn, BK=mbk, RB=16, GROUP_M=mgroup, HAS_BIAS=False, PREC=prec,
-                                LR_PREC=lr), mw, ms)
+                                LR_PREC=lr), mw, ms).asm["ptx"]
         print(f"multi    {st} x, {at} adapters, M 128, {mbm}x{mbn}x{mbk}, {mw} warps: {inspect(ptx)}")
         hbm, hbk, hw, hs = lk._shrink_config(4096, dt)  # S = x Aᵀ, one read of x
         ptx = compile_sm90(lk._shrink_kernel, {"x_ptr": st, "a_ptr": at, "seed_ptr": "i64"},
-                           dict(BM=hbm, BK=hbk, RB=16, DROPOUT=True, PREC=lr), hw, hs)
+                           dict(BM=hbm, BK=hbk, RB=16, DROPOUT=True, PREC=lr), hw, hs).asm["ptx"]
         print(f"shrink   {st} x, {at} adapters, {hbm}x{hbk}, {hw} warps, dropout True: {inspect(ptx)}")
         dbm, dbn, dw = lk._dy_config(4096)  # G = dy B, dB, colsum: one read of dy
         ptx = compile_sm90(lk._bwd_dy_kernel, {"dy_ptr": st, "b_ptr": at},
-                           dict(BM=dbm, BN=dbn, RB=16, NEED_G=True, NEED_DB=True, NEED_CS=True, LR_PREC=lr), dw, 1)
+                           dict(BM=dbm, BN=dbn, RB=16, NEED_G=True, NEED_DB=True, NEED_CS=True, LR_PREC=lr),
+                           dw, 1).asm["ptx"]
         print(f"dy pass  {st} x, {at} adapters, {dbm}x{dbn}, {dw} warps: {inspect(ptx)}")
         for drop in (False, True):
             xbm, xbk, xbn, xgroup, xw, xs = lk._dx_config(4096, 4096, dt, drop)
             ptx = compile_sm90(lk._bwd_dx_kernel, {"dy_ptr": st, "w_ptr": st, "a_ptr": at, "x_ptr": st,
                                                    "seed_ptr": "i64" if drop else st, "dx_ptr": st},
                                dict(BM=xbm, BK=xbk, BN=xbn, RB=16, GROUP_M=xgroup, DROPOUT=drop, NEED_DX=True,
-                                    NEED_DA=True, PREC=prec, LR_PREC=lr), xw, xs)
+                                    NEED_DA=True, PREC=prec, LR_PREC=lr), xw, xs).asm["ptx"]
             print(f"dx       {st} x, {at} adapters, {xbm}x{xbk}x{xbn}, {xw} warps, dropout {drop}: {inspect(ptx)}")
 
 

@@ -6,7 +6,8 @@ The first H200 run (bench/results/2026-12-04-h200/) measured decode at 65 % of
 graph (``kfuse.triton_kernels.kv.paged_decode`` / ``paged_prefill``: no host checks), on the report's
 cases (bf16, 32 query / 8 KV heads, head dim 128, page 16; decode 32 x 4096 uniform and ragged,
 prefill 8 x 1024), against SDPA on contiguous K/V timed the same way, for each candidate of
-``SPLIT_TOKENS`` x ``BLOCK_N`` x warps x stages (decode) and ``BLOCK_M`` x ``BLOCK_N`` x warps (prefill).
+``SPLIT_TOKENS`` x ``BLOCK_N`` x warps x stages (decode) and ``BLOCK_M`` x ``BLOCK_N`` x warps x stages
+(prefill).
 The current choice is timed first; a candidate Triton cannot compile is reported and skipped.
 Each row also gives its largest difference from SDPA's output, so a fast tile that computes something
 else is not chosen. Usage: ``python bench/tune_kv.py`` (CUDA only; ~2 min, most of it compiling).
@@ -27,11 +28,14 @@ from kfuse.bench import kv as kb
 from kfuse.report import Case
 from kfuse.triton_kernels import kv as tk
 
-# ~60 tiles in all (each compiled once, ~1 s): about 2 min on an H200 machine (estimate), inside gpu_check.sh's step.
+# ~50 tiles in all (each compiled once, ~1 s): about 2 min on an H200 machine (estimate), inside gpu_check.sh's step.
 # Decode at 65 % of SDPA with 4 key tiles per split (2026-12-04): longer splits and wider tiles (more loads
-# in flight per program) first; prefill at 2.61x: 128-row blocks and 128-wide key tiles too.
-DECODE = {"split": (256, 1024), "block_n": (64, 128), "warps": (2, 4, 8), "stages": (2, 3)}
-PREFILL = {"block_m": (32, 64, 128), "block_n": (64, 128), "warps": (4, 8)}
+# in flight per program); prefill at 2.61x: 128-row blocks. And both with 5 stages: Triton gives the
+# block-table load a stage of its own, so only from 5 stages (128-wide decode tiles: 3) do the K/V loads
+# overlap the dots, where at the 3 both kernels ran every iteration waits for all copies (bench/ptxas_kv.py;
+# its numbers for these tiles in bench/results/2026-12-04-ptxas-kv.md).
+DECODE = {"split": (256, 1024), "block_n": (32, 64, 128), "warps": (4, 8), "stages": (2, 3, 5)}
+PREFILL = {"block_m": (64, 128), "block_n": (32, 64), "warps": (4, 8), "stages": (3, 5)}
 
 
 def _timed(label: str, run: Callable[[], torch.Tensor], want: torch.Tensor, base: float, current: bool) -> None:
@@ -93,19 +97,19 @@ def sweep_prefill(case: Case) -> None:
     want, base = sdpa().transpose(1, 2).reshape(q.shape), do_bench(graphed(sdpa))
     print(f"== prefill {tuple(case.shape)}: sdpa {base:.4f} ms", flush=True)
     g, d = q.shape[1] // c.num_kv_heads, q.shape[2]
-    bm0, _, _, w0 = tk.prefill_config(g, d)
-    now = (bm0, tk.BLOCK_N, w0)
+    bm0, _, _, w0, s0 = tk.prefill_config(g, d)
+    now = (bm0, tk.BLOCK_N, w0, s0)
     orig_n, orig_cfg = tk.BLOCK_N, tk.prefill_config
-    for bm, bn, warps in [now, *(x for x in itertools.product(*PREFILL.values()) if x != now)]:
+    for bm, bn, warps, stages in [now, *(x for x in itertools.product(*PREFILL.values()) if x != now)]:
         if bm < g:
             continue
         tk.BLOCK_N = bn
-        tk.prefill_config = lambda group, head_dim, _m=bm, _w=warps: (
-            _m, _m // group, orig_cfg(group, head_dim)[2], _w)
+        tk.prefill_config = lambda group, head_dim, _m=bm, _w=warps, _s=stages: (
+            _m, _m // group, orig_cfg(group, head_dim)[2], _w, _s)
         try:
-            _timed(f"BLOCK_M={bm} BLOCK_N={bn} warps={warps}", lambda: tk.paged_prefill(
+            _timed(f"BLOCK_M={bm} BLOCK_N={bn} warps={warps} stages={stages}", lambda: tk.paged_prefill(
                 q, c.k_pages[0], c.v_pages[0], c.block_table, ids, lens, q_lens, T, scale),
-                want, base, (bm, bn, warps) == now)
+                want, base, (bm, bn, warps, stages) == now)
         finally:
             tk.BLOCK_N, tk.prefill_config = orig_n, orig_cfg
 

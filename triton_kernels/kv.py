@@ -209,9 +209,15 @@ def _decode_merge_kernel(po_ptr, plse_ptr, lens_ptr, out_ptr, sob, soh, Hq, num_
 
 def decode_config(group: int, head_dim: int) -> tuple[int, int, int, int]:
     """``(BLOCK_G, BLOCK_D, num_warps, num_stages)`` for ``group`` query heads per KV head and ``head_dim``.
-    The stages (Triton's default, 3) set the shared memory a program holds and so how many share an SM:
-    sm_90a, bf16, d 128: 39 KB at BLOCK_N 64, 139 KB at 128 (74 KB with 2 stages; tests/sm90.py's
-    harness). bench/tune_kv.py sweeps them."""
+
+    The stages set how far the K/V loads run ahead of the dots, and the shared memory a program holds
+    (so how many share an SM). Triton's pipeliner gives the block-table load that feeds the K/V
+    addresses a stage of its own, so at Triton's default of 3 the K/V tiles are single-buffered and
+    each iteration waits for every copy in flight (``async_wait {num = 0}``): a program's next tile
+    does not load while it computes this one. At 5 they are double-buffered and the wait leaves 4
+    copies in flight. sm_90a, bf16, G 4, d 128, BLOCK_N 64 (``bench/ptxas_kv.py``, Triton 3.8 / 3.6): 3
+    stages 38 KB of shared memory, 80 / 116 registers; 5 stages 71 KB, 96 / 124. Not yet timed against
+    each other: ``bench/tune_kv.py`` sweeps them."""
     block_g = max(16, next_pow2(group))  # tl.dot needs >= 16 rows
     block_d = max(16, next_pow2(head_dim))
     return block_g, block_d, 4, 3
@@ -332,12 +338,16 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, q
     tl.store(out_ptr + ooff, o.to(out_ptr.dtype.element_ty), mask=qmask)
 
 
-def prefill_config(group: int, head_dim: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, TOK, BLOCK_D, num_warps)``: BLOCK_M rows (64 on a GPU, a first guess; 16 under the
-    interpreter; at least the group) holding TOK = BLOCK_M // group tokens of the group's heads."""
+def prefill_config(group: int, head_dim: int) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_M, TOK, BLOCK_D, num_warps, num_stages)``: BLOCK_M rows (64 on a GPU, a first guess; 16
+    under the interpreter; at least the group) holding TOK = BLOCK_M // group tokens of the group's
+    heads. Stages as in :func:`decode_config`: at 3 (the H200 run of 2026-12-04) the K/V tiles are
+    double-buffered but every iteration waits for all copies, so loads do not overlap the dots; at 5
+    they do (sm_90a, bf16, G 4, d 128, BLOCK_M 64, BLOCK_N 64, Triton 3.8 / 3.6: 81 KB, 190 / 230
+    registers at 3 stages; 113 KB, 185 / 242 at 5; ``bench/ptxas_kv.py``)."""
     block_m = max(16 if triton_interpret() else 64, next_pow2(group))
     block_d = max(16, next_pow2(head_dim))
-    return block_m, block_m // group, block_d, 4
+    return block_m, block_m // group, block_d, 4, 3
 
 
 @on_input_device
@@ -361,7 +371,7 @@ def paged_prefill(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
     q, block_table = _unit_inner_strides(q, k_pages, v_pages, block_table)
     qstart = (torch.cumsum(q_lens, 0) - q_lens).to(torch.int32)
     G = Hq // Hkv
-    block_m, tok, block_d, warps = prefill_config(G, D)
+    block_m, tok, block_d, warps, stages = prefill_config(G, D)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (seq_ids.shape[0], Hkv, max(1, cdiv(max_q_len, tok)))
     if grid[2] > _MAX_GRID_Z:
@@ -373,6 +383,6 @@ def paged_prefill(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1), scale * _LOG2E,
         G=G, D=D, PAGE=k_pages.shape[1], BLOCK_M=block_m, TOK=tok, BLOCK_N=BLOCK_N, BLOCK_D=block_d, PREC=prec,
-        num_warps=warps,
+        num_warps=warps, num_stages=stages,
     )
     return out
