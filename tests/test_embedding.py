@@ -1725,7 +1725,7 @@ def test_triton_gpu_tiles_under_interpreter(mode, monkeypatch, seed):
     interpreter tests use 16 and 4), at dims below, at and across a tile (7, 128, 300) and with a row
     that occurs more than 2 blocks' worth, in fp16: forward, sparse and per-sample-weight backward, and
     a fused row-wise Adagrad step, against the reference."""
-    monkeypatch.setattr(te, "triton_interpret", lambda: False)
+    monkeypatch.setattr(te, "INTERPRETED", False)
     assert (te._block_d(300), te._block_r(128)) == (128, 32)
     gen = torch.Generator().manual_seed(seed)
     tables, ft, pads = [(50, 128), (9, 300), (30, 7)], [0, 1, 2, 0], [-1, 4, 29]

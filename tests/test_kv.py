@@ -869,7 +869,7 @@ def test_triton_gpu_block_sizes_under_interpreter(group, page_size, monkeypatch,
     64-row query blocks, 256-position splits; the other interpreter tests use 16), so the masks and
     split boundaries of the GPU's tiles are checked numerically too: contexts of 0, 1, a tile ± 1, two
     splits and a bit, with ragged new tokens (prefill) over more than one query block."""
-    monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+    monkeypatch.setattr(tk, "INTERPRETED", False)
     monkeypatch.setattr(tk, "BLOCK_N", 64)
     assert tk.SPLIT_TOKENS == 256 and tk.prefill_config(group, D)[0] == 64
     lens = [0, 1, 63, 64, 65, 2 * 256 + 37]

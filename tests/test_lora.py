@@ -1708,7 +1708,7 @@ def test_gpu_block_configs_under_interpreter(M, monkeypatch, seed) -> None:
     interpreter tests otherwise use small tiles): grids, split-K, dy splits and rank blocks for
     those sizes, checked on CPU. fp16 with fp32 adapters, dropout on. M = 300 runs the 128×128×64
     tile, M = 2050 the 128×256×64 one (dx 128 wide: dropout), each with a partial last row tile."""
-    monkeypatch.setattr(lk, "triton_interpret", lambda: False)
+    monkeypatch.setattr(lk, "INTERPRETED", False)
     K, N, r, p, s = 200, 264, 16, 0.3, 0.5
     dtype = torch.float16
     x, weight, A, B, bias, lbias = make_layer(M, K, N, r, False, True, True, dtype, torch.float32, "cpu")

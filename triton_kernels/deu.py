@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kfuse._backends import cdiv, next_pow2, on_input_device, triton_interpret
+from kfuse._backends import cdiv, next_pow2, on_input_device
+from kfuse.triton_kernels import INTERPRETED
 
 # Constants of the definition (python/kfuse/reference/deu.py).
 EPS: tl.constexpr = tl.constexpr(0.01)
@@ -882,10 +883,9 @@ def _rows_grid(M: int, N: int) -> tuple[int, int, int]:
 
 def _math_mode(coeffs: torch.Tensor) -> int:
     """The kernels' MATH mode: 0 fp32 GPU, 1 fp64 GPU, 2 fp64 / 3 fp32 interpreter."""
-    interp = triton_interpret()
     if coeffs.dtype != torch.float64:
-        return 3 if interp else 0
-    return 2 if interp else 1
+        return 3 if INTERPRETED else 0
+    return 2 if INTERPRETED else 1
 
 
 def _check(x: torch.Tensor, coeffs: torch.Tensor) -> None:

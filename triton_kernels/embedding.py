@@ -50,7 +50,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kfuse._backends import cdiv, next_pow2, on_input_device, triton_interpret
+from kfuse._backends import cdiv, next_pow2, on_input_device
+from kfuse.triton_kernels import INTERPRETED
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _WDT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -84,7 +85,7 @@ _FWD_WARPS = 1
 def _block_d(dim: int) -> int:
     """Dim tile of the forward and psw kernels: up to 128 fp32 lanes (4 per thread at 4 warps);
     16 under the interpreter so odd dims cross several tiles in tiny tests."""
-    return max(16, min(16 if triton_interpret() else 128, next_pow2(dim)))
+    return max(16, min(16 if INTERPRETED else 128, next_pow2(dim)))
 
 
 def _block_r(block_d: int) -> int:
@@ -94,7 +95,7 @@ def _block_r(block_d: int) -> int:
     occurrences per call, ~0.5-1.5 us each: milliseconds on an idle GPU). 32 at dim 128, a tile of at
     most 4096 fp32 (32 registers a thread at 4 warps); 4 under the interpreter so that tiny tests' runs
     span several blocks."""
-    return 4 if triton_interpret() else max(1, min(32, 4096 // block_d))
+    return 4 if INTERPRETED else max(1, min(32, 4096 // block_d))
 
 
 # ----------------------------------------------------------------------------------------
@@ -335,7 +336,7 @@ def forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_tab
     psw = per_sample_weights
     _fwd_kernel[(B, len(feature_table), d_tiles)](
         indices, offsets, psw if psw is not None else out, meta, out, flag, B, indices.shape[0], width,
-        BLOCK_L=16 if triton_interpret() else _FWD_BLOCK_L, BLOCK_D=block_d, MEAN=pooling == 1,
+        BLOCK_L=16 if INTERPRETED else _FWD_BLOCK_L, BLOCK_D=block_d, MEAN=pooling == 1,
         HAS_PSW=psw is not None, WDT=_WDT[weights[0].dtype], num_warps=_FWD_WARPS)
     return out, flag
 

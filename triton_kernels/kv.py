@@ -62,14 +62,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kfuse._backends import cdiv, next_pow2, on_input_device, triton_interpret
+from kfuse._backends import cdiv, next_pow2, on_input_device
+from kfuse.triton_kernels import INTERPRETED
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 # Positions per inner tile. 64 on a GPU (a first guess: 64 × 128 fp16 = 16 KB per K tile); 16, the
 # smallest tl.dot size, under the interpreter so tiny tests cross several tiles.
-BLOCK_N = 16 if triton_interpret() else 64
+BLOCK_N = 16 if INTERPRETED else 64
 # Positions per split: a process-wide constant (a multiple of BLOCK_N), NOT derived from the batch,
 # so the summation order of a sequence never depends on the others (see the module docstring).
 # 256 gives 16 splits at 4096 tokens: 32 × 8 × 16 = 4096 programs at the spec's benchmark shape.
@@ -345,7 +346,7 @@ def prefill_config(group: int, head_dim: int) -> tuple[int, int, int, int, int]:
     double-buffered but every iteration waits for all copies, so loads do not overlap the dots; at 5
     they do (sm_90a, bf16, G 4, d 128, BLOCK_M 64, BLOCK_N 64, Triton 3.8 / 3.6: 81 KB, 190 / 230
     registers at 3 stages; 113 KB, 185 / 242 at 5; ``bench/ptxas_kv.py``)."""
-    block_m = max(16 if triton_interpret() else 64, next_pow2(group))
+    block_m = max(16 if INTERPRETED else 64, next_pow2(group))
     block_d = max(16, next_pow2(head_dim))
     return block_m, block_m // group, block_d, 4, 3
 

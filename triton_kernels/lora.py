@@ -57,7 +57,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kfuse._backends import cdiv, next_pow2, on_input_device, triton_interpret
+from kfuse._backends import cdiv, next_pow2, on_input_device
+from kfuse.triton_kernels import INTERPRETED
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -591,7 +592,7 @@ def _gemm_config(M: int, P: int, dtype: torch.dtype) -> tuple[int, int, int, int
     and 3.8, but needs triton.set_allocator and 16-byte aligned strides, which a strided or
     fan_in_fan_out W may not have: pointer loads keep one path for every layout). The dx GEMM's
     BM also sets dA's partial layout, so it must stay a function of the shape only."""
-    if triton_interpret():
+    if INTERPRETED:
         return 32, 32, 16, 2, 4, 1  # small tiles: the tiny test shapes still span several tiles
     if dtype == torch.float32:
         return 64, 64, 32, 8, 4, 3
@@ -639,7 +640,7 @@ def _shrink_config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     (bench/tune_lora.py, H200, 2026-12-04, the whole forward from a CUDA graph, bf16, K = N = 4096,
     r = 16): BK 256 took M = 128 from 0.0389 to 0.0351 ms and, with BM 64 and 8 warps, M = 4096 from
     0.2698 to 0.2584 (the best of 5 tiles each). fp32 x: first guesses."""
-    if triton_interpret():
+    if INTERPRETED:
         return 16, 16, 4, 1
     if dtype == torch.float32:
         return (64 if M >= 8192 else 32 if M >= 2048 else 16), 64, 4, 3
@@ -759,7 +760,7 @@ def lora_dropout_mask(seed: Tensor, M: int, K: int, p: float) -> Tensor:
         raise ValueError(f"lora triton: dropout p must be in [0, 1); got {p}")
     out = torch.empty((M, K), dtype=torch.uint8, device=seed.device)
     if M * K > 0:
-        bm, bk = (16, 64) if triton_interpret() else (32, 128)
+        bm, bk = (16, 64) if INTERPRETED else (32, 128)
         _mask_kernel[(cdiv(M, bm), cdiv(K, bk))](seed, out, M, K, float(p), BM=bm, BK=bk)
     return out.view(torch.bool)
 
@@ -895,7 +896,7 @@ def lora_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A: Tensor, B: 
 def _dy_config(M: int) -> tuple[int, int, int]:
     """(BM, BN, num_warps) of the dy pass. BM sets the dB/colsum partial layout (fixed per
     shape) and its size: partials are M/BM · N · r fp32 (2r/BM of a bf16 dy's bytes)."""
-    if triton_interpret():
+    if INTERPRETED:
         return 16, 16, 4
     return min(128, max(16, next_pow2(M))), 64, 8
 
