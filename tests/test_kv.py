@@ -212,6 +212,48 @@ def test_a_decode_step_makes_one_transfer(monkeypatch):
         check_invariants(cache)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_append_writes_what_index_copy_writes(dtype, seed):
+    """A CUDA cache writes K and V with one Triton launch a layer (triton_kernels/kv.py paged_append), a
+    CPU cache with index_copy_. Under the interpreter, two mirrored CPU caches, one writing each way, go
+    through the same steps (one token each, ragged counts across pages, a copy-on-write into a forked
+    page, an empty step) with K/V given as strided views (unit stride along the head dim, read in place;
+    other, copied): their pools are equal bit for bit, and every slot past the written ones keeps its
+    poison. Odd head counts and head dims (3, 5)."""
+    caches = [make(dtype, num_kv_heads=3, head_dim=5, _mirror=True) for _ in range(2)]
+    for c in caches:
+        c.k_pages.fill_(float("nan"))
+        c.v_pages.fill_(float("nan"))
+    caches[1]._append_kv = tk.paged_append
+    ids = [[c.add_sequence() for _ in range(3)] for c in caches][0]
+    gen = torch.Generator().manual_seed(seed)
+
+    def run(op):
+        for c in caches:
+            op(c)
+
+    def both_step(counts):
+        total = sum(counts)
+        for layer in range(L):
+            kv = torch.randn(total, 2, 3, 7, generator=gen).to(dtype)[..., 1:6]  # strides (42, 21, 7, 1)
+            run(lambda c, kv=kv, layer=layer: c.append(layer, ids, kv[:, 0], kv[:, 1], counts))
+        run(lambda c: c.advance(ids, counts))
+
+    for counts in ([1, 1, 1], [5, 0, PS + 3], [0, 0, 0], [2, 1, 1]):
+        both_step(counts)
+    child = caches[0].fork(ids[0], PS + 2)  # mid-page: the child's first write copies that page
+    assert caches[1].fork(ids[0], PS + 2) == child
+    for layer in range(L):
+        kv = torch.randn(5, 1, 3, generator=gen).to(dtype).permute(1, 2, 0)  # not unit-stride along D: copied
+        run(lambda c, kv=kv, layer=layer: c.append(layer, [child], kv, -kv))
+    run(lambda c: c.advance([child]))
+    for a, b in ((caches[0].k_pages, caches[1].k_pages), (caches[0].v_pages, caches[1].v_pages)):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    for c in caches:
+        check_invariants(c)
+
+
 def test_metadata_ops_refuse_a_cuda_graph_capture_before_changing_anything(monkeypatch):
     """Inside a CUDA-graph capture every metadata op raises before touching the host or device state
     (its host half would run once, at capture). Checked on a mirrored CPU cache posing as a CUDA one,
@@ -1196,7 +1238,7 @@ def test_op_bad_inputs_name_the_argument(name):
 
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU the triton-cuda tests compile and run the kernels")
 def test_triton_kv_kernels_compile_for_sm90():
-    """The decode (split and merge) and prefill kernels, as their launchers launch them on a GPU,
+    """The decode (split and merge), prefill and append kernels, as their launchers launch them on a GPU,
     compile to sm_90a machine code and fit an H200 (``tests/sm90.py``): fp16 with 4 query heads a KV
     head and bf16 with 8 at head dim 128 (Llama's), fp32 with 1 at 64, fp16 at 96 (not a power of
     two), 16-token pages, 32k-token contexts (128 splits), a prefill of 2 × 512 tokens, and one sequence
@@ -1216,6 +1258,7 @@ for dt, G, D, Hkv, B, ctx in ((torch.float16, 4, 128, 8, 16, 32768), (torch.bflo
         n, per_seq = min(B, 2), min(ctx, 512)
         tk.paged_prefill(e(n * per_seq, G * Hkv, D, dt=dt), pages, pages, table, ids[:n], lens[:n], e(n), per_seq,
                          D ** -0.5)
+    tk.paged_append(pages, pages, e(B, dt=torch.int64), e(B, Hkv, D, dt=dt), e(B, Hkv, D, dt=dt))
 """)
     assert {launch["kernel"] for launch in launches} == sm90.launched_kernels(tk)
     assert max(launch["grid"][2] for launch in launches if launch["kernel"] == "_decode_split_kernel") == 128

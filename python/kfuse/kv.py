@@ -1,7 +1,7 @@
 """Paged KV cache with per-sequence rollback, fork and copy-on-write (spec: ``shared/specs/kv.md``).
 
 The metadata is kept by C++ kernels on the host, which log their writes; the device copy replays them
-(one copy and one scatter per operation); K/V writes are one ``index_copy_`` per pool at flat slots.
+(one copy and one scatter per operation); K/V writes go to flat slots (one launch for both pools on CUDA).
 Attention over the cache: :mod:`kfuse.reference.kv`.
 
 Device state (all on ``cache.device``)
@@ -38,11 +38,13 @@ fixed-shape tensor ops (gather, ``where``, ``scatter_add_``, ``scatter_reduce_``
 Cost: O(n · max_pages_per_seq) elementwise work for ``n`` sequences; no K/V bytes move. The host half
 is O(n + dropped pages).
 
-Why append and the metadata ops have no Triton kernels of their own: an append is a scatter of whole
-``[num_kv_heads, head_dim]`` rows to flat slots, which ``index_copy_`` already does in one launch at
-copy speed (a kernel of ours would be the same scatter), and every metadata decision must be made on
-the host anyway, to validate requests without a device sync; what reaches the device is then a
-scatter of the decided int32 writes, again one ``index_copy_``. The C++ host kernels are the CPU
+Append on CUDA is one Triton launch a layer (``triton_kernels/kv.py`` ``paged_append``): a scatter of
+whole ``[num_kv_heads, head_dim]`` rows of K and of V to flat slots, where ``index_copy_`` takes a
+launch per pool (the H200's append row, 7.1 µs of device time, was five launches and copies; this
+and the single host-to-device copy of a step make it three). Elsewhere (CPU, or Triton unavailable)
+it is one ``index_copy_`` per pool. The metadata ops have no kernels of their own: every decision
+must be made on the host anyway, to validate requests without a device sync; what reaches the device
+is a scatter of the decided int32 writes, one ``index_copy_``. The C++ host kernels are the CPU
 kernels of both (a CPU cache has only the host copy).
 
 Steps: lengths advance once per step, for all layers
@@ -180,6 +182,12 @@ class PagedKVCache:
         d_table, self.seq_lens, self.page_refcount, self.free_stack, self.free_top = self._flat.split(sizes)
         self.block_table = d_table.view(max_seqs, max_pages_per_seq)
         self._scratch = torch.zeros(num_pages, dtype=torch.int64, device=dev) if self._mirrored else None
+        # K/V writes: one Triton launch for both pools on CUDA (see the module docstring), else index_copy_.
+        self._append_kv: Callable[..., None] | None = None
+        if dev.type == "cuda" and not _backends.triton_reasons(dev, dtype):
+            from kfuse.triton_kernels.kv import paged_append  # noqa: PLC0415 (triton is optional)
+
+            self._append_kv = paged_append
         # Open step: None, or dict(ids, counts, pending (CPU int64; pending: [max_seqs] tokens of the
         # step per sequence), layers (set), slots (flat page · page_size + slot, device int64)).
         self._step: dict | None = None
@@ -385,9 +393,12 @@ class PagedKVCache:
 
     def _write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """K/V ``[total, num_kv_heads, head_dim]`` of ``layer`` for new tokens at flat slots ``page · page_size +
-        slot`` (device int64 ``[total]``, distinct): one ``index_copy_`` per pool, no checks, no host work
-        (also the body of a captured decode step, ``kfuse.models.llama.DecodeGraphs``, which runs under
-        ``torch.no_grad``)."""
+        slot`` (device int64 ``[total]``, distinct): one launch for both pools on CUDA, else one
+        ``index_copy_`` per pool; no checks, no host work (also the body of a captured decode step,
+        ``kfuse.models.llama.DecodeGraphs``, which runs under ``torch.no_grad``)."""
+        if self._append_kv is not None:
+            self._append_kv(self.k_pages[layer], self.v_pages[layer], slots, k, v)
+            return
         shape = (-1, self.num_kv_heads, self.head_dim)
         self.k_pages[layer].view(shape).index_copy_(0, slots, k)
         self.v_pages[layer].view(shape).index_copy_(0, slots, v)
