@@ -2,14 +2,14 @@
 ``env -u TRITON_INTERPRET python bench/ptxas_kv.py`` (~1 min on 2 cores; ``PYTHONPATH`` another Triton
 to compare versions, as for ``bench/ptxas_lora.py``).
 
-For each decode and prefill tile that ``bench/tune_kv.py`` sweeps (bf16, 32 query / 8 KV heads, head
-dim 128, page 16), it prints ptxas' registers and spill stores, the shared memory a program holds,
-how deep the K/V tiles are buffered in shared memory, and the ``async_wait`` counts in the TTGIR:
-``num = 0`` at the top of the key loop waits for every copy in flight (the next tile's load does
-not overlap this tile's dots); ``num > 0`` leaves the copies of later tiles in flight. Why it
-matters: the block-table load feeds the K/V addresses and takes a pipeline stage of its own, so
-Triton's default of 3 stages leaves the decode kernel's K/V single-buffered with a full wait
-(see ``decode_config``).
+For each decode and prefill tile that ``bench/tune_kv.py`` sweeps, and decode at 2 and 4 stages too
+(bf16, 32 query / 8 KV heads, head dim 128, page 16), it prints ptxas' registers and spill stores, the
+shared memory a program holds, how deep the K/V tiles are buffered in shared memory, and the
+``async_wait`` counts in the TTGIR: ``num = 0`` at the top of the key loop waits for every copy in
+flight (the next tile's load does not overlap this tile's dots); ``num > 0`` leaves the copies of later
+tiles in flight. Why it matters: the block-table load feeds the K/V addresses and takes a pipeline stage
+of its own, so Triton's default of 3 stages leaves the decode kernel's K/V single-buffered with a full
+wait (see ``decode_config``).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from kfuse.triton_kernels import kv as tk
 G, D, PAGE = 4, 128, 16
 _PTRS = {name: "i32" for name in ("bt_ptr", "ids_ptr", "lens_ptr", "qlens_ptr", "qstart_ptr")}
 _PTRS.update({name: "bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}, po_ptr="fp32", plse_ptr="fp32")
-# The candidates of bench/tune_kv.py's sweeps (decode: BLOCK_N x stages; prefill: BLOCK_M x BLOCK_N x
-# warps x stages), at 4 warps for decode (warps do not change the buffers).
+# bench/tune_kv.py's candidates (decode: BLOCK_N x stages, with 2 and 4 stages too, to show where the
+# buffers change; prefill: BLOCK_M x BLOCK_N x warps x stages), decode at 4 warps (warps do not change
+# the buffers).
 DECODE = {"block_n": (32, 64, 128), "stages": (2, 3, 4, 5)}
 PREFILL = {"block_m": (64, 128), "block_n": (32, 64), "warps": (4, 8), "stages": (3, 5)}
 
