@@ -41,7 +41,7 @@ precision (decode is bandwidth-bound: tf32 would only lose accuracy), half dots 
 Block sizes are fixed guesses for H100/H200 (tune on the GPU, see ``BLOCK_N``/``SPLIT_TOKENS``).
 
 Prefill / append attention (``_prefill_kernel``), several causal queries per sequence, packed: grid
-(sequences, KV heads, blocks of TOK new tokens); a program's BLOCK_M rows are its TOK tokens × the G
+(sequences, KV heads, blocks of TOK new tokens, the last block first); a program's BLOCK_M rows are its TOK tokens × the G
 query heads of its KV head (row = token · G + head), and each K/V tile it loads serves the G heads
 (grouped-query attention, as the decode kernel). For a long prompt that is as many tile loads and
 dots as one head's BLOCK_M tokens a program; a short append (fewer than BLOCK_M tokens, e.g. a few
@@ -327,7 +327,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, q
     """
     i = tl.program_id(0)
     h = tl.program_id(1)
-    mb = tl.program_id(2)
+    # The last query blocks first: they see the most key tiles (causal), and a GPU starts programs in
+    # grid order, so the cheap first blocks then fill the last wave instead of the costliest ones.
+    mb = tl.num_programs(2) - 1 - tl.program_id(2)
     t = tl.load(qlens_ptr + i)
     if mb * TOK >= t:
         return
