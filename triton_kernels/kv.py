@@ -41,8 +41,8 @@ precision (decode is bandwidth-bound: tf32 would only lose accuracy), half dots 
 Block sizes are fixed guesses for H100/H200 (tune on the GPU, see ``BLOCK_N``/``SPLIT_TOKENS``).
 
 Prefill / append attention (``_prefill_kernel``), several causal queries per sequence, packed: grid
-(sequences, KV heads, blocks of TOK new tokens, the last block first); a program's BLOCK_M rows are its TOK tokens × the G
-query heads of its KV head (row = token · G + head), and each K/V tile it loads serves the G heads
+(sequences, KV heads, blocks of TOK new tokens, the last block first); a program's BLOCK_M rows are its
+TOK tokens × the G query heads of its KV head (row = token · G + head), and each K/V tile it loads serves the G heads
 (grouped-query attention, as the decode kernel). For a long prompt that is as many tile loads and
 dots as one head's BLOCK_M tokens a program; a short append (fewer than BLOCK_M tokens, e.g. a few
 tokens after a rollback) fills the MMA's rows with the group's heads instead of leaving them empty

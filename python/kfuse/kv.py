@@ -189,7 +189,8 @@ class PagedKVCache:
 
             self._append_kv = paged_append
         # Open step: None, or dict(ids, counts, pending (CPU int64; pending: [max_seqs] tokens of the
-        # step per sequence), layers (set), slots (flat page · page_size + slot, device int64)).
+        # step per sequence), layers (set), slots (flat page · page_size + slot, device int64), commit
+        # (advance's device writes: offsets, values; None on an unmirrored cache)).
         self._step: dict | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -412,7 +413,7 @@ class PagedKVCache:
         caller's next call is :meth:`advance` (or :meth:`abort_step`).
 
         The new tokens' places cross to the device as flat slots (``page · page_size + slot``, from the C++
-        plan), written by ``index_copy_`` (one kernel per pool). On a mirrored cache they cross in one
+        plan), where :meth:`_write` puts each layer's K/V. On a mirrored cache they cross in one
         host-to-device copy with the step's metadata writes and with :meth:`advance`'s writes
         (``seq_lens[ids] + cnt``, known now: nothing may change a length while the step is open), so a
         step that takes no page makes one copy where it made two and :meth:`advance` none."""
