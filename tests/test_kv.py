@@ -254,6 +254,20 @@ def test_triton_append_writes_what_index_copy_writes(dtype, seed):
         check_invariants(c)
 
 
+@pytest.mark.interpret
+def test_triton_append_takes_strided_slots(seed):
+    """paged_append given its slots as a column view (stride 2) writes the rows index_copy_ writes (it
+    read them as contiguous: slot 9 lost, row 0 overwritten; review 2026-12-04)."""
+    kp, vp = torch.zeros(4, 4, 2, 4), torch.zeros(4, 4, 2, 4)
+    want_k, want_v = kp.clone(), vp.clone()
+    slots = torch.tensor([[3, 0], [7, 0], [9, 0]])[:, 0]
+    k, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    tk.paged_append(kp, vp, slots, k, v)
+    want_k.view(-1, 2, 4).index_copy_(0, slots, k)
+    want_v.view(-1, 2, 4).index_copy_(0, slots, v)
+    assert torch.equal(kp, want_k) and torch.equal(vp, want_v)
+
+
 def test_metadata_ops_refuse_a_cuda_graph_capture_before_changing_anything(monkeypatch):
     """Inside a CUDA-graph capture every metadata op raises before touching the host or device state
     (its host half would run once, at capture). Checked on a mirrored CPU cache posing as a CUDA one,

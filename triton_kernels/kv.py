@@ -292,7 +292,7 @@ def paged_append(k_pool: Tensor, v_pool: Tensor, slots: Tensor, k: Tensor, v: Te
     Args:
         k_pool, v_pool: one layer's pools ``[num_pages, page_size, H, D]``, contiguous.
         slots: int64 ``[total]``, distinct flat slots ``page · page_size + slot`` (not checked: the
-            cache's plan gives them).
+            cache's plan gives them), any stride.
         k, v: ``[total, H, D]``, the pools' dtype and device, unit stride along D.
     """
     total, H, D = k.shape
@@ -300,6 +300,7 @@ def paged_append(k_pool: Tensor, v_pool: Tensor, slots: Tensor, k: Tensor, v: Te
         raise ValueError("paged_append: the pools must be contiguous")
     if k.stride(2) != 1 or v.stride(2) != 1:
         k, v = k.contiguous(), v.contiguous()
+    slots = slots.contiguous()  # the kernel reads slots[t] at t (a column view is strided)
     if total == 0:
         return
     block = min(next_pow2(H * D), 1024)
