@@ -268,6 +268,28 @@ def test_triton_append_takes_strided_slots(seed):
     assert torch.equal(kp, want_k) and torch.equal(vp, want_v)
 
 
+@pytest.mark.parametrize("mirror", [False, True], ids=["cpu-state", "device-copy"])
+def test_a_cache_made_in_inference_mode_works_outside_it(mirror, seed):
+    """A cache made under torch.inference_mode() appends, rolls back, forks and attends outside it (its
+    tensors were inference tensors, which refuse in-place writes there: a mirrored cache's first append
+    failed after the host had taken its page, leaving it held with no step open; review 2026-12-04)."""
+    with torch.inference_mode():
+        cache = make(_mirror=mirror)
+    dense = Dense(cache)
+    a = cache.add_sequence()
+    dense.add(a)
+    step(cache, dense, [a], [PS + 1])
+    cache.rollback([a], [PS - 1])
+    dense.kv[a] = [[k[:PS - 1], v[:PS - 1]] for k, v in dense.kv[a]]
+    b = cache.fork(a, PS - 2)
+    dense.kv[b] = [[k[:PS - 2], v[:PS - 2]] for k, v in dense.kv[a]]
+    step(cache, dense, [a, b], [2, 3])
+    check_invariants(cache, dense)
+    q = torch.randn(2, HKV * 2, D)
+    assert_close(kfuse.paged_decode_attention(q, cache, 1, [a, b], backend="cpu"),
+                 paged_decode_attention_reference(q, cache, 1, [a, b]), torch.float32, "decode")
+
+
 def test_metadata_ops_refuse_a_cuda_graph_capture_before_changing_anything(monkeypatch):
     """Inside a CUDA-graph capture every metadata op raises before touching the host or device state
     (its host half would run once, at capture). Checked on a mirrored CPU cache posing as a CUDA one,
@@ -410,9 +432,9 @@ def test_bug_hunt_findings_leave_the_cache_as_it_was():
     """Five ways a user reached a broken or leaking cache (a review of 2026-12-03), each now refused
     with a clear error and the cache unchanged, or handled:
     counts near 2**63 wrapped their sum (and the C++ end-of-sequence check) and corrupted the metadata;
-    a K/V write that fails (pools made under inference_mode, written outside it) left a step open and
-    pages held; a list of bools passed as sequences 0 and 1; pending() and kv_len() read any index
-    and any layer; K/V that require grad made the pools part of an ever-growing autograd graph."""
+    a K/V write that fails left a step open and pages held; a list of bools passed as sequences 0 and 1;
+    pending() and kv_len() read any index and any layer; K/V that require grad made the pools part of an
+    ever-growing autograd graph."""
     cache, a, b = _populated()
     snap = snapshot(cache)
     huge = 2**63 - 1
@@ -430,15 +452,17 @@ def test_bug_hunt_findings_leave_the_cache_as_it_was():
     with pytest.raises(IndexError, match="layer"):
         cache.kv_len(L, a)
     # A failing write on the step's first layer: no step stays open, no page stays held.
-    with torch.inference_mode():
-        frozen = make()
-    s = frozen.add_sequence()
-    before = snapshot(frozen)
-    with pytest.raises(RuntimeError, match="[Ii]nference"):
-        frozen.append(0, [s], torch.randn(3, HKV, D), torch.randn(3, HKV, D), counts=[3])
-    assert frozen._step is None
-    now = snapshot(frozen)  # the metadata as it was (bytes past the lengths may hold what was written)
-    assert now[1] == before[1] and all(torch.equal(x, y) for x, y in zip(now[0][2:], before[0][2:], strict=True))
+    for mirror in (False, True):
+        failing = make(_mirror=mirror)
+        s = failing.add_sequence()
+        before = snapshot(failing)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(failing, "_write", lambda *a: (_ for _ in ()).throw(RuntimeError("write failed")))
+            with pytest.raises(RuntimeError, match="write failed"):
+                failing.append(0, [s], torch.randn(3, HKV, D), torch.randn(3, HKV, D), counts=[3])
+        assert failing._step is None
+        assert_same(failing, before)
+        check_invariants(failing)
     # K/V with autograd history are stored as values: the pools never require grad.
     w = torch.randn(D, D, requires_grad=True)
     for _ in range(3):

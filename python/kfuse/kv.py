@@ -125,6 +125,9 @@ class PagedKVCache:
     compiled extension ``kfuse._C`` (its C++ metadata kernels keep the host state).
     """
 
+    # Its tensors are made outside inference mode even when the cache is made inside it: an inference
+    # tensor refuses in-place writes outside inference mode, so such a cache failed its first append there.
+    @torch.inference_mode(False)
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, num_pages: int,
                  max_seqs: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  max_pages_per_seq: int | None = None, *, _mirror: bool = False) -> None:
@@ -495,6 +498,7 @@ class PagedKVCache:
     def _rollback(self, ids: Tensor, lens: Tensor, check_lens: bool) -> None:
         self._replay(self._host.rollback(ids, lens, check_lens))  # validates everything first
 
+    @torch.inference_mode(False)  # its buffers, written by every call, must not be inference tensors
     def graphed_rollback(self, n: int) -> Callable[[Any, Any], None]:
         """A rollback of exactly ``n`` sequences whose device half is one CUDA-graph replay (CUDA caches).
 
