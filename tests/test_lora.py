@@ -13,7 +13,7 @@ import pytest
 import sm90
 import torch
 from tolerances import TOL, assert_close
-from torch import Tensor
+from torch import Tensor, nn
 
 import kfuse
 from kfuse import _backends
@@ -676,11 +676,48 @@ def test_merged_state_travels_with_the_weight(seed: int) -> None:
     with pytest.raises(ValueError, match="_extra_state"):
         dst.load_state_dict({**src.state_dict(), "_extra_state": True})
     dst.merge()
-    plain = {k: v for k, v in src.state_dict().items() if k != "_extra_state"}  # PEFT-style: the base W
+    plain = {k: v for k, v in src.state_dict().items() if k != "lora_merged"}  # PEFT-style: the base W
     dst.load_state_dict(plain)  # strict, without the flag
     assert not dst.merged
     with torch.no_grad():
         torch.testing.assert_close(dst(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_holds_tensors_only(seed: int) -> None:
+    """A LoRALinear's state_dict holds tensors only, as torch's layers' do (its merged flag was a dict of
+    extra state, which safetensors, torch.func.functional_call and code cloning or moving every entry
+    refused; review 2026-12-04): the flag is the 0-d bool buffer lora_merged. A snapshot of cloned
+    entries keeps the flag that goes with its W; an earlier kfuse's checkpoint (the flag as extra
+    state) still loads, strictly."""
+    layer = kfuse.nn.LoRALinear(9, 6, r=3).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 9)
+    with torch.no_grad():
+        y = layer(x)
+    sd = layer.state_dict()
+    assert all(isinstance(v, Tensor) for v in sd.values()), {k: type(v) for k, v in sd.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(torch.func.functional_call(layer, sd, (x,)), y)
+    snap = {k: v.clone() for k, v in sd.items()}  # unmerged W, flag False
+    layer.merge()
+    assert bool(sd["lora_merged"]) and not bool(snap["lora_merged"])  # the live alias follows W
+    fresh = kfuse.nn.LoRALinear(9, 6, r=3).eval()
+    fresh.load_state_dict(snap)
+    assert not fresh.merged
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), y, rtol=1e-5, atol=1e-5)
+    old = {k: v for k, v in layer.state_dict().items() if k != "lora_merged"}
+    old["_extra_state"] = {"merged": True}  # a merged checkpoint of kfuse before 2026-12-04
+    fresh.load_state_dict(old)
+    assert fresh.merged
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), y, rtol=1e-5, atol=1e-5)
+    net = nn.Sequential(kfuse.nn.LoRALinear(9, 6, r=3), nn.ReLU())
+    net[0].merge()
+    again = nn.Sequential(kfuse.nn.LoRALinear(9, 6, r=3), nn.ReLU())
+    again.load_state_dict({k: v.clone() for k, v in net.state_dict().items()})
+    assert again[0].merged
 
 
 def test_merged_flag_through_resets_and_state_dicts_taken_before_a_merge(seed: int) -> None:

@@ -124,7 +124,8 @@ class LoRALinear(nn.Module):
         self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, lora_dropout, use_rslora
         self.fan_in_fan_out = fan_in_fan_out
         self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self._extra = {"merged": False}  # see merged
+        self._merged = False  # see merged
+        self.register_buffer("lora_merged", torch.zeros((), dtype=torch.bool, device=weight.device))
         self.weight = weight
         self.bias = bias
         a_dtype = _adapter_dtype(adapter_dtype, weight.dtype, type(self).__name__)
@@ -152,15 +153,19 @@ class LoRALinear(nn.Module):
 
     @property
     def merged(self) -> bool:
-        """Whether W holds the adapter (:meth:`merge`). Kept in the dict :meth:`get_extra_state` returns,
-        so a state_dict taken before a merge or unmerge says what its W (an alias of the live one, as
-        torch's state_dicts are) holds: with a snapshot, a state_dict taken before merge() counted the
-        adapter twice once loaded (state bug hunt)."""
-        return self._extra["merged"]
+        """Whether W holds the adapter (:meth:`merge`). Saved as the 0-d bool buffer ``lora_merged``, updated
+        in place, so a state_dict taken before a merge or unmerge says what its W (an alias of the live
+        one, as torch's state_dicts are) holds: with a snapshot, a state_dict taken before merge() counted
+        the adapter twice once loaded (state bug hunt). A tensor, not extra state: a dict in the
+        state_dict broke safetensors, ``torch.func.functional_call`` and code that clones or moves every
+        entry (review 2026-12-04). The forward reads a Python copy (no device read, a constant for
+        ``torch.compile``)."""
+        return self._merged
 
     @merged.setter
     def merged(self, value: bool) -> None:
-        self._extra["merged"] = value
+        self._merged = bool(value)
+        self.lora_merged.fill_(self._merged)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -214,22 +219,17 @@ class LoRALinear(nn.Module):
         self.weight.copy_(self._updated_weight(-1.0))
         self.merged = False
 
-    def get_extra_state(self) -> dict:
-        # Whether W holds the adapter (merge()): saved with W, so that a merged checkpoint loaded into
-        # an unmerged layer (or the reverse) does not count the adapter twice, or not at all. The live
-        # dict, as W is the live tensor (see merged).
-        return self._extra
-
-    def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or not isinstance(state.get("merged"), bool):
-            raise ValueError(f"LoRALinear: the state_dict's _extra_state must be {{'merged': bool}}; got {state!r}")
-        self.merged = state["merged"]
-
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        # A W without the flag (a PEFT-style dict, an earlier kfuse's checkpoint) is the base weight.
-        if prefix + "weight" in state_dict:
-            state_dict.setdefault(prefix + "_extra_state", {"merged": False})
+        # A W without the flag (a PEFT-style dict) is the base weight; a checkpoint of kfuse before
+        # 2026-12-04 kept the flag as extra state, {"merged": bool}.
+        key, old = prefix + "lora_merged", state_dict.pop(prefix + "_extra_state", None)
+        if old is not None and not (isinstance(old, dict) and isinstance(old.get("merged"), bool)):
+            raise ValueError(f"LoRALinear: the state_dict's {prefix}_extra_state (an earlier kfuse's merged flag) "
+                             f"must be {{'merged': bool}}; got {old!r}")
+        if key not in state_dict and (old is not None or prefix + "weight" in state_dict):
+            state_dict[key] = torch.tensor(old["merged"] if old is not None else False)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._merged = bool(self.lora_merged)
 
     def forward(self, x: Tensor) -> Tensor:
         """:func:`kfuse.lora_linear` with this layer's parameters (dropout in training mode only);
