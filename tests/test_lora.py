@@ -612,14 +612,41 @@ def test_lora_linear_module(seed: int) -> None:
         kfuse.nn.LoRALinear(4, 4, backend="gpu")
 
 
+def _conv1d(in_features: int, out_features: int) -> nn.Module:
+    """GPT-2's Conv1D (weight [in, out], y = x W + b), random weight and bias."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D(out_features, in_features)
+    with torch.no_grad():
+        conv1d.weight.normal_()
+        conv1d.bias.normal_()
+    return conv1d
+
+
+@pytest.mark.parametrize("cls", ["LoRALinear", "MultiLoRALinear"])
+def test_from_linear_takes_the_layout_from_the_module(cls: str, seed: int) -> None:
+    """from_linear reads a GPT-2 Conv1D as [in, out] and an nn.Linear as [out, in] whatever fan_in_fan_out
+    says, warning where it said otherwise (as PEFT does): a square Conv1D (GPT-2's c_proj) taken without
+    fan_in_fan_out=True computed x Wᵀ where it computes x W, with no error (review 2026-12-04). A module
+    of neither kind is refused."""
+    make = getattr(kfuse.nn, cls).from_linear
+    x = torch.randn(3, 16)
+    for base, flag in ((_conv1d(16, 16), False), (_conv1d(16, 24), False), (torch.nn.Linear(16, 16), True)):
+        with pytest.warns(UserWarning, match=f"using fan_in_fan_out={not flag}"):
+            layer = make(base, fan_in_fan_out=flag).eval()
+        assert layer.fan_in_fan_out is not flag
+        with torch.no_grad():
+            got = layer(x) if cls == "LoRALinear" else layer(x, torch.full((3,), -1))
+            torch.testing.assert_close(got, base(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="must be an nn.Linear or a GPT-2 Conv1D; got Embedding"):
+        make(torch.nn.Embedding(4, 3))
+
+
 @pytest.mark.parametrize("fifo", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_unmerge(fifo: bool, dtype: torch.dtype, seed: int) -> None:
     """from_linear shares the base weight; merge folds s·B A into it (fp32 accumulation) and the
     merged layer computes the unmerged one's output; unmerge restores W."""
-    linear = torch.nn.Linear(30, 18).to(dtype)
-    if fifo:  # a GPT-2 Conv1D: weight [in, out]
-        linear.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous())
+    linear = _conv1d(30, 18) if fifo else torch.nn.Linear(30, 18)
+    linear = linear.to(dtype)
     w0 = linear.weight.detach().clone()
     m = kfuse.nn.LoRALinear.from_linear(linear, r=4, lora_alpha=8, fan_in_fan_out=fifo, lora_bias=True)
     assert m.weight is linear.weight and m.bias is linear.bias and not linear.weight.requires_grad
@@ -637,6 +664,10 @@ def test_merge_unmerge(fifo: bool, dtype: torch.dtype, seed: int) -> None:
     assert_close(m(x), y, dtype, "merged vs unmerged")
     with pytest.warns(UserWarning, match="already merged"):
         m.merge()
+    with pytest.raises(TypeError, match="kfuse.LoRALinear: weight must have x's dtype"):  # F.linear's bare error
+        m(x.double())
+    with pytest.raises(ValueError, match="kfuse.LoRALinear: weight must have shape"):
+        m(x[:, :29])
     m.unmerge()
     assert not m.merged
     if dtype == torch.float32:
@@ -1993,7 +2024,7 @@ def test_report_rows_tiny(report_rows) -> None:
     assert "x@W.T" in out and "dY@W" in out and "saved MiB" in out and "tok/s" in out
 
 
-def test_module_casts_keep_float32_scalings_and_adapter_dtype_is_checked() -> None:
+def test_module_casts_keep_accumulation_dtype_scalings_and_adapter_dtype_is_checked() -> None:
     """MultiLoRALinear.to(half) keeps ``scalings`` float32 (documented; they were rounded to the
     module's dtype, 0.2% of the LoRA term in bf16), also for adapters added after the cast; an
     adapter_dtype the op cannot take (neither float32 nor the base's) is refused at construction,
@@ -2006,6 +2037,22 @@ def test_module_casts_keep_float32_scalings_and_adapter_dtype_is_checked() -> No
         assert half.scalings.dtype == torch.float32
         assert half.scalings.tolist() == torch.tensor([2 / 3, 1 / 3]).tolist()
         assert half.A_stack.dtype == dt and half.weight.dtype == dt
+    # A float64 layer keeps float64 scalings (float32 ones put ~1e-7 of error into its LoRA term; review
+    # 2026-12-04), made so or cast so; and back to float32 with the layer.
+    x, ids = torch.randn(5, 8, dtype=torch.float64), torch.tensor([0, 1, -1, 1, 0])
+    A, B = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    for f64 in (kfuse.nn.MultiLoRALinear(8, 4, dtype=torch.float64), copy.deepcopy(m).double()):
+        f64.A_stack, f64.B_stack, f64.scalings, f64.ranks = (f64.A_stack[:0], f64.B_stack[:0], f64.scalings[:0],
+                                                            f64.ranks[:0])
+        for a, b in zip(A, B, strict=True):
+            f64.add_adapter(a, b, 1 / 3)
+        assert f64.scalings.dtype == torch.float64
+        with torch.no_grad():
+            want = x @ f64.weight.T + f64.bias + torch.stack(
+                [(1 / 3) * (x[i] @ A[j].T) @ B[j].T if j >= 0 else torch.zeros(4, dtype=torch.float64)
+                 for i, j in enumerate(ids.tolist())])
+            torch.testing.assert_close(f64(x, ids), want, rtol=0, atol=1e-13)
+        assert f64.float().scalings.dtype == torch.float32
     for cls in (kfuse.nn.LoRALinear, kfuse.nn.MultiLoRALinear):
         with pytest.raises(TypeError, match="adapter_dtype must be torch.float32 or the base weight's dtype"):
             cls(8, 4, adapter_dtype=torch.float16)

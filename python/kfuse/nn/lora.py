@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from kfuse import _checks
 from kfuse.nn._buffers import apply_keeping_dtype
-from kfuse.ops.lora import BACKENDS, lora_linear, lora_linear_multi
+from kfuse.ops.lora import BACKENDS, _check_tensor, _check_x_weight, lora_linear, lora_linear_multi
 from kfuse.reference.lora import acc_dtype
 
 
@@ -50,23 +50,41 @@ def _new_base(cls: str, in_features: int, out_features: int, bias: bool, fan_in_
     return in_features, out_features, weight, b
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is GPT-2's ``Conv1D`` (``transformers.pytorch_utils``; not imported: transformers is
+    no runtime dependency): weight ``[in, out]``, ``y = x W + b``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
 def _base_parameters(linear: nn.Module, fan_in_fan_out: bool, freeze_base: bool,
-                     cls: str) -> tuple[nn.Parameter, nn.Parameter | None, int, int]:
-    """(weight, bias, in_features, out_features) of an ``nn.Linear`` (``[out, in]``) or, with
-    ``fan_in_fan_out``, of a GPT-2 ``Conv1D`` (``[in, out]``); ``freeze_base`` sets
-    ``requires_grad=False`` on them, as PEFT does."""
+                     cls: str) -> tuple[nn.Parameter, nn.Parameter | None, int, int, bool]:
+    """(weight, bias, in_features, out_features, fan_in_fan_out) of an ``nn.Linear`` (``[out, in]``) or of a
+    GPT-2 ``Conv1D`` (``[in, out]``). ``fan_in_fan_out`` follows the module, with a warning where the
+    argument said otherwise, as PEFT does: a square Conv1D taken as ``[out, in]`` computed ``x Wᵀ``
+    without an error (review 2026-12-04). ``freeze_base`` sets ``requires_grad=False`` on them, as PEFT
+    does."""
     _checks.check_bool(f"{cls}.from_linear", "freeze_base", freeze_base)
-    weight = getattr(linear, "weight", None)
+    _checks.check_bool(f"{cls}.from_linear", "fan_in_fan_out", fan_in_fan_out)
+    conv1d = _is_conv1d(linear)
+    if not (conv1d or isinstance(linear, nn.Linear)):
+        raise TypeError(f"{cls}.from_linear: linear must be an nn.Linear or a GPT-2 Conv1D; got "
+                        f"{type(linear).__name__}")
+    weight = linear.weight
     if not isinstance(weight, Tensor) or weight.ndim != 2:
-        raise TypeError(f"{cls}.from_linear: linear must have a 2-D weight (nn.Linear, or a Conv1D with "
-                        f"fan_in_fan_out=True); got {type(linear).__name__}")
+        raise TypeError(f"{cls}.from_linear: linear.weight must be a 2-D tensor; got "
+                        f"{type(weight).__name__ if not isinstance(weight, Tensor) else tuple(weight.shape)}")
+    if fan_in_fan_out != conv1d:
+        kind = "a Conv1D (weight [in, out])" if conv1d else "an nn.Linear (weight [out, in])"
+        warnings.warn(f"{cls}.from_linear: fan_in_fan_out={fan_in_fan_out} but linear is {kind}; using "
+                      f"fan_in_fan_out={conv1d}", stacklevel=3)
+        fan_in_fan_out = conv1d
     in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
     bias = getattr(linear, "bias", None)
     if freeze_base:
         weight.requires_grad_(False)
         if bias is not None:
             bias.requires_grad_(False)
-    return weight, bias, in_f, out_f
+    return weight, bias, in_f, out_f, fan_in_fan_out
 
 
 class LoRALinear(nn.Module):
@@ -141,10 +159,12 @@ class LoRALinear(nn.Module):
                     freeze_base: bool = True, backend: str = "auto",
                     adapter_dtype: torch.dtype | None = None) -> LoRALinear:
         """A LoRA layer over ``linear``'s weight and bias, shared (the same Parameters, not
-        copies: merging writes into them). ``linear`` is an ``nn.Linear``, or with
-        ``fan_in_fan_out=True`` a module whose weight is ``[in, out]`` (GPT-2's Conv1D).
-        ``freeze_base`` sets ``requires_grad=False`` on them, as PEFT does."""
-        weight, bias, in_f, out_f = _base_parameters(linear, fan_in_fan_out, freeze_base, cls.__name__)
+        copies: merging writes into them). ``linear`` is an ``nn.Linear``, or GPT-2's Conv1D (weight
+        ``[in, out]``): ``fan_in_fan_out`` follows the module (True for a Conv1D), with a warning where
+        it said otherwise, as PEFT does. ``freeze_base`` sets ``requires_grad=False`` on them, as PEFT
+        does."""
+        weight, bias, in_f, out_f, fan_in_fan_out = _base_parameters(linear, fan_in_fan_out, freeze_base,
+                                                                     cls.__name__)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(weight, bias, in_f, out_f, r, lora_alpha, lora_dropout, use_rslora, fan_in_fan_out, lora_bias,
@@ -234,7 +254,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """:func:`kfuse.lora_linear` with this layer's parameters (dropout in training mode only);
         when merged, the base layer (plus ``scaling · lora_bias``)."""
-        if self.merged:
+        if self.merged:  # the unmerged op's checks, where F.linear raised bare shape and dtype errors
+            _check_tensor("LoRALinear", "x", x)
+            _check_x_weight("LoRALinear", x, self.weight, self.fan_in_fan_out)
             y = nn.functional.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
             if self.lora_bias is not None:
                 y = y + (self.scaling * self.lora_bias).to(y.dtype)
@@ -256,7 +278,8 @@ class MultiLoRALinear(nn.Module):
 
     Adapters of any rank are added with :meth:`add_adapter`; they are stored padded to the
     largest rank (``r_max``) in the buffers ``A_stack [L, r_max, K]``, ``B_stack [L, N, r_max]``,
-    ``scalings [L]`` (float32) and ``ranks [L]`` (int32). Padding is never read.
+    ``scalings [L]`` (float32; float64 for a float64 layer) and ``ranks [L]`` (int32). Padding is never
+    read.
 
     Args:
         in_features: K. out_features: N.
@@ -294,14 +317,15 @@ class MultiLoRALinear(nn.Module):
         dev, a_dtype = weight.device, _adapter_dtype(adapter_dtype, weight.dtype, "MultiLoRALinear")
         self.register_buffer("A_stack", torch.zeros(0, 0, in_features, device=dev, dtype=a_dtype))
         self.register_buffer("B_stack", torch.zeros(0, out_features, 0, device=dev, dtype=a_dtype))
-        self.register_buffer("scalings", torch.zeros(0, device=dev, dtype=torch.float32))
+        self.register_buffer("scalings", torch.zeros(0, device=dev, dtype=acc_dtype(weight.dtype)))
         self.register_buffer("ranks", torch.zeros(0, device=dev, dtype=torch.int32))
 
     def _apply(self, fn, recurse: bool = True):
-        # scalings stay float32 through .half() / .to(dtype), which would round every adapter's scaling to
-        # the module's dtype (bf16: 0.2% of the LoRA term).
+        # scalings stay in the accumulation dtype of the base weight through .half() / .to(dtype): float32,
+        # where the cast would round every adapter's scaling to the module's dtype (bf16: 0.2% of the LoRA
+        # term); float64 for a float64 layer (float32 lost ~1e-7 there; review 2026-12-04).
         apply_keeping_dtype(self, lambda: super(MultiLoRALinear, self)._apply(fn, recurse), ["scalings"],
-                            lambda: torch.float32)
+                            lambda: acc_dtype(self.weight.dtype))
         return self
 
     @classmethod
@@ -309,7 +333,8 @@ class MultiLoRALinear(nn.Module):
                     backend: str = "auto", adapter_dtype: torch.dtype | None = None) -> MultiLoRALinear:
         """A multi-adapter layer over ``linear``'s weight and bias, shared (not copied);
         ``freeze_base`` sets ``requires_grad=False`` on them."""
-        weight, bias, in_f, out_f = _base_parameters(linear, fan_in_fan_out, freeze_base, cls.__name__)
+        weight, bias, in_f, out_f, fan_in_fan_out = _base_parameters(linear, fan_in_fan_out, freeze_base,
+                                                                     cls.__name__)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(weight, bias, in_f, out_f, fan_in_fan_out, backend, adapter_dtype)
