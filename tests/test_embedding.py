@@ -579,6 +579,17 @@ def test_torch_arguments_from_pretrained_and_meta(seed):
         kfuse.embedding_bag(idx, w.t().contiguous().t(), off)
     with pytest.raises(ValueError, match="_weight must be contiguous"):
         kfuse.nn.EmbeddingBag(10, 3, _weight=torch.randn(3, 10).t())
+    # Review 2026-12-04: from_pretrained's error named the constructor's _weight; a bad backend passed the
+    # modules' constructors and failed at the first forward; a 3-D input's error gave its dtype, not its rank.
+    with pytest.raises(ValueError, match=r"from_pretrained: embeddings must be contiguous"):
+        kfuse.nn.EmbeddingBag.from_pretrained(torch.randn(3, 10).t())
+    with pytest.raises(ValueError, match="nn.EmbeddingBag: backend must be 'auto' or one of"):
+        kfuse.nn.EmbeddingBag(10, 3, backend="bogus")
+    with pytest.raises(ValueError, match="MultiTableEmbeddingBag: backend must be 'auto' or one of"):
+        kfuse.nn.MultiTableEmbeddingBag([(10, 3)], backend="bogus")
+    with pytest.raises(ValueError, match="input must be a 1-D or 2-D int32/int64 tensor; got 3-D torch.int64"):
+        kfuse.embedding_bag(idx.view(1, 2, 3), w)
+    assert "feature_table_map=[0, 0], mode='sum'" in repr(kfuse.nn.MultiTableEmbeddingBag([(10, 3)], [0, 0]))
     meta = kfuse.nn.EmbeddingBag(10, 3, mode="sum", device="meta")
     out = meta(idx.to("meta"), off.to("meta"))
     assert out.device.type == "meta" and out.shape == (2, 3)

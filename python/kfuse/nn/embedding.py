@@ -56,6 +56,7 @@ class EmbeddingBag(nn.Module):
         super().__init__()
         E.check_torch_only("nn.EmbeddingBag", max_norm, norm_type, scale_grad_by_freq, mode)
         _check_mode("nn.EmbeddingBag", check)
+        _backends.check_backend_name("nn.EmbeddingBag", backend)  # here, not at the first forward
         self.max_norm, self.norm_type, self.scale_grad_by_freq = max_norm, norm_type, scale_grad_by_freq
         if mode not in ("sum", "mean"):
             raise ValueError(f"mode must be 'sum' or 'mean' (kfuse has no 'max'); got {mode!r}")
@@ -98,6 +99,9 @@ class EmbeddingBag(nn.Module):
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
             raise ValueError(f"from_pretrained: embeddings must be a 2-D tensor; got "
                              f"{tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings)}")
+        if not embeddings.is_contiguous():  # (the constructor's error named its _weight)
+            raise ValueError("from_pretrained: embeddings must be contiguous (the kernels read rows in place and "
+                             "the module uses the tensor as its weight, not a copy: pass embeddings.contiguous())")
         m = cls(*embeddings.shape, mode, padding_idx, include_last_offset, sparse, _weight=embeddings,
                 backend=backend, check=check, max_norm=max_norm, norm_type=norm_type,
                 scale_grad_by_freq=scale_grad_by_freq)
@@ -172,6 +176,7 @@ class MultiTableEmbeddingBag(nn.Module):
                  process_group: object | None = None, backend: str = "auto", check: str = "sync") -> None:
         super().__init__()
         _check_mode("MultiTableEmbeddingBag", check)
+        _backends.check_backend_name("MultiTableEmbeddingBag", backend)
         tables = _table_sizes(tables)
         if not tables or any(r < 1 or d < 1 for r, d in tables):
             raise ValueError(f"tables must be a non-empty list of (rows >= 1, dim >= 1); got {tables}")
@@ -266,6 +271,12 @@ class MultiTableEmbeddingBag(nn.Module):
     def embedding_dim(self) -> int:
         """Width of the output: ``Σ_f dim_{table(f)}``."""
         return sum(self.tables[t][1] for t in self.feature_table_map)
+
+    def extra_repr(self) -> str:
+        opt = "" if self.optimizer is None else f", optimizer={self.optimizer!r}, lr={self.hparams['lr']:g}"
+        return (f"tables={self.tables}, feature_table_map={self.feature_table_map}, mode={self.mode!r}, "
+                f"padding_idx={self.padding_idx}, sparse={self.sparse}{opt}, backend={self.backend!r}, "
+                f"check={self.check!r}")
 
     def forward(self, indices, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
         if type(indices).__name__ == "KeyedJaggedTensor":  # torchrec (optional): no import needed

@@ -739,8 +739,8 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
     _check_options(op, sparse, backend)
     _checks.check_bool(f"kfuse.{op}", "include_last_offset", include_last_offset)  # "False" is truthy
     if not isinstance(input, Tensor) or input.dtype not in _INTS or input.dim() not in (1, 2):
-        raise ValueError(f"kfuse.{op}: input must be a 1-D or 2-D int32/int64 tensor; got "
-                         f"{input.dtype if isinstance(input, Tensor) else type(input).__name__}")
+        got = f"{input.dim()}-D {input.dtype}" if isinstance(input, Tensor) else type(input).__name__
+        raise ValueError(f"kfuse.{op}: input must be a 1-D or 2-D int32/int64 tensor; got {got}")
     psw = per_sample_weights
     if input.dim() == 2:
         if offsets is not None:
