@@ -357,6 +357,23 @@ def test_decode_graphs_replay_the_eager_step(device):
         assert_close(row[None], hf_logits(hf, seqs[s])[-1:], torch.float32, f"sequence {s}")
 
 
+@pytest.mark.cuda
+def test_decode_graphs_captured_in_inference_mode_replay_outside_it():
+    """A step captured under torch.inference_mode() replays under torch.no_grad(): its static input,
+    made as an inference tensor, refused the copy into it there (review 2026-12-04); and a cache made
+    under inference_mode serves steps outside it."""
+    _, model = build("cuda")
+    with torch.inference_mode():
+        cache = model.new_cache(page_size=4, num_pages=32, max_seqs=3)
+    ids = [cache.add_sequence() for _ in range(2)]
+    model([rand_tokens(5), rand_tokens(3)], ids, cache)
+    step = model.decode_graphs(cache, max_len=16)
+    with torch.inference_mode():
+        first = step(rand_tokens(2), ids)
+    second = step(first.argmax(-1).cpu(), ids)
+    assert step.captures == 1 and second.shape == (2, VOCAB) and [cache.length(s) for s in ids] == [7, 5]
+
+
 def test_decode_graphs_bad_input_raises_and_leaves_the_cache_unchanged(monkeypatch):
     hf, model = build()
     cache = model.new_cache(page_size=4, num_pages=4, max_seqs=3)

@@ -392,6 +392,9 @@ class DecodeGraphs:
 
         return self.model._run(meta[4], meta[1], attend)
 
+    # Outside inference mode whatever the step's: a static input made as an inference tensor refuses the
+    # copy into it from a later step outside inference mode.
+    @torch.inference_mode(False)
     def _capture(self, n: int) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor] | None:
         cache, dev = self.cache, self.cache.device
         top = int(cache._h_top[0])
