@@ -385,8 +385,8 @@ def prefill_config(group: int, head_dim: int) -> tuple[int, int, int, int, int]:
     under the interpreter; at least the group) holding TOK = BLOCK_M // group tokens of the group's
     heads. Stages as in :func:`decode_config`: at 3 (the H200 run of 2026-12-04) the K/V tiles are
     double-buffered but every iteration waits for all copies, so loads do not overlap the dots; at 5
-    they do (sm_90a, bf16, G 4, d 128, BLOCK_M 64, BLOCK_N 64, Triton 3.8 / 3.6: 81 KB, 190 / 230
-    registers at 3 stages; 113 KB, 185 / 242 at 5; ``bench/ptxas_kv.py``)."""
+    they do (sm_90a, bf16, G 4, d 128, BLOCK_M 64, BLOCK_N 64, Triton 3.8 / 3.6: 81 KB, 188 / 230
+    registers at 3 stages; 113 KB, 184 / 232 at 5; ``bench/ptxas_kv.py``)."""
     block_m = max(16 if INTERPRETED else 64, next_pow2(group))
     block_d = max(16, next_pow2(head_dim))
     return block_m, block_m // group, block_d, 4, 3
