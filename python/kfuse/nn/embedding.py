@@ -29,11 +29,6 @@ __all__ = ["EmbeddingBag", "MultiTableEmbeddingBag", "OPTIMIZERS"]
 OPTIMIZERS = ("sgd", "rowwise_adagrad", "adam")
 
 
-def _check_mode(module: str, check: object) -> None:
-    if check not in E.CHECKS:
-        raise ValueError(f"{module}: check must be one of {E.CHECKS}; got {check!r}")
-
-
 class EmbeddingBag(nn.Module):
     """``torch.nn.EmbeddingBag`` (``sum``/``mean``) computed by :func:`kfuse.embedding_bag`.
 
@@ -55,7 +50,7 @@ class EmbeddingBag(nn.Module):
                  norm_type: float = 2.0, scale_grad_by_freq: bool = False) -> None:
         super().__init__()
         E.check_torch_only("nn.EmbeddingBag", max_norm, norm_type, scale_grad_by_freq, mode)
-        _check_mode("nn.EmbeddingBag", check)
+        E.check_mode("nn.EmbeddingBag", check)
         _backends.check_backend_name("nn.EmbeddingBag", backend)  # here, not at the first forward
         self.max_norm, self.norm_type, self.scale_grad_by_freq = max_norm, norm_type, scale_grad_by_freq
         if mode not in ("sum", "mean"):
@@ -175,7 +170,7 @@ class MultiTableEmbeddingBag(nn.Module):
                  beta2: float = 0.999, weight_decay: float = 0.0, seed: int = 0,
                  process_group: object | None = None, backend: str = "auto", check: str = "sync") -> None:
         super().__init__()
-        _check_mode("MultiTableEmbeddingBag", check)
+        E.check_mode("MultiTableEmbeddingBag", check)
         _backends.check_backend_name("MultiTableEmbeddingBag", backend)
         tables = _table_sizes(tables)
         if not tables or any(r < 1 or d < 1 for r, d in tables):

@@ -134,8 +134,7 @@ def _check_options(op: str, sparse: object, backend: object) -> None:
 def _validate(op: str, weights: list[Tensor], indices: object, offsets: object, feature_table: object, mode: object,
               per_sample_weights: object, padding_idx: object, check: object = "sync") -> _Bags:
     """Shape, dtype and device checks that read no tensor values (so no GPU sync)."""
-    if check not in CHECKS:
-        raise ValueError(f"kfuse.{op}: check must be one of {CHECKS}; got {check!r}")
+    check_mode(f"kfuse.{op}", check)
     w0 = weights[0]
     for name, t in (("indices", indices), ("offsets", offsets)):
         if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in _INTS:
@@ -274,6 +273,12 @@ def _check_values(op: str, weights: list[Tensor], indices: Tensor, offsets: Tens
 #:   :func:`check_embedding_errors` raises it on demand (at the end of an epoch, say). Nothing is read
 #:   under CUDA-graph capture (a replay reports nothing).
 CHECKS = ("sync", "async")
+
+
+def check_mode(where: str, check: object) -> None:
+    """``ValueError`` unless ``check`` is one of :data:`CHECKS` (``where``: the op or module, for the message)."""
+    if check not in CHECKS:
+        raise ValueError(f"{where}: check must be one of {CHECKS}; got {check!r}")
 
 
 @dataclass
