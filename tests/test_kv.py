@@ -1333,6 +1333,35 @@ def test_layers_of_a_step_share_one_validation(monkeypatch):
     assert torch.equal(fresh, outs[-1])
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS[:3])
+def test_a_step_under_inference_mode_attends_with_an_inference_ids_tensor(backend, device, seed):
+    """Under torch.inference_mode() the ids tensor is an inference tensor, which has no version counter:
+    the per-step memo read it and every layer's attention raised "Inference tensors do not track version
+    counter" (so did every step of the Llama model there; bug hunt). Such ids are checked at every call,
+    so a write into them between layers (allowed inside inference mode) changes the rows a later layer
+    reads, as it does for any other tensor."""
+    cache = make()
+    a, b = cache.add_sequence(), cache.add_sequence()
+    step(cache, None, [a, b], [5, 2])
+    q = torch.randn(2, 2 * HKV, D)
+    with torch.inference_mode():
+        ids = torch.tensor([a, b])
+        for layer in range(L):
+            cache.append(layer, ids, *_kv(2))
+        for layer in range(L):
+            if layer == 1:
+                ids.copy_(torch.tensor([b, a]))
+            order = ids.tolist()
+            got = kfuse.paged_decode_attention(q, cache, layer, ids, backend=backend)
+            assert_close(got, paged_decode_attention_reference(q, cache, layer, order), torch.float32,
+                         f"decode, layer {layer}")
+            got = kfuse.paged_prefill_attention(q, cache, layer, ids, [1, 1], backend=backend)
+            assert_close(got, paged_prefill_attention_reference(q, cache, layer, order, [1, 1]), torch.float32,
+                         f"prefill, layer {layer}")
+        cache.advance(ids.flip(0))
+    assert (cache.length(a), cache.length(b)) == (6, 3)
+
+
 def test_a_step_keeps_its_own_copy_of_the_callers_ids(seed):
     """The open step and the attention's per-step memo copy the caller's ids and counts tensors: writing
     them between layers (a buffer reused for the next batch) neither changes which sequences the step

@@ -357,6 +357,28 @@ def test_decode_graphs_replay_the_eager_step(device):
         assert_close(row[None], hf_logits(hf, seqs[s])[-1:], torch.float32, f"sequence {s}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_steps_under_inference_mode_equal_those_under_no_grad(device):
+    """Prefill and decode under torch.inference_mode(), with the sequence ids as a list or as an inference
+    tensor, give no_grad's logits bit for bit (every step with a layer raised there: the attention's
+    per-step memo read the ids' version counter, which inference tensors lack; bug hunt)."""
+    _, model = build(device)
+    prompts = [rand_tokens(5), rand_tokens(3)]
+    outs = []
+    for mode in (torch.no_grad, torch.inference_mode, torch.inference_mode):
+        cache = model.new_cache(page_size=4, num_pages=32, max_seqs=2)
+        with mode():
+            ids = [cache.add_sequence() for _ in range(2)]
+            if len(outs) == 2:  # the third run: a tensor made in inference mode
+                ids = torch.tensor(ids)
+            first = model(prompts, ids, cache)
+            nxt = model([o[-1:].argmax(-1).cpu() for o in first], ids, cache)
+        outs.append([*first, *nxt])
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.cuda
 def test_decode_graphs_captured_in_inference_mode_replay_outside_it():
     """A step captured under torch.inference_mode() replays under torch.no_grad(): its static input,

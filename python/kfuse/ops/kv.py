@@ -134,7 +134,9 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
     # from 2.1 to 14.2 us a call (32 sequences, this 2-core CPU), ~0.2 ms of a 16-layer decode step's
     # host time (bench/host_backtrack.py). The call holds the device copy made when they were checked,
     # so even a write the version misses cannot reach the kernels.
-    if memo is not None and isinstance(seq_ids, Tensor) and memo[0] is seq_ids and memo[1] == seq_ids._version:
+    # Inference tensors (made under torch.inference_mode) have no version counter: checked every call.
+    version = seq_ids._version if isinstance(seq_ids, Tensor) and not seq_ids.is_inference() else None
+    if memo is not None and version is not None and memo[0] is seq_ids and memo[1] == version:
         return memo[2]
     try:
         ids = cache._ids(seq_ids)  # known, active, distinct (the cache's own checks)
@@ -149,7 +151,7 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
             call = _Call(memo[2].ids, memo[2].lens, memo[2].max_len, memo[2].host_ids, lens)
         else:  # a copy of ids: they may be the caller's tensor, which it may write before the next layer
             call = _to_device(cache, ids.clone(), lens)
-        st["attn"] = (seq_ids, seq_ids._version, call) if isinstance(seq_ids, Tensor) else (None, None, call)
+        st["attn"] = (seq_ids if version is not None else None, version, call)
         return call
     return _to_device(cache, ids, lens)
 
