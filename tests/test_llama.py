@@ -112,6 +112,25 @@ def test_weights_stay_shared_through_assigning_loads():
     assert {p.dtype for p in hf3.parameters()} == {torch.float64}
 
 
+def test_a_vocabulary_resized_after_from_hf_is_refused_until_rebuilt():
+    """hf.resize_token_embeddings resizes the embedding in place and gives hf a new lm_head: the model built
+    before ran the old head over the new embedding (logits of the old vocabulary, the new tokens refused as
+    out of range; bug hunt). It refuses every call, naming the cause, until built again, which then matches."""
+    hf, model = build()
+    cache = model.new_cache(page_size=4, num_pages=8, max_seqs=1)
+    s = cache.add_sequence()
+    hf.resize_token_embeddings(VOCAB + 7, mean_resizing=False)
+    tokens = torch.tensor([1, VOCAB + 3, 2])
+    for call in (lambda: model([tokens], [s], cache), lambda: model.decode_graphs(cache, max_len=8)(tokens[:1], [s]),
+                 lambda: model.vocab_size):
+        with pytest.raises(ValueError, match="resized after this model was built"):
+            call()
+    assert cache.length(s) == 0 and cache._step is None
+    model = LlamaForCausalLM.from_hf(hf)
+    assert model.vocab_size == VOCAB + 7
+    assert_close(model([tokens], [s], cache)[0], hf_logits(hf, tokens), torch.float32, "rebuilt")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_rollback_and_refeed_is_bit_identical(device):
     hf, model = build(device)

@@ -155,7 +155,6 @@ class LlamaForCausalLM(nn.Module):
                              f"lacks {_DYNAMIC_ROPE_STATE} (written for transformers 5.x), so its state cannot "
                              "be reset between calls")
         self.eps = cfg.rms_norm_eps
-        self.vocab_size = cfg.vocab_size
         self.head_dim = base.layers[0].self_attn.head_dim  # may differ from hidden / heads (config.head_dim)
         self.num_kv_heads = cfg.num_key_value_heads
 
@@ -170,6 +169,19 @@ class LlamaForCausalLM(nn.Module):
         :func:`kfuse.integrations.peft.fuse` (which lists any layer it leaves to PEFT in one warning;
         :func:`kfuse.integrations.peft.unfuse` switches them back)."""
         return cls(hf_model, fuse_lora=fuse_lora)
+
+    @property
+    def vocab_size(self) -> int:
+        """The token embedding's rows, which ``lm_head`` must output: a ``ValueError`` where they differ. The model
+        holds the HF model's modules; ``resize_token_embeddings`` resizes the embedding in place but gives the
+        HF model a new ``lm_head``, which this model does not see (it ran the old head over the new embedding,
+        refusing the new tokens; bug hunt): build it again with :meth:`from_hf`."""
+        rows, out = self.embed_tokens.weight.shape[0], self.lm_head.weight.shape[0]
+        if rows != out:
+            raise ValueError(f"the token embedding has {rows} rows but lm_head gives {out} logits: the HF model's "
+                             "vocabulary was resized after this model was built from it (resize_token_embeddings "
+                             "replaces lm_head); build it again with LlamaForCausalLM.from_hf")
+        return rows
 
     @property
     def dtype(self) -> torch.dtype:
@@ -249,6 +261,7 @@ class LlamaForCausalLM(nn.Module):
         (``seq_ids``' errors are the cache's); an error during the step calls ``cache.abort_step()``, so the
         lengths are unchanged.
         """
+        vocab = self.vocab_size
         self._check_tokens(flat_tokens, "flat_tokens")
         self._check_cache(cache)
         ids = cache._ids(seq_ids)  # known, active, distinct: the cache's own checks and messages
@@ -260,7 +273,7 @@ class LlamaForCausalLM(nn.Module):
                              f"to flat_tokens' {flat_tokens.numel()} tokens")
         total = flat_tokens.numel()
         if total == 0:  # nothing to append: no step (the rotary module cannot take empty positions)
-            return torch.zeros(0, self.vocab_size, dtype=self.dtype, device=self.device)
+            return torch.zeros(0, vocab, dtype=self.dtype, device=self.device)
         # Position of each new token: its sequence's committed length plus its index within the sequence.
         start = cache.kv_lens(0, ids) - (torch.cumsum(cnt, 0) - cnt)  # no step is open: committed lengths
         pos = cache._dev(torch.repeat_interleave(start, cnt) + torch.arange(total))  # pinned, no sync on CUDA
@@ -425,6 +438,7 @@ class DecodeGraphs:
     def __call__(self, tokens: Tensor, seq_ids) -> Tensor:
         """Append ``tokens[i]`` to ``seq_ids[i]`` (one token each) and return the logits ``[n, vocab_size]``."""
         model, cache = self.model, self.cache
+        vocab = model.vocab_size
         model._check_cache(cache)  # also refuses an open step
         model._check_tokens(tokens, "tokens")
         ids = cache._ids(seq_ids)
@@ -432,7 +446,7 @@ class DecodeGraphs:
         if tokens.numel() != n:
             raise ValueError(f"tokens has {tokens.numel()} entries; seq_ids has {n} (one new token per sequence)")
         if n == 0:
-            return torch.zeros(0, model.vocab_size, dtype=model.dtype, device=model.device)
+            return torch.zeros(0, vocab, dtype=model.dtype, device=model.device)
         lens = cache.kv_lens(0, ids)  # committed lengths (no step is open)
         longest = int(lens.max()) + 1
         if longest > self.max_len:
