@@ -911,13 +911,23 @@ def test_autocast_casts_as_torch_does(backend: str, adapter_dtype: torch.dtype, 
     for fn in (call, compiled):
         with torch.autocast("cpu", dtype=cast):
             y = fn(*leaves)
+            # A backward inside the block too: on the CPU it runs on this thread, under autocast, whose
+            # casts of the backward's GEMMs met in mixed dtypes (PEFT bug hunt). The kernels' gradients are
+            # the same; the reference's are torch's autograd, whose GEMMs autocast rounds to bf16 there.
+            inside = grads(fn(*leaves))
         got = grads(y)
+        for a, b in zip(inside, got, strict=True):
+            assert torch.equal(a, b) if backend != "reference" else assert_close(a, b, cast, "inside") is None
         assert y.dtype == cast and all(a.dtype == t.dtype for a, t in zip(got, leaves, strict=True))
         if fn is compiled and backend == "reference":  # Inductor fuses the reference's torch ops: other roundings
             assert_close(y, y0, cast, "compiled y")
             assert all(assert_close(a, b, cast, "compiled grad") is None for a, b in zip(got, want, strict=True))
         else:
             assert torch.equal(y, y0) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    with torch.autocast("cpu", dtype=cast):  # the registered op called directly (exported graphs, modes)
+        inside = grads(torch.ops.kfuse.lora_forward(*leaves[:4], 1.5, *leaves[4:], 0.0, False, backend)[0])
+    for a, b in zip(inside, want, strict=True):
+        assert torch.equal(a, b) if backend != "reference" else assert_close(a, b, cast, "registered") is None
     t = multi_inputs((6,), 12, 10, [2, 3], torch.float32, adapter_dtype, "cpu", False)
     args = (t["x"], t["weight"], t["A_stack"], t["B_stack"], t["scalings"], t["ranks"], t["adapter_ids"], t["bias"])
     with torch.autocast("cpu", dtype=cast):

@@ -154,6 +154,17 @@ def autocast_dtype(x: object) -> torch.dtype | None:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Disables ``torch.autocast`` on ``device`` where it is on (CPU or CUDA), else a no-op context. For the
+    backward of an op that applied autocast's casts itself (:func:`autocast_dtype`): on the CPU autograd
+    runs it on the caller's thread, inside the caller's autocast block, where autocast would cast its
+    torch GEMMs one by one and meet in mixed dtypes (LoRA's ``dx.addmm_``: "mat1 and mat2 must have the
+    same dtype"; bug hunt)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def autocast_cast(dtype: torch.dtype, t: object) -> object:
     """``t`` in autocast's ``dtype`` where autocast would cast it (a float32/16 or bfloat16 tensor),
     else ``t`` unchanged (None, float64, integers, non-tensors: the op's checks see them as given)."""

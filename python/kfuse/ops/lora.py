@@ -634,8 +634,15 @@ def _lora_multi_forward_autocast(x: Tensor, weight: Tensor, A_stack: Tensor, B_s
                                   backend)
 
 
+def _lora_backward_autocast(grad_y: Tensor, *args: object) -> tuple[Tensor, ...]:
+    # The backward runs in the forward's dtypes (see _routing.autocast_off).
+    with torch.autocast(grad_y.device.type, enabled=False):
+        return lora_backward(grad_y, *args)
+
+
 for _key in ("AutocastCPU", "AutocastCUDA"):
     torch.library.impl("kfuse::lora_forward", _key, _lora_forward_autocast)
+    torch.library.impl("kfuse::lora_backward", _key, _lora_backward_autocast)
     torch.library.impl("kfuse::lora_multi_forward", _key, _lora_multi_forward_autocast)
 
 
@@ -660,6 +667,11 @@ class _EagerLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
+        with _routing.autocast_off(grad_y.device):  # the forward's dtypes, not autocast's
+            return _EagerLoRA._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y: Tensor):
         x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:6])
         if _routing.differentiable_backward(grad_y):
