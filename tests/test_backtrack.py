@@ -121,6 +121,20 @@ def _same_run(a: GenerationResult, b: GenerationResult) -> None:
     assert [vars(x) for x in a.stats] == [vars(y) for y in b.stats]
 
 
+def test_generate_on_the_cpu_under_another_default_device(model, plain):
+    """Under torch.set_default_device("cuda") (here "meta", which every machine has) a CPU model's run made
+    its tokens and positions on the default device and failed (bug hunt): every host tensor names the CPU, and
+    the run (plain, and reverting with a check) gives the same tokens as outside it."""
+    bad = [plain.tokens[1][9]]
+    with_check = dict(max_new_tokens=N, check=WordListCheck([bad]), check_every=4, window=4)
+    want = generate(model, PROMPTS, **with_check)
+    with torch.device("meta"):
+        got = [generate(model, PROMPTS, max_new_tokens=N, mode="plain"), generate(model, PROMPTS, **with_check)]
+    _same_run(got[0], plain)
+    _same_run(got[1], want)
+    assert want.totals["backtracks"] + want.totals["resets"] >= 1
+
+
 def test_decode_graphs_give_the_eager_steps_tokens(model, plain):
     """generate(decode_graphs=True) steps through model.decode_graphs (on the CPU the same ops, eagerly):
     greedy, sampled with backtracks and EOS (the batch shrinks), the same tokens and statistics. A

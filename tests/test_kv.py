@@ -1362,6 +1362,41 @@ def test_a_step_under_inference_mode_attends_with_an_inference_ids_tensor(backen
     assert (cache.length(a), cache.length(b)) == (6, 3)
 
 
+@pytest.mark.parametrize("mirror", [False, True], ids=["cpu-state", "device-copy"])
+def test_a_cpu_cache_works_under_another_default_device(mirror, seed):
+    """Under torch.set_default_device("cuda") (here "meta", which every machine has) a CPU cache made its
+    host state on the default device: construction, free and the prefill failed (bug hunt). Every host
+    tensor names the CPU: appends, rollback, fork, free and both attentions (cpu and reference backends)
+    there leave the cache and give the outputs they do outside it, bit for bit."""
+    first = [_kv(8) for _ in range(L)]
+    second = [_kv(2) for _ in range(L)]
+    q = torch.randn(2, 2 * HKV, D)
+
+    def run():
+        cache = make(device="cpu", _mirror=mirror)
+        a, b = cache.add_sequence(), cache.add_sequence()
+        for layer in range(L):
+            cache.append(layer, [a, b], *first[layer], counts=[5, 3])
+        cache.advance([a, b], [5, 3])
+        cache.rollback([a], [2])
+        c = cache.fork(b, 2)
+        for layer in range(L):
+            cache.append(layer, [a, c], *second[layer], counts=[1, 1])
+        outs = [op(q, cache, layer, [a, c], *extra, backend=backend) for layer in range(L)
+                for op, extra in ((kfuse.paged_decode_attention, ()), (kfuse.paged_prefill_attention, ([1, 1],)))
+                for backend in ("cpu", "reference")]
+        cache.advance([a, c])
+        cache.free(b)
+        return outs, snapshot(cache)
+
+    want, want_state = run()
+    with torch.device("meta"):
+        got, got_state = run()
+    assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
+    assert got_state[1] == want_state[1] and all(torch.equal(x, y) for x, y in zip(got_state[0], want_state[0],
+                                                                                    strict=True))
+
+
 def test_a_step_keeps_its_own_copy_of_the_callers_ids(seed):
     """The open step and the attention's per-step memo copy the caller's ids and counts tensors: writing
     them between layers (a buffer reused for the next batch) neither changes which sequences the step

@@ -131,6 +131,25 @@ def test_a_vocabulary_resized_after_from_hf_is_refused_until_rebuilt():
     assert_close(model([tokens], [s], cache)[0], hf_logits(hf, tokens), torch.float32, "rebuilt")
 
 
+def test_a_cpu_model_runs_under_another_default_device():
+    """Under torch.set_default_device("cuda") (here "meta", which every machine has) a CPU model's step made
+    its positions on the default device ("Tensor on device meta is not on the expected device cpu"; bug
+    hunt): prefill and decode there give the logits they give outside it, bit for bit."""
+    _, model = build()
+    prompts = [rand_tokens(5), rand_tokens(2)]
+
+    def run() -> list[torch.Tensor]:
+        cache = model.new_cache(page_size=4, num_pages=16, max_seqs=2)
+        ids = [cache.add_sequence() for _ in range(2)]
+        first = model(prompts, ids, cache)
+        return [*first, *model([o[-1:].argmax(-1) for o in first], ids, cache)]
+
+    want = run()
+    with torch.device("meta"):
+        got = run()
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_rollback_and_refeed_is_bit_identical(device):
     hf, model = build(device)

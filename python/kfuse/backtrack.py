@@ -452,7 +452,7 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
     live = list(range(n))
     calls = 0
     try:
-        logits = model([torch.tensor(p) for p in prompt_ids], slots, cache)
+        logits = model([torch.tensor(p, device="cpu") for p in prompt_ids], slots, cache)
         calls += 1
         rows = _checked_rows(torch.stack([x[-1] for x in logits]).float().cpu(), n, None, 0)  # one transfer per step
         del logits  # [prompt_len, vocab] per prompt (500 MiB for 4096 tokens of a 32k vocabulary): not kept
@@ -526,10 +526,11 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
             if not live:
                 break
             feed = [refeed[i] if i in refeed else out[i][-1] for i in live]
+            fed = torch.tensor(feed, device="cpu")
             if step_graphs is None:
-                rows = torch.cat(model([torch.tensor([t]) for t in feed], [slots[i] for i in live], cache))
+                rows = torch.cat(model(list(fed[:, None]), [slots[i] for i in live], cache))
             else:
-                rows = step_graphs(torch.tensor(feed), [slots[i] for i in live])
+                rows = step_graphs(fed, [slots[i] for i in live])
             rows = _checked_rows(rows.float().cpu(), len(live), vocab, step)
             calls += 1
             for i in live:

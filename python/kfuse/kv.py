@@ -102,7 +102,7 @@ def _index_tensor(x, what: str) -> Tensor:
         raise ValueError(f"{what} must hold ints; got {list(x)!r}") from e
     if any(isinstance(e, (bool, np.bool_)) for e in x):
         raise ValueError(f"{what} must hold ints, not bools; got {list(x)!r}")
-    return torch.frombuffer(buf, dtype=torch.int64) if len(buf) else torch.zeros(0, dtype=torch.int64)
+    return torch.frombuffer(buf, dtype=torch.int64) if len(buf) else torch.zeros(0, dtype=torch.int64, device="cpu")
 
 
 def _as_int_list(x, what: str) -> list[int]:
@@ -160,17 +160,19 @@ class PagedKVCache:
         dev = self.device
         # Host state (CPU), updated in place by the C++ kernels of kfuse._C.KVHostState. The arrays the
         # device needs are views of one int32 buffer, laid out as the device's (block_table, seq_lens,
-        # page_refcount, free_stack, free_top), so that an operation's writes are offsets into it.
+        # page_refcount, free_stack, free_top), so that an operation's writes are offsets into it. Every host
+        # tensor names the CPU: under torch.set_default_device("cuda") they were made on the GPU (bug hunt).
         i32 = torch.int32
         sizes = (max_seqs * max_pages_per_seq, max_seqs, num_pages, num_pages + 1, 1)
-        self._h_flat = torch.zeros(sum(sizes), dtype=i32)
+        self._h_flat = torch.zeros(sum(sizes), dtype=i32, device="cpu")
         h_table, self._h_lens, self._h_ref, self._h_free, self._h_top = self._h_flat.split(sizes)
         self._h_table = h_table.view(max_seqs, max_pages_per_seq)
         self._h_table.fill_(-1)
-        self._h_free.copy_(torch.tensor([*range(num_pages - 1, -1, -1), -1], dtype=i32))  # page 0 is allocated first
+        self._h_free[:-1] = torch.arange(num_pages - 1, -1, -1, dtype=i32, device="cpu")  # page 0 is allocated first
+        self._h_free[-1] = -1
         self._h_top.fill_(num_pages)
-        self._h_npages = torch.zeros(max_seqs, dtype=i32)  # table entries in use per row (a prefix); host only
-        self._h_active = torch.zeros(max_seqs, dtype=torch.uint8)  # host only
+        self._h_npages = torch.zeros(max_seqs, dtype=i32, device="cpu")  # table entries in use per row (a prefix)
+        self._h_active = torch.zeros(max_seqs, dtype=torch.uint8, device="cpu")  # host only
         # numpy views of the same memory, for cheap scalar reads.
         self._n_lens, self._n_npages, self._n_active = (t.numpy() for t in (self._h_lens, self._h_npages,
                                                                              self._h_active))
@@ -199,7 +201,7 @@ class PagedKVCache:
     # ------------------------------------------------------------------ helpers
     def _dev(self, vals, dtype: torch.dtype = torch.int64) -> Tensor:
         """A host list or CPU tensor as a device tensor without a sync (pinned + non_blocking on CUDA)."""
-        t = vals.to(dtype) if isinstance(vals, Tensor) else torch.tensor(vals, dtype=dtype)
+        t = vals.to(dtype) if isinstance(vals, Tensor) else torch.tensor(vals, dtype=dtype, device="cpu")
         if self.device.type == "cuda":
             self._not_capturing("a metadata update")  # the public methods check first; this backstops
             return t.pin_memory().to(self.device, non_blocking=True)
@@ -268,7 +270,7 @@ class PagedKVCache:
         can be reused. Metadata only."""
         s = self._check_id(seq_id, "seq_id")
         self._no_step("free")
-        self._rollback(torch.tensor([s]), torch.tensor([0]), check_lens=False)
+        self._rollback(torch.tensor([s], device="cpu"), torch.tensor([0], device="cpu"), check_lens=False)
         self._n_active[s] = 0
 
     def reset(self, seq_ids) -> None:
@@ -433,7 +435,7 @@ class PagedKVCache:
                 self._scatter(dev[:m], dev[m:2 * m])
             commit = (dev[2 * m:2 * m + n], dev[2 * m + n:2 * m + 2 * n])
             slots = (plan if external else dev)[2 * m + 2 * n:]
-        pending = torch.zeros(self.max_seqs, dtype=torch.int64)
+        pending = torch.zeros(self.max_seqs, dtype=torch.int64, device="cpu")
         pending[ids] = cnt
         # Copies: ids/counts may be the caller's own tensors (_index_tensor returns a contiguous CPU int64
         # tensor as it is), and a write to them while the step is open must not change the step's record.

@@ -247,7 +247,7 @@ class LlamaForCausalLM(nn.Module):
         if len(tokens) != n:
             raise ValueError(f"tokens has {len(tokens)} entries; seq_ids has {n} (one tensor per sequence)")
         counts = [t.numel() for t in tokens]
-        flat = torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.int64)
+        flat = torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.int64, device="cpu")
         return list(self.forward_packed(flat, counts, seq_ids, cache).split(counts))
 
     @torch.no_grad()
@@ -276,7 +276,7 @@ class LlamaForCausalLM(nn.Module):
             return torch.zeros(0, vocab, dtype=self.dtype, device=self.device)
         # Position of each new token: its sequence's committed length plus its index within the sequence.
         start = cache.kv_lens(0, ids) - (torch.cumsum(cnt, 0) - cnt)  # no step is open: committed lengths
-        pos = cache._dev(torch.repeat_interleave(start, cnt) + torch.arange(total))  # pinned, no sync on CUDA
+        pos = cache._dev(torch.repeat_interleave(start, cnt) + torch.arange(total, device="cpu"))  # pinned: no sync
         # Host tokens cross through pinned memory (cache._dev): a plain .to("cuda") would wait for the GPU.
         tok = cache._dev(flat_tokens) if flat_tokens.device.type == "cpu" else flat_tokens.to(self.device)
         # One new token per sequence (a decode step, or re-feeding a checkpoint's token): the decode kernels,

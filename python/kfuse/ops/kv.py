@@ -121,7 +121,7 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
         raise RuntimeError(f"kfuse.{op}: inference only (no autograd), but q requires grad: call it under "
                            "torch.no_grad() or torch.inference_mode(), or pass q.detach()")
     if _routing.tracing():
-        ids = torch.tensor([int(s) for s in seq_ids], dtype=torch.int64)
+        ids = torch.tensor([int(s) for s in seq_ids], dtype=torch.int64, device="cpu")
         lens = cache.seq_lens.index_select(0, ids.to(cache.device))
         if cache._step is not None and layer in cache._step["layers"]:
             lens = lens + cache._step["pending"].index_select(0, ids).to(cache.device, torch.int32)
@@ -339,7 +339,10 @@ def paged_prefill_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids,
     path = _routing.route(chosen, (q,))
     if path == _routing.REFERENCE and call.host_ids is not None:
         return paged_prefill_attention_reference(q, cache, layer, call.host_ids.tolist(), ql, sc)
-    ql_t = torch.tensor(ql, dtype=torch.int32).to(q.device) if call.host_ids is None else cache._dev(ql, torch.int32)
+    if call.host_ids is None:
+        ql_t = torch.tensor(ql, dtype=torch.int32, device=q.device)
+    else:
+        ql_t = cache._dev(ql, torch.int32)
     args = (q, cache.k_pages, cache.v_pages, cache.block_table, layer, call.ids, call.lens, ql_t, max(ql, default=0),
             sc, chosen)
     if path != _routing.EAGER:  # registered; also the reference under a trace (it reads device values)
