@@ -242,6 +242,24 @@ def test_general_embedding_keeps_its_tensors_on_its_device(small):
     assert gen.sample_negatives(3, torch.Generator().manual_seed(0)).device.type == "meta"
 
 
+def test_a_cpu_model_under_another_default_device(small, claims):
+    """Under torch.set_default_device("cuda") (here "meta", which every machine has) a model built with
+    device="cpu" put its noise distribution on the default device, and the CBOW targets and negatives drew
+    from CPU generators there: sampling failed (bug hunt). They give what they give outside it."""
+    idx, off = claims.visit_bags(np.arange(20))
+
+    def run():
+        gen = GeneralCodeEmbedding(small.sizes, 8, seed=0, device="cpu")
+        gen.set_noise([np.arange(n) for n in small.sizes])
+        batch = cbow_batch(idx, off, 3, gen.bases, torch.Generator().manual_seed(0))
+        return [*batch, gen.sample_negatives(4, torch.Generator().manual_seed(1)), *gen.state_dict().values()]
+
+    want = run()
+    with torch.device("meta"):
+        got = run()
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_builds_agree(small, claims):
     """The same model on kfuse, torch.nn.EmbeddingBag (SGD) and FBGEMM (row-wise Adagrad): same updates."""
     idx, off = claims.visit_bags(np.arange(64))

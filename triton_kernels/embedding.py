@@ -279,7 +279,7 @@ def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: 
         w = weights[t]
         rows.append([w.data_ptr(), w.shape[0], w.shape[1], padding_idx[t], col, bases[t]])
         col += w.shape[1]
-    meta = torch.tensor(rows, dtype=torch.int64).to(weights[0].device, non_blocking=True)
+    meta = torch.tensor(rows, dtype=torch.int64, device="cpu").to(weights[0].device, non_blocking=True)
     block_d = _block_d(max(w.shape[1] for w in weights))
     fm = _FeatureMeta(meta, col, block_d, cdiv(max(weights[t].shape[1] for t in feature_table), block_d))
     if len(_META_CACHE) < _META_CACHE_SIZE:
@@ -526,7 +526,7 @@ def _sorted_keys(weights: list[Tensor], indices: Tensor, offsets: Tensor, featur
     firsts = [0]
     for w in weights:
         firsts.append(firsts[-1] + w.shape[0])
-    firsts = torch.tensor(firsts, dtype=kdt).to(dev, non_blocking=True)
+    firsts = torch.tensor(firsts, dtype=kdt, device="cpu").to(dev, non_blocking=True)
     tkey = torch.searchsorted(firsts[1:], skey, right=True)
     return skey, goff, scale, tkey, firsts, sentinel
 
@@ -599,7 +599,7 @@ def _table_meta(weights: list[Tensor], seg0: list[int] | None = None, out0: list
                      states2[t].data_ptr() if states2 else 0, seg0[t] if seg0 else 0, out0[t] if out0 else 0,
                      hashes[t] if hashes else 0])
         base += w.shape[0]
-    return torch.tensor(rows, dtype=torch.int64).to(weights[0].device, non_blocking=True)
+    return torch.tensor(rows, dtype=torch.int64, device="cpu").to(weights[0].device, non_blocking=True)
 
 
 def _launch_segments(grad_out, weights, skey, tkey, goff, scale, tmeta, rank, rows_out, g_out, sentinel, mode,

@@ -221,7 +221,7 @@ class CodeEmbedding(nn.Module):
         """Tables uniform in ``±scale`` (seeded, the same in every build)."""
         gen = torch.Generator().manual_seed(seed)
         for w in self.weights:
-            w.copy_((torch.rand(w.shape, generator=gen) * 2 - 1) * scale)
+            w.copy_((torch.rand(w.shape, generator=gen, device="cpu") * 2 - 1) * scale)
 
     @property
     def weights(self) -> list[Tensor]:
@@ -266,7 +266,7 @@ def cbow_batch(indices: Tensor, offsets: Tensor, num_features: int, bases: Tenso
     n = lens.sum(0)
     if b and int(n.min()) < 2:
         raise ValueError("cbow_batch: every visit needs at least 2 codes")
-    u = (torch.rand(b, generator=generator).to(dev) * n).long().clamp(max=n - 1)
+    u = (torch.rand(b, generator=generator, device=generator.device).to(dev) * n).long().clamp(max=n - 1)
     cum = lens.cumsum(0)
     feat = (u.unsqueeze(0) >= cum).sum(0)
     cols = torch.arange(b, device=dev)
@@ -309,7 +309,8 @@ class GeneralCodeEmbedding(nn.Module):
         self.negatives = _checks.integer("GeneralCodeEmbedding", "negatives", negatives, 1)
         self.register_buffer("bases", torch.tensor([0, *np.cumsum(self.codes.sizes)[:-1].tolist()],
                                                    dtype=torch.int64, device=device))
-        self.register_buffer("noise_cdf", torch.linspace(1.0 / total, 1.0, total, dtype=torch.float64))
+        # Host-side (sample_negatives draws on the CPU), whatever the default device.
+        self.register_buffer("noise_cdf", torch.linspace(1.0 / total, 1.0, total, dtype=torch.float64, device="cpu"))
 
     def _apply(self, fn, recurse: bool = True):
         # The negatives' CDF stays float64 through .half() / .to(dtype): in float16 ~40 % of 6000 codes got
@@ -322,7 +323,7 @@ class GeneralCodeEmbedding(nn.Module):
         """The negatives' distribution: ``counts`` (per domain, or one ``[Σ sizes]`` array) ``** power``
         (+1 smoothing, so every code can be drawn)."""
         c = torch.as_tensor(np.concatenate([np.asarray(x) for x in counts]) if isinstance(counts, (list, tuple))
-                            else np.asarray(counts), dtype=torch.float64)
+                            else np.asarray(counts), dtype=torch.float64, device="cpu")
         if c.numel() != self.noise_cdf.numel():
             raise ValueError(f"set_noise: counts cover {c.numel()} codes; the model has {self.noise_cdf.numel()}")
         p = (c + 1.0) ** power
@@ -331,7 +332,7 @@ class GeneralCodeEmbedding(nn.Module):
 
     def sample_negatives(self, batch: int, generator: torch.Generator) -> Tensor:
         """``[batch, K]`` all-codes rows drawn from the noise distribution."""
-        u = torch.rand(batch * self.negatives, generator=generator, dtype=torch.float64)
+        u = torch.rand(batch * self.negatives, generator=generator, dtype=torch.float64, device="cpu")
         idx = torch.searchsorted(self.noise_cdf.cpu(), u).clamp(max=self.noise_cdf.numel() - 1)
         return idx.view(batch, self.negatives).to(self.bases.device)
 

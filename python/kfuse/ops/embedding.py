@@ -303,7 +303,7 @@ def _defer(flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor
     if flag.is_cuda:
         if torch.cuda.is_current_stream_capturing():
             return  # a replay runs the kernel, not this bookkeeping
-        host = torch.empty(2, dtype=torch.int32, pin_memory=True)
+        host = torch.empty(2, dtype=torch.int32, device="cpu", pin_memory=True)
         host.copy_(flag, non_blocking=True)  # on the flag's device's current stream
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(flag.device))  # that stream, whichever device is current
