@@ -465,6 +465,27 @@ def test_add_adapter_failing_part_way_leaves_the_layer_as_it_was(monkeypatch, se
     assert torch.equal(m(x, ids), y) and m.add_adapter(torch.randn(4, 8), torch.randn(6, 4), 1.0) == 1
 
 
+def test_adapters_added_or_loaded_in_inference_mode_serve_outside_it(seed: int) -> None:
+    """add_adapter and load_state_dict replace the stacks with new tensors: under torch.inference_mode()
+    those were inference tensors, so a later load, an edit of scalings or a backward through x outside it
+    failed (nn.Linear's load keeps its tensors normal; bug hunt). Now the stacks stay normal tensors."""
+    m, fresh, other = (kfuse.nn.MultiLoRALinear(8, 6) for _ in range(3))
+    other.add_adapter(torch.randn(3, 8), torch.randn(6, 3), 2.0)
+    with torch.inference_mode():
+        m.add_adapter(torch.randn(2, 8), torch.randn(6, 2), 0.5)
+        fresh.load_state_dict(m.state_dict())
+    assert not any(b.is_inference() for layer in (m, fresh) for b in layer.buffers())
+    x, ids = torch.randn(3, 8), torch.tensor([0, -1, 0])
+    assert torch.equal(fresh(x, ids), m(x, ids))
+    m.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        fresh.scalings[0] = 1.0
+    x.requires_grad_()
+    with pytest.warns(UserWarning, match="forward-only"):
+        m(x, ids).sum().backward()
+    assert x.grad is not None
+
+
 def test_multi_adapter_cpu_work_does_not_grow_with_unused_adapters(seed: int) -> None:
     """The cpu backend visited every loaded adapter (slices, list conversions): 8192 loaded with 8 in
     the batch took 30x a torch loop over the 8 (perf hunt, 2026-12-04). Counts the aten ops the

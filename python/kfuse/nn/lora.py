@@ -350,6 +350,10 @@ class MultiLoRALinear(nn.Module):
         """The largest rank added (the stacks' padded rank)."""
         return self.A_stack.shape[1]
 
+    # Not under inference mode: the stacks it builds replace the buffers, which must stay normal tensors
+    # (inference tensors refuse in-place writes and saving for backward outside it: a load_state_dict,
+    # an edit of scalings or a backward through x all failed after an add under inference mode; bug hunt).
+    @torch.inference_mode(False)
     @torch.no_grad()
     def add_adapter(self, lora_A: Tensor, lora_B: Tensor, scaling: float) -> int:
         """Adds an adapter (``lora_A [r, K]``, ``lora_B [N, r]``, any r >= 1; copied, in the
@@ -383,6 +387,7 @@ class MultiLoRALinear(nn.Module):
         self.A_stack, self.B_stack, self.scalings, self.ranks = A, B, scalings, ranks
         return L
 
+    @torch.inference_mode(False)  # stacks made here replace the buffers: see add_adapter
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
         # The stacks' shapes grow with the adapters: take the saved ones (a fresh module has none), if
