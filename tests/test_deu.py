@@ -1435,6 +1435,11 @@ def test_dispatch_modes_and_subclasses(seed: int) -> None:
 
 
 def test_module_init_and_shapes() -> None:
+    torch.set_default_dtype(torch.float64)  # the coefficients are float32 whatever the default (bug hunt)
+    try:
+        assert {kfuse.nn.DEU(3, init=init).coeffs.dtype for init in kfuse.nn.deu.DEU_INITS} == {torch.float32}
+    finally:
+        torch.set_default_dtype(torch.float32)
     m = kfuse.nn.DEU(64)
     a_b_c, c12 = m.coeffs[:, :3], m.coeffs[:, 3:]
     assert m.coeffs.shape == (64, 5) and m.coeffs.dtype == torch.float32

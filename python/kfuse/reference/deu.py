@@ -221,8 +221,9 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
 
 def deu_init_coeffs(num_features: int, generator: torch.Generator | None = None) -> Tensor:
     """The paper's initialisation: ``a, b, c ~ U(0, 1)``, ``c1 = c2 = 0``. Returns ``[N, 5]`` fp32."""
-    coeffs = torch.zeros(num_features, 5)
-    coeffs[:, :3] = torch.rand(num_features, 3, generator=generator)
+    dev = None if generator is None else generator.device  # float32 whatever the default dtype (bug hunt)
+    coeffs = torch.zeros(num_features, 5, dtype=torch.float32, device=dev)
+    coeffs[:, :3] = torch.rand(num_features, 3, generator=generator, dtype=torch.float32, device=dev)
     return coeffs
 
 
