@@ -2015,6 +2015,23 @@ def test_triton_checks_the_offset_of_no_bags(device):
             kfuse.multi_embedding_bag(ws, idx, t([2]), backend=backend)
 
 
+def test_triton_launchers_refuse_indices_whose_positions_would_wrap():
+    """Positions are int32 in the kernels, and the backward's segment kernel reads a block of up to 32
+    positions past a run's end: within 32 of 2^31 indices that position wrapped negative (an out-of-bounds
+    read; overflow audit). The launchers take up to 2^31 - 65 indices and refuse more, saying so. (Meta
+    tensors: the checks read shapes only.)"""
+    ws = [torch.empty(10, 4, device="meta")]
+
+    def check(n: int) -> int:
+        idx, off = torch.empty(n, dtype=torch.int64, device="meta"), torch.empty(3, dtype=torch.int64, device="meta")
+        return te._check(ws, idx, off, [0], [-1], None)
+
+    assert check(2**31 - 65) == 2
+    for n in (2**31 - 64, 2**31 - 2):
+        with pytest.raises(ValueError, match=f"at most {2**31 - 65} indices and 2\\^31 - 2 bags; got {n} indices"):
+            check(n)
+
+
 @pytest.fixture
 def no_pending_checks():
     """No check="async" error left over from another test, before or after this one."""

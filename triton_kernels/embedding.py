@@ -56,6 +56,7 @@ from kfuse.triton_kernels import INTERPRETED
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _WDT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _INT32_MAX = 2**31 - 1
+_MAX_INDICES = _INT32_MAX - 64  # see _check
 #: ``flag`` value meaning "no error".
 NO_ERROR = _INT32_MAX
 #: Fused optimizers (the ``MODE`` of ``_segment_kernel``; 0 stores the gradient).
@@ -233,9 +234,12 @@ def _check(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_tabl
         raise ValueError(f"embedding triton: at most 65535 features; got {nf}")
     if len(padding_idx) != len(weights):
         raise ValueError(f"embedding triton: padding_idx needs one entry per table ({len(weights)})")
-    # Positions and bag numbers are int32 in the kernels (the error flag, the bag of each position).
-    if indices.shape[0] >= _INT32_MAX or offsets.shape[0] >= _INT32_MAX:
-        raise ValueError("embedding triton: more than 2^31 - 2 indices or bags")
+    # Positions and bag numbers are int32 in the kernels (the error flag, the bag of each position). The
+    # backward's segment kernel reads a block of up to 32 positions past a run's end (k0 + BLOCK_R, int32), so
+    # indices keep 64 spare: within 32 of 2^31 that position wrapped negative (overflow audit).
+    if indices.shape[0] > _MAX_INDICES or offsets.shape[0] >= _INT32_MAX:
+        raise ValueError(f"embedding triton: at most {_MAX_INDICES} indices and 2^31 - 2 bags; got "
+                         f"{indices.shape[0]} indices, {offsets.shape[0] - 1} bags")
     if per_sample_weights is not None and (per_sample_weights.shape != indices.shape
                                            or per_sample_weights.dtype != torch.float32
                                            or not per_sample_weights.is_contiguous()):
