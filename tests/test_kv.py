@@ -540,6 +540,15 @@ def test_numpy_and_tensor_integers_are_ids_and_lengths():
     check_invariants(cache)
 
 
+def test_a_capacity_past_int32_lengths_is_refused():
+    """Lengths are int32 (seq_lens, the kernels); the C++ advance truncated a sum past 2^31 - 1 (overflow
+    audit). A sequence's capacity max_pages_per_seq · page_size (max_pages_per_seq defaults to num_pages)
+    must stay below 2^31, checked before any pool is allocated."""
+    for pages, per_seq in ((2**15, None), (2**20, 2**15)):
+        with pytest.raises(ValueError, match=r"capacity max_pages_per_seq · page_size \(32768 · 65536\) must stay"):
+            PagedKVCache(1, 1, 1, 2**16, pages, 1, max_pages_per_seq=per_seq)
+
+
 def test_arguments_of_the_wrong_kind_name_themselves():
     """Type-confusion bug hunt (2026-12-04): an int32 cache was built and failed at attention in C++
     ("unsupported dtype Int"), dtype=None made float32 pools no append matched, bools passed as sizes,

@@ -144,6 +144,10 @@ class PagedKVCache:
         if num_pages >= 2**31 or max_seqs * max_pages_per_seq >= 2**40:
             raise ValueError(f"num_pages ({num_pages}) must fit int32 and max_seqs · max_pages_per_seq "
                              f"({max_seqs * max_pages_per_seq}) stay below 2^40")
+        if max_pages_per_seq * page_size >= 2**31:  # lengths are int32 (seq_lens, the kernels): C++ truncated
+            raise ValueError(f"a sequence's capacity max_pages_per_seq · page_size ({max_pages_per_seq} · {page_size}) "
+                             "must stay below 2^31 tokens (lengths are int32); pass a smaller max_pages_per_seq "
+                             "(it defaults to num_pages)")
         ext = _backends.extension()
         if ext is None:
             why = "; ".join(_backends.extension_reasons(torch.device("cpu")))

@@ -316,8 +316,12 @@ class LlamaForCausalLM(nn.Module):
     def decode_graphs(self, cache: PagedKVCache, max_len: int | None = None) -> DecodeGraphs:
         """Decode steps on ``cache`` (one new token per sequence) replayed from CUDA graphs: see
         :class:`DecodeGraphs`. ``max_len``: the longest sequence (tokens, the new one included) the steps
-        will see; it sizes the attention grid of the captured kernels (default: the cache's capacity per
-        sequence, ``max_pages_per_seq · page_size``)."""
+        will see; it sizes the attention grid of the captured kernels and their partial outputs,
+        ``n · num_heads · ⌈max_len / 256⌉ · head_dim`` float32 values for ``n`` sequences (splits of 256
+        positions), each split past a sequence's length a program that returns at once.
+        Default: the cache's capacity per sequence, ``max_pages_per_seq · page_size``, which for a large pool
+        (``max_pages_per_seq`` defaults to ``num_pages``) can be gigabytes: pass the longest length the steps
+        will reach, as :func:`kfuse.backtrack.generate` does."""
         return DecodeGraphs(self, cache, max_len)
 
 
