@@ -1,6 +1,6 @@
 """Tests of kfuse.models.LlamaForCausalLM: a tiny random transformers Llama run on kfuse's paged KV
-cache against transformers' own forward, plus rollback / fork / isolation at the model level
-(shared/specs/kv.md, "Checks that catch the real bugs").
+cache against transformers' own forward, plus rollback / fork / isolation at the model level (the
+checks that catch real bugs in other caches, as tests/test_kv.py's at the cache level).
 
 Bitwise comparisons keep every call's shapes equal between the two runs: a CPU GEMM's bits for a row
 depend on the number of rows M (measured: rows of F.linear differ between M = 1, 2 and 5), while

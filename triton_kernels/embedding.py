@@ -1,5 +1,4 @@
-"""Triton kernels for multi-table embedding bags (see shared/specs/embedding.md and the definition in
-python/kfuse/reference/embedding.py).
+"""Triton kernels for multi-table embedding bags (see the definition in python/kfuse/reference/embedding.py).
 
 Layout (FBGEMM/TorchRec, as the CPU kernels): ``T`` contiguous tables ``weights[t] [rows_t, dim_t]`` of
 one dtype (float32, float16, bfloat16), ``F`` features (feature ``f`` reads table ``feature_table[f]``),

@@ -1,5 +1,5 @@
-"""Triton kernels for attention over a paged KV cache (see shared/specs/kv.md, python/kfuse/kv.py and
-the definition in python/kfuse/reference/kv.py).
+"""Triton kernels for attention over a paged KV cache (see python/kfuse/kv.py and the definition in
+python/kfuse/reference/kv.py).
 
 Decode attention, one new query token per sequence::
 

@@ -1,4 +1,4 @@
-"""Backtracking generation on :class:`kfuse.kv.PagedKVCache` (spec: ``shared/specs/kv.md``, "Backtracking generation").
+"""Backtracking generation on :class:`kfuse.kv.PagedKVCache`.
 
 After Sel, Li, Wallis et al., "Backtracking for Safety" (arXiv 2503.08919): every ``check_every``
 generated tokens a pluggable check scores each sequence's recent window; a flagged sequence reverts to

@@ -1,4 +1,4 @@
-"""Paged KV cache with per-sequence rollback, fork and copy-on-write (spec: ``shared/specs/kv.md``).
+"""Paged KV cache with per-sequence rollback, fork and copy-on-write.
 
 The metadata is kept by C++ kernels on the host, which log their writes; the device copy replays them
 (one copy and one scatter per operation); K/V writes go to flat slots (one launch for both pools on CUDA).

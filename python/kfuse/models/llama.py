@@ -1,7 +1,7 @@
 """A Llama decoder over :class:`kfuse.kv.PagedKVCache`, built from a ``transformers`` ``LlamaForCausalLM``.
 
 Every sequence of a batch lives in the paged cache, so each one can roll back (``cache.rollback``) or
-fork (``cache.fork``) on its own between calls, as safety backtracking needs (``shared/specs/kv.md``).
+fork (``cache.fork``) on its own between calls, as safety backtracking needs (:mod:`kfuse.backtrack`).
 
 The weights are the Hugging Face model's own: this module holds references to its ``nn.Linear``
 modules, norm weights, embedding and rotary module (nothing is copied, so the two models stay in

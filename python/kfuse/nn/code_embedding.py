@@ -1,5 +1,5 @@
-"""The medical-code model of Wallis et al., "Learning Semantic Relationships from Medical Codes"
-(``shared/specs/embedding.md``), on kfuse's multi-table embedding bags.
+"""The medical-code model of Wallis et al., "Learning Semantic Relationships from Medical Codes", on
+kfuse's multi-table embedding bags.
 
 - :class:`CodeEmbedding`: one table per domain (diagnoses, procedures, prescriptions) and a
   visit/patient encoder pooling each domain's codes (one :class:`kfuse.nn.MultiTableEmbeddingBag`

@@ -1,4 +1,4 @@
-"""Multi-table embedding bags, the definition (spec: ``shared/specs/embedding.md``).
+"""Multi-table embedding bags, the definition.
 
 Layout (FBGEMM/TorchRec): ``T`` tables ``weights[t] [rows_t, dim_t]`` (one dtype); ``F`` features,
 feature ``f`` looked up in table ``feature_table[f]``; flat ``indices [N]`` (int32 or int64) and
