@@ -1244,6 +1244,34 @@ def test_torch_compile_fullgraph(backend, compiler, seed):
     assert_close(want[1], paged_prefill_attention_reference(qp, cache, 1, ids, new) + 1, torch.float32, "prefill")
 
 
+def test_torch_compile_traces_one_graph_for_every_layer_and_batch_size(seed):
+    """Compiled attention called per layer inside steps, as a model calls it: one graph for every layer
+    (Dynamo guarded on the open step's set of appended layers, so each layer compiled anew and past 8
+    layers fullgraph failed) and, with dynamic shapes and the ids as a tensor, for every batch size
+    (iterating the tensor fixed its length). Each call gives the eager call's bits. A tensor q_lens,
+    whose values are unknown while tracing, is refused naming the argument. (Compile hunt.)"""
+    torch._dynamo.reset()
+    layers = 10
+    cache = make(num_layers=layers, num_pages=64, max_seqs=8)
+    ids = [cache.add_sequence() for _ in range(5)]
+    step(cache, None, ids, [3, 1, 4, 1, 5])
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    dec = torch.compile(lambda q, s, layer: kfuse.paged_decode_attention(q, cache, layer, s, backend="cpu"),
+                        fullgraph=True, dynamic=True)
+    for n in (5, 4, 3):
+        sub = torch.tensor(ids[:n])
+        for layer in range(layers):
+            cache.append(layer, sub, *_kv(n))
+            q = torch.randn(n, 2 * HKV, D)
+            assert torch.equal(dec(q, sub, layer), kfuse.paged_decode_attention(q, cache, layer, sub, backend="cpu"))
+        cache.advance(sub)
+    assert counters["stats"]["unique_graphs"] == 1
+    pre = torch.compile(lambda q, q_lens: kfuse.paged_prefill_attention(q, cache, 0, ids[:2], q_lens, backend="cpu"))
+    with pytest.raises(TypeError, match="under torch.compile q_lens must be a list of ints"):
+        pre(torch.randn(3, 2 * HKV, D), torch.tensor([1, 2]))
+
+
 def _bad_inputs():
     cache, ids = _op_cache([3, 2], torch.float32, "cpu")
     cache.free(cache.add_sequence())

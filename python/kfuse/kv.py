@@ -396,6 +396,7 @@ class PagedKVCache:
                 self.abort_step()  # no open step, no new pages held (a copy-on-write copy stays)
                 raise
         st["layers"].add(layer)
+        st["appended"][layer] = True
 
     def _check_layer(self, layer: object) -> None:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
@@ -445,6 +446,8 @@ class PagedKVCache:
         # tensor as it is), and a write to them while the step is open must not change the step's record.
         self._step = {"ids": ids.clone(), "counts": cnt.clone(),
                       "layers": set(range(self.num_layers)) if external else set(), "pending": pending,
+                      # "layers" as a tensor, for compiled attention (see kfuse.ops.kv._validate)
+                      "appended": torch.full((self.num_layers,), external, dtype=torch.bool, device="cpu"),
                       "slots": slots, "commit": commit}
         return self._step
 

@@ -121,10 +121,18 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
         raise RuntimeError(f"kfuse.{op}: inference only (no autograd), but q requires grad: call it under "
                            "torch.no_grad() or torch.inference_mode(), or pass q.detach()")
     if _routing.tracing():
-        ids = torch.tensor([int(s) for s in seq_ids], dtype=torch.int64, device="cpu")
+        # Tensors stay tensors: iterating one fixed its length (a graph per batch size, even with dynamic=True);
+        # and whether this layer appended in the open step is read from a tensor: Dynamo guarded on the whole
+        # set of appended layers, so every layer of a step compiled anew (past 8 layers fullgraph failed).
+        # Both from a compile hunt.
+        if isinstance(seq_ids, Tensor):
+            ids = seq_ids.to(device="cpu", dtype=torch.int64)
+        else:
+            ids = torch.tensor([int(s) for s in seq_ids], dtype=torch.int64, device="cpu")
         lens = cache.seq_lens.index_select(0, ids.to(cache.device))
-        if cache._step is not None and layer in cache._step["layers"]:
-            lens = lens + cache._step["pending"].index_select(0, ids).to(cache.device, torch.int32)
+        st = cache._step
+        if st is not None:
+            lens = lens + (st["pending"].index_select(0, ids) * st["appended"][layer]).to(cache.device, torch.int32)
         return _Call(ids.to(cache.device, torch.int32), lens, cache.max_pages_per_seq * cache.page_size, None, None)
     st = cache._step
     in_step = st is not None and layer in st["layers"]
@@ -325,6 +333,11 @@ def paged_prefill_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids,
     """
     call = _validate(_PREFILL, q, cache, layer, seq_ids)
     n = call.ids.shape[0]
+    if _routing.tracing() and isinstance(q_lens, Tensor):
+        # Its values are unknown while tracing, and the grid, the checks and the packed rows' starts need them
+        # (Dynamo failed on the checks: "Could not guard on data-dependent expression"; compile hunt).
+        raise TypeError(f"kfuse.{_PREFILL}: under torch.compile q_lens must be a list of ints (a tensor's values "
+                        "are unknown while tracing); pass q_lens.tolist()")
     ql = [int(x) for x in q_lens] if _routing.tracing() else _as_int_list(q_lens, f"kfuse.{_PREFILL}: q_lens")
     if len(ql) != n or any(x < 0 for x in ql) or sum(ql) != q.shape[0]:
         raise ValueError(f"kfuse.{_PREFILL}: q_lens {ql} must have one entry >= 0 per sequence ({n}) "
