@@ -772,6 +772,56 @@ def test_fused_module_freezes_as_torch_modules_do(backend):
     assert torch.equal(fresh.weights[0], m.weights[0])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_fused_module_trains_only_when_its_gradient_is_asked_for(backend):
+    """A query for other inputs' gradients (torch.autograd.grad of per_sample_weights, backward(inputs=...)
+    over a head) updated the tables and counted a step, where an ordinary table is left alone (training-loop
+    hunt); the query's own gradients are unchanged. A plain backward, or autograd.grad over the module's
+    parameters, still trains."""
+    idx, off = torch.tensor([1, 2, 3, 0, 4]), torch.tensor([0, 2, 3, 5])
+    m = MultiTableEmbeddingBag([(6, 4)], optimizer="adam", lr=0.1, backend=backend)
+    head = torch.nn.Linear(4, 1)
+    before = m.weights[0].detach().clone()
+    psw = torch.rand(5, requires_grad=True)
+    (g_psw,) = torch.autograd.grad(head(m(idx, off, psw)).sum(), psw)
+    head(m(idx, off, psw)).sum().backward(inputs=list(head.parameters()))
+    assert torch.equal(m.weights[0], before) and int(m.optimizer_step) == 0
+    assert head.weight.grad is not None
+    plain = torch.nn.EmbeddingBag.from_pretrained(before, freeze=False, mode="sum")
+    want = torch.autograd.grad(head(plain(idx, off, per_sample_weights=psw)).sum(), psw)[0]
+    assert_close(g_psw, want, torch.float32, "grad of per_sample_weights")
+    torch.autograd.grad(head(m(idx, off)).sum(), [p for p in m.parameters() if p.requires_grad])
+    assert not torch.equal(m.weights[0], before) and int(m.optimizer_step) == 1
+    head(m(idx, off)).sum().backward()
+    assert int(m.optimizer_step) == 2
+
+
+def test_fused_module_hyper_parameters_change_between_steps():
+    """set_hyperparameters changes the fused optimizer's lr (a schedule) for the next update, checked as the
+    constructor checks it; a value written into hparams directly is checked at the next update, which
+    refuses a NaN lr and leaves the tables as they were (it made them NaN; training-loop hunt)."""
+    idx, off = torch.tensor([1, 2]), torch.tensor([0, 2])
+
+    def step_size(m: MultiTableEmbeddingBag) -> float:
+        before = m.weights[0].detach().clone()
+        m(idx, off).sum().backward()
+        return float((m.weights[0] - before).abs().max())
+
+    m = MultiTableEmbeddingBag([(4, 3)], optimizer="sgd", lr=0.2)
+    assert step_size(m) == pytest.approx(0.2)
+    m.set_hyperparameters(lr=0.02)
+    assert m.hparams["lr"] == pytest.approx(0.02) and step_size(m) == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="MultiTableEmbeddingBag: lr must be finite"):
+        m.set_hyperparameters(lr=float("nan"))
+    with pytest.raises(TypeError, match=r"unknown \['momentum'\]"):
+        m.set_hyperparameters(momentum=0.9)
+    m.hparams["lr"] = float("nan")
+    before = m.weights[0].detach().clone()
+    with pytest.raises(ValueError, match="MultiTableEmbeddingBag: lr must be finite"):
+        m(idx, off).sum().backward()
+    assert torch.equal(m.weights[0], before) and int(m.optimizer_step) == 2
+
+
 def test_fused_module_checks_its_hyper_parameters_and_seed():
     """Hyper-parameters and the seed are checked when the module is built, naming the argument (a seed
     past int64 crashed the C++ backward with a pybind error, a tensor lr reached a Triton kernel as a

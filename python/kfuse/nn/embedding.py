@@ -139,8 +139,19 @@ class MultiTableEmbeddingBag(nn.Module):
             tables are rounded stochastically (seeded by ``seed`` and the step: reproducible).
             Eager only: its backward writes the tables and moments in place outside autograd, so
             ``torch.compile`` breaks the graph there (``fullgraph=True`` refuses the module); the
-            module without it compiles whole.
-        lr, eps, beta1, beta2, weight_decay: the fused optimizer's hyper-parameters.
+            module without it compiles whole. The update happens in the backward of each call, with the
+            gradient as it arrives (as FBGEMM's): a module called twice before one backward updates twice
+            (put every feature in one call); gradient accumulation over several backwards, gradient
+            clipping and loss scaling (``torch.amp.GradScaler``: the update takes the scaled gradient, and
+            a step the scaler skips is still applied) cannot act on it: build the module with
+            ``optimizer=None`` and use a torch optimizer for those. It trains every table while its
+            gradient is asked for (``loss.backward()``, or ``torch.autograd.grad`` over the module's
+            parameters; not a query for other inputs' gradients only); ``requires_grad_(False)`` on the
+            module freezes them all (a fused table's own ``requires_grad`` is False and has no effect: to
+            freeze tables one by one, use ``optimizer=None``).
+        lr, eps, beta1, beta2, weight_decay: the fused optimizer's hyper-parameters (in ``hparams``,
+            checked again at every update; change them between steps with :meth:`set_hyperparameters`,
+            e.g. for a learning-rate schedule; like every constructor argument, not saved in ``state_dict``).
         seed: of the stochastic rounding.
         process_group: with a fused optimizer under data parallelism, the group whose row-sparse
             gradients are all-gathered and summed (in rank order) before the update, so every rank
@@ -215,6 +226,17 @@ class MultiTableEmbeddingBag(nn.Module):
             # ones. It holds nothing, so state_dict leaves it out.
             self._grad_anchor = nn.Parameter(torch.zeros(0, dtype=dtype, device=device))
         self.reset_parameters()
+
+    def set_hyperparameters(self, **hparams: float) -> None:
+        """Sets some of the fused optimizer's ``lr``, ``eps``, ``beta1``, ``beta2``, ``weight_decay`` for the
+        updates from now on (a learning-rate schedule calls it between steps), checked as the constructor
+        checks them; the others keep their values. ``hparams`` was a plain dict, whose writes nothing
+        checked (a NaN lr turned the tables NaN; training-loop hunt)."""
+        unknown = sorted(set(hparams) - set(self.hparams))
+        if unknown:
+            raise TypeError(f"MultiTableEmbeddingBag.set_hyperparameters: unknown {unknown}; the fused optimizer's "
+                            f"are {sorted(self.hparams)}")
+        self.hparams = _hparams(**{**self.hparams, **hparams})
 
     def reset_parameters(self) -> None:
         """Fresh tables (uniform in ±1/sqrt(rows), padding rows zero) and, with a fused optimizer, fresh
@@ -316,7 +338,10 @@ class MultiTableEmbeddingBag(nn.Module):
                 f"{op}: activation checkpointing recomputes this forward after the fused optimizer updated the "
                 "tables (another checkpointed call's backward ran first), so it would not reproduce the original "
                 "output. Keep the module's calls outside checkpointed regions, or use one region per backward.")
-        return _FusedEmbeddingBag.apply(self, indices, offsets, bags, chosen, self._grad_anchor,
+        # The anchor through a view: its node (not the leaf's AccumulateGrad, which autograd.grad cannot be
+        # asked about) tells the backward whether its gradient is wanted.
+        anchor = self._grad_anchor.view_as(self._grad_anchor)
+        return _FusedEmbeddingBag.apply(self, indices, offsets, bags, chosen, anchor,
                                         E._kernel_psw(per_sample_weights, ws))
 
 
@@ -348,7 +373,13 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                 "optimizer=None to call it with other tables.")
         ws = [w.data for w in m.weights]
         g_psw = None
-        train = ctx.needs_input_grad[5]  # the anchor: False when the module is frozen (requires_grad_(False))
+        # Whether this backward asks for the anchor's gradient: not when the module is frozen
+        # (requires_grad_(False)), nor for a query of other inputs' gradients only (torch.autograd.grad of
+        # per_sample_weights, backward(inputs=...)), which updated the tables (training-loop hunt).
+        # The anchor's view node (None when it does not require grad): next_functions lists the tensor inputs
+        # only (indices, offsets, anchor, per_sample_weights).
+        anchor = ctx.next_functions[2][0]
+        train = anchor is not None and torch._C._will_engine_execute_node(anchor)
         if psw is not None and ctx.needs_input_grad[6]:  # before the tables change
             if int(m.optimizer_step) != ctx.step:
                 raise RuntimeError(
@@ -363,7 +394,7 @@ class _FusedEmbeddingBag(torch.autograd.Function):
             _warn_unsynchronised(m)
         with torch.no_grad():
             step = int(m.optimizer_step) + 1  # on the CPU (MultiTableEmbeddingBag._apply): int() does not sync
-            h = m.hparams
+            h = m.hparams = _hparams(**m.hparams)  # a write into the dict is checked too (a NaN lr made the tables NaN)
             s1 = m.states(1) if m.optimizer != "sgd" else []
             s2 = m.states(2) if m.optimizer == "adam" else []
             idx, off, flat_psw = E._flat(indices, offsets, psw)
