@@ -772,6 +772,28 @@ def test_state_dict_holds_tensors_only(seed: int) -> None:
     assert again[0].merged
 
 
+def test_merged_flag_of_functional_calls_and_shallow_copies(seed: int) -> None:
+    """The forward takes the merged state from the lora_merged buffer it is given: torch.func.functional_call
+    with the other state's state_dict ran the module's own branch (off by the whole adapter, also in
+    stack_module_state), and a shallow copy's merge() left the original believing it unmerged while its
+    shared W held the adapter (counted twice). Both ran silently (copy hunt)."""
+    layer = kfuse.nn.LoRALinear(9, 6, r=3).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    merged = copy.deepcopy(layer)
+    merged.merge()
+    x = torch.randn(4, 9)
+    with torch.no_grad():
+        y = layer(x)
+        for module, other in ((layer, merged), (merged, layer)):
+            torch.testing.assert_close(torch.func.functional_call(module, other.state_dict(), (x,)), y)
+        torch.testing.assert_close(layer(x), y)  # the module's own state again
+        shallow = copy.copy(layer)
+        shallow.merge()
+        assert layer.merged
+        torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+
+
 def test_merged_flag_through_resets_and_state_dicts_taken_before_a_merge(seed: int) -> None:
     """reset_parameters re-initialises W, so the layer is unmerged after it; reset_lora_parameters on a
     merged layer unmerges first (W back to the base); a state_dict taken before merge()/unmerge() says

@@ -142,8 +142,8 @@ class LoRALinear(nn.Module):
         self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, lora_dropout, use_rslora
         self.fan_in_fan_out = fan_in_fan_out
         self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self._merged = False  # see merged
         self.register_buffer("lora_merged", torch.zeros((), dtype=torch.bool, device=weight.device))
+        self._remember_merged(False)  # see merged
         self.weight = weight
         self.bias = bias
         a_dtype = _adapter_dtype(adapter_dtype, weight.dtype, type(self).__name__)
@@ -179,13 +179,26 @@ class LoRALinear(nn.Module):
         the adapter twice once loaded (state bug hunt). A tensor, not extra state: a dict in the
         state_dict broke safetensors, ``torch.func.functional_call`` and code that clones or moves every
         entry (review 2026-12-04). The forward reads a Python copy (no device read, a constant for
-        ``torch.compile``)."""
+        ``torch.compile``), taken again (one read of the buffer) where the buffer is another tensor than
+        the one it was taken from, or was written since: ``torch.func.functional_call`` passes its own, and
+        a shallow copy's merge() writes the shared one; both ran the other branch silently (copy hunt)."""
+        if not torch.compiler.is_compiling():
+            buf = self.lora_merged
+            seen = self.__dict__.get("_merged_of")
+            if seen is None or seen[0] is not buf or (not buf.is_inference() and seen[1] != buf._version):
+                self._remember_merged(bool(buf))
         return self._merged
 
     @merged.setter
     def merged(self, value: bool) -> None:
-        self._merged = bool(value)
-        self.lora_merged.fill_(self._merged)
+        self.lora_merged.fill_(bool(value))
+        self._remember_merged(bool(value))
+
+    def _remember_merged(self, value: bool) -> None:
+        """The Python copy of ``lora_merged`` (see :attr:`merged`) and which buffer, at which version, it is of."""
+        buf = self.lora_merged
+        self._merged = value
+        self._merged_of = (buf, None if buf.is_inference() else buf._version)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -249,7 +262,7 @@ class LoRALinear(nn.Module):
         if key not in state_dict and (old is not None or prefix + "weight" in state_dict):
             state_dict[key] = torch.tensor(old["merged"] if old is not None else False)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._merged = bool(self.lora_merged)
+        self._remember_merged(bool(self.lora_merged))
 
     def forward(self, x: Tensor) -> Tensor:
         """:func:`kfuse.lora_linear` with this layer's parameters (dropout in training mode only);
