@@ -540,6 +540,37 @@ def test_numpy_and_tensor_integers_are_ids_and_lengths():
     check_invariants(cache)
 
 
+@pytest.mark.parametrize("mirror", [False, True], ids=["cpu-state", "device-copy"])
+def test_copies_and_pickles_are_independent_caches(mirror, tmp_path, seed):
+    """copy.deepcopy and pickling (torch.save) failed on the C++ host state ("cannot pickle KVHostState"),
+    and copy.copy shared it: a step opened on the copy let the original roll back under it (copy hunt).
+    Each now gives a cache with the same contents and outputs, whose operations leave the original's
+    state and pages alone; a cache with an open step is refused."""
+    import copy  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    cache, a, b = _populated(mirror)
+    c = cache.fork(b, 2)
+    cache.rollback([a], [4])
+    snap = snapshot(cache)
+    q = torch.randn(3, 2 * HKV, D)
+    want = kfuse.paged_decode_attention(q, cache, 1, [a, b, c], backend="cpu")
+    buf = io.BytesIO()
+    torch.save(cache, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(cache), copy.copy(cache), torch.load(buf, weights_only=False)):
+        assert_same(other, snap)
+        check_invariants(other)
+        assert torch.equal(kfuse.paged_decode_attention(q, other, 1, [a, b, c], backend="cpu"), want)
+        step(other, None, [a, c], [3, 2])
+        other.rollback([b], [0])
+        other.free(c)
+        assert_same(cache, snap)
+    cache.append(0, [a], *_kv(1))
+    with pytest.raises(ValueError, match="copy or pickle: a step is open"):
+        copy.deepcopy(cache)
+
+
 def test_a_capacity_past_int32_lengths_is_refused():
     """Lengths are int32 (seq_lens, the kernels); the C++ advance truncated a sum past 2^31 - 1 (overflow
     audit). A sequence's capacity max_pages_per_seq · page_size (max_pages_per_seq defaults to num_pages)

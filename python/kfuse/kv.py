@@ -109,6 +109,20 @@ def _as_int_list(x, what: str) -> list[int]:
     return _index_tensor(x, what).tolist()
 
 
+def _rebuilt_cache(args: tuple, state: tuple[Tensor, ...]) -> PagedKVCache:
+    """A :class:`PagedKVCache` made with ``args`` (the constructor's, ``_mirror`` last) holding ``state`` (see
+    :meth:`PagedKVCache.__reduce__`)."""
+    *pos, mirror = args
+    cache = PagedKVCache(*pos, _mirror=mirror)
+    with torch.no_grad():
+        for dst, src in zip((cache.k_pages, cache.v_pages, cache._h_flat, cache._h_npages, cache._h_active), state,
+                            strict=True):
+            dst.copy_(src)
+        if cache._mirrored:
+            cache._flat.copy_(cache._h_flat)
+    return cache
+
+
 class PagedKVCache:
     """A paged KV cache whose sequences roll back, fork and are freed independently.
 
@@ -251,6 +265,17 @@ class PagedKVCache:
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"{op}: PagedKVCache operations cannot be captured in a CUDA graph directly "
                                "(their arguments cross from the host); use cache.graphed_rollback(n) for rollback")
+
+    def __reduce__(self) -> tuple:
+        """``copy.deepcopy``, ``copy.copy`` and pickling (``torch.save``) give an independent cache with the same
+        contents: the constructor's arguments and the state's tensors (pools, host state), rebuilt by
+        :func:`_rebuilt_cache`. The host state's C++ object over views of those tensors cannot be pickled, and a
+        shallow copy shared it (a step opened on the copy let the original roll back under it, leaving a
+        committed token with no page; copy hunt). Refused while a step is open."""
+        self._no_step("PagedKVCache: copy or pickle")
+        args = (self.num_layers, self.num_kv_heads, self.head_dim, self.page_size, self.num_pages, self.max_seqs,
+                self.dtype, self.device, self.max_pages_per_seq, self._mirrored and self.device.type == "cpu")
+        return _rebuilt_cache, (args, (self.k_pages, self.v_pages, self._h_flat, self._h_npages, self._h_active))
 
     def _no_step(self, op: str) -> None:
         self._not_capturing(op)
