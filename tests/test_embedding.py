@@ -1186,6 +1186,46 @@ _DDP = textwrap.dedent("""
 """)
 
 
+_PG_COPY = textwrap.dedent("""
+    import copy, io, sys, torch, torch.distributed as dist
+    sys.path.insert(0, sys.argv[1])
+    from kfuse.nn import MultiTableEmbeddingBag
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    group = dist.new_group([0])
+    m = MultiTableEmbeddingBag([(6, 3)], optimizer="sgd", lr=0.1, process_group=group)
+    idx, off = torch.tensor([0, 2, 3]), torch.tensor([0, 2, 3])
+    m(idx, off).sum().backward()
+    twin = copy.deepcopy(m)
+    assert twin.process_group is group and torch.equal(twin.weights[0], m.weights[0])
+    twin(idx, off).sum().backward()
+    assert not torch.equal(twin.weights[0], m.weights[0]), "the copy's tables are the original's"
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert back.process_group is None and m.process_group is group and torch.equal(back.weights[0], m.weights[0])
+    del m, twin, back
+    dist.destroy_process_group()
+    print("ok")
+""")
+
+
+def test_a_module_with_a_process_group_copies_and_pickles(tmp_path):
+    """A process group neither pickles nor copies, so deepcopy, pickle and torch.save of a module given one
+    failed ("cannot pickle ProcessGroup"; copy hunt): a deep copy shares the group and trains its own
+    tables; a pickled module leaves the group out, as DistributedDataParallel does. (One gloo process.)"""
+    script = tmp_path / "pg.py"
+    script.write_text(_PG_COPY)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    python_dir = os.path.dirname(os.path.dirname(kfuse.__file__))
+    run = subprocess.run([sys.executable, str(script), python_dir], env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fused"])
 def test_data_parallel_two_processes(mode, tmp_path):
     """2 gloo processes, each its own batches: DDP (fused optimizer off; gradients averaged, then

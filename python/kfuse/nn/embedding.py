@@ -3,6 +3,7 @@ multi-table bag in the FBGEMM/TorchRec layout, optionally with a fused sparse op
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -271,6 +272,20 @@ class MultiTableEmbeddingBag(nn.Module):
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination.pop(prefix + "_grad_anchor", None)
+
+    # A process group is a live communicator, which neither pickles nor copies ("cannot pickle ProcessGroup";
+    # copy hunt): a pickled module (torch.save of it) leaves it out, as DistributedDataParallel does (set
+    # process_group again after loading), and copy.deepcopy shares it.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "process_group": None}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MultiTableEmbeddingBag:
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(super().__getstate__(), memo))
+        return new
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         old = prefix + "step"  # the buffer's name in checkpoints written before 2026-12-02
