@@ -486,6 +486,24 @@ def test_adapters_added_or_loaded_in_inference_mode_serve_outside_it(seed: int) 
     assert x.grad is not None
 
 
+def test_multi_lora_module_resets_as_torch_layers_do() -> None:
+    """MultiLoRALinear had no reset_parameters: a generic re-initialisation after to_empty() (``if
+    hasattr(m, "reset_parameters")``) left its base weight uninitialised (copy hunt). It initialises the
+    base as nn.Linear does (the same draws) and empties the stacks."""
+    torch.manual_seed(3)
+    want = kfuse.nn.MultiLoRALinear(8, 6)
+    m = kfuse.nn.MultiLoRALinear(8, 6, device="meta")
+    m.add_adapter(torch.randn(2, 8, device="meta"), torch.randn(6, 2, device="meta"), 0.5)
+    m.to_empty(device="cpu")
+    torch.manual_seed(3)
+    for module in m.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    assert m.num_adapters == 0 and m.r_max == 0
+    assert torch.equal(m.weight, want.weight) and torch.equal(m.bias, want.bias)
+    assert torch.equal(m(torch.ones(2, 8), torch.tensor([-1, -1])), want(torch.ones(2, 8), torch.tensor([-1, -1])))
+
+
 def test_multi_adapter_cpu_work_does_not_grow_with_unused_adapters(seed: int) -> None:
     """The cpu backend visited every loaded adapter (slices, list conversions): 8192 loaded with 8 in
     the batch took 30x a torch loop over the 8 (perf hunt, 2026-12-04). Counts the aten ops the

@@ -260,6 +260,18 @@ def test_a_cpu_model_under_another_default_device(small, claims):
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
+def test_reset_parameters_takes_the_constructors_scale_and_seed(small):
+    """CodeEmbedding.reset_parameters needed a scale: a generic re-initialisation (no arguments) raised a
+    TypeError (copy hunt). Without arguments it gives the constructor's tables again."""
+    gen = GeneralCodeEmbedding(small.sizes, 8, seed=3)
+    fresh = [w.detach().clone() for w in gen.codes.weights]
+    with torch.no_grad():
+        for w in gen.codes.weights:
+            w.zero_()
+    gen.codes.reset_parameters()
+    assert all(torch.equal(a, b) for a, b in zip(gen.codes.weights, fresh, strict=True))
+
+
 def test_builds_agree(small, claims):
     """The same model on kfuse, torch.nn.EmbeddingBag (SGD) and FBGEMM (row-wise Adagrad): same updates."""
     idx, off = claims.visit_bags(np.arange(64))

@@ -214,12 +214,16 @@ class CodeEmbedding(nn.Module):
         self.mode, self.impl, self.optimizer = mode, impl, optimizer
         self.tables = _tables([(s, self.dim) for s in self.sizes], mode, optimizer, lr, eps, weight_decay, impl,
                               backend, device, seed)
-        self.reset_parameters(0.5 / self.dim if init_scale is None else init_scale, seed)
+        self._init = (0.5 / self.dim if init_scale is None else init_scale, seed)
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, scale: float, seed: int = 0) -> None:
-        """Tables uniform in ``±scale`` (seeded, the same in every build)."""
-        gen = torch.Generator().manual_seed(seed)
+    def reset_parameters(self, scale: float | None = None, seed: int | None = None) -> None:
+        """Tables uniform in ``±scale`` (seeded, the same in every build); by default the constructor's
+        ``init_scale`` and ``seed`` (a generic re-initialisation, which passes none, raised a TypeError;
+        copy hunt)."""
+        scale = self._init[0] if scale is None else scale
+        gen = torch.Generator().manual_seed(self._init[1] if seed is None else seed)
         for w in self.weights:
             w.copy_((torch.rand(w.shape, generator=gen, device="cpu") * 2 - 1) * scale)
 

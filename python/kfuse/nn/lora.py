@@ -50,6 +50,15 @@ def _new_base(cls: str, in_features: int, out_features: int, bias: bool, fan_in_
     return in_features, out_features, weight, b
 
 
+@torch.no_grad()
+def _init_base(weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool, in_features: int) -> None:
+    """A base layer's weight and bias initialised as ``nn.Linear`` initialises its own."""
+    nn.init.kaiming_uniform_(weight.t() if fan_in_fan_out else weight, a=math.sqrt(5))
+    if bias is not None:
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(bias, -bound, bound)
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is GPT-2's ``Conv1D`` (``transformers.pytorch_utils``; not imported: transformers is
     no runtime dependency): weight ``[in, out]``, ``y = x W + b``."""
@@ -204,10 +213,7 @@ class LoRALinear(nn.Module):
     def reset_parameters(self) -> None:
         """Base layer as ``nn.Linear`` initialises it, and the adapter as PEFT does; the layer is then
         unmerged (W holds no adapter)."""
-        nn.init.kaiming_uniform_(self.weight.t() if self.fan_in_fan_out else self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+        _init_base(self.weight, self.bias, self.fan_in_fan_out, self.in_features)
         self.merged = False  # it stayed True on a merged layer: the adapter was then ignored (state bug hunt)
         self.reset_lora_parameters()
 
@@ -316,10 +322,7 @@ class MultiLoRALinear(nn.Module):
         in_features, out_features, weight, b = _new_base(
             "MultiLoRALinear", in_features, out_features, bias, fan_in_fan_out, device, dtype)
         self._setup(weight, b, in_features, out_features, fan_in_fan_out, backend, adapter_dtype)
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(weight.t() if fan_in_fan_out else weight, a=math.sqrt(5))
-            if b is not None:
-                nn.init.uniform_(b, -1.0 / math.sqrt(in_features), 1.0 / math.sqrt(in_features))
+        self.reset_parameters()
 
     def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None, in_features: int, out_features: int,
                fan_in_fan_out: bool, backend: str, adapter_dtype: torch.dtype | None) -> None:
@@ -327,11 +330,27 @@ class MultiLoRALinear(nn.Module):
         self.backend = _check_backend("MultiLoRALinear", backend)
         self.in_features, self.out_features, self.fan_in_fan_out = in_features, out_features, fan_in_fan_out
         self.weight, self.bias = weight, bias
-        dev, a_dtype = weight.device, _adapter_dtype(adapter_dtype, weight.dtype, "MultiLoRALinear")
-        self.register_buffer("A_stack", torch.zeros(0, 0, in_features, device=dev, dtype=a_dtype))
-        self.register_buffer("B_stack", torch.zeros(0, out_features, 0, device=dev, dtype=a_dtype))
-        self.register_buffer("scalings", torch.zeros(0, device=dev, dtype=acc_dtype(weight.dtype)))
-        self.register_buffer("ranks", torch.zeros(0, device=dev, dtype=torch.int32))
+        a_dtype = _adapter_dtype(adapter_dtype, weight.dtype, "MultiLoRALinear")
+        for name in ("A_stack", "B_stack", "scalings", "ranks"):
+            self.register_buffer(name, None)
+        self._no_adapters(a_dtype)
+
+    def _no_adapters(self, adapter_dtype: torch.dtype) -> None:
+        """Empty stacks (no adapter) in ``adapter_dtype``, on the base weight's device."""
+        dev, K, N = self.weight.device, self.in_features, self.out_features
+        self.A_stack = torch.zeros(0, 0, K, device=dev, dtype=adapter_dtype)
+        self.B_stack = torch.zeros(0, N, 0, device=dev, dtype=adapter_dtype)
+        self.scalings = torch.zeros(0, device=dev, dtype=acc_dtype(self.weight.dtype))
+        self.ranks = torch.zeros(0, device=dev, dtype=torch.int32)
+
+    @torch.inference_mode(False)  # the stacks it makes replace the buffers: see add_adapter
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The base layer initialised as ``nn.Linear`` initialises it, and no adapters (the stacks emptied:
+        after ``to_empty()`` they hold garbage). A generic re-initialisation (``if hasattr(m,
+        "reset_parameters")``) left the base weight uninitialised here (copy hunt)."""
+        _init_base(self.weight, self.bias, self.fan_in_fan_out, self.in_features)
+        self._no_adapters(self.A_stack.dtype)
 
     def _apply(self, fn, recurse: bool = True):
         # scalings stay in the accumulation dtype of the base weight through .half() / .to(dtype): float32,
