@@ -272,6 +272,39 @@ def test_reset_parameters_takes_the_constructors_scale_and_seed(small):
     assert all(torch.equal(a, b) for a, b in zip(gen.codes.weights, fresh, strict=True))
 
 
+@pytest.mark.parametrize("impl", ["kfuse", "torch"])
+def test_a_checkpoint_loaded_into_new_tables_trains_on(impl):
+    """load_state_dict(assign=True) and a meta build's to_empty() give the module new tables: the torch
+    build's optimizer went on stepping the old ones (the tables no longer trained), and after to_empty()
+    its loaded state landed on the meta device (copy hunt). Each resumes as the uninterrupted run; a
+    .half() build runs its weighted bags (float32 weights met half tables in torch's bag)."""
+    sizes, idx = [7, 5, 6], torch.tensor([0, 3, 1, 2, 4, 0, 5, 1, 2, 3])
+    off = torch.tensor([0, 2, 3, 4, 5, 6, 6, 8, 9, 10])
+
+    def build() -> CodeEmbedding:
+        return CodeEmbedding(sizes, 4, optimizer="rowwise_adagrad", lr=0.3, impl=impl, seed=0)
+
+    def step(m: CodeEmbedding) -> None:
+        (m(idx, off) ** 2).sum().backward()
+        m.update()
+
+    src = build()
+    step(src)
+    sd = copy.deepcopy(src.state_dict())
+    step(src)
+    assigned = build()
+    assigned.load_state_dict(copy.deepcopy(sd), assign=True)
+    with torch.device("meta"):
+        empty = build()
+    empty.to_empty(device="cpu")
+    empty.load_state_dict(copy.deepcopy(sd))
+    for m in (assigned, empty):
+        step(m)
+        assert all(torch.equal(a, b) for a, b in zip(m.weights, src.weights, strict=True))
+    half = CodeEmbedding(sizes, 4, mode="sum", optimizer="sgd", impl=impl, seed=0).half()
+    assert half(idx, off, torch.rand(idx.numel())).dtype == torch.float16
+
+
 def test_builds_agree(small, claims):
     """The same model on kfuse, torch.nn.EmbeddingBag (SGD) and FBGEMM (row-wise Adagrad): same updates."""
     idx, off = claims.visit_bags(np.arange(64))

@@ -85,12 +85,25 @@ class _TorchTables(nn.Module):
         for f, bag in enumerate(self.bags):
             off = offsets[f * b: (f + 1) * b + 1]
             lo, hi = int(off[0]), int(off[-1])
-            psw = None if per_sample_weights is None else per_sample_weights[lo:hi]
+            # torch's bag takes weights of the table's dtype only (a .half() build failed with float32 ones)
+            psw = None if per_sample_weights is None else per_sample_weights[lo:hi].to(bag.weight.dtype)
             outs.append(bag(indices[lo:hi], off[:-1] - lo, per_sample_weights=psw))
         return torch.cat(outs, dim=1)
 
+    def _track_tables(self) -> None:
+        """Points the optimizer at the tables the module holds now, with their state: to_empty() and
+        load_state_dict(assign=True) give the module new Parameters, and it stepped the old ones, training
+        nothing (copy hunt)."""
+        group = self.opt.param_groups[0]
+        for i, (old, new) in enumerate(zip(group["params"], self.weights, strict=True)):
+            if old is not new:
+                if old in self.opt.state:
+                    self.opt.state[new] = self.opt.state.pop(old)
+                group["params"][i] = new
+
     def update(self) -> None:
         if self.opt is not None:
+            self._track_tables()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
 
@@ -102,7 +115,9 @@ class _TorchTables(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         if self.opt is not None and state:
             # A copy: the optimizer's load_state_dict keeps the given tensors, which would tie this module's
-            # state to the source's (as load_state_dict copies parameters into the module's own).
+            # state to the source's (as load_state_dict copies parameters into the module's own). It casts them
+            # to its parameters' devices: the tables' now (after to_empty(), not the meta ones).
+            self._track_tables()
             self.opt.load_state_dict(copy.deepcopy(state))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
