@@ -2131,6 +2131,28 @@ def no_pending_checks():
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_async_pending_check_holds_no_table(device, no_pending_checks):
+    """A pending check="async" call kept its tables alive (for the row counts its error names), so a deleted
+    module's tables stayed allocated until the next call (leak hunt). It keeps their row counts: the
+    tables go with the module, and a bad index is still named with its table's range."""
+    import gc  # noqa: PLC0415
+    import weakref  # noqa: PLC0415
+
+    m = MultiTableEmbeddingBag([(1000, 16)], backend="triton", check="async", device=device)
+    t = functools.partial(torch.tensor, device=device)
+    m(t([1, 2, 3]), t([0, 1, 3]))
+    table = weakref.ref(m.weights[0])
+    assert E._DEFERRED
+    del m
+    gc.collect()
+    assert table() is None
+    w = torch.zeros(10, 4, device=device)
+    kfuse.multi_embedding_bag([w], t([1, 12]), t([0, 2]), backend="triton", check="async")
+    with pytest.raises(IndexError, match=r"indices\[1\] = 12 is out of range \[0, 10\)"):
+        kfuse.check_embedding_errors()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_async_check_raises_at_a_later_call(device, seed, no_pending_checks):
     """check="async": the bad call returns (bad indices skipped, nothing out of range read), the next call of
     either op raises naming the bad call's argument, once; valid calls give the sync mode's bits."""

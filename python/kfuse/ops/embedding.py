@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -235,8 +235,9 @@ def _past_the_end(op: str, offsets: Tensor, n: int) -> None:
         raise ValueError(f"kfuse.{op}: offsets[{i}] = {int(off[i])} is past the end of input (len {n})") from None
 
 
-def _check_values(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags) -> None:
-    """The index and offset checks, on the host (the reference backend; the C++ kernels make their own)."""
+def _check_values(op: str, rows: Sequence[int], indices: Tensor, offsets: Tensor, bags: _Bags) -> None:
+    """The index and offset checks, on the host (the reference backend; the C++ kernels make their own), for
+    tables of ``rows`` rows each (:func:`_rows`)."""
     off = offsets.long().cpu()
     idx = indices.long().cpu()
     if off[0] != 0:
@@ -253,10 +254,10 @@ def _check_values(op: str, weights: list[Tensor], indices: Tensor, offsets: Tens
     for f, t in enumerate(bags.feature_table):
         lo, hi = int(off[f * batch]), int(off[(f + 1) * batch])
         seg = idx[lo:hi]
-        bad = ((seg < 0) | (seg >= weights[t].shape[0])).nonzero()
+        bad = ((seg < 0) | (seg >= rows[t])).nonzero()
         if bad.numel():
             i = lo + int(bad[0])
-            raise IndexError(f"kfuse.{op}: indices[{i}] = {int(idx[i])} is out of range [0, {weights[t].shape[0]}) "
+            raise IndexError(f"kfuse.{op}: indices[{i}] = {int(idx[i])} is out of range [0, {rows[t]}) "
                              f"for feature {f} (table {t})")
 
 
@@ -281,13 +282,19 @@ def check_mode(where: str, check: object) -> None:
         raise ValueError(f"{where}: check must be one of {CHECKS}; got {check!r}")
 
 
+def _rows(weights: list[Tensor]) -> list[int]:
+    """Each table's row count: what :func:`_check_values` needs of the tables."""
+    return [w.shape[0] for w in weights]
+
+
 @dataclass
 class _Deferred:
     """A ``check="async"`` call's error flag on its way to the host, and its arguments to name the error by."""
 
     flag: Tensor  # int32 [2]: on the host (pinned) for CUDA calls; the interpreter's own CPU flag
     event: object  # torch.cuda.Event recorded after the copy, or None (already on the host)
-    weights: list[Tensor]
+    rows: list[int]  # the tables' row counts, not the tables: a pending call held them (64 MB of a deleted
+    # module's table until the next call; leak hunt)
     indices: Tensor
     offsets: Tensor
     bags: _Bags
@@ -308,7 +315,7 @@ def _defer(flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(flag.device))  # that stream, whichever device is current
         flag = host
-    _DEFERRED.append(_Deferred(flag, event, weights, indices, offsets, bags))
+    _DEFERRED.append(_Deferred(flag, event, _rows(weights), indices, offsets, bags))
 
 
 def check_embedding_errors(wait: bool = True) -> None:
@@ -350,7 +357,7 @@ def poll_errors() -> None:
 def _raise_bad_input(flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags) -> None:
     """Raise for a kernel flag that recorded bad input (read at the call): the host checks name the
     argument, as the other backends do."""
-    _check_values(bags.op, weights, indices, offsets, bags)
+    _check_values(bags.op, _rows(weights), indices, offsets, bags)
     _tk().check_flag(flag, indices, offsets)
 
 
@@ -370,7 +377,7 @@ def _deferred_error(d: _Deferred) -> Exception:
         err = IndexError(f"kfuse.{op}: indices[{bad_index}] was out of range of its feature's table when that "
                          "call read it (it has changed since)")
     try:
-        _check_values(op, d.weights, d.indices, d.offsets, d.bags)
+        _check_values(op, d.rows, d.indices, d.offsets, d.bags)
     except (IndexError, ValueError) as now:
         if token in str(now):
             return now
@@ -420,7 +427,7 @@ def _forward_impl(weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
         elif flag.tolist() != [tk.NO_ERROR, tk.NO_ERROR]:
             _raise_bad_input(flag, weights, indices, offsets, bags)
         return out
-    _check_values(bags.op, weights, indices, offsets, bags)
+    _check_values(bags.op, _rows(weights), indices, offsets, bags)
     return multi_embedding_bag_reference(weights, indices, offsets, bags.feature_table, bags.pooling, psw,
                                          bags.padding_idx)
 
@@ -457,7 +464,7 @@ def _sparse_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offse
     if backend == "triton":
         return _tk().backward_sparse(grad_out.contiguous(), weights, indices, offsets, bags.feature_table,
                                      bags.padding_idx, bags.pooling, psw)
-    _check_values(bags.op, weights, indices, offsets, bags)
+    _check_values(bags.op, _rows(weights), indices, offsets, bags)
     dense, _ = multi_embedding_bag_backward_reference(grad_out, weights, indices, offsets, bags.feature_table,
                                                       bags.pooling, psw, bags.padding_idx)
     acc = acc_dtype(weights[0].dtype)
@@ -474,7 +481,7 @@ def _psw_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets:
     if backend == "triton":
         return _tk().backward_psw(grad_out.contiguous(), weights, indices, offsets, bags.feature_table,
                                   bags.padding_idx)
-    _check_values(bags.op, weights, indices, offsets, bags)
+    _check_values(bags.op, _rows(weights), indices, offsets, bags)
     g_psw = multi_embedding_bag_backward_reference(grad_out, weights, indices, offsets, bags.feature_table,
                                                    bags.pooling, psw, bags.padding_idx)[1]
     return g_psw.to(psw.dtype)
@@ -595,7 +602,7 @@ class _EagerEmbeddingBag(torch.autograd.Function):
                 # The kernels skipped bad indices, which the reference below would index with (torch's own
                 # error, or a device assert): the forward's error first (once), or the host's check.
                 check_embedding_errors()
-                _check_values(ctx.bags.op, weights, indices, offsets, ctx.bags)
+                _check_values(ctx.bags.op, _rows(weights), indices, offsets, ctx.bags)
             grads, g_psw = _reference_vjp(grad_out, weights, indices, offsets, ctx.bags, psw, need_w, need_psw,
                                           create_graph=True)
         elif torch.compiler.is_compiling() and not ctx.sparse:
@@ -635,7 +642,8 @@ def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
             # vmap over indices or offsets: each batch entry's values (nonzero of a batched tensor failed)
             idx_values, off_values = _routing.functorch_values(indices), _routing.functorch_values(offsets)
             for k in range(max(len(idx_values), len(off_values))):
-                _check_values(op, weights, idx_values[k % len(idx_values)], off_values[k % len(off_values)], bags)
+                _check_values(op, _rows(weights), idx_values[k % len(idx_values)], off_values[k % len(off_values)],
+                              bags)
         return multi_embedding_bag_reference(weights, indices, offsets, bags.feature_table, bags.pooling, psw,
                                              bags.padding_idx)
     if path == _routing.REGISTERED:
