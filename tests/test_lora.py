@@ -444,6 +444,24 @@ def test_cpu_small_batches_do_not_cast_the_weight(dtype: torch.dtype, seed: int)
     assert casts_of_w(_HALF_GEMM_MAX_M + 1) == 2  # forward and dx: the detector sees them
 
 
+def test_cpu_half_products_past_the_half_range_keep_their_fp32_sums() -> None:
+    """At most _HALF_GEMM_MAX_M rows run the cpu backend's base GEMM in half: x Wᵀ = 80000 rounded to inf,
+    where its fp32 sum with the bias (or with the LoRA term) is finite and the other backends give it
+    (numerical hunt). Those products run in fp32."""
+    x = torch.full((2, 4), 200.0, dtype=torch.float16)
+    w = torch.full((3, 4), 100.0, dtype=torch.float16)
+    A, B = torch.ones(1, 4), torch.full((3, 1), -40.0)  # s·(x Aᵀ) Bᵀ = -32000
+    bias = torch.full((3,), -30000.0, dtype=torch.float16)
+    for args in ((A, B * 0, 1.0, bias), (A, B, 1.0, None)):
+        got = kfuse.lora_linear(x, w, *args[:3], bias=args[3], backend="cpu")
+        want = kfuse.lora_linear(x, w, *args[:3], bias=args[3], backend="reference")
+        assert torch.isfinite(want).all() and torch.equal(got, want)
+    ids = torch.tensor([0, -1])
+    multi = [kfuse.lora_linear_multi(x, w, A[None], B[None], torch.ones(1), torch.ones(1, dtype=torch.int32), ids,
+                                     bias, backend=b) for b in ("cpu", "reference")]
+    assert torch.isfinite(multi[1]).all() and torch.equal(multi[0], multi[1])
+
+
 def test_add_adapter_failing_part_way_leaves_the_layer_as_it_was(monkeypatch, seed: int) -> None:
     """add_adapter set the grown stacks before building scalings and ranks: a failure between (out of
     memory, an interrupt; here torch.cat raising) left a layer every later forward refused (exceptions

@@ -311,8 +311,12 @@ def _base_mm(a: Tensor, a_acc: Tensor, b: Tensor, bias: Tensor | None = None) ->
     ``bias`` in it too): for half ``a`` of at most ``_HALF_GEMM_MAX_M`` rows torch's half GEMM, cast
     up; otherwise ``b`` cast as well (no copy for fp32/fp64) and one addmm."""
     if a.dtype != a_acc.dtype and a.shape[0] <= _HALF_GEMM_MAX_M:
-        y = torch.mm(a, b).to(a_acc.dtype)
-        return y if bias is None else y.add_(bias)
+        y = torch.mm(a, b)
+        # Rounded to half, a product past its range is inf where the fp32 sum with the rest (the bias, the LoRA
+        # term) is finite, as it is on the other backends (numerical hunt): then the fp32 GEMM below.
+        if not bool(torch.isinf(y).any()):
+            y = y.to(a_acc.dtype)
+            return y if bias is None else y.add_(bias)
     b = b.to(a_acc.dtype)
     return torch.mm(a_acc, b) if bias is None else torch.addmm(bias, a_acc, b)
 
