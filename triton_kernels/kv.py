@@ -167,10 +167,11 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr,
         s = tl.where(valid[None, :], s, float("-inf"))
         m_i, l_i, acc = _online_softmax_tile(s, v, m_i, l_i, acc, PREC)
 
-    # A split below the length holds at least one position, so l_i > 0 unless the scores are NaN or all
-    # -inf (NaN/inf in q or K): then o and lse are NaN, and so is the merged output, as softmax gives.
-    # (Splits past the length divide 0 by 0 but are not stored.)
-    o = acc / l_i[:, None]
+    # A split below the length holds at least one position, so l_i > 0 unless its scores are NaN or all
+    # -inf (NaN/inf in q or K). NaN ones give a NaN lse, and the merged output is NaN, as softmax gives; an
+    # all -inf split stores o = 0 with lse = -inf, so it weighs 0 in the merge (its 0/0 made the output NaN
+    # though other splits held finite scores; numerical hunt), and all -inf splits give NaN there.
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     lse = m_i + tl.log2(l_i)
     part = (b.to(tl.int64) * (G * tl.num_programs(1)) + heads) * num_splits + sp  # [BLOCK_G]
     # A split past the length is not written: the merge reads only those below it. (Masked stores, not
@@ -200,7 +201,8 @@ def _decode_merge_kernel(po_ptr, plse_ptr, lens_ptr, out_ptr, sob, soh, Hq, num_
     acc = tl.zeros([BLOCK_D], tl.float32)
     for sp in range(0, used):
         # Every split below the length holds at least one position: its lse is finite unless the scores
-        # were NaN or all -inf, whose NaN (or -inf - -inf) weight then makes the output NaN.
+        # were NaN (a NaN weight: the output is NaN) or all -inf (weight 0; -inf - -inf, NaN, when every
+        # split's are, as softmax gives).
         w = tl.exp2(tl.load(plse_ptr + base + sp) - m)
         l_sum += w
         acc += w * tl.load(po_ptr + (base + sp) * D + d, mask=dm, other=0.0)

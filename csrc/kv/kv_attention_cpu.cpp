@@ -231,9 +231,12 @@ KF_SIMD void tile_block(const Rows<A>& w, int64_t D, int r0, int64_t t0, int T) 
     A mx = mv[0];
     for (int j = 1; j < VW; ++j) mx = std::max(mx, mv[j]);
     const A mn = std::max(w.m[r], mx);
-    alpha[i] = std::exp(w.m[r] - mn);  // 0 on the first tile (m = -inf)
+    // Exponents from 0 while every score so far is -inf (masked keys, -inf in K): -inf - -inf made the
+    // row NaN though later tiles held finite scores (numerical hunt). Its terms are 0 then, as softmax's.
+    const A base = mn == -std::numeric_limits<A>::infinity() ? A(0) : mn;
+    alpha[i] = std::exp(w.m[r] - base);  // 0 on the first tile (m = -inf)
     w.m[r] = mn;
-    exp_row(s[i], mn);
+    exp_row(s[i], base);
     V<A> sm = loadv(s[i]);
     for (int v = 1; v < NV; ++v) sm += loadv(s[i] + v * VW);
     A sum = sm[0];
