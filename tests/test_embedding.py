@@ -1872,6 +1872,27 @@ def test_triton_backward_psw_matches_reference(device, dtype, seed):
         assert_close(got, ref, torch.float32, "grad of per_sample_weights")
 
 
+@pytest.mark.parametrize("backend,device", backends())
+def test_psw_gradient_at_padding_is_zero_whatever_grad_out_holds(backend, device):
+    """A padding position's per_sample_weights gradient is 0, as torch's: the Triton kernel multiplied its
+    masked row (0) by an inf or NaN of grad_out and stored NaN (numerical hunt)."""
+    w = torch.randn(8, 4, requires_grad=True)
+    idx, off = torch.tensor([1, 5, 2]), torch.tensor([0, 2])
+    for bad in (float("inf"), float("nan")):
+        psw = torch.rand(3, requires_grad=True)
+        go = torch.ones(2, 4)
+        go[0, 1] = bad
+        out = kfuse.embedding_bag(idx.to(device), w.to(device), off.to(device), mode="sum",
+                                  per_sample_weights=psw.to(device), padding_idx=5, backend=backend)
+        out.backward(go.to(device))
+        want = torch.rand(3, requires_grad=True)
+        with torch.no_grad():
+            want.copy_(psw)
+        F.embedding_bag(idx, w, off, mode="sum", per_sample_weights=want, padding_idx=5).backward(go)
+        assert psw.grad[1] == 0 and want.grad[1] == 0
+        assert torch.equal(psw.grad.isnan(), want.grad.isnan())
+
+
 # ---------------------------------------------------------------- fused optimizers
 _HP = dict(lr=0.05, eps=1e-6, beta1=0.9, beta2=0.99, weight_decay=0.01)
 

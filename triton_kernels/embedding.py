@@ -696,7 +696,9 @@ def _psw_kernel(idx_ptr, off_ptr, meta_ptr, go_ptr, out_ptr, B, N, go_width,
             go = tl.load(go_ptr + b.to(tl.int64) * go_width + col + d, mask=dm, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + row[:, None] * dim + d[None, :], mask=use[:, None] & dm[None, :], other=0.0)
             acc += tl.sum(w.to(tl.float32) * go[None, :], 1)
-        tl.store(out_ptr + k, acc, mask=k < hi)
+        # 0 at padding positions whatever grad_out holds (their masked rows times an inf or NaN in it made
+        # NaN, where torch gives 0; numerical hunt)
+        tl.store(out_ptr + k, tl.where(use, acc, 0.0), mask=k < hi)
 
 
 @on_input_device
