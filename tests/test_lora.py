@@ -828,6 +828,11 @@ def test_merged_flag_of_functional_calls_and_shallow_copies(seed: int) -> None:
         shallow.merge()
         assert layer.merged
         torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+        # vmap over stacked modules (one merge state: a batched flag has no one value) still runs
+        layers = [layer, copy.deepcopy(layer)]
+        params, buffers = torch.func.stack_module_state(layers)
+        stacked = torch.vmap(lambda p, b: torch.func.functional_call(layer, (p, b), (x,)))(params, buffers)
+        torch.testing.assert_close(stacked, torch.stack([m(x) for m in layers]))
 
 
 def test_merged_flag_through_resets_and_state_dicts_taken_before_a_merge(seed: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kfuse import _checks
+from kfuse import _checks, _routing
 from kfuse.nn._buffers import apply_keeping_dtype
 from kfuse.ops.lora import BACKENDS, _check_tensor, _check_x_weight, lora_linear, lora_linear_multi
 from kfuse.reference.lora import acc_dtype
@@ -190,9 +190,11 @@ class LoRALinear(nn.Module):
         entry (review 2026-12-04). The forward reads a Python copy (no device read, a constant for
         ``torch.compile``), taken again (one read of the buffer) where the buffer is another tensor than
         the one it was taken from, or was written since: ``torch.func.functional_call`` passes its own, and
-        a shallow copy's merge() writes the shared one; both ran the other branch silently (copy hunt)."""
-        if not torch.compiler.is_compiling():
-            buf = self.lora_merged
+        a shallow copy's merge() writes the shared one; both ran the other branch silently (copy hunt).
+        Under ``torch.vmap`` (``stack_module_state``) a batched buffer has no one value: the module's own
+        state is taken, so the stacked modules must share it."""
+        buf = self.lora_merged
+        if not torch.compiler.is_compiling() and not _routing.functorch_wrapped((buf,)):
             seen = self.__dict__.get("_merged_of")
             if seen is None or seen[0] is not buf or (not buf.is_inference() and seen[1] != buf._version):
                 self._remember_merged(bool(buf))
