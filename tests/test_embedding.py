@@ -808,9 +808,12 @@ def test_fused_module_hyper_parameters_change_between_steps():
         return float((m.weights[0] - before).abs().max())
 
     m = MultiTableEmbeddingBag([(4, 3)], optimizer="sgd", lr=0.2)
+    held = m.hparams  # a scheduler's reference: the dict is changed in place, never replaced
     assert step_size(m) == pytest.approx(0.2)
     m.set_hyperparameters(lr=0.02)
     assert m.hparams["lr"] == pytest.approx(0.02) and step_size(m) == pytest.approx(0.02)
+    held["lr"] = 0.0
+    assert step_size(m) == 0.0 and held is m.hparams
     with pytest.raises(ValueError, match="MultiTableEmbeddingBag: lr must be finite"):
         m.set_hyperparameters(lr=float("nan"))
     with pytest.raises(TypeError, match=r"unknown \['momentum'\]"):
@@ -819,7 +822,7 @@ def test_fused_module_hyper_parameters_change_between_steps():
     before = m.weights[0].detach().clone()
     with pytest.raises(ValueError, match="MultiTableEmbeddingBag: lr must be finite"):
         m(idx, off).sum().backward()
-    assert torch.equal(m.weights[0], before) and int(m.optimizer_step) == 2
+    assert torch.equal(m.weights[0], before) and int(m.optimizer_step) == 3
 
 
 def test_fused_module_checks_its_hyper_parameters_and_seed():
@@ -1197,6 +1200,7 @@ _PG_COPY = textwrap.dedent("""
     m(idx, off).sum().backward()
     twin = copy.deepcopy(m)
     assert twin.process_group is group and torch.equal(twin.weights[0], m.weights[0])
+    assert copy.copy(m).process_group is group
     twin(idx, off).sum().backward()
     assert not torch.equal(twin.weights[0], m.weights[0]), "the copy's tables are the original's"
     buf = io.BytesIO()

@@ -566,6 +566,15 @@ def test_copies_and_pickles_are_independent_caches(mirror, tmp_path, seed):
         other.rollback([b], [0])
         other.free(c)
         assert_same(cache, snap)
+    class Tagged(PagedKVCache):
+        pass
+
+    tagged = Tagged(**{k: getattr(cache, k) for k in ("num_layers", "num_kv_heads", "head_dim", "page_size",
+                                                       "num_pages", "max_seqs")})
+    tagged.tag = ["mine"]
+    for how in (copy.copy, copy.deepcopy):  # the subclass and later attributes come along, as copied
+        other = how(tagged)
+        assert type(other) is Tagged and other.tag == ["mine"] and (other.tag is tagged.tag) == (how is copy.copy)
     cache.append(0, [a], *_kv(1))
     with pytest.raises(ValueError, match="copy or pickle: a step is open"):
         copy.deepcopy(cache)
@@ -1440,6 +1449,11 @@ def test_a_step_under_inference_mode_attends_with_an_inference_ids_tensor(backen
     a, b = cache.add_sequence(), cache.add_sequence()
     step(cache, None, [a, b], [5, 2])
     q = torch.randn(2, 2 * HKV, D)
+    with torch.inference_mode():  # a step opened there is finished outside it
+        cache.append(0, [a, b], *_kv(2))
+    for layer in range(1, L):
+        cache.append(layer, [a, b], *_kv(2))
+    cache.advance([a, b])
     with torch.inference_mode():
         ids = torch.tensor([a, b])
         for layer in range(L):
@@ -1455,7 +1469,7 @@ def test_a_step_under_inference_mode_attends_with_an_inference_ids_tensor(backen
             assert_close(got, paged_prefill_attention_reference(q, cache, layer, order, [1, 1]), torch.float32,
                          f"prefill, layer {layer}")
         cache.advance(ids.flip(0))
-    assert (cache.length(a), cache.length(b)) == (6, 3)
+    assert (cache.length(a), cache.length(b)) == (7, 4)
 
 
 @pytest.mark.parametrize("mirror", [False, True], ids=["cpu-state", "device-copy"])

@@ -488,6 +488,10 @@ def test_adapters_added_or_loaded_in_inference_mode_serve_outside_it(seed: int) 
     those were inference tensors, so a later load, an edit of scalings or a backward through x outside it
     failed (nn.Linear's load keeps its tensors normal; bug hunt). Now the stacks stay normal tensors."""
     m, fresh, other = (kfuse.nn.MultiLoRALinear(8, 6) for _ in range(3))
+    with torch.inference_mode():  # built, extended and called there as before (its reset_parameters refused)
+        inside = kfuse.nn.MultiLoRALinear(8, 6)
+        inside.add_adapter(torch.randn(2, 8), torch.randn(6, 2), 0.5)
+        assert inside(torch.randn(2, 8), torch.tensor([0, -1])).shape == (2, 6)
     other.add_adapter(torch.randn(3, 8), torch.randn(6, 3), 2.0)
     with torch.inference_mode():
         m.add_adapter(torch.randn(2, 8), torch.randn(6, 2), 0.5)
@@ -824,15 +828,19 @@ def test_merged_flag_of_functional_calls_and_shallow_copies(seed: int) -> None:
         for module, other in ((layer, merged), (merged, layer)):
             torch.testing.assert_close(torch.func.functional_call(module, other.state_dict(), (x,)), y)
         torch.testing.assert_close(layer(x), y)  # the module's own state again
+        # vmap over stacked modules (one merge state: a batched flag has no one value) still runs, and a
+        # module on meta (no value to read) still runs too
+        for one in (layer, merged):
+            layers = [one, copy.deepcopy(one)]
+            params, buffers = torch.func.stack_module_state(layers)
+            stacked = torch.vmap(lambda p, b, one=one: torch.func.functional_call(one, (p, b), (x,)))(params, buffers)
+            torch.testing.assert_close(stacked, torch.stack([m(x) for m in layers]))
+        meta = copy.deepcopy(merged).to("meta")
+        assert meta(x.to("meta")).shape == y.shape and meta.merged
         shallow = copy.copy(layer)
         shallow.merge()
         assert layer.merged
         torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
-        # vmap over stacked modules (one merge state: a batched flag has no one value) still runs
-        layers = [layer, copy.deepcopy(layer)]
-        params, buffers = torch.func.stack_module_state(layers)
-        stacked = torch.vmap(lambda p, b: torch.func.functional_call(layer, (p, b), (x,)))(params, buffers)
-        torch.testing.assert_close(stacked, torch.stack([m(x) for m in layers]))
 
 
 def test_merged_flag_through_resets_and_state_dicts_taken_before_a_merge(seed: int) -> None:

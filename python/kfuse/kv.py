@@ -109,11 +109,13 @@ def _as_int_list(x, what: str) -> list[int]:
     return _index_tensor(x, what).tolist()
 
 
-def _rebuilt_cache(args: tuple, state: tuple[Tensor, ...]) -> PagedKVCache:
-    """A :class:`PagedKVCache` made with ``args`` (the constructor's, ``_mirror`` last) holding ``state`` (see
-    :meth:`PagedKVCache.__reduce__`)."""
+def _rebuilt_cache(cls: type, args: tuple, state: tuple[Tensor, ...], extra: dict) -> PagedKVCache:
+    """A ``cls`` (:class:`PagedKVCache` or a subclass) made with ``args`` (the constructor's, ``_mirror`` last),
+    holding ``state`` and the attributes ``extra`` (see :meth:`PagedKVCache.__reduce__`)."""
     *pos, mirror = args
-    cache = PagedKVCache(*pos, _mirror=mirror)
+    cache = cls.__new__(cls)
+    PagedKVCache.__init__(cache, *pos, _mirror=mirror)
+    cache.__dict__.update(extra)
     with torch.no_grad():
         for dst, src in zip((cache.k_pages, cache.v_pages, cache._h_flat, cache._h_npages, cache._h_active), state,
                             strict=True):
@@ -215,6 +217,7 @@ class PagedKVCache:
         # step per sequence), layers (set), slots (flat page · page_size + slot, device int64), commit
         # (advance's device writes: offsets, values; None on an unmirrored cache)).
         self._step: dict | None = None
+        self._init_attrs = frozenset(self.__dict__) | {"_init_attrs"}  # the constructor's (see __reduce__)
 
     # ------------------------------------------------------------------ helpers
     def _dev(self, vals, dtype: torch.dtype = torch.int64) -> Tensor:
@@ -266,6 +269,10 @@ class PagedKVCache:
             raise RuntimeError(f"{op}: PagedKVCache operations cannot be captured in a CUDA graph directly "
                                "(their arguments cross from the host); use cache.graphed_rollback(n) for rollback")
 
+    @torch.inference_mode(False)  # written in place by appends, perhaps outside inference mode
+    def _appended(self, external: bool) -> Tensor:
+        return torch.full((self.num_layers,), external, dtype=torch.bool, device="cpu")
+
     def __reduce__(self) -> tuple:
         """``copy.deepcopy``, ``copy.copy`` and pickling (``torch.save``) give an independent cache with the same
         contents: the constructor's arguments and the state's tensors (pools, host state), rebuilt by
@@ -275,7 +282,11 @@ class PagedKVCache:
         self._no_step("PagedKVCache: copy or pickle")
         args = (self.num_layers, self.num_kv_heads, self.head_dim, self.page_size, self.num_pages, self.max_seqs,
                 self.dtype, self.device, self.max_pages_per_seq, self._mirrored and self.device.type == "cpu")
-        return _rebuilt_cache, (args, (self.k_pages, self.v_pages, self._h_flat, self._h_npages, self._h_active))
+        state = (self.k_pages, self.v_pages, self._h_flat, self._h_npages, self._h_active)
+        # A subclass and attributes set after the constructor come along (copied as the copy is: shallowly by
+        # copy.copy, deeply by deepcopy).
+        extra = {k: v for k, v in self.__dict__.items() if k not in self._init_attrs}
+        return _rebuilt_cache, (type(self), args, state, extra)
 
     def _no_step(self, op: str) -> None:
         self._not_capturing(op)
@@ -472,7 +483,7 @@ class PagedKVCache:
         self._step = {"ids": ids.clone(), "counts": cnt.clone(),
                       "layers": set(range(self.num_layers)) if external else set(), "pending": pending,
                       # "layers" as a tensor, for compiled attention (see kfuse.ops.kv._validate)
-                      "appended": torch.full((self.num_layers,), external, dtype=torch.bool, device="cpu"),
+                      "appended": self._appended(external),
                       "slots": slots, "commit": commit}
         return self._step
 

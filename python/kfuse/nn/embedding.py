@@ -237,7 +237,7 @@ class MultiTableEmbeddingBag(nn.Module):
         if unknown:
             raise TypeError(f"MultiTableEmbeddingBag.set_hyperparameters: unknown {unknown}; the fused optimizer's "
                             f"are {sorted(self.hparams)}")
-        self.hparams = _hparams(**{**self.hparams, **hparams})
+        self.hparams.update(_hparams(**{**self.hparams, **hparams}))  # in place: a held reference sees it
 
     def reset_parameters(self) -> None:
         """Fresh tables (uniform in ±1/sqrt(rows), padding rows zero) and, with a fused optimizer, fresh
@@ -278,6 +278,11 @@ class MultiTableEmbeddingBag(nn.Module):
     # process_group again after loading), and copy.deepcopy shares it.
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "process_group": None}
+
+    def __copy__(self) -> MultiTableEmbeddingBag:  # a shallow copy shares everything, the group too
+        new = type(self).__new__(type(self))
+        new.__setstate__(super().__getstate__())
+        return new
 
     def __deepcopy__(self, memo: dict[int, Any]) -> MultiTableEmbeddingBag:
         if self.process_group is not None:
@@ -409,7 +414,10 @@ class _FusedEmbeddingBag(torch.autograd.Function):
             _warn_unsynchronised(m)
         with torch.no_grad():
             step = int(m.optimizer_step) + 1  # on the CPU (MultiTableEmbeddingBag._apply): int() does not sync
-            h = m.hparams = _hparams(**m.hparams)  # a write into the dict is checked too (a NaN lr made the tables NaN)
+            # A write into the dict is checked too (a NaN lr made the tables NaN), and normalised in place (a
+            # scheduler may hold the dict: review of the change).
+            h = m.hparams
+            h.update(_hparams(**h))
             s1 = m.states(1) if m.optimizer != "sgd" else []
             s2 = m.states(2) if m.optimizer == "adam" else []
             idx, off, flat_psw = E._flat(indices, offsets, psw)

@@ -187,18 +187,23 @@ class LoRALinear(nn.Module):
         one, as torch's state_dicts are) holds: with a snapshot, a state_dict taken before merge() counted
         the adapter twice once loaded (state bug hunt). A tensor, not extra state: a dict in the
         state_dict broke safetensors, ``torch.func.functional_call`` and code that clones or moves every
-        entry (review 2026-12-04). The forward reads a Python copy (no device read, a constant for
-        ``torch.compile``), taken again (one read of the buffer) where the buffer is another tensor than
-        the one it was taken from, or was written since: ``torch.func.functional_call`` passes its own, and
-        a shallow copy's merge() writes the shared one; both ran the other branch silently (copy hunt).
-        Under ``torch.vmap`` (``stack_module_state``) a batched buffer has no one value: the module's own
-        state is taken, so the stacked modules must share it."""
+        entry (review 2026-12-04).
+
+        The forward reads a Python copy, kept on the buffer tensor itself: no device read (DDP's buffer
+        broadcasts write it in place every step), and shared by whatever shares the buffer. A buffer without
+        it is read once: ``torch.func.functional_call`` passes its own, and a shallow copy's merge() wrote the
+        shared one while the original kept its own copy; both ran the other branch silently (copy hunt).
+        Buffers that hold no value to read (meta, fake and ``torch.vmap``-batched ones) and ``torch.compile``
+        (a constant) take the module's own state."""
         buf = self.lora_merged
-        if not torch.compiler.is_compiling() and not _routing.functorch_wrapped((buf,)):
-            seen = self.__dict__.get("_merged_of")
-            if seen is None or seen[0] is not buf or (not buf.is_inference() and seen[1] != buf._version):
-                self._remember_merged(bool(buf))
-        return self._merged
+        if torch.compiler.is_compiling():
+            return self._merged
+        known = getattr(buf, "_kfuse_merged", None)
+        if known is None:
+            if not _routing.plain(buf) or buf.device.type == "meta" or _routing.functorch_wrapped((buf,)):
+                return self._merged
+            known = buf._kfuse_merged = bool(buf)
+        return known
 
     @merged.setter
     def merged(self, value: bool) -> None:
@@ -206,10 +211,9 @@ class LoRALinear(nn.Module):
         self._remember_merged(bool(value))
 
     def _remember_merged(self, value: bool) -> None:
-        """The Python copy of ``lora_merged`` (see :attr:`merged`) and which buffer, at which version, it is of."""
-        buf = self.lora_merged
+        """The Python copies of ``lora_merged`` (see :attr:`merged`): the module's and its buffer's."""
         self._merged = value
-        self._merged_of = (buf, None if buf.is_inference() else buf._version)
+        self.lora_merged._kfuse_merged = value
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -337,6 +341,7 @@ class MultiLoRALinear(nn.Module):
             self.register_buffer(name, None)
         self._no_adapters(a_dtype)
 
+    @torch.inference_mode(False)  # the stacks replace the buffers: see add_adapter
     def _no_adapters(self, adapter_dtype: torch.dtype) -> None:
         """Empty stacks (no adapter) in ``adapter_dtype``, on the base weight's device."""
         dev, K, N = self.weight.device, self.in_features, self.out_features
@@ -345,7 +350,6 @@ class MultiLoRALinear(nn.Module):
         self.scalings = torch.zeros(0, device=dev, dtype=acc_dtype(self.weight.dtype))
         self.ranks = torch.zeros(0, device=dev, dtype=torch.int32)
 
-    @torch.inference_mode(False)  # the stacks it makes replace the buffers: see add_adapter
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The base layer initialised as ``nn.Linear`` initialises it, and no adapters (the stacks emptied:
