@@ -5,6 +5,7 @@ Triton kernels directly (bit-level checks of the fused optimizers, bad input, th
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import os
@@ -814,6 +815,8 @@ def test_fused_module_hyper_parameters_change_between_steps():
     assert m.hparams["lr"] == pytest.approx(0.02) and step_size(m) == pytest.approx(0.02)
     held["lr"] = 0.0
     assert step_size(m) == 0.0 and held is m.hparams
+    copy.copy(m).set_hyperparameters(lr=0.5)  # a shallow copy's own
+    assert m.hparams["lr"] == 0.0
     with pytest.raises(ValueError, match="MultiTableEmbeddingBag: lr must be finite"):
         m.set_hyperparameters(lr=float("nan"))
     with pytest.raises(TypeError, match=r"unknown \['momentum'\]"):

@@ -279,9 +279,11 @@ class MultiTableEmbeddingBag(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "process_group": None}
 
-    def __copy__(self) -> MultiTableEmbeddingBag:  # a shallow copy shares everything, the group too
+    def __copy__(self) -> MultiTableEmbeddingBag:
+        """A shallow copy shares the tables, states and group; its hyper-parameters are its own (the dict is
+        changed in place: set_hyperparameters on the copy changed the original's)."""
         new = type(self).__new__(type(self))
-        new.__setstate__(super().__getstate__())
+        new.__setstate__({**super().__getstate__(), "hparams": dict(self.hparams)})
         return new
 
     def __deepcopy__(self, memo: dict[int, Any]) -> MultiTableEmbeddingBag:

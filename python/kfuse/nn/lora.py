@@ -189,21 +189,23 @@ class LoRALinear(nn.Module):
         state_dict broke safetensors, ``torch.func.functional_call`` and code that clones or moves every
         entry (review 2026-12-04).
 
-        The forward reads a Python copy, kept on the buffer tensor itself: no device read (DDP's buffer
-        broadcasts write it in place every step), and shared by whatever shares the buffer. A buffer without
-        it is read once: ``torch.func.functional_call`` passes its own, and a shallow copy's merge() wrote the
-        shared one while the original kept its own copy; both ran the other branch silently (copy hunt).
-        Buffers that hold no value to read (meta, fake and ``torch.vmap``-batched ones) and ``torch.compile``
-        (a constant) take the module's own state."""
+        With its own buffer the forward reads a Python copy that merge(), unmerge() and loads keep: no device
+        read (DDP writes the buffer in place at every step), a constant for ``torch.compile``. Another buffer
+        (``torch.func.functional_call`` passes its own) is read, once per version of it (the value is kept on
+        the tensor): the module's own state ran there, the other branch silently when the states differ (copy
+        hunt). A buffer with no value to read (meta, fake, ``torch.vmap``-batched) takes the module's state.
+        Not seen: writes into the module's own buffer other than through merge(), unmerge() and loads
+        (a shallow copy's merge() is one)."""
         buf = self.lora_merged
-        if torch.compiler.is_compiling():
+        if buf is self.__dict__.get("_own_flag") or torch.compiler.is_compiling():
             return self._merged
+        if not _routing.plain(buf) or buf.device.type == "meta" or _routing.functorch_wrapped((buf,)):
+            return self._merged
+        version = None if buf.is_inference() else buf._version
         known = getattr(buf, "_kfuse_merged", None)
-        if known is None:
-            if not _routing.plain(buf) or buf.device.type == "meta" or _routing.functorch_wrapped((buf,)):
-                return self._merged
-            known = buf._kfuse_merged = bool(buf)
-        return known
+        if known is None or known[1] != version:
+            known = buf._kfuse_merged = (bool(buf), version)
+        return known[0]
 
     @merged.setter
     def merged(self, value: bool) -> None:
@@ -211,9 +213,14 @@ class LoRALinear(nn.Module):
         self._remember_merged(bool(value))
 
     def _remember_merged(self, value: bool) -> None:
-        """The Python copies of ``lora_merged`` (see :attr:`merged`): the module's and its buffer's."""
+        """The Python copy of ``lora_merged`` (see :attr:`merged`) and which buffer it is of."""
         self._merged = value
-        self.lora_merged._kfuse_merged = value
+        self._own_flag = self.lora_merged
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self._own_flag = self.lora_merged  # moved or cast: the same value (a bool buffer keeps its dtype)
+        return self
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
