@@ -572,6 +572,12 @@ def test_torch_arguments_from_pretrained_and_meta(seed):
             kfuse.nn.EmbeddingBag(10, 3, **bad)
     with pytest.raises(ValueError, match="puts mode where torch has max_norm"):
         kfuse.embedding_bag(idx, w, off, None, 2.0, False, "sum")
+    # Hunt 2026-12-05: set after construction (torch's module reads them at each forward), they were ignored.
+    for name, value in (("max_norm", 0.5), ("norm_type", 1.0), ("scale_grad_by_freq", True)):
+        m = kfuse.nn.EmbeddingBag(10, 3, mode="sum")
+        setattr(m, name, value)
+        with pytest.raises(NotImplementedError, match="max_norm, norm_type and scale_grad_by_freq"):
+            m(idx, off)
     m = kfuse.nn.EmbeddingBag.from_pretrained(w, mode="sum")
     assert m.weight is not None and not m.weight.requires_grad and torch.equal(m(idx, off), want)
     assert kfuse.nn.EmbeddingBag.from_pretrained(w, freeze=False).weight.requires_grad

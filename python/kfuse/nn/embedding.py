@@ -114,8 +114,12 @@ class EmbeddingBag(nn.Module):
                    module.include_last_offset, module.sparse, _weight=module.weight, backend=backend, check=check)
 
     def forward(self, input: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
+        # torch's module reads max_norm, norm_type and scale_grad_by_freq at every forward: one set after
+        # construction meets the constructor's error rather than being ignored.
         return E.embedding_bag(input, self.weight, offsets, self.mode, per_sample_weights, self.include_last_offset,
-                               self.padding_idx, sparse=self.sparse, backend=self.backend, check=self.check)
+                               self.padding_idx, sparse=self.sparse, backend=self.backend, check=self.check,
+                               max_norm=self.max_norm, norm_type=self.norm_type,
+                               scale_grad_by_freq=self.scale_grad_by_freq)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}, padding_idx={self.padding_idx}, "
