@@ -2186,6 +2186,31 @@ def test_triton_async_pending_check_holds_no_table(device, no_pending_checks):
         kfuse.check_embedding_errors()
 
 
+@pytest.mark.cuda
+def test_cached_metadata_is_on_the_device_for_another_stream(no_pending_checks):
+    """The launcher's cached per-feature metadata was copied non-blocking on the first call's stream: a later
+    call on another stream hit the cache and could read it before it arrived (review 2026-12-05). Stream A is
+    kept busy, so its copy comes late; check="async" so that the first call makes no sync of its own."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(1237, 24), (611, 40)]  # shapes no other test uses: a cache miss here
+    ws = [torch.randn(r, d, generator=gen).cuda() for r, d in shapes]
+    idx, off = make_bags(shapes, [0, 1], 8, gen, empty=0.0)
+    idx, off = idx.cuda(), off.cuda()
+    want = kfuse.multi_embedding_bag([w.cpu() for w in ws], idx.cpu(), off.cpu(), backend="cpu")
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    a.wait_stream(torch.cuda.current_stream())
+    b.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(a):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of A's time before its copy
+        out_a = kfuse.multi_embedding_bag(ws, idx, off, backend="triton", check="async")
+    with torch.cuda.stream(b):
+        out_b = kfuse.multi_embedding_bag(ws, idx, off, backend="triton", check="async")
+    torch.cuda.synchronize()
+    kfuse.check_embedding_errors()
+    assert torch.equal(out_b, out_a)
+    assert_close(out_b.cpu(), want, torch.float32, "forward")
+
+
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_async_check_raises_at_a_later_call(device, seed, no_pending_checks):
     """check="async": the bad call returns (bad indices skipped, nothing out of range read), the next call of

@@ -794,6 +794,29 @@ def test_isolation_rollback_and_fork_leave_others_bit_identical(seed):
 
 # ---------------------------------------------------------------- GPU
 @pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_graphed_rollback_captures_on_the_cache_device_whichever_is_current():
+    """graphed_rollback captured on torch.cuda.graph's default capture stream, made once per process on the
+    device current at the first capture: for a cache on another device the graph recorded nothing, and every
+    replay left the device tables stale (review 2026-12-05; not yet run: needs two GPUs)."""
+    g = torch.cuda.CUDAGraph()
+    x = torch.zeros(4, device="cuda:0")
+    with torch.cuda.graph(g):  # the process's default capture stream, on cuda:0
+        x.add_(1)
+    cache = make(device="cuda:1")
+    ids = [cache.add_sequence() for _ in range(3)]
+    for layer in range(L):
+        k = torch.randn(15, HKV, D, device="cuda:1")
+        cache.append(layer, ids, k, k, counts=[9, 5, 1])
+    cache.advance(ids, [9, 5, 1])
+    with torch.cuda.device(0):
+        graphed = cache.graphed_rollback(2)
+        graphed([0, 1], [3, 2])
+    torch.cuda.synchronize(1)
+    check_invariants(cache)
+    assert cache.seq_lens[:3].tolist() == [3, 2, 1]
+
+@pytest.mark.cuda
 def test_metadata_ops_do_not_sync_and_rollback_is_cuda_graph_capturable():
     dev = "cuda"
     cache, twin = make(device=dev), make(device=dev)

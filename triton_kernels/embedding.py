@@ -282,10 +282,15 @@ def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: 
         w = weights[t]
         rows.append([w.data_ptr(), w.shape[0], w.shape[1], padding_idx[t], col, bases[t]])
         col += w.shape[1]
-    meta = torch.tensor(rows, dtype=torch.int64, device="cpu").to(weights[0].device, non_blocking=True)
+    cache = len(_META_CACHE) < _META_CACHE_SIZE
+    # A cached entry must be on the device before the copy's call returns: a later hit may launch on another
+    # stream, which nothing orders after this one (a server's stream per thread over shared tables; review
+    # 2026-12-05). So its copy is blocking: one sync of the current stream per key. Uncached metadata is
+    # read by this call's kernels only, on this stream.
+    meta = torch.tensor(rows, dtype=torch.int64, device="cpu").to(weights[0].device, non_blocking=not cache)
     block_d = _block_d(max(w.shape[1] for w in weights))
     fm = _FeatureMeta(meta, col, block_d, cdiv(max(weights[t].shape[1] for t in feature_table), block_d))
-    if len(_META_CACHE) < _META_CACHE_SIZE:
+    if cache:
         _META_CACHE[key] = fm
     return fm
 

@@ -562,14 +562,19 @@ class PagedKVCache:
         self._no_step("graphed_rollback")
         ids = torch.arange(n, device=self.device)
         lens = self.seq_lens[:n].clone()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._rollback_device(ids, lens)  # warm-up (allocator, kernels): a no-op on the state
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._rollback_device(ids, lens)
+        # The capture on a stream of the cache's device, whichever is current: torch.cuda.graph's default
+        # capture stream is made once per process, on the device current at the first capture, and a capture
+        # on another device's stream records nothing of this cache's ops (they run at once; every replay then
+        # leaves the device tables stale). Review 2026-12-05; DecodeGraphs._capture does the same.
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._rollback_device(ids, lens)  # warm-up (allocator, kernels): a no-op on the state
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):
+                self._rollback_device(ids, lens)
 
         def rollback(seq_ids: Any, new_lens: Any) -> None:
             h_ids, h_lens = _index_tensor(seq_ids, "seq_ids"), _index_tensor(new_lens, "new_lens")
