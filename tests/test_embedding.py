@@ -2247,6 +2247,33 @@ def test_triton_async_check_raises_at_a_later_call(device, seed, no_pending_chec
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_async_check_names_the_error_of_its_own_thread(device, monkeypatch, no_pending_checks):
+    """embedding_bag renamed the last pending record (_DEFERRED[-1]) as its own: another thread's bad
+    multi_embedding_bag call recorded in between got embedding_bag's argument names (review 2026-12-05)."""
+    import threading  # noqa: PLC0415
+
+    t = functools.partial(torch.tensor, device=device)
+    w = torch.randn(10, 4, device=device)
+    run, once = E._run, []
+
+    def run_then_another_thread(*args, **kwargs):
+        out = run(*args, **kwargs)
+        if once:  # (the other thread's call comes here too)
+            return out
+        once.append(True)
+        other = threading.Thread(target=kfuse.multi_embedding_bag, args=([w], t([1, 12]), t([0, 2])),
+                                 kwargs={"backend": "triton", "check": "async"})
+        other.start()
+        other.join()
+        return out
+
+    monkeypatch.setattr(E, "_run", run_then_another_thread)
+    kfuse.embedding_bag(t([1, 2]), w, t([0]), mode="sum", backend="triton", check="async")  # valid
+    with pytest.raises(IndexError, match=r"multi_embedding_bag: indices\[1\] = 12 is out of range \[0, 10\)"):
+        kfuse.check_embedding_errors()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_async_check_in_the_modules(device, no_pending_checks):
     m = MultiTableEmbeddingBag([(9, 5), (6, 3)], backend="triton", check="async", device=device)
     fused = MultiTableEmbeddingBag([(9, 5), (6, 3)], backend="triton", check="async", device=device,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import operator
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -303,6 +304,9 @@ class _Deferred:
 
 
 _DEFERRED: list[_Deferred] = []
+# The calling thread's last _Deferred record: embedding_bag names its own record's error, not one another
+# thread appended meanwhile (concurrency review 2026-12-05: it took _DEFERRED[-1]).
+_LAST = threading.local()
 
 
 def _defer(flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags) -> None:
@@ -315,7 +319,8 @@ def _defer(flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(flag.device))  # that stream, whichever device is current
         flag = host
-    _DEFERRED.append(_Deferred(flag, event, _rows(weights), indices, offsets, bags))
+    _LAST.record = _Deferred(flag, event, _rows(weights), indices, offsets, bags)
+    _DEFERRED.append(_LAST.record)
 
 
 def check_embedding_errors(wait: bool = True) -> None:
@@ -785,7 +790,7 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
     bags = _validate(op, ws, indices, offs, [0], mode, psw, padding_idx, check)
     rename = functools.partial(_rename_for_embedding_bag, input_shape=tuple(input.shape), offsets=offsets,
                                include_last_offset=include_last_offset, rows=weight.shape[0])
-    pending = len(_DEFERRED)
+    _LAST.record = None
     try:
         out = _run(op, ws, indices, offs, bags, _kernel_psw(psw, ws), sparse, backend)
     except (ValueError, IndexError) as err:
@@ -795,8 +800,9 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
         if named is None:
             raise
         raise named from None
-    if len(_DEFERRED) > pending:  # this call's check="async" record: its error is named as this op's
-        _DEFERRED[-1].rename = functools.partial(rename, host_values=True)
+    record = getattr(_LAST, "record", None)
+    if record is not None:  # this call's check="async" record: its error is named as this op's
+        record.rename = functools.partial(rename, host_values=True)
     return out
 
 
