@@ -139,6 +139,9 @@ class PagedKVCache:
 
     See the module docstring for the tensors, the host state and the step contract. Needs the
     compiled extension ``kfuse._C`` (its C++ metadata kernels keep the host state).
+
+    Not thread-safe: one thread at a time drives a cache (its host state and open step are shared, with
+    no lock); separate caches in separate threads are independent.
     """
 
     # Its tensors are made outside inference mode even when the cache is made inside it: an inference
