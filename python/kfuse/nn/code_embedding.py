@@ -73,6 +73,8 @@ class _TorchTables(nn.Module):
             self.opt = torch.optim.Adagrad(params, lr=lr, eps=eps)
         elif optimizer == "adam":
             self.opt = torch.optim.SparseAdam(params, lr=lr, eps=eps)
+        elif optimizer is not None:  # (it trained nothing, silently: medical-code hunt 2026-12-05)
+            raise ValueError(f"optimizer must be None or one of ('sgd', 'rowwise_adagrad', 'adam'); got {optimizer!r}")
 
     @property
     def weights(self) -> list[Tensor]:
@@ -379,6 +381,10 @@ def train_general(model: GeneralCodeEmbedding, claims, epochs: float = 1.0, batc
     shuffled, ``epochs`` passes (fractions allowed); the noise distribution is set from the claims'
     code counts. Returns ``{"steps", "codes", "seconds", "codes_per_s", "loss_first", "loss_last"}``
     (codes: context codes looked up; time: training steps only, batch preparation included)."""
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 < epochs < math.inf:
+        raise ValueError(f"train_general: epochs must be a positive number; got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"train_general: batch_size must be a positive int; got {batch_size!r}")
     if model.codes.optimizer is None:  # (the context table has the same optimizer)
         raise ValueError("train_general: the model's tables have no fused optimizer (optimizer=None gives plain "
                          "gradients, which this loop would never apply): train them in a loop of your own")
@@ -538,9 +544,14 @@ def train_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, epochs:
     if model.task is not None and model.task.optimizer is None:
         raise ValueError("train_outcome: the task tables have no fused optimizer (optimizer=None gives plain "
                          "gradients, which this loop would never apply): train them in a loop of your own")
+    for name, v, lo in (("epochs", epochs, 0), ("batch_size", batch_size, 2)):  # (batch norm needs two rows)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"train_outcome: {name} must be an int >= {lo}; got {v!r}")
     dev = model.head.weight.device
     rng = np.random.default_rng(seed)
-    opt = torch.optim.Adam(model.head_parameters(), lr=head_lr)
+    # Adam's default eps (1e-8) is 0 in float16: a head made .half() divided 0 by 0 from its second step on.
+    eps = max(1e-8, torch.finfo(model.head.weight.dtype).tiny)
+    opt = torch.optim.Adam(model.head_parameters(), lr=head_lr, eps=eps)
     labels = torch.as_tensor(claims.labels, dtype=torch.float32)
     model.train()
     t0, losses, steps = time.perf_counter(), [], 0
@@ -586,7 +597,7 @@ def predict_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, batch
             out.append(torch.sigmoid(model(idx, off)).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros(0)
+    return torch.cat(out).float().numpy() if out else np.zeros(0)  # (numpy has no bfloat16)
 
 
 # ---------------------------------------------------------------- evaluation and export
@@ -631,6 +642,10 @@ def export_vectors(embedding: CodeEmbedding, vocab, path: str | os.PathLike, fmt
     if mat.shape[0] != len(keys):
         raise ValueError(f"export_vectors: the tables have {mat.shape[0]} rows; the vocabulary {len(keys)} codes")
     if fmt == "word2vec":
+        spaced = [k for k in keys if len(k.split()) != 1]
+        if spaced:  # the format splits a line at spaces: such a key would not read back (here, or in gensim)
+            raise ValueError(f"export_vectors: word2vec text cannot hold keys with spaces ({len(spaced)}, e.g. "
+                             f"{spaced[0]!r}); use fmt='npy'")
         with open(path, "w", encoding="utf-8") as f:
             f.write(f"{mat.shape[0]} {mat.shape[1]}\n")
             for key, row in zip(keys, mat.tolist(), strict=True):  # repr: the shortest text that reads back exactly
@@ -668,6 +683,11 @@ def load_vectors(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
         keys, rows = [], np.empty((n, d), dtype=np.float32)
         for i, line in enumerate(f):
             parts = line.rstrip("\n").split(" ")
+            if i >= n or len(parts) != d + 1:
+                raise ValueError(f"{path}:{i + 2}: expected {n} lines of a key and {d} values (the header's "
+                                 f"'{n} {d}'); got {'another line' if i >= n else f'{len(parts)} fields'}")
             keys.append(parts[0])
             rows[i] = np.asarray(parts[1:], dtype=np.float32)
+    if len(keys) != n:  # (np.empty's rows past the end were returned as vectors)
+        raise ValueError(f"{path}: the header says {n} vectors; the file has {len(keys)}")
     return keys, rows
