@@ -150,14 +150,24 @@ class MultiTableEmbeddingBag(nn.Module):
             clipping and loss scaling (``torch.amp.GradScaler``: the update takes the scaled gradient, and
             a step the scaler skips is still applied) cannot act on it: build the module with
             ``optimizer=None`` and use a torch optimizer for those. It trains every table while its
-            gradient is asked for (``loss.backward()``, or ``torch.autograd.grad`` over the module's
-            parameters; not a query for other inputs' gradients only); ``requires_grad_(False)`` on the
+            gradient is asked for (``loss.backward()``, or ``torch.autograd.grad`` over the parameters that
+            require grad, ``[p for p in m.parameters() if p.requires_grad]``: the fused tables themselves
+            do not, and naming them raises; not a query for other inputs' gradients only);
+            ``requires_grad_(False)`` on the
             module freezes them all (a fused table's own ``requires_grad`` is False and has no effect: to
             freeze tables one by one, use ``optimizer=None``).
         lr, eps, beta1, beta2, weight_decay: the fused optimizer's hyper-parameters (in ``hparams``,
             checked again at every update; change them between steps with :meth:`set_hyperparameters`,
             e.g. for a learning-rate schedule; like every constructor argument, not saved in ``state_dict``).
-        seed: of the stochastic rounding.
+            The rules, per unique row r of the batch with summed gradient g (``kfuse.reference.embedding``
+            writes them out; only rows in the batch are touched, a row whose gradient sums to 0 included):
+            ``"sgd"`` w ← w − lr·(g + wd·w); ``"rowwise_adagrad"`` (FBGEMM's EXACT_ROWWISE_ADAGRAD) g' = g +
+            wd·w, s ← s + mean(g'²) over the row, w ← w − lr·g'/(√s + eps); ``"adam"`` m, v as Adam's on g,
+            w ← w − lr·(m̂/(√v̂ + eps) + wd·w), decoupled weight decay as AdamW's (not torch Adam's L2), and
+            m̂, v̂ bias-corrected by one step count for the module (every backward advances it, as
+            ``torch.optim.SparseAdam``'s), eps after the correction (SparseAdam adds it before).
+        seed: of the stochastic rounding (its two 32-bit words xor-ed into the kernels' 32-bit key; seeds
+            below 2**32 are used as they are).
         process_group: with a fused optimizer under data parallelism, the group whose row-sparse
             gradients are all-gathered and summed (in rank order) before the update, so every rank
             applies the same update; None: no communication (each rank updates its own tables; a
@@ -429,7 +439,7 @@ class _FusedEmbeddingBag(torch.autograd.Function):
             idx, off, flat_psw = E._flat(indices, offsets, psw)
             args = (grad_out.contiguous(), ws, idx, off, ctx.bags.feature_table, ctx.bags.padding_idx,
                     ctx.bags.pooling, flat_psw, m.optimizer, s1, s2, h["lr"], h["eps"], h["beta1"], h["beta2"],
-                    h["weight_decay"], step, m.seed)
+                    h["weight_decay"], step, _rounding_seed(m.seed))
             if ctx.backend == "cpu" and m.process_group is None:
                 _backends.extension().embedding_backward_fused(*args)
             elif ctx.backend == "triton" and m.process_group is None:
@@ -471,6 +481,14 @@ def _seed(seed: object) -> int:
     if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**63:
         raise ValueError(f"MultiTableEmbeddingBag: seed must be an int in [0, 2**63); got {seed!r}")
     return s
+
+
+def _rounding_seed(seed: object) -> int:
+    """The 32-bit key the kernels' stochastic rounding takes: the seed's high word xor-ed into its low one.
+    The kernels used the low word alone, so seeds 5 and 5 + 2**32 (a rank in the high word) gave every
+    rank the same rounding (optimizer hunt, 2026-12-05); seeds below 2**32 keep their streams."""
+    seed = _seed(seed)  # (also checks a seed set on the module after construction)
+    return (seed ^ (seed >> 32)) & 0xFFFFFFFF
 
 
 def _table_sizes(tables: object) -> list[tuple[int, int]]:
@@ -561,6 +579,7 @@ def _row_updates(m: MultiTableEmbeddingBag, t: int, rows: Tensor, g: Tensor,
         new = adam_update(cur, g.to(acc), a, b, h["lr"], h["beta1"], h["beta2"], h["eps"], step, h["weight_decay"])
         writes = [(m1, rows, a), (m2, rows, b)]
     if w.dtype in (torch.float16, torch.bfloat16):
-        u = rounding_bits(m.seed, step, t, rows.unsqueeze(1), torch.arange(w.shape[1], device=w.device).unsqueeze(0))
+        cols = torch.arange(w.shape[1], device=w.device).unsqueeze(0)
+        u = rounding_bits(_rounding_seed(m.seed), step, t, rows.unsqueeze(1), cols)
         return [*writes, (w, rows, stochastic_round(new, w.dtype, u))]
     return [*writes, (w, rows, new.to(w.dtype))]
