@@ -203,6 +203,38 @@ def test_reference_r_case_without_cancellation() -> None:
         assert abs(y.item() - exact) <= tol * abs(exact), (dtype, a, b, y.item(), exact)
 
 
+def test_reference_critical_case_at_huge_negative_x() -> None:
+    """float32: the critical case's forcing part, 0 for t <= 0, was 0 · inf = NaN at t = −1e34 (its
+    (1 − rc·t)·E overflowed); the kernels and the float64 reference give the clamp (DEU hunt 2026-12-05)."""
+    row = torch.tensor([[1.0, 2.0, 1.0, 0.2, 0.3]])
+    x = torch.tensor([[-1e34], [-3e33], [2.0]], requires_grad=True)
+    y = deu_reference(x, row)
+    assert torch.equal(y, deu_reference(x.detach().double(), row.double()).float())
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(g).all()
+
+
+def test_reference_gradients_near_critical() -> None:
+    """Near critical damping with |b| >> s = √|b² − 4ac| the over-damped part's weights ~±b/(2s) and
+    roots' ∂/∂c = ∓1/s gave autograd's grad c terms ~|ab|/s³ that cancel (float64: −1.36e-2 for
+    −4.3e-18 in the first row, −7.5e-6 for −1.04e-10 in the second), and the under-damped
+    (b/Dd)·sin(ωt) likewise (third row: −1.0617e-10 for −1.0392e-10). Σ_t ∂y/∂(a, b, c, c1, c2) over
+    t = 0.3, 2, 10, from mpmath (60 digits, central differences of the spec's closed form with the
+    case fixed, written from the spec alone by the bug hunt that found it; the CPU kernel is within
+    the float64 tolerance of them)."""
+    rows = [([9900990098.737625, 20000.0, 0.0101, 0.0, 0.0],  # over-damped, D = 0.011
+             [-5.30904121263e-19, -1.71379670552e-18, -4.25718642219e-18, 2.99998757699, 2.99998757712]),
+            ([1999999.9945, 2000.0, 0.5, 0.0, 0.0],  # over-damped, D = 0.011
+             [-1.29275081342e-11, -4.17929785269e-11, -1.03917485141e-10, 2.99386266911, 2.99386331141]),
+            ([2e6, 2000.0, 0.5000006, 0.0, 0.0],  # under-damped, D = −4.8
+             [-1.29275080632e-11, -4.17929782974e-11, -1.0391748457e-10, 2.99386299026, 6.70855013762e-6])]
+    x = torch.tensor([[0.3], [2.0], [10.0]], dtype=torch.float64)
+    for row, exact in rows:
+        coeffs = torch.tensor([row], dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(deu_reference(x, coeffs).sum(), coeffs)
+        torch.testing.assert_close(g[0], torch.tensor(exact, dtype=torch.float64), rtol=1e-4, atol=0, msg=str(row))
+
+
 @pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference"), *BACKENDS])
 def test_gradient_at_cap_and_clamp(backend: str, device: str) -> None:
     """Exactly at the exponent cap and the output clamp the derivative is taken from inside (the

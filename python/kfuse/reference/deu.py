@@ -9,6 +9,8 @@ against. Gradients are autograd's through this function (computed in float64 in 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -40,6 +42,34 @@ def capped_exp(z: Tensor) -> Tensor:
 def capped_expm1(z: Tensor) -> Tensor:
     """``E(z) − 1``, as ``expm1(min(z, EXP_CAP))``: exact near ``z = 0``, where ``E(z) − 1`` cancels."""
     return torch.expm1(torch.where(z > EXP_CAP, EXP_CAP, z))
+
+
+#: Taylor coefficients 1/(2n+1)!, n = 9 down to 1, of (sinh(x)/x − 1)/x² in z = x².
+_SINHC_COEFFS = tuple(1.0 / math.factorial(2 * n + 1) for n in range(9, 0, -1))
+#: Taylor coefficients −(k − 1)/k!, k = 20 down to 2, of (expm1(z) − z·e^z)/z².
+_XEXP_COEFFS = tuple(-(k - 1) / math.factorial(k) for k in range(20, 1, -1))
+
+
+def _horner(z: Tensor, coeffs: tuple[float, ...]) -> Tensor:
+    s = torch.zeros_like(z)
+    for k in coeffs:
+        s = s * z + k
+    return s
+
+
+def sinhc_m1(z: Tensor) -> Tensor:
+    """``sinh(x)/x − 1`` at ``z = x²`` (``sin(x)/x − 1`` at ``z = −x²``) by its Taylor series, for
+    ``|z| <= 1``, where the first term left out, ``1/21!``, is below 2e-20: a polynomial, so autograd's
+    derivative has none of the cancellation of ``cosh(x)/x − sinh(x)/x²`` for small x."""
+    return z * _horner(z, _SINHC_COEFFS)
+
+
+def expm1_minus_xexp(z: Tensor) -> Tensor:
+    """``E(z) − 1 − z·E(z)`` (``−z²/2 − z³/3 − ...``): by its Taylor series for ``|z| < 1``, where the
+    difference cancels (the first term left out is below 1e-18 of the sum), directly elsewhere."""
+    small = z.abs() < 1
+    zs = torch.where(small, z, 0)
+    return torch.where(small, zs * zs * _horner(zs, _XEXP_COEFFS), capped_expm1(z) - z * capped_exp(z))
 
 
 def clamp_output(y: Tensor) -> Tensor:
@@ -180,9 +210,18 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     dd = sqrt_disc(under, -1.0)
     om = dd / (2 * A)
     ea = capped_exp(alpha * t)
-    y_under = ea * (c1 * torch.cos(om * t) + c2 * torch.sin(om * t)) + H * (
-        1 - ea * (torch.cos(om * t) + (B / dd) * torch.sin(om * t))
-    ) / C
+    # (b/Dd)·sin(ωt) = −αt·sin(ωt)/(ωt): near critical b/Dd is large and autograd's ∂/∂c of the
+    # former is b·t/Dd²·(cos ωt − sin(ωt)/(ωt)), a difference that cancels for small ωt (float64:
+    # grad c −1.0617e-10 for −1.0392e-10 at a = 2e6, b = 2000, c = 0.5000006, t = 0.3, 2, 10;
+    # mpmath; 5e4× the tolerance in the sweep below). So below |ωt| = 1 the part is written with
+    # the latter, as 1 − E·cos ωt + αt·E·sinc = E·(2·sin²(ωt/2) + αt·(sinc − 1)) − (E − 1 − αt·E),
+    # both from series (its terms ~(αt)², (ωt)², not 1 or αt: see y_first); as before above it.
+    th = om * t
+    small = th.abs() < 1
+    th_s, at_s = torch.where(small, th, 0), torch.where(small, alpha * t, 0)  # finite where unselected
+    part_small = ea * (2 * torch.sin(th_s / 2).square() + at_s * sinhc_m1(-th_s * th_s)) - expm1_minus_xexp(at_s)
+    part = torch.where(small, part_small, 1 - ea * (torch.cos(th) + (B / dd) * torch.sin(th)))
+    y_under = ea * (c1 * torch.cos(th) + c2 * torch.sin(th)) + H * part / C
 
     # Roots r1,2 = (-b ± s)/(2a), weights w1,2 = (b ± s)/(2s) of y = c2·e1 + c1·e2 + H·(1 - w1·e1
     # - w2·e2)/c. Written so, one root and one weight cancel when |b| >> sqrt|ac| (float32: y
@@ -197,11 +236,35 @@ def deu_reference(x: Tensor, coeffs: Tensor, dim: int = -1) -> Tensor:
     r1, w1 = torch.where(bpos, slow, fast), torch.where(bpos, w_fast, w_slow)  # r1 = (-b + s)/(2a)
     r2, w2 = torch.where(bpos, fast, slow), torch.where(bpos, w_slow, w_fast)
     e1, e2 = capped_exp(r1 * t), capped_exp(r2 * t)
-    y_over = c2 * e1 + c1 * e2 - H * (w1 * capped_expm1(r1 * t) + w2 * capped_expm1(r2 * t)) / C
+    part = w1 * capped_expm1(r1 * t) + w2 * capped_expm1(r2 * t)
+    # Near critical the weights ~±b/(2s) are large and the roots' ∂/∂c = ∓1/s: autograd's grad c
+    # of that sum took terms ~|ab|/s³ that cancel (float64: −1.36e-2 for −4.3e-18 at a = 9.9e9,
+    # b = 2e4, c = 0.0101, t = 0.3, 2, 10; mpmath), and w1' + w2' = 0, rounded, left grad a, b, c
+    # ε·|w'| off where E1, E2 vanish. So where |b| > 1.5·s, with m = (r1 + r2)t/2 = αt and
+    # δ = (r1 − r2)t/2 = st/(2a): for |δ| < 1 (neither exponent capped) the sum is written as
+    # e^m·cosh δ − 1 − m·e^m·sinh(δ)/δ = (E(m) − 1 − m·E(m)) + e^m·(2·sinh²(δ/2) − m·(sinh(δ)/δ − 1)),
+    # bounded as s → 0, from series (its terms ~m², δ² cancel by at most b²/(b² − s²) = 1.8); for
+    # |δ| >= 1 with both exponents negative, as (E1 + E2)/2 − 1 + (b/(2s))·(E1 − E2) (E1/E2 =
+    # e^(±2δ): no cancellation, and w1' = −w2' exactly). Towards |b| = s (roots of opposite signs,
+    # or one slow root) those terms cancel instead, and the q form above holds. Targeted sweep
+    # (|b|/s 1.1-30, D = ±(0.0100001-10), a, b, c over 1e-2-1e7, t in −1.3-100; mpmath): float64
+    # grad c 2e-4 of the tolerance (was 3e10×), float32 0.7× (was 2e8×; 1.6× at |b| > 2·s, 9.8× at 4·s).
+    delta = s * t / (2 * A)
+    near = over & (B.abs() > 1.5 * s)
+    tiny = near & (delta.abs() < 1) & (r1 * t <= EXP_CAP) & (r2 * t <= EXP_CAP)
+    far = near & (delta.abs() >= 1) & (alpha * t < 0)
+    m_n, d_n = torch.where(tiny, alpha * t, 0), torch.where(tiny, delta, 0)  # e^m finite where unselected
+    part_tiny = expm1_minus_xexp(m_n) + torch.exp(m_n) * (2 * torch.sinh(d_n / 2).square() - m_n * sinhc_m1(d_n * d_n))
+    part_far = (e1 + e2) / 2 - 1 + (B / (2 * s)) * (e1 - e2)
+    part = torch.where(tiny, part_tiny, torch.where(far, part_far, part))
+    y_over = c2 * e1 + c1 * e2 - H * part / C
 
     rc = -B / (2 * A)
     ec = capped_exp(rc * t)
-    y_crit = (c1 * t + c2) * ec + H * (1 - (1 - rc * t) * ec) / C
+    # The forcing part at t > 0 only (H is 0 elsewhere): at t = −1e34 its (1 − rc·t)·E overflowed float32 to
+    # inf, and 0·inf gave NaN for a finite x (DEU hunt, 2026-12-05). With t_pos, 1 − 1·1 = 0 there.
+    t_pos = torch.where(t > 0, t, 0)
+    y_crit = (c1 * t + c2) * ec + H * (1 - (1 - rc * t_pos) * capped_exp(rc * t_pos)) / C
 
     y = torch.where(
         za,
