@@ -2292,6 +2292,24 @@ def test_triton_async_check_names_the_error_of_its_own_thread(device, monkeypatc
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_async_record_is_not_kept_after_it_is_reported(device, no_pending_checks):
+    """The thread's last check="async" record (for embedding_bag's naming) was held by a thread-local, with
+    its indices, after check_embedding_errors had consumed it (review 2026-12-05)."""
+    import gc  # noqa: PLC0415
+    import weakref  # noqa: PLC0415
+
+    t = functools.partial(torch.tensor, device=device)
+    w = torch.randn(10, 4, device=device)
+    idx = t([1, 2, 3])
+    kfuse.multi_embedding_bag([w], idx, t([0, 3]), backend="triton", check="async")
+    alive = weakref.ref(idx)
+    kfuse.check_embedding_errors()
+    del idx
+    gc.collect()
+    assert alive() is None
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_async_check_in_the_modules(device, no_pending_checks):
     m = MultiTableEmbeddingBag([(9, 5), (6, 3)], backend="triton", check="async", device=device)
     fused = MultiTableEmbeddingBag([(9, 5), (6, 3)], backend="triton", check="async", device=device,

@@ -282,6 +282,12 @@ def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: 
         w = weights[t]
         rows.append([w.data_ptr(), w.shape[0], w.shape[1], padding_idx[t], col, bases[t]])
         col += w.shape[1]
+    if weights[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        # The copy below (from pageable memory, and blocking when cached) cannot be captured: a replay
+        # would copy from a freed host buffer (review 2026-12-05).
+        raise RuntimeError("embedding triton: the first call with these tables (or any call once 64 table "
+                           "sets are cached) builds its metadata with a host-to-device copy, which a CUDA graph "
+                           "cannot capture: make one call before the capture (the usual warm-up)")
     cache = len(_META_CACHE) < _META_CACHE_SIZE
     # A cached entry must be on the device before the copy's call returns: a later hit may launch on another
     # stream, which nothing orders after this one (a server's stream per thread over shared tables; review

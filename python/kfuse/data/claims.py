@@ -201,7 +201,7 @@ def load_code_vocab(rx_codes: int = 5000, rx_classes: int = 150, seed: int = 0) 
     of ``rx_codes`` codes in ``rx_classes`` classes of at least 3 codes each (see the module docstring).
     Takes ~1 s."""
     for name, v in (("rx_classes", rx_classes), ("rx_codes", rx_codes)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"load_code_vocab: {name} must be a positive int; got {v!r}")
     if rx_codes < 3 * rx_classes:  # the trim below would take classes under 3 codes, or empty
         raise ValueError(f"load_code_vocab: rx_codes ({rx_codes}) must be at least 3 per class (rx_classes "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -381,9 +382,9 @@ def train_general(model: GeneralCodeEmbedding, claims, epochs: float = 1.0, batc
     shuffled, ``epochs`` passes (fractions allowed); the noise distribution is set from the claims'
     code counts. Returns ``{"steps", "codes", "seconds", "codes_per_s", "loss_first", "loss_last"}``
     (codes: context codes looked up; time: training steps only, batch preparation included)."""
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 < epochs < math.inf:
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Real) or not 0 < epochs < math.inf:
         raise ValueError(f"train_general: epochs must be a positive number; got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"train_general: batch_size must be a positive int; got {batch_size!r}")
     if model.codes.optimizer is None:  # (the context table has the same optimizer)
         raise ValueError("train_general: the model's tables have no fused optimizer (optimizer=None gives plain "
@@ -545,7 +546,7 @@ def train_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, epochs:
         raise ValueError("train_outcome: the task tables have no fused optimizer (optimizer=None gives plain "
                          "gradients, which this loop would never apply): train them in a loop of your own")
     for name, v, lo in (("epochs", epochs, 0), ("batch_size", batch_size, 2)):  # (batch norm needs two rows)
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
             raise ValueError(f"train_outcome: {name} must be an int >= {lo}; got {v!r}")
     dev = model.head.weight.device
     rng = np.random.default_rng(seed)
@@ -597,7 +598,10 @@ def predict_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, batch
             out.append(torch.sigmoid(model(idx, off)).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out).float().numpy() if out else np.zeros(0)  # (numpy has no bfloat16)
+    if not out:
+        return np.zeros(0)
+    p = torch.cat(out)
+    return (p.float() if p.dtype == torch.bfloat16 else p).numpy()  # (numpy has no bfloat16)
 
 
 # ---------------------------------------------------------------- evaluation and export

@@ -31,6 +31,7 @@ import functools
 import operator
 import re
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -319,8 +320,9 @@ def _defer(flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(flag.device))  # that stream, whichever device is current
         flag = host
-    _LAST.record = _Deferred(flag, event, _rows(weights), indices, offsets, bags)
-    _DEFERRED.append(_LAST.record)
+    record = _Deferred(flag, event, _rows(weights), indices, offsets, bags)
+    _DEFERRED.append(record)
+    _LAST.record = weakref.ref(record)  # (a reference would keep its tensors after it is reported)
 
 
 def check_embedding_errors(wait: bool = True) -> None:
@@ -801,6 +803,8 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
             raise
         raise named from None
     record = getattr(_LAST, "record", None)
+    record = record() if record is not None else None
+    _LAST.record = None
     if record is not None:  # this call's check="async" record: its error is named as this op's
         record.rename = functools.partial(rename, host_values=True)
     return out
