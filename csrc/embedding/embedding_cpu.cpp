@@ -360,6 +360,25 @@ KF_INLINE void sum_tail(const S* W, int64_t D, int64_t d0, int64_t n, int64_t pa
   for (int64_t d = 0; d < n; ++d) o[d] = store<S>(acc[d] * scale);
 }
 
+// One bag's columns [d0, D) after its full blocks (D - d0 < 2n): blocks of n, n / 2, ... down to `last`
+// columns, each at most once, then the tail (sum_tail). a: the prefetch distance, for the first block only.
+// A template that always inlines, not a lambda: a lambda's body is a function of its own, compiled for the
+// baseline ISA rather than forward_task's clones (D = 32, on its quarter block, took 2.8x torch's time that
+// way, 1.1x inlined).
+template <int64_t n, int64_t last, bool kPsw, bool kAsm, typename S, typename I>
+KF_INLINE void narrow_blocks(const S* W, int64_t D, int64_t d0, int64_t pad, const I* idx, int64_t i0, int64_t i1,
+                             const Acc<S>* psw, Acc<S> scale, int64_t a, int64_t pf_end, S* o, bool nt,
+                             Acc<S>* acc) {
+  if (d0 + n <= D) {
+    sum_block<n, kPsw, kAsm>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
+    d0 += n, a = 0;
+  }
+  if constexpr (n > last)
+    narrow_blocks<n / 2, last, kPsw, kAsm>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o, nt, acc);
+  else if (d0 < D)
+    sum_tail<kPsw>(W, D, d0, D - d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, acc);
+}
+
 // Bags [fb0, fb1) of one feature (table W [., D], padding pad) into out, bag by bag; each bag's
 // columns in blocks of kFwdBlockBytes of accumulators, then of a half, a quarter, ... a 32nd of that,
 // and a tail. Bag by bag, so a bag's rows come from memory once (prefetched on its first block, whole
@@ -391,30 +410,7 @@ KF_INLINE void forward_bags(const S* W, int64_t D, int64_t pad, const I* idx, co
     int64_t d0 = 0, a = ahead;  // the first block prefetches
     for (; d0 + N <= D; d0 += N, a = 0)
       sum_block<N, kPsw, kAsm>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
-    // The narrower blocks, each at most once (D - d0 < N here). Written out, not as a lambda: a lambda's
-    // body is a function of its own, compiled for the baseline ISA rather than forward_task's clones
-    // (D = 32, on its quarter block, took 2.8x torch's time that way, 1.1x inlined here).
-    if (d0 + N / 2 <= D) {
-      sum_block<N / 2, kPsw, kAsm>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
-      d0 += N / 2, a = 0;
-    }
-    if (d0 + N / 4 <= D) {
-      sum_block<N / 4, kPsw, kAsm>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
-      d0 += N / 4, a = 0;
-    }
-    if (d0 + N / 8 <= D) {
-      sum_block<N / 8, kPsw, kAsm>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
-      d0 += N / 8, a = 0;
-    }
-    if (d0 + N / 16 <= D) {
-      sum_block<N / 16, kPsw, kAsm>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
-      d0 += N / 16, a = 0;
-    }
-    if (d0 + N / 32 <= D) {
-      sum_block<N / 32, kPsw, kAsm>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
-      d0 += N / 32, a = 0;
-    }
-    if (d0 < D) sum_tail<kPsw>(W, D, d0, D - d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, acc);
+    narrow_blocks<N / 2, N / 32, kPsw, kAsm>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o, nt, acc);
   }
 #if defined(__x86_64__)
   if (nt) _mm_sfence();  // streaming stores are weakly ordered: visible before the task ends

@@ -712,6 +712,7 @@ def read_claims_csv(path: str | os.PathLike, vocab: CodeVocab | None = None, unk
 def _bad_utf8_line(path: str | os.PathLike) -> int:
     """The line of a file's first byte sequence that is not UTF-8 (read again, on that error only: the text
     reader decodes ahead of the CSV reader's line count)."""
+    line = 1
     with open(path, "rb") as f:
         for line, raw in enumerate(f, 1):
             try:
