@@ -252,6 +252,23 @@ def test_gradient_at_cap_and_clamp(backend: str, device: str) -> None:
         assert_close(torch.cat([y, gx]).cpu(), want, dtype, f"{backend} {dtype} y, grad_x")
 
 
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference"), *BACKENDS])
+def test_negated_views_are_read_as_their_values(backend: str, device: str) -> None:
+    """``torch._neg_view`` tensors (same values, the negative bit set, which ``.contiguous()`` keeps) as x,
+    coeffs or the gradient give the plain tensors' results bit for bit: the backward's kernels read
+    grad_y's memory, ``-grad_y``, before (layout hunt, 2026-12-05)."""
+    coeffs = case_coeffs(4).to(device=device, dtype=torch.float32)
+    x = make_x((7, coeffs.shape[0]), torch.float32, device)
+    g = torch.randn(x.shape, device=device)
+    results = []
+    for neg in (False, True):
+        xx, cc = x.clone().requires_grad_(), coeffs.clone().requires_grad_()
+        y = kfuse.deu(torch._neg_view(-xx) if neg else xx, torch._neg_view(-cc) if neg else cc, backend=backend)
+        results.append((y, *torch.autograd.grad(y, (xx, cc), torch._neg_view(-g) if neg else g)))
+    for a, b, name in zip(*results, ("y", "grad x", "grad coeffs"), strict=True):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("shape,dim", [((67, 44), -1), ((3, 44, 5, 4), 1)])
 def test_planned_baseline_matches_reference(shape: tuple[int, ...], dim: int, seed: int) -> None:
     """The report's strong PyTorch baseline (per-neuron plan, one template per element) is the

@@ -200,6 +200,57 @@ def test_strided_inputs_match_torch(backend, device, mode, seed):
         assert_close(a, b, torch.float64, f"grad of {name}")
 
 
+@pytest.mark.parametrize("backend,device", backends())
+def test_negated_views_are_read_as_their_values(backend, device):
+    """A ``torch._neg_view`` (same values, the negative bit set, which ``.contiguous()`` keeps) as
+    per_sample_weights or as the gradient gives the plain tensors' results bit for bit; as a table, whose
+    rows the kernels read (and the fused optimizer writes) in place, it is refused by name. The kernels
+    read the memory, ``-t``, before (layout hunt, 2026-12-05)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(10, 6, generator=gen).to(device)
+    idx, off = torch.tensor([1, 2, 3, 1, 9], device=device), torch.tensor([0, 2, 5], device=device)
+    psw = torch.randn(5, generator=gen).to(device)
+    g = torch.randn(2, 6, generator=gen).to(device)
+    results = []
+    for neg in (False, True):
+        ww, p = w.clone().requires_grad_(), psw.clone().requires_grad_()
+        y = kfuse.multi_embedding_bag([ww], idx, off, per_sample_weights=torch._neg_view(-p) if neg else p,
+                                      backend=backend)
+        results.append((y, *torch.autograd.grad(y, (ww, p), torch._neg_view(-g) if neg else g)))
+    for a, b, name in zip(*results, ("forward", "grad of weights[0]", "grad of per_sample_weights"), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match=r"weights\[0\] is a lazily negated view .* pass weights\[0\].resolve_neg"):
+        kfuse.multi_embedding_bag([torch._neg_view(-w)], idx, off, backend=backend)
+    with pytest.raises(ValueError, match=r"kfuse.embedding_bag: weight is a lazily negated view"):
+        kfuse.embedding_bag(idx, torch._neg_view(-w), off, backend=backend)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam"])
+def test_fused_module_refuses_memory_shared_with_its_tables(optimizer):
+    """The fused update writes tables and states in place while reading them: two tables on one storage
+    (through load_state_dict(assign=True)) were updated twice on the CPU backend and once by the reference,
+    and per_sample_weights viewing a table gave schedule-dependent tables (layout hunt, 2026-12-05). Such
+    calls are refused, naming both tensors, before anything is read or written; a gradient viewing a table
+    likewise in the backward."""
+    idx, off = torch.tensor([1, 1]), torch.tensor([0, 1, 2])
+    for backend in ("cpu", "reference"):
+        m = MultiTableEmbeddingBag([(8, 4), (8, 4)], optimizer=optimizer, lr=0.5, backend=backend)
+        shared = torch.randn(8, 4)
+        sd = dict(m.state_dict(), **{"weights.0": shared, "weights.1": shared})
+        m.load_state_dict(sd, assign=True)
+        with pytest.raises(ValueError, match="weights.0 and weights.1 share memory"):
+            m(idx, off)
+        assert torch.equal(m.weights[0], shared) and int(m.optimizer_step) == 0
+        m = MultiTableEmbeddingBag([(8, 4)], optimizer=optimizer, lr=0.5, backend=backend)
+        w0 = m.weights[0].detach().clone()
+        with pytest.raises(ValueError, match="per_sample_weights and weights.0 share memory"):
+            m(torch.tensor([1, 2]), torch.tensor([0, 2]), per_sample_weights=m.weights[0].detach().view(-1)[4:6])
+        y = m(torch.tensor([1, 2]), torch.tensor([0, 2]))
+        with pytest.raises(ValueError, match="grad_out and weights.0 share memory"):
+            y.backward(m.weights[0].detach()[:1])
+        assert torch.equal(m.weights[0].detach(), w0)
+
+
 def test_per_sample_weights_dtype_follows_torch():
     """torch requires per_sample_weights in the weight's dtype; kfuse raises too, naming the argument,
     rather than casting them."""
@@ -957,12 +1008,15 @@ def _bad(device: str = "cpu"):
     mb = kfuse.multi_embedding_bag
     return {
         "index too large": (lambda b: mb(w, t([1, 2, 7, 4]), off, backend=b), IndexError,
-                            r"indices\[2\] = 7 is out of range \[0, 5\)"),
-        "negative index": (lambda b: mb(w, t([1, -1, 3, 4]), off, backend=b), IndexError, r"indices\[1\]"),
+                            r"^kfuse.multi_embedding_bag: indices\[2\] = 7 is out of range \[0, 5\)"),
+        "negative index": (lambda b: mb(w, t([1, -1, 3, 4]), off, backend=b), IndexError,
+                           r"^kfuse.multi_embedding_bag: indices\[1\]"),
         "offsets decrease": (lambda b: mb(w, idx, t([0, 2, 1, 3, 4]), backend=b), ValueError,
-                             "non-decreasing"),
-        "offsets start": (lambda b: mb(w, idx, t([1, 1, 2, 3, 4]), backend=b), ValueError, "offsets"),
-        "offsets end": (lambda b: mb(w, idx, t([0, 1, 2, 3, 3]), backend=b), ValueError, "offsets"),
+                             "^kfuse.multi_embedding_bag: offsets must be non-decreasing"),
+        "offsets start": (lambda b: mb(w, idx, t([1, 1, 2, 3, 4]), backend=b), ValueError,
+                          "^kfuse.multi_embedding_bag: offsets"),
+        "offsets end": (lambda b: mb(w, idx, t([0, 1, 2, 3, 3]), backend=b), ValueError,
+                        "^kfuse.multi_embedding_bag: offsets"),
         "offsets count": (lambda b: mb(w, idx, off[:4], backend=b), ValueError, "F·B"),
         "psw length": (lambda b: mb(w, idx, off, per_sample_weights=ones(3), backend=b), ValueError,
                        "per_sample_weights"),

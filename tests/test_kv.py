@@ -1014,6 +1014,33 @@ def test_prefill_op_matches_sdpa(backend, device, group, seed):
         assert torch.equal(kfuse.paged_prefill_attention(q, cache, 1, ids, new, backend=backend), out)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_negated_views_are_read_as_their_values(backend, device):
+    """``torch._neg_view`` tensors (same values, the negative bit set, which ``.contiguous()`` keeps) as q,
+    and as appended K/V (through the Triton append for the triton backend), give the plain tensors'
+    results bit for bit: the kernels read their memory, ``-q``, before (layout hunt, 2026-12-05)."""
+    gen = torch.Generator().manual_seed(0)
+    kv = torch.randn(L, 2, 5, HKV, D, generator=gen).to(device)
+    pools = []
+    for neg in (False, True):
+        cache = make(device=device, num_pages=8)
+        if backend == "triton":
+            cache._append_kv = tk.paged_append
+        s = cache.add_sequence()
+        for layer, (k, v) in enumerate(kv):
+            cache.append(layer, [s], torch._neg_view(-k) if neg else k, torch._neg_view(-v) if neg else v, [5])
+        cache.advance([s], [5])
+        pools.append((cache.k_pages.clone(), cache.v_pages.clone()))
+    assert torch.equal(pools[0][0], pools[1][0]) and torch.equal(pools[0][1], pools[1][1])
+    with torch.no_grad():
+        q = torch.randn(1, 2 * HKV, D, generator=gen).to(device)
+        assert torch.equal(kfuse.paged_decode_attention(torch._neg_view(-q), cache, 1, [s], backend=backend),
+                           kfuse.paged_decode_attention(q, cache, 1, [s], backend=backend))
+        q = torch.randn(3, 2 * HKV, D, generator=gen).to(device)
+        assert torch.equal(kfuse.paged_prefill_attention(torch._neg_view(-q), cache, 1, [s], [3], backend=backend),
+                           kfuse.paged_prefill_attention(q, cache, 1, [s], [3], backend=backend))
+
+
 @pytest.mark.interpret
 @pytest.mark.parametrize("group,page_size", [(1, PS), (4, 5)])
 def test_triton_gpu_block_sizes_under_interpreter(group, page_size, monkeypatch, seed):

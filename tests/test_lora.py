@@ -417,6 +417,36 @@ def test_multi_adapter(backend: str, device: str, seed: int) -> None:
         assert kfuse.lora_linear_multi(**empty, backend=backend).shape == (0, *lead[1:], N)
 
 
+def _neg_view(t: Tensor) -> Tensor:
+    """``t``'s values in a lazily negated view of ``-t`` (the negative bit set; ``.contiguous()`` keeps it)."""
+    return torch._neg_view(-t)
+
+
+@pytest.mark.parametrize("backend,device", [*BACKENDS, pytest.param("reference", "cpu", id="reference")])
+def test_negated_views_are_read_as_their_values(backend: str, device: str) -> None:
+    """A ``torch._neg_view`` in any floating argument of the single- and multi-adapter ops, or as the
+    gradient, gives the plain tensors' results bit for bit (the Triton multi-adapter forward read
+    scalings' memory, ``-scalings``: layout hunt, 2026-12-05)."""
+    torch.manual_seed(0)
+    t = multi_inputs((5,), 21, 19, [3, 2], torch.float32, torch.float32, device, False)
+    with torch.no_grad():
+        y = kfuse.lora_linear_multi(**t, backend=backend)
+        for name in ("x", "weight", "A_stack", "B_stack", "scalings", "bias"):
+            got = kfuse.lora_linear_multi(**dict(t, **{name: _neg_view(t[name])}), backend=backend)
+            assert torch.equal(got, y), name
+    x = torch.randn(5, 21, device=device, requires_grad=True)
+    w = torch.randn(19, 21, device=device)
+    A = torch.randn(4, 21, device=device, requires_grad=True)
+    B = torch.randn(19, 4, device=device, requires_grad=True)
+    g = torch.randn(5, 19, device=device)
+    grads = []
+    for grad in (g, _neg_view(g)):
+        y = kfuse.lora_linear(x, w, A, B, 0.5, backend=backend)
+        grads.append(torch.autograd.grad(y, (x, A, B), grad))
+    for a, b, name in zip(*grads, ("x", "A", "B"), strict=True):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cpu_small_batches_do_not_cast_the_weight(dtype: torch.dtype, seed: int) -> None:
     """At decode sizes the cpu backend cast W to float32 on every call (forward and dx), which cost

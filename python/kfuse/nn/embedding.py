@@ -360,6 +360,7 @@ class MultiTableEmbeddingBag(nn.Module):
                 "built with optimizer=None (a torch optimizer then updates it).")
         E.poll_errors()
         E._check_weights(op, ws)  # as the op checks them (load_state_dict(assign=True) may bring any layout)
+        _check_unaliased(op, self, per_sample_weights=per_sample_weights)
         bags = E._validate(op, ws, indices, offsets, self.feature_table_map, self.mode, per_sample_weights,
                            self.padding_idx, self.check)
         chosen = E._select(op, self.backend, ws[0])
@@ -407,6 +408,7 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                 "by torch.func.functional_call, or replaced between forward and backward), and the fused "
                 "optimizer updates the module's own tables and optimizer states. Build the module with "
                 "optimizer=None to call it with other tables.")
+        _check_unaliased("MultiTableEmbeddingBag backward", m, grad_out=grad_out)
         ws = [w.data for w in m.weights]
         g_psw = None
         # Whether this backward asks for the anchor's gradient: not when the module is frozen
@@ -437,11 +439,11 @@ class _FusedEmbeddingBag(torch.autograd.Function):
             s1 = m.states(1) if m.optimizer != "sgd" else []
             s2 = m.states(2) if m.optimizer == "adam" else []
             idx, off, flat_psw = E._flat(indices, offsets, psw)
-            args = (grad_out.contiguous(), ws, idx, off, ctx.bags.feature_table, ctx.bags.padding_idx,
+            args = (_backends.dense(grad_out), ws, idx, off, ctx.bags.feature_table, ctx.bags.padding_idx,
                     ctx.bags.pooling, flat_psw, m.optimizer, s1, s2, h["lr"], h["eps"], h["beta1"], h["beta2"],
                     h["weight_decay"], step, _rounding_seed(m.seed))
             if ctx.backend == "cpu" and m.process_group is None:
-                _backends.extension().embedding_backward_fused(*args)
+                E._cpu("MultiTableEmbeddingBag backward", _backends.extension().embedding_backward_fused, *args)
             elif ctx.backend == "triton" and m.process_group is None:
                 E._tk().backward_fused(*args)
             else:
@@ -456,6 +458,36 @@ class _FusedEmbeddingBag(torch.autograd.Function):
             m.optimizer_step += 1  # after the update: a refused one leaves the count with the tables
         # An (empty) gradient for the anchor: it counts as used (DistributedDataParallel, optimizers).
         return None, None, None, None, None, m._grad_anchor.new_zeros(0), g_psw
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    """The bytes ``[start, end)`` that ``t``'s elements lie in (torch strides are non-negative)."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+@torch.compiler.disable  # data pointers: torch.compile runs it eagerly (the module breaks the graph anyway)
+def _check_unaliased(op: str, m: MultiTableEmbeddingBag, **others: Tensor | None) -> None:
+    """``ValueError`` when two of the fused optimizer's tables and states, or ``others`` (the call's
+    per_sample_weights, the backward's grad_out), share memory. The update writes the tables and states in
+    place while it reads them and the gradients, task by task: two tables on one storage (possible through
+    ``load_state_dict(assign=True)``) were updated twice on the CPU backend and once by the reference, and
+    per_sample_weights viewing a table gave schedule-dependent results (layout hunt, 2026-12-05).
+    O(n log n) in the tensors, host only."""
+    named = [(f"weights.{t}", w) for t, w in enumerate(m.weights)]
+    for which in (1, 2):
+        named += [(f"momentum{which}_{t}", b) for t, b in enumerate(m.states(which))]
+    named += [(k, v) for k, v in others.items() if v is not None]
+    spans = sorted((*_span(t), name) for name, t in named if t.numel() and t.device == m.weights[0].device)
+    end, owner = -1, ""
+    for start, stop, name in spans:
+        if start < end:
+            first, second = sorted((owner, name))
+            raise ValueError(f"{op}: {first} and {second} share memory; the fused optimizer ({m.optimizer!r}) "
+                             "updates the tables and their states in place while it reads them, so each must "
+                             "have memory of its own (pass a .clone())")
+        if stop > end:
+            end, owner = stop, name
 
 
 def _warn_unsynchronised(m: MultiTableEmbeddingBag) -> None:

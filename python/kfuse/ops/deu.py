@@ -113,8 +113,9 @@ def _forward_impl(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
     # lets a caller modify it in place (y += skip, ReLU(inplace=True)), which it forbids for a
     # view made inside an autograd.Function.
     forward, _ = _kernels(backend)
+    x = _backends.resolved(x)
     order = _order(x)
-    coeffs = coeffs.to(_acc_dtype(x)).contiguous()
+    coeffs = _backends.dense(coeffs.to(_acc_dtype(x)))
     if order is None:
         return forward(x.contiguous(), coeffs, dim)
     y = _empty_in_order(x, order)
@@ -124,8 +125,9 @@ def _forward_impl(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
 
 def _backward_impl(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
     _, backward = _kernels(backend)
+    grad_y, x = _backends.resolved(grad_y), _backends.resolved(x)
     order = _order(x)
-    acc = coeffs.to(_acc_dtype(x)).contiguous()
+    acc = _backends.dense(coeffs.to(_acc_dtype(x)))
     if order is None:
         gx, gc = backward(grad_y.contiguous(), x.contiguous(), acc, dim)
     else:
@@ -369,7 +371,6 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto",
     dim = _validate(x, coeffs, dim)
     if degenerate_grad not in DEGENERATE_GRADS:
         raise ValueError(f"kfuse.deu: degenerate_grad must be one of {list(DEGENERATE_GRADS)}; got {degenerate_grad!r}")
-    x, coeffs = x.resolve_neg(), coeffs.resolve_neg()  # the kernels read memory: no lazy negation
     order = _ORDER.get(x.device.type, ("reference",))
     chosen = _backends.select_for("deu", backend, x.device, x.dtype, lambda: backend_reasons(x), order)
     # The routes of docs/CONTRIBUTING.md's table (kfuse._routing). Under torch.compile the op takes

@@ -34,6 +34,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -101,12 +102,15 @@ def _check_weights(op: str, weights: object, single: bool = False) -> list[Tenso
     if isinstance(weights, Tensor) or not isinstance(weights, (list, tuple)) or not weights:
         raise TypeError(f"kfuse.{op}: weights must be a non-empty list of 2-D tensors; got {type(weights).__name__}")
     first = weights[0]
+    # Dynamo cannot trace is_neg(); under torch.compile the registered op checks the tables again, eagerly.
+    check_neg = not torch.compiler.is_compiling()
     if isinstance(first, Tensor) and first.dtype in _FLOATS:
         # The common case in one pass of attribute reads (the loop below names the table; at 32 tables it
         # cost ~1 µs a table, bench/host_launchers.py).
         dt, dev = first.dtype, first.device
         if all(isinstance(w, Tensor) and w.ndim == 2 and w.layout == torch.strided and w.dtype == dt
-               and w.device == dev and w.shape[1] > 0 and w.is_contiguous() for w in weights):
+               and w.device == dev and w.shape[1] > 0 and w.is_contiguous() and not (check_neg and w.is_neg())
+               for w in weights):
             return list(weights)
     for t, w in enumerate(weights):
         name = "weight" if single else f"weights[{t}]"
@@ -124,6 +128,9 @@ def _check_weights(op: str, weights: object, single: bool = False) -> list[Tenso
         if not w.is_contiguous():
             raise ValueError(f"kfuse.{op}: {name} must be contiguous (the kernels read rows in place; "
                              f"pass {name}.contiguous())")
+        if check_neg and w.is_neg():
+            raise ValueError(f"kfuse.{op}: {name} is a lazily negated view (torch._neg_view); the kernels read "
+                             f"rows in place: pass {name}.resolve_neg()")
     return list(weights)
 
 
@@ -413,15 +420,25 @@ def _kernel_psw(psw: Tensor | None, weights: list[Tensor]) -> Tensor | None:
 def _flat(indices: Tensor, offsets: Tensor, psw: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The kernels read indices, offsets and per-sample weights as flat arrays; strided views (``idx[::2]``)
     are valid input, as for torch, so every implementation takes its tensors through here."""
-    return indices.contiguous(), offsets.contiguous(), None if psw is None else psw.contiguous()
+    return _backends.dense(indices), _backends.dense(offsets), _backends.dense(psw)
+
+
+def _cpu(where: str, kernel: Callable[..., object], *args: object) -> Any:
+    """``kernel(*args)``, a C++ CPU kernel: its errors for bad indices or offsets (IndexError, ValueError, which
+    name the argument) get ``where``, the op's name, in front, as the other backends' do (layout hunt,
+    2026-12-05: ``indices[0] = 5 is out of range ...`` alone)."""
+    try:
+        return kernel(*args)
+    except (IndexError, ValueError) as e:
+        raise type(e)(f"{where}: {e}") from None
 
 
 def _forward_impl(weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags, psw: Tensor | None,
                   backend: str) -> Tensor:
     indices, offsets, psw = _flat(indices, offsets, psw)
     if backend == "cpu":
-        return _ext().embedding_forward(weights, indices, offsets, bags.feature_table, bags.padding_idx, bags.pooling,
-                                        psw)
+        return _cpu(f"kfuse.{bags.op}", _ext().embedding_forward, weights, indices, offsets, bags.feature_table,
+                    bags.padding_idx, bags.pooling, psw)
     if backend == "triton":
         tk = _tk()
         out, flag = tk.forward(weights, indices, offsets, bags.feature_table, bags.padding_idx, bags.pooling, psw,
@@ -465,11 +482,12 @@ def _sparse_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offse
                  psw: Tensor | None, backend: str) -> list[tuple[Tensor, Tensor]]:
     """Per table: (unique rows int64 ``[U]`` ascending, summed gradients ``[U, dim]`` accumulation dtype)."""
     indices, offsets, psw = _flat(indices, offsets, psw)
+    grad_out = _backends.dense(grad_out)
     if backend == "cpu":
-        return _ext().embedding_backward_sparse(grad_out.contiguous(), weights, indices, offsets, bags.feature_table,
-                                                bags.padding_idx, bags.pooling, psw)
+        return _cpu(f"kfuse.{bags.op}", _ext().embedding_backward_sparse, grad_out, weights, indices, offsets,
+                    bags.feature_table, bags.padding_idx, bags.pooling, psw)
     if backend == "triton":
-        return _tk().backward_sparse(grad_out.contiguous(), weights, indices, offsets, bags.feature_table,
+        return _tk().backward_sparse(grad_out, weights, indices, offsets, bags.feature_table,
                                      bags.padding_idx, bags.pooling, psw)
     _check_values(bags.op, _rows(weights), indices, offsets, bags)
     dense, _ = multi_embedding_bag_backward_reference(grad_out, weights, indices, offsets, bags.feature_table,
@@ -482,11 +500,12 @@ def _sparse_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offse
 def _psw_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags,
               psw: Tensor, backend: str) -> Tensor:
     indices, offsets, psw = _flat(indices, offsets, psw)
+    grad_out = _backends.dense(grad_out)
     if backend == "cpu":
-        return _ext().embedding_backward_psw(grad_out.contiguous(), weights, indices, offsets, bags.feature_table,
-                                             bags.padding_idx)
+        return _cpu(f"kfuse.{bags.op}", _ext().embedding_backward_psw, grad_out, weights, indices, offsets,
+                    bags.feature_table, bags.padding_idx)
     if backend == "triton":
-        return _tk().backward_psw(grad_out.contiguous(), weights, indices, offsets, bags.feature_table,
+        return _tk().backward_psw(grad_out, weights, indices, offsets, bags.feature_table,
                                   bags.padding_idx)
     _check_values(bags.op, _rows(weights), indices, offsets, bags)
     g_psw = multi_embedding_bag_backward_reference(grad_out, weights, indices, offsets, bags.feature_table,

@@ -386,24 +386,22 @@ def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tenso
     return out
 
 
-def _dense(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.resolve_neg().contiguous()
-
-
 def _triton_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: float, bias: Tensor | None,
                     lora_bias: Tensor | None, p: float, fifo: bool, seed: Tensor | None,
                     save_s: bool) -> tuple[Tensor, Tensor | None]:
     # W, A and B are read in place through their strides (either layout of W, no copy).
-    return _tk().lora_forward(_dense(x2), weight.resolve_neg(), fifo, A.resolve_neg(), B.resolve_neg(), scaling,
-                              _dense(bias), _dense(lora_bias), seed, p, save_s)
+    dense = _backends.dense
+    return _tk().lora_forward(dense(x2), weight.resolve_neg(), fifo, A.resolve_neg(), B.resolve_neg(), scaling,
+                              dense(bias), dense(lora_bias), seed, p, save_s)
 
 
 def _triton_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: float, S: Tensor,
                      seed: Tensor | None, p: float, fifo: bool, needs: tuple[bool, ...]) -> list[Tensor | None]:
     need_x, need_w, need_a, need_b, need_bias, need_lb = needs
-    x2 = _dense(x2)
-    dx, dA, dB, colsum = _tk().lora_backward(_dense(dy2), x2, weight.resolve_neg(), fifo, A.resolve_neg(),
-                                             B.resolve_neg(), scaling, _dense(S), seed,
+    dense = _backends.dense
+    x2 = dense(x2)
+    dx, dA, dB, colsum = _tk().lora_backward(dense(dy2), x2, weight.resolve_neg(), fifo, A.resolve_neg(),
+                                             B.resolve_neg(), scaling, dense(S), seed,
                                              p, need_x, need_a, need_b, need_bias or need_lb)
     out: list[Tensor | None] = [dx if need_x else None, None, dA.to(A.dtype) if need_a else None,
                                 dB.to(B.dtype) if need_b else None, None, None]
@@ -826,9 +824,10 @@ def _multi_impl(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, sca
     if backend == "triton":
         # No host sync (CUDA-graph safe), so the values are not checked on a GPU: the kernels
         # treat ids outside [-1, L) as -1 (base output) and clamp ranks to [0, r_max].
-        y2 = _tk().lora_multi_forward(_dense(x2), weight.resolve_neg(), fifo, A_stack.resolve_neg(),
-                                      B_stack.resolve_neg(), scalings.to(torch.float32), _dense(ranks), _dense(ids),
-                                      _dense(bias))
+        dense = _backends.dense
+        y2 = _tk().lora_multi_forward(dense(x2), weight.resolve_neg(), fifo, A_stack.resolve_neg(),
+                                      B_stack.resolve_neg(), dense(scalings.to(torch.float32)), dense(ranks),
+                                      dense(ids), dense(bias))
     elif backend == "reference" or x.device.type != "cpu":  # the reference is shape-static
         y2 = lora_linear_multi_reference(x2, weight, A_stack, B_stack, scalings, ranks, ids, bias, fifo)
     else:
