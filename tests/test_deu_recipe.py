@@ -244,6 +244,31 @@ def test_param_groups_cover_every_parameter_once() -> None:
             deu_param_groups(model, **bad)
 
 
+def test_param_groups_and_clipping_take_a_parametrization_s_leaves() -> None:
+    """Under ``torch.nn.utils.parametrize``, ``module.coeffs`` is recomputed at every access (a non-leaf):
+    deu_param_groups gave it to the optimizer, which refused it, and clip_deu_grad_norm_ clipped nothing and
+    returned 0 (module hunt, 2026-12-05). The parametrization's original parameters are the coefficients."""
+
+    class Scaled(nn.Module):
+        def forward(self, c: torch.Tensor) -> torch.Tensor:
+            return 2.0 * c
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), DEU(5))
+    torch.nn.utils.parametrize.register_parametrization(model[1], "coeffs", Scaled())
+    original = model[1].parametrizations.coeffs.original
+    assert deu_coeffs(model) == [original]
+    groups = {g["name"]: g for g in deu_param_groups(model, lr=1e-2, coeff_lr=1e-3)}
+    assert groups["deu_coeffs"]["params"] == [original]
+    assert {id(p) for p in groups["weights"]["params"]} == {id(model[0].weight), id(model[0].bias)}
+    torch.optim.Adam(list(groups.values()))  # accepted
+    model(torch.randn(4, 3)).square().sum().backward()
+    norm = original.grad.norm()
+    assert norm > 1e-3
+    assert torch.equal(clip_deu_grad_norm_(model, 1e-3), norm)
+    assert math.isclose(original.grad.norm().item(), 1e-3, rel_tol=1e-4)
+
+
 def test_inits_and_clipping() -> None:
     for name, row in DEU_INITS.items():
         c = DEU(7, init=name).coeffs.detach()

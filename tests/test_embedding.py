@@ -625,6 +625,21 @@ def test_embedding_bag_module_is_a_drop_in(mode, seed):
     assert torch.equal(fresh(idx, off, psw), k(idx, off, psw))
 
 
+def test_from_pretrained_leaves_the_passed_parameter_as_it_was():
+    """As torch's: from_pretrained and _weight wrap the tensor in a Parameter of their own over its memory.
+    They set requires_grad on the Parameter passed in, another module's, before: freezing the bag froze
+    (or unfroze) that module (module hunt, 2026-12-05)."""
+    for cls in (torch.nn.EmbeddingBag, kfuse.nn.EmbeddingBag):
+        for freeze in (True, False):
+            src = torch.nn.Parameter(torch.randn(5, 3), requires_grad=freeze)  # the opposite of the bag's
+            m = cls.from_pretrained(src, freeze=freeze, mode="sum")
+            assert src.requires_grad is freeze and m.weight.requires_grad is not freeze, cls
+            assert m.weight is not src and m.weight.data_ptr() == src.data_ptr(), cls
+        src = torch.nn.Parameter(torch.randn(5, 3), requires_grad=False)
+        m = cls(5, 3, mode="sum", _weight=src)
+        assert m.weight.requires_grad and not src.requires_grad and m.weight.data_ptr() == src.data_ptr(), cls
+
+
 def test_torch_arguments_from_pretrained_and_meta(seed):
     """torch's own calls (max_norm=None, norm_type, scale_grad_by_freq at their defaults: nn.EmbeddingBag
     passes them) raised TypeError; from_pretrained was missing; a non-contiguous weight's error named

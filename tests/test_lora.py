@@ -538,6 +538,48 @@ def test_adapters_added_or_loaded_in_inference_mode_serve_outside_it(seed: int) 
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("cls", ["LoRALinear", "MultiLoRALinear"])
+def test_from_linear_refuses_a_computed_weight(cls: str) -> None:
+    """from_linear keeps the tensors it is given. A parametrized base (spectral_norm, weight_norm) is
+    recomputed at every access: the layer kept a stale snapshot outside its state_dict, or raised autograd's
+    error for a non-leaf with freeze_base (module hunt, 2026-12-05). Refused, naming the remedy."""
+    P = torch.nn.utils.parametrizations
+    make = getattr(kfuse.nn, cls).from_linear
+    for lin in (P.spectral_norm(nn.Linear(4, 3)), P.weight_norm(nn.Linear(4, 3))):
+        for freeze in (True, False):
+            with pytest.raises(ValueError, match=rf"{cls}.from_linear: linear.weight is parametrized .*"
+                                                 r"remove_parametrizations\(linear, 'weight'\)"):
+                make(lin, freeze_base=freeze)
+        assert all(p.requires_grad for p in lin.parameters())  # left as it was
+    with pytest.warns(FutureWarning):
+        lin = torch.nn.utils.weight_norm(nn.Linear(4, 3))  # the deprecated hook form: a non-leaf attribute
+    with pytest.raises(ValueError, match=rf"{cls}.from_linear: linear.weight is computed from other tensors"):
+        make(lin)
+
+
+def test_lora_module_materialised_saves_its_own_merged_state() -> None:
+    """to_empty() gives lora_merged no value: a layer built on meta and initialised by the user's own
+    function (not reset_parameters) said merged=False but saved whatever byte the buffer held, and
+    reloaded as merged, ignoring its adapter (module hunt, 2026-12-05). The layer's state goes into every
+    new buffer; a new buffer filled with ones (what to_empty may leave) stands for the garbage here."""
+    for merge in (False, True):
+        m = kfuse.nn.LoRALinear(8, 6, r=2)
+        if merge:
+            m.merge()
+        m._apply(lambda t: torch.ones_like(t))
+        assert m.merged is merge and m.state_dict()["lora_merged"].item() is merge
+    with torch.device("meta"):
+        m = kfuse.nn.LoRALinear(8, 6, r=2)
+    m.to_empty(device="cpu")
+    for p in (m.weight, m.bias, m.lora_A, m.lora_B):
+        nn.init.normal_(p)
+    n = kfuse.nn.LoRALinear(8, 6, r=2)
+    n.load_state_dict(m.state_dict())
+    assert not m.merged and not n.merged
+    x = torch.randn(3, 8)
+    assert torch.equal(n(x), m(x))
+
+
 def test_multi_lora_module_resets_as_torch_layers_do() -> None:
     """MultiLoRALinear had no reset_parameters: a generic re-initialisation after to_empty() (``if
     hasattr(m, "reset_parameters")``) left its base weight uninitialised (copy hunt). It initialises the

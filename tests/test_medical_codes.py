@@ -242,6 +242,26 @@ def test_general_embedding_keeps_its_tensors_on_its_device(small):
     assert gen.sample_negatives(3, torch.Generator().manual_seed(0)).device.type == "meta"
 
 
+def test_general_embedding_materialised_on_meta_resets_to_the_constructor_s_model(small):
+    """Built on meta, then to_empty() and a re-initialisation: the offsets of each domain (bases), the
+    uniform noise distribution and the zero context were left as garbage, and training indexed past the
+    tables (module hunt, 2026-12-05). reset_parameters() now rebuilds them, alone or as the last call of a
+    generic model.apply (children first)."""
+    want = GeneralCodeEmbedding(small.sizes, 8, seed=3).state_dict()
+    for generic in (False, True):
+        with torch.device("meta"):
+            m = GeneralCodeEmbedding(small.sizes, 8, seed=3)
+        m.to_empty(device="cpu")
+        for t in m.state_dict().values():
+            t.fill_(7)  # garbage, whatever to_empty left
+        if generic:
+            m.apply(lambda mod: mod.reset_parameters() if hasattr(mod, "reset_parameters") else None)
+        else:
+            m.reset_parameters()
+        got = m.state_dict()
+        assert {k: torch.equal(got[k], v) for k, v in want.items()} == dict.fromkeys(want, True)
+
+
 def test_a_cpu_model_under_another_default_device(small, claims):
     """Under torch.set_default_device("cuda") (here "meta", which every machine has) a model built with
     device="cpu" put its noise distribution on the default device, and the CBOW targets and negatives drew

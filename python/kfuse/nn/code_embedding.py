@@ -326,13 +326,31 @@ class GeneralCodeEmbedding(nn.Module):
         # seed + 1 wrapped: any seed the tables take stays valid (2**63 − 1 made it 2**63, refused; bug hunt)
         self.context = _tables([(total, dim)], "sum", optimizer, lr, eps, 0.0, impl, backend, device,
                                (seed + 1) % 2**63)
-        with torch.no_grad():
-            self.context.weights[0].zero_()
         self.negatives = _checks.integer("GeneralCodeEmbedding", "negatives", negatives, 1)
-        self.register_buffer("bases", torch.tensor([0, *np.cumsum(self.codes.sizes)[:-1].tolist()],
-                                                   dtype=torch.int64, device=device))
+        self.register_buffer("bases", torch.empty(len(self.codes.sizes), dtype=torch.int64, device=device))
         # Host-side (sample_negatives draws on the CPU), whatever the default device.
-        self.register_buffer("noise_cdf", torch.linspace(1.0 / total, 1.0, total, dtype=torch.float64, device="cpu"))
+        self.register_buffer("noise_cdf", torch.empty(total, dtype=torch.float64, device="cpu"))
+        self._reset_own()
+
+    @torch.no_grad()
+    def _reset_own(self) -> None:
+        total = self.noise_cdf.numel()
+        self.context.weights[0].zero_()
+        self.bases.copy_(torch.tensor([0, *np.cumsum(self.codes.sizes)[:-1].tolist()], dtype=torch.int64,
+                                      device="cpu"))
+        self.noise_cdf.copy_(torch.linspace(1.0 / total, 1.0, total, dtype=torch.float64, device="cpu"))
+
+    def reset_parameters(self) -> None:
+        """The model as the constructor leaves it: the tables' own resets (fresh optimizer states), the code
+        tables' seeded initialisation, ``context`` zero, ``bases`` and a uniform noise distribution
+        (:meth:`set_noise` sets the counts'). After ``to_empty()`` the buffers held garbage, and training
+        indexed past the tables (module hunt, 2026-12-05). In a generic re-initialisation, call it after
+        its children's own (``model.apply`` visits children first): the context table's own reset is
+        random, not zero."""
+        for module in reversed(list(self.modules())[1:]):  # every child before its parent, as model.apply
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        self._reset_own()
 
     def _apply(self, fn, recurse: bool = True):
         # The negatives' CDF stays float64 through .half() / .to(dtype): in float16 ~40 % of 6000 codes got

@@ -128,11 +128,20 @@ class DEU(nn.Module):
 
 
 def deu_coeffs(model: nn.Module) -> list[nn.Parameter]:
-    """The ``coeffs`` of every :class:`DEU` layer in ``model``, each once."""
+    """The ``coeffs`` of every :class:`DEU` layer in ``model``, each once. For coefficients under a
+    ``torch.nn.utils.parametrize`` parametrization, the parametrization's ``original`` parameters: the
+    leaves an optimizer updates (``module.coeffs`` is then recomputed at every access; the optimizer
+    refused it, and clipping its gradient clipped nothing: module hunt, 2026-12-05)."""
     seen: dict[int, nn.Parameter] = {}
     for module in model.modules():
-        if isinstance(module, DEU):
-            seen.setdefault(id(module.coeffs), module.coeffs)
+        if not isinstance(module, DEU):
+            continue
+        if torch.nn.utils.parametrize.is_parametrized(module, "coeffs"):
+            leaves = list(module.parametrizations.coeffs.parameters(recurse=False))  # original, or original0..
+        else:
+            leaves = [module.coeffs]
+        for p in leaves:
+            seen.setdefault(id(p), p)
     return list(seen.values())
 
 

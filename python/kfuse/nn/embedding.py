@@ -77,7 +77,10 @@ class EmbeddingBag(nn.Module):
             if not _weight.is_contiguous():  # else the first forward refused it
                 raise ValueError("_weight must be contiguous (the kernels read rows in place; pass "
                                  "_weight.contiguous())")
-            self.weight = _weight if isinstance(_weight, nn.Parameter) else nn.Parameter(_weight)
+            # A Parameter of its own over _weight's memory, as torch's: from_pretrained's freeze (and a later
+            # requires_grad_) then leaves a Parameter passed in (another module's) as it was (module hunt,
+            # 2026-12-05: freezing froze the source module's weight). from_torch shares the Parameter itself.
+            self.weight = nn.Parameter(_weight)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight)
@@ -110,8 +113,10 @@ class EmbeddingBag(nn.Module):
         if module.mode not in ("sum", "mean") or module.max_norm is not None or module.scale_grad_by_freq:
             raise ValueError("from_torch: kfuse.nn.EmbeddingBag supports mode 'sum'/'mean' without max_norm or "
                              "scale_grad_by_freq")
-        return cls(module.num_embeddings, module.embedding_dim, module.mode, module.padding_idx,
-                   module.include_last_offset, module.sparse, _weight=module.weight, backend=backend, check=check)
+        m = cls(module.num_embeddings, module.embedding_dim, module.mode, module.padding_idx,
+                module.include_last_offset, module.sparse, _weight=module.weight, backend=backend, check=check)
+        m.weight = module.weight  # the same Parameter: its optimizer state and gradient are the torch module's
+        return m
 
     def forward(self, input: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
         # torch's module reads max_norm, norm_type and scale_grad_by_freq at every forward: one set after

@@ -78,10 +78,22 @@ def _base_parameters(linear: nn.Module, fan_in_fan_out: bool, freeze_base: bool,
     if not (conv1d or isinstance(linear, nn.Linear)):
         raise TypeError(f"{cls}.from_linear: linear must be an nn.Linear or a GPT-2 Conv1D; got "
                         f"{type(linear).__name__}")
+    parametrized = [n for n in ("weight", "bias") if torch.nn.utils.parametrize.is_parametrized(linear, n)]
+    if parametrized:
+        # The layer keeps the tensors it is given; a parametrized one is recomputed from its originals at
+        # every access, so the layer held a stale snapshot outside its state_dict, or (freeze_base) raised
+        # autograd's error for a non-leaf (module hunt, 2026-12-05). PEFT wraps the live module instead.
+        raise ValueError(f"{cls}.from_linear: linear.{parametrized[0]} is parametrized "
+                         "(torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal, ...), which "
+                         f"{cls} cannot hold; remove it first (parametrize.remove_parametrizations(linear, "
+                         f"'{parametrized[0]}')), or wrap the model with PEFT and kfuse.integrations.peft.fuse")
     weight = linear.weight
     if not isinstance(weight, Tensor) or weight.ndim != 2:
         raise TypeError(f"{cls}.from_linear: linear.weight must be a 2-D tensor; got "
                         f"{type(weight).__name__ if not isinstance(weight, Tensor) else tuple(weight.shape)}")
+    if weight.grad_fn is not None:  # torch.nn.utils.weight_norm (hooks) recomputes it from weight_g, weight_v
+        raise ValueError(f"{cls}.from_linear: linear.weight is computed from other tensors (a non-leaf, as "
+                         f"torch.nn.utils.weight_norm makes it), which {cls} cannot hold; remove that first")
     if fan_in_fan_out != conv1d:
         kind = "a Conv1D (weight [in, out])" if conv1d else "an nn.Linear (weight [out, in])"
         warnings.warn(f"{cls}.from_linear: fan_in_fan_out={fan_in_fan_out} but linear is {kind}; using "
@@ -218,8 +230,16 @@ class LoRALinear(nn.Module):
         self._own_flag = self.lora_merged
 
     def _apply(self, fn, recurse: bool = True):
+        before, merged = self.lora_merged, self.merged
         super()._apply(fn, recurse)
-        self._own_flag = self.lora_merged  # moved or cast: the same value (a bool buffer keeps its dtype)
+        buf = self.lora_merged
+        if buf is not before and buf.device.type != "meta" and _routing.plain(buf):
+            # A moved or cast buffer keeps its value, but to_empty()'s has none: a layer built on meta and
+            # initialised by the user's function saved a random lora_merged, and reloaded as merged
+            # (module hunt, 2026-12-05). The layer's state is written into the new buffer.
+            with torch.no_grad():
+                buf.fill_(merged)
+        self._remember_merged(merged)
         return self
 
     @torch.no_grad()
