@@ -428,6 +428,54 @@ def assert_same(cache: PagedKVCache, snap) -> None:
     assert now[1] == snap[1]
 
 
+@pytest.mark.parametrize("mirror", [False, True], ids=["cpu", "mirrored"])
+def test_errors_after_the_host_update_leave_a_consistent_cache(monkeypatch, mirror):
+    """Errors torch raises after the host state has changed (out of memory, an interrupt), where no
+    argument is wrong (state-after-errors hunt, 2026-12-05):
+    - in a step's copy-on-write copy: the forked sequence's table pointed at the fresh, uncopied page
+      (its tokens read as zeros), and the step was never recorded for abort_step;
+    - after a step's pages were taken: they stayed taken with no step to release them, and the next
+      step's capacity check went wrong (the free stack ran below 0);
+    - in the device replay of a mirrored (CUDA) cache's fork: host and device copies diverged and the
+      child's slot leaked.
+    Each now leaves what abort_step or the failed call's absence would: the tokens, lengths, free pages
+    and the device copy agree with a dense reference, and the next steps run."""
+    cache = make(num_pages=10, _mirror=mirror)
+    dense = Dense(cache)
+    a = cache.add_sequence()
+    dense.add(a)
+    step(cache, dense, [a], [PS + 2])  # a partially filled page
+    b = cache.fork(a, PS + 2)
+    dense.kv[b] = [list(kv) for kv in dense.kv[a]]
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    with monkeypatch.context() as m:  # the copy-on-write copy of b's shared page
+        m.setattr(torch.Tensor, "index_select", oom)
+        with pytest.raises(torch.OutOfMemoryError):
+            cache.append(0, [b], torch.randn(1, HKV, D), torch.randn(1, HKV, D))
+    assert cache._step is None
+    check_invariants(cache, dense)
+    used = cache.stats()["pages_used"]
+    with monkeypatch.context() as m:  # after a's new pages were taken: the step's record
+        m.setattr(torch, "zeros", oom)
+        with pytest.raises(torch.OutOfMemoryError):
+            cache.append(0, [a], torch.randn(2 * PS, HKV, D), torch.randn(2 * PS, HKV, D), [2 * PS])
+    assert cache._step is None and cache.stats()["pages_used"] == used
+    check_invariants(cache, dense)
+    if mirror:
+        active = cache.active_sequences
+        with monkeypatch.context() as m:  # the device replay of a fork
+            m.setattr(cache, "_dev", oom)
+            with pytest.raises(torch.OutOfMemoryError):
+                cache.fork(a, PS)
+        assert cache.active_sequences == active and cache.stats()["pages_used"] == used
+        check_invariants(cache, dense)
+    step(cache, dense, [a, b], [2 * PS, 3])
+    check_invariants(cache, dense)
+
+
 def test_bug_hunt_findings_leave_the_cache_as_it_was():
     """Five ways a user reached a broken or leaking cache (a review of 2026-12-03), each now refused
     with a clear error and the cache unchanged, or handled:

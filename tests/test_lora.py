@@ -982,6 +982,25 @@ def test_multi_lora_module(seed: int) -> None:
         multi.add_adapter(torch.randn(2, 20), torch.randn(12, 3), 1.0)
 
 
+def test_multi_lora_failed_load_keeps_the_adapters() -> None:
+    """A load whose copy fails (here a checkpoint of meta tensors, which have no values) raises, as torch's;
+    the stacks, resized for it, kept uninitialised memory: the adapters were gone and the next forward
+    read garbage ranks (state-after-errors hunt, 2026-12-05). The layer keeps its adapters."""
+    torch.manual_seed(0)
+    m = kfuse.nn.MultiLoRALinear(4, 3, backend="reference")
+    m.add_adapter(torch.randn(2, 4), torch.randn(3, 2), 0.5)
+    x, ids = torch.randn(5, 4), torch.tensor([0, -1, 0, 0, -1])
+    y, before = m(x, ids), {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.device("meta"):
+        src = kfuse.nn.MultiLoRALinear(4, 3, backend="reference")
+        for r in (1, 3, 2):
+            src.add_adapter(torch.randn(r, 4), torch.randn(3, r), 1.0)
+    with pytest.raises(RuntimeError, match="Error"):
+        m.load_state_dict(src.state_dict())
+    assert m.num_adapters == 1 and torch.equal(m(x, ids), y)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
 def test_multi_lora_load_refuses_another_layers_stacks() -> None:
     """Stacks saved by a layer of other in/out features (or an inconsistent set) are refused with
     torch's size-mismatch error, strict or not, and the stacks are left as they were: they are

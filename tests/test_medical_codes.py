@@ -355,6 +355,38 @@ def _write(path, text: str):
     return path
 
 
+def test_writers_fail_before_touching_the_file(small, vocab, claims, tmp_path, monkeypatch):
+    """write_claims_csv opened its file for writing first and met a vocabulary without the claims' codes
+    mid-file (a bare IndexError), leaving 1 line of a 1600-line file; export_vectors wrote the .npy, then
+    the .index.tsv (state-after-errors hunt, 2026-12-05). A mismatched vocabulary is refused by name before
+    anything is written, and every file is written whole or not at all (a temporary file replaces it)."""
+    sub = claims.subset(np.arange(30))
+    path = tmp_path / "claims.csv"
+    write_claims_csv(sub, small, path)
+    good = path.read_bytes()
+    tiny = vocab.subset(2, 2, seed=0)
+    with pytest.raises(ValueError, match="write_claims_csv: the claims' 'dx' codes reach row"):
+        write_claims_csv(sub, tiny, path)
+    assert path.read_bytes() == good
+
+    def failing_writerow(self, row):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("csv.writer", lambda f: type("W", (), {"writerow": failing_writerow})())
+    with pytest.raises(OSError, match="disk full"):
+        write_claims_csv(sub, small, path)
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["claims.csv"]
+    monkeypatch.undo()
+    emb = CodeEmbedding(small.sizes, 4, optimizer=None)
+    files = export_vectors(emb, small, tmp_path / "v", fmt="npy")
+    before = [f.read_bytes() for f in files]
+    monkeypatch.setattr(np, "save", lambda f, a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        export_vectors(CodeEmbedding(small.sizes, 4, optimizer=None, seed=1), small, tmp_path / "v", fmt="npy")
+    assert [f.read_bytes() for f in files] == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["claims.csv", "v.index.tsv", "v.npy"]
+
+
 def test_csv_round_trip_and_bad_rows(small, claims, tmp_path):
     sub = claims.subset(np.arange(30))
     path = tmp_path / "claims.csv"

@@ -235,8 +235,20 @@ class PagedKVCache:
         """Apply the host kernels' writes (int64 ``[2, m]``: offsets into the flat buffer, final values;
         distinct offsets) to the device copy: one host-to-device copy and one scatter, no sync."""
         if writes is not None and writes.shape[1]:
-            w = self._dev(writes)
-            self._scatter(w[0], w[1])
+            try:
+                w = self._dev(writes)
+                self._scatter(w[0], w[1])
+            except BaseException:  # the host state changed: the device copy must not be left behind it
+                self._resync()
+                raise
+
+    def _resync(self) -> None:
+        """The device copy made the host state again, after an error between the host's update and its
+        replay (out of memory pinning the writes, an interrupt): later replays write only the offsets they
+        change, so stale entries would never be repaired (state-after-errors hunt, 2026-12-05). One O(cache)
+        copy, on error paths only."""
+        if self._mirrored:
+            self._flat.copy_(self._h_flat)
 
     def _scatter(self, offsets: Tensor, values: Tensor) -> None:
         """``flat[offsets] = values`` on the device copy (device int64 ``[m]`` each, values within int32)."""
@@ -313,8 +325,9 @@ class PagedKVCache:
         can be reused. Metadata only."""
         s = self._check_id(seq_id, "seq_id")
         self._no_step("free")
-        self._rollback(torch.tensor([s], device="cpu"), torch.tensor([0], device="cpu"), check_lens=False)
-        self._n_active[s] = 0
+        writes = self._host.rollback(torch.tensor([s], device="cpu"), torch.tensor([0], device="cpu"), False)
+        self._n_active[s] = 0  # the host's part done: the slot goes even if the device's replay fails
+        self._replay(writes)
 
     def reset(self, seq_ids) -> None:
         """Empty the sequences ``seq_ids`` (list, array or int tensor of active ids): length 0, their pages
@@ -468,6 +481,25 @@ class PagedKVCache:
         (``seq_lens[ids] + cnt``, known now: nothing may change a length while the step is open), so a
         step that takes no page makes one copy where it made two and :meth:`advance` none."""
         plan, m, cow_src, cow_dst = self._host.plan_step(ids, cnt)
+        try:
+            return self._open_planned_step(ids, cnt, external, plan, m, cow_src, cow_dst)
+        except BaseException:
+            # plan_step has taken pages and pointed table entries at them (at a copy-on-write page's fresh
+            # copy too): an error before the step was recorded (out of memory, an interrupt) left them
+            # taken, with no step for abort_step to release, or a sequence reading an uncopied page
+            # (state-after-errors hunt, 2026-12-05). Undone as abort_step does: the copies made (page by
+            # page, views: nothing to allocate), the new pages released, the device copy resynced.
+            for src, dst in zip(cow_src.tolist(), cow_dst.tolist(), strict=True):
+                self.k_pages[:, dst].copy_(self.k_pages[:, src])
+                self.v_pages[:, dst].copy_(self.v_pages[:, src])
+            self._host.rollback(ids, self._h_lens[ids].long(), False)
+            self._resync()
+            raise
+
+    def _open_planned_step(self, ids: Tensor, cnt: Tensor, external: bool, plan: Tensor, m: int, cow_src: Tensor,
+                           cow_dst: Tensor) -> dict:
+        """:meth:`_open_step` after the host's plan: the copy-on-write copies, the device copy's update, the
+        step's record."""
         if cow_src.numel():
             src, dst = self._dev(cow_src), self._dev(cow_dst)
             self.k_pages.index_copy_(1, dst, self.k_pages.index_select(1, src))
@@ -641,5 +673,12 @@ class PagedKVCache:
         self._no_step("fork")
         child = self.add_sequence() if dst_id is None else d  # add_sequence raises when every slot is in use
         # C++ (table row, refcounts, length; logged for the device copy): 38 us in Python before.
-        self._replay(self._host.fork(s, child, length))
+        try:
+            self._replay(self._host.fork(s, child, length))
+        except BaseException:  # a failed fork changes nothing: the child (a slot of its own) is let go
+            if dst_id is None:
+                self.free(child)
+            else:
+                self.reset(child)
+            raise
         return child

@@ -59,6 +59,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kfuse._files import replaced
+
 __all__ = ["DOMAINS", "Claims", "ClaimsConfig", "CodeVocab", "load_code_vocab", "read_claims_csv",
            "synthetic_claims", "write_claims_csv"]
 
@@ -726,7 +728,13 @@ def write_claims_csv(claims: Claims, vocab: CodeVocab, path: str | os.PathLike, 
     """Write ``claims`` in :func:`read_claims_csv`'s format (``label`` column when the claims have labels
     and ``labels``)."""
     with_label = labels and claims.labels is not None
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    for d, name in enumerate(claims.domains):  # before anything is written (a bare IndexError mid-file before)
+        n = len(vocab.codes.get(name, ()))
+        if len(claims.codes[d]) and int(np.max(claims.codes[d])) >= n:
+            raise ValueError(f"write_claims_csv: the claims' {name!r} codes reach row {int(np.max(claims.codes[d]))}; "
+                             f"the vocabulary has {n} {name!r} codes (write with the vocabulary the claims were "
+                             "read or made with)")
+    with replaced(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow([*_COLUMNS, *(["label"] if with_label else [])])
         po = claims.patient_offsets

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from kfuse import _checks
+from kfuse._files import replaced
 from kfuse.nn._buffers import apply_keeping_dtype
 from kfuse.nn.embedding import MultiTableEmbeddingBag
 from kfuse.reference.embedding import acc_dtype
@@ -668,7 +669,7 @@ def export_vectors(embedding: CodeEmbedding, vocab, path: str | os.PathLike, fmt
         if spaced:  # the format splits a line at spaces: such a key would not read back (here, or in gensim)
             raise ValueError(f"export_vectors: word2vec text cannot hold keys with spaces ({len(spaced)}, e.g. "
                              f"{spaced[0]!r}); use fmt='npy'")
-        with open(path, "w", encoding="utf-8") as f:
+        with replaced(path, "w", encoding="utf-8") as f:
             f.write(f"{mat.shape[0]} {mat.shape[1]}\n")
             for key, row in zip(keys, mat.tolist(), strict=True):  # repr: the shortest text that reads back exactly
                 f.write(key + " " + " ".join(map(repr, row)) + "\n")
@@ -677,14 +678,14 @@ def export_vectors(embedding: CodeEmbedding, vocab, path: str | os.PathLike, fmt
         # Suffixes appended, not substituted: "emb.seed1" and "emb.seed2" must not both write "emb.npy".
         base = str(path.with_suffix("") if path.suffix == ".npy" else path)
         npy, tsv = Path(base + ".npy"), Path(base + ".index.tsv")
-        np.save(npy, mat)
-        with open(tsv, "w", encoding="utf-8") as f:
+        lines = [f"{r}\t{d}\t{c}\t{desc.replace(chr(9), ' ')}\n" for r, (d, c, desc) in enumerate(
+            (d, c, desc) for d in embedding.domains
+            for c, desc in zip(vocab.codes[d], vocab.descriptions[d], strict=True))]  # (checked before writing)
+        with replaced(npy, "wb") as f:
+            np.save(f, mat)
+        with replaced(tsv, "w", encoding="utf-8") as f:
             f.write("row\tdomain\tcode\tdescription\n")
-            r = 0
-            for d in embedding.domains:
-                for c, desc in zip(vocab.codes[d], vocab.descriptions[d], strict=True):
-                    f.write(f"{r}\t{d}\t{c}\t{desc.replace(chr(9), ' ')}\n")
-                    r += 1
+            f.writelines(lines)
         return [npy, tsv]
     raise ValueError(f"fmt must be 'word2vec' or 'npy'; got {fmt!r}")
 

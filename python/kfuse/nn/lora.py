@@ -463,15 +463,28 @@ class MultiLoRALinear(nn.Module):
         if any(prefix + n in state_dict for n in names):
             new = [state_dict.get(prefix + n, getattr(self, n)) for n in names]
             if self._fits(*new):
+                kept = [getattr(self, n) for n in names]
                 for name, t in zip(names, new, strict=True):
                     if t.shape != getattr(self, name).shape:
                         setattr(self, name, getattr(self, name).new_empty(t.shape))
+                errors = len(error_msgs)
+                try:
+                    super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                  unexpected_keys, error_msgs)
+                except BaseException:
+                    self._set_stacks(names, kept)
+                    raise
+                if len(error_msgs) > errors:
+                    # A copy failed (torch records it and raises after the whole load): the stacks resized
+                    # for it held uninitialised memory, and the next forward read garbage ranks
+                    # (state-after-errors hunt, 2026-12-05). The layer keeps its adapters.
+                    self._set_stacks(names, kept)
+                return
             else:
                 kept = [getattr(self, n).clone() for n in names]
                 super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                               unexpected_keys, error_msgs)
-                for name, t in zip(names, kept, strict=True):
-                    setattr(self, name, t)
+                self._set_stacks(names, kept)
                 shapes = ", ".join(f"{n} {list(t.shape) if isinstance(t, Tensor) else type(t).__name__}"
                                    for n, t in zip(names, new, strict=True))
                 error_msgs.append(f"MultiLoRALinear: the adapter stacks ({shapes}) are not a consistent set for "
@@ -480,6 +493,10 @@ class MultiLoRALinear(nn.Module):
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _set_stacks(self, names: tuple[str, ...], stacks: list[Tensor]) -> None:
+        for name, t in zip(names, stacks, strict=True):
+            setattr(self, name, t)
 
     def _fits(self, A: object, B: object, scalings: object, ranks: object) -> bool:
         if not all(isinstance(t, Tensor) for t in (A, B, scalings, ranks)) or A.ndim != 3:
