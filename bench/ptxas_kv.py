@@ -26,7 +26,7 @@ from kfuse.triton_kernels import kv as tk
 
 G, D, PAGE = 4, 128, 16
 _PTRS = {name: "i32" for name in ("bt_ptr", "ids_ptr", "lens_ptr", "qlens_ptr", "qstart_ptr")}
-_PTRS.update({name: "bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}, po_ptr="fp32", plse_ptr="fp32")
+_PTRS.update({name: "bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}, po_ptr="fp32", pml_ptr="fp32")
 # bench/tune_kv.py's candidates: prefill's as swept; decode's BLOCK_N x stages, with 2 and 4 stages too (to
 # show where the buffers change), at 4 warps (warps do not change the buffers; nor do splits, a runtime value).
 DECODE = {"block_n": SWEPT_DECODE["block_n"], "stages": tuple(sorted({2, 4, *SWEPT_DECODE["stages"]}))}

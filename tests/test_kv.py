@@ -1063,6 +1063,26 @@ def test_prefill_op_matches_sdpa(backend, device, group, seed):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_decode_splits_tied_at_huge_scores_weigh_by_their_sizes(backend, device, small_splits):
+    """Every key equal to q, so softmax is the plain mean of V, at scaled scores up to 6.4e7: the Triton
+    decode stored each split as one fp32 log-sum-exp m + log2(l), whose log2(l) was rounded away past
+    ~1e5, and weighed splits by their max alone (0.5 where the mean is 0.147, two splits of 256 and 44
+    positions; half-precision hunt, 2026-12-05). Splits now keep m and l apart."""
+    n, split = 3 * PS * 2 + 5, tk.SPLIT_TOKENS
+    for c in (8.0, 4000.0):
+        cache = make(torch.float16, device=device, num_layers=1, num_kv_heads=1, head_dim=16, num_pages=16)
+        s = cache.add_sequence()
+        v = torch.zeros(n, 1, 16, dtype=torch.float16)
+        v[split:] = 1.0  # the first split's positions 0, the rest 1
+        cache.append(0, [s], torch.full((n, 1, 16), c, dtype=torch.float16).to(device), v.to(device), [n])
+        cache.advance([s], [n])
+        q = torch.full((1, 1, 16), c, dtype=torch.float16, device=device)
+        with torch.no_grad():
+            out = kfuse.paged_decode_attention(q, cache, 0, [s], backend=backend)
+        assert_close(out.float().cpu(), torch.full((1, 1, 16), (n - split) / n), torch.float16, f"c={c}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_negated_views_are_read_as_their_values(backend, device):
     """``torch._neg_view`` tensors (same values, the negative bit set, which ``.contiguous()`` keeps) as q,
     and as appended K/V (through the Triton append for the triton backend), give the plain tensors'

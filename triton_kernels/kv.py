@@ -16,7 +16,7 @@ Two kernels:
                           loaded once for all G heads, and ``q [G, D] · Kᵀ`` is one ``tl.dot``, G padded
                           to 16 rows, the smallest MMA). Online softmax in fp32 (exp2 with the log2(e)
                           folded into the scale); writes the split's normalised partial output and its
-                          log-sum-exp (fp32). A split past the length writes nothing (the merge reads
+                          running max and sum (fp32). A split past the length writes nothing (the merge reads
                           only the splits below it): a grid sized for a longer ``max_len`` (a captured
                           decode step's) costs its extra programs' launch, not their writes.
 ``_decode_merge_kernel``  grid (B, num_q_heads). Merges the splits of one head in split order, one by
@@ -125,7 +125,7 @@ def _kv_tile(k_ptr, v_ptr, page, pos, valid, h, d, dm, skp, sks, skh, svp, svs, 
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr, plse_ptr,
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr, pml_ptr,
                          sqb, sqh, skp, sks, skh, svp, svs, svh, sbt, num_splits, split_tokens, qk_scale,
                          G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
@@ -134,8 +134,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr,
 
     q [B, Hq, D] (unit stride along D); k, v [num_pages, PAGE, Hkv, D] (unit stride along D);
     bt int32 [max_seqs, max_pages]; ids int32 [B] (rows of bt); lens int32 [B];
-    po fp32 [B, Hq, num_splits, D] (normalised partial outputs); plse fp32 [B, Hq, num_splits]
-    (log2-sum-exp2 of the scaled scores; splits past the length are not written). qk_scale = scale · log2(e).
+    po fp32 [B, Hq, num_splits, D] (normalised partial outputs); pml fp32 [B, Hq, num_splits, 2] (the max
+    m and the sum l of 2^(s − m) over the split's scaled scores s; splits past the length are not written).
+    qk_scale = scale · log2(e).
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -168,23 +169,26 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr,
         m_i, l_i, acc = _online_softmax_tile(s, v, m_i, l_i, acc, PREC)
 
     # A split below the length holds at least one position, so l_i > 0 unless its scores are NaN or all
-    # -inf (NaN/inf in q or K). NaN ones give a NaN lse, and the merged output is NaN, as softmax gives; an
-    # all -inf split stores o = 0 with lse = -inf, so it weighs 0 in the merge (its 0/0 made the output NaN
+    # -inf (NaN/inf in q or K). NaN ones give a NaN weight, and the merged output is NaN, as softmax gives;
+    # an all -inf split stores o = 0 with l = 0, so it weighs 0 in the merge (its 0/0 made the output NaN
     # though other splits held finite scores; numerical hunt), and all -inf splits give NaN there.
+    # m and l are stored apart, not as one log-sum-exp m + log2(l): at scores past ~1e5 (log2 units) the
+    # fp32 sum rounded log2(l) away, and splits were weighed by their max alone (0.5 for 0.147 at 6.4e7,
+    # ties across two splits; half-precision hunt, 2026-12-05).
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    lse = m_i + tl.log2(l_i)
     part = (b.to(tl.int64) * (G * tl.num_programs(1)) + heads) * num_splits + sp  # [BLOCK_G]
     # A split past the length is not written: the merge reads only those below it. (Masked stores, not
     # an early return: under Triton 3.6 the return took this kernel from 113 to 168 registers.)
     live = gm & (start < n)
-    tl.store(plse_ptr + part, lse, mask=live)
+    tl.store(pml_ptr + 2 * part, m_i, mask=live)
+    tl.store(pml_ptr + 2 * part + 1, l_i, mask=live)
     tl.store(po_ptr + part[:, None] * D + d[None, :], o, mask=live[:, None] & dm[None, :])
 
 
 @triton.jit
-def _decode_merge_kernel(po_ptr, plse_ptr, lens_ptr, out_ptr, sob, soh, Hq, num_splits, split_tokens,
+def _decode_merge_kernel(po_ptr, pml_ptr, lens_ptr, out_ptr, sob, soh, Hq, num_splits, split_tokens,
                          D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One (sequence b, query head hq): ``out = Σ_s w_s·po_s / Σ_s w_s``, ``w_s = 2^(lse_s − max lse)``,
+    """One (sequence b, query head hq): ``out = Σ_s w_s·po_s / Σ_s w_s``, ``w_s = 2^(m_s − max m)·l_s``,
     over the splits below the length, in split order. out [B, Hq, D] in q's dtype; zeros when the
     length is 0."""
     b = tl.program_id(0)
@@ -196,14 +200,14 @@ def _decode_merge_kernel(po_ptr, plse_ptr, lens_ptr, out_ptr, sob, soh, Hq, num_
     dm = d < D
     m = tl.full([], float("-inf"), tl.float32)
     for sp in range(0, used):
-        m = tl.maximum(m, tl.load(plse_ptr + base + sp))
+        m = tl.maximum(m, tl.load(pml_ptr + 2 * (base + sp)))
     l_sum = tl.zeros([], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
     for sp in range(0, used):
-        # Every split below the length holds at least one position: its lse is finite unless the scores
-        # were NaN (a NaN weight: the output is NaN) or all -inf (weight 0; -inf - -inf, NaN, when every
-        # split's are, as softmax gives).
-        w = tl.exp2(tl.load(plse_ptr + base + sp) - m)
+        # Every split below the length holds at least one position: its m is finite unless the scores
+        # were NaN (a NaN weight: the output is NaN) or all -inf (l = 0, weight 0; -inf - -inf, NaN, when
+        # every split's are, as softmax gives).
+        w = tl.exp2(tl.load(pml_ptr + 2 * (base + sp)) - m) * tl.load(pml_ptr + 2 * (base + sp) + 1)
         l_sum += w
         acc += w * tl.load(po_ptr + (base + sp) * D + d, mask=dm, other=0.0)
     o = tl.where(used > 0, acc / tl.where(used > 0, l_sum, 1.0), 0.0)
@@ -255,18 +259,18 @@ def paged_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tenso
     q, block_table = _unit_inner_strides(q, k_pages, v_pages, block_table)
     split, num_splits = decode_splits(max_len, split)
     po = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
-    plse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+    pml = torch.empty((B, Hq, num_splits, 2), dtype=torch.float32, device=q.device)
     block_g, block_d, warps, stages = decode_config(G, D)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"  # half operands ignore it (native MMA)
     _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_pages, v_pages, block_table, seq_ids, lens, po, plse,
+        q, k_pages, v_pages, block_table, seq_ids, lens, po, pml,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_table.stride(0),
         num_splits, split, scale * _LOG2E,
         G=G, D=D, PAGE=k_pages.shape[1], BLOCK_G=block_g, BLOCK_N=BLOCK_N, BLOCK_D=block_d, PREC=prec,
         num_warps=warps, num_stages=stages,
     )
-    _decode_merge_kernel[(B, Hq)](po, plse, lens, out, out.stride(0), out.stride(1), Hq, num_splits, split,
+    _decode_merge_kernel[(B, Hq)](po, pml, lens, out, out.stride(0), out.stride(1), Hq, num_splits, split,
                                   D=D, BLOCK_D=block_d, num_warps=1)
     return out
 
