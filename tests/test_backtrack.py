@@ -750,6 +750,28 @@ def test_word_list_matches_whole_words_that_start_or_end_with_symbols():
     assert check(texts) == [True, True, True, False, True, False, False, True]
 
 
+def test_sampling_infinite_logits():
+    """A +inf logit takes all the probability (the softmax's limit; several +inf ones share it), and a row
+    whose tokens not banned all have -inf logits is an error naming the prompt. Sampling subtracted the
+    row's max, +inf, made every logit NaN and drew an arbitrary token, banned ones too; greedy took id 0 of
+    an all -inf row, banned or not (generator hunt, 2026-12-05)."""
+    from kfuse.backtrack import _sample, _seeded_generator  # noqa: PLC0415
+
+    inf = float("inf")
+    rows = torch.tensor([[0.0, inf, 0.0, 0.0], [inf, 2.0, inf, -inf], [1.0, -inf, -inf, 2.0]])
+    for t in (0.0, 1.0, 7.0):
+        for seed in range(30):
+            picks = _sample(rows, [set(), {0}, {3}], t, None, 1.0, [_seeded_generator(seed, i) for i in range(3)])
+            assert picks == [1, 2, 0], (t, seed)
+    draws = {_sample(rows[1:2], [set()], 1.0, None, 1.0, [_seeded_generator(s, 0)])[0] for s in range(40)}
+    assert draws == {0, 2}  # the two +inf tokens, equally likely
+    for t in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"no token to draw for prompts \[7\]: every token not banned has a "
+                                             r"-inf logit"):
+            _sample(rows, [set(), set(), {0, 3}], t, None, 1.0, [_seeded_generator(0, i) for i in range(3)],
+                    [5, 6, 7])
+
+
 def test_sampling_extremes_keep_the_bans_and_the_limits():
     """Temperatures near 0 give the best allowed token (a banned best one gives the second), a huge one
     (inf in float32) never draws a banned id, and a top_p below float32's smallest number keeps the top

@@ -192,10 +192,11 @@ def _seeded_generator(seed: int, index: int) -> torch.Generator:
 
 
 def _sample(rows: Tensor, banned: list[set[int]], temperature: float, top_k: int | None, top_p: float,
-            gens: list[torch.Generator]) -> list[int]:
+            gens: list[torch.Generator], seqs: list[int] | None = None) -> list[int]:
     """One token per row of float32 CPU logits ``rows [L, vocab]``: row ``r``'s ``banned[r]`` ids removed,
     then greedy (``temperature == 0``) or temperature / top-k / top-p sampling, row ``r`` drawing one
     uniform number from ``gens[r]`` (inverse CDF), so a sequence's draws do not depend on the batch.
+    ``seqs``: the rows' prompt indices, for errors (default: the rows').
 
     Batched over the rows: sampling row by row (``torch.multinomial`` per row) took a third of a
     backtracking run of ``kfuse.bench.backtrack`` (0.48 of 1.5 s, 2296 rows, profiled)."""
@@ -204,12 +205,26 @@ def _sample(rows: Tensor, banned: list[set[int]], temperature: float, top_k: int
         for r, b in enumerate(banned):
             if b:
                 rows[r, list(b)] = float("-inf")
+    # Non-finite logits (a masked vocabulary, a half-precision overflow): +inf takes all the probability
+    # (the softmax's limit: the +inf tokens equally likely), and a row with no token above -inf (the model's
+    # and the bans together) is an error. The +inf rows' shift made every logit NaN, and the sampler drew an
+    # arbitrary token; an all -inf row gave id 0 or the last, banned or not (generator hunt, 2026-12-05).
+    top = rows.amax(-1, keepdim=True)
+    if not torch.isfinite(top).all():
+        stuck = torch.nonzero(top.squeeze(1) == float("-inf")).flatten().tolist()
+        if stuck:
+            raise ValueError(f"{_GEN}: no token to draw for prompts {[r if seqs is None else seqs[r] for r in stuck]}: "
+                             "every token not banned has a -inf logit (the model's logits with the bans after a "
+                             "flag)")
+        inf = top == float("inf")
+        rows = torch.where(inf, torch.where(rows == float("inf"), 0.0, float("-inf")), rows)
+        top = torch.where(inf, 0.0, top)
     if rows.new_tensor(temperature) == 0:  # also a positive one below float32's smallest, 0 in the logits' dtype
         return rows.argmax(-1).tolist()
     # Shifted by the best allowed logit, so that a tiny temperature cannot overflow it to inf; a huge one
     # (inf in float32) turns a banned -inf into NaN, put back to -inf. A NaN cdf picked the last id,
     # banned or not.
-    rows = ((rows - rows.amax(-1, keepdim=True)) / temperature).nan_to_num_(nan=float("-inf"))
+    rows = ((rows - top) / temperature).nan_to_num_(nan=float("-inf"))
     if top_k is not None and top_k < rows.shape[1]:
         rows = rows.masked_fill(rows < rows.topk(top_k, -1).values[:, -1:], float("-inf"))
     if top_p < 1.0:
@@ -468,7 +483,7 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
             ended: list[int] = []
             due: list[int] = []
             toks = _sample(rows, [bans[i].get(tuple(out[i]), set()) | seq_bans[i] for i in live], float(temperature),
-                           top_k, float(top_p), [gens[i] for i in live])
+                           top_k, float(top_p), [gens[i] for i in live], live)
             for i, t in zip(live, toks, strict=True):
                 out[i].append(t)
                 stats[i].tokens_sampled += 1
