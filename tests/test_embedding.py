@@ -1583,7 +1583,7 @@ def ref_update(w, g, s1, s2, opt, hp, step):
         mult = full(s1, lr) / (sqrt(s1) + full(s1, eps))
         return w - mult[:, None] * g, s1, s2
     m = full(w, b1) * s1 + full(w, 1 - b1) * g
-    v = full(w, b2) * s2 + full(w, 1 - b2) * g * g
+    v = full(w, b2) * s2 + full(w, 1 - b2) * (g * g)  # as reference.embedding.adam_update (1 ulp apart before)
     c1, c2 = full(w, 1 - b1**step), full(w, 1 - b2**step)
     return w - full(w, lr) * ((m / c1) / (sqrt(v / c2) + full(w, eps)) + full(w, wd) * w), m, v
 

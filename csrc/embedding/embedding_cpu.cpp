@@ -779,7 +779,8 @@ KF_INLINE void update_row(S* w, Acc<S>* g, int64_t D, const OptA<Acc<S>>& o, Acc
       for (int64_t d = 0; d < D; ++d) {
         const A x = load<A>(w[d]);
         const A m = o.beta1 * s1[d] + o.one_m_beta1 * g[d];
-        const A v = o.beta2 * s2[d] + o.one_m_beta2 * g[d] * g[d];
+        // (1 − β2)·(g·g), as the reference and the Triton kernel round it: (1 − β2)·g·g was 1 ulp off.
+        const A v = o.beta2 * s2[d] + o.one_m_beta2 * (g[d] * g[d]);
         s1[d] = m;
         s2[d] = v;
         put(d, x - o.lr * ((m / o.c1) / (std::sqrt(v / o.c2) + o.eps) + o.wd * x));
