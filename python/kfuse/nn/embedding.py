@@ -160,7 +160,9 @@ class MultiTableEmbeddingBag(nn.Module):
             do not, and naming them raises; not a query for other inputs' gradients only);
             ``requires_grad_(False)`` on the
             module freezes them all (a fused table's own ``requires_grad`` is False and has no effect: to
-            freeze tables one by one, use ``optimizer=None``).
+            freeze tables one by one, use ``optimizer=None``). Each table and optimizer state must have
+            memory of its own, not shared with another or with the call's ``per_sample_weights`` or
+            gradient (a ``ValueError`` names the two).
         lr, eps, beta1, beta2, weight_decay: the fused optimizer's hyper-parameters (in ``hparams``,
             checked again at every update; change them between steps with :meth:`set_hyperparameters`,
             e.g. for a learning-rate schedule; like every constructor argument, not saved in ``state_dict``).
