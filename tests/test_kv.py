@@ -472,6 +472,16 @@ def test_errors_after_the_host_update_leave_a_consistent_cache(monkeypatch, mirr
                 cache.fork(a, PS)
         assert cache.active_sequences == active and cache.stats()["pages_used"] == used
         check_invariants(cache, dense)
+        d = cache.add_sequence()  # a caller's own empty slot as the child (review: reset(child) refused an int)
+        dense.add(d)
+        with monkeypatch.context() as m:
+            m.setattr(cache, "_dev", oom)
+            with pytest.raises(torch.OutOfMemoryError):
+                cache.fork(a, PS, dst_id=d)
+        assert cache.length(d) == 0 and cache.stats()["pages_used"] == used
+        check_invariants(cache, dense)
+        cache.free(d)
+        del dense.kv[d]
     step(cache, dense, [a, b], [2 * PS, 3])
     check_invariants(cache, dense)
 

@@ -551,10 +551,11 @@ def test_from_linear_refuses_a_computed_weight(cls: str) -> None:
                                                  r"remove_parametrizations\(linear, 'weight'\)"):
                 make(lin, freeze_base=freeze)
         assert all(p.requires_grad for p in lin.parameters())  # left as it was
-    with pytest.warns(FutureWarning):
-        lin = torch.nn.utils.weight_norm(nn.Linear(4, 3))  # the deprecated hook form: a non-leaf attribute
-    with pytest.raises(ValueError, match=rf"{cls}.from_linear: linear.weight is computed from other tensors"):
-        make(lin)
+    for name in ("weight", "bias"):
+        with pytest.warns(FutureWarning):
+            lin = torch.nn.utils.weight_norm(nn.Linear(4, 3), name=name, dim=0)  # the deprecated hook form
+        with pytest.raises(ValueError, match=rf"{cls}.from_linear: linear.{name} is computed from other tensors"):
+            make(lin)
 
 
 def test_lora_module_materialised_saves_its_own_merged_state() -> None:
@@ -999,6 +1000,15 @@ def test_multi_lora_failed_load_keeps_the_adapters() -> None:
         m.load_state_dict(src.state_dict())
     assert m.num_adapters == 1 and torch.equal(m(x, ids), y)
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    # Stacks of the same shape are copied into in place: an unrelated key failing (the base weight's
+    # shape) left the checkpoint's scalings and ranks beside the layer's own A and B (review of the fix).
+    src = kfuse.nn.MultiLoRALinear(4, 3, backend="reference")
+    src.add_adapter(torch.randn(2, 4), torch.randn(3, 2), 3.0)
+    bad = dict(src.state_dict(), weight=torch.randn(5, 4))
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        m.load_state_dict(bad)
+    stacks = ("A_stack", "B_stack", "scalings", "ranks")  # (the bias loads: torch's loads are per key)
+    assert all(torch.equal(getattr(m, k), before[k]) for k in stacks)
 
 
 def test_multi_lora_load_refuses_another_layers_stacks() -> None:

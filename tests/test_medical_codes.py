@@ -260,6 +260,12 @@ def test_general_embedding_materialised_on_meta_resets_to_the_constructor_s_mode
             m.reset_parameters()
         got = m.state_dict()
         assert {k: torch.equal(got[k], v) for k, v in want.items()} == dict.fromkeys(want, True)
+    # The torch build's optimizer state goes too (review of the change: its tables had no reset).
+    m = GeneralCodeEmbedding(small.sizes, 8, seed=3, impl="torch")
+    for opt in (m.codes.tables.opt, m.context.opt):
+        opt.state[opt.param_groups[0]["params"][0]] = {"sum": torch.ones(1)}
+    m.reset_parameters()
+    assert not m.codes.tables.opt.state and not m.context.opt.state
 
 
 def test_a_cpu_model_under_another_default_device(small, claims):
@@ -385,6 +391,16 @@ def test_writers_fail_before_touching_the_file(small, vocab, claims, tmp_path, m
         export_vectors(CodeEmbedding(small.sizes, 4, optimizer=None, seed=1), small, tmp_path / "v", fmt="npy")
     assert [f.read_bytes() for f in files] == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["claims.csv", "v.index.tsv", "v.npy"]
+    monkeypatch.undo()
+    # As open() writes (review of the change): through a symlink to its target, keeping an existing file's
+    # permission bits; a missing folder named.
+    link = tmp_path / "link.csv"
+    link.symlink_to(path)
+    path.chmod(0o600)
+    write_claims_csv(claims.subset(np.arange(5)), small, link)
+    assert link.is_symlink() and path.read_bytes() != good and (path.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        write_claims_csv(sub, small, tmp_path / "none" / "c.csv")
 
 
 def test_csv_round_trip_and_bad_rows(small, claims, tmp_path):

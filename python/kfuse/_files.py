@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -14,12 +16,22 @@ def replaced(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterato
     """``open(path, mode, **kwargs)`` for writing, into a temporary file beside ``path`` that replaces it
     only when the block ends without an error: a writer failing part-way (bad input found late, a full
     disk, an interrupt) left a truncated file where a good one had been (state-after-errors hunt,
-    2026-12-05). The temporary file is removed on error."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    2026-12-05). As ``open`` would: a symlink's target is written, an existing file keeps its permission
+    bits (a new one gets the umask's), and a missing folder is named. The temporary file has a name of its
+    own per call (concurrent writers of one path do not share it) and is removed on error."""
+    path = Path(os.path.realpath(path))
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: no folder {path.parent}")
     try:
-        with open(tmp, mode, **kwargs) as f:
+        bits: int | None = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        bits = None  # a new file: the exclusive open below applies the umask, as open() would
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(tmp, mode.replace("w", "x"), **kwargs) as f:
             yield f
+        if bits is not None:
+            os.chmod(tmp, bits)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

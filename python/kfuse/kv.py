@@ -679,6 +679,6 @@ class PagedKVCache:
             if dst_id is None:
                 self.free(child)
             else:
-                self.reset(child)
+                self.reset([child])
             raise
         return child

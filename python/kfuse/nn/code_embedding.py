@@ -82,6 +82,11 @@ class _TorchTables(nn.Module):
     def weights(self) -> list[Tensor]:
         return [b.weight for b in self.bags]
 
+    def reset_parameters(self) -> None:
+        """A fresh optimizer state (the bags reset their own tables; :class:`CodeEmbedding` seeds them)."""
+        if self.opt is not None:
+            self.opt.state.clear()
+
     def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
         nf = len(self.bags)
         b = (offsets.numel() - 1) // nf

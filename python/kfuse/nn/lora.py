@@ -91,9 +91,10 @@ def _base_parameters(linear: nn.Module, fan_in_fan_out: bool, freeze_base: bool,
     if not isinstance(weight, Tensor) or weight.ndim != 2:
         raise TypeError(f"{cls}.from_linear: linear.weight must be a 2-D tensor; got "
                         f"{type(weight).__name__ if not isinstance(weight, Tensor) else tuple(weight.shape)}")
-    if weight.grad_fn is not None:  # torch.nn.utils.weight_norm (hooks) recomputes it from weight_g, weight_v
-        raise ValueError(f"{cls}.from_linear: linear.weight is computed from other tensors (a non-leaf, as "
-                         f"torch.nn.utils.weight_norm makes it), which {cls} cannot hold; remove that first")
+    for name in ("weight", "bias"):  # torch.nn.utils.weight_norm (hooks) recomputes them from other tensors
+        if getattr(getattr(linear, name, None), "grad_fn", None) is not None:
+            raise ValueError(f"{cls}.from_linear: linear.{name} is computed from other tensors (a non-leaf, as "
+                             f"torch.nn.utils.weight_norm makes it), which {cls} cannot hold; remove that first")
     if fan_in_fan_out != conv1d:
         kind = "a Conv1D (weight [in, out])" if conv1d else "an nn.Linear (weight [out, in])"
         warnings.warn(f"{cls}.from_linear: fan_in_fan_out={fan_in_fan_out} but linear is {kind}; using "
@@ -463,7 +464,8 @@ class MultiLoRALinear(nn.Module):
         if any(prefix + n in state_dict for n in names):
             new = [state_dict.get(prefix + n, getattr(self, n)) for n in names]
             if self._fits(*new):
-                kept = [getattr(self, n) for n in names]
+                # Copies: torch's load copies in place into the stacks whose shape does not change.
+                kept = [getattr(self, n).clone() for n in names]
                 for name, t in zip(names, new, strict=True):
                     if t.shape != getattr(self, name).shape:
                         setattr(self, name, getattr(self, name).new_empty(t.shape))
