@@ -8,13 +8,18 @@ read is the op's one host synchronisation (the fused-optimizer backward has none
 back to back with one ``synchronize`` per batch of calls (so the host may run ahead of the GPU):
 
 - ``op``: ``kfuse.multi_embedding_bag(..., backend="triton")``, the flag read included;
+- ``op, async``: the same with ``check="async"`` (the flag read by a later call): ``op`` minus this is the
+  sync's cost, all else equal;
 - ``kernel``: the launcher ``kfuse.triton_kernels.embedding.forward`` alone (the same kernel, its flag
   never read: what a sync-free check would cost at best);
 - ``step`` / ``step, no read``: a training step of ``kfuse.nn.MultiTableEmbeddingBag`` with the fused
   row-wise Adagrad, and the same launches with the flag not read;
 
-at the medical shape and FBGEMM's default (fp32). The difference between each pair is the sync's
-cost per call. Usage: ``python bench/sync_embedding.py [--device cuda] [--number 200]``;
+at the medical shape and FBGEMM's default (fp32). Only ``op`` − ``op, async`` is the sync's cost: ``op`` −
+``kernel`` and ``step`` − ``step, no read`` also hold the op's and the module's own host work (validation,
+routing, autograd; ~30 µs of the medical forward's gap on a CPU with the kernels stubbed, an audit of
+this script, 2026-12-05), which the H200 figures of 2026-12-04 (274 against 141 µs) credited to the sync.
+Usage: ``python bench/sync_embedding.py [--device cuda] [--number 200]``;
 ``TRITON_INTERPRET=1 python bench/sync_embedding.py --device cpu --batch 4 --number 2`` is a dry run
 of the script on the CPU.
 """
@@ -64,6 +69,9 @@ def time_case(case: Case, number: int) -> None:
     def op() -> object:
         return kfuse.multi_embedding_bag(ws, inp.indices, inp.offsets, mode="sum", backend="triton")
 
+    def op_async() -> object:
+        return kfuse.multi_embedding_bag(ws, inp.indices, inp.offsets, mode="sum", backend="triton", check="async")
+
     def kernel() -> object:
         return tk.forward(ws, inp.indices, inp.offsets, ft, pad, 0, None)
 
@@ -81,7 +89,8 @@ def time_case(case: Case, number: int) -> None:
         return y
 
     shape = f"{case.params['shape']} {t}x{inp.offsets.numel() // max(t, 1)}"
-    for name, fn in (("op", op), ("kernel", kernel), ("step", step), ("step, no read", step_no_read)):
+    for name, fn in (("op", op), ("op, async", op_async), ("kernel", kernel), ("step", step),
+                     ("step, no read", step_no_read)):
         lo, med = _per_call(fn, number, sync)
         print(f"{shape:>18} {name:14s} min {lo:9.1f} us  median {med:9.1f} us per call", flush=True)
 

@@ -57,6 +57,26 @@ def rand_tokens(n: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n,))
 
 
+def test_model_under_torch_compile_prefills_and_decodes():
+    """torch.compile of the model (graph breaks allowed: its steps read the cache's host state) gives eager's
+    logits for a prefill of ragged prompts and a decode step. The prefill raised kfuse's own error: the
+    model passed q_lens as a tensor, whose values tracing cannot read (compile hunt, 2026-12-05)."""
+    hf, model = build()
+    prompts = [rand_tokens(3), rand_tokens(5)]
+    runs = []
+    for m in (model, torch.compile(model, backend="eager")):
+        cache = model.new_cache(page_size=4, num_pages=16, max_seqs=2)
+        ids = [cache.add_sequence(), cache.add_sequence()]
+        with torch.no_grad():
+            pre = m(prompts, ids, cache)
+            step = m([p[-1:] for p in prompts], ids, cache)
+        runs.append((pre, step, [cache.length(s) for s in ids]))
+    for (a, b, n), (c, d, k) in zip(runs[:1], runs[1:], strict=True):
+        assert n == k == [4, 6]
+        for x, y in zip([*a, *b], [*c, *d], strict=True):
+            assert_close(y, x, torch.float32, "compiled vs eager")
+
+
 @pytest.mark.parametrize("kw", [{}, {"rope_scaling": LLAMA3}, {"tie_word_embeddings": True}],
                          ids=["default", "llama3-rope", "tied"])
 @pytest.mark.parametrize("device", DEVICES)

@@ -679,6 +679,28 @@ def test_fuse_api(seed: int) -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_export_records_the_fused_op(seed: int) -> None:
+    """torch.export (its default, non-strict mode: the parameters become fake tensors) of a fused model
+    records kfuse's LoRA op, as the strict mode and torch.compile do; the fused layers took the fake
+    parameters for tensor subclasses and ran PEFT's forward, silently (compile hunt, 2026-12-05)."""
+    model = llama().eval()
+    kp.fuse(model)
+    x = embeds(H_LLAMA, torch.float32)
+
+    class Logits(nn.Module):
+        def __init__(self, m: nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, e: torch.Tensor) -> torch.Tensor:
+            return self.m(inputs_embeds=e).logits
+
+    ep = torch.export.export(Logits(model), (x,))
+    assert sum("kfuse" in str(n.target) for n in ep.graph.nodes) == len(lora_layers(model))
+    with torch.no_grad():
+        assert_close(ep.module()(x), model(inputs_embeds=x).logits, torch.float32, "exported")
+
+
 def test_compile_fullgraph_llama(seed: int) -> None:
     """torch.compile(fullgraph=True) of the fused Llama-style PEFT model, forward and backward:
     the graph holds kfuse's registered LoRA op for each layer and matches eager. Dynamo and

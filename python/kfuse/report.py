@@ -117,6 +117,12 @@ class OpBench(Protocol):
     faster) or ``"%copy"`` for a share of the copy ceiling; and ``both_caches(case) -> bool``: time
     each candidate also with the caches in the other state than its main time (:func:`time_other_cache`),
     as ``extra`` columns (``warm GB/s`` and ``warm %copy`` on CUDA, ``cold …`` on the CPU).
+
+    Optional: ``host_bound(case) -> bool``: every candidate of the case is timed as
+    :attr:`Candidate.host_bound` (calls whose host work may outlast their device work: an audit of the
+    harness, 2026-12-05, found do_bench's flush hiding up to ~70 µs of host time a call in the H200
+    figures of the embedding forward and the small-M LoRA rows; a memory-bound call was then slower with
+    a warm L2 than with a cold one in 10 of 12 rows).
     """
 
     NAME: str
@@ -344,13 +350,20 @@ def _last_level_cache_bytes() -> int:
     return max(sizes, default=64 << 20)
 
 
-def time_other_cache(fn: Callable[[], Any], device: torch.device, quick: bool = False) -> tuple[str, float]:
+def time_other_cache(fn: Callable[[], Any], device: torch.device, quick: bool = False,
+                     host_bound: bool = False) -> tuple[str, float]:
     """``fn``'s median time (ms) with the caches in the other state than :func:`time_ms` leaves them:
     ``("warm", ms)`` on CUDA (``do_bench`` zeroes a 256 MiB buffer before each call, so its times are
     cold-L2 ones; here CUDA events around back-to-back calls), ``("cold", ms)`` on the CPU (its times
-    are back-to-back, warm; here each call follows a write of twice the last-level cache)."""
+    are back-to-back, warm; here each call follows a write of twice the last-level cache). A
+    ``host_bound`` call on CUDA, whose main time is back-to-back wall clock (warm), gets ``("cold", ms)``
+    from ``do_bench`` (the device's view, cold L2)."""
     if device.type == "cuda":
         with torch.cuda.device(device):
+            testing = _triton_testing() if host_bound else None
+            if testing is not None:
+                return "cold", float(testing.do_bench(fn, warmup=25, rep=40 if quick else 100,
+                                                      return_mode="median"))
             return "warm", _time_cuda_events(fn, device, 40.0 if quick else 100.0)[0]
     flush = torch.empty(2 * _last_level_cache_bytes() // 4, dtype=torch.float32)
     budget, min_reps, max_reps = (0.25, 3, 20) if quick else (1.0, 5, 50)
@@ -609,11 +622,12 @@ def run_case(op: OpBench, case: Case, seed: int, ceilings: Ceilings, quick: bool
             first_ms = (time.perf_counter() - t0) * 1e3
             err = cand.error(result) if cand.error is not None else op.error(case, result, expected)
             del result
-            ms, reps = time_ms(cand.run, case.device, quick, cand.host_bound)
+            host_bound = cand.host_bound or getattr(op, "host_bound", lambda c: False)(case)
+            ms, reps = time_ms(cand.run, case.device, quick, host_bound)
             extra = cand.extra(ms) if cand.extra is not None else {}
             nbytes = op.bytes_moved(case)
             if nbytes and getattr(op, "both_caches", lambda c: False)(case):
-                state, other_ms = time_other_cache(cand.run, case.device, quick)
+                state, other_ms = time_other_cache(cand.run, case.device, quick, host_bound)
                 extra[f"{state} GB/s"] = nbytes / other_ms / 1e6
                 extra[f"{state} %copy"] = 100 * extra[f"{state} GB/s"] / ceilings.copy_gbps
         except Exception as exc:  # noqa: BLE001 (a failing candidate is a row, not a crash)

@@ -95,6 +95,13 @@ def step_case(device: torch.device, dtype: torch.dtype, batch: int, seq: int, la
     return Case(NAME, (batch, seq), dtype, "step", device, {"layers": layers, "hidden": hidden, "vocab": vocab, "r": r})
 
 
+def host_bound(case: Case) -> bool:
+    """GEMM cases of M ≤ 512 rows are timed back to back by the wall clock, host work included
+    (``Candidate.host_bound``): below M ≈ 512 the host sets kfuse's time (H200: the op's Python ~70 µs, the
+    launcher ~100 µs, its kernels 0.04 ms at M = 128), and do_bench's flush hid up to ~70 µs of it."""
+    return case.mode != "step" and case.shape[0] <= 512
+
+
 def cases(device: torch.device, quick: bool) -> list[Case]:
     """CUDA, bf16, K = N = 4096, r = 16, the targets' cases first (a time budget cuts the run short from
     the end): forward at M = 4096 and 128, backward at 4096, multi-adapter at M = 128 over 8

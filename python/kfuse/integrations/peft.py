@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 import kfuse
 from kfuse import _routing
@@ -72,6 +73,12 @@ __all__ = ["FusedLinear", "Report", "fuse", "fused_layers", "unfuse"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _PLAIN = (Tensor, nn.Parameter)
+
+
+def _plain(t: Tensor) -> bool:
+    """A plain tensor or parameter, or the fake tensor non-strict ``torch.export`` swaps in for one (the
+    layer ran PEFT's forward there, and the exported program held no kfuse op; compile hunt, 2026-12-05)."""
+    return type(t) in _PLAIN or is_fake(t)
 _BASE_FORWARDS = (nn.Linear.forward, Conv1D.forward)
 # The keyword arguments PEFT's Linear.forward takes itself (VARIANT_KWARG_KEYS: for variants only).
 _VARIANT_KWARGS = tuple(getattr(_lora, "VARIANT_KWARG_KEYS", ("alora_offsets",)))
@@ -194,7 +201,7 @@ def _call_reason(self: nn.Module, x: object) -> str | None:
         return f"the input is a {type(x).__name__}, not a tensor"
     base = self.base_layer
     weight, bias = base.weight, base.bias
-    if type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+    if not _plain(weight) or (bias is not None and not _plain(bias)):
         return "the base weight or bias became a tensor subclass after fuse"
     if _routing.autocast_dtype(x) is not None:  # kfuse's ops cast as autocast does: x and W need not agree
         if _routing.autocast_dtype(weight) is None:
@@ -226,7 +233,7 @@ def _adapter_reason(self: nn.Module, adapter: str, x: Tensor) -> str | None:
         return f"adapter {adapter!r}: its dropout is a {type(drop).__name__}, not nn.Dropout / nn.Identity"
     wa, wb = A.weight, B.weight
     lb = B.bias
-    if type(wa) not in _PLAIN or type(wb) not in _PLAIN or (lb is not None and type(lb) not in _PLAIN):
+    if not _plain(wa) or not _plain(wb) or (lb is not None and not _plain(lb)):
         return f"adapter {adapter!r}: its weights are tensor subclasses"
     if wa.dtype != wb.dtype or (lb is not None and lb.dtype != wa.dtype):
         return f"adapter {adapter!r}: lora_A and lora_B have different dtypes"

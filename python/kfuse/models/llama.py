@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from kfuse import _backends
+from kfuse import _backends, _routing
 from kfuse.kv import PagedKVCache, _index_tensor
 from kfuse.ops.kv import paged_decode_attention, paged_decode_attention_op, paged_prefill_attention
 
@@ -283,6 +283,9 @@ class LlamaForCausalLM(nn.Module):
         # which split long contexts and share each K/V tile among a KV head's query heads (the Triton
         # prefill kernel would give every query head a 64-row block holding one token).
         decode = bool((cnt == 1).all())
+        # Under torch.compile the prefill op takes q_lens as ints (a tensor's values are unknown while
+        # tracing): compiling the model failed at every prefill (compile hunt, 2026-12-05).
+        q_lens = cnt.tolist() if _routing.tracing() else cnt
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
             # A cache may hold another dtype than the model (e.g. a bf16 cache for a float32 model):
@@ -291,7 +294,7 @@ class LlamaForCausalLM(nn.Module):
             q = q.to(cache.dtype)
             if decode:
                 return paged_decode_attention(q, cache, layer, ids, scale=scale)
-            return paged_prefill_attention(q, cache, layer, ids, q_lens=cnt, scale=scale)
+            return paged_prefill_attention(q, cache, layer, ids, q_lens=q_lens, scale=scale)
 
         try:
             logits = self._run(tok, pos, attend)

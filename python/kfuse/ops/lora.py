@@ -896,7 +896,7 @@ def lora_linear_multi(
     path = _routing.route(chosen, tensors)
     if path != _routing.REFERENCE and _routing.needs_grad(tensors):
         global _warned_grad
-        if not _warned_grad and not _routing.tracing():
+        if not _routing.tracing() and not _warned_grad:  # tracing first: Dynamo guarded on the flag (a recompile)
             _warned_grad = True
             warnings.warn("kfuse.lora_linear_multi is forward-only: inputs that require grad run the (slow) "
                           "differentiable reference; call it under torch.no_grad() to run the kernels", stacklevel=2)
