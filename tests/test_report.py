@@ -89,6 +89,12 @@ def test_host_bound_cases_take_the_wall_clock_with_do_bench_beside(monkeypatch) 
     monkeypatch.setattr(R, "_time_cuda_events", lambda fn, device, budget: (0.5, 7))
     assert R.time_other_cache(lambda: None, cuda, host_bound=True) == ("cold", 0.125)
     assert R.time_other_cache(lambda: None, cuda) == ("warm", 0.5)
+    # The forward's goal, a share of the copy ceiling with a cold L2, reads the cold column there.
+    case = next(c for c in E.cases(cuda, False) if c.mode == "forward" and c.dtype == torch.float32)
+    row = R.Row("embedding", case.label, "fp32", "forward", "triton", "backend", "ok", time_ms=0.2, pct_copy=20.0,
+                extra={"cold %copy": 70.0})
+    R._set_goals(E, case, [row])
+    assert row.goals["%copy"] == (60.0, 70.0)
 
 
 def test_device_time_is_the_median_call(monkeypatch) -> None:
