@@ -22,8 +22,8 @@ Mean ± std test accuracy over the seeds is printed as a table.
 Fair by construction: one fixed stratified train/test split, features standardised on the training
 split, the same optimiser (Adam), batch size, batch order and epochs for all. Each (activation,
 width) gets the same learning-rate search: every rate in ``LR_GRID`` on a validation split carved
-from the training split (``--search-seeds`` seeds), the best then trains on the whole training
-split. The test set is used once, after the last epoch.
+from the training split (one seed, 0), the best then trains on the whole training split. The test set
+is used once, after the last epoch.
 
 Run (CPU; 77 s on a 2-core machine at load average 4)::
 

@@ -9,6 +9,7 @@ flagged sequence leaves the other sequences' GEMM rows, and so their greedy toke
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 import warnings
 import weakref
@@ -555,6 +556,17 @@ def test_demo_passes_its_threshold_to_the_corpus(monkeypatch):
     with pytest.raises(Stop):
         demo.main(["--threshold", "0.9"])
     assert seen["threshold"] == 0.9
+
+
+def test_demo_cost_per_token_kept_of_nothing_kept_is_inf():
+    """A method that kept no token (a threshold of 0 flags every window) printed tokens computed per token
+    kept as the tokens computed, a finite number (125.000 for 125 computed; demo hunt, 2026-12-05)."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    demo = pytest.importorskip("kfuse.demos.backtrack")
+    res = GenerationResult([[], []], None, [], forward_passes=9, wall_time=0.1)
+    row = demo.Comparison.result(SimpleNamespace(check=None, check_every=4, tok=None), "reset", res, 125)
+    assert row.tokens_kept == 0 and row.computed_per_kept == math.inf
 
 
 def test_demo_end_to_end_small(tmp_path, capsys):

@@ -517,6 +517,20 @@ def test_demo_runs_small(tmp_path, capsys):
     assert "SYNTHETIC" in text and "kfuse backend: cpu" in text and "nearest to" in text
 
 
+def test_demo_reads_a_claims_file_whatever_seed_and_small_say(tmp_path):
+    """With --claims the demo built the drug vocabulary from --seed and cut it with --small, so a file
+    written with the default vocabulary was refused at --seed 1 or --small (demo hunt, 2026-12-05): the
+    file is read against the whole lists and the default drug list."""
+    from kfuse.demos import medical_codes  # noqa: PLC0415
+
+    path = tmp_path / "c.csv"
+    write_claims_csv(synthetic_claims(load_code_vocab(), ClaimsConfig(patients=40, seed=0)), load_code_vocab(), path)
+    for flags in (["--seed", "1"], ["--small"]):
+        res = medical_codes.main(["--claims", str(path), *flags, "--seeds", "0", "--dim", "8", "--epochs", "0.2",
+                                  "--bench-seconds", "0.05", "--out", str(tmp_path / "c.png")])
+        assert res["speed"]["kfuse"] > 0
+
+
 def test_bug_hunt_findings(small, claims, tmp_path):
     """Defects a review found (2026-12-03), each fixed:
     the task head was initialised from torch's global RNG, so --seed did not fix the AUCs; FBGEMM's

@@ -345,7 +345,9 @@ class Comparison:
         """The figures of ``method``'s run (``res``, ``computed``: what :meth:`run` returned)."""
         per_seq = flagged_windows(res.tokens, self.check, self.check_every, self.tok)
         kept = res.totals["tokens_kept"]
-        return MethodResult(method, sum(per_seq), sum(v > 0 for v in per_seq), kept, computed, computed / max(kept, 1),
+        # Nothing kept has no cost per token kept: inf, not the tokens computed (demo hunt, 2026-12-05).
+        return MethodResult(method, sum(per_seq), sum(v > 0 for v in per_seq), kept, computed,
+                            computed / kept if kept else math.inf,
                             res.forward_passes, res.totals["backtracks"], res.totals["resets"], res.wall_time)
 
 

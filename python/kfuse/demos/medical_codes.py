@@ -103,8 +103,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kfuse.demos.medical_codes",
                                 description="The medical-code model end to end (Wallis et al., \"Learning Semantic "
                                 "Relationships from Medical Codes\") on the real code lists and synthetic claims.")
-    p.add_argument("--small", action="store_true", help="a 60-category subset (the whole lists with --claims), D=32, "
-                   "3000 patients")
+    p.add_argument("--small", action="store_true", help="a 60-category subset (with --claims: the whole lists and the "
+                   "default drug list), D=32, 3000 patients")
     p.add_argument("--dim", type=positive(int), default=None, help="embedding dimension (128; 32 with --small)")
     p.add_argument("--patients", type=positive(int), default=None,
                    help="synthetic patients (20000; 3000 with --small)")
@@ -117,8 +117,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="medical_codes.png", help="the PNG written")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--claims", default=None, help="your own claims CSV (patient,visit,code,domain[,label]; codes "
-                   "from the real lists, drugs from the synthetic one) instead of the synthetic claims")
-    p.add_argument("--seed", type=rng_seed, default=0, help="of the synthetic claims and the training (default 0)")
+                   "from the real lists, drugs from the default synthetic one, whatever --seed and --small) "
+                   "instead of the synthetic claims")
+    p.add_argument("--seed", type=rng_seed, default=0,
+                   help="of the synthetic claims and drug list, the training, the task's splits (default 0)")
     a = p.parse_args(argv)
     # What would otherwise fail after the whole run (or deep inside it): refused up front.
     check_figures(p, out=a.out)
@@ -152,9 +154,15 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         log(f"kfuse backend: {fast}")
 
-    vocab = load_code_vocab(rx_codes=600 if small else 5000, rx_classes=40 if small else 150, seed=a.seed)
-    if small and not a.claims:  # (a user's file is read against the whole lists: the subset refused real codes)
-        vocab = vocab.subset(60, 40, seed=a.seed)
+    if a.claims:
+        # A user's file is read against the whole lists with the default synthetic drug list, whatever
+        # --small and --seed say: they drew other drug codes (and classes), and a file written with the
+        # defaults was refused at --seed 1 or --small (demo hunt, 2026-12-05).
+        vocab = load_code_vocab()
+    else:
+        vocab = load_code_vocab(rx_codes=600 if small else 5000, rx_classes=40 if small else 150, seed=a.seed)
+        if small:
+            vocab = vocab.subset(60, 40, seed=a.seed)
     if a.claims:
         try:
             claims, _ = read_claims_csv(a.claims, vocab)
@@ -214,13 +222,14 @@ def main(argv: list[str] | None = None) -> dict:
     # The task, three variants, several seeds.
     aucs: dict[str, list[float]] = {"general": [], "task": [], "super": []}
     for s in range(a.seeds if claims.labels is not None else 0):
-        rng = np.random.default_rng(1000 + s)
+        # --seed moves the splits and the task models too (10_000 apart: seed 0 keeps the published runs').
+        rng = np.random.default_rng(1000 + s + 10_000 * a.seed)
         perm = rng.permutation(claims.num_patients)
         cut = int(0.8 * perm.size)
         tr, te = perm[:cut], perm[cut:]
         for variant in aucs:
-            m = CodeOutcomeModel(variant, gen.codes, lr=0.1, device=dev, seed=s)
-            train_outcome(m, claims, tr, epochs=task_epochs, batch_size=task_batch, seed=s)
+            m = CodeOutcomeModel(variant, gen.codes, lr=0.1, device=dev, seed=s + 10_000 * a.seed)
+            train_outcome(m, claims, tr, epochs=task_epochs, batch_size=task_batch, seed=s + 10_000 * a.seed)
             aucs[variant].append(auc(claims.labels[te], predict_outcome(m, claims, te)))
         log(f"task seed {s + 1}/{a.seeds}: AUC " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in aucs.items())
             + f" [{time.perf_counter() - t_start:.0f} s]")
