@@ -606,6 +606,9 @@ def test_copies_and_pickles_are_independent_caches(mirror, tmp_path, seed):
     state and pages alone; a cache with an open step is refused."""
     import copy  # noqa: PLC0415
     import io  # noqa: PLC0415
+    from multiprocessing.reduction import ForkingPickler  # noqa: PLC0415
+
+    import torch.multiprocessing  # noqa: F401, PLC0415 (registers torch's reductions with ForkingPickler)
 
     cache, a, b = _populated(mirror)
     c = cache.fork(b, 2)
@@ -616,7 +619,12 @@ def test_copies_and_pickles_are_independent_caches(mirror, tmp_path, seed):
     buf = io.BytesIO()
     torch.save(cache, buf)
     buf.seek(0)
-    for other in (copy.deepcopy(cache), copy.copy(cache), torch.load(buf, weights_only=False)):
+    # torch.multiprocessing's pickler (a Queue.put, a spawned process's arguments) moves CPU storages into
+    # shared memory in place: the original's C++ state and numpy views pointed into the freed host buffer
+    # (multiprocessing hunt, 2026-12-05). The original stays whole and the pickle loads as a cache.
+    shared = ForkingPickler.loads(ForkingPickler.dumps(cache))
+    assert_same(cache, snap)
+    for other in (copy.deepcopy(cache), copy.copy(cache), torch.load(buf, weights_only=False), shared):
         assert_same(other, snap)
         check_invariants(other)
         assert torch.equal(kfuse.paged_decode_attention(q, other, 1, [a, b, c], backend="cpu"), want)

@@ -297,7 +297,11 @@ class PagedKVCache:
         self._no_step("PagedKVCache: copy or pickle")
         args = (self.num_layers, self.num_kv_heads, self.head_dim, self.page_size, self.num_pages, self.max_seqs,
                 self.dtype, self.device, self.max_pages_per_seq, self._mirrored and self.device.type == "cpu")
-        state = (self.k_pages, self.v_pages, self._h_flat, self._h_npages, self._h_active)
+        # Copies of the host state: torch.multiprocessing's pickler moves a CPU tensor's storage into shared
+        # memory in place, and the C++ state and the numpy views keep pointers into the old one (a cache put
+        # on a Queue then read freed memory: nonsense errors, a heap-corruption abort; multiprocessing hunt,
+        # 2026-12-05). The pools may move: nothing holds their pointers.
+        state = (self.k_pages, self.v_pages, self._h_flat.clone(), self._h_npages.clone(), self._h_active.clone())
         # A subclass and attributes set after the constructor come along (copied as the copy is: shallowly by
         # copy.copy, deeply by deepcopy).
         extra = {k: v for k, v in self.__dict__.items() if k not in self._init_attrs}
