@@ -679,6 +679,35 @@ def test_fuse_api(seed: int) -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_fallback_warnings_do_not_keep_adapter_names() -> None:
+    """A server adding and deleting a DoRA adapter per request (PEFT runs those calls): the warn-once set kept
+    every adapter's name and warned for each (leak hunt, 2026-12-05). One warning per kind of reason."""
+
+    class One(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x)
+
+    model = get_peft_model(One(), LoraConfig(r=4, target_modules=["a"])).eval()
+    kp.fuse(model, warn=False)
+    kp._warned.clear()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for i in range(5):
+            model.add_adapter(f"req-{i}", LoraConfig(r=2, target_modules=["a"], use_dora=True))
+            kp.fuse(model, warn=False)
+            model.set_adapter(f"req-{i}")
+            with torch.no_grad():
+                model(torch.randn(2, 16))
+            model.set_adapter("default")
+            model.delete_adapter(f"req-{i}")
+    ours = our_warnings(record)
+    assert len(ours) == 1 and "DoRA" in ours[0] and len(kp._warned) == 1, (ours, kp._warned)
+
+
 def test_export_records_the_fused_op(seed: int) -> None:
     """torch.export (its default, non-strict mode: the parameters become fake tensors) of a fused model
     records kfuse's LoRA op, as the strict mode and torch.compile do; the fused layers took the fake

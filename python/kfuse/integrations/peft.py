@@ -48,6 +48,7 @@ base layer's class (``Conv1D`` stores ``[K, N]``), as the base layer's own forwa
 from __future__ import annotations
 
 import numbers
+import re
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -184,12 +185,17 @@ def _is_fused(module: nn.Module) -> bool:
 
 
 _warned: set[str] = set()
+# An adapter's name in a reason: left out of the warn-once key, or a server adding and deleting adapters per
+# request kept every name (and warned for each) for good (leak hunt, 2026-12-05).
+_ADAPTER_NAME = re.compile(r"""adapter (?:'[^']*'|"[^"]*")""")
 
 
 def _peft(self: nn.Module, reason: str | None, x: object, args: tuple, kwargs: dict) -> Tensor:
-    """PEFT's own forward for this call; warns once per ``reason`` (None: nothing to fuse, no warning)."""
-    if reason is not None and not torch.compiler.is_compiling() and reason not in _warned:
-        _warned.add(reason)
+    """PEFT's own forward for this call; warns once per kind of ``reason``, whatever adapter it names (None:
+    nothing to fuse, no warning)."""
+    key = None if reason is None else _ADAPTER_NAME.sub("adapter", reason)
+    if key is not None and not torch.compiler.is_compiling() and key not in _warned:
+        _warned.add(key)
         warnings.warn(f"kfuse.integrations.peft: {reason}; PEFT's own forward runs such calls (this warning is "
                       "shown once)", stacklevel=4)
     return _lora.Linear.forward(self, x, *args, **kwargs)
