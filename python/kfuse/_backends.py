@@ -92,17 +92,13 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def resolved(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with its lazy negation applied (``torch._neg_view``): kernels read memory through data pointers
-    and strides, which a negative-bit view shares with the tensor it negates, so without this they read
-    ``-t``. ``.contiguous()`` and a same-dtype ``.to()`` keep the bit (layout hunt, 2026-12-05: sign-flipped
-    embedding, DEU-backward, attention and multi-LoRA outputs). A no-op, no copy, for ordinary tensors."""
-    return t.resolve_neg()
-
-
 def dense(t: torch.Tensor | None) -> torch.Tensor | None:
-    """What a kernel reading flat row-major memory takes: :func:`resolved`, then ``.contiguous()`` (``None``
-    passes through)."""
+    """What a kernel reading flat row-major memory takes (``None`` passes through): ``t`` with its lazy
+    negation applied, then contiguous. Kernels read memory through data pointers, which a negative-bit view
+    (``torch._neg_view``) shares with the tensor it negates, and ``.contiguous()`` and a same-dtype ``.to()``
+    keep the bit (layout hunt, 2026-12-05: sign-flipped embedding, DEU-backward, attention and multi-LoRA
+    outputs); kernels reading through strides take ``t.resolve_neg()`` alone. Both are no-ops, no copies,
+    for ordinary contiguous tensors."""
     return None if t is None else t.resolve_neg().contiguous()
 
 

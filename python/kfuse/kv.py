@@ -464,8 +464,7 @@ class PagedKVCache:
         ``index_copy_`` per pool; no checks, no host work (also the body of a captured decode step,
         ``kfuse.models.llama.DecodeGraphs``, which runs under ``torch.no_grad``)."""
         if self._append_kv is not None:
-            self._append_kv(self.k_pages[layer], self.v_pages[layer], slots, _backends.resolved(k),
-                            _backends.resolved(v))
+            self._append_kv(self.k_pages[layer], self.v_pages[layer], slots, k.resolve_neg(), v.resolve_neg())
             return
         shape = (-1, self.num_kv_heads, self.head_dim)
         self.k_pages[layer].view(shape).index_copy_(0, slots, k)

@@ -729,9 +729,9 @@ def write_claims_csv(claims: Claims, vocab: CodeVocab, path: str | os.PathLike, 
     and ``labels``)."""
     with_label = labels and claims.labels is not None
     for d, name in enumerate(claims.domains):  # before anything is written (a bare IndexError mid-file before)
-        n = len(vocab.codes.get(name, ()))
-        if len(claims.codes[d]) and int(np.max(claims.codes[d])) >= n:
-            raise ValueError(f"write_claims_csv: the claims' {name!r} codes reach row {int(np.max(claims.codes[d]))}; "
+        n, top = len(vocab.codes.get(name, ())), int(np.max(claims.codes[d], initial=-1))
+        if top >= n:
+            raise ValueError(f"write_claims_csv: the claims' {name!r} codes reach row {top}; "
                              f"the vocabulary has {n} {name!r} codes (write with the vocabulary the claims were "
                              "read or made with)")
     with replaced(path, "w", newline="", encoding="utf-8") as f:

@@ -159,16 +159,14 @@ def main(argv: list[str] | None = None) -> dict:
         # --small and --seed say: they drew other drug codes (and classes), and a file written with the
         # defaults was refused at --seed 1 or --small (demo hunt, 2026-12-05).
         vocab = load_code_vocab()
-    else:
-        vocab = load_code_vocab(rx_codes=600 if small else 5000, rx_classes=40 if small else 150, seed=a.seed)
-        if small:
-            vocab = vocab.subset(60, 40, seed=a.seed)
-    if a.claims:
         try:
             claims, _ = read_claims_csv(a.claims, vocab)
         except ValueError as err:  # names the file and line: an error message, not a traceback
             raise SystemExit(f"python -m kfuse.demos.medical_codes: error: --claims: {err}") from None
     else:
+        vocab = load_code_vocab(rx_codes=600 if small else 5000, rx_classes=40 if small else 150, seed=a.seed)
+        if small:
+            vocab = vocab.subset(60, 40, seed=a.seed)
         claims = synthetic_claims(vocab, ClaimsConfig(patients=patients, seed=a.seed))
     has_truth = claims.risk_logit is not None
     log(f"vocabulary: {vocab.sizes[0]:,} diagnoses (ICD-10-CM), {vocab.sizes[1]:,} procedures (ICD-10-PCS), "
@@ -223,13 +221,14 @@ def main(argv: list[str] | None = None) -> dict:
     aucs: dict[str, list[float]] = {"general": [], "task": [], "super": []}
     for s in range(a.seeds if claims.labels is not None else 0):
         # --seed moves the splits and the task models too (10_000 apart: seed 0 keeps the published runs').
-        rng = np.random.default_rng(1000 + s + 10_000 * a.seed)
+        task_seed = s + 10_000 * a.seed
+        rng = np.random.default_rng(1000 + task_seed)
         perm = rng.permutation(claims.num_patients)
         cut = int(0.8 * perm.size)
         tr, te = perm[:cut], perm[cut:]
         for variant in aucs:
-            m = CodeOutcomeModel(variant, gen.codes, lr=0.1, device=dev, seed=s + 10_000 * a.seed)
-            train_outcome(m, claims, tr, epochs=task_epochs, batch_size=task_batch, seed=s + 10_000 * a.seed)
+            m = CodeOutcomeModel(variant, gen.codes, lr=0.1, device=dev, seed=task_seed)
+            train_outcome(m, claims, tr, epochs=task_epochs, batch_size=task_batch, seed=task_seed)
             aucs[variant].append(auc(claims.labels[te], predict_outcome(m, claims, te)))
         log(f"task seed {s + 1}/{a.seeds}: AUC " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in aucs.items())
             + f" [{time.perf_counter() - t_start:.0f} s]")

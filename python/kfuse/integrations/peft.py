@@ -74,15 +74,15 @@ __all__ = ["FusedLinear", "Report", "fuse", "fused_layers", "unfuse"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _PLAIN = (Tensor, nn.Parameter)
+_BASE_FORWARDS = (nn.Linear.forward, Conv1D.forward)
+# The keyword arguments PEFT's Linear.forward takes itself (VARIANT_KWARG_KEYS: for variants only).
+_VARIANT_KWARGS = tuple(getattr(_lora, "VARIANT_KWARG_KEYS", ("alora_offsets",)))
 
 
 def _plain(t: Tensor) -> bool:
     """A plain tensor or parameter, or the fake tensor non-strict ``torch.export`` swaps in for one (the
     layer ran PEFT's forward there, and the exported program held no kfuse op; compile hunt, 2026-12-05)."""
     return type(t) in _PLAIN or is_fake(t)
-_BASE_FORWARDS = (nn.Linear.forward, Conv1D.forward)
-# The keyword arguments PEFT's Linear.forward takes itself (VARIANT_KWARG_KEYS: for variants only).
-_VARIANT_KWARGS = tuple(getattr(_lora, "VARIANT_KWARG_KEYS", ("alora_offsets",)))
 # PEFT's non-linear LoRA layers, named in the skip reasons.
 _OTHER_LORA_KINDS = tuple(c for c in (getattr(_lora, n, None) for n in ("_ConvNd", "MultiheadAttention",
                                                                           "ParamWrapper")) if isinstance(c, type))

@@ -490,18 +490,18 @@ def _check_unaliased(op: str, m: MultiTableEmbeddingBag, tables: list[Tensor], *
     once by the reference, and per_sample_weights viewing a table gave schedule-dependent results (layout
     hunt, 2026-12-05).
 
-    Tables and states are swept (sorted byte spans) only when one of them has moved: 32 Adam tables'
-    sweep took 1.4 ms a call (review of the change), the key of their addresses and sizes ~15 µs; each of
-    ``others`` is then a binary search. Non-contiguous states are left to the kernels, which refuse them
-    (their span would overlap a neighbour's without sharing an element)."""
+    Tables and states are swept (sorted byte spans) only when one of them has moved (a key of their addresses
+    and sizes: addresses are unique across devices, host and CUDA alike); each of ``others`` is then a binary
+    search. 32 Adam tables (96 tensors): the check takes ~45 µs a call (quiet, 1 thread), where the sweep
+    every call took 1.4 ms (review of the change). Non-contiguous states are left to the kernels, which refuse
+    them (their span would overlap a neighbour's without sharing an element)."""
     dev = tables[0].device
-    states = [b for n, b in m._buffers.items() if n.startswith("momentum")]  # the dict: no __getattr__
-    tensors = [*tables, *states]
-    key = tuple((t.data_ptr(), t.numel(), t.device) for t in tensors)
+    named = [(f"weights.{t}", w) for t, w in enumerate(tables)]
+    named += [(n, b) for n, b in m._buffers.items() if n.startswith("momentum")]  # the dict: no __getattr__
+    key = tuple((t.data_ptr(), t.numel()) for _, t in named)
     cached = m.__dict__.get("_memory_spans")
     if cached is None or cached[0] != key:
-        names = [f"weights.{t}" for t in range(len(tables))] + [n for n in m._buffers if n.startswith("momentum")]
-        spans = sorted((*_span(t), name) for name, t in zip(names, tensors, strict=True)
+        spans = sorted((*_span(t), name) for name, t in named
                        if t.numel() and t.device == dev and t.is_contiguous())
         end, owner = -1, ""
         for start, stop, name in spans:

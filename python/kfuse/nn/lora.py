@@ -463,9 +463,9 @@ class MultiLoRALinear(nn.Module):
         names = ("A_stack", "B_stack", "scalings", "ranks")
         if any(prefix + n in state_dict for n in names):
             new = [state_dict.get(prefix + n, getattr(self, n)) for n in names]
+            # Copies: torch's load copies in place into the stacks whose shape does not change.
+            kept = [getattr(self, n).clone() for n in names]
             if self._fits(*new):
-                # Copies: torch's load copies in place into the stacks whose shape does not change.
-                kept = [getattr(self, n).clone() for n in names]
                 for name, t in zip(names, new, strict=True):
                     if t.shape != getattr(self, name).shape:
                         setattr(self, name, getattr(self, name).new_empty(t.shape))
@@ -483,7 +483,6 @@ class MultiLoRALinear(nn.Module):
                     self._set_stacks(names, kept)
                 return
             else:
-                kept = [getattr(self, n).clone() for n in names]
                 super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                               unexpected_keys, error_msgs)
                 self._set_stacks(names, kept)

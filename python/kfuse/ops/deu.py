@@ -113,7 +113,7 @@ def _forward_impl(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
     # lets a caller modify it in place (y += skip, ReLU(inplace=True)), which it forbids for a
     # view made inside an autograd.Function.
     forward, _ = _kernels(backend)
-    x = _backends.resolved(x)
+    x = x.resolve_neg()  # kernels read memory: no lazy negation (_backends.dense)
     order = _order(x)
     coeffs = _backends.dense(coeffs.to(_acc_dtype(x)))
     if order is None:
@@ -125,7 +125,7 @@ def _forward_impl(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
 
 def _backward_impl(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
     _, backward = _kernels(backend)
-    grad_y, x = _backends.resolved(grad_y), _backends.resolved(x)
+    grad_y, x = grad_y.resolve_neg(), x.resolve_neg()
     order = _order(x)
     acc = _backends.dense(coeffs.to(_acc_dtype(x)))
     if order is None:

@@ -190,7 +190,7 @@ class _TensorCache:
 
 def _decode_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, layer: int, seq_ids: Tensor,
                  lens: Tensor, max_len: int, scale: float, backend: str) -> Tensor:
-    q = _backends.resolved(q)
+    q = q.resolve_neg()  # kernels read memory: no lazy negation (_backends.dense)
     if backend == "triton":
         from kfuse.triton_kernels import kv as tk  # noqa: PLC0415 (triton is optional)
 
@@ -204,7 +204,7 @@ def _decode_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tenso
 
 def _prefill_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, layer: int, seq_ids: Tensor,
                   lens: Tensor, q_lens: Tensor, max_q_len: int, scale: float, backend: str) -> Tensor:
-    q = _backends.resolved(q)
+    q = q.resolve_neg()  # kernels read memory: no lazy negation (_backends.dense)
     if backend == "triton":
         from kfuse.triton_kernels import kv as tk  # noqa: PLC0415 (triton is optional)
 
