@@ -502,6 +502,46 @@ void embedding_backward_fused(const at::Tensor& grad_out, const std::vector<at::
   kfuse::embedding::backward_fused_cpu(c.tables, c.bags, plan, grad_out.const_data_ptr(), opt, nt);
 }
 
+// The embedding ops' per-table checks in one pass (python/kfuse/ops/embedding.py _check_weights): in Python
+// they took ~0.9 us a table, and the route's and the metadata cache's per-table reads as much again: ~55 of
+// the op's ~105 us of host time at FBGEMM's 32 tables (bench/host_launchers.py, 2-core CPU). None unless
+// every table is a torch.Tensor or nn.Parameter (not a subclass) holding an ordinary tensor the kernels
+// read in place: 2-D, strided, not nested, contiguous, on a CPU or CUDA device, weights[0]'s dtype and
+// device, at least one column, and no dispatch key that makes it something else (a lazy negation or
+// conjugation, a functorch or functionalization wrapper, Python dispatch, a zero tensor); the caller's
+// Python checks then name the table, or route the call. Otherwise (grad_table, key): the first table that
+// requires grad (-1: none) and each table's (address, rows, columns), flattened.
+py::object embedding_tables(const py::list& weights) {
+  static const c10::DispatchKeySet other({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                          c10::DispatchKey::Functionalize, c10::DispatchKey::Conjugate,
+                                          c10::DispatchKey::Negative, c10::DispatchKey::ZeroTensor,
+                                          c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::Batched,
+                                          c10::DispatchKey::FuncTorchGradWrapper});
+  const Py_ssize_t n = PyList_GET_SIZE(weights.ptr());
+  if (n == 0) return py::none();
+  py::tuple key(3 * n);
+  int64_t grad_table = -1;
+  const at::Tensor* first = nullptr;
+  for (Py_ssize_t t = 0; t < n; ++t) {
+    PyObject* obj = PyList_GET_ITEM(weights.ptr(), t);  // borrowed: the list holds it
+    if (!THPVariable_CheckExact(obj)) return py::none();
+    const at::Tensor& w = THPVariable_Unpack(obj);
+    if (w.dim() != 2 || w.layout() != at::kStrided || w.is_nested() || !(w.is_cpu() || w.is_cuda()) ||
+        w.size(1) < 1 || !w.is_contiguous() || w.key_set().has_any(other))
+      return py::none();
+    if (first == nullptr) {
+      first = &w;
+    } else if (w.scalar_type() != first->scalar_type() || w.device() != first->device()) {
+      return py::none();
+    }
+    if (grad_table < 0 && w.requires_grad()) grad_table = t;
+    PyTuple_SET_ITEM(key.ptr(), 3 * t, PyLong_FromVoidPtr(const_cast<void*>(w.const_data_ptr())));
+    PyTuple_SET_ITEM(key.ptr(), 3 * t + 1, PyLong_FromLongLong(w.size(0)));
+    PyTuple_SET_ITEM(key.ptr(), 3 * t + 2, PyLong_FromLongLong(w.size(1)));
+  }
+  return py::make_tuple(grad_table, key);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -550,6 +590,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "kv_decode_attention; returns out like q",
         py::arg("q"), py::arg("k_pages"), py::arg("v_pages"), py::arg("block_table"), py::arg("seq_ids"),
         py::arg("lens"), py::arg("q_lens"), py::arg("scale"));
+  m.def("embedding_tables", &embedding_tables,
+        "The embedding ops' table checks in one pass: None unless every table is an ordinary 2-D contiguous "
+        "tensor of weights[0]'s dtype and device; else (first table requiring grad or -1, (address, rows, "
+        "columns) of each table, flattened)",
+        py::arg("weights"));
   m.def("embedding_forward", &embedding_forward, release,
         "Multi-table embedding bags (CPU): weights [T] tables [rows_t, dim_t] of one dtype, indices [N] and offsets "
         "[F * B + 1] (int32 or int64, feature-major), feature_table [F], padding_idx [T] (-1 = none), pooling "

@@ -225,6 +225,46 @@ def test_negated_views_are_read_as_their_values(backend, device):
         kfuse.embedding_bag(idx, torch._neg_view(-w), off, backend=backend)
 
 
+class _Table(torch.Tensor):
+    pass
+
+
+def test_one_pass_over_the_tables_takes_ordinary_tables_only():
+    """The extension's one pass over the tables (``_C.embedding_tables``: at 32 tables the Python checks, the
+    route's and the cache key's per-table reads took ~55 us a call) passes exactly the ordinary tables, with
+    the Triton metadata cache's key as the launcher computes it and the first table requiring grad, which
+    stands for all in the routing: a gradient for a later table alone still flows."""
+    ext = _backends.extension()
+    ws = [torch.randn(5, 3), torch.nn.Parameter(torch.randn(7, 3)), torch.randn(4, 2)]
+    assert ext.embedding_tables(ws) == (1, te.tables_key_of(ws))
+    assert ext.embedding_tables(ws[2:]) == (-1, te.tables_key_of(ws[2:]))
+    w = ws[0]
+    others = {
+        "subclass": [w, w.as_subclass(_Table)], "negated view": [w, torch._neg_view(w)],
+        "not contiguous": [w, torch.randn(3, 5).t()], "1-D": [torch.randn(5)], "other dtype": [w, w.double()],
+        "other device": [w, torch.empty(5, 3, device="meta")], "meta": [torch.empty(5, 3, device="meta")],
+        "no column": [torch.randn(5, 0)], "sparse": [w.to_sparse()], "empty": [],
+    }
+    for why, tables in others.items():
+        assert ext.embedding_tables(tables) is None, why
+    seen = []
+    torch.func.grad(lambda t: seen.append(ext.embedding_tables([t])) or t.sum())(w)
+    torch.func.vmap(lambda t: seen.append(ext.embedding_tables([t])) or t)(w.view(5, 3, 1))
+    assert seen == [None, None], "functorch wrappers"
+    # Only the last table requires grad: the call must still record autograd, for it alone.
+    frozen, trained = torch.randn(6, 3, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64)
+    idx, off = torch.tensor([1, 5, 2, 8]), torch.tensor([0, 2, 3, 4, 4])  # 2 features x 2 bags
+    for backend in ("cpu", "reference"):
+        t = trained.clone().requires_grad_()
+        y = kfuse.multi_embedding_bag([frozen, t], idx, off, backend=backend)
+        (g,) = torch.autograd.grad(y.square().sum(), t)
+        t2 = trained.clone().requires_grad_()
+        yr = torch.cat([F.embedding_bag(idx[:3], frozen, off[:2], mode="sum"),
+                        F.embedding_bag(idx[3:], t2, torch.tensor([0, 1]), mode="sum")], 1)
+        (gr,) = torch.autograd.grad(yr.square().sum(), t2)
+        assert_close(g, gr, torch.float64, backend)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam"])
 def test_fused_module_refuses_memory_shared_with_its_tables(optimizer):
     """The fused update writes tables and states in place while reading them: two tables on one storage

@@ -265,12 +265,19 @@ class _FeatureMeta(NamedTuple):
     d_tiles: int  # dim tiles (of block_d) of the widest feature
 
 
-def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: list[int]) -> _FeatureMeta:
+def tables_key_of(weights: list[Tensor]) -> tuple[int, ...]:
+    """Each table's (address, rows, dim), flattened: what the metadata depends on of the tables (kfuse's
+    extension computes the same in one pass, ``kfuse._C.embedding_tables``)."""
+    return tuple(v for w in weights for v in (w.data_ptr(), w.shape[0], w.shape[1]))
+
+
+def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: list[int],
+                  tables_key: tuple[int, ...] | None = None) -> _FeatureMeta:
     """The tables' :class:`_FeatureMeta`, cached (see _META_CACHE): a training loop's calls after the first
     make no host-to-device copy. The build took 45 % of the launcher's Python at 32 tables
-    (bench/host_launchers.py)."""
+    (bench/host_launchers.py). ``tables_key``: :func:`tables_key_of` ``weights``, when the caller has it."""
     key = (weights[0].device, tuple(feature_table), tuple(padding_idx),
-           *((w.data_ptr(), w.shape[0], w.shape[1]) for w in weights))
+           tables_key_of(weights) if tables_key is None else tables_key)
     hit = _META_CACHE.get(key)
     if hit is not None:
         return hit
@@ -304,7 +311,7 @@ def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: 
 @on_input_device
 def forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_table: list[int],
             padding_idx: list[int], pooling: int, per_sample_weights: Tensor | None,
-            checked_tables: bool = False) -> tuple[Tensor, Tensor]:
+            checked_tables: bool = False, tables_key: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
     """Pooled lookups of every feature in one launch.
 
     Parameters
@@ -324,6 +331,8 @@ def forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_tab
         ``[N]`` float32, contiguous (sum pooling).
     checked_tables : bool
         The caller has checked every table's layout, dtype and device (skips that per-table pass).
+    tables_key : tuple[int, ...] or None
+        :func:`tables_key_of` ``weights``, when the caller has it (skips another per-table pass).
 
     Returns
     -------
@@ -339,7 +348,7 @@ def forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_tab
     """
     B = _check(weights, indices, offsets, feature_table, padding_idx, per_sample_weights, checked_tables)
     dev = weights[0].device
-    meta, width, block_d, d_tiles = _feature_meta(weights, feature_table, padding_idx)
+    meta, width, block_d, d_tiles = _feature_meta(weights, feature_table, padding_idx, tables_key)
     out = torch.empty((B, width), dtype=weights[0].dtype, device=dev)
     flag = torch.full((2,), NO_ERROR, dtype=torch.int32, device=dev)
     if B == 0:

@@ -82,9 +82,14 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD dual level is entered (tensors may carry tangents): one attribute read."""
+    return fwad._current_level >= 0
+
+
 def has_tangent(tensors: Sequence[Tensor | None]) -> bool:
     """Whether any of ``tensors`` carries a forward-mode AD tangent (``torch.autograd.forward_ad``)."""
-    if fwad._current_level < 0:  # no dual level entered: the common case, one attribute read
+    if not forward_ad_active():  # the common case
         return False
     return any(t is not None and fwad.unpack_dual(t).tangent is not None for t in tensors)
 

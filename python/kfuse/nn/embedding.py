@@ -326,7 +326,14 @@ class MultiTableEmbeddingBag(nn.Module):
 
     def states(self, which: int) -> list[Tensor]:
         """The fused optimizer's ``momentum{which}`` buffers, one per table."""
-        return [getattr(self, f"momentum{which}_{t}") for t in range(len(self.tables))]
+        buffers = self._buffers  # (getattr goes through Module.__getattr__: ~1 us a table)
+        return [buffers[f"momentum{which}_{t}"] for t in range(len(self.tables))]
+
+    def _weights(self) -> list[Tensor]:
+        """The tables, in order: what ``list(self.weights)`` gives, without ParameterList's ``__getattr__``
+        per table (50 us a call at 32 tables, as much as the rest of the op's host time; 2-core CPU)."""
+        params = self.weights._parameters  # '0', '1', ... in order: replacing one keeps its place
+        return list(params.values()) if len(params) == len(self.weights) else list(self.weights)
 
     @property
     def embedding_dim(self) -> int:
@@ -350,7 +357,7 @@ class MultiTableEmbeddingBag(nn.Module):
                 per_sample_weights = kjt.weights_or_none()
         if offsets is None:
             raise ValueError("offsets is required with flat indices")
-        ws = list(self.weights)
+        ws = self._weights()
         if self.optimizer is None:
             return E.multi_embedding_bag(ws, indices, offsets, self.feature_table_map, self.mode, per_sample_weights,
                                          self.padding_idx, sparse=self.sparse, backend=self.backend, check=self.check)
@@ -367,10 +374,11 @@ class MultiTableEmbeddingBag(nn.Module):
                 "forward-mode AD), which could record neither the lookup nor the update. Capture the module "
                 "built with optimizer=None (a torch optimizer then updates it).")
         E.poll_errors()
-        E._check_weights(op, ws)  # as the op checks them (load_state_dict(assign=True) may bring any layout)
+        ws, tables = E._check_weights(op, ws)  # as the op checks them (load_state_dict(assign=True) may bring any
+        # layout)
         _check_unaliased(op, self, ws, per_sample_weights=per_sample_weights)
         bags = E._validate(op, ws, indices, offsets, self.feature_table_map, self.mode, per_sample_weights,
-                           self.padding_idx, self.check)
+                           self.padding_idx, self.check, tables)
         chosen = E._select(op, self.backend, ws[0])
         step = int(self.optimizer_step)  # a CPU tensor: no sync
         if torch._C._current_graph_task_id() == -1:
@@ -397,17 +405,18 @@ class _FusedEmbeddingBag(torch.autograd.Function):
     def forward(ctx, module: MultiTableEmbeddingBag, indices: Tensor, offsets: Tensor, bags, backend: str,
                 anchor: Tensor, psw: Tensor | None) -> Tensor:
         ctx.module, ctx.bags, ctx.backend = module, bags, backend
-        ctx.tables = list(module.weights)  # the backward checks it updates what this forward read
+        ctx.tables = module._weights()  # the backward checks it updates what this forward read
         # The step the tables are at, for a per_sample_weights gradient only (a CPU tensor: no sync).
         ctx.step = None if psw is None else int(module.optimizer_step)
         ctx.save_for_backward(indices, offsets, psw)
-        return E._forward_impl(list(module.weights), indices, offsets, bags, psw, backend)
+        return E._forward_impl(ctx.tables, indices, offsets, bags, psw, backend)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         m: MultiTableEmbeddingBag = ctx.module
         indices, offsets, psw = ctx.saved_tensors
-        if len(ctx.tables) != len(m.weights) or any(a is not b for a, b in zip(ctx.tables, m.weights, strict=True)):
+        tables = m._weights()
+        if len(ctx.tables) != len(tables) or any(a is not b for a, b in zip(ctx.tables, tables, strict=True)):
             # torch.func.functional_call swaps the tables back before the backward: the update (and the
             # per_sample_weights gradient) read the module's own tables, not the ones the forward read
             # (training-utilities hunt).
@@ -416,7 +425,7 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                 "by torch.func.functional_call, or replaced between forward and backward), and the fused "
                 "optimizer updates the module's own tables and optimizer states. Build the module with "
                 "optimizer=None to call it with other tables.")
-        ws = [w.data for w in m.weights]
+        ws = [w.data for w in tables]
         _check_unaliased("MultiTableEmbeddingBag backward", m, ws, grad_out=grad_out)
         g_psw = None
         # Whether this backward asks for the anchor's gradient: not when the module is frozen

@@ -34,7 +34,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -82,6 +82,14 @@ def _select(op: str, backend: str, weight: Tensor) -> str:
 # ---------------------------------------------------------------- validation
 
 
+class _Tables(NamedTuple):
+    """What the extension's one pass over the tables found (``_C.embedding_tables``): every table a plain
+    tensor the kernels read in place, so one of them stands for all in the routing checks."""
+
+    grad_table: int  # the first table that requires grad, −1: none
+    key: tuple[int, ...]  # each table's (address, rows, dim), flattened: the Triton metadata cache's key
+
+
 @dataclass(frozen=True)
 class _Bags:
     """A validated call: the normalised non-tensor arguments."""
@@ -91,28 +99,37 @@ class _Bags:
     pooling: int
     check: str = "sync"  # how the triton backend reports bad input: see CHECKS
     op: str = "embedding_bag"  # what errors name: the op (or module) the user called
+    tables: _Tables | None = None  # from _check_weights, for the call it validated
 
     @property
     def num_features(self) -> int:
         return len(self.feature_table)
 
 
-def _check_weights(op: str, weights: object, single: bool = False) -> list[Tensor]:
-    """The tables' layout checks; ``single``: the one-table op, whose argument is ``weight``."""
+def _check_weights(op: str, weights: object, single: bool = False) -> tuple[list[Tensor], _Tables | None]:
+    """The tables' layout checks; ``single``: the one-table op, whose argument is ``weight``. Returns the
+    tables as a list and, when the extension's one pass found them all ordinary tensors, their
+    :class:`_Tables` (else None: the Python checks passed them, or they are subclasses, wrappers, ...)."""
     if isinstance(weights, Tensor) or not isinstance(weights, (list, tuple)) or not weights:
         raise TypeError(f"kfuse.{op}: weights must be a non-empty list of 2-D tensors; got {type(weights).__name__}")
-    first = weights[0]
-    # Dynamo cannot trace is_neg(); under torch.compile the registered op checks the tables again, eagerly.
-    check_neg = not torch.compiler.is_compiling()
+    ws = list(weights)
+    first = ws[0]
+    # Dynamo cannot trace is_neg() nor the extension; under torch.compile the registered op checks the tables
+    # again, eagerly.
+    compiling = torch.compiler.is_compiling()
     if isinstance(first, Tensor) and first.dtype in _FLOATS:
-        # The common case in one pass of attribute reads (the loop below names the table; at 32 tables it
-        # cost ~1 µs a table, bench/host_launchers.py).
+        ext = _ext()
+        if ext is not None and not compiling:
+            found = ext.embedding_tables(ws)  # the common case in C++: ~1 us at 32 tables
+            if found is not None:
+                return ws, _Tables(*found)
+        # In one pass of attribute reads (the loop below names the table): ~0.9 us a table.
         dt, dev = first.dtype, first.device
         if all(isinstance(w, Tensor) and w.ndim == 2 and w.layout == torch.strided and w.dtype == dt
-               and w.device == dev and w.shape[1] > 0 and w.is_contiguous() and not (check_neg and w.is_neg())
-               for w in weights):
-            return list(weights)
-    for t, w in enumerate(weights):
+               and w.device == dev and w.shape[1] > 0 and w.is_contiguous() and not (not compiling and w.is_neg())
+               for w in ws):
+            return ws, None
+    for t, w in enumerate(ws):
         name = "weight" if single else f"weights[{t}]"
         if not isinstance(w, Tensor) or w.dim() != 2 or w.layout != torch.strided:
             raise ValueError(f"kfuse.{op}: {name} must be a dense 2-D tensor [rows, dim]; got "
@@ -128,10 +145,10 @@ def _check_weights(op: str, weights: object, single: bool = False) -> list[Tenso
         if not w.is_contiguous():
             raise ValueError(f"kfuse.{op}: {name} must be contiguous (the kernels read rows in place; "
                              f"pass {name}.contiguous())")
-        if check_neg and w.is_neg():
+        if not compiling and w.is_neg():
             raise ValueError(f"kfuse.{op}: {name} is a lazily negated view (torch._neg_view); the kernels read "
                              f"rows in place: pass {name}.resolve_neg()")
-    return list(weights)
+    return ws, None
 
 
 def _check_options(op: str, sparse: object, backend: object) -> None:
@@ -141,8 +158,10 @@ def _check_options(op: str, sparse: object, backend: object) -> None:
 
 
 def _validate(op: str, weights: list[Tensor], indices: object, offsets: object, feature_table: object, mode: object,
-              per_sample_weights: object, padding_idx: object, check: object = "sync") -> _Bags:
-    """Shape, dtype and device checks that read no tensor values (so no GPU sync)."""
+              per_sample_weights: object, padding_idx: object, check: object = "sync",
+              tables: _Tables | None = None) -> _Bags:
+    """Shape, dtype and device checks that read no tensor values (so no GPU sync); ``tables``: what
+    :func:`_check_weights` found of ``weights``."""
     check_mode(f"kfuse.{op}", check)
     w0 = weights[0]
     for name, t in (("indices", indices), ("offsets", offsets)):
@@ -189,7 +208,7 @@ def _validate(op: str, weights: list[Tensor], indices: object, offsets: object, 
             raise ValueError(f"kfuse.{op}: per_sample_weights is only supported with mode='sum' (as in "
                              "torch.nn.functional.embedding_bag)")
     pads = _padding(op, padding_idx, weights)
-    return _Bags([int(t) for t in ft], pads, pooling, check, op)
+    return _Bags([int(t) for t in ft], pads, pooling, check, op, tables)
 
 
 def _as_index(v: object) -> object:
@@ -206,7 +225,9 @@ def _as_index(v: object) -> object:
 
 def _padding(op: str, padding_idx: object, weights: list[Tensor]) -> list[int]:
     """Per-table padding rows (−1 = none); an int applies to every table; negative counts from the end."""
-    if padding_idx is None:
+    if padding_idx is None or (type(padding_idx) is list
+                               and padding_idx.count(None) == len(padding_idx) == len(weights)):
+        # (The module's padding_idx without padding is a None per table: ~1 us each through the loop below.)
         return [-1] * len(weights)
     one = _as_index(padding_idx)
     if isinstance(one, int):
@@ -327,7 +348,8 @@ def _defer(flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(flag.device))  # that stream, whichever device is current
         flag = host
-    record = _Deferred(flag, event, _rows(weights), indices, offsets, bags)
+    rows = _rows(weights) if bags.tables is None else list(bags.tables.key[1::3])
+    record = _Deferred(flag, event, rows, indices, offsets, bags)
     _DEFERRED.append(record)
     _LAST.record = weakref.ref(record)  # (a reference would keep its tensors after it is reported)
 
@@ -442,7 +464,8 @@ def _forward_impl(weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
     if backend == "triton":
         tk = _tk()
         out, flag = tk.forward(weights, indices, offsets, bags.feature_table, bags.padding_idx, bags.pooling, psw,
-                               checked_tables=True)  # every caller checked them (_check_weights)
+                               checked_tables=True,  # every caller checked them (_check_weights)
+                               tables_key=None if bags.tables is None else bags.tables.key)
         # The kernel never reads out of bounds (bad indices are masked, offsets clamped) and records the
         # first bad position in `flag`. check="sync" reads it now: the call's one host sync (on an H200 the
         # op took 0.213 ms where its kernel took 0.043, bench/results/2026-12-04-h200/); "async" later.
@@ -548,7 +571,7 @@ def embedding_bag_forward(weights: list[Tensor], indices: Tensor, offsets: Tenso
     """Registered forward: tables ``weights`` (one dtype), ``indices [N]`` / ``offsets [F·B + 1]`` (int32
     or int64, the same), ``per_sample_weights [N]`` in the accumulation dtype or None; returns
     ``[B, Σ_f dim_{feature_table[f]}]`` in the tables' dtype."""
-    weights = _check_weights("embedding_bag_forward", weights)  # (also called directly: torch.ops.kfuse)
+    weights, _ = _check_weights("embedding_bag_forward", weights)  # (also called directly: torch.ops.kfuse)
     bags = _Bags(list(feature_table), list(padding_idx), pooling, op="embedding_bag_forward")
     chosen = _select("embedding_bag_forward", backend, weights[0])
     return _forward_impl(weights, indices, offsets, bags, per_sample_weights, chosen)
@@ -651,7 +674,12 @@ def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
          sparse: bool, backend: str) -> Tensor:
     """Route a validated call (``psw`` already in the accumulation dtype)."""
     chosen = _select(op, backend, weights[0])
-    tensors = (*weights, indices, offsets, psw)
+    if bags.tables is not None and not _routing.forward_ad_active():
+        # Every table is a plain tensor, unwrapped (_check_weights' C++ pass), so one stands for all in the
+        # routing checks: the first requiring grad, if any (~10 us at 32 tables). Tangents it did not look for.
+        tensors = (weights[max(bags.tables.grad_table, 0)], indices, offsets, psw)
+    else:
+        tensors = (*weights, indices, offsets, psw)
     path = _routing.route(chosen, tensors)
     if (path == _routing.REFERENCE and sparse and chosen == "reference" and _routing.needs_grad(tensors)
             and not _routing.tracing() and not _routing.functorch_wrapped(tensors)
@@ -723,9 +751,9 @@ def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor,
             padding_idx, sparse=sparse, backend=backend, check=check)
     poll_errors()
     op = "multi_embedding_bag"
-    ws = _check_weights(op, weights)
+    ws, tables = _check_weights(op, weights)
     _check_options(op, sparse, backend)
-    bags = _validate(op, ws, indices, offsets, feature_table, mode, per_sample_weights, padding_idx, check)
+    bags = _validate(op, ws, indices, offsets, feature_table, mode, per_sample_weights, padding_idx, check, tables)
     return _run(op, ws, indices, offsets, bags, _kernel_psw(per_sample_weights, ws), sparse, backend)
 
 
@@ -774,7 +802,7 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
     poll_errors()
     op = "embedding_bag"
     check_torch_only(op, max_norm, norm_type, scale_grad_by_freq, mode)
-    ws = _check_weights(op, [weight], single=True)
+    ws, tables = _check_weights(op, [weight], single=True)
     _check_options(op, sparse, backend)
     _checks.check_bool(f"kfuse.{op}", "include_last_offset", include_last_offset)  # "False" is truthy
     if not isinstance(input, Tensor) or input.dtype not in _INTS or input.dim() not in (1, 2):
@@ -808,7 +836,7 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
         if not include_last_offset:
             offs = torch.cat([offs, offs.new_full((1,), input.shape[0])])
         indices = input
-    bags = _validate(op, ws, indices, offs, [0], mode, psw, padding_idx, check)
+    bags = _validate(op, ws, indices, offs, [0], mode, psw, padding_idx, check, tables)
     rename = functools.partial(_rename_for_embedding_bag, input_shape=tuple(input.shape), offsets=offsets,
                                include_last_offset=include_last_offset, rows=weight.shape[0])
     _LAST.record = None
