@@ -53,21 +53,38 @@ def per_call(fn: Callable[[], object], number: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--number", type=positive(int), default=2000, help="calls per repeat (default 2000)")
+    p.add_argument("--ops", default="lora,embedding,kv", help="which: lora, embedding, kv (default all)")
     args = p.parse_args()
+    ops = set(args.ops.split(","))
+    if not ops <= {"lora", "embedding", "kv"}:
+        p.error(f"--ops: lora, embedding or kv; got {args.ops!r}")
     stub(tl_)
     stub(te)
     stub(tkv)
+    if "lora" in ops:
+        lora_host(args.number)
+    if "embedding" in ops:
+        embedding_host(args.number)
+    if "kv" in ops:
+        kv_decode_host(args.number)
+        kv_cache_host(args.number)
+
+
+def lora_host(number: int) -> None:
     K = N = 4096
     for M in (1, 128, 4096):
         x = torch.randn(M, K).bfloat16()
         w = torch.randn(N, K).bfloat16()
         a, b = torch.randn(16, K), torch.randn(N, 16)
         us = per_call(lambda x=x, w=w, a=a, b=b: tl_.lora_forward(x, w, False, a, b, 2.0, None, None, None, 0.0, False),
-                      args.number)
+                      number)
         print(f"lora_forward      M={M:<5}                 {us:7.1f} us per call", flush=True)
         xh, wh = x.half(), w.half()
-        us = per_call(lambda x=xh, w=wh, a=a, b=b: kfuse.lora_linear(x, w, a, b, 2.0, backend="triton"), args.number)
+        us = per_call(lambda x=xh, w=wh, a=a, b=b: kfuse.lora_linear(x, w, a, b, 2.0, backend="triton"), number)
         print(f"  the op (lora_linear, fp16)                      {us:7.1f} us per call", flush=True)
+
+
+def embedding_host(number: int) -> None:
     for name, tables, batch in (("medical", (74_000, 79_000, 20_000), 4096), ("fbgemm", (1000,) * 32, 512)):
         ws = [torch.zeros(r, 128) for r in tables]
         t = len(ws)
@@ -75,18 +92,66 @@ def main() -> None:
         indices = torch.zeros(20 * t * batch, dtype=torch.int64)
         ft, pad = list(range(t)), [-1] * t
         us = per_call(lambda ws=ws, i=indices, o=offsets, ft=ft, pad=pad: te.forward(ws, i, o, ft, pad, 0, None),
-                      args.number)
+                      number)
         print(f"embedding forward {name:<8} {t:>2} tables, B={batch:<4} {us:7.1f} us per call", flush=True)
         us = per_call(lambda ws=ws, i=indices, o=offsets: kfuse.multi_embedding_bag(ws, i, o, backend="triton",
-                                                                                    check="async"), args.number)
+                                                                                    check="async"), number)
         print(f"  the op (multi_embedding_bag, check='async')      {us:7.1f} us per call", flush=True)
+
+
+def kv_decode_host(number: int) -> None:
     B, hq, hkv, d, pages = 32, 32, 8, 128, 32 * 256
     q = torch.randn(B, hq, d)
     kp = torch.zeros(pages, 16, hkv, d)
     table = torch.arange(pages, dtype=torch.int32).view(B, 256)
     ids, lens = torch.arange(B, dtype=torch.int32), torch.full((B,), 4096, dtype=torch.int32)
-    us = per_call(lambda: tkv.paged_decode(q, kp, kp, table, ids, lens, 4096, 0.088), args.number)
+    us = per_call(lambda: tkv.paged_decode(q, kp, kp, table, ids, lens, 4096, 0.088), number)
     print(f"kv paged_decode    B={B} hq={hq} hkv={hkv} ctx 4096    {us:7.1f} us per call (one layer)", flush=True)
+
+
+def kv_cache_host(number: int) -> None:
+    """The cache's own host work per call, on a CPU cache of one 8-wide head (its copies negligible): what a
+    CUDA cache runs too before its device replay. A decode step of 32 sequences over 2 layers (append of layer 0
+    opens the step, layer 1 appends, advance commits; ids as a list, as the Llama model passes them), rollback of
+    256 sequences by one page (tensors), and fork + free."""
+    c = kfuse.kv.PagedKVCache(2, 1, 8, 16, 32 * 64 + 256 * 64, 256 + 2, torch.float32, "cpu",
+                              max_pages_per_seq=64)
+    ids = [c.add_sequence() for _ in range(32)]
+    k1 = torch.zeros(32, 1, 8)
+    step = {"append, layer 0 (opens the step)": lambda: c.append(0, ids, k1, k1),
+            "append, layer 1": lambda: c.append(1, ids, k1, k1), "advance": lambda: c.advance(ids)}
+    times = {name: [] for name in step}
+    for _ in range(7):
+        c.rollback(ids, [0] * 32)
+        for _ in range(min(number, 1000)):  # 1000 tokens within the 64 pages
+            for name, fn in step.items():
+                t0 = timeit.default_timer()
+                fn()
+                times[name].append(timeit.default_timer() - t0)
+    for name, ts in times.items():
+        print(f"kv cache {name:34s} {min(ts) * 1e6:7.1f} us per call", flush=True)
+    for s in ids:
+        c.free(s)
+    many = torch.tensor([c.add_sequence() for _ in range(256)])
+    fill = torch.zeros(256 * 1000, 1, 8)
+    c.append(0, many, fill, fill, [1000] * 256)
+    c.append(1, many, fill, fill, [1000] * 256)
+    c.advance(many, [1000] * 256)
+    pad, sixteen, back = torch.zeros(256 * 16, 1, 8), torch.full((256,), 16), torch.full((256,), 1000)
+    ts = []
+    for _ in range(min(number, 500)):
+        c.append(0, many, pad, pad, sixteen)
+        c.append(1, many, pad, pad, sixteen)
+        c.advance(many, sixteen)
+        t0 = timeit.default_timer()
+        c.rollback(many, back)  # 1016 -> 1000 tokens: one page each
+        ts.append(timeit.default_timer() - t0)
+    print(f"kv cache rollback of 256 sequences by a page  {min(ts) * 1e6:7.1f} us per call", flush=True)
+
+    def fork_free() -> None:
+        c.free(c.fork(int(many[0]), 1000))
+
+    print(f"kv cache fork + free                         {per_call(fork_free, number):7.1f} us per call", flush=True)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ __all__ = ["PagedKVCache"]
 _INT_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
                          torch.uint64})
 _KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_PLAIN_INT = frozenset({int})
 
 
 def _index_tensor(x, what: str) -> Tensor:
@@ -100,7 +101,8 @@ def _index_tensor(x, what: str) -> Tensor:
         buf = array.array("q", x)
     except (TypeError, OverflowError) as e:
         raise ValueError(f"{what} must hold ints; got {list(x)!r}") from e
-    if any(isinstance(e, (bool, np.bool_)) for e in x):
+    # The element scan only where some element is not a plain int: 0.9 us for 32 ints where the scan took 4.2.
+    if not set(map(type, x)) <= _PLAIN_INT and any(isinstance(e, (bool, np.bool_)) for e in x):
         raise ValueError(f"{what} must hold ints, not bools; got {list(x)!r}")
     return torch.frombuffer(buf, dtype=torch.int64) if len(buf) else torch.zeros(0, dtype=torch.int64, device="cpu")
 
@@ -218,14 +220,18 @@ class PagedKVCache:
             self._append_kv = paged_append
         # Open step: None, or dict(ids, counts, pending (CPU int64; pending: [max_seqs] tokens of the
         # step per sequence), layers (set), slots (flat page · page_size + slot, device int64), commit
-        # (advance's device writes: offsets, values; None on an unmirrored cache)).
+        # (advance's device writes: offsets, int32 values; None on an unmirrored cache)).
         self._step: dict | None = None
+        self._pool_views: tuple | None = None  # see _layer_pools
         self._init_attrs = frozenset(self.__dict__) | {"_init_attrs"}  # the constructor's (see __reduce__)
 
     # ------------------------------------------------------------------ helpers
     def _dev(self, vals, dtype: torch.dtype = torch.int64) -> Tensor:
         """A host list or CPU tensor as a device tensor without a sync (pinned + non_blocking on CUDA)."""
-        t = vals.to(dtype) if isinstance(vals, Tensor) else torch.tensor(vals, dtype=dtype, device="cpu")
+        if isinstance(vals, Tensor):
+            t = vals if vals.dtype == dtype else vals.to(dtype)  # (a no-op .to costs ~2 us)
+        else:
+            t = torch.tensor(vals, dtype=dtype, device="cpu")
         if self.device.type == "cuda":
             self._not_capturing("a metadata update")  # the public methods check first; this backstops
             return t.pin_memory().to(self.device, non_blocking=True)
@@ -237,7 +243,10 @@ class PagedKVCache:
         if writes is not None and writes.shape[1]:
             try:
                 w = self._dev(writes)
-                self._scatter(w[0], w[1])
+                # flat[offsets] = values, the values as the low halves of their int64s (little-endian, as every
+                # platform torch runs CUDA on): row 1 of w's int32 view, even places; a strided view, where
+                # .to(torch.int32) was one more kernel (and w[1].view(...)[::2] two more views: ~2 us).
+                self._flat.index_copy_(0, w[0], w.view(torch.int32)[1, ::2])
             except BaseException:  # the host state changed: the device copy must not be left behind it
                 self._resync()
                 raise
@@ -249,12 +258,6 @@ class PagedKVCache:
         copy, on error paths only."""
         if self._mirrored:
             self._flat.copy_(self._h_flat)
-
-    def _scatter(self, offsets: Tensor, values: Tensor) -> None:
-        """``flat[offsets] = values`` on the device copy (device int64 ``[m]`` each, values within int32)."""
-        # The values as the low halves of their int64s (little-endian, as every platform torch runs CUDA
-        # on): a strided view, where .to(torch.int32) was one more kernel.
-        self._flat.index_copy_(0, offsets, values.view(torch.int32)[::2])
 
     def _ids(self, seq_ids, what: str = "seq_ids") -> Tensor:
         """Validated ids (in range, active, distinct) as a CPU int64 tensor."""
@@ -274,6 +277,9 @@ class PagedKVCache:
         return v
 
     def _check_id(self, seq_id, what: str) -> int:
+        # A plain int in range and active passes the checks below (8 us: a list, a tensor, C++) as it is.
+        if type(seq_id) is int and 0 <= seq_id < self.max_seqs and self._n_active[seq_id]:
+            return seq_id
         return int(self._ids([self._scalar(seq_id, what)], what)[0])
 
     def _not_capturing(self, op: str) -> None:
@@ -284,8 +290,12 @@ class PagedKVCache:
             raise RuntimeError(f"{op}: PagedKVCache operations cannot be captured in a CUDA graph directly "
                                "(their arguments cross from the host); use cache.graphed_rollback(n) for rollback")
 
-    @torch.inference_mode(False)  # written in place by appends, perhaps outside inference mode
     def _appended(self, external: bool) -> Tensor:
+        # Made outside inference mode (written in place by appends, perhaps outside it); the context only where
+        # it is on (the decorator cost ~3 us a step).
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return torch.full((self.num_layers,), external, dtype=torch.bool, device="cpu")
         return torch.full((self.num_layers,), external, dtype=torch.bool, device="cpu")
 
     def __reduce__(self) -> tuple:
@@ -329,7 +339,8 @@ class PagedKVCache:
         can be reused. Metadata only."""
         s = self._check_id(seq_id, "seq_id")
         self._no_step("free")
-        writes = self._host.rollback(torch.tensor([s], device="cpu"), torch.tensor([0], device="cpu"), False)
+        one = torch.full((1,), s, dtype=torch.int64, device="cpu")  # torch.tensor([s]) took ~7 us, twice
+        writes = self._host.rollback(one, torch.zeros_like(one), False)
         self._n_active[s] = 0  # the host's part done: the slot goes even if the device's replay fails
         self._replay(writes)
 
@@ -408,15 +419,27 @@ class PagedKVCache:
         self._not_capturing("append")
         st = self._step
         ids = _index_tensor(seq_ids, "seq_ids")
-        cnt = torch.ones_like(ids) if counts is None else _index_tensor(counts, "counts")
-        if cnt.numel() != ids.numel():
+        # counts=None: one token per sequence; its tensor is made only where one is needed (a step's record,
+        # a message): a later layer compares a flag (ones_like + sum + equal: ~9 us a layer).
+        cnt = None if counts is None else _index_tensor(counts, "counts")
+        if cnt is not None and cnt.numel() != ids.numel():
             raise ValueError(f"counts has {cnt.numel()} entries; seq_ids has {ids.numel()}")
         if st is None:
             self._host.check_ids(ids, "seq_ids")
-            cap = self.max_pages_per_seq * self.page_size
-            if (cnt < 0).any() or (cnt > cap).any():  # (before the sum, which huge counts would wrap)
-                raise ValueError(f"counts must be in [0, max_pages_per_seq*page_size = {cap}]; got {cnt.tolist()}")
-        total = int(cnt.sum())
+            if cnt is None:  # all 1, within [0, cap] (cap >= 1)
+                cnt, total = torch.ones_like(ids), ids.numel()
+            else:
+                cap = self.max_pages_per_seq * self.page_size
+                cl = cnt.tolist()  # one conversion where four tensor ops and a sum took ~15 us
+                if cl and (min(cl) < 0 or max(cl) > cap):  # (before the sum, which huge counts would wrap)
+                    raise ValueError(f"counts must be in [0, max_pages_per_seq*page_size = {cap}]; got {cl}")
+                total = sum(cl)  # each within [0, cap]: the int64 sum's value
+        else:
+            # Compared here, raised after the K/V checks as before. Equal ids and counts: the step's total.
+            same_cnt = (st["ones"] or torch.equal(torch.ones_like(ids), st["counts"])) if cnt is None \
+                else torch.equal(cnt, st["counts"])
+            same = same_cnt and torch.equal(ids, st["ids"])
+            total = ids.numel() if cnt is None else st["total"] if same_cnt else int(cnt.sum())
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, Tensor):
                 raise ValueError(f"{name} must be a tensor; got {type(t).__name__}")
@@ -437,7 +460,8 @@ class PagedKVCache:
         # source that shares the destination's memory, even where the slots differ, so such K/V are copied first.
         k, v = (t.clone() if t.untyped_storage().data_ptr() in pools else t for t in (k, v))
         if st is not None:
-            if not (torch.equal(ids, st["ids"]) and torch.equal(cnt, st["counts"])):
+            if not same:
+                cnt = torch.ones_like(ids) if cnt is None else cnt
                 raise ValueError(f"seq_ids/counts ({ids.tolist()}, {cnt.tolist()}) differ from the open step's "
                                  f"({st['ids'].tolist()}, {st['counts'].tolist()}); every layer appends the same "
                                  "tokens")
@@ -445,14 +469,16 @@ class PagedKVCache:
                 raise ValueError(f"layer {layer} already appended in this step; call advance() first")
             self._write(layer, st["slots"], k, v)
         else:
-            st = self._open_step(ids, cnt)  # validates capacity before mutating
+            # Fresh tensors (from a list, a conversion, ones_like) need no copy for the step's record.
+            st = self._open_step(ids, cnt, own=(ids is not seq_ids, cnt is not counts),
+                                 ones=counts is None, total=total)  # validates capacity before mutating
             try:
                 self._write(layer, st["slots"], k, v)
             except BaseException:  # e.g. pools made under torch.inference_mode(), written outside it
                 self.abort_step()  # no open step, no new pages held (a copy-on-write copy stays)
                 raise
         st["layers"].add(layer)
-        st["appended"].numpy()[layer] = True  # through numpy: 1.5 us where a tensor write took 3.4 (per layer)
+        st["appended_np"][layer] = True  # numpy view made once a step: 1.5 us where a tensor write took 3.4
 
     def _check_layer(self, layer: object) -> None:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
@@ -463,14 +489,36 @@ class PagedKVCache:
         slot`` (device int64 ``[total]``, distinct): one launch for both pools on CUDA, else one
         ``index_copy_`` per pool; no checks, no host work (also the body of a captured decode step,
         ``kfuse.models.llama.DecodeGraphs``, which runs under ``torch.no_grad``)."""
+        kp, vp = self.k_pages, self.v_pages
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or kp.requires_grad or vp.requires_grad):
+            # Autograd records this write (K/V given to _write directly, with grad): fresh views, as before; a
+            # cached one may predate the pools' history (made under no_grad, it refused the in-place write).
+            shape = (-1, self.num_kv_heads, self.head_dim)
+            kl, vl = kp[layer], vp[layer]
+            k_rows, v_rows = kl.view(shape), vl.view(shape)
+        else:
+            kl, vl, k_rows, v_rows = self._layer_pools(layer)
         if self._append_kv is not None:
-            self._append_kv(self.k_pages[layer], self.v_pages[layer], slots, k.resolve_neg(), v.resolve_neg())
+            self._append_kv(kl, vl, slots, k.resolve_neg(), v.resolve_neg())
             return
-        shape = (-1, self.num_kv_heads, self.head_dim)
-        self.k_pages[layer].view(shape).index_copy_(0, slots, k)
-        self.v_pages[layer].view(shape).index_copy_(0, slots, v)
+        k_rows.index_copy_(0, slots, k)
+        v_rows.index_copy_(0, slots, v)
 
-    def _open_step(self, ids: Tensor, cnt: Tensor, *, external: bool = False) -> dict:
+    def _layer_pools(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``k_pages[layer]``, ``v_pages[layer]`` and their ``[-1, num_kv_heads, head_dim]`` views, made once for
+        every layer (two selects and two views took ~8 us a layer, each append), again when ``k_pages`` or
+        ``v_pages`` is replaced (tests/fake_cuda.py does). Made outside inference mode: a view made inside it
+        refuses in-place writes outside it. Used for writes autograd does not record (see :meth:`_write`)."""
+        kp, vp, pv = self.k_pages, self.v_pages, self._pool_views
+        if pv is None or pv[0] is not kp or pv[1] is not vp:
+            shape = (-1, self.num_kv_heads, self.head_dim)
+            with torch.inference_mode(False):
+                pv = self._pool_views = (kp, vp, [(kp[i], vp[i], kp[i].view(shape), vp[i].view(shape))
+                                                  for i in range(self.num_layers)])
+        return pv[2][layer]
+
+    def _open_step(self, ids: Tensor, cnt: Tensor, *, external: bool = False, own: tuple[bool, bool] = (False, False),
+                   ones: bool = False, total: int | None = None) -> dict:
         """Open a step for validated ``ids`` with ``cnt`` tokens each: checks capacity, then updates the host
         state (and replays its writes to a mirrored device copy), copying shared partial pages first.
 
@@ -482,10 +530,14 @@ class PagedKVCache:
         plan), where :meth:`_write` puts each layer's K/V. On a mirrored cache they cross in one
         host-to-device copy with the step's metadata writes and with :meth:`advance`'s writes
         (``seq_lens[ids] + cnt``, known now: nothing may change a length while the step is open), so a
-        step that takes no page makes one copy where it made two and :meth:`advance` none."""
+        step that takes no page makes one copy where it made two and :meth:`advance` none.
+
+        ``own``: whether ``ids``, ``cnt`` are already the cache's own tensors (made by the caller, not the
+        caller's caller's: no copy needed for the record); ``ones``: ``cnt`` is all ones; ``total``: its sum
+        if known."""
         plan, m, cow_src, cow_dst = self._host.plan_step(ids, cnt)
         try:
-            return self._open_planned_step(ids, cnt, external, plan, m, cow_src, cow_dst)
+            return self._open_planned_step(ids, cnt, external, plan, m, cow_src, cow_dst, own, ones, total)
         except BaseException:
             # plan_step has taken pages and pointed table entries at them (at a copy-on-write page's fresh
             # copy too): an error before the step was recorded (out of memory, an interrupt) left them
@@ -500,7 +552,8 @@ class PagedKVCache:
             raise
 
     def _open_planned_step(self, ids: Tensor, cnt: Tensor, external: bool, plan: Tensor, m: int, cow_src: Tensor,
-                           cow_dst: Tensor) -> dict:
+                           cow_dst: Tensor, own: tuple[bool, bool] = (False, False), ones: bool = False,
+                           total: int | None = None) -> dict:
         """:meth:`_open_step` after the host's plan: the copy-on-write copies, the device copy's update, the
         step's record."""
         if cow_src.numel():
@@ -511,18 +564,23 @@ class PagedKVCache:
         if self._mirrored:  # plan: m writes (offsets, values), advance's n (offsets, values), the slots
             n = ids.numel()
             dev = self._dev(plan)
+            dv = dev.view(torch.int32)  # the int64 values' low halves at even places (see _replay): one view for all
             if m:
-                self._scatter(dev[:m], dev[m:2 * m])
-            commit = (dev[2 * m:2 * m + n], dev[2 * m + n:2 * m + 2 * n])
+                self._flat.index_copy_(0, dev[:m], dv[2 * m:4 * m:2])
+            commit = (dev[2 * m:2 * m + n], dv[2 * (2 * m + n):2 * (2 * m + 2 * n):2])  # offsets, int32 values
             slots = (plan if external else dev)[2 * m + 2 * n:]
         pending = torch.zeros(self.max_seqs, dtype=torch.int64, device="cpu")
         pending[ids] = cnt
         # Copies: ids/counts may be the caller's own tensors (_index_tensor returns a contiguous CPU int64
         # tensor as it is), and a write to them while the step is open must not change the step's record.
-        self._step = {"ids": ids.clone(), "counts": cnt.clone(),
+        appended = self._appended(external)
+        self._step = {"ids": ids if own[0] else ids.clone(), "counts": cnt if own[1] else cnt.clone(),
                       "layers": set(range(self.num_layers)) if external else set(), "pending": pending,
                       # "layers" as a tensor, for compiled attention (see kfuse.ops.kv._validate)
-                      "appended": self._appended(external),
+                      "appended": appended, "appended_np": appended.numpy(),
+                      # counts known to be all 1 (else compared as tensors), their sum: what append and advance
+                      # use in place of tensor ops
+                      "ones": ones, "total": int(cnt.sum()) if total is None else total,
                       "slots": slots, "commit": commit}
         return self._step
 
@@ -531,19 +589,22 @@ class PagedKVCache:
         step's and every layer must have appended; otherwise ``ValueError`` and nothing changes."""
         self._not_capturing("advance")
         ids = _index_tensor(seq_ids, "seq_ids")
-        cnt = torch.ones_like(ids) if counts is None else _index_tensor(counts, "counts")
+        cnt = None if counts is None else _index_tensor(counts, "counts")  # None: all 1 (see append)
         st = self._step
         if st is None:
             raise ValueError("advance: no step is open (append() every layer first)")
-        if not (torch.equal(ids, st["ids"]) and torch.equal(cnt, st["counts"])):
+        same_cnt = (st["ones"] or torch.equal(torch.ones_like(ids), st["counts"])) if cnt is None \
+            else torch.equal(cnt, st["counts"])
+        if not (torch.equal(ids, st["ids"]) and same_cnt):
+            cnt = torch.ones_like(ids) if cnt is None else cnt
             raise ValueError(f"advance: seq_ids/counts ({ids.tolist()}, {cnt.tolist()}) differ from the open step's "
                              f"({st['ids'].tolist()}, {st['counts'].tolist()})")
-        missing = sorted(set(range(self.num_layers)) - st["layers"])
-        if missing:
+        if len(st["layers"]) != self.num_layers:  # it holds only valid layers: a full set is every layer
+            missing = sorted(set(range(self.num_layers)) - st["layers"])
             raise ValueError(f"advance: layers {missing} have not appended in this step (layer count mismatch)")
-        self._host.advance(ids, cnt)  # host lengths (C++)
-        if st["commit"] is not None:  # the device copy's, sent when the step opened
-            self._scatter(*st["commit"])
+        self._host.advance(st["ids"], st["counts"])  # host lengths (C++); equal to ids, counts
+        if st["commit"] is not None:  # the device copy's, sent when the step opened (values already int32)
+            self._flat.index_copy_(0, *st["commit"])
         self._step = None
 
     def abort_step(self) -> None:
