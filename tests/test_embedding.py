@@ -2291,6 +2291,44 @@ def no_pending_checks():
     E._DEFERRED.clear()
 
 
+def test_async_check_waits_for_a_flag_another_thread_is_looking_at(no_pending_checks):
+    """check_embedding_errors() (waiting) returned cleanly after this thread's bad check="async" call when
+    another thread's call polled the flags meanwhile: the poll took every pending record off the list while
+    it asked each whether its flag had arrived (concurrency hunt, 2026-12-05). The flag here is on its way,
+    as a GPU's is until its event completes; the other thread asks about it exactly when this one checks."""
+    import threading  # noqa: PLC0415
+
+    asked, checked = threading.Event(), threading.Event()
+
+    class OnItsWay:  # a torch.cuda.Event stand-in: its copy completes when waited for
+        done = False
+
+        def query(self) -> bool:
+            if threading.current_thread() is not threading.main_thread():
+                asked.set()
+                checked.wait(0.5)  # the main thread checks while this poll looks at the flag
+            return self.done
+
+        def synchronize(self) -> None:
+            self.done = True
+
+    w = torch.randn(10, 4)
+    idx, off = torch.tensor([1, 12]), torch.tensor([0, 2])
+    bags = E._validate("multi_embedding_bag", [w], idx, off, None, "sum", None, None, "async")
+    flag = torch.tensor([1, te.NO_ERROR], dtype=torch.int32)  # what the kernel records: indices[1] is bad
+    E._DEFERRED.append(E._Deferred(flag, OnItsWay(), [10], idx, off, bags))
+    poll = threading.Thread(target=E.poll_errors)
+    poll.start()
+    assert asked.wait(5)
+    try:
+        with pytest.raises(IndexError, match=r"indices\[1\] = 12 is out of range \[0, 10\)"):
+            kfuse.check_embedding_errors()
+    finally:
+        checked.set()
+        poll.join()
+    assert not E._DEFERRED
+
+
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_async_pending_check_holds_no_table(device, no_pending_checks):
     """A pending check="async" call kept its tables alive (for the row counts its error names), so a deleted

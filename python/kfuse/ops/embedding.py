@@ -302,7 +302,9 @@ def _check_values(op: str, rows: Sequence[int], indices: Tensor, offsets: Tensor
 #: - ``"async"``: the flag goes to pinned host memory with the call's stream; a later call of either op
 #:   (any check mode) raises the error once the flag has arrived, naming the earlier call's argument, and
 #:   :func:`check_embedding_errors` raises it on demand (at the end of an epoch, say). Nothing is read
-#:   under CUDA-graph capture (a replay reports nothing).
+#:   under CUDA-graph capture (a replay reports nothing). The pending flags are the process's, not a
+#:   thread's: with several threads (a server's requests), a call may raise another thread's earlier error,
+#:   so where threads must not see each other's bad input use ``"sync"``.
 CHECKS = ("sync", "async")
 
 
@@ -333,6 +335,11 @@ class _Deferred:
 
 
 _DEFERRED: list[_Deferred] = []
+# Guards _DEFERRED: a record leaves it only once its flag has been taken for checking, so no thread can find
+# the list emptied by another thread's look at flags still on their way (concurrency hunt, 2026-12-05:
+# check_embedding_errors() returned cleanly after this thread's bad call while another thread's poll held
+# every pending record aside; 33 of 300 tries).
+_DEFERRED_LOCK = threading.Lock()
 # The calling thread's last _Deferred record: embedding_bag names its own record's error, not one another
 # thread appended meanwhile (concurrency review 2026-12-05: it took _DEFERRED[-1]).
 _LAST = threading.local()
@@ -350,7 +357,8 @@ def _defer(flag: Tensor, weights: list[Tensor], indices: Tensor, offsets: Tensor
         flag = host
     rows = _rows(weights) if bags.tables is None else list(bags.tables.key[1::3])
     record = _Deferred(flag, event, rows, indices, offsets, bags)
-    _DEFERRED.append(record)
+    with _DEFERRED_LOCK:
+        _DEFERRED.append(record)
     _LAST.record = weakref.ref(record)  # (a reference would keep its tensors after it is reported)
 
 
@@ -365,22 +373,19 @@ def check_embedding_errors(wait: bool = True) -> None:
         IndexError (an index outside its table) or ValueError (bad offsets), as the call would have with
         ``check="sync"``, naming that call's argument.
     """
-    keep = []
-    try:
-        while _DEFERRED:
-            d = _DEFERRED.pop(0)
-            if d.event is not None and not d.event.query():
-                if not wait:
-                    keep.append(d)
-                    continue
-                d.event.synchronize()
-            if d.flag.tolist() != [_tk().NO_ERROR, _tk().NO_ERROR]:
-                err = _deferred_error(d)
-                err = (d.rename(err) if d.rename is not None else None) or err
-                raise type(err)(f"{err} [found after that call returned: check='async'; positions count the "
-                                "call's flattened indices]") from None
-    finally:
-        _DEFERRED[:0] = keep
+    while True:
+        with _DEFERRED_LOCK:  # the oldest record to check: any when waiting, else one whose flag has arrived
+            i = next((i for i, d in enumerate(_DEFERRED) if wait or d.event is None or d.event.query()), None)
+            if i is None:
+                return
+            d = _DEFERRED.pop(i)
+        if d.event is not None:
+            d.event.synchronize()  # (outside the lock: other threads' calls go on meanwhile)
+        if d.flag.tolist() != [_tk().NO_ERROR, _tk().NO_ERROR]:
+            err = _deferred_error(d)
+            err = (d.rename(err) if d.rename is not None else None) or err
+            raise type(err)(f"{err} [found after that call returned: check='async'; positions count the "
+                            "call's flattened indices]") from None
 
 
 def poll_errors() -> None:
