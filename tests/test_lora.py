@@ -983,6 +983,49 @@ def test_multi_lora_module(seed: int) -> None:
         multi.add_adapter(torch.randn(2, 20), torch.randn(12, 3), 1.0)
 
 
+def test_multi_lora_forward_on_another_thread_reads_one_set_of_stacks() -> None:
+    """A server's forward on one thread read the new A_stack beside the old ranks while another thread added
+    an adapter (add_adapter set the four buffers one after another), and failed: 349 spurious errors in 300
+    adds (concurrency hunt, 2026-12-05). Here the other thread's forward comes exactly after A_stack is set;
+    it must see the old set or the new one, whole."""
+    import threading  # noqa: PLC0415
+
+    from kfuse.nn import MultiLoRALinear  # noqa: PLC0415
+
+    results: list = []
+    threads: list[threading.Thread] = []
+
+    class Watched(MultiLoRALinear):
+        def __setattr__(self, name: str, value: object) -> None:
+            super().__setattr__(name, value)
+            if name == "A_stack" and self.__dict__.get("watch"):
+                def serve() -> None:
+                    try:
+                        with torch.no_grad():
+                            results.append(self(x, ids))
+                    except Exception as e:  # noqa: BLE001 (the test reports it)
+                        results.append(e)
+
+                threads.append(threading.Thread(target=serve))
+                threads[-1].start()
+                threads[-1].join(0.5)  # it runs here, or waits for the other three buffers
+
+    gen = torch.Generator().manual_seed(0)
+    m = Watched(16, 12, backend="cpu")
+    m.add_adapter(torch.randn(4, 16, generator=gen), torch.randn(12, 4, generator=gen), 0.5)
+    x, ids = torch.randn(5, 16, generator=gen), torch.tensor([0, -1, 0, 0, -1])
+    with torch.no_grad():
+        expected = m(x, ids)
+    m.__dict__["watch"] = True
+    m.add_adapter(torch.randn(4, 16, generator=gen), torch.randn(12, 4, generator=gen), 2.0)
+    m.__dict__["watch"] = False
+    for t in threads:
+        t.join()
+    assert len(results) == 1
+    assert not isinstance(results[0], Exception), results[0]
+    assert torch.equal(results[0], expected)
+
+
 def test_multi_lora_failed_load_keeps_the_adapters() -> None:
     """A load whose copy fails (here a checkpoint of meta tensors, which have no values) raises, as torch's;
     the stacks, resized for it, kept uninitialised memory: the adapters were gone and the next forward

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from typing import Any
 
@@ -17,6 +18,12 @@ from kfuse import _checks, _routing
 from kfuse.nn._buffers import apply_keeping_dtype
 from kfuse.ops.lora import BACKENDS, _check_tensor, _check_x_weight, lora_linear, lora_linear_multi
 from kfuse.reference.lora import acc_dtype
+
+# MultiLoRALinear's four adapter buffers are replaced together (add_adapter, a load that resizes them,
+# reset_parameters) and read together by forward, under this lock: a server thread's forward read the new
+# A_stack beside the old ranks while another thread hot-added an adapter, and failed (349 spurious errors in
+# 300 adds; concurrency hunt, 2026-12-05). Re-entrant: a load restores its stacks through _set_stacks.
+_STACKS_LOCK = threading.RLock()
 
 
 def _check_backend(cls: str, backend: object) -> str:
@@ -373,10 +380,11 @@ class MultiLoRALinear(nn.Module):
     def _no_adapters(self, adapter_dtype: torch.dtype) -> None:
         """Empty stacks (no adapter) in ``adapter_dtype``, on the base weight's device."""
         dev, K, N = self.weight.device, self.in_features, self.out_features
-        self.A_stack = torch.zeros(0, 0, K, device=dev, dtype=adapter_dtype)
-        self.B_stack = torch.zeros(0, N, 0, device=dev, dtype=adapter_dtype)
-        self.scalings = torch.zeros(0, device=dev, dtype=acc_dtype(self.weight.dtype))
-        self.ranks = torch.zeros(0, device=dev, dtype=torch.int32)
+        self._set_stacks(("A_stack", "B_stack", "scalings", "ranks"),
+                         [torch.zeros(0, 0, K, device=dev, dtype=adapter_dtype),
+                          torch.zeros(0, N, 0, device=dev, dtype=adapter_dtype),
+                          torch.zeros(0, device=dev, dtype=acc_dtype(self.weight.dtype)),
+                          torch.zeros(0, device=dev, dtype=torch.int32)])
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -450,7 +458,7 @@ class MultiLoRALinear(nn.Module):
         ranks = torch.cat([self.ranks, self.ranks.new_tensor([r])])
         # All four built before any is set: a failure above (out of memory) left grown stacks beside
         # the old scalings, and every later forward refused them (exceptions hunt).
-        self.A_stack, self.B_stack, self.scalings, self.ranks = A, B, scalings, ranks
+        self._set_stacks(("A_stack", "B_stack", "scalings", "ranks"), [A, B, scalings, ranks])
         return L
 
     @torch.inference_mode(False)  # stacks made here replace the buffers: see add_adapter
@@ -462,42 +470,49 @@ class MultiLoRALinear(nn.Module):
         # (ranks [L] of another layer's stacks): keep all four as they were and say why.
         names = ("A_stack", "B_stack", "scalings", "ranks")
         if any(prefix + n in state_dict for n in names):
-            new = [state_dict.get(prefix + n, getattr(self, n)) for n in names]
-            # Copies: torch's load copies in place into the stacks whose shape does not change.
-            kept = [getattr(self, n).clone() for n in names]
-            if self._fits(*new):
-                for name, t in zip(names, new, strict=True):
-                    if t.shape != getattr(self, name).shape:
-                        setattr(self, name, getattr(self, name).new_empty(t.shape))
-                errors = len(error_msgs)
-                try:
-                    super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                                  unexpected_keys, error_msgs)
-                except BaseException:
-                    self._set_stacks(names, kept)
-                    raise
-                if len(error_msgs) > errors:
-                    # A copy failed (torch records it and raises after the whole load): the stacks resized
-                    # for it held uninitialised memory, and the next forward read garbage ranks
-                    # (state-after-errors hunt, 2026-12-05). The layer keeps its adapters.
-                    self._set_stacks(names, kept)
-                return
-            else:
-                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                              unexpected_keys, error_msgs)
-                self._set_stacks(names, kept)
-                shapes = ", ".join(f"{n} {list(t.shape) if isinstance(t, Tensor) else type(t).__name__}"
-                                   for n, t in zip(names, new, strict=True))
-                error_msgs.append(f"MultiLoRALinear: the adapter stacks ({shapes}) are not a consistent set for "
-                                  f"this layer: A_stack [L, r, K={self.in_features}], B_stack [L, "
-                                  f"N={self.out_features}, r], scalings [L], ranks [L]; none of them was loaded")
-                return
+            with _STACKS_LOCK:  # a forward meanwhile reads the stacks before or after, not resized ones
+                self._load_stacks(names, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                  error_msgs)
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def _load_stacks(self, names: tuple[str, ...], state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                     missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        """The stacks' part of _load_from_state_dict (under _STACKS_LOCK)."""
+        new = [state_dict.get(prefix + n, getattr(self, n)) for n in names]
+        # Copies: torch's load copies in place into the stacks whose shape does not change.
+        kept = [getattr(self, n).clone() for n in names]
+        if self._fits(*new):
+            for name, t in zip(names, new, strict=True):
+                if t.shape != getattr(self, name).shape:
+                    setattr(self, name, getattr(self, name).new_empty(t.shape))
+            errors = len(error_msgs)
+            try:
+                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                              unexpected_keys, error_msgs)
+            except BaseException:
+                self._set_stacks(names, kept)
+                raise
+            if len(error_msgs) > errors:
+                # A copy failed (torch records it and raises after the whole load): the stacks resized
+                # for it held uninitialised memory, and the next forward read garbage ranks
+                # (state-after-errors hunt, 2026-12-05). The layer keeps its adapters.
+                self._set_stacks(names, kept)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._set_stacks(names, kept)
+        shapes = ", ".join(f"{n} {list(t.shape) if isinstance(t, Tensor) else type(t).__name__}"
+                           for n, t in zip(names, new, strict=True))
+        error_msgs.append(f"MultiLoRALinear: the adapter stacks ({shapes}) are not a consistent set for "
+                          f"this layer: A_stack [L, r, K={self.in_features}], B_stack [L, "
+                          f"N={self.out_features}, r], scalings [L], ranks [L]; none of them was loaded")
+
     def _set_stacks(self, names: tuple[str, ...], stacks: list[Tensor]) -> None:
-        for name, t in zip(names, stacks, strict=True):
-            setattr(self, name, t)
+        with _STACKS_LOCK:
+            for name, t in zip(names, stacks, strict=True):
+                setattr(self, name, t)
 
     def _fits(self, A: object, B: object, scalings: object, ranks: object) -> bool:
         if not all(isinstance(t, Tensor) for t in (A, B, scalings, ranks)) or A.ndim != 3:
@@ -512,8 +527,12 @@ class MultiLoRALinear(nn.Module):
                 and adapter_ids.shape[0] == x.shape[0] and adapter_ids.shape[0] != math.prod(x.shape[:-1])):
             # One id per leading index (a sequence of [B, T, K]): the same for all its rows.
             adapter_ids = adapter_ids.view(-1, *([1] * (x.ndim - 2))).expand(x.shape[:-1])
-        return lora_linear_multi(x, self.weight, self.A_stack, self.B_stack, self.scalings, self.ranks, adapter_ids,
-                                 self.bias, self.fan_in_fan_out, self.backend)
+        if torch.compiler.is_compiling():  # (Dynamo traces no lock; a graph's stacks are its own anyway)
+            stacks = (self.A_stack, self.B_stack, self.scalings, self.ranks)
+        else:
+            with _STACKS_LOCK:  # the four of one set (see _STACKS_LOCK)
+                stacks = (self.A_stack, self.B_stack, self.scalings, self.ranks)
+        return lora_linear_multi(x, self.weight, *stacks, adapter_ids, self.bias, self.fan_in_fan_out, self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.num_adapters}, "
