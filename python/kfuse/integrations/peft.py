@@ -174,6 +174,8 @@ class FusedLinear(_lora.Linear):
     layer. A class binds ``self`` to whichever module is called, and pickles by name."""
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """PEFT's ``lora.Linear.forward`` (same arguments) on kfuse's kernels, or PEFT's own where kfuse cannot
+        serve the call."""
         return _fused_forward(self, x, *args, **kwargs)
 
 

@@ -258,9 +258,11 @@ class CodeEmbedding(nn.Module):
 
     @property
     def out_dim(self) -> int:
+        """Width of the output: ``T·D`` (domains × dim)."""
         return len(self.domains) * self.dim
 
     def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
+        """``[B, T·D]``: each domain's pooled codes side by side (the class docstring gives the layout)."""
         return self.tables(indices, offsets, per_sample_weights)
 
     def update(self) -> None:
@@ -384,6 +386,9 @@ class GeneralCodeEmbedding(nn.Module):
 
     def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor, targets: Tensor,
                 negatives: Tensor) -> Tensor:
+        """The batch's mean negative-sampling loss (a 0-d tensor) for contexts ``indices [N]``, ``offsets
+        [T·B + 1]`` with ``per_sample_weights [N]`` (float32), targets ``[B]`` and ``negatives [B, K]`` (rows of
+        the all-codes context table: :meth:`sample_negatives`)."""
         b, k1 = targets.shape[0], negatives.shape[1] + 1
         # cbow_batch's float32 weights: float64 tables take them in float64.
         psw = per_sample_weights.to(acc_dtype(self.codes.weights[0].dtype))
@@ -396,6 +401,7 @@ class GeneralCodeEmbedding(nn.Module):
         return F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / max(b, 1)
 
     def update(self) -> None:
+        """After a backward: both tables' optimizer steps (see :meth:`CodeEmbedding.update`)."""
         self.codes.update()
         self.context.update()
 
@@ -506,6 +512,7 @@ class CodeOutcomeModel(nn.Module):
             self.head = nn.Linear(width, 1).to(device)
 
     def head_parameters(self) -> list[nn.Parameter]:
+        """The outcome head's parameters, for a torch optimizer (the task tables update themselves)."""
         return list(self.head.parameters())
 
     def _general_features(self, indices: Tensor, offsets: Tensor) -> Tensor:
@@ -555,6 +562,7 @@ class CodeOutcomeModel(nn.Module):
         return torch.cat(out) if out else torch.zeros(0, self.general.out_dim, device=dev)
 
     def update(self) -> None:
+        """After a backward: the task tables' optimizer step (the general ones are frozen)."""
         if self.task is not None:
             self.task.update()
 

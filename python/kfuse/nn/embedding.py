@@ -84,6 +84,7 @@ class EmbeddingBag(nn.Module):
             self.weight = nn.Parameter(_weight)
 
     def reset_parameters(self) -> None:
+        """The table drawn from N(0, 1), as ``torch.nn.EmbeddingBag``'s, its padding row zero."""
         nn.init.normal_(self.weight)
         if self.padding_idx is not None:
             with torch.no_grad():
@@ -120,6 +121,9 @@ class EmbeddingBag(nn.Module):
         return m
 
     def forward(self, input: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
+        """``[B, embedding_dim]`` for ``input [N]`` with ``offsets`` (``[B]``, or ``[B + 1]`` with
+        ``include_last_offset``) or ``input [B, L]``: :func:`kfuse.embedding_bag` with this module's table and
+        options."""
         # torch's module reads max_norm, norm_type and scale_grad_by_freq at every forward: one set after
         # construction meets the constructor's error rather than being ignored.
         return E.embedding_bag(input, self.weight, offsets, self.mode, per_sample_weights, self.include_last_offset,
@@ -186,7 +190,9 @@ class MultiTableEmbeddingBag(nn.Module):
             :data:`kfuse.ops.embedding.CHECKS`).
 
     Parameters: ``weights.{t}`` ``[rows_t, dim_t]``, initialised uniformly in ``±sqrt(1/rows_t)`` (FBGEMM's
-    choice), padding rows zero. Fused-optimizer state lives in buffers (``state_dict`` saves and
+    choice), padding rows zero; with a fused optimizer also ``_grad_anchor`` (``[0]``, not saved: its gradient
+    tells the backward whether to update, and marks the module as used for ``DistributedDataParallel``).
+    Fused-optimizer state lives in buffers (``state_dict`` saves and
     restores it, with the step count): ``momentum1_{t}`` (row-wise Adagrad ``[rows_t]``; Adam's m
     ``[rows_t, dim_t]``), ``momentum2_{t}`` (Adam's v; empty for the others), float32 (float64 for float64 tables), and
     ``optimizer_step`` (int64, the updates applied, on the CPU whatever the tables' device; a checkpoint's

@@ -345,7 +345,8 @@ class MultiLoRALinear(nn.Module):
         in_features: K. out_features: N.
         bias: whether the base layer has a bias. fan_in_fan_out: base weight stored ``[K, N]``.
         backend: passed to :func:`kfuse.lora_linear_multi`.
-        device, dtype: of the base layer. adapter_dtype: of the stacks (float32 by default).
+        device, dtype: of the base layer. adapter_dtype: of the stacks (float32 by default;
+        float64 for a float64 layer).
     Parameters:
         weight ``[N, K]`` (``[K, N]``), bias ``[N]`` or None: frozen, initialised as ``nn.Linear``'s.
     Shape:

@@ -791,8 +791,9 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
             ``include_last_offset``; int32 or int64 (when input's dtype differs, both are taken as
             int64, as torch does).
         mode: ``"mean"`` (the default, as torch's) or ``"sum"``.
-        per_sample_weights (same shape as input, ``sum`` only), padding_idx, sparse, backend, check: as
-            :func:`multi_embedding_bag` (the first four as torch's).
+        per_sample_weights (same shape as input, ``sum`` only, in weight's dtype: unlike
+            :func:`multi_embedding_bag`, not float32 with half tables, as torch refuses them), padding_idx, sparse,
+            backend, check: as :func:`multi_embedding_bag` (the first four as torch's).
         max_norm, norm_type, scale_grad_by_freq: torch's, taken by keyword at their defaults only
             (not implemented: anything else raises). The positional order is kfuse's (mode fourth).
     Returns:
