@@ -153,6 +153,8 @@ def autocast_dtype(x: object) -> torch.dtype | None:
     would cast ``x`` (float32, float16 or bfloat16; autocast leaves float64 alone); else None. A
     matmul op that calls torch's GEMMs inside (LoRA) must apply autocast's casts itself and run with
     it disabled: otherwise its inner calls are cast one by one and meet in mixed dtypes."""
+    if not torch._C._is_any_autocast_enabled():  # the common case: 0.13 us against ~1.5 us for the rest
+        return None
     if not isinstance(x, Tensor) or x.dtype not in _AUTOCAST_CASTS or x.device.type not in ("cpu", "cuda"):
         return None
     dev = x.device.type
