@@ -265,6 +265,35 @@ def test_one_pass_over_the_tables_takes_ordinary_tables_only():
         assert_close(g, gr, torch.float64, backend)
 
 
+def test_module_reads_its_tables_by_position_after_parametrizations():
+    """The module reads its ParameterList's entries directly (host time); it took them in the dict's order,
+    which a removed parametrization changes (the table re-registered last: features read each other's tables),
+    and a pruned table's unpruned original (review of the change, 2026-12-05). Outputs are those of the tables
+    ``m.weights[t]`` gives."""
+    import numpy as np  # noqa: PLC0415
+    from torch.nn.utils import parametrize, prune  # noqa: PLC0415
+
+    class Twice(torch.nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    m = MultiTableEmbeddingBag([(6, 3), (6, 3)], backend="cpu")
+    idx, off = torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2, 4])
+
+    def expected() -> torch.Tensor:
+        return kfuse.multi_embedding_bag([m.weights[0], m.weights[1]], idx, off, backend="reference")
+
+    parametrize.register_parametrization(m.weights, "0", Twice())
+    assert torch.equal(m(idx, off), expected())
+    parametrize.remove_parametrizations(m.weights, "0")  # '0' now after '1' in the dict
+    assert list(m.weights._parameters) == ["1", "0"]
+    assert torch.equal(m(idx, off), expected())
+    prune.random_unstructured(m.weights, "1", amount=0.5)
+    assert torch.equal(m(idx, off), expected())
+    with pytest.raises(ValueError, match=r"padding_idx array\(\[1, 2\]\) for table 1 must be within"):
+        kfuse.multi_embedding_bag([m.weights[0], m.weights[1]], idx, off, padding_idx=[None, np.array([1, 2])])
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam"])
 def test_fused_module_refuses_memory_shared_with_its_tables(optimizer):
     """The fused update writes tables and states in place while reading them: two tables on one storage

@@ -1769,3 +1769,25 @@ def test_device_named_without_or_with_an_index_takes_tensors_on_it(device):
     got = kfuse.paged_decode_attention(q, cache, 0, [sid])
     want = F.scaled_dot_product_attention(q.view(1, HKV, 1, D), k.transpose(0, 1)[None], -k.transpose(0, 1)[None])
     assert_close(got.view(1, HKV, D), want.view(1, HKV, D), torch.float32)
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_appends_follow_pools_replaced_in_place(mirror):
+    """The cache keeps each layer's pool views between appends (host time); a pool given new memory in place
+    (``k_pages.data = ...``) was written through the old views, and attention read the new, empty pool
+    (review of the change, 2026-12-05). Appends go where the pools now are."""
+    c = make(_mirror=mirror)
+    s = c.add_sequence()
+    gen = torch.Generator().manual_seed(0)
+    kv = [torch.randn(2, HKV, D, generator=gen) for _ in range(4)]
+    for layer in range(L):
+        c.append(layer, [s], kv[0], kv[1], [2])
+    c.advance([s], [2])
+    c.k_pages.data = c.k_pages.clone()
+    c.v_pages.data = c.v_pages.clone()
+    for layer in range(L):
+        c.append(layer, [s], kv[2], kv[3], [2])
+    c.advance([s], [2])
+    for layer in range(L):
+        k, v = gather_kv(c, layer, s)
+        assert torch.equal(k, torch.cat([kv[0], kv[2]])) and torch.equal(v, torch.cat([kv[1], kv[3]])), layer

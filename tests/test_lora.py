@@ -1026,6 +1026,29 @@ def test_multi_lora_forward_on_another_thread_reads_one_set_of_stacks() -> None:
     assert torch.equal(results[0], expected)
 
 
+def test_multi_lora_load_holds_up_no_other_layer() -> None:
+    """The stacks' lock was one for every layer and a load runs user hooks under it: a hook waiting for another
+    layer's forward on another thread waited forever (review of the change, 2026-12-05). Each layer has its
+    own."""
+    import threading  # noqa: PLC0415
+
+    from kfuse.nn import MultiLoRALinear  # noqa: PLC0415
+
+    m1, m2 = MultiLoRALinear(8, 6, backend="cpu"), MultiLoRALinear(8, 6, backend="cpu")
+    m1.add_adapter(torch.randn(2, 8), torch.randn(6, 2), 1.0)
+    m2.add_adapter(torch.randn(2, 8), torch.randn(6, 2), 1.0)
+    done = []
+
+    def hook(*args: object) -> None:
+        t = threading.Thread(target=lambda: done.append(m2(torch.randn(3, 8), torch.tensor([0, -1, 0]))))
+        t.start()
+        t.join(5)
+
+    m1._register_load_state_dict_pre_hook(hook)
+    m1.load_state_dict(m1.state_dict())
+    assert len(done) == 1, "the other layer's forward waited for this layer's load"
+
+
 def test_multi_lora_failed_load_keeps_the_adapters() -> None:
     """A load whose copy fails (here a checkpoint of meta tensors, which have no values) raises, as torch's;
     the stacks, resized for it, kept uninitialised memory: the adapters were gone and the next forward

@@ -506,16 +506,19 @@ class PagedKVCache:
 
     def _layer_pools(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``k_pages[layer]``, ``v_pages[layer]`` and their ``[-1, num_kv_heads, head_dim]`` views, made once for
-        every layer (two selects and two views took ~8 us a layer, each append), again when ``k_pages`` or
-        ``v_pages`` is replaced (tests/fake_cuda.py does). Made outside inference mode: a view made inside it
+        every layer (two selects and two views took ~8 us a layer, each append), again when the pools' memory or
+        shape changes: keyed on their addresses and shapes, not on the attributes, so a pool replaced in place
+        (``.data = ...``) is written where it now is (review of the change). The views hold the pools they were
+        made of until then (tests/fake_cuda.py replaces them). Made outside inference mode: a view made inside it
         refuses in-place writes outside it. Used for writes autograd does not record (see :meth:`_write`)."""
         kp, vp, pv = self.k_pages, self.v_pages, self._pool_views
-        if pv is None or pv[0] is not kp or pv[1] is not vp:
+        key = (kp.data_ptr(), vp.data_ptr(), kp.shape, vp.shape, kp.stride(), vp.stride())
+        if pv is None or pv[0] != key:
             shape = (-1, self.num_kv_heads, self.head_dim)
             with torch.inference_mode(False):
-                pv = self._pool_views = (kp, vp, [(kp[i], vp[i], kp[i].view(shape), vp[i].view(shape))
-                                                  for i in range(self.num_layers)])
-        return pv[2][layer]
+                pv = self._pool_views = (key, [(kp[i], vp[i], kp[i].view(shape), vp[i].view(shape))
+                                               for i in range(self.num_layers)])
+        return pv[1][layer]
 
     def _open_step(self, ids: Tensor, cnt: Tensor, *, external: bool = False, own: tuple[bool, bool] = (False, False),
                    ones: bool = False, total: int | None = None) -> dict:

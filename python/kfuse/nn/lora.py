@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -20,10 +21,17 @@ from kfuse.ops.lora import BACKENDS, _check_tensor, _check_x_weight, lora_linear
 from kfuse.reference.lora import acc_dtype
 
 # MultiLoRALinear's four adapter buffers are replaced together (add_adapter, a load that resizes them,
-# reset_parameters) and read together by forward, under this lock: a server thread's forward read the new
-# A_stack beside the old ranks while another thread hot-added an adapter, and failed (349 spurious errors in
-# 300 adds; concurrency hunt, 2026-12-05). Re-entrant: a load restores its stacks through _set_stacks.
-_STACKS_LOCK = threading.RLock()
+# reset_parameters) and read together by forward, under the module's lock: a server thread's forward read the
+# new A_stack beside the old ranks while another thread hot-added an adapter, and failed (349 spurious errors in
+# 300 adds; concurrency hunt, 2026-12-05). One lock per module (a load runs user hooks under it: one lock for
+# all held up every other layer's forward meanwhile; review of the change), kept here rather than on the module,
+# which must pickle and deep-copy. Re-entrant: a load restores its stacks through _set_stacks.
+_STACK_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _stacks_lock(module: nn.Module) -> threading.RLock:
+    lock = _STACK_LOCKS.get(module)
+    return _STACK_LOCKS.setdefault(module, threading.RLock()) if lock is None else lock
 
 
 def _check_backend(cls: str, backend: object) -> str:
@@ -471,7 +479,7 @@ class MultiLoRALinear(nn.Module):
         # (ranks [L] of another layer's stacks): keep all four as they were and say why.
         names = ("A_stack", "B_stack", "scalings", "ranks")
         if any(prefix + n in state_dict for n in names):
-            with _STACKS_LOCK:  # a forward meanwhile reads the stacks before or after, not resized ones
+            with _stacks_lock(self):  # a forward meanwhile reads the stacks before or after, not resized ones
                 self._load_stacks(names, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                   error_msgs)
             return
@@ -480,7 +488,7 @@ class MultiLoRALinear(nn.Module):
 
     def _load_stacks(self, names: tuple[str, ...], state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                      missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-        """The stacks' part of _load_from_state_dict (under _STACKS_LOCK)."""
+        """The stacks' part of _load_from_state_dict (under the module's _stacks_lock)."""
         new = [state_dict.get(prefix + n, getattr(self, n)) for n in names]
         # Copies: torch's load copies in place into the stacks whose shape does not change.
         kept = [getattr(self, n).clone() for n in names]
@@ -511,7 +519,7 @@ class MultiLoRALinear(nn.Module):
                           f"N={self.out_features}, r], scalings [L], ranks [L]; none of them was loaded")
 
     def _set_stacks(self, names: tuple[str, ...], stacks: list[Tensor]) -> None:
-        with _STACKS_LOCK:
+        with _stacks_lock(self):
             for name, t in zip(names, stacks, strict=True):
                 setattr(self, name, t)
 
@@ -531,7 +539,7 @@ class MultiLoRALinear(nn.Module):
         if torch.compiler.is_compiling():  # (Dynamo traces no lock; a graph's stacks are its own anyway)
             stacks = (self.A_stack, self.B_stack, self.scalings, self.ranks)
         else:
-            with _STACKS_LOCK:  # the four of one set (see _STACKS_LOCK)
+            with _stacks_lock(self):  # the four of one set (see _stacks_lock)
                 stacks = (self.A_stack, self.B_stack, self.scalings, self.ranks)
         return lora_linear_multi(x, self.weight, *stacks, adapter_ids, self.bias, self.fan_in_fan_out, self.backend)
 

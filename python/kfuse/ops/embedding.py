@@ -225,8 +225,8 @@ def _as_index(v: object) -> object:
 
 def _padding(op: str, padding_idx: object, weights: list[Tensor]) -> list[int]:
     """Per-table padding rows (−1 = none); an int applies to every table; negative counts from the end."""
-    if padding_idx is None or (type(padding_idx) is list
-                               and padding_idx.count(None) == len(padding_idx) == len(weights)):
+    if padding_idx is None or (type(padding_idx) is list and len(padding_idx) == len(weights)
+                               and all(p is None for p in padding_idx)):
         # (The module's padding_idx without padding is a None per table: ~1 us each through the loop below.)
         return [-1] * len(weights)
     one = _as_index(padding_idx)
