@@ -681,9 +681,10 @@ def _check_x(x: Tensor, name: str = "x") -> None:
 
 
 def _check_same_device(x: Tensor, **tensors: Tensor | None) -> None:
+    dev = x.device  # (each .device builds an object, ~0.4 us: one per call where there were two per tensor)
     for name, t in tensors.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"lora triton: {name} is on {t.device}, x on {x.device}")
+        if t is not None and t.device != dev:
+            raise ValueError(f"lora triton: {name} is on {t.device}, x on {dev}")
 
 
 def _check_adapter(t: Tensor, name: str, shape: tuple[int, ...], x_dtype: torch.dtype) -> None:
@@ -855,9 +856,10 @@ def lora_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A: Tensor, B: 
     dropout, seed_arg, p, inv_keep = _dropout_args(seed, p, x)
     scaling = float(scaling)
     prec, lr_prec = _precisions(x.dtype)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    dev = x.device
+    y = torch.empty((M, N), dtype=x.dtype, device=dev)
     if M == 0 or N == 0:
-        S = torch.zeros((M, R), dtype=torch.float32, device=x.device)
+        S = torch.zeros((M, R), dtype=torch.float32, device=dev)
         return y, (S if save_s else None)
     rb = _rank_block(R)
     # The [N] vectors are indexed as contiguous (.contiguous() copies only a strided view).
@@ -879,9 +881,9 @@ def lora_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A: Tensor, B: 
     m_tiles = cdiv(M, bm)
     n_tiles, r_tiles = cdiv(N, bn), cdiv(R, rb)
     k_per_split, splits = _splits(K, (n_tiles + r_tiles) * m_tiles, bk)
-    yp = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
-    sp = torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
-    S = torch.empty((M, R), dtype=torch.float32, device=x.device) if save_s else None
+    yp = torch.empty((splits, M, N), dtype=torch.float32, device=dev)
+    sp = torch.empty((splits, M, R), dtype=torch.float32, device=dev)
+    S = torch.empty((M, R), dtype=torch.float32, device=dev) if save_s else None
     _fwd_splitk_kernel[(n_tiles + r_tiles, m_tiles, splits)](
         x, weight, A, seed_arg, yp, sp, M, N, K, R, x.stride(0), swn, swk, A.stride(0), A.stride(1),
         k_per_split, p, inv_keep, BM=bm, BN=bn, BK=bk, RB=rb, DROPOUT=dropout, PREC=prec, LR_PREC=lr_prec,
