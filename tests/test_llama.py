@@ -221,6 +221,43 @@ def test_dynamic_rope_calls_do_not_depend_on_earlier_calls():
     assert all(torch.equal(model([t[None]], [s], cache)[0], x) for t, x in zip(other[:6], steps, strict=True))
 
 
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0},
+                                  {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [3.0] * 8,
+                                   "original_max_position_embeddings": 16}])
+def test_rope_by_largest_position_isolates_the_batch(rope):
+    """The rotary types that pick their frequencies from the largest position they are given (dynamic,
+    longrope) were called once for a step's batch: a 5-token sequence beside a 30-token one (past the original
+    16 positions) got the long one's frequencies, its logits 0.8 (longrope: 4.8) from HF's for it alone, and
+    rolling the long one back changed them (Llama hunt, 2026-12-05). Each sequence now gets its own."""
+    kw = dict(max_position_embeddings=16, rope_scaling=rope)
+    if rope["rope_type"] == "longrope":
+        kw["max_position_embeddings"] = 64  # the model's; the original 16 decides short or long
+    hf, model = build(**kw)
+    fresh, _ = build(**kw)  # HF's rotary module keeps state: an untouched one for each reference
+    long, short, step = rand_tokens(30), rand_tokens(5), [rand_tokens(1), rand_tokens(1)]
+    cache = model.new_cache(page_size=4, num_pages=64, max_seqs=2)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    prefill = model([long, short], [a, b], cache)
+    assert_close(prefill[1], hf_logits(fresh, short), torch.float32, "the short prompt beside the long one")
+    out = model(step, [a, b], cache)
+    assert_close(out[1], hf_logits(build(**kw)[0], torch.cat([short, step[1]]))[-1:], torch.float32, "its step")
+    cache.rollback([a, b], [4, 5])
+    assert torch.equal(model(step, [a, b], cache)[1], out[1]), "the long sequence's rollback moved the short one"
+
+
+def test_norm_modules_run_with_their_hooks():
+    """The model read its norm modules' weight and ran its own RMSNorm: hooks on them, and wrappers such as
+    PEFT's LN tuning (whose weight is the base layer's), were skipped silently (logits 0.45 from the
+    adapter's; Llama hunt, 2026-12-05). They are called, as HF calls them."""
+    hf, model = build()
+    hf.model.layers[0].input_layernorm.register_forward_hook(lambda m, args, out: out * 3)
+    hf.model.norm.register_forward_hook(lambda m, args, out: out - 1)
+    prompt = rand_tokens(9)
+    cache = model.new_cache(page_size=4, num_pages=16, max_seqs=1)
+    s = cache.add_sequence()
+    assert_close(model([prompt], [s], cache)[0], hf_logits(hf, prompt), torch.float32)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_rollback_of_one_sequence_leaves_the_others_bit_identical(device):
     hf, model = build(device)

@@ -15,13 +15,17 @@ replays (:class:`DecodeGraphs`): the same ops, without the host's per-kernel cos
 
 Matching ``transformers`` (5.x, ``modeling_llama.py``):
 
-- RMSNorm: normalised in float32, cast back to the input dtype, *then* scaled by the weight.
+- RMSNorm: the HF model's own norm modules, called (so hooks on them and wrappers such as PEFT's LN
+  tuning run; reading their weight alone ran the base norms under an LN-tuning adapter: Llama hunt).
 - Rotary embeddings: cos/sin come from the HF model's own rotary module (its ``inv_freq`` and
   ``attention_scaling``, so every ``rope_type`` it supports, ``llama3`` included, matches by
-  construction). The dynamic types (``dynamic``, ``longrope``) pick their frequencies from the
-  largest position of the call, as HF does for a padded batch. (HF's ``dynamic`` module also keeps
-  the longest length it has seen; kfuse resets it before each call, so a call's logits do not depend
-  on the calls before it: rollback-and-refeed and seeded generation repeat.)
+  construction). The types that pick their frequencies from the largest position they are given
+  (``dynamic``, ``longrope``) are called once per sequence of a step, so each sequence gets the
+  frequencies HF gives it alone (one call for the batch gave every sequence the longest one's: a
+  batch-mate's length moved a sequence's logits by 0.8, and rolling one back changed the others'; Llama
+  hunt, 2026-12-05). (HF's ``dynamic`` module also keeps the longest length it has seen; kfuse resets
+  it before each call, so a call's logits do not depend on the calls before it: rollback-and-refeed and
+  seeded generation repeat.)
 - Attention: grouped-query (query head ``h`` reads KV head ``h // (Hq / Hkv)``, as ``repeat_kv``),
   softmax scale ``head_dim ** -0.5`` taken from the HF attention module; no dropout (inference).
 """
@@ -46,14 +50,6 @@ __all__ = ["DecodeGraphs", "LlamaForCausalLM"]
 #: ``attend(layer, q, k, v, scale) -> o``: q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` in the model's dtype; stores
 #: k, v in the cache and returns ``[T, Hq, D]`` (see ``_DecoderLayer.forward``).
 Attend = Callable[[int, Tensor, Tensor, Tensor, float], Tensor]
-
-
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """HF's LlamaRMSNorm: x ``[T, hidden]`` normalised in float32, cast back to x's dtype before the
-    weight ``[hidden]`` multiplies it (the cast's place changes the bits in half precision)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 #: What transformers' dynamic rotary module (``dynamic_rope_update``) keeps between calls.
@@ -81,33 +77,32 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class _DecoderLayer(nn.Module):
     """One Llama decoder layer over HF's ``LlamaDecoderLayer``'s modules and weights (shared)."""
 
-    def __init__(self, hf_layer: nn.Module, eps: float) -> None:
+    def __init__(self, hf_layer: nn.Module) -> None:
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.act_fn = mlp.act_fn  # the config's hidden_act, as HF resolved it
-        # The norm modules, not their weight Parameters: a load_state_dict(assign=True) or .to() of either
-        # model replaces the Parameter objects, and held directly they left the two models running on
-        # different norm weights (state bug hunt); the weights are read at call time.
+        # The norm modules, called: a load_state_dict(assign=True) or .to() of either model replaces the
+        # Parameter objects, and held directly they left the two models running on different norm weights
+        # (state bug hunt); hooks and wrappers run (see the module docstring).
         self.input_norm = hf_layer.input_layernorm
         self.post_norm = hf_layer.post_attention_layernorm
         self.head_dim = attn.head_dim
         self.scaling = float(attn.scaling)
-        self.eps = eps
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, layer: int, attend: Attend) -> Tensor:
         """h ``[T, hidden]`` (model dtype) -> ``[T, hidden]``; cos, sin ``[T, 1, head_dim]``. ``attend(layer, q, k,
         v, scale)`` stores this layer's K/V of the T new tokens and returns the attention output ``[T, Hq,
         head_dim]`` (the model's eager step, or a captured decode step: :class:`DecodeGraphs`)."""
         t, d = h.shape[0], self.head_dim
-        x = _rms_norm(h, self.input_norm.weight, self.eps)
+        x = self.input_norm(h)
         q = _rope(self.q_proj(x).view(t, -1, d), cos, sin)
         k = _rope(self.k_proj(x).view(t, -1, d), cos, sin)
         v = self.v_proj(x).view(t, -1, d)
         o = attend(layer, q, k, v, self.scaling)
         h = h + self.o_proj(o.to(h.dtype).reshape(t, -1))
-        x = _rms_norm(h, self.post_norm.weight, self.eps)
+        x = self.post_norm(h)
         return h + self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -145,16 +140,17 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         cfg, base = hf_model.config, hf_model.model
         self.embed_tokens = base.embed_tokens
-        self.layers = nn.ModuleList(_DecoderLayer(layer, cfg.rms_norm_eps) for layer in base.layers)
+        self.layers = nn.ModuleList(_DecoderLayer(layer) for layer in base.layers)
         self.norm = base.norm  # the module: see _DecoderLayer
         self.lm_head = hf_model.lm_head  # with tied embeddings its weight IS embed_tokens.weight
         self.rotary_emb = base.rotary_emb
-        self._dynamic_rope = "dynamic" in str(getattr(base.rotary_emb, "rope_type", "default"))
+        rope = str(getattr(base.rotary_emb, "rope_type", "default"))
+        self._dynamic_rope = "dynamic" in rope
+        self._per_sequence_rope = self._dynamic_rope or rope == "longrope"  # see the module docstring
         if self._dynamic_rope and not all(hasattr(base.rotary_emb, a) for a in _DYNAMIC_ROPE_STATE):
             raise ValueError(f"{type(self).__name__}.from_hf: this transformers version's dynamic rotary module "
                              f"lacks {_DYNAMIC_ROPE_STATE} (written for transformers 5.x), so its state cannot "
                              "be reset between calls")
-        self.eps = cfg.rms_norm_eps
         self.head_dim = base.layers[0].self_attn.head_dim  # may differ from hidden / heads (config.head_dim)
         self.num_kv_heads = cfg.num_key_value_heads
 
@@ -297,24 +293,30 @@ class LlamaForCausalLM(nn.Module):
             return paged_prefill_attention(q, cache, layer, ids, q_lens=q_lens, scale=scale)
 
         try:
-            logits = self._run(tok, pos, attend)
+            logits = self._run(tok, pos, attend, cnt.tolist() if self._per_sequence_rope else None)
             cache.advance(ids, cnt)
         except BaseException:
             cache.abort_step()  # releases the step's pages; committed lengths never moved
             raise
         return logits
 
-    def _run(self, tok: Tensor, pos: Tensor, attend: Attend) -> Tensor:
+    def _run(self, tok: Tensor, pos: Tensor, attend: Attend, counts: list[int] | None = None) -> Tensor:
         """The decoder on new tokens ``tok`` int64 ``[T]`` at positions ``pos`` int64 ``[T]`` (device tensors):
-        logits ``[T, vocab]``. ``attend`` stores and attends (see ``_DecoderLayer.forward``)."""
+        logits ``[T, vocab]``. ``attend`` stores and attends (see ``_DecoderLayer.forward``). ``counts``: the
+        tokens of each sequence, in order, for the rotary types called per sequence (else None)."""
         h = self.embed_tokens(tok)  # [T, hidden]
-        if self._dynamic_rope:
-            _reset_dynamic_rope(self.rotary_emb)
-        cos, sin = self.rotary_emb(h, pos[None])  # [1, T, head_dim] each, in h's dtype
+        parts = []
+        for p in (pos.split(counts) if self._per_sequence_rope and counts is not None else (pos,)):
+            if p.numel():  # (the rotary module cannot take empty positions)
+                if self._dynamic_rope:
+                    _reset_dynamic_rope(self.rotary_emb)
+                parts.append(self.rotary_emb(h, p[None]))  # [1, len, head_dim] each, in h's dtype
+        cos = parts[0][0] if len(parts) == 1 else torch.cat([c for c, _ in parts], 1)
+        sin = parts[0][1] if len(parts) == 1 else torch.cat([s for _, s in parts], 1)
         cos, sin = cos[0, :, None], sin[0, :, None]
         for layer, block in enumerate(self.layers):
             h = block(h, cos, sin, layer, attend)
-        return self.lm_head(_rms_norm(h, self.norm.weight, self.eps))
+        return self.lm_head(self.norm(h))
 
     def decode_graphs(self, cache: PagedKVCache, max_len: int | None = None) -> DecodeGraphs:
         """Decode steps on ``cache`` (one new token per sequence) replayed from CUDA graphs: see
