@@ -1323,29 +1323,41 @@ def _ddp_batch(step: int, rank: int):
     return torch.randint(0, 25, (24,), generator=g), torch.arange(0, 25, 4)  # 3 features × 2 bags of 4
 
 
-def _ddp_module(fused: bool, group=None):
+def _ddp_module(mode: str, group=None):
     torch.manual_seed(0)
-    return MultiTableEmbeddingBag(_DDP_TABLES, _DDP_FT, optimizer="rowwise_adagrad" if fused else None, lr=0.1,
-                                  process_group=group)
+    if mode == "ddp-sparse":  # one table, sparse gradients (DDP takes them from torch's EmbeddingBag kind only)
+        return kfuse.nn.EmbeddingBag(25, 4, mode="sum", sparse=True)
+    return MultiTableEmbeddingBag(_DDP_TABLES, _DDP_FT, optimizer="rowwise_adagrad" if mode == "fused" else None,
+                                  lr=0.1, process_group=group)
+
+
+def _ddp_tables(m) -> list[torch.Tensor]:
+    return list(m.weights) if isinstance(m, MultiTableEmbeddingBag) else [m.weight]
+
+
+def _ddp_step(m, idx: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+    """The loss of one batch of _ddp_batch: the single-table module takes its 6 bags' starts."""
+    return (m(idx, off[:-1] if isinstance(m, kfuse.nn.EmbeddingBag) else off) ** 2).sum()
 
 
 _DDP = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     sys.path.insert(0, sys.argv[4])
-    from test_embedding import _ddp_batch, _ddp_module
+    from test_embedding import _ddp_batch, _ddp_module, _ddp_step, _ddp_tables
     rank, mode, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo", rank=rank, world_size=2)
     fused = mode == "fused"
-    m = _ddp_module(fused, dist.group.WORLD if fused else None)
+    m = _ddp_module(mode, dist.group.WORLD if fused else None)
     model = m if fused else DDP(m)
-    opt = None if fused else torch.optim.Adagrad(model.parameters(), lr=0.1)
+    opt = None if fused else (torch.optim.SGD if mode == "ddp-sparse" else torch.optim.Adagrad)(model.parameters(),
+                                                                                                lr=0.1)
     for step in range(3):
-        (model(*_ddp_batch(step, rank)) ** 2).sum().backward()
+        _ddp_step(model, *_ddp_batch(step, rank)).backward()
         if opt is not None:
             opt.step()
             opt.zero_grad()
-    torch.save([w.detach() for w in m.weights], out)
+    torch.save([w.detach() for w in _ddp_tables(m)], out)
     dist.barrier()
     del model, m, opt  # nothing may hold the process group past its destruction
     dist.destroy_process_group()
@@ -1393,12 +1405,15 @@ def test_a_module_with_a_process_group_copies_and_pickles(tmp_path):
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fused"])
+@pytest.mark.parametrize("mode", ["ddp", "fused", "ddp-sparse"])
 def test_data_parallel_two_processes(mode, tmp_path):
     """2 gloo processes, each its own batches: DDP (fused optimizer off; gradients averaged, then
-    Adagrad) and the fused row-wise Adagrad with its row-sparse gradients all-gathered and summed.
-    Both ranks end with identical tables, equal to one process doing the same arithmetic on both
-    batches (averaged loss for DDP; the concatenated batch for the fused optimizer)."""
+    Adagrad), the fused row-wise Adagrad with its row-sparse gradients all-gathered and summed, and DDP over
+    ``kfuse.nn.EmbeddingBag(sparse=True)`` with SGD (DDP takes sparse gradients only from modules that are
+    torch's Embedding or EmbeddingBag: kfuse's was not one, and DDP failed on its first backward, "Cannot
+    access storage of SparseTensorImpl"; distributed hunt, 2026-12-05). Both ranks end with identical
+    tables, equal to one process doing the same arithmetic on both batches (averaged loss for DDP; the
+    concatenated batch for the fused optimizer)."""
     script = tmp_path / "ddp.py"
     script.write_text(_DDP)
     with socket.socket() as sock:  # a port free now (a fixed one may be taken by another run)
@@ -1412,19 +1427,19 @@ def test_data_parallel_two_processes(mode, tmp_path):
     assert all(p.returncode == 0 for p in procs), [(p.returncode, o[-2000:]) for p, o in zip(procs, outs, strict=True)]
     w0, w1 = torch.load(tmp_path / "w0.pt"), torch.load(tmp_path / "w1.pt")
     fused = mode == "fused"
-    m = _ddp_module(fused)
-    opt = None if fused else torch.optim.Adagrad(m.parameters(), lr=0.1)
-    start = [w.detach().clone() for w in m.weights]
+    m = _ddp_module(mode)
+    opt = None if fused else (torch.optim.SGD if mode == "ddp-sparse" else torch.optim.Adagrad)(m.parameters(), lr=0.1)
+    start = [w.detach().clone() for w in _ddp_tables(m)]
     for step in range(3):
         (i0, o0), (i1, o1) = _ddp_batch(step, 0), _ddp_batch(step, 1)
         if fused:  # feature-major concatenation: each feature's bags of rank 0, then of rank 1
             idx = torch.cat([torch.cat([i0[o0[2 * f]: o0[2 * f + 2]], i1[o1[2 * f]: o1[2 * f + 2]]]) for f in range(3)])
             (m(idx, torch.arange(0, 49, 4)) ** 2).sum().backward()
         else:
-            (((m(i0, o0) ** 2).sum() + (m(i1, o1) ** 2).sum()) / 2).backward()
+            ((_ddp_step(m, i0, o0) + _ddp_step(m, i1, o1)) / 2).backward()
             opt.step()
             opt.zero_grad()
-    for a, b, w, s in zip(w0, w1, m.weights, start, strict=True):
+    for a, b, w, s in zip(w0, w1, _ddp_tables(m), start, strict=True):
         assert torch.equal(a, b), "the ranks' tables differ"
         assert not torch.equal(a, s), "nothing was trained"
         assert_close(a, w, torch.float32, "data parallel vs one process")

@@ -32,8 +32,13 @@ __all__ = ["EmbeddingBag", "MultiTableEmbeddingBag", "OPTIMIZERS"]
 OPTIMIZERS = ("sgd", "rowwise_adagrad", "adam")
 
 
-class EmbeddingBag(nn.Module):
+class EmbeddingBag(nn.EmbeddingBag):
     """``torch.nn.EmbeddingBag`` (``sum``/``mean``) computed by :func:`kfuse.embedding_bag`.
+
+    A subclass of torch's module (whose constructor it does not run), so that what treats torch's module
+    specially treats it alike: ``DistributedDataParallel`` takes sparse gradients only from torch's
+    ``Embedding`` and ``EmbeddingBag`` modules, and failed on this one's (``sparse=True``: "Cannot access
+    storage of SparseTensorImpl"; distributed hunt, 2026-12-05).
 
     Args: ``num_embeddings``, ``embedding_dim``, ``mode`` (``"mean"`` by default, as torch),
     ``padding_idx``, ``include_last_offset``, ``sparse``, ``_weight``, ``device``, ``dtype`` as torch's,
@@ -51,7 +56,7 @@ class EmbeddingBag(nn.Module):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  backend: str = "auto", *, check: str = "sync", max_norm: float | None = None,
                  norm_type: float = 2.0, scale_grad_by_freq: bool = False) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # (torch's constructor would build its own weight; these attributes are its)
         E.check_torch_only("nn.EmbeddingBag", max_norm, norm_type, scale_grad_by_freq, mode)
         E.check_mode("nn.EmbeddingBag", check)
         _backends.check_backend_name("nn.EmbeddingBag", backend)  # here, not at the first forward
@@ -189,8 +194,12 @@ class MultiTableEmbeddingBag(nn.Module):
             below 2**32 are used as they are).
         process_group: with a fused optimizer under data parallelism, the group whose row-sparse
             gradients are all-gathered and summed (in rank order) before the update, so every rank
-            applies the same update; None: no communication (each rank updates its own tables; a
-            warning, once, when torch.distributed runs several processes).
+            applies the same update (summed, not averaged: scale a per-rank mean loss accordingly); None: no
+            communication (each rank updates its own tables; a warning, once, when torch.distributed runs
+            several processes). Inside ``DistributedDataParallel`` (for the model's dense layers) pass it
+            ``broadcast_buffers=False``: it would re-send the optimizer states from rank 0 at every forward.
+            Without a fused optimizer, ``sparse=True`` gradients cannot go through ``DistributedDataParallel``
+            (it takes sparse gradients only from torch's embedding modules): use dense ones there.
         backend: of the op (``"auto"``, ``"triton"``, ``"cpu"``, ``"reference"``).
         check: when the ``triton`` backend reports bad indices or offsets: ``"sync"`` (at the call, one host
             sync per forward) or ``"async"`` (at a later call, or :func:`kfuse.check_embedding_errors`;
