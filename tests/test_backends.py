@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
+import re
 import threading
 import time
 
@@ -196,3 +198,35 @@ def test_an_unbuilt_extension_says_so(tmp_path) -> None:
                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     assert "kfuse._C is not built: build it with `make build`" in out.stdout, out.stdout
+
+
+def test_registered_ops_refuse_a_meta_tensor_among_real_ones():
+    """A call of a registered op mixing one meta tensor with CPU ones dispatches to the op's fake kernel, which
+    returned its empty output as a real, uninitialised CPU tensor (values like -1e37, no error: bad-input fuzz,
+    2026-12-05). Every fake kernel checks that its tensors share one device, naming the one that does not."""
+    import pytest  # noqa: PLC0415
+
+    import kfuse  # noqa: PLC0415
+
+    ops = torch.ops.kfuse
+    meta = functools.partial(torch.Tensor.to, device="meta")
+    x, c, gy = torch.randn(4, 6), torch.rand(6, 5) + 0.5, torch.randn(4, 6)
+    xx, w, a, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
+    tables, idx, off = [torch.randn(6, 4), torch.randn(5, 3)], torch.tensor([0, 5, 1, 2, 4, 0, 3]), torch.tensor(
+        [0, 2, 3, 5, 7])
+    cache = kfuse.kv.PagedKVCache(1, 1, 4, 4, 4, 2)
+    q, ids, lens = torch.randn(1, 1, 4), torch.tensor([0], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    calls = {
+        "coeffs": lambda: ops.deu_forward(x, meta(c), 1, "cpu"),
+        "grad_y": lambda: ops.deu_backward(meta(gy), x, c, 1, "cpu"),
+        "weight": lambda: ops.lora_forward(xx, meta(w), a, b, 0.5, None, None, 0.0, False, "cpu"),
+        "offsets": lambda: ops.embedding_bag_forward(tables, idx, meta(off), [0, 1], [-1, -1], 0, None, "cpu"),
+        "weights[1]": lambda: ops.embedding_bag_forward([tables[0], meta(tables[1])], idx, off, [0, 1], [-1, -1], 0,
+                                                        None, "cpu"),
+        "block_table": lambda: ops.paged_decode_attention(q, cache.k_pages, cache.v_pages, meta(cache.block_table), 0,
+                                                          ids, lens, 1, 0.5, "cpu"),
+    }
+    for name, call in calls.items():
+        n = re.escape(name)
+        with pytest.raises(ValueError, match=rf"({n} is on meta but \S+ is on cpu|\S+ is on cpu but {n} is on meta)"):
+            call()

@@ -48,3 +48,21 @@ def real(where: str, name: str, v: object, *, finite: bool = False) -> float:
     if finite and not math.isfinite(f):
         raise ValueError(f"{where}: {name} must be finite; got {f}")
     return f
+
+
+def one_device(where: str, **named: object) -> None:
+    """Every tensor among ``named``'s values (lists of tensors too; None and non-tensors skipped) on the first
+    one's device; a ValueError naming the first that is not. The registered ops' fake kernels check it: a call
+    mixing a meta tensor with real ones dispatches to them, and their empty outputs came back as real,
+    uninitialised tensors (bad-input fuzz, 2026-12-05)."""
+    first: tuple[str, object] | None = None
+    for name, v in named.items():
+        for i, t in enumerate(v if isinstance(v, (list, tuple)) else (v,)):
+            if not hasattr(t, "device") or not hasattr(t, "dim"):  # a tensor (fake ones too)
+                continue
+            label = f"{name}[{i}]" if isinstance(v, (list, tuple)) else name
+            if first is None:
+                first = (label, t.device)
+            elif t.device != first[1]:
+                raise ValueError(f"{where}: {label} is on {t.device} but {first[0]} is on {first[1]}; every tensor "
+                                 "must be on one device")

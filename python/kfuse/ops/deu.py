@@ -14,7 +14,7 @@ import operator
 import torch
 from torch import Tensor
 
-from kfuse import _backends, _routing
+from kfuse import _backends, _checks, _routing
 from kfuse.reference.deu import deu_gravitation_grad, deu_reference
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -169,6 +169,7 @@ def deu_forward(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
 @deu_forward.register_fake
 def _(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
     _op_backend(backend, x)
+    _checks.one_device("kfuse.deu_forward", x=x, coeffs=coeffs)
     return _empty_in_order(x, _order(x))
 
 
@@ -187,6 +188,7 @@ def _(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> tupl
     # grad_coeffs is contiguous whatever coeffs' strides (a transposed parameter): as the kernels
     # return it.
     _op_backend(backend, x)
+    _checks.one_device("kfuse.deu_backward", grad_y=grad_y, x=x, coeffs=coeffs)
     return _empty_in_order(x, _order(x)), coeffs.new_empty(coeffs.shape)
 
 

@@ -585,6 +585,8 @@ def embedding_bag_forward(weights: list[Tensor], indices: Tensor, offsets: Tenso
 @embedding_bag_forward.register_fake
 def _(weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights, backend):
     _backends.check_backend_name("embedding_bag_forward", backend)
+    _checks.one_device("kfuse.embedding_bag_forward", weights=list(weights), indices=indices, offsets=offsets,
+                       per_sample_weights=per_sample_weights)
     width = out_columns([w.shape[1] for w in weights], list(feature_table))[-1]
     return weights[0].new_empty(((offsets.shape[0] - 1) // len(feature_table), width))
 
@@ -607,6 +609,8 @@ def embedding_bag_backward(grad_out: Tensor, weights: list[Tensor], indices: Ten
 @embedding_bag_backward.register_fake
 def _(grad_out, weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights, need_psw, backend):
     _backends.check_backend_name("embedding_bag_backward", backend)
+    _checks.one_device("kfuse.embedding_bag_backward", grad_out=grad_out, weights=list(weights), indices=indices,
+                       offsets=offsets, per_sample_weights=per_sample_weights)
     psw = per_sample_weights.new_empty(per_sample_weights.shape) if need_psw else grad_out.new_empty(0)
     return [w.new_empty(w.shape) for w in weights], psw
 

@@ -262,6 +262,8 @@ def paged_decode_attention_op(q: Tensor, k_pages: Tensor, v_pages: Tensor, block
 @paged_decode_attention_op.register_fake
 def _(q, k_pages, v_pages, block_table, layer, seq_ids, lens, max_len, scale, backend):
     _backends.check_backend_name(_DECODE, backend)
+    _checks.one_device(f"kfuse.{_DECODE}", q=q, k_pages=k_pages, v_pages=v_pages, block_table=block_table,
+                       seq_ids=seq_ids, lens=lens)
     return q.new_empty(q.shape)
 
 
@@ -282,6 +284,8 @@ def paged_prefill_attention_op(q: Tensor, k_pages: Tensor, v_pages: Tensor, bloc
 @paged_prefill_attention_op.register_fake
 def _(q, k_pages, v_pages, block_table, layer, seq_ids, lens, q_lens, max_q_len, scale, backend):
     _backends.check_backend_name(_PREFILL, backend)
+    _checks.one_device(f"kfuse.{_PREFILL}", q=q, k_pages=k_pages, v_pages=v_pages, block_table=block_table,
+                       seq_ids=seq_ids, lens=lens, q_lens=q_lens)
     return q.new_empty(q.shape)
 
 

@@ -571,6 +571,8 @@ def lora_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scal
 def _(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Tensor | None,
       lora_bias: Tensor | None, dropout_p: float, fan_in_fan_out: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     _backends.check_backend_name("lora_forward", backend)
+    _checks.one_device("kfuse.lora_forward", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias,
+                       lora_bias=lora_bias)
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     y = x.new_empty((*x.shape[:-1], N))
     S = x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]), dtype=acc_dtype(x.dtype))
@@ -617,6 +619,8 @@ def _(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
       need_B: bool, need_bias: bool, need_lora_bias: bool,
       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _backends.check_backend_name("lora_backward", backend)
+    _checks.one_device("kfuse.lora_backward", grad_y=grad_y, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, S=S,
+                       seed=seed)
     N = grad_y.shape[-1]
     shapes = (x.shape, weight.shape, lora_A.shape, lora_B.shape, (N,), (N,))
     likes = (x, weight, lora_A, lora_B, x, lora_A)
@@ -668,6 +672,8 @@ def lora_multi_forward(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tens
 def _(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, scalings: Tensor, ranks: Tensor,
       adapter_ids: Tensor, bias: Tensor | None, fan_in_fan_out: bool, backend: str) -> Tensor:
     _backends.check_backend_name("lora_multi_forward", backend)
+    _checks.one_device("kfuse.lora_multi_forward", x=x, weight=weight, A_stack=A_stack, B_stack=B_stack,
+                       scalings=scalings, ranks=ranks, adapter_ids=adapter_ids, bias=bias)
     return x.new_empty((*x.shape[:-1], weight.shape[1] if fan_in_fan_out else weight.shape[0]))
 
 
