@@ -3,6 +3,7 @@ attention over it (kfuse.reference.kv)."""
 
 from __future__ import annotations
 
+import functools
 import random
 
 import numpy as np
@@ -1791,3 +1792,40 @@ def test_appends_follow_pools_replaced_in_place(mirror):
     for layer in range(L):
         k, v = gather_kv(c, layer, s)
         assert torch.equal(k, torch.cat([kv[0], kv[2]])) and torch.equal(v, torch.cat([kv[1], kv[3]])), layer
+
+
+@pytest.mark.interpret
+def test_triton_registered_ops_read_nothing_out_of_bounds_on_bad_values():
+    """The registered ops' Triton path reads no tensor values on the host (a GPU sync): seq_ids past the block
+    table, a table entry past the pools or a length past a row's capacity (values the public ops, which pass
+    the cache's own, never give) were dereferenced: a segfault under the interpreter, an out-of-bounds read on a
+    GPU (bad-input fuzz, 2026-12-05). The kernels now read such a sequence as empty (a row outside the table),
+    cut a length to the row's capacity and skip a bad entry's keys: finite outputs, nothing read outside."""
+    cache = PagedKVCache(1, 1, 4, 16, 40, 2)
+    s = cache.add_sequence()
+    n = 600  # three decode splits
+    gen = torch.Generator().manual_seed(0)
+    cache.append(0, [s], torch.randn(n, 1, 4, generator=gen), torch.randn(n, 1, 4, generator=gen), [n])
+    cache.advance([s], [n])
+    ops, i32 = torch.ops.kfuse, functools.partial(torch.tensor, dtype=torch.int32)
+    q = torch.randn(1, 1, 4, generator=gen)
+    bad_page = cache.block_table.clone()
+    bad_page[s, 1] = 10_000_000
+    cases = {  # (block_table, seq_ids, lens, max_len)
+        "row": (cache.block_table, i32([1_000_000]), i32([n]), n),
+        "negative row": (cache.block_table, i32([-5]), i32([n]), n),
+        "page": (bad_page, i32([s]), i32([n]), n),
+        "length": (cache.block_table, i32([s]), i32([40 * 16 * 50]), 40 * 16 * 50),
+        "negative length": (cache.block_table, i32([s]), i32([-7]), n),
+    }
+    for name, (table, ids, lens, max_len) in cases.items():
+        out = ops.paged_decode_attention(q, cache.k_pages, cache.v_pages, table, 0, ids, lens, max_len, 0.5,
+                                         "triton")
+        assert torch.isfinite(out).all(), name
+        if name.endswith("row") or name == "negative length":
+            assert torch.equal(out, torch.zeros_like(out)), f"{name}: an empty sequence"
+        qp = torch.randn(3, 1, 4, generator=gen)
+        for q_lens in (i32([3]), i32([700]), i32([-2])):  # within, past the length, negative
+            out = ops.paged_prefill_attention(qp, cache.k_pages, cache.v_pages, table, 0, ids, lens, q_lens, 3, 0.5,
+                                              "triton")
+            assert out.shape == qp.shape, name

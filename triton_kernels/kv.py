@@ -125,15 +125,29 @@ def _kv_tile(k_ptr, v_ptr, page, pos, valid, h, d, dm, skp, sks, skh, svp, svs, 
 
 
 @triton.jit
+def _row_and_length(ids_ptr, lens_ptr, b, max_seqs, cap):
+    """Sequence b's block-table row (int64) and length. Values the public ops never pass (they give the cache's
+    own; a direct call of the registered op may) are read as an empty sequence, never out of bounds: a row
+    outside ``[0, max_seqs)`` gives length 0, a length is cut to ``[0, cap]`` (the row's capacity; bad-input
+    fuzz, 2026-12-05: such values read past the block table and the pools, a segfault under the interpreter)."""
+    row = tl.load(ids_ptr + b)
+    ok = (row >= 0) & (row < max_seqs)
+    n = tl.where(ok, tl.minimum(tl.maximum(tl.load(lens_ptr + b), 0), cap), 0)
+    return tl.where(ok, row, 0).to(tl.int64), n
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr, pml_ptr,
                          sqb, sqh, skp, sks, skh, svp, svs, svh, sbt, num_splits, split_tokens, qk_scale,
+                         max_seqs, cap, num_pages,
                          G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """One (sequence b, KV head h, split sp): partial attention of query heads h·G … h·G+G−1 over
     positions [sp·split_tokens, min((sp+1)·split_tokens, lens[b])).
 
     q [B, Hq, D] (unit stride along D); k, v [num_pages, PAGE, Hkv, D] (unit stride along D);
-    bt int32 [max_seqs, max_pages]; ids int32 [B] (rows of bt); lens int32 [B];
+    bt int32 [max_seqs, max_pages] (cap = max_pages · PAGE); ids int32 [B] (rows of bt); lens int32 [B] (see
+    _row_and_length); num_pages: the pools' (a table entry outside [0, num_pages) is never dereferenced);
     po fp32 [B, Hq, num_splits, D] (normalised partial outputs); pml fp32 [B, Hq, num_splits, 2] (the max
     m and the sum l of 2^(s − m) over the split's scaled scores s; splits past the length are not written).
     qk_scale = scale · log2(e).
@@ -141,8 +155,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr,
     b = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
-    n = tl.load(lens_ptr + b)
-    row = tl.load(ids_ptr + b).to(tl.int64)
+    row, n = _row_and_length(ids_ptr, lens_ptr, b, max_seqs, cap)
     start = sp * split_tokens
     end = tl.minimum(start + split_tokens, n)
 
@@ -162,7 +175,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr,
         valid = pos < end
         # The table entry of each position; masked so no entry past the length is read.
         page = tl.load(bt_ptr + row * sbt + pos // PAGE, mask=valid, other=-1)
-        valid = valid & (page >= 0)  # a hole in the table (broken metadata) is never dereferenced
+        valid = valid & (page >= 0) & (page < num_pages)  # a hole or a bad entry is never dereferenced
         k, v = _kv_tile(k_ptr, v_ptr, page, pos, valid, h, d, dm, skp, sks, skh, svp, svs, svh, PAGE)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_G, BLOCK_N] fp32
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -186,14 +199,14 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr,
 
 
 @triton.jit
-def _decode_merge_kernel(po_ptr, pml_ptr, lens_ptr, out_ptr, sob, soh, Hq, num_splits, split_tokens,
-                         D: tl.constexpr, BLOCK_D: tl.constexpr):
+def _decode_merge_kernel(po_ptr, pml_ptr, ids_ptr, lens_ptr, out_ptr, sob, soh, Hq, num_splits, split_tokens,
+                         max_seqs, cap, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """One (sequence b, query head hq): ``out = Σ_s w_s·po_s / Σ_s w_s``, ``w_s = 2^(m_s − max m)·l_s``,
     over the splits below the length, in split order. out [B, Hq, D] in q's dtype; zeros when the
     length is 0."""
     b = tl.program_id(0)
     hq = tl.program_id(1)
-    n = tl.load(lens_ptr + b)
+    _, n = _row_and_length(ids_ptr, lens_ptr, b, max_seqs, cap)  # the split kernel's length
     used = tl.minimum((n + split_tokens - 1) // split_tokens, num_splits)
     base = (b.to(tl.int64) * Hq + hq) * num_splits
     d = tl.arange(0, BLOCK_D)
@@ -262,16 +275,17 @@ def paged_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tenso
     pml = torch.empty((B, Hq, num_splits, 2), dtype=torch.float32, device=q.device)
     block_g, block_d, warps, stages = decode_config(G, D)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"  # half operands ignore it (native MMA)
+    cap = block_table.shape[1] * k_pages.shape[1]
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_pages, v_pages, block_table, seq_ids, lens, po, pml,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_table.stride(0),
-        num_splits, split, scale * _LOG2E,
+        num_splits, split, scale * _LOG2E, block_table.shape[0], cap, k_pages.shape[0],
         G=G, D=D, PAGE=k_pages.shape[1], BLOCK_G=block_g, BLOCK_N=BLOCK_N, BLOCK_D=block_d, PREC=prec,
         num_warps=warps, num_stages=stages,
     )
-    _decode_merge_kernel[(B, Hq)](po, pml, lens, out, out.stride(0), out.stride(1), Hq, num_splits, split,
-                                  D=D, BLOCK_D=block_d, num_warps=1)
+    _decode_merge_kernel[(B, Hq)](po, pml, seq_ids, lens, out, out.stride(0), out.stride(1), Hq, num_splits, split,
+                                  block_table.shape[0], cap, D=D, BLOCK_D=block_d, num_warps=1)
     return out
 
 
@@ -320,8 +334,9 @@ def default_scale(head_dim: int) -> float:
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, qstart_ptr, out_ptr,
-                    sqt, sqh, skp, sks, skh, svp, svs, svh, sbt, sot, soh, qk_scale,
-                    G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, TOK: tl.constexpr,
+                    sqt, sqh, skp, sks, skh, svp, svs, svh, sbt, sot, soh, qk_scale, max_seqs, cap, num_pages,
+                    total_q, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    TOK: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """One (sequence i, KV head h, block of TOK of its new tokens): causal attention over the block
     table for the TOK tokens × G query heads h·G … h·G + G − 1 (BLOCK_M >= TOK·G rows, row = token·G +
@@ -329,24 +344,25 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, q
     from row qstart[i]; new token j sits at position n − t + j and attends to positions 0 … it.
 
     q, out [total_q, Hq, D] (unit stride along D); k, v, bt, ids, lens as in ``_decode_split_kernel``;
-    qlens, qstart int32 [num_seqs]. Online softmax in fp32; key tiles past the block's last query
-    position are never visited, and every load is masked below the length.
+    qlens, qstart int32 [num_seqs]; max_seqs, cap, num_pages as there; total_q = q's rows. Online softmax in
+    fp32; key tiles past the block's last query position are never visited, and every load is masked below
+    the length. Values the public op never passes read nothing out of bounds (see _row_and_length; new
+    tokens are cut to [0, n], q and out rows to [0, total_q)).
     """
     i = tl.program_id(0)
     h = tl.program_id(1)
     # The last query blocks first: they see the most key tiles (causal), and a GPU starts programs in
     # grid order, so the cheap first blocks then fill the last wave instead of the costliest ones.
     mb = tl.num_programs(2) - 1 - tl.program_id(2)
-    t = tl.load(qlens_ptr + i)
+    row, n = _row_and_length(ids_ptr, lens_ptr, i, max_seqs, cap)
+    t = tl.minimum(tl.maximum(tl.load(qlens_ptr + i), 0), n)
     if mb * TOK >= t:
         return
-    n = tl.load(lens_ptr + i)
-    row = tl.load(ids_ptr + i).to(tl.int64)
     q0 = tl.load(qstart_ptr + i).to(tl.int64)
     r = tl.arange(0, BLOCK_M)
     j = mb * TOK + r // G  # [BLOCK_M] token of each row
     hq = h * G + r % G  # its query head
-    jm = (j < t) & (r < TOK * G)
+    jm = (j < t) & (r < TOK * G) & (q0 + j >= 0) & (q0 + j < total_q)
     qpos = n - t + j
     d = tl.arange(0, BLOCK_D)
     dm = d < D
@@ -363,8 +379,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, q
     full = (n - t + mb * TOK + 1) // BLOCK_N * BLOCK_N
     for blk in range(0, full, BLOCK_N):
         pos = blk + tl.arange(0, BLOCK_N)
-        page = tl.load(bt_ptr + row * sbt + pos // PAGE)  # pos < full <= hi <= n: inside the table's row
-        valid = page >= 0
+        page = tl.load(bt_ptr + row * sbt + pos // PAGE)  # pos < full <= hi <= n <= cap: inside the table's row
+        valid = (page >= 0) & (page < num_pages)
         k, v = _kv_tile(k_ptr, v_ptr, page, pos, valid, h, d, dm, skp, sks, skh, svp, svs, svh, PAGE)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -373,7 +389,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, q
         pos = blk + tl.arange(0, BLOCK_N)
         valid = pos < hi
         page = tl.load(bt_ptr + row * sbt + pos // PAGE, mask=valid, other=-1)
-        valid = valid & (page >= 0)
+        valid = valid & (page >= 0) & (page < num_pages)
         k, v = _kv_tile(k_ptr, v_ptr, page, pos, valid, h, d, dm, skp, sks, skh, svp, svs, svh, PAGE)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where(valid[None, :] & (pos[None, :] <= qpos[:, None]), s, float("-inf"))
@@ -429,7 +445,8 @@ def paged_prefill(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
         q, k_pages, v_pages, block_table, seq_ids, lens, q_lens, qstart, out,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_table.stride(0),
-        out.stride(0), out.stride(1), scale * _LOG2E,
+        out.stride(0), out.stride(1), scale * _LOG2E, block_table.shape[0], block_table.shape[1] * k_pages.shape[1],
+        k_pages.shape[0], T,
         G=G, D=D, PAGE=k_pages.shape[1], BLOCK_M=block_m, TOK=tok, BLOCK_N=BLOCK_N, BLOCK_D=block_d, PREC=prec,
         num_warps=warps, num_stages=stages,
     )
