@@ -230,3 +230,43 @@ def test_registered_ops_refuse_a_meta_tensor_among_real_ones():
         n = re.escape(name)
         with pytest.raises(ValueError, match=rf"({n} is on meta but \S+ is on cpu|\S+ is on cpu but {n} is on meta)"):
             call()
+
+
+def test_registered_ops_check_their_arguments_as_the_public_ops_do():
+    """The registered ops are public (torch.ops.kfuse) and reach the kernels; called directly with bad
+    arguments they raised from deep inside (a DEU dim out of range: "5 is not in list"; an integer x: "kfuse:
+    unsupported dtype Int"; pooling=5 on the reference backend: a tuple index out of range; a LoRA grad_y of
+    another width: a matmul's shape error; no tables: a list index out of range) or cast silently (integer or
+    complex coeffs; bad-input fuzz, 2026-12-05). They check as the public ops do, naming the argument."""
+    import pytest  # noqa: PLC0415
+
+    ops = torch.ops.kfuse
+    x, c = torch.randn(4, 6), torch.rand(6, 5) + 0.5
+    xx, w, a, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
+    tables, idx, off = [torch.randn(6, 4)], torch.tensor([0, 5, 1]), torch.tensor([0, 2, 3])
+    y, S, seed = ops.lora_forward(xx, w, a, b, 0.5, None, None, 0.0, False, "cpu")
+    calls = [
+        (IndexError, r"kfuse.deu: dim must be an int in \[-2, 1\]", lambda: ops.deu_forward(x, c, 5, "cpu")),
+        (TypeError, r"kfuse.deu: x must be float16, bfloat16, float32 or float64; got torch.int32",
+         lambda: ops.deu_forward(x.int(), c, 1, "cpu")),
+        (TypeError, r"kfuse.deu: coeffs must be float16", lambda: ops.deu_forward(x, c.to(torch.complex64), 1, "cpu")),
+        (ValueError, r"kfuse.deu_backward: grad_y must have x's shape",
+         lambda: ops.deu_backward(torch.randn(4, 5), x, c, 1, "cpu")),
+        (ValueError, r"kfuse.lora_backward: grad_y must be \[..., N = 5\]",
+         lambda: ops.lora_backward(torch.randn(3, 4), xx, w, a, b, 0.5, S, seed, 0.0, False, True, False, True,
+                                   True, False, False, "cpu")),
+        (ValueError, r"kfuse.embedding_bag_forward: pooling must be 0 \(sum\) or 1 \(mean\); got 5",
+         lambda: ops.embedding_bag_forward(tables, idx, off, [0], [-1], 5, None, "reference")),
+        (ValueError, r"kfuse.embedding_bag_forward: padding_idx must hold one row per table",
+         lambda: ops.embedding_bag_forward(tables, idx, off, [0], [-1, 2], 0, None, "reference")),
+        (TypeError, r"kfuse.embedding_bag_backward: weights must be a non-empty list",
+         lambda: ops.embedding_bag_backward(torch.randn(2, 4), [], idx, off, [0], [], 0, None, False, "cpu")),
+        (ValueError, r"kfuse.embedding_bag_backward: grad_out must be \[2, 4\]",
+         lambda: ops.embedding_bag_backward(torch.randn(2, 3), tables, idx, off, [0], [-1], 0, None, False, "cpu")),
+        (ValueError, r"kfuse.embedding_bag_backward: need_psw=True needs per_sample_weights",
+         lambda: ops.embedding_bag_backward(torch.randn(2, 4), tables, idx, off, [0], [-1], 0, None, True,
+                                            "reference")),
+    ]
+    for error, message, call in calls:
+        with pytest.raises(error, match=message):
+            call()

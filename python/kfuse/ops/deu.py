@@ -160,6 +160,7 @@ def deu_forward(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
     ``dim`` non-negative, inputs validated by :func:`deu`; ``backend`` as :func:`deu` takes it;
     ``y`` is laid out as ``_order(x)`` says.
     """
+    dim = _validate(x, coeffs, dim)  # (again: the ops are public, torch.ops.kfuse, and reach the kernels)
     backend = _op_backend(backend, x)
     if backend == "reference":
         return _laid_out_like_x(deu_reference(x, coeffs, dim), x)
@@ -176,6 +177,13 @@ def _(x: Tensor, coeffs: Tensor, dim: int, backend: str) -> Tensor:
 @torch.library.custom_op("kfuse::deu_backward", mutates_args=())
 def deu_backward(grad_y: Tensor, x: Tensor, coeffs: Tensor, dim: int, backend: str) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`deu_forward`: ``(grad_x laid out like y, grad_coeffs like coeffs)``."""
+    dim = _validate(x, coeffs, dim)
+    if not isinstance(grad_y, Tensor) or grad_y.shape != x.shape or grad_y.dtype != x.dtype \
+            or grad_y.device != x.device:
+        got = (f"{list(grad_y.shape)} {grad_y.dtype} on {grad_y.device}" if isinstance(grad_y, Tensor)
+               else type(grad_y).__name__)
+        raise ValueError(f"kfuse.deu_backward: grad_y must have x's shape, dtype and device ({list(x.shape)} "
+                         f"{x.dtype} on {x.device}); got {got}")
     backend = _op_backend(backend, x)
     if backend == "reference":
         gx, gc = _reference_vjp(grad_y, x, coeffs, dim)

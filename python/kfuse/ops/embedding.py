@@ -43,6 +43,7 @@ from kfuse import _backends, _checks, _routing
 from kfuse.reference.embedding import (
     MEAN,
     POOLINGS,
+    SUM,
     acc_dtype,
     multi_embedding_bag_backward_reference,
     multi_embedding_bag_reference,
@@ -576,10 +577,28 @@ def embedding_bag_forward(weights: list[Tensor], indices: Tensor, offsets: Tenso
     """Registered forward: tables ``weights`` (one dtype), ``indices [N]`` / ``offsets [F·B + 1]`` (int32
     or int64, the same), ``per_sample_weights [N]`` in the accumulation dtype or None; returns
     ``[B, Σ_f dim_{feature_table[f]}]`` in the tables' dtype."""
-    weights, _ = _check_weights("embedding_bag_forward", weights)  # (also called directly: torch.ops.kfuse)
-    bags = _Bags(list(feature_table), list(padding_idx), pooling, op="embedding_bag_forward")
+    weights, bags = _check_op_args("embedding_bag_forward", weights, indices, offsets, feature_table, padding_idx,
+                                   pooling, per_sample_weights)
     chosen = _select("embedding_bag_forward", backend, weights[0])
     return _forward_impl(weights, indices, offsets, bags, per_sample_weights, chosen)
+
+
+def _check_op_args(op: str, weights: object, indices: object, offsets: object, feature_table: object,
+                   padding_idx: object, pooling: object, per_sample_weights: object) -> tuple[list[Tensor], _Bags]:
+    """The registered ops' checks (they are public, ``torch.ops.kfuse``): the public ops' own, on their
+    arguments in the ops' form (``pooling`` 0 or 1; ``padding_idx`` one row per table, −1 = none). Called
+    directly with bad ones, the reference backend raised bare errors from inside (``pooling=5``: a tuple
+    index out of range) or took what the C++ kernels refuse (bad-input fuzz, 2026-12-05)."""
+    ws, _ = _check_weights(op, weights)
+    mode = {SUM: "sum", MEAN: "mean"}.get(pooling) if type(pooling) is int else None
+    if mode is None:
+        raise ValueError(f"kfuse.{op}: pooling must be 0 (sum) or 1 (mean); got {pooling!r}")
+    if not isinstance(padding_idx, (list, tuple)) or len(padding_idx) != len(ws) or not all(
+            type(p) is int and -1 <= p < w.shape[0] for p, w in zip(padding_idx, ws, strict=False)):
+        raise ValueError(f"kfuse.{op}: padding_idx must hold one row per table ({len(ws)}), each -1 (none) or in "
+                         f"[0, rows); got {padding_idx!r}")
+    pads = [None if p == -1 else p for p in padding_idx]
+    return ws, _validate(op, ws, indices, offsets, list(feature_table), mode, per_sample_weights, pads)
 
 
 @embedding_bag_forward.register_fake
@@ -598,9 +617,18 @@ def embedding_bag_backward(grad_out: Tensor, weights: list[Tensor], indices: Ten
                            backend: str) -> tuple[list[Tensor], Tensor]:
     """Registered backward: the tables' dense gradients (each like its table) and the gradient of
     ``per_sample_weights`` (``[N]``, or ``[0]`` when ``need_psw`` is False)."""
-    bags = _Bags(list(feature_table), list(padding_idx), pooling, op="embedding_bag_backward")
-    chosen = _select("embedding_bag_backward", backend, weights[0])
-    ws = list(weights)
+    op = "embedding_bag_backward"
+    ws, bags = _check_op_args(op, weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights)
+    want = ((offsets.shape[0] - 1) // bags.num_features, out_columns([w.shape[1] for w in ws], bags.feature_table)[-1])
+    if not isinstance(grad_out, Tensor) or tuple(grad_out.shape) != want or grad_out.dtype != ws[0].dtype \
+            or grad_out.device != ws[0].device:
+        got = (f"{list(grad_out.shape)} {grad_out.dtype} on {grad_out.device}" if isinstance(grad_out, Tensor)
+               else type(grad_out).__name__)
+        raise ValueError(f"kfuse.{op}: grad_out must be {list(want)} in the tables' dtype and device ({ws[0].dtype}, "
+                         f"{ws[0].device}); got {got}")
+    if need_psw and per_sample_weights is None:
+        raise ValueError(f"kfuse.{op}: need_psw=True needs per_sample_weights")
+    chosen = _select(op, backend, ws[0])
     grads, g_psw = _backward_impl(grad_out, ws, indices, offsets, bags, per_sample_weights, [True] * len(ws),
                                   need_psw, False, chosen)
     return grads, g_psw if g_psw is not None else grad_out.new_empty(0)

@@ -599,6 +599,10 @@ def lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lor
         raise ValueError(f"kfuse.lora_backward: grad_y must have y's shape [..., N] with x's leading dims "
                          f"{list(x.shape[:-1])}; got {getattr(grad_y, 'shape', type(grad_y).__name__)}")
     scaling, p = _validate(x, weight, lora_A, lora_B, scaling, None, None, dropout_p, fan_in_fan_out, "lora_backward")
+    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    if grad_y.shape[-1] != N or grad_y.dtype != x.dtype or grad_y.device != x.device:
+        raise ValueError(f"kfuse.lora_backward: grad_y must be [..., N = {N}] in x's dtype and device ({x.dtype}, "
+                         f"{x.device}); got {list(grad_y.shape)} {grad_y.dtype} on {grad_y.device}")
     chosen = _select("lora_backward", backend, x)
     M, r = math.prod(x.shape[:-1]), lora_A.shape[0]
     if tuple(S.shape) != (M, r) or S.dtype != acc_dtype(x.dtype):
