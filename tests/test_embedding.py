@@ -2697,3 +2697,20 @@ def test_report_rows_tiny(report_rows, monkeypatch) -> None:
         aim, got = by["fp32", "train", "cpu"]["goals"]["fbgemm"]
         assert got == pytest.approx(by["fp32", "train", "cpu"]["speedup"]["fbgemm"])
         assert "xfbgemm >= 3: " in out
+
+
+def test_sparse_index_tensors_are_refused_by_name():
+    """A sparse COO indices, offsets or per_sample_weights passed the shape checks and failed deep inside
+    ("unsupported memory format option Contiguous", or an aten fill_ with no SparseCPU kernel; bad-input fuzz,
+    2026-12-05): each is refused, named."""
+    w, i, o = torch.randn(6, 4), torch.tensor([0, 5, 1]), torch.tensor([0, 2])
+    psw = torch.ones(3)
+    for name, kw in (("input", dict(input=i.to_sparse(), offsets=o)), ("offsets", dict(input=i, offsets=o.to_sparse())),
+                     ("per_sample_weights", dict(input=i, offsets=o, per_sample_weights=psw.to_sparse()))):
+        with pytest.raises(ValueError, match=rf"kfuse.embedding_bag: {name} must be a dense \(strided\) tensor"):
+            kfuse.embedding_bag(weight=w, mode="sum", **kw)
+    off = torch.tensor([0, 2, 3])
+    for name, args, kw in (("indices", (i.to_sparse(), off), {}), ("offsets", (i, off.to_sparse()), {}),
+                           ("per_sample_weights", (i, off), dict(per_sample_weights=psw.to_sparse()))):
+        with pytest.raises(ValueError, match=rf"kfuse.multi_embedding_bag: {name} must be a dense \(strided\)"):
+            kfuse.multi_embedding_bag([w], *args, **kw)

@@ -172,6 +172,8 @@ def _validate(op: str, weights: list[Tensor], indices: object, offsets: object, 
                              f"{tuple(t.shape) if isinstance(t, Tensor) else ''}")
         if t.device != w0.device:
             raise ValueError(f"kfuse.{op}: {name} is on {t.device}; the tables are on {w0.device}")
+        if t.layout != torch.strided:  # (a sparse one failed deep inside: "unsupported memory format"; fuzz)
+            raise ValueError(f"kfuse.{op}: {name} must be a dense (strided) tensor; got {t.layout}")
     if offsets.dtype != indices.dtype:
         raise TypeError(f"kfuse.{op}: offsets ({offsets.dtype}) and indices ({indices.dtype}) must share a dtype")
     ft = list(range(len(weights))) if feature_table is None else feature_table
@@ -192,6 +194,8 @@ def _validate(op: str, weights: list[Tensor], indices: object, offsets: object, 
     pooling = POOLINGS[mode]
     if per_sample_weights is not None:
         psw = per_sample_weights
+        if isinstance(psw, Tensor) and psw.layout != torch.strided:
+            raise ValueError(f"kfuse.{op}: per_sample_weights must be a dense (strided) tensor; got {psw.layout}")
         if not isinstance(psw, Tensor) or psw.dim() != 1 or psw.shape[0] != indices.shape[0]:
             raise ValueError(f"kfuse.{op}: per_sample_weights must be 1-D with one weight per index "
                              f"({indices.shape[0]}); got {tuple(psw.shape) if isinstance(psw, Tensor) else psw!r}")
@@ -843,6 +847,9 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
     ws, tables = _check_weights(op, [weight], single=True)
     _check_options(op, sparse, backend)
     _checks.check_bool(f"kfuse.{op}", "include_last_offset", include_last_offset)  # "False" is truthy
+    for name, t in (("input", input), ("offsets", offsets), ("per_sample_weights", per_sample_weights)):
+        if isinstance(t, Tensor) and t.layout != torch.strided:  # (before the ops that build offsets)
+            raise ValueError(f"kfuse.{op}: {name} must be a dense (strided) tensor; got {t.layout}")
     if not isinstance(input, Tensor) or input.dtype not in _INTS or input.dim() not in (1, 2):
         got = f"{input.dim()}-D {input.dtype}" if isinstance(input, Tensor) else type(input).__name__
         raise ValueError(f"kfuse.{op}: input must be a 1-D or 2-D int32/int64 tensor; got {got}")
