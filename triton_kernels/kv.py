@@ -136,7 +136,10 @@ def _row_and_length(ids_ptr, lens_ptr, b, max_seqs, cap):
     return tl.where(ok, row, 0).to(tl.int64), n
 
 
-@triton.jit
+# The bounds _row_and_length takes are not specialised: Triton compiles a variant per argument equal to 1 or
+# divisible by 16, and these vary by cache (and total_q by call), so first calls would compile (seconds each)
+# for no gain in a comparison.
+@triton.jit(do_not_specialize=["max_seqs", "cap", "num_pages"])
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr, pml_ptr,
                          sqb, sqh, skp, sks, skh, svp, svs, svh, sbt, num_splits, split_tokens, qk_scale,
                          max_seqs, cap, num_pages,
@@ -198,7 +201,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, po_ptr,
     tl.store(po_ptr + part[:, None] * D + d[None, :], o, mask=live[:, None] & dm[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_seqs", "cap"])  # (see _decode_split_kernel)
 def _decode_merge_kernel(po_ptr, pml_ptr, ids_ptr, lens_ptr, out_ptr, sob, soh, Hq, num_splits, split_tokens,
                          max_seqs, cap, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """One (sequence b, query head hq): ``out = Σ_s w_s·po_s / Σ_s w_s``, ``w_s = 2^(m_s − max m)·l_s``,
@@ -332,7 +335,7 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_seqs", "cap", "num_pages", "total_q"])  # (see _decode_split_kernel)
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, qstart_ptr, out_ptr,
                     sqt, sqh, skp, sks, skh, svp, svs, svh, sbt, sot, soh, qk_scale, max_seqs, cap, num_pages,
                     total_q, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -355,14 +358,18 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ids_ptr, lens_ptr, qlens_ptr, q
     # grid order, so the cheap first blocks then fill the last wave instead of the costliest ones.
     mb = tl.num_programs(2) - 1 - tl.program_id(2)
     row, n = _row_and_length(ids_ptr, lens_ptr, i, max_seqs, cap)
+    q0 = tl.load(qstart_ptr + i).to(tl.int64)
+    # New tokens within [0, n] and their q rows within [0, total_q), cut as scalars. (The bounds cost this
+    # kernel registers at 64 x 64, 4 warps, 3 stages on sm_90a: 188 -> 227, no spills, 2 programs an SM as
+    # before, their shared memory the limit; at 5 stages 184 -> 187. bench/ptxas_kv.py)
     t = tl.minimum(tl.maximum(tl.load(qlens_ptr + i), 0), n)
+    t = tl.where((q0 >= 0) & (q0 <= total_q), tl.minimum(t, total_q - q0), 0).to(tl.int32)
     if mb * TOK >= t:
         return
-    q0 = tl.load(qstart_ptr + i).to(tl.int64)
     r = tl.arange(0, BLOCK_M)
     j = mb * TOK + r // G  # [BLOCK_M] token of each row
     hq = h * G + r % G  # its query head
-    jm = (j < t) & (r < TOK * G) & (q0 + j >= 0) & (q0 + j < total_q)
+    jm = (j < t) & (r < TOK * G)
     qpos = n - t + j
     d = tl.arange(0, BLOCK_D)
     dm = d < D

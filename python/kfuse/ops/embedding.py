@@ -601,6 +601,12 @@ def _check_op_args(op: str, weights: object, indices: object, offsets: object, f
             type(p) is int and -1 <= p < w.shape[0] for p, w in zip(padding_idx, ws, strict=False)):
         raise ValueError(f"kfuse.{op}: padding_idx must hold one row per table ({len(ws)}), each -1 (none) or in "
                          f"[0, rows); got {padding_idx!r}")
+    acc = acc_dtype(ws[0].dtype)
+    if isinstance(per_sample_weights, Tensor) and per_sample_weights.dtype != acc:
+        # (the public ops convert them; the tables' half dtype reached the backends as it was: the cpu one
+        # refused it from C++, the reference computed in half: review of the change)
+        raise TypeError(f"kfuse.{op}: per_sample_weights must be in the accumulation dtype ({acc}); got "
+                        f"{per_sample_weights.dtype}")
     pads = [None if p == -1 else p for p in padding_idx]
     return ws, _validate(op, ws, indices, offsets, list(feature_table), mode, per_sample_weights, pads)
 
