@@ -68,6 +68,7 @@ they were, its new pages released (a shared page it copied stays the sequence's 
 from __future__ import annotations
 
 import array
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -293,10 +294,16 @@ class PagedKVCache:
     def _appended(self, external: bool) -> Tensor:
         # Made outside inference mode (written in place by appends, perhaps outside it); the context only where
         # it is on (the decorator cost ~3 us a step).
-        if torch.is_inference_mode_enabled():
-            with torch.inference_mode(False):
-                return torch.full((self.num_layers,), external, dtype=torch.bool, device="cpu")
-        return torch.full((self.num_layers,), external, dtype=torch.bool, device="cpu")
+        with torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext():
+            return torch.full((self.num_layers,), external, dtype=torch.bool, device="cpu")
+
+    @staticmethod
+    def _same_counts(st: dict, ids: Tensor, cnt: Tensor | None) -> bool:
+        """Whether counts ``cnt`` for ``ids`` (None: one token each) are the open step's ``st``: the step's flag
+        ``ones`` spares building and comparing a tensor in the common case."""
+        if cnt is None:
+            return st["ones"] or torch.equal(torch.ones_like(ids), st["counts"])
+        return torch.equal(cnt, st["counts"])
 
     def __reduce__(self) -> tuple:
         """``copy.deepcopy``, ``copy.copy`` and pickling (``torch.save``) give an independent cache with the same
@@ -436,8 +443,7 @@ class PagedKVCache:
                 total = sum(cl)  # each within [0, cap]: the int64 sum's value
         else:
             # Compared here, raised after the K/V checks as before. Equal ids and counts: the step's total.
-            same_cnt = (st["ones"] or torch.equal(torch.ones_like(ids), st["counts"])) if cnt is None \
-                else torch.equal(cnt, st["counts"])
+            same_cnt = self._same_counts(st, ids, cnt)
             same = same_cnt and torch.equal(ids, st["ids"])
             total = ids.numel() if cnt is None else st["total"] if same_cnt else int(cnt.sum())
         for name, t in (("k", k), ("v", v)):
@@ -596,9 +602,7 @@ class PagedKVCache:
         st = self._step
         if st is None:
             raise ValueError("advance: no step is open (append() every layer first)")
-        same_cnt = (st["ones"] or torch.equal(torch.ones_like(ids), st["counts"])) if cnt is None \
-            else torch.equal(cnt, st["counts"])
-        if not (torch.equal(ids, st["ids"]) and same_cnt):
+        if not (torch.equal(ids, st["ids"]) and self._same_counts(st, ids, cnt)):
             cnt = torch.ones_like(ids) if cnt is None else cnt
             raise ValueError(f"advance: seq_ids/counts ({ids.tolist()}, {cnt.tolist()}) differ from the open step's "
                              f"({st['ids'].tolist()}, {st['counts'].tolist()})")

@@ -118,19 +118,12 @@ def _check_weights(op: str, weights: object, single: bool = False) -> tuple[list
     # Dynamo cannot trace is_neg() nor the extension; under torch.compile the registered op checks the tables
     # again, eagerly.
     compiling = torch.compiler.is_compiling()
-    if isinstance(first, Tensor) and first.dtype in _FLOATS:
-        ext = _ext()
-        if ext is not None and not compiling:
-            found = ext.embedding_tables(ws)  # the common case in C++: ~1 us at 32 tables
-            if found is not None:
-                return ws, _Tables(*found)
-        # In one pass of attribute reads (the loop below names the table): ~0.9 us a table.
-        dt, dev = first.dtype, first.device
-        if all(isinstance(w, Tensor) and w.ndim == 2 and w.layout == torch.strided and w.dtype == dt
-               and w.device == dev and w.shape[1] > 0 and w.is_contiguous() and not (not compiling and w.is_neg())
-               for w in ws):
-            return ws, None
-    for t, w in enumerate(ws):
+    ext = _ext()
+    if isinstance(first, Tensor) and first.dtype in _FLOATS and ext is not None and not compiling:
+        found = ext.embedding_tables(ws)  # the common case in C++: ~1 us at 32 tables
+        if found is not None:
+            return ws, _Tables(*found)
+    for t, w in enumerate(ws):  # the rest (~1 us a table): each check names the table it refuses
         name = "weight" if single else f"weights[{t}]"
         if not isinstance(w, Tensor) or w.dim() != 2 or w.layout != torch.strided:
             raise ValueError(f"kfuse.{op}: {name} must be a dense 2-D tensor [rows, dim]; got "

@@ -98,65 +98,10 @@ def _check_bias(op: str, name: str, t: Tensor | None, N: int, dtype: torch.dtype
         raise TypeError(f"kfuse.{op}: {name} must have {whose} dtype ({dtype}); got {t.dtype}")
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)
-_STRIDED = torch.strided
-
-
-def _same_device(x: Tensor, t: Tensor | None) -> bool:
-    """Whether ``t`` (None passes) is surely on x's device, by cheap queries (``t.device`` builds an object):
-    False where they cannot tell (the full check decides)."""
-    if t is None:
-        return True
-    if x.is_cuda:
-        return t.is_cuda and t.get_device() == x.get_device()
-    return x.is_cpu and t.is_cpu
-
-
 def _validate(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: object, bias: Tensor | None,
               lora_bias: Tensor | None, dropout_p: object, fan_in_fan_out: bool,
               op: str = "lora_linear") -> tuple[float, float]:
-    """Checks :func:`lora_linear`'s arguments; returns ``(scaling, dropout_p)`` as floats.
-
-    A fast path accepts the common valid call (plain dense tensors, float scaling and dropout_p) in
-    ~2 us; anything it does not surely accept goes through :func:`_validate_full` (~6 us), which raises
-    as before."""
-    # Every condition here implies the full check's (nothing is raised here). Not under torch.compile:
-    # Dynamo traces the full checks as before.
-    if (type(scaling) is float and type(dropout_p) is float and 0.0 <= dropout_p < 1.0
-            and type(fan_in_fan_out) is bool and not torch.compiler.is_compiling()
-            and type(x) in _PLAIN and type(weight) in _PLAIN and type(lora_A) in _PLAIN and type(lora_B) in _PLAIN
-            and x.layout is _STRIDED and weight.layout is _STRIDED and lora_A.layout is _STRIDED
-            and lora_B.layout is _STRIDED
-            and not (x.is_nested or weight.is_nested or lora_A.is_nested or lora_B.is_nested)):
-        dt, ws, As, Bs = x.dtype, weight.shape, lora_A.shape, lora_B.shape
-        xs = x.shape
-        if (dt in _FLOATS and len(xs) and weight.dtype == dt and len(ws) == 2 and len(As) == 2 and len(Bs) == 2
-                and (adt := lora_A.dtype) == lora_B.dtype and (adt == torch.float32 or adt == dt)):
-            K = xs[-1]
-            N = ws[1] if fan_in_fan_out else ws[0]
-            r = As[0]
-            if ((ws[0] if fan_in_fan_out else ws[1]) == K and As[1] == K and r >= 1 and Bs[0] == N and Bs[1] == r
-                    and _fast_vector(bias, N, dt) and _fast_vector(lora_bias, N, adt)
-                    and _same_device(x, weight) and _same_device(x, lora_A) and _same_device(x, lora_B)
-                    and _same_device(x, bias) and _same_device(x, lora_bias)):
-                return scaling, dropout_p
-    return _validate_full(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out, op)
-
-
-def _fast_vector(t: Tensor | None, N: int, dtype: torch.dtype) -> bool:
-    """Whether ``t`` surely passes ``_check_tensor(optional=True)`` and ``_check_bias`` (None does)."""
-    if t is None:
-        return True
-    if type(t) not in _PLAIN or t.layout is not _STRIDED or t.is_nested:
-        return False
-    s = t.shape
-    return len(s) == 1 and s[0] == N and t.dtype == dtype
-
-
-def _validate_full(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: object,
-                   bias: Tensor | None, lora_bias: Tensor | None, dropout_p: object, fan_in_fan_out: bool,
-                   op: str) -> tuple[float, float]:
-    """:func:`_validate`'s checks, in their order (each error names the argument)."""
+    """Checks :func:`lora_linear`'s arguments; returns ``(scaling, dropout_p)`` as floats."""
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         _check_tensor(op, name, t)
     _check_tensor(op, "bias", bias, optional=True)
@@ -740,9 +685,7 @@ class _EagerLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        if not torch._C._is_any_autocast_enabled():  # autocast_off's no-op, without building grad_y.device
-            return _EagerLoRA._backward(ctx, grad_y)
-        with _routing.autocast_off(grad_y.device):  # the forward's dtypes, not autocast's
+        with _routing.autocast_off(grad_y):  # the forward's dtypes, not autocast's
             return _EagerLoRA._backward(ctx, grad_y)
 
     @staticmethod
