@@ -348,8 +348,7 @@ class MultiTableEmbeddingBag(nn.Module):
 
     def states(self, which: int) -> list[Tensor]:
         """The fused optimizer's ``momentum{which}`` buffers, one per table."""
-        buffers = self._buffers  # (getattr goes through Module.__getattr__: ~1 us a table)
-        return [buffers[f"momentum{which}_{t}"] for t in range(len(self.tables))]
+        return [getattr(self, f"momentum{which}_{t}") for t in range(len(self.tables))]
 
     def _weights(self) -> list[Tensor]:
         """The tables, in order: what ``list(self.weights)`` gives, without ParameterList's ``__getattr__``
