@@ -1358,6 +1358,14 @@ _DDP = textwrap.dedent("""
             opt.step()
             opt.zero_grad()
     torch.save([w.detach() for w in _ddp_tables(m)], out)
+    if fused:  # a group without this process (torch gives its size as -1) is refused by name
+        outsider = dist.new_group([1])
+        if rank == 0:
+            try:
+                _ddp_module(mode, outsider)
+                raise AssertionError("a process_group without this rank was accepted")
+            except ValueError as e:
+                assert "process_group does not include this process" in str(e), e
     dist.barrier()
     del model, m, opt  # nothing may hold the process group past its destruction
     dist.destroy_process_group()
@@ -1403,6 +1411,14 @@ def test_a_module_with_a_process_group_copies_and_pickles(tmp_path):
     run = subprocess.run([sys.executable, str(script), python_dir], env=env, capture_output=True, text=True,
                          timeout=240)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_process_group_must_be_a_process_group():
+    """A group given as a name or a number failed at the first backward with "'str' object has no attribute
+    'size'" (bad-input hunt); the fused module's process_group is checked when it is built."""
+    for bad in ("world", 0):
+        with pytest.raises(TypeError, match="process_group must be a torch.distributed process group"):
+            MultiTableEmbeddingBag([(6, 3)], optimizer="sgd", process_group=bad)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fused", "ddp-sparse"])

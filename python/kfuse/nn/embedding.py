@@ -243,6 +243,8 @@ class MultiTableEmbeddingBag(nn.Module):
             raise ValueError(f"feature_table_map must be a non-empty list of table numbers in [0, {len(tables)}); "
                              f"got {feature_table_map!r}")
         self.mode, self.sparse, self.backend, self.check = mode, sparse, backend, check
+        if process_group is not None:
+            _group_size(process_group)
         self.optimizer, self.seed, self.process_group = optimizer, _seed(seed), process_group
         self.hparams = _hparams(lr=lr, eps=eps, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
         self.weights = nn.ParameterList(
@@ -626,7 +628,7 @@ def _all_reduce_rows(rows: Tensor, grads: Tensor, group: object) -> tuple[Tensor
     (padded to the largest count), then duplicates summed in rank order (deterministic)."""
     import torch.distributed as dist  # noqa: PLC0415
 
-    world = dist.get_world_size(group)
+    world = _group_size(group)
     count = torch.tensor([rows.numel()], device=rows.device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count, group=group)
@@ -647,6 +649,24 @@ def _all_reduce_rows(rows: Tensor, grads: Tensor, group: object) -> tuple[Tensor
         lo = sum(int(c) for c in counts[:k])
         out.index_add_(0, inv[lo: lo + int(counts[k])], g[lo: lo + int(counts[k])])
     return uniq, out
+
+
+def _group_size(group: object) -> int:
+    """The number of processes in ``group``, a torch.distributed process group that includes this one.
+    ``new_group`` gives a process outside the group a marker (an int), and torch answers -1 for the size
+    of a group without this process, whose collectives then return at once: the row all-gather was left
+    with no counts ("max() arg is an empty sequence"; bad-input hunt)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    outside = dist.is_available() and isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER
+    if not outside and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError("MultiTableEmbeddingBag: process_group must be a torch.distributed process group (e.g. "
+                        f"torch.distributed.group.WORLD) or None; got {type(group).__name__}")
+    world = -1 if outside else dist.get_world_size(group)
+    if world < 1:
+        raise ValueError(f"MultiTableEmbeddingBag: process_group does not include this process (global rank "
+                         f"{dist.get_rank()}); pass a group of the processes that train this module together")
+    return world
 
 
 def _row_updates(m: MultiTableEmbeddingBag, t: int, rows: Tensor, g: Tensor,
