@@ -192,6 +192,13 @@ def test_gravitation_refuses_outside_eager_mode() -> None:
         kfuse.deu(x, c, degenerate_grad="smooth")
     with pytest.raises(ValueError, match="eager mode only"):
         torch.func.grad(lambda c: kfuse.deu(x, c, degenerate_grad="gravitation").sum())(c)
+    # A batched backward runs it under vmap (it failed inside torch: "Batching rule not implemented").
+    c.requires_grad_()
+    for backend in ("cpu", "reference"):
+        y = kfuse.deu(x, c, backend=backend, degenerate_grad="gravitation")
+        with pytest.raises(ValueError, match="batched backward"):
+            torch.autograd.grad(y, c, torch.randn(2, *y.shape), is_grads_batched=True)
+    c.requires_grad_(False)
     # Without a gradient to take it is the plain forward, on any path.
     y = torch.func.vmap(lambda r: kfuse.deu(r, c, degenerate_grad="gravitation"))(x[:, None])
     torch.testing.assert_close(y[:, 0], deu_reference(x, c))

@@ -188,8 +188,13 @@ def differentiable_backward(grad: Tensor) -> bool:
     (``is_grads_batched=True``, ``jacobian(vectorize=True)``: autograd's own vmap over the
     backward, whose batched tensors have no memory). Under Dynamo (compiled autograd) grad mode
     only: it cannot trace the functorch queries, and traces no batched backward."""
-    if torch.is_grad_enabled():
-        return True
+    return torch.is_grad_enabled() or batched_backward(grad)
+
+
+def batched_backward(grad: Tensor) -> bool:
+    """Whether ``grad`` is batched by autograd's own vmap over a backward (``is_grads_batched=True``,
+    ``jacobian(vectorize=True)``: legacy batched tensors) or by a ``torch.func`` transform. Under Dynamo
+    never (it cannot trace the queries, and traces no batched backward)."""
     if torch.compiler.is_compiling():
         return False
     return is_functorch_wrapped_tensor(grad) or is_legacy_batchedtensor(grad)

@@ -271,6 +271,13 @@ class _GravitationDeu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, coeffs = ctx.saved_tensors
+        if ctx.needs_input_grad[1] and _routing.batched_backward(grad_y):
+            # A batched backward (is_grads_batched=True, jacobian(vectorize=True)) runs this under vmap,
+            # where the replacement's host check cannot run: it failed inside torch ("Batching rule not
+            # implemented for aten::detach"; autograd hunt).
+            raise ValueError("kfuse.deu: degenerate_grad='gravitation' does not run in a batched backward "
+                             "(is_grads_batched=True, jacobian/hessian with vectorize=True): take the gradients one "
+                             "at a time (vectorize=False) or use degenerate_grad='exact'")
         if ctx.backend == "reference" or _routing.differentiable_backward(grad_y):
             gx, gc = _reference_vjp(grad_y, x, coeffs, ctx.dim)
         else:
@@ -351,7 +358,8 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto",
             are unchanged. Every backend runs it (the replaced entries are computed in PyTorch,
             float64, on the degenerate neurons only, after one host sync per backward), in eager
             mode: where a gradient is needed under ``torch.compile``/``torch.jit.trace``, ``torch.func``
-            transforms, forward-mode AD, dispatch modes or tensor subclasses, it raises ``ValueError``
+            transforms, forward-mode AD, dispatch modes or tensor subclasses, or in a batched backward
+            (``is_grads_batched=True``, ``vectorize=True``), it raises ``ValueError``
             (which ``torch.compile(fullgraph=True)`` reports as its own ``Unsupported`` error).
     Returns:
         ``y``, same shape and dtype as ``x``, computed in float32 (float64 for float64 input).
