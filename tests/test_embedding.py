@@ -2389,6 +2389,37 @@ def test_async_check_waits_for_a_flag_another_thread_is_looking_at(no_pending_ch
     assert not E._DEFERRED
 
 
+def test_async_check_queries_no_event_during_graph_capture(monkeypatch, no_pending_checks):
+    """Every call of the ops polls pending check="async" flags first; during a CUDA-graph capture the poll
+    queried the warm-up call's event, which invalidates the capture (GPU review, 2026-12-05). During a
+    capture the poll leaves flags on their way, and a waiting check refuses by name; after it, the flag is
+    checked. (A capture and an event stand-in: this runs on the CPU.)"""
+    class NotDuringCapture:
+        def query(self) -> bool:
+            assert not capturing[0], "an event was queried during capture"
+            return True
+
+        def synchronize(self) -> None:
+            assert not capturing[0], "an event was waited for during capture"
+
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    w = torch.randn(10, 4)
+    idx, off = torch.tensor([1, 12]), torch.tensor([0, 2])
+    bags = E._validate("multi_embedding_bag", [w], idx, off, None, "sum", None, None, "async")
+    flag = torch.tensor([1, te.NO_ERROR], dtype=torch.int32)  # indices[1] is bad
+    E._DEFERRED.append(E._Deferred(flag, NotDuringCapture(), [10], idx, off, bags))
+    E.poll_errors()
+    with pytest.raises(RuntimeError, match="during CUDA-graph capture"):
+        kfuse.check_embedding_errors()
+    assert len(E._DEFERRED) == 1
+    capturing[0] = False
+    with pytest.raises(IndexError, match=r"indices\[1\] = 12 is out of range \[0, 10\)"):
+        E.poll_errors()
+    assert not E._DEFERRED
+
+
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_async_pending_check_holds_no_table(device, no_pending_checks):
     """A pending check="async" call kept its tables alive (for the row counts its error names), so a deleted
@@ -2514,6 +2545,34 @@ def test_triton_async_record_is_not_kept_after_it_is_reported(device, no_pending
     del idx
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("check", ["sync", "async"])
+def test_forward_captures_in_a_cuda_graph(check, no_pending_checks):
+    """A forward captured after a warm-up: a capture cannot read the kernel's flag ("sync" read it, and
+    every call's poll queried the "async" warm-up's event: either invalidated the capture; GPU review,
+    2026-12-05). A replay reads the new indices; its bad input reports nothing, and is masked."""
+    m = MultiTableEmbeddingBag([(9, 5), (6, 3)], backend="triton", check=check, device="cuda")
+    idx, off = torch.tensor([1, 2, 3, 4, 5], device="cuda"), torch.tensor([0, 2, 3, 4, 5], device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            m(idx, off)  # warm-up: the metadata cache, the kernel's compile, an async record left pending
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(graph):
+            out = m(idx, off)
+        idx.copy_(torch.tensor([0, 8, 7, 5, 1]))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, m(idx, off), torch.float32, "replay with new indices")
+        idx[4] = 6  # out of table 1's range: masked in the replay, no error from it
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
+    kfuse.check_embedding_errors()
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

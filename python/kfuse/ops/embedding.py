@@ -299,10 +299,12 @@ def _check_values(op: str, rows: Sequence[int], indices: Tensor, offsets: Tensor
 #:   forward, so the host cannot run ahead of the GPU.
 #: - ``"async"``: the flag goes to pinned host memory with the call's stream; a later call of either op
 #:   (any check mode) raises the error once the flag has arrived, naming the earlier call's argument, and
-#:   :func:`check_embedding_errors` raises it on demand (at the end of an epoch, say). Nothing is read
-#:   under CUDA-graph capture (a replay reports nothing). The pending flags are the process's, not a
-#:   thread's: with several threads (a server's requests), a call may raise another thread's earlier error,
-#:   so where threads must not see each other's bad input use ``"sync"``.
+#:   :func:`check_embedding_errors` raises it on demand (at the end of an epoch, say). The pending flags
+#:   are the process's, not a thread's: with several threads (a server's requests), a call may raise
+#:   another thread's earlier error, so where threads must not see each other's bad input use ``"sync"``.
+#:
+#: Under CUDA-graph capture (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``) neither reads
+#: a flag, which a capture cannot do: a replay reports nothing (the kernels still mask bad input).
 CHECKS = ("sync", "async")
 
 
@@ -369,11 +371,20 @@ def check_embedding_errors(wait: bool = True) -> None:
             flags already on the host (no sync: what every call of these ops does first).
     Raises:
         IndexError (an index outside its table) or ValueError (bad offsets), as the call would have with
-        ``check="sync"``, naming that call's argument.
+        ``check="sync"``, naming that call's argument. RuntimeError when waiting during CUDA-graph capture.
     """
+    # During a CUDA-graph capture (default mode) an event query or wait invalidates the capture: a forward
+    # captured after a check="async" warm-up call polled that call's event (GPU review, 2026-12-05). Flags
+    # still on their way are left for a call after the capture.
+    capturing = (any(d.event is not None for d in _DEFERRED) and torch.cuda.is_available()
+                 and torch.cuda.is_current_stream_capturing())
+    if capturing and wait:
+        raise RuntimeError("kfuse.check_embedding_errors: cannot wait for check='async' flags during CUDA-graph "
+                           "capture (it would invalidate the capture); call it before or after")
     while True:
         with _DEFERRED_LOCK:  # the oldest record to check: any when waiting, else one whose flag has arrived
-            i = next((i for i, d in enumerate(_DEFERRED) if wait or d.event is None or d.event.query()), None)
+            i = next((i for i, d in enumerate(_DEFERRED)
+                      if wait or d.event is None or (not capturing and d.event.query())), None)
             if i is None:
                 return
             d = _DEFERRED.pop(i)
@@ -474,6 +485,8 @@ def _forward_impl(weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
         # op took 0.213 ms where its kernel took 0.043, bench/results/2026-12-04-h200/); "async" later.
         if bags.check == "async":
             _defer(flag, weights, indices, offsets, bags)
+        elif flag.is_cuda and torch.cuda.is_current_stream_capturing():
+            pass  # the read would invalidate the capture (a registered op always checks "sync"; GPU review)
         elif flag.tolist() != [tk.NO_ERROR, tk.NO_ERROR]:
             _raise_bad_input(flag, weights, indices, offsets, bags)
         return out
