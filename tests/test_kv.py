@@ -925,6 +925,16 @@ def test_metadata_ops_do_not_sync_and_rollback_is_cuda_graph_capturable():
     torch.cuda.synchronize()
     check_invariants(twin)
     assert [twin.length(s) for s in (0, 1, 4)] == [1, 3, 5]
+    # A caller's pinned seq_ids refilled as soon as the call returns: the replay read the buffer as it was
+    # then (pin_memory() of a pinned tensor is itself; GPU review, 2026-12-05). The GPU is kept busy so that
+    # the copy runs after the refill.
+    pinned = torch.tensor([0, 1, 4]).pin_memory()
+    torch.cuda._sleep(50_000_000)
+    graphed(pinned, [1, 2, 3])
+    pinned.copy_(torch.tensor([2, 3, 0]))
+    torch.cuda.synchronize()
+    check_invariants(twin)
+    assert [twin.length(s) for s in (0, 1, 4)] == [1, 2, 3]
     snap = snapshot(twin)
     with pytest.raises(RuntimeError, match="graphed_rollback"), torch.cuda.graph(torch.cuda.CUDAGraph()):
         twin.rollback([0], [0])

@@ -690,9 +690,16 @@ class PagedKVCache:
                                  f"{h_ids.numel()} and {h_lens.numel()}")
             self._no_step("rollback")
             self._host.rollback(h_ids, h_lens, True, log=False)  # checks everything before changing anything
-            ids.copy_(h_ids.pin_memory(), non_blocking=True)
-            lens.copy_(h_lens.to(torch.int32).pin_memory(), non_blocking=True)
-            graph.replay()
+            try:
+                # Staged in fresh pinned memory: the copies run after this returns, and a caller's pinned
+                # seq_ids (a server's staging buffer, refilled at once) would be read as it is then, while
+                # pin_memory() returns a pinned tensor itself (GPU review, 2026-12-05).
+                ids.copy_(torch.empty(n, dtype=torch.int64, pin_memory=True).copy_(h_ids), non_blocking=True)
+                lens.copy_(h_lens.to(torch.int32).pin_memory(), non_blocking=True)
+                graph.replay()
+            except BaseException:  # the host rolled back: the device tables must not stay behind
+                self._resync()
+                raise
 
         return rollback
 
