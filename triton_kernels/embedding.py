@@ -304,7 +304,9 @@ def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: 
     block_d = _block_d(max(w.shape[1] for w in weights))
     fm = _FeatureMeta(meta, col, block_d, cdiv(max(weights[t].shape[1] for t in feature_table), block_d))
     if cache:
-        _META_CACHE[key] = fm
+        # Two threads may build the same key at once: the first entry stays, as a captured graph or another
+        # stream may already read it (replacing it freed it under them; GPU review, 2026-12-05).
+        fm = _META_CACHE.setdefault(key, fm)
     return fm
 
 
