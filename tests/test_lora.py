@@ -810,6 +810,38 @@ def test_merge_unmerge(fifo: bool, dtype: torch.dtype, seed: int) -> None:
         assert_close(linear.weight, w0, dtype, "round trip")
 
 
+def test_merge_refuses_a_weight_computed_from_other_tensors(seed: int) -> None:
+    """A parametrized or pruned weight is recomputed at each access: merge wrote into a temporary, set
+    merged, and the forward then dropped the adapter (conversions hunt, 2026-12-05). Refused by name, the
+    layer unchanged; with the parametrization removed the merge holds."""
+    import torch.nn.utils.parametrize as P  # noqa: PLC0415
+    import torch.nn.utils.prune as prune  # noqa: PLC0415
+
+    class Twice(torch.nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w * 2
+
+    for name in ("parametrize", "prune"):
+        m = kfuse.nn.LoRALinear(8, 6, r=2)
+        torch.nn.init.normal_(m.lora_B)
+        if name == "parametrize":
+            P.register_parametrization(m, "weight", Twice())
+        else:
+            prune.l1_unstructured(m, "weight", amount=0.3)
+        x = torch.randn(3, 8)
+        y = m(x)
+        with pytest.raises(RuntimeError, match="LoRALinear.merge: weight is computed from other tensors"):
+            m.merge()
+        assert not m.merged and torch.equal(m(x), y)
+        if name == "parametrize":
+            P.remove_parametrizations(m, "weight")
+        else:
+            prune.remove(m, "weight")
+        m.merge()
+        assert m.merged
+        assert_close(m(x), y, torch.float32, f"merged after removing {name}")
+
+
 def test_merged_state_travels_with_the_weight(seed: int) -> None:
     """W of a merged layer holds the adapter: its state_dict says so, and a layer loading it (merged
     or not before) computes what the saved layer computed and unmerges back to the base W."""

@@ -295,6 +295,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             warnings.warn("LoRALinear.merge: already merged; nothing to do", stacklevel=2)
             return
+        self._check_weight_is_held("merge")
         self.weight.copy_(self._updated_weight(1.0))
         self.merged = True
 
@@ -304,8 +305,18 @@ class LoRALinear(nn.Module):
         if not self.merged:
             warnings.warn("LoRALinear.unmerge: not merged; nothing to do", stacklevel=2)
             return
+        self._check_weight_is_held("unmerge")
         self.weight.copy_(self._updated_weight(-1.0))
         self.merged = False
+
+    def _check_weight_is_held(self, what: str) -> None:
+        """A merge writes into the weight Parameter. A weight recomputed from other tensors at each access
+        (torch.nn.utils.parametrize) or by a forward pre-hook (torch.nn.utils.prune) took the write in a
+        temporary: merged was set, and the forward dropped the adapter (conversions hunt, 2026-12-05)."""
+        if self._parameters.get("weight") is not self.weight:
+            raise RuntimeError(f"LoRALinear.{what}: weight is computed from other tensors (torch.nn.utils.parametrize "
+                               "or prune), so a merge written into it would be lost; remove that first "
+                               "(parametrize.remove_parametrizations / prune.remove), or keep the adapter unmerged")
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         # A W without the flag (a PEFT-style dict) is the base weight; a checkpoint of kfuse before
