@@ -302,7 +302,8 @@ def test_reset_parameters_takes_the_constructors_scale_and_seed(small):
 def test_a_checkpoint_loaded_into_new_tables_trains_on(impl):
     """load_state_dict(assign=True) and a meta build's to_empty() give the module new tables: the torch
     build's optimizer went on stepping the old ones (the tables no longer trained), and after to_empty()
-    its loaded state landed on the meta device (copy hunt). Each resumes as the uninterrupted run; a
+    its loaded state landed on the meta device (copy hunt), as it did after a meta build's
+    load_state_dict(assign=True) (conversions hunt). Each resumes as the uninterrupted run; a
     .half() build runs its weighted bags (float32 weights met half tables in torch's bag)."""
     sizes, idx = [7, 5, 6], torch.tensor([0, 3, 1, 2, 4, 0, 5, 1, 2, 3])
     off = torch.tensor([0, 2, 3, 4, 5, 6, 6, 8, 9, 10])
@@ -324,7 +325,10 @@ def test_a_checkpoint_loaded_into_new_tables_trains_on(impl):
         empty = build()
     empty.to_empty(device="cpu")
     empty.load_state_dict(copy.deepcopy(sd))
-    for m in (assigned, empty):
+    with torch.device("meta"):  # the torch build's state went to meta: its tables were loaded after it
+        meta = build()
+    meta.load_state_dict(copy.deepcopy(sd), assign=True)
+    for m in (assigned, empty, meta):
         step(m)
         assert all(torch.equal(a, b) for a, b in zip(m.weights, src.weights, strict=True))
     half = CodeEmbedding(sizes, 4, mode="sum", optimizer="sgd", impl=impl, seed=0).half()

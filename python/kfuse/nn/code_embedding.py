@@ -77,6 +77,7 @@ class _TorchTables(nn.Module):
             self.opt = torch.optim.SparseAdam(params, lr=lr, eps=eps)
         elif optimizer is not None:  # (it trained nothing, silently: medical-code hunt 2026-12-05)
             raise ValueError(f"optimizer must be None or one of ('sgd', 'rowwise_adagrad', 'adam'); got {optimizer!r}")
+        self.register_load_state_dict_post_hook(_TorchTables._load_optimizer_state)
 
     @property
     def weights(self) -> list[Tensor]:
@@ -112,6 +113,7 @@ class _TorchTables(nn.Module):
 
     def update(self) -> None:
         if self.opt is not None:
+            _TorchTables._load_optimizer_state(self, None)  # (a module unpickled from before the hook)
             self._track_tables()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -122,12 +124,19 @@ class _TorchTables(nn.Module):
         return {} if self.opt is None else self.opt.state_dict()
 
     def set_extra_state(self, state: dict) -> None:
-        if self.opt is not None and state:
+        # Loaded once the tables are (_load_optimizer_state): load_state_dict sets a module's extra state
+        # before it loads its children, and the optimizer casts its state to its parameters' devices and
+        # dtypes: a module built on meta and loaded with assign=True kept its state on meta (conversions hunt).
+        self.__dict__["_optimizer_state"] = state if self.opt is not None and state else None
+
+    @staticmethod
+    def _load_optimizer_state(module: _TorchTables, _incompatible: object) -> None:
+        state = module.__dict__.pop("_optimizer_state", None)
+        if state is not None:
             # A copy: the optimizer's load_state_dict keeps the given tensors, which would tie this module's
-            # state to the source's (as load_state_dict copies parameters into the module's own). It casts them
-            # to its parameters' devices: the tables' now (after to_empty(), not the meta ones).
-            self._track_tables()
-            self.opt.load_state_dict(copy.deepcopy(state))
+            # state to the source's (as load_state_dict copies parameters into the module's own).
+            module._track_tables()
+            module.opt.load_state_dict(copy.deepcopy(state))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
