@@ -1015,6 +1015,46 @@ def test_multi_lora_module(seed: int) -> None:
         multi.add_adapter(torch.randn(2, 20), torch.randn(12, 3), 1.0)
 
 
+def test_multi_lora_adds_on_two_threads_keep_both_adapters() -> None:
+    """Two threads adding adapters at once built from the same stacks: the later replaced the earlier's
+    adapter, both got one id, or the copy failed on resized stacks (serving hunt, 2026-12-05: 8 threads lost
+    7 adapters). Here the other thread's add starts exactly when this one sets A_stack."""
+    import threading  # noqa: PLC0415
+
+    from kfuse.nn import MultiLoRALinear  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(0)
+    adapters = [(torch.randn(r, 16, generator=gen), torch.randn(12, r, generator=gen)) for r in (4, 6, 3)]
+    got: dict[int, object] = {}
+    threads: list[threading.Thread] = []
+
+    class Watched(MultiLoRALinear):
+        def __setattr__(self, name: str, value: object) -> None:
+            super().__setattr__(name, value)
+            if name == "A_stack" and self.__dict__.pop("watch", False):
+                def add() -> None:
+                    try:
+                        got[2] = self.add_adapter(*adapters[2], 3.0)
+                    except Exception as e:  # noqa: BLE001 (the test reports it)
+                        got[2] = e
+
+                threads.append(threading.Thread(target=add))
+                threads[-1].start()
+                threads[-1].join(0.5)  # it runs here, or waits for this add to finish
+
+    m = Watched(16, 12, backend="cpu")
+    got[0] = m.add_adapter(*adapters[0], 1.0)
+    m.__dict__["watch"] = True
+    got[1] = m.add_adapter(*adapters[1], 2.0)
+    for t in threads:
+        t.join()
+    assert sorted(got.values()) == [0, 1, 2] and m.num_adapters == 3, got
+    for i, (a, b) in enumerate(adapters):
+        j, r = got[i], a.shape[0]
+        assert torch.equal(m.A_stack[j, :r], a) and torch.equal(m.B_stack[j, :, :r], b), f"adapter {i}"
+        assert m.scalings[j] == i + 1.0 and m.ranks[j] == r
+
+
 def test_multi_lora_forward_on_another_thread_reads_one_set_of_stacks() -> None:
     """A server's forward on one thread read the new A_stack beside the old ranks while another thread added
     an adapter (add_adapter set the four buffers one after another), and failed: 349 spurious errors in 300

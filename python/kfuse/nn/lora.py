@@ -467,18 +467,22 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"MultiLoRALinear.add_adapter: lora_B must have shape [N, r] = [{N}, {r}]; "
                              f"got {list(lora_B.shape)}")
         scaling = _checks.real("MultiLoRALinear.add_adapter", "scaling", scaling)
-        L, r_max = self.A_stack.shape[0], max(self.r_max, r)
-        A = self.A_stack.new_zeros(L + 1, r_max, K)
-        B = self.B_stack.new_zeros(L + 1, N, r_max)
-        A[:L, : self.r_max] = self.A_stack
-        B[:L, :, : self.r_max] = self.B_stack
-        A[L, :r] = lora_A.to(A)
-        B[L, :, :r] = lora_B.to(B)
-        scalings = torch.cat([self.scalings, self.scalings.new_tensor([scaling])])
-        ranks = torch.cat([self.ranks, self.ranks.new_tensor([r])])
-        # All four built before any is set: a failure above (out of memory) left grown stacks beside
-        # the old scalings, and every later forward refused them (exceptions hunt).
-        self._set_stacks(("A_stack", "B_stack", "scalings", "ranks"), [A, B, scalings, ranks])
+        # Read and replaced under the lock: two threads adding at once built from the same stacks, and the
+        # later replaced the earlier's adapter, both returning one id (serving hunt, 2026-12-05).
+        with _stacks_lock(self):
+            L, r_old = self.A_stack.shape[0], self.r_max
+            r_max = max(r_old, r)
+            A = self.A_stack.new_zeros(L + 1, r_max, K)
+            B = self.B_stack.new_zeros(L + 1, N, r_max)
+            A[:L, :r_old] = self.A_stack
+            B[:L, :, :r_old] = self.B_stack
+            A[L, :r] = lora_A.to(A)
+            B[L, :, :r] = lora_B.to(B)
+            scalings = torch.cat([self.scalings, self.scalings.new_tensor([scaling])])
+            ranks = torch.cat([self.ranks, self.ranks.new_tensor([r])])
+            # All four built before any is set: a failure above (out of memory) left grown stacks beside
+            # the old scalings, and every later forward refused them (exceptions hunt).
+            self._set_stacks(("A_stack", "B_stack", "scalings", "ranks"), [A, B, scalings, ranks])
         return L
 
     @torch.inference_mode(False)  # stacks made here replace the buffers: see add_adapter
