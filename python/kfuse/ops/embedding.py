@@ -213,7 +213,9 @@ def _as_index(v: object) -> object:
     """``v`` as a Python int when it is an integer other than a bool (an int, a numpy integer, a 0-d
     integer tensor: what torch takes for an index argument), else ``v`` unchanged (for the caller to
     refuse)."""
-    if isinstance(v, bool):
+    if isinstance(v, (bool, list, tuple, str, bytes)) or v is None:
+        # (torch 2.11's Dynamo, the GPU machine's, fails on operator.index of a list with its own internal
+        # error, not TypeError: a compiled module with one padding_idx per table; `make compat`, 2026-12-05)
         return v
     try:
         return operator.index(v)
