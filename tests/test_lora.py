@@ -14,6 +14,7 @@ import sm90
 import torch
 from tolerances import TOL, assert_close
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import kfuse
 from kfuse import _backends
@@ -1194,6 +1195,19 @@ def test_opcheck(backend: str, device: str, seed: int) -> None:
     for needs in ((True, True, True, True, True, True), (False, False, True, True, False, True)):
         torch.library.opcheck(torch.ops.kfuse.lora_backward, (gy, x.detach(), w.detach(), a.detach(), b.detach(), 0.5,
                                                               S, seed_t, 0.3, False, *needs, backend))
+    # Transposed weight and adapters, on this backend and the reference: the reference gave gradients laid out
+    # like them where the fake kernel says contiguous, and a compiled backward failed Inductor's stride check
+    # (export hunt, 2026-12-05; opcheck compares no strides).
+    wt, at, bt = (t.detach().t().contiguous().t() for t in (w, a, b))
+    for name in (backend, "reference"):
+        args = (gy, x.detach(), wt, at, bt, 0.5, S, seed_t, 0.3, False, *(True,) * 6, name)
+        if name == backend:  # (opcheck's schema check cannot look inside the reference's torch.func.vjp)
+            torch.library.opcheck(torch.ops.kfuse.lora_backward, args)
+        with FakeTensorMode() as mode:
+            fake = torch.ops.kfuse.lora_backward(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                   for a in args))
+        for r, f in zip(torch.ops.kfuse.lora_backward(*args), fake, strict=True):
+            assert r.shape == f.shape and r.stride() == f.stride(), (name, r.stride(), f.stride())
     t = multi_inputs((6,), 9, 5, [2, 4], torch.float32, torch.float32, device, False)
     torch.library.opcheck(torch.ops.kfuse.lora_multi_forward,
                           (t["x"], t["weight"], t["A_stack"], t["B_stack"], t["scalings"], t["ranks"], t["adapter_ids"],

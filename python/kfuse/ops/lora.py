@@ -453,7 +453,10 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
         grads = _triton_backward(dy2, x2, weight, A, B, scaling, S, seed, p, fifo, needs)
     elif backend == "reference":
         mask = None if seed is None else dropout_mask(seed, x2.shape[0], K, p, backend)
-        grads = _reference_vjp(dy2, x2, weight, A, B, scaling, p, fifo, mask, needs, None, None)
+        # Contiguous, as the fake kernel says and the other backends' GEMMs give: the vjp lays each gradient out
+        # like its input, and a compiled backward of transposed weights failed Inductor's stride check (export hunt).
+        grads = [None if g is None else g.contiguous()
+                 for g in _reference_vjp(dy2, x2, weight, A, B, scaling, p, fifo, mask, needs, None, None)]
     else:
         grads = _torch_backward(dy2, x2, weight, A, B, scaling, S, seed, p, fifo, needs)
     if grads[0] is not None:
