@@ -1403,6 +1403,12 @@ def test_routes(seed: int) -> None:
     graph = torch.fx.symbolic_trace(net)
     assert [n.target for n in graph.graph.nodes if n.op == "call_function"] == [kfuse.lora_linear]
     torch.testing.assert_close(graph(x), net(x))
+    # MultiLoRALinear's ids per sequence (the trace dropped the module's expansion of them: export hunt)
+    multi = kfuse.nn.MultiLoRALinear(6, 5, dtype=torch.float64, backend="cpu")
+    multi.add_adapter(a, b, 0.5)
+    x3, seq_ids = torch.randn(2, 3, 6, dtype=torch.float64), torch.tensor([0, -1])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.fx.symbolic_trace(multi)(x3, seq_ids), multi(x3, seq_ids))
 
     g = make_fx(lambda x: kfuse.lora_linear(x, w, a, b, 0.5, backend="cpu"))(x)
     assert "kfuse.lora_forward.default" in [str(n.target) for n in g.graph.nodes if n.op == "call_function"]

@@ -547,10 +547,6 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: Tensor, adapter_ids: Tensor) -> Tensor:
         """``y [..., N]`` for ``x [..., K]``; row ``m`` uses adapter ``adapter_ids[m]`` (-1: none)."""
-        if (isinstance(x, Tensor) and isinstance(adapter_ids, Tensor) and x.ndim > 2 and adapter_ids.ndim == 1
-                and adapter_ids.shape[0] == x.shape[0] and adapter_ids.shape[0] != math.prod(x.shape[:-1])):
-            # One id per leading index (a sequence of [B, T, K]): the same for all its rows.
-            adapter_ids = adapter_ids.view(-1, *([1] * (x.ndim - 2))).expand(x.shape[:-1])
         if torch.compiler.is_compiling():  # (Dynamo traces no lock; a graph's stacks are its own anyway)
             stacks = (self.A_stack, self.B_stack, self.scalings, self.ranks)
         else:

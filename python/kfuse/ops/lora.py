@@ -881,7 +881,8 @@ def lora_linear_multi(
         weight: ``[N, K]`` (``[K, N]`` when ``fan_in_fan_out``), x's dtype.
         A_stack: ``[L, r_max, K]``; B_stack: ``[L, N, r_max]``; float32 or x's dtype (the same).
         scalings: ``[L]`` floating. ranks: ``[L]`` int32/int64, in ``[0, r_max]``.
-        adapter_ids: int32/int64, one per row of x: ``x.shape[:-1]`` or ``[M]``; in ``[-1, L)``.
+        adapter_ids: int32/int64, one per row of x: ``x.shape[:-1]`` or ``[M]``; or, for x of 3 or more
+            dims, one per leading index, ``[x.shape[0]]`` (a sequence's rows share its id); in ``[-1, L)``.
         bias: ``[N]`` in x's dtype, or None.
         backend: as for :func:`lora_linear`.
     Returns:
@@ -903,6 +904,13 @@ def lora_linear_multi(
         return torch.overrides.handle_torch_function(
             lora_linear_multi, tuple(t for t in tensors if t is not None), x, weight, A_stack, B_stack, scalings,
             ranks, adapter_ids, bias=bias, fan_in_fan_out=fan_in_fan_out, backend=backend)
+    if (isinstance(x, Tensor) and isinstance(adapter_ids, Tensor) and x.ndim > 2 and adapter_ids.ndim == 1
+            and adapter_ids.shape[0] == x.shape[0] and adapter_ids.shape[0] != math.prod(x.shape[:-1])):
+        # One id per leading index (a sequence of [B, T, K]): the same for all its rows. Here, not in
+        # MultiLoRALinear.forward: torch.fx.symbolic_trace records this call, and dropped the module's
+        # expansion (export hunt, 2026-12-05).
+        adapter_ids = adapter_ids.view(-1, *([1] * (x.ndim - 2))).expand(x.shape[:-1])
+        tensors = (x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias)
     cast = _routing.autocast_dtype(x)
     if cast is not None:
         x, weight, bias = (_routing.autocast_cast(cast, t) for t in (x, weight, bias))
