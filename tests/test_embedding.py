@@ -1269,7 +1269,8 @@ def test_torch_func_over_indices_and_sparse_reference(seed):
 
 def test_fused_optimizer_refuses_capture_and_compiles_with_a_graph_break(seed):
     """make_fx, non-strict export and fake tensors recorded one torch.empty for the fused module (its
-    kernel reads raw pointers), which then returned uninitialised memory (bug hunt): a clear error now.
+    kernel reads raw pointers), which then returned uninitialised memory (bug hunt): a clear error now, as
+    for strict export, which failed naming kfuse's internals (export hunt).
     torch.compile (not fullgraph) still breaks the graph there and trains as eager."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
     from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
@@ -1284,6 +1285,10 @@ def test_fused_optimizer_refuses_capture_and_compiles_with_a_graph_break(seed):
         make_fx(lambda i, o: m(i, o))(idx, off)
     with FakeTensorMode() as mode, pytest.raises(RuntimeError, match="runs eagerly only"):
         m(mode.from_tensor(idx), mode.from_tensor(off))
+    # Strict export (Dynamo, no graph break): it failed on a torch.compiler.disable'd internal check instead
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="runs eagerly only"):
+        torch.export.export(m, (idx, off), strict=True)
     eager, compiled = build(), build()
     torch._dynamo.reset()
     step = torch.compile(lambda mod: mod(idx, off).square().sum().backward(), backend="eager")

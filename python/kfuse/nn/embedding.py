@@ -391,8 +391,10 @@ class MultiTableEmbeddingBag(nn.Module):
                                          self.padding_idx, sparse=self.sparse, backend=self.backend, check=self.check)
         op = "MultiTableEmbeddingBag"
         _backends.check_backend_name(op, self.backend)
-        if not torch.compiler.is_compiling() and _routing.route("eager", [indices, offsets, per_sample_weights, *ws]) \
-                != _routing.EAGER:
+        # (Strict torch.export traces with Dynamo, as torch.compile does, but cannot break the graph: it failed on
+        # a torch.compiler.disable'd check below, naming kfuse's internals; export hunt.)
+        if torch.compiler.is_exporting() or (not torch.compiler.is_compiling() and _routing.route(
+                "eager", [indices, offsets, per_sample_weights, *ws]) != _routing.EAGER):
             # make_fx, non-strict torch.export and fake tensors recorded a graph of one torch.empty (the
             # kernel reads raw pointers): run, it returned uninitialised memory (bug hunt). (torch.compile
             # breaks the graph before the call instead, and runs it eagerly.)
