@@ -259,6 +259,12 @@ OTHER_TESTS=()
 # What the Triton forward's one host sync (reading its bad-index flag) costs per call and per training
 # step: back-to-back calls with and without the read (bench/sync_embedding.py).
 ((EMB)) && step sync-emb "$OUT/micro.log" 60 python3 bench/sync_embedding.py --device cuda --number 100
+# The two parts of the host time of a Triton launcher call: Triton's own launch (JITFunction.run against a
+# direct launch of the compiled kernel, bench/triton_launch.py) and kfuse's Python (kernels stubbed, on this
+# host's CPU: bench/host_launchers.py). Neither has run on a GPU machine's host yet.
+((LORA || EMB || KV)) && step triton-launch "$OUT/micro.log" 30 python3 bench/triton_launch.py
+((LORA || EMB || KV)) && step host-launchers "$OUT/micro.log" 60 env TRITON_INTERPRET=1 python3 \
+    bench/host_launchers.py --number 200
 # Whether the fwd+bwd step through autograd is host-bound, and what runs besides the kernels
 # (bf16's step took ~230 us more than its kernels on 2026-11-26; fp32's did not).
 for dt in float32 bfloat16; do
