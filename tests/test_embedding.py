@@ -1267,6 +1267,32 @@ def test_torch_func_over_indices_and_sparse_reference(seed):
         torch.testing.assert_close(g, torch.func.grad(lambda v: F.embedding_bag(idx[0], v, off).sum())(w))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_fused_update_is_seen_by_autograd_version_checks(backend, seed):
+    """The fused update writes the tables outside autograd's sight: a node of the same graph that saved a
+    table before the module's call (h @ W.t()) then built its gradient from the updated table, silently;
+    and the per_sample_weights gradient used tables edited between forward and backward (in-place hunt,
+    2026-12-05). Both raise torch's in-place error now, as the module with optimizer=None does; the
+    tied-embedding order (the module first) trains as before."""
+    gen = torch.Generator().manual_seed(seed)
+    idx, off = torch.tensor([1, 2, 3, 0, 4]), torch.tensor([0, 2, 3, 5])
+    m = MultiTableEmbeddingBag([(6, 4)], [0, 0, 0], optimizer="sgd", lr=10.0, backend=backend)
+    h = torch.randn(3, 4, generator=gen, requires_grad=True)
+    scores = h @ m.weights[0].t()  # saves the table, before the module's call
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (scores.sum() + m(idx, off).sum()).backward()
+    y = m(idx, off)  # the module first: its backward runs after the table's other use
+    w0 = m.weights[0].detach().clone()
+    (y.sum() + (h @ m.weights[0].t()).sum()).backward()
+    assert not torch.equal(m.weights[0], w0), "nothing was trained"
+    psw = torch.rand(5, generator=gen, requires_grad=True)
+    y = m(idx, off, psw)
+    with torch.no_grad():
+        m.weights[0].mul_(3.0)
+    with pytest.raises(RuntimeError, match="modified in place since"):
+        y.sum().backward()
+
+
 def test_fused_optimizer_refuses_capture_and_compiles_with_a_graph_break(seed):
     """make_fx, non-strict export and fake tensors recorded one torch.empty for the fused module (its
     kernel reads raw pointers), which then returned uninitialised memory (bug hunt): a clear error now, as

@@ -436,8 +436,10 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                 anchor: Tensor, psw: Tensor | None) -> Tensor:
         ctx.module, ctx.bags, ctx.backend = module, bags, backend
         ctx.tables = module._weights()  # the backward checks it updates what this forward read
-        # The step the tables are at, for a per_sample_weights gradient only (a CPU tensor: no sync).
+        # The step the tables are at, and their versions, for a per_sample_weights gradient only (a CPU tensor:
+        # no sync).
         ctx.step = None if psw is None else int(module.optimizer_step)
+        ctx.versions = None if psw is None else [w._version for w in ctx.tables]
         ctx.save_for_backward(indices, offsets, psw)
         return E._forward_impl(ctx.tables, indices, offsets, bags, psw, backend)
 
@@ -472,6 +474,14 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                     "forward read them, but the fused optimizer has updated them since (another call's backward "
                     "ran first). Run each call's backward before the next forward, or do not ask for the "
                     "gradient of per_sample_weights.")
+            if [w._version for w in tables] != ctx.versions:
+                # (The tables are not saved for backward, so autograd's own check could not see it: the gradient
+                # was computed from the edited tables; in-place hunt, 2026-12-05.)
+                raise RuntimeError(
+                    "MultiTableEmbeddingBag: the gradient of per_sample_weights needs the tables as this call's "
+                    "forward read them, but they have been modified in place since (load_state_dict, an in-place "
+                    "edit): one of the variables needed for gradient computation has been modified by an inplace "
+                    "operation")
             g_psw = E._psw_impl(grad_out, ws, indices, offsets, ctx.bags, psw, ctx.backend)
         if not train:
             return None, None, None, None, None, None, g_psw
@@ -503,6 +513,11 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                 for dst, rows, val in writes:
                     dst[rows] = val
             m.optimizer_step += 1  # after the update: a refused one leaves the count with the tables
+            # The tables changed outside autograd's sight (raw writes into .data aliases): their versions move, so
+            # that another node of the graph that saved one (h @ W.t() before this call) raises torch's in-place
+            # error rather than using the updated values (in-place hunt, 2026-12-05; ~9 us at 32 tables).
+            for w in tables:
+                torch.autograd.graph.increment_version(w)
         # An (empty) gradient for the anchor: it counts as used (DistributedDataParallel, optimizers).
         return None, None, None, None, None, m._grad_anchor.new_zeros(0), g_psw
 
