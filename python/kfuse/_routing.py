@@ -191,6 +191,12 @@ def differentiable_backward(grad: Tensor) -> bool:
     return torch.is_grad_enabled() or batched_backward(grad)
 
 
+def exporting() -> bool:
+    """Whether torch.export is tracing (``torch.compiler.is_exporting``, which torch before 2.6 lacks)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 def batched_backward(grad: Tensor) -> bool:
     """Whether ``grad`` is batched by autograd's own vmap over a backward (``is_grads_batched=True``,
     ``jacobian(vectorize=True)``: legacy batched tensors) or by a ``torch.func`` transform. Under Dynamo

@@ -393,7 +393,7 @@ class MultiTableEmbeddingBag(nn.Module):
         _backends.check_backend_name(op, self.backend)
         # (Strict torch.export traces with Dynamo, as torch.compile does, but cannot break the graph: it failed on
         # a torch.compiler.disable'd check below, naming kfuse's internals; export hunt.)
-        if torch.compiler.is_exporting() or (not torch.compiler.is_compiling() and _routing.route(
+        if _routing.exporting() or (not torch.compiler.is_compiling() and _routing.route(
                 "eager", [indices, offsets, per_sample_weights, *ws]) != _routing.EAGER):
             # make_fx, non-strict torch.export and fake tensors recorded a graph of one torch.empty (the
             # kernel reads raw pointers): run, it returned uninitialised memory (bug hunt). (torch.compile
@@ -437,9 +437,9 @@ class _FusedEmbeddingBag(torch.autograd.Function):
         ctx.module, ctx.bags, ctx.backend = module, bags, backend
         ctx.tables = module._weights()  # the backward checks it updates what this forward read
         # The step the tables are at, and their versions, for a per_sample_weights gradient only (a CPU tensor:
-        # no sync).
+        # no sync). Tables made under inference mode have no version (reading one raises: review).
         ctx.step = None if psw is None else int(module.optimizer_step)
-        ctx.versions = None if psw is None else [w._version for w in ctx.tables]
+        ctx.versions = _versions(ctx.tables) if psw is not None and ctx.needs_input_grad[6] else None
         ctx.save_for_backward(indices, offsets, psw)
         return E._forward_impl(ctx.tables, indices, offsets, bags, psw, backend)
 
@@ -474,7 +474,7 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                     "forward read them, but the fused optimizer has updated them since (another call's backward "
                     "ran first). Run each call's backward before the next forward, or do not ask for the "
                     "gradient of per_sample_weights.")
-            if [w._version for w in tables] != ctx.versions:
+            if _versions(tables) != ctx.versions:
                 # (The tables are not saved for backward, so autograd's own check could not see it: the gradient
                 # was computed from the edited tables; in-place hunt, 2026-12-05.)
                 raise RuntimeError(
@@ -520,6 +520,11 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                 torch.autograd.graph.increment_version(w)
         # An (empty) gradient for the anchor: it counts as used (DistributedDataParallel, optimizers).
         return None, None, None, None, None, m._grad_anchor.new_zeros(0), g_psw
+
+
+def _versions(tables: list[Tensor]) -> list[int | None]:
+    """Each table's version counter (None for an inference tensor, which has none)."""
+    return [None if w.is_inference() else w._version for w in tables]
 
 
 def _span(t: Tensor) -> tuple[int, int]:
@@ -676,10 +681,11 @@ def _group_size(group: object) -> int:
     import torch.distributed as dist  # noqa: PLC0415
 
     outside = dist.is_available() and isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER
-    if not outside and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+    try:  # (duck-typed, as torch's collectives take it: c10d backends made directly are no ProcessGroup)
+        world = -1 if outside else dist.get_world_size(group)
+    except (AttributeError, TypeError, RuntimeError) as e:
         raise TypeError("MultiTableEmbeddingBag: process_group must be a torch.distributed process group (e.g. "
-                        f"torch.distributed.group.WORLD) or None; got {type(group).__name__}")
-    world = -1 if outside else dist.get_world_size(group)
+                        f"torch.distributed.group.WORLD) or None; got {type(group).__name__}") from e
     if world < 1:
         raise ValueError(f"MultiTableEmbeddingBag: process_group does not include this process (global rank "
                          f"{dist.get_rank()}); pass a group of the processes that train this module together")
