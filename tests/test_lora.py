@@ -841,6 +841,21 @@ def test_merge_refuses_a_weight_computed_from_other_tensors(seed: int) -> None:
         m.merge()
         assert m.merged
         assert_close(m(x), y, torch.float32, f"merged after removing {name}")
+        with pytest.raises(RuntimeError, match="LoRALinear.unmerge: weight is computed from other tensors"):
+            P.register_parametrization(m, "weight", Twice()) if name == "parametrize" else prune.l1_unstructured(
+                m, "weight", amount=0.3)
+            m.unmerge()
+    # A plain tensor as the weight (from_linear takes any 2-D tensor) is held: it merges (a first version of
+    # the check refused every weight that is not a Parameter; review).
+    m = kfuse.nn.LoRALinear(8, 6, r=2)
+    torch.nn.init.normal_(m.lora_B)
+    plain = m.weight.detach().clone()
+    del m.weight
+    m.weight = plain
+    x = torch.randn(3, 8)
+    y = m(x)
+    m.merge()
+    assert_close(m(x), y, torch.float32, "plain-tensor weight merged")
 
 
 def test_merged_state_travels_with_the_weight(seed: int) -> None:

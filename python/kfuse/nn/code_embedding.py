@@ -121,6 +121,7 @@ class _TorchTables(nn.Module):
     def get_extra_state(self) -> dict:
         # The optimizer's state (Adagrad's sums, SparseAdam's moments) goes with state_dict, as the kfuse and
         # FBGEMM builds keep theirs in the module: a checkpoint resumes the same training in every build.
+        _TorchTables._load_optimizer_state(self, None)  # (a state loaded into a module without the hook)
         return {} if self.opt is None else self.opt.state_dict()
 
     def set_extra_state(self, state: dict) -> None:
@@ -140,6 +141,7 @@ class _TorchTables(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
+        self.__dict__.pop("_optimizer_state", None)  # (one left by a load that failed after it)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         key = prefix + "_extra_state"

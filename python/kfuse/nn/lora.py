@@ -313,7 +313,8 @@ class LoRALinear(nn.Module):
         """A merge writes into the weight Parameter. A weight recomputed from other tensors at each access
         (torch.nn.utils.parametrize) or by a forward pre-hook (torch.nn.utils.prune) took the write in a
         temporary: merged was set, and the forward dropped the adapter (conversions hunt, 2026-12-05)."""
-        if self._parameters.get("weight") is not self.weight:
+        pruned_or_normed = {"weight_orig", "weight_g"} & self._parameters.keys()  # prune's, weight_norm's originals
+        if torch.nn.utils.parametrize.is_parametrized(self, "weight") or pruned_or_normed:
             raise RuntimeError(f"LoRALinear.{what}: weight is computed from other tensors (torch.nn.utils.parametrize "
                                "or prune), so a merge written into it would be lost; remove that first "
                                "(parametrize.remove_parametrizations / prune.remove), or keep the adapter unmerged")

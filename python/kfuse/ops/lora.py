@@ -161,8 +161,9 @@ def _validate_multi(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor,
         raise TypeError(f"kfuse.{op}: adapter_ids must be int32 or int64; got {adapter_ids.dtype}")
     lead = tuple(x.shape[:-1])
     if tuple(adapter_ids.shape) != lead and (adapter_ids.ndim != 1 or adapter_ids.shape[0] != math.prod(x.shape[:-1])):
+        per_sequence = f", or one per sequence, [x.shape[0]] = [{x.shape[0]}]" if x.ndim > 2 else ""
         raise ValueError(f"kfuse.{op}: adapter_ids must hold one id per row of x: shape x.shape[:-1] = {list(lead)} "
-                         f"or [M] = [{math.prod(x.shape[:-1])}]; got {list(adapter_ids.shape)}")
+                         f"or [M] = [{math.prod(x.shape[:-1])}]{per_sequence}; got {list(adapter_ids.shape)}")
     _check_bias(op, "bias", bias, N, x.dtype, "x's")
     _check_devices(op, x, (("weight", weight), ("A_stack", A_stack), ("B_stack", B_stack), ("scalings", scalings),
                            ("ranks", ranks), ("adapter_ids", adapter_ids), ("bias", bias)))
