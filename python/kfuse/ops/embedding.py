@@ -306,7 +306,9 @@ def _check_values(op: str, rows: Sequence[int], indices: Tensor, offsets: Tensor
 #:   another thread's earlier error, so where threads must not see each other's bad input use ``"sync"``.
 #:
 #: Under CUDA-graph capture (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``) neither reads
-#: a flag, which a capture cannot do: a replay reports nothing (the kernels still mask bad input).
+#: a flag, which a capture cannot do: a replay reports nothing (the kernels still mask bad input). A call on
+#: another thread meanwhile may poll an ``"async"`` flag's event, which the default capture mode ("global")
+#: refuses: capture with ``capture_error_mode="thread_local"`` where other threads call these ops.
 CHECKS = ("sync", "async")
 
 
