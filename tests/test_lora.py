@@ -1070,6 +1070,30 @@ def test_multi_lora_adds_on_two_threads_keep_both_adapters() -> None:
         assert torch.equal(m.A_stack[j, :r], a) and torch.equal(m.B_stack[j, :, :r], b), f"adapter {i}"
         assert m.scalings[j] == i + 1.0 and m.ranks[j] == r
 
+    # The stacks are built outside the lock: another thread's add that lands meanwhile makes this one build
+    # again from the new stacks (here it runs to completion while this add copies its lora_A).
+    class Interrupting(torch.Tensor):
+        fired = False
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+            if func is torch.Tensor.to and not cls.fired:
+                cls.fired = True
+                other = threading.Thread(target=lambda: got.__setitem__(2, m.add_adapter(*adapters[2], 3.0)))
+                other.start()
+                other.join()
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+
+    m, got = MultiLoRALinear(16, 12, backend="cpu"), {}
+    got[0] = m.add_adapter(*adapters[0], 1.0)
+    got[1] = m.add_adapter(adapters[1][0].as_subclass(Interrupting), adapters[1][1], 2.0)
+    assert Interrupting.fired and sorted(got.values()) == [0, 1, 2] and m.num_adapters == 3, got
+    for i, (a, b) in enumerate(adapters):
+        j, r = got[i], a.shape[0]
+        assert torch.equal(m.A_stack[j, :r], a) and torch.equal(m.B_stack[j, :, :r], b), f"adapter {i}"
+        assert m.scalings[j] == i + 1.0 and m.ranks[j] == r
+
 
 def test_multi_lora_forward_on_another_thread_reads_one_set_of_stacks() -> None:
     """A server's forward on one thread read the new A_stack beside the old ranks while another thread added
