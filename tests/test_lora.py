@@ -1073,13 +1073,12 @@ def test_multi_lora_adds_on_two_threads_keep_both_adapters() -> None:
     # The stacks are built outside the lock: another thread's add that lands meanwhile makes this one build
     # again from the new stacks (here it runs to completion while this add copies its lora_A).
     class Interrupting(torch.Tensor):
-        fired = False
+        meanwhile: list = []  # what another thread does, to completion, while this add copies its lora_A
 
         @classmethod
         def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
-            if func is torch.Tensor.to and not cls.fired:
-                cls.fired = True
-                other = threading.Thread(target=lambda: got.__setitem__(2, m.add_adapter(*adapters[2], 3.0)))
+            if func is torch.Tensor.to and cls.meanwhile:
+                other = threading.Thread(target=cls.meanwhile.pop())
                 other.start()
                 other.join()
             with torch._C.DisableTorchFunctionSubclass():
@@ -1087,12 +1086,23 @@ def test_multi_lora_adds_on_two_threads_keep_both_adapters() -> None:
 
     m, got = MultiLoRALinear(16, 12, backend="cpu"), {}
     got[0] = m.add_adapter(*adapters[0], 1.0)
+    Interrupting.meanwhile.append(lambda: got.__setitem__(2, m.add_adapter(*adapters[2], 3.0)))
     got[1] = m.add_adapter(adapters[1][0].as_subclass(Interrupting), adapters[1][1], 2.0)
-    assert Interrupting.fired and sorted(got.values()) == [0, 1, 2] and m.num_adapters == 3, got
+    assert not Interrupting.meanwhile and sorted(got.values()) == [0, 1, 2] and m.num_adapters == 3, got
     for i, (a, b) in enumerate(adapters):
         j, r = got[i], a.shape[0]
         assert torch.equal(m.A_stack[j, :r], a) and torch.equal(m.B_stack[j, :, :r], b), f"adapter {i}"
         assert m.scalings[j] == i + 1.0 and m.ranks[j] == r
+    # A load of same-shaped stacks copies into them in place (the same tensors): seen by their versions.
+    src = MultiLoRALinear(16, 12, backend="cpu")
+    src.add_adapter(*adapters[2], 3.0)
+    m = MultiLoRALinear(16, 12, backend="cpu")
+    m.add_adapter(torch.zeros_like(adapters[2][0]), torch.zeros_like(adapters[2][1]), 1.0)
+    Interrupting.meanwhile.append(lambda: m.load_state_dict(src.state_dict()))
+    assert m.add_adapter(adapters[1][0].as_subclass(Interrupting), adapters[1][1], 2.0) == 1
+    r2, r1 = adapters[2][0].shape[0], adapters[1][0].shape[0]
+    assert torch.equal(m.A_stack[0, :r2], adapters[2][0]) and m.scalings[0] == 3.0, "the load was lost"
+    assert torch.equal(m.A_stack[1, :r1], adapters[1][0]) and m.scalings[1] == 2.0
 
 
 def test_multi_lora_forward_on_another_thread_reads_one_set_of_stacks() -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kfuse import _checks, _routing
-from kfuse.nn._buffers import apply_keeping_dtype
+from kfuse.nn._buffers import apply_keeping_dtype, version
 from kfuse.ops.lora import BACKENDS, _check_tensor, _check_x_weight, lora_linear, lora_linear_multi
 from kfuse.reference.lora import acc_dtype
 
@@ -476,8 +476,9 @@ class MultiLoRALinear(nn.Module):
             # adapter, both returning one id (serving hunt, 2026-12-05). Building under the lock held up the
             # layer's forwards on other threads for the whole copy: bench/lora_add_stall.py (an add ~5 ms) gave
             # the forwards' max 5.6-19 ms, 2.3-3.4 ms built outside it (median 0.55 ms; 4 runs each, 2 cores).
-            with lock:
+            with lock:  # (the versions: a load of same-shaped stacks copies into them in place)
                 old = [getattr(self, n) for n in names]
+                versions = [version(t) for t in old]
             A_old, B_old, s_old, r_old_t = old
             L, r_old = A_old.shape[0], A_old.shape[1]
             r_max = max(r_old, r)
@@ -492,7 +493,8 @@ class MultiLoRALinear(nn.Module):
             # All four built before any is set: a failure above (out of memory) left grown stacks beside
             # the old scalings, and every later forward refused them (exceptions hunt).
             with lock:
-                if all(getattr(self, n) is t for n, t in zip(names, old, strict=True)):
+                now = [getattr(self, n) for n in names]
+                if all(a is b for a, b in zip(now, old, strict=True)) and [version(t) for t in now] == versions:
                     self._set_stacks(names, [A, B, scalings, ranks])
                     return L
 
