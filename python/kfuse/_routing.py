@@ -191,6 +191,12 @@ def differentiable_backward(grad: Tensor) -> bool:
     return torch.is_grad_enabled() or batched_backward(grad)
 
 
+def version(t: Tensor) -> int | None:
+    """``t``'s version counter, which every in-place write moves (None for an inference tensor: it has none,
+    and reading it raises)."""
+    return None if t.is_inference() else t._version
+
+
 def exporting() -> bool:
     """Whether torch.export is tracing (``torch.compiler.is_exporting``, which torch before 2.6 lacks)."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)

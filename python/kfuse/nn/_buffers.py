@@ -1,5 +1,4 @@
-"""Helpers the modules share for their buffers and parameters: dtypes kept through ``module.half()`` /
-``.to(dtype)``, and version counters."""
+"""Buffers that must keep their dtype through ``module.half()`` / ``.to(dtype)`` (shared by the modules)."""
 
 from __future__ import annotations
 
@@ -23,9 +22,3 @@ def apply_keeping_dtype(module: nn.Module, apply: Callable[[], object], names: l
         if now.dtype != want:
             module._buffers[name] = (torch.empty_like(now, dtype=want) if old.is_meta else
                                      old.to(device=now.device, dtype=want))
-
-
-def version(t: Tensor) -> int | None:
-    """``t``'s version counter, which every in-place write moves (None for an inference tensor: it has none,
-    and reading it raises)."""
-    return None if t.is_inference() else t._version

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from kfuse import _backends, _checks, _routing
-from kfuse.nn._buffers import apply_keeping_dtype, version
+from kfuse.nn._buffers import apply_keeping_dtype
 from kfuse.ops import embedding as E
 from kfuse.reference.embedding import (
     acc_dtype,
@@ -439,7 +439,8 @@ class _FusedEmbeddingBag(torch.autograd.Function):
         # The step the tables are at, and their versions, for a per_sample_weights gradient only (a CPU tensor:
         # no sync). Tables made under inference mode have no version (reading one raises: review).
         ctx.step = None if psw is None else int(module.optimizer_step)
-        ctx.versions = [version(w) for w in ctx.tables] if psw is not None and ctx.needs_input_grad[6] else None
+        wanted = psw is not None and ctx.needs_input_grad[6]
+        ctx.versions = [_routing.version(w) for w in ctx.tables] if wanted else None
         ctx.save_for_backward(indices, offsets, psw)
         return E._forward_impl(ctx.tables, indices, offsets, bags, psw, backend)
 
@@ -474,7 +475,7 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                     "forward read them, but the fused optimizer has updated them since (another call's backward "
                     "ran first). Run each call's backward before the next forward, or do not ask for the "
                     "gradient of per_sample_weights.")
-            if [version(w) for w in tables] != ctx.versions:
+            if [_routing.version(w) for w in tables] != ctx.versions:
                 # (The tables are not saved for backward, so autograd's own check could not see it: the gradient
                 # was computed from the edited tables; in-place hunt, 2026-12-05.)
                 raise RuntimeError(

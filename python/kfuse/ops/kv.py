@@ -143,7 +143,7 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
     # host time (bench/host_backtrack.py). The call holds the device copy made when they were checked,
     # so even a write the version misses cannot reach the kernels.
     # Inference tensors (made under torch.inference_mode) have no version counter: checked every call.
-    version = seq_ids._version if isinstance(seq_ids, Tensor) and not seq_ids.is_inference() else None
+    version = _routing.version(seq_ids) if isinstance(seq_ids, Tensor) else None
     if memo is not None and version is not None and memo[0] is seq_ids and memo[1] == version:
         return memo[2]
     try:
