@@ -78,6 +78,14 @@ constexpr int64_t kRowsAhead = 2;
 //   rounds): prefetcht0 0.78, 0.84, 0.82x the loop's time; prefetcht1 0.67, 0.77, 0.70x; prefetcht2
 //   0.72, 0.77, 0.72x (1 thread: t0 1.01, 1.12x; t1 0.86, 1.11x; t2 0.84, 0.96x). With t1, 16 and
 //   64 KiB ahead measured the same as 32 (0.64-0.80x).
+// - Those two are AMD's (fwd_prefetch_l1). On Intel CPUs the forward prefetches 8 KiB ahead (16 rows
+//   of 512 bytes) into L1 (prefetcht0). 2026-12-06, a 2-core Xeon VM with AMX (Sapphire Rapids
+//   class, 2 MiB L2 a core), a temporary build with runtime switches, the candidates in shuffled
+//   order, each timed in a block (steady state; bench/results/2026-12-06-cpu-embedding-prefetch.md),
+//   kfuse / loop, 2 threads: fp32 medical t1 at 32 KiB 1.01x, t0 at 8 KiB 0.82x (1 thread: 1.03 ->
+//   0.83x), t0 at 16 KiB 0.83x, t1 at 64 KiB 0.95x; fp16 0.81 -> 0.76x; bf16 1.06 -> 1.00x. No
+//   prefetch took 1.8x; every other line (Intel's spatial prefetcher fetching its pair) was no
+//   better. On the Ice Lake VM of 2026-12-05 no prefetch setting made a measurable difference.
 // - kFwdStreamBytes: float outputs of at least 1 MiB (a core's L2) are written with streaming stores
 //   (on AMD CPUs, for bags of >= 16 indices: stream_output)
 //   (movntps: a line written whole is not first read into the cache). 2026-12-03, 2 threads,
@@ -88,8 +96,8 @@ constexpr int64_t kRowsAhead = 2;
 //   outputs (the first B bags of each table, + out.sum()): 1.5 MiB 0.91x, 384 KiB 1.01x, 96 KiB
 //   1.00x, so below a core's L2 the output stays cached for its reader.
 constexpr int64_t kFwdBlockBytes = 512;
-constexpr int kFwdPrefetchLocality = 2;
-constexpr int64_t kFwdPrefetchBytes = 32 * 1024;
+template <bool kL1> constexpr int kFwdPrefetchLocality = kL1 ? 3 : 2;
+template <bool kL1> constexpr int64_t kFwdPrefetchBytes = kL1 ? 8 * 1024 : 32 * 1024;
 constexpr int64_t kFwdStreamBytes = int64_t(1) << 20;
 // Unique rows per backward task (dynamic schedule: Zipf-hot rows are much longer runs than the rest).
 constexpr int64_t kRowsPerTask = 16;
@@ -269,7 +277,7 @@ template <typename S, typename F, typename G> F entry(F generic, G f16_avx512) {
 // there), then are scaled (mean: by 1 / count, as the reference; else by 1) and stored. ahead > 0: the
 // whole rows `ahead` indices on (below pf_end, the task's end) are prefetched, one instruction per line.
 // nt: streaming stores (the float vector path; the caller checked the alignment and fences).
-template <int64_t N, bool kPsw, bool kAsm, typename S, typename I>
+template <int64_t N, bool kPsw, bool kAsm, bool kL1, typename S, typename I>
 KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I* idx, int64_t i0, int64_t i1,
                          const Acc<S>* psw, Acc<S> scale, int64_t ahead, int64_t pf_end, S* o, bool nt) {
   using A = Acc<S>;
@@ -301,9 +309,9 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
       const S* p = W + int64_t(idx[i + ahead]) * D;
       if (row_bytes == N * int64_t(sizeof(S))) {  // the whole row in this block: a constant line count
         for (int64_t c = 0; c < N * int64_t(sizeof(S)); c += 64)
-          __builtin_prefetch(reinterpret_cast<const char*>(p) + c, 0, kFwdPrefetchLocality);
+          __builtin_prefetch(reinterpret_cast<const char*>(p) + c, 0, kFwdPrefetchLocality<kL1>);
       } else {
-        prefetch<kFwdPrefetchLocality>(p, row_bytes);
+        prefetch<kFwdPrefetchLocality<kL1>>(p, row_bytes);
       }
     }
     const int64_t r = idx[i];
@@ -337,7 +345,7 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
 
 // The columns [d0, d0 + n) for any n (the last few elements of a row), as sum_block, accumulated in
 // acc (scratch).
-template <bool kPsw, typename S, typename I>
+template <bool kPsw, bool kL1, typename S, typename I>
 KF_INLINE void sum_tail(const S* W, int64_t D, int64_t d0, int64_t n, int64_t pad, const I* idx, int64_t i0,
                         int64_t i1, const Acc<S>* psw, Acc<S> scale, int64_t ahead, int64_t pf_end, S* o,
                         Acc<S>* acc) {
@@ -346,7 +354,7 @@ KF_INLINE void sum_tail(const S* W, int64_t D, int64_t d0, int64_t n, int64_t pa
   for (int64_t d = 0; d < n; ++d) acc[d] = A(0);
   for (int64_t i = i0; i < i1; ++i) {
     if (ahead > 0 && i + ahead < pf_end)
-      prefetch<kFwdPrefetchLocality>(W + int64_t(idx[i + ahead]) * D, row_bytes);
+      prefetch<kFwdPrefetchLocality<kL1>>(W + int64_t(idx[i + ahead]) * D, row_bytes);
     const int64_t r = idx[i];
     if (r == pad) continue;
     const S* row = W + r * D + d0;
@@ -365,18 +373,18 @@ KF_INLINE void sum_tail(const S* W, int64_t D, int64_t d0, int64_t n, int64_t pa
 // A template that always inlines, not a lambda: a lambda's body is a function of its own, compiled for the
 // baseline ISA rather than forward_task's clones (D = 32, on its quarter block, took 2.8x torch's time that
 // way, 1.1x inlined).
-template <int64_t n, int64_t last, bool kPsw, bool kAsm, typename S, typename I>
+template <int64_t n, int64_t last, bool kPsw, bool kAsm, bool kL1, typename S, typename I>
 KF_INLINE void narrow_blocks(const S* W, int64_t D, int64_t d0, int64_t pad, const I* idx, int64_t i0, int64_t i1,
                              const Acc<S>* psw, Acc<S> scale, int64_t a, int64_t pf_end, S* o, bool nt,
                              Acc<S>* acc) {
   if (d0 + n <= D) {
-    sum_block<n, kPsw, kAsm>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
+    sum_block<n, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
     d0 += n, a = 0;
   }
   if constexpr (n > last)
-    narrow_blocks<n / 2, last, kPsw, kAsm>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o, nt, acc);
+    narrow_blocks<n / 2, last, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o, nt, acc);
   else if (d0 < D)
-    sum_tail<kPsw>(W, D, d0, D - d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, acc);
+    sum_tail<kPsw, kL1>(W, D, d0, D - d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, acc);
 }
 
 // Bags [fb0, fb1) of one feature (table W [., D], padding pad) into out, bag by bag; each bag's
@@ -386,7 +394,7 @@ KF_INLINE void narrow_blocks(const S* W, int64_t D, int64_t d0, int64_t pad, con
 // the task's rows, megabytes) a width that is not a multiple of 128 floats took up to 3.5x the time
 // of D = 128 (D = 120), and D = 256 .. 2048 1.6-1.9x torch's (CPU hunt of 2026-12-05). acc: D
 // elements of scratch.
-template <bool kPsw, bool kAsm, typename S, typename I>
+template <bool kPsw, bool kAsm, bool kL1, typename S, typename I>
 KF_INLINE void forward_bags(const S* W, int64_t D, int64_t pad, const I* idx, const I* off, const Acc<S>* psw,
                             bool mean, int64_t fb0, int64_t fb1, int64_t B, S* out, int64_t width, Acc<S>* acc,
                             bool stream) {
@@ -394,9 +402,9 @@ KF_INLINE void forward_bags(const S* W, int64_t D, int64_t pad, const I* idx, co
   constexpr int64_t N = kFwdBlockBytes / int64_t(sizeof(A));
   if (D == 0) return;
   const int64_t row_bytes = D * int64_t(sizeof(S)), pf_end = off[fb1];
-  const int64_t ahead = std::clamp<int64_t>(kFwdPrefetchBytes / row_bytes, 4, 256);
+  const int64_t ahead = std::clamp<int64_t>(kFwdPrefetchBytes<kL1> / row_bytes, 4, 256);
   for (int64_t i = off[fb0]; i < std::min<int64_t>(pf_end, off[fb0] + ahead); ++i)
-    prefetch<kFwdPrefetchLocality>(W + int64_t(idx[i]) * D, row_bytes);
+    prefetch<kFwdPrefetchLocality<kL1>>(W + int64_t(idx[i]) * D, row_bytes);
   S* o = out + (fb0 % B) * width;
   // Streaming stores on the float vector path when rows are 16-byte aligned (blocks start at
   // multiples of 16 floats).
@@ -409,21 +417,31 @@ KF_INLINE void forward_bags(const S* W, int64_t D, int64_t pad, const I* idx, co
     const A scale = cnt > 0 ? A(1) / A(cnt) : A(1);
     int64_t d0 = 0, a = ahead;  // the first block prefetches
     for (; d0 + N <= D; d0 += N, a = 0)
-      sum_block<N, kPsw, kAsm>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
-    narrow_blocks<N / 2, N / 32, kPsw, kAsm>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o, nt, acc);
+      sum_block<N, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
+    narrow_blocks<N / 2, N / 32, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o, nt, acc);
   }
 #if defined(__x86_64__)
   if (nt) _mm_sfence();  // streaming stores are weakly ordered: visible before the task ends
 #endif
 }
 
-// One task: the weighted and unweighted loops apart, so neither tests psw per row.
+// One task: the weighted and unweighted loops apart, so neither tests psw per row, and the two
+// prefetch policies (fwd_prefetch_l1) apart, so the locality is an instruction's immediate.
+template <bool kAsm, typename S, typename I>
+KF_INLINE void forward_variant(const S* W, int64_t D, int64_t pad, const I* idx, const I* off, const Acc<S>* psw,
+                               bool mean, int64_t fb0, int64_t fb1, int64_t B, S* out, int64_t width, Acc<S>* acc,
+                               bool stream, bool l1) {
+  if (psw && l1) forward_bags<true, kAsm, true>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream);
+  else if (psw) forward_bags<true, kAsm, false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream);
+  else if (l1) forward_bags<false, kAsm, true>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream);
+  else forward_bags<false, kAsm, false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream);
+}
+
 template <typename S, typename I>
 KF_CLONES void forward_task(const S* W, int64_t D, int64_t pad, const I* idx, const I* off, const Acc<S>* psw,
                             bool mean, int64_t fb0, int64_t fb1, int64_t B, S* out, int64_t width, Acc<S>* acc,
-                            bool stream) {
-  if (psw) forward_bags<true, false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream);
-  else forward_bags<false, false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream);
+                            bool stream, bool l1) {
+  forward_variant<false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream, l1);
 }
 
 #ifdef KF_F16_ASM
@@ -432,9 +450,8 @@ KF_CLONES void forward_task(const S* W, int64_t D, int64_t pad, const I* idx, co
 template <typename I>
 __attribute__((target("arch=x86-64-v4"))) void forward_task_f16_avx512(
     const _Float16* W, int64_t D, int64_t pad, const I* idx, const I* off, const float* psw, bool mean, int64_t fb0,
-    int64_t fb1, int64_t B, _Float16* out, int64_t width, float* acc, bool stream) {
-  if (psw) forward_bags<true, true>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream);
-  else forward_bags<false, true>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream);
+    int64_t fb1, int64_t B, _Float16* out, int64_t width, float* acc, bool stream, bool l1) {
+  forward_variant<true>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream, l1);
 }
 #endif
 
@@ -466,6 +483,15 @@ int64_t max_dim(const Tables& tb) {
   return D;
 }
 
+bool cpu_is_amd() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
+#else
+  return false;
+#endif
+}
+
 // Whether the forward writes its output with streaming stores (kFwdStreamBytes): only where they were
 // measured to pay, an AMD CPU (Zen 4) and bags of 16 or more indices on average (the medical shape's
 // ~20: 0.84-0.94x regular stores' time there). On an Intel Ice Lake (2026-12-05, 1 thread, interleaved in
@@ -473,14 +499,12 @@ int64_t max_dim(const Tables& tb) {
 // 1.56x at 4, 1.13x at 16, 1.05x at 32 and 1.19x on the medical shape: with few rows gathered per bag the
 // output is most of the traffic, and its next reader then finds it in memory, not in a cache.
 bool stream_output(int64_t out_bytes, int64_t indices, int64_t bags) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool amd = __builtin_cpu_is("amd");
-  return amd && out_bytes >= kFwdStreamBytes && indices >= 16 * bags;
-#else
-  (void)out_bytes, (void)indices, (void)bags;
-  return false;
-#endif
+  return cpu_is_amd() && out_bytes >= kFwdStreamBytes && indices >= 16 * bags;
 }
+
+// Whether the forward prefetches rows into L1, 8 KiB ahead (Intel and the rest), or into L2, 32 KiB
+// ahead (AMD): each measured where it is used (kFwdPrefetchLocality).
+bool fwd_prefetch_l1() { return !cpu_is_amd(); }
 
 template <typename S, typename I> void forward_t(const Tables& tb, const Bags& bg, S* out, int nt) {
   using A = Acc<S>;
@@ -491,6 +515,7 @@ template <typename S, typename I> void forward_t(const Tables& tb, const Bags& b
   const int64_t width = col[bg.F], D_max = max_dim(tb);
   const auto task = entry<S>(forward_task<S, I>, KF_F16_ENTRY(forward_task_f16_avx512<I>));
   const bool stream = stream_output(bg.B * width * int64_t(sizeof(S)), bg.N, bg.F * bg.B);
+  const bool l1 = fwd_prefetch_l1();
 #pragma omp parallel num_threads(nt)
   {
     std::vector<A> acc(D_max);
@@ -500,7 +525,7 @@ template <typename S, typename I> void forward_t(const Tables& tb, const Bags& b
       const int64_t t = bg.feature_table[tk.f];
       task(static_cast<const S*>(tb.weights[t]), tb.dims[t], tb.padding_idx[t], idx, off,
                          static_cast<const A*>(bg.psw), bg.pooling == 1, tk.fb0, tk.fb1, bg.B, out + col[tk.f],
-                         width, acc.data(), stream);
+                         width, acc.data(), stream, l1);
     }
   }
 }
