@@ -1614,13 +1614,15 @@ def test_cpu_large_outputs_stream_the_same_bits(seed, dims):
         assert torch.equal(whole, torch.cat(halves)), mode
 
 
-def test_cpu_forward_converts_every_half_exactly():
-    """The CPU kernels convert fp16 with integer ops (csrc/cpu_convert.h): every one of the 65536
-    halves (zeros, subnormals, inf, nan) in a one-row bag is 0 + float(x) rounded back."""
-    w = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(4096, 16)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_forward_converts_every_half_exactly(dtype):
+    """The CPU kernels convert fp16 with integer ops (csrc/cpu_convert.h) or vcvtph2ps, and bf16 by
+    a shift: every one of the 65536 values (zeros, subnormals, inf, nan) in a one-row bag is
+    0 + float(x) rounded back."""
+    w = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).reshape(4096, 16)
     idx = torch.arange(4096)
     out = _C.embedding_forward([w], idx, torch.arange(4097), [0], [-1], 0, None)
-    expect = (torch.zeros(4096, 16) + w.float()).half()
+    expect = (torch.zeros(4096, 16) + w.float()).to(dtype)
     assert torch.equal(out.isnan(), expect.isnan())
     assert torch.equal(out.nan_to_num(0.0).view(torch.int16), expect.nan_to_num(0.0).view(torch.int16))
 
