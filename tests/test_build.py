@@ -104,3 +104,84 @@ def test_sdist_holds_what_the_build_and_tests_read(tmp_path: Path) -> None:
     wanted = {n for n in ls.stdout.split() if n.startswith(("csrc/", "tests/")) or n == "CMakeLists.txt"}
     missing = sorted(wanted - names)
     assert not missing, f"missing from the sdist: {missing}"
+
+
+# A compiler whose C++ has no _Float16 (aarch64 GCC 12, Debian 12's; clang 14; x86 GCC 11) failed the build
+# with "'_Float16' does not name a type" (portability hunt, 2026-12-06). KFUSE_NO_FLOAT16 selects the form
+# such compilers get (cpu_convert.h's Half as a struct of bits), and the prelude defines _Float16 away after
+# the compiler's own headers that use it, so that any other use of the type in csrc/ is an error here, as it
+# would be there.
+_PRELUDE = """
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#define _Float16 kfuse_compiler_without_Float16
+"""
+_CPU_SOURCES = [line for line in (ROOT / "csrc" / "sources.txt").read_text().split("\n")
+                if line.endswith(".cpp") and line != "csrc/bindings.cpp"]  # (bindings: torch's headers)
+
+
+def _without_float16(cxx: str, tmp_path: Path) -> list[str]:
+    """The flags of a build as a compiler without _Float16 would see it."""
+    prelude = tmp_path / "no_float16.h"
+    prelude.write_text(_PRELUDE)
+    return [cxx, "-std=c++20", "-DKFUSE_NO_FLOAT16", "-include", str(prelude)]
+
+
+def _host_cxx() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    return cxx
+
+
+@pytest.mark.parametrize("source", _CPU_SOURCES)
+def test_cpu_kernels_compile_where_cxx_has_no_float16(source: str, tmp_path: Path) -> None:
+    cmd = [*_without_float16(_host_cxx(), tmp_path), "-fopenmp", "-fsyntax-only", "-Wno-psabi", str(ROOT / source)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-4000:]}"
+
+
+_CONVERT = r"""
+#include <cstdio>
+#include "cpu_convert.h"
+using namespace kfuse::cpu;
+int main() {
+  for (uint32_t h = 0; h < 65536; ++h) {  // every half to float
+    const uint16_t b = uint16_t(h);
+    Half v;
+    std::memcpy(&v, &b, 2);
+    const uint32_t f = as_bits(to_acc(v));
+    std::fwrite(&f, 4, 1, stdout);
+  }
+  uint32_t f;
+  while (std::fread(&f, 4, 1, stdin) == 1) {  // floats to half
+    const Half v = from_acc<Half>(as_float(f));
+    std::fwrite(&v, 2, 1, stdout);
+  }
+}
+"""
+
+
+def test_struct_half_converts_as_torch(tmp_path: Path) -> None:
+    """The struct form of Half converts every half to float, and floats of every kind (edge_floats) to
+    half, bit for bit as torch does (nan: a nan)."""
+    src, exe = tmp_path / "convert.cpp", tmp_path / "convert"
+    src.write_text(_CONVERT)
+    cmd = [*_without_float16(_host_cxx(), tmp_path), "-O2", f"-I{ROOT / 'csrc'}", str(src), "-o", str(exe)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-4000:]}"
+    from test_embedding import edge_floats  # noqa: PLC0415
+
+    floats = edge_floats(20000)
+    out = subprocess.run([str(exe)], input=floats.numpy().tobytes(), capture_output=True, timeout=60, check=True).stdout
+    halves = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    got = torch.frombuffer(bytearray(out[: 4 * 65536]), dtype=torch.float32)
+    want = halves.float()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32))
+    got = torch.frombuffer(bytearray(out[4 * 65536:]), dtype=torch.float16)
+    want = floats.half()
+    assert got.numel() == floats.numel()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(0.0).view(torch.int16), want.nan_to_num(0.0).view(torch.int16))

@@ -24,6 +24,7 @@ namespace {
 
 using cpu::BF16;
 using cpu::from_acc;
+using cpu::Half;
 using cpu::to_acc;
 
 // Rows of M handled by one partial of the parameter gradient. Fixed (not a function of
@@ -414,7 +415,7 @@ void forward_cpu(DType dtype, const void* x, void* y, const void* coeffs, int64_
       return forward_f64(static_cast<const double*>(x), static_cast<double*>(y),
                          static_cast<const double*>(coeffs), M, N, K, nt);
     case DType::f16:
-      return forward_float(static_cast<const _Float16*>(x), static_cast<_Float16*>(y),
+      return forward_float(static_cast<const Half*>(x), static_cast<Half*>(y),
                           static_cast<const float*>(coeffs), M, N, K, nt);
     case DType::bf16:
       return forward_float(static_cast<const BF16*>(x), static_cast<BF16*>(y),
@@ -439,8 +440,8 @@ void backward_cpu(DType dtype, const void* grad_y, const void* x, const void* co
                           static_cast<const double*>(coeffs), static_cast<double*>(grad_x),
                           static_cast<double*>(partials), M, N, K, nt);
     case DType::f16:
-      return backward_float(static_cast<const _Float16*>(grad_y), static_cast<const _Float16*>(x),
-                           static_cast<const float*>(coeffs), static_cast<_Float16*>(grad_x),
+      return backward_float(static_cast<const Half*>(grad_y), static_cast<const Half*>(x),
+                           static_cast<const float*>(coeffs), static_cast<Half*>(grad_x),
                            static_cast<float*>(partials), M, N, K, nt);
     case DType::bf16:
       return backward_float(static_cast<const BF16*>(grad_y), static_cast<const BF16*>(x),

@@ -30,6 +30,9 @@
 // the AVX-512, AVX2 + FMA and baseline clones (and equal PyTorch's op-by-op float32 update, which
 // the tests check bit for bit). GCC contracted 616 of them otherwise; the kernels are memory-bound.
 #pragma GCC optimize("fp-contract=off")
+#if defined(__clang__)  // which ignores the GCC pragma, and contracts by default (aarch64: 590 FMAs)
+#pragma clang fp contract(off)
+#endif
 
 namespace kfuse {
 namespace embedding {
@@ -39,6 +42,7 @@ using cpu::Acc;
 using cpu::as_bits;
 using cpu::as_float;
 using cpu::BF16;
+using cpu::Half;
 using cpu::load;
 using cpu::pick;
 using cpu::store;
@@ -115,7 +119,7 @@ template <typename F> void with_dtype(DType dt, F&& fn) {
   switch (dt) {
     case DType::f32: return fn(float{});
     case DType::f64: return fn(double{});
-    case DType::f16: return fn(_Float16{});
+    case DType::f16: return fn(Half{});
     case DType::bf16: return fn(BF16{});
   }
   throw std::runtime_error("kfuse embedding: unsupported dtype");
@@ -220,24 +224,24 @@ typedef float F32x16 __attribute__((vector_size(64)));
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define KF_F16_ASM 1
 #define KF_F16_ENTRY(f) f
-KF_INLINE F32x16 cvt16(const _Float16* p) {
+KF_INLINE F32x16 cvt16(const Half* p) {
   F32x16 r;
   asm("vcvtph2ps %1, %0" : "=v"(r) : "m"(*reinterpret_cast<const char(*)[32]>(p)));
   return r;
 }
 // 16 floats -> halves at p, rounded to nearest even (imm 0): vcvtps2ph, bit for bit from_acc's.
-KF_INLINE void store16(_Float16* p, F32x16 v) {
+KF_INLINE void store16(Half* p, F32x16 v) {
   asm("vcvtps2ph $0, %1, %0" : "=m"(*reinterpret_cast<char(*)[32]>(p)) : "v"(v));
 }
 #else
 #define KF_F16_ENTRY(f) nullptr
-KF_INLINE F32x16 cvt16(const _Float16* p) {  // never called: no entry instantiates it here
+KF_INLINE F32x16 cvt16(const Half* p) {  // never called: no entry instantiates it here
   F32x16 r;
   for (int j = 0; j < 16; ++j) r[j] = cpu::to_acc(p[j]);
   return r;
 }
-KF_INLINE void store16(_Float16* p, F32x16 v) {  // never called, as cvt16
-  for (int j = 0; j < 16; ++j) p[j] = cpu::from_acc<_Float16>(v[j]);
+KF_INLINE void store16(Half* p, F32x16 v) {  // never called, as cvt16
+  for (int j = 0; j < 16; ++j) p[j] = cpu::from_acc<Half>(v[j]);
 }
 #endif
 
@@ -258,7 +262,7 @@ KF_INLINE void stream16(float* p, F32x16 v) {
 // entry is compiled for: AVX-512 F, BW, CD, DQ, VL), else the generic one.
 template <typename S, typename F, typename G> F entry(F generic, G f16_avx512) {
 #ifdef KF_F16_ASM
-  if constexpr (std::is_same_v<S, _Float16>)
+  if constexpr (std::is_same_v<S, Half>)
     if (__builtin_cpu_supports("x86-64-v4")) return f16_avx512;
 #endif
   (void)f16_avx512;
@@ -449,8 +453,8 @@ KF_CLONES void forward_task(const S* W, int64_t D, int64_t pad, const I* idx, co
 // bit for bit the conversion of the other clones.
 template <typename I>
 __attribute__((target("arch=x86-64-v4"))) void forward_task_f16_avx512(
-    const _Float16* W, int64_t D, int64_t pad, const I* idx, const I* off, const float* psw, bool mean, int64_t fb0,
-    int64_t fb1, int64_t B, _Float16* out, int64_t width, float* acc, bool stream, bool l1) {
+    const Half* W, int64_t D, int64_t pad, const I* idx, const I* off, const float* psw, bool mean, int64_t fb0,
+    int64_t fb1, int64_t B, Half* out, int64_t width, float* acc, bool stream, bool l1) {
   forward_variant<true>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream, l1);
 }
 #endif
@@ -696,7 +700,7 @@ KF_CLONES void sparse_task(const TablePlan& tp, int64_t u0, int64_t u1, const Gr
 }
 #ifdef KF_F16_ASM
 __attribute__((target("arch=x86-64-v4"))) void sparse_task_f16_avx512(const TablePlan& tp, int64_t u0, int64_t u1,
-                                                                     const Grad<_Float16>& g, int64_t D, float* grads) {
+                                                                     const Grad<Half>& g, int64_t D, float* grads) {
   sparse_rows<true>(tp, u0, u1, g, D, grads);
 }
 #endif
@@ -779,7 +783,7 @@ template <typename S>
 KF_INLINE void update_row(S* w, Acc<S>* g, int64_t D, const OptA<Acc<S>>& o, Acc<S>* s1, Acc<S>* s2, uint32_t key) {
   using A = Acc<S>;
   auto put = [&](int64_t d, A y) {
-    if constexpr (std::is_same_v<S, _Float16> || std::is_same_v<S, BF16>) {
+    if constexpr (std::is_same_v<S, Half> || std::is_same_v<S, BF16>) {
       const uint16_t h = sr_bits<S>(y, sr_mix(key ^ static_cast<uint32_t>(d)));
       std::memcpy(w + d, &h, 2);
     } else {
@@ -842,7 +846,7 @@ KF_CLONES void fused_task(const TablePlan& tp, int64_t u0, int64_t u1, const Gra
 }
 #ifdef KF_F16_ASM
 __attribute__((target("arch=x86-64-v4"))) void fused_task_f16_avx512(const TablePlan& tp, int64_t u0, int64_t u1,
-                                                                    const Grad<_Float16>& g, _Float16* W, int64_t D,
+                                                                    const Grad<Half>& g, Half* W, int64_t D,
                                                                     const OptA<float>& o, float* st1, float* st2,
                                                                     uint32_t table_key, float* acc) {
   fused_rows<true>(tp, u0, u1, g, W, D, o, st1, st2, table_key, acc);

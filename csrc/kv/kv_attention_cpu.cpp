@@ -34,6 +34,7 @@ namespace {
 
 using cpu::Acc;
 using cpu::BF16;
+using cpu::Half;
 using cpu::load;
 using cpu::store;
 
@@ -117,22 +118,22 @@ template <typename A> KF_SIMD V<A> loadv(const A* p) {
 }
 template <typename A> KF_SIMD void storev(A* p, V<A> v) { std::memcpy(p, &v, sizeof(v)); }
 
-// Transposes 8 x 8 floats in registers (unpack, shuffle, 128-bit permute with AVX2).
+// Transposes 8 x 8 floats in registers (unpack, shuffle, 128-bit permute with AVX2). Written with
+// __builtin_shufflevector, which GCC (12 and later) and clang both have; clang has no __builtin_shuffle.
 KF_SIMD void transpose8(V<float> (&r)[8]) {
-  typedef int32_t vi8 __attribute__((vector_size(32)));
   V<float> t[8], u[8];
   for (int j = 0; j < 8; j += 2) {
-    t[j] = __builtin_shuffle(r[j], r[j + 1], vi8{0, 8, 1, 9, 4, 12, 5, 13});
-    t[j + 1] = __builtin_shuffle(r[j], r[j + 1], vi8{2, 10, 3, 11, 6, 14, 7, 15});
+    t[j] = __builtin_shufflevector(r[j], r[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[j + 1] = __builtin_shufflevector(r[j], r[j + 1], 2, 10, 3, 11, 6, 14, 7, 15);
   }
   for (int j = 0; j < 8; j += 4)
     for (int h = 0; h < 2; ++h) {
-      u[j + 2 * h] = __builtin_shuffle(t[j + h], t[j + h + 2], vi8{0, 1, 8, 9, 4, 5, 12, 13});
-      u[j + 2 * h + 1] = __builtin_shuffle(t[j + h], t[j + h + 2], vi8{2, 3, 10, 11, 6, 7, 14, 15});
+      u[j + 2 * h] = __builtin_shufflevector(t[j + h], t[j + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[j + 2 * h + 1] = __builtin_shufflevector(t[j + h], t[j + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
     }
   for (int j = 0; j < 4; ++j) {
-    r[j] = __builtin_shuffle(u[j], u[j + 4], vi8{0, 1, 2, 3, 8, 9, 10, 11});
-    r[j + 4] = __builtin_shuffle(u[j], u[j + 4], vi8{4, 5, 6, 7, 12, 13, 14, 15});
+    r[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
@@ -279,7 +280,7 @@ KF_SIMD void attend(const Pool<S>& P, const Rows<A>& w) {
 // The task loops are KF_CLONES (cpu_isa.h); the OpenMP regions and the per-task setup are not.
 
 KF_CLONES void attend_task(const Pool<float>& P, const Rows<float>& w) { attend(P, w); }
-KF_CLONES void attend_task(const Pool<_Float16>& P, const Rows<float>& w) { attend(P, w); }
+KF_CLONES void attend_task(const Pool<Half>& P, const Rows<float>& w) { attend(P, w); }
 KF_CLONES void attend_task(const Pool<BF16>& P, const Rows<float>& w) { attend(P, w); }
 KF_CLONES void attend_task(const Pool<double>& P, const Rows<double>& w) { attend(P, w); }
 
@@ -406,7 +407,7 @@ template <typename F> void by_dtype(DType dtype, F&& f) {
   switch (dtype) {
     case DType::f32: f(float{}); break;
     case DType::f64: f(double{}); break;
-    case DType::f16: f(_Float16{}); break;
+    case DType::f16: f(Half{}); break;
     case DType::bf16: f(BF16{}); break;
   }
 }
