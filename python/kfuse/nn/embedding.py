@@ -445,7 +445,12 @@ class _FusedEmbeddingBag(torch.autograd.Function):
         return E._forward_impl(ctx.tables, indices, offsets, bags, psw, backend)
 
     @staticmethod
+    @torch.compiler.disable  # eager as a whole: see below
     def backward(ctx, grad_out: Tensor):
+        # Under torch.compile the engine ran this on the compiled step's thread and Dynamo traced it in pieces
+        # (breaking at the pybind update, int(), the unaliased check); with dynamic=True a resume frame's guard
+        # on a per-step object failed every step, one recompile a step until the recompile limit (8), ~255 ms
+        # each (dynamic-shapes hunt, 2026-12-06).
         m: MultiTableEmbeddingBag = ctx.module
         indices, offsets, psw = ctx.saved_tensors
         tables = m._weights()

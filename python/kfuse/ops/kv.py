@@ -302,7 +302,8 @@ def paged_decode_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids, 
             (grouped-query attention), ``D = cache.head_dim``.
         cache: the :class:`kfuse.kv.PagedKVCache`.
         layer: int in ``[0, num_layers)``.
-        seq_ids: ``B`` distinct active sequence ids (ints or a 1-D CPU integer tensor).
+        seq_ids: ``B`` distinct active sequence ids (ints or a 1-D CPU integer tensor; under ``torch.compile``
+            pass a tensor: Dynamo specialises a list's length, one graph per batch size).
         scale: softmax scale; default ``1/sqrt(D)``.
         backend: ``"auto"`` (``triton`` for CUDA tensors, ``cpu`` for CPU ones), ``"triton"``, ``"cpu"``
             (the C++ kernels) or ``"reference"``; ``"cuda"`` always raises.
