@@ -4,6 +4,7 @@ modules, the routes (autograd, torch.compile, torch.library, transforms) and bad
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import math
 import warnings
@@ -245,6 +246,31 @@ def test_dropout(backend: str, device: str, seed: int) -> None:
     y_eval = kfuse.lora_linear(*args, dropout_p=p, training=False, fan_in_fan_out=True, backend=backend)
     assert torch.equal(rng_state(device), state), "no RNG draw without dropout"
     assert torch.equal(y_eval, kfuse.lora_linear(*args, dropout_p=0.0, fan_in_fan_out=True, backend=backend))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+def test_dropout_under_activation_checkpointing(backend: str, device: str, reentrant: bool, seed: int) -> None:
+    """torch.utils.checkpoint (gradient checkpointing, as PEFT training enables it) recomputes the forward
+    in the backward with the RNG state restored: the recomputation draws the same mask, so y and every
+    gradient are the bits of the call without checkpointing."""
+    lead, K, N, r = ((3, 5), 24, 16, 4) if interp(backend, device) else ((4, 9), 40, 24, 8)
+    inp = Inputs(lead, K, N, r, torch.float32, torch.float32, device)
+
+    def step(checkpointed: bool) -> tuple[Tensor, list[Tensor]]:
+        x, w, a, b = (t.detach().clone().requires_grad_(t is not inp.weight) for t in inp.tensors()[:4])
+        f = functools.partial(kfuse.lora_linear, scaling=inp.scaling, dropout_p=0.3, backend=backend)
+        torch.manual_seed(seed)
+        y = (torch.utils.checkpoint.checkpoint(f, x, w, a, b, use_reentrant=reentrant) if checkpointed
+             else f(x, w, a, b))
+        (y * inp.gy).sum().backward()
+        return y.detach(), [x.grad, a.grad, b.grad]
+
+    y, grads = step(False)
+    y_ckpt, grads_ckpt = step(True)
+    assert torch.equal(y_ckpt, y)
+    for g, g_ckpt in zip(grads, grads_ckpt, strict=True):
+        assert torch.equal(g_ckpt, g)
 
 
 def test_reference_backend_dropout(seed: int) -> None:
