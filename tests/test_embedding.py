@@ -8,13 +8,12 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-import os
-import socket
 import subprocess
 import sys
 import textwrap
 import warnings
 
+import gloo
 import numpy as np
 import pytest
 import sm90
@@ -1419,8 +1418,7 @@ _DDP = textwrap.dedent("""
 
 
 _PG_COPY = textwrap.dedent("""
-    import copy, io, sys, torch, torch.distributed as dist
-    sys.path.insert(0, sys.argv[1])
+    import copy, io, torch, torch.distributed as dist
     from kfuse.nn import MultiTableEmbeddingBag
     dist.init_process_group("gloo", rank=0, world_size=1)
     group = dist.new_group([0])
@@ -1447,16 +1445,54 @@ def test_a_module_with_a_process_group_copies_and_pickles(tmp_path):
     """A process group neither pickles nor copies, so deepcopy, pickle and torch.save of a module given one
     failed ("cannot pickle ProcessGroup"; copy hunt): a deep copy shares the group and trains its own
     tables; a pickled module leaves the group out, as DistributedDataParallel does. (One gloo process.)"""
-    script = tmp_path / "pg.py"
-    script.write_text(_PG_COPY)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-    python_dir = os.path.dirname(os.path.dirname(kfuse.__file__))
-    run = subprocess.run([sys.executable, str(script), python_dir], env=env, capture_output=True, text=True,
-                         timeout=240)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    assert gloo.run_one(_PG_COPY, tmp_path).strip() == "ok"
+
+
+_FSDP = textwrap.dedent("""
+    import warnings
+    import torch, torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from kfuse.nn import MultiTableEmbeddingBag
+    warnings.filterwarnings("ignore")  # (FSDP's own, on the CPU)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+    class Model(nn.Module):
+        def __init__(self, optimizer):
+            super().__init__()
+            self.emb, self.head = MultiTableEmbeddingBag([(9, 4), (7, 4)], optimizer=optimizer, lr=0.1), nn.Linear(8, 1)
+
+        def forward(self, i, o):
+            return self.head(self.emb(i, o))
+
+    idx, off = torch.tensor([1, 2, 3, 0, 5, 6]), torch.tensor([0, 2, 3, 4, 6])
+    for wrap in (fully_shard, lambda m: FullyShardedDataParallel(m, use_orig_params=True,
+                                                                  device_id=torch.device("cpu"))):
+        model = wrap(Model("sgd"))
+        try:
+            model(idx, off).sum().backward()
+            raise AssertionError("a fused optimizer under FSDP was accepted")
+        except RuntimeError as e:
+            assert "FullyShardedDataParallel (fully_shard or FSDP) shards them" in str(e), e
+        assert int(model.emb.optimizer_step) == 0
+    model = fully_shard(Model(None))  # no fused optimizer: FSDP's own business
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.emb.weights[0].full_tensor().clone()
+    model(idx, off).sum().backward()
+    opt.step()
+    assert not torch.equal(model.emb.weights[0].full_tensor(), before)
+    del model, opt
+    dist.destroy_process_group()
+    print("ok")
+""")
+
+
+def test_fused_optimizer_refuses_fsdp(tmp_path):
+    """FullyShardedDataParallel shards the tables and gathers copies for each forward and backward: the fused
+    update went into the copies, which FSDP frees, so FSDP (use_orig_params) trained nothing, silently, and
+    fully_shard failed inside torch (FSDP hunt, 2026-12-06). Both are refused by name at the forward; the module
+    without the fused optimizer trains under fully_shard. (One gloo process.)"""
+    assert gloo.run_one(_FSDP, tmp_path).strip() == "ok"
 
 
 def test_process_group_must_be_a_process_group():
@@ -1478,13 +1514,9 @@ def test_data_parallel_two_processes(mode, tmp_path):
     concatenated batch for the fused optimizer)."""
     script = tmp_path / "ddp.py"
     script.write_text(_DDP)
-    with socket.socket() as sock:  # a port free now (a fixed one may be taken by another run)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-    here = os.path.dirname(__file__)
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), mode, str(tmp_path / f"w{r}.pt"), here], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    env = gloo.env()
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), mode, str(tmp_path / f"w{r}.pt"), gloo.TESTS],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), [(p.returncode, o[-2000:]) for p, o in zip(procs, outs, strict=True)]
     w0, w1 = torch.load(tmp_path / "w0.pt"), torch.load(tmp_path / "w1.pt")

@@ -14,8 +14,10 @@ import io
 import os
 import subprocess
 import sys
+import textwrap
 import warnings
 
+import gloo
 import pytest
 import torch
 from tolerances import assert_close
@@ -598,6 +600,48 @@ def test_unfuse_restores_peft(seed: int) -> None:
     assert_equal(run(model, x), before)
     assert kp.unfuse(model).unfused == []
     assert "8 layer(s) fused" in str(report)
+
+
+_FSDP = textwrap.dedent("""
+    import torch, torch.distributed as dist
+    from peft.tuners import lora as peft_lora
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    import kfuse, kfuse.integrations.peft as kp
+    from test_peft import H_LLAMA, embeds, lora_layers, llama, run
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    torch.manual_seed(0)
+    model = llama()
+    x = embeds(H_LLAMA, torch.float32)
+    want = run(model, x, grads=False)[0]
+    names = sorted(lora_layers(model))
+    kp.fuse(model)
+    for m in model.modules():
+        if isinstance(m, peft_lora.Linear):
+            fully_shard(m)  # the layer's class becomes FSDPFusedLinear(FSDPModule, FusedLinear)
+    fully_shard(model)
+    assert sorted(kp.fused_layers(model)) == names
+    calls = []
+    real = kfuse.lora_linear
+    kfuse.lora_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
+    torch.testing.assert_close(run(model, x, grads=False)[0], want)
+    assert calls, "the fused layers did not run kfuse"
+    assert sorted(kp.unfuse(model).unfused) == names and kp.fused_layers(model) == []
+    layers = [m for m in model.modules() if isinstance(m, peft_lora.Linear)]
+    assert all(isinstance(m, FSDPModule) and not isinstance(m, kp.FusedLinear) for m in layers)
+    calls.clear()
+    torch.testing.assert_close(run(model, x, grads=False)[0], want)
+    assert not calls, "kfuse ran after unfuse"
+    dist.destroy_process_group()
+    print("ok")
+""")
+
+
+def test_fused_layers_wrapped_by_fully_shard_unfuse(tmp_path) -> None:
+    """fully_shard (FSDP2) gives each layer it wraps a subclass of the layer's class (FSDPFusedLinear):
+    fused_layers and unfuse looked for FusedLinear exactly, missed them, and kfuse kept serving the layers
+    after unfuse (FSDP hunt, 2026-12-06). They are found, and unfuse gives them the same wrapper's subclass of
+    PEFT's lora.Linear. (One gloo process.)"""
+    assert gloo.run_one(_FSDP, tmp_path).strip() == "ok"
 
 
 def test_unfuse_rebinds_hooks_added_after_fuse(seed: int, monkeypatch) -> None:

@@ -180,7 +180,27 @@ class FusedLinear(_lora.Linear):
 
 
 def _is_fused(module: nn.Module) -> bool:
-    return type(module) is FusedLinear
+    # isinstance: a wrapper may subclass the layer's class after fuse (fully_shard makes FSDPFusedLinear), and
+    # unfuse and fused_layers then missed it, kfuse still serving the layer (FSDP hunt, 2026-12-06).
+    return isinstance(module, FusedLinear)
+
+
+_unfused_classes: dict[type, type] = {}
+
+
+def _unfused_class(cls: type) -> type:
+    """The class ``unfuse`` gives a layer of class ``cls``: ``lora.Linear`` for :class:`FusedLinear`, and for a
+    wrapper's subclass of it (``fully_shard``'s ``FSDPFusedLinear(FSDPModule, FusedLinear)``) the same subclass
+    of ``lora.Linear``, so the wrapper's methods stay."""
+    if cls is FusedLinear:
+        return _lora.Linear
+    if cls not in _unfused_classes:
+        bases = tuple(_unfused_class(b) if isinstance(b, type) and issubclass(b, FusedLinear) else b
+                      for b in cls.__bases__)
+        name = cls.__name__.replace("FusedLinear", "Linear")
+        body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        _unfused_classes[cls] = type(name, bases, {**body, "__qualname__": name})
+    return _unfused_classes[cls]
 
 
 # ---------------------------------------------------------------- the fused forward
@@ -421,8 +441,8 @@ def unfuse(model: nn.Module) -> Report:
     report = Report()
     for name, module in _tuner_layers(model):
         if _is_fused(module):
-            fused_forward = type(module).forward
-            module.__class__ = _lora.Linear
+            fused_forward = FusedLinear.forward
+            module.__class__ = _unfused_class(type(module))
             module.__dict__.pop("_kfuse_backend", None)
             # A hook added after fuse (accelerate's add_hook_to_module) keeps the fused forward as a bound
             # method on the instance (its _old_forward, or forward itself), which ran kfuse after unfuse
