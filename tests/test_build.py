@@ -106,7 +106,7 @@ def test_sdist_holds_what_the_build_and_tests_read(tmp_path: Path) -> None:
     assert not missing, f"missing from the sdist: {missing}"
 
 
-# A compiler whose C++ has no _Float16 (aarch64 GCC 12, Debian 12's; clang 14; x86 GCC 11) failed the build
+# A compiler whose C++ has no _Float16 (aarch64 GCC 12, Debian 12's; clang 14) failed the build
 # with "'_Float16' does not name a type" (portability hunt, 2026-12-06). KFUSE_NO_FLOAT16 selects the form
 # such compilers get (cpu_convert.h's Half as a struct of bits), and the prelude defines _Float16 away after
 # the compiler's own headers that use it, so that any other use of the type in csrc/ is an error here, as it

@@ -1475,6 +1475,14 @@ _FSDP = textwrap.dedent("""
         except RuntimeError as e:
             assert "FullyShardedDataParallel (fully_shard or FSDP) shards them" in str(e), e
         assert int(model.emb.optimizer_step) == 0
+    # Left out of FSDP (its advice): the fused optimizer trains it.
+    for wrap in (lambda m: fully_shard(m, ignored_params=set(m.emb.parameters())),
+                 lambda m: FullyShardedDataParallel(m, use_orig_params=True, device_id=torch.device("cpu"),
+                                                    ignored_modules=[m.emb])):
+        model = wrap(Model("sgd"))
+        before = model.emb.weights[0].detach().clone()
+        model(idx, off).sum().backward()
+        assert int(model.emb.optimizer_step) == 1 and not torch.equal(model.emb.weights[0], before)
     model = fully_shard(Model(None))  # no fused optimizer: FSDP's own business
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = model.emb.weights[0].full_tensor().clone()
@@ -1491,7 +1499,7 @@ def test_fused_optimizer_refuses_fsdp(tmp_path):
     """FullyShardedDataParallel shards the tables and gathers copies for each forward and backward: the fused
     update went into the copies, which FSDP frees, so FSDP (use_orig_params) trained nothing, silently, and
     fully_shard failed inside torch (FSDP hunt, 2026-12-06). Both are refused by name at the forward; the module
-    without the fused optimizer trains under fully_shard. (One gloo process.)"""
+    left out of FSDP (as the error advises) trains with it, and without it under fully_shard. (One gloo process.)"""
     assert gloo.run_one(_FSDP, tmp_path).strip() == "ok"
 
 

@@ -506,9 +506,16 @@ bool stream_output(int64_t out_bytes, int64_t indices, int64_t bags) {
   return cpu_is_amd() && out_bytes >= kFwdStreamBytes && indices >= 16 * bags;
 }
 
-// Whether the forward prefetches rows into L1, 8 KiB ahead (Intel and the rest), or into L2, 32 KiB
-// ahead (AMD): each measured where it is used (kFwdPrefetchLocality).
-bool fwd_prefetch_l1() { return !cpu_is_amd(); }
+// Whether the forward prefetches rows into L1, 8 KiB ahead (Intel), or into L2, 32 KiB ahead (AMD): each
+// measured where it is used (kFwdPrefetchLocality). Other CPUs (aarch64, ...) keep the older setting,
+// measured on none of them.
+bool fwd_prefetch_l1() {
+#if defined(__x86_64__)
+  return !cpu_is_amd();
+#else
+  return false;
+#endif
+}
 
 template <typename S, typename I> void forward_t(const Tables& tb, const Bags& bg, S* out, int nt) {
   using A = Acc<S>;

@@ -199,7 +199,7 @@ def _unfused_class(cls: type) -> type:
                       for b in cls.__bases__)
         name = cls.__name__.replace("FusedLinear", "Linear")
         body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-        _unfused_classes[cls] = type(name, bases, {**body, "__qualname__": name})
+        _unfused_classes[cls] = type(name, bases, {**body, "__qualname__": name, "__module__": __name__})
     return _unfused_classes[cls]
 
 

@@ -201,8 +201,9 @@ class MultiTableEmbeddingBag(nn.Module):
             Without a fused optimizer, ``sparse=True`` gradients cannot go through ``DistributedDataParallel``
             (it takes sparse gradients only from torch's embedding modules): use dense ones there. Under
             FullyShardedDataParallel (``fully_shard``, ``FSDP``) the fused optimizer refuses to run (the update
-            would go into FSDP's gathered copies): leave the module out of FSDP (its ``ignored_params`` /
-            ``ignored_modules``) with a process_group, or use ``optimizer=None``, which FSDP shards as any module.
+            would go into FSDP's gathered copies): leave the module out of FSDP (all its parameters in
+            ``fully_shard``'s ``ignored_params``, or the module in ``FSDP``'s ``ignored_modules``) with a
+            process_group, or use ``optimizer=None``, which FSDP shards as any module.
         backend: of the op (``"auto"``, ``"triton"``, ``"cpu"``, ``"reference"``).
         check: when the ``triton`` backend reports bad indices or offsets: ``"sync"`` (at the call, one host
             sync per forward) or ``"async"`` (at a later call, or :func:`kfuse.check_embedding_errors`;
@@ -394,16 +395,18 @@ class MultiTableEmbeddingBag(nn.Module):
                                          self.padding_idx, sparse=self.sparse, backend=self.backend, check=self.check)
         op = "MultiTableEmbeddingBag"
         _backends.check_backend_name(op, self.backend)
-        if self.__dict__.get("_is_fsdp_managed_module") or any(getattr(w, "_fsdp_flattened", False) for w in ws):
-            # (torch's marks of the modules fully_shard and FullyShardedDataParallel manage, and of FSDP's flattened
-            # parameters.) The update went into the gathered copies, which FSDP frees after the backward: FSDP
-            # (use_orig_params) trained nothing, silently, and fully_shard failed inside torch after the update
-            # was counted (FSDP hunt, 2026-12-06).
+        if self.weights.__dict__.get("_is_fsdp_managed_module"):
+            # (torch's mark of the modules whose parameters fully_shard or FullyShardedDataParallel manage: not the
+            # tables' ParameterList when they are all in fully_shard's ignored_params or in FSDP's ignored_modules.)
+            # The update went into the gathered copies, which FSDP frees after the backward: FSDP (use_orig_params)
+            # trained nothing, silently, and fully_shard failed inside torch after the update was counted (FSDP
+            # hunt, 2026-12-06). (FSDP's ignored_states marks them too, though it leaves them whole: refused.)
             raise RuntimeError(
                 f"{op}: the fused optimizer (optimizer={self.optimizer!r}) updates the module's tables in place in "
                 "the backward, but FullyShardedDataParallel (fully_shard or FSDP) shards them: the update would go "
-                "into the gathered copies FSDP frees after the backward, and no step would last. Keep this module "
-                "out of FSDP (its ignored_params / ignored_modules) and pass process_group= for data-parallel "
+                "into the gathered copies FSDP frees after the backward, and no step would last. Keep the module "
+                "out of FSDP (fully_shard(..., ignored_params=set(module.parameters())), or "
+                "FullyShardedDataParallel(..., ignored_modules=[module])) and pass process_group= for data-parallel "
                 "training, or build it with optimizer=None (a torch optimizer then updates the sharded tables).")
         # (Strict torch.export traces with Dynamo, as torch.compile does, but cannot break the graph: it failed on
         # a torch.compiler.disable'd check below, naming kfuse's internals; export hunt.)
