@@ -631,6 +631,9 @@ _FSDP = textwrap.dedent("""
     calls.clear()
     torch.testing.assert_close(run(model, x, grads=False)[0], want)
     assert not calls, "kfuse ran after unfuse"
+    again = kp.fuse(model, warn=False)  # a wrapper's class is not PEFT's own: skipped, saying so
+    assert again.fused == [] and sorted(again.skipped) == names
+    assert all("fuse before wrapping" in why for why in again.skipped.values()), again.skipped
     dist.destroy_process_group()
     print("ok")
 """)
@@ -640,7 +643,7 @@ def test_fused_layers_wrapped_by_fully_shard_unfuse(tmp_path) -> None:
     """fully_shard (FSDP2) gives each layer it wraps a subclass of the layer's class (FSDPFusedLinear):
     fused_layers and unfuse looked for FusedLinear exactly, missed them, and kfuse kept serving the layers
     after unfuse (FSDP hunt, 2026-12-06). They are found, and unfuse gives them the same wrapper's subclass of
-    PEFT's lora.Linear. (One gloo process.)"""
+    PEFT's lora.Linear; fuse then leaves them, saying why. (One gloo process.)"""
     assert gloo.run_one(_FSDP, tmp_path).strip() == "ok"
 
 

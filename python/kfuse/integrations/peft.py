@@ -141,6 +141,9 @@ def _skip_reason(module: nn.Module) -> str | None:
             return "a LoRA Embedding layer: kfuse serves linear layers only"
         if isinstance(module, _OTHER_LORA_KINDS):
             return f"a LoRA {type(module).__name__} layer: kfuse serves linear layers only"
+        if isinstance(module, _lora.Linear) and _lora.Linear in type(module).__bases__:
+            return (f"its class {cls} is a wrapper's subclass of lora.Linear (fully_shard's, say): fuse before "
+                    "wrapping")
         return (f"{cls} is not PEFT's plain lora.Linear (quantized, tensor-parallel and other LoRA layer types "
                 "stay with PEFT)")
     if "forward" in module.__dict__:
