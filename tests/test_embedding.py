@@ -1334,9 +1334,10 @@ def test_fused_optimizer_refuses_capture_and_compiles_with_a_graph_break(seed):
             graphs.append(counters["stats"]["unique_graphs"])
         for a, b in zip(eager.weights, compiled.weights, strict=True):
             assert torch.equal(a, b)
-        # The same batch each step: no graph after the first step's. With dynamic=True Dynamo traced the
-        # backward in pieces and recompiled one of them every step (dynamic-shapes hunt, 2026-12-06).
-        assert graphs[1:] == graphs[:1] * 3, (dynamic, graphs)
+        # The same batch each step: no graph after the second step's (torch 2.11 adds one there, 2.14 none). With
+        # dynamic=True Dynamo traced the backward in pieces and recompiled one of them every step (8, 9, 10, 11;
+        # dynamic-shapes hunt, 2026-12-06).
+        assert graphs[2:] == graphs[1:2] * 2, (dynamic, graphs)
 
 
 def test_torch_compile_inductor_module(seed):

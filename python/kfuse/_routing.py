@@ -198,7 +198,13 @@ def version(t: Tensor) -> int | None:
 
 
 def exporting() -> bool:
-    """Whether torch.export is tracing (``torch.compiler.is_exporting``, which torch before 2.6 lacks)."""
+    """Whether torch.export is tracing: the flag ``torch.compiler.is_exporting()`` returns, read directly.
+    torch 2.11's Dynamo traced ``is_exporting()`` itself as True in every trace, torch.compile's too, and the
+    fused embedding module refused every compiled call ("runs eagerly only"; the compat run of 2026-12-06);
+    the flag reads right in both (torch.export sets it, strict or not). Torch before 2.6 has neither."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if flag is not None:
+        return bool(flag)
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return is_exporting is not None and is_exporting()
 
