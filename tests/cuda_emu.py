@@ -113,10 +113,11 @@ def rewrite(source: str) -> str:
     return _substitute(_STATIC_SHARED, r"auto& \2 = ::kfemu::static_shared<\1\3, __COUNTER__>();", text)
 
 
-def _compiler() -> str:
+def host_compiler() -> str:
+    """The host C++ compiler the tests build with (also tests/test_build.py's): $CXX, else c++ or g++."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not cxx:
-        raise RuntimeError("cuda_emu needs a host C++ compiler (set CXX)")
+        raise RuntimeError("the tests need a host C++ compiler (set CXX)")
     return cxx
 
 
@@ -137,7 +138,7 @@ def build(name: str, cu_files: list[Path], cpp_files: list[Path], include_dirs: 
     """Rewrite ``cu_files``, compile them with ``cpp_files`` and the emulator, load the result."""
     flags = ["-std=c++17", "-O1", "-g0", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread",
              "-DKFUSE_WITH_CUDA", *(f"-D{d}" for d in defines)]
-    cxx = _compiler()
+    cxx = host_compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256("\0".join([cxx, version, *flags]).encode())
     inputs = [Path(__file__), *cu_files, *cpp_files, EMU / "runtime.cpp", *sorted((EMU / "include").glob("*"))]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cuda_emu import host_compiler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,16 +129,9 @@ def _without_float16(cxx: str, tmp_path: Path) -> list[str]:
     return [cxx, "-std=c++20", "-DKFUSE_NO_FLOAT16", "-include", str(prelude)]
 
 
-def _host_cxx() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    return cxx
-
-
 @pytest.mark.parametrize("source", _CPU_SOURCES)
 def test_cpu_kernels_compile_where_cxx_has_no_float16(source: str, tmp_path: Path) -> None:
-    cmd = [*_without_float16(_host_cxx(), tmp_path), "-fopenmp", "-fsyntax-only", "-Wno-psabi", str(ROOT / source)]
+    cmd = [*_without_float16(host_compiler(), tmp_path), "-fopenmp", "-fsyntax-only", "-Wno-psabi", str(ROOT / source)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-4000:]}"
 
@@ -168,7 +162,7 @@ def test_struct_half_converts_as_torch(tmp_path: Path) -> None:
     half, bit for bit as torch does (nan: a nan)."""
     src, exe = tmp_path / "convert.cpp", tmp_path / "convert"
     src.write_text(_CONVERT)
-    cmd = [*_without_float16(_host_cxx(), tmp_path), "-O2", f"-I{ROOT / 'csrc'}", str(src), "-o", str(exe)]
+    cmd = [*_without_float16(host_compiler(), tmp_path), "-O2", f"-I{ROOT / 'csrc'}", str(src), "-o", str(exe)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-4000:]}"
     from test_embedding import edge_floats  # noqa: PLC0415
