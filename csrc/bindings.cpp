@@ -443,7 +443,31 @@ std::vector<std::tuple<at::Tensor, at::Tensor>> embedding_backward_sparse(
     grads.push_back(g.data_ptr());
     result.emplace_back(rows, g);
   }
-  kfuse::embedding::backward_sparse_cpu(c.tables, c.bags, plan, grad_out.const_data_ptr(), grads.data(), nt);
+  kfuse::embedding::backward_rows_cpu(c.tables, c.bags, plan, grad_out.const_data_ptr(), grads.data(), false, nt);
+  return result;
+}
+
+// Per table, in order: the dense gradient [rows, dim] in the table's dtype where need[t], else None. It
+// holds embedding_backward_sparse's sums rounded to that dtype, written in place (no row-sparse copy: a
+// hot table's gradient peaked at 2x torch's with one, and fp16/bf16 at 2.45x; memory hunt).
+std::vector<std::optional<at::Tensor>> embedding_backward_dense(
+    const at::Tensor& grad_out, const std::vector<at::Tensor>& weights, const at::Tensor& indices,
+    const at::Tensor& offsets, const std::vector<int64_t>& feature_table, const std::vector<int64_t>& padding_idx,
+    int64_t pooling, const std::optional<at::Tensor>& per_sample_weights, const std::vector<bool>& need) {
+  const EmbeddingCall c(weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights);
+  c.check_grad_out(grad_out);
+  TORCH_CHECK(need.size() == weights.size(), "kfuse: need has ", need.size(), " entries for ", weights.size(),
+              " tables");
+  const int nt = at::get_num_threads();
+  const kfuse::embedding::Plan plan = kfuse::embedding::plan_backward(c.tables, c.bags, nt);
+  std::vector<std::optional<at::Tensor>> result;
+  std::vector<void*> grads;
+  for (size_t t = 0; t < weights.size(); ++t) {
+    at::Tensor g = need[t] ? at::zeros(weights[t].sizes(), c.options) : at::Tensor();
+    grads.push_back(need[t] ? g.data_ptr() : nullptr);
+    result.push_back(need[t] ? std::optional<at::Tensor>(g) : std::nullopt);
+  }
+  kfuse::embedding::backward_rows_cpu(c.tables, c.bags, plan, grad_out.const_data_ptr(), grads.data(), true, nt);
   return result;
 }
 
@@ -606,6 +630,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "accumulation dtype); deterministic",
         py::arg("grad_out"), py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("feature_table"),
         py::arg("padding_idx"), py::arg("pooling"), py::arg("per_sample_weights"));
+  m.def("embedding_backward_dense", &embedding_backward_dense, release,
+        "Dense gradient of each table where need[t] (else None): [rows_t, dim_t] in the tables' dtype, the row-sparse "
+        "sums of embedding_backward_sparse rounded to it, zero elsewhere; deterministic",
+        py::arg("grad_out"), py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("feature_table"),
+        py::arg("padding_idx"), py::arg("pooling"), py::arg("per_sample_weights"), py::arg("need"));
   m.def("embedding_backward_psw", &embedding_backward_psw, release,
         "Gradient of per_sample_weights (sum pooling): [N] in the accumulation dtype",
         py::arg("grad_out"), py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("feature_table"),

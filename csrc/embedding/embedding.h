@@ -70,19 +70,22 @@ struct Plan {
 };
 Plan plan_backward(const Tables& tables, const Bags& bags, int num_threads);
 
-// The row-sparse gradient of each table: grads[t] [U_t, dims[t]] in A (rows: plan.tables[t].rows).
-// Row r's gradient is sum_i scale_i * grad_out[bag(i), out_col[f(i)] : + dim] over its occurrences
-// in increasing i (scale_i = psw[i], 1 / count(bag) computed in A, or 1), summed by one thread:
-// the bits do not depend on the thread count. grad_out [B, out_width] in the tables' dtype.
-void backward_sparse_cpu(const Tables& tables, const Bags& bags, const Plan& plan, const void* grad_out,
-                         void* const* grads, int num_threads);
+// The gradient of each table t with grads[t] non-null (the others are skipped), row-sparse or dense.
+// Row-sparse (dense false): grads[t] [U_t, dims[t]] in A, the rows plan.tables[t].rows. Dense: grads[t] is
+// the table's shape [rows[t], dims[t]] in its dtype, zeroed by the caller; each of those rows' sums is
+// stored at its row, rounded to the dtype (nearest even, as torch's cast). Row r's gradient is
+// sum_i scale_i * grad_out[bag(i), out_col[f(i)] : + dim] over its occurrences in increasing i
+// (scale_i = psw[i], 1 / count(bag) computed in A, or 1), summed by one thread: the bits do not depend
+// on the thread count. grad_out [B, out_width] in the tables' dtype.
+void backward_rows_cpu(const Tables& tables, const Bags& bags, const Plan& plan, const void* grad_out,
+                       void* const* grads, bool dense, int num_threads);
 
 // grad_psw [N] in A: <grad_out[bag(i), cols of f(i)], W_t[idx_i]> (0 for padding), summed in A over
 // 16 interleaved partial sums (lane d mod 16) combined in a fixed order.
 void backward_psw_cpu(const Tables& tables, const Bags& bags, const void* grad_out, void* grad_psw,
                       int num_threads);
 
-// Fused optimizer: each unique row's gradient (the same sum as backward_sparse_cpu, in a per-thread
+// Fused optimizer: each unique row's gradient (the same sum as backward_rows_cpu, in a per-thread
 // buffer) is applied to the row at once; the tables and states are updated in place. All arithmetic
 // in A from the table's value converted to A, hyper-parameters rounded to A once:
 //   sgd              w -= lr * (g + wd * w)

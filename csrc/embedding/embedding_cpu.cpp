@@ -696,19 +696,36 @@ KF_INLINE void reduce_run(const TablePlan& tp, int64_t k0, int64_t k1, int64_t k
   }
 }
 
-template <bool kAsm, typename S>
-KF_INLINE void sparse_rows(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<S>& g, int64_t D, Acc<S>* grads) {
-  for (int64_t u = u0; u < u1; ++u)
-    reduce_run<kAsm>(tp, tp.start[u], tp.start[u + 1], tp.start[u1], g, D, grads + u * D);
+// The gradients of the unique rows [u0, u1) of tp into grads: row-sparse (kDense false: [U, D] in A, row u's
+// at u * D) or dense (true: the table's shape [rows, D] in S, zeroed by the caller: row u's at tp.rows[u] * D,
+// its sum made in acc, a buffer of D, then rounded to S as torch's cast rounds; fp32/fp64 tables in place).
+template <bool kAsm, bool kDense, typename S>
+KF_INLINE void grad_rows(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<S>& g, int64_t D, void* grads,
+                         Acc<S>* acc) {
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t k0 = tp.start[u], k1 = tp.start[u + 1], k_end = tp.start[u1];
+    if constexpr (!kDense) {
+      reduce_run<kAsm>(tp, k0, k1, k_end, g, D, static_cast<Acc<S>*>(grads) + u * D);
+    } else if constexpr (std::is_same_v<S, Acc<S>>) {
+      reduce_run<kAsm>(tp, k0, k1, k_end, g, D, static_cast<S*>(grads) + tp.rows[u] * D);
+    } else {
+      reduce_run<kAsm>(tp, k0, k1, k_end, g, D, acc);
+      S* o = static_cast<S*>(grads) + tp.rows[u] * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = store<S>(acc[d]);
+    }
+  }
 }
-template <typename S>
-KF_CLONES void sparse_task(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<S>& g, int64_t D, Acc<S>* grads) {
-  sparse_rows<false>(tp, u0, u1, g, D, grads);
+template <bool kDense, typename S>
+KF_CLONES void grad_task(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<S>& g, int64_t D, void* grads,
+                         Acc<S>* acc) {
+  grad_rows<false, kDense>(tp, u0, u1, g, D, grads, acc);
 }
 #ifdef KF_F16_ASM
-__attribute__((target("arch=x86-64-v4"))) void sparse_task_f16_avx512(const TablePlan& tp, int64_t u0, int64_t u1,
-                                                                     const Grad<Half>& g, int64_t D, float* grads) {
-  sparse_rows<true>(tp, u0, u1, g, D, grads);
+template <bool kDense>
+__attribute__((target("arch=x86-64-v4"))) void grad_task_f16_avx512(const TablePlan& tp, int64_t u0, int64_t u1,
+                                                                   const Grad<Half>& g, int64_t D, void* grads,
+                                                                   float* acc) {
+  grad_rows<true, kDense>(tp, u0, u1, g, D, grads, acc);
 }
 #endif
 
@@ -882,14 +899,17 @@ Plan plan_backward(const Tables& tables, const Bags& bags, int num_threads) {
   return bags.index64 ? plan_t<int64_t>(tables, bags, num_threads) : plan_t<int32_t>(tables, bags, num_threads);
 }
 
-void backward_sparse_cpu(const Tables& tables, const Bags& bags, const Plan& plan, const void* grad_out,
-                         void* const* grads, int num_threads) {
+void backward_rows_cpu(const Tables& tables, const Bags& bags, const Plan& plan, const void* grad_out,
+                       void* const* grads, bool dense, int num_threads) {
   with_dtype(tables.dtype, [&](auto s) {
     using S = decltype(s);
     const Grad<S> g = grad_of<S>(tables, bags, plan, grad_out);
-    const auto task = entry<S>(sparse_task<S>, KF_F16_ENTRY(sparse_task_f16_avx512));
+    // One dim-length buffer per thread: a dense half-precision gradient's sums before their rounding.
+    std::vector<std::vector<Acc<S>>> bufs(std::max(num_threads, 1), std::vector<Acc<S>>(dense ? max_dim(tables) : 0));
+    const auto task = dense ? entry<S>(grad_task<true, S>, KF_F16_ENTRY(grad_task_f16_avx512<true>))
+                            : entry<S>(grad_task<false, S>, KF_F16_ENTRY(grad_task_f16_avx512<false>));
     for_row_tasks(plan, num_threads, [&](int64_t t, int64_t u0, int64_t u1) {
-      task(plan.tables[t], u0, u1, g, tables.dims[t], static_cast<Acc<S>*>(grads[t]));
+      if (grads[t]) task(plan.tables[t], u0, u1, g, tables.dims[t], grads[t], bufs[omp_get_thread_num()].data());
     });
   });
 }

@@ -573,10 +573,18 @@ def _backward_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, off
                    psw: Tensor | None, need_w: list[bool], need_psw: bool, sparse: bool,
                    backend: str) -> tuple[list[Tensor | None], Tensor | None]:
     grads: list[Tensor | None] = [None] * len(weights)
-    if any(need_w):
+    if any(need_w) and not sparse and backend == "cpu":  # written in place: no row-sparse copy first
+        flat_indices, flat_offsets, flat_psw = _flat(indices, offsets, psw)
+        grads = _cpu(f"kfuse.{bags.op}", _ext().embedding_backward_dense, _backends.dense(grad_out), weights,
+                     flat_indices, flat_offsets, bags.feature_table, bags.padding_idx, bags.pooling, flat_psw,
+                     need_w)
+    elif any(need_w):
         parts = _sparse_impl(grad_out, weights, indices, offsets, bags, psw, backend)
         make = _sparsify if sparse else _densify
-        grads = [make(r, v, w) if n else None for (r, v), w, n in zip(parts, weights, need_w, strict=True)]
+        for t, w in enumerate(weights):
+            rows, vals = parts[t]
+            parts[t] = None  # freed as its gradient is made (alive to the end, 4 tables peaked at 1.8x torch's)
+            grads[t] = make(rows, vals, w) if need_w[t] else None
     g_psw = _psw_impl(grad_out, weights, indices, offsets, bags, psw, backend) if need_psw else None
     return grads, g_psw
 
