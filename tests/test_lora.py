@@ -248,6 +248,69 @@ def test_dropout(backend: str, device: str, seed: int) -> None:
     assert torch.equal(y_eval, kfuse.lora_linear(*args, dropout_p=0.0, fan_in_fan_out=True, backend=backend))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_dropout_mask_does_not_depend_on_the_default_dtype(backend: str, seed: int) -> None:
+    """The mask is drawn in float32 whatever torch's default dtype: a float64 default drew another mask
+    (and a backward run under another default than its forward regenerated a different one: wrong
+    gradients), a bfloat16 default rounded p and the draws (the kept fraction off by 16% at p = 0.99;
+    globals hunt). y and the gradients are those of the float32 default, also with the backward run
+    under another default."""
+    inp = Inputs((6,), 24, 16, 4, torch.float32, torch.float32, "cpu")
+
+    def step(forward_default: torch.dtype, backward_default: torch.dtype) -> list[Tensor]:
+        x, w, a, b = (t.detach().clone().requires_grad_(t is not inp.weight) for t in inp.tensors()[:4])
+        old = torch.get_default_dtype()
+        try:
+            torch.set_default_dtype(forward_default)
+            torch.manual_seed(seed)
+            y = kfuse.lora_linear(x, w, a, b, inp.scaling, dropout_p=0.5, backend=backend)
+            torch.set_default_dtype(backward_default)
+            (y * inp.gy).sum().backward()
+        finally:
+            torch.set_default_dtype(old)
+        return [y.detach(), x.grad, a.grad, b.grad]
+
+    expect = step(torch.float32, torch.float32)
+    for fwd, bwd in ((torch.float64, torch.float64), (torch.float64, torch.float32), (torch.bfloat16, torch.float32)):
+        for got, want in zip(step(fwd, bwd), expect, strict=True):
+            assert torch.equal(got, want), (fwd, bwd)
+    generator_seed = torch.tensor([seed])
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.bfloat16)
+        mask = dropout_mask(generator_seed, 64, 64, 0.99, "cpu")
+    finally:
+        torch.set_default_dtype(old)
+    assert torch.equal(mask, dropout_mask(generator_seed, 64, 64, 0.99, "cpu"))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_dropout_keeps_nan_and_inf_of_dropped_elements(backend: str, device: str, seed: int) -> None:
+    """Dropout is a product, as torch's (PEFT's, the reference's): a dropped inf or NaN of x gives NaN
+    (0·inf), not 0, in y and in dA; the cpu and Triton backends selected 0 for dropped elements (numerics
+    hunt). The NaN pattern is the float64 product's, with the backend's own mask."""
+    M, K, N, r, p = 16, 12, 8, 2, 0.5
+    inp = Inputs((M,), K, N, r, torch.float32, torch.float32, device)
+    x = inp.x.detach().clone()
+    x[:, 0] = float("inf")
+    x[3, 5] = float("nan")
+    a = inp.A.detach().clone().requires_grad_()
+    saved: list[Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.manual_seed(seed)
+        y = kfuse.lora_linear(x, inp.weight, a, inp.B, inp.scaling, dropout_p=p, backend=backend)
+    (y * inp.gy).sum().backward()
+    (seed_t,) = [t for t in saved if t.dtype == torch.int64]
+    keep = dropout_mask(seed_t, M, K, p, backend).cpu().double()
+    xd = x.cpu().double() * keep / (1 - p)
+    A, B, W, gy = (t.detach().cpu().double() for t in (inp.A, inp.B, inp.weight, inp.gy))
+    expect_y = x.cpu().double() @ W.t() + inp.scaling * (xd @ A.t()) @ B.t()
+    expect_da = inp.scaling * (gy @ B).t() @ xd
+    assert not keep[:, 0].all() and keep[:, 0].any()
+    assert torch.equal(y.isnan().cpu(), expect_y.isnan()) and y.isnan().any()
+    assert torch.equal(a.grad.isnan().cpu(), expect_da.isnan()) and a.grad.isnan().all(dim=0)[0]
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("reentrant", [False, True], ids=["nonreentrant", "reentrant"])
 def test_dropout_under_activation_checkpointing(backend: str, device: str, reentrant: bool, seed: int) -> None:

@@ -178,7 +178,7 @@ def _shrink_tile(acc, x_ptr, a_ptr, seed, rows, rr, M, K, R, sxm, sar, sak, k_lo
         k_ok = kk < k_hi
         xt = tl.load(x_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
         if DROPOUT:
-            xt = tl.where(_keep(seed, rows, k0, K, p, BK), xt, 0.0)
+            xt = xt * _keep(seed, rows, k0, K, p, BK).to(xt.dtype)  # (a product: 0·inf = NaN, as torch's dropout)
         at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok, other=0.0)
         acc = _dot(xt, at, acc, PREC)
         x_ptrs += BK
@@ -439,7 +439,7 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, dap_ptr
         xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=row_ok & col_ok,
                      other=0.0).to(tl.float32)
         if DROPOUT:
-            xt = tl.where(keep, xt * inv_keep, 0.0)
+            xt = xt * (keep.to(tl.float32) * inv_keep)
         for r0 in range(0, R, RB):
             rr = r0 + tl.arange(0, RB)
             gt = tl.load(g_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], mask=row_ok & (rr[None, :] < R),
@@ -458,7 +458,7 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, dap_ptr
             else:
                 acc = _mainloop(acc, dy_ptr, w_ptr, rows, cols, M, K, 0, N, N, 1, swn, swk, BN, PREC)
             low = _low_rank(g_ptr, a_ptr, rows, cols, M, K, R, sar, sak, BM, BK, RB, LR_PREC)
-            acc += tl.where(keep, low * (scaling * inv_keep), 0.0)
+            acc += low * (keep.to(tl.float32) * (scaling * inv_keep))
         else:
             acc = _low_rank(g_ptr, a_ptr, rows, cols, M, K, R, sar, sak, BM, BK, RB, LR_PREC) * scaling
             if TMA:

@@ -253,7 +253,9 @@ def _generator_mask(seed: Tensor, M: int, K: int, p: float) -> Tensor:
     # A batched backward (is_grads_batched) regenerates the mask inside autograd's vmap mode, which
     # refuses random ops; the mask depends on the seed only.
     with _routing.outside_legacy_vmap():
-        return torch.rand(M, K, generator=g, device=seed.device) >= p
+        # float32 whatever torch's default dtype: a float64 default drew another mask (the backward under another
+        # default than its forward regenerated a different one), a bfloat16 default rounded p and the draws
+        return torch.rand(M, K, generator=g, device=seed.device, dtype=torch.float32) >= p
 
 
 def dropout_mask(seed: Tensor, M: int, K: int, p: float, backend: str) -> Tensor:
@@ -264,7 +266,8 @@ def dropout_mask(seed: Tensor, M: int, K: int, p: float, backend: str) -> Tensor
         M, K: the mask's shape (rows of the flattened x, features).
         p: the dropout probability.
         backend: ``"cpu"`` or ``"reference"`` (a ``torch.Generator`` on the seed's device seeded
-            with it: ``torch.rand(M, K, generator=g) >= p``), or ``"triton"`` (the kernels' own).
+            with it: ``torch.rand(M, K, generator=g, dtype=torch.float32) >= p``), or ``"triton"``
+            (the kernels' own).
     Returns:
         bool ``[M, K]`` on the seed's device, True = kept (probability ``1 − p``).
     """
@@ -346,7 +349,7 @@ def _torch_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: fl
         S = torch.mm(xa, A.to(acc).t())
     else:  # dropout's 1/(1-p) on S ([M, r]) rather than on x ([M, K])
         keep = _generator_mask(seed, x2.shape[0], x2.shape[1], p)
-        S = torch.mm(torch.where(keep, xa, 0.0), A.to(acc).t()).mul_(1.0 / (1.0 - p))
+        S = torch.mm(xa * keep, A.to(acc).t()).mul_(1.0 / (1.0 - p))
     if scaling != 0.0:
         y.addmm_(S, B.to(acc).t(), alpha=scaling)
     else:  # BLAS skips the product when alpha is 0; a NaN/inf adapter must still reach y, as in PEFT
@@ -374,11 +377,11 @@ def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tenso
             if keep is None:
                 dx.addmm_(G, Aa)
             else:
-                dx.add_(torch.where(keep, torch.mm(G, Aa), 0.0))
+                dx.add_(torch.mm(G, Aa).mul_(keep))
             out[0] = dx.to(x2.dtype)
         if need_a:
             xa = x2.to(acc)
-            out[2] = torch.mm(G.t(), xa if keep is None else torch.where(keep, xa, 0.0)).to(A.dtype)
+            out[2] = torch.mm(G.t(), xa if keep is None else xa * keep).to(A.dtype)
     if need_w:
         xa = x2.to(acc)
         out[1] = (torch.mm(xa.t(), dya) if fifo else torch.mm(dya.t(), xa)).to(weight.dtype)

@@ -30,7 +30,9 @@ def reference_dropout_mask(x: Tensor, p: float, generator: torch.Generator | Non
     """A fresh dropout mask for ``x [..., K]``: bool ``[M, K]`` (M = rows of ``x``), True =
     kept with probability ``1 − p``, drawn from torch's RNG (``generator``, or the default one
     of ``x``'s device)."""
-    return torch.rand(math.prod(x.shape[:-1]), x.shape[-1], device=x.device, generator=generator) >= p
+    # float32 whatever torch's default dtype (a bfloat16 default would round p and the draws)
+    rows = math.prod(x.shape[:-1])
+    return torch.rand(rows, x.shape[-1], device=x.device, generator=generator, dtype=torch.float32) >= p
 
 
 def lora_shrink_reference(x: Tensor, lora_A: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
