@@ -1298,6 +1298,26 @@ def test_fused_update_is_seen_by_autograd_version_checks(backend, seed):
     assert torch.equal(served(idx, off, psw.detach()), want)
 
 
+@pytest.mark.parametrize("optimizer", [None, "sgd"])
+def test_modules_built_under_inference_mode_train_outside_it(seed, optimizer):
+    """As torch.nn.EmbeddingBag: built under inference_mode, trained outside it. The fused module's tables,
+    states and gradient anchor were inference tensors: the backward ran, the anchor's view tracked no
+    gradient, and the tables never changed (optimizer_step stayed 0), silently; optimizer=None (and
+    kfuse.nn.EmbeddingBag) failed saving the tables for backward (globals hunt)."""
+    idx, off = torch.tensor([0, 2, 1, 3, 3]), torch.tensor([0, 2, 5])
+    with torch.inference_mode():
+        m = MultiTableEmbeddingBag([(5, 4)], optimizer=optimizer, lr=0.1, backend="cpu")
+        bag = kfuse.nn.EmbeddingBag(5, 4, mode="sum", backend="cpu")
+    w0 = m.weights[0].detach().clone()
+    m(idx, off).square().sum().backward()
+    bag(idx, off).sum().backward()
+    assert torch.equal(bag.weight.grad, torch.tensor([1.0, 1, 1, 2, 0])[:, None].expand(5, 4))
+    if optimizer is None:
+        assert m.weights[0].grad is not None and m.weights[0].grad.abs().sum() > 0
+    else:
+        assert not torch.equal(m.weights[0], w0) and int(m.optimizer_step) == 1
+
+
 def test_fused_optimizer_refuses_capture_and_compiles_with_a_graph_break(seed):
     """make_fx, non-strict export and fake tensors recorded one torch.empty for the fused module (its
     kernel reads raw pointers), which then returned uninitialised memory (bug hunt): a clear error now, as

@@ -51,6 +51,7 @@ class EmbeddingBag(nn.EmbeddingBag):
     per_sample_weights=None)`` → ``[B, embedding_dim]``.
     """
 
+    @torch.inference_mode(False)  # trainable when built under inference_mode, as torch's (see MultiTableEmbeddingBag)
     def __init__(self, num_embeddings: int, embedding_dim: int, mode: str = "mean", padding_idx: int | None = None,
                  include_last_offset: bool = False, sparse: bool = False, _weight: Tensor | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
@@ -223,6 +224,9 @@ class MultiTableEmbeddingBag(nn.Module):
     ``[B, Σ_f dim_{table(f)}]``.
     """
 
+    # Built under inference_mode, the tables, states and anchor were inference tensors: trained outside it, the
+    # anchor's view tracked no gradient and the fused optimizer never ran, silently (globals hunt).
+    @torch.inference_mode(False)
     def __init__(self, tables: Sequence[tuple[int, int]], feature_table_map: Sequence[int] | None = None,
                  mode: str = "sum", padding_idx: int | Sequence[int | None] | None = None, sparse: bool = False,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
