@@ -268,6 +268,53 @@ def test_general_embedding_materialised_on_meta_resets_to_the_constructor_s_mode
     assert not m.codes.tables.opt.state and not m.context.opt.state
 
 
+@pytest.mark.parametrize("impl", ["kfuse", "torch"])
+def test_code_embedding_materialised_on_meta_resets_its_optimizer_state(small, impl):
+    """CodeEmbedding built on meta, to_empty() and reset_parameters(): the tables were reset, the fused
+    optimizer's state and step count kept to_empty's garbage (one step then turned rows NaN and counted
+    step 124; globals hunt). It is the constructor's module again, and trains as it."""
+    want = CodeEmbedding(small.sizes, 8, optimizer="rowwise_adagrad", lr=0.3, impl=impl, seed=3)
+    with torch.device("meta"):
+        m = CodeEmbedding(small.sizes, 8, optimizer="rowwise_adagrad", lr=0.3, impl=impl, seed=3)
+    m.to_empty(device="cpu")
+    for t in m.state_dict().values():
+        if isinstance(t, torch.Tensor):
+            t.fill_(7)  # garbage, whatever to_empty left
+    if impl == "torch":
+        opt = m.tables.opt
+        opt.state[opt.param_groups[0]["params"][0]] = {"sum": torch.full((1,), 7.0)}
+    m.reset_parameters()
+    idx, off = torch.tensor([0, 3, 1, 2, 4, 0]), torch.tensor([0, 2, 3, 6])  # 3 domains, one visit
+    for mod in (want, m):
+        (mod(idx, off) ** 2).sum().backward()
+        mod.update()
+    got = {k: v for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert impl == "torch" or got.keys() >= {"tables.weights.0", "tables.momentum1_0", "tables.optimizer_step"}
+    assert {k: torch.equal(got[k], v) for k, v in want.state_dict().items() if k in got} == dict.fromkeys(got, True)
+    assert all(torch.equal(a, b) for a, b in zip(m.weights, want.weights, strict=True))
+
+
+def test_code_embedding_draws_do_not_depend_on_the_default_dtype(small, claims):
+    """The seeded tables and the CBOW targets are drawn in float32 whatever torch's default dtype: under a
+    float64 default the same seed gave other tables, under bfloat16 a 2000 x 64 table had 384 distinct values
+    (globals hunt)."""
+    idx, off = claims.visit_bags(np.arange(20))
+
+    def run():
+        m = CodeEmbedding(small.sizes, 8, seed=3)
+        return [*m.weights, *cbow_batch(idx, off, 3, torch.tensor([0, 5, 9]), torch.Generator().manual_seed(0))]
+
+    want = run()
+    old = torch.get_default_dtype()
+    for dtype in (torch.float64, torch.bfloat16):
+        try:
+            torch.set_default_dtype(dtype)
+            got = run()
+        finally:
+            torch.set_default_dtype(old)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), dtype
+
+
 def test_a_cpu_model_under_another_default_device(small, claims):
     """Under torch.set_default_device("cuda") (here "meta", which every machine has) a model built with
     device="cpu" put its noise distribution on the default device, and the CBOW targets and negatives drew

@@ -254,13 +254,17 @@ class CodeEmbedding(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, scale: float | None = None, seed: int | None = None) -> None:
-        """Tables uniform in ``±scale`` (seeded, the same in every build); by default the constructor's
-        ``init_scale`` and ``seed`` (a generic re-initialisation, which passes none, raised a TypeError;
-        copy hunt)."""
+        """Tables uniform in ``±scale`` (seeded, the same in every build) and a fresh optimizer state; by
+        default the constructor's ``init_scale`` and ``seed`` (a generic re-initialisation, which passes
+        none, raised a TypeError; copy hunt). In a generic re-initialisation, call it after its children's
+        own (``model.apply`` visits children first): the tables' own reset draws another initialisation."""
         scale = self._init[0] if scale is None else scale
+        reset_tables = getattr(self.tables, "reset_parameters", None)
+        if reset_tables is not None:  # fresh optimizer state (after to_empty() it held garbage; globals hunt)
+            reset_tables()
         gen = torch.Generator().manual_seed(self._init[1] if seed is None else seed)
-        for w in self.weights:
-            w.copy_((torch.rand(w.shape, generator=gen, device="cpu") * 2 - 1) * scale)
+        for w in self.weights:  # float32 draws whatever torch's default dtype (the same tables in every build)
+            w.copy_((torch.rand(w.shape, generator=gen, device="cpu", dtype=torch.float32) * 2 - 1) * scale)
 
     @property
     def weights(self) -> list[Tensor]:
@@ -307,7 +311,8 @@ def cbow_batch(indices: Tensor, offsets: Tensor, num_features: int, bases: Tenso
     n = lens.sum(0)
     if b and int(n.min()) < 2:
         raise ValueError("cbow_batch: every visit needs at least 2 codes")
-    u = (torch.rand(b, generator=generator, device=generator.device).to(dev) * n).long().clamp(max=n - 1)
+    u = torch.rand(b, generator=generator, device=generator.device, dtype=torch.float32)
+    u = (u.to(dev) * n).long().clamp(max=n - 1)
     cum = lens.cumsum(0)
     feat = (u.unsqueeze(0) >= cum).sum(0)
     cols = torch.arange(b, device=dev)
