@@ -172,7 +172,8 @@ def test_triton_interpret_read_as_triton_reads_it(monkeypatch) -> None:
     with contextlib.suppress(ImportError):
         from triton import knobs  # noqa: PLC0415
     for value, on in (("1", True), ("true", True), ("True", True), ("on", True), ("yes", True), ("y", True),
-                      ("0", False), ("false", False), ("off", False), ("", False), ("2", False)):
+                      ("0", False), ("false", False), ("off", False), ("", False), ("2", False),
+                      ("1 ", False), (" true", False)):  # unstripped, as Triton (kfuse stripped: globals hunt)
         monkeypatch.setenv("TRITON_INTERPRET", value)
         assert _backends.triton_interpret() is on, value
         if knobs is not None and hasattr(knobs, "getenv_bool"):

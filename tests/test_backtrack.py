@@ -129,10 +129,14 @@ def test_generate_on_the_cpu_under_another_default_device(model, plain):
     bad = [plain.tokens[1][9]]
     with_check = dict(max_new_tokens=N, check=WordListCheck([bad]), check_every=4, window=4)
     want = generate(model, PROMPTS, **with_check)
+    sampled = dict(max_new_tokens=N, mode="plain", temperature=1.0, seed=5)
+    want_sampled = generate(model, PROMPTS, **sampled)
     with torch.device("meta"):
-        got = [generate(model, PROMPTS, max_new_tokens=N, mode="plain"), generate(model, PROMPTS, **with_check)]
+        got = [generate(model, PROMPTS, max_new_tokens=N, mode="plain"), generate(model, PROMPTS, **with_check),
+               generate(model, PROMPTS, **sampled)]  # (sampling drew its uniforms on meta: globals hunt)
     _same_run(got[0], plain)
     _same_run(got[1], want)
+    _same_run(got[2], want_sampled)
     assert want.totals["backtracks"] + want.totals["resets"] >= 1
 
 

@@ -73,8 +73,9 @@ def extension_reasons(device: torch.device) -> list[str]:
 
 def triton_interpret() -> bool:
     """Whether Triton runs its interpreter: TRITON_INTERPRET read as Triton 3.x reads it (1, true, on,
-    yes, y, any case; "true" was taken for off here, while Triton interpreted: bug hunt)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
+    yes, y, any case, unstripped: "true" was taken for off here while Triton interpreted, and "1 " for on
+    while Triton compiled; bug and globals hunts)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 def cdiv(a: int, b: int) -> int:

@@ -234,7 +234,8 @@ def _sample(rows: Tensor, banned: list[set[int]], temperature: float, top_k: int
         drop[:, 0] = False  # the top one stays (top_p below float32's smallest number compared as 0)
         rows = rows.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     cdf = rows.softmax(-1).double().cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
+    # (on the CPU, as the generators: under torch.set_default_device(...) rand drew on that device; globals hunt)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device="cpu") for g in gens])
     # The first token whose cumulative mass exceeds u · total: never one of probability 0 (its cdf equals
     # the previous token's, which would have been first).
     picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
