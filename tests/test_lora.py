@@ -505,6 +505,12 @@ def test_multi_adapter(backend: str, device: str, seed: int) -> None:
                            kfuse.lora_linear_multi(**t, backend=backend))
         empty = dict(t, x=t["x"][:0], adapter_ids=t["adapter_ids"][:0])
         assert kfuse.lora_linear_multi(**empty, backend=backend).shape == (0, *lead[1:], N)
+        # A rank-0 adapter adds s·0: NaN for a NaN scaling on every backend (the cpu one skipped it; numerics hunt).
+        zero = dict(t, ranks=torch.tensor([3, 0], dtype=t["ranks"].dtype, device=device),
+                    scalings=torch.tensor([0.5, float("nan")], device=device))
+        ids = zero["adapter_ids"].reshape(-1)
+        assert torch.equal(kfuse.lora_linear_multi(**zero, backend=backend).reshape(ids.numel(), -1).isnan().all(1),
+                           ids == 1) and (ids == 1).any()
 
 
 def _neg_view(t: Tensor) -> Tensor:

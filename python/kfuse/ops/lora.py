@@ -820,7 +820,7 @@ def _torch_multi(x2: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, s
     xa = x2.to(acc)
     y = _base_mm(x2, xa, weight if fifo else weight.t(), None if bias is None else bias.to(acc))
     L = A_stack.shape[0]
-    if L and A_stack.shape[1] and ids.numel():
+    if L and ids.numel():
         # Only the adapters the batch uses, in ascending id (-1, base only, first): a loop over all L
         # loaded ones cost ~2 µs each (8192 loaded, 8 used: 30x a torch loop over the 8; perf hunt).
         order = torch.argsort(ids, stable=True)
@@ -830,7 +830,7 @@ def _torch_multi(x2: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, s
         for a, n, r, scale in zip(present.tolist(), counts.tolist(), ranks[used].tolist(),
                                   scalings.double()[used].tolist(), strict=True):
             rows, start = order[start:start + n], start + n
-            if a < 0 or r == 0:
+            if a < 0:  # (a rank-0 adapter still adds s·0, NaN for a NaN s, as the other backends: numerics hunt)
                 continue
             s = torch.mm(xa.index_select(0, rows), A_stack[a, :r].to(acc).t())
             y.index_add_(0, rows, torch.mm(s, B_stack[a, :, :r].to(acc).t()), alpha=scale)
