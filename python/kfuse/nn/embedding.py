@@ -164,7 +164,9 @@ class MultiTableEmbeddingBag(nn.Module):
             ``"rowwise_adagrad"`` (FBGEMM's exact row-wise Adagrad) or ``"adam"`` — that updates the
             tables inside the backward, one update per unique row after summing duplicates; the
             tables then get no ``.grad`` and must not be handed to another optimizer. fp16/bf16
-            tables are rounded stochastically (seeded by ``seed`` and the step: reproducible).
+            tables are rounded stochastically (seeded by ``seed`` and the step: reproducible); an fp16
+            value past ±65504 rounds to ±65504, not to inf (as FBGEMM's rounding toward zero), so a
+            diverging fp16 table saturates rather than overflowing.
             Eager only: its backward writes the tables and moments in place outside autograd, so
             ``torch.compile`` breaks the graph there (``fullgraph=True`` refuses the module); the
             module without it compiles whole. The update happens in the backward of each call, with the
