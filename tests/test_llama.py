@@ -9,9 +9,12 @@ kfuse's attention kernels are bit-identical whatever the rest of the batch.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from tolerances import assert_close
+from torch.overrides import TorchFunctionMode
 
 transformers = pytest.importorskip("transformers")
 
@@ -243,6 +246,50 @@ def test_rope_by_largest_position_isolates_the_batch(rope):
     assert_close(out[1], hf_logits(build(**kw)[0], torch.cat([short, step[1]]))[-1:], torch.float32, "its step")
     cache.rollback([a, b], [4, 5])
     assert torch.equal(model(step, [a, b], cache)[1], out[1]), "the long sequence's rollback moved the short one"
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0},
+                                  {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [3.0] * 8,
+                                   "original_max_position_embeddings": 16}])
+def test_rope_by_largest_position_is_thread_safe(rope):
+    """One model shared by threads, each with its own cache (documented as independent): kfuse reset HF's
+    rotary module, then called it, and another thread's call in between (its reset or growth) gave the call
+    the other's frequencies (threads hunt: 6-17 of 1,320 calls from 6 threads had logits 8-22 off, logits ~15;
+    the HF model's own calls share the module too). Rare by chance, so placed here: after each torch call of
+    this thread's call (where torch lets other threads in), another thread makes a whole call of another
+    length, below or above the original 16 positions, on its own cache or through the HF model. Every call
+    bit for bit as alone (old code: 0.2 to 7 off, each pair; the longrope pair 40 beside 30 agrees there)."""
+    kw = dict(max_position_embeddings=16, rope_scaling=rope, num_hidden_layers=1)  # 1 layer: ~280 torch calls
+    if rope["rope_type"] == "longrope":
+        kw["max_position_embeddings"] = 64  # the model's; the original 16 decides short or long
+    hf, model = build(**kw)
+    prompts = {n: rand_tokens(n) for n in (6, 30, 40)}
+
+    def prefill(tokens):
+        cache = model.new_cache(page_size=4, num_pages=16, max_seqs=1)
+        s = cache.add_sequence()
+        return model([tokens], [s], cache)[0]
+
+    alone = {n: prefill(t) for n, t in prompts.items()}
+
+    class Between(TorchFunctionMode):  # this thread's only (torch's function modes are per thread)
+        def __init__(self, other: torch.Tensor) -> None:
+            super().__init__()
+            self.other, self.calls = other, 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.calls += 1
+            run = prefill if self.calls % 2 else lambda t: hf_logits(hf, t)
+            pool.submit(run, self.other).result()
+            return out
+
+    with ThreadPoolExecutor(1) as pool:
+        for n, other in [(6, 40), (40, 6), (40, 30)]:
+            with Between(prompts[other]) as between:
+                out = prefill(prompts[n])
+            assert between.calls > 100
+            assert torch.equal(out, alone[n]), f"{n} tokens, a {other}-token call between each torch call"
 
 
 def test_norm_modules_run_with_their_hooks():

@@ -20,12 +20,16 @@ Matching ``transformers`` (5.x, ``modeling_llama.py``):
 - Rotary embeddings: cos/sin come from the HF model's own rotary module (its ``inv_freq`` and
   ``attention_scaling``, so every ``rope_type`` it supports, ``llama3`` included, matches by
   construction). The types that pick their frequencies from the largest position they are given
-  (``dynamic``, ``longrope``) are called once per sequence of a step, so each sequence gets the
+  (``dynamic``, ``longrope``) are computed once per sequence of a step, so each sequence gets the
   frequencies HF gives it alone (one call for the batch gave every sequence the longest one's: a
   batch-mate's length moved a sequence's logits by 0.8, and rolling one back changed the others'; Llama
-  hunt, 2026-12-05). (HF's ``dynamic`` module also keeps the longest length it has seen; kfuse resets
-  it before each call, so a call's logits do not depend on the calls before it: rollback-and-refeed and
-  seeded generation repeat.)
+  hunt, 2026-12-05). HF's module keeps state for them (``dynamic`` the longest length it has seen,
+  ``longrope`` the last call's frequencies, in its ``inv_freq``), so kfuse does not call it: it computes
+  what a fresh module gives that sequence alone (``_LengthRope``: HF's frequency functions, the module's
+  original frequencies, HF's arithmetic), reading the module and never writing it. A call's logits
+  depend neither on the calls before it (rollback-and-refeed and seeded generation repeat) nor on calls
+  other threads make at the same time, through this model or the HF one (kfuse reset the module before
+  each call, and a concurrent call's reset or growth gave a call the other's frequencies: threads hunt).
 - Attention: grouped-query (query head ``h`` reads KV head ``h // (Hq / Hkv)``, as ``repeat_kv``),
   softmax scale ``head_dim ** -0.5`` taken from the HF attention module; no dropout (inference).
 """
@@ -52,19 +56,55 @@ __all__ = ["DecodeGraphs", "LlamaForCausalLM"]
 Attend = Callable[[int, Tensor, Tensor, Tensor, float], Tensor]
 
 
-#: What transformers' dynamic rotary module (``dynamic_rope_update``) keeps between calls.
-_DYNAMIC_ROPE_STATE = ("inv_freq", "original_inv_freq", "max_seq_len_cached", "original_max_seq_len")
+class _LengthRope:
+    """cos/sin of the rotary types whose frequencies depend on a sequence's length, ``dynamic`` and ``longrope``,
+    as HF's rotary module ``rotary`` gives them to a sequence alone when fresh, without its state.
 
+    HF's module (``dynamic_rope_update``) rewrites its ``inv_freq`` at each call (``dynamic``: replaced by the
+    frequencies of the longest length seen so far, with ``attention_scaling``; ``longrope``: the long or
+    short frequencies copied in place), so calling it from threads that share it, even after resetting it,
+    gave a call another call's frequencies (threads hunt: 6-17 of 1,320 calls from 6 threads had logits
+    8-22 off). This reads the module's ``config`` and original frequencies and computes with HF's frequency
+    functions (``ROPE_INIT_FUNCTIONS``) and HF's arithmetic (``LlamaRotaryEmbedding.forward``), bit for bit.
+    """
 
-def _reset_dynamic_rope(rotary: nn.Module) -> None:
-    """Put a ``dynamic`` rotary module back to its state before any call. It grows its frequencies to the
-    longest length it has seen and goes back only on a call below the original length, so a call's
-    cos/sin depended on the calls before (a 20-token prompt, max_position_embeddings 16: logits 2.4 apart
-    after an unrelated 40-token call; bug hunt). Reset, a call's frequencies are those of its own largest
-    position, as in a fresh module (transformers' reset does the same: ``inv_freq`` back to
-    ``original_inv_freq``, which a growth replaces rather than overwrites)."""
-    rotary.register_buffer("inv_freq", rotary.original_inv_freq, persistent=False)
-    rotary.max_seq_len_cached = rotary.original_max_seq_len
+    def __init__(self, rotary: nn.Module) -> None:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: PLC0415 (transformers is optional)
+
+        self.rotary, rope = rotary, str(rotary.rope_type)
+        self.dynamic = "dynamic" in rope  # as dynamic_rope_update tells them apart
+        needs = ("config", "original_inv_freq", "inv_freq") + (("original_max_seq_len",) if self.dynamic else ())
+        if rope not in ROPE_INIT_FUNCTIONS or not all(hasattr(rotary, a) for a in needs):
+            raise ValueError(f"LlamaForCausalLM.from_hf: this transformers version's {rope!r} rotary module lacks "
+                             f"{needs} or a frequency function for its type (written for transformers 5.x), so "
+                             "its frequencies cannot be computed for each sequence")
+        self.init_fn = ROPE_INIT_FUNCTIONS[rope]
+        # A fresh module's attention_scaling (a dynamic module's growth replaces it; its reset does not).
+        _, self.scaling = self.init_fn(rotary.config)
+        # The longest length (largest position + 1) that keeps the original frequencies: dynamic grows past
+        # the module's original max positions; longrope takes its long factors past the pretraining length.
+        self.original_len = int(rotary.original_max_seq_len if self.dynamic
+                                else rotary.config.rope_parameters["original_max_position_embeddings"])
+        self._long: dict[torch.device, Tensor] = {}  # longrope's long frequencies, per device (constant)
+
+    def __call__(self, x: Tensor, pos: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+        """cos, sin ``[len, head_dim]`` in x's dtype for the positions ``pos`` int64 ``[len]`` (x's device) of one
+        sequence whose largest position is ``seq_len - 1`` (a host int: no sync)."""
+        rotary, scaling = self.rotary, self.scaling
+        if seq_len <= self.original_len:
+            inv_freq = rotary.original_inv_freq  # a buffer: follows the module's .to(); HF never writes it in place
+        elif self.dynamic:  # HF's growth: its seq_len is a device tensor, and so is its arithmetic
+            inv_freq, scaling = self.init_fn(rotary.config, x.device, seq_len=pos.max() + 1)
+        else:
+            inv_freq = self._long.get(x.device)
+            if inv_freq is None:
+                inv_freq, _ = self.init_fn(rotary.config, x.device, seq_len=self.original_len + 1)
+                self._long[x.device] = inv_freq
+        if not self.dynamic:  # HF copies longrope's choice into its inv_freq buffer, in that buffer's dtype
+            inv_freq = inv_freq.to(rotary.inv_freq.dtype)
+        freqs = pos[:, None].float() * inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -145,12 +185,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = hf_model.lm_head  # with tied embeddings its weight IS embed_tokens.weight
         self.rotary_emb = base.rotary_emb
         rope = str(getattr(base.rotary_emb, "rope_type", "default"))
-        self._dynamic_rope = "dynamic" in rope
-        self._per_sequence_rope = self._dynamic_rope or rope == "longrope"  # see the module docstring
-        if self._dynamic_rope and not all(hasattr(base.rotary_emb, a) for a in _DYNAMIC_ROPE_STATE):
-            raise ValueError(f"{type(self).__name__}.from_hf: this transformers version's dynamic rotary module "
-                             f"lacks {_DYNAMIC_ROPE_STATE} (written for transformers 5.x), so its state cannot "
-                             "be reset between calls")
+        # Per sequence, without the module's state (see the module docstring); None: the module is called.
+        self._length_rope = _LengthRope(base.rotary_emb) if "dynamic" in rope or rope == "longrope" else None
         self.head_dim = base.layers[0].self_attn.head_dim  # may differ from hidden / heads (config.head_dim)
         self.num_kv_heads = cfg.num_key_value_heads
 
@@ -271,7 +307,8 @@ class LlamaForCausalLM(nn.Module):
         if total == 0:  # nothing to append: no step (the rotary module cannot take empty positions)
             return torch.zeros(0, vocab, dtype=self.dtype, device=self.device)
         # Position of each new token: its sequence's committed length plus its index within the sequence.
-        start = cache.kv_lens(0, ids) - (torch.cumsum(cnt, 0) - cnt)  # no step is open: committed lengths
+        lens = cache.kv_lens(0, ids)  # no step is open: committed lengths
+        start = lens - (torch.cumsum(cnt, 0) - cnt)
         pos = cache._dev(torch.repeat_interleave(start, cnt) + torch.arange(total, device="cpu"))  # pinned: no sync
         # Host tokens cross through pinned memory (cache._dev): a plain .to("cuda") would wait for the GPU.
         tok = cache._dev(flat_tokens) if flat_tokens.device.type == "cpu" else flat_tokens.to(self.device)
@@ -293,27 +330,30 @@ class LlamaForCausalLM(nn.Module):
             return paged_prefill_attention(q, cache, layer, ids, q_lens=q_lens, scale=scale)
 
         try:
-            logits = self._run(tok, pos, attend, cnt.tolist() if self._per_sequence_rope else None)
+            spans = None if self._length_rope is None else list(zip(cnt.tolist(), (lens + cnt).tolist(), strict=True))
+            logits = self._run(tok, pos, attend, spans)
             cache.advance(ids, cnt)
         except BaseException:
             cache.abort_step()  # releases the step's pages; committed lengths never moved
             raise
         return logits
 
-    def _run(self, tok: Tensor, pos: Tensor, attend: Attend, counts: list[int] | None = None) -> Tensor:
+    def _run(self, tok: Tensor, pos: Tensor, attend: Attend, spans: list[tuple[int, int]] | None = None) -> Tensor:
         """The decoder on new tokens ``tok`` int64 ``[T]`` at positions ``pos`` int64 ``[T]`` (device tensors):
-        logits ``[T, vocab]``. ``attend`` stores and attends (see ``_DecoderLayer.forward``). ``counts``: the
-        tokens of each sequence, in order, for the rotary types called per sequence (else None)."""
+        logits ``[T, vocab]``. ``attend`` stores and attends (see ``_DecoderLayer.forward``). ``spans``: each
+        sequence's (new tokens, length after them), in order, which the rotary types computed per sequence
+        need (``_LengthRope``); None for the others."""
         h = self.embed_tokens(tok)  # [T, hidden]
-        parts = []
-        for p in (pos.split(counts) if self._per_sequence_rope and counts is not None else (pos,)):
-            if p.numel():  # (the rotary module cannot take empty positions)
-                if self._dynamic_rope:
-                    _reset_dynamic_rope(self.rotary_emb)
-                parts.append(self.rotary_emb(h, p[None]))  # [1, len, head_dim] each, in h's dtype
-        cos = parts[0][0] if len(parts) == 1 else torch.cat([c for c, _ in parts], 1)
-        sin = parts[0][1] if len(parts) == 1 else torch.cat([s for _, s in parts], 1)
-        cos, sin = cos[0, :, None], sin[0, :, None]
+        if self._length_rope is None:
+            cos, sin = (c[0] for c in self.rotary_emb(h, pos[None]))  # [T, head_dim] each, in h's dtype
+        else:
+            if spans is None:
+                raise ValueError(f"rope_type {self.rotary_emb.rope_type!r} needs each sequence's length")
+            parts = [self._length_rope(h, p, n) for p, (c, n) in zip(pos.split([c for c, _ in spans]), spans,
+                                                                       strict=True) if c]
+            cos = parts[0][0] if len(parts) == 1 else torch.cat([c for c, _ in parts])
+            sin = parts[0][1] if len(parts) == 1 else torch.cat([s for _, s in parts])
+        cos, sin = cos[:, None], sin[:, None]
         for layer, block in enumerate(self.layers):
             h = block(h, cos, sin, layer, attend)
         return self.lm_head(self.norm(h))
