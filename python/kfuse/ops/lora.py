@@ -307,20 +307,17 @@ def _combined_bias(bias: Tensor | None, lora_bias: Tensor | None, scaling: float
     return lb if bias is None else lb.add_(bias.to(acc))
 
 
-# Rows at or below which the cpu backend runs the base GEMM (x Wᵀ, dy W) in the inputs' half dtype
-# (torch's CPU half GEMM accumulates in fp32 and rounds its output) and adds the rest in fp32: casting
-# W to fp32 costs more than the whole half GEMM there (bf16, K = N = 4096, 1 thread: M = 1: 3.4 ms
-# against 42.8 ms for the casts and an fp32 GEMM, M = 16: 10.2 against 38.1, M = 256: 108 against
-# 103; fp16 M = 1: 3.2 against 31.4; perf hunt 2026-12-04: kfuse was 4-10x torch's half x Wᵀ at
-# decode sizes). The base product is then rounded to half once more before y is.
-_HALF_GEMM_MAX_M = 32
-
-
 def _base_mm(a: Tensor, a_acc: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     """``bias + a @ b`` in ``a_acc``'s dtype (``a_acc``: ``a`` cast to it, which the caller has anyway;
-    ``bias`` in it too): for half ``a`` of at most ``_HALF_GEMM_MAX_M`` rows torch's half GEMM, cast
-    up; otherwise ``b`` cast as well (no copy for fp32/fp64) and one addmm."""
-    if a.dtype != a_acc.dtype and a.shape[0] <= _HALF_GEMM_MAX_M:
+    ``bias`` in it too). Half ``a`` and ``b``: torch's half GEMM (fp32 accumulation, its output rounded to
+    half), cast up, as PEFT's own ``F.linear``. Casting W to fp32 instead (as up to 2026-12-06 above 32
+    rows) made a temporary fp32 copy of W at every forward and dx (68 MB for a bf16 4096 x 4096 W; memory
+    hunt), and cost more than the half GEMM at decode sizes everywhere (4-10x torch's half x Wᵀ at M =
+    1..16; perf hunt) and at every M on CPUs with bf16 arithmetic (2048 x 2048 bf16, r 16, 2 threads, an
+    AVX512-BF16/AMX VM: the forward 3.2-3.9x faster now, 1.2-1.3x PEFT's time against 4.2-5.4x; fp16 there,
+    which it has no fast GEMM for, 22% faster to 8% slower: bench/results/2026-12-06-cpu-lora-half.md). On the AMD VM
+    of 2026-12-02 the casts and an fp32 GEMM took 0.6-0.8x the half GEMM's time (256 x 1024 x 1024)."""
+    if a.dtype != a_acc.dtype:
         y = torch.mm(a, b)
         # Rounded to half, a product past its range is inf where the fp32 sum with the rest (the bias, the LoRA
         # term) is finite, as it is on the other backends (numerical hunt): then the fp32 GEMM below.
@@ -336,10 +333,9 @@ def _torch_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: fl
     """The ``cpu`` backend (torch's BLAS calls; runs on any device): ``(y [M, N] x's dtype, S [M, r] acc)``.
 
     ``y = addmm(bias + s·lora_bias, x, Wᵀ)``, then ``y += s · S Bᵀ`` in place (``addmm_`` with
-    ``alpha=s``): no M×N temporary, no scaled copy of B. Half-precision inputs are computed in
-    float32 (casts of x and W): a CPU fp16/bf16 GEMM is slower than the casts plus an fp32 GEMM
-    (256×1024×1024 on 2 cores: 63/80 ms fp16/bf16 vs 48/51 ms), and y is rounded once; except the
-    base GEMM of at most ``_HALF_GEMM_MAX_M`` rows, where the cast of W would cost more.
+    ``alpha=s``): no M×N temporary, no scaled copy of B. Half-precision x and W: the base GEMM in
+    half (see :func:`_base_mm`), the rest in float32 (x cast, S kept in fp32), y rounded to half at the
+    end.
     """
     acc = acc_dtype(x2.dtype)
     xa = x2.to(acc)
