@@ -741,6 +741,55 @@ def test_extreme_values(backend: str, device: str, seed: int) -> None:
     assert_close(gc[4:], gc_ref[4:], torch.float32, f"grad_coeffs {backend}")
 
 
+CLAMPED_HUGE_ROWS = [[1.0, 2.0, 1.0, 0.3, -0.2],    # critical, decaying: clamped at t = -1e33
+                     [1.0, 0.5, 2.0, 0.3, -0.2],    # underdamped
+                     [1.0, 3.0, 1.0, 0.3, -0.2],    # overdamped
+                     [1.0, -2.0, 1.0, 0.3, -0.2],   # the same growing: clamped at t = +1e33
+                     [1.0, -0.5, 2.0, 0.3, -0.2],
+                     [1.0, -3.0, 1.0, 0.3, -0.2]]  # fmt: skip
+CLAMPED_HUGE_T = [0.5, -0.7, 2.0, -1.5]  # ordinary elements beside the huge one
+
+
+def clamped_huge_inputs(device: str) -> list[tuple[Tensor, Tensor, Tensor, int]]:
+    """(x, coeffs, grad_y, dim), float32: one huge finite element, -1e33 or +1e33, per neuron and row
+    ([5, 6], a whole row of them) or plane ([2, 6, 5], lane 0 of each), beside ordinary ones.
+    |t| > ~2.8e32 makes t·E(ρt) overflow float32 with E capped at e^14, and the output is clamped
+    there (its gradient 0 by definition) for the neurons whose exponentials grow that way."""
+    coeffs = torch.tensor(CLAMPED_HUGE_ROWS, device=device)
+    n = len(coeffs)
+    cases = []
+    for huge in (-1e33, 1e33):
+        t = torch.tensor([huge, *CLAMPED_HUGE_T])
+        for shape, dim in [((len(t), n), -1), ((2, n, len(t)), 1)]:
+            x = (t[:, None] if dim == -1 else t).expand(shape).contiguous().to(device)
+            cases.append((x, coeffs, torch.randn(shape).to(device), dim))
+    return cases
+
+
+def assert_clamped_huge_results(got: tuple[Tensor, ...], x: Tensor, coeffs: Tensor, gy: Tensor, dim: int,
+                                what: str) -> None:
+    y, gx, gc = got
+    want = ref_grads(x, coeffs, gy, dim)
+    assert torch.isfinite(gc).all(), f"grad_coeffs {what}: {gc}"
+    clamped = want[0].abs() == OUT_CLAMP
+    growing = (coeffs[:, 1] < 0).view(-1, *[1] * (x.dim() - 1 - dim % x.dim())).cpu()
+    assert torch.equal(clamped, (x.abs() > 1e32).cpu() & (growing == (x > 0).cpu())), f"the clamped elements {what}"
+    assert (gx[clamped.to(gx.device)] == 0).all(), f"grad_x of the clamped elements {what}: {gx}"
+    assert_results_close((y, gx, gc), want, torch.float32, what)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the interpreter's numpy
+def test_clamped_huge_finite_input_beside_ordinary_ones(backend: str, device: str, seed: int) -> None:
+    """A clamped element with a huge finite t (``clamped_huge_inputs``) adds nothing to its neuron's
+    grad_coeffs: the kernels masked its g to 0 and then formed 0·(t·E) = 0·inf = NaN (a bug hunt:
+    t = -1e33 beside t = 0.5 gave NaN in grad c1 of the critical neuron and in grad a, b, c of the
+    underdamped one on the cpu backend, NaN in a, b, c, c1 of both on Triton)."""
+    for x, coeffs, gy, dim in clamped_huge_inputs(device):
+        got = kfuse_grads(x, coeffs, gy, dim, backend)
+        assert_clamped_huge_results(got, x, coeffs, gy, dim, f"{backend} {x.flatten()[0].item():g} {tuple(x.shape)}")
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_gradcheck_float64(backend: str, device: str, seed: int) -> None:
     # Points away from t = 0, the caps and the clamp, where the function is smooth.
@@ -1192,6 +1241,17 @@ def test_cuda_kernels_emulated_edge_inputs(defines: tuple[str, ...], seed: int) 
     got = emulated_deu(deu_emu, x[:, :, None], coeffs, gy[:, :, None], 0, False)
     assert_huge_coefficient_results((got[0].view(x.shape), got[1].view(x.shape), got[2]),
                                     ref_grads(x, coeffs, gy, -1), "cuda (emulated)")
+
+
+def test_cuda_kernels_emulated_clamped_huge_finite_input(deu_emu: ctypes.CDLL, seed: int) -> None:
+    """``clamped_huge_inputs`` through the emulated CUDA kernels (rows and planes): finite
+    grad_coeffs, those of the reference, and grad_x 0 at the clamped elements."""
+    assert deu_emu.kfemu_set_device(1, 8, 4) == 0
+    for x, coeffs, gy, dim in clamped_huge_inputs("cpu"):
+        mnk = (x.shape[0], x.shape[1], x[0, 0].numel())
+        got = emulated_deu(deu_emu, x.reshape(mnk), coeffs, gy.reshape(mnk), 0, False)
+        assert_clamped_huge_results((got[0].view(x.shape), got[1].view(x.shape), got[2]), x, coeffs, gy, dim,
+                                    f"cuda (emulated) {x.flatten()[0].item():g} {mnk}")
 
 
 @pytest.mark.parametrize("defines", [(), FAST_FORMS], ids=["generic", "fast-forms"])

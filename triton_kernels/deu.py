@@ -526,6 +526,14 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
     # the gradients as in the reference.
     outside = (yraw < -OUT_CLAMP) | (yraw > OUT_CLAMP)
     g = tl.where(outside, 0.0, g)
+    # and t = 0 there (a select: the lanes inside keep their bits), as csrc/deu/deu_cpu_simd.h's
+    # vbackward: g = 0 alone left 0·inf = NaN in the neuron's grad_coeffs where a huge finite t
+    # (|t| > ~2.8e32 with E1 capped at e^14) makes t·E1·cos (b5), t·E1 (the ρ1 and ω sums) or t·E2
+    # overflow (a bug hunt: NaN in grad a, b, c, c1 of a critical (1, 2, 1, .3, -.2) and an
+    # under-damped (1, .5, 2, .3, -.2) neuron at t = -1e33 beside t = 0.5). The terms below are then
+    # g·(finite) = 0 (the pieces are bounded: the exponents are capped), but for lin and osc, formed
+    # above from the element's t (k5·t may overflow): s_om and s_r1 select on outside.
+    t = tl.where(outside, 0.0, t)
     gp = tl.where(pos, g, 0.0)
     b4 = e1 * cs
     # B4 − 1 and B7 − 1 accurate where small, as csrc/deu/deu_math.h's backward_one: from the
@@ -548,10 +556,11 @@ def _backward_elem(t, g, h0, h1, h3, h4, h5, h6, h7, p0, p1, p2, p4, p5, p6, p7,
     b6 = e1 * sn
     gt = g * t
     te1 = t * e1  # t·E first: g·t may overflow where E is 0
-    s_om = g * te1 * (k6 * _cos_minus_sinc(om * t, sn, cs) - lin * sn)  # basis 6 as E1·sin(ωt)/ω: see _plan
+    # basis 6 as E1·sin(ωt)/ω: see _plan
+    s_om = tl.where(outside, 0.0, g * te1 * (k6 * _cos_minus_sinc(om * t, sn, cs) - lin * sn))
     # The rates take E1's and E2's coefficients; a Plan::dd neuron's part on M1, M2 and DD (see _plan):
     # (m4 + m7)/2 = −σ/(2c), and p6 = Q times DD's own ∂/∂ρ (programs without one skip it).
-    s_r1 = tl.where(cap1, 0.0, g * te1 * osc)
+    s_r1 = tl.where(cap1 | outside, 0.0, g * te1 * osc)
     s_r2 = tl.where(cap2, 0.0, g * (t * e2) * k7)
     s_p6 = gp * b6
     if any_m1:

@@ -313,7 +313,7 @@ KF_SIMD void vdivided_difference(const VPlan& p, vf delta, vf inv_delta, vf t, c
 }
 
 // backward_one() on 16 lanes: returns ∂L/∂t, adds ∂L/∂π into acc. Elements whose raw
-// output lies outside the clamp contribute nothing (their g is masked to 0 before use).
+// output lies outside the clamp contribute nothing (their g and t are masked to 0 before use).
 template <int F>
 KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
   const VPieces q = vpieces<F, true>(p, t);
@@ -327,8 +327,15 @@ KF_SIMD vf vbackward(const VPlan& p, vf t, vf g, VAcc& acc) {
   // exactly: m² = 1e6 is a float and rounding is monotonic (±inf and overflow give inf > m²).
   const float m = float(kOutClamp);
   const vi outside = yraw * yraw > splat(m * m);
-  g = outside ? splat(0.0f) : g;
   const vf zero = splat(0.0f);
+  g = outside ? zero : g;
+  // and t = 0 there (one select, and the lanes inside keep their bits): g = 0 alone left 0·inf =
+  // NaN in the neuron's grad_coeffs where a huge finite t (|t| > ~2.8e32 with E1 capped at e^14)
+  // makes t·E1·cos (basis 5), t·E1 (the ρ1 and ω rows), t·E2 (ρ2) or k5·t overflow: a bug hunt's
+  // critical neuron (1, 2, 1, .3, -.2) at t = -1e33 beside t = 0.5 had NaN in grad c1, an
+  // under-damped one (1, .5, 2, .3, -.2) in grad a, b, c. What follows is then g·(finite) = 0
+  // (q's pieces are bounded: the exponents are capped); pos, side and q keep the element's own t.
+  t = outside ? zero : t;
   const vf gt = g * t;
   const vf e1cs = q.e1 * q.cs;
   // B4 − 1: E1 − 1 from the exponential's core where ω = 0, (E1 − 1)·cos + (cos − 1) elsewhere,
