@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -685,6 +686,43 @@ def test_demo_refuses_bad_arguments_up_front(tmp_path):
         with pytest.raises(SystemExit):
             medical_codes.parse(args)
     assert abs(medical_codes._t975(10) - 2.228139) < 3e-4 and abs(medical_codes._t975(30) - 2.042272) < 3e-4
+
+
+def test_vector_files_malformed_or_unwritable_fail_naming_the_file(small, tmp_path):
+    """(Files hunt, 2026-12-06.) The npy format's index cut short gave fewer keys than rows, and any array
+    (1-D, float64) came back, silently; codes with a tab or line break were written raw into its
+    tab-separated index and read back as other codes or failed with a bare IndexError; a malformed
+    word2vec header or value gave errors naming neither the file nor the line."""
+    emb = CodeEmbedding(small.sizes, 4, seed=0)
+    npy, _ = export_vectors(emb, small, tmp_path / "v", fmt="npy")
+    keys, mat = load_vectors(npy)
+    index = tmp_path / "v.index.tsv"
+    lines = index.read_text(encoding="utf-8").splitlines(keepends=True)
+    index.write_text("".join(lines[:4]), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"v\.index\.tsv: 3 codes for the \d+ rows of .*v\.npy"):
+        load_vectors(npy)
+    np.save(npy, mat[:, 0].astype(np.float64))
+    with pytest.raises(ValueError, match=r"v\.npy: expected a \[N, D\] float32 array; got float64 \[\d+\]"):
+        load_vectors(npy)
+    np.save(npy, mat)
+    index.write_text("".join(lines[:2]) + "1\tdx\tE11\t9\tdesc\n" + "".join(lines[3:]), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"v\.index\.tsv:3: expected row 1's"):
+        load_vectors(npy)
+    for code in ("E11\t9", "I10\nX", "I10\r"):
+        bad = copy.deepcopy(small)
+        bad.codes["dx"] = [code] + bad.codes["dx"][1:]
+        with pytest.raises(ValueError, match="npy index cannot hold codes with tabs or line breaks"):
+            export_vectors(emb, bad, tmp_path / "bad", fmt="npy")
+    wrapped = copy.deepcopy(small)
+    wrapped.descriptions["dx"] = ["two\nlines\tand a tab"] + wrapped.descriptions["dx"][1:]
+    assert load_vectors(export_vectors(emb, wrapped, tmp_path / "w", fmt="npy")[0])[0] == keys
+    for name, text, where in (("empty", "", ":1: expected the word2vec header"),
+                              ("three", "2 2 9\n", ":1: expected the word2vec header"),
+                              ("html", "<html>\n", ":1: expected the word2vec header"),
+                              ("negative", "-1 2\n", ":1: expected the word2vec header"),
+                              ("value", "1 2\ndx:A 1.0 x\n", ":2: could not convert string to float: 'x'")):
+        with pytest.raises(ValueError, match=re.escape(name + ".txt" + where)):
+            load_vectors(_write(tmp_path / f"{name}.txt", text))
 
 
 def test_data_and_model_hunt_2026_12_05(vocab, small, claims, tmp_path):

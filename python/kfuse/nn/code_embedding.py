@@ -707,7 +707,11 @@ def export_vectors(embedding: CodeEmbedding, vocab, path: str | os.PathLike, fmt
         # Suffixes appended, not substituted: "emb.seed1" and "emb.seed2" must not both write "emb.npy".
         base = str(path.with_suffix("") if path.suffix == ".npy" else path)
         npy, tsv = Path(base + ".npy"), Path(base + ".index.tsv")
-        lines = [f"{r}\t{d}\t{c}\t{desc.replace(chr(9), ' ')}\n" for r, (d, c, desc) in enumerate(
+        broken = [k for k in keys if any(ch in k for ch in "\t\n\r")]
+        if broken:  # the index is tab-separated lines: such a code would read back as another (files hunt)
+            raise ValueError(f"export_vectors: the npy index cannot hold codes with tabs or line breaks "
+                             f"({len(broken)}, e.g. {broken[0]!r})")
+        lines = [f"{r}\t{d}\t{c}\t{' '.join(desc.split())}\n" for r, (d, c, desc) in enumerate(
             (d, c, desc) for d in embedding.domains
             for c, desc in zip(vocab.codes[d], vocab.descriptions[d], strict=True))]  # (checked before writing)
         with replaced(npy, "wb") as f:
@@ -726,12 +730,26 @@ def load_vectors(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     if path.suffix in (".npy", ".tsv"):
         base = str(path).removesuffix(".index.tsv").removesuffix(".npy")
         mat = np.load(base + ".npy")
-        with open(base + ".index.tsv", encoding="utf-8") as f:
-            next(f)
-            keys = [f"{p[1]}:{p[2]}" for p in (line.rstrip("\n").split("\t") for line in f)]
+        if mat.ndim != 2 or mat.dtype != np.float32:
+            raise ValueError(f"{base}.npy: expected a [N, D] float32 array; got {mat.dtype} {list(mat.shape)}")
+        keys = []
+        with open(base + ".index.tsv", encoding="utf-8", newline="\n") as f:
+            next(f, None)
+            for i, line in enumerate(f):
+                p = line.rstrip("\n").split("\t")
+                if len(p) != 4 or p[0] != str(i):
+                    raise ValueError(f"{base}.index.tsv:{i + 2}: expected row {i}'s 'row, domain, code, "
+                                     f"description' (4 tab-separated fields); got {line[:80]!r}")
+                keys.append(f"{p[1]}:{p[2]}")
+        if len(keys) != mat.shape[0]:  # (a cut index gave fewer keys than rows, silently: files hunt)
+            raise ValueError(f"{base}.index.tsv: {len(keys)} codes for the {mat.shape[0]} rows of {base}.npy")
         return keys, mat
     with open(path, encoding="utf-8") as f:
-        n, d = (int(x) for x in f.readline().split())
+        header = f.readline().split()
+        if len(header) != 2 or not all(x.isascii() and x.isdigit() for x in header):
+            raise ValueError(f"{path}:1: expected the word2vec header '<count> <dim>' (two integers >= 0); got "
+                             f"{' '.join(header)[:80]!r}")
+        n, d = (int(x) for x in header)
         keys, rows = [], np.empty((n, d), dtype=np.float32)
         for i, line in enumerate(f):
             parts = line.rstrip("\n").split(" ")
@@ -739,7 +757,10 @@ def load_vectors(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
                 raise ValueError(f"{path}:{i + 2}: expected {n} lines of a key and {d} values (the header's "
                                  f"'{n} {d}'); got {'another line' if i >= n else f'{len(parts)} fields'}")
             keys.append(parts[0])
-            rows[i] = np.asarray(parts[1:], dtype=np.float32)
+            try:
+                rows[i] = np.asarray(parts[1:], dtype=np.float32)
+            except ValueError as e:
+                raise ValueError(f"{path}:{i + 2}: {e}") from None
     if len(keys) != n:  # (np.empty's rows past the end were returned as vectors)
         raise ValueError(f"{path}: the header says {n} vectors; the file has {len(keys)}")
     return keys, rows
