@@ -26,7 +26,7 @@ from sklearn.datasets import make_circles
 from torch import Tensor, nn
 
 from kfuse._backends import BACKENDS
-from kfuse.demos._args import check_cpu_backend, check_figures, positive, rng_seed
+from kfuse.demos._args import check_cpu_backend, check_figures, positive, rng_seed, threads
 from kfuse.nn import DEU
 from kfuse.reference.deu import CASE_NAMES, EPS, deu_cases
 
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[int, Run, Run]]:
     parser.add_argument("--degenerate-grad", default="exact", choices=["exact", "gravitation"])
     parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
     # One thread: the networks are tiny; with 2 on a loaded 2-core machine a deu_oscillation step took 217 ms, not 3.6.
-    parser.add_argument("--threads", type=positive(int), default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=threads, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     check_cpu_backend(parser, args.backend)
     check_figures(parser, png=args.png or None)

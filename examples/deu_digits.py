@@ -51,7 +51,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
 from kfuse._backends import BACKENDS
-from kfuse.demos._args import check_cpu_backend, positive
+from kfuse.demos._args import check_cpu_backend, positive, threads
 from kfuse.nn import DEU, deu_param_groups
 from kfuse.reference.deu import EPS
 
@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> list[list[Result]]:
     parser.add_argument("--widths", type=positive(int), nargs="+", default=None,
                         help=f"DEU widths (default {' '.join(map(str, DEU_WIDTHS))}; 4 16 with --quick)")
     # One thread: the networks are tiny; with 2 on a loaded 2-core machine a deu_oscillation step took 217 ms, not 3.6.
-    parser.add_argument("--threads", type=positive(int), default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=threads, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     check_cpu_backend(parser, args.backend)
     torch.set_num_threads(args.threads)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from kfuse._backends import BACKENDS
-from kfuse.demos._args import check_cpu_backend, positive
+from kfuse.demos._args import check_cpu_backend, positive, threads
 from kfuse.nn import DEU, deu_param_groups, init_deu_coeffs
 from kfuse.reference.deu import EPS
 
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[tuple[int, int], f
     parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
     parser.add_argument("--degenerate-grad", default="exact", choices=["exact", "gravitation"])
     # One thread: the networks are tiny; with 2 on a loaded 2-core machine a deu_oscillation step took 217 ms, not 3.6.
-    parser.add_argument("--threads", type=positive(int), default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=threads, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     check_cpu_backend(parser, args.backend)
     torch.set_num_threads(args.threads)

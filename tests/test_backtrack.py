@@ -9,6 +9,7 @@ flagged sequence leaves the other sequences' GEMM rows, and so their greedy toke
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import sys
 import warnings
@@ -594,6 +595,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     kfuse_cost = rows["kfuse"].computed_per_kept
     assert kfuse_cost < rows["reset"].computed_per_kept and kfuse_cost < rows["dynamic-cache"].computed_per_kept
     assert png.stat().st_size > 0 and "dynamic-cache" in js.read_text()
+    json.loads(js.read_text(), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert "comp/kept" in capsys.readouterr().out
 
 
@@ -822,7 +824,11 @@ def test_demo_refuses_bad_arguments_before_training(tmp_path):
                  # bug hunt: these failed after training with a traceback
                  ["--png", str(tmp_path)], ["--json", str(tmp_path)], ["--png", str(tmp_path / "x.xyz")],
                  ["--seed", str(2**64)], ["--seed", str(2**63)],
-                 ["--png", "/sys/x.png"], ["--json", "/sys/x.json"]):  # unwritable (2026-12-04)
+                 ["--png", "/sys/x.png"], ["--json", "/sys/x.json"],  # unwritable (2026-12-04)
+                 # files hunt (2026-12-06): torch.set_num_threads' traceback; a name without extension is
+                 # written with .png (here a folder)
+                 ["--threads", str(2**31)], ["--png", str(tmp_path / "fig")]):
+        (tmp_path / "fig.png").mkdir(exist_ok=True)
         with pytest.raises(SystemExit):
             demo.main(args)
     # A rate of 0 is drawn on the figure's x axis (a log axis had no place for it).

@@ -194,3 +194,30 @@ def test_cli_refuses_what_it_cannot_honour(tmp_path) -> None:
         with pytest.raises(SystemExit) as e:
             main(["--quick", "--device", "cpu", "--ops", "deu", *args])
         assert e.value.code == 2, args
+    # A folder where the report's JSON or chart goes failed after the run (files hunt, 2026-12-06).
+    for name in ("report.json", "report.png"):
+        out = tmp_path / f"out-{name}"
+        (out / name).mkdir(parents=True)
+        with pytest.raises(SystemExit) as e:
+            main(["--quick", "--device", "cpu", "--ops", "deu", "--out", str(out)])
+        assert e.value.code == 2, name
+
+
+def test_json_is_strict_and_written_whole(tmp_path) -> None:
+    """kfuse._files.write_json (the report's and the backtrack demo's JSON): non-finite floats as their names
+    (the demo wrote Infinity, which JSON parsers refuse: files hunt), nested in dicts and lists; an object
+    that cannot be written leaves the previous file as it was and no temporary file."""
+    import json  # noqa: PLC0415
+
+    import pytest  # noqa: PLC0415
+
+    from kfuse._files import write_json  # noqa: PLC0415
+
+    path = tmp_path / "x.json"
+    write_json(path, {"a": [1.5, float("inf"), {"b": float("-inf")}], "c": (float("nan"), 2)})
+    assert json.loads(path.read_text(), parse_constant=pytest.fail) == {"a": [1.5, "inf", {"b": "-inf"}],
+                                                                          "c": ["nan", 2]}
+    with pytest.raises(TypeError):
+        write_json(path, {"a": object()})
+    assert json.loads(path.read_text())["c"] == ["nan", 2] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "x.json"]

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if why := unwritable(args.out):  # else it failed at the first case's save (bug hunt)
         parser.error(f"--out {args.out}: cannot write there: {why}")
     json_path, png_path = args.out / "report.json", args.out / "report.png"
+    for target in (json_path, png_path):  # (else an IsADirectoryError after the whole run: files hunt)
+        if target.is_dir():
+            parser.error(f"--out {args.out}: {target.name} there is a folder; remove it or choose another --out")
     progress = Progress()
     report = run_report({n: OPS[n] for n in names}, device, args.quick, args.seed, json_path,
                         args.time_budget, progress)

@@ -1,8 +1,10 @@
-"""Files written whole or not at all, shared by the data and model writers."""
+"""Files written whole or not at all, shared by the data, model, report and demo writers."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import secrets
 import stat
@@ -36,3 +38,21 @@ def replaced(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterato
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """``obj`` as strict JSON at ``path``, through :func:`replaced`: every non-finite float is written as its
+    name (``"inf"``, ``"-inf"``, ``"nan"``), not as ``Infinity``/``NaN``, which JSON parsers refuse (the
+    report's inf errors, the backtrack demo's ``computed_per_kept`` when nothing was kept: files hunt)."""
+    with replaced(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(_finite(obj), indent=1, allow_nan=False))
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v

@@ -27,7 +27,6 @@ import dataclasses
 import gc
 import importlib.metadata
 import itertools
-import json
 import math
 import os
 import platform
@@ -44,6 +43,7 @@ import torch
 from torch import Tensor
 
 from kfuse import _backends
+from kfuse._files import write_json
 
 #: What a candidate's run measures: the forward alone, or forward then backward.
 MODES = ("fwd", "fwd+bwd")
@@ -501,23 +501,9 @@ class Report:
         }
 
     def save_json(self, path: Path) -> None:
-        """Write the report to ``path`` (atomically, so a killed run leaves a readable file)."""
-        tmp = path.with_suffix(".json.tmp")
-        # Strict JSON: an error of inf (a backend that returned NaN: what the report exists to catch) is
-        # written as the string "inf", not as Infinity, which JSON parsers refuse.
-        tmp.write_text(json.dumps(_finite_json(self.to_json()), indent=1, allow_nan=False))
-        tmp.replace(path)
-
-
-def _finite_json(v: Any) -> Any:
-    """``v`` with every non-finite float replaced by its name (``"inf"``, ``"-inf"``, ``"nan"``)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {k: _finite_json(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite_json(x) for x in v]
-    return v
+        """Write the report to ``path`` (atomically, so a killed run leaves a readable file; strict JSON: an
+        error of inf, a backend that returned NaN, is written as the string "inf")."""
+        write_json(path, self.to_json())
 
 
 def _versions() -> dict[str, str]:

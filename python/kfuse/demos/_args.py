@@ -23,6 +23,15 @@ def positive(kind: type) -> Callable[[str], float]:
     return parse
 
 
+def threads(text: str) -> int:
+    """An argparse ``type``: a thread count for ``torch.set_num_threads``, an int in [1, 2**31) (larger ones
+    failed there with a traceback: files hunt)."""
+    v = int(text)
+    if not 1 <= v < 2**31:
+        raise argparse.ArgumentTypeError(f"must be in [1, 2**31); got {text}")
+    return v
+
+
 def count(text: str) -> int:
     """An argparse ``type``: an int >= 0."""
     v = int(text)
@@ -75,9 +84,11 @@ def check_outputs(parser: argparse.ArgumentParser, **paths: str | None) -> None:
 
 
 def check_figures(parser: argparse.ArgumentParser, **paths: str | None) -> None:
-    """:func:`check_outputs`, and ``parser.error`` for a file type matplotlib cannot write (no
-    extension: matplotlib's default, PNG)."""
+    """:func:`check_outputs` of what matplotlib writes (a name without an extension gets ``.png``, its
+    default: a folder ``fig.png`` beside ``--out fig`` failed after the run; files hunt), and
+    ``parser.error`` for a file type matplotlib cannot write."""
     check_outputs(parser, **paths)
+    check_outputs(parser, **{name: figure_path(path) for name, path in paths.items() if figure_path(path) != path})
     try:
         from matplotlib.backend_bases import FigureCanvasBase  # noqa: PLC0415 (a demo dependency)
     except ImportError:
@@ -88,6 +99,11 @@ def check_figures(parser: argparse.ArgumentParser, **paths: str | None) -> None:
         if ext and ext not in kinds:
             parser.error(f"--{name.replace('_', '-')}: matplotlib cannot write .{ext} files; use one of "
                          f"{', '.join(sorted(kinds))}")
+
+
+def figure_path(path: str | None) -> str | None:
+    """The file matplotlib's ``savefig(path)`` writes: ``path``, or ``path + ".png"`` without an extension."""
+    return path if path is None or Path(path).suffix else path + ".png"
 
 
 def check_device(parser: argparse.ArgumentParser, name: str, device: str | None) -> None:

@@ -29,7 +29,6 @@ packages (``better-profanity``, ``alt-profanity-check``: demo dependencies, not 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -42,8 +41,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kfuse._files import write_json
 from kfuse.backtrack import GenerationResult, ProfanityCheck, generate
-from kfuse.demos._args import check_figures, check_outputs, fraction, positive, rng_seed
+from kfuse.demos._args import check_figures, check_outputs, fraction, positive, rng_seed, threads
 from kfuse.models import LlamaForCausalLM
 
 __all__ = ["METHODS", "Comparison", "DynamicCacheModel", "WordTokenizer", "build_corpus", "compare",
@@ -438,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> dict[float, list[MethodResult]]:
     ap.add_argument("--threshold", type=fraction, default=0.5, help="the classifier's violation probability")
     ap.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     ap.add_argument("--seed", type=rng_seed, default=0)
-    ap.add_argument("--threads", type=positive(int), default=1,
+    ap.add_argument("--threads", type=threads, default=1,
                     help="torch threads (1: the model is tiny, and threads' barriers cost more than they save)")
     ap.add_argument("--png", help="save the figure here")
     ap.add_argument("--json", help="save the figures here as JSON")
@@ -463,8 +463,8 @@ def main(argv: Sequence[str] | None = None) -> dict[float, list[MethodResult]]:
     if args.png:
         _plot(sweep, args.png)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({str(k): [asdict(r) for r in v] for k, v in sweep.items()}, f, indent=1)
+        # strict JSON, whole or not at all (computed_per_kept is inf when nothing was kept: files hunt)
+        write_json(args.json, {str(k): [asdict(r) for r in v] for k, v in sweep.items()})
     return sweep
 
 

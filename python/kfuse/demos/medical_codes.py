@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from kfuse.data.claims import ClaimsConfig, load_code_vocab, read_claims_csv, synthetic_claims, zipf_slope
-from kfuse.demos._args import check_device, check_figures, count, positive, rng_seed
+from kfuse.demos._args import check_device, check_figures, count, figure_path, positive, rng_seed
 from kfuse.nn.code_embedding import (
     IMPLS,
     CodeOutcomeModel,
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     total = time.perf_counter() - t_start
     truth = auc(claims.labels, claims.risk_logit) if has_truth else math.nan
-    out = a.out if Path(a.out).suffix else a.out + ".png"  # what matplotlib writes for a name without one
+    out = figure_path(a.out)  # what matplotlib writes
     _plot(out, summary, truth, agreement, speed, f"{'small' if small else 'full'} size, D={dim}, {dev}")
     log(f"saved {out}; total {total:.0f} s")
     return {"auc": summary, "true_risk_auc": truth, "agreement": agreement, "speed": speed, "seconds": total}
