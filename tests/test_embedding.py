@@ -1316,6 +1316,16 @@ def test_modules_built_under_inference_mode_train_outside_it(seed, optimizer):
         assert m.weights[0].grad is not None and m.weights[0].grad.abs().sum() > 0
     else:
         assert not torch.equal(m.weights[0], w0) and int(m.optimizer_step) == 1
+    # Weights passed in are used as they are, inference tensors too (served weights loaded under inference
+    # mode: a first version of this fix made every kfuse.nn.EmbeddingBag constructor refuse them; review).
+    with torch.inference_mode():
+        w = torch.randn(5, 4)
+        for built in (kfuse.nn.EmbeddingBag.from_pretrained(w, mode="sum", backend="cpu"),
+                      kfuse.nn.EmbeddingBag.from_pretrained(w, freeze=False, mode="sum", backend="cpu"),
+                      kfuse.nn.EmbeddingBag(5, 4, mode="sum", _weight=w, backend="cpu"),
+                      kfuse.nn.EmbeddingBag.from_torch(torch.nn.EmbeddingBag.from_pretrained(w, mode="sum"),
+                                                       backend="cpu")):
+            assert torch.equal(built(idx, off), F.embedding_bag(idx, w, off, mode="sum"))
 
 
 def test_fused_optimizer_refuses_capture_and_compiles_with_a_graph_break(seed):

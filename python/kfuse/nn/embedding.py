@@ -51,7 +51,6 @@ class EmbeddingBag(nn.EmbeddingBag):
     per_sample_weights=None)`` → ``[B, embedding_dim]``.
     """
 
-    @torch.inference_mode(False)  # trainable when built under inference_mode, as torch's (see MultiTableEmbeddingBag)
     def __init__(self, num_embeddings: int, embedding_dim: int, mode: str = "mean", padding_idx: int | None = None,
                  include_last_offset: bool = False, sparse: bool = False, _weight: Tensor | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
@@ -77,8 +76,12 @@ class EmbeddingBag(nn.EmbeddingBag):
         self.mode, self.padding_idx, self.include_last_offset = mode, padding_idx, include_last_offset
         self.sparse, self.backend, self.check = sparse, backend, check
         if _weight is None:
-            self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
-            self.reset_parameters()
+            # Not an inference tensor (built under inference_mode, it failed saving for a backward outside it,
+            # where torch's trains; globals hunt). A _weight passed in is used as it is (an inference tensor
+            # too: served weights loaded under inference_mode; review).
+            with torch.inference_mode(False):
+                self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+                self.reset_parameters()
         else:
             if tuple(_weight.shape) != (num_embeddings, embedding_dim):
                 raise ValueError(f"_weight must be [{num_embeddings}, {embedding_dim}]; got {tuple(_weight.shape)}")
@@ -304,7 +307,12 @@ class MultiTableEmbeddingBag(nn.Module):
                 w.uniform_(-bound, bound)
                 if p is not None:
                     w[p].fill_(0)
-            if self.optimizer is not None:
+        self.reset_optimizer_state()
+
+    def reset_optimizer_state(self) -> None:
+        """A fresh fused-optimizer state (zero moments, step 0), the tables as they are; nothing without one."""
+        if self.optimizer is not None:
+            with torch.no_grad():
                 for s in (*self.states(1), *self.states(2)):
                     s.zero_()
                 self.optimizer_step.zero_()
