@@ -83,10 +83,14 @@ class _TorchTables(nn.Module):
     def weights(self) -> list[Tensor]:
         return [b.weight for b in self.bags]
 
-    def reset_parameters(self) -> None:
-        """A fresh optimizer state (the bags reset their own tables; :class:`CodeEmbedding` seeds them)."""
+    def reset_optimizer_state(self) -> None:
+        """A fresh optimizer state, the tables as they are."""
         if self.opt is not None:
             self.opt.state.clear()
+
+    def reset_parameters(self) -> None:
+        """A fresh optimizer state (the bags reset their own tables; :class:`CodeEmbedding` seeds them)."""
+        self.reset_optimizer_state()
 
     def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
         nf = len(self.bags)
@@ -182,6 +186,14 @@ class _FbgemmTables(nn.Module):
     def weights(self) -> list[Tensor]:
         return list(self.tbe.split_embedding_weights())
 
+    def reset_optimizer_state(self) -> None:
+        """A fresh optimizer state: FBGEMM's moments and step count zero, the tables as they are."""
+        with torch.no_grad():
+            for name in ("momentum1_host", "momentum2_host", "prev_iter_host", "iter"):
+                t = getattr(self.tbe, name, None)
+                if isinstance(t, Tensor) and t.numel():
+                    t.zero_()
+
     def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
         return self.tbe(indices, offsets, per_sample_weights=per_sample_weights)
 
@@ -259,9 +271,7 @@ class CodeEmbedding(nn.Module):
         none, raised a TypeError; copy hunt). In a generic re-initialisation, call it after its children's
         own (``model.apply`` visits children first): the tables' own reset draws another initialisation."""
         scale = self._init[0] if scale is None else scale
-        reset_tables = getattr(self.tables, "reset_parameters", None)
-        if reset_tables is not None:  # fresh optimizer state (after to_empty() it held garbage; globals hunt)
-            reset_tables()
+        self.tables.reset_optimizer_state()  # (after to_empty() it held garbage; globals hunt)
         gen = torch.Generator().manual_seed(self._init[1] if seed is None else seed)
         for w in self.weights:  # float32 draws whatever torch's default dtype (the same tables in every build)
             w.copy_((torch.rand(w.shape, generator=gen, device="cpu", dtype=torch.float32) * 2 - 1) * scale)
