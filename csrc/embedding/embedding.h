@@ -73,8 +73,9 @@ Plan plan_backward(const Tables& tables, const Bags& bags, int num_threads);
 // The gradient of each table t with grads[t] non-null (the others are skipped), row-sparse or dense.
 // Row-sparse (dense false): grads[t] [U_t, dims[t]] in A, the rows plan.tables[t].rows. Dense: grads[t] is
 // the table's shape [rows[t], dims[t]] in its dtype, zeroed by the caller; each of those rows' sums is
-// stored at its row, rounded to the dtype (nearest even, as torch's cast). Row r's gradient is
-// sum_i scale_i * grad_out[bag(i), out_col[f(i)] : + dim] over its occurrences in increasing i
+// stored at its row, rounded to the dtype (nearest even, as torch's cast; a NaN stays a NaN, its bits
+// may differ from torch's). Row r's gradient is sum_i scale_i * grad_out[bag(i), out_col[f(i)] : + dim]
+// over its occurrences in increasing i
 // (scale_i = psw[i], 1 / count(bag) computed in A, or 1), summed by one thread: the bits do not depend
 // on the thread count. grad_out [B, out_width] in the tables' dtype.
 void backward_rows_cpu(const Tables& tables, const Bags& bags, const Plan& plan, const void* grad_out,

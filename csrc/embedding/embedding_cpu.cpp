@@ -698,7 +698,8 @@ KF_INLINE void reduce_run(const TablePlan& tp, int64_t k0, int64_t k1, int64_t k
 
 // The gradients of the unique rows [u0, u1) of tp into grads: row-sparse (kDense false: [U, D] in A, row u's
 // at u * D) or dense (true: the table's shape [rows, D] in S, zeroed by the caller: row u's at tp.rows[u] * D,
-// its sum made in acc, a buffer of D, then rounded to S as torch's cast rounds; fp32/fp64 tables in place).
+// its sum made in acc, a buffer of D, then rounded to S as torch's cast rounds numbers; fp32/fp64 tables in
+// place).
 template <bool kAsm, bool kDense, typename S>
 KF_INLINE void grad_rows(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<S>& g, int64_t D, void* grads,
                          Acc<S>* acc) {
