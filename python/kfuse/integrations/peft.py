@@ -37,8 +37,11 @@ parallel), any adapter with a LoRA variant (DoRA, ...), a base layer that is not
 ``Conv1D`` or whose weight is a tensor subclass (quantized, DTensor), a layer whose ``forward``
 was already replaced on the instance (an accelerate hook), other PEFT tuners' layers.
 
-Numerics: kfuse accumulates in float32 (float64 for float64) and rounds y once, where PEFT
-rounds the base output and the LoRA branch separately; dropout masks come from kfuse's seeded
+Numerics: kfuse accumulates in float32 (float64 for float64) and keeps the LoRA branch in float32;
+the Triton kernels round y once, where PEFT rounds the base output and the LoRA branch separately;
+the cpu backend rounds a half base product to half first, as PEFT's ``F.linear`` does (torch's CPU
+half GEMM has no float32 output, and casting W instead made a float32 copy of it at every call and
+ran 3-4x slower on CPUs with bf16 arithmetic). Dropout masks come from kfuse's seeded
 generator (``torch.manual_seed`` reproduces them), so with dropout the outputs differ from
 PEFT's draw for draw but not in distribution. The layout of the base weight comes from the
 base layer's class (``Conv1D`` stores ``[K, N]``), as the base layer's own forward does; PEFT's

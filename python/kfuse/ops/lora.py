@@ -314,7 +314,7 @@ def _base_mm(a: Tensor, a_acc: Tensor, b: Tensor, bias: Tensor | None = None) ->
     rows) made a temporary fp32 copy of W at every forward and dx (68 MB for a bf16 4096 x 4096 W; memory
     hunt), and cost more than the half GEMM at decode sizes everywhere (4-10x torch's half x Wᵀ at M =
     1..16; perf hunt) and at every M on CPUs with bf16 arithmetic (2048 x 2048 bf16, r 16, 2 threads, an
-    AVX512-BF16/AMX VM: the forward 3.2-3.9x faster now, 1.2-1.3x PEFT's time against 4.2-5.4x; fp16 there,
+    AVX512-BF16/AMX VM: the forward 3.2-4.0x faster now, 1.2-1.3x PEFT's time against 4.2-5.4x; fp16 there,
     which it has no fast GEMM for, 22% faster to 8% slower: bench/results/2026-12-06-cpu-lora-half.md). On the AMD VM
     of 2026-12-02 the casts and an fp32 GEMM took 0.6-0.8x the half GEMM's time (256 x 1024 x 1024)."""
     if a.dtype != a_acc.dtype:
@@ -714,7 +714,7 @@ class _EagerLoRA(torch.autograd.Function):
 
 def _autocast_adapters(cast: torch.dtype, *adapters: Tensor | None) -> tuple:
     """Adapter tensors under autocast to ``cast``: float32 ones stay float32 (the ops take float32
-    adapters beside half x, keep ``S`` in float32 and round y once), half ones follow the autocast
+    adapters beside half x and keep ``S`` and the low-rank term in float32), half ones follow the autocast
     dtype; the first adapter's dtype decides for all (the ops then check they agree)."""
     first = adapters[0]
     if isinstance(first, Tensor) and first.dtype == torch.float32:
