@@ -413,8 +413,8 @@ class DecodeGraphs:
         if not isinstance(model, LlamaForCausalLM):
             raise TypeError(f"model must be a kfuse.models.LlamaForCausalLM; got {type(model).__name__}")
         model._check_cache(cache)
-        rope = str(getattr(model.rotary_emb, "rope_type", "default"))
-        if "dynamic" in rope or rope == "longrope":
+        if model._length_rope is not None:
+            rope = model.rotary_emb.rope_type
             raise ValueError(f"the model's rope_type {rope!r} chooses its frequencies from the positions on the host "
                              "at every call, which a CUDA graph cannot capture; use the model's forward")
         cap = cache.max_pages_per_seq * cache.page_size
