@@ -18,6 +18,7 @@ import kfuse
 from kfuse import _backends
 from kfuse.kv import PagedKVCache
 from kfuse.ops import kv as kv_ops
+from kfuse.ops.kv import _prefill_sdpa
 from kfuse.reference.kv import gather_kv, paged_decode_attention_reference, paged_prefill_attention_reference
 from kfuse.triton_kernels import kv as tk
 
@@ -1089,6 +1090,53 @@ def test_prefill_op_matches_sdpa(backend, device, group, seed):
             off += t
         cache.advance(ids, new)
         assert torch.equal(kfuse.paged_prefill_attention(q, cache, 1, ids, new, backend=backend), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_long_half_prefills_run_sdpa_and_keep_the_kernels_promises(dtype, seed, monkeypatch):
+    """Half-precision prefills of at least kv_ops._SDPA_MIN_Q_LEN new tokens run torch's SDPA over each
+    sequence's gathered pages on the cpu backend (1.5-5x the C++ kernel in bf16: CPU perf hunt,
+    2026-12-06): every sequence's rows equal SDPA on its own K/V (causal from the bottom right: new tokens
+    after a cached context, a whole prompt, an empty one), within the dtype's tolerance of the float64
+    reference, bit for bit whatever the thread count and the rest of the batch; below the threshold the
+    C++ kernel."""
+    t_min = kv_ops._SDPA_MIN_Q_LEN
+    cache = make(dtype, num_layers=1, num_kv_heads=2, head_dim=16, num_pages=64)
+    ids = [cache.add_sequence() for _ in range(3)]
+    ctx, new = [37, 0, 5], [t_min, t_min + 3, 0]
+    for counts in (ctx, new):
+        if sum(counts):
+            cache.append(0, ids, torch.randn(sum(counts), 2, 16).to(dtype), torch.randn(sum(counts), 2, 16).to(dtype),
+                         counts)
+            cache.advance(ids, counts)
+    q = torch.randn(sum(new), 8, 16).to(dtype)
+    calls = []
+    monkeypatch.setattr(kv_ops, "_prefill_sdpa", lambda *a: calls.append(1) or _prefill_sdpa(*a))
+    out = kfuse.paged_prefill_attention(q, cache, 0, ids, new, backend="cpu")
+    assert calls, "the SDPA path did not run"
+    assert_close(out, paged_prefill_attention_reference(q, cache, 0, ids, new), dtype, "vs float64")
+    off = 0
+    for s, t in zip(ids, new, strict=True):
+        k, v = gather_kv(cache, 0, s)
+        if t:
+            want = F.scaled_dot_product_attention(
+                q[off:off + t].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                attn_mask=torch.ones(t, k.shape[0], dtype=torch.bool).tril(k.shape[0] - t), enable_gqa=True)
+            assert torch.equal(out[off:off + t], want[0].transpose(0, 1)), s
+            alone = kfuse.paged_prefill_attention(q[off:off + t].clone(), cache, 0, [s], [t], backend="cpu")
+            assert torch.equal(alone, out[off:off + t]), s
+        off += t
+    old = torch.get_num_threads()
+    try:
+        for nt in (1, 3):
+            torch.set_num_threads(nt)
+            assert torch.equal(kfuse.paged_prefill_attention(q, cache, 0, ids, new, backend="cpu"), out), nt
+    finally:
+        torch.set_num_threads(old)
+    calls.clear()
+    short = [t_min - 1, 0, 0]
+    kfuse.paged_prefill_attention(q[:t_min - 1], cache, 0, ids, short, backend="cpu")
+    assert not calls, "below the threshold: the C++ kernel"
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -13,8 +13,10 @@ Backends:
 - ``cpu`` (``csrc/kv/kv_attention_cpu.cpp``): CPU tensors, float32/float64/float16/bfloat16. One OpenMP
   task per (sequence, KV head, chunk of ``kfuse._C.kv_decode_chunk`` positions) for decode, merged in
   chunk order, or per (sequence, KV head, block of new tokens) for prefill; the query heads of a KV
-  head share each K/V tile; online softmax in fp32 (fp64 for float64). Bit-identical whatever the
-  thread count and the rest of the batch.
+  head share each K/V tile; online softmax in fp32 (fp64 for float64). Half-precision prefills of at
+  least ``_SDPA_MIN_Q_LEN`` new tokens run torch's SDPA over each sequence's gathered pages instead
+  (its CPU flash attention; see ``_prefill_sdpa``). Bit-identical whatever the thread count and the
+  rest of the batch.
 - ``cuda``: no csrc kernels for these ops yet (always unavailable, with that reason).
 - ``reference``: :mod:`kfuse.reference.kv` (syncs the host; any device).
 
@@ -211,10 +213,45 @@ def _prefill_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
         return tk.paged_prefill(q, k_pages[layer], v_pages[layer], block_table, seq_ids, lens, q_lens, max_q_len,
                                 scale)
     if backend == "cpu":
+        if q.dtype in (torch.float16, torch.bfloat16) and max_q_len >= _SDPA_MIN_Q_LEN:
+            return _prefill_sdpa(q, k_pages[layer], v_pages[layer], block_table, seq_ids, lens, q_lens, scale)
         return _backends.extension().kv_prefill_attention(q.contiguous(), k_pages[layer], v_pages[layer],
                                                           block_table, seq_ids, lens, q_lens, scale)
     tc = _TensorCache(k_pages, v_pages, block_table, seq_ids, lens)
     return paged_prefill_attention_reference(q, tc, layer, seq_ids.tolist(), q_lens.tolist(), scale)
+
+
+# Half-precision prefills of at least this many new tokens (the longest in the call) run on torch's SDPA over each
+# sequence's gathered pages on the cpu backend: its CPU flash attention blocks the GEMMs (AMX for bf16 where the
+# CPU has it), where the C++ kernel converts to fp32 and runs 16-position FMA tiles at ~50 GFLOP/s in every dtype
+# (CPU perf hunt, 2026-12-06). 32 q / 8 kv heads, D 128, 2 threads, an AVX512-BF16/AMX VM, C++ / SDPA time:
+# bf16 1.46x at 64 new tokens, 1.9x at 128, 3.4x at 512, 4.4x at 1024, 5.3x for 256 after 768 cached; fp16
+# 1.05x, 1.12x, 1.19x, 1.75x, 1.82x; below 64, 0.7-1.3x. fp32 stays C++ (0.63-0.92x up to 512 tokens,
+# 1.26x at 1024), float64 too (the C++ kernel's fp64 softmax). bench/results/2026-12-06-cpu-prefill-sdpa.md.
+_SDPA_MIN_Q_LEN = 64
+
+
+def _prefill_sdpa(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, seq_ids: Tensor, lens: Tensor,
+                  q_lens: Tensor, scale: float) -> Tensor:
+    """The cpu backend's long prefills: per sequence, its pages gathered (``[kv_len, Hkv, D]``) and torch's
+    ``scaled_dot_product_attention`` with grouped-query heads, causal from the bottom right (the new tokens
+    are the newest ``q_len`` of ``kv_len``). Each sequence's output depends on it alone. CPU tensors
+    (``seq_ids``, ``lens``, ``q_lens`` read on the host)."""
+    out = torch.empty_like(q)
+    page, off = k_pool.shape[1], 0
+    for s, n, t in zip(seq_ids.tolist(), lens.tolist(), q_lens.tolist(), strict=True):
+        if t == 0:
+            continue
+        pages = block_table[s, :(n + page - 1) // page].long()
+        k, v = (pool.index_select(0, pages).flatten(0, 1)[:n].transpose(0, 1)[None] for pool in (k_pool, v_pool))
+        qs = q[off:off + t].transpose(0, 1)[None]  # [1, Hq, t, D]
+        # is_causal is top-left: the same as bottom-right only when every position is new
+        mask = None if t == n else torch.ones(t, n, dtype=torch.bool).tril(n - t)
+        o = torch.nn.functional.scaled_dot_product_attention(qs, k, v, attn_mask=mask, is_causal=mask is None,
+                                                             scale=scale, enable_gqa=True)
+        out[off:off + t] = o[0].transpose(0, 1)
+        off += t
+    return out
 
 
 def _check_op_tensors(op: str, q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, layer: int,
