@@ -1,30 +1,19 @@
 """The cpu backend's paged prefill attention: the C++ kernel against torch's SDPA over the gathered pages
 (the path bf16 and fp16 prefills of at least ``kfuse.ops.kv._SDPA_MIN_Q_LEN`` new tokens take), per dtype
-and (new tokens, cached context), one sequence, 32 q / 8 kv heads, head dim 128, page 16; best of 5, ms,
-and the largest difference between the two outputs.
+and (new tokens, cached context), one sequence, 32 q / 8 kv heads, head dim 128, page 16; the median ms
+(``kfuse.report.time_ms``) and the largest difference between the two outputs.
 Usage: ``python bench/kv_cpu_prefill.py [--threads 2]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
 
 import kfuse
 from kfuse.ops import kv as kv_ops
-
-
-def best_ms(f: Callable[[], object], repeat: int = 5) -> float:
-    f()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+from kfuse.report import time_ms
 
 
 def row(dtype: torch.dtype, t: int, ctx: int) -> tuple[float, float, float]:
@@ -41,8 +30,8 @@ def row(dtype: torch.dtype, t: int, ctx: int) -> tuple[float, float, float]:
         for forced in (10**9, 1):  # the C++ kernel, then SDPA
             kv_ops._SDPA_MIN_Q_LEN = forced
             call = lambda: kfuse.paged_prefill_attention(q, cache, 0, [sid], [t], backend="cpu")  # noqa: E731
-            times.append(best_ms(call))
-            outs.append(call().float())
+            outs.append(call().float())  # (also the warm-up)
+            times.append(time_ms(call, torch.device("cpu"))[0])
     finally:
         kv_ops._SDPA_MIN_Q_LEN = threshold
     return times[0], times[1], float((outs[0] - outs[1]).abs().max())
