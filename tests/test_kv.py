@@ -600,6 +600,34 @@ def test_numpy_and_tensor_integers_are_ids_and_lengths():
     check_invariants(cache)
 
 
+def test_host_state_advance_and_unchecked_rollback_refuse_out_of_range_values():
+    """kfuse._C.KVHostState.advance checked nothing (an id past max_seqs wrote out of bounds, a negative one
+    another row's table entry, a negative count made a negative length that the next step's plan read out
+    of bounds), and rollback without check_lens took a negative length (a row read from page -2) or one
+    past the row's capacity (registered-ops hunt, 2026-12-06, under ASan). Refused before any change."""
+    cache = make(torch.float32, num_layers=1, num_kv_heads=1, head_dim=4, num_pages=8, max_seqs=2,
+                 max_pages_per_seq=2)
+    s = cache.add_sequence()
+    cache.append(0, [s], torch.zeros(5, 1, 4), torch.zeros(5, 1, 4), [5])
+    cache.advance([s], [5])
+    host, before = cache._host, [t.clone() for t in (cache._h_lens, cache._h_table, cache._h_npages)]
+
+    def t(*v):
+        return torch.tensor(v, dtype=torch.int64)
+
+    for call, err, msg in ((lambda: host.advance(t(10**6), t(1)), IndexError, "out of range"),
+                           (lambda: host.advance(t(-3), t(7)), IndexError, "out of range"),
+                           (lambda: host.advance(t(s), t(-100)), ValueError, "counts: -100"),
+                           (lambda: host.advance(t(s), t(cache.page_size * 2)), ValueError, "capacity"),
+                           (lambda: host.rollback(t(s), t(-9), False, True), ValueError, "new_lens: -9"),
+                           (lambda: host.rollback(t(s), t(100), False, True), ValueError, "capacity")):
+        with pytest.raises(err, match=msg):
+            call()
+    assert all(torch.equal(a, b) for a, b in zip(before, (cache._h_lens, cache._h_table, cache._h_npages),
+                                                 strict=True))
+    assert cache.kv_len(0, s) == 5
+
+
 @pytest.mark.parametrize("mirror", [False, True], ids=["cpu-state", "device-copy"])
 def test_copies_and_pickles_are_independent_caches(mirror, tmp_path, seed):
     """copy.deepcopy and pickling (torch.save) failed on the C++ host state ("cannot pickle KVHostState"),
@@ -1481,6 +1509,53 @@ def test_registered_ops_reject_bogus_backend():
     # "reference" runs the reference
     out = torch.ops.kfuse.paged_decode_attention(q, *args, 3, 0.5, "reference")
     assert torch.equal(out, paged_decode_attention_reference(q, cache, 1, ids, scale=0.5))
+
+
+@pytest.mark.parametrize("path", ["reference", "cpu-sdpa"])
+def test_registered_ops_check_values_where_they_read_them_on_the_host(path, seed, monkeypatch):
+    """The reference backend and the cpu backend's SDPA prefill read seq_ids, lens, q_lens and the block
+    table on the host and checked none of them (registered-ops hunt, 2026-12-06): a q_lens sum short of
+    q's rows returned uninitialised rows, a q_len past its length fully masked rows, seq_ids -1 another
+    sequence, lens -4 zeros. They raise as the C++ kernel does, naming the argument. The reference also
+    gives a sequence named twice at two lengths each row's (it kept the last's), as the cpu backend; and
+    the SDPA path's output is contiguous for a permuted q, as the op's fake says (torch.compile failed)."""
+    dtype = torch.bfloat16 if path == "cpu-sdpa" else torch.float32
+    backend = "cpu" if path == "cpu-sdpa" else "reference"
+    monkeypatch.setattr(kv_ops, "_SDPA_MIN_Q_LEN", 1)  # every bf16 prefill on SDPA, at these small sizes
+    cache, ids = _op_cache([5, PS + 3], dtype, "cpu")
+    k_pages, v_pages, table, layer, sid, lens = _op_args(cache, ids)
+    q = torch.randn(4, HKV * 2, D).to(dtype)
+
+    def prefill(q=q, seq_ids=sid, lens=lens, q_lens=(2, 2), table=table):
+        return torch.ops.kfuse.paged_prefill_attention(q, k_pages, v_pages, table, layer, seq_ids, lens,
+                                                       torch.tensor(q_lens, dtype=torch.int32), 4, 0.5, backend)
+
+    prefill()
+    bad_table = table.clone()
+    bad_table[ids[1], 1] = cache.k_pages.shape[1]
+    for kw, msg in (({"q_lens": (1, 2)}, r"q has 4 rows; q_lens sums to 3"),
+                    ({"q_lens": (6, 0)}, r"q_lens\[0\] = 6 must be in \[0, lens\[0\] = 5\]"),
+                    ({"seq_ids": torch.tensor([-1, ids[1]], dtype=torch.int32)}, r"seq_ids\[0\] = -1 or lens"),
+                    ({"lens": torch.tensor([-4, PS + 3], dtype=torch.int32)}, r"lens\[0\] = -4 out of range"),
+                    ({"table": bad_table}, rf"block_table\[{ids[1]}, 1\] = \d+ is not a page")):
+        with pytest.raises((ValueError, RuntimeError), match=msg):
+            prefill(**kw)
+    if path == "cpu-sdpa":
+        permuted = torch.randn(HKV * 2, 4, D).to(dtype).transpose(0, 1)
+        out = prefill(q=permuted)
+        assert out.is_contiguous() and torch.equal(out, prefill(q=permuted.contiguous()))
+    else:
+        twice = torch.tensor([ids[1], ids[1]], dtype=torch.int32)
+        at = torch.tensor([3, PS + 3], dtype=torch.int32)
+        for op, extra in ((torch.ops.kfuse.paged_decode_attention, (PS + 3,)),
+                          (torch.ops.kfuse.paged_prefill_attention, (torch.tensor([1, 1], dtype=torch.int32), 1))):
+            got, want = (op(q[:2], k_pages, v_pages, table, layer, twice, at, *extra, 0.5, b) for b in ("reference",
+                                                                                                     "cpu"))
+            assert_close(got, want, dtype, op.__name__)
+        with pytest.raises(ValueError, match=r"seq_ids\[0\] = -1 or lens"):
+            torch.ops.kfuse.paged_decode_attention(q[:2], k_pages, v_pages, table, layer,
+                                                   torch.tensor([-1, ids[1]], dtype=torch.int32), lens, PS + 3, 0.5,
+                                                   "reference")
 
 
 @pytest.mark.parametrize("backend,compiler", [("reference", "eager"), ("cpu", "inductor")])

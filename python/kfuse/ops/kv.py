@@ -177,17 +177,49 @@ def _to_device(cache: PagedKVCache, ids: Tensor, lens: Tensor) -> _Call:
 
 
 class _TensorCache:
-    """The attributes :mod:`kfuse.reference.kv` reads from a cache, over explicit tensors: lets the
-    registered ops run the reference without a :class:`PagedKVCache` (reads ``seq_ids``/``lens`` on
-    the host)."""
+    """The attributes :mod:`kfuse.reference.kv` reads from a cache, over explicit tensors, one row per call
+    row (that row's sequence's block-table row and length: read it with ids ``range(n)``): lets the
+    registered ops run the reference without a :class:`PagedKVCache`, a sequence at two lengths included
+    (keyed by sequence id, the last row's length served both; registered-ops hunt). Reads ``lens`` on the
+    host."""
 
     def __init__(self, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seq_ids: Tensor, lens: Tensor):
-        self.k_pages, self.v_pages, self.block_table = k_pages, v_pages, block_table
+        self.k_pages, self.v_pages = k_pages, v_pages
+        self.block_table = block_table.index_select(0, seq_ids.long())
         self.page_size, self.num_kv_heads, self.head_dim = k_pages.shape[2], k_pages.shape[3], k_pages.shape[4]
-        self._len = dict(zip(seq_ids.tolist(), lens.tolist(), strict=True))
+        self._len = lens.tolist()
 
-    def kv_len(self, layer: int, seq_id: int) -> int:
-        return self._len[seq_id]
+    def kv_len(self, layer: int, row: int) -> int:
+        return self._len[row]
+
+
+def _check_values(op: str, rows: int, k_pages: Tensor, block_table: Tensor, seq_ids: Tensor, lens: Tensor,
+                  q_lens: Tensor | None = None) -> None:
+    """The value checks of the C++ kernels (csrc/bindings.cpp: ``check_kv_attention``, ``kv_prefill_attention``)
+    for the paths that read ``seq_ids``, ``lens``, ``q_lens`` and the block table on the host themselves
+    (the reference, the cpu backend's SDPA prefill): ids within the table, lengths within its rows, every
+    page a length needs a page, ``0 <= q_lens <= lens`` summing to q's rows. Unchecked, a bad id read
+    another sequence, a bad q_len returned uninitialised or fully masked rows (registered-ops hunt)."""
+    num_pages, page = k_pages.shape[1], k_pages.shape[2]
+    max_seqs, stride = block_table.shape
+    ids, ln, table = seq_ids.tolist(), lens.tolist(), block_table.cpu()
+    for b, (s, n) in enumerate(zip(ids, ln, strict=True)):
+        if not (0 <= s < max_seqs and 0 <= n <= stride * page):
+            raise ValueError(f"kfuse.{op}: seq_ids[{b}] = {s} or lens[{b}] = {n} out of range (a table of "
+                             f"{max_seqs} rows of {stride} pages of {page})")
+        pages = table[s, :-(-n // page)]
+        bad = ((pages < 0) | (pages >= num_pages)).nonzero()
+        if bad.numel():
+            j = int(bad[0])
+            raise ValueError(f"kfuse.{op}: block_table[{s}, {j}] = {int(pages[j])} is not a page, but lens[{b}] = "
+                             f"{n} needs it")
+    if q_lens is not None:
+        ql = q_lens.tolist()
+        for i, (t, n) in enumerate(zip(ql, ln, strict=True)):
+            if not 0 <= t <= n:
+                raise ValueError(f"kfuse.{op}: q_lens[{i}] = {t} must be in [0, lens[{i}] = {n}]")
+        if sum(ql) != rows:
+            raise ValueError(f"kfuse.{op}: q has {rows} rows; q_lens sums to {sum(ql)}")
 
 
 def _decode_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, layer: int, seq_ids: Tensor,
@@ -198,10 +230,12 @@ def _decode_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tenso
 
         return tk.paged_decode(q, k_pages[layer], v_pages[layer], block_table, seq_ids, lens, max_len, scale)
     if backend == "cpu":
-        return _backends.extension().kv_decode_attention(q.contiguous(), k_pages[layer], v_pages[layer], block_table,
-                                                         seq_ids, lens, scale)
+        # (strided ids, lengths or table are valid input: the reference took them, the kernel refused them)
+        return _backends.extension().kv_decode_attention(q.contiguous(), k_pages[layer], v_pages[layer],
+                                                         *map(_backends.dense, (block_table, seq_ids, lens)), scale)
+    _check_values(_DECODE, q.shape[0], k_pages, block_table, seq_ids, lens)
     tc = _TensorCache(k_pages, v_pages, block_table, seq_ids, lens)
-    return paged_decode_attention_reference(q, tc, layer, seq_ids.tolist(), scale)
+    return paged_decode_attention_reference(q, tc, layer, range(seq_ids.shape[0]), scale)
 
 
 def _prefill_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, layer: int, seq_ids: Tensor,
@@ -214,11 +248,14 @@ def _prefill_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
                                 scale)
     if backend == "cpu":
         if q.dtype in (torch.float16, torch.bfloat16) and max_q_len >= _SDPA_MIN_Q_LEN:
+            _check_values(_PREFILL, q.shape[0], k_pages, block_table, seq_ids, lens, q_lens)
             return _prefill_sdpa(q, k_pages[layer], v_pages[layer], block_table, seq_ids, lens, q_lens, scale)
-        return _backends.extension().kv_prefill_attention(q.contiguous(), k_pages[layer], v_pages[layer],
-                                                          block_table, seq_ids, lens, q_lens, scale)
+        meta = map(_backends.dense, (block_table, seq_ids, lens, q_lens))
+        return _backends.extension().kv_prefill_attention(q.contiguous(), k_pages[layer], v_pages[layer], *meta,
+                                                          scale)
+    _check_values(_PREFILL, q.shape[0], k_pages, block_table, seq_ids, lens, q_lens)
     tc = _TensorCache(k_pages, v_pages, block_table, seq_ids, lens)
-    return paged_prefill_attention_reference(q, tc, layer, seq_ids.tolist(), q_lens.tolist(), scale)
+    return paged_prefill_attention_reference(q, tc, layer, range(seq_ids.shape[0]), q_lens.tolist(), scale)
 
 
 # Half-precision prefills of at least this many new tokens (the longest in the call) run on torch's SDPA over each
@@ -236,8 +273,10 @@ def _prefill_sdpa(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor
     """The cpu backend's long prefills: per sequence, its pages gathered (``[kv_len, Hkv, D]``) and torch's
     ``scaled_dot_product_attention`` with grouped-query heads, causal from the bottom right (the new tokens
     are the newest ``q_len`` of ``kv_len``). Each sequence's output depends on it alone. CPU tensors
-    (``seq_ids``, ``lens``, ``q_lens`` read on the host)."""
-    out = torch.empty_like(q)
+    (``seq_ids``, ``lens``, ``q_lens`` read on the host; the caller has checked their values: _check_values).
+    The output is contiguous, as the registered op's fake says (``empty_like`` kept a permuted q's layout,
+    which torch.compile's view of it then refused; registered-ops hunt)."""
+    out = q.new_empty(q.shape)
     page, off = k_pool.shape[1], 0
     for s, n, t in zip(seq_ids.tolist(), lens.tolist(), q_lens.tolist(), strict=True):
         if t == 0:
