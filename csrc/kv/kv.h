@@ -52,7 +52,8 @@ void check_ids(const HostState& st, const int64_t* ids, int64_t n, const char* w
 // refcounts decremented, pages reaching 0 pushed on the free stack (ordered by the flat index
 // i * max_pages + j of each page's last dropped occurrence, as the device half orders them).
 // check_lens: 0 <= new_lens[i] <= lens[ids[i]] is checked (abort_step passes the committed
-// lengths with pages of the open step past them). O(n + dropped pages).
+// lengths with pages of the open step past them); without it 0 <= new_lens[i] <= the row's capacity.
+// O(n + dropped pages).
 void rollback(const HostState& st, const int64_t* ids, const int64_t* new_lens, int64_t n, bool check_lens);
 
 // Fork: child (active, with no pages) gets src's first ceil(length / page_size) pages, whose
@@ -69,8 +70,9 @@ struct StepPlan {
 };
 StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* counts, int64_t n);
 
-// Commits a step: lens[ids[i]] += counts[i] (logged). The caller has checked ids and counts (those
-// of the step it opened). O(n).
+// Commits a step: lens[ids[i]] += counts[i] (logged). ids in range (else std::out_of_range) and
+// 0 <= counts[i], lens + counts within the row's capacity (else std::invalid_argument), checked before
+// any write; activity and distinctness are the caller's (those of the step it opened). O(n).
 void advance(const HostState& st, const int64_t* ids, const int64_t* counts, int64_t n);
 
 // ---- attention (kv_attention_cpu.cpp) -----------------------------------------------------

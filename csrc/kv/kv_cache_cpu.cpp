@@ -56,13 +56,13 @@ void check_ids(const HostState& st, const int64_t* ids, int64_t n, const char* w
 
 void rollback(const HostState& st, const int64_t* ids, const int64_t* new_lens, int64_t n, bool check_lens) {
   check_ids(st, ids, n, "seq_ids");
-  if (check_lens) {
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t len = st.lens[ids[i]];
-      if (new_lens[i] < 0 || new_lens[i] > len)
-        value_error("new_lens: " + std::to_string(new_lens[i]) + " for sequence " + std::to_string(ids[i]) +
-                    " is outside [0, current length " + std::to_string(len) + "]");
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    // Without check_lens still within a row's capacity: a negative length indexed the row from page -2,
+    // a longer one left npages past max_pages (registered-ops hunt).
+    const int64_t hi = check_lens ? st.lens[ids[i]] : st.max_pages * st.page_size;
+    if (new_lens[i] < 0 || new_lens[i] > hi)
+      value_error("new_lens: " + std::to_string(new_lens[i]) + " for sequence " + std::to_string(ids[i]) +
+                  " is outside [0, " + (check_lens ? "current length " : "capacity ") + std::to_string(hi) + "]");
   }
   const int64_t P = st.max_pages;
   // 1. Drop references past each new last page.
@@ -178,6 +178,19 @@ StepPlan plan_step(const HostState& st, const int64_t* ids, const int64_t* count
 }
 
 void advance(const HostState& st, const int64_t* ids, const int64_t* counts, int64_t n) {
+  // Ids in range and lengths within the rows' capacity, before any write (an id past max_seqs wrote out of
+  // bounds, a negative one another row's table entry, a negative count a negative length; registered-ops
+  // hunt). O(n): kfuse's own caller passes the ids and counts of the step it checked when it opened it.
+  const int64_t cap = st.max_pages * st.page_size;
+  for (int64_t i = 0; i < n; ++i) {
+    if (ids[i] < 0 || ids[i] >= st.max_seqs)
+      throw std::out_of_range("seq_ids: sequence id " + std::to_string(ids[i]) + " out of range [0, " +
+                              std::to_string(st.max_seqs) + ")");
+    if (counts[i] < 0 || st.lens[ids[i]] + counts[i] > cap)
+      value_error("counts: " + std::to_string(counts[i]) + " new tokens for sequence " + std::to_string(ids[i]) +
+                  " (length " + std::to_string(st.lens[ids[i]]) + ") is outside [0, capacity " +
+                  std::to_string(cap) + " - length]");
+  }
   for (int64_t i = 0; i < n; ++i) put(st, &st.lens[ids[i]], static_cast<int32_t>(st.lens[ids[i]] + counts[i]));
 }
 
