@@ -604,9 +604,10 @@ def test_host_state_advance_and_unchecked_rollback_refuse_out_of_range_values():
     """kfuse._C.KVHostState.advance checked nothing (an id past max_seqs wrote out of bounds, a negative one
     another row's table entry, a negative count made a negative length that the next step's plan read out
     of bounds), and rollback without check_lens took a negative length (a row read from page -2) or one
-    past the row's capacity (registered-ops hunt, 2026-12-06, under ASan). Refused before any change."""
-    cache = make(torch.float32, num_layers=1, num_kv_heads=1, head_dim=4, num_pages=8, max_seqs=2,
-                 max_pages_per_seq=2)
+    past the pages the row holds (registered-ops hunt, 2026-12-06, under ASan; review). Refused before any
+    change."""
+    cache = make(torch.float32, num_layers=1, num_kv_heads=1, head_dim=4, page_size=4, num_pages=8, max_seqs=2,
+                 max_pages_per_seq=4)
     s = cache.add_sequence()
     cache.append(0, [s], torch.zeros(5, 1, 4), torch.zeros(5, 1, 4), [5])
     cache.advance([s], [5])
@@ -618,9 +619,12 @@ def test_host_state_advance_and_unchecked_rollback_refuse_out_of_range_values():
     for call, err, msg in ((lambda: host.advance(t(10**6), t(1)), IndexError, "out of range"),
                            (lambda: host.advance(t(-3), t(7)), IndexError, "out of range"),
                            (lambda: host.advance(t(s), t(-100)), ValueError, "counts: -100"),
-                           (lambda: host.advance(t(s), t(cache.page_size * 2)), ValueError, "capacity"),
+                           (lambda: host.advance(t(s), t(12)), ValueError, "capacity 16"),
+                           (lambda: host.advance(t(s), t(2**63 - 1)), ValueError, "capacity 16"),  # (no wrap)
                            (lambda: host.rollback(t(s), t(-9), False, True), ValueError, "new_lens: -9"),
-                           (lambda: host.rollback(t(s), t(100), False, True), ValueError, "capacity")):
+                           # past the 2 pages it holds, within its row of 4 (review: npages then pointed at -1
+                           # entries, and a later free decremented ref[-1], another row's length)
+                           (lambda: host.rollback(t(s), t(12), False, True), ValueError, "pages' capacity 8")):
         with pytest.raises(err, match=msg):
             call()
     assert all(torch.equal(a, b) for a, b in zip(before, (cache._h_lens, cache._h_table, cache._h_npages),
@@ -1122,16 +1126,17 @@ def test_prefill_op_matches_sdpa(backend, device, group, seed):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cpu_long_half_prefills_run_sdpa_and_keep_the_kernels_promises(dtype, seed, monkeypatch):
-    """Half-precision prefills of at least kv_ops._SDPA_MIN_Q_LEN new tokens run torch's SDPA over each
-    sequence's gathered pages on the cpu backend (1.5-5x the C++ kernel in bf16: CPU perf hunt,
-    2026-12-06): every sequence's rows equal SDPA on its own K/V (causal from the bottom right: new tokens
-    after a cached context, a whole prompt, an empty one), within the dtype's tolerance of the float64
-    reference, bit for bit whatever the thread count and the rest of the batch; below the threshold the
-    C++ kernel."""
+    """Half-precision sequences of at least kv_ops._SDPA_MIN_Q_LEN new tokens run torch's SDPA over their
+    gathered pages on the cpu backend (1.3-5.5x faster than the C++ kernel in bf16: CPU perf hunt,
+    2026-12-06): their rows equal SDPA on their own K/V (causal from the bottom right: new tokens after a
+    cached context, a whole prompt); shorter ones (and empty ones) beside them run the C++ kernel, as alone
+    (chosen by the call's longest, a short one took SDPA beside a long one: other bits; review). Within the
+    dtype's tolerance of the float64 reference, bit for bit whatever the thread count and the rest of the
+    batch; a call below the threshold runs the C++ kernel only."""
     t_min = kv_ops._SDPA_MIN_Q_LEN
     cache = make(dtype, num_layers=1, num_kv_heads=2, head_dim=16, num_pages=64)
-    ids = [cache.add_sequence() for _ in range(3)]
-    ctx, new = [37, 0, 5], [t_min, t_min + 3, 0]
+    ids = [cache.add_sequence() for _ in range(4)]
+    ctx, new = [37, 0, 5, 3], [t_min, 10, t_min + 3, 0]
     for counts in (ctx, new):
         if sum(counts):
             cache.append(0, ids, torch.randn(sum(counts), 2, 16).to(dtype), torch.randn(sum(counts), 2, 16).to(dtype),
@@ -1146,13 +1151,13 @@ def test_cpu_long_half_prefills_run_sdpa_and_keep_the_kernels_promises(dtype, se
     off = 0
     for s, t in zip(ids, new, strict=True):
         k, v = gather_kv(cache, 0, s)
-        if t:
+        if t >= t_min:
             want = F.scaled_dot_product_attention(
                 q[off:off + t].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                 attn_mask=torch.ones(t, k.shape[0], dtype=torch.bool).tril(k.shape[0] - t), enable_gqa=True)
             assert torch.equal(out[off:off + t], want[0].transpose(0, 1)), s
-            alone = kfuse.paged_prefill_attention(q[off:off + t].clone(), cache, 0, [s], [t], backend="cpu")
-            assert torch.equal(alone, out[off:off + t]), s
+        alone = kfuse.paged_prefill_attention(q[off:off + t].clone(), cache, 0, [s], [t], backend="cpu")
+        assert torch.equal(alone, out[off:off + t]), s
         off += t
     old = torch.get_num_threads()
     try:
@@ -1162,7 +1167,7 @@ def test_cpu_long_half_prefills_run_sdpa_and_keep_the_kernels_promises(dtype, se
     finally:
         torch.set_num_threads(old)
     calls.clear()
-    short = [t_min - 1, 0, 0]
+    short = [t_min - 1, 0, 0, 0]
     kfuse.paged_prefill_attention(q[:t_min - 1], cache, 0, ids, short, backend="cpu")
     assert not calls, "below the threshold: the C++ kernel"
 

@@ -14,7 +14,7 @@ Backends:
   task per (sequence, KV head, chunk of ``kfuse._C.kv_decode_chunk`` positions) for decode, merged in
   chunk order, or per (sequence, KV head, block of new tokens) for prefill; the query heads of a KV
   head share each K/V tile; online softmax in fp32 (fp64 for float64). Half-precision prefills of at
-  least ``_SDPA_MIN_Q_LEN`` new tokens run torch's SDPA over each sequence's gathered pages instead
+  least ``_SDPA_MIN_Q_LEN`` new tokens (each sequence's own) run torch's SDPA over its gathered pages instead
   (its CPU flash attention; see ``_prefill_sdpa``). Bit-identical whatever the thread count and the
   rest of the batch.
 - ``cuda``: no csrc kernels for these ops yet (always unavailable, with that reason).
@@ -262,24 +262,30 @@ def _prefill_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
 # sequence's gathered pages on the cpu backend: its CPU flash attention blocks the GEMMs (AMX for bf16 where the
 # CPU has it), where the C++ kernel converts to fp32 and runs 16-position FMA tiles at ~50 GFLOP/s in every dtype
 # (CPU perf hunt, 2026-12-06). 32 q / 8 kv heads, D 128, 2 threads, an AVX512-BF16/AMX VM, C++ / SDPA time:
-# bf16 1.46x at 64 new tokens, 1.9x at 128, 3.4x at 512, 4.4x at 1024, 5.3x for 256 after 768 cached; fp16
-# 1.05x, 1.12x, 1.19x, 1.75x, 1.82x; below 64, 0.7-1.3x. fp32 stays C++ (0.63-0.92x up to 512 tokens,
+# bf16 1.29x at 64 new tokens, 2.27x at 128, 3.87x at 512, 4.70x at 1024, 5.53x for 256 after 768 cached;
+# fp16 1.04x, 1.10x, 1.19x, 1.76x, 1.86x; below 64, 0.7-1.2x. fp32 stays C++ (0.63-0.92x up to 512 tokens,
 # 1.26x at 1024), float64 too (the C++ kernel's fp64 softmax). bench/results/2026-12-06-cpu-prefill-sdpa.md.
+# Each sequence by its own q_len (see _prefill_sdpa).
 _SDPA_MIN_Q_LEN = 64
 
 
 def _prefill_sdpa(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, seq_ids: Tensor, lens: Tensor,
                   q_lens: Tensor, scale: float) -> Tensor:
-    """The cpu backend's long prefills: per sequence, its pages gathered (``[kv_len, Hkv, D]``) and torch's
+    """The cpu backend's half-precision prefills, sequence by sequence on its own ``q_len``: at least
+    ``_SDPA_MIN_Q_LEN`` new tokens, its pages gathered (``[kv_len, Hkv, D]``) and torch's
     ``scaled_dot_product_attention`` with grouped-query heads, causal from the bottom right (the new tokens
-    are the newest ``q_len`` of ``kv_len``). Each sequence's output depends on it alone. CPU tensors
-    (``seq_ids``, ``lens``, ``q_lens`` read on the host; the caller has checked their values: _check_values).
-    The output is contiguous, as the registered op's fake says (``empty_like`` kept a permuted q's layout,
-    which torch.compile's view of it then refused; registered-ops hunt)."""
+    are the newest ``q_len`` of ``kv_len``); the shorter ones in one C++ kernel call. The choice is each
+    sequence's own, so its output depends on it alone (by the call's longest, a short sequence beside a long
+    one took SDPA and alone the C++ kernel: other bits; review). CPU tensors (``seq_ids``, ``lens``,
+    ``q_lens`` read on the host; the caller has checked their values: _check_values). The output is
+    contiguous, as the registered op's fake says (``empty_like`` kept a permuted q's layout, which
+    torch.compile's view of it then refused; registered-ops hunt)."""
     out = q.new_empty(q.shape)
-    page, off = k_pool.shape[1], 0
-    for s, n, t in zip(seq_ids.tolist(), lens.tolist(), q_lens.tolist(), strict=True):
-        if t == 0:
+    page, off, short = k_pool.shape[1], 0, []
+    for i, (s, n, t) in enumerate(zip(seq_ids.tolist(), lens.tolist(), q_lens.tolist(), strict=True)):
+        if t < _SDPA_MIN_Q_LEN:
+            short += [(i, off, t)] if t else []
+            off += t
             continue
         pages = block_table[s, :(n + page - 1) // page].long()
         k, v = (pool.index_select(0, pages).flatten(0, 1)[:n].transpose(0, 1)[None] for pool in (k_pool, v_pool))
@@ -290,6 +296,11 @@ def _prefill_sdpa(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor
                                                              scale=scale, enable_gqa=True)
         out[off:off + t] = o[0].transpose(0, 1)
         off += t
+    if short:
+        sel = torch.tensor([i for i, _, _ in short])
+        rows = torch.cat([torch.arange(o0, o0 + t) for _, o0, t in short])
+        meta = (_backends.dense(block_table), seq_ids[sel], lens[sel], q_lens[sel])
+        out[rows] = _backends.extension().kv_prefill_attention(q[rows].contiguous(), k_pool, v_pool, *meta, scale)
     return out
 
 
