@@ -52,7 +52,7 @@ void check_ids(const HostState& st, const int64_t* ids, int64_t n, const char* w
 // refcounts decremented, pages reaching 0 pushed on the free stack (ordered by the flat index
 // i * max_pages + j of each page's last dropped occurrence, as the device half orders them).
 // check_lens: 0 <= new_lens[i] <= lens[ids[i]] is checked (abort_step passes the committed
-// lengths with pages of the open step past them); without it 0 <= new_lens[i] <= the row's capacity.
+// lengths with pages of the open step past them); without it 0 <= new_lens[i] <= the pages it holds.
 // O(n + dropped pages).
 void rollback(const HostState& st, const int64_t* ids, const int64_t* new_lens, int64_t n, bool check_lens);
 

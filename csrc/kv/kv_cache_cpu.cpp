@@ -57,12 +57,14 @@ void check_ids(const HostState& st, const int64_t* ids, int64_t n, const char* w
 void rollback(const HostState& st, const int64_t* ids, const int64_t* new_lens, int64_t n, bool check_lens) {
   check_ids(st, ids, n, "seq_ids");
   for (int64_t i = 0; i < n; ++i) {
-    // Without check_lens still within a row's capacity: a negative length indexed the row from page -2,
-    // a longer one left npages past max_pages (registered-ops hunt).
-    const int64_t hi = check_lens ? st.lens[ids[i]] : st.max_pages * st.page_size;
+    // Without check_lens still within the pages the row holds: a negative length indexed the row from page
+    // -2, a longer one set npages past them (a later rollback then decremented ref[-1]: another row's
+    // length; registered-ops hunt, review).
+    const int64_t hi = check_lens ? st.lens[ids[i]] : int64_t(st.npages[ids[i]]) * st.page_size;
     if (new_lens[i] < 0 || new_lens[i] > hi)
       value_error("new_lens: " + std::to_string(new_lens[i]) + " for sequence " + std::to_string(ids[i]) +
-                  " is outside [0, " + (check_lens ? "current length " : "capacity ") + std::to_string(hi) + "]");
+                  " is outside [0, " + (check_lens ? "current length " : "its pages' capacity ") +
+                  std::to_string(hi) + "]");
   }
   const int64_t P = st.max_pages;
   // 1. Drop references past each new last page.
@@ -186,7 +188,7 @@ void advance(const HostState& st, const int64_t* ids, const int64_t* counts, int
     if (ids[i] < 0 || ids[i] >= st.max_seqs)
       throw std::out_of_range("seq_ids: sequence id " + std::to_string(ids[i]) + " out of range [0, " +
                               std::to_string(st.max_seqs) + ")");
-    if (counts[i] < 0 || st.lens[ids[i]] + counts[i] > cap)
+    if (counts[i] < 0 || counts[i] > cap - st.lens[ids[i]])  // (not lens + counts: it could wrap)
       value_error("counts: " + std::to_string(counts[i]) + " new tokens for sequence " + std::to_string(ids[i]) +
                   " (length " + std::to_string(st.lens[ids[i]]) + ") is outside [0, capacity " +
                   std::to_string(cap) + " - length]");
