@@ -266,7 +266,11 @@ def test_general_embedding_materialised_on_meta_resets_to_the_constructor_s_mode
     for opt in (m.codes.tables.opt, m.context.opt):
         opt.state[opt.param_groups[0]["params"][0]] = {"sum": torch.ones(1)}
     m.reset_parameters()
-    assert not m.codes.tables.opt.state and not m.context.opt.state
+    # A new optimizer's state (Adagrad's zero sums: a cleared one failed torch 2.11's next step, make compat).
+    for opt in (m.codes.tables.opt, m.context.opt):
+        fresh = type(opt)(opt.param_groups[0]["params"], **opt.defaults).state
+        assert opt.state.keys() == fresh.keys() and all(
+            torch.equal(opt.state[p]["sum"], fresh[p]["sum"]) for p in fresh)
 
 
 @pytest.mark.parametrize("impl", ["kfuse", "torch", "fbgemm"])

@@ -84,9 +84,14 @@ class _TorchTables(nn.Module):
         return [b.weight for b in self.bags]
 
     def reset_optimizer_state(self) -> None:
-        """A fresh optimizer state, the tables as they are."""
+        """A fresh optimizer state, the tables as they are: the state a new optimizer of the same kind and
+        settings makes (torch 2.11's Adagrad makes its sums in its constructor, and a cleared state failed its
+        next step with KeyError 'sum': make compat)."""
         if self.opt is not None:
+            self._track_tables()
+            fresh = type(self.opt)(self.weights, **self.opt.defaults)
             self.opt.state.clear()
+            self.opt.state.update(fresh.state)
 
     def reset_parameters(self) -> None:
         """A fresh optimizer state (the bags reset their own tables; :class:`CodeEmbedding` seeds them)."""
@@ -189,7 +194,7 @@ class _FbgemmTables(nn.Module):
     def reset_optimizer_state(self) -> None:
         """A fresh optimizer state: FBGEMM's moments and step count zero, the tables as they are."""
         with torch.no_grad():
-            for name in ("momentum1_host", "momentum2_host", "prev_iter_host", "iter"):
+            for name in ("momentum1_host", "momentum2_host", "prev_iter_host", "iter", "iter_cpu"):
                 t = getattr(self.tbe, name, None)
                 if isinstance(t, Tensor) and t.numel():
                     t.zero_()
