@@ -39,7 +39,7 @@ from torch import Tensor
 
 from kfuse import _backends, _checks, _routing
 from kfuse.kv import PagedKVCache, _as_int_list
-from kfuse.reference.kv import paged_decode_attention_reference, paged_prefill_attention_reference
+from kfuse.reference.kv import gather_kv, paged_decode_attention_reference, paged_prefill_attention_reference
 
 __all__ = ["BACKENDS", "backend_reasons", "paged_decode_attention", "paged_prefill_attention"]
 
@@ -249,7 +249,7 @@ def _prefill_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
     if backend == "cpu":
         if q.dtype in (torch.float16, torch.bfloat16) and max_q_len >= _SDPA_MIN_Q_LEN:
             _check_values(_PREFILL, q.shape[0], k_pages, block_table, seq_ids, lens, q_lens)
-            return _prefill_sdpa(q, k_pages[layer], v_pages[layer], block_table, seq_ids, lens, q_lens, scale)
+            return _prefill_sdpa(q, k_pages, v_pages, block_table, layer, seq_ids, lens, q_lens, scale)
         meta = map(_backends.dense, (block_table, seq_ids, lens, q_lens))
         return _backends.extension().kv_prefill_attention(q.contiguous(), k_pages[layer], v_pages[layer], *meta,
                                                           scale)
@@ -258,22 +258,21 @@ def _prefill_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
     return paged_prefill_attention_reference(q, tc, layer, range(seq_ids.shape[0]), q_lens.tolist(), scale)
 
 
-# Half-precision prefills of at least this many new tokens (the longest in the call) run on torch's SDPA over each
-# sequence's gathered pages on the cpu backend: its CPU flash attention blocks the GEMMs (AMX for bf16 where the
-# CPU has it), where the C++ kernel converts to fp32 and runs 16-position FMA tiles at ~50 GFLOP/s in every dtype
-# (CPU perf hunt, 2026-12-06). 32 q / 8 kv heads, D 128, 2 threads, an AVX512-BF16/AMX VM, C++ / SDPA time:
+# Half-precision sequences with at least this many new tokens run on torch's SDPA over their gathered pages on the
+# cpu backend (each by its own count: see _prefill_sdpa): its CPU flash attention blocks the GEMMs (AMX for bf16
+# where the CPU has it), where the C++ kernel converts to fp32 and runs 16-position FMA tiles at ~50 GFLOP/s in every
+# dtype (CPU perf hunt, 2026-12-06). 32 q / 8 kv heads, D 128, 2 threads, an AVX512-BF16/AMX VM, C++ / SDPA time:
 # bf16 1.29x at 64 new tokens, 2.27x at 128, 3.87x at 512, 4.70x at 1024, 5.53x for 256 after 768 cached;
 # fp16 1.04x, 1.10x, 1.19x, 1.76x, 1.86x; below 64, 0.7-1.2x. fp32 stays C++ (0.63-0.92x up to 512 tokens,
 # 1.26x at 1024), float64 too (the C++ kernel's fp64 softmax). bench/results/2026-12-06-cpu-prefill-sdpa.md.
-# Each sequence by its own q_len (see _prefill_sdpa).
 _SDPA_MIN_Q_LEN = 64
 
 
-def _prefill_sdpa(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, seq_ids: Tensor, lens: Tensor,
-                  q_lens: Tensor, scale: float) -> Tensor:
+def _prefill_sdpa(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, layer: int, seq_ids: Tensor,
+                  lens: Tensor, q_lens: Tensor, scale: float) -> Tensor:
     """The cpu backend's half-precision prefills, sequence by sequence on its own ``q_len``: at least
-    ``_SDPA_MIN_Q_LEN`` new tokens, its pages gathered (``[kv_len, Hkv, D]``) and torch's
-    ``scaled_dot_product_attention`` with grouped-query heads, causal from the bottom right (the new tokens
+    ``_SDPA_MIN_Q_LEN`` new tokens, its pages gathered (``[kv_len, Hkv, D]``: the reference's ``gather_kv``) and
+    torch's ``scaled_dot_product_attention`` with grouped-query heads, causal from the bottom right (the new tokens
     are the newest ``q_len`` of ``kv_len``); the shorter ones in one C++ kernel call. The choice is each
     sequence's own, so its output depends on it alone (by the call's longest, a short sequence beside a long
     one took SDPA and alone the C++ kernel: other bits; review). CPU tensors (``seq_ids``, ``lens``,
@@ -281,14 +280,13 @@ def _prefill_sdpa(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor
     contiguous, as the registered op's fake says (``empty_like`` kept a permuted q's layout, which
     torch.compile's view of it then refused; registered-ops hunt)."""
     out = q.new_empty(q.shape)
-    page, off, short = k_pool.shape[1], 0, []
-    for i, (s, n, t) in enumerate(zip(seq_ids.tolist(), lens.tolist(), q_lens.tolist(), strict=True)):
+    rows_cache, off, short = _TensorCache(k_pages, v_pages, block_table, seq_ids, lens), 0, []
+    for i, (n, t) in enumerate(zip(lens.tolist(), q_lens.tolist(), strict=True)):
         if t < _SDPA_MIN_Q_LEN:
             short += [(i, off, t)] if t else []
             off += t
             continue
-        pages = block_table[s, :(n + page - 1) // page].long()
-        k, v = (pool.index_select(0, pages).flatten(0, 1)[:n].transpose(0, 1)[None] for pool in (k_pool, v_pool))
+        k, v = (x.transpose(0, 1)[None] for x in gather_kv(rows_cache, layer, i))  # [1, Hkv, n, D]
         qs = q[off:off + t].transpose(0, 1)[None]  # [1, Hq, t, D]
         # is_causal is top-left: the same as bottom-right only when every position is new
         mask = None if t == n else torch.ones(t, n, dtype=torch.bool).tril(n - t)
@@ -300,7 +298,8 @@ def _prefill_sdpa(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor
         sel = torch.tensor([i for i, _, _ in short])
         rows = torch.cat([torch.arange(o0, o0 + t) for _, o0, t in short])
         meta = (_backends.dense(block_table), seq_ids[sel], lens[sel], q_lens[sel])
-        out[rows] = _backends.extension().kv_prefill_attention(q[rows].contiguous(), k_pool, v_pool, *meta, scale)
+        out[rows] = _backends.extension().kv_prefill_attention(q[rows].contiguous(), k_pages[layer], v_pages[layer],
+                                                               *meta, scale)
     return out
 
 
