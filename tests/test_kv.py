@@ -1782,6 +1782,24 @@ def test_a_cpu_cache_works_under_another_default_device(mirror, seed):
                                                                                     strict=True))
 
 
+def test_cpu_half_prefill_on_sdpa_works_under_another_default_device(seed, monkeypatch):
+    """The cpu backend's SDPA prefill (half precision, at least _SDPA_MIN_Q_LEN new tokens) built its causal mask
+    and the short sequences' row indices on the default device: under torch.device("meta") SDPA took the meta
+    mask and returned other values, silently, and the short sequences' metadata was read as garbage ("seq_ids[0]
+    = -1866994224 out of range"; under "cuda", mismatched devices). They are made on q's device now."""
+    monkeypatch.setattr(kv_ops, "_SDPA_MIN_Q_LEN", 4)  # small sizes: sequences of 4+ new tokens on SDPA
+    cache = make(torch.bfloat16, num_layers=1, num_kv_heads=2, head_dim=16, num_pages=16)
+    ids = [cache.add_sequence() for _ in range(3)]
+    for counts in ([9, 3, 0], [5, 2, 4]):  # SDPA with a cached context, the C++ kernel, SDPA on a whole prompt
+        cache.append(0, ids, *(torch.randn(sum(counts), 2, 16).to(torch.bfloat16) for _ in "kv"), counts)
+        cache.advance(ids, counts)
+    q = torch.randn(11, 8, 16).to(torch.bfloat16)
+    want = kfuse.paged_prefill_attention(q, cache, 0, ids, [5, 2, 4], backend="cpu")
+    with torch.device("meta"):
+        got = kfuse.paged_prefill_attention(q, cache, 0, ids, [5, 2, 4], backend="cpu")
+    assert torch.equal(got, want)
+
+
 def test_a_step_keeps_its_own_copy_of_the_callers_ids(seed):
     """The open step and the attention's per-step memo copy the caller's ids and counts tensors: writing
     them between layers (a buffer reused for the next batch) neither changes which sequences the step

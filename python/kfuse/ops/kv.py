@@ -289,14 +289,14 @@ def _prefill_sdpa(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
         k, v = (x.transpose(0, 1)[None] for x in gather_kv(rows_cache, layer, i))  # [1, Hkv, n, D]
         qs = q[off:off + t].transpose(0, 1)[None]  # [1, Hq, t, D]
         # is_causal is top-left: the same as bottom-right only when every position is new
-        mask = None if t == n else torch.ones(t, n, dtype=torch.bool).tril(n - t)
+        mask = None if t == n else torch.ones(t, n, dtype=torch.bool, device=q.device).tril(n - t)
         o = torch.nn.functional.scaled_dot_product_attention(qs, k, v, attn_mask=mask, is_causal=mask is None,
                                                              scale=scale, enable_gqa=True)
         out[off:off + t] = o[0].transpose(0, 1)
         off += t
     if short:
-        sel = torch.tensor([i for i, _, _ in short])
-        rows = torch.cat([torch.arange(o0, o0 + t) for _, o0, t in short])
+        sel = torch.tensor([i for i, _, _ in short], device=q.device)
+        rows = torch.cat([torch.arange(o0, o0 + t, device=q.device) for _, o0, t in short])
         meta = (_backends.dense(block_table), seq_ids[sel], lens[sel], q_lens[sel])
         out[rows] = _backends.extension().kv_prefill_attention(q[rows].contiguous(), k_pages[layer], v_pages[layer],
                                                                *meta, scale)
