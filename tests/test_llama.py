@@ -440,6 +440,14 @@ def test_prompt_learning_adapters_are_refused():
             LlamaForCausalLM.from_hf(peft.get_peft_model(hf, cfg))
 
 
+def test_a_model_without_layers_is_refused_naming_the_config():
+    """A valid 0-layer transformers Llama (its forward runs) failed in from_hf with a bare "IndexError: index 0 is
+    out of range" from nn.ModuleList (configs hunt); it is refused naming num_hidden_layers."""
+    with pytest.raises(ValueError, match="num_hidden_layers=0"):
+        build(num_hidden_layers=0)
+
+
+
 # ---------------------------------------------------------------- decode graphs
 
 
