@@ -1131,8 +1131,9 @@ def test_cpu_long_half_prefills_run_sdpa_and_keep_the_kernels_promises(dtype, se
     2026-12-06): their rows equal SDPA on their own K/V (causal from the bottom right: new tokens after a
     cached context, a whole prompt); shorter ones (and empty ones) beside them run the C++ kernel, as alone
     (chosen by the call's longest, a short one took SDPA beside a long one: other bits; review). Within the
-    dtype's tolerance of the float64 reference, bit for bit whatever the thread count and the rest of the
-    batch; a call below the threshold runs the C++ kernel only."""
+    dtype's tolerance of the float64 reference, bit for bit whatever the thread count, the rest of the batch and
+    q's layout (a strided q took SDPA's other kernel: other bits; layout hunt); a call below the threshold runs
+    the C++ kernel only."""
     t_min = kv_ops._SDPA_MIN_Q_LEN
     cache = make(dtype, num_layers=1, num_kv_heads=2, head_dim=16, num_pages=64)
     ids = [cache.add_sequence() for _ in range(4)]
@@ -1166,6 +1167,9 @@ def test_cpu_long_half_prefills_run_sdpa_and_keep_the_kernels_promises(dtype, se
             assert torch.equal(kfuse.paged_prefill_attention(q, cache, 0, ids, new, backend="cpu"), out), nt
     finally:
         torch.set_num_threads(old)
+    for strided in (q.transpose(1, 2).contiguous().transpose(1, 2),  # rows not unit-stride: SDPA's other kernel
+                    torch.full((*q.shape[:2], 2 * q.shape[2]), float("nan"), dtype=dtype)[..., ::2].copy_(q)):
+        assert torch.equal(kfuse.paged_prefill_attention(strided, cache, 0, ids, new, backend="cpu"), out)
     calls.clear()
     short = [t_min - 1, 0, 0, 0]
     kfuse.paged_prefill_attention(q[:t_min - 1], cache, 0, ids, short, backend="cpu")

@@ -278,7 +278,10 @@ def _prefill_sdpa(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
     one took SDPA and alone the C++ kernel: other bits; review). CPU tensors (``seq_ids``, ``lens``,
     ``q_lens`` read on the host; the caller has checked their values: _check_values). The output is
     contiguous, as the registered op's fake says (``empty_like`` kept a permuted q's layout, which
-    torch.compile's view of it then refused; registered-ops hunt)."""
+    torch.compile's view of it then refused; registered-ops hunt). q is read contiguous, as the C++ kernel reads it:
+    torch's CPU SDPA leaves its flash kernel for a q whose rows are not unit-stride, so a strided q gave other bits
+    (layout hunt, 2026-12-06)."""
+    q = q.contiguous()
     out = q.new_empty(q.shape)
     rows_cache, off, short = _TensorCache(k_pages, v_pages, block_table, seq_ids, lens), 0, []
     for i, (n, t) in enumerate(zip(lens.tolist(), q_lens.tolist(), strict=True)):
