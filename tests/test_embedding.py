@@ -1266,6 +1266,56 @@ def test_torch_func_over_indices_and_sparse_reference(seed):
         torch.testing.assert_close(g, torch.func.grad(lambda v: F.embedding_bag(idx[0], v, off).sum())(w))
 
 
+def test_vmap_over_offsets_matches_torch_or_names_offsets(seed):
+    """vmap over the offsets failed with functorch's ".item()" error from inside the reference (which sliced the
+    features by their offsets' values; func hunt). One feature needs no slicing and matches torch's
+    embedding_bag under the same vmap (with per_sample_weights too); several features raise an error naming
+    offsets."""
+    w = torch.randn(10, 3, dtype=torch.float64)
+    idx, psw = torch.tensor([1, 2, 3, 4, 5, 0, 9]), torch.rand(7, dtype=torch.float64)
+    offs = torch.tensor([[0, 2, 2, 5], [0, 1, 3, 6]])
+    for mode, p in (("mean", None), ("sum", psw)):
+        want = torch.func.vmap(lambda o, m=mode, p=p: F.embedding_bag(idx, w, o, mode=m, per_sample_weights=p))(offs)
+        for backend in ("cpu", "reference"):
+            got = torch.func.vmap(lambda o, m=mode, p=p, b=backend: kfuse.embedding_bag(
+                idx, w, o, mode=m, per_sample_weights=p, backend=b))(offs)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    two = torch.tensor([[0, 2, 4, 7], [0, 1, 3, 7]])  # 2 features of a table, 1 bag each... + last offset
+    with pytest.raises(ValueError, match="vmap over offsets needs one feature"):
+        torch.func.vmap(lambda o: kfuse.multi_embedding_bag([w], idx, o, [0, 0, 0]))(two)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_a_table_updated_between_forward_and_backward_gets_its_gradient(backend, sparse, seed):
+    """Without a per_sample_weights gradient the tables' values are not needed by the backward: a table updated
+    in place between forward and backward (another optimizer's step on a shared table) gets its gradient, as
+    with torch's embedding_bag (the cpu backend saved the tables and refused it; func hunt). With one, the
+    values are read and autograd's in-place error stands on the cpu backend (see the next test; the reference
+    saved float64 copies, whose values are the forward's)."""
+    idx, off, psw = torch.tensor([1, 2, 3, 4, 2]), torch.tensor([0, 2]), torch.rand(5)
+    for p in (None, psw):
+        w, wt = torch.randn(10, 3, requires_grad=True), torch.randn(10, 3, requires_grad=True)
+        y = kfuse.embedding_bag(idx, w, off, mode="sum", per_sample_weights=p, sparse=sparse, backend=backend)
+        yt = F.embedding_bag(idx, wt, off, mode="sum", per_sample_weights=p)
+        with torch.no_grad():
+            w.mul_(2)
+            wt.mul_(2)
+        g = torch.randn_like(yt)
+        y.backward(g)
+        yt.backward(g)
+        torch.testing.assert_close(w.grad.to_dense(), wt.grad)
+    if backend == "reference":
+        return
+    w = torch.randn(10, 3, requires_grad=True)
+    y = kfuse.embedding_bag(idx, w, off, mode="sum", per_sample_weights=psw.requires_grad_(), sparse=sparse,
+                            backend=backend)
+    with torch.no_grad():
+        w.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_fused_update_is_seen_by_autograd_version_checks(backend, seed):
     """The fused update writes the tables outside autograd's sight: a node of the same graph that saved a

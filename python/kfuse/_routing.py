@@ -114,6 +114,15 @@ def functorch_values(t: Tensor) -> list[Tensor]:
     return [v for p in parts for v in functorch_values(p)]
 
 
+def vmapped(t: Tensor) -> bool:
+    """Whether ``t`` is batched by a ``torch.func.vmap`` level (under any other ``torch.func`` wrappers)."""
+    while is_functorch_wrapped_tensor(t):
+        if is_batchedtensor(t):
+            return True
+        t = get_unwrapped(t)
+    return False
+
+
 def needs_grad(tensors: Sequence[Tensor | None]) -> bool:
     """Whether autograd must record the call: grad mode is on and an input requires a gradient."""
     if not torch.is_grad_enabled():

@@ -668,15 +668,31 @@ def _(grad_out, weights, indices, offsets, feature_table, padding_idx, pooling, 
     return [w.new_empty(w.shape) for w in weights], psw
 
 
+def _save_tables(ctx, indices: Tensor, offsets: Tensor, psw: Tensor | None, weights: Sequence[Tensor]) -> None:
+    """Saves the backward's inputs. The tables' values are read only for the per_sample_weights gradient:
+    only then are they saved (autograd's version check refuses them edited before the backward); else they
+    are kept for their shapes, and a table updated in place between forward and backward (another
+    optimizer's step on a shared table) gives the gradient, as torch's embedding_bag does (func hunt: the cpu
+    backend refused it, the reference did not)."""
+    values = psw is not None and psw.requires_grad
+    ctx.save_for_backward(indices, offsets, psw, *(weights if values else ()))
+    ctx.tables = None if values else list(weights)
+
+
+def _saved_tables(ctx) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor]]:
+    indices, offsets, psw, *weights = ctx.saved_tensors
+    return indices, offsets, psw, weights if ctx.tables is None else ctx.tables
+
+
 def _setup_context(ctx, inputs, output) -> None:
     weights, indices, offsets, feature_table, padding_idx, pooling, psw, backend = inputs
-    ctx.save_for_backward(indices, offsets, psw, *weights)
+    _save_tables(ctx, indices, offsets, psw, weights)
     ctx.bags = _Bags(list(feature_table), list(padding_idx), pooling)
     ctx.backend = _select("embedding_bag_forward", backend, weights[0])
 
 
 def _registered_backward(ctx, grad_out: Tensor):
-    indices, offsets, psw, *weights = ctx.saved_tensors
+    indices, offsets, psw, weights = _saved_tables(ctx)
     need_w = list(ctx.needs_input_grad[0]) if isinstance(ctx.needs_input_grad[0], (list, tuple)) else \
         [bool(ctx.needs_input_grad[0])] * len(weights)
     need_psw = psw is not None and ctx.needs_input_grad[6]
@@ -699,13 +715,13 @@ class _EagerEmbeddingBag(torch.autograd.Function):
     @staticmethod
     def forward(ctx, indices: Tensor, offsets: Tensor, bags: _Bags, sparse: bool, backend: str,
                 psw: Tensor | None, *weights: Tensor) -> Tensor:
-        ctx.save_for_backward(indices, offsets, psw, *weights)
+        _save_tables(ctx, indices, offsets, psw, weights)
         ctx.bags, ctx.sparse, ctx.backend = bags, sparse, backend
         return _forward_impl(list(weights), indices, offsets, bags, psw, backend)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        indices, offsets, psw, *weights = ctx.saved_tensors
+        indices, offsets, psw, weights = _saved_tables(ctx)
         need_w = list(ctx.needs_input_grad[6:])
         need_psw = psw is not None and ctx.needs_input_grad[5]
         if _routing.differentiable_backward(grad_out):
@@ -754,6 +770,11 @@ def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
         # values, which meta tensors do not have: 'Tensor.item() cannot be called'; bug hunt).
         path = _routing.REGISTERED
     if path == _routing.REFERENCE:
+        if bags.num_features > 1 and _routing.vmapped(offsets):
+            # The reference slices the features by their offsets' values, which a vmap over offsets cannot
+            # read (functorch's .item() error from deep inside; func hunt). One feature needs no slicing.
+            raise ValueError(f"kfuse.{op}: vmap over offsets needs one feature (here {bags.num_features}); loop "
+                             "over the batch instead")
         if not _routing.tracing():
             # vmap over indices or offsets: each batch entry's values (nonzero of a batched tensor failed)
             idx_values, off_values = _routing.functorch_values(indices), _routing.functorch_values(offsets)

@@ -41,7 +41,10 @@ def out_columns(dims: list[int], feature_table: list[int]) -> list[int]:
 
 
 def _feature_slice(indices: Tensor, offsets: Tensor, f: int, batch: int) -> tuple[Tensor, Tensor]:
-    """Feature ``f``'s indices and its ``B + 1`` offsets rebased to 0 (int64)."""
+    """Feature ``f``'s indices and its ``B + 1`` offsets rebased to 0 (int64). One feature's are the whole
+    (offsets from 0 to len(indices)): not sliced by their values, which a ``vmap`` over offsets cannot read."""
+    if offsets.numel() == batch + 1:
+        return indices.long(), offsets.long()
     offs = offsets[f * batch: (f + 1) * batch + 1].long()
     return indices[offs[0]: offs[-1]].long(), offs - offs[0]
 
@@ -51,8 +54,8 @@ def multi_embedding_bag_reference(weights: list[Tensor], indices: Tensor, offset
                                   padding_idx: list[int] | None = None,
                                   compute_dtype: torch.dtype = torch.float64) -> Tensor:
     """Pooled lookups of every feature, concatenated: ``[B, Σ dims]`` in the tables' dtype, with
-    ``B = (len(offsets) − 1) / F``. Differentiable (plain autograd through ``embedding_bag`` in
-    ``compute_dtype``) w.r.t. the tables and ``per_sample_weights``."""
+    ``B = (len(offsets) − 1) / F``; offsets run from 0 to ``len(indices)``, as the ops check. Differentiable
+    (plain autograd through ``embedding_bag`` in ``compute_dtype``) w.r.t. the tables and ``per_sample_weights``."""
     nf = len(feature_table)
     batch = (offsets.numel() - 1) // nf
     pads = padding_idx or [-1] * len(weights)
@@ -61,7 +64,7 @@ def multi_embedding_bag_reference(weights: list[Tensor], indices: Tensor, offset
         idx, offs = _feature_slice(indices, offsets, f, batch)
         psw = None
         if per_sample_weights is not None:
-            lo, hi = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
+            lo, hi = (0, len(indices)) if nf == 1 else (int(offsets[f * batch]), int(offsets[(f + 1) * batch]))
             psw = per_sample_weights[lo:hi].to(compute_dtype)
         outs.append(F.embedding_bag(idx, weights[t].to(compute_dtype), offs, mode=("sum", "mean")[pooling],
                                     per_sample_weights=psw, include_last_offset=True,
