@@ -829,6 +829,50 @@ def test_fused_module_built_on_meta(optimizer):
         assert torch.equal(a, b)
 
 
+def test_fused_module_built_on_meta_and_assigned_a_checkpoint_has_every_parameter_there(seed):
+    """Built under torch.device("meta") and given a checkpoint with load_state_dict(assign=True) (loading a large
+    model without initialising it twice), the fused module kept its meta _grad_anchor (never saved: the load put
+    the meta one back), its first parameter: next(model.parameters()) was on meta and clip_grad_norm_ and .to()
+    failed ("Cannot copy out of meta tensor"; module-conventions hunt). The anchor now follows the tables."""
+    idx, off = torch.tensor([0, 1, 2, 3, 1, 0, 4, 5, 7, 7]), torch.tensor([0, 2, 4, 6, 10])
+
+    def build() -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict({"emb": MultiTableEmbeddingBag([(10, 4), (8, 4)], optimizer="adam", lr=0.1),
+                                    "lin": torch.nn.Linear(8, 1)})
+
+    ref = build()
+    with torch.device("meta"):
+        model = build()
+    model.load_state_dict(ref.state_dict(), assign=True)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    for m in (model, ref):
+        m["lin"](m["emb"](idx, off)).pow(2).sum().backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    model.to(torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_fused_module_refuses_assigned_states_it_cannot_update_and_parametrized_tables(backend):
+    """Optimizer states brought by load_state_dict(assign=True) in another dtype (Adam's v in float16, which
+    the module's casts prevent) or layout: the cpu backend refused them in the backward while the reference
+    trained on; the load now refuses them, naming each. A parametrized table (each read a new tensor) was
+    taken by the forward and failed in the backward naming swapped tables; the forward names it now
+    (module-conventions hunt)."""
+    m = MultiTableEmbeddingBag([(10, 4), (8, 4)], optimizer="adam", backend=backend)
+    sd = m.state_dict()
+    bad = {**sd, "momentum2_0": sd["momentum2_0"].half(), "momentum1_1": sd["momentum1_1"].t().contiguous().t()}
+    with pytest.raises(RuntimeError, match=r"(?s)momentum2_0: with assign=True .*float16.*momentum1_1: .*"
+                                           r"non-contiguous"):
+        MultiTableEmbeddingBag([(10, 4), (8, 4)], optimizer="adam", backend=backend).load_state_dict(bad, assign=True)
+    m.load_state_dict(bad)  # a copying load converts them
+    assert m.momentum2_0.dtype == torch.float32
+    torch.nn.utils.parametrize.register_parametrization(m.weights, "1", torch.nn.Identity())
+    with pytest.raises(RuntimeError, match="weights.1 is parametrized"):
+        m(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3]))
+
+
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_module_cast_keeps_float32_moments(optimizer, dtype):

@@ -362,9 +362,32 @@ class MultiTableEmbeddingBag(nn.Module):
         old = prefix + "step"  # the buffer's name in checkpoints written before 2026-12-02
         if self.optimizer is not None and old in state_dict and prefix + "optimizer_step" not in state_dict:
             state_dict[prefix + "optimizer_step"] = state_dict.pop(old)
-        if self.optimizer is not None:  # never saved (see __init__)
-            state_dict.setdefault(prefix + "_grad_anchor", self._grad_anchor)
+        if self.optimizer is not None:  # never saved (see __init__): one like the incoming tables, so that an
+            # assign=True load (after a meta-device build) does not put the meta one back (module-conventions hunt)
+            w = state_dict.get(prefix + "weights.0")
+            state_dict.setdefault(prefix + "_grad_anchor", self._grad_anchor if not isinstance(w, Tensor) else
+                                  nn.Parameter(torch.zeros(0, dtype=w.dtype, device=w.device)))
+            if args and args[0].get("assign_to_params_buffers", False):  # (local_metadata)
+                self._check_assigned_states(state_dict, prefix, args[-1])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_assigned_states(self, state_dict: dict[str, Any], prefix: str, error_msgs: list[str]) -> None:
+        """Optimizer states that load_state_dict(assign=True) would make the buffers must be as the constructor
+        makes them: contiguous, in the accumulation dtype of their table's dtype, on its device (the C++ kernels
+        refused others in the backward, while the reference trained on, e.g., Adam's v in float16:
+        module-conventions hunt). Shapes torch checks itself; a copying load converts the rest."""
+        for t in range(len(self.weights)):
+            w = state_dict.get(f"{prefix}weights.{t}", self.weights[t])
+            for which in (1, 2):
+                s = state_dict.get(f"{prefix}momentum{which}_{t}")
+                if not isinstance(s, Tensor) or not isinstance(w, Tensor):
+                    continue
+                acc = acc_dtype(w.dtype)
+                if s.dtype != acc or s.device != w.device or not s.is_contiguous():
+                    error_msgs.append(f"momentum{which}_{t}: with assign=True it must be a contiguous {acc} tensor on "
+                                      f"{w.device}, as table {t} is {w.dtype} there; got a "
+                                      f"{'' if s.is_contiguous() else 'non-contiguous '}{s.dtype} tensor on "
+                                      f"{s.device}")
 
     def states(self, which: int) -> list[Tensor]:
         """The fused optimizer's ``momentum{which}`` buffers, one per table."""
@@ -409,6 +432,15 @@ class MultiTableEmbeddingBag(nn.Module):
                                          self.padding_idx, sparse=self.sparse, backend=self.backend, check=self.check)
         op = "MultiTableEmbeddingBag"
         _backends.check_backend_name(op, self.backend)
+        if torch.nn.utils.parametrize.is_parametrized(self.weights):
+            # Each read of a parametrized table computes a new tensor: the update would go into that temporary,
+            # and the backward failed naming swapped tables (module-conventions hunt).
+            names = [f"weights.{k}" for k in self.weights.parametrizations]
+            raise RuntimeError(f"{op}: the fused optimizer (optimizer={self.optimizer!r}) updates the tables in place, "
+                               f"but {', '.join(names)} {'is' if len(names) == 1 else 'are'} parametrized "
+                               "(torch.nn.utils.parametrize): a computed table cannot take the update. Build the "
+                               "module with optimizer=None (a torch optimizer then updates the parametrization's "
+                               "parameters).")
         if self.weights.__dict__.get("_is_fsdp_managed_module"):
             # (torch's mark of the modules whose parameters fully_shard or FullyShardedDataParallel manage: not the
             # tables' ParameterList when they are all in fully_shard's ignored_params or in FSDP's ignored_modules.)
