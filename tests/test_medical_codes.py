@@ -60,7 +60,15 @@ def test_code_lists_are_the_real_ones(vocab):
     assert vocab.sizes == [74_044, 78_603, 600]
     i10 = vocab.lookup("dx", "I10")
     assert vocab.descriptions["dx"][i10] == "Essential (primary) hypertension"
-    assert vocab.category_names["dx"][vocab.categories["dx"][i10]].startswith("CIR007 (circulatory")
+    cir007 = vocab.category_names["dx"][vocab.categories["dx"][i10]]
+    assert cir007 == "CIR007 (circulatory; CCS: Essential hypertension)"
+    # Named by the label most of a category's own-chapter codes carry: a first code from the infectious chapter
+    # (A18.84, A52.04) named these "Tuberculosis" and an STI (medical-codes hunt); all codes' majority would name
+    # CIR007 after its pregnancy codes (O10.x).
+    names = {n.split()[0]: n for n in vocab.category_names["dx"]}
+    assert names["BLD010"] == "BLD010 (blood; CCS: Other hematologic conditions)"
+    assert names["CIR024"] == "CIR024 (circulatory; CCS: Other and ill-defined cerebrovascular disease)"
+    assert names["INF001"] == "INF001 (infectious; CCS: Tuberculosis)"
     assert vocab.lookup("dx", "E11.9") == vocab.lookup("dx", "E119")  # dots ignored
     assert (vocab.categories["dx"] >= 0).sum() == 73_607 and len(vocab.category_names["dx"]) == 514
     assert (vocab.categories["px"] >= 0).sum() == 76_661 and len(vocab.category_names["px"]) == 224
