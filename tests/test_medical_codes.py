@@ -439,6 +439,17 @@ def test_builds_agree(small, claims):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["kfuse", "torch", "fbgemm"])
+def test_per_sample_weights_with_mean_are_refused_by_every_build(impl):
+    """FBGEMM's MEAN pooling took per_sample_weights and returned sum(w x) / n, which no other build computes;
+    every build refuses them with mode="mean", as torch's embedding_bag does (medical-codes hunt)."""
+    if impl == "fbgemm":
+        pytest.importorskip("fbgemm_gpu")
+    m = CodeEmbedding([3], 4, domains=("dx",), mode="mean", optimizer="sgd", impl=impl, seed=0)
+    with pytest.raises((ValueError, NotImplementedError), match="per_sample_weights .*only supported .*mode='sum'"):
+        m(torch.tensor([0, 1]), torch.tensor([0, 2]), torch.tensor([0.5, 2.0]))
+
+
 def _write(path, text: str):
     path.write_text(text)
     return path
