@@ -755,6 +755,34 @@ def test_fallback_warnings_do_not_keep_adapter_names() -> None:
     assert len(ours) == 1 and "DoRA" in ours[0] and len(kp._warned) == 1, (ours, kp._warned)
 
 
+def test_disabled_input_dtype_casting_falls_back_with_its_reason(seed: int) -> None:
+    """Under peft.helpers.disable_input_dtype_casting, float32 adapters on a bf16 layer cannot take a bf16 input:
+    the call is PEFT's (its own dtype error, as unfused), and the warning says why (it said "its dtype
+    (torch.float32) is neither float32 nor the input's": PEFT-configs hunt). With casting on, kfuse runs it."""
+    from peft.helpers import disable_input_dtype_casting  # noqa: PLC0415
+
+    class One(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x)
+
+    model = get_peft_model(One().to(torch.bfloat16), LoraConfig(r=4, target_modules=["a"])).eval()
+    kp.fuse(model, warn=False)
+    kp._warned.clear()
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with warnings.catch_warnings(record=True) as record, torch.no_grad():
+        warnings.simplefilter("always")
+        model(x)
+        assert not our_warnings(record)
+        with disable_input_dtype_casting(model), pytest.raises(RuntimeError):
+            model(x)
+    ours = our_warnings(record)
+    assert len(ours) == 1 and "input dtype casting is disabled" in ours[0] and "neither" not in ours[0], ours
+
+
 def test_export_records_the_fused_op(seed: int) -> None:
     """torch.export (its default, non-strict mode: the parameters become fake tensors) of a fused model
     records kfuse's LoRA op, as the strict mode and torch.compile do; the fused layers took the fake

@@ -27,8 +27,9 @@ Everything else runs PEFT's own forward for that call, with one warning per reas
 adapter), a mixed batch that needs gradients or dropout, an adapter that is a LoRA variant
 (DoRA, ...) or whose modules were replaced or hooked, dropout ``p >= 1`` or in place, extra
 forward arguments, an ``x`` whose dtype or device differs from the base weight's (under autocast:
-a dtype autocast does not cast), adapters whose dtype is neither float32 nor x's, forward hooks
-on the base layer or adapter modules. Such calls are exact (they are PEFT's); they only are not fused.
+a dtype autocast does not cast), adapters whose dtype is neither float32 nor x's (nor x's under
+``disable_input_dtype_casting``), a scaling that is a tensor (``prepare_model_for_compiled_hotswap``), forward
+hooks on the base layer or adapter modules. Such calls are exact (they are PEFT's); they only are not fused.
 
 Layers ``fuse`` does not switch at all (left to PEFT and listed, with reasons, in one warning
 and in the returned :class:`Report`): LoRA layers other than the plain ``lora.Linear``
@@ -275,8 +276,11 @@ def _adapter_reason(self: nn.Module, adapter: str, x: Tensor) -> str | None:
     if cast is not None:  # kfuse keeps float32 adapters and casts half ones, as autocast's matmuls would
         if _routing.autocast_dtype(wa) is None:
             return f"adapter {adapter!r}: autocast is enabled and its dtype ({wa.dtype}) is one autocast does not cast"
-    elif wa.dtype != x.dtype and (wa.dtype != torch.float32 or not getattr(self, "cast_input_dtype_enabled", True)):
+    elif wa.dtype != x.dtype and wa.dtype != torch.float32:
         return f"adapter {adapter!r}: its dtype ({wa.dtype}) is neither float32 nor the input's ({x.dtype})"
+    elif wa.dtype != x.dtype and not getattr(self, "cast_input_dtype_enabled", True):
+        return (f"adapter {adapter!r}: input dtype casting is disabled (peft.helpers.disable_input_dtype_casting) and "
+                f"its dtype ({wa.dtype}) is not the input's ({x.dtype})")
     if wa.device != x.device or wb.device != x.device:
         return f"adapter {adapter!r} is not on the input's device"
     s = self.scaling[adapter]
