@@ -7,7 +7,7 @@ The first H200 run (bench/results/2026-12-04-h200/) measured the forward at 4.2x
   bad-index flag, so each call waits for its kernel); ``op async``: the same with ``check="async"``;
 - ``launcher``: ``kfuse.triton_kernels.embedding.forward`` (no flag read, so the host runs ahead);
 - ``kernel``: ``_fwd_kernel`` alone replayed from a CUDA graph (its metadata built once);
-- ``loop``: the per-table ``F.embedding_bag`` loop (``do_bench``, as the report's baseline);
+- ``loop``: the per-table ``F.embedding_bag`` loop, outputs concatenated (``do_bench``; the report's baseline);
 
 then the kernel from a CUDA graph for each (BLOCK_L, BLOCK_D, num_warps), and a ``torch.profiler``
 table of a training step with the fused row-wise Adagrad. Usage: ``python bench/tune_embedding.py``
@@ -52,8 +52,8 @@ def tune_forward(case: Case) -> None:
     ends = off[::B].tolist()  # each feature's first and last index position
     sl = [(idx[ends[f]:ends[f + 1]], off[f * B: (f + 1) * B] - ends[f]) for f in range(t)]
 
-    def loop() -> list[torch.Tensor]:
-        return [F.embedding_bag(i, ws[f], o, mode="sum") for f, (i, o) in enumerate(sl)]
+    def loop() -> torch.Tensor:  # concatenated, as the report's loop (the list alone skipped the output's write)
+        return torch.cat([F.embedding_bag(i, ws[f], o, mode="sum") for f, (i, o) in enumerate(sl)], dim=1)
 
     now = (tk._FWD_BLOCK_L, tk._block_d(D), tk._FWD_WARPS)
     print(f"== {shape}: ms, median")

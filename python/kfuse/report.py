@@ -91,14 +91,19 @@ class Candidate:
     #: baseline that computes something else than the op (LoRA's base GEMM ``x Wᵀ``), checked
     #: against its own float64 result.
     error: Callable[[Any], float] | None = None
+    #: Its own work, for its rates (TFLOP/s, GB/s, %mm, %copy), instead of the op's ``flops`` /
+    #: ``bytes_moved``: for such a baseline (the base GEMM's 2·M·N·K and its three matrices; with the LoRA
+    #: op's, its rates were up to 35 % high, a %mm above 100 on the CPU: bench-math audit).
+    work: tuple[int | None, int | None] | None = None
     #: Measurements beside the time, called with the median time (ms) after timing: a dict of
     #: column name to number (LoRA: ``saved MiB`` for the backward, ``tok/s`` for a training step).
     extra: Callable[[float], dict[str, float]] | None = None
     #: A kfuse candidate that needs an optional library (``kfuse.integrations.peft``): when it is
     #: skipped, the case does not count as one that no kfuse backend ran (``python -m kfuse``).
     optional: bool = False
-    #: Its calls are bound by host work (KV's metadata operations): timed on CUDA as on the CPU, the
-    #: median of back-to-back calls' wall-clock times (then one synchronize), host checks included.
+    #: Its calls are bound by host work (KV's metadata operations): timed on CUDA by the wall clock, as on
+    #: the CPU: the median of rounds of back-to-back calls, each round synchronised (:func:`time_ms`),
+    #: host checks included.
     #: do_bench's events would bracket only the device work and what of the host's outlasts the L2
     #: flush before each call (~70 us of memset on an H200). Its device time: :func:`device_time_us`.
     host_bound: bool = False
@@ -272,9 +277,13 @@ def timer_name(device: torch.device) -> str:
         timer = ("triton.testing.do_bench (median; L2 flushed before each call)" if _triton_testing()
                  else "CUDA events (median)")
         return (f"{timer}; calls of {SLOW_CALL_MS:.0f} ms or more: wall clock, median of 3 synchronised runs; "
-                "host-bound calls (KV metadata): wall clock, median of back-to-back calls")
+                "host-bound cases (KV metadata, small-M LoRA, the embedding forward): wall clock, median of rounds "
+                f"of {HOST_BOUND_CALLS} back-to-back calls, each round synchronised")
     return f"wall clock, median of repeats ({torch.get_num_threads()} threads)"
 
+
+#: Host-bound calls on CUDA are timed in rounds of this many back-to-back calls (:func:`time_ms`).
+HOST_BOUND_CALLS = 10
 
 #: A CUDA call at least this slow (one warm, synchronised run, ms) is timed by 3 such runs, not by
 #: do_bench: do_bench would run a ~1.5 s generate() 8 times (an estimate of 5 runs, a warm-up and one
@@ -286,8 +295,8 @@ def time_ms(fn: Callable[[], Any], device: torch.device, quick: bool = False,
             host_bound: bool = False) -> tuple[float, int | None]:
     """Median time of ``fn()`` in milliseconds and the number of timed runs (None when
     ``do_bench`` chose it). ``fn`` should already have run once (the warm-up, compiles included).
-    ``host_bound``: on CUDA too the median wall-clock time of back-to-back calls (see
-    :attr:`Candidate.host_bound`)."""
+    ``host_bound``: on CUDA too by the wall clock: the median over rounds of :data:`HOST_BOUND_CALLS`
+    back-to-back calls, each round synchronised (see :attr:`Candidate.host_bound`)."""
     if device.type == "cuda" and not host_bound:
         with torch.cuda.device(device):
             slow = _time_slow_cuda(fn, device)
@@ -299,17 +308,23 @@ def time_ms(fn: Callable[[], Any], device: torch.device, quick: bool = False,
                 return float(ms), None
             return _time_cuda_events(fn, device, 40.0 if quick else 100.0)
     budget, cap, min_reps, max_reps = (0.25, 1.0, 3, 50) if quick else (1.0, 3.0, 5, 200)
+    # On CUDA, rounds of HOST_BOUND_CALLS back-to-back calls, each round synchronised at both ends: a call's
+    # time is its round's over its calls, the device's work in it (timed call by call, a call was its issuing
+    # alone: a cuBLAS GEMM of ~10 us on the device counted at its ~5 us launch; bench-math audit).
+    calls = HOST_BOUND_CALLS if device.type == "cuda" else 1
     times: list[float] = []
     start = time.perf_counter()
     while True:
+        _sync(device)
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) / calls)
         spent = time.perf_counter() - start
-        if len(times) >= max_reps or spent >= cap or (len(times) >= min_reps and spent >= budget):
+        if len(times) * calls >= max_reps or spent >= cap or (len(times) * calls >= min_reps and spent >= budget):
             break
-    _sync(device)
-    return statistics.median(times) * 1e3, len(times)
+    return statistics.median(times) * 1e3, len(times) * calls
 
 
 def device_time_us(fn: Callable[[], Any], device: torch.device, calls: int = 20) -> float | None:
@@ -611,7 +626,7 @@ def run_case(op: OpBench, case: Case, seed: int, ceilings: Ceilings, quick: bool
             host_bound = cand.host_bound or getattr(op, "host_bound", lambda c: False)(case)
             ms, reps = time_ms(cand.run, case.device, quick, host_bound)
             extra = cand.extra(ms) if cand.extra is not None else {}
-            nbytes = op.bytes_moved(case)
+            flops, nbytes = cand.work if cand.work is not None else (op.flops(case), op.bytes_moved(case))
             if nbytes and getattr(op, "both_caches", lambda c: False)(case):
                 state, other_ms = time_other_cache(cand.run, case.device, quick, host_bound)
                 extra[f"{state} GB/s"] = nbytes / other_ms / 1e6
@@ -625,7 +640,6 @@ def run_case(op: OpBench, case: Case, seed: int, ceilings: Ceilings, quick: bool
         row = Row(case.op, case.label, dtype_name(case.dtype), case.mode, cand.name, cand.kind, "ok",
                   time_ms=ms, reps=reps, first_call_ms=first_ms, max_err=err, tol=tol, passed=err <= tol,
                   extra=extra, optional=cand.optional)
-        flops = op.flops(case)
         if nbytes:
             row.gbps = nbytes / ms / 1e6
             row.pct_copy = 100 * row.gbps / ceilings.copy_gbps

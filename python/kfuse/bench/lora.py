@@ -482,12 +482,12 @@ def _gemm_candidates(case: Case, inp: Inputs) -> list[Candidate]:
     x, w = inp.x, inp.weight
     if case.mode == "fwd":
         check = _own_check(lambda: x.double() @ w.double().t())
-        out.append(Candidate("base", "baseline", lambda: torch.mm(x, w.t()), error=check))
-        out.append(_triton_gemm(x, w, skips["triton"], check))
+        out.append(Candidate("base", "baseline", lambda: torch.mm(x, w.t()), error=check, work=gemm_work(case)))
+        out.append(_triton_gemm(case, x, w, skips["triton"], check))
     else:
         dy = inp.grad_y
         out.append(Candidate("base", "baseline", lambda: torch.mm(dy, w),
-                             error=_own_check(lambda: dy.double() @ w.double())))
+                             error=_own_check(lambda: dy.double() @ w.double()), work=gemm_work(case)))
     out.append(_peft_candidate(case, inp, "peft", ADAPTER_DTYPE))
     lowp_name = f"peft-{dtype_name(case.dtype)}"
     if case.dtype in (torch.float32, torch.float64):
@@ -500,7 +500,14 @@ def _gemm_candidates(case: Case, inp: Inputs) -> list[Candidate]:
     return out
 
 
-def _triton_gemm(x: Tensor, w: Tensor, skip: str | None, check: Callable[[Any], float]) -> Candidate:
+def gemm_work(case: Case) -> tuple[int, int]:
+    """The base GEMM's own work (``x Wᵀ`` forward, ``dY·W`` backward: the same sizes), for its rows' rates:
+    ``2·M·N·K`` flops and its three matrices' bytes."""
+    (M, K, N), x_size = case.shape, _sizes(case)[0]
+    return 2 * M * N * K, x_size * (M * K + N * K + M * N)
+
+
+def _triton_gemm(case: Case, x: Tensor, w: Tensor, skip: str | None, check: Callable[[Any], float]) -> Candidate:
     """``triton-gemm``: kfuse's Triton forward with a rank-0 adapter, i.e. its GEMM alone (the same
     tiles, main loop and epilogue; the low-rank loop runs no iteration). A diagnostic beside ``base``:
     how far the main loop is from cuBLAS, apart from what the low-rank term adds. ``check``: base's
@@ -512,7 +519,7 @@ def _triton_gemm(x: Tensor, w: Tensor, skip: str | None, check: Callable[[Any], 
     a0, b0 = x.new_zeros(0, x.shape[1], dtype=ADAPTER_DTYPE), w.new_zeros(w.shape[0], 0, dtype=ADAPTER_DTYPE)
     return Candidate("triton-gemm", "baseline",
                      lambda: lk.lora_forward(x, w, False, a0, b0, 1.0, None, None, None, 0.0, False)[0],
-                     error=check)
+                     error=check, work=gemm_work(case))
 
 
 def _multi_candidates(case: Case, inp: Inputs) -> list[Candidate]:
@@ -526,7 +533,7 @@ def _multi_candidates(case: Case, inp: Inputs) -> list[Candidate]:
             out.append(Candidate(name, "backend", _no_grad(functools.partial(
                 kfuse.lora_linear_multi, x, w, A, B, sc, rk, ids, backend=name))))
     out.append(Candidate("base", "baseline", lambda: torch.mm(x, w.t()),
-                         error=_own_check(lambda: x.double() @ w.double().t())))
+                         error=_own_check(lambda: x.double() @ w.double().t()), work=gemm_work(case)))
     if why := _missing("peft"):
         out.append(Candidate("peft", "baseline", skip=why))
     else:
