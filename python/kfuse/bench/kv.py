@@ -6,12 +6,14 @@ a ratio to stay at or under). Cases (``mode``), all on one layer of a :class:`kf
 - ``rollback``: ``cache.rollback`` of 256 sequences at a context length (shape ``(256, ctx)``),
   metadata only. Timed: one ``cache.rollback(ids, new_lens)`` call with CPU int64 tensors (the
   fastest argument form; a Python list adds ~7 µs per 256 ids), host checks and host state included
-  (the median wall-clock time of back-to-back calls, on CUDA too: ``Candidate.host_bound``; on CUDA
-  the ``device us`` column gives the device time of a call, kernels and copies, from the profiler).
+  (the median wall-clock time of back-to-back calls; on CUDA too, in synchronised rounds of 10 calls:
+  ``Candidate.host_bound``; on CUDA the ``device us`` column gives the device time of a call, kernels and
+  copies, from the profiler).
   The first (checked) call rolls every sequence back to ``3/4·ctx``; each timed call then takes every
   sequence back by one page (256 pages freed per call: the host half is O(sequences + freed pages),
   the device half the same fixed-shape work whatever is dropped), down to ``ctx/4``, after which one
-  call re-appends (one call in ``ctx / 2 / page``; the median leaves it out). The K/V pools of these
+  call re-appends (one call in ``ctx / 2 / page``, 32 at 1k tokens; the median leaves it out, on CUDA while
+  fewer than half the rounds of 10 hold one). The K/V pools of these
   cases have 1 KV head of dim 8 (rollback moves no K/V bytes, so the pool's size does not enter).
   Basis: the target time itself (10 µs on CUDA, 20 µs on the CPU); target ratio 1 (on CUDA a
   conservative reading: the issue's 10 µs is device time, the ``device us`` column). Checked once:
