@@ -447,7 +447,6 @@ def test_a_model_without_layers_is_refused_naming_the_config():
         build(num_hidden_layers=0)
 
 
-
 # ---------------------------------------------------------------- decode graphs
 
 

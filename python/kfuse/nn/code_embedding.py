@@ -182,7 +182,6 @@ class _FbgemmTables(nn.Module):
             raise ValueError(f"impl='fbgemm' needs dims that are multiples of 4; got {bad}")
         specs = [(r, d, tbe.EmbeddingLocation.HOST, tbe.ComputeDevice.CPU) for r, d in tables]
         pooling = tbe.PoolingMode.SUM if mode == "sum" else tbe.PoolingMode.MEAN
-        self.mode = mode
         # FATAL bounds checks: by default FBGEMM logs an out-of-range index and looks up row 0 instead.
         self.tbe = tbe.SplitTableBatchedEmbeddingBagsCodegen(specs, optimizer=opt[optimizer], learning_rate=lr,
                                                              eps=eps, pooling_mode=pooling,
@@ -201,7 +200,7 @@ class _FbgemmTables(nn.Module):
                     t.zero_()
 
     def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
-        if per_sample_weights is not None and self.mode != "sum":
+        if per_sample_weights is not None and self.tbe.pooling_mode.name != "SUM":
             # FBGEMM's MEAN pooling takes them and returns sum(w x) / n, which no other build computes (the kfuse
             # build refuses them with kfuse's error, as torch's embedding_bag does; medical-codes hunt)
             raise ValueError("CodeEmbedding(impl='fbgemm'): per_sample_weights is only supported with mode='sum' (as "

@@ -382,12 +382,13 @@ class MultiTableEmbeddingBag(nn.Module):
                 s = state_dict.get(f"{prefix}momentum{which}_{t}")
                 if not isinstance(s, Tensor) or not isinstance(w, Tensor):
                     continue
-                acc = acc_dtype(w.dtype)
+                acc, key = acc_dtype(w.dtype), f"{prefix}momentum{which}_{t}"
                 if s.dtype != acc or s.device != w.device or not s.is_contiguous():
-                    error_msgs.append(f"momentum{which}_{t}: with assign=True it must be a contiguous {acc} tensor on "
-                                      f"{w.device}, as table {t} is {w.dtype} there; got a "
+                    error_msgs.append(f"{key}: with assign=True it must be a contiguous {acc} tensor on {w.device}, "
+                                      f"as table {t} is {w.dtype} there; got a "
                                       f"{'' if s.is_contiguous() else 'non-contiguous '}{s.dtype} tensor on "
                                       f"{s.device}")
+                    state_dict[key] = self._buffers[f"momentum{which}_{t}"]  # not assigned (review)
 
     def states(self, which: int) -> list[Tensor]:
         """The fused optimizer's ``momentum{which}`` buffers, one per table."""

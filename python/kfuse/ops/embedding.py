@@ -669,14 +669,15 @@ def _(grad_out, weights, indices, offsets, feature_table, padding_idx, pooling, 
 
 
 def _save_tables(ctx, indices: Tensor, offsets: Tensor, psw: Tensor | None, weights: Sequence[Tensor]) -> None:
-    """Saves the backward's inputs. The tables' values are read only for the per_sample_weights gradient:
-    only then are they saved (autograd's version check refuses them edited before the backward); else they
-    are kept for their shapes, and a table updated in place between forward and backward (another
-    optimizer's step on a shared table) gives the gradient, as torch's embedding_bag does (func hunt: the cpu
-    backend refused it, the reference did not)."""
-    values = psw is not None and psw.requires_grad
-    ctx.save_for_backward(indices, offsets, psw, *(weights if values else ()))
-    ctx.tables = None if values else list(weights)
+    """Saves the backward's inputs. The tables' values are read only for the per_sample_weights gradient.
+    Without it, leaf tables (parameters) are kept on ctx for their shapes, outside autograd's version check:
+    one updated in place between forward and backward (another optimizer's step on a shared table) gets its
+    gradient, as with torch's embedding_bag (func hunt: the cpu backend refused it, the reference did not).
+    Computed tables stay saved, so that checkpointing, saved-tensor hooks and the end of the backward release
+    them as before (review: kept on ctx, they lived as long as the output)."""
+    keep = not (psw is not None and psw.requires_grad) and all(w.grad_fn is None for w in weights)
+    ctx.save_for_backward(indices, offsets, psw, *(() if keep else weights))
+    ctx.tables = list(weights) if keep else None
 
 
 def _saved_tables(ctx) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor]]:
