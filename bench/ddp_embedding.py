@@ -49,7 +49,7 @@ def _batch(batch: int, rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor
 def _module(tables: list[tuple[int, int]], fused: bool, group: object) -> kfuse.nn.MultiTableEmbeddingBag:
     torch.manual_seed(0)
     return kfuse.nn.MultiTableEmbeddingBag(tables, optimizer="rowwise_adagrad" if fused else None, lr=0.01,
-                                           eps=1e-8, process_group=group)
+                                           eps=1e-8, process_group=group if fused else None)
 
 
 def _run(mode: str, batch: int, steps: int, rank: int) -> tuple[list[float], float]:

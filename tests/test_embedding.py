@@ -876,6 +876,16 @@ def test_fused_module_refuses_assigned_states_it_cannot_update_and_parametrized_
         m(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3]))
 
 
+def test_fused_optimizer_settings_without_one_are_refused():
+    """With optimizer=None a process_group was taken and never used, so data-parallel ranks trained on
+    unsynchronised gradients, silently, and set_hyperparameters changed nothing (drop-in hunt): both are
+    refused, naming what to use instead."""
+    with pytest.raises(ValueError, match="process_group is the fused optimizer's.*DistributedDataParallel"):
+        MultiTableEmbeddingBag([(10, 4)], process_group=object())
+    with pytest.raises(RuntimeError, match="no fused optimizer.*param_groups"):
+        MultiTableEmbeddingBag([(10, 4)]).set_hyperparameters(lr=0.1)
+
+
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_module_cast_keeps_float32_moments(optimizer, dtype):

@@ -188,7 +188,8 @@ class MultiTableEmbeddingBag(nn.Module):
             gradient (a ``ValueError`` names the two).
         lr, eps, beta1, beta2, weight_decay: the fused optimizer's hyper-parameters (in ``hparams``,
             checked again at every update; change them between steps with :meth:`set_hyperparameters`,
-            e.g. for a learning-rate schedule; like every constructor argument, not saved in ``state_dict``).
+            e.g. for a learning-rate schedule; like every constructor argument, not saved in ``state_dict``;
+            unused with ``optimizer=None``, where a torch optimizer's own apply).
             The rules, per unique row r of the batch with summed gradient g (``kfuse.reference.embedding``
             writes them out; only rows in the batch are touched, a row whose gradient sums to 0 included):
             ``"sgd"`` w ← w − lr·(g + wd·w); ``"rowwise_adagrad"`` (FBGEMM's EXACT_ROWWISE_ADAGRAD) g' = g +
@@ -198,7 +199,7 @@ class MultiTableEmbeddingBag(nn.Module):
             ``torch.optim.SparseAdam``'s), eps after the correction (SparseAdam adds it before).
         seed: of the stochastic rounding (its two 32-bit words xor-ed into the kernels' 32-bit key; seeds
             below 2**32 are used as they are).
-        process_group: with a fused optimizer under data parallelism, the group whose row-sparse
+        process_group: with a fused optimizer under data parallelism (refused without one), the group whose row-sparse
             gradients are all-gathered and summed (in rank order) before the update, so every rank
             applies the same update (summed, not averaged: scale a per-rank mean loss accordingly); None: no
             communication (each rank updates its own tables; a warning, once, when torch.distributed runs
@@ -256,6 +257,11 @@ class MultiTableEmbeddingBag(nn.Module):
             raise ValueError(f"feature_table_map must be a non-empty list of table numbers in [0, {len(tables)}); "
                              f"got {feature_table_map!r}")
         self.mode, self.sparse, self.backend, self.check = mode, sparse, backend, check
+        if process_group is not None and optimizer is None:
+            # Nothing would read it: the ranks' gradients went unsynchronised, silently (drop-in hunt)
+            raise ValueError("process_group is the fused optimizer's (the group its row-sparse gradients are summed "
+                             "over); with optimizer=None the gradients are autograd's: wrap the model in "
+                             "DistributedDataParallel to synchronise them")
         if process_group is not None:
             _group_size(process_group)
         self.optimizer, self.seed, self.process_group = optimizer, _seed(seed), process_group
@@ -292,6 +298,9 @@ class MultiTableEmbeddingBag(nn.Module):
         updates from now on (a learning-rate schedule calls it between steps), checked as the constructor
         checks them; the others keep their values. ``hparams`` was a plain dict, whose writes nothing
         checked (a NaN lr turned the tables NaN; training-loop hunt)."""
+        if self.optimizer is None:
+            raise RuntimeError("MultiTableEmbeddingBag.set_hyperparameters: this module has no fused optimizer "
+                               "(optimizer=None): set the torch optimizer's param_groups instead")
         unknown = sorted(set(hparams) - set(self.hparams))
         if unknown:
             raise TypeError(f"MultiTableEmbeddingBag.set_hyperparameters: unknown {unknown}; the fused optimizer's "
