@@ -120,6 +120,22 @@ class _TorchTables(nn.Module):
                     self.opt.state[new] = self.opt.state.pop(old)
                 group["params"][i] = new
 
+    def _apply(self, fn, recurse: bool = True):
+        # .double() / .to(device) convert the tables; the optimizer's state follows them, in their accumulation
+        # dtype as the kfuse build's buffers (it stayed float32 and on its device: 9e-8 off the kfuse build after
+        # 100 float64 steps; training-loop hunt). Step counts stay as torch keeps them.
+        super()._apply(fn, recurse)
+        if self.opt is not None:
+            self._track_tables()
+            for p in self.weights:
+                st = self.opt.state.get(p, {})
+                for k, v in st.items():
+                    if k != "step" and isinstance(v, Tensor) and v.is_floating_point():
+                        like = {"device": p.device, "dtype": acc_dtype(p.dtype)}
+                        # (from meta, to_empty: no values to move; reset_parameters then makes fresh ones)
+                        st[k] = torch.empty(v.shape, **like) if v.is_meta else v.to(**like)
+        return self
+
     def update(self) -> None:
         if self.opt is not None:
             _TorchTables._load_optimizer_state(self, None)  # (a module unpickled from before the hook)
