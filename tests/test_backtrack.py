@@ -118,6 +118,15 @@ def test_plain_equals_a_greedy_loop_and_sampling_is_reproducible(model, plain):
     assert cache.active_sequences == [mine] and cache.length(mine) == 2
 
 
+def test_numpy_integers_and_bool_flags(model, plain):
+    """numpy and 0-d tensor integers were refused as "must be an int" (error-message hunt); they are taken as
+    their ints. A string decode_graphs ('False') was taken by its truth; it is refused, named."""
+    got = generate(model, PROMPTS, max_new_tokens=np.int64(N), mode="plain", seed=torch.tensor(0), top_k=np.int64(50))
+    _same_run(got, plain)
+    with pytest.raises(TypeError, match="decode_graphs must be a bool; got str"):
+        generate(model, PROMPTS, max_new_tokens=N, mode="plain", decode_graphs="False")
+
+
 def _same_run(a: GenerationResult, b: GenerationResult) -> None:
     assert a.tokens == b.tokens and a.forward_passes == b.forward_passes
     assert [vars(x) for x in a.stats] == [vars(y) for y in b.stats]

@@ -1543,6 +1543,24 @@ def test_dispatch_modes_and_subclasses(seed: int) -> None:
 # ---------------------------------------------------------------- module, errors, dispatch
 
 
+def test_init_and_param_group_arguments_are_named() -> None:
+    """init_deu_coeffs failed inside torch for 6.0 or -1 features and a string generator; deu_param_groups
+    refused a numpy float as "not a finite number" and raised a bare OverflowError for 10**400 (error-message
+    hunt)."""
+    from kfuse.nn.deu import deu_param_groups, init_deu_coeffs  # noqa: PLC0415
+
+    with pytest.raises(TypeError, match="init_deu_coeffs: num_features must be an int; got float"):
+        init_deu_coeffs(6.0)
+    with pytest.raises(ValueError, match="init_deu_coeffs: num_features must be >= 1; got -1"):
+        init_deu_coeffs(-1)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None; got str"):
+        init_deu_coeffs(3, generator="x")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), kfuse.nn.DEU(3))
+    assert deu_param_groups(model, lr=np.float32(0.1))[0]["lr"] == np.float32(0.1)
+    with pytest.raises(ValueError, match="deu_param_groups: lr is out of float's range"):
+        deu_param_groups(model, lr=10**400)
+
+
 def test_module_init_and_shapes() -> None:
     torch.set_default_dtype(torch.float64)  # the coefficients are float32 whatever the default (bug hunt)
     try:

@@ -289,7 +289,7 @@ def test_module_reads_its_tables_by_position_after_parametrizations():
     assert torch.equal(m(idx, off), expected())
     prune.random_unstructured(m.weights, "1", amount=0.5)
     assert torch.equal(m(idx, off), expected())
-    with pytest.raises(ValueError, match=r"padding_idx array\(\[1, 2\]\) for table 1 must be within"):
+    with pytest.raises(TypeError, match=r"padding_idx array\(\[1, 2\]\) for table 1 must be an int or None"):
         kfuse.multi_embedding_bag([m.weights[0], m.weights[1]], idx, off, padding_idx=[None, np.array([1, 2])])
 
 
@@ -404,10 +404,10 @@ def test_padding_idx_takes_numpy_and_tensor_integers_as_torch():
         t = torch.nn.EmbeddingBag(10, 4, padding_idx=2)
         t.weight.data.copy_(m.weight.data)
         assert_close(m(idx, off), t(idx, off), torch.float32)
-    for bad in (True, 2.0):
-        with pytest.raises(ValueError, match="padding_idx"):
+    for bad in (True, 2.0):  # (TypeErrors: type problems, not a range's; error-message hunt)
+        with pytest.raises(TypeError, match="padding_idx"):
             kfuse.embedding_bag(idx, w, off, padding_idx=bad)
-        with pytest.raises(ValueError, match="padding_idx"):
+        with pytest.raises(TypeError, match="padding_idx"):
             kfuse.nn.EmbeddingBag(10, 4, padding_idx=bad)
 
 
@@ -874,6 +874,41 @@ def test_fused_module_refuses_assigned_states_it_cannot_update_and_parametrized_
     torch.nn.utils.parametrize.register_parametrization(m.weights, "1", torch.nn.Identity())
     with pytest.raises(RuntimeError, match="weights.1 is parametrized"):
         m(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3]))
+
+
+def test_arguments_of_the_wrong_kind_are_named():
+    """Errors that named another argument or none (error-message hunt): nn.EmbeddingBag's sizes were unchecked
+    (-1 rows blamed padding_idx, True made a [10, 1] table), a float or bool padding_idx was "not within" a
+    range it is in, from_pretrained(freeze='False') froze, embedding_bag's device errors named "indices" and
+    "the tables", a sparse weight showed its 2-D shape only, MultiTableEmbeddingBag took sparse='False' by
+    truth, an integer dtype and feature_table_map=0 failed inside torch or Python."""
+    from kfuse.nn import EmbeddingBag  # noqa: PLC0415
+
+    for args, err, msg in (((-1, 4), ValueError, "num_embeddings must be >= 1"),
+                           ((10, True), TypeError, "embedding_dim must be an int; got bool"),
+                           ((10.0, 4), TypeError, "num_embeddings must be an int; got float")):
+        with pytest.raises(err, match=msg):
+            EmbeddingBag(*args)
+    with pytest.raises(TypeError, match="padding_idx must be an int; got float"):
+        EmbeddingBag(10, 4, padding_idx=1.0)
+    assert EmbeddingBag(10, 4, padding_idx=np.int64(-1)).padding_idx == 9
+    with pytest.raises(TypeError, match="freeze must be a bool; got str"):
+        EmbeddingBag.from_pretrained(torch.randn(5, 4), freeze="False")
+    w, idx, off = torch.randn(10, 4), torch.tensor([1, 2]), torch.tensor([0])
+    with pytest.raises(TypeError, match=r"padding_idx 1\.5 for table 0 must be an int or None; got float"):
+        kfuse.multi_embedding_bag([w], idx, torch.tensor([0, 2]), padding_idx=[1.5])
+    with pytest.raises(ValueError, match="embedding_bag: input is on meta; weight is on cpu"):
+        kfuse.embedding_bag(idx.to("meta"), w, off)
+    with pytest.raises(ValueError, match=r"weight must be a dense 2-D tensor \[rows, dim\]; got \(10, 4\) "
+                                         r"torch\.sparse_coo"):
+        kfuse.embedding_bag(idx, w.to_sparse(), off)
+    with pytest.raises(TypeError, match="sparse must be a bool; got str"):
+        MultiTableEmbeddingBag([(5, 4)], sparse="False", optimizer="adam")
+    with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16; got torch.int64"):
+        MultiTableEmbeddingBag([(5, 4)], dtype=torch.int64)
+    with pytest.raises(ValueError, match="feature_table_map must be a non-empty list"):
+        MultiTableEmbeddingBag([(5, 4)], feature_table_map=0)
+    assert MultiTableEmbeddingBag([(5, 4), (6, 4)], feature_table_map=torch.tensor([1, 0])).feature_table_map == [1, 0]
 
 
 def test_fused_optimizer_settings_without_one_are_refused():

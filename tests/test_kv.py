@@ -1804,6 +1804,27 @@ def test_cpu_half_prefill_on_sdpa_works_under_another_default_device(seed, monke
     assert torch.equal(got, want)
 
 
+def test_numpy_and_tensor_integers_serve_as_sizes_and_layers(seed):
+    """np.int64 sizes and layers (and 0-d integer tensors) were refused as "must be an int" while sequence ids
+    took them; a size past int32 failed deep in torch, an id past int64 "must hold ints" (error-message
+    hunt). They are taken as their ints, and the others name the argument."""
+    cache = PagedKVCache(np.int64(2), np.int64(HKV), D, PS, NP, MS)
+    s = cache.add_sequence()
+    k = torch.randn(3, HKV, D)
+    cache.append(np.int64(0), [s], k, k, [3])
+    cache.append(torch.tensor(1), [s], k, k, [3])  # the step's layers are ints: it commits
+    cache.advance([s], [3])
+    q = torch.randn(1, 2 * HKV, D)
+    want = kfuse.paged_decode_attention(q, cache, 1, [s])
+    for layer in (np.int64(1), torch.tensor(1)):
+        assert torch.equal(kfuse.paged_decode_attention(q, cache, layer, [s]), want)
+        assert cache.kv_len(layer, s) == 3
+    with pytest.raises(ValueError, match=r"num_layers must be below 2\^31; got 18446744073709551616"):
+        PagedKVCache(2**64, HKV, D, PS, NP, MS)
+    with pytest.raises(ValueError, match="new_lens holds a value outside int64's range"):
+        cache.rollback([s], [2**63])
+
+
 def test_a_step_keeps_its_own_copy_of_the_callers_ids(seed):
     """The open step and the attention's per-step memo copy the caller's ids and counts tensors: writing
     them between layers (a buffer reused for the next batch) neither changes which sequences the step

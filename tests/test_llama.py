@@ -440,6 +440,13 @@ def test_prompt_learning_adapters_are_refused():
             LlamaForCausalLM.from_hf(peft.get_peft_model(hf, cfg))
 
 
+def test_fuse_lora_takes_bools_only():
+    """fuse_lora='False' fused (a truthy string; error-message hunt): refused, named."""
+    hf, _ = build()
+    with pytest.raises(TypeError, match="fuse_lora must be a bool; got str"):
+        LlamaForCausalLM.from_hf(hf, fuse_lora="False")
+
+
 def test_a_model_without_layers_is_refused_naming_the_config():
     """A valid 0-layer transformers Llama (its forward runs) failed in from_hf with a bare "IndexError: index 0 is
     out of range" from nn.ModuleList (configs hunt); it is refused naming num_hidden_layers."""

@@ -1297,6 +1297,13 @@ def test_multi_lora_failed_load_keeps_the_adapters() -> None:
     assert all(torch.equal(getattr(m, k), before[k]) for k in stacks)
 
 
+def test_an_integer_dtype_is_refused_by_name() -> None:
+    """LoRALinear(dtype=torch.int64) failed in the init ("check_uniform_bounds not implemented for 'Long'";
+    error-message hunt)."""
+    with pytest.raises(TypeError, match="LoRALinear: dtype must be a floating dtype; got torch.int64"):
+        kfuse.nn.LoRALinear(8, 4, dtype=torch.int64)
+
+
 def test_multi_lora_load_refuses_another_layers_stacks() -> None:
     """Stacks saved by a layer of other in/out features (or an inconsistent set) are refused with
     torch's size-mismatch error, strict or not, and the stacks are left as they were: they are
@@ -2479,10 +2486,13 @@ def test_triton_gemm_row_is_the_gemm_alone(device: str) -> None:
     decode path's M and the GEMM path's; where Triton cannot run it is skipped with the reason."""
     for M in (3, 70):
         x, w = torch.randn(M, 40, device=device), torch.randn(24, 40, device=device)
-        cand = lora_bench._triton_gemm(x, w, None, lora_bench._own_check(lambda x=x, w=w: x.double() @ w.double().t()))
+        case = lora_bench.gemm_case(torch.device(device), torch.float32, "fwd", M, 40, 24)
+        cand = lora_bench._triton_gemm(case, x, w, None,
+                                       lora_bench._own_check(lambda x=x, w=w: x.double() @ w.double().t()))
         assert_close(cand.run(), x @ w.t(), torch.float32, f"M={M}")
         assert cand.error(cand.run()) < 1e-5
-    assert lora_bench._triton_gemm(x, w, "no triton", cand.error).skip == "no triton"
+        assert cand.work == (2 * M * 24 * 40, 4 * (M * 40 + 24 * 40 + M * 24))  # the GEMM's own (bench-math audit)
+    assert lora_bench._triton_gemm(case, x, w, "no triton", cand.error).skip == "no triton"
 
 
 def _tiny_cases(device: torch.device, quick: bool) -> list[lora_bench.Case]:

@@ -473,6 +473,21 @@ def test_torch_build_optimizer_state_follows_dtype_casts(optimizer):
     builds["torch"].update()
 
 
+def test_file_and_argument_errors_name_the_argument(vocab, small, claims, tmp_path):
+    """read_claims_csv took an int (or True) as a file descriptor, read it and closed it (the caller's stdout);
+    zipf_slope's negative top dropped the least frequent code; write_claims_csv took labels='False' by its truth;
+    an unknown domain was a bare KeyError (error-message hunt)."""
+    for bad in (1, True):
+        with pytest.raises(TypeError, match="path must be a str or os.PathLike; got"):
+            read_claims_csv(bad)
+    with pytest.raises(ValueError, match="zipf_slope: top must be >= 1; got -1"):
+        zipf_slope(np.arange(10), top=-1)
+    with pytest.raises(TypeError, match="write_claims_csv: labels must be a bool; got str"):
+        write_claims_csv(claims, small, tmp_path / "x.csv", labels="False")
+    with pytest.raises(ValueError, match=r"domain must be one of \['dx', 'px', 'rx'\]; got 'bogus'"):
+        vocab.lookup("bogus", "I10")
+
+
 def _write(path, text: str):
     path.write_text(text)
     return path

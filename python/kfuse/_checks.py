@@ -24,6 +24,20 @@ def check_bool(where: str, name: str, v: object) -> bool:
     return v
 
 
+def int_or_none(v: object) -> int | None:
+    """``v`` as an int when it is an integer of any kind other than a bool (``__index__``: numpy, 0-d integer
+    tensors), else None: for checks that keep their own messages (error-message hunt: np.int64(2) layers and
+    sizes were refused as "must be an int", which they are)."""
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        return None
+    if isinstance(v, int):  # as it is: under torch.compile operator.index specialised a traced layer number, one
+        return v            # graph a layer (the compile test)
+    try:
+        return operator.index(v)
+    except TypeError:  # (a float tensor has __index__ and refuses it)
+        return None
+
+
 def integer(where: str, name: str, v: object, minimum: int | None = None) -> int:
     """``v`` as an int: an integer of any kind (``__index__``: numpy, 0-d integer tensors) that is not
     a bool, and at least ``minimum``; a TypeError or ValueError naming ``name`` otherwise (never a

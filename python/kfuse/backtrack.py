@@ -243,9 +243,11 @@ def _sample(rows: Tensor, banned: list[set[int]], temperature: float, top_k: int
 
 
 def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as an int (numpy and 0-d tensor integers too: error-message hunt) of at least ``minimum``."""
+    i = _checks.int_or_none(value)
+    if i is None or i < minimum:
         raise ValueError(f"{_GEN}: {name} must be an int >= {minimum}; got {value!r}")
-    return value
+    return i
 
 
 def _is_finite_real(value: object) -> bool:
@@ -392,10 +394,10 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
         :class:`GenerationResult` (invariants in :class:`SequenceStats`).
     """
     t0 = time.perf_counter()
-    _check_positive_int("max_new_tokens", max_new_tokens)
-    _check_positive_int("check_every", check_every)
-    _check_positive_int("max_backtracks", max_backtracks, 0)
-    _check_positive_int("max_resets", max_resets, 0)
+    max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
+    check_every = _check_positive_int("check_every", check_every)
+    max_backtracks = _check_positive_int("max_backtracks", max_backtracks, 0)
+    max_resets = _check_positive_int("max_resets", max_resets, 0)
     window = _check_positive_int("window", 2 * check_every if window is None else window)
     if window < check_every:  # the tokens before the window would be kept unchecked
         raise ValueError(f"{_GEN}: window ({window}) must be >= check_every ({check_every}), so that each check "
@@ -414,19 +416,19 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
     if not _is_finite_real(temperature) or temperature < 0:
         raise ValueError(f"{_GEN}: temperature must be a finite float >= 0 (0 = greedy); got {temperature!r}")
     if top_k is not None:
-        _check_positive_int("top_k", top_k)
+        top_k = _check_positive_int("top_k", top_k)
     if not _is_finite_real(top_p) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"{_GEN}: top_p must be in (0, 1]; got {top_p!r}")
-    _check_positive_int("seed", seed, 0)
+    seed = _check_positive_int("seed", seed, 0)
     if not callable(model):
         raise TypeError(f"{_GEN}: model must be callable as model(tokens, seq_ids, cache) (a "
                         f"kfuse.models.LlamaForCausalLM); got {type(model).__name__}")
     model_vocab = getattr(model, "vocab_size", None)
     model_vocab = model_vocab if _is_int(model_vocab) else None
     if eos_token_id is not None:
-        _check_positive_int("eos_token_id", eos_token_id, 0)
+        eos_token_id = _check_positive_int("eos_token_id", eos_token_id, 0)
         _check_ids("eos_token_id", [eos_token_id], model_vocab)
-    if decode_graphs and not callable(getattr(model, "decode_graphs", None)):
+    if _checks.check_bool(_GEN, "decode_graphs", decode_graphs) and not callable(getattr(model, "decode_graphs", None)):
         raise ValueError(f"{_GEN}: decode_graphs needs a model with decode_graphs() (kfuse.models.LlamaForCausalLM); "
                          f"got {type(model).__name__}")
     every = 32 if progress is True else (0 if progress is False else _check_positive_int("progress", progress))

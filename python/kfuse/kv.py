@@ -76,7 +76,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kfuse import _backends
+from kfuse import _backends, _checks
 
 __all__ = ["PagedKVCache"]
 
@@ -100,8 +100,10 @@ def _index_tensor(x, what: str) -> Tensor:
     # given by mistake would select sequences 0 and 1, so they are refused as a bool tensor is.
     try:
         buf = array.array("q", x)
-    except (TypeError, OverflowError) as e:
+    except TypeError as e:
         raise ValueError(f"{what} must hold ints; got {list(x)!r}") from e
+    except OverflowError as e:  # (it said "must hold ints" of an int: error-message hunt)
+        raise ValueError(f"{what} holds a value outside int64's range; got {list(x)!r}") from e
     # The element scan only where some element is not a plain int: 0.9 us for 32 ints where the scan took 4.2.
     if not set(map(type, x)) <= _PLAIN_INT and any(isinstance(e, (bool, np.bool_)) for e in x):
         raise ValueError(f"{what} must hold ints, not bools; got {list(x)!r}")
@@ -153,16 +155,23 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, num_pages: int,
                  max_seqs: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  max_pages_per_seq: int | None = None, *, _mirror: bool = False) -> None:
+        sizes = []
         for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                           ("page_size", page_size), ("num_pages", num_pages), ("max_seqs", max_seqs)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            i = _checks.int_or_none(val)  # numpy and 0-d tensor integers too
+            if i is None or i < 1:
                 raise ValueError(f"{name} must be a positive int; got {val!r}")
+            if i >= 2**31:  # (torch's overflow error from deep inside named none: error-message hunt)
+                raise ValueError(f"{name} must be below 2^31; got {i}")
+            sizes.append(i)
+        num_layers, num_kv_heads, head_dim, page_size, num_pages, max_seqs = sizes
         if dtype not in _KV_DTYPES:  # what the attention kernels read
             raise TypeError(f"PagedKVCache: dtype must be one of {', '.join(map(str, _KV_DTYPES))}; got {dtype!r}")
         if max_pages_per_seq is None:
             max_pages_per_seq = num_pages
-        if not isinstance(max_pages_per_seq, int) or isinstance(max_pages_per_seq, bool) or max_pages_per_seq < 1:
+        if (m := _checks.int_or_none(max_pages_per_seq)) is None or m < 1:
             raise ValueError(f"max_pages_per_seq must be a positive int; got {max_pages_per_seq!r}")
+        max_pages_per_seq = m
         if num_pages >= 2**31 or max_seqs * max_pages_per_seq >= 2**40:
             raise ValueError(f"num_pages ({num_pages}) must fit int32 and max_seqs · max_pages_per_seq "
                              f"({max_seqs * max_pages_per_seq}) stay below 2^40")
@@ -375,7 +384,7 @@ class PagedKVCache:
     def kv_len(self, layer: int, seq_id: int) -> int:
         """Length attention at ``layer`` should read for ``seq_id``: committed, plus the open step's
         tokens if ``layer`` has appended them."""
-        self._check_layer(layer)
+        layer = self._check_layer(layer)
         s = self._check_id(seq_id, "seq_id")
         n = int(self._n_lens[s])
         if self._step is not None and layer in self._step["layers"]:
@@ -422,7 +431,7 @@ class PagedKVCache:
         appends once; :meth:`advance` commits. Cost O(new tokens) (plus one page copy per
         copy-on-write). No sync.
         """
-        self._check_layer(layer)
+        layer = self._check_layer(layer)
         self._not_capturing("append")
         st = self._step
         ids = _index_tensor(seq_ids, "seq_ids")
@@ -486,9 +495,12 @@ class PagedKVCache:
         st["layers"].add(layer)
         st["appended_np"][layer] = True  # numpy view made once a step: 1.5 us where a tensor write took 3.4
 
-    def _check_layer(self, layer: object) -> None:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+    def _check_layer(self, layer: object) -> int:
+        """``layer`` as an int (numpy and 0-d tensor integers too, as the sequence ids: error-message hunt)."""
+        i = _checks.int_or_none(layer)
+        if i is None or not 0 <= i < self.num_layers:
             raise IndexError(f"layer must be an int in [0, {self.num_layers}); got {layer!r}")
+        return i
 
     def _write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """K/V ``[total, num_kv_heads, head_dim]`` of ``layer`` for new tokens at flat slots ``page · page_size +

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kfuse import _checks
 from kfuse._files import replaced
 
 __all__ = ["DOMAINS", "Claims", "ClaimsConfig", "CodeVocab", "load_code_vocab", "read_claims_csv",
@@ -156,6 +157,8 @@ class CodeVocab:
 
     def index(self, domain: str) -> dict[str, int]:
         """``code → row`` for ``domain`` (built once)."""
+        if domain not in self.codes:  # (a bare KeyError: 'bogus' before; error-message hunt)
+            raise ValueError(f"domain must be one of {list(self.codes)}; got {domain!r}")
         if domain not in self._index:
             self._index[domain] = {c: i for i, c in enumerate(self.codes[domain])}
         return self._index[domain]
@@ -637,6 +640,9 @@ def read_claims_csv(path: str | os.PathLike, vocab: CodeVocab | None = None, unk
     """
     if unknown not in ("error", "skip"):
         raise ValueError(f"read_claims_csv: unknown must be 'error' or 'skip'; got {unknown!r}")
+    if not isinstance(path, (str, os.PathLike)):  # open() took an int (or a bool) as a file descriptor, read
+        # from it and closed it: the caller's stdout with True (error-message hunt)
+        raise TypeError(f"read_claims_csv: path must be a str or os.PathLike; got {_checks.type_name(path)}")
     where = str(path)
     seen: dict[str, dict[str, int]] = {d: {} for d in DOMAINS}  # without vocab: normalised code -> row
     spelling: dict[str, list[str]] = {d: [] for d in DOMAINS}  # ... and each row's first spelling
@@ -742,7 +748,7 @@ def _bad_utf8_line(path: str | os.PathLike) -> int:
 def write_claims_csv(claims: Claims, vocab: CodeVocab, path: str | os.PathLike, labels: bool = True) -> None:
     """Write ``claims`` in :func:`read_claims_csv`'s format (``label`` column when the claims have labels
     and ``labels``)."""
-    with_label = labels and claims.labels is not None
+    with_label = _checks.check_bool("write_claims_csv", "labels", labels) and claims.labels is not None
     for d, name in enumerate(claims.domains):  # before anything is written (a bare IndexError mid-file before)
         n, top = len(vocab.codes.get(name, ())), int(np.max(claims.codes[d], initial=-1))
         if top >= n:
@@ -766,6 +772,7 @@ def write_claims_csv(claims: Claims, vocab: CodeVocab, path: str | os.PathLike, 
 def zipf_slope(counts: np.ndarray, top: int = 1000) -> float:
     """The least-squares slope of log(frequency) against log(rank) over the ``top`` most frequent codes
     (≈ −s for Zipf(s) frequencies)."""
+    top = _checks.integer("zipf_slope", "top", top, 1)  # (a negative one sliced the least frequent code off)
     c = np.sort(counts[counts > 0])[::-1][:top].astype(np.float64)
     r = np.arange(1, c.size + 1, dtype=np.float64)
     return float(np.polyfit(np.log(r), np.log(c), 1)[0]) if c.size > 2 else math.nan

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from kfuse import _backends, _routing
+from kfuse import _backends, _checks, _routing
 from kfuse.kv import PagedKVCache, _index_tensor
 from kfuse.ops.kv import paged_decode_attention, paged_decode_attention_op, paged_prefill_attention
 
@@ -176,6 +176,7 @@ class LlamaForCausalLM(nn.Module):
         if len(hf_model.model.layers) == 0:
             raise ValueError(f"hf_model has no decoder layers (its config's num_hidden_layers="
                              f"{hf_model.config.num_hidden_layers}); the paged KV cache needs at least one layer")
+        _checks.check_bool("LlamaForCausalLM.from_hf", "fuse_lora", fuse_lora)  # ('False' fused)
         if fuse_lora and any(type(m).__module__.startswith("peft.") for m in hf_model.modules()):
             from kfuse.integrations.peft import fuse  # noqa: PLC0415 (peft is optional)
 

@@ -43,13 +43,13 @@ Options:
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
+from kfuse import _checks
 from kfuse.ops.deu import BACKENDS, DEGENERATE_GRADS, deu
 from kfuse.reference.deu import deu_init_coeffs
 
@@ -65,6 +65,11 @@ DEU_INITS: dict[str, tuple[float, float, float, float, float] | None] = {
 
 def init_deu_coeffs(num_features: int, init: str = "paper", generator: torch.Generator | None = None) -> Tensor:
     """``[num_features, 5]`` float32 initial coefficients for ``init`` (a key of :data:`DEU_INITS`)."""
+    num_features = _checks.integer("init_deu_coeffs", "num_features", num_features, 1)  # (torch's errors before:
+    # error-message hunt)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"init_deu_coeffs: generator must be a torch.Generator or None; got "
+                        f"{_checks.type_name(generator)}")
     if init not in DEU_INITS:
         raise ValueError(f"DEU: init must be one of {list(DEU_INITS)}; got {init!r}")
     row = DEU_INITS[init]
@@ -167,7 +172,7 @@ def deu_param_groups(model: nn.Module, lr: float, coeff_lr: float | None = None,
     """
     for name, v in (("lr", lr), ("weight_decay", weight_decay), ("coeff_weight_decay", coeff_weight_decay)) + (
             (("coeff_lr", coeff_lr),) if coeff_lr is not None else ()):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if _checks.real("deu_param_groups", name, v, finite=True) < 0:  # (numpy floats too; 10**400: its name)
             raise ValueError(f"deu_param_groups: {name} must be a finite number >= 0; got {v!r}")
     coeffs = deu_coeffs(model)
     ids = {id(p) for p in coeffs}

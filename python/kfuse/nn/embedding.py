@@ -65,11 +65,14 @@ class EmbeddingBag(nn.EmbeddingBag):
             raise ValueError(f"mode must be 'sum' or 'mean' (kfuse has no 'max'); got {mode!r}")
         _checks.check_bool("nn.EmbeddingBag", "include_last_offset", include_last_offset)
         _checks.check_bool("nn.EmbeddingBag", "sparse", sparse)
+        # (unchecked, -1 rows blamed padding_idx, 10.0 failed in torch.empty and True made a [10, 1] table:
+        # error-message hunt)
+        num_embeddings = _checks.integer("nn.EmbeddingBag", "num_embeddings", num_embeddings, 1)
+        embedding_dim = _checks.integer("nn.EmbeddingBag", "embedding_dim", embedding_dim, 1)
         if padding_idx is not None:
-            padding_idx = E._as_index(padding_idx)  # numpy and 0-d tensor integers too, as torch
-            if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) \
-                    or not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(f"padding_idx must be an int within [-{num_embeddings}, {num_embeddings}); got "
+            padding_idx = _checks.integer("nn.EmbeddingBag", "padding_idx", padding_idx)  # numpy, 0-d tensors too
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}); got "
                                  f"{padding_idx!r}")
             padding_idx %= num_embeddings
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
@@ -116,7 +119,7 @@ class EmbeddingBag(nn.EmbeddingBag):
         m = cls(*embeddings.shape, mode, padding_idx, include_last_offset, sparse, _weight=embeddings,
                 backend=backend, check=check, max_norm=max_norm, norm_type=norm_type,
                 scale_grad_by_freq=scale_grad_by_freq)
-        m.weight.requires_grad = not freeze
+        m.weight.requires_grad = not _checks.check_bool("from_pretrained", "freeze", freeze)  # ('False' froze)
         return m
 
     @classmethod
@@ -247,11 +250,21 @@ class MultiTableEmbeddingBag(nn.Module):
             raise ValueError(f"tables must be a non-empty list of (rows >= 1, dim >= 1); got {tables}")
         if optimizer is not None and optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be None or one of {OPTIMIZERS}; got {optimizer!r}")
+        # (a string sparse was taken by truth, a complex or integer dtype failed at the first forward or in
+        # torch: error-message hunt)
+        _checks.check_bool("MultiTableEmbeddingBag", "sparse", sparse)
+        if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            raise TypeError(f"MultiTableEmbeddingBag: dtype must be float32, float64, float16 or bfloat16; got "
+                            f"{dtype!r}")
         if optimizer is not None and sparse:
             raise ValueError("sparse gradients and a fused optimizer exclude each other (the fused optimizer "
                              "materialises no gradient)")
         self.tables = tables
-        self.feature_table_map = list(range(len(tables))) if feature_table_map is None else list(feature_table_map)
+        if feature_table_map is None:
+            self.feature_table_map = list(range(len(tables)))
+        else:  # (an int failed in list(); a tensor's or numpy's entries are ints too: error-message hunt)
+            ftm = feature_table_map.tolist() if hasattr(feature_table_map, "tolist") else feature_table_map
+            self.feature_table_map = list(ftm) if isinstance(ftm, (list, tuple, range)) else []
         if not self.feature_table_map or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(tables)
                                                  for t in self.feature_table_map):
             raise ValueError(f"feature_table_map must be a non-empty list of table numbers in [0, {len(tables)}); "

@@ -59,6 +59,9 @@ def _new_base(cls: str, in_features: int, out_features: int, bias: bool, fan_in_
     _checks.check_bool(cls, "bias", bias)
     in_features = _checks.integer(cls, "in_features", in_features, 1)
     out_features = _checks.integer(cls, "out_features", out_features, 1)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        # (an integer dtype failed in the init: "check_uniform_bounds not implemented for 'Long'"; error hunt)
+        raise TypeError(f"{cls}: dtype must be a floating dtype; got {dtype!r}")
     shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
     weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
     b = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None

@@ -126,8 +126,9 @@ def _check_weights(op: str, weights: object, single: bool = False) -> tuple[list
     for t, w in enumerate(ws):  # the rest (~1 us a table): each check names the table it refuses
         name = "weight" if single else f"weights[{t}]"
         if not isinstance(w, Tensor) or w.dim() != 2 or w.layout != torch.strided:
-            raise ValueError(f"kfuse.{op}: {name} must be a dense 2-D tensor [rows, dim]; got "
-                             f"{type(w).__name__ if not isinstance(w, Tensor) else tuple(w.shape)}")
+            got = (type(w).__name__ if not isinstance(w, Tensor) else  # (a sparse one showed its 2-D shape only)
+                   f"{tuple(w.shape)}{'' if w.layout == torch.strided else f' {w.layout}'}")
+            raise ValueError(f"kfuse.{op}: {name} must be a dense 2-D tensor [rows, dim]; got {got}")
         if w.dtype not in _FLOATS:
             raise TypeError(f"kfuse.{op}: {name} has dtype {w.dtype}; supported: float32, float64, float16, "
                             "bfloat16")
@@ -232,13 +233,14 @@ def _padding(op: str, padding_idx: object, weights: list[Tensor]) -> list[int]:
     one = _as_index(padding_idx)
     if isinstance(one, int):
         items = [one] * len(weights)
-    elif isinstance(padding_idx, (str, bytes)):
-        items = []
     else:
         try:  # one entry per table: a list, tuple, range, 1-D tensor or array
-            items = [_as_index(p) for p in padding_idx]
-        except TypeError:
-            items = []
+            items = None if isinstance(padding_idx, (str, bytes)) else [_as_index(p) for p in padding_idx]
+        except TypeError:  # not iterable (a float, a 0-d float tensor)
+            items = None
+        if items is None:  # (a type problem, not a length's: error-message hunt)
+            raise TypeError(f"kfuse.{op}: padding_idx must be an int, None or one entry per table ({len(weights)}); "
+                            f"got {type(padding_idx).__name__} {padding_idx!r}")
     if len(items) != len(weights):
         raise ValueError(f"kfuse.{op}: padding_idx must be an int, None or one entry per table ({len(weights)}); "
                          f"got {padding_idx!r}")
@@ -247,7 +249,10 @@ def _padding(op: str, padding_idx: object, weights: list[Tensor]) -> list[int]:
         if p is None:
             out.append(-1)
             continue
-        if isinstance(p, bool) or not isinstance(p, int) or not -w.shape[0] <= p < w.shape[0]:
+        if isinstance(p, bool) or not isinstance(p, int):  # (1.5 and True were "not within" a range they are in)
+            raise TypeError(f"kfuse.{op}: padding_idx {p!r} for table {t} must be an int or None; got "
+                            f"{type(p).__name__}")
+        if not -w.shape[0] <= p < w.shape[0]:
             raise ValueError(f"kfuse.{op}: padding_idx {p!r} for table {t} must be within [-{w.shape[0]}, "
                              f"{w.shape[0]})")
         out.append(p % w.shape[0])
@@ -893,6 +898,9 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
     for name, t in (("input", input), ("offsets", offsets), ("per_sample_weights", per_sample_weights)):
         if isinstance(t, Tensor) and t.layout != torch.strided:  # (before the ops that build offsets)
             raise ValueError(f"kfuse.{op}: {name} must be a dense (strided) tensor; got {t.layout}")
+        if isinstance(t, Tensor) and t.device != weight.device:  # (the shared checks named "indices" and "the
+            # tables", which this op has not: error-message hunt)
+            raise ValueError(f"kfuse.{op}: {name} is on {t.device}; weight is on {weight.device}")
     if not isinstance(input, Tensor) or input.dtype not in _INTS or input.dim() not in (1, 2):
         got = f"{input.dim()}-D {input.dtype}" if isinstance(input, Tensor) else type(input).__name__
         raise ValueError(f"kfuse.{op}: input must be a 1-D or 2-D int32/int64 tensor; got {got}")

@@ -115,7 +115,8 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
     if q.dim() != 3 or q.shape[2] != cache.head_dim or q.shape[1] < 1 or q.shape[1] % cache.num_kv_heads:
         raise ValueError(f"kfuse.{op}: q must be [tokens, num_q_heads, head_dim={cache.head_dim}] with num_q_heads "
                          f"a positive multiple of num_kv_heads={cache.num_kv_heads}; got {tuple(q.shape)}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cache.num_layers:
+    if (i := _checks.int_or_none(layer)) is None or not 0 <= i < cache.num_layers:  # (numpy ints too: the
+        # callers take operator.index(layer) after this)
         raise IndexError(f"kfuse.{op}: layer must be an int in [0, {cache.num_layers}); got {layer!r}")
     if q.requires_grad and torch.is_grad_enabled():
         # The kernels have no backward (the cache holds K/V detached): rather than an output that
@@ -403,6 +404,7 @@ def paged_decode_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids, 
     unless grad mode is off (``torch.no_grad()``, ``torch.inference_mode()``).
     """
     call = _validate(_DECODE, q, cache, layer, seq_ids)
+    layer = _checks.int_or_none(layer)  # (a numpy or 0-d tensor integer: the registered op takes an int)
     if q.shape[0] != call.ids.shape[0]:
         raise ValueError(f"kfuse.{_DECODE}: q has {q.shape[0]} rows; seq_ids has {call.ids.shape[0]} (one token per "
                          "sequence)")
@@ -428,6 +430,7 @@ def paged_prefill_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids,
     Returns ``[sum(q_lens), Hq, D]`` in q's dtype.
     """
     call = _validate(_PREFILL, q, cache, layer, seq_ids)
+    layer = _checks.int_or_none(layer)  # (a numpy or 0-d tensor integer: the registered op takes an int)
     n = call.ids.shape[0]
     if _routing.tracing() and isinstance(q_lens, Tensor):
         # Its values are unknown while tracing, and the grid, the checks and the packed rows' starts need them
