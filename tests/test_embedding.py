@@ -1296,6 +1296,13 @@ def test_torch_compile_fullgraph(seed):
     want = f(weights, idx, off)
     (g_want,) = torch.autograd.grad(want, weights[0])
     assert torch.equal(got, want) and torch.equal(g_got, g_want)
+    # The module compiles whole and quietly: Dynamo warned about its functools.lru_cache'd key lookup, an error
+    # under -W error (feature-combination hunt).
+    m = MultiTableEmbeddingBag(tables, ft, "mean")
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(torch.compile(m, fullgraph=True, backend="eager")(idx, off), m(idx, off))
 
 
 def test_compiled_autograd_records_the_registered_backward(seed):

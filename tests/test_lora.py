@@ -1061,6 +1061,29 @@ def test_merged_flag_of_functional_calls_and_shallow_copies(seed: int) -> None:
         torch.testing.assert_close(layer.to(torch.float64).float()(x), y, rtol=1e-5, atol=1e-5)
 
 
+def test_merged_flag_of_compiled_functional_calls(seed: int) -> None:
+    """Under torch.compile the forward took the module's own merged state, whatever lora_merged buffer
+    functional_call gave it: off by the whole adapter, silently (feature-combination hunt). The other buffer
+    is read outside the graph (a graph break): right results, and fullgraph=True refuses it, naming it."""
+    layer = kfuse.nn.LoRALinear(9, 6, r=3).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    merged = copy.deepcopy(layer)
+    merged.merge()
+    x = torch.randn(4, 9)
+    with torch.no_grad():
+        y = layer(x)
+        for module, other in ((layer, merged), (merged, layer)):
+            torch._dynamo.reset()
+            call = torch.compile(lambda s, x, m=module: torch.func.functional_call(m, s, (x,)), backend="eager")
+            torch.testing.assert_close(call(dict(other.state_dict()), x), y, rtol=1e-5, atol=1e-5)
+        torch._dynamo.reset()
+        whole = torch.compile(lambda s, x: torch.func.functional_call(layer, s, (x,)), backend="eager", fullgraph=True)
+        with pytest.raises(Exception, match="lora_merged buffer not the module's own"):
+            whole(dict(merged.state_dict()), x)
+        torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), y)  # its own: one graph
+
+
 def test_merged_flag_through_resets_and_state_dicts_taken_before_a_merge(seed: int) -> None:
     """reset_parameters re-initialises W, so the layer is unmerged after it; reset_lora_parameters on a
     merged layer unmerges first (W back to the base); a state_dict taken before merge()/unmerge() says

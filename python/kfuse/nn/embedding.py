@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import bisect
 import copy
-import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -149,10 +148,16 @@ class EmbeddingBag(nn.EmbeddingBag):
                 f"sparse={self.sparse}, backend={self.backend!r}, check={self.check!r}")
 
 
-@functools.lru_cache(maxsize=64)
+_KEYS: dict[int, tuple[str, ...]] = {}
+
+
 def _keys(n: int) -> tuple[str, ...]:
-    """A ParameterList's keys of n entries."""
-    return tuple(str(i) for i in range(n))
+    """A ParameterList's keys of n entries, made once per n. (A plain dict, not functools.lru_cache, whose call
+    Dynamo warns about when it compiles the module: an error under -W error; feature-combination hunt.)"""
+    keys = _KEYS.get(n)
+    if keys is None:
+        keys = _KEYS[n] = tuple(str(i) for i in range(n))
+    return keys
 
 
 class MultiTableEmbeddingBag(nn.Module):

@@ -127,6 +127,23 @@ def _base_parameters(linear: nn.Module, fan_in_fan_out: bool, freeze_base: bool,
     return weight, bias, in_f, out_f, fan_in_fan_out
 
 
+def _foreign_flag(buf: Tensor, own: bool) -> bool:
+    """The value of a ``lora_merged`` buffer that is not the module's own (see :attr:`LoRALinear.merged`), read
+    once per version of it; ``own`` (the module's state) where it has no value to read."""
+    if not _routing.plain(buf) or buf.device.type == "meta" or _routing.functorch_wrapped((buf,)):
+        return own
+    version = _routing.version(buf)
+    known = getattr(buf, "_kfuse_merged", None)
+    if known is None or known[1] != version:
+        known = buf._kfuse_merged = (bool(buf), version)
+    return known[0]
+
+
+_foreign_flag_outside_graph = torch.compiler.disable(
+    _foreign_flag, reason="kfuse LoRALinear: a lora_merged buffer not the module's own (torch.func.functional_call) "
+    "is read on the host; compile without fullgraph=True, or call the module with its own state")
+
+
 class LoRALinear(nn.Module):
     """A linear layer with a LoRA adapter: ``y = x Wᵀ + bias + scaling · ((dropout(x) Aᵀ) Bᵀ + lora_bias)``
     (:func:`kfuse.lora_linear`), numerically PEFT's ``lora.Linear``.
@@ -228,15 +245,14 @@ class LoRALinear(nn.Module):
         Not seen: writes into the module's own buffer other than through merge(), unmerge() and loads
         (a shallow copy's merge() is one)."""
         buf = self.lora_merged
-        if buf is self.__dict__.get("_own_flag") or torch.compiler.is_compiling():
+        if buf is self.__dict__.get("_own_flag"):
             return self._merged
-        if not _routing.plain(buf) or buf.device.type == "meta" or _routing.functorch_wrapped((buf,)):
-            return self._merged
-        version = _routing.version(buf)
-        known = getattr(buf, "_kfuse_merged", None)
-        if known is None or known[1] != version:
-            known = buf._kfuse_merged = (bool(buf), version)
-        return known[0]
+        if torch.compiler.is_compiling():
+            # Read outside the graph (a graph break; under fullgraph=True, Dynamo's error): the module's own
+            # state ran there, and a compiled functional_call with a merged layer's state counted the adapter
+            # twice, silently (feature-combination hunt).
+            return _foreign_flag_outside_graph(buf, self._merged)
+        return _foreign_flag(buf, self._merged)
 
     @merged.setter
     def merged(self, value: bool) -> None:
