@@ -246,8 +246,9 @@ def test_param_groups_cover_every_parameter_once() -> None:
     assert [g["name"] for g in deu_param_groups(DEU(2), lr=1.0)] == ["deu_coeffs"]
     assert deu_param_groups(DEU(2), lr=0.5)[0]["lr"] == 0.5  # coeff_lr defaults to lr
     assert deu_coeffs(model) == [shared.coeffs, model[5].coeffs]
-    for bad in ({"lr": -1.0}, {"lr": float("nan")}, {"lr": 1.0, "coeff_lr": "x"}, {"lr": True}):
-        with pytest.raises(ValueError, match="deu_param_groups"):
+    for bad, err in (({"lr": -1.0}, ValueError), ({"lr": float("nan")}, ValueError),
+                     ({"lr": 1.0, "coeff_lr": "x"}, TypeError), ({"lr": True}, TypeError)):  # (types: TypeErrors)
+        with pytest.raises(err, match="deu_param_groups"):
             deu_param_groups(model, **bad)
 
 

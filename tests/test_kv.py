@@ -1811,14 +1811,18 @@ def test_numpy_and_tensor_integers_serve_as_sizes_and_layers(seed):
     cache = PagedKVCache(np.int64(2), np.int64(HKV), D, PS, NP, MS)
     s = cache.add_sequence()
     k = torch.randn(3, HKV, D)
+    q = torch.randn(1, 2 * HKV, D)
     cache.append(np.int64(0), [s], k, k, [3])
     cache.append(torch.tensor(1), [s], k, k, [3])  # the step's layers are ints: it commits
-    cache.advance([s], [3])
-    q = torch.randn(1, 2 * HKV, D)
-    want = kfuse.paged_decode_attention(q, cache, 1, [s])
+    want = kfuse.paged_decode_attention(q, cache, 1, [s])  # in the open step (a tensor layer read none of it)
     for layer in (np.int64(1), torch.tensor(1)):
         assert torch.equal(kfuse.paged_decode_attention(q, cache, layer, [s]), want)
         assert cache.kv_len(layer, s) == 3
+    cache.advance([s], [3])
+    assert torch.equal(kfuse.paged_decode_attention(q, cache, torch.tensor(1), [s]), want)
+    for bad in (torch.tensor(True), torch.tensor([1]), torch.tensor(1.0)):
+        with pytest.raises(IndexError, match="layer must be an int"):
+            kfuse.paged_decode_attention(q, cache, bad, [s])
     with pytest.raises(ValueError, match=r"num_layers must be below 2\^31; got 18446744073709551616"):
         PagedKVCache(2**64, HKV, D, PS, NP, MS)
     with pytest.raises(ValueError, match="new_lens holds a value outside int64's range"):

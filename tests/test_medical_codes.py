@@ -478,7 +478,7 @@ def test_file_and_argument_errors_name_the_argument(vocab, small, claims, tmp_pa
     zipf_slope's negative top dropped the least frequent code; write_claims_csv took labels='False' by its truth;
     an unknown domain was a bare KeyError (error-message hunt)."""
     for bad in (1, True):
-        with pytest.raises(TypeError, match="path must be a str or os.PathLike; got"):
+        with pytest.raises(TypeError, match="path must be a str, bytes or os.PathLike; got"):
             read_claims_csv(bad)
     with pytest.raises(ValueError, match="zipf_slope: top must be >= 1; got -1"):
         zipf_slope(np.arange(10), top=-1)

@@ -9,6 +9,8 @@ import math
 import numbers
 import operator
 
+import torch
+
 
 def type_name(v: object) -> str:
     """``v``'s type, module-qualified outside builtins (numpy 2 calls its bool ``bool``)."""
@@ -32,6 +34,8 @@ def int_or_none(v: object) -> int | None:
         return None
     if isinstance(v, int):  # as it is: under torch.compile operator.index specialised a traced layer number, one
         return v            # graph a layer (the compile test)
+    if isinstance(v, torch.Tensor) and (v.dim() != 0 or v.dtype == torch.bool):  # ([1] and True: review)
+        return None
     try:
         return operator.index(v)
     except TypeError:  # (a float tensor has __index__ and refuses it)
@@ -42,9 +46,9 @@ def integer(where: str, name: str, v: object, minimum: int | None = None) -> int
     """``v`` as an int: an integer of any kind (``__index__``: numpy, 0-d integer tensors) that is not
     a bool, and at least ``minimum``; a TypeError or ValueError naming ``name`` otherwise (never a
     float or string truncated: ``int(10.9)`` made a 10-row table)."""
-    if isinstance(v, bool) or not hasattr(v, "__index__"):
+    i = int_or_none(v)
+    if i is None:
         raise TypeError(f"{where}: {name} must be an int; got {type_name(v)} {v!r}")
-    i = operator.index(v)
     if minimum is not None and i < minimum:
         raise ValueError(f"{where}: {name} must be >= {minimum}; got {i}")
     return i

@@ -172,9 +172,8 @@ class PagedKVCache:
         if (m := _checks.int_or_none(max_pages_per_seq)) is None or m < 1:
             raise ValueError(f"max_pages_per_seq must be a positive int; got {max_pages_per_seq!r}")
         max_pages_per_seq = m
-        if num_pages >= 2**31 or max_seqs * max_pages_per_seq >= 2**40:
-            raise ValueError(f"num_pages ({num_pages}) must fit int32 and max_seqs · max_pages_per_seq "
-                             f"({max_seqs * max_pages_per_seq}) stay below 2^40")
+        if max_seqs * max_pages_per_seq >= 2**40:  # (num_pages is below 2^31: checked above)
+            raise ValueError(f"max_seqs · max_pages_per_seq ({max_seqs * max_pages_per_seq}) must stay below 2^40")
         if max_pages_per_seq * page_size >= 2**31:  # lengths are int32 (seq_lens, the kernels): C++ truncated
             raise ValueError(f"a sequence's capacity max_pages_per_seq · page_size ({max_pages_per_seq} · {page_size}) "
                              "must stay below 2^31 tokens (lengths are int32); pass a smaller max_pages_per_seq "

@@ -158,7 +158,7 @@ class CodeVocab:
     def index(self, domain: str) -> dict[str, int]:
         """``code → row`` for ``domain`` (built once)."""
         if domain not in self.codes:  # (a bare KeyError: 'bogus' before; error-message hunt)
-            raise ValueError(f"domain must be one of {list(self.codes)}; got {domain!r}")
+            raise ValueError(f"CodeVocab: domain must be one of {list(self.codes)}; got {domain!r}")
         if domain not in self._index:
             self._index[domain] = {c: i for i, c in enumerate(self.codes[domain])}
         return self._index[domain]
@@ -640,9 +640,9 @@ def read_claims_csv(path: str | os.PathLike, vocab: CodeVocab | None = None, unk
     """
     if unknown not in ("error", "skip"):
         raise ValueError(f"read_claims_csv: unknown must be 'error' or 'skip'; got {unknown!r}")
-    if not isinstance(path, (str, os.PathLike)):  # open() took an int (or a bool) as a file descriptor, read
+    if not isinstance(path, (str, bytes, os.PathLike)):  # open() took an int (or a bool) as a file descriptor, read
         # from it and closed it: the caller's stdout with True (error-message hunt)
-        raise TypeError(f"read_claims_csv: path must be a str or os.PathLike; got {_checks.type_name(path)}")
+        raise TypeError(f"read_claims_csv: path must be a str, bytes or os.PathLike; got {_checks.type_name(path)}")
     where = str(path)
     seen: dict[str, dict[str, int]] = {d: {} for d in DOMAINS}  # without vocab: normalised code -> row
     spelling: dict[str, list[str]] = {d: [] for d in DOMAINS}  # ... and each row's first spelling

@@ -66,13 +66,13 @@ class EmbeddingBag(nn.EmbeddingBag):
         _checks.check_bool("nn.EmbeddingBag", "sparse", sparse)
         # (unchecked, -1 rows blamed padding_idx, 10.0 failed in torch.empty and True made a [10, 1] table:
         # error-message hunt)
-        num_embeddings = _checks.integer("nn.EmbeddingBag", "num_embeddings", num_embeddings, 1)
+        num_embeddings = _checks.integer("nn.EmbeddingBag", "num_embeddings", num_embeddings, 0)  # (0: as torch)
         embedding_dim = _checks.integer("nn.EmbeddingBag", "embedding_dim", embedding_dim, 1)
         if padding_idx is not None:
             padding_idx = _checks.integer("nn.EmbeddingBag", "padding_idx", padding_idx)  # numpy, 0-d tensors too
             if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}); got "
-                                 f"{padding_idx!r}")
+                raise ValueError(f"nn.EmbeddingBag: padding_idx must be within [-{num_embeddings}, {num_embeddings}); "
+                                 f"got {padding_idx!r}")
             padding_idx %= num_embeddings
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.mode, self.padding_idx, self.include_last_offset = mode, padding_idx, include_last_offset
@@ -148,16 +148,11 @@ class EmbeddingBag(nn.EmbeddingBag):
                 f"sparse={self.sparse}, backend={self.backend!r}, check={self.check!r}")
 
 
-_KEYS: dict[int, tuple[str, ...]] = {}
-
-
-def _keys(n: int) -> tuple[str, ...]:
-    """A ParameterList's keys of n entries, made once per n. (A plain dict, not functools.lru_cache, whose call
-    Dynamo warns about when it compiles the module: an error under -W error; feature-combination hunt.)"""
-    keys = _KEYS.get(n)
-    if keys is None:
-        keys = _KEYS[n] = tuple(str(i) for i in range(n))
-    return keys
+def _keys(n: int) -> list[str]:
+    """A ParameterList's keys of n entries. Made per call (~2 us at 32 tables): no cache, which Dynamo traced
+    into (functools.lru_cache: a warning, an error under -W error; feature-combination hunt) or guarded on (a
+    dict filled while tracing: a second compile; review)."""
+    return [str(i) for i in range(n)]
 
 
 class MultiTableEmbeddingBag(nn.Module):
@@ -258,6 +253,7 @@ class MultiTableEmbeddingBag(nn.Module):
         # (a string sparse was taken by truth, a complex or integer dtype failed at the first forward or in
         # torch: error-message hunt)
         _checks.check_bool("MultiTableEmbeddingBag", "sparse", sparse)
+        dtype = torch.get_default_dtype() if dtype is None else dtype  # (None: torch's factories' meaning)
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise TypeError(f"MultiTableEmbeddingBag: dtype must be float32, float64, float16 or bfloat16; got "
                             f"{dtype!r}")
@@ -267,9 +263,13 @@ class MultiTableEmbeddingBag(nn.Module):
         self.tables = tables
         if feature_table_map is None:
             self.feature_table_map = list(range(len(tables)))
-        else:  # (an int failed in list(); a tensor's or numpy's entries are ints too: error-message hunt)
+        else:  # any iterable of integers (an int failed in list(): error-message hunt; numpy's ints too)
             ftm = feature_table_map.tolist() if hasattr(feature_table_map, "tolist") else feature_table_map
-            self.feature_table_map = list(ftm) if isinstance(ftm, (list, tuple, range)) else []
+            try:
+                items = [] if isinstance(ftm, (str, bytes)) else list(ftm)
+            except TypeError:
+                items = []
+            self.feature_table_map = [t if (t := _checks.int_or_none(e)) is not None else e for e in items]
         if not self.feature_table_map or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(tables)
                                                  for t in self.feature_table_map):
             raise ValueError(f"feature_table_map must be a non-empty list of table numbers in [0, {len(tables)}); "

@@ -139,10 +139,6 @@ def _foreign_flag(buf: Tensor, own: bool) -> bool:
     return known[0]
 
 
-_foreign_flag_outside_graph = torch.compiler.disable(
-    _foreign_flag, reason="kfuse LoRALinear: a lora_merged buffer not the module's own (torch.func.functional_call) "
-    "is read on the host; compile without fullgraph=True, or call the module with its own state")
-
 
 class LoRALinear(nn.Module):
     """A linear layer with a LoRA adapter: ``y = x Wᵀ + bias + scaling · ((dropout(x) Aᵀ) Bᵀ + lora_bias)``
@@ -247,11 +243,8 @@ class LoRALinear(nn.Module):
         buf = self.lora_merged
         if buf is self.__dict__.get("_own_flag"):
             return self._merged
-        if torch.compiler.is_compiling():
-            # Read outside the graph (a graph break; under fullgraph=True, Dynamo's error): the module's own
-            # state ran there, and a compiled functional_call with a merged layer's state counted the adapter
-            # twice, silently (feature-combination hunt).
-            return _foreign_flag_outside_graph(buf, self._merged)
+        if torch.compiler.is_compiling():  # no value while tracing: the forward picks by the buffer in the graph
+            return self._merged
         return _foreign_flag(buf, self._merged)
 
     @merged.setter
@@ -353,13 +346,25 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """:func:`kfuse.lora_linear` with this layer's parameters (dropout in training mode only);
         when merged, the base layer (plus ``scaling · lora_bias``)."""
-        if self.merged:  # the unmerged op's checks, where F.linear raised bare shape and dtype errors
-            _check_tensor("LoRALinear", "x", x)
-            _check_x_weight("LoRALinear", x, self.weight, self.fan_in_fan_out)
-            y = nn.functional.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
-            if self.lora_bias is not None:
-                y = y + (self.scaling * self.lora_bias).to(y.dtype)
-            return y
+        buf = self.lora_merged
+        if torch.compiler.is_compiling() and buf is not self.__dict__.get("_own_flag"):
+            # A buffer not the module's own (torch.func.functional_call's): its value is unknown while tracing, so
+            # both branches run and the buffer picks (per member under vmap). The module's own state ran, and a
+            # compiled call with a merged layer's state counted the adapter twice, silently (combination hunt).
+            return torch.where(buf, self._merged_forward(x), self._lora_forward(x))
+        return self._merged_forward(x) if self.merged else self._lora_forward(x)
+
+    def _merged_forward(self, x: Tensor) -> Tensor:
+        """The base layer (plus ``scaling · lora_bias``): W holds the adapter."""
+        # the unmerged op's checks, where F.linear raised bare shape and dtype errors
+        _check_tensor("LoRALinear", "x", x)
+        _check_x_weight("LoRALinear", x, self.weight, self.fan_in_fan_out)
+        y = nn.functional.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
+        if self.lora_bias is not None:
+            y = y + (self.scaling * self.lora_bias).to(y.dtype)
+        return y
+
+    def _lora_forward(self, x: Tensor) -> Tensor:
         return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias, self.lora_bias,
                            self.lora_dropout, self.training, self.fan_in_fan_out, self.backend)
 

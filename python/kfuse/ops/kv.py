@@ -115,9 +115,9 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
     if q.dim() != 3 or q.shape[2] != cache.head_dim or q.shape[1] < 1 or q.shape[1] % cache.num_kv_heads:
         raise ValueError(f"kfuse.{op}: q must be [tokens, num_q_heads, head_dim={cache.head_dim}] with num_q_heads "
                          f"a positive multiple of num_kv_heads={cache.num_kv_heads}; got {tuple(q.shape)}")
-    if (i := _checks.int_or_none(layer)) is None or not 0 <= i < cache.num_layers:  # (numpy ints too: the
-        # callers take operator.index(layer) after this)
+    if (i := _checks.int_or_none(layer)) is None or not 0 <= i < cache.num_layers:  # (numpy ints too)
         raise IndexError(f"kfuse.{op}: layer must be an int in [0, {cache.num_layers}); got {layer!r}")
+    layer = i  # as an int below: a 0-d tensor hashes by identity, and the open step's layers are ints (review)
     if q.requires_grad and torch.is_grad_enabled():
         # The kernels have no backward (the cache holds K/V detached): rather than an output that
         # silently carries no gradient to q (and the reference backend's that would), refuse.
