@@ -30,10 +30,12 @@ def int_or_none(v: object) -> int | None:
     """``v`` as an int when it is an integer of any kind other than a bool (``__index__``: numpy, 0-d integer
     tensors), else None: for checks that keep their own messages (error-message hunt: np.int64(2) layers and
     sizes were refused as "must be an int", which they are)."""
-    if isinstance(v, bool) or not hasattr(v, "__index__"):
+    if isinstance(v, bool):
         return None
-    if isinstance(v, int):  # as it is: under torch.compile operator.index specialised a traced layer number, one
-        return v            # graph a layer (the compile test)
+    if isinstance(v, int):  # as it is, first: under torch.compile operator.index specialised a traced layer
+        return v            # number (one graph a layer), and torch 2.11's Dynamo cannot trace hasattr of one
+    if not hasattr(v, "__index__"):
+        return None
     if isinstance(v, torch.Tensor) and (v.dim() != 0 or v.dtype == torch.bool):  # ([1] and True: review)
         return None
     try:
