@@ -1029,11 +1029,8 @@ def test_state_dict_holds_tensors_only(seed: int) -> None:
     assert again[0].merged
 
 
-def test_merged_flag_of_functional_calls_and_shallow_copies(seed: int) -> None:
-    """The forward takes the merged state from the lora_merged buffer it is given: torch.func.functional_call
-    with the other state's state_dict ran the module's own branch, silently off by the whole adapter (copy
-    hunt); also for a state_dict's aliases written since, for stacked modules under vmap, on meta, and after
-    a move or cast."""
+def _unmerged_and_merged() -> tuple[kfuse.nn.LoRALinear, kfuse.nn.LoRALinear, Tensor, Tensor]:
+    """A layer with a nonzero adapter, its merged copy, an input and the layer's output."""
     layer = kfuse.nn.LoRALinear(9, 6, r=3).eval()
     with torch.no_grad():
         layer.lora_B.normal_()
@@ -1041,7 +1038,16 @@ def test_merged_flag_of_functional_calls_and_shallow_copies(seed: int) -> None:
     merged.merge()
     x = torch.randn(4, 9)
     with torch.no_grad():
-        y = layer(x)
+        return layer, merged, x, layer(x)
+
+
+def test_merged_flag_of_functional_calls_and_shallow_copies(seed: int) -> None:
+    """The forward takes the merged state from the lora_merged buffer it is given: torch.func.functional_call
+    with the other state's state_dict ran the module's own branch, silently off by the whole adapter (copy
+    hunt); also for a state_dict's aliases written since, for stacked modules under vmap, on meta, and after
+    a move or cast."""
+    layer, merged, x, y = _unmerged_and_merged()
+    with torch.no_grad():
         for module, other in ((layer, merged), (merged, layer)):
             torch.testing.assert_close(torch.func.functional_call(module, other.state_dict(), (x,)), y)
         torch.testing.assert_close(layer(x), y)  # the module's own state again
@@ -1066,14 +1072,8 @@ def test_merged_flag_of_compiled_functional_calls(seed: int) -> None:
     functional_call gave it: off by the whole adapter, silently (feature-combination hunt). With another buffer
     both branches run and the buffer picks, in one graph (a first fix read it on the host: a graph break, which
     fullgraph=True refused for state_dict aliases and vmap ensembles; review)."""
-    layer = kfuse.nn.LoRALinear(9, 6, r=3).eval()
+    layer, merged, x, y = _unmerged_and_merged()
     with torch.no_grad():
-        layer.lora_B.normal_()
-    merged = copy.deepcopy(layer)
-    merged.merge()
-    x = torch.randn(4, 9)
-    with torch.no_grad():
-        y = layer(x)
         for module, other in ((layer, merged), (merged, layer), (layer, layer)):  # (layer, layer): aliases
             torch._dynamo.reset()
             call = torch.compile(lambda s, x, m=module: torch.func.functional_call(m, s, (x,)), backend="eager",

@@ -726,19 +726,22 @@ def test_fuse_api(seed: int) -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+class _One(nn.Module):
+    """One 16 × 16 linear layer ``a``: the smallest model PEFT adapts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x)
+
+
 def test_fallback_warnings_do_not_keep_adapter_names() -> None:
     """A server adding and deleting a DoRA adapter per request (PEFT runs those calls): the warn-once set kept
     every adapter's name and warned for each (leak hunt, 2026-12-05). One warning per kind of reason."""
 
-    class One(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(16, 16)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.a(x)
-
-    model = get_peft_model(One(), LoraConfig(r=4, target_modules=["a"])).eval()
+    model = get_peft_model(_One(), LoraConfig(r=4, target_modules=["a"])).eval()
     kp.fuse(model, warn=False)
     kp._warned.clear()
     with warnings.catch_warnings(record=True) as record:
@@ -761,15 +764,7 @@ def test_disabled_input_dtype_casting_falls_back_with_its_reason(seed: int) -> N
     (torch.float32) is neither float32 nor the input's": PEFT-configs hunt). With casting on, kfuse runs it."""
     from peft.helpers import disable_input_dtype_casting  # noqa: PLC0415
 
-    class One(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(16, 16)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.a(x)
-
-    model = get_peft_model(One().to(torch.bfloat16), LoraConfig(r=4, target_modules=["a"])).eval()
+    model = get_peft_model(_One().to(torch.bfloat16), LoraConfig(r=4, target_modules=["a"])).eval()
     kp.fuse(model, warn=False)
     kp._warned.clear()
     x = torch.randn(3, 16, dtype=torch.bfloat16)
