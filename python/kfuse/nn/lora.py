@@ -139,7 +139,6 @@ def _foreign_flag(buf: Tensor, own: bool) -> bool:
     return known[0]
 
 
-
 class LoRALinear(nn.Module):
     """A linear layer with a LoRA adapter: ``y = x Wᵀ + bias + scaling · ((dropout(x) Aᵀ) Bᵀ + lora_bias)``
     (:func:`kfuse.lora_linear`), numerically PEFT's ``lora.Linear``.
