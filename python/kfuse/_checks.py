@@ -30,7 +30,9 @@ def int_or_none(v: object) -> int | None:
     """``v`` as an int when it is an integer of any kind other than a bool (``__index__``: numpy, 0-d integer
     tensors), else None: for checks that keep their own messages (error-message hunt: np.int64(2) layers and
     sizes were refused as "must be an int", which they are)."""
-    if isinstance(v, bool):
+    if isinstance(v, (bool, list, tuple, str, bytes)) or v is None:
+        # (torch 2.11's Dynamo, the GPU machine's, failed on operator.index of a list with its own internal error,
+        # not TypeError: a compiled module with one padding_idx per table; `make compat`, 2026-12-05)
         return None
     if isinstance(v, int):  # as it is, first: under torch.compile operator.index specialised a traced layer
         return v            # number (one graph a layer), and torch 2.11's Dynamo cannot trace hasattr of one

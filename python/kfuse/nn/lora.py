@@ -345,8 +345,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """:func:`kfuse.lora_linear` with this layer's parameters (dropout in training mode only);
         when merged, the base layer (plus ``scaling · lora_bias``)."""
-        buf = self.lora_merged
-        if torch.compiler.is_compiling() and buf is not self.__dict__.get("_own_flag"):
+        if torch.compiler.is_compiling() and (buf := self.lora_merged) is not self.__dict__.get("_own_flag"):
             # A buffer not the module's own (torch.func.functional_call's): its value is unknown while tracing, so
             # both branches run and the buffer picks (per member under vmap). The module's own state ran, and a
             # compiled call with a merged layer's state counted the adapter twice, silently (combination hunt).

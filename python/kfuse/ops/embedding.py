@@ -28,7 +28,6 @@ gradients: fixed shapes, so ``torch.compile(fullgraph=True)`` records them).
 from __future__ import annotations
 
 import functools
-import operator
 import re
 import threading
 import weakref
@@ -212,16 +211,10 @@ def _validate(op: str, weights: list[Tensor], indices: object, offsets: object, 
 
 def _as_index(v: object) -> object:
     """``v`` as a Python int when it is an integer other than a bool (an int, a numpy integer, a 0-d
-    integer tensor: what torch takes for an index argument), else ``v`` unchanged (for the caller to
-    refuse)."""
-    if isinstance(v, (bool, list, tuple, str, bytes)) or v is None:
-        # (torch 2.11's Dynamo, the GPU machine's, fails on operator.index of a list with its own internal
-        # error, not TypeError: a compiled module with one padding_idx per table; `make compat`, 2026-12-05)
-        return v
-    try:
-        return operator.index(v)
-    except TypeError:
-        return v
+    integer tensor: what torch takes for an index argument; :func:`kfuse._checks.int_or_none`), else ``v``
+    unchanged (for the caller to refuse, or to read as one entry per table)."""
+    i = _checks.int_or_none(v)
+    return v if i is None else i
 
 
 def _padding(op: str, padding_idx: object, weights: list[Tensor]) -> list[int]:
