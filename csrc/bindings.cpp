@@ -291,12 +291,12 @@ KVAttn check_kv_attention(const at::Tensor& q, const at::Tensor& k_pages, const 
   const int32_t* ids = seq_ids.const_data_ptr<int32_t>();
   const int32_t* ln = lens.const_data_ptr<int32_t>();
   for (int64_t b = 0; b < rows; ++b) {
-    TORCH_CHECK(ids[b] >= 0 && ids[b] < max_seqs && ln[b] >= 0 && ln[b] <= stride * ps, "kfuse: seq_ids[", b, "] = ",
-                ids[b], " or lens[", b, "] = ", ln[b], " out of range");
+    TORCH_CHECK_VALUE(ids[b] >= 0 && ids[b] < max_seqs && ln[b] >= 0 && ln[b] <= stride * ps, "kfuse: seq_ids[", b,
+                      "] = ", ids[b], " or lens[", b, "] = ", ln[b], " out of range");
     for (int64_t j = 0; j < (ln[b] + ps - 1) / ps; ++j) {
       const int32_t page = table[ids[b] * stride + j];
-      TORCH_CHECK(page >= 0 && page < num_pages, "kfuse: block_table[", ids[b], ", ", j, "] = ", page,
-                  " is not a page, but lens[", b, "] = ", ln[b], " needs it");
+      TORCH_CHECK_VALUE(page >= 0 && page < num_pages, "kfuse: block_table[", ids[b], ", ", j, "] = ", page,
+                        " is not a page, but lens[", b, "] = ", ln[b], " needs it");
     }
   }
   return {ps, hkv, d, stride};
@@ -331,11 +331,11 @@ at::Tensor kv_prefill_attention(const at::Tensor& q, const at::Tensor& k_pages, 
   const int32_t* ln = lens.const_data_ptr<int32_t>();
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(ql[i] >= 0 && ql[i] <= ln[i], "kfuse: q_lens[", i, "] = ", ql[i], " must be in [0, lens[", i, "] = ",
-                ln[i], "]");
+    TORCH_CHECK_VALUE(ql[i] >= 0 && ql[i] <= ln[i], "kfuse: q_lens[", i, "] = ", ql[i], " must be in [0, lens[", i,
+                      "] = ", ln[i], "]");
     total += ql[i];
   }
-  TORCH_CHECK(total == q.size(0), "kfuse: q has ", q.size(0), " rows; q_lens sums to ", total);
+  TORCH_CHECK_VALUE(total == q.size(0), "kfuse: q has ", q.size(0), " rows; q_lens sums to ", total);
   at::Tensor out = at::empty_like(q);
   if (q.numel() == 0) return out;
   kfuse::kv::prefill_attention_cpu(to_dtype(q), q.const_data_ptr(), k_pages.const_data_ptr(),

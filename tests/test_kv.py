@@ -1458,9 +1458,9 @@ def test_cpu_kernels_check_invariants():
         _EXT.kv_decode_attention(q, k, v, bt, sid.long(), lens, 1.0)
     with pytest.raises(RuntimeError, match="share a dtype"):
         _EXT.kv_decode_attention(q.double(), k, v, bt, sid, lens, 1.0)
-    with pytest.raises(RuntimeError, match="not a page"):
+    with pytest.raises(ValueError, match="not a page"):
         _EXT.kv_decode_attention(q, k, v, bt, sid, torch.tensor([3, 3 * PS], dtype=torch.int32), 1.0)
-    with pytest.raises(RuntimeError, match="q_lens"):
+    with pytest.raises(ValueError, match="q_lens"):
         _EXT.kv_prefill_attention(q, k, v, bt, sid, lens, torch.tensor([4, 0], dtype=torch.int32), 1.0)
 
 
@@ -1520,16 +1520,17 @@ def test_registered_ops_reject_bogus_backend():
     assert torch.equal(out, paged_decode_attention_reference(q, cache, 1, ids, scale=0.5))
 
 
-@pytest.mark.parametrize("path", ["reference", "cpu-sdpa"])
+@pytest.mark.parametrize("path", ["reference", "cpu-sdpa", "cpu"])
 def test_registered_ops_check_values_where_they_read_them_on_the_host(path, seed, monkeypatch):
     """The reference backend and the cpu backend's SDPA prefill read seq_ids, lens, q_lens and the block
     table on the host and checked none of them (registered-ops hunt, 2026-12-06): a q_lens sum short of
     q's rows returned uninitialised rows, a q_len past its length fully masked rows, seq_ids -1 another
     sequence, lens -4 zeros. They raise as the C++ kernel does, naming the argument. The reference also
     gives a sequence named twice at two lengths each row's (it kept the last's), as the cpu backend; and
-    the SDPA path's output is contiguous for a permuted q, as the op's fake says (torch.compile failed)."""
+    the SDPA path's output is contiguous for a permuted q, as the op's fake says (torch.compile failed).
+    Every path raises ValueError (the C++ kernel's checks raised RuntimeError until 2026-12-06)."""
     dtype = torch.bfloat16 if path == "cpu-sdpa" else torch.float32
-    backend = "cpu" if path == "cpu-sdpa" else "reference"
+    backend = "reference" if path == "reference" else "cpu"
     monkeypatch.setattr(kv_ops, "_SDPA_MIN_Q_LEN", 1)  # every bf16 prefill on SDPA, at these small sizes
     cache, ids = _op_cache([5, PS + 3], dtype, "cpu")
     k_pages, v_pages, table, layer, sid, lens = _op_args(cache, ids)
@@ -1547,7 +1548,7 @@ def test_registered_ops_check_values_where_they_read_them_on_the_host(path, seed
                     ({"seq_ids": torch.tensor([-1, ids[1]], dtype=torch.int32)}, r"seq_ids\[0\] = -1 or lens"),
                     ({"lens": torch.tensor([-4, PS + 3], dtype=torch.int32)}, r"lens\[0\] = -4 out of range"),
                     ({"table": bad_table}, rf"block_table\[{ids[1]}, 1\] = \d+ is not a page")):
-        with pytest.raises((ValueError, RuntimeError), match=msg):
+        with pytest.raises(ValueError, match=msg):
             prefill(**kw)
     if path == "cpu-sdpa":
         permuted = torch.randn(HKV * 2, 4, D).to(dtype).transpose(0, 1)
