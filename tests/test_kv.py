@@ -501,9 +501,9 @@ def test_bug_hunt_findings_leave_the_cache_as_it_was():
     with pytest.raises(ValueError, match=r"counts must be in \[0, max_pages_per_seq\*page_size"):
         cache.append(0, [a, b], torch.zeros(0, HKV, D), torch.zeros(0, HKV, D), counts=[huge, 1 - huge + 2**63 - 1])
     assert_same(cache, snap)
-    with pytest.raises(ValueError, match="must hold ints, not bools"):
+    with pytest.raises(TypeError, match="must hold ints, not bools"):
         cache.rollback([True], [0])
-    with pytest.raises(ValueError, match="must hold ints, not bools"):
+    with pytest.raises(TypeError, match="must hold ints, not bools"):
         kfuse.paged_decode_attention(torch.randn(2, HKV, D), cache, 0, [True, False])
     assert_same(cache, snap)
     for bad in (-1, 99):
@@ -555,20 +555,33 @@ INVALID = {
     "free unknown": (lambda c, a, b: c.free(2), ValueError, "seq_id"),
     "fork unknown": (lambda c, a, b: c.fork(2, 0), ValueError, "src_id"),
     "fork past length": (lambda c, a, b: c.fork(a, 6), ValueError, "length"),
-    "fork float length": (lambda c, a, b: c.fork(a, 1.0), ValueError, "length must be an int"),
-    "fork bool length": (lambda c, a, b: c.fork(a, True), ValueError, "length must be an int"),
+    "fork float length": (lambda c, a, b: c.fork(a, 1.0), TypeError, "length must be an int; got float"),
+    "fork bool length": (lambda c, a, b: c.fork(a, True), TypeError, "length must be an int; got bool"),
+    "fork str src_id": (lambda c, a, b: c.fork("0", 1), TypeError, "src_id must be an int; got str"),
+    "free str": (lambda c, a, b: c.free("0"), TypeError, "seq_id must be an int; got str"),
+    "rollback str ids": (lambda c, a, b: c.rollback("0", [1]), TypeError, "seq_ids must be a sequence of ints; got"),
+    "rollback float lens": (lambda c, a, b: c.rollback([a], [1.5]), TypeError, "new_lens must hold ints"),
+    "rollback int ids": (lambda c, a, b: c.rollback(a, [1]), TypeError, "seq_ids must be a sequence of ints; got int"),
+    "reset float tensor": (lambda c, a, b: c.reset(torch.tensor([0.0])), TypeError, "seq_ids must be a 1-D integer"),
     "fork into non-empty dst": (lambda c, a, b: c.fork(a, 2, dst_id=b), ValueError, "dst_id: sequence 1 holds 3"),
     "fork into itself": (lambda c, a, b: c.fork(a, 2, dst_id=a), ValueError, "dst_id: the child must be another"),
     "fork into free slot": (lambda c, a, b: c.fork(a, 2, dst_id=2), ValueError, "dst_id"),
     "reset unknown id": (lambda c, a, b: c.reset([a, 2]), ValueError, "seq_ids"),
     "append bad layer": (lambda c, a, b: c.append(L, [a], *_kv(1)), IndexError, "layer"),
+    "append str layer": (lambda c, a, b: c.append("0", [a], *_kv(1)), TypeError,
+                         "PagedKVCache.append: layer must be an int; got str '0'"),
+    "append list k": (lambda c, a, b: c.append(0, [a], [[[0.0] * D] * HKV], _kv(1)[1]), TypeError,
+                      "k must be a torch.Tensor; got list"),
+    "append list v": (lambda c, a, b: c.append(0, [a], _kv(1)[0], [[[0.0] * D] * HKV]), TypeError,
+                      "v must be a torch.Tensor; got list"),
+    "append str counts": (lambda c, a, b: c.append(0, [a], *_kv(1), counts="1"), TypeError, "counts must be a"),
     "append duplicate ids": (lambda c, a, b: c.append(0, [a, a], *_kv(2)), ValueError, "seq_ids"),
     "append freed id": (lambda c, a, b: c.append(0, [2], *_kv(1)), ValueError, "seq_ids"),
     "append k shape": (lambda c, a, b: c.append(0, [a], torch.randn(2, HKV, D), torch.randn(1, HKV, D)),
                        ValueError, "k has shape"),
     "append v heads": (lambda c, a, b: c.append(0, [a], torch.randn(1, HKV, D), torch.randn(1, HKV + 1, D)),
                        ValueError, "v has shape"),
-    "append dtype": (lambda c, a, b: c.append(0, [a], *_kv(1, torch.float64)), ValueError, "dtype"),
+    "append dtype": (lambda c, a, b: c.append(0, [a], *_kv(1, torch.float64)), TypeError, "dtype"),
     "append device": (lambda c, a, b: c.append(0, [a], torch.randn(1, HKV, D, device="meta"),
                                                torch.randn(1, HKV, D)), ValueError, "k is on"),
     "append counts sum": (lambda c, a, b: c.append(0, [a, b], *_kv(3), counts=[1, 1]), ValueError, "k has shape"),
@@ -576,6 +589,7 @@ INVALID = {
     "append pool exhausted": (lambda c, a, b: c.append(0, [a, b], *_kv(40), counts=[20, 20]), ValueError, "counts"),
     "append past max_pages_per_seq": (lambda c, a, b: c.append(0, [a], *_kv(30), counts=[30]), ValueError, "counts"),
     "advance without step": (lambda c, a, b: c.advance([a]), ValueError, "advance"),
+    "advance float counts": (lambda c, a, b: c.advance([a], [1.0]), TypeError, "counts must hold ints"),
 }
 
 
@@ -697,16 +711,21 @@ def test_arguments_of_the_wrong_kind_name_themselves():
     for dtype in (torch.int32, torch.bool, torch.complex64, None, "float32"):
         with pytest.raises(TypeError, match="PagedKVCache: dtype must be one of"):
             make(dtype=dtype)
-    with pytest.raises(ValueError, match="num_layers must be a positive int; got True"):
+    with pytest.raises(TypeError, match="PagedKVCache: num_layers must be an int; got bool True"):
         PagedKVCache(True, HKV, D, 4, 8, 2)
+    with pytest.raises(TypeError, match="PagedKVCache: page_size must be an int; got str '4'"):
+        PagedKVCache(2, HKV, D, "4", 8, 2)
+    with pytest.raises(ValueError, match="PagedKVCache: num_pages must be >= 1; got 0"):
+        PagedKVCache(2, HKV, D, 4, 0, 2)
     cache, a, b = _populated()
     snap = snapshot(cache)
     for bad in (np.array(a), torch.tensor([a], device="meta")):
         with pytest.raises(ValueError, match="seq_ids must be"):
             cache.rollback(bad, [0])
-    for bad in (torch.tensor(0, dtype=torch.complex64), torch.tensor(a, device="meta")):
-        with pytest.raises(ValueError, match="seq_id must be an int"):
-            cache.length(bad)
+    with pytest.raises(TypeError, match="seq_id must be an int; got torch.Tensor"):
+        cache.length(torch.tensor(0, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="seq_id must be an int; got a meta tensor"):
+        cache.length(torch.tensor(a, device="meta"))
     with pytest.raises(ValueError, match="kfuse.paged_decode_attention: scale is out of float's range"):
         kfuse.paged_decode_attention(torch.randn(2, HKV, D), cache, 0, [a, b], scale=10**400)
     assert_same(cache, snap)
@@ -1635,6 +1654,13 @@ def _bad_inputs():
         "q rows": (lambda: dec(q[:1], cache, 0, ids), ValueError, "q has 1 rows"),
         "cache": (lambda: dec(q, object(), 0, ids), TypeError, "cache must be"),
         "layer": (lambda: dec(q, cache, L, ids), IndexError, "layer must be"),
+        "str layer": (lambda: dec(q, cache, "0", ids), TypeError, "attention: layer must be an int; got str"),
+        "float layer (prefill)": (lambda: pre(q, cache, 0.0, ids, [1, 1]), TypeError,
+                                  "paged_prefill_attention: layer must be an int; got float"),
+        "list q": (lambda: dec(q.tolist(), cache, 0, ids), TypeError, "q must be a torch.Tensor; got list"),
+        "list q (prefill)": (lambda: pre(q.tolist(), cache, 0, ids, [1, 1]), TypeError, "q must be a torch.Tensor"),
+        "str seq_ids": (lambda: dec(q, cache, 0, "01"), TypeError, "seq_ids must be a sequence of ints; got str"),
+        "float q_lens": (lambda: pre(q, cache, 0, ids, [1.0, 1.0]), TypeError, "q_lens must hold ints"),
         "unknown id": (lambda: dec(q, cache, 0, [ids[0], 99]), IndexError, "seq_ids"),
         "freed id": (lambda: dec(q, cache, 0, [ids[0], freed]), ValueError, "seq_ids.*not active"),
         "duplicate id": (lambda: dec(q, cache, 0, [ids[0], ids[0]]), ValueError, "seq_ids.*duplicate"),
@@ -1821,9 +1847,11 @@ def test_numpy_and_tensor_integers_serve_as_sizes_and_layers(seed):
         assert cache.kv_len(layer, s) == 3
     cache.advance([s], [3])
     assert torch.equal(kfuse.paged_decode_attention(q, cache, torch.tensor(1), [s]), want)
-    for bad in (torch.tensor(True), torch.tensor([1]), torch.tensor(1.0)):
-        with pytest.raises(IndexError, match="layer must be an int"):
+    for bad in (torch.tensor(True), torch.tensor([1]), torch.tensor(1.0), "1", 1.0, True):
+        with pytest.raises(TypeError, match="kfuse.paged_decode_attention: layer must be an int; got"):
             kfuse.paged_decode_attention(q, cache, bad, [s])
+        with pytest.raises(TypeError, match="PagedKVCache.kv_len: layer must be an int; got"):
+            cache.kv_len(bad, s)
     with pytest.raises(ValueError, match=r"num_layers must be below 2\^31; got 18446744073709551616"):
         PagedKVCache(2**64, HKV, D, PS, NP, MS)
     with pytest.raises(ValueError, match="new_lens holds a value outside int64's range"):

@@ -87,27 +87,44 @@ _PLAIN_INT = frozenset({int})
 
 
 def _index_tensor(x, what: str) -> Tensor:
-    """``x`` (a sequence of ints, or a 1-D integer tensor) as a contiguous CPU int64 tensor."""
+    """``x`` (a sequence of ints, or a 1-D integer tensor) as a contiguous CPU int64 tensor. A TypeError for the
+    wrong kind (not a sequence, a str, floats, bools, a tensor of another dtype), a ValueError for the wrong
+    shape, a meta tensor or a value past int64."""
     if isinstance(x, Tensor):
-        if x.dim() != 1 or x.dtype not in _INT_DTYPES or x.is_meta:
+        if x.dtype not in _INT_DTYPES:
+            raise TypeError(f"{what} must be a 1-D integer tensor or a sequence of ints; got a {x.dtype} tensor")
+        if x.dim() != 1 or x.is_meta:
             raise ValueError(f"{what} must be a 1-D integer tensor (with values) or a sequence of ints; "
                              f"got {'a meta ' if x.is_meta else ''}{x.dtype} {tuple(x.shape)}")
         return x.to(device="cpu", dtype=torch.int64).contiguous()  # note: a CUDA tensor here syncs
-    if isinstance(x, (int, float, bool)) or not hasattr(x, "__len__") or getattr(x, "ndim", 1) != 1:
-        raise ValueError(f"{what} must be a sequence of ints; got {type(x).__name__} {x!r}")
+    if isinstance(x, (int, float, bool, str, bytes)) or not hasattr(x, "__len__"):
+        raise TypeError(f"{what} must be a sequence of ints; got {_checks.type_name(x)} {x!r}")
+    if getattr(x, "ndim", 1) != 1:  # (a 0-d or 2-D array)
+        raise ValueError(f"{what} must be a 1-D sequence of ints; got {_checks.type_name(x)} {x!r}")
     # array('q') converts a list of 256 ints in ~8 us (numpy ~16 us, torch.tensor ~4x more) and
     # refuses non-integers (floats, strings). Bools are ints in Python and would pass as 0/1: a mask
     # given by mistake would select sequences 0 and 1, so they are refused as a bool tensor is.
     try:
         buf = array.array("q", x)
     except TypeError as e:
-        raise ValueError(f"{what} must hold ints; got {list(x)!r}") from e
+        raise TypeError(f"{what} must hold ints; got {list(x)!r}") from e
     except OverflowError as e:  # (it said "must hold ints" of an int: error-message hunt)
         raise ValueError(f"{what} holds a value outside int64's range; got {list(x)!r}") from e
     # The element scan only where some element is not a plain int: 0.9 us for 32 ints where the scan took 4.2.
     if not set(map(type, x)) <= _PLAIN_INT and any(isinstance(e, (bool, np.bool_)) for e in x):
-        raise ValueError(f"{what} must hold ints, not bools; got {list(x)!r}")
+        raise TypeError(f"{what} must hold ints, not bools; got {list(x)!r}")
     return torch.frombuffer(buf, dtype=torch.int64) if len(buf) else torch.zeros(0, dtype=torch.int64, device="cpu")
+
+
+def _layer_index(where: str, layer: object, num_layers: int) -> int:
+    """``layer`` as an int in ``[0, num_layers)``: the one check of the cache's methods and the attention ops
+    (kfuse.ops.kv). An integer of any kind but bool (numpy, 0-d integer tensors: error-message hunt; as an int,
+    since a 0-d tensor hashes by identity and the open step's layers are ints); a TypeError for anything else
+    (a str, a float, a 1-element tensor), an IndexError out of range."""
+    i = _checks.integer(where, "layer", layer)
+    if not 0 <= i < num_layers:
+        raise IndexError(f"{where}: layer must be an int in [0, {num_layers}); got {i}")
+    return i
 
 
 def _as_int_list(x, what: str) -> list[int]:
@@ -158,9 +175,7 @@ class PagedKVCache:
         sizes = []
         for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                           ("page_size", page_size), ("num_pages", num_pages), ("max_seqs", max_seqs)):
-            i = _checks.int_or_none(val)  # numpy and 0-d tensor integers too
-            if i is None or i < 1:
-                raise ValueError(f"{name} must be a positive int; got {val!r}")
+            i = _checks.integer("PagedKVCache", name, val, 1)  # numpy and 0-d tensor integers too
             if i >= 2**31:  # (torch's overflow error from deep inside named none: error-message hunt)
                 raise ValueError(f"{name} must be below 2^31; got {i}")
             sizes.append(i)
@@ -169,9 +184,7 @@ class PagedKVCache:
             raise TypeError(f"PagedKVCache: dtype must be one of {', '.join(map(str, _KV_DTYPES))}; got {dtype!r}")
         if max_pages_per_seq is None:
             max_pages_per_seq = num_pages
-        if (m := _checks.int_or_none(max_pages_per_seq)) is None or m < 1:
-            raise ValueError(f"max_pages_per_seq must be a positive int; got {max_pages_per_seq!r}")
-        max_pages_per_seq = m
+        max_pages_per_seq = _checks.integer("PagedKVCache", "max_pages_per_seq", max_pages_per_seq, 1)
         if max_seqs * max_pages_per_seq >= 2**40:  # (num_pages is below 2^31: checked above)
             raise ValueError(f"max_seqs · max_pages_per_seq ({max_seqs * max_pages_per_seq}) must stay below 2^40")
         if max_pages_per_seq * page_size >= 2**31:  # lengths are int32 (seq_lens, the kernels): C++ truncated
@@ -276,14 +289,16 @@ class PagedKVCache:
 
     @staticmethod
     def _scalar(v, what: str) -> int:
-        """An int from an int, a numpy integer or a one-element integer tensor; bools are refused."""
-        if isinstance(v, Tensor) and v.numel() == 1 and v.dtype in _INT_DTYPES and not v.is_meta:
-            v = int(v.item())
-        elif isinstance(v, np.integer):
-            v = int(v)
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise ValueError(f"{what} must be an int; got {v!r}")
-        return v
+        """An int from an int, a numpy integer or a one-element integer tensor; a TypeError for anything else
+        (bools, floats, strs, tensors of other dtypes), a ValueError for a meta tensor (no value)."""
+        if isinstance(v, Tensor) and v.numel() == 1 and v.dtype in _INT_DTYPES:
+            if v.is_meta:
+                raise ValueError(f"{what} must be an int; got a meta tensor (no value)")
+            v = v.reshape(())  # (one element of any shape, as before; int_or_none takes 0-d ones)
+        i = _checks.int_or_none(v)
+        if i is None:
+            raise TypeError(f"{what} must be an int; got {_checks.type_name(v)} {v!r}")
+        return i
 
     def _check_id(self, seq_id, what: str) -> int:
         # A plain int in range and active passes the checks below (8 us: a list, a tensor, C++) as it is.
@@ -383,7 +398,7 @@ class PagedKVCache:
     def kv_len(self, layer: int, seq_id: int) -> int:
         """Length attention at ``layer`` should read for ``seq_id``: committed, plus the open step's
         tokens if ``layer`` has appended them."""
-        layer = self._check_layer(layer)
+        layer = self._check_layer(layer, "kv_len")
         s = self._check_id(seq_id, "seq_id")
         n = int(self._n_lens[s])
         if self._step is not None and layer in self._step["layers"]:
@@ -430,7 +445,7 @@ class PagedKVCache:
         appends once; :meth:`advance` commits. Cost O(new tokens) (plus one page copy per
         copy-on-write). No sync.
         """
-        layer = self._check_layer(layer)
+        layer = self._check_layer(layer, "append")
         self._not_capturing("append")
         st = self._step
         ids = _index_tensor(seq_ids, "seq_ids")
@@ -456,13 +471,13 @@ class PagedKVCache:
             total = ids.numel() if cnt is None else st["total"] if same_cnt else int(cnt.sum())
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, Tensor):
-                raise ValueError(f"{name} must be a tensor; got {type(t).__name__}")
+                raise TypeError(f"{name} must be a torch.Tensor; got {_checks.type_name(t)}")
             want = (total, self.num_kv_heads, self.head_dim)
             if tuple(t.shape) != want:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [total_tokens, num_kv_heads, "
                                  f"head_dim] = {list(want)}")
-            if t.dtype != self.dtype:
-                raise ValueError(f"{name} has dtype {t.dtype}; the cache holds {self.dtype}")
+            if t.dtype != self.dtype:  # (a TypeError, as the attention ops' q of another dtype)
+                raise TypeError(f"{name} has dtype {t.dtype}; the cache holds {self.dtype}")
             if t.device != self.device:
                 raise ValueError(f"{name} is on {t.device}; the cache is on {self.device}")
         if k.requires_grad or v.requires_grad:
@@ -494,12 +509,9 @@ class PagedKVCache:
         st["layers"].add(layer)
         st["appended_np"][layer] = True  # numpy view made once a step: 1.5 us where a tensor write took 3.4
 
-    def _check_layer(self, layer: object) -> int:
-        """``layer`` as an int (numpy and 0-d tensor integers too, as the sequence ids: error-message hunt)."""
-        i = _checks.int_or_none(layer)
-        if i is None or not 0 <= i < self.num_layers:
-            raise IndexError(f"layer must be an int in [0, {self.num_layers}); got {layer!r}")
-        return i
+    def _check_layer(self, layer: object, op: str) -> int:
+        """``layer`` as an int in range (:func:`_layer_index`), for method ``op``."""
+        return _layer_index(f"PagedKVCache.{op}", layer, self.num_layers)
 
     def _write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """K/V ``[total, num_kv_heads, head_dim]`` of ``layer`` for new tokens at flat slots ``page · page_size +
@@ -675,8 +687,9 @@ class PagedKVCache:
         if self.device.type != "cuda":
             raise ValueError(f"graphed_rollback needs a CUDA cache; this one is on {self.device} (rollback() "
                              "there is host work only)")
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_seqs:
-            raise ValueError(f"n must be an int in [1, max_seqs={self.max_seqs}]; got {n!r}")
+        n = _checks.integer("graphed_rollback", "n", n)
+        if not 1 <= n <= self.max_seqs:
+            raise ValueError(f"graphed_rollback: n must be an int in [1, max_seqs={self.max_seqs}]; got {n!r}")
         self._no_step("graphed_rollback")
         ids = torch.arange(n, device=self.device)
         lens = self.seq_lens[:n].clone()

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from kfuse import _backends, _checks, _routing
-from kfuse.kv import PagedKVCache, _as_int_list
+from kfuse.kv import PagedKVCache, _as_int_list, _layer_index
 from kfuse.reference.kv import gather_kv, paged_decode_attention_reference, paged_prefill_attention_reference
 
 __all__ = ["BACKENDS", "backend_reasons", "paged_decode_attention", "paged_prefill_attention"]
@@ -115,9 +115,7 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
     if q.dim() != 3 or q.shape[2] != cache.head_dim or q.shape[1] < 1 or q.shape[1] % cache.num_kv_heads:
         raise ValueError(f"kfuse.{op}: q must be [tokens, num_q_heads, head_dim={cache.head_dim}] with num_q_heads "
                          f"a positive multiple of num_kv_heads={cache.num_kv_heads}; got {tuple(q.shape)}")
-    if (i := _checks.int_or_none(layer)) is None or not 0 <= i < cache.num_layers:  # (numpy ints too)
-        raise IndexError(f"kfuse.{op}: layer must be an int in [0, {cache.num_layers}); got {layer!r}")
-    layer = i  # as an int below: a 0-d tensor hashes by identity, and the open step's layers are ints (review)
+    layer = _layer_index(f"kfuse.{op}", layer, cache.num_layers)  # the cache's own check (an int below)
     if q.requires_grad and torch.is_grad_enabled():
         # The kernels have no backward (the cache holds K/V detached): rather than an output that
         # silently carries no gradient to q (and the reference backend's that would), refuse.
@@ -151,7 +149,7 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
         return memo[2]
     try:
         ids = cache._ids(seq_ids)  # known, active, distinct (the cache's own checks)
-    except (ValueError, IndexError) as e:
+    except (TypeError, ValueError, IndexError) as e:
         raise type(e)(f"kfuse.{op}: {e}") from None
     lens = cache.kv_lens(layer, ids)
     if in_step:
