@@ -1858,6 +1858,26 @@ def test_numpy_and_tensor_integers_serve_as_sizes_and_layers(seed):
         cache.rollback([s], [2**63])
 
 
+def test_kv_lens_checks_its_arguments():
+    """kv_lens, public, read any layer and indexed the host lengths with whatever it was given: a str layer, an
+    unknown or freed id (a free slot's length), a float or 2-D tensor passed through to torch's indexing. It checks
+    them as the other methods do (against the host state: no sync), and takes ints as well as tensors."""
+    cache, a, b = _populated()
+    assert cache.kv_lens(0, [b, a]).tolist() == [3, 5] and cache.kv_lens(np.int64(1), torch.tensor([a])).tolist() == [5]
+    snap = snapshot(cache)
+    for args, exc, match in [(("0", [a]), TypeError, "PagedKVCache.kv_lens: layer must be an int; got str"),
+                             ((L, [a]), IndexError, r"PagedKVCache.kv_lens: layer must be an int in \[0, 2\); got 2"),
+                             ((0, [2]), ValueError, "seq_ids: sequence 2 is not active"),
+                             ((0, [7]), IndexError, "seq_ids: sequence id 7 out of range"),
+                             ((0, [a, a]), ValueError, "seq_ids.*duplicate"),
+                             ((0, torch.tensor([0.0])), TypeError, "seq_ids must be a 1-D integer tensor"),
+                             ((0, torch.tensor([[a]])), ValueError, "seq_ids must be a 1-D integer tensor"),
+                             ((0, a), TypeError, "seq_ids must be a sequence of ints; got int")]:
+        with pytest.raises(exc, match=match):
+            cache.kv_lens(*args)
+    assert_same(cache, snap)
+
+
 def test_a_step_keeps_its_own_copy_of_the_callers_ids(seed):
     """The open step and the attention's per-step memo copy the caller's ids and counts tensors: writing
     them between layers (a buffer reused for the next batch) neither changes which sequences the step

@@ -405,8 +405,16 @@ class PagedKVCache:
             n += self.pending(s)
         return n
 
-    def kv_lens(self, layer: int, seq_ids: Tensor) -> Tensor:
-        """:meth:`kv_len` of validated ``seq_ids`` (CPU int64 ``[n]``, from :meth:`_ids`) at once: CPU int64 ``[n]``."""
+    def kv_lens(self, layer: int, seq_ids) -> Tensor:
+        """:meth:`kv_len` of several sequences at once: ``seq_ids`` distinct active ids (ints or a 1-D integer
+        tensor), checked as :meth:`rollback` checks them, against the host state (no sync for ints or CPU
+        tensors); CPU int64 ``[n]``."""
+        layer = self._check_layer(layer, "kv_lens")
+        return self._kv_lens(layer, self._ids(seq_ids))
+
+    def _kv_lens(self, layer: int, seq_ids: Tensor) -> Tensor:
+        """:meth:`kv_lens` of a checked ``layer`` (an int) and validated ``seq_ids`` (CPU int64 ``[n]``, from
+        :meth:`_ids`): the attention ops' (kfuse.ops.kv), which have checked both."""
         lens = self._h_lens[seq_ids].long()
         if self._step is not None and layer in self._step["layers"]:
             lens += self._step["pending"][seq_ids]

@@ -311,7 +311,7 @@ class LlamaForCausalLM(nn.Module):
         if total == 0:  # nothing to append: no step (the rotary module cannot take empty positions)
             return torch.zeros(0, vocab, dtype=self.dtype, device=self.device)
         # Position of each new token: its sequence's committed length plus its index within the sequence.
-        lens = cache.kv_lens(0, ids)  # no step is open: committed lengths
+        lens = cache._kv_lens(0, ids)  # no step is open: committed lengths
         start = lens - (torch.cumsum(cnt, 0) - cnt)
         pos = cache._dev(torch.repeat_interleave(start, cnt) + torch.arange(total, device="cpu"))  # pinned: no sync
         # Host tokens cross through pinned memory (cache._dev): a plain .to("cuda") would wait for the GPU.
@@ -500,7 +500,7 @@ class DecodeGraphs:
             raise ValueError(f"tokens has {tokens.numel()} entries; seq_ids has {n} (one new token per sequence)")
         if n == 0:
             return torch.zeros(0, vocab, dtype=model.dtype, device=model.device)
-        lens = cache.kv_lens(0, ids)  # committed lengths (no step is open)
+        lens = cache._kv_lens(0, ids)  # committed lengths (no step is open)
         longest = int(lens.max()) + 1
         if longest > self.max_len:
             s = int(ids[int(lens.argmax())])

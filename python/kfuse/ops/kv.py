@@ -151,7 +151,7 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
         ids = cache._ids(seq_ids)  # known, active, distinct (the cache's own checks)
     except (TypeError, ValueError, IndexError) as e:
         raise type(e)(f"kfuse.{op}: {e}") from None
-    lens = cache.kv_lens(layer, ids)
+    lens = cache._kv_lens(layer, ids)
     if in_step:
         # Every layer that has appended in the open step reads the same lengths (committed + the step's
         # tokens), so a model's layers share one device copy of ids and lengths per step instead of
