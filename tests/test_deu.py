@@ -1579,6 +1579,8 @@ def test_module_init_and_shapes() -> None:
     assert kfuse.nn.DEU(np.int64(3), dim=np.int64(1)).num_features == 3  # any integer type
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         kfuse.nn.DEU(4, backend="gpu")  # at construction, not at the first forward
+    with pytest.raises(TypeError, match="DEU: backend must be a str, 'auto' or one of .* got int"):
+        kfuse.nn.DEU(4, backend=1)  # (a ValueError before, where kfuse.deu's was a TypeError)
     with pytest.raises(ValueError, match=r"DEU\(num_features=16, dim=-1\).*has 8 features.*need dim=1"):
         kfuse.nn.DEU(16)(torch.randn(2, 16, 4, 8))  # NCHW, dim forgotten
 

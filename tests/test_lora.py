@@ -839,6 +839,12 @@ def test_lora_linear_module(seed: int) -> None:
         kfuse.nn.LoRALinear(4, 4, r=0)
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         kfuse.nn.LoRALinear(4, 4, backend="gpu")
+    # A non-str backend is a TypeError naming it, as the functional ops' (it was a ValueError)
+    for make in (lambda b: kfuse.nn.LoRALinear(4, 4, backend=b), lambda b: kfuse.nn.MultiLoRALinear(4, 4, backend=b),
+                 lambda b: kfuse.lora_linear(x8[:, :4], nb.weight[:, :4], torch.zeros(2, 4), torch.zeros(4, 2), 1.0,
+                                             backend=b)):
+        with pytest.raises(TypeError, match="backend must be a str, 'auto' or one of .* got int"):
+            make(1)
 
 
 def _conv1d(in_features: int, out_features: int) -> nn.Module:

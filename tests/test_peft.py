@@ -716,6 +716,8 @@ def test_fuse_api(seed: int) -> None:
     model = gpt2()
     with pytest.raises(ValueError, match="backend"):
         kp.fuse(model, backend="bogus")
+    with pytest.raises(TypeError, match="kfuse.integrations.peft.fuse: backend must be a str, .* got int"):
+        kp.fuse(model, backend=1)  # (a ValueError before, where the ops' was a TypeError)
     with pytest.warns(UserWarning, match="no PEFT layer"):
         assert kp.fuse(nn.Linear(3, 4)).fused == []
     x = embeds(H_GPT2, torch.float32)

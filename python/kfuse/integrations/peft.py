@@ -62,8 +62,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 import kfuse
-from kfuse import _routing
-from kfuse.ops.lora import BACKENDS
+from kfuse import _backends, _routing
 from kfuse.reference.lora import acc_dtype
 
 try:
@@ -418,9 +417,7 @@ def fuse(model: nn.Module, *, backend: str = "auto", warn: bool = True) -> Repor
     disable, train/eval; see the module docstring) and runs PEFT's own forward for a call it
     cannot serve. :func:`unfuse` undoes this.
     """
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
-        raise ValueError(f"kfuse.integrations.peft.fuse: backend must be 'auto' or one of "
-                         f"{sorted(BACKENDS)}; got {backend!r}")
+    _backends.check_backend_name("integrations.peft.fuse", backend)  # (TypeError for a non-str, as the ops)
     report = Report()
     for name, module in _tuner_layers(model):
         if _is_fused(module):

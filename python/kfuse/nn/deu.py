@@ -49,8 +49,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from kfuse import _checks
-from kfuse.ops.deu import BACKENDS, DEGENERATE_GRADS, deu
+from kfuse import _backends, _checks
+from kfuse.ops.deu import DEGENERATE_GRADS, deu
 from kfuse.reference.deu import deu_init_coeffs
 
 #: ``init`` values of :class:`DEU`: ``"paper"`` draws ``a, b, c ~ U(0, 1)``, ``c1 = c2 = 0``; the
@@ -104,8 +104,7 @@ class DEU(nn.Module):
         num_features, dim = operator.index(num_features), operator.index(dim)
         if num_features < 1:
             raise ValueError(f"DEU: num_features must be >= 1; got {num_features}")
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"DEU: backend must be 'auto' or one of {list(BACKENDS)}; got {backend!r}")
+        _backends.check_backend_name("DEU", backend)  # (a non-str was a ValueError: a TypeError, as the ops')
         if degenerate_grad not in DEGENERATE_GRADS:
             raise ValueError(f"DEU: degenerate_grad must be one of {list(DEGENERATE_GRADS)}; got {degenerate_grad!r}")
         self.num_features, self.dim, self.backend = num_features, dim, backend

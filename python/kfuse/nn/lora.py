@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kfuse import _checks, _routing
+from kfuse import _backends, _checks, _routing
 from kfuse.nn._buffers import apply_keeping_dtype
-from kfuse.ops.lora import BACKENDS, _check_tensor, _check_x_weight, lora_linear, lora_linear_multi
+from kfuse.ops.lora import _check_tensor, _check_x_weight, lora_linear, lora_linear_multi
 from kfuse.reference.lora import acc_dtype
 
 # MultiLoRALinear's four adapter buffers are replaced together (add_adapter, a load that resizes them,
@@ -32,12 +32,6 @@ _STACK_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _stacks_lock(module: nn.Module) -> threading.RLock:
     lock = _STACK_LOCKS.get(module)
     return _STACK_LOCKS.setdefault(module, threading.RLock()) if lock is None else lock
-
-
-def _check_backend(cls: str, backend: object) -> str:
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
-        raise ValueError(f"{cls}: backend must be 'auto' or one of {list(BACKENDS)}; got {backend!r}")
-    return backend
 
 
 def _adapter_dtype(adapter_dtype: torch.dtype | None, base_dtype: torch.dtype, cls: str) -> torch.dtype:
@@ -189,7 +183,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{cls}: lora_dropout must be in [0, 1); got {lora_dropout}")
         for name, v in (("use_rslora", use_rslora), ("fan_in_fan_out", fan_in_fan_out), ("lora_bias", lora_bias)):
             _checks.check_bool(cls, name, v)
-        self.backend = _check_backend(cls, backend)
+        _backends.check_backend_name(cls, backend)  # (TypeError for a non-str, as the ops)
+        self.backend = backend
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, lora_dropout, use_rslora
         self.fan_in_fan_out = fan_in_fan_out
@@ -411,7 +406,8 @@ class MultiLoRALinear(nn.Module):
     def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None, in_features: int, out_features: int,
                fan_in_fan_out: bool, backend: str, adapter_dtype: torch.dtype | None) -> None:
         _checks.check_bool("MultiLoRALinear", "fan_in_fan_out", fan_in_fan_out)
-        self.backend = _check_backend("MultiLoRALinear", backend)
+        _backends.check_backend_name("MultiLoRALinear", backend)
+        self.backend = backend
         self.in_features, self.out_features, self.fan_in_fan_out = in_features, out_features, fan_in_fan_out
         self.weight, self.bias = weight, bias
         a_dtype = _adapter_dtype(adapter_dtype, weight.dtype, "MultiLoRALinear")
