@@ -870,9 +870,18 @@ def test_data_and_model_hunt_2026_12_05(vocab, small, claims, tmp_path):
                   batch_size=np.int64(256))
     for kw, msg in (({"prevalence": 1.5}, "prevalence must be a number in"), ({"signal": 2.0}, "signal"),
                     ({"visit_min": 9, "visit_max": 5}, "visit_max must be an int in"), ({"patients": -1}, "patients"),
-                    ({"domain_probs": (0, 0, 0)}, "domain_probs")):
+                    ({"domain_probs": (0, 0, 0)}, "domain_probs"), ({"domain_probs": (0.5, 0.5)}, "domain_probs")):
         with pytest.raises(ValueError, match=msg):
             ClaimsConfig(**kw)
+    # domain_probs=None (or a number) failed with "object of type 'NoneType' has no len()"; a str was a ValueError
+    for probs, msg in ((None, "domain_probs must be a sequence of 3 numbers .* got NoneType None"),
+                       (5, "domain_probs must be a sequence of 3 numbers .* got int 5"),
+                       ("abc", "domain_probs must be a sequence of 3 numbers .* got str"),
+                       ((0.5, 0.2, "x"), r"domain_probs\[2\] must be a real number; got str"),
+                       ((0.5, 0.2, True), r"domain_probs\[2\] must be a real number; got bool")):
+        with pytest.raises(TypeError, match=msg):
+            ClaimsConfig(domain_probs=probs)
+    assert ClaimsConfig(domain_probs=iter([1, 1, 2])).domain_probs == (1.0, 1.0, 2.0)
     gen = GeneralCodeEmbedding(small.sizes, 8, lr=0.2, seed=0)
     for kw, msg in (({"batch_size": 0}, "batch_size must be a positive int"),
                     ({"epochs": 0}, "epochs must be a positive number")):

@@ -438,11 +438,17 @@ class ClaimsConfig:
         number("risk_scale", 0)
         number("prevalence", 0, 1, open_lo=True, open_hi=True)
         number("seed", 0, integer=True)
+        # (None or a number failed with "object of type 'NoneType' has no len()", naming nothing; a str, or a
+        # str or bool among the numbers, was a ValueError or taken as 1)
         probs = self.domain_probs
-        if len(probs) != 3 or not all(isinstance(q, numbers.Real) and math.isfinite(q) and q >= 0 for q in probs) \
-                or sum(probs) <= 0:
+        if isinstance(probs, (str, bytes)) or not hasattr(probs, "__iter__"):
+            raise TypeError(f"ClaimsConfig: domain_probs must be a sequence of 3 numbers (dx, px, rx); got "
+                            f"{_checks.type_name(probs)} {probs!r}")
+        probs = tuple(_checks.real("ClaimsConfig", f"domain_probs[{i}]", q) for i, q in enumerate(probs))
+        if len(probs) != 3 or not all(math.isfinite(q) and q >= 0 for q in probs) or sum(probs) <= 0:
             raise ValueError(f"ClaimsConfig: domain_probs must be 3 finite numbers >= 0 with a positive sum (dx, px, "
-                             f"rx); got {probs!r}")
+                             f"rx); got {self.domain_probs!r}")
+        self.domain_probs = probs  # (an iterator read once: kept as the tuple read)
 
 
 def _zipf_ranks(rng: np.random.Generator, sizes: np.ndarray, s: float) -> np.ndarray:
