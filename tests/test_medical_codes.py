@@ -473,6 +473,28 @@ def test_torch_build_optimizer_state_follows_dtype_casts(optimizer):
     builds["torch"].update()
 
 
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+def test_torch_build_half_tables_step_in_float32(optimizer):
+    """A torch build made half before its first step: SparseAdam made its state then, in float16, and torch's
+    optimizers compute in the gradient's dtype (eps 1e-8 is 0 in float16, small squared gradients underflow):
+    NaN tables with SparseAdam, Adagrad's 50 off a float32 build's. The state is made in float32 and the
+    step takes float32 gradients: the half build follows the float32 one to float16 rounding."""
+    idx, off = torch.tensor([0, 1, 2, 1]), torch.tensor([0, 2, 4])
+    half, ref = (CodeEmbedding([5, 4], 4, domains=("dx", "px"), optimizer=optimizer, lr=0.01, impl="torch", seed=0)
+                 for _ in range(2))
+    half.half()
+    for m in (half, ref):
+        for _ in range(20):
+            (m(idx, off).float().pow(2).sum() * 1e-3).backward()
+            m.update()
+    assert all(v.dtype == torch.float32 for st in half.tables.opt.state.values() for k, v in st.items() if k != "step")
+    assert all(w.dtype == getattr(w, "grad_dtype", w.dtype) == torch.float16 for w in half.tables.weights)
+    if not hasattr(torch.Tensor, "grad_dtype"):
+        pytest.skip("torch < 2.10: the step takes the tables' float16 gradients")
+    for h, r in zip(half.tables.weights, ref.tables.weights, strict=True):
+        torch.testing.assert_close(h.detach().float(), r.detach(), rtol=0, atol=1e-3)
+
+
 def test_file_and_argument_errors_name_the_argument(vocab, small, claims, tmp_path):
     """read_claims_csv took an int (or True) as a file descriptor, read it and closed it (the caller's stdout);
     zipf_slope's negative top dropped the least frequent code; write_claims_csv took labels='False' by its truth;

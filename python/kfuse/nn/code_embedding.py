@@ -56,6 +56,9 @@ VARIANTS = ("general", "task", "super")
 # ---------------------------------------------------------------- table builds
 
 
+_GRAD_DTYPE = hasattr(torch.Tensor, "grad_dtype")  # a leaf's gradient in another dtype than its own (torch >= 2.10)
+
+
 class _TorchTables(nn.Module):
     """One ``torch.nn.EmbeddingBag`` per table (sparse gradients) and a torch optimizer stepped by
     :meth:`update`: SGD for ``"sgd"``, ``torch.optim.Adagrad`` (element-wise; torch has no row-wise
@@ -140,8 +143,35 @@ class _TorchTables(nn.Module):
         if self.opt is not None:
             _TorchTables._load_optimizer_state(self, None)  # (a module unpickled from before the hook)
             self._track_tables()
+            raised = self._step_in_acc_dtype()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+            for p in raised:  # (grads cleared: the tables' own dtype again, for the next backward and casts)
+                p.grad_dtype = p.dtype
+
+    def _step_in_acc_dtype(self) -> list[Tensor]:
+        """Makes the optimizer step half-precision tables in their accumulation dtype, as :meth:`_apply` keeps an
+        existing state: SparseAdam's state, made lazily like the table at its first step, is made here in float32,
+        and the gradients are handed over in float32 (``grad_dtype``, torch >= 2.10; older torch steps on the
+        table's dtype). torch's optimizers compute in the gradient's dtype: after .half() SparseAdam's state was
+        float16, its eps (1e-8) was 0 there and small squared gradients underflowed: NaN tables within 20 steps,
+        float32 state or not; Adagrad's underflowed sums gave steps of lr·g/eps (the tables 50 off a float32
+        build's in 20 steps; training-loop review). Returns the tables whose gradient dtype it raised."""
+        raised = []
+        for p in self.weights:
+            acc, g = acc_dtype(p.dtype), p.grad
+            if p.dtype == acc or g is None:
+                continue
+            if isinstance(self.opt, torch.optim.SparseAdam) and not self.opt.state.get(p):
+                zeros = {"dtype": acc, "device": p.device}
+                self.opt.state[p] = {"step": 0, "exp_avg": torch.zeros(p.shape, **zeros),
+                                     "exp_avg_sq": torch.zeros(p.shape, **zeros)}
+            if _GRAD_DTYPE and g.dtype != acc:
+                p.grad = None  # (grad_dtype cannot change under a gradient of the old one)
+                p.grad_dtype = acc
+                p.grad = g.to(acc)
+                raised.append(p)
+        return raised
 
     def get_extra_state(self) -> dict:
         # The optimizer's state (Adagrad's sums, SparseAdam's moments) goes with state_dict, as the kfuse and
