@@ -15,7 +15,7 @@ then a ``torch.profiler`` table of a forward + backward step (the kernels' own t
 forward's time from a CUDA graph for each candidate ``_gemm_config`` / ``_shrink_config`` tile, and by
 either forward path (split-K or S pass + GEMM) at M = 32 … 256 (the ``_SMALL_M`` crossover), and with
 the GEMM's operands read by TMA against pointer loads (``_TMA``; forward, backward, then M = 4096's
-tiles with TMA).
+tiles with TMA); first, bf16's cuBLAS path (``_CUBLAS_MIN_M``) against the fused GEMM.
 Usage: ``python bench/tune_lora.py [--quick]`` (CUDA only; ~1-2 min, most of it compiling).
 """
 
@@ -196,6 +196,20 @@ def tma_ab() -> None:
         tk._TMA = orig
 
 
+def cublas_ab(quick: bool) -> None:
+    """The forward from a CUDA graph by cuBLAS's x Wᵀ + ``_fwd_update_kernel`` and by ``_fwd_kernel``'s fused GEMM
+    (bf16 x and W, fp32 and bf16 adapters) against x Wᵀ alone: where ``tk._CUBLAS_MIN_M`` should sit (2048, from
+    the H200's addmm row of 2026-12-04: the path itself not yet timed)."""
+    for M in (1024, 4096, 16384) if quick else (256, 1024, 2048, 4096, 16384):
+        for adt in (torch.float32, torch.bfloat16):
+            x, w, a, b = make(M, adt)
+            base = do_bench(lambda x=x, w=w: x @ w.T)
+            times = timed_with("_CUBLAS_MIN_M", (0, 1 << 30), launcher(x, w, a, b))
+            print(f"_CUBLAS_MIN_M M={M:<6} {str(adt)[6:]:>8} adapters: cuBLAS + update {times[0]:8.4f} ms "
+                  f"{times[0] / base:6.3f}x base   fused GEMM {times[1]:8.4f} ms {times[1] / base:6.3f}x base   "
+                  f"(current: {'cuBLAS' if M >= tk._CUBLAS_MIN_M else 'fused'})", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="M = 128 and 4096 only, no profile of M = 128")
@@ -212,6 +226,9 @@ def main() -> None:
     profile_step(4096, torch.float32)
     if not args.quick:
         profile_step(128, torch.float32)
+    print("== cuBLAS x Wᵀ + the update pass against the fused GEMM (forward from a CUDA graph; ms, median)")
+    cublas_ab(args.quick)
+    tk._CUBLAS_MIN_M = 1 << 30  # what follows tunes the Triton GEMM (_fwd_kernel), at every M
     print("== tile sweeps (forward from a CUDA graph, bf16 adapters; ms, median)")
     for M in (128, 4096):
         sweep("_gemm_config", GEMM, lambda M: tk._gemm_config(M, N, torch.bfloat16), M)

@@ -1992,13 +1992,59 @@ def test_shrink(device, dtype, a_dtype, M, K, r, p, seed) -> None:
 # ----------------------------------------------------------------------------------------
 # Forward: both paths (split-K decode, shrink + GEMM) on every shape.
 # ----------------------------------------------------------------------------------------
-@pytest.fixture(params=["splitk", "gemm", "gemm-tma"])
+@pytest.fixture(params=["splitk", "gemm", "gemm-tma", "cublas"])
 def fwd_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Forces lora_forward's path: the split-K decode path for any M, or shrink + GEMM for any M (with
-    x and W read by TMA where their layouts allow, "gemm-tma")."""
+    x and W read by TMA where their layouts allow, "gemm-tma"), or shrink + cuBLAS's x Wᵀ + the update pass
+    for any M and dtype ("cublas"; by default bf16 at M >= _CUBLAS_MIN_M)."""
     monkeypatch.setattr(lk, "_SMALL_M", 1 << 30 if request.param == "splitk" else -1)
     monkeypatch.setattr(lk, "_TMA", request.param == "gemm-tma")
+    monkeypatch.setattr(lk, "_CUBLAS_MIN_M", 0 if request.param == "cublas" else 1 << 30)
+    monkeypatch.setattr(lk, "_CUBLAS_DTYPES", lk._FLOATS)
     return request.param
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fifo", [False, True])
+def test_forward_takes_cublas_where_it_reads_w_in_place(device, fifo, monkeypatch, seed) -> None:
+    """At M >= _CUBLAS_MIN_M, bf16 x (the default _CUBLAS_DTYPES; widened to fp16 here, which the interpreter
+    runs) takes cuBLAS's x Wᵀ and _fwd_update_kernel where W or Wᵀ is contiguous, and _fwd_kernel's GEMM for
+    another layout (every other column of a wider W) or another dtype; both match the reference."""
+    taken = []
+
+    def spy(name):
+        real = getattr(lk, name)
+
+        class Spy:
+            def __getitem__(self, grid):
+                return lambda *args, **kw: (taken.append(name), real[grid](*args, **kw))
+        monkeypatch.setattr(lk, name, Spy())
+
+    spy("_fwd_kernel")
+    spy("_fwd_update_kernel")
+    monkeypatch.setattr(lk, "_SMALL_M", -1)
+    monkeypatch.setattr(lk, "_CUBLAS_MIN_M", 8)
+    for dtypes, strided, want in ((lk._FLOATS, False, "_fwd_update_kernel"), (lk._FLOATS, True, "_fwd_kernel"),
+                                  ((torch.bfloat16,), False, "_fwd_kernel")):
+        monkeypatch.setattr(lk, "_CUBLAS_DTYPES", dtypes)
+        x, weight, A, B, bias, lbias = make_layer(37, 40, 24, 8, fifo, True, True, torch.float16, torch.float32,
+                                                  device)
+        if strided:  # every other column of a twice-as-wide W: neither W nor Wᵀ is contiguous
+            wide = torch.zeros(weight.shape[0], 2 * weight.shape[1], dtype=weight.dtype, device=device)
+            wide[:, ::2] = weight
+            weight = wide[:, ::2]
+        taken.clear()
+        y, S = lk.lora_forward(x, weight, fifo, A, B, 0.5, bias, lbias, None, 0.0, True)
+        assert taken == [want], (dtypes, strided, taken)
+        y_ref, S_ref = ref_forward(x, weight, fifo, A, B, 0.5, bias, lbias, None, 0.0)
+        y_mag, S_mag = ref_forward(*absolute(x, weight), fifo, *absolute(A, B), 0.5, *absolute(bias, lbias), None,
+                                   0.0)
+        assert_sum_close(y, y_ref, y_mag, torch.float16, f"y ({want})")
+        assert_sum_close(S, S_ref, S_mag, torch.float16, f"S ({want})")
+    monkeypatch.setattr(lk, "_CUBLAS_DTYPES", lk._FLOATS)
+    taken.clear()
+    lk.lora_forward(x[:7], weight, fifo, A, B, 0.5, bias, lbias, None, 0.0, True)  # below _CUBLAS_MIN_M
+    assert taken == ["_fwd_kernel"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -2425,7 +2471,8 @@ def test_triton_kernels_compile_for_sm90() -> None:
     each argument), compiles to sm_90a machine code and fits an H200 (``tests/sm90.py``): forward
     (shrink + GEMM and the decode path's split-K), backward (every output, and dx alone), the
     multi-adapter forward and the dropout mask; fp16 (fp16 and fp32 adapters), bf16 (fp32 adapters,
-    dropout, biases, both weight layouts) and fp32 (dropout); M = K = N = 4096, odd sizes and
+    dropout, biases, both weight layouts; at M = 4096 cuBLAS + the update pass) and fp32 (dropout);
+    M = K = N = 4096, odd sizes and
     sizes of 1 (which a launch's specialisation turns into constants). The
     interpreter never runs the compiler (its type rules, layouts, tf32 dots, shared-memory budget).
     ~2 min of compiling on 2 cores when Triton's cache is cold."""
@@ -2450,6 +2497,7 @@ for dt, ad, p, biases in ((torch.float16, torch.float16, 0.0, False), (torch.flo
                               e(4, 4096, 16, dt=ad), e(4), e(4, dt=torch.int64), e(M, dt=ids_dt), None)
 lk.lora_dropout_mask(seed, 4096, 4096, 0.1)
 lk._TMA = True  # the forward and dx GEMMs with TMA reads (off by default until timed)
+lk._CUBLAS_MIN_M = 1 << 30  # (bf16 at M = 4096 takes cuBLAS + the update pass above; here the TMA GEMM)
 for dt, ad, p in ((torch.bfloat16, torch.float32, 0.1), (torch.float16, torch.float16, 0.0)):
     for fifo in (False, True):
         x, W, A, B = e(4096, 4096, dt=dt), e(4096, 4096, dt=dt), e(16, 4096, dt=ad), e(4096, 16, dt=ad)

@@ -10,7 +10,9 @@ low-rank term, or a small pass that produces what that start needs:
 
 forward, M > _SMALL_M   ``_shrink_kernel`` (S, one read of x; split along K when its row tiles are few)
                         then ``_fwd_kernel`` (acc = s·S Bᵀ,
-                        then acc += x Wᵀ over K, bias + s·lora_bias in the epilogue).
+                        then acc += x Wᵀ over K, bias + s·lora_bias in the epilogue); bf16 at
+                        M >= _CUBLAS_MIN_M: cuBLAS's x Wᵀ, then ``_fwd_update_kernel`` adds s·S Bᵀ +
+                        biases in one pass over y (cheaper than our GEMM's gap to cuBLAS: see there).
 forward, M <= _SMALL_M  (decode) ``_fwd_splitk_kernel``: split-K partials of x Wᵀ and, in extra
                         column programs, of S from the same x; ``_fwd_splitk_reduce_kernel`` sums
                         them in a fixed order and adds s·S Bᵀ + biases. Split-K fills the GPU
@@ -75,6 +77,19 @@ _SMALL_M = 64
 _TARGET_PROGRAMS = 264
 # Multi-adapter shrink: at most this many K splits (see lora_multi_forward).
 _MULTI_MAX_SPLITS = 8
+# Forward of bf16 x and W at M >= _CUBLAS_MIN_M: the base GEMM by cuBLAS (torch.mm), then one pass that adds
+# the low-rank term and the biases in fp32 (_fwd_update_kernel), instead of _fwd_kernel's GEMM. On the H200
+# (2026-12-04, bf16, K = N = 4096, r = 16; bench/results/2026-12-04-h200) _fwd_kernel took 1.32-1.41x cuBLAS's
+# x Wᵀ at M = 4096 and 1.25-1.30x at 16384, a plain Triton GEMM alone 1.24x, while cuBLAS followed by an addmm_
+# of the low-rank term (the report's "addmm" row, the same two passes over y) took 1.17x and 1.23x: until the
+# Triton GEMM matches cuBLAS (_TMA), the second pass over y costs less than the GEMM's gap. This path itself is
+# not yet timed on a GPU (bench/tune_lora.py times it against _fwd_kernel). bf16 only: y is rounded to x's
+# dtype between the passes, and fp16's range would turn a product past 65504 into inf where the fp32 sum with
+# the low-rank term is finite (bf16 has fp32's range); the interpreter tests widen _CUBLAS_DTYPES to run it.
+_CUBLAS_MIN_M = 2048
+_CUBLAS_DTYPES = (torch.bfloat16,)
+# Its second pass's tile (a pass over y bound by memory; a first guess, not yet timed).
+_UPDATE_BM, _UPDATE_BN = (16, 32) if INTERPRETED else (64, 128)
 # The forward's and the dx GEMM's main loops read their operands by TMA (the TMA variants of _fwd_kernel
 # and _bwd_dx_kernel) where the layouts allow. Off until a GPU has timed it against the pointer loads
 # (bench/tune_lora.py times both).
@@ -283,6 +298,22 @@ def _fwd_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, lbias_ptr, y_ptr,
     acc = _epilogue(acc, bias_ptr, lbias_ptr, cols, N, scaling, HAS_BIAS, HAS_LBIAS)
     tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _fwd_update_kernel(y_ptr, s_ptr, b_ptr, bias_ptr, lbias_ptr, M, N, R, sbn, sbr, scaling,
+                       BM: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_LBIAS: tl.constexpr, LR_PREC: tl.constexpr):
+    """y tile += s·S Bᵀ + bias + s·lora_bias in fp32, in place: the second pass of the cuBLAS path
+    (``_CUBLAS_MIN_M``), y ``[M, N]`` contiguous holding x Wᵀ; grid (M tiles, N tiles)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = _low_rank(s_ptr, b_ptr, rows, cols, M, N, R, sbr, sbn, BM, BN, RB, LR_PREC) * scaling
+    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    ok = (rows[:, None] < M) & (cols[None, :] < N)
+    acc += tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    acc = _epilogue(acc, bias_ptr, lbias_ptr, cols, N, scaling, HAS_BIAS, HAS_LBIAS)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -867,6 +898,15 @@ def lora_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A: Tensor, B: 
     lbias_arg = lora_bias.contiguous() if lora_bias is not None else y
     if M > _SMALL_M or K == 0:
         S = lora_shrink(x, A, seed, p)
+        wt = weight if fan_in_fan_out else weight.t()  # [K, N]
+        if M >= _CUBLAS_MIN_M and x.dtype in _CUBLAS_DTYPES and (wt.is_contiguous() or wt.t().is_contiguous()):
+            # (a W that cuBLAS reads in place; any other layout keeps the Triton GEMM, which reads it by strides)
+            torch.mm(x, wt, out=y)
+            _fwd_update_kernel[(cdiv(M, _UPDATE_BM), cdiv(N, _UPDATE_BN))](
+                y, S, B, bias_arg, lbias_arg, M, N, R, B.stride(0), B.stride(1), scaling, BM=_UPDATE_BM,
+                BN=_UPDATE_BN, RB=rb, HAS_BIAS=bias is not None, HAS_LBIAS=lora_bias is not None, LR_PREC=lr_prec,
+                num_warps=4)
+            return y, (S if save_s else None)
         bm, bn, bk, group, warps, stages = _gemm_config(M, N, x.dtype)
         grid = (cdiv(M, bm) * cdiv(N, bn),)
         x_arg, w_arg, tma = _tma_operands(x, weight, [bm, bk], bn, bk, fan_in_fan_out)
