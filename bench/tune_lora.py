@@ -200,7 +200,7 @@ def cublas_ab(quick: bool) -> None:
     """The forward from a CUDA graph by cuBLAS's x Wᵀ + ``_fwd_update_kernel`` and by ``_fwd_kernel``'s fused GEMM
     (bf16 x and W, fp32 and bf16 adapters) against x Wᵀ alone: where ``tk._CUBLAS_MIN_M`` should sit (2048, from
     the H200's addmm row of 2026-12-04: the path itself not yet timed)."""
-    for M in (1024, 4096, 16384) if quick else (256, 1024, 2048, 4096, 16384):
+    for M in (128, 1024, 4096, 16384) if quick else (128, 256, 1024, 2048, 4096, 16384):
         for adt in (torch.float32, torch.bfloat16):
             x, w, a, b = make(M, adt)
             base = do_bench(lambda x=x, w=w: x @ w.T)
