@@ -2561,9 +2561,15 @@ def test_targets_and_basis() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_triton_gemm_row_is_the_gemm_alone(device: str) -> None:
+def test_triton_gemm_row_is_the_gemm_alone(device: str, monkeypatch) -> None:
     """The report's ``triton-gemm`` diagnostic (the Triton forward at rank 0) computes x Wᵀ, at the
-    decode path's M and the GEMM path's; where Triton cannot run it is skipped with the reason."""
+    decode path's M and the GEMM path's; where Triton cannot run it is skipped with the reason. It times
+    the Triton GEMM even where the forward takes cuBLAS's x Wᵀ (bf16 at large M; here every dtype and M: it
+    timed cuBLAS's, review)."""
+    monkeypatch.setattr(lk, "_CUBLAS_MIN_M", 0)
+    monkeypatch.setattr(lk, "_CUBLAS_DTYPES", lk._FLOATS)
+    update = lk._fwd_update_kernel
+    monkeypatch.setattr(lk, "_fwd_update_kernel", None)  # (launching it would fail)
     for M in (3, 70):
         x, w = torch.randn(M, 40, device=device), torch.randn(24, 40, device=device)
         case = lora_bench.gemm_case(torch.device(device), torch.float32, "fwd", M, 40, 24)
@@ -2572,6 +2578,8 @@ def test_triton_gemm_row_is_the_gemm_alone(device: str) -> None:
         assert_close(cand.run(), x @ w.t(), torch.float32, f"M={M}")
         assert cand.error(cand.run()) < 1e-5
         assert cand.work == (2 * M * 24 * 40, 4 * (M * 40 + 24 * 40 + M * 24))  # the GEMM's own (bench-math audit)
+    assert lk._CUBLAS_MIN_M == 0 and lk._fwd_update_kernel is None  # restored after each run
+    monkeypatch.setattr(lk, "_fwd_update_kernel", update)
     assert lora_bench._triton_gemm(case, x, w, "no triton", cand.error).skip == "no triton"
 
 

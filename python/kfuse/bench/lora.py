@@ -517,9 +517,15 @@ def _triton_gemm(case: Case, x: Tensor, w: Tensor, skip: str | None, check: Call
     from kfuse.triton_kernels import lora as lk  # noqa: PLC0415 (triton is optional)
 
     a0, b0 = x.new_zeros(0, x.shape[1], dtype=ADAPTER_DTYPE), w.new_zeros(w.shape[0], 0, dtype=ADAPTER_DTYPE)
-    return Candidate("triton-gemm", "baseline",
-                     lambda: lk.lora_forward(x, w, False, a0, b0, 1.0, None, None, None, 0.0, False)[0],
-                     error=check, work=gemm_work(case))
+
+    def gemm_alone() -> Tensor:
+        cublas, lk._CUBLAS_MIN_M = lk._CUBLAS_MIN_M, 1 << 30  # (bf16 at large M would take cuBLAS's x Wᵀ: review)
+        try:
+            return lk.lora_forward(x, w, False, a0, b0, 1.0, None, None, None, 0.0, False)[0]
+        finally:
+            lk._CUBLAS_MIN_M = cublas
+
+    return Candidate("triton-gemm", "baseline", gemm_alone, error=check, work=gemm_work(case))
 
 
 def _multi_candidates(case: Case, inp: Inputs) -> list[Candidate]:

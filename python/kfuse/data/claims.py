@@ -447,7 +447,7 @@ class ClaimsConfig:
         probs = tuple(_checks.real("ClaimsConfig", f"domain_probs[{i}]", q) for i, q in enumerate(probs))
         if len(probs) != 3 or not all(math.isfinite(q) and q >= 0 for q in probs) or sum(probs) <= 0:
             raise ValueError(f"ClaimsConfig: domain_probs must be 3 finite numbers >= 0 with a positive sum (dx, px, "
-                             f"rx); got {self.domain_probs!r}")
+                             f"rx); got {probs!r}")
         self.domain_probs = probs  # (an iterator read once: kept as the tuple read)
 
 

@@ -144,10 +144,13 @@ class _TorchTables(nn.Module):
             _TorchTables._load_optimizer_state(self, None)  # (a module unpickled from before the hook)
             self._track_tables()
             raised = self._step_in_acc_dtype()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            for p in raised:  # (grads cleared: the tables' own dtype again, for the next backward and casts)
-                p.grad_dtype = p.dtype
+            try:
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+            finally:
+                for p in raised:  # gradients in the tables' own dtype again, whatever it becomes: None follows it
+                    p.grad = None  # (pinned to p.dtype, a later .float() kept float16 gradients: review)
+                    p.grad_dtype = None
 
     def _step_in_acc_dtype(self) -> list[Tensor]:
         """Makes the optimizer step half-precision tables in their accumulation dtype, as :meth:`_apply` keeps an
@@ -193,6 +196,15 @@ class _TorchTables(nn.Module):
             # state to the source's (as load_state_dict copies parameters into the module's own).
             module._track_tables()
             module.opt.load_state_dict(copy.deepcopy(state))
+            # torch's load casts the state to each table's dtype: half tables got float16 sums and moments (and
+            # Adagrad's NaN tables on resume, stepping them in float32: review); the saved values instead, in the
+            # accumulation dtype, as _apply keeps them
+            params = [p for group in module.opt.param_groups for p in group["params"]]
+            for i, saved in state.get("state", {}).items():
+                p = params[i]
+                for k, v in saved.items():
+                    if k != "step" and isinstance(v, Tensor) and v.is_floating_point():
+                        module.opt.state[p][k] = v.to(device=p.device, dtype=acc_dtype(p.dtype), copy=True)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
