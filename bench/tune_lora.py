@@ -198,7 +198,8 @@ def tma_ab() -> None:
 
 def cublas_ab(quick: bool) -> None:
     """The forward from a CUDA graph by cuBLAS's x Wᵀ + ``_fwd_update_kernel`` and by ``_fwd_kernel``'s fused GEMM
-    (bf16 x and W, fp32 and bf16 adapters) against x Wᵀ alone: where ``tk._CUBLAS_MIN_M`` should sit (2048, from
+    (bf16 x and W, fp32 and bf16 adapters) against x Wᵀ alone, then the backward by cuBLAS's dy W + the low-rank
+    pass and by ``_bwd_dx_kernel``'s GEMM against dy W alone: where ``tk._CUBLAS_MIN_M`` should sit (2048, from
     the H200's addmm row of 2026-12-04: the path itself not yet timed)."""
     for M in (128, 1024, 4096, 16384) if quick else (128, 256, 1024, 2048, 4096, 16384):
         for adt in (torch.float32, torch.bfloat16):
@@ -208,6 +209,16 @@ def cublas_ab(quick: bool) -> None:
             print(f"_CUBLAS_MIN_M M={M:<6} {str(adt)[6:]:>8} adapters: cuBLAS + update {times[0]:8.4f} ms "
                   f"{times[0] / base:6.3f}x base   fused GEMM {times[1]:8.4f} ms {times[1] / base:6.3f}x base   "
                   f"(current: {'cuBLAS' if M >= tk._CUBLAS_MIN_M else 'fused'})", flush=True)
+    seed = torch.tensor([1234], device="cuda")
+    for M, p in ((1024, 0.0), (4096, 0.0), (4096, 0.1), (16384, 0.0)):  # the backward (dx, dA, dB; fp32 adapters)
+        x, w, a, b = make(M, torch.float32)
+        dy = torch.randn_like(x)
+        base = do_bench(lambda dy=dy, w=w: dy @ w)
+        S = tk.lora_forward(x, w, False, a, b, 2.0, None, None, seed, p, True)[1]
+        times = timed_with("_CUBLAS_MIN_M", (0, 1 << 30), lambda x=x, w=w, a=a, b=b, dy=dy, S=S, p=p: tk.lora_backward(
+            dy, x, w, False, a, b, 2.0, S, seed, p, True, True, True, False))
+        print(f"_CUBLAS_MIN_M backward M={M:<6} dropout {p}: cuBLAS + low-rank pass {times[0]:8.4f} ms "
+              f"{times[0] / base:6.3f}x dY.W   fused {times[1]:8.4f} ms {times[1] / base:6.3f}x dY.W", flush=True)
 
 
 def main() -> None:

@@ -2009,7 +2009,8 @@ def fwd_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 def test_forward_takes_cublas_where_it_reads_w_in_place(device, fifo, monkeypatch, seed) -> None:
     """At M >= _CUBLAS_MIN_M, bf16 x (the default _CUBLAS_DTYPES; widened to fp16 here, which the interpreter
     runs) takes cuBLAS's x Wᵀ and _fwd_update_kernel where W or Wᵀ is contiguous, and _fwd_kernel's GEMM for
-    another layout (every other column of a wider W) or another dtype; both match the reference."""
+    another layout (every other column of a wider W) or another dtype; both match the reference. The backward's
+    dx likewise (cuBLAS's dy W and _bwd_dx_kernel's CUBLAS pass), with and without dropout."""
     taken = []
 
     def spy(name):
@@ -2022,6 +2023,12 @@ def test_forward_takes_cublas_where_it_reads_w_in_place(device, fifo, monkeypatc
 
     spy("_fwd_kernel")
     spy("_fwd_update_kernel")
+    dx_real, dx_cublas = lk._bwd_dx_kernel, []
+
+    class DxSpy:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: (dx_cublas.append(kw["CUBLAS"]), dx_real[grid](*args, **kw))
+    monkeypatch.setattr(lk, "_bwd_dx_kernel", DxSpy())
     monkeypatch.setattr(lk, "_SMALL_M", -1)
     monkeypatch.setattr(lk, "_CUBLAS_MIN_M", 8)
     for dtypes, strided, want in ((lk._FLOATS, False, "_fwd_update_kernel"), (lk._FLOATS, True, "_fwd_kernel"),
@@ -2041,6 +2048,18 @@ def test_forward_takes_cublas_where_it_reads_w_in_place(device, fifo, monkeypatc
                                    0.0)
         assert_sum_close(y, y_ref, y_mag, torch.float16, f"y ({want})")
         assert_sum_close(S, S_ref, S_mag, torch.float16, f"S ({want})")
+        for p in (0.0, 0.3):  # the backward's dx likewise
+            sd = make_seed(seed, device) if p else None
+            S = lk.lora_forward(x, weight, fifo, A, B, 0.5, bias, lbias, sd, p, True)[1]
+            dy = rand((37, weight.shape[1] if fifo else weight.shape[0]), torch.float16, device)
+            dx_cublas.clear()
+            dx, dA = lk.lora_backward(dy, x, weight, fifo, A, B, 0.5, S, sd, p, True, True, False, False)[:2]
+            assert dx_cublas == [want == "_fwd_update_kernel"], (dtypes, strided, p, dx_cublas)
+            keep = keep_for(sd, 37, 40, p)
+            grads = ref_backward(dy, x, weight, fifo, A, B, 0.5, keep, p)
+            mags = ref_backward(*absolute(dy, x, weight), fifo, *absolute(A, B), 0.5, keep, p)
+            assert_sum_close(dx, grads[0], mags[0], torch.float16, f"dx ({want}, p {p})")
+            assert_sum_close(dA, grads[1], mags[1], torch.float16, f"dA ({want}, p {p})")
     monkeypatch.setattr(lk, "_CUBLAS_DTYPES", lk._FLOATS)
     taken.clear()
     lk.lora_forward(x[:7], weight, fifo, A, B, 0.5, bias, lbias, None, 0.0, True)  # below _CUBLAS_MIN_M
@@ -2113,13 +2132,16 @@ def _grads_case(device, dtype, a_dtype, shape, seed):
     return (M, K, N, r, fifo, p), (x, weight, A, B, S, sd, dy)
 
 
-@pytest.mark.parametrize("tma", [False, True], ids=["ptr", "tma"])
+@pytest.mark.parametrize("gemm", ["ptr", "tma", "cublas"])
 @pytest.mark.parametrize("device,dtype,a_dtype,shape", KERNEL_CASES)
-def test_backward(device, dtype, a_dtype, shape, tma, monkeypatch, seed) -> None:
+def test_backward(device, dtype, a_dtype, shape, gemm, monkeypatch, seed) -> None:
     """dx, dA, dB, colsum against float64, with the S the forward saved and the mask regenerated
     from the seed (so the backward's mask must be the forward's); with _TMA, the dx GEMM reads dy and W
-    by TMA where their layouts allow."""
-    monkeypatch.setattr(lk, "_TMA", tma)
+    by TMA where their layouts allow; "cublas": dx is cuBLAS's dy W plus the low-rank term's pass, at any M
+    and dtype (by default bf16 at M >= _CUBLAS_MIN_M)."""
+    monkeypatch.setattr(lk, "_TMA", gemm == "tma")
+    monkeypatch.setattr(lk, "_CUBLAS_MIN_M", 0 if gemm == "cublas" else 1 << 30)
+    monkeypatch.setattr(lk, "_CUBLAS_DTYPES", lk._FLOATS)
     (M, K, N, r, fifo, p), (x, weight, A, B, S, sd, dy) = _grads_case(device, dtype, a_dtype, shape, seed)
     s = 0.75
     dx, dA, dB, cs = lk.lora_backward(dy, x, weight, fifo, A, B, s, S, sd, p, True, True, True, True)

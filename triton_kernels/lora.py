@@ -20,7 +20,8 @@ forward, M <= _SMALL_M  (decode) ``_fwd_splitk_kernel``: split-K partials of x W
 backward                ``_bwd_dy_kernel``: ONE read of dy gives G = dy B, dB = s·dyᵀ S and
                         dy.sum(0) (per-block partials); ``_bwd_dx_kernel``: dx = dy W with the
                         accumulator starting from s·(G A) ⊙ mask/(1-p), and dA = s·Gᵀ (x ⊙ mask/(1-p))
-                        from the same tile's mask (per-M-block partials). The dy pass is the one read
+                        from the same tile's mask (per-M-block partials); bf16 at M >= _CUBLAS_MIN_M:
+                        dx = cuBLAS's dy W, the low-rank term added in that pass. The dy pass is the one read
                         of dy beside the GEMM's: at M = K = N = 4096 bf16, 32 MiB at ~4 TB/s, ~8 us
                         against the GEMM's ~200 us (~4 %). Computing G inside the dx main loop instead
                         would redo dy·B in every one of the K/BK column programs (r/BK = 12.5 % more
@@ -77,18 +78,20 @@ _SMALL_M = 64
 _TARGET_PROGRAMS = 264
 # Multi-adapter shrink: at most this many K splits (see lora_multi_forward).
 _MULTI_MAX_SPLITS = 8
-# Forward of bf16 x and W at M >= _CUBLAS_MIN_M: the base GEMM by cuBLAS (torch.mm), then one pass that adds
-# the low-rank term and the biases in fp32 (_fwd_update_kernel), instead of _fwd_kernel's GEMM. On the H200
-# (2026-12-04, bf16, K = N = 4096, r = 16; bench/results/2026-12-04-h200) _fwd_kernel took 1.32-1.41x cuBLAS's
-# x Wᵀ at M = 4096 and 1.25-1.30x at 16384, a plain Triton GEMM alone 1.24x, while cuBLAS followed by an addmm_
-# of the low-rank term (the report's "addmm" row, the same two passes over y) took 1.17x and 1.23x: until the
-# Triton GEMM matches cuBLAS (_TMA), the second pass over y costs less than the GEMM's gap. This path itself is
-# not yet timed on a GPU (bench/tune_lora.py times it against _fwd_kernel). bf16 only: y is rounded to x's
-# dtype between the passes, and fp16's range would turn a product past 65504 into inf where the fp32 sum with
-# the low-rank term is finite (bf16 has fp32's range); the interpreter tests widen _CUBLAS_DTYPES to run it.
+# bf16 x and W at M >= _CUBLAS_MIN_M: the forward's x Wᵀ by cuBLAS (torch.mm), then one pass over y that adds
+# the low-rank term and the biases in fp32 (_fwd_update_kernel), instead of _fwd_kernel's GEMM; the backward's dx
+# likewise (cuBLAS's dy W, then _bwd_dx_kernel's CUBLAS variant adds the low-rank term in the pass over x that
+# makes dA's partials anyway). On the H200 (2026-12-04, bf16, K = N = 4096, r = 16;
+# bench/results/2026-12-04-h200) _fwd_kernel took 1.32-1.41x cuBLAS's x Wᵀ at M = 4096 and 1.25-1.30x at 16384,
+# a plain Triton GEMM alone 1.24x, while cuBLAS followed by an addmm_ of the low-rank term (the report's "addmm"
+# row, the same two passes over y) took 1.17x and 1.23x: until the Triton GEMM matches cuBLAS (_TMA), a second
+# pass over the output costs less than the GEMM's gap. Not yet timed on a GPU itself (bench/tune_lora.py times
+# both directions against the Triton GEMMs). bf16 only: the output is rounded to x's dtype between the passes,
+# and fp16's range would turn a product past 65504 into inf where the fp32 sum with the low-rank term is finite
+# (bf16 has fp32's range); the interpreter tests widen _CUBLAS_DTYPES to run it.
 _CUBLAS_MIN_M = 2048
 _CUBLAS_DTYPES = (torch.bfloat16,)
-# Its second pass's tile (a pass over y bound by memory; a first guess, not yet timed).
+# The forward's second pass's tile (a pass over y bound by memory; a first guess, not yet timed).
 _UPDATE_BM, _UPDATE_BN = (16, 32) if INTERPRETED else (64, 128)
 # The forward's and the dx GEMM's main loops read their operands by TMA (the TMA variants of _fwd_kernel
 # and _bwd_dx_kernel) where the layouts allow. Off until a GPU has timed it against the pointer loads
@@ -443,7 +446,8 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, dap_ptr
                    M, N, K, R, swn, swk, sar, sak, scaling, p, inv_keep,
                    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RB: tl.constexpr, GROUP_M: tl.constexpr,
                    DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
-                   PREC: tl.constexpr, LR_PREC: tl.constexpr, TMA: tl.constexpr = False, W_T: tl.constexpr = False):
+                   PREC: tl.constexpr, LR_PREC: tl.constexpr, TMA: tl.constexpr = False, W_T: tl.constexpr = False,
+                   CUBLAS: tl.constexpr = False):
     """Grid (M tiles · K tiles,), grouped. For its [BM, BK] tile of dx (with ``TMA``, dy_ptr and w_ptr are
     tensor descriptors of dy [M, N] in [BM, BN] boxes and W as stored: [N, K] in [BN, BK] boxes, or
     ``W_T`` (fan_in_fan_out) [K, N] in [BK, BN] ones; see :func:`_mainloop_tma`):
@@ -453,6 +457,8 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, dap_ptr
            same mask. The partial layout [M tiles, R, K] depends on BM only (fixed per shape).
     Order, for registers: dA first, so that x's [BM, BK] fp32 tile is dead before the low-rank tile
     (the start of the GEMM's accumulator) is made. ptxas -v for sm_90a, BM 128, 8 warps, Triton 3.8
+    With ``CUBLAS`` (``_CUBLAS_MIN_M``), dx already holds cuBLAS's dy W: the tile adds the low-rank term to
+    it in place (no GEMM loop; dy_ptr and w_ptr are not read).
     (3.6) — without dropout, 128x256: bf16 x with fp32 adapters 255 registers and 80 (76) B of spill
     stores when dA came after, 222 (229) registers and none now; fp16 48 (48) B before, none now.
     With dropout, 128x128: 253 (244) registers, no spills, wgmma pipelined, 610 (580) IMAD.HI of
@@ -478,7 +484,16 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, dap_ptr
             dat = _dot(tl.trans(gt), xt, tl.zeros([RB, BK], dtype=tl.float32), LR_PREC) * scaling
             tl.store(dap_ptr + (pid_m.to(tl.int64) * R + rr[:, None]) * K + cols[None, :], dat,
                      mask=(rr[:, None] < R) & col_ok)
-    if NEED_DX:
+    if NEED_DX and CUBLAS:
+        dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
+        acc = tl.load(dx_ptrs, mask=row_ok & col_ok, other=0.0).to(tl.float32)
+        low = _low_rank(g_ptr, a_ptr, rows, cols, M, K, R, sar, sak, BM, BK, RB, LR_PREC)
+        if DROPOUT:
+            acc += low * (keep.to(tl.float32) * (scaling * inv_keep))
+        else:
+            acc += low * scaling
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
+    elif NEED_DX:
         if DROPOUT:
             # The masked term joins after the GEMM loop, and is computed there: as the loop's starting
             # value (or computed before it), Triton 3.6 made ptxas serialise the loop's wgmma (C7515)
@@ -600,6 +615,13 @@ def _multi_fwd_kernel(x_ptr, w_ptr, sp_ptr, ids_ptr, b_ptr, ranks_ptr, scal_ptr,
 # ----------------------------------------------------------------------------------------
 # Launchers: validate, allocate, pick blocks and grid, launch. No autograd here.
 # ----------------------------------------------------------------------------------------
+def _takes_cublas(M: int, dtype: torch.dtype, w: Tensor) -> bool:
+    """Whether the forward's x Wᵀ or the backward's dy W (``w``: the GEMM's right operand) is cuBLAS's
+    (``_CUBLAS_MIN_M``): bf16 at large M, a W that cuBLAS reads in place (any other layout keeps the Triton
+    GEMM, which reads it by strides)."""
+    return M >= _CUBLAS_MIN_M and dtype in _CUBLAS_DTYPES and (w.is_contiguous() or w.t().is_contiguous())
+
+
 def _rank_block(R: int) -> int:
     return min(_RB_MAX, max(16, next_pow2(R)))
 
@@ -899,8 +921,7 @@ def lora_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A: Tensor, B: 
     if M > _SMALL_M or K == 0:
         S = lora_shrink(x, A, seed, p)
         wt = weight if fan_in_fan_out else weight.t()  # [K, N]
-        if M >= _CUBLAS_MIN_M and x.dtype in _CUBLAS_DTYPES and (wt.is_contiguous() or wt.t().is_contiguous()):
-            # (a W that cuBLAS reads in place; any other layout keeps the Triton GEMM, which reads it by strides)
+        if _takes_cublas(M, x.dtype, wt):
             torch.mm(x, wt, out=y)
             _fwd_update_kernel[(cdiv(M, _UPDATE_BM), cdiv(N, _UPDATE_BN))](
                 y, S, B, bias_arg, lbias_arg, M, N, R, B.stride(0), B.stride(1), scaling, BM=_UPDATE_BM,
@@ -1029,13 +1050,18 @@ def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, fan_in_fan_out: bool, A
         m_tiles = cdiv(M, bm)
         dx = torch.empty((M, K), dtype=x.dtype, device=dev) if need_dx else None
         dap = torch.empty((m_tiles, R, K), **f32) if need_dA else None
-        dy_arg, w_arg, tma = (_tma_operands(dy, weight, [bm, bn], bn, bk, fan_in_fan_out) if need_dx
-                              else (dy, weight, False))  # (dA alone reads neither)
+        wn = weight.t() if fan_in_fan_out else weight  # [N, K]
+        cublas = need_dx and _takes_cublas(M, x.dtype, wn)
+        if cublas:  # dy W by cuBLAS, then the kernel adds the low-rank term (and dA's partials) in place
+            torch.mm(dy, wn, out=dx)
+        dy_arg, w_arg, tma = (_tma_operands(dy, weight, [bm, bn], bn, bk, fan_in_fan_out) if need_dx and not cublas
+                              else (dy, weight, False))  # (dA alone, or cuBLAS's dx, reads neither)
         _bwd_dx_kernel[(m_tiles * cdiv(K, bk),)](
             dy_arg, w_arg, G, A, x, seed_arg, dx if need_dx else G, dap if need_dA else G,
             M, N, K, R, swn, swk, A.stride(0), A.stride(1), scaling, p, inv_keep,
             BM=bm, BK=bk, BN=bn, RB=rb, GROUP_M=group, DROPOUT=dropout, NEED_DX=need_dx, NEED_DA=need_dA,
-            PREC=prec, LR_PREC=lr_prec, TMA=tma, W_T=fan_in_fan_out, num_warps=warps, num_stages=stages)
+            PREC=prec, LR_PREC=lr_prec, TMA=tma, W_T=fan_in_fan_out, CUBLAS=cublas, num_warps=warps,
+            num_stages=stages)
         if need_dA:
             dA = dap[0] if m_tiles == 1 else dap.sum(0)
     elif need_g:  # K == 0
