@@ -4,8 +4,9 @@ Triton to compare versions, e.g. the GPU machine's 3.6: ``pip install --target /
 triton==3.6.0``).
 
 For the forward and dx kernels at the tiles their launchers pick for M = K = N = 4096 (dx with and
-without dropout), the decode path's split-K kernel at M = 16, the multi-adapter forward at M = 128, and the S pass
-(shrink) and the dy pass at M = 4096,
+without dropout, and its pass after cuBLAS's dy W; the forward's pass after cuBLAS's x Wᵀ), the decode
+path's split-K kernel at M = 16, the multi-adapter forward at M = 128, and the S pass (shrink) and the
+dy pass at M = 4096,
 in bf16 (fp32 adapters) and fp16, it prints ptxas' registers, spill stores, any C7515
 warning (wgmma serialised: the tensor-core pipeline waits on every MMA) and the LDL/STL instructions
 between the first and the last HGMMA of the SASS (spills in the GEMM loop, the ones that cost), and the
@@ -99,13 +100,21 @@ def main() -> None:
                            dict(BM=dbm, BN=dbn, RB=16, NEED_G=True, NEED_DB=True, NEED_CS=True, LR_PREC=lr),
                            dw, 1).asm["ptx"]
         print(f"dy pass  {st} x, {at} adapters, {dbm}x{dbn}, {dw} warps: {inspect(ptx)}")
-        for drop in (False, True):
+        for drop, cublas, rb in ((False, False, 16), (True, False, 16), (False, True, 16), (True, True, 16),
+                                 (False, True, 64)):
             xbm, xbk, xbn, xgroup, xw, xs = lk._dx_config(4096, 4096, dt, drop)
             ptx = compile_sm90(lk._bwd_dx_kernel, {"dy_ptr": st, "w_ptr": st, "a_ptr": at, "x_ptr": st,
                                                    "seed_ptr": "i64" if drop else st, "dx_ptr": st},
-                               dict(BM=xbm, BK=xbk, BN=xbn, RB=16, GROUP_M=xgroup, DROPOUT=drop, NEED_DX=True,
-                                    NEED_DA=True, PREC=prec, LR_PREC=lr), xw, xs).asm["ptx"]
-            print(f"dx       {st} x, {at} adapters, {xbm}x{xbk}x{xbn}, {xw} warps, dropout {drop}: {inspect(ptx)}")
+                               dict(BM=xbm, BK=xbk, BN=xbn, RB=rb, GROUP_M=xgroup, DROPOUT=drop, NEED_DX=True,
+                                    NEED_DA=True, PREC=prec, LR_PREC=lr, CUBLAS=cublas), xw, xs).asm["ptx"]
+            variant = f"the low-rank pass after cuBLAS (_CUBLAS_MIN_M), RB {rb}" if cublas else "GEMM"
+            print(f"dx       {st} x, {at} adapters, {xbm}x{xbk}x{xbn}, {xw} warps, dropout {drop}, {variant}: "
+                  f"{inspect(ptx)}")
+        for rb in (16, 64):  # the forward's pass after cuBLAS's x Wᵀ (_CUBLAS_MIN_M)
+            ptx = compile_sm90(lk._fwd_update_kernel, {"y_ptr": st, "b_ptr": at, "bias_ptr": st, "lbias_ptr": at},
+                               dict(BM=lk._UPDATE_BM, BN=lk._UPDATE_BN, RB=rb, HAS_BIAS=True, HAS_LBIAS=True,
+                                    LR_PREC=lr), 4, 1).asm["ptx"]
+            print(f"update   {st} x, {at} adapters, {lk._UPDATE_BM}x{lk._UPDATE_BN}, 4 warps, RB {rb}: {inspect(ptx)}")
 
 
 if __name__ == "__main__":

@@ -2009,8 +2009,10 @@ def fwd_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 def test_forward_takes_cublas_where_it_reads_w_in_place(device, fifo, monkeypatch, seed) -> None:
     """At M >= _CUBLAS_MIN_M, bf16 x (the default _CUBLAS_DTYPES; widened to fp16 here, which the interpreter
     runs) takes cuBLAS's x Wᵀ and _fwd_update_kernel where W or Wᵀ is contiguous, and _fwd_kernel's GEMM for
-    another layout (every other column of a wider W) or another dtype; both match the reference. The backward's
-    dx likewise (cuBLAS's dy W and _bwd_dx_kernel's CUBLAS pass), with and without dropout."""
+    another layout (every other column of a wider W) or another dtype; both match the reference. A slice of a
+    wider W (its leading dimension) is read in place too. The backward's dx likewise (cuBLAS's dy W and
+    _bwd_dx_kernel's CUBLAS pass), with and without dropout. The launcher takes inputs that require grad (mm's
+    out= refused them: review)."""
     taken = []
 
     def spy(name):
@@ -2031,18 +2033,20 @@ def test_forward_takes_cublas_where_it_reads_w_in_place(device, fifo, monkeypatc
     monkeypatch.setattr(lk, "_bwd_dx_kernel", DxSpy())
     monkeypatch.setattr(lk, "_SMALL_M", -1)
     monkeypatch.setattr(lk, "_CUBLAS_MIN_M", 8)
-    for dtypes, strided, want in ((lk._FLOATS, False, "_fwd_update_kernel"), (lk._FLOATS, True, "_fwd_kernel"),
-                                  ((torch.bfloat16,), False, "_fwd_kernel")):
+    for dtypes, layout, want in ((lk._FLOATS, "", "_fwd_update_kernel"), (lk._FLOATS, "::2", "_fwd_kernel"),
+                                 (lk._FLOATS, ":n", "_fwd_update_kernel"), ((torch.bfloat16,), "", "_fwd_kernel")):
         monkeypatch.setattr(lk, "_CUBLAS_DTYPES", dtypes)
         x, weight, A, B, bias, lbias = make_layer(37, 40, 24, 8, fifo, True, True, torch.float16, torch.float32,
                                                   device)
-        if strided:  # every other column of a twice-as-wide W: neither W nor Wᵀ is contiguous
+        if layout:  # every other column of a twice-as-wide W (no unit stride), or its first half (a slice)
             wide = torch.zeros(weight.shape[0], 2 * weight.shape[1], dtype=weight.dtype, device=device)
-            wide[:, ::2] = weight
-            weight = wide[:, ::2]
+            view = wide[:, ::2] if layout == "::2" else wide[:, :weight.shape[1]]
+            view.copy_(weight)
+            weight = view
+        weight.requires_grad_()
         taken.clear()
         y, S = lk.lora_forward(x, weight, fifo, A, B, 0.5, bias, lbias, None, 0.0, True)
-        assert taken == [want], (dtypes, strided, taken)
+        assert taken == [want], (dtypes, layout, taken)
         y_ref, S_ref = ref_forward(x, weight, fifo, A, B, 0.5, bias, lbias, None, 0.0)
         y_mag, S_mag = ref_forward(*absolute(x, weight), fifo, *absolute(A, B), 0.5, *absolute(bias, lbias), None,
                                    0.0)
@@ -2054,7 +2058,7 @@ def test_forward_takes_cublas_where_it_reads_w_in_place(device, fifo, monkeypatc
             dy = rand((37, weight.shape[1] if fifo else weight.shape[0]), torch.float16, device)
             dx_cublas.clear()
             dx, dA = lk.lora_backward(dy, x, weight, fifo, A, B, 0.5, S, sd, p, True, True, False, False)[:2]
-            assert dx_cublas == [want == "_fwd_update_kernel"], (dtypes, strided, p, dx_cublas)
+            assert dx_cublas == [want == "_fwd_update_kernel"], (dtypes, layout, p, dx_cublas)
             keep = keep_for(sd, 37, 40, p)
             grads = ref_backward(dy, x, weight, fifo, A, B, 0.5, keep, p)
             mags = ref_backward(*absolute(dy, x, weight), fifo, *absolute(A, B), 0.5, keep, p)

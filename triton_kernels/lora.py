@@ -485,13 +485,16 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, dap_ptr
             tl.store(dap_ptr + (pid_m.to(tl.int64) * R + rr[:, None]) * K + cols[None, :], dat,
                      mask=(rr[:, None] < R) & col_ok)
     if NEED_DX and CUBLAS:
-        dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
-        acc = tl.load(dx_ptrs, mask=row_ok & col_ok, other=0.0).to(tl.float32)
+        # dx's tile loaded after the low-rank term: loaded first, it stayed live beside the rank loop's fp32
+        # tile and spilled (sm_90a, Triton 3.6, 128x256, 8 warps: fp32 adapters at RB 64 120 B of spill stores,
+        # bf16 ones at RB 32 / 64 32 / 128 B; none so; review)
         low = _low_rank(g_ptr, a_ptr, rows, cols, M, K, R, sar, sak, BM, BK, RB, LR_PREC)
         if DROPOUT:
-            acc += low * (keep.to(tl.float32) * (scaling * inv_keep))
+            low = low * (keep.to(tl.float32) * (scaling * inv_keep))
         else:
-            acc += low * scaling
+            low = low * scaling
+        dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
+        acc = tl.load(dx_ptrs, mask=row_ok & col_ok, other=0.0).to(tl.float32) + low
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
     elif NEED_DX:
         if DROPOUT:
@@ -617,9 +620,12 @@ def _multi_fwd_kernel(x_ptr, w_ptr, sp_ptr, ids_ptr, b_ptr, ranks_ptr, scal_ptr,
 # ----------------------------------------------------------------------------------------
 def _takes_cublas(M: int, dtype: torch.dtype, w: Tensor) -> bool:
     """Whether the forward's x Wᵀ or the backward's dy W (``w``: the GEMM's right operand) is cuBLAS's
-    (``_CUBLAS_MIN_M``): bf16 at large M, a W that cuBLAS reads in place (any other layout keeps the Triton
-    GEMM, which reads it by strides)."""
-    return M >= _CUBLAS_MIN_M and dtype in _CUBLAS_DTYPES and (w.is_contiguous() or w.t().is_contiguous())
+    (``_CUBLAS_MIN_M``): bf16 at large M, a W that cuBLAS reads in place, i.e. one unit stride and a leading
+    dimension at least the other size (a slice of a wider weight too; torch copies any other layout first, so
+    that keeps the Triton GEMM, which reads it by strides)."""
+    (s0, s1), (n0, n1) = w.stride(), w.shape
+    in_place = (s1 == 1 and s0 >= max(1, n1)) or (s0 == 1 and s1 >= max(1, n0))
+    return M >= _CUBLAS_MIN_M and dtype in _CUBLAS_DTYPES and in_place
 
 
 def _rank_block(R: int) -> int:
@@ -922,7 +928,7 @@ def lora_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A: Tensor, B: 
         S = lora_shrink(x, A, seed, p)
         wt = weight if fan_in_fan_out else weight.t()  # [K, N]
         if _takes_cublas(M, x.dtype, wt):
-            torch.mm(x, wt, out=y)
+            torch.mm(x.detach(), wt.detach(), out=y)  # (out= refuses inputs that require grad; the op has its own)
             _fwd_update_kernel[(cdiv(M, _UPDATE_BM), cdiv(N, _UPDATE_BN))](
                 y, S, B, bias_arg, lbias_arg, M, N, R, B.stride(0), B.stride(1), scaling, BM=_UPDATE_BM,
                 BN=_UPDATE_BN, RB=rb, HAS_BIAS=bias is not None, HAS_LBIAS=lora_bias is not None, LR_PREC=lr_prec,
@@ -1053,7 +1059,7 @@ def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, fan_in_fan_out: bool, A
         wn = weight.t() if fan_in_fan_out else weight  # [N, K]
         cublas = need_dx and _takes_cublas(M, x.dtype, wn)
         if cublas:  # dy W by cuBLAS, then the kernel adds the low-rank term (and dA's partials) in place
-            torch.mm(dy, wn, out=dx)
+            torch.mm(dy.detach(), wn.detach(), out=dx)
         dy_arg, w_arg, tma = (_tma_operands(dy, weight, [bm, bn], bn, bk, fan_in_fan_out) if need_dx and not cublas
                               else (dy, weight, False))  # (dA alone, or cuBLAS's dx, reads neither)
         _bwd_dx_kernel[(m_tiles * cdiv(K, bk),)](
