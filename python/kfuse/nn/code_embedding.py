@@ -199,8 +199,9 @@ class _TorchTables(nn.Module):
             # torch's load casts the state to each table's dtype: half tables got float16 sums and moments (and
             # Adagrad's NaN tables on resume, stepping them in float32: review); the saved values instead, in the
             # accumulation dtype, as _apply keeps them
-            params = [p for group in module.opt.param_groups for p in group["params"]]
-            for i, saved in state.get("state", {}).items():
+            ids = [i for group in state["param_groups"] for i in group["params"]]  # (torch's own mapping)
+            params = dict(zip(ids, (p for group in module.opt.param_groups for p in group["params"]), strict=True))
+            for i, saved in state["state"].items():
                 p = params[i]
                 for k, v in saved.items():
                     if k != "step" and isinstance(v, Tensor) and v.is_floating_point():
