@@ -86,11 +86,13 @@ def main() -> None:
                            dict(BM=sbm, BN=sbn, BK=sbk, RB=16, DROPOUT=False, PREC=prec, LR_PREC=lr), sw, ss).asm["ptx"]
         print(f"split-K  {st} x, {at} adapters, M {m}, {sbm}x{sbn}x{sbk}, {sw} warps: {inspect(ptx)}")
         mbm, mbn, mbk, mgroup, mw, ms = lk._multi_config(128, 4096, dt)  # the multi-adapter case's M
-        ptx = compile_sm90(lk._multi_fwd_kernel, {"x_ptr": st, "w_ptr": st, "ids_ptr": "i32", "b_ptr": at,
-                                                  "ranks_ptr": "i64", "bias_ptr": st, "y_ptr": st},
-                           dict(BM=mbm, BN=mbn, BK=mbk, RB=16, GROUP_M=mgroup, HAS_BIAS=False, PREC=prec,
-                                LR_PREC=lr), mw, ms).asm["ptx"]
-        print(f"multi    {st} x, {at} adapters, M 128, {mbm}x{mbn}x{mbk}, {mw} warps: {inspect(ptx)}")
+        for cublas in (False, True):
+            ptx = compile_sm90(lk._multi_fwd_kernel, {"x_ptr": st, "w_ptr": st, "ids_ptr": "i32", "b_ptr": at,
+                                                      "ranks_ptr": "i64", "bias_ptr": st, "y_ptr": st},
+                               dict(BM=mbm, BN=mbn, BK=mbk, RB=16, GROUP_M=mgroup, HAS_BIAS=False, PREC=prec,
+                                    LR_PREC=lr, CUBLAS=cublas), mw, ms).asm["ptx"]
+            variant = ", the adapter pass after cuBLAS" if cublas else ""
+            print(f"multi    {st} x, {at} adapters, M 128, {mbm}x{mbn}x{mbk}, {mw} warps{variant}: {inspect(ptx)}")
         hbm, hbk, hw, hs = lk._shrink_config(4096, dt)  # S = x Aᵀ, one read of x
         ptx = compile_sm90(lk._shrink_kernel, {"x_ptr": st, "a_ptr": at, "seed_ptr": "i64"},
                            dict(BM=hbm, BK=hbk, RB=16, DROPOUT=True, PREC=lr), hw, hs).asm["ptx"]

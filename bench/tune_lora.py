@@ -101,6 +101,10 @@ def where_multi_goes(M: int = 128, adapters: int = 8) -> None:
     graph = do_bench(graphed(launch))
     print(f"multi {M:>4} rows x {adapters} adapters  eager {eager:8.4f}  launcher {do_bench(launch):8.4f}  graph "
           f"{graph:8.4f}  base {base:8.4f}  graph/base {graph / base:6.3f}", flush=True)
+    times = timed_with("_CUBLAS_MIN_M", (0, 1 << 30), launch)  # cuBLAS's x Wᵀ + the adapter pass, or the GEMM
+    print(f"multi {M:>4} rows, graph: cuBLAS + adapter pass {times[0]:8.4f} ({times[0] / base:6.3f}x base)   "
+          f"Triton GEMM {times[1]:8.4f} ({times[1] / base:6.3f}x base)   (current: "
+          f"{'cuBLAS' if M >= tk._CUBLAS_MIN_M else 'Triton GEMM'})", flush=True)
 
 
 def profile_step(M: int, adapter_dtype: torch.dtype) -> None:

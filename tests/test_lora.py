@@ -2278,8 +2278,20 @@ def make_stack(L, r_max, K, N, ranks, a_dtype, device, garbage=(3e4, -3e4)):
     (19, 19, 23, (16, 0, 5, 16), 16, True, False, torch.int32, (float("nan"), float("inf"))),
     (5, 40, 17, (64, 3), 64, False, True, torch.int32, (float("-inf"), float("nan"))),
 ])
-def test_multi_forward(device, dtype, a_dtype, M, K, N, ranks, r_max, fifo, has_bias, ids_dtype, garbage,
-                       seed) -> None:
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+def test_multi_forward(device, dtype, a_dtype, M, K, N, ranks, r_max, fifo, has_bias, ids_dtype, garbage, gemm,
+                       monkeypatch, seed) -> None:
+    """Rows of mixed adapters (and base-only ones) against float64, with garbage past each rank; by the Triton
+    GEMM, or by cuBLAS's x Wᵀ and the adapter pass ("cublas": every dtype and M here; by default bf16 at M >=
+    _CUBLAS_MIN_M)."""
+    monkeypatch.setattr(lk, "_CUBLAS_MIN_M", 0 if gemm == "cublas" else 1 << 30)
+    monkeypatch.setattr(lk, "_CUBLAS_DTYPES", lk._FLOATS)
+    real, taken = lk._multi_fwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: (taken.append(kw["CUBLAS"]), real[grid](*args, **kw))
+    monkeypatch.setattr(lk, "_multi_fwd_kernel", Spy())
     L = len(ranks)
     x, weight, _, _, bias, _ = make_layer(M, K, N, 1, fifo, has_bias, False, dtype, a_dtype, device)
     A, B = make_stack(L, r_max, K, N, ranks, a_dtype, device, garbage)
@@ -2289,7 +2301,7 @@ def test_multi_forward(device, dtype, a_dtype, M, K, N, ranks, r_max, fifo, has_
     ids[0] = -1  # base-only rows are always present, and every adapter's
     ids[1: 1 + L] = torch.arange(L, dtype=ids_dtype)[: max(0, min(L, M - 1))]
     y = lk.lora_multi_forward(x, weight, fifo, A, B, scalings, ranks_t, ids, bias)
-    assert y.dtype == dtype and y.shape == (M, N)
+    assert y.dtype == dtype and y.shape == (M, N) and taken == [gemm == "cublas"]
     want, mag = ref_multi(x, weight, fifo, A, B, scalings.cpu(), ranks, ids, bias)
     assert_sum_close(y, want, mag, dtype, "y")
 

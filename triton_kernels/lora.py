@@ -27,7 +27,8 @@ backward                ``_bwd_dy_kernel``: ONE read of dy gives G = dy B, dB = 
                         would redo dy·B in every one of the K/BK column programs (r/BK = 12.5 % more
                         MMA work at r = 16, BK = 128), and dB = s·dyᵀ S, a sum over M, would still need
                         a pass of its own.
-multi-adapter           ``_multi_shrink_kernel`` then ``_multi_fwd_kernel``; each tile loops over the
+multi-adapter           ``_multi_shrink_kernel`` then ``_multi_fwd_kernel`` (bf16 at M >= _CUBLAS_MIN_M:
+                        its pass after cuBLAS's x Wᵀ, as the forward's); each tile loops over the
                         distinct adapters among its rows (a data-dependent loop inside the kernel,
                         no host sync, CUDA-graph safe).
 
@@ -81,7 +82,8 @@ _MULTI_MAX_SPLITS = 8
 # bf16 x and W at M >= _CUBLAS_MIN_M: the forward's x Wᵀ by cuBLAS (torch.mm), then one pass over y that adds
 # the low-rank term and the biases in fp32 (_fwd_update_kernel), instead of _fwd_kernel's GEMM; the backward's dx
 # likewise (cuBLAS's dy W, then _bwd_dx_kernel's CUBLAS variant adds the low-rank term in the pass over x that
-# makes dA's partials anyway). On the H200 (2026-12-04, bf16, K = N = 4096, r = 16;
+# makes dA's partials anyway), and the multi-adapter forward (_multi_fwd_kernel's CUBLAS variant: each row's
+# adapter term and the bias onto cuBLAS's x Wᵀ). On the H200 (2026-12-04, bf16, K = N = 4096, r = 16;
 # bench/results/2026-12-04-h200) _fwd_kernel took 1.32-1.41x cuBLAS's x Wᵀ at M = 4096 and 1.25-1.30x at 16384,
 # a plain Triton GEMM alone 1.24x, while cuBLAS followed by an addmm_ of the low-rank term (the report's "addmm"
 # row, the same two passes over y) took 1.17x and 1.23x: until the Triton GEMM matches cuBLAS (_TMA), a second
@@ -578,21 +580,26 @@ def _multi_shrink_kernel(x_ptr, ids_ptr, a_ptr, ranks_ptr, sp_ptr,
 def _multi_fwd_kernel(x_ptr, w_ptr, sp_ptr, ids_ptr, b_ptr, ranks_ptr, scal_ptr, bias_ptr, y_ptr,
                       M, N, K, L, R, SPLITS, sxm, swn, swk, sbl, sbn, sbr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr, GROUP_M: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, PREC: tl.constexpr, LR_PREC: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, PREC: tl.constexpr, LR_PREC: tl.constexpr, CUBLAS: tl.constexpr = False):
     """Grid (M tiles · N tiles,), grouped: acc = x Wᵀ, then for each adapter a present in the tile
     acc += s_a·(S_rows B_aᵀ) on its rows only (a select, so another adapter's weights, even non-finite
     ones, never reach a row), + bias. S = Σ_splits sp, summed in split order.
     The main loop comes first: started from the low-rank terms (as the single-adapter forward is),
     ptxas serialised every wgmma of the kernel (C7515: non-wgmma instructions defining an
-    accumulator) at each tile the launcher uses; after the main loop, none is."""
+    accumulator) at each tile the launcher uses; after the main loop, none is. With ``CUBLAS``
+    (``_CUBLAS_MIN_M``), y already holds cuBLAS's x Wᵀ: the tile reads it instead of the main loop."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     row_ok = rows[:, None] < M
     col_ok = cols[None, :] < N
     ids = _tile_adapters(ids_ptr, rows, M, L)
-    acc = _mainloop(tl.zeros([BM, BN], dtype=tl.float32), x_ptr, w_ptr, rows, cols, M, N, 0, K, sxm, 1, swk, swn,
-                    BK, PREC)
+    if CUBLAS:
+        acc = tl.load(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], mask=row_ok & col_ok,
+                      other=0.0).to(tl.float32)
+    else:
+        acc = _mainloop(tl.zeros([BM, BN], dtype=tl.float32), x_ptr, w_ptr, rows, cols, M, N, 0, K, sxm, 1, swk,
+                        swn, BK, PREC)
     for r0 in range(0, R, RB):
         rr = r0 + tl.arange(0, RB)
         st = tl.zeros([BM, RB], dtype=tl.float32)
@@ -1148,9 +1155,13 @@ def lora_multi_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A_stack:
             x, ids, A_stack, ranks, sp, M, K, L, R_eff, x.stride(0), A_stack.stride(0), A_stack.stride(1),
             A_stack.stride(2), k_per_split, BM=bm, BK=bk, RB=rb, PREC=lr_prec, num_warps=warps, num_stages=stages)
     bm, bn, bk, group, warps, stages = _multi_config(M, N, x.dtype)
+    wt = weight if fan_in_fan_out else weight.t()  # [K, N]
+    cublas = _takes_cublas(M, x.dtype, wt)
+    if cublas:  # x Wᵀ by cuBLAS; the kernel adds each row's adapter term and the bias in place
+        torch.mm(x.detach(), wt.detach(), out=y)
     _multi_fwd_kernel[(cdiv(M, bm) * cdiv(N, bn),)](
         x, weight, sp, ids, B_stack, ranks, scalings, bias.contiguous() if bias is not None else y, y,
         M, N, K, L, R_eff, splits, x.stride(0), swn, swk, B_stack.stride(0), B_stack.stride(1), B_stack.stride(2),
         BM=bm, BN=bn, BK=bk, RB=rb, GROUP_M=group, HAS_BIAS=bias is not None, PREC=prec, LR_PREC=lr_prec,
-        num_warps=warps, num_stages=stages)
+        CUBLAS=cublas, num_warps=warps, num_stages=stages)
     return y
