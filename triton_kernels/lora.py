@@ -459,14 +459,14 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, dap_ptr
            same mask. The partial layout [M tiles, R, K] depends on BM only (fixed per shape).
     Order, for registers: dA first, so that x's [BM, BK] fp32 tile is dead before the low-rank tile
     (the start of the GEMM's accumulator) is made. ptxas -v for sm_90a, BM 128, 8 warps, Triton 3.8
-    With ``CUBLAS`` (``_CUBLAS_MIN_M``), dx already holds cuBLAS's dy W: the tile adds the low-rank term to
-    it in place (no GEMM loop; dy_ptr and w_ptr are not read).
     (3.6) — without dropout, 128x256: bf16 x with fp32 adapters 255 registers and 80 (76) B of spill
     stores when dA came after, 222 (229) registers and none now; fp16 48 (48) B before, none now.
     With dropout, 128x128: 253 (244) registers, no spills, wgmma pipelined, 610 (580) IMAD.HI of
     Philox; with a tl.rand draw per element and the masked term as the loop's start it had 255 (255)
     registers, 324 (268) B of spill stores outside the loop and 1084 (1086) IMAD.HI. (The mask is
-    drawn twice, once per layout it is used in: Triton rematerialises it rather than convert it.)"""
+    drawn twice, once per layout it is used in: Triton rematerialises it rather than convert it.)
+    With ``CUBLAS`` (``_CUBLAS_MIN_M``), dx already holds cuBLAS's dy W: the tile adds the low-rank term to
+    it in place (no GEMM loop; dy_ptr and w_ptr are not read)."""
     pid_m, pid_k = _tile_ids(tl.program_id(0), M, K, BM, BK, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * BK + tl.arange(0, BK)
