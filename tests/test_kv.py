@@ -1733,9 +1733,9 @@ def test_layers_of_a_step_share_one_validation(monkeypatch):
         cache.append(layer, seq, k, v)
         outs.append(kfuse.paged_decode_attention(q, cache, layer, seq, backend="cpu"))
     assert len(checks) == 1  # the first layer's only
-    first = kv_ops._validate("paged_decode_attention", q, cache, 0, seq)
+    _, first = kv_ops._validate("paged_decode_attention", q, cache, 0, seq)
     seq.add_(0)  # an in-place write (same values, new version): checked again
-    again = kv_ops._validate("paged_decode_attention", q, cache, 0, seq)
+    _, again = kv_ops._validate("paged_decode_attention", q, cache, 0, seq)
     assert len(checks) == 2 and again is not first and torch.equal(again.lens, first.lens)
     kv_ops._validate("paged_decode_attention", q, cache, 0, seq.clone())  # another tensor: checked
     assert len(checks) == 3

@@ -92,13 +92,9 @@ class _Call:
     host_lens: Tensor | None
 
 
-def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object) -> _Call:
-    """Checks the arguments both ops share against the cache's host state (no sync).
-
-    Under ``torch.compile`` Dynamo cannot trace the host state's checks (numpy, ``array``, C++): the
-    graph then takes ``seq_ids`` as given (they become constants of the graph), reads the lengths
-    from ``cache.seq_lens`` (and the open step's pending counts) when it runs, and sizes the grid for
-    the longest sequence the block table can hold; the call checks nothing of the sequences then."""
+def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object) -> tuple[int, _Call]:
+    """Checks the arguments both ops share against the cache's host state (no sync): ``(layer as an int, the
+    call's sequences)`` (:func:`_sequences`)."""
     if isinstance(q, torch.fx.Proxy):
         raise TypeError(f"kfuse.{op}: q is a torch.fx Proxy: torch.fx.symbolic_trace cannot record a call that takes "
                         "a PagedKVCache (an object, not a tensor); trace with torch.compile or torch.jit.trace")
@@ -115,12 +111,24 @@ def _validate(op: str, q: object, cache: object, layer: object, seq_ids: object)
     if q.dim() != 3 or q.shape[2] != cache.head_dim or q.shape[1] < 1 or q.shape[1] % cache.num_kv_heads:
         raise ValueError(f"kfuse.{op}: q must be [tokens, num_q_heads, head_dim={cache.head_dim}] with num_q_heads "
                          f"a positive multiple of num_kv_heads={cache.num_kv_heads}; got {tuple(q.shape)}")
-    layer = _layer_index(f"kfuse.{op}", layer, cache.num_layers)  # the cache's own check (an int below)
+    # the cache's own check; an int (numpy and 0-d tensor integers too) for the step's lookups and the registered op
+    layer = _layer_index(f"kfuse.{op}", layer, cache.num_layers)
     if q.requires_grad and torch.is_grad_enabled():
         # The kernels have no backward (the cache holds K/V detached): rather than an output that
         # silently carries no gradient to q (and the reference backend's that would), refuse.
         raise RuntimeError(f"kfuse.{op}: inference only (no autograd), but q requires grad: call it under "
                            "torch.no_grad() or torch.inference_mode(), or pass q.detach()")
+    return layer, _sequences(op, cache, layer, seq_ids)
+
+
+def _sequences(op: str, cache: PagedKVCache, layer: int, seq_ids: object) -> _Call:
+    """The call's sequences: ``seq_ids`` checked against the cache's host state (no sync) and their lengths at
+    ``layer``.
+
+    Under ``torch.compile`` Dynamo cannot trace the host state's checks (numpy, ``array``, C++): the
+    graph then takes ``seq_ids`` as given (they become constants of the graph), reads the lengths
+    from ``cache.seq_lens`` (and the open step's pending counts) when it runs, and sizes the grid for
+    the longest sequence the block table can hold; the call checks nothing of the sequences then."""
     if _routing.tracing():
         # Tensors stay tensors: iterating one fixed its length (a graph per batch size, even with dynamic=True);
         # and whether this layer appended in the open step is read from a tensor: Dynamo guarded on the whole
@@ -401,8 +409,7 @@ def paged_decode_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids, 
     Validation reads the cache's host mirror (no sync). No autograd: a q that requires grad raises
     unless grad mode is off (``torch.no_grad()``, ``torch.inference_mode()``).
     """
-    call = _validate(_DECODE, q, cache, layer, seq_ids)
-    layer = _checks.int_or_none(layer)  # (a numpy or 0-d tensor integer: the registered op takes an int)
+    layer, call = _validate(_DECODE, q, cache, layer, seq_ids)
     if q.shape[0] != call.ids.shape[0]:
         raise ValueError(f"kfuse.{_DECODE}: q has {q.shape[0]} rows; seq_ids has {call.ids.shape[0]} (one token per "
                          "sequence)")
@@ -427,8 +434,7 @@ def paged_prefill_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids,
     to q's rows, each at most the sequence's ``kv_len``). Backends as for decode.
     Returns ``[sum(q_lens), Hq, D]`` in q's dtype.
     """
-    call = _validate(_PREFILL, q, cache, layer, seq_ids)
-    layer = _checks.int_or_none(layer)  # (a numpy or 0-d tensor integer: the registered op takes an int)
+    layer, call = _validate(_PREFILL, q, cache, layer, seq_ids)
     n = call.ids.shape[0]
     if _routing.tracing() and isinstance(q_lens, Tensor):
         # Its values are unknown while tracing, and the grid, the checks and the packed rows' starts need them
