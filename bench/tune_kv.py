@@ -10,7 +10,9 @@ prefill 8 x 1024), against SDPA on contiguous K/V timed the same way, for each c
 (prefill).
 The current choice is timed first; a candidate Triton cannot compile is reported and skipped.
 Each row also gives its largest difference from SDPA's output, so a fast tile that computes something
-else is not chosen. Usage: ``python bench/tune_kv.py`` (CUDA only; ~2 min, most of it compiling).
+else is not chosen. First, ``flash_ab`` times the triton backend's flash route for fresh prompts against the
+kernel (``kfuse.ops.kv._FLASH_MIN_Q_LEN``). Usage: ``python bench/tune_kv.py`` (CUDA only; ~2 min, most of it
+compiling).
 """
 
 from __future__ import annotations
@@ -115,11 +117,50 @@ def sweep_prefill(case: Case) -> None:
             tk.BLOCK_N, tk.prefill_config = orig_n, orig_cfg
 
 
+# (batch, tokens) of the fresh-prompt prefills flash_ab times: the report's 8 x 1024 and around it, to set
+# kfuse.ops.kv._FLASH_MIN_Q_LEN (128, a guess: not yet timed on a GPU).
+FLASH_AB = ((8, 16), (8, 64), (8, 128), (8, 256), (8, 1024), (1, 1024), (8, 4096))
+
+
+def flash_ab() -> None:
+    """The triton backend's prefill of fresh prompts of one length: torch's flash attention over the gathered
+    pages (the route, ``_prefill_flash``) against the Triton prefill kernel, both replayed from a CUDA graph
+    (device time; the host adds ~the same for both), beside SDPA on contiguous K/V, at FLASH_AB's shapes."""
+    print("== prefill of fresh prompts: flash over gathered pages vs the Triton kernel (graph replays, ms)",
+          flush=True)
+    for B, T in FLASH_AB:
+        _flash_ab_case(B, T)
+
+
+def _flash_ab_case(B: int, T: int) -> None:
+    from kfuse.ops import kv as kv_ops  # noqa: PLC0415
+
+    inp = kb.make_inputs(kb._case(torch.device("cuda"), torch.bfloat16, "prefill", B, T, 32, 8, 128), 0)
+    c, q = inp.cache, inp.q
+    ids = torch.tensor(inp.ids, dtype=torch.int32, device=q.device)
+    lens = torch.tensor(inp.lens, dtype=torch.int32, device=q.device)
+    scale = tk.default_scale(q.shape[-1])
+    qc = q.view(B, T, *q.shape[1:]).transpose(1, 2)
+    base = do_bench(graphed(lambda: F.scaled_dot_product_attention(qc, inp.k, inp.v, is_causal=True, enable_gqa=True)))
+    times = {}
+    for label, bound in (("flash", 1), ("kernel", 1 << 30)):
+        old, kv_ops._FLASH_MIN_Q_LEN = kv_ops._FLASH_MIN_Q_LEN, bound  # read when the graph is captured
+        try:
+            times[label] = do_bench(graphed(lambda: kv_ops._prefill_impl(
+                q, c.k_pages, c.v_pages, c.block_table, 0, ids, lens, lens, T, T, scale, "triton")))
+        finally:
+            kv_ops._FLASH_MIN_Q_LEN = old
+    print(f"   B={B:<2} T={T:<5} sdpa {base:8.4f}  flash {times['flash']:8.4f} ({times['flash'] / base:5.2f}x)  "
+          f"kernel {times['kernel']:8.4f} ({times['kernel'] / base:5.2f}x)  flash/kernel "
+          f"{times['flash'] / times['kernel']:5.2f}", flush=True)
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/tune_kv.py needs a CUDA device")
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; kfuse {kfuse.__version__}")
     with torch.no_grad():
+        flash_ab()  # first: it sets _FLASH_MIN_Q_LEN, and the tile sweeps after it may run out of time
         for case in kb.cases(torch.device("cuda"), quick=False):
             if case.mode == "decode":
                 sweep_decode(case)

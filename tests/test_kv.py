@@ -1143,6 +1143,89 @@ def test_prefill_op_matches_sdpa(backend, device, group, seed):
         assert torch.equal(kfuse.paged_prefill_attention(q, cache, 1, ids, new, backend=backend), out)
 
 
+@pytest.mark.parametrize("device,dtype", [pytest.param("cpu", torch.float16, marks=pytest.mark.interpret, id="cpu"),
+                                          *(pytest.param("cuda", t, marks=pytest.mark.cuda, id=f"cuda-{t}")
+                                            for t in (torch.float16, torch.bfloat16))])
+def test_uniform_fresh_prompts_run_flash_attention_over_their_pages(device, dtype, seed, monkeypatch):
+    """A triton-backend prefill whose every sequence is a fresh prompt of one length T (at least
+    kv_ops._FLASH_MIN_Q_LEN; the Triton kernel took 2.61x flash's time at 8 x 1024 tokens on the H200) runs
+    torch's flash attention over the gathered pages: T not a multiple of the page size, pages out of order,
+    grouped-query heads; each sequence's rows within the dtype's tolerance of SDPA on its own K/V. Calls
+    that are not all fresh prompts of one length (ragged, new tokens behind cached ones, shorter than the
+    bound) run the Triton kernel. On the CPU flash is declared available (torch's CPU flash kernel runs the
+    route; the Triton kernel runs under the interpreter, which has no bfloat16)."""
+    t, hkv, group, d = 2 * PS + 3, 2, 4, 16
+    monkeypatch.setattr(kv_ops, "_FLASH_MIN_Q_LEN", t)
+    if device == "cpu":
+        monkeypatch.setattr(kv_ops, "_flash_runs", lambda q: True)
+    taken = []
+    flash = kv_ops._prefill_flash
+    monkeypatch.setattr(kv_ops, "_prefill_flash", lambda *a: taken.append(a[0].shape[0]) or flash(*a))
+    cache = make(dtype=dtype, device=device, head_dim=d, num_kv_heads=hkv, page_size=PS, num_pages=64, max_seqs=5)
+    ids = [cache.add_sequence() for _ in range(4)]
+    for layer in range(L):
+        cache.append(layer, [ids[3]], *(torch.randn(PS + 1, hkv, d, device=device).to(dtype) for _ in range(2)),
+                     [PS + 1])
+    cache.advance([ids[3]], [PS + 1])  # pages taken before the prompts': theirs are not in order
+
+    def prefill(seqs, counts):
+        for layer in range(L):
+            kv = [torch.randn(sum(counts), hkv, d, device=device).to(dtype) for _ in range(2)]
+            cache.append(layer, seqs, *kv, counts)
+        q = torch.randn(sum(counts), hkv * group, d, device=device).to(dtype)
+        out = kfuse.paged_prefill_attention(q, cache, 1, seqs, counts, backend="triton")
+        off = 0
+        for s, c in zip(seqs, counts, strict=True):
+            k, v = gather_kv(cache, 1, s)
+            assert_close(out[off:off + c], sdpa(q[off:off + c].cpu(), k.cpu(), v.cpu(), causal_offset=k.shape[0] - c),
+                         dtype, f"seq {s}")
+            off += c
+        cache.advance(seqs, counts)
+        return out
+
+    prefill(ids[:3], [t] * 3)
+    assert taken == [3 * t]
+    prefill([ids[3]], [t])  # behind its PS + 1 cached tokens: the kernel
+    cache.reset(ids[:3])
+    prefill(ids[:3], [t, t - 1, t])  # ragged
+    cache.reset(ids[:3])
+    prefill(ids[:2], [t - 1] * 2)  # under the bound
+    assert taken == [3 * t]
+    cache.reset(ids[:2])
+    # the same prompts alone: the route again, each within tolerance (bits may differ: flash splits by batch)
+    prefill(ids[:1], [t])
+    assert taken == [3 * t, t]
+
+
+def test_flash_prefill_clamps_page_ids_into_the_pool(seed):
+    """The registered op takes any block table: ids past the pool (or -1) read other K/V after the clamp,
+    never out of bounds (as the Triton kernels clamp theirs)."""
+    cache, ids = _op_cache([PS + 2] * 2, torch.float16, "cpu")
+    k_pages, v_pages, table, layer, sid, _ = _op_args(cache, ids)
+    bad = table.clone()
+    bad[ids[0], 0], bad[ids[1], 1] = -1, 10 ** 6
+    q = torch.randn(2 * (PS + 2), HKV * 2, D).to(torch.float16)
+    out = kv_ops._prefill_flash(q, k_pages[layer], v_pages[layer], bad, sid, 0.5)
+    assert out.shape == q.shape and out.is_contiguous() and torch.isfinite(out).all()
+
+
+def test_flash_route_is_decided_from_host_ints_alone(monkeypatch):
+    """_takes_flash: fresh prompts of one length T >= the bound, known from q's rows = n · max_q_len and
+    max_len = max_q_len, the pages within the table; a q flash cannot run (fp32, CPU) never."""
+    monkeypatch.setattr(kv_ops, "_FLASH_MIN_Q_LEN", 8)
+    q = torch.empty(3 * 9, 4, 16, dtype=torch.float16)
+    with monkeypatch.context() as m:
+        m.setattr(kv_ops, "_flash_runs", lambda q: True)
+        assert kv_ops._takes_flash(q, 3, 9, 9, 4, 3)
+        assert not kv_ops._takes_flash(q, 3, 9, 10, 4, 3)  # a sequence with cached tokens before its new ones
+        assert not kv_ops._takes_flash(q, 3, 10, 10, 4, 3)  # rows short of 3 x 10: ragged
+        assert not kv_ops._takes_flash(q, 3, 9, 9, 4, 2)  # 9 tokens need 3 pages of 4
+        assert not kv_ops._takes_flash(q[:21], 3, 7, 7, 4, 3)  # under the bound
+        assert not kv_ops._takes_flash(q[:0], 0, 0, 0, 4, 3)
+    assert not kv_ops._flash_runs(q)  # a CPU tensor
+    assert not kv_ops._flash_runs(q.float())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cpu_long_half_prefills_run_sdpa_and_keep_the_kernels_promises(dtype, seed, monkeypatch):
     """Half-precision sequences of at least kv_ops._SDPA_MIN_Q_LEN new tokens run torch's SDPA over their
@@ -1517,7 +1600,7 @@ def test_opcheck_registered_ops(backend, seed):
     torch.library.opcheck(torch.ops.kfuse.paged_decode_attention.default, (q, *args, PS + 1, 0.5, backend))
     qp = torch.randn(4, HKV * 2, D)
     torch.library.opcheck(torch.ops.kfuse.paged_prefill_attention.default,
-                          (qp, *args, torch.tensor([0, 2, 2], dtype=torch.int32), 2, 0.5, backend))
+                          (qp, *args, torch.tensor([0, 2, 2], dtype=torch.int32), 2, PS + 1, 0.5, backend))
 
 
 def test_registered_ops_reject_bogus_backend():
@@ -1527,7 +1610,8 @@ def test_registered_ops_reject_bogus_backend():
     with pytest.raises(ValueError, match="backend"):
         torch.ops.kfuse.paged_decode_attention(q, *args, 3, 0.5, "bogus")
     with pytest.raises(ValueError, match="backend"):
-        torch.ops.kfuse.paged_prefill_attention(q, *args, torch.tensor([1, 1], dtype=torch.int32), 1, 0.5, "bogus")
+        torch.ops.kfuse.paged_prefill_attention(q, *args, torch.tensor([1, 1], dtype=torch.int32), 1, 3, 0.5,
+                                                "bogus")
     from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
 
     with FakeTensorMode() as mode, pytest.raises(ValueError, match="backend"):
@@ -1557,7 +1641,8 @@ def test_registered_ops_check_values_where_they_read_them_on_the_host(path, seed
 
     def prefill(q=q, seq_ids=sid, lens=lens, q_lens=(2, 2), table=table):
         return torch.ops.kfuse.paged_prefill_attention(q, k_pages, v_pages, table, layer, seq_ids, lens,
-                                                       torch.tensor(q_lens, dtype=torch.int32), 4, 0.5, backend)
+                                                       torch.tensor(q_lens, dtype=torch.int32), 4, PS + 3, 0.5,
+                                                       backend)
 
     prefill()
     bad_table = table.clone()
@@ -1577,7 +1662,8 @@ def test_registered_ops_check_values_where_they_read_them_on_the_host(path, seed
         twice = torch.tensor([ids[1], ids[1]], dtype=torch.int32)
         at = torch.tensor([3, PS + 3], dtype=torch.int32)
         for op, extra in ((torch.ops.kfuse.paged_decode_attention, (PS + 3,)),
-                          (torch.ops.kfuse.paged_prefill_attention, (torch.tensor([1, 1], dtype=torch.int32), 1))):
+                          (torch.ops.kfuse.paged_prefill_attention,
+                           (torch.tensor([1, 1], dtype=torch.int32), 1, PS + 3))):
             got, want = (op(q[:2], k_pages, v_pages, table, layer, twice, at, *extra, 0.5, b) for b in ("reference",
                                                                                                      "cpu"))
             assert_close(got, want, dtype, op.__name__)
@@ -2060,6 +2146,6 @@ def test_triton_registered_ops_read_nothing_out_of_bounds_on_bad_values():
             assert torch.equal(out, torch.zeros_like(out)), f"{name}: an empty sequence"
         qp = torch.randn(3, 1, 4, generator=gen)
         for q_lens in (i32([3]), i32([700]), i32([-2])):  # within, past the length, negative
-            out = ops.paged_prefill_attention(qp, cache.k_pages, cache.v_pages, table, 0, ids, lens, q_lens, 3, 0.5,
-                                              "triton")
+            out = ops.paged_prefill_attention(qp, cache.k_pages, cache.v_pages, table, 0, ids, lens, q_lens, 3,
+                                              max_len, 0.5, "triton")
             assert out.shape == qp.shape, name

@@ -39,7 +39,10 @@ a ratio to stay at or under). Cases (``mode``), all on one layer of a :class:`kf
   useful-bytes throughput: both rows count the same useful bytes); CPU uniform ≤ 1.5.
 - ``prefill``: ``kfuse.paged_prefill_attention`` of ``ctx`` new tokens per sequence (the whole
   cached sequence, causal) against SDPA ``is_causal=True`` on the same tokens laid out contiguously.
-  Basis: ``sdpa``. Target ≤ 1.3 on CUDA.
+  Basis: ``sdpa``. Target ≤ 1.3 on CUDA. These are fresh prompts of one length, which the ``triton``
+  backend runs on torch's flash attention over the gathered pages (``kfuse.ops.kv._takes_flash``);
+  ``triton-kernel`` is the Triton prefill kernel on the same call (the route off), what ragged prompts
+  and new tokens behind cached ones run (skipped where Triton cannot run).
 
 Attention rows are checked against a float64 reference on the same (low-precision) K/V; the
 ``GB/s`` column is :func:`bytes_moved` over the time (useful bytes), and ``%copy`` is that as % of the
@@ -61,6 +64,7 @@ from torch import Tensor
 
 import kfuse
 from kfuse.kv import PagedKVCache
+from kfuse.ops import kv as kv_ops
 from kfuse.ops.kv import backend_reasons
 from kfuse.report import Candidate, Case, Ceilings, backend_skips, device_time_us, scaled_error
 
@@ -383,6 +387,8 @@ def _attn_candidates(case: Case, inp: Inputs) -> list[Candidate]:
         else:
             out.append(Candidate(name, "backend", functools.partial(
                 kfuse.paged_prefill_attention, q, cache, 0, ids, inp.lens, backend=name)))
+    if case.mode == "prefill":
+        out.append(_triton_kernel(q, cache, ids, inp.lens, skips["triton"]))
     B, T = case.shape
     k, v = inp.k, inp.v
     extra = None
@@ -407,6 +413,22 @@ def _attn_candidates(case: Case, inp: Inputs) -> list[Candidate]:
         sdpa = functools.partial(call, k, v)
     out.append(Candidate("sdpa", "baseline", sdpa, extra=extra))
     return out
+
+
+def _triton_kernel(q: Tensor, cache: PagedKVCache, ids: list[int], q_lens: list[int], skip: str | None) -> Candidate:
+    """``triton-kernel``: the triton backend's prefill with its flash route off (``_FLASH_MIN_Q_LEN`` past any
+    length), i.e. the Triton prefill kernel on the case's call."""
+    if skip:
+        return Candidate("triton-kernel", "baseline", skip=skip)
+
+    def kernel() -> Tensor:
+        bound, kv_ops._FLASH_MIN_Q_LEN = kv_ops._FLASH_MIN_Q_LEN, 1 << 30
+        try:
+            return kfuse.paged_prefill_attention(q, cache, 0, ids, q_lens, backend="triton")
+        finally:
+            kv_ops._FLASH_MIN_Q_LEN = bound
+
+    return Candidate("triton-kernel", "baseline", kernel)
 
 
 def _fused_sdpa(call: Callable[..., Tensor], q4: Tensor, k: Tensor,
@@ -509,5 +531,5 @@ def names(case: Case) -> list[str]:
         return ["kfuse"]
     if case.mode == "append":
         return ["kfuse", "cat"]
-    return [*BACKENDS, "sdpa"]
+    return [*BACKENDS, *(["triton-kernel"] if case.mode == "prefill" else []), "sdpa"]
 

@@ -9,7 +9,9 @@ Backends:
 - ``triton`` (``triton_kernels/kv.py``): decode is split-K over the block table with the query heads of a
   KV head sharing its K/V loads and a deterministic fixed-order merge; prefill is one program per
   (sequence, query head, block of new tokens), causal, over the block table. CUDA tensors, or CPU
-  tensors under ``TRITON_INTERPRET=1``.
+  tensors under ``TRITON_INTERPRET=1``. On CUDA a prefill whose sequences are all fresh prompts of one
+  length (at least ``_FLASH_MIN_Q_LEN``) runs torch's flash attention over the gathered pages instead
+  (``_takes_flash``, ``_prefill_flash``).
 - ``cpu`` (``csrc/kv/kv_attention_cpu.cpp``): CPU tensors, float32/float64/float16/bfloat16. One OpenMP
   task per (sequence, KV head, chunk of ``kfuse._C.kv_decode_chunk`` positions) for decode, merged in
   chunk order, or per (sequence, KV head, block of new tokens) for prefill; the query heads of a KV
@@ -246,9 +248,11 @@ def _decode_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tenso
 
 
 def _prefill_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, layer: int, seq_ids: Tensor,
-                  lens: Tensor, q_lens: Tensor, max_q_len: int, scale: float, backend: str) -> Tensor:
+                  lens: Tensor, q_lens: Tensor, max_q_len: int, max_len: int, scale: float, backend: str) -> Tensor:
     q = q.resolve_neg()  # kernels read memory: no lazy negation (_backends.dense)
     if backend == "triton":
+        if _takes_flash(q, seq_ids.shape[0], max_q_len, max_len, k_pages.shape[2], block_table.shape[1]):
+            return _prefill_flash(q, k_pages[layer], v_pages[layer], block_table, seq_ids, scale)
         from kfuse.triton_kernels import kv as tk  # noqa: PLC0415 (triton is optional)
 
         return tk.paged_prefill(q, k_pages[layer], v_pages[layer], block_table, seq_ids, lens, q_lens, max_q_len,
@@ -263,6 +267,63 @@ def _prefill_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
     _check_values(_PREFILL, q.shape[0], k_pages, block_table, seq_ids, lens, q_lens)
     tc = _TensorCache(k_pages, v_pages, block_table, seq_ids, lens)
     return paged_prefill_attention_reference(q, tc, layer, range(seq_ids.shape[0]), q_lens.tolist(), scale)
+
+
+# On CUDA (the triton backend), a call whose sequences are all fresh prompts of one length T (each sequence's new
+# tokens are the whole of it) of at least this many tokens runs torch's flash attention over the gathered pages
+# (_prefill_flash): on the H200 (2026-12-04) the Triton prefill kernel took 2.61x SDPA's flash time at 8 x 1024
+# tokens, bf16, 32/8 heads, D 128, while gathering the pages reads and writes K and V once (34 MB each way at that
+# shape: ~17 us at the H200's 4.1 TB/s copy rate, beside flash's 162 us), so this route should take ~1.1x. Not yet
+# timed on a GPU: bench/tune_kv.py's flash_ab times both paths at T 16 ... 4096 (and the report's triton-kernel row
+# the kernel) to set this bound. Everything else (ragged prompts, new tokens behind cached ones, float32, which
+# has no flash kernel) runs the Triton kernel.
+_FLASH_MIN_Q_LEN = 128
+
+
+def _takes_flash(q: Tensor, n: int, max_q_len: int, max_len: int, page_size: int, table_width: int) -> bool:
+    """Whether a triton-backend prefill of ``n`` sequences runs :func:`_prefill_flash`: every sequence a fresh
+    prompt of the same ``T = max_q_len >= _FLASH_MIN_Q_LEN`` tokens, and q one :func:`_flash_runs` takes. The
+    prompts are known fresh from host ints alone (no sync): q's rows ``= n · max_q_len`` makes every ``q_len``
+    ``max_q_len`` (each is at most it and they sum to the rows), and ``max_len = max_q_len`` then makes every kv
+    length ``T`` (each is at least its ``q_len`` and at most ``max_len``). Bits: flash's, which (its split of the
+    keys) may depend on how many sequences the call has; the Triton kernel's do not. Both are deterministic."""
+    return (n > 0 and max_q_len >= _FLASH_MIN_Q_LEN and q.shape[0] == n * max_q_len and max_len == max_q_len
+            and -(-max_q_len // page_size) <= table_width and _flash_runs(q))
+
+
+def _flash_runs(q: Tensor) -> bool:
+    """Whether torch's flash attention takes q: a CUDA device of compute capability 8+, flash not turned off
+    (``torch.backends.cuda.enable_flash_sdp(False)``), half precision, a head dim of at most 256 in multiples of 8."""
+    d = q.shape[2]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+            and torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+
+def _prefill_flash(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seq_ids: Tensor,
+                   scale: float) -> Tensor:
+    """Causal attention of ``n`` fresh prompts of ``T`` tokens each (:func:`_takes_flash`): their pages gathered
+    into ``[n, T, Hkv, D]`` (one ``index_select`` per pool) and torch's flash attention (SDPA held to its flash
+    kernel, grouped-query heads, ``is_causal``: top-left, which is bottom-right when every position is new).
+
+    Args:
+        q: packed ``[n·T, Hq, D]``; k_pages, v_pages: one layer's pools ``[num_pages, page_size, Hkv, D]``;
+            block_table: int32 ``[max_seqs, max_pages]``, at least ``ceil(T / page_size)`` pages wide;
+            seq_ids: int32 ``[n]``; scale: softmax scale.
+    Returns:
+        ``[n·T, Hq, D]`` in q's dtype, contiguous (the registered op's fake). Page ids are clamped into the pool,
+        as the Triton kernels clamp theirs: a table that does not hold the lengths reads other K/V, never out of
+        bounds."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+
+    n, (rows, hq, d) = seq_ids.shape[0], q.shape
+    t, (num_pages, page, hkv) = rows // n, k_pages.shape[:3]
+    width = -(-t // page)
+    pages = block_table.index_select(0, seq_ids.long())[:, :width].reshape(-1).clamp(0, num_pages - 1).long()
+    k, v = (p.index_select(0, pages).view(n, width * page, hkv, d)[:, :t].transpose(1, 2) for p in (k_pages, v_pages))
+    qh = q.contiguous().view(n, t, hq, d).transpose(1, 2)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        o = torch.nn.functional.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return o.transpose(1, 2).reshape(rows, hq, d).contiguous()
 
 
 # Half-precision sequences with at least this many new tokens run on torch's SDPA over their gathered pages on the
@@ -365,20 +426,23 @@ def _(q, k_pages, v_pages, block_table, layer, seq_ids, lens, max_len, scale, ba
 
 @torch.library.custom_op("kfuse::paged_prefill_attention", mutates_args=())
 def paged_prefill_attention_op(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, layer: int,
-                               seq_ids: Tensor, lens: Tensor, q_lens: Tensor, max_q_len: int, scale: float,
-                               backend: str) -> Tensor:
+                               seq_ids: Tensor, lens: Tensor, q_lens: Tensor, max_q_len: int, max_len: int,
+                               scale: float, backend: str) -> Tensor:
     """Registered prefill attention: q packed ``[sum(q_lens), Hq, D]``; int32 ``q_lens [n]`` (the newest
-    tokens of each sequence, already in the cache), ``max_q_len >= max(q_lens)``; the rest as for decode."""
+    tokens of each sequence, already in the cache), ``max_q_len >= max(q_lens)``, ``max_len >= max(lens)``
+    (host ints: with ``max_len = max_q_len`` and ``n · max_q_len`` rows every sequence is a fresh prompt of
+    ``max_q_len`` tokens, which CUDA runs on flash attention: ``_takes_flash``); the rest as for decode."""
     _check_op_tensors(_PREFILL, q, k_pages, v_pages, block_table, layer, seq_ids, lens, seq_ids.shape[0])
     if q_lens.dtype != torch.int32 or q_lens.shape != seq_ids.shape or q_lens.device != q.device:
         raise ValueError(f"kfuse.{_PREFILL}: q_lens must be int32 [{seq_ids.shape[0]}] on q's device; got "
                          f"{q_lens.dtype} {tuple(q_lens.shape)} on {q_lens.device}")
     chosen = _select(_PREFILL, backend, q)
-    return _prefill_impl(q, k_pages, v_pages, block_table, layer, seq_ids, lens, q_lens, max_q_len, scale, chosen)
+    return _prefill_impl(q, k_pages, v_pages, block_table, layer, seq_ids, lens, q_lens, max_q_len, max_len, scale,
+                         chosen)
 
 
 @paged_prefill_attention_op.register_fake
-def _(q, k_pages, v_pages, block_table, layer, seq_ids, lens, q_lens, max_q_len, scale, backend):
+def _(q, k_pages, v_pages, block_table, layer, seq_ids, lens, q_lens, max_q_len, max_len, scale, backend):
     _backends.check_backend_name(_PREFILL, backend)
     _checks.one_device(f"kfuse.{_PREFILL}", q=q, k_pages=k_pages, v_pages=v_pages, block_table=block_table,
                        seq_ids=seq_ids, lens=lens, q_lens=q_lens)
@@ -460,7 +524,7 @@ def paged_prefill_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids,
     else:
         ql_t = cache._dev(ql, torch.int32)
     args = (q, cache.k_pages, cache.v_pages, cache.block_table, layer, call.ids, call.lens, ql_t, max(ql, default=0),
-            sc, chosen)
+            call.max_len, sc, chosen)
     if path != _routing.EAGER:  # registered; also the reference under a trace (it reads device values)
         return paged_prefill_attention_op(*args)
     return _prefill_impl(*args)
