@@ -1197,6 +1197,32 @@ def test_uniform_fresh_prompts_run_flash_attention_over_their_pages(device, dtyp
     assert taken == [3 * t, t]
 
 
+@pytest.mark.parametrize("route", [pytest.param("cpu-sdpa"), pytest.param("flash", marks=pytest.mark.interpret),
+                                   pytest.param("flash-cuda", marks=pytest.mark.cuda)])
+def test_sdpa_routes_ignore_autocast(route, seed, monkeypatch):
+    """The prefills that run torch's SDPA (the cpu backend's long half-precision ones, the triton backend's
+    fresh prompts on flash) compute in the cache's dtype under autocast, as the kernels do: autocast cast an
+    fp16 cache's SDPA to bf16 (0.013 from the result without it, on the cpu backend)."""
+    device = "cuda" if route == "flash-cuda" else "cpu"
+    backend = "cpu" if route == "cpu-sdpa" else "triton"
+    t = 2 * PS + 3
+    monkeypatch.setattr(kv_ops, "_SDPA_MIN_Q_LEN", t)
+    monkeypatch.setattr(kv_ops, "_FLASH_MIN_Q_LEN", t)
+    if route == "flash":
+        monkeypatch.setattr(kv_ops, "_flash_runs", lambda q: True)
+    routed = []
+    for name in ("_prefill_sdpa", "_prefill_flash"):
+        fn = getattr(kv_ops, name)
+        monkeypatch.setattr(kv_ops, name, lambda *a, _fn=fn, _name=name: routed.append(_name) or _fn(*a))
+    cache, ids = _op_cache([t, t], torch.float16, device, d=16)
+    q = torch.randn(2 * t, HKV * 4, 16, device=device).half()
+    want = kfuse.paged_prefill_attention(q, cache, 0, ids, [t, t], backend=backend)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = kfuse.paged_prefill_attention(q, cache, 0, ids, [t, t], backend=backend)
+    assert routed == ["_prefill_sdpa" if route == "cpu-sdpa" else "_prefill_flash"] * 2
+    assert got.dtype == torch.float16 and torch.equal(got, want)
+
+
 def test_flash_prefill_clamps_page_ids_into_the_pool(seed):
     """The registered op takes any block table: ids past the pool (or -1) read other K/V after the clamp,
     never out of bounds (as the Triton kernels clamp theirs)."""

@@ -321,7 +321,7 @@ def _prefill_flash(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Ten
     pages = block_table.index_select(0, seq_ids.long())[:, :width].reshape(-1).clamp(0, num_pages - 1).long()
     k, v = (p.index_select(0, pages).view(n, width * page, hkv, d)[:, :t].transpose(1, 2) for p in (k_pages, v_pages))
     qh = q.contiguous().view(n, t, hq, d).transpose(1, 2)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), _routing.autocast_off(q):  # (see _prefill_sdpa)
         o = torch.nn.functional.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
     return o.transpose(1, 2).reshape(rows, hq, d).contiguous()
 
@@ -348,7 +348,8 @@ def _prefill_sdpa(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
     contiguous, as the registered op's fake says (``empty_like`` kept a permuted q's layout, which
     torch.compile's view of it then refused; registered-ops hunt). q is read contiguous, as the C++ kernel reads it:
     torch's CPU SDPA leaves its flash kernel for a q whose rows are not unit-stride, so a strided q gave other bits
-    (layout hunt, 2026-12-06)."""
+    (layout hunt, 2026-12-06). Autocast is off around SDPA: under ``torch.autocast("cpu", dtype=torch.bfloat16)``
+    an fp16 cache's prefill ran in bf16 (0.013 from the kernels' result; the kernels ignore autocast)."""
     q = q.contiguous()
     out = q.new_empty(q.shape)
     rows_cache, off, short = _TensorCache(k_pages, v_pages, block_table, seq_ids, lens), 0, []
@@ -361,8 +362,9 @@ def _prefill_sdpa(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
         qs = q[off:off + t].transpose(0, 1)[None]  # [1, Hq, t, D]
         # is_causal is top-left: the same as bottom-right only when every position is new
         mask = None if t == n else torch.ones(t, n, dtype=torch.bool, device=q.device).tril(n - t)
-        o = torch.nn.functional.scaled_dot_product_attention(qs, k, v, attn_mask=mask, is_causal=mask is None,
-                                                             scale=scale, enable_gqa=True)
+        with _routing.autocast_off(q):  # the cache's dtype, as the kernels: autocast ran an fp16 cache in bf16
+            o = torch.nn.functional.scaled_dot_product_attention(qs, k, v, attn_mask=mask, is_causal=mask is None,
+                                                                 scale=scale, enable_gqa=True)
         out[off:off + t] = o[0].transpose(0, 1)
         off += t
     if short:
