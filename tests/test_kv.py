@@ -1157,7 +1157,7 @@ def test_uniform_fresh_prompts_run_flash_attention_over_their_pages(device, dtyp
     t, hkv, group, d = 2 * PS + 3, 2, 4, 16
     monkeypatch.setattr(kv_ops, "_FLASH_MIN_Q_LEN", t)
     if device == "cpu":
-        monkeypatch.setattr(kv_ops, "_flash_runs", lambda q: True)
+        monkeypatch.setattr(kv_ops, "_flash_runs", lambda q, hkv: True)
     taken = []
     flash = kv_ops._prefill_flash
     monkeypatch.setattr(kv_ops, "_prefill_flash", lambda *a: taken.append(a[0].shape[0]) or flash(*a))
@@ -1209,7 +1209,7 @@ def test_sdpa_routes_ignore_autocast(route, seed, monkeypatch):
     monkeypatch.setattr(kv_ops, "_SDPA_MIN_Q_LEN", t)
     monkeypatch.setattr(kv_ops, "_FLASH_MIN_Q_LEN", t)
     if route == "flash":
-        monkeypatch.setattr(kv_ops, "_flash_runs", lambda q: True)
+        monkeypatch.setattr(kv_ops, "_flash_runs", lambda q, hkv: True)
     routed = []
     for name in ("_prefill_sdpa", "_prefill_flash"):
         fn = getattr(kv_ops, name)
@@ -1223,33 +1223,62 @@ def test_sdpa_routes_ignore_autocast(route, seed, monkeypatch):
     assert got.dtype == torch.float16 and torch.equal(got, want)
 
 
-def test_flash_prefill_clamps_page_ids_into_the_pool(seed):
-    """The registered op takes any block table: ids past the pool (or -1) read other K/V after the clamp,
-    never out of bounds (as the Triton kernels clamp theirs)."""
-    cache, ids = _op_cache([PS + 2] * 2, torch.float16, "cpu")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_flash_prefill_reads_nothing_out_of_bounds_and_takes_any_q_layout(device, seed):
+    """The registered op takes any block table and seq_ids: rows outside the table and pages outside the pool
+    (-1, past the end) read other K/V after a clamp, never out of bounds (as the Triton kernels bound theirs;
+    an index_select out of range is a device-side assert on a GPU: review); a permuted q gives q's result."""
+    cache, ids = _op_cache([PS + 2] * 2, torch.float16, device, d=16)
     k_pages, v_pages, table, layer, sid, _ = _op_args(cache, ids)
+    table, sid = table.to(device), sid.to(device)
+    q = torch.randn(2 * (PS + 2), HKV * 2, 16, device=device).half()
+    want = kv_ops._prefill_flash(q, k_pages[layer], v_pages[layer], table, sid, 0.25)
+    assert_close(want[:PS + 2], sdpa(q[:PS + 2].cpu(), *(x.cpu() for x in gather_kv(cache, layer, ids[0])),
+                                     causal_offset=0), torch.float16)
+    permuted = q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(kv_ops._prefill_flash(permuted, k_pages[layer], v_pages[layer], table, sid, 0.25), want)
     bad = table.clone()
     bad[ids[0], 0], bad[ids[1], 1] = -1, 10 ** 6
-    q = torch.randn(2 * (PS + 2), HKV * 2, D).to(torch.float16)
-    out = kv_ops._prefill_flash(q, k_pages[layer], v_pages[layer], bad, sid, 0.5)
-    assert out.shape == q.shape and out.is_contiguous() and torch.isfinite(out).all()
+    for tbl, rows in ((bad, sid), (table, torch.tensor([-5, 10 ** 6], dtype=torch.int32, device=device))):
+        out = kv_ops._prefill_flash(q, k_pages[layer], v_pages[layer], tbl, rows, 0.25)
+        assert out.shape == q.shape and out.is_contiguous() and torch.isfinite(out).all()
 
 
 def test_flash_route_is_decided_from_host_ints_alone(monkeypatch):
     """_takes_flash: fresh prompts of one length T >= the bound, known from q's rows = n · max_q_len and
-    max_len = max_q_len, the pages within the table; a q flash cannot run (fp32, CPU) never."""
+    max_len = max_q_len, their pages within the table, a pool and a table with rows; a q flash cannot run
+    (fp32, CPU) never."""
     monkeypatch.setattr(kv_ops, "_FLASH_MIN_Q_LEN", 8)
     q = torch.empty(3 * 9, 4, 16, dtype=torch.float16)
+    pool, table = torch.empty(1, 10, 4, 2, 16), torch.empty(5, 3, dtype=torch.int32)  # pages of 4, 3 a row
     with monkeypatch.context() as m:
-        m.setattr(kv_ops, "_flash_runs", lambda q: True)
-        assert kv_ops._takes_flash(q, 3, 9, 9, 4, 3)
-        assert not kv_ops._takes_flash(q, 3, 9, 10, 4, 3)  # a sequence with cached tokens before its new ones
-        assert not kv_ops._takes_flash(q, 3, 10, 10, 4, 3)  # rows short of 3 x 10: ragged
-        assert not kv_ops._takes_flash(q, 3, 9, 9, 4, 2)  # 9 tokens need 3 pages of 4
-        assert not kv_ops._takes_flash(q[:21], 3, 7, 7, 4, 3)  # under the bound
-        assert not kv_ops._takes_flash(q[:0], 0, 0, 0, 4, 3)
-    assert not kv_ops._flash_runs(q)  # a CPU tensor
-    assert not kv_ops._flash_runs(q.float())
+        m.setattr(kv_ops, "_flash_runs", lambda q, hkv: True)
+        assert kv_ops._takes_flash(q, 3, 9, 9, pool, table)
+        assert not kv_ops._takes_flash(q, 3, 9, 10, pool, table)  # a sequence with cached tokens before its new ones
+        assert not kv_ops._takes_flash(q, 3, 10, 10, pool, table)  # rows short of 3 x 10: ragged
+        assert not kv_ops._takes_flash(q, 3, 9, 9, pool, table[:, :2])  # 9 tokens need 3 pages of 4
+        assert not kv_ops._takes_flash(q[:21], 3, 7, 7, pool, table)  # under the bound
+        assert not kv_ops._takes_flash(q[:0], 0, 0, 0, pool, table)
+        assert not kv_ops._takes_flash(q, 3, 9, 9, pool[:, :0], table)  # an empty pool
+        assert not kv_ops._takes_flash(q, 3, 9, 9, pool, table[:0])  # a table without rows
+    assert not kv_ops._flash_runs(q, 2)  # a CPU tensor
+    assert not kv_ops._flash_runs(q.float(), 2)
+
+
+@pytest.mark.cuda
+def test_flash_runs_asks_torch_once_per_shape_and_follows_the_flash_switch():
+    """On a GPU: fp16/bf16 heads torch's flash takes (D 16 ... 256, grouped-query) are taken, fp32 and a head
+    dim flash refuses are not, and enable_flash_sdp(False) turns the route off."""
+    q = torch.empty(8, 8, 64, dtype=torch.bfloat16, device="cuda")
+    assert kv_ops._flash_runs(q, 2) and kv_ops._flash_runs(q.half(), 8)
+    assert not kv_ops._flash_runs(q.float(), 2)
+    assert not kv_ops._flash_runs(torch.empty(8, 8, 512, dtype=torch.bfloat16, device="cuda"), 2)
+    torch.backends.cuda.enable_flash_sdp(False)
+    try:
+        assert not kv_ops._flash_runs(q, 2)
+    finally:
+        torch.backends.cuda.enable_flash_sdp(True)
+    assert kv_ops._flash_runs(q, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -4,7 +4,9 @@ checks that catch real bugs in other caches, as tests/test_kv.py's at the cache 
 
 Bitwise comparisons keep every call's shapes equal between the two runs: a CPU GEMM's bits for a row
 depend on the number of rows M (measured: rows of F.linear differ between M = 1, 2 and 5), while
-kfuse's attention kernels are bit-identical whatever the rest of the batch.
+kfuse's attention kernels are bit-identical whatever the rest of the batch (on CUDA, a call of fresh
+prompts of one length of at least kfuse.ops.kv._FLASH_MIN_Q_LEN tokens runs flash attention instead,
+whose bits depend on the call; these tests' prompts are shorter).
 """
 
 from __future__ import annotations

@@ -25,10 +25,10 @@ Backends:
 Registered ops (``torch.ops.kfuse.paged_decode_attention`` / ``paged_prefill_attention``) take the
 cache's tensors explicitly: the K/V pools, the block table, the layer, int32 ``seq_ids`` (rows of the
 table) and int32 ``lens`` (per-call lengths: :meth:`PagedKVCache.kv_len`, which includes the open
-step's tokens once the layer has appended), plus a host-side ``max_len`` / ``max_q_len`` (sizes the
-Triton grid; no device read). The public functions validate against the cache's host mirror (no sync), then call the
-implementations directly (eager) or the registered ops (under ``torch.compile`` and dispatch modes),
-per :func:`kfuse._routing.route`.
+step's tokens once the layer has appended), plus a host-side ``max_len`` / ``max_q_len`` (size the
+Triton grid and pick the prefill's flash route; no device read). The public functions validate against
+the cache's host mirror (no sync), then call the implementations directly (eager) or the registered ops
+(under ``torch.compile`` and dispatch modes), per :func:`kfuse._routing.route`.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def _scale(op: str, scale: object, head_dim: int) -> float:
 @dataclass
 class _Call:
     """A validated call's sequences: ``ids``, ``lens`` (kv lengths) as int32 tensors on the cache's
-    device, ``max_len`` (host int, sizes the Triton grid), and ``host_ids`` / ``host_lens`` (CPU int64,
-    None under a trace)."""
+    device, ``max_len`` (host int: sizes the Triton grid, picks the prefill's route), and ``host_ids`` /
+    ``host_lens`` (CPU int64, None under a trace)."""
 
     ids: Tensor
     lens: Tensor
@@ -251,7 +251,7 @@ def _prefill_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
                   lens: Tensor, q_lens: Tensor, max_q_len: int, max_len: int, scale: float, backend: str) -> Tensor:
     q = q.resolve_neg()  # kernels read memory: no lazy negation (_backends.dense)
     if backend == "triton":
-        if _takes_flash(q, seq_ids.shape[0], max_q_len, max_len, k_pages.shape[2], block_table.shape[1]):
+        if _takes_flash(q, seq_ids.shape[0], max_q_len, max_len, k_pages, block_table):
             return _prefill_flash(q, k_pages[layer], v_pages[layer], block_table, seq_ids, scale)
         from kfuse.triton_kernels import kv as tk  # noqa: PLC0415 (triton is optional)
 
@@ -280,49 +280,73 @@ def _prefill_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
 _FLASH_MIN_Q_LEN = 128
 
 
-def _takes_flash(q: Tensor, n: int, max_q_len: int, max_len: int, page_size: int, table_width: int) -> bool:
+def _takes_flash(q: Tensor, n: int, max_q_len: int, max_len: int, k_pages: Tensor, block_table: Tensor) -> bool:
     """Whether a triton-backend prefill of ``n`` sequences runs :func:`_prefill_flash`: every sequence a fresh
     prompt of the same ``T = max_q_len >= _FLASH_MIN_Q_LEN`` tokens, and q one :func:`_flash_runs` takes. The
     prompts are known fresh from host ints alone (no sync): q's rows ``= n · max_q_len`` makes every ``q_len``
     ``max_q_len`` (each is at most it and they sum to the rows), and ``max_len = max_q_len`` then makes every kv
-    length ``T`` (each is at least its ``q_len`` and at most ``max_len``). Bits: flash's, which (its split of the
-    keys) may depend on how many sequences the call has; the Triton kernel's do not. Both are deterministic."""
+    length ``T`` (each is at least its ``q_len`` and at most ``max_len``). Under ``torch.compile`` ``max_len`` is
+    the table's capacity, so compiled calls keep the Triton kernel (unless T is that capacity).
+
+    Bits: a sequence's output then depends on the rest of the call (flash on a call of fresh prompts of one
+    length, the Triton kernel beside a ragged or cached one; and flash splits the keys by the batch size), where
+    the Triton kernel's and the cpu backend's do not. Both paths are deterministic run to run."""
     return (n > 0 and max_q_len >= _FLASH_MIN_Q_LEN and q.shape[0] == n * max_q_len and max_len == max_q_len
-            and -(-max_q_len // page_size) <= table_width and _flash_runs(q))
+            and -(-max_q_len // k_pages.shape[2]) <= block_table.shape[1] and k_pages.shape[1] > 0
+            and block_table.shape[0] > 0 and _flash_runs(q, k_pages.shape[3]))
 
 
-def _flash_runs(q: Tensor) -> bool:
-    """Whether torch's flash attention takes q: a CUDA device of compute capability 8+, flash not turned off
-    (``torch.backends.cuda.enable_flash_sdp(False)``), half precision, a head dim of at most 256 in multiples of 8."""
-    d = q.shape[2]
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
-            and torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(q.device)[0] >= 8)
+# _flash_runs' answers by (device, dtype, query heads, KV heads, head dim, flash turned on).
+_FLASH_RUNS: dict[tuple, bool] = {}
+
+
+def _flash_runs(q: Tensor, hkv: int) -> bool:
+    """Whether torch's flash attention takes q (CUDA, half precision) with ``hkv`` KV heads: torch's own
+    predicate (``torch.backends.cuda.can_use_flash_attention``: a GPU and a build it supports, flash not turned
+    off by ``torch.backends.cuda.enable_flash_sdp(False)``, the head dim, grouped-query heads), asked once per
+    device, dtype, heads, head dim and flag, on a small probe."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    key = (q.device, q.dtype, q.shape[1], hkv, q.shape[2], torch.backends.cuda.flash_sdp_enabled())
+    ok = _FLASH_RUNS.get(key)
+    if ok is None:
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention  # noqa: PLC0415
+
+        pq, pkv = q.new_empty(1, q.shape[1], 16, q.shape[2]), q.new_empty(1, hkv, 16, q.shape[2])
+        ok = _FLASH_RUNS.setdefault(key, bool(can_use_flash_attention(SDPAParams(pq, pkv, pkv, None, 0.0, True,
+                                                                                 True))))
+    return ok
 
 
 def _prefill_flash(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seq_ids: Tensor,
                    scale: float) -> Tensor:
     """Causal attention of ``n`` fresh prompts of ``T`` tokens each (:func:`_takes_flash`): their pages gathered
-    into ``[n, T, Hkv, D]`` (one ``index_select`` per pool) and torch's flash attention (SDPA held to its flash
-    kernel, grouped-query heads, ``is_causal``: top-left, which is bottom-right when every position is new).
+    into ``[n, T, Hkv, D]`` (an ``index_select`` of the table's rows, then of each pool's pages) and torch's flash
+    attention kernel (grouped-query heads, causal: top-left, which is bottom-right when every position is new).
 
     Args:
-        q: packed ``[n·T, Hq, D]``; k_pages, v_pages: one layer's pools ``[num_pages, page_size, Hkv, D]``;
-            block_table: int32 ``[max_seqs, max_pages]``, at least ``ceil(T / page_size)`` pages wide;
-            seq_ids: int32 ``[n]``; scale: softmax scale.
+        q: packed ``[n·T, Hq, D]``; k_pages, v_pages: one layer's pools ``[num_pages, page_size, Hkv, D]``
+            (``num_pages >= 1``); block_table: int32 ``[max_seqs >= 1, max_pages]``, at least ``ceil(T /
+            page_size)`` pages wide; seq_ids: int32 ``[n]``; scale: softmax scale.
     Returns:
-        ``[n·T, Hq, D]`` in q's dtype, contiguous (the registered op's fake). Page ids are clamped into the pool,
-        as the Triton kernels clamp theirs: a table that does not hold the lengths reads other K/V, never out of
-        bounds."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
-
+        ``[n·T, Hq, D]`` in q's dtype, contiguous (the registered op's fake). Row ids and page ids are clamped
+        into the table and the pools, as the Triton kernels bound theirs: values the public op never passes read
+        other K/V, never out of bounds (an ``index_select`` out of range is a device-side assert on a GPU)."""
     n, (rows, hq, d) = seq_ids.shape[0], q.shape
     t, (num_pages, page, hkv) = rows // n, k_pages.shape[:3]
     width = -(-t // page)
-    pages = block_table.index_select(0, seq_ids.long())[:, :width].reshape(-1).clamp(0, num_pages - 1).long()
+    table = block_table.index_select(0, seq_ids.long().clamp(0, block_table.shape[0] - 1))
+    pages = table[:, :width].reshape(-1).clamp(0, num_pages - 1).long()
     k, v = (p.index_select(0, pages).view(n, width * page, hkv, d)[:, :t].transpose(1, 2) for p in (k_pages, v_pages))
     qh = q.contiguous().view(n, t, hq, d).transpose(1, 2)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), _routing.autocast_off(q):  # (see _prefill_sdpa)
-        o = torch.nn.functional.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    with _routing.autocast_off(q):  # (see _prefill_sdpa)
+        if q.is_cuda:
+            # The flash kernel itself: SDPA held to it by sdpa_kernel sets process-wide flags, which two threads'
+            # calls (a model shared by threads, each with its own cache) left off for every other backend (review).
+            o = torch.ops.aten._scaled_dot_product_flash_attention(qh, k, v, 0.0, True, False, scale=scale)[0]
+        else:  # the tests' run on the CPU (_flash_runs declared true there): torch's CPU SDPA, flash there too
+            o = torch.nn.functional.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale,
+                                                                 enable_gqa=True)
     return o.transpose(1, 2).reshape(rows, hq, d).contiguous()
 
 
