@@ -1,0 +1,78 @@
+"""Single-table CPU embedding bags against ``torch.nn.functional.embedding_bag``, interleaved in one process.
+
+For each shape (rows x dim, bags x indices a bag, uniform or Zipf indices; fp32): ``torch``
+(``F.embedding_bag``), ``C++`` (kfuse's kernel called directly, with its own checks of the values),
+``multi`` (``kfuse.multi_embedding_bag`` on the one table) and ``bag`` (``kfuse.embedding_bag``), medians
+of ``rounds`` rounds of ``calls`` calls, µs per call. ``--cold`` sweeps 16 MB before each call (the caches a
+training step leaves the op: its Python then runs from memory). The kernel-to-op gap is the ops' own host
+time (bench/results/2026-12-06-cpu-embedding-single-table.md).
+Usage: ``python bench/ab_embedding_bag.py [--threads 2] [--rounds 15] [--calls 20] [--cold]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kfuse
+from kfuse import _backends
+from kfuse.demos._args import positive
+
+# (rows, dim, bags, indices a bag, "u" uniform or "z" Zipf)
+SHAPES = ((20_000, 64, 2048, 8, "z"), (100_000, 128, 512, 20, "u"), (1000, 64, 64, 4, "u"))
+
+
+def zipf(n: int, rows: int, gen: torch.Generator) -> torch.Tensor:
+    p = 1.0 / torch.arange(1, rows + 1, dtype=torch.float64)
+    return torch.multinomial(p / p.sum(), n, replacement=True, generator=gen)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=positive(int), default=2)
+    parser.add_argument("--rounds", type=positive(int), default=15)
+    parser.add_argument("--calls", type=positive(int), default=20)
+    parser.add_argument("--cold", action="store_true", help="sweep 16 MB before each call")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ext = _backends.extension()
+    gen = torch.Generator().manual_seed(0)
+    junk = torch.zeros(4 << 20)
+    for shape in SHAPES:
+        run_shape(shape, args, ext, gen, junk)
+
+
+def run_shape(shape: tuple, args: argparse.Namespace, ext: object, gen: torch.Generator, junk: torch.Tensor) -> None:
+    rows, dim, bags, per_bag, dist = shape
+    w = torch.randn(rows, dim, generator=gen)
+    n = bags * per_bag
+    idx = torch.randint(0, rows, (n,), generator=gen) if dist == "u" else zipf(n, rows, gen)
+    off = torch.arange(0, n, per_bag)
+    last = torch.arange(0, n + 1, per_bag)
+    fns = {"torch": lambda: F.embedding_bag(idx, w, off, mode="sum"),
+           "C++": lambda: ext.embedding_forward([w], idx, last, [0], [-1], 0, None),
+           "multi": lambda: kfuse.multi_embedding_bag([w], idx, last, backend="cpu"),
+           "bag": lambda: kfuse.embedding_bag(idx, w, off, mode="sum")}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for name, fn in fns.items():
+                fn()
+                total = 0.0
+                for _ in range(args.calls):
+                    if args.cold:
+                        junk.add_(1.0)
+                    t0 = time.perf_counter()
+                    fn()
+                    total += time.perf_counter() - t0
+                times[name].append(total / args.calls * 1e6)
+    cells = "  ".join(f"{k} {statistics.median(v):7.1f}" for k, v in times.items())
+    print(f"{rows}x{dim} {bags}x{per_bag}{dist} ({args.threads} threads{', cold' if args.cold else ''}): {cells}",
+          flush=True)
+
+if __name__ == "__main__":
+    main()
