@@ -3,7 +3,12 @@
 // name the argument) lives in python/kfuse/ops/<op>.py; the checks here are invariants.
 #include <torch/extension.h>
 
+#include <cstring>
+#include <numeric>
 #include <optional>
+
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #ifdef KFUSE_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -526,21 +531,26 @@ void embedding_backward_fused(const at::Tensor& grad_out, const std::vector<at::
   kfuse::embedding::backward_fused_cpu(c.tables, c.bags, plan, grad_out.const_data_ptr(), opt, nt);
 }
 
-// The embedding ops' per-table checks in one pass (python/kfuse/ops/embedding.py _check_weights): in Python
-// they took ~0.9 us a table, and the route's and the metadata cache's per-table reads as much again: ~55 of
-// the op's ~105 us of host time at FBGEMM's 32 tables (bench/host_launchers.py, 2-core CPU). None unless
-// every table is a torch.Tensor or nn.Parameter (not a subclass) holding an ordinary tensor the kernels
-// read in place: 2-D, strided, not nested, contiguous, on a CPU or CUDA device, weights[0]'s dtype and
-// device, at least one column, and no dispatch key that makes it something else (a lazy negation or
-// conjugation, a functorch or functionalization wrapper, Python dispatch, a zero tensor); the caller's
-// Python checks then name the table, or route the call. Otherwise (grad_table, key): the first table that
-// requires grad (-1: none) and each table's (address, rows, columns), flattened.
-py::object embedding_tables(const py::list& weights) {
+// An ordinary tensor the kernels read in place: strided, not nested, contiguous, and no dispatch key that makes
+// it something else (a lazy negation or conjugation, a functorch or functionalization wrapper, Python dispatch,
+// a zero tensor).
+bool ordinary(const at::Tensor& t) {
   static const c10::DispatchKeySet other({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
                                           c10::DispatchKey::Functionalize, c10::DispatchKey::Conjugate,
                                           c10::DispatchKey::Negative, c10::DispatchKey::ZeroTensor,
                                           c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::Batched,
                                           c10::DispatchKey::FuncTorchGradWrapper});
+  return t.layout() == at::kStrided && !t.is_nested() && t.is_contiguous() && !t.key_set().has_any(other);
+}
+
+// The embedding ops' per-table checks in one pass (python/kfuse/ops/embedding.py _check_weights): in Python
+// they took ~0.9 us a table, and the route's and the metadata cache's per-table reads as much again: ~55 of
+// the op's ~105 us of host time at FBGEMM's 32 tables (bench/host_launchers.py, 2-core CPU). None unless
+// every table is a torch.Tensor or nn.Parameter (not a subclass) holding an ordinary tensor (above): 2-D, on a
+// CPU or CUDA device, weights[0]'s dtype and device, at least one column; the caller's Python checks then name
+// the table, or route the call. Otherwise (grad_table, key): the first table that requires grad (-1: none) and
+// each table's (address, rows, columns), flattened.
+py::object embedding_tables(const py::list& weights) {
   const Py_ssize_t n = PyList_GET_SIZE(weights.ptr());
   if (n == 0) return py::none();
   py::tuple key(3 * n);
@@ -550,9 +560,7 @@ py::object embedding_tables(const py::list& weights) {
     PyObject* obj = PyList_GET_ITEM(weights.ptr(), t);  // borrowed: the list holds it
     if (!THPVariable_CheckExact(obj)) return py::none();
     const at::Tensor& w = THPVariable_Unpack(obj);
-    if (w.dim() != 2 || w.layout() != at::kStrided || w.is_nested() || !(w.is_cpu() || w.is_cuda()) ||
-        w.size(1) < 1 || !w.is_contiguous() || w.key_set().has_any(other))
-      return py::none();
+    if (w.dim() != 2 || !(w.is_cpu() || w.is_cuda()) || w.size(1) < 1 || !ordinary(w)) return py::none();
     if (first == nullptr) {
       first = &w;
     } else if (w.scalar_type() != first->scalar_type() || w.device() != first->device()) {
@@ -564,6 +572,55 @@ py::object embedding_tables(const py::list& weights) {
     PyTuple_SET_ITEM(key.ptr(), 3 * t + 2, PyLong_FromLongLong(w.size(1)));
   }
   return py::make_tuple(grad_table, key);
+}
+
+// The embedding ops' eager CPU fast path (python/kfuse/ops/embedding.py _cpu_fast): the checks that choose it
+// and the forward in one call, where the same checks in Python took ~24 us of a call run after a kernel had
+// streamed megabytes through the caches (bench/results/2026-12-06-cpu-embedding-single-table.md). None unless
+// every table is an ordinary 2-D CPU tensor (as embedding_tables) of one dtype that needs no gradient (grad
+// mode off, or none requires it), indices and offsets are ordinary 1-D CPU tensors of one integer dtype, and no
+// jit trace or torch dispatch mode is active; then embedding_forward of one feature per table, no padding and
+// no per-sample weights. offsets: [T * B + 1], or [T * B] with append_last (len(indices) is then the last).
+// Bad values raise as embedding_forward's do (the caller then runs the full path, which names them).
+py::object embedding_forward_fast(const py::list& weights, const py::handle& indices, const py::handle& offsets,
+                                  int64_t pooling, bool append_last) {
+  if (torch::jit::tracer::isTracing() || c10::impl::TorchDispatchModeTLS::stack_len() > 0) return py::none();
+  const Py_ssize_t n = PyList_GET_SIZE(weights.ptr());
+  if (n == 0 || !THPVariable_CheckExact(indices.ptr()) || !THPVariable_CheckExact(offsets.ptr())) return py::none();
+  const bool grad = c10::GradMode::is_enabled();
+  std::vector<at::Tensor> ws;
+  ws.reserve(n);
+  for (Py_ssize_t t = 0; t < n; ++t) {
+    PyObject* obj = PyList_GET_ITEM(weights.ptr(), t);
+    if (!THPVariable_CheckExact(obj)) return py::none();
+    const at::Tensor& w = THPVariable_Unpack(obj);
+    if (w.dim() != 2 || !w.is_cpu() || w.size(1) < 1 || !ordinary(w) || (grad && w.requires_grad()) ||
+        (t > 0 && w.scalar_type() != ws[0].scalar_type()))
+      return py::none();
+    ws.push_back(w);
+  }
+  const at::Tensor& idx = THPVariable_Unpack(indices.ptr());
+  const at::Tensor& off = THPVariable_Unpack(offsets.ptr());
+  if (idx.dim() != 1 || off.dim() != 1 || !idx.is_cpu() || !off.is_cpu() || !ordinary(idx) || !ordinary(off) ||
+      idx.scalar_type() != off.scalar_type() || (idx.scalar_type() != at::kInt && idx.scalar_type() != at::kLong))
+    return py::none();
+  at::Tensor offs = off;
+  if (append_last) {  // B starts, then len(indices): what torch's include_last_offset=False means
+    // (memcpy: narrow + copy_ + fill_ took 2.9 us of a 7 us call)
+    const int64_t b = off.numel();
+    offs = at::empty({b + 1}, off.options());
+    std::memcpy(offs.data_ptr(), off.const_data_ptr(), b * off.element_size());
+    if (off.scalar_type() == at::kLong) offs.data_ptr<int64_t>()[b] = idx.numel();
+    else offs.data_ptr<int32_t>()[b] = static_cast<int32_t>(idx.numel());
+  }
+  std::vector<int64_t> feature_table(n), padding_idx(n, -1);
+  std::iota(feature_table.begin(), feature_table.end(), int64_t(0));
+  at::Tensor out;
+  {
+    py::gil_scoped_release release;
+    out = embedding_forward(ws, idx, offs, feature_table, padding_idx, pooling, std::nullopt);
+  }
+  return py::cast(out);
 }
 
 }  // namespace
@@ -619,6 +676,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tensor of weights[0]'s dtype and device; else (first table requiring grad or -1, (address, rows, "
         "columns) of each table, flattened)",
         py::arg("weights"));
+  m.def("embedding_forward_fast", &embedding_forward_fast,
+        "The embedding ops' eager CPU fast path: None unless every table, indices and offsets are ordinary CPU "
+        "tensors, no table needs a gradient, and no jit trace or dispatch mode is on; else the forward of one "
+        "feature per table, no padding, no per-sample weights (offsets [T * B], + len(indices) with append_last)",
+        py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("pooling"), py::arg("append_last"));
   m.def("embedding_forward", &embedding_forward, release,
         "Multi-table embedding bags (CPU): weights [T] tables [rows_t, dim_t] of one dtype, indices [N] and offsets "
         "[F * B + 1] (int32 or int64, feature-major), feature_table [F], padding_idx [T] (-1 = none), pooling "

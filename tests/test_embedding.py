@@ -3160,8 +3160,9 @@ def test_cpu_fast_path_gives_the_full_paths_bits(dtype, index_dtype, mode, monke
 
 def test_cpu_fast_path_declines_what_it_does_not_serve(monkeypatch):
     """Calls the fast path must not take run the full path: a table that requires grad under grad mode (autograd),
-    a negated view or strided indices (the extension refuses those: the full path resolves them), a tensor
-    subclass, the reference backend; and bad input still raises the full path's error, naming the argument."""
+    a negated view or strided indices (the full path resolves them), a tensor subclass, the reference backend,
+    a dispatch mode, a jit trace (both record the registered op); and bad input still raises the full path's
+    error, naming the argument."""
     w = torch.randn(6, 4)
     i, o = torch.tensor([0, 5, 1, 2]), torch.tensor([0, 2])
     seen = _fast_spy(monkeypatch)
@@ -3185,6 +3186,18 @@ def test_cpu_fast_path_declines_what_it_does_not_serve(monkeypatch):
 
     kfuse.multi_embedding_bag([w], i.as_subclass(Sub), torch.tensor([0, 2, 4]))
     assert seen[-1] is None
+
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    class Log(TorchDispatchMode):  # a dispatch mode sees every op: the registered op's, not the extension's call
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        out = kfuse.embedding_bag(i, w, o, mode="sum")
+    assert seen[-1] is None and torch.equal(out, want)
+    traced = torch.jit.trace(lambda i, o: kfuse.embedding_bag(i, w, o, mode="sum"), (i, o), check_trace=False)
+    assert seen[-1] is None and "kfuse" in str(traced.graph)
     with pytest.raises(IndexError, match=r"kfuse.embedding_bag: input\[1\] = 9 is out of range \[0, 6\)"):
         kfuse.embedding_bag(torch.tensor([0, 9]), w, o, mode="sum")
     assert seen[-1] is None

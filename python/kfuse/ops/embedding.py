@@ -471,36 +471,26 @@ def _cpu(where: str, kernel: Callable[..., object], *args: object) -> Any:
         raise type(e)(f"{where}: {e}") from None
 
 
-def _plain_index(t: object) -> bool:
-    """An index tensor the extension reads as it is: an exact CPU ``Tensor``, no lazy negation, no ``torch.func``
-    wrapper (its other layout checks are the extension's own)."""
-    return (type(t) is Tensor and t.is_cpu and t.layout == torch.strided and not t.is_neg()
-            and not _routing.functorch_wrapped((t,)))
-
-
 def _cpu_fast(weights: object, indices: object, offsets: object, mode: object, backend: object, sparse: object,
-              check: object) -> Tensor | None:
-    """The common eager call on the CPU, handed to the extension directly: ordinary CPU tables
-    (``_C.embedding_tables``), indices and offsets, ``sum`` or ``mean`` pooling, each feature its own table, no
-    per-sample weights or padding (the callers check those), nothing to differentiate, and no trace, transform or
-    dispatch mode. The extension checks every layout and value it reads; when it refuses, or anything here does
-    not hold, None: the full path then runs (and names the error). Why: on a single table the full path's Python
-    (12 µs a call with warm caches, ~85 µs cold after a kernel that streamed megabytes) made
-    ``kfuse.embedding_bag`` 1.1-2.5x torch's time where the kernel alone matches or beats it
-    (bench/results/2026-12-06-cpu-embedding-single-table.md)."""
+              check: object, append_last: bool = False) -> Tensor | None:
+    """The common eager call on the CPU, handed to the extension in one call (``_C.embedding_forward_fast``, which
+    makes the checks that choose it: ordinary CPU tables, indices and offsets, nothing to differentiate, no jit
+    trace or dispatch mode): ``sum`` or ``mean`` pooling, each feature its own table, no per-sample weights or
+    padding (the callers check those), no ``torch.compile`` or forward-mode AD (checked here). The extension
+    checks every layout and value it reads; when it declines or refuses, None: the full path then runs (and
+    names the error). ``append_last``: ``offsets`` holds the bags' starts only (``include_last_offset=False``).
+    Why: on a single table the full path's Python (12 µs a call with warm caches, ~85 µs cold after a kernel
+    that streamed megabytes) made ``kfuse.embedding_bag`` 1.2-4.7x torch's time where the kernel alone matches
+    or beats it (bench/results/2026-12-06-cpu-embedding-single-table.md)."""
     if ((backend != "auto" and backend != "cpu") or sparse is not False or check not in CHECKS
-            or type(mode) is not str or mode not in POOLINGS or type(weights) is not list):
+            or type(mode) is not str or mode not in POOLINGS or type(weights) is not list
+            or torch.compiler.is_compiling() or _routing.forward_ad_active()):
         return None
     ext = _ext()
-    if (ext is None or _routing.tracing() or _routing.forward_ad_active() or torch._C._len_torch_dispatch_stack()
-            or not _plain_index(indices) or not _plain_index(offsets)):
+    if ext is None:
         return None
-    found = ext.embedding_tables(weights)  # None unless every table is an ordinary tensor (no subclass, wrapper)
-    if found is None or not weights[0].is_cpu or (found[0] >= 0 and torch.is_grad_enabled()):
-        return None
-    n = len(weights)
     try:
-        return ext.embedding_forward(weights, indices, offsets, list(range(n)), [-1] * n, POOLINGS[mode], None)
+        return ext.embedding_forward_fast(weights, indices, offsets, POOLINGS[mode], append_last)
     except (RuntimeError, ValueError, IndexError, TypeError):
         return None
 
@@ -922,10 +912,8 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
             scale_grad_by_freq=scale_grad_by_freq)
     poll_errors()
     if (per_sample_weights is None and padding_idx is None and max_norm is None and scale_grad_by_freq is False
-            and norm_type == 2.0 and _plain_index(input) and input.dim() == 1 and _plain_index(offsets)
-            and offsets.dim() == 1 and (include_last_offset is True or include_last_offset is False)):
-        offs = offsets if include_last_offset else torch.cat([offsets, offsets.new_full((1,), input.shape[0])])
-        out = _cpu_fast([weight], input, offs, mode, backend, sparse, check)
+            and norm_type == 2.0 and (include_last_offset is True or include_last_offset is False)):
+        out = _cpu_fast([weight], input, offsets, mode, backend, sparse, check, not include_last_offset)
         if out is not None:
             return out
     op = "embedding_bag"
