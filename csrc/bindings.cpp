@@ -609,7 +609,7 @@ py::object embedding_forward_fast(const py::list& weights, const py::handle& ind
     // (memcpy: narrow + copy_ + fill_ took 2.9 us of a 7 us call)
     const int64_t b = off.numel();
     offs = at::empty({b + 1}, off.options());
-    std::memcpy(offs.data_ptr(), off.const_data_ptr(), b * off.element_size());
+    if (b > 0) std::memcpy(offs.data_ptr(), off.const_data_ptr(), b * off.element_size());  // (null when empty)
     if (off.scalar_type() == at::kLong) offs.data_ptr<int64_t>()[b] = idx.numel();
     else offs.data_ptr<int32_t>()[b] = static_cast<int32_t>(idx.numel());
   }

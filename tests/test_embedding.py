@@ -5,6 +5,7 @@ Triton kernels directly (bit-level checks of the fused optimizers, bad input, th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -3147,6 +3148,12 @@ def test_cpu_fast_path_gives_the_full_paths_bits(dtype, index_dtype, mode, monke
     with torch.no_grad():
         assert torch.equal(kfuse.multi_embedding_bag(params, indices, offsets, mode=mode), fast[0])
     assert isinstance(seen[-1], torch.Tensor)
+    multi = MultiTableEmbeddingBag([(11, 5), (7, 17), (30, 1)], mode=mode).to(dtype).eval()
+    with torch.no_grad():
+        for t, w in zip(multi.weights, ws, strict=True):
+            t.copy_(w)
+        assert torch.equal(multi(indices, offsets), fast[0])
+    assert isinstance(seen[-1], torch.Tensor)
     if dtype != torch.float64:
         emb = kfuse.nn.EmbeddingBag(11, 5, mode=mode).to(dtype).eval()
         with torch.no_grad():
@@ -3198,6 +3205,13 @@ def test_cpu_fast_path_declines_what_it_does_not_serve(monkeypatch):
     assert seen[-1] is None and torch.equal(out, want)
     traced = torch.jit.trace(lambda i, o: kfuse.embedding_bag(i, w, o, mode="sum"), (i, o), check_trace=False)
     assert seen[-1] is None and "kfuse" in str(traced.graph)
+    for ft in ([0, 0], [np.int64(0)], [True]):  # a shared table; and what the full path takes or refuses itself
+        n = len(seen)
+        with contextlib.suppress(ValueError):
+            kfuse.multi_embedding_bag([w] * len(ft), i, torch.tensor([0, 2, 4][-len(ft) - 1:]), feature_table=ft)
+        assert len(seen) == n, ft
+    with pytest.raises(TypeError, match="backend must be a str"):
+        kfuse.embedding_bag(i, w, o, backend=np.array(["auto", "cpu"]))
     with pytest.raises(IndexError, match=r"kfuse.embedding_bag: input\[1\] = 9 is out of range \[0, 6\)"):
         kfuse.embedding_bag(torch.tensor([0, 9]), w, o, mode="sum")
     assert seen[-1] is None

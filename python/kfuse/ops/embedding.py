@@ -471,6 +471,20 @@ def _cpu(where: str, kernel: Callable[..., object], *args: object) -> Any:
         raise type(e)(f"{where}: {e}") from None
 
 
+def _plain_features(weights: object, feature_table: object, padding_idx: object) -> bool:
+    """Whether a call's features are its tables one for one, without padding: ``feature_table`` None or
+    ``[0, 1, …, T - 1]`` (ints), ``padding_idx`` None or one None per table (what MultiTableEmbeddingBag
+    passes for its defaults)."""
+    if type(weights) is not list:
+        return False
+    n = len(weights)
+    if feature_table is not None and not (type(feature_table) is list and len(feature_table) == n
+                                          and all(type(t) is int and t == k for k, t in enumerate(feature_table))):
+        return False
+    return padding_idx is None or (type(padding_idx) is list and len(padding_idx) == n
+                                   and all(p is None for p in padding_idx))
+
+
 def _cpu_fast(weights: object, indices: object, offsets: object, mode: object, backend: object, sparse: object,
               check: object, append_last: bool = False) -> Tensor | None:
     """The common eager call on the CPU, handed to the extension in one call (``_C.embedding_forward_fast``, which
@@ -482,8 +496,9 @@ def _cpu_fast(weights: object, indices: object, offsets: object, mode: object, b
     Why: on a single table the full path's Python (12 µs a call with warm caches, ~85 µs cold after a kernel
     that streamed megabytes) made ``kfuse.embedding_bag`` 1.2-4.7x torch's time where the kernel alone matches
     or beats it (bench/results/2026-12-06-cpu-embedding-single-table.md)."""
-    if ((backend != "auto" and backend != "cpu") or sparse is not False or check not in CHECKS
-            or type(mode) is not str or mode not in POOLINGS or type(weights) is not list
+    if (type(backend) is not str or (backend != "auto" and backend != "cpu") or sparse is not False
+            or type(check) is not str or check not in CHECKS or type(mode) is not str or mode not in POOLINGS
+            or type(weights) is not list
             or torch.compiler.is_compiling() or _routing.forward_ad_active()):
         return None
     ext = _ext()
@@ -856,7 +871,7 @@ def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor,
             multi_embedding_bag, relevant, weights, indices, offsets, feature_table, mode, per_sample_weights,
             padding_idx, sparse=sparse, backend=backend, check=check)
     poll_errors()
-    if feature_table is None and per_sample_weights is None and padding_idx is None:
+    if per_sample_weights is None and _plain_features(weights, feature_table, padding_idx):
         out = _cpu_fast(weights, indices, offsets, mode, backend, sparse, check)
         if out is not None:
             return out
