@@ -27,7 +27,7 @@ from tune_lora import graphed
 
 import kfuse
 from kfuse.bench import kv as kb
-from kfuse.report import Case
+from kfuse.report import Case, time_ms
 from kfuse.triton_kernels import kv as tk
 
 # 40 tiles in all (each compiled once, ~1 s): about 2 min on an H200 machine (estimate), inside gpu_check.sh's step.
@@ -125,31 +125,21 @@ FLASH_AB = ((8, 16), (8, 64), (8, 128), (8, 256), (8, 1024), (1, 1024), (8, 4096
 def flash_ab() -> None:
     """The triton backend's prefill of fresh prompts of one length: torch's flash attention over the gathered
     pages (the route, ``_prefill_flash``) against the Triton prefill kernel, beside SDPA on contiguous K/V, at
-    FLASH_AB's shapes: each replayed from a CUDA graph (device time) and called eagerly back to back (CUDA events
-    over 50 calls: the host's share too, which differs: the route launches ~6 kernels where the kernel path
-    launches 1, and the bound is chosen at the short lengths where that shows), with its largest difference
-    from SDPA's output."""
+    FLASH_AB's shapes: each replayed from a CUDA graph (device time) and called eagerly back to back
+    (``kfuse.report.time_ms(host_bound=True)``, the report's wall clock: the host's share too, which differs:
+    the route launches ~6 kernels where the kernel path launches 1, and the bound is chosen at the short
+    lengths where that shows), with its largest difference from SDPA's output."""
     print("== prefill of fresh prompts: flash over gathered pages vs the Triton kernel (ms; graph / eager)",
           flush=True)
     for B, T in FLASH_AB:
         _flash_ab_case(B, T)
 
 
-def _eager_ms(fn: Callable[[], object], calls: int = 50) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls
-
-
 def _flash_ab_case(B: int, T: int) -> None:
     from kfuse.ops import kv as kv_ops  # noqa: PLC0415
 
-    inp = kb.make_inputs(kb._case(torch.device("cuda"), torch.bfloat16, "prefill", B, T, 32, 8, 128), 0)
+    dev = torch.device("cuda")
+    inp = kb.make_inputs(kb._case(dev, torch.bfloat16, "prefill", B, T, 32, 8, 128), 0)
     c, q = inp.cache, inp.q
     ids = torch.tensor(inp.ids, dtype=torch.int32, device=q.device)
     lens = torch.tensor(inp.lens, dtype=torch.int32, device=q.device)
@@ -160,7 +150,11 @@ def _flash_ab_case(B: int, T: int) -> None:
         return F.scaled_dot_product_attention(qc, inp.k, inp.v, is_causal=True, enable_gqa=True)
 
     want = sdpa().transpose(1, 2).reshape(q.shape).float()
-    line = f"   B={B:<2} T={T:<5} sdpa {do_bench(graphed(sdpa)):8.4f} / {_eager_ms(sdpa):8.4f}"
+
+    def times(fn: Callable[[], torch.Tensor]) -> str:  # graph replay / eager wall clock, ms
+        return f"{do_bench(graphed(fn)):8.4f} / {time_ms(fn, dev, host_bound=True)[0]:8.4f}"
+
+    line = f"   B={B:<2} T={T:<5} sdpa {times(sdpa)}"
     for label, bound in (("flash", 1), ("kernel", 1 << 30)):
         old, kv_ops._FLASH_MIN_Q_LEN = kv_ops._FLASH_MIN_Q_LEN, bound  # read at capture and at each eager call
         try:
@@ -168,7 +162,7 @@ def _flash_ab_case(B: int, T: int) -> None:
                 return kv_ops._prefill_impl(q, c.k_pages, c.v_pages, c.block_table, 0, ids, lens, lens, T, T, scale,
                                             "triton")
             err = (run().float() - want).abs().max().item()
-            line += f"  {label} {do_bench(graphed(run)):8.4f} / {_eager_ms(run):8.4f} (err {err:.1e})"
+            line += f"  {label} {times(run)} (err {err:.1e})"
         finally:
             kv_ops._FLASH_MIN_Q_LEN = old
     print(line, flush=True)

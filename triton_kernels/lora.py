@@ -635,6 +635,15 @@ def _takes_cublas(M: int, dtype: torch.dtype, w: Tensor) -> bool:
     return M >= _CUBLAS_MIN_M and dtype in _CUBLAS_DTYPES and in_place
 
 
+def _cublas_mm(a: Tensor, b: Tensor, out: Tensor) -> bool:
+    """``out = a @ b`` by cuBLAS where :func:`_takes_cublas` says so (``a``: x or dy, ``[M, ·]``; ``b``: the GEMM's
+    right operand), True then; else False and ``out`` untouched (the Triton GEMM computes it)."""
+    if not _takes_cublas(a.shape[0], a.dtype, b):
+        return False
+    torch.mm(a.detach(), b.detach(), out=out)  # (out= refuses inputs that require grad; the op has its own)
+    return True
+
+
 def _rank_block(R: int) -> int:
     return min(_RB_MAX, max(16, next_pow2(R)))
 
@@ -933,9 +942,7 @@ def lora_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A: Tensor, B: 
     lbias_arg = lora_bias.contiguous() if lora_bias is not None else y
     if M > _SMALL_M or K == 0:
         S = lora_shrink(x, A, seed, p)
-        wt = weight if fan_in_fan_out else weight.t()  # [K, N]
-        if _takes_cublas(M, x.dtype, wt):
-            torch.mm(x.detach(), wt.detach(), out=y)  # (out= refuses inputs that require grad; the op has its own)
+        if _cublas_mm(x, weight if fan_in_fan_out else weight.t(), y):  # y = x Wᵀ; the kernel adds the rest
             _fwd_update_kernel[(cdiv(M, _UPDATE_BM), cdiv(N, _UPDATE_BN))](
                 y, S, B, bias_arg, lbias_arg, M, N, R, B.stride(0), B.stride(1), scaling, BM=_UPDATE_BM,
                 BN=_UPDATE_BN, RB=rb, HAS_BIAS=bias is not None, HAS_LBIAS=lora_bias is not None, LR_PREC=lr_prec,
@@ -1063,10 +1070,8 @@ def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, fan_in_fan_out: bool, A
         m_tiles = cdiv(M, bm)
         dx = torch.empty((M, K), dtype=x.dtype, device=dev) if need_dx else None
         dap = torch.empty((m_tiles, R, K), **f32) if need_dA else None
-        wn = weight.t() if fan_in_fan_out else weight  # [N, K]
-        cublas = need_dx and _takes_cublas(M, x.dtype, wn)
-        if cublas:  # dy W by cuBLAS, then the kernel adds the low-rank term (and dA's partials) in place
-            torch.mm(dy.detach(), wn.detach(), out=dx)
+        # dx = dy W by cuBLAS where it takes it; the kernel then adds the low-rank term (and dA's partials) in place
+        cublas = need_dx and _cublas_mm(dy, weight.t() if fan_in_fan_out else weight, dx)
         dy_arg, w_arg, tma = (_tma_operands(dy, weight, [bm, bn], bn, bk, fan_in_fan_out) if need_dx and not cublas
                               else (dy, weight, False))  # (dA alone, or cuBLAS's dx, reads neither)
         _bwd_dx_kernel[(m_tiles * cdiv(K, bk),)](
@@ -1155,10 +1160,8 @@ def lora_multi_forward(x: Tensor, weight: Tensor, fan_in_fan_out: bool, A_stack:
             x, ids, A_stack, ranks, sp, M, K, L, R_eff, x.stride(0), A_stack.stride(0), A_stack.stride(1),
             A_stack.stride(2), k_per_split, BM=bm, BK=bk, RB=rb, PREC=lr_prec, num_warps=warps, num_stages=stages)
     bm, bn, bk, group, warps, stages = _multi_config(M, N, x.dtype)
-    wt = weight if fan_in_fan_out else weight.t()  # [K, N]
-    cublas = _takes_cublas(M, x.dtype, wt)
-    if cublas:  # x Wᵀ by cuBLAS; the kernel adds each row's adapter term and the bias in place
-        torch.mm(x.detach(), wt.detach(), out=y)
+    # x Wᵀ by cuBLAS where it takes it; the kernel then adds each row's adapter term and the bias in place
+    cublas = _cublas_mm(x, weight if fan_in_fan_out else weight.t(), y)
     _multi_fwd_kernel[(cdiv(M, bm) * cdiv(N, bn),)](
         x, weight, sp, ids, B_stack, ranks, scalings, bias.contiguous() if bias is not None else y, y,
         M, N, K, L, R_eff, splits, x.stride(0), swn, swk, B_stack.stride(0), B_stack.stride(1), B_stack.stride(2),
