@@ -587,6 +587,26 @@ def test_cpu_half_products_past_the_half_range_keep_their_fp32_sums() -> None:
     assert torch.isfinite(multi[1]).all() and torch.equal(multi[0], multi[1])
 
 
+def test_cpu_half_gemm_screen_takes_fp32_for_infs_of_either_sign_only(seed: int) -> None:
+    """The cpu backend screens the half product with aminmax before the exact isinf test (which cost a third of
+    the bf16 forward): a product past -65504 also runs in fp32, while a NaN (no inf) keeps the half GEMM, so the
+    other rows' bits do not depend on it, as before the screen."""
+    x = torch.full((2, 4), 200.0, dtype=torch.float16)
+    w = torch.full((3, 4), -100.0, dtype=torch.float16)  # x Wᵀ = -80000: -inf in half
+    A, B, bias = torch.ones(1, 4), torch.zeros(3, 1), torch.full((3,), 30000.0, dtype=torch.float16)
+    got = kfuse.lora_linear(x, w, A, B, 1.0, bias=bias, backend="cpu")
+    assert torch.equal(got, torch.full((2, 3), -50000.0, dtype=torch.float16))
+    x, w = torch.randn(2, 64).half(), torch.randn(24, 64).half()
+    A, B = torch.randn(4, 64), torch.randn(24, 4)
+    nan_row = x.clone()
+    nan_row[0, 3] = float("nan")
+    half = kfuse.lora_linear(x, w, A, B, 0.5, backend="cpu")
+    with_nan = kfuse.lora_linear(nan_row, w, A, B, 0.5, backend="cpu")
+    assert torch.isnan(with_nan[0]).all() and torch.equal(with_nan[1], half[1])
+    fp32_base = (x.float() @ w.float().t() + 0.5 * (x.float() @ A.t()) @ B.t()).half()
+    assert not torch.equal(fp32_base[1], half[1])  # (else the test could not tell the two GEMMs apart)
+
+
 def test_add_adapter_failing_part_way_leaves_the_layer_as_it_was(monkeypatch, seed: int) -> None:
     """add_adapter set the grown stacks before building scalings and ranks: a failure between (out of
     memory, an interrupt; here torch.cat raising) left a layer every later forward refused (exceptions

@@ -307,6 +307,17 @@ def _combined_bias(bias: Tensor | None, lora_bias: Tensor | None, scaling: float
     return lb if bias is None else lb.add_(bias.to(acc))
 
 
+def _has_inf(y: Tensor) -> bool:
+    """Whether ``y`` (a CPU tensor) holds an inf. ``aminmax`` first, one vectorised pass: ``isinf(y).any()`` alone
+    cost 10-19x as much (2 threads, this project's Intel VM: 110 against 12 us at 128 x 1024 bf16, 1.78 against
+    0.18 ms at 1024 x 2048), a third of the bf16 forward's time beside PEFT's at 1024 x 2048 x 2048. Its extremes are
+    finite unless y holds an inf or a NaN; only then the exact test (a NaN alone is no reason for the fp32 GEMM)."""
+    if y.numel() == 0:  # (aminmax refuses an empty tensor)
+        return False
+    lo, hi = torch.aminmax(y)
+    return not (-math.inf < float(lo) and float(hi) < math.inf) and bool(torch.isinf(y).any())
+
+
 def _base_mm(a: Tensor, a_acc: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     """``bias + a @ b`` in ``a_acc``'s dtype (``a_acc``: ``a`` cast to it, which the caller has anyway;
     ``bias`` in it too). Half ``a`` and ``b``: torch's half GEMM (fp32 accumulation, its output rounded to
@@ -321,7 +332,7 @@ def _base_mm(a: Tensor, a_acc: Tensor, b: Tensor, bias: Tensor | None = None) ->
         y = torch.mm(a, b)
         # Rounded to half, a product past its range is inf where the fp32 sum with the rest (the bias, the LoRA
         # term) is finite, as it is on the other backends (numerical hunt): then the fp32 GEMM below.
-        if not bool(torch.isinf(y).any()):
+        if not _has_inf(y):
             y = y.to(a_acc.dtype)
             return y if bias is None else y.add_(bias)
     b = b.to(a_acc.dtype)
