@@ -299,12 +299,19 @@ def _tk():
     return _TK
 
 
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` (``t`` itself when it has that dtype already, as ``Tensor.to`` gives), without the call
+    when there is nothing to convert: a no-op ``.to`` costs ~0.8 us warm and several times that with Python's
+    data out of the caches after a GEMM (the cpu backend's M = 1 forward lost ~10 us to four of them)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _combined_bias(bias: Tensor | None, lora_bias: Tensor | None, scaling: float, acc: torch.dtype) -> Tensor | None:
     """``bias + scaling · lora_bias`` ([N], acc dtype), or None when neither is given."""
     if lora_bias is None:
-        return None if bias is None else bias.to(acc)
-    lb = lora_bias.to(acc) * scaling
-    return lb if bias is None else lb.add_(bias.to(acc))
+        return None if bias is None else _to(bias, acc)
+    lb = _to(lora_bias, acc) * scaling
+    return lb if bias is None else lb.add_(_to(bias, acc))
 
 
 def _has_inf(y: Tensor) -> bool:
@@ -333,9 +340,9 @@ def _base_mm(a: Tensor, a_acc: Tensor, b: Tensor, bias: Tensor | None = None) ->
         # Rounded to half, a product past its range is inf where the fp32 sum with the rest (the bias, the LoRA
         # term) is finite, as it is on the other backends (numerical hunt): then the fp32 GEMM below.
         if not _has_inf(y):
-            y = y.to(a_acc.dtype)
+            y = _to(y, a_acc.dtype)
             return y if bias is None else y.add_(bias)
-    b = b.to(a_acc.dtype)
+    b = _to(b, a_acc.dtype)
     return torch.mm(a_acc, b) if bias is None else torch.addmm(bias, a_acc, b)
 
 
@@ -349,19 +356,19 @@ def _torch_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: fl
     end.
     """
     acc = acc_dtype(x2.dtype)
-    xa = x2.to(acc)
+    xa = _to(x2, acc)
     b = _combined_bias(bias, lora_bias, scaling, acc)
     y = _base_mm(x2, xa, weight if fifo else weight.t(), b)
     if seed is None:
-        S = torch.mm(xa, A.to(acc).t())
+        S = torch.mm(xa, _to(A, acc).t())
     else:  # dropout's 1/(1-p) on S ([M, r]) rather than on x ([M, K])
         keep = _generator_mask(seed, x2.shape[0], x2.shape[1], p)
-        S = torch.mm(xa * keep, A.to(acc).t()).mul_(1.0 / (1.0 - p))
+        S = torch.mm(xa * keep, _to(A, acc).t()).mul_(1.0 / (1.0 - p))
     if scaling != 0.0:
-        y.addmm_(S, B.to(acc).t(), alpha=scaling)
+        y.addmm_(S, _to(B, acc).t(), alpha=scaling)
     else:  # BLAS skips the product when alpha is 0; a NaN/inf adapter must still reach y, as in PEFT
-        y.add_(torch.mm(S, B.to(acc).t()).mul_(scaling))
-    return y.to(x2.dtype), S
+        y.add_(torch.mm(S, _to(B, acc).t()).mul_(scaling))
+    return _to(y, x2.dtype), S
 
 
 def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: float, S: Tensor,
@@ -370,34 +377,34 @@ def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tenso
     ``needs`` is False), each in its input's dtype."""
     need_x, need_w, need_a, need_b, need_bias, need_lb = needs
     acc = acc_dtype(x2.dtype)
-    dya = dy2.to(acc)
+    dya = _to(dy2, acc)
     keep = None
     if seed is not None and (need_x or need_a):
         keep = _generator_mask(seed, x2.shape[0], x2.shape[1], p)
     out: list[Tensor | None] = [None] * 6
     if need_x or need_a:
         # G = s/(1-p) · dy B  [M, r]: the gradient of S, with dropout's scale folded in.
-        G = torch.mm(dya, B.to(acc)).mul_(scaling / (1.0 - p) if seed is not None else scaling)
-        Aa = A.to(acc)
+        G = torch.mm(dya, _to(B, acc)).mul_(scaling / (1.0 - p) if seed is not None else scaling)
+        Aa = _to(A, acc)
         if need_x:
             dx = _base_mm(dy2, dya, weight.t() if fifo else weight)
             if keep is None:
                 dx.addmm_(G, Aa)
             else:
                 dx.add_(torch.mm(G, Aa).mul_(keep))
-            out[0] = dx.to(x2.dtype)
+            out[0] = _to(dx, x2.dtype)
         if need_a:
-            xa = x2.to(acc)
+            xa = _to(x2, acc)
             out[2] = torch.mm(G.t(), xa if keep is None else xa * keep).to(A.dtype)
     if need_w:
-        xa = x2.to(acc)
+        xa = _to(x2, acc)
         out[1] = (torch.mm(xa.t(), dya) if fifo else torch.mm(dya.t(), xa)).to(weight.dtype)
     if need_b:
         out[3] = torch.mm(dya.t(), S).mul_(scaling).to(B.dtype)
     if need_bias or need_lb:
         colsum = dya.sum(0)
         if need_bias:
-            out[4] = colsum.to(x2.dtype)  # bias has x's dtype (validated)
+            out[4] = _to(colsum, x2.dtype)  # bias has x's dtype (validated)
         if need_lb:
             out[5] = (colsum * scaling).to(A.dtype)  # the adapters' dtype; not in place: dbias may be colsum
     return out
@@ -824,8 +831,8 @@ def _torch_multi(x2: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, s
     Rows are grouped by adapter; each group costs two small GEMMs on its rows, with the
     adapter's true rank (entries past it are never read)."""
     acc = acc_dtype(x2.dtype)
-    xa = x2.to(acc)
-    y = _base_mm(x2, xa, weight if fifo else weight.t(), None if bias is None else bias.to(acc))
+    xa = _to(x2, acc)
+    y = _base_mm(x2, xa, weight if fifo else weight.t(), None if bias is None else _to(bias, acc))
     L = A_stack.shape[0]
     if L and ids.numel():
         # Only the adapters the batch uses, in ascending id (-1, base only, first): a loop over all L
@@ -839,9 +846,9 @@ def _torch_multi(x2: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, s
             rows, start = order[start:start + n], start + n
             if a < 0:  # (a rank-0 adapter still adds s·0, NaN for a NaN s, as the other backends: numerics hunt)
                 continue
-            s = torch.mm(xa.index_select(0, rows), A_stack[a, :r].to(acc).t())
-            y.index_add_(0, rows, torch.mm(s, B_stack[a, :, :r].to(acc).t()), alpha=scale)
-    return y.to(x2.dtype)
+            s = torch.mm(xa.index_select(0, rows), _to(A_stack[a, :r], acc).t())
+            y.index_add_(0, rows, torch.mm(s, _to(B_stack[a, :, :r], acc).t()), alpha=scale)
+    return _to(y, x2.dtype)
 
 
 def _multi_impl(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, scalings: Tensor, ranks: Tensor,
