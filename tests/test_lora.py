@@ -2724,3 +2724,165 @@ def test_module_casts_keep_accumulation_dtype_scalings_and_adapter_dtype_is_chec
         with pytest.raises(TypeError, match="adapter_dtype"):
             cls(8, 4, dtype=torch.bfloat16, adapter_dtype=torch.float64)
         assert cls(8, 4, dtype=torch.bfloat16, adapter_dtype=torch.bfloat16) is not None
+
+
+# ---------------------------------------------------------------- the eager-path gate (ops._gate, _C.lora_gate)
+needs_extension = pytest.mark.skipif(_backends.extension() is None, reason="kfuse._C is not built")
+
+
+def _gate_case(rng: np.random.Generator) -> dict:
+    """lora_linear's arguments, each valid most of the time and otherwise wrong in one of the ways the gate must
+    decline (a dtype, a shape, a device, a layout, a subclass, a lazy negation, a non-float scalar)."""
+    def pick(*options):
+        return options[int(rng.integers(len(options)))]
+
+    bad = rng.random() < 0.6
+    dt = pick(torch.float32, torch.float64, torch.float16, torch.bfloat16) if not (bad and rng.random() < 0.1) \
+        else torch.int32
+    K, N, r = (int(v) for v in rng.integers(1, 7, 3))
+    fifo = bool(rng.random() < 0.3)
+    adt = pick(torch.float32, dt)
+    lead = [int(v) for v in rng.integers(0, 4, int(rng.integers(0, 3)))]
+    x = torch.randn(*lead, K).to(dt) if dt != torch.int32 else torch.zeros(*lead, K, dtype=dt)
+    args = dict(x=x, weight=torch.randn(K, N).to(dt) if fifo else torch.randn(N, K).to(dt),
+                lora_A=torch.randn(r, K).to(adt), lora_B=torch.randn(N, r).to(adt),
+                bias=pick(None, torch.randn(N).to(dt)), lora_bias=pick(None, torch.randn(N).to(adt)),
+                scaling=pick(0.5, 2.0, -1.0), dropout_p=pick(0.0, 0.25), training=pick(True, False),
+                fan_in_fan_out=fifo)
+    if dt == torch.int32:
+        args["weight"] = args["weight"].to(torch.int32)
+    if bad:
+        name = pick("x", "weight", "lora_A", "lora_B", "bias", "lora_bias", "scaling", "dropout_p", "training",
+                    "fan_in_fan_out")
+        v = args[name]
+        if isinstance(v, Tensor):
+            how = pick("dtype", "shape", "meta", "neg", "sub", "strided", "param", "grad", "empty")
+            if how == "dtype":
+                v = v.to(torch.float64 if v.dtype != torch.float64 else torch.float32)
+            elif how == "shape":
+                v = torch.randn(*v.shape[:-1], v.shape[-1] + 1).to(v.dtype) if v.ndim else v
+            elif how == "meta":
+                v = v.to("meta")
+            elif how == "neg":
+                v = torch._neg_view(v)
+            elif how == "sub":
+                v = v.as_subclass(type("Sub", (Tensor,), {}))
+            elif how == "strided" and v.ndim:
+                v = torch.cat([v, v], -1)[..., ::2]  # valid: any strides
+            elif how == "param":
+                v = nn.Parameter(v, requires_grad=v.dtype.is_floating_point)  # valid
+            elif how == "grad" and v.dtype.is_floating_point:
+                v = v.requires_grad_()  # valid
+            elif how == "empty" and v.ndim:
+                v = v[..., :0]
+            args[name] = v
+        elif name in ("scaling", "dropout_p"):
+            args[name] = pick(1, float("nan"), 1.5, np.float64(0.5), torch.tensor(0.5))
+        elif name == "training":
+            args[name] = pick(1, None, np.bool_(True))
+        elif name == "fan_in_fan_out":
+            args[name] = pick(0, None, "no")
+        elif args[name] is None:
+            args[name] = torch.randn(N + 1)
+    return args
+
+
+def _full_path_says(args: dict) -> tuple[str, bool] | None:
+    """What lora_linear's full path decides for ``args``: (route, needs_grad), or None when it raises."""
+    try:
+        ops._checks.check_bool("kfuse.lora_linear", "training", args["training"])
+        ops._validate(args["x"], args["weight"], args["lora_A"], args["lora_B"], args["scaling"], args["bias"],
+                      args["lora_bias"], args["dropout_p"], args["fan_in_fan_out"])
+    except (TypeError, ValueError):
+        return None
+    tensors = tuple(args[k] for k in ("x", "weight", "lora_A", "lora_B", "bias", "lora_bias"))
+    if torch.overrides.has_torch_function(tensors):
+        return "torch_function", False
+    return ops._routing.route(ops._select("lora_linear", "auto", args["x"]), tensors), ops._routing.needs_grad(tensors)
+
+
+@needs_extension
+def test_gate_passes_only_calls_the_full_path_validates_and_routes_eagerly(seed: int) -> None:
+    """lora_linear hands a call to its eager path without _validate and _routing.route when _gate says so (their
+    Python took ~25-30 us of a small call after a GEMM). Over 3000 random calls, valid or wrong in one argument,
+    under grad mode on and off: a gate of 1 or 2 only where the full path validates the call and routes it eagerly
+    (2 exactly where it needs autograd), and 0 for none of the plain, valid, float-scalar calls it is for."""
+    rng = np.random.default_rng(seed)
+    taken = declined = 0
+    for i in range(3000):
+        args = _gate_case(rng)
+        with torch.set_grad_enabled(i % 3 != 0):
+            gate = ops._gate(args["x"], args["weight"], args["lora_A"], args["lora_B"], args["scaling"], args["bias"],
+                             args["lora_bias"], args["dropout_p"], args["training"], args["fan_in_fan_out"])
+            said = _full_path_says(args)
+        plain_scalars = type(args["scaling"]) is float and type(args["dropout_p"]) is float
+        if gate:
+            taken += 1
+            assert said == (ops._routing.EAGER, gate == 2), (args, gate, said)
+        elif (said is not None and said[0] == ops._routing.EAGER and plain_scalars
+              and not any(isinstance(v, Tensor) and v.is_neg() for v in args.values())):
+            declined += 1  # (lazy negations go the full way: the gate takes no Negative dispatch key)
+    assert taken > 500 and declined == 0, (taken, declined)
+
+
+@needs_extension
+def test_gate_declines_traces_modes_and_transforms(seed: int) -> None:
+    """Calls the full path routes elsewhere (registered op, reference) or transforms: a dispatch mode, autocast, a
+    torch-function mode, forward-mode AD, torch.func.grad and vmap wrappers; the gate says 0 for each."""
+    torch.manual_seed(seed)
+    x, w, A, B = torch.randn(3, 5), torch.randn(4, 5), torch.randn(2, 5), torch.randn(4, 2)
+
+    def gate(*ts: Tensor) -> int:
+        return ops._gate(*ts, 0.5, None, None, 0.0, True, False)
+
+    assert gate(x, w, A, B) == 1
+    assert gate(x, w, A.requires_grad_(), B) == 2
+    with torch.no_grad():
+        assert gate(x, w, A, B) == 1
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert gate(x, w, A, B) == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gate(x, w, A, B) == 0
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert gate(x, w, A, B) == 0
+    import torch.autograd.forward_ad as fwad  # noqa: PLC0415
+    with fwad.dual_level():
+        assert gate(fwad.make_dual(x, torch.ones_like(x)), w, A, B) == 0
+    seen = []
+    torch.func.grad(lambda a: (seen.append(gate(x, w, a, B)), (x @ a.t()).sum())[1])(A.detach())
+    torch.func.vmap(lambda xi: (seen.append(gate(xi[None], w, A, B)), xi)[1])(x)
+    assert seen == [0, 0]
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_gated_calls_give_the_full_paths_bits_and_gradients(dtype: torch.dtype, monkeypatch, seed: int) -> None:
+    """Through the gate or with it off (as without the extension), the same outputs and gradients, bit for bit;
+    3-D x, both biases, fan_in_fan_out, dropout (the same seed), grad mode on and off."""
+    torch.manual_seed(seed)
+    K, N, r = 7, 5, 3
+    x = torch.randn(2, 3, K).to(dtype).requires_grad_()
+    w = torch.randn(K, N).to(dtype)
+    A, B = torch.randn(r, K).requires_grad_(), torch.randn(N, r).requires_grad_()
+    bias, lb = torch.randn(N).to(dtype).requires_grad_(), torch.randn(N).requires_grad_()
+    taken = []
+    gate = ops._gate
+    monkeypatch.setattr(ops, "_gate", lambda *a: taken.append(gate(*a)) or taken[-1])
+
+    def run() -> tuple[Tensor, ...]:
+        torch.manual_seed(seed + 1)
+        y = kfuse.lora_linear(x, w, A, B, 0.5, bias, lb, dropout_p=0.25, fan_in_fan_out=True)
+        with torch.no_grad():
+            y0 = kfuse.lora_linear(x, w, A, B, 0.5, bias, lb, dropout_p=0.25, training=False, fan_in_fan_out=True)
+        return (y, y0, *torch.autograd.grad(y.sum(), (x, A, B, bias, lb)))
+
+    gated = run()
+    assert taken == [2, 1]
+    monkeypatch.setattr(ops, "_gate", lambda *a: 0)
+    full = run()
+    assert all(torch.equal(a, b) for a, b in zip(gated, full, strict=True))

@@ -6,7 +6,8 @@
 
 Backends: ``triton`` (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), ``cpu`` (torch's
 BLAS calls in the cheapest order, written here in Python) and ``reference``. There are no csrc
-kernels for LoRA: the ``cuda`` backend always says so. Routes: ``kfuse._routing``.
+kernels for LoRA: the ``cuda`` backend always says so. Routes: ``kfuse._routing``; a plain, valid call skips
+their Python checks through one extension call (:func:`_gate`).
 
 Dropout masks are never stored: the forward draws a seed (an int64 tensor ``[1]`` on x's device,
 from torch's default generator of that device, so ``torch.manual_seed`` reproduces it and
@@ -740,6 +741,25 @@ def _autocast_adapters(cast: torch.dtype, *adapters: Tensor | None) -> tuple:
     return tuple(_routing.autocast_cast(cast, t) for t in adapters)
 
 
+def _gate(x: object, weight: object, lora_A: object, lora_B: object, scaling: object, bias: object,
+          lora_bias: object, dropout_p: object, training: object, fan_in_fan_out: object) -> int:
+    """:func:`lora_linear`'s eager-path gate: 1 or 2 (autograd records the call) when the call is valid and plain,
+    so that ``_validate`` would pass it and ``_routing.route`` send it down the eager path; 0 otherwise, or without
+    the extension (the full path then decides, and names any error). The scalars' checks here (Python floats and
+    bools, no transform, trace, autocast or torch-function mode); the tensors' in one call of the extension
+    (``_C.lora_gate``: types, layouts, dispatch keys, dtypes, shapes, devices, jit trace, dispatch modes). Why: in
+    Python those checks took ~25-30 us of a call run after a GEMM had streamed W through the caches (M = 1,
+    1024 x 1024 fp32 on the cpu backend, 2 threads: 109 us a call against 80 with them skipped, PEFT-style's 79),
+    several times their ~8 us with warm caches."""
+    if (type(scaling) is not float or type(dropout_p) is not float or not 0.0 <= dropout_p < 1.0
+            or type(training) is not bool or type(fan_in_fan_out) is not bool
+            or torch._C._is_any_autocast_enabled() or torch._C._is_torch_function_mode_enabled()
+            or torch.compiler.is_compiling() or _routing.forward_ad_active()):
+        return 0
+    ext = _backends.extension()
+    return 0 if ext is None else ext.lora_gate(x, weight, lora_A, lora_B, bias, lora_bias, fan_in_fan_out)
+
+
 def lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -791,24 +811,30 @@ def lora_linear(
     ``backend="reference"`` does, where autograd keeps the mask.
     """
     tensors = (x, weight, lora_A, lora_B, bias, lora_bias)
-    if torch.overrides.has_torch_function(tensors):  # torch.fx.symbolic_trace's Proxy, ...
-        return torch.overrides.handle_torch_function(
-            lora_linear, tuple(t for t in tensors if t is not None), x, weight, lora_A, lora_B, scaling, bias=bias,
-            lora_bias=lora_bias, dropout_p=dropout_p, training=training, fan_in_fan_out=fan_in_fan_out,
-            backend=backend)
-    cast = _routing.autocast_dtype(x)
-    if cast is not None:
-        x, weight, bias = (_routing.autocast_cast(cast, t) for t in (x, weight, bias))
-        lora_A, lora_B, lora_bias = _autocast_adapters(cast, lora_A, lora_B, lora_bias)
-        with torch.autocast(x.device.type, enabled=False):
-            return lora_linear(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, training,
-                               fan_in_fan_out, backend)
-    _checks.check_bool("kfuse.lora_linear", "training", training)
-    scaling, p = _validate(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out)
-    if not training:
-        p = 0.0
-    chosen = _select("lora_linear", backend, x)
-    path = _routing.route(chosen, tensors)
+    gate = _gate(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, training, fan_in_fan_out)
+    if gate:  # a valid call of plain tensors: _validate's checks and route's hold (see _gate)
+        p = dropout_p if training else 0.0
+        chosen = _select("lora_linear", backend, x)
+        path = _routing.REFERENCE if chosen == "reference" else _routing.EAGER
+    else:
+        if torch.overrides.has_torch_function(tensors):  # torch.fx.symbolic_trace's Proxy, ...
+            return torch.overrides.handle_torch_function(
+                lora_linear, tuple(t for t in tensors if t is not None), x, weight, lora_A, lora_B, scaling,
+                bias=bias, lora_bias=lora_bias, dropout_p=dropout_p, training=training,
+                fan_in_fan_out=fan_in_fan_out, backend=backend)
+        cast = _routing.autocast_dtype(x)
+        if cast is not None:
+            x, weight, bias = (_routing.autocast_cast(cast, t) for t in (x, weight, bias))
+            lora_A, lora_B, lora_bias = _autocast_adapters(cast, lora_A, lora_B, lora_bias)
+            with torch.autocast(x.device.type, enabled=False):
+                return lora_linear(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, training,
+                                   fan_in_fan_out, backend)
+        _checks.check_bool("kfuse.lora_linear", "training", training)
+        scaling, p = _validate(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out)
+        if not training:
+            p = 0.0
+        chosen = _select("lora_linear", backend, x)
+        path = _routing.route(chosen, tensors)
     if path == _routing.REFERENCE:
         mask = reference_dropout_mask(x, p) if p > 0 else None
         return lora_linear_reference(x, weight, lora_A, lora_B, scaling, bias, lora_bias, mask=mask, dropout_p=p,
@@ -816,7 +842,7 @@ def lora_linear(
     x2 = _flat(x)  # viewed back outside the ops (see _EagerLoRA)
     if path == _routing.REGISTERED:
         y = lora_forward(x2, weight, lora_A, lora_B, scaling, bias, lora_bias, p, fan_in_fan_out, chosen)[0]
-    elif _routing.needs_grad(tensors):
+    elif gate == 2 if gate else _routing.needs_grad(tensors):
         y = _EagerLoRA.apply(x2, weight, lora_A, lora_B, bias, lora_bias, scaling, p, fan_in_fan_out, chosen)
     else:  # nothing to differentiate: no autograd node, nothing saved
         seed = _draw_seed(x.device) if p > 0 else None
