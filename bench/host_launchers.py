@@ -4,7 +4,8 @@ call before Triton's own launch, measurable on any CPU (no GPU needed).
 On an H200 (bench/results/2026-12-04-h200/) every LoRA row below M ≈ 512 was host-bound: a forward at
 M = 128 took 0.22 ms per call against 0.04 ms of kernels. This script times the part of that which is
 ours: validation, allocation, block and grid choice, argument packing, with every ``@triton.jit``
-kernel of the launcher replaced by a no-op, on CPU tensors (bf16 x, W; fp32 adapters; the
+kernel of the launcher replaced by a no-op, on CPU tensors (bf16 x, W; fp32 adapters; the multi-adapter
+forward of 128 rows over 8 adapters; the
 embedding forward's two shapes, fp32 tables; one layer's decode attention of the KV cache, fp32).
 Under the LoRA and embedding launchers, the public op that calls them (``kfuse.lora_linear``, fp16 x
 since the interpreter refuses bf16; ``kfuse.multi_embedding_bag``): its validation and routing on top.
@@ -85,6 +86,17 @@ def lora_host(number: int) -> None:
         xh, wh = x.half(), w.half()
         us = per_call(lambda x=xh, w=wh, a=a, b=b: kfuse.lora_linear(x, w, a, b, 2.0, backend="triton"), number)
         print(f"  the op (lora_linear, fp16)                      {us:7.1f} us per call", flush=True)
+    # The report's multi-adapter case: 128 rows over 8 rank-16 adapters (fp32 stacks), bias-free.
+    L, r, M = 8, 16, 128
+    x, w = torch.randn(M, K).bfloat16(), torch.randn(N, K).bfloat16()
+    A, B = torch.randn(L, r, K), torch.randn(L, N, r)
+    sc, rk, ids = torch.rand(L), torch.full((L,), r), torch.randint(0, L, (M,))
+    us = per_call(lambda: tl_.lora_multi_forward(x, w, False, A, B, sc, rk, ids, None), number)
+    print(f"lora_multi_forward M={M} L={L}                 {us:7.1f} us per call", flush=True)
+    xh, wh = x.half(), w.half()
+    with torch.no_grad():
+        us = per_call(lambda: kfuse.lora_linear_multi(xh, wh, A, B, sc, rk, ids, backend="triton"), number)
+    print(f"  the op (lora_linear_multi, fp16)                {us:7.1f} us per call", flush=True)
 
 
 def embedding_host(number: int) -> None:
