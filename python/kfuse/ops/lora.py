@@ -396,18 +396,18 @@ def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tenso
             out[0] = _to(dx, x2.dtype)
         if need_a:
             xa = _to(x2, acc)
-            out[2] = torch.mm(G.t(), xa if keep is None else xa * keep).to(A.dtype)
+            out[2] = _to(torch.mm(G.t(), xa if keep is None else xa * keep), A.dtype)
     if need_w:
         xa = _to(x2, acc)
-        out[1] = (torch.mm(xa.t(), dya) if fifo else torch.mm(dya.t(), xa)).to(weight.dtype)
+        out[1] = _to(torch.mm(xa.t(), dya) if fifo else torch.mm(dya.t(), xa), weight.dtype)
     if need_b:
-        out[3] = torch.mm(dya.t(), S).mul_(scaling).to(B.dtype)
+        out[3] = _to(torch.mm(dya.t(), S).mul_(scaling), B.dtype)
     if need_bias or need_lb:
         colsum = dya.sum(0)
         if need_bias:
             out[4] = _to(colsum, x2.dtype)  # bias has x's dtype (validated)
         if need_lb:
-            out[5] = (colsum * scaling).to(A.dtype)  # the adapters' dtype; not in place: dbias may be colsum
+            out[5] = _to(colsum * scaling, A.dtype)  # the adapters' dtype; not in place: dbias may be colsum
     return out
 
 
