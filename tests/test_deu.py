@@ -1832,3 +1832,18 @@ def test_demo_quick() -> None:
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "DEU" in out.stdout and "ReLU" in out.stdout
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_transform_around_plain_inputs_runs_the_reference(backend: str, device: str, seed: int) -> None:
+    """A torch.func transform running around a call whose own tensors are not wrapped (a closure's, a module's
+    parameters): vmap and grad over another input. The eager autograd.Function raised functorch's "must override
+    setup_context" (review, 2026-12-06); the reference runs now, and gives its values."""
+    coeffs = case_coeffs(1, device=device).requires_grad_()
+    x = make_x((3, 11), torch.float64, device)
+    want = kfuse.deu(x, coeffs, backend="reference").detach()
+    s = torch.arange(2.0, dtype=torch.float64, device=device)
+    out = torch.func.vmap(lambda i: kfuse.deu(x, coeffs, backend=backend) + i)(s)
+    torch.testing.assert_close(out, want[None] + s[:, None, None])
+    g = torch.func.grad(lambda t: (kfuse.deu(x, coeffs, backend=backend) * t).sum())(s[1])
+    torch.testing.assert_close(g, want.sum())

@@ -2886,3 +2886,19 @@ def test_gated_calls_give_the_full_paths_bits_and_gradients(dtype: torch.dtype, 
     monkeypatch.setattr(ops, "_gate", lambda *a: 0)
     full = run()
     assert all(torch.equal(a, b) for a, b in zip(gated, full, strict=True))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_transform_around_plain_inputs_runs_the_reference(backend: str, device: str, seed: int) -> None:
+    """A torch.func transform running around a call whose own tensors are not wrapped (a closure's, a module's
+    parameters, here lora_A requiring grad): vmap and grad over another input. The eager autograd.Function
+    raised functorch's "must override setup_context" (review, 2026-12-06); the reference runs now (the gate
+    declines too)."""
+    x, w, B = (torch.randn(*s, device=device) for s in ((3, 5), (4, 5), (4, 2)))
+    A = nn.Parameter(torch.randn(2, 5, device=device))
+    want = lora_linear_reference(x, w, A, B, 0.5).detach()
+    s = torch.arange(2.0, device=device)
+    out = torch.func.vmap(lambda i: kfuse.lora_linear(x, w, A, B, 0.5, backend=backend) + i)(s)
+    assert_close(out, want[None] + s[:, None, None], torch.float32, "vmap")
+    g = torch.func.grad(lambda t: (kfuse.lora_linear(x, w, A, B, 0.5, backend=backend) * t).sum())(s[1])
+    assert_close(g, want.sum(), torch.float32, "grad")

@@ -9,9 +9,10 @@ and reaches it by one of these routes (docs/CONTRIBUTING.md, "Dispatch"):
 2. then, after validation and the backend choice, :func:`route` says which of three paths runs:
 
    ========================  =================================================================
-   :data:`REFERENCE`         the PyTorch reference: the reference backend was chosen, or an
-                             input is wrapped by a ``torch.func`` transform or carries a
-                             forward-mode AD tangent (the kernels define no rules for them)
+   :data:`REFERENCE`         the PyTorch reference: the reference backend was chosen, or a
+                             ``torch.func`` transform is running (its inputs wrapped or not), or an
+                             input carries a forward-mode AD tangent (the kernels define no rules
+                             for them)
    :data:`REGISTERED`        the ``torch.library.custom_op`` ops (``kfuse::<op>_forward`` ...):
                              under ``torch.compile`` / ``torch.jit.trace`` (graphs record them),
                              and for tensor subclasses or under a dispatch mode (``make_fx``,
@@ -94,6 +95,11 @@ def has_tangent(tensors: Sequence[Tensor | None]) -> bool:
     return any(t is not None and fwad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def transform_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) is running this call: one C call, ~0.04 us."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def functorch_wrapped(tensors: Sequence[Tensor | None]) -> bool:
     """Whether any of ``tensors`` is wrapped by a ``torch.func`` transform (grad, vmap, jvp, ...)."""
     for t in tensors:
@@ -142,9 +148,11 @@ def route(chosen: str, tensors: Sequence[Tensor | None]) -> str:
     if tracing():
         # Before the functorch queries, which Dynamo cannot trace.
         return REGISTERED
-    if functorch_wrapped(tensors) or has_tangent(tensors):
+    if transform_active() or functorch_wrapped(tensors) or has_tangent(tensors):
         # torch.func transforms and forward-mode AD (with whatever backward or subclass comes
-        # with them): the kernels define no rules for them.
+        # with them): the kernels define no rules for them. Inside a transform even when the op's own
+        # tensors are not wrapped (a closure's, a module's parameters): the eager autograd.Function
+        # raised functorch's "must override setup_context" for them (review, 2026-12-06).
         return REFERENCE
     if torch._C._len_torch_dispatch_stack():
         return REGISTERED

@@ -746,15 +746,16 @@ def _gate(x: object, weight: object, lora_A: object, lora_B: object, scaling: ob
     """:func:`lora_linear`'s eager-path gate: 1 or 2 (autograd records the call) when the call is valid and plain,
     so that ``_validate`` would pass it and ``_routing.route`` send it down the eager path; 0 otherwise, or without
     the extension (the full path then decides, and names any error). The scalars' checks here (Python floats and
-    bools, no transform, trace, autocast or torch-function mode); the tensors' in one call of the extension
-    (``_C.lora_gate``: types, layouts, dispatch keys, dtypes, shapes, devices, jit trace, dispatch modes). Why: in
+    bools; no torch.func transform, trace, autocast or torch-function mode: a change to ``_routing.route`` must
+    come here too); the tensors' in one call of the extension (``_C.lora_gate``: types, layouts, dispatch keys,
+    dtypes, shapes, devices, jit trace, dispatch modes). Why: in
     Python those checks took ~25-30 us of a call run after a GEMM had streamed W through the caches (M = 1,
     1024 x 1024 fp32 on the cpu backend, 2 threads: 109 us a call against 80 with them skipped, PEFT-style's 79),
     several times their ~8 us with warm caches."""
     if (type(scaling) is not float or type(dropout_p) is not float or not 0.0 <= dropout_p < 1.0
             or type(training) is not bool or type(fan_in_fan_out) is not bool
             or torch._C._is_any_autocast_enabled() or torch._C._is_torch_function_mode_enabled()
-            or torch.compiler.is_compiling() or _routing.forward_ad_active()):
+            or torch.compiler.is_compiling() or _routing.forward_ad_active() or _routing.transform_active()):
         return 0
     ext = _backends.extension()
     return 0 if ext is None else ext.lora_gate(x, weight, lora_A, lora_B, bias, lora_bias, fan_in_fan_out)
