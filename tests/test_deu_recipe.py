@@ -192,6 +192,11 @@ def test_gravitation_refuses_outside_eager_mode() -> None:
         kfuse.deu(x, c, degenerate_grad="smooth")
     with pytest.raises(ValueError, match="eager mode only"):
         torch.func.grad(lambda c: kfuse.deu(x, c, degenerate_grad="gravitation").sum())(c)
+    # Inside a transform whose own input is another (coeffs a plain tensor requiring grad): functorch's
+    # "must override setup_context" from the autograd.Function before (review, 2026-12-06).
+    trained = c.clone().requires_grad_()
+    with pytest.raises(ValueError, match="eager mode only"):
+        torch.func.grad(lambda s: (kfuse.deu(x, trained, degenerate_grad="gravitation") * s).sum())(torch.tensor(2.0))
     # A batched backward runs it under vmap (it failed inside torch: "Batching rule not implemented").
     c.requires_grad_()
     for backend in ("cpu", "reference"):
