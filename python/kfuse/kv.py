@@ -251,7 +251,7 @@ class PagedKVCache:
     def _dev(self, vals, dtype: torch.dtype = torch.int64) -> Tensor:
         """A host list or CPU tensor as a device tensor without a sync (pinned + non_blocking on CUDA)."""
         if isinstance(vals, Tensor):
-            t = vals if vals.dtype == dtype else vals.to(dtype)  # (a no-op .to costs ~2 us)
+            t = _backends.as_dtype(vals, dtype)
         else:
             t = torch.tensor(vals, dtype=dtype, device="cpu")
         if self.device.type == "cuda":

@@ -292,7 +292,7 @@ def _takes_flash(q: Tensor, n: int, max_q_len: int, max_len: int, k_pages: Tenso
     length, the Triton kernel beside a ragged or cached one; and flash splits the keys by the batch size), where
     the Triton kernel's and the cpu backend's do not. Both paths are deterministic run to run."""
     return (n > 0 and max_q_len >= _FLASH_MIN_Q_LEN and q.shape[0] == n * max_q_len and max_len == max_q_len
-            and -(-max_q_len // k_pages.shape[2]) <= block_table.shape[1] and k_pages.shape[1] > 0
+            and _backends.cdiv(max_q_len, k_pages.shape[2]) <= block_table.shape[1] and k_pages.shape[1] > 0
             and block_table.shape[0] > 0 and _flash_runs(q, k_pages.shape[3]))
 
 
@@ -334,7 +334,7 @@ def _prefill_flash(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Ten
         other K/V, never out of bounds (an ``index_select`` out of range is a device-side assert on a GPU)."""
     n, (rows, hq, d) = seq_ids.shape[0], q.shape
     t, (num_pages, page, hkv) = rows // n, k_pages.shape[:3]
-    width = -(-t // page)
+    width = _backends.cdiv(t, page)
     table = block_table.index_select(0, seq_ids.long().clamp(0, block_table.shape[0] - 1))
     pages = table[:, :width].reshape(-1).clamp(0, num_pages - 1).long()
     k, v = (p.index_select(0, pages).view(n, width * page, hkv, d)[:, :t].transpose(1, 2) for p in (k_pages, v_pages))

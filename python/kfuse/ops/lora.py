@@ -300,11 +300,7 @@ def _tk():
     return _TK
 
 
-def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t.to(dtype)`` (``t`` itself when it has that dtype already, as ``Tensor.to`` gives), without the call
-    when there is nothing to convert: a no-op ``.to`` costs ~0.8 us warm and several times that with Python's
-    data out of the caches after a GEMM (the cpu backend's M = 1 forward lost ~10 us to four of them)."""
-    return t if t.dtype == dtype else t.to(dtype)
+_to = _backends.as_dtype  # (short: the cpu backend converts at every other line)
 
 
 def _combined_bias(bias: Tensor | None, lora_bias: Tensor | None, scaling: float, acc: torch.dtype) -> Tensor | None:
@@ -748,10 +744,9 @@ def _gate(x: object, weight: object, lora_A: object, lora_B: object, scaling: ob
     the extension (the full path then decides, and names any error). The scalars' checks here (Python floats and
     bools; no torch.func transform, trace, autocast or torch-function mode: a change to ``_routing.route`` must
     come here too); the tensors' in one call of the extension (``_C.lora_gate``: types, layouts, dispatch keys,
-    dtypes, shapes, devices, jit trace, dispatch modes). Why: in
-    Python those checks took ~25-30 us of a call run after a GEMM had streamed W through the caches (M = 1,
-    1024 x 1024 fp32 on the cpu backend, 2 threads: 109 us a call against 80 with them skipped, PEFT-style's 79),
-    several times their ~8 us with warm caches."""
+    dtypes, shapes, devices, jit trace, dispatch modes). Why: in Python those checks took ~25-30 us of a call run
+    after a GEMM had streamed W through the caches (M = 1, 1024 x 1024 fp32 on the cpu backend, 2 threads: 109 us
+    a call against 80 with them skipped, PEFT-style's 79), several times their ~8 us with warm caches."""
     if (type(scaling) is not float or type(dropout_p) is not float or not 0.0 <= dropout_p < 1.0
             or type(training) is not bool or type(fan_in_fan_out) is not bool
             or torch._C._is_any_autocast_enabled() or torch._C._is_torch_function_mode_enabled()
@@ -843,7 +838,7 @@ def lora_linear(
     x2 = _flat(x)  # viewed back outside the ops (see _EagerLoRA)
     if path == _routing.REGISTERED:
         y = lora_forward(x2, weight, lora_A, lora_B, scaling, bias, lora_bias, p, fan_in_fan_out, chosen)[0]
-    elif gate == 2 if gate else _routing.needs_grad(tensors):
+    elif (gate == 2) if gate else _routing.needs_grad(tensors):
         y = _EagerLoRA.apply(x2, weight, lora_A, lora_B, bias, lora_bias, scaling, p, fan_in_fan_out, chosen)
     else:  # nothing to differentiate: no autograd node, nothing saved
         seed = _draw_seed(x.device) if p > 0 else None
