@@ -536,7 +536,9 @@ class _FusedEmbeddingBag(torch.autograd.Function):
         return E._forward_impl(ctx.tables, indices, offsets, bags, psw, backend)
 
     @staticmethod
-    @torch.compiler.disable  # eager as a whole: see below
+    # torch.compiler.disable made at the first call: the decorator imports Dynamo, ~1 s of `import kfuse`'s 1.2
+    # (test_import_loads_neither_dynamo_nor_the_optional_packages). Eager as a whole: see below.
+    @torch._disable_dynamo
     def backward(ctx, grad_out: Tensor):
         # Under torch.compile the engine ran this on the compiled step's thread and Dynamo traced it in pieces
         # (breaking at the pybind update, int(), the unaliased check); with dynamic=True a resume frame's guard
@@ -632,7 +634,8 @@ def _share_memory(op: str, m: MultiTableEmbeddingBag, first: str, second: str) -
                       "own (pass a .clone())")
 
 
-@torch.compiler.disable  # data pointers: torch.compile runs it eagerly (the module breaks the graph anyway)
+# Data pointers: torch.compile runs it eagerly (the module breaks the graph anyway); see _FusedEmbeddingBag.backward.
+@torch._disable_dynamo
 def _check_unaliased(op: str, m: MultiTableEmbeddingBag, tables: list[Tensor], **others: Tensor | None) -> None:
     """``ValueError`` when two of the fused optimizer's tables and states, or one of them and one of
     ``others`` (the call's per_sample_weights, the backward's grad_out), share memory. The update writes the
