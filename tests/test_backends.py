@@ -203,14 +203,18 @@ def test_an_unbuilt_extension_says_so(tmp_path) -> None:
 
 def test_import_loads_neither_dynamo_nor_the_optional_packages() -> None:
     """``import kfuse`` needs torch and numpy only, and stays cheap: two ``@torch.compiler.disable`` decorators in
-    kfuse.nn.embedding imported Dynamo (and sympy) at import, 1.05 of ``import kfuse``'s 1.17 s on top of torch's
-    own 1.2 s (2-core VM, torch 2.14; now 0.1 s): they are ``torch._disable_dynamo``'s, which defers that import to
-    the first call. Triton, transformers and peft are optional (test/bench dependencies)."""
+    kfuse.nn.embedding imported Dynamo (with sympy and triton) at import, 1.05 of ``import kfuse``'s 1.17 s on top of
+    torch's own 1.2 s (2-core VM, torch 2.14; now 0.1 s), and ``torch._disable_dynamo`` instead would have imported it
+    at the fused optimizer's first step (1 s). ``_routing.eager_only`` leaves Dynamo unloaded until something else
+    loads it. Triton, transformers and peft are optional (test/bench dependencies)."""
     import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
     heavy = ("torch._dynamo", "sympy", "triton", "transformers", "peft")
-    code = f"import sys, kfuse, kfuse.nn, kfuse.kv; print([m for m in {heavy!r} if m in sys.modules])"
+    code = ("import sys, torch, kfuse, kfuse.kv\n"
+            "m = kfuse.nn.MultiTableEmbeddingBag([(9, 4), (7, 4)], optimizer='rowwise_adagrad')\n"
+            "m(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2, 3, 3])).sum().backward()\n"
+            f"print([m for m in {heavy!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout

@@ -536,9 +536,7 @@ class _FusedEmbeddingBag(torch.autograd.Function):
         return E._forward_impl(ctx.tables, indices, offsets, bags, psw, backend)
 
     @staticmethod
-    # torch.compiler.disable made at the first call: the decorator imports Dynamo, ~1 s of `import kfuse`'s 1.2
-    # (test_import_loads_neither_dynamo_nor_the_optional_packages). Eager as a whole: see below.
-    @torch._disable_dynamo
+    @_routing.eager_only  # eager as a whole: see below
     def backward(ctx, grad_out: Tensor):
         # Under torch.compile the engine ran this on the compiled step's thread and Dynamo traced it in pieces
         # (breaking at the pybind update, int(), the unaliased check); with dynamic=True a resume frame's guard
@@ -634,8 +632,7 @@ def _share_memory(op: str, m: MultiTableEmbeddingBag, first: str, second: str) -
                       "own (pass a .clone())")
 
 
-# Data pointers: torch.compile runs it eagerly (the module breaks the graph anyway); see _FusedEmbeddingBag.backward.
-@torch._disable_dynamo
+@_routing.eager_only  # data pointers: torch.compile runs it eagerly (the module breaks the graph anyway)
 def _check_unaliased(op: str, m: MultiTableEmbeddingBag, tables: list[Tensor], **others: Tensor | None) -> None:
     """``ValueError`` when two of the fused optimizer's tables and states, or one of them and one of
     ``others`` (the call's per_sample_weights, the backward's grad_out), share memory. The update writes the
