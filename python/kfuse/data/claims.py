@@ -67,7 +67,6 @@ __all__ = ["DOMAINS", "Claims", "ClaimsConfig", "CodeVocab", "load_code_vocab", 
 
 #: The three domains, in table order: diagnoses, procedures, prescriptions.
 DOMAINS = ("dx", "px", "rx")
-DOMAIN_NAMES = {"dx": "diagnosis (ICD-10-CM)", "px": "procedure (ICD-10-PCS)", "rx": "prescription (synthetic)"}
 
 #: CCSR's body systems (the first three letters of a CCSR category).
 CCSR_SYSTEMS = {
