@@ -204,15 +204,18 @@ def test_an_unbuilt_extension_says_so(tmp_path) -> None:
 def test_import_loads_neither_dynamo_nor_the_optional_packages() -> None:
     """``import kfuse`` needs torch and numpy only, and stays cheap: two ``@torch.compiler.disable`` decorators in
     kfuse.nn.embedding imported Dynamo (with sympy and triton) at import, 1.05 of ``import kfuse``'s 1.17 s on top of
-    torch's own 1.2 s (2-core VM, torch 2.14; now 0.1 s), and ``torch._disable_dynamo`` instead would have imported it
-    at the fused optimizer's first step (1 s). ``_routing.eager_only`` leaves Dynamo unloaded until something else
-    loads it. Triton, transformers and peft are optional (test/bench dependencies)."""
+    torch's own 1.2 s (2-core VM, torch 2.14; now 0.1 s). They are ``torch._disable_dynamo``'s now, which imports
+    Dynamo at the fused optimizer's first step only. Triton, transformers and peft are optional (test/bench
+    dependencies); the ops' eager calls load none of them either."""
     import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
     heavy = ("torch._dynamo", "sympy", "triton", "transformers", "peft")
     code = ("import sys, torch, kfuse, kfuse.kv\n"
-            "m = kfuse.nn.MultiTableEmbeddingBag([(9, 4), (7, 4)], optimizer='rowwise_adagrad')\n"
+            "x = torch.randn(3, 8, requires_grad=True)\n"
+            "kfuse.deu(x, torch.randn(8, 5)).sum().backward()\n"
+            "kfuse.lora_linear(x, torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2), 0.5).sum().backward()\n"
+            "m = kfuse.nn.MultiTableEmbeddingBag([(9, 4), (7, 4)])\n"
             "m(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2, 3, 3])).sum().backward()\n"
             f"print([m for m in {heavy!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1532,6 +1532,29 @@ def test_fused_optimizer_refuses_capture_and_compiles_with_a_graph_break(seed):
         assert graphs[2:] == graphs[1:2] * 2, (dynamic, graphs)
 
 
+def test_fused_optimizer_compiles_without_exhausting_the_recompile_limit():
+    """A compiled training step over fused modules of 1, 2 and 3 tables, twice each, with Dynamo's recompile limit
+    at 4 and failing when it is hit. A wrapper of kfuse's own around the functions Dynamo must skip (so that
+    ``import kfuse`` would not load Dynamo) was traced by Dynamo: one code object for all it wrapped, recompiled
+    per module and grad mode, hit the limit here (8 modules at the default limit of 8; review, 2026-12-06), and
+    cost three more compiled frames a step. ``torch._disable_dynamo``'s wrapper is skipped, as the decorator's was."""
+    step = torch.compile(lambda mod, i, o: mod(i, o).square().sum().backward(), backend="eager")
+    mods = [(MultiTableEmbeddingBag([(20, 8)] * n, optimizer="sgd", lr=0.1), torch.tensor([1, 2] * n),
+             torch.arange(0, 2 * n + 1, 2)) for n in (1, 2, 3)]
+    twins = [MultiTableEmbeddingBag([(20, 8)] * n, optimizer="sgd", lr=0.1) for n in (1, 2, 3)]
+    for (m, _, _), twin in zip(mods, twins, strict=True):
+        twin.load_state_dict(m.state_dict())
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+        for _ in range(2):
+            for (m, i, o), twin in zip(mods, twins, strict=True):
+                step(m, i, o)
+                twin(i, o).square().sum().backward()
+    for (m, _, _), twin in zip(mods, twins, strict=True):
+        for a, b in zip(m.weights, twin.weights, strict=True):
+            assert torch.equal(a, b)
+
+
 def test_torch_compile_inductor_module(seed):
     """The module (no fused optimizer) under torch.compile's default backend, Inductor, fullgraph:
     forward and backward as eager. One small case: compiling takes seconds on 2 cores."""

@@ -50,10 +50,7 @@ compiled autograd (:func:`tracing`) it calls the registered backward op, so the 
 from __future__ import annotations
 
 import contextlib
-import functools
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -215,22 +212,6 @@ def version(t: Tensor) -> int | None:
     """``t``'s version counter, which every in-place write moves (None for an inference tensor: it has none,
     and reading it raises)."""
     return None if t.is_inference() else t._version
-
-
-def eager_only(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` as ``torch.compiler.disable(fn)``: Dynamo never traces it, a compiled caller breaks its graph there
-    and runs it eagerly. Without importing Dynamo: ``torch.compiler.disable`` imports it at the decoration (~1 s:
-    ``import kfuse`` took 2.4 s where torch's own import takes 1.2; 2-core VM, torch 2.14, 2026-12-06), and
-    ``torch._disable_dynamo`` at the first call. While Dynamo has never been loaded nothing can be compiling, so
-    ``fn`` runs as it is; from then on, through ``torch._disable_dynamo``'s wrapper (a torch function: Dynamo
-    skips it rather than tracing this one's test)."""
-    disabled = torch._disable_dynamo(fn)
-
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return disabled(*args, **kwargs) if "torch._dynamo" in sys.modules else fn(*args, **kwargs)
-
-    return call
 
 
 def exporting() -> bool:

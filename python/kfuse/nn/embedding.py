@@ -536,7 +536,10 @@ class _FusedEmbeddingBag(torch.autograd.Function):
         return E._forward_impl(ctx.tables, indices, offsets, bags, psw, backend)
 
     @staticmethod
-    @_routing.eager_only  # eager as a whole: see below
+    # torch._disable_dynamo: torch.compiler.disable made at the first call. The decorator itself imports Dynamo,
+    # which made `import kfuse` 1.2 s instead of 0.1 (bench/results/2026-12-06-cpu-import-time.md); Dynamo skips
+    # the wrapper (a torch function), so compiled steps run as with the decorator. Eager as a whole: see below.
+    @torch._disable_dynamo
     def backward(ctx, grad_out: Tensor):
         # Under torch.compile the engine ran this on the compiled step's thread and Dynamo traced it in pieces
         # (breaking at the pybind update, int(), the unaliased check); with dynamic=True a resume frame's guard
@@ -632,7 +635,7 @@ def _share_memory(op: str, m: MultiTableEmbeddingBag, first: str, second: str) -
                       "own (pass a .clone())")
 
 
-@_routing.eager_only  # data pointers: torch.compile runs it eagerly (the module breaks the graph anyway)
+@torch._disable_dynamo  # data pointers: torch.compile runs it eagerly (see _FusedEmbeddingBag.backward)
 def _check_unaliased(op: str, m: MultiTableEmbeddingBag, tables: list[Tensor], **others: Tensor | None) -> None:
     """``ValueError`` when two of the fused optimizer's tables and states, or one of them and one of
     ``others`` (the call's per_sample_weights, the backward's grad_out), share memory. The update writes the
