@@ -108,6 +108,14 @@ def functorch_wrapped(tensors: Sequence[Tensor | None]) -> bool:
     return False
 
 
+def transformed(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether the kernels have no rules for this call: a ``torch.func`` transform is running (the op's own tensors
+    wrapped or not: a closure's, a module's parameters), or an input is wrapped by one or carries a forward-mode AD
+    tangent. The eager autograd.Functions raised functorch's "must override setup_context" inside a transform whose
+    tensors the op did not get wrapped (review, 2026-12-06)."""
+    return transform_active() or functorch_wrapped(tensors) or has_tangent(tensors)
+
+
 def functorch_values(t: Tensor) -> list[Tensor]:
     """The plain tensors whose values ``t`` stands for under ``torch.func`` wrappers: ``[t]`` for a plain
     tensor, one per batch entry of each ``vmap`` level (host-side value checks run on these: ``.item()``
@@ -148,11 +156,9 @@ def route(chosen: str, tensors: Sequence[Tensor | None]) -> str:
     if tracing():
         # Before the functorch queries, which Dynamo cannot trace.
         return REGISTERED
-    if transform_active() or functorch_wrapped(tensors) or has_tangent(tensors):
+    if transformed(tensors):
         # torch.func transforms and forward-mode AD (with whatever backward or subclass comes
-        # with them): the kernels define no rules for them. Inside a transform even when the op's own
-        # tensors are not wrapped (a closure's, a module's parameters): the eager autograd.Function
-        # raised functorch's "must override setup_context" for them (review, 2026-12-06).
+        # with them): the kernels define no rules for them.
         return REFERENCE
     if torch._C._len_torch_dispatch_stack():
         return REGISTERED

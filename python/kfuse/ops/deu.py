@@ -396,8 +396,7 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto",
     # dynamic channels-last x failed to compile).
     path = _routing.route(chosen, (x, coeffs))
     if degenerate_grad == "gravitation" and _routing.needs_grad((x, coeffs)):
-        if (path == _routing.REGISTERED or _routing.tracing() or _routing.transform_active()
-                or _routing.functorch_wrapped((x, coeffs)) or _routing.has_tangent((x, coeffs))):
+        if path == _routing.REGISTERED or _routing.tracing() or _routing.transformed((x, coeffs)):
             raise ValueError(
                 "kfuse.deu: degenerate_grad='gravitation' runs in eager mode only (plain tensors, "
                 "no torch.compile/jit tracing, torch.func transform, forward-mode AD or dispatch mode); "

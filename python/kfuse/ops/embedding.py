@@ -798,8 +798,7 @@ def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
         tensors = (*weights, indices, offsets, psw)
     path = _routing.route(chosen, tensors)
     if (path == _routing.REFERENCE and sparse and chosen == "reference" and _routing.needs_grad(tensors)
-            and not _routing.tracing() and not _routing.transform_active() and not _routing.functorch_wrapped(tensors)
-            and not _routing.has_tangent(tensors)):
+            and not _routing.tracing() and not _routing.transformed(tensors)):
         # The reference's forward and backward, with sparse gradients (not under torch.func transforms,
         # which the autograd.Function cannot take: they get dense ones, as the other backends give; bug hunt).
         path = _routing.EAGER
