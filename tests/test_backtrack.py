@@ -535,6 +535,27 @@ def test_dynamic_cache_baseline_generates_the_same_and_recomputes(hf_model):
     assert dc.last_cache.positions_computed >= dc.last_cache.tokens_fed
 
 
+def test_dynamic_cache_baseline_passes_the_cache_by_the_models_keyword(hf_model):
+    """transformers 5.25 renamed forward's past_key_values to cache (the old name warns and goes in 5.40; the pinned
+    5.23 has only past_key_values): the baseline passes the cache by whichever name the model's forward takes."""
+    from kfuse.demos.backtrack import DynamicCacheModel  # noqa: PLC0415
+
+    class Renamed(torch.nn.Module):  # a model whose forward knows only the new name
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.config, self.seen = hf_model, hf_model.config, []
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None):
+            self.seen.append(cache)
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=cache, use_cache=use_cache)
+
+    renamed = Renamed()
+    a = generate(DynamicCacheModel(hf_model), PROMPTS, max_new_tokens=N, mode="plain")
+    b = generate(DynamicCacheModel(renamed), PROMPTS, max_new_tokens=N, mode="plain")
+    assert a.tokens == b.tokens and renamed.seen and all(c is not None for c in renamed.seen)
+
+
 def test_demo_corpus_injects_at_the_stated_rate():
     demo = pytest.importorskip("kfuse.demos.backtrack")
     pytest.importorskip("better_profanity")

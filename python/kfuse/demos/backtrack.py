@@ -29,6 +29,7 @@ packages (``better-profanity``, ``alt-profanity-check``: demo dependencies, not 
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import re
 import sys
@@ -221,6 +222,10 @@ class DynamicCacheModel:
     def __init__(self, hf_model: Any) -> None:
         self.hf = hf_model
         self.last_cache: _DynamicCacheBatch | None = None  # the latest new_cache(), for its counters
+        # transformers 5.25 renamed forward's past_key_values to cache (the old name warns, and goes in 5.40);
+        # the pinned 5.23 knows only the old one.
+        params = inspect.signature(hf_model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     @property
     def vocab_size(self) -> int:
@@ -267,8 +272,8 @@ class DynamicCacheModel:
             mask[j, crop + pad:] = 1
             cache.cols[s] += [-1] * pad + list(range(start, start + len(f)))
             cache.hist[s] += new.get(s, [])
-        logits = self.hf(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache.cache,
-                         use_cache=True).logits
+        logits = self.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **{self._cache_kw: cache.cache}).logits
         cache.positions_computed += ids.numel()
         cache.tokens_fed += sum(map(len, feed.values()))
         row = {s: j for j, s in enumerate(cache.rows)}
