@@ -223,6 +223,48 @@ def test_import_loads_neither_dynamo_nor_the_optional_packages() -> None:
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_torch_older_than_the_tested_floor_is_named_at_import() -> None:
+    """pyproject.toml said torch >= 2.4, but under torch 2.8 torch.compile, autocast and the Triton kernels' compile
+    failed (2026-12-06); the floor is now the oldest torch the suite passed on, and a torch installed past pip's
+    check is named at import (a warning: the eager ops may still serve). The current torch imports silently."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    code = ("import warnings, torch\n{}warnings.simplefilter('error')\nimport kfuse\nprint('ok')")
+    old = subprocess.run([sys.executable, "-c", code.format("torch.__version__ = '2.8.0+cu128'\n")],
+                         capture_output=True, text=True, timeout=120)
+    assert old.returncode != 0 and "RuntimeWarning: kfuse needs torch >= 2.11; found 2.8.0+cu128" in old.stderr
+    now = subprocess.run([sys.executable, "-c", code.format("")], capture_output=True, text=True, timeout=120)
+    assert now.returncode == 0 and now.stdout.strip() == "ok", now.stderr
+
+
+def test_triton_older_than_the_tested_floor_is_a_reason(monkeypatch) -> None:
+    """An installed Triton older than kfuse._backends.MIN_TRITON (Triton 3.4 failed the sm_90 compile test) is the
+    triton backend's reason, read from the package's metadata without importing it; a Triton of another
+    distribution (a nightly's pytorch-triton) is not judged."""
+    import importlib.metadata  # noqa: PLC0415
+    import importlib.util  # noqa: PLC0415
+
+    from kfuse import _backends  # noqa: PLC0415
+
+    def version(v):
+        def get(dist):
+            assert dist == "triton"
+            if v is None:
+                raise importlib.metadata.PackageNotFoundError(dist)
+            return v
+        return get
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(importlib.metadata, "version", version("3.4.0"))
+    assert _backends._triton_why() == "triton 3.4.0 is installed; kfuse's Triton kernels need triton >= 3.6"
+    for ok in ("3.6.0", "3.8.0", "3.10.1", None):
+        monkeypatch.setattr(importlib.metadata, "version", version(ok))
+        assert _backends._triton_why() == ""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert _backends._triton_why() == "triton is not installed"
+
+
 def test_registered_ops_refuse_a_meta_tensor_among_real_ones():
     """A call of a registered op mixing one meta tensor with CPU ones dispatches to the op's fake kernel, which
     returned its empty output as a real, uninitialised CPU tensor (values like -1e37, no error: bad-input fuzz,

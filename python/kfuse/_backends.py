@@ -9,6 +9,7 @@ lists them, in the manner of xformers' dispatcher.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -51,7 +52,36 @@ def _load_extension() -> tuple[ModuleType | None, str]:
 # through it without graph breaks.
 _EXT, _EXT_WHY = _load_extension()
 _EXT_HAS_CUDA = bool(_EXT is not None and _EXT.has_cuda())
-_TRITON_WHY = "" if importlib.util.find_spec("triton") else "triton is not installed"
+#: The oldest torch and Triton the whole test suite has passed on (torch 2.11 ships Triton 3.6; also tested: torch
+#: 2.14.1 with Triton 3.8). Under torch 2.8 (Triton 3.4) the eager ops ran but torch.compile, autocast and the
+#: Triton kernels' compile failed (2026-12-06), so pyproject.toml asks for these and older ones are named here.
+MIN_TORCH, MIN_TRITON = "2.11", "3.6"
+
+
+def _old_torch_warning() -> None:
+    """Warn, once at import, when torch is older than :data:`MIN_TORCH` (pip refuses such an install; a torch
+    installed another way still imports kfuse, whose eager ops may run where compiled ones fail)."""
+    if torch.torch_version.TorchVersion(torch.__version__) < MIN_TORCH:
+        warnings.warn(f"kfuse needs torch >= {MIN_TORCH}; found {torch.__version__}: torch.compile, autocast and "
+                      "other paths are known to fail on older ones (torch 2.8)", RuntimeWarning, stacklevel=2)
+
+
+def _triton_why() -> str:
+    """Why no Triton kernel can run at all ("" when Triton is installed and new enough). Reads the installed
+    package's metadata, not the module: importing Triton costs ~0.5 s, which ``import kfuse`` does not pay."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # another distribution's triton (a nightly's pytorch-triton)
+        return ""
+    if torch.torch_version.TorchVersion(version) < MIN_TRITON:
+        return f"triton {version} is installed; kfuse's Triton kernels need triton >= {MIN_TRITON}"
+    return ""
+
+
+_old_torch_warning()
+_TRITON_WHY = _triton_why()
 
 
 def extension() -> ModuleType | None:
