@@ -520,6 +520,26 @@ def _hand_written(opt, w, rows, g, state, step, lr=0.05, eps=1e-6, b1=0.9, b2=0.
     return w
 
 
+@pytest.mark.parametrize(("backend", "device"), [p for p in backends() if p.values[0] != "reference"])
+@pytest.mark.parametrize("rows", [5, 1000])  # a few rows, and many (the C++ backward's sort-based plan)
+def test_duplicate_rows_are_summed_in_increasing_position(backend, device, rows):
+    """The kernels' backward sums a row's occurrences in increasing flat position (csrc/embedding/embedding.h,
+    triton_kernels/embedding.py): bit-for-bit repeatability rests on it, but thread-count and torch comparisons
+    also pass for any fixed order (a reversed sum survived them: mutation hunt, 2026-12-06). Gradients 1e8, -1e8, 1
+    of one row sum to exactly 1 in that order and to 0 reversed; dense, sparse and the fused SGD update."""
+    idx, off = torch.tensor([2, 2, 2], device=device), torch.tensor([0, 1, 2, 3], device=device)
+    g = torch.tensor([1e8, -1e8, 1.0], device=device)[:, None].expand(3, 4).contiguous()
+    for sparse in (False, True):
+        w = torch.randn(rows, 4, device=device).requires_grad_()
+        kfuse.multi_embedding_bag([w], idx, off, sparse=sparse, backend=backend).backward(g)
+        grad = w.grad.to_dense() if sparse else w.grad
+        assert torch.equal(grad[2], torch.ones(4, device=device)), (sparse, grad[2])
+    m = MultiTableEmbeddingBag([(rows, 4)], optimizer="sgd", lr=1.0, backend=backend).to(device)
+    w0 = m.weights[0].detach().clone()
+    m(idx, off).backward(g)
+    assert torch.equal(m.weights[0].detach()[2], w0[2] - 1.0)
+
+
 @pytest.mark.parametrize(("backend", "device"), backends(torch.float64))
 @pytest.mark.parametrize("opt", ["sgd", "rowwise_adagrad", "adam"])
 def test_fused_optimizer_matches_hand_written(backend, device, opt, seed):
@@ -828,6 +848,32 @@ def test_fused_module_built_on_meta(optimizer):
     assert int(m.optimizer_step) == 1
     for a, b in zip(m.state_dict().values(), ref.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer", [None, "sgd"])
+def test_padding_rows_start_zero_and_reset_to_zero(optimizer):
+    """Padding rows are zero in a new module, after reset_parameters, and after to_empty + reset_parameters, as in
+    torch's EmbeddingBag: no value test saw them (the ops skip padding rows), but a state_dict or a table handed to
+    torch does (mutation hunt, 2026-12-06). Every other row is drawn."""
+    tables, pads = [(10, 4), (8, 4), (6, 3)], [None, 3, -1]
+    m = MultiTableEmbeddingBag(tables, padding_idx=pads, optimizer=optimizer)
+    with torch.device("meta"):
+        deferred = MultiTableEmbeddingBag(tables, padding_idx=pads, optimizer=optimizer)
+    deferred.to_empty(device="cpu")
+    for w in deferred.weights:
+        w.detach().fill_(float("nan"))  # what to_empty may leave there
+    for mod in (m, deferred):
+        for reset in (False, True):
+            if reset:
+                with torch.no_grad():
+                    for w in mod.weights:
+                        w.fill_(7.0)
+            if reset or mod is deferred:
+                mod.reset_parameters()
+            w1, w2 = (w.detach() for w in mod.weights[1:])
+            assert torch.equal(w1[3], torch.zeros(4)) and torch.equal(w2[5], torch.zeros(3))
+            assert w1[[0, 1, 2, 4, 5, 6, 7]].abs().min() > 0 and w2[:5].abs().min() > 0
+            assert mod.weights[0].detach().abs().min() > 0
 
 
 def test_fused_module_built_on_meta_and_assigned_a_checkpoint_has_every_parameter_there(seed):

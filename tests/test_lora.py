@@ -176,6 +176,7 @@ CASES = [
     ((5,), 130, 67, 64, False, False, True, False),
     ((3, 3), 129, 131, 128, True, True, True, False),
     ((0,), 9, 7, 4, True, True, False, True),
+    ((4,), 24, 24, 4, True, True, True, True),  # square [K, N] W, trainable: a missing transpose fits (GPT-2's c_proj)
 ]
 # The interpreter runs every tile in numpy: smaller sizes, still several tiles and odd edges.
 INTERP_CASES = [
@@ -185,6 +186,7 @@ INTERP_CASES = [
     ((3,), 40, 17, 64, False, False, True, False),
     ((2, 2), 18, 23, 128, True, True, True, False),
     ((0,), 9, 7, 4, True, True, False, True),
+    ((4,), 24, 24, 4, True, True, True, True),
 ]
 
 
@@ -382,16 +384,17 @@ def test_gradcheck_float64(backend: str, p: float, fifo: bool, seed: int) -> Non
     """gradcheck of every input (W too), with dropout: the seed is reset before each call, so
     each evaluation draws the same mask and the backward must regenerate it. gradgradcheck:
     create_graph=True runs the reference's vjp with the backend's mask."""
-    inp = Inputs((2, 3), 5, 4, 3, torch.float64, torch.float64, "cpu", fifo=fifo)
-    ts = [t.detach().clone().requires_grad_() for t in inp.tensors()]
+    for K, N in ((5, 4), (4, 4)):  # and a square W, where a transposed dW of either layout would fit
+        inp = Inputs((2, 3), K, N, 3, torch.float64, torch.float64, "cpu", fifo=fifo)
+        ts = [t.detach().clone().requires_grad_() for t in inp.tensors()]
 
-    def f(x: Tensor, w: Tensor, a: Tensor, b: Tensor, bias: Tensor, lb: Tensor) -> Tensor:
-        torch.manual_seed(7)
-        return kfuse.lora_linear(x, w, a, b, 0.6, bias, lb, dropout_p=p, fan_in_fan_out=fifo, backend=backend)
+        def f(x: Tensor, w: Tensor, a: Tensor, b: Tensor, bias: Tensor, lb: Tensor) -> Tensor:
+            torch.manual_seed(7)
+            return kfuse.lora_linear(x, w, a, b, 0.6, bias, lb, dropout_p=p, fan_in_fan_out=fifo, backend=backend)
 
-    assert torch.autograd.gradcheck(f, ts)
-    if not fifo:
-        assert torch.autograd.gradgradcheck(f, ts)
+        assert torch.autograd.gradcheck(f, ts)
+        if not fifo:
+            assert torch.autograd.gradgradcheck(f, ts)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -895,16 +898,19 @@ def test_from_linear_takes_the_layout_from_the_module(cls: str, seed: int) -> No
         make(torch.nn.Embedding(4, 3))
 
 
+@pytest.mark.parametrize("out_features", [18, 30], ids=["wide", "square"])
 @pytest.mark.parametrize("fifo", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merge_unmerge(fifo: bool, dtype: torch.dtype, seed: int) -> None:
-    """from_linear shares the base weight; merge folds s·B A into it (fp32 accumulation) and the
-    merged layer computes the unmerged one's output; unmerge restores W."""
-    linear = _conv1d(30, 18) if fifo else torch.nn.Linear(30, 18)
+def test_merge_unmerge(fifo: bool, dtype: torch.dtype, out_features: int, seed: int) -> None:
+    """from_linear shares the base weight and freezes it and the bias; merge folds s·B A into it (fp32
+    accumulation) and the merged layer computes the unmerged one's output; unmerge restores W. Square too (GPT-2's
+    c_proj): a delta merged in the other layout only fails there by value, not by shape."""
+    linear = _conv1d(30, out_features) if fifo else torch.nn.Linear(30, out_features)
     linear = linear.to(dtype)
     w0 = linear.weight.detach().clone()
     m = kfuse.nn.LoRALinear.from_linear(linear, r=4, lora_alpha=8, fan_in_fan_out=fifo, lora_bias=True)
     assert m.weight is linear.weight and m.bias is linear.bias and not linear.weight.requires_grad
+    assert not linear.bias.requires_grad
     with torch.no_grad():
         m.lora_B.normal_()
         m.lora_bias.normal_()
@@ -1383,6 +1389,28 @@ def test_multi_lora_load_refuses_another_layers_stacks() -> None:
 
 
 # ---------------------------------------------------------------- torch.library, compile, routes
+
+
+@pytest.mark.parametrize("fifo", [False, True])
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
+def test_registered_op_gradients_match_the_reference(backend: str, device: str, fifo: bool, seed: int) -> None:
+    """torch.ops.kfuse.lora_forward's registered backward gives every input's gradient, the biases' included: opcheck
+    compares the op with its own backward (eager against AOT), so a dropped or swapped dbias / dlora_bias passed it
+    and every compiled test (mutation hunt, 2026-12-06). Against the reference's autograd, scaling != 1 so the two
+    bias gradients differ, W trainable, x 3-D, and the eager op's gradients on the same inputs are the same bits."""
+    inp = Inputs((2, 3), 11, 7, 3, torch.float32, torch.float32, device, True, True, fifo)
+    leaves = [t.detach().clone().requires_grad_() for t in inp.tensors()]
+    gy = torch.randn(2, 3, 7, device=device)
+    x, w, a, b, bias, lb = leaves
+    y = torch.ops.kfuse.lora_forward(x, w, a, b, 0.6, bias, lb, 0.0, fifo, backend)[0]
+    got = torch.autograd.grad(y, leaves, gy)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(lora_linear_reference(*ref[:4], 0.6, *ref[4:], fan_in_fan_out=fifo), ref, gy.double())
+    for name, g, h in zip(("x", "weight", "lora_A", "lora_B", "bias", "lora_bias"), got, want, strict=True):
+        assert_close(g, h.float(), torch.float32, f"d{name}")
+    eager = torch.autograd.grad(kfuse.lora_linear(*leaves[:4], 0.6, *leaves[4:], fan_in_fan_out=fifo,
+                                                  backend=backend), leaves, gy)
+    assert all(torch.equal(g, e) for g, e in zip(got, eager, strict=True))
 
 
 @pytest.mark.parametrize("backend,device", OP_BACKENDS)
@@ -2686,7 +2714,7 @@ def test_report_rows_tiny(report_rows) -> None:
         assert step[1]["status"] == "ok" and step[1]["extra"]["tok/s"] > 0 and step[1]["ratio"] == 1.0
     else:
         assert all(r["status"] == "skipped" for r in step)
-    assert "x@W.T" in out and "dY@W" in out and "saved MiB" in out and "tok/s" in out
+    assert "x@W.T" in out and "dY@W" in out and "saved MiB" in out and ("tok/s" in out) == has_peft
 
 
 def test_module_casts_keep_accumulation_dtype_scalings_and_adapter_dtype_is_checked() -> None:

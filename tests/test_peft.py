@@ -724,6 +724,13 @@ def test_fuse_api(seed: int) -> None:
     want = run(model, x)
     kp.fuse(model, backend="reference")
     assert_same(run(model, x), want, torch.float32, "reference backend")
+    # fuse on fused layers sets their backend anew (values alike on every backend: LoRA's "cuda" names no kernels
+    # and refuses every call, so the backend is seen to reach the op)
+    assert kp.fuse(model, backend="cuda").fused
+    with pytest.raises(kfuse.BackendUnavailableError, match="cuda"):
+        run(model, x)
+    kp.fuse(model, backend="cpu")
+    assert_same(run(model, x), want, torch.float32, "cpu backend after a re-fuse")
     code = "import sys, kfuse; assert 'peft' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
