@@ -46,10 +46,10 @@ BACKENDS = [
 ]
 
 
-def dtypes_for(device: str) -> list[torch.dtype]:
-    # The Triton interpreter is wrong for bf16 on CPU; bf16 is tested on the GPU.
+def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
+    # The Triton interpreter is wrong for bf16 on CPU; its bf16 is tested on the GPU. The C++ kernels' bf16 runs here.
     base = [torch.float32, torch.float16, torch.float64]
-    return base + [torch.bfloat16] if device == "cuda" else base
+    return base + [torch.bfloat16] if device == "cuda" or backend == "cpu" else base
 
 
 def case_coeffs(per_case: int, dtype: torch.dtype = torch.float64, device: str = "cpu") -> torch.Tensor:
@@ -114,12 +114,19 @@ def kfuse_grads(x, coeffs, gy, dim, backend):
     return y.detach(), gx, gc
 
 
-def assert_results_close(got: tuple[Tensor, ...], want: tuple[Tensor, ...], dtype: torch.dtype, what: str) -> None:
-    """A backend's (y, grad_x, grad_coeffs) against the reference's, at ``dtype``'s tolerance.
-    Parameter gradients are fp32 sums whatever the storage dtype, but of products with
-    half-precision grad_y / x, so they carry the storage dtype's tolerance too."""
-    for name, g, w in zip(("y", "grad_x", "grad_coeffs"), got, want, strict=True):
-        assert_close(g, w, dtype, f"{name} {what}")
+def assert_results_close(got: tuple[Tensor, ...], want: tuple[Tensor, ...], dtype: torch.dtype, what: str,
+                         dim: int | None = None) -> None:
+    """A backend's (y, grad_x, grad_coeffs) against the reference's, at ``dtype``'s tolerance, each neuron against
+    its own scale: one scale for the whole tensor was set by the outputs clamped at ±1000 and gradients up to ~1e5,
+    which let a 1.7e-4 relative error in the CPU kernels' exp pass the main tests (audit, 2026-12-06). The neuron
+    axis of y and grad_x is ``dim``, else the one of grad_coeffs' length N (refused where two axes have it).
+    Parameter gradients are fp32 sums whatever the storage dtype, but of products with half-precision grad_y / x,
+    so they carry the storage dtype's tolerance too."""
+    n = want[2].shape[0]
+    axes = [i for i, size in enumerate(want[0].shape) if size == n] if dim is None else [dim % want[0].ndim]
+    assert len(axes) == 1, f"{what}: the neuron axis of shape {tuple(want[0].shape)} (N = {n}) is ambiguous"
+    for name, g, w, d in zip(("y", "grad_x", "grad_coeffs"), got, want, (axes[0], axes[0], 0), strict=True):
+        assert_close(g, w, dtype, f"{name} {what}", scale_dim=d)
 
 
 def layouts(backend: str, device: str) -> list[tuple[tuple[int, ...], int]]:
@@ -319,7 +326,7 @@ def test_report_gradient_check_leaves_out_kinks() -> None:
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_forward_and_gradients(backend: str, device: str, seed: int) -> None:
-    for dtype in dtypes_for(device):
+    for dtype in dtypes_for(backend, device):
         for shape, dim in layouts(backend, device):
             n = shape[dim]
             acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -870,7 +877,7 @@ def test_cpu_kernel_tile_edges(shape: tuple[int, ...], dim: int, seed: int) -> N
         gy = torch.randn(shape, dtype=dtype)
         y, gx, gc = kfuse_grads(x, coeffs, gy, dim, "cpu")
         y_ref, gx_ref, gc_ref = ref_grads(x, coeffs, gy, dim)
-        assert_results_close((y, gx, gc), (y_ref, gx_ref, gc_ref), dtype, f"{shape} {dtype}")
+        assert_results_close((y, gx, gc), (y_ref, gx_ref, gc_ref), dtype, f"{shape} {dtype}", dim)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -1032,7 +1039,7 @@ def test_cpu_long_planes(dtype: torch.dtype, seed: int) -> None:
         gy = torch.ones(shape, dtype=dtype)
         y, gx, gc = kfuse_grads(x, coeffs, gy, 1, "cpu")
         y_ref, gx_ref, gc_ref = ref_grads(x, coeffs, gy, 1)
-        assert_results_close((y, gx, gc), (y_ref, gx_ref, gc_ref), dtype, f"{shape}")
+        assert_results_close((y, gx, gc), (y_ref, gx_ref, gc_ref), dtype, f"{shape}", 1)
         if dtype == torch.float32:
             gc_torch = kfuse_grads(x, coeffs, gy, 1, "reference")[2]
             ours, torch_err = ((g.double() - gc_ref).abs().max().item() / gc_ref.abs().max().item()

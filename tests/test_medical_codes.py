@@ -762,7 +762,7 @@ def test_bug_hunt_findings(small, claims, tmp_path):
     assert not m.training
     # An error part-way (a patient id out of range in the second batch) left a training model in eval.
     m.train()
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="out of bounds"):
         predict_outcome(m, claims, np.array([0, 1, 2, 10**9]), batch_size=2)
     assert m.training and all(mod.training for mod in m.modules())
 
@@ -802,7 +802,7 @@ def test_bug_hunt_findings(small, claims, tmp_path):
         CodeEmbedding(small.sizes, 6, impl="fbgemm")
     fb = CodeEmbedding(small.sizes, 8, impl="fbgemm")
     bad = torch.tensor([0, small.sizes[0]])  # one past the dx table
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="idx < num_rows"):
         fb(bad, torch.tensor([0, 2, 2, 2]))
 
 

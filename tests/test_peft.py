@@ -781,7 +781,7 @@ def test_disabled_input_dtype_casting_falls_back_with_its_reason(seed: int) -> N
         warnings.simplefilter("always")
         model(x)
         assert not our_warnings(record)
-        with disable_input_dtype_casting(model), pytest.raises(RuntimeError):
+        with disable_input_dtype_casting(model), pytest.raises(RuntimeError, match="same dtype"):
             model(x)
     ours = our_warnings(record)
     assert len(ours) == 1 and "input dtype casting is disabled" in ours[0] and "neither" not in ours[0], ours
