@@ -1188,6 +1188,14 @@ def test_fused_adam_is_adamw_on_the_rows_seen(backend):
     assert torch.equal(m.weights[0].detach()[unseen], w0[unseen])
 
 
+def _kjt_case(seed: int):
+    """A two-feature module and its jagged input (indices, offsets, per-sample weights)."""
+    m = MultiTableEmbeddingBag([(30, 4), (10, 3)], backend="reference")
+    gen = torch.Generator().manual_seed(seed)
+    idx, off = make_bags(m.tables, m.feature_table_map, 4, gen)
+    return m, idx, off, torch.rand(idx.numel(), generator=gen)
+
+
 def test_multi_table_module_accepts_a_keyed_jagged_tensor(seed):
     class KeyedJaggedTensor:  # the attributes kfuse reads, as torchrec's class has them
         def __init__(self, keys, values, offsets, weights=None):
@@ -1205,10 +1213,7 @@ def test_multi_table_module_accepts_a_keyed_jagged_tensor(seed):
         def weights_or_none(self):
             return self._w
 
-    m = MultiTableEmbeddingBag([(30, 4), (10, 3)], backend="reference")
-    gen = torch.Generator().manual_seed(seed)
-    idx, off = make_bags(m.tables, m.feature_table_map, 4, gen)
-    w = torch.rand(idx.numel(), generator=gen)
+    m, idx, off, w = _kjt_case(seed)
     assert torch.equal(m(KeyedJaggedTensor(["dx", "px"], idx, off)), m(idx, off))
     assert torch.equal(m(KeyedJaggedTensor(["dx", "px"], idx, off, w)), m(idx, off, w))
     with pytest.raises(ValueError, match="3 keys; this module has 2 features"):
@@ -1219,10 +1224,7 @@ def test_multi_table_module_accepts_torchrecs_keyed_jagged_tensor(seed):
     """torchrec's own class, where torchrec is installed (optional, not a test dependency: it pulls fbgemm-gpu's CUDA
     build beside fbgemm-gpu-cpu; checked with torchrec 1.9.2). A skip, not a pass, where it is not."""
     KJT = pytest.importorskip("torchrec.sparse.jagged_tensor").KeyedJaggedTensor
-    m = MultiTableEmbeddingBag([(30, 4), (10, 3)], backend="reference")
-    gen = torch.Generator().manual_seed(seed)
-    idx, off = make_bags(m.tables, m.feature_table_map, 4, gen)
-    w = torch.rand(idx.numel(), generator=gen)
+    m, idx, off, w = _kjt_case(seed)
     assert torch.equal(m(KJT(keys=["dx", "px"], values=idx, offsets=off)), m(idx, off))
     assert torch.equal(m(KJT(keys=["dx", "px"], values=idx, lengths=off.diff())), m(idx, off))  # lengths only
     assert torch.equal(m(KJT(keys=["dx", "px"], values=idx, offsets=off, weights=w)), m(idx, off, w))

@@ -2,9 +2,10 @@
 
 A backend's result in dtype ``d`` is compared with the float64 reference evaluated on the same
 (``d``-rounded) inputs. ``atol`` is relative to the scale of the whole expected tensor (its max
-magnitude, at least 1), since sums such as parameter gradients grow with the tensor; ``rtol`` is
-elementwise. Measured worst cases that set them: DEU fp32 vs float64 1.1e-5·(1 + |y|) (the
-float32 reference itself is as far off); fp16/bf16 are dominated by output rounding.
+magnitude, at least 1), since sums such as parameter gradients grow with the tensor, or of each slice
+along ``scale_dim`` (DEU: each neuron's); ``rtol`` is elementwise. Measured worst cases that set
+them: DEU fp32 vs float64 1.1e-5·(1 + |y|) (the float32 reference itself is as far off); fp16/bf16
+are dominated by output rounding.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         raise AssertionError(f"{what}: non-finite values differ; first at flat index {i}: "
                              f"got {a.flatten()[i].item()}, expected {e.flatten()[i].item()}")
     torch.testing.assert_close(a[~finite], e[~finite], rtol=0, atol=0, equal_nan=True, msg=f"{what}: inf/NaN differ")
-    scale = max(1.0, e[finite].abs().max().item()) if finite.any() else 1.0
-    if scale_dim is not None and e.numel():
+    mag = torch.where(finite, e.abs(), 0.0)
+    if scale_dim is None or not e.numel():
+        scale = mag.max().clamp(min=1.0) if e.numel() else torch.tensor(1.0, dtype=e.dtype)
+    else:
         d = scale_dim % e.ndim
-        per = torch.where(finite, e.abs(), 0.0).movedim(d, 0).reshape(e.shape[d], -1).amax(1).clamp(min=1.0)
+        per = mag.movedim(d, 0).reshape(e.shape[d], -1).amax(1).clamp(min=1.0)
         scale = per.view([-1 if i == d else 1 for i in range(e.ndim)])
     err = torch.where(finite, (a - e).abs(), 0.0)
     bound = atol * scale + rtol * e.abs()
@@ -46,6 +49,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         i = int(torch.nonzero(bad.flatten())[0])
         raise AssertionError(
             f"{what}: {int(bad.sum())}/{e.numel()} elements off; max err {err.max().item():.3e} "
-            f"(scale {float(torch.as_tensor(scale).max()):.3e}, dtype {dtype}); first at flat index {i}: "
+            f"(scale there {scale.expand_as(e).flatten()[i].item():.3e}, dtype {dtype}); first at flat index {i}: "
             f"got {a.flatten()[i].item():.9g}, expected {e.flatten()[i].item():.9g}"
         )
