@@ -33,7 +33,6 @@ import inspect
 import math
 import re
 import sys
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -45,6 +44,7 @@ from torch import Tensor
 from kfuse._files import write_json
 from kfuse.backtrack import GenerationResult, ProfanityCheck, generate
 from kfuse.demos._args import check_figures, check_outputs, fraction, positive, rng_seed, threads
+from kfuse.demos._train import train_lm
 from kfuse.models import LlamaForCausalLM
 
 __all__ = ["METHODS", "Comparison", "DynamicCacheModel", "WordTokenizer", "build_corpus", "compare",
@@ -139,25 +139,15 @@ def train_model(ids: Tensor, vocab: int, *, steps: int = 600, batch: int = 32, s
     from transformers import LlamaForCausalLM as HFLlama  # noqa: PLC0415
 
     torch.manual_seed(seed)
-    model = HFLlama(_config(vocab)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model = HFLlama(_config(vocab))
     g = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        start = torch.randint(len(ids) - seq - 1, (batch, 1), generator=g)
-        x = ids[start + torch.arange(seq + 1)]
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if progress and (step % 100 == 0 or step == steps - 1):
-            print(f"  train step {step + 1}/{steps}  loss {loss.item():.3f}  {time.perf_counter() - t0:.0f} s",
-                  file=sys.stderr, flush=True)
-    return model.eval()
+
+    def window(step: int) -> dict[str, Tensor]:
+        x = ids[torch.randint(len(ids) - seq - 1, (batch, 1), generator=g) + torch.arange(seq + 1)]
+        return {"input_ids": x, "labels": x}
+
+    train_lm(model, model.parameters(), window, steps=steps, lr=lr, progress=progress)
+    return model
 
 
 class _DynamicCacheBatch:
