@@ -19,6 +19,7 @@
 #include "deu/deu.h"
 #include "embedding/embedding.h"
 #include "kv/kv.h"
+#include "lora/lora.h"
 
 #if __has_include("kfuse_sources_hash.h")
 #include "kfuse_sources_hash.h"  // written by setup.py (CMake passes -DKFUSE_SOURCES_HASH instead)
@@ -591,6 +592,17 @@ int64_t lora_gate(const py::handle& x_obj, const py::handle& w_obj, const py::ha
   return 1;
 }
 
+// The cpu backend's dropout mask (lora.h): bool [M, K], True = kept. The arguments are checked in Python
+// (ops/lora.py); these checks are invariants.
+at::Tensor lora_dropout_keep(int64_t seed, int64_t M, int64_t K, double p) {
+  TORCH_CHECK(seed >= 0 && M >= 0 && K >= 0 && p >= 0.0 && p < 1.0, "kfuse.lora_dropout_keep: bad arguments");
+  at::Tensor keep = at::empty({M, K}, at::TensorOptions().dtype(at::kBool));
+  if (keep.numel() > 0)
+    kfuse::lora::dropout_keep_cpu(static_cast<uint64_t>(seed), M, K, static_cast<float>(p), keep.data_ptr<bool>(),
+                                  at::get_num_threads());
+  return keep;
+}
+
 // The embedding ops' per-table checks in one pass (python/kfuse/ops/embedding.py _check_weights): in Python
 // they took ~0.9 us a table, and the route's and the metadata cache's per-table reads as much again: ~55 of
 // the op's ~105 us of host time at FBGEMM's 32 tables (bench/host_launchers.py, 2-core CPU). None unless
@@ -730,6 +742,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "when autograd must record the call, 1 when not",
         py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("bias"), py::arg("lora_bias"),
         py::arg("fan_in_fan_out"));
+  m.def("lora_dropout_keep", &lora_dropout_keep, release,
+        "The LoRA cpu backend's dropout mask: bool [M, K], True where u(Philox4x32-10(seed, m * ceil(K/4) + k/4) "
+        "word k % 4) >= p, the Triton kernels' draw",
+        py::arg("seed"), py::arg("M"), py::arg("K"), py::arg("p"));
   m.def("embedding_forward_fast", &embedding_forward_fast,
         "The embedding ops' eager CPU fast path: None unless every table, indices and offsets are ordinary CPU "
         "tensors, no table needs a gradient, and no jit trace or dispatch mode is on; else the forward of one "

@@ -1993,6 +1993,11 @@ def philox_keep(seed: int, M: int, K: int, p: float) -> Tensor:
     """The mask ``lora_dropout_mask`` documents, computed independently (numpy Philox4x32-10, Triton's
     constants and its uint → [0, 1) conversion): keep[m, k] = u(word k % 4 of Philox(seed,
     m·⌈K/4⌉ + k // 4)) >= p."""
+    return torch.from_numpy(philox_uniform(seed, M, K) >= np.float32(p))
+
+
+def philox_uniform(seed: int, M: int, K: int) -> np.ndarray:
+    """The float32 ``[M, K]`` uniforms of :func:`philox_keep`."""
     mask32 = np.uint64(0xFFFFFFFF)
     ctr = (np.arange(M, dtype=np.uint64)[:, None] * np.uint64((K + 3) // 4)
            + np.arange((K + 3) // 4, dtype=np.uint64)[None, :])
@@ -2004,8 +2009,7 @@ def philox_keep(seed: int, M: int, K: int, p: float) -> Tensor:
         c = [(p0 >> np.uint64(32)) ^ c[1] ^ k0, p0 & mask32, (p2 >> np.uint64(32)) ^ c[3] ^ k1, p2 & mask32]
         k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask32, (k1 + np.uint64(0xBB67AE85)) & mask32
     words = np.stack(c, axis=-1).reshape(M, -1)[:, :K].astype(np.uint32).view(np.int32)
-    u = np.where(words < 0, ~words, words).astype(np.float32) * np.float32(4.6566127342e-10)
-    return torch.from_numpy(u >= np.float32(p))
+    return np.where(words < 0, ~words, words).astype(np.float32) * np.float32(4.6566127342e-10)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -2016,6 +2020,33 @@ def test_dropout_mask_is_the_documented_philox_draw(device: str, M: int, K: int)
     for seed, p in ((1234, 0.3), (2**40 + 17, 0.5)):
         got = lk.lora_dropout_mask(make_seed(seed, device), M, K, p).cpu()
         assert torch.equal(got, philox_keep(seed, M, K, p)), (seed, p)
+
+
+@pytest.mark.skipif(_backends.extension() is None, reason="kfuse._C is not built")
+@pytest.mark.parametrize("M,K", [(1, 1), (3, 8), (5, 37), (70, 67), (300, 130)])
+def test_cpu_backend_mask_is_the_triton_draw(M: int, K: int, monkeypatch) -> None:
+    """The cpu backend's mask (``_C.lora_dropout_keep``) is the documented Philox draw the Triton kernels make, at
+    any thread count (rows split across threads; 300 x 130 takes two), and p near 0 and 1 (the kernel compares
+    integers against a threshold found once: an off-by-one there flips elements at the boundary). Without the
+    extension the cpu backend draws as the reference backend does."""
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for seed, p in ((1234, 0.3), (2**40 + 17, 0.5), (2**62 - 1, 1e-9), (7, 0.999999), (0, 0.1)):
+                got = dropout_mask(torch.tensor([seed]), M, K, p, "cpu")
+                assert got.dtype == torch.bool and torch.equal(got, philox_keep(seed, M, K, p)), (threads, seed, p)
+    finally:
+        torch.set_num_threads(old)
+    # p exactly at elements' own uniforms: each is kept (u >= p), the next smaller ones dropped
+    u = philox_uniform(99, 64, 64)
+    for i in (0, 777, 4095):
+        p = float(np.sort(u, axis=None)[i])
+        got = dropout_mask(torch.tensor([99]), 64, 64, p, "cpu")
+        assert torch.equal(got, philox_keep(99, 64, 64, p)) and int((~got).sum()) == i
+    monkeypatch.setattr(_backends, "extension", lambda: None)
+    seed = torch.tensor([1234])
+    assert torch.equal(dropout_mask(seed, 20, 30, 0.4, "cpu"), dropout_mask(seed, 20, 30, 0.4, "reference"))
 
 
 # ----------------------------------------------------------------------------------------

@@ -259,6 +259,16 @@ def _generator_mask(seed: Tensor, M: int, K: int, p: float) -> Tensor:
         return torch.rand(M, K, generator=g, device=seed.device, dtype=torch.float32) >= p
 
 
+def _cpu_mask(seed: Tensor, M: int, K: int, p: float) -> Tensor:
+    """The cpu backend's mask: the Triton kernels' Philox draw, from the extension (``_C.lora_dropout_keep``:
+    OpenMP; torch.rand on a seeded generator took 19 % of a GPT-2 LoRA training step with dropout,
+    ``bench/results/2026-12-06-cpu-lora-dropout.md``), or :func:`_generator_mask` without it (or off the CPU)."""
+    ext = _backends.extension()
+    if ext is None or seed.device.type != "cpu":
+        return _generator_mask(seed, M, K, p)
+    return ext.lora_dropout_keep(int(seed.item()), M, K, p)
+
+
 def dropout_mask(seed: Tensor, M: int, K: int, p: float, backend: str) -> Tensor:
     """The dropout mask ``backend``'s forward and backward use for ``seed``.
 
@@ -266,14 +276,17 @@ def dropout_mask(seed: Tensor, M: int, K: int, p: float, backend: str) -> Tensor
         seed: int64 ``[1]``, as the forward saved it (on x's device).
         M, K: the mask's shape (rows of the flattened x, features).
         p: the dropout probability.
-        backend: ``"cpu"`` or ``"reference"`` (a ``torch.Generator`` on the seed's device seeded
-            with it: ``torch.rand(M, K, generator=g, dtype=torch.float32) >= p``), or ``"triton"``
-            (the kernels' own).
+        backend: ``"triton"`` or ``"cpu"`` (the same Philox draw: ``triton_kernels/lora.py``'s ``_keep``; the
+            ``cpu`` backend without the compiled extension draws as ``reference`` does), or ``"reference"`` (a
+            ``torch.Generator`` on the seed's device seeded with it:
+            ``torch.rand(M, K, generator=g, dtype=torch.float32) >= p``).
     Returns:
         bool ``[M, K]`` on the seed's device, True = kept (probability ``1 − p``).
     """
     if backend == "triton":
         return _tk().lora_dropout_mask(seed, M, K, p)
+    if backend == "cpu":
+        return _cpu_mask(seed, M, K, p)
     return _generator_mask(seed, M, K, p)
 
 
@@ -359,7 +372,7 @@ def _torch_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: fl
     if seed is None:
         S = torch.mm(xa, _to(A, acc).t())
     else:  # dropout's 1/(1-p) on S ([M, r]) rather than on x ([M, K])
-        keep = _generator_mask(seed, x2.shape[0], x2.shape[1], p)
+        keep = _cpu_mask(seed, x2.shape[0], x2.shape[1], p)
         S = torch.mm(xa * keep, _to(A, acc).t()).mul_(1.0 / (1.0 - p))
     if scaling != 0.0:
         y.addmm_(S, _to(B, acc).t(), alpha=scaling)
@@ -377,7 +390,7 @@ def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tenso
     dya = _to(dy2, acc)
     keep = None
     if seed is not None and (need_x or need_a):
-        keep = _generator_mask(seed, x2.shape[0], x2.shape[1], p)
+        keep = _cpu_mask(seed, x2.shape[0], x2.shape[1], p)
     out: list[Tensor | None] = [None] * 6
     if need_x or need_a:
         # G = s/(1-p) · dy B  [M, r]: the gradient of S, with dropout's scale folded in.
