@@ -1,6 +1,7 @@
-"""The cpu backend's dropout mask in a LoRA training step: kfuse's Philox mask (``_C.lora_dropout_keep``) against
-the torch.rand mask it replaced (``ops.lora._generator_mask``, swapped in for the A/B), and PEFT's own layers,
-on the LoRA demo's GPT-2 (width 128, 4 layers, r = 4 on every Conv1D, dropout 0.1, batch 32 x 74 tokens),
+"""The cpu backend's dropout in a LoRA training step, three ways: the product with the mask made inside it
+(``_C.lora_dropout_mul``, now), the product with a Philox mask tensor (``_C.lora_dropout_keep``, 2026-12-06), and
+with a torch.rand mask tensor (``ops.lora._generator_mask``, before; each swapped in for the A/B), against PEFT's
+own layers, on the LoRA demo's GPT-2 (width 128, 4 layers, r = 4 on every Conv1D, dropout 0.1, batch 32 x 74 tokens),
 forward + backward + AdamW, fp32, 2 threads; 4 interleaved rounds of 10 timed steps each, medians.
 Usage: ``python bench/lora_cpu_dropout.py``.
 """
@@ -30,7 +31,16 @@ def main() -> None:
     for name in ("peft", "kfuse"):
         m = d.adapt(base, 4, dropout=0.1, fused=name == "kfuse", seed=0).train()
         models[name] = (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3))
-    philox = ops._cpu_mask
+    fused = ops._dropout_mul
+
+    def product_with(mask):  # the product as it was made before _C.lora_dropout_mul: a mask tensor, then t * it
+        def mul(seed, t, p, inplace=False):
+            keep = mask(seed, t.shape[0], t.shape[1], p)
+            return t.mul_(keep) if inplace else t * keep
+        return mul
+
+    variants = {"kfuse (fused product)": fused, "kfuse (Philox mask)": product_with(ops._cpu_mask),
+                "kfuse (torch.rand mask)": product_with(ops._generator_mask)}
 
     def step(name: str) -> None:
         m, opt = models[name]
@@ -39,11 +49,11 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    res: dict[str, list[float]] = {"peft": [], "kfuse (Philox mask)": [], "kfuse (torch.rand mask)": []}
+    res: dict[str, list[float]] = {"peft": [], **{label: [] for label in variants}}
     try:
         for _ in range(4):
             for label, times in res.items():
-                ops._cpu_mask = ops._generator_mask if "torch.rand" in label else philox
+                ops._dropout_mul = variants.get(label, fused)
                 name = "peft" if label == "peft" else "kfuse"
                 for _ in range(3):
                     step(name)
@@ -52,7 +62,7 @@ def main() -> None:
                     step(name)
                     times.append(time.perf_counter() - t0)
     finally:
-        ops._cpu_mask = philox
+        ops._dropout_mul = fused
     for label, times in res.items():
         print(f"{label:<26} median {1e3 * statistics.median(times):6.1f} ms a step (40 steps, 4 interleaved rounds)")
 

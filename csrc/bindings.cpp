@@ -603,6 +603,30 @@ at::Tensor lora_dropout_keep(int64_t seed, int64_t M, int64_t K, double p) {
   return keep;
 }
 
+// src * the cpu backend's dropout mask (lora.h dropout_mul_cpu), into out (a new tensor when None; src itself for
+// in place). src: contiguous float32/float64 [M, K] on the CPU; out: the same.
+at::Tensor lora_dropout_mul(int64_t seed, const at::Tensor& src, double p, c10::optional<at::Tensor> out) {
+  TORCH_CHECK(seed >= 0 && p >= 0.0 && p < 1.0, "kfuse.lora_dropout_mul: bad arguments");
+  TORCH_CHECK(src.dim() == 2 && src.device().is_cpu() && src.is_contiguous() &&
+                  (src.scalar_type() == at::kFloat || src.scalar_type() == at::kDouble),
+              "kfuse.lora_dropout_mul: src must be a contiguous float32/float64 [M, K] CPU tensor");
+  at::Tensor dst = out.has_value() ? *out : at::empty_like(src);
+  TORCH_CHECK(dst.sizes() == src.sizes() && dst.scalar_type() == src.scalar_type() && dst.device().is_cpu() &&
+                  dst.is_contiguous(),
+              "kfuse.lora_dropout_mul: out must be a contiguous CPU tensor of src's shape and dtype");
+  const int64_t M = src.size(0), K = src.size(1);
+  if (src.numel() > 0) {
+    const uint64_t s = static_cast<uint64_t>(seed);
+    const float pf = static_cast<float>(p);
+    if (src.scalar_type() == at::kFloat)
+      kfuse::lora::dropout_mul_cpu(s, M, K, pf, src.data_ptr<float>(), dst.data_ptr<float>(), at::get_num_threads());
+    else
+      kfuse::lora::dropout_mul_cpu(s, M, K, pf, src.data_ptr<double>(), dst.data_ptr<double>(),
+                                   at::get_num_threads());
+  }
+  return dst;
+}
+
 // The embedding ops' per-table checks in one pass (python/kfuse/ops/embedding.py _check_weights): in Python
 // they took ~0.9 us a table, and the route's and the metadata cache's per-table reads as much again: ~55 of
 // the op's ~105 us of host time at FBGEMM's 32 tables (bench/host_launchers.py, 2-core CPU). None unless
@@ -746,6 +770,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The LoRA cpu backend's dropout mask: bool [M, K], True where u(Philox4x32-10(seed, m * ceil(K/4) + k/4) "
         "word k % 4) >= p, the Triton kernels' draw",
         py::arg("seed"), py::arg("M"), py::arg("K"), py::arg("p"));
+  m.def("lora_dropout_mul", &lora_dropout_mul, release,
+        "src * the LoRA cpu backend's dropout mask (lora_dropout_keep's, made row by row, never stored) into out "
+        "(new when None; src for in place); src, out contiguous float32/float64 [M, K] on the CPU",
+        py::arg("seed"), py::arg("src"), py::arg("p"), py::arg("out") = py::none());
   m.def("embedding_forward_fast", &embedding_forward_fast,
         "The embedding ops' eager CPU fast path: None unless every table, indices and offsets are ordinary CPU "
         "tensors, no table needs a gradient, and no jit trace or dispatch mode is on; else the forward of one "

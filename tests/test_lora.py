@@ -2049,6 +2049,39 @@ def test_cpu_backend_mask_is_the_triton_draw(M: int, K: int, monkeypatch) -> Non
     assert torch.equal(dropout_mask(seed, 20, 30, 0.4, "cpu"), dropout_mask(seed, 20, 30, 0.4, "reference"))
 
 
+@pytest.mark.skipif(_backends.extension() is None, reason="kfuse._C is not built")
+@pytest.mark.parametrize("M,K", [(1, 1), (5, 37), (300, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_backend_dropout_product(M: int, K: int, dtype: torch.dtype, monkeypatch) -> None:
+    """The cpu backend's dropout product (``_C.lora_dropout_mul``: the mask made row by row inside it) is
+    ``t * mask`` with the Philox mask, exactly: at 1-3 threads, in place and not, for a transposed (non-contiguous)
+    input, and a NaN or inf in a dropped element gives NaN as the product with the mask does. Without the
+    extension the same product comes from the mask tensor."""
+    g = torch.Generator().manual_seed(M * K)
+    t = torch.randn(M, K, generator=g, dtype=dtype)
+    t.view(-1)[::7] = float("nan")
+    t.view(-1)[3::11] = float("inf")
+    seed, p = 2**40 + 17, 0.3
+    want = t * philox_keep(seed, M, K, p).to(dtype)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got = ops._dropout_mul(torch.tensor([seed]), t, p)
+            assert got.dtype == dtype and torch.equal(got.isnan(), want.isnan()), threads
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), threads
+    finally:
+        torch.set_num_threads(old)
+    tt = t.t().contiguous().t()  # t's values, column-major
+    assert torch.equal(ops._dropout_mul(torch.tensor([seed]), tt, p).nan_to_num(), want.nan_to_num())
+    inplace = t.clone()
+    assert ops._dropout_mul(torch.tensor([seed]), inplace, p, inplace=True) is inplace
+    assert torch.equal(inplace.nan_to_num(), want.nan_to_num())
+    monkeypatch.setattr(_backends, "extension", lambda: None)
+    assert torch.equal(ops._dropout_mul(torch.tensor([seed]), t, p).nan_to_num(),
+                       (t * dropout_mask(torch.tensor([seed]), M, K, p, "reference")).nan_to_num())
+
+
 # ----------------------------------------------------------------------------------------
 # S = dropout(x) Aᵀ.
 # ----------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-// LoRA's CPU kernels: the dropout mask (see lora.h). Why in C++: the cpu backend drew its mask with
-// torch.rand on a seeded torch.Generator (mt19937, one thread): ~6 ns an element, twice a layer per
+// LoRA's CPU kernels: the dropout mask, and the product with it (see lora.h). Why in C++: the cpu backend drew
+// its mask with torch.rand on a seeded torch.Generator (mt19937, one thread): ~6 ns an element, twice a layer per
 // step (forward, and the backward's regeneration): 19 % of a GPT-2 LoRA training step with dropout
 // 0.1 (width 128, 2 threads; bench/results/2026-12-06-cpu-lora-dropout.md). Philox here: one call per
 // four elements, threads over rows.
@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 
 #include "../cpu_isa.h"
 
@@ -69,17 +70,48 @@ KF_CLONES void keep_row(uint64_t base, int64_t K, uint32_t k0, uint32_t k1, uint
   }
 }
 
+// dst[k] = src[k] * keep[k] (0 or 1): a product, not a select, so a NaN or inf in a dropped element gives NaN,
+// as torch's x * mask does on the other backends' reference.
+KF_CLONES void mul_row(const float* src, const bool* keep, float* dst, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) dst[k] = src[k] * static_cast<float>(keep[k]);
+}
+KF_CLONES void mul_row(const double* src, const bool* keep, double* dst, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) dst[k] = src[k] * static_cast<double>(keep[k]);
+}
+
+// At least ~64k elements a thread: a small mask is not worth waking the team for.
+int team(int nt, int64_t M, int64_t K) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, M * K / 65536)));
+}
+
 }  // namespace
 
 void dropout_keep_cpu(uint64_t seed, int64_t M, int64_t K, float p, bool* keep, int nt) {
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   const uint64_t groups = static_cast<uint64_t>((K + 3) / 4);  // Philox calls per row
   const uint32_t threshold = keep_threshold(p);
-  // At least ~64k elements a thread: a small mask is not worth waking the team for.
-  nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, M * K / 65536)));
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(static) num_threads(team(nt, M, K))
   for (int64_t m = 0; m < M; ++m) keep_row(static_cast<uint64_t>(m) * groups, K, k0, k1, threshold, keep + m * K);
 }
+
+template <class T>
+void dropout_mul_cpu(uint64_t seed, int64_t M, int64_t K, float p, const T* src, T* dst, int nt) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const uint64_t groups = static_cast<uint64_t>((K + 3) / 4);
+  const uint32_t threshold = keep_threshold(p);
+#pragma omp parallel num_threads(team(nt, M, K))
+  {
+    const std::unique_ptr<bool[]> keep(new bool[static_cast<size_t>(K)]);  // one row's mask, in L1
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      keep_row(static_cast<uint64_t>(m) * groups, K, k0, k1, threshold, keep.get());
+      mul_row(src + m * K, keep.get(), dst + m * K, K);
+    }
+  }
+}
+
+template void dropout_mul_cpu<float>(uint64_t, int64_t, int64_t, float, const float*, float*, int);
+template void dropout_mul_cpu<double>(uint64_t, int64_t, int64_t, float, const double*, double*, int);
 
 }  // namespace lora
 }  // namespace kfuse

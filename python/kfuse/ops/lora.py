@@ -269,6 +269,21 @@ def _cpu_mask(seed: Tensor, M: int, K: int, p: float) -> Tensor:
     return ext.lora_dropout_keep(int(seed.item()), M, K, p)
 
 
+def _dropout_mul(seed: Tensor, t: Tensor, p: float, inplace: bool = False) -> Tensor:
+    """``t [M, K]`` (float32/float64) times the cpu backend's mask for ``seed`` (:func:`_cpu_mask`'s), in place when
+    ``inplace``. With the extension the mask is made row by row inside the product (``_C.lora_dropout_mul``): no
+    bool ``[M, K]`` tensor, none of the float copies of it a product with it made (16 a step of the LoRA demo's
+    GPT-2, ~6 % of it: ``bench/results/2026-12-07-cpu-lora-dropout-mul.md``)."""
+    ext = _backends.extension()
+    if ext is None or t.device.type != "cpu":
+        keep = _cpu_mask(seed, t.shape[0], t.shape[1], p)
+        return t.mul_(keep) if inplace else t * keep
+    if not t.is_contiguous():  # (a view of a transposed x; the products the backward masks are new, contiguous)
+        t = t.contiguous()
+        inplace = True
+    return ext.lora_dropout_mul(int(seed.item()), t, p, t if inplace else None)
+
+
 def dropout_mask(seed: Tensor, M: int, K: int, p: float, backend: str) -> Tensor:
     """The dropout mask ``backend``'s forward and backward use for ``seed``.
 
@@ -372,8 +387,7 @@ def _torch_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: fl
     if seed is None:
         S = torch.mm(xa, _to(A, acc).t())
     else:  # dropout's 1/(1-p) on S ([M, r]) rather than on x ([M, K])
-        keep = _cpu_mask(seed, x2.shape[0], x2.shape[1], p)
-        S = torch.mm(xa * keep, _to(A, acc).t()).mul_(1.0 / (1.0 - p))
+        S = torch.mm(_dropout_mul(seed, xa, p), _to(A, acc).t()).mul_(1.0 / (1.0 - p))
     if scaling != 0.0:
         y.addmm_(S, _to(B, acc).t(), alpha=scaling)
     else:  # BLAS skips the product when alpha is 0; a NaN/inf adapter must still reach y, as in PEFT
@@ -388,9 +402,6 @@ def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tenso
     need_x, need_w, need_a, need_b, need_bias, need_lb = needs
     acc = acc_dtype(x2.dtype)
     dya = _to(dy2, acc)
-    keep = None
-    if seed is not None and (need_x or need_a):
-        keep = _cpu_mask(seed, x2.shape[0], x2.shape[1], p)
     out: list[Tensor | None] = [None] * 6
     if need_x or need_a:
         # G = s/(1-p) · dy B  [M, r]: the gradient of S, with dropout's scale folded in.
@@ -398,14 +409,14 @@ def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tenso
         Aa = _to(A, acc)
         if need_x:
             dx = _base_mm(dy2, dya, weight.t() if fifo else weight)
-            if keep is None:
+            if seed is None:
                 dx.addmm_(G, Aa)
             else:
-                dx.add_(torch.mm(G, Aa).mul_(keep))
+                dx.add_(_dropout_mul(seed, torch.mm(G, Aa), p, inplace=True))
             out[0] = _to(dx, x2.dtype)
         if need_a:
             xa = _to(x2, acc)
-            out[2] = _to(torch.mm(G.t(), xa if keep is None else xa * keep), A.dtype)
+            out[2] = _to(torch.mm(G.t(), xa if seed is None else _dropout_mul(seed, xa, p)), A.dtype)
     if need_w:
         xa = _to(x2, acc)
         out[1] = _to(torch.mm(xa.t(), dya) if fifo else torch.mm(dya.t(), xa), weight.dtype)
