@@ -592,6 +592,53 @@ int64_t lora_gate(const py::handle& x_obj, const py::handle& w_obj, const py::ha
   return 1;
 }
 
+// The multi-adapter LoRA op's eager-path gate (python/kfuse/ops/lora.py _multi_gate), as lora_gate for
+// lora_linear_multi: 1 when x, weight, A_stack, B_stack, scalings, ranks, adapter_ids (and bias when not None) are
+// plain tensors on one device, no jit trace or torch dispatch mode is active, no input requires grad under grad mode
+// (the op is forward-only: the full path warns and runs the reference), and every check of _validate_multi holds:
+// x float16/bfloat16/float32/float64 [..., K]; weight x's dtype, [N, K] ([K, N] with fan_in_fan_out); A_stack
+// [L, r_max, K] float32 or x's dtype; B_stack [L, N, r_max] A_stack's dtype; scalings [L] floating; ranks [L]
+// int32/int64; adapter_ids int32/int64, x.shape[:-1] or [M] (M = the product of x.shape[:-1]); bias [N] x's dtype.
+// Else 0, which says nothing about the call: the full path validates it (naming what is wrong) and routes it. The
+// values of ids and ranks are not looked at (the op checks CPU ones after the gate).
+int64_t lora_multi_gate(const py::handle& x_obj, const py::handle& w_obj, const py::handle& a_obj,
+                        const py::handle& b_obj, const py::handle& s_obj, const py::handle& r_obj,
+                        const py::handle& ids_obj, const py::handle& bias_obj, bool fan_in_fan_out) {
+  if (torch::jit::tracer::isTracing() || c10::impl::TorchDispatchModeTLS::stack_len() > 0) return 0;
+  const at::Tensor* x = plain_tensor(x_obj);
+  const at::Tensor* w = plain_tensor(w_obj);
+  const at::Tensor* a = plain_tensor(a_obj);
+  const at::Tensor* b = plain_tensor(b_obj);
+  const at::Tensor* sc = plain_tensor(s_obj);
+  const at::Tensor* rk = plain_tensor(r_obj);
+  const at::Tensor* ids = plain_tensor(ids_obj);
+  const at::Tensor* bias = bias_obj.is_none() ? nullptr : plain_tensor(bias_obj);
+  if (!x || !w || !a || !b || !sc || !rk || !ids || (!bias_obj.is_none() && !bias)) return 0;
+  const auto dt = x->scalar_type();
+  if (dt != at::kHalf && dt != at::kBFloat16 && dt != at::kFloat && dt != at::kDouble) return 0;
+  if (x->dim() < 1 || w->dim() != 2 || a->dim() != 3 || b->dim() != 3 || sc->dim() != 1 || rk->dim() != 1)
+    return 0;
+  const int64_t K = x->size(-1), N = w->size(fan_in_fan_out ? 1 : 0), L = a->size(0), r_max = a->size(1);
+  const auto adt = a->scalar_type();
+  if (w->scalar_type() != dt || w->size(fan_in_fan_out ? 0 : 1) != K || a->size(2) != K ||
+      (adt != at::kFloat && adt != dt) || b->scalar_type() != adt || b->size(0) != L || b->size(1) != N ||
+      b->size(2) != r_max)
+    return 0;
+  if (sc->size(0) != L || !at::isFloatingType(sc->scalar_type()) || rk->size(0) != L) return 0;
+  const auto is_int = [](at::ScalarType t) { return t == at::kInt || t == at::kLong; };
+  if (!is_int(rk->scalar_type()) || !is_int(ids->scalar_type())) return 0;
+  const auto lead = x->sizes().slice(0, x->dim() - 1);
+  if (ids->sizes() != lead && !(ids->dim() == 1 && ids->size(0) == c10::multiply_integers(lead))) return 0;
+  if (bias && (bias->dim() != 1 || bias->size(0) != N || bias->scalar_type() != dt)) return 0;
+  const at::Device dev = x->device();
+  for (const at::Tensor* t : {w, a, b, sc, rk, ids, bias})
+    if (t && t->device() != dev) return 0;
+  if (c10::GradMode::is_enabled())
+    for (const at::Tensor* t : {x, w, a, b, sc, bias})
+      if (t && t->requires_grad()) return 0;
+  return 1;
+}
+
 // The cpu backend's dropout mask (lora.h): bool [M, K], True = kept. The arguments are checked in Python
 // (ops/lora.py); these checks are invariants.
 at::Tensor lora_dropout_keep(int64_t seed, int64_t M, int64_t K, double p) {
@@ -766,6 +813,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "when autograd must record the call, 1 when not",
         py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("bias"), py::arg("lora_bias"),
         py::arg("fan_in_fan_out"));
+  m.def("lora_multi_gate", &lora_multi_gate,
+        "The multi-adapter LoRA op's eager-path gate: 1 when its tensors are plain, on one device, pass every check "
+        "of lora_linear_multi's validation, none requires grad under grad mode, and no jit trace or dispatch mode is "
+        "on; else 0",
+        py::arg("x"), py::arg("weight"), py::arg("A_stack"), py::arg("B_stack"), py::arg("scalings"),
+        py::arg("ranks"), py::arg("adapter_ids"), py::arg("bias"), py::arg("fan_in_fan_out"));
   m.def("lora_dropout_keep", &lora_dropout_keep, release,
         "The LoRA cpu backend's dropout mask: bool [M, K], True where u(Philox4x32-10(seed, m * ceil(K/4) + k/4) "
         "word k % 4) >= p, the Triton kernels' draw",

@@ -2980,6 +2980,162 @@ def test_gated_calls_give_the_full_paths_bits_and_gradients(dtype: torch.dtype, 
     assert all(torch.equal(a, b) for a, b in zip(gated, full, strict=True))
 
 
+_MULTI_ARGS = ("x", "weight", "A_stack", "B_stack", "scalings", "ranks", "adapter_ids", "bias")
+
+
+def _multi_gate_case(rng: np.random.Generator) -> dict:
+    """lora_linear_multi's arguments, each valid most of the time and otherwise wrong in one of the ways the gate
+    must decline (a dtype, a shape, a device, a subclass, a lazy negation, a per-sequence id, a non-bool flag)."""
+    def pick(*options):
+        return options[int(rng.integers(len(options)))]
+
+    dt = pick(torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    K, N, L, r_max = (int(v) for v in rng.integers(1, 6, 4))
+    fifo = bool(rng.random() < 0.3)
+    adt = pick(torch.float32, dt)
+    lead = [int(v) for v in rng.integers(0, 4, int(rng.integers(0, 3)))]
+    x = torch.randn(*lead, K).to(dt)
+    ids = torch.randint(-1, L, lead, dtype=pick(torch.int32, torch.int64))  # x.shape[:-1], or flat: [M]
+    ids = pick(ids, ids.reshape(-1)) if lead else ids
+    args = dict(x=x, weight=torch.randn(K, N).to(dt) if fifo else torch.randn(N, K).to(dt),
+                A_stack=torch.randn(L, r_max, K).to(adt), B_stack=torch.randn(L, N, r_max).to(adt),
+                scalings=torch.rand(L).to(pick(torch.float32, torch.float64, torch.float16)),
+                ranks=torch.randint(0, r_max + 1, (L,), dtype=pick(torch.int32, torch.int64)),
+                adapter_ids=ids, bias=pick(None, torch.randn(N).to(dt)), fan_in_fan_out=fifo)
+    if rng.random() < 0.6:
+        name = pick(*_MULTI_ARGS, "fan_in_fan_out")
+        v = args[name]
+        if isinstance(v, Tensor):
+            how = pick("dtype", "shape", "meta", "neg", "sub", "strided", "param", "grad", "ndim", "seq")
+            if how == "dtype":
+                v = v.to(torch.float64 if v.dtype != torch.float64 else torch.float32)
+            elif how == "shape" and v.ndim:
+                v = torch.zeros(*v.shape[:-1], v.shape[-1] + 1, dtype=v.dtype)
+            elif how == "meta":
+                v = v.to("meta")
+            elif how == "neg" and v.dtype.is_floating_point:
+                v = torch._neg_view(v)
+            elif how == "sub":
+                v = v.as_subclass(type("Sub", (Tensor,), {}))
+            elif how == "strided" and v.ndim:
+                v = torch.cat([v, v], -1)[..., ::2]  # valid: any strides
+            elif how == "param" and v.dtype.is_floating_point:
+                v = nn.Parameter(v, requires_grad=False)  # valid
+            elif how == "grad" and v.dtype.is_floating_point:
+                v = v.clone().requires_grad_()  # valid, but the reference's (the op is forward-only)
+            elif how == "ndim":
+                v = v[None]
+            elif how == "seq" and name == "adapter_ids" and x.ndim == 3:
+                v = torch.zeros(x.shape[0], dtype=v.dtype)  # one id per sequence: the full path expands it
+            args[name] = v
+        elif name == "fan_in_fan_out":
+            args[name] = pick(0, None, "no")
+        else:
+            args[name] = torch.randn(N + 1)
+    return args
+
+
+def _multi_full_path_says(args: dict) -> str | None:
+    """What lora_linear_multi's full path decides for ``args``: its route (REFERENCE when an input needs grad, as
+    the op does), or None when it raises."""
+    ids, x = args["adapter_ids"], args["x"]
+    if (x.ndim > 2 and ids.ndim == 1 and ids.shape[0] == x.shape[0] and ids.shape[0] != math.prod(x.shape[:-1])):
+        return "per-sequence ids"
+    try:
+        ops._validate_multi(*(args[k] for k in _MULTI_ARGS), args["fan_in_fan_out"])
+    except (TypeError, ValueError):
+        return None
+    tensors = tuple(args[k] for k in _MULTI_ARGS)
+    if torch.overrides.has_torch_function(tensors):
+        return "torch_function"
+    route = ops._routing.route(ops._select("lora_linear_multi", "auto", x), tensors)
+    return ops._routing.REFERENCE if ops._routing.needs_grad(tensors) else route
+
+
+@needs_extension
+def test_multi_gate_passes_only_calls_the_full_path_validates_and_routes_eagerly(seed: int) -> None:
+    """lora_linear_multi runs its implementation without _validate_multi and _routing.route when _multi_gate says
+    so (its Python was 45 us of a serving call over the launcher's 16). Over 3000 random calls, valid or wrong in one
+    argument, under grad mode on and off: the gate passes only what the full path validates and routes eagerly
+    without gradients, and declines none of the plain, valid calls it is for."""
+    rng = np.random.default_rng(seed)
+    taken = declined = 0
+    for i in range(3000):
+        args = _multi_gate_case(rng)
+        with torch.set_grad_enabled(i % 3 != 0):
+            gate = ops._multi_gate(*(args[k] for k in _MULTI_ARGS), args["fan_in_fan_out"])
+            said = _multi_full_path_says(args)
+        if gate:
+            taken += 1
+            assert said == ops._routing.EAGER, (args, said)
+        elif said == ops._routing.EAGER and not any(isinstance(v, Tensor) and v.is_neg() for v in args.values()):
+            declined += 1
+    assert taken > 500 and declined == 0, (taken, declined)
+
+
+@needs_extension
+def test_multi_gate_declines_traces_modes_and_transforms(seed: int) -> None:
+    """The multi gate says no under a dispatch mode, autocast, a torch-function mode, forward-mode AD, vmap, and
+    for an input requiring grad under grad mode (the op then warns and runs the reference)."""
+    torch.manual_seed(seed)
+    x, w = torch.randn(3, 5), torch.randn(4, 5)
+    A, B, sc = torch.randn(2, 2, 5), torch.randn(2, 4, 2), torch.rand(2)
+    rk, ids = torch.tensor([2, 1]), torch.tensor([0, -1, 1])
+
+    def gate(x: Tensor = x, A: Tensor = A) -> bool:
+        return ops._multi_gate(x, w, A, B, sc, rk, ids, None, False)
+
+    assert gate()
+    assert not gate(A=A.clone().requires_grad_())
+    with torch.no_grad():
+        assert gate(A=A.clone().requires_grad_())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert not gate()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not gate()
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert not gate()
+    import torch.autograd.forward_ad as fwad  # noqa: PLC0415
+    with fwad.dual_level():
+        assert not gate(x=fwad.make_dual(x, torch.ones_like(x)))
+    seen = []
+    torch.func.vmap(lambda xi: (seen.append(gate(x=xi[None].expand(3, 5))), xi)[1])(x)
+    assert seen == [False]
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_multi_gated_calls_give_the_full_paths_bits(dtype: torch.dtype, monkeypatch, seed: int) -> None:
+    """Through the gate or with it off (as without the extension), the same output bit for bit, and the same errors
+    for out-of-range ids and ranks (values the gate does not look at); 3-D x, bias, fan_in_fan_out, mixed ranks."""
+    torch.manual_seed(seed)
+    K, N, L, r_max = 7, 5, 3, 4
+    x = torch.randn(2, 3, K).to(dtype)
+    w = torch.randn(K, N).to(dtype)
+    A, B = torch.randn(L, r_max, K), torch.randn(L, N, r_max)
+    sc, rk, bias = torch.rand(L), torch.tensor([4, 1, 2]), torch.randn(N).to(dtype)
+    ids = torch.tensor([[0, -1, 2], [1, 1, 0]])
+    taken = []
+    gate = ops._multi_gate
+    monkeypatch.setattr(ops, "_multi_gate", lambda *a: taken.append(gate(*a)) or taken[-1])
+
+    def run() -> Tensor:
+        return kfuse.lora_linear_multi(x, w, A, B, sc, rk, ids, bias, fan_in_fan_out=True)
+
+    gated = run()
+    for bad_ids, bad_rk, err in ((ids + 3, rk, IndexError), (ids, rk + 1, ValueError)):
+        with pytest.raises(err, match="adapter_ids must be in" if err is IndexError else "ranks must be in"):
+            kfuse.lora_linear_multi(x, w, A, B, sc, bad_rk, bad_ids, bias, fan_in_fan_out=True)
+    assert taken == [True, True, True]
+    monkeypatch.setattr(ops, "_multi_gate", lambda *a: False)
+    assert torch.equal(gated, run())
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_transform_around_plain_inputs_runs_the_reference(backend: str, device: str, seed: int) -> None:
     """A torch.func transform running around a call whose own tensors are not wrapped (a closure's, a module's

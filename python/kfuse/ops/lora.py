@@ -5,9 +5,9 @@
 ``kfuse.lora_linear_multi`` serves a batch whose rows use different adapters (forward only).
 
 Backends: ``triton`` (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), ``cpu`` (torch's
-BLAS calls in the cheapest order, written here in Python) and ``reference``. There are no csrc
-kernels for LoRA: the ``cuda`` backend always says so. Routes: ``kfuse._routing``; a plain, valid call skips
-their Python checks through one extension call (:func:`_gate`).
+BLAS calls in the cheapest order, written here in Python; the dropout mask from the extension) and ``reference``.
+There are no CUDA (csrc) kernels for LoRA: the ``cuda`` backend always says so. Routes: ``kfuse._routing``; a plain,
+valid call skips their Python checks through one extension call (:func:`_gate`, :func:`_multi_gate`).
 
 Dropout masks are never stored: the forward draws a seed (an int64 tensor ``[1]`` on x's device,
 from torch's default generator of that device, so ``torch.manual_seed`` reproduces it and
@@ -772,12 +772,32 @@ def _gate(x: object, weight: object, lora_A: object, lora_B: object, scaling: ob
     after a GEMM had streamed W through the caches (M = 1, 1024 x 1024 fp32 on the cpu backend, 2 threads: 109 us
     a call against 80 with them skipped, PEFT-style's 79), several times their ~8 us with warm caches."""
     if (type(scaling) is not float or type(dropout_p) is not float or not 0.0 <= dropout_p < 1.0
-            or type(training) is not bool or type(fan_in_fan_out) is not bool
-            or torch._C._is_any_autocast_enabled() or torch._C._is_torch_function_mode_enabled()
-            or torch.compiler.is_compiling() or _routing.forward_ad_active() or _routing.transform_active()):
+            or type(training) is not bool or type(fan_in_fan_out) is not bool or not _plain_context()):
         return 0
     ext = _backends.extension()
     return 0 if ext is None else ext.lora_gate(x, weight, lora_A, lora_B, bias, lora_bias, fan_in_fan_out)
+
+
+def _plain_context() -> bool:
+    """No autocast, torch-function mode, compilation, forward-mode AD or torch.func transform is on: the context the
+    gates' eager paths assume (a change to ``_routing.route`` must come here too)."""
+    return not (torch._C._is_any_autocast_enabled() or torch._C._is_torch_function_mode_enabled()
+                or torch.compiler.is_compiling() or _routing.forward_ad_active() or _routing.transform_active())
+
+
+def _multi_gate(x: object, weight: object, A_stack: object, B_stack: object, scalings: object, ranks: object,
+                adapter_ids: object, bias: object, fan_in_fan_out: object) -> bool:
+    """:func:`lora_linear_multi`'s eager-path gate, as :func:`_gate` is :func:`lora_linear`'s: True when the call is
+    valid and plain (``_validate_multi`` would pass it, ``_routing.route`` send it down the eager path, and no input
+    requires grad), False otherwise or without the extension (the full path then decides, and names any error).
+    The tensors' checks in one call of the extension (``_C.lora_multi_gate``). Why: the op's own Python took 45 us
+    a call over its launcher's 16 (128 rows over 8 adapters, kernels stubbed; ``bench/host_launchers.py``), and an
+    eager call on the H200 took 0.097 ms against 0.021 ms of kernels (2026-12-04): the host is its time."""
+    if type(fan_in_fan_out) is not bool or not _plain_context():
+        return False
+    ext = _backends.extension()
+    return ext is not None and bool(ext.lora_multi_gate(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids,
+                                                        bias, fan_in_fan_out))
 
 
 def lora_linear(
@@ -963,6 +983,12 @@ def lora_linear_multi(
     reference runs instead (slow; it warns once): serve under ``torch.no_grad()`` or
     ``torch.inference_mode()``.
     """
+    if _multi_gate(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, fan_in_fan_out):
+        chosen = _select("lora_linear_multi", backend, x)
+        if chosen != "reference":  # (its path checks the values its own way: _check_multi_reference)
+            y = _multi_impl(_flat(x), weight, A_stack, B_stack, scalings, ranks, adapter_ids.reshape(-1), bias,
+                            fan_in_fan_out, chosen)
+            return y if x.ndim == 2 else y.view(*x.shape[:-1], y.shape[-1])
     tensors = (x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias)
     if torch.overrides.has_torch_function(tensors):
         return torch.overrides.handle_torch_function(
