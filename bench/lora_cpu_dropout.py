@@ -33,10 +33,10 @@ def main() -> None:
         models[name] = (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3))
     fused = ops._dropout_mul
 
-    def product_with(mask):  # the product as it was made before _C.lora_dropout_mul: a mask tensor, then t * it
-        def mul(seed, t, p, inplace=False):
-            keep = mask(seed, t.shape[0], t.shape[1], p)
-            return t.mul_(keep) if inplace else t * keep
+    def product_with(mask):  # the products as they were made before _C.lora_dropout_mul: a mask tensor, then t * it
+        def mul(seed, p, ts, inplace):
+            keep = mask(seed, ts[0].shape[0], ts[0].shape[1], p)
+            return [t.mul_(keep) if ip else t * keep for t, ip in zip(ts, inplace, strict=True)]
         return mul
 
     variants = {"kfuse (fused product)": fused, "kfuse (Philox mask)": product_with(ops._cpu_mask),

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <numeric>
 #include <optional>
+#include <vector>
 
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/jit/frontend/tracer.h>
@@ -650,28 +651,39 @@ at::Tensor lora_dropout_keep(int64_t seed, int64_t M, int64_t K, double p) {
   return keep;
 }
 
-// src * the cpu backend's dropout mask (lora.h dropout_mul_cpu), into out (a new tensor when None; src itself for
-// in place). src: contiguous float32/float64 [M, K] on the CPU; out: the same.
-at::Tensor lora_dropout_mul(int64_t seed, const at::Tensor& src, double p, c10::optional<at::Tensor> out) {
-  TORCH_CHECK(seed >= 0 && p >= 0.0 && p < 1.0, "kfuse.lora_dropout_mul: bad arguments");
-  TORCH_CHECK(src.dim() == 2 && src.device().is_cpu() && src.is_contiguous() &&
-                  (src.scalar_type() == at::kFloat || src.scalar_type() == at::kDouble),
-              "kfuse.lora_dropout_mul: src must be a contiguous float32/float64 [M, K] CPU tensor");
-  at::Tensor dst = out.has_value() ? *out : at::empty_like(src);
-  TORCH_CHECK(dst.sizes() == src.sizes() && dst.scalar_type() == src.scalar_type() && dst.device().is_cpu() &&
-                  dst.is_contiguous(),
-              "kfuse.lora_dropout_mul: out must be a contiguous CPU tensor of src's shape and dtype");
-  const int64_t M = src.size(0), K = src.size(1);
-  if (src.numel() > 0) {
-    const uint64_t s = static_cast<uint64_t>(seed);
-    const float pf = static_cast<float>(p);
-    if (src.scalar_type() == at::kFloat)
-      kfuse::lora::dropout_mul_cpu(s, M, K, pf, src.data_ptr<float>(), dst.data_ptr<float>(), at::get_num_threads());
-    else
-      kfuse::lora::dropout_mul_cpu(s, M, K, pf, src.data_ptr<double>(), dst.data_ptr<double>(),
-                                   at::get_num_threads());
+// Each of srcs times the cpu backend's dropout mask (lora.h dropout_mul_cpu: one draw for all), in place where
+// inplace[j], else into a new tensor; returns the results. srcs: contiguous float32/float64 CPU tensors of one shape
+// [M, K] and dtype.
+std::vector<at::Tensor> lora_dropout_mul(int64_t seed, const std::vector<at::Tensor>& srcs, double p,
+                                         const std::vector<bool>& inplace) {
+  TORCH_CHECK(seed >= 0 && p >= 0.0 && p < 1.0 && !srcs.empty() && srcs.size() == inplace.size(),
+              "kfuse.lora_dropout_mul: bad arguments");
+  const at::Tensor& first = srcs[0];
+  for (const at::Tensor& t : srcs)
+    TORCH_CHECK(t.dim() == 2 && t.device().is_cpu() && t.is_contiguous() && t.sizes() == first.sizes() &&
+                    t.scalar_type() == first.scalar_type() &&
+                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+                "kfuse.lora_dropout_mul: srcs must be contiguous float32/float64 CPU tensors of one shape [M, K] "
+                "and dtype");
+  std::vector<at::Tensor> dsts;
+  for (size_t j = 0; j < srcs.size(); ++j) dsts.push_back(inplace[j] ? srcs[j] : at::empty_like(srcs[j]));
+  if (first.numel() > 0) {
+    const int n = static_cast<int>(srcs.size());
+    const auto run = [&](auto zero) {
+      using T = decltype(zero);
+      std::vector<const T*> s;
+      std::vector<T*> d;
+      for (int j = 0; j < n; ++j) {
+        s.push_back(srcs[j].data_ptr<T>());
+        d.push_back(dsts[j].data_ptr<T>());
+      }
+      kfuse::lora::dropout_mul_cpu(static_cast<uint64_t>(seed), first.size(0), first.size(1), static_cast<float>(p),
+                                   n, s.data(), d.data(), at::get_num_threads());
+    };
+    if (first.scalar_type() == at::kFloat) run(0.0f);
+    else run(0.0);
   }
-  return dst;
+  return dsts;
 }
 
 // The embedding ops' per-table checks in one pass (python/kfuse/ops/embedding.py _check_weights): in Python
@@ -824,9 +836,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "word k % 4) >= p, the Triton kernels' draw",
         py::arg("seed"), py::arg("M"), py::arg("K"), py::arg("p"));
   m.def("lora_dropout_mul", &lora_dropout_mul, release,
-        "src * the LoRA cpu backend's dropout mask (lora_dropout_keep's, made row by row, never stored) into out "
-        "(new when None; src for in place); src, out contiguous float32/float64 [M, K] on the CPU",
-        py::arg("seed"), py::arg("src"), py::arg("p"), py::arg("out") = py::none());
+        "Each of srcs times the LoRA cpu backend's dropout mask (lora_dropout_keep's, made row by row once for all, "
+        "never stored), in place where inplace[j], else new; srcs contiguous float32/float64 [M, K] CPU tensors of "
+        "one shape and dtype",
+        py::arg("seed"), py::arg("srcs"), py::arg("p"), py::arg("inplace"));
   m.def("embedding_forward_fast", &embedding_forward_fast,
         "The embedding ops' eager CPU fast path: None unless every table, indices and offsets are ordinary CPU "
         "tensors, no table needs a gradient, and no jit trace or dispatch mode is on; else the forward of one "

@@ -2023,7 +2023,7 @@ def test_dropout_mask_is_the_documented_philox_draw(device: str, M: int, K: int)
 
 
 @pytest.mark.skipif(_backends.extension() is None, reason="kfuse._C is not built")
-@pytest.mark.parametrize("M,K", [(1, 1), (3, 8), (5, 37), (70, 67), (300, 130)])
+@pytest.mark.parametrize("M,K", [(1, 1), (3, 8), (5, 37), (70, 67), (300, 130), (3, 513)])
 def test_cpu_backend_mask_is_the_triton_draw(M: int, K: int, monkeypatch) -> None:
     """The cpu backend's mask (``_C.lora_dropout_keep``) is the documented Philox draw the Triton kernels make, at
     any thread count (rows split across threads; 300 x 130 takes two), and p near 0 and 1 (the kernel compares
@@ -2050,36 +2050,41 @@ def test_cpu_backend_mask_is_the_triton_draw(M: int, K: int, monkeypatch) -> Non
 
 
 @pytest.mark.skipif(_backends.extension() is None, reason="kfuse._C is not built")
-@pytest.mark.parametrize("M,K", [(1, 1), (5, 37), (300, 130)])
+@pytest.mark.parametrize("M,K", [(1, 1), (5, 37), (300, 130), (3, 513)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_backend_dropout_product(M: int, K: int, dtype: torch.dtype, monkeypatch) -> None:
-    """The cpu backend's dropout product (``_C.lora_dropout_mul``: the mask made row by row inside it) is
-    ``t * mask`` with the Philox mask, exactly: at 1-3 threads, in place and not, for a transposed (non-contiguous)
-    input, and a NaN or inf in a dropped element gives NaN as the product with the mask does. Without the
-    extension the same product comes from the mask tensor."""
+    """The cpu backend's dropout products (``_C.lora_dropout_mul``: the mask made row by row inside them, once for
+    all) are ``t * mask`` with the Philox mask, exactly: at 1-3 threads, one tensor or two (the backward's pair, one
+    in place), for a transposed (non-contiguous) input, and a NaN or inf in a dropped element gives NaN as the
+    product with the mask does. Without the extension the same products come from the mask tensor."""
     g = torch.Generator().manual_seed(M * K)
-    t = torch.randn(M, K, generator=g, dtype=dtype)
+    t, t2 = torch.randn(2, M, K, generator=g, dtype=dtype)
     t.view(-1)[::7] = float("nan")
     t.view(-1)[3::11] = float("inf")
-    seed, p = 2**40 + 17, 0.3
-    want = t * philox_keep(seed, M, K, p).to(dtype)
+    seed, p = torch.tensor([2**40 + 17]), 0.3
+    keep = philox_keep(int(seed), M, K, p).to(dtype)
+    want, want2 = (t * keep).nan_to_num(), t2 * keep
+
+    def same(got: Tensor, want: Tensor) -> bool:
+        return got.dtype == dtype and torch.equal(got.nan_to_num(), want)
+
     old = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            got = ops._dropout_mul(torch.tensor([seed]), t, p)
-            assert got.dtype == dtype and torch.equal(got.isnan(), want.isnan()), threads
-            assert torch.equal(got.nan_to_num(), want.nan_to_num()), threads
+            (got,) = ops._dropout_mul(seed, p, [t], [False])
+            assert same(got, want) and torch.equal(got.isnan(), (t * keep).isnan()), threads
+            inplace = t2.clone()
+            got, got2 = ops._dropout_mul(seed, p, [t, inplace], [False, True])
+            assert same(got, want) and same(got2, want2) and got2 is inplace, threads
     finally:
         torch.set_num_threads(old)
     tt = t.t().contiguous().t()  # t's values, column-major
-    assert torch.equal(ops._dropout_mul(torch.tensor([seed]), tt, p).nan_to_num(), want.nan_to_num())
-    inplace = t.clone()
-    assert ops._dropout_mul(torch.tensor([seed]), inplace, p, inplace=True) is inplace
-    assert torch.equal(inplace.nan_to_num(), want.nan_to_num())
+    assert same(ops._dropout_mul(seed, p, [tt], [False])[0], want)
     monkeypatch.setattr(_backends, "extension", lambda: None)
-    assert torch.equal(ops._dropout_mul(torch.tensor([seed]), t, p).nan_to_num(),
-                       (t * dropout_mask(torch.tensor([seed]), M, K, p, "reference")).nan_to_num())
+    keep = dropout_mask(seed, M, K, p, "reference")
+    got, got2 = ops._dropout_mul(seed, p, [t, t2.clone()], [False, True])
+    assert same(got, (t * keep).nan_to_num()) and same(got2, t2 * keep)
 
 
 # ----------------------------------------------------------------------------------------

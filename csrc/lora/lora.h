@@ -13,10 +13,12 @@ namespace lora {
 // So one seed gives the same mask on the cpu and triton backends. OpenMP over rows (nt threads).
 void dropout_keep_cpu(uint64_t seed, int64_t M, int64_t K, float p, bool* keep, int nt);
 
-// dst = src * keep (row-major [M, K]; dst may be src), keep that mask made row by row on the fly: the cpu backend's
-// dropout without a mask tensor or its conversion to src's dtype (T: float or double).
+// dst[j] = src[j] * keep for j < n (row-major [M, K] each; dst[j] may be src[j]), keep that mask made row by row
+// on the fly, once for all n: the cpu backend's dropout without a mask tensor or its conversion to src's dtype, and
+// one draw for the backward's two products (T: float or double).
 template <class T>
-void dropout_mul_cpu(uint64_t seed, int64_t M, int64_t K, float p, const T* src, T* dst, int nt);
+void dropout_mul_cpu(uint64_t seed, int64_t M, int64_t K, float p, int n, const T* const* src, T* const* dst,
+                     int nt);
 
 }  // namespace lora
 }  // namespace kfuse

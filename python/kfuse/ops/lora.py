@@ -269,19 +269,20 @@ def _cpu_mask(seed: Tensor, M: int, K: int, p: float) -> Tensor:
     return ext.lora_dropout_keep(int(seed.item()), M, K, p)
 
 
-def _dropout_mul(seed: Tensor, t: Tensor, p: float, inplace: bool = False) -> Tensor:
-    """``t [M, K]`` (float32/float64) times the cpu backend's mask for ``seed`` (:func:`_cpu_mask`'s), in place when
-    ``inplace``. With the extension the mask is made row by row inside the product (``_C.lora_dropout_mul``): no
-    bool ``[M, K]`` tensor, none of the float copies of it a product with it made (16 a step of the LoRA demo's
-    GPT-2, ~6 % of it: ``bench/results/2026-12-07-cpu-lora-dropout-mul.md``)."""
+def _dropout_mul(seed: Tensor, p: float, ts: list[Tensor], inplace: list[bool]) -> list[Tensor]:
+    """Each of ``ts`` (``[M, K]`` float32/float64, one shape) times the cpu backend's mask for ``seed``
+    (:func:`_cpu_mask`'s), in place where ``inplace``. With the extension the mask is made row by row inside the
+    products, once for all of them (``_C.lora_dropout_mul``): no bool ``[M, K]`` tensor, none of the float copies of
+    it a product with it made (16 a step of the LoRA demo's GPT-2, ~6 % of it), one draw for the backward's two
+    products (``bench/results/2026-12-07-cpu-lora-dropout-mul.md``)."""
     ext = _backends.extension()
-    if ext is None or t.device.type != "cpu":
-        keep = _cpu_mask(seed, t.shape[0], t.shape[1], p)
-        return t.mul_(keep) if inplace else t * keep
-    if not t.is_contiguous():  # (a view of a transposed x; the products the backward masks are new, contiguous)
-        t = t.contiguous()
-        inplace = True
-    return ext.lora_dropout_mul(int(seed.item()), t, p, t if inplace else None)
+    if ext is None or ts[0].device.type != "cpu":
+        keep = _cpu_mask(seed, ts[0].shape[0], ts[0].shape[1], p)
+        return [t.mul_(keep) if ip else t * keep for t, ip in zip(ts, inplace, strict=True)]
+    # (a view of a transposed x is made contiguous, and then masked in place; the products the backward masks are
+    # new and contiguous)
+    dense = [(t, ip) if t.is_contiguous() else (t.contiguous(), True) for t, ip in zip(ts, inplace, strict=True)]
+    return ext.lora_dropout_mul(int(seed.item()), [t for t, _ in dense], p, [ip for _, ip in dense])
 
 
 def dropout_mask(seed: Tensor, M: int, K: int, p: float, backend: str) -> Tensor:
@@ -387,7 +388,7 @@ def _torch_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: fl
     if seed is None:
         S = torch.mm(xa, _to(A, acc).t())
     else:  # dropout's 1/(1-p) on S ([M, r]) rather than on x ([M, K])
-        S = torch.mm(_dropout_mul(seed, xa, p), _to(A, acc).t()).mul_(1.0 / (1.0 - p))
+        S = torch.mm(_dropout_mul(seed, p, [xa], [False])[0], _to(A, acc).t()).mul_(1.0 / (1.0 - p))
     if scaling != 0.0:
         y.addmm_(S, _to(B, acc).t(), alpha=scaling)
     else:  # BLAS skips the product when alpha is 0; a NaN/inf adapter must still reach y, as in PEFT
@@ -407,16 +408,21 @@ def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tenso
         # G = s/(1-p) · dy B  [M, r]: the gradient of S, with dropout's scale folded in.
         G = torch.mm(dya, _to(B, acc)).mul_(scaling / (1.0 - p) if seed is not None else scaling)
         Aa = _to(A, acc)
+        ga = torch.mm(G, Aa) if need_x and seed is not None else None  # dx's low-rank term, to be masked
+        xa = _to(x2, acc) if need_a else None  # dA's input (x itself when float32: never masked in place)
+        if seed is not None:  # mask ⊙ (G A) and mask ⊙ x with one draw of the mask for both
+            pairs = [(t, ip) for t, ip in ((ga, True), (xa, False)) if t is not None]
+            masked = iter(_dropout_mul(seed, p, [t for t, _ in pairs], [ip for _, ip in pairs]))
+            ga, xa = (None if t is None else next(masked) for t in (ga, xa))
         if need_x:
             dx = _base_mm(dy2, dya, weight.t() if fifo else weight)
-            if seed is None:
+            if ga is None:
                 dx.addmm_(G, Aa)
             else:
-                dx.add_(_dropout_mul(seed, torch.mm(G, Aa), p, inplace=True))
+                dx.add_(ga)
             out[0] = _to(dx, x2.dtype)
         if need_a:
-            xa = _to(x2, acc)
-            out[2] = _to(torch.mm(G.t(), xa if seed is None else _dropout_mul(seed, xa, p)), A.dtype)
+            out[2] = _to(torch.mm(G.t(), xa), A.dtype)
     if need_w:
         xa = _to(x2, acc)
         out[1] = _to(torch.mm(xa.t(), dya) if fifo else torch.mm(dya.t(), xa), weight.dtype)
