@@ -2049,6 +2049,22 @@ def test_cpu_backend_mask_is_the_triton_draw(M: int, K: int, monkeypatch) -> Non
     assert torch.equal(dropout_mask(seed, 20, 30, 0.4, "cpu"), dropout_mask(seed, 20, 30, 0.4, "reference"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cpu_backend_dropout_leaves_inputs_unchanged(dtype: torch.dtype, seed: int) -> None:
+    """The cpu backend masks in place only what it made itself (x's float copy for half x, the backward's G·A): x
+    (float32/float64: the very tensor the products read), the weights and dy are bit-identical after a forward and a
+    backward with dropout (a mask applied to x in place would not show in the gradients: the backward masks it
+    again, to the same values)."""
+    torch.manual_seed(seed)
+    x = torch.randn(37, 19).to(dtype).requires_grad_()
+    w, A, B = torch.randn(11, 19).to(dtype), torch.randn(4, 19).requires_grad_(), torch.randn(11, 4).requires_grad_()
+    gy = torch.randn(37, 11).to(dtype)
+    before = [t.detach().clone() for t in (x, w, A, B, gy)]
+    y = kfuse.lora_linear(x, w, A, B, 0.5, dropout_p=0.5, backend="cpu")
+    torch.autograd.grad(y, (x, A, B), gy)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, (x, w, A, B, gy), strict=True))
+
+
 @pytest.mark.skipif(_backends.extension() is None, reason="kfuse._C is not built")
 @pytest.mark.parametrize("M,K", [(1, 1), (5, 37), (300, 130), (3, 513)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -388,7 +388,8 @@ def _torch_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: fl
     if seed is None:
         S = torch.mm(xa, _to(A, acc).t())
     else:  # dropout's 1/(1-p) on S ([M, r]) rather than on x ([M, K])
-        S = torch.mm(_dropout_mul(seed, p, [xa], [False])[0], _to(A, acc).t()).mul_(1.0 / (1.0 - p))
+        # (in place when xa is x's float copy, half x; x itself is never written)
+        S = torch.mm(_dropout_mul(seed, p, [xa], [xa is not x2])[0], _to(A, acc).t()).mul_(1.0 / (1.0 - p))
     if scaling != 0.0:
         y.addmm_(S, _to(B, acc).t(), alpha=scaling)
     else:  # BLAS skips the product when alpha is 0; a NaN/inf adapter must still reach y, as in PEFT
@@ -409,9 +410,9 @@ def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tenso
         G = torch.mm(dya, _to(B, acc)).mul_(scaling / (1.0 - p) if seed is not None else scaling)
         Aa = _to(A, acc)
         ga = torch.mm(G, Aa) if need_x and seed is not None else None  # dx's low-rank term, to be masked
-        xa = _to(x2, acc) if need_a else None  # dA's input (x itself when float32: never masked in place)
+        xa = _to(x2, acc) if need_a else None  # dA's input (x itself when float32: then never masked in place)
         if seed is not None:  # mask ⊙ (G A) and mask ⊙ x with one draw of the mask for both
-            pairs = [(t, ip) for t, ip in ((ga, True), (xa, False)) if t is not None]
+            pairs = [(t, ip) for t, ip in ((ga, True), (xa, xa is not x2)) if t is not None]
             masked = iter(_dropout_mul(seed, p, [t for t, _ in pairs], [ip for _, ip in pairs]))
             ga, xa = (None if t is None else next(masked) for t in (ga, xa))
         if need_x:
