@@ -95,7 +95,8 @@ void dropout_keep_cpu(uint64_t seed, int64_t M, int64_t K, float p, bool* keep, 
   const uint64_t groups = static_cast<uint64_t>((K + 3) / 4);  // Philox calls per row
   const uint32_t threshold = keep_threshold(p);
 #pragma omp parallel for schedule(static) num_threads(team(nt, M, K))
-  for (int64_t m = 0; m < M; ++m) keep_row(static_cast<uint64_t>(m) * groups, K, k0, k1, threshold, reinterpret_cast<uint8_t*>(keep) + m * K);
+  for (int64_t m = 0; m < M; ++m)  // (bool is one byte holding 0 or 1: the bytes keep_row writes)
+    keep_row(static_cast<uint64_t>(m) * groups, K, k0, k1, threshold, reinterpret_cast<uint8_t*>(keep) + m * K);
 }
 
 template <class T>

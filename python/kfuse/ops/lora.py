@@ -797,9 +797,10 @@ def _multi_gate(x: object, weight: object, A_stack: object, B_stack: object, sca
     """:func:`lora_linear_multi`'s eager-path gate, as :func:`_gate` is :func:`lora_linear`'s: True when the call is
     valid and plain (``_validate_multi`` would pass it, ``_routing.route`` send it down the eager path, and no input
     requires grad), False otherwise or without the extension (the full path then decides, and names any error).
-    The tensors' checks in one call of the extension (``_C.lora_multi_gate``). Why: the op's own Python took 45 us
-    a call over its launcher's 16 (128 rows over 8 adapters, kernels stubbed; ``bench/host_launchers.py``), and an
-    eager call on the H200 took 0.097 ms against 0.021 ms of kernels (2026-12-04): the host is its time."""
+    The tensors' checks in one call of the extension (``_C.lora_multi_gate``). Why: the op's own Python took 21-25 us
+    a call over its launcher's 16, now 12.6 (128 rows over 8 adapters, kernels stubbed, CPU tensors' value checks
+    aside; ``bench/results/2026-12-07-cpu-lora-multi-gate.md``), and an eager call on the H200 took 0.097 ms against
+    0.021 ms of kernels (2026-12-04): the host is its time."""
     if type(fan_in_fan_out) is not bool or not _plain_context():
         return False
     ext = _backends.extension()
