@@ -2049,6 +2049,28 @@ def test_cpu_backend_mask_is_the_triton_draw(M: int, K: int, monkeypatch) -> Non
     assert torch.equal(dropout_mask(seed, 20, 30, 0.4, "cpu"), dropout_mask(seed, 20, 30, 0.4, "reference"))
 
 
+@pytest.mark.parametrize("M,r", [(70, 4), (70, 2), (70, 8), (70, 16), (70, 1), (5, 4)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cpu_backward_both_gemm_layouts(M: int, r: int, p: float, seed: int) -> None:
+    """The cpu backend's backward takes dy B and dyᵀ S in the layout MKL is fast at (transposed rank-r matrix for
+    2 <= r <= 8 from 64 rows: ops._SKINNY_RANKS, _SKINNY_MIN_M) or as written: both against the float64 reference,
+    dB contiguous [N, r] in B's dtype either way."""
+    torch.manual_seed(seed)
+    K, N = 19, 33
+    x, w, A, B, _, _ = make_layer(M, K, N, r, True, False, False, torch.float32, torch.float32, "cpu")
+    dy = rand((M, N), torch.float32, "cpu")
+    sd = make_seed(seed, "cpu") if p else None
+    keep = None if sd is None else dropout_mask(sd, M, K, p, "cpu")
+    S = ref_forward(x, w, True, A, B, 0.5, None, None, keep, p)[1].float()
+    dx, _, dA, dB, _, _ = ops._torch_backward(dy, x, w, A, B, 0.5, S, sd, p, True,
+                                              (True, False, True, True, False, False))
+    want = ref_backward(dy, x, w, True, A, B, 0.5, keep, p)
+    for got, ref, name in ((dx, want[0], "dx"), (dA, want[1], "dA"), (dB, want[2], "dB")):
+        assert_close(got, ref, torch.float32, name)
+    assert dB.is_contiguous() and dB.shape == (N, r) and dB.dtype == B.dtype
+    assert (M >= ops._SKINNY_MIN_M and r in ops._SKINNY_RANKS) == (r in (2, 4, 8) and M == 70)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_cpu_backend_dropout_leaves_inputs_unchanged(dtype: torch.dtype, seed: int) -> None:
     """The cpu backend masks in place only what it made itself (x's float copy for half x, the backward's G·A): x

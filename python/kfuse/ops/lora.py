@@ -397,12 +397,18 @@ def _torch_forward(x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: fl
     return _to(y, x2.dtype), S
 
 
-# _SKINNY: torch's CPU GEMMs (MKL 2024.2 in torch 2.14's wheels) are slow where a rank-r operand or output is
-# row-major with r columns (leading dimension r), as the backward's dy B ([M, N] x [N, r]) and dyᵀ S ([N, M] x
-# [M, r] -> [N, r]) were; the same products with that matrix transposed (leading dimension N) ran 3-4.6x faster.
-# 2368 rows (the LoRA demo's batch), r = 4, fp32, 2 threads, AMD EPYC (Zen 4), µs: dy B 579 -> 192 (N = 384),
-# 767 -> 248 (N = 512); dyᵀ S 899 -> 196, 1528 -> 311 (bench/results/2026-12-07-cpu-lora-skinny-gemm.md).
-# The forward's x Aᵀ and S Bᵀ, and the backward's G A and Gᵀ x, already had the fast layouts.
+# torch's CPU GEMMs (MKL 2024.2 in torch 2.14's wheels) are slow where a rank-r matrix with 2 <= r <= ~10 is row-major
+# (leading dimension r) in the backward's dy B ([M, N] x [N, r]) and dyᵀ S ([N, M] x [M, r] -> [N, r]): the same
+# products with that matrix transposed (leading dimension N) ran 1.1-9x faster from M = 64 rows (2368 rows, r = 4,
+# N = 384, fp32, 2 threads, AMD EPYC Zen 4: 579 -> 192 and 899 -> 196 us), but slower at r = 1 and r >= 12 (MKL's
+# other kernels: 0.5-1.0x) and below ~64 rows (0.15-0.7x: at M = 1 dy B took 4 us, 26 through the transposed copy).
+# Measured on that one machine only: bench/lora_cpu_skinny.py prints the grid (its figures:
+# bench/results/2026-12-07-cpu-lora-skinny-gemm.md). The forward's x Aᵀ and S Bᵀ and the backward's G A and Gᵀ x
+# were in the fast layouts already.
+_SKINNY_RANKS = range(2, 9)
+_SKINNY_MIN_M = 64
+
+
 def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tensor, scaling: float, S: Tensor,
                     seed: Tensor | None, p: float, fifo: bool, needs: tuple[bool, ...]) -> list[Tensor | None]:
     """Gradients of :func:`_torch_forward`: ``[dx, dW, dA, dB, dbias, dlora_bias]`` (None where
@@ -410,11 +416,14 @@ def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tenso
     need_x, need_w, need_a, need_b, need_bias, need_lb = needs
     acc = acc_dtype(x2.dtype)
     dya = _to(dy2, acc)
+    skinny = dy2.shape[0] >= _SKINNY_MIN_M and A.shape[0] in _SKINNY_RANKS
     out: list[Tensor | None] = [None] * 6
     if need_x or need_a:
-        # G = s/(1-p) · dy B  [M, r]: the gradient of S, with dropout's scale folded in. B read through a contiguous
-        # Bᵀ: MKL's GEMM with a row-major [N, r] operand (leading dimension r) took 3x as long (see _SKINNY above).
-        G = torch.mm(dya, _to(B, acc).t().contiguous().t()).mul_(scaling / (1.0 - p) if seed is not None else scaling)
+        # G = s/(1-p) · dy B  [M, r]: the gradient of S, with dropout's scale folded in (B through a contiguous Bᵀ
+        # where that is faster: _SKINNY_RANKS).
+        Ba = _to(B, acc)
+        G = torch.mm(dya, Ba.t().contiguous().t() if skinny else Ba).mul_(
+            scaling / (1.0 - p) if seed is not None else scaling)
         Aa = _to(A, acc)
         ga = torch.mm(G, Aa) if need_x and seed is not None else None  # dx's low-rank term, to be masked
         xa = _to(x2, acc) if need_a else None  # dA's input (x itself when float32: then never masked in place)
@@ -434,8 +443,9 @@ def _torch_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tenso
     if need_w:
         xa = _to(x2, acc)
         out[1] = _to(torch.mm(xa.t(), dya) if fifo else torch.mm(dya.t(), xa), weight.dtype)
-    if need_b:  # dB = s · dyᵀ S [N, r], made as (Sᵀ dy)ᵀ: the [N, r] output of dyᵀ S took 4.6x as long (see _SKINNY)
-        out[3] = _to(torch.mm(S.t(), dya).mul_(scaling), B.dtype).t().contiguous()
+    if need_b:  # dB = s · dyᵀ S [N, r] (made as (Sᵀ dy)ᵀ where that is faster: _SKINNY_RANKS)
+        out[3] = (_to(torch.mm(S.t(), dya).mul_(scaling), B.dtype).t().contiguous() if skinny
+                  else _to(torch.mm(dya.t(), S).mul_(scaling), B.dtype))
     if need_bias or need_lb:
         colsum = dya.sum(0)
         if need_bias:
