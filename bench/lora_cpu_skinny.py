@@ -10,32 +10,23 @@ Best of 5 rounds of back-to-back calls. Usage: ``python bench/lora_cpu_skinny.py
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
+from lora_cpu_small import per_call
 
 from kfuse.demos._args import positive
 from kfuse.ops import lora as ops
 
 
-def best_us(fn: Callable[[], object], number: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / number)
-    return best * 1e6
-
-
 def ratios(M: int, N: int, r: int) -> str:
     """The old/new time ratios of G and of dB at one (M, N, r)."""
     dy, B, S = torch.randn(M, N), torch.randn(N, r), torch.randn(M, r)
-    g = best_us(lambda: torch.mm(dy, B)) / best_us(lambda: torch.mm(dy, B.t().contiguous().t()))
-    d = best_us(lambda: torch.mm(dy.t(), S)) / best_us(lambda: torch.mm(S.t(), dy).t().contiguous())
+
+    def us(fn) -> float:  # best of 5 rounds of 10 calls, after 3
+        return per_call(fn, 10, warmup=3, rounds=5)
+
+    g = us(lambda: torch.mm(dy, B)) / us(lambda: torch.mm(dy, B.t().contiguous().t()))
+    d = us(lambda: torch.mm(dy.t(), S)) / us(lambda: torch.mm(S.t(), dy).t().contiguous())
     return f"{g:4.2f} {d:4.2f}"
 
 

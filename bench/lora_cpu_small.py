@@ -24,12 +24,12 @@ from kfuse.demos._args import positive
 SHAPES = ((1024, 1), (256, 1), (1024, 16))  # (K = N, M)
 
 
-def per_call(fn: Callable[[], object], number: int) -> float:
-    """µs per call, the best of 7 rounds of ``number`` calls (after 200 warm-up calls)."""
-    for _ in range(200):
+def per_call(fn: Callable[[], object], number: int, warmup: int = 200, rounds: int = 7) -> float:
+    """µs per call, the best of ``rounds`` rounds of ``number`` calls (after ``warmup`` calls)."""
+    for _ in range(warmup):
         fn()
     best = float("inf")
-    for _ in range(7):
+    for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(number):
             fn()
