@@ -656,6 +656,60 @@ def test_adapters_added_or_loaded_in_inference_mode_serve_outside_it(seed: int) 
     assert x.grad is not None
 
 
+def test_layer_built_or_loaded_under_inference_mode_merges_outside_it(seed: int) -> None:
+    """The merged flag is the layer's own buffer: built (or made by a load of a PEFT-style dict) under
+    torch.inference_mode it was an inference tensor, and merge() outside it wrote W, then failed writing the flag:
+    the layer then added the adapter twice, silently (inference hunt, 2026-12-07). Now the flag stays a normal
+    tensor, and a flag that cannot be written (one the user made an inference tensor) leaves W as it was."""
+    torch.manual_seed(seed)
+    lin, x = torch.nn.Linear(8, 6), torch.randn(3, 8)
+    with torch.inference_mode():
+        built = kfuse.nn.LoRALinear.from_linear(lin, r=2)
+        torch.nn.init.normal_(built.lora_B)
+        loaded = kfuse.nn.LoRALinear.from_linear(torch.nn.Linear(8, 6), r=2)
+    sd = {k: v.clone() for k, v in built.state_dict().items() if k != "lora_merged"}  # PEFT-style, normal tensors
+    with torch.inference_mode():
+        loaded.load_state_dict(sd, assign=True)
+    with torch.no_grad():
+        y_built = built(x)
+    for m in (built, loaded):
+        assert not m.lora_merged.is_inference()
+        with torch.no_grad():
+            y = m(x)
+            m.merge()
+            assert m.merged and torch.allclose(m(x), y, atol=1e-5)
+            m.unmerge()
+            assert not m.merged and torch.allclose(m(x), y, atol=1e-5)
+    m, w = built, built.weight.detach().clone()
+    with torch.inference_mode():
+        m.lora_merged = torch.zeros((), dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="lora_merged is an inference tensor"):
+        m.merge()
+    assert not m.merged and not m.lora_merged and torch.equal(m.weight, w)
+    with torch.inference_mode():
+        m.merge()
+    assert m.merged and torch.allclose(m(x), y_built, atol=1e-5)
+
+
+def test_foreign_flag_made_under_inference_mode_is_read_at_every_call(seed: int) -> None:
+    """A lora_merged passed in (torch.func.functional_call) is read once per version; an inference tensor has no
+    version, and the first value read was kept for good: a later write to it was ignored (inference hunt)."""
+    from torch.func import functional_call  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    m, x = kfuse.nn.LoRALinear(8, 6, r=2), torch.randn(3, 8)
+    with torch.no_grad():
+        torch.nn.init.normal_(m.lora_B)
+        merged = m.weight + m.scaling * m.lora_B @ m.lora_A
+    with torch.inference_mode():
+        flag = torch.zeros((), dtype=torch.bool)
+        y0 = functional_call(m, {"lora_merged": flag}, (x,))
+        flag.fill_(True)
+        y1 = functional_call(m, {"lora_merged": flag, "weight": merged}, (x,))
+    assert torch.allclose(y0, y1, atol=1e-5)  # merged: the base layer with the merged weight, not the adapter twice
+    assert not torch.allclose(y1, functional_call(m, {"weight": merged}, (x,)), atol=1e-3)
+
+
 @pytest.mark.parametrize("cls", ["LoRALinear", "MultiLoRALinear"])
 def test_from_linear_refuses_a_computed_weight(cls: str) -> None:
     """from_linear keeps the tensors it is given. A parametrized base (spectral_norm, weight_norm) is

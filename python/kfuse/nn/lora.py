@@ -127,6 +127,8 @@ def _foreign_flag(buf: Tensor, own: bool) -> bool:
     if not _routing.plain(buf) or buf.device.type == "meta" or _routing.functorch_wrapped((buf,)):
         return own
     version = _routing.version(buf)
+    if version is None:  # an inference tensor has no version to tell a write by: read every time (inference hunt)
+        return bool(buf)
     known = getattr(buf, "_kfuse_merged", None)
     if known is None or known[1] != version:
         known = buf._kfuse_merged = (bool(buf), version)
@@ -189,7 +191,10 @@ class LoRALinear(nn.Module):
         self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, lora_dropout, use_rslora
         self.fan_in_fan_out = fan_in_fan_out
         self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.register_buffer("lora_merged", torch.zeros((), dtype=torch.bool, device=weight.device))
+        # Never an inference tensor (a layer built under torch.inference_mode: merge() outside it could not write
+        # the flag; inference hunt, 2026-12-07).
+        with torch.inference_mode(False):
+            self.register_buffer("lora_merged", torch.zeros((), dtype=torch.bool, device=weight.device))
         self._remember_merged(False)  # see merged
         self.weight = weight
         self.bias = bias
@@ -316,7 +321,11 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def _check_weight_is_held(self, what: str) -> None:
-        """A merge writes into the weight Parameter. A weight recomputed from other tensors at each access
+        """A merge writes W and the flag, both or neither. Outside torch.inference_mode an inference tensor
+        refuses the write, after it has been written: W merged and the flag not (one made under inference_mode)
+        left the layer adding the adapter twice, silently (inference hunt, 2026-12-07). So both are checked first.
+
+        A merge writes into the weight Parameter. A weight recomputed from other tensors at each access
         (torch.nn.utils.parametrize) or by a forward pre-hook (torch.nn.utils.prune) took the write in a
         temporary: merged was set, and the forward dropped the adapter (conversions hunt, 2026-12-05)."""
         pruned_or_normed = {"weight_orig", "weight_g"} & self._parameters.keys()  # prune's, weight_norm's originals
@@ -324,6 +333,12 @@ class LoRALinear(nn.Module):
             raise RuntimeError(f"LoRALinear.{what}: weight is computed from other tensors (torch.nn.utils.parametrize "
                                "or prune), so a merge written into it would be lost; remove that first "
                                "(parametrize.remove_parametrizations / prune.remove), or keep the adapter unmerged")
+        if not torch.is_inference_mode_enabled():
+            for name in ("weight", "lora_merged"):
+                if getattr(self, name).is_inference():
+                    raise RuntimeError(f"LoRALinear.{what}: {name} is an inference tensor (made under "
+                                       "torch.inference_mode()), which cannot be written outside it: call "
+                                       f"{what}() under torch.inference_mode(), or load a normal tensor into it")
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         # A W without the flag (a PEFT-style dict) is the base weight; a checkpoint of kfuse before
@@ -333,7 +348,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear: the state_dict's {prefix}_extra_state (an earlier kfuse's merged flag) "
                              f"must be {{'merged': bool}}; got {old!r}")
         if key not in state_dict and (old is not None or prefix + "weight" in state_dict):
-            state_dict[key] = torch.tensor(old["merged"] if old is not None else False)
+            with torch.inference_mode(False):  # (an assign=True load puts it in the module: see __init__)
+                state_dict[key] = torch.tensor(old["merged"] if old is not None else False)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._remember_merged(bool(self.lora_merged))
 
