@@ -1544,6 +1544,22 @@ def test_modules_built_under_inference_mode_train_outside_it(seed, optimizer):
             assert torch.equal(built(idx, off), F.embedding_bag(idx, w, off, mode="sum"))
 
 
+def test_fused_module_loaded_with_assign_under_inference_mode_trains_outside_it(seed):
+    """load_state_dict(assign=True) under inference_mode builds a new gradient anchor beside the assigned tables:
+    it was an inference tensor, so the fused optimizer never ran afterwards (optimizer_step stayed 0, the tables
+    unchanged, nothing said; inference hunt, 2026-12-07)."""
+    torch.manual_seed(seed)
+    tables = [(10, 4), (6, 3)]
+    sd = MultiTableEmbeddingBag(tables, optimizer="sgd", lr=0.1).state_dict()
+    m = MultiTableEmbeddingBag(tables, optimizer="sgd", lr=0.1)
+    with torch.inference_mode():
+        m.load_state_dict(sd, assign=True)
+    assert not any(t.is_inference() for t in (*m.parameters(), *m.buffers()))
+    w0 = m.weights[0].detach().clone()
+    m(torch.tensor([1, 2, 3, 0, 5, 4]), torch.tensor([0, 2, 3, 5, 6])).square().sum().backward()
+    assert int(m.optimizer_step) == 1 and not torch.equal(m.weights[0], w0)
+
+
 def test_fused_optimizer_refuses_capture_and_compiles_with_a_graph_break(seed):
     """make_fx, non-strict export and fake tensors recorded one torch.empty for the fused module (its
     kernel reads raw pointers), which then returned uninitialised memory (bug hunt): a clear error now, as

@@ -194,6 +194,20 @@ def test_variants_shapes_and_gradients(small, claims):
     torch.testing.assert_close(m.features(pidx, poff)[0, :dim], w0[first].mean(0))
 
 
+def test_general_embedding_built_under_inference_mode_trains_outside_it(small, claims):
+    """As its tables: built under inference_mode, its own buffers (bases, noise_cdf) were inference tensors, and
+    set_noise (train_general's first step) failed outside it (inference hunt, 2026-12-07)."""
+    with torch.inference_mode():
+        gen = GeneralCodeEmbedding(small.sizes, 4, seed=3)
+    assert not any(t.is_inference() for t in (*gen.parameters(), *gen.buffers()))
+    gen.set_noise(torch.arange(sum(small.sizes), dtype=torch.float64))
+    idx, off = claims.visit_bags(np.arange(8))
+    psw, tgt = cbow_batch(idx, off, 3, gen.bases, torch.Generator().manual_seed(1))
+    w0 = gen.context.weights[0].detach().clone()  # (the input tables' gradient is 0 while the context is)
+    gen(idx, off, psw, tgt, gen.sample_negatives(8, torch.Generator().manual_seed(2))).backward()
+    assert not torch.equal(gen.context.weights[0], w0)
+
+
 def test_models_in_float64(small, claims):
     """A float64 model (``.double()``) trains and predicts as the float32 one: the CBOW weights and the
     general variant's mean weights follow the tables (float32 ones were refused by float64 tables)."""

@@ -430,9 +430,12 @@ class GeneralCodeEmbedding(nn.Module):
         self.context = _tables([(total, dim)], "sum", optimizer, lr, eps, 0.0, impl, backend, device,
                                (seed + 1) % 2**63)
         self.negatives = _checks.integer("GeneralCodeEmbedding", "negatives", negatives, 1)
-        self.register_buffer("bases", torch.empty(len(self.codes.sizes), dtype=torch.int64, device=device))
-        # Host-side (sample_negatives draws on the CPU), whatever the default device.
-        self.register_buffer("noise_cdf", torch.empty(total, dtype=torch.float64, device="cpu"))
+        # Not inference tensors, as the tables (built under torch.inference_mode, set_noise failed outside it;
+        # inference hunt, 2026-12-07).
+        with torch.inference_mode(False):
+            self.register_buffer("bases", torch.empty(len(self.codes.sizes), dtype=torch.int64, device=device))
+            # Host-side (sample_negatives draws on the CPU), whatever the default device.
+            self.register_buffer("noise_cdf", torch.empty(total, dtype=torch.float64, device="cpu"))
         self._reset_own()
 
     @torch.no_grad()

@@ -391,9 +391,14 @@ class MultiTableEmbeddingBag(nn.Module):
             state_dict[prefix + "optimizer_step"] = state_dict.pop(old)
         if self.optimizer is not None:  # never saved (see __init__): one like the incoming tables, so that an
             # assign=True load (after a meta-device build) does not put the meta one back (module-conventions hunt)
+            # Not an inference tensor either (see _tables): loaded under torch.inference_mode, the fused optimizer
+            # never ran after it (inference hunt, 2026-12-07).
             w = state_dict.get(prefix + "weights.0")
-            state_dict.setdefault(prefix + "_grad_anchor", self._grad_anchor if not isinstance(w, Tensor) else
-                                  nn.Parameter(torch.zeros(0, dtype=w.dtype, device=w.device)))
+            if isinstance(w, Tensor):
+                with torch.inference_mode(False):
+                    state_dict.setdefault(prefix + "_grad_anchor",
+                                          nn.Parameter(torch.zeros(0, dtype=w.dtype, device=w.device)))
+            state_dict.setdefault(prefix + "_grad_anchor", self._grad_anchor)
             if args and args[0].get("assign_to_params_buffers", False):  # (local_metadata)
                 self._check_assigned_states(state_dict, prefix, args[-1])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
