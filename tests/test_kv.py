@@ -1644,6 +1644,41 @@ def _op_args(cache, ids, layer=1):
             torch.tensor(lens, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_registered_ops_read_strided_ids_and_lengths(backend, device, seed):
+    """seq_ids, lens and q_lens as strided views or with a storage offset (valid input of the registered ops)
+    give the contiguous tensors' results, bit for bit: the Triton kernels read them at ptr + b, so a strided
+    view gave another sequence's or another length's attention (2.96 off; layout hunt, 2026-12-07)."""
+    cache, ids = _op_cache([3, PS + 1, 2 * PS + 2], torch.float32, device)
+    k_pages, v_pages, table, layer, sid, lens = _op_args(cache, ids)
+    sid, lens = sid.to(device), lens.to(device)
+    qlens = torch.tensor([1, 2, 3], dtype=torch.int32, device=device)
+
+    def views(t):  # a step-2 view, and a view one element into a buffer
+        spread = torch.full((2 * t.numel(),), 99, dtype=t.dtype, device=device)
+        spread[::2] = t
+        shifted = torch.full((t.numel() + 1,), 99, dtype=t.dtype, device=device)
+        shifted[1:] = t
+        return spread[::2], shifted[1:]
+
+    q = torch.randn(3, HKV * 2, D, device=device)
+    qp = torch.randn(6, HKV * 2, D, device=device)
+
+    def decode(s, n):
+        return torch.ops.kfuse.paged_decode_attention(q, k_pages, v_pages, table, layer, s, n, 2 * PS + 2, 0.5,
+                                                      backend)
+
+    def prefill(s, n, ql):
+        return torch.ops.kfuse.paged_prefill_attention(qp, k_pages, v_pages, table, layer, s, n, ql, 3, 2 * PS + 2,
+                                                       0.5, backend)
+
+    want_d, want_p = decode(sid, lens), prefill(sid, lens, qlens)
+    for s, n, ql in zip(views(sid), views(lens), views(qlens), strict=True):
+        assert torch.equal(decode(s, lens), want_d) and torch.equal(decode(sid, n), want_d)
+        for args in ((s, lens, qlens), (sid, n, qlens), (sid, lens, ql)):
+            assert torch.equal(prefill(*args), want_p)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_opcheck_registered_ops(backend, seed):
     cache, ids = _op_cache([0, 3, PS + 1], torch.float32, "cpu")

@@ -237,7 +237,10 @@ def _decode_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tenso
     if backend == "triton":
         from kfuse.triton_kernels import kv as tk  # noqa: PLC0415 (triton is optional)
 
-        return tk.paged_decode(q, k_pages[layer], v_pages[layer], block_table, seq_ids, lens, max_len, scale)
+        # (the kernels read ids and lengths at ptr + b: strided ones, valid input of the registered op, were read
+        # wrong; layout hunt, 2026-12-07)
+        return tk.paged_decode(q, k_pages[layer], v_pages[layer], block_table, *map(_backends.dense, (seq_ids, lens)),
+                               max_len, scale)
     if backend == "cpu":
         # (strided ids, lengths or table are valid input: the reference took them, the kernel refused them)
         return _backends.extension().kv_decode_attention(q.contiguous(), k_pages[layer], v_pages[layer],
@@ -255,8 +258,8 @@ def _prefill_impl(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tens
             return _prefill_flash(q, k_pages[layer], v_pages[layer], block_table, seq_ids, scale)
         from kfuse.triton_kernels import kv as tk  # noqa: PLC0415 (triton is optional)
 
-        return tk.paged_prefill(q, k_pages[layer], v_pages[layer], block_table, seq_ids, lens, q_lens, max_q_len,
-                                scale)
+        return tk.paged_prefill(q, k_pages[layer], v_pages[layer], block_table,
+                                *map(_backends.dense, (seq_ids, lens, q_lens)), max_q_len, scale)
     if backend == "cpu":
         if q.dtype in (torch.float16, torch.bfloat16) and max_q_len >= _SDPA_MIN_Q_LEN:
             _check_values(_PREFILL, q.shape[0], k_pages, block_table, seq_ids, lens, q_lens)
