@@ -280,8 +280,9 @@ def _dropout_mul(seed: Tensor, p: float, ts: list[Tensor], inplace: list[bool]) 
         keep = _cpu_mask(seed, ts[0].shape[0], ts[0].shape[1], p)
         return [t.mul_(keep) if ip else t * keep for t, ip in zip(ts, inplace, strict=True)]
     # (a view of a transposed x is made contiguous, and then masked in place; the products the backward masks are
-    # new and contiguous)
-    dense = [(t, ip) if t.is_contiguous() else (t.contiguous(), True) for t, ip in zip(ts, inplace, strict=True)]
+    # new and contiguous. A lazily negated x, contiguous too, was read with the wrong sign: layout hunt, 2026-12-07)
+    dense = [(d, ip or d is not t) for d, t, ip in ((_backends.dense(t), t, ip) for t, ip in zip(ts, inplace,
+                                                                                            strict=True))]
     return ext.lora_dropout_mul(int(seed.item()), [t for t, _ in dense], p, [ip for _, ip in dense])
 
 
