@@ -1019,6 +1019,18 @@ def test_fused_module_refuses_swapped_tables_and_stale_checkpoint_recomputes():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="activation checkpointing recomputes this forward after the fused"):
         run(True, 2)
+    # Selective checkpointing's dispatch mode: refused, saying so (the error named tracing alone; training-loop
+    # hunt, 2026-12-07), as sparse gradients are
+    import functools  # noqa: PLC0415
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts  # noqa: PLC0415
+
+    sac = functools.partial(create_selective_checkpoint_contexts, lambda *a, **k: CheckpointPolicy.PREFER_RECOMPUTE)
+    with pytest.raises(RuntimeError, match="selective activation checkpointing"):
+        checkpoint(lambda i, o: m(i, o).tanh(), idx, off, use_reentrant=False, context_fn=sac).sum().backward()
+    bag = kfuse.nn.EmbeddingBag(10, 4, mode="sum", sparse=True, backend="cpu")
+    with pytest.raises(ValueError, match="selective activation checkpointing"):
+        checkpoint(lambda i, o: bag(i, o).tanh(), idx, off, use_reentrant=False, context_fn=sac).sum().backward()
 
 
 def test_fused_module_refuses_a_psw_gradient_from_updated_tables():

@@ -180,7 +180,13 @@ class MultiTableEmbeddingBag(nn.Module):
             (put every feature in one call); gradient accumulation over several backwards, gradient
             clipping and loss scaling (``torch.amp.GradScaler``: the update takes the scaled gradient, and
             a step the scaler skips is still applied) cannot act on it: build the module with
-            ``optimizer=None`` and use a torch optimizer for those. It trains every table while its
+            ``optimizer=None`` and use a torch optimizer for those. Activation checkpointing: one
+            checkpointed region per backward. A region recomputed after another's backward updated the
+            tables would not reproduce its forward; the module raises where it can tell (no other forward
+            of it ran since the region's), not in every order (two regions in flight with a forward of the
+            module between them, as pipeline schedules run): keep the module outside checkpointed regions
+            there, or use ``optimizer=None``. Selective checkpointing (``context_fn``, a dispatch mode) is
+            refused. It trains every table while its
             gradient is asked for (``loss.backward()``, or ``torch.autograd.grad`` over the parameters that
             require grad, ``[p for p in m.parameters() if p.requires_grad]``: the fused tables themselves
             do not, and naming them raises; not a query for other inputs' gradients only);
@@ -496,9 +502,10 @@ class MultiTableEmbeddingBag(nn.Module):
             # breaks the graph before the call instead, and runs it eagerly.)
             raise RuntimeError(
                 f"{op}: the fused optimizer (optimizer={self.optimizer!r}) runs eagerly only: this call is "
-                "traced or transformed (make_fx, torch.export, fake or other tensor subclasses, torch.func, "
-                "forward-mode AD), which could record neither the lookup nor the update. Capture the module "
-                "built with optimizer=None (a torch optimizer then updates it).")
+                "traced, transformed or under a torch dispatch mode (make_fx, torch.export, fake or other tensor "
+                "subclasses, torch.func, forward-mode AD, selective activation checkpointing's context_fn), which "
+                "could record neither the lookup nor the update. Build the module with optimizer=None (a torch "
+                "optimizer then updates it).")
         E.poll_errors()
         ws, tables = E._check_weights(op, ws)  # as the op checks them (load_state_dict(assign=True) may bring any
         # layout)
@@ -577,8 +584,8 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                 raise RuntimeError(
                     "MultiTableEmbeddingBag: the gradient of per_sample_weights needs the tables as this call's "
                     "forward read them, but the fused optimizer has updated them since (another call's backward "
-                    "ran first). Run each call's backward before the next forward, or do not ask for the "
-                    "gradient of per_sample_weights.")
+                    "ran first, or this call's own with retain_graph=True). Run each call's backward once, "
+                    "before the next forward, or do not ask for the gradient of per_sample_weights.")
             if [_routing.version(w) for w in tables] != ctx.versions:
                 # (The tables are not saved for backward, so autograd's own check could not see it: the gradient
                 # was computed from the edited tables; in-place hunt, 2026-12-05.)

@@ -823,7 +823,8 @@ def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
     if path == _routing.REGISTERED:
         if sparse:
             raise ValueError(f"kfuse.{op}: sparse=True gradients are eager-only (torch.compile, tensor subclasses "
-                             "and dispatch modes get the registered ops, whose gradients are dense)")
+                             "and dispatch modes, selective activation checkpointing's context_fn among them, get "
+                             "the registered ops, whose gradients are dense)")
         return embedding_bag_forward(weights, indices, offsets, bags.feature_table, bags.padding_idx, bags.pooling,
                                      psw, chosen)
     if _routing.needs_grad(tensors):
