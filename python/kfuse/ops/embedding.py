@@ -802,9 +802,13 @@ def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
         # The reference's forward and backward, with sparse gradients (not under torch.func transforms,
         # which the autograd.Function cannot take: they get dense ones, as the other backends give; bug hunt).
         path = _routing.EAGER
-    if weights[0].device.type == "meta":
+    if weights[0].device.type == "meta" or (path == _routing.REFERENCE and _routing.tracing()):
         # Shapes only: the registered op's fake kernel (the reference slices features by their offsets'
-        # values, which meta tensors do not have: 'Tensor.item() cannot be called'; bug hunt).
+        # values, which meta tensors do not have: 'Tensor.item() cannot be called'; bug hunt). Under
+        # torch.compile too, whose graph then holds the registered op (checked at run time, as the other
+        # backends'): inlined, the reference skipped its value checks (offsets going down gave wrong bags,
+        # silently) and broke the graph at every feature's slice (fullgraph=True failed from 2 features on;
+        # compile hunt, 2026-12-07).
         path = _routing.REGISTERED
     if path == _routing.REFERENCE:
         if bags.num_features > 1 and _routing.vmapped(offsets):
@@ -812,12 +816,10 @@ def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
             # read (functorch's .item() error from deep inside; func hunt). One feature needs no slicing.
             raise ValueError(f"kfuse.{op}: vmap over offsets needs one feature (here {bags.num_features}); loop "
                              "over the batch instead")
-        if not _routing.tracing():
-            # vmap over indices or offsets: each batch entry's values (nonzero of a batched tensor failed)
-            idx_values, off_values = _routing.functorch_values(indices), _routing.functorch_values(offsets)
-            for k in range(max(len(idx_values), len(off_values))):
-                _check_values(op, _rows(weights), idx_values[k % len(idx_values)], off_values[k % len(off_values)],
-                              bags)
+        # vmap over indices or offsets: each batch entry's values (nonzero of a batched tensor failed)
+        idx_values, off_values = _routing.functorch_values(indices), _routing.functorch_values(offsets)
+        for k in range(max(len(idx_values), len(off_values))):
+            _check_values(op, _rows(weights), idx_values[k % len(idx_values)], off_values[k % len(off_values)], bags)
         return multi_embedding_bag_reference(weights, indices, offsets, bags.feature_table, bags.pooling, psw,
                                              bags.padding_idx)
     if path == _routing.REGISTERED:
