@@ -1376,6 +1376,11 @@ def test_torch_compile_fullgraph(backend, seed):
         compiled(weights, idx, bad)
     if backend == "reference":
         return
+    # A tensor feature_table (taken eagerly): its values are unknown while tracing (Dynamo's data-dependent guard
+    # error from .tolist(); compile hunt), said plainly
+    with pytest.raises(Exception, match="feature_table must be a list of ints under torch.compile"):
+        torch.compile(lambda i, o: kfuse.multi_embedding_bag(weights, i, o, torch.tensor(ft)), fullgraph=True,
+                      backend="eager")(idx, off)
     # The module compiles whole and quietly: Dynamo warned about its functools.lru_cache'd key lookup, an error
     # under -W error (feature-combination hunt).
     # Nor with a second graph: a dict of keys filled while tracing was guarded on (review).
