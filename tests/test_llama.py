@@ -156,6 +156,46 @@ def test_a_vocabulary_resized_after_from_hf_is_refused_until_rebuilt():
     assert_close(model([tokens], [s], cache)[0], hf_logits(hf, tokens), torch.float32, "rebuilt")
 
 
+def test_an_hf_model_changed_after_from_hf_is_refused_until_rebuilt():
+    """The model runs the modules it took from the HF model. One replaced there since (LoRA layers added by
+    peft.get_peft_model, a new lm_head of the same shape, a new rotary module), layers removed, or
+    config.num_hidden_layers lowered (transformers then runs the first layers: early exit) went unseen: it ran
+    the old modules, silently (LoRA skipped: logits 7.1 off PEFT's; Llama hunt, 2026-12-07). Every call is
+    refused, naming the change, until the model is built again, which then matches."""
+    peft = pytest.importorskip("peft")
+    tokens = rand_tokens(5)
+
+    def refused(model, match):
+        cache = model.new_cache(page_size=4, num_pages=8, max_seqs=1)
+        s = cache.add_sequence()
+        graphs = model.decode_graphs(cache, max_len=8)
+        for call in (lambda: model([tokens], [s], cache), lambda: graphs(tokens[:1], [s])):
+            with pytest.raises(RuntimeError, match=match):
+                call()
+        assert cache.length(s) == 0 and cache._step is None
+
+    hf, model = build()
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, init_lora_weights=False, target_modules=["v_proj"])).eval()
+    refused(model, r"LlamaAttention.v_proj was replaced after this model was built")
+    with torch.no_grad():
+        want = pm(input_ids=tokens[None]).logits[0]
+    rebuilt = LlamaForCausalLM.from_hf(pm)
+    cache = rebuilt.new_cache(page_size=4, num_pages=8, max_seqs=1)
+    assert_close(rebuilt([tokens], [cache.add_sequence()], cache)[0], want, torch.float32, "rebuilt over PEFT")
+
+    hf, model = build()
+    hf.set_output_embeddings(torch.nn.Linear(CFG["hidden_size"], VOCAB, bias=False))
+    refused(model, r"LlamaForCausalLM.lm_head was replaced")
+    hf, model = build()
+    hf.config.num_hidden_layers -= 1
+    refused(model, r"config.num_hidden_layers=1, 2 in model.layers\); this model was built with 2")
+    with pytest.raises(ValueError, match="runs 1 of its 2 decoder layers"):
+        LlamaForCausalLM.from_hf(hf)
+    hf, model = build()
+    del hf.model.layers[1]
+    refused(model, r"config.num_hidden_layers=2, 1 in model.layers")
+
+
 def test_a_cpu_model_runs_under_another_default_device():
     """Under torch.set_default_device("cuda") (here "meta", which every machine has) a CPU model's step made
     its positions on the default device ("Tensor on device meta is not on the expected device cpu"; bug

@@ -32,10 +32,15 @@ Matching ``transformers`` (5.x, ``modeling_llama.py``):
   each call, and a concurrent call's reset or growth gave a call the other's frequencies: threads hunt).
 - Attention: grouped-query (query head ``h`` reads KV head ``h // (Hq / Hkv)``, as ``repeat_kv``),
   softmax scale ``head_dim ** -0.5`` taken from the HF attention module; no dropout (inference).
+- Structure: the model holds the HF model's modules, so weights changed in place show in both; a module
+  replaced in the HF model after :meth:`LlamaForCausalLM.from_hf` (adapters added by ``peft``,
+  ``set_output_embeddings``, ...), layers removed or ``config.num_hidden_layers`` lowered make every call
+  raise until the model is built again.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -107,6 +112,32 @@ class _LengthRope:
         return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
 
 
+# The HF modules whose children a kfuse model holds -> the kfuse models built over them. The model calls the modules
+# it took at build time; one replaced in the HF model since (peft.get_peft_model or PeftModel.from_pretrained adding
+# LoRA layers, unload(), set_output_embeddings, a new rotary module) went unseen, and the model ran the old one
+# with no error: LoRA adapters skipped, logits 7.1 off PEFT's (Llama hunt, 2026-12-07). A module-registration hook
+# marks the models stale, at no cost per call; the model then refuses to run.
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet] = weakref.WeakKeyDictionary()
+_HOOKED = False
+
+
+def _on_register(parent: nn.Module, name: str, module: nn.Module | None) -> None:
+    """torch's global module-registration hook (every ``parent.name = module`` of a Module, anywhere)."""
+    models = _WATCHED.get(parent)
+    if models and parent._modules.get(name) is not module:
+        for m in models:
+            m.__dict__["_replaced"] = f"{type(parent).__name__}.{name}"
+
+
+def _watch(model: LlamaForCausalLM, parents: list[nn.Module]) -> None:
+    global _HOOKED
+    if not _HOOKED:
+        nn.modules.module.register_module_module_registration_hook(_on_register)
+        _HOOKED = True
+    for p in parents:
+        _WATCHED.setdefault(p, weakref.WeakSet()).add(model)
+
+
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary embedding of x ``[T, heads, head_dim]`` with cos, sin ``[T, 1, head_dim]`` (HF's
     ``rotate_half`` convention: the two halves of head_dim are the pairs)."""
@@ -176,6 +207,10 @@ class LlamaForCausalLM(nn.Module):
         if len(hf_model.model.layers) == 0:
             raise ValueError(f"hf_model has no decoder layers (its config's num_hidden_layers="
                              f"{hf_model.config.num_hidden_layers}); the paged KV cache needs at least one layer")
+        if hf_model.config.num_hidden_layers != len(hf_model.model.layers):  # (transformers runs the first ones)
+            raise ValueError(f"hf_model runs {hf_model.config.num_hidden_layers} of its {len(hf_model.model.layers)} "
+                             "decoder layers (config.num_hidden_layers, e.g. lowered for early exit); kfuse's model "
+                             "runs every layer of model.layers: make the two agree")
         _checks.check_bool("LlamaForCausalLM.from_hf", "fuse_lora", fuse_lora)  # ('False' fused)
         if fuse_lora and any(type(m).__module__.startswith("peft.") for m in hf_model.modules()):
             from kfuse.integrations.peft import fuse  # noqa: PLC0415 (peft is optional)
@@ -193,6 +228,10 @@ class LlamaForCausalLM(nn.Module):
         self._length_rope = _LengthRope(base.rotary_emb) if "dynamic" in rope or rope == "longrope" else None
         self.head_dim = base.layers[0].self_attn.head_dim  # may differ from hidden / heads (config.head_dim)
         self.num_kv_heads = cfg.num_key_value_heads
+        # What _check_structure compares (not submodules: kept out of this model's state and module tree)
+        self.__dict__.update(_hf_config=cfg, _hf_layers=base.layers, _replaced=None)
+        _watch(self, [hf_model, base, base.layers, *base.layers,
+                      *(m for layer in base.layers for m in (layer.self_attn, layer.mlp))])
 
     @classmethod
     def from_hf(cls, hf_model: transformers.LlamaForCausalLM, *, fuse_lora: bool = True) -> LlamaForCausalLM:
@@ -205,6 +244,21 @@ class LlamaForCausalLM(nn.Module):
         :func:`kfuse.integrations.peft.fuse` (which lists any layer it leaves to PEFT in one warning;
         :func:`kfuse.integrations.peft.unfuse` switches them back)."""
         return cls(hf_model, fuse_lora=fuse_lora)
+
+    def _check_structure(self) -> None:
+        """``RuntimeError`` where the HF model's structure has changed since this model was built from it (a
+        module replaced, layers removed, ``config.num_hidden_layers`` lowered, as transformers' early-exit
+        generation does): this model would run the modules it took, not the HF model's (Llama hunt)."""
+        if self._replaced is not None:
+            raise RuntimeError(f"the HF model's {self._replaced} was replaced after this model was built from it "
+                               "(e.g. peft.get_peft_model or PeftModel.from_pretrained adding adapters, unload(), "
+                               "set_output_embeddings): this model holds the modules it was built with; build it "
+                               "again with LlamaForCausalLM.from_hf")
+        layers, used = len(self._hf_layers), self._hf_config.num_hidden_layers
+        if layers != len(self.layers) or used != len(self.layers):
+            raise RuntimeError(f"the HF model runs {min(layers, used)} decoder layers (config.num_hidden_layers="
+                               f"{used}, {layers} in model.layers); this model was built with {len(self.layers)}: "
+                               "build it again with LlamaForCausalLM.from_hf")
 
     @property
     def vocab_size(self) -> int:
@@ -297,7 +351,8 @@ class LlamaForCausalLM(nn.Module):
         (``seq_ids``' errors are the cache's); an error during the step calls ``cache.abort_step()``, so the
         lengths are unchanged.
         """
-        vocab = self.vocab_size
+        vocab = self.vocab_size  # (first: a resized vocabulary also replaced lm_head, and is named as such)
+        self._check_structure()
         self._check_tokens(flat_tokens, "flat_tokens")
         self._check_cache(cache)
         ids = cache._ids(seq_ids)  # known, active, distinct: the cache's own checks and messages
@@ -492,6 +547,7 @@ class DecodeGraphs:
         """Append ``tokens[i]`` to ``seq_ids[i]`` (one token each) and return the logits ``[n, vocab_size]``."""
         model, cache = self.model, self.cache
         vocab = model.vocab_size
+        model._check_structure()
         model._check_cache(cache)  # also refuses an open step
         model._check_tokens(tokens, "tokens")
         ids = cache._ids(seq_ids)
