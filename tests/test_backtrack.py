@@ -443,14 +443,18 @@ def test_numpy_prompts_are_accepted(model, plain):
 
 def test_check_results_are_validated(model):
     """The check returns one bool or real score per window; anything else raises naming check (a NaN
-    score would pass every window). numpy and torch arrays of bools or scores are accepted."""
+    score would pass every window; a mapping or set is no per-window sequence). numpy and torch arrays of bools
+    or scores are accepted."""
     kw = dict(max_new_tokens=4, check_every=2)
     for result, err, match in ((lambda w: None, TypeError, "got NoneType"),
                                (lambda w: ["bad"] * len(w), TypeError, "got 'bad'"),
                                (lambda w: [None] * len(w), TypeError, "got None"),
                                (lambda w: np.array(True), TypeError, "got bool"),
                                (lambda w: [], ValueError, "returned 0 results for 1 windows"),
-                               (lambda w: [float("nan")] * len(w), ValueError, "got NaN for window 0")):
+                               (lambda w: [float("nan")] * len(w), ValueError, "got NaN for window 0"),
+                               # (a dict's keys were taken as the scores: generator hunt)
+                               (lambda w: dict.fromkeys(range(len(w)), False), TypeError, "got dict"),
+                               (lambda w: {False}, TypeError, "got set")):
         with pytest.raises(err, match="generate: check must return one bool .* per window.*" + match):
             generate(model, PROMPTS[:1], check=result, **kw)
     for result in (lambda w: np.zeros(len(w), dtype=bool), lambda w: torch.zeros(len(w)),

@@ -28,7 +28,8 @@ import numbers
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -599,7 +600,9 @@ def _run_check(check: Check, windows: list[list[int]], tokenizer: Any, threshold
     if isinstance(res, (Tensor, np.ndarray)):
         res = res.tolist()  # a 0-d array gives a scalar, refused below
     must = "check must return one bool (True = violation) or real score (>= threshold) per window"
-    if isinstance(res, (str, bytes)) or not isinstance(res, Iterable):
+    # (A mapping or set is iterable, but its order or keys are not per-window results: a dict's keys were taken as
+    # the scores; generator hunt, 2026-12-07.)
+    if isinstance(res, (str, bytes, Mapping, AbstractSet)) or not isinstance(res, Iterable):
         raise TypeError(f"{_GEN}: {must}, as a list; got {type(res).__name__}")
     res = list(itertools.islice(res, len(windows) + 1))  # an endless iterator must not hang generate
     if len(res) != len(windows):
