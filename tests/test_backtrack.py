@@ -423,6 +423,15 @@ def test_bad_arguments_raise_naming_them(model):
             generate(**{"model": NotCalled(model), "prompts": PROMPTS[:2], **ok, **kw})
     with pytest.raises(ValueError, match="threshold"):
         ProfanityCheck(threshold=2.0)
+    # A cache the allocator cannot give (max_new_tokens=10**9 on a CPU: torch's bare allocator error; generator hunt)
+    no_memory = NotCalled(model)
+
+    def refuse(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 64000001024 bytes")
+
+    no_memory.new_cache = refuse
+    with pytest.raises(MemoryError, match=r"max_new_tokens=4 needs a cache of \d+ pages of 16 tokens"):
+        generate(no_memory, PROMPTS[:2], **ok)
 
     class NoVocab:  # a model without vocab_size: the limits' vocabulary check waits for the first logits
         def __init__(self, model: LlamaForCausalLM) -> None:

@@ -454,7 +454,14 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
         if pages >= 2**31:  # (the cache's own error named num_pages, which the caller never passed)
             raise ValueError(f"{_GEN}: max_new_tokens={max_new_tokens} needs {pages} cache pages of {page} tokens "
                              "for these prompts; a cache holds fewer than 2^31")
-        cache = model.new_cache(page, num_pages=pages, max_seqs=n)
+        try:
+            cache = model.new_cache(page, num_pages=pages, max_seqs=n)
+        except (RuntimeError, MemoryError) as e:  # (torch's allocator error named neither; generator hunt)
+            if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
+                raise
+            raise MemoryError(f"{_GEN}: max_new_tokens={max_new_tokens} needs a cache of {pages} pages of {page} "
+                              f"tokens for these prompts (every sequence at its longest), which could not be "
+                              f"allocated ({type(e).__name__}: {e}); lower max_new_tokens, or pass cache") from None
     else:
         _check_cache(cache, longest)
 
