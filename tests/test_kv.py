@@ -694,6 +694,31 @@ def test_copies_and_pickles_are_independent_caches(mirror, tmp_path, seed):
         copy.deepcopy(cache)
 
 
+def _decode_in_child(cache, q, ids, out) -> None:
+    out.put(kfuse.paged_decode_attention(q, cache, 1, ids, backend="cpu").numpy())  # (by value: the child exits)
+
+
+def test_a_cache_passed_to_a_spawned_process(seed):
+    """A cache as a spawned process's argument (torch.multiprocessing, a spawn DataLoader): its host state went as
+    shared-memory file descriptors of temporary clones, freed before the child read them ("bad value(s) in
+    fds_to_keep"; forkserver hung; process hunt, 2026-12-07). The child gets the cache's contents."""
+    import torch.multiprocessing as mp  # noqa: PLC0415
+
+    cache, a, b = _populated(False)
+    q = torch.randn(2, 2 * HKV, D)
+    want = kfuse.paged_decode_attention(q, cache, 1, [a, b], backend="cpu")
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=_decode_in_child, args=(cache, q, [a, b], out))
+    child.start()
+    try:
+        assert torch.equal(torch.from_numpy(out.get(timeout=120)), want)
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+
+
 def test_a_capacity_past_int32_lengths_is_refused():
     """Lengths are int32 (seq_lens, the kernels); the C++ advance truncated a sum past 2^31 - 1 (overflow
     audit). A sequence's capacity max_pages_per_seq · page_size (max_pages_per_seq defaults to num_pages)

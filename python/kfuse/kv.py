@@ -141,7 +141,7 @@ def _rebuilt_cache(cls: type, args: tuple, state: tuple[Tensor, ...], extra: dic
     with torch.no_grad():
         for dst, src in zip((cache.k_pages, cache.v_pages, cache._h_flat, cache._h_npages, cache._h_active), state,
                             strict=True):
-            dst.copy_(src)
+            dst.copy_(torch.as_tensor(src))  # (numpy host state; tensors in pickles made before 2026-12-07)
         if cache._mirrored:
             cache._flat.copy_(cache._h_flat)
     return cache
@@ -340,8 +340,11 @@ class PagedKVCache:
         # Copies of the host state: torch.multiprocessing's pickler moves a CPU tensor's storage into shared
         # memory in place, and the C++ state and the numpy views keep pointers into the old one (a cache put
         # on a Queue then read freed memory: nonsense errors, a heap-corruption abort; multiprocessing hunt,
-        # 2026-12-05). The pools may move: nothing holds their pointers.
-        state = (self.k_pages, self.v_pages, self._h_flat.clone(), self._h_npages.clone(), self._h_active.clone())
+        # 2026-12-05). As numpy arrays, pickled by value: as tensor clones, the pickler sent a shared-memory
+        # file descriptor of a clone freed before a spawned process read it ("bad value(s) in fds_to_keep";
+        # forkserver: a hang; process hunt, 2026-12-07). The pools may move: nothing holds their pointers.
+        state = (self.k_pages, self.v_pages, *(t.numpy().copy() for t in (self._h_flat, self._h_npages,
+                                                                          self._h_active)))
         # A subclass and attributes set after the constructor come along (copied as the copy is: shallowly by
         # copy.copy, deeply by deepcopy).
         extra = {k: v for k, v in self.__dict__.items() if k not in self._init_attrs}
