@@ -195,6 +195,12 @@ def test_an_hf_model_changed_after_from_hf_is_refused_until_rebuilt():
     del hf.model.layers[1]
     refused(model, r"config.num_hidden_layers=2, 1 in model.layers")
 
+    class Unhashable(torch.nn.Module):  # (its __eq__ alone makes it unhashable: the watch's hook must pass it by)
+        def __eq__(self, other: object) -> bool:
+            return self is other
+
+    Unhashable().child = torch.nn.Linear(2, 2)
+
 
 def test_a_cpu_model_runs_under_another_default_device():
     """Under torch.set_default_device("cuda") (here "meta", which every machine has) a CPU model's step made

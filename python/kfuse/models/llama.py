@@ -123,7 +123,10 @@ _HOOKED = False
 
 def _on_register(parent: nn.Module, name: str, module: nn.Module | None) -> None:
     """torch's global module-registration hook (every ``parent.name = module`` of a Module, anywhere)."""
-    models = _WATCHED.get(parent)
+    try:
+        models = _WATCHED.get(parent)
+    except TypeError:  # an unhashable module (its class defines __eq__ alone): none of the HF modules watched
+        return
     if models and parent._modules.get(name) is not module:
         for m in models:
             m.__dict__["_replaced"] = f"{type(parent).__name__}.{name}"
