@@ -69,7 +69,7 @@ def main() -> int:
     ptrs = [torch.empty(4096, device=dev) for _ in range(12)]
     ints = [4096, 4096, 4096, 128, 4096, 1, 16, 4096]
     consts = {"C0": 128, "C1": 128, "C2": 64, "C3": True}
-    grid = (64,)
+    grid = (64, 1, 1)  # (three dimensions: a CompiledKernel's launch reads grid[0..2], unpadded, unlike the JIT's)
     one = _one[grid](ptrs[0])  # compiles; returns the CompiledKernel
     many = _many[grid](*ptrs, *ints, **consts)
     tiny = torch.zeros(1, device=dev)

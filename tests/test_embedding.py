@@ -2993,10 +2993,13 @@ def test_triton_async_record_is_not_kept_after_it_is_reported(device, no_pending
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("check", ["sync", "async"])
-def test_forward_captures_in_a_cuda_graph(check, no_pending_checks):
+def test_forward_captures_in_a_cuda_graph(check, no_pending_checks, monkeypatch):
     """A forward captured after a warm-up: a capture cannot read the kernel's flag ("sync" read it, and
     every call's poll queried the "async" warm-up's event: either invalidated the capture; GPU review,
     2026-12-05). A replay reads the new indices; its bad input reports nothing, and is masked."""
+    # An empty metadata cache: a worker whose earlier tests filled it (64 table sets) would build this call's
+    # metadata with a host-to-device copy, which the capture refuses (GPU-path audit)
+    monkeypatch.setattr(te, "_META_CACHE", {})
     m = MultiTableEmbeddingBag([(9, 5), (6, 3)], backend="triton", check=check, device="cuda")
     idx, off = torch.tensor([1, 2, 3, 4, 5], device="cuda"), torch.tensor([0, 2, 3, 4, 5], device="cuda")
     graph = torch.cuda.CUDAGraph()

@@ -1361,9 +1361,12 @@ def test_decode_splits_tied_at_huge_scores_weigh_by_their_sizes(backend, device,
     decode stored each split as one fp32 log-sum-exp m + log2(l), whose log2(l) was rounded away past
     ~1e5, and weighed splits by their max alone (0.5 where the mean is 0.147, two splits of 256 and 44
     positions; half-precision hunt, 2026-12-05). Splits now keep m and l apart."""
-    n, split = 3 * PS * 2 + 5, tk.SPLIT_TOKENS
+    # Two splits, the second shorter, whatever a split is (16 positions under the interpreter, 64 on a GPU: n was
+    # fixed at 29, below a GPU's split, so the test expected -1.2 there and spanned one split; GPU-path audit)
+    split = tk.SPLIT_TOKENS
+    n = split + split // 2 + 5
     for c in (8.0, 4000.0):
-        cache = make(torch.float16, device=device, num_layers=1, num_kv_heads=1, head_dim=16, num_pages=16)
+        cache = make(torch.float16, device=device, num_layers=1, num_kv_heads=1, head_dim=16, num_pages=-(-n // PS))
         s = cache.add_sequence()
         v = torch.zeros(n, 1, 16, dtype=torch.float16)
         v[split:] = 1.0  # the first split's positions 0, the rest 1
