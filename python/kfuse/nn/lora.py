@@ -321,9 +321,9 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def _check_weight_is_held(self, what: str) -> None:
-        """A merge writes W and the flag, both or neither. Outside torch.inference_mode an inference tensor
-        refuses the write, after it has been written: W merged and the flag not (one made under inference_mode)
-        left the layer adding the adapter twice, silently (inference hunt, 2026-12-07). So both are checked first.
+        """A merge must write W and the flag together. Outside torch.inference_mode an inference tensor refuses
+        a write only after making it: W merged and the flag not (one made under inference_mode) left the layer
+        adding the adapter twice, silently (inference hunt, 2026-12-07). So both are checked before either write.
 
         A merge writes into the weight Parameter. A weight recomputed from other tensors at each access
         (torch.nn.utils.parametrize) or by a forward pre-hook (torch.nn.utils.prune) took the write in a

@@ -281,9 +281,9 @@ def _dropout_mul(seed: Tensor, p: float, ts: list[Tensor], inplace: list[bool]) 
         return [t.mul_(keep) if ip else t * keep for t, ip in zip(ts, inplace, strict=True)]
     # (a view of a transposed x is made contiguous, and then masked in place; the products the backward masks are
     # new and contiguous. A lazily negated x, contiguous too, was read with the wrong sign: layout hunt, 2026-12-07)
-    dense = [(d, ip or d is not t) for d, t, ip in ((_backends.dense(t), t, ip) for t, ip in zip(ts, inplace,
-                                                                                            strict=True))]
-    return ext.lora_dropout_mul(int(seed.item()), [t for t, _ in dense], p, [ip for _, ip in dense])
+    srcs = [_backends.dense(t) for t in ts]
+    own = [ip or d is not t for d, t, ip in zip(srcs, ts, inplace, strict=True)]  # a copy is ours to write
+    return ext.lora_dropout_mul(int(seed.item()), srcs, p, own)
 
 
 def dropout_mask(seed: Tensor, M: int, K: int, p: float, backend: str) -> Tensor:
