@@ -203,7 +203,8 @@ class KVHostState {
   // the device copy needs for the step, to cross in one host-to-device copy (python/kfuse/kv.py
   // _open_step): the m writes (offsets, then values, as rollback's), advance's n writes (the offsets
   // of lens[ids], then lens[ids] + counts: nothing changes a length while a step is open), the slots.
-  py::tuple plan_step(const at::Tensor& ids, const at::Tensor& counts) {
+  // token: the caller's number for this plan, which pending_copies(token) then answers for.
+  py::tuple plan_step(const at::Tensor& ids, const at::Tensor& counts, int64_t token) {
     TORCH_CHECK(ids.numel() == counts.numel(), "kfuse: ids and counts differ in length");
     log_.clear();
     const int64_t n = ids.numel();
@@ -211,6 +212,7 @@ class KVHostState {
     const int64_t* cnt = ptr(counts, "counts");
     const kfuse::kv::StepPlan p = kfuse::kv::plan_step(st_, id, cnt, n);
     auto t = [](const std::vector<int64_t>& v) { return at::tensor(v, at::kLong); };
+    pending_ = {token, p.cow_src, p.cow_dst};  // the state has changed: from here on the plan can be undone
     if (!st_.written) return py::make_tuple(t(p.slots), 0, t(p.cow_src), t(p.cow_dst));
     std::vector<int64_t> off;
     std::vector<int32_t> val;
@@ -227,11 +229,22 @@ class KVHostState {
     std::copy(p.slots.begin(), p.slots.end(), o + 2 * m + 2 * n);
     return py::make_tuple(plan, m, t(p.cow_src), t(p.cow_dst));
   }
-  // lens[ids] += counts. Returns no writes: the device copy's went with the step's plan.
-  void advance(const at::Tensor& ids, const at::Tensor& counts) {
+  // The copy-on-write pages (src, dst) of the plan numbered token, or None when the last plan made was another
+  // (or none). Why: an interrupt (KeyboardInterrupt, a signal handler's exception) pending when plan_step
+  // returns is raised before its caller has the returned value, yet the undo of the plan needs its copies
+  // (process hunt, 2026-12-07: pages leaked, a forked sequence's page left unfilled after abort_step).
+  py::object pending_copies(int64_t token) const {
+    if (pending_.token != token) return py::none();
+    return py::make_tuple(at::tensor(pending_.cow_src, at::kLong), at::tensor(pending_.cow_dst, at::kLong));
+  }
+  // lens[ids] += counts, once for the plan numbered token: a call repeated after an interrupt raised as the
+  // first returned changes nothing. Returns no writes: the device copy's went with the step's plan.
+  void advance(const at::Tensor& ids, const at::Tensor& counts, int64_t token) {
     TORCH_CHECK(ids.numel() == counts.numel(), "kfuse: ids and counts differ in length");
+    if (token == advanced_) return;
     kfuse::kv::advance(st_, ptr(ids, "ids"), ptr(counts, "counts"), ids.numel());
     log_.clear();
+    advanced_ = token;
   }
 
  private:
@@ -257,6 +270,11 @@ class KVHostState {
   at::Tensor flat_;
   std::vector<int64_t> log_;
   kfuse::kv::HostState st_{};
+  struct Pending {
+    int64_t token = -1;
+    std::vector<int64_t> cow_src, cow_dst;
+  } pending_;
+  int64_t advanced_ = -1;
 };
 
 // ---- kv attention ----------------------------------------------------------------------
@@ -498,7 +516,8 @@ void embedding_backward_fused(const at::Tensor& grad_out, const std::vector<at::
                               int64_t pooling, const std::optional<at::Tensor>& per_sample_weights,
                               const std::string& optimizer, const std::vector<at::Tensor>& states1,
                               const std::vector<at::Tensor>& states2, double lr, double eps, double beta1,
-                              double beta2, double weight_decay, int64_t step, int64_t seed) {
+                              double beta2, double weight_decay, int64_t step, int64_t seed,
+                              const std::optional<at::Tensor>& step_count) {
   using kfuse::embedding::Optimizer;
   Optimizer kind;
   if (optimizer == "sgd") kind = Optimizer::sgd;
@@ -507,6 +526,14 @@ void embedding_backward_fused(const at::Tensor& grad_out, const std::vector<at::
   else throw std::invalid_argument("optimizer must be 'sgd', 'rowwise_adagrad' or 'adam'; got '" + optimizer + "'");
   if (step < 1) throw std::invalid_argument("step must be >= 1 (the update count, this one included); got " +
                                             std::to_string(step));
+  int64_t* count = nullptr;
+  if (step_count) {
+    const at::Tensor& sc = *step_count;
+    TORCH_CHECK(sc.is_cpu() && sc.scalar_type() == at::kLong && sc.numel() == 1 && !sc.is_inference(),
+                "kfuse: step_count must be a one-element int64 CPU tensor (not an inference tensor)");
+    count = sc.data_ptr<int64_t>();
+    TORCH_CHECK(*count == step - 1, "kfuse: step_count holds ", *count, "; this update is step ", step);
+  }
   const EmbeddingCall c(weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights);
   c.check_grad_out(grad_out);
   // States: rowwise_adagrad one per row [rows], adam m and v [rows, dim], in the accumulation dtype.
@@ -531,6 +558,13 @@ void embedding_backward_fused(const at::Tensor& grad_out, const std::vector<at::
   const int nt = at::get_num_threads();
   const kfuse::embedding::Plan plan = kfuse::embedding::plan_backward(c.tables, c.bags, nt);
   kfuse::embedding::backward_fused_cpu(c.tables, c.bags, plan, grad_out.const_data_ptr(), opt, nt);
+  // The count advances with the update, in one call: advanced by the caller afterwards, an interrupt raised
+  // as this call returned left the tables updated and the count not (the next step reused Adam's bias
+  // correction and the rounding seed; process hunt, 2026-12-07).
+  if (count) {
+    ++*count;
+    step_count->unsafeGetTensorImpl()->bump_version();
+  }
 }
 
 // A plain strided tensor: not nested, and no dispatch key that makes it something else (a lazy negation or
@@ -801,8 +835,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("rollback", &KVHostState::rollback, py::arg("ids"), py::arg("new_lens"), py::arg("check_lens"),
            py::arg("log") = true)
       .def("fork", &KVHostState::fork, py::arg("src"), py::arg("child"), py::arg("length"))
-      .def("plan_step", &KVHostState::plan_step, py::arg("ids"), py::arg("counts"))
-      .def("advance", &KVHostState::advance, py::arg("ids"), py::arg("counts"));
+      .def("plan_step", &KVHostState::plan_step, py::arg("ids"), py::arg("counts"), py::arg("token"))
+      .def("pending_copies", &KVHostState::pending_copies, py::arg("token"))
+      .def("advance", &KVHostState::advance, py::arg("ids"), py::arg("counts"), py::arg("token"));
   m.attr("kv_decode_chunk") = kfuse::kv::kDecodeChunk;
   m.def("kv_decode_attention", &kv_decode_attention, release,
         "Paged decode attention (CPU): q [B, Hq, D], one layer's k_pages/v_pages [num_pages, page_size, Hkv, D], "
@@ -868,9 +903,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("embedding_backward_fused", &embedding_backward_fused, release,
         "Backward with a fused optimizer ('sgd', 'rowwise_adagrad' with states1 [rows_t], 'adam' with states1 = m "
         "and states2 = v [rows_t, dim_t]; states in the accumulation dtype): updates weights and states in place; "
-        "fp16/bf16 tables round stochastically from (seed, step, table, row, col)",
+        "fp16/bf16 tables round stochastically from (seed, step, table, row, col); step_count (int64 CPU, holding "
+        "step - 1) is advanced with the update",
         py::arg("grad_out"), py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("feature_table"),
         py::arg("padding_idx"), py::arg("pooling"), py::arg("per_sample_weights"), py::arg("optimizer"),
         py::arg("states1"), py::arg("states2"), py::arg("lr"), py::arg("eps"), py::arg("beta1"), py::arg("beta2"),
-        py::arg("weight_decay"), py::arg("step"), py::arg("seed"));
+        py::arg("weight_decay"), py::arg("step"), py::arg("seed"), py::arg("step_count") = py::none());
 }

@@ -20,6 +20,7 @@ import pytest
 import sm90
 import torch
 import torch.nn.functional as F
+from interrupts import interrupt_each_point
 from tolerances import assert_close
 
 import kfuse
@@ -1176,6 +1177,41 @@ def test_fused_step_count_moves_with_the_tables_only(backend, seed):
     m.load_state_dict({"weights.0": torch.randn(4, 10).t()}, strict=False, assign=True)
     with pytest.raises(ValueError, match=r"weights\[0\] must be contiguous"):
         m(idx, off)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_interrupted_anywhere_counts_what_it_did(dtype, seed):
+    """A KeyboardInterrupt at every interrupt point in turn (tests/interrupts.py) of a training step with the
+    fused Adam on the cpu backend: the step count says whether the tables were updated. The count was
+    advanced after the C++ update returned: an interrupt raised then left the tables updated and the count
+    not, so the next step reused Adam's bias correction and (bf16) the rounding seed (process hunt,
+    2026-12-07). The C++ call now advances it with the update."""
+    torch.manual_seed(seed)
+    proto = MultiTableEmbeddingBag([(12, 5), (7, 3)], optimizer="adam", lr=0.05, seed=1, backend="cpu",
+                                   dtype=dtype)
+    idx, off = torch.tensor([1, 2, 2, 0, 6, 3, 5]), torch.tensor([0, 3, 4, 6, 7])
+
+    def train(m):
+        m(idx, off).square().sum().backward()
+
+    after = copy.deepcopy(proto)
+    train(after)
+    train(after)
+    steps = [[w.detach().clone() for w in m.weights] for m in (proto, after)]  # before, after two steps
+
+    def setup():
+        m = copy.deepcopy(proto)
+        train(m)  # one step done: the second is interrupted, then retried as a training loop would
+        return m
+
+    def check(m, interrupted):
+        if interrupted and int(m.optimizer_step) == 1:  # not counted: it must not have updated either
+            train(m)
+        assert int(m.optimizer_step) == 2
+        assert all(torch.equal(w, e) for w, e in zip(m.weights, steps[1], strict=True))
+
+    assert not any(torch.equal(a, b) for a, b in zip(*steps, strict=True))
+    assert interrupt_each_point(setup, train, check) > 20
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

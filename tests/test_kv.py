@@ -12,6 +12,7 @@ import sm90
 import torch
 import torch.nn.functional as F
 from fake_cuda import MixedDevices, fake_cuda_device_state
+from interrupts import interrupt_each_point
 from tolerances import assert_close
 
 import kfuse
@@ -488,6 +489,60 @@ def test_errors_after_the_host_update_leave_a_consistent_cache(monkeypatch, mirr
     check_invariants(cache, dense)
 
 
+@pytest.mark.parametrize("mirror", [False, True], ids=["cpu-state", "device-copy"])
+def test_an_interrupt_anywhere_leaves_a_cache_that_abort_step_makes_whole(mirror, seed):
+    """A KeyboardInterrupt raised at every interrupt point in turn (tests/interrupts.py) of a step that copies a
+    shared page, a rollback, a fork and a free (process hunt, 2026-12-07: raised as the host's plan_step
+    returned, the step's pages leaked and a forked sequence's page was left uncopied even after abort_step;
+    raised as a host update returned, a mirrored cache's device copy stayed behind it). After each, and
+    abort_step() where a step is open: the metadata invariants hold, each sequence reads the tokens of one of
+    its lengths, and freeing every sequence frees every page. A step whose advance() was interrupted is
+    advanced again instead: once in all."""
+    g = torch.Generator().manual_seed(seed)
+    base, new = (torch.randn(L, 2, n, HKV, D, generator=g) for n in (PS + 2, 3))  # [layer, k/v, token, ...]
+
+    def setup():
+        cache = make(num_pages=10, _mirror=mirror)
+        a = cache.add_sequence()
+        for layer in range(L):
+            cache.append(layer, [a], base[layer, 0], base[layer, 1], [PS + 2])  # a partially filled page
+        cache.advance([a], [PS + 2])
+        return cache, a, cache.fork(a, PS + 2)
+
+    def op(state):
+        cache, a, b = state
+        junk = torch.zeros(PS + 1, HKV, D)  # a step dropped: b's copy of the shared page kept, its next page freed
+        cache.append(0, [b], junk, junk, [PS + 1])
+        cache.abort_step()
+        for layer in range(L):  # a 1 token, b 2: both write into the page they share
+            cache.append(layer, [a, b], new[layer, 0], new[layer, 1], [1, 2])
+        cache.advance([a, b], [1, 2])
+        cache.rollback([a], [PS + 1])
+        cache.free(cache.fork(b, PS + 3))
+
+    def check(state, interrupted):
+        cache, a, b = state
+        st = cache._step
+        if st is not None and len(st["layers"]) == L and st["ids"].tolist() == [a, b]:
+            cache.advance([a, b], [1, 2])  # the interrupted call again (after its host update, it must not repeat it)
+        elif st is not None:
+            cache.abort_step()
+        check_invariants(cache)
+        for s, mine in ((a, new[:, :, :1]), (b, new[:, :, 1:])):
+            n = cache.length(s)
+            for layer in range(L):
+                k, v = gather_kv(cache, layer, s)
+                assert torch.equal(k, torch.cat([base[layer, 0], mine[layer, 0]])[:n]), (s, layer, n)
+                assert torch.equal(v, torch.cat([base[layer, 1], mine[layer, 1]])[:n]), (s, layer, n)
+        if not interrupted:
+            assert (cache.length(a), cache.length(b)) == (PS + 1, PS + 4)
+        for s in cache.active_sequences:  # (a fork interrupted as it returned: a child whose id was never seen)
+            cache.free(s)
+        assert cache.stats()["pages_used"] == 0
+
+    assert interrupt_each_point(setup, op, check) > 20
+
+
 def test_bug_hunt_findings_leave_the_cache_as_it_was():
     """Five ways a user reached a broken or leaking cache (a review of 2026-12-03), each now refused
     with a clear error and the cache unchanged, or handled:
@@ -630,11 +685,11 @@ def test_host_state_advance_and_unchecked_rollback_refuse_out_of_range_values():
     def t(*v):
         return torch.tensor(v, dtype=torch.int64)
 
-    for call, err, msg in ((lambda: host.advance(t(10**6), t(1)), IndexError, "out of range"),
-                           (lambda: host.advance(t(-3), t(7)), IndexError, "out of range"),
-                           (lambda: host.advance(t(s), t(-100)), ValueError, "counts: -100"),
-                           (lambda: host.advance(t(s), t(12)), ValueError, "capacity 16"),
-                           (lambda: host.advance(t(s), t(2**63 - 1)), ValueError, "capacity 16"),  # (no wrap)
+    for call, err, msg in ((lambda: host.advance(t(10**6), t(1), -7), IndexError, "out of range"),
+                           (lambda: host.advance(t(-3), t(7), -7), IndexError, "out of range"),
+                           (lambda: host.advance(t(s), t(-100), -7), ValueError, "counts: -100"),
+                           (lambda: host.advance(t(s), t(12), -7), ValueError, "capacity 16"),
+                           (lambda: host.advance(t(s), t(2**63 - 1), -7), ValueError, "capacity 16"),  # (no wrap)
                            (lambda: host.rollback(t(s), t(-9), False, True), ValueError, "new_lens: -9"),
                            # past the 2 pages it holds, within its row of 4 (review: npages then pointed at -1
                            # entries, and a later free decremented ref[-1], another row's length)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import sm90
 import torch
+from interrupts import interrupt_each_point
 from tolerances import TOL, assert_close
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -1011,6 +1012,33 @@ def test_merge_unmerge(fifo: bool, dtype: torch.dtype, out_features: int, seed: 
         torch.testing.assert_close(linear.weight, w0, rtol=0, atol=1e-6)
     else:
         assert_close(linear.weight, w0, dtype, "round trip")
+
+
+def test_merge_and_unmerge_interrupted_anywhere_keep_weight_and_flag_together(seed: int) -> None:
+    """A KeyboardInterrupt at every interrupt point in turn (tests/interrupts.py) of merge() then unmerge(): W
+    and the merged flag agree after each (W written, the flag not, when an interrupt was raised as W's copy
+    returned: the adapter then counted twice; process hunt, 2026-12-07), and the layer's output is the
+    unmerged one's."""
+    torch.manual_seed(seed)
+    proto = kfuse.nn.LoRALinear(9, 7, r=3, backend="reference")
+    torch.nn.init.normal_(proto.lora_B)
+    x = torch.randn(4, 9)
+    with torch.no_grad():
+        want, w0 = proto(x), proto.weight.detach().clone()
+    with torch.no_grad():
+        merged_w = proto.weight + proto.scaling * proto.lora_B @ proto.lora_A
+
+    def op(m):
+        m.merge()
+        m.unmerge()
+
+    def check(m, interrupted):
+        assert bool(m.lora_merged) == m.merged
+        assert_close(m.weight.detach(), merged_w if m.merged else w0, torch.float32)
+        with torch.no_grad():
+            assert_close(m(x), want, torch.float32)
+
+    assert interrupt_each_point(lambda: copy.deepcopy(proto), op, check) > 5
 
 
 def test_merge_refuses_a_weight_computed_from_other_tensors(seed: int) -> None:

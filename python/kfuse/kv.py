@@ -244,6 +244,7 @@ class PagedKVCache:
         # step per sequence), layers (set), slots (flat page · page_size + slot, device int64), commit
         # (advance's device writes: offsets, int32 values; None on an unmirrored cache)).
         self._step: dict | None = None
+        self._plans = 0  # the steps opened: each plan's number, by which the host state knows it (see _open_step)
         self._pool_views: tuple | None = None  # see _layer_pools
         self._init_attrs = frozenset(self.__dict__) | {"_init_attrs"}  # the constructor's (see __reduce__)
 
@@ -373,9 +374,13 @@ class PagedKVCache:
         s = self._check_id(seq_id, "seq_id")
         self._no_step("free")
         one = torch.full((1,), s, dtype=torch.int64, device="cpu")  # torch.tensor([s]) took ~7 us, twice
-        writes = self._host.rollback(one, torch.zeros_like(one), False)
-        self._n_active[s] = 0  # the host's part done: the slot goes even if the device's replay fails
-        self._replay(writes)
+        try:
+            writes = self._host.rollback(one, torch.zeros_like(one), False)
+            self._n_active[s] = 0  # the host's part done: the slot goes even if the device's replay fails
+            self._replay(writes)
+        except BaseException:  # (an interrupt as the host's rollback returned: the slot stays, emptied)
+            self._resync()
+            raise
 
     def reset(self, seq_ids) -> None:
         """Empty the sequences ``seq_ids`` (list, array or int tensor of active ids): length 0, their pages
@@ -578,16 +583,24 @@ class PagedKVCache:
         ``own``: whether ``ids``, ``cnt`` are already the cache's own tensors (made by the caller, not the
         caller's caller's: no copy needed for the record); ``ones``: ``cnt`` is all ones; ``total``: its sum
         if known."""
-        plan, m, cow_src, cow_dst = self._host.plan_step(ids, cnt)
+        self._plans += 1
+        token = self._plans
         try:
-            return self._open_planned_step(ids, cnt, external, plan, m, cow_src, cow_dst, own, ones, total)
+            plan, m, cow_src, cow_dst = self._host.plan_step(ids, cnt, token)
+            return self._open_planned_step(ids, cnt, external, plan, m, cow_src, cow_dst, own, ones, total, token)
         except BaseException:
             # plan_step has taken pages and pointed table entries at them (at a copy-on-write page's fresh
             # copy too): an error before the step was recorded (out of memory, an interrupt) left them
             # taken, with no step for abort_step to release, or a sequence reading an uncopied page
             # (state-after-errors hunt, 2026-12-05). Undone as abort_step does: the copies made (page by
-            # page, views: nothing to allocate), the new pages released, the device copy resynced.
-            for src, dst in zip(cow_src.tolist(), cow_dst.tolist(), strict=True):
+            # page, views: nothing to allocate), the new pages released, the device copy resynced. The copies
+            # come from the host state, not plan_step's return value: an interrupt pending as plan_step returns
+            # is raised before that value is stored (process hunt, 2026-12-07). A step recorded already (the
+            # interrupt raised as _open_planned_step returned) is left open, whole: abort_step undoes it.
+            copies = self._host.pending_copies(token) if self._step is None else None
+            if copies is None:  # no plan made (refused, or interrupted before it), or a step recorded
+                raise
+            for src, dst in zip(*(c.tolist() for c in copies), strict=True):
                 self.k_pages[:, dst].copy_(self.k_pages[:, src])
                 self.v_pages[:, dst].copy_(self.v_pages[:, src])
             self._host.rollback(ids, self._h_lens[ids].long(), False)
@@ -595,8 +608,8 @@ class PagedKVCache:
             raise
 
     def _open_planned_step(self, ids: Tensor, cnt: Tensor, external: bool, plan: Tensor, m: int, cow_src: Tensor,
-                           cow_dst: Tensor, own: tuple[bool, bool] = (False, False), ones: bool = False,
-                           total: int | None = None) -> dict:
+                           cow_dst: Tensor, own: tuple[bool, bool], ones: bool, total: int | None,
+                           token: int) -> dict:
         """:meth:`_open_step` after the host's plan: the copy-on-write copies, the device copy's update, the
         step's record."""
         if cow_src.numel():
@@ -624,7 +637,7 @@ class PagedKVCache:
                       # counts known to be all 1 (else compared as tensors), their sum: what append and advance
                       # use in place of tensor ops
                       "ones": ones, "total": int(cnt.sum()) if total is None else total,
-                      "slots": slots, "commit": commit}
+                      "slots": slots, "commit": commit, "token": token}
         return self._step
 
     def advance(self, seq_ids, counts=None) -> None:
@@ -643,8 +656,10 @@ class PagedKVCache:
         if len(st["layers"]) != self.num_layers:  # it holds only valid layers: a full set is every layer
             missing = sorted(set(range(self.num_layers)) - st["layers"])
             raise ValueError(f"advance: layers {missing} have not appended in this step (layer count mismatch)")
-        self._host.advance(st["ids"], st["counts"])  # host lengths (C++); equal to ids, counts
-        if st["commit"] is not None:  # the device copy's, sent when the step opened (values already int32)
+        # Host lengths (C++), once per step: an advance() repeated after an interrupt raised as this call
+        # returned changes nothing there (the step stays open until the last line).
+        self._host.advance(st["ids"], st["counts"], st["token"])
+        if st["commit"] is not None:  # the device copy's, sent when the step opened (final values: idempotent)
             self._flat.index_copy_(0, *st["commit"])
         self._step = None
 
@@ -657,8 +672,10 @@ class PagedKVCache:
         st = self._step
         if st is None:
             return
-        self._step = None
+        # Then the step is dropped: interrupted in between, the step stays open and a repeated abort_step
+        # changes nothing more (rollback to the same lengths); dropped first, its pages leaked.
         self._rollback(st["ids"], self._h_lens[st["ids"]].long(), check_lens=False)
+        self._step = None
 
     # ------------------------------------------------------------------ rollback / fork
     def rollback(self, seq_ids, new_lens) -> None:
@@ -682,7 +699,11 @@ class PagedKVCache:
         self._rollback(ids, lens, check_lens=True)
 
     def _rollback(self, ids: Tensor, lens: Tensor, check_lens: bool) -> None:
-        self._replay(self._host.rollback(ids, lens, check_lens))  # validates everything first
+        try:
+            self._replay(self._host.rollback(ids, lens, check_lens))  # validates everything first
+        except BaseException:  # e.g. an interrupt raised as the host's rollback returned, before the replay
+            self._resync()
+            raise
 
     @torch.inference_mode(False)  # its buffers, written by every call, must not be inference tensors
     def graphed_rollback(self, n: int) -> Callable[[Any, Any], None]:

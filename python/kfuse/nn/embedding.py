@@ -612,9 +612,12 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                     ctx.bags.pooling, flat_psw, m.optimizer, s1, s2, h["lr"], h["eps"], h["beta1"], h["beta2"],
                     h["weight_decay"], step, _rounding_seed(m.seed))
             if ctx.backend == "cpu" and m.process_group is None:
-                E._cpu("MultiTableEmbeddingBag backward", _backends.extension().embedding_backward_fused, *args)
+                # The C++ call advances optimizer_step with the update: nothing (an interrupt) can come between.
+                E._cpu("MultiTableEmbeddingBag backward", _backends.extension().embedding_backward_fused, *args,
+                       m.optimizer_step)
             elif ctx.backend == "triton" and m.process_group is None:
                 E._tk().backward_fused(*args)
+                m.optimizer_step += 1
             else:
                 parts = E._sparse_impl(grad_out, ws, indices, offsets, ctx.bags, psw, ctx.backend)
                 if m.process_group is not None:
@@ -624,7 +627,9 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                 writes = [w for t, (rows, g) in enumerate(parts) for w in _row_updates(m, t, rows, g, step)]
                 for dst, rows, val in writes:
                     dst[rows] = val
-            m.optimizer_step += 1  # after the update: a refused one leaves the count with the tables
+                m.optimizer_step += 1
+            # (Each after the update: a refused one leaves the count with the tables. Python's increments can
+            # still miss an update when an interrupt is raised just before them: as torch's optimizers can.)
             # The tables changed outside autograd's sight (raw writes into .data aliases): their versions move, so
             # that another node of the graph that saved one (h @ W.t() before this call) raises torch's in-place
             # error rather than using the updated values (in-place hunt, 2026-12-05; ~9 us at 32 tables).

@@ -307,8 +307,7 @@ class LoRALinear(nn.Module):
             warnings.warn("LoRALinear.merge: already merged; nothing to do", stacklevel=2)
             return
         self._check_weight_is_held("merge")
-        self.weight.copy_(self._updated_weight(1.0))
-        self.merged = True
+        self._write_merge(1.0)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -317,8 +316,18 @@ class LoRALinear(nn.Module):
             warnings.warn("LoRALinear.unmerge: not merged; nothing to do", stacklevel=2)
             return
         self._check_weight_is_held("unmerge")
-        self.weight.copy_(self._updated_weight(-1.0))
-        self.merged = False
+        self._write_merge(-1.0)
+
+    def _write_merge(self, sign: float) -> None:
+        """W and the merged flag written in one call (a foreach copy): written in two, an interrupt raised as
+        the first returned left W merged and the flag not (the adapter then counted twice; process hunt,
+        2026-12-07). Until both are written the Python copy of the flag is not the buffer's (:attr:`merged` then
+        reads the buffer itself)."""
+        new_w, value = self._updated_weight(sign), sign > 0
+        flag = self.lora_merged
+        self._own_flag = None
+        torch._foreach_copy_([self.weight, flag], [new_w, torch.full_like(flag, value)])
+        self._remember_merged(value)
 
     def _check_weight_is_held(self, what: str) -> None:
         """A merge must write W and the flag together. Outside torch.inference_mode an inference tensor refuses
