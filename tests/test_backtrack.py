@@ -18,10 +18,12 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from interrupts import RaisesAfter
 
 transformers = pytest.importorskip("transformers")
 
 from kfuse.backtrack import GenerationResult, ProfanityCheck, WordListCheck, generate  # noqa: E402
+from kfuse.kv import PagedKVCache  # noqa: E402
 from kfuse.models import LlamaForCausalLM  # noqa: E402
 
 VOCAB = 101
@@ -498,6 +500,27 @@ def test_caller_cache_is_checked_up_front(model):
     cache.append(1, [mine], kv, kv)
     cache.advance([mine])
     assert cache.active_sequences == [mine] and cache.length(mine) == 1
+
+
+def test_an_interrupt_as_a_slot_is_claimed_leaves_the_callers_cache_free(model, monkeypatch):
+    """An interrupt raised as the cache's add_sequence returned (before generate had the id, and before its
+    cleanup's try): the slot stayed claimed in the caller's cache, which refused the next call (process hunt,
+    2026-12-07). generate now frees every sequence the cache holds that the caller's did not."""
+    cache = model.new_cache(page_size=4, num_pages=64, max_seqs=3)
+    mine = cache.add_sequence()
+
+    def interrupted_at(k: int):  # add_sequence whose k-th call raises as it returns
+        calls = iter(range(k + 1))
+        claim = RaisesAfter(cache, "add_sequence").add_sequence
+        return lambda: claim() if next(calls) == k else PagedKVCache.add_sequence(cache)
+
+    for k in range(2):  # as the first slot is claimed, then the second
+        monkeypatch.setattr(cache, "add_sequence", interrupted_at(k))
+        with pytest.raises(KeyboardInterrupt):
+            generate(model, PROMPTS[:2], max_new_tokens=2, mode="plain", cache=cache)
+        monkeypatch.undo()
+        assert cache.active_sequences == [mine]
+    assert len(generate(model, PROMPTS[:2], max_new_tokens=2, mode="plain", cache=cache).tokens) == 2
 
 
 def test_word_list_check_validates_words():

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from interrupts import RaisesAfter
 from tolerances import assert_close
 from torch.overrides import TorchFunctionMode
 
@@ -667,6 +668,37 @@ def test_decode_graphs_bad_input_raises_and_leaves_the_cache_unchanged(monkeypat
     _, dyn = build(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(ValueError, match="rope_type 'dynamic'"):
         dyn.decode_graphs(dyn.new_cache(page_size=4, num_pages=4, max_seqs=1))
+
+
+def test_a_step_interrupted_as_the_cache_commits_it_leaves_the_cache_as_it_was(monkeypatch):
+    """An interrupt raised as the cache's host state advanced the lengths (kv.py's advance): forward_packed
+    and the decode graphs' step raised with the step committed (abort_step keeps a committed step), so a retry
+    fed the tokens twice (logits 7 off). Raised as the decode step opened its step, the step stayed open and
+    every later call was refused (process hunt, 2026-12-07). Now either raises with the cache as it was, and
+    the retry gives the uninterrupted call's logits."""
+    hf, model = build()
+    prompts, nxt = [rand_tokens(5), rand_tokens(3)], rand_tokens(2)
+
+    def fresh():
+        cache = model.new_cache(page_size=4, num_pages=16, max_seqs=3)
+        ids = [cache.add_sequence() for _ in prompts]
+        model(prompts, ids, cache)
+        return cache, ids
+
+    cache, ids = fresh()
+    want = model.forward_packed(nxt, [1, 1], ids, cache)
+    for where, target in (("forward", "_host"), ("decode graphs", "_host"), ("decode graphs", "_open_step")):
+        cache, ids = fresh()
+        before = ([cache.length(s) for s in ids], cache.stats())
+        step = model.decode_graphs(cache, max_len=8) if where == "decode graphs" else None
+        with monkeypatch.context() as m:
+            m.setattr(cache, target, RaisesAfter(cache._host, "advance") if target == "_host" else
+                      RaisesAfter(cache, "_open_step")._open_step)
+            with pytest.raises(KeyboardInterrupt):
+                model.forward_packed(nxt, [1, 1], ids, cache) if step is None else step(nxt, ids)
+        assert cache._step is None and ([cache.length(s) for s in ids], cache.stats()) == before, (where, target)
+        got = model.forward_packed(nxt, [1, 1], ids, cache) if step is None else step(nxt, ids)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_decode_graph_body_never_mixes_host_and_device_tensors(monkeypatch):

@@ -1041,6 +1041,60 @@ def test_merge_and_unmerge_interrupted_anywhere_keep_weight_and_flag_together(se
     assert interrupt_each_point(lambda: copy.deepcopy(proto), op, check) > 5
 
 
+def test_multi_adapter_stacks_change_together_whatever_interrupts_them(seed: int) -> None:
+    """A KeyboardInterrupt at every interrupt point in turn of add_adapter (a larger rank: every stack re-padded)
+    and of load_state_dict (more adapters: every stack resized): the stacks were replaced one setattr at a
+    time, and resized before the load's guard, so an interrupt left stacks of different adapter counts (every
+    later call refused) or of uninitialised memory (garbage ranks and scalings read silently; process hunt,
+    2026-12-07). After each the layer gives what it gave before, or what the finished call makes it give."""
+    torch.manual_seed(seed)
+    proto = kfuse.nn.MultiLoRALinear(8, 6, backend="reference")
+    proto.add_adapter(torch.randn(2, 8), torch.randn(6, 2), 0.5)
+    bigger = copy.deepcopy(proto)
+    for _ in range(2):
+        bigger.add_adapter(torch.randn(4, 8), torch.randn(6, 4), 1.5)
+    x, ids = torch.randn(5, 8), torch.tensor([0, -1, 0, 0, -1])
+    with torch.no_grad():
+        before = proto(x, ids)
+    A, B = torch.randn(5, 8), torch.randn(6, 5)
+    for op in (lambda m: m.add_adapter(A, B, 2.0), lambda m: m.load_state_dict(bigger.state_dict())):
+
+        def check(m, interrupted, op=op):
+            with torch.no_grad():
+                got = m(x, ids)  # (adapter 0 only: the same before and after either op)
+            assert torch.equal(got, before)
+            done = copy.deepcopy(proto)
+            op(done)
+            assert m.num_adapters in (proto.num_adapters, done.num_adapters)
+            if m.num_adapters == done.num_adapters:
+                assert all(torch.equal(a, b) for a, b in zip(m.buffers(), done.buffers(), strict=True))
+
+        assert interrupt_each_point(lambda: copy.deepcopy(proto), op, check) > 5
+
+
+def test_merged_checkpoint_loaded_whatever_interrupts_it_keeps_its_flag(seed: int) -> None:
+    """A KeyboardInterrupt at every interrupt point in turn of load_state_dict of a merged layer's state into
+    an unmerged one: raised as torch's load returned, the layer's Python copy of the flag still said unmerged,
+    trusted for its own buffer, and the forward added the adapter twice (process hunt, 2026-12-07)."""
+    torch.manual_seed(seed)
+    src = kfuse.nn.LoRALinear(9, 7, r=3, backend="reference")
+    torch.nn.init.normal_(src.lora_B)
+    x = torch.randn(4, 9)
+    with torch.no_grad():
+        want = src(x)
+    src.merge()
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    proto = kfuse.nn.LoRALinear(9, 7, r=3, backend="reference")
+
+    def check(m, interrupted):
+        assert m.merged == bool(m.lora_merged)
+        if m.merged and torch.equal(m.lora_B, src.lora_B):
+            with torch.no_grad():
+                assert_close(m(x), want, torch.float32)
+
+    assert interrupt_each_point(lambda: copy.deepcopy(proto), lambda m: m.load_state_dict(sd), check) > 5
+
+
 def test_merge_refuses_a_weight_computed_from_other_tensors(seed: int) -> None:
     """A parametrized or pruned weight is recomputed at each access: merge wrote into a temporary, set
     merged, and the forward then dropped the adapter (conversions hunt, 2026-12-05). Refused by name, the
@@ -1292,7 +1346,7 @@ def test_multi_lora_module(seed: int) -> None:
 def test_multi_lora_adds_on_two_threads_keep_both_adapters() -> None:
     """Two threads adding adapters at once built from the same stacks: the later replaced the earlier's
     adapter, both got one id, or the copy failed on resized stacks (serving hunt, 2026-12-05: 8 threads lost
-    7 adapters). Here the other thread's add starts exactly when this one sets A_stack, then lands while
+    7 adapters). Here the other thread's add starts exactly when this one sets the stacks, then lands while
     this one builds (it builds again), then a load of same-shaped stacks lands while it builds."""
     import threading  # noqa: PLC0415
 
@@ -1311,9 +1365,9 @@ def test_multi_lora_adds_on_two_threads_keep_both_adapters() -> None:
             assert m.scalings[j] == i + 1.0 and m.ranks[j] == r
 
     class Watched(MultiLoRALinear):
-        def __setattr__(self, name: str, value: object) -> None:
-            super().__setattr__(name, value)
-            if name == "A_stack" and self.__dict__.pop("watch", False):
+        def _set_stacks(self, names: tuple[str, ...], stacks: list[torch.Tensor]) -> None:
+            super()._set_stacks(names, stacks)
+            if "A_stack" in names and self.__dict__.pop("watch", False):
                 def add() -> None:
                     try:
                         got[2] = self.add_adapter(*adapters[2], 3.0)
@@ -1368,8 +1422,8 @@ def test_multi_lora_adds_on_two_threads_keep_both_adapters() -> None:
 def test_multi_lora_forward_on_another_thread_reads_one_set_of_stacks() -> None:
     """A server's forward on one thread read the new A_stack beside the old ranks while another thread added
     an adapter (add_adapter set the four buffers one after another), and failed: 349 spurious errors in 300
-    adds (concurrency hunt, 2026-12-05). Here the other thread's forward comes exactly after A_stack is set;
-    it must see the old set or the new one, whole."""
+    adds (concurrency hunt, 2026-12-05). Here the other thread's forward comes exactly as the stacks are set
+    (one update of the buffers since 2026-12-07); it must see the old set or the new one, whole."""
     import threading  # noqa: PLC0415
 
     from kfuse.nn import MultiLoRALinear  # noqa: PLC0415
@@ -1378,9 +1432,9 @@ def test_multi_lora_forward_on_another_thread_reads_one_set_of_stacks() -> None:
     threads: list[threading.Thread] = []
 
     class Watched(MultiLoRALinear):
-        def __setattr__(self, name: str, value: object) -> None:
-            super().__setattr__(name, value)
-            if name == "A_stack" and self.__dict__.get("watch"):
+        def _set_stacks(self, names: tuple[str, ...], stacks: list[torch.Tensor]) -> None:
+            super()._set_stacks(names, stacks)
+            if "A_stack" in names and self.__dict__.get("watch"):
                 def serve() -> None:
                     try:
                         with torch.no_grad():

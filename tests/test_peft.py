@@ -20,6 +20,7 @@ import warnings
 import gloo
 import pytest
 import torch
+from interrupts import interrupt_each_point
 from tolerances import assert_close
 from torch import nn
 
@@ -665,6 +666,32 @@ def test_unfuse_rebinds_hooks_added_after_fuse(seed: int, monkeypatch) -> None:
     assert torch.equal(q(x), want) and counter.take() == {"lora_linear": 0, "lora_linear_multi": 0}
 
 
+def test_unfuse_interrupted_anywhere_is_completed_by_unfuse(seed: int, monkeypatch) -> None:
+    """A KeyboardInterrupt at every interrupt point in turn of unfuse on a layer with a hook added after fuse:
+    raised as the layer's class was switched back, the hook still ran kfuse and a second unfuse no longer saw
+    the layer as fused (process hunt, 2026-12-07). After each, unfuse again leaves PEFT's forward alone."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    torch.manual_seed(seed)
+    proto = get_peft_model(_One(), LoraConfig(r=4, target_modules=["a"])).eval()
+    x = torch.randn(3, 16)
+    counter = Counter(monkeypatch)
+
+    def setup():
+        model = copy.deepcopy(proto)
+        kp.fuse(model)
+        hooks.add_hook_to_module(model.base_model.model.a, hooks.ModelHook())
+        return model
+
+    def check(model, interrupted):
+        kp.unfuse(model)
+        counter.take()
+        with torch.no_grad():
+            model(x)
+        assert kp.fused_layers(model) == [] and counter.take() == {"lora_linear": 0, "lora_linear_multi": 0}
+
+    assert interrupt_each_point(setup, kp.unfuse, check) > 5
+
+
 def test_fused_model_frees_at_del_and_replicas_use_their_parameters(seed: int, monkeypatch) -> None:
     """A fused layer holds no reference to itself: ``del model`` frees its weights at once (no
     garbage-collector pass: on a GPU, ``del model; torch.cuda.empty_cache()`` returns the memory),
@@ -765,6 +792,25 @@ def test_fallback_warnings_do_not_keep_adapter_names() -> None:
             model.delete_adapter(f"req-{i}")
     ours = our_warnings(record)
     assert len(ours) == 1 and "DoRA" in ours[0] and len(kp._warned) == 1, (ours, kp._warned)
+
+
+def test_fuse_warning_text_does_not_name_the_adapters() -> None:
+    """fuse()'s warning about layers left to PEFT named the adapter ("adapter 'req-3' uses DoRA"): a server
+    fusing each request's adapter made a new text per adapter, one more entry in the caller's
+    __warningregistry__ each (memory hunt, 2026-12-07). The Report still names it."""
+    model = get_peft_model(_One(), LoraConfig(r=4, target_modules=["a"])).eval()
+    reasons = set()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for i in range(3):
+            model.add_adapter(f"req-{i}", LoraConfig(r=2, target_modules=["a"], use_dora=True))
+            report = kp.fuse(model)
+            reasons |= set(report.skipped.values())
+            kp.unfuse(model)
+            model.delete_adapter(f"req-{i}")
+    texts = {str(w.message) for w in record if "left to PEFT" in str(w.message)}
+    assert len(texts) == 1 and "an adapter uses DoRA" in texts.pop(), texts
+    assert len(reasons) == 3 and all(f"'req-{i}'" in " ".join(reasons) for i in range(3)), reasons
 
 
 def test_disabled_input_dtype_casting_falls_back_with_its_reason(seed: int) -> None:

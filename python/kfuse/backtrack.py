@@ -474,10 +474,11 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
     since_reset = [0] * n  # backtracks since the last reset
     bans: list[dict[tuple[int, ...], set[int]]] = [{} for _ in range(n)]
     seq_bans: list[set[int]] = [set() for _ in range(n)]  # ban="offending": banned at every position
-    slots = [cache.add_sequence() for _ in range(n)]
+    before = set(cache.active_sequences)  # the caller's: every other sequence active at the end is this call's
     live = list(range(n))
     calls = 0
     try:
+        slots = [cache.add_sequence() for _ in range(n)]
         logits = model([torch.tensor(p, device="cpu") for p in prompt_ids], slots, cache)
         calls += 1
         rows = _checked_rows(torch.stack([x[-1] for x in logits]).float().cpu(), n, None, 0)  # one transfer per step
@@ -565,9 +566,11 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
     finally:
         # On an error, give the caller's cache its slots back (finished sequences are already freed).
         cache.abort_step()  # a model that raised mid-step may have left it open
-        for i in live:
-            if slots[i] in cache.active_sequences:
-                cache.free(slots[i])
+        # By the cache's record, not slots: an interrupt raised as add_sequence returned claimed a slot that
+        # slots never held (the caller's cache then refused the next call: process hunt, 2026-12-07).
+        for s in cache.active_sequences:
+            if s not in before:
+                cache.free(s)
     for i in range(n):
         stats[i].tokens_kept = len(out[i])
     texts = [tokenizer.decode(o) for o in out] if tokenizer is not None else None

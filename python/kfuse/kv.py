@@ -677,6 +677,15 @@ class PagedKVCache:
         self._rollback(st["ids"], self._h_lens[st["ids"]].long(), check_lens=False)
         self._step = None
 
+    def _undo_step(self, ids: Tensor, lens: Tensor) -> None:
+        """A caller's step undone on an error: :meth:`abort_step`, then validated ``ids`` back to ``lens`` (their
+        committed lengths, CPU int64, before the step opened). An interrupt raised as :meth:`advance` returned
+        has committed the step, which abort_step keeps: the model's call raised with its tokens in the cache,
+        and a retry fed them twice (process hunt, 2026-12-07)."""
+        self.abort_step()
+        if not np.array_equal(self._n_lens[ids.numpy()], lens.numpy()):
+            self.rollback(ids, lens)
+
     # ------------------------------------------------------------------ rollback / fork
     def rollback(self, seq_ids, new_lens) -> None:
         """Set ``seq_lens[seq_ids[i]] = new_lens[i]`` (``0 ≤ new_len ≤ current``), drop block-table entries

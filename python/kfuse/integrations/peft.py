@@ -434,7 +434,9 @@ def fuse(model: nn.Module, *, backend: str = "auto", warn: bool = True) -> Repor
     if warn and (report.skipped or not report.fused):
         by_reason: dict[str, list[str]] = {}
         for name, why in report.skipped.items():
-            by_reason.setdefault(why, []).append(name)
+            # Without the adapters' names (the Report keeps them): a server fusing each user's DoRA adapter made
+            # a new text, a new entry in the caller's __warningregistry__, per adapter (memory hunt, 2026-12-07).
+            by_reason.setdefault(_ADAPTER_NAME.sub("an adapter", why), []).append(name)
         parts = [f"{why}: {', '.join(names)}" for why, names in by_reason.items()]
         head = (f"kfuse.integrations.peft.fuse: {len(report.skipped)} PEFT layer(s) left to PEFT "
                 f"({len(report.fused)} fused)") if report.skipped else "kfuse.integrations.peft.fuse: no PEFT layer"
@@ -449,15 +451,17 @@ def unfuse(model: nn.Module) -> Report:
     for name, module in _tuner_layers(model):
         if _is_fused(module):
             fused_forward = FusedLinear.forward
-            module.__class__ = _unfused_class(type(module))
-            module.__dict__.pop("_kfuse_backend", None)
             # A hook added after fuse (accelerate's add_hook_to_module) keeps the fused forward as a bound
             # method on the instance (its _old_forward, or forward itself), which ran kfuse after unfuse
-            # while fused_layers said otherwise (bug hunt): rebind those to PEFT's forward.
+            # while fused_layers said otherwise (bug hunt): rebind those to PEFT's forward. Before the class
+            # changes: after it, an interrupt in between left the hook running kfuse on a layer that unfuse
+            # no longer sees as fused (process hunt, 2026-12-07); this way a second unfuse completes it.
             for attr, value in list(module.__dict__.items()):
                 if (isinstance(value, types.MethodType) and value.__self__ is module
                         and value.__func__ is fused_forward):
                     setattr(module, attr, types.MethodType(_lora.Linear.forward, module))
+            module.__class__ = _unfused_class(type(module))
+            module.__dict__.pop("_kfuse_backend", None)
             report.unfused.append(name)
     return report
 

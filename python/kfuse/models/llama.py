@@ -396,7 +396,7 @@ class LlamaForCausalLM(nn.Module):
             logits = self._run(tok, pos, attend, spans)
             cache.advance(ids, cnt)
         except BaseException:
-            cache.abort_step()  # releases the step's pages; committed lengths never moved
+            cache._undo_step(ids, lens)  # the step's pages released, the lengths as they were
             raise
         return logits
 
@@ -571,8 +571,9 @@ class DecodeGraphs:
             if entry is None:  # no free page to warm up on: this step runs eagerly
                 self.eager_calls += 1
                 return model.forward_packed(tokens, torch.ones_like(ids), ids, cache)
-        st = cache._open_step(ids, torch.ones_like(ids), external=True)  # checks capacity before any change
         try:
+            # Inside the try: an interrupt raised as it returned left its step open (review of the process hunt).
+            st = cache._open_step(ids, torch.ones_like(ids), external=True)  # checks capacity before any change
             on_host = tokens.device.type == "cpu"
             host = torch.stack([ids, lens, lens + 1, st["slots"], tokens if on_host else torch.zeros_like(ids)])
             if entry is None:  # a CPU cache: the same ops, eagerly
@@ -587,6 +588,6 @@ class DecodeGraphs:
                 logits = out.clone()  # the next replay overwrites out
             cache.advance(ids)
         except BaseException:
-            cache.abort_step()
+            cache._undo_step(ids, lens)
             raise
         return logits

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import math
 import numbers
 import os
@@ -92,9 +93,11 @@ class _TorchTables(nn.Module):
         next step with KeyError 'sum': make compat)."""
         if self.opt is not None:
             self._track_tables()
-            fresh = type(self.opt)(self.weights, **self.opt.defaults)
-            self.opt.state.clear()
-            self.opt.state.update(fresh.state)
+            # The settings its constructor takes: torch's Optimizer.__setstate__ adds 'differentiable' to a copied
+            # or unpickled SparseAdam's defaults, which SparseAdam's constructor refuses (TypeError; process hunt).
+            takes = inspect.signature(type(self.opt)).parameters
+            fresh = type(self.opt)(self.weights, **{k: v for k, v in self.opt.defaults.items() if k in takes})
+            self.opt.state = fresh.state  # at once: cleared, then refilled, an interrupt left no state at all
 
     def reset_parameters(self) -> None:
         """A fresh optimizer state (the bags reset their own tables; :class:`CodeEmbedding` seeds them)."""
@@ -143,24 +146,30 @@ class _TorchTables(nn.Module):
         if self.opt is not None:
             _TorchTables._load_optimizer_state(self, None)  # (a module unpickled from before the hook)
             self._track_tables()
-            raised = self._step_in_acc_dtype()
+            raised: list[tuple[Tensor, Tensor]] = []
+            stepped = False
             try:
+                self._step_in_acc_dtype(raised)
                 self.opt.step()
+                stepped = True
                 self.opt.zero_grad(set_to_none=True)
             finally:
-                for p in raised:  # gradients in the tables' own dtype again, whatever it becomes: None follows it
+                for p, g in raised:  # gradients in the tables' own dtype again, whatever it becomes: None follows it
                     p.grad = None  # (pinned to p.dtype, a later .float() kept float16 gradients: review)
                     p.grad_dtype = None
+                    if not stepped:  # no step taken (an error, an interrupt): the gradient as the backward left it
+                        p.grad = g
 
-    def _step_in_acc_dtype(self) -> list[Tensor]:
+    def _step_in_acc_dtype(self, raised: list[tuple[Tensor, Tensor]]) -> None:
         """Makes the optimizer step half-precision tables in their accumulation dtype, as :meth:`_apply` keeps an
         existing state: SparseAdam's state, made lazily like the table at its first step, is made here in float32,
         and the gradients are handed over in float32 (``grad_dtype``, torch >= 2.10; older torch steps on the
         table's dtype). torch's optimizers compute in the gradient's dtype: after .half() SparseAdam's state was
         float16, its eps (1e-8) was 0 there and small squared gradients underflowed: NaN tables within 20 steps,
         float32 state or not; Adagrad's underflowed sums gave steps of lr·g/eps (the tables 50 off a float32
-        build's in 20 steps; training-loop review). Returns the tables whose gradient dtype it raised."""
-        raised = []
+        build's in 20 steps; training-loop review). Appends to ``raised`` each table whose gradient dtype it
+        raises, with its gradient, before changing either (an interrupt then left a table with no gradient, its
+        step lost, and grad_dtype pinned: process hunt, 2026-12-07)."""
         for p in self.weights:
             acc, g = acc_dtype(p.dtype), p.grad
             if p.dtype == acc or g is None:
@@ -170,11 +179,11 @@ class _TorchTables(nn.Module):
                 self.opt.state[p] = {"step": 0, "exp_avg": torch.zeros(p.shape, **zeros),
                                      "exp_avg_sq": torch.zeros(p.shape, **zeros)}
             if _GRAD_DTYPE and g.dtype != acc:
+                wide = g.to(acc)
+                raised.append((p, g))
                 p.grad = None  # (grad_dtype cannot change under a gradient of the old one)
                 p.grad_dtype = acc
-                p.grad = g.to(acc)
-                raised.append(p)
-        return raised
+                p.grad = wide
 
     def get_extra_state(self) -> dict:
         # The optimizer's state (Adagrad's sums, SparseAdam's moments) goes with state_dict, as the kfuse and

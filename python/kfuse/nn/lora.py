@@ -248,6 +248,7 @@ class LoRALinear(nn.Module):
 
     @merged.setter
     def merged(self, value: bool) -> None:
+        self._own_flag = None  # until both are written (see _write_merge)
         self.lora_merged.fill_(bool(value))
         self._remember_merged(bool(value))
 
@@ -359,6 +360,7 @@ class LoRALinear(nn.Module):
         if key not in state_dict and (old is not None or prefix + "weight" in state_dict):
             with torch.inference_mode(False):  # (an assign=True load puts it in the module: see __init__)
                 state_dict[key] = torch.tensor(old["merged"] if old is not None else False)
+        self._own_flag = None  # the Python copy is not the buffer's until re-read (an interrupted load: see merged)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._remember_merged(bool(self.lora_merged))
 
@@ -564,11 +566,13 @@ class MultiLoRALinear(nn.Module):
         # Copies: torch's load copies in place into the stacks whose shape does not change.
         kept = [getattr(self, n).clone() for n in names]
         if self._fits(*new):
-            for name, t in zip(names, new, strict=True):
-                if t.shape != getattr(self, name).shape:
-                    setattr(self, name, getattr(self, name).new_empty(t.shape))
+            resized = {name: getattr(self, name).new_empty(t.shape) for name, t in zip(names, new, strict=True)
+                       if t.shape != getattr(self, name).shape}
             errors = len(error_msgs)
             try:
+                # Installed inside the try, at once: resized one by one before it, an interrupt left stacks of
+                # uninitialised memory (garbage ranks and scalings, read silently; process hunt, 2026-12-07).
+                self._set_stacks(tuple(resized), list(resized.values()))
                 super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                               unexpected_keys, error_msgs)
             except BaseException:
@@ -590,9 +594,11 @@ class MultiLoRALinear(nn.Module):
                           f"N={self.out_features}, r], scalings [L], ranks [L]; none of them was loaded")
 
     def _set_stacks(self, names: tuple[str, ...], stacks: list[Tensor]) -> None:
+        """The stacks ``names`` (registered buffers) replaced by ``stacks``, together: one dict update (an
+        interrupt between four setattr calls left stacks of different adapter counts, and the layer refused every
+        later call; process hunt, 2026-12-07). Buffer-registration hooks are not run for the replacement."""
         with _stacks_lock(self):
-            for name, t in zip(names, stacks, strict=True):
-                setattr(self, name, t)
+            self._buffers.update(zip(names, stacks, strict=True))
 
     def _fits(self, A: object, B: object, scalings: object, ranks: object) -> bool:
         if not all(isinstance(t, Tensor) for t in (A, B, scalings, ranks)) or A.ndim != 3:
