@@ -1343,6 +1343,44 @@ def test_multi_lora_module(seed: int) -> None:
         multi.add_adapter(torch.randn(2, 20), torch.randn(12, 3), 1.0)
 
 
+def test_multi_lora_replace_adapter_keeps_ids(seed: int) -> None:
+    """replace_adapter puts an adapter of any rank (larger: the stacks re-pad; smaller) in another's slot: rows
+    with that id get the new adapter's output, the others' are bit-identical, and no id moves (a server reuses
+    an evicted adapter's slot instead of growing the stacks). Bad ids and shapes name the method."""
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(20, 12)
+    multi = kfuse.nn.MultiLoRALinear.from_linear(linear)
+    layers = []
+    for r in (2, 6, 3, 9, 1):
+        layer = kfuse.nn.LoRALinear.from_linear(linear, r=r, lora_alpha=2.0 * r).eval()
+        torch.nn.init.normal_(layer.lora_B)
+        layers.append(layer)
+    for layer in layers[:3]:
+        multi.add_adapter(layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling)
+    x, ids = torch.randn(7, 20), torch.tensor([0, 1, 2, -1, 1, 0, 2])
+    with torch.no_grad():
+        before = multi(x, ids)
+        for slot, new in ((1, layers[3]), (1, layers[4]), (0, layers[3])):
+            assert multi.replace_adapter(slot, new.lora_A.detach(), new.lora_B.detach(), new.scaling) is None
+            layers[slot] = new
+            y = multi(x, ids)
+            assert multi.num_adapters == 3 and multi.r_max == 9
+            for m, a in enumerate(ids.tolist()):
+                want = linear(x[m]) if a < 0 else layers[a](x[m : m + 1])[0]
+                torch.testing.assert_close(y[m], want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(y[ids == 2], before[ids == 2]) and torch.equal(y[ids == -1], before[ids == -1])
+    assert multi.ranks.tolist() == [9, 1, 3]
+    for bad, err, msg in ((3, IndexError, "adapter_id 3 is out of range: the layer holds 3 adapters"),
+                          (-1, IndexError, "adapter_id -1 is out of range"),
+                          (True, TypeError, "adapter_id must be an int; got bool"),
+                          (1.0, TypeError, "adapter_id must be an int; got float")):
+        with pytest.raises(err, match=r"MultiLoRALinear.replace_adapter: " + msg):
+            multi.replace_adapter(bad, torch.randn(2, 20), torch.randn(12, 2), 1.0)
+    with pytest.raises(ValueError, match=r"MultiLoRALinear.replace_adapter: lora_B must have shape \[N, r\]"):
+        multi.replace_adapter(0, torch.randn(2, 20), torch.randn(12, 3), 1.0)
+    assert multi.ranks.tolist() == [9, 1, 3]
+
+
 def test_multi_lora_adds_on_two_threads_keep_both_adapters() -> None:
     """Two threads adding adapters at once built from the same stacks: the later replaced the earlier's
     adapter, both got one id, or the copy failed on resized stacks (serving hunt, 2026-12-05: 8 threads lost

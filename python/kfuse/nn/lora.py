@@ -400,7 +400,8 @@ class MultiLoRALinear(nn.Module):
     :func:`kfuse.lora_linear_multi`): each row of the input uses the adapter its id names, or
     none (id ``-1``).
 
-    Adapters of any rank are added with :meth:`add_adapter`; they are stored padded to the
+    Adapters of any rank are added with :meth:`add_adapter` (and one put in another's place, keeping its id,
+    with :meth:`replace_adapter`); they are stored padded to the
     largest rank (``r_max``) in the buffers ``A_stack [L, r_max, K]``, ``B_stack [L, N, r_max]``,
     ``scalings [L]`` (float32; float64 for a float64 layer) and ``ranks [L]`` (int32). Padding is never
     read.
@@ -499,20 +500,39 @@ class MultiLoRALinear(nn.Module):
         """Adds an adapter (``lora_A [r, K]``, ``lora_B [N, r]``, any r >= 1; copied, in the
         stacks' dtype) with its ``scaling``; returns its id (``0, 1, ...`` in order of addition).
         A rank above ``r_max`` re-pads the stacks."""
+        return self._put_adapter(None, lora_A, lora_B, scaling, "add_adapter")
+
+    def replace_adapter(self, adapter_id: int, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
+        """Puts a new adapter (as :meth:`add_adapter` takes it, any rank) in place of adapter ``adapter_id``
+        (``0 <= adapter_id < num_adapters``), which keeps its id: a server reuses the slot of an adapter it
+        evicts instead of growing the stacks. Like :meth:`add_adapter` it makes new stacks (a forward on
+        another thread reads the old set or the new one, whole; a CUDA graph captured before reads the old)."""
+        i = _checks.int_or_none(adapter_id)
+        if i is None:
+            raise TypeError(f"MultiLoRALinear.replace_adapter: adapter_id must be an int; got "
+                            f"{_checks.type_name(adapter_id)}")
+        if not 0 <= i < self.num_adapters:
+            raise IndexError(f"MultiLoRALinear.replace_adapter: adapter_id {i} is out of range: the layer holds "
+                             f"{self.num_adapters} adapters")
+        self._put_adapter(i, lora_A, lora_B, scaling, "replace_adapter")
+
+    def _put_adapter(self, slot: int | None, lora_A: Tensor, lora_B: Tensor, scaling: float, what: str) -> int:
+        """The adapter written at ``slot`` of new stacks (appended when None), which then replace the old ones;
+        returns its id."""
+        where = f"MultiLoRALinear.{what}"
         if not isinstance(lora_A, Tensor) or not isinstance(lora_B, Tensor):
-            raise TypeError("MultiLoRALinear.add_adapter: lora_A and lora_B must be tensors")
+            raise TypeError(f"{where}: lora_A and lora_B must be tensors")
         for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):  # (a complex one lost its imaginary part)
             if not t.is_floating_point():
-                raise TypeError(f"MultiLoRALinear.add_adapter: {name} must be a floating-point tensor; got {t.dtype}")
+                raise TypeError(f"{where}: {name} must be a floating-point tensor; got {t.dtype}")
         K, N = self.in_features, self.out_features
         if lora_A.ndim != 2 or lora_A.shape[1] != K or lora_A.shape[0] < 1:
-            raise ValueError(f"MultiLoRALinear.add_adapter: lora_A must have shape [r, K] = [r, {K}] with r >= 1; "
-                             f"got {list(lora_A.shape)}")
+            raise ValueError(f"{where}: lora_A must have shape [r, K] = [r, {K}] with r >= 1; got "
+                             f"{list(lora_A.shape)}")
         r = lora_A.shape[0]
         if tuple(lora_B.shape) != (N, r):
-            raise ValueError(f"MultiLoRALinear.add_adapter: lora_B must have shape [N, r] = [{N}, {r}]; "
-                             f"got {list(lora_B.shape)}")
-        scaling = _checks.real("MultiLoRALinear.add_adapter", "scaling", scaling)
+            raise ValueError(f"{where}: lora_B must have shape [N, r] = [{N}, {r}]; got {list(lora_B.shape)}")
+        scaling = _checks.real(where, "scaling", scaling)
         names = ("A_stack", "B_stack", "scalings", "ranks")
         lock = _stacks_lock(self)
         while True:
@@ -526,22 +546,28 @@ class MultiLoRALinear(nn.Module):
                 versions = [_routing.version(t) for t in old]
             A_old, B_old, s_old, r_old_t = old
             L, r_old = A_old.shape[0], A_old.shape[1]
-            r_max = max(r_old, r)
-            A = A_old.new_zeros(L + 1, r_max, K)
-            B = B_old.new_zeros(L + 1, N, r_max)
+            if slot is not None and slot >= L:  # (a load on another thread left fewer adapters)
+                raise IndexError(f"{where}: adapter_id {slot} is out of range: the layer holds {L} adapters")
+            r_max, i = max(r_old, r), L if slot is None else slot
+            count = L + 1 if slot is None else L
+            A = A_old.new_zeros(count, r_max, K)
+            B = B_old.new_zeros(count, N, r_max)
             A[:L, :r_old] = A_old
             B[:L, :, :r_old] = B_old
-            A[L, :r] = lora_A.to(A)
-            B[L, :, :r] = lora_B.to(B)
-            scalings = torch.cat([s_old, s_old.new_tensor([scaling])])
-            ranks = torch.cat([r_old_t, r_old_t.new_tensor([r])])
+            A[i] = 0  # (the replaced adapter's padding too: never read, but not left holding its values)
+            B[i] = 0
+            A[i, :r] = lora_A.to(A)
+            B[i, :, :r] = lora_B.to(B)
+            scalings = torch.cat([s_old, s_old.new_tensor([scaling])]) if slot is None else s_old.clone()
+            ranks = torch.cat([r_old_t, r_old_t.new_tensor([r])]) if slot is None else r_old_t.clone()
+            scalings[i], ranks[i] = scaling, r
             # All four built before any is set: a failure above (out of memory) left grown stacks beside
             # the old scalings, and every later forward refused them (exceptions hunt).
             with lock:
                 now = [getattr(self, n) for n in names]
                 if all(a is b for a, b in zip(now, old, strict=True)) and list(map(_routing.version, now)) == versions:
                     self._set_stacks(names, [A, B, scalings, ranks])
-                    return L
+                    return i
 
     @torch.inference_mode(False)  # stacks made here replace the buffers: see add_adapter
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
