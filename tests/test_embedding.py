@@ -1179,15 +1179,60 @@ def test_fused_step_count_moves_with_the_tables_only(backend, seed):
         m(idx, off)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_step_interrupted_anywhere_counts_what_it_did(dtype, seed):
-    """A KeyboardInterrupt at every interrupt point in turn (tests/interrupts.py) of a training step with the
-    fused Adam on the cpu backend: the step count says whether the tables were updated. The count was
-    advanced after the C++ update returned: an interrupt raised then left the tables updated and the count
-    not, so the next step reused Adam's bias correction and (bf16) the rounding seed (process hunt,
-    2026-12-07). The C++ call now advances it with the update."""
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_fused_module_under_create_graph_and_batched_backwards(backend, seed):
+    """With a fused optimizer: the gradient of per_sample_weights taken with create_graph=True had no graph on
+    the cpu backend, so a second derivative through it silently lost the lookup's part (0.085 off); a batched
+    backward (is_grads_batched=True) failed reading the batched gradient's memory (function-transforms hunt,
+    2026-12-07). The first is the plain lookup's second derivative; the second is refused by name, unchanged."""
     torch.manual_seed(seed)
-    proto = MultiTableEmbeddingBag([(12, 5), (7, 3)], optimizer="adam", lr=0.05, seed=1, backend="cpu",
+    d = torch.float64
+    m = MultiTableEmbeddingBag([(6, 3), (5, 2)], mode="sum", dtype=d, optimizer="sgd", lr=0.1, backend=backend)
+    idx, off, psw0 = torch.tensor([0, 2, 5, 1, 4, 3]), torch.tensor([0, 2, 3, 5, 6]), torch.randn(6, dtype=d)
+    tables = [w.detach().clone() for w in m.weights]
+
+    def plain(psw):  # the same lookup as matrix products (F.embedding_bag has no double backward)
+        pos = torch.arange(6)
+        member = ((pos >= off[:-1, None]) & (pos < off[1:, None])).to(d) * psw  # [T·B, N] bag weights
+        # (other features' positions weigh 0 in a feature's rows: their indices are clamped into its table)
+        rows = [member[2 * f:2 * f + 2] @ F.one_hot(idx.clamp(max=w.shape[0] - 1), w.shape[0]).to(d) @ w
+                for f, w in enumerate(tables)]
+        return torch.cat(rows, 1)
+
+    def second(f):
+        psw = psw0.clone().requires_grad_()
+        g, = torch.autograd.grad(f(psw).pow(3).sum(), psw, create_graph=True)
+        return torch.autograd.grad(g.sum(), psw)[0]
+
+    torch.testing.assert_close(second(lambda p: m(idx, off, p)), second(plain), rtol=1e-12, atol=1e-12)
+    psw = psw0.clone().requires_grad_()
+    out = m(idx, off, psw)
+    with pytest.raises(ValueError, match="MultiTableEmbeddingBag: a batched backward"):
+        torch.autograd.grad(out, psw, torch.randn(3, *out.shape, dtype=d), is_grads_batched=True)
+    assert int(m.optimizer_step) == 0 and all(torch.equal(w, t) for w, t in zip(m.weights, tables, strict=True))
+
+
+def test_vmapped_bad_offsets_are_named_by_the_op(seed):
+    """vmap over offsets that go down: the op's error was renamed by reading the offsets on the host, which vmap
+    refused with its own error (nonzero's dynamic shape) in place of the op's (function-transforms hunt)."""
+    w, idx = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 2, 5, 1])
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match="kfuse.embedding_bag: offsets must be non-decreasing"):
+            torch.func.vmap(lambda o, backend=backend: kfuse.embedding_bag(idx, w, o, "sum", backend=backend))(
+                torch.tensor([[0, 1, 1], [0, 3, 2]]))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_interrupted_anywhere_counts_what_it_did(backend, dtype, seed):
+    """A KeyboardInterrupt at every interrupt point in turn (tests/interrupts.py) of a training step with the
+    fused Adam: the step count says whether the tables were updated. The count was advanced after the C++
+    update returned (cpu), or after Python's writes (reference, and rows all-reduced across processes): an
+    interrupt raised in between left the tables updated and the count not, so the next step reused Adam's bias
+    correction and (bf16) the rounding seed (process hunt, 2026-12-07). One C++ call now makes the update (or
+    the writes) and advances the count."""
+    torch.manual_seed(seed)
+    proto = MultiTableEmbeddingBag([(12, 5), (7, 3)], optimizer="adam", lr=0.05, seed=1, backend=backend,
                                    dtype=dtype)
     idx, off = torch.tensor([1, 2, 2, 0, 6, 3, 5]), torch.tensor([0, 3, 4, 6, 7])
 

@@ -1072,6 +1072,26 @@ def test_multi_adapter_stacks_change_together_whatever_interrupts_them(seed: int
         assert interrupt_each_point(lambda: copy.deepcopy(proto), op, check) > 5
 
 
+def test_vmapped_ensemble_takes_each_members_merged_flag(seed: int) -> None:
+    """torch.func's ensemble recipe (stack_module_state, vmap over functional_call) on layers some of which are
+    merged: the template's own flag decided for every member, and a merged member counted its adapter twice
+    (1.87 off; function-transforms hunt, 2026-12-07). Each member's buffer picks its branch now."""
+    torch.manual_seed(seed)
+    proto = kfuse.nn.LoRALinear(4, 3, r=2, lora_alpha=4.0, dtype=torch.float64)
+    torch.nn.init.normal_(proto.lora_B)
+    members = [copy.deepcopy(proto) for _ in range(3)]
+    members[1].merge()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        want = torch.stack([m(x) for m in members])
+    params, buffers = torch.func.stack_module_state(members)
+    for template in (members[0], members[1]):
+        base = copy.deepcopy(template).to("meta")
+        got = torch.func.vmap(lambda p, b, x, base=base: torch.func.functional_call(base, (p, b), (x,)),
+                              (0, 0, None))(params, buffers, x)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_merged_checkpoint_loaded_whatever_interrupts_it_keeps_its_flag(seed: int) -> None:
     """A KeyboardInterrupt at every interrupt point in turn of load_state_dict of a merged layer's state into
     an unmerged one: raised as torch's load returned, the layer's Python copy of the flag still said unmerged,

@@ -383,7 +383,9 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
     checkpoint bans another token; bans survive a reset (they are keyed by the whole prefix).
     ``ban="offending"`` also checks each distinct token of the rejected segment on its own (one more
     ``check`` call per flag) and bans those it flags for the rest of that sequence: the offending word
-    itself, wherever it would come back (never so many that fewer than ``max_flags + 1`` tokens stay).
+    itself, wherever it would come back (never so many that fewer tokens stay than one more than the flags a
+    sequence can raise: ``(max_backtracks + 1) · (max_resets + 1)`` with ``on_limit="reset"``, else
+    ``max_backtracks + 1``; ``max_resets + 1`` in mode ``"reset"``).
 
     Sampling and checks run on the host (the check needs the tokens): each step copies its logits
     rows to the CPU once. Bad arguments raise ``ValueError`` (``TypeError`` for a model, tokenizer

@@ -263,11 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
     return {"auc": summary, "true_risk_auc": truth, "agreement": agreement, "speed": speed, "seconds": total}
 
 
-def race(sizes: list[int], dim: int, claims, batch: int, seconds: float, dev: torch.device, seed: int = 0
-         ) -> dict[str, float | str]:
-    """Codes/s of the general embedding's training step on each build (``IMPLS``), the same batches,
-    steps interleaved for about ``seconds`` per build (after two warm-up steps each); a build that cannot
-    run gets the reason (str)."""
+def race(sizes: list[int], dim: int, claims, batch: int, seconds: float, dev: torch.device, seed: int = 0,
+         optimizer: str = "rowwise_adagrad") -> dict[str, float | str]:
+    """Codes/s of the general embedding's training step on each build (``IMPLS``) with ``optimizer``, the same
+    batches, steps interleaved for about ``seconds`` per build (after two warm-up steps each); a build that
+    cannot run gets the reason (str)."""
     models: dict[str, GeneralCodeEmbedding] = {}
     out: dict[str, float | str] = {}
     for impl in IMPLS:
@@ -275,7 +275,8 @@ def race(sizes: list[int], dim: int, claims, batch: int, seconds: float, dev: to
             out[impl] = "skipped: fbgemm-gpu-cpu runs CPU tensors"
             continue
         try:
-            models[impl] = GeneralCodeEmbedding(sizes, dim, lr=0.2, impl=impl, device=dev, seed=seed)
+            models[impl] = GeneralCodeEmbedding(sizes, dim, optimizer=optimizer, lr=0.2, impl=impl, device=dev,
+                                                seed=seed)
         except (ImportError, ValueError) as err:
             out[impl] = f"skipped: {err}"
     for m in models.values():

@@ -318,6 +318,9 @@ class CodeEmbedding(nn.Module):
         init_scale: the tables start uniform in ``±init_scale`` (default ``0.5 / dim``, word2vec's).
         impl: ``"kfuse"``, ``"torch"`` or ``"fbgemm"`` (see the module docstring).
         backend: kfuse's backend (``"auto"``, ``"cpu"``, ``"reference"``, ``"triton"``).
+        device: of the tables (default: torch's default device).
+        seed: of the tables' initialisation (:meth:`reset_parameters`) and, in the kfuse build, of the fused
+            optimizer's stochastic rounding of half-precision tables.
 
     ``forward(indices [N], offsets [T·B + 1], per_sample_weights [N] = None)`` with feature ``t`` =
     domain ``t`` (feature-major, as :meth:`kfuse.data.Claims.visit_bags` gives) → ``[B, T·D]``.
@@ -580,6 +583,7 @@ class CodeOutcomeModel(nn.Module):
             required by ``"general"`` and ``"super"``. Frozen: its lookups run without gradients (mean
             pooling) and its tables' ``requires_grad`` is cleared.
         sizes, dim: of the task tables (default: ``general``'s).
+        domains: the task tables' domain names, in table order (used when ``general`` is None).
         optimizer, lr, weight_decay, impl, backend, device, seed: of the task tables
             (:class:`CodeEmbedding`; ``optimizer=None`` gives them ordinary gradients).
 

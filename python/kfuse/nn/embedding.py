@@ -558,6 +558,11 @@ class _FusedEmbeddingBag(torch.autograd.Function):
         # on a per-step object failed every step, one recompile a step until the recompile limit (8), ~255 ms
         # each (dynamic-shapes hunt, 2026-12-06).
         m: MultiTableEmbeddingBag = ctx.module
+        if _routing.batched_backward(grad_out):  # (it failed inside, reading the batched gradient's memory)
+            raise ValueError(
+                "MultiTableEmbeddingBag: a batched backward (torch.autograd.grad(..., is_grads_batched=True), "
+                "jacobian(vectorize=True), a torch.func transform) of a module with a fused optimizer, which updates "
+                "its tables from one gradient; build it with optimizer=None for that (nothing was changed)")
         indices, offsets, psw = ctx.saved_tensors
         tables = m._weights()
         if len(ctx.tables) != len(tables) or any(a is not b for a, b in zip(ctx.tables, tables, strict=True)):
@@ -594,7 +599,11 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                     "forward read them, but they have been modified in place since (load_state_dict, an in-place "
                     "edit): one of the variables needed for gradient computation has been modified by an inplace "
                     "operation")
-            g_psw = E._psw_impl(grad_out, ws, indices, offsets, ctx.bags, psw, ctx.backend)
+            # Under create_graph=True (grad mode on here) the reference's, which is differentiable: the kernels'
+            # gradient has no graph, and a second derivative through per_sample_weights silently lost the
+            # lookup's part (function-transforms hunt, 2026-12-07).
+            g_psw = E._psw_impl(grad_out, ws, indices, offsets, ctx.bags, psw,
+                                "reference" if torch.is_grad_enabled() else ctx.backend)
         if not train:
             return None, None, None, None, None, None, g_psw
         if m.process_group is None:
@@ -625,11 +634,15 @@ class _FusedEmbeddingBag(torch.autograd.Function):
                 # Every table's new rows first, then the writes: a failure part-way (out of memory, an
                 # interrupt) updated the first tables without counting the step (exceptions hunt).
                 writes = [w for t, (rows, g) in enumerate(parts) for w in _row_updates(m, t, rows, g, step)]
-                for dst, rows, val in writes:
-                    dst[rows] = val
-                m.optimizer_step += 1
-            # (Each after the update: a refused one leaves the count with the tables. Python's increments can
-            # still miss an update when an interrupt is raised just before them: as torch's optimizers can.)
+                ext = _backends.extension()
+                if ext is not None:  # the writes and the count in one call, as the cpu backend's (see there)
+                    ext.embedding_apply_rows(*([w[k] for w in writes] for k in range(3)), m.optimizer_step, step)
+                else:
+                    for dst, rows, val in writes:
+                        dst[rows] = val
+                    m.optimizer_step += 1
+            # (Each after the update: a refused one leaves the count with the tables. The triton backend's, in
+            # Python after its launches, can miss an update interrupted as they return: as torch's optimizers.)
             # The tables changed outside autograd's sight (raw writes into .data aliases): their versions move, so
             # that another node of the graph that saved one (h @ W.t() before this call) raises torch's in-place
             # error rather than using the updated values (in-place hunt, 2026-12-05; ~9 us at 32 tables).

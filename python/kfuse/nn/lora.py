@@ -367,10 +367,14 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """:func:`kfuse.lora_linear` with this layer's parameters (dropout in training mode only);
         when merged, the base layer (plus ``scaling · lora_bias``)."""
-        if torch.compiler.is_compiling() and (buf := self.lora_merged) is not self.__dict__.get("_own_flag"):
-            # A buffer not the module's own (torch.func.functional_call's): its value is unknown while tracing, so
-            # both branches run and the buffer picks (per member under vmap). The module's own state ran, and a
-            # compiled call with a merged layer's state counted the adapter twice, silently (combination hunt).
+        buf = self.lora_merged
+        if buf is not self.__dict__.get("_own_flag") and (torch.compiler.is_compiling()
+                                                          or _routing.functorch_wrapped((buf,))):
+            # A buffer not the module's own (torch.func.functional_call's) whose value is unknown (while tracing)
+            # or one per member (stacked for torch.func.vmap: an ensemble): both branches run and the buffer
+            # picks, per member. The module's own state ran, and a compiled call with a merged layer's state
+            # counted the adapter twice, silently (combination hunt), as did merged members of a vmapped
+            # ensemble (function-transforms hunt, 2026-12-07).
             return torch.where(buf, self._merged_forward(x), self._lora_forward(x))
         return self._merged_forward(x) if self.merged else self._lora_forward(x)
 

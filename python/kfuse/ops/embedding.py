@@ -985,9 +985,11 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
     try:
         out = _run(op, ws, indices, offs, bags, _kernel_psw(psw, ws), sparse, backend)
     except (ValueError, IndexError) as err:
-        # Offsets are read on the host on errors only, and on plain eager tensors only: fake or traced
-        # offsets have no values to read, and the backend's own error stands.
-        named = rename(err, host_values=not _routing.tracing() and _routing.plain(offsets))
+        # Offsets are read on the host on errors only, and on plain eager tensors only: fake, traced or
+        # vmapped offsets have no values to read (vmap refused the read's nonzero with its own error, in place
+        # of the backend's clear one: function-transforms hunt, 2026-12-07), and the backend's error stands.
+        named = rename(err, host_values=not _routing.tracing() and _routing.plain(offsets)
+                       and not _routing.functorch_wrapped((offsets,)))
         if named is None:
             raise
         raise named from None

@@ -994,6 +994,7 @@ def lora_linear_multi(
         adapter_ids: int32/int64, one per row of x: ``x.shape[:-1]`` or ``[M]``; or, for x of 3 or more
             dims, one per leading index, ``[x.shape[0]]`` (a sequence's rows share its id); in ``[-1, L)``.
         bias: ``[N]`` in x's dtype, or None.
+        fan_in_fan_out: weight stored ``[K, N]`` (GPT-2's ``Conv1D``), read as it is, without a copy.
         backend: as for :func:`lora_linear`.
     Returns:
         ``y [..., N]`` in x's dtype, accumulated in float32 (float64 for float64 x).
