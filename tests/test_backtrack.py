@@ -523,6 +523,49 @@ def test_an_interrupt_as_a_slot_is_claimed_leaves_the_callers_cache_free(model, 
     assert len(generate(model, PROMPTS[:2], max_new_tokens=2, mode="plain", cache=cache).tokens) == 2
 
 
+def test_checks_and_tokenizers_that_keep_state_in_the_cache_or_edit_their_arguments(model, plain):
+    """A check may keep a scratch sequence of its own in the caller's cache: generate freed every sequence it did
+    not find there, the scratch one too, and the next call gave that slot to a prompt, which the check then
+    overwrote (a never-flagging check changed the tokens). A check that consumes its list of windows was refused
+    (the count was read after the call); a decode that edits its argument changed the result's tokens
+    (re-entrancy hunt, 2026-12-07)."""
+    cache = model.new_cache(page_size=4, num_pages=96, max_seqs=6)
+
+    class Scratch:  # scores each window by running the model on a sequence of its own, kept between calls
+        seq = None
+
+        def __call__(self, windows):
+            if self.seq is None:
+                self.seq = cache.add_sequence()
+            for w in windows:
+                cache.reset([self.seq])
+                model([torch.tensor(w)], [self.seq], cache)
+            return [False] * len(windows)
+
+    check = Scratch()
+    for _ in range(2):
+        res = generate(model, PROMPTS, max_new_tokens=N, check=check, check_every=4, cache=cache)
+        assert res.tokens == plain.tokens and cache.active_sequences == [check.seq]
+
+    def queue(windows):  # pops what it was given
+        out = []
+        while windows:
+            out.append(False)
+            windows.pop(0)
+        return out
+
+    assert generate(model, PROMPTS, max_new_tokens=N, check=queue, check_every=4).tokens == plain.tokens
+
+    class Stripping:  # drops a trailing token in place
+        def decode(self, ids):
+            ids.pop()
+            return " ".join(map(str, ids))
+
+    res = generate(model, PROMPTS, max_new_tokens=N, mode="plain", tokenizer=Stripping())
+    assert res.tokens == plain.tokens
+    assert all(st.tokens_kept == len(t) for st, t in zip(res.stats, res.tokens, strict=True))
+
+
 def test_word_list_check_validates_words():
     for words in ("damn", 5, [5, 7], [["a"]], [[1.5]], [None]):
         with pytest.raises(TypeError, match=r"WordListCheck: words(\[0\])? must be a (list of )?string"):

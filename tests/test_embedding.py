@@ -991,6 +991,25 @@ def test_fused_module_cast_keeps_float32_moments(optimizer, dtype):
             assert a.dtype == b.dtype and torch.equal(a, b), backend
 
 
+def test_fused_module_forward_without_grad_inside_a_backward_is_not_a_recompute():
+    """A gradient hook logging the tables' output (a no_grad forward) after another call's backward updated
+    them: refused as a stale checkpoint recompute, which it is not, and the backward stopped after one of its two
+    updates (re-entrancy hunt, 2026-12-07). It runs, as torch's own EmbeddingBag does there."""
+    torch.manual_seed(0)
+    m = MultiTableEmbeddingBag([(10, 4), (8, 4)], optimizer="sgd", lr=0.1)
+    idx, off = torch.tensor([1, 2, 3, 1, 5, 6]), torch.tensor([0, 2, 3, 5, 6])
+    y2, y1, log = m(idx, off), m(idx, off), []
+
+    def monitor(g):
+        with torch.no_grad():
+            log.append(m(idx, off))
+        return g
+
+    y2.register_hook(monitor)
+    (y1.sum() + y2.pow(2).sum()).backward()
+    assert int(m.optimizer_step) == 2 and len(log) == 1
+
+
 def test_fused_module_refuses_swapped_tables_and_stale_checkpoint_recomputes():
     """The fused backward updates the module's own tables: called through torch.func.functional_call with
     other tables it raises (it updated the unused ones and took the psw gradient at them); and activation

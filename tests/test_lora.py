@@ -1072,6 +1072,41 @@ def test_multi_adapter_stacks_change_together_whatever_interrupts_them(seed: int
         assert interrupt_each_point(lambda: copy.deepcopy(proto), op, check) > 5
 
 
+def test_loads_see_the_state_dict_as_the_pre_hooks_leave_it(seed: int) -> None:
+    """A load_state_dict pre-hook renaming an old checkpoint's keys: torch runs the pre-hooks inside
+    Module._load_from_state_dict, after kfuse's override had read the dict. MultiLoRALinear then did not resize
+    its stacks (a size-mismatch error), and a merged LoRALinear loading a PEFT-style dict with strict=False kept
+    merged=True over the loaded base weight, silently (re-entrancy hunt, 2026-12-07). The hooks run first."""
+    torch.manual_seed(seed)
+
+    def renaming(pairs):
+        def hook(module, sd, prefix, *args):
+            for old, new in pairs:
+                if prefix + old in sd:
+                    sd[prefix + new] = sd.pop(prefix + old)
+        return hook
+
+    src = kfuse.nn.MultiLoRALinear(8, 6)
+    src.add_adapter(torch.randn(3, 8), torch.randn(6, 3), 0.5)
+    legacy = {{"A_stack": "A", "B_stack": "B"}.get(k, k): v for k, v in src.state_dict().items()}
+    dst = kfuse.nn.MultiLoRALinear(8, 6)
+    dst.register_load_state_dict_pre_hook(renaming([("A", "A_stack"), ("B", "B_stack")]))
+    dst.load_state_dict(legacy)
+    assert all(torch.equal(a, b) for a, b in zip(dst.buffers(), src.buffers(), strict=True))
+    base = torch.nn.Linear(8, 6)
+    peft_style = {"base_layer.weight": base.weight.detach().clone(), "base_layer.bias": base.bias.detach().clone(),
+                  "lora_A": torch.randn(2, 8), "lora_B": torch.randn(6, 2)}
+    want = kfuse.nn.LoRALinear(8, 6, r=2)
+    want.load_state_dict({k.removeprefix("base_layer."): v for k, v in peft_style.items()})
+    layer = kfuse.nn.LoRALinear(8, 6, r=2)
+    layer.merge()
+    layer.register_load_state_dict_pre_hook(renaming([("base_layer.weight", "weight"), ("base_layer.bias", "bias")]))
+    layer.load_state_dict(peft_style, strict=False)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert not layer.merged and torch.equal(layer(x), want(x))
+
+
 def test_vmapped_ensemble_takes_each_members_merged_flag(seed: int) -> None:
     """torch.func's ensemble recipe (stack_module_state, vmap over functional_call) on layers some of which are
     merged: the template's own flag decided for every member, and a merged member counted its adapter twice
@@ -1390,6 +1425,13 @@ def test_multi_lora_replace_adapter_keeps_ids(seed: int) -> None:
                 torch.testing.assert_close(y[m], want, rtol=1e-5, atol=1e-5)
             assert torch.equal(y[ids == 2], before[ids == 2]) and torch.equal(y[ids == -1], before[ids == -1])
     assert multi.ranks.tolist() == [9, 1, 3]
+    # Under inference mode, and with trainable tensors: the stacks stay normal tensors without a history (as
+    # add_adapter's; replace_adapter lacked its decorators: re-entrancy hunt, 2026-12-07).
+    with torch.inference_mode():
+        multi.replace_adapter(2, layers[0].lora_A, layers[0].lora_B, layers[0].scaling)
+    multi.replace_adapter(1, layers[0].lora_A, layers[0].lora_B, layers[0].scaling)
+    assert not any(b.is_inference() or b.requires_grad for b in multi.buffers())
+    copy.deepcopy(multi).load_state_dict(multi.state_dict())
     for bad, err, msg in ((3, IndexError, "adapter_id 3 is out of range: the layer holds 3 adapters"),
                           (-1, IndexError, "adapter_id -1 is out of range"),
                           (True, TypeError, "adapter_id must be an int; got bool"),
@@ -1398,7 +1440,7 @@ def test_multi_lora_replace_adapter_keeps_ids(seed: int) -> None:
             multi.replace_adapter(bad, torch.randn(2, 20), torch.randn(12, 2), 1.0)
     with pytest.raises(ValueError, match=r"MultiLoRALinear.replace_adapter: lora_B must have shape \[N, r\]"):
         multi.replace_adapter(0, torch.randn(2, 20), torch.randn(12, 3), 1.0)
-    assert multi.ranks.tolist() == [9, 1, 3]
+    assert multi.ranks.tolist() == [9, 9, 9]  # (the refused calls changed nothing)
 
 
 def test_multi_lora_adds_on_two_threads_keep_both_adapters() -> None:

@@ -476,7 +476,8 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
     since_reset = [0] * n  # backtracks since the last reset
     bans: list[dict[tuple[int, ...], set[int]]] = [{} for _ in range(n)]
     seq_bans: list[set[int]] = [set() for _ in range(n)]  # ban="offending": banned at every position
-    before = set(cache.active_sequences)  # the caller's: every other sequence active at the end is this call's
+    before = set(cache.active_sequences)  # the caller's (see the finally below)
+    slots: list[int] | None = None
     live = list(range(n))
     calls = 0
     try:
@@ -568,14 +569,19 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
     finally:
         # On an error, give the caller's cache its slots back (finished sequences are already freed).
         cache.abort_step()  # a model that raised mid-step may have left it open
-        # By the cache's record, not slots: an interrupt raised as add_sequence returned claimed a slot that
-        # slots never held (the caller's cache then refused the next call: process hunt, 2026-12-07).
-        for s in cache.active_sequences:
-            if s not in before:
+        # Before slots was stored, by the cache's record: an interrupt raised as add_sequence returned claimed a
+        # slot slots never held (the caller's cache then refused the next call: process hunt, 2026-12-07); no
+        # check has run yet, so every sequence added since is this call's. After, this call's own only: a check
+        # may keep a scratch sequence of its own in the cache (re-entrancy hunt: it was freed, and the next call
+        # gave its slot to a prompt, which the check then overwrote).
+        mine = set(cache.active_sequences) - before if slots is None else {slots[i] for i in live}
+        for s in sorted(mine):
+            if s in cache.active_sequences:
                 cache.free(s)
     for i in range(n):
         stats[i].tokens_kept = len(out[i])
-    texts = [tokenizer.decode(o) for o in out] if tokenizer is not None else None
+    # (Copies: a decode that edits its argument, e.g. strips an end token in place, changed the result's tokens.)
+    texts = [tokenizer.decode(list(o)) for o in out] if tokenizer is not None else None
     return GenerationResult(out, texts, stats, calls, time.perf_counter() - t0)
 
 
@@ -607,7 +613,9 @@ def _checked_rows(rows: Tensor, n: int, vocab: int | None, step: int) -> Tensor:
 
 def _run_check(check: Check, windows: list[list[int]], tokenizer: Any, threshold: float) -> list[bool]:
     """``check`` over the windows (decoded when a tokenizer is given), as one bool per window."""
-    arg = [tokenizer.decode(w) for w in windows] if tokenizer is not None else windows
+    # Copies: a check may consume or edit what it is given (a queue it pops: its count was then read after
+    # the call; re-entrancy hunt, 2026-12-07).
+    arg = [tokenizer.decode(list(w)) for w in windows] if tokenizer is not None else [list(w) for w in windows]
     res = check(arg)
     if isinstance(res, (Tensor, np.ndarray)):
         res = res.tolist()  # a 0-d array gives a scalar, refused below

@@ -1,7 +1,10 @@
-"""Buffers that must keep their dtype through ``module.half()`` / ``.to(dtype)`` (shared by the modules)."""
+"""State helpers shared by the modules: buffers that must keep their dtype through ``module.half()`` /
+``.to(dtype)``, and loads whose own reading of the state_dict comes after the load pre-hooks."""
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -22,3 +25,25 @@ def apply_keeping_dtype(module: nn.Module, apply: Callable[[], object], names: l
         if now.dtype != want:
             module._buffers[name] = (torch.empty_like(now, dtype=want) if old.is_meta else
                                      old.to(device=now.device, dtype=want))
+
+
+def pre_hooks_first(load: Callable[..., None]) -> Callable[..., None]:
+    """For a module's ``_load_from_state_dict`` override that reads ``state_dict`` before torch's: runs the
+    module's load_state_dict pre-hooks first, and not again inside. Torch runs them in
+    ``Module._load_from_state_dict``, after the override had read the dict: a hook renaming an old checkpoint's
+    keys came too late (the stacks of a MultiLoRALinear were not resized: a size-mismatch error; a LoRALinear
+    loading a PEFT-style dict with strict=False kept merged=True over a base weight, 34 off; re-entrancy hunt,
+    2026-12-07)."""
+
+    @functools.wraps(load)
+    def run(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+        hooks = module._load_state_dict_pre_hooks
+        for hook in list(hooks.values()):
+            hook(state_dict, prefix, *args)
+        module._load_state_dict_pre_hooks = OrderedDict()
+        try:
+            load(module, state_dict, prefix, *args)
+        finally:
+            module._load_state_dict_pre_hooks = hooks
+
+    return run

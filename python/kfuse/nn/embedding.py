@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from kfuse import _backends, _checks, _routing
-from kfuse.nn._buffers import apply_keeping_dtype
+from kfuse.nn._buffers import apply_keeping_dtype, pre_hooks_first
 from kfuse.ops import embedding as E
 from kfuse.reference.embedding import (
     acc_dtype,
@@ -391,7 +391,8 @@ class MultiTableEmbeddingBag(nn.Module):
         new.__setstate__(copy.deepcopy(super().__getstate__(), memo))
         return new
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    @pre_hooks_first
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         old = prefix + "step"  # the buffer's name in checkpoints written before 2026-12-02
         if self.optimizer is not None and old in state_dict and prefix + "optimizer_step" not in state_dict:
             state_dict[prefix + "optimizer_step"] = state_dict.pop(old)
@@ -407,7 +408,7 @@ class MultiTableEmbeddingBag(nn.Module):
             state_dict.setdefault(prefix + "_grad_anchor", self._grad_anchor)
             if args and args[0].get("assign_to_params_buffers", False):  # (local_metadata)
                 self._check_assigned_states(state_dict, prefix, args[-1])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _check_assigned_states(self, state_dict: dict[str, Any], prefix: str, error_msgs: list[str]) -> None:
         """Optimizer states that load_state_dict(assign=True) would make the buffers must be as the constructor
@@ -516,10 +517,12 @@ class MultiTableEmbeddingBag(nn.Module):
         step = int(self.optimizer_step)  # a CPU tensor: no sync
         if torch._C._current_graph_task_id() == -1:
             self.__dict__["_forward_step"] = step
-        elif step != self.__dict__.get("_forward_step", step):
-            # A forward inside a backward: activation checkpointing recomputing it. Another region's backward
-            # has updated the tables since the original forward, so the recomputed output (and every gradient
-            # downstream) would differ from it, silently (torch checks only shapes; training-utilities hunt).
+        elif torch.is_grad_enabled() and step != self.__dict__.get("_forward_step", step):
+            # A forward inside a backward, with grad mode on: activation checkpointing recomputing it (a no_grad
+            # forward there, for logging from a hook, is none: it was refused; re-entrancy hunt). Another region's
+            # backward has updated the tables since the original forward, so the recomputed output (and every
+            # gradient downstream) would differ from it, silently (torch checks only shapes; training-utilities
+            # hunt).
             raise RuntimeError(
                 f"{op}: activation checkpointing recomputes this forward after the fused optimizer updated the "
                 "tables (another checkpointed call's backward ran first), so it would not reproduce the original "

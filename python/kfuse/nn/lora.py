@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kfuse import _backends, _checks, _routing
-from kfuse.nn._buffers import apply_keeping_dtype
+from kfuse.nn._buffers import apply_keeping_dtype, pre_hooks_first
 from kfuse.ops.lora import _check_tensor, _check_x_weight, lora_linear, lora_linear_multi
 from kfuse.reference.lora import acc_dtype
 
@@ -350,7 +350,8 @@ class LoRALinear(nn.Module):
                                        "torch.inference_mode()), which cannot be written outside it: call "
                                        f"{what}() under torch.inference_mode(), or load a normal tensor into it")
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+    @pre_hooks_first
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         # A W without the flag (a PEFT-style dict) is the base weight; a checkpoint of kfuse before
         # 2026-12-04 kept the flag as extra state, {"merged": bool}.
         key, old = prefix + "lora_merged", state_dict.pop(prefix + "_extra_state", None)
@@ -361,7 +362,7 @@ class LoRALinear(nn.Module):
             with torch.inference_mode(False):  # (an assign=True load puts it in the module: see __init__)
                 state_dict[key] = torch.tensor(old["merged"] if old is not None else False)
         self._own_flag = None  # the Python copy is not the buffer's until re-read (an interrupted load: see merged)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, *args)
         self._remember_merged(bool(self.lora_merged))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -447,7 +448,7 @@ class MultiLoRALinear(nn.Module):
             self.register_buffer(name, None)
         self._no_adapters(a_dtype)
 
-    @torch.inference_mode(False)  # the stacks replace the buffers: see add_adapter
+    @torch.inference_mode(False)  # the stacks replace the buffers: see _put_adapter
     def _no_adapters(self, adapter_dtype: torch.dtype) -> None:
         """Empty stacks (no adapter) in ``adapter_dtype``, on the base weight's device."""
         dev, K, N = self.weight.device, self.in_features, self.out_features
@@ -495,11 +496,6 @@ class MultiLoRALinear(nn.Module):
         """The largest rank added (the stacks' padded rank)."""
         return self.A_stack.shape[1]
 
-    # Not under inference mode: the stacks it builds replace the buffers, which must stay normal tensors
-    # (inference tensors refuse in-place writes and saving for backward outside it: a load_state_dict,
-    # an edit of scalings or a backward through x all failed after an add under inference mode; bug hunt).
-    @torch.inference_mode(False)
-    @torch.no_grad()
     def add_adapter(self, lora_A: Tensor, lora_B: Tensor, scaling: float) -> int:
         """Adds an adapter (``lora_A [r, K]``, ``lora_B [N, r]``, any r >= 1; copied, in the
         stacks' dtype) with its ``scaling``; returns its id (``0, 1, ...`` in order of addition).
@@ -520,6 +516,12 @@ class MultiLoRALinear(nn.Module):
                              f"{self.num_adapters} adapters")
         self._put_adapter(i, lora_A, lora_B, scaling, "replace_adapter")
 
+    # Not under inference mode: the stacks it builds replace the buffers, which must stay normal tensors
+    # (inference tensors refuse in-place writes and saving for backward outside it: a load_state_dict,
+    # an edit of scalings or a backward through x all failed after an add under inference mode; bug hunt).
+    # Nor under grad mode: trainable adapters gave the stacks a history (deepcopy then failed).
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def _put_adapter(self, slot: int | None, lora_A: Tensor, lora_B: Tensor, scaling: float, what: str) -> int:
         """The adapter written at ``slot`` of new stacks (appended when None), which then replace the old ones;
         returns its id."""
@@ -573,7 +575,8 @@ class MultiLoRALinear(nn.Module):
                     self._set_stacks(names, [A, B, scalings, ranks])
                     return i
 
-    @torch.inference_mode(False)  # stacks made here replace the buffers: see add_adapter
+    @torch.inference_mode(False)  # stacks made here replace the buffers: see _put_adapter
+    @pre_hooks_first
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
         # The stacks' shapes grow with the adapters: take the saved ones (a fresh module has none), if
