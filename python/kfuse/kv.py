@@ -710,6 +710,8 @@ class PagedKVCache:
     def _rollback(self, ids: Tensor, lens: Tensor, check_lens: bool) -> None:
         try:
             self._replay(self._host.rollback(ids, lens, check_lens))  # validates everything first
+        except (ValueError, IndexError):  # a refused request: nothing changed (no O(cache) resync for it)
+            raise
         except BaseException:  # e.g. an interrupt raised as the host's rollback returned, before the replay
             self._resync()
             raise
