@@ -368,9 +368,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """:func:`kfuse.lora_linear` with this layer's parameters (dropout in training mode only);
         when merged, the base layer (plus ``scaling · lora_bias``)."""
-        buf = self.lora_merged
-        if buf is not self.__dict__.get("_own_flag") and (torch.compiler.is_compiling()
-                                                          or _routing.functorch_wrapped((buf,))):
+        buf = self._buffers["lora_merged"]  # (read once, from the dict: this runs on every call)
+        if buf is self.__dict__.get("_own_flag"):
+            return self._merged_forward(x) if self._merged else self._lora_forward(x)
+        if torch.compiler.is_compiling() or _routing.functorch_wrapped((buf,)):
             # A buffer not the module's own (torch.func.functional_call's) whose value is unknown (while tracing)
             # or one per member (stacked for torch.func.vmap: an ensemble): both branches run and the buffer
             # picks, per member. The module's own state ran, and a compiled call with a merged layer's state
@@ -556,16 +557,14 @@ class MultiLoRALinear(nn.Module):
                 raise IndexError(f"{where}: adapter_id {slot} is out of range: the layer holds {L} adapters")
             r_max, i = max(r_old, r), L if slot is None else slot
             count = L + 1 if slot is None else L
-            A = A_old.new_zeros(count, r_max, K)
-            B = B_old.new_zeros(count, N, r_max)
-            A[:L, :r_old] = A_old
-            B[:L, :, :r_old] = B_old
-            A[i] = 0  # (the replaced adapter's padding too: never read, but not left holding its values)
-            B[i] = 0
-            A[i, :r] = lora_A.to(A)
-            B[i, :, :r] = lora_B.to(B)
+            A, B = A_old.new_zeros(count, r_max, K), B_old.new_zeros(count, N, r_max)
+            A[:L, :r_old], B[:L, :, :r_old] = A_old, B_old
             scalings = torch.cat([s_old, s_old.new_tensor([scaling])]) if slot is None else s_old.clone()
             ranks = torch.cat([r_old_t, r_old_t.new_tensor([r])]) if slot is None else r_old_t.clone()
+            if slot is not None:  # the replaced adapter's padding past r is never read, but not kept either
+                A[i].zero_()
+                B[i].zero_()
+            A[i, :r], B[i, :, :r] = lora_A.to(A), lora_B.to(B)
             scalings[i], ranks[i] = scaling, r
             # All four built before any is set: a failure above (out of memory) left grown stacks beside
             # the old scalings, and every later forward refused them (exceptions hunt).
