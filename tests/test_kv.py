@@ -489,6 +489,53 @@ def test_errors_after_the_host_update_leave_a_consistent_cache(monkeypatch, mirr
     check_invariants(cache, dense)
 
 
+@pytest.mark.parametrize("op", ["rollback", "fork", "free", "step"])
+def test_a_cache_call_nested_in_another_leaves_the_device_copy_whole(op, seed):
+    """A cache call made while another is between its host update and its device replay (a ``__del__`` that
+    freed a sequence, run by the garbage collector as the replay allocated): the outer replay wrote its
+    final values over the nested call's, and the device free list and refcounts stayed behind the host's
+    (re-entrancy hunt, 2026-12-07). Now the outer call resyncs the device copy when a call ran inside it."""
+    cache = make(num_pages=16, _mirror=True)
+    dense = Dense(cache)
+    a = cache.add_sequence()
+    dense.add(a)
+    step(cache, dense, [a], [2 * PS + 1])
+    victim = cache.fork(a, 2 * PS)  # shares a's first pages: the nested free writes their refcounts too
+    dense.kv[victim] = [[k[:2 * PS], v[:2 * PS]] for k, v in dense.kv[a]]
+    step(cache, dense, [victim], [3])
+    real, nested = cache._dev, []
+
+    def dev(*args, **kwargs):
+        if not nested:  # the nested call: once, inside the outer call's upload
+            nested.append(victim)
+            cache.free(victim)
+            del dense.kv[victim]
+        return real(*args, **kwargs)
+
+    cache._dev = dev
+    if op == "rollback":
+        cache.rollback([a], [PS - 1])
+        dense.kv[a] = [[k[:PS - 1], v[:PS - 1]] for k, v in dense.kv[a]]
+    elif op == "fork":
+        b = cache.fork(a, PS + 1)
+        dense.kv[b] = [[k[:PS + 1], v[:PS + 1]] for k, v in dense.kv[a]]
+    elif op == "free":
+        cache.free(a)
+        del dense.kv[a]
+    else:
+        del cache._dev
+        step(cache, dense, [a], [2 * PS])
+        cache._dev = dev
+        step(cache, dense, [a], [2 * PS])  # takes pages: the plan's writes
+    del cache._dev
+    assert nested
+    check_invariants(cache, dense)
+    c = cache.add_sequence()
+    dense.add(c)
+    step(cache, dense, [c], [3 * PS])
+    check_invariants(cache, dense)
+
+
 @pytest.mark.parametrize("mirror", [False, True], ids=["cpu-state", "device-copy"])
 def test_an_interrupt_anywhere_leaves_a_cache_that_abort_step_makes_whole(mirror, seed):
     """A KeyboardInterrupt raised at every interrupt point in turn (tests/interrupts.py) of a step that copies a
@@ -1096,6 +1143,37 @@ OP_LENS = [0, 1, PS - 1, PS, PS + 1, 10 * PS + 1]  # the last: 3 splits of 16 (i
 # On a GPU a tile and a split hold 64 positions (small_splits), so a 41-token context is one tile:
 # CUDA runs add a context of three and a bit splits, and the prefill there 70 new tokens on top of it
 # (more than one query block at every group size, several key tiles).
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_free_nested_in_a_graphed_rollback_leaves_the_device_copy_whole(monkeypatch):
+    """A free run between a graphed rollback's host update and its graph's replay (a ``__del__`` run by the
+    garbage collector as the call staged its arguments): the free's replay wrote the host's values, which held
+    the rollback already, and the graph then rolled those pages back a second time (re-entrancy hunt,
+    2026-12-07; written without a GPU)."""
+    cache = make(num_pages=16, device="cuda")
+    a = cache.add_sequence()
+    for layer in range(L):
+        cache.append(layer, [a], torch.randn(2 * PS + 1, HKV, D, device="cuda"),
+                     torch.randn(2 * PS + 1, HKV, D, device="cuda"), [2 * PS + 1])
+    cache.advance([a], [2 * PS + 1])
+    victim = cache.fork(a, 2 * PS)
+    graphed = cache.graphed_rollback(1)
+    real_empty, nested = torch.empty, []
+
+    def empty(*args, **kwargs):
+        if not nested:
+            nested.append(victim)
+            cache.free(victim)
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    graphed([a], [PS - 1])
+    monkeypatch.undo()
+    torch.cuda.synchronize()
+    assert nested
+    check_invariants(cache)
+
+
 CUDA_LONG, CUDA_LONG_NEW = 3 * 64 + 5, 70
 
 

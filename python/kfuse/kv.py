@@ -244,7 +244,9 @@ class PagedKVCache:
         # step per sequence), layers (set), slots (flat page · page_size + slot, device int64), commit
         # (advance's device writes: offsets, int32 values; None on an unmirrored cache)).
         self._step: dict | None = None
-        self._plans = 0  # the steps opened: each plan's number, by which the host state knows it (see _open_step)
+        # Host updates begun (plans, rollbacks, forks, frees): a plan's number, by which the host state knows it
+        # (see _open_step), and how a call sees another nested inside it (see _settle).
+        self._updates = 0
         self._pool_views: tuple | None = None  # see _layer_pools
         self._init_attrs = frozenset(self.__dict__) | {"_init_attrs"}  # the constructor's (see __reduce__)
 
@@ -260,9 +262,24 @@ class PagedKVCache:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def _replay(self, writes: Tensor | None) -> None:
+    def _update(self) -> int:
+        """The number of a host update about to begin, for :meth:`_settle` (and a plan's token)."""
+        self._updates += 1
+        return self._updates
+
+    def _settle(self, update: int) -> None:
+        """After the device writes of host update number ``update``: when another cache call ran between that
+        update and these writes (a ``__del__`` freeing a sequence, run by the garbage collector as the replay
+        allocated), this call's final values were written over the nested call's newer ones, and the device
+        copy is made again from the host state. Before, the device free list and refcounts stayed behind the
+        host's (re-entrancy hunt, 2026-12-07). An int compare on the common path."""
+        if self._updates != update:
+            self._resync()
+
+    def _replay(self, writes: Tensor | None, update: int) -> None:
         """Apply the host kernels' writes (int64 ``[2, m]``: offsets into the flat buffer, final values;
-        distinct offsets) to the device copy: one host-to-device copy and one scatter, no sync."""
+        distinct offsets) of host update number ``update`` to the device copy: one host-to-device copy and
+        one scatter, no sync."""
         if writes is not None and writes.shape[1]:
             try:
                 w = self._dev(writes)
@@ -273,6 +290,7 @@ class PagedKVCache:
             except BaseException:  # the host state changed: the device copy must not be left behind it
                 self._resync()
                 raise
+        self._settle(update)
 
     def _resync(self) -> None:
         """The device copy made the host state again, after an error between the host's update and its
@@ -375,9 +393,10 @@ class PagedKVCache:
         self._no_step("free")
         one = torch.full((1,), s, dtype=torch.int64, device="cpu")  # torch.tensor([s]) took ~7 us, twice
         try:
+            update = self._update()
             writes = self._host.rollback(one, torch.zeros_like(one), False)
             self._n_active[s] = 0  # the host's part done: the slot goes even if the device's replay fails
-            self._replay(writes)
+            self._replay(writes, update)
         except BaseException:  # (an interrupt as the host's rollback returned: the slot stays, emptied)
             self._resync()
             raise
@@ -583,8 +602,7 @@ class PagedKVCache:
         ``own``: whether ``ids``, ``cnt`` are already the cache's own tensors (made by the caller, not the
         caller's caller's: no copy needed for the record); ``ones``: ``cnt`` is all ones; ``total``: its sum
         if known."""
-        self._plans += 1
-        token = self._plans
+        token = self._update()
         try:
             plan, m, cow_src, cow_dst = self._host.plan_step(ids, cnt, token)
             return self._open_planned_step(ids, cnt, external, plan, m, cow_src, cow_dst, own, ones, total, token)
@@ -623,6 +641,7 @@ class PagedKVCache:
             dv = dev.view(torch.int32)  # the int64 values' low halves at even places (see _replay): one view for all
             if m:
                 self._flat.index_copy_(0, dev[:m], dv[2 * m:4 * m:2])
+            self._settle(token)
             commit = (dev[2 * m:2 * m + n], dv[2 * (2 * m + n):2 * (2 * m + 2 * n):2])  # offsets, int32 values
             slots = (plan if external else dev)[2 * m + 2 * n:]
         pending = torch.zeros(self.max_seqs, dtype=torch.int64, device="cpu")
@@ -709,7 +728,8 @@ class PagedKVCache:
 
     def _rollback(self, ids: Tensor, lens: Tensor, check_lens: bool) -> None:
         try:
-            self._replay(self._host.rollback(ids, lens, check_lens))  # validates everything first
+            update = self._update()
+            self._replay(self._host.rollback(ids, lens, check_lens), update)  # validates everything first
         except (ValueError, IndexError):  # a refused request: nothing changed (no O(cache) resync for it)
             raise
         except BaseException:  # e.g. an interrupt raised as the host's rollback returned, before the replay
@@ -756,6 +776,7 @@ class PagedKVCache:
                 raise ValueError(f"seq_ids and new_lens: this graphed rollback takes exactly {n} sequences; got "
                                  f"{h_ids.numel()} and {h_lens.numel()}")
             self._no_step("rollback")
+            update = self._update()
             self._host.rollback(h_ids, h_lens, True, log=False)  # checks everything before changing anything
             try:
                 # Staged in fresh pinned memory: the copies run after this returns, and a caller's pinned
@@ -764,6 +785,7 @@ class PagedKVCache:
                 ids.copy_(torch.empty(n, dtype=torch.int64, pin_memory=True).copy_(h_ids), non_blocking=True)
                 lens.copy_(h_lens.to(torch.int32).pin_memory(), non_blocking=True)
                 graph.replay()
+                self._settle(update)  # (a nested call's replay was rolled back a second time by the graph's)
             except BaseException:  # the host rolled back: the device tables must not stay behind
                 self._resync()
                 raise
@@ -819,7 +841,8 @@ class PagedKVCache:
         child = self.add_sequence() if dst_id is None else d  # add_sequence raises when every slot is in use
         # C++ (table row, refcounts, length; logged for the device copy): 38 us in Python before.
         try:
-            self._replay(self._host.fork(s, child, length))
+            update = self._update()
+            self._replay(self._host.fork(s, child, length), update)
         except BaseException:  # a failed fork changes nothing: the child (a slot of its own) is let go
             if dst_id is None:
                 self.free(child)
