@@ -824,10 +824,32 @@ def test_a_cache_passed_to_a_spawned_process(seed):
 def test_a_capacity_past_int32_lengths_is_refused():
     """Lengths are int32 (seq_lens, the kernels); the C++ advance truncated a sum past 2^31 - 1 (overflow
     audit). A sequence's capacity max_pages_per_seq · page_size (max_pages_per_seq defaults to num_pages)
-    must stay below 2^31, checked before any pool is allocated."""
+    must stay below 2^31, checked before any pool is allocated. The Triton kernels add up to a split's positions
+    to a length in int32, so the limit is 2^31 − 2^16 (overflow hunt, 2026-12-07: a decode of a sequence within
+    32,832 tokens of 2^31 returned zeros)."""
     for pages, per_seq in ((2**15, None), (2**20, 2**15)):
         with pytest.raises(ValueError, match=r"capacity max_pages_per_seq · page_size \(32768 · 65536\) must stay"):
             PagedKVCache(1, 1, 1, 2**16, pages, 1, max_pages_per_seq=per_seq)
+    with pytest.raises(ValueError, match=r"\(65535 · 32768\) must stay at or below 2\^31 − 2\^16 = 2147418112"):
+        PagedKVCache(1, 1, 1, 2**15, 1, 1, max_pages_per_seq=2**16 - 1)
+    PagedKVCache(1, 1, 1, 2**15, 1, 1, max_pages_per_seq=2**16 - 2)  # 2^31 − 2^16 exactly
+
+
+def test_device_rollback_to_a_length_near_the_capacity_keeps_the_pages():
+    """_rollback_device (graphed_rollback's device half) counted a sequence's pages as ceil(len / page_size) with
+    len + page_size − 1 in int32, which wrapped for a page of 3 · 2^19 tokens and a length near 2^31: every page
+    was dropped and freed on the device copy, still used on the host (overflow hunt, 2026-12-07)."""
+    ps = 3 * 2**19
+    cache = PagedKVCache(1, 1, 1, ps, 2, 1, max_pages_per_seq=1365, dtype=torch.float16, _mirror=True)
+    s = cache.add_sequence()
+    cache.append(0, [s], torch.ones(2 * ps, 1, 1, dtype=torch.float16), torch.ones(2 * ps, 1, 1, dtype=torch.float16),
+                 [2 * ps])
+    cache.advance([s], [2 * ps])
+    table, refs, top = cache.block_table.clone(), cache.page_refcount.clone(), cache.free_top.clone()
+    # (a length past this one's, which only the metadata sees: a sequence that long would not fit in memory here)
+    cache._rollback_device(torch.tensor([s]), torch.tensor([1365 * ps], dtype=torch.int32))
+    assert torch.equal(cache.block_table, table) and torch.equal(cache.page_refcount, refs)
+    assert torch.equal(cache.free_top, top)
 
 
 def test_arguments_of_the_wrong_kind_name_themselves():

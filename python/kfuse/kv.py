@@ -83,6 +83,10 @@ __all__ = ["PagedKVCache"]
 _INT_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
                          torch.uint64})
 _KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# A sequence's capacity in tokens. Lengths and positions are int32 in the Triton kernels, which add up to a split
+# of positions (at most 32,832: triton_kernels/kv.py decode_splits) or a block of new tokens to a length; within
+# that much of 2^31 the sums wrapped and a decode returned zeros (overflow hunt, 2026-12-07).
+_MAX_CAPACITY = 2**31 - 2**16
 _PLAIN_INT = frozenset({int})
 
 
@@ -157,7 +161,8 @@ class PagedKVCache:
         max_seqs: sequence slots (rows of ``block_table``).
         dtype, device: of the K/V pools.
         max_pages_per_seq: columns of ``block_table``; default ``num_pages`` (a sequence may use the
-            whole pool). The longest sequence holds ``max_pages_per_seq · page_size`` tokens.
+            whole pool). The longest sequence holds ``max_pages_per_seq · page_size`` tokens, at most
+            2^31 − 2^16.
 
     See the module docstring for the tensors, the host state and the step contract. Needs the
     compiled extension ``kfuse._C`` (its C++ metadata kernels keep the host state).
@@ -187,10 +192,10 @@ class PagedKVCache:
         max_pages_per_seq = _checks.integer("PagedKVCache", "max_pages_per_seq", max_pages_per_seq, 1)
         if max_seqs * max_pages_per_seq >= 2**40:  # (num_pages is below 2^31: checked above)
             raise ValueError(f"max_seqs · max_pages_per_seq ({max_seqs * max_pages_per_seq}) must stay below 2^40")
-        if max_pages_per_seq * page_size >= 2**31:  # lengths are int32 (seq_lens, the kernels): C++ truncated
+        if max_pages_per_seq * page_size > _MAX_CAPACITY:  # lengths are int32 (seq_lens, the kernels)
             raise ValueError(f"a sequence's capacity max_pages_per_seq · page_size ({max_pages_per_seq} · {page_size}) "
-                             "must stay below 2^31 tokens (lengths are int32); pass a smaller max_pages_per_seq "
-                             "(it defaults to num_pages)")
+                             f"must stay at or below 2^31 − 2^16 = {_MAX_CAPACITY} tokens (lengths and positions are "
+                             "int32); pass a smaller max_pages_per_seq (it defaults to num_pages)")
         ext = _backends.extension()
         if ext is None:
             why = "; ".join(_backends.extension_reasons(torch.device("cpu")))
@@ -798,7 +803,9 @@ class PagedKVCache:
         order the host kernel does (``csrc/kv/kv.h: rollback``)."""
         ps, P = self.page_size, self.max_pages_per_seq
         rows = self.block_table.index_select(0, ids)  # [n, P] int32
-        keep = torch.div(new_lens + (ps - 1), ps, rounding_mode="floor")  # [n]
+        # ceil(new_lens / ps) as (new_lens − 1) // ps + 1: new_lens + ps − 1 wrapped past int32 at a capacity near
+        # 2^31 with a page over 2^16 tokens, which dropped and freed every page (overflow hunt, 2026-12-07).
+        keep = torch.div(new_lens - 1, ps, rounding_mode="floor") + 1  # [n]
         col = torch.arange(P, device=self.device)
         drop = (col.unsqueeze(0) >= keep.unsqueeze(1)) & (rows >= 0)  # [n, P]
         pages = rows.clamp(min=0).long().flatten()  # [n·P]
