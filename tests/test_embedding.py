@@ -2478,6 +2478,26 @@ def test_triton_forward_matches_reference(device, dtype, mode, itype, seed):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_rows_too_wide_for_a_block_are_refused_naming_the_tables(device):
+    """The backward holds a table row in one Triton block, which Triton caps at 2^20 elements, and the forward
+    grid's third axis (a row's blocks) is capped at 65535: past them the compiler's or the launch's error named
+    nothing (overflow hunt, 2026-12-07). Refused before any launch, naming the argument."""
+    wide = [torch.zeros(2, 2**20 + 1, dtype=torch.float16, device=device)]
+    idx, off = torch.tensor([1], device=device), torch.tensor([0, 1], device=device)
+    go = torch.zeros(1, 2**20 + 1, device=device)
+    with pytest.raises(ValueError, match=r"weights has rows of 1048577 elements; the backward holds a row in one"):
+        te.backward_sparse(go, wide, idx, off, [0], [-1], 0, None)
+    with pytest.raises(ValueError, match=r"weights has rows of 1048577 elements"):
+        te.backward_fused(go, wide, idx, off, [0], [-1], 0, None, "sgd", [], [], 0.1, 0.0, 0.0, 0.0, 0.0, 1, 0)
+    with pytest.raises(ValueError, match=r"y has rows of 1048577 elements"):
+        te.stochastic_round(go, torch.tensor([1], device=device), torch.float16, 0, 1, 0)
+    dim = 65535 * te._block_d(2**24) + 1  # one column past the forward's grid
+    with pytest.raises(ValueError, match=rf"weights has rows of {dim} elements; the forward takes at most {dim - 1}"):
+        te.forward([torch.zeros(1, dim, dtype=torch.float16, device=device)], idx.clamp(max=0), off, [0], [-1], 0,
+                   None)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_empty_bags_and_batches(device):
     ws = [torch.randn(4, 3, device=device), torch.randn(5, 18, device=device)]
     idx = torch.zeros(0, dtype=torch.int64, device=device)

@@ -630,11 +630,12 @@ def _rows_program(M, N, rows_per_prog, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _columns_coeffs(co_ptr, cols, cmask):
-    a = tl.load(co_ptr + cols * 5 + 0, mask=cmask, other=0.0)
-    b = tl.load(co_ptr + cols * 5 + 1, mask=cmask, other=0.0)
-    c = tl.load(co_ptr + cols * 5 + 2, mask=cmask, other=0.0)
-    c1 = tl.load(co_ptr + cols * 5 + 3, mask=cmask, other=0.0)
-    c2 = tl.load(co_ptr + cols * 5 + 4, mask=cmask, other=0.0)
+    co = co_ptr + cols.to(tl.int64) * 5  # int64: cols * 5 wrapped past 429M neurons (overflow hunt, 2026-12-07)
+    a = tl.load(co + 0, mask=cmask, other=0.0)
+    b = tl.load(co + 1, mask=cmask, other=0.0)
+    c = tl.load(co + 2, mask=cmask, other=0.0)
+    c1 = tl.load(co + 3, mask=cmask, other=0.0)
+    c2 = tl.load(co + 4, mask=cmask, other=0.0)
     return a, b, c, c1, c2
 
 
@@ -740,7 +741,7 @@ def _deu_bwd_rows(gy_ptr, x_ptr, co_ptr, gx_ptr, part_ptr, M, N, rows_per_prog,
     # neuron's sums already, so there is no cross-thread reduction. The coefficients are
     # loaded again rather than kept live through the loop.
     a, b, c, c1, c2 = _columns_coeffs(co_ptr, cols, cmask)
-    _store_coeff_grads(part_ptr + tl.program_id(1).to(tl.int64) * N * 5 + cols * 5, cmask, a, b, c, c1, c2,
+    _store_coeff_grads(part_ptr + tl.program_id(1).to(tl.int64) * N * 5 + cols.to(tl.int64) * 5, cmask, a, b, c, c1, c2,
                        s_h0, s_h1, s_h3, s_h4, s_h5, s_h6, s_h7, s_p1, s_p2, s_p4, s_p5, s_p6, s_p7,
                        s_r1, s_om, s_r2)
 
@@ -775,8 +776,8 @@ def _store_coeff_grads(out_ptr, mask, a, b, c, c1, c2,
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _neuron_coeffs(co_ptr, n):
-    return (tl.load(co_ptr + n * 5 + 0), tl.load(co_ptr + n * 5 + 1), tl.load(co_ptr + n * 5 + 2),
-            tl.load(co_ptr + n * 5 + 3), tl.load(co_ptr + n * 5 + 4))
+    co = co_ptr + n.to(tl.int64) * 5  # (see _columns_coeffs)
+    return tl.load(co + 0), tl.load(co + 1), tl.load(co + 2), tl.load(co + 3), tl.load(co + 4)
 
 
 @triton.jit

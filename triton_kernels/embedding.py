@@ -56,6 +56,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _WDT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _INT32_MAX = 2**31 - 1
 _MAX_INDICES = _INT32_MAX - 64  # see _check
+_MAX_ROW = 2**20  # the elements of a tile, Triton's cap: see _row_block
 #: ``flag`` value meaning "no error".
 NO_ERROR = _INT32_MAX
 #: Fused optimizers (the ``MODE`` of ``_segment_kernel``; 0 stores the gradient).
@@ -281,6 +282,12 @@ def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: 
     hit = _META_CACHE.get(key)
     if hit is not None:
         return hit
+    block_d = _block_d(max(w.shape[1] for w in weights))
+    dim = max(weights[t].shape[1] for t in feature_table)
+    d_tiles = cdiv(dim, block_d)
+    if d_tiles > 65535:  # the forward grid's third axis (CUDA caps it at 65535)
+        raise ValueError(f"embedding triton: weights has rows of {dim} elements; the forward takes at most "
+                         f"{65535 * block_d} (use backend='reference')")
     bases = [0]
     for w in weights:
         bases.append(bases[-1] + w.shape[0])
@@ -301,8 +308,7 @@ def _feature_meta(weights: list[Tensor], feature_table: list[int], padding_idx: 
     # 2026-12-05). So its copy is blocking: one sync of the current stream per key. Uncached metadata is
     # read by this call's kernels only, on this stream.
     meta = torch.tensor(rows, dtype=torch.int64, device="cpu").to(weights[0].device, non_blocking=not cache)
-    block_d = _block_d(max(w.shape[1] for w in weights))
-    fm = _FeatureMeta(meta, col, block_d, cdiv(max(weights[t].shape[1] for t in feature_table), block_d))
+    fm = _FeatureMeta(meta, col, block_d, d_tiles)
     if cache:
         # Two threads may build the same key at once: the first entry stays, as a captured graph or another
         # stream may already read it (replacing it freed it under them; GPU review, 2026-12-05).
@@ -582,6 +588,7 @@ def backward_sparse(grad_out: Tensor, weights: list[Tensor], indices: Tensor, of
     dev = weights[0].device
     N = indices.shape[0]
     _check_grad_out(grad_out, weights, feature_table, B)
+    block_d = _row_block(max(w.shape[1] for w in weights))
     if N == 0 or B == 0:
         return [(torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros((0, w.shape[1]), dtype=torch.float32,
                                                                               device=dev)) for w in weights]
@@ -601,7 +608,8 @@ def backward_sparse(grad_out: Tensor, weights: list[Tensor], indices: Tensor, of
     rows_out = torch.empty((seg0[-1],), dtype=torch.int64, device=dev)
     g_out = torch.empty((out0[-1],), dtype=torch.float32, device=dev)
     tmeta = _table_meta(weights, seg0=seg0, out0=out0)
-    _launch_segments(grad_out, weights, skey, tkey, goff, scale, tmeta, rank, rows_out, g_out, sentinel, mode=0)
+    _launch_segments(grad_out, weights, skey, tkey, goff, scale, tmeta, rank, rows_out, g_out, sentinel, mode=0,
+                     block_d=block_d)
     return [(rows_out[seg0[t]:seg0[t + 1]], g_out[out0[t]:out0[t + 1]].view(counts[t], w.shape[1]))
             for t, w in enumerate(weights)]
 
@@ -627,13 +635,21 @@ def _table_meta(weights: list[Tensor], seg0: list[int] | None = None, out0: list
     return torch.tensor(rows, dtype=torch.int64, device="cpu").to(weights[0].device, non_blocking=True)
 
 
+def _row_block(dim: int, what: str = "weights") -> int:
+    """BLOCK_D of a kernel that holds a whole row of ``dim`` elements in one tile (the segment kernel: row-wise
+    Adagrad needs the row's mean square first; 512 fp32 lanes at dim 300, 4 per thread at 4 warps). Triton
+    caps a tile at 2^20 elements: past it the error came from the compiler, naming nothing (overflow hunt,
+    2026-12-07)."""
+    if dim > _MAX_ROW:
+        raise ValueError(f"embedding triton: {what} has rows of {dim} elements; the backward holds a row in one "
+                         f"Triton block of at most 2^20 = {_MAX_ROW} (use backend='reference', or 'cpu' on the CPU)")
+    return max(16, next_pow2(dim))
+
+
 def _launch_segments(grad_out, weights, skey, tkey, goff, scale, tmeta, rank, rows_out, g_out, sentinel, mode,
-                     lr=0.0, eps=0.0, beta1=0.0, beta2=0.0, weight_decay=0.0, bc1=1.0,
+                     block_d, lr=0.0, eps=0.0, beta1=0.0, beta2=0.0, weight_decay=0.0, bc1=1.0,
                      bc2=1.0) -> None:
     dtype = weights[0].dtype
-    # The whole row in one tile (row-wise Adagrad needs its mean square first): 512 fp32 lanes at
-    # dim 300, 4 per thread at 4 warps.
-    block_d = max(16, next_pow2(max(w.shape[1] for w in weights)))
     _segment_kernel[(skey.shape[0],)](
         skey, tkey, goff, scale, grad_out, tmeta, rank, rows_out, g_out, skey.shape[0], sentinel, lr, eps, beta1,
         beta2, 1.0 - beta1, 1.0 - beta2, weight_decay, bc1, bc2,
@@ -673,6 +689,7 @@ def backward_fused(grad_out: Tensor, weights: list[Tensor], indices: Tensor, off
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"embedding triton: optimizer must be one of {sorted(OPTIMIZERS)}; got {optimizer!r}")
     _check_grad_out(grad_out, weights, feature_table, B)
+    block_d = _row_block(max(w.shape[1] for w in weights))
     n_states = {"sgd": (0, 0), "rowwise_adagrad": (1, 0), "adam": (1, 1)}[optimizer]
     for name, states, need in (("states1", states1, n_states[0]), ("states2", states2, n_states[1])):
         want = [((w.shape[0],) if optimizer == "rowwise_adagrad" else tuple(w.shape)) for w in weights] if need else []
@@ -689,7 +706,8 @@ def backward_fused(grad_out: Tensor, weights: list[Tensor], indices: Tensor, off
                         hashes=[table_hash(seed, step, t) for t in range(len(weights))])
     # rank, rows_out and g_out are not read by the optimizer modes: any tensors do.
     _launch_segments(grad_out, weights, skey, tkey, goff, scale, tmeta, skey, skey, scale, sentinel,
-                     mode=OPTIMIZERS[optimizer], lr=lr, eps=eps, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                     mode=OPTIMIZERS[optimizer], block_d=block_d, lr=lr, eps=eps, beta1=beta1, beta2=beta2,
+                     weight_decay=weight_decay,
                      bc1=1.0 - beta1**step if optimizer == "adam" else 1.0,
                      bc2=1.0 - beta2**step if optimizer == "adam" else 1.0)
 
@@ -767,6 +785,6 @@ def stochastic_round(y: Tensor, rows: Tensor, dtype: torch.dtype, seed: int, ste
     out = torch.empty(y.shape, dtype=dtype, device=y.device)
     if y.numel():
         _round_kernel[(y.shape[0],)](y, rows.contiguous(), out, y.shape[1], table_hash(seed, step, table),
-                                     BLOCK_D=max(16, next_pow2(y.shape[1])), WDT=_WDT[dtype],
+                                     BLOCK_D=_row_block(y.shape[1], "y"), WDT=_WDT[dtype],
                                      num_warps=4)
     return out
