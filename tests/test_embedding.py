@@ -20,6 +20,7 @@ import pytest
 import sm90
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from interrupts import interrupt_each_point
 from tolerances import assert_close
 
@@ -919,8 +920,15 @@ def test_fused_module_refuses_assigned_states_it_cannot_update_and_parametrized_
     assert fresh["emb"].momentum2_0.dtype == torch.float32 and fresh["emb"].momentum1_1.is_contiguous()
     m.load_state_dict(bad)  # a copying load converts them
     assert m.momentum2_0.dtype == torch.float32
+    # A pruned table (weights.0 = weights.0_orig · mask, computed at each read) took the update into that
+    # temporary: its training was lost, state_dict saved weights.0_orig unchanged (module-conventions hunt,
+    # 2026-12-07).
+    pruned = copy.deepcopy(m)
+    torch.nn.utils.prune.l1_unstructured(pruned.weights, "0", 0.3)
+    with pytest.raises(RuntimeError, match="weights.0 is computed at each read .*pruned"):
+        pruned(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3]))
     torch.nn.utils.parametrize.register_parametrization(m.weights, "1", torch.nn.Identity())
-    with pytest.raises(RuntimeError, match="weights.1 is parametrized"):
+    with pytest.raises(RuntimeError, match="weights.1 is computed at each read .parametrized"):
         m(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3]))
 
 

@@ -472,15 +472,19 @@ class MultiTableEmbeddingBag(nn.Module):
                                          self.padding_idx, sparse=self.sparse, backend=self.backend, check=self.check)
         op = "MultiTableEmbeddingBag"
         _backends.check_backend_name(op, self.backend)
-        if torch.nn.utils.parametrize.is_parametrized(self.weights):
-            # Each read of a parametrized table computes a new tensor: the update would go into that temporary,
-            # and the backward failed naming swapped tables (module-conventions hunt).
-            names = [f"weights.{k}" for k in self.weights.parametrizations]
+        params = self.weights._parameters
+        computed = [f"weights.{k}" for k in _keys(len(self.weights)) if k not in params]
+        if computed:
+            # A table that is not a parameter of its own is computed at each read (a parametrization, or a pruning
+            # mask times weights.k_orig): the update went into that temporary. Parametrized, the backward failed
+            # naming swapped tables (module-conventions hunt); pruned, the training of the table was lost with
+            # no error, state_dict saving weights.k_orig unchanged (module-conventions hunt, 2026-12-07).
             raise RuntimeError(f"{op}: the fused optimizer (optimizer={self.optimizer!r}) updates the tables in place, "
-                               f"but {', '.join(names)} {'is' if len(names) == 1 else 'are'} parametrized "
-                               "(torch.nn.utils.parametrize): a computed table cannot take the update. Build the "
-                               "module with optimizer=None (a torch optimizer then updates the parametrization's "
-                               "parameters).")
+                               f"but {', '.join(computed)} {'is' if len(computed) == 1 else 'are'} computed at each "
+                               "read (parametrized with torch.nn.utils.parametrize, or pruned with "
+                               "torch.nn.utils.prune): a computed table cannot take the update. Build the module "
+                               "with optimizer=None (a torch optimizer then updates the parameters it is computed "
+                               "from).")
         if self.weights.__dict__.get("_is_fsdp_managed_module"):
             # (torch's mark of the modules whose parameters fully_shard or FullyShardedDataParallel manage: not the
             # tables' ParameterList when they are all in fully_shard's ignored_params or in FSDP's ignored_modules.)
