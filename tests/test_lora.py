@@ -714,7 +714,7 @@ def test_layer_built_or_loaded_under_inference_mode_merges_outside_it(seed: int)
     assert m.merged and torch.allclose(m(x), y_built, atol=1e-5)
 
 
-def test_foreign_flag_made_under_inference_mode_is_read_at_every_call(seed: int) -> None:
+def test_a_foreign_flag_is_read_again_after_a_write_or_a_data_swap(seed: int) -> None:
     """A lora_merged passed in (torch.func.functional_call) is read once per version; an inference tensor has no
     version, and the first value read was kept for good: a later write to it was ignored (inference hunt)."""
     from torch.func import functional_call  # noqa: PLC0415
@@ -731,6 +731,12 @@ def test_foreign_flag_made_under_inference_mode_is_read_at_every_call(seed: int)
         y1 = functional_call(m, {"lora_merged": flag, "weight": merged}, (x,))
     assert torch.allclose(y0, y1, atol=1e-5)  # merged: the base layer with the merged weight, not the adapter twice
     assert not torch.allclose(y1, functional_call(m, {"weight": merged}, (x,)), atol=1e-3)
+    # Loaded through .data (as some checkpoint loaders do), which keeps the tensor's version: the value read
+    # before was kept, and the adapter counted twice (module-conventions hunt, 2026-12-07).
+    flag, w = torch.zeros((), dtype=torch.bool), m.weight.detach().clone()
+    assert torch.allclose(functional_call(m, {"lora_merged": flag, "weight": w}, (x,)), y0, atol=1e-5)
+    flag.data, w.data = torch.ones((), dtype=torch.bool), merged.clone()
+    assert torch.allclose(functional_call(m, {"lora_merged": flag, "weight": w}, (x,)), y0, atol=1e-5)
 
 
 @pytest.mark.parametrize("cls", ["LoRALinear", "MultiLoRALinear"])

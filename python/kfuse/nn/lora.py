@@ -123,15 +123,18 @@ def _base_parameters(linear: nn.Module, fan_in_fan_out: bool, freeze_base: bool,
 
 def _foreign_flag(buf: Tensor, own: bool) -> bool:
     """The value of a ``lora_merged`` buffer that is not the module's own (see :attr:`LoRALinear.merged`), read
-    once per version of it; ``own`` (the module's state) where it has no value to read."""
+    once per version and storage of it (``buf.data = t`` keeps the version: the old value was used, and the
+    adapter counted twice; module-conventions hunt, 2026-12-07); ``own`` (the module's state) where it has no
+    value to read."""
     if not _routing.plain(buf) or buf.device.type == "meta" or _routing.functorch_wrapped((buf,)):
         return own
     version = _routing.version(buf)
     if version is None:  # an inference tensor has no version to tell a write by: read every time (inference hunt)
         return bool(buf)
+    key = (version, buf.data_ptr())
     known = getattr(buf, "_kfuse_merged", None)
-    if known is None or known[1] != version:
-        known = buf._kfuse_merged = (bool(buf), version)
+    if known is None or known[1] != key:
+        known = buf._kfuse_merged = (bool(buf), key)
     return known[0]
 
 
