@@ -7,11 +7,13 @@ import importlib.util
 import math
 import statistics
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.utils.prune
 from test_deu import BACKENDS
 from torch import nn
 
@@ -257,10 +259,13 @@ def test_param_groups_cover_every_parameter_once() -> None:
             deu_param_groups(model, **bad)
 
 
-def test_param_groups_and_clipping_take_a_parametrization_s_leaves() -> None:
+@pytest.mark.parametrize("how", ["parametrize", "prune", "weight_norm"])
+def test_param_groups_and_clipping_take_the_leaves_of_computed_coefficients(how: str) -> None:
     """Under ``torch.nn.utils.parametrize``, ``module.coeffs`` is recomputed at every access (a non-leaf):
     deu_param_groups gave it to the optimizer, which refused it, and clip_deu_grad_norm_ clipped nothing and
-    returned 0 (module hunt, 2026-12-05). The parametrization's original parameters are the coefficients."""
+    returned 0 (module hunt, 2026-12-05). The same under ``torch.nn.utils.prune`` and the hook-based
+    ``torch.nn.utils.weight_norm``, whose leaves (coeffs_orig; coeffs_g, coeffs_v) went to the "weights" group
+    (module-conventions hunt, 2026-12-07). The parameters coeffs is computed from are the coefficients."""
 
     class Scaled(nn.Module):
         def forward(self, c: torch.Tensor) -> torch.Tensor:
@@ -268,18 +273,46 @@ def test_param_groups_and_clipping_take_a_parametrization_s_leaves() -> None:
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), DEU(5))
-    torch.nn.utils.parametrize.register_parametrization(model[1], "coeffs", Scaled())
-    original = model[1].parametrizations.coeffs.original
-    assert deu_coeffs(model) == [original]
+    if how == "parametrize":
+        torch.nn.utils.parametrize.register_parametrization(model[1], "coeffs", Scaled())
+        leaves = [model[1].parametrizations.coeffs.original]
+    elif how == "prune":
+        torch.nn.utils.prune.random_unstructured(model[1], "coeffs", 0.2)
+        leaves = [model[1].coeffs_orig]
+    else:
+        with warnings.catch_warnings():  # (deprecated in favour of the parametrization)
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.nn.utils.weight_norm(model[1], "coeffs")
+        leaves = [model[1].coeffs_g, model[1].coeffs_v]
+    assert {id(p) for p in deu_coeffs(model)} == {id(p) for p in leaves}
     groups = {g["name"]: g for g in deu_param_groups(model, lr=1e-2, coeff_lr=1e-3)}
-    assert groups["deu_coeffs"]["params"] == [original]
+    assert {id(p) for p in groups["deu_coeffs"]["params"]} == {id(p) for p in leaves}
     assert {id(p) for p in groups["weights"]["params"]} == {id(model[0].weight), id(model[0].bias)}
     torch.optim.Adam(list(groups.values()))  # accepted
     model(torch.randn(4, 3)).square().sum().backward()
-    norm = original.grad.norm()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in leaves]))
     assert norm > 1e-3
-    assert torch.equal(clip_deu_grad_norm_(model, 1e-3), norm)
-    assert math.isclose(original.grad.norm().item(), 1e-3, rel_tol=1e-4)
+    torch.testing.assert_close(clip_deu_grad_norm_(model, 1e-3), norm)
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in leaves]))
+    assert math.isclose(clipped.item(), 1e-3, rel_tol=1e-4)
+
+
+def test_layer_takes_device_and_dtype_as_torch_modules_do() -> None:
+    """torch.nn.utils.skip_init (and the factory kwargs of torch's modules) need ``device``; DEU took none and
+    skip_init refused it (module-conventions hunt, 2026-12-07)."""
+    layer = torch.nn.utils.skip_init(DEU, 4, dim=1)
+    assert layer.coeffs.shape == (4, 5) and layer.coeffs.dtype == torch.float32 and layer.dim == 1
+    layer = DEU(4, device="meta", dtype=torch.float64)
+    assert layer.coeffs.is_meta and layer.coeffs.dtype == torch.float64
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    torch.manual_seed(0)
+    expect = init_deu_coeffs(4).double()
+    torch.manual_seed(0)
+    layer.reset_parameters()
+    assert torch.equal(layer.coeffs.detach(), expect)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), deu_reference(x, expect))
 
 
 def test_inits_and_clipping() -> None:

@@ -89,14 +89,16 @@ class DEU(nn.Module):
             paper's ``a, b, c ~ U(0, 1)``, ``c1 = c2 = 0``).
         degenerate_grad: ``"exact"`` (default) or ``"gravitation"`` (the official code's gradient
             for near-zero a, b, c; eager mode only), passed to :func:`kfuse.deu`.
+        device, dtype: of ``coeffs`` (default: the CPU, float32).
     Shape:
         input ``[..., N, ...]`` with N at ``dim``; output the same.
     Parameters:
-        coeffs: ``[N, 5]`` float32, one row ``(a, b, c, c1, c2)`` per neuron.
+        coeffs: ``[N, 5]`` (float32 by default), one row ``(a, b, c, c1, c2)`` per neuron.
     """
 
     def __init__(self, num_features: int, dim: int = -1, backend: str = "auto", init: str = "paper",
-                 degenerate_grad: str = "exact") -> None:
+                 degenerate_grad: str = "exact", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         for name, v in (("num_features", num_features), ("dim", dim)):
             if isinstance(v, bool) or not hasattr(v, "__index__"):
@@ -109,7 +111,9 @@ class DEU(nn.Module):
             raise ValueError(f"DEU: degenerate_grad must be one of {list(DEGENERATE_GRADS)}; got {degenerate_grad!r}")
         self.num_features, self.dim, self.backend = num_features, dim, backend
         self.init, self.degenerate_grad = init, degenerate_grad
-        self.coeffs = nn.Parameter(init_deu_coeffs(num_features, init))
+        # (device/dtype, as torch's modules take them: torch.nn.utils.skip_init refused the layer without them;
+        # module-conventions hunt, 2026-12-07. The draw is init_deu_coeffs', float32, then converted.)
+        self.coeffs = nn.Parameter(init_deu_coeffs(num_features, init).to(device=device, dtype=dtype))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -132,18 +136,20 @@ class DEU(nn.Module):
 
 
 def deu_coeffs(model: nn.Module) -> list[nn.Parameter]:
-    """The ``coeffs`` of every :class:`DEU` layer in ``model``, each once. For coefficients under a
-    ``torch.nn.utils.parametrize`` parametrization, the parametrization's ``original`` parameters: the
-    leaves an optimizer updates (``module.coeffs`` is then recomputed at every access; the optimizer
-    refused it, and clipping its gradient clipped nothing: module hunt, 2026-12-05)."""
+    """The ``coeffs`` of every :class:`DEU` layer in ``model``, each once: the leaves an optimizer updates.
+    For coefficients computed at every access, the parameters they are computed from: a
+    ``torch.nn.utils.parametrize`` parametrization's ``original`` parameters, ``coeffs_orig`` of
+    ``torch.nn.utils.prune``, ``coeffs_g`` and ``coeffs_v`` of the hook-based ``torch.nn.utils.weight_norm``
+    (``module.coeffs`` is not a leaf then: the optimizer refused it, and clipping its gradient clipped
+    nothing; module hunts, 2026-12-05 and 2026-12-07)."""
     seen: dict[int, nn.Parameter] = {}
     for module in model.modules():
         if not isinstance(module, DEU):
             continue
         if torch.nn.utils.parametrize.is_parametrized(module, "coeffs"):
             leaves = list(module.parametrizations.coeffs.parameters(recurse=False))  # original, or original0..
-        else:
-            leaves = [module.coeffs]
+        else:  # coeffs itself, or what prune / weight_norm hooks registered in its place (coeffs_orig, ...)
+            leaves = [p for name, p in module._parameters.items() if p is not None and name.startswith("coeffs")]
         for p in leaves:
             seen.setdefault(id(p), p)
     return list(seen.values())
