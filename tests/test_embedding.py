@@ -493,7 +493,10 @@ def test_sparse_gradients_are_coalesced_rows(backend, device, seed):
     ref_w = [w.detach().cpu().double().requires_grad_() for w in weights]  # (the CPU indices' device)
     per_feature_torch(ref_w, indices, offsets, ft, "sum").backward(grad.double())
     for t, (w, r) in enumerate(zip(weights, ref_w, strict=True)):
-        rg = torch.zeros_like(r) if r.grad is None else r.grad  # table 1 is read by no feature
+        if r.grad is None:  # table 1 is read by no feature: no gradient, as torch's
+            assert w.grad is None, f"table {t}"
+            continue
+        rg = r.grad
         rows, vals = sparse_grad(rg, indices, offsets, ft, t)
         assert w.grad.is_sparse and w.grad._nnz() == rows.numel(), f"table {t}: one entry per unique row"
         g = w.grad.coalesce().cpu()
@@ -2483,6 +2486,36 @@ def test_triton_forward_matches_reference(device, dtype, mode, itype, seed):
         assert_close(out, ref, dtype, f"forward big={big}")
         assert flag.tolist() == [te.NO_ERROR, te.NO_ERROR]
         te.check_flag(flag, idx, off)
+
+
+@pytest.mark.parametrize("backend,device", backends())
+def test_a_table_no_feature_reads_gets_no_gradient(backend, device):
+    """Several features may share a table, so a table may be read by none: autograd (and the per-table loop)
+    gives it no gradient. The kernels gave dense zeros (sparse: an empty tensor), which AdamW's decay then
+    applied to a table the model never used (edge-semantics hunt, 2026-12-07). Eager, registered op and
+    double backward alike."""
+    idx, off = torch.tensor([1, 2, 3, 4, 0, 1], device=device), torch.tensor([0, 1, 3, 4, 6], device=device)
+    for path in ("eager-dense", "eager-sparse", "registered", "create_graph"):
+        ws = [torch.randn(5, 3, device=device, requires_grad=True), torch.randn(4, 2, device=device,
+                                                                                requires_grad=True)]
+        if path == "registered":
+            y = torch.ops.kfuse.embedding_bag_forward(ws, idx, off, [0, 0], [-1, -1], 0, None, backend)
+        else:
+            y = kfuse.multi_embedding_bag(ws, idx, off, feature_table=[0, 0], sparse=path == "eager-sparse",
+                                          backend=backend)
+        if path == "create_graph":
+            grads = torch.autograd.grad(y.sum(), ws, create_graph=True, allow_unused=True)
+        else:
+            y.sum().backward()
+            grads = [w.grad for w in ws]
+        assert grads[1] is None, path
+        assert grads[0] is not None and grads[0].to_dense().abs().sum() > 0, path
+    m = MultiTableEmbeddingBag([(5, 3), (4, 2)], feature_table_map=[0, 0], backend=backend).to(device)
+    before = m.weights[1].detach().clone()
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.5)
+    m(idx, off).sum().backward()
+    opt.step()
+    assert torch.equal(m.weights[1].detach(), before)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

@@ -732,10 +732,19 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.backend = _select("embedding_bag_forward", backend, weights[0])
 
 
+def _read_only(need_w: list[bool], bags: _Bags) -> list[bool]:
+    """``need_w`` for the tables some feature reads: a table no feature reads gets no gradient (None), as in
+    autograd. It got zeros from the kernels, which a weight-decaying optimizer then applied to a table the
+    model never used (edge-semantics hunt, 2026-12-07)."""
+    read = set(bags.feature_table)
+    return [n and t in read for t, n in enumerate(need_w)]
+
+
 def _registered_backward(ctx, grad_out: Tensor):
     indices, offsets, psw, weights = _saved_tables(ctx)
     need_w = list(ctx.needs_input_grad[0]) if isinstance(ctx.needs_input_grad[0], (list, tuple)) else \
         [bool(ctx.needs_input_grad[0])] * len(weights)
+    need_w = _read_only(need_w, ctx.bags)
     need_psw = psw is not None and ctx.needs_input_grad[6]
     if _routing.differentiable_backward(grad_out):
         grads, g_psw = _reference_vjp(grad_out, weights, indices, offsets, ctx.bags, psw, need_w, need_psw,
@@ -743,6 +752,7 @@ def _registered_backward(ctx, grad_out: Tensor):
     else:
         grads, g_psw = embedding_bag_backward(grad_out, weights, indices, offsets, ctx.bags.feature_table,
                                               ctx.bags.padding_idx, ctx.bags.pooling, psw, need_psw, ctx.backend)
+        grads = [g if need else None for g, need in zip(grads, need_w, strict=True)]
         g_psw = g_psw if need_psw else None
     return grads, None, None, None, None, None, g_psw, None
 
@@ -763,7 +773,7 @@ class _EagerEmbeddingBag(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         indices, offsets, psw, weights = _saved_tables(ctx)
-        need_w = list(ctx.needs_input_grad[6:])
+        need_w = _read_only(list(ctx.needs_input_grad[6:]), ctx.bags)
         need_psw = psw is not None and ctx.needs_input_grad[5]
         if _routing.differentiable_backward(grad_out):
             if ctx.bags.check == "async":
