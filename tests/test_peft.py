@@ -427,6 +427,37 @@ def test_mixed_batch_adapter_names(lora_bias: bool, dtype: torch.dtype, seed: in
     assert_equal(got, run(model, x, grads=True, adapter_names=names))
 
 
+def test_a_parametrized_base_weight_is_computed_once_a_call(seed: int) -> None:
+    """A parametrized base weight is computed at each read: the fused forward read it twice (the call's checks,
+    then the op), three times in a mixed batch, so spectral_norm's power iteration ran two or three times a call
+    and its state drifted from PEFT's (module-conventions hunt, 2026-12-07). Once, as PEFT does, for one
+    adapter, two active adapters and a mixed batch."""
+    calls = []
+
+    class Counted(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            return w
+
+    model = two_adapters()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj  # has both adapters
+    torch.nn.utils.parametrize.register_parametrization(layer.base_layer, "weight", Counted())
+    kp.fuse(model)
+    x = torch.randn(4, H_LLAMA)
+    with torch.no_grad():
+        for active, kwargs in ((["default"], {}), (["default", "other"], {}),
+                               (["default"], {"adapter_names": ["other", "__base__", "default", "other"]})):
+            model.base_model.set_adapter(active)
+            calls.clear()
+            y = layer(x, **kwargs)
+            assert len(calls) == 1, (active, kwargs)
+            kp.unfuse(model)
+            calls.clear()
+            torch.testing.assert_close(y, layer(x, **kwargs))
+            assert len(calls) == 1  # PEFT's own
+            kp.fuse(model)
+
+
 # ---------------------------------------------------------------- what fuse leaves to PEFT
 
 

@@ -229,12 +229,12 @@ def _peft(self: nn.Module, reason: str | None, x: object, args: tuple, kwargs: d
     return _lora.Linear.forward(self, x, *args, **kwargs)
 
 
-def _call_reason(self: nn.Module, x: object) -> str | None:
-    """Why this call of a fused layer cannot run kfuse (x, base layer, global state), or None."""
+def _call_reason(self: nn.Module, x: object, weight: Tensor, bias: Tensor | None) -> str | None:
+    """Why this call of a fused layer cannot run kfuse (x, base layer's ``weight`` and ``bias`` as read for this
+    call, global state), or None."""
     if not isinstance(x, Tensor):
         return f"the input is a {type(x).__name__}, not a tensor"
     base = self.base_layer
-    weight, bias = base.weight, base.bias
     if not _plain(weight) or (bias is not None and not _plain(bias)):
         return "the base weight or bias became a tensor subclass after fuse"
     if _routing.autocast_dtype(x) is not None:  # kfuse's ops cast as autocast does: x and W need not agree
@@ -302,12 +302,16 @@ def _fused_forward(self: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
     self._check_forward_args(x, **kwargs)  # PEFT's own argument checks and errors
     if self.disable_adapters or self.merged:
         return _peft(self, None, x, args, kwargs)  # the base layer alone (PEFT unmerges a disabled merged layer)
-    reason = _call_reason(self, x)
+    base = self.base_layer
+    # Read once: a parametrized base weight is computed at each read (read twice, spectral_norm's power iteration
+    # ran twice a call and its state drifted from PEFT's; module-conventions hunt, 2026-12-07).
+    weight, bias = base.weight, base.bias
+    reason = _call_reason(self, x, weight, bias)
     if reason is not None:
         return _peft(self, reason, x, args, kwargs)
     adapter_names = kwargs.get("adapter_names")
     if adapter_names is not None:
-        return _mixed_batch(self, x, adapter_names, args, kwargs)
+        return _mixed_batch(self, x, adapter_names, args, kwargs, weight, bias)
     active = [a for a in self.active_adapters if a in self.lora_A]
     if not active:
         return _peft(self, None, x, args, kwargs)
@@ -315,14 +319,13 @@ def _fused_forward(self: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
         reason = _adapter_reason(self, a, x)
         if reason is not None:
             return _peft(self, reason, x, args, kwargs)
-    base = self.base_layer
     fifo = isinstance(base, Conv1D)
     backend = getattr(self, "_kfuse_backend", "auto")
     if len(active) == 1:
         a = active[0]
         B = self.lora_B[a]
         p = _dropout_p(self, a)
-        return kfuse.lora_linear(x, base.weight, self.lora_A[a].weight, B.weight, self.scaling[a], base.bias, B.bias,
+        return kfuse.lora_linear(x, weight, self.lora_A[a].weight, B.weight, self.scaling[a], bias, B.bias,
                                  dropout_p=p, training=p > 0, fan_in_fan_out=fifo, backend=backend)
     if any(_dropout_p(self, a) > 0 for a in active):
         return _peft(self, "several active adapters with dropout in training (PEFT draws one mask per adapter)",
@@ -339,12 +342,14 @@ def _fused_forward(self: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
             lora_bias = lb if lora_bias is None else lora_bias + lb
     if lora_bias is not None:  # adapters of mixed dtypes: the concatenation took the widest (float32)
         lora_bias = lora_bias.to(A.dtype)
-    return kfuse.lora_linear(x, base.weight, A, B, 1.0, base.bias, lora_bias, fan_in_fan_out=fifo, backend=backend)
+    return kfuse.lora_linear(x, weight, A, B, 1.0, bias, lora_bias, fan_in_fan_out=fifo, backend=backend)
 
 
-def _mixed_batch(self: nn.Module, x: Tensor, adapter_names: list[str], args: tuple, kwargs: dict) -> Tensor:
+def _mixed_batch(self: nn.Module, x: Tensor, adapter_names: list[str], args: tuple, kwargs: dict, weight: Tensor,
+                 bias: Tensor | None) -> Tensor:
     """PEFT's ``_mixed_batch_forward`` (sample ``i`` of ``x`` uses adapter ``adapter_names[i]``;
-    ``"__base__"`` and adapters this layer lacks: the base layer) on ``kfuse.lora_linear_multi``."""
+    ``"__base__"`` and adapters this layer lacks: the base layer) on ``kfuse.lora_linear_multi``; ``weight``,
+    ``bias``: the base layer's, as read for this call."""
     if x.ndim < 2:
         return _peft(self, "adapter_names= with a 1-D input", x, args, kwargs)
     names = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in self.lora_A]
@@ -361,7 +366,7 @@ def _mixed_batch(self: nn.Module, x: Tensor, adapter_names: list[str], args: tup
     Bs = [self.lora_B[a].weight for a in names]
     lbs = [self.lora_B[a].bias for a in names]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, base.weight, base.bias, *As, *Bs, *lbs)):
+                                       for t in (x, weight, bias, *As, *Bs, *lbs)):
         return _peft(self, "adapter_names= (a mixed batch) with inputs that require grad (kfuse.lora_linear_multi "
                      "is forward-only; serve under torch.no_grad())", x, args, kwargs)
     if len({t.dtype for t in As}) != 1:
@@ -379,8 +384,8 @@ def _mixed_batch(self: nn.Module, x: Tensor, adapter_names: list[str], args: tup
     ids = ids.view(-1, *([1] * (x.ndim - 2))).expand(x.shape[:-1])
     # In the op's accumulation dtype: float64 for a float64 layer (float32 scalings lost 1e-7 there)
     scalings = torch.tensor([float(self.scaling[a]) for a in names], dtype=acc_dtype(x.dtype), device=x.device)
-    y = kfuse.lora_linear_multi(x, base.weight, A_stack, B_stack, scalings,
-                                torch.tensor(ranks, dtype=torch.int32, device=x.device), ids, base.bias,
+    y = kfuse.lora_linear_multi(x, weight, A_stack, B_stack, scalings,
+                                torch.tensor(ranks, dtype=torch.int32, device=x.device), ids, bias,
                                 fan_in_fan_out=isinstance(base, Conv1D),
                                 backend=getattr(self, "_kfuse_backend", "auto"))
     if any(lb is not None for lb in lbs):  # lora_linear_multi has no lora_bias: add s_a·lora_bias_a per row
