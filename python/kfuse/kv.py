@@ -69,8 +69,8 @@ from __future__ import annotations
 
 import array
 import contextlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -83,6 +83,9 @@ __all__ = ["PagedKVCache"]
 _INT_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
                          torch.uint64})
 _KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Sequence ids, lengths and counts as the cache's methods take them: ints, a numpy array or a 1-D integer tensor
+# (CPU int64 tensors are the fastest: no conversion).
+Ids: TypeAlias = "Sequence[int] | np.ndarray | Tensor"
 # A sequence's capacity in tokens. Lengths and positions are int32 in the Triton kernels, which add up to a split
 # of positions (at most 32,832: triton_kernels/kv.py decode_splits) or a block of new tokens to a length; within
 # that much of 2^31 the sums wrapped and a decode returned zeros (overflow hunt, 2026-12-07).
@@ -406,7 +409,7 @@ class PagedKVCache:
             self._resync()
             raise
 
-    def reset(self, seq_ids) -> None:
+    def reset(self, seq_ids: Ids) -> None:
         """Empty the sequences ``seq_ids`` (list, array or int tensor of active ids): length 0, their pages
         released as by ``rollback(seq_ids, 0)``, their slots kept (:meth:`free` releases the slot too).
         The cache's side of resetting a sequence to its start. Metadata only."""
@@ -437,7 +440,7 @@ class PagedKVCache:
             n += self.pending(s)
         return n
 
-    def kv_lens(self, layer: int, seq_ids) -> Tensor:
+    def kv_lens(self, layer: int, seq_ids: Ids) -> Tensor:
         """:meth:`kv_len` of several sequences at once: ``seq_ids`` distinct active ids (ints or a 1-D integer
         tensor), checked as :meth:`rollback` checks them, against the host state (no sync for ints or CPU
         tensors); CPU int64 ``[n]``."""
@@ -469,7 +472,7 @@ class PagedKVCache:
                 "sequences": int(self._n_active.sum()), "tokens": int(self._n_lens.sum()), "fragmentation": frag}
 
     # ------------------------------------------------------------------ append / advance
-    def append(self, layer: int, seq_ids, k: Tensor, v: Tensor, counts=None) -> None:
+    def append(self, layer: int, seq_ids: Ids, k: Tensor, v: Tensor, counts: Ids | None = None) -> None:
         """Write new tokens' K/V for ``layer`` at positions ``seq_lens[s] …`` of each sequence.
 
         Args:
@@ -664,7 +667,7 @@ class PagedKVCache:
                       "slots": slots, "commit": commit, "token": token}
         return self._step
 
-    def advance(self, seq_ids, counts=None) -> None:
+    def advance(self, seq_ids: Ids, counts: Ids | None = None) -> None:
         """Commit the open step: ``seq_lens[s] += counts[s]``. ``seq_ids``/``counts`` must equal the
         step's and every layer must have appended; otherwise ``ValueError`` and nothing changes."""
         self._not_capturing("advance")
@@ -711,7 +714,7 @@ class PagedKVCache:
             self.rollback(ids, lens)
 
     # ------------------------------------------------------------------ rollback / fork
-    def rollback(self, seq_ids, new_lens) -> None:
+    def rollback(self, seq_ids: Ids, new_lens: Ids) -> None:
         """Set ``seq_lens[seq_ids[i]] = new_lens[i]`` (``0 ≤ new_len ≤ current``), drop block-table entries
         past each new last page, decrement their refcounts and free pages that reach 0.
 

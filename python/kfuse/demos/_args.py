@@ -14,7 +14,7 @@ from pathlib import Path
 
 def positive(kind: type) -> Callable[[str], float]:
     """An argparse ``type``: a ``kind`` (int or float) > 0 (finite)."""
-    def parse(text: str):
+    def parse(text: str) -> float:
         v = kind(text)
         if not (v > 0 and math.isfinite(v)):
             raise argparse.ArgumentTypeError(f"must be > 0; got {text}")

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kfuse.data.claims import ClaimsConfig, load_code_vocab, read_claims_csv, synthetic_claims, zipf_slope
+from kfuse.data.claims import Claims, ClaimsConfig, load_code_vocab, read_claims_csv, synthetic_claims, zipf_slope
 from kfuse.demos._args import check_device, check_figures, count, figure_path, positive, rng_seed
 from kfuse.nn.code_embedding import (
     IMPLS,
@@ -135,7 +135,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
     small = a.small
-    def given(v, default):  # not `v or default`: an explicit value is never replaced
+    def given(v: object, default: object) -> object:  # not `v or default`: an explicit value is never replaced
         return default if v is None else v
 
     dim = given(a.dim, 32 if small else 128)
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     return {"auc": summary, "true_risk_auc": truth, "agreement": agreement, "speed": speed, "seconds": total}
 
 
-def race(sizes: list[int], dim: int, claims, batch: int, seconds: float, dev: torch.device, seed: int = 0,
+def race(sizes: list[int], dim: int, claims: Claims, batch: int, seconds: float, dev: torch.device, seed: int = 0,
          optimizer: str = "rowwise_adagrad") -> dict[str, float | str]:
     """Codes/s of the general embedding's training step on each build (``IMPLS``) with ``optimizer``, the same
     batches, steps interleaved for about ``seconds`` per build (after two warm-up steps each); a build that

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from kfuse import _backends, _checks, _routing
-from kfuse.kv import PagedKVCache, _index_tensor
+from kfuse.kv import Ids, PagedKVCache, _index_tensor
 from kfuse.ops.kv import paged_decode_attention, paged_decode_attention_op, paged_prefill_attention
 
 if TYPE_CHECKING:
@@ -316,7 +316,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"cache is on {cache.device}; the model is on {self.device}")
         cache._no_step("LlamaForCausalLM")  # another caller's open step is not ours to abort
 
-    def forward(self, tokens: list[Tensor], seq_ids, cache: PagedKVCache) -> list[Tensor]:
+    def forward(self, tokens: list[Tensor], seq_ids: Ids, cache: PagedKVCache) -> list[Tensor]:
         """Append ``tokens[i]`` to sequence ``seq_ids[i]`` and return their logits.
 
         Args:
@@ -344,7 +344,7 @@ class LlamaForCausalLM(nn.Module):
         return list(self.forward_packed(flat, counts, seq_ids, cache).split(counts))
 
     @torch.no_grad()
-    def forward_packed(self, flat_tokens: Tensor, counts, seq_ids, cache: PagedKVCache) -> Tensor:
+    def forward_packed(self, flat_tokens: Tensor, counts: Ids, seq_ids: Ids, cache: PagedKVCache) -> Tensor:
         """:meth:`forward` on packed tokens: ``flat_tokens`` int64 ``[total]`` holds ``counts[i]`` new tokens
         of ``seq_ids[i]``, in order; returns logits ``[total, vocab_size]`` in the model's dtype.
 

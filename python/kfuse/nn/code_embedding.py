@@ -33,6 +33,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -44,6 +45,9 @@ from kfuse._files import replaced
 from kfuse.nn._buffers import apply_keeping_dtype
 from kfuse.nn.embedding import MultiTableEmbeddingBag
 from kfuse.reference.embedding import acc_dtype
+
+if TYPE_CHECKING:  # (kfuse.data needs only numpy; the module takes its objects without importing it)
+    from kfuse.data.claims import Claims, CodeVocab
 
 __all__ = ["IMPLS", "CodeEmbedding", "CodeOutcomeModel", "GeneralCodeEmbedding", "cbow_batch", "export_vectors",
            "load_vectors", "neighbour_agreement", "predict_outcome", "train_general",
@@ -516,8 +520,9 @@ class GeneralCodeEmbedding(nn.Module):
         self.context.update()
 
 
-def train_general(model: GeneralCodeEmbedding, claims, epochs: float = 1.0, batch_size: int = 1024, seed: int = 0,
-                  progress: Callable[[str], None] | None = None, max_seconds: float | None = None) -> dict:
+def train_general(model: GeneralCodeEmbedding, claims: Claims, epochs: float = 1.0, batch_size: int = 1024,
+                  seed: int = 0, progress: Callable[[str], None] | None = None,
+                  max_seconds: float | None = None) -> dict:
     """Trains ``model`` on the visits of ``claims`` (:class:`kfuse.data.Claims`) with at least 2 codes,
     shuffled, ``epochs`` passes (fractions allowed); the noise distribution is set from the claims'
     code counts. Returns ``{"steps", "codes", "seconds", "codes_per_s", "loss_first", "loss_last"}``
@@ -660,7 +665,7 @@ class CodeOutcomeModel(nn.Module):
         return self.head(self.norm(feats)).squeeze(1)
 
     @torch.no_grad()
-    def general_features(self, claims, patients: np.ndarray, batch_size: int = 4096) -> Tensor | None:
+    def general_features(self, claims: Claims, patients: np.ndarray, batch_size: int = 4096) -> Tensor | None:
         """``[len(patients), T·D]``: the general tables' mean-pooled codes of each patient (None for the
         ``"task"`` variant)."""
         if self.general is None:
@@ -678,7 +683,7 @@ class CodeOutcomeModel(nn.Module):
             self.task.update()
 
 
-def train_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, epochs: int = 3, batch_size: int = 256,
+def train_outcome(model: CodeOutcomeModel, claims: Claims, patients: np.ndarray, epochs: int = 3, batch_size: int = 256,
                   head_lr: float = 1e-2, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
     """Trains ``model`` on ``patients`` of ``claims`` (their ``labels``) with binary cross-entropy: the
     head by Adam (``head_lr``), the task tables by their fused optimizer. Returns ``{"steps", "seconds",
@@ -729,7 +734,8 @@ def train_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, epochs:
 
 
 @torch.no_grad()
-def predict_outcome(model: CodeOutcomeModel, claims, patients: np.ndarray, batch_size: int = 2048) -> np.ndarray:
+def predict_outcome(model: CodeOutcomeModel, claims: Claims, patients: np.ndarray,
+                    batch_size: int = 2048) -> np.ndarray:
     """``[len(patients)]``: predicted probabilities."""
     was_training = model.training
     model.eval()
@@ -776,7 +782,8 @@ def neighbour_agreement(vectors: Tensor, categories: np.ndarray, eligible: np.nd
     return hits / (m * k), chance
 
 
-def export_vectors(embedding: CodeEmbedding, vocab, path: str | os.PathLike, fmt: str = "word2vec") -> list[Path]:
+def export_vectors(embedding: CodeEmbedding, vocab: CodeVocab, path: str | os.PathLike,
+                   fmt: str = "word2vec") -> list[Path]:
     """Writes every code's vector of ``embedding`` (keys ``"<domain>:<code>"``, e.g. ``dx:I10``).
 
     ``fmt="word2vec"``: word2vec text (``"<count> <dim>"``, then ``key v1 … vD`` per line; gensim's

@@ -8,7 +8,7 @@ import copy
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ from kfuse.reference.embedding import (
     sgd_update,
     stochastic_round,
 )
+
+if TYPE_CHECKING:  # torchrec is optional: its batches are recognised by name
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 __all__ = ["EmbeddingBag", "MultiTableEmbeddingBag", "OPTIMIZERS"]
 
@@ -455,7 +458,8 @@ class MultiTableEmbeddingBag(nn.Module):
                 f"padding_idx={self.padding_idx}, sparse={self.sparse}{opt}, backend={self.backend!r}, "
                 f"check={self.check!r}")
 
-    def forward(self, indices, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
+    def forward(self, indices: Tensor | KeyedJaggedTensor, offsets: Tensor | None = None,
+                per_sample_weights: Tensor | None = None) -> Tensor:
         if type(indices).__name__ == "KeyedJaggedTensor":  # torchrec (optional): no import needed
             kjt = indices
             if len(kjt.keys()) != len(self.feature_table_map):

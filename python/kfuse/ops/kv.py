@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from kfuse import _backends, _checks, _routing
-from kfuse.kv import PagedKVCache, _as_int_list, _layer_index
+from kfuse.kv import Ids, PagedKVCache, _as_int_list, _layer_index
 from kfuse.reference.kv import gather_kv, paged_decode_attention_reference, paged_prefill_attention_reference
 
 __all__ = ["BACKENDS", "backend_reasons", "paged_decode_attention", "paged_prefill_attention"]
@@ -481,7 +481,7 @@ def _(q, k_pages, v_pages, block_table, layer, seq_ids, lens, q_lens, max_q_len,
 # ---------------------------------------------------------------- public ops
 
 
-def paged_decode_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids, scale: float | None = None,
+def paged_decode_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids: Ids, scale: float | None = None,
                            backend: str = "auto") -> Tensor:
     """Decode attention over a paged cache: ``o[b] = softmax(q[b]·K[b]ᵀ·scale)·V[b]`` over the first
     ``cache.kv_len(layer, seq_ids[b])`` positions of each sequence, read through the block table.
@@ -517,8 +517,8 @@ def paged_decode_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids, 
     return _decode_impl(*args)
 
 
-def paged_prefill_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids, q_lens, scale: float | None = None,
-                            backend: str = "auto") -> Tensor:
+def paged_prefill_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids: Ids, q_lens: Ids,
+                            scale: float | None = None, backend: str = "auto") -> Tensor:
     """Prefill / append attention over a paged cache: ``q_lens[i]`` new tokens of ``seq_ids[i]``, packed in
     ``q`` ``[sum(q_lens), Hq, D]``, are the newest ``q_lens[i]`` of the sequence's ``kv_len(layer, s)``
     tokens (already appended to this layer); the token at position ``p`` attends causally to ``0 … p``.

@@ -12,14 +12,18 @@ tokens that layer just appended. These references read device tensors on the hos
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:  # (kfuse.kv imports the extension's routing; the references need only torch)
+    from kfuse.kv import Ids, PagedKVCache
+
 __all__ = ["gather_kv", "paged_decode_attention_reference", "paged_prefill_attention_reference"]
 
 
-def gather_kv(cache, layer: int, seq_id: int, length: int | None = None) -> tuple[Tensor, Tensor]:
+def gather_kv(cache: PagedKVCache, layer: int, seq_id: int, length: int | None = None) -> tuple[Tensor, Tensor]:
     """K, V of ``seq_id`` at ``layer``: ``[length, num_kv_heads, head_dim]`` each, in the cache's dtype,
     gathered through ``cache.block_table`` (``length`` defaults to ``cache.kv_len(layer, seq_id)``)."""
     n = cache.kv_len(layer, seq_id) if length is None else length
@@ -59,8 +63,8 @@ def _check_q(q: Tensor, cache, what: str = "q") -> None:
                          f"multiple of num_kv_heads={cache.num_kv_heads}; got {tuple(q.shape)}")
 
 
-def paged_decode_attention_reference(q: Tensor, cache, layer: int, seq_ids, scale: float | None = None,
-                                     compute_dtype: torch.dtype = torch.float64) -> Tensor:
+def paged_decode_attention_reference(q: Tensor, cache: PagedKVCache, layer: int, seq_ids: Ids,
+                                     scale: float | None = None, compute_dtype: torch.dtype = torch.float64) -> Tensor:
     """Decode attention: one query token per sequence against all ``kv_len`` cached tokens.
 
     q: ``[B, num_q_heads, head_dim]`` (``num_q_heads`` a multiple of ``num_kv_heads``: grouped-query);
@@ -81,7 +85,8 @@ def paged_decode_attention_reference(q: Tensor, cache, layer: int, seq_ids, scal
     return torch.cat(out).to(q.dtype)
 
 
-def paged_prefill_attention_reference(q: Tensor, cache, layer: int, seq_ids, q_lens, scale: float | None = None,
+def paged_prefill_attention_reference(q: Tensor, cache: PagedKVCache, layer: int, seq_ids: Ids, q_lens: Ids,
+                                      scale: float | None = None,
                                       compute_dtype: torch.dtype = torch.float64) -> Tensor:
     """Prefill / append attention: ``q_lens[i]`` new tokens of ``seq_ids[i]``, packed in ``q``
     ``[sum(q_lens), num_q_heads, head_dim]``, are the last ``q_lens[i]`` of the sequence's ``kv_len``
