@@ -1255,6 +1255,31 @@ def test_decode_op_matches_sdpa(backend, device, group, d, small_splits, seed):
         assert_close(out2, ref2, dtype, f"{dtype} scale")
 
 
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id != "reference"])
+def test_flop_counter_counts_the_keys_each_query_attends(backend, device, seed):
+    """FlopCounterMode counted 0 FLOPs for the paged attention ops (modes-and-hooks hunt, 2026-12-07): q·kᵀ and
+    p·v count 2 · 2 · head_dim per query head and key attended, causally in prefill (a query sees the cached
+    tokens and the new ones up to itself). (The reference backend runs torch's matmuls, which count
+    themselves: the whole masked rectangle.)"""
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    cache = make(device=device)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    step(cache, None, [a, b], [3, 6])  # cached: 3 and 6 tokens
+    hq = 2 * HKV
+    k, v = torch.randn(2 + 4, HKV, D, device=device), torch.randn(2 + 4, HKV, D, device=device)
+    for layer in range(L):
+        cache.append(layer, [a, b], k, v, [2, 4])
+    cache.advance([a, b], [2, 4])
+    with FlopCounterMode(display=False) as mode:
+        kfuse.paged_prefill_attention(torch.randn(6, hq, D, device=device), cache, 0, [a, b], [2, 4],
+                                      backend=backend)
+    assert mode.get_total_flops() == 4 * hq * D * ((4 + 5) + (7 + 8 + 9 + 10))
+    with FlopCounterMode(display=False) as mode:
+        kfuse.paged_decode_attention(torch.randn(2, hq, D, device=device), cache, 0, [a, b], backend=backend)
+    assert mode.get_total_flops() == 4 * hq * D * (5 + 10)
+
+
 @pytest.mark.interpret
 def test_triton_grids_stay_within_cuda_limits(monkeypatch, seed):
     """A CUDA grid has at most 65535 programs along z: past that many splits (a grid sized for the

@@ -7,6 +7,8 @@ import copy
 import functools
 import importlib.util
 import math
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -204,6 +206,93 @@ def test_forward_and_gradients(backend: str, device: str, case: int, seed: int) 
     inp = Inputs(lead, K, N, r, torch.float32, torch.float32, device, bias, lora_bias, fifo)
     compare(inp, backend, (False, False, True, False, False, True), f"{backend} dA only")
     compare(inp, backend, (True, False, False, False, False, False), f"{backend} dx only")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("path", ["eager", "registered"])
+def test_the_backward_keeps_only_what_the_gradients_asked_for_need(backend: str, device: str, path: str,
+                                                                   seed: int) -> None:
+    """x (M × K) is kept for dA and dW only, S (M × r) for dB only: both were saved whatever was asked, so a
+    frozen layer trained through (dx only) or BitFit (biases only) kept x alive where torch's linear frees it
+    (modes-and-hooks hunt, 2026-12-07). Checked through saved_tensors_hooks, with the gradients against the
+    float64 reference, dropout on (the mask is regenerated for dx from the seed)."""
+    lead, K, N, r, p = (3, 5), 12, 10, 4, 0.25
+    M = math.prod(lead)
+    inp = Inputs(lead, K, N, r, torch.float32, torch.float32, device)
+    for grads_of, keeps_x, keeps_s in (((True, False, False, False, False, False), False, False),
+                                       ((False, False, False, False, True, True), False, False),
+                                       ((True, False, False, True, False, False), False, True),
+                                       ((False, False, True, False, False, False), True, False),
+                                       ((False, True, False, False, False, False), True, False),
+                                       ((True, True, True, True, True, True), True, True)):
+        saved: list[Tensor] = []
+        ts = [None if t is None else t.detach().clone().requires_grad_(g) for t, g in zip(inp.tensors(), grads_of,
+                                                                                          strict=True)]
+        x, w, a, b, bias, lb = ts
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            if path == "eager":
+                y = kfuse.lora_linear(x, w, a, b, inp.scaling, bias, lb, dropout_p=p, backend=backend)
+            else:
+                y = torch.ops.kfuse.lora_forward(x, w, a, b, inp.scaling, bias, lb, p, False, backend)[0]
+        shapes = [tuple(t.shape) for t in saved]
+        assert ((M, K) in shapes or (*lead, K) in shapes) == keeps_x, (grads_of, shapes)
+        assert ((M, r) in shapes) == keeps_s, (grads_of, shapes)
+        got = torch.autograd.grad(y, [t for t, g in zip(ts, grads_of, strict=True) if g], inp.gy)
+        (seed_t,) = [t for t in saved if t.dtype == torch.int64]
+        _, want = run(inp, backend, grads_of, p, double=True, mask=dropout_mask(seed_t, M, K, p, backend))
+        for g, gr in zip(got, [t for t in want if t is not None], strict=True):
+            assert_close(g, gr, torch.float32, f"{grads_of}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_flop_counter_counts_the_fused_gemms(backend: str, device: str, seed: int) -> None:
+    """torch.utils.flop_counter.FlopCounterMode counted 0 FLOPs for kfuse's LoRA ops, so a fused model's FLOPs
+    (and MFU) lost its LoRA layers (modes-and-hooks hunt, 2026-12-07). Forward and backward count what the
+    same product written with torch's matmuls counts; the multi-adapter forward counts each row's own rank."""
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    inp = Inputs((3, 5), 12, 10, 4, torch.float32, torch.float32, device, bias=False, lora_bias=False)
+    for grads_of in ((True, False, True, True, False, False), (False, True, False, False, False, False),
+                     (True, True, True, True, False, False)):
+        counts = []
+        for how in ("kfuse", "torch"):
+            x, w, a, b = (t.detach().clone().requires_grad_(g) for t, g in zip(inp.tensors()[:4], grads_of,
+                                                                               strict=False))
+            with FlopCounterMode(display=False) as mode:
+                y = (kfuse.lora_linear(x, w, a, b, inp.scaling, backend=backend) if how == "kfuse"
+                     else x @ w.t() + inp.scaling * ((x @ a.t()) @ b.t()))
+                y.backward(inp.gy)
+            counts.append(mode.get_total_flops())
+        assert counts[0] == counts[1] > 0, (grads_of, counts)
+    K, N, L, r_max = 12, 10, 3, 4
+    ranks = torch.tensor([4, 1, 2], dtype=torch.int32, device=device)
+    ids = torch.tensor([2, -1, 0, 2, 1], device=device)
+    with FlopCounterMode(display=False) as mode:
+        kfuse.lora_linear_multi(torch.randn(5, K, device=device), torch.randn(N, K, device=device),
+                                torch.randn(L, r_max, K, device=device), torch.randn(L, N, r_max, device=device),
+                                torch.ones(L, device=device), ranks, ids, backend=backend)
+    assert mode.get_total_flops() == 2 * 5 * N * K + 2 * (K + N) * (2 + 4 + 2 + 1)
+
+
+def test_flop_formulas_register_whichever_is_imported_first() -> None:
+    """The formulas wait for torch.utils.flop_counter (~175 ms to import, more than kfuse's own import: not
+    imported by kfuse): registered when it is imported after kfuse, or at once when it was imported before."""
+    script = """
+import sys, torch
+{first}
+{second}
+print(int("torch.utils.flop_counter" in sys.modules))
+from torch.utils.flop_counter import FlopCounterMode
+x, w, a, b = torch.randn(2, 8), torch.randn(6, 8), torch.randn(3, 8), torch.randn(6, 3)
+with FlopCounterMode(display=False) as mode:
+    kfuse.lora_linear(x, w, a, b, 1.0)
+print(mode.get_total_flops())
+"""
+    kfuse_import, counter_import = "import kfuse", "import torch.utils.flop_counter"
+    for first, second, loaded in ((kfuse_import, "", "0"), (counter_import, kfuse_import, "1")):
+        out = subprocess.run([sys.executable, "-c", script.format(first=first, second=second)], capture_output=True,
+                             text=True, timeout=300, check=True).stdout.split()
+        assert out == [loaded, str(2 * 2 * 6 * 8 + 2 * 2 * 8 * 3 + 2 * 2 * 3 * 6)], (first, out)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -1012,7 +1012,11 @@ def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, fan_in_fan_out: bool, A
         ``dA [r, K]`` fp32 = s·Gᵀ (x ⊙ mask/(1-p)); ``dB [N, r]`` fp32 = s·dyᵀ S;
         ``colsum [N]`` fp32 = dy.sum(0) (for dbias and dlora_bias).
     """
-    _check_x(x)
+    if need_dA:  # (x is read for dA only: a caller that needs no dA may pass a stand-in of its shape)
+        _check_x(x)
+    elif x.ndim != 2 or x.dtype not in _FLOATS:
+        raise ValueError(f"lora triton: x must be a 2-D float16, bfloat16 or float32 tensor; got {tuple(x.shape)} "
+                         f"{x.dtype}")
     _check_x(dy, "dy")
     M, K = x.shape
     N, swn, swk = _check_weight(weight, fan_in_fan_out, K, x.dtype)

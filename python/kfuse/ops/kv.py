@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kfuse import _backends, _checks, _routing
+from kfuse import _backends, _checks, _flops, _routing
 from kfuse.kv import Ids, PagedKVCache, _as_int_list, _layer_index
 from kfuse.reference.kv import gather_kv, paged_decode_attention_reference, paged_prefill_attention_reference
 
@@ -476,6 +476,25 @@ def _(q, k_pages, v_pages, block_table, layer, seq_ids, lens, q_lens, max_q_len,
     _checks.one_device(f"kfuse.{_PREFILL}", q=q, k_pages=k_pages, v_pages=v_pages, block_table=block_table,
                        seq_ids=seq_ids, lens=lens, q_lens=q_lens)
     return q.new_empty(q.shape)
+
+
+# FLOPs under torch.utils.flop_counter.FlopCounterMode (kfuse/_flops.py): q·kᵀ and p·v, 2 · 2 · D per query head
+# and key attended (the keys each query sees, causal in prefill; a host read of the lengths: a sync on a GPU,
+# under the counter only).
+def _decode_flops(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, layer: int, seq_ids: Tensor,
+                  lens: Tensor, max_len: int, scale: float, backend: str, **_: object) -> int:
+    return 4 * q.shape[1] * q.shape[2] * int(lens.long().sum())
+
+
+def _prefill_flops(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, layer: int, seq_ids: Tensor,
+                   lens: Tensor, q_lens: Tensor, max_q_len: int, max_len: int, scale: float, backend: str,
+                   **_: object) -> int:
+    n, t = lens.long().cpu(), q_lens.long().cpu()
+    return 4 * q.shape[1] * q.shape[2] * int((t * (n - t) + t * (t + 1) // 2).sum())
+
+
+_flops.register(torch.ops.kfuse.paged_decode_attention, _decode_flops)
+_flops.register(torch.ops.kfuse.paged_prefill_attention, _prefill_flops)
 
 
 # ---------------------------------------------------------------- public ops

@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from kfuse import _backends, _checks, _routing
+from kfuse import _backends, _checks, _flops, _routing
 from kfuse.reference.lora import (
     acc_dtype,
     lora_linear_multi_reference,
@@ -248,6 +248,29 @@ def _no_seed(device: torch.device) -> Tensor:
     return torch.empty(0, dtype=torch.int64, device=device)
 
 
+def _save(ctx, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, S: Tensor, seed: Tensor | None) -> None:
+    """What the backward needs of the forward, by ``ctx.needs_input_grad`` (x, weight, lora_A, lora_B first): x for
+    dA and dW only, S for dB only (dx needs neither). Saved whatever was needed, they kept an M × K activation
+    alive where torch's own linear frees it: x under a frozen layer trained through (dx only), x, S under BitFit
+    (biases only; modes-and-hooks hunt, 2026-12-07). The shapes stand in for them (:func:`_saved`)."""
+    need = ctx.needs_input_grad
+    keep_x, keep_s = need[1] or need[2], need[3]
+    ctx.save_for_backward(x if keep_x else None, weight, lora_A, lora_B, S if keep_s else None, seed)
+    ctx.absent = (None if keep_x else (x.shape, x.dtype), None if keep_s else (S.shape, S.dtype))
+
+
+def _saved(ctx) -> tuple[Tensor, ...]:
+    """:func:`_save`'s tensors, a zero-stride stand-in (one element) for x or S where they were not kept: their
+    shapes and dtypes are read, their values not."""
+    x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
+    x_meta, s_meta = ctx.absent
+    if x_meta is not None:
+        x = torch.zeros((), dtype=x_meta[1], device=weight.device).expand(x_meta[0])
+    if s_meta is not None:
+        S = torch.zeros((), dtype=s_meta[1], device=weight.device).expand(s_meta[0])
+    return x, weight, lora_A, lora_B, S, seed
+
+
 def _generator_mask(seed: Tensor, M: int, K: int, p: float) -> Tensor:
     g = torch.Generator(device=seed.device)
     g.manual_seed(int(seed.item()))
@@ -469,9 +492,9 @@ def _triton_backward(dy2: Tensor, x2: Tensor, weight: Tensor, A: Tensor, B: Tens
                      seed: Tensor | None, p: float, fifo: bool, needs: tuple[bool, ...]) -> list[Tensor | None]:
     need_x, need_w, need_a, need_b, need_bias, need_lb = needs
     dense = _backends.dense
-    x2 = dense(x2)
+    x2 = dense(x2) if need_a else x2  # (read for dA only: see _save)
     dx, dA, dB, colsum = _tk().lora_backward(dense(dy2), x2, weight.resolve_neg(), fifo, A.resolve_neg(),
-                                             B.resolve_neg(), scaling, dense(S), seed,
+                                             B.resolve_neg(), scaling, dense(S) if need_b else S, seed,
                                              p, need_x, need_a, need_b, need_bias or need_lb)
     out: list[Tensor | None] = [dx if need_x else None, None, dA.to(A.dtype) if need_a else None,
                                 dB.to(B.dtype) if need_b else None, None, None]
@@ -647,7 +670,7 @@ def _(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out, backend = inputs
     _, S, seed = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, S, seed)
+    _save(ctx, x, weight, lora_A, lora_B, S, seed)
     ctx.mark_non_differentiable(S, seed)
     ctx.scaling, ctx.p, ctx.fifo = float(scaling), float(dropout_p), fan_in_fan_out
     ctx.backend = _select("lora_forward", backend, x)  # the forward's choice, for "auto" too
@@ -655,7 +678,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _registered_backward(ctx, grad_y: Tensor, _grad_S: Tensor | None, _grad_seed: Tensor | None):
-    x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
+    x, weight, lora_A, lora_B, S, seed = _saved(ctx)
     n = ctx.needs_input_grad
     needs = (n[0], n[1], n[2], n[3], n[5], n[6])
     if _routing.differentiable_backward(grad_y):
@@ -731,6 +754,44 @@ for _key in ("AutocastCPU", "AutocastCUDA"):
     torch.library.impl("kfuse::lora_multi_forward", _key, _lora_multi_forward_autocast)
 
 
+# FLOPs under torch.utils.flop_counter.FlopCounterMode (kfuse/_flops.py): the GEMMs' multiply-adds × 2.
+def _mnkr(x: Tensor, weight: Tensor, r: int, fifo: bool) -> tuple[int, int, int, int]:
+    return math.prod(x.shape[:-1]), weight.shape[1] if fifo else weight.shape[0], x.shape[-1], r
+
+
+def _forward_flops(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, bias: Tensor | None,
+                   lora_bias: Tensor | None, dropout_p: float, fan_in_fan_out: bool, backend: str, **_: object) -> int:
+    M, N, K, r = _mnkr(x, weight, lora_A.shape[0], fan_in_fan_out)
+    return 2 * M * N * K + 2 * M * K * r + 2 * M * r * N  # x Wᵀ, S = x Aᵀ, S Bᵀ
+
+
+def _backward_flops(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                    S: Tensor, seed: Tensor, dropout_p: float, fan_in_fan_out: bool, need_x: bool, need_weight: bool,
+                    need_A: bool, need_B: bool, need_bias: bool, need_lora_bias: bool, backend: str,
+                    **_: object) -> int:
+    M, N, K, r = _mnkr(x, weight, lora_A.shape[0], fan_in_fan_out)
+    flops = 2 * M * N * r if need_x or need_A else 0  # G = dy B
+    flops += (2 * M * N * K + 2 * M * r * K) if need_x else 0  # dy W + G A
+    flops += 2 * r * M * K if need_A else 0  # Gᵀ x
+    flops += 2 * N * M * r if need_B else 0  # dyᵀ S
+    return flops + (2 * N * M * K if need_weight else 0)  # dyᵀ x
+
+
+def _multi_flops(x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, scalings: Tensor, ranks: Tensor,
+                 adapter_ids: Tensor, bias: Tensor | None, fan_in_fan_out: bool, backend: str, **_: object) -> int:
+    """Each row's own adapter rank (a host read of ids and ranks: a sync on a GPU, under the counter only)."""
+    M, N, K, _r = _mnkr(x, weight, A_stack.shape[1], fan_in_fan_out)
+    ids = adapter_ids.reshape(-1).long().cpu()
+    rank = ranks.long().cpu().clamp(0, A_stack.shape[1])
+    rows = rank[ids.clamp(min=0)] * (ids >= 0)
+    return 2 * M * N * K + 2 * (K + N) * int(rows.sum())
+
+
+_flops.register(torch.ops.kfuse.lora_forward, _forward_flops)
+_flops.register(torch.ops.kfuse.lora_backward, _backward_flops)
+_flops.register(torch.ops.kfuse.lora_multi_forward, _multi_flops)
+
+
 # ---------------------------------------------------------------- eager autograd
 
 
@@ -745,7 +806,7 @@ class _EagerLoRA(torch.autograd.Function):
                 lora_bias: Tensor | None, scaling: float, p: float, fifo: bool, backend: str) -> Tensor:
         seed = _draw_seed(x.device) if p > 0 else None
         y, S = _forward_impl(x, weight, lora_A, lora_B, scaling, bias, lora_bias, p, fifo, backend, seed, True)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, S, seed)
+        _save(ctx, x, weight, lora_A, lora_B, S, seed)
         ctx.scaling, ctx.p, ctx.fifo, ctx.backend = scaling, p, fifo, backend
         ctx.bias_dtypes = (None if bias is None else bias.dtype, None if lora_bias is None else lora_bias.dtype)
         return y
@@ -757,7 +818,7 @@ class _EagerLoRA(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_y: Tensor):
-        x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
+        x, weight, lora_A, lora_B, S, seed = _saved(ctx)
         needs = tuple(ctx.needs_input_grad[:6])
         if _routing.differentiable_backward(grad_y):
             mask = None if seed is None else dropout_mask(seed, x.shape[0], x.shape[1], ctx.p, ctx.backend)
