@@ -211,7 +211,7 @@ def test_import_loads_neither_dynamo_nor_the_optional_packages() -> None:
     import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
-    heavy = ("torch._dynamo", "sympy", "triton", "transformers", "peft")
+    heavy = ("torch._dynamo", "sympy", "triton", "transformers", "peft", "torch.utils.flop_counter")  # (see _flops)
     code = ("import sys, torch, kfuse, kfuse.kv\n"
             "x = torch.randn(3, 8, requires_grad=True)\n"
             "kfuse.deu(x, torch.randn(8, 5)).sum().backward()\n"
@@ -222,6 +222,37 @@ def test_import_loads_neither_dynamo_nor_the_optional_packages() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_no_grad_eager_calls_are_named_in_a_profiler_trace() -> None:
+    """The eager calls with nothing to differentiate run their kernels with no autograd node and outside the
+    dispatcher: under torch.profiler their time had no event naming them (modes-and-hooks hunt, 2026-12-07)."""
+    import kfuse  # noqa: PLC0415
+    from kfuse.kv import PagedKVCache  # noqa: PLC0415
+
+    cache = PagedKVCache(1, 2, 8, 4, 8, 2)
+    s = cache.add_sequence()
+    cache.append(0, [s], torch.randn(3, 2, 8), torch.randn(3, 2, 8), [3])
+    cache.advance([s], [3])
+    x = torch.randn(4, 8)
+    calls = {
+        "kfuse.deu": lambda: kfuse.deu(x, torch.randn(8, 5)),
+        "kfuse.lora_linear": lambda: kfuse.lora_linear(x, torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2), 0.5),
+        "kfuse.lora_linear_multi": lambda: kfuse.lora_linear_multi(
+            x, torch.randn(6, 8), torch.randn(2, 2, 8), torch.randn(2, 6, 2), torch.ones(2),
+            torch.tensor([2, 1], dtype=torch.int32), torch.tensor([0, -1, 1, 0])),
+        "kfuse.embedding_bag": lambda: kfuse.embedding_bag(torch.tensor([1, 2]), torch.randn(5, 3), torch.tensor([0])),
+        "kfuse.multi_embedding_bag": lambda: kfuse.multi_embedding_bag(
+            [torch.randn(5, 3)], torch.tensor([1, 2]), torch.tensor([0, 2]), padding_idx=0),
+        "kfuse.paged_decode_attention": lambda: kfuse.paged_decode_attention(torch.randn(1, 4, 8), cache, 0, [s]),
+        "kfuse.paged_prefill_attention": lambda: kfuse.paged_prefill_attention(torch.randn(1, 4, 8), cache, 0, [s],
+                                                                               [1]),
+    }
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for call in calls.values():
+            call()
+    names = {e.key for e in prof.key_averages()}
+    assert set(calls) <= names, sorted(set(calls) - names)
 
 
 def test_torch_older_than_the_tested_floor_is_named_at_import() -> None:

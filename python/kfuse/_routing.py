@@ -72,6 +72,17 @@ REGISTERED = "registered"
 EAGER = "eager"
 
 
+_UNLABELLED = contextlib.nullcontext()
+
+
+def labelled(name: str) -> contextlib.AbstractContextManager:
+    """``torch.autograd.profiler.record_function(name)`` while a profiler records, else a null context (one flag
+    read). For the eager calls that run their kernels with no autograd node to name them and outside the
+    dispatcher (the extension's functions, the Triton launchers): a no-grad call's kernel time had no event of
+    its own in a profiler's trace (modes-and-hooks hunt, 2026-12-07)."""
+    return (torch.autograd.profiler.record_function(name) if torch.autograd.profiler._is_profiler_enabled
+            else _UNLABELLED)
+
 def plain(t: Tensor | None) -> bool:
     """Whether ``t`` is a plain tensor (``Tensor`` or ``nn.Parameter``, not a subclass) or None."""
     return t is None or type(t) is Tensor or type(t) is torch.nn.Parameter

@@ -406,7 +406,8 @@ def deu(x: Tensor, coeffs: Tensor, dim: int = -1, backend: str = "auto",
         return deu_reference(x, coeffs, dim)
     if path == _routing.EAGER:
         if not _routing.needs_grad((x, coeffs)):
-            return _forward_impl(x, coeffs, dim, chosen)  # nothing to differentiate: no autograd node (-2 us)
+            with _routing.labelled("kfuse.deu"):  # nothing to differentiate: no autograd node (-2 us)
+                return _forward_impl(x, coeffs, dim, chosen)
         return _EagerDeu.apply(_in_order(x, _order(x)), coeffs, dim, chosen)  # saved dense for backward
     # A dispatch mode (make_fx, FakeTensorMode, FlopCounterMode) or a tensor subclass must see the
     # registered op: _EagerDeu hands the extension raw pointers, which such tensors may not have

@@ -508,7 +508,8 @@ def _cpu_fast(weights: object, indices: object, offsets: object, mode: object, b
     if ext is None:
         return None
     try:
-        return ext.embedding_forward_fast(weights, indices, offsets, POOLINGS[mode], append_last)
+        with _routing.labelled("kfuse.embedding_bag"):
+            return ext.embedding_forward_fast(weights, indices, offsets, POOLINGS[mode], append_last)
     except (RuntimeError, ValueError, IndexError, TypeError):
         return None
 
@@ -844,7 +845,8 @@ def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
                                      psw, chosen)
     if _routing.needs_grad(tensors):
         return _EagerEmbeddingBag.apply(indices, offsets, bags, sparse, chosen, psw, *weights)
-    return _forward_impl(weights, indices, offsets, bags, psw, chosen)
+    with _routing.labelled(f"kfuse.{op}"):
+        return _forward_impl(weights, indices, offsets, bags, psw, chosen)
 
 
 def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_table: list[int] | None = None,

@@ -533,7 +533,8 @@ def paged_decode_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids: 
     args = (q, cache.k_pages, cache.v_pages, cache.block_table, layer, call.ids, call.lens, call.max_len, sc, chosen)
     if path != _routing.EAGER:  # registered; also the reference under a trace (it reads device values)
         return paged_decode_attention_op(*args)
-    return _decode_impl(*args)
+    with _routing.labelled(f"kfuse.{_DECODE}"):
+        return _decode_impl(*args)
 
 
 def paged_prefill_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids: Ids, q_lens: Ids,
@@ -575,4 +576,5 @@ def paged_prefill_attention(q: Tensor, cache: PagedKVCache, layer: int, seq_ids:
             call.max_len, sc, chosen)
     if path != _routing.EAGER:  # registered; also the reference under a trace (it reads device values)
         return paged_prefill_attention_op(*args)
-    return _prefill_impl(*args)
+    with _routing.labelled(f"kfuse.{_PREFILL}"):
+        return _prefill_impl(*args)

@@ -972,9 +972,10 @@ def lora_linear(
     elif (gate == 2) if gate else _routing.needs_grad(tensors):
         y = _EagerLoRA.apply(x2, weight, lora_A, lora_B, bias, lora_bias, scaling, p, fan_in_fan_out, chosen)
     else:  # nothing to differentiate: no autograd node, nothing saved
-        seed = _draw_seed(x.device) if p > 0 else None
-        y = _forward_impl(x2, weight, lora_A, lora_B, scaling, bias, lora_bias, p, fan_in_fan_out, chosen, seed,
-                          False)[0]
+        with _routing.labelled("kfuse.lora_linear"):
+            seed = _draw_seed(x.device) if p > 0 else None
+            y = _forward_impl(x2, weight, lora_A, lora_B, scaling, bias, lora_bias, p, fan_in_fan_out, chosen, seed,
+                              False)[0]
     return y if x.ndim == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -1074,8 +1075,9 @@ def lora_linear_multi(
     if _multi_gate(x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias, fan_in_fan_out):
         chosen = _select("lora_linear_multi", backend, x)
         if chosen != "reference":  # (its path checks the values its own way: _check_multi_reference)
-            y = _multi_impl(_flat(x), weight, A_stack, B_stack, scalings, ranks, adapter_ids.reshape(-1), bias,
-                            fan_in_fan_out, chosen)
+            with _routing.labelled("kfuse.lora_linear_multi"):
+                y = _multi_impl(_flat(x), weight, A_stack, B_stack, scalings, ranks, adapter_ids.reshape(-1), bias,
+                                fan_in_fan_out, chosen)
             return y if x.ndim == 2 else y.view(*x.shape[:-1], y.shape[-1])
     tensors = (x, weight, A_stack, B_stack, scalings, ranks, adapter_ids, bias)
     if torch.overrides.has_torch_function(tensors):
