@@ -2101,14 +2101,16 @@ def test_cpu_large_outputs_stream_the_same_bits(seed, dims):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_cpu_forward_converts_every_half_exactly(dtype):
+@pytest.mark.parametrize("dim", [16, 32])
+def test_cpu_forward_converts_every_half_exactly(dtype, dim):
     """The CPU kernels convert fp16 with integer ops (csrc/cpu_convert.h) or vcvtph2ps, and bf16 by
-    a shift: every one of the 65536 values (zeros, subnormals, inf, nan) in a one-row bag is
-    0 + float(x) rounded back."""
-    w = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).reshape(4096, 16)
-    idx = torch.arange(4096)
-    out = _C.embedding_forward([w], idx, torch.arange(4097), [0], [-1], 0, None)
-    expect = (torch.zeros(4096, 16) + w.float()).to(dtype)
+    a shift (blocks of 32 columns: a shift and a mask of 32-bit lanes): every one of the 65536 values
+    (zeros, subnormals, inf, nan) in a one-row bag is 0 + float(x) rounded back."""
+    rows = 65536 // dim
+    w = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).reshape(rows, dim)
+    idx = torch.arange(rows)
+    out = _C.embedding_forward([w], idx, torch.arange(rows + 1), [0], [-1], 0, None)
+    expect = (torch.zeros(rows, dim) + w.float()).to(dtype)
     assert torch.equal(out.isnan(), expect.isnan())
     assert torch.equal(out.nan_to_num(0.0).view(torch.int16), expect.nan_to_num(0.0).view(torch.int16))
 
@@ -2132,6 +2134,46 @@ def test_cpu_half_tables_sum_as_float_tables(seed, pooling, weighted):
             assert torch.equal(rows, rows32) and torch.equal(g.view(torch.int32), g32.view(torch.int32)), dtype
 
 
+@pytest.mark.parametrize("dim", [1, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 47, 64, 65, 127, 160, 200])
+def test_cpu_forward_sums_every_width_in_blocks(seed, dim):
+    """A row is summed in blocks of 128, 64, ... 16 columns (float: vectors of 16; bf16: pairs of columns in 32-bit
+    lanes, 32 columns a block), and what is left of it, once the row has 16 columns (8, 4 below), as one more
+    block ending at the row's end, over columns summed already (CPU hunt, 2026-12-07: the smaller blocks and a
+    scalar tail made a pass each). Every width: float32 against float64, fp16 and bf16 against the float32
+    tables' sums rounded once (bit for bit), with padding, empty bags, mean pooling and weights."""
+    for pooling, weighted in ((0, False), (1, False), (0, True)):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            c = make_case(dtype, rows=(50, 37, 9), dims=(dim, dim + 1, dim), pooling=pooling, weighted=weighted)
+            out = _C.embedding_forward(*args(c))
+            if dtype == torch.float32:
+                ref = multi_embedding_bag_reference(*(args(c)[:3]), c["feature_table"], pooling,
+                                                    c["per_sample_weights"], c["padding_idx"])
+                assert_close(out, ref, torch.float32, f"dim {dim}")
+                continue
+            c32 = dict(c, weights=[w.float() for w in c["weights"]])
+            expect = _C.embedding_forward(*args(c32)).to(dtype)
+            assert torch.equal(out.view(torch.int16), expect.view(torch.int16)), (dim, dtype, pooling, weighted)
+
+
+def test_cpu_forward_of_few_long_bags_takes_every_thread_with_the_same_bits(seed):
+    """64 bags or fewer made one task whatever their length: 32 bags of 1000 indices ran on one thread (2.2x
+    torch's time on 2; CPU hunt, 2026-12-07). Long bags now make tasks of fewer bags; a bag is still summed by
+    one thread in index order, so the bits do not depend on the thread count."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(5000, 40, generator=g)
+    idx, off = torch.randint(0, 5000, (32 * 1000,), generator=g), torch.arange(0, 32 * 1000 + 1, 1000)
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(_C.embedding_forward([w], idx, off, [0], [-1], 0, None))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])
+    assert_close(outs[0], multi_embedding_bag_reference([w], idx, off, [0], 0, None, [-1]), torch.float32, "long")
+
+
 def edge_floats(n: int) -> torch.Tensor:
     """n float32s from uniformly random bits (every exponent equally often: subnormals, inf, nan,
     magnitudes past fp16's and bf16's largest) and the values where rounding to fp16 / bf16 changes
@@ -2144,15 +2186,17 @@ def edge_floats(n: int) -> torch.Tensor:
     return torch.cat([bits.view(torch.float32), special, -special])
 
 
-def test_cpu_forward_rounds_floats_to_half_exactly(seed):
+@pytest.mark.parametrize(("dtype", "dim"), [(torch.float16, 16), (torch.bfloat16, 16), (torch.bfloat16, 32),
+                                            (torch.bfloat16, 7)])
+def test_cpu_forward_rounds_floats_to_half_exactly(seed, dtype, dim):
     """The fp16 output conversion (vcvtps2ph on AVX-512 machines, csrc/cpu_convert.h's integer ops
-    elsewhere) rounds every kind of float as torch does: per_sample_weights x a row of ones, one
-    index per bag."""
+    elsewhere) and bf16's (vector ops in blocks of 16 and 32 columns, scalar below) round every kind of
+    float as torch does: per_sample_weights x a row of ones, one index per bag."""
     t = edge_floats(20000)
-    w = torch.ones(1, 16, dtype=torch.float16)
+    w = torch.ones(1, dim, dtype=dtype)
     out = _C.embedding_forward([w], torch.zeros(t.numel(), dtype=torch.int64), torch.arange(t.numel() + 1), [0],
                                [-1], 0, t)
-    expect = (torch.zeros(t.numel(), 16) + t[:, None] * 1.0).half()
+    expect = (torch.zeros(t.numel(), dim) + t[:, None] * 1.0).to(dtype)
     assert torch.equal(out.isnan(), expect.isnan())
     assert torch.equal(out.nan_to_num(0.0).view(torch.int16), expect.nan_to_num(0.0).view(torch.int16))
 

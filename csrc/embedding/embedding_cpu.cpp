@@ -1,9 +1,9 @@
 // Multi-table embedding-bag CPU kernels (python/kfuse/ops/embedding.py, backend "cpu"; the
 // definition is python/kfuse/reference/embedding.py, the layout embedding.h's).
 //
-// Forward: tasks of 64 to 256 consecutive bags of one feature (forward_bags_per_task); a bag's rows
-// are summed in A in registers, a whole row of up to kFwdBlockBytes of accumulators at a time
-// (vectorised over dim), the rows kFwdPrefetchBytes ahead prefetched.
+// Forward: tasks of up to 256 consecutive bags of one feature (forward_bags_per_task: 64 or more unless the
+// bags are long); a bag's rows are summed in A in registers, a whole row of up to kFwdBlockBytes of
+// accumulators at a time (vectorised over dim), the rows kFwdPrefetchBytes ahead prefetched.
 // Backward: per table a stable counting sort of its occurrences by row (plan_backward, tables in
 // parallel), then one task per unique row: its run of occurrences summed in increasing flat position
 // by one thread, into the output (sparse) or into a per-thread buffer applied to the row at once
@@ -245,6 +245,30 @@ KF_INLINE void store16(Half* p, F32x16 v) {  // never called, as cvt16
 }
 #endif
 
+// 16 bf16 -> floats: each the high half of its float (as cpu::to_acc), in GCC's vector types (every ISA clone
+// widens them its own way: vpmovzxwd and vpslld on AVX-512).
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+KF_INLINE F32x16 bf16x16(const BF16* p) {
+  U16x16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const U32x16 u = __builtin_convertvector(h, U32x16) << 16;
+  F32x16 f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// 16 floats -> bf16 at p, bit for bit cpu::from_acc<BF16>'s (nearest even; a NaN stays a quiet NaN), in vector
+// types: lane by lane, the accumulators went through memory and the forward took 1.8x torch's time (D = 128).
+KF_INLINE void store_bf16x16(BF16* p, F32x16 v) {
+  U32x16 u;
+  std::memcpy(&u, &v, sizeof(u));
+  const U32x16 nan = (u & 0x7fffffffu) > 0x7f800000u;  // all ones where a NaN
+  const U32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const U16x16 h = __builtin_convertvector((nan & ((u >> 16) | 0x40u)) | (~nan & rounded), U16x16);
+  std::memcpy(p, &h, sizeof(h));
+}
+
 // 16 floats to p (16-byte aligned) past the caches: movntps, 4 x 16 bytes (SSE, so every ISA clone
 // has it); the line is written whole, so the core does not first read it (no read-for-ownership).
 // Used for large float outputs (kFwdStreamBytes).
@@ -302,7 +326,13 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
   // sums are stored by vcvtps2ph too (store16) instead of the scalar-array route through from_acc:
   // the fp16 medical forward took 0.96 -> 0.65-0.86x the loop's time on 2 threads, 1.29 -> 0.90-0.94x
   // on 1 (interleaved runs). Blocks narrower than 16 take the scalar path (its fixed width vectorises).
-  constexpr bool kVec = N % 16 == 0 && (kAsm || std::is_same_v<S, float>);
+  // bf16 rows too, 32 columns at a time: 32 bf16 read as 16 uint32 hold the even columns' floats in their low
+  // halves and the odd ones' in their high halves (a shift, a mask: exact), summed in two vectors of 16 and
+  // put back in column order for the store, rounded as the scalar path rounds (store_bf16x16). A block of 16
+  // widens its bf16 (bf16x16), which GCC splits into 256-bit halves: 1.8x torch's time at D = 128, where the
+  // scalar path took 1.45x and 5.7x at D = 16 (256 bags of 100, 2 threads; CPU hunt, 2026-12-07).
+  constexpr bool kBf16 = std::is_same_v<S, BF16>;
+  constexpr bool kVec = N % 16 == 0 && (kAsm || kBf16 || std::is_same_v<S, float>);
   const int64_t row_bytes = D * int64_t(sizeof(S));
   A acc[kVec ? 1 : N];  // the scalar path's sums (the vector path keeps vacc)
   if constexpr (!kVec)
@@ -320,10 +350,26 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
     }
     const int64_t r = idx[i];
     const S* row = r == pad ? zeros : W + r * D + d0;
-    if constexpr (kVec) {  // the same sums, 16 lanes a vector
+    if constexpr (kVec && kBf16 && N % 32 == 0) {  // vacc[2j]: columns 32j, 32j + 2, ...; vacc[2j + 1]: the odd
+      for (int64_t j = 0; j < N / 32; ++j) {
+        U32x16 w;
+        std::memcpy(&w, row + 32 * j, sizeof(w));
+        const U32x16 lo = w << 16, hi = w & 0xffff0000u;
+        F32x16 even, odd;
+        std::memcpy(&even, &lo, sizeof(even));
+        std::memcpy(&odd, &hi, sizeof(odd));
+        if constexpr (kPsw) {
+          even *= r == pad ? A(0) : psw[i];
+          odd *= r == pad ? A(0) : psw[i];
+        }
+        vacc[2 * j] += even;
+        vacc[2 * j + 1] += odd;
+      }
+    } else if constexpr (kVec) {  // the same sums, 16 lanes a vector
       for (int64_t j = 0; j < N / 16; ++j) {
         F32x16 x;
         if constexpr (kAsm) x = cvt16(row + 16 * j);
+        else if constexpr (kBf16) x = bf16x16(row + 16 * j);
         else std::memcpy(&x, row + 16 * j, sizeof(x));
         if constexpr (kPsw) x *= r == pad ? A(0) : psw[i];
         vacc[j] += x;
@@ -335,10 +381,18 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
       for (int64_t d = 0; d < N; ++d) acc[d] += load<A>(row[d]);
     }
   }
-  if constexpr (kVec) {
+  if constexpr (kVec && kBf16 && N % 32 == 0) {
+    for (int64_t j = 0; j < N / 32; ++j) {
+      const F32x16 e = vacc[2 * j] * scale, d = vacc[2 * j + 1] * scale;
+      store_bf16x16(o + 32 * j, __builtin_shufflevector(e, d, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
+      store_bf16x16(o + 32 * j + 16,
+                    __builtin_shufflevector(e, d, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
+    }
+  } else if constexpr (kVec) {
     for (int64_t j = 0; j < N / 16; ++j) {
       const F32x16 y = vacc[j] * scale;
       if constexpr (kAsm) store16(o + 16 * j, y);
+      else if constexpr (kBf16) store_bf16x16(o + 16 * j, y);
       else if (nt) stream16(o + 16 * j, y);
       else std::memcpy(o + 16 * j, &y, sizeof(y));
     }
@@ -384,6 +438,17 @@ KF_INLINE void narrow_blocks(const S* W, int64_t D, int64_t d0, int64_t pad, con
   if (d0 + n <= D) {
     sum_block<n, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
     d0 += n, a = 0;
+  }
+  if (d0 == D) return;
+  if constexpr (n <= 16) {
+    // Fewer than n columns left of a row of n or more: one more block of n, the row's last n columns, which
+    // sums some columns a second time (the same sums, stored again; not streamed: its start is unaligned).
+    // The smaller blocks and the scalar tail each made a pass over the bag's rows: D = 15 took 3.8x torch's
+    // time (8 + 4 + 3 columns), D = 31 3.4x, D = 127 2.1x (256 bags of 100, 2 threads; CPU hunt, 2026-12-07).
+    if (D >= n) {
+      sum_block<n, kPsw, kAsm, kL1>(W, D, D - n, pad, idx, i0, i1, psw, scale, a, pf_end, o + D - n, false);
+      return;
+    }
   }
   if constexpr (n > last)
     narrow_blocks<n / 2, last, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o, nt, acc);
@@ -477,8 +542,14 @@ std::vector<BagTask> bag_tasks(const Bags& bg, int64_t per_task = kBagsPerTask) 
 // task restarts the prefetch stream (a burst of a distance of rows, none past its end); the medical
 // shape took 0.70x the loop's time in tasks of 64 bags, 0.61x in 128 and 0.60x in 256 (2 threads;
 // 1 thread: 0.69, 0.66, 0.66x).
+// Long bags make smaller tasks, down to one bag: at least ~64 bags' worth of the medical shape's ~20 indices
+// (kIndicesPerTask). With 64 bags a task whatever their length, 64 bags or fewer ran on one thread: 32 bags of
+// 1000 indices took 2.2x torch's time on 2 threads (CPU hunt, 2026-12-07).
+constexpr int64_t kIndicesPerTask = kBagsPerTask * 20;
 int64_t forward_bags_per_task(const Bags& bg, int nt) {
-  return std::clamp<int64_t>(bg.F * bg.B / (8 * int64_t(std::max(nt, 1))), kBagsPerTask, 4 * kBagsPerTask);
+  const int64_t bags = bg.F * bg.B;
+  const int64_t fewest = std::clamp<int64_t>(kIndicesPerTask * bags / std::max<int64_t>(bg.N, 1), 1, kBagsPerTask);
+  return std::clamp<int64_t>(bags / (8 * int64_t(std::max(nt, 1))), fewest, 4 * kBagsPerTask);
 }
 
 int64_t max_dim(const Tables& tb) {
