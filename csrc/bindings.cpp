@@ -776,10 +776,13 @@ py::object embedding_tables(const py::list& weights) {
 // no per-sample weights. offsets: [T * B + 1], or [T * B] with append_last (len(indices) is then the last).
 // Bad values raise as embedding_forward's do (the caller then runs the full path, which names them).
 py::object embedding_forward_fast(const py::list& weights, const py::handle& indices, const py::handle& offsets,
-                                  int64_t pooling, bool append_last) {
+                                  int64_t pooling, bool append_last, const py::handle& per_sample_weights) {
   if (torch::jit::tracer::isTracing() || c10::impl::TorchDispatchModeTLS::stack_len() > 0) return py::none();
   const Py_ssize_t n = PyList_GET_SIZE(weights.ptr());
-  if (n == 0 || !THPVariable_CheckExact(indices.ptr()) || !THPVariable_CheckExact(offsets.ptr())) return py::none();
+  const bool fixed = offsets.is_none();  // 2-D indices [B, L]: bags of L (one table)
+  if (n == 0 || (fixed && n != 1) || !THPVariable_CheckExact(indices.ptr()) ||
+      (!fixed && !THPVariable_CheckExact(offsets.ptr())))
+    return py::none();
   const bool grad = c10::GradMode::is_enabled();
   std::vector<at::Tensor> ws;
   ws.reserve(n);
@@ -792,26 +795,46 @@ py::object embedding_forward_fast(const py::list& weights, const py::handle& ind
       return py::none();
     ws.push_back(w);
   }
-  const at::Tensor& idx = THPVariable_Unpack(indices.ptr());
-  const at::Tensor& off = THPVariable_Unpack(offsets.ptr());
-  if (idx.dim() != 1 || off.dim() != 1 || !idx.is_cpu() || !off.is_cpu() || !ordinary(idx) || !ordinary(off) ||
-      idx.scalar_type() != off.scalar_type() || (idx.scalar_type() != at::kInt && idx.scalar_type() != at::kLong))
+  const at::Tensor& input = THPVariable_Unpack(indices.ptr());
+  if (input.dim() != (fixed ? 2 : 1) || !input.is_cpu() || !ordinary(input) ||
+      (input.scalar_type() != at::kInt && input.scalar_type() != at::kLong))
     return py::none();
-  at::Tensor offs = off;
-  if (append_last) {  // B starts, then len(indices): what torch's include_last_offset=False means
-    // (memcpy: narrow + copy_ + fill_ took 2.9 us of a 7 us call)
-    const int64_t b = off.numel();
-    offs = at::empty({b + 1}, off.options());
-    if (b > 0) std::memcpy(offs.data_ptr(), off.const_data_ptr(), b * off.element_size());  // (null when empty)
-    if (off.scalar_type() == at::kLong) offs.data_ptr<int64_t>()[b] = idx.numel();
-    else offs.data_ptr<int32_t>()[b] = static_cast<int32_t>(idx.numel());
+  // Per-sample weights (sum pooling): input's shape, the table's dtype (torch's rule), read in the accumulation
+  // dtype. Before, such calls and 2-D input took the Python path: 1.6-3.4x torch's time at small sizes (CPU
+  // hunt, 2026-12-07).
+  std::optional<at::Tensor> psw;
+  if (!per_sample_weights.is_none()) {
+    if (pooling != 0 || !THPVariable_CheckExact(per_sample_weights.ptr())) return py::none();
+    const at::Tensor& p = THPVariable_Unpack(per_sample_weights.ptr());
+    if (!p.is_cpu() || !ordinary(p) || p.sizes() != input.sizes() || p.scalar_type() != ws[0].scalar_type() ||
+        (grad && p.requires_grad()))
+      return py::none();
+    psw = p.reshape({-1}).to(acc_type(ws[0]));
+  }
+  const at::Tensor idx = fixed ? input.reshape({-1}) : input;
+  at::Tensor offs;
+  if (fixed) {  // bag b: [b L, (b + 1) L)
+    const int64_t B = input.size(0), L = input.size(1);
+    offs = L > 0 ? at::arange(0, B * L + 1, L, input.options()) : at::zeros({B + 1}, input.options());
+  } else {
+    const at::Tensor& off = THPVariable_Unpack(offsets.ptr());
+    if (off.dim() != 1 || !off.is_cpu() || !ordinary(off) || idx.scalar_type() != off.scalar_type()) return py::none();
+    offs = off;
+    if (append_last) {  // B starts, then len(indices): what torch's include_last_offset=False means
+      // (memcpy: narrow + copy_ + fill_ took 2.9 us of a 7 us call)
+      const int64_t b = off.numel();
+      offs = at::empty({b + 1}, off.options());
+      if (b > 0) std::memcpy(offs.data_ptr(), off.const_data_ptr(), b * off.element_size());  // (null when empty)
+      if (off.scalar_type() == at::kLong) offs.data_ptr<int64_t>()[b] = idx.numel();
+      else offs.data_ptr<int32_t>()[b] = static_cast<int32_t>(idx.numel());
+    }
   }
   std::vector<int64_t> feature_table(n), padding_idx(n, -1);
   std::iota(feature_table.begin(), feature_table.end(), int64_t(0));
   at::Tensor out;
   {
     py::gil_scoped_release release;
-    out = embedding_forward(ws, idx, offs, feature_table, padding_idx, pooling, std::nullopt);
+    out = embedding_forward(ws, idx, offs, feature_table, padding_idx, pooling, psw);
   }
   return py::cast(out);
 }
@@ -894,8 +917,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("embedding_forward_fast", &embedding_forward_fast,
         "The embedding ops' eager CPU fast path: None unless every table, indices and offsets are ordinary CPU "
         "tensors, no table needs a gradient, and no jit trace or dispatch mode is on; else the forward of one "
-        "feature per table, no padding, no per-sample weights (offsets [T * B], + len(indices) with append_last)",
-        py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("pooling"), py::arg("append_last"));
+        "feature per table, no padding (offsets [T * B], + len(indices) with append_last; None: one table and 2-D "
+        "indices [B, L]), per-sample weights in input's shape and the tables' dtype (sum) or None",
+        py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("pooling"), py::arg("append_last"),
+        py::arg("per_sample_weights"));
   m.def("embedding_forward", &embedding_forward, release,
         "Multi-table embedding bags (CPU): weights [T] tables [rows_t, dim_t] of one dtype, indices [N] and offsets "
         "[F * B + 1] (int32 or int64, feature-major), feature_table [F], padding_idx [T] (-1 = none), pooling "

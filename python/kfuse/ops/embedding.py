@@ -489,13 +489,15 @@ def _plain_features(weights: object, feature_table: object, padding_idx: object)
 
 
 def _cpu_fast(weights: object, indices: object, offsets: object, mode: object, backend: object, sparse: object,
-              check: object, append_last: bool = False) -> Tensor | None:
+              check: object, append_last: bool = False, per_sample_weights: object = None) -> Tensor | None:
     """The common eager call on the CPU, handed to the extension in one call (``_C.embedding_forward_fast``, which
     makes the checks that choose it: ordinary CPU tables, indices and offsets, nothing to differentiate, no jit
     trace or dispatch mode): ``sum`` or ``mean`` pooling, each feature its own table, no per-sample weights or
     padding (the callers check those), no ``torch.compile`` or forward-mode AD (checked here). The extension
     checks every layout and value it reads; when it declines or refuses, None: the full path then runs (and
-    names the error). ``append_last``: ``offsets`` holds the bags' starts only (``include_last_offset=False``).
+    names the error). ``append_last``: ``offsets`` holds the bags' starts only (``include_last_offset=False``);
+    ``offsets`` None: one table and 2-D ``indices`` (bags of equal length); ``per_sample_weights``: input's shape,
+    the table's dtype (``sum``; :func:`embedding_bag`'s rule).
     Why: on a single table the full path's Python (12 µs a call with warm caches, ~85 µs cold after a kernel
     that streamed megabytes) made ``kfuse.embedding_bag`` 1.2-4.7x torch's time where the kernel alone matches
     or beats it (bench/results/2026-12-06-cpu-embedding-single-table.md)."""
@@ -509,7 +511,8 @@ def _cpu_fast(weights: object, indices: object, offsets: object, mode: object, b
         return None
     try:
         with _routing.labelled("kfuse.embedding_bag"):
-            return ext.embedding_forward_fast(weights, indices, offsets, POOLINGS[mode], append_last)
+            return ext.embedding_forward_fast(weights, indices, offsets, POOLINGS[mode], append_last,
+                                          per_sample_weights)
     except (RuntimeError, ValueError, IndexError, TypeError):
         return None
 
@@ -943,9 +946,10 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
             padding_idx, sparse=sparse, backend=backend, check=check, max_norm=max_norm, norm_type=norm_type,
             scale_grad_by_freq=scale_grad_by_freq)
     poll_errors()
-    if (per_sample_weights is None and padding_idx is None and max_norm is None and scale_grad_by_freq is False
-            and norm_type == 2.0 and (include_last_offset is True or include_last_offset is False)):
-        out = _cpu_fast([weight], input, offsets, mode, backend, sparse, check, not include_last_offset)
+    if (padding_idx is None and max_norm is None and scale_grad_by_freq is False and norm_type == 2.0
+            and (include_last_offset is True or include_last_offset is False)):
+        out = _cpu_fast([weight], input, offsets, mode, backend, sparse, check, not include_last_offset,
+                        per_sample_weights)
         if out is not None:
             return out
     op = "embedding_bag"
