@@ -48,7 +48,10 @@ class _Hook(importlib.abc.MetaPathFinder):
         if name != _MODULE:
             return None
         sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        except Exception:  # the import goes on without the formulas, through the other finders (which say why)
+            return None
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         run = spec.loader.exec_module
