@@ -747,8 +747,8 @@ def _tma_operands(a: Tensor, weight: Tensor, a_box: list[int], bn: int, bk: int,
             TensorDescriptor.from_tensor(weight, [bk, bn] if fan_in_fan_out else [bn, bk]), True)
 
 
-def _check_x(x: Tensor, name: str = "x") -> None:
-    if x.ndim != 2 or not x.is_contiguous():
+def _check_x(x: Tensor, name: str = "x", contiguous: bool = True) -> None:
+    if x.ndim != 2 or (contiguous and not x.is_contiguous()):
         raise ValueError(f"lora triton: {name} must be a contiguous 2-D tensor; got shape {tuple(x.shape)}, "
                          f"strides {x.stride()}")
     if x.dtype not in _FLOATS:
@@ -1012,11 +1012,7 @@ def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, fan_in_fan_out: bool, A
         ``dA [r, K]`` fp32 = s·Gᵀ (x ⊙ mask/(1-p)); ``dB [N, r]`` fp32 = s·dyᵀ S;
         ``colsum [N]`` fp32 = dy.sum(0) (for dbias and dlora_bias).
     """
-    if need_dA:  # (x is read for dA only: a caller that needs no dA may pass a stand-in of its shape)
-        _check_x(x)
-    elif x.ndim != 2 or x.dtype not in _FLOATS:
-        raise ValueError(f"lora triton: x must be a 2-D float16, bfloat16 or float32 tensor; got {tuple(x.shape)} "
-                         f"{x.dtype}")
+    _check_x(x, contiguous=need_dA)  # (x is read for dA only: a caller that needs no dA may pass a stand-in)
     _check_x(dy, "dy")
     M, K = x.shape
     N, swn, swk = _check_weight(weight, fan_in_fan_out, K, x.dtype)

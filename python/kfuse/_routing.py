@@ -83,6 +83,7 @@ def labelled(name: str) -> contextlib.AbstractContextManager:
     return (torch.autograd.profiler.record_function(name) if torch.autograd.profiler._is_profiler_enabled
             else _UNLABELLED)
 
+
 def plain(t: Tensor | None) -> bool:
     """Whether ``t`` is a plain tensor (``Tensor`` or ``nn.Parameter``, not a subclass) or None."""
     return t is None or type(t) is Tensor or type(t) is torch.nn.Parameter

@@ -574,10 +574,10 @@ def generate(model: Any, prompts: Sequence[Any], *, max_new_tokens: int, check: 
         # check has run yet, so every sequence added since is this call's. After, this call's own only: a check
         # may keep a scratch sequence of its own in the cache (re-entrancy hunt: it was freed, and the next call
         # gave its slot to a prompt, which the check then overwrote).
-        mine = set(cache.active_sequences) - before if slots is None else {slots[i] for i in live}
+        active = set(cache.active_sequences)
+        mine = active - before if slots is None else {slots[i] for i in live} & active
         for s in sorted(mine):
-            if s in cache.active_sequences:
-                cache.free(s)
+            cache.free(s)
     for i in range(n):
         stats[i].tokens_kept = len(out[i])
     # (Copies: a decode that edits its argument, e.g. strips an end token in place, changed the result's tokens.)
