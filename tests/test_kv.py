@@ -1760,27 +1760,30 @@ CPU_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
 def test_cpu_kernels_match_reference(dtype, group, seed):
     """Decode, and prefill (whole prompts of 1 and PS + 1 tokens, one token on top of a context, 40 tokens:
     three query blocks on top of two chunks), against the float64 reference, the cache NaN-poisoned past
-    every length."""
+    every length. Groups 1 and 2 take the dot-product scores (a task of at most two rows), 4 and 8 the
+    transposed tile; head dim 37 the scalar tails of both. Three KV heads: a decode task runs several heads
+    tile by tile."""
     for d in (64, 128, 37) if dtype == torch.float32 else (64, 37):
-        cache, ids = _op_cache(CPU_LENS, dtype, "cpu", hkv=1, d=d)
+        cache, ids = _op_cache(CPU_LENS, dtype, "cpu", hkv=3, d=d)
         _poison(cache, ids)
-        q = torch.randn(len(ids), group, d).to(dtype)
+        q = torch.randn(len(ids), 3 * group, d).to(dtype)
         out = kfuse.paged_decode_attention(q, cache, 1, ids, backend="cpu")
         assert torch.equal(out[0], torch.zeros_like(out[0]))
         assert_close(out, paged_decode_attention_reference(q, cache, 1, ids), dtype, f"decode d={d}")
         new = [0, 1, PS - 1, 1, PS + 1, 40]
-        qp = torch.randn(sum(new), group, d).to(dtype)
+        qp = torch.randn(sum(new), 3 * group, d).to(dtype)
         out = kfuse.paged_prefill_attention(qp, cache, 1, ids, new, backend="cpu")
         assert_close(out, paged_prefill_attention_reference(qp, cache, 1, ids, new), dtype, f"prefill d={d}")
 
 
 def test_cpu_kernels_bit_identical_across_threads_and_batches(seed):
     """Same bits with 1 and 2 threads, and for each sequence alone as in the batch (decode chunks and
-    prefill query blocks never depend on the thread count or on the other sequences)."""
+    prefill query blocks never depend on the thread count or on the other sequences; with 1 thread a decode
+    task runs both KV heads, with 2 one head each)."""
     lens = [2 * CHUNK + 3, CHUNK, 5, CHUNK + 1]
     cache, ids = _op_cache(lens, torch.float32, "cpu", hkv=2, d=64)
     q = torch.randn(len(ids), 8, 64)

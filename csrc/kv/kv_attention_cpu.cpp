@@ -2,15 +2,18 @@
 // (python/kfuse/ops/kv.py, backend "cpu"; the definition is python/kfuse/reference/kv.py).
 //
 // One code path for both ops: a task owns R query rows of one KV head of one sequence (decode:
-// the G = Hq / Hkv heads of the KV head; prefill: G heads x a block of new tokens), each row with
-// its last visible position (decode: length - 1; prefill: causal), and runs an online softmax over
-// key tiles of kTile positions in [p0, p1). A tile's K rows are gathered through the block table
+// the G = Hq / Hkv heads of the KV head, several KV heads side by side in one task, see decode;
+// prefill: G heads x a block of new tokens), each row with its last visible position (decode:
+// length - 1; prefill: causal), and runs an online softmax over key tiles of kTile positions in
+// [p0, p1). A tile's K rows are gathered through the block table
 // and staged transposed ([D][kTile], in the accumulation type); its V rows are read in place
 // (converted first for half types). Each K/V element is loaded once for all R rows; the scores of a
 // row are one kTile-lane vector (broadcast q[d] x K^T[d][:], no horizontal sums) and the output
-// update is an axpy over D, both over register blocks of kRB rows. Positions at or past a row's limit are
-// -inf before the max, so NaN poison in unread slots never enters (and slots past the length and
-// their block-table entries are never read at all).
+// update is an axpy over D, both over register blocks of kRB rows. A task of at most kDotRows rows
+// (decode with G <= 2) reads K in place instead and takes each score as a dot product (no
+// transpose). Positions at or past a row's limit are -inf before the max, so NaN poison in unread
+// slots never enters (and slots past the length and their block-table entries are never read at
+// all).
 //
 // Determinism: tiles start at multiples of kTile, decode chunks at multiples of kDecodeChunk
 // (kv.h), prefill query blocks at multiples of kQBlock, all counted from the sequence's own
@@ -48,6 +51,14 @@ constexpr int kRB = 4;
 // K/V tile, few enough that a prompt of a few hundred tokens gives tens of tasks per KV head.
 // Prefill of 2 x 256 tokens (Hq 8, Hkv 2, D 64, fp32, 1 thread): 5.5 ms; 6.3 ms with 8 or 32.
 constexpr int64_t kQBlock = 16;
+// Tasks of at most this many query rows (float accumulation) take their scores as dot products of
+// the K rows in place (dot_scores), one row at a time, instead of transposing the tile: the transpose
+// is paid once per tile for all rows, the dot form's horizontal sums once per row. With it (and the
+// 8-chain axpy), decode of 4 x 256 tokens, fp32, 1 thread, Hq = Hkv = 8 (G = 1, multi-head
+// attention): D 64 0.23 -> 0.18 ms, D 128 0.46 -> 0.26 ms (SDPA on contiguous K/V: 0.12, 0.27 ms;
+// the rest at D 64 is the call's fixed ~45 us); bf16 D 128 0.45 -> 0.28 ms; G = 2 (Hkv 4), D 64
+// 0.146 -> 0.133 ms. G >= 4 keeps the transpose (measured at G = 4 before the dot form existed).
+constexpr int kDotRows = 2;
 
 
 // One layer's pools [num_pages, page_size, hkv, D] and the block table (row stride table_stride).
@@ -73,22 +84,26 @@ template <typename A> struct Rows {
   A* vb;                // scratch [kTile][Dp]: the tile's V rows converted (half pools, odd D)
   A* kb;                // scratch [kTile][Dp]: the tile's K rows converted (half pools)
   const A** vrows;      // scratch [kTile]: the tile's V rows (Dp elements each)
+  const A** krows;      // scratch [kTile]: the tile's K rows (D elements each; the dot form's)
+  bool dot;             // scores as dot products of K rows (no transpose): see kDotRows
 };
 
 // Per-thread buffers of a task (sized for the largest task; padding stays zero).
 template <typename A> struct Scratch {
   std::vector<A> q, m, l, acc, kt, vb, kb;
   std::vector<int64_t> last;
-  std::vector<const A*> vrows;
+  std::vector<const A*> vrows, krows;
   Scratch(int64_t R, int64_t Dp)
       : q(R * Dp), m(R), l(R), acc(R * Dp), kt(Dp * kTile), vb(kTile * Dp), kb(kTile * Dp), last(R),
-        vrows(kTile) {}
-  Rows<A> rows(int64_t table_row, int64_t h, int64_t p0, int64_t p1, int R, int64_t Dp) {
-    std::fill(m.begin(), m.begin() + R, -std::numeric_limits<A>::infinity());
-    std::fill(l.begin(), l.begin() + R, A(0));
-    std::fill(acc.begin(), acc.begin() + R * Dp, A(0));
-    return {table_row, h, p0, p1, R, Dp, last.data(), q.data(), m.data(), l.data(), acc.data(), kt.data(),
-            vb.data(), kb.data(), vrows.data()};
+        vrows(kTile), krows(kTile) {}
+  // The task rows r0 .. r0 + R - 1 (of KV head h), their state reset; staging scratch shared by all.
+  Rows<A> rows(int64_t table_row, int64_t h, int64_t p0, int64_t p1, int R, int64_t Dp, int64_t r0 = 0) {
+    std::fill(m.begin() + r0, m.begin() + r0 + R, -std::numeric_limits<A>::infinity());
+    std::fill(l.begin() + r0, l.begin() + r0 + R, A(0));
+    std::fill(acc.begin() + r0 * Dp, acc.begin() + (r0 + R) * Dp, A(0));
+    return {table_row, h, p0, p1, R, Dp, last.data() + r0, q.data() + r0 * Dp, m.data() + r0, l.data() + r0,
+            acc.data() + r0 * Dp, kt.data(), vb.data(), kb.data(), vrows.data(), krows.data(),
+            std::is_same_v<A, float> && R <= kDotRows};
   }
 };
 
@@ -139,8 +154,7 @@ KF_SIMD void transpose8(V<float> (&r)[8]) {
 
 // kt[d][t] = rows[t][d] for the kTile rows. In float, 8 x 8 blocks transposed in registers: 0.54 ms
 // against 0.77 ms with the element-wise transpose (kTile-strided scalar stores). It still takes ~40%
-// of a decode at G = 4 (0.56 ms, 0.34 ms without it): a dot-product form of the scores for small R
-// (no transpose, horizontal sums instead) is the next thing to try.
+// of a decode at G = 4 (0.56 ms, 0.34 ms without it); tasks of few rows skip it (kDotRows).
 template <typename A> KF_SIMD void transpose_tile(const A* const* rows, int64_t D, A* kt) {
   int64_t d = 0;
   if constexpr (std::is_same_v<A, float>) {
@@ -192,31 +206,76 @@ KF_SIMD void stage(const Pool<S>& P, const Rows<A>& w, int64_t t0, int T) {
     }
     w.vrows[t] = vin;
   }
-  transpose_tile(krow, P.D, w.kt);
+  if (w.dot)
+    std::copy(krow, krow + kTile, w.krows);
+  else
+    transpose_tile(krow, P.D, w.kt);
+}
+
+// s[t] = q . krows[t] over D for the kTile rows (the dot form): per 8 positions, 8 lane-wise partial
+// sums over D, reduced by one 8 x 8 transpose and 7 adds.
+KF_SIMD void dot_scores(const float* q, const float* const* krows, int64_t D, float* s) {
+  for (int t0 = 0; t0 < kTile; t0 += 8) {
+    V<float> a[8] = {};
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      const V<float> qd = loadv(q + d);
+      for (int j = 0; j < 8; ++j) a[j] += qd * loadv(krows[t0 + j] + d);
+    }
+    transpose8(a);
+    V<float> sum = a[0];
+    for (int j = 1; j < 8; ++j) sum += a[j];
+    storev(s + t0, sum);
+    for (; d < D; ++d)
+      for (int j = 0; j < 8; ++j) s[t0 + j] += q[d] * krows[t0 + j][d];
+  }
+}
+
+// acc[i][d0 .. d0 + NA x kVW) = acc[i][..] * alpha[i] + sum over t < T of s[i][t] v[t][..], for RB rows
+// (acc rows Dp apart), NA vectors per row held in registers; v[t] is w.vrows[t].
+template <int RB, int NA, typename A>
+KF_SIMD void axpy(const Rows<A>& w, A* acc, const A (*s)[kTile], const A* alpha, int64_t d0, int T) {
+  constexpr int VW = kVW<A>;
+  V<A> a[RB][NA];
+  for (int i = 0; i < RB; ++i)
+    for (int v = 0; v < NA; ++v) a[i][v] = loadv(acc + i * w.Dp + d0 + v * VW) * alpha[i];
+  for (int t = 0; t < T; ++t) {
+    V<A> vr[NA];
+    for (int v = 0; v < NA; ++v) vr[v] = loadv(w.vrows[t] + d0 + v * VW);
+    for (int i = 0; i < RB; ++i)
+      for (int v = 0; v < NA; ++v) a[i][v] += s[i][t] * vr[v];
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int v = 0; v < NA; ++v) storev(acc + i * w.Dp + d0 + v * VW, a[i][v]);
 }
 
 // Rows r0 .. r0 + RB - 1 against the staged tile of T positions starting at t0. Both products keep
 // RB x kNV accumulators (8 ymm in float) in registers, enough independent FMA chains to fill the
 // FMA units.
-template <int RB, typename A>
+template <int RB, bool Dot, typename A>
 KF_SIMD void tile_block(const Rows<A>& w, int64_t D, int r0, int64_t t0, int T) {
   constexpr int NV = kNV<A>, VW = kVW<A>;
-  V<A> sv[RB][NV];
-  for (int i = 0; i < RB; ++i)
-    for (int v = 0; v < NV; ++v) sv[i][v] = V<A>{};
-  const A* q = w.q + r0 * w.Dp;
-  for (int64_t d = 0; d < D; ++d) {
-    V<A> kd[NV];
-    for (int v = 0; v < NV; ++v) kd[v] = loadv(w.kt + d * kTile + v * VW);
-    for (int i = 0; i < RB; ++i) {
-      const A qd = q[i * w.Dp + d];
-      for (int v = 0; v < NV; ++v) sv[i][v] += qd * kd[v];
-    }
-  }
   alignas(64) A s[RB][kTile];
+  const A* q = w.q + r0 * w.Dp;
+  if constexpr (Dot) {
+    for (int i = 0; i < RB; ++i) dot_scores(q + i * w.Dp, w.krows, D, s[i]);
+  } else {
+    V<A> sv[RB][NV];
+    for (int i = 0; i < RB; ++i)
+      for (int v = 0; v < NV; ++v) sv[i][v] = V<A>{};
+    for (int64_t d = 0; d < D; ++d) {
+      V<A> kd[NV];
+      for (int v = 0; v < NV; ++v) kd[v] = loadv(w.kt + d * kTile + v * VW);
+      for (int i = 0; i < RB; ++i) {
+        const A qd = q[i * w.Dp + d];
+        for (int v = 0; v < NV; ++v) sv[i][v] += qd * kd[v];
+      }
+    }
+    for (int i = 0; i < RB; ++i)
+      for (int v = 0; v < NV; ++v) storev(s[i] + v * VW, sv[i][v]);
+  }
   A alpha[RB];
   for (int i = 0; i < RB; ++i) {
-    for (int v = 0; v < NV; ++v) storev(s[i] + v * VW, sv[i][v]);
     const int r = r0 + i;
     const int64_t lim = std::min<int64_t>(T, w.last[r] + 1 - t0);
     if (lim <= 0) {  // the whole tile is past this row (prefill): no change
@@ -244,45 +303,50 @@ KF_SIMD void tile_block(const Rows<A>& w, int64_t D, int r0, int64_t t0, int T) 
     for (int j = 1; j < VW; ++j) sum += sm[j];
     w.l[r] = w.l[r] * alpha[i] + sum;
   }
+  // acc[i] = acc[i] * alpha[i] + sum_t s[i][t] v[t], CH kTile-column chunks per pass so that RB x CH x
+  // kNV (8 in float) independent FMA chains stay in flight: one row with one chunk per pass ran two
+  // chains 16 FMAs deep, latency-bound (the G = 1 decode; figures at kDotRows). Each element's sum
+  // over t keeps its order: the same bits as one chunk per pass.
+  constexpr int CH = kRB / RB;
   A* acc = w.acc + r0 * w.Dp;
-  for (int64_t d0 = 0; d0 < w.Dp; d0 += kTile) {
-    V<A> a[RB][NV];
-    for (int i = 0; i < RB; ++i)
-      for (int v = 0; v < NV; ++v) a[i][v] = loadv(acc + i * w.Dp + d0 + v * VW) * alpha[i];
-    for (int t = 0; t < T; ++t) {
-      V<A> vr[NV];
-      for (int v = 0; v < NV; ++v) vr[v] = loadv(w.vrows[t] + d0 + v * VW);
-      for (int i = 0; i < RB; ++i)
-        for (int v = 0; v < NV; ++v) a[i][v] += s[i][t] * vr[v];
-    }
-    for (int i = 0; i < RB; ++i)
-      for (int v = 0; v < NV; ++v) storev(acc + i * w.Dp + d0 + v * VW, a[i][v]);
-  }
+  int64_t d0 = 0;
+  for (; d0 + CH * kTile <= w.Dp; d0 += CH * kTile) axpy<RB, CH * NV>(w, acc, s, alpha, d0, T);
+  for (; d0 < w.Dp; d0 += kTile) axpy<RB, NV>(w, acc, s, alpha, d0, T);
 }
 
-// The online softmax of all of w's rows over positions [w.p0, w.p1).
+// The online softmax of the rows of ws[0 .. n) (KV heads of one sequence, one range [p0, p1)), tile by
+// tile, the heads inner: a tile's rows of all n heads are adjacent in the pools ([slot][Hkv][D]).
 template <typename S, typename A>
-KF_SIMD void attend(const Pool<S>& P, const Rows<A>& w) {
-  for (int64_t t0 = w.p0; t0 < w.p1; t0 += kTile) {
-    const int T = static_cast<int>(std::min<int64_t>(kTile, w.p1 - t0));
-    stage(P, w, t0, T);
-    int r0 = 0;
-    for (; r0 + kRB <= w.R; r0 += kRB) tile_block<kRB>(w, P.D, r0, t0, T);
-    switch (w.R - r0) {
-      case 3: tile_block<3>(w, P.D, r0, t0, T); break;
-      case 2: tile_block<2>(w, P.D, r0, t0, T); break;
-      case 1: tile_block<1>(w, P.D, r0, t0, T); break;
-      default: break;
+KF_SIMD void attend(const Pool<S>& P, const Rows<A>* ws, int n) {
+  for (int64_t t0 = ws[0].p0; t0 < ws[0].p1; t0 += kTile) {
+    const int T = static_cast<int>(std::min<int64_t>(kTile, ws[0].p1 - t0));
+    for (int i = 0; i < n; ++i) {
+      const Rows<A>& w = ws[i];
+      stage(P, w, t0, T);
+      if constexpr (std::is_same_v<A, float>) {
+        if (w.dot) {
+          for (int r = 0; r < w.R; ++r) tile_block<1, true>(w, P.D, r, t0, T);
+          continue;
+        }
+      }
+      int r0 = 0;
+      for (; r0 + kRB <= w.R; r0 += kRB) tile_block<kRB, false>(w, P.D, r0, t0, T);
+      switch (w.R - r0) {
+        case 3: tile_block<3, false>(w, P.D, r0, t0, T); break;
+        case 2: tile_block<2, false>(w, P.D, r0, t0, T); break;
+        case 1: tile_block<1, false>(w, P.D, r0, t0, T); break;
+        default: break;
+      }
     }
   }
 }
 
 // The task loops are KF_CLONES (cpu_isa.h); the OpenMP regions and the per-task setup are not.
 
-KF_CLONES void attend_task(const Pool<float>& P, const Rows<float>& w) { attend(P, w); }
-KF_CLONES void attend_task(const Pool<Half>& P, const Rows<float>& w) { attend(P, w); }
-KF_CLONES void attend_task(const Pool<BF16>& P, const Rows<float>& w) { attend(P, w); }
-KF_CLONES void attend_task(const Pool<double>& P, const Rows<double>& w) { attend(P, w); }
+KF_CLONES void attend_task(const Pool<float>& P, const Rows<float>* ws, int n) { attend(P, ws, n); }
+KF_CLONES void attend_task(const Pool<Half>& P, const Rows<float>* ws, int n) { attend(P, ws, n); }
+KF_CLONES void attend_task(const Pool<BF16>& P, const Rows<float>* ws, int n) { attend(P, ws, n); }
+KF_CLONES void attend_task(const Pool<double>& P, const Rows<double>* ws, int n) { attend(P, ws, n); }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -310,35 +374,53 @@ void decode(const S* q, const Pool<S>& P, const int32_t* seq_ids, const int32_t*
   const int64_t chunks = first[B];
   // Partial results of multi-chunk sequences: [chunk][Hq][m, l, acc[Dp]].
   std::vector<A> part(chunks > B ? chunks * Hq * W : 0);
+  // KV heads per task: a task runs hg heads of one chunk tile by tile, the heads inner, so it reads
+  // each tile's slots whole ([slot][Hkv][D] rows adjacent) rather than one head's D elements every
+  // Hkv x D. All heads per task while the chunks alone give each thread 4 tasks, else the largest
+  // divisor of Hkv that does. Decode of 4 x 4096 tokens, 2 threads, K/V (67-134 MB) past the L3
+  // cache, best of 3 (bench/kv_cpu_decode_groups.py --threads 2 --ctx 4096): MHA Hq = Hkv = 16,
+  // D 64: fp32 9.7 -> 8.3 ms (SDPA on contiguous K/V 6.3-7.6), bf16 12.0 -> 8.2 ms; Hq 32 / Hkv 8,
+  // D 128, fp32 10.2 -> 8.2 ms (SDPA 19-22). A head's bits do not depend on hg: its rows see the
+  // same tiles in the same order (tested: 1 thread against 2).
+  int64_t hg = P.hkv;
+  while (hg > 1 && chunks * (P.hkv / hg) < 4 * static_cast<int64_t>(nt)) {
+    do {
+      --hg;
+    } while (P.hkv % hg != 0);
+  }
+  const int64_t groups = P.hkv / hg;
 #pragma omp parallel num_threads(nt)
   {
-    Scratch<A> sc(G, Dp);
+    Scratch<A> sc(hg * G, Dp);
+    std::vector<Rows<A>> ws(hg);
 #pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < chunks * P.hkv; ++task) {
-      const int64_t ci = task / P.hkv, h = task % P.hkv;
+    for (int64_t task = 0; task < chunks * groups; ++task) {
+      const int64_t ci = task / groups, h0 = task % groups * hg;
       const int64_t b = std::upper_bound(first.begin(), first.end(), ci) - first.begin() - 1;
       const int64_t n = lens[b], p0 = (ci - first[b]) * kDecodeChunk;
-      S* o = out + (b * Hq + h * G) * D;
+      // query heads h0 G .. (h0 + hg) G - 1 are the task's rows 0 .. hg G - 1
+      S* o = out + (b * Hq + h0 * G) * D;
       if (n == 0) {
-        std::fill(o, o + G * D, store<S>(A(0)));
+        std::fill(o, o + hg * G * D, store<S>(A(0)));
         continue;
       }
-      const Rows<A> w = sc.rows(seq_ids[b], h, p0, std::min(n, p0 + kDecodeChunk), static_cast<int>(G), Dp);
-      for (int64_t g = 0; g < G; ++g) {
-        load_q(q + (b * Hq + h * G + g) * D, scale, D, sc.q.data() + g * Dp);
-        sc.last[g] = n - 1;
+      for (int64_t i = 0; i < hg; ++i)
+        ws[i] = sc.rows(seq_ids[b], h0 + i, p0, std::min(n, p0 + kDecodeChunk), static_cast<int>(G), Dp, i * G);
+      for (int64_t r = 0; r < hg * G; ++r) {
+        load_q(q + (b * Hq + h0 * G + r) * D, scale, D, sc.q.data() + r * Dp);
+        sc.last[r] = n - 1;
       }
-      attend_task(P, w);
+      attend_task(P, ws.data(), static_cast<int>(hg));
       const bool split = first[b + 1] - first[b] > 1;
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t r = 0; r < hg * G; ++r) {
         if (!split) {
-          store_row(w.acc + g * Dp, w.l[g], D, o + g * D);
+          store_row(sc.acc.data() + r * Dp, sc.l[r], D, o + r * D);
           continue;
         }
-        A* pp = part.data() + (ci * Hq + h * G + g) * W;
-        pp[0] = w.m[g];
-        pp[1] = w.l[g];
-        std::copy(w.acc + g * Dp, w.acc + (g + 1) * Dp, pp + 2);
+        A* pp = part.data() + (ci * Hq + h0 * G + r) * W;
+        pp[0] = sc.m[r];
+        pp[1] = sc.l[r];
+        std::copy(sc.acc.data() + r * Dp, sc.acc.data() + (r + 1) * Dp, pp + 2);
       }
     }
     // Merge the chunks of each split (sequence, query head) in chunk order.
@@ -393,7 +475,7 @@ void prefill(const S* q, const Pool<S>& P, const int32_t* seq_ids, const int32_t
           load_q(q + ((qoff[i] + j) * Hq + h * G + g) * D, scale, D, sc.q.data() + r * Dp);
           sc.last[r] = pos0 + j;
         }
-      attend_task(P, w);
+      attend_task(P, &w, 1);
       for (int64_t j = j0; j < j1; ++j)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = (j - j0) * G + g;
