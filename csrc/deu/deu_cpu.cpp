@@ -9,6 +9,7 @@
 // 5.1 ms forward and 13.7 ms backward (2 threads: 2.6 ms and 7.1 ms).
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -112,36 +113,63 @@ KF_SIMD void store16(float* p, vf v, int cnt) {
 // 7% of a [1, 1024] backward (one thread: 150 against 139 us).
 enum class Jac { none, rows, lanes };
 
+// Neurons from which a call's plans are built on all its threads: planning is per neuron, O(N)
+// whatever the rows (~0.7 us a neuron with the Jacobian), and ran on one thread after a serial zero
+// fill of the plan rows: a [1, 131072] fp32 DEU took 5.3 ms forward and 95 ms forward + backward
+// on 1 and 2 threads alike (the PyTorch reference: 111 ms at [2, 131072]); on 2 threads now 2.8 ms
+// and 52 ms (bench/deu_cpu_wide.py; bench/results/2026-12-07-cpu-deu-wide.md).
+constexpr int64_t kParallelPlans = 1024;
+
+// rows x stride floats, uninitialised but for the padding columns [N, stride), which are zero: the
+// planning loop writes every column below N (so the pages are first touched by its threads, not by
+// a serial zero fill: 50 MB of Jacobian at N = 131072).
+struct PlanRows {
+  std::unique_ptr<float[]> p;
+  void init(int64_t rows, int64_t N, int64_t stride) {
+    p.reset(new float[static_cast<size_t>(rows * stride)]);
+    for (int64_t r = 0; r < rows; ++r) std::fill(p.get() + r * stride + N, p.get() + (r + 1) * stride, 0.0f);
+  }
+  float* data() { return p.get(); }
+  const float* data() const { return p.get(); }
+};
+
 // Per-call plans of the float path.
 struct FloatPlans {
   int64_t N = 0, stride = 0;
-  std::vector<float> soa;       // [simd::kSoaRows][stride]
+  PlanRows soa;                 // [simd::kSoaRows][stride]
   std::vector<uint8_t> flags;   // per neuron
   std::vector<uint8_t> bflags;  // per block of kW neurons (OR of its neurons)
-  std::vector<float> jac;       // Jac::rows: [N][kPlanParams][kCoeffs]
-  std::vector<float> jac_soa;   // Jac::lanes: [kPlanParams][kCoeffs][stride]
+  PlanRows jac;                 // Jac::rows: [N][kPlanParams][kCoeffs] (no padding)
+  PlanRows jac_soa;             // Jac::lanes: [kPlanParams][kCoeffs][stride]
 
-  FloatPlans(const float* coeffs, int64_t n_, Jac layout) : N(n_) {
+  // Neurons are planned on nt threads when there are at least kParallelPlans of them (each
+  // neuron's plan is its own: the same bits on any number of threads).
+  FloatPlans(const float* coeffs, int64_t n_, Jac layout, int nt) : N(n_) {
     // An odd number of kW-float (64-byte) blocks per row: with N a multiple of 1024 the rows
     // were 4 KB apart, so the scattered writes below (19 plan rows, 95 Jacobian rows per
     // neuron) all fell into one L1 set. Backward of [1, 1024] fp32, one thread: 411 -> 150 us.
     stride = ((N + kW - 1) / kW | 1) * kW;
-    soa.assign(static_cast<size_t>(simd::kSoaRows) * stride, 0.0f);
+    soa.init(simd::kSoaRows, N, stride);
     flags.assign(N, 0);
     bflags.assign(stride / kW, 0);
-    if (layout == Jac::rows) jac.resize(static_cast<size_t>(N) * kPlanParams * kCoeffs);
-    if (layout == Jac::lanes) jac_soa.assign(static_cast<size_t>(kPlanParams) * kCoeffs * stride, 0.0f);
-    for (int64_t n = 0; n < N; ++n) {
-      float j[kPlanParams][kCoeffs];  // Jac::lanes: this neuron's, scattered into jac_soa below
-      float(*jn)[kCoeffs] =
-          layout == Jac::rows ? reinterpret_cast<float(*)[kCoeffs]>(jac.data() + n * kPlanParams * kCoeffs) : j;
-      const Plan<float> p =
-          layout == Jac::none ? plan_from_coeffs(coeffs + 5 * n) : plan_with_jacobian(coeffs + 5 * n, jn);
-      simd::plan_to_soa(p, soa.data(), stride, n);
-      flags[n] = static_cast<uint8_t>(simd::plan_flags(p));
-      bflags[n / kW] |= flags[n];
-      for (int64_t e = 0; layout == Jac::lanes && e < kPlanParams * kCoeffs; ++e)
-        jac_soa[e * stride + n] = j[e / kCoeffs][e % kCoeffs];
+    if (layout == Jac::rows) jac.init(N, kPlanParams * kCoeffs, kPlanParams * kCoeffs);
+    if (layout == Jac::lanes) jac_soa.init(kPlanParams * kCoeffs, N, stride);
+    // Blocks of kW neurons, so that one thread writes each bflags entry.
+    const int64_t blocks = (N + kW - 1) / kW;
+#pragma omp parallel for schedule(static) if (N >= kParallelPlans) num_threads(nt)
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t n = b * kW; n < std::min(N, (b + 1) * kW); ++n) {
+        float j[kPlanParams][kCoeffs];  // Jac::lanes: this neuron's, scattered into jac_soa below
+        float(*jn)[kCoeffs] =
+            layout == Jac::rows ? reinterpret_cast<float(*)[kCoeffs]>(jac.data() + n * kPlanParams * kCoeffs) : j;
+        const Plan<float> p =
+            layout == Jac::none ? plan_from_coeffs(coeffs + 5 * n) : plan_with_jacobian(coeffs + 5 * n, jn);
+        simd::plan_to_soa(p, soa.data(), stride, n);
+        flags[n] = static_cast<uint8_t>(simd::plan_flags(p));
+        bflags[b] |= flags[n];
+        for (int64_t e = 0; layout == Jac::lanes && e < kPlanParams * kCoeffs; ++e)
+          jac_soa.data()[e * stride + n] = j[e / kCoeffs][e % kCoeffs];
+      }
     }
   }
   const float (*jac_of(int64_t n) const)[kCoeffs] {
@@ -343,7 +371,7 @@ KF_CLONES void copy_tile(const S* src, int64_t lds, D* dst, int64_t ldd, int64_t
 
 template <typename S>
 void forward_float(const S* x, S* y, const float* coeffs, int64_t M, int64_t N, int64_t K, int nt) {
-  const FloatPlans P(coeffs, N, Jac::none);
+  const FloatPlans P(coeffs, N, Jac::none, nt);
   const Tiling tl = tiling(M, N, K, 0, std::min(K, kTileElems));  // bounded staging buffers
   const int64_t ld = N * K;
   // One tile runs on the calling thread: starting the OpenMP team for it cost more than the
@@ -373,7 +401,7 @@ void forward_float(const S* x, S* y, const float* coeffs, int64_t M, int64_t N, 
 template <typename S>
 void backward_float(const S* gy, const S* x, const float* coeffs, S* gx, float* partials,
                     int64_t M, int64_t N, int64_t K, int nt) {
-  const FloatPlans P(coeffs, N, K == 1 ? Jac::lanes : Jac::rows);
+  const FloatPlans P(coeffs, N, K == 1 ? Jac::lanes : Jac::rows, nt);
   const Tiling tl = tiling(M, N, K, kRowsPerPartial, partial_k(K));
   const int64_t ld = N * K;
   // Tiles are (partial = (row tile, K chunk), neuron group); each partials[p, n, :] has one
