@@ -1047,18 +1047,26 @@ def test_cpu_long_planes(dtype: torch.dtype, seed: int) -> None:
             assert ours <= 10 * max(torch_err, 1e-7), f"grad_coeffs {shape}: {ours:.1e} vs PyTorch {torch_err:.1e}"
 
 
-def test_cpu_deterministic_across_thread_counts(seed: int) -> None:
-    coeffs = case_coeffs(3, dtype=torch.float32)
-    x, gy = make_x((1000, 33), torch.float32, "cpu"), torch.randn(1000, 33)
+@pytest.mark.parametrize("shape,dim", [((1000, 33), -1), ((3, 1043), -1), ((2, 1041, 3), 1)],
+                         ids=["rows", "wide", "wide-planes"])
+def test_cpu_deterministic_across_thread_counts(seed: int, shape: tuple[int, ...], dim: int) -> None:
+    """The same bits on 1 and 2 threads: the 64-row partials of grad_coeffs, and from 1024 neurons the plans
+    built on all threads (both Jacobian layouts, a partial last block of 16 neurons); the wide ones also
+    against the reference."""
+    n = shape[dim]
+    coeffs = case_coeffs(n // 11 + 1, dtype=torch.float32)[:n]
+    x, gy = make_x(shape, torch.float32, "cpu"), torch.randn(shape)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        g1 = kfuse_grads(x, coeffs, gy, -1, "cpu")[2]
+        g1 = kfuse_grads(x, coeffs, gy, dim, "cpu")
         torch.set_num_threads(2)
-        g2 = kfuse_grads(x, coeffs, gy, -1, "cpu")[2]
+        g2 = kfuse_grads(x, coeffs, gy, dim, "cpu")
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(g1, g2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+    if n > 1000:
+        assert_results_close(g2, ref_grads(x, coeffs, gy, dim), torch.float32, f"{shape}", dim=dim)
 
 
 _THREAD_CPU_RATIO = """
