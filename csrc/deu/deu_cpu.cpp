@@ -133,6 +133,27 @@ struct PlanRows {
   const float* data() const { return p.get(); }
 };
 
+// Plans (and Jacobians) of neurons [n0, n1) into FloatPlans' arrays; *bflag ORs their flags.
+// KF_CLONES and flatten (the plan math inlined into each clone, FMAs included): the dual-number
+// Jacobian is most of a wide, short backward ([1, 131072] fp32 fwd + bwd, 1 thread: 99 -> 80 ms; 2
+// threads 55 -> 47 ms). Plans without the Jacobian came out bit for bit the same; grad_coeffs moved
+// in its last bits (max relative error against float64 unchanged: bench/results/2026-12-07-cpu-deu-wide.md).
+KF_CLONES __attribute__((flatten)) void plan_block(const float* coeffs, int64_t n0, int64_t n1, Jac layout,
+                                                   float* soa, int64_t stride, uint8_t* flags, uint8_t* bflag,
+                                                   float* jac, float* jac_soa) {
+  for (int64_t n = n0; n < n1; ++n) {
+    float j[kPlanParams][kCoeffs];  // Jac::lanes: this neuron's, scattered into jac_soa below
+    float(*jn)[kCoeffs] = layout == Jac::rows ? reinterpret_cast<float(*)[kCoeffs]>(jac + n * kPlanParams * kCoeffs) : j;
+    const Plan<float> p =
+        layout == Jac::none ? plan_from_coeffs(coeffs + 5 * n) : plan_with_jacobian(coeffs + 5 * n, jn);
+    simd::plan_to_soa(p, soa, stride, n);
+    flags[n] = static_cast<uint8_t>(simd::plan_flags(p));
+    *bflag |= flags[n];
+    for (int64_t e = 0; layout == Jac::lanes && e < kPlanParams * kCoeffs; ++e)
+      jac_soa[e * stride + n] = j[e / kCoeffs][e % kCoeffs];
+  }
+}
+
 // Per-call plans of the float path.
 struct FloatPlans {
   int64_t N = 0, stride = 0;
@@ -157,20 +178,9 @@ struct FloatPlans {
     // Blocks of kW neurons, so that one thread writes each bflags entry.
     const int64_t blocks = (N + kW - 1) / kW;
 #pragma omp parallel for schedule(static) if (N >= kParallelPlans) num_threads(nt)
-    for (int64_t b = 0; b < blocks; ++b) {
-      for (int64_t n = b * kW; n < std::min(N, (b + 1) * kW); ++n) {
-        float j[kPlanParams][kCoeffs];  // Jac::lanes: this neuron's, scattered into jac_soa below
-        float(*jn)[kCoeffs] =
-            layout == Jac::rows ? reinterpret_cast<float(*)[kCoeffs]>(jac.data() + n * kPlanParams * kCoeffs) : j;
-        const Plan<float> p =
-            layout == Jac::none ? plan_from_coeffs(coeffs + 5 * n) : plan_with_jacobian(coeffs + 5 * n, jn);
-        simd::plan_to_soa(p, soa.data(), stride, n);
-        flags[n] = static_cast<uint8_t>(simd::plan_flags(p));
-        bflags[b] |= flags[n];
-        for (int64_t e = 0; layout == Jac::lanes && e < kPlanParams * kCoeffs; ++e)
-          jac_soa.data()[e * stride + n] = j[e / kCoeffs][e % kCoeffs];
-      }
-    }
+    for (int64_t b = 0; b < blocks; ++b)
+      plan_block(coeffs, b * kW, std::min(N, (b + 1) * kW), layout, soa.data(), stride, flags.data(), &bflags[b],
+                 jac.data(), jac_soa.data());
   }
   const float (*jac_of(int64_t n) const)[kCoeffs] {
     return reinterpret_cast<const float(*)[kCoeffs]>(jac.data() + n * kPlanParams * kCoeffs);
