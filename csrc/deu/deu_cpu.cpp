@@ -116,8 +116,9 @@ enum class Jac { none, rows, lanes };
 // Neurons from which a call's plans are built on all its threads: planning is per neuron, O(N)
 // whatever the rows (~0.7 us a neuron with the Jacobian), and ran on one thread after a serial zero
 // fill of the plan rows: a [1, 131072] fp32 DEU took 5.3 ms forward and 95 ms forward + backward
-// on 1 and 2 threads alike (the PyTorch reference: 111 ms at [2, 131072]); on 2 threads now 2.8 ms
-// and 52 ms (bench/deu_cpu_wide.py; bench/results/2026-12-07-cpu-deu-wide.md).
+// on 1 and 2 threads alike (the PyTorch reference: 111 ms at [2, 131072]); on all threads, 2.8 ms
+// and 52 ms on 2 (before plan_block's ISA clones; bench/deu_cpu_wide.py,
+// bench/results/2026-12-07-cpu-deu-wide.md).
 constexpr int64_t kParallelPlans = 1024;
 
 // rows x stride floats, uninitialised but for the padding columns [N, stride), which are zero: the
@@ -143,7 +144,8 @@ KF_CLONES __attribute__((flatten)) void plan_block(const float* coeffs, int64_t 
                                                    float* jac, float* jac_soa) {
   for (int64_t n = n0; n < n1; ++n) {
     float j[kPlanParams][kCoeffs];  // Jac::lanes: this neuron's, scattered into jac_soa below
-    float(*jn)[kCoeffs] = layout == Jac::rows ? reinterpret_cast<float(*)[kCoeffs]>(jac + n * kPlanParams * kCoeffs) : j;
+    float(*jn)[kCoeffs] =
+        layout == Jac::rows ? reinterpret_cast<float(*)[kCoeffs]>(jac + n * kPlanParams * kCoeffs) : j;
     const Plan<float> p =
         layout == Jac::none ? plan_from_coeffs(coeffs + 5 * n) : plan_with_jacobian(coeffs + 5 * n, jn);
     simd::plan_to_soa(p, soa, stride, n);

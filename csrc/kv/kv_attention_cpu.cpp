@@ -5,11 +5,11 @@
 // the G = Hq / Hkv heads of the KV head, several KV heads side by side in one task, see decode;
 // prefill: G heads x a block of new tokens), each row with its last visible position (decode:
 // length - 1; prefill: causal), and runs an online softmax over key tiles of kTile positions in
-// [p0, p1). A tile's K rows are gathered through the block table
-// and staged transposed ([D][kTile], in the accumulation type); its V rows are read in place
-// (converted first for half types). Each K/V element is loaded once for all R rows; the scores of a
-// row are one kTile-lane vector (broadcast q[d] x K^T[d][:], no horizontal sums) and the output
-// update is an axpy over D, both over register blocks of kRB rows. A task of at most kDotRows rows
+// [p0, p1). A tile's K rows are gathered through the block table and staged transposed ([D][kTile],
+// in the accumulation type); its V rows are read in place (converted first for half types). Each
+// K/V element is loaded once for all R rows; the scores of a row are one kTile-lane vector
+// (broadcast q[d] x K^T[d][:], no horizontal sums) and the output update is an axpy over D, both
+// over register blocks of kRB rows. A task of at most kDotRows rows
 // (decode with G <= 2) reads K in place instead and takes each score as a dot product (no
 // transpose). Positions at or past a row's limit are -inf before the max, so NaN poison in unread
 // slots never enters (and slots past the length and their block-table entries are never read at

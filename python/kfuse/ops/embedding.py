@@ -512,7 +512,7 @@ def _cpu_fast(weights: object, indices: object, offsets: object, mode: object, b
     try:
         with _routing.labelled("kfuse.embedding_bag"):
             return ext.embedding_forward_fast(weights, indices, offsets, POOLINGS[mode], append_last,
-                                          per_sample_weights)
+                                              per_sample_weights)
     except (RuntimeError, ValueError, IndexError, TypeError):
         return None
 
