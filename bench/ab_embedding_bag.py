@@ -6,7 +6,9 @@ For each shape (rows x dim, bags x indices a bag, uniform or Zipf indices; fp32)
 of ``rounds`` rounds of ``calls`` calls, µs per call. ``--cold`` sweeps 16 MB before each call (the caches a
 training step leaves the op: its Python then runs from memory). The kernel-to-op gap is the ops' own host
 time (bench/results/2026-12-06-cpu-embedding-single-table.md).
-Usage: ``python bench/ab_embedding_bag.py [--threads 2] [--rounds 15] [--calls 20] [--cold]``.
+``--sizes`` runs tables of 5k to 400k rows of D = 128 instead (the forward's prefetch policy depends on the
+tables' size: bench/results/2026-12-07-cpu-embedding-table-sizes.md).
+Usage: ``python bench/ab_embedding_bag.py [--threads 2] [--rounds 15] [--calls 20] [--cold] [--sizes]``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from kfuse.demos._args import positive
 
 # (rows, dim, bags, indices a bag, "u" uniform or "z" Zipf)
 SHAPES = ((20_000, 64, 2048, 8, "z"), (100_000, 128, 512, 20, "u"), (1000, 64, 64, 4, "u"))
+SIZES = tuple((rows, 128, bags, 20, dist) for rows in (5000, 20_000, 60_000, 150_000, 400_000) for dist in "uz"
+              for bags in (512, 4096))
 
 
 def zipf(n: int, rows: int, gen: torch.Generator) -> torch.Tensor:
@@ -37,12 +41,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=positive(int), default=15)
     parser.add_argument("--calls", type=positive(int), default=20)
     parser.add_argument("--cold", action="store_true", help="sweep 16 MB before each call")
+    parser.add_argument("--sizes", action="store_true", help="tables of 5k to 400k rows (D = 128) instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ext = _backends.extension()
     gen = torch.Generator().manual_seed(0)
     junk = torch.zeros(4 << 20)
-    for shape in SHAPES:
+    for shape in SIZES if args.sizes else SHAPES:
         run_shape(shape, args, ext, gen, junk)
 
 
