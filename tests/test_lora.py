@@ -908,6 +908,20 @@ def test_multi_adapter_cpu_work_does_not_grow_with_unused_adapters(seed: int) ->
     assert counts[0] == counts[1] and torch.equal(outs[0], outs[1]), counts
 
 
+@pytest.mark.parametrize("rows", [5, 70])
+def test_multi_adapter_cpu_groups_from_a_list_or_a_sort_alike(seed: int, monkeypatch, rows: int) -> None:
+    """The cpu backend groups up to _HOST_GROUP_ROWS rows by adapter from a host list, more with
+    argsort: the same groups (each adapter's rows in increasing order), so the same bits either way,
+    and both match the reference."""
+    t = multi_inputs((rows,), 19, 13, [3, 1, 0, 5], torch.float32, torch.float32, "cpu", False)
+    outs = []
+    for limit in (0, 1000):  # every batch sorted, then every batch from a list
+        monkeypatch.setattr(ops, "_HOST_GROUP_ROWS", limit)
+        outs.append(kfuse.lora_linear_multi(**t, backend="cpu"))
+    assert torch.equal(outs[0], outs[1])
+    assert_close(outs[0], kfuse.lora_linear_multi(**t, backend="reference"), torch.float32)
+
+
 def test_multi_adapter_with_grad_runs_the_reference(seed: int) -> None:
     t = multi_inputs((4,), 6, 5, [2, 3], torch.float64, torch.float64, "cpu", False)
     x = t.pop("x").requires_grad_()
