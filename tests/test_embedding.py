@@ -3529,6 +3529,25 @@ def test_cpu_fast_path_gives_the_full_paths_bits(dtype, index_dtype, mode, monke
                 assert torch.equal(got, emb(indices[:6] % 11, single_off[:-1]))
 
 
+def test_cpu_fast_path_serves_sparse_modules_without_grad(monkeypatch):
+    """sparse=True shapes only the gradient: with nothing to differentiate (no_grad) the module's call takes the
+    fast path (it took the full path's 1.3x time: CPU hunt, 2026-12-07); with grad it declines and the table's
+    gradient is sparse; a sparse that is not a bool still raises."""
+    m = kfuse.nn.EmbeddingBag(9, 5, mode="sum", sparse=True)
+    i, o = torch.tensor([0, 8, 3, 3, 1]), torch.tensor([0, 2])
+    seen = _fast_spy(monkeypatch)
+    want = F.embedding_bag(i, m.weight.detach(), o, mode="sum")
+    with torch.no_grad():
+        out = m(i, o)
+    assert seen[-1] is not None and torch.equal(out, want)
+    out = m(i, o)
+    assert seen[-1] is None and torch.equal(out.detach(), want)
+    out.sum().backward()
+    assert m.weight.grad.is_sparse
+    with pytest.raises(TypeError, match="sparse must be a bool"):
+        kfuse.embedding_bag(i, m.weight.detach(), o, mode="sum", sparse="yes")
+
+
 def test_cpu_fast_path_declines_what_it_does_not_serve(monkeypatch):
     """Calls the fast path must not take run the full path: a table that requires grad under grad mode (autograd),
     a negated view or strided indices (the full path resolves them), a tensor subclass, the reference backend,
