@@ -86,15 +86,14 @@ constexpr int64_t kRowsAhead = 2;
 //   rounds): prefetcht0 0.78, 0.84, 0.82x the loop's time; prefetcht1 0.67, 0.77, 0.70x; prefetcht2
 //   0.72, 0.77, 0.72x (1 thread: t0 1.01, 1.12x; t1 0.86, 1.11x; t2 0.84, 0.96x). With t1, 16 and
 //   64 KiB ahead measured the same as 32 (0.64-0.80x).
-// - Those two are AMD's for tables of more than kFwdNearTableBytes in all (fwd_prefetch_l1; smaller ones
-//   take Intel's: bench/results/2026-12-07-cpu-embedding-table-sizes.md). On Intel CPUs the forward prefetches 8 KiB ahead (16 rows
-//   of 512 bytes) into L1 (prefetcht0). 2026-12-06, a 2-core Xeon VM with AMX (Sapphire Rapids
-//   class, 2 MiB L2 a core), a temporary build with runtime switches, the candidates in shuffled
-//   order, each timed in a block (steady state; bench/results/2026-12-06-cpu-embedding-prefetch.md),
-//   kfuse / loop, 2 threads: fp32 medical t1 at 32 KiB 1.01x, t0 at 8 KiB 0.82x (1 thread: 1.03 ->
-//   0.83x), t0 at 16 KiB 0.83x, t1 at 64 KiB 0.95x; fp16 0.81 -> 0.76x; bf16 1.06 -> 1.00x. No
-//   prefetch took 1.8x; every other line (Intel's spatial prefetcher fetching its pair) was no
-//   better. On the Ice Lake VM of 2026-12-05 no prefetch setting made a measurable difference.
+// - Those two are AMD's for tables of more than kFwdNearTableBytes in all (fwd_prefetch_l1; smaller ones take Intel's:
+//   bench/results/2026-12-07-cpu-embedding-table-sizes.md). On Intel CPUs the forward prefetches 8 KiB ahead (16 rows
+//   of 512 bytes) into L1 (prefetcht0). 2026-12-06, a 2-core Xeon VM with AMX (Sapphire Rapids class, 2 MiB L2 a core),
+//   a temporary build with runtime switches, the candidates in shuffled order, each timed in a block (steady state;
+//   bench/results/2026-12-06-cpu-embedding-prefetch.md), kfuse / loop, 2 threads: fp32 medical t1 at 32 KiB 1.01x, t0
+//   at 8 KiB 0.82x (1 thread: 1.03 -> 0.83x), t0 at 16 KiB 0.83x, t1 at 64 KiB 0.95x; fp16 0.81 -> 0.76x; bf16 1.06 ->
+//   1.00x. No prefetch took 1.8x; every other line (Intel's spatial prefetcher fetching its pair) was no better. On the
+//   Ice Lake VM of 2026-12-05 no prefetch setting made a measurable difference.
 // - kFwdStreamBytes: float outputs of at least 1 MiB (a core's L2) are written with streaming stores
 //   (on AMD CPUs, for bags of >= 16 indices: stream_output)
 //   (movntps: a line written whole is not first read into the cache). 2026-12-03, 2 threads,
