@@ -7,6 +7,32 @@
 // and uses zmm registers where they exist. Mark only the leaves (tile or task loops): the OpenMP
 // regions stay in baseline code and call them, and every clone multiplies the build time.
 #define KF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// Where a kernel's vectors must be as wide as the ISA's registers, it has one entry per ISA instead, each
+// compiled for its target (KF_TARGET_*) with its own vector width, and pick_isa chooses one at run time. GCC
+// 12 does not split a vector type wider than the clone's registers into registers: a 64-byte vector in an
+// AVX2 clone lives in memory, each operation a round trip through the stack (and a select lane by lane), so
+// the AVX2 clone of the embedding forward, written with 16-float vectors, took 4.3x torch's time on a Zen 3
+// VM (2026-12-07).
+#define KF_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define KF_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
+#define KF_HAS_ISA_ENTRIES 1
 #else
 #define KF_CLONES
+#define KF_TARGET_AVX512
+#define KF_TARGET_AVX2
 #endif
+
+namespace kfuse {
+namespace cpu {
+// The entry for this CPU: avx512 where it has all of x86-64-v4, avx2 where it has x86-64-v3, else base.
+template <typename F> F pick_isa(F avx512, F avx2, F base) {
+#ifdef KF_HAS_ISA_ENTRIES
+  if (__builtin_cpu_supports("x86-64-v4")) return avx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return avx2;
+#else
+  (void)avx512, (void)avx2;
+#endif
+  return base;
+}
+}  // namespace cpu
+}  // namespace kfuse

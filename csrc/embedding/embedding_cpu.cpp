@@ -48,7 +48,7 @@ using cpu::load;
 using cpu::pick;
 using cpu::store;
 
-// The per-task loops are KF_CLONES (cpu_isa.h); the OpenMP regions are not.
+// The per-task loops are KF_CLONES (cpu_isa.h), or one entry per ISA (the forward's); the OpenMP regions are not.
 #define KF_INLINE inline __attribute__((always_inline))
 // A lambda inlined into its caller, so it is compiled for the caller's clone's ISA (a lambda's body is
 // otherwise a function of its own, compiled for the baseline ISA).
@@ -69,9 +69,11 @@ constexpr int64_t kRowsAhead = 2;
 // The forward's own choices, each timed on the medical shape in fp32 against the per-table
 // nn.EmbeddingBag loop (ATen's, i.e. FBGEMM's JIT kernel) in the same process, best of 25 x 3 on
 // the shared 2-core box (AMD EPYC, AVX-512; load 1-10 from other jobs, so ratios, not times):
-// - kFwdBlockBytes: a bag's accumulators held in registers at a time, 512 bytes (a whole D = 128
-//   float row: 8 zmm, 16 ymm registers), so each bag's rows are read once; 256-byte blocks (two
-//   passes over the rows) took 1.05x the loop's time where 512 took 0.87x (1 thread, 16 rows ahead).
+// - kFwdBlockBytes: a bag's accumulators held in registers at a time, 8 vectors: 512 bytes with AVX-512 (a
+//   whole D = 128 float row in 8 zmm), so each bag's rows are read once; 256-byte blocks (two passes over the
+//   rows) took 1.05x the loop's time where 512 took 0.87x (1 thread, 16 rows ahead). With AVX2, 8 ymm (256
+//   bytes): 512 bytes' 16 accumulators fill the 16 ymm registers, and GCC spilled them (Zen 3 VM, 2026-12-07,
+//   1 thread, D = 128, 100k rows, B 512 bags of 20: 296 -> 198-215 us, torch 160-240 us).
 // - kFwdPrefetchBytes: how far ahead the forward prefetches, in bytes of rows (the distance in rows
 //   is this over the row size, 4 to 256): 32 KiB, 64 rows of 512 bytes. The rows of a bag come from
 //   L2 / L3 (the medical shape touches 19 MB of distinct rows per call; the Zipf-hot ones stay in
@@ -103,7 +105,7 @@ constexpr int64_t kRowsAhead = 2;
 //   linear 0.98-0.99x, so the reader's trip to memory costs less than the saved reads. Smaller
 //   outputs (the first B bags of each table, + out.sum()): 1.5 MiB 0.91x, 384 KiB 1.01x, 96 KiB
 //   1.00x, so below a core's L2 the output stays cached for its reader.
-constexpr int64_t kFwdBlockBytes = 512;
+template <int L> constexpr int64_t kFwdBlockBytes = 32 * L;
 template <bool kL1> constexpr int kFwdPrefetchLocality = kL1 ? 3 : 2;
 template <bool kL1> constexpr int64_t kFwdPrefetchBytes = kL1 ? 8 * 1024 : 32 * 1024;
 constexpr int64_t kFwdStreamBytes = int64_t(1) << 20;
@@ -217,15 +219,23 @@ std::vector<int64_t> out_cols(const Tables& tb, const Bags& bg) {
   return col;
 }
 
+// Vec<L>: vectors of L floats, and of as many uint32 / uint16 lanes (GCC's vector types: lane-wise operations). L is
+// the width of the entry's registers (pick_isa, cpu_isa.h): 16 in the AVX-512 entries, 8 in the AVX2 ones, 4 in
+// the baseline's. F32x16: the fp16-on-AVX-512 helpers' vectors.
+template <int L> struct Vec {
+  typedef float F __attribute__((vector_size(4 * L)));
+  typedef uint32_t U __attribute__((vector_size(4 * L)));
+  typedef uint16_t H __attribute__((vector_size(2 * L)));
+};
+typedef Vec<16>::F F32x16;
+
 // fp16 rows on AVX-512 machines: 16 halves -> floats in one vcvtph2ps, where cpu_convert.h's exact
 // integer form takes ~10 operations (medical shape, 2 threads: 4.5 ms against the loop's 1.4, whose
 // kernel converts with F16C). Inline asm, because GCC 12 neither vectorises the conversion without
 // AVX512-FP16 nor inlines the intrinsic into a function compiled for another ISA; only
-// the *_f16_avx512 entries (compiled for x86-64-v4 and called where the CPU has it: the forward, and
+// the AVX-512 entries (compiled for x86-64-v4 and called where the CPU has it: the forward's, and
 // the backward's sums of grad_out rows) instantiate it, and store16 (vcvtps2ph) for the forward's
 // output.
-// F32x16: 16 floats, also the forward's accumulators of float rows (sum_block).
-typedef float F32x16 __attribute__((vector_size(64)));
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define KF_F16_ASM 1
 #define KF_F16_ENTRY(f) f
@@ -250,38 +260,44 @@ KF_INLINE void store16(Half* p, F32x16 v) {  // never called, as cvt16
 }
 #endif
 
-// 16 bf16 -> floats: each the high half of its float (as cpu::to_acc), in GCC's vector types (every ISA clone
-// widens them its own way: vpmovzxwd and vpslld on AVX-512).
-typedef uint16_t U16x16 __attribute__((vector_size(32)));
-typedef uint32_t U32x16 __attribute__((vector_size(64)));
-KF_INLINE F32x16 bf16x16(const BF16* p) {
-  U16x16 h;
+// L bf16 -> floats: each the high half of its float (as cpu::to_acc).
+template <int L> KF_INLINE typename Vec<L>::F bf16_load(const BF16* p) {
+  typename Vec<L>::H h;
   std::memcpy(&h, p, sizeof(h));
-  const U32x16 u = __builtin_convertvector(h, U32x16) << 16;
-  F32x16 f;
+  const typename Vec<L>::U u = __builtin_convertvector(h, typename Vec<L>::U) << 16;
+  typename Vec<L>::F f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
 
-// 16 floats -> bf16 at p, bit for bit cpu::from_acc<BF16>'s (nearest even; a NaN stays a quiet NaN), in vector
+// L floats -> bf16 at p, bit for bit cpu::from_acc<BF16>'s (nearest even; a NaN stays a quiet NaN), in vector
 // types: lane by lane, the accumulators went through memory and the forward took 1.8x torch's time (D = 128).
-KF_INLINE void store_bf16x16(BF16* p, F32x16 v) {
-  U32x16 u;
+template <int L> KF_INLINE void store_bf16(BF16* p, typename Vec<L>::F v) {
+  using U = typename Vec<L>::U;
+  U u;
   std::memcpy(&u, &v, sizeof(u));
-  const U32x16 nan = (u & 0x7fffffffu) > 0x7f800000u;  // all ones where a NaN
-  const U32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const U16x16 h = __builtin_convertvector((nan & ((u >> 16) | 0x40u)) | (~nan & rounded), U16x16);
+  const U nan = (u & 0x7fffffffu) > 0x7f800000u;  // all ones where a NaN
+  const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const typename Vec<L>::H h = __builtin_convertvector((nan & ((u >> 16) | 0x40u)) | (~nan & rounded),
+                                                        typename Vec<L>::H);
   std::memcpy(p, &h, sizeof(h));
 }
 
-// 16 floats to p (16-byte aligned) past the caches: movntps, 4 x 16 bytes (SSE, so every ISA clone
-// has it); the line is written whole, so the core does not first read it (no read-for-ownership).
-// Used for large float outputs (kFwdStreamBytes).
-KF_INLINE void stream16(float* p, F32x16 v) {
+// The lanes of e (a block's even columns) and o (its odd ones) in column order: the block's first L columns, or
+// (kHi) its last L.
+template <int L, bool kHi, int... k>
+KF_INLINE typename Vec<L>::F zip(typename Vec<L>::F e, typename Vec<L>::F o, std::integer_sequence<int, k...>) {
+  return __builtin_shufflevector(e, o, ((kHi ? L / 2 : 0) + k / 2 + (k % 2) * L)...);
+}
+
+// L floats to p (16-byte aligned) past the caches: movntps, 16 bytes at a time (SSE, so every entry has
+// it); the line is written whole, so the core does not first read it (no read-for-ownership). Used for
+// large float outputs (kFwdStreamBytes).
+template <int L> KF_INLINE void stream(float* p, typename Vec<L>::F v) {
 #if defined(__x86_64__)
-  __m128 q[4];
+  __m128 q[L / 4];
   std::memcpy(q, &v, sizeof(v));
-  for (int k = 0; k < 4; ++k) _mm_stream_ps(p + 4 * k, q[k]);
+  for (int k = 0; k < L / 4; ++k) _mm_stream_ps(p + 4 * k, q[k]);
 #else
   std::memcpy(p, &v, sizeof(v));
 #endif
@@ -309,8 +325,9 @@ template <typename S, typename F, typename G> F entry(F generic, G f16_avx512) {
 // the N accumulators stay in registers over all its rows (N a compile-time width the vectoriser keeps
 // there), then are scaled (mean: by 1 / count, as the reference; else by 1) and stored. ahead > 0: the
 // whole rows `ahead` indices on (below pf_end, the task's end) are prefetched, one instruction per line.
-// nt: streaming stores (the float vector path; the caller checked the alignment and fences).
-template <int64_t N, bool kPsw, bool kAsm, bool kL1, typename S, typename I>
+// nt: streaming stores (the float vector path; the caller checked the alignment and fences). L: the
+// entry's vector width in floats (Vec).
+template <int L, int64_t N, bool kPsw, bool kAsm, bool kL1, typename S, typename I>
 KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I* idx, int64_t i0, int64_t i1,
                          const Acc<S>* psw, Acc<S> scale, int64_t ahead, int64_t pf_end, S* o, bool nt) {
   using A = Acc<S>;
@@ -322,7 +339,7 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
   // threads: 0.56x both), 0.72x -> 0.65x for the scale (2 threads: 0.55x -> 0.53x; with every row
   // in L1, all indices 0: 1.18x -> 1.07x).
   static const S zeros[N] = {};
-  // float (and fp16 on AVX-512) sums live in vectors of 16 floats (GCC's vector type: the same
+  // float (and fp16 on AVX-512) sums live in vectors of L floats (GCC's vector type: the same
   // lane-wise adds), scaled and stored from them. As a float array GCC kept them in registers only
   // inside a bag and went through the stack around it (spill, reload to scale, zero a stack copy):
   // with every row in L1 (indices mod 64) the forward took 2.28 -> 1.54 ms on 1 thread (the loop
@@ -330,28 +347,32 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
   // shape is bound by memory on this VM and did not move (1.00-1.03x the loop on 1 thread). fp16
   // sums are stored by vcvtps2ph too (store16) instead of the scalar-array route through from_acc:
   // the fp16 medical forward took 0.96 -> 0.65-0.86x the loop's time on 2 threads, 1.29 -> 0.90-0.94x
-  // on 1 (interleaved runs). Blocks narrower than 16 take the scalar path (its fixed width vectorises).
-  // bf16 rows too, 32 columns at a time: 32 bf16 read as 16 uint32 hold the even columns' floats in their low
-  // halves and the odd ones' in their high halves (a shift, a mask: exact), summed in two vectors of 16 and
-  // put back in column order for the store, rounded as the scalar path rounds (store_bf16x16). A block of 16
-  // widens its bf16 (bf16x16), which GCC splits into 256-bit halves: 1.8x torch's time at D = 128, where the
-  // scalar path took 1.45x and 5.7x at D = 16 (256 bags of 100, 2 threads; CPU hunt, 2026-12-07).
+  // on 1 (interleaved runs). Blocks narrower than L take the scalar path (its fixed width vectorises).
+  // bf16 rows too, 2L columns at a time: 2L bf16 read as L uint32 hold the even columns' floats in their low
+  // halves and the odd ones' in their high halves (a shift, a mask: exact), summed in two vectors of L and
+  // put back in column order for the store (zip), rounded as the scalar path rounds (store_bf16). A block of L
+  // widens its bf16 (bf16_load), which GCC splits into 256-bit halves for L = 16: 1.8x torch's time at
+  // D = 128, where the scalar path took 1.45x and 5.7x at D = 16 (256 bags of 100, 2 threads; CPU hunt,
+  // 2026-12-07).
+  static_assert(!kAsm || L == 16, "cvt16 and store16 take 16 lanes");
+  using F = typename Vec<L>::F;
+  using U = typename Vec<L>::U;
   constexpr bool kBf16 = std::is_same_v<S, BF16>;
-  constexpr bool kVec = N % 16 == 0 && (kAsm || kBf16 || std::is_same_v<S, float>);
+  constexpr bool kVec = N % L == 0 && (kAsm || kBf16 || std::is_same_v<S, float>);
   const int64_t row_bytes = D * int64_t(sizeof(S));
   A acc[kVec ? 1 : N];  // the scalar path's sums (the vector path keeps vacc)
   if constexpr (!kVec)
     for (int64_t d = 0; d < N; ++d) acc[d] = A(0);
-  F32x16 vacc[kVec ? N / 16 : 1] = {};
+  F vacc[kVec ? N / L : 1] = {};
   const auto add = [&](int64_t i) KF_INLINE_LAMBDA {
     const int64_t r = idx[i];
     const S* row = r == pad ? zeros : W + r * D + d0;
-    if constexpr (kVec && kBf16 && N % 32 == 0) {  // vacc[2j]: columns 32j, 32j + 2, ...; vacc[2j + 1]: the odd
-      for (int64_t j = 0; j < N / 32; ++j) {
-        U32x16 w;
-        std::memcpy(&w, row + 32 * j, sizeof(w));
-        const U32x16 lo = w << 16, hi = w & 0xffff0000u;
-        F32x16 even, odd;
+    if constexpr (kVec && kBf16 && N % (2 * L) == 0) {  // vacc[2j]: columns 2Lj, 2Lj + 2, ...; vacc[2j + 1]: the odd
+      for (int64_t j = 0; j < N / (2 * L); ++j) {
+        U w;
+        std::memcpy(&w, row + 2 * L * j, sizeof(w));
+        const U lo = w << 16, hi = w & 0xffff0000u;
+        F even, odd;
         std::memcpy(&even, &lo, sizeof(even));
         std::memcpy(&odd, &hi, sizeof(odd));
         if constexpr (kPsw) {
@@ -361,12 +382,12 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
         vacc[2 * j] += even;
         vacc[2 * j + 1] += odd;
       }
-    } else if constexpr (kVec) {  // the same sums, 16 lanes a vector
-      for (int64_t j = 0; j < N / 16; ++j) {
-        F32x16 x;
+    } else if constexpr (kVec) {  // the same sums, L lanes a vector
+      for (int64_t j = 0; j < N / L; ++j) {
+        F x;
         if constexpr (kAsm) x = cvt16(row + 16 * j);
-        else if constexpr (kBf16) x = bf16x16(row + 16 * j);
-        else std::memcpy(&x, row + 16 * j, sizeof(x));
+        else if constexpr (kBf16) x = bf16_load<L>(row + L * j);
+        else std::memcpy(&x, row + L * j, sizeof(x));
         if constexpr (kPsw) x *= r == pad ? A(0) : psw[i];
         vacc[j] += x;
       }
@@ -394,20 +415,20 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
     }
   }
   for (; i < i1; ++i) add(i);
-  if constexpr (kVec && kBf16 && N % 32 == 0) {
-    for (int64_t j = 0; j < N / 32; ++j) {
-      const F32x16 e = vacc[2 * j] * scale, d = vacc[2 * j + 1] * scale;
-      store_bf16x16(o + 32 * j, __builtin_shufflevector(e, d, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
-      store_bf16x16(o + 32 * j + 16,
-                    __builtin_shufflevector(e, d, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
+  if constexpr (kVec && kBf16 && N % (2 * L) == 0) {
+    constexpr auto lanes = std::make_integer_sequence<int, L>{};
+    for (int64_t j = 0; j < N / (2 * L); ++j) {
+      const F e = vacc[2 * j] * scale, d = vacc[2 * j + 1] * scale;
+      store_bf16<L>(o + 2 * L * j, zip<L, false>(e, d, lanes));
+      store_bf16<L>(o + 2 * L * j + L, zip<L, true>(e, d, lanes));
     }
   } else if constexpr (kVec) {
-    for (int64_t j = 0; j < N / 16; ++j) {
-      const F32x16 y = vacc[j] * scale;
+    for (int64_t j = 0; j < N / L; ++j) {
+      const F y = vacc[j] * scale;
       if constexpr (kAsm) store16(o + 16 * j, y);
-      else if constexpr (kBf16) store_bf16x16(o + 16 * j, y);
-      else if (nt) stream16(o + 16 * j, y);
-      else std::memcpy(o + 16 * j, &y, sizeof(y));
+      else if constexpr (kBf16) store_bf16<L>(o + L * j, y);
+      else if (nt) stream<L>(o + L * j, y);
+      else std::memcpy(o + L * j, &y, sizeof(y));
     }
   } else {
     for (int64_t d = 0; d < N; ++d) o[d] = store<S>(acc[d] * scale);
@@ -444,12 +465,12 @@ KF_INLINE void sum_tail(const S* W, int64_t D, int64_t d0, int64_t n, int64_t pa
 // A template that always inlines, not a lambda: a lambda's body is a function of its own, compiled for the
 // baseline ISA rather than forward_task's clones (D = 32, on its quarter block, took 2.8x torch's time that
 // way, 1.1x inlined).
-template <int64_t n, int64_t last, bool kPsw, bool kAsm, bool kL1, typename S, typename I>
+template <int L, int64_t n, int64_t last, bool kPsw, bool kAsm, bool kL1, typename S, typename I>
 KF_INLINE void narrow_blocks(const S* W, int64_t D, int64_t d0, int64_t pad, const I* idx, int64_t i0, int64_t i1,
                              const Acc<S>* psw, Acc<S> scale, int64_t a, int64_t pf_end, S* o, bool nt,
                              Acc<S>* acc) {
   if (d0 + n <= D) {
-    sum_block<n, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
+    sum_block<L, n, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
     d0 += n, a = 0;
   }
   if (d0 == D) return;
@@ -459,12 +480,12 @@ KF_INLINE void narrow_blocks(const S* W, int64_t D, int64_t d0, int64_t pad, con
     // The smaller blocks and the scalar tail each made a pass over the bag's rows: D = 15 took 3.8x torch's
     // time (8 + 4 + 3 columns), D = 31 3.4x, D = 127 2.1x (256 bags of 100, 2 threads; CPU hunt, 2026-12-07).
     if (D >= n) {
-      sum_block<n, kPsw, kAsm, kL1>(W, D, D - n, pad, idx, i0, i1, psw, scale, a, pf_end, o + D - n, false);
+      sum_block<L, n, kPsw, kAsm, kL1>(W, D, D - n, pad, idx, i0, i1, psw, scale, a, pf_end, o + D - n, false);
       return;
     }
   }
   if constexpr (n > last)
-    narrow_blocks<n / 2, last, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o, nt, acc);
+    narrow_blocks<L, n / 2, last, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o, nt, acc);
   else if (d0 < D)
     sum_tail<kPsw, kL1>(W, D, d0, D - d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, acc);
 }
@@ -476,12 +497,12 @@ KF_INLINE void narrow_blocks(const S* W, int64_t D, int64_t d0, int64_t pad, con
 // the task's rows, megabytes) a width that is not a multiple of 128 floats took up to 3.5x the time
 // of D = 128 (D = 120), and D = 256 .. 2048 1.6-1.9x torch's (CPU hunt of 2026-12-05). acc: D
 // elements of scratch.
-template <bool kPsw, bool kAsm, bool kL1, typename S, typename I>
+template <int L, bool kPsw, bool kAsm, bool kL1, typename S, typename I>
 KF_INLINE void forward_bags(const S* W, int64_t D, int64_t pad, const I* idx, const I* off, const Acc<S>* psw,
                             bool mean, int64_t fb0, int64_t fb1, int64_t B, S* out, int64_t width, Acc<S>* acc,
                             bool stream) {
   using A = Acc<S>;
-  constexpr int64_t N = kFwdBlockBytes / int64_t(sizeof(A));
+  constexpr int64_t N = kFwdBlockBytes<L> / int64_t(sizeof(A));
   if (D == 0) return;
   const int64_t row_bytes = D * int64_t(sizeof(S)), pf_end = off[fb1];
   const int64_t ahead = std::clamp<int64_t>(kFwdPrefetchBytes<kL1> / row_bytes, 4, 256);
@@ -499,8 +520,8 @@ KF_INLINE void forward_bags(const S* W, int64_t D, int64_t pad, const I* idx, co
     const A scale = cnt > 0 ? A(1) / A(cnt) : A(1);
     int64_t d0 = 0, a = ahead;  // the first block prefetches
     for (; d0 + N <= D; d0 += N, a = 0)
-      sum_block<N, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
-    narrow_blocks<N / 2, N / 32, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o, nt, acc);
+      sum_block<L, N, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
+    narrow_blocks<L, N / 2, N / 32, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o, nt, acc);
   }
 #if defined(__x86_64__)
   if (nt) _mm_sfence();  // streaming stores are weakly ordered: visible before the task ends
@@ -509,33 +530,42 @@ KF_INLINE void forward_bags(const S* W, int64_t D, int64_t pad, const I* idx, co
 
 // One task: the weighted and unweighted loops apart, so neither tests psw per row, and the two
 // prefetch policies (fwd_prefetch_l1) apart, so the locality is an instruction's immediate.
-template <bool kAsm, typename S, typename I>
+template <int L, bool kAsm, typename S, typename I>
 KF_INLINE void forward_variant(const S* W, int64_t D, int64_t pad, const I* idx, const I* off, const Acc<S>* psw,
                                bool mean, int64_t fb0, int64_t fb1, int64_t B, S* out, int64_t width, Acc<S>* acc,
                                bool stream, bool l1) {
-  if (psw && l1) forward_bags<true, kAsm, true>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream);
-  else if (psw) forward_bags<true, kAsm, false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream);
-  else if (l1) forward_bags<false, kAsm, true>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream);
-  else forward_bags<false, kAsm, false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream);
+  const auto run = [&](auto weighted, auto near) KF_INLINE_LAMBDA {
+    forward_bags<L, weighted(), kAsm, near()>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream);
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  if (psw && l1) run(T{}, T{});
+  else if (psw) run(T{}, F{});
+  else if (l1) run(F{}, T{});
+  else run(F{}, F{});
 }
 
-template <typename S, typename I>
-KF_CLONES void forward_task(const S* W, int64_t D, int64_t pad, const I* idx, const I* off, const Acc<S>* psw,
-                            bool mean, int64_t fb0, int64_t fb1, int64_t B, S* out, int64_t width, Acc<S>* acc,
-                            bool stream, bool l1) {
-  forward_variant<false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream, l1);
-}
-
+// The forward's entries, one per ISA (pick_isa, cpu_isa.h), each compiled for its target with vectors of its
+// registers' width. On AVX-512 machines fp16 tables convert with cvt16's vcvtph2ps (kAsm), bit for bit the
+// conversion of the other entries.
+#define KF_FORWARD_ARGS                                                                                           \
+  const S *W, int64_t D, int64_t pad, const I *idx, const I *off, const Acc<S> *psw, bool mean, int64_t fb0,     \
+      int64_t fb1, int64_t B, S *out, int64_t width, Acc<S> *acc, bool stream, bool l1
+template <typename S, typename I> KF_TARGET_AVX512 void forward_task_avx512(KF_FORWARD_ARGS) {
 #ifdef KF_F16_ASM
-// forward_task for fp16 tables on AVX-512 machines (forward_t checks the CPU): cvt16's vcvtph2ps,
-// bit for bit the conversion of the other clones.
-template <typename I>
-__attribute__((target("arch=x86-64-v4"))) void forward_task_f16_avx512(
-    const Half* W, int64_t D, int64_t pad, const I* idx, const I* off, const float* psw, bool mean, int64_t fb0,
-    int64_t fb1, int64_t B, Half* out, int64_t width, float* acc, bool stream, bool l1) {
-  forward_variant<true>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream, l1);
-}
+  constexpr bool kAsm = std::is_same_v<S, Half>;
+#else
+  constexpr bool kAsm = false;
 #endif
+  forward_variant<16, kAsm>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream, l1);
+}
+template <typename S, typename I> KF_TARGET_AVX2 void forward_task_avx2(KF_FORWARD_ARGS) {
+  forward_variant<8, false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream, l1);
+}
+template <typename S, typename I> void forward_task_base(KF_FORWARD_ARGS) {
+  forward_variant<4, false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream, l1);
+}
+#undef KF_FORWARD_ARGS
 
 #pragma GCC pop_options
 
@@ -611,7 +641,7 @@ template <typename S, typename I> void forward_t(const Tables& tb, const Bags& b
   const I* idx = static_cast<const I*>(bg.indices);
   const I* off = static_cast<const I*>(bg.offsets);
   const int64_t width = col[bg.F], D_max = max_dim(tb);
-  const auto task = entry<S>(forward_task<S, I>, KF_F16_ENTRY(forward_task_f16_avx512<I>));
+  const auto task = cpu::pick_isa(forward_task_avx512<S, I>, forward_task_avx2<S, I>, forward_task_base<S, I>);
   const bool stream = stream_output(bg.B * width * int64_t(sizeof(S)), bg.N, bg.F * bg.B);
   const bool l1 = fwd_prefetch_l1(tb, sizeof(S));
 #pragma omp parallel num_threads(nt)
