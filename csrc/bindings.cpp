@@ -17,6 +17,7 @@
 #endif
 
 #include "common.h"
+#include "cpu_isa.h"
 #include "deu/deu.h"
 #include "embedding/embedding.h"
 #include "kv/kv.h"
@@ -854,6 +855,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
+  m.def("cpu_isa", []() { return std::string(kfuse::cpu::isa_name()); },
+        "The ISA whose entries the CPU kernels with one per ISA run: avx512, avx2 or base (KFUSE_CPU_ISA lowers it).");
   m.def("sources_hash", []() { return std::string(KFUSE_SOURCES_HASH); },
         "Hash of csrc/ at build time; kfuse compares it with the tree to detect a stale build.");
   m.def("deu_forward", &deu_forward, release,

@@ -1,6 +1,9 @@
 // ISA dispatch for the CPU kernels' hot loops, shared by every op.
 #pragma once
 
+#include <cstdlib>
+#include <string>
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // A function marked KF_CLONES is compiled for AVX-512 (x86-64-v4), AVX2 + FMA (x86-64-v3) and
 // baseline x86-64 and picked once at load time (ifunc), so the extension runs on any x86-64 host
@@ -24,15 +27,29 @@
 
 namespace kfuse {
 namespace cpu {
-// The entry for this CPU: avx512 where it has all of x86-64-v4, avx2 where it has x86-64-v3, else base.
-template <typename F> F pick_isa(F avx512, F avx2, F base) {
+// The ISA whose entries pick_isa chooses: 2 where the CPU has all of x86-64-v4 (AVX-512), 1 where it has
+// x86-64-v3 (AVX2 + FMA), else 0; the environment variable KFUSE_CPU_ISA=avx2 or =base lowers it (never
+// raises it), so that the tests run every entry this CPU can (tests/test_backends.py). Read once per process.
+inline int isa_level() {
+  static const int level = [] {
+    int l = 0;
 #ifdef KF_HAS_ISA_ENTRIES
-  if (__builtin_cpu_supports("x86-64-v4")) return avx512;
-  if (__builtin_cpu_supports("x86-64-v3")) return avx2;
-#else
-  (void)avx512, (void)avx2;
+    l = __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
 #endif
-  return base;
+    const char* env = std::getenv("KFUSE_CPU_ISA");
+    const std::string want = env ? env : "";
+    if (want == "base") l = 0;
+    if (want == "avx2" && l > 1) l = 1;
+    return l;
+  }();
+  return level;
+}
+inline const char* isa_name() { return isa_level() == 2 ? "avx512" : isa_level() == 1 ? "avx2" : "base"; }
+
+// The entry for this CPU (isa_level): avx512, avx2 or base.
+template <typename F> F pick_isa(F avx512, F avx2, F base) {
+  const int l = isa_level();
+  return l == 2 ? avx512 : l == 1 ? avx2 : base;
 }
 }  // namespace cpu
 }  // namespace kfuse

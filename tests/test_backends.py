@@ -370,3 +370,67 @@ def test_registered_ops_check_their_arguments_as_the_public_ops_do():
     for error, message, call in calls:
         with pytest.raises(error, match=message):
             call()
+
+
+# Run in a subprocess per ISA (KFUSE_CPU_ISA is read once per process): DEU's tile kernels and the
+# embedding forward have one entry per ISA, each with its own vector width (cpu_isa.h), and the rest of
+# the suite runs only the one this CPU picks.
+_ISA_CHECK = """
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import kfuse
+from kfuse import _backends
+from kfuse.reference.deu import deu_reference
+
+sys.path.insert(0, sys.argv[1])
+from tolerances import assert_close
+
+print(_backends.extension().cpu_isa())
+g = torch.Generator().manual_seed(0)
+# DEU forward and backward: lanes over neurons (37: whole and partial lane blocks) and along K (K = 9 and 37).
+for shape, dim in (((6, 37), -1), ((3, 5, 9), 1), ((2, 3, 37), 1)):
+    x = torch.randn(shape, generator=g) * 3
+    co = torch.randn(shape[dim], 5, generator=g)
+    gy = torch.randn(shape, generator=g)
+    got = []
+    for xx, cc, backend in ((x, co, "cpu"), (x.double(), co.double(), "reference")):
+        xx, cc = xx.clone().requires_grad_(), cc.clone().requires_grad_()
+        y = kfuse.deu(xx, cc, dim, backend=backend) if backend == "cpu" else deu_reference(xx, cc, dim)
+        y.backward(gy.to(y.dtype))
+        got.append((y, xx.grad, cc.grad))
+    for a, e, what in zip(got[0], got[1], ("y", "grad_x", "grad_coeffs")):
+        assert_close(a, e, torch.float32, f"deu {shape} {what}", scale_dim=0 if what == "grad_coeffs" else dim)
+# The embedding forward: every block width (D from 5 to 300), fp32 / fp16 / bf16, sum, mean and weighted.
+for D in (5, 16, 37, 64, 128, 300):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        w = torch.randn(50, D, generator=g).to(dtype)
+        idx = torch.randint(0, 50, (70,), generator=g)
+        off = torch.tensor([0, 3, 3, 20, 41, 69])
+        psw = torch.rand(70, generator=g).to(dtype)
+        for mode, p in (("sum", None), ("mean", None), ("sum", psw)):
+            out = kfuse.embedding_bag(idx, w, off, mode=mode, per_sample_weights=p, backend="cpu")
+            ref = F.embedding_bag(idx, w.double(), off, mode=mode, per_sample_weights=None if p is None else p.double())
+            assert_close(out, ref, dtype, f"embedding D {D} {dtype} {mode} weighted {p is not None}")
+print("ok")
+"""
+
+
+def test_every_cpu_isa_entry_matches_the_reference() -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    ext = _backends.extension()
+    assert ext is not None, "kfuse._C is not built"
+    levels = ["base", "avx2", "avx512"]
+    top = ext.cpu_isa()
+    assert top in levels
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    for isa in levels[: levels.index(top) + 1]:
+        env = dict(os.environ, KFUSE_CPU_ISA=isa)
+        out = subprocess.run([sys.executable, "-c", _ISA_CHECK, tests_dir], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0, f"KFUSE_CPU_ISA={isa}:\n{out.stdout}\n{out.stderr[-3000:]}"
+        assert out.stdout.split() == [isa, "ok"], out.stdout

@@ -89,27 +89,28 @@ void backward_f64(const double* gy, const double* x, const double* coeffs, doubl
   }
 }
 
-// ---- float compute (f32, f16, bf16 storage): 16-lane SIMD, deu_cpu_simd.h ---------------
-using simd::kW;
-using simd::vf;
+// ---- float compute (f32, f16, bf16 storage): W-lane SIMD, deu_cpu_simd.h ---------------
+using simd::kBlock;
 
-// Load / store 16 floats (cnt < 16: a partial block, padded with zeros).
-KF_SIMD vf load16(const float* p, int cnt) {
-  if (cnt == kW) return simd::loadu(p);
-  float buf[kW] = {};
+// Load / store W floats (cnt < W: a partial block, padded with zeros).
+template <int W> KF_SIMD typename simd::Lanes<W>::vf load_lanes(const float* p, int cnt) {
+  using V = simd::Lanes<W>;
+  if (cnt == W) return V::loadu(p);
+  float buf[W] = {};
   std::memcpy(buf, p, sizeof(float) * cnt);
-  return simd::loadu(buf);
+  return V::loadu(buf);
 }
-KF_SIMD void store16(float* p, vf v, int cnt) {
-  if (cnt == kW) return simd::storeu(p, v);
-  float buf[kW];
-  simd::storeu(buf, v);
+template <int W> KF_SIMD void store_lanes(float* p, typename simd::Lanes<W>::vf v, int cnt) {
+  using V = simd::Lanes<W>;
+  if (cnt == W) return V::storeu(p, v);
+  float buf[W];
+  V::storeu(buf, v);
   std::memcpy(p, buf, sizeof(float) * cnt);
 }
 
 // Which Jacobian layout a FloatPlans holds: none (forward), rows (one [kPlanParams][kCoeffs]
 // block per neuron: the K > 1 backward, a neuron per loop) or lanes (structure of arrays: the
-// K == 1 backward, kW neurons per vector). One, not both: building the second one as well took
+// K == 1 backward, W neurons per vector). One, not both: building the second one as well took
 // 7% of a [1, 1024] backward (one thread: 150 against 139 us).
 enum class Jac { none, rows, lanes };
 
@@ -161,48 +162,50 @@ struct FloatPlans {
   int64_t N = 0, stride = 0;
   PlanRows soa;                 // [simd::kSoaRows][stride]
   std::vector<uint8_t> flags;   // per neuron
-  std::vector<uint8_t> bflags;  // per block of kW neurons (OR of its neurons)
+  std::vector<uint8_t> bflags;  // per block of kBlock neurons (OR of its neurons)
   PlanRows jac;                 // Jac::rows: [N][kPlanParams][kCoeffs] (no padding)
   PlanRows jac_soa;             // Jac::lanes: [kPlanParams][kCoeffs][stride]
 
   // Neurons are planned on nt threads when there are at least kParallelPlans of them (each
   // neuron's plan is its own: the same bits on any number of threads).
   FloatPlans(const float* coeffs, int64_t n_, Jac layout, int nt) : N(n_) {
-    // An odd number of kW-float (64-byte) blocks per row: with N a multiple of 1024 the rows
+    // An odd number of kBlock-float (64-byte) blocks per row: with N a multiple of 1024 the rows
     // were 4 KB apart, so the scattered writes below (19 plan rows, 95 Jacobian rows per
     // neuron) all fell into one L1 set. Backward of [1, 1024] fp32, one thread: 411 -> 150 us.
-    stride = ((N + kW - 1) / kW | 1) * kW;
+    stride = ((N + kBlock - 1) / kBlock | 1) * kBlock;
     soa.init(simd::kSoaRows, N, stride);
     flags.assign(N, 0);
-    bflags.assign(stride / kW, 0);
+    bflags.assign(stride / kBlock, 0);
     if (layout == Jac::rows) jac.init(N, kPlanParams * kCoeffs, kPlanParams * kCoeffs);
     if (layout == Jac::lanes) jac_soa.init(kPlanParams * kCoeffs, N, stride);
-    // Blocks of kW neurons, so that one thread writes each bflags entry.
-    const int64_t blocks = (N + kW - 1) / kW;
+    // Blocks of kBlock neurons, so that one thread writes each bflags entry.
+    const int64_t blocks = (N + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static) if (N >= kParallelPlans) num_threads(nt)
     for (int64_t b = 0; b < blocks; ++b)
-      plan_block(coeffs, b * kW, std::min(N, (b + 1) * kW), layout, soa.data(), stride, flags.data(), &bflags[b],
-                 jac.data(), jac_soa.data());
+      plan_block(coeffs, b * kBlock, std::min(N, (b + 1) * kBlock), layout, soa.data(), stride, flags.data(),
+                 &bflags[b], jac.data(), jac_soa.data());
   }
   const float (*jac_of(int64_t n) const)[kCoeffs] {
     return reinterpret_cast<const float(*)[kCoeffs]>(jac.data() + n * kPlanParams * kCoeffs);
   }
 };
 
-// apply_jacobian (deu_math.h) on 16 lanes of neurons nb.. (the lanes of acc), written to
+// apply_jacobian (deu_math.h) on W lanes of neurons nb.. (the lanes of acc), written to
 // out[l * kCoeffs + k] for the first cnt lanes. The same sums in the same order; structural
 // zeros are skipped by a select, so an unused accumulator's inf cannot make 0·inf = NaN.
 // Scalar, once per lane and 64-row partial, it took ~15% of a [4096, 1024] backward.
-KF_SIMD void apply_jacobian16(const simd::VAcc& acc, const FloatPlans& P, int64_t nb, int cnt,
-                              float* out) {
-  float lanes[kCoeffs][kW];
+template <int W>
+KF_SIMD void apply_jacobian_lanes(const typename simd::Lanes<W>::VAcc& acc, const FloatPlans& P, int64_t nb, int cnt,
+                                  float* out) {
+  using V = simd::Lanes<W>;
+  float lanes[kCoeffs][W];
   for (int k = 0; k < kCoeffs; ++k) {
-    vf s = simd::splat(0.0f);
+    typename V::vf s = V::splat(0.0f);
     for (int i = 0; i < kPlanParams; ++i) {
-      const vf j = simd::loadu(P.jac_soa.data() + (i * kCoeffs + k) * P.stride + nb);
-      s += j != 0.0f ? acc.a[i] * j : simd::splat(0.0f);
+      const typename V::vf j = V::loadu(P.jac_soa.data() + (i * kCoeffs + k) * P.stride + nb);
+      s += j != 0.0f ? acc.a[i] * j : V::splat(0.0f);
     }
-    simd::storeu(lanes[k], s);
+    V::storeu(lanes[k], s);
   }
   for (int l = 0; l < cnt; ++l)
     for (int k = 0; k < kCoeffs; ++k) out[l * kCoeffs + k] = lanes[k][l];
@@ -222,38 +225,40 @@ KF_SIMD void prefetch_block(const float* in, const float* out, const float* in2 
 
 // A tile is rows [0, rows) x neurons [n0, n1) x klen elements of K of float data; element
 // (m, n, k) is at p[m * ld + (n - n0) * K + k] (a tile has one neuron or whole rows of K, so
-// this holds for staged tiles too). With K == 1 lanes run over 16 neurons (n0 a multiple of
-// 16) and the loops are neuron block outer, rows inner, so a block's plan and, in the
+// this holds for staged tiles too). With K == 1 lanes run over W neurons (n0 a multiple of
+// kBlock) and the loops are neuron block outer, rows inner, so a block's plan and, in the
 // backward, its 19 accumulators stay in registers; with K > 1 lanes run along K with the
 // neuron's plan broadcast.
-// The two tile kernels are KF_CLONES (cpu_isa.h); one instantiation (float data) keeps the build
+// The two tile kernels have one entry per ISA (below); one instantiation (float data) keeps the build
 // time down: f16/bf16 tiles are staged.
 
-KF_CLONES void fwd_tile(const float* x, float* y, int64_t ld, const FloatPlans& P, int64_t n0,
-                        int64_t n1, int64_t rows, int64_t K, int64_t klen) {
+template <int W>
+KF_SIMD void fwd_tile_lanes(const float* x, float* y, int64_t ld, const FloatPlans& P, int64_t n0, int64_t n1,
+                            int64_t rows, int64_t K, int64_t klen) {
+  using V = simd::Lanes<W>;
   if (K == 1) {
     for (int64_t m = 0; m < rows; ++m) prefetch_block(x + m * ld, y + m * ld);
-    for (int64_t nb = n0; nb < n1; nb += kW) {
-      const int cnt = static_cast<int>(std::min<int64_t>(kW, n1 - nb));
-      const simd::VPlan p = simd::load_plan(P.soa.data(), P.stride, nb);
-      with_mask<simd::kFwdFlags>(P.bflags[nb / kW], [&](auto F) __attribute__((always_inline)) {
+    for (int64_t nb = n0; nb < n1; nb += W) {
+      const int cnt = static_cast<int>(std::min<int64_t>(W, n1 - nb));
+      const typename V::VPlan p = V::load_plan(P.soa.data(), P.stride, nb);
+      with_mask<simd::kFwdFlags>(P.bflags[nb / kBlock], [&](auto F) __attribute__((always_inline)) {
         for (int64_t m = 0; m < rows; ++m) {
           const int64_t o = m * ld + (nb - n0);
-          prefetch_block(x + o + kW, y + o + kW);
-          store16(y + o, simd::vforward<F()>(p, load16(x + o, cnt)), cnt);
+          prefetch_block(x + o + kBlock, y + o + kBlock);
+          store_lanes<W>(y + o, V::template vforward<F()>(p, load_lanes<W>(x + o, cnt)), cnt);
         }
       });
     }
     return;
   }
   for (int64_t n = n0; n < n1; ++n) {
-    const simd::VPlan p = simd::splat_plan(P.soa.data(), P.stride, n);
+    const typename V::VPlan p = V::splat_plan(P.soa.data(), P.stride, n);
     with_mask<simd::kFwdFlags>(P.flags[n], [&](auto F) __attribute__((always_inline)) {
       for (int64_t m = 0; m < rows; ++m) {
-        for (int64_t k = 0; k < klen; k += kW) {
-          const int cnt = static_cast<int>(std::min<int64_t>(kW, klen - k));
+        for (int64_t k = 0; k < klen; k += W) {
+          const int cnt = static_cast<int>(std::min<int64_t>(W, klen - k));
           const int64_t o = m * ld + (n - n0) * K + k;
-          store16(y + o, simd::vforward<F()>(p, load16(x + o, cnt)), cnt);
+          store_lanes<W>(y + o, V::template vforward<F()>(p, load_lanes<W>(x + o, cnt)), cnt);
         }
       }
     });
@@ -262,47 +267,48 @@ KF_CLONES void fwd_tile(const float* x, float* y, int64_t ld, const FloatPlans& 
 
 // Backward of one tile that is (part of) partial `pt` = partials + t * N * 5: every
 // partials[t, n, :] of the tile's neurons is written here, once, in a fixed order.
-KF_CLONES void bwd_tile(const float* gy, const float* x, float* gx, int64_t ld,
-                        const FloatPlans& P, float* pt, int64_t n0, int64_t n1, int64_t rows,
-                        int64_t K, int64_t klen) {
+template <int W>
+KF_SIMD void bwd_tile_lanes(const float* gy, const float* x, float* gx, int64_t ld, const FloatPlans& P, float* pt,
+                            int64_t n0, int64_t n1, int64_t rows, int64_t K, int64_t klen) {
+  using V = simd::Lanes<W>;
   if (K == 1) {
     for (int64_t m = 0; m < rows; ++m) prefetch_block(x + m * ld, gx + m * ld, gy + m * ld);
-    for (int64_t nb = n0; nb < n1; nb += kW) {
-      const int cnt = static_cast<int>(std::min<int64_t>(kW, n1 - nb));
-      const simd::VPlan p = simd::load_plan(P.soa.data(), P.stride, nb);
-      simd::VAcc acc;
-      for (int i = 0; i < kPlanParams; ++i) acc.a[i] = simd::splat(0.0f);
-      simd::with_bwd_flags(P.bflags[nb / kW], [&](auto F) __attribute__((always_inline)) {
+    for (int64_t nb = n0; nb < n1; nb += W) {
+      const int cnt = static_cast<int>(std::min<int64_t>(W, n1 - nb));
+      const typename V::VPlan p = V::load_plan(P.soa.data(), P.stride, nb);
+      typename V::VAcc acc;
+      for (int i = 0; i < kPlanParams; ++i) acc.a[i] = V::splat(0.0f);
+      simd::with_bwd_flags(P.bflags[nb / kBlock], [&](auto F) __attribute__((always_inline)) {
         for (int64_t m = 0; m < rows; ++m) {
           const int64_t o = m * ld + (nb - n0);
-          prefetch_block(x + o + kW, gx + o + kW, gy + o + kW);
-          store16(gx + o, simd::vbackward<F()>(p, load16(x + o, cnt), load16(gy + o, cnt), acc),
-                  cnt);
+          prefetch_block(x + o + kBlock, gx + o + kBlock, gy + o + kBlock);
+          const auto g = load_lanes<W>(gy + o, cnt);
+          store_lanes<W>(gx + o, V::template vbackward<F()>(p, load_lanes<W>(x + o, cnt), g, acc), cnt);
         }
       });
-      apply_jacobian16(acc, P, nb, cnt, pt + nb * kCoeffs);
+      apply_jacobian_lanes<W>(acc, P, nb, cnt, pt + nb * kCoeffs);
     }
     return;
   }
-  const bool restart = klen >= 16 * kW;  // else a tile's sums are short (< 64 x 16 per lane)
+  const bool restart = klen >= 16 * W;  // else a tile's sums are short (< 64 x 16 per lane)
   for (int64_t n = n0; n < n1; ++n) {
-    const simd::VPlan p = simd::splat_plan(P.soa.data(), P.stride, n);
-    simd::VAcc acc, total;
-    for (int i = 0; i < kPlanParams; ++i) acc.a[i] = total.a[i] = simd::splat(0.0f);
+    const typename V::VPlan p = V::splat_plan(P.soa.data(), P.stride, n);
+    typename V::VAcc acc, total;
+    for (int i = 0; i < kPlanParams; ++i) acc.a[i] = total.a[i] = V::splat(0.0f);
     simd::with_bwd_flags(P.flags[n], [&](auto F) __attribute__((always_inline)) {
       for (int64_t m = 0; m < rows; ++m) {
         for (int64_t kb = 0; kb < klen; kb += kSumElems) {
           const int64_t kend = std::min(klen, kb + kSumElems);
-          for (int64_t k = kb; k < kend; k += kW) {
-            const int cnt = static_cast<int>(std::min<int64_t>(kW, kend - k));
+          for (int64_t k = kb; k < kend; k += W) {
+            const int cnt = static_cast<int>(std::min<int64_t>(W, kend - k));
             const int64_t o = m * ld + (n - n0) * K + k;
-            store16(gx + o, simd::vbackward<F()>(p, load16(x + o, cnt), load16(gy + o, cnt), acc),
-                    cnt);
+            const auto g = load_lanes<W>(gy + o, cnt);
+            store_lanes<W>(gx + o, V::template vbackward<F()>(p, load_lanes<W>(x + o, cnt), g, acc), cnt);
           }
           if (restart) {
             for (int i = 0; i < kPlanParams; ++i) {
               total.a[i] += acc.a[i];
-              acc.a[i] = simd::splat(0.0f);
+              acc.a[i] = V::splat(0.0f);
             }
           }
         }
@@ -311,15 +317,35 @@ KF_CLONES void bwd_tile(const float* gy, const float* x, float* gx, int64_t ld,
     for (int i = 0; i < kPlanParams; ++i) acc.a[i] += total.a[i];
     float a[kPlanParams];
     for (int i = 0; i < kPlanParams; ++i) {  // lane sums in a fixed order
-      float lanes[kW];
-      simd::storeu(lanes, acc.a[i]);
+      float lanes[W];
+      V::storeu(lanes, acc.a[i]);
       float s = 0.0f;
-      for (int l = 0; l < kW; ++l) s += lanes[l];
+      for (int l = 0; l < W; ++l) s += lanes[l];
       a[i] = s;
     }
     apply_jacobian(a, P.jac_of(n), pt + n * kCoeffs);
   }
 }
+
+// The tile kernels' entries, one per ISA (cpu::pick_isa): W = 16 lanes with AVX-512, 8 with AVX2, 4 otherwise.
+// [1024, 512] fp32 on a Zen 3 VM (AVX2), 2 threads: forward 12.96 ms with 16 lanes in the AVX2 clone (GCC kept the
+// vectors in memory), 5x the compiled PyTorch baseline's 2.58 ms.
+#define KF_FWD_TILE_ARGS                                                                                \
+  const float *x, float *y, int64_t ld, const FloatPlans &P, int64_t n0, int64_t n1, int64_t rows, int64_t K, \
+      int64_t klen
+#define KF_BWD_TILE_ARGS                                                                                      \
+  const float *gy, const float *x, float *gx, int64_t ld, const FloatPlans &P, float *pt, int64_t n0, int64_t n1, \
+      int64_t rows, int64_t K, int64_t klen
+KF_TARGET_AVX512 void fwd_tile_avx512(KF_FWD_TILE_ARGS) { fwd_tile_lanes<16>(x, y, ld, P, n0, n1, rows, K, klen); }
+KF_TARGET_AVX2 void fwd_tile_avx2(KF_FWD_TILE_ARGS) { fwd_tile_lanes<8>(x, y, ld, P, n0, n1, rows, K, klen); }
+void fwd_tile_base(KF_FWD_TILE_ARGS) { fwd_tile_lanes<4>(x, y, ld, P, n0, n1, rows, K, klen); }
+KF_TARGET_AVX512 void bwd_tile_avx512(KF_BWD_TILE_ARGS) {
+  bwd_tile_lanes<16>(gy, x, gx, ld, P, pt, n0, n1, rows, K, klen);
+}
+KF_TARGET_AVX2 void bwd_tile_avx2(KF_BWD_TILE_ARGS) { bwd_tile_lanes<8>(gy, x, gx, ld, P, pt, n0, n1, rows, K, klen); }
+void bwd_tile_base(KF_BWD_TILE_ARGS) { bwd_tile_lanes<4>(gy, x, gx, ld, P, pt, n0, n1, rows, K, klen); }
+#undef KF_FWD_TILE_ARGS
+#undef KF_BWD_TILE_ARGS
 
 // Elements per tile: enough to amortise the per-tile overhead, small enough that the
 // tiles balance over the cores and a staged tile stays in L2.
@@ -337,7 +363,7 @@ inline Tiling tiling(int64_t M, int64_t N, int64_t K, int64_t rows_fixed, int64_
   Tiling t;
   t.kc = kc;
   t.k_chunks = k_chunks(K, kc);
-  const int64_t unit = K == 1 ? kW : 1;  // neuron groups are whole lane blocks when K == 1
+  const int64_t unit = K == 1 ? kBlock : 1;  // neuron groups are whole lane blocks when K == 1
   if (rows_fixed > 0) {
     t.rows = rows_fixed;
   } else {
@@ -386,6 +412,7 @@ void forward_float(const S* x, S* y, const float* coeffs, int64_t M, int64_t N, 
   const FloatPlans P(coeffs, N, Jac::none, nt);
   const Tiling tl = tiling(M, N, K, 0, std::min(K, kTileElems));  // bounded staging buffers
   const int64_t ld = N * K;
+  const auto fwd_tile = cpu::pick_isa(fwd_tile_avx512, fwd_tile_avx2, fwd_tile_base);
   // One tile runs on the calling thread: starting the OpenMP team for it cost more than the
   // tile (the extension's forward of a [4, 32] fp32 tensor, 2 cores: 2.2 -> 1.1 us). The same
   // in backward_float.
@@ -416,6 +443,7 @@ void backward_float(const S* gy, const S* x, const float* coeffs, S* gx, float* 
   const FloatPlans P(coeffs, N, K == 1 ? Jac::lanes : Jac::rows, nt);
   const Tiling tl = tiling(M, N, K, kRowsPerPartial, partial_k(K));
   const int64_t ld = N * K;
+  const auto bwd_tile = cpu::pick_isa(bwd_tile_avx512, bwd_tile_avx2, bwd_tile_base);
   // Tiles are (partial = (row tile, K chunk), neuron group); each partials[p, n, :] has one
   // writer and a fixed summation order, whatever the thread count.
 #pragma omp parallel if (tl.count() > 1) num_threads(nt)

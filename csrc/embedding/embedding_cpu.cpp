@@ -229,34 +229,37 @@ template <int L> struct Vec {
 };
 typedef Vec<16>::F F32x16;
 
-// fp16 rows on AVX-512 machines: 16 halves -> floats in one vcvtph2ps, where cpu_convert.h's exact
-// integer form takes ~10 operations (medical shape, 2 threads: 4.5 ms against the loop's 1.4, whose
-// kernel converts with F16C). Inline asm, because GCC 12 neither vectorises the conversion without
-// AVX512-FP16 nor inlines the intrinsic into a function compiled for another ISA; only
-// the AVX-512 entries (compiled for x86-64-v4 and called where the CPU has it: the forward's, and
-// the backward's sums of grad_out rows) instantiate it, and store16 (vcvtps2ph) for the forward's
-// output.
+// fp16 rows with F16C: L halves -> floats in one vcvtph2ps (16 in a zmm with AVX-512, 8 in a ymm with AVX2),
+// where cpu_convert.h's exact integer form takes ~10 operations (AVX-512 VM, medical shape, 2 threads: 4.5 ms
+// against the loop's 1.4, whose kernel converts with F16C; a Zen 3 VM with AVX2 only, 2026-12-07, at
+// B = 1024: 10.1 ms against the loop's 0.67). Inline asm, because GCC 12 neither vectorises the conversion
+// without AVX512-FP16 nor inlines the intrinsic into a function compiled for another ISA; only the AVX-512
+// and AVX2 entries (compiled for x86-64-v4 / v3, which have F16C, and called where the CPU has it: the
+// forward's, and on AVX-512 the backward's sums of grad_out rows) instantiate it, and store_half
+// (vcvtps2ph) for the forward's output.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define KF_F16_ASM 1
 #define KF_F16_ENTRY(f) f
-KF_INLINE F32x16 cvt16(const Half* p) {
-  F32x16 r;
-  asm("vcvtph2ps %1, %0" : "=v"(r) : "m"(*reinterpret_cast<const char(*)[32]>(p)));
+template <int L> KF_INLINE typename Vec<L>::F cvt_half(const Half* p) {
+  static_assert(L == 8 || L == 16, "vcvtph2ps widens 8 halves into a ymm, 16 into a zmm");
+  typename Vec<L>::F r;
+  asm("vcvtph2ps %1, %0" : "=v"(r) : "m"(*reinterpret_cast<const char(*)[2 * L]>(p)));
   return r;
 }
-// 16 floats -> halves at p, rounded to nearest even (imm 0): vcvtps2ph, bit for bit from_acc's.
-KF_INLINE void store16(Half* p, F32x16 v) {
-  asm("vcvtps2ph $0, %1, %0" : "=m"(*reinterpret_cast<char(*)[32]>(p)) : "v"(v));
+// L floats -> halves at p, rounded to nearest even (imm 0): vcvtps2ph, bit for bit from_acc's.
+template <int L> KF_INLINE void store_half(Half* p, typename Vec<L>::F v) {
+  static_assert(L == 8 || L == 16, "vcvtps2ph narrows a ymm into 8 halves, a zmm into 16");
+  asm("vcvtps2ph $0, %1, %0" : "=m"(*reinterpret_cast<char(*)[2 * L]>(p)) : "v"(v));
 }
 #else
 #define KF_F16_ENTRY(f) nullptr
-KF_INLINE F32x16 cvt16(const Half* p) {  // never called: no entry instantiates it here
-  F32x16 r;
-  for (int j = 0; j < 16; ++j) r[j] = cpu::to_acc(p[j]);
+template <int L> KF_INLINE typename Vec<L>::F cvt_half(const Half* p) {  // never called: no entry instantiates it
+  typename Vec<L>::F r;
+  for (int j = 0; j < L; ++j) r[j] = cpu::to_acc(p[j]);
   return r;
 }
-KF_INLINE void store16(Half* p, F32x16 v) {  // never called, as cvt16
-  for (int j = 0; j < 16; ++j) p[j] = cpu::from_acc<Half>(v[j]);
+template <int L> KF_INLINE void store_half(Half* p, typename Vec<L>::F v) {  // never called, as cvt_half
+  for (int j = 0; j < L; ++j) p[j] = cpu::from_acc<Half>(v[j]);
 }
 #endif
 
@@ -345,7 +348,7 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
   // with every row in L1 (indices mod 64) the forward took 2.28 -> 1.54 ms on 1 thread (the loop
   // 1.74), 0.98 -> 0.76 on 2 (loop 1.15-1.2), rows in L2 3.17 -> 2.20 (loop 2.67). The Zipf medical
   // shape is bound by memory on this VM and did not move (1.00-1.03x the loop on 1 thread). fp16
-  // sums are stored by vcvtps2ph too (store16) instead of the scalar-array route through from_acc:
+  // sums are stored by vcvtps2ph too (store_half) instead of the scalar-array route through from_acc:
   // the fp16 medical forward took 0.96 -> 0.65-0.86x the loop's time on 2 threads, 1.29 -> 0.90-0.94x
   // on 1 (interleaved runs). Blocks narrower than L take the scalar path (its fixed width vectorises).
   // bf16 rows too, 2L columns at a time: 2L bf16 read as L uint32 hold the even columns' floats in their low
@@ -354,7 +357,7 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
   // widens its bf16 (bf16_load), which GCC splits into 256-bit halves for L = 16: 1.8x torch's time at
   // D = 128, where the scalar path took 1.45x and 5.7x at D = 16 (256 bags of 100, 2 threads; CPU hunt,
   // 2026-12-07).
-  static_assert(!kAsm || L == 16, "cvt16 and store16 take 16 lanes");
+
   using F = typename Vec<L>::F;
   using U = typename Vec<L>::U;
   constexpr bool kBf16 = std::is_same_v<S, BF16>;
@@ -385,7 +388,7 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
     } else if constexpr (kVec) {  // the same sums, L lanes a vector
       for (int64_t j = 0; j < N / L; ++j) {
         F x;
-        if constexpr (kAsm) x = cvt16(row + 16 * j);
+        if constexpr (kAsm) x = cvt_half<L>(row + L * j);
         else if constexpr (kBf16) x = bf16_load<L>(row + L * j);
         else std::memcpy(&x, row + L * j, sizeof(x));
         if constexpr (kPsw) x *= r == pad ? A(0) : psw[i];
@@ -425,7 +428,7 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
   } else if constexpr (kVec) {
     for (int64_t j = 0; j < N / L; ++j) {
       const F y = vacc[j] * scale;
-      if constexpr (kAsm) store16(o + 16 * j, y);
+      if constexpr (kAsm) store_half<L>(o + L * j, y);
       else if constexpr (kBf16) store_bf16<L>(o + L * j, y);
       else if (nt) stream<L>(o + L * j, y);
       else std::memcpy(o + L * j, &y, sizeof(y));
@@ -546,21 +549,21 @@ KF_INLINE void forward_variant(const S* W, int64_t D, int64_t pad, const I* idx,
 }
 
 // The forward's entries, one per ISA (pick_isa, cpu_isa.h), each compiled for its target with vectors of its
-// registers' width. On AVX-512 machines fp16 tables convert with cvt16's vcvtph2ps (kAsm), bit for bit the
-// conversion of the other entries.
+// registers' width. The AVX-512 and AVX2 entries convert fp16 tables with cvt_half's vcvtph2ps (kAsm), bit for
+// bit the conversion of the base entry.
 #define KF_FORWARD_ARGS                                                                                           \
   const S *W, int64_t D, int64_t pad, const I *idx, const I *off, const Acc<S> *psw, bool mean, int64_t fb0,     \
       int64_t fb1, int64_t B, S *out, int64_t width, Acc<S> *acc, bool stream, bool l1
-template <typename S, typename I> KF_TARGET_AVX512 void forward_task_avx512(KF_FORWARD_ARGS) {
 #ifdef KF_F16_ASM
-  constexpr bool kAsm = std::is_same_v<S, Half>;
+template <typename S> constexpr bool kF16C = std::is_same_v<S, Half>;
 #else
-  constexpr bool kAsm = false;
+template <typename S> constexpr bool kF16C = false;
 #endif
-  forward_variant<16, kAsm>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream, l1);
+template <typename S, typename I> KF_TARGET_AVX512 void forward_task_avx512(KF_FORWARD_ARGS) {
+  forward_variant<16, kF16C<S>>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream, l1);
 }
 template <typename S, typename I> KF_TARGET_AVX2 void forward_task_avx2(KF_FORWARD_ARGS) {
-  forward_variant<8, false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream, l1);
+  forward_variant<8, kF16C<S>>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream, l1);
 }
 template <typename S, typename I> void forward_task_base(KF_FORWARD_ARGS) {
   forward_variant<4, false>(W, D, pad, idx, off, psw, mean, fb0, fb1, B, out, width, acc, stream, l1);
@@ -806,7 +809,7 @@ KF_INLINE void add_row(A* acc, const S* x, int64_t D, A s) {
   int64_t d = 0;
   if constexpr (kAsm) {
     for (; d + 16 <= D; d += 16) {
-      F32x16 v = cvt16(x + d), a;
+      F32x16 v = cvt_half<16>(x + d), a;
       if constexpr (kScale) v *= s;
       std::memcpy(&a, acc + d, sizeof(a));
       a += v;

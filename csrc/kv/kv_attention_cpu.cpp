@@ -28,7 +28,7 @@
 
 #include "../cpu_convert.h"
 #include "../cpu_isa.h"
-#include "../deu/deu_cpu_simd.h"  // vexp (16-lane float exp) and the KF_SIMD always_inline macro
+#include "../deu/deu_cpu_simd.h"  // vexp (float exp on W lanes) and the KF_SIMD always_inline macro
 #include "kv.h"
 
 namespace kfuse {
@@ -41,9 +41,8 @@ using cpu::Half;
 using cpu::load;
 using cpu::store;
 
-// Key positions per tile: one 16-lane score vector per query row (deu::simd::kW lanes, so the
-// float exp is one vexp call).
-constexpr int kTile = deu::simd::kW;
+// Key positions per tile: 16 scores per query row (two 8-lane vexp calls in float).
+constexpr int kTile = 16;
 // Query rows per register block: kRB x kTile score accumulators (8 ymm with AVX2 in float), so the
 // adds of different rows overlap instead of waiting on one dependency chain.
 constexpr int kRB = 4;
@@ -109,7 +108,8 @@ template <typename A> struct Scratch {
 
 // s = exp(s - mx) over one row's kTile scores (-inf gives 0).
 KF_SIMD void exp_row(float* s, float mx) {
-  deu::simd::storeu(s, deu::simd::vexp(deu::simd::loadu(s) - deu::simd::splat(mx)));
+  using E = deu::simd::Lanes<8>;  // 32-byte vectors, as this file's (Lanes below)
+  for (int t = 0; t < kTile; t += 8) E::storeu(s + t, E::vexp(E::loadu(s + t) - E::splat(mx)));
 }
 KF_SIMD void exp_row(double* s, double mx) {
   for (int t = 0; t < kTile; ++t) s[t] = std::exp(s[t] - mx);
