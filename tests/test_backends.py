@@ -403,7 +403,7 @@ for shape, dim in (((6, 37), -1), ((3, 5, 9), 1), ((2, 3, 37), 1)):
         got.append((y, xx.grad, cc.grad))
     for a, e, what in zip(got[0], got[1], ("y", "grad_x", "grad_coeffs")):
         assert_close(a, e, torch.float32, f"deu {shape} {what}", scale_dim=0 if what == "grad_coeffs" else dim)
-# The embedding forward: every block width (D from 5 to 300), fp32 / fp16 / bf16, sum, mean and weighted.
+# The embedding forward and backward: every block width (D from 5 to 300), fp32 / fp16 / bf16, sum, mean, weighted.
 for D in (5, 16, 37, 64, 128, 300):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         w = torch.randn(50, D, generator=g).to(dtype)
@@ -411,9 +411,15 @@ for D in (5, 16, 37, 64, 128, 300):
         off = torch.tensor([0, 3, 3, 20, 41, 69])
         psw = torch.rand(70, generator=g).to(dtype)
         for mode, p in (("sum", None), ("mean", None), ("sum", psw)):
-            out = kfuse.embedding_bag(idx, w, off, mode=mode, per_sample_weights=p, backend="cpu")
-            ref = F.embedding_bag(idx, w.double(), off, mode=mode, per_sample_weights=None if p is None else p.double())
-            assert_close(out, ref, dtype, f"embedding D {D} {dtype} {mode} weighted {p is not None}")
+            what = f"embedding D {D} {dtype} {mode} weighted {p is not None}"
+            wk, wr = w.clone().requires_grad_(), w.double().requires_grad_()
+            out = kfuse.embedding_bag(idx, wk, off, mode=mode, per_sample_weights=p, backend="cpu")
+            ref = F.embedding_bag(idx, wr, off, mode=mode, per_sample_weights=None if p is None else p.double())
+            assert_close(out, ref, dtype, what)
+            go = torch.randn(out.shape, generator=g).to(dtype)
+            out.backward(go)
+            ref.backward(go.double())
+            assert_close(wk.grad, wr.grad, dtype, what + " grad")
 print("ok")
 """
 

@@ -306,14 +306,14 @@ template <int L> KF_INLINE void stream(float* p, typename Vec<L>::F v) {
 #endif
 }
 
-// The fp16-on-AVX-512 entry where it applies (fp16 tables, a CPU with all of x86-64-v4, which the
-// entry is compiled for: AVX-512 F, BW, CD, DQ, VL), else the generic one.
-template <typename S, typename F, typename G> F entry(F generic, G f16_avx512) {
+// The backward's fp16 entry where it applies (fp16 tables, and the CPU's ISA level, cpu_isa.h, one that the
+// entry is compiled for: x86-64-v4 or v3, both with F16C), else the generic one.
+template <typename S, typename F, typename G> F entry(F generic, G f16_avx512, G f16_avx2) {
 #ifdef KF_F16_ASM
   if constexpr (std::is_same_v<S, Half>)
-    if (__builtin_cpu_supports("x86-64-v4")) return f16_avx512;
+    if (cpu::isa_level() > 0) return cpu::pick_isa(f16_avx512, f16_avx2, f16_avx2);
 #endif
-  (void)f16_avx512;
+  (void)f16_avx512, (void)f16_avx2;
   return generic;
 }
 
@@ -802,14 +802,14 @@ template <typename S> struct Grad {
   const S* slice(int64_t fb) const { return go + (fb % B) * width + out_col[fb / B]; }
 };
 
-// acc[d] += s * x[d] (kScale) or x[d], d < D, in A: with kAsm (fp16 tables on AVX-512) 16 lanes a
-// vcvtph2ps, the rest through load<A>; the same operations, in the same order, either way.
-template <bool kAsm, bool kScale, typename S, typename A>
+// acc[d] += s * x[d] (kScale) or x[d], d < D, in A: with kF16 > 0 (fp16 tables in the AVX-512 / AVX2 entries)
+// kF16 lanes a vcvtph2ps, the rest through load<A>; the same operations, in the same order, either way.
+template <int kF16, bool kScale, typename S, typename A>
 KF_INLINE void add_row(A* acc, const S* x, int64_t D, A s) {
   int64_t d = 0;
-  if constexpr (kAsm) {
-    for (; d + 16 <= D; d += 16) {
-      F32x16 v = cvt_half<16>(x + d), a;
+  if constexpr (kF16 > 0) {
+    for (; d + kF16 <= D; d += kF16) {
+      typename Vec<kF16>::F v = cvt_half<kF16>(x + d), a;
       if constexpr (kScale) v *= s;
       std::memcpy(&a, acc + d, sizeof(a));
       a += v;
@@ -824,7 +824,7 @@ KF_INLINE void add_row(A* acc, const S* x, int64_t D, A s) {
 
 // The gradient of one unique row (the run [k0, k1) of tp) into acc [D], in increasing flat position.
 // The grad_out slices kPrefetchAhead occurrences ahead (up to k_end, the task's end) are prefetched.
-template <bool kAsm, typename S>
+template <int kF16, typename S>
 KF_INLINE void reduce_run(const TablePlan& tp, int64_t k0, int64_t k1, int64_t k_end, const Grad<S>& g, int64_t D,
                           Acc<S>* acc) {
   using A = Acc<S>;
@@ -833,8 +833,8 @@ KF_INLINE void reduce_run(const TablePlan& tp, int64_t k0, int64_t k1, int64_t k
     if (k + kPrefetchAhead < k_end) prefetch(g.slice(tp.bag[k + kPrefetchAhead]), D * int64_t(sizeof(S)));
     const int64_t fb = tp.bag[k];
     const S* x = g.slice(fb);
-    if (g.psw || g.count) add_row<kAsm, true>(acc, x, D, g.psw ? g.psw[tp.pos[k]] : A(1) / A(g.count[fb]));
-    else add_row<kAsm, false>(acc, x, D, A(1));
+    if (g.psw || g.count) add_row<kF16, true>(acc, x, D, g.psw ? g.psw[tp.pos[k]] : A(1) / A(g.count[fb]));
+    else add_row<kF16, false>(acc, x, D, A(1));
   }
 }
 
@@ -842,17 +842,17 @@ KF_INLINE void reduce_run(const TablePlan& tp, int64_t k0, int64_t k1, int64_t k
 // at u * D) or dense (true: the table's shape [rows, D] in S, zeroed by the caller: row u's at tp.rows[u] * D,
 // its sum made in acc, a buffer of D, then rounded to S as torch's cast rounds numbers; fp32/fp64 tables in
 // place).
-template <bool kAsm, bool kDense, typename S>
+template <int kF16, bool kDense, typename S>
 KF_INLINE void grad_rows(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<S>& g, int64_t D, void* grads,
                          Acc<S>* acc) {
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t k0 = tp.start[u], k1 = tp.start[u + 1], k_end = tp.start[u1];
     if constexpr (!kDense) {
-      reduce_run<kAsm>(tp, k0, k1, k_end, g, D, static_cast<Acc<S>*>(grads) + u * D);
+      reduce_run<kF16>(tp, k0, k1, k_end, g, D, static_cast<Acc<S>*>(grads) + u * D);
     } else if constexpr (std::is_same_v<S, Acc<S>>) {
-      reduce_run<kAsm>(tp, k0, k1, k_end, g, D, static_cast<S*>(grads) + tp.rows[u] * D);
+      reduce_run<kF16>(tp, k0, k1, k_end, g, D, static_cast<S*>(grads) + tp.rows[u] * D);
     } else {
-      reduce_run<kAsm>(tp, k0, k1, k_end, g, D, acc);
+      reduce_run<kF16>(tp, k0, k1, k_end, g, D, acc);
       S* o = static_cast<S*>(grads) + tp.rows[u] * D;
       for (int64_t d = 0; d < D; ++d) o[d] = store<S>(acc[d]);
     }
@@ -861,14 +861,18 @@ KF_INLINE void grad_rows(const TablePlan& tp, int64_t u0, int64_t u1, const Grad
 template <bool kDense, typename S>
 KF_CLONES void grad_task(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<S>& g, int64_t D, void* grads,
                          Acc<S>* acc) {
-  grad_rows<false, kDense>(tp, u0, u1, g, D, grads, acc);
+  grad_rows<0, kDense>(tp, u0, u1, g, D, grads, acc);
 }
 #ifdef KF_F16_ASM
 template <bool kDense>
-__attribute__((target("arch=x86-64-v4"))) void grad_task_f16_avx512(const TablePlan& tp, int64_t u0, int64_t u1,
-                                                                   const Grad<Half>& g, int64_t D, void* grads,
-                                                                   float* acc) {
-  grad_rows<true, kDense>(tp, u0, u1, g, D, grads, acc);
+KF_TARGET_AVX512 void grad_task_f16_avx512(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<Half>& g,
+                                           int64_t D, void* grads, float* acc) {
+  grad_rows<16, kDense>(tp, u0, u1, g, D, grads, acc);
+}
+template <bool kDense>
+KF_TARGET_AVX2 void grad_task_f16_avx2(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<Half>& g, int64_t D,
+                                       void* grads, float* acc) {
+  grad_rows<8, kDense>(tp, u0, u1, g, D, grads, acc);
 }
 #endif
 
@@ -985,7 +989,7 @@ KF_INLINE void update_row(S* w, Acc<S>* g, int64_t D, const OptA<Acc<S>>& o, Acc
   }
 }
 
-template <bool kAsm, typename S>
+template <int kF16, typename S>
 KF_INLINE void fused_rows(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<S>& g, S* W, int64_t D,
                           const OptA<Acc<S>>& o, Acc<S>* st1, Acc<S>* st2, uint32_t table_key, Acc<S>* acc) {
   const int64_t U = static_cast<int64_t>(tp.rows.size()), row_bytes = D * int64_t(sizeof(S));
@@ -1000,7 +1004,7 @@ KF_INLINE void fused_rows(const TablePlan& tp, int64_t u0, int64_t u1, const Gra
       }
     }
     const int64_t r = tp.rows[u];
-    reduce_run<kAsm>(tp, tp.start[u], tp.start[u + 1], tp.start[u1], g, D, acc);
+    reduce_run<kF16>(tp, tp.start[u], tp.start[u + 1], tp.start[u1], g, D, acc);
     Acc<S>* s1 = st1 ? (adam ? st1 + r * D : st1 + r) : nullptr;
     Acc<S>* s2 = st2 ? st2 + r * D : nullptr;
     update_row<S>(W + r * D, acc, D, o, s1, s2, sr_mix(table_key ^ static_cast<uint32_t>(r)));
@@ -1009,14 +1013,18 @@ KF_INLINE void fused_rows(const TablePlan& tp, int64_t u0, int64_t u1, const Gra
 template <typename S>
 KF_CLONES void fused_task(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<S>& g, S* W, int64_t D,
                           const OptA<Acc<S>>& o, Acc<S>* st1, Acc<S>* st2, uint32_t table_key, Acc<S>* acc) {
-  fused_rows<false>(tp, u0, u1, g, W, D, o, st1, st2, table_key, acc);
+  fused_rows<0>(tp, u0, u1, g, W, D, o, st1, st2, table_key, acc);
 }
 #ifdef KF_F16_ASM
-__attribute__((target("arch=x86-64-v4"))) void fused_task_f16_avx512(const TablePlan& tp, int64_t u0, int64_t u1,
-                                                                    const Grad<Half>& g, Half* W, int64_t D,
-                                                                    const OptA<float>& o, float* st1, float* st2,
-                                                                    uint32_t table_key, float* acc) {
-  fused_rows<true>(tp, u0, u1, g, W, D, o, st1, st2, table_key, acc);
+KF_TARGET_AVX512 void fused_task_f16_avx512(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<Half>& g, Half* W,
+                                            int64_t D, const OptA<float>& o, float* st1, float* st2,
+                                            uint32_t table_key, float* acc) {
+  fused_rows<16>(tp, u0, u1, g, W, D, o, st1, st2, table_key, acc);
+}
+KF_TARGET_AVX2 void fused_task_f16_avx2(const TablePlan& tp, int64_t u0, int64_t u1, const Grad<Half>& g, Half* W,
+                                        int64_t D, const OptA<float>& o, float* st1, float* st2, uint32_t table_key,
+                                        float* acc) {
+  fused_rows<8>(tp, u0, u1, g, W, D, o, st1, st2, table_key, acc);
 }
 #endif
 
@@ -1049,8 +1057,10 @@ void backward_rows_cpu(const Tables& tables, const Bags& bags, const Plan& plan,
     const Grad<S> g = grad_of<S>(tables, bags, plan, grad_out);
     // One dim-length buffer per thread: a dense half-precision gradient's sums before their rounding.
     std::vector<std::vector<Acc<S>>> bufs(std::max(num_threads, 1), std::vector<Acc<S>>(dense ? max_dim(tables) : 0));
-    const auto task = dense ? entry<S>(grad_task<true, S>, KF_F16_ENTRY(grad_task_f16_avx512<true>))
-                            : entry<S>(grad_task<false, S>, KF_F16_ENTRY(grad_task_f16_avx512<false>));
+    const auto task = dense ? entry<S>(grad_task<true, S>, KF_F16_ENTRY(grad_task_f16_avx512<true>),
+                                       KF_F16_ENTRY(grad_task_f16_avx2<true>))
+                            : entry<S>(grad_task<false, S>, KF_F16_ENTRY(grad_task_f16_avx512<false>),
+                                       KF_F16_ENTRY(grad_task_f16_avx2<false>));
     for_row_tasks(plan, num_threads, [&](int64_t t, int64_t u0, int64_t u1) {
       if (grads[t]) task(plan.tables[t], u0, u1, g, tables.dims[t], grads[t], bufs[omp_get_thread_num()].data());
     });
@@ -1088,7 +1098,7 @@ void backward_fused_cpu(const Tables& tables, const Bags& bags, const Plan& plan
                     A(1.0 - std::pow(opt.beta2, step))};
     // One dim-length buffer per thread: the only gradient storage.
     std::vector<std::vector<A>> bufs(std::max(num_threads, 1), std::vector<A>(max_dim(tables)));
-    const auto task = entry<S>(fused_task<S>, KF_F16_ENTRY(fused_task_f16_avx512));
+    const auto task = entry<S>(fused_task<S>, KF_F16_ENTRY(fused_task_f16_avx512), KF_F16_ENTRY(fused_task_f16_avx2));
     for_row_tasks(plan, num_threads, [&](int64_t t, int64_t u0, int64_t u1) {
       task(plan.tables[t], u0, u1, g, static_cast<S*>(tables.weights[t]), tables.dims[t], o,
                     opt.states1 ? static_cast<A*>(opt.states1[t]) : nullptr,
