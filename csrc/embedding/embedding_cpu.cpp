@@ -466,7 +466,7 @@ KF_INLINE void sum_tail(const S* W, int64_t D, int64_t d0, int64_t n, int64_t pa
 // One bag's columns [d0, D) after its full blocks (D - d0 < 2n): blocks of n, n / 2, ... down to `last`
 // columns, each at most once, then the tail (sum_tail). a: the prefetch distance, for the first block only.
 // A template that always inlines, not a lambda: a lambda's body is a function of its own, compiled for the
-// baseline ISA rather than forward_task's clones (D = 32, on its quarter block, took 2.8x torch's time that
+// baseline ISA rather than the forward's ISA entries' (D = 32, on its quarter block, took 2.8x torch's time that
 // way, 1.1x inlined).
 template <int L, int64_t n, int64_t last, bool kPsw, bool kAsm, bool kL1, typename S, typename I>
 KF_INLINE void narrow_blocks(const S* W, int64_t D, int64_t d0, int64_t pad, const I* idx, int64_t i0, int64_t i1,
