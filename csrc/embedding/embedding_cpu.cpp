@@ -221,13 +221,12 @@ std::vector<int64_t> out_cols(const Tables& tb, const Bags& bg) {
 
 // Vec<L>: vectors of L floats, and of as many uint32 / uint16 lanes (GCC's vector types: lane-wise operations). L is
 // the width of the entry's registers (pick_isa, cpu_isa.h): 16 in the AVX-512 entries, 8 in the AVX2 ones, 4 in
-// the baseline's. F32x16: the fp16-on-AVX-512 helpers' vectors.
+// the baseline's.
 template <int L> struct Vec {
   typedef float F __attribute__((vector_size(4 * L)));
   typedef uint32_t U __attribute__((vector_size(4 * L)));
   typedef uint16_t H __attribute__((vector_size(2 * L)));
 };
-typedef Vec<16>::F F32x16;
 
 // fp16 rows with F16C: L halves -> floats in one vcvtph2ps (16 in a zmm with AVX-512, 8 in a ymm with AVX2),
 // where cpu_convert.h's exact integer form takes ~10 operations (AVX-512 VM, medical shape, 2 threads: 4.5 ms
