@@ -3,8 +3,10 @@ process (the VM's times drift by up to 30 % over minutes, so the two are timed i
 
 The medical shape of ``kfuse.bench.embedding`` (3 tables, B = 4096, ~20 Zipf codes per bag): ``rounds``
 rounds of ``calls`` calls each, kfuse's ``cpu`` backend then the loop, medians per call and their
-ratio (the issue's CPU target: kfuse / loop <= 1/1.5). Usage:
-``python bench/ab_embedding.py [--threads 2] [--dtype float32] [--rounds 15] [--calls 10]``.
+ratio (the issue's CPU target: kfuse / loop <= 1/1.5). ``--no-cat``: the loop's three calls without the
+``torch.cat`` that builds its ``[B, sum of dims]`` output, i.e. the gather kernels alone
+(bench/results/2026-12-07-cpu-embedding-zen3-forward-gap.md). Usage:
+``python bench/ab_embedding.py [--threads 2] [--dtype float32] [--rounds 15] [--calls 10] [--no-cat]``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--rounds", type=positive(int), default=15)
     parser.add_argument("--calls", type=positive(int), default=10)
+    parser.add_argument("--no-cat", action="store_true", help="time the loop's calls without its torch.cat")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -37,11 +40,14 @@ def main() -> None:
     def kfuse_fwd() -> torch.Tensor:
         return kfuse.multi_embedding_bag(ws, inp.indices, inp.offsets, mode="sum", backend="cpu")
 
-    def loop_fwd() -> torch.Tensor:
+    def loop_fwd() -> torch.Tensor | list[torch.Tensor]:
+        if args.no_cat:
+            return [m(i, o) for m, (i, o) in zip(mods, slices, strict=True)]
         return emb._loop_forward(mods, slices)
 
     with torch.no_grad():
-        torch.testing.assert_close(kfuse_fwd().float(), loop_fwd().float(), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(kfuse_fwd().float(), emb._loop_forward(mods, slices).float(), rtol=1e-2,
+                                   atol=1e-2)
         times: dict[str, list[float]] = {"kfuse": [], "loop": []}
         for _ in range(args.rounds):
             for name, fn in (("kfuse", kfuse_fwd), ("loop", loop_fwd)):
@@ -50,8 +56,9 @@ def main() -> None:
                     fn()
                 times[name].append((time.perf_counter() - t0) / args.calls * 1e3)
     k, lp = statistics.median(times["kfuse"]), statistics.median(times["loop"])
-    print(f"{args.dtype}, {torch.get_num_threads()} threads: kfuse {k:.3f} ms, loop {lp:.3f} ms, "
-          f"kfuse / loop {k / lp:.3f}")
+    loop = "loop without cat" if args.no_cat else "loop"
+    print(f"{args.dtype}, {torch.get_num_threads()} threads: kfuse {k:.3f} ms, {loop} {lp:.3f} ms, "
+          f"kfuse / {loop} {k / lp:.3f}")
 
 
 if __name__ == "__main__":
