@@ -449,14 +449,14 @@ at::Tensor embedding_forward(const std::vector<at::Tensor>& weights, const at::T
   return out;
 }
 
-// Per table, in order: (unique rows int64 [U] ascending, their gradients [U, dim] in the accumulation
-// dtype).
-std::vector<std::tuple<at::Tensor, at::Tensor>> embedding_backward_sparse(
-    const at::Tensor& grad_out, const std::vector<at::Tensor>& weights, const at::Tensor& indices,
-    const at::Tensor& offsets, const std::vector<int64_t>& feature_table, const std::vector<int64_t>& padding_idx,
-    int64_t pooling, const std::optional<at::Tensor>& per_sample_weights) {
-  const EmbeddingCall c(weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights);
+// Per table, in order: (unique rows int64 [U] ascending, their gradients [U, dim] in the accumulation dtype; no
+// rows' where !need[t]).
+std::vector<std::tuple<at::Tensor, at::Tensor>> sparse_sums(const EmbeddingCall& c, const at::Tensor& grad_out,
+                                                            const std::vector<at::Tensor>& weights,
+                                                            const std::vector<bool>& need) {
   c.check_grad_out(grad_out);
+  TORCH_CHECK(need.size() == weights.size(), "kfuse: need has ", need.size(), " entries for ", weights.size(),
+              " tables");
   const int nt = at::get_num_threads();
   const kfuse::embedding::Plan plan = kfuse::embedding::plan_backward(c.tables, c.bags, nt);
   std::vector<std::tuple<at::Tensor, at::Tensor>> result;
@@ -465,11 +465,44 @@ std::vector<std::tuple<at::Tensor, at::Tensor>> embedding_backward_sparse(
     const std::vector<int64_t>& r = plan.tables[t].rows;
     at::Tensor rows = at::empty({static_cast<int64_t>(r.size())}, at::kLong);
     std::copy(r.begin(), r.end(), rows.data_ptr<int64_t>());
-    at::Tensor g = at::empty({rows.size(0), weights[t].size(1)}, c.options.dtype(acc_type(weights[0])));
-    grads.push_back(g.data_ptr());
+    at::Tensor g = at::empty({need[t] ? rows.size(0) : 0, weights[t].size(1)}, c.options.dtype(acc_type(weights[0])));
+    grads.push_back(need[t] ? g.data_ptr() : nullptr);
     result.emplace_back(rows, g);
   }
   kfuse::embedding::backward_rows_cpu(c.tables, c.bags, plan, grad_out.const_data_ptr(), grads.data(), false, nt);
+  return result;
+}
+
+// Per table, in order: (unique rows int64 [U] ascending, their gradients [U, dim] in the accumulation
+// dtype).
+std::vector<std::tuple<at::Tensor, at::Tensor>> embedding_backward_sparse(
+    const at::Tensor& grad_out, const std::vector<at::Tensor>& weights, const at::Tensor& indices,
+    const at::Tensor& offsets, const std::vector<int64_t>& feature_table, const std::vector<int64_t>& padding_idx,
+    int64_t pooling, const std::optional<at::Tensor>& per_sample_weights) {
+  const EmbeddingCall c(weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights);
+  return sparse_sums(c, grad_out, weights, std::vector<bool>(weights.size(), true));
+}
+
+// Per table, in order: where need[t], the gradient as a coalesced sparse COO tensor of the table's shape and dtype
+// (embedding_backward_sparse's rows and sums, rounded to that dtype), else None. Built here, not by
+// torch.sparse_coo_tensor in Python: ~14 us a table with warm caches (one table of 100k x 64, 2026-12-07).
+std::vector<std::optional<at::Tensor>> embedding_backward_sparse_coo(
+    const at::Tensor& grad_out, const std::vector<at::Tensor>& weights, const at::Tensor& indices,
+    const at::Tensor& offsets, const std::vector<int64_t>& feature_table, const std::vector<int64_t>& padding_idx,
+    int64_t pooling, const std::optional<at::Tensor>& per_sample_weights, const std::vector<bool>& need) {
+  const EmbeddingCall c(weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights);
+  const std::vector<std::tuple<at::Tensor, at::Tensor>> sums = sparse_sums(c, grad_out, weights, need);
+  std::vector<std::optional<at::Tensor>> result;
+  for (size_t t = 0; t < weights.size(); ++t) {
+    if (!need[t]) {
+      result.push_back(std::nullopt);
+      continue;
+    }
+    const auto& [rows, g] = sums[t];
+    const at::Tensor v = g.scalar_type() == weights[t].scalar_type() ? g : g.to(weights[t].scalar_type());
+    result.push_back(at::_sparse_coo_tensor_unsafe(rows.unsqueeze(0), v, weights[t].sizes(),
+                                                   v.options().layout(at::kSparse), true));
+  }
   return result;
 }
 
@@ -775,9 +808,12 @@ py::object embedding_tables(const py::list& weights) {
 // mode off, or none requires it), indices and offsets are ordinary 1-D CPU tensors of one integer dtype, and no
 // jit trace or torch dispatch mode is active; then embedding_forward of one feature per table, no padding and
 // no per-sample weights. offsets: [T * B + 1], or [T * B] with append_last (len(indices) is then the last).
-// Bad values raise as embedding_forward's do (the caller then runs the full path, which names them).
+// Bad values raise as embedding_forward's do (the caller then runs the full path, which names them). With saved,
+// (out, indices [N], offsets [T * B + 1], per-sample weights [N] in the accumulation dtype or None): what the
+// backward reads (python/kfuse/ops/embedding.py _CpuFastEmbeddingBag, which calls this with grad mode off).
 py::object embedding_forward_fast(const py::list& weights, const py::handle& indices, const py::handle& offsets,
-                                  int64_t pooling, bool append_last, const py::handle& per_sample_weights) {
+                                  int64_t pooling, bool append_last, const py::handle& per_sample_weights,
+                                  bool saved) {
   if (torch::jit::tracer::isTracing() || c10::impl::TorchDispatchModeTLS::stack_len() > 0) return py::none();
   const Py_ssize_t n = PyList_GET_SIZE(weights.ptr());
   const bool fixed = offsets.is_none();  // 2-D indices [B, L]: bags of L (one table)
@@ -837,6 +873,7 @@ py::object embedding_forward_fast(const py::list& weights, const py::handle& ind
     py::gil_scoped_release release;
     out = embedding_forward(ws, idx, offs, feature_table, padding_idx, pooling, psw);
   }
+  if (saved) return py::make_tuple(out, idx, offs, psw ? py::cast(*psw) : py::none());
   return py::cast(out);
 }
 
@@ -921,9 +958,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The embedding ops' eager CPU fast path: None unless every table, indices and offsets are ordinary CPU "
         "tensors, no table needs a gradient, and no jit trace or dispatch mode is on; else the forward of one "
         "feature per table, no padding (offsets [T * B], + len(indices) with append_last; None: one table and 2-D "
-        "indices [B, L]), per-sample weights in input's shape and the tables' dtype (sum) or None",
+        "indices [B, L]), per-sample weights in input's shape and the tables' dtype (sum) or None; with saved, "
+        "(out, flat indices, offsets [T * B + 1], flat per-sample weights in the accumulation dtype or None)",
         py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("pooling"), py::arg("append_last"),
-        py::arg("per_sample_weights"));
+        py::arg("per_sample_weights"), py::arg("saved") = false);
   m.def("embedding_forward", &embedding_forward, release,
         "Multi-table embedding bags (CPU): weights [T] tables [rows_t, dim_t] of one dtype, indices [N] and offsets "
         "[F * B + 1] (int32 or int64, feature-major), feature_table [F], padding_idx [T] (-1 = none), pooling "
@@ -935,6 +973,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "accumulation dtype); deterministic",
         py::arg("grad_out"), py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("feature_table"),
         py::arg("padding_idx"), py::arg("pooling"), py::arg("per_sample_weights"));
+  m.def("embedding_backward_sparse_coo", &embedding_backward_sparse_coo, release,
+        "Sparse gradient of each table where need[t] (else None): a coalesced sparse COO tensor of the table's shape "
+        "and dtype holding embedding_backward_sparse's rows and sums rounded to it; deterministic",
+        py::arg("grad_out"), py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("feature_table"),
+        py::arg("padding_idx"), py::arg("pooling"), py::arg("per_sample_weights"), py::arg("need"));
   m.def("embedding_backward_dense", &embedding_backward_dense, release,
         "Dense gradient of each table where need[t] (else None): [rows_t, dim_t] in the tables' dtype, the row-sparse "
         "sums of embedding_backward_sparse rounded to it, zero elsewhere; deterministic",

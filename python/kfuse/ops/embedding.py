@@ -489,20 +489,23 @@ def _plain_features(weights: object, feature_table: object, padding_idx: object)
 
 
 def _cpu_fast(weights: object, indices: object, offsets: object, mode: object, backend: object, sparse: object,
-              check: object, append_last: bool = False, per_sample_weights: object = None) -> Tensor | None:
+              check: object, append_last: bool = False, per_sample_weights: object = None,
+              op: str = "multi_embedding_bag") -> Tensor | None:
     """The common eager call on the CPU, handed to the extension in one call (``_C.embedding_forward_fast``, which
-    makes the checks that choose it: ordinary CPU tables, indices and offsets, nothing to differentiate, no jit
-    trace or dispatch mode): ``sum`` or ``mean`` pooling, each feature its own table, no per-sample weights or
-    padding (the callers check those), no ``torch.compile`` or forward-mode AD (checked here). ``sparse`` (a bool)
-    shapes only a gradient, which a call the extension takes has none of: ``nn.EmbeddingBag(sparse=True)`` under
-    ``no_grad`` took 121 µs at 512 bags of 20 (100k x 64) against 91 (CPU hunt, 2026-12-07). The extension
-    checks every layout and value it reads; when it declines or refuses, None: the full path then runs (and
-    names the error). ``append_last``: ``offsets`` holds the bags' starts only (``include_last_offset=False``);
-    ``offsets`` None: one table and 2-D ``indices`` (bags of equal length); ``per_sample_weights``: input's shape,
-    the table's dtype (``sum``; :func:`embedding_bag`'s rule).
+    makes the checks that choose it: ordinary CPU tables, indices and offsets, no jit trace or dispatch mode):
+    ``sum`` or ``mean`` pooling, each feature its own table, no per-sample weights or padding (the callers check
+    those), no ``torch.compile`` or forward-mode AD (checked here). Tables that need a gradient take the same call
+    under autograd (:class:`_CpuFastEmbeddingBag`; per-sample weights that need one take the full path).
+    ``sparse`` (a bool) shapes only the gradient: ``nn.EmbeddingBag(sparse=True)`` under ``no_grad`` took 121 µs at
+    512 bags of 20 (100k x 64) against 91 (CPU hunt, 2026-12-07). The extension checks every layout and value it
+    reads; when it declines or refuses, None: the full path then runs (and names the error). ``append_last``:
+    ``offsets`` holds the bags' starts only (``include_last_offset=False``); ``offsets`` None: one table and 2-D
+    ``indices`` (bags of equal length); ``per_sample_weights``: input's shape, the table's dtype (``sum``;
+    :func:`embedding_bag`'s rule); ``op``: what a backward's errors name.
     Why: on a single table the full path's Python (12 µs a call with warm caches, ~85 µs cold after a kernel
     that streamed megabytes) made ``kfuse.embedding_bag`` 1.2-4.7x torch's time where the kernel alone matches
-    or beats it (bench/results/2026-12-06-cpu-embedding-single-table.md)."""
+    or beats it (bench/results/2026-12-06-cpu-embedding-single-table.md); with gradients, ~130 µs of Python a
+    forward made ``nn.EmbeddingBag`` 1.7x torch's (2026-12-07: 100k x 64, 512 bags of 20, 1 thread)."""
     if (type(backend) is not str or (backend != "auto" and backend != "cpu") or type(sparse) is not bool
             or type(check) is not str or check not in CHECKS or type(mode) is not str or mode not in POOLINGS
             or type(weights) is not list
@@ -512,11 +515,28 @@ def _cpu_fast(weights: object, indices: object, offsets: object, mode: object, b
     if ext is None:
         return None
     try:
-        with _routing.labelled("kfuse.embedding_bag"):
-            return ext.embedding_forward_fast(weights, indices, offsets, POOLINGS[mode], append_last,
-                                              per_sample_weights)
-    except (RuntimeError, ValueError, IndexError, TypeError):
+        with _routing.labelled(f"kfuse.{op}"):
+            out = ext.embedding_forward_fast(weights, indices, offsets, POOLINGS[mode], append_last,
+                                             per_sample_weights)
+            if (out is not None or not torch.is_grad_enabled() or _routing.transform_active()
+                    or (isinstance(per_sample_weights, Tensor) and per_sample_weights.requires_grad)):
+                return out  # (torch.func's wrapped tensors: the extension declined them; the full path's reference)
+            return _CpuFastEmbeddingBag.apply(indices, offsets, _plain_bags(len(weights), POOLINGS[mode], op),
+                                              sparse, append_last, per_sample_weights, *weights)
+    except (RuntimeError, ValueError, IndexError, TypeError, _Declined):
         return None
+
+
+_PLAIN_BAGS: dict[tuple[int, int, str], _Bags] = {}
+
+
+def _plain_bags(num_tables: int, pooling: int, op: str) -> _Bags:
+    """The :class:`_Bags` of a :func:`_cpu_fast` call (one feature per table, no padding), made once per kind."""
+    key = (num_tables, pooling, op)
+    bags = _PLAIN_BAGS.get(key)
+    if bags is None:
+        bags = _PLAIN_BAGS[key] = _Bags(list(range(num_tables)), [-1] * num_tables, pooling, "sync", op)
+    return bags
 
 
 def _forward_impl(weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags, psw: Tensor | None,
@@ -619,11 +639,13 @@ def _backward_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, off
                    psw: Tensor | None, need_w: list[bool], need_psw: bool, sparse: bool,
                    backend: str) -> tuple[list[Tensor | None], Tensor | None]:
     grads: list[Tensor | None] = [None] * len(weights)
-    if any(need_w) and not sparse and backend == "cpu":  # written in place: no row-sparse copy first
+    if any(need_w) and backend == "cpu":
+        # Dense: written in place, no row-sparse copy first. Sparse: the COO tensors built by the extension (in
+        # Python, ~14 µs a table with warm caches).
         flat_indices, flat_offsets, flat_psw = _flat(indices, offsets, psw)
-        grads = _cpu(f"kfuse.{bags.op}", _ext().embedding_backward_dense, _backends.dense(grad_out), weights,
-                     flat_indices, flat_offsets, bags.feature_table, bags.padding_idx, bags.pooling, flat_psw,
-                     need_w)
+        kernel = _ext().embedding_backward_sparse_coo if sparse else _ext().embedding_backward_dense
+        grads = _cpu(f"kfuse.{bags.op}", kernel, _backends.dense(grad_out), weights, flat_indices, flat_offsets,
+                     bags.feature_table, bags.padding_idx, bags.pooling, flat_psw, need_w)
     elif any(need_w):
         parts = _sparse_impl(grad_out, weights, indices, offsets, bags, psw, backend)
         make = _sparsify if sparse else _densify
@@ -802,6 +824,27 @@ class _EagerEmbeddingBag(torch.autograd.Function):
         return None, None, None, None, None, g_psw, *grads
 
 
+class _Declined(Exception):
+    """The extension declined a :class:`_CpuFastEmbeddingBag` call: the full path runs it."""
+
+
+class _CpuFastEmbeddingBag(_EagerEmbeddingBag):
+    """:func:`_cpu_fast`'s calls whose tables need a gradient: the extension's checks and forward in one call (grad
+    mode is off in here), saving what :class:`_EagerEmbeddingBag`'s backward reads; same inputs but ``append_last``
+    (a bool) in place of ``backend`` (``cpu``)."""
+
+    @staticmethod
+    def forward(ctx, indices: Tensor, offsets: Tensor | None, bags: _Bags, sparse: bool, append_last: bool,
+                psw: Tensor | None, *weights: Tensor) -> Tensor:
+        got = _ext().embedding_forward_fast(list(weights), indices, offsets, bags.pooling, append_last, psw, True)
+        if got is None:
+            raise _Declined
+        out, flat_indices, full_offsets, kernel_psw = got
+        _save_tables(ctx, flat_indices, full_offsets, kernel_psw, weights)
+        ctx.bags, ctx.sparse, ctx.backend = bags, sparse, "cpu"
+        return out
+
+
 # ---------------------------------------------------------------- public ops
 
 
@@ -951,7 +994,7 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
     if (padding_idx is None and max_norm is None and scale_grad_by_freq is False and norm_type == 2.0
             and (include_last_offset is True or include_last_offset is False)):
         out = _cpu_fast([weight], input, offsets, mode, backend, sparse, check, not include_last_offset,
-                        per_sample_weights)
+                        per_sample_weights, "embedding_bag")
         if out is not None:
             return out
     op = "embedding_bag"
