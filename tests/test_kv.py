@@ -2128,6 +2128,37 @@ def test_layers_of_a_step_share_one_validation(monkeypatch):
     assert torch.equal(fresh, outs[-1])
 
 
+@pytest.mark.parametrize("mirror", [False, True])
+def test_cpu_calls_outside_a_step_read_their_rows_in_one_extension_call(mirror, seed):
+    """With no step open, a CPU cache's attention call gets its ids' checks, their lengths, the kernels' int32
+    rows and the longest length from one extension call (KVHostState.call_rows: ~30-40 µs of a decode call's
+    Python before), no transfer: the same rows as the general path (cache._ids, _kv_lens, _to_device) for ids as
+    a list, an int32 or int64 tensor, in any order, a sequence of length 0 included; no sequences gives max_len
+    0. A mirrored cache (a CUDA cache's code path) keeps the general path and its one transfer."""
+    gen = random.Random(seed)
+    cache = make(_mirror=mirror)
+    ids = [cache.add_sequence() for _ in range(5)]
+    step(cache, None, ids, [gen.randint(0, 9) for _ in ids[:-1]] + [0])
+    q = torch.randn(3, 2 * HKV, D)
+    for pick in (gen.sample(ids, 3), [ids[-1], ids[0], ids[2]]):
+        want_ids = cache._ids(pick)
+        want = kv_ops._to_device(cache, want_ids, cache._kv_lens(1, want_ids))
+        for given in (pick, torch.tensor(pick, dtype=torch.int32), torch.tensor(pick)):
+            transfers = []
+            real = cache._dev
+            cache._dev = lambda *a, **k: transfers.append(1) or real(*a, **k)
+            got = kv_ops._sequences("paged_decode_attention", cache, 1, given)
+            del cache._dev
+            assert len(transfers) == mirror
+            assert got.max_len == want.max_len and torch.equal(got.host_ids, want.host_ids)
+            assert torch.equal(got.host_lens.long(), want.host_lens)
+            assert got.ids.dtype == got.lens.dtype == torch.int32
+            assert torch.equal(got.ids, want.ids) and torch.equal(got.lens, want.lens)
+        out = kfuse.paged_decode_attention(q, cache, 1, pick, backend="cpu")
+        assert_close(out, paged_decode_attention_reference(q, cache, 1, pick, D ** -0.5), torch.float32)
+    assert kv_ops._sequences("paged_decode_attention", cache, 0, []).max_len == 0
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS[:3])
 def test_a_step_under_inference_mode_attends_with_an_inference_ids_tensor(backend, device, seed):
     """Under torch.inference_mode() the ids tensor is an inference tensor, which has no version counter:

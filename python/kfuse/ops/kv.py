@@ -85,7 +85,7 @@ def _scale(op: str, scale: object, head_dim: int) -> float:
 class _Call:
     """A validated call's sequences: ``ids``, ``lens`` (kv lengths) as int32 tensors on the cache's
     device, ``max_len`` (host int: sizes the Triton grid, picks the prefill's route), and ``host_ids`` /
-    ``host_lens`` (CPU int64, None under a trace)."""
+    ``host_lens`` (CPU integer tensors, None under a trace)."""
 
     ids: Tensor
     lens: Tensor
@@ -146,6 +146,14 @@ def _sequences(op: str, cache: PagedKVCache, layer: int, seq_ids: object) -> _Ca
             lens = lens + (st["pending"].index_select(0, ids) * st["appended"][layer]).to(cache.device, torch.int32)
         return _Call(ids.to(cache.device, torch.int32), lens, cache.max_pages_per_seq * cache.page_size, None, None)
     st = cache._step
+    if st is None and not cache._mirrored:
+        # A CPU cache (no device copy) with no step open: the committed lengths, in the one extension call that
+        # checks the ids (PagedKVCache._call_rows); its rows are already the int32 tensors the kernels read.
+        try:
+            ids, rows, longest = cache._call_rows(seq_ids)
+        except (TypeError, ValueError, IndexError) as e:
+            raise type(e)(f"kfuse.{op}: {e}") from None
+        return _Call(rows[0], rows[1], longest, ids, rows[1])
     in_step = st is not None and layer in st["layers"]
     memo = st.get("attn") if in_step else None
     # A model passes one validated ids tensor to every layer of a step: the same object, unchanged since
