@@ -2140,12 +2140,13 @@ def test_cpu_calls_outside_a_step_read_their_rows_in_one_extension_call(mirror, 
     ids = [cache.add_sequence() for _ in range(5)]
     step(cache, None, ids, [gen.randint(0, 9) for _ in ids[:-1]] + [0])
     q = torch.randn(3, 2 * HKV, D)
+    transfers = []
+    real = cache._dev
     for pick in (gen.sample(ids, 3), [ids[-1], ids[0], ids[2]]):
         want_ids = cache._ids(pick)
         want = kv_ops._to_device(cache, want_ids, cache._kv_lens(1, want_ids))
         for given in (pick, torch.tensor(pick, dtype=torch.int32), torch.tensor(pick)):
-            transfers = []
-            real = cache._dev
+            transfers.clear()
             cache._dev = lambda *a, **k: transfers.append(1) or real(*a, **k)
             got = kv_ops._sequences("paged_decode_attention", cache, 1, given)
             del cache._dev
