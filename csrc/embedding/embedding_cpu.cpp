@@ -839,8 +839,9 @@ KF_INLINE void add_row(A* acc, const S* x, int64_t D, A s) {
   }
 }
 
-// The gradient of one unique row (the run [k0, k1) of tp) into acc [D], in increasing flat position.
-// The grad_out slices kPrefetchAhead occurrences ahead (up to k_end, the task's end) are prefetched.
+// The gradient of one unique row (the run [k0, k1) of tp, never empty: a plan's unique rows occur) into acc [D],
+// in increasing flat position, the first occurrence written over acc. The grad_out slices kPrefetchAhead
+// occurrences ahead (up to k_end, the task's end) are prefetched.
 template <int kF16, typename S>
 KF_INLINE void reduce_run(const TablePlan& tp, int64_t k0, int64_t k1, int64_t k_end, const Grad<S>& g, int64_t D,
                           Acc<S>* acc) {
@@ -859,8 +860,6 @@ KF_INLINE void reduce_run(const TablePlan& tp, int64_t k0, int64_t k1, int64_t k
       else add_row<kF16, false, false>(acc, x, D, s);
     }
   }
-  if (k0 == k1)
-    for (int64_t d = 0; d < D; ++d) acc[d] = A(0);
 }
 
 // The gradients of the unique rows [u0, u1) of tp into grads: row-sparse (kDense false: [U, D] in A, row u's
