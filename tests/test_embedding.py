@@ -2341,6 +2341,37 @@ def test_cpu_dense_gradient_is_the_sparse_one_written_in_place(seed, dtype, monk
         assert torch.equal(ws[t].grad.view(torch.uint8), dense[t].view(torch.uint8)), t
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dense_gradient_past_2_mib_is_zeroed_accumulates_and_resets(seed, dtype):
+    """Dense gradients of 2 MiB or more come from fresh mappings, not at::zeros (bindings.cpp's
+    fresh_zeros): every row no bag reads is zero, a second backward accumulates into them, and the
+    optimizer's in-place reset and update work on them."""
+    rows = (2 << 20) // (129 * dtype.itemsize) + 3  # just past 2 MiB, odd sizes
+    m = kfuse.nn.MultiTableEmbeddingBag([(rows, 129), (5, 3)], mode="sum", dtype=dtype)
+    ws = m._weights()
+    ref = [w.detach().double().requires_grad_() for w in ws]
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(2):
+        indices = torch.cat([torch.randint(0, rows, (40,), generator=g), torch.randint(0, 5, (40,), generator=g)])
+        offsets = torch.arange(0, 81, 4)
+        grad_out = torch.randn(10, 132, generator=g).to(dtype)
+        m(indices, offsets).backward(grad_out)
+        exp = torch.cat([F.embedding_bag(indices[:40], ref[0], offsets[:10], mode="sum"),
+                         F.embedding_bag(indices[40:], ref[1], offsets[:10], mode="sum")], 1)
+        exp.backward(grad_out.double())
+    assert ws[0].grad.untyped_storage().nbytes() >= 2 << 20
+    for w, r in zip(ws, ref, strict=True):
+        assert w.grad.dtype == dtype and w.grad.shape == w.shape
+        assert_close(w.grad, r.grad, dtype, "accumulated gradient")
+        assert not w.grad[r.grad.abs().sum(1) == 0].any(), "rows no bag read"
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    before = ws[0].detach().clone()
+    opt.step()
+    assert_close(ws[0], before.double() - 0.5 * ws[0].grad.double(), dtype, "SGD step")
+    opt.zero_grad(set_to_none=False)
+    assert not ws[0].grad.any()
+
+
 def test_cpu_stochastic_rounding_is_unbiased(seed):
     # y halfway-ish between bf16 neighbours: the mean of many independent roundings is y.
     c = make_case(torch.bfloat16, rows=(4,), dims=(256,), feature_table=(0,), B=1, max_bag=1, padding=False)
