@@ -72,9 +72,13 @@ constexpr int64_t kRowsAhead = 2;
 // the shared 2-core box (AMD EPYC, AVX-512; load 1-10 from other jobs, so ratios, not times):
 // - kFwdBlockBytes: a bag's accumulators held in registers at a time, 8 vectors: 512 bytes with AVX-512 (a
 //   whole D = 128 float row in 8 zmm), so each bag's rows are read once; 256-byte blocks (two passes over the
-//   rows) took 1.05x the loop's time where 512 took 0.87x (1 thread, 16 rows ahead). With AVX2, 8 ymm (256
-//   bytes): 512 bytes' 16 accumulators fill the 16 ymm registers, and GCC spilled them (Zen 3 VM, 2026-12-07,
-//   1 thread, D = 128, 100k rows, B 512 bags of 20: 296 -> 198-215 us, torch 160-240 us).
+//   rows) took 1.05x the loop's time where 512 took 0.87x (1 thread, 16 rows ahead). With AVX2 too: 16 ymm
+//   accumulators, all the registers there are, each row's loads folded into their vaddps (once sum_block hid
+//   its zero row from GCC, which had kept every load on the stack). Zen 3 VM, 2026-12-08, old and new builds'
+//   _C.embedding_forward alternating in one process: medical shape 0.83-0.89x the 256-byte blocks' time
+//   (2 threads; 1 thread 0.88x; with per-sample weights 0.83x; fp16 0.96x, bf16 0.99x), FBGEMM's shape 0.88x;
+//   one table of 100k x 128, B 512 bags of 20, 1 thread: 0.88x (8 rows, all in L1: 0.69x); D = 32-96 0.95-0.97x,
+//   D = 256 1.05x (bench/results/2026-12-08-cpu-embedding-avx2-blocks.md).
 // - kFwdPrefetchBytes: how far ahead the forward prefetches, in bytes of rows (the distance in rows
 //   is this over the row size, 4 to 256): 32 KiB, 64 rows of 512 bytes. The rows of a bag come from
 //   L2 / L3 (the medical shape touches 19 MB of distinct rows per call; the Zipf-hot ones stay in
@@ -106,7 +110,7 @@ constexpr int64_t kRowsAhead = 2;
 //   linear 0.98-0.99x, so the reader's trip to memory costs less than the saved reads. Smaller
 //   outputs (the first B bags of each table, + out.sum()): 1.5 MiB 0.91x, 384 KiB 1.01x, 96 KiB
 //   1.00x, so below a core's L2 the output stays cached for its reader.
-template <int L> constexpr int64_t kFwdBlockBytes = 32 * L;
+template <int L> constexpr int64_t kFwdBlockBytes = L == 8 ? 512 : 32 * L;  // AVX2: 16 vectors; else 8
 template <bool kL1> constexpr int kFwdPrefetchLocality = kL1 ? 3 : 2;
 template <bool kL1> constexpr int64_t kFwdPrefetchBytes = kL1 ? 8 * 1024 : 32 * 1024;
 constexpr int64_t kFwdStreamBytes = int64_t(1) << 20;
@@ -370,6 +374,10 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
   const auto add = [&](int64_t i) KF_INLINE_LAMBDA {
     const int64_t r = idx[i];
     const S* row = r == pad ? zeros : W + r * D + d0;
+    // Opaque to the optimiser: knowing zeros' contents, GCC -O3 made each of the block's vector loads a phi of
+    // the row's value and 0, held on the stack, so every row went through memory twice and the 16
+    // accumulators of a 512-byte AVX2 block spilled. Hidden, each load folds into its vaddps.
+    asm("" : "+r"(row));
     if constexpr (kVec && kBf16 && N % (2 * L) == 0) {  // vacc[2j]: columns 2Lj, 2Lj + 2, ...; vacc[2j + 1]: the odd
       for (int64_t j = 0; j < N / (2 * L); ++j) {
         U w;
