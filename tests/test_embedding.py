@@ -1507,6 +1507,43 @@ def test_torch_compile_fullgraph(backend, seed):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_compiled_errors_name_the_public_ops_arguments(backend):
+    """Under torch.compile the registered op raises when the graph runs, outside the public op's renaming:
+    kfuse.embedding_bag named the flat indices of a 2-D input, and the offset it appends itself as out of order
+    (fuzz, 2026-12-08). Its errors, and multi_embedding_bag's op name, are now the eager call's."""
+    w = torch.randn(10, 4)
+
+    def errors(fn, *args) -> str:
+        with pytest.raises((ValueError, IndexError)) as err:
+            fn(*args)
+        return f"{err.type.__name__}: {err.value}"
+
+    cases = [  # (the op's call, a good input compiled first, bad inputs)
+        (lambda i, o: kfuse.embedding_bag(i, w, o, mode="sum", backend=backend), ([1, 2, 9], [0, 1]),
+         [([1, 2, 9], [0, 5]), ([1, 2, 10], [0, 1]), ([1, 2, 3], [0, 2, 1]), ([1, -1, 3], [0, 2])]),
+        (lambda i, o: kfuse.embedding_bag(i, w, o, mode="sum", include_last_offset=True, backend=backend),
+         ([1, 2, 9], [0, 1, 3]), [([1, 2, 9], [0, 1, 5]), ([1, 2, 10], [0, 1, 3])]),
+        (lambda i, o: kfuse.multi_embedding_bag([w], i, o, backend=backend), ([1, 2, 9], [0, 1, 3]),
+         [([1, 2, 10], [0, 1, 3]), ([1, 2, 9], [0, 2, 1])]),
+    ]
+    for fn, good, bad in cases:
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="eager")
+        compiled(*map(torch.tensor, good))
+        for args in bad:
+            eager = errors(fn, *map(torch.tensor, args))
+            assert "embedding_bag_forward" not in eager
+            assert errors(compiled, *map(torch.tensor, args)) == eager, args
+    torch._dynamo.reset()
+    two_d = torch.compile(lambda i: kfuse.embedding_bag(i, w, mode="sum", backend=backend), fullgraph=True,
+                          backend="eager")
+    two_d(torch.tensor([[1, 2], [3, 4]]))
+    bad = torch.tensor([[1, 2], [10, 4]])
+    eager = errors(lambda i: kfuse.embedding_bag(i, w, mode="sum", backend=backend), bad)
+    assert "input[1, 0] = 10" in eager and errors(two_d, bad) == eager
+
+
 def test_compiled_autograd_records_the_registered_backward(seed):
     """An eager call whose backward compiled autograd traces with fullgraph=True (as DEU's and LoRA's):
     the graph records the registered backward op, not the pybind kernel Dynamo cannot trace; the

@@ -167,7 +167,8 @@ class MultiTableEmbeddingBag(nn.Module):
             features may share a table.
         mode: ``"sum"`` (weighted when ``per_sample_weights`` is given) or ``"mean"``.
         padding_idx: skipped row, an int for every table or one entry per table (None: none).
-        sparse: gradients as coalesced sparse tensors (eager; for ``torch.optim.SparseAdam`` & co.).
+        sparse: gradients as sparse tensors of unique ascending rows (eager; for ``torch.optim.SparseAdam`` &
+            co.; ``.grad`` is not flagged coalesced: autograd's accumulation drops the flag).
         dtype, device: of the tables (float32, float16, bfloat16; float64 on the CPU).
         optimizer: None (ordinary autograd gradients), or a fused optimizer — ``"sgd"``,
             ``"rowwise_adagrad"`` (FBGEMM's exact row-wise Adagrad) or ``"adam"`` — that updates the

@@ -19,8 +19,10 @@ Backends:
 - ``reference``: the PyTorch definition in float64 (checks values on the host).
 
 Gradients (deterministic on every backend): dense, in the tables' dtype, or — ``sparse=True``,
-eager calls only — ``torch.sparse_coo`` tensors holding the coalesced unique rows (as
-``nn.EmbeddingBag(sparse=True)``, but coalesced), and the gradient of ``per_sample_weights``.
+eager calls only — ``torch.sparse_coo`` tensors holding each row once, ascending (as
+``nn.EmbeddingBag(sparse=True)``, whose rows repeat), flagged coalesced as ``torch.autograd.grad`` returns
+them (accumulated into ``.grad``, autograd drops the flag: ``.coalesce()`` then sorts them again), and the
+gradient of ``per_sample_weights``.
 Registered ops: ``kfuse::embedding_bag_forward`` / ``kfuse::embedding_bag_backward`` (dense
 gradients: fixed shapes, so ``torch.compile(fullgraph=True)`` records them).
 """
@@ -660,14 +662,47 @@ def _backward_impl(grad_out: Tensor, weights: list[Tensor], indices: Tensor, off
 @torch.library.custom_op("kfuse::embedding_bag_forward", mutates_args=())
 def embedding_bag_forward(weights: list[Tensor], indices: Tensor, offsets: Tensor, feature_table: list[int],
                           padding_idx: list[int], pooling: int, per_sample_weights: Tensor | None,
-                          backend: str) -> Tensor:
+                          backend: str, caller: str = "") -> Tensor:
     """Registered forward: tables ``weights`` (one dtype), ``indices [N]`` / ``offsets [F·B + 1]`` (int32
     or int64, the same), ``per_sample_weights [N]`` in the accumulation dtype or None; returns
-    ``[B, Σ_f dim_{feature_table[f]}]`` in the tables' dtype."""
-    weights, bags = _check_op_args("embedding_bag_forward", weights, indices, offsets, feature_table, padding_idx,
-                                   pooling, per_sample_weights)
-    chosen = _select("embedding_bag_forward", backend, weights[0])
-    return _forward_impl(weights, indices, offsets, bags, per_sample_weights, chosen)
+    ``[B, Σ_f dim_{feature_table[f]}]`` in the tables' dtype. ``caller``: the public op whose compiled graph
+    holds this call, which names its errors in that op's terms (:func:`_caller_error`); "" for none."""
+    try:
+        weights, bags = _check_op_args("embedding_bag_forward", weights, indices, offsets, feature_table,
+                                       padding_idx, pooling, per_sample_weights)
+        chosen = _select("embedding_bag_forward", backend, weights[0])
+        return _forward_impl(weights, indices, offsets, bags, per_sample_weights, chosen)
+    except (ValueError, IndexError) as err:
+        named = _caller_error(err, caller, indices, offsets, weights)
+        if named is None:
+            raise
+        raise named from None
+
+
+def _caller_error(err: Exception, caller: str, indices: Tensor, offsets: Tensor, weights: list[Tensor]
+                  ) -> Exception | None:
+    """``err`` in the terms of the public op ``caller`` (None: it stands). A compiled graph runs the registered
+    op, outside the public op's own renaming: ``kfuse.embedding_bag`` under torch.compile named the flat
+    ``indices[3]`` of a 2-D input and, as out of order, the last offset it had appended itself (fuzz, 2026-12-08).
+    ``caller``: ``"multi_embedding_bag"``, ``"embedding_bag:1d:<include_last_offset 0/1>"`` or
+    ``"embedding_bag:2d:<input's columns>"``."""
+    parts = caller.split(":")
+    public = {"multi_embedding_bag": "multi_embedding_bag", "embedding_bag": "embedding_bag"}.get(parts[0])
+    if public is None:
+        return None
+    named = None
+    if public == "embedding_bag" and len(parts) == 3 and weights and all(isinstance(t, Tensor)
+                                                                         for t in (indices, offsets)):
+        n, two_d, value = indices.shape[0], parts[1] == "2d", int(parts[2])
+        shape = (n // value if value else 0, value) if two_d else (n,)
+        last = not two_d and value == 1
+        user_offsets = None if two_d else offsets if last else offsets[:-1]
+        named = _rename_for_embedding_bag(err, input_shape=shape, offsets=user_offsets, include_last_offset=last,
+                                          rows=weights[0].shape[0], host_values=not two_d)
+    if named is not None:
+        return named
+    message = str(err).replace("kfuse.embedding_bag_forward:", f"kfuse.{public}:", 1)
+    return type(err)(message) if message != str(err) else None
 
 
 def _check_op_args(op: str, weights: object, indices: object, offsets: object, feature_table: object,
@@ -695,7 +730,7 @@ def _check_op_args(op: str, weights: object, indices: object, offsets: object, f
 
 
 @embedding_bag_forward.register_fake
-def _(weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights, backend):
+def _(weights, indices, offsets, feature_table, padding_idx, pooling, per_sample_weights, backend, caller=""):
     _backends.check_backend_name("embedding_bag_forward", backend)
     _checks.one_device("kfuse.embedding_bag_forward", weights=list(weights), indices=indices, offsets=offsets,
                        per_sample_weights=per_sample_weights)
@@ -754,7 +789,7 @@ def _saved_tables(ctx) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor]]:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    weights, indices, offsets, feature_table, padding_idx, pooling, psw, backend = inputs
+    weights, indices, offsets, feature_table, padding_idx, pooling, psw, backend, _caller = inputs
     _save_tables(ctx, indices, offsets, psw, weights)
     ctx.bags = _Bags(list(feature_table), list(padding_idx), pooling)
     ctx.backend = _select("embedding_bag_forward", backend, weights[0])
@@ -782,7 +817,7 @@ def _registered_backward(ctx, grad_out: Tensor):
                                               ctx.bags.padding_idx, ctx.bags.pooling, psw, need_psw, ctx.backend)
         grads = [g if need else None for g, need in zip(grads, need_w, strict=True)]
         g_psw = g_psw if need_psw else None
-    return grads, None, None, None, None, None, g_psw, None
+    return grads, None, None, None, None, None, g_psw, None, None
 
 
 embedding_bag_forward.register_autograd(_registered_backward, setup_context=_setup_context)
@@ -849,8 +884,9 @@ class _CpuFastEmbeddingBag(_EagerEmbeddingBag):
 
 
 def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags: _Bags, psw: Tensor | None,
-         sparse: bool, backend: str) -> Tensor:
-    """Route a validated call (``psw`` already in the accumulation dtype)."""
+         sparse: bool, backend: str, caller: str) -> Tensor:
+    """Route a validated call (``psw`` already in the accumulation dtype; ``caller``: the registered op's, which
+    see)."""
     chosen = _select(op, backend, weights[0])
     if bags.tables is not None and not _routing.forward_ad_active():
         # Every table is a plain tensor, unwrapped (_check_weights' C++ pass), so one stands for all in the
@@ -890,7 +926,7 @@ def _run(op: str, weights: list[Tensor], indices: Tensor, offsets: Tensor, bags:
                              "and dispatch modes, selective activation checkpointing's context_fn among them, get "
                              "the registered ops, whose gradients are dense)")
         return embedding_bag_forward(weights, indices, offsets, bags.feature_table, bags.padding_idx, bags.pooling,
-                                     psw, chosen)
+                                     psw, chosen, caller)
     if _routing.needs_grad(tensors):
         return _EagerEmbeddingBag.apply(indices, offsets, bags, sparse, chosen, psw, *weights)
     with _routing.labelled(f"kfuse.{op}"):
@@ -916,8 +952,8 @@ def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor,
             in the accumulation dtype.
         padding_idx: skipped row per table (an int for all tables, or one entry per table, None = none;
             negative counts from the end).
-        sparse: (keyword-only, a bool) table gradients as coalesced ``torch.sparse_coo`` tensors (eager calls
-            only).
+        sparse: (keyword-only, a bool) table gradients as ``torch.sparse_coo`` tensors of unique ascending rows
+            (eager calls only; see the module's notes on their coalesced flag).
         backend: (keyword-only) ``"auto"`` (``triton`` for CUDA tables, ``cpu`` for CPU ones), ``"triton"``,
             ``"cpu"`` or ``"reference"``; ``"cuda"`` always raises.
         check: (keyword-only) ``"sync"`` or ``"async"``: when the ``triton`` backend reports bad input
@@ -944,7 +980,8 @@ def multi_embedding_bag(weights: list[Tensor], indices: Tensor, offsets: Tensor,
     ws, tables = _check_weights(op, weights)
     _check_options(op, sparse, backend)
     bags = _validate(op, ws, indices, offsets, feature_table, mode, per_sample_weights, padding_idx, check, tables)
-    return _run(op, ws, indices, offsets, bags, _kernel_psw(per_sample_weights, ws), sparse, backend)
+    return _run(op, ws, indices, offsets, bags, _kernel_psw(per_sample_weights, ws), sparse, backend,
+                "multi_embedding_bag")
 
 
 def check_torch_only(op: str, max_norm: object, norm_type: object, scale_grad_by_freq: object,
@@ -1044,7 +1081,9 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, 
                                include_last_offset=include_last_offset, rows=weight.shape[0])
     _LAST.record = None
     try:
-        out = _run(op, ws, indices, offs, bags, _kernel_psw(psw, ws), sparse, backend)
+        caller = (f"embedding_bag:2d:{input.shape[1]}" if input.dim() == 2 else
+                  f"embedding_bag:1d:{int(include_last_offset)}")
+        out = _run(op, ws, indices, offs, bags, _kernel_psw(psw, ws), sparse, backend, caller)
     except (ValueError, IndexError) as err:
         # Offsets are read on the host on errors only, and on plain eager tensors only: fake, traced or
         # vmapped offsets have no values to read (vmap refused the read's nonzero with its own error, in place
