@@ -331,12 +331,14 @@ template <typename S, typename F, typename G> F entry(F generic, G f16_avx512, G
 // The columns [d0, d0 + N) of one bag's sum (indices [i0, i1)) into o (the bag's output at column d0):
 // the N accumulators stay in registers over all its rows (N a compile-time width the vectoriser keeps
 // there), then are scaled (mean: by 1 / count, as the reference; else by 1) and stored. ahead > 0: the
-// whole rows `ahead` indices on (below pf_end, the task's end) are prefetched, one instruction per line.
+// rows `ahead` indices on (below pf_end, the task's end) are prefetched, one instruction per line: their
+// columns [d0, d0 + N), or [d0, D) with to_end (the row's last block that prefetches).
 // nt: streaming stores (the float vector path; the caller checked the alignment and fences). L: the
 // entry's vector width in floats (Vec).
 template <int L, int64_t N, bool kPsw, bool kAsm, bool kL1, typename S, typename I>
 KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I* idx, int64_t i0, int64_t i1,
-                         const Acc<S>* psw, Acc<S> scale, int64_t ahead, int64_t pf_end, S* o, bool nt) {
+                         const Acc<S>* psw, Acc<S> scale, int64_t ahead, int64_t pf_end, S* o, bool nt,
+                         bool to_end) {
   using A = Acc<S>;
   // A padding index adds a row of zeros (weight 0) instead of being skipped, and sums are always
   // scaled (by 1 unless mean pooling counts a row): acc + 0 = acc and acc * 1 = acc bit for bit (acc
@@ -410,18 +412,19 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
     }
   };
   // The rows whose index `ahead` on is still below pf_end prefetch it, the rest do not: two loops
-  // rather than one testing each row (and the whole row's line count known at compile time).
+  // rather than one testing each row (and a whole block's line count known at compile time).
   const int64_t i_pf = ahead > 0 ? std::clamp(pf_end - ahead, i0, i1) : i0;
+  const int64_t pf_bytes = to_end ? row_bytes - d0 * int64_t(sizeof(S)) : N * int64_t(sizeof(S));
   int64_t i = i0;
-  if (row_bytes == N * int64_t(sizeof(S))) {
+  if (pf_bytes == N * int64_t(sizeof(S))) {
     for (; i < i_pf; ++i) {
-      const char* p = reinterpret_cast<const char*>(W + int64_t(idx[i + ahead]) * D);
+      const char* p = reinterpret_cast<const char*>(W + int64_t(idx[i + ahead]) * D + d0);
       for (int64_t c = 0; c < N * int64_t(sizeof(S)); c += 64) __builtin_prefetch(p + c, 0, kFwdPrefetchLocality<kL1>);
       add(i);
     }
   } else {
     for (; i < i_pf; ++i) {
-      prefetch<kFwdPrefetchLocality<kL1>>(W + int64_t(idx[i + ahead]) * D, row_bytes);
+      prefetch<kFwdPrefetchLocality<kL1>>(W + int64_t(idx[i + ahead]) * D + d0, pf_bytes);
       add(i);
     }
   }
@@ -446,8 +449,8 @@ KF_INLINE void sum_block(const S* W, int64_t D, int64_t d0, int64_t pad, const I
   }
 }
 
-// The columns [d0, d0 + n) for any n (the last few elements of a row), as sum_block, accumulated in
-// acc (scratch).
+// The columns [d0, d0 + n) for any n (the last few elements of a row), as sum_block (prefetching [d0, D)),
+// accumulated in acc (scratch).
 template <bool kPsw, bool kL1, typename S, typename I>
 KF_INLINE void sum_tail(const S* W, int64_t D, int64_t d0, int64_t n, int64_t pad, const I* idx, int64_t i0,
                         int64_t i1, const Acc<S>* psw, Acc<S> scale, int64_t ahead, int64_t pf_end, S* o,
@@ -457,7 +460,7 @@ KF_INLINE void sum_tail(const S* W, int64_t D, int64_t d0, int64_t n, int64_t pa
   for (int64_t d = 0; d < n; ++d) acc[d] = A(0);
   for (int64_t i = i0; i < i1; ++i) {
     if (ahead > 0 && i + ahead < pf_end)
-      prefetch<kFwdPrefetchLocality<kL1>>(W + int64_t(idx[i + ahead]) * D, row_bytes);
+      prefetch<kFwdPrefetchLocality<kL1>>(W + int64_t(idx[i + ahead]) * D + d0, row_bytes - d0 * int64_t(sizeof(S)));
     const int64_t r = idx[i];
     if (r == pad) continue;
     const S* row = W + r * D + d0;
@@ -472,7 +475,8 @@ KF_INLINE void sum_tail(const S* W, int64_t D, int64_t d0, int64_t n, int64_t pa
 }
 
 // One bag's columns [d0, D) after its full blocks (D - d0 < 2n): blocks of n, n / 2, ... down to `last`
-// columns, each at most once, then the tail (sum_tail). a: the prefetch distance, for the first block only.
+// columns, each at most once, then the tail (sum_tail). a: the prefetch distance, for the first block only
+// (which prefetches the rows' columns [d0, D)).
 // A template that always inlines, not a lambda: a lambda's body is a function of its own, compiled for the
 // baseline ISA rather than the forward's ISA entries' (D = 32, on its quarter block, took 2.8x torch's time that
 // way, 1.1x inlined).
@@ -481,7 +485,7 @@ KF_INLINE void narrow_blocks(const S* W, int64_t D, int64_t d0, int64_t pad, con
                              const Acc<S>* psw, Acc<S> scale, int64_t a, int64_t pf_end, S* o, bool nt,
                              Acc<S>* acc) {
   if (d0 + n <= D) {
-    sum_block<L, n, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
+    sum_block<L, n, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt, true);
     d0 += n, a = 0;
   }
   if (d0 == D) return;
@@ -491,7 +495,7 @@ KF_INLINE void narrow_blocks(const S* W, int64_t D, int64_t d0, int64_t pad, con
     // The smaller blocks and the scalar tail each made a pass over the bag's rows: D = 15 took 3.8x torch's
     // time (8 + 4 + 3 columns), D = 31 3.4x, D = 127 2.1x (256 bags of 100, 2 threads; CPU hunt, 2026-12-07).
     if (D >= n) {
-      sum_block<L, n, kPsw, kAsm, kL1>(W, D, D - n, pad, idx, i0, i1, psw, scale, a, pf_end, o + D - n, false);
+      sum_block<L, n, kPsw, kAsm, kL1>(W, D, D - n, pad, idx, i0, i1, psw, scale, a, pf_end, o + D - n, false, true);
       return;
     }
   }
@@ -503,11 +507,13 @@ KF_INLINE void narrow_blocks(const S* W, int64_t D, int64_t d0, int64_t pad, con
 
 // Bags [fb0, fb1) of one feature (table W [., D], padding pad) into out, bag by bag; each bag's
 // columns in blocks of kFwdBlockBytes of accumulators, then of a half, a quarter, ... a 32nd of that,
-// and a tail. Bag by bag, so a bag's rows come from memory once (prefetched on its first block, whole
-// rows) and from L1 for its later blocks: with the blocks outside the bags (each block a pass over
-// the task's rows, megabytes) a width that is not a multiple of 128 floats took up to 3.5x the time
-// of D = 128 (D = 120), and D = 256 .. 2048 1.6-1.9x torch's (CPU hunt of 2026-12-05). acc: D
-// elements of scratch.
+// and a tail. Bag by bag, so a bag's rows come from memory once and from L1 for its later blocks: with
+// the blocks outside the bags (each block a pass over the task's rows, megabytes) a width that is not a
+// multiple of 128 floats took up to 3.5x the time of D = 128 (D = 120), and D = 256 .. 2048 1.6-1.9x torch's
+// (CPU hunt of 2026-12-05). Each block prefetches its own columns of the rows ahead, not the first block
+// whole rows: on the Zen 3 VM (2026-12-08, 1 thread, 50k x 256 fp32, B 512 bags of 20, the same rows each
+// call) whole rows on the first block took 1.27-1.47x torch's time, block by block 0.98-1.12x (a temporary
+// build with a run-time switch). acc: D elements of scratch.
 template <int L, bool kPsw, bool kAsm, bool kL1, typename S, typename I>
 KF_INLINE void forward_bags(const S* W, int64_t D, int64_t pad, const I* idx, const I* off, const Acc<S>* psw,
                             bool mean, int64_t fb0, int64_t fb1, int64_t B, S* out, int64_t width, Acc<S>* acc,
@@ -529,10 +535,12 @@ KF_INLINE void forward_bags(const S* W, int64_t D, int64_t pad, const I* idx, co
     int64_t cnt = 0;
     for (int64_t i = i0; mean && i < i1; ++i) cnt += idx[i] != pad;
     const A scale = cnt > 0 ? A(1) / A(cnt) : A(1);
-    int64_t d0 = 0, a = ahead;  // the first block prefetches
-    for (; d0 + N <= D; d0 += N, a = 0)
-      sum_block<L, N, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o + d0, nt);
-    narrow_blocks<L, N / 2, N / 32, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, a, pf_end, o, nt, acc);
+    // Each full block prefetches its own columns of the rows ahead, the first narrower one the rest of them.
+    int64_t d0 = 0;
+    for (; d0 + N <= D; d0 += N)
+      sum_block<L, N, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, ahead, pf_end, o + d0, nt, false);
+    narrow_blocks<L, N / 2, N / 32, kPsw, kAsm, kL1>(W, D, d0, pad, idx, i0, i1, psw, scale, ahead, pf_end, o, nt,
+                                                     acc);
   }
 #if defined(__x86_64__)
   if (nt) _mm_sfence();  // streaming stores are weakly ordered: visible before the task ends
