@@ -1,7 +1,9 @@
 """Interleaved A/B of two builds of the CPU embedding forward kernel in one process: this checkout's
 ``kfuse._C.embedding_forward`` against another build's extension file (copy the old
 ``python/kfuse/_C.*.so`` aside before rebuilding), on the shapes of ``kfuse.bench.embedding``. The two
-must give the same bits; the ratio new / old is the kernel change's alone (no Python path, no peer).
+must give the same bits; the ratio new / old is the kernel change's alone (no Python path). Without ``--psw``
+the per-table ``nn.EmbeddingBag`` loop is timed in the same rounds too (new / loop: issue 15's CPU forward
+target, for the kernel alone).
 
 Usage: ``python bench/ab_embedding_builds.py OLD_SO [--threads 2] [--shape medical] [--dtype float32] [--psw]``.
 """
@@ -40,6 +42,9 @@ def main() -> None:
     call = (ws, inp.indices, inp.offsets, list(range(t)), [-1] * t, 0, psw)
     fns = {"new": lambda: new.embedding_forward(*call), "old": lambda: old.embedding_forward(*call)}
     assert torch.equal(fns["new"](), fns["old"]()), "the two builds disagree"
+    if not args.psw:
+        mods, slices = emb._loop_modules(inp), emb._slices(inp)
+        fns["loop"] = lambda: emb._loop_forward(mods, slices)
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
         for r in range(args.rounds):
@@ -50,7 +55,8 @@ def main() -> None:
                 times[k].append((time.perf_counter() - t0) / 10 * 1e3)
     m = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.shape} {args.dtype}{' psw' if args.psw else ''}, {args.threads} threads: new {m['new']:.3f} ms, "
-          f"old {m['old']:.3f} ms, new / old {m['new'] / m['old']:.3f}", flush=True)
+          f"old {m['old']:.3f} ms, new / old {m['new'] / m['old']:.3f}"
+          + (f"; loop {m['loop']:.3f} ms, new / loop {m['new'] / m['loop']:.3f}" if "loop" in m else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -687,8 +687,8 @@ def _caller_error(err: Exception, caller: str, indices: Tensor, offsets: Tensor,
     ``caller``: ``"multi_embedding_bag"``, ``"embedding_bag:1d:<include_last_offset 0/1>"`` or
     ``"embedding_bag:2d:<input's columns>"``."""
     parts = caller.split(":")
-    public = {"multi_embedding_bag": "multi_embedding_bag", "embedding_bag": "embedding_bag"}.get(parts[0])
-    if public is None:
+    public = parts[0]
+    if public not in ("multi_embedding_bag", "embedding_bag"):
         return None
     named = None
     if public == "embedding_bag" and len(parts) == 3 and weights and all(isinstance(t, Tensor)
